@@ -1,0 +1,861 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+# cython: initializedcheck=False
+"""The delta bitmap: the mechanism under every isc session.
+
+Representation
+--------------
+Three bitmaps of one bit per chunk, each ``nwords = ceil(chunks / 64)`` uint64
+words (chunk ``c`` is bit ``c & 63`` of word ``c >> 6``):
+
+* ``_bits[_t]``      the **tracking** bitmap: chunks written since the last mark;
+* ``_bits[1 - _t]``  the **transfer** bitmap: chunks still to copy for this mark;
+* ``_saved``         chunks whose original data went to the save area (COFW).
+
+Marking flips ``_t``: the roles swap in O(1), whatever the size.
+
+Each bitmap carries a *summary*: one bit per block of 64 words (4096 chunks).
+Invariant: a block holding any set bit has its summary bit set (the converse
+may be false: clearing bits does not clear the summary until a scan finds the
+block empty). Scans and merges visit only summary-dirty blocks, so an empty
+16 TiB map at 2 KiB (2^33 chunks, 1 GiB of words) is scanned in microseconds.
+Counts (``count``) are exact and kept incrementally.
+
+Other invariants (checked by ``_check``): bits past ``chunks`` are zero;
+``saved`` is a subset of ``transfer``; unmarked implies transfer and saved are
+empty.
+
+Worked example, 8 chunks, one mark::
+
+    write chunks 1-2        tracking 01100000  transfer 00000000
+    mark                    tracking 00000000  transfer 01100000   (swap)
+    write chunk 2 (COFW)    tracking 00100000  transfer 01100000  saved 00100000
+    send chunk 1            tracking 00100000  transfer 00100000  saved 00100000
+    unmark                  tracking 01100000  transfer 00000000  saved 00000000
+
+Cost: record_write O(words touched); mark O(1) (full mark O(n)); unmark
+O(dirty blocks of tracking + saved); extents O(summary + dirty blocks);
+test_and_clear O(1); counts O(1).
+
+Concurrency
+-----------
+One pthread mutex serializes every call, so each call is atomic with respect to
+the others. The rule that keeps it deadlock-free: a thread never blocks on the
+mutex while holding the GIL (``_acquire`` tries the lock, and on contention
+releases the GIL before waiting). Long loops (batches, full marks, merges,
+scans, copies) run with the GIL released and the mutex held.
+
+``begin_write``/``end_write`` bracket a host write whose data I/O happens
+between them. ``mark`` waits for such writes in flight to finish and holds off
+new ones, so each write lands wholly before or wholly after a mark. A write
+that overlaps a write in flight whose COFW data is still being saved waits for
+it, so the save always reads the data as it was at the mark.
+"""
+
+from libc.stdint cimport int64_t, uint64_t
+from libc.stdlib cimport calloc, free, malloc, realloc
+from libc.string cimport memcpy, memset
+
+cimport numpy as cnp
+import numpy as np
+
+from isc import _layout
+
+cnp.import_array()
+
+
+cdef extern from "<pthread.h>" nogil:
+    ctypedef struct pthread_mutex_t:
+        pass
+    ctypedef struct pthread_cond_t:
+        pass
+    int pthread_mutex_init(pthread_mutex_t *, void *)
+    int pthread_mutex_destroy(pthread_mutex_t *)
+    int pthread_mutex_lock(pthread_mutex_t *)
+    int pthread_mutex_trylock(pthread_mutex_t *)
+    int pthread_mutex_unlock(pthread_mutex_t *)
+    int pthread_cond_init(pthread_cond_t *, void *)
+    int pthread_cond_destroy(pthread_cond_t *)
+    int pthread_cond_wait(pthread_cond_t *, pthread_mutex_t *)
+    int pthread_cond_broadcast(pthread_cond_t *)
+
+
+cdef extern from *:
+    int popcount "__builtin_popcountll"(unsigned long long) nogil
+    int ctz "__builtin_ctzll"(unsigned long long) nogil
+
+
+cdef enum:
+    BLOCK_SHIFT = 6          # 64 words per summary block
+    STACK_CHUNKS = 64        # COFW results that fit without malloc
+
+
+cdef uint64_t ONES = <uint64_t>0xFFFFFFFFFFFFFFFF
+
+
+cdef struct Bits:
+    uint64_t *words
+    uint64_t *summary
+    uint64_t count
+
+
+cdef struct Span:
+    uint64_t lo
+    uint64_t hi
+
+
+cdef struct Runs:
+    # extents() output: (first, count) pairs, plus the run being grown
+    int64_t *data
+    size_t n
+    size_t cap
+    uint64_t limit
+    bint failed
+    uint64_t start
+    uint64_t length
+
+
+cdef object _EMPTY = np.empty(0, dtype=np.int64)
+_EMPTY.flags.writeable = False
+
+
+cdef inline uint64_t _mask(uint64_t w, uint64_t wlo, uint64_t whi,
+                           uint64_t lo, uint64_t hi) noexcept nogil:
+    """Bits of word ``w`` that fall in the chunk range [lo, hi]."""
+    cdef uint64_t m = ONES
+    if w == wlo:
+        m &= ONES << (lo & 63)
+    if w == whi:
+        m &= ONES >> (63 - (hi & 63))
+    return m
+
+
+cdef inline void _touch(uint64_t *summary, uint64_t wlo, uint64_t whi) noexcept nogil:
+    """Flag the summary blocks that hold words wlo..whi as possibly dirty."""
+    cdef uint64_t b
+    for b in range(wlo >> BLOCK_SHIFT, (whi >> BLOCK_SHIFT) + 1):
+        summary[b >> 6] |= (<uint64_t>1) << (b & 63)
+
+
+cdef inline uint64_t _first_word(uint64_t block) noexcept nogil:
+    return block << BLOCK_SHIFT
+
+
+cdef class DeltaBitmap:
+    """Tracking and transfer bitmaps of one incremental session, with COFW flags.
+
+    ``DeltaBitmap(size, granularity=65536)``: ``size`` is the LUN size in bytes
+    (> 0; the last chunk may be short), ``granularity`` the chunk size in bytes,
+    a power of two from 2048 to 65536. Raises ``ParameterError`` (a
+    ValueError) otherwise, ``TypeError`` for non-integers.
+
+    All byte ranges are half-open ``[offset, offset + length)``; chunk ranges
+    are ``[first, first + count)``. Methods that reject their input raise
+    before changing anything. Every method is safe to call from many threads.
+    """
+
+    cdef uint64_t _size
+    cdef uint64_t _chunks
+    cdef uint64_t _nwords
+    cdef uint64_t _nblocks
+    cdef uint64_t _nsum
+    cdef uint64_t _granularity
+    cdef int _shift
+    cdef Bits _bits[2]
+    cdef Bits _saved
+    cdef int _t
+    cdef bint _marked
+    cdef uint64_t _generation
+    cdef pthread_mutex_t _mu
+    cdef pthread_cond_t _cv
+    cdef bint _sync_ready
+    cdef uint64_t _in_flight
+    cdef bint _marking
+    cdef Span *_saving
+    cdef size_t _nsaving
+    cdef size_t _capsaving
+
+    def __cinit__(self, size, granularity=_layout.DEFAULT_GRANULARITY):
+        cdef uint64_t chunks = _layout.check_geometry(size, granularity)
+        self._size = size
+        self._granularity = granularity
+        self._shift = ctz(self._granularity)
+        self._chunks = chunks
+        self._nwords = (chunks + 63) >> 6
+        self._nblocks = (self._nwords + 63) >> BLOCK_SHIFT
+        self._nsum = (self._nblocks + 63) >> 6
+        if not (self._alloc(&self._bits[0]) and self._alloc(&self._bits[1])
+                and self._alloc(&self._saved)):
+            raise MemoryError(
+                f"cannot allocate a delta bitmap of {chunks} chunks "
+                f"({3 * self._nwords * 8} bytes)"
+            )
+        if pthread_mutex_init(&self._mu, NULL) or pthread_cond_init(&self._cv, NULL):
+            raise MemoryError("cannot initialise the delta bitmap's mutex")
+        self._sync_ready = True
+
+    cdef bint _alloc(self, Bits *bits) noexcept:
+        # calloc: untouched pages of a huge, empty map cost no memory.
+        bits.words = <uint64_t *>calloc(self._nwords, 8)
+        bits.summary = <uint64_t *>calloc(self._nsum, 8)
+        return bits.words != NULL and bits.summary != NULL
+
+    def __dealloc__(self):
+        free(self._bits[0].words)
+        free(self._bits[0].summary)
+        free(self._bits[1].words)
+        free(self._bits[1].summary)
+        free(self._saved.words)
+        free(self._saved.summary)
+        free(self._saving)
+        if self._sync_ready:
+            pthread_cond_destroy(&self._cv)
+            pthread_mutex_destroy(&self._mu)
+
+    # -- locking ---------------------------------------------------------------
+    cdef inline void _acquire(self) noexcept:
+        # Never block on the mutex while holding the GIL: its holder may be
+        # waiting for the GIL (e.g. to leave a nogil section).
+        if pthread_mutex_trylock(&self._mu) != 0:
+            with nogil:
+                pthread_mutex_lock(&self._mu)
+
+    cdef inline void _release(self) noexcept nogil:
+        pthread_mutex_unlock(&self._mu)
+
+    # -- attributes --------------------------------------------------------------
+    @property
+    def size(self):
+        """LUN size in bytes."""
+        return self._size
+
+    @property
+    def granularity(self):
+        """Chunk size in bytes."""
+        return self._granularity
+
+    @property
+    def chunks(self):
+        """Number of chunks, ``ceil(size / granularity)``."""
+        return self._chunks
+
+    @property
+    def marked(self):
+        """True between ``mark`` and ``unmark``."""
+        return self._marked
+
+    @property
+    def generation(self):
+        """Number of marks so far."""
+        return self._generation
+
+    @property
+    def tracking_count(self):
+        """Number of set tracking bits, O(1)."""
+        self._acquire()
+        n = self._bits[self._t].count
+        self._release()
+        return n
+
+    @property
+    def transfer_count(self):
+        """Number of set transfer bits, O(1)."""
+        self._acquire()
+        n = self._bits[1 - self._t].count
+        self._release()
+        return n
+
+    @property
+    def saved_count(self):
+        """Number of chunks flagged saved in this mark, O(1)."""
+        self._acquire()
+        n = self._saved.count
+        self._release()
+        return n
+
+    # -- the host write path -----------------------------------------------------
+    cdef inline int _check_write(self, int64_t offset, int64_t length) except -1:
+        if offset < 0 or length < 0 or <uint64_t>length > self._size \
+                or <uint64_t>offset > self._size - <uint64_t>length:
+            raise _layout.write_range_error(offset, length, self._size)
+        return 0
+
+    cdef size_t _record_locked(self, uint64_t lo, uint64_t hi, int64_t *out) noexcept nogil:
+        """Set tracking bits of chunks lo..hi; while marked, flag and emit COFW chunks.
+
+        ``out`` needs room for ``hi - lo + 1`` entries when marked. Returns the
+        number of COFW chunks written to ``out``.
+        """
+        cdef Bits *track = &self._bits[self._t]
+        cdef Bits *xfer = &self._bits[1 - self._t]
+        cdef uint64_t wlo = lo >> 6
+        cdef uint64_t whi = hi >> 6
+        cdef uint64_t w, m, old, c
+        cdef size_t n = 0
+        for w in range(wlo, whi + 1):
+            m = _mask(w, wlo, whi, lo, hi)
+            old = track.words[w]
+            if old & m != m:
+                track.words[w] = old | m
+                track.count += popcount(m & ~old)
+            if self._marked:
+                c = m & xfer.words[w] & ~self._saved.words[w]
+                if c:
+                    self._saved.words[w] |= c
+                    self._saved.count += popcount(c)
+                    _touch(self._saved.summary, w, w)
+                    while c:
+                        out[n] = <int64_t>((w << 6) + ctz(c))
+                        n += 1
+                        c &= c - 1
+        _touch(track.summary, wlo, whi)
+        return n
+
+    cdef object _record(self, int64_t offset, int64_t length, bint in_flight):
+        """record_write and begin_write: validate, record under the mutex, return COFW chunks."""
+        cdef int64_t stack[STACK_CHUNKS]
+        cdef int64_t *out = stack
+        cdef uint64_t lo, hi, span
+        cdef size_t n = 0
+        cdef bint wait
+        self._check_write(offset, length)
+        lo = <uint64_t>offset >> self._shift
+        hi = (<uint64_t>offset + <uint64_t>(length if length else 1) - 1) >> self._shift
+        span = hi - lo + 1
+        if span > STACK_CHUNKS:
+            out = <int64_t *>malloc(span * 8)
+            if out == NULL:
+                raise MemoryError(f"cannot allocate the COFW list for {span} chunks")
+        self._acquire()
+        try:
+            if in_flight:
+                wait = self._marking or self._overlaps_saving(lo, hi)
+                if wait:
+                    with nogil:
+                        while self._marking or self._overlaps_saving(lo, hi):
+                            pthread_cond_wait(&self._cv, &self._mu)
+                if not self._reserve_saving():
+                    raise MemoryError("cannot grow the list of writes in flight")
+            if length:
+                n = self._record_locked(lo, hi, out)
+            if in_flight:
+                self._in_flight += 1
+                if n:
+                    self._saving[self._nsaving].lo = lo
+                    self._saving[self._nsaving].hi = hi
+                    self._nsaving += 1
+        finally:
+            self._release()
+        try:
+            return _EMPTY if n == 0 else _array(out, n)
+        finally:
+            if out != stack:
+                free(out)
+
+    def record_write(self, int64_t offset, int64_t length):
+        """Record a host write of ``length`` bytes at ``offset``; return the COFW chunks.
+
+        Sets the tracking bit of every chunk the range touches. While marked,
+        returns the touched chunks whose transfer bit is set and which are not
+        saved yet, ascending, and flags them saved: the caller copies their
+        current (point-in-time) data to the save area before the write goes on.
+        Unmarked, or with nothing to save, returns an empty read-only array.
+        ``length == 0`` touches nothing. Raises ``RangeError`` (a ValueError)
+        and changes nothing when the range is not inside ``[0, size)``.
+        """
+        return self._record(offset, length, False)
+
+    def begin_write(self, int64_t offset, int64_t length):
+        """``record_write`` for a host write whose data I/O follows; pair with ``end_write``.
+
+        The write counts as in flight until ``end_write``: ``mark`` waits for
+        it, so the write lands wholly before or after the mark. Waits (GIL
+        released) while a mark is pending and while a write in flight that
+        overlaps this range still has COFW chunks to save. Returns the COFW
+        chunks like ``record_write``.
+        """
+        return self._record(offset, length, True)
+
+    def end_write(self, int64_t offset, int64_t length, bint cofw):
+        """End a write started with ``begin_write(offset, length)``.
+
+        ``cofw`` says whether ``begin_write`` returned any chunk. Wakes writes
+        and marks waiting for this one. Raises ``StateError`` when no such
+        write is in flight.
+        """
+        cdef uint64_t lo = <uint64_t>offset >> self._shift
+        cdef uint64_t hi = (<uint64_t>offset + <uint64_t>(length if length > 0 else 1) - 1) \
+            >> self._shift
+        cdef size_t i
+        cdef bint found = not cofw
+        self._acquire()
+        if cofw:
+            for i in range(self._nsaving):
+                if self._saving[i].lo == lo and self._saving[i].hi == hi:
+                    self._nsaving -= 1
+                    self._saving[i] = self._saving[self._nsaving]
+                    found = True
+                    break
+        if self._in_flight == 0 or not found:
+            self._release()
+            raise _layout.end_write_error(offset, length)
+        self._in_flight -= 1
+        pthread_cond_broadcast(&self._cv)
+        self._release()
+
+    cdef bint _overlaps_saving(self, uint64_t lo, uint64_t hi) noexcept nogil:
+        cdef size_t i
+        for i in range(self._nsaving):
+            if self._saving[i].lo <= hi and lo <= self._saving[i].hi:
+                return True
+        return False
+
+    cdef bint _reserve_saving(self) noexcept nogil:
+        cdef size_t cap
+        cdef Span *grown
+        if self._nsaving < self._capsaving:
+            return True
+        cap = self._capsaving * 2 if self._capsaving else 16
+        grown = <Span *>realloc(self._saving, cap * sizeof(Span))
+        if grown == NULL:
+            return False
+        self._saving = grown
+        self._capsaving = cap
+        return True
+
+    def record_writes(self, offsets, lengths):
+        """Record a batch of host writes, in order; return their COFW chunks concatenated.
+
+        ``offsets`` and ``lengths`` are 1-D integer arrays (or sequences) of the
+        same length. The batch is atomic with respect to other calls and runs
+        without the GIL. If any write lies outside the LUN, raises
+        ``RangeError`` naming the first one and records nothing.
+        """
+        offs = np.asarray(offsets)
+        lens = np.asarray(lengths)
+        if offs.ndim != 1 or offs.shape != lens.shape:
+            raise ValueError(
+                f"offsets and lengths must be 1-D arrays of the same length, "
+                f"got shapes {offs.shape} and {lens.shape}"
+            )
+        if offs.size and (offs.dtype.kind not in "iu" or lens.dtype.kind not in "iu"):
+            raise TypeError(
+                f"offsets and lengths must be integer arrays, got {offs.dtype} and {lens.dtype}"
+            )
+        cdef const int64_t[::1] o = np.ascontiguousarray(offs, dtype=np.int64)
+        cdef const int64_t[::1] n = np.ascontiguousarray(lens, dtype=np.int64)
+        cdef Py_ssize_t count = o.shape[0]
+        cdef Py_ssize_t i, bad = -1
+        cdef uint64_t size = self._size
+        cdef uint64_t lo, hi, cap = 0
+        cdef int64_t *out = NULL
+        cdef size_t total = 0
+        cdef bint no_memory = False
+        with nogil:
+            for i in range(count):
+                if o[i] < 0 or n[i] < 0 or <uint64_t>n[i] > size \
+                        or <uint64_t>o[i] > size - <uint64_t>n[i]:
+                    bad = i
+                    break
+        if bad >= 0:
+            raise _layout.write_range_error(o[bad], n[bad], size)
+        self._acquire()
+        with nogil:
+            if self._marked:
+                # COFW chunks are distinct unsaved transfer chunks: this bounds them.
+                cap = self._bits[1 - self._t].count - self._saved.count
+                out = <int64_t *>malloc(cap * 8 + 8)
+                no_memory = out == NULL
+            if not no_memory:
+                for i in range(count):
+                    if n[i]:
+                        lo = <uint64_t>o[i] >> self._shift
+                        hi = (<uint64_t>o[i] + <uint64_t>n[i] - 1) >> self._shift
+                        total += self._record_locked(lo, hi, out + total)
+            self._release()
+        if no_memory:
+            raise MemoryError(f"cannot allocate the COFW list for {cap} chunks")
+        try:
+            return _EMPTY if total == 0 else _array(out, total)
+        finally:
+            free(out)
+
+    # -- marking -----------------------------------------------------------------
+    def mark(self, bint full=False):
+        """Freeze a point in time: the tracking bitmap becomes the transfer bitmap.
+
+        The former transfer bitmap (empty while unmarked) becomes the tracking
+        bitmap: an O(1) swap. ``full=True`` sets every transfer bit instead
+        and empties tracking (a marked full copy), O(size). Waits for writes
+        in flight (``begin_write``) to end and holds off new ones meanwhile.
+        Raises ``StateError`` when already marked.
+        """
+        self._acquire()
+        try:
+            if self._marked:
+                raise _layout.already_marked_error(self._generation)
+            with nogil:
+                while self._marking:
+                    pthread_cond_wait(&self._cv, &self._mu)
+                self._marking = True
+                while self._in_flight:
+                    pthread_cond_wait(&self._cv, &self._mu)
+                self._marking = False
+                pthread_cond_broadcast(&self._cv)
+            if self._marked:
+                raise _layout.already_marked_error(self._generation)
+            if full:
+                with nogil:
+                    self._fill_transfer()
+                    self._clear(&self._bits[self._t])
+            else:
+                self._t = 1 - self._t
+            self._marked = True
+            self._generation += 1
+        finally:
+            self._release()
+
+    cdef void _fill_transfer(self) noexcept nogil:
+        cdef Bits *xfer = &self._bits[1 - self._t]
+        cdef uint64_t tail = self._chunks & 63
+        memset(xfer.words, 0xFF, self._nwords * 8)
+        if tail:
+            xfer.words[self._nwords - 1] = ONES >> (64 - tail)
+        xfer.count = self._chunks
+        _touch(xfer.summary, 0, self._nwords - 1)
+
+    cdef void _clear(self, Bits *bits) noexcept nogil:
+        """Zero every summary-dirty block of ``bits``."""
+        cdef uint64_t si, sw, block, w0, w1
+        for si in range(self._nsum):
+            sw = bits.summary[si]
+            while sw:
+                block = (si << 6) + ctz(sw)
+                sw &= sw - 1
+                w0 = _first_word(block)
+                w1 = min(w0 + 64, self._nwords)
+                memset(bits.words + w0, 0, (w1 - w0) * 8)
+            bits.summary[si] = 0
+        bits.count = 0
+
+    def unmark(self):
+        """Leave the marked state: merge transfer into tracking, drop saved flags.
+
+        Whatever was not sent is sent next time (the transfer bitmap is
+        OR-merged into the tracking bitmap, then emptied). No-op when unmarked.
+        Costs O(dirty blocks of tracking and saved), not O(size): the tracking
+        bits are merged into the transfer words and the roles swap.
+        """
+        self._acquire()
+        if self._marked:
+            with nogil:
+                self._merge_tracking_into_transfer()
+                self._t = 1 - self._t
+                self._clear(&self._saved)
+                self._marked = False
+        self._release()
+
+    cdef void _merge_tracking_into_transfer(self) noexcept nogil:
+        cdef Bits *track = &self._bits[self._t]
+        cdef Bits *xfer = &self._bits[1 - self._t]
+        cdef uint64_t si, sw, block, w, w1, v, x
+        for si in range(self._nsum):
+            sw = track.summary[si]
+            if sw == 0:
+                continue
+            xfer.summary[si] |= sw
+            while sw:
+                block = (si << 6) + ctz(sw)
+                sw &= sw - 1
+                w = _first_word(block)
+                w1 = min(w + 64, self._nwords)
+                while w < w1:
+                    v = track.words[w]
+                    if v:
+                        x = xfer.words[w]
+                        xfer.count += popcount(v & ~x)
+                        xfer.words[w] = x | v
+                        track.words[w] = 0
+                    w += 1
+            track.summary[si] = 0
+        track.count = 0
+
+    def clear_tracking(self):
+        """Empty the tracking bitmap (an unmarked full copy starts from here)."""
+        self._acquire()
+        with nogil:
+            self._clear(&self._bits[self._t])
+            self._release()
+
+    # -- the copy side -------------------------------------------------------------
+    cdef inline uint64_t _chunk(self, int64_t chunk) except? 0:
+        if chunk < 0 or <uint64_t>chunk >= self._chunks:
+            raise _layout.chunk_error(chunk, self._chunks)
+        return <uint64_t>chunk
+
+    def test_and_clear(self, int64_t chunk):
+        """Clear one transfer bit and its saved flag; return the transfer bit's old value.
+
+        Raises ``RangeError`` for a chunk outside ``[0, chunks)``.
+        """
+        cdef uint64_t c = self._chunk(chunk)
+        cdef uint64_t w = c >> 6
+        cdef uint64_t bit = (<uint64_t>1) << (c & 63)
+        cdef Bits *xfer
+        cdef bint was_set
+        self._acquire()
+        xfer = &self._bits[1 - self._t]
+        was_set = xfer.words[w] & bit != 0
+        if was_set:
+            xfer.words[w] &= ~bit
+            xfer.count -= 1
+            if self._saved.words[w] & bit:
+                self._saved.words[w] &= ~bit
+                self._saved.count -= 1
+        self._release()
+        return was_set
+
+    def clear_transfer(self, int64_t first, int64_t count):
+        """Clear the transfer bits and saved flags of chunks ``[first, first + count)``.
+
+        Returns how many of those transfer bits were set. The copy job calls
+        this once a run of chunks is confirmed on every destination. Raises
+        ``RangeError`` and changes nothing when the range is outside the map.
+        """
+        if first < 0 or count < 0 or <uint64_t>count > self._chunks \
+                or <uint64_t>first > self._chunks - <uint64_t>count:
+            raise _layout.chunk_range_error(first, count, self._chunks)
+        if count == 0:
+            return 0
+        cdef uint64_t lo = first
+        cdef uint64_t hi = first + count - 1
+        cdef uint64_t wlo = lo >> 6
+        cdef uint64_t whi = hi >> 6
+        cdef uint64_t w, m, c
+        cdef uint64_t cleared = 0
+        cdef Bits *xfer
+        self._acquire()
+        with nogil:
+            xfer = &self._bits[1 - self._t]
+            for w in range(wlo, whi + 1):
+                m = _mask(w, wlo, whi, lo, hi)
+                c = xfer.words[w] & m
+                if c:
+                    cleared += popcount(c)
+                    xfer.words[w] &= ~m
+                    c = self._saved.words[w] & m
+                    self._saved.count -= popcount(c)
+                    self._saved.words[w] &= ~m
+            xfer.count -= cleared
+            self._release()
+        return cleared
+
+    def extents(self, int64_t max_chunks=0):
+        """Runs of adjacent set transfer bits, as an int64 array of (first_chunk, count) rows.
+
+        Ascending; when ``max_chunks > 0`` no run is longer than it (longer
+        runs are split). Clears nothing. Visits only summary-dirty blocks.
+        Raises ``ParameterError`` for a negative ``max_chunks``.
+        """
+        if max_chunks < 0:
+            raise _layout.max_chunks_error(max_chunks)
+        cdef Runs runs
+        runs.data = NULL
+        runs.n = 0
+        runs.cap = 0
+        runs.limit = <uint64_t>max_chunks
+        runs.failed = False
+        runs.start = 0
+        runs.length = 0
+        self._acquire()
+        with nogil:
+            self._scan_transfer(&runs)
+            self._release()
+            _runs_flush(&runs)
+        try:
+            if runs.failed:
+                raise MemoryError("cannot allocate the extent list")
+            if runs.n == 0:
+                return np.empty((0, 2), dtype=np.int64)
+            return _array(runs.data, 2 * runs.n).reshape(-1, 2)
+        finally:
+            free(runs.data)
+
+    cdef void _scan_transfer(self, Runs *runs) noexcept nogil:
+        cdef Bits *xfer = &self._bits[1 - self._t]
+        cdef uint64_t si, sw, bit, block, w, w1, v, x, t, length, start
+        cdef bint empty
+        for si in range(self._nsum):
+            sw = xfer.summary[si]
+            while sw:
+                bit = ctz(sw)
+                sw &= sw - 1
+                block = (si << 6) + bit
+                w = _first_word(block)
+                w1 = min(w + 64, self._nwords)
+                empty = True
+                while w < w1:
+                    v = xfer.words[w]
+                    if v:
+                        empty = False
+                    while v:
+                        # Bits below t are already consumed; the run is as long
+                        # as the ones starting at t.
+                        t = ctz(v)
+                        x = v >> t
+                        length = 64 - t if x == ONES >> t else ctz(~x)
+                        start = (w << 6) + t
+                        if runs.length and runs.start + runs.length == start:
+                            runs.length += length
+                        else:
+                            _runs_flush(runs)
+                            runs.start = start
+                            runs.length = length
+                        v = 0 if t + length >= 64 else v & (ONES << (t + length))
+                    w += 1
+                if empty:
+                    # Tidy the summary: a scan that found the block empty may say so.
+                    xfer.summary[si] &= ~((<uint64_t>1) << bit)
+
+    # -- queries -----------------------------------------------------------------
+    cdef inline bint _bit(self, Bits *bits, uint64_t c) noexcept:
+        return bits.words[c >> 6] >> (c & 63) & 1
+
+    def tracking(self, int64_t chunk):
+        """The tracking bit of ``chunk`` (``RangeError`` outside the map)."""
+        cdef uint64_t c = self._chunk(chunk)
+        self._acquire()
+        value = self._bit(&self._bits[self._t], c)
+        self._release()
+        return value
+
+    def transfer(self, int64_t chunk):
+        """The transfer bit of ``chunk`` (``RangeError`` outside the map)."""
+        cdef uint64_t c = self._chunk(chunk)
+        self._acquire()
+        value = self._bit(&self._bits[1 - self._t], c)
+        self._release()
+        return value
+
+    def is_saved(self, int64_t chunk):
+        """Whether ``chunk`` was saved (COFW) in this mark (``RangeError`` outside the map)."""
+        cdef uint64_t c = self._chunk(chunk)
+        self._acquire()
+        value = self._bit(&self._saved, c)
+        self._release()
+        return value
+
+    # -- persistence -------------------------------------------------------------
+    def to_bytes(self):
+        """The whole state as versioned, checksummed bytes (see ``isc._layout``)."""
+        cdef size_t nbytes = self._nwords * 8
+        parts = [bytearray(nbytes) for _ in range(3)]
+        cdef unsigned char *track = parts[0]
+        cdef unsigned char *xfer = parts[1]
+        cdef unsigned char *saved = parts[2]
+        self._acquire()
+        with nogil:
+            memcpy(track, self._bits[self._t].words, nbytes)
+            memcpy(xfer, self._bits[1 - self._t].words, nbytes)
+            memcpy(saved, self._saved.words, nbytes)
+        state = _layout.State(
+            self._size, self._granularity, self._generation, self._marked, *parts
+        )
+        self._release()
+        return _layout.pack(state)
+
+    @classmethod
+    def from_bytes(cls, data):
+        """Rebuild a delta bitmap from ``to_bytes`` output.
+
+        Raises ``CorruptMetadata`` (a ValueError) for truncated, corrupt,
+        foreign or unknown-version data, ``TypeError`` for non-bytes.
+        """
+        state = _layout.unpack(data)
+        cdef DeltaBitmap bitmap = cls(state.size, state.granularity)
+        bitmap._load(&bitmap._bits[0], state.tracking)
+        bitmap._load(&bitmap._bits[1], state.transfer)
+        bitmap._load(&bitmap._saved, state.saved)
+        bitmap._t = 0
+        bitmap._marked = state.marked
+        bitmap._generation = state.generation
+        return bitmap
+
+    cdef void _load(self, Bits *bits, const unsigned char[::1] data):
+        cdef uint64_t w
+        memcpy(bits.words, &data[0], self._nwords * 8)
+        with nogil:
+            bits.count = 0
+            for w in range(self._nwords):
+                if bits.words[w]:
+                    bits.count += popcount(bits.words[w])
+                    _touch(bits.summary, w, w)
+
+    def _check(self):
+        """Verify every invariant of the representation; raise AssertionError if one fails."""
+        self._acquire()
+        try:
+            self._check_bits("tracking", &self._bits[self._t])
+            self._check_bits("transfer", &self._bits[1 - self._t])
+            self._check_bits("saved", &self._saved)
+            xfer = &self._bits[1 - self._t]
+            for w in range(self._nwords):
+                if self._saved.words[w] & ~xfer.words[w]:
+                    raise AssertionError(f"saved chunk without transfer bit in word {w}")
+            if not self._marked and (xfer.count or self._saved.count):
+                raise AssertionError("transfer or saved bits set while unmarked")
+            if self._nsaving > self._in_flight:
+                raise AssertionError("more COFW writes in flight than writes in flight")
+        finally:
+            self._release()
+
+    cdef int _check_bits(self, str name, Bits *bits) except -1:
+        cdef uint64_t w, total = 0
+        cdef uint64_t tail = self._chunks & 63
+        for w in range(self._nwords):
+            if bits.words[w]:
+                total += popcount(bits.words[w])
+                if not bits.summary[w >> 12] >> ((w >> BLOCK_SHIFT) & 63) & 1:
+                    raise AssertionError(f"{name} word {w} has bits but its summary is clean")
+        if total != bits.count:
+            raise AssertionError(f"{name} count is {bits.count} but {total} bits are set")
+        if tail and bits.words[self._nwords - 1] >> tail:
+            raise AssertionError(f"{name} has bits set past the last chunk")
+        return 0
+
+    def __repr__(self):
+        return (
+            f"DeltaBitmap(size={self._size}, granularity={self._granularity}, "
+            f"{'marked' if self._marked else 'unmarked'}, generation={self._generation}, "
+            f"tracking={self.tracking_count}, transfer={self.transfer_count}, "
+            f"saved={self.saved_count})"
+        )
+
+
+# -- helpers ------------------------------------------------------------------
+
+cdef void _runs_flush(Runs *runs) noexcept nogil:
+    """Append the pending run, split into pieces of at most ``limit`` chunks."""
+    cdef uint64_t piece
+    cdef int64_t *grown
+    while runs.length and not runs.failed:
+        if runs.n == runs.cap:
+            runs.cap = runs.cap * 2 if runs.cap else 1024
+            grown = <int64_t *>realloc(runs.data, runs.cap * 16)
+            if grown == NULL:
+                runs.failed = True
+                return
+            runs.data = grown
+        piece = runs.length if runs.limit == 0 or runs.length < runs.limit else runs.limit
+        runs.data[2 * runs.n] = <int64_t>runs.start
+        runs.data[2 * runs.n + 1] = <int64_t>piece
+        runs.n += 1
+        runs.start += piece
+        runs.length -= piece
+
+
+cdef object _array(const int64_t *data, size_t n):
+    """A new int64 ndarray holding a copy of ``data[0:n]``."""
+    cdef cnp.npy_intp dims = <cnp.npy_intp>n
+    arr = cnp.PyArray_SimpleNew(1, &dims, cnp.NPY_INT64)
+    memcpy(cnp.PyArray_DATA(arr), data, n * 8)
+    return arr

@@ -1,0 +1,230 @@
+"""A pure-Python twin of :class:`isc._core.DeltaBitmap`: slow and obviously right.
+
+Each bitmap is a Python ``set`` of chunk indices and one ``threading.Lock``
+serializes every call. Tests drive this class and the Cython core with the same
+operation sequences and compare them after every step; its behaviour is the
+definition the core must match.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from isc import _layout
+from isc._layout import DEFAULT_GRANULARITY, check_geometry, chunk_error, write_range_error
+
+_NO_CHUNKS = np.empty(0, dtype=np.int64)
+
+
+class DeltaBitmap:
+    def __init__(self, size: int, granularity: int = DEFAULT_GRANULARITY) -> None:
+        self.chunks = check_geometry(size, granularity)
+        self.size = int(size)
+        self.granularity = int(granularity)
+        self.marked = False
+        self.generation = 0
+        self._tracking: set[int] = set()
+        self._transfer: set[int] = set()
+        self._saved: set[int] = set()
+        self._lock = threading.Condition()
+        self._in_flight = 0
+        self._marking = False
+        self._saving: list[tuple[int, int]] = []
+
+    # -- host write path -------------------------------------------------
+    def record_write(self, offset: int, length: int) -> np.ndarray:
+        offset, length = int(offset), int(length)
+        self._check_write(offset, length)
+        with self._lock:
+            return np.array(self._record_locked(offset, length), dtype=np.int64)
+
+    def record_writes(self, offsets, lengths) -> np.ndarray:
+        offsets = np.asarray(offsets)
+        lengths = np.asarray(lengths)
+        if offsets.ndim != 1 or offsets.shape != lengths.shape:
+            raise ValueError("offsets and lengths must be 1-D arrays of the same length")
+        if offsets.size and (offsets.dtype.kind not in "iu" or lengths.dtype.kind not in "iu"):
+            raise TypeError("offsets and lengths must be integer arrays")
+        pairs = [(int(o), int(n)) for o, n in zip(offsets, lengths)]
+        for offset, length in pairs:
+            self._check_write(offset, length)
+        out: list[int] = []
+        with self._lock:
+            for offset, length in pairs:
+                out.extend(self._record_locked(offset, length))
+        return np.array(out, dtype=np.int64)
+
+    def begin_write(self, offset: int, length: int) -> np.ndarray:
+        offset, length = int(offset), int(length)
+        self._check_write(offset, length)
+        span = self._span(offset, length)
+        with self._lock:
+            while self._marking or any(_overlap(span, other) for other in self._saving):
+                self._lock.wait()
+            cofw = self._record_locked(offset, length)
+            self._in_flight += 1
+            if cofw:
+                self._saving.append(span)
+            return np.array(cofw, dtype=np.int64)
+
+    def end_write(self, offset: int, length: int, cofw: bool) -> None:
+        span = self._span(int(offset), int(length))
+        with self._lock:
+            if self._in_flight == 0 or (cofw and span not in self._saving):
+                raise _layout.end_write_error(offset, length)
+            self._in_flight -= 1
+            if cofw:
+                self._saving.remove(span)
+            self._lock.notify_all()
+
+    def _span(self, offset: int, length: int) -> tuple[int, int]:
+        return offset // self.granularity, (offset + max(length, 1) - 1) // self.granularity
+
+    def _check_write(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self.size or offset > self.size:
+            raise write_range_error(offset, length, self.size)
+
+    def _record_locked(self, offset: int, length: int) -> list[int]:
+        if length == 0:
+            return []
+        cofw = []
+        for chunk in range(offset // self.granularity, (offset + length - 1) // self.granularity + 1):
+            self._tracking.add(chunk)
+            if self.marked and chunk in self._transfer and chunk not in self._saved:
+                self._saved.add(chunk)
+                cofw.append(chunk)
+        return cofw
+
+    # -- states -----------------------------------------------------------
+    def mark(self, full: bool = False) -> None:
+        with self._lock:
+            if self.marked:
+                raise _layout.already_marked_error(self.generation)
+            while self._marking:
+                self._lock.wait()
+            self._marking = True
+            while self._in_flight:
+                self._lock.wait()
+            self._marking = False
+            self._lock.notify_all()
+            if self.marked:
+                raise _layout.already_marked_error(self.generation)
+            if full:
+                self._transfer = set(range(self.chunks))
+                self._tracking = set()
+            else:
+                self._transfer, self._tracking = self._tracking, self._transfer
+            self.marked = True
+            self.generation += 1
+
+    def unmark(self) -> None:
+        with self._lock:
+            self._tracking |= self._transfer
+            self._transfer = set()
+            self._saved = set()
+            self.marked = False
+
+    def clear_tracking(self) -> None:
+        with self._lock:
+            self._tracking = set()
+
+    # -- copy side --------------------------------------------------------
+    def test_and_clear(self, chunk: int) -> bool:
+        chunk = self._check_chunk(chunk)
+        with self._lock:
+            was_set = chunk in self._transfer
+            self._transfer.discard(chunk)
+            self._saved.discard(chunk)
+            return was_set
+
+    def clear_transfer(self, first: int, count: int) -> int:
+        first, count = int(first), int(count)
+        if first < 0 or count < 0 or first + count > self.chunks:
+            raise _layout.chunk_range_error(first, count, self.chunks)
+        with self._lock:
+            span = set(range(first, first + count))
+            cleared = len(self._transfer & span)
+            self._transfer -= span
+            self._saved -= span
+            return cleared
+
+    def extents(self, max_chunks: int = 0) -> np.ndarray:
+        max_chunks = int(max_chunks)
+        if max_chunks < 0:
+            raise _layout.max_chunks_error(max_chunks)
+        with self._lock:
+            runs: list[list[int]] = []
+            for chunk in sorted(self._transfer):
+                last = runs[-1] if runs else None
+                if last and last[0] + last[1] == chunk and (not max_chunks or last[1] < max_chunks):
+                    last[1] += 1
+                else:
+                    runs.append([chunk, 1])
+        return np.array(runs, dtype=np.int64).reshape(-1, 2)
+
+    # -- queries ----------------------------------------------------------
+    def tracking(self, chunk: int) -> bool:
+        return self._check_chunk(chunk) in self._tracking
+
+    def transfer(self, chunk: int) -> bool:
+        return self._check_chunk(chunk) in self._transfer
+
+    def is_saved(self, chunk: int) -> bool:
+        return self._check_chunk(chunk) in self._saved
+
+    def _check_chunk(self, chunk: int) -> int:
+        chunk = int(chunk)
+        if not 0 <= chunk < self.chunks:
+            raise chunk_error(chunk, self.chunks)
+        return chunk
+
+    @property
+    def tracking_count(self) -> int:
+        return len(self._tracking)
+
+    @property
+    def transfer_count(self) -> int:
+        return len(self._transfer)
+
+    @property
+    def saved_count(self) -> int:
+        return len(self._saved)
+
+    # -- persistence ------------------------------------------------------
+    def to_bytes(self) -> bytes:
+        with self._lock:
+            bitmaps = (self._bits(s) for s in (self._tracking, self._transfer, self._saved))
+            return _layout.pack(
+                _layout.State(self.size, self.granularity, self.generation, self.marked, *bitmaps)
+            )
+
+    def _bits(self, chunks: set[int]) -> bytes:
+        value = sum(1 << c for c in chunks)
+        return value.to_bytes(_layout.words_for(self.chunks) * 8, "little")
+
+    @classmethod
+    def from_bytes(cls, data) -> DeltaBitmap:
+        state = _layout.unpack(data)
+        bitmap = cls(state.size, state.granularity)
+        bitmap.generation = state.generation
+        bitmap.marked = state.marked
+        bitmap._tracking, bitmap._transfer, bitmap._saved = (
+            _set_of(bits) for bits in (state.tracking, state.transfer, state.saved)
+        )
+        return bitmap
+
+    def _check(self) -> None:
+        assert self._saved <= self._transfer, "saved chunk without transfer bit"
+        assert self.marked or not self._transfer, "transfer bits while unmarked"
+        assert all(0 <= c < self.chunks for c in self._tracking | self._transfer)
+
+
+def _overlap(a: tuple[int, int], b: tuple[int, int]) -> bool:
+    return a[0] <= b[1] and b[0] <= a[1]
+
+
+def _set_of(bits: bytes) -> set[int]:
+    flags = np.unpackbits(np.frombuffer(bits, dtype=np.uint8), bitorder="little")
+    return set(np.flatnonzero(flags).tolist())

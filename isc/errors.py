@@ -1,0 +1,26 @@
+"""The exceptions isc raises.
+
+Every error derives from :class:`IscError` and from the built-in exception a
+caller would expect, so ``except ValueError`` keeps working for code that does
+not know isc. Each message names the object, its state and the fix.
+"""
+
+
+class IscError(Exception):
+    """Base class of every error isc raises on purpose."""
+
+
+class StateError(IscError, RuntimeError):
+    """An operation was asked for in a state that does not allow it."""
+
+
+class RangeError(IscError, ValueError):
+    """An offset, length or chunk index lies outside the LUN."""
+
+
+class ParameterError(IscError, ValueError):
+    """A parameter has a value isc does not accept (e.g. a granularity)."""
+
+
+class CorruptMetadata(IscError, ValueError):
+    """Serialized state is truncated, corrupt, foreign or of an unknown version."""
