@@ -165,6 +165,7 @@ cdef class DeltaBitmap:
     cdef int _t
     cdef bint _marked
     cdef uint64_t _generation
+    cdef uint64_t _writes
     cdef pthread_mutex_t _mu
     cdef pthread_cond_t _cv
     cdef bint _sync_ready
@@ -247,6 +248,11 @@ cdef class DeltaBitmap:
     def generation(self):
         """Number of marks so far."""
         return self._generation
+
+    @property
+    def writes(self):
+        """Number of host writes recorded since creation (not persisted)."""
+        return self._writes
 
     @property
     def tracking_count(self):
@@ -335,6 +341,7 @@ cdef class DeltaBitmap:
                             pthread_cond_wait(&self._cv, &self._mu)
                 if not self._reserve_saving():
                     raise MemoryError("cannot grow the list of writes in flight")
+            self._writes += 1
             if length:
                 n = self._record_locked(lo, hi, out)
             if in_flight:
@@ -466,6 +473,7 @@ cdef class DeltaBitmap:
                 out = <int64_t *>malloc(cap * 8 + 8)
                 no_memory = out == NULL
             if not no_memory:
+                self._writes += count
                 for i in range(count):
                     if n[i]:
                         lo = <uint64_t>o[i] >> self._shift
@@ -614,18 +622,24 @@ cdef class DeltaBitmap:
         self._release()
         return was_set
 
-    def clear_transfer(self, int64_t first, int64_t count):
-        """Clear the transfer bits and saved flags of chunks ``[first, first + count)``.
-
-        Returns how many of those transfer bits were set. The copy job calls
-        this once a run of chunks is confirmed on every destination. Raises
-        ``RangeError`` and changes nothing when the range is outside the map.
-        """
+    cdef int _check_chunk_range(self, int64_t first, int64_t count) except -1:
         if first < 0 or count < 0 or <uint64_t>count > self._chunks \
                 or <uint64_t>first > self._chunks - <uint64_t>count:
             raise _layout.chunk_range_error(first, count, self._chunks)
-        if count == 0:
-            return 0
+        return 0
+
+    def clear_transfer(self, int64_t first, int64_t count, int64_t generation=-1):
+        """Clear the transfer bits and saved flags of chunks ``[first, first + count)``.
+
+        Returns how many of those transfer bits were set. The copy job calls
+        this once a run of chunks is confirmed on every destination. With
+        ``generation >= 0`` it clears only while the map is still marked at
+        that generation, else raises ``StateError``: the caller's mark ended
+        (e.g. an abort unmarked it), so what it sent may not be the
+        point-in-time data. Raises ``RangeError`` for a range outside the map.
+        Both errors change nothing.
+        """
+        self._check_chunk_range(first, count)
         cdef uint64_t lo = first
         cdef uint64_t hi = first + count - 1
         cdef uint64_t wlo = lo >> 6
@@ -634,7 +648,10 @@ cdef class DeltaBitmap:
         cdef uint64_t cleared = 0
         cdef Bits *xfer
         self._acquire()
-        with nogil:
+        if generation >= 0 and (not self._marked or self._generation != <uint64_t>generation):
+            self._release()
+            raise _layout.mark_ended_error(generation, self._generation, self._marked)
+        if count:
             xfer = &self._bits[1 - self._t]
             for w in range(wlo, whi + 1):
                 m = _mask(w, wlo, whi, lo, hi)
@@ -646,8 +663,43 @@ cdef class DeltaBitmap:
                     self._saved.count -= popcount(c)
                     self._saved.words[w] &= ~m
             xfer.count -= cleared
-            self._release()
+        self._release()
         return cleared
+
+    def saved_in(self, int64_t first, int64_t count):
+        """The saved (COFW) chunks in ``[first, first + count)``, ascending, as int64.
+
+        Raises ``RangeError`` for a range outside the map.
+        """
+        self._check_chunk_range(first, count)
+        cdef uint64_t lo = first
+        cdef uint64_t hi = first + count - 1
+        cdef uint64_t wlo = lo >> 6
+        cdef uint64_t whi = hi >> 6
+        cdef uint64_t w, c
+        cdef int64_t stack[STACK_CHUNKS]
+        cdef int64_t *out = stack
+        cdef size_t n = 0
+        if count == 0:
+            return _EMPTY
+        if count > STACK_CHUNKS:
+            out = <int64_t *>malloc(count * 8)
+            if out == NULL:
+                raise MemoryError(f"cannot allocate a list of {count} chunks")
+        self._acquire()
+        if self._saved.count:
+            for w in range(wlo, whi + 1):
+                c = self._saved.words[w] & _mask(w, wlo, whi, lo, hi)
+                while c:
+                    out[n] = <int64_t>((w << 6) + ctz(c))
+                    n += 1
+                    c &= c - 1
+        self._release()
+        try:
+            return _EMPTY if n == 0 else _array(out, n)
+        finally:
+            if out != stack:
+                free(out)
 
     def extents(self, int64_t max_chunks=0):
         """Runs of adjacent set transfer bits, as an int64 array of (first_chunk, count) rows.

@@ -205,3 +205,12 @@ def end_write_error(offset: int, length: int) -> StateError:
         f"end_write({offset}, {length}) matches no write in flight; call it once, "
         "after begin_write with the same range and the cofw flag begin_write implied"
     )
+
+
+def mark_ended_error(generation: int, current: int, marked: bool) -> StateError:
+    """The error for clearing transfer bits of a mark that has ended."""
+    now = f"marked at generation {current}" if marked else "unmarked"
+    return StateError(
+        f"delta bitmap is no longer marked at generation {generation} (it is {now}); "
+        "the transfer was interrupted: unmark and copy again"
+    )

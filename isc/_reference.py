@@ -8,6 +8,7 @@ definition the core must match.
 
 from __future__ import annotations
 
+import operator
 import threading
 
 import numpy as np
@@ -25,6 +26,7 @@ class DeltaBitmap:
         self.granularity = int(granularity)
         self.marked = False
         self.generation = 0
+        self.writes = 0
         self._tracking: set[int] = set()
         self._transfer: set[int] = set()
         self._saved: set[int] = set()
@@ -35,9 +37,10 @@ class DeltaBitmap:
 
     # -- host write path -------------------------------------------------
     def record_write(self, offset: int, length: int) -> np.ndarray:
-        offset, length = int(offset), int(length)
+        offset, length = _int64(offset), _int64(length)
         self._check_write(offset, length)
         with self._lock:
+            self.writes += 1
             return np.array(self._record_locked(offset, length), dtype=np.int64)
 
     def record_writes(self, offsets, lengths) -> np.ndarray:
@@ -52,25 +55,27 @@ class DeltaBitmap:
             self._check_write(offset, length)
         out: list[int] = []
         with self._lock:
+            self.writes += len(pairs)
             for offset, length in pairs:
                 out.extend(self._record_locked(offset, length))
         return np.array(out, dtype=np.int64)
 
     def begin_write(self, offset: int, length: int) -> np.ndarray:
-        offset, length = int(offset), int(length)
+        offset, length = _int64(offset), _int64(length)
         self._check_write(offset, length)
         span = self._span(offset, length)
         with self._lock:
             while self._marking or any(_overlap(span, other) for other in self._saving):
                 self._lock.wait()
             cofw = self._record_locked(offset, length)
+            self.writes += 1
             self._in_flight += 1
             if cofw:
                 self._saving.append(span)
             return np.array(cofw, dtype=np.int64)
 
     def end_write(self, offset: int, length: int, cofw: bool) -> None:
-        span = self._span(int(offset), int(length))
+        span = self._span(_int64(offset), _int64(length))
         with self._lock:
             if self._in_flight == 0 or (cofw and span not in self._saving):
                 raise _layout.end_write_error(offset, length)
@@ -139,19 +144,31 @@ class DeltaBitmap:
             self._saved.discard(chunk)
             return was_set
 
-    def clear_transfer(self, first: int, count: int) -> int:
-        first, count = int(first), int(count)
-        if first < 0 or count < 0 or first + count > self.chunks:
-            raise _layout.chunk_range_error(first, count, self.chunks)
+    def clear_transfer(self, first: int, count: int, generation: int = -1) -> int:
+        first, count, generation = _int64(first), _int64(count), _int64(generation)
+        self._check_chunk_range(first, count)
         with self._lock:
+            if generation >= 0 and (not self.marked or self.generation != generation):
+                raise _layout.mark_ended_error(generation, self.generation, self.marked)
             span = set(range(first, first + count))
             cleared = len(self._transfer & span)
             self._transfer -= span
             self._saved -= span
             return cleared
 
+    def saved_in(self, first: int, count: int) -> np.ndarray:
+        first, count = _int64(first), _int64(count)
+        self._check_chunk_range(first, count)
+        with self._lock:
+            inside = [c for c in sorted(self._saved) if first <= c < first + count]
+        return np.array(inside, dtype=np.int64)
+
+    def _check_chunk_range(self, first: int, count: int) -> None:
+        if first < 0 or count < 0 or first + count > self.chunks:
+            raise _layout.chunk_range_error(first, count, self.chunks)
+
     def extents(self, max_chunks: int = 0) -> np.ndarray:
-        max_chunks = int(max_chunks)
+        max_chunks = _int64(max_chunks)
         if max_chunks < 0:
             raise _layout.max_chunks_error(max_chunks)
         with self._lock:
@@ -175,7 +192,7 @@ class DeltaBitmap:
         return self._check_chunk(chunk) in self._saved
 
     def _check_chunk(self, chunk: int) -> int:
-        chunk = int(chunk)
+        chunk = _int64(chunk)
         if not 0 <= chunk < self.chunks:
             raise chunk_error(chunk, self.chunks)
         return chunk
@@ -219,6 +236,14 @@ class DeltaBitmap:
         assert self._saved <= self._transfer, "saved chunk without transfer bit"
         assert self.marked or not self._transfer, "transfer bits while unmarked"
         assert all(0 <= c < self.chunks for c in self._tracking | self._transfer)
+
+
+def _int64(value: object) -> int:
+    """Convert like the core's int64_t arguments: integers only, within int64."""
+    number = operator.index(value)  # type: ignore[arg-type]
+    if not -(2**63) <= number < 2**63:
+        raise OverflowError(f"{number} does not fit in a signed 64-bit integer")
+    return number
 
 
 def _overlap(a: tuple[int, int], b: tuple[int, int]) -> bool:
