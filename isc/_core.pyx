@@ -56,6 +56,10 @@ from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.string cimport memcpy, memset
 
 cimport numpy as cnp
+from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.bytes cimport PyBytes_CheckExact, PyBytes_GET_SIZE
+from cpython.long cimport PyLong_AsLongLong, PyLong_Check
+from cpython.number cimport PyNumber_Index
 import numpy as np
 
 from isc import _layout
@@ -82,6 +86,35 @@ cdef extern from "<pthread.h>" nogil:
 cdef extern from *:
     int popcount "__builtin_popcountll"(unsigned long long) nogil
     int ctz "__builtin_ctzll"(unsigned long long) nogil
+
+
+cdef extern from *:
+    """
+    /* Sequentially consistent atomics for the writes-in-flight count and the
+       mark-pending flag: a write without COFW data ends without the mutex. */
+    static inline void isc_inc(unsigned long long *p) {
+        __atomic_add_fetch(p, 1, __ATOMIC_SEQ_CST);
+    }
+    static inline int isc_dec_if_positive(unsigned long long *p) {
+        unsigned long long n = __atomic_load_n(p, __ATOMIC_SEQ_CST);
+        while (n) {
+            if (__atomic_compare_exchange_n(p, &n, n - 1, 0, __ATOMIC_SEQ_CST,
+                                            __ATOMIC_SEQ_CST))
+                return 1;
+        }
+        return 0;
+    }
+    static inline unsigned long long isc_load(unsigned long long *p) {
+        return __atomic_load_n(p, __ATOMIC_SEQ_CST);
+    }
+    static inline int isc_load_flag(int *p) { return __atomic_load_n(p, __ATOMIC_SEQ_CST); }
+    static inline void isc_store_flag(int *p, int v) { __atomic_store_n(p, v, __ATOMIC_SEQ_CST); }
+    """
+    void isc_inc(uint64_t *) nogil
+    bint isc_dec_if_positive(uint64_t *) nogil
+    uint64_t isc_load(uint64_t *) nogil
+    bint isc_load_flag(int *) nogil
+    void isc_store_flag(int *, int) nogil
 
 
 cdef enum:
@@ -112,6 +145,14 @@ cdef struct Runs:
     bint failed
     uint64_t start
     uint64_t length
+
+
+cdef inline int64_t _i64(object value) except? -1:
+    """An integer argument as int64: ``TypeError`` for non-integers (floats
+    included), ``OverflowError`` beyond 64 bits."""
+    if not PyLong_Check(value):
+        value = PyNumber_Index(value)
+    return PyLong_AsLongLong(value)
 
 
 cdef object _EMPTY = np.empty(0, dtype=np.int64)
@@ -170,7 +211,7 @@ cdef class DeltaBitmap:
     cdef pthread_cond_t _cv
     cdef bint _sync_ready
     cdef uint64_t _in_flight
-    cdef bint _marking
+    cdef int _marking
     cdef Span *_saving
     cdef size_t _nsaving
     cdef size_t _capsaving
@@ -345,7 +386,7 @@ cdef class DeltaBitmap:
             if length:
                 n = self._record_locked(lo, hi, out)
             if in_flight:
-                self._in_flight += 1
+                isc_inc(&self._in_flight)
                 if n:
                     self._saving[self._nsaving].lo = lo
                     self._saving[self._nsaving].hi = hi
@@ -358,7 +399,7 @@ cdef class DeltaBitmap:
             if out != stack:
                 free(out)
 
-    def record_write(self, int64_t offset, int64_t length):
+    def record_write(self, offset, length):
         """Record a host write of ``length`` bytes at ``offset``; return the COFW chunks.
 
         Sets the tracking bit of every chunk the range touches. While marked,
@@ -369,9 +410,11 @@ cdef class DeltaBitmap:
         ``length == 0`` touches nothing. Raises ``RangeError`` (a ValueError)
         and changes nothing when the range is not inside ``[0, size)``.
         """
-        return self._record(offset, length, False)
+        cdef int64_t c_offset = _i64(offset)
+        cdef int64_t c_length = _i64(length)
+        return self._record(c_offset, c_length, False)
 
-    def begin_write(self, int64_t offset, int64_t length):
+    def begin_write(self, offset, length):
         """``record_write`` for a host write whose data I/O follows; pair with ``end_write``.
 
         The write counts as in flight until ``end_write``: ``mark`` waits for
@@ -380,34 +423,80 @@ cdef class DeltaBitmap:
         overlaps this range still has COFW chunks to save. Returns the COFW
         chunks like ``record_write``.
         """
-        return self._record(offset, length, True)
+        cdef int64_t c_offset = _i64(offset)
+        cdef int64_t c_length = _i64(length)
+        return self._record(c_offset, c_length, True)
 
-    def end_write(self, int64_t offset, int64_t length, bint cofw):
+    def end_write(self, offset, length, bint cofw):
         """End a write started with ``begin_write(offset, length)``.
 
         ``cofw`` says whether ``begin_write`` returned any chunk. Wakes writes
         and marks waiting for this one. Raises ``StateError`` when no such
         write is in flight.
         """
+        cdef int64_t c_offset = _i64(offset)
+        cdef int64_t c_length = _i64(length)
+        self._end_write(c_offset, c_length, cofw)
+
+    def write_through(self, write, save, offset, data):
+        """One host write: ``begin_write``, ``save(cofw_chunks)`` if any, ``write(offset, data)``,
+        ``end_write``.
+
+        ``data`` is any bytes-like object. The session's write path in one
+        call, so a write pays for a single Python-level call into the core;
+        the callbacks come first so ``functools.partial(write_through, write,
+        save)`` makes a host write function with no Python frame of its own.
+        Exceptions from ``save`` or ``write`` propagate after ``end_write``.
+        """
+        cdef int64_t c_offset = _i64(offset)
+        cdef Py_buffer view
+        cdef Py_ssize_t length
+        if PyBytes_CheckExact(data):
+            length = PyBytes_GET_SIZE(data)
+        else:
+            PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+            length = view.len
+            PyBuffer_Release(&view)
+        cofw = self._record(c_offset, length, True)
+        try:
+            if cofw is not _EMPTY:
+                save(cofw)
+            write(offset, data)
+        finally:
+            self._end_write(c_offset, length, cofw is not _EMPTY)
+
+    cdef int _end_write(self, int64_t offset, int64_t length, bint cofw) except -1:
+        if not cofw:
+            # Only a pending mark waits for a write without COFW data. The
+            # decrement and the flag read are ordered against mark's flag
+            # store and count read (seq_cst), so one side always sees the
+            # other; the broadcast under the mutex cannot fall between mark's
+            # count check and its wait.
+            if not isc_dec_if_positive(&self._in_flight):
+                raise _layout.end_write_error(offset, length)
+            if isc_load_flag(&self._marking):
+                self._acquire()
+                pthread_cond_broadcast(&self._cv)
+                self._release()
+            return 0
         cdef uint64_t lo = <uint64_t>offset >> self._shift
         cdef uint64_t hi = (<uint64_t>offset + <uint64_t>(length if length > 0 else 1) - 1) \
             >> self._shift
         cdef size_t i
-        cdef bint found = not cofw
+        cdef bint found = False
         self._acquire()
-        if cofw:
-            for i in range(self._nsaving):
-                if self._saving[i].lo == lo and self._saving[i].hi == hi:
-                    self._nsaving -= 1
-                    self._saving[i] = self._saving[self._nsaving]
-                    found = True
-                    break
-        if self._in_flight == 0 or not found:
+        for i in range(self._nsaving):
+            if self._saving[i].lo == lo and self._saving[i].hi == hi:
+                found = True
+                break
+        if not found or not isc_dec_if_positive(&self._in_flight):
             self._release()
             raise _layout.end_write_error(offset, length)
-        self._in_flight -= 1
+        self._nsaving -= 1
+        self._saving[i] = self._saving[self._nsaving]
         pthread_cond_broadcast(&self._cv)
         self._release()
+        return 0
 
     cdef bint _overlaps_saving(self, uint64_t lo, uint64_t hi) noexcept nogil:
         cdef size_t i
@@ -504,10 +593,10 @@ cdef class DeltaBitmap:
             with nogil:
                 while self._marking:
                     pthread_cond_wait(&self._cv, &self._mu)
-                self._marking = True
-                while self._in_flight:
+                isc_store_flag(&self._marking, 1)
+                while isc_load(&self._in_flight):
                     pthread_cond_wait(&self._cv, &self._mu)
-                self._marking = False
+                isc_store_flag(&self._marking, 0)
                 pthread_cond_broadcast(&self._cv)
             if self._marked:
                 raise _layout.already_marked_error(self._generation)
@@ -600,12 +689,13 @@ cdef class DeltaBitmap:
             raise _layout.chunk_error(chunk, self._chunks)
         return <uint64_t>chunk
 
-    def test_and_clear(self, int64_t chunk):
+    def test_and_clear(self, chunk):
         """Clear one transfer bit and its saved flag; return the transfer bit's old value.
 
         Raises ``RangeError`` for a chunk outside ``[0, chunks)``.
         """
-        cdef uint64_t c = self._chunk(chunk)
+        cdef int64_t c_chunk = _i64(chunk)
+        cdef uint64_t c = self._chunk(c_chunk)
         cdef uint64_t w = c >> 6
         cdef uint64_t bit = (<uint64_t>1) << (c & 63)
         cdef Bits *xfer
@@ -628,7 +718,7 @@ cdef class DeltaBitmap:
             raise _layout.chunk_range_error(first, count, self._chunks)
         return 0
 
-    def clear_transfer(self, int64_t first, int64_t count, int64_t generation=-1):
+    def clear_transfer(self, first, count, generation=-1):
         """Clear the transfer bits and saved flags of chunks ``[first, first + count)``.
 
         Returns how many of those transfer bits were set. The copy job calls
@@ -639,19 +729,22 @@ cdef class DeltaBitmap:
         point-in-time data. Raises ``RangeError`` for a range outside the map.
         Both errors change nothing.
         """
-        self._check_chunk_range(first, count)
-        cdef uint64_t lo = first
-        cdef uint64_t hi = first + count - 1
+        cdef int64_t c_first = _i64(first)
+        cdef int64_t c_count = _i64(count)
+        cdef int64_t c_generation = _i64(generation)
+        self._check_chunk_range(c_first, c_count)
+        cdef uint64_t lo = c_first
+        cdef uint64_t hi = c_first + c_count - 1
         cdef uint64_t wlo = lo >> 6
         cdef uint64_t whi = hi >> 6
         cdef uint64_t w, m, c
         cdef uint64_t cleared = 0
         cdef Bits *xfer
         self._acquire()
-        if generation >= 0 and (not self._marked or self._generation != <uint64_t>generation):
+        if c_generation >= 0 and (not self._marked or self._generation != <uint64_t>c_generation):
             self._release()
-            raise _layout.mark_ended_error(generation, self._generation, self._marked)
-        if count:
+            raise _layout.mark_ended_error(c_generation, self._generation, self._marked)
+        if c_count:
             xfer = &self._bits[1 - self._t]
             for w in range(wlo, whi + 1):
                 m = _mask(w, wlo, whi, lo, hi)
@@ -666,26 +759,28 @@ cdef class DeltaBitmap:
         self._release()
         return cleared
 
-    def saved_in(self, int64_t first, int64_t count):
+    def saved_in(self, first, count):
         """The saved (COFW) chunks in ``[first, first + count)``, ascending, as int64.
 
         Raises ``RangeError`` for a range outside the map.
         """
-        self._check_chunk_range(first, count)
-        cdef uint64_t lo = first
-        cdef uint64_t hi = first + count - 1
+        cdef int64_t c_first = _i64(first)
+        cdef int64_t c_count = _i64(count)
+        self._check_chunk_range(c_first, c_count)
+        cdef uint64_t lo = c_first
+        cdef uint64_t hi = c_first + c_count - 1
         cdef uint64_t wlo = lo >> 6
         cdef uint64_t whi = hi >> 6
         cdef uint64_t w, c
         cdef int64_t stack[STACK_CHUNKS]
         cdef int64_t *out = stack
         cdef size_t n = 0
-        if count == 0:
+        if c_count == 0:
             return _EMPTY
-        if count > STACK_CHUNKS:
-            out = <int64_t *>malloc(count * 8)
+        if c_count > STACK_CHUNKS:
+            out = <int64_t *>malloc(c_count * 8)
             if out == NULL:
-                raise MemoryError(f"cannot allocate a list of {count} chunks")
+                raise MemoryError(f"cannot allocate a list of {c_count} chunks")
         self._acquire()
         if self._saved.count:
             for w in range(wlo, whi + 1):
@@ -701,20 +796,21 @@ cdef class DeltaBitmap:
             if out != stack:
                 free(out)
 
-    def extents(self, int64_t max_chunks=0):
+    def extents(self, max_chunks=0):
         """Runs of adjacent set transfer bits, as an int64 array of (first_chunk, count) rows.
 
         Ascending; when ``max_chunks > 0`` no run is longer than it (longer
         runs are split). Clears nothing. Visits only summary-dirty blocks.
         Raises ``ParameterError`` for a negative ``max_chunks``.
         """
-        if max_chunks < 0:
-            raise _layout.max_chunks_error(max_chunks)
+        cdef int64_t c_max_chunks = _i64(max_chunks)
+        if c_max_chunks < 0:
+            raise _layout.max_chunks_error(c_max_chunks)
         cdef Runs runs
         runs.data = NULL
         runs.n = 0
         runs.cap = 0
-        runs.limit = <uint64_t>max_chunks
+        runs.limit = <uint64_t>c_max_chunks
         runs.failed = False
         runs.start = 0
         runs.length = 0
@@ -772,25 +868,28 @@ cdef class DeltaBitmap:
     cdef inline bint _bit(self, Bits *bits, uint64_t c) noexcept:
         return bits.words[c >> 6] >> (c & 63) & 1
 
-    def tracking(self, int64_t chunk):
+    def tracking(self, chunk):
         """The tracking bit of ``chunk`` (``RangeError`` outside the map)."""
-        cdef uint64_t c = self._chunk(chunk)
+        cdef int64_t c_chunk = _i64(chunk)
+        cdef uint64_t c = self._chunk(c_chunk)
         self._acquire()
         value = self._bit(&self._bits[self._t], c)
         self._release()
         return value
 
-    def transfer(self, int64_t chunk):
+    def transfer(self, chunk):
         """The transfer bit of ``chunk`` (``RangeError`` outside the map)."""
-        cdef uint64_t c = self._chunk(chunk)
+        cdef int64_t c_chunk = _i64(chunk)
+        cdef uint64_t c = self._chunk(c_chunk)
         self._acquire()
         value = self._bit(&self._bits[1 - self._t], c)
         self._release()
         return value
 
-    def is_saved(self, int64_t chunk):
+    def is_saved(self, chunk):
         """Whether ``chunk`` was saved (COFW) in this mark (``RangeError`` outside the map)."""
-        cdef uint64_t c = self._chunk(chunk)
+        cdef int64_t c_chunk = _i64(chunk)
+        cdef uint64_t c = self._chunk(c_chunk)
         self._acquire()
         value = self._bit(&self._saved, c)
         self._release()
@@ -855,7 +954,7 @@ cdef class DeltaBitmap:
                     raise AssertionError(f"saved chunk without transfer bit in word {w}")
             if not self._marked and (xfer.count or self._saved.count):
                 raise AssertionError("transfer or saved bits set while unmarked")
-            if self._nsaving > self._in_flight:
+            if self._nsaving > isc_load(&self._in_flight):
                 raise AssertionError("more COFW writes in flight than writes in flight")
         finally:
             self._release()
