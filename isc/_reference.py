@@ -50,7 +50,7 @@ class DeltaBitmap:
             raise ValueError("offsets and lengths must be 1-D arrays of the same length")
         if offsets.size and (offsets.dtype.kind not in "iu" or lengths.dtype.kind not in "iu"):
             raise TypeError("offsets and lengths must be integer arrays")
-        pairs = [(int(o), int(n)) for o, n in zip(offsets, lengths)]
+        pairs = [(int(o), int(n)) for o, n in zip(offsets, lengths, strict=True)]
         for offset, length in pairs:
             self._check_write(offset, length)
         out: list[int] = []
@@ -95,7 +95,9 @@ class DeltaBitmap:
         if length == 0:
             return []
         cofw = []
-        for chunk in range(offset // self.granularity, (offset + length - 1) // self.granularity + 1):
+        for chunk in range(
+            offset // self.granularity, (offset + length - 1) // self.granularity + 1
+        ):
             self._tracking.add(chunk)
             if self.marked and chunk in self._transfer and chunk not in self._saved:
                 self._saved.add(chunk)

@@ -24,3 +24,19 @@ class ParameterError(IscError, ValueError):
 
 class CorruptMetadata(IscError, ValueError):
     """Serialized state is truncated, corrupt, foreign or of an unknown version."""
+
+
+class SaveAreaFull(IscError, RuntimeError):
+    """The save area has no room for another chunk; the mark that needed it is aborted."""
+
+
+class CopyError(IscError, RuntimeError):
+    """A copy job failed; ``result`` says what it had sent and how each destination fared.
+
+    Every chunk not confirmed on every destination is back in the tracking
+    bitmap, so the next copy sends it (rule 2).
+    """
+
+    def __init__(self, message: str, result: object) -> None:
+        super().__init__(message)
+        self.result = result

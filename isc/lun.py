@@ -1,0 +1,374 @@
+"""LUNs: the volumes a session tracks and the copy job writes to.
+
+The LUN interface
+-----------------
+Any object with these members can be a session's source or a destination; the
+session and the copy job depend on nothing else (see :class:`LUN`).
+
+``size``
+    The LUN size in bytes, fixed for the life of the object.
+``read(offset, length) -> bytes``
+    The ``length`` bytes at ``[offset, offset + length)``.
+``readinto(offset, buffer) -> None``
+    Fills the whole writable ``buffer`` (a bytearray, a memoryview slice, a
+    numpy array ...) with the bytes at ``[offset, offset + nbytes(buffer))``.
+    This is the zero-copy path of the copy job: no intermediate bytes object.
+``write(offset, data) -> None``
+    Writes all of the bytes-like ``data`` at ``offset``.
+``flush() -> None``
+    Makes completed writes durable (``fsync`` for a file or block device).
+``close() -> None`` and ``closed``
+    Releases the LUN; ``close`` is idempotent. LUNs are context managers.
+
+Offsets and lengths are in bytes and ranges are half-open. I/O outside
+``[0, size)`` (``offset < 0``, ``length < 0`` or ``offset + length > size``)
+raises :class:`~isc.errors.RangeError` (a ValueError) and transfers nothing;
+I/O on a closed LUN raises :class:`~isc.errors.StateError`. Each call moves
+its whole range in one operation, however large: never a Python loop per
+chunk. Reads and writes of different ranges may run concurrently from any
+number of threads; ``close`` must not race with I/O on the same LUN.
+
+Two implementations live here: :class:`MemoryLUN` (a bytearray) and
+:class:`FileLUN` (a regular file or a block device such as a loop device).
+"""
+
+from __future__ import annotations
+
+import abc
+import errno
+import operator
+import os
+import stat
+from typing import Protocol, TypeAlias, TypeVar, runtime_checkable
+
+from isc.errors import ParameterError, RangeError, StateError
+
+BytesLike: TypeAlias = bytes | bytearray | memoryview
+"""What ``write`` accepts and ``readinto`` fills: any C-contiguous buffer, not only these."""
+
+
+@runtime_checkable
+class LUN(Protocol):
+    """The LUN interface (see the module docstring); for type hints and ``isinstance``."""
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def closed(self) -> bool: ...
+
+    def read(self, offset: int, length: int) -> bytes: ...
+
+    def readinto(self, offset: int, buffer: BytesLike) -> None: ...
+
+    def write(self, offset: int, data: BytesLike) -> None: ...
+
+    def flush(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def _byte_view(data: object) -> memoryview:
+    # A flat unsigned-byte view, so that lengths count bytes and slice
+    # assignment accepts any C-contiguous buffer whatever its item format.
+    return memoryview(data).cast("B")  # type: ignore[arg-type]
+
+
+def _check_size(size: int) -> int:
+    if isinstance(size, bool):
+        raise TypeError("LUN size must be an integer, not bool")
+    size = operator.index(size)
+    if size <= 0:
+        raise ParameterError(f"LUN size must be > 0 bytes, got {size}")
+    return size
+
+
+_L = TypeVar("_L", bound="_BaseLUN")
+
+
+class _BaseLUN(abc.ABC):
+    """What both LUN kinds share: the errors and the context manager."""
+
+    size: int
+
+    def _range_error(self, offset: int, length: int) -> RangeError:
+        return RangeError(
+            f"I/O [{offset}, {offset + length}) (length {length}) is outside {self!r} "
+            f"[0, {self.size}); offsets and lengths must be >= 0 and end at or before the "
+            "LUN size"
+        )
+
+    def _closed_error(self) -> StateError:
+        return StateError(f"{self!r} is closed; open a new LUN to do I/O")
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release the LUN; later I/O raises ``StateError``. Idempotent."""
+
+    def __enter__(self: _L) -> _L:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class MemoryLUN(_BaseLUN):
+    """A LUN held in memory: ``size`` zero bytes in a bytearray.
+
+    Raises ``ParameterError`` when ``size`` is not positive. Every copy is a
+    single slice operation that holds the GIL, so concurrent calls on any
+    ranges are safe; :meth:`close` frees the memory.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = _check_size(size)
+        self._view: memoryview | None = memoryview(bytearray(self.size))
+
+    def __repr__(self) -> str:
+        state = " closed" if self._view is None else ""
+        return f"<MemoryLUN size={self.size}{state}>"
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` has run."""
+        return self._view is None
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Return the ``length`` bytes at ``offset``.
+
+        Raises ``RangeError`` outside the LUN, ``StateError`` when closed.
+        """
+        view = self._view
+        if view is None:
+            raise self._closed_error()
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise self._range_error(offset, length)
+        return view[offset : offset + length].tobytes()
+
+    def readinto(self, offset: int, buffer: BytesLike) -> None:
+        """Fill all of the writable ``buffer`` with the bytes at ``offset``.
+
+        Raises ``RangeError`` outside the LUN and ``StateError`` when closed,
+        leaving ``buffer`` unchanged; ``TypeError`` for a read-only or
+        non-contiguous buffer.
+        """
+        view = self._view
+        if view is None:
+            raise self._closed_error()
+        out = _byte_view(buffer)
+        length = len(out)
+        if offset < 0 or offset + length > self.size:
+            raise self._range_error(offset, length)
+        out[:] = view[offset : offset + length]
+
+    def write(self, offset: int, data: BytesLike) -> None:
+        """Write all of ``data`` (any C-contiguous buffer) at ``offset``.
+
+        Raises ``RangeError`` outside the LUN and ``StateError`` when closed,
+        and writes nothing.
+        """
+        view = self._view
+        if view is None:
+            raise self._closed_error()
+        if type(data) is not bytes and type(data) is not bytearray:
+            data = _byte_view(data)
+        end = offset + len(data)
+        if offset < 0 or end > self.size:
+            raise self._range_error(offset, len(data))
+        view[offset:end] = data
+
+    def flush(self) -> None:
+        """Nothing to make durable; raises ``StateError`` when closed."""
+        if self._view is None:
+            raise self._closed_error()
+
+    def close(self) -> None:
+        """Free the memory; later I/O raises ``StateError``. Idempotent."""
+        self._view = None
+
+
+class FileLUN(_BaseLUN):
+    """A LUN on an existing regular file or block device (e.g. a loop device).
+
+    ``size`` is the file size, or for a block device its end as reported by
+    ``lseek``, taken once at open. The LUN does ``pread``/``pwrite`` on one
+    close-on-exec descriptor without a lock, so concurrent calls are as safe
+    as the kernel makes them. A file that shrinks below ``size`` later makes
+    reads past its new end raise ``OSError`` rather than return zeros.
+
+    Raises ``FileNotFoundError``/``PermissionError`` (OSError) when ``path``
+    cannot be opened, ``ParameterError`` when it is neither a regular file nor
+    a block device or is empty. With ``readonly=True`` the file is opened
+    read-only and :meth:`write` raises ``StateError``.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, readonly: bool = False) -> None:
+        flags = (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC
+        fd = os.open(path, flags)
+        try:
+            self._attach(fd, path, readonly)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    @classmethod
+    def create(cls, path: str | os.PathLike[str], size: int) -> FileLUN:
+        """Create a sparse file of ``size`` bytes at ``path`` and open it as a LUN.
+
+        Raises ``ParameterError`` when ``size`` is not positive and
+        ``FileExistsError`` when ``path`` exists; in both cases nothing on
+        disk changes. A failure after creating the file removes it again.
+        """
+        size = _check_size(size)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+        try:
+            os.ftruncate(fd, size)
+            lun = cls.__new__(cls)
+            lun._attach(fd, path, readonly=False)
+        except BaseException:
+            os.close(fd)
+            os.unlink(path)
+            raise
+        return lun
+
+    def _attach(self, fd: int, path: str | os.PathLike[str], readonly: bool) -> None:
+        # Owns fd only on success; on failure the caller closes it.
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode):
+            size = st.st_size
+        elif stat.S_ISBLK(st.st_mode):
+            size = os.lseek(fd, 0, os.SEEK_END)
+        else:
+            raise ParameterError(
+                f"{os.fspath(path)!r} is neither a regular file nor a block device; "
+                "a FileLUN needs one of those"
+            )
+        if size <= 0:
+            raise ParameterError(
+                f"{os.fspath(path)!r} is empty; a LUN needs a size > 0 bytes "
+                "(FileLUN.create makes a sparse file of a given size)"
+            )
+        self.path = os.fspath(path)
+        self.size = size
+        self.readonly = readonly
+        self._fd = fd
+        # write() checks one value for both "closed" and "read-only": -1 for either.
+        self._write_fd = -1 if readonly else fd
+
+    def __repr__(self) -> str:
+        state = " closed" if self._fd < 0 else " readonly" if self.readonly else ""
+        return f"<FileLUN {self.path!r} size={self.size}{state}>"
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` has run."""
+        return self._fd < 0
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Return the ``length`` bytes at ``offset``.
+
+        Raises ``RangeError`` outside the LUN, ``StateError`` when closed and
+        ``OSError`` when the file ends before ``offset + length``.
+        """
+        fd = self._fd
+        if fd < 0:
+            raise self._closed_error()
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise self._range_error(offset, length)
+        data = os.pread(fd, length, offset)
+        if len(data) == length:
+            return data
+        parts = [data]
+        done = len(data)
+        while done < length:
+            part = os.pread(fd, length - done, offset + done)
+            if not part:
+                raise self._eof_error(offset, length, done)
+            parts.append(part)
+            done += len(part)
+        return b"".join(parts)
+
+    def readinto(self, offset: int, buffer: BytesLike) -> None:
+        """Fill all of the writable ``buffer`` with the bytes at ``offset``.
+
+        Raises ``RangeError`` outside the LUN and ``StateError`` when closed,
+        leaving ``buffer`` unchanged; ``OSError`` when the file ends before
+        the buffer is full (the buffer then holds a prefix of the data);
+        ``TypeError`` for a read-only or non-contiguous buffer.
+        """
+        fd = self._fd
+        if fd < 0:
+            raise self._closed_error()
+        view = memoryview(buffer)
+        if view.readonly:
+            raise TypeError(f"readinto needs a writable buffer, got a read-only {type(buffer)}")
+        length = view.nbytes
+        if offset < 0 or offset + length > self.size:
+            raise self._range_error(offset, length)
+        done = os.preadv(fd, [buffer], offset)
+        if done != length:
+            self._read_rest(fd, offset, _byte_view(buffer), done)
+
+    def _read_rest(self, fd: int, offset: int, view: memoryview, done: int) -> None:
+        # A short read: a signal, the 2 GiB per-call cap, or a file that shrank.
+        while done < len(view):
+            got = os.preadv(fd, [view[done:]], offset + done)
+            if not got:
+                raise self._eof_error(offset, len(view), done)
+            done += got
+
+    def write(self, offset: int, data: BytesLike) -> None:
+        """Write all of ``data`` (any C-contiguous buffer) at ``offset``.
+
+        Raises ``RangeError`` outside the LUN, ``StateError`` when closed or
+        read-only (both write nothing), and ``OSError`` from the kernel.
+        """
+        fd = self._write_fd
+        if fd < 0:
+            raise self._closed_error() if self._fd < 0 else self._readonly_error()
+        # len() counts items, not bytes, for buffers of wider items; the byte
+        # count of any buffer costs a memoryview, which bytes objects skip.
+        kind = type(data)
+        length = len(data) if kind is bytes or kind is bytearray else memoryview(data).nbytes
+        if offset < 0 or offset + length > self.size:
+            raise self._range_error(offset, length)
+        done = os.pwrite(fd, data, offset)
+        if done != length:
+            self._write_rest(fd, offset, _byte_view(data), done)
+
+    def _write_rest(self, fd: int, offset: int, view: memoryview, done: int) -> None:
+        # A short write (signal, device limit, the 2 GiB per-call cap): go on
+        # from where the kernel stopped.
+        while done < len(view):
+            written = os.pwrite(fd, view[done:], offset + done)
+            if written == 0:
+                raise OSError(
+                    errno.EIO,
+                    f"{self!r}: write at offset {offset + done} made no progress "
+                    f"({done} of {len(view)} bytes written)",
+                )
+            done += written
+
+    def _eof_error(self, offset: int, length: int, done: int) -> OSError:
+        return OSError(
+            errno.EIO,
+            f"{self!r}: read [{offset}, {offset + length}) hit the end of the file after "
+            f"{done} bytes; the file shrank below the LUN size",
+        )
+
+    def _readonly_error(self) -> StateError:
+        return StateError(f"{self!r} was opened read-only; open it with readonly=False to write")
+
+    def flush(self) -> None:
+        """``fsync`` the file: completed writes survive a crash. ``StateError`` when closed."""
+        fd = self._fd
+        if fd < 0:
+            raise self._closed_error()
+        os.fsync(fd)
+
+    def close(self) -> None:
+        """Close the descriptor (without ``fsync``); later I/O raises ``StateError``. Idempotent."""
+        fd = self._fd
+        if fd >= 0:
+            self._fd = self._write_fd = -1
+            os.close(fd)

@@ -1,0 +1,365 @@
+"""The save area: the copy-on-first-write (COFW) data area of a session.
+
+While a session is marked, a host write that is about to overwrite a chunk
+the copy job has not sent yet first stores the chunk's original contents
+here; the copy job then sends that saved copy instead of the source's new
+data and discards it. At unmark the session clears the whole area.
+
+Representation: an index ``chunk -> entry`` and a byte count ``used``.
+
+* In memory (``path=None``) an entry is an immutable ``bytes`` copy.
+* In a file (a reserved-LUN-pool analogue) an entry is ``(offset, slot,
+  length)``: ``length`` data bytes at ``offset`` in a slot of ``slot >=
+  length`` bytes. The area does not know the session's granularity, so slots
+  are not fixed: a freed slot goes to a free list keyed by its size; a new
+  entry takes a free slot of its own size, else the smallest larger one
+  (whole, not split, so it returns to the list of its real size), else
+  ``[end, end + length)`` at the end of the allocated part. Within a session
+  all entries have one size except the LUN's short last chunk, so at most one
+  odd-sized slot exists and fragmentation stays small.
+
+Invariants: ``used`` (the sum of entry lengths) never exceeds ``capacity``;
+in a file, ``end`` never exceeds ``capacity`` either, so the file never grows
+beyond it, and every byte of ``[0, end)`` lies in exactly one held or free
+slot. Worked example: capacity 8 KiB, chunks of 4 KiB, chunk 9 the LUN's short
+last chunk of 1 KiB::
+
+    save 9 (1K)   bump   [0, 1K)         end 1K   used 1K
+    save 0 (4K)   bump   [1K, 5K)        end 5K   used 5K
+    discard 9     free {1K: [0]}                  used 4K
+    save 1 (4K)   SaveAreaFull: used would be 8K, within capacity, but the
+                  only free slot is 1K and end + 4K = 9K > 8K (fragmentation)
+    save 9 (1K)   reuse  [0, 1K)                  used 5K
+
+Costs: ``save``, ``get``, ``readinto`` and ``discard`` are O(1) dict
+operations plus, for a file, one ``pwrite``/``pread`` of the entry and a scan
+over the distinct free slot sizes (one or two). ``clear`` is O(entries).
+One ``threading.Lock`` guards the index and the allocator, and file I/O runs
+under it: an entry becomes visible only once its data is written, and a slot
+being read cannot be freed and reused meanwhile.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import operator
+import os
+import stat
+import threading
+from typing import Any
+
+from isc._layout import MAX_GRANULARITY
+from isc.errors import ParameterError, RangeError, SaveAreaFull, StateError
+from isc.lun import BytesLike
+
+
+class _MemoryStore:
+    """Entries are ``bytes`` copies held by the index."""
+
+    def put(self, data: memoryview) -> bytes:
+        return data.tobytes()
+
+    def length(self, entry: bytes) -> int:
+        return len(entry)
+
+    def get(self, entry: bytes) -> bytes:
+        return entry
+
+    def read_into(self, entry: bytes, out: memoryview) -> None:
+        out[:] = entry
+
+    def free(self, entry: bytes) -> None:
+        pass
+
+    def reset(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+_Slot = tuple[int, int, int]  # (offset, slot size, data length), all in bytes
+
+
+class _FileStore:
+    """Entries are slots of a file of at most ``capacity`` bytes (see the module docstring)."""
+
+    def __init__(self, path: str | os.PathLike[str], capacity: int) -> None:
+        self.path = os.fspath(path)
+        flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(self.path, flags, 0o600)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise ParameterError(
+                f"save area path {self.path!r} exists and is not a regular file; "
+                "give the path of a new file"
+            )
+        self._fd = fd
+        self._capacity = capacity
+        self._end = 0
+        self._free: dict[int, list[int]] = {}  # slot size -> offsets; no empty lists
+
+    def put(self, data: memoryview) -> _Slot | None:
+        """Store ``data`` in a slot; None when no slot fits (the caller raises SaveAreaFull)."""
+        length = len(data)
+        if length in self._free:
+            slot = length
+        else:
+            slot = min((size for size in self._free if size > length), default=0)
+        if slot:
+            offsets = self._free[slot]
+            offset = offsets.pop()
+            if not offsets:
+                del self._free[slot]
+        elif self._end + length <= self._capacity:
+            offset, slot = self._end, length
+            self._end += length
+        else:
+            return None
+        try:
+            done = 0
+            while done < length:
+                done += os.pwrite(self._fd, data[done:], offset + done)
+        except BaseException:
+            self.free((offset, slot, length))
+            raise
+        return offset, slot, length
+
+    def length(self, entry: _Slot) -> int:
+        return entry[2]
+
+    def get(self, entry: _Slot) -> bytes:
+        offset, _, length = entry
+        data = os.pread(self._fd, length, offset)
+        if len(data) != length:
+            raise self._short_read_error(offset, length, len(data))
+        return data
+
+    def read_into(self, entry: _Slot, out: memoryview) -> None:
+        offset, _, length = entry
+        got = os.preadv(self._fd, [out], offset)
+        if got != length:
+            raise self._short_read_error(offset, length, got)
+
+    def _short_read_error(self, offset: int, length: int, got: int) -> OSError:
+        return OSError(
+            errno.EIO,
+            f"save area file {self.path!r} returned {got} of {length} bytes at offset "
+            f"{offset}; it was truncated from outside",
+        )
+
+    def free(self, entry: _Slot) -> None:
+        offset, slot, _ = entry
+        self._free.setdefault(slot, []).append(offset)
+
+    def reset(self) -> None:
+        self._free.clear()
+        self._end = 0
+        # Give the blocks back: a save area is empty between marks.
+        os.ftruncate(self._fd, 0)
+
+    def close(self) -> None:
+        os.close(self._fd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+
+class SaveArea:
+    """A bounded store of original chunk contents, keyed by chunk index.
+
+    ``capacity`` is in bytes and must be > 0 (else ``ParameterError``). With
+    ``path=None`` the area is in memory; otherwise it lives in a file created
+    at ``path`` (mode 0600; a regular file already there, e.g. left by a crash,
+    is truncated; anything else raises ``ParameterError``) that never grows
+    beyond ``capacity`` bytes and is removed by :meth:`close`. All methods are
+    thread-safe.
+    """
+
+    def __init__(self, capacity: int, path: str | os.PathLike[str] | None = None) -> None:
+        if isinstance(capacity, bool):
+            raise TypeError("save area capacity must be an integer number of bytes, not bool")
+        capacity = operator.index(capacity)
+        if capacity <= 0:
+            raise ParameterError(f"save area capacity must be > 0 bytes, got {capacity}")
+        self._capacity = capacity
+        self._store: _MemoryStore | _FileStore = (
+            _MemoryStore() if path is None else _FileStore(path, capacity)
+        )
+        self._lock = threading.Lock()
+        self._index: dict[int, Any] = {}
+        self._used = 0
+        self._high_water = 0
+        self._closed = False
+
+    def __repr__(self) -> str:
+        where = "memory" if isinstance(self._store, _MemoryStore) else repr(self._store.path)
+        state = " closed" if self._closed else ""
+        return (
+            f"<SaveArea {where} used={self._used}/{self._capacity} "
+            f"chunks={len(self._index)}{state}>"
+        )
+
+    # -- the COFW path ---------------------------------------------------------------
+    def save(self, chunk: int, data: BytesLike) -> None:
+        """Store a copy of ``data`` (1 to 65536 bytes, any bytes-like) as chunk ``chunk``.
+
+        Raises, storing nothing and changing nothing: ``RangeError`` for a
+        negative chunk index, ``ParameterError`` for an empty or larger
+        ``data``, ``StateError`` when the chunk is already held (a chunk is
+        saved at most once per mark) or the area is closed, ``SaveAreaFull``
+        when ``used + len(data)`` would exceed ``capacity`` (or, in a file,
+        no free slot fits and the file is at ``capacity``), and ``OSError``
+        when the file write fails.
+        """
+        chunk = self._check_chunk(chunk)
+        view = memoryview(data).cast("B")
+        length = len(view)
+        if not 0 < length <= MAX_GRANULARITY:
+            raise ParameterError(
+                f"a saved chunk holds 1 to {MAX_GRANULARITY} bytes, got {length} for chunk {chunk}"
+            )
+        with self._lock:
+            self._check_open_locked()
+            if chunk in self._index:
+                raise StateError(
+                    f"chunk {chunk} is already in {self!r}; a chunk is saved at most once "
+                    "per mark (discard it or clear the area first)"
+                )
+            used = self._used + length
+            if used > self._capacity:
+                raise SaveAreaFull(
+                    f"{self!r} cannot take {length} more bytes for chunk {chunk}: it would "
+                    f"hold {used} of {self._capacity}; use a larger save area"
+                )
+            entry = self._store.put(view)
+            if entry is None:
+                raise SaveAreaFull(
+                    f"{self!r} has no free slot of {length} bytes for chunk {chunk} and its "
+                    "file is at capacity (fragmented by entries of other sizes); use a "
+                    "larger save area"
+                )
+            self._index[chunk] = entry
+            self._used = used
+            if used > self._high_water:
+                self._high_water = used
+
+    def get(self, chunk: int) -> bytes | None:
+        """The saved contents of ``chunk``, or None when it is not held.
+
+        Raises ``StateError`` when closed, ``OSError`` when the file read fails.
+        """
+        with self._lock:
+            self._check_open_locked()
+            entry = self._index.get(chunk)
+            return None if entry is None else self._store.get(entry)
+
+    def readinto(self, chunk: int, buffer: BytesLike) -> bool:
+        """Copy the saved contents of ``chunk`` into ``buffer``; False when not held.
+
+        ``buffer`` must be writable and exactly as long as the saved data, else
+        ``ParameterError`` (``TypeError`` when read-only) and the buffer is
+        unchanged. Raises ``StateError`` when closed, ``OSError`` when the
+        file read fails.
+        """
+        out = memoryview(buffer).cast("B")
+        with self._lock:
+            self._check_open_locked()
+            entry = self._index.get(chunk)
+            if entry is None:
+                return False
+            length = self._store.length(entry)
+            if len(out) != length:
+                raise ParameterError(
+                    f"buffer of {len(out)} bytes for chunk {chunk}, which holds {length}; "
+                    "pass a buffer of exactly the saved length"
+                )
+            self._store.read_into(entry, out)
+            return True
+
+    def discard(self, chunk: int) -> None:
+        """Drop the saved copy of ``chunk`` and free its bytes; no error when not held.
+
+        Raises ``StateError`` when closed.
+        """
+        with self._lock:
+            self._check_open_locked()
+            entry = self._index.pop(chunk, None)
+            if entry is not None:
+                self._used -= self._store.length(entry)
+                self._store.free(entry)
+
+    def clear(self) -> None:
+        """Drop every saved copy (at unmark); ``high_water`` is kept. ``StateError`` when closed."""
+        with self._lock:
+            self._check_open_locked()
+            self._index.clear()
+            self._used = 0
+            self._store.reset()
+
+    def __contains__(self, chunk: object) -> bool:
+        return chunk in self._index
+
+    # -- accounting ------------------------------------------------------------------
+    @property
+    def capacity(self) -> int:
+        """The most bytes the area holds (and the largest its file grows), fixed at creation."""
+        return self._capacity
+
+    @property
+    def used(self) -> int:
+        """Bytes of saved data held now."""
+        return self._used
+
+    @property
+    def high_water(self) -> int:
+        """The largest ``used`` since creation or the last :meth:`reset_high_water`, in bytes."""
+        return self._high_water
+
+    def reset_high_water(self) -> None:
+        """Restart ``high_water`` from the current ``used``."""
+        with self._lock:
+            self._high_water = self._used
+
+    @property
+    def saved_chunks(self) -> int:
+        """Number of chunks held now."""
+        return len(self._index)
+
+    @property
+    def path(self) -> str | None:
+        """The file of a file-backed area, None in memory."""
+        return None if isinstance(self._store, _MemoryStore) else self._store.path
+
+    # -- life cycle ------------------------------------------------------------------
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` has run."""
+        return self._closed
+
+    def close(self) -> None:
+        """Drop everything and remove the file; later use raises ``StateError``. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._index.clear()
+            self._used = 0
+            self._store.close()
+
+    def __enter__(self) -> SaveArea:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @staticmethod
+    def _check_chunk(chunk: int) -> int:
+        chunk = operator.index(chunk)
+        if chunk < 0:
+            raise RangeError(f"chunk index must be >= 0, got {chunk}")
+        return chunk
+
+    def _check_open_locked(self) -> None:
+        if self._closed:
+            raise StateError("the save area is closed; create a new one")

@@ -1,0 +1,258 @@
+"""The incremental session: every host write to a source LUN goes through it.
+
+A session owns the source's :class:`~isc.DeltaBitmap` and its save area. It is
+*unmarked* or *marked*:
+
+========  ==================================================================
+state     what a host write does
+========  ==================================================================
+UNMARKED  sets the tracking bits of the chunks it touches, then writes.
+MARKED    the same, and first copies to the save area (COFW) the old data of
+          every touched chunk whose transfer bit is set and which is not saved
+          yet, so the copy job can still send the point-in-time data.
+========  ==================================================================
+
+If the save area runs out, the session *aborts* the mark: it unmarks (the
+transfer bitmap merges back into tracking, so nothing is lost, rule 2) and the
+host write still succeeds (rule 5). The running copy notices when it next
+confirms chunks and fails.
+
+Concurrency: host writes may come from many threads while a copy runs. The
+core's ``begin_write``/``end_write`` keep each write wholly on one side of a
+mark and make a write wait while an overlapping write still saves COFW data.
+``_save_lock`` orders saves against unmark: a save lands only while the mark
+that asked for it is still current, so a save area never holds data of an
+ended mark.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+
+from isc._core import DeltaBitmap
+from isc._layout import DEFAULT_GRANULARITY
+from isc.errors import SaveAreaFull, StateError
+from isc.savearea import SaveArea
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SAVE_AREA = 256 << 20
+"""Capacity in bytes of the in-memory save area a session makes when given none."""
+
+
+class State(enum.Enum):
+    """The state of a session."""
+
+    UNMARKED = "unmarked"
+    MARKED = "marked"
+
+
+@dataclass(frozen=True)
+class SessionStats:
+    """A snapshot of a session's counters."""
+
+    host_writes: int
+    cofw_chunks: int
+    cofw_bytes: int
+    save_area_used: int
+    save_area_high_water: int
+    generation: int
+    aborts: int
+    last_abort: str | None
+
+
+class Session:
+    """An incremental session on ``source`` (any object with the LUN interface).
+
+    ``granularity`` is the chunk size in bytes (a power of two from 2048 to
+    65536). ``save_area`` holds COFW data; by default an in-memory
+    :class:`SaveArea` of ``min(source.size, 256 MiB)`` bytes.
+    """
+
+    def __init__(
+        self,
+        source,
+        granularity: int = DEFAULT_GRANULARITY,
+        save_area: SaveArea | None = None,
+        *,
+        name: str = "session",
+    ) -> None:
+        self.source = source
+        self.name = name
+        self.bitmap = DeltaBitmap(source.size, granularity)
+        self.granularity = self.bitmap.granularity
+        self.save_area = save_area or SaveArea(min(source.size, DEFAULT_SAVE_AREA))
+        self._save_lock = threading.Lock()
+        self._mark_lock = threading.Lock()
+        self._marks_held_by: str | None = None
+        self._cofw_chunks = 0
+        self._cofw_bytes = 0
+        self._aborts = 0
+        self._last_abort: str | None = None
+        # The host write path is the hot path: bind it straight to the core so
+        # a write costs one C-level call, no Python frame (same behaviour as
+        # the ``write`` method below, which documents it).
+        self.write = functools.partial(  # type: ignore[method-assign]
+            self.bitmap.write_through, source.write, self._save
+        )
+
+    # -- state -----------------------------------------------------------------
+    @property
+    def state(self) -> State:
+        """``State.MARKED`` between a mark and its unmark, else ``State.UNMARKED``."""
+        return State.MARKED if self.bitmap.marked else State.UNMARKED
+
+    @property
+    def generation(self) -> int:
+        """Number of marks so far."""
+        return self.bitmap.generation
+
+    def mark(self, full: bool = False) -> int:
+        """Freeze the point in time to copy; return the new generation.
+
+        Waits for host writes in flight to finish; writes arriving meanwhile
+        wait for the mark. ``full=True`` puts every chunk in the transfer
+        bitmap (a marked full copy). Raises ``StateError`` when marked.
+        """
+        with self._mark_lock:
+            if self._marks_held_by:
+                raise StateError(f"{self.name} cannot be marked now: {self._marks_held_by}")
+            self.bitmap.mark(full)
+        log.info("%s: marked (generation %d, full=%s)", self.name, self.generation, full)
+        return self.generation
+
+    @contextmanager
+    def marks_held(self, reason: str) -> Iterator[None]:
+        """Keep the session unmarked for the block: ``mark`` raises ``StateError``.
+
+        The unmarked full copy holds marks while it runs (a mark would turn
+        its half-cleared tracking bitmap into a transfer bitmap). Raises
+        ``StateError`` when the session is marked or marks are already held.
+        """
+        with self._mark_lock:
+            if self.bitmap.marked or self._marks_held_by:
+                now = self._marks_held_by or f"marked at generation {self.generation}"
+                raise StateError(f"{self.name} is busy: {now}; {reason} needs it unmarked")
+            self._marks_held_by = reason
+        try:
+            yield
+        finally:
+            self._marks_held_by = None
+
+    def unmark(self) -> None:
+        """End the mark: unsent chunks go back to tracking, the save area empties.
+
+        No-op when unmarked.
+        """
+        with self._save_lock:
+            if self.bitmap.marked:
+                self._unmark_locked()
+                log.info("%s: unmarked (generation %d)", self.name, self.generation)
+
+    def _unmark_locked(self) -> None:
+        self.bitmap.unmark()
+        self.save_area.clear()
+
+    # -- the host write path -------------------------------------------------------
+    def write(self, offset: int, data) -> None:
+        """Write ``data`` (bytes-like) to the source at ``offset``, tracking it.
+
+        While marked, the old data of chunks that still have to be sent is
+        saved first (COFW). Never fails because of replication trouble: a full
+        save area aborts the mark instead. Raises ``RangeError`` (a
+        ValueError) for a range outside the source, before anything changes.
+        """
+        self.bitmap.write_through(self.source.write, self._save, offset, data)
+
+    def _save(self, chunks: np.ndarray) -> None:
+        """Copy the current data of ``chunks`` (ascending) to the save area."""
+        g = self.granularity
+        size = self.source.size
+        first = int(chunks[0])
+        end = min((int(chunks[-1]) + 1) * g, size)
+        # One read covers the whole write's COFW chunks (they lie in one write's span).
+        old = memoryview(self.source.read(first * g, end - first * g))
+        with self._save_lock:
+            if not self.bitmap.marked:
+                return  # the mark was aborted meanwhile: nothing to protect
+            try:
+                for chunk in chunks.tolist():
+                    start = (chunk - first) * g
+                    piece = old[start : min(start + g, len(old))]
+                    self.save_area.save(chunk, piece)
+                    self._cofw_chunks += 1
+                    self._cofw_bytes += len(piece)
+            except SaveAreaFull as exc:
+                self._abort_locked(f"save area full: {exc}")
+            except OSError as exc:
+                self._abort_locked(f"save area failed: {exc}")
+
+    def _abort_locked(self, reason: str) -> None:
+        self._aborts += 1
+        self._last_abort = reason
+        log.warning("%s: mark %d aborted, %s", self.name, self.generation, reason)
+        self._unmark_locked()
+
+    # -- reading ---------------------------------------------------------------------
+    def read(self, offset: int, length: int) -> bytes:
+        """The source's current data."""
+        return self.source.read(offset, length)
+
+    def read_frozen(self, offset: int, length: int) -> bytes:
+        """Data as it was at the mark, for every chunk still to be sent.
+
+        Chunks whose transfer bit is set read as they were at the mark (from
+        the save area if they were overwritten since, else from the source).
+        Chunks already sent or never changed read as the source is now: their
+        point-in-time data already lies on the destinations. Raises
+        ``StateError`` when unmarked.
+        """
+        buffer = bytearray(length)
+        self.read_frozen_into(offset, memoryview(buffer))
+        return bytes(buffer)
+
+    def read_frozen_into(self, offset: int, buffer: memoryview) -> None:
+        """``read_frozen`` into a writable buffer; ``offset`` must be chunk-aligned."""
+        if not self.bitmap.marked:
+            raise StateError(
+                f"{self.name} is unmarked: there is no point in time to read; mark it first"
+            )
+        g = self.granularity
+        if offset % g:
+            raise ValueError(f"offset {offset} is not a multiple of the granularity {g}")
+        self.source.readinto(offset, buffer)
+        # Read the source first, then look for saved chunks: a chunk the source
+        # read may have caught mid-overwrite was flagged saved before that
+        # write began, and its saved copy was stored before it began too.
+        if self.bitmap.saved_count and len(buffer):
+            first = offset // g
+            count = (len(buffer) + g - 1) // g
+            for chunk in self.bitmap.saved_in(first, count).tolist():
+                start = (chunk - first) * g
+                self.save_area.readinto(chunk, buffer[start : min(start + g, len(buffer))])
+
+    # -- reporting ---------------------------------------------------------------------
+    @property
+    def stats(self) -> SessionStats:
+        """Counters since the session was created."""
+        return SessionStats(
+            host_writes=self.bitmap.writes,
+            cofw_chunks=self._cofw_chunks,
+            cofw_bytes=self._cofw_bytes,
+            save_area_used=self.save_area.used,
+            save_area_high_water=self.save_area.high_water,
+            generation=self.generation,
+            aborts=self._aborts,
+            last_abort=self._last_abort,
+        )
+
+    def __repr__(self) -> str:
+        return f"Session({self.name!r}, {self.state.value}, {self.bitmap!r})"

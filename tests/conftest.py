@@ -1,0 +1,37 @@
+"""Shared test settings: reproducible hypothesis runs and a busy thread switcher."""
+
+import os
+import sys
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+# Derandomized and database-free: every run draws the same examples, so a
+# failure seen once is seen again. ISC_HYPOTHESIS_PROFILE=thorough explores
+# more (still reproducible) for a longer local run.
+settings.register_profile(
+    "isc",
+    derandomize=True,
+    database=None,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile("thorough", parent=settings.get_profile("isc"), max_examples=2000)
+settings.load_profile(os.environ.get("ISC_HYPOTHESIS_PROFILE", "isc"))
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "big: a bitmap of billions of chunks, cheap only while its memory stays untouched",
+    )
+
+
+@pytest.fixture
+def busy_switching():
+    """Make the interpreter switch threads every few microseconds, so races show up."""
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    yield
+    sys.setswitchinterval(old)

@@ -1,0 +1,397 @@
+"""LUNs: both kinds against a bytearray model, their edges, and FileLUN on files and devices.
+
+Every interface test runs on a MemoryLUN, a FileLUN on the test's temporary
+directory and a FileLUN on /dev/shm (tmpfs) when the machine has one.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import random
+import shutil
+import subprocess
+import tempfile
+import threading
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from isc.errors import ParameterError, RangeError, StateError
+from isc.lun import LUN, FileLUN, MemoryLUN
+
+SHM = "/dev/shm"
+# Sizes around a 4 KiB page and a 64 KiB chunk, and one that ends mid-chunk.
+SIZES = [1, 4095, 4096, 4097, 3 * 65536 + 5]
+
+
+def _shm_dir(request) -> str:
+    if not os.path.isdir(SHM):
+        pytest.skip(f"{SHM} does not exist on this machine")
+    directory = tempfile.mkdtemp(prefix="isc-test-", dir=SHM)
+    request.addfinalizer(lambda: shutil.rmtree(directory))
+    return directory
+
+
+@pytest.fixture(scope="module", params=["memory", "file", "shm"])
+def make_lun(request, tmp_path_factory):
+    """A function ``size -> LUN`` of one kind; FileLUN files are unlinked at once."""
+    if request.param == "memory":
+        return MemoryLUN
+    if request.param == "shm":
+        directory = _shm_dir(request)
+    else:
+        directory = str(tmp_path_factory.mktemp("luns"))
+    names = itertools.count()
+
+    def make(size: int) -> FileLUN:
+        path = os.path.join(directory, f"lun{next(names)}.img")
+        lun = FileLUN.create(path, size)
+        os.unlink(path)  # the open descriptor keeps the file until close
+        return lun
+
+    return make
+
+
+def _payload(seed: int, length: int) -> bytes:
+    return random.Random(seed).randbytes(length)
+
+
+def _io_range(size: int):
+    """(offset, length) pairs: half inside the LUN, half anywhere near it."""
+    inside = st.integers(0, size).flatmap(
+        lambda offset: st.tuples(st.just(offset), st.integers(0, size - offset))
+    )
+    anywhere = st.tuples(st.integers(-3, size + 3), st.integers(-3, size + 3))
+    return st.one_of(inside, anywhere)
+
+
+# -- the interface, on every kind -------------------------------------------------
+
+
+@given(data=st.data())
+def test_random_io_matches_a_bytearray_model(make_lun, data):
+    size = data.draw(st.sampled_from(SIZES), label="size")
+    model = bytearray(size)
+    with make_lun(size) as lun:
+        for _ in range(data.draw(st.integers(1, 10), label="steps")):
+            op = data.draw(st.sampled_from(["write", "read", "readinto"]), label="op")
+            offset, length = data.draw(_io_range(size), label="range")
+            if op != "read":
+                length = max(length, 0)
+            inside = offset >= 0 and length >= 0 and offset + length <= size
+            if op == "write":
+                payload = _payload(data.draw(st.integers(0, 2**32), label="seed"), length)
+                if inside:
+                    lun.write(offset, payload)
+                    model[offset : offset + length] = payload
+                else:
+                    with pytest.raises(RangeError):
+                        lun.write(offset, payload)
+            elif op == "read":
+                if inside:
+                    assert lun.read(offset, length) == model[offset : offset + length]
+                else:
+                    with pytest.raises(RangeError):
+                        lun.read(offset, length)
+            else:
+                # Guard bytes either side show readinto fills exactly its slice.
+                buffer = bytearray(b"\xa5" * (length + 2))
+                if inside:
+                    lun.readinto(offset, memoryview(buffer)[1:-1])
+                    assert buffer[1:-1] == model[offset : offset + length]
+                else:
+                    with pytest.raises(RangeError):
+                        lun.readinto(offset, memoryview(buffer)[1:-1])
+                    assert buffer[1:-1] == b"\xa5" * length
+                assert buffer[0] == buffer[-1] == 0xA5
+        assert lun.read(0, size) == model
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_new_lun_is_zero_and_has_its_size(make_lun, size):
+    with make_lun(size) as lun:
+        assert lun.size == size
+        assert lun.read(0, size) == bytes(size)
+        assert isinstance(lun, LUN)
+
+
+@pytest.mark.parametrize(
+    ("offset", "length"),
+    [(-1, 1), (-1, 0), (0, 8193), (8192, 1), (8191, 2), (8193, 0), (0, -1), (10**20, 1)],
+)
+def test_out_of_range_io_raises_range_error_and_changes_nothing(make_lun, offset, length):
+    size = 8192
+    before = _payload(1, size)
+    with make_lun(size) as lun:
+        lun.write(0, before)
+        with pytest.raises(RangeError, match=r"outside .* \[0, 8192\)"):
+            lun.read(offset, length)
+        if length >= 0:
+            with pytest.raises(RangeError):
+                lun.write(offset, b"\xff" * length)
+            buffer = bytearray(b"\x00" * length)
+            with pytest.raises(RangeError):
+                lun.readinto(offset, buffer)
+            assert buffer == bytes(length)
+        assert lun.read(0, size) == before
+
+
+def test_range_error_is_a_value_error(make_lun):
+    with make_lun(10) as lun, pytest.raises(ValueError):
+        lun.write(9, b"ab")
+
+
+def test_zero_length_io_at_the_end_is_allowed(make_lun):
+    with make_lun(100) as lun:
+        assert lun.read(100, 0) == b""
+        lun.write(100, b"")
+        lun.readinto(100, bytearray())
+        assert lun.read(0, 100) == bytes(100)
+
+
+def test_closed_lun_raises_state_error(make_lun):
+    lun = make_lun(4096)
+    with lun:
+        assert not lun.closed
+    assert lun.closed
+    lun.close()  # idempotent
+    for call in (
+        lambda: lun.read(0, 1),
+        lambda: lun.readinto(0, bytearray(1)),
+        lambda: lun.write(0, b"x"),
+        lun.flush,
+    ):
+        with pytest.raises(StateError, match="closed"):
+            call()
+
+
+def test_write_and_readinto_take_any_contiguous_buffer(make_lun):
+    words = np.arange(1024, dtype=np.uint32)
+    with make_lun(3 * 4096) as lun:
+        lun.write(0, words)
+        lun.write(4096, memoryview(words))
+        lun.write(8192, bytearray(words.tobytes()))
+        for offset in (0, 4096, 8192):
+            assert lun.read(offset, 4096) == words.tobytes()
+        out = np.zeros(1024, dtype=np.uint32)
+        lun.readinto(4096, out)
+        assert np.array_equal(out, words)
+        with pytest.raises(TypeError):
+            lun.readinto(0, b"read-only")
+
+
+def test_concurrent_io_on_disjoint_ranges(make_lun, busy_switching):
+    threads, span, rounds = 8, 3 * 4096 + 7, 20
+    size = threads * span
+    start = threading.Barrier(threads)
+    errors: list[BaseException] = []
+
+    def worker(lun, index: int) -> None:
+        try:
+            start.wait()
+            offset = index * span
+            buffer = bytearray(span)
+            for round_ in range(rounds):
+                payload = _payload(index * rounds + round_, span)
+                lun.write(offset, payload)
+                assert lun.read(offset, span) == payload
+                lun.readinto(offset, buffer)
+                assert buffer == payload
+        except BaseException as exc:
+            errors.append(exc)
+
+    with make_lun(size) as lun:
+        pool = [threading.Thread(target=worker, args=(lun, i)) for i in range(threads)]
+        for thread in pool:
+            thread.start()
+        for thread in pool:
+            thread.join()
+        assert not errors, errors
+        expected = b"".join(_payload(i * rounds + rounds - 1, span) for i in range(threads))
+        assert lun.read(0, size) == expected
+
+
+@pytest.mark.parametrize("size", [0, -1])
+def test_memory_lun_refuses_a_size_that_is_not_positive(size):
+    with pytest.raises(ParameterError, match="> 0"):
+        MemoryLUN(size)
+
+
+# -- FileLUN: files, devices and the system calls ----------------------------------
+
+
+@pytest.fixture(params=["tmp", "shm"])
+def file_dir(request, tmp_path) -> str:
+    return str(tmp_path) if request.param == "tmp" else _shm_dir(request)
+
+
+def test_create_refuses_an_existing_path(file_dir):
+    path = os.path.join(file_dir, "taken.img")
+    with open(path, "wb") as f:
+        f.write(b"keep me")
+    with pytest.raises(FileExistsError):
+        FileLUN.create(path, 4096)
+    with open(path, "rb") as f:
+        assert f.read() == b"keep me"
+
+
+@pytest.mark.parametrize("size", [0, -4096])
+def test_create_refuses_a_bad_size_and_leaves_no_file(file_dir, size):
+    path = os.path.join(file_dir, "none.img")
+    with pytest.raises(ParameterError):
+        FileLUN.create(path, size)
+    assert not os.path.exists(path)
+
+
+def test_create_that_fails_leaves_no_file_and_no_descriptor(tmp_path, monkeypatch):
+    def too_large(fd, length):
+        raise OSError(errno.EFBIG, "File too large")
+
+    monkeypatch.setattr(os, "ftruncate", too_large)
+    open_fds = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(OSError, match="too large"):
+        FileLUN.create(tmp_path / "huge.img", 1 << 50)
+    assert not (tmp_path / "huge.img").exists()
+    assert len(os.listdir("/proc/self/fd")) == open_fds
+
+
+def test_create_makes_a_sparse_file(file_dir):
+    path = os.path.join(file_dir, "sparse.img")
+    size = 256 << 20
+    with FileLUN.create(path, size) as lun:
+        lun.write(size - 4096, b"\x01" * 4096)
+        lun.flush()
+        st = os.stat(path)
+    assert st.st_size == size
+    assert st.st_blocks * 512 <= 1 << 20
+
+
+def test_file_lun_opens_an_existing_file_and_flushes(tmp_path):
+    path = tmp_path / "existing.img"
+    content = _payload(7, 10_000)
+    path.write_bytes(content)
+    with FileLUN(path) as lun:
+        assert lun.size == len(content)
+        assert lun.read(0, lun.size) == content
+        lun.write(9_000, b"\x00" * 1000)
+        lun.flush()
+    assert path.read_bytes() == content[:9_000] + b"\x00" * 1000
+
+
+def test_readonly_file_lun_refuses_writes_and_changes_nothing(tmp_path):
+    path = tmp_path / "ro.img"
+    path.write_bytes(b"\x11" * 4096)
+    with FileLUN(path, readonly=True) as lun:
+        assert lun.read(0, 4) == b"\x11" * 4
+        with pytest.raises(StateError, match="read-only"):
+            lun.write(0, b"\x22")
+        lun.flush()
+    assert path.read_bytes() == b"\x11" * 4096
+
+
+def test_file_lun_refuses_directories_and_empty_files(tmp_path):
+    with pytest.raises(ParameterError, match="neither a regular file nor a block device"):
+        FileLUN(tmp_path, readonly=True)
+    empty = tmp_path / "empty.img"
+    empty.touch()
+    with pytest.raises(ParameterError, match="empty"):
+        FileLUN(empty)
+
+
+def test_reading_past_the_end_of_a_shrunk_file_is_an_os_error(tmp_path):
+    path = tmp_path / "shrinks.img"
+    path.write_bytes(b"\x33" * 8192)
+    with FileLUN(path) as lun:
+        os.truncate(path, 6000)
+        assert lun.read(0, 6000) == b"\x33" * 6000
+        with pytest.raises(OSError, match="shrank") as read_error:
+            lun.read(4096, 4096)
+        with pytest.raises(OSError, match="shrank") as readinto_error:
+            lun.readinto(4096, bytearray(4096))
+        os.truncate(path, 0)
+        with pytest.raises(OSError, match="shrank"):
+            lun.read(0, 1)
+    assert not isinstance(read_error.value, RangeError)
+    assert not isinstance(readinto_error.value, RangeError)
+
+
+def _count_calls(monkeypatch, name: str, limit: int | None = None) -> list[int]:
+    """Wrap ``os.<name>`` to count its calls and, with ``limit``, to transfer at most that."""
+    real = getattr(os, name)
+    calls: list[int] = []
+
+    def wrapper(fd, what, offset):
+        calls.append(offset)
+        if limit is None:
+            return real(fd, what, offset)
+        if name == "pread":
+            return real(fd, min(what, limit), offset)
+        view = memoryview(what[0] if name == "preadv" else what).cast("B")[:limit]
+        return real(fd, [view] if name == "preadv" else view, offset)
+
+    monkeypatch.setattr(os, name, wrapper)
+    return calls
+
+
+def test_large_io_is_one_system_call(tmp_path, monkeypatch):
+    size = 8 << 20
+    payload = _payload(3, size)
+    with FileLUN.create(tmp_path / "big.img", size) as lun:
+        writes = _count_calls(monkeypatch, "pwrite")
+        reads = _count_calls(monkeypatch, "pread")
+        vector_reads = _count_calls(monkeypatch, "preadv")
+        lun.write(0, payload)
+        assert lun.read(0, size) == payload
+        buffer = bytearray(size)
+        lun.readinto(0, buffer)
+        assert buffer == payload
+    assert (writes, reads, vector_reads) == ([0], [0], [0])
+
+
+def test_short_reads_and_writes_are_completed(tmp_path, monkeypatch):
+    size = 10_000
+    payload = _payload(4, size)
+    with FileLUN.create(tmp_path / "short.img", size) as lun:
+        writes = _count_calls(monkeypatch, "pwrite", limit=3000)
+        reads = _count_calls(monkeypatch, "pread", limit=3000)
+        vector_reads = _count_calls(monkeypatch, "preadv", limit=3000)
+        lun.write(0, np.frombuffer(payload, dtype=np.uint16))
+        assert lun.read(0, size) == payload
+        buffer = np.zeros(size // 2, dtype=np.uint16)
+        lun.readinto(0, buffer)
+        assert buffer.tobytes() == payload
+    assert writes == reads == vector_reads == [0, 3000, 6000, 9000]
+
+
+def test_file_lun_on_a_loop_device(tmp_path):
+    losetup = shutil.which("losetup")
+    if losetup is None:
+        pytest.skip("losetup (util-linux) is not installed")
+    backing = tmp_path / "backing.img"
+    content = _payload(5, 1 << 20)
+    backing.write_bytes(content)
+    attach = subprocess.run(
+        [losetup, "--find", "--show", str(backing)], capture_output=True, text=True, check=False
+    )
+    if attach.returncode != 0:
+        pytest.skip(
+            f"cannot attach a loop device (needs root and loop support): {attach.stderr.strip()}"
+        )
+    device = attach.stdout.strip()
+    try:
+        with FileLUN(device) as lun:
+            assert lun.size == len(content)
+            assert lun.read(0, lun.size) == content
+            lun.write(4096, b"\xee" * 4096)
+            lun.flush()
+            with pytest.raises(RangeError):
+                lun.write(lun.size - 1, b"ab")
+        with FileLUN(device, readonly=True) as lun:
+            assert lun.read(4096, 4096) == b"\xee" * 4096
+    finally:
+        subprocess.run([losetup, "--detach", device], check=True)
+    assert backing.read_bytes() == content[:4096] + b"\xee" * 4096 + content[8192:]

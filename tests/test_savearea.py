@@ -1,0 +1,367 @@
+"""The save area, in memory and in a file, against a dict model.
+
+A session saves chunks of one size (the granularity) except the LUN's short
+last chunk, so the model LUN here has ``CHUNKS`` chunks of ``granularity``
+bytes and a last one of ``last`` bytes.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import random
+import stat
+import threading
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from isc.errors import ParameterError, RangeError, SaveAreaFull, StateError
+from isc.savearea import SaveArea
+
+CHUNKS = 8
+
+
+@pytest.fixture(scope="module", params=["memory", "file"])
+def make_area(request, tmp_path_factory):
+    """A function ``capacity -> SaveArea`` of one kind, each file area at a new path."""
+    if request.param == "memory":
+        return SaveArea
+    directory = tmp_path_factory.mktemp("save-areas")
+    names = itertools.count()
+    return lambda capacity: SaveArea(capacity, directory / f"area{next(names)}")
+
+
+def _payload(seed: int, length: int) -> bytes:
+    return random.Random(seed).randbytes(length)
+
+
+def _state(area: SaveArea) -> tuple:
+    chunks = range(CHUNKS + 1)
+    return (
+        area.used,
+        area.high_water,
+        area.saved_chunks,
+        [area.get(c) for c in chunks],
+        None if area.path is None else os.path.getsize(area.path),
+    )
+
+
+# -- the model ------------------------------------------------------------------------
+
+_OPS = st.sampled_from(["save", "save", "save", "discard", "clear", "get", "readinto", "reset"])
+
+
+@given(data=st.data())
+def test_random_operations_match_a_dict_model(make_area, data):
+    granularity = data.draw(st.sampled_from([2048, 4096, 65536]), label="granularity")
+    last = data.draw(st.sampled_from([granularity, 1, granularity // 2 + 3]), label="last")
+    # Whole numbers of chunks often: then only fragmentation can make a file area full early.
+    capacity = data.draw(
+        st.integers(1, CHUNKS + 1).map(lambda k: k * granularity)
+        | st.integers(1, (CHUNKS + 1) * granularity),
+        label="capacity",
+    )
+
+    def length(chunk: int) -> int:
+        return last if chunk == CHUNKS else granularity
+
+    model: dict[int, bytes] = {}
+    used = high = 0
+    with make_area(capacity) as area:
+        for step in range(data.draw(st.integers(10, 60), label="steps")):
+            op = data.draw(_OPS, label="op")
+            # The short last chunk often, so that file slots of two sizes mix.
+            chunk = data.draw(st.integers(0, CHUNKS) | st.just(CHUNKS), label="chunk")
+            if op == "save":
+                payload = _payload(step, length(chunk))
+                before = _state(area)
+                if chunk in model:
+                    with pytest.raises(StateError):
+                        area.save(chunk, payload)
+                    assert _state(area) == before
+                elif used + len(payload) > capacity:
+                    with pytest.raises(SaveAreaFull):
+                        area.save(chunk, payload)
+                    assert _state(area) == before
+                else:
+                    try:
+                        area.save(chunk, payload)
+                    except SaveAreaFull:
+                        # Only a file area may run out early, by fragmentation, and by
+                        # less than one entry: see the bound in the module docstring.
+                        assert area.path is not None and last != granularity
+                        assert used + len(payload) > capacity - granularity
+                        assert _state(area) == before
+                    else:
+                        model[chunk] = payload
+                        used += len(payload)
+                        high = max(high, used)
+            elif op == "discard":
+                area.discard(chunk)
+                used -= len(model.pop(chunk, b""))
+            elif op == "clear":
+                area.clear()
+                model.clear()
+                used = 0
+            elif op == "get":
+                assert area.get(chunk) == model.get(chunk)
+            elif op == "readinto":
+                buffer = bytearray(b"\xa5" * length(chunk))
+                assert area.readinto(chunk, buffer) == (chunk in model)
+                assert buffer == model.get(chunk, b"\xa5" * length(chunk))
+            else:
+                area.reset_high_water()
+                high = used
+            assert area.used == used <= capacity
+            assert area.high_water == high
+            assert area.saved_chunks == len(model)
+            assert [c in area for c in range(CHUNKS + 1)] == [c in model for c in range(CHUNKS + 1)]
+            if area.path is not None:
+                assert os.path.getsize(area.path) <= capacity
+
+
+# -- edges ------------------------------------------------------------------------------
+
+
+def test_full_area_stores_nothing_and_changes_nothing(make_area):
+    with make_area(10_000) as area:
+        area.save(0, b"\x01" * 4096)
+        area.save(1, b"\x02" * 4096)
+        before = _state(area)
+        with pytest.raises(SaveAreaFull, match="cannot take 4096 more bytes") as full:
+            area.save(2, b"\x03" * 4096)
+        assert isinstance(full.value, RuntimeError)
+        assert _state(area) == before
+        assert 2 not in area
+        area.save(2, b"\x03" * 1808)  # exactly to capacity
+        assert area.used == area.high_water == area.capacity == 10_000
+
+
+def test_an_entry_larger_than_the_whole_area_is_refused(make_area):
+    with make_area(100) as area:
+        with pytest.raises(SaveAreaFull):
+            area.save(0, bytes(101))
+        assert area.used == area.saved_chunks == 0
+
+
+def test_saving_a_chunk_twice_is_a_state_error_and_keeps_the_first(make_area):
+    with make_area(1 << 20) as area:
+        area.save(5, b"first")
+        with pytest.raises(StateError, match="at most once"):
+            area.save(5, b"second")
+        assert area.get(5) == b"first"
+        assert area.used == 5
+        area.discard(5)
+        area.save(5, b"again")
+        assert area.get(5) == b"again"
+
+
+def test_full_and_short_last_chunks_round_trip(make_area):
+    granularity, last = 65536, 1234
+    full, short = _payload(1, granularity), _payload(2, last)
+    with make_area(4 * granularity) as area:
+        area.save(0, memoryview(full))
+        area.save(9, bytearray(short))
+        assert area.get(0) == full
+        assert area.get(9) == short
+        buffer = bytearray(last)
+        assert area.readinto(9, memoryview(buffer))
+        assert buffer == short
+        assert area.used == granularity + last
+
+
+def test_readinto_needs_a_buffer_of_the_saved_length(make_area):
+    with make_area(1 << 20) as area:
+        area.save(1, b"abc")
+        buffer = bytearray(b"xyzw")
+        with pytest.raises(ParameterError, match="exactly the saved length"):
+            area.readinto(1, buffer)
+        assert buffer == b"xyzw"
+        assert area.readinto(2, buffer) is False
+        assert buffer == b"xyzw"
+        assert area.get(2) is None
+
+
+@pytest.mark.parametrize("length", [0, 65537])
+def test_save_refuses_empty_or_oversized_data(make_area, length):
+    with make_area(1 << 20) as area:
+        with pytest.raises(ParameterError, match="1 to 65536 bytes"):
+            area.save(0, bytes(length))
+        assert area.used == area.saved_chunks == 0
+
+
+def test_save_refuses_a_negative_chunk(make_area):
+    with make_area(100) as area:
+        with pytest.raises(RangeError):
+            area.save(-1, b"x")
+        assert area.saved_chunks == 0
+
+
+def test_clear_keeps_high_water_and_reset_restarts_it(make_area):
+    with make_area(1000) as area:
+        area.save(0, bytes(300))
+        area.save(1, bytes(400))
+        area.discard(0)
+        area.discard(0)  # absent: no error
+        assert (area.used, area.high_water) == (400, 700)
+        area.clear()
+        assert (area.used, area.high_water, area.saved_chunks) == (0, 700, 0)
+        area.save(2, bytes(100))
+        area.reset_high_water()
+        assert area.high_water == 100
+
+
+@pytest.mark.parametrize("capacity", [0, -1])
+def test_capacity_must_be_positive(tmp_path, capacity):
+    with pytest.raises(ParameterError, match="> 0 bytes"):
+        SaveArea(capacity, tmp_path / "area")
+    assert not (tmp_path / "area").exists()
+
+
+def test_capacity_must_be_an_integer():
+    with pytest.raises(TypeError):
+        SaveArea(True)
+    with pytest.raises(TypeError):
+        SaveArea(1.5)
+
+
+def test_closed_area_raises_state_error(make_area):
+    area = make_area(1000)
+    with area:
+        area.save(0, b"x")
+    assert area.closed
+    area.close()  # idempotent
+    assert (area.used, area.saved_chunks) == (0, 0)
+    assert 0 not in area
+    for call in (
+        lambda: area.save(1, b"y"),
+        lambda: area.get(0),
+        lambda: area.readinto(0, bytearray(1)),
+        lambda: area.discard(0),
+        area.clear,
+    ):
+        with pytest.raises(StateError, match="closed"):
+            call()
+
+
+# -- the file -------------------------------------------------------------------------
+
+
+def test_file_is_private_bounded_and_removed_on_close(tmp_path):
+    path = tmp_path / "area"
+    area = SaveArea(3 * 4096, path)
+    assert area.path == str(path)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    for chunk in range(3):
+        area.save(chunk, bytes(4096))
+    assert os.path.getsize(path) == area.capacity
+    with pytest.raises(SaveAreaFull):
+        area.save(3, b"x")
+    area.clear()
+    assert os.path.getsize(path) == 0
+    area.close()
+    assert not path.exists()
+
+
+def test_file_reuses_freed_slots_of_the_same_then_larger_size(tmp_path):
+    with SaveArea(2 * 4096, tmp_path / "area") as area:
+        area.save(0, b"\x01" * 4096)
+        area.save(1, b"\x02" * 4096)
+        area.discard(0)
+        area.save(2, b"\x03" * 4096)  # the same size: the freed slot
+        area.discard(1)
+        area.save(9, b"\x04" * 100)  # short: the larger freed slot, whole
+        assert os.path.getsize(area.path) == 2 * 4096
+        area.discard(9)
+        area.save(3, b"\x05" * 4096)  # the slot came back at its full size
+        assert area.get(2) == b"\x03" * 4096
+        assert area.get(3) == b"\x05" * 4096
+
+
+def test_file_area_full_by_fragmentation_changes_nothing(tmp_path):
+    # The worked example of the module docstring.
+    with SaveArea(8192, tmp_path / "area") as area:
+        area.save(9, bytes(1024))
+        area.save(0, bytes(4096))
+        area.discard(9)
+        before = _state(area)
+        with pytest.raises(SaveAreaFull, match="fragmented"):
+            area.save(1, bytes(4096))
+        assert _state(area) == before
+        area.save(9, bytes(1024))
+        assert area.used == 5120
+
+
+def test_failed_file_write_stores_nothing_and_frees_its_slot(tmp_path, monkeypatch):
+    with SaveArea(4096, tmp_path / "area") as area:
+
+        def no_space(fd, data, offset):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(os, "pwrite", no_space)
+        with pytest.raises(OSError, match="No space"):
+            area.save(0, bytes(4096))
+        assert (area.used, area.saved_chunks, 0 in area) == (0, 0, False)
+        monkeypatch.undo()
+        area.save(0, b"\x07" * 4096)
+        assert area.get(0) == b"\x07" * 4096
+
+
+def test_an_existing_regular_file_is_truncated(tmp_path):
+    path = tmp_path / "left-by-a-crash"
+    path.write_bytes(b"stale" * 1000)
+    with SaveArea(100, path) as area:
+        assert os.path.getsize(path) == 0
+        assert area.used == 0
+
+
+def test_a_path_that_is_not_a_regular_file_is_refused_and_kept(tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(ParameterError, match="not a regular file"):
+        SaveArea(100, fifo)
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+
+
+# -- threads ----------------------------------------------------------------------------
+
+
+def test_threads_save_and_read_distinct_chunks(make_area, busy_switching):
+    threads, per_thread, length = 8, 40, 2048
+    start = threading.Barrier(threads)
+    errors: list[BaseException] = []
+
+    def worker(area: SaveArea, index: int) -> None:
+        try:
+            start.wait()
+            chunks = range(index * per_thread, (index + 1) * per_thread)
+            buffer = bytearray(length)
+            for chunk in chunks:
+                area.save(chunk, _payload(chunk, length))
+            for chunk in chunks:
+                assert area.get(chunk) == _payload(chunk, length)
+                assert area.readinto(chunk, buffer)
+                assert buffer == _payload(chunk, length)
+                if chunk % 2:
+                    area.discard(chunk)
+            for chunk in chunks[1::2]:
+                area.save(chunk, _payload(-chunk, length))
+        except BaseException as exc:
+            errors.append(exc)
+
+    with make_area(threads * per_thread * length) as area:
+        pool = [threading.Thread(target=worker, args=(area, i)) for i in range(threads)]
+        for thread in pool:
+            thread.start()
+        for thread in pool:
+            thread.join()
+        assert not errors, errors
+        total = threads * per_thread
+        assert area.used == area.high_water == area.capacity
+        assert area.saved_chunks == total
+        for chunk in range(total):
+            seed = -chunk if chunk % 2 else chunk
+            assert area.get(chunk) == _payload(seed, length)
