@@ -39,7 +39,7 @@ import numpy as np
 
 from isc._core import DeltaBitmap
 from isc._layout import DEFAULT_GRANULARITY
-from isc.errors import SaveAreaFull, StateError
+from isc.errors import RangeError, SaveAreaFull, StateError
 from isc.savearea import SaveArea
 
 log = logging.getLogger(__name__)
@@ -213,14 +213,28 @@ class Session:
         the save area if they were overwritten since, else from the source).
         Chunks already sent or never changed read as the source is now: their
         point-in-time data already lies on the destinations. Raises
-        ``StateError`` when unmarked.
+        ``StateError`` when unmarked and ``RangeError`` (a ValueError) for a
+        range outside the source.
         """
-        buffer = bytearray(length)
-        self.read_frozen_into(offset, memoryview(buffer))
-        return bytes(buffer)
+        size = self.source.size
+        if offset < 0 or length < 0 or offset + length > size:
+            raise RangeError(
+                f"read [{offset}, {offset + length}) is outside the source [0, {size})"
+            )
+        g = self.granularity
+        start = offset // g * g
+        end = min(-(-(offset + length) // g) * g, size)
+        buffer = bytearray(end - start)
+        self.read_frozen_into(start, memoryview(buffer))
+        return bytes(buffer[offset - start : offset - start + length])
 
     def read_frozen_into(self, offset: int, buffer: memoryview) -> None:
-        """``read_frozen`` into a writable buffer; ``offset`` must be chunk-aligned."""
+        """``read_frozen`` of whole chunks into a writable buffer.
+
+        ``offset`` must be a multiple of the granularity and the buffer must
+        end on a chunk boundary or at the end of the source (the copy job's
+        runs do). Raises ``StateError`` when unmarked.
+        """
         if not self.bitmap.marked:
             raise StateError(
                 f"{self.name} is unmarked: there is no point in time to read; mark it first"
