@@ -149,10 +149,13 @@ cdef struct Runs:
 
 cdef inline int64_t _i64(object value) except? -1:
     """An integer argument as int64: ``TypeError`` for non-integers (floats
-    included), ``OverflowError`` beyond 64 bits."""
+    included), ``RangeError`` beyond 64 bits."""
     if not PyLong_Check(value):
         value = PyNumber_Index(value)
-    return PyLong_AsLongLong(value)
+    try:
+        return PyLong_AsLongLong(value)
+    except OverflowError:
+        raise _layout.RangeError(f"{value} is outside any LUN (it does not fit in 64 bits)")
 
 
 cdef object _EMPTY = np.empty(0, dtype=np.int64)
@@ -591,13 +594,7 @@ cdef class DeltaBitmap:
             if self._marked:
                 raise _layout.already_marked_error(self._generation)
             with nogil:
-                while self._marking:
-                    pthread_cond_wait(&self._cv, &self._mu)
-                isc_store_flag(&self._marking, 1)
-                while isc_load(&self._in_flight):
-                    pthread_cond_wait(&self._cv, &self._mu)
-                isc_store_flag(&self._marking, 0)
-                pthread_cond_broadcast(&self._cv)
+                self._drain_locked()
             if self._marked:
                 raise _layout.already_marked_error(self._generation)
             if full:
@@ -610,6 +607,20 @@ cdef class DeltaBitmap:
             self._generation += 1
         finally:
             self._release()
+
+    cdef void _drain_locked(self) noexcept nogil:
+        """Wait until no ``begin_write`` write is in flight; the caller holds the mutex.
+
+        New writes wait while the flag is up and, once it drops, for the
+        mutex the caller keeps until its own change is done.
+        """
+        while self._marking:
+            pthread_cond_wait(&self._cv, &self._mu)
+        isc_store_flag(&self._marking, 1)
+        while isc_load(&self._in_flight):
+            pthread_cond_wait(&self._cv, &self._mu)
+        isc_store_flag(&self._marking, 0)
+        pthread_cond_broadcast(&self._cv)
 
     cdef void _fill_transfer(self) noexcept nogil:
         cdef Bits *xfer = &self._bits[1 - self._t]
@@ -677,9 +688,15 @@ cdef class DeltaBitmap:
         track.count = 0
 
     def clear_tracking(self):
-        """Empty the tracking bitmap (an unmarked full copy starts from here)."""
+        """Empty the tracking bitmap (an unmarked full copy starts from here).
+
+        Like ``mark``, waits for writes in flight to end and holds off new
+        ones, so a write is either cleared with the rest (its data landed
+        before the copy reads) or recorded after.
+        """
         self._acquire()
         with nogil:
+            self._drain_locked()
             self._clear(&self._bits[self._t])
             self._release()
 

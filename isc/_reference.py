@@ -15,6 +15,7 @@ import numpy as np
 
 from isc import _layout
 from isc._layout import DEFAULT_GRANULARITY, check_geometry, chunk_error, write_range_error
+from isc.errors import RangeError
 
 _NO_CHUNKS = np.empty(0, dtype=np.int64)
 
@@ -109,13 +110,7 @@ class DeltaBitmap:
         with self._lock:
             if self.marked:
                 raise _layout.already_marked_error(self.generation)
-            while self._marking:
-                self._lock.wait()
-            self._marking = True
-            while self._in_flight:
-                self._lock.wait()
-            self._marking = False
-            self._lock.notify_all()
+            self._drain_locked()
             if self.marked:
                 raise _layout.already_marked_error(self.generation)
             if full:
@@ -135,7 +130,18 @@ class DeltaBitmap:
 
     def clear_tracking(self) -> None:
         with self._lock:
+            self._drain_locked()
             self._tracking = set()
+
+    def _drain_locked(self) -> None:
+        """Wait for writes in flight (begin_write) to end; new ones wait meanwhile."""
+        while self._marking:
+            self._lock.wait()
+        self._marking = True
+        while self._in_flight:
+            self._lock.wait()
+        self._marking = False
+        self._lock.notify_all()
 
     # -- copy side --------------------------------------------------------
     def test_and_clear(self, chunk: int) -> bool:
@@ -244,7 +250,7 @@ def _int64(value: object) -> int:
     """Convert like the core's int64_t arguments: integers only, within int64."""
     number = operator.index(value)  # type: ignore[arg-type]
     if not -(2**63) <= number < 2**63:
-        raise OverflowError(f"{number} does not fit in a signed 64-bit integer")
+        raise RangeError(f"{number} is outside any LUN (it does not fit in 64 bits)")
     return number
 
 

@@ -55,10 +55,18 @@ class DestState(enum.Enum):
 class Destination:
     """A LUN that receives copies, with its state."""
 
-    def __init__(self, lun, name: str | None = None, state: DestState = DestState.NEW) -> None:
+    def __init__(
+        self,
+        lun,
+        name: str | None = None,
+        state: DestState = DestState.NEW,
+        epoch: int | None = None,
+    ) -> None:
         self.lun = lun
         self.name = name or f"destination-{id(self):x}"
         self.state = state
+        self.epoch = epoch
+        """The session epoch this destination is in step with; None until its first copy."""
 
     def __repr__(self) -> str:
         return f"Destination({self.name!r}, {self.state.value})"
@@ -66,11 +74,17 @@ class Destination:
 
 @dataclass
 class CopyResult:
-    """What a copy job did. ``outcomes`` maps destination name to "ok" or the error."""
+    """What a copy job did. ``outcomes`` maps destination name to "ok" or the error.
+
+    ``bytes_sent`` counts source bytes sent (each to every destination);
+    ``bytes_seeded`` counts bytes copied from an in-step destination to
+    destinations that were not in step.
+    """
 
     mode: str
     bytes_total: int = 0
     bytes_sent: int = 0
+    bytes_seeded: int = 0
     chunks_sent: int = 0
     extents: int = 0
     seconds: float = 0.0
@@ -133,25 +147,39 @@ class CopyJob:
     def incremental(self) -> CopyResult:
         """Send the marked session's transfer bitmap; unmark and make destinations CONSISTENT.
 
-        A NEW destination needs every chunk, which only a full mark protects:
-        the session is unmarked (nothing is lost) and a marked full copy runs.
-        Raises ``StateError`` when the session is unmarked.
+        Destinations receive the source as it was at the caller's mark. A
+        destination not in step with the session (NEW, or left out of an
+        earlier copy: see :attr:`Session.epoch`) needs more than the transfer
+        bitmap: under a full mark it gets it anyway; otherwise it is first
+        seeded, outside the transfer bitmap, from a destination of this job
+        that is in step (whose data there equals the source at the mark).
+        Raises ``StateError``, changing nothing, when the session is
+        unmarked, or when a destination needs seeding and none can give it.
         """
-        if not self.session.bitmap.marked:
+        session = self.session
+        bitmap = session.bitmap
+        if not bitmap.marked:
             raise StateError(
-                f"{self.session.name} is unmarked: an incremental copy sends a marked "
+                f"{session.name} is unmarked: an incremental copy sends a marked "
                 "point in time; mark the session first"
             )
-        if any(d.state is DestState.NEW for d in self.destinations):
-            log.info("%s: a destination is new, copying everything", self.session.name)
-            self.session.unmark()
-            return self.full(marked=True)
-        return self._marked_copy("incremental")
+        stale = [d for d in self.destinations if not self._in_step(d)]
+        donor = next((d for d in self.destinations if self._in_step(d)), None)
+        if stale and bitmap.transfer_count != bitmap.chunks and donor is None:
+            names = ", ".join(d.name for d in stale)
+            raise StateError(
+                f"destination(s) {names} of {session.name} are new or missed an earlier "
+                "copy and no destination of this copy is in step to seed them from; "
+                "unmark the session and run a full copy"
+            )
+        if bitmap.transfer_count == bitmap.chunks:
+            stale = []
+        return self._marked_copy("incremental", donor, stale)
 
     def full(self, marked: bool = True) -> CopyResult:
         """Copy the whole source: marked (ends CONSISTENT) or unmarked (ends INCONSISTENT).
 
-        Raises ``StateError`` when the session is marked.
+        Raises ``StateError``, changing nothing, when the session is marked.
         """
         if self.session.bitmap.marked:
             raise StateError(
@@ -160,11 +188,22 @@ class CopyJob:
             )
         if marked:
             self.session.mark(full=True)
-            return self._marked_copy("full")
+            return self._marked_copy("full", None, [])
         return self._unmarked_full_copy()
 
+    def _in_step(self, dest: Destination) -> bool:
+        return dest.epoch is not None and dest.epoch == self.session.epoch
+
+    def _join(self) -> None:
+        """Start clearing bits: destinations outside this job fall out of step."""
+        self.session.epoch += 1
+        for dest in self.destinations:
+            dest.epoch = self.session.epoch
+
     # -- marked copies -------------------------------------------------------------
-    def _marked_copy(self, mode: str) -> CopyResult:
+    def _marked_copy(
+        self, mode: str, donor: Destination | None, stale: list[Destination]
+    ) -> CopyResult:
         session = self.session
         bitmap = session.bitmap
         g = session.granularity
@@ -176,30 +215,53 @@ class CopyJob:
         result = CopyResult(mode, bytes_total=int((ends - starts).sum()))
         cofw_before = session.stats.cofw_chunks
         buffer = memoryview(bytearray(self.io_size))
+        sent = 0
 
         def send_runs() -> None:
+            nonlocal sent
+            if stale:
+                self._seed(donor, stale, starts, ends, buffer, result)
+            self._join()
             for (first, count), start, end in zip(
                 runs.tolist(), starts.tolist(), ends.tolist(), strict=True
             ):
                 view = buffer[: end - start]
                 session.read_frozen_into(start, view)
-                self._send(start, view, result)
+                self._send(self.destinations, start, view, result)
                 # Clear only if the mark is still ours: an abort in between
                 # means the data just sent may not be the point-in-time data.
                 bitmap.clear_transfer(first, count, generation)
+                sent += 1
                 if session.save_area.saved_chunks:
                     for chunk in range(first, first + count):
                         session.save_area.discard(chunk)
                 result.chunks_sent += count
                 self._ran(result, end - start)
-            self._flush()
 
-        self._run(result, send_runs, on_failure=session.unmark)
+        def restore(unflushed: bool) -> None:
+            session.unmark()
+            if unflushed:
+                # A failed flush confirms nothing: what was sent goes back too.
+                bitmap.record_writes(starts[:sent], ends[:sent] - starts[:sent])
+
+        self._run(result, send_runs, restore)
         session.unmark()
         result.cofw_chunks = session.stats.cofw_chunks - cofw_before
         for dest in self.destinations:
             dest.state = DestState.CONSISTENT
         return result
+
+    def _seed(self, donor, stale, starts, ends, buffer, result: CopyResult) -> None:
+        """Copy from ``donor`` to ``stale`` every byte outside the transfer runs."""
+        size = self.session.source.size
+        gap_starts = np.concatenate(([0], ends)).tolist()
+        gap_ends = np.concatenate((starts, [size])).tolist()
+        for gap_start, gap_end in zip(gap_starts, gap_ends, strict=True):
+            for offset in range(gap_start, gap_end, self.io_size):
+                view = buffer[: min(self.io_size, gap_end - offset)]
+                donor.lun.readinto(offset, view)
+                self._send(stale, offset, view, result)
+                result.bytes_seeded += len(view)
 
     # -- the unmarked full copy ----------------------------------------------------------
     def _unmarked_full_copy(self) -> CopyResult:
@@ -208,39 +270,40 @@ class CopyJob:
         result = CopyResult("full-unmarked", bytes_total=size)
         buffer = memoryview(bytearray(self.io_size))
         done = 0
-        for dest in self.destinations:
-            dest.state = DestState.INCONSISTENT
 
         def send_all() -> None:
             nonlocal done
             while done < size:
                 view = buffer[: min(self.io_size, size - done)]
                 session.source.readinto(done, view)
-                self._send(done, view, result)
+                self._send(self.destinations, done, view, result)
                 done += len(view)
                 self._ran(result, len(view))
-            self._flush()
 
-        def put_back_unsent() -> None:
-            # Tracking was cleared when the copy began: what was not sent goes back.
-            session.bitmap.record_write(done, size - done)
+        def put_back(unflushed: bool) -> None:
+            # Tracking was cleared when the copy began: what was not sent (or,
+            # after a failed flush, everything) goes back.
+            start = 0 if unflushed else done
+            session.bitmap.record_write(start, size - start)
 
         with session.marks_held("an unmarked full copy is running"):
+            for dest in self.destinations:
+                dest.state = DestState.INCONSISTENT
             session.bitmap.clear_tracking()
-            self._run(result, send_all, on_failure=put_back_unsent)
+            self._join()
+            self._run(result, send_all, put_back)
         return result
 
     # -- shared steps ------------------------------------------------------------------
-    def _send(self, offset: int, data: memoryview, result: CopyResult) -> None:
-        """Write one run to every destination; mark each destination touched."""
-        for dest in self.destinations:
+    def _send(self, dests, offset: int, data: memoryview, result: CopyResult) -> None:
+        """Write one run to ``dests``; each becomes INCONSISTENT before it is touched."""
+        for dest in dests:
+            dest.state = DestState.INCONSISTENT
             try:
                 dest.lun.write(offset, data)
             except Exception as exc:
                 result.outcomes[dest.name] = f"failed: {exc}"
                 raise
-            if dest.state is not DestState.INCONSISTENT:
-                dest.state = DestState.INCONSISTENT
 
     def _ran(self, result: CopyResult, nbytes: int) -> None:
         result.bytes_sent += nbytes
@@ -254,14 +317,28 @@ class CopyJob:
         if self._cancel.is_set():
             raise CopyCancelled(f"the copy of {self.session.name} was cancelled")
 
-    def _run(self, result: CopyResult, body: Callable[[], None], on_failure) -> None:
-        """Run ``body``; on any failure restore rule 2 and raise ``CopyError``."""
+    def _run(
+        self, result: CopyResult, body: Callable[[], None], restore: Callable[[bool], None]
+    ) -> None:
+        """Run ``body`` then flush; on any failure ``restore`` rule 2 and raise ``CopyError``.
+
+        ``restore(unflushed)`` is told whether the failure was the flush.
+        """
         self._cancel.clear()
         self._started = time.monotonic()
+        unflushed = False
         try:
             body()
+            unflushed = True
+            for dest in self.destinations:
+                try:
+                    dest.lun.flush()
+                except Exception as exc:
+                    result.outcomes[dest.name] = f"flush failed: {exc}"
+                    raise
+            unflushed = False
         except BaseException as exc:
-            on_failure()
+            restore(unflushed)
             result.seconds = time.monotonic() - self._started
             for dest in self.destinations:
                 result.outcomes.setdefault(dest.name, "interrupted")
@@ -276,7 +353,3 @@ class CopyJob:
         result.seconds = time.monotonic() - self._started
         for dest in self.destinations:
             result.outcomes[dest.name] = "ok"
-
-    def _flush(self) -> None:
-        for dest in self.destinations:
-            dest.lun.flush()

@@ -96,6 +96,11 @@ class Session:
         self._cofw_chunks = 0
         self._cofw_bytes = 0
         self._aborts = 0
+        self.epoch = 0
+        """Counts copies that cleared bits. A destination that took part in the
+        latest one (its ``epoch`` equals this) is *in step*: every chunk where
+        it may differ from the source is in the tracking or transfer bitmap. One
+        that missed a copy lacks chunks the bitmaps no longer hold."""
         self._last_abort: str | None = None
         # The host write path is the hot path: bind it straight to the core so
         # a write costs one C-level call, no Python frame (same behaviour as

@@ -1,0 +1,886 @@
+"""The copy job: marked and unmarked copies, their failures, throttle and progress.
+
+Rules checked here (MISSION.md): 1 (point in time, with writer threads racing
+every copy), 2 (no lost change after any failure), 6 (honest destination
+states), 10 (bad input changes nothing), and a hypothesis state machine that
+interleaves host writes, marks, unmarks, the three copies, injected
+destination failures, cancels and save-area exhaustion, checking rules 2, 3,
+5 and 6 after every step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import shutil
+import subprocess
+import threading
+
+import pytest
+from helpers import (
+    TIMEOUT,
+    HookLUN,
+    Writers,
+    assert_no_lost_change,
+    chunk_bytes,
+    chunks_touched,
+    fill_random,
+    make_lun,
+)
+from hypothesis import event, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+
+from isc import (
+    CopyError,
+    CopyJob,
+    CopyResult,
+    Destination,
+    DestState,
+    FileLUN,
+    MemoryLUN,
+    ParameterError,
+    SaveArea,
+    Session,
+    State,
+    StateError,
+)
+
+G = 4096
+
+
+def seeded(size: int, seed: int, dests: int = 1, granularity: int = G, **job_args):
+    """A session on a random MemoryLUN, destinations made CONSISTENT by a full copy, and a job."""
+    source = MemoryLUN(size)
+    fill_random(source, random.Random(seed))
+    session = Session(source, granularity)
+    destinations = [Destination(HookLUN(MemoryLUN(size)), f"d{i}") for i in range(dests)]
+    CopyJob(session, destinations).full()
+    for dest in destinations:
+        dest.lun.writes = 0
+        dest.lun.written.clear()
+    return session, destinations, CopyJob(session, destinations, **job_args)
+
+
+def contents(dest: Destination) -> bytes:
+    return dest.lun.read(0, dest.lun.size)
+
+
+# -- rule 1: point in time, with writers racing the copy ---------------------------------------
+
+
+@pytest.mark.parametrize("save_area", ["roomy", "small"])
+@pytest.mark.parametrize("kind", ["memory", "file"])
+@pytest.mark.parametrize("granularity", [2048, 8192, 65536])
+def test_destinations_hold_the_image_at_the_mark(granularity, kind, save_area, tmp_path):
+    g = granularity
+    size = 96 * g + 1536  # a short last chunk
+    rng = random.Random(g)
+    source = make_lun(kind, size, tmp_path, "source")
+    fill_random(source, rng)
+    capacity = 6 * g if save_area == "small" else size
+    session = Session(source, g, SaveArea(capacity))
+    dests = [Destination(make_lun(kind, size, tmp_path, f"d{i}"), f"d{i}") for i in range(2)]
+
+    def write(writer: int, seq: int, wrng: random.Random) -> None:
+        length = wrng.randrange(512, 3 * g, 512)
+        offset = wrng.randrange(0, size - length + 1, 512)
+        session.write(offset, wrng.randbytes(length))
+
+    racing = True
+
+    def progress(done: int, total: int) -> None:
+        # Three more writes per run sent; wait for one, the others race the next run.
+        if racing:
+            writers.resume()
+            finished = writers.total_done
+            writers.allow(3)
+            writers.wait_done(finished + 1)
+
+    job = CopyJob(session, dests, io_size=4 * g, progress=progress)
+    raced = failed = 0
+    images: dict[str, bytes] = {}  # what each destination holds while CONSISTENT
+    with Writers(write, 3, seed=g) as writers:
+        result = job.full(marked=False)  # seed the destinations while writes run
+        assert result.bytes_sent == size
+        assert all(d.state is DestState.INCONSISTENT for d in dests)
+        for update in range(4):
+            for attempt in range(3):
+                racing = attempt < 2  # a third attempt runs quiet, so each update ends well
+                writers.allow(20)
+                if racing:
+                    writers.pause()
+                else:
+                    writers.settle()
+                if update == 1:
+                    expected = source.read(0, size)  # paused: the full mark freezes this
+                    copy = job.full
+                else:
+                    session.mark()
+                    expected = source.read(0, size)
+                    copy = job.incremental
+                    writers.resume()
+                try:
+                    result = copy()
+                except CopyError as exc:
+                    failed += 1
+                    assert session.state is State.UNMARKED
+                    assert session.stats.aborts == failed
+                    assert "save area full" in session.stats.last_abort
+                    assert isinstance(exc.result, CopyResult)
+                    writers.pause()
+                    for dest in dests:
+                        if dest.state is DestState.CONSISTENT:  # not written: still its image
+                            assert contents(dest) == images[dest.name]
+                        assert_no_lost_change(session, dest.lun)
+                    writers.resume()
+                    continue
+                raced += racing
+                for dest in dests:
+                    assert dest.state is DestState.CONSISTENT
+                    assert contents(dest) == expected, f"{dest.name} after update {update}"
+                    images[dest.name] = expected
+                break
+            else:
+                pytest.fail(f"update {update} never succeeded")
+        writers.settle()
+    stats = session.stats
+    assert stats.save_area_high_water <= capacity
+    assert stats.cofw_chunks > 0
+    if save_area == "small":
+        assert failed > 0  # the small area did run out
+    else:
+        assert failed == 0 and raced == 4
+    for dest in dests:
+        dest.lun.close()
+    source.close()
+
+
+# -- property: any interleaving keeps rules 2, 3, 5 and 6 ---------------------------------------
+
+OFFSETS = st.integers(0, 2**20)  # scaled into the LUN
+LENGTHS = st.integers(1, 3 * G)
+ACTIONS = st.one_of(  # what a hook does in the middle of a copy; writes weigh double
+    st.tuples(st.just("write"), OFFSETS, LENGTHS),
+    st.tuples(st.just("write"), OFFSETS, LENGTHS),
+    st.just(("cancel",)),
+    st.just(("unmark",)),
+)
+HOOKS = st.lists(
+    st.tuples(st.sampled_from(["progress", "write0", "write1"]), st.integers(1, 6), ACTIONS),
+    max_size=4,
+)
+FAULTS = st.one_of(
+    st.none(),
+    st.tuples(st.just("write"), st.integers(0, 1), st.integers(1, 6)),
+    st.tuples(st.just("flush"), st.integers(0, 1), st.just(0)),
+)
+
+
+class CopyMachine(RuleBasedStateMachine):
+    """Host writes, marks, unmarks and copies in random order, with faults injected.
+
+    The model keeps, per destination, the image it must hold while it is
+    CONSISTENT (the source at the mark of its last successful marked copy),
+    and the source image at the session's current mark. Host writes (between
+    steps, or in the middle of a copy from the progress callback or inside a
+    destination write) predict their COFW chunks and a save-area abort from
+    the bitmap just before the write.
+    """
+
+    @initialize(
+        chunks=st.integers(3, 20),
+        tail=st.sampled_from([0, 1, 700]),
+        granularity=st.sampled_from([2048, 4096]),
+        save_chunks=st.sampled_from([1, 2, 4, None]),
+        run_chunks=st.sampled_from([1, 2, 4]),
+        seed_copy=st.sampled_from(["full", "unmarked"]),
+        seed=st.integers(0, 2**32 - 1),
+    )
+    def setup(self, chunks, tail, granularity, save_chunks, run_chunks, seed_copy, seed):
+        self.g = granularity
+        self.size = chunks * granularity + tail
+        self.rng = random.Random(seed)
+        source = MemoryLUN(self.size)
+        fill_random(source, self.rng)
+        self.capacity = save_chunks * granularity if save_chunks else self.size
+        self.session = Session(source, granularity, SaveArea(self.capacity))
+        self.luns = [HookLUN(MemoryLUN(self.size)) for _ in range(2)]
+        self.dests = [Destination(lun, f"d{i}") for i, lun in enumerate(self.luns)]
+        self.io_size = run_chunks * granularity
+        self.images: dict[str, bytes | None] = {}
+        self.mark_image: bytes | None = None
+        self.copy("full" if seed_copy == "full" else "unmarked", [], None)
+
+    # -- host writes with their expected COFW ----------------------------------------------
+    def host_write(self, start: int, length: int) -> None:
+        session, bitmap = self.session, self.session.bitmap
+        offset = start % self.size
+        length = min(length, self.size - offset)
+        touched = chunks_touched(offset, length, self.g)
+        to_save = [c for c in touched if bitmap.transfer(c) and not bitmap.is_saved(c)]
+        used, saved, abort = session.save_area.used, 0, False
+        for c in to_save:
+            used += chunk_bytes(c, self.g, self.size)
+            if used > self.capacity:
+                abort = True
+                break
+            saved += 1
+        marked, before = bitmap.marked, session.stats
+        data = self.rng.randbytes(length)
+        session.write(offset, data)
+        after = session.stats
+        assert session.read(offset, length) == data  # rule 5: the write always lands
+        assert after.cofw_chunks - before.cofw_chunks == saved  # rule 3
+        event(f"host write: {saved} COFW{', abort' if abort else ''}")
+        assert after.aborts - before.aborts == abort  # rule 5
+        assert bitmap.marked == (marked and not abort)
+        assert all(bitmap.tracking(c) for c in touched)
+
+    @rule(start=OFFSETS, length=LENGTHS)
+    def write(self, start, length):
+        self.host_write(start, length)
+
+    @rule()
+    def mark(self):
+        if self.session.bitmap.marked:
+            generation = self.session.generation
+            with pytest.raises(StateError):
+                self.session.mark()
+            assert self.session.generation == generation
+        else:
+            self.session.mark()
+            self.mark_image = self.session.read(0, self.size)
+
+    @rule()
+    def unmark(self):
+        self.session.unmark()
+
+    # -- copies --------------------------------------------------------------------------
+    @rule(kind=st.sampled_from(["incremental", "full", "unmarked"]), hooks=HOOKS, fault=FAULTS)
+    def copy(self, kind, hooks, fault):
+        session = self.session
+        marked = session.bitmap.marked
+        if (kind == "incremental") != marked:
+            self.refused(kind)
+            return
+        image = self.mark_image if kind == "incremental" else session.read(0, self.size)
+        fired = {"cancel": False, "fault": False, "unmark": False}
+        job: CopyJob
+
+        def act(where: str, n: int) -> None:
+            for hook_where, hook_n, action in hooks:
+                if (hook_where, hook_n) != (where, n):
+                    continue
+                if action[0] == "write":
+                    self.host_write(action[1], action[2])
+                elif action[0] == "cancel":
+                    job.cancel()
+                    fired["cancel"] = True
+                else:
+                    fired["unmark"] |= session.bitmap.marked
+                    session.unmark()
+
+        calls = []
+
+        def progress(done: int, total: int) -> None:
+            calls.append((done, total))
+            act("progress", len(calls))
+
+        for i, lun in enumerate(self.luns):
+            lun.writes = lun.flushes = 0
+            lun.written.clear()
+            lun.before_write = lambda n, offset, data, i=i: act(f"write{i}", n)
+            if fault and fault[1] == i:
+                if fault[0] == "write":
+                    lun.fail_at = fault[2]
+                else:
+                    lun.fail_flush = True
+        states = [d.state for d in self.dests]
+        aborts = session.stats.aborts
+        job = CopyJob(session, self.dests, io_size=self.io_size, progress=progress)
+        run = {"incremental": job.incremental, "full": job.full}.get(kind)
+        try:
+            result = run() if run else job.full(marked=False)
+            failed = False
+        except CopyError as exc:
+            result, failed = exc.result, True
+        finally:
+            for lun in self.luns:
+                fired["fault"] |= lun.fail_at is not None and lun.writes >= lun.fail_at
+                fired["fault"] |= lun.fail_flush and lun.flushes > 0
+                lun.before_write, lun.fail_at, lun.fail_flush = None, None, False
+        aborted = session.stats.aborts > aborts
+        event(f"{kind} copy {'failed' if failed else 'ok'}")
+        event(f"fired: {sorted(k for k, v in fired.items() if v) + ['abort'] * aborted}")
+
+        if fired["cancel"] or fired["fault"]:
+            assert failed
+        if not (fired["cancel"] or fired["fault"] or fired["unmark"] or aborted):
+            assert not failed
+        assert session.state is State.UNMARKED
+        assert session.save_area.used == 0
+        assert [t for t in calls if t[0] > t[1]] == []
+        assert [d for d, _ in calls] == sorted({d for d, _ in calls})  # strictly increasing
+        if not failed:
+            assert result.bytes_sent == result.bytes_total
+            assert not calls or calls[-1] == (result.bytes_total, result.bytes_total)
+            assert result.outcomes == {d.name: "ok" for d in self.dests}
+        else:
+            assert set(result.outcomes) == {d.name for d in self.dests}
+        for dest, lun, state in zip(self.dests, self.luns, states, strict=True):
+            if kind == "unmarked":
+                assert dest.state is DestState.INCONSISTENT
+                self.images[dest.name] = None
+            elif not failed:
+                assert dest.state is DestState.CONSISTENT
+                assert contents(dest) == image  # rule 1
+                self.images[dest.name] = image
+            elif lun.writes:  # a write was attempted: it may have landed in part
+                assert dest.state is DestState.INCONSISTENT
+                self.images[dest.name] = None
+            else:
+                assert dest.state is state
+
+    @rule(hooks=HOOKS, fault=FAULTS)
+    def update(self, hooks, fault):
+        """The common sequence: mark, then an incremental copy."""
+        if not self.session.bitmap.marked:
+            self.mark()
+        self.copy("incremental", hooks, fault)
+
+    def refused(self, kind: str) -> None:
+        session = self.session
+        for lun in self.luns:
+            lun.writes = 0
+        before = (session.bitmap.to_bytes(), session.stats, [d.state for d in self.dests])
+        job = CopyJob(session, self.dests, io_size=self.io_size)
+        with pytest.raises(StateError):
+            {"incremental": job.incremental, "full": job.full}.get(
+                kind, lambda: job.full(marked=False)
+            )()
+        after = (session.bitmap.to_bytes(), session.stats, [d.state for d in self.dests])
+        assert after == before
+        assert all(lun.writes == 0 for lun in self.luns)
+
+    # -- what holds after every step ---------------------------------------------------------
+    @invariant()
+    def rules_hold(self):
+        session, bitmap = self.session, self.session.bitmap
+        bitmap._check()
+        stats = session.stats
+        assert stats.save_area_used <= stats.save_area_high_water <= self.capacity  # rule 5
+        if not bitmap.marked:
+            assert bitmap.transfer_count == bitmap.saved_count == 0
+            assert stats.save_area_used == 0
+        else:
+            frozen = session.read_frozen(0, self.size)
+            for c in range(bitmap.chunks):
+                if bitmap.transfer(c):
+                    lo, hi = c * self.g, min((c + 1) * self.g, self.size)
+                    assert frozen[lo:hi] == self.mark_image[lo:hi], f"frozen chunk {c}"
+        for dest in self.dests:
+            assert_no_lost_change(session, dest.lun)  # rule 2
+            if dest.state is DestState.CONSISTENT:  # rule 6
+                assert contents(dest) == self.images[dest.name], dest.name
+
+    def teardown(self):
+        if not hasattr(self, "session"):
+            return
+        # Rule 2 in the end: one successful incremental copy brings every destination level.
+        self.session.unmark()
+        self.session.mark()
+        CopyJob(self.session, self.dests).incremental()
+        source = self.session.read(0, self.size)
+        for dest in self.dests:
+            assert dest.state is DestState.CONSISTENT
+            assert contents(dest) == source, dest.name
+
+
+TestCopyMachine = CopyMachine.TestCase
+TestCopyMachine.settings = settings(
+    max_examples=max(400, settings.default.max_examples), stateful_step_count=30
+)
+
+
+# -- failure paths ------------------------------------------------------------------------------
+
+
+def test_a_destination_write_failure_unmarks_and_the_next_copy_repairs():
+    size = 40 * G
+    session, (dest,), job = seeded(size, seed=1, io_size=4 * G)
+    session.write(0, random.Random(2).randbytes(size))
+    session.mark()
+    dest.lun.fail_at = 3
+    with pytest.raises(CopyError, match="injected failure") as failure:
+        job.incremental()
+    result = failure.value.result
+    assert isinstance(result, CopyResult)
+    assert result.outcomes["d0"].startswith("failed") and "injected" in result.outcomes["d0"]
+    assert result.bytes_sent == 2 * 4 * G  # runs confirmed before the failure
+    assert session.state is State.UNMARKED
+    assert dest.state is DestState.INCONSISTENT
+    assert_no_lost_change(session, dest.lun)
+    unsent = [c for c in range(40) if session.bitmap.tracking(c)]
+    assert unsent == list(range(8, 40))
+    dest.lun.fail_at = None
+    session.mark()
+    again = job.incremental()
+    assert again.bytes_sent == size - result.bytes_sent
+    assert contents(dest) == session.read(0, size)
+    assert dest.state is DestState.CONSISTENT
+
+
+def test_with_two_destinations_one_failing_the_next_copy_resends_little():
+    size = 40 * G + 300
+    io_size = 4 * G
+    session, (good, bad), job = seeded(size, seed=3, dests=2, io_size=io_size)
+    rng = random.Random(4)
+    for offset in range(0, size, 3 * G):  # every third chunk changes
+        session.write(offset, rng.randbytes(min(G, size - offset)))
+    session.mark()
+    image = session.read(0, size)
+    bad.lun.fail_at = 3
+    with pytest.raises(CopyError) as failure:
+        job.incremental()
+    first = failure.value.result
+    assert first.outcomes["d1"].startswith("failed")
+    assert first.outcomes["d0"] == "interrupted"
+    assert good.state is bad.state is DestState.INCONSISTENT
+    assert len(good.lun.written) == 3 and len(bad.lun.written) == 2
+    bad.lun.fail_at = None
+    session.mark()
+    second = job.incremental()
+    # The unsent chunks, and at most the run in flight a second time.
+    unsent = first.bytes_total - first.bytes_sent
+    assert unsent <= second.bytes_sent <= unsent + io_size
+    for dest in (good, bad):
+        assert contents(dest) == image
+        assert dest.state is DestState.CONSISTENT
+
+
+def test_a_destination_failing_its_first_write_is_no_longer_reported_consistent():
+    # A write that raised may have landed in part: rule 6 reports the
+    # destination INCONSISTENT; its data is still its last image here.
+    size = 16 * G
+    session, (good, bad), job = seeded(size, seed=5, dests=2, io_size=4 * G)
+    before = contents(bad)
+    session.write(0, b"new" * 100)
+    session.mark()
+    bad.lun.fail_at = 1
+    with pytest.raises(CopyError):
+        job.incremental()
+    assert good.state is DestState.INCONSISTENT  # it took the run
+    assert bad.state is DestState.INCONSISTENT
+    assert contents(bad) == before
+
+
+def test_cancel_from_the_progress_callback_fails_the_copy_and_loses_nothing():
+    size = 40 * G
+    session, (dest,), _ = seeded(size, seed=6)
+    session.write(0, random.Random(7).randbytes(size))
+    session.mark()
+    image = session.read(0, size)
+
+    def progress(done: int, total: int) -> None:
+        if done == 3 * 4 * G:
+            job.cancel()
+
+    job = CopyJob(session, [dest], io_size=4 * G, progress=progress)
+    with pytest.raises(CopyError, match="cancelled") as failure:
+        job.incremental()
+    assert failure.value.result.bytes_sent == 3 * 4 * G
+    assert session.state is State.UNMARKED
+    assert_no_lost_change(session, dest.lun)
+    session.mark()
+    CopyJob(session, [dest]).incremental()
+    assert contents(dest) == image
+
+
+@pytest.mark.parametrize(
+    ("what", "args", "match"),
+    [
+        ("smaller destination", {"dest_size": 16 * G - 1}, "less than the source"),
+        ("io_size not a multiple", {"io_size": G + 512}, "multiple of the granularity"),
+        ("zero io_size", {"io_size": 0}, "multiple of the granularity"),
+        ("negative io_size", {"io_size": -G}, "multiple of the granularity"),
+        ("no destination", {"dests": 0}, "at least one destination"),
+        ("zero throttle", {"throttle": 0}, "throttle"),
+        ("negative throttle", {"throttle": -1.0}, "throttle"),
+        ("duplicate names", {"same_names": True}, "unique"),
+    ],
+)
+def test_bad_copy_parameters_raise_parameter_error_and_change_nothing(what, args, match):
+    size = 16 * G
+    session = Session(MemoryLUN(size), G)
+    session.write(0, b"x" * size)
+    names = ["same", "same"] if args.get("same_names") else ["a", "b"]
+    dests = [
+        Destination(MemoryLUN(args.get("dest_size", size)), names[i])
+        for i in range(args.get("dests", 2))
+    ]
+    before = session.bitmap.to_bytes()
+    with pytest.raises(ParameterError, match=match):
+        CopyJob(
+            session,
+            dests,
+            io_size=args.get("io_size", 4 * G),
+            throttle=args.get("throttle"),
+        )
+    assert session.bitmap.to_bytes() == before
+    assert all(
+        d.state is DestState.NEW and d.lun.read(0, d.lun.size) == bytes(d.lun.size) for d in dests
+    )
+
+
+def test_copies_in_the_wrong_state_raise_state_error_and_change_nothing():
+    size = 16 * G
+    session, (dest,), job = seeded(size, seed=8)
+    session.write(3 * G, b"changed")
+    image = contents(dest)
+
+    def snapshot():
+        return (session.bitmap.to_bytes(), session.stats, dest.state, contents(dest))
+
+    before = snapshot()
+    with pytest.raises(StateError, match="unmarked"):
+        job.incremental()
+    assert snapshot() == before
+    session.mark()
+    before = snapshot()
+    for copy in (job.full, lambda: job.full(marked=False)):
+        with pytest.raises(StateError, match="marked"):
+            copy()
+        assert snapshot() == before
+    assert dest.lun.writes == 0 and contents(dest) == image
+
+
+def test_mark_and_a_second_unmarked_full_copy_are_refused_while_one_runs():
+    size = 16 * G
+    session, (dest,), _ = seeded(size, seed=9)
+    other = CopyJob(session, [Destination(MemoryLUN(size), "other")])
+    attempts = {
+        "mark": session.mark,
+        "marked full copy": other.full,
+        "unmarked full copy": lambda: other.full(marked=False),
+    }
+    refusals: dict[str, list[str]] = {name: [] for name in attempts}
+
+    def progress(done: int, total: int) -> None:
+        for name, attempt in attempts.items():
+            with pytest.raises(StateError) as refused:
+                attempt()
+            refusals[name].append(str(refused.value))
+        assert session.state is State.UNMARKED
+
+    result = CopyJob(session, [dest], io_size=4 * G, progress=progress).full(marked=False)
+    assert result.bytes_sent == size
+    assert all(len(messages) == 4 for messages in refusals.values())
+    assert "unmarked full copy is running" in refusals["mark"][0]
+    assert session.mark() == session.generation  # the hold ended with the copy
+
+
+def test_a_failed_unmarked_full_copy_puts_the_unsent_range_back():
+    size = 40 * G + 100
+    session, (dest,), job = seeded(size, seed=10, io_size=4 * G)
+    session.write(0, random.Random(11).randbytes(size))
+    dest.lun.fail_at = 4
+    with pytest.raises(CopyError) as failure:
+        job.full(marked=False)
+    sent = failure.value.result.bytes_sent
+    assert sent == 3 * 4 * G
+    assert dest.state is DestState.INCONSISTENT
+    chunks = session.bitmap.chunks
+    assert [c for c in range(chunks) if session.bitmap.tracking(c)] == list(range(12, chunks))
+    assert_no_lost_change(session, dest.lun)
+    dest.lun.fail_at = None
+    session.mark()
+    again = job.incremental()
+    assert again.bytes_sent == size - sent
+    assert contents(dest) == session.read(0, size)
+    assert dest.state is DestState.CONSISTENT
+
+
+def test_a_new_destination_gets_a_full_copy():
+    size = 24 * G + 5
+    session, (old,), _ = seeded(size, seed=12)
+    session.write(G, b"changed")
+    new = Destination(MemoryLUN(size), "new")
+    session.mark()
+    image = session.read(0, size)
+    session.write(G, b"after the mark")  # must reach neither destination
+    result = CopyJob(session, [old, new]).incremental()
+    # The new destination is seeded from the in-step one outside the transfer
+    # bitmap; the changed chunk goes to both.
+    assert result.mode == "incremental"
+    assert result.bytes_sent == G
+    assert result.bytes_seeded == size - G
+    for dest in (old, new):
+        assert contents(dest) == image
+        assert dest.state is DestState.CONSISTENT
+
+
+def test_after_an_unmarked_full_copy_an_incremental_sends_only_what_changed():
+    size = 40 * G + 700
+    rng = random.Random(13)
+    source = MemoryLUN(size)
+    fill_random(source, rng)
+    session = Session(source, G)
+    session.write(0, rng.randbytes(size))  # tracked before: the full copy covers it
+    dest = Destination(MemoryLUN(size), "d")
+    changed: set[int] = set()
+
+    def host_write() -> None:
+        offset = rng.randrange(size)
+        length = min(rng.randrange(1, 2 * G), size - offset)
+        session.write(offset, rng.randbytes(length))
+        changed.update(chunks_touched(offset, length, G))
+
+    def progress(done: int, total: int) -> None:
+        if done in (4 * G, 20 * G, 36 * G):
+            host_write()
+
+    result = CopyJob(session, [dest], io_size=4 * G, progress=progress).full(marked=False)
+    assert result.mode == "full-unmarked" and result.bytes_sent == size
+    assert dest.state is DestState.INCONSISTENT
+    for _ in range(3):
+        host_write()
+    session.mark()
+    again = CopyJob(session, [dest]).incremental()
+    assert again.bytes_sent == sum(chunk_bytes(c, G, size) for c in changed)
+    assert contents(dest) == session.read(0, size)
+    assert dest.state is DestState.CONSISTENT
+
+
+# -- throttle and progress ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("marked", [True, False], ids=["marked", "unmarked"])
+def test_progress_rises_to_the_total_under_a_throttle(marked):
+    size = 64 * G + 10
+    session, (dest,), _ = seeded(size, seed=14)
+    session.write(0, random.Random(15).randbytes(size))
+    calls = []
+    job = CopyJob(
+        session,
+        [dest],
+        throttle=1e12,
+        io_size=8 * G,
+        progress=lambda done, total: calls.append((done, total)),
+    )
+    result = job.full(marked=marked)
+    assert contents(dest) == session.read(0, size)
+    dones = [done for done, _ in calls]
+    assert dones == sorted(set(dones)) and len(calls) == result.extents == 9
+    assert result.bytes_total == size
+    assert {total for _, total in calls} == {size}
+    assert calls[-1] == (size, size)
+
+
+def test_cancel_interrupts_a_throttle_wait():
+    size = 16 * G
+    session, (dest,), _ = seeded(size, seed=16)
+    session.write(0, b"y" * size)
+    session.mark()
+    progressed = threading.Event()
+    job = CopyJob(session, [dest], throttle=1.0, io_size=G, progress=lambda *_: progressed.set())
+    outcome = []
+
+    def run() -> None:
+        try:
+            job.incremental()
+        except CopyError as exc:
+            outcome.append(exc)
+
+    copier = threading.Thread(target=run, daemon=True)
+    copier.start()
+    assert progressed.wait(TIMEOUT)  # one run out; the throttle now waits ~4096 s
+    job.cancel()
+    copier.join(TIMEOUT)
+    assert not copier.is_alive(), "cancel did not end the throttle wait"
+    assert outcome and "cancelled" in str(outcome[0])
+    assert session.state is State.UNMARKED
+    assert_no_lost_change(session, dest.lun)
+
+
+# -- a real block device ------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def loop_device(path):
+    """Attach ``path`` to a free loop device; skip the test when that is impossible."""
+    if shutil.which("losetup") is None:
+        pytest.skip("losetup is not installed")
+    attach = subprocess.run(
+        ["losetup", "--find", "--show", str(path)], capture_output=True, text=True, check=False
+    )
+    if attach.returncode != 0:
+        pytest.skip(f"cannot attach a loop device (needs root and /dev/loop*): {attach.stderr}")
+    device = attach.stdout.strip()
+    try:
+        yield device
+    finally:
+        subprocess.run(["losetup", "-d", device], check=True, timeout=TIMEOUT)
+
+
+@pytest.mark.parametrize("device_is", ["source", "destination"])
+def test_copies_to_and_from_a_loop_device(device_is, tmp_path):
+    size = 4 << 20
+    backing = tmp_path / "backing.img"
+    FileLUN.create(backing, size).close()
+    plain = FileLUN.create(tmp_path / "plain.img", size)
+    rng = random.Random(17)
+    with loop_device(backing) as device, FileLUN(device) as on_device:
+        assert on_device.size == size
+        source, target = (on_device, plain) if device_is == "source" else (plain, on_device)
+        fill_random(source, rng)
+        session = Session(source, 8192)
+        dest = Destination(target, "d")
+        job = CopyJob(session, [dest], io_size=256 << 10)
+        job.full()
+        assert target.read(0, size) == source.read(0, size)
+        changed = set()
+        for _ in range(20):
+            offset = rng.randrange(size - 20000)
+            session.write(offset, rng.randbytes(20000))
+            changed.update(chunks_touched(offset, 20000, 8192))
+        session.mark()
+        image = source.read(0, size)
+        result = job.incremental()
+        assert result.bytes_sent == 8192 * len(changed)
+        assert target.read(0, size) == image
+        assert dest.state is DestState.CONSISTENT
+    plain.close()
+    with open(backing, "rb") as f:  # what went through the device reached its file
+        assert f.read() == image
+
+
+# -- regressions: each of these shows a bug found while writing these tests ----------------------
+
+
+def test_an_unmarked_full_copy_keeps_a_write_in_flight_when_it_starts():
+    # A host write has set its tracking bit and is parked before its data
+    # reaches the source when the unmarked full copy starts. The copy clears
+    # tracking and sends the old data; the write lands after that (released
+    # from the progress callback). Rule 2: the chunk must still be tracked,
+    # so the next incremental copy sends it.
+    size = 16 * G
+    source = HookLUN(MemoryLUN(size))
+    session = Session(source, G)
+    dest = Destination(MemoryLUN(size), "d")
+    CopyJob(session, [dest]).full(marked=False)
+    inside, release = threading.Event(), threading.Event()
+
+    def park(n: int, offset: int, data) -> None:
+        inside.set()
+        assert release.wait(TIMEOUT)
+
+    source.before_write = park
+    writer = threading.Thread(target=session.write, args=(0, b"\x01" * 100), daemon=True)
+    writer.start()
+    assert inside.wait(TIMEOUT)
+    source.before_write = None
+    job = CopyJob(session, [dest], progress=lambda *_: release.set())
+    copier = threading.Thread(target=job.full, kwargs={"marked": False}, daemon=True)
+    copier.start()
+    # A copy that rightly waits for the write never reaches its progress
+    # callback: after a bounded look, let the write go anyway.
+    copier.join(1.0)
+    release.set()
+    writer.join(TIMEOUT)
+    copier.join(TIMEOUT)
+    assert not writer.is_alive() and not copier.is_alive()
+    assert_no_lost_change(session, dest.lun)
+    session.mark()
+    job.incremental()
+    assert contents(dest) == session.read(0, size)
+
+
+def test_a_new_destination_gets_the_image_at_the_callers_mark():
+    # Rule 1: the copy that follows a mark delivers the source as it was at
+    # that mark, even when a destination is new and needs every chunk.
+    size = 8 * G
+    session = Session(MemoryLUN(size), G)
+    session.write(0, b"a" * G)
+    dest = Destination(MemoryLUN(size), "new")
+    session.mark()
+    image = session.read(0, size)
+    session.write(0, b"b" * G)  # after the mark: must not reach the destination
+    # No destination is in step to seed it from and the mark is not full: the
+    # image at this mark cannot be built, so the copy is refused unchanged.
+    with pytest.raises(StateError, match="full copy"):
+        CopyJob(session, [dest]).incremental()
+    assert session.state is State.MARKED
+    assert dest.state is DestState.NEW
+    assert contents(dest) != image
+
+
+def test_a_destination_whose_write_fails_midway_is_not_reported_consistent():
+    # A device can fail after writing part of a request (EIO mid-transfer).
+    # Rule 6: a destination whose write raised may hold a mix, so it must not
+    # stay CONSISTENT.
+    size = 8 * G
+    session, (dest,), job = seeded(size, seed=18)
+    image = contents(dest)
+    session.write(0, b"x" * G)
+    session.mark()
+    dest.lun.fail_at, dest.lun.partial = 1, True
+    with pytest.raises(CopyError):
+        job.incremental()
+    assert dest.state is not DestState.CONSISTENT or contents(dest) == image
+
+
+def test_a_refused_unmarked_full_copy_leaves_destination_states_alone():
+    # Rule 10: an operation refused in the wrong state changes nothing; here
+    # a CONSISTENT destination must not be reported INCONSISTENT.
+    size = 8 * G
+    session, (busy,), _ = seeded(size, seed=21)
+    idle = Destination(MemoryLUN(size), "idle", DestState.CONSISTENT)
+    other = CopyJob(session, [idle])
+    refused = []
+
+    def progress(done: int, total: int) -> None:
+        with pytest.raises(StateError) as failure:
+            other.full(marked=False)
+        refused.append(failure.value)
+
+    CopyJob(session, [busy], progress=progress).full(marked=False)
+    assert refused
+    assert idle.state is DestState.CONSISTENT
+
+
+def test_a_destination_left_out_of_a_copy_is_not_reported_consistent_after_a_later_one():
+    # Destination b takes part in the first and third copies only; the second
+    # sends chunk 0 to a alone. The third sends chunk 4 to both: b then holds
+    # neither the old image nor the new one (rule 6) and chunk 0 differs from
+    # the source while in no bitmap (rule 2).
+    size = 8 * G
+    session = Session(MemoryLUN(size), G)
+    a, b = Destination(MemoryLUN(size), "a"), Destination(MemoryLUN(size), "b")
+    CopyJob(session, [a, b]).full()
+    session.write(0, b"1" * G)
+    session.mark()
+    CopyJob(session, [a]).incremental()
+    session.write(4 * G, b"2" * G)
+    session.mark()
+    CopyJob(session, [a, b]).incremental()
+    assert contents(a) == session.read(0, size)
+    assert b.state is not DestState.CONSISTENT or contents(b) == session.read(0, size)
+
+
+def test_a_failed_flush_keeps_the_written_chunks_to_send():
+    # flush() is what makes completed writes durable (fsync); when it fails
+    # the destination may have lost any of this copy's writes. Rule 2: every
+    # chunk the copy wrote must stay in a bitmap so the next copy resends it.
+    size = 16 * G
+    session, (dest,), job = seeded(size, seed=19, io_size=4 * G)
+    session.write(0, random.Random(20).randbytes(size))
+    session.mark()
+    dest.lun.fail_flush = True
+    with pytest.raises(CopyError, match="flush"):
+        job.incremental()
+    assert dest.state is DestState.INCONSISTENT
+    written = {c for offset, length in dest.lun.written for c in chunks_touched(offset, length, G)}
+    assert written == set(range(16))
+    kept = {c for c in range(16) if session.bitmap.tracking(c) or session.bitmap.transfer(c)}
+    assert kept == written
