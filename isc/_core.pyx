@@ -556,7 +556,8 @@ cdef class DeltaBitmap:
                     bad = i
                     break
         if bad >= 0:
-            raise _layout.write_range_error(o[bad], n[bad], size)
+            # Name the write as given: the int64 view wraps values past 2**63.
+            raise _layout.write_range_error(int(offs[bad]), int(lens[bad]), size)
         self._acquire()
         with nogil:
             if self._marked:
