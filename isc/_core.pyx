@@ -215,6 +215,7 @@ cdef class DeltaBitmap:
     cdef bint _sync_ready
     cdef uint64_t _in_flight
     cdef int _marking
+    cdef int _frozen
     cdef Span *_saving
     cdef size_t _nsaving
     cdef size_t _capsaving
@@ -378,10 +379,11 @@ cdef class DeltaBitmap:
         self._acquire()
         try:
             if in_flight:
-                wait = self._marking or self._overlaps_saving(lo, hi)
+                wait = self._marking or self._frozen or self._overlaps_saving(lo, hi)
                 if wait:
                     with nogil:
-                        while self._marking or self._overlaps_saving(lo, hi):
+                        while self._marking or self._frozen \
+                                or self._overlaps_saving(lo, hi):
                             pthread_cond_wait(&self._cv, &self._mu)
                 if not self._reserve_saving():
                     raise MemoryError("cannot grow the list of writes in flight")
@@ -477,7 +479,7 @@ cdef class DeltaBitmap:
             # count check and its wait.
             if not isc_dec_if_positive(&self._in_flight):
                 raise _layout.end_write_error(offset, length)
-            if isc_load_flag(&self._marking):
+            if isc_load_flag(&self._marking) or isc_load_flag(&self._frozen):
                 self._acquire()
                 pthread_cond_broadcast(&self._cv)
                 self._release()
@@ -608,6 +610,35 @@ cdef class DeltaBitmap:
             self._generation += 1
         finally:
             self._release()
+
+    def freeze(self):
+        """Wait for writes in flight to end and hold off new ``begin_write`` calls until ``thaw``.
+
+        Lets a caller mark several delta bitmaps at one point in time (a
+        consistency group): freeze them all, mark them all, thaw them all.
+        ``mark`` and the other methods still work while frozen. Raises
+        ``StateError`` when already frozen.
+        """
+        self._acquire()
+        if self._frozen:
+            self._release()
+            raise _layout.StateError(
+                "delta bitmap is already frozen; thaw it before freezing it again"
+            )
+        with nogil:
+            while self._marking:
+                pthread_cond_wait(&self._cv, &self._mu)
+            isc_store_flag(&self._frozen, 1)
+            while isc_load(&self._in_flight):
+                pthread_cond_wait(&self._cv, &self._mu)
+            self._release()
+
+    def thaw(self):
+        """Let the writes held off by ``freeze`` go on. No-op when not frozen."""
+        self._acquire()
+        isc_store_flag(&self._frozen, 0)
+        pthread_cond_broadcast(&self._cv)
+        self._release()
 
     cdef void _drain_locked(self) noexcept nogil:
         """Wait until no ``begin_write`` write is in flight; the caller holds the mutex.

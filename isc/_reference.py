@@ -15,7 +15,7 @@ import numpy as np
 
 from isc import _layout
 from isc._layout import DEFAULT_GRANULARITY, check_geometry, chunk_error, write_range_error
-from isc.errors import RangeError
+from isc.errors import RangeError, StateError
 
 _NO_CHUNKS = np.empty(0, dtype=np.int64)
 
@@ -34,6 +34,7 @@ class DeltaBitmap:
         self._lock = threading.Condition()
         self._in_flight = 0
         self._marking = False
+        self._frozen = False
         self._saving: list[tuple[int, int]] = []
 
     # -- host write path -------------------------------------------------
@@ -66,7 +67,11 @@ class DeltaBitmap:
         self._check_write(offset, length)
         span = self._span(offset, length)
         with self._lock:
-            while self._marking or any(_overlap(span, other) for other in self._saving):
+            while (
+                self._marking
+                or self._frozen
+                or any(_overlap(span, other) for other in self._saving)
+            ):
                 self._lock.wait()
             cofw = self._record_locked(offset, length)
             self.writes += 1
@@ -127,6 +132,21 @@ class DeltaBitmap:
             self._transfer = set()
             self._saved = set()
             self.marked = False
+
+    def freeze(self) -> None:
+        with self._lock:
+            if self._frozen:
+                raise StateError("delta bitmap is already frozen; thaw it before freezing it again")
+            while self._marking:
+                self._lock.wait()
+            self._frozen = True
+            while self._in_flight:
+                self._lock.wait()
+
+    def thaw(self) -> None:
+        with self._lock:
+            self._frozen = False
+            self._lock.notify_all()
 
     def clear_tracking(self) -> None:
         with self._lock:

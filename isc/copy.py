@@ -67,6 +67,8 @@ class Destination:
         self.state = state
         self.epoch = epoch
         """The session epoch this destination is in step with; None until its first copy."""
+        self.protected_state: DestState | None = None
+        """The state this destination had when its site last protected it."""
 
     def __repr__(self) -> str:
         return f"Destination({self.name!r}, {self.state.value})"

@@ -92,6 +92,8 @@ class Session:
         self.save_area = save_area or SaveArea(min(source.size, DEFAULT_SAVE_AREA))
         self._save_lock = threading.Lock()
         self._mark_lock = threading.Lock()
+        self.update_lock = threading.Lock()
+        """Held by the update workflows (isc.update): one update at a time (rule 7)."""
         self._marks_held_by: str | None = None
         self._cofw_chunks = 0
         self._cofw_bytes = 0

@@ -1,0 +1,213 @@
+"""Remote sites: where destinations live, and how their last consistent image is kept.
+
+Before an incremental copy overwrites a consistent destination out of order,
+the update workflow asks the destination's site to **protect** it: the site
+starts a snapshot that preserves the destination's current image (rule 8).
+After a successful copy it asks to **unprotect** (drop the snapshot); after a
+failed one the protection stays, and **rollback** writes the protected image
+back.
+
+Each request is administrative and answered by an :class:`Ack` (ok, or a
+reason), waited for up to a timeout. A site never raises for a refused or
+failed request: the ack says so, and the workflow decides.
+
+The snapshot is isc's own COFW machinery run on the destination: a
+:class:`~isc.session.Session` on the destination LUN, marked full, so the first
+write to any chunk saves its original data. Writes to a protected destination
+must go through that session: :class:`LocalSite` swaps the destination's LUN
+for a :class:`ProtectedLUN` while protected.
+"""
+
+from __future__ import annotations
+
+import abc
+import itertools
+import logging
+from dataclasses import dataclass, field
+
+from isc.copy import Destination
+from isc.errors import IscError
+from isc.savearea import SaveArea
+from isc.session import Session
+
+log = logging.getLogger(__name__)
+
+PROTECT_GRANULARITY = 65536
+"""Chunk size of a protection snapshot: large chunks keep its COFW cheap."""
+
+
+@dataclass(frozen=True)
+class Ack:
+    """A site's answer to one request.
+
+    ``ok`` is True when the request was carried out, else ``reason`` says why.
+    ``extents`` lists the ``(offset, length)`` byte ranges a rollback rewrote:
+    those now differ from what the last copy sent, so the caller must track
+    them again (rule 2). ``info`` carries a status request's details.
+    """
+
+    request_id: int
+    ok: bool
+    reason: str | None = None
+    extents: tuple[tuple[int, int], ...] = ()
+    info: dict = field(default_factory=dict)
+
+
+class RemoteSite(abc.ABC):
+    """A site that can protect, unprotect, roll back and report on destinations.
+
+    Every method waits at most ``timeout`` seconds (None: the site's default)
+    and returns an :class:`Ack`; none raises for a failed request.
+    """
+
+    _ids = itertools.count(1)
+
+    def _next_id(self) -> int:
+        return next(self._ids)
+
+    @abc.abstractmethod
+    def protect(self, dest: Destination, timeout: float | None = None) -> Ack:
+        """Preserve ``dest``'s current image. Protecting a protected destination succeeds."""
+
+    @abc.abstractmethod
+    def unprotect(self, dest: Destination, timeout: float | None = None) -> Ack:
+        """Drop ``dest``'s protection. Succeeds when it is not protected."""
+
+    @abc.abstractmethod
+    def rollback(self, dest: Destination, timeout: float | None = None) -> Ack:
+        """Write the protected image back to ``dest``; it stays protected. Fails if unprotected."""
+
+    @abc.abstractmethod
+    def status(self, dest: Destination, timeout: float | None = None) -> Ack:
+        """Report whether ``dest`` is protected and how much its snapshot holds."""
+
+
+class ProtectedLUN:
+    """The LUN interface over a protected destination: writes go through its snapshot."""
+
+    def __init__(self, lun, snapshot: Session) -> None:
+        self.lun = lun
+        self.snapshot = snapshot
+        self.size = lun.size
+        self.write = snapshot.write
+
+    @property
+    def closed(self) -> bool:
+        return self.lun.closed
+
+    def read(self, offset: int, length: int) -> bytes:
+        return self.lun.read(offset, length)
+
+    def readinto(self, offset: int, buffer) -> None:
+        self.lun.readinto(offset, buffer)
+
+    def flush(self) -> None:
+        self.lun.flush()
+
+    def close(self) -> None:
+        self.lun.close()
+
+
+class Protection:
+    """A snapshot preserving one LUN's image: the mechanism behind every site."""
+
+    def __init__(self, lun, capacity: int | None = None, path: str | None = None) -> None:
+        self.lun = lun
+        area = SaveArea(capacity or lun.size, path)
+        self.snapshot = Session(lun, PROTECT_GRANULARITY, area, name="protection")
+        self.snapshot.mark(full=True)
+        self.front = ProtectedLUN(lun, self.snapshot)
+
+    @property
+    def intact(self) -> bool:
+        """False once the snapshot ran out of room: the image can no longer be restored."""
+        return self.snapshot.bitmap.marked
+
+    def rollback(self) -> tuple[tuple[int, int], ...]:
+        """Write every saved chunk back; return the byte ranges rewritten.
+
+        Raises ``IscError`` when the snapshot is no longer intact.
+        """
+        if not self.intact:
+            raise IscError(f"the protected image was lost: {self.snapshot.stats.last_abort}")
+        g = PROTECT_GRANULARITY
+        extents = []
+        area = self.snapshot.save_area
+        bitmap = self.snapshot.bitmap
+        for chunk in bitmap.saved_in(0, bitmap.chunks).tolist():
+            data = area.get(chunk)
+            if data is not None:
+                self.lun.write(chunk * g, data)
+                extents.append((chunk * g, len(data)))
+        self.lun.flush()
+        # The LUN holds the protected image again: start a fresh snapshot of it.
+        self.snapshot.unmark()
+        self.snapshot.mark(full=True)
+        return tuple(extents)
+
+    def drop(self) -> None:
+        self.snapshot.unmark()
+        self.snapshot.save_area.close()
+
+    def info(self) -> dict:
+        stats = self.snapshot.stats
+        return {
+            "protected": True,
+            "intact": self.intact,
+            "saved_bytes": stats.save_area_used,
+            "saved_chunks": self.snapshot.save_area.saved_chunks,
+            "problem": stats.last_abort,
+        }
+
+
+class LocalSite(RemoteSite):
+    """A site for destinations in this process; answers at once.
+
+    ``capacity`` bounds each snapshot's save area in bytes (default: the
+    destination's size, so a protection can always hold the whole image).
+    """
+
+    def __init__(self, capacity: int | None = None) -> None:
+        self.capacity = capacity
+        self._protections: dict[str, tuple[Destination, Protection]] = {}
+
+    def protect(self, dest: Destination, timeout: float | None = None) -> Ack:
+        rid = self._next_id()
+        if dest.name in self._protections:
+            return Ack(rid, True, "already protected")
+        try:
+            protection = Protection(dest.lun, self.capacity)
+        except Exception as exc:
+            return Ack(rid, False, f"cannot protect {dest.name}: {exc}")
+        self._protections[dest.name] = (dest, protection)
+        dest.lun = protection.front
+        log.info("protected %s", dest.name)
+        return Ack(rid, True)
+
+    def unprotect(self, dest: Destination, timeout: float | None = None) -> Ack:
+        rid = self._next_id()
+        entry = self._protections.pop(dest.name, None)
+        if entry is None:
+            return Ack(rid, True, "not protected")
+        _, protection = entry
+        dest.lun = protection.lun
+        protection.drop()
+        log.info("unprotected %s", dest.name)
+        return Ack(rid, True)
+
+    def rollback(self, dest: Destination, timeout: float | None = None) -> Ack:
+        rid = self._next_id()
+        entry = self._protections.get(dest.name)
+        if entry is None:
+            return Ack(rid, False, f"{dest.name} is not protected: there is no image to restore")
+        try:
+            extents = entry[1].rollback()
+        except Exception as exc:
+            return Ack(rid, False, f"rollback of {dest.name} failed: {exc}")
+        log.info("rolled back %s (%d ranges)", dest.name, len(extents))
+        return Ack(rid, True, extents=extents)
+
+    def status(self, dest: Destination, timeout: float | None = None) -> Ack:
+        rid = self._next_id()
+        entry = self._protections.get(dest.name)
+        return Ack(rid, True, info=entry[1].info() if entry else {"protected": False})

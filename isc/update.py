@@ -1,0 +1,289 @@
+"""The two workflows: the periodic incremental update and the unmarked full copy.
+
+Periodic incremental update (MISSION.md; the patent's figures 3-9):
+
+1. take each session's update lock; if an update is already running, refuse
+   with :class:`UpdateBusy`, log, and change nothing;
+2. mark (every session of a consistency group at one point in time);
+3. ask the site to protect every destination, each waiting for its ack or a
+   timeout; if any fails, unprotect the ones that succeeded, unmark, log and
+   raise :class:`UpdateError`;
+4. transfer the marked data and wait for it to finish;
+5. on success the copy unmarks, the site unprotects, and the destinations are
+   consistent; on failure the copy unmarks (merge) and the protection stays,
+   so :func:`rollback` can restore the last consistent image;
+6. release the locks in every case.
+
+Unmarked full copy (figures 12-18): the same lock; optionally protect; the
+destinations are flagged inconsistent; the whole source is copied unmarked;
+the lock is released.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+
+from isc.copy import CopyJob, CopyResult, Destination, DestState
+from isc.errors import CopyError, IscError, ParameterError, StateError
+from isc.remote import Ack, RemoteSite
+from isc.session import Session
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT = 30.0
+"""Seconds to wait for each acknowledgement from a site."""
+
+
+class UpdateBusy(IscError, RuntimeError):
+    """An update of the session is already running; nothing was changed."""
+
+
+class UpdateError(IscError, RuntimeError):
+    """An update could not complete; ``results`` holds what each copy did."""
+
+    def __init__(self, message: str, results: Sequence[CopyResult] = ()) -> None:
+        super().__init__(message)
+        self.results = list(results)
+
+
+Member = tuple[Session, Sequence[Destination]]
+
+
+@contextmanager
+def _update_locks(members: Sequence[Member]) -> Iterator[None]:
+    """Hold every member session's update lock, or raise UpdateBusy holding none."""
+    with ExitStack() as held:
+        for session, _ in members:
+            if not session.update_lock.acquire(blocking=False):
+                log.warning("%s: an update is already running; this one is refused", session.name)
+                raise UpdateBusy(
+                    f"an update of {session.name} is already running; "
+                    "wait for it to finish (nothing was changed)"
+                )
+            held.callback(session.update_lock.release)
+        yield
+
+
+def mark_group(sessions: Sequence[Session], full: Sequence[bool] | None = None) -> None:
+    """Mark several sessions at one point in time.
+
+    Every session's host writes in flight finish and new ones wait until all
+    are marked, so no write to any member lands between the first and the
+    last mark. ``full[i]`` asks for a full mark of ``sessions[i]``. Raises
+    ``StateError`` (marking none) when any session is already marked.
+    """
+    full = full or [False] * len(sessions)
+    for session in sessions:
+        if session.bitmap.marked:
+            raise StateError(f"{session.name} is already marked; unmark it first")
+    with ExitStack() as frozen:
+        for session in sessions:
+            session.bitmap.freeze()
+            frozen.callback(session.bitmap.thaw)
+        for session, whole in zip(sessions, full, strict=True):
+            session.mark(full=whole)
+
+
+class PeriodicUpdate:
+    """Incremental updates of ``session``'s ``destinations``, protected by ``site``.
+
+    ``PeriodicUpdate.group([(session, destinations), ...], site)`` updates a
+    consistency group: all sessions are marked at one point in time.
+    ``timeout`` bounds each wait for a site's acknowledgement, in seconds.
+    ``copy_options`` go to each :class:`CopyJob` (throttle, io_size, progress).
+    """
+
+    def __init__(
+        self,
+        session: Session,
+        destinations: Sequence[Destination],
+        site: RemoteSite,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        **copy_options,
+    ) -> None:
+        self.members: list[Member] = [(session, list(destinations))]
+        self.site = site
+        self.timeout = timeout
+        self.copy_options = copy_options
+        self._stop = threading.Event()
+
+    @classmethod
+    def group(
+        cls,
+        members: Sequence[Member],
+        site: RemoteSite,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        **copy_options,
+    ) -> PeriodicUpdate:
+        """An update of several sessions, marked together."""
+        update = cls(members[0][0], members[0][1], site, timeout=timeout, **copy_options)
+        update.members = [(s, list(d)) for s, d in members]
+        return update
+
+    @property
+    def destinations(self) -> list[Destination]:
+        return [d for _, dests in self.members for d in dests]
+
+    def run(self) -> list[CopyResult]:
+        """One update (steps 1-6 above); return each member's copy result.
+
+        Raises ``UpdateBusy`` when an update of a member is running,
+        ``UpdateError`` when protection or a copy failed (after restoring
+        rule 2; failed copies' destinations stay protected).
+        """
+        with _update_locks(self.members):
+            sessions = [s for s, _ in self.members]
+            # A destination that is new or missed a copy, with no member
+            # destination in step to seed it from, needs a full mark.
+            mark_group(sessions, [self._needs_full(s, d) for s, d in self.members])
+            for session in sessions:
+                log.info("%s: marked for update (generation %d)", session.name, session.generation)
+            _protect_all(self.site, self.destinations, self.timeout, sessions)
+            results, failures = [], []
+            for session, dests in self.members:
+                try:
+                    results.append(CopyJob(session, dests, **self.copy_options).incremental())
+                except CopyError as exc:
+                    results.append(exc.result)
+                    failures.append(f"{session.name}: {exc}")
+                    log.error("%s: update failed, destinations stay protected", session.name)
+                    continue
+                for dest in dests:
+                    _ask(self.site, "unprotect", dest, self.timeout)
+                log.info("%s: update done, %d bytes sent", session.name, results[-1].bytes_sent)
+            if failures:
+                raise UpdateError("update failed: " + "; ".join(failures), results)
+            return results
+
+    @staticmethod
+    def _needs_full(session: Session, dests: Sequence[Destination]) -> bool:
+        in_step = [d.epoch is not None and d.epoch == session.epoch for d in dests]
+        return not any(in_step) and bool(dests)
+
+    def every(self, seconds: float) -> threading.Thread:
+        """Run an update every ``seconds`` in a background thread until :meth:`stop`.
+
+        A failed or refused update is logged and the next one runs on time.
+        """
+        if seconds <= 0:
+            raise ParameterError(f"the update interval must be > 0 seconds, got {seconds}")
+        self._stop.clear()
+
+        def loop() -> None:
+            while not self._stop.wait(seconds):
+                try:
+                    self.run()
+                except IscError as exc:
+                    log.error("periodic update: %s", exc)
+
+        thread = threading.Thread(target=loop, name="isc-periodic-update", daemon=True)
+        thread.start()
+        return thread
+
+    def stop(self) -> None:
+        """Stop the loop started by :meth:`every` after the update in progress."""
+        self._stop.set()
+
+
+class UnmarkedFullCopy:
+    """The unmarked full copy workflow of ``session`` to ``destinations``.
+
+    With ``protect=True`` the site protects each destination first, so a
+    failed copy can be rolled back; protection is dropped after a success.
+    """
+
+    def __init__(
+        self,
+        session: Session,
+        destinations: Sequence[Destination],
+        site: RemoteSite | None = None,
+        *,
+        protect: bool = False,
+        timeout: float = DEFAULT_TIMEOUT,
+        **copy_options,
+    ) -> None:
+        if protect and site is None:
+            raise ParameterError("an unmarked full copy with protect=True needs a site")
+        self.session = session
+        self.destinations = list(destinations)
+        self.site = site
+        self.protect = protect
+        self.timeout = timeout
+        self.copy_options = copy_options
+
+    def run(self) -> CopyResult:
+        """Copy everything unmarked; destinations end INCONSISTENT.
+
+        Raises ``UpdateBusy`` when an update is running and ``UpdateError``
+        when protection or the copy failed (rule 2 restored).
+        """
+        with _update_locks([(self.session, self.destinations)]):
+            if self.protect:
+                _protect_all(self.site, self.destinations, self.timeout, [])
+            try:
+                job = CopyJob(self.session, self.destinations, **self.copy_options)
+                result = job.full(marked=False)
+            except (CopyError, StateError) as exc:
+                raise UpdateError(f"unmarked full copy failed: {exc}") from exc
+            if self.protect:
+                for dest in self.destinations:
+                    _ask(self.site, "unprotect", dest, self.timeout)
+            return result
+
+
+def _ask(site, request: str, dest: Destination, timeout: float) -> Ack:
+    """Send one request to ``site``; a site that raises counts as a failed request."""
+    try:
+        ack = getattr(site, request)(dest, timeout)
+    except Exception as exc:
+        ack = Ack(0, False, f"{request} raised {type(exc).__name__}: {exc}")
+    log.info("%s %s: %s", request, dest.name, "ok" if ack.ok else ack.reason)
+    return ack
+
+
+def _protect_all(site, dests: Sequence[Destination], timeout: float, marked) -> None:
+    """Protect every destination, or undo: unprotect those done, unmark ``marked``, raise."""
+    done: list[Destination] = []
+    for dest in dests:
+        state = dest.state
+        ack = _ask(site, "protect", dest, timeout)
+        if not ack.ok:
+            for protected in done:
+                _ask(site, "unprotect", protected, timeout)
+            for session in marked:
+                session.unmark()
+            message = f"cannot protect {dest.name}: {ack.reason}; the update was abandoned"
+            log.error("%s", message)
+            raise UpdateError(message)
+        dest.protected_state = state
+        done.append(dest)
+
+
+def rollback(
+    session: Session, dest: Destination, site: RemoteSite, timeout: float = DEFAULT_TIMEOUT
+):
+    """Restore ``dest``'s protected image and track what that rewrote.
+
+    The rewritten ranges no longer hold what the copies sent, so they go back
+    into ``session``'s tracking bitmap (rule 2) and the next update resends
+    them. The destination is back in the state it had when it was protected
+    (CONSISTENT after a failed update). Raises ``UpdateError`` when the site
+    refuses or fails, ``StateError`` when the session is marked.
+    """
+    with _update_locks([(session, [dest])]):
+        if session.bitmap.marked:
+            raise StateError(f"{session.name} is marked; unmark it before a rollback")
+        ack = _ask(site, "rollback", dest, timeout)
+        if not ack.ok:
+            raise UpdateError(f"rollback of {dest.name} failed: {ack.reason}")
+        size = session.source.size
+        for offset, length in ack.extents:
+            if offset < size:
+                session.bitmap.record_write(offset, min(length, size - offset))
+        dest.state = dest.protected_state or DestState.INCONSISTENT
+        return ack
