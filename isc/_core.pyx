@@ -216,6 +216,11 @@ cdef class DeltaBitmap:
     cdef uint64_t _in_flight
     cdef int _marking
     cdef int _frozen
+    cdef uint64_t *_hot
+    cdef int _region_shift
+    cdef uint64_t _nregions
+    cdef uint64_t _hot_count
+    cdef object _activity_log
     cdef Span *_saving
     cdef size_t _nsaving
     cdef size_t _capsaving
@@ -246,6 +251,7 @@ cdef class DeltaBitmap:
         return bits.words != NULL and bits.summary != NULL
 
     def __dealloc__(self):
+        free(self._hot)
         free(self._bits[0].words)
         free(self._bits[0].summary)
         free(self._bits[1].words)
@@ -361,8 +367,12 @@ cdef class DeltaBitmap:
         _touch(track.summary, wlo, whi)
         return n
 
-    cdef object _record(self, int64_t offset, int64_t length, bint in_flight):
-        """record_write and begin_write: validate, record under the mutex, return COFW chunks."""
+    cdef object _record(self, int64_t offset, int64_t length, bint in_flight, bint *cold=NULL):
+        """record_write and begin_write: validate, record under the mutex, return COFW chunks.
+
+        With ``cold`` given and activity tracked, sets it when the write
+        touches a region that is not hot yet.
+        """
         cdef int64_t stack[STACK_CHUNKS]
         cdef int64_t *out = stack
         cdef uint64_t lo, hi, span
@@ -390,6 +400,8 @@ cdef class DeltaBitmap:
             self._writes += 1
             if length:
                 n = self._record_locked(lo, hi, out)
+            if cold != NULL and self._region_shift and length:
+                cold[0] = not self._all_hot(<uint64_t>offset, <uint64_t>length)
             if in_flight:
                 isc_inc(&self._in_flight)
                 if n:
@@ -430,7 +442,7 @@ cdef class DeltaBitmap:
         """
         cdef int64_t c_offset = _i64(offset)
         cdef int64_t c_length = _i64(length)
-        return self._record(c_offset, c_length, True)
+        return self._begin(c_offset, c_length)
 
     def end_write(self, offset, length, bint cofw):
         """End a write started with ``begin_write(offset, length)``.
@@ -462,13 +474,102 @@ cdef class DeltaBitmap:
             PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
             length = view.len
             PyBuffer_Release(&view)
-        cofw = self._record(c_offset, length, True)
+        cofw = self._begin(c_offset, length)
         try:
             if cofw is not _EMPTY:
                 save(cofw)
             write(offset, data)
         finally:
             self._end_write(c_offset, length, cofw is not _EMPTY)
+
+    cdef object _begin(self, int64_t offset, int64_t length):
+        """begin_write, plus the activity log: a write to a cold region is logged first."""
+        cdef bint cold = False
+        cdef uint64_t first, last, region
+        cofw = self._record(offset, length, True, &cold)
+        if cold:
+            first = <uint64_t>offset >> self._region_shift
+            last = (<uint64_t>offset + <uint64_t>length - 1) >> self._region_shift
+            try:
+                self._activity_log(first, last)
+            except BaseException:
+                self._end_write(offset, length, cofw is not _EMPTY)
+                raise
+            self._acquire()
+            for region in range(first, last + 1):
+                if not self._hot[region >> 6] >> (region & 63) & 1:
+                    self._hot[region >> 6] |= (<uint64_t>1) << (region & 63)
+                    self._hot_count += 1
+            self._release()
+        return cofw
+
+    cdef bint _all_hot(self, uint64_t offset, uint64_t length) noexcept nogil:
+        cdef uint64_t region
+        for region in range(offset >> self._region_shift,
+                            ((offset + length - 1) >> self._region_shift) + 1):
+            if not self._hot[region >> 6] >> (region & 63) & 1:
+                return False
+        return True
+
+    def track_activity(self, region_size, log):
+        """Log regions as they become hot, before the first write to them proceeds.
+
+        For crash safety without a synchronous metadata write per host write
+        (a write-intent log, as DRBD's activity log): ``begin_write`` and
+        ``write_through`` call ``log(first_region, last_region)`` (region
+        index = byte offset // ``region_size``) when a write touches a region
+        that is not hot yet, and the write goes on only after ``log``
+        returns; if ``log`` raises, the write is abandoned and the error
+        propagates. ``region_size`` is a power of two, at least the
+        granularity. Raises ``ParameterError`` otherwise.
+        """
+        cdef uint64_t size = _i64(region_size)
+        if size < self._granularity or size & (size - 1):
+            raise _layout.ParameterError(
+                f"region size must be a power of two >= the granularity "
+                f"{self._granularity}, got {region_size}"
+            )
+        if not callable(log):
+            raise TypeError("log must be callable")
+        nregions = (self._size + size - 1) // size
+        cdef uint64_t *hot = <uint64_t *>calloc((nregions + 63) >> 6, 8)
+        if hot == NULL:
+            raise MemoryError(f"cannot allocate the activity bitmap of {nregions} regions")
+        self._acquire()
+        free(self._hot)
+        self._hot = hot
+        self._nregions = nregions
+        self._hot_count = 0
+        self._region_shift = ctz(size)
+        self._activity_log = log
+        self._release()
+
+    def retire_hot(self):
+        """Forget every hot region; return them (ascending int64 region indices).
+
+        Call it while frozen, right after saving the state that covers every
+        write so far (``freeze``, ``to_bytes``, ``retire_hot``, ``thaw``): a
+        later write to a retired region is logged again. Returns an empty
+        array when activity is not tracked.
+        """
+        cdef uint64_t w, c
+        regions = []
+        self._acquire()
+        if self._region_shift:
+            for w in range((self._nregions + 63) >> 6):
+                c = self._hot[w]
+                while c:
+                    regions.append((w << 6) + ctz(c))
+                    c &= c - 1
+                self._hot[w] = 0
+            self._hot_count = 0
+        self._release()
+        return np.array(regions, dtype=np.int64)
+
+    @property
+    def hot_count(self):
+        """Number of hot regions (0 when activity is not tracked)."""
+        return self._hot_count
 
     cdef int _end_write(self, int64_t offset, int64_t length, bint cofw) except -1:
         if not cofw:

@@ -15,7 +15,7 @@ import numpy as np
 
 from isc import _layout
 from isc._layout import DEFAULT_GRANULARITY, check_geometry, chunk_error, write_range_error
-from isc.errors import RangeError, StateError
+from isc.errors import ParameterError, RangeError, StateError
 
 _NO_CHUNKS = np.empty(0, dtype=np.int64)
 
@@ -35,6 +35,9 @@ class DeltaBitmap:
         self._in_flight = 0
         self._marking = False
         self._frozen = False
+        self._region_size = 0
+        self._activity_log = None
+        self._hot: set[int] = set()
         self._saving: list[tuple[int, int]] = []
 
     # -- host write path -------------------------------------------------
@@ -78,7 +81,54 @@ class DeltaBitmap:
             self._in_flight += 1
             if cofw:
                 self._saving.append(span)
-            return np.array(cofw, dtype=np.int64)
+            regions = self._regions(offset, length)
+        if regions and not regions <= self._hot:
+            try:
+                self._activity_log(min(regions), max(regions))  # type: ignore[misc]
+            except BaseException:
+                self.end_write(offset, length, bool(cofw))
+                raise
+            with self._lock:
+                self._hot |= regions
+        return np.array(cofw, dtype=np.int64)
+
+    def _regions(self, offset: int, length: int) -> set[int]:
+        if not self._region_size or not length:
+            return set()
+        return set(
+            range(offset // self._region_size, (offset + length - 1) // self._region_size + 1)
+        )
+
+    def write_through(self, write, save, offset: int, data) -> None:
+        length = memoryview(data).nbytes
+        cofw = self.begin_write(offset, length)
+        try:
+            if cofw.size:
+                save(cofw)
+            write(offset, data)
+        finally:
+            self.end_write(offset, length, cofw.size > 0)
+
+    def track_activity(self, region_size: int, log) -> None:
+        region_size = _int64(region_size)
+        if region_size < self.granularity or region_size & (region_size - 1):
+            raise ParameterError(
+                f"region size must be a power of two >= the granularity "
+                f"{self.granularity}, got {region_size}"
+            )
+        if not callable(log):
+            raise TypeError("log must be callable")
+        with self._lock:
+            self._region_size, self._activity_log, self._hot = region_size, log, set()
+
+    def retire_hot(self) -> np.ndarray:
+        with self._lock:
+            regions, self._hot = sorted(self._hot), set()
+        return np.array(regions, dtype=np.int64)
+
+    @property
+    def hot_count(self) -> int:
+        return len(self._hot)
 
     def end_write(self, offset: int, length: int, cofw: bool) -> None:
         span = self._span(_int64(offset), _int64(length))
