@@ -39,7 +39,7 @@ import numpy as np
 
 from isc._core import DeltaBitmap
 from isc._layout import DEFAULT_GRANULARITY
-from isc.errors import RangeError, SaveAreaFull, StateError
+from isc.errors import ParameterError, RangeError, SaveAreaFull, StateError
 from isc.savearea import SaveArea
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,8 @@ class Session:
 
     ``granularity`` is the chunk size in bytes (a power of two from 2048 to
     65536). ``save_area`` holds COFW data; by default an in-memory
-    :class:`SaveArea` of ``min(source.size, 256 MiB)`` bytes.
+    :class:`SaveArea` of ``min(source.size, 256 MiB)`` bytes. ``bitmap``
+    resumes from an existing delta bitmap (e.g. a persistent session's).
     """
 
     def __init__(
@@ -84,10 +85,16 @@ class Session:
         save_area: SaveArea | None = None,
         *,
         name: str = "session",
+        bitmap: DeltaBitmap | None = None,
     ) -> None:
         self.source = source
         self.name = name
-        self.bitmap = DeltaBitmap(source.size, granularity)
+        if bitmap is not None and (bitmap.size, bitmap.granularity) != (source.size, granularity):
+            raise ParameterError(
+                f"the bitmap tracks a {bitmap.size}-byte LUN at {bitmap.granularity}, "
+                f"the source is {source.size} bytes at {granularity}"
+            )
+        self.bitmap = bitmap or DeltaBitmap(source.size, granularity)
         self.granularity = self.bitmap.granularity
         self.save_area = save_area or SaveArea(min(source.size, DEFAULT_SAVE_AREA))
         self._save_lock = threading.Lock()
