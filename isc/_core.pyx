@@ -347,13 +347,14 @@ cdef class DeltaBitmap:
         cdef uint64_t wlo = lo >> 6
         cdef uint64_t whi = hi >> 6
         cdef uint64_t w, m, old, c
+        cdef uint64_t added = 0
         cdef size_t n = 0
         for w in range(wlo, whi + 1):
             m = _mask(w, wlo, whi, lo, hi)
             old = track.words[w]
             if old & m != m:
                 track.words[w] = old | m
-                track.count += popcount(m & ~old)
+                added += popcount(m & ~old)
             if self._marked:
                 c = m & xfer.words[w] & ~self._saved.words[w]
                 if c:
@@ -364,6 +365,7 @@ cdef class DeltaBitmap:
                         out[n] = <int64_t>((w << 6) + ctz(c))
                         n += 1
                         c &= c - 1
+        track.count += added
         _touch(track.summary, wlo, whi)
         return n
 
@@ -382,10 +384,6 @@ cdef class DeltaBitmap:
         lo = <uint64_t>offset >> self._shift
         hi = (<uint64_t>offset + <uint64_t>(length if length else 1) - 1) >> self._shift
         span = hi - lo + 1
-        if span > STACK_CHUNKS:
-            out = <int64_t *>malloc(span * 8)
-            if out == NULL:
-                raise MemoryError(f"cannot allocate the COFW list for {span} chunks")
         self._acquire()
         try:
             if in_flight:
@@ -397,6 +395,12 @@ cdef class DeltaBitmap:
                             pthread_cond_wait(&self._cv, &self._mu)
                 if not self._reserve_saving():
                     raise MemoryError("cannot grow the list of writes in flight")
+            if self._marked and span > STACK_CHUNKS:
+                # Only a marked write can return COFW chunks: allocate then.
+                out = <int64_t *>malloc(span * 8)
+                if out == NULL:
+                    out = stack
+                    raise MemoryError(f"cannot allocate the COFW list for {span} chunks")
             self._writes += 1
             if length:
                 n = self._record_locked(lo, hi, out)
@@ -789,9 +793,11 @@ cdef class DeltaBitmap:
         self._acquire()
         if self._marked:
             with nogil:
-                self._merge_tracking_into_transfer()
+                if self._bits[self._t].count:
+                    self._merge_tracking_into_transfer()
                 self._t = 1 - self._t
-                self._clear(&self._saved)
+                if self._saved.count:
+                    self._clear(&self._saved)
                 self._marked = False
         self._release()
 
@@ -856,7 +862,7 @@ cdef class DeltaBitmap:
         if was_set:
             xfer.words[w] &= ~bit
             xfer.count -= 1
-            if self._saved.words[w] & bit:
+            if self._saved.count and self._saved.words[w] & bit:
                 self._saved.words[w] &= ~bit
                 self._saved.count -= 1
         self._release()
@@ -966,7 +972,12 @@ cdef class DeltaBitmap:
         runs.length = 0
         self._acquire()
         with nogil:
-            self._scan_transfer(&runs)
+            # Runs never outnumber set bits: start with room for most maps.
+            runs.cap = min(self._bits[1 - self._t].count, 1 << 20)
+            runs.data = <int64_t *>malloc(runs.cap * 16 + 16)
+            runs.failed = runs.data == NULL
+            if not runs.failed:
+                self._scan_transfer(&runs)
             self._release()
             _runs_flush(&runs)
         try:
@@ -980,21 +991,27 @@ cdef class DeltaBitmap:
 
     cdef void _scan_transfer(self, Runs *runs) noexcept nogil:
         cdef Bits *xfer = &self._bits[1 - self._t]
-        cdef uint64_t si, sw, bit, block, w, w1, v, x, t, length, start
-        cdef bint empty
+        cdef uint64_t si, sw, bit, block, w0, w, n, i, nz, v, x, t, length, start
         for si in range(self._nsum):
             sw = xfer.summary[si]
             while sw:
                 bit = ctz(sw)
                 sw &= sw - 1
                 block = (si << 6) + bit
-                w = _first_word(block)
-                w1 = min(w + 64, self._nwords)
-                empty = True
-                while w < w1:
+                w0 = _first_word(block)
+                n = min(64, self._nwords - w0)
+                # A branch-free pass marks the block's non-zero words, so sparse
+                # blocks cost no misprediction per empty word.
+                nz = 0
+                for i in range(n):
+                    nz |= (<uint64_t>(xfer.words[w0 + i] != 0)) << i
+                if nz == 0:
+                    # Tidy the summary: a scan that found the block empty may say so.
+                    xfer.summary[si] &= ~((<uint64_t>1) << bit)
+                while nz:
+                    w = w0 + ctz(nz)
+                    nz &= nz - 1
                     v = xfer.words[w]
-                    if v:
-                        empty = False
                     while v:
                         # Bits below t are already consumed; the run is as long
                         # as the ones starting at t.
@@ -1009,10 +1026,6 @@ cdef class DeltaBitmap:
                             runs.start = start
                             runs.length = length
                         v = 0 if t + length >= 64 else v & (ONES << (t + length))
-                    w += 1
-                if empty:
-                    # Tidy the summary: a scan that found the block empty may say so.
-                    xfer.summary[si] &= ~((<uint64_t>1) << bit)
 
     # -- queries -----------------------------------------------------------------
     cdef inline bint _bit(self, Bits *bits, uint64_t c) noexcept:
@@ -1134,7 +1147,7 @@ cdef class DeltaBitmap:
 
 # -- helpers ------------------------------------------------------------------
 
-cdef void _runs_flush(Runs *runs) noexcept nogil:
+cdef inline void _runs_flush(Runs *runs) noexcept nogil:
     """Append the pending run, split into pieces of at most ``limit`` chunks."""
     cdef uint64_t piece
     cdef int64_t *grown
