@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from isc import demo
+from isc import _cli_tools, demo
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -15,9 +15,12 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     run_demo = commands.add_parser("demo", help="run the built-in demonstration and check it")
     run_demo.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
+    _cli_tools.add_commands(commands)
     args = parser.parse_args(argv)
     if args.command == "demo":
         return demo.run(seed=args.seed)
+    if hasattr(args, "tool"):
+        return _cli_tools.run(args)
     return 2  # pragma: no cover - argparse rejects unknown commands
 
 
