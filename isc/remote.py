@@ -26,7 +26,7 @@ import logging
 from dataclasses import dataclass, field
 
 from isc.copy import Destination
-from isc.errors import IscError
+from isc.errors import IscError, ParameterError
 from isc.savearea import SaveArea
 from isc.session import Session
 
@@ -168,6 +168,8 @@ class LocalSite(RemoteSite):
     """
 
     def __init__(self, capacity: int | None = None) -> None:
+        if capacity is not None and capacity <= 0:
+            raise ParameterError(f"a snapshot capacity must be > 0 bytes, got {capacity}")
         self.capacity = capacity
         self._protections: dict[str, tuple[Destination, Protection]] = {}
 
@@ -203,7 +205,7 @@ class LocalSite(RemoteSite):
         try:
             extents = entry[1].rollback()
         except Exception as exc:
-            return Ack(rid, False, f"rollback of {dest.name} failed: {exc}")
+            return Ack(rid, False, str(exc))
         log.info("rolled back %s (%d ranges)", dest.name, len(extents))
         return Ack(rid, True, extents=extents)
 

@@ -143,6 +143,15 @@ class Session:
         log.info("%s: marked (generation %d, full=%s)", self.name, self.generation, full)
         return self.generation
 
+    @property
+    def mark_blocker(self) -> str | None:
+        """Why ``mark`` would raise ``StateError`` now, or None if it would not."""
+        if self.bitmap.marked:
+            return f"{self.name} is already marked (generation {self.generation})"
+        if self._marks_held_by:
+            return f"{self.name} cannot be marked now: {self._marks_held_by}"
+        return None
+
     @contextmanager
     def marks_held(self, reason: str) -> Iterator[None]:
         """Keep the session unmarked for the block: ``mark`` raises ``StateError``.

@@ -77,14 +77,21 @@ def mark_group(sessions: Sequence[Session], full: Sequence[bool] | None = None) 
     """
     full = full or [False] * len(sessions)
     for session in sessions:
-        if session.bitmap.marked:
-            raise StateError(f"{session.name} is already marked; unmark it first")
+        if session.mark_blocker:
+            raise StateError(f"{session.mark_blocker}; no session of the group was marked")
     with ExitStack() as frozen:
         for session in sessions:
             session.bitmap.freeze()
             frozen.callback(session.bitmap.thaw)
-        for session, whole in zip(sessions, full, strict=True):
-            session.mark(full=whole)
+        marked: list[Session] = []
+        try:
+            for session, whole in zip(sessions, full, strict=True):
+                session.mark(full=whole)
+                marked.append(session)
+        except BaseException:
+            for session in marked:
+                session.unmark()  # nothing was written meanwhile: no change is lost
+            raise
 
 
 class PeriodicUpdate:
@@ -123,6 +130,12 @@ class PeriodicUpdate:
         """An update of several sessions, marked together."""
         update = cls(members[0][0], members[0][1], site, timeout=timeout, **copy_options)
         update.members = [(s, list(d)) for s, d in members]
+        names = [d.name for d in update.destinations]
+        if len(set(names)) != len(names):
+            raise ParameterError(
+                f"destination names must be unique across a group (a site knows them by "
+                f"name), got {names}"
+            )
         return update
 
     @property
@@ -137,6 +150,8 @@ class PeriodicUpdate:
         rule 2; failed copies' destinations stay protected).
         """
         with _update_locks(self.members):
+            # Build the jobs first: bad copy options are refused before anything changes.
+            jobs = [CopyJob(s, d, **self.copy_options) for s, d in self.members]
             sessions = [s for s, _ in self.members]
             # A destination that is new or missed a copy, with no member
             # destination in step to seed it from, needs a full mark.
@@ -145,17 +160,26 @@ class PeriodicUpdate:
                 log.info("%s: marked for update (generation %d)", session.name, session.generation)
             _protect_all(self.site, self.destinations, self.timeout, sessions)
             results, failures = [], []
-            for session, dests in self.members:
+            for job in jobs:
+                session, dests = job.session, job.destinations
+                names = ", ".join(d.name for d in dests)
                 try:
-                    results.append(CopyJob(session, dests, **self.copy_options).incremental())
-                except CopyError as exc:
-                    results.append(exc.result)
+                    results.append(job.incremental())
+                except (CopyError, StateError) as exc:
+                    session.unmark()  # e.g. a mark aborted before its copy began
+                    results.append(getattr(exc, "result", None) or CopyResult("incremental"))
                     failures.append(f"{session.name}: {exc}")
-                    log.error("%s: update failed, destinations stay protected", session.name)
+                    log.error("%s: update failed, %s stay protected", session.name, names)
                     continue
                 for dest in dests:
-                    _ask(self.site, "unprotect", dest, self.timeout)
-                log.info("%s: update done, %d bytes sent", session.name, results[-1].bytes_sent)
+                    if _ask(self.site, "unprotect", dest, self.timeout).ok:
+                        dest.protected_state = None
+                log.info(
+                    "%s: update of %s done, %d bytes sent",
+                    session.name,
+                    names,
+                    results[-1].bytes_sent,
+                )
             if failures:
                 raise UpdateError("update failed: " + "; ".join(failures), results)
             return results
@@ -232,7 +256,8 @@ class UnmarkedFullCopy:
                 raise UpdateError(f"unmarked full copy failed: {exc}") from exc
             if self.protect:
                 for dest in self.destinations:
-                    _ask(self.site, "unprotect", dest, self.timeout)
+                    if _ask(self.site, "unprotect", dest, self.timeout).ok:
+                        dest.protected_state = None
             return result
 
 
@@ -254,13 +279,15 @@ def _protect_all(site, dests: Sequence[Destination], timeout: float, marked) -> 
         ack = _ask(site, "protect", dest, timeout)
         if not ack.ok:
             for protected in done:
-                _ask(site, "unprotect", protected, timeout)
+                if _ask(site, "unprotect", protected, timeout).ok:
+                    protected.protected_state = None
             for session in marked:
                 session.unmark()
             message = f"cannot protect {dest.name}: {ack.reason}; the update was abandoned"
             log.error("%s", message)
             raise UpdateError(message)
-        dest.protected_state = state
+        if dest.protected_state is None:
+            dest.protected_state = state  # a leftover protection keeps its first image
         done.append(dest)
 
 

@@ -5,6 +5,8 @@
   middle of a copy, a thread parked inside the source's data I/O).
 * :class:`Writers` runs host-writer threads whose amount of work the test
   controls, so writes race the copy job without making the test slow.
+* :class:`Worker` runs one call in a thread; :class:`Gate` parks a thread at a
+  hook until the test lets it go.
 * :func:`differing_chunks`, :func:`assert_no_lost_change` and
   :func:`chunks_touched` are the oracles for rules 2 and 3.
 
@@ -250,3 +252,61 @@ class Writers:
             self._paused = False
             self._cond.notify_all()
         self._raise_errors()
+
+
+class Worker:
+    """Run ``fn`` in a daemon thread and keep its result or exception.
+
+    ``finish()`` waits (bounded) and returns the result or re-raises.
+    """
+
+    def __init__(self, fn: Callable[[], object]) -> None:
+        self.done = threading.Event()
+        self.result: object = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
+        self.thread.start()
+
+    def _run(self, fn: Callable[[], object]) -> None:
+        try:
+            self.result = fn()
+        except BaseException as exc:
+            self.error = exc
+        finally:
+            self.done.set()
+
+    def finish(self) -> object:
+        if not self.done.wait(TIMEOUT):
+            pytest.fail(f"the thread did not finish within {TIMEOUT} s")
+        self.thread.join(TIMEOUT)
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+class Gate:
+    """A hook that parks the first thread to call it until the test opens the gate.
+
+    Use it as a progress hook, a ``before_write`` hook or a site hook (it
+    returns None). ``wait_reached()`` returns once a thread is parked.
+    """
+
+    def __init__(self) -> None:
+        self.reached = threading.Event()
+        self._opened = threading.Event()
+        self._lock = threading.Lock()
+
+    def __call__(self, *args: object) -> None:
+        with self._lock:
+            if self.reached.is_set():
+                return
+            self.reached.set()
+        if not self._opened.wait(TIMEOUT):
+            raise AssertionError(f"the gate was not opened within {TIMEOUT} s")
+
+    def wait_reached(self) -> None:
+        if not self.reached.wait(TIMEOUT):
+            pytest.fail(f"no thread reached the gate within {TIMEOUT} s")
+
+    def open(self) -> None:
+        self._opened.set()

@@ -1,0 +1,826 @@
+"""The update workflows: periodic incremental updates, the unmarked full copy, rollback.
+
+Rules checked here (MISSION.md): 1 (each update leaves the image at its mark,
+with writer threads racing the copy), 2 (no lost change after a refused
+protection, a failed copy or a rollback), 6 (honest destination states), 7
+(one update at a time per session), 8 (the protected image survives a failed
+copy and rolls back), 10 (bad input changes nothing), and the workflow steps
+themselves: protect and unprotect around every copy, consistency groups,
+``every()`` and the log. The site is always a :class:`LocalSite`, wrapped by
+:class:`HookSite` to see every request and to answer some of them itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import struct
+import threading
+from collections.abc import Callable
+
+import pytest
+from helpers import (
+    TIMEOUT,
+    Gate,
+    HookLUN,
+    Worker,
+    Writers,
+    assert_no_lost_change,
+    chunk_bytes,
+    chunks_touched,
+    differing_chunks,
+    fill_random,
+)
+
+from isc import (
+    CopyJob,
+    DeltaBitmap,
+    Destination,
+    DestState,
+    MemoryLUN,
+    ParameterError,
+    Session,
+    State,
+    StateError,
+)
+from isc.remote import PROTECT_GRANULARITY, Ack, LocalSite, ProtectedLUN, RemoteSite
+from isc.update import (
+    PeriodicUpdate,
+    UnmarkedFullCopy,
+    UpdateBusy,
+    UpdateError,
+    mark_group,
+    rollback,
+)
+
+G = 4096
+SIZE = 48 * G + 1536  # a short last chunk; three whole protection chunks and a short one
+IO = 4 * G  # copies run in several pieces, so a failure or a hook can fall in between
+NOT_YET = 0.05  # seconds to watch for something that must not happen yet
+
+
+class HookSite(RemoteSite):
+    """A :class:`LocalSite` that logs every request and lets the test answer some itself.
+
+    ``hooks[request](dest, timeout)`` runs first: an :class:`Ack` it returns
+    is the answer (the LocalSite is not asked), None passes the request on,
+    an exception reaches the caller. ``calls`` lists ``(request, dest name)``,
+    ``timeouts`` the timeout of each and ``acks`` each answer.
+    """
+
+    def __init__(self, capacity: int | None = None) -> None:
+        self.local = LocalSite(capacity)
+        self.hooks: dict[str, Callable[[Destination, float | None], Ack | None]] = {}
+        self.calls: list[tuple[str, str]] = []
+        self.timeouts: list[float | None] = []
+        self.acks: list[Ack] = []
+
+    def _request(self, request: str, dest: Destination, timeout: float | None) -> Ack:
+        self.calls.append((request, dest.name))
+        self.timeouts.append(timeout)
+        hook = self.hooks.get(request)
+        ack = hook(dest, timeout) if hook else None
+        if ack is None:
+            ack = getattr(self.local, request)(dest, timeout)
+        self.acks.append(ack)
+        return ack
+
+    def protect(self, dest: Destination, timeout: float | None = None) -> Ack:
+        return self._request("protect", dest, timeout)
+
+    def unprotect(self, dest: Destination, timeout: float | None = None) -> Ack:
+        return self._request("unprotect", dest, timeout)
+
+    def rollback(self, dest: Destination, timeout: float | None = None) -> Ack:
+        return self._request("rollback", dest, timeout)
+
+    def status(self, dest: Destination, timeout: float | None = None) -> Ack:
+        return self._request("status", dest, timeout)
+
+    def protected(self, dest: Destination) -> bool:
+        """Whether the LocalSite holds a protection of ``dest`` (not logged as a call)."""
+        return self.local.status(dest).info["protected"]
+
+    def forget(self) -> None:
+        self.calls.clear()
+        self.timeouts.clear()
+        self.acks.clear()
+
+
+def refuse(dest: Destination, timeout: float | None) -> Ack:
+    return Ack(0, False, "no room for a snapshot")
+
+
+def hang_up(dest: Destination, timeout: float | None) -> Ack:
+    raise ConnectionError("the site hung up")
+
+
+def never_answer(dest: Destination, timeout: float | None) -> Ack:
+    """A site that stays silent: wait for an answer up to ``timeout``, then give up."""
+    answered = threading.Event()  # nobody sets it
+    if answered.wait(TIMEOUT if timeout is None else timeout):
+        raise AssertionError("nobody answers")
+    return Ack(0, False, f"no answer from the site within {timeout} s")
+
+
+def protections(dests: list[Destination], update_calls: list[str]) -> list[tuple[str, str]]:
+    """The site calls an update makes: each request of ``update_calls`` for every destination."""
+    return [(request, d.name) for request in update_calls for d in dests]
+
+
+def rig(
+    dests: int = 2,
+    *,
+    name: str = "alpha",
+    prefix: str = "d",
+    seed: int = 0,
+    capacity: int | None = None,
+    kind: type[Session] = Session,
+):
+    """A session ``name`` (of class ``kind``) on a random source, NEW destinations, a HookSite."""
+    source = MemoryLUN(SIZE)
+    fill_random(source, random.Random(seed))
+    session = kind(source, G, name=name)
+    destinations = [Destination(HookLUN(MemoryLUN(SIZE)), f"{prefix}{i}") for i in range(dests)]
+    return session, destinations, HookSite(capacity)
+
+
+def updated(dests: int = 2, **rig_args):
+    """:func:`rig` after a first successful update: the destinations are CONSISTENT."""
+    session, destinations, site = rig(dests, **rig_args)
+    PeriodicUpdate(session, destinations, site).run()
+    site.forget()
+    return session, destinations, site
+
+
+def scribble(session: Session, rng: random.Random, count: int) -> list[tuple[int, int]]:
+    """``count`` host writes of random data at random places; their ``(offset, length)``."""
+    writes = []
+    for _ in range(count):
+        length = rng.randrange(1, 3 * G)
+        offset = rng.randrange(0, SIZE - length + 1)
+        session.write(offset, rng.randbytes(length))
+        writes.append((offset, length))
+    return writes
+
+
+def touched(writes: list[tuple[int, int]]) -> set[int]:
+    return {c for offset, length in writes for c in chunks_touched(offset, length, G)}
+
+
+def changed_bytes(writes: list[tuple[int, int]]) -> int:
+    """What an incremental copy sends after ``writes``: their chunks, once each."""
+    return sum(chunk_bytes(c, G, SIZE) for c in touched(writes))
+
+
+def tracked(session: Session) -> set[int]:
+    bitmap = session.bitmap
+    return {c for c in range(bitmap.chunks) if bitmap.tracking(c)}
+
+
+def contents(dest: Destination) -> bytes:
+    return dest.lun.read(0, SIZE)
+
+
+def source_image(session: Session) -> bytes:
+    return session.read(0, SIZE)
+
+
+def assert_in_step(session: Session, dests: list[Destination], luns: list) -> None:
+    """After a successful update: each destination equals the source, CONSISTENT, unprotected."""
+    image = source_image(session)
+    for dest, lun in zip(dests, luns, strict=True):
+        assert dest.state is DestState.CONSISTENT, dest.name
+        assert dest.lun is lun, f"{dest.name} still has its protection's LUN"
+        assert contents(dest) == image, dest.name
+
+
+# -- rule 1: each update copies the image at its mark, and only what changed ------------------
+
+
+def test_updates_copy_the_image_at_each_mark_and_send_only_what_changed(busy_switching):
+    session, dests, site = rig()
+    luns = [d.lun for d in dests]
+    lock = threading.Lock()
+    written: list[tuple[int, int]] = []  # host writes since the last mark
+
+    def write(writer: int, seq: int, rng: random.Random) -> None:
+        length = rng.randrange(1, 3 * G)
+        offset = rng.randrange(0, SIZE - length + 1)
+        session.write(offset, rng.randbytes(length))
+        with lock:
+            written.append((offset, length))
+
+    marks: list[tuple[bytes, list[tuple[int, int]]]] = []
+
+    def protect(dest: Destination, timeout: float | None) -> None:
+        # The site hears of the first destination right after the mark. The
+        # writers were settled before run() and get no budget before the
+        # transfer starts: the source still holds the image the mark froze,
+        # and the log holds exactly the writes between this mark and the last.
+        if dest is dests[0]:
+            with lock:
+                marks.append((source_image(session), written[:]))
+                written.clear()
+
+    def progress(done: int, total: int) -> None:
+        # Writes race every piece of the transfer: wait for one, let another run on.
+        finished = writers.total_done
+        writers.allow(2)
+        writers.wait_done(finished + 1)
+
+    site.hooks["protect"] = protect
+    update = PeriodicUpdate(session, dests, site, io_size=IO, progress=progress)
+    with Writers(write, 3, seed=11) as writers:
+        for n in range(8):
+            writers.settle()
+            site.forget()
+            (result,) = update.run()
+            image, since = marks[-1]
+            if n == 0:  # new destinations: a full copy
+                assert result.bytes_sent == result.bytes_total == SIZE
+            else:
+                assert since, "no host write between two updates"
+                assert result.bytes_sent == result.bytes_total == changed_bytes(since)
+            assert session.state is State.UNMARKED
+            assert session.save_area.used == 0
+            assert site.calls == protections(dests, ["protect", "unprotect"])
+            for dest, lun in zip(dests, luns, strict=True):
+                assert dest.state is DestState.CONSISTENT
+                assert dest.lun is lun
+                assert site.local.status(dest).info == {"protected": False}
+                assert lun.read(0, SIZE) == image, f"{dest.name} after update {n}"
+            writers.allow(10)  # host writes between updates
+        writers.settle()
+    assert session.stats.cofw_chunks > 0  # the writers did race the transfers
+
+
+# -- rule 7: one update at a time ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "first", ["update protecting", "update transferring", "full copy transferring"]
+)
+def test_a_second_update_while_one_runs_is_refused_and_changes_nothing(first, caplog):
+    session, (dest,), site = updated(1)
+    lun = dest.lun
+    scribble(session, random.Random(1), 10)
+    gate = Gate()
+    if first == "update protecting":
+        site.hooks["protect"] = gate
+        running = PeriodicUpdate(session, [dest], site)
+    elif first == "update transferring":
+        running = PeriodicUpdate(session, [dest], site, io_size=IO, progress=gate)
+    else:
+        running = UnmarkedFullCopy(session, [dest], io_size=IO, progress=gate)
+    worker = Worker(running.run)
+    gate.wait_reached()  # the first update is provably in progress
+    other = Destination(HookLUN(MemoryLUN(SIZE)), "other")
+    attempts = {
+        "the same update": running.run,
+        "another update": PeriodicUpdate(session, [other], site).run,
+        "an unmarked full copy": UnmarkedFullCopy(session, [other], site, protect=True).run,
+        "a rollback": lambda: rollback(session, dest, site),
+    }
+    for what, attempt in attempts.items():
+        before = (session.bitmap.to_bytes(), list(site.calls), contents(dest), dest.state)
+        with pytest.raises(UpdateBusy, match="already running"):
+            attempt()
+        after = (session.bitmap.to_bytes(), list(site.calls), contents(dest), dest.state)
+        assert after == before, f"{what} changed something"
+        assert other.lun.writes == 0 and other.state is DestState.NEW
+    assert "alpha: an update is already running" in caplog.text
+    gate.open()
+    worker.finish()
+    assert contents(dest) == source_image(session)
+    assert dest.lun is lun
+    expected = DestState.INCONSISTENT if first.startswith("full") else DestState.CONSISTENT
+    assert dest.state is expected
+
+
+# -- protection failures: the update is abandoned, nothing is lost ---------------------------
+
+
+@pytest.mark.parametrize(
+    ("failure", "timeout"),
+    [(refuse, 7.5), (hang_up, 7.5), (never_answer, 0.05)],
+    ids=["refused", "raises", "no answer"],
+)
+def test_a_failed_protection_abandons_the_update(failure, timeout, caplog):
+    session, dests, site = updated(2)
+    luns = [d.lun for d in dests]
+    images = [contents(d) for d in dests]
+    lun_writes = [lun.writes for lun in luns]
+    writes = scribble(session, random.Random(3), 12)
+    site.hooks["protect"] = lambda dest, t: failure(dest, t) if dest.name == "d1" else None
+    update = PeriodicUpdate(session, dests, site, timeout=timeout)
+    with pytest.raises(UpdateError, match="cannot protect d1") as info:
+        update.run()
+    assert info.value.results == []
+    # The first destination was protected, so it is unprotected again.
+    assert site.calls == [("protect", "d0"), ("protect", "d1"), ("unprotect", "d0")]
+    assert site.timeouts == [timeout] * 3
+    assert session.state is State.UNMARKED
+    assert session.bitmap.transfer_count == 0
+    assert tracked(session) == touched(writes)  # what the update did not send is still tracked
+    for dest, lun, image, before in zip(dests, luns, images, lun_writes, strict=True):
+        assert dest.lun is lun and not site.protected(dest)
+        assert lun.writes == before, f"{dest.name} was written"
+        assert contents(dest) == image
+        assert dest.state is DestState.CONSISTENT
+    assert "cannot protect d1" in caplog.text
+    site.hooks.clear()
+    (result,) = update.run()
+    assert result.bytes_sent == changed_bytes(writes)
+    assert_in_step(session, dests, luns)
+
+
+# -- rule 8: a failed copy leaves the protected image, a rollback restores it -----------------
+
+
+@pytest.mark.parametrize("then", ["rollback", "retry"])
+def test_a_failed_copy_keeps_the_protection_for_a_rollback(then):
+    session, (dest,), site = updated(1)
+    lun = dest.lun
+    image = contents(dest)
+    scribble(session, random.Random(5), 20)
+    lun.fail_at, lun.partial = lun.writes + 3, True  # two pieces land, then half of one
+    update = PeriodicUpdate(session, [dest], site, io_size=IO)
+    with pytest.raises(UpdateError, match="injected failure") as info:
+        update.run()
+    lun.fail_at = None
+    (failed,) = info.value.results
+    assert failed.outcomes["d0"].startswith("failed")
+    assert site.calls == [("protect", "d0")]  # no unprotect after a failed copy
+    assert dest.state is DestState.INCONSISTENT
+    assert isinstance(dest.lun, ProtectedLUN) and dest.lun.lun is lun
+    status = site.local.status(dest).info
+    assert status["protected"] and status["intact"]
+    assert lun.read(0, SIZE) != image
+    assert session.state is State.UNMARKED
+    assert_no_lost_change(session, lun)
+    site.forget()
+    if then == "rollback":
+        ack = rollback(session, dest, site)
+        assert ack.ok and ack.extents
+        assert lun.read(0, SIZE) == image  # exactly the last consistent image
+        assert dest.state is DestState.CONSISTENT
+        assert site.protected(dest)  # a rollback keeps the protection
+        for offset, length in ack.extents:  # what the rollback rewrote is sent again
+            assert set(chunks_touched(offset, min(length, SIZE - offset), G)) <= tracked(session)
+        assert_no_lost_change(session, lun)
+        site.forget()
+    (result,) = update.run()
+    assert site.calls == [("protect", "d0"), ("unprotect", "d0")]
+    assert site.acks[0].ok and site.acks[0].reason == "already protected"
+    assert not site.protected(dest)
+    assert result.bytes_sent > 0
+    assert_in_step(session, [dest], [lun])
+
+
+def test_rollback_after_two_failed_updates_restores_the_consistent_image_as_consistent():
+    session, (dest,), site = updated(1)
+    lun = dest.lun
+    image = contents(dest)
+    rng = random.Random(6)
+    update = PeriodicUpdate(session, [dest], site, io_size=IO)
+    for _ in range(2):  # the second update finds the protection left by the first
+        scribble(session, rng, 10)
+        lun.fail_at = lun.writes + 2
+        with pytest.raises(UpdateError):
+            update.run()
+        assert dest.state is DestState.INCONSISTENT
+    lun.fail_at = None
+    rollback(session, dest, site)
+    assert lun.read(0, SIZE) == image  # the image kept since before the first failure
+    assert_no_lost_change(session, lun)
+    assert dest.state is DestState.CONSISTENT  # so it is reported as what it is
+
+
+def test_rollback_of_an_unprotected_destination_fails_and_changes_nothing():
+    session, (dest,), site = updated(1)
+    scribble(session, random.Random(7), 5)
+    before = session.bitmap.to_bytes()
+    with pytest.raises(UpdateError, match="not protected"):
+        rollback(session, dest, site)
+    assert session.bitmap.to_bytes() == before
+    assert dest.state is DestState.CONSISTENT
+
+
+# -- protection capacity -----------------------------------------------------------------------
+
+
+def test_a_snapshot_that_runs_out_cannot_roll_back_but_a_later_update_repairs():
+    session, (dest,), site = rig(1, capacity=2 * PROTECT_GRANULARITY)
+    lun = dest.lun
+    update = PeriodicUpdate(session, [dest], site, io_size=IO)
+    # The first copy overflows the snapshot of the new destination too; its writes still land.
+    update.run()
+    assert_in_step(session, [dest], [lun])
+    session.write(0, random.Random(8).randbytes(SIZE))  # every chunk changes
+    pieces = -(-SIZE // IO)
+    lun.fail_at = lun.writes + pieces  # the last piece fails: three snapshot chunks were needed
+    with pytest.raises(UpdateError):
+        update.run()
+    lun.fail_at = None
+    status = site.local.status(dest).info
+    assert status["protected"] and not status["intact"]
+    assert "save area full" in status["problem"]
+    with pytest.raises(UpdateError, match="the protected image was lost"):
+        rollback(session, dest, site)
+    assert dest.state is DestState.INCONSISTENT
+    assert_no_lost_change(session, lun)
+    update.run()
+    assert not site.protected(dest)
+    assert_in_step(session, [dest], [lun])
+
+
+# -- rule 10: bad input changes nothing -----------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", ["small destination", "io_size"])
+def test_an_update_with_bad_copy_options_changes_nothing(bad):
+    session, dests, site = updated(1)
+    luns = [d.lun for d in dests]
+    writes = scribble(session, random.Random(9), 5)
+    options: dict = {"io_size": G + 512} if bad == "io_size" else {}
+    if bad == "small destination":
+        dests = [*dests, Destination(MemoryLUN(SIZE - 1), "small")]
+        luns.append(dests[-1].lun)
+    with pytest.raises(ParameterError):
+        PeriodicUpdate(session, dests, site, **options).run()
+    assert session.state is State.UNMARKED
+    assert tracked(session) == touched(writes)
+    for dest, lun in zip(dests, luns, strict=True):
+        assert dest.lun is lun and not site.protected(dest), dest.name
+    (result,) = PeriodicUpdate(session, dests[:1], site).run()
+    assert result.bytes_sent == changed_bytes(writes)
+
+
+# -- consistency groups ------------------------------------------------------------------------
+
+WRITERS = 4
+STRIDE = 5 * G  # each writer's record lies in a chunk of its own
+RECORD = 512
+ROUNDS = 20
+
+
+def record(writer: int, seq: int) -> bytes:
+    return struct.pack("<QQ", writer, seq) * (RECORD // 16)
+
+
+def sequence_numbers(dest: Destination) -> list[int]:
+    """The sequence number of each writer's record on ``dest``; a torn record fails."""
+    data = contents(dest)
+    seqs = []
+    for w in range(WRITERS):
+        raw = data[w * STRIDE : w * STRIDE + RECORD]
+        seq = struct.unpack_from("<Q", raw, 8)[0]
+        assert raw == record(w, seq), f"writer {w}'s record on {dest.name} is torn"
+        seqs.append(seq)
+    return seqs
+
+
+def test_a_group_update_copies_one_consistent_cut(busy_switching):
+    site = HookSite()
+    alpha, (a0,), _ = rig(1, name="alpha", prefix="a")
+    beta, (b0,), _ = rig(1, name="beta", prefix="b", seed=1)
+    luns = [a0.lun, b0.lun]
+    for w in range(WRITERS):
+        alpha.write(w * STRIDE, record(w, 0))
+        beta.write(w * STRIDE, record(w, 0))
+
+    def write(writer: int, seq: int, rng: random.Random) -> None:
+        # A dependent pair: beta's write is issued only once alpha's has returned.
+        alpha.write(writer * STRIDE, record(writer, seq))
+        beta.write(writer * STRIDE, record(writer, seq))
+
+    members = [(alpha, [a0]), (beta, [b0])]
+    update = PeriodicUpdate.group(members, site, io_size=IO)
+    with Writers(write, WRITERS, seed=21) as writers:
+        for _ in range(ROUNDS):
+            # The writers run flat out through the whole update, mark included.
+            finished = writers.total_done
+            writers.allow(1 << 30)
+            writers.wait_done(finished + WRITERS)
+            update.run()
+            writers.limit(0)
+            writers.settle()
+            # One mark instant t for both sessions. Pair n writes alpha, then
+            # beta; pair n + 1 starts after beta's write n returned. If beta's
+            # copy holds write n, it landed before t, so alpha's write n did
+            # too: alpha is never behind. If alpha's copy holds write n + 1,
+            # beta's write n landed before it: beta is at most one behind.
+            # Marking the two sessions at different instants breaks this, when
+            # a pair happens to fall between the marks; the next test forces one.
+            a_seqs, b_seqs = sequence_numbers(a0), sequence_numbers(b0)
+            for w in range(WRITERS):
+                assert b_seqs[w] <= a_seqs[w] <= b_seqs[w] + 1, (w, a_seqs, b_seqs)
+    PeriodicUpdate.group(members, site).run()
+    assert_in_step(alpha, [a0], luns[:1])
+    assert_in_step(beta, [b0], luns[1:])
+    assert max(sequence_numbers(a0)) > 0
+
+
+class ProbedSession(Session):
+    """A session that calls ``after_mark()`` right after each of its marks."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.after_mark: Callable[[], None] = lambda: None
+
+    def mark(self, full: bool = False) -> int:
+        generation = super().mark(full)
+        self.after_mark()
+        return generation
+
+
+def test_a_pair_written_between_the_group_marks_lands_after_both():
+    site = HookSite()
+    alpha, (a0,), _ = rig(1, name="alpha", prefix="a", kind=ProbedSession)
+    beta, (b0,), _ = rig(1, name="beta", prefix="b", seed=1)
+    members = [(alpha, [a0]), (beta, [b0])]
+    update = PeriodicUpdate.group(members, site)
+    update.run()
+    pair = record(0, 1)
+    landed = threading.Event()
+    probes: list[tuple[Worker, bool]] = []
+
+    def write_pair() -> None:
+        alpha.write(0, pair)
+        beta.write(0, pair)
+        landed.set()
+
+    def after_mark() -> None:
+        # Inside the group's mark: alpha is marked, beta not yet. A pair
+        # issued now must wait until both are marked, or beta's copy would
+        # hold a write whose alpha half its copy lacks. A bounded look: the
+        # pair must not land while the group is being marked.
+        probe = Worker(write_pair)
+        probes.append((probe, landed.wait(NOT_YET)))
+
+    alpha.after_mark = after_mark
+    update.run()
+    alpha.after_mark = lambda: None
+    ((probe, landed_inside),) = probes
+    probe.finish()
+    assert not landed_inside, "a host write went through while the group was being marked"
+    assert contents(a0)[:RECORD] != pair
+    assert contents(b0)[:RECORD] != pair, "beta's copy holds a write alpha's copy lacks"
+    update.run()
+    assert contents(a0)[:RECORD] == contents(b0)[:RECORD] == pair
+
+
+def test_a_group_protects_destinations_that_share_a_name_in_different_sessions():
+    # Names are unique within one copy job, not across a group's sessions:
+    # each destination must still be protected before its copy writes to it.
+    site = HookSite()
+    alpha, (a0,), _ = rig(1, name="alpha", prefix="replica-")
+    beta, (b0,), _ = rig(1, name="beta", prefix="replica-", seed=1)
+    written_unprotected: set[str] = set()
+
+    def progress(done: int, total: int) -> None:  # after each piece of each copy
+        for session, dest in ((alpha, a0), (beta, b0)):
+            if dest.state is DestState.INCONSISTENT and not isinstance(dest.lun, ProtectedLUN):
+                written_unprotected.add(session.name)
+
+    rng = random.Random(15)
+    try:
+        update = PeriodicUpdate.group([(alpha, [a0]), (beta, [b0])], site, progress=progress)
+        for _ in range(2):  # new destinations, then consistent ones
+            update.run()
+            scribble(alpha, rng, 5)
+            scribble(beta, rng, 5)
+    except ParameterError:  # refusing the clash before anything changes keeps the rule too
+        assert alpha.state is beta.state is State.UNMARKED
+        assert not site.protected(a0) and a0.state is b0.state is DestState.NEW
+        return
+    assert written_unprotected == set()
+
+
+@pytest.mark.parametrize("busy", ["marked", "copying unmarked"])
+def test_mark_group_marks_none_when_one_session_cannot_be_marked(busy):
+    alpha = Session(MemoryLUN(SIZE), G, name="alpha")
+    beta = Session(MemoryLUN(SIZE), G, name="beta")
+    gate = Gate()
+    copy = None
+    if busy == "marked":
+        beta.mark()
+    else:  # an unmarked full copy holds beta's marks while it runs
+        job = CopyJob(beta, [Destination(MemoryLUN(SIZE), "b0")], io_size=IO, progress=gate)
+        copy = Worker(lambda: job.full(marked=False))
+        gate.wait_reached()
+    before = [(s.state, s.generation) for s in (alpha, beta)]
+    try:
+        with pytest.raises(StateError):
+            mark_group([alpha, beta])
+        assert [(s.state, s.generation) for s in (alpha, beta)] == before
+        # Nothing is left frozen: host writes to both still go through.
+        Worker(lambda: (alpha.write(0, b"a"), beta.write(0, b"b"))).finish()
+        site = HookSite()
+        dests = [Destination(MemoryLUN(SIZE), "a0"), Destination(MemoryLUN(SIZE), "b0")]
+        update = PeriodicUpdate.group([(alpha, dests[:1]), (beta, dests[1:])], site)
+        with pytest.raises(StateError):
+            update.run()
+        assert site.calls == []
+        assert [(s.state, s.generation) for s in (alpha, beta)] == before
+    finally:
+        gate.open()
+        if copy is not None:
+            copy.finish()
+
+
+def test_freeze_holds_new_writes_until_thaw():
+    bitmap = DeltaBitmap(SIZE, G)
+    bitmap.freeze()
+    with pytest.raises(StateError, match="already frozen"):
+        bitmap.freeze()
+    began = threading.Event()
+    writer = Worker(lambda: (bitmap.begin_write(0, G), began.set()))
+    try:
+        assert not began.wait(NOT_YET)  # a bounded look: the write waits for the thaw
+        assert bitmap.tracking_count == 0
+        bitmap.mark()  # marking still works while frozen: that is what freezing is for
+        assert bitmap.generation == 1
+    finally:
+        bitmap.thaw()
+    writer.finish()
+    assert began.is_set()
+    bitmap.end_write(0, G, False)
+    assert bitmap.tracking(0) and not bitmap.transfer(0)  # the write landed after the mark
+
+
+def test_freeze_waits_for_the_write_in_flight():
+    bitmap = DeltaBitmap(SIZE, G)
+    bitmap.begin_write(0, G)
+    frozen = threading.Event()
+    freezer = Worker(lambda: (bitmap.freeze(), frozen.set()))
+    try:
+        assert not frozen.wait(NOT_YET)  # a bounded look: freeze waits for end_write
+    finally:
+        bitmap.end_write(0, G, False)
+    freezer.finish()
+    assert frozen.is_set()
+    bitmap.thaw()
+
+
+# -- the unmarked full copy ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("protect", [False, True])
+def test_an_unmarked_full_copy_then_an_update_sends_only_what_changed(protect):
+    session, dests, site = rig(2)
+    luns = [d.lun for d in dests]
+    rng = random.Random(10)
+    writes: list[tuple[int, int]] = []
+
+    def progress(done: int, total: int) -> None:
+        writes.extend(scribble(session, rng, 2))  # host writes while the copy runs
+
+    copy = UnmarkedFullCopy(
+        session, dests, site if protect else None, protect=protect, io_size=IO, progress=progress
+    )
+    result = copy.run()
+    assert result.mode == "full-unmarked"
+    assert result.bytes_sent == SIZE
+    assert session.state is State.UNMARKED
+    assert site.calls == (protections(dests, ["protect", "unprotect"]) if protect else [])
+    image = source_image(session)
+    for dest, lun in zip(dests, luns, strict=True):
+        assert dest.state is DestState.INCONSISTENT
+        assert dest.lun is lun and not site.protected(dest)
+        # The whole source was copied; it differs only where it was written meanwhile.
+        assert set(differing_chunks(image, contents(dest), G)) <= touched(writes)
+    assert tracked(session) == touched(writes)
+    writes += scribble(session, rng, 5)
+    site.forget()
+    (update_result,) = PeriodicUpdate(session, dests, site).run()
+    assert update_result.bytes_sent == changed_bytes(writes)
+    assert site.calls == protections(dests, ["protect", "unprotect"])
+    assert_in_step(session, dests, luns)
+
+
+def test_a_failed_unmarked_full_copy_keeps_the_protection():
+    session, dests, site = updated(2)
+    luns = [d.lun for d in dests]
+    images = [contents(d) for d in dests]
+    scribble(session, random.Random(12), 8)
+    luns[1].fail_at = luns[1].writes + 3
+    copy = UnmarkedFullCopy(session, dests, site, protect=True, io_size=IO)
+    with pytest.raises(UpdateError, match="unmarked full copy failed"):
+        copy.run()
+    luns[1].fail_at = None
+    assert site.calls == [("protect", "d0"), ("protect", "d1")]
+    for dest, lun in zip(dests, luns, strict=True):
+        assert dest.state is DestState.INCONSISTENT
+        assert site.protected(dest) and dest.lun.lun is lun
+        assert_no_lost_change(session, lun)
+    rollback(session, dests[0], site)
+    assert contents(dests[0]) == images[0]
+    assert dests[0].state is DestState.CONSISTENT
+    site.forget()
+    PeriodicUpdate(session, dests, site).run()
+    assert site.calls == protections(dests, ["protect", "unprotect"])
+    assert not any(site.protected(d) for d in dests)
+    assert_in_step(session, dests, luns)
+
+
+def test_an_unmarked_full_copy_with_protection_needs_a_site():
+    session, dests, _ = rig(1)
+    with pytest.raises(ParameterError, match="needs a site"):
+        UnmarkedFullCopy(session, dests, protect=True)
+
+
+# -- every() ---------------------------------------------------------------------------------
+
+
+def test_every_runs_updates_until_stopped_and_survives_a_failed_one(caplog):
+    session, (dest,), site = rig(1)
+    rng = random.Random(13)
+    runs = 0
+    fourth, stopped = threading.Event(), threading.Event()
+
+    def protect(dest: Destination, timeout: float | None) -> Ack | None:
+        nonlocal runs
+        runs += 1
+        scribble(session, rng, 3)  # the next run has something to send
+        if runs == 2:
+            return Ack(0, False, "maintenance window")
+        if runs == 4:
+            fourth.set()
+            # Hold the fourth run until stop() was called: no fifth may start.
+            assert stopped.wait(TIMEOUT)
+        return None
+
+    site.hooks["protect"] = protect
+    update = PeriodicUpdate(session, [dest], site)
+    thread = update.every(0.001)
+    try:
+        assert fourth.wait(TIMEOUT), "the fourth update never ran"
+    finally:
+        update.stop()
+        stopped.set()
+    thread.join(TIMEOUT)
+    assert not thread.is_alive()
+    assert runs == 4
+    assert "periodic update: cannot protect d0: maintenance window" in caplog.text
+    # The fourth update finished; the writes made after its mark wait, tracked, for the next.
+    assert dest.state is DestState.CONSISTENT and not site.protected(dest)
+    assert_no_lost_change(session, dest.lun)
+
+
+@pytest.mark.parametrize("seconds", [0, -1.0])
+def test_every_needs_a_positive_interval(seconds):
+    session, dests, site = rig(1)
+    with pytest.raises(ParameterError, match="interval"):
+        PeriodicUpdate(session, dests, site).every(seconds)
+
+
+# -- the log -------------------------------------------------------------------------------------
+
+
+def test_each_step_is_logged_with_the_session_and_destination_names(caplog):
+    caplog.set_level(logging.INFO, logger="isc")
+    session, dests, site = rig(2)
+    update = PeriodicUpdate(session, dests, site, io_size=IO)
+    rng = random.Random(14)
+
+    def update_log() -> list[str]:
+        messages = [r.getMessage() for r in caplog.records if r.name == "isc.update"]
+        caplog.clear()
+        for message in messages:
+            assert any(name in message for name in ("alpha", "d0", "d1")), message
+        return messages
+
+    update.run()
+    logged = update_log()
+    assert logged[0].startswith("alpha: marked for update")
+    assert logged[1:5] == [
+        "protect d0: ok",
+        "protect d1: ok",
+        "unprotect d0: ok",
+        "unprotect d1: ok",
+    ]
+    assert logged[5] == f"alpha: update of d0, d1 done, {SIZE} bytes sent"
+
+    scribble(session, rng, 3)
+    site.hooks["protect"] = lambda dest, t: refuse(dest, t) if dest.name == "d1" else None
+    with pytest.raises(UpdateError):
+        update.run()
+    assert update_log()[1:] == [
+        "protect d0: ok",
+        "protect d1: no room for a snapshot",
+        "unprotect d0: ok",
+        "cannot protect d1: no room for a snapshot; the update was abandoned",
+    ]
+    site.hooks.clear()
+
+    dests[0].lun.fail_at = dests[0].lun.writes + 1
+    with pytest.raises(UpdateError):
+        update.run()
+    copy_log = [r.getMessage() for r in caplog.records if r.name == "isc.copy"]
+    assert any(m.startswith("incremental copy of alpha failed") for m in copy_log)
+    assert update_log()[-1] == "alpha: update failed, d0, d1 stay protected"
+    dests[0].lun.fail_at = None
+    rollback(session, dests[0], site)
+    assert update_log() == ["rollback d0: ok"]
