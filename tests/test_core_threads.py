@@ -11,6 +11,7 @@ import threading
 
 import numpy as np
 import pytest
+from helpers import Worker
 
 from isc import _layout, _reference
 from isc._core import DeltaBitmap
@@ -20,32 +21,6 @@ TIMEOUT = 30.0
 NOT_YET = 0.2
 G = 2048  # granularity of every bitmap here: the most chunks per byte
 BLOCK = 4096  # chunks per summary block of the core
-
-
-class Worker:
-    """Run ``fn`` in a daemon thread and keep its result or exception."""
-
-    def __init__(self, fn):
-        self.done = threading.Event()
-        self.result = None
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
-        self.thread.start()
-
-    def _run(self, fn):
-        try:
-            self.result = fn()
-        except BaseException as exc:
-            self.error = exc
-        finally:
-            self.done.set()
-
-    def finish(self):
-        assert self.done.wait(TIMEOUT), "the thread did not finish in time"
-        self.thread.join(TIMEOUT)
-        if self.error is not None:
-            raise self.error
-        return self.result
 
 
 def bits(bitmap, field: str) -> np.ndarray:
