@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import abc
 import itertools
+import json
 import logging
+import socket
 from dataclasses import dataclass, field
 
 from isc.copy import Destination
@@ -213,3 +215,64 @@ class LocalSite(RemoteSite):
         rid = self._next_id()
         entry = self._protections.get(dest.name)
         return Ack(rid, True, info=entry[1].info() if entry else {"protected": False})
+
+
+class AgentSite(RemoteSite):
+    """The site of an ``isc agent`` at ``host:port`` (its control port).
+
+    A destination is known to the agent by its export name, which must be
+    the destination's ``name``. Each request opens a connection, sends one
+    JSON line and waits up to ``timeout`` seconds (default ``timeout`` of the
+    site) for the reply line; an agent that is down, slow or answers
+    nonsense gives a failed :class:`Ack` saying so.
+    """
+
+    def __init__(self, host: str, port: int, *, timeout: float = 30.0) -> None:
+        self.host = host
+        self.port = port
+        self.timeout = timeout
+
+    def _request(self, op: str, dest: Destination, timeout: float | None) -> Ack:
+        rid = self._next_id()
+        wait = self.timeout if timeout is None else timeout
+        where = f"agent {self.host}:{self.port}"
+        line = json.dumps({"id": rid, "op": op, "export": dest.name}).encode() + b"\n"
+        try:
+            with socket.create_connection((self.host, self.port), timeout=wait) as sock:
+                sock.settimeout(wait)
+                sock.sendall(line)
+                reply = json.loads(_read_line(sock))
+        except TimeoutError:
+            return Ack(rid, False, f"{where} did not answer {op} {dest.name} within {wait} s")
+        except (OSError, ValueError) as exc:
+            return Ack(rid, False, f"{where} could not {op} {dest.name}: {exc}")
+        if not isinstance(reply, dict) or reply.get("id") != rid:
+            return Ack(rid, False, f"{where} answered {op} with a reply for another request")
+        extents = tuple((int(o), int(n)) for o, n in reply.get("extents") or ())
+        return Ack(
+            rid, bool(reply.get("ok")), reply.get("reason"), extents, reply.get("info") or {}
+        )
+
+    def protect(self, dest: Destination, timeout: float | None = None) -> Ack:
+        return self._request("protect", dest, timeout)
+
+    def unprotect(self, dest: Destination, timeout: float | None = None) -> Ack:
+        return self._request("unprotect", dest, timeout)
+
+    def rollback(self, dest: Destination, timeout: float | None = None) -> Ack:
+        return self._request("rollback", dest, timeout)
+
+    def status(self, dest: Destination, timeout: float | None = None) -> Ack:
+        return self._request("status", dest, timeout)
+
+
+def _read_line(sock: socket.socket, limit: int = 1 << 20) -> bytes:
+    data = bytearray()
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("the agent closed the connection before replying")
+        data += chunk
+        if len(data) > limit:
+            raise ValueError("the agent's reply is too long")
+    return bytes(data)

@@ -1,0 +1,217 @@
+"""``isc agent``: a remote array that holds destinations and protects them on request.
+
+A protection's snapshot data lives beside the export, in ``.NAME.snapshot``.
+
+The agent exports every regular file in its directory over NBD (export name
+= file name) and answers administrative requests on a control port. Writes
+arriving over NBD to a protected export go through its protection snapshot
+(:class:`isc.remote.Protection`), so a rollback can restore the image the
+export had when it was protected.
+
+Control protocol: newline-delimited JSON over TCP, one object per line.
+A request is ``{"id": N, "op": OP, "export": NAME}`` with OP one of
+``protect``, ``unprotect``, ``rollback``, ``status`` (and ``list``, which
+needs no export). Every request gets exactly one reply line
+``{"id": N, "ok": true|false, "reason": TEXT|null, "extents": [[offset,
+length], ...], "info": {...}}`` (``extents``: the byte ranges a rollback
+rewrote). A line that is not a JSON object, an unknown op or export, or a
+line over 64 KiB gets ``ok: false`` with the reason; the agent never crashes
+on bad input and a bad line changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+from pathlib import Path
+
+from isc.lun import FileLUN
+from isc.remote import Protection
+
+log = logging.getLogger(__name__)
+
+MAX_LINE = 64 << 10
+
+
+class Export:
+    """One exported LUN; its writes go through the protection while there is one."""
+
+    def __init__(self, name: str, lun, snapshot_path: Path) -> None:
+        self.name = name
+        self.lun = lun
+        self.snapshot_path = snapshot_path
+        self.size = lun.size
+        self.protection: Protection | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def closed(self) -> bool:
+        return self.lun.closed
+
+    def read(self, offset: int, length: int) -> bytes:
+        return self.lun.read(offset, length)
+
+    def readinto(self, offset: int, buffer) -> None:
+        self.lun.readinto(offset, buffer)
+
+    def write(self, offset: int, data) -> None:
+        protection = self.protection
+        (protection.front if protection else self.lun).write(offset, data)
+
+    def flush(self) -> None:
+        self.lun.flush()
+
+    def close(self) -> None:
+        self.lun.close()
+
+    # -- requests ------------------------------------------------------------------
+    def protect(self) -> dict:
+        with self._lock:
+            if self.protection is not None:
+                return {"ok": True, "reason": "already protected"}
+            self.protection = Protection(self.lun, path=str(self.snapshot_path))
+            return {"ok": True}
+
+    def unprotect(self) -> dict:
+        with self._lock:
+            if self.protection is None:
+                return {"ok": True, "reason": "not protected"}
+            protection, self.protection = self.protection, None
+            protection.drop()
+            return {"ok": True}
+
+    def rollback(self) -> dict:
+        with self._lock:
+            if self.protection is None:
+                return {"ok": False, "reason": f"{self.name} is not protected: no image to restore"}
+            extents = self.protection.rollback()
+            return {"ok": True, "extents": [list(e) for e in extents]}
+
+    def status(self) -> dict:
+        with self._lock:
+            info = self.protection.info() if self.protection else {"protected": False}
+            return {"ok": True, "info": {"size": self.size, **info}}
+
+
+class Agent:
+    """Serves the files of ``directory``: NBD exports plus the control protocol."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        self.exports = {
+            path.name: Export(path.name, FileLUN(path), self.directory / f".{path.name}.snapshot")
+            for path in sorted(self.directory.iterdir())
+            if path.is_file() and not path.name.startswith(".")
+        }
+
+    def handle(self, line: bytes) -> dict:
+        """Answer one request line; never raises."""
+        try:
+            request = json.loads(line)
+        except (ValueError, UnicodeDecodeError) as exc:
+            return {"id": None, "ok": False, "reason": f"not JSON: {exc}"}
+        if not isinstance(request, dict):
+            return {"id": None, "ok": False, "reason": "a request is a JSON object"}
+        rid = request.get("id")
+        op = request.get("op")
+        try:
+            if op == "list":
+                reply = {"ok": True, "info": {n: e.size for n, e in self.exports.items()}}
+            elif op in ("protect", "unprotect", "rollback", "status"):
+                export = self.exports.get(request.get("export"))  # type: ignore[arg-type]
+                if export is None:
+                    reply = {"ok": False, "reason": f"no export named {request.get('export')!r}"}
+                else:
+                    reply = getattr(export, op)()
+                    log.info("%s %s: %s", op, export.name, reply.get("reason") or "ok")
+            else:
+                reply = {"ok": False, "reason": f"unknown op {op!r}"}
+        except Exception as exc:
+            log.exception("%s failed", op)
+            reply = {"ok": False, "reason": f"{op} failed: {exc}"}
+        return {"id": rid, "reason": None, "extents": [], "info": {}, **reply}
+
+    async def serve_control(self, host: str, port: int) -> asyncio.Server:
+        """Start the control listener in the running event loop."""
+
+        async def client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            loop = asyncio.get_running_loop()
+            try:
+                while True:
+                    try:
+                        line = await reader.readuntil(b"\n")
+                    except asyncio.LimitOverrunError:
+                        writer.write(_encode({"id": None, "ok": False, "reason": "line too long"}))
+                        break
+                    except asyncio.IncompleteReadError:
+                        break
+                    reply = await loop.run_in_executor(None, self.handle, line)
+                    writer.write(_encode(reply))
+                    await writer.drain()
+            except ConnectionError:
+                pass
+            finally:
+                writer.close()
+
+        return await asyncio.start_server(client, host, port, limit=MAX_LINE)
+
+    def close(self) -> None:
+        for export in self.exports.values():
+            if export.protection is not None:
+                export.protection.drop()
+            export.close()
+
+
+def _encode(reply: dict) -> bytes:
+    return json.dumps(reply).encode() + b"\n"
+
+
+def run_agent(
+    directory: str | Path,
+    host: str,
+    port: int,
+    *,
+    nbd_port: int | None = None,
+    ready=None,
+    stop: threading.Event | None = None,
+) -> None:
+    """Serve ``directory`` until ``stop`` is set (or the process is interrupted).
+
+    Control requests on ``host:port``; the exports on NBD ports from
+    ``nbd_port`` (default ``port + 1``) in file-name order, each at
+    ``nbd://host:PORT/NAME`` (port 0: any free ports). ``ready(agent,
+    control_port, uris)`` is called once everything listens.
+    """
+    from isc.nbd import NBDServer
+
+    agent = Agent(directory)
+    servers = []
+    stop = stop or threading.Event()
+    try:
+        base = nbd_port if nbd_port is not None else port + 1
+        uris = {}
+        for offset, (name, export) in enumerate(agent.exports.items()):
+            server = NBDServer(export, name=name)
+            server.start(host, base + offset if base else 0)
+            servers.append(server)
+            uris[name] = server.uri
+            log.info("export %s at %s", name, server.uri)
+
+        async def main() -> None:
+            control = await agent.serve_control(host, port)
+            bound = control.sockets[0].getsockname()[1]
+            log.info("control requests on %s:%d", host, bound)
+            if ready is not None:
+                ready(agent, bound, uris)
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(None, stop.wait)
+            control.close()
+            await control.wait_closed()
+
+        asyncio.run(main())
+    finally:
+        for server in servers:
+            server.close()
+        agent.close()
