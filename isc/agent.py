@@ -110,8 +110,8 @@ class Agent:
         """Answer one request line; never raises."""
         try:
             request = json.loads(line)
-        except (ValueError, UnicodeDecodeError) as exc:
-            return {"id": None, "ok": False, "reason": f"not JSON: {exc}"}
+        except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+            return {"id": None, "ok": False, "reason": f"not JSON: {type(exc).__name__}: {exc}"}
         if not isinstance(request, dict):
             return {"id": None, "ok": False, "reason": "a request is a JSON object"}
         rid = request.get("id")

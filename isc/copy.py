@@ -17,8 +17,10 @@ Three kinds of copy (MISSION.md, "The states and what each operation does"):
 Failure (a destination write raises, the mark is aborted, ``cancel()``):
 the session unmarks, so every chunk not confirmed on every destination is back
 in the tracking bitmap (rule 2); destinations written by this copy become
-INCONSISTENT; ``CopyError`` is raised carrying the :class:`CopyResult`. At most
-the run in flight was sent in vain.
+INCONSISTENT; ``CopyError`` is raised carrying the :class:`CopyResult`. What
+was sent since the last flush of the destinations (at most ``flush_every``
+bytes) is sent again next time: a destination may lose acknowledged writes
+that it never flushed.
 """
 
 from __future__ import annotations
@@ -39,6 +41,14 @@ log = logging.getLogger(__name__)
 
 DEFAULT_IO_SIZE = 1 << 20
 """Bytes per read and per destination write; runs of chunks are coalesced up to it."""
+
+DEFAULT_FLUSH_EVERY = 256 << 20
+"""Bytes sent between flushes of every destination during a copy.
+
+A destination may keep acknowledged writes in a volatile cache until it
+flushes, so a failed copy puts back what it sent since the last flush; this
+bounds that resend.
+"""
 
 
 class DestState(enum.Enum):
@@ -104,7 +114,8 @@ class CopyJob:
     ``throttle`` caps the copy at that many bytes per second (None: no cap).
     ``progress(done_bytes, total_bytes)`` is called after each run is sent.
     ``io_size`` is the largest read and write in bytes, a multiple of the
-    session's granularity. Raises ``ParameterError`` for bad arguments.
+    session's granularity. ``flush_every`` bytes sent, every destination is
+    flushed. Raises ``ParameterError`` for bad arguments.
     """
 
     def __init__(
@@ -115,6 +126,7 @@ class CopyJob:
         throttle: float | None = None,
         progress: Callable[[int, int], object] | None = None,
         io_size: int = DEFAULT_IO_SIZE,
+        flush_every: int = DEFAULT_FLUSH_EVERY,
     ) -> None:
         if not destinations:
             raise ParameterError("a copy job needs at least one destination")
@@ -132,6 +144,8 @@ class CopyJob:
                 f"io_size must be a positive multiple of the granularity "
                 f"{session.granularity}, got {io_size}"
             )
+        if flush_every <= 0:
+            raise ParameterError(f"flush_every must be > 0 bytes, got {flush_every}")
         if throttle is not None and throttle <= 0:
             raise ParameterError(f"throttle must be > 0 bytes per second, got {throttle}")
         self.session = session
@@ -139,6 +153,7 @@ class CopyJob:
         self.throttle = throttle
         self.progress = progress
         self.io_size = io_size
+        self.flush_every = flush_every
         self._cancel = threading.Event()
 
     def cancel(self) -> None:
@@ -217,10 +232,10 @@ class CopyJob:
         result = CopyResult(mode, bytes_total=int((ends - starts).sum()))
         cofw_before = session.stats.cofw_chunks
         buffer = memoryview(bytearray(self.io_size))
-        sent = 0
+        sent = flushed = 0  # runs cleared; runs cleared and flushed on every destination
 
         def send_runs() -> None:
-            nonlocal sent
+            nonlocal sent, flushed
             if stale:
                 self._seed(donor, stale, starts, ends, buffer, result)
             self._join()
@@ -239,12 +254,16 @@ class CopyJob:
                         session.save_area.discard(chunk)
                 result.chunks_sent += count
                 self._ran(result, end - start)
+                if self._flush_due(result):
+                    flushed = sent
+            self._flush(result)
+            flushed = sent
 
-        def restore(unflushed: bool) -> None:
+        def restore() -> None:
             session.unmark()
-            if unflushed:
-                # A failed flush confirms nothing: what was sent goes back too.
-                bitmap.record_writes(starts[:sent], ends[:sent] - starts[:sent])
+            # A destination may keep acknowledged writes in a volatile cache
+            # until it flushes: runs sent since the last flush go back too.
+            bitmap.record_writes(starts[flushed:sent], ends[flushed:sent] - starts[flushed:sent])
 
         self._run(result, send_runs, restore)
         session.unmark()
@@ -271,22 +290,25 @@ class CopyJob:
         size = session.source.size
         result = CopyResult("full-unmarked", bytes_total=size)
         buffer = memoryview(bytearray(self.io_size))
-        done = 0
+        done = flushed = 0
 
         def send_all() -> None:
-            nonlocal done
+            nonlocal done, flushed
             while done < size:
                 view = buffer[: min(self.io_size, size - done)]
                 session.source.readinto(done, view)
                 self._send(self.destinations, done, view, result)
                 done += len(view)
                 self._ran(result, len(view))
+                if self._flush_due(result):
+                    flushed = done
+            self._flush(result)
+            flushed = done
 
-        def put_back(unflushed: bool) -> None:
-            # Tracking was cleared when the copy began: what was not sent (or,
-            # after a failed flush, everything) goes back.
-            start = 0 if unflushed else done
-            session.bitmap.record_write(start, size - start)
+        def put_back() -> None:
+            # Tracking was cleared when the copy began: what was not sent and
+            # flushed goes back.
+            session.bitmap.record_write(flushed, size - flushed)
 
         with session.marks_held("an unmarked full copy is running"):
             for dest in self.destinations:
@@ -319,28 +341,33 @@ class CopyJob:
         if self._cancel.is_set():
             raise CopyCancelled(f"the copy of {self.session.name} was cancelled")
 
-    def _run(
-        self, result: CopyResult, body: Callable[[], None], restore: Callable[[bool], None]
-    ) -> None:
-        """Run ``body`` then flush; on any failure ``restore`` rule 2 and raise ``CopyError``.
+    def _flush_due(self, result: CopyResult) -> bool:
+        """Flush every destination once ``flush_every`` bytes were sent since the last flush."""
+        if result.bytes_sent - self._flushed_bytes < self.flush_every:
+            return False
+        self._flush(result)
+        return True
 
-        ``restore(unflushed)`` is told whether the failure was the flush.
-        """
+    def _flush(self, result: CopyResult) -> None:
+        for dest in self.destinations:
+            try:
+                dest.lun.flush()
+            except Exception as exc:
+                result.outcomes[dest.name] = f"flush failed: {exc}"
+                raise
+        self._flushed_bytes = result.bytes_sent
+
+    def _run(
+        self, result: CopyResult, body: Callable[[], None], restore: Callable[[], None]
+    ) -> None:
+        """Run ``body``; on any failure ``restore`` rule 2 and raise ``CopyError``."""
         self._cancel.clear()
         self._started = time.monotonic()
-        unflushed = False
+        self._flushed_bytes = 0
         try:
             body()
-            unflushed = True
-            for dest in self.destinations:
-                try:
-                    dest.lun.flush()
-                except Exception as exc:
-                    result.outcomes[dest.name] = f"flush failed: {exc}"
-                    raise
-            unflushed = False
         except BaseException as exc:
-            restore(unflushed)
+            restore()
             result.seconds = time.monotonic() - self._started
             for dest in self.destinations:
                 result.outcomes.setdefault(dest.name, "interrupted")

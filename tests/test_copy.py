@@ -407,8 +407,9 @@ TestCopyMachine.settings = settings(
 
 
 def test_a_destination_write_failure_unmarks_and_the_next_copy_repairs():
+    # Flushing after every run confirms each one: only unsent runs go back.
     size = 40 * G
-    session, (dest,), job = seeded(size, seed=1, io_size=4 * G)
+    session, (dest,), job = seeded(size, seed=1, io_size=4 * G, flush_every=4 * G)
     session.write(0, random.Random(2).randbytes(size))
     session.mark()
     dest.lun.fail_at = 3
@@ -582,7 +583,7 @@ def test_mark_and_a_second_unmarked_full_copy_are_refused_while_one_runs():
 
 def test_a_failed_unmarked_full_copy_puts_the_unsent_range_back():
     size = 40 * G + 100
-    session, (dest,), job = seeded(size, seed=10, io_size=4 * G)
+    session, (dest,), job = seeded(size, seed=10, io_size=4 * G, flush_every=4 * G)
     session.write(0, random.Random(11).randbytes(size))
     dest.lun.fail_at = 4
     with pytest.raises(CopyError) as failure:
@@ -866,6 +867,20 @@ def test_a_destination_left_out_of_a_copy_is_not_reported_consistent_after_a_lat
     CopyJob(session, [a, b]).incremental()
     assert contents(a) == session.read(0, size)
     assert b.state is not DestState.CONSISTENT or contents(b) == session.read(0, size)
+
+
+def test_runs_sent_since_the_last_flush_go_back_when_a_copy_fails():
+    # A destination may drop acknowledged writes it never flushed: a copy that
+    # fails puts back every run sent since its last flush (rule 2).
+    size = 40 * G
+    session, (dest,), job = seeded(size, seed=21, io_size=4 * G, flush_every=8 * G)
+    session.write(0, random.Random(22).randbytes(size))
+    session.mark()
+    dest.lun.fail_at = 4  # runs 1-2 flushed together, run 3 sent unflushed, run 4 fails
+    with pytest.raises(CopyError):
+        job.incremental()
+    assert [c for c in range(40) if session.bitmap.tracking(c)] == list(range(8, 40))
+    assert_no_lost_change(session, dest.lun)
 
 
 def test_a_failed_flush_keeps_the_written_chunks_to_send():
