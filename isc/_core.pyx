@@ -720,18 +720,14 @@ cdef class DeltaBitmap:
         """Wait for writes in flight to end and hold off new ``begin_write`` calls until ``thaw``.
 
         Lets a caller mark several delta bitmaps at one point in time (a
-        consistency group): freeze them all, mark them all, thaw them all.
-        ``mark`` and the other methods still work while frozen. Raises
-        ``StateError`` when already frozen.
+        consistency group: freeze them all, mark them all, thaw them all) or
+        snapshot one between writes. ``mark`` and the other methods still
+        work while frozen. Freezing is exclusive: a second ``freeze`` waits
+        for the first one's ``thaw``.
         """
         self._acquire()
-        if self._frozen:
-            self._release()
-            raise _layout.StateError(
-                "delta bitmap is already frozen; thaw it before freezing it again"
-            )
         with nogil:
-            while self._marking:
+            while self._marking or self._frozen:
                 pthread_cond_wait(&self._cv, &self._mu)
             isc_store_flag(&self._frozen, 1)
             while isc_load(&self._in_flight):

@@ -15,7 +15,7 @@ import numpy as np
 
 from isc import _layout
 from isc._layout import DEFAULT_GRANULARITY, check_geometry, chunk_error, write_range_error
-from isc.errors import ParameterError, RangeError, StateError
+from isc.errors import ParameterError, RangeError
 
 _NO_CHUNKS = np.empty(0, dtype=np.int64)
 
@@ -185,9 +185,7 @@ class DeltaBitmap:
 
     def freeze(self) -> None:
         with self._lock:
-            if self._frozen:
-                raise StateError("delta bitmap is already frozen; thaw it before freezing it again")
-            while self._marking:
+            while self._marking or self._frozen:
                 self._lock.wait()
             self._frozen = True
             while self._in_flight:

@@ -633,8 +633,8 @@ def test_mark_group_marks_none_when_one_session_cannot_be_marked(busy):
 def test_freeze_holds_new_writes_until_thaw():
     bitmap = DeltaBitmap(SIZE, G)
     bitmap.freeze()
-    with pytest.raises(StateError, match="already frozen"):
-        bitmap.freeze()
+    refrozen = threading.Event()
+    second = Worker(lambda: (bitmap.freeze(), refrozen.set()))  # freezing is exclusive
     began = threading.Event()
     writer = Worker(lambda: (bitmap.begin_write(0, G), began.set()))
     try:
@@ -642,8 +642,12 @@ def test_freeze_holds_new_writes_until_thaw():
         assert bitmap.tracking_count == 0
         bitmap.mark()  # marking still works while frozen: that is what freezing is for
         assert bitmap.generation == 1
+        assert not refrozen.is_set()
     finally:
         bitmap.thaw()
+    second.finish()  # the second freeze got its turn ...
+    assert not began.is_set() or bitmap.tracking(0)
+    bitmap.thaw()  # ... and its thaw lets the write go
     writer.finish()
     assert began.is_set()
     bitmap.end_write(0, G, False)
