@@ -24,7 +24,14 @@ Opening a directory after a crash loads the newest checkpoint, ends an
 interrupted copy as failed (unmark: unsent chunks return to tracking, rule 2)
 and adds every region of the logs to the tracking bitmap: no change is lost,
 at most ``max_hot`` regions more are resent. Chunks a copy confirmed before
-its last checkpoint are not resent.
+its last checkpoint are not resent. A copy run through
+:meth:`PersistentSession.begin_copy` is recorded in ``session.json`` while it
+runs, so its destinations read inconsistent until it ends (rule 6) and a
+crash in an unmarked full copy, which clears tracking as it begins, leaves
+everything to send again (rule 2).
+
+:func:`read_state` reads a directory without opening the session (no lock,
+no writes), for status reports while another process holds it.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ import re
 import struct
 import threading
 import zlib
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,15 +66,32 @@ DEFAULT_CHECKPOINT_INTERVAL = 30.0
 _RECORD = struct.Struct("<QQI")
 _CHECKPOINT = re.compile(r"checkpoint\.(\d+)$")
 _LOG = re.compile(r"activity\.(\d+)\.log$")
+_URI = re.compile(r"nbds?(\+unix)?://")
+COPY_MODES = ("incremental", "full", "full-unmarked")
+"""The kinds of copy :meth:`PersistentSession.begin_copy` records (``CopyResult.mode``)."""
+
+
+def is_uri(target: str) -> bool:
+    """Whether ``target`` names an NBD export (``nbd://``, ``nbd+unix://``) rather than a path."""
+    return _URI.match(target) is not None
 
 
 def open_lun(target: str):
     """Open a LUN from a path or an NBD URI (``nbd://``, ``nbd+unix://``)."""
-    if target.startswith("nbd"):
+    if is_uri(target):
         from isc.nbd import NBDLUN
 
         return NBDLUN(target)
     return FileLUN(target)
+
+
+def _open_named(target: str, what: str):
+    """``open_lun``, with an OSError that says which of the session's LUNs failed."""
+    try:
+        return open_lun(target)
+    except OSError as exc:
+        message = f"cannot open {what} at {target}: {exc.strerror or exc}"
+        raise (OSError(exc.errno, message) if exc.errno else OSError(message)) from exc
 
 
 def write_atomically(path: Path, data: bytes) -> None:
@@ -168,30 +193,36 @@ class PersistentSession:
     def __init__(self, directory: Path, meta: dict, bitmap: DeltaBitmap | None) -> None:
         self.directory = directory
         self.meta = meta
-        self.source = open_lun(meta["source"])
-        area = meta.get("save_area") or {}
-        capacity = area.get("capacity") or min(self.source.size, DEFAULT_SAVE_AREA)
-        self.session = Session(
-            self.source,
-            meta["granularity"],
-            SaveArea(capacity, area.get("path")),
-            name=meta["name"],
-            bitmap=bitmap,
-        )
-        self.session.epoch = meta.get("epoch", 0)
-        self._targets = {d["name"]: d["target"] for d in meta.get("destinations", [])}
-        self.destinations = [
-            Destination(open_lun(d["target"]), d["name"], DestState(d["state"]), d.get("epoch"))
-            for d in meta.get("destinations", [])
-        ]
-        self.region_size = meta.get("region_size", DEFAULT_REGION_SIZE)
-        self.max_hot = meta.get("max_hot", DEFAULT_MAX_HOT)
+        with ExitStack() as opened:
+            # Close what was opened if a later LUN or the save area fails.
+            self.source = _open_named(meta["source"], "the source")
+            opened.callback(self.source.close)
+            area = meta["save_area"] or {}
+            capacity = area.get("capacity") or min(self.source.size, DEFAULT_SAVE_AREA)
+            save_area = SaveArea(capacity, area.get("path"))
+            opened.callback(save_area.close)
+            self.session = Session(
+                self.source, meta["granularity"], save_area, name=meta["name"], bitmap=bitmap
+            )
+            self.destinations = []
+            for d in meta["destinations"]:
+                lun = _open_named(d["target"], f"destination {d['name']}")
+                opened.callback(lun.close)
+                self.destinations.append(
+                    Destination(lun, d["name"], DestState(d["state"]), d["epoch"])
+                )
+            opened.pop_all()
+        self.session.epoch = meta["epoch"]
+        self._targets = {d["name"]: d["target"] for d in meta["destinations"]}
+        self.region_size = meta["region_size"]
+        self.max_hot = meta["max_hot"]
         self._log: ActivityLog | None = None
         self._wake = threading.Event()
         self._closing = threading.Event()
         self._checkpoint_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._lock_fd = -1
+        self._closed = False
 
     # -- running ---------------------------------------------------------------------
     def _start(self, generation: int, interval: float) -> None:
@@ -219,9 +250,13 @@ class PersistentSession:
                     log.error("%s: checkpoint failed: %s", self.meta["name"], exc)
 
     def checkpoint(self) -> None:
-        """Save the bitmap now and retire the hot regions (see the module docstring)."""
-        assert self._log is not None
+        """Save the bitmap now and retire the hot regions (see the module docstring).
+
+        Raises ``StateError`` once the session is closed.
+        """
         with self._checkpoint_lock:
+            if self._log is None:
+                raise StateError(f"{self.meta['name']} is closed; open it again to checkpoint")
             bitmap = self.session.bitmap
             bitmap.freeze()
             try:
@@ -238,9 +273,44 @@ class PersistentSession:
             _fsync_dir(self.directory)
 
     def save(self) -> None:
-        """Write the metadata (destinations, their states, epoch) atomically."""
-        self.meta["epoch"] = self.session.epoch
-        self.meta["destinations"] = [
+        """Write the metadata (destinations, their states, epoch) atomically.
+
+        Ends what :meth:`begin_copy` recorded: call it once the copy is over.
+        """
+        self.meta = self._current_meta()
+        write_atomically(self.directory / METADATA, _encode(self.meta))
+
+    def begin_copy(self, destinations, mode: str) -> None:
+        """Record durably that a copy (``mode`` in :data:`COPY_MODES`) to ``destinations`` starts.
+
+        Call it before the copy or update writes anything, and :meth:`save`
+        after it ends (the workflows do not know the store). Until then the
+        metadata shows those destinations inconsistent, as each becomes at its
+        first write (rule 6), and an open after a crash ends the copy as
+        failed: an unmarked full copy, which cleared tracking as it began,
+        leaves every chunk to send again; a marked one leaves in step only the
+        destinations of the copy that were in step (what it cleared reached
+        them and no other), rule 2. Raises ``ParameterError`` for an unknown
+        mode or destination, before writing anything.
+        """
+        names = [d.name for d in destinations]
+        unknown = [name for name in names if name not in self._targets]
+        if mode not in COPY_MODES or unknown:
+            raise ParameterError(
+                f"begin_copy needs a mode in {COPY_MODES} and destinations of "
+                f"{self.meta['name']}; got {mode!r} and unknown {unknown}"
+            )
+        meta = self._current_meta()
+        for dest in meta["destinations"]:
+            if dest["name"] in names:
+                dest["state"] = DestState.INCONSISTENT.value
+        meta["copy"] = {"mode": mode, "destinations": names}
+        write_atomically(self.directory / METADATA, _encode(meta))
+
+    def _current_meta(self) -> dict:
+        meta = {key: value for key, value in self.meta.items() if key != "copy"}
+        meta["epoch"] = self.session.epoch
+        meta["destinations"] = [
             {
                 "name": d.name,
                 "target": self._targets[d.name],
@@ -249,7 +319,7 @@ class PersistentSession:
             }
             for d in self.destinations
         ]
-        write_atomically(self.directory / METADATA, _encode(self.meta))
+        return meta
 
     def add_destination(self, target: str, name: str | None = None) -> Destination:
         """Add a NEW destination (a path or an NBD URI) and save the metadata.
@@ -257,7 +327,7 @@ class PersistentSession:
         Raises ``ParameterError`` for a duplicate name or a destination
         smaller than the source.
         """
-        lun = open_lun(target)
+        lun = _open_named(target, "the destination")
         name = name or Path(target).name or target
         if any(d.name == name for d in self.destinations):
             lun.close()
@@ -275,15 +345,30 @@ class PersistentSession:
         return dest
 
     def close(self) -> None:
-        """Checkpoint exactly, save the metadata and release everything."""
+        """Checkpoint exactly, save the metadata and release everything. Idempotent."""
+        if self._closed:
+            return
+        try:
+            self._stop_checkpointer()
+            if self._log is not None:
+                self.checkpoint()
+            self.save()
+        finally:
+            self._release()
+
+    def _stop_checkpointer(self) -> None:
         self._closing.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join()
-        if self._log is not None:
-            self.checkpoint()
-            self._log.close()
-        self.save()
+
+    def _release(self) -> None:
+        """Close the log, the LUNs, the save area and the lock, writing nothing."""
+        self._closed = True
+        with self._checkpoint_lock:
+            if self._log is not None:
+                self._log.close()
+                self._log = None
         for dest in self.destinations:
             dest.lun.close()
         self.session.save_area.close()
@@ -309,7 +394,7 @@ def _read_meta(directory: Path) -> dict:
         meta = json.loads(path.read_bytes())
     except FileNotFoundError:
         raise StateError(f"{directory} holds no isc session (no {METADATA}); create one") from None
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise CorruptMetadata(f"{path} is not valid JSON: {exc}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CorruptMetadata(f"{path} is not an isc session file")
@@ -317,10 +402,63 @@ def _read_meta(directory: Path) -> dict:
         raise CorruptMetadata(
             f"{path} has version {meta.get('version')!r}; this isc reads version {VERSION}"
         )
-    for key, kind in (("name", str), ("source", str), ("granularity", int)):
-        if not isinstance(meta.get(key), kind):
-            raise CorruptMetadata(f"{path}: field {key!r} is missing or not a {kind.__name__}")
+    problem = _meta_problem(meta)
+    if problem:
+        raise CorruptMetadata(f"{path}: {problem}")
     return meta
+
+
+def _count(value: object, low: int = 0) -> bool:
+    return type(value) is int and value >= low
+
+
+def _meta_problem(meta: dict) -> str | None:
+    """What is wrong with a session file's fields, or None.
+
+    Every field is checked here, so a damaged file fails at open with its name
+    rather than later inside a host write or a copy.
+    """
+    for key, kind in (("name", str), ("source", str)):
+        if not isinstance(meta.get(key), kind):
+            return f"field {key!r} is missing or not a {kind.__name__}"
+    for key, low in (("granularity", 1), ("region_size", 1), ("max_hot", 1), ("epoch", 0)):
+        if not _count(meta.get(key), low):
+            return f"field {key!r} is missing or not an integer >= {low}"
+    region, granularity = meta["region_size"], meta["granularity"]
+    if region < granularity or region & (region - 1):
+        return f"region_size {region} is not a power of two >= the granularity {granularity}"
+    area = meta.get("save_area", False)
+    if area is not None and not (
+        isinstance(area, dict)
+        and (area.get("capacity") is None or _count(area.get("capacity"), 1))
+        and isinstance(area.get("path"), (str, type(None)))
+    ):
+        return "field 'save_area' is not null nor {capacity: bytes or null, path: str or null}"
+    dests = meta.get("destinations")
+    if not isinstance(dests, list):
+        return "field 'destinations' is missing or not a list"
+    states = tuple(state.value for state in DestState)
+    for dest in dests:
+        if not (
+            isinstance(dest, dict)
+            and isinstance(dest.get("name"), str)
+            and isinstance(dest.get("target"), str)
+            and dest.get("state") in states
+            and (dest.get("epoch") is None or _count(dest.get("epoch")))
+        ):
+            return f"destination {dest!r} is not {{name, target, state, epoch}}"
+    names = [dest["name"] for dest in dests]
+    if len(set(names)) != len(names):
+        return f"destination names repeat: {names}"
+    copy = meta.get("copy")
+    if copy is not None and not (
+        isinstance(copy, dict)
+        and copy.get("mode") in COPY_MODES
+        and isinstance(copy.get("destinations"), list)
+        and all(name in names for name in copy["destinations"])
+    ):
+        return f"field 'copy' is not {{mode, destinations of this session}}: {copy!r}"
+    return None
 
 
 def create_session(
@@ -335,24 +473,26 @@ def create_session(
 ) -> None:
     """Create a persistent session for ``source`` in ``directory`` (made if missing).
 
-    Raises ``StateError`` when the directory already holds a session and the
-    errors of :class:`Session` and :func:`open_lun` for bad parameters;
-    nothing is written then.
+    ``save_area`` is ``(capacity, path or None)``. Raises ``StateError`` when
+    the directory already holds a session or the files of one,
+    ``ParameterError`` for bad parameters and the errors of :func:`open_lun`
+    for a source that cannot be opened; nothing is written then.
     """
     path = Path(directory)
     if (path / METADATA).exists():
         raise StateError(f"{path} already holds an isc session; open it or choose another")
-    with open_lun(source) as lun:
+    leftovers = path.is_dir() and any(
+        _CHECKPOINT.match(p.name) or _LOG.match(p.name) for p in path.iterdir()
+    )
+    if leftovers:
+        # They would be read as this session's state at its first open.
+        raise StateError(f"{path} holds files of an earlier isc session; choose an empty directory")
+    with _open_named(source, "the source") as lun:
         Session(lun, granularity)  # validates the granularity against the source
-    if region_size < granularity or region_size & (region_size - 1):
-        raise ParameterError(
-            f"region size must be a power of two >= the granularity, got {region_size}"
-        )
-    path.mkdir(parents=True, exist_ok=True)
     meta = {
         "format": FORMAT,
         "version": VERSION,
-        "name": name or path.name,
+        "name": name or path.absolute().name,
         "source": source,
         "granularity": granularity,
         "save_area": {"capacity": save_area[0], "path": save_area[1]} if save_area else None,
@@ -361,6 +501,10 @@ def create_session(
         "epoch": 0,
         "destinations": [],
     }
+    problem = _meta_problem(meta)
+    if problem:
+        raise ParameterError(f"cannot create a session in {path}: {problem}")
+    path.mkdir(parents=True, exist_ok=True)
     write_atomically(path / METADATA, _encode(meta))
 
 
@@ -387,6 +531,89 @@ def open_session(
     return stored, recovery
 
 
+@dataclass(frozen=True)
+class StoredState:
+    """A state directory as its files describe it, read without opening the session.
+
+    ``bitmap`` is the newest checkpoint (None before the first open). When
+    ``in_use``, another process holds the session: the bitmap is as of its
+    last checkpoint and ``meta`` as of its last save. Otherwise
+    ``pending_regions`` counts the regions logged before a crash, which the
+    next open tracks again.
+    """
+
+    meta: dict
+    bitmap: DeltaBitmap | None
+    in_use: bool
+    pending_regions: int
+
+
+def read_state(directory: str | os.PathLike[str], *, tries: int = 5) -> StoredState:
+    """Read a session's files without taking its lock or writing anything.
+
+    Raises ``StateError`` when there is no session (or its files kept
+    changing under ``tries`` reads) and ``CorruptMetadata`` naming the file
+    when one is corrupt, truncated or foreign.
+    """
+    path = Path(directory)
+    for _ in range(tries):
+        meta = _read_meta(path)
+        in_use = _in_use(path)
+        try:
+            _, bitmap, regions = _load(path, meta, with_logs=not in_use)
+        except FileNotFoundError:
+            continue  # the holder's checkpoint replaced a file being read: read again
+        return StoredState(meta, bitmap, in_use, len(regions))
+    raise StateError(f"{path} kept changing while it was read; try again")
+
+
+def _load(path: Path, meta: dict, *, with_logs: bool) -> tuple[int, DeltaBitmap | None, set[int]]:
+    """The highest file generation, the newest checkpoint and the regions logged since it.
+
+    Raises ``CorruptMetadata`` naming the file that is damaged or does not
+    fit the metadata, before anything is opened or written.
+    """
+    files = [
+        (m, p) for p in path.iterdir() if (m := _CHECKPOINT.match(p.name) or _LOG.match(p.name))
+    ]
+    generations = [int(m.group(1)) for m, _ in files]
+    checkpoints = sorted((int(m.group(1)), p) for m, p in files if m.re is _CHECKPOINT)
+    generation, bitmap = 0, None
+    if checkpoints:
+        generation, newest = checkpoints[-1]
+        try:
+            bitmap = DeltaBitmap.from_bytes(newest.read_bytes())
+        except CorruptMetadata as exc:
+            raise CorruptMetadata(f"{newest}: {exc}") from None
+        if bitmap.granularity != meta["granularity"]:
+            raise CorruptMetadata(
+                f"{newest} tracks at {bitmap.granularity} bytes, {path / METADATA} says "
+                f"{meta['granularity']}"
+            )
+    regions: set[int] = set()
+    logs = sorted((int(m.group(1)), p) for m, p in files if m.re is _LOG and with_logs)
+    for log_path in [p for gen, p in logs if gen >= generation]:
+        for first, last in read_log(log_path):
+            if bitmap is None or last * meta["region_size"] >= bitmap.size:
+                raise CorruptMetadata(f"{log_path}: region {last} lies outside the tracked LUN")
+            regions.update(range(first, last + 1))
+    return max(generations, default=0), bitmap, regions
+
+
+def _in_use(directory: Path) -> bool:
+    try:
+        fd = os.open(directory / ".lock", os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
 def _lock(directory: Path) -> int:
     """Hold the directory's lock file: one process at a time opens a session."""
     fd = os.open(directory / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -401,52 +628,57 @@ def _lock(directory: Path) -> int:
 def _recover(
     path: Path, meta: dict, checkpoint_interval: float
 ) -> tuple[PersistentSession, Recovery]:
-    checkpoints = sorted(
-        (int(m.group(1)), p) for p in path.iterdir() if (m := _CHECKPOINT.match(p.name))
-    )
-    logs = sorted((int(m.group(1)), p) for p in path.iterdir() if (m := _LOG.match(p.name)))
-    generation, data = 0, None
-    if checkpoints:
-        generation, newest = checkpoints[-1]
-        data = newest.read_bytes()
-    records = [r for gen, p in logs if gen >= generation for r in read_log(p)]
-    bitmap = None
-    if data is not None:
-        try:
-            bitmap = DeltaBitmap.from_bytes(data)
-        except CorruptMetadata as exc:
-            raise CorruptMetadata(f"{path / f'checkpoint.{generation}'}: {exc}") from None
+    last, bitmap, regions = _load(path, meta, with_logs=True)
     try:
         stored = PersistentSession(path, meta, bitmap)
     except (KeyError, TypeError, ValueError) as exc:
         raise CorruptMetadata(f"{path / METADATA}: {type(exc).__name__}: {exc}") from None
+    try:
+        recovery = _repair(stored, regions, meta.get("copy"))
+        stored._start(last + 1, checkpoint_interval)
+        stored.checkpoint()
+        if meta.get("copy") is not None:
+            stored.save()  # after the checkpoint: the copy's end is recorded last
+    except BaseException:
+        stored._stop_checkpointer()
+        stored._release()
+        raise
+    return stored, recovery
+
+
+def _repair(stored: PersistentSession, regions: set[int], copy: dict | None) -> Recovery:
+    """Apply what the logs and an unfinished copy say to the loaded state (rules 2, 6, 9)."""
     session = stored.session
-    interrupted = session.bitmap.marked and (bool(records) or session.bitmap.saved_count > 0)
-    if interrupted:
+    size = stored.source.size
+    saved = session.bitmap.saved_count > 0
+    interrupted = copy is not None or (session.bitmap.marked and (bool(regions) or saved))
+    if session.bitmap.marked and interrupted:
         # The save area did not survive: the copy is over (rule 2 keeps what it owed).
         session.unmark()
-    regions = set()
-    for first, last in records:
-        regions.update(range(first, last + 1))
-    size = stored.source.size
     for region in sorted(regions):
         start = region * stored.region_size
-        if start < size:
-            session.bitmap.record_write(start, min(stored.region_size, size - start))
-    newest = max([g for g, _ in checkpoints] + [g for g, _ in logs] + [0])
-    stored._start(newest + 1, checkpoint_interval)
-    stored.checkpoint()
+        session.bitmap.record_write(start, min(stored.region_size, size - start))
+    if copy is not None and copy["mode"] == "full-unmarked":
+        # It cleared tracking as it began; where it stopped is unknown.
+        session.bitmap.record_write(0, size)
+    elif copy is not None:
+        # What it cleared reached every destination of the copy and no other.
+        before = session.epoch
+        session.epoch += 1
+        for dest in stored.destinations:
+            if dest.name in copy["destinations"] and dest.epoch == before:
+                dest.epoch = session.epoch
     recovery = Recovery(
-        crashed=bool(records),
+        crashed=bool(regions) or copy is not None,
         interrupted_copy=interrupted,
         regions_resent=len(regions),
         bytes_resent_bound=len(regions) * stored.region_size,
     )
-    if records:
+    if recovery.crashed:
         log.warning(
             "%s: recovered after a crash: %d hot region(s) tracked again%s",
-            meta["name"],
+            stored.meta["name"],
             len(regions),
-            ", interrupted copy failed" if interrupted else "",
+            f", {copy['mode'] if copy else 'interrupted'} copy failed" if interrupted else "",
         )
-    return stored, recovery
+    return recovery

@@ -1,0 +1,109 @@
+"""``isc serve`` and ``isc agent``: the long-running commands.
+
+Each prints one line per address it listens on, then ``ready``, and runs
+until SIGINT or SIGTERM, when it stops cleanly (a persistent session is
+checkpointed and closed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import threading
+
+from isc._units import parse_size
+from isc.commands import _site as host_port
+
+
+def listen_address(text: str) -> tuple[str, int]:
+    """HOST:PORT to listen on; port 0 picks a free port."""
+    if text.endswith(":0"):
+        return host_port(text[:-1] + "1")[0], 0
+    return host_port(text)
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    serve = commands.add_parser(
+        "serve",
+        help="export a source over NBD with an isc session on its write path",
+        description="Export SOURCE (a session directory, or a LUN path or URI) over NBD: "
+        "every write an NBD client makes is a tracked host write.",
+    )
+    serve.add_argument("source", help="a session directory, or a LUN file, device or NBD URI")
+    serve.add_argument(
+        "--listen",
+        type=listen_address,
+        default=("127.0.0.1", 10809),
+        metavar="HOST:PORT",
+        help="NBD address (default 127.0.0.1:10809)",
+    )
+    serve.add_argument(
+        "--granularity",
+        type=parse_size,
+        default=65536,
+        help="chunk size of an ephemeral session (default 64K)",
+    )
+    serve.add_argument(
+        "--every",
+        type=float,
+        metavar="SECONDS",
+        help="run periodic updates of a session directory's destinations",
+    )
+    serve.add_argument(
+        "--site",
+        type=host_port,
+        metavar="HOST:PORT",
+        help="the destinations' isc agent (default: protect in this process)",
+    )
+    serve.set_defaults(daemon="serve")
+    agent = commands.add_parser(
+        "agent",
+        help="a remote array: export the LUN files of a directory, protect them on request",
+        description="Export every file of DIR over NBD (ports from the control port + 1, "
+        "in name order) and answer protect/unprotect/rollback/status requests "
+        "(newline-delimited JSON) on the control port.",
+    )
+    agent.add_argument(
+        "--listen", type=listen_address, required=True, metavar="HOST:PORT", help="control address"
+    )
+    agent.add_argument("--dir", required=True, help="directory of LUN files to export")
+    agent.add_argument("--nbd-port", type=int, help="first NBD port (default: control port + 1)")
+    agent.set_defaults(daemon="agent")
+
+
+def run(args: argparse.Namespace) -> int:
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    if args.daemon == "serve":
+        from isc.remote import AgentSite
+        from isc.serve import run_serve
+
+        def served(session, uri: str) -> None:
+            print(f"export {session.name} {uri}", flush=True)
+            print("ready", flush=True)
+
+        site = AgentSite(*args.site) if args.site else None
+        host, port = args.listen
+        run_serve(
+            args.source,
+            host,
+            port,
+            granularity=args.granularity,
+            every=args.every,
+            site=site,
+            ready=served,
+            stop=stop,
+        )
+        return 0
+    from isc.agent import run_agent
+
+    def listening(agent, control_port: int, uris: dict) -> None:
+        for name, uri in uris.items():
+            print(f"export {name} {uri}", flush=True)
+        print(f"control {args.listen[0]}:{control_port}", flush=True)
+        print("ready", flush=True)
+
+    host, port = args.listen
+    run_agent(args.dir, host, port, nbd_port=args.nbd_port, ready=listening, stop=stop)
+    return 0

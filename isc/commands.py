@@ -1,0 +1,551 @@
+"""The session commands of the ``isc`` command line, on persistent sessions (:mod:`isc.store`).
+
+SESSION is a state directory. A command opens it, does one thing and closes
+it (a clean close checkpoints the bitmaps exactly), so each command is one
+process holding the session's lock; another command on the same session
+meanwhile fails with "in use by another isc process".
+
+=========================================  ======================================
+``isc create SESSION --source PATH|URI``   make the state directory (nothing else)
+``isc add-dest SESSION PATH|URI``          add a destination (NEW: full copy first)
+``isc mark SESSION`` / ``isc unmark``      freeze / release a point in time
+``isc copy SESSION [--full [--unmarked]]`` incremental (marked) / marked full /
+                                           unmarked full copy to every destination
+``isc update SESSION [--every S]``         the periodic incremental update workflow
+``isc status SESSION [--json]``            read-only: works while another process
+                                           holds the session
+``isc rollback SESSION DEST --site H:P``   restore a destination's protected image
+=========================================  ======================================
+
+A copy is recorded in the session file while it runs
+(:meth:`~isc.store.PersistentSession.begin_copy`) and checkpointed every
+:data:`CHECKPOINT_EVERY` bytes sent, so after a crash its destinations read
+inconsistent and the next copy resends only what was not confirmed. Errors
+(``IscError``, ``OSError``) reach :func:`isc.cli.main`, which prints them as
+one line and exits 1; argparse exits 2 for usage errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+
+from isc import store
+from isc._cli_tools import _granularity, _positive, _size
+from isc._layout import DEFAULT_GRANULARITY
+from isc._units import format_bytes, size_label
+from isc.copy import CopyJob, CopyResult, Destination, DestState
+from isc.errors import IscError, ParameterError, StateError
+from isc.session import DEFAULT_SAVE_AREA
+from isc.update import DEFAULT_TIMEOUT, PeriodicUpdate, rollback
+
+CHECKPOINT_EVERY = 64 << 20
+"""Bytes a copy sends between checkpoints: what a crash can make it send again."""
+
+# -- argument types ----------------------------------------------------------------------
+
+
+def _target(text: str) -> str:
+    """A LUN as stored in the session file: an NBD URI as given, a path made absolute."""
+    return text if store.is_uri(text) else os.path.abspath(text)
+
+
+def _save_area(text: str) -> tuple[int, str | None]:
+    size, _, path = text.partition(",")
+    return _size(size), _target(path) if path else None
+
+
+def _site(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT (a port from 1 to 65535)")
+    return host.strip("[]"), int(port)
+
+
+# -- registration ------------------------------------------------------------------------
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    """Add the session commands to the ``isc`` parser's ``commands``."""
+
+    def command(name: str, run: Callable[[argparse.Namespace], int], help: str, description=None):
+        parser = commands.add_parser(name, help=help, description=description or help)
+        parser.add_argument("session", metavar="SESSION", help="the session's state directory")
+        parser.set_defaults(session_command=run, session_parser=parser)
+        return parser
+
+    create = command(
+        "create",
+        _create,
+        "create a persistent session on a source LUN",
+        description="Create a session's state directory for a source LUN (a file, a block "
+        "device or an NBD URI). Every host write must then go through the session: from "
+        "other programs, through its NBD export (isc serve).",
+    )
+    create.add_argument("--source", required=True, metavar="PATH|URI", help="the source LUN")
+    create.add_argument(
+        "--granularity",
+        type=_granularity,
+        default=DEFAULT_GRANULARITY,
+        metavar="SIZE",
+        help="chunk size, a power of two from 2K to 64K (default 64K)",
+    )
+    create.add_argument(
+        "--save-area",
+        type=_save_area,
+        metavar="SIZE[,PATH]",
+        help=f"COFW save area capacity, in a file at PATH if given (default "
+        f"{size_label(DEFAULT_SAVE_AREA)} or the source's size if smaller, in memory)",
+    )
+    create.add_argument("--name", help="the session's name (default: the directory's name)")
+
+    add_dest = command("add-dest", _add_dest, "add a destination LUN to a session")
+    add_dest.add_argument("target", metavar="PATH|URI", help="the destination LUN")
+    add_dest.add_argument("--name", help="its name (default: the file or export name)")
+
+    command("mark", _mark, "freeze a point in time to copy (isc copy sends it)")
+    command("unmark", _unmark, "end a mark: what was not sent goes back to tracking")
+
+    copy = command(
+        "copy",
+        _copy,
+        "copy the source to every destination",
+        description="Copy to every destination of the session. Default: the incremental "
+        "copy of a marked session (isc mark first); --full: a marked full copy; --full "
+        "--unmarked: an unmarked full copy (no COFW; destinations end inconsistent until "
+        "the next incremental copy).",
+    )
+    copy.add_argument("--full", action="store_true", help="copy every chunk")
+    copy.add_argument("--unmarked", action="store_true", help="with --full: copy unmarked")
+    _copy_arguments(copy)
+
+    update = command(
+        "update",
+        _update,
+        "run the periodic incremental update workflow",
+        description="Mark, protect every destination at its site, copy what changed, "
+        "unprotect: once, or every SECONDS (the first at once) until SIGINT or SIGTERM, "
+        "which stop it after the update in progress. Without --site the destinations are "
+        "protected in this process while it runs.",
+    )
+    update.add_argument(
+        "--every", type=_positive, metavar="SECONDS", help="repeat every SECONDS seconds"
+    )
+    _site_arguments(update)
+    _copy_arguments(update)
+
+    status = command("status", _status, "show a session's state (read-only)")
+    status.add_argument("--json", action="store_true", help="print JSON")
+
+    undo = command(
+        "rollback",
+        _rollback,
+        "restore a destination's protected image (needs --site)",
+        description="Restore the image a destination's site protected before an update that "
+        "failed, and track the rewritten ranges so the next update resends them. Needs "
+        "--site: with local destinations the protection lived only in the process that ran "
+        "the failed update.",
+    )
+    undo.add_argument("destination", metavar="DEST", help="the destination's name")
+    _site_arguments(undo)
+
+
+def _copy_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--throttle", type=_size, metavar="SIZE", help="at most SIZE bytes per second"
+    )
+    parser.add_argument("--json", action="store_true", help="print the copy result as JSON")
+
+
+def _site_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--site", type=_site, metavar="HOST:PORT", help="the destinations' site (an isc agent)"
+    )
+    parser.add_argument(
+        "--timeout",
+        type=_positive,
+        default=DEFAULT_TIMEOUT,
+        metavar="SECONDS",
+        help=f"wait at most this long for each answer of the site (default {DEFAULT_TIMEOUT:g})",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the session command ``args`` names; return the exit status."""
+    if not args.verbose:
+        # Failures reach the user as one error line; the library's log would repeat them.
+        logging.getLogger("isc").setLevel(logging.CRITICAL)
+    return args.session_command(args)
+
+
+# -- the library-level steps (the crash tests drive them too) ------------------------------
+
+
+class Progress:
+    """A copy's progress hook: a bar on a terminal, and a checkpoint every ``every`` bytes.
+
+    The checkpoints let a marked copy cut short by a crash resume without
+    resending what they confirmed; the destinations are flushed before each,
+    so none confirms data a destination could still lose. ``also(done,
+    total)`` is called after each run too.
+    """
+
+    def __init__(
+        self,
+        stored: store.PersistentSession,
+        destinations: Sequence[Destination],
+        *,
+        every: int = CHECKPOINT_EVERY,
+        also: Callable[[int, int], object] | None = None,
+        bar: bool | None = None,
+    ) -> None:
+        self.stored = stored
+        self.destinations = destinations
+        self.every = every
+        self.also = also
+        self.show = sys.stderr.isatty() if bar is None else bar
+        self._bar = None
+        self._checkpointed = 0
+
+    def __call__(self, done: int, total: int) -> None:
+        if done - self._checkpointed >= self.every:
+            for dest in self.destinations:
+                dest.lun.flush()
+            self.stored.checkpoint()
+            self._checkpointed = done
+        if self.show:
+            if self._bar is None:
+                from tqdm import tqdm
+
+                self._bar = tqdm(
+                    total=total, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr
+                )
+            self._bar.update(done - self._bar.n)
+        if self.also is not None:
+            self.also(done, total)
+
+    def close(self) -> None:
+        """End one copy's bar; the hook can serve the next copy."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        self._checkpointed = 0
+
+
+def copy(
+    stored: store.PersistentSession,
+    mode: str,
+    *,
+    progress: Progress | None = None,
+    **copy_options,
+) -> CopyResult:
+    """Copy ``stored``'s source to all its destinations; ``mode`` is one of ``COPY_MODES``.
+
+    The copy is recorded before it writes (``begin_copy``) and its outcome
+    saved after it, whether it succeeds or raises. ``copy_options`` go to
+    :class:`CopyJob`. Raises what the copy job raises.
+    """
+    dests = _destinations(stored)
+    progress = progress or Progress(stored, dests)
+    job = CopyJob(stored.session, dests, progress=progress, **copy_options)
+    stored.begin_copy(dests, mode)
+    try:
+        if mode == "incremental":
+            return job.incremental()
+        return job.full(marked=mode == "full")
+    finally:
+        progress.close()
+        stored.save()
+
+
+def _destinations(stored: store.PersistentSession) -> list[Destination]:
+    if not stored.destinations:
+        raise StateError(
+            f"{stored.meta['name']} has no destinations; add one with isc add-dest first"
+        )
+    return stored.destinations
+
+
+def _open(args: argparse.Namespace) -> store.PersistentSession:
+    """Open SESSION; say on stderr what a recovery after a crash did."""
+    stored, recovery = store.open_session(args.session)
+    if recovery.crashed:
+        ended = "; the copy it was running failed" if recovery.interrupted_copy else ""
+        print(
+            f"isc: {stored.meta['name']} was not closed cleanly (a crash): "
+            f"{recovery.regions_resent} region(s), at most "
+            f"{format_bytes(recovery.bytes_resent_bound, long=True)}, will be copied again{ended}",
+            file=sys.stderr,
+        )
+    elif recovery.interrupted_copy:
+        print(
+            f"isc: the mark of {stored.meta['name']} ended: the chunks saved for it (COFW) "
+            "were lost when the process that saved them closed; mark again",
+            file=sys.stderr,
+        )
+    return stored
+
+
+def _print_json(value: object) -> None:
+    """One line of JSON: ``update --every`` prints one per update (JSON lines)."""
+    sys.stdout.write(json.dumps(value) + "\n")
+
+
+# -- the commands ------------------------------------------------------------------------
+
+
+def _create(args: argparse.Namespace) -> int:
+    source = _target(args.source)
+    store.create_session(
+        args.session,
+        source,
+        granularity=args.granularity,
+        name=args.name,
+        save_area=args.save_area,
+    )
+    name = store.read_state(args.session).meta["name"]
+    print(
+        f"created session {name} in {args.session}: source {source}, "
+        f"granularity {size_label(args.granularity)}"
+    )
+    return 0
+
+
+def _add_dest(args: argparse.Namespace) -> int:
+    with _open(args) as stored:
+        dest = stored.add_destination(_target(args.target), args.name)
+        print(f"added destination {dest.name} ({dest.lun.size} bytes): its first copy is full")
+    return 0
+
+
+def _mark(args: argparse.Namespace) -> int:
+    with _open(args) as stored:
+        session = stored.session
+        if session.mark_blocker:
+            raise StateError(
+                f"{session.mark_blocker}; copy it (isc copy) or unmark it (isc unmark) first"
+            )
+        session.mark()
+        count = session.bitmap.transfer_count
+        print(
+            f"marked {session.name}: generation {session.generation}, {count} chunk(s) "
+            f"(at most {format_bytes(count * session.granularity, long=True)}) to copy"
+        )
+    return 0
+
+
+def _unmark(args: argparse.Namespace) -> int:
+    with _open(args) as stored:
+        session = stored.session
+        if not session.bitmap.marked:
+            raise StateError(f"{session.name} is not marked; there is nothing to unmark")
+        count = session.bitmap.transfer_count
+        session.unmark()
+        print(f"unmarked {session.name}: {count} unsent chunk(s) back in tracking")
+    return 0
+
+
+def _copy(args: argparse.Namespace) -> int:
+    if args.unmarked and not args.full:
+        args.session_parser.error("--unmarked needs --full (an incremental copy is marked)")
+    mode = ("full-unmarked" if args.unmarked else "full") if args.full else "incremental"
+    with _open(args) as stored:
+        result = copy(stored, mode, throttle=args.throttle)
+        _report(stored, result, args.json)
+    return 0
+
+
+def _report(stored: store.PersistentSession, result: CopyResult, as_json: bool) -> None:
+    dests = [
+        {"name": d.name, "state": d.state.value, "epoch": d.epoch} for d in stored.destinations
+    ]
+    if as_json:
+        _print_json({**asdict(result), "session": stored.meta["name"], "destinations": dests})
+        return
+    rate = result.bytes_sent / result.seconds if result.seconds else 0.0
+    states = ", ".join(f"{d['name']} {d['state']}" for d in dests)
+    print(
+        f"{result.mode} copy of {stored.meta['name']}: "
+        f"{format_bytes(result.bytes_sent, long=True)} sent in {result.extents} run(s), "
+        f"{result.seconds:.2f} s ({format_bytes(rate, long=True)}/s), "
+        f"{result.cofw_chunks} COFW chunk(s); {states}"
+    )
+    if result.mode == "full-unmarked":
+        print(
+            "the destinations are inconsistent until the next incremental copy (isc mark, isc copy)"
+        )
+
+
+def _update(args: argparse.Namespace) -> int:
+    site = _connect(args.site)
+    with _open(args) as stored:
+        dests = _destinations(stored)
+        progress = Progress(stored, dests)
+        update = PeriodicUpdate(
+            stored.session,
+            dests,
+            site,
+            timeout=args.timeout,
+            throttle=args.throttle,
+            progress=progress,
+        )
+
+        def once() -> None:
+            stored.begin_copy(dests, "incremental")
+            try:
+                for result in update.run():
+                    _report(stored, result, args.json)
+            finally:
+                progress.close()
+                stored.save()
+
+        if args.every is None:
+            once()
+            return 0
+        # Own loop rather than PeriodicUpdate.every: the outcome of each update is
+        # saved to the session file, and a signal stops it between updates.
+        stop = threading.Event()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda *_: stop.set())
+        while not stop.is_set():
+            try:
+                once()
+            except IscError as exc:
+                print(f"isc: update of {stored.meta['name']} failed: {exc}", file=sys.stderr)
+            sys.stdout.flush()
+            stop.wait(args.every)
+    return 0
+
+
+def _connect(address: tuple[str, int] | None):
+    """The site for ``--site HOST:PORT``, or the in-process site without one."""
+    from isc import remote
+
+    if address is None:
+        return remote.LocalSite()
+    agent_site = getattr(remote, "AgentSite", None)
+    if agent_site is None:
+        raise IscError("remote sites need the isc agent client (isc.remote.AgentSite)")
+    return agent_site(*address)
+
+
+def _rollback(args: argparse.Namespace) -> int:
+    if args.site is None:
+        args.session_parser.error(
+            "rollback needs --site HOST:PORT: the protected image lives at the destination's "
+            "site (with local destinations it lived only in the process of the failed update)"
+        )
+    site = _connect(args.site)
+    with _open(args) as stored:
+        dest = next((d for d in stored.destinations if d.name == args.destination), None)
+        if dest is None:
+            names = ", ".join(d.name for d in stored.destinations) or "none"
+            raise ParameterError(
+                f"{stored.meta['name']} has no destination {args.destination!r} (it has {names})"
+            )
+        ack = rollback(stored.session, dest, site, args.timeout)
+        stored.save()
+        print(
+            f"rolled back {dest.name}: {len(ack.extents)} range(s) rewritten and tracked "
+            f"again; {dest.name} is {dest.state.value}"
+        )
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    state = store.read_state(args.session)
+    report = status_report(args.session, state)
+    if args.json:
+        _print_json(report)
+    else:
+        sys.stdout.write(_status_text(report))
+    return 0
+
+
+def status_report(directory: str, state: store.StoredState) -> dict:
+    """The facts ``isc status`` prints, as a JSON-ready dict."""
+    meta, bitmap = state.meta, state.bitmap
+    area = meta["save_area"] or {}
+
+    def bitmap_use(count: int, last_set: Callable[[int], bool]) -> dict:
+        assert bitmap is not None
+        nbytes = count * bitmap.granularity
+        if count and last_set(bitmap.chunks - 1):
+            nbytes -= bitmap.chunks * bitmap.granularity - bitmap.size  # the short last chunk
+        return {"chunks": count, "bytes": nbytes}
+
+    copy_record = meta.get("copy")
+    return {
+        "session": os.path.abspath(directory),
+        "name": meta["name"],
+        "source": meta["source"],
+        "size": bitmap.size if bitmap else None,
+        "granularity": meta["granularity"],
+        "chunks": bitmap.chunks if bitmap else None,
+        "state": "marked" if bitmap and bitmap.marked else "unmarked",
+        "generation": bitmap.generation if bitmap else 0,
+        "tracking": bitmap_use(bitmap.tracking_count, bitmap.tracking) if bitmap else None,
+        "transfer": bitmap_use(bitmap.transfer_count, bitmap.transfer) if bitmap else None,
+        "save_area": {
+            "capacity": area.get("capacity"),
+            "path": area.get("path"),
+        },
+        "epoch": meta["epoch"],
+        "destinations": [
+            {**d, "in_step": d["epoch"] is not None and d["epoch"] == meta["epoch"]}
+            for d in meta["destinations"]
+        ],
+        "in_use": state.in_use,
+        "copy_running": copy_record if state.in_use else None,
+        "recovery_pending": None
+        if state.in_use or not (state.pending_regions or copy_record)
+        else {
+            "regions": state.pending_regions,
+            "bytes_bound": state.pending_regions * meta["region_size"],
+            "copy_failed": copy_record,
+        },
+    }
+
+
+def _status_text(report: dict) -> str:
+    def amount(use: dict | None) -> str:
+        if use is None:
+            return "0 chunks"
+        return f"{use['chunks']} chunk(s), {format_bytes(use['bytes'], long=True)}"
+
+    size = format_bytes(report["size"], long=True) if report["size"] else "size known at first open"
+    area = report["save_area"]
+    capacity = format_bytes(area["capacity"], long=True) if area["capacity"] else "default"
+    lines = [
+        f"session      {report['name']} ({report['session']})",
+        f"source       {report['source']} ({size})",
+        f"granularity  {size_label(report['granularity'])}",
+        f"state        {report['state']}, generation {report['generation']}",
+        f"tracking     {amount(report['tracking'])}",
+        f"transfer     {amount(report['transfer'])}",
+        f"save area    {capacity}, {area['path'] or 'in memory'}",
+    ]
+    if report["in_use"]:
+        copying = " (a copy is running)" if report["copy_running"] else ""
+        lines.append(f"in use       by another isc process{copying}: as of its last checkpoint")
+    pending = report["recovery_pending"]
+    if pending:
+        failed = "; its interrupted copy failed" if pending["copy_failed"] else ""
+        lines.append(
+            f"crashed      the next open tracks {pending['regions']} region(s) again{failed}"
+        )
+    lines.append(f"destinations {len(report['destinations']) or 'none: isc add-dest'}")
+    for dest in report["destinations"]:
+        step = "in step" if dest["in_step"] else "not in step: next copy full or seeded"
+        if dest["state"] == DestState.NEW.value:
+            step = "first copy is full"
+        lines.append(f"  {dest['name']}  {dest['state']}  epoch {dest['epoch']}  {step}")
+        lines.append(f"    {dest['target']}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,354 @@
+"""The session commands of ``isc``, run as a user runs them: ``python -m isc.cli`` in a subprocess.
+
+Checked: the whole flow (create, add-dest, unmarked full copy, mark,
+incremental copy, update, status) with ``--json`` parsed back and the
+destinations compared with the source; every error path ends in one line on
+stderr (``isc: error: ...``, exit 1; argparse's usage error, exit 2), no
+traceback, and changes nothing (rule 10); a progress bar only on a terminal;
+``update --every`` stops cleanly on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import pty
+import random
+import signal
+import struct
+import subprocess
+import sys
+import termios
+from pathlib import Path
+
+import pytest
+from helpers import TIMEOUT, fill_random
+
+import isc
+from isc import FileLUN
+from isc.commands import status_report
+from isc.store import METADATA, create_session, open_session, read_state
+
+SIZE = 3 << 20
+ROOT = Path(isc.__file__).resolve().parent.parent
+ENV = {
+    **os.environ,
+    "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+}
+
+
+def isc_run(*args: str, cwd: Path, check: int | None = 0) -> subprocess.CompletedProcess:
+    """Run ``isc ARGS`` in ``cwd``; with ``check``, assert the exit status."""
+    done = subprocess.run(
+        [sys.executable, "-m", "isc.cli", *args],
+        cwd=cwd,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert "Traceback" not in done.stderr, done.stderr
+    if check is not None:
+        assert done.returncode == check, done.stderr
+    return done
+
+
+def error_line(done: subprocess.CompletedProcess) -> str:
+    """The one line an error printed (status 1), or argparse's error line after its usage (2)."""
+    lines = done.stderr.strip().splitlines()
+    if done.returncode == 1:
+        assert len(lines) == 1, done.stderr
+        assert lines[0].startswith("isc: error: ")
+    else:
+        assert done.returncode == 2 and lines[0].startswith("usage: isc")
+        assert ": error: " in lines[-1]
+    assert done.stdout == ""
+    return lines[-1]
+
+
+def files(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+@pytest.fixture
+def work(tmp_path: Path) -> Path:
+    """A directory with a random source.img and zeroed d1.img, d2.img and small.img."""
+    with FileLUN.create(tmp_path / "source.img", SIZE) as source:
+        fill_random(source, random.Random(3))
+    for name, size in (("d1", SIZE), ("d2", SIZE), ("small", SIZE // 2)):
+        FileLUN.create(tmp_path / f"{name}.img", size).close()
+    return tmp_path
+
+
+@pytest.fixture
+def session(work: Path) -> Path:
+    """``s``: a session on source.img at 8K with destinations d1 and d2 (made as isc does)."""
+    create_session(work / "s", str(work / "source.img"), granularity=8192)
+    stored, _ = open_session(work / "s")
+    with stored:
+        for name in ("d1", "d2"):
+            stored.add_destination(str(work / f"{name}.img"), name)
+    return work
+
+
+def status(work: Path) -> dict:
+    return json.loads(isc_run("status", "s", "--json", cwd=work).stdout)
+
+
+def state_of(work: Path) -> dict:
+    """What ``isc status --json`` would print, read in this process (faster)."""
+    return status_report(str(work / "s"), read_state(work / "s"))
+
+
+def write_source(work: Path, offset: int, data: bytes) -> None:
+    """A host write through the session (the way isc serve would make it)."""
+    stored, _ = open_session(work / "s")
+    with stored:
+        stored.session.write(offset, data)
+
+
+def test_full_flow_create_copy_mark_copy_status(session: Path) -> None:
+    work = session
+    report = status(work)
+    assert report["granularity"] == 8192 and report["state"] == "unmarked"
+    assert report["source"] == str(work / "source.img")
+    assert [(d["name"], d["state"], d["in_step"]) for d in report["destinations"]] == [
+        ("d1", "new", False),
+        ("d2", "new", False),
+    ]
+
+    full = isc_run("copy", "s", "--full", "--unmarked", "--json", cwd=work)
+    assert full.stderr == ""  # no progress bar off a terminal
+    result = json.loads(full.stdout)
+    assert result["mode"] == "full-unmarked" and result["bytes_sent"] == SIZE
+    assert result["outcomes"] == {"d1": "ok", "d2": "ok"}
+    assert [d["state"] for d in status(work)["destinations"]] == ["inconsistent"] * 2
+
+    write_source(work, 12345, b"\xab" * 20000)
+    assert "marked s: generation 1" in isc_run("mark", "s", cwd=work).stdout
+    assert status(work)["state"] == "marked"
+    result = json.loads(isc_run("copy", "s", "--json", cwd=work).stdout)
+    assert result["mode"] == "incremental" and result["chunks_sent"] == 3
+    assert [d["state"] for d in result["destinations"]] == ["consistent"] * 2
+
+    write_source(work, SIZE - 100, b"\xcd" * 100)
+    update = isc_run("update", "s", "--json", cwd=work)
+    (line,) = update.stdout.splitlines()
+    assert json.loads(line)["chunks_sent"] == 1
+
+    report = status(work)
+    assert report["state"] == "unmarked" and report["generation"] == 2
+    assert report["tracking"] == {"chunks": 0, "bytes": 0}
+    assert all(d["state"] == "consistent" and d["in_step"] for d in report["destinations"])
+    source = (work / "source.img").read_bytes()
+    assert (work / "d1.img").read_bytes() == source == (work / "d2.img").read_bytes()
+    text = isc_run("status", "s", cwd=work).stdout
+    assert "state        unmarked, generation 2" in text and "d2  consistent" in text
+
+
+def test_status_counts_the_short_last_chunk(work: Path) -> None:
+    (work / "odd.img").write_bytes(bytes(SIZE - 1000))
+    isc_run("create", "s", "--source", "odd.img", "--granularity", "4K", cwd=work)
+    write_source(work, SIZE - 1500, b"x" * 500)
+    report = status(work)
+    assert report["tracking"] == {"chunks": 1, "bytes": 4096 - 1000}
+
+
+def test_save_area_with_a_path_and_sizes_with_units(work: Path) -> None:
+    isc_run(
+        "create", "s", "--source", "source.img", "--granularity", "2K", "--save-area",
+        "1.5M,area.bin", cwd=work,
+    )  # fmt: skip
+    report = status(work)
+    assert report["save_area"] == {"capacity": 3 << 19, "path": str(work / "area.bin")}
+    assert report["granularity"] == 2048
+
+
+def test_a_progress_bar_shows_on_a_terminal(session: Path) -> None:
+    master, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "isc.cli", "copy", "s", "--full"],
+            cwd=session,
+            env=ENV,
+            stdout=subprocess.PIPE,
+            stderr=terminal,
+            timeout=TIMEOUT,
+        )
+    finally:
+        os.close(terminal)
+    shown = b""
+    try:
+        while chunk := os.read(master, 65536):
+            shown += chunk
+    except OSError:  # EIO: the terminal's other end is closed and drained
+        pass
+    finally:
+        os.close(master)
+    assert done.returncode == 0
+    assert b"100%" in shown and b"3.00M" in shown
+
+
+def test_update_every_stops_cleanly_on_sigterm(session: Path) -> None:
+    isc_run("copy", "s", "--full", cwd=session)
+    child = subprocess.Popen(
+        [sys.executable, "-m", "isc.cli", "update", "s", "--every", "60", "--json"],
+        cwd=session,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        first = child.stdout.readline()  # the first update runs at once
+        assert json.loads(first)["outcomes"] == {"d1": "ok", "d2": "ok"}
+        child.send_signal(signal.SIGTERM)
+        assert child.wait(TIMEOUT) == 0
+    finally:
+        child.kill()
+        child.wait(TIMEOUT)
+        child.stdout.close()
+        child.stderr.close()
+    report = status(session)
+    assert not report["in_use"] and report["recovery_pending"] is None
+
+
+# -- errors --------------------------------------------------------------------------------
+
+
+def test_missing_session(work: Path) -> None:
+    for command in (["status", "nowhere"], ["mark", "nowhere"], ["copy", "nowhere"]):
+        line = error_line(isc_run(*command, cwd=work, check=1))
+        assert "nowhere holds no isc session" in line
+    assert not (work / "nowhere").exists()
+
+
+@pytest.mark.parametrize(
+    ("steps", "last", "message"),
+    [
+        ([], ["copy", "s"], "s is unmarked: an incremental copy sends a marked point in time"),
+        ([["mark", "s"]], ["mark", "s"], "s is already marked (generation 1)"),
+        ([], ["unmark", "s"], "s is not marked; there is nothing to unmark"),
+        ([["mark", "s"]], ["copy", "s", "--full"], "s is marked (generation 1)"),
+        ([["mark", "s"]], ["update", "s"], "s is already marked"),
+        ([["mark", "s"]], ["copy", "s"], "d1, d2 of s are new or missed an earlier copy"),
+    ],
+    ids=[
+        "copy unmarked",
+        "mark twice",
+        "unmark unmarked",
+        "full copy while marked",
+        "update while marked",
+        "incremental to new destinations",
+    ],
+)
+def test_wrong_state_is_one_line_and_changes_nothing(
+    session: Path, steps: list, last: list, message: str
+) -> None:
+    for step in steps:
+        isc_run(*step, cwd=session)
+    before = state_of(session)
+    assert message in error_line(isc_run(*last, cwd=session, check=1))
+    assert state_of(session) == before
+
+
+@pytest.mark.parametrize("command", [["rollback", "s", "d1"], ["update", "s"]])
+def test_an_unreachable_site(session: Path, command: list) -> None:
+    isc_run("copy", "s", "--full", cwd=session)
+    before = state_of(session)
+    args = [*command, "--site", "127.0.0.1:1", "--timeout", "2"]
+    line = error_line(isc_run(*args, cwd=session, check=1))
+    # Without the agent client: that; with it: the refused request, naming d1.
+    assert "isc.remote.AgentSite" in line or "d1" in line
+    after = state_of(session)
+    # An update through the agent marked, then unmarked when protection failed.
+    assert after.pop("generation") - before.pop("generation") == (line.count("protect") > 0)
+    assert after == before
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--granularity", "3K"], "granularity '3K' must be a power of two from 2K to 64K"),
+        (["--granularity", "128K"], "must be a power of two from 2K to 64K"),
+        (["--granularity", "lots"], "'lots' is not a size"),
+        (["--save-area", "12Q"], "'12Q' is not a size"),
+        (["--save-area", "0"], "must be more than 0 bytes"),
+        (["--save-area", "1.5"], "not a whole number of bytes"),
+        (["--save-area", ",area.bin"], "'' is not a size"),
+    ],
+)
+def test_create_refuses_bad_sizes_as_usage_errors(work: Path, args: list, message: str) -> None:
+    done = isc_run("create", "s", "--source", "source.img", *args, cwd=work, check=2)
+    assert message in error_line(done)
+    assert not (work / "s").exists()
+
+
+def test_create_refuses_a_missing_source_and_an_existing_session(work: Path) -> None:
+    line = error_line(isc_run("create", "s", "--source", "nope.img", cwd=work, check=1))
+    assert f"cannot open the source at {work / 'nope.img'}: No such file" in line
+    assert not (work / "s").exists()
+    isc_run("create", "s", "--source", "source.img", cwd=work)
+    before = files(work / "s")
+    line = error_line(isc_run("create", "s", "--source", "source.img", cwd=work, check=1))
+    assert "already holds an isc session" in line
+    assert files(work / "s") == before
+
+
+def test_unreachable_destinations(session: Path) -> None:
+    before = state_of(session)
+    for target, message in (
+        ("missing.img", "cannot open the destination at"),
+        ("small.img", "less than the source's"),
+        ("nbd+unix:///x?socket=no-such.sock", "cannot open the destination at nbd+unix"),
+    ):
+        line = error_line(isc_run("add-dest", "s", target, cwd=session, check=1))
+        assert message in line
+    assert state_of(session) == before
+    (session / "d2.img").unlink()
+    before = files(session / "s")
+    line = error_line(isc_run("copy", "s", "--full", cwd=session, check=1))
+    assert f"cannot open destination d2 at {session / 'd2.img'}" in line
+    assert files(session / "s") == before
+
+
+def test_a_copy_with_no_destination(work: Path) -> None:
+    isc_run("create", "s", "--source", "source.img", cwd=work)
+    line = error_line(isc_run("copy", "s", "--full", cwd=work, check=1))
+    assert "s has no destinations; add one with isc add-dest" in line
+
+
+def test_corrupt_session_file(session: Path) -> None:
+    meta = session / "s" / METADATA
+    meta.write_text(meta.read_text()[:-20])
+    before = files(session / "s")
+    for command in (["status", "s"], ["mark", "s"]):
+        line = error_line(isc_run(*command, cwd=session, check=1))
+        assert "s/session.json is not valid JSON" in line
+    assert files(session / "s") == before
+
+
+def test_a_session_in_use(session: Path) -> None:
+    stored, _ = open_session(session / "s")
+    with stored:
+        line = error_line(isc_run("mark", "s", cwd=session, check=1))
+        assert "s is in use by another isc process" in line
+        assert status(session)["in_use"]  # status reads without the lock
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["copy", "s", "--unmarked"], "--unmarked needs --full"),
+        (["rollback", "s", "d1"], "rollback needs --site HOST:PORT"),
+        (["update", "s", "--site", "nowhere"], "'nowhere' is not HOST:PORT"),
+        (["update", "s", "--every", "-1"], "must be a finite number > 0"),
+        (["copy", "s", "--throttle", "fast"], "'fast' is not a size"),
+    ],
+)
+def test_usage_errors(session: Path, args: list, message: str) -> None:
+    before = files(session / "s")
+    assert message in error_line(isc_run(*args, cwd=session, check=2))
+    assert files(session / "s") == before

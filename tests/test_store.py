@@ -1,0 +1,572 @@
+"""Persistent sessions (isc.store): round trips, corrupt files, crashes, the lock.
+
+Rules checked here (MISSION.md): 2 and 9 (after a crash, every chunk where a
+destination may differ from the source is tracked; confirmed chunks are not
+resent), 6 (a destination a crashed copy touched reads inconsistent), 10
+(corrupt, truncated or foreign metadata raises ``CorruptMetadata`` naming the
+file and changes nothing on disk; bad parameters write nothing).
+
+A crash is simulated by copying the state directory while the session is
+open: the copy holds exactly what a process killed at that instant leaves on
+disk. ``test_crash.py`` kills real processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import struct
+import tempfile
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from helpers import assert_no_lost_change, fill_random
+from hypothesis import given
+from hypothesis import strategies as st
+
+from isc import CopyJob, CorruptMetadata, DeltaBitmap, DestState, FileLUN, IscError
+from isc.errors import ParameterError, StateError
+from isc.store import (
+    METADATA,
+    PersistentSession,
+    create_session,
+    open_session,
+    read_state,
+)
+
+G = 4096
+SIZE = 64 * G + 1000  # a short last chunk
+REGION = 16 * G  # five activity regions
+IO = 4 * G
+
+
+def make_session(root: Path) -> Path:
+    """A state directory for a random source with two zeroed destinations, opened once."""
+    rng = random.Random(7)
+    with FileLUN.create(root / "source.img", SIZE) as source:
+        fill_random(source, rng)
+    for name in ("d1", "d2"):
+        FileLUN.create(root / f"{name}.img", SIZE).close()
+    state = root / "state"
+    create_session(state, str(root / "source.img"), granularity=G, region_size=REGION, max_hot=1000)
+    with opened(state) as stored:
+        stored.add_destination(str(root / "d1.img"), "d1")
+        stored.add_destination(str(root / "d2.img"), "d2")
+    return state
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Path:
+    return make_session(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One session for the fuzz tests, which copy its state directory for each example."""
+    return make_session(tmp_path_factory.mktemp("template"))
+
+
+@contextmanager
+def opened(state: Path) -> Iterator[PersistentSession]:
+    """Open without background checkpoints, so a test decides when one happens."""
+    stored, _ = open_session(state, checkpoint_interval=3600)
+    try:
+        yield stored
+    finally:
+        stored.close()
+
+
+def files(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+def crash_image(state: Path) -> Path:
+    """What a process holding ``state`` open would leave if it were killed now."""
+    image = state.with_name(state.name + "-crashed")
+    shutil.copytree(state, image, ignore=shutil.ignore_patterns(".lock"))
+    return image
+
+
+def write_random(stored: PersistentSession, rng: random.Random, count: int) -> None:
+    for _ in range(count):
+        length = rng.randrange(1, 3 * G)
+        stored.session.write(rng.randrange(0, SIZE - length), rng.randbytes(length))
+
+
+def seed_copies(stored: PersistentSession, dests=None) -> None:
+    """Unmarked full copy then an incremental: the destinations end consistent and in step."""
+    dests = stored.destinations if dests is None else dests
+    job = CopyJob(stored.session, dests, io_size=IO)
+    job.full(marked=False)
+    stored.session.mark()
+    job.incremental()
+    stored.save()
+
+
+# -- round trips ---------------------------------------------------------------------------
+
+
+def test_round_trip_keeps_exact_bitmaps_and_destination_states(env: Path) -> None:
+    rng = random.Random(1)
+    with opened(env) as stored:
+        seed_copies(stored, stored.destinations[:1])
+        write_random(stored, rng, 40)
+        before = stored.session.bitmap.to_bytes()
+        dests = [(d.name, d.state, d.epoch) for d in stored.destinations]
+        epoch = stored.session.epoch
+    with opened(env) as stored:
+        assert stored.session.bitmap.to_bytes() == before
+        assert [(d.name, d.state, d.epoch) for d in stored.destinations] == dests
+        assert dests[0][1] is DestState.CONSISTENT and dests[1][1] is DestState.NEW
+        assert stored.session.epoch == epoch
+
+
+def test_a_mark_without_saved_chunks_survives_a_clean_close(env: Path) -> None:
+    with opened(env) as stored:
+        write_random(stored, random.Random(2), 20)
+        stored.session.mark()
+        before = stored.session.bitmap.to_bytes()
+    stored, recovery = open_session(env)
+    with stored:
+        assert not recovery.interrupted_copy and not recovery.crashed
+        assert stored.session.bitmap.marked
+        assert stored.session.bitmap.to_bytes() == before
+
+
+def test_a_mark_with_saved_chunks_ends_at_reopen_and_loses_no_change(env: Path) -> None:
+    with opened(env) as stored:
+        write_random(stored, random.Random(3), 20)
+        stored.session.mark()
+        write_random(stored, random.Random(4), 20)  # COFW: the save area dies with the process
+        assert stored.session.bitmap.saved_count
+        expected = DeltaBitmap.from_bytes(stored.session.bitmap.to_bytes())
+    expected.unmark()
+    stored, recovery = open_session(env)
+    with stored:
+        assert recovery.interrupted_copy and not recovery.crashed
+        assert stored.session.bitmap.to_bytes() == expected.to_bytes()
+
+
+def test_a_second_open_is_refused_until_the_first_closes(env: Path) -> None:
+    with opened(env), pytest.raises(StateError, match="in use by another isc process"):
+        open_session(env)
+    with opened(env) as stored:
+        assert stored.session.name == "state"
+
+
+def test_close_is_idempotent_and_a_closed_session_refuses_checkpoints(env: Path) -> None:
+    stored, _ = open_session(env)
+    stored.close()
+    stored.close()
+    with pytest.raises(StateError, match="closed"):
+        stored.checkpoint()
+
+
+def test_missing_session_is_a_state_error(tmp_path: Path) -> None:
+    with pytest.raises(StateError, match="holds no isc session"):
+        open_session(tmp_path)
+
+
+def test_add_destination_refuses_duplicates_and_small_luns(env: Path) -> None:
+    small = env.parent / "small.img"
+    FileLUN.create(small, SIZE - 1).close()
+    with opened(env) as stored:
+        before = files(env)
+        with pytest.raises(ParameterError, match="already has a destination named d1"):
+            stored.add_destination(str(env.parent / "d2.img"), "d1")
+        with pytest.raises(ParameterError, match="less than the source"):
+            stored.add_destination(str(small))
+        with pytest.raises(FileNotFoundError, match="cannot open the destination"):
+            stored.add_destination(str(env.parent / "missing.img"))
+        assert files(env) == before
+        assert [d.name for d in stored.destinations] == ["d1", "d2"]
+
+
+# -- creating ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "match"),
+    [
+        ({"granularity": 3000}, ParameterError, "granularity"),
+        ({"region_size": 3 * G}, ParameterError, "region_size"),
+        ({"max_hot": 0}, ParameterError, "max_hot"),
+        ({"save_area": (0, None)}, ParameterError, "save_area"),
+        ({"source": "missing.img"}, FileNotFoundError, "cannot open the source"),
+    ],
+)
+def test_create_refuses_bad_parameters_and_writes_nothing(
+    tmp_path: Path, options: dict, error: type, match: str
+) -> None:
+    FileLUN.create(tmp_path / "source.img", SIZE).close()
+    source = str(tmp_path / options.pop("source", "source.img"))
+    with pytest.raises(error, match=match):
+        create_session(tmp_path / "state", source, **options)
+    assert not (tmp_path / "state").exists()
+
+
+def test_create_refuses_an_existing_session_or_its_leftovers(env: Path) -> None:
+    source = str(env.parent / "source.img")
+    with pytest.raises(StateError, match="already holds an isc session"):
+        create_session(env, source, granularity=G)
+    (env / METADATA).unlink()
+    before = files(env)
+    with pytest.raises(StateError, match="files of an earlier isc session"):
+        create_session(env, source, granularity=G)
+    assert files(env) == before
+
+
+# -- corrupt files -------------------------------------------------------------------------
+
+
+def _meta(env: Path) -> dict:
+    return json.loads((env / METADATA).read_bytes())
+
+
+def _with(**fields):
+    def edit(meta: dict) -> bytes:
+        meta.update(fields)
+        return json.dumps(meta).encode()
+
+    return edit
+
+
+def _dest_with(**fields):
+    def edit(meta: dict) -> bytes:
+        meta["destinations"][0].update(fields)
+        return json.dumps(meta).encode()
+
+    return edit
+
+
+SESSION_DAMAGE = {
+    "empty": lambda meta: b"",
+    "not JSON": lambda meta: b"{not json",
+    "truncated": lambda meta: json.dumps(meta).encode()[:40],
+    "not UTF-8": lambda meta: b"\xff\xfe\x00",
+    "a list": lambda meta: b"[1, 2]",
+    "foreign": _with(format="something-else"),
+    "newer version": _with(version=2),
+    "granularity a string": _with(granularity="4K"),
+    "granularity a bool": _with(granularity=True),
+    "granularity 3000": _with(granularity=3000),
+    "no source": _with(source=None),
+    "save area a string": _with(save_area="64M"),
+    "save area capacity 0": _with(save_area={"capacity": 0, "path": None}),
+    "region size not a power of two": _with(region_size=3 * G),
+    "max_hot null": _with(max_hot=None),
+    "negative epoch": _with(epoch=-1),
+    "destinations not a list": _with(destinations={"d1": {}}),
+    "destination a number": _with(destinations=[1]),
+    "destination state unknown": _dest_with(state="shiny"),
+    "destination state unhashable": _dest_with(state=["new"]),
+    "destination epoch a string": _dest_with(epoch="3"),
+    "destination names repeat": lambda meta: json.dumps(
+        {**meta, "destinations": [meta["destinations"][0]] * 2}
+    ).encode(),
+    "copy of an unknown destination": _with(copy={"mode": "full", "destinations": ["d9"]}),
+    "copy of an unknown mode": _with(copy={"mode": "sideways", "destinations": ["d1"]}),
+}
+
+
+@pytest.mark.parametrize("damage", SESSION_DAMAGE.values(), ids=SESSION_DAMAGE.keys())
+def test_corrupt_session_file_names_the_file_and_changes_nothing(env: Path, damage) -> None:
+    (env / METADATA).write_bytes(damage(_meta(env)))
+    before = files(env)
+    with pytest.raises(CorruptMetadata, match=METADATA):
+        open_session(env)
+    with pytest.raises(CorruptMetadata, match=METADATA):
+        read_state(env)
+    assert files(env) == before
+
+
+def _checkpoint(env: Path) -> Path:
+    (path,) = env.glob("checkpoint.*")
+    return path
+
+
+def _foreign_checkpoint(data: bytes) -> bytes:
+    return DeltaBitmap(SIZE, 2 * G).to_bytes()
+
+
+CHECKPOINT_DAMAGE = {
+    "empty": lambda data: b"",
+    "truncated": lambda data: data[:-5],
+    "padded": lambda data: data + b"\0",
+    "one bit flipped": lambda data: data[:50] + bytes([data[50] ^ 1]) + data[51:],
+    "random bytes": lambda data: random.Random(5).randbytes(len(data)),
+    "another granularity": _foreign_checkpoint,
+}
+
+
+@pytest.mark.parametrize("damage", CHECKPOINT_DAMAGE.values(), ids=CHECKPOINT_DAMAGE.keys())
+def test_corrupt_checkpoint_names_the_file_and_changes_nothing(env: Path, damage) -> None:
+    path = _checkpoint(env)
+    path.write_bytes(damage(path.read_bytes()))
+    before = files(env)
+    with pytest.raises(CorruptMetadata, match=path.name):
+        open_session(env)
+    with pytest.raises(CorruptMetadata, match=path.name):
+        read_state(env)
+    assert files(env) == before
+
+
+def _record(first: int, last: int) -> bytes:
+    body = struct.pack("<QQ", first, last)
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+def _log(env: Path) -> Path:
+    (path,) = env.glob("activity.*.log")
+    return path
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        _record(1, 2)[:-1] + bytes([_record(1, 2)[-1] ^ 0xFF]),  # bad checksum
+        _record(3, 1),  # last before first
+        _record(0, 5),  # region 5 starts past the end of the source
+        _record(2**63, 2**64 - 1),  # would be an endless range
+    ],
+    ids=["bad checksum", "reversed", "past the end", "huge"],
+)
+def test_corrupt_activity_log_names_the_file_and_changes_nothing(env: Path, record) -> None:
+    path = _log(env)
+    path.write_bytes(_record(0, 0) + record)
+    before = files(env)
+    with pytest.raises(CorruptMetadata, match=path.name):
+        open_session(env)
+    with pytest.raises(CorruptMetadata, match=path.name):
+        read_state(env)
+    assert files(env) == before
+
+
+def test_torn_last_log_record_is_ignored(env: Path) -> None:
+    path = _log(env)
+    path.write_bytes(_record(1, 2) + _record(4, 4)[:11])
+    stored, recovery = open_session(env)
+    with stored:
+        assert recovery.crashed and recovery.regions_resent == 2
+        tracked = [
+            c for c in range(stored.session.bitmap.chunks) if stored.session.bitmap.tracking(c)
+        ]
+        assert tracked == list(range(REGION // G, 3 * REGION // G))
+
+
+# -- crashes -------------------------------------------------------------------------------
+
+
+def test_crash_after_writes_tracks_every_logged_region(env: Path) -> None:
+    rng = random.Random(8)
+    with opened(env) as stored:
+        seed_copies(stored)
+        stored.checkpoint()
+        write_random(stored, rng, 30)
+        image = crash_image(env)
+        assert read_state(env).in_use
+    state = read_state(image)
+    assert not state.in_use and state.pending_regions > 0
+    before = files(image)
+    stored, recovery = open_session(image)
+    with stored:
+        assert recovery.crashed and recovery.regions_resent == state.pending_regions
+        assert not recovery.interrupted_copy
+        for dest in stored.destinations:
+            assert dest.state is DestState.CONSISTENT
+            assert_no_lost_change(stored.session, dest.lun)
+    assert before != files(image)  # the recovery was checkpointed
+
+
+def _crash_mid_copy(env: Path, mode: str, dests: slice, at_run: int) -> tuple[Path, set[int]]:
+    """Run a ``mode`` copy to ``destinations[dests]``; take its crash image at run ``at_run``.
+
+    Returns the image and the chunks the copy had to send (for a marked copy).
+    """
+    image: list[Path] = []
+    with opened(env) as stored:
+        seed_copies(stored)
+        write_random(stored, random.Random(9), 60)
+        bitmap = stored.session.bitmap
+        if mode == "incremental":
+            stored.session.mark()
+        to_send = {c for c in range(bitmap.chunks) if bitmap.transfer(c)}
+
+        def progress(done: int, total: int) -> None:
+            if not image and done >= at_run * IO:
+                stored.checkpoint()
+                image.append(crash_image(env))
+
+        job_dests = stored.destinations[dests]
+        job = CopyJob(stored.session, job_dests, io_size=IO, progress=progress)
+        stored.begin_copy(job_dests, mode)
+        if mode == "incremental":
+            job.incremental()
+        else:
+            job.full(marked=mode == "full")
+        stored.save()
+    return image[0], to_send
+
+
+def test_crash_in_an_unmarked_full_copy_resends_everything(env: Path) -> None:
+    image, _ = _crash_mid_copy(env, "full-unmarked", slice(None), at_run=5)
+    stored, recovery = open_session(image)
+    with stored:
+        bitmap = stored.session.bitmap
+        assert recovery.crashed and recovery.interrupted_copy
+        # The copy cleared tracking as it began and sent only part: all is tracked.
+        assert bitmap.tracking_count == bitmap.chunks
+        assert all(d.state is DestState.INCONSISTENT for d in stored.destinations)
+        stored.session.mark()
+        CopyJob(stored.session, stored.destinations, io_size=IO).incremental()
+        source = stored.source.read(0, SIZE)
+        for dest in stored.destinations:
+            assert dest.state is DestState.CONSISTENT
+            assert dest.lun.read(0, SIZE) == source
+
+
+def test_crash_in_a_marked_copy_keeps_what_it_confirmed(env: Path) -> None:
+    image, to_send = _crash_mid_copy(env, "incremental", slice(0, 1), at_run=3)
+    stored, recovery = open_session(image)
+    with stored:
+        bitmap = stored.session.bitmap
+        d1, d2 = stored.destinations
+        assert recovery.interrupted_copy and not bitmap.marked
+        assert d1.state is DestState.INCONSISTENT and d2.state is DestState.CONSISTENT
+        # d1 got what the copy cleared; d2, left out of the copy, did not: only d1 is in step.
+        assert d1.epoch == stored.session.epoch != d2.epoch
+        assert_no_lost_change(stored.session, d1.lun)
+        # What the copy confirmed before its last checkpoint is not sent again.
+        confirmed = {c for c in to_send if not bitmap.tracking(c)}
+        assert len(confirmed) >= 3 * IO // G - 1  # the last chunk is short
+        source = stored.source.read(0, SIZE)
+        stored.session.mark()
+        result = CopyJob(stored.session, [d1], io_size=IO).incremental()
+        assert result.bytes_seeded == 0
+        assert d1.state is DestState.CONSISTENT and d1.lun.read(0, SIZE) == source
+
+
+# -- read_state ----------------------------------------------------------------------------
+
+
+def test_read_state_writes_nothing_and_sees_a_copy_in_progress(env: Path) -> None:
+    with opened(env) as stored:
+        stored.begin_copy(stored.destinations[:1], "full")
+        before = files(env)
+        state = read_state(env)
+        assert files(env) == before
+        assert state.in_use and state.meta["copy"] == {"mode": "full", "destinations": ["d1"]}
+        assert [d["state"] for d in state.meta["destinations"]] == ["inconsistent", "new"]
+        stored.save()
+    assert "copy" not in read_state(env).meta
+
+
+# -- fuzzing -------------------------------------------------------------------------------
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(
+            st.sampled_from(["capacity", "path", "name", "target", "state", "epoch", "mode"]),
+            inner,
+            max_size=4,
+        )
+    ),
+    max_leaves=8,
+)
+_FIELDS = (
+    "name",
+    "source",
+    "granularity",
+    "save_area",
+    "region_size",
+    "max_hot",
+    "epoch",
+    "destinations",
+    "copy",
+    "format",
+    "version",
+)
+PATH_FIELDS = ("source", "destinations", "save_area")
+
+
+@contextmanager
+def scratch_copy(env: Path) -> Iterator[Path]:
+    """A fresh copy of the state directory, and the working directory inside it.
+
+    A fuzzed relative path (a save area file) then lands in the scratch space.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / "state"
+        shutil.copytree(env, copy)
+        cwd = os.getcwd()
+        os.chdir(tmp)
+        try:
+            yield copy
+        finally:
+            os.chdir(cwd)
+
+
+def _open_or_clear_error(state: Path, allowed: tuple[type[BaseException], ...]) -> None:
+    """Open ``state`` and use it, or fail with an allowed error that names the file."""
+    before = files(state)
+    try:
+        stored, _ = open_session(state, checkpoint_interval=3600)
+    except allowed as exc:
+        assert files(state) == before
+        assert isinstance(exc, OSError) or str(state) in str(exc)
+        return
+    with stored:  # opened: then every field is fit for use
+        assert type(stored.session.epoch) is int
+        assert all(d.epoch is None or type(d.epoch) is int for d in stored.destinations)
+        stored.session.write(0, b"x" * 100)
+        stored.session.mark()
+        stored.session.unmark()
+        stored.checkpoint()
+
+
+@given(key=st.sampled_from(sorted(_FIELDS)), value=json_values)
+def test_fuzzed_session_field_opens_cleanly_or_raises_a_clear_error(template: Path, key, value):
+    with scratch_copy(template) as state:
+        meta = _meta(state)
+        meta[key] = value
+        (state / METADATA).write_text(json.dumps(meta))
+        allowed = (IscError, OSError) if key in PATH_FIELDS else (IscError,)
+        _open_or_clear_error(state, allowed)
+
+
+@given(data=st.binary(max_size=200))
+def test_fuzzed_session_bytes_raise_corrupt_metadata(template: Path, data: bytes) -> None:
+    with scratch_copy(template) as state:
+        (state / METADATA).write_bytes(data)
+        with pytest.raises(CorruptMetadata, match=METADATA):
+            open_session(state)
+
+
+@given(
+    edits=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), max_size=4),
+    cut=st.integers(0, 10_000),
+    tail=st.binary(max_size=8),
+)
+def test_fuzzed_checkpoint_opens_unchanged_or_raises_corrupt_metadata(
+    template: Path, edits, cut: int, tail: bytes
+) -> None:
+    with scratch_copy(template) as state:
+        path = _checkpoint(state)
+        data = bytearray(path.read_bytes())
+        original = bytes(data)
+        for at, value in edits:
+            data[at % len(data)] = value
+        data = data[: len(data) - cut % 16] + tail
+        path.write_bytes(bytes(data))
+        if bytes(data) == original:
+            _open_or_clear_error(state, ())
+        else:
+            with pytest.raises(CorruptMetadata, match=path.name):
+                open_session(state)
