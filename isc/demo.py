@@ -3,10 +3,11 @@
 In a temporary directory: a 64 MiB source file and two destination files.
 Writer threads keep writing to the source through a session the whole time.
 One unmarked full copy seeds the destinations (they end inconsistent), then
-several marked incremental copies follow. At each mark the writers pause for
-an instant so the demo can read the expected point-in-time image; after each
-copy every destination must equal that image byte for byte. Prints a table
-and returns non-zero if any check fails.
+several periodic incremental updates follow (mark, protect, copy, unprotect).
+At each mark the writers pause for an instant so the demo can read the
+expected point-in-time image; after each update every destination must equal
+that image byte for byte. Prints a table and returns non-zero if any check
+fails.
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ import tempfile
 import threading
 from pathlib import Path
 
-from isc.copy import CopyJob, CopyResult, Destination, DestState
+from isc.copy import CopyResult, Destination, DestState
 from isc.lun import FileLUN
+from isc.remote import Ack, LocalSite
 from isc.savearea import SaveArea
 from isc.session import Session
+from isc.update import PeriodicUpdate, UnmarkedFullCopy
 
 SIZE = 64 << 20
 GRANULARITY = 8 << 10
@@ -86,6 +89,27 @@ class Writers:
             self._gate.notify_all()
 
 
+class ImageAtMark(LocalSite):
+    """A LocalSite that reads the source's image when an update first asks for protection.
+
+    An update protects its destinations right after its mark; the demo pauses
+    the writers before each update, so that image is the point in time the
+    update must deliver. The writers resume as soon as it is read.
+    """
+
+    def __init__(self, source, writers: Writers) -> None:
+        super().__init__()
+        self.source = source
+        self.writers = writers
+        self.image: bytes | None = None
+
+    def protect(self, dest: Destination, timeout: float | None = None) -> Ack:
+        if self.image is None:
+            self.image = self.source.read(0, self.source.size)
+            self.writers.resume()
+        return super().protect(dest, timeout)
+
+
 def run(seed: int = 1, out=print) -> int:
     """Run the demo; return 0 if every destination verified, else 1."""
     rows: list[tuple[str, CopyResult, int, bool]] = []
@@ -97,23 +121,22 @@ def run(seed: int = 1, out=print) -> int:
                 Destination(FileLUN.create(root / f"dest{i}.img", SIZE), f"dest{i}") for i in (1, 2)
             ]
             session = Session(source, GRANULARITY, SaveArea(16 << 20), name="demo")
-            job = CopyJob(session, dests)
             with Writers(session, WRITERS, seed) as writers:
-                result = job.full(marked=False)
+                site = ImageAtMark(source, writers)
+                result = UnmarkedFullCopy(session, dests).run()
                 rows.append(("unmarked full", result, session.stats.save_area_high_water, True))
-                for update in range(1, UPDATES + 1):
+                update = PeriodicUpdate(session, dests, site)
+                for number in range(1, UPDATES + 1):
                     session.save_area.reset_high_water()
                     writers.pause()
-                    session.mark()
-                    expected = source.read(0, SIZE)
-                    writers.resume()
-                    result = job.incremental()
+                    site.image = None
+                    (result,) = update.run()
                     ok = all(
-                        d.state is DestState.CONSISTENT and d.lun.read(0, SIZE) == expected
+                        d.state is DestState.CONSISTENT and d.lun.read(0, SIZE) == site.image
                         for d in dests
                     )
                     rows.append(
-                        (f"incremental {update}", result, session.stats.save_area_high_water, ok)
+                        (f"incremental {number}", result, session.stats.save_area_high_water, ok)
                     )
             for dest in dests:
                 dest.lun.close()
