@@ -1,0 +1,144 @@
+"""What the data-path benchmark suites share.
+
+Scratch space, seeded images, byte checks, and a record of what else kept the
+machine busy during each benchmark (``busy_elsewhere``, an autouse fixture the
+suites import). Big files go to ``/dev/shm`` (tmpfs, so the figures are of the
+code, not of a disk) when it has room, else to the system's temporary
+directory; either way they live in a directory that is removed when the suite
+is done with it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SEED = 20261124
+PIECE = 64 << 20  # bytes per read or write when making and checking images
+SHM = Path("/dev/shm")
+
+
+def shm_free() -> int:
+    """Free bytes in ``/dev/shm``, 0 when there is none."""
+    return shutil.disk_usage(SHM).free if SHM.is_dir() else 0
+
+
+@contextmanager
+def scratch(need: int) -> Iterator[Path]:
+    """A new empty directory, in ``/dev/shm`` if it has ``need`` bytes free; removed on exit."""
+    where = SHM if shm_free() >= need else None
+    with tempfile.TemporaryDirectory(prefix="isc-bench-", dir=where) as path:
+        yield Path(path)
+
+
+def place(path: Path) -> str:
+    """Where ``path`` lives, for the tables: "tmpfs" or "tmp dir"."""
+    return "tmpfs" if path.is_relative_to(SHM) else "tmp dir"
+
+
+def random_bytes(bits: np.random.BitGenerator, length: int) -> bytes:
+    """``length`` bytes from the seeded generator ``bits`` (fast: raw 64-bit draws)."""
+    return bits.random_raw(-(-length // 8)).tobytes()[:length]
+
+
+def write_random(path: Path, size: int, seed: int = SEED) -> None:
+    """Make ``path`` a file of ``size`` seeded random bytes."""
+    bits = np.random.SFC64(seed)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        for start in range(0, size, PIECE):
+            _write_all(fd, random_bytes(bits, min(PIECE, size - start)), start)
+    finally:
+        os.close(fd)
+
+
+def write_pattern(path: Path, size: int, byte: int) -> None:
+    """Overwrite the first ``size`` bytes of ``path`` with ``byte``, in place (pages stay)."""
+    pattern = bytes([byte]) * min(PIECE, size)
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        for start in range(0, size, PIECE):
+            _write_all(fd, memoryview(pattern)[: min(PIECE, size - start)], start)
+    finally:
+        os.close(fd)
+
+
+def sparse_file(path: Path, size: int) -> None:
+    """Make ``path`` a new sparse file of ``size`` bytes (an unallocated destination)."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.ftruncate(fd, size)
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        done = os.pwrite(fd, view, offset)
+        view, offset = view[done:], offset + done
+
+
+def assert_same(path: Path, expected: Path, size: int) -> None:
+    """Fail, naming the first differing byte, unless both files hold the same ``size`` bytes."""
+    a = b = bytearray()
+    fa = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    fb = os.open(expected, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        for start in range(0, size, PIECE):
+            n = min(PIECE, size - start)
+            if len(a) != n:
+                a, b = bytearray(n), bytearray(n)
+            if os.preadv(fa, [a], start) != n or os.preadv(fb, [b], start) != n:
+                raise AssertionError(f"{path} or {expected} ends before byte {size}")
+            if a != b:
+                diff = np.frombuffer(a, np.uint8) != np.frombuffer(b, np.uint8)
+                first = start + int(np.argmax(diff))
+                raise AssertionError(f"{path} differs from {expected} at byte {first}")
+    finally:
+        os.close(fa)
+        os.close(fb)
+
+
+def _busy_seconds() -> float:
+    """CPU seconds spent by the whole machine outside idle, from ``/proc/stat``."""
+    with open("/proc/stat") as stat:
+        ticks = [int(v) for v in stat.readline().split()[1:]]
+    idle = ticks[3] + ticks[4]  # idle and iowait
+    return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_seconds() -> float:
+    times = os.times()
+    return times.user + times.system + times.children_user + times.children_system
+
+
+@pytest.fixture(autouse=True)
+def busy_elsewhere(request) -> Iterator[None]:
+    """Record in extra_info how many CPUs other processes kept busy during the test.
+
+    The machine has two cores: a copy and a host writer already use both, so
+    anything else running (measured from ``/proc/stat`` less this process and
+    its children, steal time included) slows the figures. Unused without
+    ``benchmark``.
+    """
+    if "benchmark" not in request.fixturenames:
+        yield
+        return
+    benchmark = request.getfixturevalue("benchmark")
+    wall, busy, own = time.monotonic(), _busy_seconds(), _own_seconds()
+    yield
+    wall = time.monotonic() - wall
+    other = (_busy_seconds() - busy) - (_own_seconds() - own)
+    # Clock ticks are 10 ms: over a short test the ratio is coarse.
+    benchmark.extra_info["busy_elsewhere"] = round(max(other, 0.0) / wall, 2)
+    benchmark.extra_info["test_seconds"] = round(wall, 3)
