@@ -27,7 +27,7 @@ import logging
 import threading
 from pathlib import Path
 
-from isc.lun import FileLUN
+from isc.lun import FileLUN, ForwardingLUN
 from isc.remote import Protection
 
 log = logging.getLogger(__name__)
@@ -35,36 +35,19 @@ log = logging.getLogger(__name__)
 MAX_LINE = 64 << 10
 
 
-class Export:
+class Export(ForwardingLUN):
     """One exported LUN; its writes go through the protection while there is one."""
 
     def __init__(self, name: str, lun, snapshot_path: Path) -> None:
+        super().__init__(lun)
         self.name = name
-        self.lun = lun
         self.snapshot_path = snapshot_path
-        self.size = lun.size
         self.protection: Protection | None = None
         self._lock = threading.Lock()
-
-    @property
-    def closed(self) -> bool:
-        return self.lun.closed
-
-    def read(self, offset: int, length: int) -> bytes:
-        return self.lun.read(offset, length)
-
-    def readinto(self, offset: int, buffer) -> None:
-        self.lun.readinto(offset, buffer)
 
     def write(self, offset: int, data) -> None:
         protection = self.protection
         (protection.front if protection else self.lun).write(offset, data)
-
-    def flush(self) -> None:
-        self.lun.flush()
-
-    def close(self) -> None:
-        self.lun.close()
 
     # -- requests ------------------------------------------------------------------
     def protect(self) -> dict:

@@ -372,3 +372,34 @@ class FileLUN(_BaseLUN):
         if fd >= 0:
             self._fd = self._write_fd = -1
             os.close(fd)
+
+
+class ForwardingLUN:
+    """The LUN interface passed through to ``lun``; subclasses change what they need.
+
+    Wrappers that route writes elsewhere (a protection snapshot, an export
+    that may be protected) derive from it and override ``write``.
+    """
+
+    def __init__(self, lun: LUN) -> None:
+        self.lun = lun
+        self.size = lun.size
+
+    @property
+    def closed(self) -> bool:
+        return self.lun.closed
+
+    def read(self, offset: int, length: int) -> bytes:
+        return self.lun.read(offset, length)
+
+    def readinto(self, offset: int, buffer: BytesLike) -> None:
+        self.lun.readinto(offset, buffer)
+
+    def write(self, offset: int, data: BytesLike) -> None:
+        self.lun.write(offset, data)
+
+    def flush(self) -> None:
+        self.lun.flush()
+
+    def close(self) -> None:
+        self.lun.close()

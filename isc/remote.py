@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 from isc.copy import Destination
 from isc.errors import IscError, ParameterError
+from isc.lun import ForwardingLUN
 from isc.savearea import SaveArea
 from isc.session import Session
 
@@ -84,30 +85,13 @@ class RemoteSite(abc.ABC):
         """Report whether ``dest`` is protected and how much its snapshot holds."""
 
 
-class ProtectedLUN:
+class ProtectedLUN(ForwardingLUN):
     """The LUN interface over a protected destination: writes go through its snapshot."""
 
     def __init__(self, lun, snapshot: Session) -> None:
-        self.lun = lun
+        super().__init__(lun)
         self.snapshot = snapshot
-        self.size = lun.size
-        self.write = snapshot.write
-
-    @property
-    def closed(self) -> bool:
-        return self.lun.closed
-
-    def read(self, offset: int, length: int) -> bytes:
-        return self.lun.read(offset, length)
-
-    def readinto(self, offset: int, buffer) -> None:
-        self.lun.readinto(offset, buffer)
-
-    def flush(self) -> None:
-        self.lun.flush()
-
-    def close(self) -> None:
-        self.lun.close()
+        self.write = snapshot.write  # type: ignore[method-assign]
 
 
 class Protection:
