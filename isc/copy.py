@@ -80,6 +80,11 @@ class Destination:
         self.protected_state: DestState | None = None
         """The state this destination had when its site last protected it."""
 
+    def in_step(self, session: Session) -> bool:
+        """Whether every chunk where this destination may differ from ``session``'s
+        source is in its tracking or transfer bitmap (it took part in the last copy)."""
+        return self.epoch is not None and self.epoch == session.epoch
+
     def __repr__(self) -> str:
         return f"Destination({self.name!r}, {self.state.value})"
 
@@ -180,8 +185,8 @@ class CopyJob:
                 f"{session.name} is unmarked: an incremental copy sends a marked "
                 "point in time; mark the session first"
             )
-        stale = [d for d in self.destinations if not self._in_step(d)]
-        donor = next((d for d in self.destinations if self._in_step(d)), None)
+        stale = [d for d in self.destinations if not d.in_step(session)]
+        donor = next((d for d in self.destinations if d.in_step(session)), None)
         if stale and bitmap.transfer_count != bitmap.chunks and donor is None:
             names = ", ".join(d.name for d in stale)
             raise StateError(
@@ -207,9 +212,6 @@ class CopyJob:
             self.session.mark(full=True)
             return self._marked_copy("full", None, [])
         return self._unmarked_full_copy()
-
-    def _in_step(self, dest: Destination) -> bool:
-        return dest.epoch is not None and dest.epoch == self.session.epoch
 
     def _join(self) -> None:
         """Start clearing bits: destinations outside this job fall out of step."""

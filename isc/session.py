@@ -137,8 +137,8 @@ class Session:
         bitmap (a marked full copy). Raises ``StateError`` when marked.
         """
         with self._mark_lock:
-            if self._marks_held_by:
-                raise StateError(f"{self.name} cannot be marked now: {self._marks_held_by}")
+            if self.mark_blocker:
+                raise StateError(self.mark_blocker)
             self.bitmap.mark(full)
         log.info("%s: marked (generation %d, full=%s)", self.name, self.generation, full)
         return self.generation
@@ -161,9 +161,8 @@ class Session:
         ``StateError`` when the session is marked or marks are already held.
         """
         with self._mark_lock:
-            if self.bitmap.marked or self._marks_held_by:
-                now = self._marks_held_by or f"marked at generation {self.generation}"
-                raise StateError(f"{self.name} is busy: {now}; {reason} needs it unmarked")
+            if self.mark_blocker:
+                raise StateError(f"{self.mark_blocker}; {reason} needs it unmarked")
             self._marks_held_by = reason
         try:
             yield

@@ -186,8 +186,7 @@ class PeriodicUpdate:
 
     @staticmethod
     def _needs_full(session: Session, dests: Sequence[Destination]) -> bool:
-        in_step = [d.epoch is not None and d.epoch == session.epoch for d in dests]
-        return not any(in_step) and bool(dests)
+        return bool(dests) and not any(d.in_step(session) for d in dests)
 
     def every(self, seconds: float) -> threading.Thread:
         """Run an update every ``seconds`` in a background thread until :meth:`stop`.
