@@ -201,7 +201,27 @@ class LocalSite(RemoteSite):
         return Ack(rid, True, info=entry[1].info() if entry else {"protected": False})
 
 
-class AgentSite(RemoteSite):
+class RequestSite(RemoteSite):
+    """A site whose four requests all go through one :meth:`_request` (e.g. a wire protocol)."""
+
+    @abc.abstractmethod
+    def _request(self, op: str, dest: Destination, timeout: float | None) -> Ack:
+        """Carry out request ``op`` ("protect", "unprotect", "rollback" or "status")."""
+
+    def protect(self, dest: Destination, timeout: float | None = None) -> Ack:
+        return self._request("protect", dest, timeout)
+
+    def unprotect(self, dest: Destination, timeout: float | None = None) -> Ack:
+        return self._request("unprotect", dest, timeout)
+
+    def rollback(self, dest: Destination, timeout: float | None = None) -> Ack:
+        return self._request("rollback", dest, timeout)
+
+    def status(self, dest: Destination, timeout: float | None = None) -> Ack:
+        return self._request("status", dest, timeout)
+
+
+class AgentSite(RequestSite):
     """The site of an ``isc agent`` at ``host:port`` (its control port).
 
     A destination is known to the agent by its export name, which must be
@@ -236,18 +256,6 @@ class AgentSite(RemoteSite):
         return Ack(
             rid, bool(reply.get("ok")), reply.get("reason"), extents, reply.get("info") or {}
         )
-
-    def protect(self, dest: Destination, timeout: float | None = None) -> Ack:
-        return self._request("protect", dest, timeout)
-
-    def unprotect(self, dest: Destination, timeout: float | None = None) -> Ack:
-        return self._request("unprotect", dest, timeout)
-
-    def rollback(self, dest: Destination, timeout: float | None = None) -> Ack:
-        return self._request("rollback", dest, timeout)
-
-    def status(self, dest: Destination, timeout: float | None = None) -> Ack:
-        return self._request("status", dest, timeout)
 
 
 def _read_line(sock: socket.socket, limit: int = 1 << 20) -> bytes:

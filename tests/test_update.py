@@ -43,7 +43,7 @@ from isc import (
     State,
     StateError,
 )
-from isc.remote import PROTECT_GRANULARITY, Ack, LocalSite, ProtectedLUN, RemoteSite
+from isc.remote import PROTECT_GRANULARITY, Ack, LocalSite, ProtectedLUN, RequestSite
 from isc.update import (
     PeriodicUpdate,
     UnmarkedFullCopy,
@@ -59,7 +59,7 @@ IO = 4 * G  # copies run in several pieces, so a failure or a hook can fall in b
 NOT_YET = 0.05  # seconds to watch for something that must not happen yet
 
 
-class HookSite(RemoteSite):
+class HookSite(RequestSite):
     """A :class:`LocalSite` that logs every request and lets the test answer some itself.
 
     ``hooks[request](dest, timeout)`` runs first: an :class:`Ack` it returns
@@ -84,18 +84,6 @@ class HookSite(RemoteSite):
             ack = getattr(self.local, request)(dest, timeout)
         self.acks.append(ack)
         return ack
-
-    def protect(self, dest: Destination, timeout: float | None = None) -> Ack:
-        return self._request("protect", dest, timeout)
-
-    def unprotect(self, dest: Destination, timeout: float | None = None) -> Ack:
-        return self._request("unprotect", dest, timeout)
-
-    def rollback(self, dest: Destination, timeout: float | None = None) -> Ack:
-        return self._request("rollback", dest, timeout)
-
-    def status(self, dest: Destination, timeout: float | None = None) -> Ack:
-        return self._request("status", dest, timeout)
 
     def protected(self, dest: Destination) -> bool:
         """Whether the LocalSite holds a protection of ``dest`` (not logged as a call)."""
