@@ -302,7 +302,12 @@ cdef class DeltaBitmap:
 
     @property
     def writes(self):
-        """Number of host writes recorded since creation (not persisted)."""
+        """Number of writes recorded since creation (not persisted).
+
+        Counts every recorded range: host writes, and the ranges the
+        library itself tracks again (after a failed copy, a rollback or
+        crash recovery), which go through ``record_write(s)`` too.
+        """
         return self._writes
 
     @property

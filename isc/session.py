@@ -57,7 +57,11 @@ class State(enum.Enum):
 
 @dataclass(frozen=True)
 class SessionStats:
-    """A snapshot of a session's counters."""
+    """A snapshot of a session's counters.
+
+    ``host_writes`` is ``DeltaBitmap.writes``: host writes plus the ranges
+    tracked again after a failed copy or a rollback (rare, and few).
+    """
 
     host_writes: int
     cofw_chunks: int
