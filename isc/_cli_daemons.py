@@ -55,6 +55,12 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         metavar="HOST:PORT",
         help="the destinations' isc agent (default: protect in this process)",
     )
+    serve.add_argument(
+        "--control",
+        type=listen_address,
+        metavar="HOST:PORT",
+        help="answer status/mark/unmark/copy requests (newline-delimited JSON) here",
+    )
     serve.set_defaults(daemon="serve")
     agent = commands.add_parser(
         "agent",
@@ -79,8 +85,10 @@ def run(args: argparse.Namespace) -> int:
         from isc.remote import AgentSite
         from isc.serve import run_serve
 
-        def served(session, uri: str) -> None:
+        def served(session, uri: str, control_port: int | None) -> None:
             print(f"export {session.name} {uri}", flush=True)
+            if control_port is not None:
+                print(f"control {args.control[0]}:{control_port}", flush=True)
             print("ready", flush=True)
 
         site = AgentSite(*args.site) if args.site else None
@@ -92,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
             granularity=args.granularity,
             every=args.every,
             site=site,
+            control=args.control,
             ready=served,
             stop=stop,
         )

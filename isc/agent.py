@@ -8,31 +8,31 @@ arriving over NBD to a protected export go through its protection snapshot
 (:class:`isc.remote.Protection`), so a rollback can restore the image the
 export had when it was protected.
 
-Control protocol: newline-delimited JSON over TCP, one object per line.
-A request is ``{"id": N, "op": OP, "export": NAME}`` with OP one of
+Control protocol (:mod:`isc.control`: newline-delimited JSON over TCP). A
+request is ``{"id": N, "op": OP, "export": NAME}`` with OP one of
 ``protect``, ``unprotect``, ``rollback``, ``status`` (and ``list``, which
-needs no export). Every request gets exactly one reply line
-``{"id": N, "ok": true|false, "reason": TEXT|null, "extents": [[offset,
-length], ...], "info": {...}}`` (``extents``: the byte ranges a rollback
-rewrote). A line that is not a JSON object, an unknown op or export, or a
-line over 64 KiB gets ``ok: false`` with the reason; the agent never crashes
-on bad input and a bad line changes nothing.
+needs no export). Every reply is ``{"id": N, "ok": true|false, "reason":
+TEXT|null, "extents": [[offset, length], ...], "info": {...}}``
+(``extents``: the byte ranges a rollback rewrote). An unknown export gets
+``ok: false`` with the reason, like any bad request.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
+import functools
 import logging
 import threading
 from pathlib import Path
 
+from isc.control import ControlServer, Op
 from isc.lun import FileLUN, ForwardingLUN
 from isc.remote import Protection
 
 log = logging.getLogger(__name__)
 
-MAX_LINE = 64 << 10
+EXPORT_OPS = ("protect", "unprotect", "rollback", "status")
+"""The requests about one export (they name it in ``export``)."""
 
 
 class Export(ForwardingLUN):
@@ -88,67 +88,24 @@ class Agent:
             for path in sorted(self.directory.iterdir())
             if path.is_file() and not path.name.startswith(".")
         }
+        ops: dict[str, Op] = {op: functools.partial(self._on_export, op) for op in EXPORT_OPS}
+        ops["list"] = lambda _: {"ok": True, "info": {n: e.size for n, e in self.exports.items()}}
+        self.control = ControlServer(ops, defaults={"extents": []})
+        """Answers the control protocol (the module docstring)."""
 
-    def handle(self, line: bytes) -> dict:
-        """Answer one request line; never raises."""
-        try:
-            request = json.loads(line)
-        except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
-            return {"id": None, "ok": False, "reason": f"not JSON: {type(exc).__name__}: {exc}"}
-        if not isinstance(request, dict):
-            return {"id": None, "ok": False, "reason": "a request is a JSON object"}
-        rid = request.get("id")
-        op = request.get("op")
-        try:
-            if op == "list":
-                reply = {"ok": True, "info": {n: e.size for n, e in self.exports.items()}}
-            elif op in ("protect", "unprotect", "rollback", "status"):
-                export = self.exports.get(request.get("export"))  # type: ignore[arg-type]
-                if export is None:
-                    reply = {"ok": False, "reason": f"no export named {request.get('export')!r}"}
-                else:
-                    reply = getattr(export, op)()
-                    log.info("%s %s: %s", op, export.name, reply.get("reason") or "ok")
-            else:
-                reply = {"ok": False, "reason": f"unknown op {op!r}"}
-        except Exception as exc:
-            log.exception("%s failed", op)
-            reply = {"ok": False, "reason": f"{op} failed: {exc}"}
-        return {"id": rid, "reason": None, "extents": [], "info": {}, **reply}
-
-    async def serve_control(self, host: str, port: int) -> asyncio.Server:
-        """Start the control listener in the running event loop."""
-
-        async def client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            loop = asyncio.get_running_loop()
-            try:
-                while True:
-                    try:
-                        line = await reader.readuntil(b"\n")
-                    except asyncio.LimitOverrunError:
-                        writer.write(_encode({"id": None, "ok": False, "reason": "line too long"}))
-                        break
-                    except asyncio.IncompleteReadError:
-                        break
-                    reply = await loop.run_in_executor(None, self.handle, line)
-                    writer.write(_encode(reply))
-                    await writer.drain()
-            except ConnectionError:
-                pass
-            finally:
-                writer.close()
-
-        return await asyncio.start_server(client, host, port, limit=MAX_LINE)
+    def _on_export(self, op: str, request: dict) -> dict:
+        export = self.exports.get(request.get("export"))  # type: ignore[arg-type]
+        if export is None:
+            return {"ok": False, "reason": f"no export named {request.get('export')!r}"}
+        reply = getattr(export, op)()
+        log.info("%s %s: %s", op, export.name, reply.get("reason") or "ok")
+        return reply
 
     def close(self) -> None:
         for export in self.exports.values():
             if export.protection is not None:
                 export.protection.drop()
             export.close()
-
-
-def _encode(reply: dict) -> bytes:
-    return json.dumps(reply).encode() + b"\n"
 
 
 def run_agent(
@@ -183,15 +140,14 @@ def run_agent(
             log.info("export %s at %s", name, server.uri)
 
         async def main() -> None:
-            control = await agent.serve_control(host, port)
+            control = await agent.control.listen(host, port)
             bound = control.sockets[0].getsockname()[1]
             log.info("control requests on %s:%d", host, bound)
             if ready is not None:
                 ready(agent, bound, uris)
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(None, stop.wait)
-            control.close()
-            await control.wait_closed()
+            await agent.control.shut(control)
 
         asyncio.run(main())
     finally:

@@ -19,7 +19,7 @@ meanwhile fails with "in use by another isc process".
 
 A copy is recorded in the session file while it runs
 (:meth:`~isc.store.PersistentSession.begin_copy`) and checkpointed every
-:data:`CHECKPOINT_EVERY` bytes sent, so after a crash its destinations read
+:data:`~isc.store.CHECKPOINT_EVERY` bytes sent, so after a crash its destinations read
 inconsistent and the next copy resends only what was not confirmed. Errors
 (``IscError``, ``OSError``) reach :func:`isc.cli.main`, which prints them as
 one line and exits 1; argparse exits 2 for usage errors.
@@ -34,20 +34,17 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict
 
 from isc import store
 from isc._cli_tools import _granularity, _positive, _size
 from isc._layout import DEFAULT_GRANULARITY
 from isc._units import format_bytes, size_label
-from isc.copy import CopyJob, CopyResult, Destination, DestState
+from isc.copy import CopyResult, DestState
 from isc.errors import IscError, ParameterError, StateError
 from isc.session import DEFAULT_SAVE_AREA
 from isc.update import DEFAULT_TIMEOUT, PeriodicUpdate, rollback
-
-CHECKPOINT_EVERY = 64 << 20
-"""Bytes a copy sends between checkpoints: what a crash can make it send again."""
 
 # -- argument types ----------------------------------------------------------------------
 
@@ -188,91 +185,6 @@ def run(args: argparse.Namespace) -> int:
 # -- the library-level steps (the crash tests drive them too) ------------------------------
 
 
-class Progress:
-    """A copy's progress hook: a bar on a terminal, and a checkpoint every ``every`` bytes.
-
-    The checkpoints let a marked copy cut short by a crash resume without
-    resending what they confirmed; the destinations are flushed before each,
-    so none confirms data a destination could still lose. ``also(done,
-    total)`` is called after each run too.
-    """
-
-    def __init__(
-        self,
-        stored: store.PersistentSession,
-        destinations: Sequence[Destination],
-        *,
-        every: int = CHECKPOINT_EVERY,
-        also: Callable[[int, int], object] | None = None,
-        bar: bool | None = None,
-    ) -> None:
-        self.stored = stored
-        self.destinations = destinations
-        self.every = every
-        self.also = also
-        self.show = sys.stderr.isatty() if bar is None else bar
-        self._bar = None
-        self._checkpointed = 0
-
-    def __call__(self, done: int, total: int) -> None:
-        if done - self._checkpointed >= self.every:
-            for dest in self.destinations:
-                dest.lun.flush()
-            self.stored.checkpoint()
-            self._checkpointed = done
-        if self.show:
-            if self._bar is None:
-                from tqdm import tqdm
-
-                self._bar = tqdm(
-                    total=total, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr
-                )
-            self._bar.update(done - self._bar.n)
-        if self.also is not None:
-            self.also(done, total)
-
-    def close(self) -> None:
-        """End one copy's bar; the hook can serve the next copy."""
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
-        self._checkpointed = 0
-
-
-def copy(
-    stored: store.PersistentSession,
-    mode: str,
-    *,
-    progress: Progress | None = None,
-    **copy_options,
-) -> CopyResult:
-    """Copy ``stored``'s source to all its destinations; ``mode`` is one of ``COPY_MODES``.
-
-    The copy is recorded before it writes (``begin_copy``) and its outcome
-    saved after it, whether it succeeds or raises. ``copy_options`` go to
-    :class:`CopyJob`. Raises what the copy job raises.
-    """
-    dests = _destinations(stored)
-    progress = progress or Progress(stored, dests)
-    job = CopyJob(stored.session, dests, progress=progress, **copy_options)
-    stored.begin_copy(dests, mode)
-    try:
-        if mode == "incremental":
-            return job.incremental()
-        return job.full(marked=mode == "full")
-    finally:
-        progress.close()
-        stored.save()
-
-
-def _destinations(stored: store.PersistentSession) -> list[Destination]:
-    if not stored.destinations:
-        raise StateError(
-            f"{stored.meta['name']} has no destinations; add one with isc add-dest first"
-        )
-    return stored.destinations
-
-
 def _open(args: argparse.Namespace) -> store.PersistentSession:
     """Open SESSION; say on stderr what a recovery after a crash did."""
     stored, recovery = store.open_session(args.session)
@@ -357,7 +269,7 @@ def _copy(args: argparse.Namespace) -> int:
         args.session_parser.error("--unmarked needs --full (an incremental copy is marked)")
     mode = ("full-unmarked" if args.unmarked else "full") if args.full else "incremental"
     with _open(args) as stored:
-        result = copy(stored, mode, throttle=args.throttle)
+        result = store.copy(stored, mode, throttle=args.throttle)
         _report(stored, result, args.json)
     return 0
 
@@ -386,8 +298,8 @@ def _report(stored: store.PersistentSession, result: CopyResult, as_json: bool) 
 def _update(args: argparse.Namespace) -> int:
     site = _connect(args.site)
     with _open(args) as stored:
-        dests = _destinations(stored)
-        progress = Progress(stored, dests)
+        dests = store.copy_destinations(stored)
+        progress = store.Progress(stored, dests)
         update = PeriodicUpdate(
             stored.session,
             dests,

@@ -5,20 +5,176 @@ writes. The source is a persistent session's directory (its writes survive
 a crash, and ``every`` runs periodic updates to its destinations from the
 same process, which owns the session), or a LUN path or URI (an ephemeral
 session whose tracking is reported when the server stops).
+
+With a control address the server also answers requests about its session
+(:mod:`isc.control`: newline-delimited JSON), so another program can drive
+the copies of the session the server owns:
+
+==========================  =====================================================
+``{"op": "status"}``        ``info``: the session's state, counts and destinations
+``{"op": "mark"}``          freeze a point in time (``"full": true``: every chunk)
+``{"op": "unmark"}``        end the mark; unsent chunks go back to tracking
+``{"op": "copy"}``          copy to every destination of a session directory:
+                            ``"mode"`` one of :data:`~isc.store.COPY_MODES`
+                            (default ``incremental``), optional ``"throttle"``
+                            (bytes per second); answered when the copy ends,
+                            ``info`` holding the :class:`~isc.copy.CopyResult`
+==========================  =====================================================
+
+A copy, mark or unmark is refused while another one or a periodic update
+runs. Stopping the server cancels a running copy (it fails as any copy
+does: what was not sent stays tracked).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 
 from isc import store
+from isc.control import ControlServer
+from isc.copy import CopyCancelled, CopyJob
+from isc.errors import CopyError, IscError, StateError
 from isc.nbd import NBDServer, SessionLUN
 from isc.session import Session
 from isc.update import PeriodicUpdate
 
 log = logging.getLogger(__name__)
+
+
+class SessionControl:
+    """The control requests ``isc serve`` answers about ``session`` (the module docstring).
+
+    ``persistent`` is the session directory's :class:`~isc.store.PersistentSession`
+    when there is one; copies need it (they go to its destinations).
+    """
+
+    def __init__(self, session: Session, persistent: store.PersistentSession | None = None):
+        self.session = session
+        self.persistent = persistent
+        self._stopping = threading.Event()
+        self._job: CopyJob | None = None  # the last copy started
+        self.server = ControlServer(
+            {"status": self.status, "mark": self.mark, "unmark": self.unmark, "copy": self.copy}
+        )
+
+    @contextmanager
+    def _exclusive(self, op: str) -> Iterator[None]:
+        """Hold the session's update lock for ``op``, or raise ``StateError``."""
+        lock = self.session.update_lock
+        if not lock.acquire(blocking=False):
+            raise StateError(f"{self.session.name}: a copy or an update is running; {op} waits")
+        try:
+            yield
+        finally:
+            lock.release()
+
+    def status(self, request: dict) -> dict:
+        session = self.session
+        bitmap = session.bitmap
+        info = {
+            "name": session.name,
+            "state": session.state.value,
+            "generation": session.generation,
+            "granularity": session.granularity,
+            "size": session.source.size,
+            "tracked_chunks": bitmap.tracking_count,
+            "transfer_chunks": bitmap.transfer_count,
+            "busy": session.update_lock.locked(),
+            "destinations": self._destinations(),
+        }
+        return {"ok": True, "info": info}
+
+    def mark(self, request: dict) -> dict:
+        full = request.get("full", False)
+        if not isinstance(full, bool):
+            return {"ok": False, "reason": f"full must be true or false, got {full!r}"}
+        try:
+            with self._exclusive("mark"):
+                generation = self.session.mark(full)
+        except IscError as exc:
+            return {"ok": False, "reason": str(exc)}
+        count = self.session.bitmap.transfer_count
+        return {"ok": True, "info": {"generation": generation, "transfer_chunks": count}}
+
+    def unmark(self, request: dict) -> dict:
+        try:
+            with self._exclusive("unmark"):
+                count = self.session.bitmap.transfer_count
+                self.session.unmark()
+        except IscError as exc:
+            return {"ok": False, "reason": str(exc)}
+        return {"ok": True, "info": {"returned_chunks": count}}
+
+    def copy(self, request: dict) -> dict:
+        mode = request.get("mode", "incremental")
+        throttle = request.get("throttle")
+        if mode not in store.COPY_MODES:
+            return {"ok": False, "reason": f"mode must be one of {store.COPY_MODES}, got {mode!r}"}
+        if throttle is not None and (
+            isinstance(throttle, bool) or not isinstance(throttle, (int, float)) or throttle <= 0
+        ):
+            return {
+                "ok": False,
+                "reason": f"throttle must be > 0 bytes per second, got {throttle!r}",
+            }
+        if self.persistent is None:
+            return {
+                "ok": False,
+                "reason": f"{self.session.name} has no destinations: serve a session "
+                "directory (isc create, isc add-dest) to copy from the server",
+            }
+        stored = self.persistent
+        try:
+            with self._exclusive("copy"):
+                progress = store.Progress(
+                    stored, store.copy_destinations(stored), also=self._go_on, bar=False
+                )
+                result = store.copy(
+                    stored, mode, progress=progress, started=self._started, throttle=throttle
+                )
+        except CopyError as exc:
+            return {"ok": False, "reason": str(exc), "info": self._result(exc.result)}
+        except IscError as exc:
+            return {"ok": False, "reason": str(exc)}
+        return {"ok": True, "info": self._result(result)}
+
+    def _started(self, job: CopyJob) -> None:
+        self._job = job
+
+    def _go_on(self, done: int, total: int) -> None:
+        # Also covers a stop that came before the job's run began (which
+        # resets its cancel flag).
+        if self._stopping.is_set():
+            raise CopyCancelled(f"isc serve of {self.session.name} is stopping")
+
+    def _result(self, result) -> dict:
+        return {**asdict(result), "destinations": self._destinations()}
+
+    def _destinations(self) -> list[dict]:
+        dests = self.persistent.destinations if self.persistent is not None else []
+        return [{"name": d.name, "state": d.state.value, "epoch": d.epoch} for d in dests]
+
+    def start(self, host: str, port: int) -> int:
+        """Answer requests on ``host:port`` (0: any free port); return the port bound."""
+        return self.server.start(host, port)
+
+    def close(self) -> None:
+        """Cancel a running copy, wait for it to end (its reply is sent), stop answering.
+
+        Idempotent. Stop periodic updates first: this waits for the one in progress.
+        """
+        self._stopping.set()
+        job = self._job
+        if job is not None:
+            job.cancel()  # also ends a throttle's wait
+        with self.session.update_lock:
+            pass
+        self.server.close()
 
 
 def run_serve(
@@ -29,14 +185,17 @@ def run_serve(
     granularity: int = 65536,
     every: float | None = None,
     site=None,
+    control: tuple[str, int] | None = None,
     ready=None,
     stop: threading.Event | None = None,
 ) -> Session:
     """Serve ``source`` until ``stop`` is set; return the session (closed if persistent).
 
-    ``ready(session, uri)`` is called once the export listens. ``every``
-    (seconds) runs ``PeriodicUpdate`` on a persistent session's
-    destinations with ``site`` (default: protection in this process).
+    ``ready(session, uri, control_port)`` is called once the export (and the
+    control port, if ``control`` is given as ``(host, port)``; else
+    ``control_port`` is None) listens. ``every`` (seconds) runs
+    ``PeriodicUpdate`` on a persistent session's destinations with ``site``
+    (default: protection in this process).
     """
     from isc.remote import LocalSite
 
@@ -53,19 +212,22 @@ def run_serve(
         session = Session(store.open_lun(source), granularity, name=Path(source).name)
     update = thread = None
     server = NBDServer(SessionLUN(session), name=session.name)
+    controls = SessionControl(session, persistent)
     try:
         server.start(host, port)
         log.info("serving %s at %s", session.name, server.uri)
+        control_port = controls.start(*control) if control is not None else None
         if every and persistent is not None:
             update = PeriodicUpdate(session, persistent.destinations, site or LocalSite())
             thread = update.every(every)
         if ready is not None:
-            ready(session, server.uri)
+            ready(session, server.uri, control_port)
         stop.wait()
     finally:
         if update is not None:
             update.stop()
             thread.join()  # type: ignore[union-attr]
+        controls.close()
         server.close()
         if persistent is not None:
             persistent.close()

@@ -42,14 +42,16 @@ import logging
 import os
 import re
 import struct
+import sys
 import threading
 import zlib
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 from isc._core import DeltaBitmap
-from isc.copy import Destination, DestState
+from isc.copy import CopyJob, CopyResult, Destination, DestState
 from isc.errors import CorruptMetadata, IscError, ParameterError, StateError
 from isc.lun import FileLUN
 from isc.savearea import SaveArea
@@ -68,6 +70,8 @@ _CHECKPOINT = re.compile(r"checkpoint\.(\d+)$")
 _LOG = re.compile(r"activity\.(\d+)\.log$")
 _URI = re.compile(r"nbds?(\+unix)?://")
 COPY_MODES = ("incremental", "full", "full-unmarked")
+CHECKPOINT_EVERY = 64 << 20
+"""Bytes a copy sends between checkpoints: what a crash can make it send again."""
 """The kinds of copy :meth:`PersistentSession.begin_copy` records (``CopyResult.mode``)."""
 
 
@@ -382,6 +386,99 @@ class PersistentSession:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# -- copies of a persistent session --------------------------------------------------
+
+
+def copy_destinations(stored: PersistentSession) -> list[Destination]:
+    """``stored``'s destinations; ``StateError`` when it has none."""
+    if not stored.destinations:
+        raise StateError(
+            f"{stored.meta['name']} has no destinations; add one with isc add-dest first"
+        )
+    return stored.destinations
+
+
+class Progress:
+    """A copy's progress hook: a bar on a terminal, and a checkpoint every ``every`` bytes.
+
+    The checkpoints let a marked copy cut short by a crash resume without
+    resending what they confirmed; the destinations are flushed before each,
+    so none confirms data a destination could still lose. ``also(done,
+    total)`` is called after each run too.
+    """
+
+    def __init__(
+        self,
+        stored: PersistentSession,
+        destinations: Sequence[Destination],
+        *,
+        every: int = CHECKPOINT_EVERY,
+        also: Callable[[int, int], object] | None = None,
+        bar: bool | None = None,
+    ) -> None:
+        self.stored = stored
+        self.destinations = destinations
+        self.every = every
+        self.also = also
+        self.show = sys.stderr.isatty() if bar is None else bar
+        self._bar = None
+        self._checkpointed = 0
+
+    def __call__(self, done: int, total: int) -> None:
+        if done - self._checkpointed >= self.every:
+            for dest in self.destinations:
+                dest.lun.flush()
+            self.stored.checkpoint()
+            self._checkpointed = done
+        if self.show:
+            if self._bar is None:
+                from tqdm import tqdm
+
+                self._bar = tqdm(
+                    total=total, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr
+                )
+            self._bar.update(done - self._bar.n)
+        if self.also is not None:
+            self.also(done, total)
+
+    def close(self) -> None:
+        """End one copy's bar; the hook can serve the next copy."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        self._checkpointed = 0
+
+
+def copy(
+    stored: PersistentSession,
+    mode: str,
+    *,
+    progress: Progress | None = None,
+    started: Callable[[CopyJob], object] | None = None,
+    **copy_options,
+) -> CopyResult:
+    """Copy ``stored``'s source to all its destinations; ``mode`` is one of ``COPY_MODES``.
+
+    The copy is recorded before it writes (``begin_copy``) and its outcome
+    saved after it, whether it succeeds or raises. ``copy_options`` go to
+    :class:`CopyJob`; ``started(job)`` is called before the job runs (to
+    cancel it from elsewhere). Raises what the copy job raises.
+    """
+    dests = copy_destinations(stored)
+    progress = progress or Progress(stored, dests)
+    job = CopyJob(stored.session, dests, progress=progress, **copy_options)
+    if started is not None:
+        started(job)
+    stored.begin_copy(dests, mode)
+    try:
+        if mode == "incremental":
+            return job.incremental()
+        return job.full(marked=mode == "full")
+    finally:
+        progress.close()
+        stored.save()
 
 
 def _encode(meta: dict) -> bytes:

@@ -606,3 +606,142 @@ def test_serve_a_session_directory_tracks_what_clients_write(tmp_path: Path, sou
         }
         assert [d.name for d in stored.destinations] == ["d1"]
     assert source.read_bytes() == expected
+
+
+# -- isc serve's control port -----------------------------------------------------------------
+@pytest.fixture
+def state(tmp_path: Path, source: Path) -> Path:
+    """A session directory on ``source`` at granularity G, with one NEW destination "d1"."""
+    directory = tmp_path / "state"
+    sparse(tmp_path / "dest.img", SIZE)
+    create_session(directory, str(source), granularity=G)
+    stored, _ = open_session(directory)
+    with stored:
+        stored.add_destination(str(tmp_path / "dest.img"), "d1")
+    return directory
+
+
+def serve_controlled(source: Path, log: Path, *options: str) -> AbstractContextManager[Daemon]:
+    return serve(source, log, "--control", f"{HOST}:0", *options)
+
+
+def host_write(uri: str, writes: list[tuple[int, bytes]]) -> None:
+    with NBDLUN(uri, timeout=WAIT) as lun:
+        for offset, data in writes:
+            lun.write(offset, data)
+        lun.flush()
+
+
+def test_serve_control_drives_the_copies_of_its_session(tmp_path: Path, source: Path, state: Path):
+    rng = random.Random(SEED + 20)
+    dest = tmp_path / "dest.img"
+    with serve_controlled(state, tmp_path / "serve.log") as served, control(served) as sock:
+        (uri,) = served.exports.values()
+        status = ask(sock, json.dumps({"id": 1, "op": "status"}).encode() + b"\n")
+        assert status["ok"] and status["info"]["state"] == "unmarked"
+        assert status["info"]["destinations"] == [{"name": "d1", "state": "new", "epoch": None}]
+
+        full = ask(sock, b'{"id": 2, "op": "copy", "mode": "full"}\n')
+        assert full["ok"], full["reason"]
+        assert full["info"]["bytes_sent"] == SIZE
+        assert full["info"]["destinations"][0]["state"] == "consistent"
+        assert dest.read_bytes() == source.read_bytes()
+
+        host_write(uri, [(rng.randrange(SIZE - G), rng.randbytes(G)) for _ in range(5)])
+        marked = ask(sock, b'{"id": 3, "op": "mark"}\n')
+        assert marked["ok"] and 1 <= marked["info"]["transfer_chunks"] <= 10
+        at_mark = source.read_bytes()
+        host_write(uri, [(rng.randrange(SIZE - G), rng.randbytes(G)) for _ in range(5)])
+        incremental = ask(sock, b'{"id": 4, "op": "copy"}\n')
+        assert incremental["ok"], incremental["reason"]
+        assert incremental["info"]["mode"] == "incremental"
+        assert incremental["info"]["chunks_sent"] == marked["info"]["transfer_chunks"]
+        assert dest.read_bytes() == at_mark  # the marked point in time, not the later writes
+
+        unmarked = ask(sock, b'{"id": 5, "op": "copy", "mode": "full-unmarked"}\n')
+        assert unmarked["ok"], unmarked["reason"]
+        assert unmarked["info"]["destinations"][0]["state"] == "inconsistent"
+        assert ask(sock, b'{"id": 6, "op": "mark"}\n')["ok"]
+        assert ask(sock, b'{"id": 7, "op": "copy"}\n')["ok"]
+        assert dest.read_bytes() == source.read_bytes()
+        final = ask(sock, b'{"id": 8, "op": "status"}\n')["info"]
+        assert final["state"] == "unmarked" and final["tracked_chunks"] == 0
+        assert final["destinations"][0]["state"] == "consistent"
+        served.stop()
+    stored, recovery = open_session(state)  # what the server did was saved
+    with stored:
+        assert not recovery.crashed
+        assert stored.destinations[0].state is DestState.CONSISTENT
+
+
+BAD_SERVE_REQUESTS = [
+    ({"op": "copy", "mode": "sideways"}, "mode must be one of"),
+    ({"op": "copy", "throttle": -1}, "throttle must be > 0"),
+    ({"op": "copy", "throttle": "fast"}, "throttle must be > 0"),
+    ({"op": "copy"}, "is unmarked: an incremental copy sends a marked point in time"),
+    ({"op": "mark", "full": "yes"}, "full must be true or false"),
+    ({"op": "protect"}, "unknown op 'protect'"),
+]
+
+
+def test_serve_control_refuses_bad_requests_and_changes_nothing(
+    tmp_path: Path, source: Path, state: Path
+):
+    with serve_controlled(state, tmp_path / "serve.log") as served, control(served) as sock:
+        host_write(next(iter(served.exports.values())), [(G, b"\x33" * G)])
+        before = ask(sock, b'{"id": 0, "op": "status"}\n')
+        files = source.read_bytes(), (tmp_path / "dest.img").read_bytes()
+        for rid, (request, reason) in enumerate(BAD_SERVE_REQUESTS, 1):
+            reply = ask(sock, json.dumps({"id": rid, **request}).encode() + b"\n")
+            assert reply["ok"] is False and reply["id"] == rid, reply
+            assert reason in reply["reason"], (request, reply)
+        assert ask(sock, b'{"id": 0, "op": "status"}\n') == before
+        assert (source.read_bytes(), (tmp_path / "dest.img").read_bytes()) == files
+        assert ask(sock, b'{"id": 9, "op": "mark"}\n')["ok"]
+        again = ask(sock, b'{"id": 10, "op": "mark"}\n')
+        assert again["ok"] is False and "already marked" in again["reason"]
+        served.stop()
+
+
+def test_serve_control_of_a_lun_without_a_session_directory_cannot_copy(
+    tmp_path: Path, source: Path
+):
+    with serve_controlled(source, tmp_path / "serve.log") as served, control(served) as sock:
+        assert ask(sock, b'{"id": 1, "op": "mark"}\n')["ok"]
+        reply = ask(sock, b'{"id": 2, "op": "copy"}\n')
+        assert reply["ok"] is False and "has no destinations" in reply["reason"]
+        assert ask(sock, b'{"id": 3, "op": "status"}\n')["info"]["destinations"] == []
+        served.stop()
+
+
+def test_stopping_serve_cancels_its_running_copy(tmp_path: Path, source: Path, state: Path):
+    log = tmp_path / "serve.log"
+    with (
+        serve_controlled(state, log) as served,
+        control(served) as copying,
+        control(served) as other,
+    ):
+        # A marked full copy throttled to 1 KiB/s: after its first run it waits
+        # about 17 minutes, so it is still running below.
+        copying.sendall(b'{"id": 1, "op": "copy", "mode": "full", "throttle": 1024}\n')
+        for _ in range(10_000):
+            if ask(other, b'{"id": 2, "op": "status"}\n')["info"]["busy"]:
+                break
+        else:
+            pytest.fail("the copy never started")
+        refused = ask(other, b'{"id": 3, "op": "copy", "mode": "full"}\n')
+        assert refused["ok"] is False and "a copy or an update is running" in refused["reason"]
+        served.proc.send_signal(signal.SIGTERM)
+        copying.settimeout(WAIT)
+        reply = json.loads(copying.makefile("rb").readline())
+        assert reply["id"] == 1 and reply["ok"] is False
+        assert "stopping" in reply["reason"]
+        assert 0 < reply["info"]["bytes_sent"] < SIZE
+        assert served.proc.wait(WAIT) == 0, log.read_text()
+    stored, recovery = open_session(state)
+    with stored:
+        assert not recovery.crashed and not recovery.interrupted_copy
+        assert stored.destinations[0].state is DestState.INCONSISTENT
+        bitmap = stored.session.bitmap
+        # Rule 2: the unsent rest is tracked, and so is the run sent but never flushed.
+        assert bitmap.tracking_count == bitmap.chunks

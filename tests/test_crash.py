@@ -31,8 +31,7 @@ from helpers import TIMEOUT, assert_no_lost_change, differing_chunks, fill_rando
 
 import isc
 from isc import DestState, FileLUN
-from isc.commands import copy
-from isc.store import create_session, open_session, read_state
+from isc.store import copy, create_session, open_session, read_state
 
 G = 4096
 SIZE = 4 << 20
@@ -43,8 +42,7 @@ ROOT = Path(isc.__file__).resolve().parent.parent
 
 CHILD = r"""
 import random, sys, threading
-from isc.commands import Progress, copy
-from isc.store import open_session
+from isc.store import Progress, copy, open_session
 
 mode, state, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
 stored, _ = open_session(state, checkpoint_interval=0.05)
