@@ -120,7 +120,10 @@ def run(seed: int = 1, out=print) -> int:
             dests = [
                 Destination(FileLUN.create(root / f"dest{i}.img", SIZE), f"dest{i}") for i in (1, 2)
             ]
-            session = Session(source, GRANULARITY, SaveArea(16 << 20), name="demo")
+            # As large as the source, the save area cannot fill however far the
+            # unthrottled writers get ahead of a copy (each chunk is saved at
+            # most once per mark); the table shows how much each update used.
+            session = Session(source, GRANULARITY, SaveArea(SIZE), name="demo")
             with Writers(session, WRITERS, seed) as writers:
                 site = ImageAtMark(source, writers)
                 result = UnmarkedFullCopy(session, dests).run()
