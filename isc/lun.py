@@ -20,6 +20,11 @@ session and the copy job depend on nothing else (see :class:`LUN`).
 ``close() -> None`` and ``closed``
     Releases the LUN; ``close`` is idempotent. LUNs are context managers.
 
+A LUN may also offer ``copies_to(dest) -> bool`` and ``copy_to(offset,
+length, dest) -> bool``: a copy of a range to the same range of another LUN
+that does not pass through the process (:meth:`FileLUN.copy_to`); the copy
+job uses it where it can.
+
 Offsets and lengths are in bytes and ranges are half-open. I/O outside
 ``[0, size)`` (``offset < 0``, ``length < 0`` or ``offset + length > size``)
 raises :class:`~isc.errors.RangeError` (a ValueError) and transfers nothing;
@@ -84,6 +89,9 @@ def _check_size(size: int) -> int:
 
 
 _L = TypeVar("_L", bound="_BaseLUN")
+
+_NO_KERNEL_COPY = frozenset({errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS})
+"""``copy_file_range`` errors that mean "not between these files": copy through a buffer."""
 
 
 class _BaseLUN(abc.ABC):
@@ -251,6 +259,7 @@ class FileLUN(_BaseLUN):
         self.path = os.fspath(path)
         self.size = size
         self.readonly = readonly
+        self._regular = stat.S_ISREG(st.st_mode)
         self._fd = fd
         # write() checks one value for both "closed" and "read-only": -1 for either.
         self._write_fd = -1 if readonly else fd
@@ -348,6 +357,46 @@ class FileLUN(_BaseLUN):
                     f"({done} of {len(view)} bytes written)",
                 )
             done += written
+
+    def copies_to(self, dest: object) -> bool:
+        """Whether :meth:`copy_to` may copy to ``dest``: both are regular files."""
+        return isinstance(dest, FileLUN) and self._regular and dest._regular
+
+    def copy_to(self, offset: int, length: int, dest: object) -> bool:
+        """Copy ``[offset, offset + length)`` to the same range of ``dest`` inside the kernel.
+
+        ``copy_file_range``: the data never passes through this process, and
+        the interpreter lock is released once for the whole range. Returns
+        False, having copied nothing, when ``dest`` is not a regular file's
+        FileLUN or the kernel cannot copy between the two files (another file
+        system, ``EXDEV``); the caller then copies through a buffer. Raises
+        ``RangeError`` outside either LUN, ``StateError`` when either is closed
+        or ``dest`` is read-only, and ``OSError`` from the kernel (the range
+        then holds an unknown mix on ``dest``).
+        """
+        if not self.copies_to(dest):
+            return False
+        assert isinstance(dest, FileLUN)
+        source, target = self._fd, dest._write_fd
+        if source < 0 or target < 0:
+            closed = self if source < 0 else dest
+            raise closed._closed_error() if closed._fd < 0 else dest._readonly_error()
+        if offset < 0 or length < 0 or offset + length > min(self.size, dest.size):
+            raise (self if offset + length > self.size else dest)._range_error(offset, length)
+        done = 0
+        while done < length:
+            try:
+                copied = os.copy_file_range(
+                    source, target, length - done, offset + done, offset + done
+                )
+            except OSError as exc:
+                if done == 0 and exc.errno in _NO_KERNEL_COPY:
+                    return False
+                raise
+            if copied == 0:
+                raise self._eof_error(offset, length, done)
+            done += copied
+        return True
 
     def _eof_error(self, offset: int, length: int, done: int) -> OSError:
         return OSError(

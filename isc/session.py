@@ -279,6 +279,37 @@ class Session:
                 start = (chunk - first) * g
                 self.save_area.readinto(chunk, buffer[start : min(start + g, len(buffer))])
 
+    def copy_frozen_to(self, offset: int, length: int, dest) -> bool:
+        """Write ``read_frozen`` of whole chunks straight to the same range of ``dest``.
+
+        Uses the source's ``copy_to`` (see :mod:`isc.lun`), so the data does
+        not pass through this process, then writes the saved chunks of the
+        range over it. Returns False, having written nothing, when the source
+        cannot copy to ``dest``. The range obeys :meth:`read_frozen_into`'s
+        rules. Raises ``StateError`` when unmarked.
+        """
+        if not self.bitmap.marked:
+            raise StateError(
+                f"{self.name} is unmarked: there is no point in time to copy; mark it first"
+            )
+        g = self.granularity
+        if offset % g:
+            raise ValueError(f"offset {offset} is not a multiple of the granularity {g}")
+        copy_to = getattr(self.source, "copy_to", None)
+        if copy_to is None or not copy_to(offset, length, dest):
+            return False
+        # As in read_frozen_into: copy first, then look for saved chunks. A
+        # chunk flagged but not yet stored has not been overwritten yet either:
+        # the copy holds its old data.
+        if self.bitmap.saved_count and length:
+            first = offset // g
+            buffer = memoryview(bytearray(g))
+            for chunk in self.bitmap.saved_in(first, (length + g - 1) // g).tolist():
+                view = buffer[: min(g, offset + length - chunk * g)]
+                if self.save_area.readinto(chunk, view):
+                    dest.write(chunk * g, view)
+        return True
+
     # -- reporting ---------------------------------------------------------------------
     @property
     def stats(self) -> SessionStats:

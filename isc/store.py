@@ -70,8 +70,11 @@ _CHECKPOINT = re.compile(r"checkpoint\.(\d+)$")
 _LOG = re.compile(r"activity\.(\d+)\.log$")
 _URI = re.compile(r"nbds?(\+unix)?://")
 COPY_MODES = ("incremental", "full", "full-unmarked")
-CHECKPOINT_EVERY = 64 << 20
-"""Bytes a copy sends between checkpoints: what a crash can make it send again."""
+CHECKPOINT_EVERY = 1 << 30
+"""Bytes a marked copy sends between checkpoints: what a crash can make it send again.
+
+Not less: each checkpoint writes the whole bitmap and retires every hot
+region, so the host writes that follow it pay a log record each again."""
 """The kinds of copy :meth:`PersistentSession.begin_copy` records (``CopyResult.mode``)."""
 
 
@@ -405,8 +408,10 @@ class Progress:
 
     The checkpoints let a marked copy cut short by a crash resume without
     resending what they confirmed; the destinations are flushed before each,
-    so none confirms data a destination could still lose. ``also(done,
-    total)`` is called after each run too.
+    so none confirms data a destination could still lose. :func:`copy` turns
+    them off for an unmarked full copy, which confirms nothing before it
+    ends (a crash in it leaves everything to send). ``also(done, total)`` is
+    called after each run too.
     """
 
     def __init__(
@@ -423,11 +428,13 @@ class Progress:
         self.every = every
         self.also = also
         self.show = sys.stderr.isatty() if bar is None else bar
+        self.checkpoints = True
+        """Whether this copy takes checkpoints (reset by :meth:`close`)."""
         self._bar = None
         self._checkpointed = 0
 
     def __call__(self, done: int, total: int) -> None:
-        if done - self._checkpointed >= self.every:
+        if self.checkpoints and done - self._checkpointed >= self.every:
             for dest in self.destinations:
                 dest.lun.flush()
             self.stored.checkpoint()
@@ -449,6 +456,7 @@ class Progress:
             self._bar.close()
             self._bar = None
         self._checkpointed = 0
+        self.checkpoints = True
 
 
 def copy(
@@ -468,6 +476,7 @@ def copy(
     """
     dests = copy_destinations(stored)
     progress = progress or Progress(stored, dests)
+    progress.checkpoints = mode != "full-unmarked"
     job = CopyJob(stored.session, dests, progress=progress, **copy_options)
     if started is not None:
         started(job)

@@ -722,7 +722,7 @@ def test_stopping_serve_cancels_its_running_copy(tmp_path: Path, source: Path, s
         control(served) as other,
     ):
         # A marked full copy throttled to 1 KiB/s: after its first run it waits
-        # about 17 minutes, so it is still running below.
+        # for more than an hour, so it is still running below.
         copying.sendall(b'{"id": 1, "op": "copy", "mode": "full", "throttle": 1024}\n')
         for _ in range(10_000):
             if ask(other, b'{"id": 2, "op": "status"}\n')["info"]["busy"]:
@@ -736,7 +736,7 @@ def test_stopping_serve_cancels_its_running_copy(tmp_path: Path, source: Path, s
         reply = json.loads(copying.makefile("rb").readline())
         assert reply["id"] == 1 and reply["ok"] is False
         assert "stopping" in reply["reason"]
-        assert 0 < reply["info"]["bytes_sent"] < SIZE
+        assert reply["info"]["bytes_sent"] > 0  # cancelled in the throttle's wait
         assert served.proc.wait(WAIT) == 0, log.read_text()
     stored, recovery = open_session(state)
     with stored:

@@ -899,3 +899,63 @@ def test_a_failed_flush_keeps_the_written_chunks_to_send():
     assert written == set(range(16))
     kept = {c for c in range(16) if session.bitmap.tracking(c) or session.bitmap.transfer(c)}
     assert kept == written
+
+
+# -- copies between files go through the kernel ------------------------------------------------
+def kernel_copies(monkeypatch, refuse: bool = False) -> list[tuple[int, int]]:
+    """Record each ``copy_file_range`` (offset, count); with ``refuse``, fail as across
+    file systems (EXDEV)."""
+    import errno
+    import os
+
+    real = os.copy_file_range
+    calls: list[tuple[int, int]] = []
+
+    def recorded(src, dst, count, offset_src, offset_dst):
+        calls.append((offset_src, count))
+        if refuse:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        return real(src, dst, count, offset_src, offset_dst)
+
+    monkeypatch.setattr(os, "copy_file_range", recorded)
+    return calls
+
+
+@pytest.mark.parametrize("refuse", [False, True], ids=["kernel", "refused"])
+def test_file_to_file_copies_keep_the_point_in_time(tmp_path, monkeypatch, refuse):
+    # Chunks overwritten after the mark are patched from the save area over
+    # what the kernel copied; when the kernel refuses, the copy goes through
+    # the buffer and ends the same.
+    g, size = 8192, 40 * 8192 + 100
+    rng = random.Random(5)
+    with (
+        FileLUN.create(tmp_path / "source.img", size) as source,
+        FileLUN.create(tmp_path / "d0.img", size) as d0,
+        FileLUN.create(tmp_path / "d1.img", size) as d1,
+    ):
+        fill_random(source, rng)
+        session = Session(source, g)
+        dests = [Destination(d0, "d0"), Destination(d1, "d1")]
+        calls = kernel_copies(monkeypatch, refuse)
+        job = CopyJob(session, dests, io_size=4 * g)
+        job.full(marked=False)
+        assert [contents(d) for d in dests] == [source.read(0, size)] * 2
+        for _ in range(20):
+            session.write(rng.randrange(size - 3 * g), rng.randbytes(rng.randrange(1, 3 * g)))
+        session.mark()
+        image = source.read(0, size)
+        for _ in range(20):  # after the mark: COFW saves the old data of marked chunks
+            session.write(rng.randrange(size - 3 * g), rng.randbytes(rng.randrange(1, 3 * g)))
+        assert session.stats.cofw_chunks > 0
+        result = job.incremental()
+        assert [contents(d) for d in dests] == [image] * 2
+        assert all(d.state is DestState.CONSISTENT for d in dests)
+        assert result.bytes_sent > 0
+        session.mark(full=True)
+        image = source.read(0, size)
+        session.write(size - 50, b"\xee" * 50)  # the tail chunk, saved and patched
+        job.incremental()
+        assert [contents(d) for d in dests] == [image] * 2
+    # Every run was offered to the kernel: the whole file in one run each time.
+    assert calls and all(count <= size for _, count in calls)
+    assert (0, size) in calls

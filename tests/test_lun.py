@@ -395,3 +395,100 @@ def test_file_lun_on_a_loop_device(tmp_path):
     finally:
         subprocess.run([losetup, "--detach", device], check=True)
     assert backing.read_bytes() == content[:4096] + b"\xee" * 4096 + content[8192:]
+
+
+# -- copy_to: a range copied inside the kernel --------------------------------------------------
+def test_copy_to_copies_a_range_inside_the_kernel(file_dir):
+    size = 3 * 65536 + 5
+    payload = _payload(7, size)
+    with (
+        FileLUN.create(os.path.join(file_dir, "src.img"), size) as source,
+        FileLUN.create(os.path.join(file_dir, "dst.img"), size) as dest,
+    ):
+        source.write(0, payload)
+        assert source.copies_to(dest)
+        assert source.copy_to(4096, 70_000, dest) is True
+        assert source.copy_to(size - 5, 5, dest) is True  # the tail past the last chunk
+        expected = bytearray(size)
+        expected[4096:74_096] = payload[4096:74_096]
+        expected[-5:] = payload[-5:]
+        assert dest.read(0, size) == expected
+
+
+def test_copy_to_completes_short_copies(tmp_path, monkeypatch):
+    size = 10_000
+    payload = _payload(8, size)
+    with (
+        FileLUN.create(tmp_path / "src.img", size) as source,
+        FileLUN.create(tmp_path / "dst.img", size) as dest,
+    ):
+        source.write(0, payload)
+        real = os.copy_file_range
+        calls: list[int] = []
+
+        def short(src, dst, count, offset_src, offset_dst):
+            calls.append(offset_src)
+            return real(src, dst, min(count, 3000), offset_src, offset_dst)
+
+        monkeypatch.setattr(os, "copy_file_range", short)
+        assert source.copy_to(0, size, dest)
+        assert dest.read(0, size) == payload
+    assert calls == [0, 3000, 6000, 9000]
+
+
+@pytest.mark.parametrize("code", [errno.EXDEV, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS])
+def test_copy_to_returns_false_when_the_kernel_cannot_copy(tmp_path, monkeypatch, code):
+    size = 8192
+    with (
+        FileLUN.create(tmp_path / "src.img", size) as source,
+        FileLUN.create(tmp_path / "dst.img", size) as dest,
+    ):
+        source.write(0, b"\x77" * size)
+
+        def refuse(*args):
+            raise OSError(code, os.strerror(code))
+
+        monkeypatch.setattr(os, "copy_file_range", refuse)
+        assert source.copy_to(0, size, dest) is False
+        assert dest.read(0, size) == bytes(size)
+
+
+def test_copy_to_raises_a_kernel_error_it_cannot_work_around(tmp_path, monkeypatch):
+    with (
+        FileLUN.create(tmp_path / "src.img", 4096) as source,
+        FileLUN.create(tmp_path / "dst.img", 4096) as dest,
+    ):
+
+        def fail(*args):
+            raise OSError(errno.EIO, "disk on fire")
+
+        monkeypatch.setattr(os, "copy_file_range", fail)
+        with pytest.raises(OSError, match="disk on fire"):
+            source.copy_to(0, 4096, dest)
+
+
+def test_copy_to_refuses_other_luns_and_bad_ranges_changing_nothing(tmp_path):
+    size = 8192
+    with (
+        FileLUN.create(tmp_path / "src.img", size) as source,
+        FileLUN.create(tmp_path / "dst.img", size // 2) as small,
+        FileLUN.create(tmp_path / "ro.img", size) as writable,
+    ):
+        source.write(0, b"\x55" * size)
+        memory = MemoryLUN(size)
+        assert not source.copies_to(memory)
+        assert source.copy_to(0, size, memory) is False
+        assert memory.read(0, size) == bytes(size)
+        for offset, length in [(-1, 10), (0, -1), (size // 2 - 10, 11), (0, size)]:
+            with pytest.raises(RangeError):
+                source.copy_to(offset, length, small)
+        assert small.read(0, size // 2) == bytes(size // 2)
+        with (
+            FileLUN(tmp_path / "ro.img", readonly=True) as readonly,
+            pytest.raises(StateError, match="read-only"),
+        ):
+            source.copy_to(0, size, readonly)
+        assert writable.read(0, size) == bytes(size)
+        memory.close()
+    with pytest.raises(StateError, match="closed"):
+        source.copy_to(0, 10, small)

@@ -30,6 +30,7 @@ from isc import (
     CopyJob,
     Destination,
     DestState,
+    FileLUN,
     MemoryLUN,
     RangeError,
     SaveArea,
@@ -574,3 +575,24 @@ def test_a_mark_waits_for_a_write_in_flight():
     assert marked.is_set() and not writer.is_alive()
     assert [session.bitmap.transfer(c) for c in range(4)] == [False, True, True, False]
     assert session.read_frozen(0, size) == bytes(G) + b"w" * (2 * G) + bytes(size - 3 * G)
+
+
+def test_copy_frozen_to_needs_a_mark_whole_chunks_and_a_source_that_copies(tmp_path):
+    with (
+        FileLUN.create(tmp_path / "s.img", 4 * G) as source,
+        FileLUN.create(tmp_path / "d.img", 4 * G) as dest,
+    ):
+        session = Session(source, G)
+        session.write(0, b"\x11" * 4 * G)  # every chunk to send at the next mark
+        with pytest.raises(StateError, match="unmarked"):
+            session.copy_frozen_to(0, G, dest)
+        session.mark()
+        with pytest.raises(ValueError, match="granularity"):
+            session.copy_frozen_to(100, G, dest)
+        memory = MemoryLUN(4 * G)
+        assert session.copy_frozen_to(0, 4 * G, memory) is False  # nothing written
+        assert memory.read(0, 4 * G) == bytes(4 * G)
+        session.write(G, b"\x22" * 10)  # COFW: chunk 1's old data is saved
+        assert session.stats.cofw_chunks == 1
+        assert session.copy_frozen_to(0, 4 * G, dest) is True
+        assert dest.read(0, 4 * G) == b"\x11" * 4 * G  # the image at the mark
