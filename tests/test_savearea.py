@@ -261,7 +261,12 @@ def test_file_is_private_bounded_and_removed_on_close(tmp_path):
     with pytest.raises(SaveAreaFull):
         area.save(3, b"x")
     area.clear()
-    assert os.path.getsize(path) == 0
+    assert area.used == 0
+    assert os.path.getsize(path) == area.capacity  # the blocks stay for the next mark
+    for chunk in range(3, 6):  # and are written over: the file does not grow
+        area.save(chunk, b"\x01" * 4096)
+    assert os.path.getsize(path) == area.capacity
+    assert [area.get(chunk) for chunk in range(3, 6)] == [b"\x01" * 4096] * 3
     area.close()
     assert not path.exists()
 
