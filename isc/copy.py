@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import enum
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -51,6 +53,9 @@ KERNEL_RUN = 64 << 20
 """Bytes per run when the source copies to every destination inside the kernel
 (``copy_to``, see :mod:`isc.lun`): one system call, no buffer, and the
 interpreter lock released once for all of it."""
+
+DEFAULT_WORKERS = min(os.cpu_count() or 1, 4)
+"""Threads that copy a run inside the kernel while the host is not writing."""
 
 DEFAULT_FLUSH_EVERY = 256 << 20
 """Bytes sent between flushes of every destination during a copy.
@@ -130,7 +135,10 @@ class CopyJob:
     ``progress(done_bytes, total_bytes)`` is called after each run is sent.
     ``io_size`` is the largest read and write in bytes, a multiple of the
     session's granularity. ``flush_every`` bytes sent, every destination is
-    flushed. Raises ``ParameterError`` for bad arguments.
+    flushed. A run copied inside the kernel is split among ``workers``
+    threads while the host is not writing (no host write since the last
+    run); while it writes, one thread copies and the other CPUs are the
+    host's. Raises ``ParameterError`` for bad arguments.
     """
 
     def __init__(
@@ -142,6 +150,7 @@ class CopyJob:
         progress: Callable[[int, int], object] | None = None,
         io_size: int = DEFAULT_IO_SIZE,
         flush_every: int = DEFAULT_FLUSH_EVERY,
+        workers: int = DEFAULT_WORKERS,
     ) -> None:
         if not destinations:
             raise ParameterError("a copy job needs at least one destination")
@@ -163,13 +172,18 @@ class CopyJob:
             raise ParameterError(f"flush_every must be > 0 bytes, got {flush_every}")
         if throttle is not None and throttle <= 0:
             raise ParameterError(f"throttle must be > 0 bytes per second, got {throttle}")
+        if workers < 1:
+            raise ParameterError(f"workers must be >= 1, got {workers}")
         self.session = session
         self.destinations = list(destinations)
         self.throttle = throttle
         self.progress = progress
         self.io_size = io_size
         self.flush_every = flush_every
+        self.workers = workers
         self._cancel = threading.Event()
+        self._pool: ThreadPoolExecutor | None = None  # while a copy runs, if workers > 1
+        self._host_writes = 0  # the session's write count at the last run
 
     def cancel(self) -> None:
         """Stop the running copy after the run in flight; it fails with ``CopyError``."""
@@ -260,8 +274,7 @@ class CopyJob:
                 bitmap.clear_transfer(first, count, generation)
                 sent += 1
                 if session.save_area.saved_chunks:
-                    for chunk in range(first, first + count):
-                        session.save_area.discard(chunk)
+                    session.save_area.discard(first, count)
                 result.chunks_sent += count
                 self._ran(result, end - start)
                 if self._flush_due(result):
@@ -342,6 +355,16 @@ class CopyJob:
             return max(self.io_size, KERNEL_RUN)
         return self.io_size
 
+    def _pieces(self, start: int, end: int) -> list[tuple[int, int]]:
+        """``[start, end)`` as (offset, length) pieces of whole chunks, one per worker
+        while the host has not written since the last run, else one piece."""
+        writes = self.session.bitmap.writes
+        quiet, self._host_writes = writes == self._host_writes, writes
+        g = self.session.granularity
+        count = self.workers if quiet else 1
+        step = max(-(-(end - start) // count // g) * g, g)
+        return [(at, min(step, end - at)) for at in range(start, end, step)]
+
     def _transfer(
         self, start: int, end: int, buffer: memoryview, result: CopyResult, *, frozen: bool
     ) -> None:
@@ -350,17 +373,20 @@ class CopyJob:
         into ``buffer`` and written in pieces of its size."""
         session = self.session
         copies_to = getattr(session.source, "copies_to", None)
+        copy = session.copy_frozen_to if frozen else getattr(session.source, "copy_to", None)
+        pieces = self._pieces(start, end)
         through_buffer = []
         for dest in self.destinations:
-            if copies_to is None or not copies_to(dest.lun):
+            if copy is None or copies_to is None or not copies_to(dest.lun):
                 through_buffer.append(dest)
                 continue
             dest.state = DestState.INCONSISTENT
             try:
-                if frozen:
-                    copied = session.copy_frozen_to(start, end - start, dest.lun)
+                if self._pool is not None and len(pieces) > 1:
+                    done = self._pool.map(lambda p, lun=dest.lun: copy(p[0], p[1], lun), pieces)
+                    copied = all(list(done))
                 else:
-                    copied = session.source.copy_to(start, end - start, dest.lun)
+                    copied = copy(start, end - start, dest.lun)
             except Exception as exc:
                 result.outcomes[dest.name] = f"failed: {exc}"
                 raise
@@ -412,6 +438,18 @@ class CopyJob:
                 raise
         self._flushed_bytes = result.bytes_sent
 
+    def _with_workers(self, body: Callable[[], None]) -> None:
+        """Run ``body`` with the worker threads; they are all done when this returns."""
+        if self.workers == 1:
+            body()
+            return
+        with ThreadPoolExecutor(self.workers, "isc-copy") as pool:
+            self._pool = pool
+            try:
+                body()
+            finally:
+                self._pool = None
+
     def _run(
         self, result: CopyResult, body: Callable[[], None], restore: Callable[[], None]
     ) -> None:
@@ -419,8 +457,9 @@ class CopyJob:
         self._cancel.clear()
         self._started = time.monotonic()
         self._flushed_bytes = 0
+        self._host_writes = self.session.bitmap.writes
         try:
-            body()
+            self._with_workers(body)
         except BaseException as exc:
             restore()
             result.seconds = time.monotonic() - self._started

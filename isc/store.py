@@ -434,7 +434,8 @@ class Progress:
         self._checkpointed = 0
 
     def __call__(self, done: int, total: int) -> None:
-        if self.checkpoints and done - self._checkpointed >= self.every:
+        # Not after the last run: the copy's end is saved right after it.
+        if self.checkpoints and done - self._checkpointed >= self.every and done < total:
             for dest in self.destinations:
                 dest.lun.flush()
             self.stored.checkpoint()

@@ -937,7 +937,7 @@ def test_file_to_file_copies_keep_the_point_in_time(tmp_path, monkeypatch, refus
         session = Session(source, g)
         dests = [Destination(d0, "d0"), Destination(d1, "d1")]
         calls = kernel_copies(monkeypatch, refuse)
-        job = CopyJob(session, dests, io_size=4 * g)
+        job = CopyJob(session, dests, io_size=4 * g, workers=2)
         job.full(marked=False)
         assert [contents(d) for d in dests] == [source.read(0, size)] * 2
         for _ in range(20):
@@ -956,6 +956,32 @@ def test_file_to_file_copies_keep_the_point_in_time(tmp_path, monkeypatch, refus
         session.write(size - 50, b"\xee" * 50)  # the tail chunk, saved and patched
         job.incremental()
         assert [contents(d) for d in dests] == [image] * 2
-    # Every run was offered to the kernel: the whole file in one run each time.
-    assert calls and all(count <= size for _, count in calls)
-    assert (0, size) in calls
+    # Every run was offered to the kernel. The first copy, the host quiet, went
+    # in two pieces of whole chunks, one per worker, to each destination.
+    half = 21 * g
+    assert sorted(calls[:4]) == [(0, half), (0, half), (half, size - half), (half, size - half)]
+    assert all(count <= size for _, count in calls)
+
+
+def test_a_run_is_split_among_workers_only_while_the_host_is_quiet(tmp_path, monkeypatch):
+    import isc.copy
+
+    g = 4096
+    monkeypatch.setattr(isc.copy, "KERNEL_RUN", 4 * g)  # 4 runs of 4 chunks
+    with (
+        FileLUN.create(tmp_path / "source.img", 16 * g) as source,
+        FileLUN.create(tmp_path / "dest.img", 16 * g) as dest_lun,
+    ):
+        fill_random(source, random.Random(6))
+        session = Session(source, g)
+        calls = kernel_copies(monkeypatch)
+
+        def progress(done: int, total: int) -> None:
+            if done == 4 * g:  # the host writes while the second run is due
+                session.write(0, b"\x01" * 10)
+
+        dest = Destination(dest_lun, "d")
+        job = CopyJob(session, [dest], io_size=4 * g, workers=2, progress=progress)
+        job.full(marked=False)
+        assert dest_lun.read(g, 15 * g) == source.read(g, 15 * g)
+    assert [count // g for _, count in calls] == [2, 2, 4, 2, 2, 2, 2]

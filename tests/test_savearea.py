@@ -370,3 +370,17 @@ def test_threads_save_and_read_distinct_chunks(make_area, busy_switching):
         for chunk in range(total):
             seed = -chunk if chunk % 2 else chunk
             assert area.get(chunk) == _payload(seed, length)
+
+
+@pytest.mark.parametrize("path", [None, "area"])
+def test_discard_drops_a_range_of_chunks(tmp_path, path):
+    with SaveArea(16 * 4096, None if path is None else tmp_path / path) as area:
+        for chunk in (0, 3, 4, 6, 9, 1000):
+            area.save(chunk, bytes([chunk % 251]) * 4096)
+        area.discard(3, 4)  # 3, 4 and 6 held; 5 not
+        assert [c for c in (0, 3, 4, 5, 6, 9, 1000) if c in area] == [0, 9, 1000]
+        assert area.used == 3 * 4096
+        area.discard(5, 1 << 40)  # far wider than what is held: 9 and 1000
+        assert [c for c in (0, 9, 1000) if c in area] == [0]
+        assert area.used == 4096 and area.get(0) == bytes(4096)
+        area.save(9, b"\x09" * 4096)  # the freed bytes are free again
