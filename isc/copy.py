@@ -138,7 +138,11 @@ class CopyJob:
     flushed. A run copied inside the kernel is split among ``workers``
     threads while the host is not writing (no host write since the last
     run); while it writes, one thread copies and the other CPUs are the
-    host's. Raises ``ParameterError`` for bad arguments.
+    host's. ``busy_share`` (0 to 1) is the most of its time the copy works
+    while the host writes: after a run during which the host wrote, the
+    copy waits until the run was that share of the time since it began, so
+    the host's writes keep the CPUs and memory bandwidth the rest of the
+    time (1: never wait). Raises ``ParameterError`` for bad arguments.
     """
 
     def __init__(
@@ -151,6 +155,7 @@ class CopyJob:
         io_size: int = DEFAULT_IO_SIZE,
         flush_every: int = DEFAULT_FLUSH_EVERY,
         workers: int = DEFAULT_WORKERS,
+        busy_share: float = 1.0,
     ) -> None:
         if not destinations:
             raise ParameterError("a copy job needs at least one destination")
@@ -174,6 +179,8 @@ class CopyJob:
             raise ParameterError(f"throttle must be > 0 bytes per second, got {throttle}")
         if workers < 1:
             raise ParameterError(f"workers must be >= 1, got {workers}")
+        if not 0 < busy_share <= 1:
+            raise ParameterError(f"busy_share must be in (0, 1], got {busy_share}")
         self.session = session
         self.destinations = list(destinations)
         self.throttle = throttle
@@ -181,6 +188,7 @@ class CopyJob:
         self.io_size = io_size
         self.flush_every = flush_every
         self.workers = workers
+        self.busy_share = busy_share
         self._cancel = threading.Event()
         self._pool: ThreadPoolExecutor | None = None  # while a copy runs, if workers > 1
         self._host_writes = 0  # the session's write count at the last run
@@ -355,11 +363,9 @@ class CopyJob:
             return max(self.io_size, KERNEL_RUN)
         return self.io_size
 
-    def _pieces(self, start: int, end: int) -> list[tuple[int, int]]:
+    def _pieces(self, start: int, end: int, quiet: bool) -> list[tuple[int, int]]:
         """``[start, end)`` as (offset, length) pieces of whole chunks, one per worker
-        while the host has not written since the last run, else one piece."""
-        writes = self.session.bitmap.writes
-        quiet, self._host_writes = writes == self._host_writes, writes
+        while the host is ``quiet``, else one piece."""
         g = self.session.granularity
         count = self.workers if quiet else 1
         step = max(-(-(end - start) // count // g) * g, g)
@@ -372,9 +378,26 @@ class CopyJob:
         destination: inside the kernel where the source can copy to it, else read
         into ``buffer`` and written in pieces of its size."""
         session = self.session
+        writes = session.bitmap.writes
+        quiet, self._host_writes = writes == self._host_writes, writes
+        began = time.monotonic()
+        self._send_run(start, end, buffer, result, frozen, self._pieces(start, end, quiet))
+        if self.busy_share < 1 and not (quiet and session.bitmap.writes == writes):
+            # The host wrote during or before this run: leave it the time.
+            self._cancel.wait((time.monotonic() - began) * (1 / self.busy_share - 1))
+
+    def _send_run(
+        self,
+        start: int,
+        end: int,
+        buffer: memoryview,
+        result: CopyResult,
+        frozen: bool,
+        pieces: list[tuple[int, int]],
+    ) -> None:
+        session = self.session
         copies_to = getattr(session.source, "copies_to", None)
         copy = session.copy_frozen_to if frozen else getattr(session.source, "copy_to", None)
-        pieces = self._pieces(start, end)
         through_buffer = []
         for dest in self.destinations:
             if copy is None or copies_to is None or not copies_to(dest.lun):

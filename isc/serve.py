@@ -17,8 +17,10 @@ the copies of the session the server owns:
 ``{"op": "copy"}``          copy to every destination of a session directory:
                             ``"mode"`` one of :data:`~isc.store.COPY_MODES`
                             (default ``incremental``), optional ``"throttle"``
-                            (bytes per second); answered when the copy ends,
-                            ``info`` holding the :class:`~isc.copy.CopyResult`
+                            (bytes per second) and ``"busy_share"`` (0-1,
+                            default :data:`BUSY_SHARE`); answered when the
+                            copy ends, ``info`` holding the
+                            :class:`~isc.copy.CopyResult`
 ==========================  =====================================================
 
 A copy, mark or unmark is refused while another one or a periodic update
@@ -44,6 +46,14 @@ from isc.session import Session
 from isc.update import PeriodicUpdate
 
 log = logging.getLogger(__name__)
+
+BUSY_SHARE = {"incremental": 0.25, "full": 0.25, "full-unmarked": 0.1}
+"""The default ``busy_share`` (see :class:`~isc.copy.CopyJob`) of each mode of copy
+the control port runs. The served host writes share this process, its CPUs and
+memory bandwidth with the copy, so while they come the copy works a quarter of
+the time, or a tenth for an unmarked full copy: a marked copy keeps more, since
+every host write to a chunk it has not sent yet pays a save (and fills the save
+area) for as long as it runs. Measured with ``benchmarks/compare_qemu.py``."""
 
 
 class SessionControl:
@@ -112,16 +122,17 @@ class SessionControl:
 
     def copy(self, request: dict) -> dict:
         mode = request.get("mode", "incremental")
-        throttle = request.get("throttle")
         if mode not in store.COPY_MODES:
             return {"ok": False, "reason": f"mode must be one of {store.COPY_MODES}, got {mode!r}"}
-        if throttle is not None and (
-            isinstance(throttle, bool) or not isinstance(throttle, (int, float)) or throttle <= 0
-        ):
+        throttle = request.get("throttle")
+        share = request.get("busy_share", BUSY_SHARE[mode])
+        if throttle is not None and not _positive(throttle):
             return {
                 "ok": False,
                 "reason": f"throttle must be > 0 bytes per second, got {throttle!r}",
             }
+        if not _positive(share, 1):
+            return {"ok": False, "reason": f"busy_share must be in (0, 1], got {share!r}"}
         if self.persistent is None:
             return {
                 "ok": False,
@@ -135,7 +146,12 @@ class SessionControl:
                     stored, store.copy_destinations(stored), also=self._go_on, bar=False
                 )
                 result = store.copy(
-                    stored, mode, progress=progress, started=self._started, throttle=throttle
+                    stored,
+                    mode,
+                    progress=progress,
+                    started=self._started,
+                    throttle=throttle,
+                    busy_share=share,
                 )
         except CopyError as exc:
             return {"ok": False, "reason": str(exc), "info": self._result(exc.result)}
@@ -175,6 +191,11 @@ class SessionControl:
         with self.session.update_lock:
             pass
         self.server.close()
+
+
+def _positive(value: object, most: float = float("inf")) -> bool:
+    """Whether ``value`` is a JSON number in ``(0, most]``."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= most
 
 
 def run_serve(

@@ -679,6 +679,9 @@ BAD_SERVE_REQUESTS = [
     ({"op": "copy", "throttle": -1}, "throttle must be > 0"),
     ({"op": "copy", "throttle": "fast"}, "throttle must be > 0"),
     ({"op": "copy"}, "is unmarked: an incremental copy sends a marked point in time"),
+    ({"op": "copy", "busy_share": 0}, "busy_share must be in (0, 1]"),
+    ({"op": "copy", "busy_share": 1.5}, "busy_share must be in (0, 1]"),
+    ({"op": "copy", "busy_share": True}, "busy_share must be in (0, 1]"),
     ({"op": "mark", "full": "yes"}, "full must be true or false"),
     ({"op": "protect"}, "unknown op 'protect'"),
 ]

@@ -985,3 +985,46 @@ def test_a_run_is_split_among_workers_only_while_the_host_is_quiet(tmp_path, mon
         job.full(marked=False)
         assert dest_lun.read(g, 15 * g) == source.read(g, 15 * g)
     assert [count // g for _, count in calls] == [2, 2, 4, 2, 2, 2, 2]
+
+
+class RecordedWaits(threading.Event):
+    """A cancel event whose waits return at once, recording how long each would be."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waits: list[float] = []
+
+    def wait(self, timeout: float | None = None) -> bool:
+        assert timeout is not None
+        self.waits.append(timeout)
+        return False
+
+
+@pytest.mark.parametrize("marked", [True, False], ids=["marked", "unmarked"])
+@pytest.mark.parametrize("share", [1.0, 0.25])
+def test_while_the_host_writes_the_copy_works_its_busy_share(marked, share):
+    session, (dest,), _ = seeded(8 * G, 7)
+    job = CopyJob(session, [dest], io_size=G, busy_share=share)
+
+    def progress(done: int, total: int) -> None:
+        if done in (2 * G, 5 * G):  # the host writes after runs 2 and 5
+            session.write(0, b"\x01")
+
+    job.progress = progress
+    job._cancel = RecordedWaits()
+    if marked:
+        session.mark(full=True)
+        job.incremental()
+    else:
+        job.full(marked=False)
+    assert dest.lun.read(G, 7 * G) == session.source.read(G, 7 * G)
+    # It waits after the runs that follow the writes (3 and 6), never otherwise.
+    assert len(job._cancel.waits) == (0 if share == 1 else 2)
+    assert all(wait > 0 for wait in job._cancel.waits)
+
+
+def test_busy_share_must_be_a_fraction():
+    session, dests, _ = seeded(4 * G, 8)
+    for share in (0, -0.5, 1.01):
+        with pytest.raises(ParameterError, match="busy_share"):
+            CopyJob(session, dests, busy_share=share)
