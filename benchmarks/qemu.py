@@ -204,12 +204,17 @@ class QMP:
             raise ConnectionError(f"QMP connection is closed; cannot wait for {what}")
         return self._sock
 
-    def _send(self, payload: bytes, deadline: tuple[float, float], what: str) -> None:
+    def _armed(self, deadline: tuple[float, float], what: str, late: str) -> socket.socket:
+        """The socket, its timeout set to what is left of ``deadline``; else TimeoutError."""
         sock = self._connected(what)
         remaining = deadline[0] - time.monotonic()
         if remaining <= 0:
-            raise TimeoutError(f"QMP: no time left to send a command ({what})")
+            raise TimeoutError(late)
         sock.settimeout(remaining)
+        return sock
+
+    def _send(self, payload: bytes, deadline: tuple[float, float], what: str) -> None:
+        sock = self._armed(deadline, what, f"QMP: no time left to send a command ({what})")
         try:
             sock.sendall(payload)
         except TimeoutError:
@@ -226,11 +231,7 @@ class QMP:
                     message: dict[str, Any] = json.loads(line)
                     return message
                 continue
-            sock = self._connected(what)
-            remaining = deadline[0] - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"QMP: no {what} within {deadline[1]} s")
-            sock.settimeout(remaining)
+            sock = self._armed(deadline, what, f"QMP: no {what} within {deadline[1]} s")
             try:
                 chunk = sock.recv(1 << 16)
             except TimeoutError:

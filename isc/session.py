@@ -261,23 +261,12 @@ class Session:
         end on a chunk boundary or at the end of the source (the copy job's
         runs do). Raises ``StateError`` when unmarked.
         """
-        if not self.bitmap.marked:
-            raise StateError(
-                f"{self.name} is unmarked: there is no point in time to read; mark it first"
-            )
-        g = self.granularity
-        if offset % g:
-            raise ValueError(f"offset {offset} is not a multiple of the granularity {g}")
+        self._check_frozen(offset, "read")
         self.source.readinto(offset, buffer)
-        # Read the source first, then look for saved chunks: a chunk the source
-        # read may have caught mid-overwrite was flagged saved before that
-        # write began, and its saved copy was stored before it began too.
-        if self.bitmap.saved_count and len(buffer):
-            first = offset // g
-            count = (len(buffer) + g - 1) // g
-            for chunk in self.bitmap.saved_in(first, count).tolist():
-                start = (chunk - first) * g
-                self.save_area.readinto(chunk, buffer[start : min(start + g, len(buffer))])
+        g = self.granularity
+        for chunk in self._saved_in(offset, len(buffer)):
+            start = chunk * g - offset
+            self.save_area.readinto(chunk, buffer[start : min(start + g, len(buffer))])
 
     def copy_frozen_to(self, offset: int, length: int, dest) -> bool:
         """Write ``read_frozen`` of whole chunks straight to the same range of ``dest``.
@@ -288,27 +277,42 @@ class Session:
         cannot copy to ``dest``. The range obeys :meth:`read_frozen_into`'s
         rules. Raises ``StateError`` when unmarked.
         """
-        if not self.bitmap.marked:
-            raise StateError(
-                f"{self.name} is unmarked: there is no point in time to copy; mark it first"
-            )
-        g = self.granularity
-        if offset % g:
-            raise ValueError(f"offset {offset} is not a multiple of the granularity {g}")
+        self._check_frozen(offset, "copy")
         copy_to = getattr(self.source, "copy_to", None)
         if copy_to is None or not copy_to(offset, length, dest):
             return False
-        # As in read_frozen_into: copy first, then look for saved chunks. A
-        # chunk flagged but not yet stored has not been overwritten yet either:
-        # the copy holds its old data.
-        if self.bitmap.saved_count and length:
-            first = offset // g
-            buffer = memoryview(bytearray(g))
-            for chunk in self.bitmap.saved_in(first, (length + g - 1) // g).tolist():
-                view = buffer[: min(g, offset + length - chunk * g)]
-                if self.save_area.readinto(chunk, view):
-                    dest.write(chunk * g, view)
+        g = self.granularity
+        buffer = memoryview(bytearray(g))
+        for chunk in self._saved_in(offset, length):
+            view = buffer[: min(g, offset + length - chunk * g)]
+            # A chunk flagged but not stored yet is not overwritten yet either:
+            # the copy holds its old data.
+            if self.save_area.readinto(chunk, view):
+                dest.write(chunk * g, view)
         return True
+
+    def _check_frozen(self, offset: int, what: str) -> None:
+        if not self.bitmap.marked:
+            raise StateError(
+                f"{self.name} is unmarked: there is no point in time to {what}; mark it first"
+            )
+        if offset % self.granularity:
+            raise ValueError(
+                f"offset {offset} is not a multiple of the granularity {self.granularity}"
+            )
+
+    def _saved_in(self, offset: int, length: int) -> list[int]:
+        """The chunks of ``[offset, offset + length)`` saved since the mark.
+
+        Call it after reading or copying the source's data of the range: a
+        chunk that read may have caught mid-overwrite was flagged saved
+        before that write began, and its saved copy was stored before it
+        began too.
+        """
+        if not (self.bitmap.saved_count and length):
+            return []
+        g = self.granularity
+        return self.bitmap.saved_in(offset // g, (length + g - 1) // g).tolist()
 
     # -- reporting ---------------------------------------------------------------------
     @property

@@ -580,14 +580,20 @@ def test_serve_writes_from_qemu_io_and_nbdcopy_reach_the_source(tmp_path: Path, 
     assert source.read_bytes() == expected
 
 
-def test_serve_a_session_directory_tracks_what_clients_write(tmp_path: Path, source: Path):
-    granularity = 8 * KIB
-    state = tmp_path / "state"
+def session_directory(tmp_path: Path, source: Path, granularity: int) -> Path:
+    """A session directory on ``source`` with one NEW destination "d1" (``dest.img``)."""
+    directory = tmp_path / "state"
     sparse(tmp_path / "dest.img", SIZE)
-    create_session(state, str(source), granularity=granularity)
-    stored, _ = open_session(state)
+    create_session(directory, str(source), granularity=granularity)
+    stored, _ = open_session(directory)
     with stored:
         stored.add_destination(str(tmp_path / "dest.img"), "d1")
+    return directory
+
+
+def test_serve_a_session_directory_tracks_what_clients_write(tmp_path: Path, source: Path):
+    granularity = 8 * KIB
+    state = session_directory(tmp_path, source, granularity)
     expected = bytearray(source.read_bytes())
     writes = [(MIB, 64 * KIB, 0x55), (100_000, 10, 0x66), (3 * MIB - 1, 2, 0x77)]
     with serve(state, tmp_path / "serve.log") as served:
@@ -611,14 +617,7 @@ def test_serve_a_session_directory_tracks_what_clients_write(tmp_path: Path, sou
 # -- isc serve's control port -----------------------------------------------------------------
 @pytest.fixture
 def state(tmp_path: Path, source: Path) -> Path:
-    """A session directory on ``source`` at granularity G, with one NEW destination "d1"."""
-    directory = tmp_path / "state"
-    sparse(tmp_path / "dest.img", SIZE)
-    create_session(directory, str(source), granularity=G)
-    stored, _ = open_session(directory)
-    with stored:
-        stored.add_destination(str(tmp_path / "dest.img"), "d1")
-    return directory
+    return session_directory(tmp_path, source, G)
 
 
 def serve_controlled(source: Path, log: Path, *options: str) -> AbstractContextManager[Daemon]:
