@@ -560,9 +560,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--change", type=float, default=0.01, help="fraction changed before each incremental"
     )
-    parser.add_argument("--rounds", type=int, default=3, help="incremental copies per system")
+    parser.add_argument("--rounds", type=int, default=5, help="incremental copies per system")
     parser.add_argument(
-        "--repeat", type=int, default=3, help="idle full copies per figure (the best counts)"
+        "--repeat", type=int, default=5, help="idle full copies per figure (the best counts)"
     )
     parser.add_argument(
         "--qd",
