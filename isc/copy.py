@@ -190,11 +190,14 @@ class CopyJob:
         self.workers = workers
         self.busy_share = busy_share
         self._cancel = threading.Event()
+        self._cancel_reason: str | None = None
         self._pool: ThreadPoolExecutor | None = None  # while a copy runs, if workers > 1
         self._host_writes = 0  # the session's write count at the last run
 
-    def cancel(self) -> None:
-        """Stop the running copy after the run in flight; it fails with ``CopyError``."""
+    def cancel(self, reason: str | None = None) -> None:
+        """Stop the running copy after the run in flight; it fails with ``CopyError``,
+        whose message gives ``reason`` (default: "the copy of NAME was cancelled")."""
+        self._cancel_reason = reason
         self._cancel.set()
 
     # -- the three copies ----------------------------------------------------------
@@ -443,7 +446,9 @@ class CopyJob:
             if ahead > 0:
                 self._cancel.wait(ahead)
         if self._cancel.is_set():
-            raise CopyCancelled(f"the copy of {self.session.name} was cancelled")
+            raise CopyCancelled(
+                self._cancel_reason or f"the copy of {self.session.name} was cancelled"
+            )
 
     def _flush_due(self, result: CopyResult) -> bool:
         """Flush every destination once ``flush_every`` bytes were sent since the last flush."""
@@ -478,6 +483,7 @@ class CopyJob:
     ) -> None:
         """Run ``body``; on any failure ``restore`` rule 2 and raise ``CopyError``."""
         self._cancel.clear()
+        self._cancel_reason = None
         self._started = time.monotonic()
         self._flushed_bytes = 0
         self._host_writes = self.session.bitmap.writes

@@ -166,7 +166,11 @@ class SessionControl:
         # Also covers a stop that came before the job's run began (which
         # resets its cancel flag).
         if self._stopping.is_set():
-            raise CopyCancelled(f"isc serve of {self.session.name} is stopping")
+            raise CopyCancelled(self._stop_reason)
+
+    @property
+    def _stop_reason(self) -> str:
+        return f"isc serve of {self.session.name} is stopping"
 
     def _result(self, result) -> dict:
         return {**asdict(result), "destinations": self._destinations()}
@@ -187,7 +191,7 @@ class SessionControl:
         self._stopping.set()
         job = self._job
         if job is not None:
-            job.cancel()  # also ends a throttle's wait
+            job.cancel(self._stop_reason)  # also ends a throttle's or busy_share's wait
         with self.session.update_lock:
             pass
         self.server.close()

@@ -696,10 +696,10 @@ def test_cancel_interrupts_a_throttle_wait():
     copier = threading.Thread(target=run, daemon=True)
     copier.start()
     assert progressed.wait(TIMEOUT)  # one run out; the throttle now waits ~4096 s
-    job.cancel()
+    job.cancel("the operator changed their mind")
     copier.join(TIMEOUT)
     assert not copier.is_alive(), "cancel did not end the throttle wait"
-    assert outcome and "cancelled" in str(outcome[0])
+    assert outcome and "the operator changed their mind" in str(outcome[0])
     assert session.state is State.UNMARKED
     assert_no_lost_change(session, dest.lun)
 
