@@ -82,6 +82,10 @@ cost more still; smaller ones add per-request overhead on both ends.
 IN_FLIGHT = 32
 """Requests :class:`NBDLUN` keeps on the wire at once, over all calls (8 MiB)."""
 
+SENDER_PATIENCE = 0.01
+"""Seconds a call with requests to send waits for another thread's send to end
+before it reads replies instead (see NBDLUN._submit)."""
+
 MAX_BLOCK = 32 << 20
 """The longest READ, WRITE or WRITE_ZEROES in bytes :class:`NBDServer` accepts.
 
@@ -607,15 +611,14 @@ class NBDLUN(_BaseLUN):
                 raise self._closed_error()
             self._busy += 1
             try:
+                patient = True  # may still wait for another thread's send before reading
                 while True:
                     sending = pieces and call.error is None and self._failure is None
                     if not sending and not call.pending and self._receiving_into is not call:
                         break
-                    if (
-                        sending
-                        and len(self._inflight) < IN_FLIGHT
-                        and self._send_lock.acquire(blocking=False)
-                    ):
+                    can_send = sending and len(self._inflight) < IN_FLIGHT
+                    if can_send and self._send_lock.acquire(blocking=False):
+                        patient = True
                         at, piece = pieces.popleft()
                         handle = next(self._handles)
                         self._inflight[handle] = (call, at, piece)
@@ -627,7 +630,15 @@ class NBDLUN(_BaseLUN):
                             self._send_lock.release()
                             cond.acquire()
                             cond.notify_all()
+                    elif self._inflight and not self._reading and can_send and patient:
+                        # Another thread is sending: let it finish so that ours go
+                        # out too before anyone waits for replies (a server may
+                        # answer only once it has them all). If its send stays
+                        # blocked (a server that reads no request until its
+                        # replies are read), become the reader after all.
+                        patient = cond.wait(SENDER_PATIENCE)
                     elif self._inflight and not self._reading:
+                        patient = True
                         self._reading = True
                         cond.release()
                         try:
