@@ -191,12 +191,16 @@ class CopyJob:
         self.busy_share = busy_share
         self._cancel = threading.Event()
         self._cancel_reason: str | None = None
+        copies_to = getattr(session.source, "copies_to", None)
+        self._kernel = {d.name for d in self.destinations if copies_to and copies_to(d.lun)}
+        """The destinations the source copies to inside the kernel (``copy_to``)."""
         self._pool: ThreadPoolExecutor | None = None  # while a copy runs, if workers > 1
         self._host_writes = 0  # the session's write count at the last run
 
     def cancel(self, reason: str | None = None) -> None:
-        """Stop the running copy after the run in flight; it fails with ``CopyError``,
-        whose message gives ``reason`` (default: "the copy of NAME was cancelled")."""
+        """Stop the running copy after the run in flight (or the next copy of this job,
+        after its first run, when none runs yet); it fails with ``CopyError``, whose
+        message gives ``reason`` (default: "the copy of NAME was cancelled")."""
         self._cancel_reason = reason
         self._cancel.set()
 
@@ -357,12 +361,7 @@ class CopyJob:
         """Bytes per run: :data:`KERNEL_RUN` when the source copies to every
         destination inside the kernel, else (or when throttled, to keep the
         rate even) ``io_size``."""
-        copies_to = getattr(self.session.source, "copies_to", None)
-        if (
-            self.throttle is None
-            and copies_to is not None
-            and all(copies_to(d.lun) for d in self.destinations)
-        ):
+        if self.throttle is None and len(self._kernel) == len(self.destinations):
             return max(self.io_size, KERNEL_RUN)
         return self.io_size
 
@@ -399,11 +398,10 @@ class CopyJob:
         pieces: list[tuple[int, int]],
     ) -> None:
         session = self.session
-        copies_to = getattr(session.source, "copies_to", None)
         copy = session.copy_frozen_to if frozen else getattr(session.source, "copy_to", None)
         through_buffer = []
         for dest in self.destinations:
-            if copy is None or copies_to is None or not copies_to(dest.lun):
+            if copy is None or dest.name not in self._kernel:
                 through_buffer.append(dest)
                 continue
             dest.state = DestState.INCONSISTENT
@@ -482,8 +480,6 @@ class CopyJob:
         self, result: CopyResult, body: Callable[[], None], restore: Callable[[], None]
     ) -> None:
         """Run ``body``; on any failure ``restore`` rule 2 and raise ``CopyError``."""
-        self._cancel.clear()
-        self._cancel_reason = None
         self._started = time.monotonic()
         self._flushed_bytes = 0
         self._host_writes = self.session.bitmap.writes
@@ -502,6 +498,10 @@ class CopyJob:
             if isinstance(exc, Exception):
                 raise CopyError(message, result) from exc
             raise
+        finally:
+            # A cancel stops the copy it came during or before, not a later one.
+            self._cancel.clear()
+            self._cancel_reason = None
         result.seconds = time.monotonic() - self._started
         for dest in self.destinations:
             result.outcomes[dest.name] = "ok"

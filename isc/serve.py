@@ -32,18 +32,16 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
 from isc import store
 from isc.control import ControlServer
-from isc.copy import CopyCancelled, CopyJob
-from isc.errors import CopyError, IscError, StateError
+from isc.copy import CopyJob
+from isc.errors import CopyError, IscError
 from isc.nbd import NBDServer, SessionLUN
 from isc.session import Session
-from isc.update import PeriodicUpdate
+from isc.update import PeriodicUpdate, update_locks
 
 log = logging.getLogger(__name__)
 
@@ -72,16 +70,9 @@ class SessionControl:
             {"status": self.status, "mark": self.mark, "unmark": self.unmark, "copy": self.copy}
         )
 
-    @contextmanager
-    def _exclusive(self, op: str) -> Iterator[None]:
-        """Hold the session's update lock for ``op``, or raise ``StateError``."""
-        lock = self.session.update_lock
-        if not lock.acquire(blocking=False):
-            raise StateError(f"{self.session.name}: a copy or an update is running; {op} waits")
-        try:
-            yield
-        finally:
-            lock.release()
+    def _exclusive(self):
+        """The session's update lock, held, or ``UpdateBusy`` (see :func:`update_locks`)."""
+        return update_locks([(self.session, ())])
 
     def status(self, request: dict) -> dict:
         session = self.session
@@ -104,7 +95,7 @@ class SessionControl:
         if not isinstance(full, bool):
             return {"ok": False, "reason": f"full must be true or false, got {full!r}"}
         try:
-            with self._exclusive("mark"):
+            with self._exclusive():
                 generation = self.session.mark(full)
         except IscError as exc:
             return {"ok": False, "reason": str(exc)}
@@ -113,7 +104,7 @@ class SessionControl:
 
     def unmark(self, request: dict) -> dict:
         try:
-            with self._exclusive("unmark"):
+            with self._exclusive():
                 count = self.session.bitmap.transfer_count
                 self.session.unmark()
         except IscError as exc:
@@ -141,10 +132,8 @@ class SessionControl:
             }
         stored = self.persistent
         try:
-            with self._exclusive("copy"):
-                progress = store.Progress(
-                    stored, store.copy_destinations(stored), also=self._go_on, bar=False
-                )
+            with self._exclusive():
+                progress = store.Progress(stored, store.copy_destinations(stored), bar=False)
                 result = store.copy(
                     stored,
                     mode,
@@ -161,12 +150,8 @@ class SessionControl:
 
     def _started(self, job: CopyJob) -> None:
         self._job = job
-
-    def _go_on(self, done: int, total: int) -> None:
-        # Also covers a stop that came before the job's run began (which
-        # resets its cancel flag).
-        if self._stopping.is_set():
-            raise CopyCancelled(self._stop_reason)
+        if self._stopping.is_set():  # close() came before it could see the job
+            job.cancel(self._stop_reason)
 
     @property
     def _stop_reason(self) -> str:

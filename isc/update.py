@@ -53,14 +53,17 @@ Member = tuple[Session, Sequence[Destination]]
 
 
 @contextmanager
-def _update_locks(members: Sequence[Member]) -> Iterator[None]:
-    """Hold every member session's update lock, or raise UpdateBusy holding none."""
+def update_locks(members: Sequence[Member]) -> Iterator[None]:
+    """Hold every member session's update lock, or raise UpdateBusy holding none.
+
+    Updates, rollbacks and the copies ``isc serve`` runs on request all take it.
+    """
     with ExitStack() as held:
         for session, _ in members:
             if not session.update_lock.acquire(blocking=False):
                 log.warning("%s: an update is already running; this one is refused", session.name)
                 raise UpdateBusy(
-                    f"an update of {session.name} is already running; "
+                    f"an update or copy of {session.name} is already running; "
                     "wait for it to finish (nothing was changed)"
                 )
             held.callback(session.update_lock.release)
@@ -149,7 +152,7 @@ class PeriodicUpdate:
         ``UpdateError`` when protection or a copy failed (after restoring
         rule 2; failed copies' destinations stay protected).
         """
-        with _update_locks(self.members):
+        with update_locks(self.members):
             # Build the jobs first: bad copy options are refused before anything changes.
             jobs = [CopyJob(s, d, **self.copy_options) for s, d in self.members]
             sessions = [s for s, _ in self.members]
@@ -245,7 +248,7 @@ class UnmarkedFullCopy:
         Raises ``UpdateBusy`` when an update is running and ``UpdateError``
         when protection or the copy failed (rule 2 restored).
         """
-        with _update_locks([(self.session, self.destinations)]):
+        with update_locks([(self.session, self.destinations)]):
             if self.protect:
                 _protect_all(self.site, self.destinations, self.timeout, [])
             try:
@@ -301,7 +304,7 @@ def rollback(
     (CONSISTENT after a failed update). Raises ``UpdateError`` when the site
     refuses or fails, ``StateError`` when the session is marked.
     """
-    with _update_locks([(session, [dest])]):
+    with update_locks([(session, [dest])]):
         if session.bitmap.marked:
             raise StateError(f"{session.name} is marked; unmark it before a rollback")
         ack = _ask(site, "rollback", dest, timeout)

@@ -732,7 +732,7 @@ def test_stopping_serve_cancels_its_running_copy(tmp_path: Path, source: Path, s
         else:
             pytest.fail("the copy never started")
         refused = ask(other, b'{"id": 3, "op": "copy", "mode": "full"}\n')
-        assert refused["ok"] is False and "a copy or an update is running" in refused["reason"]
+        assert refused["ok"] is False and "is already running" in refused["reason"]
         served.proc.send_signal(signal.SIGTERM)
         copying.settimeout(WAIT)
         reply = json.loads(copying.makefile("rb").readline())

@@ -1028,3 +1028,19 @@ def test_busy_share_must_be_a_fraction():
     for share in (0, -0.5, 1.01):
         with pytest.raises(ParameterError, match="busy_share"):
             CopyJob(session, dests, busy_share=share)
+
+
+def test_a_cancel_before_a_copy_stops_that_copy_only():
+    size = 8 * G
+    session, (dest,), job = seeded(size, seed=9, io_size=G)
+    session.write(0, b"z" * size)
+    session.mark()
+    image = session.read(0, size)
+    job.cancel("asked before it began")
+    with pytest.raises(CopyError, match="asked before it began") as failure:
+        job.incremental()
+    assert failure.value.result.bytes_sent == G  # the first run went out, then it stopped
+    assert_no_lost_change(session, dest.lun)
+    session.mark()
+    job.incremental()  # the cancel is spent
+    assert contents(dest) == image
