@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from datapath import SHM, first_difference, shm_free, write_pattern, write_random
 from host_writer import HostWriter, make_changes, writer_python
 from qemu import StorageDaemon
 
@@ -58,7 +59,6 @@ WAIT = 60.0
 """Seconds any daemon gets to start or stop, and any request that is not a copy."""
 COPY_WAIT = 900.0
 """Seconds any one copy may take."""
-COMPARE_BLOCK = 16 << 20
 DEFAULT_PERF = ("8:0", "16:0:copy-range", "64:0:copy-range")
 """``x-perf`` settings tried for QEMU's tuned full copy: max-workers:max-chunk
 (0: no limit), then ``:copy-range`` to copy with ``copy_file_range``."""
@@ -69,20 +69,6 @@ UnderWrites = Callable[[HostWriter, int], tuple[float, dict]]
 
 
 # -- checking ----------------------------------------------------------------------------------
-def first_difference(expected: Path, actual: Path) -> int | None:
-    """The first byte offset where the files differ (a size difference counts), or None."""
-    with open(expected, "rb", buffering=0) as a, open(actual, "rb", buffering=0) as b:
-        offset = 0
-        while True:
-            x, y = a.read(COMPARE_BLOCK), b.read(COMPARE_BLOCK)
-            if x != y:
-                at = next((i for i, (p, q) in enumerate(zip(x, y, strict=False)) if p != q), None)
-                return offset + (at if at is not None else min(len(x), len(y)))
-            if not x:
-                return None
-            offset += len(x)
-
-
 @dataclass
 class Checks:
     """Every verification of the run, in order."""
@@ -90,7 +76,7 @@ class Checks:
     done: list[dict] = field(default_factory=list)
 
     def verify(self, what: str, expected: Path, actual: Path) -> None:
-        at = first_difference(expected, actual)
+        at = first_difference(actual, expected, expected.stat().st_size)
         self.done.append({"copy": what, "ok": at is None, "first_difference": at})
         if at is not None:
             print(f"MISMATCH: {what}: {actual.name} differs from {expected.name} at byte {at}")
@@ -98,14 +84,6 @@ class Checks:
     @property
     def failed(self) -> list[dict]:
         return [check for check in self.done if not check["ok"]]
-
-
-def fill_random(path: Path, size: int, seed: int) -> None:
-    """``size`` seeded random bytes: no zero regions a copy could skip."""
-    rng = np.random.default_rng(seed)
-    with open(path, "wb") as f:
-        for offset in range(0, size, 64 << 20):
-            f.write(rng.bytes(min(64 << 20, size - offset)))
 
 
 def scrub(path: Path, size: int) -> None:
@@ -117,14 +95,9 @@ def scrub(path: Path, size: int) -> None:
     memory on this virtual machine is slower still); the zeros make sure
     each check sees what the copy wrote, not what an earlier one left.
     """
-    zeros = bytes(COMPARE_BLOCK)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        os.ftruncate(fd, size)
-        for offset in range(0, size, len(zeros)):
-            os.pwrite(fd, zeros[: size - offset], offset)
-    finally:
-        os.close(fd)
+    with open(path, "ab") as f:
+        f.truncate(size)
+    write_pattern(path, size, 0)
 
 
 def timed(work: Callable[[], object]) -> float:
@@ -545,10 +518,7 @@ def work_directory(requested: str | None, size: int) -> str:
     if requested:
         return requested
     needed = 6 * size + (256 << 20)  # source, 2 destinations, save area, snapshot, a copy
-    shm = Path("/dev/shm")
-    if shm.is_dir() and shutil.disk_usage(shm).free >= needed:
-        return str(shm)
-    return tempfile.gettempdir()
+    return str(SHM) if shm_free() >= needed else tempfile.gettempdir()
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -650,7 +620,7 @@ def main(argv: list[str] | None = None) -> int:
             "versions": versions,
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         }
-        fill_random(run.source, args.size, args.seed)
+        write_random(run.source, args.size, args.seed)
         run.context("cp", ["cp", "--sparse=never", run.source])
         with StorageDaemon(run.source, work / "qemu") as daemon:
             run.qemu(daemon)

@@ -88,8 +88,9 @@ def _write_all(fd: int, data: bytes | memoryview, offset: int) -> None:
         view, offset = view[done:], offset + done
 
 
-def assert_same(path: Path, expected: Path, size: int) -> None:
-    """Fail, naming the first differing byte, unless both files hold the same ``size`` bytes."""
+def first_difference(path: Path, expected: Path, size: int) -> int | None:
+    """The first byte below ``size`` where the files differ, or where either ends
+    before ``size``; None when both hold the same ``size`` bytes."""
     a = b = bytearray()
     fa = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     fb = os.open(expected, os.O_RDONLY | os.O_CLOEXEC)
@@ -98,15 +99,23 @@ def assert_same(path: Path, expected: Path, size: int) -> None:
             n = min(PIECE, size - start)
             if len(a) != n:
                 a, b = bytearray(n), bytearray(n)
-            if os.preadv(fa, [a], start) != n or os.preadv(fb, [b], start) != n:
-                raise AssertionError(f"{path} or {expected} ends before byte {size}")
-            if a != b:
-                diff = np.frombuffer(a, np.uint8) != np.frombuffer(b, np.uint8)
-                first = start + int(np.argmax(diff))
-                raise AssertionError(f"{path} differs from {expected} at byte {first}")
+            got = min(os.preadv(fa, [a], start), os.preadv(fb, [b], start))
+            if memoryview(a)[:got] != memoryview(b)[:got]:
+                diff = np.frombuffer(a, np.uint8, got) != np.frombuffer(b, np.uint8, got)
+                return start + int(np.argmax(diff))
+            if got != n:
+                return start + got
+        return None
     finally:
         os.close(fa)
         os.close(fb)
+
+
+def assert_same(path: Path, expected: Path, size: int) -> None:
+    """Fail, naming the first differing byte, unless both files hold the same ``size`` bytes."""
+    first = first_difference(path, expected, size)
+    if first is not None:
+        raise AssertionError(f"{path} differs from {expected} (or ends) at byte {first}")
 
 
 def _busy_seconds() -> float:

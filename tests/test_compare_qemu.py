@@ -21,6 +21,7 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
 import compare_qemu  # noqa: E402
+import datapath  # noqa: E402
 import host_writer  # noqa: E402
 
 TINY = [
@@ -106,16 +107,16 @@ def test_a_copy_that_differs_from_its_image_fails_the_run(tmp_path, monkeypatch,
 
 def test_first_difference_finds_the_first_differing_byte(tmp_path: Path):
     a, b = tmp_path / "a", tmp_path / "b"
-    data = bytes(range(256)) * (compare_qemu.COMPARE_BLOCK // 128)  # two compare blocks
+    data = bytes(range(256)) * (datapath.PIECE // 128)  # two pieces of the check
     a.write_bytes(data)
     b.write_bytes(data)
-    assert compare_qemu.first_difference(a, b) is None
+    assert datapath.first_difference(b, a, len(data)) is None
     changed = bytearray(data)
-    changed[compare_qemu.COMPARE_BLOCK + 7] ^= 1
+    changed[datapath.PIECE + 7] ^= 1
     b.write_bytes(changed)
-    assert compare_qemu.first_difference(a, b) == compare_qemu.COMPARE_BLOCK + 7
+    assert datapath.first_difference(b, a, len(data)) == datapath.PIECE + 7
     b.write_bytes(data[:-3])  # shorter: differs where it ends
-    assert compare_qemu.first_difference(a, b) == len(data) - 3
+    assert datapath.first_difference(b, a, len(data)) == len(data) - 3
 
 
 @pytest.mark.parametrize(
