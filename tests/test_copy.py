@@ -1044,3 +1044,38 @@ def test_a_cancel_before_a_copy_stops_that_copy_only():
     session.mark()
     job.incremental()  # the cancel is spent
     assert contents(dest) == image
+
+
+def test_a_kernel_copy_that_fails_leaves_the_destination_inconsistent(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    import isc.copy
+
+    g = 4096
+    monkeypatch.setattr(isc.copy, "KERNEL_RUN", 4 * g)
+    with (
+        FileLUN.create(tmp_path / "source.img", 16 * g) as source,
+        FileLUN.create(tmp_path / "dest.img", 16 * g) as dest_lun,
+    ):
+        fill_random(source, random.Random(10))
+        session = Session(source, g)
+        dest = Destination(dest_lun, "d")
+        job = CopyJob(session, [dest], io_size=4 * g, workers=1)
+        job.full()  # consistent first
+        session.write(0, random.Random(11).randbytes(16 * g))  # every chunk to send
+        real, calls = os.copy_file_range, []
+
+        def second_fails(*args):
+            calls.append(args)
+            if len(calls) == 2:
+                raise OSError(errno.EIO, "the destination disk failed")
+            return real(*args)
+
+        monkeypatch.setattr(os, "copy_file_range", second_fails)
+        session.mark()
+        with pytest.raises(CopyError, match="the destination disk failed") as failure:
+            job.incremental()
+        assert dest.state is DestState.INCONSISTENT  # rule 6
+        assert failure.value.result.outcomes["d"].startswith("failed")
+        assert_no_lost_change(session, dest_lun)  # rule 2
