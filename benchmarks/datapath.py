@@ -1,8 +1,8 @@
 """What the data-path benchmark suites share.
 
-Scratch space, seeded images, byte checks, and a record of what else kept the
-machine busy during each benchmark (``busy_elsewhere``, an autouse fixture the
-suites import). Big files go to ``/dev/shm`` (tmpfs, so the figures are of the
+Scratch space, seeded images and byte checks (no pytest needed: the QEMU
+comparison script uses them too; conftest.py records what else kept the
+machine busy during each benchmark). Big files go to ``/dev/shm`` (tmpfs, so the figures are of the
 code, not of a disk) when it has room, else to the system's temporary
 directory; either way they live in a directory that is removed when the suite
 is done with it.
@@ -13,13 +13,11 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 SEED = 20261124
 PIECE = 64 << 20  # bytes per read or write when making and checking images
@@ -116,38 +114,3 @@ def assert_same(path: Path, expected: Path, size: int) -> None:
     first = first_difference(path, expected, size)
     if first is not None:
         raise AssertionError(f"{path} differs from {expected} (or ends) at byte {first}")
-
-
-def _busy_seconds() -> float:
-    """CPU seconds spent by the whole machine outside idle, from ``/proc/stat``."""
-    with open("/proc/stat") as stat:
-        ticks = [int(v) for v in stat.readline().split()[1:]]
-    idle = ticks[3] + ticks[4]  # idle and iowait
-    return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
-def _own_seconds() -> float:
-    times = os.times()
-    return times.user + times.system + times.children_user + times.children_system
-
-
-@pytest.fixture(autouse=True)
-def busy_elsewhere(request) -> Iterator[None]:
-    """Record in extra_info how many CPUs other processes kept busy during the test.
-
-    The machine has two cores: a copy and a host writer already use both, so
-    anything else running (measured from ``/proc/stat`` less this process and
-    its children, steal time included) slows the figures. Unused without
-    ``benchmark``.
-    """
-    if "benchmark" not in request.fixturenames:
-        yield
-        return
-    benchmark = request.getfixturevalue("benchmark")
-    wall, busy, own = time.monotonic(), _busy_seconds(), _own_seconds()
-    yield
-    wall = time.monotonic() - wall
-    other = (_busy_seconds() - busy) - (_own_seconds() - own)
-    # Clock ticks are 10 ms: over a short test the ratio is coarse.
-    benchmark.extra_info["busy_elsewhere"] = round(max(other, 0.0) / wall, 2)
-    benchmark.extra_info["test_seconds"] = round(wall, 3)

@@ -50,7 +50,6 @@ import pytest
 from datapath import (
     SEED,
     assert_same,
-    busy_elsewhere,  # noqa: F401 (an autouse fixture)
     place,
     random_bytes,
     scratch,

@@ -40,7 +40,6 @@ from pathlib import Path
 import pytest
 from datapath import (
     assert_same,
-    busy_elsewhere,  # noqa: F401 (an autouse fixture)
     place,
     scratch,
     write_pattern,

@@ -39,7 +39,6 @@ import numpy as np
 import pytest
 from datapath import (
     SEED,
-    busy_elsewhere,  # noqa: F401 (an autouse fixture)
     place,
     random_bytes,
     scratch,
