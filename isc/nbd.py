@@ -55,6 +55,7 @@ import itertools
 import logging
 import os
 import socket
+import ssl
 import stat
 import struct
 import threading
@@ -63,8 +64,10 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, NamedTuple
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
+from isc import tls as _tls
 from isc.errors import ParameterError, StateError
 from isc.lun import LUN, BytesLike, _BaseLUN
+from isc.tls import HANDSHAKE_TIMEOUT, ServerTLS, TLSSocket, describe, refuse_psk
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +112,7 @@ _FLAG_NO_ZEROES = 1 << 1
 _OPT_EXPORT_NAME = 1
 _OPT_ABORT = 2
 _OPT_LIST = 3
+_OPT_STARTTLS = 5
 _OPT_INFO = 6
 _OPT_GO = 7
 
@@ -189,6 +193,16 @@ class TransmissionFlag(enum.IntFlag):
 
 
 # -- URIs -------------------------------------------------------------------------------
+class ClientTLS(NamedTuple):
+    """The TLS an ``nbds://`` or ``nbds+unix://`` URI asks for (libnbd's query parameters)."""
+
+    certificates: str | None = None
+    """``tls-certificates=DIR``: the credentials directory (:mod:`isc.tls`); None: the
+    system's CAs and no client certificate."""
+    verify_peer: bool = True
+    """``tls-verify-peer=false`` accepts any server certificate (encryption only)."""
+
+
 class NBDAddress(NamedTuple):
     """Where an export lives, as :func:`parse_uri` reads it from a URI."""
 
@@ -196,17 +210,27 @@ class NBDAddress(NamedTuple):
     """``(host, port)`` for TCP, or the path of a Unix socket."""
     export: str
     """The export name ("" is the server's default export)."""
+    tls: ClientTLS | None = None
+    """The TLS to insist on (``nbds`` schemes), else None."""
+
+
+_TLS_QUERY = {"tls-certificates", "tls-verify-peer"}
+_PSK_QUERY = {"tls-psk-file", "tls-username"}
+_BOOLEANS = {"true": True, "on": True, "yes": True, "1": True}
+_BOOLEANS |= {"false": False, "off": False, "no": False, "0": False}
 
 
 def parse_uri(uri: str) -> NBDAddress:
-    """Read an NBD URI: ``nbd://host[:port][/export]`` or ``nbd+unix:///[export]?socket=PATH``.
+    """Read an NBD URI: ``nbd[s]://host[:port][/export]`` or ``nbd[s]+unix:///[export]?socket=PATH``.
 
     The export name is the percent-decoded path without its leading ``/``;
-    the port defaults to :data:`NBD_PORT`. Raises ``ParameterError`` for
-    anything else, naming what is wrong: another scheme (``nbds`` and
-    ``nbds+unix`` need TLS, which isc does not speak), a missing host or
-    socket, a host on a Unix socket, user info, a fragment, or a query
-    parameter this client does not understand.
+    the port defaults to :data:`NBD_PORT`. The ``nbds`` schemes insist on
+    TLS, with libnbd's query parameters ``tls-certificates=DIR`` and
+    ``tls-verify-peer=true|false`` (:class:`ClientTLS`). Raises
+    ``ParameterError`` for anything else, naming what is wrong: another
+    scheme, a missing host or socket, a host on a Unix socket, a fragment, a
+    query parameter this client does not understand, or TLS-PSK (user info,
+    ``tls-psk-file``), which is not available (:func:`isc.tls.refuse_psk`).
     """
     if not isinstance(uri, str):
         raise ParameterError(f"an NBD URI is a str, got {type(uri).__name__}")
@@ -224,33 +248,49 @@ def parse_uri(uri: str) -> NBDAddress:
             "or nbd+unix:///[export]?socket=PATH"
         )
 
-    if parts.scheme in ("nbds", "nbds+unix"):
-        raise bad(f"{parts.scheme}:// needs TLS, which isc does not speak")
-    if parts.scheme not in ("nbd", "nbd+unix"):
+    if parts.scheme not in ("nbd", "nbd+unix", "nbds", "nbds+unix"):
         raise bad(f"the scheme is {parts.scheme!r}")
     if parts.path and not parts.path.startswith("/"):
         raise bad("the export name must follow '//authority/'")
     if parts.fragment:
         raise bad(f"it has a fragment #{parts.fragment}")
-    if parts.username is not None:
-        raise bad("user info is for TLS authentication, which isc does not do")
+    if parts.username is not None or _PSK_QUERY & set(query):
+        raise refuse_psk(f"{uri!r} asks for TLS-PSK (user info or {sorted(_PSK_QUERY)})")
     if "\0" in export or len(export.encode()) > _MAX_STRING:
         raise bad(f"an export name holds no NUL and at most {_MAX_STRING} bytes")
-    if parts.scheme == "nbd":
+    tls = None
+    if parts.scheme.startswith("nbds"):
+        tls = _client_tls(query, bad)
+        query = {key: value for key, value in query.items() if key not in _TLS_QUERY}
+    elif _TLS_QUERY & set(query):
+        raise bad(f"{sorted(_TLS_QUERY & set(query))} need TLS: use the nbds schemes")
+    plain = parts.scheme.removeprefix("nbds").removeprefix("nbd")  # "" or "+unix"
+    if not plain:
         if not parts.hostname:
-            raise bad("nbd:// needs a host")
+            raise bad(f"{parts.scheme}:// needs a host")
         if query:
-            raise bad(f"nbd:// takes no query parameters, got {sorted(query)}")
-        return NBDAddress((parts.hostname, NBD_PORT if port is None else port), export)
+            raise bad(f"{parts.scheme}:// takes no query parameter {sorted(query)}")
+        return NBDAddress((parts.hostname, NBD_PORT if port is None else port), export, tls)
     if parts.netloc:
-        raise bad(f"nbd+unix:// takes no host, got {parts.netloc!r}")
+        raise bad(f"{parts.scheme}:// takes no host, got {parts.netloc!r}")
     unknown = sorted(set(query) - {"socket"})
     if unknown:
         raise bad(f"unknown query parameters {unknown}")
     sockets = query.get("socket", [])
     if len(sockets) != 1 or not sockets[0]:
-        raise bad("nbd+unix:// needs exactly one socket=PATH")
-    return NBDAddress(sockets[0], export)
+        raise bad(f"{parts.scheme}:// needs exactly one socket=PATH")
+    return NBDAddress(sockets[0], export, tls)
+
+
+def _client_tls(query: dict[str, list[str]], bad: Callable[[str], ParameterError]) -> ClientTLS:
+    """The TLS parameters of an ``nbds`` URI's query."""
+    for key in _TLS_QUERY & set(query):
+        if len(query[key]) != 1 or not query[key][0]:
+            raise bad(f"give {key}= once, with a value")
+    verify = query.get("tls-verify-peer", ["true"])[0]
+    if verify.lower() not in _BOOLEANS:
+        raise bad(f"tls-verify-peer is true or false, got {verify!r}")
+    return ClientTLS(query.get("tls-certificates", [None])[0], _BOOLEANS[verify.lower()])
 
 
 # -- the client -----------------------------------------------------------------------------
@@ -333,7 +373,7 @@ class NBDLUN(_BaseLUN):
         """The server's (minimum, preferred, maximum) block sizes in bytes, else the defaults."""
         sock = self._connect()
         try:
-            self._handshake(sock)
+            sock = self._handshake(sock)
         except BaseException:
             sock.close()
             raise
@@ -370,7 +410,8 @@ class NBDLUN(_BaseLUN):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock
 
-    def _handshake(self, sock: socket.socket) -> None:
+    def _handshake(self, sock: socket.socket) -> socket.socket:
+        """Negotiate the export; return the stream to use: ``sock``, or TLS over it."""
         magic, newstyle, flags = _GREETING.unpack(_recv(sock, _GREETING.size))
         if magic != _NBDMAGIC:
             raise _protocol_error(f"its greeting starts {magic:#x}, not NBDMAGIC")
@@ -380,9 +421,62 @@ class NBDLUN(_BaseLUN):
             raise _protocol_error(f"its greeting has {newstyle:#x} where IHAVEOPT belongs")
         client_flags = flags & (_FLAG_FIXED_NEWSTYLE | _FLAG_NO_ZEROES)
         sock.sendall(_U32.pack(client_flags))
+        tls = self.target.tls
+        if tls is None:
+            self._negotiate(sock, client_flags)
+            return sock
+        if not client_flags & _FLAG_FIXED_NEWSTYLE:
+            raise self._no_tls("it lacks fixed newstyle negotiation, which TLS needs")
+        stream = self._starttls(sock, tls)
+        where = f"the NBD server at {self.uri!r}"
+        try:
+            self._negotiate(stream, client_flags)  # type: ignore[arg-type]
+        except ssl.SSLError as exc:  # an alert: the server refused this client's certificate
+            raise _tls.handshake_error(exc, where, tls.certificates) from None
+        except ConnectionError:
+            raise _tls.AuthenticationError(
+                f"{where} hung up right after the TLS handshake, as a server does that refuses "
+                f"the client's certificate: it wants a current {_tls.CLIENT_CERT} (with "
+                f"{_tls.CLIENT_KEY}) signed by its CA in tls-certificates={tls.certificates}"
+            ) from None
+        return stream  # type: ignore[return-value]
+
+    def _negotiate(self, sock: socket.socket, client_flags: int) -> None:
+        """Haggle options up to transmission: ``NBD_OPT_GO``, else ``NBD_OPT_EXPORT_NAME``."""
         if client_flags & _FLAG_FIXED_NEWSTYLE and self._go(sock):
             return
         self._export_name(sock, no_zeroes=bool(client_flags & _FLAG_NO_ZEROES))
+
+    def _starttls(self, sock: socket.socket, tls: ClientTLS) -> TLSSocket:
+        """``NBD_OPT_STARTTLS`` first of all options, then the TLS handshake; never plaintext."""
+        sock.sendall(_OPTION.pack(_IHAVEOPT, _OPT_STARTTLS, 0))
+        magic, option, reply, length = _OPTION_REPLY.unpack(_recv(sock, _OPTION_REPLY.size))
+        if magic != _OPTION_REPLY_MAGIC or option != _OPT_STARTTLS:
+            raise _protocol_error(f"bad option reply (magic {magic:#x}, option {option})")
+        if length > _MAX_OPTION_DATA:
+            raise _protocol_error(f"an option reply of {length} bytes")
+        payload = _recv(sock, length)
+        if reply & _REP_ERR:
+            with contextlib.suppress(OSError):  # a soft disconnect
+                sock.sendall(_OPTION.pack(_IHAVEOPT, _OPT_ABORT, 0))
+            said = payload.decode(errors="replace") or f"error reply {reply - _REP_ERR}"
+            raise self._no_tls(f"it answered NBD_OPT_STARTTLS: {said}")
+        if reply != _REP_ACK:
+            raise _protocol_error(f"option reply type {reply} to NBD_OPT_STARTTLS")
+        address = self.target.address
+        tcp = isinstance(address, tuple)
+        context = _tls.client_context(
+            tls.certificates, verify_peer=tls.verify_peer, check_hostname=tcp
+        )
+        stream = TLSSocket(sock, context, address[0] if tcp else None)
+        stream.handshake(f"the NBD server at {self.uri!r}", tls.certificates or "the system's CAs")
+        return stream
+
+    def _no_tls(self, why: str) -> _tls.AuthenticationError:
+        return _tls.AuthenticationError(
+            f"the NBD server at {self.uri!r} does not offer TLS ({why}); an nbds URI never "
+            "falls back to plaintext: use nbd:// or nbd+unix:// to connect without TLS"
+        )
 
     def _go(self, sock: socket.socket) -> bool:
         """``NBD_OPT_GO`` asking for block sizes; False when the server lacks it."""
@@ -433,7 +527,10 @@ class NBDLUN(_BaseLUN):
             _REP_ERR_TLS_REQD: errno.EACCES,
             _REP_ERR_SHUTDOWN: errno.ESHUTDOWN,
         }.get(reply, errno.EPROTO)
-        message = payload.decode(errors="replace") or f"error reply {reply - _REP_ERR}"
+        message = payload.decode(errors="replace")
+        if reply == _REP_ERR_TLS_REQD:
+            message = f"{message or 'TLS is required'}; use an nbds:// or nbds+unix:// URI"
+        message = message or f"error reply {reply - _REP_ERR}"
         return OSError(
             code, f"the NBD server at {self.uri!r} refused export {self.target.export!r}: {message}"
         )
@@ -824,6 +921,7 @@ _INLINE_WRITE = 64 << 10
 the pool: the hand-off to a worker thread and back cost more than a small
 write itself (4 KiB writes at queue depth 8 ran at 16 000/s through the pool,
 100 000/s inline). A FUA write (it waits for a flush) and larger I/O use the pool."""
+_TLS_REQUIRED = b"TLS is required: start it with NBD_OPT_STARTTLS"
 _REPLY_BACKLOG = 64 << 10  # unsent reply bytes after which the loop waits for the client
 _STREAM_LIMIT = 4 << 20  # bytes a connection buffers before it stops reading the socket
 _ZERO_PIECE = 1 << 20  # bytes per LUN write of a WRITE_ZEROES
@@ -875,7 +973,15 @@ class NBDServer:
     cheaply; a bad request magic drops the connection.
     """
 
-    def __init__(self, lun: LUN, *, readonly: bool = False, name: str = "", workers: int = 8):
+    def __init__(
+        self,
+        lun: LUN,
+        *,
+        readonly: bool = False,
+        name: str = "",
+        workers: int = 8,
+        tls: ServerTLS | None = None,
+    ):
         if not isinstance(name, str) or "\0" in name or len(name.encode()) > _MAX_STRING:
             raise ParameterError(
                 f"an export name is a str without NUL of at most {_MAX_STRING} UTF-8 bytes, "
@@ -885,6 +991,8 @@ class NBDServer:
             raise ParameterError(f"workers must be >= 1, got {workers}")
         self.lun = lun
         self.name = name
+        self.tls = tls
+        """How clients get TLS (None: not at all)."""
         self.readonly = bool(readonly or getattr(lun, "readonly", False))
         flags = TransmissionFlag.HAS_FLAGS | TransmissionFlag.SEND_FLUSH
         flags |= TransmissionFlag.CAN_MULTI_CONN
@@ -921,10 +1029,11 @@ class NBDServer:
         if address is None:
             raise StateError(f"{self!r} is not listening; start or serve it first")
         name = quote(self.name, safe="")
+        scheme = "nbds" if self.tls is not None and self.tls.required else "nbd"
         if isinstance(address, str):
-            return f"nbd+unix:///{name}?socket={quote(address, safe='/')}"
+            return f"{scheme}+unix:///{name}?socket={quote(address, safe='/')}"
         host, port = address
-        return f"nbd://{f'[{host}]' if ':' in host else host}:{port}/{name}"
+        return f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}/{name}"
 
     # -- running ------------------------------------------------------------------------------
     async def serve(self, host: str = "127.0.0.1", port: int = NBD_PORT) -> None:
@@ -1065,6 +1174,8 @@ class NBDServer:
             log.info("%r: %s dropped the connection (%s)", self, peer, exc)
         except _Violation as exc:
             log.warning("%r: %s broke the protocol (%s); disconnecting it", self, peer, exc)
+        except ssl.SSLError as exc:
+            log.warning("%r: TLS with %s failed (%s); disconnecting it", self, peer, describe(exc))
         except Exception:
             log.exception("%r: unexpected failure serving %s; disconnecting it", self, peer)
         finally:
@@ -1097,6 +1208,13 @@ class NBDServer:
             raise _Violation(f"unknown client flags {client_flags:#x}")
         no_zeroes = bool(client_flags & _FLAG_NO_ZEROES)
         size = self.lun.size
+        tls = self.tls
+        if tls is not None and not client_flags & _FLAG_FIXED_NEWSTYLE:
+            # The spec: TLS needs fixed newstyle; without it the server is in NOTLS mode.
+            if tls.required:
+                raise _Violation("no fixed newstyle negotiation, so no TLS, which is required")
+            tls = None
+        encrypted = False
         while True:
             magic, option, length = _OPTION.unpack(await reader.readexactly(_OPTION.size))
             if magic != _IHAVEOPT:
@@ -1109,6 +1227,27 @@ class NBDServer:
                 )
                 continue
             data = await reader.readexactly(length)
+            if option == _OPT_STARTTLS:
+                if tls is None:
+                    reason = b"TLS is off on this server"
+                    await self._option_reply(writer, option, _REP_ERR_UNSUP, reason)
+                elif encrypted or data:
+                    reason = (
+                        b"TLS is on already" if encrypted else b"NBD_OPT_STARTTLS takes no data"
+                    )
+                    await self._option_reply(writer, option, _REP_ERR_INVALID, reason)
+                else:
+                    await self._option_reply(writer, option, _REP_ACK)
+                    await writer.start_tls(tls.context, ssl_handshake_timeout=HANDSHAKE_TIMEOUT)
+                    encrypted = True
+                    log.debug("%r: %s is on TLS", self, peer)
+                continue
+            if tls is not None and tls.required and not encrypted and option != _OPT_ABORT:
+                if option == _OPT_EXPORT_NAME:
+                    # The option cannot fail politely: the spec says drop the client.
+                    raise _Violation("NBD_OPT_EXPORT_NAME without TLS, which this server requires")
+                await self._option_reply(writer, option, _REP_ERR_TLS_REQD, _TLS_REQUIRED)
+                continue
             if option == _OPT_EXPORT_NAME:
                 if not self._exports(data):
                     # The option cannot fail politely: the spec says drop the client.

@@ -252,8 +252,8 @@ def test_parse_uri_reads_the_standard_forms(uri, expected):
     ("uri", "why"),
     [
         ("http://example.com/disk", "scheme"),
-        ("nbds://example.com/disk", "TLS"),
-        ("nbds+unix:///?socket=s", "TLS"),
+        ("nbds://example.com/disk?tls-psk-file=keys", "TLS-PSK"),
+        ("nbd+unix:///?socket=s&tls-certificates=d", "need TLS"),
         ("nbd:///disk", "needs a host"),
         ("nbd://example.com:99999/", "valid"),
         ("nbd://example.com:port/", "valid"),
