@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import operator
 import os
 import stat
@@ -55,6 +56,9 @@ from typing import Any
 from isc._layout import MAX_GRANULARITY
 from isc.errors import ParameterError, RangeError, SaveAreaFull, StateError
 from isc.lun import BytesLike
+
+MARK = "user.isc.save-area"
+"""The extended attribute on a save area file isc created: how it knows its own leftovers."""
 
 
 class _MemoryStore:
@@ -90,15 +94,24 @@ class _FileStore:
 
     def __init__(self, path: str | os.PathLike[str], capacity: int) -> None:
         self.path = os.fspath(path)
-        flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(self.path, flags, 0o600)
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            fd = os.open(self.path, flags, 0o600)
+        except FileExistsError:
+            _remove_leftover(self.path)
+            fd = os.open(self.path, flags, 0o600)
+        try:
+            # Locked before it is marked: a marked file whose lock is free is a leftover.
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            with contextlib.suppress(OSError):  # no user xattrs here: leftovers stay foreign
+                os.setxattr(fd, MARK, b"1")
+            st = os.fstat(fd)
+        except BaseException:
+            os.unlink(self.path)
             os.close(fd)
-            raise ParameterError(
-                f"save area path {self.path!r} exists and is not a regular file; "
-                "give the path of a new file"
-            )
+            raise
         self._fd = fd
+        self._identity = (st.st_dev, st.st_ino)
         self._capacity = capacity
         self._end = 0
         self._free: dict[int, list[int]] = {}  # slot size -> offsets; no empty lists
@@ -164,20 +177,71 @@ class _FileStore:
         self._end = 0
 
     def close(self) -> None:
-        os.close(self._fd)
+        # Unlinked while still locked, and only if the path still names the file
+        # created here: a file put there since is not isc's to remove.
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+            st = os.lstat(self.path)
+            if (st.st_dev, st.st_ino) == self._identity:
+                os.unlink(self.path)
+        os.close(self._fd)
+
+
+def _remove_leftover(path: str) -> None:
+    """Remove the save area file a killed process left at ``path``; refuse anything else.
+
+    A leftover is a regular file that carries :data:`MARK` and whose lock
+    nobody holds. Raises ``ParameterError`` for any other file (and touches
+    nothing) and ``StateError`` when a live save area holds it.
+    """
+    try:
+        found = os.lstat(path)
+    except FileNotFoundError:
+        return  # gone meanwhile: the caller creates its file
+    fd = -1
+    if stat.S_ISREG(found.st_mode):  # never open a device, a FIFO or through a symlink
+        with contextlib.suppress(OSError):  # unreadable: not isc's
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if fd < 0 or not _marked(fd):
+            raise ParameterError(
+                f"save area path {path!r} exists and isc did not create it; give the path of "
+                "a new file (isc creates its save area file itself and removes only that)"
+            )
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StateError(
+                f"save area file {path!r} is in use by another isc process; give another path"
+            ) from None
+        opened, now = os.fstat(fd), os.lstat(path)
+        if (now.st_dev, now.st_ino) == (opened.st_dev, opened.st_ino):
+            os.unlink(path)
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+def _marked(fd: int) -> bool:
+    try:
+        return os.getxattr(fd, MARK) == b"1"
+    except OSError:
+        return False
 
 
 class SaveArea:
     """A bounded store of original chunk contents, keyed by chunk index.
 
     ``capacity`` is in bytes and must be > 0 (else ``ParameterError``). With
-    ``path=None`` the area is in memory; otherwise it lives in a file created
-    at ``path`` (mode 0600; a regular file already there, e.g. left by a crash,
-    is truncated; anything else raises ``ParameterError``) that never grows
-    beyond ``capacity`` bytes and is removed by :meth:`close`. All methods are
-    thread-safe.
+    ``path=None`` the area is in memory; otherwise it lives in a new file that
+    it creates at ``path`` (exclusively, mode 0600, not through a symlink),
+    locks (``flock``) and marks with the extended attribute :data:`MARK`. The
+    file never grows beyond ``capacity`` bytes, and :meth:`close` removes it
+    if ``path`` still names it. Anything already at ``path`` raises
+    ``ParameterError`` and is left alone, except the marked, unlocked file of
+    an area whose process died (a leftover), which is replaced; a marked file
+    another area holds raises ``StateError``. On a filesystem without user
+    extended attributes a leftover is not recognised: remove it by hand. All
+    methods are thread-safe.
     """
 
     def __init__(self, capacity: int, path: str | os.PathLike[str] | None = None) -> None:

@@ -11,10 +11,14 @@ import errno
 import itertools
 import os
 import random
+import signal
 import stat
+import subprocess
+import sys
 import threading
 
 import pytest
+from helpers import TIMEOUT
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -315,20 +319,73 @@ def test_failed_file_write_stores_nothing_and_frees_its_slot(tmp_path, monkeypat
         assert area.get(0) == b"\x07" * 4096
 
 
-def test_an_existing_regular_file_is_truncated(tmp_path):
-    path = tmp_path / "left-by-a-crash"
-    path.write_bytes(b"stale" * 1000)
-    with SaveArea(100, path) as area:
-        assert os.path.getsize(path) == 0
-        assert area.used == 0
+@pytest.mark.parametrize("kind", ["file", "symlink", "dangling symlink", "fifo"])
+def test_a_path_that_exists_is_refused_and_left_alone(tmp_path, kind):
+    """Naming an existing file (a source, a destination) must never destroy it."""
+    path, target = tmp_path / "area", tmp_path / "precious"
+    target.write_bytes(b"precious" * 1000)
+    if kind == "file":
+        path.write_bytes(b"precious" * 1000)
+    elif kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path.symlink_to(target if kind == "symlink" else tmp_path / "nowhere")
+    before = os.lstat(path)
+    with pytest.raises(ParameterError, match="exists and isc did not create it"):
+        SaveArea(100, path)
+    after = os.lstat(path)
+    assert (after.st_ino, after.st_mode, after.st_size) == (
+        before.st_ino,
+        before.st_mode,
+        before.st_size,
+    )
+    assert target.read_bytes() == b"precious" * 1000
+    assert not (tmp_path / "nowhere").exists()
 
 
-def test_a_path_that_is_not_a_regular_file_is_refused_and_kept(tmp_path):
-    fifo = tmp_path / "fifo"
-    os.mkfifo(fifo)
-    with pytest.raises(ParameterError, match="not a regular file"):
-        SaveArea(100, fifo)
-    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+def test_close_removes_only_the_file_it_created(tmp_path):
+    path = tmp_path / "area"
+    area = SaveArea(4096, path)
+    area.save(0, b"x" * 4096)
+    (tmp_path / "other").write_bytes(b"someone else's")
+    os.replace(tmp_path / "other", path)  # the path now names another file
+    area.close()
+    assert path.read_bytes() == b"someone else's"
+
+
+HOLDER = r"""
+import sys
+from isc.savearea import SaveArea
+area = SaveArea(8192, sys.argv[1])
+area.save(0, b"x" * 4096)
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_live_area_is_refused_and_a_killed_ones_file_is_replaced(tmp_path):
+    path = tmp_path / "area"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline() == "ready\n"
+        with pytest.raises(StateError, match="in use by another isc process"):
+            SaveArea(8192, path)
+        assert path.stat().st_size == 4096
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(TIMEOUT)
+    finally:
+        holder.kill()
+        holder.wait(TIMEOUT)
+        holder.stdin.close()
+        holder.stdout.close()
+    with SaveArea(8192, path) as area:  # the killed process's leftover: replaced
+        assert path.stat().st_size == 0 and area.used == 0
+    assert not path.exists()
 
 
 # -- threads ----------------------------------------------------------------------------
