@@ -1,12 +1,60 @@
 """``isc agent``: a remote array that holds destinations and protects them on request.
 
-A protection's snapshot data lives beside the export, in ``.NAME.snapshot``.
+The agent exports the regular files of its directory over NBD (export name =
+file name) and answers administrative requests on a control port. Symlinks,
+special files, subdirectories and dotfiles are not exported: each name is
+checked with ``lstat`` and opened with ``O_NOFOLLOW``, and the file opened
+must be the one ``lstat`` saw (device and inode), so a symlink swapped in
+meanwhile is refused too.
 
-The agent exports every regular file in its directory over NBD (export name
-= file name) and answers administrative requests on a control port. Writes
-arriving over NBD to a protected export go through its protection snapshot
-(:class:`isc.remote.Protection`), so a rollback can restore the image the
-export had when it was protected.
+Protection is durable (rule 8): a protected export has a **journal** in the
+agent's state directory ``DIR/.isc-agent/`` (``NAME.journal``), which a
+restarted agent finds again. No reflink or LVM snapshot is used: the journal
+works on every filesystem.
+
+===========  ====================================  ================================
+export       on disk                               a write to it over NBD
+===========  ====================================  ================================
+unprotected  no journal                            goes to the file
+protected    ``NAME.journal``: a header, then the  first write to each 64 KiB chunk
+             original data of every chunk          since the protect: the chunk's
+             written since the protect             data is appended to the journal
+                                                   and fsynced, then the write
+                                                   proceeds; later writes: nothing
+===========  ====================================  ================================
+
+Requests, each durable before its reply is sent:
+
+* ``protect`` writes the journal's header (temp file, fsync, rename, fsync of
+  the directory). An export already protected stays as it is ("already
+  protected"): the first image is kept.
+* ``unprotect`` removes the journal and fsyncs the directory.
+* ``rollback`` checks every record, writes each saved chunk back, flushes the
+  export, then empties the journal (truncate, fsync): the export is protected
+  afresh at the image it holds again. A crash midway repeats it on the next
+  rollback.
+* ``status`` reports ``protected``, ``intact``, ``saved_bytes``,
+  ``saved_chunks``, ``problem`` and ``extents`` (the ranges a rollback would
+  rewrite).
+
+Journal format: a header (``ISCJRNL1``, chunk size, export size, the export
+file's device and inode, CRC-32) and fixed slots of a 32-byte record head
+(chunk, first slot and slot count of its batch, data length, data CRC-32,
+head CRC-32) plus one chunk of data. One write appends one batch and waits
+for its fsync. After a crash, a batch that is not whole (a torn record: a
+slot whose CRCs fail, or a file that ends inside it) is dropped and cut off:
+the write that waited for it never happened. A bad slot *before* the last
+whole batch is damage, not a crash: the protection reads "not intact" with
+the problem, and rollback is refused. So is a journal whose header names
+another file (the export was replaced) or is damaged.
+
+Costs: the first write to a chunk after a protect costs a read of the chunk,
+a journal append and an ``fdatasync``; rewriting it costs nothing more; a
+journal holds at most the whole export plus 32 bytes a chunk. A failed append
+(disk full, I/O error) fails the write that needed it, which reaches the NBD
+client as an error: the journal keeps the image intact rather than let a
+write through unsaved. Loading a journal at start and a rollback read it
+whole.
 
 Control protocol (:mod:`isc.control`: newline-delimited JSON over TCP). A
 request is ``{"id": N, "op": OP, "export": NAME}`` with OP one of
@@ -20,74 +68,405 @@ TEXT|null, "extents": [[offset, length], ...], "info": {...}}``
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import logging
+import os
+import stat
+import struct
 import threading
+import zlib
 from pathlib import Path
 
 from isc.control import ControlServer, Op
+from isc.errors import IscError, ParameterError
 from isc.lun import FileLUN, ForwardingLUN
-from isc.remote import Protection
+from isc.remote import PROTECT_GRANULARITY, saved_extents
+from isc.store import _fsync_dir, write_atomically
 
 log = logging.getLogger(__name__)
 
 EXPORT_OPS = ("protect", "unprotect", "rollback", "status")
 """The requests about one export (they name it in ``export``)."""
 
+STATE_DIR = ".isc-agent"
+"""The agent's state directory inside the directory it serves."""
+
+_MAGIC = b"ISCJRNL1"
+_HEADER = struct.Struct("<8sIQQQ")  # magic, chunk size, export size, st_dev, st_ino
+_HEAD = struct.Struct("<QQIII")  # chunk, batch's first slot, batch's slot count, length, data CRC
+_CRC = struct.Struct("<I")
+HEADER_SIZE = _HEADER.size + _CRC.size
+HEAD_SIZE = _HEAD.size + _CRC.size
+
+
+def _sealed(packed: bytes) -> bytes:
+    return packed + _CRC.pack(zlib.crc32(packed))
+
+
+def _header(lun, identity: tuple[int, int]) -> bytes:
+    return _sealed(_HEADER.pack(_MAGIC, PROTECT_GRANULARITY, lun.size, *identity))
+
+
+class Journal:
+    """The durable protection of one exported file (see the module docstring).
+
+    Make one with :meth:`create` (protect); the constructor opens one found
+    at start. ``write`` is the export's write path while protected.
+    Thread-safe: one lock orders saves, rollback and close.
+    """
+
+    def __init__(self, path: Path, lun, identity: tuple[int, int]) -> None:
+        """Open the journal at ``path`` for ``lun`` (the file of device and inode ``identity``)."""
+        self.path = path
+        self.lun = lun
+        self.granularity = PROTECT_GRANULARITY
+        self.slot = HEAD_SIZE + self.granularity
+        self.problem: str | None = None
+        """Why the protected image cannot be restored, or None while it is intact."""
+        self._index: dict[int, int] = {}  # chunk -> slot
+        self._slots = 0  # slots in the journal
+        self._stuck: str | None = None  # why appending is unsafe until the next rollback
+        self._lock = threading.Lock()
+        self._fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            header = os.pread(self._fd, HEADER_SIZE, 0)
+            if header != _header(lun, identity):
+                self.problem = self._header_problem(header)
+            else:
+                self._recover()
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    @classmethod
+    def create(cls, path: Path, lun, identity: tuple[int, int]) -> Journal:
+        """Protect ``lun``: write an empty journal durably (making its directory) and open it."""
+        try:
+            path.parent.mkdir(mode=0o700)
+            _fsync_dir(path.parent.parent)
+        except FileExistsError:
+            pass
+        write_atomically(path, _header(lun, identity))
+        return cls(path, lun, identity)
+
+    def _header_problem(self, header: bytes) -> str:
+        """Why ``header`` is not this export's journal header."""
+        if header[:8] == _MAGIC and _sealed(header[: _HEADER.size]) == header:
+            return (
+                f"{self.path} protects another file (its size, device or inode differ from "
+                "the export's): the export was replaced; unprotect it"
+            )
+        return f"{self.path} has a damaged header; unprotect the export"
+
+    # -- records -------------------------------------------------------------------------
+    def _slot_offset(self, slot: int) -> int:
+        return HEADER_SIZE + slot * self.slot
+
+    def _chunk_length(self, chunk: int) -> int:
+        return min(self.granularity, self.lun.size - chunk * self.granularity)
+
+    def _read_slot(self, slot: int, buffer: bytearray) -> tuple[int, int, int, int] | None:
+        """The head ``(chunk, first, count, length)`` of a whole, valid slot, else None.
+
+        ``buffer`` (one slot long) receives the slot's bytes.
+        """
+        got = os.preadv(self._fd, [buffer], self._slot_offset(slot))
+        if got < self.slot:
+            return None
+        head = bytes(buffer[: _HEAD.size])
+        (crc,) = _CRC.unpack_from(buffer, _HEAD.size)
+        if zlib.crc32(head) != crc:
+            return None
+        chunk, first, count, length, data_crc = _HEAD.unpack(head)
+        chunks = -(-self.lun.size // self.granularity)
+        if not (
+            chunk < chunks
+            and length == self._chunk_length(chunk)
+            and first <= slot < first + count
+            and zlib.crc32(memoryview(buffer)[HEAD_SIZE : HEAD_SIZE + length]) == data_crc
+        ):
+            return None
+        return chunk, first, count, length
+
+    def _recover(self) -> None:
+        """Index the whole batches; drop a torn last batch; flag damage before it."""
+        size = os.fstat(self._fd).st_size
+        slots = max(0, -(-(size - HEADER_SIZE) // self.slot))  # a short last slot counts
+        buffer = bytearray(self.slot)
+        heads = [self._read_slot(slot, buffer) for slot in range(slots)]
+        valid = [slot for slot, head in enumerate(heads) if head is not None]
+        end = 0
+        if valid:
+            last = heads[valid[-1]]
+            assert last is not None
+            first, count = last[1], last[2]
+            whole = first + count <= slots and all(heads[s] for s in range(first, first + count))
+            end = first + count if whole else first
+            damaged = [slot for slot in range(first) if heads[slot] is None]
+            if damaged:
+                self.problem = (
+                    f"{self.path}: the record at byte {self._slot_offset(damaged[0])} is "
+                    "damaged; the protected image cannot be restored"
+                )
+                return
+        for slot in range(end):
+            head = heads[slot]
+            assert head is not None
+            self._index.setdefault(head[0], slot)
+        self._slots = end
+        if size != self._slot_offset(end):
+            # Cut the torn batch off, so that no part of it is read as a record later.
+            os.ftruncate(self._fd, self._slot_offset(end))
+            os.fsync(self._fd)
+            log.warning("%s: dropped a torn record (a crash during a save)", self.path)
+
+    def _append(self, chunks: list[int]) -> None:
+        """Save the current data of ``chunks`` as one batch, durably; caller holds the lock.
+
+        Raises ``OSError`` (saving nothing) when the journal cannot take it.
+        """
+        if self._stuck is not None:
+            raise OSError(errno.EIO, self._stuck)
+        first, count = self._slots, len(chunks)
+        batch = bytearray(count * self.slot)
+        view = memoryview(batch)
+        for k, chunk in enumerate(chunks):
+            at = k * self.slot
+            length = self._chunk_length(chunk)
+            data = view[at + HEAD_SIZE : at + HEAD_SIZE + length]
+            self.lun.readinto(chunk * self.granularity, data)
+            head = _sealed(_HEAD.pack(chunk, first, count, length, zlib.crc32(data)))
+            batch[at : at + HEAD_SIZE] = head
+        offset = self._slot_offset(first)
+        try:
+            while view:
+                view = view[os.pwrite(self._fd, view, offset + len(batch) - len(view)) :]
+            os.fdatasync(self._fd)
+        except OSError as exc:
+            # Whatever landed of the batch must not be read as records later
+            # (a later, shorter batch would make it look whole).
+            try:
+                os.ftruncate(self._fd, offset)
+                os.fsync(self._fd)
+            except OSError as cut:
+                self._stuck = (
+                    f"{self.path} takes no more saves: a failed save ({exc.strerror or exc}) "
+                    f"could not be cut off ({cut.strerror or cut}); roll back or unprotect"
+                )
+            raise
+        for k, chunk in enumerate(chunks):
+            self._index[chunk] = first + k
+        self._slots += count
+
+    # -- the export's write path -----------------------------------------------------------
+    def write(self, offset: int, data) -> None:
+        """Save the original data of the chunks ``data`` overwrites first, then write it.
+
+        Raises what saving raised (``OSError``), writing nothing; a journal
+        that is closed or no longer intact saves nothing.
+        """
+        length = memoryview(data).nbytes
+        g = self.granularity
+        with self._lock:
+            # Out of range: nothing to save, and the LUN raises RangeError.
+            if self._fd >= 0 and self.problem is None and 0 <= offset <= self.lun.size - length:
+                chunks = range(offset // g, (offset + length - 1) // g + 1)
+                new = [c for c in chunks if c not in self._index]
+                if new:
+                    self._append(new)
+        self.lun.write(offset, data)
+
+    # -- requests --------------------------------------------------------------------------
+    def rollback(self) -> tuple[tuple[int, int], ...]:
+        """Write every saved chunk back and start afresh; return the byte ranges rewritten.
+
+        Raises ``IscError`` (writing nothing) when the journal is not intact
+        or a record fails its check.
+        """
+        with self._lock:
+            if self.problem is not None:
+                raise IscError(f"the protected image was lost: {self.problem}")
+            buffer = bytearray(self.slot)
+            order = sorted(self._index.items())
+            for _, slot in order:  # check everything before writing anything
+                if self._read_slot(slot, buffer) is None:
+                    raise IscError(
+                        f"the protected image was lost: {self.path}: the record at byte "
+                        f"{self._slot_offset(slot)} is damaged"
+                    )
+            for chunk, slot in order:
+                self._read_slot(slot, buffer)
+                length = self._chunk_length(chunk)
+                self.lun.write(chunk * self.granularity, memoryview(buffer)[HEAD_SIZE:][:length])
+            self.lun.flush()
+            os.ftruncate(self._fd, HEADER_SIZE)
+            os.fsync(self._fd)
+            self._index.clear()
+            self._slots = 0
+            self._stuck = None
+            return saved_extents([c for c, _ in order], self.granularity, self.lun.size)
+
+    def info(self) -> dict:
+        with self._lock:
+            chunks = sorted(self._index)
+            return {
+                "protected": True,
+                "intact": self.problem is None,
+                "saved_bytes": sum(self._chunk_length(c) for c in chunks),
+                "saved_chunks": len(chunks),
+                "problem": self.problem,
+                "extents": [
+                    list(e) for e in saved_extents(chunks, self.granularity, self.lun.size)
+                ],
+            }
+
+    def drop(self) -> None:
+        """Unprotect: remove the journal durably."""
+        with self._lock:
+            self._close_locked()
+            self.path.unlink()
+            _fsync_dir(self.path.parent)
+
+    def close(self) -> None:
+        """Close the journal, keeping it on disk (the agent stops). Idempotent."""
+        with self._lock:
+            self._close_locked()
+
+    def _close_locked(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
 
 class Export(ForwardingLUN):
-    """One exported LUN; its writes go through the protection while there is one."""
+    """One exported file; its writes go through its journal while it is protected."""
 
-    def __init__(self, name: str, lun, snapshot_path: Path) -> None:
+    def __init__(self, name: str, lun, journal_path: Path, identity: tuple[int, int]) -> None:
         super().__init__(lun)
         self.name = name
-        self.snapshot_path = snapshot_path
-        self.protection: Protection | None = None
+        self.journal_path = journal_path
+        self.identity = identity
         self._lock = threading.Lock()
+        self.journal: Journal | None = None
+        if journal_path.exists():
+            self.journal = Journal(journal_path, lun, identity)
+            log.info("%s: protected (journal %s)", name, journal_path)
 
     def write(self, offset: int, data) -> None:
-        protection = self.protection
-        (protection.front if protection else self.lun).write(offset, data)
+        journal = self.journal
+        (journal if journal else self.lun).write(offset, data)
 
     # -- requests ------------------------------------------------------------------
     def protect(self) -> dict:
         with self._lock:
-            if self.protection is not None:
+            if self.journal is not None:
                 return {"ok": True, "reason": "already protected"}
-            self.protection = Protection(self.lun, path=str(self.snapshot_path))
+            self.journal = Journal.create(self.journal_path, self.lun, self.identity)
             return {"ok": True}
 
     def unprotect(self) -> dict:
         with self._lock:
-            if self.protection is None:
+            if self.journal is None:
                 return {"ok": True, "reason": "not protected"}
-            protection, self.protection = self.protection, None
-            protection.drop()
+            self.journal.drop()
+            self.journal = None
             return {"ok": True}
 
     def rollback(self) -> dict:
         with self._lock:
-            if self.protection is None:
+            if self.journal is None:
                 return {"ok": False, "reason": f"{self.name} is not protected: no image to restore"}
-            extents = self.protection.rollback()
+            try:
+                extents = self.journal.rollback()
+            except IscError as exc:
+                return {"ok": False, "reason": str(exc)}
             return {"ok": True, "extents": [list(e) for e in extents]}
 
     def status(self) -> dict:
         with self._lock:
-            info = self.protection.info() if self.protection else {"protected": False}
+            info = self.journal.info() if self.journal else {"protected": False}
             return {"ok": True, "info": {"size": self.size, **info}}
+
+    def close(self) -> None:
+        if self.journal is not None:
+            self.journal.close()
+        super().close()
+
+
+def open_regular(path: Path) -> tuple[FileLUN, tuple[int, int]] | None:
+    """Open ``path`` read-write if it is a regular file, not through a symlink; else None.
+
+    Returns the LUN and the file's ``(st_dev, st_ino)``. A name that changed
+    to something else between the check and the open is refused too.
+    """
+    try:
+        seen = path.lstat()
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISREG(seen.st_mode):
+        return None
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOENT, errno.ENXIO):
+            return None  # replaced by a symlink, removed, or a socket meanwhile
+        raise
+    try:
+        opened = os.fstat(fd)
+        if (opened.st_dev, opened.st_ino) != (seen.st_dev, seen.st_ino) or not stat.S_ISREG(
+            opened.st_mode
+        ):
+            os.close(fd)
+            return None
+        # FileLUN.create's way of adopting a descriptor it opened itself.
+        lun = FileLUN.__new__(FileLUN)
+        lun._attach(fd, path, readonly=False)
+    except BaseException:
+        os.close(fd)
+        raise
+    return lun, (opened.st_dev, opened.st_ino)
 
 
 class Agent:
-    """Serves the files of ``directory``: NBD exports plus the control protocol."""
+    """Serves the regular files of ``directory``: NBD exports plus the control protocol.
+
+    Journals found in ``directory/.isc-agent`` make their exports protected
+    again. Raises ``ParameterError`` when ``.isc-agent`` exists and is not a
+    directory (a symlink, a file).
+    """
 
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
-        self.exports = {
-            path.name: Export(path.name, FileLUN(path), self.directory / f".{path.name}.snapshot")
-            for path in sorted(self.directory.iterdir())
-            if path.is_file() and not path.name.startswith(".")
-        }
+        self.state = self.directory / STATE_DIR
+        """Where the journals live; made at the first protect."""
+        if self.state.is_symlink() or (self.state.exists() and not self.state.is_dir()):
+            raise ParameterError(
+                f"{self.state} is not a directory; the agent keeps its protections there: "
+                "move it away"
+            )
+        self.exports: dict[str, Export] = {}
+        try:
+            for path in sorted(self.directory.iterdir()):
+                if path.name.startswith("."):
+                    continue
+                opened = open_regular(path)
+                if opened is None:
+                    log.info("%s is not a regular file: not exported", path)
+                    continue
+                lun, identity = opened
+                try:
+                    export = Export(path.name, lun, self.state / f"{path.name}.journal", identity)
+                except BaseException:
+                    lun.close()
+                    raise
+                self.exports[path.name] = export
+        except BaseException:
+            self.close()
+            raise
+        for journal in self.state.glob("*.journal"):
+            if journal.name.removesuffix(".journal") not in self.exports:
+                log.warning("%s protects no export of %s; left alone", journal, self.directory)
         ops: dict[str, Op] = {op: functools.partial(self._on_export, op) for op in EXPORT_OPS}
         ops["list"] = lambda _: {"ok": True, "info": {n: e.size for n, e in self.exports.items()}}
         self.control = ControlServer(ops, defaults={"extents": []})
@@ -102,9 +481,8 @@ class Agent:
         return reply
 
     def close(self) -> None:
+        """Close the exports; protections stay on disk for the next start."""
         for export in self.exports.values():
-            if export.protection is not None:
-                export.protection.drop()
             export.close()
 
 

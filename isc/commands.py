@@ -362,7 +362,13 @@ def _rollback(args: argparse.Namespace) -> int:
             raise ParameterError(
                 f"{stored.meta['name']} has no destination {args.destination!r} (it has {names})"
             )
-        ack = rollback(stored.session, dest, site, args.timeout)
+        def record_intent() -> None:
+            # Before the site acts: what it may rewrite is tracked and the
+            # destination inconsistent on disk, whatever happens next.
+            stored.checkpoint()
+            stored.save()
+
+        ack = rollback(stored.session, dest, site, args.timeout, persist=record_intent)
         stored.save()
         print(
             f"rolled back {dest.name}: {len(ack.extents)} range(s) rewritten and tracked "

@@ -5,17 +5,26 @@ the update workflow asks the destination's site to **protect** it: the site
 starts a snapshot that preserves the destination's current image (rule 8).
 After a successful copy it asks to **unprotect** (drop the snapshot); after a
 failed one the protection stays, and **rollback** writes the protected image
-back.
+back. A **status** reply lists the byte ranges the protection holds (what a
+rollback would rewrite), so a caller can track them before it asks for the
+rollback (:func:`isc.update.rollback`).
 
 Each request is administrative and answered by an :class:`Ack` (ok, or a
 reason), waited for up to a timeout. A site never raises for a refused or
-failed request: the ack says so, and the workflow decides.
+failed request: the ack says so, and the workflow decides. An ack whose
+``outcome_unknown`` is set came from no answer after the request was sent (a
+timeout, a connection lost): the site may have carried it out.
 
-The snapshot is isc's own COFW machinery run on the destination: a
-:class:`~isc.session.Session` on the destination LUN, marked full, so the first
-write to any chunk saves its original data. Writes to a protected destination
-must go through that session: :class:`LocalSite` swaps the destination's LUN
-for a :class:`ProtectedLUN` while protected.
+Where the snapshot lives:
+
+* :class:`LocalSite`: in this process's memory (:class:`Protection`), for as
+  long as the process lives. It is isc's own COFW machinery: a
+  :class:`~isc.session.Session` on the destination LUN, marked full, so the
+  first write to any chunk saves its original data. Writes must go through
+  it: the site swaps the destination's LUN for a :class:`ProtectedLUN`.
+* :class:`AgentSite` (an ``isc agent``): on the agent's disk, in a journal of
+  saved chunks that survives a crash or restart of the agent (rule 8; the
+  journal's format and crash behaviour are in :mod:`isc.agent`).
 """
 
 from __future__ import annotations
@@ -38,6 +47,12 @@ log = logging.getLogger(__name__)
 PROTECT_GRANULARITY = 65536
 """Chunk size of a protection snapshot: large chunks keep its COFW cheap."""
 
+MAX_EXTENTS = 16384
+"""Most byte ranges one reply lists; more are merged across their smallest gaps.
+
+A list of ranges is what a caller tracks again, so a wider range only costs a
+resend, while the reply stays well under the agent's reply line limit."""
+
 
 @dataclass(frozen=True)
 class Ack:
@@ -46,7 +61,10 @@ class Ack:
     ``ok`` is True when the request was carried out, else ``reason`` says why.
     ``extents`` lists the ``(offset, length)`` byte ranges a rollback rewrote:
     those now differ from what the last copy sent, so the caller must track
-    them again (rule 2). ``info`` carries a status request's details.
+    them again (rule 2). ``info`` carries a status request's details (for a
+    protected destination ``info["extents"]``: the ranges a rollback would
+    rewrite). ``outcome_unknown`` is True when no answer came after the
+    request was sent: the site may have carried it out, though ``ok`` is False.
     """
 
     request_id: int
@@ -54,6 +72,7 @@ class Ack:
     reason: str | None = None
     extents: tuple[tuple[int, int], ...] = ()
     info: dict = field(default_factory=dict)
+    outcome_unknown: bool = False
 
 
 class RemoteSite(abc.ABC):
@@ -82,7 +101,44 @@ class RemoteSite(abc.ABC):
 
     @abc.abstractmethod
     def status(self, dest: Destination, timeout: float | None = None) -> Ack:
-        """Report whether ``dest`` is protected and how much its snapshot holds."""
+        """Report whether ``dest`` is protected and how much its snapshot holds.
+
+        ``info``: ``protected``, and for a protected destination ``intact``,
+        ``saved_bytes``, ``saved_chunks``, ``problem`` (why it is not intact)
+        and ``extents`` (the ranges a rollback would rewrite, as ``[offset,
+        length]`` lists).
+        """
+
+
+def saved_extents(
+    chunks, granularity: int, size: int, limit: int = MAX_EXTENTS
+) -> tuple[tuple[int, int], ...]:
+    """The byte ranges ``(offset, length)`` of the sorted chunk numbers ``chunks``.
+
+    Adjacent chunks make one range; the last chunk of a ``size``-byte LUN may
+    be short. Past ``limit`` ranges, neighbours are merged across the
+    smallest gaps first, so the ranges cover every chunk and possibly more.
+    """
+    runs: list[list[int]] = []  # [first, last] chunk numbers
+    for chunk in chunks:
+        if runs and chunk == runs[-1][1] + 1:
+            runs[-1][1] = chunk
+        else:
+            runs.append([chunk, chunk])
+    if len(runs) > limit:
+        gaps = sorted(range(len(runs) - 1), key=lambda i: runs[i + 1][0] - runs[i][1])
+        merge = set(gaps[: len(runs) - limit])
+        merged = [runs[0]]
+        for i in range(1, len(runs)):
+            if i - 1 in merge:
+                merged[-1][1] = runs[i][1]
+            else:
+                merged.append(runs[i])
+        runs = merged
+    return tuple(
+        (first * granularity, min((last + 1) * granularity, size) - first * granularity)
+        for first, last in runs
+    )
 
 
 class ProtectedLUN(ForwardingLUN):
@@ -97,9 +153,9 @@ class ProtectedLUN(ForwardingLUN):
 class Protection:
     """A snapshot preserving one LUN's image: the mechanism behind every site."""
 
-    def __init__(self, lun, capacity: int | None = None, path: str | None = None) -> None:
+    def __init__(self, lun, capacity: int | None = None) -> None:
         self.lun = lun
-        area = SaveArea(capacity or lun.size, path)
+        area = SaveArea(capacity or lun.size)
         self.snapshot = Session(lun, PROTECT_GRANULARITY, area, name="protection")
         self.snapshot.mark(full=True)
         self.front = ProtectedLUN(lun, self.snapshot)
@@ -116,20 +172,21 @@ class Protection:
         """
         if not self.intact:
             raise IscError(f"the protected image was lost: {self.snapshot.stats.last_abort}")
-        g = PROTECT_GRANULARITY
-        extents = []
         area = self.snapshot.save_area
-        bitmap = self.snapshot.bitmap
-        for chunk in bitmap.saved_in(0, bitmap.chunks).tolist():
-            data = area.get(chunk)
-            if data is not None:
-                self.lun.write(chunk * g, data)
-                extents.append((chunk * g, len(data)))
+        chunks = self._saved()
+        for chunk in chunks:
+            self.lun.write(chunk * PROTECT_GRANULARITY, area.get(chunk))
         self.lun.flush()
         # The LUN holds the protected image again: start a fresh snapshot of it.
         self.snapshot.unmark()
         self.snapshot.mark(full=True)
-        return tuple(extents)
+        return saved_extents(chunks, PROTECT_GRANULARITY, self.lun.size)
+
+    def _saved(self) -> list[int]:
+        """The chunks whose original data the snapshot holds, in order."""
+        area = self.snapshot.save_area
+        bitmap = self.snapshot.bitmap
+        return [c for c in bitmap.saved_in(0, bitmap.chunks).tolist() if c in area]
 
     def drop(self) -> None:
         self.snapshot.unmark()
@@ -143,6 +200,9 @@ class Protection:
             "saved_bytes": stats.save_area_used,
             "saved_chunks": self.snapshot.save_area.saved_chunks,
             "problem": stats.last_abort,
+            "extents": [
+                list(e) for e in saved_extents(self._saved(), PROTECT_GRANULARITY, self.lun.size)
+            ],
         }
 
 
@@ -241,17 +301,22 @@ class AgentSite(RequestSite):
         wait = self.timeout if timeout is None else timeout
         where = f"agent {self.host}:{self.port}"
         line = json.dumps({"id": rid, "op": op, "export": dest.name}).encode() + b"\n"
+        sent = False  # once the whole line is out, the agent may act on it
         try:
             with socket.create_connection((self.host, self.port), timeout=wait) as sock:
                 sock.settimeout(wait)
                 sock.sendall(line)
+                sent = True
                 reply = json.loads(_read_line(sock))
         except TimeoutError:
-            return Ack(rid, False, f"{where} did not answer {op} {dest.name} within {wait} s")
+            reason = f"{where} did not answer {op} {dest.name} within {wait} s"
+            return Ack(rid, False, reason, outcome_unknown=sent)
         except (OSError, ValueError) as exc:
-            return Ack(rid, False, f"{where} could not {op} {dest.name}: {exc}")
+            reason = f"{where} could not {op} {dest.name}: {exc}"
+            return Ack(rid, False, reason, outcome_unknown=sent)
         if not isinstance(reply, dict) or reply.get("id") != rid:
-            return Ack(rid, False, f"{where} answered {op} with a reply for another request")
+            reason = f"{where} answered {op} with a reply for another request"
+            return Ack(rid, False, reason, outcome_unknown=True)
         extents = tuple((int(o), int(n)) for o, n in reply.get("extents") or ())
         return Ack(
             rid, bool(reply.get("ok")), reply.get("reason"), extents, reply.get("info") or {}

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 
 from isc.copy import CopyJob, CopyResult, Destination, DestState
@@ -268,7 +268,7 @@ def _ask(site, request: str, dest: Destination, timeout: float) -> Ack:
     try:
         ack = getattr(site, request)(dest, timeout)
     except Exception as exc:
-        ack = Ack(0, False, f"{request} raised {type(exc).__name__}: {exc}")
+        ack = Ack(0, False, f"{request} raised {type(exc).__name__}: {exc}", outcome_unknown=True)
     log.info("%s %s: %s", request, dest.name, "ok" if ack.ok else ack.reason)
     return ack
 
@@ -294,25 +294,89 @@ def _protect_all(site, dests: Sequence[Destination], timeout: float, marked) -> 
 
 
 def rollback(
-    session: Session, dest: Destination, site: RemoteSite, timeout: float = DEFAULT_TIMEOUT
-):
-    """Restore ``dest``'s protected image and track what that rewrote.
+    session: Session,
+    dest: Destination,
+    site: RemoteSite,
+    timeout: float = DEFAULT_TIMEOUT,
+    *,
+    persist: Callable[[], object] | None = None,
+) -> Ack:
+    """Restore ``dest``'s protected image, tracking first what that may rewrite.
 
-    The rewritten ranges no longer hold what the copies sent, so they go back
-    into ``session``'s tracking bitmap (rule 2) and the next update resends
-    them. The destination is back in the state it had when it was protected
-    (CONSISTENT after a failed update). Raises ``UpdateError`` when the site
-    refuses or fails, ``StateError`` when the session is marked.
+    A rollback rewrites ranges that no longer hold what the copies sent, so
+    they must be in ``session``'s tracking bitmap (rule 2) before the site
+    acts: a lost answer or a crash must not leave them untracked. So:
+
+    1. ask the site's status: ``dest`` must be protected and its image intact
+       (else ``UpdateError``, nothing changed);
+    2. track the ranges its protection holds (the status's ``extents``; the
+       whole source when the site does not list them) and flag ``dest``
+       INCONSISTENT;
+    3. ``persist()``, when given, makes that durable (a persistent session
+       checkpoints and saves); if it raises, ``dest`` keeps its state, the
+       site is not asked, and the exception propagates;
+    4. ask the site to roll back. Done: ``dest`` is back in the state it had
+       when it was protected (CONSISTENT after a failed update; INCONSISTENT
+       when that is not known here) and the ack's ``extents`` are tracked
+       too. Refused: ``dest`` keeps its state, ``UpdateError``. No answer
+       (``outcome_unknown``, or a site that raised): it may have happened,
+       so ``dest`` stays INCONSISTENT with the ranges tracked, and
+       ``UpdateError`` says so; the next update resends them.
+
+    Raises ``StateError`` when the session is marked.
     """
     with update_locks([(session, [dest])]):
         if session.bitmap.marked:
             raise StateError(f"{session.name} is marked; unmark it before a rollback")
+        status = _ask(site, "status", dest, timeout)
+        info = status.info
+        if not status.ok:
+            problem = f"its site did not say whether it is protected: {status.reason}"
+        elif not info.get("protected"):
+            problem = f"{dest.name} is not protected: there is no image to restore"
+        elif info.get("intact") is False:
+            problem = f"the protected image was lost: {info.get('problem')}"
+        else:
+            problem = None
+        if problem is not None:
+            raise UpdateError(f"rollback of {dest.name} failed: {problem}; nothing was changed")
+        before = dest.state
+        _track(session, info.get("extents"))
+        dest.state = DestState.INCONSISTENT
+        if persist is not None:
+            try:
+                persist()
+            except BaseException:
+                dest.state = before  # the site was not asked: dest holds what it held
+                raise
         ack = _ask(site, "rollback", dest, timeout)
-        if not ack.ok:
-            raise UpdateError(f"rollback of {dest.name} failed: {ack.reason}")
-        size = session.source.size
-        for offset, length in ack.extents:
-            if offset < size:
-                session.bitmap.record_write(offset, min(length, size - offset))
-        dest.state = dest.protected_state or DestState.INCONSISTENT
-        return ack
+        if ack.ok:
+            _track(session, ack.extents)
+            dest.state = dest.protected_state or DestState.INCONSISTENT
+            return ack
+        if ack.outcome_unknown:
+            raise UpdateError(
+                f"rollback of {dest.name}: {ack.reason}; it may have happened: {dest.name} is "
+                "inconsistent and the ranges its protection held are tracked, so the next "
+                "update resends them"
+            )
+        dest.state = before
+        raise UpdateError(f"rollback of {dest.name} failed: {ack.reason}")
+
+
+def _track(session: Session, extents) -> None:
+    """Record ``extents`` (``(offset, length)`` pairs from a site) as written to the source.
+
+    Anything that is not a list of such pairs counts as "everything may have
+    changed": the whole source is tracked.
+    """
+    size = session.source.size
+    try:
+        ranges = [(int(offset), int(length)) for offset, length in extents]
+    except (TypeError, ValueError):
+        ranges = [(0, size)]
+    if any(offset < 0 or length < 0 for offset, length in ranges):
+        ranges = [(0, size)]
+    for offset, length in ranges:
+        if offset < size and length:
+            session.bitmap.record_write(offset, min(length, size - offset))

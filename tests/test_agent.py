@@ -39,7 +39,8 @@ from helpers import Gate, HookLUN, Worker, assert_no_lost_change, chunk_bytes, c
 from test_nbd import nbdkit, qemu_nbd, run, sparse, tool
 
 import isc
-from isc import Destination, DestState, FileLUN, MemoryLUN, Session
+from isc import Destination, DestState, FileLUN, MemoryLUN, ParameterError, Session
+from isc.agent import Agent, open_regular
 from isc.nbd import NBDLUN
 from isc.remote import AgentSite, LocalSite
 from isc.store import create_session, open_session
@@ -53,6 +54,7 @@ G = 16 * KIB  # the source session's granularity
 IO = 64 * KIB  # copies go in several runs, so a fault can fall between two of them
 WAIT = 10.0  # seconds a daemon gets to start or stop, and any socket wait
 HOST = "127.0.0.1"
+JOURNAL = Path(".isc-agent") / "disk.journal"  # the protection of export "disk", in its directory
 ROOT = Path(isc.__file__).resolve().parent.parent
 ENV = {
     **os.environ,
@@ -226,7 +228,7 @@ def test_updates_to_an_agent_copy_each_mark_and_only_what_changed(
         assert (exports / "spare").read_bytes() == bytes(SIZE)
         dest.lun.close()
         remote.stop()
-    assert not list(exports.glob(".*")), "a protection's snapshot file was left behind"
+    assert not list((exports / ".isc-agent").iterdir()), "a protection's journal was left behind"
 
 
 def test_updates_to_a_qemu_nbd_export_protected_in_this_process(
@@ -310,53 +312,56 @@ def test_a_refused_destination_undoes_the_protection_of_the_other(
         assert ghost.lun.writes == 0
         assert not session.bitmap.marked
         assert (exports / "disk").read_bytes() == bytes(SIZE)
-        assert not (exports / ".disk.snapshot").exists()
+        assert not (exports / JOURNAL).exists()
         known.lun.close()
 
 
 # -- copies that fail midway ------------------------------------------------------------------
-def test_an_agent_killed_mid_copy_fails_the_update_and_a_restarted_one_catches_up(
-    tmp_path: Path, source: Path, session: Session, exports: Path
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+def test_an_agent_stopped_mid_copy_keeps_the_protection_for_a_rollback_after_its_restart(
+    tmp_path: Path, source: Path, session: Session, exports: Path, how: str
 ):
     rng = random.Random(SEED + 4)
     with agent(exports, tmp_path / "agent.log") as first:
         dest = Destination(NBDLUN(first.exports["disk"], timeout=WAIT), name="disk")
         PeriodicUpdate(session, [dest], first.site(), timeout=WAIT, io_size=IO).run()
+        consistent = (exports / "disk").read_bytes()
         scribble(session, rng, 30)
+        runs = 0
 
-        def kill_after_the_first_run(done: int, total: int) -> None:
-            if first.proc.poll() is None:
-                first.kill()
+        def stop_after_three_runs(done: int, total: int) -> None:
+            nonlocal runs
+            runs += 1
+            if runs == 3:
+                first.stop() if how == "SIGTERM" else first.kill()
 
         doomed = PeriodicUpdate(
-            session,
-            [dest],
-            first.site(),
-            timeout=WAIT,
-            io_size=IO,
-            progress=kill_after_the_first_run,
+            session, [dest], first.site(), timeout=WAIT, io_size=IO, progress=stop_after_three_runs
         )
-        with pytest.raises(UpdateError, match="incremental copy of source failed") as failed:
+        with pytest.raises(UpdateError) as failed:
             doomed.run()
     (result,) = failed.value.results
     assert 0 < result.bytes_sent < result.bytes_total
-    assert result.outcomes["disk"].startswith("failed")
-    assert not session.bitmap.marked
     assert dest.state is DestState.INCONSISTENT
+    assert (exports / "disk").read_bytes() != consistent
     with lun_of(exports / "disk") as written:
         assert_no_lost_change(session, written)
 
-    # The protection lived in the killed agent: the next update repairs by resending.
     dest.lun.close()
     with agent(exports, tmp_path / "agent-again.log") as second:
         dest.lun = NBDLUN(second.exports["disk"], timeout=WAIT)
         site = second.site()
-        assert not protected(site, dest)
-        with pytest.raises(UpdateError, match="disk is not protected"):
-            rollback(session, dest, site, timeout=WAIT)
-        assert dest.state is DestState.INCONSISTENT
+        status = site.status(dest).info  # the protection outlived the agent (rule 8)
+        assert status["protected"] and status["intact"] and status["saved_chunks"] > 0
+        ack = rollback(session, dest, site, timeout=WAIT)
+        assert ack.ok and ack.extents
+        assert (exports / "disk").read_bytes() == consistent
+        assert dest.state is DestState.CONSISTENT
+        with lun_of(exports / "disk") as restored:
+            assert_no_lost_change(session, restored)
         PeriodicUpdate(session, [dest], site, timeout=WAIT, io_size=IO).run()
         assert dest.state is DestState.CONSISTENT
+        assert not protected(site, dest) and not (exports / JOURNAL).exists()
         assert_replicated(source, exports / "disk", second.exports["disk"], tmp_path)
         dest.lun.close()
 
@@ -491,6 +496,82 @@ def snapshot_of(remote: Daemon, exports: Path) -> tuple[dict, dict[str, bytes]]:
     with control(remote) as sock:
         status = {name: ask(sock, request(0, "status", name)) for name in ("disk", "spare")}
     return status, {name: (exports / name).read_bytes() for name in ("disk", "spare")}
+
+
+def nbd_write(uri: str, offset: int, data: bytes) -> None:
+    with NBDLUN(uri, timeout=WAIT) as lun:
+        lun.write(offset, data)
+        lun.flush()
+
+
+def test_protect_and_unprotect_are_durable_before_their_replies(tmp_path: Path, exports: Path):
+    image = random.Random(SEED + 7).randbytes(SIZE)
+    (exports / "disk").write_bytes(image)
+    logs = iter(tmp_path / f"agent-{n}.log" for n in range(5))
+    with agent(exports, next(logs)) as first:
+        with control(first) as sock:
+            assert ask(sock, request(1, "protect", "disk"))["ok"]
+        first.kill()  # right after the reply
+    with agent(exports, next(logs)) as second:
+        nbd_write(second.exports["disk"], G, b"\x5a" * G)
+        with control(second) as sock:
+            again = ask(sock, request(2, "protect", "disk"))
+            assert again["ok"] and again["reason"] == "already protected"
+        second.kill()
+    with agent(exports, next(logs)) as third:
+        nbd_write(third.exports["disk"], 3 * MIB, b"\xa5" * 3 * G)
+        with control(third) as sock:
+            info = ask(sock, request(3, "status", "disk"))["info"]
+            # The first image is kept: both writes since the first protect are in it.
+            assert info["protected"] and info["intact"] and info["saved_chunks"] == 2
+            assert info["extents"] == [[0, 64 * KIB], [3 * MIB, 64 * KIB]]
+        third.kill()
+    with agent(exports, next(logs)) as fourth:
+        with control(fourth) as sock:
+            rolled = ask(sock, request(4, "rollback", "disk"))
+            assert rolled["ok"] and rolled["extents"] == [[0, 64 * KIB], [3 * MIB, 64 * KIB]]
+            assert (exports / "disk").read_bytes() == image
+            assert ask(sock, request(5, "unprotect", "disk"))["ok"]
+        fourth.kill()
+    assert not (exports / JOURNAL).exists()
+    with agent(exports, next(logs)) as fifth, control(fifth) as sock:
+        assert ask(sock, request(6, "status", "disk"))["info"] == {"size": SIZE, "protected": False}
+
+
+def test_an_agent_exports_regular_files_only(tmp_path: Path, exports: Path):
+    outside = tmp_path / "outside.img"
+    outside.write_bytes(b"\x11" * SIZE)
+    (exports / "link.img").symlink_to(outside)
+    os.mkfifo(exports / "pipe")
+    (exports / "folder").mkdir()
+    (exports / ".hidden").write_bytes(bytes(SIZE))
+    with agent(exports, tmp_path / "agent.log") as remote:
+        assert set(remote.exports) == {"disk", "spare"}
+        with control(remote) as sock:
+            for rid, name in enumerate(["link.img", "pipe", "folder", ".hidden", ".isc-agent"]):
+                reply = ask(sock, request(rid, "protect", name))
+                assert not reply["ok"] and f"no export named {name!r}" in reply["reason"]
+        remote.stop()
+    assert outside.read_bytes() == b"\x11" * SIZE
+
+
+def test_open_regular_refuses_what_is_not_a_regular_file(tmp_path: Path, exports: Path):
+    (exports / "link.img").symlink_to(exports / "disk")
+    os.mkfifo(exports / "pipe")
+    for name in ("link.img", "pipe", "missing"):
+        assert open_regular(exports / name) is None, name
+    opened = open_regular(exports / "disk")
+    assert opened is not None
+    lun, identity = opened
+    with lun:
+        stat = (exports / "disk").stat()
+        assert identity == (stat.st_dev, stat.st_ino) and lun.size == SIZE
+
+
+def test_an_agent_refuses_a_state_directory_that_is_not_one(tmp_path: Path, exports: Path):
+    (exports / ".isc-agent").symlink_to(tmp_path)
+    with pytest.raises(ParameterError, match=r"\.isc-agent is not a directory"):
+        Agent(exports)
 
 
 BAD_LINES = [

@@ -15,7 +15,7 @@ import random
 from helpers import chunk_bytes, chunks_touched, fill_random
 
 from isc import Destination, MemoryLUN
-from isc.remote import PROTECT_GRANULARITY, LocalSite, ProtectedLUN
+from isc.remote import PROTECT_GRANULARITY, LocalSite, ProtectedLUN, saved_extents
 
 P = PROTECT_GRANULARITY
 SIZE = 3 * P + 1000  # a short last protection chunk
@@ -53,9 +53,12 @@ def test_protect_routes_writes_through_a_snapshot_that_rollback_writes_back():
         assert info["protected"] and info["intact"] and info["problem"] is None
         assert info["saved_chunks"] == len(chunks) == 3
         assert info["saved_bytes"] == sum(chunk_bytes(c, P, SIZE) for c in chunks)
+        # Adjacent chunks 0 and 1 make one range; the short last chunk another.
+        ranges = [(0, 2 * P), (3 * P, SIZE - 3 * P)]
+        assert info["extents"] == [list(r) for r in ranges]  # what a rollback would rewrite
         ack = site.rollback(dest)
         assert ack.ok, round_
-        assert sorted(ack.extents) == [(c * P, chunk_bytes(c, P, SIZE)) for c in sorted(chunks)]
+        assert list(ack.extents) == ranges
         assert lun.read(0, SIZE) == image
         assert isinstance(dest.lun, ProtectedLUN)  # still protected
         assert site.status(dest).info["saved_chunks"] == 0
@@ -134,3 +137,18 @@ def test_request_ids_are_distinct_and_increasing():
         LocalSite().status(dest).request_id,
     ]
     assert ids == sorted(set(ids))
+
+
+def test_saved_extents_merge_adjacent_chunks_and_the_smallest_gaps_past_the_limit():
+    size = 20 * P + 7  # a short last chunk, number 20
+    assert saved_extents([], P, size) == ()
+    assert saved_extents([0, 1, 2, 5, 20], P, size) == ((0, 3 * P), (5 * P, P), (20 * P, 7))
+    # Gaps of 2, 1 and 3 chunks between four runs: the gap of 1 is merged first, then of 2.
+    chunks = [0, 3, 5, 9]
+    assert saved_extents(chunks, P, size, limit=3) == ((0, P), (3 * P, 3 * P), (9 * P, P))
+    assert saved_extents(chunks, P, size, limit=2) == ((0, 6 * P), (9 * P, P))
+    assert saved_extents(chunks, P, size, limit=1) == ((0, 10 * P),)
+    many = list(range(0, 20, 2))
+    covered = saved_extents(many, P, size, limit=4)
+    assert len(covered) == 4
+    assert all(any(o <= c * P < o + n for o, n in covered) for c in many)

@@ -395,6 +395,122 @@ def test_rollback_of_an_unprotected_destination_fails_and_changes_nothing():
     assert dest.state is DestState.CONSISTENT
 
 
+# -- a rollback records its intent before it asks the site -----------------------------------
+
+
+def leftover_protection() -> tuple[Session, Destination, HookSite, HookLUN, bytes]:
+    """A CONSISTENT d0 whose protection outlived a successful update (its unprotect was refused).
+
+    The protection still holds d0's image from before that update, so a
+    rollback rewrites what the update sent: the case where a rollback nobody
+    tracks makes a destination that is reported consistent differ from the
+    source. Returns the session, d0, the site, d0's LUN and the protected image.
+    """
+    session, (dest,), site = updated(1)
+    lun = dest.lun
+    protected_image = contents(dest)
+    scribble(session, random.Random(16), 20)
+    site.hooks["unprotect"] = refuse
+    PeriodicUpdate(session, [dest], site, io_size=IO).run()
+    site.hooks.clear()
+    site.forget()
+    assert dest.state is DestState.CONSISTENT and site.protected(dest)
+    assert contents(dest) != protected_image and not tracked(session)
+    return session, dest, site, lun, protected_image
+
+
+@pytest.mark.parametrize("lost", ["the site raises", "no answer"])
+def test_a_rollback_whose_answer_is_lost_counts_as_done(lost):
+    session, dest, site, lun, protected_image = leftover_protection()
+
+    def act_then_lose_the_answer(dest: Destination, timeout: float | None) -> Ack:
+        assert site.local.rollback(dest).ok
+        if lost == "the site raises":
+            raise ConnectionError("the site hung up after rolling back")
+        return Ack(0, False, "no answer within 0.2 s", outcome_unknown=True)
+
+    site.hooks["rollback"] = act_then_lose_the_answer
+    with pytest.raises(UpdateError, match="may have happened: d0 is inconsistent"):
+        rollback(session, dest, site)
+    assert lun.read(0, SIZE) == protected_image  # the site did roll back
+    assert dest.state is DestState.INCONSISTENT  # never CONSISTENT on an unknown outcome
+    assert_no_lost_change(session, lun)
+    site.hooks.clear()
+    PeriodicUpdate(session, [dest], site, io_size=IO).run()
+    assert_in_step(session, [dest], [lun])
+
+
+def test_rollback_tracks_and_persists_its_intent_before_it_asks_the_site():
+    session, dest, site, lun, protected_image = leftover_protection()
+    persisted: list[tuple[list[tuple[str, str]], DestState, set[int]]] = []
+    ack = rollback(
+        session,
+        dest,
+        site,
+        persist=lambda: persisted.append((list(site.calls), dest.state, tracked(session))),
+    )
+    ((calls, state, chunks),) = persisted
+    assert calls == [("status", "d0")]  # the site was not asked to roll back yet
+    assert state is DestState.INCONSISTENT
+    rewritten = {
+        c for offset, length in ack.extents for c in chunks_touched(offset, length, G) if c < 49
+    }
+    assert rewritten and rewritten <= chunks == tracked(session)
+    assert lun.read(0, SIZE) == protected_image
+    assert dest.state is DestState.CONSISTENT  # the image it had when it was protected
+    assert_no_lost_change(session, lun)
+
+
+def test_rollback_tracks_the_whole_volume_when_the_site_lists_no_extents():
+    session, dest, site, lun, protected_image = leftover_protection()
+    site.hooks["status"] = lambda dest, timeout: Ack(0, True, info={"protected": True})
+    rollback(session, dest, site)
+    assert session.bitmap.tracking_count == session.bitmap.chunks
+    assert lun.read(0, SIZE) == protected_image
+
+
+def test_a_rollback_whose_intent_cannot_be_persisted_is_not_asked():
+    session, dest, site, lun, _ = leftover_protection()
+    image = lun.read(0, SIZE)
+
+    def disk_full() -> None:
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        rollback(session, dest, site, persist=disk_full)
+    assert site.calls == [("status", "d0")]
+    assert lun.read(0, SIZE) == image and dest.state is DestState.CONSISTENT
+
+
+def test_a_rollback_the_site_refuses_leaves_the_destination_as_it_was():
+    session, dest, site, lun, _ = leftover_protection()
+    image = lun.read(0, SIZE)
+    site.hooks["rollback"] = refuse
+    with pytest.raises(UpdateError, match="rollback of d0 failed: no room for a snapshot"):
+        rollback(session, dest, site)
+    assert lun.read(0, SIZE) == image and dest.state is DestState.CONSISTENT
+    assert_no_lost_change(session, lun)
+
+
+@pytest.mark.parametrize(
+    "status",
+    [
+        Ack(0, False, "the site is down"),
+        Ack(0, True, info={"protected": True, "intact": False, "problem": "save area full"}),
+    ],
+    ids=["unanswered", "image lost"],
+)
+def test_a_rollback_that_cannot_succeed_changes_nothing(status):
+    session, dest, site, lun, _ = leftover_protection()
+    image, before = lun.read(0, SIZE), session.bitmap.to_bytes()
+    site.hooks["status"] = lambda dest, timeout: status
+    with pytest.raises(UpdateError, match="the site is down|the protected image was lost"):
+        rollback(session, dest, site, persist=lambda: pytest.fail("nothing to persist"))
+    assert site.calls == [("status", "d0")]
+    assert session.bitmap.to_bytes() == before
+    assert lun.read(0, SIZE) == image and dest.state is DestState.CONSISTENT
+
+
 # -- protection capacity -----------------------------------------------------------------------
 
 
@@ -824,4 +940,4 @@ def test_each_step_is_logged_with_the_session_and_destination_names(caplog):
     assert update_log()[-1] == "alpha: update failed, d0, d1 stay protected"
     dests[0].lun.fail_at = None
     rollback(session, dests[0], site)
-    assert update_log() == ["rollback d0: ok"]
+    assert update_log() == ["status d0: ok", "rollback d0: ok"]
