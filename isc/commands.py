@@ -310,13 +310,8 @@ def _update(args: argparse.Namespace) -> int:
         )
 
         def once() -> None:
-            stored.begin_copy(dests, "incremental")
-            try:
-                for result in update.run():
-                    _report(stored, result, args.json)
-            finally:
-                progress.close()
-                stored.save()
+            for result in store.update(stored, update, progress):
+                _report(stored, result, args.json)
 
         if args.every is None:
             once()

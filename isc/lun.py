@@ -23,7 +23,8 @@ session and the copy job depend on nothing else (see :class:`LUN`).
 A LUN may also offer ``copies_to(dest) -> bool`` and ``copy_to(offset,
 length, dest) -> bool``: a copy of a range to the same range of another LUN
 that does not pass through the process (:meth:`FileLUN.copy_to`); the copy
-job uses it where it can.
+job uses it where it can. And ``problem``: why the LUN cannot be reached
+now, or None (:class:`ReconnectingLUN`; wrappers pass it through).
 
 Offsets and lengths are in bytes and ranges are half-open. I/O outside
 ``[0, size)`` (``offset < 0``, ``length < 0`` or ``offset + length > size``)
@@ -34,16 +35,22 @@ chunk. Reads and writes of different ranges may run concurrently from any
 number of threads; ``close`` must not race with I/O on the same LUN.
 
 Two implementations live here: :class:`MemoryLUN` (a bytearray) and
-:class:`FileLUN` (a regular file or a block device such as a loop device).
+:class:`FileLUN` (a regular file or a block device such as a loop device);
+and :class:`ReconnectingLUN`, a LUN that may be out of reach (a remote
+export) opened again on demand.
 """
 
 from __future__ import annotations
 
 import abc
+import contextlib
 import errno
 import operator
 import os
 import stat
+import threading
+import time
+from collections.abc import Callable
 from typing import Protocol, TypeAlias, TypeVar, runtime_checkable
 
 from isc.errors import ParameterError, RangeError, StateError
@@ -89,6 +96,7 @@ def _check_size(size: int) -> int:
 
 
 _L = TypeVar("_L", bound="_BaseLUN")
+_T = TypeVar("_T")
 
 _NO_KERNEL_COPY = frozenset({errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS})
 """``copy_file_range`` errors that mean "not between these files": copy through a buffer."""
@@ -452,3 +460,156 @@ class ForwardingLUN:
 
     def close(self) -> None:
         self.lun.close()
+
+    @property
+    def problem(self) -> str | None:
+        """Why the LUN underneath cannot be reached now, or None."""
+        return getattr(self.lun, "problem", None)
+
+
+RECONNECT_BACKOFF = (1.0, 60.0)
+"""Seconds a :class:`ReconnectingLUN` waits before it tries again after a failed
+open: the first, doubled after each further failure up to the second."""
+
+
+class ReconnectingLUN(_BaseLUN):
+    """The first ``size`` bytes of the LUN ``open()`` returns, opened on demand.
+
+    For a LUN that may be out of reach for a while, such as a destination on
+    a remote NBD export: no call fails because of it before the LUN is used,
+    and an outage lasts only as long as the LUN's own. The LUN is opened at
+    the first I/O, and again at the first I/O after its connection broke
+    (it turned ``closed`` by itself, as :class:`~isc.nbd.NBDLUN` does). After
+    a failed open no other is tried for :data:`RECONNECT_BACKOFF` seconds,
+    doubled at each further failure up to a cap, so a LUN that stays down is
+    not hammered; I/O meanwhile fails at once.
+
+    ``what`` names the LUN in errors (e.g. "destination d2 at nbd://..").
+    ``problem`` says why it cannot be reached now (None: it could at its
+    last use, or was not used yet). Raises, for I/O:
+
+    ============================  ====================================================
+    ``ConnectionError``           it cannot be opened ("... is unreachable: ...", with
+                                  the time to the next try while backing off), or
+                                  its connection broke during the call ("... lost
+                                  its connection: ..."); the next call reconnects
+    ``StateError``                after :meth:`close`
+    anything else                 as the LUN underneath raises it (``RangeError``, an
+                                  error the server reports ...)
+    ============================  ====================================================
+
+    A LUN smaller than ``size`` counts as unreachable. ``clock`` (seconds,
+    monotonic) is for tests.
+    """
+
+    def __init__(
+        self,
+        open: Callable[[], LUN],
+        size: int,
+        what: str,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.size = _check_size(size)
+        self.what = what
+        self._open = open
+        self._clock = clock
+        self._lock = threading.Lock()  # one open at a time; guards the fields below
+        self._lun: LUN | None = None
+        self._closed = False
+        self._problem: str | None = None
+        self._failures = 0  # failed opens in a row
+        self._retry_at = 0.0  # no open before this time
+
+    def __repr__(self) -> str:
+        state = " closed" if self._closed else " unreachable" if self._problem else ""
+        return f"<ReconnectingLUN {self.what} size={self.size}{state}>"
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` has run (an outage does not close it)."""
+        return self._closed
+
+    @property
+    def problem(self) -> str | None:
+        """Why the LUN cannot be reached now, or None."""
+        return self._problem
+
+    def reach(self) -> str | None:
+        """Open the LUN now if it is not open (unless backing off); return :attr:`problem`."""
+        with contextlib.suppress(ConnectionError):
+            self._opened()
+        return self._problem
+
+    def read(self, offset: int, length: int) -> bytes:
+        return self._use(lambda lun: lun.read(offset, length))
+
+    def readinto(self, offset: int, buffer: BytesLike) -> None:
+        self._use(lambda lun: lun.readinto(offset, buffer))
+
+    def write(self, offset: int, data: BytesLike) -> None:
+        self._use(lambda lun: lun.write(offset, data))
+
+    def flush(self) -> None:
+        self._use(lambda lun: lun.flush())
+
+    def close(self) -> None:
+        """Close the LUN underneath; later I/O raises ``StateError``. Idempotent."""
+        with self._lock:
+            self._closed = True
+            lun, self._lun = self._lun, None
+        if lun is not None:
+            lun.close()
+
+    def _opened(self) -> LUN:
+        """The open LUN, opened now if it is not; ``ConnectionError`` when it cannot be."""
+        with self._lock:
+            if self._closed:
+                raise self._closed_error()
+            lun = self._lun
+            if lun is not None and not lun.closed:
+                return lun
+            if lun is not None:  # its connection broke: no call of it runs any more
+                self._lun = None
+                lun.close()
+            now = self._clock()
+            if now < self._retry_at:
+                raise ConnectionError(f"{self._problem} (next try in {self._retry_at - now:.1f} s)")
+            try:
+                lun = self._open()
+            except (OSError, ParameterError) as exc:
+                reason = getattr(exc, "strerror", None) or str(exc)
+                raise self._unreachable(now, reason) from exc
+            if lun.size < self.size:
+                lun.close()
+                raise self._unreachable(
+                    now, f"it holds {lun.size} bytes, not the {self.size} needed"
+                )
+            self._lun = lun
+            self._problem = None
+            self._failures = 0
+            self._retry_at = 0.0
+            return lun
+
+    def _unreachable(self, now: float, reason: str) -> ConnectionError:
+        """Count a failed open (the caller holds the lock); the error to raise."""
+        first, most = RECONNECT_BACKOFF
+        self._retry_at = now + min(first * 2**self._failures, most)
+        self._failures += 1
+        self._problem = f"{self.what} is unreachable: {reason}"
+        return ConnectionError(self._problem)
+
+    def _use(self, call: Callable[[LUN], _T]) -> _T:
+        """``call(lun)`` on the open LUN; a connection that breaks meanwhile is reopened
+        at the next use."""
+        lun = self._opened()
+        try:
+            return call(lun)
+        except (OSError, StateError) as exc:
+            if not lun.closed or self._closed:
+                raise  # the LUN's own error: it stays open
+            problem = f"{self.what} lost its connection: {exc}"
+            with self._lock:
+                if self._lun is lun:  # no other call has reconnected meanwhile
+                    self._problem = problem
+            raise ConnectionError(f"{problem}; its next use reconnects") from exc

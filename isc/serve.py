@@ -12,6 +12,8 @@ the copies of the session the server owns:
 
 ==========================  =====================================================
 ``{"op": "status"}``        ``info``: the session's state, counts and destinations
+                            (each with its state, epoch, ``reachable`` and the
+                            ``problem`` when it is not)
 ``{"op": "mark"}``          freeze a point in time (``"full": true``: every chunk)
 ``{"op": "unmark"}``        end the mark; unsent chunks go back to tracking
 ``{"op": "copy"}``          copy to every destination of a session directory:
@@ -24,8 +26,21 @@ the copies of the session the server owns:
 ==========================  =====================================================
 
 A copy, mark or unmark is refused while another one or a periodic update
-runs. Stopping the server cancels a running copy (it fails as any copy
-does: what was not sent stays tracked).
+runs (a periodic update that comes while a copy runs is skipped). Stopping
+the server cancels a running copy (it fails as any copy does: what was not
+sent stays tracked) and waits for a periodic update to end.
+
+Every copy and periodic update is recorded in the session directory while
+it runs (:func:`isc.store.copy`, :func:`isc.store.update`) and checkpoints
+as it goes, as ``isc update`` does: after a crash its destinations read
+inconsistent and only what was not confirmed is sent again.
+
+Host writes never wait for a destination. A destination on an NBD export is
+connected at its first use and again after an outage
+(:class:`~isc.lun.ReconnectingLUN`): the server starts while one is down
+(it logs which, and ``status`` says so), a copy to one that is down fails
+for it, and a later copy reconnects, trying at most every
+:data:`~isc.lun.RECONNECT_BACKOFF` seconds while it stays down.
 """
 
 from __future__ import annotations
@@ -39,6 +54,7 @@ from isc import store
 from isc.control import ControlServer
 from isc.copy import CopyJob
 from isc.errors import CopyError, IscError
+from isc.lun import ReconnectingLUN
 from isc.nbd import NBDServer, SessionLUN
 from isc.session import Session
 from isc.update import PeriodicUpdate, update_locks
@@ -66,6 +82,11 @@ class SessionControl:
         self.persistent = persistent
         self._stopping = threading.Event()
         self._job: CopyJob | None = None  # the last copy started
+        # Held from a recorded copy's begin_copy to its save: a second one in
+        # between would overwrite the record of the first, and a crash then
+        # leave its destinations reading consistent while they hold a mix.
+        self._recording = threading.Lock()
+        self._updates: threading.Thread | None = None
         self.server = ControlServer(
             {"status": self.status, "mark": self.mark, "unmark": self.unmark, "copy": self.copy}
         )
@@ -132,7 +153,7 @@ class SessionControl:
             }
         stored = self.persistent
         try:
-            with self._exclusive():
+            with self._exclusive(), self._recording:
                 progress = store.Progress(stored, store.copy_destinations(stored), bar=False)
                 result = store.copy(
                     stored,
@@ -162,21 +183,72 @@ class SessionControl:
 
     def _destinations(self) -> list[dict]:
         dests = self.persistent.destinations if self.persistent is not None else []
-        return [{"name": d.name, "state": d.state.value, "epoch": d.epoch} for d in dests]
+        report = []
+        for d in dests:
+            problem = getattr(d.lun, "problem", None)
+            report.append(
+                {
+                    "name": d.name,
+                    "state": d.state.value,
+                    "epoch": d.epoch,
+                    "reachable": problem is None,
+                    "problem": problem,
+                }
+            )
+        return report
+
+    def every(self, seconds: float, site) -> None:
+        """Run the periodic update of the session directory's destinations every ``seconds``,
+        protected by ``site``, until :meth:`close`; each is recorded (:func:`isc.store.update`).
+
+        A failed update is logged and the next one runs on time. Raises
+        ``StateError`` when the session has no destinations.
+        """
+        stored = self.persistent
+        assert stored is not None, "periodic updates need a session directory"
+        dests = store.copy_destinations(stored)
+        progress = store.Progress(stored, dests, bar=False)
+        update = PeriodicUpdate(self.session, dests, site, progress=progress)
+        self._updates = threading.Thread(
+            target=self._update_every,
+            args=(seconds, stored, update, progress),
+            name="isc-periodic-update",
+            daemon=True,
+        )
+        self._updates.start()
+
+    def _update_every(
+        self,
+        seconds: float,
+        stored: store.PersistentSession,
+        update: PeriodicUpdate,
+        progress: store.Progress,
+    ) -> None:
+        name = self.session.name
+        while not self._stopping.wait(seconds):
+            if not self._recording.acquire(blocking=False):
+                log.warning("%s: a copy is running; this periodic update is skipped", name)
+                continue
+            try:
+                store.update(stored, update, progress)
+            except (IscError, OSError) as exc:
+                log.error("%s: periodic update failed: %s", name, exc)
+            finally:
+                self._recording.release()
 
     def start(self, host: str, port: int) -> int:
         """Answer requests on ``host:port`` (0: any free port); return the port bound."""
         return self.server.start(host, port)
 
     def close(self) -> None:
-        """Cancel a running copy, wait for it to end (its reply is sent), stop answering.
-
-        Idempotent. Stop periodic updates first: this waits for the one in progress.
-        """
+        """Cancel a running copy, wait for it and a periodic update in progress to end
+        (a copy's reply is sent), stop answering. Idempotent."""
         self._stopping.set()
         job = self._job
         if job is not None:
             job.cancel(self._stop_reason)  # also ends a throttle's or busy_share's wait
+        if self._updates is not None:
+            self._updates.join()
         with self.session.update_lock:
             pass
         self.server.close()
@@ -203,9 +275,10 @@ def run_serve(
 
     ``ready(session, uri, control_port)`` is called once the export (and the
     control port, if ``control`` is given as ``(host, port)``; else
-    ``control_port`` is None) listens. ``every`` (seconds) runs
-    ``PeriodicUpdate`` on a persistent session's destinations with ``site``
-    (default: protection in this process).
+    ``control_port`` is None) listens and each destination that may be out of
+    reach was tried once. ``every`` (seconds) runs ``PeriodicUpdate`` on a
+    persistent session's destinations with ``site`` (default: protection in
+    this process), see :meth:`SessionControl.every`.
     """
     from isc.remote import LocalSite
 
@@ -220,23 +293,20 @@ def run_serve(
             )
     else:
         session = Session(store.open_lun(source), granularity, name=Path(source).name)
-    update = thread = None
     server = NBDServer(SessionLUN(session), name=session.name)
     controls = SessionControl(session, persistent)
     try:
         server.start(host, port)
         log.info("serving %s at %s", session.name, server.uri)
+        if persistent is not None:
+            _reach(persistent.destinations)
         control_port = controls.start(*control) if control is not None else None
         if every and persistent is not None:
-            update = PeriodicUpdate(session, persistent.destinations, site or LocalSite())
-            thread = update.every(every)
+            controls.every(every, site or LocalSite())
         if ready is not None:
             ready(session, server.uri, control_port)
         stop.wait()
     finally:
-        if update is not None:
-            update.stop()
-            thread.join()  # type: ignore[union-attr]
         controls.close()
         server.close()
         if persistent is not None:
@@ -244,3 +314,10 @@ def run_serve(
         else:
             session.source.close()
     return session
+
+
+def _reach(destinations) -> None:
+    """Try once each destination that may be out of reach; log those that are."""
+    for dest in destinations:
+        if isinstance(dest.lun, ReconnectingLUN) and (problem := dest.lun.reach()):
+            log.warning("%s; copies to it fail until it is back", problem)

@@ -48,12 +48,13 @@ import zlib
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from isc._core import DeltaBitmap
 from isc.copy import CopyJob, CopyResult, Destination, DestState
 from isc.errors import CorruptMetadata, IscError, ParameterError, StateError
-from isc.lun import FileLUN
+from isc.lun import FileLUN, ReconnectingLUN
 from isc.savearea import SaveArea
 from isc.session import DEFAULT_SAVE_AREA, Session
 
@@ -213,7 +214,18 @@ class PersistentSession:
             )
             self.destinations = []
             for d in meta["destinations"]:
-                lun = _open_named(d["target"], f"destination {d['name']}")
+                what = f"destination {d['name']}"
+                if is_uri(d["target"]):
+                    # A remote destination may be down now or later: it is opened at
+                    # its first use and again after an outage, so no host write and
+                    # no other destination waits for it (rule 13).
+                    lun = ReconnectingLUN(
+                        partial(open_lun, d["target"]),
+                        self.source.size,
+                        f"{what} at {d['target']}",
+                    )
+                else:
+                    lun = _open_named(d["target"], what)
                 opened.callback(lun.close)
                 self.destinations.append(
                     Destination(lun, d["name"], DestState(d["state"]), d["epoch"])
@@ -486,6 +498,21 @@ def copy(
         if mode == "incremental":
             return job.incremental()
         return job.full(marked=mode == "full")
+    finally:
+        progress.close()
+        stored.save()
+
+
+def update(stored: PersistentSession, workflow, progress: Progress) -> list[CopyResult]:
+    """Run one update of ``workflow``, recorded as :func:`copy` records a copy.
+
+    ``workflow`` is a :class:`~isc.update.PeriodicUpdate` of ``stored``'s
+    session whose copies report to ``progress`` (its checkpoints). Returns
+    and raises what ``workflow.run()`` does; the outcome is saved either way.
+    """
+    stored.begin_copy(workflow.destinations, "incremental")
+    try:
+        return workflow.run()
     finally:
         progress.close()
         stored.save()

@@ -719,7 +719,9 @@ def test_serve_control_drives_the_copies_of_its_session(tmp_path: Path, source: 
         (uri,) = served.exports.values()
         status = ask(sock, json.dumps({"id": 1, "op": "status"}).encode() + b"\n")
         assert status["ok"] and status["info"]["state"] == "unmarked"
-        assert status["info"]["destinations"] == [{"name": "d1", "state": "new", "epoch": None}]
+        assert status["info"]["destinations"] == [
+            {"name": "d1", "state": "new", "epoch": None, "reachable": True, "problem": None}
+        ]
 
         full = ask(sock, b'{"id": 2, "op": "copy", "mode": "full"}\n')
         assert full["ok"], full["reason"]

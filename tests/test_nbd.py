@@ -18,6 +18,7 @@ import itertools
 import json
 import os
 import random
+import re
 import select
 import shutil
 import signal
@@ -36,6 +37,7 @@ import pytest
 
 from isc import CopyJob, Destination, DestState, FileLUN, MemoryLUN, Session
 from isc.errors import ParameterError, RangeError, StateError
+from isc.lun import RECONNECT_BACKOFF, ReconnectingLUN
 from isc.nbd import (
     IN_FLIGHT,
     MAX_BLOCK,
@@ -1093,3 +1095,82 @@ def test_a_server_breaking_the_protocol_closes_the_lun(tmp_path: Path, bad: str)
             lun.read(0, 16)
         assert broken.value.errno == errno.EPROTO
         assert lun.closed
+
+
+# -- a LUN that reconnects: a destination whose server goes away and comes back ----------------
+def reconnecting(uri: str, size: int, clock: Callable[[], float] = time.monotonic):
+    """A ReconnectingLUN on ``uri``; ``opens`` (an attribute) counts its connection attempts."""
+    opens: list[float] = []
+
+    def connect() -> NBDLUN:
+        opens.append(clock())
+        return NBDLUN(uri, timeout=WAIT)
+
+    lun = ReconnectingLUN(connect, size, f"destination d at {uri}", clock=clock)
+    lun.opens = opens  # type: ignore[attr-defined]
+    return lun
+
+
+def test_a_reconnecting_lun_reconnects_to_a_restarted_qemu_nbd(tmp_path: Path):
+    backing = sparse(tmp_path / "disk.img", 4 * MIB)
+    sock = tmp_path / "qemu.sock"
+    args = [tool("qemu-nbd"), "-f", "raw", "-k", str(sock), "--persistent", str(backing)]
+    uri = f"nbd+unix:///?socket={sock}"
+    with reconnecting(uri, 4 * MIB) as lun:
+        with spawn(args, sock) as remote:
+            lun.write(0, b"a" * 4096)
+            lun.flush()
+            remote.proc.kill()
+            remote.proc.wait(timeout=WAIT)
+            with pytest.raises(ConnectionError, match=re.escape(f"d at {uri} lost its connection")):
+                lun.write(0, bytes(4 * MIB))
+        assert not lun.closed and lun.problem.startswith(f"destination d at {uri} lost its")
+        with spawn(args, sock):
+            lun.write(4096, b"b" * 4096)  # the next use reconnects, at once
+            assert lun.problem is None and len(lun.opens) == 2
+            assert lun.read(0, 8192) == b"a" * 4096 + b"b" * 4096
+    assert lun.closed
+    with pytest.raises(StateError, match="is closed"):
+        lun.read(0, 1)
+
+
+def test_a_reconnecting_lun_backs_off_while_its_server_stays_down(tmp_path: Path):
+    now = [100.0]
+    path = tmp_path / "d.sock"
+    uri = f"nbd+unix:///?socket={path}"
+    data = MemoryLUN(MIB)
+    with reconnecting(uri, MIB, clock=lambda: now[0]) as lun:
+        assert lun.problem is None and not lun.opens  # nothing is tried before the first use
+        with pytest.raises(ConnectionError, match=re.escape(f"d at {uri} is unreachable: No such")):
+            lun.write(0, b"x")
+        assert lun.problem == f"destination d at {uri} is unreachable: No such file or directory"
+        first, most = RECONNECT_BACKOFF
+        for delay in (first, 2 * first, 4 * first, 8 * first, 16 * first, 32 * first, most, most):
+            now[0] += delay - 0.01
+            with pytest.raises(ConnectionError, match=r"\(next try in 0.0 s\)"):
+                lun.flush()  # fails at once: no connection is tried
+            tried = len(lun.opens)
+            now[0] += 0.01
+            assert lun.reach() == lun.problem is not None
+            assert len(lun.opens) == tried + 1
+        with NBDServer(data) as server:
+            server.start_unix(path)
+            now[0] += most
+            lun.write(MIB - 3, b"abc")
+            assert lun.problem is None and lun.reach() is None
+        assert data.read(MIB - 3, 3) == b"abc"
+        with pytest.raises(ConnectionError, match="lost its connection"):
+            lun.read(0, 1)
+        with pytest.raises(ConnectionError, match="is unreachable"):
+            lun.read(0, 1)  # after a lost connection the first reconnect is at once
+        opens = len(lun.opens)
+        with pytest.raises(ConnectionError, match=rf"next try in {first:.1f} s"):
+            lun.read(0, 1)  # ... and the backoff starts again from the first delay
+        assert len(lun.opens) == opens
+
+
+def test_a_reconnecting_lun_refuses_an_export_smaller_than_it(serve):
+    server = serve(MemoryLUN(MIB - 512))
+    short = f"it holds {MIB - 512} bytes, not the {MIB}"
+    with reconnecting(server.uri, MIB) as lun, pytest.raises(ConnectionError, match=short):
+        lun.read(0, 1)

@@ -1,0 +1,298 @@
+"""``isc serve`` of a session directory: its periodic updates and its destinations' outages.
+
+The server runs in this process (:func:`isc.serve.run_serve` in a thread) so
+that a test holds a destination's NBD export in its hands: an isc
+:class:`NBDServer` on a Unix socket in ``tmp_path``, over a file the test
+reads back, which the test stops, restarts, or parks at a write with a
+:class:`Gate`. Host writes reach the served session through its NBD export,
+control requests through its control port. One test runs the real ``isc
+serve`` process. Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from helpers import TIMEOUT, Gate, HookLUN, Worker
+
+from isc import DestState, FileLUN
+from isc import lun as lun_module
+from isc.nbd import NBDLUN, NBDServer
+from isc.serve import run_serve
+from isc.store import copy, create_session, open_session, read_state
+
+SEED = 20261201
+KIB = 1 << 10
+MIB = 1 << 20
+SIZE = 2 * MIB
+G = 16 * KIB
+HOST = "127.0.0.1"
+
+
+class Export:
+    """A destination's NBD server on a Unix socket, which the test stops and starts again."""
+
+    def __init__(self, path: Path, lun) -> None:
+        self.path = path
+        self.lun = lun
+        self.server: NBDServer | None = None
+        self.uri = f"nbd+unix:///?socket={path}"
+
+    def start(self) -> None:
+        self.server = NBDServer(self.lun)
+        self.server.start_unix(self.path)
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+
+
+@pytest.fixture
+def work(tmp_path: Path) -> Path:
+    """A random source file and two zeroed destination files."""
+    (tmp_path / "source.img").write_bytes(random.Random(SEED).randbytes(SIZE))
+    for name in ("d1.img", "d2.img"):
+        FileLUN.create(tmp_path / name, SIZE).close()
+    return tmp_path
+
+
+@pytest.fixture
+def export(work: Path) -> Iterator[Export]:
+    """d2.img exported over NBD (its LUN a HookLUN, to park or count writes), running."""
+    export = Export(work / "d2.sock", HookLUN(FileLUN(work / "d2.img")))
+    export.start()
+    yield export
+    export.stop()
+    export.lun.close()
+
+
+@pytest.fixture
+def state(work: Path, export: Export) -> Path:
+    """A session on source.img with d1 (the file d1.img) and d2 (the export), both consistent."""
+    directory = work / "state"
+    create_session(directory, str(work / "source.img"), granularity=G)
+    stored, _ = open_session(directory)
+    with stored:
+        stored.add_destination(str(work / "d1.img"), "d1")
+        stored.add_destination(export.uri, "d2")
+        copy(stored, "full")
+    return directory
+
+
+def host_writes_offline(state: Path, seed: int, count: int = 8) -> None:
+    """Tracked host writes made before the server starts (it then has something to copy)."""
+    rng = random.Random(seed)
+    stored, _ = open_session(state)
+    with stored:
+        for _ in range(count):
+            stored.session.write(rng.randrange(SIZE - G), rng.randbytes(G))
+
+
+def host_writes(uri: str, seed: int, count: int = 8) -> None:
+    """Tracked host writes through the served export."""
+    rng = random.Random(seed)
+    with NBDLUN(uri, timeout=TIMEOUT) as lun:
+        for _ in range(count):
+            lun.write(rng.randrange(SIZE - G), rng.randbytes(G))
+        lun.flush()
+
+
+@dataclass
+class Served:
+    uri: str
+    control: int
+
+    def ask(self, op: str, **fields: object) -> dict:
+        """One control request; its reply."""
+        with socket.create_connection((HOST, self.control), timeout=TIMEOUT) as sock:
+            sock.sendall(json.dumps({"id": 1, "op": op, **fields}).encode() + b"\n")
+            reply = sock.makefile("rb").readline()
+        assert reply.endswith(b"\n"), f"no reply to {op}"
+        return json.loads(reply)
+
+    def destinations(self) -> dict[str, dict]:
+        status = self.ask("status")
+        assert status["ok"], status
+        return {d["name"]: d for d in status["info"]["destinations"]}
+
+
+@contextmanager
+def served(state: Path, every: float | None = None) -> Iterator[Served]:
+    """``run_serve`` of ``state`` in a thread, with a control port, until the block ends."""
+    stop = threading.Event()
+    ready = threading.Event()
+    where: list[Served] = []
+
+    def on_ready(session, uri: str, control_port: int | None) -> None:
+        assert control_port is not None
+        where.append(Served(uri, control_port))
+        ready.set()
+
+    def main() -> None:
+        try:
+            run_serve(
+                str(state), HOST, 0, every=every, control=(HOST, 0), ready=on_ready, stop=stop
+            )
+        finally:
+            ready.set()  # also when it failed to start
+
+    worker = Worker(main)
+    try:
+        if not ready.wait(TIMEOUT):
+            pytest.fail(f"isc serve of {state} was not ready within {TIMEOUT} s")
+        if not where:
+            worker.finish()  # raises why it did not start
+        yield where[0]
+    finally:
+        stop.set()
+        worker.finish()
+
+
+def image(path: Path) -> bytes:
+    return path.read_bytes()
+
+
+def line_reader(stream) -> queue.Queue:
+    """A process's output lines (then None), read by a thread: the test waits with a timeout."""
+    lines: queue.Queue = queue.Queue()
+
+    def pump() -> None:
+        for line in stream:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    return lines
+
+
+def next_line(lines: queue.Queue, what: str) -> str | None:
+    """The next line of ``lines`` (None at EOF); fails the test after TIMEOUT seconds."""
+    try:
+        line = lines.get(timeout=TIMEOUT)
+    except queue.Empty:
+        pytest.fail(f"{what} printed nothing for {TIMEOUT} s")
+    return line if line is None else line.strip()
+
+
+# -- hole 5: every copy of a persistent session is recorded --------------------------------------
+def test_a_periodic_update_is_recorded_in_the_session_directory_while_it_runs(
+    work: Path, export: Export, state: Path
+):
+    host_writes_offline(state, SEED + 1)
+    gate = Gate()
+    export.lun.before_write = gate
+    with served(state, every=0.01):
+        try:
+            gate.wait_reached()  # the first periodic update is writing to d2
+            meta = read_state(state).meta
+        finally:
+            export.lun.before_write = None
+            gate.open()
+    # A crash while it wrote must not have found these destinations consistent.
+    assert meta.get("copy") == {"mode": "incremental", "destinations": ["d1", "d2"]}
+    assert {d["name"]: d["state"] for d in meta["destinations"]} == {
+        "d1": "inconsistent",
+        "d2": "inconsistent",
+    }
+    meta = read_state(state).meta
+    assert "copy" not in meta
+    assert [d["state"] for d in meta["destinations"]] == ["consistent", "consistent"]
+    assert image(work / "d1.img") == image(work / "d2.img") == image(work / "source.img")
+
+
+# -- hole 10: a destination's outage stops no host write and does not last ---------------------
+@pytest.fixture
+def no_backoff(monkeypatch) -> None:
+    """Reconnect at every use: these tests are about reconnecting, not about waiting."""
+    monkeypatch.setattr(lun_module, "RECONNECT_BACKOFF", (0.0, 0.0))
+
+
+def test_serve_starts_while_a_destination_is_unreachable_and_copies_once_it_is_back(
+    work: Path, export: Export, state: Path, no_backoff
+):
+    export.stop()
+    with served(state) as serve:
+        dests = serve.destinations()
+        assert dests["d1"]["reachable"] is True and dests["d1"]["problem"] is None
+        assert dests["d2"]["reachable"] is False
+        assert f"destination d2 at {export.uri} is unreachable" in dests["d2"]["problem"]
+        host_writes(serve.uri, SEED + 2)  # the host writes while a replica is down
+        assert serve.ask("mark")["ok"]
+        failed = serve.ask("copy")
+        assert "is unreachable" in failed["info"]["outcomes"]["d2"], failed
+        export.start()
+        assert serve.ask("mark")["ok"]
+        done = serve.ask("copy")
+        assert done["ok"], done
+        dests = serve.destinations()
+        assert [(d["state"], d["reachable"]) for d in dests.values()] == [
+            ("consistent", True),
+            ("consistent", True),
+        ]
+    assert image(work / "d1.img") == image(work / "d2.img") == image(work / "source.img")
+
+
+def test_serve_reconnects_to_a_destination_whose_server_restarted(
+    work: Path, export: Export, state: Path, no_backoff
+):
+    with served(state) as serve:
+        host_writes(serve.uri, SEED + 3)
+        assert serve.ask("mark")["ok"] and serve.ask("copy")["ok"]
+        export.stop()
+        export.start()  # every connection to it is gone
+        host_writes(serve.uri, SEED + 4)
+        assert serve.ask("mark")["ok"]
+        failed = serve.ask("copy")
+        assert "lost its connection" in failed["info"]["outcomes"]["d2"], failed
+        assert serve.destinations()["d2"]["reachable"] is False
+        assert serve.ask("mark")["ok"]
+        done = serve.ask("copy")
+        assert done["ok"], done
+        assert all(d["reachable"] for d in serve.destinations().values())
+    assert image(work / "d1.img") == image(work / "d2.img") == image(work / "source.img")
+    stored, _ = open_session(state)
+    with stored:
+        assert [d.state for d in stored.destinations] == [DestState.CONSISTENT] * 2
+
+
+def test_the_isc_serve_process_starts_with_a_destination_down(
+    work: Path, export: Export, state: Path
+):
+    export.stop()
+    log = work / "serve.log"
+    command = [sys.executable, "-m", "isc.cli", "serve", str(state), "--listen", f"{HOST}:0"]
+    with open(log, "wb") as stderr:
+        proc = subprocess.Popen(
+            [*command, "--every", "0.05"], stdout=subprocess.PIPE, stderr=stderr, text=True
+        )
+    try:
+        output = line_reader(proc.stdout)
+        printed = [next_line(output, "isc serve")]
+        while printed[-1] not in ("ready", None):
+            printed.append(next_line(output, "isc serve"))
+        assert printed[-1] == "ready", log.read_text()
+        host_writes(printed[0].split()[-1], SEED + 5)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(TIMEOUT) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(TIMEOUT)
+        proc.stdout.close()  # type: ignore[union-attr]
+    assert f"destination d2 at {export.uri} is unreachable" in log.read_text()
+    stored, recovery = open_session(state)
+    with stored:
+        assert not recovery.crashed and stored.session.bitmap.tracking_count > 0
