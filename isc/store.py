@@ -3,8 +3,10 @@
 Layout of a state directory::
 
     session.json        metadata: source, granularity, save area, destinations,
-                        epoch; rewritten atomically (temp file, fsync, rename,
-                        fsync of the directory), versioned
+                        epoch, checkpointed, source_stamp; rewritten
+                        atomically (temp file, fsync, rename, fsync of the
+                        directory) at each open, save and close; versioned
+    .lock               flock'ed by the process that holds the session
     checkpoint.<K>      the delta bitmap (DeltaBitmap.to_bytes) at some instant
     activity.<K>.log    the write-intent log begun at that instant: one record
                         per region that became hot, written and fsynced before
@@ -30,8 +32,34 @@ runs, so its destinations read inconsistent until it ends (rule 6) and a
 crash in an unmarked full copy, which clears tracking as it begins, leaves
 everything to send again (rule 2).
 
+Missing state is corrupt metadata (rule 10). Once ``session.json`` says a
+checkpoint was written (``checkpointed``, set after the first; or it has an
+epoch or destinations), or a log holds records, a directory without a
+checkpoint raises ``CorruptMetadata`` instead of opening with an empty
+bitmap, which would lose every change the checkpoint held; so does a
+checkpoint or log that cannot be read. The way out is
+``open_session(reset=True)`` (``isc recover SESSION --reset-destinations``):
+every chunk tracked, every destination NEW, the next copy full.
+
+The source (rule 11). An open session holds QEMU's image locks on it
+(:class:`SourceLock`): a second session on the same file, under any path,
+and a QEMU tool that would write or resize it are refused, and the other way
+round. The locks are advisory, so a clean close stamps the source in
+``session.json`` (``source_stamp``: device and inode, size, mtime) and the
+next open compares: another file at the path or another mtime (a write while
+no isc process held it) means any chunk may differ, so every chunk is
+tracked, a mark ends, the consistent destinations become inconsistent and
+``Recovery.source_changed`` says why; another size is refused. Not seen:
+after a crash only the identity and size are compared (the session's own
+writes moved the mtime); before Linux 6.13 (no multigrain timestamps) a
+write in the same clock tick as the close can leave the mtime as it was; a
+block device is compared by its device number only; an NBD URI source is
+neither locked nor checked.
+
 :func:`read_state` reads a directory without opening the session (no lock,
-no writes), for status reports while another process holds it.
+no writes), for status reports while another process holds it; it reports
+a lost or damaged checkpoint (``damage``) and a changed source rather than
+raising.
 """
 
 from __future__ import annotations
@@ -41,6 +69,7 @@ import json
 import logging
 import os
 import re
+import stat
 import struct
 import sys
 import threading
@@ -167,9 +196,10 @@ class ActivityLog:
 def read_log(path: Path) -> list[tuple[int, int]]:
     """The records of an activity log; a torn last record (a crash mid-append) is ignored.
 
-    Raises ``CorruptMetadata`` naming the file when a complete record is damaged.
+    Raises ``CorruptMetadata`` naming the file when a complete record is
+    damaged or the file cannot be read.
     """
-    data = path.read_bytes()
+    data = _read_file(path)
     records = []
     whole = len(data) - len(data) % _RECORD.size
     for at in range(0, whole, _RECORD.size):
@@ -182,12 +212,114 @@ def read_log(path: Path) -> list[tuple[int, int]]:
 
 @dataclass(frozen=True)
 class Recovery:
-    """What opening a state directory found and repaired."""
+    """What opening a state directory found and repaired.
+
+    ``source_changed`` says why the source may differ from every destination
+    (it was written or replaced while no isc process held it), or is None.
+    """
 
     crashed: bool
     interrupted_copy: bool
     regions_resent: int
     bytes_resent_bound: int
+    source_changed: str | None = None
+
+
+# -- the source: its lock and its stamp ------------------------------------------------
+
+# QEMU's image locks (block/file-posix.c): shared OFD locks on byte 100 + p for
+# each permission p a process uses and on byte 200 + p for each it does not
+# share, then a test for anyone else's lock on the bytes that conflict. Taking
+# the same bytes makes a qemu-nbd or qemu-img that would write or resize the
+# source refuse while a session holds it, and the session refuse a source a
+# QEMU process writes; a second session conflicts with the first.
+_READ, _WRITE, _RESIZE = 0, 1, 3  # QEMU's BLK_PERM_* bits
+_USES, _UNSHARED = (_READ, _WRITE), (_WRITE, _RESIZE)
+_LOCKED = tuple(100 + p for p in _USES) + tuple(200 + p for p in _UNSHARED)
+_CONFLICTS = tuple(200 + p for p in _USES) + tuple(100 + p for p in _UNSHARED)
+_FLOCK = struct.Struct("hhqqi4x")  # struct flock: type, whence, start, len, pid
+_IDENTITY = ("rdev", "dev", "ino")
+
+
+class SourceLock:
+    """The lock a session holds on its source file or block device while it is open.
+
+    Raises ``StateError`` when another session, or a program that writes
+    or resizes the source under QEMU's image locking, holds it; ``OSError``
+    when the source cannot be opened or locked. Advisory, as QEMU's are: a
+    program that takes no lock is not stopped, and the source's stamp
+    (:meth:`stamp`, checked at the next open) finds what it did.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            for byte in _LOCKED:
+                self._fcntl(fcntl.F_OFD_SETLK, fcntl.F_RDLCK, byte)
+            held = [b for b in _CONFLICTS if self._fcntl(fcntl.F_OFD_GETLK, fcntl.F_WRLCK, b)]
+        except OSError as exc:
+            os.close(self.fd)
+            raise OSError(exc.errno, f"cannot lock the source at {path}: {exc.strerror}") from exc
+        if held:
+            os.close(self.fd)
+            raise StateError(
+                f"the source {path} is in use by another isc session or a program that writes "
+                f"it (an image lock on byte {held[0]}, as QEMU takes); one session per source: "
+                "close the other first"
+            )
+
+    def _fcntl(self, command: int, kind: int, byte: int) -> bool:
+        """One lock call on ``byte``; for a test, whether another holds a lock there."""
+        answer = fcntl.fcntl(self.fd, command, _FLOCK.pack(kind, os.SEEK_SET, byte, 1, 0))
+        return _FLOCK.unpack(answer)[0] != fcntl.F_UNLCK
+
+    def stamp(self) -> dict:
+        """The source's identity, size and mtime now (see :func:`_stamp`)."""
+        return _stamp(os.fstat(self.fd))
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _stamp(st: os.stat_result) -> dict:
+    """What names the source under any path, and for a file what moves when it is written.
+
+    A block device is its device number (its node's mtime does not move on writes).
+    """
+    if stat.S_ISBLK(st.st_mode):
+        return {"rdev": st.st_rdev}
+    return {"dev": st.st_dev, "ino": st.st_ino, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _identity(target: str) -> tuple | None:
+    """One LUN's name under any spelling: its URI or its stamp's identity; None if unreadable."""
+    if is_uri(target):
+        return (target,)
+    try:
+        stamp = _stamp(os.stat(target))
+    except OSError:
+        return None
+    return tuple(stamp.get(key) for key in _IDENTITY)
+
+
+def _source_change(recorded: dict | None, now: dict | None, source: str) -> str | None:
+    """Why the source may have changed outside the session since ``recorded``, or None.
+
+    The mtime counts only in a stamp taken at a clean close: while a session
+    holds the source its own writes move it, so after a crash only the
+    identity and the size are compared.
+    """
+    if recorded is None or now is None:
+        return None
+    if any(recorded.get(key) != now.get(key) for key in _IDENTITY):
+        return f"{source} is not the file the session tracked: it was replaced or renamed"
+    if recorded.get("size") != now.get("size"):
+        return f"{source} changed size from {recorded['size']} to {now['size']} bytes"
+    if recorded.get("closed") and recorded.get("mtime_ns") != now.get("mtime_ns"):
+        return f"{source} was modified while no isc process held it (its mtime moved)"
+    return None
 
 
 class PersistentSession:
@@ -205,9 +337,21 @@ class PersistentSession:
             # Close what was opened if a later LUN or the save area fails.
             self.source = _open_named(meta["source"], "the source")
             opened.callback(self.source.close)
+            self._source_lock = None if is_uri(meta["source"]) else SourceLock(meta["source"])
+            if self._source_lock is not None:
+                opened.callback(self._source_lock.close)
+            if bitmap is not None and bitmap.size != self.source.size:
+                raise StateError(
+                    f"the source {meta['source']} holds {self.source.size} bytes and {directory} "
+                    f"tracks {bitmap.size}: restore its size, or start again with "
+                    f"isc recover {directory} --reset-destinations"
+                )
             area = meta["save_area"] or {}
             capacity = area.get("capacity") or min(self.source.size, DEFAULT_SAVE_AREA)
-            save_area = SaveArea(capacity, area.get("path"))
+            try:
+                save_area = SaveArea(capacity, area.get("path"))
+            except IscError as exc:
+                raise type(exc)(f"{directory / METADATA}: {exc}") from None
             opened.callback(save_area.close)
             self.session = Session(
                 self.source, meta["granularity"], save_area, name=meta["name"], bitmap=bitmap
@@ -242,6 +386,9 @@ class PersistentSession:
         self._thread: threading.Thread | None = None
         self._lock_fd = -1
         self._closed = False
+        self._checkpointed = False
+        self._stamp = None if self._source_lock is None else self._source_lock.stamp()
+        """The source's stamp as of this open; ``closed`` once a clean close took it again."""
 
     # -- running ---------------------------------------------------------------------
     def _start(self, generation: int, interval: float) -> None:
@@ -285,6 +432,7 @@ class PersistentSession:
             finally:
                 bitmap.thaw()
             write_atomically(self.directory / f"checkpoint.{generation}", data)
+            self._checkpointed = True
             for path in self.directory.iterdir():
                 match = _CHECKPOINT.match(path.name) or _LOG.match(path.name)
                 if match and int(match.group(1)) < generation:
@@ -338,19 +486,25 @@ class PersistentSession:
             }
             for d in self.destinations
         ]
+        # From the first checkpoint on, a missing one is a lost one (see _load).
+        meta["checkpointed"] = self._checkpointed or meta.get("checkpointed", False)
+        meta["source_stamp"] = self._stamp
         return meta
 
     def add_destination(self, target: str, name: str | None = None) -> Destination:
         """Add a NEW destination (a path or an NBD URI) and save the metadata.
 
-        Raises ``ParameterError`` for a duplicate name or a destination
-        smaller than the source.
+        Raises ``ParameterError`` for a duplicate name, a destination smaller
+        than the source, and a target that is, under whatever spelling (a
+        symlink, a hard link, a relative path; the same device and inode, or
+        the same URI), the source, a destination already or the save area
+        file. NBD URIs compare as strings: two URIs of one export pass.
         """
-        lun = _open_named(target, "the destination")
         name = name or Path(target).name or target
-        if any(d.name == name for d in self.destinations):
-            lun.close()
-            raise ParameterError(f"{self.meta['name']} already has a destination named {name}")
+        problem = self._clash(target, name)
+        if problem is not None:
+            raise ParameterError(problem)
+        lun = _open_named(target, "the destination")
         if lun.size < self.source.size:
             lun.close()
             raise ParameterError(
@@ -363,14 +517,38 @@ class PersistentSession:
         self.save()
         return dest
 
+    def _clash(self, target: str, name: str) -> str | None:
+        """Why ``target`` named ``name`` cannot be a new destination of this session, or None."""
+        session = self.meta["name"]
+        if any(d.name == name for d in self.destinations):
+            return f"{session} already has a destination named {name}"
+        taken = [(self.meta["source"], f"is the source of {session}")]
+        taken += [
+            (self._targets[d.name], f"is already destination {d.name} of {session}")
+            for d in self.destinations
+        ]
+        if self.session.save_area.path is not None:
+            taken.append((self.session.save_area.path, f"is the save area of {session}"))
+        identity = _identity(target)
+        for other, what in taken:
+            if identity is not None and identity == _identity(other):
+                return f"{target} {what}; give another LUN"
+        return None
+
     def close(self) -> None:
-        """Checkpoint exactly, save the metadata and release everything. Idempotent."""
+        """Checkpoint exactly, save the metadata and release everything. Idempotent.
+
+        The source's stamp saved now (its mtime, taken while it is still
+        locked) lets the next open see a write made while no session held it.
+        """
         if self._closed:
             return
         try:
             self._stop_checkpointer()
             if self._log is not None:
                 self.checkpoint()
+            if self._source_lock is not None:
+                self._stamp = {**self._source_lock.stamp(), "closed": True}
             self.save()
         finally:
             self._release()
@@ -392,6 +570,8 @@ class PersistentSession:
             dest.lun.close()
         self.session.save_area.close()
         self.source.close()
+        if self._source_lock is not None:
+            self._source_lock.close()
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1
@@ -584,6 +764,18 @@ def _meta_problem(meta: dict) -> str | None:
     names = [dest["name"] for dest in dests]
     if len(set(names)) != len(names):
         return f"destination names repeat: {names}"
+    if not isinstance(meta.get("checkpointed", False), bool):
+        return "field 'checkpointed' is not true or false"
+    stamp = meta.get("source_stamp")
+    if stamp is not None and not (
+        isinstance(stamp, dict)
+        and set(stamp) <= {*_IDENTITY, "size", "mtime_ns", "closed"}
+        and all(type(value) is int for key, value in stamp.items() if key != "closed")
+        and isinstance(stamp.get("closed", False), bool)
+    ):
+        return (
+            f"field 'source_stamp' is not null nor {{dev, ino, size, mtime_ns, closed}}: {stamp!r}"
+        )
     copy = meta.get("copy")
     if copy is not None and not (
         isinstance(copy, dict)
@@ -607,10 +799,13 @@ def create_session(
 ) -> None:
     """Create a persistent session for ``source`` in ``directory`` (made if missing).
 
-    ``save_area`` is ``(capacity, path or None)``. Raises ``StateError`` when
-    the directory already holds a session or the files of one,
-    ``ParameterError`` for bad parameters and the errors of :func:`open_lun`
-    for a source that cannot be opened; nothing is written then.
+    ``save_area`` is ``(capacity, path or None)``: a file's path must name
+    nothing yet (the session creates the file at each open and removes it at
+    close). Raises ``StateError`` when the directory already holds a session
+    or the files of one, or another session holds the source (its lock);
+    ``ParameterError`` for bad parameters or a save area path that exists;
+    and the errors of :func:`open_lun` for a source that cannot be opened;
+    nothing is written then.
     """
     path = Path(directory)
     if (path / METADATA).exists():
@@ -623,6 +818,8 @@ def create_session(
         raise StateError(f"{path} holds files of an earlier isc session; choose an empty directory")
     with _open_named(source, "the source") as lun:
         Session(lun, granularity)  # validates the granularity against the source
+        if not is_uri(source):
+            SourceLock(source).close()  # refuses a source another session holds
     meta = {
         "format": FORMAT,
         "version": VERSION,
@@ -638,6 +835,14 @@ def create_session(
     problem = _meta_problem(meta)
     if problem:
         raise ParameterError(f"cannot create a session in {path}: {problem}")
+    area = save_area[1] if save_area else None
+    if area is not None and os.path.lexists(area):
+        raise ParameterError(
+            f"save area path {area} exists: isc creates its save area file itself (and "
+            "removes only that); give the path of a new file"
+        )
+    if area is not None and not os.path.isdir(os.path.dirname(os.path.abspath(area))):
+        raise ParameterError(f"save area path {area}: its directory does not exist")
     path.mkdir(parents=True, exist_ok=True)
     write_atomically(path / METADATA, _encode(meta))
 
@@ -646,18 +851,32 @@ def open_session(
     directory: str | os.PathLike[str],
     *,
     checkpoint_interval: float = DEFAULT_CHECKPOINT_INTERVAL,
+    reset: bool = False,
 ) -> tuple[PersistentSession, Recovery]:
     """Open the session in ``directory``, recovering from a crash if there was one.
 
-    Raises ``StateError`` when there is no session, ``CorruptMetadata`` naming
-    the file when a file is corrupt, truncated or foreign (nothing is
-    overwritten then).
+    The source is locked (:class:`SourceLock`) until :meth:`~PersistentSession.close`.
+    A source written or replaced while no isc process held it (its stamp
+    moved, see :func:`_source_change`) may differ anywhere from every
+    destination: every chunk is tracked, a mark ends, the consistent
+    destinations become inconsistent and ``Recovery.source_changed`` says why.
+
+    ``reset=True`` starts again when the bitmap is lost or damaged: the
+    checkpoint and log files are not read, every chunk is tracked and every
+    destination becomes NEW, so the next copy of each is full.
+
+    Raises ``StateError`` when there is no session, or another process holds
+    it or its source, or the source's size changed; ``CorruptMetadata``
+    naming the file when a file is corrupt, truncated, foreign, missing (a
+    checkpoint the session file or a log shows was written) or unreadable;
+    ``ParameterError`` when the save area path names a file isc did not
+    create. Nothing is overwritten then.
     """
     path = Path(directory)
     meta = _read_meta(path)
     lock = _lock(path)
     try:
-        stored, recovery = _recover(path, meta, checkpoint_interval)
+        stored, recovery = _recover(path, meta, checkpoint_interval, reset)
     except BaseException:
         os.close(lock)
         raise
@@ -669,17 +888,21 @@ def open_session(
 class StoredState:
     """A state directory as its files describe it, read without opening the session.
 
-    ``bitmap`` is the newest checkpoint (None before the first open). When
-    ``in_use``, another process holds the session: the bitmap is as of its
-    last checkpoint and ``meta`` as of its last save. Otherwise
-    ``pending_regions`` counts the regions logged before a crash, which the
-    next open tracks again.
+    ``bitmap`` is the newest checkpoint (None before the first open, or when
+    ``damage`` says why the checkpoint or a log cannot be used: the next open
+    refuses until a reset). When ``in_use``, another process holds the
+    session: the bitmap is as of its last checkpoint and ``meta`` as of its
+    last save. Otherwise ``pending_regions`` counts the regions logged before
+    a crash, which the next open tracks again, and ``source_changed`` says
+    why the next open will track every chunk (see :func:`open_session`).
     """
 
     meta: dict
     bitmap: DeltaBitmap | None
     in_use: bool
     pending_regions: int
+    damage: str | None = None
+    source_changed: str | None = None
 
 
 def read_state(directory: str | os.PathLike[str], *, tries: int = 5) -> StoredState:
@@ -687,36 +910,53 @@ def read_state(directory: str | os.PathLike[str], *, tries: int = 5) -> StoredSt
 
     Raises ``StateError`` when there is no session (or its files kept
     changing under ``tries`` reads) and ``CorruptMetadata`` naming the file
-    when one is corrupt, truncated or foreign.
+    when the session file is corrupt, truncated or foreign; a damaged or
+    missing checkpoint or log is reported in ``damage``.
     """
     path = Path(directory)
-    for _ in range(tries):
+    for attempt in range(tries):
         meta = _read_meta(path)
         in_use = _in_use(path)
+        damage = None
         try:
             _, bitmap, regions = _load(path, meta, with_logs=not in_use)
         except FileNotFoundError:
             continue  # the holder's checkpoint replaced a file being read: read again
-        return StoredState(meta, bitmap, in_use, len(regions))
+        except CorruptMetadata as exc:
+            if in_use and attempt < tries - 1:
+                continue  # the listing fell between the holder's new checkpoint and the old
+            bitmap, regions, damage = None, set(), str(exc)
+        changed = None if in_use else _source_change_now(meta)
+        return StoredState(meta, bitmap, in_use, len(regions), damage, changed)
     raise StateError(f"{path} kept changing while it was read; try again")
+
+
+def _source_change_now(meta: dict) -> str | None:
+    """:func:`_source_change` of a session not held, from its source's path."""
+    if is_uri(meta["source"]):
+        return None
+    try:
+        now = _stamp(os.stat(meta["source"]))
+    except OSError as exc:
+        return f"{meta['source']} cannot be checked: {exc.strerror or exc}"
+    return _source_change(meta.get("source_stamp"), now, meta["source"])
 
 
 def _load(path: Path, meta: dict, *, with_logs: bool) -> tuple[int, DeltaBitmap | None, set[int]]:
     """The highest file generation, the newest checkpoint and the regions logged since it.
 
-    Raises ``CorruptMetadata`` naming the file that is damaged or does not
-    fit the metadata, before anything is opened or written.
+    Raises ``CorruptMetadata`` naming the file that is damaged, unreadable
+    or does not fit the metadata, or the checkpoint that is missing though
+    the session file or a log shows it was written (an empty bitmap would
+    lose every change it held), before anything is opened or written.
     """
-    files = [
-        (m, p) for p in path.iterdir() if (m := _CHECKPOINT.match(p.name) or _LOG.match(p.name))
-    ]
-    generations = [int(m.group(1)) for m, _ in files]
-    checkpoints = sorted((int(m.group(1)), p) for m, p in files if m.re is _CHECKPOINT)
+    files = _state_files(path)
+    checkpoints = sorted((gen, p) for gen, p, is_log in files if not is_log)
     generation, bitmap = 0, None
     if checkpoints:
         generation, newest = checkpoints[-1]
         try:
-            bitmap = DeltaBitmap.from_bytes(newest.read_bytes())
+            bitmap = DeltaBitmap.from_bytes(_read_file(newest))
         except CorruptMetadata as exc:
             raise CorruptMetadata(f"{newest}: {exc}") from None
         if bitmap.granularity != meta["granularity"]:
@@ -724,14 +964,49 @@ def _load(path: Path, meta: dict, *, with_logs: bool) -> tuple[int, DeltaBitmap 
                 f"{newest} tracks at {bitmap.granularity} bytes, {path / METADATA} says "
                 f"{meta['granularity']}"
             )
+    elif meta.get("checkpointed") or meta["epoch"] or meta["destinations"]:
+        raise CorruptMetadata(_lost(path, f"{path / METADATA} records one"))
     regions: set[int] = set()
-    logs = sorted((int(m.group(1)), p) for m, p in files if m.re is _LOG and with_logs)
+    logs = sorted((gen, p) for gen, p, is_log in files if is_log and with_logs)
     for log_path in [p for gen, p in logs if gen >= generation]:
-        for first, last in read_log(log_path):
-            if bitmap is None or last * meta["region_size"] >= bitmap.size:
+        records = read_log(log_path)
+        if records and bitmap is None:
+            raise CorruptMetadata(_lost(path, f"{log_path} records writes"))
+        for first, last in records:
+            if last * meta["region_size"] >= bitmap.size:
                 raise CorruptMetadata(f"{log_path}: region {last} lies outside the tracked LUN")
             regions.update(range(first, last + 1))
-    return max(generations, default=0), bitmap, regions
+    return max((gen for gen, _, _ in files), default=0), bitmap, regions
+
+
+def _state_files(path: Path) -> list[tuple[int, Path, bool]]:
+    """``(generation, path, is_log)`` of every checkpoint and activity log in ``path``."""
+    found = []
+    for p in path.iterdir():
+        match = _CHECKPOINT.match(p.name) or _LOG.match(p.name)
+        if match:
+            found.append((int(match.group(1)), p, match.re is _LOG))
+    return found
+
+
+def _read_file(path: Path) -> bytes:
+    """The bytes of a checkpoint or log; ``CorruptMetadata`` naming it when it cannot be read.
+
+    ``FileNotFoundError`` passes: the holder's checkpoint may have just replaced it.
+    """
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise CorruptMetadata(f"{path} cannot be read: {exc.strerror or exc}") from None
+
+
+def _lost(path: Path, evidence: str) -> str:
+    return (
+        f"the checkpoint (checkpoint.<N>, the tracking bitmap) in {path} is missing though "
+        f"{evidence}: the changes it held are lost"
+    )
 
 
 def _in_use(directory: Path) -> bool:
@@ -760,19 +1035,41 @@ def _lock(directory: Path) -> int:
 
 
 def _recover(
-    path: Path, meta: dict, checkpoint_interval: float
+    path: Path, meta: dict, checkpoint_interval: float, reset: bool
 ) -> tuple[PersistentSession, Recovery]:
-    last, bitmap, regions = _load(path, meta, with_logs=True)
+    if reset:
+        # The checkpoint and logs are not read: they are what may be lost or damaged.
+        last = max((gen for gen, _, _ in _state_files(path)), default=0)
+        bitmap, regions = None, set()
+        meta = {key: value for key, value in meta.items() if key != "copy"}
+        meta["destinations"] = [
+            {**d, "state": DestState.NEW.value, "epoch": None} for d in meta["destinations"]
+        ]
+    else:
+        try:
+            last, bitmap, regions = _load(path, meta, with_logs=True)
+        except CorruptMetadata as exc:
+            raise CorruptMetadata(
+                f"{exc}; isc recover {path} --reset-destinations starts again with full copies"
+            ) from None
     try:
         stored = PersistentSession(path, meta, bitmap)
+    except IscError:
+        raise
     except (KeyError, TypeError, ValueError) as exc:
         raise CorruptMetadata(f"{path / METADATA}: {type(exc).__name__}: {exc}") from None
     try:
-        recovery = _repair(stored, regions, meta.get("copy"))
+        recorded = None if reset else meta.get("source_stamp")
+        changed = _source_change(recorded, stored._stamp, meta["source"])
+        recovery = _repair(stored, regions, meta.get("copy"), changed)
+        if reset:
+            stored.session.bitmap.record_write(0, stored.source.size)
         stored._start(last + 1, checkpoint_interval)
         stored.checkpoint()
-        if meta.get("copy") is not None:
-            stored.save()  # after the checkpoint: the copy's end is recorded last
+        # After the checkpoint: an interrupted copy's end is recorded last. From
+        # here on the file says a checkpoint exists and no clean close stamped the
+        # source (a crash now leaves the session's own writes in its mtime).
+        stored.save()
     except BaseException:
         stored._stop_checkpointer()
         stored._release()
@@ -780,15 +1077,25 @@ def _recover(
     return stored, recovery
 
 
-def _repair(stored: PersistentSession, regions: set[int], copy: dict | None) -> Recovery:
-    """Apply what the logs and an unfinished copy say to the loaded state (rules 2, 6, 9)."""
+def _repair(
+    stored: PersistentSession, regions: set[int], copy: dict | None, changed: str | None
+) -> Recovery:
+    """Apply what the logs, an unfinished copy and the source's stamp say (rules 2, 6, 9, 11)."""
     session = stored.session
     size = stored.source.size
     saved = session.bitmap.saved_count > 0
     interrupted = copy is not None or (session.bitmap.marked and (bool(regions) or saved))
-    if session.bitmap.marked and interrupted:
-        # The save area did not survive: the copy is over (rule 2 keeps what it owed).
+    if session.bitmap.marked and (interrupted or changed):
+        # The save area did not survive (or the point in time is void): the copy
+        # is over (rule 2 keeps what it owed).
         session.unmark()
+    if changed:
+        # Written outside the session: any chunk may differ from every destination.
+        session.bitmap.record_write(0, size)
+        for dest in stored.destinations:
+            if dest.state is DestState.CONSISTENT:
+                dest.state = DestState.INCONSISTENT
+        log.warning("%s: %s: every chunk is tracked again", stored.meta["name"], changed)
     for region in sorted(regions):
         start = region * stored.region_size
         session.bitmap.record_write(start, min(stored.region_size, size - start))
@@ -807,6 +1114,7 @@ def _repair(stored: PersistentSession, regions: set[int], copy: dict | None) -> 
         interrupted_copy=interrupted,
         regions_resent=len(regions),
         bytes_resent_bound=len(regions) * stored.region_size,
+        source_changed=changed,
     )
     if recovery.crashed:
         log.warning(

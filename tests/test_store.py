@@ -274,14 +274,23 @@ SESSION_DAMAGE = {
 }
 
 
+def status_error(env: Path) -> str:
+    """What :func:`read_state` says is wrong: the error it raises, or the damage it reports."""
+    try:
+        state = read_state(env)
+    except CorruptMetadata as exc:
+        return str(exc)
+    assert state.damage is not None and state.bitmap is None
+    return state.damage
+
+
 @pytest.mark.parametrize("damage", SESSION_DAMAGE.values(), ids=SESSION_DAMAGE.keys())
 def test_corrupt_session_file_names_the_file_and_changes_nothing(env: Path, damage) -> None:
     (env / METADATA).write_bytes(damage(_meta(env)))
     before = files(env)
     with pytest.raises(CorruptMetadata, match=METADATA):
         open_session(env)
-    with pytest.raises(CorruptMetadata, match=METADATA):
-        read_state(env)
+    assert METADATA in status_error(env)
     assert files(env) == before
 
 
@@ -311,8 +320,7 @@ def test_corrupt_checkpoint_names_the_file_and_changes_nothing(env: Path, damage
     before = files(env)
     with pytest.raises(CorruptMetadata, match=path.name):
         open_session(env)
-    with pytest.raises(CorruptMetadata, match=path.name):
-        read_state(env)
+    assert path.name in status_error(env)
     assert files(env) == before
 
 
@@ -342,8 +350,7 @@ def test_corrupt_activity_log_names_the_file_and_changes_nothing(env: Path, reco
     before = files(env)
     with pytest.raises(CorruptMetadata, match=path.name):
         open_session(env)
-    with pytest.raises(CorruptMetadata, match=path.name):
-        read_state(env)
+    assert path.name in status_error(env)
     assert files(env) == before
 
 
@@ -492,6 +499,8 @@ _FIELDS = (
     "copy",
     "format",
     "version",
+    "checkpointed",
+    "source_stamp",
 )
 PATH_FIELDS = ("source", "destinations", "save_area")
 
