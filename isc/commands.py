@@ -15,6 +15,9 @@ meanwhile fails with "in use by another isc process".
 ``isc status SESSION [--json]``            read-only: works while another process
                                            holds the session
 ``isc rollback SESSION DEST --site H:P``   restore a destination's protected image
+``isc recover SESSION``                    with ``--reset-destinations``: start again
+                                           after the bitmap was lost or damaged (every
+                                           destination NEW, the next copy full)
 =========================================  ======================================
 
 A copy is recorded in the session file while it runs
@@ -141,6 +144,21 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     status = command("status", _status, "show a session's state (read-only)")
     status.add_argument("--json", action="store_true", help="print JSON")
 
+    recover = command(
+        "recover",
+        _recover,
+        "start again after the session's bitmap was lost or damaged",
+        description="When a session's checkpoint (its tracking bitmap) is missing or "
+        "damaged, every command but status refuses it. This starts again: every chunk is "
+        "tracked and every destination becomes NEW, so the next copy of each is full.",
+    )
+    recover.add_argument(
+        "--reset-destinations",
+        action="store_true",
+        required=True,
+        help="make every destination NEW (required: it says what recovering costs)",
+    )
+
     undo = command(
         "rollback",
         _rollback,
@@ -202,6 +220,12 @@ def _open(args: argparse.Namespace) -> store.PersistentSession:
             "were lost when the process that saved them closed; mark again",
             file=sys.stderr,
         )
+    if recovery.source_changed:
+        print(
+            f"isc: {recovery.source_changed}: every chunk of {stored.meta['name']} will be "
+            "copied again, and its destinations are inconsistent until then",
+            file=sys.stderr,
+        )
     return stored
 
 
@@ -227,6 +251,17 @@ def _create(args: argparse.Namespace) -> int:
         f"created session {name} in {args.session}: source {source}, "
         f"granularity {size_label(args.granularity)}"
     )
+    return 0
+
+
+def _recover(args: argparse.Namespace) -> int:
+    stored, _ = store.open_session(args.session, reset=True)
+    with stored:
+        names = ", ".join(d.name for d in stored.destinations) or "none yet"
+        print(
+            f"reset {stored.meta['name']}: every chunk tracked, every destination NEW "
+            f"({names}): the next copy is full (isc copy --full)"
+        )
     return 0
 
 
@@ -416,6 +451,8 @@ def status_report(directory: str, state: store.StoredState) -> dict:
             for d in meta["destinations"]
         ],
         "in_use": state.in_use,
+        "damage": state.damage,
+        "source_changed": state.source_changed,
         "copy_running": copy_record if state.in_use else None,
         "recovery_pending": None
         if state.in_use or not (state.pending_regions or copy_record)
@@ -433,7 +470,9 @@ def _status_text(report: dict) -> str:
             return "0 chunks"
         return f"{use['chunks']} chunk(s), {format_bytes(use['bytes'], long=True)}"
 
-    size = format_bytes(report["size"], long=True) if report["size"] else "size known at first open"
+    size = "size unknown" if report["damage"] else "size known at first open"
+    if report["size"]:
+        size = format_bytes(report["size"], long=True)
     area = report["save_area"]
     capacity = format_bytes(area["capacity"], long=True) if area["capacity"] else "default"
     lines = [
@@ -448,6 +487,17 @@ def _status_text(report: dict) -> str:
     if report["in_use"]:
         copying = " (a copy is running)" if report["copy_running"] else ""
         lines.append(f"in use       by another isc process{copying}: as of its last checkpoint")
+    if report["damage"]:
+        lines.append(f"damaged      {report['damage']}")
+        lines.append(
+            f"             to start again with full copies: isc recover {report['session']} "
+            "--reset-destinations"
+        )
+    if report["source_changed"]:
+        lines.append(
+            f"changed      {report['source_changed']}: the next open tracks every chunk "
+            "and makes the destinations inconsistent"
+        )
     pending = report["recovery_pending"]
     if pending:
         failed = "; its interrupted copy failed" if pending["copy_failed"] else ""

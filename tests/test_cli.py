@@ -352,3 +352,68 @@ def test_usage_errors(session: Path, args: list, message: str) -> None:
     before = files(session / "s")
     assert message in error_line(isc_run(*args, cwd=session, check=2))
     assert files(session / "s") == before
+
+
+# -- what a session trusts around it (rules 10, 11) ------------------------------------------
+
+
+def test_create_refuses_a_save_area_that_names_the_source(work: Path) -> None:
+    source = (work / "source.img").read_bytes()
+    args = ["create", "s", "--source", "source.img", "--save-area", f"8M,{work}/source.img"]
+    line = error_line(isc_run(*args, cwd=work, check=1))
+    assert f"save area path {work / 'source.img'} exists" in line
+    assert not (work / "s").exists()
+    assert (work / "source.img").read_bytes() == source
+
+
+def test_create_and_add_dest_refuse_the_source_under_another_name(session: Path) -> None:
+    (session / "alias.img").symlink_to(session / "source.img")
+    before = state_of(session)
+    line = error_line(isc_run("add-dest", "s", "./alias.img", cwd=session, check=1))
+    assert f"{session / 'alias.img'} is the source of s" in line
+    assert state_of(session) == before
+    stored, _ = open_session(session / "s")
+    with stored:  # holds the source's lock
+        line = error_line(isc_run("create", "t", "--source", "alias.img", cwd=session, check=1))
+        assert "alias.img is in use by another isc session" in line
+    assert not (session / "t").exists()
+
+
+def test_a_lost_checkpoint_is_reported_and_recover_starts_again(session: Path) -> None:
+    isc_run("copy", "s", "--full", cwd=session)
+    for path in (session / "s").glob("checkpoint.*"):
+        path.unlink()
+    text = isc_run("status", "s", cwd=session).stdout
+    assert "damaged      the checkpoint" in text and "is missing" in text
+    assert f"isc recover {session / 's'} --reset-destinations" in text
+    assert status(session)["damage"] is not None
+    before = files(session / "s")
+    line = error_line(isc_run("mark", "s", cwd=session, check=1))
+    assert "is missing" in line and "--reset-destinations" in line
+    assert "--reset-destinations" in error_line(isc_run("recover", "s", cwd=session, check=2))
+    assert files(session / "s") == before
+    done = isc_run("recover", "s", "--reset-destinations", cwd=session)
+    assert "every destination NEW (d1, d2)" in done.stdout
+    report = status(session)
+    assert report["damage"] is None and report["tracking"]["chunks"] == report["chunks"]
+    assert [d["state"] for d in report["destinations"]] == ["new", "new"]
+    isc_run("copy", "s", "--full", cwd=session)
+    source = (session / "source.img").read_bytes()
+    assert (session / "d1.img").read_bytes() == source == (session / "d2.img").read_bytes()
+
+
+def test_a_write_outside_the_session_is_reported(session: Path) -> None:
+    isc_run("copy", "s", "--full", cwd=session)  # reads the source: its mtime stays
+    os.utime(session / "source.img", ns=(10**18, 10**18))
+    open_session(session / "s")[0].close()  # a clean close: the stamp takes that mtime
+    assert status(session)["source_changed"] is None
+    with FileLUN(session / "source.img") as source:
+        source.write(4096, b"not through the session")
+    text = isc_run("status", "s", cwd=session).stdout
+    assert "changed      " in text and "modified while no isc process held it" in text
+    done = isc_run("mark", "s", cwd=session)
+    assert "modified while no isc process held it" in done.stderr
+    assert "every chunk of s will be copied again" in done.stderr
+    report = status(session)
+    assert report["source_changed"] is None and report["transfer"]["chunks"] == report["chunks"]
+    assert [d["state"] for d in report["destinations"]] == ["inconsistent"] * 2
