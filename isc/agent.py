@@ -20,7 +20,8 @@ protected    ``NAME.journal``: a header, then the  first write to each 64 KiB ch
              original data of every chunk          since the protect: the chunk's
              written since the protect             data is appended to the journal
                                                    and fsynced, then the write
-                                                   proceeds; later writes: nothing
+                                                   proceeds; later writes to it go
+                                                   straight to the file
 ===========  ====================================  ================================
 
 Requests, each durable before its reply is sent:
@@ -46,15 +47,19 @@ slot whose CRCs fail, or a file that ends inside it) is dropped and cut off:
 the write that waited for it never happened. A bad slot *before* the last
 whole batch is damage, not a crash: the protection reads "not intact" with
 the problem, and rollback is refused. So is a journal whose header names
-another file (the export was replaced) or is damaged.
+another file (the export was replaced) or is damaged. (Damage inside the
+last batch cannot be told from a torn save: it is dropped as one.)
 
 Costs: the first write to a chunk after a protect costs a read of the chunk,
 a journal append and an ``fdatasync``; rewriting it costs nothing more; a
 journal holds at most the whole export plus 32 bytes a chunk. A failed append
 (disk full, I/O error) fails the write that needed it, which reaches the NBD
 client as an error: the journal keeps the image intact rather than let a
-write through unsaved. Loading a journal at start and a rollback read it
-whole.
+write through unsaved; what reached the journal of that save is cut off, and
+if even that fails, every later write that needs a save fails until a
+rollback or unprotect. Loading a journal at start and a rollback read it
+whole. A rollback holds off new writes while it runs, but a write already
+past its save may land after it: roll back while no copy writes.
 
 Control protocol (:mod:`isc.control`: newline-delimited JSON over TCP). A
 request is ``{"id": N, "op": OP, "export": NAME}`` with OP one of
@@ -269,8 +274,12 @@ class Journal:
         length = memoryview(data).nbytes
         g = self.granularity
         with self._lock:
-            # Out of range: nothing to save, and the LUN raises RangeError.
-            if self._fd >= 0 and self.problem is None and 0 <= offset <= self.lun.size - length:
+            # An empty write saves nothing; one out of range neither (the LUN refuses it).
+            if (
+                self._fd >= 0
+                and self.problem is None
+                and 0 <= offset < offset + length <= self.lun.size
+            ):
                 chunks = range(offset // g, (offset + length - 1) // g + 1)
                 new = [c for c in chunks if c not in self._index]
                 if new:
