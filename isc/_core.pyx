@@ -472,7 +472,10 @@ cdef class DeltaBitmap:
         call, so a write pays for a single Python-level call into the core;
         the callbacks come first so ``functools.partial(write_through, write,
         save)`` makes a host write function with no Python frame of its own.
-        Exceptions from ``save`` or ``write`` propagate after ``end_write``.
+        Exceptions from ``save`` or ``write`` propagate after ``end_write``;
+        when ``save`` raises, the write is not made and its COFW chunks lose
+        their saved flags, so the next write to them saves them again (a
+        chunk is flagged saved only while its save can still land).
         """
         cdef int64_t c_offset = _i64(offset)
         cdef Py_buffer view
@@ -486,7 +489,13 @@ cdef class DeltaBitmap:
         cofw = self._begin(c_offset, length)
         try:
             if cofw is not _EMPTY:
-                save(cofw)
+                try:
+                    save(cofw)
+                except BaseException:
+                    # The write is abandoned: its chunks keep their data, and
+                    # a later write must save them again.
+                    self._unflag(cofw)
+                    raise
             write(offset, data)
         finally:
             self._end_write(c_offset, length, cofw is not _EMPTY)
@@ -502,6 +511,9 @@ cdef class DeltaBitmap:
             try:
                 self._activity_log(first, last)
             except BaseException:
+                # The write is abandoned before its COFW: unflag its chunks.
+                if cofw is not _EMPTY:
+                    self._unflag(cofw)
                 self._end_write(offset, length, cofw is not _EMPTY)
                 raise
             self._acquire()
@@ -511,6 +523,23 @@ cdef class DeltaBitmap:
                     self._hot_count += 1
             self._release()
         return cofw
+
+    cdef int _unflag(self, object cofw) except -1:
+        """Drop the saved flags of ``cofw``, COFW chunks of a write in flight whose
+        save will not happen. Its span is still in ``_saving``, so no
+        overlapping write flagged them meanwhile."""
+        cdef const int64_t[::1] chunks = cofw
+        cdef Py_ssize_t i
+        cdef uint64_t c, bit
+        self._acquire()
+        for i in range(chunks.shape[0]):
+            c = <uint64_t>chunks[i]
+            bit = (<uint64_t>1) << (c & 63)
+            if self._saved.words[c >> 6] & bit:
+                self._saved.words[c >> 6] &= ~bit
+                self._saved.count -= 1
+        self._release()
+        return 0
 
     cdef bint _all_hot(self, uint64_t offset, uint64_t length) noexcept nogil:
         cdef uint64_t region
@@ -528,8 +557,8 @@ cdef class DeltaBitmap:
         ``write_through`` call ``log(first_region, last_region)`` (region
         index = byte offset // ``region_size``) when a write touches a region
         that is not hot yet, and the write goes on only after ``log``
-        returns; if ``log`` raises, the write is abandoned and the error
-        propagates. ``region_size`` is a power of two, at least the
+        returns; if ``log`` raises, the write is abandoned (its COFW chunks
+        lose their saved flags) and the error propagates. ``region_size`` is a power of two, at least the
         granularity. Raises ``ParameterError`` otherwise.
         """
         cdef uint64_t size = _i64(region_size)

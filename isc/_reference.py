@@ -86,6 +86,7 @@ class DeltaBitmap:
             try:
                 self._activity_log(min(regions), max(regions))  # type: ignore[misc]
             except BaseException:
+                self._unflag(cofw)
                 self.end_write(offset, length, bool(cofw))
                 raise
             with self._lock:
@@ -104,10 +105,18 @@ class DeltaBitmap:
         cofw = self.begin_write(offset, length)
         try:
             if cofw.size:
-                save(cofw)
+                try:
+                    save(cofw)
+                except BaseException:
+                    self._unflag(cofw)
+                    raise
             write(offset, data)
         finally:
             self.end_write(offset, length, cofw.size > 0)
+
+    def _unflag(self, cofw) -> None:
+        with self._lock:
+            self._saved -= {int(c) for c in cofw}
 
     def track_activity(self, region_size: int, log) -> None:
         region_size = _int64(region_size)

@@ -195,6 +195,8 @@ class CopyJob:
         self._kernel = {d.name for d in self.destinations if copies_to and copies_to(d.lun)}
         """The destinations the source copies to inside the kernel (``copy_to``)."""
         self._pool: ThreadPoolExecutor | None = None  # while a copy runs, if workers > 1
+        self._active = list(self.destinations)
+        """The destinations still in the running copy (one that fails drops out)."""
         self._host_writes = 0  # the session's write count at the last run
 
     def cancel(self, reason: str | None = None) -> None:
@@ -221,7 +223,9 @@ class CopyJob:
         bitmap = session.bitmap
         if not bitmap.marked:
             raise StateError(
-                f"{session.name} is unmarked: an incremental copy sends a marked "
+                session.mark_ended(bitmap.generation)
+                if session.stats.last_abort and bitmap.generation
+                else f"{session.name} is unmarked: an incremental copy sends a marked "
                 "point in time; mark the session first"
             )
         stale = [d for d in self.destinations if not d.in_step(session)]
@@ -253,10 +257,12 @@ class CopyJob:
         return self._unmarked_full_copy()
 
     def _join(self) -> None:
-        """Start clearing bits: destinations outside this job fall out of step."""
+        """Start clearing bits: destinations outside this copy fall out of step."""
         self.session.epoch += 1
         for dest in self.destinations:
-            dest.epoch = self.session.epoch
+            # One that dropped out already is in step unless it was being seeded.
+            if dest in self._active or dest.name not in self._stale:
+                dest.epoch = self.session.epoch
 
     # -- marked copies -------------------------------------------------------------
     def _marked_copy(
@@ -267,16 +273,18 @@ class CopyJob:
         g = session.granularity
         size = session.source.size
         generation = bitmap.generation
-        runs = bitmap.extents(self._run_size() // g)
-        starts = runs[:, 0] * g
-        ends = np.minimum((runs[:, 0] + runs[:, 1]) * g, size)
-        result = CopyResult(mode, bytes_total=int((ends - starts).sum()))
+        result = CopyResult(mode)
         cofw_before = session.stats.cofw_chunks
-        buffer = memoryview(bytearray(self.io_size))
+        runs = starts = ends = np.empty(0, dtype=np.int64)
         sent = flushed = 0  # runs cleared; runs cleared and flushed on every destination
 
         def send_runs() -> None:
-            nonlocal sent, flushed
+            nonlocal runs, starts, ends, sent, flushed
+            runs = bitmap.extents(self._run_size() // g)
+            starts = runs[:, 0] * g
+            ends = np.minimum((runs[:, 0] + runs[:, 1]) * g, size)
+            result.bytes_total = int((ends - starts).sum())
+            buffer = memoryview(bytearray(self.io_size))
             if stale:
                 self._seed(donor, stale, starts, ends, buffer, result)
             self._join()
@@ -286,27 +294,31 @@ class CopyJob:
                 self._transfer(start, end, buffer, result, frozen=True)
                 # Clear only if the mark is still ours: an abort in between
                 # means the data just sent may not be the point-in-time data.
-                bitmap.clear_transfer(first, count, generation)
+                session.confirm_sent(first, count, generation)
                 sent += 1
-                if session.save_area.saved_chunks:
-                    session.save_area.discard(first, count)
                 result.chunks_sent += count
                 self._ran(result, end - start)
                 if self._flush_due(result):
                     flushed = sent
             self._flush(result)
             flushed = sent
+            # Whatever the number of runs (none at all too), the copy holds the
+            # point in time only if its mark lasted to the end.
+            session.finish_mark(generation)
+
+        def missed() -> None:
+            # A destination dropped out: what it had not flushed goes back.
+            bitmap.record_writes(starts[flushed:], ends[flushed:] - starts[flushed:])
 
         def restore() -> None:
-            session.unmark()
+            session.abandon_mark(generation)
             # A destination may keep acknowledged writes in a volatile cache
             # until it flushes: runs sent since the last flush go back too.
             bitmap.record_writes(starts[flushed:sent], ends[flushed:sent] - starts[flushed:sent])
 
-        self._run(result, send_runs, restore)
-        session.unmark()
+        self._run(result, send_runs, restore, missed, generation, stale)
         result.cofw_chunks = session.stats.cofw_chunks - cofw_before
-        for dest in self.destinations:
+        for dest in self._active:
             dest.state = DestState.CONSISTENT
         return result
 
@@ -318,8 +330,14 @@ class CopyJob:
         for gap_start, gap_end in zip(gap_starts, gap_ends, strict=True):
             for offset in range(gap_start, gap_end, self.io_size):
                 view = buffer[: min(self.io_size, gap_end - offset)]
-                donor.lun.readinto(offset, view)
-                self._send(stale, offset, view, result)
+                try:
+                    donor.lun.readinto(offset, view)
+                except Exception as exc:
+                    # Without their donor the stale destinations cannot be seeded.
+                    for dest in (donor, *stale):
+                        self._drop(dest, result, f"failed: seeding from {donor.name}: {exc}", exc)
+                    return
+                self._send([d for d in stale if d in self._active], offset, view, result)
                 result.bytes_seeded += len(view)
 
     # -- the unmarked full copy ----------------------------------------------------------
@@ -327,11 +345,12 @@ class CopyJob:
         session = self.session
         size = session.source.size
         result = CopyResult("full-unmarked", bytes_total=size)
-        buffer = memoryview(bytearray(self.io_size))
         done = flushed = 0
 
         def send_all() -> None:
             nonlocal done, flushed
+            self._join()
+            buffer = memoryview(bytearray(self.io_size))
             step = self._run_size()
             while done < size:
                 end = min(done + step, size)
@@ -352,8 +371,7 @@ class CopyJob:
             for dest in self.destinations:
                 dest.state = DestState.INCONSISTENT
             session.bitmap.clear_tracking()
-            self._join()
-            self._run(result, send_all, put_back)
+            self._run(result, send_all, put_back, put_back)
         return result
 
     # -- shared steps ------------------------------------------------------------------
@@ -400,7 +418,7 @@ class CopyJob:
         session = self.session
         copy = session.copy_frozen_to if frozen else getattr(session.source, "copy_to", None)
         through_buffer = []
-        for dest in self.destinations:
+        for dest in list(self._active):
             if copy is None or dest.name not in self._kernel:
                 through_buffer.append(dest)
                 continue
@@ -412,8 +430,10 @@ class CopyJob:
                 else:
                     copied = copy(start, end - start, dest.lun)
             except Exception as exc:
-                result.outcomes[dest.name] = f"failed: {exc}"
-                raise
+                if isinstance(exc, StateError) and session.mark_ended(self._generation):
+                    raise  # the mark ended: the copy is over for every destination
+                self._drop(dest, result, f"failed: {exc}", exc)
+                continue
             if not copied:
                 through_buffer.append(dest)
         if not through_buffer:
@@ -422,17 +442,41 @@ class CopyJob:
         for at in range(start, end, len(buffer)):
             view = buffer[: min(len(buffer), end - at)]
             read(at, view)
-            self._send(through_buffer, at, view, result)
+            self._send([d for d in through_buffer if d in self._active], at, view, result)
 
     def _send(self, dests, offset: int, data: memoryview, result: CopyResult) -> None:
-        """Write one run to ``dests``; each becomes INCONSISTENT before it is touched."""
+        """Write one run to ``dests``; each becomes INCONSISTENT before it is touched,
+        and one whose write fails drops out of the copy."""
         for dest in dests:
             dest.state = DestState.INCONSISTENT
             try:
                 dest.lun.write(offset, data)
             except Exception as exc:
-                result.outcomes[dest.name] = f"failed: {exc}"
-                raise
+                self._drop(dest, result, f"failed: {exc}", exc)
+
+    def _drop(self, dest: Destination, result: CopyResult, outcome: str, exc=None) -> None:
+        """Take ``dest`` out of the running copy after it failed (rule 13).
+
+        What it missed goes back into the tracking bitmap, so its next copy
+        sends it (the others receive those chunks again too, which costs a
+        resend and nothing else); a destination that was being seeded falls
+        out of step instead. When no destination is left the copy fails with
+        ``exc``.
+        """
+        if dest not in self._active:
+            return
+        self._active.remove(dest)
+        dest.state = DestState.INCONSISTENT
+        result.outcomes[dest.name] = outcome
+        log.error(
+            "%s: destination %s dropped out of the copy: %s", self.session.name, dest.name, outcome
+        )
+        if not self._active:
+            raise exc or CopyCancelled(outcome)
+        if dest.name in self._stale:
+            dest.epoch = self._epochs[dest.name]
+        else:
+            self._missed()
 
     def _ran(self, result: CopyResult, nbytes: int) -> None:
         result.bytes_sent += nbytes
@@ -456,12 +500,11 @@ class CopyJob:
         return True
 
     def _flush(self, result: CopyResult) -> None:
-        for dest in self.destinations:
+        for dest in list(self._active):
             try:
                 dest.lun.flush()
             except Exception as exc:
-                result.outcomes[dest.name] = f"flush failed: {exc}"
-                raise
+                self._drop(dest, result, f"flush failed: {exc}", exc)
         self._flushed_bytes = result.bytes_sent
 
     def _with_workers(self, body: Callable[[], None]) -> None:
@@ -477,23 +520,39 @@ class CopyJob:
                 self._pool = None
 
     def _run(
-        self, result: CopyResult, body: Callable[[], None], restore: Callable[[], None]
+        self,
+        result: CopyResult,
+        body: Callable[[], None],
+        restore: Callable[[], None],
+        missed: Callable[[], None],
+        generation: int | None = None,
+        stale: Sequence[Destination] = (),
     ) -> None:
-        """Run ``body``; on any failure ``restore`` rule 2 and raise ``CopyError``."""
+        """Run ``body``; on any failure ``restore`` rule 2 and raise ``CopyError``.
+
+        ``missed()`` puts back what a destination that drops out of the copy
+        missed. ``generation`` is the mark a marked copy sends.
+        """
+        session = self.session
         self._started = time.monotonic()
         self._flushed_bytes = 0
-        self._host_writes = self.session.bitmap.writes
+        self._host_writes = session.bitmap.writes
+        self._active = list(self.destinations)
+        self._missed = missed
+        self._generation = generation
+        self._stale = {d.name for d in stale}
+        self._epochs = {d.name: d.epoch for d in self.destinations}
         try:
             self._with_workers(body)
         except BaseException as exc:
             restore()
             result.seconds = time.monotonic() - self._started
-            for dest in self.destinations:
+            for dest in self._active:
                 result.outcomes.setdefault(dest.name, "interrupted")
-            reason = self.session.stats.last_abort if isinstance(exc, StateError) else None
-            message = f"{result.mode} copy of {self.session.name} failed: {exc}"
-            if reason:
-                message += f" ({reason})"
+            ended = None if generation is None else session.mark_ended(generation)
+            message = f"{result.mode} copy of {session.name} failed: {exc}"
+            if ended and ended not in message:
+                message += f" ({ended})"
             log.error("%s", message)
             if isinstance(exc, Exception):
                 raise CopyError(message, result) from exc
@@ -503,5 +562,5 @@ class CopyJob:
             self._cancel.clear()
             self._cancel_reason = None
         result.seconds = time.monotonic() - self._started
-        for dest in self.destinations:
+        for dest in self._active:
             result.outcomes[dest.name] = "ok"

@@ -115,6 +115,7 @@ class Session:
         it may differ from the source is in the tracking or transfer bitmap. One
         that missed a copy lacks chunks the bitmaps no longer hold."""
         self._last_abort: str | None = None
+        self._aborted: tuple[int, str] = (0, "")  # the generation of the last abort, and why
         # The host write path is the hot path: bind it straight to the core so
         # a write costs one C-level call, no Python frame (same behaviour as
         # the ``write`` method below, which documents it).
@@ -199,18 +200,33 @@ class Session:
         self.bitmap.write_through(self.source.write, self._save, offset, data)
 
     def _save(self, chunks: np.ndarray) -> None:
-        """Copy the current data of ``chunks`` (ascending) to the save area."""
+        """Copy the current data of ``chunks`` (ascending) to the save area.
+
+        Never raises for a failure of the source read or of the save area:
+        the mark is aborted instead (its chunks return to tracking, their
+        saved flags go) and the host write goes on (rule 5). A chunk the copy
+        job sent since the write flagged it is not stored: it no longer has
+        a transfer bit, and its saved copy would hold capacity until unmark.
+        """
         g = self.granularity
-        size = self.source.size
         first = int(chunks[0])
-        end = min((int(chunks[-1]) + 1) * g, size)
-        # One read covers the whole write's COFW chunks (they lie in one write's span).
-        old = memoryview(self.source.read(first * g, end - first * g))
+        count = int(chunks[-1]) + 1 - first
+        try:
+            # One read covers the whole write's COFW chunks (they lie in one write's span).
+            old = memoryview(
+                self.source.read(first * g, min(count * g, self.source.size - first * g))
+            )
+        except Exception as exc:
+            with self._save_lock:
+                if self.bitmap.marked:
+                    self._abort_locked(f"COFW could not read the source: {exc}")
+            return
         with self._save_lock:
             if not self.bitmap.marked:
                 return  # the mark was aborted meanwhile: nothing to protect
             try:
-                for chunk in chunks.tolist():
+                flagged = self.bitmap.saved_in(first, count)
+                for chunk in np.intersect1d(chunks, flagged, assume_unique=True).tolist():
                     start = (chunk - first) * g
                     piece = old[start : min(start + g, len(old))]
                     self.save_area.save(chunk, piece)
@@ -218,14 +234,70 @@ class Session:
                     self._cofw_bytes += len(piece)
             except SaveAreaFull as exc:
                 self._abort_locked(f"save area full: {exc}")
-            except OSError as exc:
+            except Exception as exc:
                 self._abort_locked(f"save area failed: {exc}")
 
     def _abort_locked(self, reason: str) -> None:
         self._aborts += 1
         self._last_abort = reason
+        self._aborted = (self.generation, reason)
         log.warning("%s: mark %d aborted, %s", self.name, self.generation, reason)
         self._unmark_locked()
+
+    # -- the copy side -----------------------------------------------------------------
+    def mark_ended(self, generation: int) -> str | None:
+        """Why mark ``generation`` is no longer current, or None while it is."""
+        bitmap = self.bitmap
+        if bitmap.marked and bitmap.generation == generation:
+            return None
+        if self._aborted[0] == generation:
+            return f"mark {generation} of {self.name} was aborted: {self._aborted[1]}"
+        if bitmap.generation != generation:
+            return (
+                f"mark {generation} of {self.name} ended: the session is at generation "
+                f"{bitmap.generation}"
+            )
+        return f"mark {generation} of {self.name} was ended by an unmark"
+
+    def _check_mark_locked(self, generation: int) -> None:
+        reason = self.mark_ended(generation)
+        if reason is not None:
+            raise StateError(reason)
+
+    def confirm_sent(self, first: int, count: int, generation: int) -> int:
+        """Chunks ``[first, first + count)`` reached every destination: clear their
+        transfer bits and drop their saved copies; return how many bits were set.
+
+        Raises ``StateError`` saying why, changing nothing, when mark
+        ``generation`` is no longer current (what was sent may not be its
+        point-in-time data). Ordered against saves: a save that comes later
+        finds the chunks sent and stores nothing.
+        """
+        with self._save_lock:
+            self._check_mark_locked(generation)
+            cleared = self.bitmap.clear_transfer(first, count, generation)
+            if self.save_area.saved_chunks:
+                self.save_area.discard(first, count)
+        return cleared
+
+    def abandon_mark(self, generation: int) -> None:
+        """Unmark after a failed copy of mark ``generation``; no-op once that mark ended."""
+        with self._save_lock:
+            if self.mark_ended(generation) is None:
+                self._unmark_locked()
+                log.info("%s: unmarked (generation %d)", self.name, generation)
+
+    def finish_mark(self, generation: int) -> None:
+        """Unmark after a successful copy of mark ``generation``.
+
+        Raises ``StateError`` saying why, changing nothing, when that mark is
+        no longer current: a copy succeeds only if its own mark lasted to
+        its end.
+        """
+        with self._save_lock:
+            self._check_mark_locked(generation)
+            self._unmark_locked()
+        log.info("%s: unmarked (generation %d)", self.name, generation)
 
     # -- reading ---------------------------------------------------------------------
     def read(self, offset: int, length: int) -> bytes:

@@ -163,28 +163,50 @@ class PeriodicUpdate:
                 log.info("%s: marked for update (generation %d)", session.name, session.generation)
             _protect_all(self.site, self.destinations, self.timeout, sessions)
             results, failures = [], []
+            consistent, behind = [], []
             for job in jobs:
                 session, dests = job.session, job.destinations
-                names = ", ".join(d.name for d in dests)
+                generation = session.generation
                 try:
-                    results.append(job.incremental())
-                except (CopyError, StateError) as exc:
-                    session.unmark()  # e.g. a mark aborted before its copy began
+                    result = job.incremental()
+                except Exception as exc:  # any failure: never leave the session marked
+                    session.abandon_mark(generation)  # e.g. a mark aborted before its copy began
                     results.append(getattr(exc, "result", None) or CopyResult("incremental"))
                     failures.append(f"{session.name}: {exc}")
+                    behind += dests
+                    names = ", ".join(d.name for d in dests)
                     log.error("%s: update failed, %s stay protected", session.name, names)
                     continue
-                for dest in dests:
+                results.append(result)
+                done = [d for d in dests if result.outcomes.get(d.name) == "ok"]
+                dropped = [d for d in dests if d not in done]
+                for dest in done:
                     if _ask(self.site, "unprotect", dest, self.timeout).ok:
                         dest.protected_state = None
+                consistent += done
+                behind += dropped
+                if dropped:
+                    failures.append(
+                        f"{session.name}: "
+                        + ", ".join(f"{d.name} {result.outcomes[d.name]}" for d in dropped)
+                        + "; it stays protected and its next update sends what it missed"
+                    )
+                    log.error(
+                        "%s: %s dropped out of the update and stay protected",
+                        session.name,
+                        ", ".join(d.name for d in dropped),
+                    )
                 log.info(
                     "%s: update of %s done, %d bytes sent",
                     session.name,
-                    names,
-                    results[-1].bytes_sent,
+                    ", ".join(d.name for d in done),
+                    result.bytes_sent,
                 )
             if failures:
-                raise UpdateError("update failed: " + "; ".join(failures), results)
+                message = "update failed: " + "; ".join(failures)
+                if len(self.members) > 1:
+                    message += _group_report(consistent, behind)
+                raise UpdateError(message, results)
             return results
 
     @staticmethod
@@ -256,11 +278,31 @@ class UnmarkedFullCopy:
                 result = job.full(marked=False)
             except (CopyError, StateError) as exc:
                 raise UpdateError(f"unmarked full copy failed: {exc}") from exc
+            done = [d for d in self.destinations if result.outcomes.get(d.name) == "ok"]
             if self.protect:
-                for dest in self.destinations:
+                for dest in done:
                     if _ask(self.site, "unprotect", dest, self.timeout).ok:
                         dest.protected_state = None
+            dropped = [d for d in self.destinations if d not in done]
+            if dropped:
+                failed = ", ".join(f"{d.name} {result.outcomes[d.name]}" for d in dropped)
+                raise UpdateError(
+                    f"unmarked full copy failed for {failed}; the others were copied", [result]
+                )
             return result
+
+
+def _group_report(consistent: Sequence[Destination], behind: Sequence[Destination]) -> str:
+    """What a consistency group's destinations hold after an update some members failed."""
+    report = "; the group's destinations do not hold one point in time"
+    if consistent:
+        report += ": " + ", ".join(d.name for d in consistent) + " hold this update's cut"
+    return (
+        report
+        + ", "
+        + ", ".join(d.name for d in behind)
+        + " do not (their protected images hold the previous cut)"
+    )
 
 
 def _ask(site, request: str, dest: Destination, timeout: float) -> Ack:

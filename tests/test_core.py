@@ -188,12 +188,17 @@ class InjectedFault(Exception):
 
 
 def reference_write_through(bitmap, write, save, offset, data) -> None:
-    """``write_through`` spelled out on the reference: begin, save, write, end."""
+    """``write_through`` spelled out on the reference: begin, save (a failed one
+    unflags its chunks), write, end."""
     length = memoryview(data).nbytes
     cofw = bitmap.begin_write(offset, length)
     try:
         if len(cofw):
-            save(cofw)
+            try:
+                save(cofw)
+            except BaseException:
+                bitmap._unflag(cofw)
+                raise
         write(offset, data)
     finally:
         bitmap.end_write(offset, length, len(cofw) > 0)

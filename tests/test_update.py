@@ -827,14 +827,16 @@ def test_a_failed_unmarked_full_copy_keeps_the_protection():
     with pytest.raises(UpdateError, match="unmarked full copy failed"):
         copy.run()
     luns[1].fail_at = None
-    assert site.calls == [("protect", "d0"), ("protect", "d1")]
+    # d1's trouble is its own: d0 was copied and unprotected, d1 keeps its protection.
+    assert site.calls == [("protect", "d0"), ("protect", "d1"), ("unprotect", "d0")]
+    assert not site.protected(dests[0]) and site.protected(dests[1])
+    assert dests[1].lun.lun is luns[1]
     for dest, lun in zip(dests, luns, strict=True):
         assert dest.state is DestState.INCONSISTENT
-        assert site.protected(dest) and dest.lun.lun is lun
         assert_no_lost_change(session, lun)
-    rollback(session, dests[0], site)
-    assert contents(dests[0]) == images[0]
-    assert dests[0].state is DestState.CONSISTENT
+    rollback(session, dests[1], site)
+    assert contents(dests[1]) == images[1]
+    assert dests[1].state is DestState.CONSISTENT
     site.forget()
     PeriodicUpdate(session, dests, site).run()
     assert site.calls == protections(dests, ["protect", "unprotect"])
@@ -936,8 +938,13 @@ def test_each_step_is_logged_with_the_session_and_destination_names(caplog):
     with pytest.raises(UpdateError):
         update.run()
     copy_log = [r.getMessage() for r in caplog.records if r.name == "isc.copy"]
-    assert any(m.startswith("incremental copy of alpha failed") for m in copy_log)
-    assert update_log()[-1] == "alpha: update failed, d0, d1 stay protected"
+    assert any(m.startswith("alpha: destination d0 dropped out of the copy") for m in copy_log)
+    logged = update_log()
+    assert logged[-2:] == [
+        "alpha: d0 dropped out of the update and stay protected",
+        f"alpha: update of d1 done, {logged[-1].rsplit(', ', 1)[1]}",
+    ]
+    assert "unprotect d1: ok" in logged and "unprotect d0: ok" not in logged
     dests[0].lun.fail_at = None
     rollback(session, dests[0], site)
     assert update_log() == ["status d0: ok", "rollback d0: ok"]

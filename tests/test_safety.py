@@ -1,0 +1,339 @@
+"""The edges of the data path: failures and races that must never yield a false CONSISTENT.
+
+Each test forces one window open with a hook (a source, log or save area that
+fails or blocks on demand, a bitmap whose ``extents`` runs test code first),
+then checks rules 1, 2, 5 and 6. The stress test at the end runs writers, a
+small save area, failing destinations, cancels and marks in a loop and
+compares every destination reported CONSISTENT with the exact image at its
+mark.
+"""
+
+from __future__ import annotations
+
+import errno
+import random
+
+import pytest
+from helpers import Gate, HookLUN, Worker, Writers, assert_no_lost_change, fill_random
+
+from isc import MemoryLUN
+from isc._core import DeltaBitmap
+from isc._reference import DeltaBitmap as ReferenceBitmap
+from isc.copy import CopyJob, Destination, DestState
+from isc.errors import CopyError, StateError
+from isc.savearea import SaveArea
+from isc.session import Session, State
+from isc.update import PeriodicUpdate, UpdateError
+
+G = 4096
+
+
+class FlakySource(MemoryLUN):
+    """A memory LUN whose next ``read`` raises, or parks at ``read_gate``, on demand."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.fail_reads = 0
+        self.read_gate: Gate | None = None
+
+    def read(self, offset: int, length: int) -> bytes:
+        if self.read_gate is not None:
+            gate, self.read_gate = self.read_gate, None
+            gate()
+        if self.fail_reads:
+            self.fail_reads -= 1
+            raise OSError(errno.EIO, f"injected read failure at offset {offset}")
+        return super().read(offset, length)
+
+
+class BrokenArea(SaveArea):
+    """A save area whose ``save`` raises an unexpected error on demand."""
+
+    fail = False
+
+    def save(self, chunk, data) -> None:
+        if self.fail:
+            raise RuntimeError("injected save area bug")
+        super().save(chunk, data)
+
+
+class HookedBitmap:
+    """A session's bitmap seen through a proxy that runs ``before_extents`` first."""
+
+    def __init__(self, bitmap, before_extents) -> None:
+        self._bitmap = bitmap
+        self._before = before_extents
+
+    def extents(self, *args):
+        self._before()
+        return self._bitmap.extents(*args)
+
+    def __getattr__(self, name):
+        return getattr(self._bitmap, name)
+
+
+def marked_session(size: int = 16 * G, capacity: int = 16 * G, source=None, area=None):
+    source = source or FlakySource(size)
+    fill_random(source, random.Random(1))
+    session = Session(source, G, area or SaveArea(capacity))
+    dest = Destination(HookLUN(MemoryLUN(size)), "d0")
+    CopyJob(session, [dest]).full()
+    session.write(0, b"a" * (4 * G))
+    session.mark()
+    return session, dest
+
+
+# -- hole: a COFW that fails leaves its chunk flagged saved ---------------------------------------
+
+
+def test_a_cofw_whose_source_read_fails_aborts_the_mark_and_the_write_lands():
+    session, dest = marked_session()
+    generation = session.generation
+    session.source.fail_reads = 1
+    session.write(G, b"b" * 100)  # rule 5: the host write succeeds
+    assert session.read(G, 100) == b"b" * 100
+    assert session.state is State.UNMARKED
+    assert session.bitmap.saved_count == 0
+    assert "could not read the source" in session.stats.last_abort
+    with pytest.raises(StateError, match=f"mark {generation} of session was aborted: COFW"):
+        CopyJob(session, [dest]).incremental()
+    assert_no_lost_change(session, dest.lun)
+
+
+def test_a_save_area_that_raises_anything_aborts_the_mark():
+    area = BrokenArea(16 * G)
+    session, dest = marked_session(area=area)
+    area.fail = True
+    session.write(2 * G, b"c" * 10)
+    assert session.state is State.UNMARKED
+    assert "injected save area bug" in session.stats.last_abort
+    assert session.bitmap.saved_count == 0
+    assert_no_lost_change(session, dest.lun)
+
+
+@pytest.mark.parametrize("bitmap_class", [DeltaBitmap, ReferenceBitmap])
+def test_a_write_abandoned_by_its_activity_log_leaves_no_chunk_flagged_saved(bitmap_class):
+    bitmap = bitmap_class(16 * G, G)
+    bitmap.record_write(0, 16 * G)
+    bitmap.mark()
+    fail = [True]
+
+    def log(first: int, last: int) -> None:
+        if fail[0]:
+            raise OSError(errno.ENOSPC, "injected log failure")
+
+    bitmap.track_activity(4 * G, log)
+    written = []
+    saved = []
+    with pytest.raises(OSError, match="injected log failure"):
+        bitmap.write_through(lambda o, d: written.append(o), saved.append, G, b"x" * 10)
+    assert written == [] and saved == []
+    assert not bitmap.is_saved(1)
+    fail[0] = False
+    # The next write to the chunk saves it: its COFW was not skipped.
+    bitmap.write_through(lambda o, d: written.append(o), saved.append, G, b"x" * 10)
+    assert [c.tolist() for c in saved] == [[1]] and bitmap.is_saved(1)
+
+
+@pytest.mark.parametrize("bitmap_class", [DeltaBitmap, ReferenceBitmap])
+def test_a_write_whose_save_raises_leaves_no_chunk_flagged_saved(bitmap_class):
+    bitmap = bitmap_class(16 * G, G)
+    bitmap.record_write(0, 16 * G)
+    bitmap.mark()
+
+    def save(chunks) -> None:
+        raise KeyboardInterrupt  # not even an Exception
+
+    with pytest.raises(KeyboardInterrupt):
+        bitmap.write_through(lambda o, d: None, save, G, b"x" * (2 * G))
+    assert bitmap.saved_count == 0
+    assert bitmap.saved_in(0, 16).tolist() == []
+    bitmap._check()
+
+
+def test_a_persistent_session_whose_log_fails_keeps_the_cofw(tmp_path):
+    # The same hole through Session and the activity log together.
+    session, dest = marked_session()
+    calls = []
+
+    def log(first: int, last: int) -> None:
+        calls.append(first)
+        if len(calls) == 1:
+            raise OSError(errno.EIO, "injected log failure")
+
+    session.bitmap.track_activity(16 * G, log)
+    image = session.read(0, 16 * G)
+    with pytest.raises(OSError):
+        session.write(G, b"z" * 10)
+    session.write(G, b"y" * 10)  # must save chunk 1 first
+    assert session.stats.cofw_chunks == 1
+    CopyJob(session, [dest]).incremental()
+    assert dest.lun.read(0, 16 * G) == image
+
+
+# -- hole: a mark aborted between the copy's state check and its extents() ----------------------
+
+
+def test_a_mark_aborted_before_the_copy_lists_its_runs_fails_the_copy():
+    # With the mark gone, extents() finds no run at all: nothing is sent, and
+    # the copy must still not report the destination CONSISTENT.
+    session, dest = marked_session(capacity=G // 2)
+    dest.state = DestState.INCONSISTENT  # it holds a mix from an earlier failed copy
+    generation = session.generation
+
+    def abort() -> None:
+        session.write(0, b"1")  # its COFW overflows the half-chunk save area
+
+    session.bitmap = HookedBitmap(session.bitmap, abort)
+    with pytest.raises(CopyError, match=f"mark {generation} of session was aborted: save area"):
+        CopyJob(session, [dest]).incremental()
+    session.bitmap = session.bitmap._bitmap
+    assert dest.state is DestState.INCONSISTENT
+    assert session.state is State.UNMARKED
+    assert_no_lost_change(session, dest.lun)
+
+
+def test_a_copy_whose_mark_ends_after_its_last_run_does_not_succeed():
+    session, dest = marked_session()
+    generation = session.generation
+    job = CopyJob(session, [dest], flush_every=1 << 30)
+
+    def unmark_at_the_end(done: int, total: int) -> None:
+        if done == total:
+            session.unmark()
+
+    job.progress = unmark_at_the_end
+    with pytest.raises(CopyError, match=f"mark {generation} of session was ended by an unmark"):
+        job.incremental()
+    assert dest.state is DestState.INCONSISTENT
+
+
+# -- hole: a late save after its chunk was sent -------------------------------------------------
+
+
+def test_a_save_that_lands_after_its_chunk_was_sent_stores_nothing():
+    size = 16 * G
+    session, dest = marked_session(size=size)
+    # Park the host write's COFW inside its source read, after it flagged chunk 0.
+    gate = Gate()
+    session.source.read_gate = gate
+    writer = Worker(lambda: session.write(0, b"w" * 10))
+    gate.wait_reached()
+    parked = Gate()
+    job = CopyJob(session, [dest], io_size=4 * G, progress=lambda done, total: parked())
+    copy = Worker(job.incremental)
+    parked.wait_reached()  # run 0 (chunks 0-3) is sent and confirmed
+    assert not session.bitmap.transfer(0)
+    gate.open()
+    writer.finish()
+    assert session.save_area.saved_chunks == 0
+    assert session.save_area.used == 0
+    parked.open()
+    copy.finish()
+    assert dest.state is DestState.CONSISTENT
+
+
+# -- any exception out of a copy unmarks --------------------------------------------------------
+
+
+def test_any_exception_out_of_a_copy_unmarks_and_the_next_update_runs():
+    session, dest = marked_session()
+
+    def bug() -> None:
+        raise MemoryError("injected: no memory for the extent list")
+
+    session.bitmap = HookedBitmap(session.bitmap, bug)
+    with pytest.raises(CopyError, match="no memory"):
+        CopyJob(session, [dest]).incremental()
+    session.bitmap = session.bitmap._bitmap
+    assert session.state is State.UNMARKED
+    assert_no_lost_change(session, dest.lun)
+
+    def bad_progress(done: int, total: int) -> None:
+        raise ZeroDivisionError("injected bug in a progress hook")
+
+    from isc.remote import LocalSite
+
+    update = PeriodicUpdate(session, [dest], LocalSite(), progress=bad_progress)
+    with pytest.raises(UpdateError, match="injected bug"):
+        update.run()
+    assert session.state is State.UNMARKED
+    update.copy_options = {}
+    update.run()
+    assert dest.state is DestState.CONSISTENT
+    assert dest.lun.read(0, session.source.size) == session.read(0, session.source.size)
+
+
+# -- stress: writers, aborts, failing destinations, cancels -------------------------------------
+
+
+def test_stress_every_destination_reported_consistent_holds_its_point_in_time(busy_switching):
+    size = 48 * G + 512
+    rng = random.Random(11)
+    source = MemoryLUN(size)
+    fill_random(source, rng)
+    session = Session(source, G, SaveArea(6 * G))
+    dests = [Destination(HookLUN(MemoryLUN(size)), f"d{i}") for i in range(3)]
+    CopyJob(session, dests).full()
+    images = {d.name: source.read(0, size) for d in dests}
+
+    def write(writer: int, seq: int, wrng: random.Random) -> None:
+        length = wrng.randrange(1, 3 * G)
+        offset = wrng.randrange(0, size - length + 1)
+        session.write(offset, wrng.randbytes(length))
+
+    counts = {"ok": 0, "failed": 0, "dropped": 0}
+    with Writers(write, 2, seed=12) as writers:
+        for round_ in range(60):
+            writers.allow(8)
+            writers.pause()
+            image = source.read(0, size)
+            full = round_ % 10 == 9
+            job = CopyJob(session, dests, io_size=2 * G, flush_every=4 * G)
+            if not full:
+                session.mark()
+            for dest in dests:
+                dest.lun.fail_at = None
+                if rng.random() < 0.2:
+                    dest.lun.fail_at = dest.lun.writes + rng.randrange(1, 8)
+            cancel_at = rng.randrange(1, 6) * 2 * G if rng.random() < 0.15 else None
+
+            def progress(done: int, total: int, job=job, cancel_at=cancel_at) -> None:
+                # A full copy marks as it starts: the writers race it from its first run.
+                writers.resume()
+                if cancel_at is not None and done >= cancel_at:
+                    job.cancel()
+
+            job.progress = progress
+            if not full:
+                writers.resume()
+            try:
+                result = job.full() if full else job.incremental()
+            except CopyError as exc:
+                result = exc.result
+                counts["failed"] += 1
+            else:
+                counts["ok"] += 1
+            writers.pause()
+            for dest in dests:
+                ok = result.outcomes.get(dest.name) == "ok"
+                counts["dropped"] += not ok
+                if dest.state is DestState.CONSISTENT:
+                    if ok:
+                        images[dest.name] = image
+                    assert dest.lun.read(0, size) == images[dest.name], (round_, dest.name)
+                assert_no_lost_change(session, dest.lun)
+            assert session.state is State.UNMARKED
+            assert session.save_area.used == 0
+            session.bitmap._check()
+            writers.resume()
+        writers.settle()
+    assert counts["ok"] and counts["failed"] and counts["dropped"], counts
+    assert session.stats.aborts, "the small save area never overflowed"
+    for dest in dests:
+        dest.lun.fail_at = None
+    session.mark()
+    CopyJob(session, dests).incremental()
+    for dest in dests:
+        assert dest.state is DestState.CONSISTENT
+        assert dest.lun.read(0, size) == source.read(0, size)
