@@ -348,6 +348,14 @@ class PersistentSession:
                 )
             area = meta["save_area"] or {}
             capacity = area.get("capacity") or min(self.source.size, DEFAULT_SAVE_AREA)
+            luns = (meta["source"], *(d["target"] for d in meta["destinations"]))
+            if area.get("path") is not None and _identity(area["path"]) in {
+                _identity(lun) for lun in luns
+            } - {None}:
+                raise ParameterError(
+                    f"{directory / METADATA}: the save area path {area['path']} is the source "
+                    "or a destination; give the path of a new file"
+                )
             try:
                 save_area = SaveArea(capacity, area.get("path"))
             except IscError as exc:

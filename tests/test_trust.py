@@ -31,24 +31,15 @@ from pathlib import Path
 
 import pytest
 from helpers import TIMEOUT, fill_random
+from test_cli import ENV, files
 from test_nbd import nbdkit, run, spawn, tool
 
-import isc
 from isc import CopyJob, CorruptMetadata, DestState, FileLUN
 from isc.errors import ParameterError, StateError
 from isc.store import METADATA, create_session, open_session, read_state
 
 G = 4096
 SIZE = 64 * G + 1000
-ROOT = Path(isc.__file__).resolve().parent.parent
-ENV = {
-    **os.environ,
-    "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-}
-
-
-def files(directory: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}
 
 
 @pytest.fixture
@@ -108,7 +99,7 @@ def test_a_lost_checkpoint_is_corrupt_metadata_not_an_empty_bitmap(
 
 
 def test_logged_writes_without_a_checkpoint_are_corrupt_metadata(root: Path) -> None:
-    """A session without destinations yet: its activity log shows it ran, so a checkpoint was lost."""
+    """No destinations yet, but the activity log shows the session ran: a checkpoint was lost."""
     state = root / "state"
     create_session(state, str(root / "source.img"), granularity=G)
     stored, _ = open_session(state, checkpoint_interval=3600)
@@ -118,7 +109,7 @@ def test_logged_writes_without_a_checkpoint_are_corrupt_metadata(root: Path) -> 
     stored.close()
     _without_checkpoint(crashed, keep_flag=False)
     (log,) = crashed.glob("activity.*.log")
-    with pytest.raises(CorruptMetadata, match="checkpoint.* is missing"):
+    with pytest.raises(CorruptMetadata, match=r"checkpoint.* is missing"):
         open_session(crashed)
     assert log.name in (read_state(crashed).damage or "")
 
@@ -140,7 +131,7 @@ def test_a_reset_starts_again_with_full_copies(root: Path) -> None:
     with stored:
         assert tracked(stored) == stored.session.bitmap.chunks
         assert [(d.state, d.epoch) for d in stored.destinations] == [(DestState.NEW, None)] * 2
-    stored, recovery = open_session(state)  # the reset state opens as any other
+    stored, _ = open_session(state)  # the reset state opens as any other
     with stored:
         assert tracked(stored) == stored.session.bitmap.chunks
         CopyJob(stored.session, stored.destinations).full()
@@ -299,23 +290,30 @@ def test_an_nbd_export_twice_is_refused(root: Path) -> None:
 def test_create_refuses_a_save_area_path_that_exists(root: Path, name: str) -> None:
     before = (root / name).read_bytes()
     with pytest.raises(ParameterError, match=rf"save area path .*{name} exists"):
-        create_session(
-            root / "state", str(root / "source.img"), granularity=G, save_area=(8 * G, str(root / name))
-        )
+        area = (8 * G, str(root / name))
+        create_session(root / "state", str(root / "source.img"), granularity=G, save_area=area)
     assert not (root / "state").exists()
     assert (root / name).read_bytes() == before
 
 
-@pytest.mark.parametrize("name", ["source.img", "d1.img"])
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("source.img", "source.img is the source or a destination"),
+        ("d1.img", "d1.img is the source or a destination"),
+        ("other.img", "other.img' exists and isc did not create it"),
+    ],
+)
 def test_a_session_file_naming_an_existing_file_as_save_area_leaves_it_alone(
-    root: Path, name: str
+    root: Path, name: str, message: str
 ) -> None:
     state = make_state(root)
+    (root / "other.img").write_bytes(b"someone's data")
     meta = json.loads((state / METADATA).read_bytes())
     meta["save_area"] = {"capacity": 8 * G, "path": str(root / name)}
     (state / METADATA).write_text(json.dumps(meta))
     before = (root / name).read_bytes()
-    with pytest.raises(ParameterError, match=rf"{name}' exists and isc did not create it"):
+    with pytest.raises(ParameterError, match=message):
         open_session(state)
     assert (root / name).read_bytes() == before
 
