@@ -373,7 +373,7 @@ def rollback(
         status = _ask(site, "status", dest, timeout)
         info = status.info
         if not status.ok:
-            problem = f"its site did not say whether it is protected: {status.reason}"
+            problem = status.reason  # without it, what a rollback would rewrite is unknown
         elif not info.get("protected"):
             problem = f"{dest.name} is not protected: there is no image to restore"
         elif info.get("intact") is False:
