@@ -13,24 +13,41 @@ marked incremental copy makes the destination equal the source byte for byte.
 It prints (does not assert) how much the copies after the crashes sent
 against what had really changed: the price of the write-intent log's
 granularity and of chunks sent again.
+
+The same is done through the real commands, ``isc update SESSION`` and ``isc
+serve SESSION --every S`` (processes of the installed ``isc``), on a session
+with two destinations: a file, and an NBD export that this process serves
+(:class:`Tripwire`), which SIGKILLs the command at its Nth write or flush,
+so the kill lands at a seeded random point inside a copy; a kill of ``isc
+serve`` may also come from the test's host writer, after its Nth write
+through the served export. After each kill every destination must have no
+untracked difference from the source, and one that ``isc status`` or the
+reopened session reports consistent must hold a point-in-time image of the
+source: with no host writes since the mark, the source itself.
 """
 
 from __future__ import annotations
 
+import json
 import os
-import queue
 import random
+import shutil
 import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
 from helpers import TIMEOUT, assert_no_lost_change, differing_chunks, fill_random
+from test_serve import Export, line_reader, next_line
 
 import isc
 from isc import DestState, FileLUN
+from isc.lun import ForwardingLUN
+from isc.nbd import NBDLUN
 from isc.store import copy, create_session, open_session, read_state
 
 G = 4096
@@ -103,19 +120,6 @@ def session(tmp_path: Path) -> Path:
     return state
 
 
-def _lines(stream) -> queue.Queue:
-    """The child's stdout lines, read by a thread so the parent can wait with a timeout."""
-    lines: queue.Queue = queue.Queue()
-
-    def pump() -> None:
-        for line in stream:
-            lines.put(line)
-        lines.put(None)
-
-    threading.Thread(target=pump, daemon=True).start()
-    return lines
-
-
 def run_and_kill(state: Path, mode: str, seed: int, after: int) -> None:
     """Start a ``mode`` child and SIGKILL it after it printed ``after`` progress lines."""
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
@@ -128,13 +132,9 @@ def run_and_kill(state: Path, mode: str, seed: int, after: int) -> None:
         env=env,
     )
     try:
-        lines = _lines(child.stdout)
+        lines = line_reader(child.stdout)
         for _ in range(after + 1):  # "open", then the progress lines
-            try:
-                line = lines.get(timeout=TIMEOUT)
-            except queue.Empty:
-                pytest.fail(f"the {mode} child printed nothing for {TIMEOUT} s")
-            if line is None:
+            if next_line(lines, f"the {mode} child") is None:
                 child.wait(TIMEOUT)
                 pytest.fail(f"the {mode} child ended early: {child.stderr.read()}")
     finally:
@@ -197,3 +197,241 @@ def test_recovered_session_records_the_kill(session: Path) -> None:
     stored, again = open_session(session)
     stored.close()
     assert not again.crashed  # the recovery was checkpointed, the close was clean
+
+
+# -- the real commands: isc update and isc serve --every ------------------------------------------
+_INSTALLED = shutil.which("isc", path=str(Path(sys.executable).parent))
+ISC = [_INSTALLED] if _INSTALLED else [sys.executable, "-m", "isc.cli"]
+"""The ``isc`` installed beside this Python (the venv's), else the package run as a module."""
+KILLS = 20  # kill points each loop of the real commands reaches
+
+
+class Tripwire(ForwardingLUN):
+    """A destination's LUN that SIGKILLs a process at its Nth write or flush after :meth:`arm`.
+
+    The write or flush that trips it still lands, as one in flight may.
+    """
+
+    def __init__(self, lun) -> None:
+        super().__init__(lun)
+        self._lock = threading.Lock()
+        self._left = 0  # events to the kill; 0: disarmed
+        self._pid: int | None = None
+        self._known = threading.Event()
+
+    def arm(self, events: int) -> None:
+        """Kill at the ``events``-th write or flush from now; :meth:`target` names the process."""
+        with self._lock:
+            self._left, self._pid = events, None
+            self._known.clear()
+
+    def target(self, pid: int) -> None:
+        self._pid = pid
+        self._known.set()
+
+    def disarm(self) -> None:
+        with self._lock:
+            self._left = 0
+
+    def _event(self) -> None:
+        with self._lock:
+            if not self._left:
+                return
+            self._left -= 1
+            if self._left:
+                return
+            # The process may reach its first write before the test learnt its pid.
+            assert self._known.wait(TIMEOUT), "the tripwire was never told whom to kill"
+            os.kill(self._pid, signal.SIGKILL)  # type: ignore[arg-type]
+
+    def write(self, offset: int, data) -> None:
+        self._event()
+        self.lun.write(offset, data)
+
+    def flush(self) -> None:
+        self._event()
+        self.lun.flush()
+
+
+@pytest.fixture
+def replicated(tmp_path: Path) -> Iterator[tuple[Path, Export]]:
+    """A session on a random source with two consistent destinations: d1, a file, and d2,
+    an NBD export served by this process over a :class:`Tripwire` (``export.lun``)."""
+    with FileLUN.create(tmp_path / "source.img", SIZE) as source:
+        fill_random(source, random.Random(12))
+    for name in ("d1.img", "d2.img"):
+        FileLUN.create(tmp_path / name, SIZE).close()
+    export = Export(tmp_path / "d2.sock", Tripwire(FileLUN(tmp_path / "d2.img")))
+    state = tmp_path / "state"
+    create_session(
+        state, str(tmp_path / "source.img"), granularity=G, region_size=REGION, max_hot=MAX_HOT
+    )
+    export.start()
+    try:
+        stored, _ = open_session(state)
+        with stored:
+            stored.add_destination(str(tmp_path / "d1.img"), "d1")
+            stored.add_destination(export.uri, "d2")
+            copy(stored, "full", io_size=IO)
+        yield state, export
+    finally:
+        export.stop()
+        export.lun.close()
+
+
+def random_write(rng: random.Random) -> tuple[int, bytes]:
+    length = rng.choice((512, 4096, 5000, 65536 + 512))
+    return rng.randrange(SIZE - length), rng.randbytes(length)
+
+
+def killed_by(export: Export, proc: subprocess.Popen) -> int:
+    """Wait for ``proc`` to end; then let every request it sent to the export land or fail
+    (a server restart is the barrier). Returns its exit status."""
+    try:
+        code = proc.wait(TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(TIMEOUT)
+        export.lun.disarm()
+        export.stop()
+        export.start()
+    return code
+
+
+def check_after_kill(state: Path, images: Callable[[], Iterator[bytearray]]) -> dict[str, str]:
+    """Reopen after a kill: every destination's differences from the source are tracked, and
+    one reported consistent holds one of ``images()``, the point-in-time images the source
+    went through. Returns each destination's state as ``isc status`` reports it."""
+    status = subprocess.run(
+        [*ISC, "status", str(state), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=True,
+    )
+    reported = {d["name"]: d["state"] for d in json.loads(status.stdout)["destinations"]}
+    stored, _ = open_session(state)
+    with stored:
+        for dest in stored.destinations:
+            assert_no_lost_change(stored.session, dest.lun)
+            if DestState.CONSISTENT.value in (reported[dest.name], dest.state.value):
+                held = dest.lun.read(0, SIZE)
+                assert any(held == image for image in images()), (
+                    f"{dest.name} reads consistent but holds no point-in-time image of the source"
+                )
+    return reported
+
+
+def test_sigkill_of_isc_update_at_random_points(replicated: tuple[Path, Export], tmp_path: Path):
+    state, export = replicated
+    rng = random.Random("crash-isc-update")
+    runs = kills = mixed = 0
+    with open(tmp_path / "isc.log", "ab") as log:
+        while kills < KILLS:
+            assert runs < 3 * KILLS, f"{kills} of {runs} runs were killed: pick earlier points"
+            runs += 1
+            stored, _ = open_session(state)
+            with stored:
+                for _ in range(writes := rng.randrange(4, 16)):
+                    stored.session.write(*random_write(rng))
+            # A kill at a write or flush of the copy, or once the update printed its result
+            # (its process is saving and closing the session then).
+            point = rng.randrange(1, writes + 3)
+            export.lun.arm(point if point <= writes + 1 else 0)
+            update = [*ISC, "update", str(state), "--json"]
+            proc = subprocess.Popen(update, stdout=subprocess.PIPE, stderr=log, text=True)
+            export.lun.target(proc.pid)
+            try:
+                printed = next_line(line_reader(proc.stdout), "isc update")
+                if point > writes + 1 and printed is not None:
+                    proc.kill()
+            finally:
+                code = killed_by(export, proc)
+                proc.stdout.close()  # type: ignore[union-attr]
+            assert code in (0, -signal.SIGKILL), (tmp_path / "isc.log").read_text()
+            kills += code == -signal.SIGKILL
+            # No host write ran since the update marked: a consistent destination is the source.
+            reported = check_after_kill(state, lambda: [bytearray(read_source(state))])
+            mixed += DestState.INCONSISTENT.value in reported.values()
+    print(f"\nisc update: {runs} runs, {kills} killed, {mixed} left a destination inconsistent")
+    assert mixed, "no kill landed inside a copy"
+    subprocess.run([*ISC, "update", str(state)], capture_output=True, timeout=TIMEOUT, check=True)
+    stored, _ = open_session(state)
+    with stored:
+        source = stored.source.read(0, SIZE)
+        for dest in stored.destinations:
+            assert dest.state is DestState.CONSISTENT and dest.lun.read(0, SIZE) == source
+
+
+def read_source(state: Path) -> bytes:
+    return (state.parent / "source.img").read_bytes()
+
+
+def write_until_killed(
+    uri: str, rng: random.Random, server: subprocess.Popen, after: int | None
+) -> list[tuple[int, bytes]]:
+    """Host writes through ``uri`` until its ``server`` dies, killed after the ``after``-th
+    write if that is not None. Returns every write sent, in order (the last may not have
+    landed)."""
+    sent: list[tuple[int, bytes]] = []
+    with NBDLUN(uri, timeout=TIMEOUT) as lun:
+        while len(sent) < 100_000:
+            sent.append(random_write(rng))
+            try:
+                lun.write(*sent[-1])
+            except OSError:
+                return sent
+            if len(sent) == after:
+                server.kill()
+                return sent
+    pytest.fail("isc serve was never killed")
+
+
+def images_newest_first(start: bytes, writes: list[tuple[int, bytes]]) -> Iterator[bytearray]:
+    """The source after every write of ``writes`` made to ``start``, the last first."""
+    image = bytearray(start)
+    undo = []
+    for offset, data in writes:
+        undo.append((offset, bytes(image[offset : offset + len(data)])))
+        image[offset : offset + len(data)] = data
+    yield image
+    for offset, old in reversed(undo):
+        image[offset : offset + len(old)] = old
+        yield image
+
+
+def test_sigkill_of_isc_serve_every_at_random_points(
+    replicated: tuple[Path, Export], tmp_path: Path
+):
+    state, export = replicated
+    rng = random.Random("crash-isc-serve")
+    mixed = 0
+    serve = [*ISC, "serve", str(state), "--listen", "127.0.0.1:0", "--every", "0.02"]
+    with open(tmp_path / "isc.log", "ab") as log:
+        for _ in range(KILLS):
+            start = read_source(state)
+            by_writer = rng.random() < 0.3
+            export.lun.arm(0 if by_writer else rng.randrange(1, 40))
+            proc = subprocess.Popen(serve, stdout=subprocess.PIPE, stderr=log, text=True)
+            export.lun.target(proc.pid)
+            try:
+                lines = line_reader(proc.stdout)
+                uri = str(next_line(lines, "isc serve")).split()[-1]
+                assert next_line(lines, "isc serve") == "ready", (tmp_path / "isc.log").read_text()
+                after = rng.randrange(1, 400) if by_writer else None
+                writes = write_until_killed(uri, rng, proc, after)
+            finally:
+                code = killed_by(export, proc)
+                proc.stdout.close()  # type: ignore[union-attr]
+            assert code == -signal.SIGKILL, (tmp_path / "isc.log").read_text()
+            reported = check_after_kill(state, partial(images_newest_first, start, writes))
+            mixed += DestState.INCONSISTENT.value in reported.values()
+            stored, _ = open_session(state)
+            with stored:  # make both consistent again: the next run starts from the source
+                session = stored.session
+                if not session.bitmap.marked:
+                    session.mark(full=not any(d.in_step(session) for d in stored.destinations))
+                copy(stored, "incremental", io_size=IO)
+    print(f"\nisc serve --every: {KILLS} killed, {mixed} left a destination inconsistent")
+    assert mixed, "no kill landed inside a copy"
