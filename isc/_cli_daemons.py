@@ -11,6 +11,7 @@ import argparse
 import signal
 import threading
 
+from isc import _cli_auth
 from isc._units import parse_size
 from isc.commands import _site as host_port
 
@@ -61,6 +62,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         metavar="HOST:PORT",
         help="answer status/mark/unmark/copy requests (newline-delimited JSON) here",
     )
+    _cli_auth.add_server_options(serve)
     serve.set_defaults(daemon="serve")
     agent = commands.add_parser(
         "agent",
@@ -74,6 +76,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     )
     agent.add_argument("--dir", required=True, help="directory of LUN files to export")
     agent.add_argument("--nbd-port", type=int, help="first NBD port (default: control port + 1)")
+    _cli_auth.add_server_options(agent)
     agent.set_defaults(daemon="agent")
 
 
@@ -91,8 +94,12 @@ def run(args: argparse.Namespace) -> int:
                 print(f"control {args.control[0]}:{control_port}", flush=True)
             print("ready", flush=True)
 
-        site = AgentSite(*args.site) if args.site else None
         host, port = args.listen
+        control_host = args.control[0] if args.control else None
+        tls, credentials = _cli_auth.server_security(args, "isc serve", host, control_host)
+        # The site is reached with the client's end of the same credentials.
+        site_credentials = _cli_auth.client_credentials(args) if args.site else None
+        site = AgentSite(*args.site, credentials=site_credentials) if args.site else None
         run_serve(
             args.source,
             host,
@@ -103,6 +110,8 @@ def run(args: argparse.Namespace) -> int:
             control=args.control,
             ready=served,
             stop=stop,
+            tls=tls,
+            credentials=credentials,
         )
         return 0
     from isc.agent import run_agent
@@ -114,5 +123,15 @@ def run(args: argparse.Namespace) -> int:
         print("ready", flush=True)
 
     host, port = args.listen
-    run_agent(args.dir, host, port, nbd_port=args.nbd_port, ready=listening, stop=stop)
+    tls, credentials = _cli_auth.server_security(args, "isc agent", host, host)
+    run_agent(
+        args.dir,
+        host,
+        port,
+        nbd_port=args.nbd_port,
+        ready=listening,
+        stop=stop,
+        tls=tls,
+        credentials=credentials,
+    )
     return 0

@@ -83,11 +83,13 @@ import threading
 import zlib
 from pathlib import Path
 
+from isc.auth import Credentials
 from isc.control import ControlServer, Op
 from isc.errors import IscError, ParameterError
 from isc.lun import FileLUN, ForwardingLUN
 from isc.remote import PROTECT_GRANULARITY, saved_extents
 from isc.store import _fsync_dir, write_atomically
+from isc.tls import ServerTLS
 
 log = logging.getLogger(__name__)
 
@@ -445,7 +447,7 @@ class Agent:
     directory (a symlink, a file).
     """
 
-    def __init__(self, directory: str | Path) -> None:
+    def __init__(self, directory: str | Path, *, credentials: Credentials | None = None) -> None:
         self.directory = Path(directory)
         self.state = self.directory / STATE_DIR
         """Where the journals live; made at the first protect."""
@@ -478,8 +480,9 @@ class Agent:
                 log.warning("%s protects no export of %s; left alone", journal, self.directory)
         ops: dict[str, Op] = {op: functools.partial(self._on_export, op) for op in EXPORT_OPS}
         ops["list"] = lambda _: {"ok": True, "info": {n: e.size for n, e in self.exports.items()}}
-        self.control = ControlServer(ops, defaults={"extents": []})
-        """Answers the control protocol (the module docstring)."""
+        self.control = ControlServer(ops, defaults={"extents": []}, credentials=credentials)
+        """Answers the control protocol (the module docstring); with ``credentials``
+        only to clients that authenticate (:mod:`isc.auth`)."""
 
     def _on_export(self, op: str, request: dict) -> dict:
         export = self.exports.get(request.get("export"))  # type: ignore[arg-type]
@@ -503,24 +506,28 @@ def run_agent(
     nbd_port: int | None = None,
     ready=None,
     stop: threading.Event | None = None,
+    tls: ServerTLS | None = None,
+    credentials: Credentials | None = None,
 ) -> None:
     """Serve ``directory`` until ``stop`` is set (or the process is interrupted).
 
     Control requests on ``host:port``; the exports on NBD ports from
     ``nbd_port`` (default ``port + 1``) in file-name order, each at
     ``nbd://host:PORT/NAME`` (port 0: any free ports). ``ready(agent,
-    control_port, uris)`` is called once everything listens.
+    control_port, uris)`` is called once everything listens. ``tls``: how the
+    exports offer TLS; ``credentials``: the control port answers only clients
+    that authenticate.
     """
     from isc.nbd import NBDServer
 
-    agent = Agent(directory)
+    agent = Agent(directory, credentials=credentials)
     servers = []
     stop = stop or threading.Event()
     try:
         base = nbd_port if nbd_port is not None else port + 1
         uris = {}
         for offset, (name, export) in enumerate(agent.exports.items()):
-            server = NBDServer(export, name=name)
+            server = NBDServer(export, name=name, tls=tls)
             server.start(host, base + offset if base else 0)
             servers.append(server)
             uris[name] = server.uri

@@ -40,7 +40,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import asdict
 
-from isc import store
+from isc import _cli_auth, store
 from isc._cli_tools import _granularity, _positive, _size
 from isc._layout import DEFAULT_GRANULARITY
 from isc._units import format_bytes, size_label
@@ -190,6 +190,7 @@ def _site_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help=f"wait at most this long for each answer of the site (default {DEFAULT_TIMEOUT:g})",
     )
+    _cli_auth.add_client_options(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -331,7 +332,7 @@ def _report(stored: store.PersistentSession, result: CopyResult, as_json: bool) 
 
 
 def _update(args: argparse.Namespace) -> int:
-    site = _connect(args.site)
+    site = _connect(args)
     with _open(args) as stored:
         dests = store.copy_destinations(stored)
         progress = store.Progress(stored, dests)
@@ -366,16 +367,20 @@ def _update(args: argparse.Namespace) -> int:
     return 0
 
 
-def _connect(address: tuple[str, int] | None):
-    """The site for ``--site HOST:PORT``, or the in-process site without one."""
+def _connect(args: argparse.Namespace):
+    """The site for ``--site HOST:PORT`` (authenticated as ``--tls-creds``/``--secret-file``
+    say), or the in-process site without one."""
     from isc import remote
 
+    address, credentials = args.site, _cli_auth.client_credentials(args)
     if address is None:
+        if credentials is not None:
+            raise ParameterError("--tls-creds and --secret-file are for a site: add --site")
         return remote.LocalSite()
     agent_site = getattr(remote, "AgentSite", None)
     if agent_site is None:
         raise IscError("remote sites need the isc agent client (isc.remote.AgentSite)")
-    return agent_site(*address)
+    return agent_site(*address, credentials=credentials)
 
 
 def _rollback(args: argparse.Namespace) -> int:
@@ -384,7 +389,7 @@ def _rollback(args: argparse.Namespace) -> int:
             "rollback needs --site HOST:PORT: the protected image lives at the destination's "
             "site (with local destinations it lived only in the process of the failed update)"
         )
-    site = _connect(args.site)
+    site = _connect(args)
     with _open(args) as stored:
         dest = next((d for d in stored.destinations if d.name == args.destination), None)
         if dest is None:
@@ -392,6 +397,7 @@ def _rollback(args: argparse.Namespace) -> int:
             raise ParameterError(
                 f"{stored.meta['name']} has no destination {args.destination!r} (it has {names})"
             )
+
         def record_intent() -> None:
             # Before the site acts: what it may rewrite is tracked and the
             # destination inconsistent on disk, whatever happens next.

@@ -9,6 +9,13 @@ with the reason; a server never crashes on bad input, and a bad line
 changes nothing. Requests on one connection are answered in order; each
 connection is served on its own, so a slow request (a copy) does not hold
 up a ``status`` on another connection.
+
+With :class:`~isc.auth.Credentials` a connection is authenticated before
+its first request is read (mutual TLS, a shared secret's challenge-response,
+or both; :mod:`isc.auth` has the exchange): a client that fails gets one
+``ok: false`` line saying why, the connection closes and the refusal is
+logged; none of its lines reaches an op. A client has
+:data:`~isc.auth.AUTH_TIMEOUT` seconds to authenticate.
 """
 
 from __future__ import annotations
@@ -18,6 +25,9 @@ import json
 import logging
 import threading
 from collections.abc import Callable, Mapping
+
+from isc.auth import AUTH_TIMEOUT, Credentials, Refusal
+from isc.errors import ParameterError
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +42,22 @@ class ControlServer:
     """Answers control requests with ``ops`` (op name -> :data:`Op`).
 
     ``defaults`` are reply fields every reply carries unless the op sets them.
+    ``credentials`` (a server's :class:`~isc.auth.Credentials`): answer only
+    clients that authenticate (the module docstring); None answers anyone.
     """
 
-    def __init__(self, ops: Mapping[str, Op], defaults: Mapping[str, object] | None = None):
+    def __init__(
+        self,
+        ops: Mapping[str, Op],
+        defaults: Mapping[str, object] | None = None,
+        *,
+        credentials: Credentials | None = None,
+    ):
+        if credentials is not None and credentials.endpoint != "server":
+            raise ParameterError(f"a control server needs server credentials, got {credentials!r}")
         self.ops = dict(ops)
         self.defaults = {"info": {}, **(defaults or {})}
+        self.credentials = credentials
         self._clients: dict[asyncio.Task, asyncio.StreamWriter] = {}
         self._answering: set[asyncio.Task] = set()
         self._closing = False
@@ -82,6 +103,8 @@ class ControlServer:
             assert task is not None
             self._clients[task] = writer
             try:
+                if self.credentials is not None and not await self._authenticate(reader, writer):
+                    return
                 while not self._closing:
                     try:
                         line = await reader.readuntil(b"\n")
@@ -105,7 +128,39 @@ class ControlServer:
                 writer.close()
 
         self._closing = False
-        return await asyncio.start_server(client, host, port, limit=MAX_LINE)
+        if self.credentials is None or not self.credentials.tls:
+            return await asyncio.start_server(client, host, port, limit=MAX_LINE)
+        loop = asyncio.get_running_loop()
+        return await loop.create_server(
+            lambda: _Unread(asyncio.StreamReader(limit=MAX_LINE, loop=loop), client, loop=loop),
+            host,
+            port,
+        )
+
+    async def _authenticate(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> bool:
+        """Run the credentials' exchange with a new client; False when it was refused."""
+        assert self.credentials is not None
+        peer = writer.get_extra_info("peername") or "a client"
+        try:
+            who = await asyncio.wait_for(self.credentials.accept(reader, writer), AUTH_TIMEOUT)
+        except Refusal as exc:
+            log.warning("control connection from %s refused: %s", peer, exc)
+            if not writer.is_closing():
+                refusal = self._reply({"id": exc.request_id}, {"ok": False, "reason": str(exc)})
+                writer.write(_encode(refusal))
+                await writer.drain()
+            return False
+        except TimeoutError:
+            log.warning(
+                "control connection from %s refused: no authentication within %g s",
+                peer,
+                AUTH_TIMEOUT,
+            )
+            return False
+        log.info("control connection from %s: %s", peer, who)
+        return True
 
     async def shut(self, server: asyncio.Server) -> None:
         """Stop ``server`` (from :meth:`listen`): idle connections close at once, one
@@ -161,6 +216,19 @@ class ControlServer:
             self._loop.call_soon_threadsafe(self._stopped.set)
         self._thread.join()
         self._thread = None
+
+
+class _Unread(asyncio.StreamReaderProtocol):
+    """A stream whose first bytes wait in the socket until TLS starts.
+
+    A TLS client sends its ClientHello as soon as it connects; read into the
+    stream's buffer, the TLS layer that ``start_tls`` adds would never see it
+    and the handshake would hang. ``start_tls`` resumes reading itself.
+    """
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.pause_reading()  # type: ignore[attr-defined]
+        super().connection_made(transport)
 
 
 def _encode(reply: dict) -> bytes:

@@ -36,6 +36,7 @@ import logging
 import socket
 from dataclasses import dataclass, field
 
+from isc.auth import Credentials, connect
 from isc.copy import Destination
 from isc.errors import IscError, ParameterError
 from isc.lun import ForwardingLUN
@@ -289,12 +290,27 @@ class AgentSite(RequestSite):
     JSON line and waits up to ``timeout`` seconds (default ``timeout`` of the
     site) for the reply line; an agent that is down, slow or answers
     nonsense gives a failed :class:`Ack` saying so.
+
+    ``credentials`` (a client's :class:`~isc.auth.Credentials`: mutual TLS, a
+    shared secret or both) authenticate each connection both ways before the
+    request goes out; a failure on either side is a failed :class:`Ack`
+    whose reason says which, and the request was never sent.
     """
 
-    def __init__(self, host: str, port: int, *, timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        timeout: float = 30.0,
+        credentials: Credentials | None = None,
+    ) -> None:
+        if credentials is not None and credentials.endpoint != "client":
+            raise ParameterError(f"an agent site needs client credentials, got {credentials!r}")
         self.host = host
         self.port = port
         self.timeout = timeout
+        self.credentials = credentials
 
     def _request(self, op: str, dest: Destination, timeout: float | None) -> Ack:
         rid = self._next_id()
@@ -303,7 +319,7 @@ class AgentSite(RequestSite):
         line = json.dumps({"id": rid, "op": op, "export": dest.name}).encode() + b"\n"
         sent = False  # once the whole line is out, the agent may act on it
         try:
-            with socket.create_connection((self.host, self.port), timeout=wait) as sock:
+            with connect(self.host, self.port, wait, self.credentials) as sock:
                 sock.settimeout(wait)
                 sock.sendall(line)
                 sent = True
@@ -314,6 +330,9 @@ class AgentSite(RequestSite):
         except (OSError, ValueError) as exc:
             reason = f"{where} could not {op} {dest.name}: {exc}"
             return Ack(rid, False, reason, outcome_unknown=sent)
+        if isinstance(reply, dict) and reply.get("id") is None and reply.get("ok") is False:
+            # Refused before any request was read (authentication): nothing was done.
+            return Ack(rid, False, f"{where} refused {op} {dest.name}: {reply.get('reason')}")
         if not isinstance(reply, dict) or reply.get("id") != rid:
             reason = f"{where} answered {op} with a reply for another request"
             return Ack(rid, False, reason, outcome_unknown=True)
@@ -328,7 +347,10 @@ def _read_line(sock: socket.socket, limit: int = 1 << 20) -> bytes:
     while not data.endswith(b"\n"):
         chunk = sock.recv(65536)
         if not chunk:
-            raise ConnectionError("the agent closed the connection before replying")
+            raise ConnectionError(
+                "the agent closed the connection before replying (one that requires "
+                "authentication does so: give its --tls-creds or --secret-file)"
+            )
         data += chunk
         if len(data) > limit:
             raise ValueError("the agent's reply is too long")

@@ -51,12 +51,14 @@ from dataclasses import asdict
 from pathlib import Path
 
 from isc import store
+from isc.auth import Credentials
 from isc.control import ControlServer
 from isc.copy import CopyJob
 from isc.errors import CopyError, IscError
 from isc.lun import ReconnectingLUN
 from isc.nbd import NBDServer, SessionLUN
 from isc.session import Session
+from isc.tls import ServerTLS
 from isc.update import PeriodicUpdate, update_locks
 
 log = logging.getLogger(__name__)
@@ -75,9 +77,16 @@ class SessionControl:
 
     ``persistent`` is the session directory's :class:`~isc.store.PersistentSession`
     when there is one; copies need it (they go to its destinations).
+    ``credentials``: answer only authenticated clients (:class:`~isc.control.ControlServer`).
     """
 
-    def __init__(self, session: Session, persistent: store.PersistentSession | None = None):
+    def __init__(
+        self,
+        session: Session,
+        persistent: store.PersistentSession | None = None,
+        *,
+        credentials: Credentials | None = None,
+    ):
         self.session = session
         self.persistent = persistent
         self._stopping = threading.Event()
@@ -88,7 +97,8 @@ class SessionControl:
         self._recording = threading.Lock()
         self._updates: threading.Thread | None = None
         self.server = ControlServer(
-            {"status": self.status, "mark": self.mark, "unmark": self.unmark, "copy": self.copy}
+            {"status": self.status, "mark": self.mark, "unmark": self.unmark, "copy": self.copy},
+            credentials=credentials,
         )
 
     def _exclusive(self):
@@ -270,6 +280,8 @@ def run_serve(
     control: tuple[str, int] | None = None,
     ready=None,
     stop: threading.Event | None = None,
+    tls: ServerTLS | None = None,
+    credentials: Credentials | None = None,
 ) -> Session:
     """Serve ``source`` until ``stop`` is set; return the session (closed if persistent).
 
@@ -278,7 +290,8 @@ def run_serve(
     ``control_port`` is None) listens and each destination that may be out of
     reach was tried once. ``every`` (seconds) runs ``PeriodicUpdate`` on a
     persistent session's destinations with ``site`` (default: protection in
-    this process), see :meth:`SessionControl.every`.
+    this process), see :meth:`SessionControl.every`. ``tls``: how the export offers TLS;
+    ``credentials``: the control port answers only clients that authenticate.
     """
     from isc.remote import LocalSite
 
@@ -293,8 +306,8 @@ def run_serve(
             )
     else:
         session = Session(store.open_lun(source), granularity, name=Path(source).name)
-    server = NBDServer(SessionLUN(session), name=session.name)
-    controls = SessionControl(session, persistent)
+    server = NBDServer(SessionLUN(session), name=session.name, tls=tls)
+    controls = SessionControl(session, persistent, credentials=credentials)
     try:
         server.start(host, port)
         log.info("serving %s at %s", session.name, server.uri)

@@ -28,6 +28,14 @@ def pytest_configure(config):
     )
 
 
+@pytest.fixture(scope="session")
+def credentials(tmp_path_factory):
+    """X.509 credentials directories made with openssl, by name (tests/certs.py)."""
+    from certs import make_credentials
+
+    return make_credentials(tmp_path_factory.mktemp("credentials"))
+
+
 @pytest.fixture
 def busy_switching():
     """Make the interpreter switch threads every few microseconds, so races show up."""

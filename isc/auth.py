@@ -1,0 +1,375 @@
+"""Authenticated control connections: mutual TLS, a shared secret, or both.
+
+The control ports (``isc agent``'s, ``isc serve --control``) change data and
+state, so with :class:`Credentials` a server answers only peers that prove
+who they are, and a client talks only to a server that proves it too:
+
+=============  ===========================================================
+mutual TLS     the whole connection is TLS (:mod:`isc.tls`); each end
+               presents a certificate signed by the CA of the other's
+               credentials directory (``ca-cert.pem``; the server's
+               ``server-cert.pem``, the client's ``client-cert.pem``)
+shared secret  HMAC-SHA256 challenge-response (DRBD's ``cram-hmac-alg``
+               idea) with a secret read from a file only its owner can
+               read; the secret itself never crosses the wire
+both           the challenge-response runs inside the TLS connection
+=============  ===========================================================
+
+The server speaks first, once the connection (and TLS) is up; then the
+exchange runs one JSON line at a time, before any request (``s`` and ``c``
+are 32 random bytes from the server and the client, hex on the wire;
+``HMAC(label, x, y)`` is HMAC-SHA256 keyed with the secret over
+``label || 0 || x || y``)::
+
+    S: {"id": null, "ok": false, "reason": "authentication required: ...",
+        "auth": "hmac-sha256", "challenge": s}
+    C: {"auth": "hmac-sha256", "challenge": c, "proof": HMAC("isc-client", s, c)}
+    S: {"auth": "hmac-sha256", "ok": true, "proof": HMAC("isc-server", c, s)}
+
+The client proves first, so a peer that does not hold the secret learns
+nothing computed from it; fresh challenges on both sides make an old proof
+useless, and the two labels keep one side's proof from serving as the
+other's. The first line is also what a client that knows nothing of this
+reads as the answer to its request: ``ok: false`` and why. With TLS alone
+the server's first line is ``{"auth": "x509", "ok": true}``: the handshake
+has checked the client's certificate.
+
+A peer that fails gets one line ``{"ok": false, "reason": ...}`` (the id of
+its request, when it sent one) and the connection closes; the server logs
+the refusal. No line of an unauthenticated connection is ever read as a
+request, so nothing changes. A client raises
+:class:`~isc.tls.AuthenticationError`, one line naming the server and the
+fix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import hashlib
+import hmac
+import ipaddress
+import json
+import os
+import socket
+import ssl
+import stat
+
+from isc import tls
+from isc.errors import ParameterError
+from isc.tls import AuthenticationError
+
+HMAC_AUTH = "hmac-sha256"
+"""The ``auth`` value of the challenge-response lines."""
+X509_AUTH = "x509"
+"""The ``auth`` value of the line that admits a client authenticated by TLS alone."""
+
+CHALLENGE_BYTES = 32
+MIN_SECRET = 16
+"""The shortest secret in bytes accepted: shorter ones can be guessed offline."""
+MAX_SECRET = 4096
+AUTH_TIMEOUT = 10.0
+"""Seconds a server gives a client to authenticate before it drops the connection."""
+
+AUTH_REQUIRED = (
+    "authentication required: this server answers only clients that prove they hold its "
+    f"shared secret ({HMAC_AUTH} challenge-response; isc's --secret-file)"
+)
+_MAX_LINE = 4096  # bytes of one line of the exchange, either way
+_CLIENT, _SERVER = b"isc-client", b"isc-server"
+_MAKE_SECRET = "make one with: openssl rand -hex 32 > FILE && chmod 600 FILE"
+
+
+class Refusal(AuthenticationError):
+    """A server refused a client; ``request_id`` is the id of the request it sent
+    instead of authenticating, if any, so the refusal answers it."""
+
+    def __init__(self, message: str, request_id: object = None) -> None:
+        super().__init__(message)
+        self.request_id = request_id
+
+
+def read_secret(path: str | os.PathLike[str]) -> bytes:
+    """The shared secret in the file at ``path``, surrounding whitespace removed.
+
+    The file must be a regular file (not a symlink), owned by this user and
+    readable by no one else (mode 0600 or 0400), holding at least
+    :data:`MIN_SECRET` bytes. Raises ``ParameterError`` naming the file and the
+    fix otherwise.
+    """
+    name = os.fspath(path)
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ParameterError(f"secret file {name} is a symlink; give the file itself") from None
+        raise ParameterError(f"secret file {name}: {exc.strerror}; {_MAKE_SECRET}") from None
+    try:
+        # The checks are on the file opened, not on the path: nothing can swap it in between.
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ParameterError(f"secret file {name} is not a regular file; {_MAKE_SECRET}")
+        if info.st_uid != os.geteuid():
+            raise ParameterError(
+                f"secret file {name} belongs to uid {info.st_uid}, not to this user "
+                f"(uid {os.geteuid()}): chown it, or use a file of your own"
+            )
+        if info.st_mode & 0o077:
+            raise ParameterError(
+                f"secret file {name} has mode {stat.S_IMODE(info.st_mode):04o}, so other users "
+                f"may read it: chmod 600 {name}"
+            )
+        secret = os.read(fd, MAX_SECRET + 1).strip()
+    finally:
+        os.close(fd)
+    if not MIN_SECRET <= len(secret) <= MAX_SECRET:
+        raise ParameterError(
+            f"secret file {name} holds {len(secret)} bytes; a secret has {MIN_SECRET} to "
+            f"{MAX_SECRET} bytes: {_MAKE_SECRET}"
+        )
+    return secret
+
+
+def is_loopback(host: str) -> bool:
+    """Whether listening on ``host`` reaches this machine only: ``localhost``,
+    127.0.0.0/8 or ::1 (an IPv4-mapped one too). Any other name, and "" (every
+    interface), is not."""
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
+def _proof(secret: bytes, label: bytes, first: bytes, second: bytes) -> str:
+    return hmac.new(secret, label + b"\0" + first + second, hashlib.sha256).hexdigest()
+
+
+def _challenge(message: dict) -> bytes | None:
+    """The challenge of an exchange line, or None when it has no valid one."""
+    value = message.get("challenge") if message.get("auth") == HMAC_AUTH else None
+    if not isinstance(value, str) or len(value) != 2 * CHALLENGE_BYTES:
+        return None
+    try:
+        return bytes.fromhex(value)
+    except ValueError:
+        return None
+
+
+def _line(message: dict) -> bytes:
+    return json.dumps(message).encode() + b"\n"
+
+
+def _parse(line: bytes) -> dict:
+    """A line of the exchange as a JSON object ({} when it is none)."""
+    try:
+        message = json.loads(line)
+    except (ValueError, RecursionError):
+        return {}
+    return message if isinstance(message, dict) else {}
+
+
+class Credentials:
+    """How one end of a control connection proves who it is, and checks the other.
+
+    ``endpoint`` is "server" or "client" (as QEMU's ``tls-creds-x509``).
+    ``tls_creds``: a credentials directory (:mod:`isc.tls`); a server then
+    requires client certificates signed by its ``ca-cert.pem``, a client
+    presents its ``client-cert.pem`` and checks the server's certificate and
+    host name. ``secret_file``: the shared secret (:func:`read_secret`). At
+    least one is needed. Everything is read and checked here: bad
+    credentials raise ``ParameterError`` naming the file before anything
+    listens or connects.
+    """
+
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        tls_creds: str | os.PathLike[str] | None = None,
+        secret_file: str | os.PathLike[str] | None = None,
+    ) -> None:
+        if endpoint not in ("server", "client"):
+            raise ParameterError(f"endpoint is 'server' or 'client', got {endpoint!r}")
+        if tls_creds is None and secret_file is None:
+            raise ParameterError(
+                "credentials need a TLS credentials directory, a secret file, or both"
+            )
+        self.endpoint = endpoint
+        self.tls_creds = os.fspath(tls_creds) if tls_creds is not None else None
+        self.secret_file = os.fspath(secret_file) if secret_file is not None else None
+        self._context: ssl.SSLContext | None = None
+        if tls_creds is not None:
+            self._context = (
+                tls.server_context(tls_creds, verify_peer=True)
+                if endpoint == "server"
+                else tls.client_context(tls_creds, check_hostname=True, certificate=True)
+            )
+        self._secret = read_secret(secret_file) if secret_file is not None else None
+
+    def __repr__(self) -> str:
+        what = [f"tls_creds={self.tls_creds!r}"] if self.tls_creds else []
+        what += [f"secret_file={self.secret_file!r}"] if self.secret_file else []
+        return f"<Credentials {self.endpoint} {' '.join(what)}>"
+
+    @property
+    def tls(self) -> bool:
+        """True when the connections are TLS (mutual)."""
+        return self._context is not None
+
+    # -- the server's end -------------------------------------------------------------
+    async def accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> str:
+        """Authenticate the client of a new connection; return who it is, for the log.
+
+        Upgrades the connection to TLS first when there are TLS credentials.
+        Raises :class:`Refusal` (the caller sends its line and closes),
+        ``ConnectionError`` when the client leaves.
+        """
+        if self.endpoint != "server":
+            raise ParameterError(f"{self!r} is a client's: it cannot accept connections")
+        who = "the client"
+        if self._context is not None:
+            try:
+                await writer.start_tls(self._context, ssl_handshake_timeout=tls.HANDSHAKE_TIMEOUT)
+            except ssl.SSLError as exc:
+                raise Refusal(f"TLS handshake failed ({tls.describe(exc)})") from None
+            subject = dict(part[0] for part in writer.get_extra_info("peercert")["subject"])
+            who = f"the client with certificate CN={subject.get('commonName', '?')}"
+        if self._secret is None:
+            writer.write(_line({"auth": X509_AUTH, "ok": True}))
+            await writer.drain()
+            return who
+        mine = os.urandom(CHALLENGE_BYTES)
+        challenge = {"id": None, "ok": False, "reason": AUTH_REQUIRED}
+        writer.write(_line({**challenge, "auth": HMAC_AUTH, "challenge": mine.hex()}))
+        await writer.drain()
+        answer = _parse(await _read_line(reader))
+        theirs, proof = _challenge(answer), answer.get("proof")
+        if theirs is None or not isinstance(proof, str):
+            raise Refusal(AUTH_REQUIRED, answer.get("id"))
+        if not hmac.compare_digest(proof, _proof(self._secret, _CLIENT, mine, theirs)):
+            raise Refusal(
+                "authentication failed: the client's proof does not match this server's "
+                "shared secret (the secret files differ)"
+            )
+        proof = _proof(self._secret, _SERVER, theirs, mine)
+        writer.write(_line({"auth": HMAC_AUTH, "ok": True, "proof": proof}))
+        await writer.drain()
+        return f"{who} holding the shared secret"
+
+    # -- the client's end -------------------------------------------------------------
+    def connect(self, host: str, port: int, timeout: float | None) -> socket.socket:
+        """A connection to the control port at ``host:port``, authenticated both ways.
+
+        ``timeout`` bounds the connect and each wait for the server. Raises
+        :class:`~isc.tls.AuthenticationError` when either end refuses the
+        other, ``OSError`` (``TimeoutError``, ``ConnectionRefusedError`` ...)
+        when the connection fails.
+        """
+        if self.endpoint != "client":
+            raise ParameterError(f"{self!r} is a server's: it cannot connect")
+        where = f"{host}:{port}"
+        sock = socket.create_connection((host, port), timeout=timeout)
+        try:
+            if self._context is not None:
+                sock = self._context.wrap_socket(sock, server_hostname=host.strip("[]"))
+            first = _parse(_first_line(sock, where, timeout))
+            if self._secret is not None:
+                self._prove(sock, where, first)
+            elif first.get("auth") == HMAC_AUTH:
+                raise AuthenticationError(
+                    f"{where} asks for its shared secret: give the file that holds it "
+                    "(--secret-file)"
+                )
+            elif first.get("auth") != X509_AUTH or first.get("ok") is not True:
+                raise AuthenticationError(_refused(where, first))
+        except ssl.SSLError as exc:
+            sock.close()
+            raise tls.handshake_error(exc, where, self.tls_creds) from None
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def _prove(self, sock: socket.socket, where: str, first: dict) -> None:
+        """Answer the server's challenge in ``first``; check the server's proof."""
+        assert self._secret is not None
+        theirs = _challenge(first)
+        if theirs is None:
+            said = first.get("reason") or first.get("auth") or "no challenge"
+            raise AuthenticationError(
+                f"{where} does not ask for a shared secret ({said}): it runs without "
+                "--secret-file, or is not an isc control port"
+            )
+        mine = os.urandom(CHALLENGE_BYTES)
+        proof = _proof(self._secret, _CLIENT, theirs, mine)
+        sock.sendall(_line({"auth": HMAC_AUTH, "challenge": mine.hex(), "proof": proof}))
+        verdict = _parse(_recv_line(sock, where))
+        if verdict.get("ok") is not True:
+            raise AuthenticationError(_refused(where, verdict))
+        proof = verdict.get("proof")
+        if not isinstance(proof, str) or not hmac.compare_digest(
+            proof, _proof(self._secret, _SERVER, mine, theirs)
+        ):
+            raise AuthenticationError(
+                f"{where} did not prove that it holds the shared secret: it is not the server "
+                "it claims to be, or its secret file differs"
+            )
+
+
+def _refused(where: str, reply: dict) -> str:
+    return f"{where} refused this client: {reply.get('reason') or 'no reason given'}"
+
+
+def connect(
+    host: str, port: int, timeout: float | None, credentials: Credentials | None = None
+) -> socket.socket:
+    """A connection to a control port: plain without ``credentials``, else
+    :meth:`Credentials.connect`."""
+    if credentials is None:
+        return socket.create_connection((host, port), timeout=timeout)
+    return credentials.connect(host, port, timeout)
+
+
+async def _read_line(reader: asyncio.StreamReader) -> bytes:
+    try:
+        return await reader.readuntil(b"\n")
+    except asyncio.LimitOverrunError:
+        raise Refusal("authentication failed: a line too long") from None
+    except asyncio.IncompleteReadError:
+        raise ConnectionError("the client left during authentication") from None
+
+
+def _first_line(sock: socket.socket, where: str, timeout: float | None) -> bytes:
+    """The server's first line, which an authenticating server sends at once."""
+    wait = AUTH_TIMEOUT if timeout is None else min(timeout, AUTH_TIMEOUT)
+    sock.settimeout(wait)
+    try:
+        return _recv_line(sock, where)
+    except TimeoutError:
+        raise AuthenticationError(
+            f"{where} sent no authentication line within {wait:g} s: it does not ask for "
+            "these credentials (it runs without --secret-file, or wants TLS: --tls-creds)"
+        ) from None
+    finally:
+        sock.settimeout(timeout)
+
+
+def _recv_line(sock: socket.socket, where: str) -> bytes:
+    """One line from the server (it sends nothing more until this end answers)."""
+    data = bytearray()
+    while not data.endswith(b"\n"):
+        part = sock.recv(_MAX_LINE)
+        if not part:
+            raise AuthenticationError(
+                f"{where} closed the connection during authentication: it refused this "
+                "client's credentials, or does not use credentials of this kind"
+            )
+        data += part
+        if len(data) > _MAX_LINE:
+            raise AuthenticationError(f"{where} sent a line over {_MAX_LINE} bytes")
+    return bytes(data)

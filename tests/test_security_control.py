@@ -1,0 +1,358 @@
+"""Security of the control faces: ``isc serve --control`` and the agent's control port.
+
+A control port changes data and state, so with credentials it answers only
+authenticated peers: mutual TLS (certificates ``openssl`` made for the run,
+the ``credentials`` fixture), a shared secret's HMAC-SHA256
+challenge-response, or both. Checked here on a real :class:`ControlServer`
+whose one op counts the requests that reached it, and on real ``isc agent``
+and ``isc serve`` processes: plaintext, wrongly authenticated, replayed and
+silent peers are each refused with one line and reach no op; a client
+refuses an impostor server; the issue's attack (an unauthenticated rollback
+sent to the agent in the middle of an update) never reaches the
+destination; listening beyond loopback without TLS and authentication is
+refused. After each refusal the legitimate client still works.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import ssl
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from test_agent import HOST, IO, SIZE, WAIT, daemon, exports, session, source  # noqa: F401
+
+import isc.auth
+import isc.control
+from isc.auth import MIN_SECRET, Credentials, is_loopback, read_secret
+from isc.control import ControlServer
+from isc.errors import ParameterError
+from isc.remote import AgentSite
+from isc.tls import AuthenticationError
+
+
+def secret_file(directory: Path, name: str = "secret", value: bytes | None = None) -> Path:
+    """A secret file of mode 0600 holding ``value`` (default: 32 random bytes, hex)."""
+    path = directory / name
+    path.write_bytes(os.urandom(32).hex().encode() + b"\n" if value is None else value)
+    path.chmod(0o600)
+    return path
+
+
+def line(sock: socket.socket) -> dict:
+    """One JSON line from ``sock``; {} when it closes first."""
+    data = b""
+    while not data.endswith(b"\n"):
+        part = sock.recv(65536)
+        if not part:
+            return {}
+        data += part
+    return json.loads(data)
+
+
+def ask(sock: socket.socket, request: dict) -> dict:
+    sock.sendall(json.dumps(request).encode() + b"\n")
+    return line(sock)
+
+
+def closed(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(1) == b""
+    except (ConnectionResetError, ssl.SSLError):
+        return True
+
+
+class Counted:
+    """A control server whose op ``bump`` counts the requests that reached it."""
+
+    def __init__(self, credentials: Credentials | None) -> None:
+        self.count = 0
+        self.server = ControlServer({"bump": self.bump}, credentials=credentials)
+        self.port = self.server.start(HOST, 0)
+
+    def bump(self, request: dict) -> dict:
+        self.count += 1
+        return {"ok": True, "info": {"count": self.count}}
+
+
+@contextmanager
+def counted(credentials: Credentials | None) -> Iterator[Counted]:
+    server = Counted(credentials)
+    try:
+        yield server
+    finally:
+        server.server.close()
+
+
+def bump(server: Counted, credentials: Credentials) -> dict:
+    """A legitimate client's request."""
+    with credentials.connect(HOST, server.port, WAIT) as sock:
+        return ask(sock, {"id": 7, "op": "bump"})
+
+
+# -- secret files and addresses --------------------------------------------------------------------
+def test_a_good_secret_file_is_read_whitespace_stripped(tmp_path):
+    path = secret_file(tmp_path, value=b"  correct horse battery staple \n")
+    assert read_secret(path) == b"correct horse battery staple"
+    path.chmod(0o400)
+    assert read_secret(path) == b"correct horse battery staple"
+
+
+@pytest.mark.parametrize(
+    ("make", "why"),
+    [
+        (lambda p: p.chmod(0o644), "has mode 0644, so other users may read it: chmod 600"),
+        (lambda p: p.chmod(0o620), "has mode 0620"),
+        (lambda p: p.write_bytes(b"short\n"), f"holds 5 bytes; a secret has {MIN_SECRET} to"),
+        (lambda p: p.unlink(), "No such file or directory; make one with: openssl rand"),
+        (lambda p: (p.unlink(), p.symlink_to(p.with_name("real"))), "is a symlink"),
+        (lambda p: (p.unlink(), os.mkfifo(p, 0o600)), "is not a regular file"),
+        (lambda p: (p.unlink(), p.mkdir(0o700)), "is not a regular file"),
+    ],
+)
+def test_a_secret_file_anyone_else_could_read_or_guess_is_refused(tmp_path, make, why):
+    secret_file(tmp_path, "real")
+    path = secret_file(tmp_path)
+    make(path)
+    with pytest.raises(ParameterError, match=why.replace("(", r"\(")) as refused:
+        read_secret(path)
+    assert str(path) in str(refused.value)
+
+
+def test_a_secret_file_of_another_user_is_refused(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give a file to another user")
+    path = secret_file(tmp_path)
+    os.chown(path, 1, 1)
+    with pytest.raises(ParameterError, match="belongs to uid 1, not to this user"):
+        read_secret(path)
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("127.0.0.1", True),
+        ("127.1.2.3", True),
+        ("::1", True),
+        ("[::1]", True),
+        ("::ffff:127.0.0.1", True),
+        ("localhost", True),
+        ("LOCALHOST.", True),
+        ("0.0.0.0", False),
+        ("", False),
+        ("::", False),
+        ("10.0.0.1", False),
+        ("example.com", False),
+        ("localhost.example.com", False),
+    ],
+)
+def test_loopback_addresses(host, loopback):
+    assert is_loopback(host) is loopback
+
+
+# -- the shared secret ----------------------------------------------------------------------------
+@pytest.fixture
+def secrets(tmp_path) -> dict[str, Path]:
+    return {name: secret_file(tmp_path, name) for name in ("ours", "theirs")}
+
+
+def test_a_client_with_the_secret_is_answered(secrets):
+    with counted(Credentials("server", secret_file=secrets["ours"])) as server:
+        client = Credentials("client", secret_file=secrets["ours"])
+        assert bump(server, client) == {"id": 7, "ok": True, "reason": None, "info": {"count": 1}}
+        assert bump(server, client)["info"] == {"count": 2}
+
+
+def test_an_unauthenticated_request_gets_one_line_and_reaches_no_op(secrets, caplog):
+    with counted(Credentials("server", secret_file=secrets["ours"])) as server:
+        with socket.create_connection((HOST, server.port), timeout=WAIT) as sock:
+            first = ask(sock, {"id": 3, "op": "bump"})
+            refusal = line(sock)
+            assert closed(sock)
+        for reply in first, refusal:
+            assert reply["ok"] is False
+            assert reply["reason"].startswith("authentication required: ")
+            assert "--secret-file" in reply["reason"]
+        assert refusal["id"] == 3
+        assert server.count == 0
+        assert bump(server, Credentials("client", secret_file=secrets["ours"]))["ok"]
+    assert any("refused: authentication required" in r.getMessage() for r in caplog.records)
+    assert not any(r.exc_info for r in caplog.records)
+
+
+def test_a_wrong_secret_is_refused_both_ways(secrets):
+    with counted(Credentials("server", secret_file=secrets["ours"])) as server:
+        wrong = Credentials("client", secret_file=secrets["theirs"])
+        with pytest.raises(AuthenticationError, match="refused this client: authentication failed"):
+            wrong.connect(HOST, server.port, WAIT)
+        assert server.count == 0
+        assert bump(server, Credentials("client", secret_file=secrets["ours"]))["ok"]
+
+
+def hmac_hex(secret: bytes, label: bytes, first: bytes, second: bytes) -> str:
+    """The proof, computed here independently of isc.auth."""
+    import hashlib
+    import hmac
+
+    return hmac.new(secret, label + b"\0" + first + second, hashlib.sha256).hexdigest()
+
+
+def test_a_replayed_proof_and_malformed_answers_are_refused(secrets):
+    secret = read_secret(secrets["ours"])
+    mine = bytes(32)
+    with counted(Credentials("server", secret_file=secrets["ours"])) as server:
+        with socket.create_connection((HOST, server.port), timeout=WAIT) as sock:
+            first = line(sock)
+            assert first["ok"] is False and first["reason"].startswith("authentication required")
+            theirs = bytes.fromhex(first["challenge"])
+            proof = hmac_hex(secret, b"isc-client", theirs, mine)
+            verdict = ask(sock, {"auth": "hmac-sha256", "challenge": mine.hex(), "proof": proof})
+            assert verdict["ok"] is True
+            assert verdict["proof"] == hmac_hex(secret, b"isc-server", mine, theirs)
+            assert ask(sock, {"id": 1, "op": "bump"})["ok"]
+        assert server.count == 1
+        answers = [
+            {"auth": "hmac-sha256", "challenge": mine.hex(), "proof": proof},  # replayed
+            {"auth": "hmac-sha256", "challenge": "zz" * 32, "proof": proof},
+            {"auth": "hmac-sha256", "challenge": mine.hex()[:10], "proof": proof},
+            {"auth": "md5", "challenge": mine.hex(), "proof": proof},
+            {"auth": "hmac-sha256", "challenge": mine.hex(), "proof": 42},
+            {"auth": "hmac-sha256", "challenge": mine.hex()},
+        ]
+        for answer in answers:
+            with socket.create_connection((HOST, server.port), timeout=WAIT) as sock:
+                assert "challenge" in line(sock)
+                reply = ask(sock, answer)
+                assert reply["ok"] is False, answer
+                assert reply["reason"].startswith("authentication"), reply
+                assert closed(sock)
+        for garbage in (b"not json\n", b"[1, 2]\n", b"x" * (isc.control.MAX_LINE + 10) + b"\n"):
+            with socket.create_connection((HOST, server.port), timeout=WAIT) as sock:
+                assert "challenge" in line(sock)
+                sock.sendall(garbage)
+                assert line(sock)["ok"] is False
+                assert closed(sock)
+        assert server.count == 1
+
+
+def test_a_client_that_never_authenticates_is_dropped(secrets, monkeypatch, caplog):
+    monkeypatch.setattr(isc.control, "AUTH_TIMEOUT", 0.2)
+    with counted(Credentials("server", secret_file=secrets["ours"])) as server:
+        with socket.create_connection((HOST, server.port), timeout=WAIT) as sock:
+            assert "challenge" in line(sock)
+            assert closed(sock)
+        assert bump(server, Credentials("client", secret_file=secrets["ours"]))["ok"]
+    assert any("no authentication within 0.2 s" in r.getMessage() for r in caplog.records)
+
+
+@contextmanager
+def impostor() -> Iterator[int]:
+    """A server that challenges as an isc control port does, then admits any answer with
+    a made-up proof of its own; yields its port."""
+    listener = socket.create_server((HOST, 0))
+
+    def serve() -> None:
+        with listener:
+            conn, _ = listener.accept()
+            with conn:
+                challenge = {"ok": False, "auth": "hmac-sha256", "challenge": "ab" * 32}
+                conn.sendall(json.dumps(challenge).encode() + b"\n")
+                line(conn)
+                admitted = {"auth": "hmac-sha256", "ok": True, "proof": "00" * 32}
+                conn.sendall(json.dumps(admitted).encode() + b"\n")
+                line(conn)  # until the client hangs up
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        thread.join(WAIT)
+
+
+def test_a_client_refuses_a_server_that_cannot_prove_the_secret(secrets):
+    client = Credentials("client", secret_file=secrets["ours"])
+    refused = pytest.raises(AuthenticationError, match="did not prove that it holds the shared")
+    with impostor() as port, refused:
+        client.connect(HOST, port, WAIT)
+
+
+def test_mismatched_kinds_of_credentials_say_so_at_once(credentials, secrets, monkeypatch):
+    monkeypatch.setattr(isc.auth, "AUTH_TIMEOUT", 0.2)
+    good = credentials["good"]
+    with counted(None) as plain, pytest.raises(AuthenticationError, match=r"within 0\.2 s"):
+        Credentials("client", secret_file=secrets["ours"]).connect(HOST, plain.port, WAIT)
+    with counted(Credentials("server", tls_creds=good)) as tls_only:
+        both = Credentials("client", tls_creds=good, secret_file=secrets["ours"])
+        with pytest.raises(AuthenticationError, match="does not ask for a shared secret"):
+            both.connect(HOST, tls_only.port, WAIT)
+    server_side = Credentials("server", tls_creds=good, secret_file=secrets["ours"])
+    refused = pytest.raises(AuthenticationError, match="asks for its shared secret")
+    with counted(server_side) as server, refused:
+        Credentials("client", tls_creds=good).connect(HOST, server.port, WAIT)
+    assert plain.count == tls_only.count == server.count == 0
+
+
+# -- mutual TLS ------------------------------------------------------------------------------------
+def test_mutual_tls_admits_certificates_of_the_ca_only(credentials, tmp_path, caplog):
+    with counted(Credentials("server", tls_creds=credentials["good"])) as server:
+        good = Credentials("client", tls_creds=credentials["good"])
+        assert bump(server, good)["ok"]
+        with pytest.raises(AuthenticationError, match="its certificate is not trusted"):
+            Credentials("client", tls_creds=credentials["other-ca"]).connect(
+                HOST, server.port, WAIT
+            )
+        with pytest.raises(AuthenticationError, match="refused this client's credentials"):
+            Credentials("client", tls_creds=credentials["expired"]).connect(HOST, server.port, WAIT)
+        with pytest.raises(ParameterError, match=r"no client-cert\.pem"):
+            Credentials("client", tls_creds=credentials["no-client"])
+        anonymous = ssl.create_default_context(cafile=credentials["good"] / "ca-cert.pem")
+        raw = socket.create_connection((HOST, server.port), timeout=WAIT)
+        with anonymous.wrap_socket(raw, server_hostname=HOST) as sock:
+            sock.sendall(b'{"id": 1, "op": "bump"}\n')
+            assert closed(sock)
+        with socket.create_connection((HOST, server.port), timeout=WAIT) as sock:
+            sock.sendall(b'{"id": 1, "op": "bump"}\n')
+            assert closed(sock)
+        assert server.count == 1
+        assert bump(server, good)["info"] == {"count": 2}
+    refusals = [
+        r.getMessage() for r in caplog.records if "refused: TLS handshake" in r.getMessage()
+    ]
+    assert len(refusals) == 4, refusals
+
+
+def test_tls_and_a_secret_together(credentials, secrets, monkeypatch):
+    monkeypatch.setattr(isc.auth, "AUTH_TIMEOUT", 0.2)  # the plain client's wait for TLS
+    server_side = Credentials("server", tls_creds=credentials["good"], secret_file=secrets["ours"])
+    with counted(server_side) as server:
+        both = Credentials("client", tls_creds=credentials["good"], secret_file=secrets["ours"])
+        assert bump(server, both)["ok"]
+        for partial in (
+            Credentials("client", tls_creds=credentials["good"]),
+            Credentials("client", tls_creds=credentials["good"], secret_file=secrets["theirs"]),
+            Credentials("client", secret_file=secrets["ours"]),
+        ):
+            with pytest.raises(AuthenticationError):
+                partial.connect(HOST, server.port, WAIT)
+        assert server.count == 1
+
+
+def test_credentials_are_checked_when_made(credentials, tmp_path):
+    with pytest.raises(ParameterError, match="a TLS credentials directory, a secret file"):
+        Credentials("server")
+    with pytest.raises(ParameterError, match="'server' or 'client'"):
+        Credentials("both", tls_creds=credentials["good"])
+    with pytest.raises(ParameterError, match="is not a directory"):
+        Credentials("server", tls_creds=tmp_path / "nowhere")
+    with pytest.raises(ParameterError, match="needs server credentials"):
+        ControlServer({}, credentials=Credentials("client", tls_creds=credentials["good"]))
+    with pytest.raises(ParameterError, match="needs client credentials"):
+        AgentSite(HOST, 1, credentials=Credentials("server", tls_creds=credentials["good"]))
+    path = secret_file(tmp_path)
+    assert read_secret(path).decode() not in repr(Credentials("client", secret_file=path))

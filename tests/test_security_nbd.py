@@ -1,0 +1,488 @@
+"""Security of the NBD face: TLS on isc's server and client, against real peers.
+
+Every server and client is real: isc's :class:`NBDServer` and ``isc serve``,
+qemu-nbd with ``--tls-creds``, nbdkit with ``--tls=require``, libnbd's
+``nbdinfo``/``nbdcopy`` and python3-libnbd, all over real TLS with
+certificates ``openssl`` made for the run (the ``credentials`` fixture,
+tests/certs.py). Each refused peer (another CA, an expired or missing
+certificate, a plaintext client against ``require``, a server that offers
+no TLS to an ``nbds`` URI) must get a clear message and change nothing on
+any LUN, and the legitimate client must still work afterwards. A test
+whose tool is missing is skipped, naming it.
+"""
+
+from __future__ import annotations
+
+import random
+import socket
+import struct
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from urllib.parse import quote
+
+import pytest
+from helpers import HookLUN, Worker
+from test_agent import ENV, daemon
+from test_nbd import (
+    OPT_ABORT,
+    OPT_EXPORT_NAME,
+    OPT_GO,
+    OPT_INFO,
+    OPT_LIST,
+    OPT_STARTTLS,
+    REP_ACK,
+    REP_ERR_UNSUP,
+    Raw,
+    nbdkit,
+    qemu_nbd,
+    run,
+    tool,
+)
+
+from isc import MemoryLUN
+from isc.errors import ParameterError
+from isc.nbd import NBDLUN, ClientTLS, NBDAddress, NBDServer, parse_uri
+from isc.tls import AuthenticationError, ServerTLS, client_context
+
+SEED = 20261212
+KIB, MIB = 1 << 10, 1 << 20
+SIZE = MIB
+REP_ERR_INVALID, REP_ERR_TLS_REQD = 2**31 + 3, 2**31 + 5
+WAIT = 10.0
+
+# What each refused client hears; the key names the credentials directory it uses.
+REFUSED = {
+    "other-ca": "its certificate is not trusted",
+    "expired": "refuses the client's certificate",
+    "no-client": "refuses the client's certificate",
+}
+
+
+def with_tls(uri: str, directory: Path | None = None, **params: str) -> str:
+    """``uri`` (nbd or nbds) made an nbds URI with ``tls-certificates=directory``."""
+    scheme, rest = uri.split("://", 1)
+    uri = f"{scheme.replace('nbds', 'nbd').replace('nbd', 'nbds', 1)}://{rest}"
+    if directory is not None:
+        params = {"tls-certificates": quote(str(directory), safe="/"), **params}
+    query = "&".join(f"{key}={value}" for key, value in params.items())
+    return f"{uri}{'&' if '?' in uri else '?'}{query}" if query else uri
+
+
+def plain(uri: str) -> str:
+    """The same export without TLS."""
+    return uri.replace("nbds", "nbd", 1).split("&tls-", 1)[0]
+
+
+@contextmanager
+def isc_server(
+    tmp_path: Path, creds: Path | None, *, mode: str = "require", verify_peer: bool = True
+) -> Iterator[tuple[NBDServer, HookLUN, bytes]]:
+    """An isc server of random data on a Unix socket; yields it, its LUN and the data."""
+    lun = HookLUN(MemoryLUN(SIZE))
+    data = random.Random(SEED).randbytes(SIZE)
+    lun.lun.write(0, data)
+    tls = ServerTLS(creds, mode=mode, verify_peer=verify_peer) if creds is not None else None
+    with NBDServer(lun, name="disk", tls=tls) as server:
+        server.start_unix(tmp_path / "isc.sock")
+        yield server, lun, data
+
+
+def assert_unchanged(lun: HookLUN, data: bytes) -> None:
+    assert lun.writes == 0, f"{lun.writes} write(s) reached the LUN"
+    assert lun.lun.read(0, SIZE) == data
+
+
+def round_trip(uri: str, seed: int = SEED) -> None:
+    """A legitimate client writes and reads back over ``uri``."""
+    piece = random.Random(seed).randbytes(64 * KIB)
+    with NBDLUN(uri, timeout=WAIT) as lun:
+        lun.write(128 * KIB, piece)
+        lun.flush()
+        assert lun.read(128 * KIB, len(piece)) == piece
+
+
+# -- URIs ------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("uri", "expected"),
+    [
+        ("nbds://example.com/disk", NBDAddress(("example.com", 10809), "disk", ClientTLS())),
+        (
+            "nbds://example.com:1234/d?tls-certificates=/etc/pki/x&tls-verify-peer=false",
+            NBDAddress(("example.com", 1234), "d", ClientTLS("/etc/pki/x", False)),
+        ),
+        (
+            "nbds+unix:///d?socket=s&tls-certificates=c&tls-verify-peer=TRUE",
+            NBDAddress("s", "d", ClientTLS("c", True)),
+        ),
+        ("nbd+unix:///d?socket=s", NBDAddress("s", "d", None)),
+    ],
+)
+def test_nbds_uris_read_as_libnbd_reads_them(uri, expected):
+    assert parse_uri(uri) == expected
+
+
+@pytest.mark.parametrize(
+    ("uri", "why"),
+    [
+        ("nbds://alice@example.com/", "TLS-PSK"),
+        ("nbds+unix:///?socket=s&tls-psk-file=keys", "TLS-PSK"),
+        ("nbds://example.com/?tls-verify-peer=maybe", "true or false"),
+        ("nbds://example.com/?tls-certificates=a&tls-certificates=b", "once"),
+        ("nbds://example.com/?tls-certificates=", "once"),
+        ("nbds://example.com/?socket=s", "no query parameter"),
+        ("nbd://example.com/?tls-verify-peer=false", "need TLS"),
+    ],
+)
+def test_tls_uri_mistakes_are_refused(uri, why):
+    with pytest.raises(ParameterError, match=why):
+        parse_uri(uri)
+
+
+# -- isc's server and client ---------------------------------------------------------------
+def test_the_client_and_server_speak_tls_from_many_threads(tmp_path, credentials):
+    with isc_server(tmp_path, credentials["good"]) as (server, lun, data):
+        assert server.uri.startswith("nbds+unix://")
+        model = bytearray(data)
+        with NBDLUN(with_tls(server.uri, credentials["good"]), timeout=WAIT) as client:
+
+            def work(index: int) -> None:
+                rng = random.Random(SEED + index)
+                region = index * SIZE // 4
+                for _ in range(40):
+                    offset = region + rng.randrange(0, SIZE // 4 - 64 * KIB)
+                    piece = rng.randbytes(rng.randrange(1, 64 * KIB))
+                    client.write(offset, piece)
+                    model[offset : offset + len(piece)] = piece
+                    assert client.read(offset, len(piece)) == piece
+
+            workers = [Worker(lambda i=i: work(i)) for i in range(4)]
+            for worker in workers:
+                worker.finish()
+            assert client.read(0, SIZE) == bytes(model)
+        assert lun.lun.read(0, SIZE) == bytes(model)
+
+
+@pytest.mark.parametrize("creds", sorted(REFUSED))
+def test_a_client_with_wrong_credentials_is_refused_and_changes_nothing(
+    tmp_path, credentials, creds
+):
+    with isc_server(tmp_path, credentials["good"]) as (server, lun, data):
+        with pytest.raises(AuthenticationError, match=REFUSED[creds]) as refused:
+            NBDLUN(with_tls(server.uri, credentials[creds]), timeout=WAIT)
+        assert "\n" not in str(refused.value)
+        assert_unchanged(lun, data)
+        round_trip(with_tls(server.uri, credentials["good"]))
+
+
+def test_a_plaintext_client_is_refused_by_require(tmp_path, credentials):
+    with isc_server(tmp_path, credentials["good"]) as (server, lun, data):
+        with pytest.raises(PermissionError, match=r"TLS is required.*use an nbds"):
+            NBDLUN(plain(server.uri), timeout=WAIT)
+        assert_unchanged(lun, data)
+        round_trip(with_tls(server.uri, credentials["good"]))
+
+
+def test_an_expired_server_certificate_is_refused(tmp_path, credentials):
+    with isc_server(tmp_path, credentials["expired"], verify_peer=False) as (server, lun, data):
+        with pytest.raises(AuthenticationError, match="certificate has expired"):
+            NBDLUN(with_tls(server.uri, credentials["good"]), timeout=WAIT)
+        assert_unchanged(lun, data)
+
+
+def test_a_server_certificate_for_another_host_is_refused(credentials):
+    # The certificate names localhost, 127.0.0.1 and ::1; 127.0.0.2 is loopback too.
+    lun = HookLUN(MemoryLUN(SIZE))
+    with NBDServer(lun, name="disk", tls=ServerTLS(credentials["good"])) as server:
+        server.start("127.0.0.2", 0)
+        with pytest.raises(AuthenticationError, match=r"not trusted \(.*127\.0\.0\.2"):
+            NBDLUN(with_tls(server.uri, credentials["good"]), timeout=WAIT)
+        named = server.uri.replace("127.0.0.2", "localhost")
+        with pytest.raises(OSError):  # localhost is 127.0.0.1: nobody listens there
+            NBDLUN(with_tls(named, credentials["good"]), timeout=WAIT)
+        assert lun.writes == 0
+
+
+def test_tls_verify_peer_false_encrypts_without_checking_the_server(tmp_path, credentials):
+    with isc_server(tmp_path, credentials["good"], verify_peer=False) as (server, *_):
+        uri = with_tls(server.uri, credentials["other-ca"], **{"tls-verify-peer": "false"})
+        round_trip(uri)
+        with pytest.raises(AuthenticationError, match="not trusted"):
+            NBDLUN(with_tls(server.uri, credentials["other-ca"]), timeout=WAIT)
+
+
+def test_tls_on_serves_plaintext_and_tls_clients(tmp_path, credentials):
+    with isc_server(tmp_path, credentials["good"], mode="on", verify_peer=False) as (server, *_):
+        assert server.uri.startswith("nbd+unix://")
+        round_trip(server.uri, SEED + 1)
+        round_trip(with_tls(server.uri, credentials["no-client"]), SEED + 2)
+
+
+def test_an_nbds_uri_never_falls_back_to_plaintext(tmp_path, credentials):
+    with isc_server(tmp_path, None) as (server, lun, data):
+        with pytest.raises(AuthenticationError, match=r"does not offer TLS.*never falls back"):
+            NBDLUN(with_tls(server.uri, credentials["good"]), timeout=WAIT)
+        assert_unchanged(lun, data)
+    refused = pytest.raises(AuthenticationError, match="does not offer TLS")
+    with qemu_nbd(tmp_path, size=SIZE, name="disk") as remote, refused:
+        NBDLUN(with_tls(remote.uri, credentials["good"]), timeout=WAIT)
+    old = nbdkit(tmp_path, "--mask-handshake=0", "memory", f"{SIZE}")
+    with old as remote, pytest.raises(AuthenticationError, match="fixed newstyle"):
+        NBDLUN(with_tls(remote.uri, credentials["good"]), timeout=WAIT)
+
+
+def test_bad_server_credentials_are_refused_before_listening(tmp_path, credentials):
+    with pytest.raises(ParameterError, match="is not a directory"):
+        ServerTLS(tmp_path / "missing")
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "server-cert.pem").write_bytes(
+        (credentials["good"] / "server-cert.pem").read_bytes()
+    )
+    with pytest.raises(ParameterError, match=r"no server-key\.pem"):
+        ServerTLS(partial)
+    (partial / "server-key.pem").write_bytes(
+        (credentials["other-ca"] / "server-key.pem").read_bytes()
+    )
+    with pytest.raises(ParameterError, match=r"cannot load server-cert\.pem"):
+        ServerTLS(partial)
+    (partial / "server-key.pem").write_bytes((credentials["good"] / "server-key.pem").read_bytes())
+    ServerTLS(partial)  # a server that verifies no peers needs no CA
+    with pytest.raises(ParameterError, match=r"no ca-cert\.pem"):
+        ServerTLS(partial, verify_peer=True)
+    with pytest.raises(ParameterError, match="'on' or 'require'"):
+        ServerTLS(credentials["good"], mode="off")
+    with isc_server(tmp_path, credentials["good"]) as (server, lun, data):
+        with pytest.raises(ParameterError, match="is not a directory"):
+            NBDLUN(with_tls(server.uri, tmp_path / "missing"), timeout=WAIT)
+        assert_unchanged(lun, data)
+
+
+# -- the handshake by hand ----------------------------------------------------------------------
+@contextmanager
+def raw_client(server: NBDServer) -> Iterator[Raw]:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(WAIT)
+        sock.connect(server.address)
+        yield Raw(sock)
+
+
+def test_require_refuses_every_option_before_tls_as_the_spec_says(tmp_path, credentials):
+    with isc_server(tmp_path, credentials["good"]) as (server, lun, data):
+        with raw_client(server) as client:
+            client.greet()
+            go = client.info_data(b"disk")
+            for option, payload in ((OPT_LIST, b""), (OPT_INFO, go), (OPT_GO, go), (12345, b"")):
+                [(reply, message)] = client.option(option, payload)
+                assert (reply, message) == (
+                    REP_ERR_TLS_REQD,
+                    b"TLS is required: start it with NBD_OPT_STARTTLS",
+                )
+            assert client.option(OPT_STARTTLS, b"x")[0][0] == REP_ERR_INVALID
+            assert client.option(OPT_ABORT) == [(REP_ACK, b"")]
+            assert client.dropped()
+        with raw_client(server) as client:
+            client.greet()
+            client.sock.sendall(
+                struct.pack(">QII", 0x49484156454F5054, OPT_EXPORT_NAME, 4) + b"disk"
+            )
+            assert client.dropped()  # the option cannot be refused politely: dropped
+        with raw_client(server) as client:
+            client.greet(flags=0)  # no fixed newstyle: no TLS, so no way in
+            assert client.dropped()
+        with raw_client(server) as client:
+            client.greet()
+            assert client.option(OPT_STARTTLS) == [(REP_ACK, b"")]
+            context = client_context(credentials["good"], check_hostname=False)
+            with context.wrap_socket(client.sock) as tls:
+                client.sock = tls
+                assert client.option(OPT_STARTTLS)[0][0] == REP_ERR_INVALID  # on already
+                assert client.option(OPT_GO, go)[-1][0] == REP_ACK
+                client.request(0, 0, 16)  # READ
+                assert client.reply() == 0
+                assert client.recv(16) == data[:16]
+        assert_unchanged(lun, data)
+
+
+def test_tls_off_answers_starttls_unsupported(tmp_path):
+    with isc_server(tmp_path, None) as (server, _, _), raw_client(server) as client:
+        client.greet()
+        assert client.option(OPT_STARTTLS)[0][0] == REP_ERR_UNSUP
+        assert client.option(OPT_GO, client.info_data(b"disk"))[-1][0] == REP_ACK
+
+
+def test_a_failed_tls_handshake_is_logged_and_the_server_goes_on(tmp_path, credentials, caplog):
+    with isc_server(tmp_path, credentials["good"]) as (server, lun, data):
+        with raw_client(server) as client:
+            client.greet()
+            client.option(OPT_STARTTLS)
+            client.sock.sendall(b"this is not a TLS ClientHello" * 10)
+            assert client.dropped()
+        assert_unchanged(lun, data)
+        round_trip(with_tls(server.uri, credentials["good"]))
+    # Closed, the server has finished with every connection: its log is complete.
+    failures = [
+        r.getMessage() for r in caplog.records if "TLS with client 1 failed" in r.getMessage()
+    ]
+    assert len(failures) == 1 and "wrong version number" in failures[0]
+
+
+# -- real peers ---------------------------------------------------------------------------------
+def qemu_tls(directory: Path) -> list[str]:
+    # QEMU's server endpoint verifies client certificates by default (verify-peer=on).
+    return [
+        "--object",
+        f"tls-creds-x509,id=tls0,dir={directory},endpoint=server",
+        "--tls-creds",
+        "tls0",
+    ]
+
+
+@pytest.mark.parametrize("server", ["qemu-nbd", "nbdkit"])
+def test_nbdlun_against_qemu_nbd_and_nbdkit_over_tls(tmp_path, credentials, server):
+    good = credentials["good"]
+    if server == "qemu-nbd":
+        start = qemu_nbd(tmp_path, *qemu_tls(good), size=SIZE, name="disk")
+    else:
+        start = nbdkit(
+            tmp_path,
+            "--tls=require",
+            f"--tls-certificates={good}",
+            "--tls-verify-peer",
+            "-e",
+            "disk",
+            "memory",
+            f"{SIZE}",
+        )
+    with start as remote:
+        uri = remote.uri if "/disk?" in remote.uri else remote.uri.replace(":///", ":///disk")
+        data = random.Random(SEED).randbytes(SIZE)
+        with NBDLUN(with_tls(uri, good), timeout=WAIT) as lun:
+            lun.write(0, data)
+            lun.flush()
+        for creds, message in REFUSED.items():
+            with pytest.raises(AuthenticationError, match=message):
+                NBDLUN(with_tls(uri, credentials[creds]), timeout=WAIT)
+        with pytest.raises(PermissionError, match="use an nbds"):
+            NBDLUN(plain(uri), timeout=WAIT)
+        with NBDLUN(with_tls(uri, good), timeout=WAIT) as lun:
+            assert lun.read(0, SIZE) == data  # nothing the refused clients did reached it
+
+
+@contextmanager
+def isc_serve(tmp_path: Path, credentials, *options: str) -> Iterator[tuple[str, Path, bytes]]:
+    """``isc serve`` of a random image on TCP loopback; yields its URI, the image and its data."""
+    image = tmp_path / "disk.img"
+    data = random.Random(SEED).randbytes(SIZE)
+    image.write_bytes(data)
+    args = ["serve", str(image), "--listen", "127.0.0.1:0", *options]
+    with daemon(tmp_path / "serve.log", *args) as served:
+        yield served.exports["disk.img"], image, data
+        served.stop()
+
+
+def serve_tls(credentials) -> list[str]:
+    return ["--tls=require", "--tls-creds", str(credentials["good"]), "--tls-verify-peer"]
+
+
+def test_libnbd_tools_use_isc_serve_over_tls(tmp_path, credentials):
+    nbdinfo, nbdcopy = tool("nbdinfo"), tool("nbdcopy")
+    with isc_serve(tmp_path, credentials, *serve_tls(credentials)) as (uri, image, data):
+        assert uri.startswith("nbds://127.0.0.1:")
+        uri = with_tls(uri, credentials["good"])
+        info = run(nbdinfo, uri).stdout
+        assert "with TLS" in info and f"export-size: {SIZE}" in info
+        run(nbdcopy, uri, tmp_path / "copy.img")
+        assert (tmp_path / "copy.img").read_bytes() == data
+        other = random.Random(SEED + 1).randbytes(SIZE)
+        (tmp_path / "other.img").write_bytes(other)
+        run(nbdcopy, tmp_path / "other.img", uri)
+        script = (
+            "import nbd, sys\n"
+            "h = nbd.NBD()\n"
+            "h.set_uri_allow_local_file(True)\n"
+            "h.connect_uri(sys.argv[1])\n"
+            "h.pwrite(b'libnbd' * 100, 4096)\n"
+            "h.flush()\n"
+            "assert h.pread(600, 4096) == b'libnbd' * 100\n"
+            "h.shutdown()\n"
+        )
+        python = Path("/usr/bin/python3")
+        if subprocess.run([python, "-c", "import nbd"], capture_output=True).returncode:
+            pytest.skip("python3-libnbd is not installed (the Debian package python3-libnbd)")
+        run(python, "-c", script, uri)
+    expected = bytearray(other)
+    expected[4096 : 4096 + 600] = b"libnbd" * 100
+    assert image.read_bytes() == bytes(expected)
+
+
+def test_libnbd_clients_without_the_right_credentials_are_refused(tmp_path, credentials):
+    nbdinfo = tool("nbdinfo")
+    with isc_serve(tmp_path, credentials, *serve_tls(credentials)) as (uri, image, data):
+        attempts = {
+            "plaintext": plain(uri),
+            **{name: with_tls(uri, credentials[name]) for name in REFUSED},
+        }
+        for name, attempt in attempts.items():
+            done = run(nbdinfo, attempt, check=False)
+            assert done.returncode != 0, f"{name}: nbdinfo got in: {done.stdout}"
+            assert "export-size" not in done.stdout
+        assert image.read_bytes() == data
+        assert f"export-size: {SIZE}" in run(nbdinfo, with_tls(uri, credentials["good"])).stdout
+
+
+# -- who may listen where -------------------------------------------------------------------------
+def isc(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``isc ARGS`` to the end (at most WAIT seconds)."""
+    return subprocess.run(
+        [sys.executable, "-m", "isc.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+        env=ENV,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("options", "why"),
+    [
+        ([], "without TLS and authentication: add --tls=require --tls-verify-peer"),
+        (["--tls=require"], "--tls=require needs --tls-creds"),
+        (["--tls=on", "--tls-creds", "{good}", "--tls-verify-peer"], "--tls=require"),
+        (["--tls=require", "--tls-creds", "{good}"], "--tls-verify-peer"),
+        (["--tls-verify-peer"], "needs --tls=on or --tls=require"),
+        (["--tls=require", "--tls-creds", "{missing}"], "is not a directory"),
+        (["--tls-psk", "{good}/ca-cert.pem"], "TLS-PSK is not available"),
+    ],
+)
+def test_serve_refuses_to_expose_an_export_beyond_loopback(tmp_path, credentials, options, why):
+    image = tmp_path / "disk.img"
+    data = random.Random(SEED).randbytes(SIZE)
+    image.write_bytes(data)
+    fill = {"good": credentials["good"], "missing": tmp_path / "missing"}
+    args = [option.format(**fill) for option in options]
+    done = isc("serve", str(image), "--listen", "0.0.0.0:0", *args)
+    assert done.returncode == 1, done.stdout
+    (line,) = done.stderr.splitlines()
+    assert why in line
+    assert "ready" not in done.stdout
+    assert image.read_bytes() == data
+
+
+def test_serve_beyond_loopback_with_tls_and_peers_verified_or_insecure(tmp_path, credentials):
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(SIZE))
+    secure = ["--listen", "0.0.0.0:0", *serve_tls(credentials)]
+    with daemon(tmp_path / "secure.log", "serve", str(image), *secure) as served:
+        assert served.exports["disk.img"].startswith("nbds://0.0.0.0:")
+        served.stop()
+    assert "insecure" not in (tmp_path / "secure.log").read_text()
+    insecure = ["--listen", "0.0.0.0:0", "--insecure"]
+    with daemon(tmp_path / "insecure.log", "serve", str(image), *insecure) as served:
+        served.stop()
+    warning = (tmp_path / "insecure.log").read_text()
+    assert "without TLS and authentication (--insecure)" in warning
