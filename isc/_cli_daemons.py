@@ -48,7 +48,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         "--every",
         type=float,
         metavar="SECONDS",
-        help="run periodic updates of a session directory's destinations",
+        help="run periodic updates of a session directory's destinations (each recorded "
+        "in it, as isc update does; an NBD destination that is down is retried later)",
     )
     serve.add_argument(
         "--site",

@@ -12,6 +12,7 @@ serve`` process. Every wait is bounded.
 from __future__ import annotations
 
 import json
+import logging
 import queue
 import random
 import signal
@@ -29,6 +30,7 @@ from helpers import TIMEOUT, Gate, HookLUN, Worker
 
 from isc import DestState, FileLUN
 from isc import lun as lun_module
+from isc.errors import StateError
 from isc.nbd import NBDLUN, NBDServer
 from isc.serve import run_serve
 from isc.store import copy, create_session, open_session, read_state
@@ -211,6 +213,54 @@ def test_a_periodic_update_is_recorded_in_the_session_directory_while_it_runs(
     assert "copy" not in meta
     assert [d["state"] for d in meta["destinations"]] == ["consistent", "consistent"]
     assert image(work / "d1.img") == image(work / "d2.img") == image(work / "source.img")
+
+
+class Heard(logging.Handler):
+    """Sets ``event`` when ``logger`` logs a message holding any of ``words``."""
+
+    def __init__(self, logger: str, *words: str) -> None:
+        super().__init__()
+        self.logger = logging.getLogger(logger)
+        self.words = words
+        self.event = threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if any(word in record.getMessage() for word in self.words):
+            self.event.set()
+
+    def __enter__(self) -> threading.Event:
+        self.logger.addHandler(self)
+        return self.event
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.logger.removeHandler(self)
+
+
+def test_a_periodic_update_never_overwrites_the_record_of_a_running_copy(
+    export: Export, state: Path
+):
+    gate = Gate()
+    export.lun.before_write = gate
+    tick = Heard("isc", "periodic update is skipped", "an update is already running")
+    with tick as ticked, served(state, every=0.3) as serve:
+        copying = Worker(lambda: serve.ask("copy", mode="full-unmarked"))
+        try:
+            gate.wait_reached()  # the copy writes d2; the first periodic update is due
+            assert ticked.wait(TIMEOUT), "no periodic update came while the copy ran"
+            meta = read_state(state).meta
+        finally:
+            export.lun.before_write = None
+            gate.open()
+        assert copying.finish()["ok"]
+    # A crash in an unmarked full copy must find its record: it resends everything.
+    assert meta.get("copy") == {"mode": "full-unmarked", "destinations": ["d1", "d2"]}
+
+
+def test_periodic_updates_need_a_destination(tmp_path: Path, work: Path):
+    create_session(tmp_path / "bare", str(work / "source.img"), granularity=G)
+    with pytest.raises(StateError, match="bare has no destinations; add one with isc add-dest"):
+        run_serve(str(tmp_path / "bare"), HOST, 0, every=1.0, stop=threading.Event())
+    open_session(tmp_path / "bare")[0].close()  # it was closed cleanly
 
 
 # -- hole 10: a destination's outage stops no host write and does not last ---------------------
