@@ -343,8 +343,9 @@ class AgentSite(RequestSite):
 
 
 def _read_line(sock: socket.socket, limit: int = 1 << 20) -> bytes:
+    """The first line from ``sock`` (an agent that refuses a client sends two at once)."""
     data = bytearray()
-    while not data.endswith(b"\n"):
+    while b"\n" not in data:
         chunk = sock.recv(65536)
         if not chunk:
             raise ConnectionError(
@@ -354,4 +355,4 @@ def _read_line(sock: socket.socket, limit: int = 1 << 20) -> bytes:
         data += chunk
         if len(data) > limit:
             raise ValueError("the agent's reply is too long")
-    return bytes(data)
+    return bytes(data[: data.index(b"\n") + 1])

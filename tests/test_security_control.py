@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 import ssl
 import threading
@@ -25,15 +26,27 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from test_agent import HOST, IO, SIZE, WAIT, daemon, exports, session, source  # noqa: F401
+import test_agent
+from helpers import Gate, Worker
+from test_agent import HOST, IO, SIZE, WAIT, daemon
+from test_cli import error_line, isc_run
+from test_security_nbd import with_tls
 
 import isc.auth
 import isc.control
+from isc import Destination, DestState
 from isc.auth import MIN_SECRET, Credentials, is_loopback, read_secret
+from isc.commands import status_report
 from isc.control import ControlServer
 from isc.errors import ParameterError
+from isc.nbd import NBDLUN
 from isc.remote import AgentSite
+from isc.store import read_state
 from isc.tls import AuthenticationError
+from isc.update import PeriodicUpdate
+
+# The agent tests' fixtures: a random source, a session on it, an agent's directory.
+source, session, exports = test_agent.source, test_agent.session, test_agent.exports
 
 
 def secret_file(directory: Path, name: str = "secret", value: bytes | None = None) -> Path:
@@ -45,10 +58,10 @@ def secret_file(directory: Path, name: str = "secret", value: bytes | None = Non
 
 
 def line(sock: socket.socket) -> dict:
-    """One JSON line from ``sock``; {} when it closes first."""
+    """One JSON line from ``sock``, read byte by byte so that the next stays; {} at EOF."""
     data = b""
     while not data.endswith(b"\n"):
-        part = sock.recv(65536)
+        part = sock.recv(1)
         if not part:
             return {}
         data += part
@@ -356,3 +369,180 @@ def test_credentials_are_checked_when_made(credentials, tmp_path):
         AgentSite(HOST, 1, credentials=Credentials("server", tls_creds=credentials["good"]))
     path = secret_file(tmp_path)
     assert read_secret(path).decode() not in repr(Credentials("client", secret_file=path))
+
+
+# -- isc agent, isc serve and the commands that talk to them ------------------------------------
+def agent_options(credentials, secret: Path, tls: bool) -> list[str]:
+    """What secures an agent: a shared secret, and with ``tls`` mutual TLS and TLS exports."""
+    options = ["--secret-file", str(secret)]
+    if tls:
+        options += ["--tls-creds", str(credentials["good"]), "--tls=require", "--tls-verify-peer"]
+    return options
+
+
+@contextmanager
+def secured_agent(tmp_path: Path, directory: Path, options: list[str]) -> Iterator:
+    args = ["--listen", f"{HOST}:0", "--nbd-port", "0", "--dir", str(directory), *options]
+    with daemon(tmp_path / "agent.log", "agent", *args) as remote:
+        yield remote
+        remote.stop()
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["secret", "tls+secret"])
+def test_an_unauthenticated_rollback_mid_update_never_reaches_the_destination(
+    tmp_path, source, session, exports, credentials, tls
+):
+    secret = secret_file(tmp_path)
+    good = credentials["good"]
+    client = Credentials("client", tls_creds=good if tls else None, secret_file=secret)
+    with secured_agent(tmp_path, exports, agent_options(credentials, secret, tls)) as remote:
+        uri = remote.exports["disk"]
+        uri = with_tls(uri, good) if tls else uri
+        site = AgentSite(HOST, remote.control, timeout=WAIT, credentials=client)
+        dest = Destination(NBDLUN(uri, timeout=WAIT), name="disk")
+        (first,) = PeriodicUpdate(session, [dest], site, timeout=WAIT, io_size=IO).run()
+        assert first.outcomes == {"disk": "ok"}
+        rng = random.Random(5)
+        for _ in range(20):
+            session.write(rng.randrange(0, SIZE - 4096), rng.randbytes(4096))
+        gate = Gate()
+        update = PeriodicUpdate(session, [dest], site, timeout=WAIT, io_size=IO, progress=gate)
+        running = Worker(update.run)
+        gate.wait_reached()  # marked, the destination protected, one run sent
+        # The issue's attack, as it was sent: one line from a plain socket.
+        with socket.create_connection((HOST, remote.control), timeout=WAIT) as attacker:
+            replies = [ask(attacker, {"op": "rollback", "export": "disk"}), line(attacker)]
+            assert closed(attacker)
+        if tls:
+            assert replies == [{}, {}]  # no TLS, no word: the handshake failed
+        else:  # the challenge, then the refusal of the request
+            assert [r["ok"] for r in replies] == [False, False]
+            assert all("authentication required" in r["reason"] for r in replies)
+        # An old client without credentials, and one with the wrong secret.
+        wrong_secret = secret_file(tmp_path, "wrong")
+        wrong_client = Credentials("client", tls_creds=client.tls_creds, secret_file=wrong_secret)
+        for wrong in (None, wrong_client):
+            ack = AgentSite(HOST, remote.control, timeout=WAIT, credentials=wrong).rollback(dest)
+            assert not ack.ok and "authentication" in ack.reason
+        gate.open()
+        (second,) = running.finish()
+        assert second.outcomes == {"disk": "ok"} and dest.state is DestState.CONSISTENT
+        dest.lun.close()
+    assert (exports / "disk").read_bytes() == source.read_bytes()
+    log = (tmp_path / "agent.log").read_text()
+    assert "rollback disk" not in log  # no rollback ever ran
+    assert log.count("refused") >= 3 and "Traceback" not in log
+
+
+def test_serve_control_answers_only_authenticated_clients(tmp_path, source, credentials):
+    secret = secret_file(tmp_path)
+    good = Credentials("client", tls_creds=credentials["good"], secret_file=secret)
+    args = ["serve", str(source), "--listen", f"{HOST}:0", "--control", f"{HOST}:0"]
+    args += ["--tls-creds", str(credentials["good"]), "--secret-file", str(secret)]
+    with daemon(tmp_path / "serve.log", *args) as served:
+        port = served.control
+        assert port is not None
+        # The issue's second attack: one mark from a plain socket made every update fail.
+        with socket.create_connection((HOST, port), timeout=WAIT) as attacker:
+            assert ask(attacker, {"op": "mark"}) == {}
+        certified = Credentials("client", tls_creds=credentials["good"])
+        with pytest.raises(AuthenticationError, match="asks for its shared secret"):
+            certified.connect(HOST, port, WAIT)
+        with good.connect(HOST, port, WAIT) as sock:
+            assert ask(sock, {"id": 1, "op": "status"})["info"]["state"] == "unmarked"
+            assert ask(sock, {"id": 2, "op": "mark"})["ok"]
+            assert ask(sock, {"id": 3, "op": "unmark"})["ok"]
+        served.stop()
+    assert "Traceback" not in (tmp_path / "serve.log").read_text()
+
+
+def test_update_and_rollback_take_the_site_credentials(tmp_path, exports, credentials):
+    secret = secret_file(tmp_path)
+    good = credentials["good"]
+    (tmp_path / "source.img").write_bytes(random.Random(9).randbytes(SIZE))
+    with secured_agent(tmp_path, exports, agent_options(credentials, secret, True)) as remote:
+        site = ["--site", f"{HOST}:{remote.control}", "--timeout", str(WAIT)]
+        isc_run("create", "s", "--source", "source.img", cwd=tmp_path)
+        isc_run("add-dest", "s", with_tls(remote.exports["disk"], good), "--name", "disk",
+                cwd=tmp_path)  # fmt: skip
+        secure = ["--tls-creds", str(good), "--secret-file", str(secret)]
+        isc_run("update", "s", *site, *secure, cwd=tmp_path)
+        assert (exports / "disk").read_bytes() == (tmp_path / "source.img").read_bytes()
+
+        def state() -> dict:
+            # An update marks before it asks the site: a failed one leaves a generation more.
+            report = status_report(str(tmp_path / "s"), read_state(tmp_path / "s"))
+            del report["generation"]
+            return report
+
+        before = state()
+        wrong = secret_file(tmp_path, "wrong")
+        for attempt, why in (
+            ([], "closed the connection"),
+            (["--tls-creds", str(good), "--secret-file", str(wrong)], "authentication failed"),
+        ):
+            done = isc_run("update", "s", *site, *attempt, cwd=tmp_path, check=1)
+            assert why in error_line(done), done.stderr
+            assert state() == before
+        done = isc_run("rollback", "s", "disk", *site, cwd=tmp_path, check=1)
+        assert "closed the connection" in error_line(done)
+        assert state() == before
+        assert (exports / "disk").read_bytes() == (tmp_path / "source.img").read_bytes()
+        (tmp_path / "loose").write_text("0123456789abcdef0123")
+        (tmp_path / "loose").chmod(0o644)
+        done = isc_run("update", "s", *site, "--secret-file", "loose", cwd=tmp_path, check=1)
+        assert "chmod 600" in error_line(done)
+        done = isc_run("update", "s", "--secret-file", str(secret), cwd=tmp_path, check=1)
+        assert "add --site" in error_line(done)
+
+
+@pytest.mark.parametrize(
+    ("options", "why"),
+    [
+        ([], "NBD exports on 0.0.0.0 would take requests from the network"),
+        (["--secret-file", "{secret}"], "NBD exports on 0.0.0.0"),
+        (["--tls-creds", "{good}"], "NBD exports on 0.0.0.0"),
+        (["--tls-creds", "{good}", "--tls=require"], "add --tls=require --tls-verify-peer"),
+    ],
+)
+def test_an_agent_beyond_loopback_needs_tls_and_authentication(
+    tmp_path, exports, credentials, options, why
+):
+    fill = {"good": credentials["good"], "secret": secret_file(tmp_path)}
+    args = ["agent", "--listen", "0.0.0.0:0", "--nbd-port", "0", "--dir", str(exports)]
+    done = isc_run(*args, *(o.format(**fill) for o in options), cwd=tmp_path, check=1)
+    assert why in error_line(done)
+    assert not (exports / ".isc-agent").exists()  # refused before anything was made
+
+
+def test_an_agent_beyond_loopback_with_mutual_tls_or_insecure(tmp_path, exports, credentials):
+    secure = ["--tls-creds", str(credentials["good"]), "--tls=require", "--tls-verify-peer"]
+    with daemon(tmp_path / "open.log", "agent", "--listen", "0.0.0.0:0", "--nbd-port", "0",
+                "--dir", str(exports), "--insecure") as remote:  # fmt: skip
+        remote.stop()
+    assert "without TLS and authentication (--insecure)" in (tmp_path / "open.log").read_text()
+    with daemon(tmp_path / "closed.log", "agent", "--listen", "0.0.0.0:0", "--nbd-port", "0",
+                "--dir", str(exports), *secure) as remote:  # fmt: skip
+        assert all(uri.startswith("nbds://") for uri in remote.exports.values())
+        client = Credentials("client", tls_creds=credentials["good"])
+        site = AgentSite(HOST, remote.control, timeout=WAIT, credentials=client)
+        assert site.status(Destination(None, name="disk")).ok
+        remote.stop()
+    assert "insecure" not in (tmp_path / "closed.log").read_text()
+
+
+def test_serve_control_beyond_loopback_needs_mutual_tls(tmp_path, source, credentials):
+    secret = secret_file(tmp_path)
+    args = ["serve", str(source), "--listen", f"{HOST}:0", "--control", "0.0.0.0:0"]
+    for options in ([], ["--secret-file", str(secret)]):
+        done = isc_run(*args, *options, cwd=tmp_path, check=1)
+        assert (
+            "control port on 0.0.0.0 would take requests from the network without TLS and "
+            "authentication: add --tls-creds DIR" in error_line(done)
+        )
+    secure = ["--tls-creds", str(credentials["good"]), "--secret-file", str(secret)]
+    with daemon(tmp_path / "serve.log", *args, *secure) as served:
+        client = Credentials("client", tls_creds=credentials["good"], secret_file=secret)
+        with client.connect(HOST, served.control, WAIT) as sock:
+            assert ask(sock, {"id": 1, "op": "status"})["ok"]
+        served.stop()
