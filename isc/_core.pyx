@@ -341,11 +341,13 @@ cdef class DeltaBitmap:
             raise _layout.write_range_error(offset, length, self._size)
         return 0
 
-    cdef size_t _record_locked(self, uint64_t lo, uint64_t hi, int64_t *out) noexcept nogil:
-        """Set tracking bits of chunks lo..hi; while marked, flag and emit COFW chunks.
+    cdef size_t _record_locked(self, uint64_t lo, uint64_t hi, int64_t *out,
+                               bint cofw=True) noexcept nogil:
+        """Set tracking bits of chunks lo..hi; while marked and ``cofw``, flag and
+        emit COFW chunks.
 
-        ``out`` needs room for ``hi - lo + 1`` entries when marked. Returns the
-        number of COFW chunks written to ``out``.
+        ``out`` needs room for ``hi - lo + 1`` entries when it may be written.
+        Returns the number of COFW chunks written to ``out``.
         """
         cdef Bits *track = &self._bits[self._t]
         cdef Bits *xfer = &self._bits[1 - self._t]
@@ -360,7 +362,7 @@ cdef class DeltaBitmap:
             if old & m != m:
                 track.words[w] = old | m
                 added += popcount(m & ~old)
-            if self._marked:
+            if self._marked and cofw:
                 c = m & xfer.words[w] & ~self._saved.words[w]
                 if c:
                     self._saved.words[w] |= c
@@ -662,13 +664,16 @@ cdef class DeltaBitmap:
         self._capsaving = cap
         return True
 
-    def record_writes(self, offsets, lengths):
+    def record_writes(self, offsets, lengths, bint cofw=True):
         """Record a batch of host writes, in order; return their COFW chunks concatenated.
 
         ``offsets`` and ``lengths`` are 1-D integer arrays (or sequences) of the
         same length. The batch is atomic with respect to other calls and runs
         without the GIL. If any write lies outside the LUN, raises
         ``RangeError`` naming the first one and records nothing.
+        ``cofw=False`` only sets tracking bits and flags nothing saved, marked
+        or not: for ranges tracked again (what a destination missed), whose
+        data no host write changes, so there is nothing to save.
         """
         offs = np.asarray(offsets)
         lens = np.asarray(lengths)
@@ -701,7 +706,7 @@ cdef class DeltaBitmap:
             raise _layout.write_range_error(int(offs[bad]), int(lens[bad]), size)
         self._acquire()
         with nogil:
-            if self._marked:
+            if self._marked and cofw:
                 # COFW chunks are distinct unsaved transfer chunks: this bounds them.
                 cap = self._bits[1 - self._t].count - self._saved.count
                 out = <int64_t *>malloc(cap * 8 + 8)
@@ -712,7 +717,7 @@ cdef class DeltaBitmap:
                     if n[i]:
                         lo = <uint64_t>o[i] >> self._shift
                         hi = (<uint64_t>o[i] + <uint64_t>n[i] - 1) >> self._shift
-                        total += self._record_locked(lo, hi, out + total)
+                        total += self._record_locked(lo, hi, out + total, cofw)
             self._release()
         if no_memory:
             raise MemoryError(f"cannot allocate the COFW list for {cap} chunks")

@@ -48,7 +48,7 @@ class DeltaBitmap:
             self.writes += 1
             return np.array(self._record_locked(offset, length), dtype=np.int64)
 
-    def record_writes(self, offsets, lengths) -> np.ndarray:
+    def record_writes(self, offsets, lengths, cofw: bool = True) -> np.ndarray:
         offsets = np.asarray(offsets)
         lengths = np.asarray(lengths)
         if offsets.ndim != 1 or offsets.shape != lengths.shape:
@@ -62,7 +62,7 @@ class DeltaBitmap:
         with self._lock:
             self.writes += len(pairs)
             for offset, length in pairs:
-                out.extend(self._record_locked(offset, length))
+                out.extend(self._record_locked(offset, length, cofw))
         return np.array(out, dtype=np.int64)
 
     def begin_write(self, offset: int, length: int) -> np.ndarray:
@@ -156,7 +156,7 @@ class DeltaBitmap:
         if offset < 0 or length < 0 or offset + length > self.size or offset > self.size:
             raise write_range_error(offset, length, self.size)
 
-    def _record_locked(self, offset: int, length: int) -> list[int]:
+    def _record_locked(self, offset: int, length: int, save: bool = True) -> list[int]:
         if length == 0:
             return []
         cofw = []
@@ -164,7 +164,7 @@ class DeltaBitmap:
             offset // self.granularity, (offset + length - 1) // self.granularity + 1
         ):
             self._tracking.add(chunk)
-            if self.marked and chunk in self._transfer and chunk not in self._saved:
+            if save and self.marked and chunk in self._transfer and chunk not in self._saved:
                 self._saved.add(chunk)
                 cofw.append(chunk)
         return cofw

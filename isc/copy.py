@@ -308,7 +308,7 @@ class CopyJob:
 
         def missed() -> None:
             # A destination dropped out: what it had not flushed goes back.
-            bitmap.record_writes(starts[flushed:], ends[flushed:] - starts[flushed:])
+            bitmap.record_writes(starts[flushed:], ends[flushed:] - starts[flushed:], cofw=False)
 
         def restore() -> None:
             session.abandon_mark(generation)
@@ -545,11 +545,11 @@ class CopyJob:
         try:
             self._with_workers(body)
         except BaseException as exc:
+            ended = None if generation is None else session.mark_ended(generation)
             restore()
             result.seconds = time.monotonic() - self._started
             for dest in self._active:
                 result.outcomes.setdefault(dest.name, "interrupted")
-            ended = None if generation is None else session.mark_ended(generation)
             message = f"{result.mode} copy of {session.name} failed: {exc}"
             if ended and ended not in message:
                 message += f" ({ended})"

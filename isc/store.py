@@ -395,6 +395,8 @@ class PersistentSession:
         self._lock_fd = -1
         self._closed = False
         self._checkpointed = False
+        self._receiving: list[Destination] = []
+        """The destinations of the copy :meth:`begin_copy` recorded, until :meth:`save`."""
         self._stamp = None if self._source_lock is None else self._source_lock.stamp()
         """The source's stamp as of this open; ``closed`` once a clean close took it again."""
 
@@ -439,6 +441,12 @@ class PersistentSession:
                 generation = self._log.rotate()
             finally:
                 bitmap.thaw()
+            # The state just taken may record chunks as sent that a destination
+            # still holds in a volatile cache: flush every destination of the
+            # running copy before the checkpoint makes that durable. A flush
+            # that fails leaves the older checkpoint and every log since it.
+            for dest in self._receiving:
+                dest.lun.flush()
             write_atomically(self.directory / f"checkpoint.{generation}", data)
             self._checkpointed = True
             for path in self.directory.iterdir():
@@ -454,6 +462,7 @@ class PersistentSession:
         """
         self.meta = self._current_meta()
         write_atomically(self.directory / METADATA, _encode(self.meta))
+        self._receiving = []
 
     def begin_copy(self, destinations, mode: str) -> None:
         """Record durably that a copy (``mode`` in :data:`COPY_MODES`) to ``destinations`` starts.
@@ -481,6 +490,7 @@ class PersistentSession:
                 dest["state"] = DestState.INCONSISTENT.value
         meta["copy"] = {"mode": mode, "destinations": names}
         write_atomically(self.directory / METADATA, _encode(meta))
+        self._receiving = list(destinations)
 
     def _current_meta(self) -> dict:
         meta = {key: value for key, value in self.meta.items() if key != "copy"}
@@ -636,9 +646,12 @@ class Progress:
     def __call__(self, done: int, total: int) -> None:
         # Not after the last run: the copy's end is saved right after it.
         if self.checkpoints and done - self._checkpointed >= self.every and done < total:
-            for dest in self.destinations:
-                dest.lun.flush()
-            self.stored.checkpoint()
+            try:
+                self.stored.checkpoint()  # it flushes the copy's destinations first
+            except OSError as exc:
+                # A destination that dropped out of the copy cannot flush; the
+                # older checkpoint and the logs still cover everything.
+                log.warning("%s: checkpoint skipped: %s", self.stored.meta["name"], exc)
             self._checkpointed = done
         if self.show:
             if self._bar is None:

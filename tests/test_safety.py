@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import random
+import threading
 
 import pytest
 from helpers import Gate, HookLUN, Worker, Writers, assert_no_lost_change, fill_random
@@ -171,6 +172,19 @@ def test_a_persistent_session_whose_log_fails_keeps_the_cofw(tmp_path):
     assert dest.lun.read(0, 16 * G) == image
 
 
+@pytest.mark.parametrize("bitmap_class", [DeltaBitmap, ReferenceBitmap])
+def test_ranges_tracked_again_while_marked_flag_nothing_saved(bitmap_class):
+    # What a destination that dropped out missed goes back without COFW: a
+    # chunk flagged saved with nothing saved would let a later write skip it.
+    bitmap = bitmap_class(16 * G, G)
+    bitmap.record_write(0, 16 * G)
+    bitmap.mark()
+    cofw = bitmap.record_writes([0, 8 * G], [2 * G, G], cofw=False)
+    assert cofw.tolist() == [] and bitmap.saved_count == 0
+    assert [bitmap.tracking(c) for c in (0, 1, 2, 8, 9)] == [True, True, False, True, False]
+    assert bitmap.record_write(0, 1).tolist() == [0]  # the host write still saves chunk 0
+
+
 # -- hole: a mark aborted between the copy's state check and its extents() ----------------------
 
 
@@ -284,7 +298,7 @@ def test_stress_every_destination_reported_consistent_holds_its_point_in_time(bu
 
     counts = {"ok": 0, "failed": 0, "dropped": 0}
     with Writers(write, 2, seed=12) as writers:
-        for round_ in range(60):
+        for round_ in range(150):
             writers.allow(8)
             writers.pause()
             image = source.read(0, size)
@@ -337,3 +351,142 @@ def test_stress_every_destination_reported_consistent_holds_its_point_in_time(bu
     for dest in dests:
         assert dest.state is DestState.CONSISTENT
         assert dest.lun.read(0, size) == source.read(0, size)
+
+
+# -- durability: a checkpoint follows a flush of what it records as sent ---------------------------
+
+
+class VolatileLUN:
+    """A destination that keeps acknowledged writes in a cache until ``flush``;
+    ``power_cut()`` loses what was not flushed."""
+
+    def __init__(self, lun) -> None:
+        self.lun = lun
+        self.size = lun.size
+        self.closed = False
+        self._cache: dict[int, bytes] = {}
+        self._lock = threading.Lock()
+
+    def write(self, offset: int, data) -> None:
+        with self._lock:
+            self._cache[offset] = bytes(data)
+
+    def readinto(self, offset: int, buffer) -> None:
+        view = memoryview(buffer).cast("B")
+        self.lun.readinto(offset, view)
+        with self._lock:
+            for at, data in self._cache.items():
+                lo, hi = max(at, offset), min(at + len(data), offset + len(view))
+                if lo < hi:
+                    view[lo - offset : hi - offset] = data[lo - at : hi - at]
+
+    def read(self, offset: int, length: int) -> bytes:
+        buffer = bytearray(length)
+        self.readinto(offset, buffer)
+        return bytes(buffer)
+
+    def flush(self) -> None:
+        with self._lock:
+            cache, self._cache = self._cache, {}
+        for at, data in sorted(cache.items()):
+            self.lun.write(at, data)
+        self.lun.flush()
+
+    def power_cut(self) -> None:
+        with self._lock:
+            self._cache.clear()
+
+    def close(self) -> None:
+        self.closed = True
+        self.lun.close()
+
+
+class Crash(BaseException):
+    """The process dies here (raised from a progress hook)."""
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_power_cut_at_a_destination_after_a_checkpoint_loses_no_change(tmp_path, seed):
+    from isc.lun import FileLUN
+    from isc.store import create_session, open_session
+
+    rng = random.Random(seed)
+    size = 64 * G
+    source = FileLUN.create(tmp_path / "source.img", size)
+    fill_random(source, rng)
+    source.close()
+    FileLUN.create(tmp_path / "dest.img", size).close()
+    state = tmp_path / "state"
+    create_session(state, str(tmp_path / "source.img"), granularity=G)
+    stored, _ = open_session(state, checkpoint_interval=3600)
+    stored.add_destination(str(tmp_path / "dest.img"), "d0")
+    with stored:
+        CopyJob(stored.session, stored.destinations).full(marked=False)
+        stored.save()
+    stored, _ = open_session(state, checkpoint_interval=3600)
+    session, (dest,) = stored.session, stored.destinations
+    for _ in range(12):
+        length = rng.randrange(1, 3 * G)
+        session.write(rng.randrange(0, size - length), rng.randbytes(length))
+    volatile = dest.lun = VolatileLUN(dest.lun)
+    crash_at = rng.randrange(1, 8)
+    runs = 0
+
+    def progress(done: int, total: int) -> None:
+        nonlocal runs
+        runs += 1
+        if runs == crash_at:
+            stored.checkpoint()  # the checkpointer thread may take one at any time
+            volatile.power_cut()
+            raise Crash
+
+    stored.begin_copy([dest], "incremental")
+    session.mark()
+    with pytest.raises(Crash):
+        CopyJob(
+            session, [dest], io_size=2 * G, flush_every=1 << 30, progress=progress
+        ).incremental()
+    stored._stop_checkpointer()
+    stored._release()  # what a crash leaves: nothing more written
+    reopened, recovery = open_session(state)
+    with reopened:
+        assert recovery.interrupted_copy
+        (dest,) = reopened.destinations
+        assert dest.state is not DestState.CONSISTENT
+        assert_no_lost_change(reopened.session, dest.lun)
+
+
+def test_a_destination_that_cannot_flush_drops_out_and_checkpoints_go_on_without_it(tmp_path):
+    from isc.lun import FileLUN
+    from isc.store import Progress, copy, create_session, open_session
+
+    size = 64 * G
+    source = FileLUN.create(tmp_path / "source.img", size)
+    fill_random(source, random.Random(3))
+    source.close()
+    state = tmp_path / "state"
+    create_session(state, str(tmp_path / "source.img"), granularity=G)
+    with open_session(state, checkpoint_interval=3600)[0] as stored:
+        for name in ("good", "bad"):
+            FileLUN.create(tmp_path / f"{name}.img", size).close()
+            stored.add_destination(str(tmp_path / f"{name}.img"), name)
+        copy(stored, "full")
+        good, bad = stored.destinations
+        bad.lun = HookLUN(bad.lun)
+        bad.lun.fail_flush = True
+        stored.session.write(0, random.Random(4).randbytes(size // 2))
+        stored.session.mark()
+        progress = Progress(stored, stored.destinations, every=4 * G, bar=False)
+        result = copy(stored, "incremental", progress=progress, io_size=4 * G, flush_every=8 * G)
+        assert result.outcomes["good"] == "ok" and result.outcomes["bad"].startswith("flush")
+        assert good.state is DestState.CONSISTENT and bad.state is DestState.INCONSISTENT
+        bad.lun = bad.lun.lun
+    reopened, _ = open_session(state)
+    with reopened:
+        good, bad = reopened.destinations
+        assert good.state is DestState.CONSISTENT and bad.state is DestState.INCONSISTENT
+        assert good.lun.read(0, size) == reopened.session.read(0, size)
+        assert_no_lost_change(reopened.session, bad.lun)
+        reopened.session.mark()
+        copy(reopened, "incremental")
+        assert bad.lun.read(0, size) == reopened.session.read(0, size)
