@@ -11,9 +11,10 @@ What both sides speak
 - the *fixed newstyle* handshake, with ``NBD_FLAG_NO_ZEROES``;
 - options ``NBD_OPT_GO`` and ``NBD_OPT_INFO`` (information ``NBD_INFO_EXPORT``,
   ``NBD_INFO_NAME``, ``NBD_INFO_BLOCK_SIZE``), ``NBD_OPT_EXPORT_NAME`` (the
-  client's fallback when a server lacks ``NBD_OPT_GO``), ``NBD_OPT_LIST`` and
-  ``NBD_OPT_ABORT``. The server answers every other option (structured
-  replies, TLS, metadata contexts ...) with ``NBD_REP_ERR_UNSUP``;
+  client's fallback when a server lacks ``NBD_OPT_GO``), ``NBD_OPT_LIST``,
+  ``NBD_OPT_ABORT`` and ``NBD_OPT_STARTTLS`` (TLS, below). The server
+  answers every other option (structured replies, metadata contexts ...)
+  with ``NBD_REP_ERR_UNSUP``;
 - *simple replies* only; commands READ, WRITE (with the FUA flag), FLUSH and
   DISC, plus WRITE_ZEROES on the server;
 - the spec's error values (EPERM, EIO, ENOMEM, EINVAL, ENOSPC, EOVERFLOW,
@@ -30,7 +31,8 @@ share the connection and the window, each reply going to the call that sent
 its handle, so one thread's requests keep the wire busy while another's wait;
 a call returns once all its own requests are answered.
 The URI forms are those of the NBD URI spec (``doc/uri.md``):
-``nbd://host[:port][/export]`` and ``nbd+unix:///[export]?socket=PATH``.
+``nbd://host[:port][/export]`` and ``nbd+unix:///[export]?socket=PATH``,
+and their TLS forms ``nbds://`` and ``nbds+unix://``.
 
 The server
 ----------
@@ -41,6 +43,20 @@ client that vanishes mid-request leaves no partial write; malformed requests
 get an error reply (or, when the stream cannot be resynchronised, a dropped
 connection) and never reach the LUN. Replies to one connection's requests may
 come out of order, as the spec allows.
+
+TLS (the spec's "TLS support"; credentials in :mod:`isc.tls`)
+-------------------------------------------------------------
+The server's :class:`~isc.tls.ServerTLS` mode is nbdkit's: without one it
+answers ``NBD_OPT_STARTTLS`` with ``NBD_REP_ERR_UNSUP`` (NOTLS); "on" lets
+each client choose; "require" (FORCEDTLS) answers every option before TLS
+but ``NBD_OPT_STARTTLS`` and ``NBD_OPT_ABORT`` with
+``NBD_REP_ERR_TLS_REQD`` and drops a client that sends
+``NBD_OPT_EXPORT_NAME`` or lacks fixed newstyle. With ``verify_peer`` a
+client needs a certificate signed by the server's CA. A failed handshake
+drops that client with a log line. An ``nbds`` URI makes :class:`NBDLUN`
+send ``NBD_OPT_STARTTLS`` before any other option and refuse a server that
+does not accept it: it never falls back to plaintext. TLS costs CPU on both
+ends per byte; the NBD messages are unchanged inside it.
 """
 
 from __future__ import annotations
@@ -328,7 +344,8 @@ def _protocol_error(what: str) -> OSError:
 class NBDLUN(_BaseLUN):
     """A LUN on an NBD export, over one connection (the module docstring has the details).
 
-    ``uri`` is ``nbd://host[:port][/export]`` or ``nbd+unix:///[export]?socket=PATH``.
+    ``uri`` is ``nbd://host[:port][/export]`` or ``nbd+unix:///[export]?socket=PATH``,
+    or with TLS ``nbds://...``, ``nbds+unix://...`` (:func:`parse_uri`).
     ``timeout`` (seconds; None waits forever) bounds the connect, the
     handshake and every wait for the server during I/O.
 
@@ -337,7 +354,9 @@ class NBDLUN(_BaseLUN):
     error (``ConnectionRefusedError``, ``FileNotFoundError`` for a missing
     socket, ``TimeoutError`` ...), ``FileNotFoundError`` when the server has no
     such export, ``PermissionError`` when it refuses it, errno ``EPROTO`` when
-    it breaks the protocol.
+    it breaks the protocol, :class:`~isc.tls.AuthenticationError` (a
+    ``PermissionError``) for an ``nbds`` URI when the server offers no TLS or
+    either end refuses the other's certificate.
 
     After the handshake, an error the server reports for a request raises
     ``OSError`` with its errno, once every other request of the call is
