@@ -973,6 +973,8 @@ class NBDServer:
     name; the default export "" reaches the LUN too. ``workers`` threads run
     the LUN I/O of all clients but small WRITEs, which run on the server's
     event loop thread in the order they arrive (:data:`_INLINE_WRITE`).
+    ``tls`` (:class:`~isc.tls.ServerTLS`) offers or requires TLS (the module
+    docstring); without it the server speaks plaintext only.
 
     Serve with ``await serve(...)``/``serve_unix(...)`` in a running event
     loop, or from a background thread with :meth:`start`/:meth:`start_unix`;
