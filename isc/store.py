@@ -109,12 +109,12 @@ region, so the host writes that follow it pay a log record each again."""
 
 
 def is_uri(target: str) -> bool:
-    """Whether ``target`` names an NBD export (``nbd://``, ``nbd+unix://``) rather than a path."""
+    """Whether ``target`` names an NBD export (``nbd[s]://``, ``nbd[s]+unix://``), not a path."""
     return _URI.match(target) is not None
 
 
 def open_lun(target: str):
-    """Open a LUN from a path or an NBD URI (``nbd://``, ``nbd+unix://``)."""
+    """Open a LUN from a path or an NBD URI (``nbd[s]://``, ``nbd[s]+unix://``: TLS with an s)."""
     if is_uri(target):
         from isc.nbd import NBDLUN
 
