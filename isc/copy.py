@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from isc import fingerprint
 from isc.errors import CopyError, ParameterError, StateError
 from isc.session import Session
 
@@ -94,6 +95,9 @@ class Destination:
         """The session epoch this destination is in step with; None until its first copy."""
         self.protected_state: DestState | None = None
         """The state this destination had when its site last protected it."""
+        self.samples: list[fingerprint.Sample] = []
+        """Checksums of a few of its chunks, checked before an incremental copy
+        relies on it (:mod:`isc.fingerprint`)."""
 
     def in_step(self, session: Session) -> bool:
         """Whether every chunk where this destination may differ from ``session``'s
@@ -122,6 +126,8 @@ class CopyResult:
     seconds: float = 0.0
     cofw_chunks: int = 0
     outcomes: dict[str, str] = field(default_factory=dict)
+    replaced: dict[str, str] = field(default_factory=dict)
+    """Destinations found replaced before the copy (they became NEW), and why."""
 
 
 class CopyCancelled(Exception):
@@ -197,6 +203,8 @@ class CopyJob:
         self._pool: ThreadPoolExecutor | None = None  # while a copy runs, if workers > 1
         self._active = list(self.destinations)
         """The destinations still in the running copy (one that fails drops out)."""
+        self.replaced: dict[str, str] = {}
+        """Destinations :meth:`check_destinations` found replaced, by name, with why."""
         self._host_writes = 0  # the session's write count at the last run
 
     def cancel(self, reason: str | None = None) -> None:
@@ -228,18 +236,54 @@ class CopyJob:
                 else f"{session.name} is unmarked: an incremental copy sends a marked "
                 "point in time; mark the session first"
             )
+        self.check_destinations()
+        replaced = self.replaced
         stale = [d for d in self.destinations if not d.in_step(session)]
         donor = next((d for d in self.destinations if d.in_step(session)), None)
         if stale and bitmap.transfer_count != bitmap.chunks and donor is None:
             names = ", ".join(d.name for d in stale)
+            why = "".join(f"; {name}: {reason}" for name, reason in replaced.items())
             raise StateError(
-                f"destination(s) {names} of {session.name} are new or missed an earlier "
-                "copy and no destination of this copy is in step to seed them from; "
-                "unmark the session and run a full copy"
+                f"destination(s) {names} of {session.name} are new, replaced or missed an "
+                "earlier copy and no destination of this copy is in step to seed them "
+                f"from; unmark the session and run a full copy{why}"
             )
         if bitmap.transfer_count == bitmap.chunks:
             stale = []
-        return self._marked_copy("incremental", donor, stale)
+        result = self._marked_copy("incremental", donor, stale)
+        result.replaced = dict(self.replaced)
+        return result
+
+    def check_destinations(self) -> dict[str, str]:
+        """Rule 12: find destinations replaced or wiped since the copy that wrote them.
+
+        Each destination in step with samples is checked (:mod:`isc.fingerprint`);
+        one that fails becomes NEW and out of step, so the next copy gives it
+        every chunk (seeded from a destination in step, or a full copy).
+        Returns the destinations found replaced, by name, with why, and adds
+        them to :attr:`replaced`. A destination that cannot be read is left
+        to the copy to find out.
+        """
+        session = self.session
+        replaced = {}
+        for dest in self.destinations:
+            if not (dest.samples and dest.in_step(session)):
+                continue
+            try:
+                reason = fingerprint.mismatch(
+                    dest.lun, dest.samples, session.bitmap, session.granularity, session.source.size
+                )
+            except Exception as exc:
+                log.warning("%s: cannot check destination %s: %s", session.name, dest.name, exc)
+                continue
+            if reason is not None:
+                log.warning(
+                    "%s: destination %s needs every chunk: %s", session.name, dest.name, reason
+                )
+                dest.state, dest.epoch, dest.samples = DestState.NEW, None, []
+                replaced[dest.name] = reason
+        self.replaced.update(replaced)
+        return replaced
 
     def full(self, marked: bool = True) -> CopyResult:
         """Copy the whole source: marked (ends CONSISTENT) or unmarked (ends INCONSISTENT).
@@ -285,6 +329,9 @@ class CopyJob:
             ends = np.minimum((runs[:, 0] + runs[:, 1]) * g, size)
             result.bytes_total = int((ends - starts).sum())
             buffer = memoryview(bytearray(self.io_size))
+            for dest in self.destinations:
+                # The chunks this copy may write are about to change.
+                dest.samples = [] if dest in stale else fingerprint.prune(dest.samples, bitmap)
             if stale:
                 self._seed(donor, stale, starts, ends, buffer, result)
             self._join()
@@ -302,6 +349,7 @@ class CopyJob:
                     flushed = sent
             self._flush(result)
             flushed = sent
+            self._sample(runs if not stale else np.array([[0, bitmap.chunks]]))
             # Whatever the number of runs (none at all too), the copy holds the
             # point in time only if its mark lasted to the end.
             session.finish_mark(generation)
@@ -361,6 +409,7 @@ class CopyJob:
                     flushed = done
             self._flush(result)
             flushed = done
+            self._sample(np.array([[0, session.bitmap.chunks]]))
 
         def put_back() -> None:
             # Tracking was cleared when the copy began: what was not sent and
@@ -370,9 +419,27 @@ class CopyJob:
         with session.marks_held("an unmarked full copy is running"):
             for dest in self.destinations:
                 dest.state = DestState.INCONSISTENT
+                dest.samples = []
             session.bitmap.clear_tracking()
             self._run(result, send_all, put_back, put_back)
         return result
+
+    def _sample(self, runs: np.ndarray) -> None:
+        """New fingerprint samples of every destination still in the copy, among ``runs``.
+
+        Samples of chunks seeded outside ``runs`` are not needed: one sample set
+        per copy is enough to find a replaced destination.
+        """
+        session = self.session
+        for dest in self._active:
+            try:
+                taken = fingerprint.take(dest.lun, runs, session.granularity, session.source.size)
+            except Exception as exc:
+                log.warning("%s: cannot sample destination %s: %s", session.name, dest.name, exc)
+                dest.samples = []
+                continue
+            if taken:
+                dest.samples = taken
 
     # -- shared steps ------------------------------------------------------------------
     def _run_size(self) -> int:

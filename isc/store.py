@@ -80,6 +80,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+from isc import fingerprint
 from isc._core import DeltaBitmap
 from isc.copy import CopyJob, CopyResult, Destination, DestState
 from isc.errors import CorruptMetadata, IscError, ParameterError, StateError
@@ -379,9 +380,9 @@ class PersistentSession:
                 else:
                     lun = _open_named(d["target"], what)
                 opened.callback(lun.close)
-                self.destinations.append(
-                    Destination(lun, d["name"], DestState(d["state"]), d["epoch"])
-                )
+                dest = Destination(lun, d["name"], DestState(d["state"]), d["epoch"])
+                dest.samples = [(chunk, crc) for chunk, crc in d.get("samples", [])]
+                self.destinations.append(dest)
             opened.pop_all()
         self.session.epoch = meta["epoch"]
         self._targets = {d["name"]: d["target"] for d in meta["destinations"]}
@@ -485,9 +486,14 @@ class PersistentSession:
                 f"{self.meta['name']}; got {mode!r} and unknown {unknown}"
             )
         meta = self._current_meta()
+        bitmap = self.session.bitmap
         for dest in meta["destinations"]:
             if dest["name"] in names:
                 dest["state"] = DestState.INCONSISTENT.value
+                # Samples of chunks the copy may write would disagree after a crash
+                # for a good reason (isc.fingerprint): keep only the others.
+                samples = [] if mode != "incremental" else dest["samples"]
+                dest["samples"] = [list(s) for s in fingerprint.prune(samples, bitmap)]
         meta["copy"] = {"mode": mode, "destinations": names}
         write_atomically(self.directory / METADATA, _encode(meta))
         self._receiving = list(destinations)
@@ -501,6 +507,7 @@ class PersistentSession:
                 "target": self._targets[d.name],
                 "state": d.state.value,
                 "epoch": d.epoch,
+                "samples": [list(sample) for sample in d.samples],
             }
             for d in self.destinations
         ]
@@ -747,6 +754,14 @@ def _count(value: object, low: int = 0) -> bool:
     return type(value) is int and value >= low
 
 
+def _samples_ok(samples: object) -> bool:
+    """Whether ``samples`` is a list of [chunk, crc32] pairs (isc.fingerprint)."""
+    return isinstance(samples, list) and all(
+        isinstance(s, list) and len(s) == 2 and _count(s[0]) and _count(s[1]) and s[1] < 1 << 32
+        for s in samples
+    )
+
+
 def _meta_problem(meta: dict) -> str | None:
     """What is wrong with a session file's fields, or None.
 
@@ -780,8 +795,9 @@ def _meta_problem(meta: dict) -> str | None:
             and isinstance(dest.get("target"), str)
             and dest.get("state") in states
             and (dest.get("epoch") is None or _count(dest.get("epoch")))
+            and _samples_ok(dest.get("samples", []))
         ):
-            return f"destination {dest!r} is not {{name, target, state, epoch}}"
+            return f"destination {dest!r} is not {{name, target, state, epoch, samples}}"
     names = [dest["name"] for dest in dests]
     if len(set(names)) != len(names):
         return f"destination names repeat: {names}"

@@ -155,6 +155,8 @@ class PeriodicUpdate:
         with update_locks(self.members):
             # Build the jobs first: bad copy options are refused before anything changes.
             jobs = [CopyJob(s, d, **self.copy_options) for s, d in self.members]
+            for job in jobs:
+                job.check_destinations()  # rule 12: a replaced destination needs a full mark
             sessions = [s for s, _ in self.members]
             # A destination that is new or missed a copy, with no member
             # destination in step to seed it from, needs a full mark.

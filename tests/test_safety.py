@@ -329,6 +329,7 @@ def test_stress_every_destination_reported_consistent_holds_its_point_in_time(bu
             else:
                 counts["ok"] += 1
             writers.pause()
+            assert job.replaced == {}  # rule 12 never mistakes a failed copy for a replacement
             for dest in dests:
                 ok = result.outcomes.get(dest.name) == "ok"
                 counts["dropped"] += not ok

@@ -1,0 +1,104 @@
+"""Destination fingerprints: a destination is the one it was (rule 12).
+
+An incremental copy sends only what changed, so it relies on the
+destination still holding what the copies before it sent. A destination that
+was replaced or wiped since (a volume re-created, an ``nbdkit memory``
+target restarted) would take the increment and be reported CONSISTENT while
+it holds a mix. Before an incremental copy relies on a destination, isc
+checks a few of its chunks against checksums it took after the last copy
+that wrote them:
+
+===============  ===========================================================
+after a copy     each destination that completed it gets :data:`SAMPLES`
+                 fresh samples ``(chunk, crc32)``, read back from the
+                 destination, chosen at random among the chunks the copy
+                 wrote, chunks holding data preferred over zero-filled ones;
+                 a copy that wrote nothing keeps the samples it found
+before a copy    samples of chunks the copy may write are dropped first
+                 (they are about to change), so a failed copy leaves none
+                 that could disagree with the destination for a good reason
+check            each remaining sample whose chunk is not in the tracking or
+                 transfer bitmap (those may differ for a good reason) is
+                 read from the destination; one mismatch makes the
+                 destination NEW: its next copy is a full one
+===============  ===========================================================
+
+Cost: :data:`SAMPLES` chunk reads per destination per copy, and as many
+again to take new samples (twice that while looking for non-zero chunks).
+
+How likely a replaced destination escapes: it must hold, in every sampled
+chunk, exactly the bytes the last copy left there. A wiped or fresh
+destination (zeros) escapes only when every sampled chunk of the image is
+zero-filled, which the preference for data makes rare: only an image with
+fewer than :data:`SAMPLES` non-zero chunks among those the copy wrote.
+A destination replaced by a copy of itself escapes, rightly: it holds the
+same image. The samples are random, so a destination whose damage is
+limited to some chunks is found only when a sample falls in one of them:
+this is a guard against replacement, not a scrub.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import zlib
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+SAMPLES = 4
+"""Chunks of each destination whose checksum is kept after a copy."""
+
+Sample = tuple[int, int]
+"""``(chunk, crc32 of its bytes on the destination)``."""
+
+_random = random.SystemRandom()
+
+
+def _chunk(lun, chunk: int, granularity: int, size: int) -> bytes:
+    start = chunk * granularity
+    return lun.read(start, min(granularity, size - start))
+
+
+def take(lun, runs: np.ndarray, granularity: int, size: int) -> list[Sample]:
+    """Fresh samples of ``lun`` among the chunks of ``runs`` ((first, count) rows).
+
+    Reads up to ``2 * SAMPLES`` chunks from ``lun`` and keeps :data:`SAMPLES`,
+    those holding data first. Returns ``[]`` when ``runs`` is empty.
+    """
+    counts = runs[:, 1] if len(runs) else np.empty(0, dtype=np.int64)
+    total = int(counts.sum())
+    if not total:
+        return []
+    picks = sorted(_random.sample(range(total), min(2 * SAMPLES, total)))
+    ends = np.cumsum(counts)
+    found = []
+    for pick in picks:
+        row = int(np.searchsorted(ends, pick, side="right"))
+        chunk = int(runs[row, 0]) + pick - int(ends[row] - counts[row])
+        data = _chunk(lun, chunk, granularity, size)
+        found.append((data.count(0) == len(data), chunk, zlib.crc32(data)))
+    found.sort(key=lambda f: f[0])  # chunks holding data first (the sort is stable)
+    return sorted((chunk, crc) for _, chunk, crc in found[:SAMPLES])
+
+
+def prune(samples: list[Sample], bitmap) -> list[Sample]:
+    """``samples`` without those whose chunk is in the tracking or transfer bitmap."""
+    return [(c, crc) for c, crc in samples if not (bitmap.tracking(c) or bitmap.transfer(c))]
+
+
+def mismatch(lun, samples: list[Sample], bitmap, granularity: int, size: int) -> str | None:
+    """How ``lun`` differs from its samples, or None when every checked sample matches.
+
+    Samples of chunks in the tracking or transfer bitmap are skipped (those
+    chunks may differ for a good reason). Read errors propagate.
+    """
+    for chunk, crc in prune(samples, bitmap):
+        data = _chunk(lun, chunk, granularity, size)
+        if zlib.crc32(data) != crc:
+            return (
+                f"chunk {chunk} does not hold what the last copy wrote there "
+                "(the destination was replaced or overwritten)"
+            )
+    return None

@@ -1,0 +1,157 @@
+"""Rule 12: a destination replaced or wiped since the copy that wrote it is found
+before an incremental copy relies on it, and gets every chunk instead."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from helpers import HookLUN, assert_no_lost_change, fill_random
+from test_nbd import nbdkit
+
+from isc import MemoryLUN
+from isc.copy import CopyJob, Destination, DestState
+from isc.errors import StateError
+from isc.fingerprint import SAMPLES
+from isc.remote import LocalSite
+from isc.session import Session
+from isc.update import PeriodicUpdate
+
+G = 4096
+SIZE = 64 * G
+
+
+def updated(dests: int = 1, lun=MemoryLUN):
+    """A session on random data, its destinations CONSISTENT after a full and an incremental."""
+    source = MemoryLUN(SIZE)
+    fill_random(source, random.Random(1))
+    session = Session(source, G)
+    destinations = [Destination(HookLUN(lun(SIZE)), f"d{i}") for i in range(dests)]
+    CopyJob(session, destinations).full()
+    scribble(session, random.Random(2))
+    session.mark()
+    CopyJob(session, destinations).incremental()
+    return session, destinations
+
+
+def scribble(session: Session, rng: random.Random, writes: int = 6) -> None:
+    for _ in range(writes):
+        length = rng.randrange(1, 3 * G)
+        session.write(rng.randrange(0, SIZE - length), rng.randbytes(length))
+
+
+def test_every_copy_leaves_samples_of_chunks_holding_data():
+    _, (dest,) = updated()
+    assert len(dest.samples) == SAMPLES
+    for chunk, _ in dest.samples:
+        assert dest.lun.read(chunk * G, G) != bytes(G)
+
+
+def test_a_wiped_destination_gets_a_full_mark_from_the_update():
+    session, (dest,) = updated()
+    dest.lun = HookLUN(MemoryLUN(SIZE))  # replaced by an empty volume
+    scribble(session, random.Random(3))
+    (result,) = PeriodicUpdate(session, [dest], LocalSite()).run()
+    assert result.bytes_sent == SIZE  # everything, not the increment
+    assert dest.state is DestState.CONSISTENT
+    assert dest.lun.read(0, SIZE) == session.read(0, SIZE)
+
+
+def test_a_replaced_destination_is_seeded_from_one_in_step():
+    session, (good, swapped) = updated(2)
+    image = bytearray(swapped.lun.read(0, SIZE))
+    for chunk, _ in swapped.samples:
+        image[chunk * G] ^= 0xFF  # another volume: same size, other bytes
+    swapped.lun = HookLUN(MemoryLUN(SIZE))
+    swapped.lun.write(0, bytes(image))
+    scribble(session, random.Random(4))
+    session.mark()
+    result = CopyJob(session, [good, swapped]).incremental()
+    assert "does not hold what the last copy wrote" in result.replaced["d1"]
+    assert result.bytes_seeded
+    for dest in (good, swapped):
+        assert dest.state is DestState.CONSISTENT
+        assert dest.lun.read(0, SIZE) == session.read(0, SIZE)
+
+
+def test_a_replaced_destination_with_no_donor_refuses_the_incremental_and_says_why():
+    session, (dest,) = updated()
+    dest.lun = HookLUN(MemoryLUN(SIZE))
+    session.mark()
+    with pytest.raises(StateError, match=r"d0: chunk \d+ does not hold what the last copy wrote"):
+        CopyJob(session, [dest]).incremental()
+    assert dest.state is DestState.NEW and dest.lun.writes == 0
+    session.unmark()
+    CopyJob(session, [dest]).full()
+    assert dest.lun.read(0, SIZE) == session.read(0, SIZE)
+
+
+def test_a_failed_copy_never_makes_its_destination_look_replaced():
+    # The chunks a failed copy wrote differ from the samples for a good reason:
+    # the copy dropped those samples before writing.
+    session, (dest,) = updated()
+    rng = random.Random(5)
+    for attempt in range(20):
+        scribble(session, rng, 10)
+        session.mark()
+        dest.lun.fail_at = dest.lun.writes + rng.randrange(1, 6)
+        job = CopyJob(session, [dest], io_size=2 * G, flush_every=2 * G)
+        with pytest.raises(Exception, match="injected"):
+            job.incremental()
+        assert job.replaced == {}, attempt
+        assert_no_lost_change(session, dest.lun)
+        dest.lun.fail_at = None
+        session.mark()
+        job = CopyJob(session, [dest], io_size=2 * G)
+        job.incremental()
+        assert job.replaced == {} and dest.state is DestState.CONSISTENT
+
+
+def test_a_restarted_nbdkit_memory_target_is_found_wiped(tmp_path):
+    from isc.nbd import NBDLUN
+
+    source = MemoryLUN(SIZE)
+    fill_random(source, random.Random(6))
+    session = Session(source, G)
+    with nbdkit(tmp_path, "memory", f"size={SIZE}") as remote:
+        dest = Destination(NBDLUN(remote.uri), "memory")
+        CopyJob(session, [dest]).full()
+        scribble(session, random.Random(7))
+        session.mark()
+        CopyJob(session, [dest]).incremental()
+        dest.lun.close()
+    scribble(session, random.Random(8))
+    (tmp_path / "nbdkit.sock").unlink()
+    with nbdkit(tmp_path, "memory", f"size={SIZE}") as remote:  # the same address, wiped
+        dest.lun = NBDLUN(remote.uri)
+        try:
+            (result,) = PeriodicUpdate(session, [dest], LocalSite()).run()
+            assert result.bytes_sent == SIZE
+            assert dest.state is DestState.CONSISTENT
+            assert dest.lun.read(0, SIZE) == session.read(0, SIZE)
+        finally:
+            dest.lun.close()
+
+
+def test_samples_survive_a_reopen_of_a_persistent_session(tmp_path):
+    from isc.lun import FileLUN
+    from isc.store import copy, create_session, open_session
+
+    source = FileLUN.create(tmp_path / "source.img", SIZE)
+    fill_random(source, random.Random(9))
+    source.close()
+    FileLUN.create(tmp_path / "dest.img", SIZE).close()
+    create_session(tmp_path / "state", str(tmp_path / "source.img"), granularity=G)
+    with open_session(tmp_path / "state")[0] as stored:
+        stored.add_destination(str(tmp_path / "dest.img"), "d0")
+        copy(stored, "full")
+        samples = stored.destinations[0].samples
+        assert len(samples) == SAMPLES
+    with open(tmp_path / "dest.img", "r+b") as wipe:
+        wipe.write(bytes(SIZE))
+    with open_session(tmp_path / "state")[0] as stored:
+        assert stored.destinations[0].samples == samples
+        stored.session.mark()
+        with pytest.raises(StateError, match="replaced"):
+            copy(stored, "incremental")
+        assert stored.destinations[0].state is DestState.NEW
