@@ -41,7 +41,7 @@ from test_nbd import sparse
 from isc import Destination, DestState, FileLUN, IscError, Session
 from isc.agent import HEAD_SIZE, HEADER_SIZE, Agent, Journal, open_regular, run_agent
 from isc.nbd import NBDLUN
-from isc.remote import PROTECT_GRANULARITY, AgentSite
+from isc.remote import PROTECT_GRANULARITY, Ack, AgentSite
 from isc.store import create_session, open_session, read_state
 from isc.update import PeriodicUpdate, UpdateError, rollback
 
@@ -290,6 +290,13 @@ def state(tmp_path: Path, volumes) -> Path:
     return directory
 
 
+class ImpatientRollback(AgentSite):
+    """An agent site that waits half a second for a rollback's answer, as long as told else."""
+
+    def rollback(self, dest: Destination, timeout: float | None = None) -> Ack:
+        return super().rollback(dest, 0.5)
+
+
 def test_a_rollback_answered_too_late_counts_as_done(tmp_path: Path, volumes):
     source, exports = volumes
     rng = random.Random(SEED + 3)
@@ -304,9 +311,8 @@ def test_a_rollback_answered_too_late_counts_as_done(tmp_path: Path, volumes):
         gate = Gate()
         hold_after(agent, "rollback", gate)
         try:
-            impatient = AgentSite(HOST, port, timeout=0.5)
             with pytest.raises(UpdateError, match=r"within 0\.5 s; it may have happened"):
-                rollback(session, dest, impatient, timeout=0.5)
+                rollback(session, dest, ImpatientRollback(HOST, port), timeout=WAIT)
             assert gate.reached.is_set()
         finally:
             gate.open()
