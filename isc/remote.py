@@ -37,6 +37,7 @@ import socket
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from isc.auth import Credentials, connect
 from isc.copy import Destination
 from isc.errors import IscError, ParameterError
 from isc.lun import ForwardingLUN
@@ -290,12 +291,27 @@ class AgentSite(RequestSite):
     JSON line and waits up to ``timeout`` seconds (default ``timeout`` of the
     site) for the reply line; an agent that is down, slow or answers
     nonsense gives a failed :class:`Ack` saying so.
+
+    ``credentials`` (a client's :class:`~isc.auth.Credentials`: mutual TLS, a
+    shared secret or both) authenticate each connection both ways before the
+    request goes out; a failure on either side is a failed :class:`Ack`
+    whose reason says which, and the request was never sent.
     """
 
-    def __init__(self, host: str, port: int, *, timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        timeout: float = 30.0,
+        credentials: Credentials | None = None,
+    ) -> None:
+        if credentials is not None and credentials.endpoint != "client":
+            raise ParameterError(f"an agent site needs client credentials, got {credentials!r}")
         self.host = host
         self.port = port
         self.timeout = timeout
+        self.credentials = credentials
 
     def _request(self, op: str, dest: Destination, timeout: float | None) -> Ack:
         rid = self._next_id()
@@ -304,7 +320,7 @@ class AgentSite(RequestSite):
         line = json.dumps({"id": rid, "op": op, "export": dest.name}).encode() + b"\n"
         sent = False  # once the whole line is out, the agent may act on it
         try:
-            with socket.create_connection((self.host, self.port), timeout=wait) as sock:
+            with connect(self.host, self.port, wait, self.credentials) as sock:
                 sock.settimeout(wait)
                 sock.sendall(line)
                 sent = True
