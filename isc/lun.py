@@ -493,9 +493,10 @@ class ReconnectingLUN(_BaseLUN):
                                   the time to the next try while backing off), or
                                   its connection broke during the call ("... lost
                                   its connection: ..."); the next call reconnects
+    ``RangeError``                outside ``[0, size)``, before anything is tried
     ``StateError``                after :meth:`close`
-    anything else                 as the LUN underneath raises it (``RangeError``, an
-                                  error the server reports ...)
+    anything else                 as the LUN underneath raises it (an error the
+                                  server reports ...)
     ============================  ====================================================
 
     A LUN smaller than ``size`` counts as unreachable. ``clock`` (seconds,
@@ -542,12 +543,15 @@ class ReconnectingLUN(_BaseLUN):
         return self._problem
 
     def read(self, offset: int, length: int) -> bytes:
+        self._in_range(offset, length)
         return self._use(lambda lun: lun.read(offset, length))
 
     def readinto(self, offset: int, buffer: BytesLike) -> None:
+        self._in_range(offset, memoryview(buffer).nbytes)
         self._use(lambda lun: lun.readinto(offset, buffer))
 
     def write(self, offset: int, data: BytesLike) -> None:
+        self._in_range(offset, memoryview(data).nbytes)
         self._use(lambda lun: lun.write(offset, data))
 
     def flush(self) -> None:
@@ -560,6 +564,11 @@ class ReconnectingLUN(_BaseLUN):
             lun, self._lun = self._lun, None
         if lun is not None:
             lun.close()
+
+    def _in_range(self, offset: int, length: int) -> None:
+        """``RangeError`` outside ``[0, size)``, before the LUN is opened."""
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise self._range_error(offset, length)
 
     def _opened(self) -> LUN:
         """The open LUN, opened now if it is not; ``ConnectionError`` when it cannot be."""

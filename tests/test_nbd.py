@@ -1141,6 +1141,9 @@ def test_a_reconnecting_lun_backs_off_while_its_server_stays_down(tmp_path: Path
     data = MemoryLUN(MIB)
     with reconnecting(uri, MIB, clock=lambda: now[0]) as lun:
         assert lun.problem is None and not lun.opens  # nothing is tried before the first use
+        with pytest.raises(RangeError):
+            lun.write(MIB - 1, b"xy")
+        assert not lun.opens
         with pytest.raises(ConnectionError, match=re.escape(f"d at {uri} is unreachable: No such")):
             lun.write(0, b"x")
         assert lun.problem == f"destination d at {uri} is unreachable: No such file or directory"
