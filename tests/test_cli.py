@@ -233,7 +233,7 @@ def test_missing_session(work: Path) -> None:
         ([], ["unmark", "s"], "s is not marked; there is nothing to unmark"),
         ([["mark", "s"]], ["copy", "s", "--full"], "s is marked (generation 1)"),
         ([["mark", "s"]], ["update", "s"], "s is already marked"),
-        ([["mark", "s"]], ["copy", "s"], "d1, d2 of s are new or missed an earlier copy"),
+        ([["mark", "s"]], ["copy", "s"], "d1, d2 of s are new, replaced or missed an earlier copy"),
     ],
     ids=[
         "copy unmarked",
