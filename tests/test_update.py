@@ -504,7 +504,7 @@ def test_a_rollback_that_cannot_succeed_changes_nothing(status):
     session, dest, site, lun, _ = leftover_protection()
     image, before = lun.read(0, SIZE), session.bitmap.to_bytes()
     site.hooks["status"] = lambda dest, timeout: status
-    with pytest.raises(UpdateError, match="the site is down|the protected image was lost"):
+    with pytest.raises(UpdateError, match=r"the site is down|the protected image was lost"):
         rollback(session, dest, site, persist=lambda: pytest.fail("nothing to persist"))
     assert site.calls == [("status", "d0")]
     assert session.bitmap.to_bytes() == before
