@@ -238,7 +238,7 @@ _READ, _WRITE, _RESIZE = 0, 1, 3  # QEMU's BLK_PERM_* bits
 _USES, _UNSHARED = (_READ, _WRITE), (_WRITE, _RESIZE)
 _LOCKED = tuple(100 + p for p in _USES) + tuple(200 + p for p in _UNSHARED)
 _CONFLICTS = tuple(200 + p for p in _USES) + tuple(100 + p for p in _UNSHARED)
-_FLOCK = struct.Struct("hhqqi4x")  # struct flock: type, whence, start, len, pid
+_FLOCK = struct.Struct("hhqqi4x")  # struct flock on 64-bit Linux: type, whence, start, len, pid
 _IDENTITY = ("rdev", "dev", "ino")
 
 
