@@ -337,6 +337,16 @@ def _send(sock: socket.socket, header: bytes, payload: memoryview | None = None)
         sock.sendall(payload[sent - len(header) :])
 
 
+def _option_reply(sock: socket.socket, option: int) -> tuple[int, bytes]:
+    """One reply of the server to ``option``: (reply type, data)."""
+    magic, echoed, reply, length = _OPTION_REPLY.unpack(_recv(sock, _OPTION_REPLY.size))
+    if magic != _OPTION_REPLY_MAGIC or echoed != option:
+        raise _protocol_error(f"bad option reply (magic {magic:#x}, option {echoed})")
+    if length > _MAX_OPTION_DATA:
+        raise _protocol_error(f"an option reply of {length} bytes")
+    return reply, _recv(sock, length)
+
+
 def _protocol_error(what: str) -> OSError:
     return OSError(errno.EPROTO, f"the NBD server broke the protocol: {what}")
 
@@ -469,12 +479,7 @@ class NBDLUN(_BaseLUN):
     def _starttls(self, sock: socket.socket, tls: ClientTLS) -> TLSSocket:
         """``NBD_OPT_STARTTLS`` first of all options, then the TLS handshake; never plaintext."""
         sock.sendall(_OPTION.pack(_IHAVEOPT, _OPT_STARTTLS, 0))
-        magic, option, reply, length = _OPTION_REPLY.unpack(_recv(sock, _OPTION_REPLY.size))
-        if magic != _OPTION_REPLY_MAGIC or option != _OPT_STARTTLS:
-            raise _protocol_error(f"bad option reply (magic {magic:#x}, option {option})")
-        if length > _MAX_OPTION_DATA:
-            raise _protocol_error(f"an option reply of {length} bytes")
-        payload = _recv(sock, length)
+        reply, payload = _option_reply(sock, _OPT_STARTTLS)
         if reply & _REP_ERR:
             with contextlib.suppress(OSError):  # a soft disconnect
                 sock.sendall(_OPTION.pack(_IHAVEOPT, _OPT_ABORT, 0))
@@ -505,12 +510,7 @@ class NBDLUN(_BaseLUN):
         export: tuple[int, int] | None = None
         block_size: tuple[int, ...] = _DEFAULT_BLOCK_SIZE
         while True:
-            magic, option, reply, length = _OPTION_REPLY.unpack(_recv(sock, _OPTION_REPLY.size))
-            if magic != _OPTION_REPLY_MAGIC or option != _OPT_GO:
-                raise _protocol_error(f"bad option reply (magic {magic:#x}, option {option})")
-            if length > _MAX_OPTION_DATA:
-                raise _protocol_error(f"an option reply of {length} bytes")
-            payload = _recv(sock, length)
+            reply, payload = _option_reply(sock, _OPT_GO)
             if reply == _REP_INFO:
                 if len(payload) < 2:
                     raise _protocol_error("an NBD_REP_INFO without a type")

@@ -44,6 +44,7 @@ from isc.nbd import (
     NBD_PORT,
     NBDLUN,
     REQUEST_SIZE,
+    ClientTLS,
     NBDAddress,
     NBDServer,
     SessionLUN,
@@ -244,6 +245,15 @@ def in_threads(work: Callable[[int], object], count: int, limit: float = TOOL_TI
         ("nbd+unix:///disk?socket=sock", NBDAddress("sock", "disk")),
         ("nbd+unix:///?socket=/run/nbd%20a.sock", NBDAddress("/run/nbd a.sock", "")),
         ("nbd+unix://?socket=%00/abstract", NBDAddress("\0/abstract", "")),
+        ("nbds://example.com/disk", NBDAddress(("example.com", NBD_PORT), "disk", ClientTLS())),
+        (
+            "nbds://example.com:1234/d?tls-certificates=/etc/pki/x&tls-verify-peer=false",
+            NBDAddress(("example.com", 1234), "d", ClientTLS("/etc/pki/x", False)),
+        ),
+        (
+            "nbds+unix:///d?socket=s&tls-certificates=c&tls-verify-peer=TRUE",
+            NBDAddress("s", "d", ClientTLS("c", True)),
+        ),
     ],
 )
 def test_parse_uri_reads_the_standard_forms(uri, expected):
@@ -255,7 +265,12 @@ def test_parse_uri_reads_the_standard_forms(uri, expected):
     [
         ("http://example.com/disk", "scheme"),
         ("nbds://example.com/disk?tls-psk-file=keys", "TLS-PSK"),
+        ("nbds://alice@example.com/", "TLS-PSK"),
         ("nbd+unix:///?socket=s&tls-certificates=d", "need TLS"),
+        ("nbds://example.com/?tls-verify-peer=maybe", "true or false"),
+        ("nbds://example.com/?tls-certificates=a&tls-certificates=b", "once"),
+        ("nbds://example.com/?tls-certificates=", "once"),
+        ("nbds://example.com/?socket=s", "no query parameter"),
         ("nbd:///disk", "needs a host"),
         ("nbd://example.com:99999/", "valid"),
         ("nbd://example.com:port/", "valid"),

@@ -44,7 +44,7 @@ from test_nbd import (
 
 from isc import MemoryLUN
 from isc.errors import ParameterError
-from isc.nbd import NBDLUN, ClientTLS, NBDAddress, NBDServer, parse_uri
+from isc.nbd import NBDLUN, NBDServer
 from isc.tls import AuthenticationError, ServerTLS, client_context
 
 SEED = 20261212
@@ -102,43 +102,6 @@ def round_trip(uri: str, seed: int = SEED) -> None:
         lun.write(128 * KIB, piece)
         lun.flush()
         assert lun.read(128 * KIB, len(piece)) == piece
-
-
-# -- URIs ------------------------------------------------------------------------------------
-@pytest.mark.parametrize(
-    ("uri", "expected"),
-    [
-        ("nbds://example.com/disk", NBDAddress(("example.com", 10809), "disk", ClientTLS())),
-        (
-            "nbds://example.com:1234/d?tls-certificates=/etc/pki/x&tls-verify-peer=false",
-            NBDAddress(("example.com", 1234), "d", ClientTLS("/etc/pki/x", False)),
-        ),
-        (
-            "nbds+unix:///d?socket=s&tls-certificates=c&tls-verify-peer=TRUE",
-            NBDAddress("s", "d", ClientTLS("c", True)),
-        ),
-        ("nbd+unix:///d?socket=s", NBDAddress("s", "d", None)),
-    ],
-)
-def test_nbds_uris_read_as_libnbd_reads_them(uri, expected):
-    assert parse_uri(uri) == expected
-
-
-@pytest.mark.parametrize(
-    ("uri", "why"),
-    [
-        ("nbds://alice@example.com/", "TLS-PSK"),
-        ("nbds+unix:///?socket=s&tls-psk-file=keys", "TLS-PSK"),
-        ("nbds://example.com/?tls-verify-peer=maybe", "true or false"),
-        ("nbds://example.com/?tls-certificates=a&tls-certificates=b", "once"),
-        ("nbds://example.com/?tls-certificates=", "once"),
-        ("nbds://example.com/?socket=s", "no query parameter"),
-        ("nbd://example.com/?tls-verify-peer=false", "need TLS"),
-    ],
-)
-def test_tls_uri_mistakes_are_refused(uri, why):
-    with pytest.raises(ParameterError, match=why):
-        parse_uri(uri)
 
 
 # -- isc's server and client ---------------------------------------------------------------
