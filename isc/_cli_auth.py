@@ -12,6 +12,8 @@
 ``--insecure``                listen beyond loopback without TLS and
                               authentication, with a warning
 ``--tls-psk FILE``            refused: TLS-PSK is not available
+``--max-clients N``           NBD clients served at once per export (default
+                              :data:`isc.nbd.MAX_CLIENTS`); more are refused
 ============================  ===================================================
 
 A command that talks to a site (update, rollback) takes ``--tls-creds`` and
@@ -33,6 +35,7 @@ import logging
 
 from isc.auth import Credentials, is_loopback
 from isc.errors import ParameterError
+from isc.nbd import MAX_CLIENTS
 from isc.tls import TLS_MODES, ServerTLS, refuse_psk
 
 log = logging.getLogger("isc")
@@ -63,10 +66,23 @@ def add_server_options(parser: argparse.ArgumentParser) -> None:
     )
     _secret_option(group)
     group.add_argument(
+        "--max-clients",
+        type=_at_least_one,
+        default=MAX_CLIENTS,
+        metavar="N",
+        help=f"NBD clients served at once per export; more are refused (default {MAX_CLIENTS})",
+    )
+    group.add_argument(
         "--insecure",
         action="store_true",
         help="allow listening beyond loopback without TLS and authentication",
     )
+
+
+def _at_least_one(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return int(text)
 
 
 def add_client_options(parser: argparse.ArgumentParser) -> None:

@@ -113,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
             stop=stop,
             tls=tls,
             credentials=credentials,
+            max_clients=args.max_clients,
         )
         return 0
     from isc.agent import run_agent
@@ -134,5 +135,6 @@ def run(args: argparse.Namespace) -> int:
         stop=stop,
         tls=tls,
         credentials=credentials,
+        max_clients=args.max_clients,
     )
     return 0

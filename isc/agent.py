@@ -87,6 +87,7 @@ from isc.auth import Credentials
 from isc.control import ControlServer, Op
 from isc.errors import IscError, ParameterError
 from isc.lun import FileLUN, ForwardingLUN
+from isc.nbd import MAX_CLIENTS
 from isc.remote import PROTECT_GRANULARITY, saved_extents
 from isc.store import _fsync_dir, write_atomically
 from isc.tls import ServerTLS
@@ -485,7 +486,8 @@ class Agent:
         only to clients that authenticate (:mod:`isc.auth`)."""
 
     def _on_export(self, op: str, request: dict) -> dict:
-        export = self.exports.get(request.get("export"))  # type: ignore[arg-type]
+        name = request.get("export")
+        export = self.exports.get(name) if isinstance(name, str) else None
         if export is None:
             return {"ok": False, "reason": f"no export named {request.get('export')!r}"}
         reply = getattr(export, op)()
@@ -508,6 +510,7 @@ def run_agent(
     stop: threading.Event | None = None,
     tls: ServerTLS | None = None,
     credentials: Credentials | None = None,
+    max_clients: int = MAX_CLIENTS,
 ) -> None:
     """Serve ``directory`` until ``stop`` is set (or the process is interrupted).
 
@@ -516,7 +519,7 @@ def run_agent(
     ``nbd://host:PORT/NAME`` (port 0: any free ports). ``ready(agent,
     control_port, uris)`` is called once everything listens. ``tls``: how the
     exports offer TLS; ``credentials``: the control port answers only clients
-    that authenticate.
+    that authenticate; ``max_clients``: NBD clients served at once per export.
     """
     from isc.nbd import NBDServer
 
@@ -527,7 +530,7 @@ def run_agent(
         base = nbd_port if nbd_port is not None else port + 1
         uris = {}
         for offset, (name, export) in enumerate(agent.exports.items()):
-            server = NBDServer(export, name=name, tls=tls)
+            server = NBDServer(export, name=name, tls=tls, max_clients=max_clients)
             server.start(host, base + offset if base else 0)
             servers.append(server)
             uris[name] = server.uri

@@ -6,9 +6,14 @@ TEXT|null, ...}`` plus the fields the server always sends (``info``, and
 the agent's ``extents``). A line that is not a JSON object, an unknown op,
 a line over :data:`MAX_LINE` bytes or an op that raises gets ``ok: false``
 with the reason; a server never crashes on bad input, and a bad line
-changes nothing. Requests on one connection are answered in order; each
+changes nothing; so does a number that is not finite (``NaN``, ``1e999``).
+Requests on one connection are answered in order, one at a time; each
 connection is served on its own, so a slow request (a copy) does not hold
 up a ``status`` on another connection.
+
+Limits: at most :data:`MAX_CLIENTS` connections at once (one more gets a
+refusal line and is closed, with a log line), :data:`MAX_LINE` bytes per
+request, and :data:`IDLE_TIMEOUT` seconds of silence between requests.
 
 With :class:`~isc.auth.Credentials` a connection is authenticated before
 its first request is read (mutual TLS, a shared secret's challenge-response,
@@ -21,8 +26,10 @@ logged; none of its lines reaches an op. A client has
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import math
 import threading
 from collections.abc import Callable, Mapping
 
@@ -33,6 +40,10 @@ log = logging.getLogger(__name__)
 
 MAX_LINE = 64 << 10
 """The longest request line in bytes, newline included."""
+MAX_CLIENTS = 32
+"""Connections a control server serves at once; one more gets a refusal line and is closed."""
+IDLE_TIMEOUT = 600.0
+"""Seconds a connection may wait before its next request; then it is closed."""
 
 Op = Callable[[dict], dict]
 """One operation: takes the request, returns the reply's fields (``ok`` at least)."""
@@ -68,7 +79,7 @@ class ControlServer:
     def answer(self, line: bytes) -> dict:
         """The reply to one request line; never raises."""
         try:
-            request = json.loads(line)
+            request = json.loads(line, parse_float=_finite, parse_constant=_not_a_number)
         except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
             return self._reply(
                 None, {"ok": False, "reason": f"not JSON: {type(exc).__name__}: {exc}"}
@@ -101,13 +112,20 @@ class ControlServer:
             loop = asyncio.get_running_loop()
             task = asyncio.current_task()
             assert task is not None
+            if len(self._clients) >= MAX_CLIENTS:
+                await self._refuse_busy(writer)
+                return
             self._clients[task] = writer
             try:
                 if self.credentials is not None and not await self._authenticate(reader, writer):
                     return
                 while not self._closing:
                     try:
-                        line = await reader.readuntil(b"\n")
+                        line = await asyncio.wait_for(reader.readuntil(b"\n"), IDLE_TIMEOUT)
+                    except TimeoutError:
+                        peer = writer.get_extra_info("peername")
+                        log.info("control connection from %s closed: idle %g s", peer, IDLE_TIMEOUT)
+                        break
                     except asyncio.LimitOverrunError:
                         too_long = f"line too long: a request is at most {MAX_LINE} bytes"
                         writer.write(_encode(self._reply(None, {"ok": False, "reason": too_long})))
@@ -136,6 +154,17 @@ class ControlServer:
             host,
             port,
         )
+
+    async def _refuse_busy(self, writer: asyncio.StreamWriter) -> None:
+        busy = f"too many control connections ({MAX_CLIENTS} at once); try again later"
+        log.warning(
+            "control connection from %s refused: %s", writer.get_extra_info("peername"), busy
+        )
+        if self.credentials is None or not self.credentials.tls:  # a TLS client could not read it
+            writer.write(_encode(self._reply(None, {"ok": False, "reason": busy})))
+            with contextlib.suppress(ConnectionError):
+                await writer.drain()
+        writer.close()
 
     async def _authenticate(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -229,6 +258,17 @@ class _Unread(asyncio.StreamReaderProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport.pause_reading()  # type: ignore[attr-defined]
         super().connection_made(transport)
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text} is out of range")
+    return value
+
+
+def _not_a_number(name: str) -> float:
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def _encode(reply: dict) -> bytes:

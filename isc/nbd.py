@@ -44,6 +44,15 @@ get an error reply (or, when the stream cannot be resynchronised, a dropped
 connection) and never reach the LUN. Replies to one connection's requests may
 come out of order, as the spec allows.
 
+Against clients that misbehave the server keeps limits: at most
+``max_clients`` connections (:data:`MAX_CLIENTS`; one more is closed at
+once, with a log line), ``handshake_timeout`` seconds from connecting to
+transmission (:data:`HANDSHAKE_TIMEOUT`, TLS included), and per connection
+:data:`_CONNECTION_DATA` bytes of WRITE payloads and READ replies held at
+once: a client that reads no replies is no longer read from, while the
+others go on. The server's memory stays about twice ``max_clients`` times
+that.
+
 TLS (the spec's "TLS support"; credentials in :mod:`isc.tls`)
 -------------------------------------------------------------
 The server's :class:`~isc.tls.ServerTLS` mode is nbdkit's: without one it
@@ -83,7 +92,7 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 from isc import tls as _tls
 from isc.errors import ParameterError, StateError
 from isc.lun import LUN, BytesLike, _BaseLUN
-from isc.tls import HANDSHAKE_TIMEOUT, ServerTLS, TLSSocket, describe, refuse_psk
+from isc.tls import ServerTLS, TLSSocket, describe, refuse_psk
 
 log = logging.getLogger(__name__)
 
@@ -935,6 +944,34 @@ class _Violation(Exception):
 
 
 _SERVER_IN_FLIGHT = 16  # requests one connection may have in the thread pool at once
+_CONNECTION_DATA = MAX_BLOCK
+"""Bytes of WRITE payloads and READ replies one connection may hold in the server at once:
+one request of the largest size, or many smaller ones (nbdcopy keeps 16 MiB in flight)."""
+MAX_CLIENTS = 64
+"""The connections an :class:`NBDServer` serves at once unless told otherwise; with
+:data:`_CONNECTION_DATA` it bounds the server's memory (about twice their product)."""
+HANDSHAKE_TIMEOUT = 10.0
+"""Seconds a client has to reach transmission, TLS included (``NBDServer``'s default)."""
+
+
+class _Budget:
+    """Bytes one connection may hold; its one taker waits until enough are given back."""
+
+    def __init__(self, total: int) -> None:
+        self.free = total
+        self._given = asyncio.Event()
+
+    async def take(self, count: int) -> None:
+        while self.free < count:
+            self._given.clear()
+            await self._given.wait()
+        self.free -= count
+
+    def give(self, count: int) -> None:
+        self.free += count
+        self._given.set()
+
+
 _INLINE_WRITE = 64 << 10
 """WRITEs up to this size without flags run on the event loop's thread, not in
 the pool: the hand-off to a worker thread and back cost more than a small
@@ -1002,6 +1039,8 @@ class NBDServer:
         name: str = "",
         workers: int = 8,
         tls: ServerTLS | None = None,
+        max_clients: int = MAX_CLIENTS,
+        handshake_timeout: float = HANDSHAKE_TIMEOUT,
     ):
         if not isinstance(name, str) or "\0" in name or len(name.encode()) > _MAX_STRING:
             raise ParameterError(
@@ -1010,6 +1049,14 @@ class NBDServer:
             )
         if workers < 1:
             raise ParameterError(f"workers must be >= 1, got {workers}")
+        if isinstance(max_clients, bool) or not isinstance(max_clients, int) or max_clients < 1:
+            raise ParameterError(f"max_clients must be an integer >= 1, got {max_clients!r}")
+        if not handshake_timeout > 0:
+            raise ParameterError(f"handshake_timeout must be > 0 seconds, got {handshake_timeout}")
+        self.max_clients = max_clients
+        """Connections served at once; more are refused with a log line."""
+        self.handshake_timeout = handshake_timeout
+        """Seconds a client has from connecting to entering transmission."""
         self.lun = lun
         self.name = name
         self.tls = tls
@@ -1184,11 +1231,28 @@ class NBDServer:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        self._connections.add(task)
         peer = writer.get_extra_info("peername") or f"client {next(self._clients)}"
+        if len(self._connections) >= self.max_clients:
+            log.warning(
+                "%r: refusing %s: %d clients are connected, the most it serves (max_clients)",
+                self,
+                peer,
+                len(self._connections),
+            )
+            writer.close()
+            return
+        self._connections.add(task)
         try:
-            if await self._handshake(reader, writer, peer):
+            handshake = self._handshake(reader, writer, peer)
+            if await asyncio.wait_for(handshake, self.handshake_timeout):
                 await self._transmission(reader, writer, peer)
+        except TimeoutError:
+            log.warning(
+                "%r: %s did not finish the handshake within %g s; disconnecting it",
+                self,
+                peer,
+                self.handshake_timeout,
+            )
         except asyncio.IncompleteReadError:
             log.info("%r: %s left in the middle of a message", self, peer)
         except ConnectionError as exc:
@@ -1259,7 +1323,9 @@ class NBDServer:
                     await self._option_reply(writer, option, _REP_ERR_INVALID, reason)
                 else:
                     await self._option_reply(writer, option, _REP_ACK)
-                    await writer.start_tls(tls.context, ssl_handshake_timeout=HANDSHAKE_TIMEOUT)
+                    await writer.start_tls(
+                        tls.context, ssl_handshake_timeout=self.handshake_timeout
+                    )
                     encrypted = True
                     log.debug("%r: %s is on TLS", self, peer)
                 continue
@@ -1331,6 +1397,7 @@ class NBDServer:
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: object
     ) -> None:
         slots = asyncio.Semaphore(_SERVER_IN_FLIGHT)
+        budget = _Budget(_CONNECTION_DATA)
         mine: set[asyncio.Task[None]] = set()
         try:
             while True:
@@ -1356,7 +1423,16 @@ class NBDServer:
                     if writer.transport.get_write_buffer_size() > _REPLY_BACKLOG:
                         await writer.drain()
                     continue
+                # The request's payload or reply data: a client that sends
+                # more than the budget, or reads no replies, waits; its
+                # socket's buffers and TCP hold the rest.
+                held = length if command in (_CMD_READ, _CMD_WRITE) and length <= MAX_BLOCK else 0
                 await slots.acquire()
+                try:
+                    await budget.take(held)
+                except BaseException:
+                    slots.release()
+                    raise
                 try:
                     if command == _CMD_WRITE:
                         # The whole payload first: a client gone mid-payload writes nothing.
@@ -1366,8 +1442,9 @@ class NBDServer:
                     )
                 except BaseException:
                     slots.release()
+                    budget.give(held)
                     raise
-                task.add_done_callback(lambda _: slots.release())
+                task.add_done_callback(lambda _, held=held: (slots.release(), budget.give(held)))
                 for tasks in (mine, self._requests):
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)

@@ -19,7 +19,8 @@ the copies of the session the server owns:
 ``{"op": "copy"}``          copy to every destination of a session directory:
                             ``"mode"`` one of :data:`~isc.store.COPY_MODES`
                             (default ``incremental``), optional ``"throttle"``
-                            (bytes per second) and ``"busy_share"`` (0-1,
+                            (bytes per second, at least :data:`MIN_THROTTLE`)
+                            and ``"busy_share"`` (:data:`MIN_BUSY_SHARE` to 1,
                             default :data:`BUSY_SHARE`); answered when the
                             copy ends, ``info`` holding the
                             :class:`~isc.copy.CopyResult`
@@ -56,7 +57,7 @@ from isc.control import ControlServer
 from isc.copy import CopyJob
 from isc.errors import CopyError, IscError
 from isc.lun import ReconnectingLUN
-from isc.nbd import NBDServer, SessionLUN
+from isc.nbd import MAX_CLIENTS, NBDServer, SessionLUN
 from isc.session import Session
 from isc.tls import ServerTLS
 from isc.update import PeriodicUpdate, update_locks
@@ -148,13 +149,14 @@ class SessionControl:
             return {"ok": False, "reason": f"mode must be one of {store.COPY_MODES}, got {mode!r}"}
         throttle = request.get("throttle")
         share = request.get("busy_share", BUSY_SHARE[mode])
-        if throttle is not None and not _positive(throttle):
+        if throttle is not None and not (_positive(throttle) and throttle >= MIN_THROTTLE):
             return {
                 "ok": False,
-                "reason": f"throttle must be > 0 bytes per second, got {throttle!r}",
+                "reason": f"throttle must be >= {MIN_THROTTLE} bytes per second, got {throttle!r}",
             }
-        if not _positive(share, 1):
-            return {"ok": False, "reason": f"busy_share must be in (0, 1], got {share!r}"}
+        if not (_positive(share, 1) and share >= MIN_BUSY_SHARE):
+            reason = f"busy_share must be in [{MIN_BUSY_SHARE}, 1], got {share!r}"
+            return {"ok": False, "reason": reason}
         if self.persistent is None:
             return {
                 "ok": False,
@@ -264,6 +266,13 @@ class SessionControl:
         self.server.close()
 
 
+MIN_THROTTLE = 1024
+"""The slowest copy a control request may ask for, in bytes per second: much slower
+ones would wait longer than a timer can count (``"throttle": 1e-300`` once did)."""
+MIN_BUSY_SHARE = 0.01
+"""The smallest ``busy_share`` a control request may ask for, for the same reason."""
+
+
 def _positive(value: object, most: float = float("inf")) -> bool:
     """Whether ``value`` is a JSON number in ``(0, most]``."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= most
@@ -282,6 +291,7 @@ def run_serve(
     stop: threading.Event | None = None,
     tls: ServerTLS | None = None,
     credentials: Credentials | None = None,
+    max_clients: int = MAX_CLIENTS,
 ) -> Session:
     """Serve ``source`` until ``stop`` is set; return the session (closed if persistent).
 
@@ -291,7 +301,8 @@ def run_serve(
     reach was tried once. ``every`` (seconds) runs ``PeriodicUpdate`` on a
     persistent session's destinations with ``site`` (default: protection in
     this process), see :meth:`SessionControl.every`. ``tls``: how the export offers TLS;
-    ``credentials``: the control port answers only clients that authenticate.
+    ``credentials``: the control port answers only clients that authenticate;
+    ``max_clients``: NBD clients served at once.
     """
     from isc.remote import LocalSite
 
@@ -306,7 +317,7 @@ def run_serve(
             )
     else:
         session = Session(store.open_lun(source), granularity, name=Path(source).name)
-    server = NBDServer(SessionLUN(session), name=session.name, tls=tls)
+    server = NBDServer(SessionLUN(session), name=session.name, tls=tls, max_clients=max_clients)
     controls = SessionControl(session, persistent, credentials=credentials)
     try:
         server.start(host, port)

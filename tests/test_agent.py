@@ -585,7 +585,7 @@ BAD_LINES = [
     (request(2, None, "disk"), 2, "unknown op None"),
     (request(3, "protect", "nope"), 3, "no export named 'nope'"),
     (request(4, "unprotect", None), 4, "no export named None"),
-    (request(5, "status", ["disk"]), 5, "status failed"),
+    (request(5, "status", ["disk"]), 5, "no export named ['disk']"),
     (request("six", "rollback", "spare"), "six", "spare is not protected"),
 ]
 
@@ -758,12 +758,14 @@ def test_serve_control_drives_the_copies_of_its_session(tmp_path: Path, source: 
 
 BAD_SERVE_REQUESTS = [
     ({"op": "copy", "mode": "sideways"}, "mode must be one of"),
-    ({"op": "copy", "throttle": -1}, "throttle must be > 0"),
-    ({"op": "copy", "throttle": "fast"}, "throttle must be > 0"),
+    ({"op": "copy", "throttle": -1}, "throttle must be >= 1024 bytes per second"),
+    ({"op": "copy", "throttle": "fast"}, "throttle must be >= 1024"),
+    ({"op": "copy", "throttle": 1e-300}, "throttle must be >= 1024"),
     ({"op": "copy"}, "is unmarked: an incremental copy sends a marked point in time"),
-    ({"op": "copy", "busy_share": 0}, "busy_share must be in (0, 1]"),
-    ({"op": "copy", "busy_share": 1.5}, "busy_share must be in (0, 1]"),
-    ({"op": "copy", "busy_share": True}, "busy_share must be in (0, 1]"),
+    ({"op": "copy", "busy_share": 0}, "busy_share must be in [0.01, 1]"),
+    ({"op": "copy", "busy_share": 1e-300}, "busy_share must be in [0.01, 1]"),
+    ({"op": "copy", "busy_share": 1.5}, "busy_share must be in [0.01, 1]"),
+    ({"op": "copy", "busy_share": True}, "busy_share must be in [0.01, 1]"),
     ({"op": "mark", "full": "yes"}, "full must be true or false"),
     ({"op": "protect"}, "unknown op 'protect'"),
 ]

@@ -35,6 +35,7 @@ from test_security_nbd import with_tls
 import isc.auth
 import isc.control
 from isc import Destination, DestState
+from isc.agent import Agent
 from isc.auth import MIN_SECRET, Credentials, is_loopback, read_secret
 from isc.commands import status_report
 from isc.control import ControlServer
@@ -546,3 +547,60 @@ def test_serve_control_beyond_loopback_needs_mutual_tls(tmp_path, source, creden
         with client.connect(HOST, served.control, WAIT) as sock:
             assert ask(sock, {"id": 1, "op": "status"})["ok"]
         served.stop()
+
+
+# -- limits ----------------------------------------------------------------------------------------
+def test_one_connection_more_than_max_clients_is_refused(monkeypatch, caplog):
+    monkeypatch.setattr(isc.control, "MAX_CLIENTS", 2)
+    with counted(None) as server:
+        first = socket.create_connection((HOST, server.port), timeout=WAIT)
+        second = socket.create_connection((HOST, server.port), timeout=WAIT)
+        with first, second:
+            for sock in (first, second):  # answered: both are being served
+                assert ask(sock, {"id": 1, "op": "bump"})["ok"]
+            with socket.create_connection((HOST, server.port), timeout=WAIT) as third:
+                refusal = line(third)
+                assert closed(third)
+        assert refusal["ok"] is False and "too many control connections (2" in refusal["reason"]
+        with socket.create_connection((HOST, server.port), timeout=WAIT) as later:
+            assert ask(later, {"id": 2, "op": "bump"})["ok"]
+        assert server.count == 3
+    assert sum("too many control connections" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_an_idle_connection_is_closed(monkeypatch):
+    monkeypatch.setattr(isc.control, "IDLE_TIMEOUT", 0.2)
+    with counted(None) as server:
+        with socket.create_connection((HOST, server.port), timeout=WAIT) as sock:
+            assert ask(sock, {"id": 1, "op": "bump"})["ok"]
+            assert closed(sock)
+        assert server.count == 1
+
+
+@pytest.mark.parametrize(
+    "request_line",
+    [
+        b'{"id": 1, "op": "bump", "throttle": 1e999}\n',
+        b'{"id": 1, "op": "bump", "throttle": NaN}\n',
+        b'{"id": 1, "op": "bump", "throttle": -Infinity}\n',
+        b'{"id": 1, "op": "bump", "n": ' + b"9" * 5000 + b"}\n",
+    ],
+)
+def test_numbers_that_are_not_finite_are_refused(request_line):
+    with counted(None) as server, socket.create_connection((HOST, server.port)) as sock:
+        sock.settimeout(WAIT)
+        sock.sendall(request_line)
+        reply = line(sock)
+        assert reply["ok"] is False and reply["reason"].startswith("not JSON")
+        assert server.count == 0
+
+
+def test_a_malformed_export_name_gets_ok_false_without_a_traceback(exports, caplog):
+    agent = Agent(exports)
+    try:
+        for name in (["disk"], {"disk": 1}, 7, None):
+            reply = agent.control.answer(json.dumps({"id": 1, "op": "rollback", "export": name}))
+            assert reply["ok"] is False and "no export named" in reply["reason"]
+    finally:
+        agent.close()
+    assert not [r for r in caplog.records if r.exc_info]

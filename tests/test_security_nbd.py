@@ -18,6 +18,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -44,7 +45,7 @@ from test_nbd import (
 
 from isc import MemoryLUN
 from isc.errors import ParameterError
-from isc.nbd import NBDLUN, NBDServer
+from isc.nbd import MAX_BLOCK, NBDLUN, NBDServer, parse_uri
 from isc.tls import AuthenticationError, ServerTLS, client_context
 
 SEED = 20261212
@@ -449,3 +450,92 @@ def test_serve_beyond_loopback_with_tls_and_peers_verified_or_insecure(tmp_path,
         served.stop()
     warning = (tmp_path / "insecure.log").read_text()
     assert "without TLS and authentication (--insecure)" in warning
+
+
+# -- limits --------------------------------------------------------------------------------------
+class CountingLUN(MemoryLUN):
+    """A memory LUN that counts its reads, for a test to wait on."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.reads = 0
+        self.changed = threading.Condition()
+
+    def read(self, offset: int, length: int) -> bytes:
+        with self.changed:
+            self.reads += 1
+            self.changed.notify_all()
+        return super().read(offset, length)
+
+    def wait_reads(self, count: int) -> None:
+        with self.changed:
+            if not self.changed.wait_for(lambda: self.reads >= count, WAIT):
+                pytest.fail(f"{self.reads} reads after {WAIT} s, not {count}")
+
+
+def test_a_client_that_reads_no_replies_holds_a_bounded_amount(tmp_path):
+    size = 8 * MIB
+    lun = CountingLUN(size)
+    with NBDServer(lun, name="disk") as server:
+        server.start_unix(tmp_path / "isc.sock")
+        with raw_client(server) as greedy:
+            greedy.go()
+            for _ in range(64):  # 512 MiB of replies asked for, none ever read
+                greedy.request(0, 0, size)  # READ
+            held = MAX_BLOCK // size
+            lun.wait_reads(held)
+            with NBDLUN(server.uri, timeout=WAIT) as other:  # the others go on
+                other.write(0, b"still served")
+                assert other.read(0, 12) == b"still served"
+            assert lun.reads == held + 1  # the greedy client got no more than its share
+    assert lun.reads == held + 1
+
+
+def test_one_client_more_than_max_clients_is_refused(tmp_path, caplog):
+    with NBDServer(MemoryLUN(SIZE), name="disk", max_clients=2) as server:
+        server.start_unix(tmp_path / "isc.sock")
+        with raw_client(server) as first, raw_client(server) as second:
+            first.greet()
+            second.greet()  # both are being served
+            with raw_client(server) as third:
+                assert third.dropped()
+        round_trip(server.uri)  # room again
+    refusals = [r.getMessage() for r in caplog.records if "refusing" in r.getMessage()]
+    assert len(refusals) == 1 and "2 clients are connected" in refusals[0]
+
+
+def test_a_client_that_never_finishes_the_handshake_is_dropped(tmp_path, credentials, caplog):
+    tls = ServerTLS(credentials["good"])
+    with NBDServer(MemoryLUN(SIZE), name="disk", tls=tls, handshake_timeout=0.2) as server:
+        server.start_unix(tmp_path / "isc.sock")
+        with raw_client(server) as silent:
+            silent.greet()
+            assert silent.dropped()
+        with raw_client(server) as stalled_in_tls:
+            stalled_in_tls.greet()
+            assert stalled_in_tls.option(OPT_STARTTLS) == [(REP_ACK, b"")]
+            assert stalled_in_tls.dropped()
+        round_trip(with_tls(server.uri, credentials["good"]))
+    timeouts = [r.getMessage() for r in caplog.records if "within 0.2 s" in r.getMessage()]
+    assert len(timeouts) == 2
+
+
+def test_server_limits_are_checked():
+    for bad in ({"max_clients": 0}, {"max_clients": 1.5}, {"handshake_timeout": 0}):
+        with pytest.raises(ParameterError, match=next(iter(bad))):
+            NBDServer(MemoryLUN(SIZE), **bad)
+
+
+def test_serve_takes_max_clients(tmp_path):
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(SIZE))
+    assert isc("serve", str(image), "--max-clients", "0").returncode == 2
+    args = ["serve", str(image), "--listen", "127.0.0.1:0", "--max-clients", "1"]
+    with daemon(tmp_path / "serve.log", *args) as served:
+        host, port = parse_uri(served.exports["disk.img"]).address
+        with socket.create_connection((host, port), timeout=WAIT) as first:
+            Raw(first).greet()
+            with socket.create_connection((host, port), timeout=WAIT) as second:
+                assert Raw(second).dropped()
+        served.stop()
+    assert "1 clients are connected, the most it serves" in (tmp_path / "serve.log").read_text()
