@@ -8,6 +8,7 @@ checkpointed and closed).
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import threading
 
@@ -21,6 +22,15 @@ def listen_address(text: str) -> tuple[str, int]:
     if text.endswith(":0"):
         return host_port(text[:-1] + "1")[0], 0
     return host_port(text)
+
+
+def control_address(text: str) -> tuple[str, int] | str:
+    """HOST:PORT as :func:`listen_address`, or unix:PATH (the socket's path)."""
+    if text.startswith("unix:"):
+        if not text[5:]:
+            raise argparse.ArgumentTypeError("unix:PATH needs a path")
+        return os.path.abspath(text[5:])
+    return listen_address(text)
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -59,9 +69,10 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     )
     serve.add_argument(
         "--control",
-        type=listen_address,
-        metavar="HOST:PORT",
-        help="answer status/mark/unmark/copy requests (newline-delimited JSON) here",
+        type=control_address,
+        metavar="HOST:PORT|unix:PATH",
+        help="answer status/mark/unmark/copy requests (newline-delimited JSON) here; a Unix "
+        "socket is made mode 0600, in a directory that must be yours alone",
     )
     _cli_auth.add_server_options(serve)
     serve.set_defaults(daemon="serve")
@@ -91,12 +102,14 @@ def run(args: argparse.Namespace) -> int:
 
         def served(session, uri: str, control_port: int | None) -> None:
             print(f"export {session.name} {uri}", flush=True)
-            if control_port is not None:
+            if isinstance(args.control, str):
+                print(f"control unix:{args.control}", flush=True)
+            elif control_port is not None:
                 print(f"control {args.control[0]}:{control_port}", flush=True)
             print("ready", flush=True)
 
         host, port = args.listen
-        control_host = args.control[0] if args.control else None
+        control_host = args.control[0] if isinstance(args.control, tuple) else None
         tls, credentials = _cli_auth.server_security(args, "isc serve", host, control_host)
         # The site is reached with the client's end of the same credentials.
         site_credentials = _cli_auth.client_credentials(args) if args.site else None

@@ -1,4 +1,4 @@
-"""Control requests: newline-delimited JSON over TCP, as ``isc agent`` and ``isc serve`` take them.
+"""Control requests: newline-delimited JSON over TCP or a Unix socket, for isc agent and serve.
 
 A request is one JSON object on one line, ``{"id": N, "op": OP, ...}``; every
 request gets exactly one reply line ``{"id": N, "ok": true|false, "reason":
@@ -10,6 +10,10 @@ changes nothing; so does a number that is not finite (``NaN``, ``1e999``).
 Requests on one connection are answered in order, one at a time; each
 connection is served on its own, so a slow request (a copy) does not hold
 up a ``status`` on another connection.
+
+A Unix socket (:meth:`ControlServer.listen_unix`) is created with mode 0600
+in a directory only its user may write, so only that user reaches it: the
+port without credentials that exposes nothing to other users.
 
 Limits: at most :data:`MAX_CLIENTS` connections at once (one more gets a
 refusal line and is closed, with a log line), :data:`MAX_LINE` bytes per
@@ -30,8 +34,12 @@ import contextlib
 import json
 import logging
 import math
+import os
+import socket
+import stat
+import tempfile
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
 from isc.auth import AUTH_TIMEOUT, Credentials, Refusal
 from isc.errors import ParameterError
@@ -75,6 +83,7 @@ class ControlServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopped: asyncio.Event | None = None
+        self._unix: tuple[str, int] | None = None  # the socket file's path and inode
 
     def answer(self, line: bytes) -> dict:
         """The reply to one request line; never raises."""
@@ -107,53 +116,70 @@ class ControlServer:
 
         Stop with :meth:`shut`.
         """
+        return await self._listen(host=host, port=port)
 
-        async def client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            loop = asyncio.get_running_loop()
-            task = asyncio.current_task()
-            assert task is not None
-            if len(self._clients) >= MAX_CLIENTS:
-                await self._refuse_busy(writer)
-                return
-            self._clients[task] = writer
-            try:
-                if self.credentials is not None and not await self._authenticate(reader, writer):
-                    return
-                while not self._closing:
-                    try:
-                        line = await asyncio.wait_for(reader.readuntil(b"\n"), IDLE_TIMEOUT)
-                    except TimeoutError:
-                        peer = writer.get_extra_info("peername")
-                        log.info("control connection from %s closed: idle %g s", peer, IDLE_TIMEOUT)
-                        break
-                    except asyncio.LimitOverrunError:
-                        too_long = f"line too long: a request is at most {MAX_LINE} bytes"
-                        writer.write(_encode(self._reply(None, {"ok": False, "reason": too_long})))
-                        break
-                    except asyncio.IncompleteReadError:
-                        break
-                    self._answering.add(task)
-                    try:
-                        reply = await loop.run_in_executor(None, self.answer, line)
-                        writer.write(_encode(reply))
-                        await writer.drain()
-                    finally:
-                        self._answering.discard(task)
-            except ConnectionError:
-                pass
-            finally:
-                del self._clients[task]
-                writer.close()
+    async def listen_unix(self, path: str | os.PathLike[str]) -> asyncio.Server:
+        """Start listening on a Unix socket at ``path`` in the running loop.
 
+        The socket is created with mode 0600 in a directory that must belong to
+        this user and be writable by no one else, so only this user reaches
+        it; it is removed by :meth:`shut`. Raises ``ParameterError`` naming the
+        directory or the file that stands in the way. Stop with :meth:`shut`.
+        """
+        where = os.path.abspath(path)
+        sock = _private_unix_socket(where)
+        self._unix = (where, os.lstat(where).st_ino)
+        return await self._listen(sock=sock)
+
+    async def _listen(self, **where) -> asyncio.Server:
         self._closing = False
         if self.credentials is None or not self.credentials.tls:
-            return await asyncio.start_server(client, host, port, limit=MAX_LINE)
+            return await asyncio.start_server(self._client, limit=MAX_LINE, **where)
         loop = asyncio.get_running_loop()
         return await loop.create_server(
-            lambda: _Unread(asyncio.StreamReader(limit=MAX_LINE, loop=loop), client, loop=loop),
-            host,
-            port,
+            lambda: _Unread(
+                asyncio.StreamReader(limit=MAX_LINE, loop=loop), self._client, loop=loop
+            ),
+            **where,
         )
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Serve one connection: authenticate it, then answer its requests in order."""
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        if len(self._clients) >= MAX_CLIENTS:
+            await self._refuse_busy(writer)
+            return
+        self._clients[task] = writer
+        try:
+            if self.credentials is not None and not await self._authenticate(reader, writer):
+                return
+            while not self._closing:
+                try:
+                    line = await asyncio.wait_for(reader.readuntil(b"\n"), IDLE_TIMEOUT)
+                except TimeoutError:
+                    peer = writer.get_extra_info("peername")
+                    log.info("control connection from %s closed: idle %g s", peer, IDLE_TIMEOUT)
+                    break
+                except asyncio.LimitOverrunError:
+                    too_long = f"line too long: a request is at most {MAX_LINE} bytes"
+                    writer.write(_encode(self._reply(None, {"ok": False, "reason": too_long})))
+                    break
+                except asyncio.IncompleteReadError:
+                    break
+                self._answering.add(task)
+                try:
+                    reply = await loop.run_in_executor(None, self.answer, line)
+                    writer.write(_encode(reply))
+                    await writer.drain()
+                finally:
+                    self._answering.discard(task)
+        except ConnectionError:
+            pass
+        finally:
+            del self._clients[task]
+            writer.close()
 
     async def _refuse_busy(self, writer: asyncio.StreamWriter) -> None:
         busy = f"too many control connections ({MAX_CLIENTS} at once); try again later"
@@ -202,6 +228,11 @@ class ControlServer:
                 writer.close()
         await asyncio.gather(*tasks, return_exceptions=True)
         await server.wait_closed()
+        if self._unix is not None:
+            path, inode = self._unix
+            with contextlib.suppress(OSError):
+                if os.lstat(path).st_ino == inode:  # not a socket someone put there since
+                    os.unlink(path)
 
     # -- in a thread of its own, for servers that run no event loop ----------------------
     def start(self, host: str, port: int) -> int:
@@ -209,15 +240,24 @@ class ControlServer:
 
         Raises what listening raised (``OSError``: address in use ...).
         """
+        server = self._start_thread(lambda: self.listen(host, port))
+        return int(server.sockets[0].getsockname()[1])
+
+    def start_unix(self, path: str | os.PathLike[str]) -> None:
+        """Listen on a Unix socket at ``path`` (see :meth:`listen_unix`) from a background
+        thread. Raises as :meth:`listen_unix`."""
+        self._start_thread(lambda: self.listen_unix(path))
+
+    def _start_thread(self, listen: Callable[[], Awaitable[asyncio.Server]]) -> asyncio.Server:
         started = threading.Event()
-        outcome: list[object] = []
+        outcome: list[asyncio.Server | Exception] = []
 
         async def main() -> None:
             try:
                 self._loop = asyncio.get_running_loop()
                 self._stopped = asyncio.Event()
-                server = await self.listen(host, port)
-                outcome.append(server.sockets[0].getsockname()[1])
+                server = await listen()
+                outcome.append(server)
             except Exception as exc:
                 outcome.append(exc)
                 return
@@ -235,7 +275,7 @@ class ControlServer:
             self._thread.join()
             self._thread = None
             raise outcome[0]
-        return int(outcome[0])  # type: ignore[call-overload]
+        return outcome[0]
 
     def close(self) -> None:
         """Stop listening (after :meth:`start`) and wait for the thread; idempotent."""
@@ -245,6 +285,48 @@ class ControlServer:
             self._loop.call_soon_threadsafe(self._stopped.set)
         self._thread.join()
         self._thread = None
+
+
+def _private_unix_socket(path: str) -> socket.socket:
+    """A Unix socket bound at ``path`` with mode 0600, never reachable by others meanwhile.
+
+    It is bound in a fresh directory of mode 0700 beside ``path``, made 0600
+    there and renamed into place. ``path``'s directory must belong to this
+    user and be writable by no one else (else another user could replace the
+    socket); a stale socket at ``path`` is replaced, anything else is refused.
+    """
+    directory = os.path.dirname(path)
+    try:
+        info = os.stat(directory)
+    except OSError as exc:
+        raise ParameterError(f"directory {directory} of socket {path}: {exc.strerror}") from None
+    if info.st_uid != os.geteuid() or info.st_mode & 0o022:
+        raise ParameterError(
+            f"directory {directory} of socket {path} has mode {stat.S_IMODE(info.st_mode):04o} "
+            f"and owner uid {info.st_uid}: it must be yours and writable by you alone "
+            "(make one with mkdir -m 700)"
+        )
+    with contextlib.suppress(FileNotFoundError):
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise ParameterError(f"{path} exists and is not a socket: remove it or pick another")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            if probe.connect_ex(path) == 0:
+                raise ParameterError(f"a server listens on {path} already")
+    staging = tempfile.mkdtemp(dir=directory, prefix=".isc-socket-")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        bound = os.path.join(staging, "s")
+        sock.bind(bound)
+        os.chmod(bound, 0o600)
+        os.rename(bound, path)
+    except BaseException:
+        sock.close()
+        raise
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(staging, "s"))
+        os.rmdir(staging)
+    return sock
 
 
 class _Unread(asyncio.StreamReaderProtocol):

@@ -252,6 +252,10 @@ class SessionControl:
         """Answer requests on ``host:port`` (0: any free port); return the port bound."""
         return self.server.start(host, port)
 
+    def start_unix(self, path: str) -> None:
+        """Answer requests on a Unix socket at ``path`` (mode 0600: this user only)."""
+        self.server.start_unix(path)
+
     def close(self) -> None:
         """Cancel a running copy, wait for it and a periodic update in progress to end
         (a copy's reply is sent), stop answering. Idempotent."""
@@ -286,7 +290,7 @@ def run_serve(
     granularity: int = 65536,
     every: float | None = None,
     site=None,
-    control: tuple[str, int] | None = None,
+    control: tuple[str, int] | str | None = None,
     ready=None,
     stop: threading.Event | None = None,
     tls: ServerTLS | None = None,
@@ -296,8 +300,8 @@ def run_serve(
     """Serve ``source`` until ``stop`` is set; return the session (closed if persistent).
 
     ``ready(session, uri, control_port)`` is called once the export (and the
-    control port, if ``control`` is given as ``(host, port)``; else
-    ``control_port`` is None) listens and each destination that may be out of
+    control port, if ``control`` is given as ``(host, port)``, or as the path
+    of a Unix socket; else ``control_port`` is None) listens and each destination that may be out of
     reach was tried once. ``every`` (seconds) runs ``PeriodicUpdate`` on a
     persistent session's destinations with ``site`` (default: protection in
     this process), see :meth:`SessionControl.every`. ``tls``: how the export offers TLS;
@@ -324,7 +328,11 @@ def run_serve(
         log.info("serving %s at %s", session.name, server.uri)
         if persistent is not None:
             _reach(persistent.destinations)
-        control_port = controls.start(*control) if control is not None else None
+        control_port = None
+        if isinstance(control, str):
+            controls.start_unix(control)
+        elif control is not None:
+            control_port = controls.start(*control)
         if every and persistent is not None:
             controls.every(every, site or LocalSite())
         if ready is not None:

@@ -125,7 +125,8 @@ def daemon(log: Path, *args: str) -> Iterator[Daemon]:
                 exports[fields[0]] = fields[1]
             else:
                 assert kind == "control", line
-                control = int(fields[0].rpartition(":")[2])
+                if not fields[0].startswith("unix:"):  # a socket's path is known already
+                    control = int(fields[0].rpartition(":")[2])
         yield Daemon(proc, exports, control, log)
     finally:
         if proc.poll() is None:

@@ -20,6 +20,7 @@ import os
 import random
 import socket
 import ssl
+import stat
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -82,12 +83,15 @@ def closed(sock: socket.socket) -> bool:
 
 
 class Counted:
-    """A control server whose op ``bump`` counts the requests that reached it."""
+    """A control server whose op ``bump`` counts the requests that reached it, on a
+    loopback port or (``path``) a Unix socket."""
 
-    def __init__(self, credentials: Credentials | None) -> None:
+    def __init__(self, credentials: Credentials | None, path: Path | None = None) -> None:
         self.count = 0
         self.server = ControlServer({"bump": self.bump}, credentials=credentials)
-        self.port = self.server.start(HOST, 0)
+        self.port = self.server.start(HOST, 0) if path is None else None
+        if path is not None:
+            self.server.start_unix(path)
 
     def bump(self, request: dict) -> dict:
         self.count += 1
@@ -95,8 +99,8 @@ class Counted:
 
 
 @contextmanager
-def counted(credentials: Credentials | None) -> Iterator[Counted]:
-    server = Counted(credentials)
+def counted(credentials: Credentials | None, path: Path | None = None) -> Iterator[Counted]:
+    server = Counted(credentials, path)
     try:
         yield server
     finally:
@@ -604,3 +608,59 @@ def test_a_malformed_export_name_gets_ok_false_without_a_traceback(exports, capl
     finally:
         agent.close()
     assert not [r for r in caplog.records if r.exc_info]
+
+
+# -- Unix sockets ---------------------------------------------------------------------------------
+def test_serve_control_on_a_unix_socket_reaches_this_user_only(tmp_path, source):
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    path = private / "control.sock"
+    (private / "stale.sock").touch()
+    with daemon(tmp_path / "serve.log", "serve", str(source), "--listen", f"{HOST}:0",
+                "--control", f"unix:{path}") as served:  # fmt: skip
+        info = os.lstat(path)
+        assert stat.S_ISSOCK(info.st_mode) and stat.S_IMODE(info.st_mode) == 0o600
+        assert info.st_uid == os.geteuid()
+        assert sorted(p.name for p in private.iterdir()) == ["control.sock", "stale.sock"]
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(WAIT)
+            sock.connect(str(path))
+            assert ask(sock, {"id": 1, "op": "status"})["info"]["state"] == "unmarked"
+        done = isc_run("serve", str(source), "--listen", f"{HOST}:0", "--control",
+                       f"unix:{path}", cwd=tmp_path, check=1)  # fmt: skip
+        assert f"a server listens on {path} already" in error_line(done)
+        served.stop()
+    assert not path.exists()  # removed on stop
+
+
+@pytest.mark.parametrize(
+    ("make", "why"),
+    [
+        (lambda d: d.chmod(0o777), "must be yours and writable by you alone"),
+        (lambda d: d.chmod(0o720), "has mode 0720"),
+        (lambda d: (d / "control.sock").write_text("x"), "exists and is not a socket"),
+        (lambda d: d.rmdir(), "No such file or directory"),
+    ],
+)
+def test_a_control_socket_where_others_could_reach_it_is_refused(tmp_path, make, why):
+    directory = tmp_path / "sockets"
+    directory.mkdir(mode=0o700)
+    make(directory)
+    with pytest.raises(ParameterError, match=why):
+        ControlServer({}).start_unix(directory / "control.sock")
+    if directory.exists():
+        assert not [p for p in directory.iterdir() if p.name.startswith(".isc-socket")]
+
+
+def test_a_stale_control_socket_is_replaced(tmp_path):
+    directory = tmp_path / "sockets"
+    directory.mkdir(mode=0o700)
+    path = directory / "control.sock"
+    with socket.socket(socket.AF_UNIX) as old:
+        old.bind(str(path))  # left behind by a killed server: nobody listens
+    with counted(None, path) as server, socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(WAIT)
+        sock.connect(str(path))
+        assert ask(sock, {"id": 1, "op": "bump"})["ok"]
+        assert server.count == 1
+    assert not path.exists()
