@@ -22,6 +22,12 @@ Where the snapshot lives:
   :class:`~isc.session.Session` on the destination LUN, marked full, so the
   first write to any chunk saves its original data. Writes must go through
   it: the site swaps the destination's LUN for a :class:`ProtectedLUN`.
+  Unlike a session's COFW, which lets a host write through when its save
+  fails (rule 5), a protection never loses its image (rule 8): a write whose
+  save fails (the destination cannot be read, the snapshot is full) fails
+  and is not made. A destination that is unreachable when protected is
+  still protected: nothing reaches it unsaved, and its copy fails like any
+  other write to it, for it alone (rule 13).
 * :class:`AgentSite` (an ``isc agent``): on the agent's disk, in a journal of
   saved chunks that survives a crash or restart of the agent (rule 8; the
   journal's format and crash behaviour are in :mod:`isc.agent`).
@@ -30,12 +36,16 @@ Where the snapshot lives:
 from __future__ import annotations
 
 import abc
+import functools
 import itertools
 import json
 import logging
 import socket
-from collections.abc import Iterable
+import threading
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from isc.auth import Credentials, connect
 from isc.copy import Destination
@@ -144,44 +154,94 @@ def saved_extents(
 
 
 class ProtectedLUN(ForwardingLUN):
-    """The LUN interface over a protected destination: writes go through its snapshot."""
+    """The LUN interface over a protected destination: writes go through its snapshot.
 
-    def __init__(self, lun, snapshot: Session) -> None:
+    ``save(chunks)`` stores the original data of the chunks a write
+    overwrites first since the protect, or raises; then the write is not made.
+    """
+
+    def __init__(self, lun, snapshot: Session, save: Callable[[np.ndarray], object]) -> None:
         super().__init__(lun)
         self.snapshot = snapshot
-        self.write = snapshot.write  # type: ignore[method-assign]
+        # One C-level call per write, as a session's host write path. When
+        # ``save`` raises, the core unflags the chunks and abandons the write.
+        self.write = functools.partial(  # type: ignore[method-assign]
+            snapshot.bitmap.write_through, lun.write, save
+        )
 
 
 class Protection:
-    """A snapshot preserving one LUN's image: the mechanism behind every site."""
+    """A snapshot preserving one LUN's image (the module docstring): :class:`LocalSite`'s.
 
-    def __init__(self, lun, capacity: int | None = None) -> None:
+    ``name`` names the destination in errors. Write through ``front``: a
+    write whose save fails raises ``IscError`` saying why and is not made.
+    """
+
+    def __init__(self, lun, capacity: int | None = None, name: str = "the LUN") -> None:
         self.lun = lun
         area = SaveArea(capacity or lun.size)
-        self.snapshot = Session(lun, PROTECT_GRANULARITY, area, name="protection")
-        self.snapshot.mark(full=True)
-        self.front = ProtectedLUN(lun, self.snapshot)
+        self.snapshot = Session(lun, PROTECT_GRANULARITY, area, name=f"the protection of {name}")
+        self._lock = threading.Lock()  # orders saves against the snapshot's unmark
+        self.generation = self.snapshot.mark(full=True)
+        self.front = ProtectedLUN(lun, self.snapshot, self._save)
 
     @property
-    def intact(self) -> bool:
-        """False once the snapshot ran out of room: the image can no longer be restored."""
-        return self.snapshot.bitmap.marked
+    def problem(self) -> str | None:
+        """Why the protected image can no longer be restored (its snapshot ended), or None."""
+        return self.snapshot.mark_ended(self.generation)
+
+    def _save(self, chunks: np.ndarray) -> None:
+        """Store the current data of ``chunks`` (ascending, flagged by one write), or raise.
+
+        Raises ``IscError`` saying why, storing nothing, when the LUN cannot be
+        read or the save area cannot take them all (rule 8: the write that
+        needed them fails instead). Once the snapshot ended (unprotected)
+        there is nothing to keep: nothing is stored and the write proceeds.
+        """
+        g = PROTECT_GRANULARITY
+        first, last = int(chunks[0]), int(chunks[-1])
+        area = self.snapshot.save_area
+        try:
+            old = memoryview(
+                self.lun.read(first * g, min((last + 1) * g, self.lun.size) - first * g)
+            )
+            with self._lock:
+                if not self.snapshot.bitmap.marked:
+                    return
+                stored: list[int] = []
+                try:
+                    for chunk in chunks.tolist():
+                        start = (chunk - first) * g
+                        area.save(chunk, old[start : start + g])
+                        stored.append(chunk)
+                except BaseException:
+                    for chunk in stored:  # a later write saves them again
+                        area.discard(chunk)
+                    raise
+        except Exception as exc:
+            what = f"chunk {first}" if first == last else f"chunks {first}-{last}"
+            raise IscError(
+                f"{self.snapshot.name} could not save the original data of {what}: {exc}; "
+                "the write that needed it was not made, so the protected image stays whole"
+            ) from exc
 
     def rollback(self) -> tuple[tuple[int, int], ...]:
         """Write every saved chunk back; return the byte ranges rewritten.
 
         Raises ``IscError`` when the snapshot is no longer intact.
         """
-        if not self.intact:
-            raise IscError(f"the protected image was lost: {self.snapshot.stats.last_abort}")
+        problem = self.problem
+        if problem is not None:
+            raise IscError(f"the protected image was lost: {problem}")
         area = self.snapshot.save_area
         chunks = self._saved()
         for chunk in chunks:
             self.lun.write(chunk * PROTECT_GRANULARITY, area.get(chunk))
         self.lun.flush()
         # The LUN holds the protected image again: start a fresh snapshot of it.
-        self.snapshot.unmark()
-        self.snapshot.mark(full=True)
+        with self._lock:
+            self.snapshot.unmark()
+        self.generation = self.snapshot.mark(full=True)
         return saved_extents(chunks, PROTECT_GRANULARITY, self.lun.size)
 
     def _saved(self) -> list[int]:
@@ -191,17 +251,18 @@ class Protection:
         return [c for c in bitmap.saved_in(0, bitmap.chunks).tolist() if c in area]
 
     def drop(self) -> None:
-        self.snapshot.unmark()
-        self.snapshot.save_area.close()
+        with self._lock:
+            self.snapshot.unmark()
+            self.snapshot.save_area.close()
 
     def info(self) -> dict:
-        stats = self.snapshot.stats
+        problem = self.problem
         return {
             "protected": True,
-            "intact": self.intact,
-            "saved_bytes": stats.save_area_used,
+            "intact": problem is None,
+            "saved_bytes": self.snapshot.save_area.used,
             "saved_chunks": self.snapshot.save_area.saved_chunks,
-            "problem": stats.last_abort,
+            "problem": problem,
             "extents": [
                 list(e) for e in saved_extents(self._saved(), PROTECT_GRANULARITY, self.lun.size)
             ],
@@ -223,10 +284,19 @@ class LocalSite(RemoteSite):
 
     def protect(self, dest: Destination, timeout: float | None = None) -> Ack:
         rid = self._next_id()
-        if dest.name in self._protections:
+        entry = self._protections.get(dest.name)
+        if entry is not None:
+            problem = entry[1].problem
+            if problem is not None:
+                return Ack(
+                    rid,
+                    False,
+                    f"{dest.name} is protected, but its protected image was lost ({problem}): "
+                    "it can no longer be rolled back; unprotect it to drop the protection",
+                )
             return Ack(rid, True, "already protected")
         try:
-            protection = Protection(dest.lun, self.capacity)
+            protection = Protection(dest.lun, self.capacity, dest.name)
         except Exception as exc:
             return Ack(rid, False, f"cannot protect {dest.name}: {exc}")
         self._protections[dest.name] = (dest, protection)

@@ -2,19 +2,23 @@
 
 Rule 8 from the site's side: while protected, every write to the destination
 goes through a snapshot that saves each 64 KiB chunk's original data once;
-rollback writes those back and reports what it rewrote; a snapshot that runs
-out of room says so and refuses to roll back, while the writes still land
-(rule 5). The update workflows that drive these requests are tested in
-``test_update.py``.
+rollback writes those back and reports what it rewrote. A save that fails (a
+snapshot out of room, a destination that cannot be read) fails the write
+that needed it instead of losing the image; a protection whose image is lost
+anyway is never answered "already protected". The update workflows that
+drive these requests are tested in ``test_update.py``.
 """
 
 from __future__ import annotations
 
+import errno
 import random
 
+import pytest
 from helpers import chunk_bytes, chunks_touched, fill_random
 
-from isc import Destination, MemoryLUN
+from isc import Destination, IscError, MemoryLUN
+from isc.lun import ForwardingLUN
 from isc.remote import PROTECT_GRANULARITY, LocalSite, ProtectedLUN, saved_extents
 
 P = PROTECT_GRANULARITY
@@ -36,6 +40,30 @@ def overwrite(dest: Destination, rng: random.Random, writes: list[tuple[int, int
 
 
 WRITES = [(100, 50), (P - 10, 20), (3 * P + 500, 500)]  # chunks 0, 0-1 and the short 3
+
+
+class Outage(ForwardingLUN):
+    """``lun`` behind a link the test cuts: every read and write raises while ``down``."""
+
+    def __init__(self, lun, down: bool = False) -> None:
+        super().__init__(lun)
+        self.down = down
+
+    def _reach(self) -> None:
+        if self.down:
+            raise ConnectionError(errno.ECONNREFUSED, "injected outage: the destination is down")
+
+    def read(self, offset: int, length: int) -> bytes:
+        self._reach()
+        return super().read(offset, length)
+
+    def readinto(self, offset: int, buffer) -> None:
+        self._reach()
+        super().readinto(offset, buffer)
+
+    def write(self, offset: int, data) -> None:
+        self._reach()
+        super().write(offset, data)
 
 
 def test_protect_routes_writes_through_a_snapshot_that_rollback_writes_back():
@@ -93,22 +121,71 @@ def test_requests_about_an_unprotected_destination():
     assert dest.lun is lun and lun.read(0, SIZE) == image
 
 
-def test_a_snapshot_that_runs_out_refuses_to_roll_back_but_writes_land():
-    dest, lun, _ = destination()
-    site = LocalSite(capacity=P)  # room for one protection chunk
+@pytest.mark.parametrize("failure", ["snapshot full", "destination unreadable"])
+def test_a_write_whose_save_fails_is_not_made_and_the_image_stays_whole(failure):
+    dest, lun, image = destination()
+    outage = Outage(lun)
+    dest.lun = outage
+    site = LocalSite(capacity=2 * P)  # room for two protection chunks
     assert site.protect(dest).ok
     rng = random.Random(3)
-    data = rng.randbytes(2 * P)
-    dest.lun.write(0, data)  # needs two chunks saved
-    assert lun.read(0, 2 * P) == data  # rule 5: the write still landed
+    dest.lun.write(10, rng.randbytes(10))  # chunk 0 saved
+    if failure == "snapshot full":
+        data, cause = rng.randbytes(2 * P), "cannot take 65536 more bytes for chunk 2"
+        at = P  # chunks 1 (saved: now full) and 2 (no room)
+    else:
+        outage.down = True
+        data, cause = rng.randbytes(100), "injected outage"
+        at = 2 * P
+    written = lun.read(0, SIZE)
+    with pytest.raises(IscError, match=f"the protection of d0 could not save .*{cause}"):
+        dest.lun.write(at, data)
+    assert lun.read(0, SIZE) == written  # rule 8: the write was not made
     info = site.status(dest).info
-    assert info["protected"] and not info["intact"]
-    assert "save area full" in info["problem"]
+    assert info["intact"] and info["problem"] is None
+    assert info["saved_chunks"] == 1  # what the failed write saved was dropped again
+    outage.down = False
     ack = site.rollback(dest)
-    assert not ack.ok and "the protected image was lost" in ack.reason
-    assert lun.read(0, 2 * P) == data  # a refused rollback writes nothing
-    assert site.unprotect(dest).ok
-    assert dest.lun is lun
+    assert ack.ok and list(ack.extents) == [(0, P)]
+    assert lun.read(0, SIZE) == image
+    dest.lun.write(P, rng.randbytes(P))  # chunk 1 is saved anew, then written
+    assert site.status(dest).info["saved_chunks"] == 1
+    assert site.rollback(dest).ok and lun.read(0, SIZE) == image
+
+
+def test_an_unreachable_destination_is_protected_and_nothing_reaches_it_unsaved():
+    dest, lun, image = destination()
+    outage = Outage(lun, down=True)
+    dest.lun = outage
+    site = LocalSite()
+    assert site.protect(dest).ok  # its outage is its own (rule 13): the copy to it fails
+    rng = random.Random(4)
+    with pytest.raises((IscError, ConnectionError), match="injected outage"):
+        dest.lun.write(0, rng.randbytes(100))
+    outage.down = False  # back: the first write to each chunk saves it first
+    overwrite(dest, rng, WRITES)
+    assert site.protect(dest).reason == "already protected"
+    assert site.rollback(dest).ok
+    assert lun.read(0, SIZE) == image
+
+
+def test_protecting_a_destination_whose_protected_image_was_lost_fails():
+    dest, lun, _ = destination()
+    site = LocalSite()
+    assert site.protect(dest).ok
+    overwrite(dest, random.Random(5), WRITES)
+    dest.lun.snapshot.unmark()  # the snapshot ends behind the site's back: its image is gone
+    ack = site.protect(dest)
+    assert not ack.ok
+    assert ack.reason.startswith("d0 is protected, but its protected image was lost (mark 1 ")
+    assert ack.reason.endswith(
+        "it can no longer be rolled back; unprotect it to drop the protection"
+    )
+    status = site.status(dest).info
+    assert not status["intact"] and "ended by an unmark" in status["problem"]
+    assert "the protected image was lost" in site.rollback(dest).reason
+    assert site.unprotect(dest).ok and dest.lun is lun
+    assert site.protect(dest).ok  # afresh, at the image the destination holds now
 
 
 def test_protected_lun_reads_flushes_and_closes_the_destination_lun():

@@ -31,6 +31,7 @@ from helpers import (
     differing_chunks,
     fill_random,
 )
+from test_remote import Outage
 
 from isc import (
     CopyJob,
@@ -68,8 +69,8 @@ class HookSite(RequestSite):
     ``timeouts`` the timeout of each and ``acks`` each answer.
     """
 
-    def __init__(self, capacity: int | None = None) -> None:
-        self.local = LocalSite(capacity)
+    def __init__(self) -> None:
+        self.local = LocalSite()
         self.hooks: dict[str, Callable[[Destination, float | None], Ack | None]] = {}
         self.calls: list[tuple[str, str]] = []
         self.timeouts: list[float | None] = []
@@ -122,7 +123,6 @@ def rig(
     name: str = "alpha",
     prefix: str = "d",
     seed: int = 0,
-    capacity: int | None = None,
     kind: type[Session] = Session,
 ):
     """A session ``name`` (of class ``kind``) on a random source, NEW destinations, a HookSite."""
@@ -130,7 +130,7 @@ def rig(
     fill_random(source, random.Random(seed))
     session = kind(source, G, name=name)
     destinations = [Destination(HookLUN(MemoryLUN(SIZE)), f"{prefix}{i}") for i in range(dests)]
-    return session, destinations, HookSite(capacity)
+    return session, destinations, HookSite()
 
 
 def updated(dests: int = 2, **rig_args):
@@ -514,29 +514,59 @@ def test_a_rollback_that_cannot_succeed_changes_nothing(status):
 # -- protection capacity -----------------------------------------------------------------------
 
 
-def test_a_snapshot_that_runs_out_cannot_roll_back_but_a_later_update_repairs():
-    session, (dest,), site = rig(1, capacity=2 * PROTECT_GRANULARITY)
+def test_a_snapshot_that_runs_out_fails_the_copy_and_keeps_the_image_restorable():
+    session, (dest,), site = updated(1)
     lun = dest.lun
-    update = PeriodicUpdate(session, [dest], site, io_size=IO)
-    # The first copy overflows the snapshot of the new destination too; its writes still land.
-    update.run()
-    assert_in_step(session, [dest], [lun])
+    image = contents(dest)
+    site.local.capacity = 2 * PROTECT_GRANULARITY  # two of d0's four protection chunks
     session.write(0, random.Random(8).randbytes(SIZE))  # every chunk changes
-    pieces = -(-SIZE // IO)
-    lun.fail_at = lun.writes + pieces  # the last piece fails: three snapshot chunks were needed
-    with pytest.raises(UpdateError):
+    update = PeriodicUpdate(session, [dest], site, io_size=IO)
+    with pytest.raises(UpdateError, match=r"could not save the original data of chunk 2: .* take"):
         update.run()
-    lun.fail_at = None
     status = site.local.status(dest).info
-    assert status["protected"] and not status["intact"]
-    assert "save area full" in status["problem"]
-    with pytest.raises(UpdateError, match="the protected image was lost"):
-        rollback(session, dest, site)
+    assert status["intact"] and status["saved_chunks"] == 2
+    tail = 2 * PROTECT_GRANULARITY
+    assert lun.read(tail, SIZE - tail) == image[tail:]  # nothing was written unsaved
     assert dest.state is DestState.INCONSISTENT
     assert_no_lost_change(session, lun)
+    rollback(session, dest, site)  # rule 8: the protected image is whole
+    assert lun.read(0, SIZE) == image and dest.state is DestState.CONSISTENT
+    assert_no_lost_change(session, lun)
+    # The way out: drop the small protection; the next one is as large as d0.
+    assert site.unprotect(dest).ok
+    site.local.capacity = None
     update.run()
-    assert not site.protected(dest)
     assert_in_step(session, [dest], [lun])
+
+
+def test_an_unreachable_destination_keeps_its_image_and_stops_no_other():
+    session, dests, site = updated(2)
+    d0, d1 = dests
+    luns = [d.lun for d in dests]
+    image = contents(d1)
+    outage = Outage(d1.lun, down=True)
+    d1.lun = outage
+    scribble(session, random.Random(17), 12)
+    update = PeriodicUpdate(session, dests, site, io_size=IO)
+    with pytest.raises(UpdateError, match=r"d1 failed: .*injected outage"):
+        update.run()  # d1 is protected while down (rule 13): its copy fails, d0's does not
+    assert d0.state is DestState.CONSISTENT and contents(d0) == source_image(session)
+    assert not site.protected(d0) and site.protected(d1)
+    outage.down = False
+    luns[1].fail_at = luns[1].writes + 2  # back, and its next copy fails midway
+    scribble(session, random.Random(18), 12)
+    with pytest.raises(UpdateError, match="injected failure"):
+        update.run()
+    luns[1].fail_at = None
+    assert d1.state is DestState.INCONSISTENT and contents(d1) != image
+    rollback(session, d1, site)
+    assert contents(d1) == image  # the image from before the outage, whole
+    assert d1.state is DestState.CONSISTENT
+    assert_no_lost_change(session, luns[1])
+    assert site.unprotect(d1).ok
+    d1.lun = luns[1]
+    update.run()
+    assert_in_step(session, dests, luns)
 
 
 # -- rule 10: bad input changes nothing -----------------------------------------------------
