@@ -79,9 +79,10 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     agent = commands.add_parser(
         "agent",
         help="a remote array: export the LUN files of a directory, protect them on request",
-        description="Export every file of DIR over NBD (ports from the control port + 1, "
-        "in name order) and answer protect/unprotect/rollback/status requests "
-        "(newline-delimited JSON) on the control port.",
+        description="Export every regular file of DIR over NBD (ports from the control port "
+        "+ 1, in name order; no symlinks, subdirectories or dotfiles) and answer "
+        "protect/unprotect/rollback/status requests (newline-delimited JSON) on the control "
+        "port. Protections are kept in DIR/.isc-agent and survive a restart.",
     )
     agent.add_argument(
         "--listen", type=listen_address, required=True, metavar="HOST:PORT", help="control address"
