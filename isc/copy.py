@@ -385,7 +385,7 @@ class CopyJob:
                     for dest in (donor, *stale):
                         self._drop(dest, result, f"failed: seeding from {donor.name}: {exc}", exc)
                     return
-                self._send([d for d in stale if d in self._active], offset, view, result)
+                self._send(stale, offset, view, result)
                 result.bytes_seeded += len(view)
 
     # -- the unmarked full copy ----------------------------------------------------------
@@ -425,21 +425,19 @@ class CopyJob:
         return result
 
     def _sample(self, runs: np.ndarray) -> None:
-        """New fingerprint samples of every destination still in the copy, among ``runs``.
-
-        Samples of chunks seeded outside ``runs`` are not needed: one sample set
-        per copy is enough to find a replaced destination.
-        """
+        """New fingerprint samples of every destination still in the copy, ``runs``
+        being what it wrote (:func:`isc.fingerprint.take`)."""
         session = self.session
         for dest in self._active:
             try:
-                taken = fingerprint.take(dest.lun, runs, session.granularity, session.source.size)
+                taken = fingerprint.take(
+                    dest.lun, runs, session.granularity, session.source.size, dest.samples
+                )
             except Exception as exc:
                 log.warning("%s: cannot sample destination %s: %s", session.name, dest.name, exc)
                 dest.samples = []
                 continue
-            if taken:
-                dest.samples = taken
+            dest.samples = taken
 
     # -- shared steps ------------------------------------------------------------------
     def _run_size(self) -> int:
@@ -509,12 +507,14 @@ class CopyJob:
         for at in range(start, end, len(buffer)):
             view = buffer[: min(len(buffer), end - at)]
             read(at, view)
-            self._send([d for d in through_buffer if d in self._active], at, view, result)
+            self._send(through_buffer, at, view, result)
 
     def _send(self, dests, offset: int, data: memoryview, result: CopyResult) -> None:
         """Write one run to ``dests``; each becomes INCONSISTENT before it is touched,
         and one whose write fails drops out of the copy."""
         for dest in dests:
+            if dest not in self._active:
+                continue  # it dropped out earlier in this run
             dest.state = DestState.INCONSISTENT
             try:
                 dest.lun.write(offset, data)

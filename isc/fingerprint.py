@@ -12,8 +12,9 @@ that wrote them:
 after a copy     each destination that completed it gets :data:`SAMPLES`
                  fresh samples ``(chunk, crc32)``, read back from the
                  destination, chosen at random among the chunks the copy
-                 wrote, chunks holding data preferred over zero-filled ones;
-                 a copy that wrote nothing keeps the samples it found
+                 wrote and among all chunks, chunks holding data preferred
+                 over zero-filled ones; it keeps older samples of chunks the
+                 copy did not write, up to ``2 * SAMPLES``
 before a copy    samples of chunks the copy may write are dropped first
                  (they are about to change), so a failed copy leaves none
                  that could disagree with the destination for a good reason
@@ -23,14 +24,16 @@ check            each remaining sample whose chunk is not in the tracking or
                  destination NEW: its next copy is a full one
 ===============  ===========================================================
 
-Cost: :data:`SAMPLES` chunk reads per destination per copy, and as many
-again to take new samples (twice that while looking for non-zero chunks).
+Cost: up to ``2 * SAMPLES`` chunk reads per destination to check it, and as
+many to take new samples after the copy.
 
 How likely a replaced destination escapes: it must hold, in every sampled
 chunk, exactly the bytes the last copy left there. A wiped or fresh
 destination (zeros) escapes only when every sampled chunk of the image is
 zero-filled, which the preference for data makes rare: only an image with
-fewer than :data:`SAMPLES` non-zero chunks among those the copy wrote.
+fewer than :data:`SAMPLES` non-zero chunks among those read. Samples of
+chunks written since they were taken are skipped, so under a workload that
+rewrites most of the volume between two copies few samples are checked.
 A destination replaced by a copy of itself escapes, rightly: it holds the
 same image. The samples are random, so a destination whose damage is
 limited to some chunks is found only when a sample falls in one of them:
@@ -61,26 +64,35 @@ def _chunk(lun, chunk: int, granularity: int, size: int) -> bytes:
     return lun.read(start, min(granularity, size - start))
 
 
-def take(lun, runs: np.ndarray, granularity: int, size: int) -> list[Sample]:
-    """Fresh samples of ``lun`` among the chunks of ``runs`` ((first, count) rows).
+def take(
+    lun, runs: np.ndarray, granularity: int, size: int, kept: list[Sample] = ()
+) -> list[Sample]:
+    """Samples of ``lun`` after a copy that wrote the chunks of ``runs`` ((first, count) rows).
 
-    Reads up to ``2 * SAMPLES`` chunks from ``lun`` and keeps :data:`SAMPLES`,
-    those holding data first. Returns ``[]`` when ``runs`` is empty.
+    Reads ``SAMPLES`` random chunks among those of ``runs`` and as many among
+    all of ``lun``'s (the chunks a copy just wrote are often written again
+    soon, and a chunk written since its sample is not checked), keeps
+    :data:`SAMPLES` of them, those holding data first, and adds the ``kept``
+    samples of chunks the copy did not write, up to ``2 * SAMPLES`` in all.
     """
+    chunks = -(-size // granularity)
     counts = runs[:, 1] if len(runs) else np.empty(0, dtype=np.int64)
     total = int(counts.sum())
-    if not total:
-        return []
-    picks = sorted(_random.sample(range(total), min(2 * SAMPLES, total)))
     ends = np.cumsum(counts)
-    found = []
-    for pick in picks:
+    picks = set()
+    for pick in _random.sample(range(total), min(SAMPLES, total)):
         row = int(np.searchsorted(ends, pick, side="right"))
-        chunk = int(runs[row, 0]) + pick - int(ends[row] - counts[row])
+        picks.add(int(runs[row, 0]) + pick - int(ends[row] - counts[row]))
+    picks.update(_random.sample(range(chunks), min(SAMPLES, chunks)))
+    found = []
+    for chunk in sorted(picks):
         data = _chunk(lun, chunk, granularity, size)
-        found.append((data.count(0) == len(data), chunk, zlib.crc32(data)))
+        found.append((data == bytes(len(data)), chunk, zlib.crc32(data)))
     found.sort(key=lambda f: f[0])  # chunks holding data first (the sort is stable)
-    return sorted((chunk, crc) for _, chunk, crc in found[:SAMPLES])
+    fresh = [(chunk, crc) for _, chunk, crc in found[:SAMPLES]]
+    taken = {chunk for chunk, _ in fresh}
+    fresh += [s for s in kept if s[0] not in taken][: 2 * SAMPLES - len(fresh)]
+    return sorted(fresh)
 
 
 def prune(samples: list[Sample], bitmap) -> list[Sample]:

@@ -225,8 +225,10 @@ class Session:
             if not self.bitmap.marked:
                 return  # the mark was aborted meanwhile: nothing to protect
             try:
-                flagged = self.bitmap.saved_in(first, count)
-                for chunk in np.intersect1d(chunks, flagged, assume_unique=True).tolist():
+                flagged = set(self.bitmap.saved_in(first, count).tolist())
+                for chunk in chunks.tolist():
+                    if chunk not in flagged:
+                        continue  # sent since this write flagged it
                     start = (chunk - first) * g
                     piece = old[start : min(start + g, len(old))]
                     self.save_area.save(chunk, piece)
@@ -274,8 +276,10 @@ class Session:
         finds the chunks sent and stores nothing.
         """
         with self._save_lock:
-            self._check_mark_locked(generation)
-            cleared = self.bitmap.clear_transfer(first, count, generation)
+            try:
+                cleared = self.bitmap.clear_transfer(first, count, generation)
+            except StateError:
+                raise StateError(self.mark_ended(generation)) from None
             if self.save_area.saved_chunks:
                 self.save_area.discard(first, count)
         return cleared

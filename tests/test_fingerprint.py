@@ -34,15 +34,17 @@ def updated(dests: int = 1, lun=MemoryLUN):
     return session, destinations
 
 
-def scribble(session: Session, rng: random.Random, writes: int = 6) -> None:
+def scribble(session: Session, rng: random.Random, writes: int = 6, spare=()) -> None:
+    """Random host writes, none to the chunks of the ``spare`` samples."""
+    spared = {chunk for chunk, _ in spare}
+    free = [c for c in range(SIZE // G) if c not in spared]
     for _ in range(writes):
-        length = rng.randrange(1, 3 * G)
-        session.write(rng.randrange(0, SIZE - length), rng.randbytes(length))
+        session.write(rng.choice(free) * G + rng.randrange(G // 2), rng.randbytes(G // 2))
 
 
 def test_every_copy_leaves_samples_of_chunks_holding_data():
     _, (dest,) = updated()
-    assert len(dest.samples) == SAMPLES
+    assert SAMPLES <= len(dest.samples) <= 2 * SAMPLES
     for chunk, _ in dest.samples:
         assert dest.lun.read(chunk * G, G) != bytes(G)
 
@@ -50,7 +52,7 @@ def test_every_copy_leaves_samples_of_chunks_holding_data():
 def test_a_wiped_destination_gets_a_full_mark_from_the_update():
     session, (dest,) = updated()
     dest.lun = HookLUN(MemoryLUN(SIZE))  # replaced by an empty volume
-    scribble(session, random.Random(3))
+    scribble(session, random.Random(3), spare=dest.samples)
     (result,) = PeriodicUpdate(session, [dest], LocalSite()).run()
     assert result.bytes_sent == SIZE  # everything, not the increment
     assert dest.state is DestState.CONSISTENT
@@ -64,7 +66,7 @@ def test_a_replaced_destination_is_seeded_from_one_in_step():
         image[chunk * G] ^= 0xFF  # another volume: same size, other bytes
     swapped.lun = HookLUN(MemoryLUN(SIZE))
     swapped.lun.write(0, bytes(image))
-    scribble(session, random.Random(4))
+    scribble(session, random.Random(4), spare=swapped.samples)
     session.mark()
     result = CopyJob(session, [good, swapped]).incremental()
     assert "does not hold what the last copy wrote" in result.replaced["d1"]
@@ -120,7 +122,7 @@ def test_a_restarted_nbdkit_memory_target_is_found_wiped(tmp_path):
         session.mark()
         CopyJob(session, [dest]).incremental()
         dest.lun.close()
-    scribble(session, random.Random(8))
+    scribble(session, random.Random(8), spare=dest.samples)
     (tmp_path / "nbdkit.sock").unlink()
     with nbdkit(tmp_path, "memory", f"size={SIZE}") as remote:  # the same address, wiped
         dest.lun = NBDLUN(remote.uri)
@@ -146,7 +148,7 @@ def test_samples_survive_a_reopen_of_a_persistent_session(tmp_path):
         stored.add_destination(str(tmp_path / "dest.img"), "d0")
         copy(stored, "full")
         samples = stored.destinations[0].samples
-        assert len(samples) == SAMPLES
+        assert len(samples) >= SAMPLES
     with open(tmp_path / "dest.img", "r+b") as wipe:
         wipe.write(bytes(SIZE))
     with open_session(tmp_path / "state")[0] as stored:
