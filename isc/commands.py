@@ -453,7 +453,12 @@ def status_report(directory: str, state: store.StoredState) -> dict:
         },
         "epoch": meta["epoch"],
         "destinations": [
-            {**d, "in_step": d["epoch"] is not None and d["epoch"] == meta["epoch"]}
+            {
+                **d,
+                "in_step": d["epoch"] is not None and d["epoch"] == meta["epoch"],
+                "reachable": d.get("problem") is None,
+                "problem": d.get("problem"),
+            }
             for d in meta["destinations"]
         ],
         "in_use": state.in_use,
@@ -517,4 +522,6 @@ def _status_text(report: dict) -> str:
             step = "first copy is full"
         lines.append(f"  {dest['name']}  {dest['state']}  epoch {dest['epoch']}  {step}")
         lines.append(f"    {dest['target']}")
+        if not dest["reachable"]:
+            lines.append(f"    not reachable when last tried: {dest['problem']}")
     return "\n".join(lines) + "\n"

@@ -382,6 +382,8 @@ class PersistentSession:
                 opened.callback(lun.close)
                 dest = Destination(lun, d["name"], DestState(d["state"]), d["epoch"])
                 dest.samples = [(chunk, crc) for chunk, crc in d.get("samples", [])]
+                if d.get("protected_state") is not None:
+                    dest.protected_state = DestState(d["protected_state"])
                 self.destinations.append(dest)
             opened.pop_all()
         self.session.epoch = meta["epoch"]
@@ -508,6 +510,10 @@ class PersistentSession:
                 "state": d.state.value,
                 "epoch": d.epoch,
                 "samples": [list(sample) for sample in d.samples],
+                # What a rollback whose answer comes restores it to (isc.update.rollback).
+                "protected_state": d.protected_state and d.protected_state.value,
+                # Why it could not be reached at its last use, for isc status.
+                "problem": getattr(d.lun, "problem", None),
             }
             for d in self.destinations
         ]
@@ -796,8 +802,13 @@ def _meta_problem(meta: dict) -> str | None:
             and dest.get("state") in states
             and (dest.get("epoch") is None or _count(dest.get("epoch")))
             and _samples_ok(dest.get("samples", []))
+            and dest.get("protected_state") in (None, *states)
+            and isinstance(dest.get("problem"), (str, type(None)))
         ):
-            return f"destination {dest!r} is not {{name, target, state, epoch, samples}}"
+            return (
+                f"destination {dest!r} is not {{name, target, state, epoch, samples, "
+                "protected_state, problem}"
+            )
     names = [dest["name"] for dest in dests]
     if len(set(names)) != len(names):
         return f"destination names repeat: {names}"
@@ -1080,7 +1091,8 @@ def _recover(
         bitmap, regions = None, set()
         meta = {key: value for key, value in meta.items() if key != "copy"}
         meta["destinations"] = [
-            {**d, "state": DestState.NEW.value, "epoch": None} for d in meta["destinations"]
+            {**d, "state": DestState.NEW.value, "epoch": None, "protected_state": None}
+            for d in meta["destinations"]
         ]
     else:
         try:

@@ -266,6 +266,8 @@ SESSION_DAMAGE = {
     "destination state unknown": _dest_with(state="shiny"),
     "destination state unhashable": _dest_with(state=["new"]),
     "destination epoch a string": _dest_with(epoch="3"),
+    "destination protected state unknown": _dest_with(protected_state="shiny"),
+    "destination problem a number": _dest_with(problem=3),
     "destination names repeat": lambda meta: json.dumps(
         {**meta, "destinations": [meta["destinations"][0]] * 2}
     ).encode(),
