@@ -4,7 +4,10 @@ Any NBD client (qemu-io, nbdcopy, a VM's disk) then makes tracked host
 writes. The source is a persistent session's directory (its writes survive
 a crash, and ``every`` runs periodic updates to its destinations from the
 same process, which owns the session), or a LUN path or URI (an ephemeral
-session whose tracking is reported when the server stops).
+session whose tracking is reported when the server stops). A file or block
+device source is locked while it is served, as a session directory's is
+(:class:`~isc.store.SourceLock`): another session or a QEMU writer on it is
+refused, and the other way round.
 
 With a control address the server also answers requests about its session
 (:mod:`isc.control`: newline-delimited JSON), so another program can drive
@@ -39,15 +42,17 @@ inconsistent and only what was not confirmed is sent again.
 Host writes never wait for a destination. A destination on an NBD export is
 connected at its first use and again after an outage
 (:class:`~isc.lun.ReconnectingLUN`): the server starts while one is down
-(it logs which, and ``status`` says so), a copy to one that is down fails
-for it, and a later copy reconnects, trying at most every
-:data:`~isc.lun.RECONNECT_BACKOFF` seconds while it stays down.
+(it logs which, and ``status`` says so, as ``isc status`` does from the
+session file, saved after that first try and after every copy), a copy to
+one that is down fails for it, and a later copy reconnects, trying at most
+every :data:`~isc.lun.RECONNECT_BACKOFF` seconds while it stays down.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
 
@@ -312,6 +317,7 @@ def run_serve(
 
     stop = stop or threading.Event()
     persistent = None
+    source_lock = None
     if (Path(source) / store.METADATA).exists():
         persistent, recovery = store.open_session(source)
         session = persistent.session
@@ -320,7 +326,16 @@ def run_serve(
                 "%s: %d region(s) to resend after a crash", session.name, recovery.regions_resent
             )
     else:
-        session = Session(store.open_lun(source), granularity, name=Path(source).name)
+        with ExitStack() as opened:
+            lun = store.open_lun(source)
+            opened.callback(lun.close)
+            if not store.is_uri(source):
+                # Rule 11, as a session directory's source: no other session or
+                # QEMU writer while this one tracks it.
+                source_lock = store.SourceLock(source)
+                opened.callback(source_lock.close)
+            session = Session(lun, granularity, name=Path(source).name)
+            opened.pop_all()
     server = NBDServer(SessionLUN(session), name=session.name, tls=tls, max_clients=max_clients)
     controls = SessionControl(session, persistent, credentials=credentials)
     try:
@@ -328,6 +343,7 @@ def run_serve(
         log.info("serving %s at %s", session.name, server.uri)
         if persistent is not None:
             _reach(persistent.destinations)
+            persistent.save()  # isc status shows which are out of reach
         control_port = None
         if isinstance(control, str):
             controls.start_unix(control)
@@ -345,6 +361,8 @@ def run_serve(
             persistent.close()
         else:
             session.source.close()
+        if source_lock is not None:
+            source_lock.close()
     return session
 
 

@@ -346,3 +346,46 @@ def test_the_isc_serve_process_starts_with_a_destination_down(
     stored, recovery = open_session(state)
     with stored:
         assert not recovery.crashed and stored.session.bitmap.tracking_count > 0
+
+
+def isc_status(state: Path, *options: str) -> str:
+    """What the real ``isc status`` of ``state`` prints (it reads while a server holds it)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "isc.cli", "status", str(state), *options],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=True,
+    )
+    return done.stdout
+
+
+def test_isc_status_shows_which_destinations_are_reachable(export: Export, state: Path, no_backoff):
+    export.stop()
+    with served(state) as serve:
+        # Saved after the server's first try of each destination.
+        dests = json.loads(isc_status(state, "--json"))["destinations"]
+        assert [(d["name"], d["reachable"]) for d in dests] == [("d1", True), ("d2", False)]
+        down = f"destination d2 at {export.uri} is unreachable"
+        assert dests[0]["problem"] is None and down in dests[1]["problem"]
+        assert f"    not reachable when last tried: {down}" in isc_status(state)
+        export.start()
+        assert serve.ask("mark")["ok"] and serve.ask("copy")["ok"]
+        dests = json.loads(isc_status(state, "--json"))["destinations"]
+        assert [(d["reachable"], d["problem"]) for d in dests] == [(True, None), (True, None)]
+    assert "not reachable" not in isc_status(state)
+
+
+# -- hole 7: a source file served on its own is locked as a session directory's is -------------
+def test_serving_a_source_file_locks_it_against_other_sessions(work: Path):
+    source = work / "source.img"
+    (work / "link.img").symlink_to(source)
+    with served(source):
+        for spelling in (source, work / "link.img"):  # the same file under another name
+            with pytest.raises(StateError, match=f"the source {spelling} is in use by another"):
+                create_session(work / "other", str(spelling))
+        assert not (work / "other").exists()
+    create_session(work / "other", str(source))  # free once the server stopped
+    stored, _ = open_session(work / "other")
+    with stored, pytest.raises(StateError, match=f"the source {source} is in use by another"):
+        run_serve(str(source), HOST, 0, stop=threading.Event())
