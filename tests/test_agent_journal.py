@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import itertools
 import os
 import queue
 import random
@@ -39,7 +40,7 @@ from test_agent import ENV, HOST, JOURNAL, WAIT, daemon, lun_of
 from test_nbd import sparse
 
 from isc import Destination, DestState, FileLUN, IscError, Session
-from isc.agent import HEAD_SIZE, HEADER_SIZE, Agent, Journal, open_regular, run_agent
+from isc.agent import HEAD_SIZE, HEADER_SIZE, Agent, Export, Journal, open_regular, run_agent
 from isc.nbd import NBDLUN
 from isc.remote import PROTECT_GRANULARITY, Ack, AgentSite
 from isc.store import create_session, open_session, read_state
@@ -404,6 +405,57 @@ def test_isc_rollback_killed_while_the_agent_answers_leaves_the_change_tracked(
         assert (exports / "disk").read_bytes() == source.read_bytes()
 
 
+def test_isc_rollback_after_a_failed_update_restores_the_state_the_destination_had(
+    tmp_path: Path, volumes, state: Path
+):
+    source, exports = volumes
+    rng = random.Random(SEED + 6)
+    log = tmp_path / "isc.log"
+
+    def run(command: str, *args: str) -> int:
+        return finished(isc(command, str(state), *args, *at_site, log=log), log)
+
+    def destination() -> dict:
+        (meta,) = read_state(state).meta["destinations"]
+        return meta
+
+    with agent_here(exports) as (agent, port, uris):
+        at_site = ("--site", f"{HOST}:{port}")
+        stored, _ = open_session(state)
+        with stored:
+            stored.add_destination(uris["disk"], "disk")
+        assert run("update") == 0, log.read_text()
+        consistent = (exports / "disk").read_bytes()
+        stored, _ = open_session(state)
+        with stored:
+            write_randomly(stored.session, rng, 30)
+        export = agent.exports["disk"]
+        writes = itertools.count()
+
+        def fail_after_one(offset: int, data) -> None:
+            if next(writes):
+                raise OSError(errno.EIO, "injected failure of the export")
+            Export.write(export, offset, data)
+
+        export.write = fail_after_one  # type: ignore[method-assign]
+        try:
+            assert run("update") == 1, log.read_text()  # it fails midway: disk stays protected
+        finally:
+            del export.write
+        assert (exports / "disk").read_bytes() != consistent
+        assert destination()["state"] == "inconsistent"
+        assert destination()["protected_state"] == "consistent"
+        assert run("rollback", "disk") == 0, log.read_text()  # a process of its own
+        assert (exports / "disk").read_bytes() == consistent
+        assert destination()["state"] == "consistent"  # what it held when protected
+        stored, _ = open_session(state)
+        with stored, lun_of(exports / "disk") as restored:
+            assert_no_lost_change(stored.session, restored)
+        assert run("update") == 0, log.read_text()
+        assert (exports / "disk").read_bytes() == source.read_bytes()
+        assert destination()["protected_state"] is None  # unprotected
+
+
 KILLS = 20
 """Agents killed mid-update in the crash loop."""
 
@@ -462,7 +514,8 @@ def test_the_agent_killed_mid_update_then_a_rollback_restores_the_last_consisten
                 assert (exports / "disk").read_bytes() == consistent, f"after kill {n - 1}"
                 stored, _ = open_session(state)
                 with stored, lun_of(exports / "disk") as restored:
-                    assert stored.destinations[0].state is DestState.INCONSISTENT
+                    # The state it had when protected, which the session file kept.
+                    assert stored.destinations[0].state is DestState.CONSISTENT
                     assert_no_lost_change(stored.session, restored)
             if n == KILLS + 1:
                 break
