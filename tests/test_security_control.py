@@ -626,7 +626,9 @@ def test_serve_control_on_a_unix_socket_reaches_this_user_only(tmp_path, source)
             sock.settimeout(WAIT)
             sock.connect(str(path))
             assert ask(sock, {"id": 1, "op": "status"})["info"]["state"] == "unmarked"
-        done = isc_run("serve", str(source), "--listen", f"{HOST}:0", "--control",
+        other = tmp_path / "other.img"  # a source of its own: the first one is locked
+        other.write_bytes(bytes(4096))
+        done = isc_run("serve", str(other), "--listen", f"{HOST}:0", "--control",
                        f"unix:{path}", cwd=tmp_path, check=1)  # fmt: skip
         assert f"a server listens on {path} already" in error_line(done)
         served.stop()
