@@ -1212,6 +1212,7 @@ class NBDServer:
             await self._shutdown(server)
 
     async def _shutdown(self, server: asyncio.Server) -> None:
+        self._closed = True  # also when the serve coroutine was cancelled: see _handle
         server.close()
         connections = list(self._connections)
         for task in connections:
@@ -1261,6 +1262,13 @@ class NBDServer:
             log.warning("%r: %s broke the protocol (%s); disconnecting it", self, peer, exc)
         except ssl.SSLError as exc:
             log.warning("%r: TLS with %s failed (%s); disconnecting it", self, peer, describe(exc))
+        except asyncio.CancelledError:
+            if not self._closed:
+                raise
+            # _shutdown cancelled it: end normally. Before Python 3.12,
+            # asyncio.start_server's done callback calls exception() on the
+            # task, which raises for a cancelled one, and logs that traceback.
+            log.info("%r: disconnecting %s: the server is closing", self, peer)
         except Exception:
             log.exception("%r: unexpected failure serving %s; disconnecting it", self, peer)
         finally:
