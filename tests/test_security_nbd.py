@@ -39,6 +39,7 @@ from test_nbd import (
     Raw,
     nbdkit,
     qemu_nbd,
+    raw,
     run,
     tool,
 )
@@ -225,17 +226,9 @@ def test_bad_server_credentials_are_refused_before_listening(tmp_path, credentia
 
 
 # -- the handshake by hand ----------------------------------------------------------------------
-@contextmanager
-def raw_client(server: NBDServer) -> Iterator[Raw]:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(WAIT)
-        sock.connect(server.address)
-        yield Raw(sock)
-
-
 def test_require_refuses_every_option_before_tls_as_the_spec_says(tmp_path, credentials):
     with isc_server(tmp_path, credentials["good"]) as (server, lun, data):
-        with raw_client(server) as client:
+        with raw(server) as client:
             client.greet()
             go = client.info_data(b"disk")
             for option, payload in ((OPT_LIST, b""), (OPT_INFO, go), (OPT_GO, go), (12345, b"")):
@@ -247,16 +240,16 @@ def test_require_refuses_every_option_before_tls_as_the_spec_says(tmp_path, cred
             assert client.option(OPT_STARTTLS, b"x")[0][0] == REP_ERR_INVALID
             assert client.option(OPT_ABORT) == [(REP_ACK, b"")]
             assert client.dropped()
-        with raw_client(server) as client:
+        with raw(server) as client:
             client.greet()
             client.sock.sendall(
                 struct.pack(">QII", 0x49484156454F5054, OPT_EXPORT_NAME, 4) + b"disk"
             )
             assert client.dropped()  # the option cannot be refused politely: dropped
-        with raw_client(server) as client:
+        with raw(server) as client:
             client.greet(flags=0)  # no fixed newstyle: no TLS, so no way in
             assert client.dropped()
-        with raw_client(server) as client:
+        with raw(server) as client:
             client.greet()
             assert client.option(OPT_STARTTLS) == [(REP_ACK, b"")]
             context = client_context(credentials["good"], check_hostname=False)
@@ -271,7 +264,7 @@ def test_require_refuses_every_option_before_tls_as_the_spec_says(tmp_path, cred
 
 
 def test_tls_off_answers_starttls_unsupported(tmp_path):
-    with isc_server(tmp_path, None) as (server, _, _), raw_client(server) as client:
+    with isc_server(tmp_path, None) as (server, _, _), raw(server) as client:
         client.greet()
         assert client.option(OPT_STARTTLS)[0][0] == REP_ERR_UNSUP
         assert client.option(OPT_GO, client.info_data(b"disk"))[-1][0] == REP_ACK
@@ -279,7 +272,7 @@ def test_tls_off_answers_starttls_unsupported(tmp_path):
 
 def test_a_failed_tls_handshake_is_logged_and_the_server_goes_on(tmp_path, credentials, caplog):
     with isc_server(tmp_path, credentials["good"]) as (server, lun, data):
-        with raw_client(server) as client:
+        with raw(server) as client:
             client.greet()
             client.option(OPT_STARTTLS)
             client.sock.sendall(b"this is not a TLS ClientHello" * 10)
@@ -478,7 +471,7 @@ def test_a_client_that_reads_no_replies_holds_a_bounded_amount(tmp_path):
     lun = CountingLUN(size)
     with NBDServer(lun, name="disk") as server:
         server.start_unix(tmp_path / "isc.sock")
-        with raw_client(server) as greedy:
+        with raw(server) as greedy:
             greedy.go()
             for _ in range(64):  # 512 MiB of replies asked for, none ever read
                 greedy.request(0, 0, size)  # READ
@@ -494,10 +487,10 @@ def test_a_client_that_reads_no_replies_holds_a_bounded_amount(tmp_path):
 def test_one_client_more_than_max_clients_is_refused(tmp_path, caplog):
     with NBDServer(MemoryLUN(SIZE), name="disk", max_clients=2) as server:
         server.start_unix(tmp_path / "isc.sock")
-        with raw_client(server) as first, raw_client(server) as second:
+        with raw(server) as first, raw(server) as second:
             first.greet()
             second.greet()  # both are being served
-            with raw_client(server) as third:
+            with raw(server) as third:
                 assert third.dropped()
         round_trip(server.uri)  # room again
     refusals = [r.getMessage() for r in caplog.records if "refusing" in r.getMessage()]
@@ -508,10 +501,10 @@ def test_a_client_that_never_finishes_the_handshake_is_dropped(tmp_path, credent
     tls = ServerTLS(credentials["good"])
     with NBDServer(MemoryLUN(SIZE), name="disk", tls=tls, handshake_timeout=0.2) as server:
         server.start_unix(tmp_path / "isc.sock")
-        with raw_client(server) as silent:
+        with raw(server) as silent:
             silent.greet()
             assert silent.dropped()
-        with raw_client(server) as stalled_in_tls:
+        with raw(server) as stalled_in_tls:
             stalled_in_tls.greet()
             assert stalled_in_tls.option(OPT_STARTTLS) == [(REP_ACK, b"")]
             assert stalled_in_tls.dropped()
