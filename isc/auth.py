@@ -149,6 +149,11 @@ def _proof(secret: bytes, label: bytes, first: bytes, second: bytes) -> str:
     return hmac.new(secret, label + b"\0" + first + second, hashlib.sha256).hexdigest()
 
 
+def _same(proof: str, expected: str) -> bool:
+    """Whether a proof from the wire is the one expected, in constant time (any text)."""
+    return hmac.compare_digest(proof.encode(errors="replace"), expected.encode())
+
+
 def _challenge(message: dict) -> bytes | None:
     """The challenge of an exchange line, or None when it has no valid one."""
     value = message.get("challenge") if message.get("auth") == HMAC_AUTH else None
@@ -251,7 +256,7 @@ class Credentials:
         theirs, proof = _challenge(answer), answer.get("proof")
         if theirs is None or not isinstance(proof, str):
             raise Refusal(AUTH_REQUIRED, answer.get("id"))
-        if not hmac.compare_digest(proof, _proof(self._secret, _CLIENT, mine, theirs)):
+        if not _same(proof, _proof(self._secret, _CLIENT, mine, theirs)):
             raise Refusal(
                 "authentication failed: the client's proof does not match this server's "
                 "shared secret (the secret files differ)"
@@ -312,7 +317,7 @@ class Credentials:
         if verdict.get("ok") is not True:
             raise AuthenticationError(_refused(where, verdict))
         proof = verdict.get("proof")
-        if not isinstance(proof, str) or not hmac.compare_digest(
+        if not isinstance(proof, str) or not _same(
             proof, _proof(self._secret, _SERVER, mine, theirs)
         ):
             raise AuthenticationError(

@@ -220,7 +220,7 @@ def hmac_hex(secret: bytes, label: bytes, first: bytes, second: bytes) -> str:
     return hmac.new(secret, label + b"\0" + first + second, hashlib.sha256).hexdigest()
 
 
-def test_a_replayed_proof_and_malformed_answers_are_refused(secrets):
+def test_a_replayed_proof_and_malformed_answers_are_refused(secrets, caplog):
     secret = read_secret(secrets["ours"])
     mine = bytes(32)
     with counted(Credentials("server", secret_file=secrets["ours"])) as server:
@@ -240,6 +240,7 @@ def test_a_replayed_proof_and_malformed_answers_are_refused(secrets):
             {"auth": "hmac-sha256", "challenge": mine.hex()[:10], "proof": proof},
             {"auth": "md5", "challenge": mine.hex(), "proof": proof},
             {"auth": "hmac-sha256", "challenge": mine.hex(), "proof": 42},
+            {"auth": "hmac-sha256", "challenge": mine.hex(), "proof": "\u00e9" * 64},
             {"auth": "hmac-sha256", "challenge": mine.hex()},
         ]
         for answer in answers:
@@ -256,6 +257,7 @@ def test_a_replayed_proof_and_malformed_answers_are_refused(secrets):
                 assert line(sock)["ok"] is False
                 assert closed(sock)
         assert server.count == 1
+    assert not [r for r in caplog.records if r.exc_info]  # refused, not crashed
 
 
 def test_a_client_that_never_authenticates_is_dropped(secrets, monkeypatch, caplog):
