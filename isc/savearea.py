@@ -5,27 +5,29 @@ the copy job has not sent yet first stores the chunk's original contents
 here; the copy job then sends that saved copy instead of the source's new
 data and discards it. At unmark the session clears the whole area.
 
-Representation: an index ``chunk -> entry`` and a byte count ``used``.
+Representation: an index ``chunk -> entry`` and a byte count ``used``. An
+entry is ``(offset, slot, length)``: ``length`` data bytes at ``offset`` in a
+slot of ``slot >= length`` bytes of a store of ``capacity`` bytes, which is
+an anonymous memory map (``path=None``) or a file (a reserved-LUN-pool
+analogue). The area does not know the session's granularity, so slots are
+not fixed: a freed slot goes to a free list keyed by its size; a new entry
+takes a free slot of its own size, else the smallest larger one (whole, not
+split, so it returns to the list of its real size), else ``[end, end +
+length)`` at the end of the allocated part. Within a session all entries
+have one size except the LUN's short last chunk, so at most one odd-sized
+slot exists and fragmentation stays small.
 
-* In memory (``path=None``) an entry is an immutable ``bytes`` copy.
-* In a file (a reserved-LUN-pool analogue) an entry is ``(offset, slot,
-  length)``: ``length`` data bytes at ``offset`` in a slot of ``slot >=
-  length`` bytes. The area does not know the session's granularity, so slots
-  are not fixed: a freed slot goes to a free list keyed by its size; a new
-  entry takes a free slot of its own size, else the smallest larger one
-  (whole, not split, so it returns to the list of its real size), else
-  ``[end, end + length)`` at the end of the allocated part. Within a session
-  all entries have one size except the LUN's short last chunk, so at most one
-  odd-sized slot exists and fragmentation stays small.
-
-Clearing the area keeps the file's blocks for the next mark: the file stays
-at its largest size so far, within ``capacity``, until the area is closed.
+Clearing the area keeps the store's pages or blocks for the next mark: the
+memory stays mapped and the file at its largest size so far, within
+``capacity``, until the area is closed. A COFW fills its slot straight from
+the source (:meth:`SaveArea.save_from`): one copy, into memory that is
+already faulted in after the first mark.
 
 Invariants: ``used`` (the sum of entry lengths) never exceeds ``capacity``;
-in a file, ``end`` never exceeds ``capacity`` either, so the file never grows
-beyond it, and every byte of ``[0, end)`` lies in exactly one held or free
-slot. Worked example: capacity 8 KiB, chunks of 4 KiB, chunk 9 the LUN's short
-last chunk of 1 KiB::
+``end`` never exceeds ``capacity`` either, so a file never grows beyond it;
+every byte of ``[0, end)`` lies in exactly one held or free slot. Worked
+example: capacity 8 KiB, chunks of 4 KiB, chunk 9 the LUN's short last chunk
+of 1 KiB::
 
     save 9 (1K)   bump   [0, 1K)         end 1K   used 1K
     save 0 (4K)   bump   [1K, 5K)        end 5K   used 5K
@@ -35,10 +37,10 @@ last chunk of 1 KiB::
     save 9 (1K)   reuse  [0, 1K)                  used 5K
 
 Costs: ``save``, ``get``, ``readinto`` and ``discard`` are O(1) dict
-operations plus, for a file, one ``pwrite``/``pread`` of the entry and a scan
-over the distinct free slot sizes (one or two). ``clear`` is O(entries).
-One ``threading.Lock`` guards the index and the allocator, and file I/O runs
-under it: an entry becomes visible only once its data is written, and a slot
+operations plus one copy of the entry (a ``pwrite``/``pread`` for a file) and
+a scan over the distinct free slot sizes (one or two). ``clear`` is
+O(entries). One ``threading.Lock`` guards the index and the allocator, and
+the copies run under it: an entry becomes visible only once its data is written, and a slot
 being read cannot be freed and reused meanwhile.
 """
 
@@ -47,11 +49,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import mmap
 import operator
 import os
 import stat
 import threading
-from typing import Any
+from collections.abc import Callable
 
 from isc._layout import MAX_GRANULARITY
 from isc.errors import ParameterError, RangeError, SaveAreaFull, StateError
@@ -61,38 +64,90 @@ MARK = "user.isc.save-area"
 """The extended attribute on a save area file isc created: how it knows its own leftovers."""
 
 
-class _MemoryStore:
-    """Entries are ``bytes`` copies held by the index."""
-
-    def put(self, data: memoryview) -> bytes:
-        return data.tobytes()
-
-    def length(self, entry: bytes) -> int:
-        return len(entry)
-
-    def get(self, entry: bytes) -> bytes:
-        return entry
-
-    def read_into(self, entry: bytes, out: memoryview) -> None:
-        out[:] = entry
-
-    def free(self, entry: bytes) -> None:
-        pass
-
-    def reset(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 _Slot = tuple[int, int, int]  # (offset, slot size, data length), all in bytes
 
+_MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)  # Python < 3.13: Linux's value
 
-class _FileStore:
+
+class _Slots:
+    """Slots of an area of at most ``capacity`` bytes (see the module docstring)."""
+
+    def __init__(self, capacity: int) -> None:
+        self._capacity = capacity
+        self._end = 0
+        self._free: dict[int, list[int]] = {}  # slot size -> offsets; no empty lists
+
+    def take(self, length: int) -> _Slot | None:
+        """A slot for ``length`` bytes; None when none fits (the caller raises SaveAreaFull)."""
+        free = self._free
+        if not free:
+            slot = 0
+        elif length in free:
+            slot = length
+        else:
+            slot = min((size for size in free if size > length), default=0)
+        if slot:
+            offsets = self._free[slot]
+            offset = offsets.pop()
+            if not offsets:
+                del self._free[slot]
+        elif self._end + length <= self._capacity:
+            offset, slot = self._end, length
+            self._end += length
+        else:
+            return None
+        return offset, slot, length
+
+    def free(self, entry: _Slot) -> None:
+        offset, slot, _ = entry
+        self._free.setdefault(slot, []).append(offset)
+
+    def reset(self) -> None:
+        # The blocks stay: the next mark's COFW writes reuse them instead of
+        # allocating again (on tmpfs a first write to a block cost 3-4 times
+        # a rewrite; in memory a fresh page costs a fault), as a reserved LUN
+        # pool is allocated once.
+        self._free.clear()
+        self._end = 0
+
+
+class _MemoryStore(_Slots):
+    """Entries are slots of an anonymous memory map of ``capacity`` bytes.
+
+    The map costs no memory until a slot is first written; a page once used
+    stays for the next mark (like the file's blocks) until the area is closed.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__(capacity)
+        # Private and not reserved: an area as large as a big LUN (a protection's)
+        # costs address space only, and memory as it fills, as a dict of copies did.
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE
+        self._map = mmap.mmap(-1, capacity, flags=flags)
+        self._view = memoryview(self._map)
+
+    def fill(self, entry: _Slot, fill: Callable[[memoryview], object]) -> None:
+        offset, _, length = entry
+        fill(self._view[offset : offset + length])
+
+    def get(self, entry: _Slot) -> bytes:
+        offset, _, length = entry
+        return bytes(self._view[offset : offset + length])
+
+    def read_into(self, entry: _Slot, out: memoryview) -> None:
+        offset, _, length = entry
+        out[:] = self._view[offset : offset + length]
+
+    def close(self) -> None:
+        self._view.release()
+        self._map.close()
+
+
+class _FileStore(_Slots):
     """Entries are slots of a file of at most ``capacity`` bytes (see the module docstring)."""
 
     def __init__(self, path: str | os.PathLike[str], capacity: int) -> None:
+        super().__init__(capacity)
         self.path = os.fspath(path)
         flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
@@ -112,38 +167,15 @@ class _FileStore:
             raise
         self._fd = fd
         self._identity = (st.st_dev, st.st_ino)
-        self._capacity = capacity
-        self._end = 0
-        self._free: dict[int, list[int]] = {}  # slot size -> offsets; no empty lists
+        self._buffer = bytearray(MAX_GRANULARITY)  # a chunk on its way to the file
 
-    def put(self, data: memoryview) -> _Slot | None:
-        """Store ``data`` in a slot; None when no slot fits (the caller raises SaveAreaFull)."""
-        length = len(data)
-        if length in self._free:
-            slot = length
-        else:
-            slot = min((size for size in self._free if size > length), default=0)
-        if slot:
-            offsets = self._free[slot]
-            offset = offsets.pop()
-            if not offsets:
-                del self._free[slot]
-        elif self._end + length <= self._capacity:
-            offset, slot = self._end, length
-            self._end += length
-        else:
-            return None
-        try:
-            done = 0
-            while done < length:
-                done += os.pwrite(self._fd, data[done:], offset + done)
-        except BaseException:
-            self.free((offset, slot, length))
-            raise
-        return offset, slot, length
-
-    def length(self, entry: _Slot) -> int:
-        return entry[2]
+    def fill(self, entry: _Slot, fill: Callable[[memoryview], object]) -> None:
+        offset, _, length = entry
+        data = memoryview(self._buffer)[:length]
+        fill(data)
+        done = 0
+        while done < length:
+            done += os.pwrite(self._fd, data[done:], offset + done)
 
     def get(self, entry: _Slot) -> bytes:
         offset, _, length = entry
@@ -164,17 +196,6 @@ class _FileStore:
             f"save area file {self.path!r} returned {got} of {length} bytes at offset "
             f"{offset}; it was truncated from outside",
         )
-
-    def free(self, entry: _Slot) -> None:
-        offset, slot, _ = entry
-        self._free.setdefault(slot, []).append(offset)
-
-    def reset(self) -> None:
-        # The blocks stay: the next mark's COFW writes reuse them instead of
-        # allocating again (on tmpfs a first write to a block cost 3-4 times
-        # a rewrite), as a reserved LUN pool is allocated once.
-        self._free.clear()
-        self._end = 0
 
     def close(self) -> None:
         # Unlinked while still locked, and only if the path still names the file
@@ -252,10 +273,10 @@ class SaveArea:
             raise ParameterError(f"save area capacity must be > 0 bytes, got {capacity}")
         self._capacity = capacity
         self._store: _MemoryStore | _FileStore = (
-            _MemoryStore() if path is None else _FileStore(path, capacity)
+            _MemoryStore(capacity) if path is None else _FileStore(path, capacity)
         )
         self._lock = threading.Lock()
-        self._index: dict[int, Any] = {}
+        self._index: dict[int, _Slot] = {}
         self._used = 0
         self._high_water = 0
         self._closed = False
@@ -276,13 +297,27 @@ class SaveArea:
         negative chunk index, ``ParameterError`` for an empty or larger
         ``data``, ``StateError`` when the chunk is already held (a chunk is
         saved at most once per mark) or the area is closed, ``SaveAreaFull``
-        when ``used + len(data)`` would exceed ``capacity`` (or, in a file,
-        no free slot fits and the file is at ``capacity``), and ``OSError``
-        when the file write fails.
+        when ``used + len(data)`` would exceed ``capacity`` (or no free slot
+        fits and the area is at ``capacity``), and ``OSError`` when the file
+        write fails.
+        """
+        view = memoryview(data).cast("B")
+
+        def copy(slot: memoryview) -> None:
+            slot[:] = view
+
+        self.save_from(chunk, len(view), copy)
+
+    def save_from(self, chunk: int, length: int, fill: Callable[[memoryview], object]) -> None:
+        """Store ``length`` bytes (1 to 65536) as chunk ``chunk``, written by ``fill(view)``
+        straight into the slot (e.g. ``source.readinto``): the COFW path copies once.
+
+        ``fill`` runs under the area's lock and must fill the whole view. The
+        entry becomes visible only once ``fill`` returned (and, in a file,
+        its data was written). Raises what :meth:`save` raises, and what
+        ``fill`` raises, storing nothing.
         """
         chunk = self._check_chunk(chunk)
-        view = memoryview(data).cast("B")
-        length = len(view)
         if not 0 < length <= MAX_GRANULARITY:
             raise ParameterError(
                 f"a saved chunk holds 1 to {MAX_GRANULARITY} bytes, got {length} for chunk {chunk}"
@@ -300,13 +335,18 @@ class SaveArea:
                     f"{self!r} cannot take {length} more bytes for chunk {chunk}: it would "
                     f"hold {used} of {self._capacity}; use a larger save area"
                 )
-            entry = self._store.put(view)
+            entry = self._store.take(length)
             if entry is None:
                 raise SaveAreaFull(
-                    f"{self!r} has no free slot of {length} bytes for chunk {chunk} and its "
-                    "file is at capacity (fragmented by entries of other sizes); use a "
+                    f"{self!r} has no free slot of {length} bytes for chunk {chunk} and it "
+                    "is at capacity (fragmented by entries of other sizes); use a "
                     "larger save area"
                 )
+            try:
+                self._store.fill(entry, fill)
+            except BaseException:
+                self._store.free(entry)
+                raise
             self._index[chunk] = entry
             self._used = used
             if used > self._high_water:
@@ -336,7 +376,7 @@ class SaveArea:
             entry = self._index.get(chunk)
             if entry is None:
                 return False
-            length = self._store.length(entry)
+            length = entry[2]
             if len(out) != length:
                 raise ParameterError(
                     f"buffer of {len(out)} bytes for chunk {chunk}, which holds {length}; "
@@ -360,7 +400,7 @@ class SaveArea:
                 held = [c for c in range(chunk, chunk + count) if c in index]
             for c in held:
                 entry = index.pop(c)
-                self._used -= self._store.length(entry)
+                self._used -= entry[2]
                 self._store.free(entry)
 
     def clear(self) -> None:

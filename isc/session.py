@@ -209,35 +209,30 @@ class Session:
         a transfer bit, and its saved copy would hold capacity until unmark.
         """
         g = self.granularity
-        first = int(chunks[0])
-        count = int(chunks[-1]) + 1 - first
-        try:
-            # One read covers the whole write's COFW chunks (they lie in one write's span).
-            old = memoryview(
-                self.source.read(first * g, min(count * g, self.source.size - first * g))
-            )
-        except Exception as exc:
-            with self._save_lock:
-                if self.bitmap.marked:
-                    self._abort_locked(f"COFW could not read the source: {exc}")
-            return
+        size = self.source.size
+        readinto = self.source.readinto
         with self._save_lock:
             if not self.bitmap.marked:
                 return  # the mark was aborted meanwhile: nothing to protect
+            todo = chunks.tolist()
+            if len(todo) > 1:
+                flagged = set(self.bitmap.saved_in(todo[0], todo[-1] + 1 - todo[0]).tolist())
+                todo = [chunk for chunk in todo if chunk in flagged]
+            elif not self.bitmap.is_saved(todo[0]):
+                return  # sent since this write flagged it
+            chunk = todo[0] if todo else -1
             try:
-                flagged = set(self.bitmap.saved_in(first, count).tolist())
-                for chunk in chunks.tolist():
-                    if chunk not in flagged:
-                        continue  # sent since this write flagged it
-                    start = (chunk - first) * g
-                    piece = old[start : min(start + g, len(old))]
-                    self.save_area.save(chunk, piece)
+                for chunk in todo:
+                    start = chunk * g
+                    length = min(g, size - start)
+                    # Read straight into the save area's slot: one copy.
+                    self.save_area.save_from(chunk, length, functools.partial(readinto, start))
                     self._cofw_chunks += 1
-                    self._cofw_bytes += len(piece)
+                    self._cofw_bytes += length
             except SaveAreaFull as exc:
                 self._abort_locked(f"save area full: {exc}")
             except Exception as exc:
-                self._abort_locked(f"save area failed: {exc}")
+                self._abort_locked(f"COFW of chunk {chunk} failed: {exc}")
 
     def _abort_locked(self, reason: str) -> None:
         self._aborts += 1
