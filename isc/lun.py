@@ -26,6 +26,23 @@ that does not pass through the process (:meth:`FileLUN.copy_to`); the copy
 job uses it where it can. And ``problem``: why the LUN cannot be reached
 now, or None (:class:`ReconnectingLUN`; wrappers pass it through).
 
+Sparse LUNs (thin volumes, sparse files) may offer two more:
+
+``data_extents(offset, length) -> list[tuple[int, int]]``
+    The ``(offset, length)`` ranges of ``[offset, offset + length)`` that may
+    hold data, ascending and disjoint; the rest is a hole and reads as zeros.
+    One without it is all data. :meth:`FileLUN.data_extents` asks the file
+    system (``SEEK_DATA``/``SEEK_HOLE``).
+``write_zeroes(offset, length) -> None``
+    Makes the range read as zeros, freeing its storage where it can
+    (:meth:`FileLUN.write_zeroes` punches a hole, ``NBDLUN`` sends
+    ``NBD_CMD_WRITE_ZEROES``). :func:`write_zeroes` falls back to writing
+    zeros for a LUN without it. A wrapper that routes writes elsewhere
+    (:class:`ForwardingLUN`) must route this too, or not offer it.
+
+The copy job's full copies send the holes of a source with ``data_extents``
+as ``write_zeroes``, so a destination ends as sparse as its source.
+
 Offsets and lengths are in bytes and ranges are half-open. I/O outside
 ``[0, size)`` (``offset < 0``, ``length < 0`` or ``offset + length > size``)
 raises :class:`~isc.errors.RangeError` (a ValueError) and transfers nothing;
@@ -44,7 +61,9 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import ctypes
 import errno
+import functools
 import operator
 import os
 import stat
@@ -100,6 +119,70 @@ _T = TypeVar("_T")
 
 _NO_KERNEL_COPY = frozenset({errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS})
 """``copy_file_range`` errors that mean "not between these files": copy through a buffer."""
+
+_NO_PUNCH = frozenset({errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.ENODEV})
+"""``fallocate`` errors that mean "no hole punching here" (a file system without it,
+a block device that cannot, a range a device will not take): write zeros instead."""
+
+_NO_SEEK_DATA = frozenset({errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS})
+"""``lseek(SEEK_DATA)`` errors that mean "holes unknown here": all of it is data."""
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+
+ZERO_PIECE = 1 << 20
+"""Bytes per write when zeros are written as data (:func:`write_zeroes`)."""
+
+
+@functools.cache
+def _zeros() -> memoryview:
+    # calloc'd and never written: its pages stay unallocated until read.
+    return memoryview(bytes(ZERO_PIECE))
+
+
+def _zero_fill(write: Callable[[int, memoryview], object], offset: int, length: int) -> None:
+    """``write`` zeros over ``[offset, offset + length)``, :data:`ZERO_PIECE` bytes a call."""
+    zeros = _zeros()
+    for at in range(offset, offset + length, ZERO_PIECE):
+        write(at, zeros[: min(ZERO_PIECE, offset + length - at)])
+
+
+def write_zeroes(lun: LUN, offset: int, length: int) -> None:
+    """Make ``[offset, offset + length)`` of ``lun`` read as zeros.
+
+    ``lun.write_zeroes`` where it has one (it may free the storage), else
+    ``lun.write`` of zeros. Raises as they do.
+    """
+    own = getattr(lun, "write_zeroes", None)
+    if own is not None:
+        own(offset, length)
+    else:
+        _zero_fill(lun.write, offset, length)
+
+
+def _load_fallocate() -> Callable[[int, int, int, int], int] | None:
+    """libc's ``fallocate`` (64-bit offsets), or None where the C library has none."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        call = getattr(libc, "fallocate64", None) or libc.fallocate
+    except (OSError, AttributeError):
+        return None
+    call.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    call.restype = ctypes.c_int
+    return call
+
+
+_fallocate = _load_fallocate()
+
+
+def _punch_hole(fd: int, offset: int, length: int) -> None:
+    """``fallocate(PUNCH_HOLE | KEEP_SIZE)``: free the blocks of the range; it reads as
+    zeros, the size stays. ``OSError`` from the kernel (``EOPNOTSUPP`` without libc's)."""
+    if _fallocate is None:
+        raise OSError(errno.EOPNOTSUPP, "the C library has no fallocate")
+    if _fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length):
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
 
 
 class _BaseLUN(abc.ABC):
@@ -405,6 +488,62 @@ class FileLUN(_BaseLUN):
                 raise self._eof_error(offset, length, done)
             done += copied
         return True
+
+    def data_extents(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """The ``(offset, length)`` ranges of ``[offset, offset + length)`` that hold data.
+
+        Ascending and disjoint; the rest is holes, which read as zeros. Asks
+        the file system with ``lseek(SEEK_DATA)`` and ``lseek(SEEK_HOLE)``: two
+        system calls per range found, however large the holes. Where it
+        cannot tell (a block device, a file system without holes) the whole
+        range is data. Raises ``RangeError`` outside the LUN and
+        ``StateError`` when closed.
+        """
+        fd = self._fd
+        if fd < 0:
+            raise self._closed_error()
+        end = offset + length
+        if offset < 0 or length < 0 or end > self.size:
+            raise self._range_error(offset, length)
+        extents = []
+        at = offset
+        while at < end:
+            try:
+                data = os.lseek(fd, at, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:
+                    break  # no data from here to the end of the file
+                if exc.errno in _NO_SEEK_DATA:
+                    return [(offset, length)] if length else []
+                raise
+            if data >= end:
+                break
+            at = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+            extents.append((data, at - data))
+        return extents
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        """Make ``[offset, offset + length)`` read as zeros, freeing its blocks.
+
+        Punches a hole (``fallocate(PUNCH_HOLE | KEEP_SIZE)``: the size stays,
+        partial blocks at the ends are zeroed); where the file system or
+        device cannot, writes zeros. Raises ``RangeError`` outside the LUN,
+        ``StateError`` when closed or read-only (both change nothing), and
+        ``OSError`` from the kernel.
+        """
+        fd = self._write_fd
+        if fd < 0:
+            raise self._closed_error() if self._fd < 0 else self._readonly_error()
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise self._range_error(offset, length)
+        if not length:
+            return
+        try:
+            _punch_hole(fd, offset, length)
+        except OSError as exc:
+            if exc.errno not in _NO_PUNCH:
+                raise
+            _zero_fill(self.write, offset, length)
 
     def _eof_error(self, offset: int, length: int, done: int) -> OSError:
         return OSError(

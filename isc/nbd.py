@@ -15,8 +15,8 @@ What both sides speak
   ``NBD_OPT_ABORT`` and ``NBD_OPT_STARTTLS`` (TLS, below). The server
   answers every other option (structured replies, metadata contexts ...)
   with ``NBD_REP_ERR_UNSUP``;
-- *simple replies* only; commands READ, WRITE (with the FUA flag), FLUSH and
-  DISC, plus WRITE_ZEROES on the server;
+- *simple replies* only; commands READ, WRITE (with the FUA flag), FLUSH,
+  WRITE_ZEROES (the client's :meth:`NBDLUN.write_zeroes`) and DISC;
 - the spec's error values (EPERM, EIO, ENOMEM, EINVAL, ENOSPC, EOVERFLOW,
   ENOTSUP, ESHUTDOWN), which the client raises as ``OSError`` with that errno.
 
@@ -91,7 +91,7 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from isc import tls as _tls
 from isc.errors import ParameterError, StateError
-from isc.lun import LUN, BytesLike, _BaseLUN
+from isc.lun import LUN, BytesLike, _BaseLUN, _zero_fill
 from isc.tls import ServerTLS, TLSSocket, describe, refuse_psk
 
 log = logging.getLogger(__name__)
@@ -162,7 +162,12 @@ _CMD_WRITE = 1
 _CMD_DISC = 2
 _CMD_FLUSH = 3
 _CMD_WRITE_ZEROES = 6
-_CMD_NAMES = {_CMD_READ: "READ", _CMD_WRITE: "WRITE", _CMD_FLUSH: "FLUSH"}
+_CMD_NAMES = {
+    _CMD_READ: "READ",
+    _CMD_WRITE: "WRITE",
+    _CMD_FLUSH: "FLUSH",
+    _CMD_WRITE_ZEROES: "WRITE_ZEROES",
+}
 
 _CMD_FLAG_FUA = 1 << 0
 _CMD_FLAG_NO_HOLE = 1 << 1
@@ -679,6 +684,34 @@ class NBDLUN(_BaseLUN):
         if self.flags & TransmissionFlag.SEND_FLUSH:
             self._submit(_CMD_FLUSH, 0, memoryview(b""))
 
+    def write_zeroes(self, offset: int, length: int) -> None:
+        """Make ``[offset, offset + length)`` read as zeros (:func:`isc.lun.write_zeroes`).
+
+        ``NBD_CMD_WRITE_ZEROES`` when the export offers it: no payload, the
+        server may free the blocks, requests of up to its maximum block size
+        (at most :data:`MAX_BLOCK`); a partial minimum-size block at either
+        end is written as zeros. Otherwise WRITE requests of zeros. Raises as
+        :meth:`write`.
+        """
+        if self.closed:
+            raise self._closed_error()
+        if self.readonly:
+            raise StateError(f"{self!r}: the server exports it read-only")
+        end = offset + length
+        if offset < 0 or length < 0 or end > self.size:
+            raise self._range_error(offset, length)
+        minimum, _, maximum = self.block_size
+        first = min(-(-offset // minimum) * minimum, end)
+        last = max(end - end % minimum, first)
+        if not self.flags & TransmissionFlag.SEND_WRITE_ZEROES:
+            first = last = end
+        _zero_fill(self.write, offset, first - offset)
+        if last > first:
+            step = min(maximum, MAX_BLOCK)
+            # No payload: the requests' "view" is a range of the length.
+            self._submit(_CMD_WRITE_ZEROES, first, range(last - first), step - step % minimum)
+        _zero_fill(self.write, last, end - last)
+
     def close(self) -> None:
         """Disconnect (``NBD_CMD_DISC``); later I/O raises ``StateError``. Idempotent.
 
@@ -719,13 +752,14 @@ class NBDLUN(_BaseLUN):
     # _cond guards every field but the socket I/O itself, which the send lock
     # (sender) and the _reading flag (reader) keep to one thread each.
 
-    def _submit(self, command: int, offset: int, view: memoryview) -> None:
-        """Send ``command`` over ``view`` at ``offset`` as pipelined requests; wait for all replies.
+    def _submit(self, command: int, offset: int, view: memoryview | range, step: int = 0) -> None:
+        """Send ``command`` over ``view`` at ``offset`` as pipelined requests of ``step``
+        bytes (default: the request size); wait for all replies.
 
         Raises ``StateError`` when closed, the first error a reply reports
         once all are in, or the failure that broke the connection.
         """
-        step = self._request_size
+        step = step or self._request_size
         pieces = deque((offset + at, view[at : at + step]) for at in range(0, len(view), step))
         if command == _CMD_FLUSH:
             pieces.append((0, view))

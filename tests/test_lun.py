@@ -492,3 +492,216 @@ def test_copy_to_refuses_other_luns_and_bad_ranges_changing_nothing(tmp_path):
         memory.close()
     with pytest.raises(StateError, match="closed"):
         source.copy_to(0, 10, small)
+
+
+# -- sparse LUNs: data_extents and write_zeroes -----------------------------------------------
+K64 = 65536
+
+
+def _allocated(lun: FileLUN) -> int:
+    return os.fstat(lun._fd).st_blocks * 512
+
+
+def test_data_extents_lists_the_ranges_a_sparse_file_holds(file_dir):
+    size = 40 * K64 + 100
+    with FileLUN.create(os.path.join(file_dir, "sparse.img"), size) as lun:
+        assert lun.data_extents(0, size) == []
+        for at in (2, 3, 9, 30):  # 64 KiB pieces, two of them adjacent
+            lun.write(at * K64, _payload(at, K64))
+        lun.write(size - 100, b"\x01" * 100)  # the tail, past the last whole block
+        expected = [(2 * K64, 2 * K64), (9 * K64, K64), (30 * K64, K64)]
+        assert lun.data_extents(0, size) == [*expected, (40 * K64, 100)]
+        # A range clips the extents that cross its ends, and a hole-only range has none.
+        assert lun.data_extents(3 * K64 + 5, 6 * K64) == [(3 * K64 + 5, K64 - 5), (9 * K64, 5)]
+        assert lun.data_extents(4 * K64, 5 * K64) == []
+        assert lun.data_extents(size - 50, 50) == [(size - 50, 50)]
+        assert lun.data_extents(K64, 0) == []
+        # Everything outside the extents reads as zeros.
+        data = lun.read(0, size)
+        covered = bytearray(size)
+        for offset, length in lun.data_extents(0, size):
+            covered[offset : offset + length] = data[offset : offset + length]
+        assert bytes(covered) == data
+
+
+def test_data_extents_is_all_data_where_holes_are_unknown(tmp_path, monkeypatch):
+    size = 4 * K64
+    with FileLUN.create(tmp_path / "lun.img", size) as lun:
+        real = os.lseek
+
+        def no_seek_data(fd, offset, how):
+            if how in (os.SEEK_DATA, os.SEEK_HOLE):
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return real(fd, offset, how)
+
+        monkeypatch.setattr(os, "lseek", no_seek_data)
+        assert lun.data_extents(K64, 2 * K64) == [(K64, 2 * K64)]
+        assert lun.data_extents(0, 0) == []
+
+
+def test_data_extents_raises_errors_it_cannot_work_around(tmp_path, monkeypatch):
+    with FileLUN.create(tmp_path / "lun.img", K64) as lun:
+
+        def fail(fd, offset, how):
+            raise OSError(errno.EIO, "disk on fire")
+
+        monkeypatch.setattr(os, "lseek", fail)
+        with pytest.raises(OSError, match="disk on fire"):
+            lun.data_extents(0, K64)
+
+
+def test_write_zeroes_punches_a_hole_and_keeps_the_size(file_dir):
+    size = 16 * K64
+    payload = _payload(11, size)
+    with FileLUN.create(os.path.join(file_dir, "lun.img"), size) as lun:
+        lun.write(0, payload)
+        full = _allocated(lun)
+        lun.write_zeroes(K64 + 100, 10 * K64)  # partial blocks at both ends
+        lun.flush()
+        expected = bytearray(payload)
+        expected[K64 + 100 : 11 * K64 + 100] = bytes(10 * K64)
+        assert lun.read(0, size) == expected
+        assert os.fstat(lun._fd).st_size == size
+        assert _allocated(lun) <= full - 9 * K64  # the whole blocks inside were freed
+        assert lun.data_extents(2 * K64, 8 * K64) == []
+        lun.write_zeroes(size, 0)  # nothing at the end
+
+
+def test_write_zeroes_writes_zeros_where_holes_cannot_be_punched(tmp_path, monkeypatch):
+    import isc.lun
+
+    size = 4 * K64
+    with FileLUN.create(tmp_path / "lun.img", size) as lun:
+        lun.write(0, _payload(12, size))
+        monkeypatch.setattr(isc.lun, "_fallocate", None)  # a C library without fallocate
+        lun.write_zeroes(K64, 2 * K64)
+        assert lun.read(K64, 2 * K64) == bytes(2 * K64)
+        assert lun.data_extents(0, size) == [(0, size)]  # written, not punched
+
+        def fail(fd, offset, length):
+            raise OSError(errno.EIO, "disk on fire")
+
+        monkeypatch.setattr(isc.lun, "_punch_hole", fail)
+        with pytest.raises(OSError, match="disk on fire"):
+            lun.write_zeroes(0, K64)
+
+
+def test_write_zeroes_refuses_bad_ranges_and_read_only_changing_nothing(tmp_path):
+    size = 2 * K64
+    payload = _payload(13, size)
+    path = tmp_path / "lun.img"
+    with FileLUN.create(path, size) as lun:
+        lun.write(0, payload)
+        for offset, length in [(-1, 10), (0, -1), (size - 10, 11)]:
+            with pytest.raises(RangeError):
+                lun.write_zeroes(offset, length)
+            with pytest.raises(RangeError):
+                lun.data_extents(offset, length)
+        assert lun.read(0, size) == payload
+    with FileLUN(path, readonly=True) as readonly, pytest.raises(StateError, match="read-only"):
+        readonly.write_zeroes(0, size)
+    with pytest.raises(StateError, match="closed"):
+        lun.write_zeroes(0, 10)
+    with pytest.raises(StateError, match="closed"):
+        lun.data_extents(0, 10)
+    assert path.read_bytes() == payload
+
+
+def test_write_zeroes_of_a_lun_without_it_writes_zeros(tmp_path):
+    from isc.lun import ZERO_PIECE, write_zeroes
+
+    size = 3 * ZERO_PIECE
+    memory = MemoryLUN(size)
+    memory.write(0, b"\xff" * size)
+    written = []
+    real = memory.write
+    memory.write = lambda offset, data: (written.append(len(data)), real(offset, data))
+    write_zeroes(memory, 10, 2 * ZERO_PIECE + 5)
+    assert written == [ZERO_PIECE, ZERO_PIECE, 5]
+    assert memory.read(0, size) == b"\xff" * 10 + bytes(2 * ZERO_PIECE + 5) + b"\xff" * (
+        ZERO_PIECE - 15
+    )
+    with FileLUN.create(tmp_path / "lun.img", size) as lun:  # one with its own: a hole
+        lun.write(0, b"\xff" * size)
+        write_zeroes(lun, 0, size)
+        assert lun.data_extents(0, size) == []
+
+
+def test_data_extents_and_write_zeroes_on_a_loop_device(tmp_path):
+    losetup = shutil.which("losetup")
+    if losetup is None:
+        pytest.skip("losetup (util-linux) is not installed")
+    backing = tmp_path / "backing.img"
+    content = _payload(14, 1 << 20)
+    backing.write_bytes(content)
+    attach = subprocess.run(
+        [losetup, "--find", "--show", str(backing)], capture_output=True, text=True, check=False
+    )
+    if attach.returncode != 0:
+        pytest.skip(
+            f"cannot attach a loop device (needs root and loop support): {attach.stderr.strip()}"
+        )
+    device = attach.stdout.strip()
+    try:
+        with FileLUN(device) as lun:
+            assert lun.data_extents(4096, 100_000) == [(4096, 100_000)]  # a device: all data
+            lun.write_zeroes(K64, K64)  # aligned: punched through to the backing file
+            lun.write_zeroes(1000, 100)  # unaligned for the device: zeros written
+            lun.flush()
+    finally:
+        subprocess.run([losetup, "--detach", device], check=True)
+    expected = bytearray(content)
+    expected[K64 : 2 * K64] = bytes(K64)
+    expected[1000:1100] = bytes(100)
+    assert backing.read_bytes() == expected
+
+
+@pytest.mark.parametrize(
+    ("server", "options"),
+    [
+        ("qemu-nbd", ["--discard=unmap"]),  # WRITE_ZEROES, punched into the backing file
+        ("nbdkit", ["--filter=nozero", "memory", "size={size}", "zeromode=none"]),  # none
+        # Whole 4 KiB blocks only, and no request over 64 KiB: anything else is EINVAL.
+        (
+            "nbdkit",
+            [
+                "--filter=blocksize-policy",
+                "memory",
+                "size={size}",
+                "blocksize-minimum=4096",
+                "blocksize-maximum=65536",
+                "blocksize-error-policy=error",
+            ],
+        ),
+    ],
+    ids=["qemu-nbd", "nbdkit-nozero", "nbdkit-4k-blocks"],
+)
+def test_nbd_write_zeroes_with_and_without_the_servers_command(tmp_path, server, options):
+    from pathlib import Path
+
+    from test_nbd import nbdkit, qemu_nbd
+
+    from isc.nbd import NBDLUN, TransmissionFlag
+
+    size = 16 * K64
+    payload = _payload(15, size)
+    options = [o.format(size=size) for o in options]
+    serving = qemu_nbd(Path(tmp_path), *options, size=size) if server == "qemu-nbd" else None
+    serving = serving or nbdkit(Path(tmp_path), *options)
+    with serving as remote, NBDLUN(remote.uri) as lun:
+        offers = bool(lun.flags & TransmissionFlag.SEND_WRITE_ZEROES)
+        assert offers == ("nozero" not in remote.uri and "--filter=nozero" not in options)
+        lun.write(0, payload)
+        lun.write_zeroes(K64 + 100, 10 * K64)  # partial blocks at both ends
+        lun.write_zeroes(size - 10, 10)  # within one block
+        lun.flush()
+        expected = bytearray(payload)
+        expected[K64 + 100 : 11 * K64 + 100] = bytes(10 * K64)
+        expected[size - 10 :] = bytes(10)
+        assert lun.read(0, size) == expected
+        if remote.backing is not None:
+            assert os.stat(remote.backing).st_blocks * 512 <= size - 9 * K64
+        for offset, length in [(-1, 10), (size - 10, 11)]:
+            with pytest.raises(RangeError):
+                lun.write_zeroes(offset, length)
+        assert lun.read(0, size) == expected
