@@ -6,6 +6,7 @@ directory and a FileLUN on /dev/shm (tmpfs) when the machine has one.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import os
@@ -14,6 +15,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -367,13 +369,12 @@ def test_short_reads_and_writes_are_completed(tmp_path, monkeypatch):
     assert writes == reads == vector_reads == [0, 3000, 6000, 9000]
 
 
-def test_file_lun_on_a_loop_device(tmp_path):
+@contextlib.contextmanager
+def _loop_device(backing) -> Iterator[str]:
+    """A loop device on the file ``backing``, detached on exit; skips the test without one."""
     losetup = shutil.which("losetup")
     if losetup is None:
         pytest.skip("losetup (util-linux) is not installed")
-    backing = tmp_path / "backing.img"
-    content = _payload(5, 1 << 20)
-    backing.write_bytes(content)
     attach = subprocess.run(
         [losetup, "--find", "--show", str(backing)], capture_output=True, text=True, check=False
     )
@@ -383,6 +384,16 @@ def test_file_lun_on_a_loop_device(tmp_path):
         )
     device = attach.stdout.strip()
     try:
+        yield device
+    finally:
+        subprocess.run([losetup, "--detach", device], check=True)
+
+
+def test_file_lun_on_a_loop_device(tmp_path):
+    backing = tmp_path / "backing.img"
+    content = _payload(5, 1 << 20)
+    backing.write_bytes(content)
+    with _loop_device(backing) as device:
         with FileLUN(device) as lun:
             assert lun.size == len(content)
             assert lun.read(0, lun.size) == content
@@ -392,8 +403,6 @@ def test_file_lun_on_a_loop_device(tmp_path):
                 lun.write(lun.size - 1, b"ab")
         with FileLUN(device, readonly=True) as lun:
             assert lun.read(4096, 4096) == b"\xee" * 4096
-    finally:
-        subprocess.run([losetup, "--detach", device], check=True)
     assert backing.read_bytes() == content[:4096] + b"\xee" * 4096 + content[8192:]
 
 
@@ -628,28 +637,14 @@ def test_write_zeroes_of_a_lun_without_it_writes_zeros(tmp_path):
 
 
 def test_data_extents_and_write_zeroes_on_a_loop_device(tmp_path):
-    losetup = shutil.which("losetup")
-    if losetup is None:
-        pytest.skip("losetup (util-linux) is not installed")
     backing = tmp_path / "backing.img"
     content = _payload(14, 1 << 20)
     backing.write_bytes(content)
-    attach = subprocess.run(
-        [losetup, "--find", "--show", str(backing)], capture_output=True, text=True, check=False
-    )
-    if attach.returncode != 0:
-        pytest.skip(
-            f"cannot attach a loop device (needs root and loop support): {attach.stderr.strip()}"
-        )
-    device = attach.stdout.strip()
-    try:
-        with FileLUN(device) as lun:
-            assert lun.data_extents(4096, 100_000) == [(4096, 100_000)]  # a device: all data
-            lun.write_zeroes(K64, K64)  # aligned: punched through to the backing file
-            lun.write_zeroes(1000, 100)  # unaligned for the device: zeros written
-            lun.flush()
-    finally:
-        subprocess.run([losetup, "--detach", device], check=True)
+    with _loop_device(backing) as device, FileLUN(device) as lun:
+        assert lun.data_extents(4096, 100_000) == [(4096, 100_000)]  # a device: all data
+        lun.write_zeroes(K64, K64)  # aligned: punched through to the backing file
+        lun.write_zeroes(1000, 100)  # unaligned for the device: zeros written
+        lun.flush()
     expected = bytearray(content)
     expected[K64 : 2 * K64] = bytes(K64)
     expected[1000:1100] = bytes(100)
