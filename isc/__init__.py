@@ -8,6 +8,7 @@ are the data path built on it. ``README.md`` explains the concepts.
 from isc._core import DeltaBitmap
 from isc.copy import CopyJob, CopyResult, Destination, DestState
 from isc.errors import (
+    AuthenticationError,
     CopyError,
     CorruptMetadata,
     IscError,
@@ -21,6 +22,7 @@ from isc.savearea import SaveArea
 from isc.session import Session, SessionStats, State
 
 __all__ = [
+    "AuthenticationError",
     "CopyError",
     "CopyJob",
     "CopyResult",

@@ -38,7 +38,7 @@ A peer that fails gets one line ``{"ok": false, "reason": ...}`` (the id of
 its request, when it sent one) and the connection closes; the server logs
 the refusal. No line of an unauthenticated connection is ever read as a
 request, so nothing changes. A client raises
-:class:`~isc.tls.AuthenticationError`, one line naming the server and the
+:class:`~isc.errors.AuthenticationError`, one line naming the server and the
 fix.
 """
 
@@ -56,8 +56,7 @@ import ssl
 import stat
 
 from isc import tls
-from isc.errors import ParameterError
-from isc.tls import AuthenticationError
+from isc.errors import AuthenticationError, ParameterError
 
 HMAC_AUTH = "hmac-sha256"
 """The ``auth`` value of the challenge-response lines."""
@@ -271,7 +270,7 @@ class Credentials:
         """A connection to the control port at ``host:port``, authenticated both ways.
 
         ``timeout`` bounds the connect and each wait for the server. Raises
-        :class:`~isc.tls.AuthenticationError` when either end refuses the
+        :class:`~isc.errors.AuthenticationError` when either end refuses the
         other, ``OSError`` (``TimeoutError``, ``ConnectionRefusedError`` ...)
         when the connection fails.
         """

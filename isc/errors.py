@@ -30,6 +30,13 @@ class SaveAreaFull(IscError, RuntimeError):
     """The save area has no room for another chunk; the mark that needed it is aborted."""
 
 
+class AuthenticationError(IscError, PermissionError):
+    """A peer could not be authenticated, or refused to authenticate this end.
+
+    Raised before any request goes out; nothing was changed on either side.
+    """
+
+
 class CopyError(IscError, RuntimeError):
     """A copy job failed; ``result`` says what it had sent and how each destination fared.
 

@@ -19,8 +19,8 @@ verifies peers refuses a client without a certificate signed by its CA
 (expired, from another CA, or none); a client refuses a server whose
 certificate does not chain to its CA, has expired, or (over TCP) does not
 name the host it connected to. Either refusal ends the connection before any
-request is read: :class:`AuthenticationError` on a client, a log line on a
-server.
+request is read: :class:`~isc.errors.AuthenticationError` on a client (also
+reachable here, as ``isc.tls.AuthenticationError``), a log line on a server.
 
 TLS-PSK (pre-shared keys, nbdkit's ``--tls-psk``) is not available: the
 ``ssl`` module has PSK callbacks only from Python 3.13, and isc runs on
@@ -44,7 +44,7 @@ import threading
 from collections.abc import Iterable
 from pathlib import Path
 
-from isc.errors import IscError, ParameterError
+from isc.errors import AuthenticationError, ParameterError
 
 TLS_MODES = ("off", "on", "require")
 """What an NBD server does with TLS, as nbdkit's ``--tls``: not offered, offered, required."""
@@ -57,13 +57,6 @@ HANDSHAKE_TIMEOUT = 10.0
 """Seconds a server gives a client to finish a TLS handshake."""
 
 _RECEIVE = 256 << 10  # bytes of ciphertext one receive asks the socket for
-
-
-class AuthenticationError(IscError, PermissionError):
-    """A peer could not be authenticated, or refused to authenticate this end.
-
-    Raised before any request goes out; nothing was changed on either side.
-    """
 
 
 def refuse_psk(what: str) -> ParameterError:

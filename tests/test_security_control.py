@@ -40,11 +40,10 @@ from isc.agent import Agent
 from isc.auth import MIN_SECRET, Credentials, is_loopback, read_secret
 from isc.commands import status_report
 from isc.control import ControlServer
-from isc.errors import ParameterError
+from isc.errors import AuthenticationError, ParameterError
 from isc.nbd import NBDLUN
 from isc.remote import AgentSite
 from isc.store import read_state
-from isc.tls import AuthenticationError
 from isc.update import PeriodicUpdate
 
 # The agent tests' fixtures: a random source, a session on it, an agent's directory.
@@ -376,6 +375,16 @@ def test_credentials_are_checked_when_made(credentials, tmp_path):
         AgentSite(HOST, 1, credentials=Credentials("server", tls_creds=credentials["good"]))
     path = secret_file(tmp_path)
     assert read_secret(path).decode() not in repr(Credentials("client", secret_file=path))
+
+
+def test_authentication_errors_are_isc_errors_and_permission_errors():
+    import isc.tls
+
+    assert isc.AuthenticationError is isc.tls.AuthenticationError is AuthenticationError
+    assert issubclass(AuthenticationError, isc.IscError)
+    assert issubclass(AuthenticationError, PermissionError)
+    assert "AuthenticationError" in isc.__all__
+    assert all(hasattr(isc, name) for name in isc.__all__)
 
 
 # -- isc agent, isc serve and the commands that talk to them ------------------------------------

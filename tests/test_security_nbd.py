@@ -45,9 +45,9 @@ from test_nbd import (
 )
 
 from isc import MemoryLUN
-from isc.errors import ParameterError
+from isc.errors import AuthenticationError, ParameterError
 from isc.nbd import MAX_BLOCK, NBDLUN, NBDServer, parse_uri
-from isc.tls import AuthenticationError, ServerTLS, client_context
+from isc.tls import ServerTLS, client_context
 
 SEED = 20261212
 KIB, MIB = 1 << 10, 1 << 20
