@@ -14,6 +14,17 @@ Three kinds of copy (MISSION.md, "The states and what each operation does"):
                    next successful incremental copy.
 =================  =========================================================
 
+Sparse sources: a full copy of a source that tells its holes
+(``data_extents``, :mod:`isc.lun`; a sparse file) reads and sends only its
+data and makes each hole read as zeros on every destination with
+:func:`isc.lun.write_zeroes` (a punched hole in a file, ``WRITE_ZEROES`` on
+NBD, written zeros elsewhere): a destination ends as sparse as its source,
+and old data in it never survives where the source has a hole. Cost per run:
+two ``lseek`` per data range found, one ``write_zeroes`` per hole per
+destination. The unmarked copy sends the data ranges as the file system
+reports them; the marked one whole chunks, and takes as data every chunk
+written since the mark (its saved copy says what it held then).
+
 Failure (a destination write raises, the mark is aborted, ``cancel()``):
 the session unmarks, so every chunk not confirmed on every destination is back
 in the tracking bitmap (rule 2); destinations written by this copy become
@@ -33,14 +44,19 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeAlias
 
 import numpy as np
 
 from isc import fingerprint
 from isc.errors import CopyError, ParameterError, StateError
+from isc.lun import write_zeroes
 from isc.session import Session
 
 log = logging.getLogger(__name__)
+
+Ranges: TypeAlias = list[tuple[int, int]]
+"""Byte ranges as (offset, length) pairs, ascending and disjoint."""
 
 DEFAULT_IO_SIZE = 4 << 20
 """Bytes per read and per destination write; runs of chunks are coalesced up to it.
@@ -58,6 +74,11 @@ interpreter lock released once for all of it."""
 DEFAULT_WORKERS = min(os.cpu_count() or 1, 4)
 """Threads that copy a run inside the kernel while the host is not writing."""
 
+SPLIT_MIN = 256 << 10
+"""Fewest bytes a worker thread is given of a run: a run smaller than twice this
+is copied by one thread, since handing a piece to another costs more than it
+saves (benchmarks/README.md, "Incremental copies and workers")."""
+
 DEFAULT_FLUSH_EVERY = 256 << 20
 """Bytes sent between flushes of every destination during a copy.
 
@@ -65,6 +86,19 @@ A destination may keep acknowledged writes in a volatile cache until it
 flushes, so a failed copy puts back what it sent since the last flush; this
 bounds that resend.
 """
+
+
+def _gaps(start: int, end: int, ranges: Ranges) -> Ranges:
+    """The parts of ``[start, end)`` outside ``ranges`` (which lie inside it)."""
+    gaps = []
+    at = start
+    for offset, length in ranges:
+        if offset > at:
+            gaps.append((at, offset - at))
+        at = offset + length
+    if at < end:
+        gaps.append((at, end - at))
+    return gaps
 
 
 class DestState(enum.Enum):
@@ -112,7 +146,8 @@ class Destination:
 class CopyResult:
     """What a copy job did. ``outcomes`` maps destination name to "ok" or the error.
 
-    ``bytes_sent`` counts source bytes sent (each to every destination);
+    ``bytes_sent`` counts source bytes sent (each to every destination; a
+    sparse copy's holes count as sent, for progress and ``throttle`` too);
     ``bytes_seeded`` counts bytes copied from an in-step destination to
     destinations that were not in step.
     """
@@ -143,9 +178,10 @@ class CopyJob:
     session's granularity. ``flush_every`` bytes sent, every destination is
     flushed. A run copied inside the kernel is split among ``workers``
     threads while the host is not writing (no host write since the last
-    run); while it writes, one thread copies and the other CPUs are the
-    host's. ``busy_share`` (0 to 1) is the most of its time the copy works
-    while the host writes: after a run during which the host wrote, the
+    run), each getting at least :data:`SPLIT_MIN` bytes of it; while the
+    host writes, one thread copies and the other CPUs are the host's.
+    ``busy_share`` (0 to 1) is the most of its time the copy works while
+    the host writes: after a run during which the host wrote, the
     copy waits until the run was that share of the time since it began, so
     the host's writes keep the CPUs and memory bandwidth the rest of the
     time (1: never wait). Raises ``ParameterError`` for bad arguments.
@@ -206,6 +242,7 @@ class CopyJob:
         self.replaced: dict[str, str] = {}
         """Destinations :meth:`check_destinations` found replaced, by name, with why."""
         self._host_writes = 0  # the session's write count at the last run
+        self._sparse = False  # the running copy sends the source's holes as holes
 
     def cancel(self, reason: str | None = None) -> None:
         """Stop the running copy after the run in flight (or the next copy of this job,
@@ -319,6 +356,7 @@ class CopyJob:
         generation = bitmap.generation
         result = CopyResult(mode)
         cofw_before = session.stats.cofw_chunks
+        self._sparse = bitmap.transfer_count == bitmap.chunks and self._holes_known()
         runs = starts = ends = np.empty(0, dtype=np.int64)
         sent = flushed = 0  # runs cleared; runs cleared and flushed on every destination
 
@@ -372,10 +410,9 @@ class CopyJob:
 
     def _seed(self, donor, stale, starts, ends, buffer, result: CopyResult) -> None:
         """Copy from ``donor`` to ``stale`` every byte outside the transfer runs."""
-        size = self.session.source.size
-        gap_starts = np.concatenate(([0], ends)).tolist()
-        gap_ends = np.concatenate((starts, [size])).tolist()
-        for gap_start, gap_end in zip(gap_starts, gap_ends, strict=True):
+        runs = list(zip(starts.tolist(), (ends - starts).tolist(), strict=True))
+        for gap_start, gap_length in _gaps(0, self.session.source.size, runs):
+            gap_end = gap_start + gap_length
             for offset in range(gap_start, gap_end, self.io_size):
                 view = buffer[: min(self.io_size, gap_end - offset)]
                 try:
@@ -394,6 +431,7 @@ class CopyJob:
         size = session.source.size
         result = CopyResult("full-unmarked", bytes_total=size)
         done = flushed = 0
+        self._sparse = self._holes_known()
 
         def send_all() -> None:
             nonlocal done, flushed
@@ -440,6 +478,10 @@ class CopyJob:
             dest.samples = taken
 
     # -- shared steps ------------------------------------------------------------------
+    def _holes_known(self) -> bool:
+        """Whether the source tells its holes (``data_extents``, see :mod:`isc.lun`)."""
+        return callable(getattr(self.session.source, "data_extents", None))
+
     def _run_size(self) -> int:
         """Bytes per run: :data:`KERNEL_RUN` when the source copies to every
         destination inside the kernel, else (or when throttled, to keep the
@@ -448,52 +490,115 @@ class CopyJob:
             return max(self.io_size, KERNEL_RUN)
         return self.io_size
 
-    def _pieces(self, start: int, end: int, quiet: bool) -> list[tuple[int, int]]:
-        """``[start, end)`` as (offset, length) pieces of whole chunks, one per worker
-        while the host is ``quiet``, else one piece."""
+    def _pieces(self, ranges: Ranges, quiet: bool) -> list[Ranges]:
+        """``ranges`` in groups, one per worker thread while the host is ``quiet`` and
+        each would get :data:`SPLIT_MIN` bytes, else one group. Groups split
+        ranges at whole chunks from their starts."""
         g = self.session.granularity
-        count = self.workers if quiet else 1
-        step = max(-(-(end - start) // count // g) * g, g)
-        return [(at, min(step, end - at)) for at in range(start, end, step)]
+        total = sum(length for _, length in ranges)
+        count = min(self.workers, total // SPLIT_MIN) if quiet else 1
+        if count <= 1:
+            return [ranges]
+        share = -(-total // count // g) * g
+        groups: list[Ranges] = [[]]
+        room = share
+        for offset, length in ranges:
+            while length:
+                if not room:
+                    groups.append([])
+                    room = share
+                take = min(length, room)
+                groups[-1].append((offset, take))
+                offset, length, room = offset + take, length - take, room - take
+        return groups
 
     def _transfer(
         self, start: int, end: int, buffer: memoryview, result: CopyResult, *, frozen: bool
     ) -> None:
         """Send ``[start, end)`` of the source (as at the mark if ``frozen``) to every
         destination: inside the kernel where the source can copy to it, else read
-        into ``buffer`` and written in pieces of its size."""
+        into ``buffer`` and written in pieces of its size. In a sparse copy, the
+        source's holes go as ``write_zeroes`` instead."""
         session = self.session
         writes = session.bitmap.writes
         quiet, self._host_writes = writes == self._host_writes, writes
         began = time.monotonic()
-        self._send_run(start, end, buffer, result, frozen, self._pieces(start, end, quiet))
+        data = self._data_ranges(start, end, frozen) if self._sparse else [(start, end - start)]
+        self._send_run(data, buffer, result, frozen, quiet)
+        if self._sparse:
+            self._zero(_gaps(start, end, data), result)
         if self.busy_share < 1 and not (quiet and session.bitmap.writes == writes):
             # The host wrote during or before this run: leave it the time.
             self._cancel.wait((time.monotonic() - began) * (1 / self.busy_share - 1))
 
+    def _data_ranges(self, start: int, end: int, frozen: bool) -> Ranges:
+        """The (offset, length) ranges of ``[start, end)`` to send as data; the rest
+        was a hole of the source (at the mark, if ``frozen``) and reads as zeros.
+
+        Unfrozen: the source's ``data_extents``. Frozen: whole chunks, and a
+        chunk written since the mark counts as data whatever the source holds
+        now. The race: a host write changes a chunk of the transfer bitmap
+        only after flagging it saved (COFW), and the flag stays until the
+        chunk is sent or the mark ends. So reading the flags *after* the
+        holes, a chunk found in a hole and not flagged was a hole at the mark
+        too; a flagged one may have held anything then (its data went to the
+        save area before a write, or a discard, changed it) and is sent from
+        the frozen view. A mark that ends meanwhile drops the flags, and the
+        copy fails at its next ``confirm_sent``.
+        """
+        extents = self.session.source.data_extents(start, end - start)
+        if not frozen:
+            return extents
+        bitmap = self.session.bitmap
+        g = self.session.granularity
+        first = start // g
+        count = -(-(end - start) // g)
+        data = np.zeros(count + 2, np.int8)  # one flag per chunk, padded with a 0 each side
+        for offset, length in extents:
+            data[1 + (offset - start) // g : 1 + -(-(offset + length - start) // g)] = 1
+        if bitmap.saved_count:
+            data[1 + bitmap.saved_in(first, count) - first] = 1
+        edges = np.flatnonzero(np.diff(data)).tolist()  # rises and falls, alternately
+        return [
+            (start + a * g, min(start + b * g, end) - start - a * g)
+            for a, b in zip(edges[0::2], edges[1::2], strict=True)
+        ]
+
+    def _zero(self, holes: Ranges, result: CopyResult) -> None:
+        """Make ``holes`` read as zeros on every destination still in the copy
+        (:func:`isc.lun.write_zeroes`); one that fails drops out."""
+        if not holes:
+            return
+        for dest in list(self._active):
+            dest.state = DestState.INCONSISTENT
+            try:
+                for offset, length in holes:
+                    write_zeroes(dest.lun, offset, length)
+            except Exception as exc:
+                self._drop(dest, result, f"failed: {exc}", exc)
+
     def _send_run(
-        self,
-        start: int,
-        end: int,
-        buffer: memoryview,
-        result: CopyResult,
-        frozen: bool,
-        pieces: list[tuple[int, int]],
+        self, ranges: Ranges, buffer: memoryview, result: CopyResult, frozen: bool, quiet: bool
     ) -> None:
+        """Send ``ranges`` of the source (whole chunks if ``frozen``) to every destination."""
         session = self.session
         copy = session.copy_frozen_to if frozen else getattr(session.source, "copy_to", None)
         through_buffer = []
+        groups = self._pieces(ranges, quiet)
         for dest in list(self._active):
             if copy is None or dest.name not in self._kernel:
                 through_buffer.append(dest)
                 continue
             dest.state = DestState.INCONSISTENT
+
+            def copy_group(group: Ranges, lun=dest.lun) -> bool:
+                return all(copy(offset, length, lun) for offset, length in group)
+
             try:
-                if self._pool is not None and len(pieces) > 1:
-                    done = self._pool.map(lambda p, lun=dest.lun: copy(p[0], p[1], lun), pieces)
-                    copied = all(list(done))
+                if self._pool is not None and len(groups) > 1:
+                    copied = all(list(self._pool.map(copy_group, groups)))
                 else:
-                    copied = copy(start, end - start, dest.lun)
+                    copied = copy_group(ranges)
             except Exception as exc:
                 if isinstance(exc, StateError) and session.mark_ended(self._generation):
                     raise  # the mark ended: the copy is over for every destination
@@ -504,10 +609,12 @@ class CopyJob:
         if not through_buffer:
             return
         read = session.read_frozen_into if frozen else session.source.readinto
-        for at in range(start, end, len(buffer)):
-            view = buffer[: min(len(buffer), end - at)]
-            read(at, view)
-            self._send(through_buffer, at, view, result)
+        for offset, length in ranges:
+            end = offset + length
+            for at in range(offset, end, len(buffer)):
+                view = buffer[: min(len(buffer), end - at)]
+                read(at, view)
+                self._send(through_buffer, at, view, result)
 
     def _send(self, dests, offset: int, data: memoryview, result: CopyResult) -> None:
         """Write one run to ``dests``; each becomes INCONSISTENT before it is touched,

@@ -5,7 +5,10 @@ every copy), 2 (no lost change after any failure), 6 (honest destination
 states), 10 (bad input changes nothing), and a hypothesis state machine that
 interleaves host writes, marks, unmarks, the three copies, injected
 destination failures, cancels and save-area exhaustion, checking rules 2, 3,
-5 and 6 after every step.
+5 and 6 after every step. Full copies of sparse sources: holes reach every
+kind of destination as holes (or zeros), also while host writes turn data
+into holes and holes into data during a marked copy. Runs are split among
+worker threads only when each gets SPLIT_MIN bytes.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from helpers import (
     assert_no_lost_change,
     chunk_bytes,
     chunks_touched,
+    differing_chunks,
     fill_random,
     make_lun,
 )
@@ -444,9 +448,7 @@ def test_a_failing_destination_drops_out_and_the_others_end_consistent():
     # runs from its failure on, and its next copy sends those.
     size = 40 * G + 300
     io_size = 4 * G
-    session, (good, bad), job = seeded(
-        size, seed=3, dests=2, io_size=io_size, flush_every=G
-    )
+    session, (good, bad), job = seeded(size, seed=3, dests=2, io_size=io_size, flush_every=G)
     rng = random.Random(4)
     for offset in range(0, size, 3 * G):  # every third chunk changes
         session.write(offset, rng.randbytes(min(G, size - offset)))
@@ -955,7 +957,10 @@ def test_file_to_file_copies_keep_the_point_in_time(tmp_path, monkeypatch, refus
     # Chunks overwritten after the mark are patched from the save area over
     # what the kernel copied; when the kernel refuses, the copy goes through
     # the buffer and ends the same.
+    import isc.copy
+
     g, size = 8192, 40 * 8192 + 100
+    monkeypatch.setattr(isc.copy, "SPLIT_MIN", g)  # worth splitting from 2 chunks on
     rng = random.Random(5)
     with (
         FileLUN.create(tmp_path / "source.img", size) as source,
@@ -997,6 +1002,7 @@ def test_a_run_is_split_among_workers_only_while_the_host_is_quiet(tmp_path, mon
 
     g = 4096
     monkeypatch.setattr(isc.copy, "KERNEL_RUN", 4 * g)  # 4 runs of 4 chunks
+    monkeypatch.setattr(isc.copy, "SPLIT_MIN", g)
     with (
         FileLUN.create(tmp_path / "source.img", 16 * g) as source,
         FileLUN.create(tmp_path / "dest.img", 16 * g) as dest_lun,
@@ -1108,3 +1114,286 @@ def test_a_kernel_copy_that_fails_leaves_the_destination_inconsistent(tmp_path, 
         assert dest.state is DestState.INCONSISTENT  # rule 6
         assert failure.value.result.outcomes["d"].startswith("failed")
         assert_no_lost_change(session, dest_lun)  # rule 2
+
+
+# -- sparse sources: full copies send holes as holes --------------------------------------------
+K64 = 65536
+
+
+class ThinLUN(FileLUN):
+    """A file LUN that stores a write of whole zero blocks as a hole, as thin volumes and
+    QEMU's ``detect-zeroes=unmap`` do: a host write can turn data into a hole."""
+
+    def write(self, offset: int, data) -> None:
+        view = memoryview(data).cast("B")
+        if offset % 4096 == 0 and len(view) % 4096 == 0 and view == bytes(len(view)):
+            self.write_zeroes(offset, len(view))
+        else:
+            super().write(offset, view)
+
+
+def allocated(lun) -> int:
+    import os
+
+    return os.fstat(lun._fd).st_blocks * 512
+
+
+def sparse_source(path, rng: random.Random, g: int = K64) -> ThinLUN:
+    """A 16-chunk sparse LUN (plus a 700-byte tail): chunks 1, 2, 9 and a 4 KiB
+    piece of chunk 12 hold data, the rest are holes."""
+    size = 16 * g + 700
+    source = ThinLUN.create(path, size)
+    source.write(g, rng.randbytes(2 * g))
+    source.write(9 * g, rng.randbytes(g))
+    source.write(12 * g + 8192, rng.randbytes(4096))
+    source.write(size - 700, rng.randbytes(700))
+    return source
+
+
+def chunks_of(extents, g: int) -> set[int]:
+    """The chunks that (offset, length) ``extents`` touch."""
+    return {c for offset, length in extents for c in chunks_touched(offset, length, g)}
+
+
+def rounded_to_chunks(extents, g: int, size: int) -> list[tuple[int, int]]:
+    ranges: list[tuple[int, int]] = []
+    for c in sorted(chunks_of(extents, g)):
+        if ranges and sum(ranges[-1]) == c * g:
+            ranges[-1] = (ranges[-1][0], ranges[-1][1] + g)
+        else:
+            ranges.append((c * g, g))
+    return [(o, min(n, size - o)) for o, n in ranges]
+
+
+@pytest.mark.parametrize("path", ["kernel", "buffer"])
+@pytest.mark.parametrize("old", [False, True], ids=["fresh", "old-data"])
+@pytest.mark.parametrize("marked", [False, True], ids=["unmarked", "marked"])
+def test_a_full_copy_of_a_sparse_source_leaves_the_destination_as_sparse(
+    tmp_path, monkeypatch, marked, old, path
+):
+    rng = random.Random(30)
+    with (
+        sparse_source(tmp_path / "source.img", rng) as source,
+        FileLUN.create(tmp_path / "dest.img", source.size) as target,
+    ):
+        size = source.size
+        if old:  # a destination that held other data everywhere: holes must be punched
+            fill_random(target, rng)
+        kernel_copies(monkeypatch, refuse=path == "buffer")
+        session = Session(source)
+        result = CopyJob(session, [Destination(target, "d")], io_size=4 * K64).full(marked)
+        assert result.bytes_sent == size
+        assert target.read(0, size) == source.read(0, size)
+        extents = source.data_extents(0, size)
+        if marked:  # sent from the frozen view in whole chunks
+            assert target.data_extents(0, size) == rounded_to_chunks(extents, K64, size)
+        else:
+            assert target.data_extents(0, size) == extents
+            assert allocated(target) == allocated(source)
+
+
+@pytest.mark.parametrize("marked", [False, True], ids=["unmarked", "marked"])
+def test_holes_go_as_zeros_to_a_destination_without_write_zeroes(tmp_path, marked):
+    rng = random.Random(31)
+    with sparse_source(tmp_path / "source.img", rng) as source:
+        size = source.size
+        target = HookLUN(MemoryLUN(size))  # no write_zeroes: zeros are written
+        fill_random(target, rng)
+        target.written.clear()
+        session = Session(source)
+        CopyJob(session, [Destination(target, "d")]).full(marked)
+        assert target.read(0, size) == source.read(0, size)
+        assert (3 * K64, 6 * K64) in target.written  # the hole from chunk 3 to chunk 8
+
+
+@pytest.mark.parametrize("server", ["qemu-nbd", "nbdkit-nozero"])
+@pytest.mark.parametrize("marked", [False, True], ids=["unmarked", "marked"])
+def test_holes_go_as_write_zeroes_to_an_nbd_destination(tmp_path, marked, server):
+    import os
+
+    from test_nbd import nbdkit, qemu_nbd
+
+    from isc.nbd import NBDLUN, TransmissionFlag
+
+    rng = random.Random(32)
+    with sparse_source(tmp_path / "source.img", rng) as source:
+        size = source.size
+        if server == "qemu-nbd":  # WRITE_ZEROES, which it turns into punched holes
+            serving = qemu_nbd(tmp_path, "--discard=unmap", size=size)
+        else:  # no WRITE_ZEROES: zeros are written
+            serving = nbdkit(tmp_path, "--filter=nozero", "memory", f"size={size}", "zeromode=none")
+        with serving as remote, NBDLUN(remote.uri) as target:
+            assert bool(target.flags & TransmissionFlag.SEND_WRITE_ZEROES) == (server == "qemu-nbd")
+            fill_random(target, rng)
+            target.flush()
+            CopyJob(Session(source), [Destination(target, "d")]).full(marked)
+            assert target.read(0, size) == source.read(0, size)
+            if remote.backing is not None:
+                # Allocated: the data chunks, not the old data in the holes.
+                assert os.stat(remote.backing).st_blocks * 512 <= 5 * K64
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+@pytest.mark.parametrize("change", ["discard", "fill"])
+def test_a_marked_full_copy_sends_holes_as_they_were_at_the_mark(tmp_path, change, when):
+    # A host write may turn a chunk of the transfer bitmap from data into a
+    # hole (a write of zeros to thin storage) or from a hole into data while
+    # the copy decides what is a hole. It lands inside the copy's source
+    # lookup of its run, before or after the file system is asked: either
+    # way the destination must get the chunk as it was at the mark.
+    rng = random.Random(33)
+    g = K64
+    target_chunk = 9 if change == "discard" else 5  # data at the mark / a hole at the mark
+    with sparse_source(tmp_path / "source.img", rng) as source:
+        size = source.size
+        session = Session(source)
+        fired = []
+        real = source.data_extents
+
+        def racing(offset: int, length: int) -> list[tuple[int, int]]:
+            inside = offset <= target_chunk * g < offset + length
+            if inside and when == "before" and not fired:
+                fired.append(change)
+                session.write(target_chunk * g, bytes(g) if change == "discard" else b"\x07" * g)
+            extents = real(offset, length)
+            if inside and when == "after" and not fired:
+                fired.append(change)
+                session.write(target_chunk * g, bytes(g) if change == "discard" else b"\x07" * g)
+            return extents
+
+        source.data_extents = racing
+        target = FileLUN.create(tmp_path / "dest.img", size)
+        fill_random(target, rng)
+        image = source.read(0, size)
+        dest = Destination(target, "d")
+        CopyJob(session, [dest], io_size=2 * g).full()
+        assert fired and session.stats.cofw_chunks == 1
+        assert dest.state is DestState.CONSISTENT
+        assert target.read(0, size) == image
+        target.close()
+
+
+def test_marked_full_copies_of_a_sparse_source_hold_the_point_in_time_under_writers(tmp_path):
+    # Writers race every run: random data, and zeros that punch holes.
+    g = 8192
+    rng = random.Random(34)
+    size = 48 * g + 300
+    source = ThinLUN.create(tmp_path / "source.img", size)
+    for chunk in rng.sample(range(48), 12):
+        source.write(chunk * g, rng.randbytes(g))
+    session = Session(source, g)
+    dests = [
+        Destination(FileLUN.create(tmp_path / "file.img", size), "file"),  # punched
+        Destination(HookLUN(MemoryLUN(size)), "memory"),  # zeros written
+    ]
+    for dest in dests:
+        fill_random(dest.lun, rng)
+
+    def write(writer: int, seq: int, wrng: random.Random) -> None:
+        chunk = wrng.randrange(48)
+        data = bytes(g) if wrng.random() < 0.4 else wrng.randbytes(wrng.randrange(1, g))
+        session.write(chunk * g, data)
+
+    def progress(done: int, total: int) -> None:
+        writers.resume()
+        finished = writers.total_done
+        writers.allow(2)
+        writers.wait_done(finished + 1)
+
+    job = CopyJob(session, dests, io_size=4 * g, progress=progress)
+    with Writers(write, 2, seed=35) as writers:
+        for _ in range(4):
+            writers.pause()
+            image = source.read(0, size)
+            cofw = session.stats.cofw_chunks
+            job.full()
+            writers.pause()
+            for dest in dests:
+                assert dest.state is DestState.CONSISTENT
+                assert dest.lun.read(0, size) == image, dest.name
+            # Allocated on the file destination: the chunks with data at the mark,
+            # and at most those written during the copy (sent from the save area).
+            allocated_chunks = chunks_of(dests[0].lun.data_extents(0, size), g)
+            zero_chunks = set(differing_chunks(image, bytes(size), g)) ^ set(range(49))
+            assert len(allocated_chunks & zero_chunks) <= session.stats.cofw_chunks - cofw
+            writers.resume()
+        writers.settle()
+    assert session.stats.cofw_chunks > 0
+    for dest in dests:
+        dest.lun.close()
+    source.close()
+
+
+class FailingZeroes(FileLUN):
+    """A file LUN whose ``write_zeroes`` fails while ``fail`` is set."""
+
+    fail = True
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        if self.fail:
+            raise OSError(5, f"injected write_zeroes failure at offset {offset}")
+        super().write_zeroes(offset, length)
+
+
+@pytest.mark.parametrize("marked", [False, True], ids=["unmarked", "marked"])
+def test_a_destination_whose_write_zeroes_fails_drops_out_and_gets_the_holes_next(tmp_path, marked):
+    rng = random.Random(36)
+    with (
+        sparse_source(tmp_path / "source.img", rng) as source,
+        FileLUN.create(tmp_path / "good.img", source.size) as good_lun,
+        FailingZeroes.create(tmp_path / "bad.img", source.size) as bad_lun,
+    ):
+        size = source.size
+        for lun in (good_lun, bad_lun):
+            fill_random(lun, rng)
+        session = Session(source)
+        good, bad = Destination(good_lun, "good"), Destination(bad_lun, "bad")
+        result = CopyJob(session, [good, bad], io_size=4 * K64).full(marked)
+        assert result.outcomes["good"] == "ok"
+        assert "injected write_zeroes failure" in result.outcomes["bad"]
+        assert bad.state is DestState.INCONSISTENT
+        assert good_lun.read(0, size) == source.read(0, size)
+        assert_no_lost_change(session, bad_lun)  # rule 13: what it missed is tracked
+        bad_lun.fail = False
+        session.mark()
+        CopyJob(session, [good, bad]).incremental()
+        assert bad_lun.read(0, size) == source.read(0, size)
+        assert bad.state is DestState.CONSISTENT
+
+
+# -- workers: a run is split only when it is large enough ---------------------------------------
+
+
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+def test_a_run_is_split_among_workers_only_when_each_gets_split_min(tmp_path, monkeypatch, sparse):
+    import isc.copy
+
+    g = 4096
+    monkeypatch.setattr(isc.copy, "SPLIT_MIN", 4 * g)
+    size = 64 * g
+    with (
+        ThinLUN.create(tmp_path / "source.img", size) as source,
+        FileLUN.create(tmp_path / "dest.img", size) as target,
+    ):
+        rng = random.Random(37)
+        if sparse:  # data in three ranges
+            for first, count in ((4, 3), (20, 2), (40, 3)):
+                source.write(first * g, rng.randbytes(count * g))
+        else:
+            fill_random(source, rng)
+        session = Session(source, g)
+        dest = Destination(target, "d")
+        CopyJob(session, [dest], workers=2).full(marked=False)
+        calls = kernel_copies(monkeypatch)
+        # A run of 7 chunks is below 2 * SPLIT_MIN: one thread, one call.
+        session.write(4 * g, rng.randbytes(7 * g))
+        session.mark()
+        CopyJob(session, [dest], workers=2).incremental()
+        assert calls == [(4 * g, 7 * g)]
+        calls.clear()
+        CopyJob(session, [dest], workers=2).full(marked=False)
+        assert target.read(0, size) == source.read(0, size)
+    if sparse:  # 12 data chunks in three ranges, in two groups of 6: the first range is cut
+        assert sorted(calls) == [(4 * g, 6 * g), (10 * g, g), (20 * g, 2 * g), (40 * g, 3 * g)]
+    else:
+        assert sorted(calls) == [(0, 32 * g), (32 * g, 32 * g)]
