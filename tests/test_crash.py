@@ -140,7 +140,6 @@ def run_and_kill(state: Path, mode: str, seed: int, after: int) -> None:
     finally:
         child.send_signal(signal.SIGKILL)
         child.wait(TIMEOUT)
-        child.stdout.close()
         child.stderr.close()
     assert child.returncode == -signal.SIGKILL
 
@@ -348,7 +347,6 @@ def test_sigkill_of_isc_update_at_random_points(replicated: tuple[Path, Export],
                     proc.kill()
             finally:
                 code = killed_by(export, proc)
-                proc.stdout.close()  # type: ignore[union-attr]
             assert code in (0, -signal.SIGKILL), (tmp_path / "isc.log").read_text()
             kills += code == -signal.SIGKILL
             # No host write ran since the update marked: a consistent destination is the source.
@@ -423,7 +421,6 @@ def test_sigkill_of_isc_serve_every_at_random_points(
                 writes = write_until_killed(uri, rng, proc, after)
             finally:
                 code = killed_by(export, proc)
-                proc.stdout.close()  # type: ignore[union-attr]
             assert code == -signal.SIGKILL, (tmp_path / "isc.log").read_text()
             reported = check_after_kill(state, partial(images_newest_first, start, writes))
             mixed += DestState.INCONSISTENT.value in reported.values()

@@ -168,12 +168,17 @@ def image(path: Path) -> bytes:
 
 
 def line_reader(stream) -> queue.Queue:
-    """A process's output lines (then None), read by a thread: the test waits with a timeout."""
+    """A process's output lines (then None), read by a thread: the test waits with a timeout.
+
+    The thread closes ``stream`` at its end; the caller must not close it, which
+    would pull the pipe from under the thread while it still reads.
+    """
     lines: queue.Queue = queue.Queue()
 
     def pump() -> None:
-        for line in stream:
-            lines.put(line)
+        with stream:
+            for line in stream:
+                lines.put(line)
         lines.put(None)
 
     threading.Thread(target=pump, daemon=True).start()
@@ -328,8 +333,8 @@ def test_the_isc_serve_process_starts_with_a_destination_down(
         proc = subprocess.Popen(
             [*command, "--every", "0.05"], stdout=subprocess.PIPE, stderr=stderr, text=True
         )
-    output = line_reader(proc.stdout)
     try:
+        output = line_reader(proc.stdout)
         printed = [next_line(output, "isc serve")]
         while printed[-1] not in ("ready", None):
             printed.append(next_line(output, "isc serve"))
@@ -341,10 +346,6 @@ def test_the_isc_serve_process_starts_with_a_destination_down(
         if proc.poll() is None:
             proc.kill()
         proc.wait(TIMEOUT)
-        # Close the pipe only once the reader thread is done with it.
-        while next_line(output, "isc serve") is not None:
-            pass
-        proc.stdout.close()  # type: ignore[union-attr]
     assert f"destination d2 at {export.uri} is unreachable" in log.read_text()
     stored, recovery = open_session(state)
     with stored:
