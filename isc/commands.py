@@ -39,6 +39,7 @@ import sys
 import threading
 from collections.abc import Callable
 from dataclasses import asdict
+from urllib.parse import quote, unquote_plus
 
 from isc import _cli_auth, store
 from isc._cli_tools import _granularity, _positive, _size
@@ -52,9 +53,28 @@ from isc.update import DEFAULT_TIMEOUT, PeriodicUpdate, rollback
 # -- argument types ----------------------------------------------------------------------
 
 
+_PATH_QUERY = ("socket", "tls-certificates")
+"""The query parameters of an NBD URI that name a file or directory."""
+
+
 def _target(text: str) -> str:
-    """A LUN as stored in the session file: an NBD URI as given, a path made absolute."""
-    return text if store.is_uri(text) else os.path.abspath(text)
+    """A LUN as stored in the session file: a path made absolute, and so are the paths an
+    NBD URI's query names (:data:`_PATH_QUERY`), so that the session works from any
+    directory; the rest of a URI stays as given (an invalid one fails when opened)."""
+    if not store.is_uri(text):
+        return os.path.abspath(text)
+    if not text.startswith("nbd"):
+        return text
+    head, mark, query = text.partition("?")
+    query, hash_mark, fragment = query.partition("#")
+    pieces = []
+    for piece in query.split("&") if mark else ():
+        key, equals, value = piece.partition("=")
+        path = unquote_plus(value)  # as the URI's reader decodes it
+        if equals and unquote_plus(key) in _PATH_QUERY and path and not os.path.isabs(path):
+            value = quote(os.path.abspath(path), safe="/")
+        pieces.append(key + equals + value)
+    return head + mark + "&".join(pieces) + hash_mark + fragment
 
 
 def _save_area(text: str) -> tuple[int, str | None]:

@@ -21,14 +21,17 @@ import subprocess
 import sys
 import termios
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 from helpers import TIMEOUT, fill_random
 
 import isc
-from isc import FileLUN
+from isc import FileLUN, MemoryLUN
 from isc.commands import status_report
+from isc.nbd import NBDServer, parse_uri
 from isc.store import METADATA, create_session, open_session, read_state
+from isc.tls import ServerTLS
 
 SIZE = 3 << 20
 ROOT = Path(isc.__file__).resolve().parent.parent
@@ -364,6 +367,35 @@ def test_create_refuses_a_save_area_that_names_the_source(work: Path) -> None:
     assert f"save area path {work / 'source.img'} exists" in line
     assert not (work / "s").exists()
     assert (work / "source.img").read_bytes() == source
+
+
+def test_an_nbd_uri_is_stored_with_the_paths_of_its_query_made_absolute(
+    work: Path, credentials
+) -> None:
+    # A destination on a Unix socket, over TLS, both named relative to where
+    # add-dest runs; the session is then copied from another directory.
+    (work / "run").mkdir()
+    (work / "elsewhere").mkdir()
+    served = MemoryLUN(SIZE)
+    server = NBDServer(served, name="d", tls=ServerTLS(credentials["good"]))
+    server.start_unix(work / "run" / "d.sock")
+    try:
+        creds = quote(os.path.relpath(credentials["good"], work / "run"), safe="/")
+        uri = f"nbds+unix:///d?socket=d.sock&tls-certificates={creds}&tls-verify-peer=true"
+        isc_run("create", "s", "--source", "source.img", cwd=work)
+        isc_run("add-dest", "../s", uri, cwd=work / "run")
+        (target,) = [d["target"] for d in state_of(work)["destinations"]]
+        stored = parse_uri(target)
+        assert isinstance(stored.address, str) and os.path.isabs(stored.address)
+        assert Path(stored.address).samefile(work / "run" / "d.sock")
+        assert stored.tls is not None and stored.tls.certificates is not None
+        assert os.path.isabs(stored.tls.certificates)
+        assert Path(stored.tls.certificates).samefile(credentials["good"])
+        assert target.endswith("&tls-verify-peer=true")  # the rest as given
+        isc_run("copy", "../s", "--full", cwd=work / "elsewhere")
+        assert served.read(0, SIZE) == (work / "source.img").read_bytes()
+    finally:
+        server.close()
 
 
 def test_create_and_add_dest_refuse_the_source_under_another_name(session: Path) -> None:
