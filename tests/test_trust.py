@@ -169,7 +169,10 @@ def test_qemu_nbd_cannot_write_a_source_a_session_holds(root: Path) -> None:
         done = run(qemu_nbd, "-f", "raw", "-k", root / "q.sock", root / "source.img", check=False)
         assert done.returncode != 0 and "lock" in done.stderr
     args = [qemu_nbd, "-f", "raw", "-k", str(root / "q.sock"), "--persistent"]
-    with spawn([*args, str(root / "source.img")], root / "q.sock"):
+    with spawn([*args, str(root / "source.img")], root / "q.sock") as remote:
+        # qemu-nbd listens before it opens (and locks) the image: a served
+        # handshake says the image is open.
+        run(tool("nbdinfo"), "--size", remote.uri)
         before = files(state)
         with pytest.raises(StateError, match="in use by another isc session or a program"):
             open_session(state)
