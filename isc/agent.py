@@ -372,6 +372,15 @@ class Export(ForwardingLUN):
     # -- requests ------------------------------------------------------------------
     def protect(self) -> dict:
         with self._lock:
+            if self.journal is not None and self.journal.problem is not None:
+                # Answering "already protected" would let an update overwrite
+                # the export with no image left to roll back to.
+                return {
+                    "ok": False,
+                    "reason": f"{self.name} is protected, but its protected image was lost "
+                    f"({self.journal.problem}): it can no longer be rolled back; unprotect "
+                    "it to drop the protection",
+                }
             if self.journal is not None:
                 return {"ok": True, "reason": "already protected"}
             self.journal = Journal.create(self.journal_path, self.lun, self.identity)

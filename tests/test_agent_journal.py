@@ -148,6 +148,33 @@ def test_damage_before_the_last_batch_loses_the_image_and_refuses_the_rollback(
         reopened.close()
 
 
+def test_protecting_an_export_whose_journal_lost_its_image_is_refused(tmp_path: Path):
+    # "already protected" would let an update overwrite it with nothing to roll back to.
+    sparse(tmp_path / "d.img", 4 * P)
+    agent = Agent(tmp_path)
+    try:
+        export = agent.exports["d.img"]
+        assert export.protect() == {"ok": True}
+        export.write(0, b"\x01" * 10)
+        export.write(2 * P, b"\x02" * 10)
+    finally:
+        agent.close()
+    path = tmp_path / ".isc-agent" / "d.img.journal"
+    damaged = bytearray(path.read_bytes())
+    damaged[HEADER_SIZE + HEAD_SIZE + 5] ^= 0xFF
+    path.write_bytes(damaged)
+    agent = Agent(tmp_path)
+    try:
+        export = agent.exports["d.img"]
+        reply = export.protect()
+        assert not reply["ok"] and "protected image was lost" in reply["reason"]
+        assert "unprotect it" in reply["reason"]
+        assert export.unprotect() == {"ok": True}
+        assert export.protect() == {"ok": True}  # a fresh image of what it holds now
+    finally:
+        agent.close()
+
+
 @pytest.mark.parametrize("change", ["another file", "a damaged header"])
 def test_a_journal_that_is_not_this_exports_loses_the_image(tmp_path: Path, disk, change: str):
     lun, identity, _ = disk
