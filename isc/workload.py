@@ -6,7 +6,9 @@ choosing the granularity for a real workload (simulate periodic updates over a
 recorded trace). It comes from a seeded generator (:func:`uniform`,
 :func:`hotspot`, :func:`sequential`, :func:`mixed`) or from a block trace read
 line by line (:func:`read_trace`: MSR Cambridge CSV, ``blkparse`` text, fio
-``write_iolog`` versions 2 and 3).
+``write_iolog`` versions 2 and 3, told apart by their first line when the
+format is not given: :func:`detect_format`). ``str(workload)`` describes a
+workload in words for reports.
 
 Representation
 --------------
@@ -56,6 +58,7 @@ from typing import Any, BinaryIO, ClassVar, NamedTuple
 
 import numpy as np
 
+from isc._units import format_bytes
 from isc.errors import IscError, ParameterError
 
 __all__ = [
@@ -70,6 +73,7 @@ __all__ = [
     "TraceReader",
     "TraceStats",
     "Workload",
+    "detect_format",
     "hotspot",
     "mixed",
     "read_blkparse",
@@ -99,10 +103,13 @@ _PAYLOAD_CACHE = 64 << 20
 
 
 class TraceError(IscError, ValueError):
-    """A trace line that cannot be read: ``path``, 1-based ``lineno`` and ``reason``."""
+    """A trace line that cannot be read: ``path``, 1-based ``lineno`` and ``reason``.
+
+    ``lineno`` 0 means the file as a whole (an empty file whose format is to be detected).
+    """
 
     def __init__(self, path: str, lineno: int, reason: str) -> None:
-        super().__init__(f"{path}:{lineno}: {reason}")
+        super().__init__(f"{path}:{lineno}: {reason}" if lineno else f"{path}: {reason}")
         self.path = path
         self.lineno = lineno
         self.reason = reason
@@ -417,6 +424,7 @@ class Workload(abc.ABC):
 
     ``batch_size`` is the number of I/Os per batch; ``volume_size`` the
     volume size in bytes when known (every I/O then lies inside it), else None.
+    ``str(workload)`` says what it is in words (the reports print it).
     """
 
     batch_size: int
@@ -425,6 +433,10 @@ class Workload(abc.ABC):
     @abc.abstractmethod
     def __iter__(self) -> Iterator[IOBatch]:
         """The I/Os from the first, in batches of ``batch_size``."""
+
+    @abc.abstractmethod
+    def __str__(self) -> str:
+        """The workload in words, e.g. ``"MSR Cambridge trace web_0.csv"``."""
 
 
 class GeneratedWorkload(Workload):
@@ -470,6 +482,13 @@ class GeneratedWorkload(Workload):
         return (
             f"<GeneratedWorkload {self.kind}: {self.count} I/Os on {self.volume_size} bytes, "
             f"{self.rate:g}/s, seed {self.seed}>"
+        )
+
+    def __str__(self) -> str:
+        return (
+            f"{self.kind} workload: {self.count} I/Os on "
+            f"{format_bytes(self.volume_size, long=True)} at {self.rate:g} I/Os/s, "
+            f"seed {self.seed}"
         )
 
 
@@ -662,6 +681,9 @@ class TraceStats:
     extent: int = 0
     """The largest ``offset + length`` among the I/Os yielded, in bytes (the least
     volume size that holds them)."""
+    duration: float = 0.0
+    """Seconds from the first I/O yielded to the last: 0 for a trace without
+    timestamps (a fio version 2 iolog without ``wait`` lines) read without a rate."""
 
 
 class TraceReader(Workload):
@@ -672,13 +694,19 @@ class TraceReader(Workload):
     ending in ``.gz`` is read through gzip) and never held in memory: one
     batch of ``batch_size`` I/Os at a time. Times are in seconds from the
     first I/O yielded and never decrease (an I/O stamped earlier than the one
-    before it takes that one's time, counted in ``stats.reordered``).
+    before it takes that one's time, counted in ``stats.reordered``). With a
+    ``rate`` (I/Os per second) the trace's own times are set aside: the n-th
+    I/O yielded (from 0) is at ``n / rate`` seconds, which gives a trace
+    without timestamps a pace.
 
     A malformed line raises :class:`TraceError` naming the file, the 1-based
     line and what is wrong; so does an I/O that ends past ``volume_size``
     bytes when that is given (``None``: no limit). With ``skip_bad=True``
     such lines are skipped and counted in ``stats.skipped_bad`` instead.
-    ``stats`` (a :class:`TraceStats`) describes the latest iteration.
+    A file of another format (one whose first non-blank line another format
+    starts with, and that yields no I/O read as this one) raises
+    :class:`TraceError` at that line saying what it looks like, skip_bad or
+    not. ``stats`` (a :class:`TraceStats`) describes the latest iteration.
     ``OSError`` from opening or reading the file propagates.
     """
 
@@ -693,17 +721,14 @@ class TraceReader(Workload):
         skip_bad: bool = False,
         volume_size: int | None = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
+        rate: float | None = None,
     ) -> None:
         self.path = os.fspath(path)
         self.skip_bad = bool(skip_bad)
         self.volume_size = None if volume_size is None else _volume_size(volume_size)
         self.batch_size = _integer("batch_size", batch_size, 1)
+        self.rate = None if rate is None else _positive_real("rate", rate)
         self.stats = TraceStats()
-
-    def _open(self) -> BinaryIO:
-        if self.path.endswith(".gz"):
-            return gzip.open(self.path, "rb")  # type: ignore[return-value]
-        return open(self.path, "rb")
 
     @abc.abstractmethod
     def _reset(self) -> None:
@@ -725,29 +750,38 @@ class TraceReader(Workload):
         times, offsets, lengths, writes = columns
         origin = None
         last = 0.0
-        with self._open() as lines:
+        first: tuple[int, bytes] | None = None  # the first non-blank line, to judge a misread
+        with _open_trace(self.path) as lines:
             for lineno, line in enumerate(lines, 1):
                 stats.lines = lineno
+                if first is None and line.strip():
+                    first = (lineno, line)
                 try:
                     io = self._parse(line) if line.strip() else None
                     if io is not None and io[1] + io[2] > limit:
                         raise _Malformed(self._beyond(io[1], io[2]))
                 except _Malformed as exc:
                     if exc.fatal or not self.skip_bad:
-                        raise TraceError(self.path, lineno, f"{exc} in {_show(line)}") from None
+                        misread = None if stats.ios else self._misread(first)
+                        raise misread or TraceError(
+                            self.path, lineno, f"{exc} in {_show(line)}"
+                        ) from None
                     stats.skipped_bad += 1
                     continue
                 if io is None:
                     stats.ignored += 1
                     continue
                 stamp, offset, length, write = io
-                if origin is None:
-                    origin = stamp
-                seconds = (stamp - origin) * self._tick
-                if seconds < last:
-                    stats.reordered += 1
-                    seconds = last
-                last = seconds
+                if self.rate is not None:
+                    seconds = stats.ios / self.rate
+                else:
+                    if origin is None:
+                        origin = stamp
+                    seconds = (stamp - origin) * self._tick
+                    if seconds < last:
+                        stats.reordered += 1
+                        seconds = last
+                last = stats.duration = seconds
                 times.append(seconds)
                 offsets.append(offset)
                 lengths.append(length)
@@ -760,6 +794,25 @@ class TraceReader(Workload):
                         column.clear()
         if offsets:
             yield IOBatch(*map(np.array, columns))
+        elif not stats.ios:
+            misread = self._misread(first)
+            if misread is not None:
+                raise misread
+
+    def _misread(self, first: tuple[int, bytes] | None) -> TraceError | None:
+        """The error for a file of another format, judged by its first non-blank line."""
+        if first is None:
+            return None
+        lineno, line = first
+        other = _sniff(line)
+        if other is None or other == self.format:
+            return None
+        return TraceError(
+            self.path,
+            lineno,
+            f"read as format {self.format!r}, but the file looks like {_FORMATS[other][1]}: "
+            f"use format {other!r}, or give none to have it detected",
+        )
 
     def _beyond(self, offset: int, length: int) -> str:
         if self.volume_size is None:
@@ -770,6 +823,17 @@ class TraceReader(Workload):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.format} {self.path!r}>"
+
+    def __str__(self) -> str:
+        pace = "" if self.rate is None else f" at {self.rate:g} I/Os/s"
+        return f"{_FORMATS[self.format][0]} {self.path}{pace}"
+
+
+def _open_trace(path: str) -> BinaryIO:
+    """The trace file at ``path`` for reading bytes, through gzip when it ends in ``.gz``."""
+    if path.endswith(".gz"):
+        return gzip.open(path, "rb")  # type: ignore[return-value]
+    return open(path, "rb")
 
 
 class _MsrReader(TraceReader):
@@ -929,6 +993,78 @@ class _FioReader(TraceReader):
         return stamp, offset, length, action == b"write"
 
 
+# -- telling the formats apart ------------------------------------------------------
+
+# format: (the format in words, what its first line looks like)
+_FORMATS = {
+    "msr": ("MSR Cambridge trace", "an MSR Cambridge trace (7 comma-separated fields)"),
+    "blkparse": (
+        "blkparse trace",
+        "blkparse output ('MAJ,MIN CPU SEQ TIME PID ACTION RWBS ...' events)",
+    ),
+    "fio": ("fio iolog", "a fio iolog (a 'fio version N iolog' header)"),
+}
+_FIO_HEADER = re.compile(rb"fio version \d+ iolog\Z")
+_SNIFF_BYTES = 4096  # detect_format reads at most this much of a line
+
+
+def _sniff(line: bytes) -> str | None:
+    """The format whose traces can start with ``line`` (not blank), or None."""
+    text = line.strip()
+    if _FIO_HEADER.match(text):
+        return "fio"
+    fields = text.split(b",")
+    if (
+        len(fields) == 7
+        and fields[0].strip().isdigit()
+        and fields[3].strip().lower() in (b"read", b"write")
+    ):
+        return "msr"
+    tokens = text.split()
+    if (
+        len(tokens) >= 7
+        and _DEVICE.match(tokens[0])
+        and tokens[1].isdigit()
+        and tokens[2].isdigit()
+    ):
+        return "blkparse"
+    return None
+
+
+def detect_format(path: str | os.PathLike[str]) -> str:
+    """The format of the trace at ``path``, told by its first non-blank line.
+
+    ``"fio"`` for a ``fio version N iolog`` header, ``"msr"`` for seven
+    comma-separated fields with an integer timestamp and a type of Read or
+    Write, ``"blkparse"`` for an event line (``MAJ,MIN CPU SEQ ...``). Reads
+    the blank lines and at most 4 KiB of the first other line (through gzip
+    for a name ending in ``.gz``).
+
+    Raises :class:`TraceError` for an empty file (``lineno`` 0) or a first
+    line of none of the formats (naming it); ``OSError`` propagates.
+    """
+    path = os.fspath(path)
+    lineno = 0
+    with _open_trace(path) as lines:
+        while True:
+            line = lines.readline(_SNIFF_BYTES)
+            if not line:
+                raise TraceError(path, 0, "the file is empty: there is no trace to read")
+            lineno += 1
+            if line.strip():
+                break
+    found = _sniff(line)
+    if found is None:
+        *others, last = (looks for _, looks in _FORMATS.values())
+        raise TraceError(
+            path,
+            lineno,
+            f"cannot tell the trace format: {_show(line)} starts neither {', '.join(others)} "
+            f"nor {last}; give the format: {', '.join(_FORMATS)}",
+        )
+    return found
+
+
 def read_msr(
     path: str | os.PathLike[str],
     *,
@@ -937,6 +1073,7 @@ def read_msr(
     skip_bad: bool = False,
     volume_size: int | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    rate: float | None = None,
 ) -> TraceReader:
     """A reader of an MSR Cambridge block trace (CSV without a header).
 
@@ -946,7 +1083,7 @@ def read_msr(
     or disk's I/Os. Lines of size 0 are no I/O. Malformed: a field count other
     than 7, a timestamp, disk number, offset or size that is not a
     non-negative integer, another type. See :class:`TraceReader` for
-    ``skip_bad``, ``volume_size``, ``batch_size`` and the errors.
+    ``skip_bad``, ``volume_size``, ``batch_size``, ``rate`` and the errors.
 
     Raises ``ParameterError`` for a negative ``disk`` or bad common options.
     """
@@ -957,6 +1094,7 @@ def read_msr(
         skip_bad=skip_bad,
         volume_size=volume_size,
         batch_size=batch_size,
+        rate=rate,
     )
 
 
@@ -968,6 +1106,7 @@ def read_blkparse(
     skip_bad: bool = False,
     volume_size: int | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    rate: float | None = None,
 ) -> TraceReader:
     """A reader of ``blkparse``'s default text output.
 
@@ -993,6 +1132,7 @@ def read_blkparse(
         skip_bad=skip_bad,
         volume_size=volume_size,
         batch_size=batch_size,
+        rate=rate,
     )
 
 
@@ -1004,6 +1144,7 @@ def read_fio(
     skip_bad: bool = False,
     volume_size: int | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    rate: float | None = None,
 ) -> TraceReader:
     """A reader of a fio ``write_iolog`` file, version 2 or 3 (told by its first line).
 
@@ -1029,6 +1170,7 @@ def read_fio(
         skip_bad=skip_bad,
         volume_size=volume_size,
         batch_size=batch_size,
+        rate=rate,
     )
 
 
@@ -1041,29 +1183,40 @@ _READERS: dict[str, Callable[..., TraceReader]] = {
 
 def read_trace(
     path: str | os.PathLike[str],
-    format: str,
+    format: str | None = None,
     *,
     skip_bad: bool = False,
     volume_size: int | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    rate: float | None = None,
     **options: Any,
 ) -> TraceReader:
     """A reader of the trace at ``path`` in ``format``: ``"msr"``, ``"blkparse"`` or ``"fio"``.
 
-    ``options`` go to :func:`read_msr`, :func:`read_blkparse` or
-    :func:`read_fio` (e.g. ``hostname=``, ``action=``, ``time_unit=``). The
-    format is never guessed. Nothing is read until the reader is iterated.
+    ``format=None`` detects it from the file's first non-blank line
+    (:func:`detect_format`, which reads that line now); otherwise nothing is
+    read until the reader is iterated. ``options`` go to :func:`read_msr`,
+    :func:`read_blkparse` or :func:`read_fio` (e.g. ``hostname=``,
+    ``action=``, ``time_unit=``); ``rate`` is as for :class:`TraceReader`.
 
-    Raises ``ParameterError`` for an unknown format or a bad option value and
-    ``TypeError`` for an option the format does not have.
+    Raises ``ParameterError`` for an unknown format or a bad option value,
+    ``TypeError`` for an option the format does not have, and, detecting,
+    :class:`TraceError` for a file of no known format and ``OSError``.
     """
+    if format is None:
+        format = detect_format(path)
     reader = _READERS.get(format)
     if reader is None:
         raise ParameterError(
             f"unknown trace format {format!r}; use one of {', '.join(map(repr, _READERS))}"
         )
     return reader(
-        path, skip_bad=skip_bad, volume_size=volume_size, batch_size=batch_size, **options
+        path,
+        skip_bad=skip_bad,
+        volume_size=volume_size,
+        batch_size=batch_size,
+        rate=rate,
+        **options,
     )
 
 

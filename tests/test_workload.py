@@ -24,6 +24,7 @@ from isc.workload import (
     GeneratedWorkload,
     IOBatch,
     TraceError,
+    detect_format,
     hotspot,
     mixed,
     read_blkparse,
@@ -449,6 +450,114 @@ def test_read_trace_refuses_unknown_formats_and_options(tmp_path):
     with pytest.raises(ParameterError, match="volume_size"):
         read_msr(path, volume_size=-1)
     assert collect(read_msr(path)) == []
+
+
+# -- format detection and wrong formats ------------------------------------------------------
+
+LOOKS = {
+    "msr": "an MSR Cambridge trace (7 comma-separated fields)",
+    "blkparse": "blkparse output",
+    "fio": "a fio iolog",
+}
+
+
+def sample_trace(tmp_path, kind: str, name: str | None = None):
+    """A small trace of ``kind`` (``GOOD``'s keys) and the format that reads it."""
+    head, good = GOOD[kind]
+    path = tmp_path / (name or f"{kind}.trace")
+    write_lines(path, head + good)
+    return path, kind.rstrip("23")
+
+
+@pytest.mark.parametrize("kind", sorted(GOOD))
+def test_the_format_is_detected_from_the_content(tmp_path, kind):
+    path, fmt = sample_trace(tmp_path, kind)
+    assert detect_format(path) == fmt
+    assert collect(read_trace(path)) == collect(read_trace(path, fmt))
+    # The name says nothing; a gzipped copy and leading blank lines change nothing.
+    packed = tmp_path / "noname.gz"
+    with gzip.open(packed, "wt") as out:
+        out.write("\n \n" + path.read_text())
+    assert detect_format(packed) == fmt
+    assert collect(read_trace(packed)) == collect(read_trace(path, fmt))
+
+
+def test_a_file_of_no_known_format_or_an_empty_one_is_named_with_its_first_line(tmp_path):
+    path = tmp_path / "notes.txt"
+    write_lines(path, ["", "hello, world"])
+    with pytest.raises(TraceError) as caught:
+        read_trace(path)
+    assert caught.value.lineno == 2
+    assert "cannot tell the trace format" in caught.value.reason
+    assert "'hello, world'" in caught.value.reason
+    for what in LOOKS.values():
+        assert what.split(" (")[0] in caught.value.reason
+    empty = tmp_path / "empty.csv"
+    empty.write_text("\n\n")
+    with pytest.raises(TraceError, match="is empty") as caught:
+        detect_format(empty)
+    assert str(caught.value).startswith(f"{empty}: ")
+
+
+@pytest.mark.parametrize("skip_bad", [False, True])
+@pytest.mark.parametrize(
+    ("kind", "given"),
+    [
+        ("msr", "blkparse"),
+        ("msr", "fio"),
+        ("blkparse", "msr"),
+        ("blkparse", "fio"),
+        ("fio2", "msr"),
+        ("fio3", "blkparse"),
+    ],
+)
+def test_a_wrong_format_says_what_the_file_looks_like(tmp_path, kind, given, skip_bad):
+    path, actual = sample_trace(tmp_path, kind)
+    reader = read_trace(path, given, skip_bad=skip_bad)
+    with pytest.raises(TraceError) as caught:
+        collect(reader)
+    error = caught.value
+    assert error.lineno == 1
+    assert LOOKS[actual] in error.reason
+    assert f"format {actual!r}" in error.reason
+    assert "no I/O" not in str(error)
+
+
+def test_a_trace_whose_io_is_all_filtered_out_is_empty_not_misread(tmp_path):
+    path, _ = sample_trace(tmp_path, "blkparse")
+    reader = read_blkparse(path, device="8,16")
+    assert collect(reader) == []
+    assert reader.stats.ignored == 3
+    msr, _ = sample_trace(tmp_path, "msr")
+    assert collect(read_msr(msr, hostname="nobody")) == []
+
+
+def test_rate_spaces_the_io_of_a_trace_without_timestamps(tmp_path):
+    path = tmp_path / "v2.log"
+    write_lines(
+        path, ["fio version 2 iolog", "f add"] + [f"f write {i * 4096} 4096" for i in range(5)]
+    )
+    untimed = read_fio(path)
+    assert [io.time for io in collect(untimed)] == [0.0] * 5
+    assert untimed.stats.duration == 0.0
+    paced = read_trace(path, rate=250)
+    ios = collect(paced)
+    assert [io.time for io in ios] == pytest.approx([i / 250 for i in range(5)])
+    assert [io.offset for io in ios] == [i * 4096 for i in range(5)]
+    assert paced.stats.duration == pytest.approx(4 / 250)
+    with pytest.raises(ParameterError, match="rate must be > 0"):
+        read_fio(path, rate=0)
+
+
+def test_workloads_describe_themselves_in_words(tmp_path):
+    generated = uniform(4 * MiB, 3000, rate=500, seed=3)
+    assert str(generated) == "uniform workload: 3000 I/Os on 4.00 MiB at 500 I/Os/s, seed 3"
+    path, _ = sample_trace(tmp_path, "msr", "web_0.csv")
+    assert str(read_trace(path)) == f"MSR Cambridge trace {path}"
+    assert str(read_fio(path, rate=100)) == f"fio iolog {path} at 100 I/Os/s"
+    assert str(read_blkparse(path)) == f"blkparse trace {path}"
+    for workload in (generated, read_msr(path)):
+        assert "<" not in str(workload) and "Reader" not in str(workload)
 
 
 # -- streaming -------------------------------------------------------------------------------
