@@ -44,3 +44,13 @@ def granularity_axis(ax: Any, granularities: list[int], label: Any) -> None:
     ax.minorticks_off()
     ax.set_xlabel("granularity")
     ax.grid(True, alpha=0.3)
+
+
+def byte_unit(peak: float) -> tuple[float, str]:
+    """The binary unit to show byte counts up to ``peak`` in: ``(bytes per unit, name)``."""
+    scale, name = 1.0, "bytes"
+    for power, unit in enumerate(("KiB", "MiB", "GiB", "TiB"), 1):
+        if peak < 1 << (10 * power):
+            break
+        scale, name = float(1 << (10 * power)), unit
+    return scale, name

@@ -43,6 +43,17 @@ Reads are counted and otherwise ignored.
   mark (rule 5) and sent the chunks in the next update; the simulation goes
   on as if the area were large enough.
 
+The recommendation
+------------------
+:attr:`Analysis.recommended` is the granularity of least cost (bytes
+transferred plus ``cofw_weight`` times isc's COFW bytes, totals over all
+updates) among those whose save area never ran out, or among all when none
+fits; a tie goes to the larger granularity (fewer chunks, a smaller bitmap).
+:attr:`Analysis.rule` says so in words. A recommendation that rests on fewer
+than :data:`FIRM_UPDATES` updates comes with a warning
+(:meth:`Analysis.warnings`). The host-side cost is reported beside it, not
+weighed in: ``tracking_ns_per_write`` (measured) and ``bitmap_bytes``.
+
 What is measured with the real engine: the tracking and transfer sets (every
 write goes through ``record_writes``; a mark is ``mark`` and ``extents``),
 and isc's COFW chunks (``record_writes`` during the transfer, with
@@ -66,8 +77,9 @@ import math
 import os
 import statistics
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -83,6 +95,7 @@ __all__ = [
     "DEFAULT_BANDWIDTH",
     "DEFAULT_GRANULARITIES",
     "DEFAULT_INTERVAL",
+    "FIRM_UPDATES",
     "MAX_UPDATES",
     "Analysis",
     "Cofw",
@@ -104,6 +117,9 @@ DEFAULT_BANDWIDTH = float(100 << 20)
 
 MAX_UPDATES = 1_000_000
 """Most updates one granularity may simulate: a guard against a tiny interval."""
+
+FIRM_UPDATES = 3
+"""Fewer updates than this make the recommendation come with a warning."""
 
 _TIMING_WRITES = 65536  # writes of the first batch timed for the tracking cost
 _TIMING_REPEATS = 5
@@ -234,19 +250,63 @@ class Analysis:
     save_area: int
     cofw_weight: float
     results: tuple[GranularityResult, ...]
-    recommended: int
-    """The granularity of least cost among those whose save area never ran out (all
-    of them when none fits); a tie goes to the larger granularity."""
 
+    recommended: int = field(init=False)
+    """The granularity that :attr:`rule` picks."""
     cost_formula: str = field(init=False)
+    rule: str = field(init=False)
+    """How :attr:`recommended` is chosen, tie-break included, in words."""
 
     def __post_init__(self) -> None:
+        fitting = self._candidates()
+        best = min(fitting, key=lambda row: (row.cost, -row.granularity))
+        object.__setattr__(self, "recommended", best.granularity)
         object.__setattr__(
             self,
             "cost_formula",
             f"cost = bytes transferred + {self.cofw_weight:g} x isc COFW bytes "
             "(totals over all updates)",
         )
+        object.__setattr__(
+            self,
+            "rule",
+            "the least cost among the granularities whose save area never ran out (among "
+            "all of them when none fits); a tie goes to the larger granularity, which "
+            "tracks fewer chunks in a smaller bitmap",
+        )
+
+    def _candidates(self) -> list[GranularityResult]:
+        """The rows the rule chooses among: those whose save area fits, else all."""
+        return [row for row in self.results if row.save_area_fits] or list(self.results)
+
+    @property
+    def ties(self) -> tuple[int, ...]:
+        """The other granularities the rule could have chosen: same least cost (may be empty)."""
+        cost = self.result(self.recommended).cost
+        return tuple(
+            row.granularity
+            for row in self._candidates()
+            if row.cost == cost and row.granularity != self.recommended
+        )
+
+    def warnings(self) -> list[str]:
+        """Sentences on how far to trust the recommendation (may be empty).
+
+        Warns when some granularity ran fewer than :data:`FIRM_UPDATES` updates,
+        suggesting an interval only where one gives that many: when no update was
+        refused and every transfer took less than the interval suggested.
+        """
+        fewest = min(row.updates for row in self.results)
+        if fewest >= FIRM_UPDATES:
+            return []
+        fix = "analyse a longer workload"
+        interval = self.duration / FIRM_UPDATES
+        if all(not row.skipped_updates and row.longest_transfer < interval for row in self.results):
+            fix += f", or use an interval of at most {_at_most(interval)} s"
+        return [
+            f"the recommendation rests on {fewest} update{'' if fewest == 1 else 's'} "
+            f"(fewer than {FIRM_UPDATES}), too few for typical figures: {fix}"
+        ]
 
     def result(self, granularity: int) -> GranularityResult:
         """The row of ``granularity``; ``KeyError`` when it was not analysed."""
@@ -274,6 +334,8 @@ class Analysis:
             }
             for row in self.results
         ]
+        out["ties"] = list(self.ties)
+        out["warnings"] = self.warnings()
         out["advice"] = self.advice()
         return out
 
@@ -315,8 +377,8 @@ class Analysis:
         ]
 
     def table(self) -> str:
-        """The report for a terminal: a summary, one line per granularity, the
-        COFW variants explained, the recommendation and any advice."""
+        """The report for a terminal: a summary, one line per granularity, a legend line
+        per column, the recommendation with its rule, and any warnings and advice."""
         lines = [
             f"workload: {self.workload}",
             f"volume {format_bytes(self.volume_size, long=True)}; {self.ios} I/Os over "
@@ -327,92 +389,210 @@ class Analysis:
             f"save area {format_bytes(self.save_area, long=True)}",
             "",
         ]
-        header = (
-            "gran",
-            "updates",
-            "skipped",
-            "chunks/upd",
-            "bytes/upd",
-            "ampl",
-            "COFW isc",
-            "no-clear",
-            "classic",
-            "isc/classic",
-            "save peak",
-            "fits",
-            "bitmap",
-            "ns/write",
-            "cost",
-        )
-        cells = [header]
-        for row in self.results:
-            ratio = row.isc.bytes / row.classic.bytes if row.classic.bytes else math.nan
-            cells.append(
-                (
-                    size_label(row.granularity),
-                    str(row.updates),
-                    str(row.skipped_updates),
-                    f"{row.chunks_per_update:.1f}",
-                    format_bytes(row.bytes_per_update),
-                    f"{row.amplification:.2f}",
-                    format_bytes(row.isc.bytes),
-                    format_bytes(row.no_clear.bytes),
-                    format_bytes(row.classic.bytes),
-                    "-" if math.isnan(ratio) else f"{ratio:.1%}",
-                    format_bytes(row.isc.save_area_high_water),
-                    "yes" if row.save_area_fits else "NO",
-                    format_bytes(row.bitmap_bytes),
-                    f"{row.tracking_ns_per_write:.1f}",
-                    format_bytes(row.cost),
-                )
-            )
-        lines += _columns(cells)
+        header = tuple(column[0] for column in _TABLE)
+        lines += _columns([header] + [[cell(row) for _, _, cell in _TABLE] for row in self.results])
+        width = max(map(len, header))
+        known = {
+            "interval": f"{self.interval:g}",
+            "save_area": format_bytes(self.save_area, long=True),
+            "cost_formula": self.cost_formula,
+        }
+        lines += ["", "columns (bytes: B, K = KiB, M = MiB, G = GiB):"]
+        lines += [f"  {name:<{width}}  {text.format(**known)}" for name, text, _ in _TABLE]
         best = self.result(self.recommended)
         lines += [
             "",
-            "bytes: B, K = KiB, M = MiB, G = GiB; COFW columns are bytes saved during the "
-            "transfers, all updates together:",
-            "  isc = transfer chunks not yet sent, cleared as sent; no-clear = transfer chunks, "
-            "sent or not; classic = the first write to any chunk",
-            "save peak: isc's save-area high water; bitmap: tracking + transfer + saved flags; "
-            "ns/write: record_writes on the first batch",
-            self.cost_formula,
             f"recommended granularity: {size_label(best.granularity)} "
-            f"(least cost, {format_bytes(best.cost, long=True)}"
+            f"(cost {format_bytes(best.cost, long=True)}"
             + ("" if best.save_area_fits else "; no granularity fits the save area")
             + ")",
+            f"rule: {self.rule}",
         ]
+        if self.ties:
+            labels = " and ".join(size_label(g) for g in self.ties)
+            verb = "costs" if len(self.ties) == 1 else "cost"
+            lines.append(f"tie: {labels} {verb} the same; the larger granularity wins")
+        lines += [f"warning: {sentence}" for sentence in self.warnings()]
         lines += [f"advice: {sentence}" for sentence in self.advice()]
         return "\n".join(lines) + "\n"
 
+    def figure(self) -> Any:
+        """The trade-off against granularity as a matplotlib ``Figure`` of four panels.
+
+        Bytes to transfer per update; COFW bytes of the three variants; the
+        host-side cost (ns per write of tracking, and the bitmap's memory on
+        a second axis); and the cost the recommendation minimises, with the
+        recommended granularity starred and those whose save area runs out
+        crossed. A dotted line marks the recommended granularity on every
+        panel; the title names the workload, the interval and the bandwidth.
+        Raises ``PlotUnavailable`` (an IscError) when matplotlib is not installed.
+        """
+        fig = _plot.figure(11, 8)
+        rows = self.results
+        grans = [row.granularity for row in rows]
+        best = self.result(self.recommended)
+        (transfer, cofw), (host, cost) = fig.subplots(2, 2)
+
+        scale, unit = _plot.byte_unit(max(row.bytes_per_update for row in rows))
+        values = [row.bytes_per_update / scale for row in rows]
+        transfer.plot(grans, values, "o-", label="bytes per update")
+        transfer.set_ylabel(f"{unit} per update")
+        transfer.set_title("bytes to transfer per update")
+
+        variants = (("isc", "o-"), ("no_clear", "s--"), ("classic", "^:"))
+        scale, unit = _plot.byte_unit(
+            max(getattr(row, v).bytes for row in rows for v, _ in variants)
+        )
+        for name, style in variants:
+            values = [getattr(row, name).bytes / scale for row in rows]
+            cofw.plot(grans, values, style, label=name.replace("_", "-"))
+        cofw.set_ylabel(f"{unit} saved")
+        cofw.set_title("COFW bytes during the transfers, all updates")
+        cofw.legend(title="COFW variant")
+
+        (ns,) = host.plot(
+            grans,
+            [row.tracking_ns_per_write for row in rows],
+            "o-",
+            color="C0",
+            label="ns per write",
+        )
+        host.set_ylabel("ns per write (record_writes)", color="C0")
+        memory = host.twinx()
+        scale, unit = _plot.byte_unit(max(row.bitmap_bytes for row in rows))
+        (bitmap,) = memory.plot(
+            grans,
+            [row.bitmap_bytes / scale for row in rows],
+            "s--",
+            color="C1",
+            label="bitmap memory",
+        )
+        memory.set_ylabel(f"bitmap memory ({unit})", color="C1")
+        memory.margins(y=0.1)
+        memory.set_ylim(bottom=0)
+        host.set_title("host-side cost of tracking")
+        host.legend(handles=[ns, bitmap])
+
+        scale, unit = _plot.byte_unit(max(row.cost for row in rows))
+        cost.plot(grans, [row.cost / scale for row in rows], "o-", label="cost")
+        short = [row for row in rows if not row.save_area_fits]
+        if short:
+            cost.plot(
+                [row.granularity for row in short],
+                [row.cost / scale for row in short],
+                "x",
+                color="C3",
+                markersize=10,
+                markeredgewidth=2,
+                label="save area runs out",
+            )
+        cost.plot(
+            [best.granularity],
+            [best.cost / scale],
+            "*",
+            color="C2",
+            markersize=18,
+            label=f"recommended: {size_label(best.granularity)}",
+        )
+        cost.set_ylabel(f"{unit}, all updates")
+        cost.set_title(self.cost_formula.split(" (")[0])
+        cost.legend()
+
+        for ax in (transfer, cofw, host, cost):
+            _plot.granularity_axis(ax, grans, size_label)
+            ax.axvline(best.granularity, color="0.4", linestyle=":", gid="recommended")
+            ax.margins(x=0.06, y=0.1)
+            ax.set_ylim(bottom=0)
+        fig.suptitle(
+            f"{self.workload}\nan update every {self.interval:g} s, copying at "
+            f"{format_bytes(self.bandwidth, long=True)}/s, save area "
+            f"{format_bytes(self.save_area, long=True)}: "
+            f"{size_label(best.granularity)} recommended",
+            fontsize="medium",
+        )
+        return fig
+
     def plot(self, path: str | os.PathLike[str]) -> None:
-        """Draw bytes to transfer per update and COFW bytes against granularity to a PNG.
+        """Draw :meth:`figure` to a PNG at ``path``.
 
         Raises ``PlotUnavailable`` (an IscError) when matplotlib is not
         installed; ``OSError`` when ``path`` cannot be written.
         """
-        fig = _plot.figure(10, 4)
-        grans = [row.granularity for row in self.results]
-        mib = float(1 << 20)
-        left, right = fig.subplots(1, 2)
-        left.plot(grans, [row.bytes_per_update / mib for row in self.results], "o-")
-        left.set_ylabel("MiB to transfer per update")
-        left.set_title("bytes to transfer")
-        for name, style in (("isc", "o-"), ("no_clear", "s--"), ("classic", "^:")):
-            values = [getattr(row, name).bytes / mib for row in self.results]
-            right.plot(grans, values, style, label=name.replace("_", "-"))
-        right.set_ylabel("MiB saved by COFW, all updates")
-        right.set_title("COFW bytes during transfers")
-        right.legend()
-        for ax in (left, right):
-            _plot.granularity_axis(ax, grans, size_label)
-            ax.set_ylim(bottom=0)
-        fig.suptitle(
-            f"{self.workload}: update every {self.interval:g} s at "
-            f"{format_bytes(self.bandwidth, long=True)}/s",
-            fontsize="medium",
-        )
-        fig.savefig(os.fspath(path), format="png", dpi=100)
+        self.figure().savefig(os.fspath(path), format="png", dpi=100)
+
+
+def _cofw_ratio(row: GranularityResult) -> str:
+    if not row.classic.bytes:
+        return "-"
+    return f"{row.isc.bytes / row.classic.bytes:.1%}"
+
+
+# The table's columns: header, legend (str.format fields: interval, save_area,
+# cost_formula), and the cell of a row.
+_TABLE: tuple[tuple[str, str, Callable[[GranularityResult], str]], ...] = (
+    ("gran", "granularity: the chunk size", lambda row: size_label(row.granularity)),
+    ("updates", "updates run (marks), one due every {interval} s", lambda row: str(row.updates)),
+    (
+        "skipped",
+        "updates refused because the transfer before was still running",
+        lambda row: str(row.skipped_updates),
+    ),
+    ("chunks/upd", "chunks sent per update, mean", lambda row: f"{row.chunks_per_update:.1f}"),
+    ("bytes/upd", "bytes sent per update, mean", lambda row: format_bytes(row.bytes_per_update)),
+    (
+        "ampl",
+        "amplification: bytes sent / bytes of the host writes they carried",
+        lambda row: f"{row.amplification:.2f}",
+    ),
+    (
+        "COFW isc",
+        "bytes copied on first write during the transfers, all updates; isc saves "
+        "transfer chunks not yet sent",
+        lambda row: format_bytes(row.isc.bytes),
+    ),
+    (
+        "no-clear",
+        "the same without clearing chunks as they are sent: transfer chunks, sent or not",
+        lambda row: format_bytes(row.no_clear.bytes),
+    ),
+    (
+        "classic",
+        "the same for a classic snapshot: the first write to any chunk during a transfer",
+        lambda row: format_bytes(row.classic.bytes),
+    ),
+    ("isc/classic", "COFW isc as a share of classic", _cofw_ratio),
+    (
+        "save peak",
+        "isc's save-area high water: the most bytes held at once",
+        lambda row: format_bytes(row.isc.save_area_high_water),
+    ),
+    (
+        "fits",
+        "yes: the save area of {save_area} never ran out; NO: a mark would have aborted",
+        lambda row: "yes" if row.save_area_fits else "NO",
+    ),
+    (
+        "bitmap",
+        "host memory of the delta bitmap: tracking + transfer + saved flags",
+        lambda row: format_bytes(row.bitmap_bytes),
+    ),
+    (
+        "ns/write",
+        "host-side tracking cost: ns per write of record_writes, timed on the first batch",
+        lambda row: f"{row.tracking_ns_per_write:.1f}",
+    ),
+    (
+        "cost",
+        "{cost_formula}: what the rule minimises",
+        lambda row: format_bytes(row.cost),
+    ),
+)
+
+
+def _at_most(value: float) -> str:
+    """``value`` > 0 with three significant digits, rounded down."""
+    scale = 10.0 ** (math.floor(math.log10(value)) - 2)
+    return f"{math.floor(value / scale) * scale:.3g}"
 
 
 def _columns(cells: Sequence[Sequence[str]]) -> list[str]:
@@ -816,19 +996,14 @@ def analyze(
     if not writes:
         raise ParameterError("the workload holds no writes: there is nothing to track")
     if last < interval:
-        raise ParameterError(
-            f"the workload lasts {last:g} s, less than the update interval of {interval:g} s: "
-            "no update would run; use a shorter interval"
-        )
+        raise ParameterError(_too_short(ios, last, interval))
     results = []
     for sim in sims:
         sim.finish(last)
         ns = _tracking_cost(volume_size, sim.g, *sample) if sample else math.nan
         results.append(sim.result(cofw_weight, ns))
-    fitting = [row for row in results if row.save_area_fits] or results
-    best = min(fitting, key=lambda row: (row.cost, -row.granularity))
     return Analysis(
-        workload=repr(workload),
+        workload=str(workload) if isinstance(workload, Workload) else "I/O batches",
         volume_size=int(volume_size),
         ios=ios,
         writes=writes,
@@ -840,5 +1015,22 @@ def analyze(
         save_area=int(save_area),
         cofw_weight=cofw_weight,
         results=tuple(results),
-        recommended=best.granularity,
+    )
+
+
+def _too_short(ios: int, last: float, interval: float) -> str:
+    """Why no update falls inside a workload whose last I/O is at ``last`` seconds,
+    with the fix that helps."""
+    if ios == 1:
+        return "the workload holds a single I/O: no update can fall inside it"
+    if last == 0:
+        return (
+            f"all {ios} I/Os of the workload are at time 0, as in a trace without "
+            "timestamps (a fio version 2 iolog without wait lines), so no update can fall "
+            "inside it: give the trace a rate to space its I/Os (isc analyze --rate IOPS, "
+            "read_trace(..., rate=IOPS))"
+        )
+    return (
+        f"the workload lasts {last:g} s, less than the update interval of {interval:g} s: "
+        f"no update would run; use an interval of at most {_at_most(last)} s"
     )

@@ -13,6 +13,7 @@ import io
 import itertools
 import json
 import math
+import re
 from dataclasses import astuple, dataclass, field
 
 import numpy as np
@@ -471,3 +472,162 @@ def test_a_workload_without_writes_or_out_of_the_volume_is_refused():
         analyze([], volume_size=None)
     with pytest.raises(RangeError):
         analyze(batches(writes((0, 0, 4 * K), (2, 8 * K, 4 * K))), interval=1, volume_size=8 * K)
+
+
+# -- what the report says ----------------------------------------------------------------
+
+
+def untimed_fio(path, writes: int):
+    """A fio version 2 iolog of ``writes`` 4 KiB writes and no wait lines: no timestamps."""
+    lines = ["fio version 2 iolog", "disk add"]
+    lines += [f"disk write {(i * 12288) % (1 << 20)} 4096" for i in range(writes)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_a_trace_without_timestamps_is_refused_with_a_fix_that_helps(tmp_path):
+    path = untimed_fio(tmp_path / "v2.log", 20)
+    for interval in (60, 1e-6):  # no interval can help
+        with pytest.raises(ParameterError) as caught:
+            analyze(read_fio(path), [4 * K], interval=interval)
+        message = str(caught.value)
+        assert "all 20 I/Os" in message and "at time 0" in message
+        assert "rate" in message and "interval" not in message.split(":")[-1]
+    # At 10 I/Os per second the 20 writes span 1.9 s: updates at 0.5, 1.0 and 1.5 s.
+    paced = analyze(read_fio(path, rate=10), [4 * K], interval=0.5)
+    assert paced.result(4 * K).updates == 3
+    assert paced.duration == pytest.approx(1.9)
+    single = writes((0, 0, 4 * K))
+    with pytest.raises(ParameterError, match="a single I/O") as caught:
+        analyze(batches(single), interval=1, volume_size=64 * K)
+    assert "rate" not in str(caught.value)
+
+
+def test_a_workload_shorter_than_the_interval_is_told_an_interval_that_fits():
+    workload = uniform(1 << 20, 100, rate=100, seed=3)
+    last = float(IOBatch.concat(workload).time[-1])
+    with pytest.raises(ParameterError, match="use an interval of at most") as caught:
+        analyze(workload, [4 * K], interval=1000)
+    suggested = float(str(caught.value).split("at most ")[1].split(" s")[0])
+    assert 0.9 * last <= suggested <= last
+    assert analyze(workload, [4 * K], interval=suggested).result(4 * K).updates == 1
+
+
+def table_columns(text: str) -> tuple[list[str], list[str]]:
+    """The table's column headers and the lines after the table."""
+    lines = text.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("gran "))
+    end = next(i for i in range(at, len(lines)) if not lines[i].strip())
+    return re.split(r"\s{2,}", lines[at].strip()), lines[end:]
+
+
+def test_every_column_of_the_table_has_a_legend_line():
+    analysis = analyze(uniform(2 << 20, 1500, rate=300, seed=4), [4 * K, 16 * K], interval=1)
+    headers, after = table_columns(analysis.table())
+    assert len(headers) >= 15
+    legend = [line.strip() for line in after]
+    for header in headers:
+        (line,) = [text for text in legend if re.match(re.escape(header) + r"\s{2,}\S", text)]
+        assert len(line) > len(header) + 10, line
+
+
+def test_the_recommendation_states_its_rule_and_tie_break_in_the_table_and_json():
+    workload = uniform(4 << 20, 2000, rate=100, seed=5)
+    tied = analyze(workload, [2 * K, 4 * K, 8 * K], interval=2, bandwidth=1 << 20, cofw_weight=0)
+    assert tied.recommended == 4 * K
+    assert "least cost" in tied.rule and "save area" in tied.rule
+    assert "tie goes to the larger granularity" in tied.rule
+    text = tied.table()
+    assert "recommended granularity: 4K" in text
+    assert f"rule: {tied.rule}" in text
+    assert "2K costs the same" in text
+    data = json.loads(tied.to_json())
+    assert data["rule"] == tied.rule and data["recommended"] == 4 * K
+    assert data["ties"] == [2 * K]
+    untied = analyze(workload, [2 * K, 8 * K], interval=2, bandwidth=1 << 20, cofw_weight=0)
+    assert "costs the same" not in untied.table()
+    assert f"rule: {untied.rule}" in untied.table()
+
+
+def test_a_recommendation_on_fewer_than_three_updates_carries_a_warning():
+    workload = uniform(2 << 20, 1000, rate=100, seed=6)  # about 10 s
+    thin = analyze(workload, [4 * K, 64 * K], interval=4)
+    assert {row.updates for row in thin.results} == {2}
+    (warning,) = thin.warnings()
+    assert warning.startswith("the recommendation rests on 2 updates")
+    assert "an interval of at most 3" in warning  # 3 updates fit in the 10 s
+    assert f"warning: {warning}" in thin.table()
+    assert json.loads(thin.to_json())["warnings"] == [warning]
+    firm = analyze(workload, [4 * K, 64 * K], interval=3)
+    assert min(row.updates for row in firm.results) == 3
+    assert firm.warnings() == [] and "warning:" not in firm.table()
+
+
+def test_the_report_names_the_workload_in_words_not_as_an_object():
+    workload = hotspot(2 << 20, 800, rate=100, seed=2)
+    analysis = analyze(workload, [4 * K], interval=2)
+    assert (
+        analysis.workload
+        == str(workload)
+        == ("hotspot workload: 800 I/Os on 2.00 MiB at 100 I/Os/s, seed 2")
+    )
+    assert analysis.table().startswith(f"workload: {workload}\n")
+    assert json.loads(analysis.to_json())["workload"] == str(workload)
+    plain = analyze(list(workload), [4 * K], interval=2, volume_size=2 << 20)
+    assert plain.workload == "I/O batches"
+
+
+def test_the_plot_draws_the_trade_off_and_marks_the_recommendation():
+    pytest.importorskip("matplotlib")
+    workload = uniform(4 << 20, 3000, rate=1000, seed=3)
+    analysis = analyze(workload, interval=1, save_area=256 << 10)
+    fig = analysis.figure()
+    title = fig.get_suptitle()
+    assert str(workload) in title and "every 1 s" in title and "100 MiB/s" in title
+    assert "<" not in title
+    panels = {ax.get_title(): ax for ax in fig.axes if ax.get_title()}
+    assert list(panels) == [
+        "bytes to transfer per update",
+        "COFW bytes during the transfers, all updates",
+        "host-side cost of tracking",
+        analysis.cost_formula.split(" (")[0],
+    ]
+    grans = [row.granularity for row in analysis.results]
+
+    def curve(label: str) -> np.ndarray:
+        (line,) = [line for ax in fig.axes for line in ax.get_lines() if line.get_label() == label]
+        assert list(line.get_xdata()) == grans
+        return np.asarray(line.get_ydata(), dtype=float)
+
+    def proportional(got: np.ndarray, want: list[float]) -> None:
+        want = np.asarray(want, dtype=float)
+        np.testing.assert_allclose(got * want.max() / got.max(), want, rtol=1e-9)
+
+    proportional(curve("bytes per update"), [r.bytes_per_update for r in analysis.results])
+    for name in ("isc", "no-clear", "classic"):
+        key = name.replace("-", "_")
+        proportional(curve(name), [getattr(r, key).bytes for r in analysis.results])
+    proportional(curve("ns per write"), [r.tracking_ns_per_write for r in analysis.results])
+    proportional(curve("bitmap memory"), [r.bitmap_bytes for r in analysis.results])
+    proportional(curve("cost"), [r.cost for r in analysis.results])
+    # The recommended granularity: a marker on the cost curve and a line across every panel.
+    (mark,) = [
+        line
+        for line in panels[analysis.cost_formula.split(" (")[0]].get_lines()
+        if line.get_label().startswith("recommended")
+    ]
+    assert mark.get_label() == f"recommended: {analysis.recommended // K}K"
+    assert list(mark.get_xdata()) == [analysis.recommended]
+    for ax in panels.values():
+        marks = [line for line in ax.get_lines() if line.get_gid() == "recommended"]
+        assert len(marks) == 1 and set(marks[0].get_xdata()) == {analysis.recommended}
+    # Granularities whose save area runs out are marked on the cost curve.
+    short = [r.granularity for r in analysis.results if not r.save_area_fits]
+    assert short, "the small save area runs out at some granularity"
+    (over,) = [
+        line
+        for ax in fig.axes
+        for line in ax.get_lines()
+        if line.get_label() == "save area runs out"
+    ]
+    assert list(over.get_xdata()) == short
