@@ -31,6 +31,13 @@ Where the snapshot lives:
 * :class:`AgentSite` (an ``isc agent``): on the agent's disk, in a journal of
   saved chunks that survives a crash or restart of the agent (rule 8; the
   journal's format and crash behaviour are in :mod:`isc.agent`).
+* :class:`isc.rbd.RBDSite`: in a Ceph cluster, as RBD snapshots.
+
+A site may also offer ``protect_group(dests)`` and ``rollback_group(dests)``
+(an ack per destination): a consistency group's destinations protected at
+one instant and rolled back as one (one RBD group snapshot);
+:func:`group_request` falls back to one request per destination.
+:class:`RoutingSite` sends each destination's requests to its own site.
 """
 
 from __future__ import annotations
@@ -42,7 +49,7 @@ import json
 import logging
 import socket
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -427,3 +434,70 @@ def _read_line(sock: socket.socket, limit: int = 1 << 20) -> bytes:
         if len(data) > limit:
             raise ValueError("the agent's reply is too long")
     return bytes(data[: data.index(b"\n") + 1])
+
+
+class RoutingSite(RemoteSite):
+    """Each destination's requests go to its own site: ``routes[dest.name]``, else ``default``.
+
+    A group request (``protect_group``, ``rollback_group``) goes to each site
+    once with its share of the destinations, as a group request where the
+    site offers one (:func:`group_request`). The acks come back in order.
+    """
+
+    def __init__(self, routes: dict[str, RemoteSite], default: RemoteSite) -> None:
+        self.routes = routes
+        self.default = default
+
+    def _site(self, dest: Destination) -> RemoteSite:
+        return self.routes.get(dest.name, self.default)
+
+    def protect(self, dest: Destination, timeout: float | None = None) -> Ack:
+        return self._site(dest).protect(dest, timeout)
+
+    def unprotect(self, dest: Destination, timeout: float | None = None) -> Ack:
+        return self._site(dest).unprotect(dest, timeout)
+
+    def rollback(self, dest: Destination, timeout: float | None = None) -> Ack:
+        return self._site(dest).rollback(dest, timeout)
+
+    def status(self, dest: Destination, timeout: float | None = None) -> Ack:
+        return self._site(dest).status(dest, timeout)
+
+    def protect_group(
+        self, dests: Sequence[Destination], timeout: float | None = None
+    ) -> list[Ack]:
+        return self._split("protect", dests, timeout)
+
+    def rollback_group(
+        self, dests: Sequence[Destination], timeout: float | None = None
+    ) -> list[Ack]:
+        return self._split("rollback", dests, timeout)
+
+    def _split(
+        self, request: str, dests: Sequence[Destination], timeout: float | None
+    ) -> list[Ack]:
+        shares: dict[int, tuple[RemoteSite, list[int]]] = {}
+        for i, dest in enumerate(dests):
+            site = self._site(dest)
+            shares.setdefault(id(site), (site, []))[1].append(i)
+        acks: list[Ack | None] = [None] * len(dests)
+        for site, indexes in shares.values():
+            answers = group_request(site, request, [dests[i] for i in indexes], timeout)
+            for i, ack in zip(indexes, answers, strict=True):
+                acks[i] = ack
+        return acks  # type: ignore[return-value]
+
+
+def group_request(
+    site: RemoteSite, request: str, dests: Sequence[Destination], timeout: float | None
+) -> list[Ack]:
+    """``request`` ("protect" or "rollback") for a consistency group's ``dests``; an ack each.
+
+    One request where ``site`` offers a group form (``protect_group``,
+    ``rollback_group``: e.g. one RBD group snapshot for all), else one per
+    destination in turn.
+    """
+    together = getattr(site, f"{request}_group", None)
+    if together is not None:
+        return list(together(dests, timeout))
+    return [getattr(site, request)(dest, timeout) for dest in dests]

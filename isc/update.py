@@ -28,7 +28,7 @@ from contextlib import ExitStack, contextmanager
 
 from isc.copy import CopyJob, CopyResult, Destination, DestState
 from isc.errors import CopyError, IscError, ParameterError, StateError
-from isc.remote import Ack, RemoteSite
+from isc.remote import Ack, RemoteSite, group_request
 from isc.session import Session
 
 log = logging.getLogger(__name__)
@@ -312,29 +312,57 @@ def _ask(site, request: str, dest: Destination, timeout: float) -> Ack:
     try:
         ack = getattr(site, request)(dest, timeout)
     except Exception as exc:
-        ack = Ack(0, False, f"{request} raised {type(exc).__name__}: {exc}", outcome_unknown=True)
+        ack = _raised(request, exc)
     log.info("%s %s: %s", request, dest.name, "ok" if ack.ok else ack.reason)
     return ack
 
 
+def _ask_group(site, request: str, dests: Sequence[Destination], timeout: float) -> list[Ack]:
+    """:func:`_ask` for a consistency group's ``dests``: one group request where the site
+    offers it (:func:`isc.remote.group_request`)."""
+    try:
+        acks = group_request(site, request, dests, timeout)
+    except Exception as exc:
+        acks = [_raised(request, exc)] * len(dests)
+    for dest, ack in zip(dests, acks, strict=True):
+        log.info("%s %s: %s", request, dest.name, "ok" if ack.ok else ack.reason)
+    return acks
+
+
+def _raised(request: str, exc: Exception) -> Ack:
+    return Ack(0, False, f"{request} raised {type(exc).__name__}: {exc}", outcome_unknown=True)
+
+
 def _protect_all(site, dests: Sequence[Destination], timeout: float, marked) -> None:
-    """Protect every destination, or undo: unprotect those done, unmark ``marked``, raise."""
-    done: list[Destination] = []
-    for dest in dests:
-        state = dest.state
-        ack = _ask(site, "protect", dest, timeout)
-        if not ack.ok:
-            for protected in done:
-                if _ask(site, "unprotect", protected, timeout).ok:
-                    protected.protected_state = None
-            for session in marked:
-                session.unmark()
-            message = f"cannot protect {dest.name}: {ack.reason}; the update was abandoned"
-            log.error("%s", message)
-            raise UpdateError(message)
-        if dest.protected_state is None:
+    """Protect every destination, or undo: unprotect those done, unmark ``marked``, raise.
+
+    A consistency group (several ``marked`` sessions) is protected by one
+    group request where the site offers it, so its destinations are taken
+    at one instant (an RBD group snapshot).
+    """
+    states = [dest.state for dest in dests]
+    if len(marked) > 1:
+        acks = _ask_group(site, "protect", dests, timeout)
+    else:
+        acks = []
+        for dest in dests:  # up to the first refusal
+            acks.append(_ask(site, "protect", dest, timeout))
+            if not acks[-1].ok:
+                break
+    for dest, state, ack in zip(dests, states, acks, strict=False):  # acks may stop early
+        if ack.ok and dest.protected_state is None:
             dest.protected_state = state  # a leftover protection keeps its first image
-        done.append(dest)
+    refused = next(((d, a) for d, a in zip(dests, acks, strict=False) if not a.ok), None)
+    if refused is not None:
+        for protected, ack in zip(dests, acks, strict=False):
+            if ack.ok and _ask(site, "unprotect", protected, timeout).ok:
+                protected.protected_state = None
+        for session in marked:
+            session.unmark()
+        dest, ack = refused
+        message = f"cannot protect {dest.name}: {ack.reason}; the update was abandoned"
+        log.error("%s", message)
+        raise UpdateError(message)
 
 
 def rollback(
@@ -369,43 +397,82 @@ def rollback(
 
     Raises ``StateError`` when the session is marked.
     """
-    with update_locks([(session, [dest])]):
-        if session.bitmap.marked:
-            raise StateError(f"{session.name} is marked; unmark it before a rollback")
-        status = _ask(site, "status", dest, timeout)
-        info = status.info
-        if not status.ok:
-            problem = status.reason  # without it, what a rollback would rewrite is unknown
-        elif not info.get("protected"):
-            problem = f"{dest.name} is not protected: there is no image to restore"
-        elif info.get("intact") is False:
-            problem = f"the protected image was lost: {info.get('problem')}"
-        else:
-            problem = None
-        if problem is not None:
-            raise UpdateError(f"rollback of {dest.name} failed: {problem}; nothing was changed")
-        before = dest.state
-        _track(session, info.get("extents"))
-        dest.state = DestState.INCONSISTENT
+    return rollback_group([(session, dest)], site, timeout, persist=persist)[0]
+
+
+def rollback_group(
+    members: Sequence[tuple[Session, Destination]],
+    site: RemoteSite,
+    timeout: float = DEFAULT_TIMEOUT,
+    *,
+    persist: Callable[[], object] | None = None,
+) -> list[Ack]:
+    """:func:`rollback` of several destinations, each with its session, together.
+
+    For a consistency group: its destinations go back to the cut their
+    protections hold. Each step is taken for all before the next: every
+    status (a problem with one raises ``UpdateError``, nothing changed),
+    every ``_track``, one ``persist()``; then the site is asked once where it
+    offers a group request (``rollback_group``: an RBD group snapshot is
+    rolled back as one, :func:`isc.remote.group_request`), else once per
+    destination. Each destination then fares as :func:`rollback` says, and
+    ``UpdateError`` names every one that failed. Returns an ack each.
+
+    Raises ``StateError`` when a session is marked.
+    """
+    sessions = list({id(session): session for session, _ in members}.values())
+    with update_locks([(session, []) for session in sessions]):
+        for session in sessions:
+            if session.bitmap.marked:
+                raise StateError(f"{session.name} is marked; unmark it before a rollback")
+        infos = []
+        for _, dest in members:
+            status = _ask(site, "status", dest, timeout)
+            info = status.info
+            if not status.ok:
+                problem = status.reason  # without it, what a rollback would rewrite is unknown
+            elif not info.get("protected"):
+                problem = f"{dest.name} is not protected: there is no image to restore"
+            elif info.get("intact") is False:
+                problem = f"the protected image was lost: {info.get('problem')}"
+            else:
+                problem = None
+            if problem is not None:
+                raise UpdateError(f"rollback of {dest.name} failed: {problem}; nothing was changed")
+            infos.append(info)
+        before = [dest.state for _, dest in members]
+        for (session, dest), info in zip(members, infos, strict=True):
+            _track(session, info.get("extents"))
+            dest.state = DestState.INCONSISTENT
         if persist is not None:
             try:
                 persist()
             except BaseException:
-                dest.state = before  # the site was not asked: dest holds what it held
+                for (_, dest), state in zip(members, before, strict=True):
+                    dest.state = state  # the site was not asked: dest holds what it held
                 raise
-        ack = _ask(site, "rollback", dest, timeout)
-        if ack.ok:
-            _track(session, ack.extents)
-            dest.state = dest.protected_state or DestState.INCONSISTENT
-            return ack
-        if ack.outcome_unknown:
-            raise UpdateError(
-                f"rollback of {dest.name}: {ack.reason}; it may have happened: {dest.name} is "
-                "inconsistent and the ranges its protection held are tracked, so the next "
-                "update resends them"
-            )
-        dest.state = before
-        raise UpdateError(f"rollback of {dest.name} failed: {ack.reason}")
+        dests = [dest for _, dest in members]
+        if len(dests) > 1:
+            acks = _ask_group(site, "rollback", dests, timeout)
+        else:
+            acks = [_ask(site, "rollback", dests[0], timeout)]
+        failures = []
+        for (session, dest), state, ack in zip(members, before, acks, strict=True):
+            if ack.ok:
+                _track(session, ack.extents)
+                dest.state = dest.protected_state or DestState.INCONSISTENT
+            elif ack.outcome_unknown:
+                failures.append(
+                    f"rollback of {dest.name}: {ack.reason}; it may have happened: {dest.name} "
+                    "is inconsistent and the ranges its protection held are tracked, so the "
+                    "next update resends them"
+                )
+            else:
+                dest.state = state
+                failures.append(f"rollback of {dest.name} failed: {ack.reason}")
+        if failures:
+            raise UpdateError("; ".join(failures))
+        return acks
 
 
 def _track(session: Session, extents) -> None:
