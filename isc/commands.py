@@ -14,7 +14,8 @@ meanwhile fails with "in use by another isc process".
 ``isc update SESSION [--every S]``         the periodic incremental update workflow
 ``isc status SESSION [--json]``            read-only: works while another process
                                            holds the session
-``isc rollback SESSION DEST --site H:P``   restore a destination's protected image
+``isc rollback SESSION DEST --site H:P``   restore a destination's protected image (an
+                                           RBD image's, rbd:POOL/IMAGE, needs no --site)
 ``isc recover SESSION``                    with ``--reset-destinations``: start again
                                            after the bitmap was lost or damaged (every
                                            destination NEW, the next copy full)
@@ -127,7 +128,11 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     create.add_argument("--name", help="the session's name (default: the directory's name)")
 
     add_dest = command("add-dest", _add_dest, "add a destination LUN to a session")
-    add_dest.add_argument("target", metavar="PATH|URI", help="the destination LUN")
+    add_dest.add_argument(
+        "target",
+        metavar="PATH|URI",
+        help="the destination LUN: a path, an NBD URI or an RBD image, rbd:POOL/IMAGE[?conf=PATH]",
+    )
     add_dest.add_argument("--name", help="its name (default: the file or export name)")
 
     command("mark", _mark, "freeze a point in time to copy (isc copy sends it)")
@@ -153,7 +158,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         description="Mark, protect every destination at its site, copy what changed, "
         "unprotect: once, or every SECONDS (the first at once) until SIGINT or SIGTERM, "
         "which stop it after the update in progress. Without --site the destinations are "
-        "protected in this process while it runs.",
+        "protected in this process while it runs; RBD images (rbd:POOL/IMAGE) always by "
+        "snapshots in their cluster.",
     )
     update.add_argument(
         "--every", type=_positive, metavar="SECONDS", help="repeat every SECONDS seconds"
@@ -182,11 +188,11 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     undo = command(
         "rollback",
         _rollback,
-        "restore a destination's protected image (needs --site)",
+        "restore a destination's protected image (needs --site, but for an RBD image)",
         description="Restore the image a destination's site protected before an update that "
         "failed, and track the rewritten ranges so the next update resends them. Needs "
         "--site: with local destinations the protection lived only in the process that ran "
-        "the failed update.",
+        "the failed update. An RBD destination's snapshot lives in its cluster: no --site.",
     )
     undo.add_argument("destination", metavar="DEST", help="the destination's name")
     _site_arguments(undo)
@@ -359,7 +365,7 @@ def _update(args: argparse.Namespace) -> int:
         update = PeriodicUpdate(
             stored.session,
             dests,
-            site,
+            _with_rbd(site, stored),
             timeout=args.timeout,
             throttle=args.throttle,
             progress=progress,
@@ -403,11 +409,24 @@ def _connect(args: argparse.Namespace):
     return agent_site(*address, credentials=credentials)
 
 
+def _with_rbd(site, stored: store.PersistentSession):
+    """``site`` for ``stored``'s destinations, RBD images' own site for theirs (:mod:`isc.rbd`)."""
+    from isc import rbd
+
+    targets = {d["name"]: d["target"] for d in stored.meta["destinations"]}
+    return rbd.with_rbd(site, stored.session, targets)
+
+
 def _rollback(args: argparse.Namespace) -> int:
-    if args.site is None:
+    from isc import rbd
+
+    meta = store.read_state(args.session).meta
+    target = next((d["target"] for d in meta["destinations"] if d["name"] == args.destination), "")
+    if args.site is None and not rbd.is_rbd(target):
         args.session_parser.error(
             "rollback needs --site HOST:PORT: the protected image lives at the destination's "
-            "site (with local destinations it lived only in the process of the failed update)"
+            "site (with local destinations it lived only in the process of the failed update; "
+            "an RBD destination's lives in its cluster and needs none)"
         )
     site = _connect(args)
     with _open(args) as stored:
@@ -417,6 +436,7 @@ def _rollback(args: argparse.Namespace) -> int:
             raise ParameterError(
                 f"{stored.meta['name']} has no destination {args.destination!r} (it has {names})"
             )
+        site = _with_rbd(site, stored)
 
         def record_intent() -> None:
             # Before the site acts: what it may rewrite is tracked and the

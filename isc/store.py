@@ -99,7 +99,7 @@ DEFAULT_CHECKPOINT_INTERVAL = 30.0
 _RECORD = struct.Struct("<QQI")
 _CHECKPOINT = re.compile(r"checkpoint\.(\d+)$")
 _LOG = re.compile(r"activity\.(\d+)\.log$")
-_URI = re.compile(r"nbds?(\+unix)?://")
+_URI = re.compile(r"nbds?(\+unix)?://|rbd:")
 COPY_MODES = ("incremental", "full", "full-unmarked")
 CHECKPOINT_EVERY = 1 << 30
 """Bytes a marked copy sends between checkpoints: what a crash can make it send again.
@@ -110,12 +110,18 @@ region, so the host writes that follow it pay a log record each again."""
 
 
 def is_uri(target: str) -> bool:
-    """Whether ``target`` names an NBD export (``nbd[s]://``, ``nbd[s]+unix://``), not a path."""
+    """Whether ``target`` names an NBD export (``nbd[s]://``, ``nbd[s]+unix://``) or an RBD
+    image (``rbd:POOL/IMAGE[?conf=PATH]``, :mod:`isc.rbd`), not a path."""
     return _URI.match(target) is not None
 
 
 def open_lun(target: str):
-    """Open a LUN from a path or an NBD URI (``nbd[s]://``, ``nbd[s]+unix://``: TLS with an s)."""
+    """Open a LUN from a path, an NBD URI (``nbd[s]://``, ``nbd[s]+unix://``: TLS with an s)
+    or an RBD image's (``rbd:POOL/IMAGE[?conf=PATH]``: through a qemu-nbd of its own)."""
+    if target.startswith("rbd:"):
+        from isc.rbd import RBDLUN
+
+        return RBDLUN(target)
     if is_uri(target):
         from isc.nbd import NBDLUN
 
@@ -295,7 +301,12 @@ def _stamp(st: os.stat_result) -> dict:
 
 
 def _identity(target: str) -> tuple | None:
-    """One LUN's name under any spelling: its URI or its stamp's identity; None if unreadable."""
+    """One LUN's name under any spelling: its URI, an RBD image's id or its stamp's identity;
+    None if unreadable."""
+    if target.startswith("rbd:"):
+        from isc.rbd import RBDImage
+
+        return RBDImage.parse(target).identity()
     if is_uri(target):
         return (target,)
     try:

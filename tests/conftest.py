@@ -43,3 +43,30 @@ def busy_switching():
     sys.setswitchinterval(1e-6)
     yield
     sys.setswitchinterval(old)
+
+
+@pytest.fixture(scope="session")
+def ceph(tmp_path_factory):
+    """A single-node Ceph cluster (tests/ceph.py), started once for the whole run.
+
+    Skips, naming the Debian packages, where the Ceph or QEMU tools or QEMU's
+    rbd driver are missing.
+    """
+    import subprocess
+
+    from ceph import Cluster, missing
+
+    why = missing()
+    if why is not None:
+        pytest.skip(why)
+    with Cluster(tmp_path_factory.mktemp("ceph")) as cluster:
+        cluster.create_image("probe", 1 << 20)
+        probe = subprocess.run(
+            ["qemu-img", "info", cluster.qemu_uri("probe")], capture_output=True, text=True
+        )
+        if probe.returncode:
+            pytest.skip(
+                "QEMU cannot open RBD images (install Debian's qemu-block-extra): "
+                + probe.stderr.strip()
+            )
+        yield cluster
