@@ -1,6 +1,6 @@
 """The two workflows: the periodic incremental update and the unmarked full copy.
 
-Periodic incremental update (MISSION.md; the patent's figures 3-9):
+Periodic incremental update (docs/design.md; the patent's figures 3-9):
 
 1. take each session's update lock; if an update is already running, refuse
    with :class:`UpdateBusy`, log, and change nothing;

@@ -9,7 +9,7 @@ protect them (:class:`AgentSite`). The result is checked from outside isc:
 ``qemu-img compare`` of the source file with the export's file, and
 ``nbdcopy`` reading the export back.
 
-The faults are those of the periodic update workflow (MISSION.md): a site
+The faults are those of the periodic update workflow (docs/design.md): a site
 that is down, that never answers, that refuses one destination of two; an
 agent killed mid-copy; a copy that fails while the agent stays up (then
 rolled back to the protected image); two updates at once. The control

@@ -1,6 +1,6 @@
 """The copy job: marked and unmarked copies, their failures, throttle and progress.
 
-Rules checked here (MISSION.md): 1 (point in time, with writer threads racing
+Rules checked here (docs/design.md): 1 (point in time, with writer threads racing
 every copy), 2 (no lost change after any failure), 6 (honest destination
 states), 10 (bad input changes nothing), and a hypothesis state machine that
 interleaves host writes, marks, unmarks, the three copies, injected

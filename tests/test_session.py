@@ -1,6 +1,6 @@
 """The session: the host write path, mark/unmark, COFW and the save area.
 
-Rules checked here (MISSION.md): 3 (copy on first write only), 4 (atomic
+Rules checked here (docs/design.md): 3 (copy on first write only), 4 (atomic
 mark, with writer threads that never pause), 5 (bounded save area: running out
 aborts the mark, never the host write) and 10 (bad input changes nothing),
 plus ``read_frozen``, the point-in-time view a copy reads.

@@ -1,6 +1,6 @@
 """Persistent sessions (isc.store): round trips, corrupt files, crashes, the lock.
 
-Rules checked here (MISSION.md): 2 and 9 (after a crash, every chunk where a
+Rules checked here (docs/design.md): 2 and 9 (after a crash, every chunk where a
 destination may differ from the source is tracked; confirmed chunks are not
 resent), 6 (a destination a crashed copy touched reads inconsistent), 10
 (corrupt, truncated or foreign metadata raises ``CorruptMetadata`` naming the

@@ -1,6 +1,6 @@
 """The update workflows: periodic incremental updates, the unmarked full copy, rollback.
 
-Rules checked here (MISSION.md): 1 (each update leaves the image at its mark,
+Rules checked here (docs/design.md): 1 (each update leaves the image at its mark,
 with writer threads racing the copy), 2 (no lost change after a refused
 protection, a failed copy or a rollback), 6 (honest destination states), 7
 (one update at a time per session), 8 (the protected image survives a failed
