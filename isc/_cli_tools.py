@@ -161,7 +161,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         help="replay a workload onto a file LUN through a session",
         description="Write a trace or generated workload to a file LUN through an unmarked "
         "session (or straight to the LUN with --no-session) and report the rate. A missing "
-        "LUN file is created with the workload's volume size.",
+        "LUN file is created with the workload's volume size. The writes go as fast as the "
+        "LUN takes them, or at the workload's pace with --timed or --rate.",
     )
     _workload_arguments(replay)
     target = replay.add_argument_group("the replay")
@@ -177,14 +178,16 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         "--no-session", action="store_true", help="write straight to the LUN, untracked"
     )
     target.add_argument(
-        "--timed", action="store_true", help="keep the workload's pace (its timestamps)"
+        "--timed",
+        action="store_true",
+        help="keep the workload's pace: its timestamps, or --rate (which implies --timed)",
     )
     target.add_argument(
         "--speed",
         type=_positive,
         default=1.0,
         metavar="X",
-        help="with --timed, replay X times faster (default 1)",
+        help="with --timed or --rate, replay X times faster (default 1)",
     )
     target.add_argument("--reads", action="store_true", help="issue the reads too")
     target.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -234,11 +237,16 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def _workload_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("the workload: --trace FILE --format F, or --generate KIND")
+    group = parser.add_argument_group("the workload: --trace FILE, or --generate KIND")
     source = group.add_mutually_exclusive_group(required=True)
     source.add_argument("--trace", metavar="FILE", help="a block trace (.gz is read through gzip)")
     source.add_argument("--generate", choices=GENERATORS, help="a seeded generated workload")
-    group.add_argument("--format", choices=("msr", "blkparse", "fio"), help="the trace's format")
+    group.add_argument(
+        "--format",
+        choices=("msr", "blkparse", "fio"),
+        help="the trace's format (default: told by its first line: MSR Cambridge CSV, "
+        "blkparse output or a fio iolog)",
+    )
     group.add_argument(
         "--skip-bad",
         action="store_true",
@@ -252,7 +260,14 @@ def _workload_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--count", type=_count, metavar="N", help="generated I/Os (default 100000)")
     group.add_argument("--io-size", type=_size, metavar="SIZE", help="generated I/O size")
-    group.add_argument("--rate", type=_positive, metavar="IOPS", help="generated I/Os per second")
+    group.add_argument(
+        "--rate",
+        type=_positive,
+        metavar="IOPS",
+        help="I/Os per second: generated arrivals (default 1000), or a trace's I/Os evenly "
+        "spaced in place of its own times (for traces without timestamps, such as fio "
+        "version 2 iologs)",
+    )
     group.add_argument(
         "--write-fraction", type=_fraction, metavar="F", help="generated writes share (0-1)"
     )
@@ -303,20 +318,19 @@ def run(args: argparse.Namespace) -> int:
 
 # -- workloads ---------------------------------------------------------------------------
 
-_GENERATOR_OPTIONS = ("count", "io_size", "rate", "write_fraction", "skew", "seed")
+_GENERATOR_OPTIONS = ("count", "io_size", "write_fraction", "skew", "seed")
 
 
 def _check_workload_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     if args.trace is not None:
-        if args.format is None:
-            parser.error("--trace needs --format msr, blkparse or fio")
         given = [
             f"--{option.replace('_', '-')}"
             for option in _GENERATOR_OPTIONS
             if getattr(args, option) is not None
         ]
         if given:
-            parser.error(f"{', '.join(given)} apply to --generate only")
+            verb = "applies" if len(given) == 1 else "apply"
+            parser.error(f"{', '.join(given)} {verb} to --generate only")
     else:
         if args.format is not None or args.skip_bad:
             parser.error("--format and --skip-bad apply to --trace only")
@@ -328,7 +342,11 @@ def _workload(args: argparse.Namespace, volume_size: int | None) -> workload.Wor
     """The workload the arguments describe; ``volume_size`` bounds a trace's I/O."""
     if args.trace is not None:
         return workload.read_trace(
-            args.trace, args.format, skip_bad=args.skip_bad, volume_size=volume_size
+            args.trace,
+            args.format,
+            skip_bad=args.skip_bad,
+            volume_size=volume_size,
+            rate=args.rate,
         )
     options = {
         "io_size": args.io_size,
@@ -403,22 +421,36 @@ def _replay(args: argparse.Namespace) -> int:
         if size is None:
             size = source.volume_size or analysis.workload_extent(source)
         lun = FileLUN.create(path, size)
+    timed = args.timed or args.rate is not None
     with lun:
         session = None if args.no_session else Session(lun, args.granularity, name=str(path))
         done = workload.replay(
-            session or lun, source, timed=args.timed, speed=args.speed, reads=args.reads
+            session or lun, source, timed=timed, speed=args.speed, reads=args.reads
         )
         lun.flush()
     _trace_note("replay", source)
+    if (
+        timed
+        and isinstance(source, workload.TraceReader)
+        and source.rate is None
+        and source.stats.ios > 1
+        and not source.stats.duration
+    ):
+        print(
+            f"isc replay: {source.path} has no timestamps (all its I/Os are at time 0), so "
+            "--timed kept no pace; give it one with --rate IOPS",
+            file=sys.stderr,
+        )
     tracked = None if session is None else session.bitmap.tracking_count
     report = {
         "lun": os.fspath(path),
         "lun_size": lun.size,
-        "workload": repr(source),
+        "workload": str(source),
         "session": not args.no_session,
         "granularity": None if args.no_session else args.granularity,
-        "timed": args.timed,
-        "speed": args.speed if args.timed else None,
+        "timed": timed,
+        "rate": args.rate,
+        "speed": args.speed if timed else None,
         "writes": done.writes,
         "bytes_written": done.bytes_written,
         "reads": done.reads,
@@ -435,10 +467,10 @@ def _replay(args: argparse.Namespace) -> int:
         if args.no_session
         else f"through a session at {size_label(args.granularity)} granularity"
     )
-    pace = f", timed at {args.speed:g}x" if args.timed else ""
+    pace = f", timed at {args.speed:g}x" if timed else ""
     rate = done.writes / done.seconds if done.seconds else float("inf")
     lines = [
-        f"replayed {source!r} onto {path} ({format_bytes(lun.size, long=True)}) {how}{pace}",
+        f"replayed {source} onto {path} ({format_bytes(lun.size, long=True)}) {how}{pace}",
         f"{done.writes} writes ({format_bytes(done.bytes_written, long=True)}), "
         f"{done.reads} reads in {done.seconds:.3f} s: {rate:,.0f} writes/s, "
         f"{format_bytes(done.bytes_written / done.seconds if done.seconds else 0, long=True)}/s",

@@ -1,8 +1,9 @@
 """``isc analyze``, ``isc replay`` and ``isc bench write-path``, run as a user runs them.
 
-Each test starts ``python -m isc.cli`` in a subprocess with small sizes and
-checks its exit status, its output (parsed back when it is JSON, CSV or a
-PNG) and, for user errors, that stderr holds one clear line and no traceback.
+Each test starts the installed ``isc`` command (the one beside this Python) in a
+subprocess with small sizes and seeded or hand-written traces, and checks its exit
+status, its output (parsed back when it is JSON, CSV or a PNG) and, for user errors,
+that stderr holds one clear line and no traceback.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import csv
 import io
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,20 +22,23 @@ import pytest
 
 from isc import DeltaBitmap, MemoryLUN
 from isc.analysis import analyze
-from isc.workload import IOBatch, read_msr, replay, uniform
+from isc.workload import IOBatch, read_msr, read_trace, replay, uniform
 
 ROOT = Path(__file__).resolve().parent.parent
 PNG = b"\x89PNG\r\n\x1a\n"
 TIMEOUT = 120
+_INSTALLED = shutil.which("isc", path=str(Path(sys.executable).parent))
+ISC = [_INSTALLED] if _INSTALLED else [sys.executable, "-m", "isc.cli"]
+"""The ``isc`` installed beside this Python (the venv's), else the package run as a module."""
 
 
 def isc(*args: str, cwd: Path, prelude: str | None = None) -> subprocess.CompletedProcess:
-    """Run ``isc ARGS`` (``python -m isc.cli``), or ``prelude`` then ``isc.cli.main(ARGS)``."""
+    """Run ``isc ARGS``, or ``prelude`` then ``isc.cli.main(ARGS)`` in a fresh Python."""
     env = dict(
         os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
     )
     if prelude is None:
-        command = [sys.executable, "-m", "isc.cli", *args]
+        command = [*ISC, *args]
     else:
         code = f"{prelude}\nimport sys\nfrom isc.cli import main\nsys.exit(main(sys.argv[1:]))"
         command = [sys.executable, "-c", code, *args]
@@ -165,17 +171,17 @@ def test_analyze_bad_arguments_exit_2_with_one_line(tmp_path, args, phrase):
 
 def test_analyze_trace_argument_errors(tmp_path):
     assert_user_error(isc("analyze", cwd=tmp_path), 2, "one of the arguments --trace --generate")
-    no_format = isc("analyze", "--trace", "t.csv", cwd=tmp_path)
-    assert_user_error(no_format, 2, "--trace needs --format")
-    mixed = isc("analyze", "--trace", "t.csv", "--format", "msr", "--rate", "5", cwd=tmp_path)
-    assert_user_error(mixed, 2, "--rate apply to --generate only")
+    mixed = isc("analyze", "--trace", "t.csv", "--format", "msr", "--seed", "5", cwd=tmp_path)
+    assert_user_error(mixed, 2, "--seed applies to --generate only")
+    two = isc("analyze", "--trace", "t.csv", "--count", "5", "--io-size", "4K", cwd=tmp_path)
+    assert_user_error(two, 2, "--count, --io-size apply to --generate only")
     missing = isc("analyze", "--trace", "none.csv", "--format", "msr", cwd=tmp_path)
     assert_user_error(missing, 1, "isc analyze: error:", "No such file", "none.csv")
 
 
 def test_analyze_runtime_errors_exit_1_with_one_line(tmp_path):
     short = isc("analyze", *GENERATED, "--interval", "3600", cwd=tmp_path)
-    assert_user_error(short, 1, "less than the update interval", "use a shorter interval")
+    assert_user_error(short, 1, "less than the update interval", "use an interval of at most")
     reads = isc("analyze", *GENERATED, "--write-fraction", "0", cwd=tmp_path)
     assert_user_error(reads, 1, "no writes")
 
@@ -248,6 +254,184 @@ def test_replay_refuses_a_volume_larger_than_the_lun(tmp_path):
     (tmp_path / "v.img").write_bytes(bytes(1 << 20))
     done = isc("replay", *GENERATED, "--lun", "v.img", cwd=tmp_path)
     assert_user_error(done, 1, "isc replay: error:", "larger than the LUN")
+
+
+# -- traces: their format told by their content, a pace for those without timestamps ---------
+
+WRITES = 200  # the sample traces: a 4 KiB write every 10 ms, cycling over 1 MiB
+
+
+def trace_files(tmp_path: Path) -> dict[str, Path]:
+    """The same writes as an MSR Cambridge trace, blkparse output and a fio version 3 iolog,
+    under names that say nothing of their format."""
+    offsets = [(i * 40960) % (1 << 20) for i in range(WRITES)]
+    texts = {
+        "msr": msr_lines(WRITES),
+        "blkparse": [
+            f"  8,0    1 {i + 1:8d} {i // 100:5d}.{(i % 100) * 10_000_000:09d}  4162  Q   W "
+            f"{offset // 512} + 8 [dd]"
+            for i, offset in enumerate(offsets)
+        ],
+        "fio": ["fio version 3 iolog", "0 /dev/sdb add"]
+        + [f"{i * 10_000} /dev/sdb write {offset} 4096" for i, offset in enumerate(offsets)],
+    }
+    paths = {}
+    for number, (fmt, lines) in enumerate(texts.items()):
+        paths[fmt] = tmp_path / f"trace{number}.txt"
+        paths[fmt].write_text("\n".join(lines) + "\n")
+    return paths
+
+
+def figures(data: dict) -> list[tuple]:
+    return [
+        (r["granularity"], r["updates"], r["bytes_transferred"], r["isc"]["bytes"])
+        for r in data["results"]
+    ]
+
+
+def test_analyze_tells_each_trace_format_from_its_content(tmp_path):
+    paths = trace_files(tmp_path)
+    seen = []
+    for fmt, path in paths.items():
+        done = isc("analyze", "--trace", path.name, "--interval", "0.5", "--json", cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        data = json.loads(done.stdout)
+        expected = analyze(read_trace(path, fmt), interval=0.5)
+        assert data["writes"] == WRITES
+        assert figures(data) == figures(json.loads(expected.to_json()))
+        assert data["workload"] == str(read_trace(path.name, fmt))
+        seen.append(figures(data))
+    assert seen[0] == seen[1] == seen[2]  # the same writes, whatever the format
+
+
+def test_a_wrong_format_says_what_the_trace_looks_like(tmp_path):
+    paths = trace_files(tmp_path)
+    for command in ("analyze", "replay --lun v.img"):
+        done = isc(
+            *command.split(), "--trace", paths["msr"].name, "--format", "blkparse", cwd=tmp_path
+        )
+        assert_user_error(
+            done,
+            1,
+            f"isc {command.split()[0]}: error: {paths['msr'].name}:1:",
+            "read as format 'blkparse'",
+            "looks like an MSR Cambridge trace (7 comma-separated fields)",
+            "use format 'msr'",
+        )
+        assert "no I/O" not in done.stderr
+    assert not (tmp_path / "v.img").exists()
+    fio = isc("analyze", "--trace", paths["fio"].name, "--format", "msr", cwd=tmp_path)
+    assert_user_error(fio, 1, "looks like a fio iolog", "use format 'fio'")
+    (tmp_path / "notes.txt").write_text("measured on Tuesday\n")
+    unknown = isc("analyze", "--trace", "notes.txt", cwd=tmp_path)
+    assert_user_error(
+        unknown, 1, "notes.txt:1: cannot tell the trace format", "'measured on Tuesday'"
+    )
+
+
+def untimed_fio(path: Path) -> Path:
+    """A fio version 2 iolog: no timestamps, and no wait lines to stand in for them."""
+    lines = ["fio version 2 iolog", "/dev/sdb add", "/dev/sdb open"]
+    lines += [f"/dev/sdb write {(i * 40960) % (1 << 20)} 4096" for i in range(WRITES)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_a_trace_without_timestamps_runs_at_the_rate_given(tmp_path):
+    untimed_fio(tmp_path / "job.log")
+    refused = isc("analyze", "--trace", "job.log", cwd=tmp_path)
+    assert_user_error(refused, 1, f"all {WRITES} I/Os", "at time 0", "--rate IOPS")
+    assert "interval" not in refused.stderr.split(":")[-1]
+    # 200 writes at 100 I/Os/s span 1.99 s: updates at 0.5, 1.0 and 1.5 s.
+    paced = isc(
+        "analyze",
+        "--trace",
+        "job.log",
+        "--rate",
+        "100",
+        "--interval",
+        "0.5",
+        "--json",
+        cwd=tmp_path,
+    )
+    assert paced.returncode == 0, paced.stderr
+    data = json.loads(paced.stdout)
+    assert data["workload"] == "fio iolog job.log at 100 I/Os/s"
+    assert data["duration"] == pytest.approx(1.99)
+    assert {row["updates"] for row in data["results"]} == {3}
+    # replay keeps the pace a rate gives: the last of 200 writes at 2000/s is due at 99.5 ms.
+    replayed = isc(
+        "replay",
+        "--trace",
+        "job.log",
+        "--rate",
+        "2000",
+        "--lun",
+        "v.img",
+        "--json",
+        cwd=tmp_path,
+    )
+    assert replayed.returncode == 0, replayed.stderr
+    report = json.loads(replayed.stdout)
+    assert report["timed"] is True and report["rate"] == 2000
+    assert report["writes"] == WRITES and report["seconds"] >= (WRITES - 1) / 2000
+    # --timed alone keeps no pace on such a trace, and says how to give it one.
+    timed = isc("replay", "--trace", "job.log", "--timed", "--lun", "v.img", cwd=tmp_path)
+    assert timed.returncode == 0, timed.stderr
+    assert "job.log has no timestamps" in timed.stderr and "--rate IOPS" in timed.stderr
+
+
+def test_a_trace_shorter_than_the_interval_is_told_an_interval_that_fits(tmp_path):
+    (tmp_path / "t.csv").write_text("\n".join(msr_lines(WRITES)) + "\n")
+    done = isc("analyze", "--trace", "t.csv", cwd=tmp_path)  # 1.99 s against 60 s
+    assert_user_error(done, 1, "lasts 1.99 s", "use an interval of at most 1.99 s")
+    fits = isc("analyze", "--trace", "t.csv", "--interval", "1.99", "--json", cwd=tmp_path)
+    assert fits.returncode == 0, fits.stderr
+    assert {row["updates"] for row in json.loads(fits.stdout)["results"]} == {1}
+
+
+# -- what the reports say --------------------------------------------------------------------
+
+
+def test_the_table_states_the_rule_the_tie_and_a_legend_line_per_column(tmp_path):
+    done = isc("analyze", *GENERATED, "--interval", "1", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    header = next(line for line in lines if line.startswith("gran "))
+    columns = re.split(r"\s{2,}", header.strip())
+    legend = lines[lines.index("columns (bytes: B, K = KiB, M = MiB, G = GiB):") + 1 :]
+    for column in columns:
+        assert any(re.match(rf"  {re.escape(column)}\s{{2,}}\S", line) for line in legend), column
+    # 4 KiB-aligned 4 KiB writes cost the same at 2K and 4K: the larger wins, and says so.
+    assert "recommended granularity: 4K (cost " in done.stdout
+    assert any(line.startswith("rule: the least cost") for line in lines)
+    assert "tie: 2K costs the same; the larger granularity wins" in lines
+    assert not any(line.startswith("warning:") for line in lines)
+
+
+def test_a_recommendation_on_fewer_than_three_updates_is_flagged(tmp_path):
+    done = isc("analyze", *GENERATED, "--interval", "1.5", "--json", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    (warning,) = json.loads(done.stdout)["warnings"]
+    assert warning.startswith("the recommendation rests on 2 updates (fewer than 3)")
+    table = isc("analyze", *GENERATED, "--interval", "1.5", cwd=tmp_path)
+    assert f"warning: {warning}" in table.stdout.splitlines()
+
+
+def test_reports_name_the_workload_in_words(tmp_path):
+    words = "uniform workload: 3000 I/Os on 4.00 MiB at 1000 I/Os/s, seed 3"
+    table = isc("analyze", *GENERATED, "--interval", "1", cwd=tmp_path)
+    assert table.stdout.startswith(f"workload: {words}\n")
+    data = isc("analyze", *GENERATED, "--interval", "1", "--json", cwd=tmp_path)
+    assert json.loads(data.stdout)["workload"] == words
+    replayed = isc("replay", *GENERATED, "--lun", "v.img", cwd=tmp_path)
+    assert replayed.stdout.startswith(f"replayed {words} onto v.img")
+    (tmp_path / "t.csv").write_text("\n".join(msr_lines(50)) + "\n")
+    report = isc("replay", "--trace", "t.csv", "--lun", "w.img", "--json", cwd=tmp_path)
+    assert json.loads(report.stdout)["workload"] == "MSR Cambridge trace t.csv"
+    for done in (table, data, replayed, report):
+        assert done.returncode == 0, done.stderr
+        assert not re.search(r"<\w+|Workload|Reader", done.stdout), done.stdout
 
 
 # -- isc bench write-path ------------------------------------------------------------------
