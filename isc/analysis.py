@@ -409,8 +409,9 @@ class Analysis:
             f"rule: {self.rule}",
         ]
         if self.ties:
-            labels = " and ".join(size_label(g) for g in self.ties)
-            verb = "costs" if len(self.ties) == 1 else "cost"
+            *others, last = map(size_label, self.ties)
+            labels = f"{', '.join(others)} and {last}" if others else last
+            verb = "cost" if others else "costs"
             lines.append(f"tie: {labels} {verb} the same; the larger granularity wins")
         lines += [f"warning: {sentence}" for sentence in self.warnings()]
         lines += [f"advice: {sentence}" for sentence in self.advice()]

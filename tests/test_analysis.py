@@ -544,6 +544,11 @@ def test_the_recommendation_states_its_rule_and_tie_break_in_the_table_and_json(
     data = json.loads(tied.to_json())
     assert data["rule"] == tied.rule and data["recommended"] == 4 * K
     assert data["ties"] == [2 * K]
+    # Aligned 16 KiB writes cost the same at every granularity up to 16K.
+    aligned = sequential(1 << 20, 100, io_size=16 * K, rate=20)
+    many = analyze(aligned, [2 * K, 4 * K, 8 * K, 16 * K], interval=1, cofw_weight=0)
+    assert many.recommended == 16 * K and many.ties == (2 * K, 4 * K, 8 * K)
+    assert "tie: 2K, 4K and 8K cost the same; the larger granularity wins" in many.table()
     untied = analyze(workload, [2 * K, 8 * K], interval=2, bandwidth=1 << 20, cofw_weight=0)
     assert "costs the same" not in untied.table()
     assert f"rule: {untied.rule}" in untied.table()
