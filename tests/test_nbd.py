@@ -520,14 +520,16 @@ def test_nbdinfo_reads_the_export(serve):
     server = serve(MemoryLUN(SIZE))
     info = json.loads(run(tool("nbdinfo"), "--json", server.uri).stdout)
     assert info["protocol"] == "newstyle-fixed"
-    assert info["structured"] is False  # refused: the server sends simple replies only
+    assert info["structured"] is True
     (export,) = info["exports"]
     assert export["export-name"] == "disk"
     assert export["export-size"] == SIZE
     assert export["is_read_only"] is False
     assert export["can_flush"] is export["can_fua"] is export["can_zero"] is True
-    assert export["can_multi_conn"] is True
-    assert export["can_trim"] is export["can_df"] is export["can_cache"] is False
+    assert export["can_multi_conn"] is export["can_df"] is export["can_cache"] is True
+    assert export["can_fast_zero"] is True  # offered, and refused fast: memory cannot trim
+    assert export["can_trim"] is False  # a MemoryLUN frees no space
+    assert export["contexts"] == ["base:allocation"]
     assert export["block_size_maximum"] == MAX_BLOCK
     listed = json.loads(run(tool("nbdinfo"), "--list", "--json", server.uri).stdout)
     assert [e["export-name"] for e in listed["exports"]] == ["disk"]
@@ -669,10 +671,10 @@ class FailingLUN(MemoryLUN):
             raise OSError(errno.EDQUOT, "quota exceeded")
         super().write(offset, data)
 
-    def read(self, offset, length):
+    def readinto(self, offset, buffer):
         if offset == 0:
             raise RuntimeError("broken")
-        return super().read(offset, length)
+        super().readinto(offset, buffer)
 
 
 def test_lun_failures_reach_the_client_as_errors(serve):
@@ -812,7 +814,7 @@ def test_options_are_answered_as_the_spec_says(serve):
     server = serve(MemoryLUN(MIB))
     with raw(server) as client:
         assert client.greet() == FIXED_NEWSTYLE | NO_ZEROES
-        for unsupported in (OPT_STRUCTURED_REPLY, OPT_STARTTLS, 12345):
+        for unsupported in (OPT_STARTTLS, 12345):
             assert [r for r, _ in client.option(unsupported)] == [REP_ERR_UNSUP]
         assert client.option(OPT_LIST, b"x")[0][0] == REP_ERR_INVALID
         assert client.option(OPT_LIST) == [(REP_SERVER, b"\0\0\0\x04disk"), (REP_ACK, b"")]

@@ -13,8 +13,10 @@ whose tool is missing is skipped, naming it.
 
 from __future__ import annotations
 
+import os
 import random
 import socket
+import stat
 import struct
 import subprocess
 import sys
@@ -454,11 +456,11 @@ class CountingLUN(MemoryLUN):
         self.reads = 0
         self.changed = threading.Condition()
 
-    def read(self, offset: int, length: int) -> bytes:
+    def readinto(self, offset: int, buffer) -> None:
         with self.changed:
             self.reads += 1
             self.changed.notify_all()
-        return super().read(offset, length)
+        super().readinto(offset, buffer)
 
     def wait_reads(self, count: int) -> None:
         with self.changed:
@@ -532,3 +534,18 @@ def test_serve_takes_max_clients(tmp_path):
                 assert Raw(second).dropped()
         served.stop()
     assert "1 clients are connected, the most it serves" in (tmp_path / "serve.log").read_text()
+
+
+def test_a_unix_socket_export_is_reachable_by_its_user_alone(tmp_path):
+    with NBDServer(MemoryLUN(MIB), name="disk") as server:
+        server.start_unix(tmp_path / "isc.sock")
+        assert stat.S_IMODE(os.stat(tmp_path / "isc.sock").st_mode) == 0o600
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with (
+        NBDServer(MemoryLUN(MIB), name="disk") as server,
+        pytest.raises(ParameterError, match="writable by you alone"),
+    ):
+        server.start_unix(shared / "isc.sock")
+    assert not (shared / "isc.sock").exists()

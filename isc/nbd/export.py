@@ -1,25 +1,88 @@
-"""What an NBD export serves: :class:`SessionLUN`, a session's source with tracked writes.
+"""What an NBD export serves: its data, the commands it takes and its metadata contexts.
 
-Exporting a :class:`SessionLUN` through :class:`~isc.nbd.NBDServer` makes the
-writes of any NBD client host writes of the session: they set tracking bits
-and, while the session is marked, save COFW data first.
+The server (:mod:`isc.nbd.server`) checks each request against the protocol
+and the export's transmission flags, then calls the export here, in a
+worker thread. An :class:`NBDServer` of a LUN offers one export; of a
+:class:`SessionLUN`, two:
+
+================  ==========================================================================
+export            what it serves
+================  ==========================================================================
+``NAME``          the LUN (:class:`LUNExport`). Over a :class:`SessionLUN` every WRITE,
+                  WRITE_ZEROES and TRIM is a host write of the session: tracked, and
+                  saved first (COFW) while the session is marked
+``NAME@frozen``   only while the session is marked (:class:`FrozenExport`, pull mode):
+                  the image at the mark, read as the copy job reads it
+                  (:meth:`~isc.session.Session.read_frozen`); writes are refused, and a
+                  TRIM means "this range is sent": the transfer bits of the whole chunks
+                  in it clear and their saved data is freed, as a push copy's confirm does
+================  ==========================================================================
+
+Metadata contexts (``NBD_CMD_BLOCK_STATUS``), in context id order:
+
+==============================  ===============================================================
+``base:allocation``             ``STATE_HOLE | STATE_ZERO`` where the source is known to be a
+                                hole (``data_extents``: ``SEEK_DATA``/``SEEK_HOLE`` on a
+                                file), else 0 ("data", also wherever it cannot tell); on the
+                                frozen export per chunk, a saved chunk counting as data
+``qemu:dirty-bitmap:SESSION``   QEMU's semantics: ``STATE_DIRTY`` for every chunk set in the
+                                tracking bitmap (``NAME``) or in the transfer bitmap of the
+                                mark (``NAME@frozen``), 0 elsewhere; extents end on chunk
+                                boundaries or at the end of the query, never past it
+==============================  ===============================================================
+
+A reply holds at most :data:`MAX_EXTENTS` extents per context; a client asks
+again from where it ends. Costs: a bitmap context reads the bitmap whole
+(``DeltaBitmap.to_bytes``, a copy of O(chunks) bytes) once after each change,
+then O(chunks queried) per query; ``base:allocation`` costs two ``lseek`` per
+data extent of a file. A frozen export connection serves the mark that was
+current when it entered transmission: once that mark ends (unmark, an abort,
+a new mark) its requests fail with EIO, never reading another point in time.
 """
 
 from __future__ import annotations
 
+import functools
+import threading
+from collections.abc import Callable
 from typing import Any
 
-from isc.lun import BytesLike, _BaseLUN
+import numpy as np
+
+from isc._layout import unpack
+from isc.errors import StateError
+from isc.lun import BytesLike, _BaseLUN, _zero_fill
+from isc.nbd import proto
+from isc.nbd.proto import TransmissionFlag
+
+MAX_EXTENTS = 1 << 16
+"""The most extents one block status reply carries per context (512 KiB of descriptors)."""
+
+FROZEN_SUFFIX = "@frozen"
+"""What the frozen export's name adds to the live export's."""
+
+_PROBE = 256 << 20  # bytes of a LUN asked for its data extents at a time
+_ALLOCATION = "base:allocation"
 
 
+class Unavailable(Exception):
+    """The export cannot be served now; the message says why and what to do."""
+
+
+class NotFast(Exception):
+    """A WRITE_ZEROES with ``FAST_ZERO`` would be no faster than writing zeros."""
+
+
+# -- exporting a session ---------------------------------------------------------------------
 class SessionLUN(_BaseLUN):
     """The LUN interface over a session: writes are the session's tracked host writes.
 
-    Reads, ``readinto`` and ``flush`` go to ``session.source``; :meth:`write` is
-    ``session.write``, so exporting a ``SessionLUN`` through :class:`NBDServer`
-    makes every NBD WRITE a host write that sets tracking bits (and saves
-    COFW data while the session is marked). :meth:`close` closes neither the
-    session nor its source.
+    Reads, ``readinto``, ``data_extents`` and ``flush`` go to ``session.source``;
+    :meth:`write` is ``session.write`` and :meth:`write_zeroes` a host write
+    too, so exporting a ``SessionLUN`` through :class:`~isc.nbd.NBDServer`
+    makes every NBD WRITE, WRITE_ZEROES and TRIM a host write that sets
+    tracking bits (and saves COFW data while the session is marked).
+    :meth:`close` closes neither the session nor its source.
     """
 
     def __init__(self, session: Any) -> None:
@@ -50,10 +113,48 @@ class SessionLUN(_BaseLUN):
         self._check()
         self.session.source.readinto(offset, buffer)
 
+    def data_extents(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """The source's data extents (:mod:`isc.lun`); all of the range where it cannot tell."""
+        self._check()
+        extents = getattr(self.session.source, "data_extents", None)
+        if extents is None:
+            if offset < 0 or length < 0 or offset + length > self.size:
+                raise self._range_error(offset, length)
+            return [(offset, length)] if length else []
+        return extents(offset, length)
+
     def write(self, offset: int, data: BytesLike) -> None:
         """A host write through the session (tracked); ``RangeError`` outside the source."""
         self._check()
         self.session.write(offset, data)
+
+    @property
+    def frees_space(self) -> bool:
+        """Whether :meth:`write_zeroes` frees the source's storage (it has ``write_zeroes``)."""
+        return callable(getattr(self.session.source, "write_zeroes", None))
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        """Host writes of zeros over ``[offset, offset + length)``, :data:`isc.lun.ZERO_PIECE`
+        bytes each: tracked and COFW-protected as any host write, each punching a hole
+        in the source where it can (``write_zeroes``), else writing zeros.
+
+        Raises ``RangeError`` outside the source before anything changes, and
+        the source's errors.
+        """
+        self._check()
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise self._range_error(offset, length)
+        session = self.session
+        zeroes = getattr(session.source, "write_zeroes", None)
+        if zeroes is None:
+            _zero_fill(session.write, offset, length)
+            return
+        # The session's write path with the source's write_zeroes as its write.
+        # Session.write is that path with source.write; it offers no other.
+        punch = functools.partial(
+            session.bitmap.write_through, lambda at, data: zeroes(at, len(data)), session._save
+        )
+        _zero_fill(punch, offset, length)
 
     def flush(self) -> None:
         """Flush the source; ``StateError`` when this adapter is closed."""
@@ -63,3 +164,368 @@ class SessionLUN(_BaseLUN):
     def close(self) -> None:
         """Close this adapter only; later I/O raises ``StateError``. Idempotent."""
         self._open = False
+
+
+def _frees_space(lun: Any) -> bool:
+    """Whether ``lun`` zeroes a range without writing data."""
+    if isinstance(lun, SessionLUN):
+        return lun.frees_space
+    return callable(getattr(lun, "write_zeroes", None))
+
+
+# -- extents ---------------------------------------------------------------------------------
+def _runs(
+    bits: np.ndarray, first: int, granularity: int, offset: int, end: int, limit: int
+) -> np.ndarray:
+    """Extents of ``[offset, end)`` from one bit per chunk from chunk ``first`` on.
+
+    Rows of (length, bit), one per run of equal bits, each ending on a chunk
+    boundary or at ``end``; at most ``limit`` rows.
+    """
+    starts = np.concatenate(([0], np.flatnonzero(np.diff(bits))[:limit] + 1))
+    edges = (first + starts) * granularity
+    edges[0] = offset
+    ends = np.append(edges[1:], end)[:limit]
+    return np.column_stack((ends - edges[:limit], bits[starts[:limit]])).astype(np.uint32)
+
+
+def _chunk_bits(words: np.ndarray, first: int, last: int) -> np.ndarray:
+    """Bits ``[first, last)`` of little-endian uint64 ``words`` (the core's layout), as uint8."""
+    raw = np.frombuffer(words, np.uint8)[first // 8 : (last + 7) // 8]
+    return np.unpackbits(raw, bitorder="little")[first % 8 : first % 8 + last - first]
+
+
+def _merge(extents: list[tuple[int, int]], limit: int) -> np.ndarray:
+    """(length, flags) rows with neighbours of equal flags joined; at most ``limit`` rows."""
+    merged: list[list[int]] = []
+    for length, flags in extents:
+        if merged and merged[-1][1] == flags:
+            merged[-1][0] += length
+        elif len(merged) == limit:
+            break
+        else:
+            merged.append([length, flags])
+    return np.array(merged, dtype=np.uint32).reshape(-1, 2)
+
+
+def _allocation(
+    data_extents: Callable[[int, int], list[tuple[int, int]]], offset: int, end: int, limit: int
+) -> np.ndarray:
+    """``base:allocation`` of ``[offset, end)`` from a LUN's ``data_extents``."""
+    hole = proto.STATE_HOLE | proto.STATE_ZERO
+    extents: list[tuple[int, int]] = []
+    at = offset
+    while at < end and len(extents) <= limit:
+        stop = min(end, at + _PROBE)
+        for start, length in data_extents(at, stop - at):
+            if start > at:
+                extents.append((start - at, hole))
+            extents.append((length, 0))
+            at = start + length
+        if at < stop:
+            extents.append((stop - at, hole))
+            at = stop
+    return _merge(extents, limit)
+
+
+def match_contexts(contexts: tuple[str, ...], queries: list[bytes], *, listing: bool) -> list[int]:
+    """The indexes of ``contexts`` that ``queries`` choose, by QEMU's rules.
+
+    An exact name chooses its context. Listing (``NBD_OPT_LIST_META_CONTEXT``),
+    no query at all chooses every context, and a namespace alone (``base:``,
+    ``qemu:``) or ``qemu:dirty-bitmap:`` chooses every context in it; when
+    selecting, these choose nothing. Any other query chooses nothing.
+    """
+    if listing and not queries:
+        return list(range(len(contexts)))
+    chosen: set[int] = set()
+    for raw in queries:
+        query = raw.decode(errors="replace")
+        for index, name in enumerate(contexts):
+            wildcard = query in ("base:", "qemu:", "qemu:dirty-bitmap:")
+            if query == name or (listing and wildcard and name.startswith(query)):
+                chosen.add(index)
+    return sorted(chosen)
+
+
+class _Snapshot:
+    """A delta bitmap's words, read again only once the bitmap changed.
+
+    A host write bumps ``writes``; a mark, unmark, confirm or clear moves the
+    generation, the marked flag or a count. ``get`` reads that key before the
+    bitmap, so a change after the key was read also shows in the next key.
+    """
+
+    def __init__(self, bitmap: Any) -> None:
+        self._bitmap = bitmap
+        self._lock = threading.Lock()
+        self._key: tuple[int, ...] | None = None
+        self._state: Any = None
+
+    def get(self) -> Any:
+        """The bitmap's state (``isc._layout.State``: words as bytes) as of this call or later."""
+        b = self._bitmap
+        key = (b.generation, b.marked, b.writes, b.tracking_count, b.transfer_count, b.saved_count)
+        with self._lock:
+            if key != self._key:
+                self._state = unpack(b.to_bytes())
+                self._key = key
+            return self._state
+
+
+# -- the exports -------------------------------------------------------------------------------
+class LUNExport:
+    """A LUN as an export; over a :class:`SessionLUN`, with the tracking bitmap's context.
+
+    ``writable`` is False for a read-only export, which advertises
+    ``NBD_FLAG_READ_ONLY``. TRIM and fast zeroing are offered when the LUN
+    frees space (``write_zeroes``). The export is its own per-connection view
+    (:meth:`attach`): it holds no state of a client.
+    """
+
+    def __init__(self, lun: Any, name: str, readonly: bool) -> None:
+        self.lun = lun
+        self.name = name
+        self.size = lun.size
+        self.writable = not readonly
+        self._frees = _frees_space(lun)
+        session = lun.session if isinstance(lun, SessionLUN) else None
+        self.granularity = session.granularity if session is not None else 0
+        self._bitmap = _Snapshot(session.bitmap) if session is not None else None
+        self.contexts: tuple[str, ...] = (_ALLOCATION,)
+        """The metadata contexts it offers; context id = index + 1."""
+        if session is not None:
+            self.contexts += (f"qemu:dirty-bitmap:{session.name}",)
+
+    def __repr__(self) -> str:
+        return f"<LUNExport {self.name!r} of {self.lun!r}>"
+
+    def flags(self, structured: bool) -> TransmissionFlag:
+        """The transmission flags for a client; ``structured``: it has structured replies."""
+        flags = TransmissionFlag.HAS_FLAGS | TransmissionFlag.SEND_FLUSH
+        flags |= TransmissionFlag.CAN_MULTI_CONN | TransmissionFlag.SEND_CACHE
+        if not self.writable:
+            flags |= TransmissionFlag.READ_ONLY
+        else:
+            flags |= TransmissionFlag.SEND_FUA | TransmissionFlag.SEND_WRITE_ZEROES
+            flags |= TransmissionFlag.SEND_FAST_ZERO
+            if self._frees:
+                flags |= TransmissionFlag.SEND_TRIM
+        if structured:
+            flags |= TransmissionFlag.SEND_DF
+        return flags
+
+    def unavailable(self) -> str | None:
+        """Why a client cannot use the export now (never, for a LUN)."""
+        return None
+
+    def attach(self) -> LUNExport:
+        """The view a connection serves."""
+        return self
+
+    # -- requests (in worker threads) --------------------------------------------------------
+    def data_extents(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """The ranges of ``[offset, offset + length)`` that may hold data; the rest reads zero."""
+        extents = getattr(self.lun, "data_extents", None)
+        return [(offset, length)] if extents is None else extents(offset, length)
+
+    def readinto(self, offset: int, view: memoryview) -> None:
+        self.lun.readinto(offset, view)
+
+    def write(self, offset: int, data: BytesLike) -> None:
+        self.lun.write(offset, data)
+
+    def write_zeroes(self, offset: int, length: int, *, may_trim: bool, fast: bool) -> None:
+        """Zero the range: freeing space when ``may_trim`` and the LUN can, else writing
+        zeros. ``fast``: raise :class:`NotFast`, changing nothing, unless it frees space."""
+        if may_trim and self._frees:
+            self.lun.write_zeroes(offset, length)
+        elif fast:
+            raise NotFast(
+                "zeroing without a hole (NO_HOLE) or on a LUN that cannot free space "
+                "writes zeros: no faster than a WRITE"
+            )
+        else:
+            _zero_fill(self.lun.write, offset, length)
+
+    def trim(self, offset: int, length: int) -> None:
+        """Free the range (it reads as zeros after)."""
+        self.lun.write_zeroes(offset, length)
+
+    def flush(self) -> None:
+        self.lun.flush()
+
+    def block_status(self, context: int, offset: int, length: int, limit: int) -> np.ndarray:
+        """Context ``context``'s extents of ``[offset, offset + length)``: (length, flags) rows."""
+        end = offset + length
+        if context == 0:
+            return _allocation(self.data_extents, offset, end, limit)
+        assert self._bitmap is not None
+        g = self.granularity
+        first, last = offset // g, -(-end // g)
+        bits = _chunk_bits(self._bitmap.get().tracking, first, last)
+        return _runs(bits, first, g, offset, end, limit)
+
+
+class FrozenExport:
+    """``NAME@frozen``: the image at the mark of a marked session, for pull backups.
+
+    Each connection is served by a view bound to the mark current when it
+    entered transmission (:meth:`attach`). Not writable; TRIM confirms chunks
+    as sent (:meth:`~isc.session.Session.confirm_sent`). ``confirmed_chunks``
+    counts the transfer bits those TRIMs cleared, ``bytes_read`` what clients
+    read, over every mark.
+    """
+
+    writable = False
+
+    def __init__(self, lun: SessionLUN, name: str) -> None:
+        self.session = lun.session
+        self.name = name + FROZEN_SUFFIX
+        self.size = lun.size
+        self.granularity = self.session.granularity
+        self.contexts = (_ALLOCATION, f"qemu:dirty-bitmap:{self.session.name}")
+        self.confirmed_chunks = 0
+        self.bytes_read = 0
+        self._bitmap = _Snapshot(self.session.bitmap)
+        self._count = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"<FrozenExport {self.name!r}>"
+
+    def flags(self, structured: bool) -> TransmissionFlag:
+        """HAS_FLAGS, SEND_TRIM, CAN_MULTI_CONN, SEND_CACHE (and SEND_DF with structured
+        replies). Not READ_ONLY, though writes are refused: clients refuse to TRIM an
+        export that says it is read-only."""
+        flags = TransmissionFlag.HAS_FLAGS | TransmissionFlag.SEND_TRIM
+        flags |= TransmissionFlag.CAN_MULTI_CONN | TransmissionFlag.SEND_CACHE
+        if structured:
+            flags |= TransmissionFlag.SEND_DF
+        return flags
+
+    def unavailable(self) -> str | None:
+        """Why a client cannot use the export now, or None while the session is marked."""
+        if self.session.bitmap.marked:
+            return None
+        return (
+            f"{self.name} is served only while session {self.session.name} is marked: "
+            "mark it first (the control port's mark, or isc mark)"
+        )
+
+    def attach(self) -> _FrozenView:
+        """A view of the current mark; :class:`Unavailable` when the session is unmarked."""
+        bitmap = self.session.bitmap
+        generation = bitmap.generation
+        if not bitmap.marked:
+            raise Unavailable(self.unavailable())
+        return _FrozenView(self, generation)
+
+    def _counted(self, confirmed: int = 0, read: int = 0) -> None:
+        with self._count:
+            self.confirmed_chunks += confirmed
+            self.bytes_read += read
+
+
+class _FrozenView:
+    """One connection's frozen export: mark ``generation``, or errors once it ended."""
+
+    writable = False
+
+    def __init__(self, export: FrozenExport, generation: int) -> None:
+        self.export = export
+        self.generation = generation
+        self.session = export.session
+        self.name, self.size, self.contexts = export.name, export.size, export.contexts
+        self.flags = export.flags
+
+    def _check(self) -> None:
+        """``StateError`` once the mark this view serves has ended."""
+        reason = self.session.mark_ended(self.generation)
+        if reason is not None:
+            raise StateError(
+                f"{self.name}: {reason}; what this connection read since may not be the "
+                "image at its mark: mark again and pull from a new connection"
+            )
+
+    def _data_chunks(self, first: int, last: int) -> np.ndarray:
+        """One bit per chunk of ``[first, last)``: 1 unless it is known to read as zeros at
+        the mark (a hole in the source now, and not saved since the mark)."""
+        g, session = self.export.granularity, self.session
+        data = np.zeros(last - first, np.uint8)
+        source = getattr(session.source, "data_extents", None)
+        if source is None:
+            data[:] = 1
+            return data
+        end = min(last * g, self.size)
+        for start, length in source(first * g, end - first * g):
+            data[start // g - first : -(-(start + length) // g) - first] = 1
+        if session.bitmap.saved_count:
+            data[session.bitmap.saved_in(first, last - first) - first] = 1
+        return data
+
+    def data_extents(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """The ranges of ``[offset, offset + length)`` that may hold data at the mark,
+        in whole chunks (clipped to the range)."""
+        if not length:
+            return []
+        g = self.export.granularity
+        first, last = offset // g, -(-(offset + length) // g)
+        runs = _runs(self._data_chunks(first, last), first, g, offset, offset + length, last)
+        extents, at = [], offset
+        for run, data in runs.tolist():
+            if data:
+                extents.append((at, run))
+            at += run
+        return extents
+
+    def readinto(self, offset: int, view: memoryview) -> None:
+        """The image at the mark (``read_frozen``); ``StateError`` once the mark ended."""
+        self._check()
+        g = self.export.granularity
+        start, end = offset // g * g, min(-(-(offset + len(view)) // g) * g, self.size)
+        if (start, end) == (offset, offset + len(view)):
+            self.session.read_frozen_into(offset, view)
+        else:
+            span = memoryview(bytearray(end - start))
+            self.session.read_frozen_into(start, span)
+            view[:] = span[offset - start : offset - start + len(view)]
+        # A mark that ended during the read may have let the source change
+        # under it before its saved data was laid over: refuse what was read.
+        self._check()
+        self.export._counted(read=len(view))
+
+    def trim(self, offset: int, length: int) -> None:
+        """The range is sent: clear the transfer bits of the whole chunks in it (the last,
+        short chunk of the source counts as whole) and free their saved data."""
+        g = self.export.granularity
+        end = offset + length
+        first = -(-offset // g)
+        count = (-(-end // g) if end == self.size else end // g) - first
+        if count <= 0:
+            self._check()
+            return
+        try:
+            cleared = self.session.confirm_sent(first, count, self.generation)
+        except StateError:
+            self._check()
+            raise
+        self.export._counted(confirmed=cleared)
+
+    def flush(self) -> None:
+        self._check()
+
+    def block_status(self, context: int, offset: int, length: int, limit: int) -> np.ndarray:
+        """Context ``context``'s extents: holes at the mark, or the transfer bitmap."""
+        self._check()
+        g = self.export.granularity
+        end = offset + length
+        first, last = offset // g, -(-end // g)
+        if context == 0:
+            hole = proto.STATE_HOLE | proto.STATE_ZERO
+            runs = _runs(self._data_chunks(first, last), first, g, offset, end, limit)
+            runs[:, 1] = np.where(runs[:, 1], 0, hole)
+            return runs
+        state = self.export._bitmap.get()
+        if not state.marked or state.generation != self.generation:
+            self._check()
+        return _runs(_chunk_bits(state.transfer, first, last), first, g, offset, end, limit)

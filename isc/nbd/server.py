@@ -1,28 +1,57 @@
-"""The NBD server: :class:`NBDServer` exports one LUN to any number of clients.
+"""The NBD server: :class:`NBDServer` exports a LUN to any number of clients.
 
-It serves from an asyncio event loop; LUN I/O runs in a thread pool so a
-slow request stalls no other client. It speaks the fixed newstyle handshake
-with ``NBD_FLAG_NO_ZEROES``; options ``NBD_OPT_GO`` and ``NBD_OPT_INFO``
-(information ``NBD_INFO_EXPORT``, ``NBD_INFO_NAME``, ``NBD_INFO_BLOCK_SIZE``),
-``NBD_OPT_EXPORT_NAME``, ``NBD_OPT_LIST``, ``NBD_OPT_ABORT`` and
-``NBD_OPT_STARTTLS`` (TLS, below), and answers every other option with
-``NBD_REP_ERR_UNSUP``; simple replies only; commands READ, WRITE (with the
-FUA flag), FLUSH, WRITE_ZEROES and DISC.
+It serves from an asyncio event loop; export I/O runs in a thread pool so a
+slow request stalls no other client. What each export serves (its data,
+commands and metadata contexts) is :mod:`isc.nbd.export`'s; here are the
+sockets, the handshake, the checks of every request and the limits.
 
-A request's payload is read whole before the LUN is touched, so a client
-that vanishes mid-request leaves no partial write; malformed requests get
-an error reply (or, when the stream cannot be resynchronised, a dropped
-connection) and never reach the LUN. Replies to one connection's requests
-may come out of order, as the spec allows.
+What it speaks
+--------------
+- the fixed newstyle handshake, with ``NBD_FLAG_NO_ZEROES``;
+- options ``NBD_OPT_GO`` and ``NBD_OPT_INFO`` (information ``NBD_INFO_EXPORT``,
+  ``NBD_INFO_NAME``, ``NBD_INFO_BLOCK_SIZE``), ``NBD_OPT_EXPORT_NAME``,
+  ``NBD_OPT_LIST``, ``NBD_OPT_ABORT``, ``NBD_OPT_STARTTLS`` (TLS, below),
+  ``NBD_OPT_STRUCTURED_REPLY``, ``NBD_OPT_LIST_META_CONTEXT`` and
+  ``NBD_OPT_SET_META_CONTEXT`` (QEMU's query rules: with no query LIST
+  lists every context, ``base:``, ``qemu:`` and ``qemu:dirty-bitmap:`` list
+  a namespace and select nothing, an exact name selects its context, other
+  queries are ignored; both need structured replies first, and a SET counts
+  only for the export the client then enters); every other option gets
+  ``NBD_REP_ERR_UNSUP``;
+- commands READ (``DF``), WRITE, FLUSH, TRIM, CACHE (a no-op), WRITE_ZEROES
+  (``NO_HOLE``, ``FAST_ZERO``; any length within the export), BLOCK_STATUS
+  (``REQ_ONE``) and DISC, FUA on every command when the export offers it;
+- with structured replies: READ as ``OFFSET_DATA`` chunks and, where the
+  export knows the range reads as zeros, ``OFFSET_HOLE`` chunks; errors as
+  ``ERROR`` chunks with a message; other successes as simple replies.
+
+Transmission flags are the export's (:mod:`isc.nbd.export`): only what is
+implemented is advertised. Request errors, per the spec: EINVAL for an
+unknown command, a flag not valid for the command or not advertised, a
+command not advertised, a READ or WRITE over :data:`MAX_BLOCK`, a read, trim,
+cache or block status past the end, a BLOCK_STATUS of length 0 or without
+a negotiated context, a FLUSH with a nonzero offset or length; ENOSPC for a
+write or zeroes past the end; EPERM for a write, zeroes or trim the export
+refuses; ENOTSUP for a FAST_ZERO that would not be fast; the export's own
+failures as EIO (or ENOSPC, EPERM ... when its ``OSError`` says so). All of
+these leave the connection usable. A WRITE longer than :data:`MAX_BLOCK` is
+answered EINVAL and the connection dropped, since its payload cannot be
+skipped cheaply; a bad request magic drops the connection.
+
+A request's payload is read whole before the export is touched, so a client
+that vanishes mid-request leaves no partial write; a reply is built whole
+before any of it is sent, so an error never follows data of the same reply.
+Replies to one connection's requests may come out of order, as the spec
+allows.
 
 Against clients that misbehave the server keeps limits: at most
 ``max_clients`` connections (:data:`MAX_CLIENTS`; one more is closed at
 once, with a log line), ``handshake_timeout`` seconds from connecting to
 transmission (:data:`HANDSHAKE_TIMEOUT`, TLS included), and per connection
-:data:`_CONNECTION_DATA` bytes of WRITE payloads and READ replies held at
-once: a client that reads no replies is no longer read from, while the
-others go on. The server's memory stays about twice ``max_clients`` times
-that.
+:data:`_CONNECTION_DATA` bytes of WRITE payloads, READ replies and block
+status replies held at once: a client that reads no replies is no longer
+read from, while the others go on. The server's memory stays about twice
+``max_clients`` times that.
 
 TLS (the spec's "TLS support"; credentials in :mod:`isc.tls`): the server's
 :class:`~isc.tls.ServerTLS` mode is nbdkit's: without one it answers
@@ -31,7 +60,9 @@ client choose; "require" (FORCEDTLS) answers every option before TLS but
 ``NBD_OPT_STARTTLS`` and ``NBD_OPT_ABORT`` with ``NBD_REP_ERR_TLS_REQD`` and
 drops a client that sends ``NBD_OPT_EXPORT_NAME`` or lacks fixed newstyle.
 With ``verify_peer`` a client needs a certificate signed by the server's
-CA. A failed handshake drops that client with a log line.
+CA. A failed handshake drops that client with a log line. Structured
+replies and metadata contexts negotiated before ``NBD_OPT_STARTTLS`` are
+forgotten, as the spec asks.
 """
 
 from __future__ import annotations
@@ -52,9 +83,19 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 from urllib.parse import quote
 
+from isc.control import _private_unix_socket
 from isc.errors import ParameterError, StateError
 from isc.lun import LUN
 from isc.nbd import proto
+from isc.nbd.export import (
+    MAX_EXTENTS,
+    FrozenExport,
+    LUNExport,
+    NotFast,
+    SessionLUN,
+    Unavailable,
+    match_contexts,
+)
 from isc.nbd.proto import MAX_BLOCK, NBD_PORT, TransmissionFlag
 from isc.tls import ServerTLS, describe
 
@@ -69,8 +110,9 @@ class _Violation(Exception):
 
 _SERVER_IN_FLIGHT = 16  # requests one connection may have in the thread pool at once
 _CONNECTION_DATA = MAX_BLOCK
-"""Bytes of WRITE payloads and READ replies one connection may hold in the server at once:
-one request of the largest size, or many smaller ones (nbdcopy keeps 16 MiB in flight)."""
+"""Bytes of WRITE payloads and READ and block status replies one connection may hold in
+the server at once: one request of the largest size, or many smaller ones (nbdcopy keeps
+16 MiB in flight)."""
 MAX_CLIENTS = 64
 """The connections an :class:`NBDServer` serves at once unless told otherwise; with
 :data:`_CONNECTION_DATA` it bounds the server's memory (about twice their product)."""
@@ -104,11 +146,20 @@ write itself (4 KiB writes at queue depth 8 ran at 16 000/s through the pool,
 _TLS_REQUIRED = b"TLS is required: start it with NBD_OPT_STARTTLS"
 _REPLY_BACKLOG = 64 << 10  # unsent reply bytes after which the loop waits for the client
 _STREAM_LIMIT = 4 << 20  # bytes a connection buffers before it stops reading the socket
-_ZERO_PIECE = 1 << 20  # bytes per LUN write of a WRITE_ZEROES
+_WRITES = (proto.CMD_WRITE, proto.CMD_WRITE_ZEROES, proto.CMD_TRIM)
+_PAST_THE_END = {proto.CMD_WRITE: errno.ENOSPC, proto.CMD_WRITE_ZEROES: errno.ENOSPC}
+_ADVERTISED = {
+    proto.CMD_FLUSH: TransmissionFlag.SEND_FLUSH,
+    proto.CMD_TRIM: TransmissionFlag.SEND_TRIM,
+    proto.CMD_CACHE: TransmissionFlag.SEND_CACHE,
+    proto.CMD_WRITE_ZEROES: TransmissionFlag.SEND_WRITE_ZEROES,
+}
 
 
 def _wire_error(exc: BaseException, writes: bool) -> int:
-    """The spec's error value for an exception a LUN raised."""
+    """The spec's error value for an exception an export raised."""
+    if isinstance(exc, NotFast):
+        return errno.ENOTSUP
     if isinstance(exc, StateError):
         return errno.EPERM if writes else errno.EIO
     if isinstance(exc, OSError):
@@ -123,36 +174,47 @@ def _wire_error(exc: BaseException, writes: bool) -> int:
     return errno.EIO
 
 
-class NBDServer:
-    """Exports one LUN over NBD to any number of clients.
+class _Client:
+    """What one connection negotiated."""
 
-    ``lun`` is any object with the LUN interface; every WRITE and
-    WRITE_ZEROES goes through ``lun.write`` (export a :class:`SessionLUN` to
-    make them tracked host writes) and FLUSH or FUA through ``lun.flush``.
+    def __init__(self, peer: object) -> None:
+        self.peer = peer
+        self.structured = False
+        self.meta: tuple[Any, list[int]] | None = None  # the last SET: its export, contexts
+        self.view: Any = None  # what transmission serves (an export's attach())
+        self.flags = TransmissionFlag.HAS_FLAGS
+        self.contexts: list[int] = []  # selected contexts of the view (id = index + 1)
+
+    def forget(self) -> None:
+        """TLS started: what was negotiated before it does not count (the spec)."""
+        self.structured = False
+        self.meta = None
+
+
+class NBDServer:
+    """Exports a LUN over NBD to any number of clients.
+
+    ``lun`` is any object with the LUN interface, exported as ``name`` (the
+    default export "" reaches it too; :class:`~isc.nbd.export.LUNExport`).
+    Every WRITE goes through ``lun.write``, WRITE_ZEROES and TRIM through
+    ``lun.write_zeroes`` where it has one (TRIM is offered only then) and
+    FLUSH or FUA through ``lun.flush``: export a :class:`SessionLUN` to make
+    them tracked host writes. A :class:`SessionLUN` is also exported as
+    ``name@frozen`` while its session is marked
+    (:class:`~isc.nbd.export.FrozenExport`, pull mode; :attr:`frozen`).
     ``readonly`` (also implied by a true ``lun.readonly``) advertises
-    ``NBD_FLAG_READ_ONLY`` and answers writes EPERM. ``name`` is the export
-    name; the default export "" reaches the LUN too. ``workers`` threads run
-    the LUN I/O of all clients but small WRITEs, which run on the server's
-    event loop thread in the order they arrive (:data:`_INLINE_WRITE`).
-    ``tls`` (:class:`~isc.tls.ServerTLS`) offers or requires TLS (the module
+    ``NBD_FLAG_READ_ONLY`` and answers writes EPERM. ``workers`` threads run
+    the I/O of all clients but small WRITEs, which run on the server's event
+    loop thread in the order they arrive (:data:`_INLINE_WRITE`). ``tls``
+    (:class:`~isc.tls.ServerTLS`) offers or requires TLS (the module
     docstring); without it the server speaks plaintext only.
 
     Serve with ``await serve(...)``/``serve_unix(...)`` in a running event
     loop, or from a background thread with :meth:`start`/:meth:`start_unix`;
     :meth:`close` ends either. A server serves once. Raises
     ``ParameterError`` for a name over 4096 UTF-8 bytes or holding NUL, or
-    for ``workers < 1``.
-
-    Transmission flags: HAS_FLAGS, SEND_FLUSH, CAN_MULTI_CONN (every
-    connection shares the one LUN, so a flush on any covers all), and either
-    SEND_FUA and SEND_WRITE_ZEROES or READ_ONLY. Request errors, per the
-    spec: EINVAL for an unknown command or flag, a read past the end, a
-    length over :data:`MAX_BLOCK`, or a FLUSH with a nonzero offset or
-    length; ENOSPC for a write past the end; EPERM for a write to a read-only
-    export; the LUN's own failures as EIO (or ENOSPC, EPERM ... when its
-    ``OSError`` says so). A WRITE longer than :data:`MAX_BLOCK` is answered
-    EINVAL and the connection dropped, since its payload cannot be skipped
-    cheaply; a bad request magic drops the connection.
+    for ``workers < 1``. The module docstring lists what it speaks and how
+    it answers bad requests.
     """
 
     def __init__(
@@ -186,20 +248,18 @@ class NBDServer:
         self.tls = tls
         """How clients get TLS (None: not at all)."""
         self.readonly = bool(readonly or getattr(lun, "readonly", False))
-        flags = TransmissionFlag.HAS_FLAGS | TransmissionFlag.SEND_FLUSH
-        flags |= TransmissionFlag.CAN_MULTI_CONN
-        if self.readonly:
-            flags |= TransmissionFlag.READ_ONLY
-        else:
-            flags |= TransmissionFlag.SEND_FUA | TransmissionFlag.SEND_WRITE_ZEROES
-        self.flags = flags
-        """The transmission flags every client gets."""
+        self.export = LUNExport(lun, name, self.readonly)
+        """The export of ``lun`` (:class:`~isc.nbd.export.LUNExport`)."""
+        self.frozen = FrozenExport(lun, name) if isinstance(lun, SessionLUN) else None
+        """The point-in-time export of a :class:`SessionLUN`'s session, else None."""
+        self._exports: dict[str, Any] = {"": self.export, name: self.export}
+        if self.frozen is not None:
+            self._exports[self.frozen.name] = self.frozen
         self.address: tuple[str, int] | str | None = None
         """``(host, port)`` or the Unix socket path once listening, else None."""
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=workers, thread_name_prefix="isc-nbd"
         )
-        self._zeroes = bytes(min(_ZERO_PIECE, lun.size))
         self._clients = itertools.count(1)
         self._connections: set[asyncio.Task[None]] = set()
         self._requests: set[asyncio.Task[None]] = set()
@@ -215,12 +275,22 @@ class NBDServer:
         return f"<NBDServer {self.name!r} of {self.lun!r}{where}>"
 
     @property
+    def flags(self) -> TransmissionFlag:
+        """The transmission flags of ``name`` for a client without structured replies."""
+        return self.export.flags(structured=False)
+
+    @property
     def uri(self) -> str:
         """An NBD URI that reaches the export; ``StateError`` before it listens."""
+        return self.uri_of(self.name)
+
+    def uri_of(self, export: str) -> str:
+        """An NBD URI that reaches export ``export`` of this server (``StateError`` before
+        it listens)."""
         address = self.address
         if address is None:
             raise StateError(f"{self!r} is not listening; start or serve it first")
-        name = quote(self.name, safe="")
+        name = quote(export, safe="")
         scheme = "nbds" if self.tls is not None and self.tls.required else "nbd"
         if isinstance(address, str):
             return f"{scheme}+unix:///{name}?socket={quote(address, safe='/')}"
@@ -242,14 +312,20 @@ class NBDServer:
     async def serve_unix(self, path: str | os.PathLike[str]) -> None:
         """Listen on a Unix socket at ``path`` and serve until :meth:`close`.
 
-        A stale socket file at ``path`` is replaced; the socket file is
-        removed on close. Raises as :meth:`serve`.
+        The socket is made with mode 0600 in a directory that must belong to
+        this user and be writable by no one else, so only this user reaches
+        it (:class:`~isc.control.ControlServer`'s rule: ``ParameterError``
+        naming the directory or the file in the way otherwise). A stale
+        socket at ``path`` is replaced; the socket is removed on close.
+        Raises as :meth:`serve`.
         """
-        await self._serve(
-            functools.partial(
-                asyncio.start_unix_server, self._handle, os.fspath(path), limit=_STREAM_LIMIT
-            )
-        )
+        where = os.path.abspath(path)
+
+        async def listen() -> asyncio.Server:
+            sock = _private_unix_socket(where)
+            return await asyncio.start_unix_server(self._handle, sock=sock, limit=_STREAM_LIMIT)
+
+        await self._serve(listen, where)
 
     def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
         """Serve TCP from a background thread; return once listening (``address`` is set).
@@ -314,7 +390,9 @@ class NBDServer:
         finally:
             self._ready.set()
 
-    async def _serve(self, listen: Callable[[], Awaitable[asyncio.Server]]) -> None:
+    async def _serve(
+        self, listen: Callable[[], Awaitable[asyncio.Server]], path: str | None = None
+    ) -> None:
         if self._stop is not None or self._closed:
             raise StateError(f"{self!r} has served already; an NBDServer serves once")
         self._loop = asyncio.get_running_loop()
@@ -326,7 +404,7 @@ class NBDServer:
             self._ready.set()
             raise
         name = server.sockets[0].getsockname()
-        self.address = name if isinstance(name, str) else (name[0], name[1])
+        self.address = path if path is not None else (name[0], name[1])
         self._ready.set()
         log.info("%r: exporting", self)
         try:
@@ -367,10 +445,11 @@ class NBDServer:
             writer.close()
             return
         self._connections.add(task)
+        client = _Client(peer)
         try:
-            handshake = self._handshake(reader, writer, peer)
+            handshake = self._handshake(reader, writer, client)
             if await asyncio.wait_for(handshake, self.handshake_timeout):
-                await self._transmission(reader, writer, peer)
+                await self._transmission(reader, writer, client)
         except TimeoutError:
             log.warning(
                 "%r: %s did not finish the handshake within %g s; disconnecting it",
@@ -404,33 +483,35 @@ class NBDServer:
     async def _option_reply(
         self, writer: asyncio.StreamWriter, option: int, reply: int, data: bytes = b""
     ) -> None:
-        writer.write(
-            proto.OPTION_REPLY.pack(proto.OPTION_REPLY_MAGIC, option, reply, len(data)) + data
-        )
+        writer.write(proto.option_reply(option, reply, data))
         await writer.drain()
 
-    def _exports(self, name: bytes) -> bool:
+    def _find(self, name: bytes) -> tuple[Any, str | None]:
+        """The export called ``name`` and why it cannot be used now (None: it can);
+        (None, why) when there is none."""
         try:
-            return name.decode() in ("", self.name)
+            export = self._exports.get(name.decode())
         except UnicodeDecodeError:
-            return False
+            export = None
+        if export is None:
+            return None, (
+                f"no export {name[:80]!r}; this server exports {self.name!r}"
+                + (f" and, while marked, {self.frozen.name!r}" if self.frozen is not None else "")
+            )
+        return export, export.unavailable()
 
     async def _handshake(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: object
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, client: _Client
     ) -> bool:
         """Haggle options; True when the client enters transmission."""
-        writer.write(
-            proto.GREETING.pack(
-                proto.NBDMAGIC, proto.IHAVEOPT, proto.FLAG_FIXED_NEWSTYLE | proto.FLAG_NO_ZEROES
-            )
-        )
+        flags = proto.FLAG_FIXED_NEWSTYLE | proto.FLAG_NO_ZEROES
+        writer.write(proto.GREETING.pack(proto.NBDMAGIC, proto.IHAVEOPT, flags))
         await writer.drain()
         (client_flags,) = proto.U32.unpack(await reader.readexactly(4))
         if client_flags & ~(proto.FLAG_FIXED_NEWSTYLE | proto.FLAG_NO_ZEROES):
             # The spec: the server MUST drop a client that sets an unknown flag.
             raise _Violation(f"unknown client flags {client_flags:#x}")
         no_zeroes = bool(client_flags & proto.FLAG_NO_ZEROES)
-        size = self.lun.size
         tls = self.tls
         if tls is not None and not client_flags & proto.FLAG_FIXED_NEWSTYLE:
             # The spec: TLS needs fixed newstyle; without it the server is in NOTLS mode.
@@ -441,7 +522,7 @@ class NBDServer:
         while True:
             magic, option, length = proto.OPTION.unpack(await reader.readexactly(proto.OPTION.size))
             if magic != proto.IHAVEOPT:
-                raise _Violation(f"an option starts {magic:#x}, not proto.IHAVEOPT")
+                raise _Violation(f"an option starts {magic:#x}, not IHAVEOPT")
             if length > proto.MAX_OPTION_DATA:
                 while length:
                     length -= len(await reader.readexactly(min(length, proto.MAX_OPTION_DATA)))
@@ -465,7 +546,8 @@ class NBDServer:
                         tls.context, ssl_handshake_timeout=self.handshake_timeout
                     )
                     encrypted = True
-                    log.debug("%r: %s is on TLS", self, peer)
+                    client.forget()
+                    log.debug("%r: %s is on TLS", self, client.peer)
                 continue
             if tls is not None and tls.required and not encrypted and option != proto.OPT_ABORT:
                 if option == proto.OPT_EXPORT_NAME:
@@ -474,31 +556,33 @@ class NBDServer:
                 await self._option_reply(writer, option, proto.REP_ERR_TLS_REQD, _TLS_REQUIRED)
                 continue
             if option == proto.OPT_EXPORT_NAME:
-                if not self._exports(data):
+                export, why = self._find(data)
+                if export is None or why is not None:
                     # The option cannot fail politely: the spec says drop the client.
-                    raise _Violation(f"NBD_OPT_EXPORT_NAME of unknown export {data[:80]!r}")
+                    raise _Violation(f"NBD_OPT_EXPORT_NAME of {data[:80]!r}: {why}")
+                self._enter(client, export)
                 tail = b"" if no_zeroes else bytes(proto.ZEROES_AFTER_EXPORT_NAME)
-                writer.write(proto.EXPORT_NAME_REPLY.pack(size, self.flags) + tail)
+                writer.write(proto.EXPORT_NAME_REPLY.pack(export.size, client.flags) + tail)
                 return True
             if option == proto.OPT_ABORT:
                 with contextlib.suppress(ConnectionError):
                     await self._option_reply(writer, option, proto.REP_ACK)
-                log.debug("%r: %s aborted the handshake", self, peer)
+                log.debug("%r: %s aborted the handshake", self, client.peer)
                 return False
             if option == proto.OPT_LIST:
-                if data:
-                    await self._option_reply(
-                        writer, option, proto.REP_ERR_INVALID, b"NBD_OPT_LIST takes no data"
-                    )
-                    continue
-                name = self.name.encode()
-                await self._option_reply(
-                    writer, option, proto.REP_SERVER, proto.U32.pack(len(name)) + name
-                )
-                await self._option_reply(writer, option, proto.REP_ACK)
+                await self._list(writer, data)
             elif option in (proto.OPT_INFO, proto.OPT_GO):
-                if await self._info(writer, option, data) and option == proto.OPT_GO:
+                if await self._info(writer, client, option, data) and option == proto.OPT_GO:
                     return True
+            elif option == proto.OPT_STRUCTURED_REPLY:
+                if data or client.structured:
+                    why = b"it takes no data" if data else b"structured replies are on already"
+                    await self._option_reply(writer, option, proto.REP_ERR_INVALID, why)
+                else:
+                    client.structured = True
+                    await self._option_reply(writer, option, proto.REP_ACK)
+            elif option in (proto.OPT_LIST_META_CONTEXT, proto.OPT_SET_META_CONTEXT):
+                await self._meta_context(writer, client, option, data)
             else:
                 await self._option_reply(
                     writer,
@@ -507,7 +591,60 @@ class NBDServer:
                     f"option {option} is not supported".encode(),
                 )
 
-    async def _info(self, writer: asyncio.StreamWriter, option: int, data: bytes) -> bool:
+    async def _list(self, writer: asyncio.StreamWriter, data: bytes) -> None:
+        """Answer ``NBD_OPT_LIST``: every export that can be used now."""
+        option = proto.OPT_LIST
+        if data:
+            await self._option_reply(
+                writer, option, proto.REP_ERR_INVALID, b"NBD_OPT_LIST takes no data"
+            )
+            return
+        for name, export in self._exports.items():
+            if name == export.name and export.unavailable() is None:
+                raw = name.encode()
+                await self._option_reply(
+                    writer, option, proto.REP_SERVER, proto.U32.pack(len(raw)) + raw
+                )
+        await self._option_reply(writer, option, proto.REP_ACK)
+
+    async def _meta_context(
+        self, writer: asyncio.StreamWriter, client: _Client, option: int, data: bytes
+    ) -> None:
+        """Answer ``NBD_OPT_LIST_META_CONTEXT`` or ``NBD_OPT_SET_META_CONTEXT``."""
+        listing = option == proto.OPT_LIST_META_CONTEXT
+        if not listing:
+            client.meta = None  # the spec: a SET replaces the last one, even when it fails
+        if not client.structured:
+            why = f"{proto.OPT_NAMES[option]} needs NBD_OPT_STRUCTURED_REPLY first"
+            await self._option_reply(writer, option, proto.REP_ERR_INVALID, why.encode())
+            return
+        try:
+            name, queries = proto.parse_meta_request(data)
+        except ValueError as exc:
+            await self._option_reply(writer, option, proto.REP_ERR_INVALID, str(exc).encode())
+            return
+        export, why = self._find(name)
+        if export is None or why is not None:
+            await self._option_reply(writer, option, proto.REP_ERR_UNKNOWN, why.encode())
+            return
+        chosen = match_contexts(export.contexts, queries, listing=listing)
+        for index in chosen:
+            reply = proto.meta_context(0 if listing else index + 1, export.contexts[index])
+            await self._option_reply(writer, option, proto.REP_META_CONTEXT, reply)
+        if not listing:
+            client.meta = (export, chosen)
+        await self._option_reply(writer, option, proto.REP_ACK)
+
+    def _enter(self, client: _Client, export: Any) -> None:
+        """Set up ``client`` to serve ``export`` (raises :class:`Unavailable`)."""
+        client.view = export.attach()
+        client.flags = export.flags(client.structured)
+        meta = client.meta
+        client.contexts = meta[1] if meta is not None and meta[0] is export else []
+
+    async def _info(
+        self, writer: asyncio.StreamWriter, client: _Client, option: int, data: bytes
+    ) -> bool:
         """Answer ``NBD_OPT_INFO``/``NBD_OPT_GO``; True when the export was granted."""
         # Data: name length (32 bits), name, request count (16 bits), requests (16 bits each).
         if len(data) < 6 or proto.U32.unpack_from(data)[0] > len(data) - 6:
@@ -526,14 +663,20 @@ class NBDServer:
                 b"data length does not match the request count",
             )
             return False
-        if not self._exports(name):
-            message = f"no export {name[:80]!r}; this server exports {self.name!r}".encode()
-            await self._option_reply(writer, option, proto.REP_ERR_UNKNOWN, message)
+        export, why = self._find(name)
+        if export is not None and why is None and option == proto.OPT_GO:
+            try:
+                self._enter(client, export)
+            except Unavailable as exc:
+                why = str(exc)
+        if export is None or why is not None:
+            await self._option_reply(writer, option, proto.REP_ERR_UNKNOWN, why.encode())
             return False
         requests = set(struct.unpack_from(f">{count}H", data, 6 + name_length))
-        info = [proto.INFO_EXPORT_DATA.pack(proto.INFO_EXPORT, self.lun.size, self.flags)]
+        flags = export.flags(client.structured)
+        info = [proto.INFO_EXPORT_DATA.pack(proto.INFO_EXPORT, export.size, flags)]
         if proto.INFO_NAME in requests:
-            info.append(proto.U16.pack(proto.INFO_NAME) + self.name.encode())
+            info.append(proto.U16.pack(proto.INFO_NAME) + export.name.encode())
         if proto.INFO_BLOCK_SIZE in requests:
             info.append(proto.INFO_BLOCK_SIZE_DATA.pack(proto.INFO_BLOCK_SIZE, *_SERVER_BLOCK_SIZE))
         for item in info:
@@ -541,8 +684,9 @@ class NBDServer:
         await self._option_reply(writer, option, proto.REP_ACK)
         return True
 
+    # -- transmission -----------------------------------------------------------------------
     async def _transmission(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: object
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, client: _Client
     ) -> None:
         slots = asyncio.Semaphore(_SERVER_IN_FLIGHT)
         budget = _Budget(_CONNECTION_DATA)
@@ -554,31 +698,29 @@ class NBDServer:
                 if magic != proto.REQUEST_MAGIC:
                     raise _Violation(f"a request starts {magic:#x}, not the request magic")
                 if command == proto.CMD_DISC:
-                    log.debug("%r: %s disconnected", self, peer)
+                    log.debug("%r: %s disconnected", self, client.peer)
                     return
                 data = b""
                 if command == proto.CMD_WRITE and length > MAX_BLOCK:
-                    self._reply(writer, handle, errno.EINVAL)
+                    message = f"a WRITE of {length} bytes, over the {MAX_BLOCK} maximum"
+                    writer.writelines(self._error(client, handle, errno.EINVAL, message))
                     with contextlib.suppress(ConnectionError):
                         await writer.drain()
-                    raise _Violation(f"a WRITE of {length} bytes, over the {MAX_BLOCK} maximum")
+                    raise _Violation(message)
                 if command == proto.CMD_WRITE and length <= _INLINE_WRITE and not flags:
                     # Small plain writes run here, in order: a thread hand-off
                     # costs more than the write (see _INLINE_WRITE).
                     data = await reader.readexactly(length)
-                    error, _ = self._execute(flags, command, offset, length, data)
-                    self._reply(writer, handle, error)
+                    writer.writelines(
+                        self._run(client, flags, command, handle, offset, length, data)
+                    )
                     if writer.transport.get_write_buffer_size() > _REPLY_BACKLOG:
                         await writer.drain()
                     continue
                 # The request's payload or reply data: a client that sends
                 # more than the budget, or reads no replies, waits; its
                 # socket's buffers and TCP hold the rest.
-                held = (
-                    length
-                    if command in (proto.CMD_READ, proto.CMD_WRITE) and length <= MAX_BLOCK
-                    else 0
-                )
+                held = self._held(client, command, length)
                 await slots.acquire()
                 try:
                     await budget.take(held)
@@ -590,7 +732,7 @@ class NBDServer:
                         # The whole payload first: a client gone mid-payload writes nothing.
                         data = await reader.readexactly(length)
                     task = asyncio.create_task(
-                        self._request(writer, flags, command, handle, offset, length, data)
+                        self._request(writer, client, flags, command, handle, offset, length, data)
                     )
                 except BaseException:
                     slots.release()
@@ -605,14 +747,19 @@ class NBDServer:
             if mine:
                 await asyncio.shield(asyncio.gather(*mine, return_exceptions=True))
 
-    def _reply(self, writer: asyncio.StreamWriter, handle: int, error: int) -> None:
-        writer.write(
-            proto.REPLY.pack(proto.SIMPLE_REPLY_MAGIC, proto.ERRNO_TO_WIRE.get(error, 0), handle)
-        )
+    @staticmethod
+    def _held(client: _Client, command: int, length: int) -> int:
+        """Bytes of the connection's budget a request holds until it is answered."""
+        if command in (proto.CMD_READ, proto.CMD_WRITE):
+            return length if length <= MAX_BLOCK else 0
+        if command == proto.CMD_BLOCK_STATUS:
+            return 8 * MAX_EXTENTS * len(client.contexts)
+        return 0
 
     async def _request(
         self,
         writer: asyncio.StreamWriter,
+        client: _Client,
         flags: int,
         command: int,
         handle: int,
@@ -621,65 +768,156 @@ class NBDServer:
         data: bytes,
     ) -> None:
         loop = asyncio.get_running_loop()
-        error, payload = await loop.run_in_executor(
-            self._executor, self._execute, flags, command, offset, length, data
+        reply = await loop.run_in_executor(
+            self._executor, self._run, client, flags, command, handle, offset, length, data
         )
         if writer.is_closing():
             return  # the client is gone: nobody to answer
-        self._reply(writer, handle, error)
-        if payload:
-            writer.write(payload)
+        writer.writelines(reply)
         with contextlib.suppress(ConnectionError):
             await writer.drain()
 
-    def _execute(
-        self, flags: int, command: int, offset: int, length: int, data: bytes
-    ) -> tuple[int, bytes | None]:
-        """Run one request against the LUN (in a worker thread): (errno or 0, read data)."""
-        writes = command in (proto.CMD_WRITE, proto.CMD_WRITE_ZEROES)
-        allowed = proto.CMD_FLAG_FUA if self.flags & TransmissionFlag.SEND_FUA else 0
-        if command == proto.CMD_WRITE_ZEROES:
+    # -- one request (in a worker thread, or inline for small writes) ------------------------
+    def _error(self, client: _Client, handle: int, error: int, message: str) -> list[bytes]:
+        """The reply reporting ``error`` (an errno): an error chunk with structured replies."""
+        if client.structured:
+            return [proto.error_chunk(handle, error, message)]
+        return [proto.simple_reply(handle, error)]
+
+    def _refusal(
+        self, client: _Client, flags: int, command: int, offset: int, length: int
+    ) -> tuple[int, str] | None:
+        """Why the protocol refuses the request, as (errno, message), or None."""
+        name = proto.CMD_NAMES.get(command)
+        if name is None:
+            return errno.EINVAL, f"unknown command {command}"
+        offered = client.flags
+        allowed = proto.CMD_FLAG_FUA if offered & TransmissionFlag.SEND_FUA else 0
+        if command == proto.CMD_READ and offered & TransmissionFlag.SEND_DF:
+            allowed |= proto.CMD_FLAG_DF
+        elif command == proto.CMD_WRITE_ZEROES:
             allowed |= proto.CMD_FLAG_NO_HOLE
-        if command not in (
-            proto.CMD_READ,
-            proto.CMD_WRITE,
-            proto.CMD_FLUSH,
-            proto.CMD_WRITE_ZEROES,
-        ):
-            return errno.EINVAL, None
+            if offered & TransmissionFlag.SEND_FAST_ZERO:
+                allowed |= proto.CMD_FLAG_FAST_ZERO
+        elif command == proto.CMD_BLOCK_STATUS:
+            allowed |= proto.CMD_FLAG_REQ_ONE
         if flags & ~allowed:
-            return errno.EINVAL, None
-        if writes and self.readonly:
-            return errno.EPERM, None
+            return errno.EINVAL, f"flags {flags & ~allowed:#x} are not valid for {name} here"
+        view = client.view
+        if command in _WRITES and (
+            offered & TransmissionFlag.READ_ONLY
+            or (command != proto.CMD_TRIM and not view.writable)
+        ):
+            return errno.EPERM, f"{view.name!r} takes no writes"
+        if command in _ADVERTISED and not offered & _ADVERTISED[command]:
+            return errno.EINVAL, f"{name} is not offered by {view.name!r}"
         if command == proto.CMD_FLUSH:
             if offset or length:
-                return errno.EINVAL, None
-        elif length > MAX_BLOCK:
-            return errno.EINVAL, None
-        elif offset + length > self.lun.size:
-            return (errno.ENOSPC if writes else errno.EINVAL), None
-        lun = self.lun
+                return errno.EINVAL, "FLUSH takes no offset or length"
+            return None
+        if command in (proto.CMD_READ, proto.CMD_WRITE) and length > MAX_BLOCK:
+            return errno.EINVAL, f"a {name} of {length} bytes, over the {MAX_BLOCK} maximum"
+        if command == proto.CMD_BLOCK_STATUS:
+            if not client.contexts:
+                return errno.EINVAL, (
+                    "no metadata context was negotiated for this export (NBD_OPT_SET_META_CONTEXT)"
+                )
+            if not length:
+                return errno.EINVAL, "BLOCK_STATUS needs a nonzero length"
+        if offset + length > view.size:
+            return _PAST_THE_END.get(command, errno.EINVAL), (
+                f"{name} [{offset}, {offset + length}) is past the end of {view.name!r} "
+                f"({view.size} bytes)"
+            )
+        return None
+
+    def _run(
+        self,
+        client: _Client,
+        flags: int,
+        command: int,
+        handle: int,
+        offset: int,
+        length: int,
+        data: bytes,
+    ) -> list[Any]:
+        """Run one request against the connection's export; return its whole reply."""
+        refusal = self._refusal(client, flags, command, offset, length)
+        if refusal is not None:
+            return self._error(client, handle, *refusal)
+        view = client.view
         try:
             if command == proto.CMD_READ:
-                return 0, lun.read(offset, length)
+                return self._read(client, flags, handle, offset, length)
+            if command == proto.CMD_BLOCK_STATUS:
+                limit = 1 if flags & proto.CMD_FLAG_REQ_ONE else MAX_EXTENTS
+                last = client.contexts[-1]
+                return [
+                    proto.block_status(
+                        handle, c + 1, view.block_status(c, offset, length, limit), c == last
+                    )
+                    for c in client.contexts
+                ]
             if command == proto.CMD_WRITE:
-                lun.write(offset, data)
+                view.write(offset, data)
             elif command == proto.CMD_WRITE_ZEROES:
-                zeroes = memoryview(self._zeroes)
-                for at in range(offset, offset + length, len(zeroes)):
-                    lun.write(at, zeroes[: min(len(zeroes), offset + length - at)])
+                view.write_zeroes(
+                    offset,
+                    length,
+                    may_trim=not flags & proto.CMD_FLAG_NO_HOLE,
+                    fast=bool(flags & proto.CMD_FLAG_FAST_ZERO),
+                )
+            elif command == proto.CMD_TRIM:
+                view.trim(offset, length)
             if command == proto.CMD_FLUSH or flags & proto.CMD_FLAG_FUA:
-                lun.flush()
+                view.flush()
         except Exception as exc:
-            code = _wire_error(exc, writes)
-            log.warning(
-                "%r: %s [%d, %d) failed (%s): %s",
-                self,
-                proto.CMD_NAMES.get(command, "WRITE_ZEROES"),
-                offset,
-                offset + length,
-                errno.errorcode[code],
-                exc,
-            )
-            return code, None
-        return 0, None
+            code = _wire_error(exc, command in _WRITES)
+            if code != errno.ENOTSUP:
+                log.warning(
+                    "%r: %s [%d, %d) failed (%s): %s",
+                    self,
+                    proto.CMD_NAMES[command],
+                    offset,
+                    offset + length,
+                    errno.errorcode[code],
+                    exc,
+                )
+            return self._error(client, handle, code, str(exc))
+        return [proto.simple_reply(handle)]
+
+    @staticmethod
+    def _read(client: _Client, flags: int, handle: int, offset: int, length: int) -> list[Any]:
+        """A READ's reply: simple, or chunks of data and holes (one chunk with DF)."""
+        view = client.view
+        buffer = memoryview(bytearray(length))
+        if not client.structured:
+            view.readinto(offset, buffer)
+            return [proto.simple_reply(handle), buffer]
+        if not length:
+            return [proto.chunk(handle, proto.REPLY_TYPE_NONE, 0, True)]
+        if flags & proto.CMD_FLAG_DF:
+            extents = [(offset, length)]
+        else:
+            extents = view.data_extents(offset, length)
+        pieces: list[tuple[int, int, bool]] = []  # offset, length, data
+        at = offset
+        for start, size in extents:
+            if start > at:
+                pieces.append((at, start - at, False))
+            pieces.append((start, size, True))
+            at = start + size
+        if at < offset + length:
+            pieces.append((at, offset + length - at, False))
+        for start, size, is_data in pieces:
+            if is_data:
+                view.readinto(start, buffer[start - offset : start - offset + size])
+        reply: list[Any] = []
+        for i, (start, size, is_data) in enumerate(pieces):
+            done = i == len(pieces) - 1
+            if is_data:
+                reply.append(proto.offset_data(handle, start, size, done))
+                reply.append(buffer[start - offset : start - offset + size])
+            else:
+                reply.append(proto.offset_hole(handle, start, size, done))
+        return reply
