@@ -47,6 +47,13 @@ def isc(*args: str, cwd: Path, prelude: str | None = None) -> subprocess.Complet
     )
 
 
+def isc_json(*args: str, cwd: Path) -> dict:
+    """Run ``isc ARGS --json``, which must succeed, and parse its report."""
+    done = isc(*args, "--json", cwd=cwd)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
 def assert_user_error(done: subprocess.CompletedProcess, status: int, *phrases: str) -> None:
     """Exit ``status``, nothing on stdout, the phrases on stderr, no traceback."""
     assert done.returncode == status, done.stderr
@@ -293,9 +300,7 @@ def test_analyze_tells_each_trace_format_from_its_content(tmp_path):
     paths = trace_files(tmp_path)
     seen = []
     for fmt, path in paths.items():
-        done = isc("analyze", "--trace", path.name, "--interval", "0.5", "--json", cwd=tmp_path)
-        assert done.returncode == 0, done.stderr
-        data = json.loads(done.stdout)
+        data = isc_json("analyze", "--trace", path.name, "--interval", "0.5", cwd=tmp_path)
         expected = analyze(read_trace(path, fmt), interval=0.5)
         assert data["writes"] == WRITES
         assert figures(data) == figures(json.loads(expected.to_json()))
@@ -343,40 +348,17 @@ def test_a_trace_without_timestamps_runs_at_the_rate_given(tmp_path):
     assert_user_error(refused, 1, f"all {WRITES} I/Os", "at time 0", "--rate IOPS")
     assert "interval" not in refused.stderr.split(":")[-1]
     # 200 writes at 100 I/Os/s span 1.99 s: updates at 0.5, 1.0 and 1.5 s.
-    paced = isc(
-        "analyze",
-        "--trace",
-        "job.log",
-        "--rate",
-        "100",
-        "--interval",
-        "0.5",
-        "--json",
-        cwd=tmp_path,
-    )
-    assert paced.returncode == 0, paced.stderr
-    data = json.loads(paced.stdout)
+    job = ("--trace", "job.log")
+    data = isc_json("analyze", *job, "--rate", "100", "--interval", "0.5", cwd=tmp_path)
     assert data["workload"] == "fio iolog job.log at 100 I/Os/s"
     assert data["duration"] == pytest.approx(1.99)
     assert {row["updates"] for row in data["results"]} == {3}
     # replay keeps the pace a rate gives: the last of 200 writes at 2000/s is due at 99.5 ms.
-    replayed = isc(
-        "replay",
-        "--trace",
-        "job.log",
-        "--rate",
-        "2000",
-        "--lun",
-        "v.img",
-        "--json",
-        cwd=tmp_path,
-    )
-    assert replayed.returncode == 0, replayed.stderr
-    report = json.loads(replayed.stdout)
+    report = isc_json("replay", *job, "--rate", "2000", "--lun", "v.img", cwd=tmp_path)
     assert report["timed"] is True and report["rate"] == 2000
     assert report["writes"] == WRITES and report["seconds"] >= (WRITES - 1) / 2000
     # --timed alone keeps no pace on such a trace, and says how to give it one.
-    timed = isc("replay", "--trace", "job.log", "--timed", "--lun", "v.img", cwd=tmp_path)
+    timed = isc("replay", *job, "--timed", "--lun", "v.img", cwd=tmp_path)
     assert timed.returncode == 0, timed.stderr
     assert "job.log has no timestamps" in timed.stderr and "--rate IOPS" in timed.stderr
 
@@ -385,9 +367,8 @@ def test_a_trace_shorter_than_the_interval_is_told_an_interval_that_fits(tmp_pat
     (tmp_path / "t.csv").write_text("\n".join(msr_lines(WRITES)) + "\n")
     done = isc("analyze", "--trace", "t.csv", cwd=tmp_path)  # 1.99 s against 60 s
     assert_user_error(done, 1, "lasts 1.99 s", "use an interval of at most 1.99 s")
-    fits = isc("analyze", "--trace", "t.csv", "--interval", "1.99", "--json", cwd=tmp_path)
-    assert fits.returncode == 0, fits.stderr
-    assert {row["updates"] for row in json.loads(fits.stdout)["results"]} == {1}
+    fits = isc_json("analyze", "--trace", "t.csv", "--interval", "1.99", cwd=tmp_path)
+    assert {row["updates"] for row in fits["results"]} == {1}
 
 
 # -- what the reports say --------------------------------------------------------------------
@@ -410,9 +391,7 @@ def test_the_table_states_the_rule_the_tie_and_a_legend_line_per_column(tmp_path
 
 
 def test_a_recommendation_on_fewer_than_three_updates_is_flagged(tmp_path):
-    done = isc("analyze", *GENERATED, "--interval", "1.5", "--json", cwd=tmp_path)
-    assert done.returncode == 0, done.stderr
-    (warning,) = json.loads(done.stdout)["warnings"]
+    (warning,) = isc_json("analyze", *GENERATED, "--interval", "1.5", cwd=tmp_path)["warnings"]
     assert warning.startswith("the recommendation rests on 2 updates (fewer than 3)")
     table = isc("analyze", *GENERATED, "--interval", "1.5", cwd=tmp_path)
     assert f"warning: {warning}" in table.stdout.splitlines()
