@@ -448,6 +448,8 @@ class GeneratedWorkload(Workload):
     ``1 / rate`` seconds.
     """
 
+    volume_size: int
+
     def __init__(
         self, kind: str, pattern: _Pattern, count: Any, rate: Any, seed: Any, batch_size: Any
     ) -> None:
