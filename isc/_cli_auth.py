@@ -111,11 +111,12 @@ def client_credentials(args: argparse.Namespace) -> Credentials | None:
 
 
 def server_security(
-    args: argparse.Namespace, command: str, nbd_host: str, control_host: str | None
+    args: argparse.Namespace, command: str, nbd_host: str | None, control_host: str | None
 ) -> tuple[ServerTLS | None, Credentials | None]:
     """The NBD exports' TLS and the control port's credentials ``add_server_options``
-    asked for, once listening on ``nbd_host`` and ``control_host`` (None: no control
-    port) is allowed; raises ``ParameterError`` naming the option to fix."""
+    asked for, once listening on ``nbd_host`` (None: a Unix socket, this user's alone)
+    and ``control_host`` (None: no control port or a Unix socket) is allowed; raises
+    ``ParameterError`` naming the option to fix."""
     if args.tls_psk is not None:
         raise refuse_psk("--tls-psk")
     nbd_tls = None
@@ -131,9 +132,10 @@ def server_security(
     if args.tls_creds is not None or args.secret_file is not None:
         control = Credentials("server", tls_creds=args.tls_creds, secret_file=args.secret_file)
     secured = nbd_tls is not None and nbd_tls.required and nbd_tls.verify_peer
-    _exposure(
-        args, f"{command}'s NBD exports", nbd_host, secured, "--tls=require --tls-verify-peer"
-    )
+    if nbd_host is not None:
+        _exposure(
+            args, f"{command}'s NBD exports", nbd_host, secured, "--tls=require --tls-verify-peer"
+        )
     if control_host is not None:
         secured = control is not None and control.tls
         _exposure(args, f"{command}'s control port", control_host, secured, "--tls-creds DIR")

@@ -43,10 +43,11 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("source", help="a session directory, or a LUN file, device or NBD URI")
     serve.add_argument(
         "--listen",
-        type=listen_address,
+        type=control_address,
         default=("127.0.0.1", 10809),
-        metavar="HOST:PORT",
-        help="NBD address (default 127.0.0.1:10809)",
+        metavar="HOST:PORT|unix:PATH",
+        help="NBD address (default 127.0.0.1:10809); a Unix socket is made mode 0600, in a "
+        "directory that must be yours alone",
     )
     serve.add_argument(
         "--granularity",
@@ -109,7 +110,8 @@ def run(args: argparse.Namespace) -> int:
                 print(f"control {args.control[0]}:{control_port}", flush=True)
             print("ready", flush=True)
 
-        host, port = args.listen
+        unix = args.listen if isinstance(args.listen, str) else None
+        host, port = (None, 0) if unix is not None else args.listen
         control_host = args.control[0] if isinstance(args.control, tuple) else None
         tls, credentials = _cli_auth.server_security(args, "isc serve", host, control_host)
         # The site is reached with the client's end of the same credentials.
@@ -119,6 +121,7 @@ def run(args: argparse.Namespace) -> int:
             args.source,
             host,
             port,
+            unix=unix,
             granularity=args.granularity,
             every=args.every,
             site=site,

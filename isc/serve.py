@@ -17,8 +17,11 @@ the copies of the session the server owns:
 ``{"op": "status"}``        ``info``: the session's state, counts and destinations
                             (each with its state, epoch, ``reachable`` and the
                             ``problem`` when it is not)
-``{"op": "mark"}``          freeze a point in time (``"full": true``: every chunk)
+``{"op": "mark"}``          freeze a point in time (``"full": true``: every chunk);
+                            ``info.frozen`` names the export of the image at the mark
 ``{"op": "unmark"}``        end the mark; unsent chunks go back to tracking
+                            (``"sent": true``: the chunks not confirmed yet count as
+                            sent and are dropped, for a pull that read them all)
 ``{"op": "copy"}``          copy to every destination of a session directory:
                             ``"mode"`` one of :data:`~isc.store.COPY_MODES`
                             (default ``incremental``), optional ``"throttle"``
@@ -28,6 +31,15 @@ the copies of the session the server owns:
                             copy ends, ``info`` holding the
                             :class:`~isc.copy.CopyResult`
 ==========================  =====================================================
+
+Pull mode: while the session is marked the server also exports
+``NAME@frozen``, the image at the mark with the transfer bitmap as its
+``qemu:dirty-bitmap:NAME`` context (:mod:`isc.nbd.export`). A backup tool
+marks, reads the dirty extents of that export, TRIMs each range it has
+stored (its transfer bits clear and its saved data is freed, as a push
+copy's would), then unmarks: whatever it did not confirm goes back to
+tracking, so a failed pull costs a resend, never a lost change. ``status``
+counts what pulls confirmed and read (``info.pull``).
 
 A copy, mark or unmark is refused while another one or a periodic update
 runs (a periodic update that comes while a copy runs is skipped). Stopping
@@ -63,6 +75,7 @@ from isc.copy import CopyJob
 from isc.errors import CopyError, IscError
 from isc.lun import ReconnectingLUN
 from isc.nbd import MAX_CLIENTS, NBDServer, SessionLUN
+from isc.nbd.export import FrozenExport
 from isc.session import Session
 from isc.tls import ServerTLS
 from isc.update import PeriodicUpdate, update_locks
@@ -84,6 +97,7 @@ class SessionControl:
     ``persistent`` is the session directory's :class:`~isc.store.PersistentSession`
     when there is one; copies need it (they go to its destinations).
     ``credentials``: answer only authenticated clients (:class:`~isc.control.ControlServer`).
+    ``pull``: the server's export of the image at the mark, whose counts ``status`` reports.
     """
 
     def __init__(
@@ -92,9 +106,11 @@ class SessionControl:
         persistent: store.PersistentSession | None = None,
         *,
         credentials: Credentials | None = None,
+        pull: FrozenExport | None = None,
     ):
         self.session = session
         self.persistent = persistent
+        self.pull = pull
         self._stopping = threading.Event()
         self._job: CopyJob | None = None  # the last copy started
         # Held from a recorded copy's begin_copy to its save: a second one in
@@ -125,6 +141,12 @@ class SessionControl:
             "busy": session.update_lock.locked(),
             "destinations": self._destinations(),
         }
+        if self.pull is not None:
+            info["pull"] = {
+                "export": self.pull.name,
+                "confirmed_chunks": self.pull.confirmed_chunks,
+                "bytes_read": self.pull.bytes_read,
+            }
         return {"ok": True, "info": info}
 
     def mark(self, request: dict) -> dict:
@@ -136,17 +158,26 @@ class SessionControl:
                 generation = self.session.mark(full)
         except IscError as exc:
             return {"ok": False, "reason": str(exc)}
-        count = self.session.bitmap.transfer_count
-        return {"ok": True, "info": {"generation": generation, "transfer_chunks": count}}
+        info = {"generation": generation, "transfer_chunks": self.session.bitmap.transfer_count}
+        if self.pull is not None:
+            info["frozen"] = self.pull.name
+        return {"ok": True, "info": info}
 
     def unmark(self, request: dict) -> dict:
+        sent = request.get("sent", False)
+        if not isinstance(sent, bool):
+            return {"ok": False, "reason": f"sent must be true or false, got {sent!r}"}
+        session = self.session
+        dropped = 0
         try:
             with self._exclusive():
-                count = self.session.bitmap.transfer_count
-                self.session.unmark()
+                if sent and session.bitmap.marked:
+                    dropped = session.confirm_sent(0, session.bitmap.chunks, session.generation)
+                count = session.bitmap.transfer_count
+                session.unmark()
         except IscError as exc:
             return {"ok": False, "reason": str(exc)}
-        return {"ok": True, "info": {"returned_chunks": count}}
+        return {"ok": True, "info": {"returned_chunks": count, "dropped_chunks": dropped}}
 
     def copy(self, request: dict) -> dict:
         mode = request.get("mode", "incremental")
@@ -292,6 +323,7 @@ def run_serve(
     host: str,
     port: int,
     *,
+    unix: str | None = None,
     granularity: int = 65536,
     every: float | None = None,
     site=None,
@@ -311,7 +343,9 @@ def run_serve(
     persistent session's destinations with ``site`` (default: protection in
     this process), see :meth:`SessionControl.every`. ``tls``: how the export offers TLS;
     ``credentials``: the control port answers only clients that authenticate;
-    ``max_clients``: NBD clients served at once.
+    ``max_clients``: NBD clients served at once. ``unix``: export on a Unix socket
+    at this path (mode 0600, in a directory that is this user's alone) instead
+    of ``host:port``.
     """
     from isc.remote import LocalSite
 
@@ -337,9 +371,12 @@ def run_serve(
             session = Session(lun, granularity, name=Path(source).name)
             opened.pop_all()
     server = NBDServer(SessionLUN(session), name=session.name, tls=tls, max_clients=max_clients)
-    controls = SessionControl(session, persistent, credentials=credentials)
+    controls = SessionControl(session, persistent, credentials=credentials, pull=server.frozen)
     try:
-        server.start(host, port)
+        if unix is not None:
+            server.start_unix(unix)
+        else:
+            server.start(host, port)
         log.info("serving %s at %s", session.name, server.uri)
         if persistent is not None:
             _reach(persistent.destinations)

@@ -73,6 +73,10 @@ class NotFast(Exception):
     """A WRITE_ZEROES with ``FAST_ZERO`` would be no faster than writing zeros."""
 
 
+class MarkEnded(StateError):
+    """The mark a frozen export connection serves has ended."""
+
+
 # -- exporting a session ---------------------------------------------------------------------
 class SessionLUN(_BaseLUN):
     """The LUN interface over a session: writes are the session's tracked host writes.
@@ -439,10 +443,10 @@ class _FrozenView:
         self.flags = export.flags
 
     def _check(self) -> None:
-        """``StateError`` once the mark this view serves has ended."""
+        """:class:`MarkEnded` once the mark this view serves has ended."""
         reason = self.session.mark_ended(self.generation)
         if reason is not None:
-            raise StateError(
+            raise MarkEnded(
                 f"{self.name}: {reason}; what this connection read since may not be the "
                 "image at its mark: mark again and pull from a new connection"
             )
@@ -479,7 +483,7 @@ class _FrozenView:
         return extents
 
     def readinto(self, offset: int, view: memoryview) -> None:
-        """The image at the mark (``read_frozen``); ``StateError`` once the mark ended."""
+        """The image at the mark (``read_frozen``); :class:`MarkEnded` once it ended."""
         self._check()
         g = self.export.granularity
         start, end = offset // g * g, min(-(-(offset + len(view)) // g) * g, self.size)

@@ -91,6 +91,7 @@ from isc.nbd.export import (
     MAX_EXTENTS,
     FrozenExport,
     LUNExport,
+    MarkEnded,
     NotFast,
     SessionLUN,
     Unavailable,
@@ -160,6 +161,8 @@ def _wire_error(exc: BaseException, writes: bool) -> int:
     """The spec's error value for an exception an export raised."""
     if isinstance(exc, NotFast):
         return errno.ENOTSUP
+    if isinstance(exc, MarkEnded):
+        return errno.EIO
     if isinstance(exc, StateError):
         return errno.EPERM if writes else errno.EIO
     if isinstance(exc, OSError):
