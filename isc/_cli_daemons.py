@@ -13,6 +13,7 @@ import signal
 import threading
 
 from isc import _cli_auth
+from isc._cli_tools import _positive
 from isc._units import parse_size
 from isc.commands import _site as host_port
 
@@ -57,7 +58,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     )
     serve.add_argument(
         "--every",
-        type=float,
+        type=_positive,
         metavar="SECONDS",
         help="run periodic updates of a session directory's destinations (each recorded "
         "in it, as isc update does; an NBD destination that is down is retried later)",

@@ -66,6 +66,11 @@ def _list(item):
     return parse
 
 
+LEAST, MOST = 1e-6, 1e9
+"""The range of :func:`_positive`: seconds, rates and speeds whose waits fit a timer
+(``threading.TIMEOUT_MAX``, about 9.2e9 s) whether used as given or inverted."""
+
+
 def _positive(text: str) -> float:
     try:
         value = float(text)
@@ -73,6 +78,10 @@ def _positive(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not (value > 0 and value < float("inf")):
         raise argparse.ArgumentTypeError(f"{text!r} must be a finite number > 0")
+    if not LEAST <= value <= MOST:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is out of range: give a number from {LEAST:g} to {MOST:g}"
+        )
     return value
 
 

@@ -48,6 +48,7 @@ from isc._layout import DEFAULT_GRANULARITY
 from isc._units import format_bytes, size_label
 from isc.copy import CopyResult, DestState
 from isc.errors import IscError, ParameterError, StateError
+from isc.serve import MIN_THROTTLE
 from isc.session import DEFAULT_SAVE_AREA
 from isc.update import DEFAULT_TIMEOUT, PeriodicUpdate, rollback
 
@@ -76,6 +77,21 @@ def _target(text: str) -> str:
             value = quote(os.path.abspath(path), safe="/")
         pieces.append(key + equals + value)
     return head + mark + "&".join(pieces) + hash_mark + fragment
+
+
+def _throttle(text: str) -> int:
+    """Bytes per second, a size of at least :data:`~isc.serve.MIN_THROTTLE`, as in a
+    control request: a slower copy would wait longer than a timer can count."""
+    try:
+        number = float(text)  # a bare number, whole or not: 1, 0.0001, 1e-300
+    except ValueError:
+        number = None
+    value = _size(text) if number is None or number >= MIN_THROTTLE else 0
+    if value < MIN_THROTTLE:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} bytes per second is too slow: give at least {size_label(MIN_THROTTLE)}"
+        )
+    return value
 
 
 def _save_area(text: str) -> tuple[int, str | None]:
@@ -200,7 +216,10 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
 def _copy_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--throttle", type=_size, metavar="SIZE", help="at most SIZE bytes per second"
+        "--throttle",
+        type=_throttle,
+        metavar="SIZE",
+        help=f"at most SIZE bytes per second (at least {size_label(MIN_THROTTLE)})",
     )
     parser.add_argument("--json", action="store_true", help="print the copy result as JSON")
 

@@ -529,7 +529,8 @@ class CopyJob:
             self._zero(_gaps(start, end, data), result)
         if self.busy_share < 1 and not (quiet and session.bitmap.writes == writes):
             # The host wrote during or before this run: leave it the time.
-            self._cancel.wait((time.monotonic() - began) * (1 / self.busy_share - 1))
+            wait = (time.monotonic() - began) * (1 / self.busy_share - 1)
+            self._cancel.wait(min(wait, threading.TIMEOUT_MAX))  # longer raises OverflowError
 
     def _data_ranges(self, start: int, end: int, frozen: bool) -> Ranges:
         """The (offset, length) ranges of ``[start, end)`` to send as data; the rest
@@ -660,7 +661,7 @@ class CopyJob:
         if self.throttle is not None:
             ahead = result.bytes_sent / self.throttle - (time.monotonic() - self._started)
             if ahead > 0:
-                self._cancel.wait(ahead)
+                self._cancel.wait(min(ahead, threading.TIMEOUT_MAX))  # longer raises OverflowError
         if self._cancel.is_set():
             raise CopyCancelled(
                 self._cancel_reason or f"the copy of {self.session.name} was cancelled"

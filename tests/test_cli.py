@@ -349,6 +349,11 @@ def test_a_session_in_use(session: Path) -> None:
         (["update", "s", "--site", "nowhere"], "'nowhere' is not HOST:PORT"),
         (["update", "s", "--every", "-1"], "must be a finite number > 0"),
         (["copy", "s", "--throttle", "fast"], "'fast' is not a size"),
+        (["copy", "s", "--throttle", "0.0001"], "'0.0001' bytes per second is too slow: give "),
+        (["update", "s", "--throttle", "1"], "'1' bytes per second is too slow: give at least 1K"),
+        (["update", "s", "--every", "1e300"], "'1e300' is out of range: give a number from"),
+        (["update", "s", "--timeout", "1e-300"], "out of range: give a number from 1e-06 to 1e+09"),
+        (["serve", "s", "--every", "nan"], "'nan' must be a finite number > 0"),
     ],
 )
 def test_usage_errors(session: Path, args: list, message: str) -> None:

@@ -1065,6 +1065,24 @@ def test_busy_share_must_be_a_fraction():
             CopyJob(session, dests, busy_share=share)
 
 
+def test_the_waits_of_a_tiny_throttle_or_busy_share_fit_a_timer():
+    # A longer wait raises OverflowError ("timestamp out of range"): the copy
+    # must wait as long as a timer can instead, until it is cancelled.
+    session, (dest,), _ = seeded(4 * G, 9)
+
+    def progress(done: int, total: int) -> None:
+        if done == G:  # the host writes after run 1: the busy share waits after run 2
+            session.write(0, b"\x01")
+
+    job = CopyJob(session, [dest], io_size=G, throttle=1e-300, busy_share=1e-300)
+    job.progress = progress
+    job._cancel = RecordedWaits()
+    job.full(marked=False)
+    assert dest.lun.read(G, 3 * G) == session.source.read(G, 3 * G)
+    # The throttle's wait after each of the 4 runs, the busy share's after run 2.
+    assert job._cancel.waits == [threading.TIMEOUT_MAX] * 5
+
+
 def test_a_cancel_before_a_copy_stops_that_copy_only():
     size = 8 * G
     session, (dest,), job = seeded(size, seed=9, io_size=G)
