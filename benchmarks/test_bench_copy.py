@@ -205,10 +205,12 @@ class Changer:
         self._bits = np.random.SFC64(SEED)
 
     def change(self) -> None:
-        """Write new random data to ``writes`` distinct random 64 KiB-aligned slots."""
+        """Write new random data to ``writes`` distinct random 64 KiB-aligned slots
+        (``slots``: their numbers)."""
         slots = self._rng.choice(self.session.source.size // CHANGE_WRITE, self.writes, False)
+        self.slots = slots.tolist()
         data = memoryview(random_bytes(self._bits, self.bytes))
-        for i, slot in enumerate(slots.tolist()):
+        for i, slot in enumerate(self.slots):
             piece = data[i * CHANGE_WRITE : (i + 1) * CHANGE_WRITE]
             self.session.write(slot * CHANGE_WRITE, piece)
 
