@@ -28,7 +28,8 @@ Requests, each durable before its reply is sent:
 
 * ``protect`` writes the journal's header (temp file, fsync, rename, fsync of
   the directory). An export already protected stays as it is ("already
-  protected"): the first image is kept.
+  protected", ``"kept": true``): the first image is kept. One whose journal
+  lost its image is refused.
 * ``unprotect`` removes the journal and fsyncs the directory.
 * ``rollback`` checks every record, writes each saved chunk back, flushes the
   export, then empties the journal (truncate, fsync): the export is protected
@@ -382,7 +383,7 @@ class Export(ForwardingLUN):
                     "it to drop the protection",
                 }
             if self.journal is not None:
-                return {"ok": True, "reason": "already protected"}
+                return {"ok": True, "reason": "already protected", "kept": True}
             self.journal = Journal.create(self.journal_path, self.lun, self.identity)
             return {"ok": True}
 

@@ -427,7 +427,7 @@ class RBDSite(RemoteSite):
             held = self._protections(entry, wait)
             if held:
                 self._claim(entry, held[0])
-                return Ack(rid, True, f"already protected by {held[0]}")
+                return Ack(rid, True, f"already protected by {held[0]}", kept=True)
             name = snapshot_name(entry.session)
             image = entry.image
             image.rbd("snap", "create", "--no-progress", f"{image.spec}@{name}", timeout=wait)

@@ -84,6 +84,9 @@ class Ack:
     protected destination ``info["extents"]``: the ranges a rollback would
     rewrite). ``outcome_unknown`` is True when no answer came after the
     request was sent: the site may have carried it out, though ``ok`` is False.
+    ``kept`` is True when a protect found the destination protected already
+    and kept that protection: the image it holds is the first one's, not the
+    destination's present one.
     """
 
     request_id: int
@@ -92,6 +95,7 @@ class Ack:
     extents: tuple[tuple[int, int], ...] = ()
     info: dict = field(default_factory=dict)
     outcome_unknown: bool = False
+    kept: bool = False
 
 
 class RemoteSite(abc.ABC):
@@ -301,7 +305,7 @@ class LocalSite(RemoteSite):
                     f"{dest.name} is protected, but its protected image was lost ({problem}): "
                     "it can no longer be rolled back; unprotect it to drop the protection",
                 )
-            return Ack(rid, True, "already protected")
+            return Ack(rid, True, "already protected", kept=True)
         try:
             protection = Protection(dest.lun, self.capacity, dest.name)
         except Exception as exc:
@@ -416,7 +420,12 @@ class AgentSite(RequestSite):
             return Ack(rid, False, reason, outcome_unknown=True)
         extents = tuple((int(o), int(n)) for o, n in reply.get("extents") or ())
         return Ack(
-            rid, bool(reply.get("ok")), reply.get("reason"), extents, reply.get("info") or {}
+            rid,
+            bool(reply.get("ok")),
+            reply.get("reason"),
+            extents,
+            reply.get("info") or {},
+            kept=reply.get("kept") is True,
         )
 
 

@@ -350,8 +350,11 @@ def _protect_all(site, dests: Sequence[Destination], timeout: float, marked) -> 
             if not acks[-1].ok:
                 break
     for dest, state, ack in zip(dests, states, acks, strict=False):  # acks may stop early
-        if ack.ok and dest.protected_state is None:
-            dest.protected_state = state  # a leftover protection keeps its first image
+        # A protection kept from a failed update holds its first image, whose state
+        # was recorded then; a fresh one holds the present image, whatever an older
+        # record says (a protection can be dropped outside isc).
+        if ack.ok and not (ack.kept and dest.protected_state is not None):
+            dest.protected_state = state
     refused = next(((d, a) for d, a in zip(dests, acks, strict=False) if not a.ok), None)
     if refused is not None:
         for protected, ack in zip(dests, acks, strict=False):

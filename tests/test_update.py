@@ -978,3 +978,44 @@ def test_each_step_is_logged_with_the_session_and_destination_names(caplog):
     dests[0].lun.fail_at = None
     rollback(session, dests[0], site)
     assert update_log() == ["status d0: ok", "rollback d0: ok"]
+
+
+def test_a_fresh_protection_records_the_state_of_the_image_it_holds():
+    # A protection dropped outside isc leaves an old record of CONSISTENT; the
+    # fresh protection of an INCONSISTENT destination must not inherit it, or
+    # a rollback would report a mix as CONSISTENT (rule 6).
+    session, (dest,), site = updated(1)
+    hook = dest.lun
+    hook.fail_at = hook.writes + 2
+    scribble(session, random.Random(21), 8)
+    with pytest.raises(UpdateError):
+        PeriodicUpdate(session, [dest], site, io_size=IO).run()
+    assert dest.state is DestState.INCONSISTENT and dest.protected_state is DestState.CONSISTENT
+    site.local.unprotect(dest)  # dropped at the site, behind the update's back
+    hook.fail_at = hook.writes + 2
+    with pytest.raises(UpdateError):
+        PeriodicUpdate(session, [dest], site, io_size=IO).run()
+    assert site.acks[-2].ok and not site.acks[-2].kept  # the protect of the second update
+    assert dest.protected_state is DestState.INCONSISTENT
+    hook.fail_at = None
+    rollback(session, dest, site)
+    assert dest.state is DestState.INCONSISTENT
+    assert_no_lost_change(session, dest.lun)
+
+
+def test_a_kept_protection_keeps_the_state_of_its_first_image():
+    session, (dest,), site = updated(1)
+    hook = dest.lun
+    hook.fail_at = hook.writes + 2
+    scribble(session, random.Random(22), 8)
+    image = contents(dest)
+    with pytest.raises(UpdateError):
+        PeriodicUpdate(session, [dest], site, io_size=IO).run()
+    hook.fail_at = hook.writes + 2
+    with pytest.raises(UpdateError):
+        PeriodicUpdate(session, [dest], site, io_size=IO).run()
+    protects = [a for c, a in zip(site.calls, site.acks, strict=True) if c[0] == "protect"]
+    assert [a.kept for a in protects] == [False, True]
+    hook.fail_at = None
+    rollback(session, dest, site)
+    assert dest.state is DestState.CONSISTENT and contents(dest) == image
