@@ -233,7 +233,8 @@ def _site_arguments(parser: argparse.ArgumentParser) -> None:
         type=_positive,
         default=DEFAULT_TIMEOUT,
         metavar="SECONDS",
-        help=f"wait at most this long for each answer of the site (default {DEFAULT_TIMEOUT:g})",
+        help="wait at most this long for each answer of the site and of each NBD server "
+        f"(default {DEFAULT_TIMEOUT:g})",
     )
     _cli_auth.add_client_options(parser)
 
@@ -251,7 +252,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _open(args: argparse.Namespace) -> store.PersistentSession:
     """Open SESSION; say on stderr what a recovery after a crash did."""
-    stored, recovery = store.open_session(args.session)
+    # --timeout bounds the waits for the session's NBD servers as for its site.
+    stored, recovery = store.open_session(args.session, timeout=getattr(args, "timeout", None))
     if recovery.crashed:
         ended = "; the copy it was running failed" if recovery.interrupted_copy else ""
         print(

@@ -115,24 +115,27 @@ def is_uri(target: str) -> bool:
     return _URI.match(target) is not None
 
 
-def open_lun(target: str):
+def open_lun(target: str, timeout: float | None = None):
     """Open a LUN from a path, an NBD URI (``nbd[s]://``, ``nbd[s]+unix://``: TLS with an s)
-    or an RBD image's (``rbd:POOL/IMAGE[?conf=PATH]``: through a qemu-nbd of its own)."""
+    or an RBD image's (``rbd:POOL/IMAGE[?conf=PATH]``: through a qemu-nbd of its own).
+
+    ``timeout`` bounds, in seconds, every wait of an NBD LUN for its server
+    (None: :data:`isc.nbd.DEFAULT_TIMEOUT`)."""
     if target.startswith("rbd:"):
         from isc.rbd import RBDLUN
 
         return RBDLUN(target)
     if is_uri(target):
-        from isc.nbd import NBDLUN
+        from isc.nbd import DEFAULT_TIMEOUT, NBDLUN
 
-        return NBDLUN(target)
+        return NBDLUN(target, timeout=timeout or DEFAULT_TIMEOUT)
     return FileLUN(target)
 
 
-def _open_named(target: str, what: str):
+def _open_named(target: str, what: str, timeout: float | None = None):
     """``open_lun``, with an OSError that says which of the session's LUNs failed."""
     try:
-        return open_lun(target)
+        return open_lun(target, timeout)
     except OSError as exc:
         message = f"cannot open {what} at {target}: {exc.strerror or exc}"
         raise (OSError(exc.errno, message) if exc.errno else OSError(message)) from exc
@@ -342,12 +345,19 @@ class PersistentSession:
     and update workflows do not know the store), and :meth:`close` at the end.
     """
 
-    def __init__(self, directory: Path, meta: dict, bitmap: DeltaBitmap | None) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        meta: dict,
+        bitmap: DeltaBitmap | None,
+        timeout: float | None = None,
+    ) -> None:
         self.directory = directory
         self.meta = meta
+        self._timeout = timeout
         with ExitStack() as opened:
             # Close what was opened if a later LUN or the save area fails.
-            self.source = _open_named(meta["source"], "the source")
+            self.source = _open_named(meta["source"], "the source", timeout)
             opened.callback(self.source.close)
             self._source_lock = None if is_uri(meta["source"]) else SourceLock(meta["source"])
             if self._source_lock is not None:
@@ -384,12 +394,12 @@ class PersistentSession:
                     # its first use and again after an outage, so no host write and
                     # no other destination waits for it (rule 13).
                     lun = ReconnectingLUN(
-                        partial(open_lun, d["target"]),
+                        partial(open_lun, d["target"], timeout),
                         self.source.size,
                         f"{what} at {d['target']}",
                     )
                 else:
-                    lun = _open_named(d["target"], what)
+                    lun = _open_named(d["target"], what, timeout)
                 opened.callback(lun.close)
                 dest = Destination(lun, d["name"], DestState(d["state"]), d["epoch"])
                 dest.samples = [(chunk, crc) for chunk, crc in d.get("samples", [])]
@@ -546,7 +556,7 @@ class PersistentSession:
         problem = self._clash(target, name)
         if problem is not None:
             raise ParameterError(problem)
-        lun = _open_named(target, "the destination")
+        lun = _open_named(target, "the destination", self._timeout)
         if lun.size < self.source.size:
             lun.close()
             raise ParameterError(
@@ -911,6 +921,7 @@ def open_session(
     *,
     checkpoint_interval: float = DEFAULT_CHECKPOINT_INTERVAL,
     reset: bool = False,
+    timeout: float | None = None,
 ) -> tuple[PersistentSession, Recovery]:
     """Open the session in ``directory``, recovering from a crash if there was one.
 
@@ -924,6 +935,9 @@ def open_session(
     checkpoint and log files are not read, every chunk is tracked and every
     destination becomes NEW, so the next copy of each is full.
 
+    ``timeout`` bounds, in seconds, every wait for the NBD server of the
+    source or a destination (:func:`open_lun`).
+
     Raises ``StateError`` when there is no session, or another process holds
     it or its source, or the source's size changed; ``CorruptMetadata``
     naming the file when a file is corrupt, truncated, foreign, missing (a
@@ -935,7 +949,7 @@ def open_session(
     meta = _read_meta(path)
     lock = _lock(path)
     try:
-        stored, recovery = _recover(path, meta, checkpoint_interval, reset)
+        stored, recovery = _recover(path, meta, checkpoint_interval, reset, timeout)
     except BaseException:
         os.close(lock)
         raise
@@ -1094,7 +1108,7 @@ def _lock(directory: Path) -> int:
 
 
 def _recover(
-    path: Path, meta: dict, checkpoint_interval: float, reset: bool
+    path: Path, meta: dict, checkpoint_interval: float, reset: bool, timeout: float | None
 ) -> tuple[PersistentSession, Recovery]:
     if reset:
         # The checkpoint and logs are not read: they are what may be lost or damaged.
@@ -1113,7 +1127,7 @@ def _recover(
                 f"{exc}; isc recover {path} --reset-destinations starts again with full copies"
             ) from None
     try:
-        stored = PersistentSession(path, meta, bitmap)
+        stored = PersistentSession(path, meta, bitmap, timeout)
     except IscError:
         raise
     except (KeyError, TypeError, ValueError) as exc:

@@ -26,6 +26,7 @@ import signal
 import socket
 import struct
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -399,6 +400,49 @@ def test_a_stalled_server_times_out_and_closes_the_lun(tmp_path: Path):
             assert lun.closed
         finally:
             remote.proc.send_signal(signal.SIGCONT)
+
+
+class StallingLUN(MemoryLUN):
+    """A MemoryLUN whose writes wait, once ``stall`` is cleared, until it is set again."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.stall = threading.Event()
+        self.stall.set()
+
+    def write(self, offset, data):
+        self.stall.wait(TOOL_TIMEOUT)
+        super().write(offset, data)
+
+
+def test_isc_update_timeout_bounds_every_wait_for_a_stalled_destination(tmp_path: Path):
+    from isc.store import create_session, open_session
+
+    source = tmp_path / "vol.img"
+    source.write_bytes(random.Random(SEED).randbytes(MIB))
+    dest = StallingLUN(MIB)
+    state = tmp_path / "vol.isc"
+    isc = [sys.executable, "-m", "isc.cli"]
+    with NBDServer(dest, name="disk") as server:
+        server.start_unix(tmp_path / "dest.sock")
+        create_session(state, str(source), granularity=64 * KIB)
+        stored, _ = open_session(state)
+        with stored:
+            stored.add_destination(server.uri, "d")
+        run(*isc, "copy", state, "--full")
+        stored, _ = open_session(state)
+        with stored:
+            stored.session.write(0, b"changed")
+        dest.stall.clear()
+        try:
+            started = time.monotonic()
+            done = run(*isc, "update", state, "--timeout", "1", check=False)
+            took = time.monotonic() - started
+        finally:
+            dest.stall.set()
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "within 1.0 s" in done.stderr, done.stderr
+    assert took < 10, f"isc update --timeout 1 took {took:.1f} s"
 
 
 def test_a_server_that_never_greets_times_out(tmp_path: Path):

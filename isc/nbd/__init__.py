@@ -20,13 +20,14 @@ without the others:
 The names below are the public ones; import them from ``isc.nbd``.
 """
 
-from isc.nbd.client import IN_FLIGHT, NBDLUN, REQUEST_SIZE, SENDER_PATIENCE
+from isc.nbd.client import DEFAULT_TIMEOUT, IN_FLIGHT, NBDLUN, REQUEST_SIZE, SENDER_PATIENCE
 from isc.nbd.export import SessionLUN
 from isc.nbd.proto import MAX_BLOCK, NBD_PORT, TransmissionFlag
 from isc.nbd.server import HANDSHAKE_TIMEOUT, MAX_CLIENTS, NBDServer
 from isc.nbd.uri import ClientTLS, NBDAddress, parse_uri
 
 __all__ = [
+    "DEFAULT_TIMEOUT",
     "HANDSHAKE_TIMEOUT",
     "IN_FLIGHT",
     "MAX_BLOCK",

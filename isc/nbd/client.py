@@ -53,6 +53,9 @@ cost more still; smaller ones add per-request overhead on both ends.
 IN_FLIGHT = 32
 """Requests :class:`NBDLUN` keeps on the wire at once, over all calls (8 MiB)."""
 
+DEFAULT_TIMEOUT = 60.0
+"""Seconds :class:`NBDLUN` waits for its server at most, unless told otherwise."""
+
 SENDER_PATIENCE = 0.01
 """Seconds a call with requests to send waits for another thread's send to end
 before it reads replies instead (see NBDLUN._submit)."""
@@ -126,7 +129,7 @@ class NBDLUN(_BaseLUN):
     read-only export raises ``StateError``.
     """
 
-    def __init__(self, uri: str, *, timeout: float | None = 60.0) -> None:
+    def __init__(self, uri: str, *, timeout: float | None = DEFAULT_TIMEOUT) -> None:
         self.uri = uri
         self.target = parse_uri(uri)
         """The address and export name read from ``uri``."""
