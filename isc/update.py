@@ -6,8 +6,10 @@ Periodic incremental update (docs/design.md; the patent's figures 3-9):
    with :class:`UpdateBusy`, log, and change nothing;
 2. mark (every session of a consistency group at one point in time);
 3. ask the site to protect every destination, each waiting for its ack or a
-   timeout; if any fails, unprotect the ones that succeeded, unmark, log and
-   raise :class:`UpdateError`;
+   timeout (a consistency group's with one group request where the site
+   offers it); if any fails, unprotect the ones this update protected (a
+   protection kept from a failed update stays: its destination holds a
+   mix), unmark, log and raise :class:`UpdateError`;
 4. transfer the marked data and wait for it to finish;
 5. on success the copy unmarks, the site unprotects, and the destinations are
    consistent; on failure the copy unmarks (merge) and the protection stays,
@@ -334,7 +336,8 @@ def _raised(request: str, exc: Exception) -> Ack:
 
 
 def _protect_all(site, dests: Sequence[Destination], timeout: float, marked) -> None:
-    """Protect every destination, or undo: unprotect those done, unmark ``marked``, raise.
+    """Protect every destination, or undo: unprotect those this call protected (not
+    those kept from a failed update), unmark ``marked``, raise.
 
     A consistency group (several ``marked`` sessions) is protected by one
     group request where the site offers it, so its destinations are taken
@@ -358,7 +361,8 @@ def _protect_all(site, dests: Sequence[Destination], timeout: float, marked) -> 
     refused = next(((d, a) for d, a in zip(dests, acks, strict=False) if not a.ok), None)
     if refused is not None:
         for protected, ack in zip(dests, acks, strict=False):
-            if ack.ok and _ask(site, "unprotect", protected, timeout).ok:
+            # Not one kept from a failed update: its destination still holds a mix.
+            if ack.ok and not ack.kept and _ask(site, "unprotect", protected, timeout).ok:
                 protected.protected_state = None
         for session in marked:
             session.unmark()

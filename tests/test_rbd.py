@@ -489,3 +489,31 @@ def test_a_group_update_protects_and_rolls_back_with_one_group_request_each():
     # A single session's update protects its destinations one by one.
     PeriodicUpdate(*members[0], site).run()
     assert site.calls[-1] == ("protect", ["d0"])
+
+
+def test_an_abandoned_update_keeps_a_protection_left_by_a_failed_one():
+    # d0's copy failed: its protection holds its last consistent image. When the
+    # next update is abandoned because d1 cannot be protected, undoing the
+    # protections it took must not drop d0's: d0 still holds a mix.
+    site = Recorder(groups=False)
+    session = Session(MemoryLUN(SIZE), G, name="s")
+    fill_random(session.source, random.Random(1))
+    dests = [Destination(HookLUN(MemoryLUN(SIZE)), f"d{i}") for i in range(2)]
+    PeriodicUpdate(session, dests, site, io_size=IO).run()
+    session.write(0, b"new")
+    dests[0].lun.fail_at = dests[0].lun.writes + 1
+    with pytest.raises(UpdateError):
+        PeriodicUpdate(session, dests, site, io_size=IO).run()
+    assert dests[0].state is DestState.INCONSISTENT and site.status(dests[0]).info["protected"]
+    refuse = site.protect
+
+    def protect(dest, timeout=None) -> Ack:
+        return Ack(0, False, "no room") if dest.name == "d1" else refuse(dest, timeout)
+
+    site.protect = protect  # type: ignore[method-assign]
+    with pytest.raises(UpdateError, match="cannot protect d1: no room"):
+        PeriodicUpdate(session, dests, site, io_size=IO).run()
+    assert site.status(dests[0]).info["protected"]
+    assert dests[0].protected_state is DestState.CONSISTENT
+    acks = rollback_group([(session, dests[0])], site)
+    assert acks[0].ok and dests[0].state is DestState.CONSISTENT
