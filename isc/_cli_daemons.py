@@ -8,7 +8,6 @@ checkpointed and closed).
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import threading
 
@@ -16,6 +15,7 @@ from isc import _cli_auth
 from isc._cli_tools import _positive
 from isc._units import parse_size
 from isc.commands import _site as host_port
+from isc.commands import agent_site, site_address, unix_path
 
 
 def listen_address(text: str) -> tuple[str, int]:
@@ -27,11 +27,7 @@ def listen_address(text: str) -> tuple[str, int]:
 
 def control_address(text: str) -> tuple[str, int] | str:
     """HOST:PORT as :func:`listen_address`, or unix:PATH (the socket's path)."""
-    if text.startswith("unix:"):
-        if not text[5:]:
-            raise argparse.ArgumentTypeError("unix:PATH needs a path")
-        return os.path.abspath(text[5:])
-    return listen_address(text)
+    return unix_path(text) if text.startswith("unix:") else listen_address(text)
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -65,9 +61,10 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     )
     serve.add_argument(
         "--site",
-        type=host_port,
-        metavar="HOST:PORT",
-        help="the destinations' isc agent (default: protect in this process)",
+        type=site_address,
+        metavar="HOST:PORT|unix:PATH",
+        help="the destinations' isc agent, its control port or Unix socket (default: protect "
+        "in this process)",
     )
     serve.add_argument(
         "--control",
@@ -87,10 +84,19 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         "port. Protections are kept in DIR/.isc-agent and survive a restart.",
     )
     agent.add_argument(
-        "--listen", type=listen_address, required=True, metavar="HOST:PORT", help="control address"
+        "--listen",
+        type=control_address,
+        required=True,
+        metavar="HOST:PORT|unix:PATH",
+        help="control address; a Unix socket is made mode 0600, in a directory that must be "
+        "yours alone, and the exports listen on 127.0.0.1",
     )
     agent.add_argument("--dir", required=True, help="directory of LUN files to export")
-    agent.add_argument("--nbd-port", type=int, help="first NBD port (default: control port + 1)")
+    agent.add_argument(
+        "--nbd-port",
+        type=int,
+        help="first NBD port (default: control port + 1; beside unix:PATH, 10809)",
+    )
     _cli_auth.add_server_options(agent)
     agent.set_defaults(daemon="agent")
 
@@ -100,7 +106,6 @@ def run(args: argparse.Namespace) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
     if args.daemon == "serve":
-        from isc.remote import AgentSite
         from isc.serve import run_serve
 
         def served(session, uri: str, control_port: int | None) -> None:
@@ -117,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
         tls, credentials = _cli_auth.server_security(args, "isc serve", host, control_host)
         # The site is reached with the client's end of the same credentials.
         site_credentials = _cli_auth.client_credentials(args) if args.site else None
-        site = AgentSite(*args.site, credentials=site_credentials) if args.site else None
+        site = agent_site(args.site, site_credentials) if args.site else None
         run_serve(
             args.source,
             host,
@@ -136,18 +141,21 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from isc.agent import run_agent
 
-    def listening(agent, control_port: int, uris: dict) -> None:
+    def listening(agent, control_port: int | None, uris: dict) -> None:
         for name, uri in uris.items():
             print(f"export {name} {uri}", flush=True)
-        print(f"control {args.listen[0]}:{control_port}", flush=True)
+        if control_port is None:
+            print(f"control unix:{args.listen}", flush=True)
+        else:
+            print(f"control {args.listen[0]}:{control_port}", flush=True)
         print("ready", flush=True)
 
-    host, port = args.listen
-    tls, credentials = _cli_auth.server_security(args, "isc agent", host, host)
+    unix = isinstance(args.listen, str)  # the exports then listen on loopback
+    host = "127.0.0.1" if unix else args.listen[0]
+    tls, credentials = _cli_auth.server_security(args, "isc agent", host, None if unix else host)
     run_agent(
         args.dir,
-        host,
-        port,
+        args.listen,
         nbd_port=args.nbd_port,
         ready=listening,
         stop=stop,

@@ -62,7 +62,8 @@ rollback or unprotect. Loading a journal at start and a rollback read it
 whole. A rollback holds off new writes while it runs, but a write already
 past its save may land after it: roll back while no copy writes.
 
-Control protocol (:mod:`isc.control`: newline-delimited JSON over TCP). A
+Control protocol (:mod:`isc.control`: newline-delimited JSON over TCP, or
+over a Unix socket of mode 0600 that only the agent's user reaches). A
 request is ``{"id": N, "op": OP, "export": NAME}`` with OP one of
 ``protect``, ``unprotect``, ``rollback``, ``status`` (and ``list``, which
 needs no export). Every reply is ``{"id": N, "ok": true|false, "reason":
@@ -88,7 +89,7 @@ from isc.auth import Credentials
 from isc.control import ControlServer, Op
 from isc.errors import IscError, ParameterError
 from isc.lun import FileLUN, ForwardingLUN
-from isc.nbd import MAX_CLIENTS
+from isc.nbd import MAX_CLIENTS, NBD_PORT
 from isc.remote import PROTECT_GRANULARITY, saved_extents
 from isc.store import _fsync_dir, write_atomically
 from isc.tls import ServerTLS
@@ -512,8 +513,7 @@ class Agent:
 
 def run_agent(
     directory: str | Path,
-    host: str,
-    port: int,
+    control: tuple[str, int] | str,
     *,
     nbd_port: int | None = None,
     ready=None,
@@ -524,20 +524,27 @@ def run_agent(
 ) -> None:
     """Serve ``directory`` until ``stop`` is set (or the process is interrupted).
 
-    Control requests on ``host:port``; the exports on NBD ports from
-    ``nbd_port`` (default ``port + 1``) in file-name order, each at
-    ``nbd://host:PORT/NAME`` (port 0: any free ports). ``ready(agent,
-    control_port, uris)`` is called once everything listens. ``tls``: how the
-    exports offer TLS; ``credentials``: the control port answers only clients
-    that authenticate; ``max_clients``: NBD clients served at once per export.
+    Control requests on ``control``: ``(host, port)``, or the path of a Unix
+    socket (:meth:`~isc.control.ControlServer.listen_unix`: mode 0600, in a
+    directory of this user alone). The exports on NBD ports of the same host
+    (127.0.0.1 beside a Unix socket) from ``nbd_port`` (default: the control
+    port + 1; beside a Unix socket :data:`~isc.nbd.NBD_PORT`) in file-name
+    order, each at ``nbd://HOST:PORT/NAME`` (port 0: any free ports).
+    ``ready(agent, control_port, uris)`` is called once everything listens
+    (``control_port`` None on a Unix socket). ``tls``: how the exports offer
+    TLS; ``credentials``: the control port answers only clients that
+    authenticate; ``max_clients``: NBD clients served at once per export.
     """
     from isc.nbd import NBDServer
 
     agent = Agent(directory, credentials=credentials)
     servers = []
     stop = stop or threading.Event()
+    if isinstance(control, str):
+        host, base = "127.0.0.1", NBD_PORT if nbd_port is None else nbd_port
+    else:
+        host, base = control[0], control[1] + 1 if nbd_port is None else nbd_port
     try:
-        base = nbd_port if nbd_port is not None else port + 1
         uris = {}
         for offset, (name, export) in enumerate(agent.exports.items()):
             server = NBDServer(export, name=name, tls=tls, max_clients=max_clients)
@@ -547,14 +554,19 @@ def run_agent(
             log.info("export %s at %s", name, server.uri)
 
         async def main() -> None:
-            control = await agent.control.listen(host, port)
-            bound = control.sockets[0].getsockname()[1]
-            log.info("control requests on %s:%d", host, bound)
+            bound = None
+            if isinstance(control, str):
+                listening = await agent.control.listen_unix(control)
+                log.info("control requests on unix:%s", control)
+            else:
+                listening = await agent.control.listen(*control)
+                bound = listening.sockets[0].getsockname()[1]
+                log.info("control requests on %s:%d", control[0], bound)
             if ready is not None:
                 ready(agent, bound, uris)
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(None, stop.wait)
-            await agent.control.shut(control)
+            await agent.control.shut(listening)
 
         asyncio.run(main())
     finally:

@@ -34,6 +34,11 @@ reads as the answer to its request: ``ok: false`` and why. With TLS alone
 the server's first line is ``{"auth": "x509", "ok": true}``: the handshake
 has checked the client's certificate.
 
+A control port on a Unix socket runs the same exchange. A client checks
+there that the server's certificate is signed by its CA, but not which host
+it names: a socket has no host name (its path, in a directory of its user
+alone, says which server it is).
+
 A peer that fails gets one line ``{"ok": false, "reason": ...}`` (the id of
 its request, when it sent one) and the connection closes; the server logs
 the refusal. No line of an unauthenticated connection is ever read as a
@@ -46,6 +51,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -274,13 +280,41 @@ class Credentials:
         other, ``OSError`` (``TimeoutError``, ``ConnectionRefusedError`` ...)
         when the connection fails.
         """
+        self._check_client()
+        sock = socket.create_connection((host, port), timeout=timeout)
+        return self._authenticate(sock, f"{host}:{port}", self._context, host.strip("[]"), timeout)
+
+    def connect_unix(self, path: str | os.PathLike[str], timeout: float | None) -> socket.socket:
+        """A connection to the control port on the Unix socket at ``path``, authenticated
+        both ways; raises as :meth:`connect`. Over TLS the server's certificate must be
+        signed by the CA, but names no host: the socket has none."""
+        self._check_client()
+        context = self._unix_context if self._context is not None else None
+        sock = _unix_connection(path, timeout)
+        return self._authenticate(sock, f"unix:{os.fspath(path)}", context, None, timeout)
+
+    @functools.cached_property
+    def _unix_context(self) -> ssl.SSLContext:
+        assert self.tls_creds is not None
+        return tls.client_context(self.tls_creds, check_hostname=False, certificate=True)
+
+    def _check_client(self) -> None:
         if self.endpoint != "client":
             raise ParameterError(f"{self!r} is a server's: it cannot connect")
-        where = f"{host}:{port}"
-        sock = socket.create_connection((host, port), timeout=timeout)
+
+    def _authenticate(
+        self,
+        sock: socket.socket,
+        where: str,
+        context: ssl.SSLContext | None,
+        hostname: str | None,
+        timeout: float | None,
+    ) -> socket.socket:
+        """Run the exchange on the new connection ``sock`` to ``where``; return it ready
+        for requests (upgraded to TLS by ``context``), or close it and raise."""
         try:
-            if self._context is not None:
-                sock = self._context.wrap_socket(sock, server_hostname=host.strip("[]"))
+            if context is not None:
+                sock = context.wrap_socket(sock, server_hostname=hostname)
             first = _parse(_first_line(sock, where, timeout))
             if self._secret is not None:
                 self._prove(sock, where, first)
@@ -330,13 +364,29 @@ def _refused(where: str, reply: dict) -> str:
 
 
 def connect(
-    host: str, port: int, timeout: float | None, credentials: Credentials | None = None
+    address: tuple[str, int] | str, timeout: float | None, credentials: Credentials | None = None
 ) -> socket.socket:
-    """A connection to a control port: plain without ``credentials``, else
-    :meth:`Credentials.connect`."""
+    """A connection to the control port at ``address``, ``(host, port)`` or the path of a
+    Unix socket: plain without ``credentials``, else authenticated
+    (:meth:`Credentials.connect`, :meth:`Credentials.connect_unix`)."""
+    if isinstance(address, str):
+        if credentials is None:
+            return _unix_connection(address, timeout)
+        return credentials.connect_unix(address, timeout)
     if credentials is None:
-        return socket.create_connection((host, port), timeout=timeout)
-    return credentials.connect(host, port, timeout)
+        return socket.create_connection(address, timeout=timeout)
+    return credentials.connect(*address, timeout)
+
+
+def _unix_connection(path: str | os.PathLike[str], timeout: float | None) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(os.fspath(path))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 async def _read_line(reader: asyncio.StreamReader) -> bytes:

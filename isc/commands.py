@@ -46,8 +46,10 @@ from isc import _cli_auth, store
 from isc._cli_tools import _granularity, _positive, _size
 from isc._layout import DEFAULT_GRANULARITY
 from isc._units import format_bytes, size_label
+from isc.auth import Credentials
 from isc.copy import CopyResult, DestState
 from isc.errors import IscError, ParameterError, StateError
+from isc.remote import AgentSite, LocalSite, RemoteSite
 from isc.serve import MIN_THROTTLE
 from isc.session import DEFAULT_SAVE_AREA
 from isc.update import DEFAULT_TIMEOUT, PeriodicUpdate, rollback
@@ -104,6 +106,25 @@ def _site(text: str) -> tuple[str, int]:
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT (a port from 1 to 65535)")
     return host.strip("[]"), int(port)
+
+
+def unix_path(text: str) -> str:
+    """The socket path of ``unix:PATH``, made absolute."""
+    if not text[5:]:
+        raise argparse.ArgumentTypeError("unix:PATH needs a path")
+    return os.path.abspath(text[5:])
+
+
+def site_address(text: str) -> tuple[str, int] | str:
+    """An isc agent's control port: HOST:PORT, or unix:PATH (the socket's path)."""
+    return unix_path(text) if text.startswith("unix:") else _site(text)
+
+
+def agent_site(address: tuple[str, int] | str, credentials: Credentials | None) -> AgentSite:
+    """The isc agent at ``address`` (from :func:`site_address`), reached with ``credentials``."""
+    if isinstance(address, str):
+        return AgentSite(unix=address, credentials=credentials)
+    return AgentSite(*address, credentials=credentials)
 
 
 # -- registration ------------------------------------------------------------------------
@@ -226,7 +247,10 @@ def _copy_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _site_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--site", type=_site, metavar="HOST:PORT", help="the destinations' site (an isc agent)"
+        "--site",
+        type=site_address,
+        metavar="HOST:PORT|unix:PATH",
+        help="the destinations' site: an isc agent's control port (unix:PATH: its Unix socket)",
     )
     parser.add_argument(
         "--timeout",
@@ -414,20 +438,15 @@ def _update(args: argparse.Namespace) -> int:
     return 0
 
 
-def _connect(args: argparse.Namespace):
-    """The site for ``--site HOST:PORT`` (authenticated as ``--tls-creds``/``--secret-file``
-    say), or the in-process site without one."""
-    from isc import remote
-
+def _connect(args: argparse.Namespace) -> RemoteSite:
+    """The site for ``--site`` (authenticated as ``--tls-creds``/``--secret-file`` say),
+    or the in-process site without one."""
     address, credentials = args.site, _cli_auth.client_credentials(args)
     if address is None:
         if credentials is not None:
             raise ParameterError("--tls-creds and --secret-file are for a site: add --site")
-        return remote.LocalSite()
-    agent_site = getattr(remote, "AgentSite", None)
-    if agent_site is None:
-        raise IscError("remote sites need the isc agent client (isc.remote.AgentSite)")
-    return agent_site(*address, credentials=credentials)
+        return LocalSite()
+    return agent_site(address, credentials)
 
 
 def _with_rbd(site, stored: store.PersistentSession):

@@ -47,6 +47,7 @@ import functools
 import itertools
 import json
 import logging
+import os
 import socket
 import threading
 from collections.abc import Callable, Iterable, Sequence
@@ -365,7 +366,8 @@ class RequestSite(RemoteSite):
 
 
 class AgentSite(RequestSite):
-    """The site of an ``isc agent`` at ``host:port`` (its control port).
+    """The site of an ``isc agent`` at ``host:port`` (its control port), or on the Unix
+    socket at the path ``unix`` (``isc agent --listen unix:PATH``).
 
     A destination is known to the agent by its export name, which must be
     the destination's ``name``. Each request opens a connection, sends one
@@ -381,27 +383,39 @@ class AgentSite(RequestSite):
 
     def __init__(
         self,
-        host: str,
-        port: int,
+        host: str | None = None,
+        port: int | None = None,
         *,
+        unix: str | os.PathLike[str] | None = None,
         timeout: float = 30.0,
         credentials: Credentials | None = None,
     ) -> None:
         if credentials is not None and credentials.endpoint != "client":
             raise ParameterError(f"an agent site needs client credentials, got {credentials!r}")
-        self.host = host
-        self.port = port
+        self.address: tuple[str, int] | str
+        """``(host, port)``, or the path of the Unix socket."""
+        if unix is not None and host is None and port is None:
+            self.address = os.path.abspath(unix)
+            self._where = f"agent unix:{self.address}"
+        elif unix is None and host is not None and port is not None:
+            self.address = (host, port)
+            self._where = f"agent {host}:{port}"
+        else:
+            raise ParameterError(
+                "an agent site is at a host and port, or at a Unix socket (unix=PATH): "
+                f"got host={host!r}, port={port!r}, unix={unix!r}"
+            )
         self.timeout = timeout
         self.credentials = credentials
 
     def _request(self, op: str, dest: Destination, timeout: float | None) -> Ack:
         rid = self._next_id()
         wait = self.timeout if timeout is None else timeout
-        where = f"agent {self.host}:{self.port}"
+        where = self._where
         line = json.dumps({"id": rid, "op": op, "export": dest.name}).encode() + b"\n"
         sent = False  # once the whole line is out, the agent may act on it
         try:
-            with connect(self.host, self.port, wait, self.credentials) as sock:
+            with connect(self.address, wait, self.credentials) as sock:
                 sock.settimeout(wait)
                 sock.sendall(line)
                 sent = True

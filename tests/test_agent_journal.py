@@ -248,7 +248,7 @@ def agent_here(directory: Path) -> Iterator[tuple[Agent, int, dict[str, str]]]:
     stop = threading.Event()
     worker = Worker(
         lambda: run_agent(
-            directory, HOST, 0, nbd_port=0, stop=stop, ready=lambda *ready: started.put(ready)
+            directory, (HOST, 0), nbd_port=0, stop=stop, ready=lambda *ready: started.put(ready)
         )
     )
     try:

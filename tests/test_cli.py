@@ -347,6 +347,7 @@ def test_a_session_in_use(session: Path) -> None:
         (["copy", "s", "--unmarked"], "--unmarked needs --full"),
         (["rollback", "s", "d1"], "rollback needs --site HOST:PORT"),
         (["update", "s", "--site", "nowhere"], "'nowhere' is not HOST:PORT"),
+        (["rollback", "s", "d1", "--site", "unix:"], "unix:PATH needs a path"),
         (["update", "s", "--every", "-1"], "must be a finite number > 0"),
         (["copy", "s", "--throttle", "fast"], "'fast' is not a size"),
         (["copy", "s", "--throttle", "0.0001"], "'0.0001' bytes per second is too slow: give "),

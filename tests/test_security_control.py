@@ -30,6 +30,7 @@ import pytest
 import test_agent
 from helpers import Gate, Worker
 from test_agent import HOST, IO, SIZE, WAIT, daemon
+from test_agent_journal import wait_until
 from test_cli import error_line, isc_run
 from test_security_nbd import with_tls
 
@@ -644,6 +645,114 @@ def test_serve_control_on_a_unix_socket_reaches_this_user_only(tmp_path, source)
         assert f"a server listens on {path} already" in error_line(done)
         served.stop()
     assert not path.exists()  # removed on stop
+
+
+@pytest.mark.parametrize(
+    "server_side", [{"secret_file": "ours"}, {"tls_creds": "good"}], ids=["secret", "tls"]
+)
+def test_credentials_authenticate_on_a_unix_socket_too(tmp_path, secrets, credentials, server_side):
+    def made(endpoint: str, kind: dict) -> Credentials:
+        files = {**secrets, **credentials}
+        return Credentials(endpoint, **{key: files[name] for key, name in kind.items()})
+
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    path = private / "control.sock"
+    wrong = {"secret_file": "theirs"} if "secret_file" in server_side else {"tls_creds": "other-ca"}
+    with counted(made("server", server_side), path) as server:
+        with made("client", server_side).connect_unix(path, WAIT) as sock:
+            assert ask(sock, {"id": 1, "op": "bump"})["ok"]
+        with pytest.raises(AuthenticationError, match=f"unix:{path}"):
+            made("client", wrong).connect_unix(path, WAIT)
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(WAIT)
+            sock.connect(str(path))
+            sock.sendall(b'{"id": 2, "op": "bump"}\n')
+            replies = [line(sock), line(sock)]
+            assert closed(sock)
+        assert all(reply.get("ok") is not True for reply in replies)
+        assert server.count == 1
+
+
+def test_an_agent_on_a_unix_socket_is_the_site_of_update_rollback_and_serve(
+    tmp_path, source, exports, credentials
+):
+    # Mutual TLS and a shared secret (each alone on a Unix socket: the test above).
+    secret = secret_file(tmp_path)
+    good = credentials["good"]
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    path = private / "agent.sock"
+    args = ["--listen", f"unix:{path}", "--nbd-port", "0", "--dir", str(exports)]
+    options = agent_options(credentials, secret, tls=True)
+    with daemon(tmp_path / "agent.log", "-v", "agent", *args, *options) as remote:
+        info = os.lstat(path)
+        assert stat.S_ISSOCK(info.st_mode) and stat.S_IMODE(info.st_mode) == 0o600
+        assert info.st_uid == os.geteuid()
+        assert remote.exports["disk"].split("://")[1].startswith(f"{HOST}:")  # on loopback
+        uri = with_tls(remote.exports["disk"], good)
+        site = ["--site", f"unix:{path}"]
+        secure = ["--secret-file", str(secret), "--tls-creds", str(good)]
+        isc_run("create", "s", "--source", "source.img", cwd=tmp_path)
+        isc_run("add-dest", "s", uri, "--name", "disk", cwd=tmp_path)
+        isc_run("update", "s", *site, *secure, cwd=tmp_path)
+        assert (exports / "disk").read_bytes() == source.read_bytes()
+        # The socket reaches only this user, and still only with the credentials.
+        done = isc_run("update", "s", *site, cwd=tmp_path, check=1)
+        assert f"agent unix:{path}" in error_line(done)
+        client = Credentials("client", tls_creds=good, secret_file=secret)
+        agent = AgentSite(unix=path, timeout=WAIT, credentials=client)
+        # The writes of an update that failed under a protection, rolled back by isc rollback.
+        dest = Destination(None, name="disk")
+        assert agent.protect(dest).ok
+        with NBDLUN(uri, timeout=WAIT) as lun:
+            lun.write(SIZE // 2, b"\xff" * 65536)
+            lun.flush()
+        done = isc_run("rollback", "s", "disk", *site, *secure, cwd=tmp_path)
+        assert done.stdout.startswith("rolled back disk: 1 range(s) rewritten")
+        assert (exports / "disk").read_bytes() == source.read_bytes()
+        assert agent.unprotect(dest).ok
+        # isc serve's periodic updates protect the destination at the same site.
+        serve = ["serve", str(tmp_path / "s"), "--listen", f"{HOST}:0", "--every", "0.05"]
+        with daemon(tmp_path / "serve.log", *serve, *site, *secure) as served:
+            with NBDLUN(served.exports["s"], timeout=WAIT) as lun:
+                lun.write(0, random.Random(12).randbytes(65536))
+                lun.flush()
+            wait_until(
+                lambda: (exports / "disk").read_bytes() == source.read_bytes(),
+                served.proc,
+                served.log,
+                "update that sends the host write",
+            )
+            served.stop()
+        remote.stop()
+    log = (tmp_path / "agent.log").read_text()
+    assert log.count(": protect disk: ok") >= 3  # by isc update, this test, isc serve
+    assert ": rollback disk: ok" in log and "Traceback" not in log
+    assert not path.exists()  # removed on stop
+
+
+def test_an_agent_socket_where_others_could_reach_it_is_refused(tmp_path, exports):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    args = ["agent", "--listen", f"unix:{shared}/agent.sock", "--nbd-port", "0"]
+    done = isc_run(*args, "--dir", str(exports), cwd=tmp_path, check=1)
+    assert "must be yours and writable by you alone (make one with mkdir -m 700)" in error_line(
+        done
+    )
+    assert list(shared.iterdir()) == [] and not (exports / ".isc-agent").exists()
+
+
+def test_an_agent_site_is_at_a_host_and_port_or_a_unix_socket(tmp_path):
+    assert AgentSite(unix="run/agent.sock").address == os.path.abspath("run/agent.sock")
+    assert AgentSite(HOST, 7).address == (HOST, 7)
+    for wrong in ({}, {"host": HOST}, {"port": 7}, {"host": HOST, "port": 7, "unix": "s"}):
+        with pytest.raises(ParameterError, match="at a host and port, or at a Unix socket"):
+            AgentSite(**wrong)  # type: ignore[arg-type]
+    ack = AgentSite(unix=tmp_path / "nobody.sock", timeout=WAIT).status(Destination(None, "d"))
+    assert not ack.ok and not ack.outcome_unknown
+    assert f"agent unix:{tmp_path / 'nobody.sock'} could not status d" in ack.reason
 
 
 @pytest.mark.parametrize(
