@@ -29,7 +29,7 @@ protect         nothing when the image has a protection snapshot of the
                 session already (left by a failed update: it holds the last
                 consistent image, a newer one would not), else ``rbd snap
                 create``. Copy-on-write in the OSDs: the same cost for any
-                size (about 0.2 s on the test cluster for 256 MiB or 4 GiB,
+                size (0.1 to 0.2 s on the test cluster for 256 MiB or 4 GiB,
                 mostly the two ``rbd`` processes; benchmarks/README.md)
 unprotect       ``rbd snap rm`` of the session's snapshots
 rollback        stop this process's exports of the image (no cached write
@@ -82,13 +82,14 @@ import time
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 from isc.copy import Destination
 from isc.errors import IscError, ParameterError
 from isc.lun import ForwardingLUN
 from isc.nbd import NBDLUN
 from isc.remote import Ack, RemoteSite, RoutingSite
+from isc.session import Session
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +156,7 @@ class RBDImage:
 
     @property
     def uri(self) -> str:
-        return f"{SCHEME}{self.spec}" + (f"?conf={self.conf}" if self.conf else "")
+        return f"{SCHEME}{self.spec}" + (f"?conf={quote(self.conf)}" if self.conf else "")
 
     def __str__(self) -> str:
         return self.uri
@@ -167,8 +168,8 @@ class RBDImage:
     def identity(self, timeout: float = 30.0) -> tuple | None:
         """What names this image under any URI (its pool and id), or None if it cannot be read."""
         try:
-            info = json.loads(self.rbd("info", "--format", "json", self.spec, timeout=timeout))
-        except (RBDError, ValueError):
+            info = _json(self, "info", self.spec, timeout=timeout)
+        except RBDError:
             return None
         return ("rbd", self.pool, info.get("id"))
 
@@ -199,7 +200,16 @@ def _rbd(conf: str | None, args: Sequence[str], timeout: float) -> str:
 
 
 def _json(image: RBDImage, *args: str, timeout: float):
-    return json.loads(image.rbd(*args, "--format", "json", timeout=timeout))
+    return _rbd_json(image.conf, args, timeout)
+
+
+def _rbd_json(conf: str | None, args: Sequence[str], timeout: float):
+    """``rbd ARGS --format json``, read; ``RBDError`` when it fails or prints no JSON."""
+    printed = _rbd(conf, (*args, "--format", "json"), timeout)
+    try:
+        return json.loads(printed)
+    except ValueError:
+        raise RBDError(f"rbd {' '.join(args)} printed no JSON: {printed[:200]!r}") from None
 
 
 # -- data: one qemu-nbd per open LUN ---------------------------------------------------
@@ -345,7 +355,7 @@ def _label(name: str) -> str:
     return "".join(c if _NAME.fullmatch(c) else "_" for c in name)
 
 
-def snapshot_name(session) -> str:
+def snapshot_name(session: Session) -> str:
     """The name of the protection snapshot ``session``'s current mark takes."""
     return f"{PREFIX}{_label(session.name)}-{session.generation}"
 
@@ -368,7 +378,7 @@ class _Protection:
 @dataclass
 class _Entry:
     image: RBDImage
-    session: object  # a Session: its name and generation name the snapshots
+    session: Session  # its name and generation name the snapshots
 
 
 class RBDSite(RemoteSite):
@@ -385,7 +395,7 @@ class RBDSite(RemoteSite):
         # it goes once all of its images did.
         self._released: dict[tuple[str, str, str], set[tuple[str, str]]] = {}
 
-    def add(self, name: str, image: RBDImage | str, session) -> None:
+    def add(self, name: str, image: RBDImage | str, session: Session) -> None:
         """Make destination ``name``, on ``image``, known; ``session`` copies to it."""
         self._entries[name] = _Entry(
             image if isinstance(image, RBDImage) else RBDImage.parse(image), session
@@ -545,16 +555,17 @@ class RBDSite(RemoteSite):
         plans: dict[tuple, tuple[_Protection, list[int]]] = {}  # a rollback: the dests it restores
         for i, dest in enumerate(dests):
             try:
-                held = self._protections(self._entry(dest), wait)
+                found = self._protections(self._entry(dest), wait)
             except RBDError as exc:
                 acks[i] = self._refused(self._next_id(), exc)
                 continue
-            if not held:
+            if not found:
                 reason = f"{dest.name} is not protected: there is no image to restore"
                 acks[i] = Ack(self._next_id(), False, reason)
                 continue
-            key = (held[0].group, held[0].name) if held[0].group else ("image", i)
-            plans.setdefault(key, (held[0], []))[1].append(i)
+            oldest = found[0]
+            key = (oldest.group, oldest.name) if oldest.group else ("image", i)
+            plans.setdefault(key, (oldest, []))[1].append(i)
         for held, indexes in plans.values():
             answers = self._roll_back(held, [dests[i] for i in indexes], wait)
             acks.update(zip(indexes, answers, strict=True))
@@ -577,6 +588,7 @@ class RBDSite(RemoteSite):
             for image in images:
                 _stop(image, wait)
             extents = [_changed(image, held, wait) for image in images]
+            command: tuple[str, ...]
             if held.group is not None:
                 command = ("group", "snap", "rollback", f"{'/'.join(held.group)}@{held.name}")
             else:
@@ -602,7 +614,7 @@ def _changed(image: RBDImage, held: _Protection, wait: float) -> tuple[tuple[int
     if held.group is None:
         try:
             diff = _json(image, "diff", "--from-snap", held.name, image.spec, timeout=wait)
-        except (RBDError, ValueError) as exc:
+        except RBDError as exc:
             log.warning("%s: no list of changes since %s (%s): the whole image", image, held, exc)
         else:
             ranges: list[list[int]] = []
@@ -632,8 +644,7 @@ def _stop(image: RBDImage, wait: float) -> None:
 
 
 def _group_images(conf: str | None, pool: str, group: str, wait: float) -> list[tuple[str, str]]:
-    command = ("group", "image", "list", "--format", "json", f"{pool}/{group}")
-    found = json.loads(_rbd(conf, command, wait))
+    found = _rbd_json(conf, ("group", "image", "list", f"{pool}/{group}"), wait)
     return [(m["pool"], m["image"]) for m in found]
 
 
@@ -645,7 +656,7 @@ def _join(
     Its membership changes only while it has no snapshot (no protection pending).
     """
     spec = f"{group[0]}/{group[1]}"
-    if group[1] in json.loads(_rbd(conf, ("group", "ls", "--format", "json", group[0]), wait)):
+    if group[1] in _rbd_json(conf, ("group", "ls", group[0]), wait):
         members = set(_group_images(conf, *group, wait))
     else:
         _rbd(conf, ("group", "create", spec), wait)
@@ -653,8 +664,7 @@ def _join(
     wanted = {(i.pool, i.image) for i in images}
     if members == wanted:
         return
-    snaps = json.loads(_rbd(conf, ("group", "snap", "ls", "--format", "json", spec), wait))
-    if snaps:
+    if _rbd_json(conf, ("group", "snap", "ls", spec), wait):
         raise RBDError(f"the RBD group {spec} holds other images and a snapshot")
     for pool, image in members - wanted:
         _rbd(conf, ("group", "image", "remove", spec, f"{pool}/{image}"), wait)
@@ -662,7 +672,7 @@ def _join(
         _rbd(conf, ("group", "image", "add", spec, f"{pool}/{image}"), wait)
 
 
-def with_rbd(site: RemoteSite, session, targets: Mapping[str, str]) -> RemoteSite:
+def with_rbd(site: RemoteSite, session: Session, targets: Mapping[str, str]) -> RemoteSite:
     """The site for ``session``'s destinations ``targets`` (name to path or URI).
 
     ``site`` for the others; when some are RBD images, a
