@@ -34,7 +34,6 @@ import os
 import platform
 import select
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -52,6 +51,7 @@ from qemu import StorageDaemon
 
 import isc
 from isc._units import format_bytes, parse_size
+from isc.auth import Credentials, connect
 
 HOST = "127.0.0.1"
 ISC = [sys.executable, "-m", "isc.cli"]
@@ -130,12 +130,16 @@ def combine(runs: list[tuple[float, dict]]) -> dict:
 
 # -- isc serve ---------------------------------------------------------------------------------
 class IscServer:
-    """``isc serve`` on a session directory, with its export URI and a control connection."""
+    """``isc serve`` on a session directory (or a LUN), with its export URI and a control
+    connection; ``options`` go to isc serve, ``credentials`` authenticate the connection."""
 
-    def __init__(self, state: Path, log: Path) -> None:
+    def __init__(
+        self, state: Path, log: Path, *options: str, credentials: Credentials | None = None
+    ) -> None:
         self.log = open(log, "wb")  # noqa: SIM115 - closed in close()
+        listen = ["--listen", f"{HOST}:0", "--control", f"{HOST}:0"]
         self.proc = subprocess.Popen(
-            [*ISC, "serve", str(state), "--listen", f"{HOST}:0", "--control", f"{HOST}:0"],
+            [*ISC, "serve", str(state), *listen, *options],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=self.log,
@@ -149,7 +153,7 @@ class IscServer:
                     self.uri = rest.split()[1]
                 elif kind == "control":
                     port = int(rest.rpartition(":")[2])
-            self.sock = socket.create_connection((HOST, port), timeout=WAIT)
+            self.sock = connect((HOST, port), WAIT, credentials)
         except BaseException:
             self.close()
             raise
