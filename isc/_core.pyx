@@ -560,8 +560,9 @@ cdef class DeltaBitmap:
         index = byte offset // ``region_size``) when a write touches a region
         that is not hot yet, and the write goes on only after ``log``
         returns; if ``log`` raises, the write is abandoned (its COFW chunks
-        lose their saved flags) and the error propagates. ``region_size`` is a power of two, at least the
-        granularity. Raises ``ParameterError`` otherwise.
+        lose their saved flags) and the error propagates. ``region_size`` is
+        a power of two, at least the granularity. Raises ``ParameterError``
+        otherwise.
         """
         cdef uint64_t size = _i64(region_size)
         if size < self._granularity or size & (size - 1):

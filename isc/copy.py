@@ -373,8 +373,9 @@ class CopyJob:
             if stale:
                 self._seed(donor, stale, starts, ends, buffer, result)
             self._join()
-            for (first, count), start, end in zip(
-                runs.tolist(), starts.tolist(), ends.tolist(), strict=True
+            firsts, counts = runs[:, 0].tolist(), runs[:, 1].tolist()
+            for first, count, start, end in zip(
+                firsts, counts, starts.tolist(), ends.tolist(), strict=True
             ):
                 self._transfer(start, end, buffer, result, frozen=True)
                 # Clear only if the mark is still ours: an abort in between
@@ -601,7 +602,12 @@ class CopyJob:
                 else:
                     copied = copy_group(ranges)
             except Exception as exc:
-                if isinstance(exc, StateError) and session.mark_ended(self._generation):
+                generation = self._generation
+                if (
+                    isinstance(exc, StateError)
+                    and generation is not None
+                    and session.mark_ended(generation)
+                ):
                     raise  # the mark ended: the copy is over for every destination
                 self._drop(dest, result, f"failed: {exc}", exc)
                 continue

@@ -45,6 +45,7 @@ from __future__ import annotations
 import logging
 import random
 import zlib
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -65,7 +66,7 @@ def _chunk(lun, chunk: int, granularity: int, size: int) -> bytes:
 
 
 def take(
-    lun, runs: np.ndarray, granularity: int, size: int, kept: list[Sample] = ()
+    lun, runs: np.ndarray, granularity: int, size: int, kept: Sequence[Sample] = ()
 ) -> list[Sample]:
     """Samples of ``lun`` after a copy that wrote the chunks of ``runs`` ((first, count) rows).
 
