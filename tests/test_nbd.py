@@ -53,6 +53,7 @@ from isc.nbd import (
     TransmissionFlag,
     parse_uri,
 )
+from isc.tls import ServerTLS, client_context
 
 SEED = 20261124
 KIB = 1 << 10
@@ -749,6 +750,30 @@ def test_closing_the_server_disconnects_its_clients(tmp_path: Path, caplog):
     assert lun.closed
     with pytest.raises(StateError):
         server.start_unix(tmp_path / "again.sock")
+
+
+def test_closing_the_server_ends_a_tls_connection_still_closing(
+    tmp_path: Path, credentials, caplog
+):
+    # A TLS client dropped at the handshake timeout that stays connected and
+    # never answers the server's close_notify: the server's side of the
+    # connection is still closing when the server closes.
+    tls = ServerTLS(credentials["good"])
+    server = NBDServer(MemoryLUN(MIB), name="disk", tls=tls, handshake_timeout=0.2)
+    server.start_unix(tmp_path / "isc.sock")
+    with raw(server) as client:
+        client.greet()
+        assert client.option(OPT_STARTTLS) == [(REP_ACK, b"")]
+        context = client_context(credentials["good"], verify_peer=True, check_hostname=False)
+        with context.wrap_socket(client.sock) as stalled:
+            assert stalled.recv(1) == b""  # the server's close_notify, at its timeout
+            with socket.socket(fileno=os.dup(stalled.fileno())) as below_tls:
+                below_tls.settimeout(WAIT)
+                server.close()
+                # The server's socket is closed, not left to the garbage collector.
+                assert below_tls.recv(1) == b""
+    [timeout] = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "did not finish the handshake within 0.2 s" in timeout  # and no traceback
 
 
 def test_server_parameters():

@@ -435,6 +435,25 @@ class NBDServer:
 
     # -- one connection ---------------------------------------------------------------------
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """``asyncio.start_server``'s callback: serve one client (:meth:`_serve_client`)."""
+        try:
+            await self._serve_client(reader, writer)
+        except asyncio.CancelledError:
+            if not self._closed:
+                raise
+            # _shutdown cancelled it, amid the client's requests or while its
+            # connection closes. Close it now: a TLS connection waits for the
+            # peer's close_notify, and its socket would outlive the server.
+            # Then end normally: before Python 3.12, asyncio.start_server's
+            # done callback calls exception() on the task, which raises for a
+            # cancelled one, and logs that traceback.
+            writer.transport.abort()
+            peer = writer.get_extra_info("peername") or "a client"
+            log.info("%r: disconnected %s: the server is closing", self, peer)
+
+    async def _serve_client(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         task = asyncio.current_task()
         assert task is not None
         peer = writer.get_extra_info("peername") or f"client {next(self._clients)}"
@@ -468,13 +487,6 @@ class NBDServer:
             log.warning("%r: %s broke the protocol (%s); disconnecting it", self, peer, exc)
         except ssl.SSLError as exc:
             log.warning("%r: TLS with %s failed (%s); disconnecting it", self, peer, describe(exc))
-        except asyncio.CancelledError:
-            if not self._closed:
-                raise
-            # _shutdown cancelled it: end normally. Before Python 3.12,
-            # asyncio.start_server's done callback calls exception() on the
-            # task, which raises for a cancelled one, and logs that traceback.
-            log.info("%r: disconnecting %s: the server is closing", self, peer)
         except Exception:
             log.exception("%r: unexpected failure serving %s; disconnecting it", self, peer)
         finally:
