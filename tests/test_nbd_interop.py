@@ -232,6 +232,13 @@ def scattered(path: Path, size: int, seed: int) -> list[tuple[int, int]]:
     return extents
 
 
+def assert_tracked(session: Session, extents: list[tuple[int, int]]) -> None:
+    """Every chunk the data ``extents`` cover is in the tracking bitmap."""
+    bitmap = session.bitmap
+    tracked = {c for c in range(bitmap.chunks) if bitmap.tracking(c)}
+    assert {c for at, n in extents for c in range(at // G, (at + n - 1) // G + 1)} <= tracked
+
+
 def same(a: Path | str, b: Path | str) -> None:
     run(tool("qemu-img"), "compare", "-f", "raw", "-F", "raw", a, b)
 
@@ -244,11 +251,7 @@ def test_nbdcopy_into_and_out_of_a_1_gib_export_keeps_it_sparse_and_tracked(serv
     run(nbdcopy, "--flush", source, server.uri)
     same(source, path)
     assert allocated(path) < 64 * MIB  # holes went over as zeroes that punch, not data
-    bitmap = session.bitmap
-    tracked = {c for c in range(bitmap.chunks) if bitmap.tracking(c)}
-    assert {
-        c for offset, n in extents for c in range(offset // G, (offset + n - 1) // G + 1)
-    } <= tracked
+    assert_tracked(session, extents)
     out = tmp_path / "out.img"
     run(nbdcopy, server.uri, out)
     same(source, out)
@@ -263,11 +266,8 @@ def test_qemu_img_convert_both_ways_and_qemu_io_discards_are_tracked(served, tmp
     run(qemu_img, "convert", "-n", "-f", "raw", "-O", "raw", small, server.uri)
     same(small, server.uri)  # the rest of the export reads as zeros
     assert allocated(path) < 16 * MIB
+    assert_tracked(session, extents)
     bitmap = session.bitmap
-    tracked = {c for c in range(bitmap.chunks) if bitmap.tracking(c)}
-    assert {
-        c for offset, n in extents for c in range(offset // G, (offset + n - 1) // G + 1)
-    } <= tracked
     back = tmp_path / "back.img"
     sparse(back, 1 << 30)
     run(qemu_img, "convert", "-n", "-f", "raw", "-O", "raw", server.uri, back)

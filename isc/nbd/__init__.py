@@ -4,7 +4,9 @@ The Network Block Device protocol (``doc/proto.md`` of the NBD project; the
 spec below) moves byte ranges of an *export* over TCP or a Unix socket. A
 remote site's destinations are reached through :class:`NBDLUN`; a session's
 source exported through :class:`NBDServer` and :class:`SessionLUN` turns the
-writes of any NBD client into tracked host writes.
+writes of any NBD client into tracked host writes, publishes the tracking
+bitmap as the ``qemu:dirty-bitmap:NAME`` metadata context, and while the
+session is marked offers backup tools the image at the mark (pull mode).
 
 The package is laid out as QEMU's ``nbd/`` folder, each module readable
 without the others:
@@ -13,7 +15,8 @@ without the others:
 :mod:`isc.nbd.proto`   the wire format: the protocol's numbers, structs and error values
 :mod:`isc.nbd.uri`     NBD URIs (``nbd://``, ``nbd+unix://``, their ``nbds`` forms)
 :mod:`isc.nbd.client`  :class:`NBDLUN`, a blocking LUN on one connection
-:mod:`isc.nbd.export`  what an export serves: :class:`SessionLUN`
+:mod:`isc.nbd.export`  what an export serves: a LUN, a session's (:class:`SessionLUN`)
+                       and the image at its mark (``NAME@frozen``), and their contexts
 :mod:`isc.nbd.server`  :class:`NBDServer`: sockets, the handshake, requests and limits
 =====================  ===============================================================
 
