@@ -29,6 +29,7 @@ from urllib.parse import quote
 import pytest
 from helpers import HookLUN, Worker
 from test_agent import ENV, daemon
+from test_nbd_protocol import OPT_SET_META_CONTEXT, Client
 from test_nbd import (
     OPT_ABORT,
     OPT_EXPORT_NAME,
@@ -263,6 +264,28 @@ def test_require_refuses_every_option_before_tls_as_the_spec_says(tmp_path, cred
                 assert client.reply() == 0
                 assert client.recv(16) == data[:16]
         assert_unchanged(lun, data)
+
+
+def test_starttls_forgets_structured_replies_and_contexts_negotiated_before(tmp_path, credentials):
+    with (
+        isc_server(tmp_path, credentials["good"], mode="on") as (server, _, data),
+        raw(server) as plain,
+    ):
+        c = Client(plain.sock)
+        c.greet()
+        c.structured()
+        assert c.contexts(OPT_SET_META_CONTEXT, b"disk", b"base:allocation")
+        assert c.option(OPT_STARTTLS) == [(REP_ACK, b"")]
+        context = client_context(credentials["good"], check_hostname=False)
+        with context.wrap_socket(c.sock) as tls:
+            c.sock = tls
+            # The spec: a client renegotiates what it wants after STARTTLS.
+            ((reply, _),) = c.option(OPT_SET_META_CONTEXT, c.meta_data(b"disk", b"base:"))
+            assert reply == REP_ERR_INVALID  # structured replies are off again
+            assert c.go_flags() & 128 == 0  # no SEND_DF without structured replies
+            c.request(0, 0, 16)  # READ: a simple reply
+            assert c.reply() == 0
+            assert c.recv(16) == data[:16]
 
 
 def test_tls_off_answers_starttls_unsupported(tmp_path):
