@@ -29,7 +29,6 @@ from urllib.parse import quote
 import pytest
 from helpers import HookLUN, Worker
 from test_agent import ENV, daemon
-from test_nbd_protocol import OPT_SET_META_CONTEXT, Client
 from test_nbd import (
     OPT_ABORT,
     OPT_EXPORT_NAME,
@@ -46,6 +45,7 @@ from test_nbd import (
     run,
     tool,
 )
+from test_nbd_protocol import OPT_SET_META_CONTEXT, Client
 
 from isc import MemoryLUN
 from isc.errors import AuthenticationError, ParameterError
