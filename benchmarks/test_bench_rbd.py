@@ -29,7 +29,6 @@ benchmarks/report.py RESULTS.json`` prints the tables.
 from __future__ import annotations
 
 import random
-import shutil
 import subprocess
 import sys
 import time
@@ -48,6 +47,7 @@ from isc.update import PeriodicUpdate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from ceph import Cluster, missing  # the tests' cluster
+from test_nbd import nbdkit
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -55,7 +55,7 @@ SIZE = GIB
 G = 65536
 WRITE = 64 << 10
 ROUNDS = 3
-WAIT = 30.0
+RBD_TIMEOUT = 120.0  # seconds an rbd command may take on a busy OSD
 
 
 @pytest.fixture(scope="module")
@@ -85,35 +85,6 @@ class TimedSite:
 
     def unprotect(self, dest, timeout=None):
         return self._timed("unprotect", dest, timeout)
-
-
-@contextmanager
-def nbdkit_memory(where: Path) -> Iterator[NBDLUN]:
-    nbdkit = shutil.which("nbdkit")
-    if nbdkit is None:
-        pytest.skip("nbdkit is not installed (Debian: nbdkit)")
-    sock = where / "nbdkit.sock"
-    args = [nbdkit, "--foreground", "--exit-with-parent", "--unix", str(sock), "memory"]
-    proc = subprocess.Popen([*args, f"size={SIZE}"], stdin=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + WAIT
-        while True:
-            try:
-                lun = NBDLUN(f"nbd+unix:///?socket={sock}")
-                break
-            except (FileNotFoundError, ConnectionRefusedError):
-                if time.monotonic() > deadline:
-                    raise
-                try:
-                    proc.wait(timeout=0.02)  # paces the tries; returns if nbdkit dies
-                except subprocess.TimeoutExpired:
-                    continue
-                raise RuntimeError(f"nbdkit exited with status {proc.returncode}") from None
-        with lun:
-            yield lun
-    finally:
-        proc.kill()
-        proc.wait(WAIT)
 
 
 @pytest.mark.parametrize("kind", ["rbd image", "local file", "nbdkit memory"])
@@ -171,7 +142,7 @@ def _destination(ceph: Cluster, where: Path, kind: str, session: Session):
         with FileLUN.create(where / "dest.img", SIZE) as lun:
             yield Destination(lun, kind), LocalSite(), lambda: _same(lun, source)
     else:
-        with nbdkit_memory(where) as lun:
+        with nbdkit(where, "memory", f"size={SIZE}") as remote, NBDLUN(remote.uri) as lun:
             yield Destination(lun, kind), LocalSite(), lambda: _same(lun, source)
 
 
@@ -196,7 +167,7 @@ def image(request, ceph: Cluster) -> Iterator[tuple[str, int]]:
 @pytest.mark.parametrize("request_", ["protect", "unprotect", "rollback"])
 def test_snapshot_cost(benchmark, ceph: Cluster, image: tuple[str, int], request_: str) -> None:
     name, size = image
-    site = RBDSite(timeout=WAIT * 4)
+    site = RBDSite(timeout=RBD_TIMEOUT)
     site.add(name, ceph.uri(name), _Label(name))
     dest = Destination(None, name)  # the site knows it by name: no I/O here
     # Whole objects: memstore copies each 4 MiB object a snapshot shares on its first
