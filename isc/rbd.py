@@ -320,6 +320,11 @@ class RBDLUN(ForwardingLUN):
             reason += " (install Debian's qemu-block-extra: QEMU's rbd driver)"
         return reason
 
+    def write_zeroes(self, offset: int, length: int) -> None:
+        """Make the range read as zeros: the image's objects there are freed (see
+        :meth:`NBDLUN.write_zeroes <isc.nbd.NBDLUN.write_zeroes>`)."""
+        self.lun.write_zeroes(offset, length)
+
     def close(self) -> None:
         """Disconnect; ``qemu-nbd`` flushes, closes the image and exits. Idempotent."""
         with _exports_lock:

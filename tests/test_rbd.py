@@ -382,6 +382,9 @@ def test_an_rbd_lun_runs_a_private_qemu_nbd_that_ends_with_it(ceph, names):
         assert lun.closed and lun.process.returncode == 0  # type: ignore[union-attr]
     assert not directory.exists() and qemu_nbd_pids(names[0]) == []
     assert ceph.read(names[0])[4096:8192] == b"x" * 4096
+    with RBDLUN(uri) as lun:
+        lun.write_zeroes(0, 1 << 20)  # the whole object: freed, the image stays thin
+    assert ceph.rbd_json("diff", f"rbd/{names[0]}") == []
     with pytest.raises(OSError, match=r"image rbd/no-such: error reading header .* directory$"):
         RBDLUN(ceph.uri("no-such"))
 
