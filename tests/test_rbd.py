@@ -15,8 +15,9 @@
 * the site's own failures (an unknown destination, a timeout, a group
   rollback asked for part of a group), the URI form, the private export.
 
-Without the cluster: :class:`~isc.remote.RoutingSite` and the group requests
-of the update workflow.
+Without the cluster: :class:`~isc.remote.RoutingSite`, the group requests of
+the update workflow, and an abandoned update that keeps a protection left by
+a failed one.
 """
 
 from __future__ import annotations
