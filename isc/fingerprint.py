@@ -17,7 +17,9 @@ after a copy     each destination that completed it gets :data:`SAMPLES`
                  copy did not write, up to ``2 * SAMPLES``
 before a copy    samples of chunks the copy may write are dropped first
                  (they are about to change), so a failed copy leaves none
-                 that could disagree with the destination for a good reason
+                 that could disagree with the destination for a good reason;
+                 a persistent session's record of a running copy holds no
+                 samples of its destinations, so a crash leaves none either
 check            each remaining sample whose chunk is not in the tracking or
                  transfer bitmap (those may differ for a good reason) is
                  read from the destination; one mismatch makes the

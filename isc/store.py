@@ -80,7 +80,6 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from isc import fingerprint
 from isc._core import DeltaBitmap
 from isc.copy import CopyJob, CopyResult, Destination, DestState
 from isc.errors import CorruptMetadata, IscError, ParameterError, StateError
@@ -509,14 +508,15 @@ class PersistentSession:
                 f"{self.meta['name']}; got {mode!r} and unknown {unknown}"
             )
         meta = self._current_meta()
-        bitmap = self.session.bitmap
         for dest in meta["destinations"]:
             if dest["name"] in names:
                 dest["state"] = DestState.INCONSISTENT.value
                 # Samples of chunks the copy may write would disagree after a crash
-                # for a good reason (isc.fingerprint): keep only the others.
-                samples = [] if mode != "incremental" else dest["samples"]
-                dest["samples"] = [list(s) for s in fingerprint.prune(samples, bitmap)]
+                # for a good reason (isc.fingerprint), and which chunks those are
+                # is known only at its mark, which may come later (an update
+                # marks after this): a crash leaves none. save() writes the
+                # samples the copy leaves.
+                dest["samples"] = []
         meta["copy"] = {"mode": mode, "destinations": names}
         write_atomically(self.directory / METADATA, _encode(meta))
         self._receiving = list(destinations)

@@ -157,3 +157,28 @@ def test_samples_survive_a_reopen_of_a_persistent_session(tmp_path):
         with pytest.raises(StateError, match="replaced"):
             copy(stored, "incremental")
         assert stored.destinations[0].state is DestState.NEW
+
+
+def test_the_record_of_a_running_copy_holds_no_samples(tmp_path):
+    # A crash mid-copy must not leave samples of chunks the copy rewrote: which
+    # those are is known only at the copy's mark, after the record is written.
+    import json
+
+    from isc.lun import FileLUN
+    from isc.store import METADATA, copy, create_session, open_session
+
+    source = FileLUN.create(tmp_path / "source.img", SIZE)
+    fill_random(source, random.Random(10))
+    source.close()
+    FileLUN.create(tmp_path / "dest.img", SIZE).close()
+    create_session(tmp_path / "state", str(tmp_path / "source.img"), granularity=G)
+    with open_session(tmp_path / "state")[0] as stored:
+        stored.add_destination(str(tmp_path / "dest.img"), "d0")
+        copy(stored, "full")
+        assert stored.destinations[0].samples
+        stored.begin_copy(stored.destinations, "incremental")
+        (recorded,) = json.loads((tmp_path / "state" / METADATA).read_text())["destinations"]
+        assert recorded["samples"] == []
+        stored.save()
+        (recorded,) = json.loads((tmp_path / "state" / METADATA).read_text())["destinations"]
+        assert len(recorded["samples"]) >= SAMPLES
