@@ -410,7 +410,7 @@ def _update(args: argparse.Namespace) -> int:
         update = PeriodicUpdate(
             stored.session,
             dests,
-            _with_rbd(site, stored),
+            stored.site(site),
             timeout=args.timeout,
             throttle=args.throttle,
             progress=progress,
@@ -449,14 +449,6 @@ def _connect(args: argparse.Namespace) -> RemoteSite:
     return agent_site(address, credentials)
 
 
-def _with_rbd(site, stored: store.PersistentSession):
-    """``site`` for ``stored``'s destinations, RBD images' own site for theirs (:mod:`isc.rbd`)."""
-    from isc import rbd
-
-    targets = {d["name"]: d["target"] for d in stored.meta["destinations"]}
-    return rbd.with_rbd(site, stored.session, targets)
-
-
 def _rollback(args: argparse.Namespace) -> int:
     from isc import rbd
 
@@ -476,7 +468,7 @@ def _rollback(args: argparse.Namespace) -> int:
             raise ParameterError(
                 f"{stored.meta['name']} has no destination {args.destination!r} (it has {names})"
             )
-        site = _with_rbd(site, stored)
+        site = stored.site(site)
 
         def record_intent() -> None:
             # Before the site acts: what it may rewrite is tracked and the

@@ -696,6 +696,12 @@ class ReconnectingLUN(_BaseLUN):
     def flush(self) -> None:
         self._use(lambda lun: lun.flush())
 
+    def write_zeroes(self, offset: int, length: int) -> None:
+        """:func:`write_zeroes` on the LUN underneath: an NBD export's WRITE_ZEROES
+        frees its storage instead of taking zeros as data."""
+        self._in_range(offset, length)
+        self._use(lambda lun: write_zeroes(lun, offset, length))
+
     def close(self) -> None:
         """Close the LUN underneath; later I/O raises ``StateError``. Idempotent."""
         with self._lock:

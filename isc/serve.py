@@ -387,7 +387,7 @@ def run_serve(
         elif control is not None:
             control_port = controls.start(*control)
         if every and persistent is not None:
-            controls.every(every, site or LocalSite())
+            controls.every(every, persistent.site(site or LocalSite()))
         if ready is not None:
             ready(session, server.uri, control_port)
         stop.wait()

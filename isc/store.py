@@ -543,6 +543,13 @@ class PersistentSession:
         meta["source_stamp"] = self._stamp
         return meta
 
+    def site(self, site):
+        """``site`` for this session's destinations, RBD images' own site for theirs
+        (:func:`isc.rbd.with_rbd`)."""
+        from isc.rbd import with_rbd
+
+        return with_rbd(site, self.session, self._targets)
+
     def add_destination(self, target: str, name: str | None = None) -> Destination:
         """Add a NEW destination (a path or an NBD URI) and save the metadata.
 

@@ -1223,6 +1223,20 @@ def test_a_reconnecting_lun_reconnects_to_a_restarted_qemu_nbd(tmp_path: Path):
         lun.read(0, 1)
 
 
+def test_a_reconnecting_lun_zeroes_with_write_zeroes_so_the_export_stays_sparse(tmp_path: Path):
+    backing = sparse(tmp_path / "disk.img", 4 * MIB)
+    sock = tmp_path / "qemu.sock"
+    args = [tool("qemu-nbd"), "-f", "raw", "-k", str(sock), "--persistent", str(backing)]
+    with spawn(args, sock), reconnecting(f"nbd+unix:///?socket={sock}", 4 * MIB) as lun:
+        lun.write(0, b"a" * MIB)
+        lun.flush()
+        allocated = os.stat(backing).st_blocks
+        lun.write_zeroes(0, 4 * MIB)
+        lun.flush()
+        assert lun.read(0, 4 * MIB) == bytes(4 * MIB)
+        assert os.stat(backing).st_blocks < allocated  # freed, not written as data
+
+
 def test_a_reconnecting_lun_backs_off_while_its_server_stays_down(tmp_path: Path):
     now = [100.0]
     path = tmp_path / "d.sock"
