@@ -49,9 +49,29 @@ between them. ``mark`` waits for such writes in flight to finish and holds off
 new ones, so each write lands wholly before or wholly after a mark. A write
 that overlaps a write in flight whose COFW data is still being saved waits for
 it, so the save always reads the data as it was at the mark.
+
+Persistence: dirty pages and snapshots
+--------------------------------------
+A checkpoint writes only what changed since the last one, as page records
+(format in ``isc._layout``): the three *physical* arrays (``_bits[0]``,
+``_bits[1]``, ``_saved``) cut into pages of 512 words (4 KiB), plus ``_t``,
+so a mark or unmark changes no page. ``_dirty`` holds one bit per page, set
+before any word of the page changes. ``snapshot`` freezes the state at an
+instant in O(1): the dirty pages become *pending* and ``_dirty`` starts
+empty. ``snapshot_records`` then encodes the pending pages a few at a time,
+taking the mutex for each few, so host writes wait for one page's encoding
+at most. A write about to change a pending page first encodes the page as it
+was (copy on write, into ``_cow``): every record of a snapshot holds its page
+as of the snapshot's instant, whenever it is taken. An abandoned snapshot
+(``snapshot_end(False)``) forgets which pages differ from what was last
+persisted, so the next snapshot is a *base*: every page that may hold a set
+bit, to be replayed onto an empty map. A new bitmap's first snapshot is one.
+
+Cost: a snapshot O(1) (a base O(summary)); records O(pending pages); a
+change to a page pending in a snapshot O(page) once.
 """
 
-from libc.stdint cimport int64_t, uint64_t
+from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.string cimport memcpy, memset
 
@@ -117,9 +137,55 @@ cdef extern from *:
     void isc_store_flag(int *, int) nogil
 
 
+cdef extern from *:
+    """
+    /* CRC-32 of page records: zlib's (IEEE 802.3, reflected), slice-by-8. */
+    static uint32_t isc_crc_table[8][256];
+    static void isc_crc_init(void) {
+        for (uint32_t n = 0; n < 256; n++) {
+            uint32_t c = n;
+            for (int k = 0; k < 8; k++) c = c & 1 ? 0xEDB88320u ^ (c >> 1) : c >> 1;
+            isc_crc_table[0][n] = c;
+        }
+        for (uint32_t n = 0; n < 256; n++)
+            for (int k = 1; k < 8; k++)
+                isc_crc_table[k][n] = isc_crc_table[0][isc_crc_table[k - 1][n] & 0xff]
+                                      ^ (isc_crc_table[k - 1][n] >> 8);
+    }
+    static uint32_t isc_crc32(const unsigned char *p, size_t n) {
+        uint32_t c = 0xFFFFFFFFu;
+        uint64_t w;
+        for (; n >= 8; p += 8, n -= 8) {
+            memcpy(&w, p, 8);  /* little-endian, as the records are */
+            w ^= c;
+            c = isc_crc_table[7][w & 0xff] ^ isc_crc_table[6][(w >> 8) & 0xff]
+                ^ isc_crc_table[5][(w >> 16) & 0xff] ^ isc_crc_table[4][(w >> 24) & 0xff]
+                ^ isc_crc_table[3][(w >> 32) & 0xff] ^ isc_crc_table[2][(w >> 40) & 0xff]
+                ^ isc_crc_table[1][(w >> 48) & 0xff] ^ isc_crc_table[0][w >> 56];
+        }
+        while (n--) c = isc_crc_table[0][(c ^ *p++) & 0xff] ^ (c >> 8);
+        return c ^ 0xFFFFFFFFu;
+    }
+    """
+    void isc_crc_init() nogil
+    uint32_t isc_crc32(const unsigned char *, size_t) nogil
+
+
+isc_crc_init()
+
+
 cdef enum:
     BLOCK_SHIFT = 6          # 64 words per summary block
     STACK_CHUNKS = 64        # COFW results that fit without malloc
+    PAGE_SHIFT = 9           # 512 words (4 KiB) per page
+    PAGE_WORDS = 512
+    RECORD_HEAD = 16         # crc u32, kind u32, page id u64
+    RECORD_MASKS = 64        # 8 u64 masks of a sparse record
+    MAX_RECORD = RECORD_HEAD + RECORD_MASKS + PAGE_WORDS * 8
+    PAGES_PER_HOLD = 32      # pages a snapshot encodes per hold of the mutex
+    ZERO_PAGE = 0            # record kinds, as in isc._layout
+    FULL_PAGE = 1
+    SPARSE_PAGE = 2
 
 
 cdef uint64_t ONES = <uint64_t>0xFFFFFFFFFFFFFFFF
@@ -224,6 +290,23 @@ cdef class DeltaBitmap:
     cdef Span *_saving
     cdef size_t _nsaving
     cdef size_t _capsaving
+    # Persistence (see "dirty pages and snapshots" above). Page maps hold one
+    # bit per page of the three physical arrays, _nmap words per array.
+    cdef uint64_t _npages
+    cdef uint64_t _nmap
+    cdef uint64_t *_dirty
+    cdef uint64_t _ndirty
+    cdef uint64_t *_pending
+    cdef uint64_t _npending
+    cdef uint64_t _cursor        # next page id a snapshot looks at
+    cdef bint _snapping
+    cdef bint _base_snapshot     # the open snapshot is a base
+    cdef bint _everything        # the next snapshot must be a base
+    cdef unsigned char *_cow     # records of pending pages copied before a change
+    cdef size_t _ncow
+    cdef size_t _capcow
+    cdef size_t _cow_taken
+    cdef bint _cow_failed
 
     def __cinit__(self, size, granularity=_layout.DEFAULT_GRANULARITY):
         cdef uint64_t chunks = _layout.check_geometry(size, granularity)
@@ -234,8 +317,13 @@ cdef class DeltaBitmap:
         self._nwords = (chunks + 63) >> 6
         self._nblocks = (self._nwords + 63) >> BLOCK_SHIFT
         self._nsum = (self._nblocks + 63) >> 6
+        self._npages = (self._nwords + PAGE_WORDS - 1) >> PAGE_SHIFT
+        self._nmap = (self._npages + 63) >> 6
+        self._everything = True
+        self._dirty = <uint64_t *>calloc(3 * self._nmap, 8)
+        self._pending = <uint64_t *>calloc(3 * self._nmap, 8)
         if not (self._alloc(&self._bits[0]) and self._alloc(&self._bits[1])
-                and self._alloc(&self._saved)):
+                and self._alloc(&self._saved)) or self._dirty == NULL or self._pending == NULL:
             raise MemoryError(
                 f"cannot allocate a delta bitmap of {chunks} chunks "
                 f"({3 * self._nwords * 8} bytes)"
@@ -259,6 +347,9 @@ cdef class DeltaBitmap:
         free(self._saved.words)
         free(self._saved.summary)
         free(self._saving)
+        free(self._dirty)
+        free(self._pending)
+        free(self._cow)
         if self._sync_ready:
             pthread_cond_destroy(&self._cv)
             pthread_mutex_destroy(&self._mu)
@@ -273,6 +364,102 @@ cdef class DeltaBitmap:
 
     cdef inline void _release(self) noexcept nogil:
         pthread_mutex_unlock(&self._mu)
+
+    # -- dirty pages ---------------------------------------------------------------
+    cdef inline Bits *_array(self, uint64_t a) noexcept nogil:
+        """Physical array ``a``: 0 and 1 (tracking is ``_t``), 2 the saved flags."""
+        return &self._saved if a == 2 else &self._bits[a]
+
+    cdef inline void _changing(self, uint64_t a, uint64_t w) noexcept nogil:
+        """Word ``w`` of physical array ``a`` is about to change: flag its page dirty,
+        after copying it if the open snapshot still needs it as it is."""
+        cdef uint64_t p = w >> PAGE_SHIFT
+        cdef uint64_t i = a * self._nmap + (p >> 6)
+        cdef uint64_t bit = (<uint64_t>1) << (p & 63)
+        if self._npending and self._pending[i] & bit:
+            self._copy_pending(a, p, i, bit)
+        if not self._dirty[i] & bit:
+            self._dirty[i] |= bit
+            self._ndirty += 1
+
+    cdef void _changing_range(self, uint64_t a, uint64_t w0, uint64_t w1) noexcept nogil:
+        """``_changing`` for every page of words w0..w1 (inclusive)."""
+        cdef uint64_t p
+        for p in range(w0 >> PAGE_SHIFT, (w1 >> PAGE_SHIFT) + 1):
+            self._changing(a, p << PAGE_SHIFT)
+
+    cdef void _copy_pending(self, uint64_t a, uint64_t p, uint64_t i, uint64_t bit) noexcept nogil:
+        """Encode pending page ``p`` of array ``a`` into ``_cow`` before it changes."""
+        cdef size_t cap
+        cdef unsigned char *grown
+        self._pending[i] &= ~bit
+        self._npending -= 1
+        if self._ncow + MAX_RECORD > self._capcow:
+            cap = max(2 * self._capcow, <size_t>(64 * MAX_RECORD))
+            grown = <unsigned char *>realloc(self._cow, cap)
+            if grown == NULL:
+                # The snapshot lacks this page now: snapshot_records refuses to go on.
+                self._cow_failed = True
+                return
+            self._cow = grown
+            self._capcow = cap
+        self._ncow += self._encode(a, p, self._cow + self._ncow)
+
+    cdef size_t _encode(self, uint64_t a, uint64_t p, unsigned char *out) noexcept nogil:
+        """Write page ``p`` of array ``a`` at ``out`` as a record; return its size.
+
+        A base snapshot leaves zero pages out (it is replayed onto an empty
+        map): the size is 0 then.
+        """
+        cdef Bits *bits = self._array(a)
+        cdef uint64_t *words = bits.words + (p << PAGE_SHIFT)
+        cdef uint64_t n = min(<uint64_t>PAGE_WORDS, self._nwords - (p << PAGE_SHIFT))
+        cdef uint64_t blocks = (n + 63) >> 6
+        # The page's 8 summary bits: a clean block is all zero, and is not read.
+        cdef uint64_t dirty = bits.summary[p >> 3] >> ((p & 7) << 3) & 0xFF
+        cdef uint64_t masks[8]
+        cdef uint64_t i, j, m, v, end, any_set = 0
+        cdef uint64_t last = ONES  # what the page's last word holds when every chunk is set
+        cdef bint full = dirty == (<uint64_t>1 << blocks) - 1
+        cdef uint32_t kind = SPARSE_PAGE
+        cdef uint32_t crc
+        cdef uint64_t ident = a * self._npages + p
+        cdef size_t size = RECORD_HEAD
+        if (p << PAGE_SHIFT) + n == self._nwords and self._chunks & 63:
+            last = ONES >> (64 - (self._chunks & 63))
+        memset(masks, 0, sizeof(masks))
+        for j in range(blocks):
+            if not dirty >> j & 1:
+                continue
+            end = min(64, n - (j << 6))
+            m = 0
+            for i in range(end):
+                v = words[(j << 6) + i]
+                m |= (<uint64_t>(v != 0)) << i
+                full &= v == ONES or (j << 6) + i == n - 1
+            masks[j] = m
+            any_set |= m
+        full = full and words[n - 1] == last
+        if full:
+            kind = FULL_PAGE
+        elif not any_set:
+            if self._base_snapshot:
+                return 0
+            kind = ZERO_PAGE
+        else:
+            memcpy(out + RECORD_HEAD, masks, RECORD_MASKS)
+            size += RECORD_MASKS
+            for j in range(8):
+                m = masks[j]
+                while m:
+                    memcpy(out + size, &words[(j << 6) + ctz(m)], 8)
+                    size += 8
+                    m &= m - 1
+        memcpy(out + 4, &kind, 4)
+        memcpy(out + 8, &ident, 8)
+        crc = isc_crc32(out + 4, size - 4)
+        memcpy(out, &crc, 4)
+        return size
 
     # -- attributes --------------------------------------------------------------
     @property
@@ -360,11 +547,13 @@ cdef class DeltaBitmap:
             m = _mask(w, wlo, whi, lo, hi)
             old = track.words[w]
             if old & m != m:
+                self._changing(self._t, w)
                 track.words[w] = old | m
                 added += popcount(m & ~old)
             if self._marked and cofw:
                 c = m & xfer.words[w] & ~self._saved.words[w]
                 if c:
+                    self._changing(2, w)
                     self._saved.words[w] |= c
                     self._saved.count += popcount(c)
                     _touch(self._saved.summary, w, w)
@@ -538,6 +727,7 @@ cdef class DeltaBitmap:
             c = <uint64_t>chunks[i]
             bit = (<uint64_t>1) << (c & 63)
             if self._saved.words[c >> 6] & bit:
+                self._changing(2, c >> 6)
                 self._saved.words[c >> 6] &= ~bit
                 self._saved.count -= 1
         self._release()
@@ -748,7 +938,7 @@ cdef class DeltaBitmap:
             if full:
                 with nogil:
                     self._fill_transfer()
-                    self._clear(&self._bits[self._t])
+                    self._clear(self._t)
             else:
                 self._t = 1 - self._t
             self._marked = True
@@ -798,14 +988,16 @@ cdef class DeltaBitmap:
     cdef void _fill_transfer(self) noexcept nogil:
         cdef Bits *xfer = &self._bits[1 - self._t]
         cdef uint64_t tail = self._chunks & 63
+        self._changing_range(1 - self._t, 0, self._nwords - 1)
         memset(xfer.words, 0xFF, self._nwords * 8)
         if tail:
             xfer.words[self._nwords - 1] = ONES >> (64 - tail)
         xfer.count = self._chunks
         _touch(xfer.summary, 0, self._nwords - 1)
 
-    cdef void _clear(self, Bits *bits) noexcept nogil:
-        """Zero every summary-dirty block of ``bits``."""
+    cdef void _clear(self, uint64_t a) noexcept nogil:
+        """Zero every summary-dirty block of physical array ``a``."""
+        cdef Bits *bits = self._array(a)
         cdef uint64_t si, sw, block, w0, w1
         for si in range(self._nsum):
             sw = bits.summary[si]
@@ -814,6 +1006,7 @@ cdef class DeltaBitmap:
                 sw &= sw - 1
                 w0 = _first_word(block)
                 w1 = min(w0 + 64, self._nwords)
+                self._changing(a, w0)
                 memset(bits.words + w0, 0, (w1 - w0) * 8)
             bits.summary[si] = 0
         bits.count = 0
@@ -833,7 +1026,7 @@ cdef class DeltaBitmap:
                     self._merge_tracking_into_transfer()
                 self._t = 1 - self._t
                 if self._saved.count:
-                    self._clear(&self._saved)
+                    self._clear(2)
                 self._marked = False
         self._release()
 
@@ -851,6 +1044,9 @@ cdef class DeltaBitmap:
                 sw &= sw - 1
                 w = _first_word(block)
                 w1 = min(w + 64, self._nwords)
+                # Both pages may change: tracking's is emptied, transfer's gains bits.
+                self._changing(self._t, w)
+                self._changing(1 - self._t, w)
                 while w < w1:
                     v = track.words[w]
                     if v:
@@ -872,7 +1068,7 @@ cdef class DeltaBitmap:
         self._acquire()
         with nogil:
             self._drain_locked()
-            self._clear(&self._bits[self._t])
+            self._clear(self._t)
             self._release()
 
     # -- the copy side -------------------------------------------------------------
@@ -896,9 +1092,11 @@ cdef class DeltaBitmap:
         xfer = &self._bits[1 - self._t]
         was_set = xfer.words[w] & bit != 0
         if was_set:
+            self._changing(1 - self._t, w)
             xfer.words[w] &= ~bit
             xfer.count -= 1
             if self._saved.count and self._saved.words[w] & bit:
+                self._changing(2, w)
                 self._saved.words[w] &= ~bit
                 self._saved.count -= 1
         self._release()
@@ -943,10 +1141,13 @@ cdef class DeltaBitmap:
                 c = xfer.words[w] & m
                 if c:
                     cleared += popcount(c)
+                    self._changing(1 - self._t, w)
                     xfer.words[w] &= ~m
                     c = self._saved.words[w] & m
-                    self._saved.count -= popcount(c)
-                    self._saved.words[w] &= ~m
+                    if c:
+                        self._saved.count -= popcount(c)
+                        self._changing(2, w)
+                        self._saved.words[w] &= ~m
             xfer.count -= cleared
         self._release()
         return cleared
@@ -1140,6 +1341,305 @@ cdef class DeltaBitmap:
                     bits.count += popcount(bits.words[w])
                     _touch(bits.summary, w, w)
 
+    @property
+    def dirty_pages(self):
+        """Pages changed since the last snapshot (what the next one encodes, unless a base)."""
+        return self._ndirty
+
+    def snapshot(self, bint everything=False):
+        """Open a snapshot of the state as it is now: O(1), host writes go on meanwhile.
+
+        Returns ``(base, t, marked, generation)``. ``t`` is the physical array
+        (0 or 1) that holds tracking; ``base`` says the records describe every
+        page that may hold a set bit, to replay onto an empty map (asked with
+        ``everything``, and forced for a new map and after an abandoned
+        snapshot); otherwise they are the pages changed since the last
+        snapshot, to replay onto its state. Take the records with
+        ``snapshot_records``, then close with ``snapshot_end``. Raises
+        ``StateError`` while a snapshot is open.
+        """
+        cdef uint64_t *swap
+        cdef uint64_t i
+        self._acquire()
+        try:
+            if self._snapping:
+                raise _layout.snapshot_open_error()
+            base = everything or self._everything
+            with nogil:
+                if base:
+                    self._mark_nonzero_pages()
+                    memset(self._dirty, 0, 3 * self._nmap * 8)
+                    self._npending = 0
+                    for i in range(3 * self._nmap):
+                        self._npending += popcount(self._pending[i])
+                else:
+                    # The map of pending pages is empty between snapshots.
+                    swap = self._pending
+                    self._pending = self._dirty
+                    self._dirty = swap
+                    self._npending = self._ndirty
+                self._ndirty = 0
+            self._snapping = True
+            self._base_snapshot = base
+            self._everything = False
+            self._cursor = 0
+            self._ncow = 0
+            self._cow_taken = 0
+            self._cow_failed = False
+            return (base, self._t, self._marked, self._generation)
+        finally:
+            self._release()
+
+    cdef void _mark_nonzero_pages(self) noexcept nogil:
+        """Set in ``_pending`` every page whose summary says it may hold a set bit."""
+        cdef uint64_t a, si, sw, page
+        cdef Bits *bits
+        memset(self._pending, 0, 3 * self._nmap * 8)
+        for a in range(3):
+            bits = self._array(a)
+            for si in range(self._nsum):
+                sw = bits.summary[si]
+                while sw:
+                    page = ((si << 6) + ctz(sw)) >> (PAGE_SHIFT - BLOCK_SHIFT)
+                    sw &= sw - 1
+                    self._pending[a * self._nmap + (page >> 6)] |= (<uint64_t>1) << (page & 63)
+
+    def snapshot_records(self, out):
+        """Encode records of the open snapshot into ``out``; return the bytes written (0: all done).
+
+        ``out`` is a writable buffer of at least ``MAX_RECORD`` bytes (``isc._layout``).
+        Each record holds its page as it was at ``snapshot`` (pages changed
+        since were copied first). Holds the mutex for a few pages at a time.
+        Raises ``StateError`` with no snapshot open, ``ParameterError`` for a
+        small buffer, ``MemoryError`` when a copy of a changed page could not
+        be kept (end the snapshot with ``snapshot_end(False)``).
+        """
+        cdef unsigned char[::1] view = out
+        cdef size_t cap = view.shape[0]
+        cdef size_t n = 0
+        cdef size_t size
+        cdef unsigned char *dst
+        cdef uint64_t q, a, i, bit, held
+        cdef uint64_t per_array = self._nmap << 6
+        if cap < MAX_RECORD:
+            raise _layout.ParameterError(
+                f"a buffer for page records needs at least {MAX_RECORD} bytes, got {cap}"
+            )
+        dst = &view[0]
+        self._acquire()
+        if not self._snapping:
+            self._release()
+            raise _layout.snapshot_closed_error()
+        with nogil:
+            while not self._cow_failed:
+                # Pages copied before a change first, then the others in order.
+                while self._cow_taken < self._ncow and n + MAX_RECORD <= cap:
+                    size = _record_size(self._cow + self._cow_taken)
+                    memcpy(dst + n, self._cow + self._cow_taken, size)
+                    n += size
+                    self._cow_taken += size
+                if self._cow_taken == self._ncow:
+                    self._ncow = 0
+                    self._cow_taken = 0
+                held = 0
+                while self._npending and n + MAX_RECORD <= cap and held < PAGES_PER_HOLD:
+                    q = self._next_pending()
+                    i = q >> 6
+                    bit = (<uint64_t>1) << (q & 63)
+                    self._pending[i] &= ~bit
+                    self._npending -= 1
+                    a = q // per_array
+                    n += self._encode(a, q - a * per_array, dst + n)
+                    held += 1
+                if n + MAX_RECORD > cap or (not self._npending and not self._ncow):
+                    break
+                # Let host writes in between.
+                self._release()
+                pthread_mutex_lock(&self._mu)
+            self._release()
+        if self._cow_failed:
+            raise MemoryError("cannot keep a copy of a page the open snapshot needs")
+        return n
+
+    cdef uint64_t _next_pending(self) noexcept nogil:
+        """The first pending page at or after the cursor; some page is pending."""
+        cdef uint64_t i = self._cursor >> 6
+        cdef uint64_t w = self._pending[i] & (ONES << (self._cursor & 63))
+        while w == 0:
+            i += 1
+            w = self._pending[i]
+        self._cursor = (i << 6) + ctz(w)
+        return self._cursor
+
+    def snapshot_end(self, bint committed):
+        """Close the open snapshot.
+
+        ``committed``: every record was taken and is persisted; the pages
+        changed since the snapshot are the next snapshot's. Otherwise the
+        snapshot is abandoned and the next one is a base. Raises
+        ``StateError`` with no snapshot open, or when committing a snapshot
+        whose records were not all taken (nothing changes then).
+        """
+        self._acquire()
+        try:
+            if not self._snapping:
+                raise _layout.snapshot_closed_error()
+            if committed and (self._npending or self._ncow or self._cow_failed):
+                raise _layout.snapshot_unfinished_error()
+            if not committed:
+                memset(self._pending, 0, 3 * self._nmap * 8)
+                self._npending = 0
+                self._everything = True
+            self._snapping = False
+            free(self._cow)
+            self._cow = NULL
+            self._capcow = 0
+            self._ncow = 0
+            self._cow_taken = 0
+        finally:
+            self._release()
+
+    def apply_records(self, data, offset=0):
+        """Load page records (``isc._layout`` format) into this map; return the bytes used.
+
+        Each record replaces its page's words. Stops before a record that
+        ``data`` holds only part of, so a stream can be fed in pieces. For
+        loading a map from its checkpoints: end with ``load_state``. Raises
+        ``CorruptMetadata`` naming the record that fails its checksum or does
+        not fit the map, by its page and its byte offset (``offset`` is that
+        of ``data[0]``, in a file say); the records before it are applied.
+        """
+        cdef int64_t c_offset = _i64(offset)
+        cdef const unsigned char[::1] view = data
+        cdef size_t n = view.shape[0]
+        cdef size_t at = 0
+        cdef size_t size
+        cdef int problem = 0
+        cdef const unsigned char *src
+        cdef uint64_t ident = 0
+        if n == 0:
+            return 0
+        src = &view[0]
+        self._acquire()
+        with nogil:
+            while at + RECORD_HEAD <= n:
+                if _record_kind(src + at) == SPARSE_PAGE and at + RECORD_HEAD + RECORD_MASKS > n:
+                    break
+                size = _record_size(src + at)
+                if size == 0:
+                    problem = 1
+                    memcpy(&ident, src + at + 8, 8)
+                    break
+                if at + size > n:
+                    break
+                problem = self._apply(src + at, size, &ident)
+                if problem:
+                    break
+                at += size
+            self._everything = True
+            self._release()
+        if problem:
+            raise _layout.record_error(c_offset + at, ident, self._npages, problem)
+        return at
+
+    cdef int _apply(self, const unsigned char *rec, size_t size, uint64_t *ident) noexcept nogil:
+        """Replace one page by a record; 0, or why the record is refused (see ``_layout``)."""
+        cdef uint32_t crc, kind
+        cdef uint64_t a, p, n, i, j, m, v, k = 0
+        cdef uint64_t masks[8]
+        cdef uint64_t *words
+        cdef Bits *bits
+        cdef uint64_t tail = self._chunks & 63
+        memcpy(&crc, rec, 4)
+        memcpy(&kind, rec + 4, 4)
+        memcpy(ident, rec + 8, 8)
+        if isc_crc32(rec + 4, size - 4) != crc:
+            return 1
+        if ident[0] >= 3 * self._npages:
+            return 2
+        a = ident[0] // self._npages
+        p = ident[0] - a * self._npages
+        bits = self._array(a)
+        words = bits.words + (p << PAGE_SHIFT)
+        n = min(<uint64_t>PAGE_WORDS, self._nwords - (p << PAGE_SHIFT))
+        if kind == SPARSE_PAGE:
+            memcpy(masks, rec + RECORD_HEAD, RECORD_MASKS)
+            for j in range((n + 63) >> 6, 8):
+                if masks[j]:
+                    return 3
+            if n & 63 and masks[n >> 6] >> (n & 63):
+                return 3
+        for i in range(n):
+            bits.count -= popcount(words[i])
+        if kind == ZERO_PAGE:
+            memset(words, 0, n * 8)
+        elif kind == FULL_PAGE:
+            memset(words, 0xFF, n * 8)
+            if tail and (p << PAGE_SHIFT) + n == self._nwords:
+                words[n - 1] = ONES >> (64 - tail)
+        else:
+            memset(words, 0, n * 8)
+            for j in range(8):
+                m = masks[j]
+                while m:
+                    memcpy(&v, rec + RECORD_HEAD + RECORD_MASKS + 8 * k, 8)
+                    words[(j << 6) + ctz(m)] = v
+                    k += 1
+                    m &= m - 1
+        for i in range(n):
+            bits.count += popcount(words[i])
+        if tail and (p << PAGE_SHIFT) + n == self._nwords and words[n - 1] >> tail:
+            return 3
+        _touch(bits.summary, p << PAGE_SHIFT, (p << PAGE_SHIFT) + n - 1)
+        return 0
+
+    def load_state(self, int t, bint marked, generation):
+        """End a load by ``apply_records``: set the roles and the mark as a snapshot reported them.
+
+        ``t`` is the physical array holding tracking (0 or 1). The map then
+        matches what was persisted: the next snapshot holds only what changes
+        from here. Raises ``CorruptMetadata`` when the loaded bits are
+        impossible (transfer or saved bits while unmarked, a saved chunk
+        without its transfer bit), ``ParameterError`` for a bad ``t`` or a
+        negative generation, ``StateError`` while a snapshot is open; nothing
+        changes then.
+        """
+        cdef int64_t c_generation = _i64(generation)
+        cdef Bits *xfer
+        cdef Bits *saved = &self._saved
+        cdef uint64_t si, sw, w, w0, w1
+        if t not in (0, 1) or c_generation < 0:
+            raise _layout.ParameterError(
+                f"a loaded state needs t in (0, 1) and a generation >= 0, got {t} and {generation}"
+            )
+        self._acquire()
+        try:
+            if self._snapping:
+                raise _layout.snapshot_open_error()
+            xfer = &self._bits[1 - t]
+            if not marked and (xfer.count or saved.count):
+                raise _layout.CorruptMetadata(
+                    "the loaded state is unmarked but has transfer or saved bits set"
+                )
+            for si in range(self._nsum):
+                sw = saved.summary[si]
+                while sw:
+                    w0 = _first_word((si << 6) + ctz(sw))
+                    sw &= sw - 1
+                    w1 = min(w0 + 64, self._nwords)
+                    for w in range(w0, w1):
+                        if saved.words[w] & ~xfer.words[w]:
+                            raise _layout.CorruptMetadata(
+                                f"the loaded state has saved chunks without their transfer "
+                                f"bit (word {w})"
+                            )
+            self._t = t
+            self._marked = marked
+            self._generation = c_generation
+            self._everything = False
+        finally:
+            self._release()
+
     def _check(self):
         """Verify every invariant of the representation; raise AssertionError if one fails."""
         self._acquire()
@@ -1182,6 +1682,28 @@ cdef class DeltaBitmap:
 
 
 # -- helpers ------------------------------------------------------------------
+
+cdef inline uint32_t _record_kind(const unsigned char *rec) noexcept nogil:
+    cdef uint32_t kind
+    memcpy(&kind, rec + 4, 4)
+    return kind
+
+
+cdef inline size_t _record_size(const unsigned char *rec) noexcept nogil:
+    """Size of the record at ``rec`` from its head (and masks); 0 for an unknown kind."""
+    cdef uint32_t kind = _record_kind(rec)
+    cdef uint64_t masks[8]
+    cdef size_t words = 0
+    cdef int j
+    if kind == ZERO_PAGE or kind == FULL_PAGE:
+        return RECORD_HEAD
+    if kind != SPARSE_PAGE:
+        return 0
+    memcpy(masks, rec + RECORD_HEAD, RECORD_MASKS)
+    for j in range(8):
+        words += popcount(masks[j])
+    return RECORD_HEAD + RECORD_MASKS + 8 * words
+
 
 cdef inline void _runs_flush(Runs *runs) noexcept nogil:
     """Append the pending run, split into pieces of at most ``limit`` chunks."""

@@ -20,12 +20,33 @@ Serialized form (all integers little-endian)::
 
 ``unpack`` checks every field and the invariants between the three bitmaps, so
 a file that passes describes a state the engine can be in.
+
+Page records (what a checkpoint writes: ``DeltaBitmap.snapshot_records``,
+``isc.journal``). The bitmaps are stored as the engine holds them: physical
+arrays 0 and 1 (tracking is array ``t``, transfer ``1 - t``; a mark swaps the
+roles, not the words) and 2 (saved), each cut into pages of ``PAGE_WORDS``
+words (the last page of an array may be shorter). Page ``p`` of array ``a``
+has id ``a * pages + p``, ``pages = ceil(words / PAGE_WORDS)``. A record gives
+one page's whole content::
+
+    crc    u32  zlib.crc32 of the rest of the record
+    kind   u32  ZERO_PAGE: every word zero; FULL_PAGE: every chunk's bit set;
+                SPARSE_PAGE: as follows
+    id     u64  the page
+    masks  8 x u64 (sparse only): bit i of mask j is set when word 64 j + i
+                of the page is not zero
+    words  u64 each (sparse only): those words, in order
+
+For example the page ``[0, 5, 0, ..., 0, 1 << 63]`` of 512 words is a sparse
+record of 16 + 64 + 16 bytes: masks ``[0b10, 0, ..., 0, 1 << 63]``, words
+``[5, 1 << 63]``.
 """
 
 from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import numpy as np
@@ -40,6 +61,18 @@ MAGIC = b"ISCDELTA"
 FORMAT_VERSION = 1
 _HEADER = struct.Struct("<8sIIQQQB7x")
 _CRC = struct.Struct("<I")
+
+PAGE_WORDS = 512
+"""Words per page: a page is 4 KiB of one bitmap."""
+ZERO_PAGE, FULL_PAGE, SPARSE_PAGE = 0, 1, 2
+"""Kinds of page record."""
+_RECORD_HEAD = struct.Struct("<IIQ")
+_MASKS = 64
+MAX_RECORD = _RECORD_HEAD.size + _MASKS + PAGE_WORDS * 8
+"""The longest page record, in bytes: the least buffer ``snapshot_records`` takes."""
+ARRAYS = ("bitmap 0", "bitmap 1", "the saved flags")
+"""Names of the physical arrays, by index."""
+_ONES = (1 << 64) - 1
 
 
 def check_geometry(size: int, granularity: int) -> int:
@@ -163,6 +196,118 @@ def _check_bits(chunks: int, marked: bool, tracking: bytes, transfer: bytes, sav
         raise CorruptMetadata("delta bitmap is unmarked but has transfer or saved bits set")
     if (sav & ~xfer).any():
         raise CorruptMetadata("delta bitmap has saved chunks whose transfer bit is clear")
+
+
+def pages_for(words: int) -> int:
+    """Pages of one array of ``words`` words."""
+    return -(-words // PAGE_WORDS)
+
+
+def encode_page(ident: int, words: np.ndarray, chunks: int, pages: int) -> bytes:
+    """The record of page ``ident`` (see the module docstring) holding ``words`` (uint64).
+
+    ``chunks`` and ``pages`` are the map's: they say whether the page ends
+    its array, where the last word holds only the chunks that remain.
+    """
+    last = _ONES
+    if ident % pages == pages - 1 and chunks % 64:
+        last = (1 << (chunks % 64)) - 1
+    full = np.full(len(words), _ONES, dtype=np.uint64)
+    full[-1] = last
+    body = b""
+    if np.array_equal(words, full):
+        kind = FULL_PAGE
+    elif not words.any():
+        kind = ZERO_PAGE
+    else:
+        kind = SPARSE_PAGE
+        present = np.zeros(PAGE_WORDS, dtype=bool)
+        present[: len(words)] = words != 0
+        masks = np.packbits(present, bitorder="little").tobytes()
+        body = masks + words[words != 0].astype("<u8").tobytes()
+    rest = struct.pack("<IQ", kind, ident) + body
+    return _CRC.pack(zlib.crc32(rest)) + rest
+
+
+def decode_records(data, chunks: int, offset: int = 0) -> Iterator[tuple[int, np.ndarray, int]]:
+    """``(page id, words, end)`` of each whole record in ``data``, ``end`` the offset past it.
+
+    Raises ``CorruptMetadata`` like ``DeltaBitmap.apply_records`` at a record
+    that fails its checksum or does not fit a map of ``chunks`` chunks
+    (``offset`` is that of ``data[0]``, for the message).
+    """
+    view = memoryview(data).cast("B")
+    words_per_array = words_for(chunks)
+    pages = pages_for(words_per_array)
+    at = 0
+    while at + _RECORD_HEAD.size <= len(view):
+        crc, kind, ident = _RECORD_HEAD.unpack_from(view, at)
+        if kind == SPARSE_PAGE:
+            if at + _RECORD_HEAD.size + _MASKS > len(view):
+                break
+            masks = np.frombuffer(view, "<u8", 8, at + _RECORD_HEAD.size)
+            size = _RECORD_HEAD.size + _MASKS + 8 * sum(int(m).bit_count() for m in masks)
+        elif kind in (ZERO_PAGE, FULL_PAGE):
+            size = _RECORD_HEAD.size
+        else:
+            raise record_error(offset + at, ident, pages, 1)
+        if at + size > len(view):
+            break
+        if zlib.crc32(view[at + 4 : at + size]) != crc:
+            raise record_error(offset + at, ident, pages, 1)
+        if ident >= 3 * pages:
+            raise record_error(offset + at, ident, pages, 2)
+        first = ident % pages * PAGE_WORDS
+        count = min(PAGE_WORDS, words_per_array - first)
+        if kind == ZERO_PAGE:
+            words = np.zeros(count, dtype=np.uint64)
+        elif kind == FULL_PAGE:
+            words = np.full(count, _ONES, dtype=np.uint64)
+            if first + count == words_per_array and chunks % 64:
+                words[-1] = (1 << (chunks % 64)) - 1
+        else:
+            present = np.unpackbits(np.frombuffer(masks.tobytes(), np.uint8), bitorder="little")
+            if present[count:].any():
+                raise record_error(offset + at, ident, pages, 3)
+            words = np.zeros(count, dtype=np.uint64)
+            body = at + _RECORD_HEAD.size + _MASKS
+            words[present[:count].astype(bool)] = np.frombuffer(view[body : at + size], "<u8")
+        if first + count == words_per_array and chunks % 64 and int(words[-1]) >> (chunks % 64):
+            raise record_error(offset + at, ident, pages, 3)
+        at += size
+        yield ident, words, at
+
+
+_RECORD_PROBLEMS = {
+    1: "fails its checksum",
+    2: "names no page of this map",
+    3: "sets bits outside the map",
+}
+
+
+def record_error(offset: int, ident: int, pages: int, problem: int) -> CorruptMetadata:
+    """The error for a page record at byte ``offset`` that cannot be loaded (``problem``)."""
+    array, page = divmod(ident, pages)
+    name = f"page {page} of {ARRAYS[array]}" if array < 3 else f"page id {ident}"
+    return CorruptMetadata(f"the page record at byte {offset} ({name}) {_RECORD_PROBLEMS[problem]}")
+
+
+def snapshot_open_error() -> StateError:
+    """The error for opening a snapshot while one is open."""
+    return StateError("a snapshot of this delta bitmap is open; end it with snapshot_end first")
+
+
+def snapshot_closed_error() -> StateError:
+    """The error for taking records from, or ending, a snapshot that is not open."""
+    return StateError("no snapshot of this delta bitmap is open; call snapshot() first")
+
+
+def snapshot_unfinished_error() -> StateError:
+    """The error for committing a snapshot whose records were not all taken."""
+    return StateError(
+        "the snapshot still has records to take: call snapshot_records until it returns 0, "
+        "or end it with snapshot_end(False)"
+    )
 
 
 def write_range_error(offset: int, length: int, size: int) -> RangeError:

@@ -4,6 +4,11 @@ Each bitmap is a Python ``set`` of chunk indices and one ``threading.Lock``
 serializes every call. Tests drive this class and the Cython core with the same
 operation sequences and compare them after every step; its behaviour is the
 definition the core must match.
+
+Like the core it keeps two physical tracking/transfer bitmaps whose roles
+swap (``_t``), since snapshots record them that way. A snapshot's records are
+the pages that differ from the image last persisted (every non-zero page for
+a base); the core may add pages that changed and changed back.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import numpy as np
 
 from isc import _layout
 from isc._layout import DEFAULT_GRANULARITY, check_geometry, chunk_error, write_range_error
-from isc.errors import ParameterError, RangeError
+from isc.errors import CorruptMetadata, ParameterError, RangeError
 
 _NO_CHUNKS = np.empty(0, dtype=np.int64)
 
@@ -28,9 +33,14 @@ class DeltaBitmap:
         self.marked = False
         self.generation = 0
         self.writes = 0
-        self._tracking: set[int] = set()
-        self._transfer: set[int] = set()
-        self._saved: set[int] = set()
+        # Physical bitmaps 0 and 1 (tracking is _t, transfer 1 - _t) and the saved flags.
+        self._arrays: list[set[int]] = [set(), set(), set()]
+        self._t = 0
+        self._pages = _layout.pages_for(_layout.words_for(self.chunks))
+        self._everything = True  # the next snapshot is a base
+        self._persisted: dict[int, np.ndarray] = {}  # page images as last persisted
+        self._snapshot: list[bytes] | None = None  # records not taken yet
+        self._snapshot_image: dict[int, np.ndarray] = {}
         self._lock = threading.Condition()
         self._in_flight = 0
         self._marking = False
@@ -39,6 +49,30 @@ class DeltaBitmap:
         self._activity_log = None
         self._hot: set[int] = set()
         self._saving: list[tuple[int, int]] = []
+
+    @property
+    def _tracking(self) -> set[int]:
+        return self._arrays[self._t]
+
+    @_tracking.setter
+    def _tracking(self, chunks: set[int]) -> None:
+        self._arrays[self._t] = chunks
+
+    @property
+    def _transfer(self) -> set[int]:
+        return self._arrays[1 - self._t]
+
+    @_transfer.setter
+    def _transfer(self, chunks: set[int]) -> None:
+        self._arrays[1 - self._t] = chunks
+
+    @property
+    def _saved(self) -> set[int]:
+        return self._arrays[2]
+
+    @_saved.setter
+    def _saved(self, chunks: set[int]) -> None:
+        self._arrays[2] = chunks
 
     # -- host write path -------------------------------------------------
     def record_write(self, offset: int, length: int) -> np.ndarray:
@@ -181,16 +215,19 @@ class DeltaBitmap:
                 self._transfer = set(range(self.chunks))
                 self._tracking = set()
             else:
-                self._transfer, self._tracking = self._tracking, self._transfer
+                self._t = 1 - self._t  # the empty transfer bitmap becomes tracking
             self.marked = True
             self.generation += 1
 
     def unmark(self) -> None:
         with self._lock:
-            self._tracking |= self._transfer
-            self._transfer = set()
-            self._saved = set()
-            self.marked = False
+            if self.marked:
+                # Tracking merges into the transfer bitmap, which becomes tracking.
+                self._transfer |= self._tracking
+                self._tracking = set()
+                self._t = 1 - self._t
+                self._saved = set()
+                self.marked = False
 
     def freeze(self) -> None:
         with self._lock:
@@ -316,6 +353,101 @@ class DeltaBitmap:
             _set_of(bits) for bits in (state.tracking, state.transfer, state.saved)
         )
         return bitmap
+
+    # -- snapshots ----------------------------------------------------------
+    def _image(self) -> dict[int, np.ndarray]:
+        """Every page of the three physical arrays, by page id."""
+        image = {}
+        for array, chunks in enumerate(self._arrays):
+            words = np.frombuffer(self._bits(chunks), dtype="<u8").astype(np.uint64)
+            for page in range(self._pages):
+                ident = array * self._pages + page
+                image[ident] = words[page * _layout.PAGE_WORDS : (page + 1) * _layout.PAGE_WORDS]
+        return image
+
+    def snapshot(self, everything: bool = False) -> tuple[bool, int, bool, int]:
+        with self._lock:
+            if self._snapshot is not None:
+                raise _layout.snapshot_open_error()
+            base = bool(everything) or self._everything
+            image = self._image()
+            if base:
+                pages = [i for i, words in image.items() if words.any()]
+            else:
+                pages = [i for i, w in image.items() if not np.array_equal(w, self._persisted[i])]
+            self._snapshot = [
+                _layout.encode_page(i, image[i], self.chunks, self._pages) for i in pages
+            ]
+            self._snapshot_image = image
+            self._everything = False
+            return base, self._t, self.marked, self.generation
+
+    def snapshot_records(self, out) -> int:
+        view = memoryview(out).cast("B")
+        if len(view) < _layout.MAX_RECORD:
+            raise ParameterError(
+                f"a buffer for page records needs at least {_layout.MAX_RECORD} bytes, "
+                f"got {len(view)}"
+            )
+        with self._lock:
+            if self._snapshot is None:
+                raise _layout.snapshot_closed_error()
+            n = 0
+            while self._snapshot and n + _layout.MAX_RECORD <= len(view):
+                record = self._snapshot.pop(0)
+                view[n : n + len(record)] = record
+                n += len(record)
+            return n
+
+    def snapshot_end(self, committed: bool) -> None:
+        with self._lock:
+            if self._snapshot is None:
+                raise _layout.snapshot_closed_error()
+            if committed and self._snapshot:
+                raise _layout.snapshot_unfinished_error()
+            if committed:
+                self._persisted = self._snapshot_image
+            else:
+                self._everything = True
+            self._snapshot = None
+
+    def apply_records(self, data, offset: int = 0) -> int:
+        used = 0
+        offset = _int64(offset)
+        with self._lock:
+            self._everything = True
+            for ident, words, end in _layout.decode_records(data, self.chunks, offset):
+                array, page = divmod(ident, self._pages)
+                first = page * _layout.PAGE_WORDS * 64
+                chunks = self._arrays[array]
+                chunks.difference_update(range(first, min(first + len(words) * 64, self.chunks)))
+                bits = np.unpackbits(words.astype("<u8").view(np.uint8), bitorder="little")
+                chunks.update((first + np.flatnonzero(bits)).tolist())
+                used = end
+        return used
+
+    def load_state(self, t: int, marked: bool, generation: int) -> None:
+        t, generation = operator.index(t), _int64(generation)
+        if t not in (0, 1) or generation < 0:
+            raise ParameterError(
+                f"a loaded state needs t in (0, 1) and a generation >= 0, got {t} and {generation}"
+            )
+        with self._lock:
+            if self._snapshot is not None:
+                raise _layout.snapshot_open_error()
+            transfer, saved = self._arrays[1 - t], self._arrays[2]
+            if not marked and (transfer or saved):
+                raise CorruptMetadata(
+                    "the loaded state is unmarked but has transfer or saved bits set"
+                )
+            if not saved <= transfer:
+                raise CorruptMetadata(
+                    "the loaded state has saved chunks without their transfer bit "
+                    f"(word {min(saved - transfer) // 64})"
+                )
+            self._t, self.marked, self.generation = t, bool(marked), generation
+            self._everything = False
+            self._persisted = self._image()
 
     def _check(self) -> None:
         assert self._saved <= self._transfer, "saved chunk without transfer bit"

@@ -7,22 +7,27 @@ Layout of a state directory::
                         atomically (temp file, fsync, rename, fsync of the
                         directory) at each open, save and close; versioned
     .lock               flock'ed by the process that holds the session
-    checkpoint.<K>      the delta bitmap (DeltaBitmap.to_bytes) at some instant
-    activity.<K>.log    the write-intent log begun at that instant: one record
+    checkpoint.journal  the delta bitmap: checkpoints K, each the bitmap pages
+                        changed since the one before (isc.journal)
+    activity.<K>.log    the write-intent log begun at checkpoint K: one record
                         per region that became hot, written and fsynced before
                         the first write to the region proceeds
 
 Crash safety without a synchronous metadata write per host write (the way
 DRBD's activity log works): a write to a region (``region_size`` bytes,
 default 4 MiB) that is already hot costs nothing extra; the first write to a
-cold region waits for one small log append. A checkpoint freezes host writes
-for an instant, copies the bitmap, forgets the hot regions and starts log
-K+1, then writes ``checkpoint.K+1`` and deletes the older files. Checkpoints
-run in the background when ``max_hot`` regions are hot (bounding what a crash
-resends) and every ``checkpoint_interval`` seconds, and when the session is
-closed, so a clean close leaves exact bitmaps.
+cold region waits for one small log append. A checkpoint holds host writes
+for an O(1) instant (``DeltaBitmap.snapshot``: a write that then changes a
+bitmap page the checkpoint has not written yet first copies the page),
+forgets the hot regions and starts log K+1; then it appends the pages
+changed since checkpoint K to the journal as checkpoint K+1 and deletes the
+older logs. Its cost follows the pages changed, not the size of the LUN.
+Checkpoints run in the background when ``max_hot`` regions are hot
+(bounding what a crash resends) and every ``checkpoint_interval`` seconds,
+and when the session is closed, so a clean close leaves exact bitmaps.
 
-Opening a directory after a crash loads the newest checkpoint, ends an
+Opening a directory after a crash reads the journal (a checkpoint the crash
+cut short is left out: the logs since the one before it are kept), ends an
 interrupted copy as failed (unmark: unsent chunks return to tracking, rule 2)
 and adds every region of the logs to the tracking bitmap: no change is lost,
 at most ``max_hot`` regions more are resent. Chunks a copy confirmed before
@@ -80,9 +85,11 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+from isc import journal
 from isc._core import DeltaBitmap
 from isc.copy import CopyJob, CopyResult, Destination, DestState
 from isc.errors import CorruptMetadata, IscError, ParameterError, StateError
+from isc.journal import fsync_dir as _fsync_dir
 from isc.lun import FileLUN, ReconnectingLUN
 from isc.savearea import SaveArea
 from isc.session import DEFAULT_SAVE_AREA, Session
@@ -96,15 +103,14 @@ DEFAULT_REGION_SIZE = 4 << 20
 DEFAULT_MAX_HOT = 1024
 DEFAULT_CHECKPOINT_INTERVAL = 30.0
 _RECORD = struct.Struct("<QQI")
-_CHECKPOINT = re.compile(r"checkpoint\.(\d+)$")
 _LOG = re.compile(r"activity\.(\d+)\.log$")
 _URI = re.compile(r"nbds?(\+unix)?://|rbd:")
 COPY_MODES = ("incremental", "full", "full-unmarked")
 CHECKPOINT_EVERY = 1 << 30
 """Bytes a marked copy sends between checkpoints: what a crash can make it send again.
 
-Not less: each checkpoint writes the whole bitmap and retires every hot
-region, so the host writes that follow it pay a log record each again."""
+Not less: each checkpoint retires every hot region, so the host writes that
+follow it pay a log record each again."""
 """The kinds of copy :meth:`PersistentSession.begin_copy` records (``CopyResult.mode``)."""
 
 
@@ -155,14 +161,6 @@ def write_atomically(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class ActivityLog:
     """Append-only, fsynced records of regions that became hot."""
 
@@ -186,13 +184,16 @@ class ActivityLog:
             os.write(self._fd, record)
             os.fdatasync(self._fd)
 
-    def rotate(self) -> int:
-        """Start the next generation's file; return its number."""
-        fd = self._open(self.generation + 1)
+    def prepare(self) -> int:
+        """Create the next generation's file, durably; return it for :meth:`rotate`."""
+        return self._open(self.generation + 1)
+
+    def rotate(self, fd: int) -> int:
+        """Go on in the file :meth:`prepare` made, at once; return its generation."""
         with self._lock:
-            os.close(self._fd)
-            self._fd = fd
+            old, self._fd = self._fd, fd
             self.generation += 1
+        os.close(old)
         return self.generation
 
     def close(self) -> None:
@@ -411,6 +412,7 @@ class PersistentSession:
         self.region_size = meta["region_size"]
         self.max_hot = meta["max_hot"]
         self._log: ActivityLog | None = None
+        self._journal: journal.Journal | None = None
         self._wake = threading.Event()
         self._closing = threading.Event()
         self._checkpoint_lock = threading.Lock()
@@ -424,7 +426,8 @@ class PersistentSession:
         """The source's stamp as of this open; ``closed`` once a clean close took it again."""
 
     # -- running ---------------------------------------------------------------------
-    def _start(self, generation: int, interval: float) -> None:
+    def _start(self, generation: int, interval: float, loaded: journal.Loaded | None) -> None:
+        self._journal = journal.Journal(self.directory, loaded)
         self._log = ActivityLog(self.directory, generation)
         self.session.bitmap.track_activity(self.region_size, self._on_hot)
         self._thread = threading.Thread(
@@ -457,26 +460,37 @@ class PersistentSession:
             if self._log is None:
                 raise StateError(f"{self.meta['name']} is closed; open it again to checkpoint")
             bitmap = self.session.bitmap
+            fresh = self._log.prepare()
             bitmap.freeze()
             try:
-                data = bitmap.to_bytes()
-                bitmap.retire_hot()
-                generation = self._log.rotate()
+                # O(1) while host writes wait: the pages are written after the thaw.
+                header = bitmap.snapshot(self._journal.wants_base)
+                try:
+                    bitmap.retire_hot()
+                    generation = self._log.rotate(fresh)
+                except BaseException:
+                    bitmap.snapshot_end(False)
+                    raise
             finally:
                 bitmap.thaw()
-            # The state just taken may record chunks as sent that a destination
-            # still holds in a volatile cache: flush every destination of the
-            # running copy before the checkpoint makes that durable. A flush
-            # that fails leaves the older checkpoint and every log since it.
-            for dest in self._receiving:
-                dest.lun.flush()
-            write_atomically(self.directory / f"checkpoint.{generation}", data)
+            try:
+                # The state just taken may record chunks as sent that a destination
+                # still holds in a volatile cache: flush every destination of the
+                # running copy before the checkpoint makes that durable. A flush
+                # that fails leaves the older checkpoint and every log since it.
+                for dest in self._receiving:
+                    dest.lun.flush()
+                self._journal.write(bitmap, generation, header)
+            except BaseException:
+                bitmap.snapshot_end(False)
+                raise
+            bitmap.snapshot_end(True)
             self._checkpointed = True
+            # Older logs reappearing after a crash are ignored: the journal is newer.
             for path in self.directory.iterdir():
-                match = _CHECKPOINT.match(path.name) or _LOG.match(path.name)
+                match = _LOG.match(path.name)
                 if match and int(match.group(1)) < generation:
                     path.unlink()
-            _fsync_dir(self.directory)
 
     def save(self) -> None:
         """Write the metadata (destinations, their states, epoch) atomically.
@@ -619,12 +633,14 @@ class PersistentSession:
             self._thread.join()
 
     def _release(self) -> None:
-        """Close the log, the LUNs, the save area and the lock, writing nothing."""
+        """Close the log, the journal, the LUNs, the save area and the lock, writing nothing."""
         self._closed = True
         with self._checkpoint_lock:
             if self._log is not None:
                 self._log.close()
                 self._log = None
+            if self._journal is not None:
+                self._journal.close()
         for dest in self.destinations:
             dest.lun.close()
         self.session.save_area.close()
@@ -887,7 +903,7 @@ def create_session(
     if (path / METADATA).exists():
         raise StateError(f"{path} already holds an isc session; open it or choose another")
     leftovers = path.is_dir() and any(
-        _CHECKPOINT.match(p.name) or _LOG.match(p.name) for p in path.iterdir()
+        p.name == journal.NAME or _LOG.match(p.name) for p in path.iterdir()
     )
     if leftovers:
         # They would be read as this session's state at its first open.
@@ -999,12 +1015,13 @@ def read_state(directory: str | os.PathLike[str], *, tries: int = 5) -> StoredSt
         in_use = _in_use(path)
         damage = None
         try:
-            _, bitmap, regions = _load(path, meta, with_logs=not in_use)
+            _, loaded, regions = _load(path, meta, with_logs=not in_use)
+            bitmap = loaded and loaded.bitmap
         except FileNotFoundError:
-            continue  # the holder's checkpoint replaced a file being read: read again
+            continue  # the holder's checkpoint deleted a log being read: read again
         except CorruptMetadata as exc:
             if in_use and attempt < tries - 1:
-                continue  # the listing fell between the holder's new checkpoint and the old
+                continue  # the read fell between the holder's checkpoint and its log's deletion
             bitmap, regions, damage = None, set(), str(exc)
         changed = None if in_use else _source_change_now(meta)
         return StoredState(meta, bitmap, in_use, len(regions), damage, changed)
@@ -1022,33 +1039,43 @@ def _source_change_now(meta: dict) -> str | None:
     return _source_change(meta.get("source_stamp"), now, meta["source"])
 
 
-def _load(path: Path, meta: dict, *, with_logs: bool) -> tuple[int, DeltaBitmap | None, set[int]]:
-    """The highest file generation, the newest checkpoint and the regions logged since it.
+def _load(
+    path: Path, meta: dict, *, with_logs: bool
+) -> tuple[int, journal.Loaded | None, set[int]]:
+    """The highest generation, the journal's newest checkpoint and the regions logged since it.
 
     Raises ``CorruptMetadata`` naming the file that is damaged, unreadable
     or does not fit the metadata, or the checkpoint that is missing though
     the session file or a log shows it was written (an empty bitmap would
-    lose every change it held), before anything is opened or written.
+    lose every change it held), before anything is opened or written. A
+    checkpoint cut short by a crash is left out while the logs since the one
+    before it are there (a newer checkpoint on disk deletes them).
     """
-    files = _state_files(path)
-    checkpoints = sorted((gen, p) for gen, p, is_log in files if not is_log)
+    logs = sorted(_logs(path))
+    where = path / journal.NAME
+    try:
+        loaded = journal.read(where)
+    except FileNotFoundError:
+        loaded = None
+    except OSError as exc:
+        raise CorruptMetadata(f"{where} cannot be read: {exc.strerror or exc}") from None
     generation, bitmap = 0, None
-    if checkpoints:
-        generation, newest = checkpoints[-1]
-        try:
-            bitmap = DeltaBitmap.from_bytes(_read_file(newest))
-        except CorruptMetadata as exc:
-            raise CorruptMetadata(f"{newest}: {exc}") from None
+    if loaded is not None:
+        generation, bitmap = loaded.seq, loaded.bitmap
         if bitmap.granularity != meta["granularity"]:
             raise CorruptMetadata(
-                f"{newest} tracks at {bitmap.granularity} bytes, {path / METADATA} says "
+                f"{where} tracks at {bitmap.granularity} bytes, {path / METADATA} says "
                 f"{meta['granularity']}"
+            )
+        if loaded.torn and with_logs and generation not in {gen for gen, _ in logs}:
+            raise CorruptMetadata(
+                f"{where}: {loaded.torn}, and the activity logs since checkpoint {generation} "
+                "were deleted: it was whole once, and is damaged"
             )
     elif meta.get("checkpointed") or meta["epoch"] or meta["destinations"]:
         raise CorruptMetadata(_lost(path, f"{path / METADATA} records one"))
     regions: set[int] = set()
-    logs = sorted((gen, p) for gen, p, is_log in files if is_log and with_logs)
-    for log_path in [p for gen, p in logs if gen >= generation]:
+    for log_path in [p for gen, p in logs if gen >= generation and with_logs]:
         records = read_log(log_path)
         if records and bitmap is None:
             raise CorruptMetadata(_lost(path, f"{log_path} records writes"))
@@ -1056,23 +1083,23 @@ def _load(path: Path, meta: dict, *, with_logs: bool) -> tuple[int, DeltaBitmap 
             if last * meta["region_size"] >= bitmap.size:
                 raise CorruptMetadata(f"{log_path}: region {last} lies outside the tracked LUN")
             regions.update(range(first, last + 1))
-    return max((gen for gen, _, _ in files), default=0), bitmap, regions
+    return max([generation, *(gen for gen, _ in logs)]), loaded, regions
 
 
-def _state_files(path: Path) -> list[tuple[int, Path, bool]]:
-    """``(generation, path, is_log)`` of every checkpoint and activity log in ``path``."""
+def _logs(path: Path) -> list[tuple[int, Path]]:
+    """``(generation, path)`` of every activity log in ``path``."""
     found = []
     for p in path.iterdir():
-        match = _CHECKPOINT.match(p.name) or _LOG.match(p.name)
+        match = _LOG.match(p.name)
         if match:
-            found.append((int(match.group(1)), p, match.re is _LOG))
+            found.append((int(match.group(1)), p))
     return found
 
 
 def _read_file(path: Path) -> bytes:
-    """The bytes of a checkpoint or log; ``CorruptMetadata`` naming it when it cannot be read.
+    """The bytes of a log; ``CorruptMetadata`` naming it when it cannot be read.
 
-    ``FileNotFoundError`` passes: the holder's checkpoint may have just replaced it.
+    ``FileNotFoundError`` passes: the holder's checkpoint may have just deleted it.
     """
     try:
         return path.read_bytes()
@@ -1084,7 +1111,7 @@ def _read_file(path: Path) -> bytes:
 
 def _lost(path: Path, evidence: str) -> str:
     return (
-        f"the checkpoint (checkpoint.<N>, the tracking bitmap) in {path} is missing though "
+        f"the checkpoint ({journal.NAME}, the tracking bitmap) in {path} is missing though "
         f"{evidence}: the changes it held are lost"
     )
 
@@ -1119,8 +1146,8 @@ def _recover(
 ) -> tuple[PersistentSession, Recovery]:
     if reset:
         # The checkpoint and logs are not read: they are what may be lost or damaged.
-        last = max((gen for gen, _, _ in _state_files(path)), default=0)
-        bitmap, regions = None, set()
+        last = max((gen for gen, _ in _logs(path)), default=0)
+        loaded, regions = None, set()
         meta = {key: value for key, value in meta.items() if key != "copy"}
         meta["destinations"] = [
             {**d, "state": DestState.NEW.value, "epoch": None, "protected_state": None}
@@ -1128,13 +1155,13 @@ def _recover(
         ]
     else:
         try:
-            last, bitmap, regions = _load(path, meta, with_logs=True)
+            last, loaded, regions = _load(path, meta, with_logs=True)
         except CorruptMetadata as exc:
             raise CorruptMetadata(
                 f"{exc}; isc recover {path} --reset-destinations starts again with full copies"
             ) from None
     try:
-        stored = PersistentSession(path, meta, bitmap, timeout)
+        stored = PersistentSession(path, meta, loaded and loaded.bitmap, timeout)
     except IscError:
         raise
     except (KeyError, TypeError, ValueError) as exc:
@@ -1145,7 +1172,7 @@ def _recover(
         recovery = _repair(stored, regions, meta.get("copy"), changed)
         if reset:
             stored.session.bitmap.record_write(0, stored.source.size)
-        stored._start(last + 1, checkpoint_interval)
+        stored._start(last + 1, checkpoint_interval, loaded)
         stored.checkpoint()
         # After the checkpoint: an interrupted copy's end is recorded last. From
         # here on the file says a checkpoint exists and no clean close stamped the

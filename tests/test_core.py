@@ -70,6 +70,7 @@ class Twins:
 
     def __init__(self, core, ref):
         self.core, self.ref = core, ref
+        self.pair = (core, ref)
         self.snapshot = None  # serialized states as of the last agree(), while still current
 
     @classmethod
@@ -285,6 +286,10 @@ class LockstepMachine(RuleBasedStateMachine):
         self.bad_ranges = st.sampled_from(
             ((-1, 1), (0, -1), (0, chunks + 1), (chunks, 1), (1, chunks))
         )
+        # The open snapshot: its header, the state it froze, the records taken from each twin.
+        self.open: tuple[tuple, bytes, list[list[bytes]]] | None = None
+        # Maps rebuilt from committed snapshots, each from the other twin's records.
+        self.replicas: list = [None, None]
 
     @invariant()
     def agree(self):
@@ -440,8 +445,49 @@ class LockstepMachine(RuleBasedStateMachine):
             chunk = data.draw(self.chunks_and_outside, "chunk")
             self.twins.both(lambda b: getattr(b, query)(chunk))
 
+    # -- snapshots (checkpoints): whatever runs meanwhile, the records hold the frozen state
+
+    @precondition(lambda self: self.open is None)
+    @rule(everything=st.sampled_from((False, False, True)))
+    def snapshot(self, everything):
+        error, header = self.twins.both(lambda b: b.snapshot(everything))
+        assert error is None
+        self.open = (header, self.twins.ref.to_bytes(), [[], []])
+        self.twins.both(lambda b: b.snapshot_records(bytearray(_layout.MAX_RECORD - 1)))
+
+    @precondition(lambda self: self.open is not None)
+    @rule(size=st.sampled_from((_layout.MAX_RECORD, _layout.MAX_RECORD + 100, 3 << 12)))
+    def take_records(self, size):
+        for bitmap, taken in zip(self.twins.pair, self.open[2], strict=True):
+            out = bytearray(size)
+            taken.append(bytes(out[: bitmap.snapshot_records(out)]))
+
+    @precondition(lambda self: self.open is not None)
+    @rule(commit=st.sampled_from((True, True, False)))
+    def end_snapshot(self, commit):
+        (base, t, marked, generation), frozen, taken = self.open
+        self.open = None
+        if not commit:
+            self.twins.both(lambda b: b.snapshot_end(False))
+            return
+        for bitmap, records in zip(self.twins.pair, taken, strict=True):
+            out = bytearray(1 << 16)
+            while n := bitmap.snapshot_records(out):
+                records.append(bytes(out[:n]))
+        # Each twin's records rebuild the frozen state in a map of the other kind.
+        for i, (records, kind) in enumerate(zip(taken, (_reference, _core), strict=True)):
+            if base:
+                self.replicas[i] = kind.DeltaBitmap(self.size, self.granularity)
+            data = b"".join(records)
+            assert self.replicas[i].apply_records(data) == len(data)
+            self.replicas[i].load_state(t, marked, generation)
+            assert self.replicas[i].to_bytes() == frozen, describe_difference(
+                self.replicas[i].to_bytes(), frozen
+            )
+        self.twins.both(lambda b: b.snapshot_end(True))
+
     # The serialized state holds no writes in flight, so reload only between writes.
-    @precondition(lambda self: not self.in_flight)
+    @precondition(lambda self: not self.in_flight and self.open is None)
     @rule(kind=st.sampled_from((bytes, bytearray, memoryview)))
     def cross_load(self, kind):
         core_bytes, ref_bytes = self.twins.core.to_bytes(), self.twins.ref.to_bytes()

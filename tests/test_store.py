@@ -13,6 +13,7 @@ disk. ``test_crash.py`` kills real processes.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -29,7 +30,7 @@ from helpers import assert_no_lost_change, fill_random
 from hypothesis import given
 from hypothesis import strategies as st
 
-from isc import CopyJob, CorruptMetadata, DeltaBitmap, DestState, FileLUN, IscError
+from isc import CopyJob, CorruptMetadata, DeltaBitmap, DestState, FileLUN, IscError, journal
 from isc.errors import ParameterError, StateError
 from isc.store import (
     METADATA,
@@ -297,19 +298,29 @@ def test_corrupt_session_file_names_the_file_and_changes_nothing(env: Path, dama
 
 
 def _checkpoint(env: Path) -> Path:
-    (path,) = env.glob("checkpoint.*")
-    return path
+    return env / journal.NAME
 
 
 def _foreign_checkpoint(data: bytes) -> bytes:
-    return DeltaBitmap(SIZE, 2 * G).to_bytes()
+    """The journal of a session that tracks the same LUN at another granularity."""
+    with tempfile.TemporaryDirectory() as tmp:
+        bitmap = DeltaBitmap(SIZE, 2 * G)
+        writer = journal.Journal(Path(tmp), None)
+        writer.write(bitmap, 1, bitmap.snapshot())
+        writer.close()
+        return (Path(tmp) / journal.NAME).read_bytes()
+
+
+def _flipped(at: int):
+    return lambda data: data[:at] + bytes([data[at] ^ 1]) + data[at + 1 :]
 
 
 CHECKPOINT_DAMAGE = {
     "empty": lambda data: b"",
+    # The last checkpoint, cut short: a crash in it would have kept the logs it replaced.
     "truncated": lambda data: data[:-5],
-    "padded": lambda data: data + b"\0",
-    "one bit flipped": lambda data: data[:50] + bytes([data[50] ^ 1]) + data[51:],
+    "the base's header": _flipped(50),
+    "the last commit": _flipped(-3),
     "random bytes": lambda data: random.Random(5).randbytes(len(data)),
     "another granularity": _foreign_checkpoint,
 }
@@ -366,6 +377,147 @@ def test_torn_last_log_record_is_ignored(env: Path) -> None:
             c for c in range(stored.session.bitmap.chunks) if stored.session.bitmap.tracking(c)
         ]
         assert tracked == list(range(REGION // G, 3 * REGION // G))
+
+
+# -- checkpoints: the journal ----------------------------------------------------------------
+
+
+def test_a_checkpoint_writes_the_pages_that_changed_not_the_lun(tmp_path: Path) -> None:
+    FileLUN.create(tmp_path / "big.img", 1 << 36).close()  # 64 GiB, sparse: 2^25 chunks
+    state = tmp_path / "state"
+    create_session(state, str(tmp_path / "big.img"), granularity=2048)
+    with opened(state) as stored:
+        path = _checkpoint(state)
+        before = path.stat().st_size
+        for offset in range(0, 1 << 36, 1 << 32):  # 16 pages of tracking
+            stored.session.write(offset, b"x" * 4096)
+        stored.checkpoint()
+        grown = path.stat().st_size - before
+        stored.session.mark()
+        stored.checkpoint()  # a mark swaps roles: no page changes
+        marked = path.stat().st_size - before - grown
+    assert grown == journal.HEADER_SIZE + 16 * (16 + 64 + 8) + 16
+    assert marked == journal.HEADER_SIZE + 16
+
+
+def _journal_with_pages(env: Path) -> tuple[bytes, list[journal.Segment]]:
+    """Write, checkpoint twice: the journal's bytes and its segments (base, then changes)."""
+    rng = random.Random(21)
+    with opened(env) as stored:
+        seed_copies(stored)
+        write_random(stored, rng, 20)
+        stored.checkpoint()
+        write_random(stored, rng, 20)
+    data = _checkpoint(env).read_bytes()
+    with open(_checkpoint(env), "rb") as file:
+        segments, torn = journal._segments(file, _checkpoint(env))
+    assert torn is None and sum(s.records > 0 for s in segments) >= 2
+    return data, segments
+
+
+def test_a_damaged_page_of_an_older_checkpoint_names_the_file_and_the_page(env: Path) -> None:
+    data, segments = _journal_with_pages(env)
+    older = next(s for s in segments[:-1] if s.records)
+    at = older.at + journal.HEADER_SIZE + 20  # inside the segment's first page record
+    _checkpoint(env).write_bytes(_flipped(at)(data))
+    before = files(env)
+    with pytest.raises(CorruptMetadata, match=rf"{journal.NAME}: checkpoint {older.seq}: .*page"):
+        open_session(env)
+    assert files(env) == before
+
+
+def test_a_checkpoint_cut_short_by_a_crash_is_left_out_and_loses_no_change(env: Path) -> None:
+    """A kill while a checkpoint is written leaves it torn anywhere: cut, or with any byte
+    of it (a page record, the header, the commit) unwritten. Its checksums say so, and the
+    checkpoint before it and the activity logs since then (still there) lose no change."""
+    rng = random.Random(22)
+    with opened(env) as stored:
+        seed_copies(stored)
+        write_random(stored, rng, 30)
+        stored.checkpoint()
+        write_random(stored, rng, 30)  # logged in the log the next checkpoint retires
+        image = crash_image(env)
+        length = _checkpoint(env).stat().st_size
+        stored.checkpoint()
+        segment = _checkpoint(env).read_bytes()[length:]
+        expected = stored.session.bitmap.to_bytes()
+    assert len(segment) > journal.HEADER_SIZE + 16 + 16  # it holds page records
+    for cut in sorted(rng.sample(range(len(segment)), 12)):
+        torn = [segment[:cut], segment[:cut] + bytes(len(segment) - cut), _flipped(cut)(segment)]
+        for tail in torn:
+            attempt = image.with_name(f"torn-{cut}")
+            shutil.rmtree(attempt, ignore_errors=True)
+            shutil.copytree(image, attempt)
+            with open(_checkpoint(attempt), "ab") as file:
+                file.write(tail)
+            stored, recovery = open_session(attempt)
+            with stored:
+                assert recovery.crashed
+                for dest in stored.destinations:
+                    assert_no_lost_change(stored.session, dest.lun)
+                bitmap = DeltaBitmap.from_bytes(expected)
+                assert all(  # what the whole checkpoint held is tracked
+                    stored.session.bitmap.tracking(c)
+                    for c in range(bitmap.chunks)
+                    if bitmap.tracking(c)
+                )
+
+
+def test_the_journal_starts_a_new_file_once_the_changes_outgrow_the_base(
+    env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(journal, "COMPACT_AFTER", 1000)
+    rng = random.Random(23)
+    sizes = []
+    with opened(env) as stored:
+        for _ in range(12):
+            write_random(stored, rng, 10)
+            stored.checkpoint()
+            sizes.append(_checkpoint(env).stat().st_size)
+        expected = stored.session.bitmap.to_bytes()
+    assert any(after < before for before, after in itertools.pairwise(sizes))
+    assert max(sizes) < 3 * 1000  # base + what follows it + one more checkpoint
+    with opened(env) as stored:
+        assert stored.session.bitmap.to_bytes() == expected
+
+
+def test_a_failed_checkpoint_write_keeps_the_older_one_and_the_next_starts_afresh(
+    env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rng = random.Random(24)
+    pwrite = journal._pwrite_all
+    calls = []
+
+    def failing(fd, data, offset):
+        calls.append(offset)
+        if len(calls) == 2:
+            pwrite(fd, bytes(data)[: len(data) // 2], offset)
+            raise OSError(28, "No space left on device")
+        pwrite(fd, data, offset)
+
+    with opened(env) as stored:
+        seed_copies(stored)
+        write_random(stored, rng, 30)
+        stored.checkpoint()
+        write_random(stored, rng, 30)
+        monkeypatch.setattr(journal, "_pwrite_all", failing)
+        with pytest.raises(OSError, match="No space left"):
+            stored.checkpoint()
+        image = crash_image(env)  # what a crash right after the failure leaves
+        monkeypatch.setattr(journal, "_pwrite_all", pwrite)
+        write_random(stored, rng, 5)
+        stored.checkpoint()  # a base, in a new file
+        with open(_checkpoint(env), "rb") as file:
+            segments, _ = journal._segments(file, _checkpoint(env))
+        assert len(segments) == 1 and segments[0].base
+        expected = stored.session.bitmap.to_bytes()
+    with opened(env) as stored:
+        assert stored.session.bitmap.to_bytes() == expected
+    stored, recovery = open_session(image)
+    with stored:
+        assert recovery.crashed
+        for dest in stored.destinations:
+            assert_no_lost_change(stored.session, dest.lun)
 
 
 # -- crashes -------------------------------------------------------------------------------
@@ -576,8 +728,8 @@ def test_fuzzed_checkpoint_opens_unchanged_or_raises_corrupt_metadata(
             data[at % len(data)] = value
         data = data[: len(data) - cut % 16] + tail
         path.write_bytes(bytes(data))
-        if bytes(data) == original:
-            _open_or_clear_error(state, ())
+        if bytes(data[: len(original)]) == original:
+            _open_or_clear_error(state, ())  # at most a tail that a crash cut short
         else:
             with pytest.raises(CorruptMetadata, match=path.name):
                 open_session(state)

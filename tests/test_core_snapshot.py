@@ -1,0 +1,218 @@
+"""Snapshots of the delta bitmap: the page records a checkpoint writes, and loading them.
+
+The lockstep machine (``test_core.py``) checks that a snapshot's records, taken
+while anything else runs, rebuild the state frozen at the snapshot; here are
+the record format, the errors, a snapshot under concurrent host writes, and a
+16 TiB map whose checkpoints stay as small as its changes.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+import zlib
+
+import numpy as np
+import pytest
+
+from isc import _core, _layout, _reference
+from isc.errors import CorruptMetadata, ParameterError, StateError
+
+BITMAPS = (_core.DeltaBitmap, _reference.DeltaBitmap)
+G = 2048
+
+
+def records_of(bitmap, everything: bool = False) -> tuple[tuple, bytes]:
+    """Take a whole snapshot of ``bitmap``: its header and its records."""
+    header = bitmap.snapshot(everything)
+    out, taken = bytearray(_layout.MAX_RECORD), []
+    while n := bitmap.snapshot_records(out):
+        taken.append(bytes(out[:n]))
+    bitmap.snapshot_end(True)
+    return header, b"".join(taken)
+
+
+def rebuilt(kind, size: int, header: tuple, data: bytes):
+    """A map of ``kind`` loaded from one base snapshot."""
+    bitmap = kind(size, G)
+    assert bitmap.apply_records(data) == len(data)
+    bitmap.load_state(*header[1:])
+    return bitmap
+
+
+@pytest.mark.parametrize("kind", BITMAPS)
+def test_a_page_record_is_laid_out_as_documented(kind) -> None:
+    # Chunks 64..127 are word 1 of page 0; the last chunk of page 0 is bit 63 of word 511.
+    bitmap = kind(2 * 512 * 64 * G, G)  # two pages per array
+    bitmap.record_writes([64 * G, (512 * 64 - 1) * G], [1, 1])
+    (base, t, marked, generation), data = records_of(bitmap)
+    assert (base, t, marked, generation) == (True, 0, False, 0)
+    rest = struct.pack("<IQ", _layout.SPARSE_PAGE, 0) + struct.pack("<8Q", 0b10, *[0] * 6, 1 << 63)
+    rest += struct.pack("<2Q", 1, 1 << 63)
+    assert data == struct.pack("<I", zlib.crc32(rest)) + rest
+
+
+@pytest.mark.parametrize("kind", BITMAPS)
+def test_full_and_emptied_pages_take_a_record_head_each(kind) -> None:
+    chunks = 512 * 64 + 5  # a second, short page per array
+    bitmap = kind(chunks * G, G)
+    records_of(bitmap)
+    bitmap.mark(full=True)  # transfer is array 1: both its pages fill
+    _, data = records_of(bitmap)
+    pages = _layout.pages_for(_layout.words_for(chunks))
+    decoded = {ident: words for ident, words, _ in _layout.decode_records(data, chunks)}
+    assert set(decoded) == {pages, pages + 1}
+    assert len(data) == 2 * 16  # FULL_PAGE records have no body
+    assert int(decoded[pages + 1][-1]) == (1 << 5) - 1  # the short page's last word
+    bitmap.unmark()  # merges into array 1 and swaps: array 1 is tracking, no page changed
+    assert records_of(bitmap)[1] == b""
+    bitmap.clear_tracking()
+    _, data = records_of(bitmap)
+    assert len(data) == 2 * 16  # two ZERO_PAGE records
+
+
+def test_a_mark_or_an_unmark_dirties_no_page() -> None:
+    bitmap = _core.DeltaBitmap(1 << 44, G)  # 16 TiB at 2 KiB: 2^18 pages per array
+    bitmap.record_write((1 << 44) - 4096, 4096)
+    records_of(bitmap)
+    bitmap.mark()
+    assert bitmap.dirty_pages == 0
+    bitmap.record_write(0, 4096)  # tracking is array 1 now
+    bitmap.test_and_clear(bitmap.chunks - 1)  # transfer is array 0
+    assert bitmap.dirty_pages == 2
+    bitmap.unmark()  # merges page 0 of array 1 into page 0 of array 0
+    (base, t, marked, generation), data = records_of(bitmap)
+    assert not base and (t, marked, generation) == (0, False, 1)
+    pages = {i for i, _, _ in _layout.decode_records(data, bitmap.chunks)}
+    assert pages == {0, (1 << 18) - 1, 1 << 18}
+
+
+@pytest.mark.parametrize("kind", BITMAPS)
+def test_snapshot_calls_out_of_turn_are_state_errors_and_change_nothing(kind) -> None:
+    bitmap = kind(100 * G, G)
+    bitmap.record_write(0, 10 * G)
+    before = bitmap.to_bytes()
+    with pytest.raises(StateError, match="no snapshot"):
+        bitmap.snapshot_records(bytearray(_layout.MAX_RECORD))
+    with pytest.raises(StateError, match="no snapshot"):
+        bitmap.snapshot_end(True)
+    bitmap.snapshot()
+    with pytest.raises(StateError, match="snapshot of this delta bitmap is open"):
+        bitmap.snapshot()
+    with pytest.raises(StateError, match="snapshot of this delta bitmap is open"):
+        bitmap.load_state(0, False, 0)
+    with pytest.raises(ParameterError, match=f"at least {_layout.MAX_RECORD} bytes"):
+        bitmap.snapshot_records(bytearray(100))
+    with pytest.raises(StateError, match="still has records to take"):
+        bitmap.snapshot_end(True)
+    assert bitmap.snapshot_records(bytearray(_layout.MAX_RECORD))  # still open, records intact
+    bitmap.snapshot_end(False)
+    assert bitmap.to_bytes() == before
+    assert bitmap.snapshot()[0]  # after an abandoned snapshot comes a base
+
+
+@pytest.mark.parametrize("kind", BITMAPS)
+def test_a_record_that_fails_its_checksum_names_its_page_and_byte(kind) -> None:
+    size = 50_000 * G  # two pages per array
+    source = _core.DeltaBitmap(size, G)
+    source.record_writes([0, 40_000 * G], [G, G])
+    _, data = records_of(source)
+    second = 16 + 64 + 8  # the first record holds one word
+    bitmap = kind(size, G)
+    assert bitmap.apply_records(data[: second + 20]) == second  # stops before a cut record
+    at = second + 16 + 64 + 2  # in the second record's word
+    damaged = data[:at] + bytes([data[at] ^ 4]) + data[at + 1 :]
+    with pytest.raises(CorruptMetadata, match=rf"at byte {1000 + second} \(page 1 of bitmap 0\)"):
+        kind(size, G).apply_records(damaged, 1000)
+
+
+@pytest.mark.parametrize("kind", BITMAPS)
+def test_records_that_do_not_fit_the_map_are_refused(kind) -> None:
+    chunks = 70  # one page of two words per array; chunk 70 would be word 1, bit 6
+    words = np.array([0, 1 << 6], dtype=np.uint64)
+    past_end = _layout.encode_page(0, words, chunks + 64, 1)
+    with pytest.raises(CorruptMetadata, match="sets bits outside the map"):
+        kind(chunks * G, G).apply_records(past_end)
+    no_page = _layout.encode_page(3, np.zeros(2, np.uint64), chunks, 1)
+    with pytest.raises(CorruptMetadata, match=r"\(page id 3\) names no page"):
+        kind(chunks * G, G).apply_records(no_page)
+
+
+@pytest.mark.parametrize("kind", BITMAPS)
+def test_load_state_refuses_impossible_states(kind) -> None:
+    source = _core.DeltaBitmap(100 * G, G)
+    source.record_write(0, 10 * G)
+    source.mark()
+    source.record_write(0, G)  # chunk 0 saved
+    header, data = records_of(source)
+    assert header[1:] == (1, True, 1)  # tracking is array 1, transfer array 0
+    empty_transfer = data + _layout.encode_page(0, np.zeros(2, np.uint64), 100, 1)
+    for records, args, error, match in (
+        (data, (1, False, 1), CorruptMetadata, "unmarked but has transfer or saved"),
+        (empty_transfer, (1, True, 1), CorruptMetadata, r"without their transfer bit \(word 0\)"),
+        (data, (2, True, 1), ParameterError, "t in"),
+        (data, (1, True, -1), ParameterError, "generation >= 0"),
+    ):
+        bitmap = kind(100 * G, G)
+        bitmap.apply_records(records)
+        with pytest.raises(error, match=match):
+            bitmap.load_state(*args)
+    assert rebuilt(kind, 100 * G, header, data).to_bytes() == source.to_bytes()
+
+
+def test_records_hold_the_state_at_the_snapshot_while_writers_go_on(busy_switching) -> None:
+    size = 64 * 512 * 64 * G  # 64 pages per array
+    bitmap = _core.DeltaBitmap(size, G)
+    stop = threading.Event()
+
+    def writer(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        while not stop.is_set():
+            offset = int(rng.integers(0, size // G)) * G
+            bitmap.write_through(lambda *a: None, lambda *a: None, offset, bytes(G))
+            if offset % 7 == 0:
+                bitmap.clear_transfer(offset // G, 1)
+
+    threads = [threading.Thread(target=writer, args=(seed,)) for seed in range(2)]
+    for thread in threads:
+        thread.start()
+    try:
+        replica = None
+        for round_ in range(12):
+            if round_ % 4 == 2:
+                bitmap.mark(full=round_ % 8 == 2)
+            elif round_ % 4 == 0:
+                bitmap.unmark()
+            bitmap.freeze()  # hold writes while the state is copied for comparison
+            frozen = bitmap.to_bytes()
+            header = bitmap.snapshot()
+            bitmap.thaw()
+            out, taken = bytearray(_layout.MAX_RECORD * 3), []
+            while n := bitmap.snapshot_records(out):
+                taken.append(bytes(out[:n]))
+            bitmap.snapshot_end(True)
+            if header[0]:
+                replica = _core.DeltaBitmap(size, G)
+            data = b"".join(taken)
+            assert replica.apply_records(data) == len(data)
+            replica.load_state(*header[1:])
+            assert replica.to_bytes() == frozen
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+
+
+@pytest.mark.big
+def test_a_16tib_map_checkpoints_what_changed_only() -> None:
+    bitmap = _core.DeltaBitmap(1 << 44, G)
+    header, data = records_of(bitmap)
+    assert header[0] and data == b""  # an empty map's base holds nothing
+    for offset in range(0, 1 << 44, 1 << 40):  # 16 writes, one page of tracking each
+        bitmap.record_write(offset, 4096)
+    header, data = records_of(bitmap)
+    assert not header[0] and len(data) == 16 * (16 + 64 + 8)
+    replica = _core.DeltaBitmap(1 << 44, G)
+    replica.apply_records(records_of(bitmap, everything=True)[1])
+    replica.load_state(*header[1:])
+    assert replica.tracking_count == bitmap.tracking_count == 16 * 2
