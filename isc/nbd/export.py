@@ -310,13 +310,20 @@ class _Snapshot:
         self._key: tuple[int, ...] | None = None
         self._state: Any = None
 
+    def _now(self) -> tuple[int, ...]:
+        b = self._bitmap
+        return (b.generation, b.marked, b.writes, b.tracking_count, b.transfer_count, b.saved_count)
+
+    def fresh(self) -> bool:
+        """Whether :meth:`get` would answer without reading the bitmap (O(chunks)) again."""
+        return self._now() == self._key
+
     def get(self) -> Any:
         """The bitmap's state (``isc._layout.State``: words as bytes) as of this call or later."""
-        b = self._bitmap
-        key = (b.generation, b.marked, b.writes, b.tracking_count, b.transfer_count, b.saved_count)
+        key = self._now()
         with self._lock:
             if key != self._key:
-                self._state = unpack(b.to_bytes())
+                self._state = unpack(self._bitmap.to_bytes())
                 self._key = key
             return self._state
 
@@ -404,6 +411,10 @@ class LUNExport:
 
     def flush(self) -> None:
         self.lun.flush()
+
+    def status_is_cheap(self, contexts: list[int]) -> bool:
+        """Whether a block status of ``contexts`` needs no new read of the bitmap whole."""
+        return 1 not in contexts or self._bitmap is None or self._bitmap.fresh()
 
     def block_status(self, context: int, offset: int, length: int, limit: int) -> np.ndarray:
         """Context ``context``'s extents of ``[offset, offset + length)``: (length, flags) rows."""
@@ -560,6 +571,10 @@ class _FrozenView:
 
     def flush(self) -> None:
         self._check()
+
+    def status_is_cheap(self, contexts: list[int]) -> bool:
+        """Whether a block status of ``contexts`` needs no new read of the bitmap whole."""
+        return 1 not in contexts or self.export._bitmap.fresh()
 
     def block_status(self, context: int, offset: int, length: int, limit: int) -> np.ndarray:
         """Context ``context``'s extents: holes at the mark, or the transfer bitmap."""

@@ -150,7 +150,10 @@ writes at queue depth 8 ran at 16 000/s through the pool, 100 000/s inline;
 nbdcopy moving 1 GiB in 256 KiB requests cost the server 1.4 CPU seconds through
 the pool, 0.6 inline, qemu-nbd 0.5, both ways). The price: while one of them
 waits for a slow device, the other clients wait too. A FUA write (it waits for a
-flush) and larger I/O use the pool."""
+flush) and larger I/O use the pool. So does a BLOCK_STATUS, unless the bitmaps it
+reports were read whole already since they last changed (``status_is_cheap``:
+``nbdinfo --map`` of a 1 TiB bitmap took 0.41 s through the pool, 0.14 s inline,
+qemu-nbd 0.10 s)."""
 _TLS_REQUIRED = b"TLS is required: start it with NBD_OPT_STARTTLS"
 _REPLY_BACKLOG = 64 << 10  # unsent reply bytes after which the loop waits for the client
 _STREAM_LIMIT = 4 << 20  # bytes a connection buffers before it stops reading the socket
@@ -733,9 +736,13 @@ class NBDServer:
                     command in (proto.CMD_READ, proto.CMD_WRITE)
                     and length <= _INLINE
                     and not flags & proto.CMD_FLAG_FUA
+                ) or (
+                    command == proto.CMD_BLOCK_STATUS
+                    and client.view.status_is_cheap(client.contexts)
                 ):
-                    # Small reads and writes run here, in order: a thread hand-off
-                    # costs more than the request (see _INLINE).
+                    # Small reads and writes, and block status from bitmaps read
+                    # already, run here, in order: a thread hand-off costs more
+                    # than the request (see _INLINE).
                     if command == proto.CMD_WRITE:
                         data = await reader.readexactly(length)
                     self._send(
