@@ -1,6 +1,6 @@
 """The copy job: sends a session's source to its destinations.
 
-Three kinds of copy (MISSION.md, "The states and what each operation does"):
+Three kinds of copy (docs/design.md, "The states and what each operation does"):
 
 =================  =========================================================
 ``incremental()``  the session is marked: send the transfer bitmap's chunks
