@@ -1,0 +1,484 @@
+"""isc's NBD server beside qemu-nbd: nbdcopy both ways, a 1 TiB bitmap's block status, pulls.
+
+Three sections, one run on this machine, each printed as a Markdown table
+(``--json`` keeps every measurement); every server listens on a Unix socket
+in the work directory (``/dev/shm`` when it has room):
+
+``copy``
+    ``nbdcopy`` reading a ``--size`` volume of seeded random bytes out of each
+    server into an existing file and into a new one, and writing it in
+    (``--flush``), ``--rounds`` rounds interleaved; medians of the wall time
+    and of the server process's CPU time. The servers: ``qemu-nbd`` of a raw
+    file; ``isc serve`` of the same bytes (a session on its write path); an
+    ``NBDServer`` of the same in this process; and that one again while this
+    process also runs an unmarked full copy of the session to a file in a
+    loop (the copy sharing the process). Every copy is checked byte for byte.
+``status``
+    ``nbdinfo --map=qemu:dirty-bitmap:NAME`` of a ``--status-size`` (1 TiB)
+    export with ``--dirty`` (1%) of its 64 KiB chunks dirty, chosen at random
+    and dirtied through each export by one ``qemu-io`` run of 64 KiB zero
+    writes that may punch (``write -z -u``: no data is written): ``isc
+    serve`` of a sparse raw file, and ``qemu-nbd -B`` of a qcow2 image with
+    a persistent bitmap. Median of 3;
+    both maps must list the same dirty extents.
+``pull``
+    ``isc serve`` of the volume with a control port. Each round starts from a
+    backup file that holds the volume as it is and nothing tracked (a mark
+    and an unmark with ``"sent": true``), changes ``--change`` (1%) of the
+    volume in 64 KiB blocks through the export, marks, runs the README's
+    libnbd pull script (it copies the dirty extents of ``NAME@frozen`` to the
+    backup, TRIMming each) and unmarks; median of ``--rounds``. Then the same
+    rounds while a host writer (4 KiB random writes, queue depth 8) writes
+    through the export during each pull, beside its idle rate; each backup
+    is checked against the image at its mark. QEMU's figure beside it is
+    ``compare_qemu.py``'s incremental push copy of the same change.
+
+Nothing here asserts on time; targets are read from the tables.
+
+    .venv/bin/python benchmarks/compare_nbd.py [--only copy,status,pull] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from datapath import SHM, first_difference, shm_free, sparse_file, write_random
+from host_writer import HostWriter, make_changes, writer_python
+
+from isc import CopyJob, Destination, FileLUN, Session
+from isc._units import format_bytes, parse_size
+from isc.nbd import NBDServer, SessionLUN
+
+ISC = [sys.executable, "-m", "isc.cli"]
+WAIT = 60.0  # seconds a server gets to start listening, a tool to finish (but a copy)
+COPY_WAIT = 900.0
+G = 64 << 10
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# -- processes -----------------------------------------------------------------------------------
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU seconds of process ``pid`` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@contextmanager
+def server_process(command: list[object], sock: Path, log: Path) -> Iterator[subprocess.Popen]:
+    """Run a server listening on ``sock``; stop it at the end."""
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([os.fspath(a) for a in command], stdout=out, stderr=out)
+        try:
+            deadline = time.monotonic() + WAIT
+            while not sock.exists():
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"{command[0]} did not listen on {sock}: {log.read_text()}")
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=0.05)  # paces the polling; returns early if it dies
+            yield proc
+        finally:
+            proc.terminate()
+            proc.wait(timeout=WAIT)
+
+
+def tool(*args: object, stdin: str | None = None, timeout: float = COPY_WAIT) -> str:
+    done = subprocess.run(
+        [os.fspath(a) for a in args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    if done.returncode:
+        raise RuntimeError(f"{args[0]} exited {done.returncode}: {done.stderr[-2000:]}")
+    return done.stdout
+
+
+def timed(work: Callable[[], object], pid: int | None = None) -> tuple[float, float | None]:
+    """Wall seconds of ``work()`` and CPU seconds process ``pid`` spent meanwhile."""
+    cpu = cpu_seconds(pid) if pid else 0.0
+    started = time.perf_counter()
+    work()
+    wall = time.perf_counter() - started
+    return wall, (cpu_seconds(pid) - cpu if pid else None)
+
+
+def ask(control: Path, op: str, **fields: object) -> dict:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(WAIT)
+        sock.connect(str(control))
+        sock.sendall(json.dumps({"id": 1, "op": op, **fields}).encode() + b"\n")
+        reply = json.loads(sock.makefile("rb").readline())
+    if not reply["ok"]:
+        raise RuntimeError(f"{op}: {reply['reason']}")
+    return reply["info"]
+
+
+def verify(what: str, expected: Path, actual: Path, checks: list[dict]) -> None:
+    at = first_difference(actual, expected, expected.stat().st_size)
+    checks.append({"copy": what, "ok": at is None, "first_difference": at})
+    if at is not None:
+        print(f"MISMATCH: {what}: {actual.name} differs from {expected.name} at byte {at}")
+
+
+def median(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
+
+
+# -- copy ----------------------------------------------------------------------------------------
+@contextmanager
+def in_process(image: Path, sock: Path, sharing: Path | None) -> Iterator[None]:
+    """An NBDServer of a session on ``image`` in this process; with ``sharing``, an unmarked
+    full copy of the session to that file runs over and over meanwhile."""
+    lun = FileLUN(image)
+    session = Session(lun, G, name="vol")
+    stop = threading.Event()
+    copier = None
+    try:
+        with NBDServer(SessionLUN(session), name="vol") as server:
+            server.start_unix(sock)
+            if sharing is not None:
+                dest = FileLUN(sharing)
+
+                def copy_forever() -> None:
+                    while not stop.is_set():
+                        CopyJob(session, [Destination(dest, "d")]).full(marked=False)
+
+                copier = threading.Thread(target=copy_forever, daemon=True)
+                copier.start()
+            yield
+    finally:
+        stop.set()
+        if copier is not None:
+            copier.join(COPY_WAIT)
+            dest.close()
+        lun.close()
+
+
+def section_copy(args: argparse.Namespace, work: Path, checks: list[dict]) -> dict:
+    size, nbdcopy = args.size, shutil.which("nbdcopy")
+    src = work / "src.img"
+    write_random(src, size, args.seed)
+    for name in ("qemu.img", "isc.img", "dst.img", "sharing.img"):
+        shutil.copyfile(src, work / name)  # every page allocated, as a volume's
+    qemu_sock, isc_sock, own_sock = work / "q.sock", work / "i.sock", work / "o.sock"
+    own = f"nbd+unix:///vol?socket={own_sock}"
+    servers = {  # name: (URI, the file behind the export)
+        "qemu-nbd": (f"nbd+unix:///?socket={qemu_sock}", work / "qemu.img"),
+        "isc serve": (f"nbd+unix:///isc.img?socket={isc_sock}", work / "isc.img"),
+        "isc in-process": (own, work / "isc.img"),
+        "isc in-process, copy running": (own, work / "isc.img"),
+    }
+    figures: dict[str, dict[str, list]] = {name: {} for name in servers}
+    qemu = [
+        "qemu-nbd",
+        "-f",
+        "raw",
+        "-k",
+        qemu_sock,
+        "--persistent",
+        "--shared=8",
+        work / "qemu.img",
+    ]
+    serve = [*ISC, "serve", work / "isc.img", "--listen", f"unix:{isc_sock}"]
+    with (
+        server_process(qemu, qemu_sock, work / "qemu.log") as qemu_proc,
+        server_process(serve, isc_sock, work / "serve.log") as isc_proc,
+    ):
+        pids = {"qemu-nbd": qemu_proc.pid, "isc serve": isc_proc.pid}
+        for _ in range(args.rounds):
+            for name, (uri, image) in servers.items():
+                sharing = work / "sharing.img" if "copy running" in name else None
+                own_server = "in-process" in name
+                with in_process(image, own_sock, sharing) if own_server else _nothing():
+                    runs = {
+                        "read, existing file": lambda uri=uri: tool(nbdcopy, uri, work / "dst.img"),
+                        "read, new file": lambda uri=uri: (
+                            (work / "new.img").unlink(missing_ok=True),
+                            tool(nbdcopy, uri, work / "new.img"),
+                        ),
+                        "write": lambda uri=uri: tool(nbdcopy, "--flush", src, uri),
+                    }
+                    for kind, run in runs.items():
+                        wall, cpu = timed(run, pids.get(name))
+                        figures[name].setdefault(kind, []).append((wall, cpu))
+                        target = {"write": image, "read, new file": work / "new.img"}.get(
+                            kind, work / "dst.img"
+                        )
+                        verify(f"{name} {kind}", src, target, checks)
+                (work / "new.img").unlink(missing_ok=True)
+    return {
+        name: {
+            kind: {
+                "wall": median([w for w, _ in runs]),
+                "cpu": median([c for _, c in runs]),
+                "runs": runs,
+            }
+            for kind, runs in kinds.items()
+        }
+        for name, kinds in figures.items()
+    }
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
+
+
+def table_copy(figures: dict, size: int) -> list[str]:
+    lines = [
+        f"### nbdcopy of {format_bytes(size)} (median wall s, ÷ qemu-nbd; server CPU s)",
+        "",
+        "| server | read, existing file | read, new file | write |",
+        "|---|---|---|---|",
+    ]
+    qemu = figures["qemu-nbd"]
+    for name, kinds in figures.items():
+        cells = []
+        for kind in ("read, existing file", "read, new file", "write"):
+            wall, cpu = kinds[kind]["wall"], kinds[kind]["cpu"]
+            cell = f"{wall:.3f} ({wall / qemu[kind]['wall']:.2f}x)"
+            cells.append(cell + (f"; CPU {cpu:.2f}" if cpu is not None else ""))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+# -- block status --------------------------------------------------------------------------------
+def section_status(args: argparse.Namespace, work: Path, checks: list[dict]) -> dict:
+    size = args.status_size
+    chunks = size // G
+    rng = random.Random(args.seed)
+    dirty = sorted(rng.sample(range(chunks), round(chunks * args.dirty)))
+    script = "".join(f"write -z -u {c * G} {G}\n" for c in dirty)  # -u: punch, no data
+    raw, qcow2 = work / "status.img", work / "status.qcow2"
+    sparse_file(raw, size)
+    tool("qemu-img", "create", "-q", "-f", "qcow2", qcow2, str(size))
+    tool("qemu-img", "bitmap", "--add", "-g", str(G), qcow2, "vol")
+    isc_sock, qemu_sock = work / "si.sock", work / "sq.sock"
+    serve = [*ISC, "serve", raw, "--listen", f"unix:{isc_sock}"]
+    qemu = [
+        "qemu-nbd",
+        "-f",
+        "qcow2",
+        "-k",
+        qemu_sock,
+        "--persistent",
+        "-x",
+        "vol",
+        "-B",
+        "vol",
+        qcow2,
+    ]
+    exports = {
+        "isc serve": (serve, isc_sock, f"nbd+unix:///status.img?socket={isc_sock}", "status.img"),
+        "qemu-nbd -B": (qemu, qemu_sock, f"nbd+unix:///vol?socket={qemu_sock}", "vol"),
+    }
+    figures: dict[str, dict] = {}
+    maps = {}
+    for name, (command, sock, uri, bitmap) in exports.items():
+        with server_process(command, sock, work / f"{sock.stem}.log") as proc:
+            dirtying, _ = timed(lambda uri=uri: tool("qemu-io", "-f", "raw", uri, stdin=script))
+            context = f"--map=qemu:dirty-bitmap:{bitmap}"
+            shown: list[str] = []
+            runs = [
+                timed(
+                    lambda uri=uri, context=context, shown=shown: shown.append(
+                        tool("nbdinfo", context, uri)
+                    ),
+                    proc.pid,
+                )
+                for _ in range(3)
+            ]
+        extents = [line.split()[:2] for line in shown[-1].splitlines() if line.endswith(" dirty")]
+        figures[name] = {
+            "wall": median([w for w, _ in runs]),
+            "cpu": median([c for _, c in runs]),
+            "runs": runs,
+            "dirty_extents": len(extents),
+            "dirtying_seconds": dirtying,
+        }
+        maps[name] = extents
+    same = maps["isc serve"] == maps["qemu-nbd -B"]
+    checks.append({"copy": "block status maps", "ok": same, "first_difference": None})
+    if not same:
+        print("MISMATCH: isc's and qemu-nbd's dirty maps differ")
+    figures["dirty_chunks"] = len(dirty)
+    return figures
+
+
+def table_status(figures: dict, args: argparse.Namespace) -> list[str]:
+    qemu = figures["qemu-nbd -B"]["wall"]
+    lines = [
+        f"### nbdinfo --map of a {format_bytes(args.status_size)} dirty bitmap, "
+        f"{args.dirty:.0%} of its 64 KiB chunks dirty ({figures['dirty_chunks']} chunks)",
+        "",
+        "| server | wall s (median of 3) | ÷ qemu-nbd | server CPU s | dirty extents |",
+        "|---|---|---|---|---|",
+    ]
+    for name in ("isc serve", "qemu-nbd -B"):
+        f = figures[name]
+        lines.append(
+            f"| {name} | {f['wall']:.3f} | {f['wall'] / qemu:.2f}x | {f['cpu']:.2f} | "
+            f"{f['dirty_extents']} |"
+        )
+    return lines
+
+
+# -- pull ----------------------------------------------------------------------------------------
+def pull_script() -> str:
+    """The README's libnbd pull script (its section "Pull backups over NBD")."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("\n## Pull backups over NBD\n") :]
+    section = section[: section.index("\n## ", 1)]
+    (script,) = re.findall(r"^```python\n(.*?)^```$", section, re.DOTALL | re.MULTILINE)
+    return script
+
+
+def section_pull(args: argparse.Namespace, work: Path, checks: list[dict]) -> dict:
+    python = writer_python()
+    (work / "pull.py").write_text(pull_script())
+    source, backup = work / "vol.img", work / "backup.img"
+    write_random(source, args.size, args.seed)
+    nbd_sock, control = work / "nbd.sock", work / "ctl.sock"
+    serve = [*ISC, "serve", source, "--listen", f"unix:{nbd_sock}", "--control", f"unix:{control}"]
+    live = f"nbd+unix:///vol.img?socket={nbd_sock}"
+    frozen = f"nbd+unix:///vol.img@frozen?socket={nbd_sock}"
+    pull = [python, work / "pull.py", frozen, "qemu:dirty-bitmap:vol.img", backup]
+    figures: dict = {"idle": [], "loaded": []}
+    with server_process(serve, nbd_sock, work / "pull-serve.log") as proc:
+
+        def round_(seed: int, writer: HostWriter | None) -> tuple[float, float | None]:
+            # The last backup: the volume as it is now, with nothing tracked since
+            # (the host writer's writes of the last round are dropped as sent).
+            shutil.copyfile(source, backup)
+            ask(control, "mark")
+            ask(control, "unmark", sent=True)
+            make_changes(live, args.change, block=G, qd=8, seed=seed)
+            ask(control, "mark")
+            at_mark = work / "at-mark.img"
+            shutil.copyfile(source, at_mark)  # no host write runs yet: the image at the mark
+            if writer is not None:
+                writer.run()
+            seconds = timed(lambda: tool(*pull), proc.pid)
+            stats = writer.pause() if writer is not None else None
+            ask(control, "unmark")
+            verify(f"pull {seed}", at_mark, backup, checks)
+            return (*seconds, stats)
+
+        for r in range(args.rounds):
+            figures["idle"].append(round_(args.seed + r, None)[:2])
+        with HostWriter(live, qd=8, block=4096, seed=args.seed) as writer:
+            writer.run()
+            time.sleep(args.idle_seconds)  # the measurement window itself
+            figures["writer_idle"] = writer.pause()
+            for r in range(args.rounds):
+                wall, cpu, stats = round_(args.seed + 100 + r, writer)
+                figures["loaded"].append({"wall": wall, "cpu": cpu, **stats})
+    idle_rate = figures["writer_idle"]["rate"]
+    loaded = figures["loaded"]
+    figures["summary"] = {
+        "pull_idle": median([w for w, _ in figures["idle"]]),
+        "pull_loaded": median([run["wall"] for run in loaded]),
+        "writes_idle": idle_rate,
+        "writes_during_pull": sum(r["writes"] for r in loaded) / sum(r["seconds"] for r in loaded),
+        "max_gap_ms": max(r["max_gap_us"] for r in loaded) / 1000,
+    }
+    return figures
+
+
+def table_pull(figures: dict, args: argparse.Namespace) -> list[str]:
+    s = figures["summary"]
+    changed = format_bytes(args.size * args.change)
+    return [
+        f"### Pull backup of {changed} changed ({args.change:.0%} of {format_bytes(args.size)}, "
+        "64 KiB blocks) through NAME@frozen with libnbd",
+        "",
+        "| figure | value |",
+        "|---|---|",
+        f"| pull, no host writes (median of {args.rounds}) | {s['pull_idle'] * 1000:.1f} ms |",
+        f"| pull, host writes running (median) | {s['pull_loaded'] * 1000:.1f} ms |",
+        f"| host 4 KiB writes, qd 8, idle | {s['writes_idle']:.0f}/s |",
+        f"| host 4 KiB writes during the pulls | {s['writes_during_pull']:.0f}/s "
+        f"({s['writes_during_pull'] / s['writes_idle']:.0%} of idle) |",
+        f"| longest host write stall during the pulls | {s['max_gap_ms']:.1f} ms |",
+    ]
+
+
+# -- the run -------------------------------------------------------------------------------------
+SECTIONS = {
+    "copy": (section_copy, lambda f, a: table_copy(f, a.size)),
+    "status": (section_status, table_status),
+    "pull": (section_pull, table_pull),
+}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", type=parse_size, default=1 << 30, help="volume size (1G)")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds per figure (5)")
+    parser.add_argument(
+        "--status-size", type=parse_size, default=1 << 40, help="block status export (1T)"
+    )
+    parser.add_argument("--dirty", type=float, default=0.01, help="fraction dirty (0.01)")
+    parser.add_argument("--change", type=float, default=0.01, help="fraction pulled (0.01)")
+    parser.add_argument("--idle-seconds", type=float, default=2.0, help="idle write window")
+    parser.add_argument(
+        "--only", type=lambda text: text.split(","), default=list(SECTIONS), help="sections"
+    )
+    parser.add_argument("--seed", type=int, default=20261207)
+    parser.add_argument("--json", metavar="PATH", help="write every measurement here")
+    args = parser.parse_args(argv)
+    unknown = set(args.only) - set(SECTIONS)
+    if unknown:
+        parser.error(f"--only takes {','.join(SECTIONS)}, got {sorted(unknown)}")
+    if args.size % G or args.status_size % G:
+        parser.error("--size and --status-size must be multiples of 64 KiB")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    for name in ("qemu-nbd", "qemu-img", "qemu-io", "nbdcopy", "nbdinfo"):
+        if shutil.which(name) is None:
+            sys.exit(f"{name} is missing: apt-get install qemu-utils libnbd-bin")
+    where = str(SHM) if shm_free() >= 6 * args.size + (1 << 30) else tempfile.gettempdir()
+    checks: list[dict] = []
+    results: dict = {"config": {**vars(args), "dir": where, "date": time.ctime()}}
+    lines: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="isc-nbd-", dir=where) as directory:
+        work = Path(directory)
+        os.chmod(work, 0o700)  # Unix sockets live here: it must be this user's alone
+        for name in args.only:
+            measure, table = SECTIONS[name]
+            (work / name).mkdir()
+            results[name] = measure(args, work / name, checks)
+            shutil.rmtree(work / name)  # the next section's files need the room
+            lines += [*table(results[name], args), ""]
+    print("\n".join(lines))
+    failed = [c for c in checks if not c["ok"]]
+    print(f"- {len(checks)} results checked, {len(failed)} mismatched")
+    if args.json:
+        Path(args.json).write_text(json.dumps({**results, "checks": checks}, indent=2) + "\n")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
