@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import random
 import struct
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import test_nbd
+from helpers import TIMEOUT
 from test_nbd import (
     CMD_FLUSH,
     CMD_READ,
@@ -542,3 +544,37 @@ def test_options_list_info_and_go_see_the_frozen_export_only_while_marked(serve)
         assert listed == [b"disk", b"disk@frozen"]
         replies = c.option(OPT_INFO, c.info_data(b"disk@frozen"))
         assert replies[0][0] == REP_INFO and replies[-1][0] == REP_ACK
+
+
+class GatedLUN:
+    """A LUN (neither file nor memory, as a network one) whose reads at 0 wait for ``gate``."""
+
+    def __init__(self, size: int) -> None:
+        self.lun = MemoryLUN(size)
+        self.size, self.closed = size, False
+        self.gate = threading.Event()
+        self.parked = threading.Event()
+
+    def readinto(self, offset, buffer):
+        if offset == 0:
+            self.parked.set()
+            assert self.gate.wait(TIMEOUT)
+        self.lun.readinto(offset, buffer)
+
+    def __getattr__(self, name):
+        return getattr(self.lun, name)
+
+
+def test_a_stalled_read_of_a_lun_that_is_not_local_holds_up_no_other_client(serve):
+    lun = GatedLUN(MIB)
+    server = serve(lun)
+    with client(server) as slow, client(server) as quick:
+        for c in (slow, quick):
+            c.greet()
+            c.structured()
+            c.go_flags()
+        slow.request(CMD_READ, 0, 4096)
+        assert lun.parked.wait(TIMEOUT)
+        assert quick.read_chunks(4096, 4096)[0] == bytes(4096)  # served meanwhile
+        lun.gate.set()
+        assert slow.answer()[0][0] == TYPE_OFFSET_DATA

@@ -51,7 +51,7 @@ import numpy as np
 
 from isc._layout import unpack
 from isc.errors import StateError
-from isc.lun import BytesLike, _BaseLUN, _zero_fill
+from isc.lun import BytesLike, FileLUN, MemoryLUN, _BaseLUN, _zero_fill
 from isc.nbd import proto
 from isc.nbd.proto import TransmissionFlag
 
@@ -168,6 +168,15 @@ class SessionLUN(_BaseLUN):
     def close(self) -> None:
         """Close this adapter only; later I/O raises ``StateError``. Idempotent."""
         self._open = False
+
+
+def _local(lun: Any) -> bool:
+    """Whether ``lun`` (a session's source, for a :class:`SessionLUN`) is a file, a device
+    or memory: the server may run its small requests on the event loop's thread, where
+    one over a network could hold up every client for as long as its server took."""
+    if isinstance(lun, SessionLUN):
+        lun = lun.session.source
+    return isinstance(lun, (FileLUN, MemoryLUN))
 
 
 def _frees_space(lun: Any) -> bool:
@@ -343,6 +352,8 @@ class LUNExport:
         self.name = name
         self.size = lun.size
         self.writable = not readonly
+        self.inline = _local(lun)
+        """Whether small requests may run on the server's event loop thread."""
         self._frees = _frees_space(lun)
         self._data = _KnownData(lun)
         session = lun.session if isinstance(lun, SessionLUN) else None
@@ -499,6 +510,7 @@ class _FrozenView:
         self.session = export.session
         self.name, self.size, self.contexts = export.name, export.size, export.contexts
         self.flags = export.flags
+        self.inline = _local(self.session.source)
 
     def _check(self) -> None:
         """:class:`MarkEnded` once the mark this view serves has ended."""

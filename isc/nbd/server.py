@@ -150,10 +150,11 @@ writes at queue depth 8 ran at 16 000/s through the pool, 100 000/s inline;
 nbdcopy moving 1 GiB in 256 KiB requests cost the server 1.4 CPU seconds through
 the pool, 0.6 inline, qemu-nbd 0.5, both ways). The price: while one of them
 waits for a slow device, the other clients wait too. A FUA write (it waits for a
-flush) and larger I/O use the pool. So does a BLOCK_STATUS, unless the bitmaps it
-reports were read whole already since they last changed (``status_is_cheap``:
-``nbdinfo --map`` of a 1 TiB bitmap took 0.41 s through the pool, 0.14 s inline,
-qemu-nbd 0.10 s)."""
+flush), larger I/O and every request to a LUN that is not a file, a device or
+memory (an NBD source, whose server could take seconds) use the pool. So does a
+BLOCK_STATUS, unless the bitmaps it reports were read whole already since they
+last changed (``status_is_cheap``: ``nbdinfo --map`` of a 1 TiB bitmap took
+0.41 s through the pool, 0.14 s inline, qemu-nbd 0.10 s)."""
 _TLS_REQUIRED = b"TLS is required: start it with NBD_OPT_STARTTLS"
 _REPLY_BACKLOG = 64 << 10  # unsent reply bytes after which the loop waits for the client
 _STREAM_LIMIT = 4 << 20  # bytes a connection buffers before it stops reading the socket
@@ -732,13 +733,16 @@ class NBDServer:
                     with contextlib.suppress(ConnectionError):
                         await writer.drain()
                     raise _Violation(message)
-                if (
-                    command in (proto.CMD_READ, proto.CMD_WRITE)
-                    and length <= _INLINE
-                    and not flags & proto.CMD_FLAG_FUA
-                ) or (
-                    command == proto.CMD_BLOCK_STATUS
-                    and client.view.status_is_cheap(client.contexts)
+                if client.view.inline and (
+                    (
+                        command in (proto.CMD_READ, proto.CMD_WRITE)
+                        and length <= _INLINE
+                        and not flags & proto.CMD_FLAG_FUA
+                    )
+                    or (
+                        command == proto.CMD_BLOCK_STATUS
+                        and client.view.status_is_cheap(client.contexts)
+                    )
                 ):
                     # Small reads and writes, and block status from bitmaps read
                     # already, run here, in order: a thread hand-off costs more
