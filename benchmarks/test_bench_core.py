@@ -547,6 +547,7 @@ def test_mark(benchmark, impl, chunks, granularity):
 UNMARK_IMPLS = [
     "isc",
     "isc, tracking and saved fully set too",
+    "isc, every bitmap full but for one chunk",
     "reference",
     "numpy uint64 bitwise_or(a, b, out=a)",
     "numpy bool bitwise_or(a, b, out=a)",
@@ -560,12 +561,15 @@ def _unmark_case(impl: str, chunks: int) -> Case:
     if impl.startswith("isc") or impl == "reference":
         kind = DeltaBitmap if impl.startswith("isc") else _reference.DeltaBitmap
         bitmap = _resident(kind(size, DEFAULT))
-        worst = "fully" in impl
+        worst = "fully" in impl or "but for one" in impl
 
         def setup():
             bitmap.mark(full=True)
-            if worst:
+            if "fully" in impl:
                 bitmap.record_write(0, size)
+            elif worst:  # no bitmap is the union: the merge reads both
+                bitmap.clear_transfer(0, 1)
+                bitmap.record_write(DEFAULT, size - DEFAULT)
             return (), {}
 
         rounds = {(False, SMALL): 200, (False, BIG): 40, (True, SMALL): 100, (True, BIG): 5}

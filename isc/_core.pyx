@@ -36,6 +36,12 @@ Cost: record_write O(words touched); mark O(1) (full mark O(n)); unmark
 O(dirty blocks of tracking + saved); extents O(summary + dirty blocks);
 test_and_clear O(1); counts O(1).
 
+Memory: each bitmap is an anonymous mapping, so the untouched pages of a
+huge, sparse map cost nothing; bitmaps of up to 16 MiB (2^27 chunks) ask for
+transparent huge pages, so that random writes take no TLB miss. Emptying
+long runs of whole pages (unmark, clear_tracking) gives them back to the
+kernel instead of writing zeros.
+
 Concurrency
 -----------
 One pthread mutex serializes every call, so each call is atomic with respect to
@@ -78,13 +84,26 @@ from libc.string cimport memcpy, memset
 cimport numpy as cnp
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_CheckExact, PyBytes_GET_SIZE
-from cpython.long cimport PyLong_AsLongLong, PyLong_Check
+from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_Check
 from cpython.number cimport PyNumber_Index
 import numpy as np
 
 from isc import _layout
 
 cnp.import_array()
+
+
+cdef extern from "<sys/mman.h>" nogil:
+    void *mmap(void *, size_t, int, int, int, long)
+    int munmap(void *, size_t)
+    int madvise(void *, size_t, int)
+    int PROT_READ
+    int PROT_WRITE
+    int MAP_PRIVATE
+    int MAP_ANONYMOUS
+    int MADV_DONTNEED
+    int MADV_HUGEPAGE
+    void *MAP_FAILED
 
 
 cdef extern from "<pthread.h>" nogil:
@@ -106,6 +125,7 @@ cdef extern from "<pthread.h>" nogil:
 cdef extern from *:
     int popcount "__builtin_popcountll"(unsigned long long) nogil
     int ctz "__builtin_ctzll"(unsigned long long) nogil
+    void prefetch "__builtin_prefetch"(const void *) nogil
 
 
 cdef extern from *:
@@ -176,13 +196,16 @@ isc_crc_init()
 
 cdef enum:
     BLOCK_SHIFT = 6          # 64 words per summary block
-    STACK_CHUNKS = 64        # COFW results that fit without malloc
+    STACK_CHUNKS = 512       # COFW results that fit without malloc: a 1 MiB write at 2 KiB
     PAGE_SHIFT = 9           # 512 words (4 KiB) per page
     PAGE_WORDS = 512
     RECORD_HEAD = 16         # crc u32, kind u32, page id u64
     RECORD_MASKS = 64        # 8 u64 masks of a sparse record
     MAX_RECORD = RECORD_HEAD + RECORD_MASKS + PAGE_WORDS * 8
     PAGES_PER_HOLD = 32      # pages a snapshot encodes per hold of the mutex
+    HUGE_PAGE = 2 << 20      # a transparent huge page
+    HUGE_ARRAYS = 16 << 20   # bitmaps up to this size ask for huge pages
+    ZERO_BY_MADVISE = 256 << 10  # zeroed runs from this size go back to the kernel
     ZERO_PAGE = 0            # record kinds, as in isc._layout
     FULL_PAGE = 1
     SPARSE_PAGE = 2
@@ -216,12 +239,15 @@ cdef struct Runs:
 cdef inline int64_t _i64(object value) except? -1:
     """An integer argument as int64: ``TypeError`` for non-integers (floats
     included), ``RangeError`` beyond 64 bits."""
+    cdef int overflow = 0
+    cdef long long number
     if not PyLong_Check(value):
         value = PyNumber_Index(value)
-    try:
-        return PyLong_AsLongLong(value)
-    except OverflowError:
+    # Not PyLong_AsLongLong: it takes a slow path for any value past 2**30.
+    number = PyLong_AsLongLongAndOverflow(value, &overflow)
+    if overflow:
         raise _layout.RangeError(f"{value} is outside any LUN (it does not fit in 64 bits)")
+    return number
 
 
 cdef object _EMPTY = np.empty(0, dtype=np.int64)
@@ -293,6 +319,7 @@ cdef class DeltaBitmap:
     # Persistence (see "dirty pages and snapshots" above). Page maps hold one
     # bit per page of the three physical arrays, _nmap words per array.
     cdef uint64_t _npages
+    cdef size_t _wbytes          # bytes mapped for each array: whole pages
     cdef uint64_t _nmap
     cdef uint64_t *_dirty
     cdef uint64_t _ndirty
@@ -318,6 +345,7 @@ cdef class DeltaBitmap:
         self._nblocks = (self._nwords + 63) >> BLOCK_SHIFT
         self._nsum = (self._nblocks + 63) >> 6
         self._npages = (self._nwords + PAGE_WORDS - 1) >> PAGE_SHIFT
+        self._wbytes = self._npages << (PAGE_SHIFT + 3)
         self._nmap = (self._npages + 63) >> 6
         self._everything = True
         self._dirty = <uint64_t *>calloc(3 * self._nmap, 8)
@@ -333,19 +361,39 @@ cdef class DeltaBitmap:
         self._sync_ready = True
 
     cdef bint _alloc(self, Bits *bits) noexcept:
-        # calloc: untouched pages of a huge, empty map cost no memory.
-        bits.words = <uint64_t *>calloc(self._nwords, 8)
+        # Anonymous memory: untouched pages of a huge, empty map cost nothing,
+        # and pages (4 KiB, as the snapshots' own) align with the kernel's, so
+        # whole zeroed ones can be handed back (_zero).
+        cdef size_t length = self._wbytes + HUGE_PAGE
+        cdef char *base = <char *>mmap(NULL, length, PROT_READ | PROT_WRITE,
+                                       MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
+        cdef size_t head
         bits.summary = <uint64_t *>calloc(self._nsum, 8)
-        return bits.words != NULL and bits.summary != NULL
+        if base == <char *>MAP_FAILED:
+            return False
+        # Aligned on a huge page, keeping only what the words need.
+        head = (HUGE_PAGE - (<size_t>base & (HUGE_PAGE - 1))) & (HUGE_PAGE - 1)
+        if head:
+            munmap(base, head)
+        if length - head > self._wbytes:
+            munmap(base + head + self._wbytes, length - head - self._wbytes)
+        bits.words = <uint64_t *>(base + head)
+        if self._wbytes <= HUGE_ARRAYS:
+            # Random writes into a small map take no TLB miss; a bigger one
+            # stays in 4 KiB pages, so that a sparse map stays small.
+            madvise(bits.words, self._wbytes, MADV_HUGEPAGE)
+        return bits.summary != NULL
+
+    cdef void _free(self, Bits *bits) noexcept:
+        if bits.words != NULL:
+            munmap(bits.words, self._wbytes)
+        free(bits.summary)
 
     def __dealloc__(self):
         free(self._hot)
-        free(self._bits[0].words)
-        free(self._bits[0].summary)
-        free(self._bits[1].words)
-        free(self._bits[1].summary)
-        free(self._saved.words)
-        free(self._saved.summary)
+        self._free(&self._bits[0])
+        self._free(&self._bits[1])
+        self._free(&self._saved)
         free(self._saving)
         free(self._dirty)
         free(self._pending)
@@ -540,18 +588,32 @@ cdef class DeltaBitmap:
         cdef Bits *xfer = &self._bits[1 - self._t]
         cdef uint64_t wlo = lo >> 6
         cdef uint64_t whi = hi >> 6
-        cdef uint64_t w, m, old, c
+        cdef uint64_t w, m, old, x, c
         cdef uint64_t added = 0
+        cdef uint64_t flagged = ONES  # the tracking page last flagged dirty
         cdef size_t n = 0
+        # Only unsaved transfer chunks need a COFW: none, and no transfer word is read.
+        cdef bint save = self._marked and cofw and xfer.count > self._saved.count
+        if save:
+            # The words of a large map are cache misses: start them together.
+            prefetch(xfer.words + wlo)
+            prefetch(track.words + wlo)
         for w in range(wlo, whi + 1):
             m = _mask(w, wlo, whi, lo, hi)
+            x = 0
+            if save and xfer.summary[w >> 12] >> ((w >> BLOCK_SHIFT) & 63) & 1:
+                # Read before the tracking word's branches, so that the two
+                # cache misses of a large map overlap.
+                x = xfer.words[w] & m
             old = track.words[w]
             if old & m != m:
-                self._changing(self._t, w)
+                if w >> PAGE_SHIFT != flagged:
+                    self._changing(self._t, w)
+                    flagged = w >> PAGE_SHIFT
                 track.words[w] = old | m
                 added += popcount(m & ~old)
-            if self._marked and cofw:
-                c = m & xfer.words[w] & ~self._saved.words[w]
+            if x:
+                c = x & ~self._saved.words[w] if self._saved.count else x
                 if c:
                     self._changing(2, w)
                     self._saved.words[w] |= c
@@ -996,20 +1058,50 @@ cdef class DeltaBitmap:
         _touch(xfer.summary, 0, self._nwords - 1)
 
     cdef void _clear(self, uint64_t a) noexcept nogil:
-        """Zero every summary-dirty block of physical array ``a``."""
+        """Zero every summary-dirty block of physical array ``a``.
+
+        Runs of pages whose blocks are all dirty go back to the kernel
+        (``madvise(MADV_DONTNEED)``: they read as zero, and cost nothing
+        until written again) instead of being written with zeros.
+        """
         cdef Bits *bits = self._array(a)
-        cdef uint64_t si, sw, block, w0, w1
+        cdef uint64_t si, sw, k, dirty, page, block, w0
+        cdef uint64_t run = 0        # pages in the run that ends before `start + run`
+        cdef uint64_t start = 0
+        cdef uint64_t whole = self._nwords >> PAGE_SHIFT  # pages of 512 words
         for si in range(self._nsum):
             sw = bits.summary[si]
-            while sw:
-                block = (si << 6) + ctz(sw)
-                sw &= sw - 1
-                w0 = _first_word(block)
-                w1 = min(w0 + 64, self._nwords)
-                self._changing(a, w0)
-                memset(bits.words + w0, 0, (w1 - w0) * 8)
+            if sw == 0:
+                continue
+            for k in range(8):
+                dirty = sw >> (k << 3) & 0xFF
+                if dirty == 0:
+                    continue
+                page = (si << 3) + k
+                self._changing(a, page << PAGE_SHIFT)
+                if dirty == 0xFF and page < whole:
+                    if run and start + run == page:
+                        run += 1
+                        continue
+                    self._zero_run(bits, start, run)
+                    start, run = page, 1
+                    continue
+                while dirty:
+                    block = (page << 3) + ctz(dirty)
+                    dirty &= dirty - 1
+                    w0 = _first_word(block)
+                    memset(bits.words + w0, 0, (min(w0 + 64, self._nwords) - w0) * 8)
             bits.summary[si] = 0
+        self._zero_run(bits, start, run)
         bits.count = 0
+
+    cdef void _zero_run(self, Bits *bits, uint64_t start, uint64_t run) noexcept nogil:
+        """Zero pages ``[start, start + run)`` of ``bits``: given back to the kernel when long."""
+        cdef char *at = <char *>(bits.words + (start << PAGE_SHIFT))
+        cdef size_t length = run << (PAGE_SHIFT + 3)
+        if length >= ZERO_BY_MADVISE and madvise(at, length, MADV_DONTNEED) == 0:
+            return
+        memset(at, 0, length)
 
     def unmark(self):
         """Leave the marked state: merge transfer into tracking, drop saved flags.
@@ -1017,46 +1109,66 @@ cdef class DeltaBitmap:
         Whatever was not sent is sent next time (the transfer bitmap is
         OR-merged into the tracking bitmap, then emptied). No-op when unmarked.
         Costs O(dirty blocks of tracking and saved), not O(size): the tracking
-        bits are merged into the transfer words and the roles swap.
+        bits are merged into the transfer words and the roles swap. A full
+        bitmap is the union already: a full transfer bitmap takes no merge
+        (the roles swap), a full tracking bitmap keeps its role and the
+        transfer bitmap is emptied. Emptied bitmaps give whole pages back.
         """
+        cdef Bits *track = &self._bits[self._t]
+        cdef Bits *xfer = &self._bits[1 - self._t]
         self._acquire()
         if self._marked:
             with nogil:
-                if self._bits[self._t].count:
-                    self._merge_tracking_into_transfer()
-                self._t = 1 - self._t
+                if track.count == self._chunks:
+                    self._clear(1 - self._t)
+                else:
+                    if track.count and xfer.count < self._chunks:
+                        self._merge_tracking_into_transfer()
+                    if track.count:
+                        self._clear(self._t)
+                    self._t = 1 - self._t
                 if self._saved.count:
                     self._clear(2)
                 self._marked = False
         self._release()
 
     cdef void _merge_tracking_into_transfer(self) noexcept nogil:
+        """OR tracking into transfer; tracking is left as it is (``_clear`` empties it)."""
         cdef Bits *track = &self._bits[self._t]
         cdef Bits *xfer = &self._bits[1 - self._t]
-        cdef uint64_t si, sw, block, w, w1, v, x
+        cdef uint64_t si, sw, k, block, w0
         for si in range(self._nsum):
             sw = track.summary[si]
             if sw == 0:
                 continue
             xfer.summary[si] |= sw
+            for k in range(8):
+                if sw >> (k << 3) & 0xFF:
+                    self._changing(1 - self._t, ((si << 3) + k) << PAGE_SHIFT)
+            if sw == ONES:  # 64 dirty blocks in a row: one span
+                self._merge_span(track, xfer, si << 12, min((si + 1) << 12, self._nwords))
+                continue
             while sw:
                 block = (si << 6) + ctz(sw)
                 sw &= sw - 1
-                w = _first_word(block)
-                w1 = min(w + 64, self._nwords)
-                # Both pages may change: tracking's is emptied, transfer's gains bits.
-                self._changing(self._t, w)
-                self._changing(1 - self._t, w)
-                while w < w1:
-                    v = track.words[w]
-                    if v:
-                        x = xfer.words[w]
-                        xfer.count += popcount(v & ~x)
-                        xfer.words[w] = x | v
-                        track.words[w] = 0
-                    w += 1
-            track.summary[si] = 0
-        track.count = 0
+                w0 = _first_word(block)
+                self._merge_span(track, xfer, w0, min(w0 + 64, self._nwords))
+
+    cdef inline void _merge_span(self, Bits *track, Bits *xfer, uint64_t w0,
+                                 uint64_t w1) noexcept nogil:
+        """OR tracking words w0..w1 - 1 into transfer's."""
+        cdef uint64_t w, v, x, more = 0
+        # A branch-free pass first: a span whose transfer words hold every
+        # tracking bit already (as after a full mark) is only read.
+        for w in range(w0, w1):
+            more |= track.words[w] & ~xfer.words[w]
+        if more == 0:
+            return
+        for w in range(w0, w1):
+            v = track.words[w]
+            x = xfer.words[w]
+            xfer.count += popcount(v & ~x)
+            xfer.words[w] = x | v
 
     def clear_tracking(self):
         """Empty the tracking bitmap (an unmarked full copy starts from here).

@@ -222,10 +222,12 @@ class DeltaBitmap:
     def unmark(self) -> None:
         with self._lock:
             if self.marked:
-                # Tracking merges into the transfer bitmap, which becomes tracking.
-                self._transfer |= self._tracking
-                self._tracking = set()
-                self._t = 1 - self._t
+                if len(self._tracking) == self.chunks:  # it is the union: it stays
+                    self._transfer = set()
+                else:  # tracking merges into the transfer bitmap, which becomes tracking
+                    self._transfer |= self._tracking
+                    self._tracking = set()
+                    self._t = 1 - self._t
                 self._saved = set()
                 self.marked = False
 

@@ -699,6 +699,50 @@ def test_unmark_when_unmarked_is_a_no_op():
     twins.agree()
 
 
+@pytest.mark.parametrize("full", ["tracking", "transfer", "both"])
+def test_unmark_with_a_full_bitmap_keeps_the_union(full):
+    """A full bitmap is the union already: no merge, and a full tracking bitmap keeps its role."""
+    chunks = 3 * 4096 + 5
+    twins = Twins.new(chunks * 2048, 2048)
+    twins.both(lambda b: b.record_write(7 * 2048, 2048))
+    twins.both(lambda b: b.mark(full=full != "tracking"))
+    twins.both(lambda b: b.record_write(0, chunks * 2048 if full != "transfer" else 2048))
+    twins.both(lambda b: b.clear_transfer(1, 1))  # sent: back in tracking only if written
+    twins.both(lambda b: b.unmark())
+    twins.both(lambda b: (b.snapshot(), b.snapshot_end(False))[0])  # the same roles
+    twins.agree()
+    assert twins.core.tracking_count == (chunks - 1 if full == "transfer" else chunks)
+
+
+@pytest.mark.parametrize("clear", ["unmark", "clear_tracking"])
+def test_emptying_long_runs_of_full_pages_reads_as_zero_and_takes_writes(clear):
+    """Runs of whole pages the core empties go back to the kernel (``_clear``): around a
+    block left empty, around a short last page, and written again after."""
+    page = 512 * 64  # chunks per 4 KiB page of words
+    chunks = 160 * page + 37  # runs of 80 and 79 pages, past ZERO_BY_MADVISE
+    hole = range(80 * page + 64 * 8, 80 * page + 64 * 9)  # one block of page 80
+    bitmap = _core.DeltaBitmap(chunks * 2048, 2048)
+    bitmap.mark(full=True)
+    everywhere = np.arange(0, chunks, 64, dtype=np.int64)
+    kept = everywhere[(everywhere < hole.start) | (everywhere >= hole.stop)]
+    lengths = np.minimum(64, chunks - kept) * 2048
+    saved = bitmap.record_writes(kept * 2048, lengths)
+    assert saved.size == chunks - len(hole)
+    getattr(bitmap, clear)()
+    if clear == "unmark":  # what was not sent comes back to tracking
+        assert (bitmap.tracking_count, bitmap.transfer_count, bitmap.saved_count) == (chunks, 0, 0)
+        assert bitmap.tracking(hole.start) and bitmap.tracking(chunks - 1)
+    else:
+        assert (bitmap.tracking_count, bitmap.transfer_count) == (0, chunks)
+        assert bitmap.saved_count == chunks - len(hole)
+    bitmap._check()
+    bitmap.unmark()
+    bitmap.mark()  # the emptied array is tracking again: it reads zero and takes writes
+    bitmap.record_writes([0, 150 * page * 2048], [2048, 2048])
+    assert bitmap.tracking_count == 2 and bitmap.tracking(150 * page)
+    bitmap._check()
+
+
 # -- extents -----------------------------------------------------------------------
 
 
