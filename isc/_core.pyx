@@ -149,12 +149,17 @@ cdef extern from *:
     }
     static inline int isc_load_flag(int *p) { return __atomic_load_n(p, __ATOMIC_SEQ_CST); }
     static inline void isc_store_flag(int *p, int v) { __atomic_store_n(p, v, __ATOMIC_SEQ_CST); }
+    /* The record count of the write log: stored after the record it counts. */
+    static inline void isc_publish(unsigned long long *p, unsigned long long v) {
+        __atomic_store_n(p, v, __ATOMIC_RELEASE);
+    }
     """
     void isc_inc(uint64_t *) nogil
     bint isc_dec_if_positive(uint64_t *) nogil
     uint64_t isc_load(uint64_t *) nogil
     bint isc_load_flag(int *) nogil
     void isc_store_flag(int *, int) nogil
+    void isc_publish(uint64_t *, uint64_t) nogil
 
 
 cdef extern from *:
@@ -309,10 +314,14 @@ cdef class DeltaBitmap:
     cdef int _marking
     cdef int _frozen
     cdef uint64_t *_hot
+    cdef uint64_t *_written       # regions written since retire_hot
     cdef int _region_shift
     cdef uint64_t _nregions
     cdef uint64_t _hot_count
     cdef object _activity_log
+    cdef object _write_log       # the buffer log_writes appends to (kept alive)
+    cdef uint64_t *_wlog         # its memory: count, overflow, then (first, last) records
+    cdef uint64_t _wlog_cap      # records it holds
     cdef Span *_saving
     cdef size_t _nsaving
     cdef size_t _capsaving
@@ -391,6 +400,7 @@ cdef class DeltaBitmap:
 
     def __dealloc__(self):
         free(self._hot)
+        free(self._written)
         self._free(&self._bits[0])
         self._free(&self._bits[1])
         self._free(&self._saved)
@@ -664,6 +674,8 @@ cdef class DeltaBitmap:
                 n = self._record_locked(lo, hi, out)
             if cold != NULL and self._region_shift and length:
                 cold[0] = not self._all_hot(<uint64_t>offset, <uint64_t>length)
+            if in_flight and length and self._wlog != NULL:
+                self._log_write(lo, hi)
             if in_flight:
                 isc_inc(&self._in_flight)
                 if n:
@@ -796,12 +808,55 @@ cdef class DeltaBitmap:
         return 0
 
     cdef bint _all_hot(self, uint64_t offset, uint64_t length) noexcept nogil:
+        """Whether every region of the write is hot; flags them all written."""
         cdef uint64_t region
+        cdef bint hot = True
         for region in range(offset >> self._region_shift,
                             ((offset + length - 1) >> self._region_shift) + 1):
+            self._written[region >> 6] |= (<uint64_t>1) << (region & 63)
             if not self._hot[region >> 6] >> (region & 63) & 1:
-                return False
-        return True
+                hot = False
+        return hot
+
+    cdef void _log_write(self, uint64_t lo, uint64_t hi) noexcept nogil:
+        """Append chunks lo..hi to the write log, or flag it overflowed."""
+        cdef uint64_t n = self._wlog[0]
+        if n == self._wlog_cap:
+            self._wlog[1] = 1
+            return
+        self._wlog[2 + 2 * n] = lo
+        self._wlog[3 + 2 * n] = hi
+        isc_publish(self._wlog, n + 1)
+
+    def log_writes(self, buffer):
+        """Append the chunks of every host write to ``buffer`` before the write proceeds.
+
+        For a precise resend after the process dies: ``begin_write`` and
+        ``write_through`` append ``(first_chunk, last_chunk)`` to ``buffer``,
+        a writable buffer (a shared mapping of a file outlives the process),
+        laid out as u64 words: the number of records, an overflow flag set
+        when a record did not fit, then the records; the count is stored
+        after the record it counts. The buffer's own count and flag are
+        where appending goes on. ``None`` stops. Raises ``ParameterError``
+        for a buffer not aligned on 8 bytes or shorter than 16.
+        """
+        cdef unsigned char[::1] view
+        cdef uint64_t *words = NULL
+        cdef uint64_t cap = 0
+        if buffer is not None:
+            buffer = memoryview(buffer).cast("B")
+            view = buffer
+            if view.shape[0] < 16 or <size_t>&view[0] & 7:
+                raise _layout.ParameterError(
+                    "the write log needs a buffer of at least 16 bytes, aligned on 8"
+                )
+            words = <uint64_t *>&view[0]
+            cap = (view.shape[0] - 16) >> 4
+        self._acquire()
+        self._write_log = buffer
+        self._wlog = words
+        self._wlog_cap = cap
+        self._release()
 
     def track_activity(self, region_size, log):
         """Log regions as they become hot, before the first write to them proceeds.
@@ -826,36 +881,78 @@ cdef class DeltaBitmap:
             raise TypeError("log must be callable")
         nregions = (self._size + size - 1) // size
         cdef uint64_t *hot = <uint64_t *>calloc((nregions + 63) >> 6, 8)
-        if hot == NULL:
+        cdef uint64_t *written = <uint64_t *>calloc((nregions + 63) >> 6, 8)
+        if hot == NULL or written == NULL:
+            free(hot)
+            free(written)
             raise MemoryError(f"cannot allocate the activity bitmap of {nregions} regions")
         self._acquire()
         free(self._hot)
+        free(self._written)
         self._hot = hot
+        self._written = written
         self._nregions = nregions
         self._hot_count = 0
         self._region_shift = ctz(size)
         self._activity_log = log
         self._release()
 
-    def retire_hot(self):
-        """Forget every hot region; return them (ascending int64 region indices).
+    def retire_hot(self, keep=None):
+        """Forget the hot regions but those in ``keep``; return the ones forgotten.
 
-        Call it while frozen, right after saving the state that covers every
-        write so far (``freeze``, ``to_bytes``, ``retire_hot``, ``thaw``): a
-        later write to a retired region is logged again. Returns an empty
-        array when activity is not tracked.
+        Call it while frozen, right after taking the state that covers every
+        write so far (``freeze``, ``snapshot``, ``retire_hot``, ``thaw``): a
+        later write to a retired region is logged again, and the caller must
+        have logged the regions it keeps. ``keep`` (int64 region indices, or
+        None for none) keeps only regions that are hot. Forgets which regions
+        were written, too (``hot_regions``). Returns ascending int64 region
+        indices: empty when activity is not tracked. Raises ``RangeError``
+        for a region outside the LUN, changing nothing.
         """
+        cdef const int64_t[::1] kept = np.ascontiguousarray(
+            np.empty(0, np.int64) if keep is None else keep, dtype=np.int64
+        )
+        cdef Py_ssize_t i
+        cdef uint64_t w, c, region
+        for i in range(kept.shape[0]):
+            if kept[i] < 0 or <uint64_t>kept[i] >= self._nregions:
+                raise _layout.RangeError(
+                    f"region {kept[i]} is outside the LUN's {self._nregions} regions"
+                )
+        regions = []
+        self._acquire()
+        if self._region_shift:
+            # The kept regions that are hot, in the bitmap of written ones.
+            memset(self._written, 0, ((self._nregions + 63) >> 6) * 8)
+            for i in range(kept.shape[0]):
+                region = <uint64_t>kept[i]
+                self._written[region >> 6] |= self._hot[region >> 6] & \
+                    ((<uint64_t>1) << (region & 63))
+            self._hot_count = 0
+            for w in range((self._nregions + 63) >> 6):
+                c = self._hot[w] & ~self._written[w]
+                while c:
+                    regions.append((w << 6) + ctz(c))
+                    c &= c - 1
+                self._hot[w] = self._written[w]
+                self._hot_count += popcount(self._written[w])
+                self._written[w] = 0
+        self._release()
+        return np.array(regions, dtype=np.int64)
+
+    def hot_regions(self, bint written=False):
+        """The hot regions, ascending int64 region indices; with ``written``, only those
+        written since ``retire_hot`` (the ones worth keeping hot). Empty when activity is
+        not tracked."""
         cdef uint64_t w, c
         regions = []
         self._acquire()
         if self._region_shift:
             for w in range((self._nregions + 63) >> 6):
-                c = self._hot[w]
+                c = self._hot[w] & (self._written[w] if written else ONES)
                 while c:
                     regions.append((w << 6) + ctz(c))
                     c &= c - 1
-                self._hot[w] = 0
-            self._hot_count = 0
         self._release()
         return np.array(regions, dtype=np.int64)
 

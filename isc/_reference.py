@@ -14,6 +14,7 @@ a base); the core may add pages that changed and changed back.
 from __future__ import annotations
 
 import operator
+import struct
 import threading
 
 import numpy as np
@@ -48,6 +49,8 @@ class DeltaBitmap:
         self._region_size = 0
         self._activity_log = None
         self._hot: set[int] = set()
+        self._written: set[int] = set()
+        self._write_log: memoryview | None = None
         self._saving: list[tuple[int, int]] = []
 
     @property
@@ -112,10 +115,13 @@ class DeltaBitmap:
                 self._lock.wait()
             cofw = self._record_locked(offset, length)
             self.writes += 1
+            if length and self._write_log is not None:
+                self._log_write(*span)
             self._in_flight += 1
             if cofw:
                 self._saving.append(span)
             regions = self._regions(offset, length)
+            self._written |= regions
         if regions and not regions <= self._hot:
             try:
                 self._activity_log(min(regions), max(regions))  # type: ignore[misc]
@@ -162,12 +168,41 @@ class DeltaBitmap:
         if not callable(log):
             raise TypeError("log must be callable")
         with self._lock:
-            self._region_size, self._activity_log, self._hot = region_size, log, set()
+            self._region_size, self._activity_log = region_size, log
+            self._hot, self._written = set(), set()
 
-    def retire_hot(self) -> np.ndarray:
+    def _log_write(self, first: int, last: int) -> None:
+        log = self._write_log
+        count = struct.unpack_from("<Q", log)[0]
+        if 16 + 16 * (count + 1) > len(log):
+            struct.pack_into("<Q", log, 8, 1)
+            return
+        struct.pack_into("<QQ", log, 16 + 16 * count, first, last)
+        struct.pack_into("<Q", log, 0, count + 1)
+
+    def log_writes(self, buffer) -> None:
+        log = None if buffer is None else memoryview(buffer).cast("B")
+        if log is not None and (len(log) < 16 or np.frombuffer(log, np.uint8).ctypes.data & 7):
+            raise ParameterError("the write log needs a buffer of at least 16 bytes, aligned on 8")
         with self._lock:
-            regions, self._hot = sorted(self._hot), set()
-        return np.array(regions, dtype=np.int64)
+            self._write_log = log
+
+    def retire_hot(self, keep=None) -> np.ndarray:
+        kept = {int(r) for r in (() if keep is None else keep)}
+        nregions = -(-self.size // self._region_size) if self._region_size else 0
+        outside = [r for r in sorted(kept) if not 0 <= r < nregions]
+        if outside:
+            raise RangeError(f"region {outside[0]} is outside the LUN's {nregions} regions")
+        with self._lock:
+            retired = sorted(self._hot - kept)
+            self._hot &= kept
+            self._written = set()
+        return np.array(retired, dtype=np.int64)
+
+    def hot_regions(self, written: bool = False) -> np.ndarray:
+        with self._lock:
+            regions = self._hot & self._written if written else self._hot
+            return np.array(sorted(regions), dtype=np.int64)
 
     @property
     def hot_count(self) -> int:

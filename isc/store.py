@@ -12,6 +12,8 @@ Layout of a state directory::
     activity.<K>.log    the write-intent log begun at checkpoint K: one record
                         per region that became hot, written and fsynced before
                         the first write to the region proceeds
+    activity.<K>.writes every host write since checkpoint K, stored into a
+                        shared mapping before it proceeds (isc.activity)
 
 Crash safety without a synchronous metadata write per host write (the way
 DRBD's activity log works): a write to a region (``region_size`` bytes,
@@ -19,18 +21,21 @@ default 4 MiB) that is already hot costs nothing extra; the first write to a
 cold region waits for one small log append. A checkpoint holds host writes
 for an O(1) instant (``DeltaBitmap.snapshot``: a write that then changes a
 bitmap page the checkpoint has not written yet first copies the page),
-forgets the hot regions and starts log K+1; then it appends the pages
-changed since checkpoint K to the journal as checkpoint K+1 and deletes the
-older logs. Its cost follows the pages changed, not the size of the LUN.
-Checkpoints run in the background when ``max_hot`` regions are hot
-(bounding what a crash resends) and every ``checkpoint_interval`` seconds,
+retires the hot regions not written since the last checkpoint (the others
+stay hot, recorded first in log K+1) and starts log K+1; then it appends the
+pages changed since checkpoint K to the journal as checkpoint K+1 and
+deletes the older logs. Its cost follows the pages changed, not the size of
+the LUN. Checkpoints run in the background when ``max_hot`` regions are hot,
+when the write log is half full and every ``checkpoint_interval`` seconds,
 and when the session is closed, so a clean close leaves exact bitmaps.
 
 Opening a directory after a crash reads the journal (a checkpoint the crash
 cut short is left out: the logs since the one before it are kept), ends an
 interrupted copy as failed (unmark: unsent chunks return to tracking, rule 2)
-and adds every region of the logs to the tracking bitmap: no change is lost,
-at most ``max_hot`` regions more are resent. Chunks a copy confirmed before
+and tracks again what the logs since the newest checkpoint hold: after a
+crash of the process the chunks written, after one of the machine the
+regions that were hot, whole (at most ``max_hot``). No change is lost.
+Chunks a copy confirmed before
 its last checkpoint are not resent. A copy run through
 :meth:`PersistentSession.begin_copy` is recorded in ``session.json`` while it
 runs, so its destinations read inconsistent until it ends (rule 6) and a
@@ -78,15 +83,18 @@ import stat
 import struct
 import sys
 import threading
-import zlib
+import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+import numpy as np
+
 from isc import journal
 from isc._core import DeltaBitmap
+from isc.activity import ActivityLog, read_log, read_writes
 from isc.copy import CopyJob, CopyResult, Destination, DestState
 from isc.errors import CorruptMetadata, IscError, ParameterError, StateError
 from isc.journal import fsync_dir as _fsync_dir
@@ -102,15 +110,18 @@ VERSION = 1
 DEFAULT_REGION_SIZE = 4 << 20
 DEFAULT_MAX_HOT = 1024
 DEFAULT_CHECKPOINT_INTERVAL = 30.0
-_RECORD = struct.Struct("<QQI")
 _LOG = re.compile(r"activity\.(\d+)\.log$")
+_WRITES = re.compile(r"activity\.(\d+)\.writes$")
+_POLL = 1.0
+"""Seconds between the checkpointer's looks at how full the write log is."""
 _URI = re.compile(r"nbds?(\+unix)?://|rbd:")
 COPY_MODES = ("incremental", "full", "full-unmarked")
 CHECKPOINT_EVERY = 1 << 30
 """Bytes a marked copy sends between checkpoints: what a crash can make it send again.
 
-Not less: each checkpoint retires every hot region, so the host writes that
-follow it pay a log record each again."""
+Not less: a checkpoint retires the hot regions not written since the one
+before, so the host writes that follow it to those pay a log record each
+again."""
 """The kinds of copy :meth:`PersistentSession.begin_copy` records (``CopyResult.mode``)."""
 
 
@@ -161,71 +172,16 @@ def write_atomically(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
-class ActivityLog:
-    """Append-only, fsynced records of regions that became hot."""
-
-    def __init__(self, directory: Path, generation: int) -> None:
-        self.directory = directory
-        self.generation = generation
-        self._lock = threading.Lock()
-        self._fd = self._open(generation)
-
-    def _open(self, generation: int) -> int:
-        path = self.directory / f"activity.{generation}.log"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-        _fsync_dir(self.directory)
-        return fd
-
-    def append(self, first: int, last: int) -> None:
-        """Record regions first..last durably; return once they are on disk."""
-        body = struct.pack("<QQ", first, last)
-        record = _RECORD.pack(first, last, zlib.crc32(body))
-        with self._lock:
-            os.write(self._fd, record)
-            os.fdatasync(self._fd)
-
-    def prepare(self) -> int:
-        """Create the next generation's file, durably; return it for :meth:`rotate`."""
-        return self._open(self.generation + 1)
-
-    def rotate(self, fd: int) -> int:
-        """Go on in the file :meth:`prepare` made, at once; return its generation."""
-        with self._lock:
-            old, self._fd = self._fd, fd
-            self.generation += 1
-        os.close(old)
-        return self.generation
-
-    def close(self) -> None:
-        with self._lock:
-            if self._fd >= 0:
-                os.close(self._fd)
-                self._fd = -1
-
-
-def read_log(path: Path) -> list[tuple[int, int]]:
-    """The records of an activity log; a torn last record (a crash mid-append) is ignored.
-
-    Raises ``CorruptMetadata`` naming the file when a complete record is
-    damaged or the file cannot be read.
-    """
-    data = _read_file(path)
-    records = []
-    whole = len(data) - len(data) % _RECORD.size
-    for at in range(0, whole, _RECORD.size):
-        first, last, crc = _RECORD.unpack_from(data, at)
-        if zlib.crc32(data[at : at + 16]) != crc or last < first:
-            raise CorruptMetadata(f"{path}: record at byte {at} is corrupt")
-        records.append((first, last))
-    return records
-
-
 @dataclass(frozen=True)
 class Recovery:
     """What opening a state directory found and repaired.
 
-    ``source_changed`` says why the source may differ from every destination
-    (it was written or replaced while no isc process held it), or is None.
+    ``regions_resent`` counts the regions the region logs held since the
+    last checkpoint, ``bytes_resent_bound`` the bytes tracked again: the
+    writes the write logs held, or those regions whole where a write log
+    could not stand for them (:mod:`isc.activity`). ``source_changed`` says
+    why the source may differ from every destination (it was written or
+    replaced while no isc process held it), or is None.
     """
 
     crashed: bool
@@ -430,6 +386,7 @@ class PersistentSession:
         self._journal = journal.Journal(self.directory, loaded)
         self._log = ActivityLog(self.directory, generation)
         self.session.bitmap.track_activity(self.region_size, self._on_hot)
+        self.session.bitmap.log_writes(self._log.area())
         self._thread = threading.Thread(
             target=self._checkpointer, args=(interval,), name="isc-checkpoint", daemon=True
         )
@@ -442,14 +399,23 @@ class PersistentSession:
             self._wake.set()
 
     def _checkpointer(self, interval: float) -> None:
+        due = time.monotonic() + interval
         while not self._closing.is_set():
-            self._wake.wait(interval)
+            woken = self._wake.wait(min(interval, _POLL))
             self._wake.clear()
-            if not self._closing.is_set():
+            if self._closing.is_set():
+                break
+            # A full write log makes a crash resend whole regions: checkpoint before.
+            if woken or time.monotonic() >= due or self._log_half_full():
                 try:
                     self.checkpoint()
                 except (OSError, IscError) as exc:
                     log.error("%s: checkpoint failed: %s", self.meta["name"], exc)
+                due = time.monotonic() + interval
+
+    def _log_half_full(self) -> bool:
+        with self._checkpoint_lock:
+            return self._log is not None and self._log.half_full()
 
     def checkpoint(self) -> None:
         """Save the bitmap now and retire the hot regions (see the module docstring).
@@ -460,19 +426,25 @@ class PersistentSession:
             if self._log is None:
                 raise StateError(f"{self.meta['name']} is closed; open it again to checkpoint")
             bitmap = self.session.bitmap
-            fresh = self._log.prepare()
+            # Regions written since the last checkpoint stay hot, logged in the next
+            # generation first (a closing session keeps none: nothing writes).
+            keep = [] if self._closing.is_set() else bitmap.hot_regions(written=True).tolist()
+            fresh = self._log.prepare(keep[: self.max_hot // 2])
             bitmap.freeze()
             try:
                 # O(1) while host writes wait: the pages are written after the thaw.
                 header = bitmap.snapshot(self._journal.wants_base)
                 try:
-                    bitmap.retire_hot()
-                    generation = self._log.rotate(fresh)
+                    bitmap.retire_hot(keep[: self.max_hot // 2])
+                    bitmap.log_writes(fresh.area())
+                    ended = self._log.rotate(fresh)
                 except BaseException:
                     bitmap.snapshot_end(False)
                     raise
             finally:
                 bitmap.thaw()
+            ended.close()  # the bitmap appends to the new generation's write log now
+            generation = fresh.number
             try:
                 # The state just taken may record chunks as sent that a destination
                 # still holds in a volatile cache: flush every destination of the
@@ -488,7 +460,7 @@ class PersistentSession:
             self._checkpointed = True
             # Older logs reappearing after a crash are ignored: the journal is newer.
             for path in self.directory.iterdir():
-                match = _LOG.match(path.name)
+                match = _LOG.match(path.name) or _WRITES.match(path.name)
                 if match and int(match.group(1)) < generation:
                     path.unlink()
 
@@ -637,6 +609,7 @@ class PersistentSession:
         self._closed = True
         with self._checkpoint_lock:
             if self._log is not None:
+                self.session.bitmap.log_writes(None)
                 self._log.close()
                 self._log = None
             if self._journal is not None:
@@ -903,7 +876,8 @@ def create_session(
     if (path / METADATA).exists():
         raise StateError(f"{path} already holds an isc session; open it or choose another")
     leftovers = path.is_dir() and any(
-        p.name == journal.NAME or _LOG.match(p.name) for p in path.iterdir()
+        p.name == journal.NAME or _LOG.match(p.name) or _WRITES.match(p.name)
+        for p in path.iterdir()
     )
     if leftovers:
         # They would be read as this session's state at its first open.
@@ -1015,7 +989,7 @@ def read_state(directory: str | os.PathLike[str], *, tries: int = 5) -> StoredSt
         in_use = _in_use(path)
         damage = None
         try:
-            _, loaded, regions = _load(path, meta, with_logs=not in_use)
+            _, loaded, regions, _ = _load(path, meta, with_logs=not in_use)
             bitmap = loaded and loaded.bitmap
         except FileNotFoundError:
             continue  # the holder's checkpoint deleted a log being read: read again
@@ -1041,8 +1015,9 @@ def _source_change_now(meta: dict) -> str | None:
 
 def _load(
     path: Path, meta: dict, *, with_logs: bool
-) -> tuple[int, journal.Loaded | None, set[int]]:
-    """The highest generation, the journal's newest checkpoint and the regions logged since it.
+) -> tuple[int, journal.Loaded | None, set[int], list[tuple[int, int]]]:
+    """The highest generation, the journal's newest checkpoint, the regions logged since it
+    and the ``(offset, length)`` byte ranges to track again (:mod:`isc.activity`).
 
     Raises ``CorruptMetadata`` naming the file that is damaged, unreadable
     or does not fit the metadata, or the checkpoint that is missing though
@@ -1075,15 +1050,25 @@ def _load(
     elif meta.get("checkpointed") or meta["epoch"] or meta["destinations"]:
         raise CorruptMetadata(_lost(path, f"{path / METADATA} records one"))
     regions: set[int] = set()
-    for log_path in [p for gen, p in logs if gen >= generation and with_logs]:
+    resend: list[tuple[int, int]] = []
+    region = meta["region_size"]
+    for gen, log_path in [(gen, p) for gen, p in logs if gen >= generation and with_logs]:
         records = read_log(log_path)
         if records and bitmap is None:
             raise CorruptMetadata(_lost(path, f"{log_path} records writes"))
         for first, last in records:
-            if last * meta["region_size"] >= bitmap.size:
+            if last * region >= bitmap.size:
                 raise CorruptMetadata(f"{log_path}: region {last} lies outside the tracked LUN")
             regions.update(range(first, last + 1))
-    return max([generation, *(gen for gen, _ in logs)]), loaded, regions
+        writes = None
+        if bitmap is not None:
+            writes = read_writes(path / f"activity.{gen}.writes", gen, bitmap.chunks)
+        if writes is not None:
+            g = bitmap.granularity
+            resend += [(first * g, (last + 1 - first) * g) for first, last in writes.tolist()]
+        else:
+            resend += [(first * region, (last + 1 - first) * region) for first, last in records]
+    return max([generation, *(gen for gen, _ in logs)]), loaded, regions, resend
 
 
 def _logs(path: Path) -> list[tuple[int, Path]]:
@@ -1147,7 +1132,7 @@ def _recover(
     if reset:
         # The checkpoint and logs are not read: they are what may be lost or damaged.
         last = max((gen for gen, _ in _logs(path)), default=0)
-        loaded, regions = None, set()
+        loaded, regions, resend = None, set(), []
         meta = {key: value for key, value in meta.items() if key != "copy"}
         meta["destinations"] = [
             {**d, "state": DestState.NEW.value, "epoch": None, "protected_state": None}
@@ -1155,7 +1140,7 @@ def _recover(
         ]
     else:
         try:
-            last, loaded, regions = _load(path, meta, with_logs=True)
+            last, loaded, regions, resend = _load(path, meta, with_logs=True)
         except CorruptMetadata as exc:
             raise CorruptMetadata(
                 f"{exc}; isc recover {path} --reset-destinations starts again with full copies"
@@ -1169,7 +1154,7 @@ def _recover(
     try:
         recorded = None if reset else meta.get("source_stamp")
         changed = _source_change(recorded, stored._stamp, meta["source"])
-        recovery = _repair(stored, regions, meta.get("copy"), changed)
+        recovery = _repair(stored, regions, resend, meta.get("copy"), changed)
         if reset:
             stored.session.bitmap.record_write(0, stored.source.size)
         stored._start(last + 1, checkpoint_interval, loaded)
@@ -1186,13 +1171,21 @@ def _recover(
 
 
 def _repair(
-    stored: PersistentSession, regions: set[int], copy: dict | None, changed: str | None
+    stored: PersistentSession,
+    regions: set[int],
+    resend: list[tuple[int, int]],
+    copy: dict | None,
+    changed: str | None,
 ) -> Recovery:
-    """Apply what the logs, an unfinished copy and the source's stamp say (rules 2, 6, 9, 11)."""
+    """Apply what the logs, an unfinished copy and the source's stamp say (rules 2, 6, 9, 11).
+
+    ``resend`` holds the ``(offset, length)`` ranges the logs say may hold
+    writes since the last checkpoint; ``regions`` the region log's regions.
+    """
     session = stored.session
     size = stored.source.size
     saved = session.bitmap.saved_count > 0
-    interrupted = copy is not None or (session.bitmap.marked and (bool(regions) or saved))
+    interrupted = copy is not None or (session.bitmap.marked and (bool(resend) or saved))
     if session.bitmap.marked and (interrupted or changed):
         # The save area did not survive (or the point in time is void): the copy
         # is over (rule 2 keeps what it owed).
@@ -1204,9 +1197,10 @@ def _repair(
             if dest.state is DestState.CONSISTENT:
                 dest.state = DestState.INCONSISTENT
         log.warning("%s: %s: every chunk is tracked again", stored.meta["name"], changed)
-    for region in sorted(regions):
-        start = region * stored.region_size
-        session.bitmap.record_write(start, min(stored.region_size, size - start))
+    offsets = np.array([offset for offset, _ in resend], dtype=np.int64)
+    lengths = np.minimum([length for _, length in resend], size - offsets).astype(np.int64)
+    session.bitmap.record_writes(offsets, lengths)
+    resent = int(lengths.sum())
     if copy is not None and copy["mode"] == "full-unmarked":
         # It cleared tracking as it began; where it stopped is unknown.
         session.bitmap.record_write(0, size)
@@ -1218,17 +1212,18 @@ def _repair(
             if dest.name in copy["destinations"] and dest.epoch == before:
                 dest.epoch = session.epoch
     recovery = Recovery(
-        crashed=bool(regions) or copy is not None,
+        crashed=bool(resend) or copy is not None,
         interrupted_copy=interrupted,
         regions_resent=len(regions),
-        bytes_resent_bound=len(regions) * stored.region_size,
+        bytes_resent_bound=resent,
         source_changed=changed,
     )
     if recovery.crashed:
         log.warning(
-            "%s: recovered after a crash: %d hot region(s) tracked again%s",
+            "%s: recovered after a crash: %d byte(s) written since the last checkpoint "
+            "tracked again%s",
             stored.meta["name"],
-            len(regions),
+            resent,
             f", {copy['mode'] if copy else 'interrupted'} copy failed" if interrupted else "",
         )
     return recovery

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from isc import _core, _layout, _reference
-from isc.errors import CorruptMetadata, ParameterError, StateError
+from isc.errors import CorruptMetadata, ParameterError, RangeError, StateError
 
 BITMAPS = (_core.DeltaBitmap, _reference.DeltaBitmap)
 G = 2048
@@ -216,3 +216,51 @@ def test_a_16tib_map_checkpoints_what_changed_only() -> None:
     replica.apply_records(records_of(bitmap, everything=True)[1])
     replica.load_state(*header[1:])
     assert replica.tracking_count == bitmap.tracking_count == 16 * 2
+
+
+# -- activity: the regions kept hot and the log of host writes -----------------------------
+
+
+@pytest.mark.parametrize("kind", BITMAPS)
+def test_the_write_log_holds_each_host_write_before_it_proceeds(kind) -> None:
+    bitmap = kind(64 * G, G)
+    log = np.zeros(2 + 2 * 3, dtype=np.uint64)  # room for three records
+    bitmap.log_writes(log)
+    seen = []
+
+    def write(offset, data):
+        seen.append(log[: 2 + 2 * int(log[0])].tolist())
+
+    bitmap.write_through(write, None, 5 * G + 1, b"x" * (2 * G))
+    bitmap.end_write(0, 3 * G, bool(bitmap.begin_write(0, 3 * G).size))
+    bitmap.record_write(40 * G, G)  # not a host write: not logged
+    bitmap.write_through(write, None, 63 * G, b"y")
+    assert seen[0] == [1, 0, 5, 7]  # logged before the write went on
+    assert log.tolist() == [3, 0, 5, 7, 0, 2, 63, 63]
+    bitmap.write_through(write, None, 10 * G, b"z")  # no room: flagged, the write goes on
+    assert log[:2].tolist() == [3, 1] and len(seen) == 3
+    bitmap.log_writes(None)
+    bitmap.write_through(write, None, 11 * G, b"z")
+    assert log[:2].tolist() == [3, 1]
+    with pytest.raises(ParameterError, match="at least 16 bytes"):
+        bitmap.log_writes(bytearray(8))
+
+
+@pytest.mark.parametrize("kind", BITMAPS)
+def test_retire_hot_keeps_the_hot_regions_asked_for(kind) -> None:
+    bitmap = kind(64 * G, G)
+    logged = []
+    bitmap.track_activity(8 * G, lambda first, last: logged.append((first, last)))
+    for offset in (0, 9 * G, 17 * G):
+        bitmap.write_through(lambda o, d: None, None, offset, b"x")
+    bitmap.retire_hot([0, 1, 2])
+    bitmap.write_through(lambda o, d: None, None, 18 * G, b"x")  # region 2, hot: not logged
+    assert bitmap.hot_regions().tolist() == [0, 1, 2]
+    assert bitmap.hot_regions(written=True).tolist() == [2]
+    assert bitmap.retire_hot([2, 5]).tolist() == [0, 1]  # region 5 was not hot
+    assert bitmap.hot_count == 1 and bitmap.hot_regions(written=True).tolist() == []
+    bitmap.write_through(lambda o, d: None, None, 0, b"x")  # retired: logged again
+    assert logged == [(0, 0), (1, 1), (2, 2), (0, 0)]
+    with pytest.raises(RangeError, match="region 8 is outside"):
+        bitmap.retire_hot([1, 8])
+    assert bitmap.hot_regions().tolist() == [0, 2]

@@ -262,7 +262,8 @@ def test_recovered_session_records_the_kill(session: Path) -> None:
         if recovery.crashed:
             break
     assert recovery.crashed and recovery.regions_resent > 0
-    assert recovery.bytes_resent_bound == recovery.regions_resent * REGION
+    # The write log holds the writes made since the last checkpoint, within those regions.
+    assert 0 < recovery.bytes_resent_bound <= recovery.regions_resent * REGION
     stored, again = open_session(session)
     stored.close()
     assert not again.crashed  # the recovery was checkpointed, the close was clean

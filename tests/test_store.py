@@ -370,6 +370,8 @@ def test_corrupt_activity_log_names_the_file_and_changes_nothing(env: Path, reco
 def test_torn_last_log_record_is_ignored(env: Path) -> None:
     path = _log(env)
     path.write_bytes(_record(1, 2) + _record(4, 4)[:11])
+    for writes in env.glob("activity.*.writes"):
+        writes.unlink()  # as after a crash of the machine: the regions stand for the writes
     stored, recovery = open_session(env)
     with stored:
         assert recovery.crashed and recovery.regions_resent == 2
@@ -542,6 +544,62 @@ def test_crash_after_writes_tracks_every_logged_region(env: Path) -> None:
             assert dest.state is DestState.CONSISTENT
             assert_no_lost_change(stored.session, dest.lun)
     assert before != files(image)  # the recovery was checkpointed
+
+
+def _tracked(stored: PersistentSession) -> set[int]:
+    bitmap = stored.session.bitmap
+    return {c for c in range(bitmap.chunks) if bitmap.tracking(c)}
+
+
+@pytest.mark.parametrize("write_log", ["kept", "of another boot", "overflowed", "lost"])
+def test_a_crash_resends_what_was_written_or_the_regions_whole(env: Path, write_log) -> None:
+    """After a crash of the process the write log says which chunks were written since the
+    last checkpoint; where it cannot stand for them (a crash of the machine loses it), the
+    region log does, a whole region for a write."""
+    with opened(env) as stored:
+        stored.checkpoint()
+        for offset in (G + 5, 40 * G):  # regions 0 and 2
+            stored.session.write(offset, b"x" * 10)
+        image = crash_image(env)
+    (writes,) = image.glob("activity.*.writes")
+    with open(writes, "r+b") as file:
+        if write_log == "of another boot":
+            file.seek(16)
+            file.write(b"0" * 36)
+        elif write_log == "overflowed":
+            file.seek(64 + 8)
+            file.write(struct.pack("<Q", 1))
+    if write_log == "lost":
+        writes.unlink()
+    stored, recovery = open_session(image)
+    with stored:
+        assert recovery.crashed and recovery.regions_resent == 2
+        if write_log == "kept":
+            assert _tracked(stored) == {1, 40}
+            assert recovery.bytes_resent_bound == 2 * G
+        else:
+            assert _tracked(stored) == set(range(16)) | set(range(32, 48))
+            assert recovery.bytes_resent_bound == 2 * REGION
+
+
+def test_regions_written_since_the_last_checkpoint_stay_hot_across_the_next(env: Path) -> None:
+    logged = []
+    with opened(env) as stored:
+        append = stored._log.append
+        stored._log.append = lambda first, last: (logged.append(first), append(first, last))
+        stored.session.write(0, b"x")
+        stored.session.write(2 * REGION, b"x")
+        stored.checkpoint()
+        stored.session.write(10, b"x")  # still hot: no record, no sync
+        stored.checkpoint()  # region 2 was not written since the last one: it cools
+        stored.session.write(2 * REGION + 10, b"x")
+        image = crash_image(env)
+    assert logged == [0, 2, 2]
+    for writes in image.glob("activity.*.writes"):
+        writes.unlink()
+    stored, recovery = open_session(image)
+    with stored:  # region 0 is in the log as kept hot, region 2 as logged again
+        assert recovery.regions_resent == 2
 
 
 def _crash_mid_copy(env: Path, mode: str, dests: slice, at_run: int) -> tuple[Path, set[int]]:
