@@ -22,21 +22,29 @@ byte afterwards:
     ``SPLIT_MIN`` (``every run split``). Each round checks the slots it
     changed; each row ends with a check of the whole destination. Rows of
     one granularity run one after the other.
-``a run copied inside the kernel``
-    ``FileLUN.copy_to`` of one run of N bytes (64 KiB to 8 MiB) between two
-    allocated files, by the calling thread (``one thread``) or in two halves
-    on a pool of two threads as the copy job splits a run (``two threads``):
-    where a split starts to pay, which sets ``SPLIT_MIN``.
+``a run copied inside the kernel by two threads, beside one``
+    ``FileLUN.copy_to`` of one run of N bytes (64 KiB to 64 MiB) at seeded
+    random places between two allocated files, in two halves on a pool of
+    two threads as the copy job splits a run, with the calling thread copying
+    a run alone between its rounds: where a split starts to pay, which sets
+    ``SPLIT_MIN``.
 
-Files live in ``/dev/shm`` when it has room. Nothing here asserts on time.
+On a machine shared with other work the load drifts between rows, so each
+row of the first two sets also times its group's ``isc`` row in the rounds
+between its own (untimed by pytest-benchmark, checked as well): the note's
+"÷ isc beside" is the ratio of the two medians taken side by side, which
+drift cannot fake; the third set likewise. Files live in ``/dev/shm`` when it has room. Nothing here
+asserts on time.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import statistics
 import subprocess
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -47,7 +55,7 @@ from test_bench_copy import CHANGE_WRITE, Changer, Volume, _pedantic, _tool
 
 import isc.copy
 from isc import CopyJob, Destination, DestState, FileLUN, Session
-from isc.copy import DEFAULT_WORKERS
+from isc.copy import DEFAULT_WORKERS, SPLIT_MIN
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -55,11 +63,55 @@ KIB = 1 << 10
 SPARSE_SIZE = 4 * GIB
 WRITTEN = 0.01  # share of the sparse volume that holds data
 GRANULARITIES = (2 * KIB, 4 * KIB, 8 * KIB, 16 * KIB, 32 * KIB, 64 * KIB)
-RUN_SIZES = (64 * KIB, 128 * KIB, 256 * KIB, 512 * KIB, 1 * MIB, 2 * MIB, 8 * MIB)
+RUN_SIZES = tuple(64 * KIB << i for i in range(11))  # 64 KiB to 64 MiB
 
 
 def _allocated(path: Path) -> int:
     return os.stat(path).st_blocks * 512
+
+
+def _beside(
+    benchmark,
+    run: Callable[[], object],
+    prepare: Callable[[], Callable[[], None]],
+    reference: Callable[[], object] | None,
+    *,
+    rounds: int,
+    warmup: int,
+) -> float | None:
+    """Time ``run()`` (``prepare()`` before each round returns its check), and
+    ``reference()`` prepared and checked the same way between its rounds.
+
+    Returns the median time of ``run`` over that of ``reference`` (warm-up
+    rounds left out), or None without a reference.
+    """
+    own: list[float] = []
+    other: list[float] = []
+
+    def timed() -> None:
+        began = time.perf_counter()
+        run()
+        own.append(time.perf_counter() - began)
+
+    def prepare_both() -> Callable[[], None]:
+        if reference is not None:
+            check = prepare()
+            began = time.perf_counter()
+            reference()
+            other.append(time.perf_counter() - began)
+            check()
+        return prepare()
+
+    _pedantic(benchmark, timed, prepare_both, rounds=rounds, warmup=warmup)
+    if reference is None:
+        return None
+    return statistics.median(own[warmup:]) / statistics.median(other[warmup:])
+
+
+def _note(ratio: float | None, *more: str) -> str:
+    """The note of a row: "÷ isc beside R" when timed beside isc, then ``more``."""
+    beside = [] if ratio is None else [f"÷ isc beside {ratio:.2f}"]
+    return "; ".join([*beside, *more])
 
 
 # -- the sparse full copy ---------------------------------------------------------------
@@ -67,8 +119,9 @@ def _allocated(path: Path) -> int:
 
 @pytest.fixture(scope="module")
 def sparse() -> Iterator[Volume]:
-    """A 4 GiB sparse source, 1% written in 64 KiB pieces, and a destination path."""
-    with scratch(SPARSE_SIZE // 10) as where:
+    """A 4 GiB sparse source, 1% written in 64 KiB pieces, and a destination path
+    (all of whose 4 GiB the copy that ignores holes allocates)."""
+    with scratch(SPARSE_SIZE + SPARSE_SIZE // 10) as where:
         vol = Volume(where / "src.img", where / "dst.img", SPARSE_SIZE)
         sparse_file(vol.src, vol.size)
         slots = SPARSE_SIZE // CHANGE_WRITE
@@ -84,8 +137,28 @@ def sparse() -> Iterator[Volume]:
         yield vol
 
 
+class _HolesUnknown(FileLUN):
+    """A FileLUN that does not tell its holes, as before ``data_extents``."""
+
+    data_extents = None
+
+
+def _isc_sparse_copy(vol: Volume, session: Session, marked: bool = False, workers=None):
+    """``run()`` for an isc full copy of ``session``'s source to ``vol.dst``."""
+
+    def run() -> None:
+        with FileLUN(vol.dst) as dst:
+            job = CopyJob(
+                session, [Destination(dst, "replica")], workers=workers or DEFAULT_WORKERS
+            )
+            assert job.full(marked).bytes_sent == vol.size
+
+    return run
+
+
 def _sparse_copy(benchmark, vol: Volume, impl: str, run) -> None:
-    """One row of the sparse table: ``run()`` copies ``vol.src`` to a new sparse ``vol.dst``."""
+    """One row of the sparse table: ``run()`` copies ``vol.src`` to a new sparse ``vol.dst``,
+    with isc's unmarked full copy between its rounds unless it is that row."""
     allocated: list[int] = []
 
     def prepare():
@@ -99,12 +172,19 @@ def _sparse_copy(benchmark, vol: Volume, impl: str, run) -> None:
 
     benchmark.group = f"sparse full copy, {vol.size // GIB} GiB, {WRITTEN:.0%} written"
     benchmark.extra_info.update(impl=impl, bytes=vol.size, where=place(vol.src))
-    _pedantic(benchmark, run, prepare, rounds=3, warmup=1)
+    with FileLUN(vol.src) as src:
+        reference = None if impl == "isc" else _isc_sparse_copy(vol, Session(src))
+        ratio = _beside(benchmark, run, prepare, reference, rounds=3, warmup=1)
+    allocated = allocated[1::2] if reference else allocated  # the row's own rounds
+    source = _allocated(vol.src)
     benchmark.extra_info.update(
         allocated=allocated,
-        source_allocated=_allocated(vol.src),
-        note=f"destination allocates {max(allocated) / MIB:.1f} MiB "
-        f"(source {_allocated(vol.src) / MIB:.1f} MiB)",
+        source_allocated=source,
+        beside_isc=ratio,
+        note=_note(
+            ratio,
+            f"destination allocates {max(allocated) / MIB:.1f} MiB (source {source / MIB:.1f} MiB)",
+        ),
     )
 
 
@@ -117,17 +197,9 @@ def _sparse_copy(benchmark, vol: Volume, impl: str, run) -> None:
         ("isc, holes ignored (before)", False, False, DEFAULT_WORKERS),
     ],
 )
-def test_sparse_isc(benchmark, sparse: Volume, impl, marked, holes, workers, monkeypatch):
-    if not holes:
-        monkeypatch.setattr(CopyJob, "_holes_known", lambda job: False)
-    with FileLUN(sparse.src) as src:
-        session = Session(src)
-
-        def run() -> None:
-            with FileLUN(sparse.dst) as dst:
-                job = CopyJob(session, [Destination(dst, "replica")], workers=workers)
-                assert job.full(marked).bytes_sent == sparse.size
-
+def test_sparse_isc(benchmark, sparse: Volume, impl, marked, holes, workers):
+    with (FileLUN if holes else _HolesUnknown)(sparse.src) as src:
+        run = _isc_sparse_copy(sparse, Session(src), marked, workers)
         _sparse_copy(benchmark, sparse, impl, run)
 
 
@@ -157,8 +229,8 @@ def gib() -> Iterator[Volume]:
 
 
 WORKER_ROWS = [
-    ("isc", DEFAULT_WORKERS, isc.copy.SPLIT_MIN),
-    *[(f"workers={w}", w, isc.copy.SPLIT_MIN) for w in (1, 2, 4) if w != DEFAULT_WORKERS],
+    ("isc", DEFAULT_WORKERS, SPLIT_MIN),
+    *[(f"workers={w}", w, SPLIT_MIN) for w in (1, 2, 4) if w != DEFAULT_WORKERS],
     (f"workers={DEFAULT_WORKERS}, every run split (before)", DEFAULT_WORKERS, 1),
 ]
 
@@ -176,8 +248,14 @@ def test_incremental_workers(
         # The destination equals the source: in step with the new session.
         replica = Destination(dst, "replica", DestState.CONSISTENT, epoch=session.epoch)
         job = CopyJob(session, [replica], workers=workers)
+        isc_job = CopyJob(session, [replica])
         changer = Changer(session)
         runs: list[int] = []
+
+        def reference() -> None:
+            with monkeypatch.context() as default:
+                default.setattr(isc.copy, "SPLIT_MIN", SPLIT_MIN)
+                assert isc_job.incremental().bytes_sent == changer.bytes
 
         def prepare():
             changer.change()
@@ -199,8 +277,10 @@ def test_incremental_workers(
         benchmark.extra_info.update(
             impl=impl, workers=workers, granularity=granularity, where=place(gib.src)
         )
-        _pedantic(benchmark, run, prepare, rounds=15, warmup=1)
-        benchmark.extra_info.update(runs=runs, note=f"{int(np.median(runs))} runs")
+        reference_or_none = None if impl == "isc" else reference
+        ratio = _beside(benchmark, run, prepare, reference_or_none, rounds=15, warmup=1)
+        note = _note(ratio, f"{int(np.median(runs))} runs")
+        benchmark.extra_info.update(runs=runs, beside_isc=ratio, note=note)
     gib.check()
 
 
@@ -208,10 +288,9 @@ def test_incremental_workers(
 
 
 @pytest.mark.parametrize("size", RUN_SIZES, ids=lambda n: f"{n // KIB}K")
-@pytest.mark.parametrize("threads", [1, 2], ids=["one thread", "two threads"])
-def test_run_split(benchmark, gib: Volume, size: int, threads: int):
-    offsets = np.random.default_rng([SEED, size]).integers(0, GIB // size, 64) * size
-    rounds = iter(offsets.tolist())
+def test_run_split(benchmark, gib: Volume, size: int):
+    offsets = np.random.default_rng([SEED, size]).integers(0, GIB // size, 256) * size
+    places = iter(offsets.tolist())
     with (
         FileLUN(gib.src) as src,
         FileLUN(gib.dst) as dst,
@@ -219,14 +298,15 @@ def test_run_split(benchmark, gib: Volume, size: int, threads: int):
     ):
 
         def one() -> None:
-            assert src.copy_to(next(rounds), size, dst)
+            assert src.copy_to(next(places), size, dst)
 
         def two() -> None:
-            at = next(rounds)
+            at = next(places)
             halves = [(at, size // 2), (at + size // 2, size // 2)]
             assert all(pool.map(lambda p: src.copy_to(p[0], p[1], dst), halves))
 
-        benchmark.group = f"a run of {size // KIB} KiB copied inside the kernel"
-        benchmark.extra_info.update(impl="one thread" if threads == 1 else "two threads")
-        benchmark.pedantic(one if threads == 1 else two, rounds=48, warmup_rounds=8)
+        benchmark.group = "a run copied inside the kernel by two threads, beside one"
+        benchmark.extra_info.update(impl=f"{size // KIB} KiB in two halves", bytes=size)
+        ratio = _beside(benchmark, two, lambda: lambda: None, one, rounds=96, warmup=16)
+        benchmark.extra_info.update(beside_one=ratio, note=f"÷ one thread beside {ratio:.2f}")
     assert_same(gib.dst, gib.src, gib.size)
