@@ -271,18 +271,16 @@ class CopyJob:
         bitmap = session.bitmap
         if not bitmap.marked:
             raise StateError(
-                session.mark_ended(bitmap.generation)
-                if session.stats.last_abort and bitmap.generation
-                else f"{session.name} is unmarked: an incremental copy sends a marked "
+                session.abort_reason(bitmap.generation)
+                or f"{session.name} is unmarked: an incremental copy sends a marked "
                 "point in time; mark the session first"
             )
         self.check_destinations()
-        replaced = self.replaced
         stale = [d for d in self.destinations if not d.in_step(session)]
         donor = next((d for d in self.destinations if d.in_step(session)), None)
         if stale and bitmap.transfer_count != bitmap.chunks and donor is None:
             names = ", ".join(d.name for d in stale)
-            why = "".join(f"; {name}: {reason}" for name, reason in replaced.items())
+            why = "".join(f"; {name}: {reason}" for name, reason in self.replaced.items())
             raise StateError(
                 f"destination(s) {names} of {session.name} are new, replaced or missed an "
                 "earlier copy and no destination of this copy is in step to seed them "
@@ -294,18 +292,16 @@ class CopyJob:
         result.replaced = dict(self.replaced)
         return result
 
-    def check_destinations(self) -> dict[str, str]:
+    def check_destinations(self) -> None:
         """Rule 12: find destinations replaced or wiped since the copy that wrote them.
 
         Each destination in step with samples is checked (:mod:`isc.fingerprint`);
         one that fails becomes NEW and out of step, so the next copy gives it
-        every chunk (seeded from a destination in step, or a full copy).
-        Returns the destinations found replaced, by name, with why, and adds
-        them to :attr:`replaced`. A destination that cannot be read is left
-        to the copy to find out.
+        every chunk (seeded from a destination in step, or a full copy), and
+        goes into :attr:`replaced` with why. A destination that cannot be
+        read is left to the copy to find out.
         """
         session = self.session
-        replaced = {}
         for dest in self.destinations:
             if not (dest.samples and dest.in_step(session)):
                 continue
@@ -321,9 +317,7 @@ class CopyJob:
                     "%s: destination %s needs every chunk: %s", session.name, dest.name, reason
                 )
                 dest.state, dest.epoch, dest.samples = DestState.NEW, None, []
-                replaced[dest.name] = reason
-        self.replaced.update(replaced)
-        return replaced
+                self.replaced[dest.name] = reason
 
     def full(self, marked: bool = True) -> CopyResult:
         """Copy the whole source: marked (ends CONSISTENT) or unmarked (ends INCONSISTENT).
@@ -638,7 +632,7 @@ class CopyJob:
             except Exception as exc:
                 self._drop(dest, result, f"failed: {exc}", exc)
 
-    def _drop(self, dest: Destination, result: CopyResult, outcome: str, exc=None) -> None:
+    def _drop(self, dest: Destination, result: CopyResult, outcome: str, exc: Exception) -> None:
         """Take ``dest`` out of the running copy after it failed (rule 13).
 
         What it missed goes back into the tracking bitmap, so its next copy
@@ -656,7 +650,7 @@ class CopyJob:
             "%s: destination %s dropped out of the copy: %s", self.session.name, dest.name, outcome
         )
         if not self._active:
-            raise exc or CopyCancelled(outcome)
+            raise exc
         if dest.name in self._stale:
             dest.epoch = self._epochs[dest.name]
         else:

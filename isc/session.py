@@ -114,8 +114,7 @@ class Session:
         latest one (its ``epoch`` equals this) is *in step*: every chunk where
         it may differ from the source is in the tracking or transfer bitmap. One
         that missed a copy lacks chunks the bitmaps no longer hold."""
-        self._last_abort: str | None = None
-        self._aborted: tuple[int, str] = (0, "")  # the generation of the last abort, and why
+        self._aborted: tuple[int, str] | None = None  # the generation of the last abort, and why
         # The host write path is the hot path: bind it straight to the core so
         # a write costs one C-level call, no Python frame (same behaviour as
         # the ``write`` method below, which documents it).
@@ -220,7 +219,6 @@ class Session:
                 todo = [chunk for chunk in todo if chunk in flagged]
             elif not self.bitmap.is_saved(todo[0]):
                 return  # sent since this write flagged it
-            chunk = todo[0] if todo else -1
             try:
                 for chunk in todo:
                     start = chunk * g
@@ -236,30 +234,31 @@ class Session:
 
     def _abort_locked(self, reason: str) -> None:
         self._aborts += 1
-        self._last_abort = reason
         self._aborted = (self.generation, reason)
         log.warning("%s: mark %d aborted, %s", self.name, self.generation, reason)
         self._unmark_locked()
 
     # -- the copy side -----------------------------------------------------------------
+    def abort_reason(self, generation: int) -> str | None:
+        """Why mark ``generation`` was aborted, or None when it was not."""
+        if self._aborted is None or self._aborted[0] != generation:
+            return None
+        return f"mark {generation} of {self.name} was aborted: {self._aborted[1]}"
+
     def mark_ended(self, generation: int) -> str | None:
         """Why mark ``generation`` is no longer current, or None while it is."""
         bitmap = self.bitmap
         if bitmap.marked and bitmap.generation == generation:
             return None
-        if self._aborted[0] == generation:
-            return f"mark {generation} of {self.name} was aborted: {self._aborted[1]}"
+        aborted = self.abort_reason(generation)
+        if aborted is not None:
+            return aborted
         if bitmap.generation != generation:
             return (
                 f"mark {generation} of {self.name} ended: the session is at generation "
                 f"{bitmap.generation}"
             )
         return f"mark {generation} of {self.name} was ended by an unmark"
-
-    def _check_mark_locked(self, generation: int) -> None:
-        reason = self.mark_ended(generation)
-        if reason is not None:
-            raise StateError(reason)
 
     def confirm_sent(self, first: int, count: int, generation: int) -> int:
         """Chunks ``[first, first + count)`` reached every destination: clear their
@@ -294,7 +293,9 @@ class Session:
         its end.
         """
         with self._save_lock:
-            self._check_mark_locked(generation)
+            ended = self.mark_ended(generation)
+            if ended is not None:
+                raise StateError(ended)
             self._unmark_locked()
         log.info("%s: unmarked (generation %d)", self.name, generation)
 
@@ -397,7 +398,7 @@ class Session:
             save_area_high_water=self.save_area.high_water,
             generation=self.generation,
             aborts=self._aborts,
-            last_abort=self._last_abort,
+            last_abort=self._aborted[1] if self._aborted else None,
         )
 
     def __repr__(self) -> str:

@@ -310,3 +310,20 @@ class Gate:
 
     def open(self) -> None:
         self._opened.set()
+
+
+def session_directory(tmp_path, size: int, granularity: int, seed: int, dests=("d0",)):
+    """A persistent session in ``tmp_path/state`` on a random file source, with a
+    NEW zero-filled file destination per name in ``dests``; its path."""
+    from isc.store import create_session, open_session
+
+    source = FileLUN.create(tmp_path / "source.img", size)
+    fill_random(source, random.Random(seed))
+    source.close()
+    state = tmp_path / "state"
+    create_session(state, str(tmp_path / "source.img"), granularity=granularity)
+    with open_session(state)[0] as stored:
+        for name in dests:
+            FileLUN.create(tmp_path / f"{name}.img", size).close()
+            stored.add_destination(str(tmp_path / f"{name}.img"), name)
+    return state

@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 
 import pytest
-from helpers import HookLUN, assert_no_lost_change, fill_random
+from helpers import HookLUN, assert_no_lost_change, fill_random, session_directory
 from test_nbd import nbdkit
 
 from isc import MemoryLUN
@@ -136,22 +136,16 @@ def test_a_restarted_nbdkit_memory_target_is_found_wiped(tmp_path):
 
 
 def test_samples_survive_a_reopen_of_a_persistent_session(tmp_path):
-    from isc.lun import FileLUN
-    from isc.store import copy, create_session, open_session
+    from isc.store import copy, open_session
 
-    source = FileLUN.create(tmp_path / "source.img", SIZE)
-    fill_random(source, random.Random(9))
-    source.close()
-    FileLUN.create(tmp_path / "dest.img", SIZE).close()
-    create_session(tmp_path / "state", str(tmp_path / "source.img"), granularity=G)
-    with open_session(tmp_path / "state")[0] as stored:
-        stored.add_destination(str(tmp_path / "dest.img"), "d0")
+    state = session_directory(tmp_path, SIZE, G, 9)
+    with open_session(state)[0] as stored:
         copy(stored, "full")
         samples = stored.destinations[0].samples
         assert len(samples) >= SAMPLES
-    with open(tmp_path / "dest.img", "r+b") as wipe:
+    with open(tmp_path / "d0.img", "r+b") as wipe:
         wipe.write(bytes(SIZE))
-    with open_session(tmp_path / "state")[0] as stored:
+    with open_session(state)[0] as stored:
         assert stored.destinations[0].samples == samples
         stored.session.mark()
         with pytest.raises(StateError, match="replaced"):
@@ -164,21 +158,15 @@ def test_the_record_of_a_running_copy_holds_no_samples(tmp_path):
     # those are is known only at the copy's mark, after the record is written.
     import json
 
-    from isc.lun import FileLUN
-    from isc.store import METADATA, copy, create_session, open_session
+    from isc.store import METADATA, copy, open_session
 
-    source = FileLUN.create(tmp_path / "source.img", SIZE)
-    fill_random(source, random.Random(10))
-    source.close()
-    FileLUN.create(tmp_path / "dest.img", SIZE).close()
-    create_session(tmp_path / "state", str(tmp_path / "source.img"), granularity=G)
-    with open_session(tmp_path / "state")[0] as stored:
-        stored.add_destination(str(tmp_path / "dest.img"), "d0")
+    state = session_directory(tmp_path, SIZE, G, 10)
+    with open_session(state)[0] as stored:
         copy(stored, "full")
         assert stored.destinations[0].samples
         stored.begin_copy(stored.destinations, "incremental")
-        (recorded,) = json.loads((tmp_path / "state" / METADATA).read_text())["destinations"]
+        (recorded,) = json.loads((state / METADATA).read_text())["destinations"]
         assert recorded["samples"] == []
         stored.save()
-        (recorded,) = json.loads((tmp_path / "state" / METADATA).read_text())["destinations"]
+        (recorded,) = json.loads((state / METADATA).read_text())["destinations"]
         assert len(recorded["samples"]) >= SAMPLES

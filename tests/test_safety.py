@@ -15,7 +15,15 @@ import random
 import threading
 
 import pytest
-from helpers import Gate, HookLUN, Worker, Writers, assert_no_lost_change, fill_random
+from helpers import (
+    Gate,
+    HookLUN,
+    Worker,
+    Writers,
+    assert_no_lost_change,
+    fill_random,
+    session_directory,
+)
 
 from isc import MemoryLUN
 from isc._core import DeltaBitmap
@@ -427,20 +435,12 @@ class Crash(BaseException):
 
 @pytest.mark.parametrize("seed", range(6))
 def test_a_power_cut_at_a_destination_after_a_checkpoint_loses_no_change(tmp_path, seed):
-    from isc.lun import FileLUN
-    from isc.store import create_session, open_session
+    from isc.store import open_session
 
     rng = random.Random(seed)
     size = 64 * G
-    source = FileLUN.create(tmp_path / "source.img", size)
-    fill_random(source, rng)
-    source.close()
-    FileLUN.create(tmp_path / "dest.img", size).close()
-    state = tmp_path / "state"
-    create_session(state, str(tmp_path / "source.img"), granularity=G)
-    stored, _ = open_session(state, checkpoint_interval=3600)
-    stored.add_destination(str(tmp_path / "dest.img"), "d0")
-    with stored:
+    state = session_directory(tmp_path, size, G, seed)
+    with open_session(state, checkpoint_interval=3600)[0] as stored:
         CopyJob(stored.session, stored.destinations).full(marked=False)
         stored.save()
     stored, _ = open_session(state, checkpoint_interval=3600)
@@ -477,19 +477,11 @@ def test_a_power_cut_at_a_destination_after_a_checkpoint_loses_no_change(tmp_pat
 
 
 def test_a_destination_that_cannot_flush_drops_out_and_checkpoints_go_on_without_it(tmp_path):
-    from isc.lun import FileLUN
-    from isc.store import Progress, copy, create_session, open_session
+    from isc.store import Progress, copy, open_session
 
     size = 64 * G
-    source = FileLUN.create(tmp_path / "source.img", size)
-    fill_random(source, random.Random(3))
-    source.close()
-    state = tmp_path / "state"
-    create_session(state, str(tmp_path / "source.img"), granularity=G)
+    state = session_directory(tmp_path, size, G, 3, ("good", "bad"))
     with open_session(state, checkpoint_interval=3600)[0] as stored:
-        for name in ("good", "bad"):
-            FileLUN.create(tmp_path / f"{name}.img", size).close()
-            stored.add_destination(str(tmp_path / f"{name}.img"), name)
         copy(stored, "full")
         good, bad = stored.destinations
         bad.lun = HookLUN(bad.lun)
