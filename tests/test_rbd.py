@@ -26,6 +26,7 @@ import json
 import os
 import random
 import re
+import select
 import signal
 import subprocess
 import threading
@@ -83,9 +84,16 @@ def same_image(ceph, name: str, image: bytes, tmp_path: Path) -> bool:
 def wait_no_export(image: str) -> None:
     """Wait (bounded) until no ``qemu-nbd`` exports ``image``: a killed isc's ends by itself."""
     deadline = time.monotonic() + TIMEOUT
-    while qemu_nbd_pids(image):
-        assert time.monotonic() < deadline, f"a qemu-nbd of {image} outlived its client"
-        time.sleep(0.02)  # polling an external process
+    for pid in qemu_nbd_pids(image):
+        try:
+            exited = os.pidfd_open(pid)
+        except ProcessLookupError:
+            continue  # gone already
+        try:  # a pidfd is readable once its process has exited
+            ready, _, _ = select.select([exited], [], [], max(0.0, deadline - time.monotonic()))
+        finally:
+            os.close(exited)
+        assert ready, f"a qemu-nbd of {image} outlived its client"
 
 
 @pytest.fixture
