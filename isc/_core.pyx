@@ -79,7 +79,7 @@ change to a page pending in a snapshot O(page) once.
 
 from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc, realloc
-from libc.string cimport memcpy, memset
+from libc.string cimport memcmp, memcpy, memset
 
 cimport numpy as cnp
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
@@ -1881,6 +1881,81 @@ cdef class DeltaBitmap:
             raise AssertionError(f"{name} has bits set past the last chunk")
         return 0
 
+    # -- the Python protocols ---------------------------------------------------
+    def __len__(self):
+        """Number of chunks (as ``chunks``), so ``len(bitmap)`` sizes a chunk index."""
+        return self._chunks
+
+    def __eq__(self, other):
+        """Equal geometry, mark, generation and bits; ``writes`` (not persisted) is not compared.
+
+        O(summary + dirty blocks of either map). Bitmaps are mutable, hence unhashable.
+        """
+        if not isinstance(other, DeltaBitmap):
+            return NotImplemented
+        if other is self:
+            return True
+        cdef DeltaBitmap that = other
+        cdef DeltaBitmap first = self
+        cdef DeltaBitmap second = that
+        cdef bint same
+        if self._size != that._size or self._granularity != that._granularity:
+            return False
+        if <size_t><void *>that < <size_t><void *>self:
+            # One lock order for every pair: a == b and b == a in two threads
+            # cannot each hold the lock the other waits for.
+            first, second = that, self
+        first._acquire()
+        second._acquire()
+        with nogil:
+            same = (
+                self._marked == that._marked and self._generation == that._generation
+                and _same_bits(&self._bits[self._t], &that._bits[that._t], self._nsum,
+                               self._nwords)
+                and _same_bits(&self._bits[1 - self._t], &that._bits[1 - that._t],
+                               self._nsum, self._nwords)
+                and _same_bits(&self._saved, &that._saved, self._nsum, self._nwords)
+            )
+            second._release()
+            first._release()
+        return same
+
+    __hash__ = None
+
+    def __reduce__(self):
+        """Pickles as ``to_bytes`` (so ``writes`` restarts at 0, as after ``from_bytes``)."""
+        return (type(self).from_bytes, (self.to_bytes(),))
+
+    def chunks_of(self, which):
+        """The set chunks of one bitmap, ascending, as an int64 array.
+
+        ``which`` is ``"tracking"``, ``"transfer"`` or ``"saved"``. Like
+        pyroaring's ``to_array()`` and bitarray's ``search(1)``: the array
+        holds 8 bytes per set chunk (``extents`` gives the transfer bitmap
+        as runs, far smaller when they are long). O(summary + dirty blocks).
+        Raises ``ParameterError`` for another name.
+        """
+        cdef uint64_t a
+        cdef cnp.npy_intp n
+        cdef Bits *bits
+        cdef int64_t *out
+        if which not in _BITMAPS:
+            raise _layout.ParameterError(
+                f"chunks_of takes 'tracking', 'transfer' or 'saved', got {which!r}"
+            )
+        self._acquire()
+        try:
+            a = _BITMAPS.index(which)
+            bits = self._array(2 if a == 2 else self._t ^ a)
+            n = <cnp.npy_intp>bits.count
+            chunks = cnp.PyArray_SimpleNew(1, &n, cnp.NPY_INT64)
+            out = <int64_t *>cnp.PyArray_DATA(chunks)
+            with nogil:
+                _collect(bits, self._nsum, self._nwords, out)
+        finally:
+            self._release()
+        return chunks
+
     def __repr__(self):
         return (
             f"DeltaBitmap(size={self._size}, granularity={self._granularity}, "
@@ -1888,6 +1963,10 @@ cdef class DeltaBitmap:
             f"tracking={self.tracking_count}, transfer={self.transfer_count}, "
             f"saved={self.saved_count})"
         )
+
+
+_BITMAPS = ("tracking", "transfer", "saved")
+"""The names ``chunks_of`` takes, in the order of their physical arrays relative to ``_t``."""
 
 
 # -- helpers ------------------------------------------------------------------
@@ -1912,6 +1991,38 @@ cdef inline size_t _record_size(const unsigned char *rec) noexcept nogil:
     for j in range(8):
         words += popcount(masks[j])
     return RECORD_HEAD + RECORD_MASKS + 8 * words
+
+
+cdef bint _same_bits(Bits *a, Bits *b, uint64_t nsum, uint64_t nwords) noexcept nogil:
+    """Whether two bitmaps of one geometry hold the same bits: blocks clean in both are zero."""
+    cdef uint64_t si, sw, w0
+    if a.count != b.count:
+        return False
+    for si in range(nsum):
+        sw = a.summary[si] | b.summary[si]
+        while sw:
+            w0 = _first_word((si << 6) + ctz(sw))
+            sw &= sw - 1
+            if memcmp(a.words + w0, b.words + w0, (min(w0 + 64, nwords) - w0) * 8):
+                return False
+    return True
+
+
+cdef void _collect(Bits *bits, uint64_t nsum, uint64_t nwords, int64_t *out) noexcept nogil:
+    """Write the set chunks of ``bits`` to ``out`` (room for ``bits.count``), ascending."""
+    cdef uint64_t si, sw, w0, w, v
+    cdef size_t n = 0
+    for si in range(nsum):
+        sw = bits.summary[si]
+        while sw:
+            w0 = _first_word((si << 6) + ctz(sw))
+            sw &= sw - 1
+            for w in range(w0, min(w0 + 64, nwords)):
+                v = bits.words[w]
+                while v:
+                    out[n] = <int64_t>((w << 6) + ctz(v))
+                    n += 1
+                    v &= v - 1
 
 
 cdef inline void _runs_flush(Runs *runs) noexcept nogil:

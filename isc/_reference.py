@@ -23,7 +23,7 @@ from isc import _layout
 from isc._layout import DEFAULT_GRANULARITY, check_geometry, chunk_error, write_range_error
 from isc.errors import CorruptMetadata, ParameterError, RangeError
 
-_NO_CHUNKS = np.empty(0, dtype=np.int64)
+_BITMAPS = ("tracking", "transfer", "saved")
 
 
 class DeltaBitmap:
@@ -390,6 +390,37 @@ class DeltaBitmap:
             _set_of(bits) for bits in (state.tracking, state.transfer, state.saved)
         )
         return bitmap
+
+    # -- the Python protocols ---------------------------------------------
+    def __len__(self) -> int:
+        return self.chunks
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, DeltaBitmap):
+            return NotImplemented
+        return self.to_bytes() == other.to_bytes()
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __reduce__(self):
+        return (type(self).from_bytes, (self.to_bytes(),))
+
+    def chunks_of(self, which: str) -> np.ndarray:
+        if which not in _BITMAPS:
+            raise ParameterError(
+                f"chunks_of takes 'tracking', 'transfer' or 'saved', got {which!r}"
+            )
+        with self._lock:
+            chunks = getattr(self, "_" + which)
+            return np.array(sorted(chunks), dtype=np.int64)
+
+    def __repr__(self) -> str:
+        return (
+            f"DeltaBitmap(size={self.size}, granularity={self.granularity}, "
+            f"{'marked' if self.marked else 'unmarked'}, generation={self.generation}, "
+            f"tracking={self.tracking_count}, transfer={self.transfer_count}, "
+            f"saved={self.saved_count})"
+        )
 
     # -- snapshots ----------------------------------------------------------
     def _image(self) -> dict[int, np.ndarray]:

@@ -9,6 +9,7 @@ the role swap of a mark, extents and error messages.
 
 from __future__ import annotations
 
+import pickle
 import threading
 
 import numpy as np
@@ -32,6 +33,7 @@ BLOCK = 4096  # chunks per summary block of the core
 # Chunk counts at 64-bit word and summary-block boundaries.
 BOUNDARY_CHUNKS = [1, 2, 63, 64, 65, 127, 128, 129, 4095, 4096, 4097, 8191, 8192, 8193]
 EXTENT_LIMITS = (0, 1, 64)
+BITMAPS = ("tracking", "transfer", "saved")
 
 
 # -- lockstep pair ----------------------------------------------------------------
@@ -120,6 +122,14 @@ class Twins:
         for chunk in {0, ref.chunks - 1}:
             for query in ("tracking", "transfer", "is_saved"):
                 assert_same_result(getattr(core, query)(chunk), getattr(ref, query)(chunk))
+        for which in BITMAPS:
+            assert_same_result(core.chunks_of(which), ref.chunks_of(which))
+        assert len(core) == len(ref) == ref.chunks
+        assert repr(core) == repr(ref)
+        for bitmap in self.pair:
+            copy = pickle.loads(pickle.dumps(bitmap))
+            assert type(copy) is type(bitmap)
+            assert copy == bitmap
         core._check()
         ref._check()
         self.snapshot = (core_bytes, ref_bytes)
@@ -433,9 +443,15 @@ class LockstepMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def inspect(self, data):
         query = data.draw(
-            st.sampled_from(("extents", "saved_in", "tracking", "transfer", "is_saved")), "query"
+            st.sampled_from(
+                ("extents", "saved_in", "tracking", "transfer", "is_saved", "chunks_of")
+            ),
+            "query",
         )
-        if query == "extents":
+        if query == "chunks_of":
+            which = data.draw(st.sampled_from((*BITMAPS, "Tracking", "all", 0, None)), "which")
+            self.twins.both(lambda b: b.chunks_of(which))
+        elif query == "extents":
             limit = data.draw(st.one_of(st.integers(-2, 70), st.sampled_from((4095, 4096))))
             self.twins.both(lambda b: b.extents(limit))
         elif query == "saved_in":
@@ -1056,6 +1072,119 @@ def test_write_through_out_of_range_raises_before_any_callback(offset, length):
     bounded(bitmap.mark)
 
 
+# -- the Python protocols: ==, len, pickling, chunks_of -------------------------------
+
+operations = st.lists(
+    st.one_of(
+        st.tuples(st.just("write"), st.integers(0, 3 * BLOCK - 1), st.integers(1, 80)),
+        st.tuples(st.just("send"), st.integers(0, 3 * BLOCK - 1), st.integers(1, 80)),
+        st.tuples(st.sampled_from(("mark", "full mark", "unmark")), st.just(0), st.just(0)),
+    ),
+    max_size=8,
+)
+
+
+def replay(bitmap, steps) -> None:
+    """Apply (operation, chunk, count) steps; ones the state refuses are skipped."""
+    for op, chunk, count in steps:
+        count = min(count, bitmap.chunks - chunk)
+        if op == "write":
+            bitmap.record_write(chunk * bitmap.granularity, count * bitmap.granularity)
+        elif op == "send" and bitmap.marked:
+            bitmap.clear_transfer(chunk, count)
+        elif op in ("mark", "full mark") and not bitmap.marked:
+            bitmap.mark(full=op == "full mark")
+        elif op == "unmark":
+            bitmap.unmark()
+
+
+@settings(max_examples=60)
+@given(first=operations, second=operations, shared=st.integers(0, 8))
+def test_equality_is_equality_of_the_serialized_state(first, second, shared):
+    """``==`` of two cores, of two references and of their ``to_bytes`` agree; the second
+    map replays a prefix of the first map's steps, so that equal maps are common."""
+    steps = (first, first[:shared] + second)
+    cores = [_core.DeltaBitmap(3 * BLOCK * 2048 - 100, 2048) for _ in steps]
+    refs = [_reference.DeltaBitmap(3 * BLOCK * 2048 - 100, 2048) for _ in steps]
+    for bitmap_steps, core, ref in zip(steps, cores, refs, strict=True):
+        replay(core, bitmap_steps)
+        replay(ref, bitmap_steps)
+    same = cores[0].to_bytes() == cores[1].to_bytes()
+    assert (cores[0] == cores[1]) is (cores[1] == cores[0]) is same
+    assert (refs[0] == refs[1]) is same
+    assert (cores[0] != cores[1]) is not same
+
+
+def test_equality_ignores_which_physical_array_tracks_and_the_write_count():
+    """Same bits, mark and generation are equal, however the roles were swapped to get there."""
+    size = 2 * BLOCK * 2048
+    swapped, kept = (_core.DeltaBitmap(size, 2048) for _ in range(2))
+    swapped.mark()  # the roles swap
+    swapped.record_write(0, size)  # tracking is full: unmark keeps its role
+    swapped.unmark()
+    kept.mark(full=True)  # no swap
+    kept.record_write(0, size)
+    kept.record_write(0, 1)
+    kept.unmark()
+    assert swapped.snapshot()[1] != kept.snapshot()[1]  # tracking lives in different arrays
+    assert swapped.writes != kept.writes
+    assert swapped == kept
+    kept.record_write(size - 1, 1)
+    assert swapped == kept  # already set
+    kept.mark()
+    assert swapped != kept
+
+
+@pytest.mark.parametrize("kind", [_core, _reference])
+def test_bitmaps_of_another_geometry_or_type_are_unequal_and_none_is_hashable(kind):
+    bitmap = kind.DeltaBitmap(8192, 2048)
+    assert bitmap == kind.DeltaBitmap(8192, 2048)
+    assert bitmap != kind.DeltaBitmap(8192, 4096)
+    assert bitmap != kind.DeltaBitmap(8193, 2048)
+    assert bitmap != bitmap.to_bytes()
+    other = (_reference if kind is _core else _core).DeltaBitmap(8192, 2048)
+    assert bitmap != other  # the twins compare by state only within their kind
+    with pytest.raises(TypeError, match="unhashable"):
+        hash(bitmap)
+
+
+@pytest.mark.parametrize("kind", [_core, _reference])
+def test_pickling_keeps_the_state_and_restarts_the_write_count(kind):
+    bitmap = kind.DeltaBitmap(5 * 2048 + 7, 2048)
+    bitmap.record_write(0, 3 * 2048)
+    bitmap.mark()
+    bitmap.record_write(2048, 1)
+    copy = pickle.loads(pickle.dumps(bitmap, protocol=pickle.HIGHEST_PROTOCOL))
+    assert copy == bitmap
+    assert (copy.marked, copy.generation, copy.writes) == (True, 1, 0)
+    np.testing.assert_array_equal(copy.chunks_of("saved"), [1])
+    assert repr(copy) == repr(bitmap)
+    assert "tracking=1, transfer=3, saved=1" in repr(copy)
+
+
+def test_len_is_the_number_of_chunks():
+    for kind in (_core, _reference):
+        assert len(kind.DeltaBitmap(10 * 2048 + 1, 2048)) == 11
+
+
+def test_chunks_of_names_the_bitmaps_it_takes():
+    twins = Twins.new(1 << 20, 4096)
+    error, exc = twins.both(lambda b: b.chunks_of("dirty"))
+    assert error is ParameterError
+    assert str(exc) == "chunks_of takes 'tracking', 'transfer' or 'saved', got 'dirty'"
+
+
+@pytest.mark.parametrize("chunks", [1, 64, 65, BLOCK, BLOCK + 1, 3 * BLOCK - 1])
+def test_chunks_of_full_and_sparse_bitmaps_across_blocks(chunks):
+    twins = Twins.new(chunks * 2048, 2048)
+    twins.both(lambda b: b.record_write(0, chunks * 2048))
+    twins.both(lambda b: b.mark())
+    twins.both(lambda b: b.record_writes([0, (chunks - 1) * 2048], [1, 1]))
+    twins.agree()
+    np.testing.assert_array_equal(twins.core.chunks_of("transfer"), np.arange(chunks))
+    np.testing.assert_array_equal(twins.core.chunks_of("saved"), sorted({0, chunks - 1}))
+
+
 # -- a 16 TiB LUN ------------------------------------------------------------------
 
 
@@ -1076,6 +1205,17 @@ def test_big_16tib_lun_at_2k_chunks_stays_sparse():
     assert_same_result(core.transfer_count, ref.transfer_count)
     assert_same_result(core.record_write(size - 2048, 2048), ref.record_write(size - 2048, 2048))
     assert_same_result(core.test_and_clear(core.chunks - 4), ref.test_and_clear(core.chunks - 4))
+    for which in BITMAPS:
+        assert_same_result(core.chunks_of(which), ref.chunks_of(which))
+    # Compared by summary blocks: the untouched pages stay untouched.
+    again = _core.DeltaBitmap(size, granularity)
+    again.record_writes([size - 3 * granularity - 1, size - 1], [3 * granularity, 1])
+    again.mark()
+    again.record_write(size - 2048, 2048)
+    again.test_and_clear(core.chunks - 4)
+    assert again == core
+    again.record_write(0, 1)
+    assert again != core
     for bitmap in (core, ref):
         bitmap.unmark()
     for name in ("tracking_count", "transfer_count", "saved_count", "generation", "marked"):

@@ -403,3 +403,32 @@ def test_concurrent_batches_scans_and_marks_lose_nothing(busy_switching):
     assert bitmap.transfer_count == bitmap.saved_count == 0
     assert bitmap.writes == sum(count for _, count in results)
     assert bitmap.generation == cycles
+
+
+# -- == locks both maps ------------------------------------------------------------------
+
+
+def test_comparisons_both_ways_in_two_threads_while_writes_go_on():
+    """``a == b`` and ``b == a`` take the two mutexes in one order: both threads finish
+    (``Worker.finish`` fails the test after ``TIMEOUT``)."""
+    a, b = DeltaBitmap(4 * BLOCK * G, G), DeltaBitmap(4 * BLOCK * G, G)
+    start = threading.Barrier(3)
+
+    def compare(x, y):
+        start.wait(TIMEOUT)
+        for _ in range(3000):
+            x == y  # noqa: B015
+
+    def write():
+        start.wait(TIMEOUT)
+        for chunk in range(0, 4 * BLOCK, 7):
+            a.record_write(chunk * G, G)
+            b.record_write(chunk * G, G)
+
+    comparers = [Worker(lambda: compare(a, b)), Worker(lambda: compare(b, a))]
+    writer = Worker(write)
+    writer.finish()
+    for worker in comparers:
+        worker.finish()
+    assert a == b
+    assert a.tracking_count == len(range(0, 4 * BLOCK, 7))
