@@ -38,17 +38,21 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
 from urllib.parse import quote, unquote_plus
 
-from isc import _cli_auth, store
+from isc import _cli_auth, journal, store
 from isc._cli_tools import _granularity, _positive, _size
 from isc._layout import DEFAULT_GRANULARITY
 from isc._units import format_bytes, size_label
 from isc.auth import Credentials
 from isc.copy import CopyResult, DestState
 from isc.errors import IscError, ParameterError, StateError
+from isc.lun import FileLUN
 from isc.remote import AgentSite, LocalSite, RemoteSite
 from isc.serve import MIN_THROTTLE
 from isc.session import DEFAULT_SAVE_AREA
@@ -136,6 +140,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     def command(name: str, run: Callable[[argparse.Namespace], int], help: str, description=None):
         parser = commands.add_parser(name, help=help, description=description or help)
         parser.add_argument("session", metavar="SESSION", help="the session's state directory")
+        parser.add_argument("--json", action="store_true", help="print the report as JSON")
         parser.set_defaults(session_command=run, session_parser=parser)
         return parser
 
@@ -171,6 +176,31 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         help="the destination LUN: a path, an NBD URI or an RBD image, rbd:POOL/IMAGE[?conf=PATH]",
     )
     add_dest.add_argument("--name", help="its name (default: the file or export name)")
+    add_dest.add_argument(
+        "--create",
+        action="store_true",
+        help="create PATH first, a sparse file of the source's size (as qemu-img create "
+        "does); an existing file is refused, never truncated",
+    )
+
+    remove = command(
+        "remove-dest",
+        _remove_dest,
+        "take a destination out of a session (its data stays)",
+        description="Take destination NAME out of the session: it is no longer copied to, "
+        "and its LUN is left as it is. Refused while a copy to it runs.",
+    )
+    remove.add_argument("destination", metavar="NAME", help="the destination's name")
+
+    command(
+        "destroy",
+        _destroy,
+        "delete a session's state directory (the source and destinations stay)",
+        description="Delete the session's state directory and the files isc keeps in it. "
+        "Refused while another isc process holds the session, for a directory that is not "
+        "an isc session's, and for one that holds anything isc did not put there. The "
+        "source, the destinations and a save area file are left alone.",
+    )
 
     command("mark", _mark, "freeze a point in time to copy (isc copy sends it)")
     command("unmark", _unmark, "end a mark: what was not sent goes back to tracking")
@@ -180,7 +210,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         _copy,
         "copy the source to every destination",
         description="Copy to every destination of the session. Default: the incremental "
-        "copy of a marked session (isc mark first); --full: a marked full copy; --full "
+        "copy of a marked session (isc mark first); --full: a marked full copy (of the "
+        "current mark when the session is marked and nothing was written since it); --full "
         "--unmarked: an unmarked full copy (no COFW; destinations end inconsistent until "
         "the next incremental copy).",
     )
@@ -204,8 +235,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     _site_arguments(update)
     _copy_arguments(update)
 
-    status = command("status", _status, "show a session's state (read-only)")
-    status.add_argument("--json", action="store_true", help="print JSON")
+    command("status", _status, "show a session's state and destinations (read-only)")
 
     recover = command(
         "recover",
@@ -242,7 +272,6 @@ def _copy_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="SIZE",
         help=f"at most SIZE bytes per second (at least {size_label(MIN_THROTTLE)})",
     )
-    parser.add_argument("--json", action="store_true", help="print the copy result as JSON")
 
 
 def _site_arguments(parser: argparse.ArgumentParser) -> None:
@@ -306,6 +335,20 @@ def _print_json(value: object) -> None:
     sys.stdout.write(json.dumps(value) + "\n")
 
 
+def _say(args: argparse.Namespace, record: dict, text: str) -> None:
+    """A verb's report: ``record`` as a line of JSON with ``--json``, else ``text``."""
+    if args.json:
+        _print_json(record)
+    else:
+        print(text)
+
+
+def timestamp(seconds: float | None = None) -> str:
+    """``seconds`` since the epoch (default: now) as ISO 8601 UTC, to the second."""
+    when = datetime.fromtimestamp(time.time() if seconds is None else seconds, timezone.utc)
+    return when.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 # -- the commands ------------------------------------------------------------------------
 
 
@@ -319,28 +362,111 @@ def _create(args: argparse.Namespace) -> int:
         save_area=args.save_area,
     )
     name = store.read_state(args.session).meta["name"]
-    print(
+    record = {
+        "session": os.path.abspath(args.session),
+        "name": name,
+        "source": source,
+        "granularity": args.granularity,
+    }
+    text = (
         f"created session {name} in {args.session}: source {source}, "
         f"granularity {size_label(args.granularity)}"
     )
+    _say(args, record, text)
     return 0
 
 
 def _recover(args: argparse.Namespace) -> int:
     stored, _ = store.open_session(args.session, reset=True)
     with stored:
-        names = ", ".join(d.name for d in stored.destinations) or "none yet"
-        print(
+        names = [d.name for d in stored.destinations]
+        record = {"session": stored.meta["name"], "reset": True, "destinations_new": names}
+        text = (
             f"reset {stored.meta['name']}: every chunk tracked, every destination NEW "
-            f"({names}): the next copy is full (isc copy --full)"
+            f"({', '.join(names) or 'none yet'}): the next copy is full (isc copy --full)"
         )
+        _say(args, record, text)
     return 0
 
 
 def _add_dest(args: argparse.Namespace) -> int:
+    target = _target(args.target)
     with _open(args) as stored:
-        dest = stored.add_destination(_target(args.target), args.name)
-        print(f"added destination {dest.name} ({dest.lun.size} bytes): its first copy is full")
+        made = _create_file(target, stored.source.size) if args.create else None
+        try:
+            dest = stored.add_destination(target, args.name)
+        except BaseException:
+            if made is not None and _identity_of(target) == made:
+                os.unlink(target)  # the empty file this command made, and nothing else
+            raise
+        record = {
+            "session": stored.meta["name"],
+            "destination": dest.name,
+            "target": target,
+            "size": dest.lun.size,
+            "created": made is not None,
+            "state": dest.state.value,
+        }
+        made_text = " (created)" if made is not None else ""
+        text = (
+            f"added destination {dest.name}{made_text} ({format_bytes(dest.lun.size, long=True)}):"
+            " its first copy is full"
+        )
+        _say(args, record, text)
+    return 0
+
+
+def _identity_of(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _create_file(target: str, size: int) -> tuple[int, int]:
+    """Make ``target`` a new sparse file of ``size`` bytes; return its device and inode.
+
+    Raises ``ParameterError``, creating nothing, for a URI or a path that exists.
+    """
+    if store.is_uri(target):
+        raise ParameterError(
+            f"--create makes a file, and {target} is a URI: create the LUN at its server"
+        )
+    try:
+        FileLUN.create(target, size).close()
+    except FileExistsError:
+        held = os.stat(target).st_size
+        fits = "" if held == size else f" (it holds {held} bytes, the source {size})"
+        raise ParameterError(
+            f"{target} exists{fits}: --create never overwrites a file; to copy to it as it "
+            "is, run add-dest without --create"
+        ) from None
+    made = _identity_of(target)
+    assert made is not None
+    return made
+
+
+def _remove_dest(args: argparse.Namespace) -> int:
+    with _open(args) as stored:
+        dest = stored.remove_destination(args.destination)
+        name = stored.meta["name"]
+        protected = dest.protected_state is not None
+        record = {"session": name, "removed": dest.name, "protected_at_site": protected}
+        text = f"removed destination {dest.name} from {name}; its data stays as it is"
+        if protected:
+            text += (
+                " (its site still protects it since a failed update: unprotect or roll it back"
+                " there)"
+            )
+        _say(args, record, text)
+    return 0
+
+
+def _destroy(args: argparse.Namespace) -> int:
+    removed = store.destroy_session(args.session)
+    record = {"destroyed": os.path.abspath(args.session), "files": removed}
+    _say(args, record, f"destroyed {args.session}: {len(removed)} file(s) of isc removed")
     return 0
 
 
@@ -353,10 +479,17 @@ def _mark(args: argparse.Namespace) -> int:
             )
         session.mark()
         count = session.bitmap.transfer_count
-        print(
+        record = {
+            "session": session.name,
+            "generation": session.generation,
+            "transfer_chunks": count,
+            "transfer_bytes_bound": count * session.granularity,
+        }
+        text = (
             f"marked {session.name}: generation {session.generation}, {count} chunk(s) "
             f"(at most {format_bytes(count * session.granularity, long=True)}) to copy"
         )
+        _say(args, record, text)
     return 0
 
 
@@ -367,7 +500,12 @@ def _unmark(args: argparse.Namespace) -> int:
             raise StateError(f"{session.name} is not marked; there is nothing to unmark")
         count = session.bitmap.transfer_count
         session.unmark()
-        print(f"unmarked {session.name}: {count} unsent chunk(s) back in tracking")
+        record = {
+            "session": session.name,
+            "generation": session.generation,
+            "returned_chunks": count,
+        }
+        _say(args, record, f"unmarked {session.name}: {count} unsent chunk(s) back in tracking")
     return 0
 
 
@@ -376,25 +514,49 @@ def _copy(args: argparse.Namespace) -> int:
         args.session_parser.error("--unmarked needs --full (an incremental copy is marked)")
     mode = ("full-unmarked" if args.unmarked else "full") if args.full else "incremental"
     with _open(args) as stored:
-        result = store.copy(stored, mode, throttle=args.throttle)
-        _report(stored, result, args.json)
+        progress = store.Progress(stored, store.copy_destinations(stored), bar=_bar(args))
+        result = store.copy(stored, mode, progress=progress, throttle=args.throttle)
+        report(stored, result, args.json)
     return 0
 
 
-def _report(stored: store.PersistentSession, result: CopyResult, as_json: bool) -> None:
+def _bar(args: argparse.Namespace) -> bool | None:
+    """The progress bar: none with ``--quiet``, else on a terminal only."""
+    return False if args.quiet else None
+
+
+def report(
+    stored: store.PersistentSession,
+    result: CopyResult | None,
+    as_json: bool,
+    when: str | None = None,
+    failure: str | None = None,
+) -> None:
+    """Print a copy's result, or with ``when`` one update's line (a result, or its
+    ``failure``: to stderr too, as JSON lines need one record per update on stdout)."""
     dests = [
         {"name": d.name, "state": d.state.value, "epoch": d.epoch} for d in stored.destinations
     ]
+    name = stored.meta["name"]
+    stamp = {} if when is None else {"time": when, "ok": failure is None}
+    if failure is not None:
+        print(f"isc: {when} update of {name} failed: {failure}", file=sys.stderr)
+        if as_json:
+            _print_json({**stamp, "session": name, "reason": failure, "destinations": dests})
+        return
+    assert result is not None
     if as_json:
-        _print_json({**asdict(result), "session": stored.meta["name"], "destinations": dests})
+        _print_json({**stamp, **asdict(result), "session": name, "destinations": dests})
         return
     rate = result.bytes_sent / result.seconds if result.seconds else 0.0
     states = ", ".join(f"{d['name']} {d['state']}" for d in dests)
+    what = f"{when} update" if when is not None else f"{result.mode} copy"
     print(
-        f"{result.mode} copy of {stored.meta['name']}: "
+        f"{what} of {name}: "
         f"{format_bytes(result.bytes_sent, long=True)} sent in {result.extents} run(s), "
         f"{result.seconds:.2f} s ({format_bytes(rate, long=True)}/s), "
-        f"{result.cofw_chunks} COFW chunk(s); {states}"
+        f"{result.cofw_chunks} COFW chunk(s); {states}",
+        flush=True,
     )
     if result.mode == "full-unmarked":
         print(
@@ -406,7 +568,7 @@ def _update(args: argparse.Namespace) -> int:
     site = _connect(args)
     with _open(args) as stored:
         dests = store.copy_destinations(stored)
-        progress = store.Progress(stored, dests)
+        progress = store.Progress(stored, dests, bar=_bar(args))
         update = PeriodicUpdate(
             stored.session,
             dests,
@@ -417,8 +579,8 @@ def _update(args: argparse.Namespace) -> int:
         )
 
         def once() -> None:
-            for result in store.update(stored, update, progress):
-                _report(stored, result, args.json)
+            (result,) = store.update(stored, update, progress)  # one session: one copy
+            report(stored, result, args.json, timestamp())
 
         if args.every is None:
             once()
@@ -432,7 +594,7 @@ def _update(args: argparse.Namespace) -> int:
             try:
                 once()
             except IscError as exc:
-                print(f"isc: update of {stored.meta['name']} failed: {exc}", file=sys.stderr)
+                report(stored, None, args.json, timestamp(), failure=str(exc))
             sys.stdout.flush()
             stop.wait(args.every)
     return 0
@@ -462,12 +624,7 @@ def _rollback(args: argparse.Namespace) -> int:
         )
     site = _connect(args)
     with _open(args) as stored:
-        dest = next((d for d in stored.destinations if d.name == args.destination), None)
-        if dest is None:
-            names = ", ".join(d.name for d in stored.destinations) or "none"
-            raise ParameterError(
-                f"{stored.meta['name']} has no destination {args.destination!r} (it has {names})"
-            )
+        dest = stored.destination(args.destination)
         site = stored.site(site)
 
         def record_intent() -> None:
@@ -478,10 +635,17 @@ def _rollback(args: argparse.Namespace) -> int:
 
         ack = rollback(stored.session, dest, site, args.timeout, persist=record_intent)
         stored.save()
-        print(
+        record = {
+            "session": stored.meta["name"],
+            "destination": dest.name,
+            "ranges": [list(extent) for extent in ack.extents],
+            "state": dest.state.value,
+        }
+        text = (
             f"rolled back {dest.name}: {len(ack.extents)} range(s) rewritten and tracked "
             f"again; {dest.name} is {dest.state.value}"
         )
+        _say(args, record, text)
     return 0
 
 
@@ -509,6 +673,7 @@ def status_report(directory: str, state: store.StoredState) -> dict:
 
     copy_record = meta.get("copy")
     return {
+        "as_of": timestamp(_last_checkpoint(Path(directory)) if state.in_use else None),
         "session": os.path.abspath(directory),
         "name": meta["name"],
         "source": meta["source"],
@@ -547,6 +712,17 @@ def status_report(directory: str, state: store.StoredState) -> dict:
     }
 
 
+def _last_checkpoint(directory: Path) -> float | None:
+    """When the figures of a session another process holds were saved: its journal's
+    mtime (the session file's before the first checkpoint)."""
+    for name in (journal.NAME, store.METADATA):
+        try:
+            return os.stat(directory / name).st_mtime
+        except FileNotFoundError:
+            continue
+    return None
+
+
 def _status_text(report: dict) -> str:
     def amount(use: dict | None) -> str:
         if use is None:
@@ -560,6 +736,7 @@ def _status_text(report: dict) -> str:
     capacity = format_bytes(area["capacity"], long=True) if area["capacity"] else "default"
     lines = [
         f"session      {report['name']} ({report['session']})",
+        f"as of        {report['as_of']}",
         f"source       {report['source']} ({size})",
         f"granularity  {size_label(report['granularity'])}",
         f"state        {report['state']}, generation {report['generation']}",
@@ -592,7 +769,8 @@ def _status_text(report: dict) -> str:
         step = "in step" if dest["in_step"] else "not in step: next copy full or seeded"
         if dest["state"] == DestState.NEW.value:
             step = "first copy is full"
-        lines.append(f"  {dest['name']}  {dest['state']}  epoch {dest['epoch']}  {step}")
+        epoch = "never copied" if dest["epoch"] is None else f"epoch {dest['epoch']}"
+        lines.append(f"  {dest['name']}  {dest['state']}  {epoch}  {step}")
         lines.append(f"    {dest['target']}")
         if not dest["reachable"]:
             lines.append(f"    not reachable when last tried: {dest['problem']}")

@@ -74,6 +74,7 @@ raising.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import logging
@@ -536,6 +537,35 @@ class PersistentSession:
 
         return with_rbd(site, self.session, self._targets)
 
+    def destination(self, name: str) -> Destination:
+        """The destination named ``name``; ``ParameterError`` naming those there are."""
+        dest = next((d for d in self.destinations if d.name == name), None)
+        if dest is None:
+            names = ", ".join(d.name for d in self.destinations) or "none"
+            raise ParameterError(
+                f"{self.meta['name']} has no destination {name!r} (it has {names})"
+            )
+        return dest
+
+    def remove_destination(self, name: str) -> Destination:
+        """Take destination ``name`` out of the session, save the metadata and close its
+        LUN, whose data stays as it is; return it.
+
+        Raises ``ParameterError`` for an unknown name and ``StateError`` while a
+        copy to it runs (from :meth:`begin_copy` to :meth:`save`); nothing changes then.
+        """
+        dest = self.destination(name)
+        if dest in self._receiving:
+            raise StateError(
+                f"a copy to destination {name} of {self.meta['name']} is running; remove it "
+                "once the copy ends"
+            )
+        self.destinations.remove(dest)
+        del self._targets[name]
+        self.save()
+        dest.lun.close()
+        return dest
+
     def add_destination(self, target: str, name: str | None = None) -> Destination:
         """Add a NEW destination (a path or an NBD URI) and save the metadata.
 
@@ -716,7 +746,10 @@ def copy(
     The copy is recorded before it writes (``begin_copy``) and its outcome
     saved after it, whether it succeeds or raises. ``copy_options`` go to
     :class:`CopyJob`; ``started(job)`` is called before the job runs (to
-    cancel it from elsewhere). Raises what the copy job raises.
+    cancel it from elsewhere). A ``full`` copy of a marked session is the marked
+    full copy of its mark: every chunk joins that mark's transfer bitmap, which
+    needs no chunk written since the mark (``StateError`` otherwise, changing
+    nothing: their data at the mark is gone). Raises what the copy job raises.
     """
     dests = copy_destinations(stored)
     progress = progress or Progress(stored, dests)
@@ -724,14 +757,39 @@ def copy(
     job = CopyJob(stored.session, dests, progress=progress, **copy_options)
     if started is not None:
         started(job)
+    of_mark = mode == "full" and stored.session.bitmap.marked
+    if of_mark:
+        _mark_every_chunk(stored.session)
     stored.begin_copy(dests, mode)
     try:
+        if of_mark:
+            return dataclasses.replace(job.incremental(), mode="full")
         if mode == "incremental":
             return job.incremental()
         return job.full(marked=mode == "full")
     finally:
         progress.close()
         stored.save()
+
+
+def _mark_every_chunk(session: Session) -> None:
+    """Make the mark of ``session`` a full one, its point in time unchanged.
+
+    Since nothing was written since the mark, the source is still the image
+    at the mark: marking again, in full, freezes that same image (the
+    generation moves on). In a served session a host write may land between
+    the check and the new mark; the copy then holds it too: a point in time
+    a moment later, as consistent.
+    """
+    bitmap = session.bitmap
+    if bitmap.tracking_count:
+        raise StateError(
+            f"{session.name} is marked (generation {session.generation}) and "
+            f"{bitmap.tracking_count} chunk(s) were written since: a full copy of that mark "
+            "cannot be made; unmark it (isc unmark) and run the full copy again"
+        )
+    session.unmark()
+    session.mark(full=True)
 
 
 def update(stored: PersistentSession, workflow, progress: Progress) -> list[CopyResult]:
@@ -759,6 +817,10 @@ def _read_meta(directory: Path) -> dict:
         meta = json.loads(path.read_bytes())
     except FileNotFoundError:
         raise StateError(f"{directory} holds no isc session (no {METADATA}); create one") from None
+    except NotADirectoryError:
+        raise StateError(
+            f"{directory} is not an isc session directory: give the directory isc create made"
+        ) from None
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise CorruptMetadata(f"{path} is not valid JSON: {exc}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
@@ -1000,6 +1062,72 @@ def read_state(directory: str | os.PathLike[str], *, tries: int = 5) -> StoredSt
         changed = None if in_use else _source_change_now(meta)
         return StoredState(meta, bitmap, in_use, len(regions), damage, changed)
     raise StateError(f"{path} kept changing while it was read; try again")
+
+
+_OWN_FILES = re.compile(
+    r"(session\.json|\.lock|checkpoint\.journal|activity\.\d+\.(log|writes)"
+    r"|\.(session\.json|checkpoint\.journal)\.tmp)\Z"
+)
+"""The names of the files a session keeps in its directory (the layout above)."""
+
+
+def destroy_session(directory: str | os.PathLike[str]) -> list[str]:
+    """Delete the session in ``directory``: its files, then the directory; return their names.
+
+    The source, the destinations and a save area file are not touched.
+    Refuses, removing nothing, with ``StateError`` when ``directory`` is not
+    an isc session directory (no session file of isc's format: one that
+    cannot be read is not taken for one), another process holds the session
+    (its lock, held while deleting), or the directory holds anything isc
+    did not put there (other files, subdirectories, symbolic links: those
+    are never followed); ``ParameterError`` when ``directory`` itself is a
+    symbolic link.
+    """
+    path = Path(directory)
+    if path.is_symlink():
+        raise ParameterError(f"{path} is a symbolic link; give the session directory itself")
+    try:
+        meta = json.loads((path / METADATA).read_bytes())
+    except (FileNotFoundError, NotADirectoryError):
+        raise StateError(f"{path} is not an isc session directory; nothing removed") from None
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        meta = None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise StateError(
+            f"{path / METADATA} is not an isc session file; nothing removed (if {path} held "
+            "a session, remove it by hand)"
+        )
+    lock = _lock(path)
+    try:
+        dir_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            with os.scandir(dir_fd) as entries:
+                names = {e.name: e.is_file(follow_symlinks=False) for e in entries}
+            foreign = sorted(n for n, plain in names.items() if not (plain and _OWN_FILES.match(n)))
+            if foreign:
+                raise StateError(
+                    f"{path} holds files isc did not make ({', '.join(foreign)}): move them "
+                    "out and destroy it again; nothing removed"
+                )
+            # The session file goes last but the lock: stopped halfway, what is
+            # left is still a session that destroy removes.
+            last = [METADATA, ".lock"]
+            ordered = sorted(set(names) - set(last)) + [n for n in last if n in names]
+            for name in ordered:
+                os.unlink(name, dir_fd=dir_fd)
+            _fsync_dir(path)
+        finally:
+            os.close(dir_fd)
+    finally:
+        os.close(lock)
+    try:
+        path.rmdir()
+    except OSError as exc:
+        raise StateError(
+            f"the session's files in {path} are removed, but the directory stays: "
+            f"{exc.strerror} (something was put in it meanwhile)"
+        ) from None
+    return ordered
 
 
 def _source_change_now(meta: dict) -> str | None:

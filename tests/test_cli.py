@@ -1,4 +1,4 @@
-"""The session commands of ``isc``, run as a user runs them: ``python -m isc.cli`` in a subprocess.
+"""The session commands of ``isc``, run as a user runs them: the installed ``isc`` in a subprocess.
 
 Checked: the whole flow (create, add-dest, unmarked full copy, mark,
 incremental copy, update, status) with ``--json`` parsed back and the
@@ -18,13 +18,13 @@ import random
 import signal
 import struct
 import subprocess
-import sys
 import termios
 from pathlib import Path
 from urllib.parse import quote
 
 import pytest
 from helpers import TIMEOUT, fill_random
+from test_cli_analysis import ISC
 
 import isc
 from isc import FileLUN, MemoryLUN
@@ -44,7 +44,7 @@ ENV = {
 def isc_run(*args: str, cwd: Path, check: int | None = 0) -> subprocess.CompletedProcess:
     """Run ``isc ARGS`` in ``cwd``; with ``check``, assert the exit status."""
     done = subprocess.run(
-        [sys.executable, "-m", "isc.cli", *args],
+        [*ISC, *args],
         cwd=cwd,
         env=ENV,
         capture_output=True,
@@ -100,8 +100,10 @@ def status(work: Path) -> dict:
 
 
 def state_of(work: Path) -> dict:
-    """What ``isc status --json`` would print, read in this process (faster)."""
-    return status_report(str(work / "s"), read_state(work / "s"))
+    """What ``isc status --json`` would print, read in this process (faster), but the time."""
+    report = status_report(str(work / "s"), read_state(work / "s"))
+    del report["as_of"]
+    return report
 
 
 def write_source(work: Path, offset: int, data: bytes) -> None:
@@ -173,7 +175,7 @@ def test_a_progress_bar_shows_on_a_terminal(session: Path) -> None:
     fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
     try:
         done = subprocess.run(
-            [sys.executable, "-m", "isc.cli", "copy", "s", "--full"],
+            [*ISC, "copy", "s", "--full"],
             cwd=session,
             env=ENV,
             stdout=subprocess.PIPE,
@@ -197,7 +199,7 @@ def test_a_progress_bar_shows_on_a_terminal(session: Path) -> None:
 def test_update_every_stops_cleanly_on_sigterm(session: Path) -> None:
     isc_run("copy", "s", "--full", cwd=session)
     child = subprocess.Popen(
-        [sys.executable, "-m", "isc.cli", "update", "s", "--every", "60", "--json"],
+        [*ISC, "update", "s", "--every", "60", "--json"],
         cwd=session,
         env=ENV,
         stdout=subprocess.PIPE,
@@ -234,7 +236,12 @@ def test_missing_session(work: Path) -> None:
         ([], ["copy", "s"], "s is unmarked: an incremental copy sends a marked point in time"),
         ([["mark", "s"]], ["mark", "s"], "s is already marked (generation 1)"),
         ([], ["unmark", "s"], "s is not marked; there is nothing to unmark"),
-        ([["mark", "s"]], ["copy", "s", "--full"], "s is marked (generation 1)"),
+        (
+            [["mark", "s"], ["copy", "s", "--full"], ["mark", "s"], ["write"]],
+            ["copy", "s", "--full"],
+            "s is marked (generation 3) and 1 chunk(s) were written since: a full copy of that "
+            "mark cannot be made; unmark it (isc unmark)",
+        ),
         ([["mark", "s"]], ["update", "s"], "s is already marked"),
         ([["mark", "s"]], ["copy", "s"], "d1, d2 of s are new, replaced or missed an earlier copy"),
     ],
@@ -242,7 +249,7 @@ def test_missing_session(work: Path) -> None:
         "copy unmarked",
         "mark twice",
         "unmark unmarked",
-        "full copy while marked",
+        "full copy of a mark written since",
         "update while marked",
         "incremental to new destinations",
     ],
@@ -251,7 +258,10 @@ def test_wrong_state_is_one_line_and_changes_nothing(
     session: Path, steps: list, last: list, message: str
 ) -> None:
     for step in steps:
-        isc_run(*step, cwd=session)
+        if step == ["write"]:  # a chunk outside the mark's transfer bitmap
+            write_source(session, 0, b"w")
+        else:
+            isc_run(*step, cwd=session)
     before = state_of(session)
     assert message in error_line(isc_run(*last, cwd=session, check=1))
     assert state_of(session) == before
@@ -455,3 +465,225 @@ def test_a_write_outside_the_session_is_reported(session: Path) -> None:
     report = status(session)
     assert report["source_changed"] is None and report["transfer"]["chunks"] == report["chunks"]
     assert [d["state"] for d in report["destinations"]] == ["inconsistent"] * 2
+
+
+# -- the output options, and a report from every verb ----------------------------------------
+
+
+def test_version_and_the_output_options_before_or_after_the_verb(session: Path) -> None:
+    assert isc_run("--version", cwd=session).stdout == f"isc {isc.__version__}\n"
+    before, after = (
+        json.loads(isc_run(*args, cwd=session).stdout)
+        for args in (["--json", "status", "s"], ["status", "s", "--json"])
+    )
+    assert before["destinations"] == after["destinations"]
+    for args in (["-v", "mark", "s"], ["mark", "s", "--verbose"]):
+        done = isc_run(*args, cwd=session)
+        assert "isc.session: s: marked" in done.stderr  # the log, on stderr
+        isc_run("unmark", "s", "-q", cwd=session)
+    quiet = isc_run("-q", "copy", "s", "--full", cwd=session)
+    assert quiet.stdout == "" and quiet.stderr == ""
+    assert [d["state"] for d in state_of(session)["destinations"]] == ["consistent"] * 2
+    before = files(session / "s")
+    for args, message in (
+        (["--json", "demo"], "this verb prints no JSON; drop --json"),
+        (["status", "s", "-q", "--json"], "--quiet contradicts --verbose and --json"),
+        (["-q", "-v", "mark", "s"], "--quiet contradicts --verbose"),
+    ):
+        assert message in error_line(isc_run(*args, cwd=session, check=2))
+    assert files(session / "s") == before
+
+
+def test_every_verb_that_reports_prints_json(work: Path) -> None:
+    def run(*args: str) -> dict:
+        done = isc_run(*args, "--json", cwd=work)
+        (line,) = done.stdout.splitlines()
+        return json.loads(line)
+
+    made = run("create", "s", "--source", "source.img", "--granularity", "8K")
+    assert made == {
+        "session": str(work / "s"),
+        "name": "s",
+        "source": str(work / "source.img"),
+        "granularity": 8192,
+    }
+    added = run("add-dest", "s", "d1.img")
+    assert added["destination"] == "d1.img" and added["state"] == "new"
+    assert added["size"] == SIZE and not added["created"]
+    assert run("copy", "s", "--full")["outcomes"] == {"d1.img": "ok"}
+    write_source(work, 0, b"x" * 9000)
+    marked = run("mark", "s")
+    assert marked["generation"] == 2 and marked["transfer_chunks"] == 2
+    assert run("unmark", "s")["returned_chunks"] == 2
+    update = run("update", "s")
+    assert update["ok"] and update["chunks_sent"] == 2 and "T" in update["time"]
+    assert run("recover", "s", "--reset-destinations")["destinations_new"] == ["d1.img"]
+    assert run("remove-dest", "s", "d1.img")["removed"] == "d1.img"
+    assert run("destroy", "s")["destroyed"] == str(work / "s")
+
+
+def test_status_lists_the_destinations_and_when_its_figures_were_taken(session: Path) -> None:
+    text = isc_run("status", "s", cwd=session).stdout
+    assert "None" not in text and "<" not in text
+    assert "  d1  new  never copied  first copy is full" in text
+    assert f"    {session / 'd2.img'}" in text
+    stamp = text.split("as of        ")[1][:20]
+    assert re_timestamp(stamp)
+    report = status(session)
+    assert [(d["name"], d["target"]) for d in report["destinations"]] == [
+        ("d1", str(session / "d1.img")),
+        ("d2", str(session / "d2.img")),
+    ]
+    assert re_timestamp(report["as_of"])
+
+
+def re_timestamp(text: str) -> bool:
+    """Whether ``text`` is an ISO 8601 UTC time to the second, within a day of now."""
+    import datetime
+
+    when = datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.UTC)
+    return abs((datetime.datetime.now(datetime.UTC) - when).total_seconds()) < 86400
+
+
+def test_update_prints_one_timestamped_line_per_update(session: Path) -> None:
+    isc_run("copy", "s", "--full", cwd=session)
+    write_source(session, 0, b"y")
+    (line,) = isc_run("update", "s", cwd=session).stdout.splitlines()
+    stamp, text = line.split(" ", 1)
+    assert re_timestamp(stamp)
+    assert text.startswith("update of s: 8.00 KiB sent in 1 run(s)")
+    assert text.endswith("d1 consistent, d2 consistent")
+
+
+# -- remove-dest and destroy ---------------------------------------------------------------
+
+
+def test_remove_dest_leaves_its_data_and_refuses_an_unknown_name(session: Path) -> None:
+    isc_run("copy", "s", "--full", cwd=session)
+    before = state_of(session)
+    line = error_line(isc_run("remove-dest", "s", "d3", cwd=session, check=1))
+    assert "s has no destination 'd3' (it has d1, d2)" in line
+    assert state_of(session) == before
+    data = (session / "d2.img").read_bytes()
+    done = isc_run("remove-dest", "s", "d2", cwd=session)
+    assert done.stdout == "removed destination d2 from s; its data stays as it is\n"
+    assert [d["name"] for d in state_of(session)["destinations"]] == ["d1"]
+    assert (session / "d2.img").read_bytes() == data
+    write_source(session, 0, b"z")
+    isc_run("update", "s", cwd=session)  # d2 is not copied to any more
+    assert (session / "d2.img").read_bytes() == data
+
+
+def test_remove_dest_is_refused_while_a_copy_holds_it(session: Path) -> None:
+    stored, _ = open_session(session / "s")
+    with stored:
+        line = error_line(isc_run("remove-dest", "s", "d1", cwd=session, check=1))
+        assert "s is in use by another isc process" in line
+        stored.begin_copy(stored.destinations, "incremental")
+        with pytest.raises(isc.StateError, match="a copy to destination d1 of s is running"):
+            stored.remove_destination("d1")
+        stored.save()
+        stored.remove_destination("d1")  # the copy ended
+    assert [d["name"] for d in state_of(session)["destinations"]] == ["d2"]
+
+
+def test_destroy_removes_the_session_and_nothing_else(session: Path) -> None:
+    isc_run("copy", "s", "--full", cwd=session)
+    around = files(session)
+    done = isc_run("destroy", "s", cwd=session)
+    assert done.stdout.startswith("destroyed s: ") and not (session / "s").exists()
+    assert files(session) == around  # source and destinations untouched
+
+
+def test_destroy_refuses_what_is_not_a_session(session: Path) -> None:
+    (session / "empty").mkdir()
+    (session / "foreign").mkdir()
+    (session / "foreign" / METADATA).write_text('{"format": "something-else"}')
+    (session / "link").symlink_to(session / "s")
+    for target, message in (
+        ("source.img", "source.img is not an isc session directory; nothing removed"),
+        ("empty", "empty is not an isc session directory"),
+        ("foreign", "foreign/session.json is not an isc session file; nothing removed"),
+        ("link", "link is a symbolic link; give the session directory itself"),
+    ):
+        around = files(session)
+        line = error_line(isc_run("destroy", target, cwd=session, check=1))
+        assert message in line
+        assert files(session) == around
+    assert (session / "foreign" / METADATA).exists() and (session / "s" / METADATA).exists()
+
+
+def test_destroy_refuses_a_held_session_and_one_holding_other_files(session: Path) -> None:
+    stored, _ = open_session(session / "s")
+    with stored:
+        before = files(session / "s")
+        line = error_line(isc_run("destroy", "s", cwd=session, check=1))
+        assert "s is in use by another isc process" in line
+        assert files(session / "s") == before
+    # A symlink in it points out of it: never followed, and the session stays whole.
+    (session / "s" / "notes").symlink_to(session / "d1.img")
+    (session / "s" / "sub").mkdir()
+    before, around = files(session / "s"), files(session)
+    line = error_line(isc_run("destroy", "s", cwd=session, check=1))
+    assert "s holds files isc did not make (notes, sub): move them out" in line
+    assert files(session / "s") == before and files(session) == around
+    (session / "s" / "notes").unlink()
+    (session / "s" / "sub").rmdir()
+    isc_run("destroy", "s", cwd=session)
+    assert not (session / "s").exists()
+
+
+# -- add-dest --create and a full copy of a mark ---------------------------------------------
+
+
+def test_add_dest_create_makes_a_sparse_file_of_the_sources_size(session: Path) -> None:
+    done = isc_run("add-dest", "s", "new.img", "--create", cwd=session)
+    assert done.stdout == "added destination new.img (created) (3.00 MiB): its first copy is full\n"
+    made = (session / "new.img").stat()
+    assert made.st_size == SIZE and made.st_blocks == 0
+    isc_run("copy", "s", "--full", cwd=session)
+    assert (session / "new.img").read_bytes() == (session / "source.img").read_bytes()
+
+
+def test_add_dest_create_never_overwrites_and_cleans_up_after_itself(session: Path) -> None:
+    before = state_of(session)
+    around = files(session)
+    for target, message in (
+        ("d1.img", "d1.img exists: --create never overwrites a file; to copy to it as it is, "
+         "run add-dest without --create"),
+        ("small.img", f"small.img exists (it holds {SIZE // 2} bytes, the source {SIZE})"),
+        ("nbd://localhost/x", "--create makes a file, and nbd://localhost/x is a URI"),
+    ):  # fmt: skip
+        assert message in error_line(
+            isc_run("add-dest", "s", target, "--create", cwd=session, check=1)
+        )
+    line = error_line(isc_run("add-dest", "s", "d9.img", "--create", "--name", "d1",
+                              cwd=session, check=1))  # fmt: skip
+    assert "s already has a destination named d1" in line
+    assert files(session) == around and not (session / "d9.img").exists()
+    assert state_of(session) == before
+
+
+def test_a_full_copy_of_a_marked_session_copies_that_mark(session: Path) -> None:
+    isc_run("copy", "s", "--full", "--unmarked", cwd=session)
+    write_source(session, 0, b"m" * 100)
+    assert "marked s: generation 1" in isc_run("mark", "s", cwd=session).stdout
+    result = json.loads(isc_run("copy", "s", "--full", "--json", cwd=session).stdout)
+    assert result["mode"] == "full" and result["bytes_sent"] == SIZE
+    assert [d["state"] for d in result["destinations"]] == ["consistent"] * 2
+    report = state_of(session)
+    assert report["state"] == "unmarked" and report["tracking"]["chunks"] == 0
+    source = (session / "source.img").read_bytes()
+    assert (session / "d1.img").read_bytes() == source == (session / "d2.img").read_bytes()
+
+
+# -- no Python internals in what a user reads ------------------------------------------------
+
+
+def test_a_file_given_as_a_session_is_named_as_such(work: Path) -> None:
+    for command in (["status", "source.img"], ["mark", "source.img"], ["destroy", "source.img"]):
+        line = error_line(isc_run(*command, cwd=work, check=1))
+        assert "source.img is not an isc session directory" in line
+        assert "Errno" not in line and "'" not in line
+    line = error_line(isc_run("create", "source.img/s", "--source", "d1.img", cwd=work, check=1))
+    assert line == "isc: error: source.img/s: a part of this path is a file, not a directory"

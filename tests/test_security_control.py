@@ -489,7 +489,7 @@ def test_update_and_rollback_take_the_site_credentials(tmp_path, exports, creden
         def state() -> dict:
             # An update marks before it asks the site: a failed one leaves a generation more.
             report = status_report(str(tmp_path / "s"), read_state(tmp_path / "s"))
-            del report["generation"]
+            del report["generation"], report["as_of"]
             return report
 
         before = state()
