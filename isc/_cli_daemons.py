@@ -1,21 +1,24 @@
 """``isc serve`` and ``isc agent``: the long-running commands.
 
-Each prints one line per address it listens on, then ``ready``, and runs
-until SIGINT or SIGTERM, when it stops cleanly (a persistent session is
-checkpointed and closed).
+Each prints one line per address it listens on, then ``ready`` (with
+``--json``: one JSON line saying all that), and runs until SIGINT or SIGTERM,
+when it stops cleanly (a persistent session is checkpointed and closed).
+``serve --every`` prints one timestamped line per update, as ``isc update
+--every`` does (:func:`isc.commands.report`).
 """
 
 from __future__ import annotations
 
 import argparse
 import signal
+import sys
 import threading
 
 from isc import _cli_auth
 from isc._cli_tools import _positive
 from isc._units import parse_size
 from isc.commands import _site as host_port
-from isc.commands import agent_site, site_address, unix_path
+from isc.commands import agent_site, print_json, report, site_address, timestamp, unix_path
 
 
 def listen_address(text: str) -> tuple[str, int]:
@@ -57,7 +60,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         type=_positive,
         metavar="SECONDS",
         help="run periodic updates of a session directory's destinations (each recorded "
-        "in it, as isc update does; an NBD destination that is down is retried later)",
+        "in it and printed on a timestamped line, as isc update does; an NBD destination "
+        "that is down is retried later)",
     )
     serve.add_argument(
         "--site",
@@ -73,6 +77,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         help="answer status/mark/unmark/copy requests (newline-delimited JSON) here; a Unix "
         "socket is made mode 0600, in a directory that must be yours alone",
     )
+    _json_option(serve)
     _cli_auth.add_server_options(serve)
     serve.set_defaults(daemon="serve")
     agent = commands.add_parser(
@@ -97,8 +102,32 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         type=int,
         help="first NBD port (default: control port + 1; beside unix:PATH, 10809)",
     )
+    _json_option(agent)
     _cli_auth.add_server_options(agent)
     agent.set_defaults(daemon="agent")
+
+
+def _json_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print what it says as JSON lines: one when ready "
+        '({"ready": true, "exports": {NAME: URI}, "control": ADDRESS}), one per update',
+    )
+
+
+def _ready(args: argparse.Namespace, exports: dict[str, str], control: str | None) -> None:
+    """Say that the exports and the control port listen: as JSON, or as one line each
+    (``export NAME URI``, ``control ADDRESS``) and then ``ready``."""
+    if args.json:
+        print_json({"ready": True, "exports": exports, "control": control})
+    else:
+        for name, uri in exports.items():
+            print(f"export {name} {uri}")
+        if control is not None:
+            print(f"control {control}")
+        print("ready")
+    sys.stdout.flush()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -109,12 +138,15 @@ def run(args: argparse.Namespace) -> int:
         from isc.serve import run_serve
 
         def served(session, uri: str, control_port: int | None) -> None:
-            print(f"export {session.name} {uri}", flush=True)
+            control = None
             if isinstance(args.control, str):
-                print(f"control unix:{args.control}", flush=True)
+                control = f"unix:{args.control}"
             elif control_port is not None:
-                print(f"control {args.control[0]}:{control_port}", flush=True)
-            print("ready", flush=True)
+                control = f"{args.control[0]}:{control_port}"
+            _ready(args, {session.name: uri}, control)
+
+        def updated(stored, result, failure: str | None) -> None:
+            report(stored, result, args.json, timestamp(), failure)
 
         unix = args.listen if isinstance(args.listen, str) else None
         host, port = (None, 0) if unix is not None else args.listen
@@ -137,18 +169,14 @@ def run(args: argparse.Namespace) -> int:
             tls=tls,
             credentials=credentials,
             max_clients=args.max_clients,
+            updated=updated,
         )
         return 0
     from isc.agent import run_agent
 
     def listening(agent, control_port: int | None, uris: dict) -> None:
-        for name, uri in uris.items():
-            print(f"export {name} {uri}", flush=True)
-        if control_port is None:
-            print(f"control unix:{args.listen}", flush=True)
-        else:
-            print(f"control {args.listen[0]}:{control_port}", flush=True)
-        print("ready", flush=True)
+        control = f"unix:{args.listen}" if control_port is None else None
+        _ready(args, uris, control or f"{args.listen[0]}:{control_port}")
 
     unix = isinstance(args.listen, str)  # the exports then listen on loopback
     host = "127.0.0.1" if unix else args.listen[0]

@@ -330,7 +330,7 @@ def _open(args: argparse.Namespace) -> store.PersistentSession:
     return stored
 
 
-def _print_json(value: object) -> None:
+def print_json(value: object) -> None:
     """One line of JSON: ``update --every`` prints one per update (JSON lines)."""
     sys.stdout.write(json.dumps(value) + "\n")
 
@@ -338,7 +338,7 @@ def _print_json(value: object) -> None:
 def _say(args: argparse.Namespace, record: dict, text: str) -> None:
     """A verb's report: ``record`` as a line of JSON with ``--json``, else ``text``."""
     if args.json:
-        _print_json(record)
+        print_json(record)
     else:
         print(text)
 
@@ -542,11 +542,11 @@ def report(
     if failure is not None:
         print(f"isc: {when} update of {name} failed: {failure}", file=sys.stderr)
         if as_json:
-            _print_json({**stamp, "session": name, "reason": failure, "destinations": dests})
+            print_json({**stamp, "session": name, "reason": failure, "destinations": dests})
         return
     assert result is not None
     if as_json:
-        _print_json({**stamp, **asdict(result), "session": name, "destinations": dests})
+        print_json({**stamp, **asdict(result), "session": name, "destinations": dests})
         return
     rate = result.bytes_sent / result.seconds if result.seconds else 0.0
     states = ", ".join(f"{d['name']} {d['state']}" for d in dests)
@@ -653,7 +653,7 @@ def _status(args: argparse.Namespace) -> int:
     state = store.read_state(args.session)
     report = status_report(args.session, state)
     if args.json:
-        _print_json(report)
+        print_json(report)
     else:
         sys.stdout.write(_status_text(report))
     return 0

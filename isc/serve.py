@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
@@ -71,7 +72,7 @@ from pathlib import Path
 from isc import store
 from isc.auth import Credentials
 from isc.control import ControlServer
-from isc.copy import CopyJob
+from isc.copy import CopyJob, CopyResult
 from isc.errors import CopyError, IscError
 from isc.lun import ReconnectingLUN
 from isc.nbd import MAX_CLIENTS, NBDServer, SessionLUN
@@ -245,12 +246,15 @@ class SessionControl:
             )
         return report
 
-    def every(self, seconds: float, site) -> None:
+    def every(self, seconds: float, site, updated: Updated | None = None) -> None:
         """Run the periodic update of the session directory's destinations every ``seconds``,
         protected by ``site``, until :meth:`close`; each is recorded (:func:`isc.store.update`).
 
-        A failed update is logged and the next one runs on time. Raises
-        ``StateError`` when the session has no destinations.
+        A failed update is logged and the next one runs on time. ``updated(stored, result,
+        failure)`` is called after each, from the updates' thread, with the session
+        directory: the :class:`~isc.copy.CopyResult`, or None and why it failed or
+        was skipped.
+        Raises ``StateError`` when the session has no destinations.
         """
         stored = self.persistent
         assert stored is not None, "periodic updates need a session directory"
@@ -259,7 +263,7 @@ class SessionControl:
         update = PeriodicUpdate(self.session, dests, site, progress=progress)
         self._updates = threading.Thread(
             target=self._update_every,
-            args=(seconds, stored, update, progress),
+            args=(seconds, stored, update, progress, updated or (lambda *_: None)),
             name="isc-periodic-update",
             daemon=True,
         )
@@ -271,16 +275,21 @@ class SessionControl:
         stored: store.PersistentSession,
         update: PeriodicUpdate,
         progress: store.Progress,
+        updated: Updated,
     ) -> None:
         name = self.session.name
         while not self._stopping.wait(seconds):
             if not self._recording.acquire(blocking=False):
                 log.warning("%s: a copy is running; this periodic update is skipped", name)
+                updated(stored, None, "skipped: a copy asked for on the control port is running")
                 continue
             try:
-                store.update(stored, update, progress)
+                (result,) = store.update(stored, update, progress)  # one session: one copy
             except (IscError, OSError) as exc:
                 log.error("%s: periodic update failed: %s", name, exc)
+                updated(stored, None, str(exc))
+            else:
+                updated(stored, result, None)
             finally:
                 self._recording.release()
 
@@ -305,6 +314,10 @@ class SessionControl:
             pass
         self.server.close()
 
+
+Updated = Callable[[store.PersistentSession, CopyResult | None, str | None], object]
+"""Told of each periodic update of a session directory: its result, or None and why it
+failed."""
 
 MIN_THROTTLE = 1024
 """The slowest copy a control request may ask for, in bytes per second: much slower
@@ -333,6 +346,7 @@ def run_serve(
     tls: ServerTLS | None = None,
     credentials: Credentials | None = None,
     max_clients: int = MAX_CLIENTS,
+    updated: Updated | None = None,
 ) -> Session:
     """Serve ``source`` until ``stop`` is set; return the session (closed if persistent).
 
@@ -341,7 +355,8 @@ def run_serve(
     of a Unix socket; else ``control_port`` is None) listens and each destination that may be out of
     reach was tried once. ``every`` (seconds) runs ``PeriodicUpdate`` on a
     persistent session's destinations with ``site`` (default: protection in
-    this process), see :meth:`SessionControl.every`. ``tls``: how the export offers TLS;
+    this process), telling ``updated`` of each, see :meth:`SessionControl.every`.
+    ``tls``: how the export offers TLS;
     ``credentials``: the control port answers only clients that authenticate;
     ``max_clients``: NBD clients served at once. ``unix``: export on a Unix socket
     at this path (mode 0600, in a directory that is this user's alone) instead
@@ -387,7 +402,7 @@ def run_serve(
         elif control is not None:
             control_port = controls.start(*control)
         if every and persistent is not None:
-            controls.every(every, persistent.site(site or LocalSite()))
+            controls.every(every, persistent.site(site or LocalSite()), updated)
         if ready is not None:
             ready(session, server.uri, control_port)
         stop.wait()

@@ -18,7 +18,6 @@ import random
 import signal
 import socket
 import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import pytest
 from helpers import TIMEOUT, Gate, HookLUN, Worker
+from test_cli_analysis import ISC
 
 from isc import DestState, FileLUN
 from isc import lun as lun_module
@@ -328,7 +328,7 @@ def test_the_isc_serve_process_starts_with_a_destination_down(
 ):
     export.stop()
     log = work / "serve.log"
-    command = [sys.executable, "-m", "isc.cli", "serve", str(state), "--listen", f"{HOST}:0"]
+    command = [*ISC, "serve", str(state), "--listen", f"{HOST}:0"]
     with open(log, "wb") as stderr:
         proc = subprocess.Popen(
             [*command, "--every", "0.05"], stdout=subprocess.PIPE, stderr=stderr, text=True
@@ -352,10 +352,39 @@ def test_the_isc_serve_process_starts_with_a_destination_down(
         assert not recovery.crashed and stored.session.bitmap.tracking_count > 0
 
 
+def test_isc_serve_every_prints_a_json_line_per_update(work: Path, export: Export, state: Path):
+    command = [*ISC, "serve", str(state), "--listen", f"{HOST}:0", "--every", "0.05", "--json"]
+    with open(work / "serve.log", "wb") as stderr:
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True)
+    try:
+        output = line_reader(proc.stdout)
+        ready = json.loads(next_line(output, "isc serve") or "null")
+        assert ready["ready"] and ready["control"] is None
+        (uri,) = ready["exports"].values()
+        host_writes(uri, SEED + 6)
+        while True:  # updates with nothing to send come first, each a line
+            update = json.loads(next_line(output, "isc serve") or "null")
+            assert update["ok"] and update["session"] == "state", update
+            assert update["time"].endswith("Z") and update["mode"] == "incremental"
+            if update["chunks_sent"]:
+                break
+        assert {d["name"]: d["state"] for d in update["destinations"]} == {
+            "d1": "consistent",
+            "d2": "consistent",
+        }
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(TIMEOUT) == 0, (work / "serve.log").read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(TIMEOUT)
+    assert image(work / "d1.img") == image(work / "source.img")
+
+
 def isc_status(state: Path, *options: str) -> str:
     """What the real ``isc status`` of ``state`` prints (it reads while a server holds it)."""
     done = subprocess.run(
-        [sys.executable, "-m", "isc.cli", "status", str(state), *options],
+        [*ISC, "status", str(state), *options],
         capture_output=True,
         text=True,
         timeout=TIMEOUT,
