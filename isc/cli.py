@@ -116,7 +116,9 @@ def main(argv: list[str] | None = None) -> int:
 def describe(exc: BaseException) -> str:
     """``exc`` as a user reads it: an ``OSError`` on a file says which file and what
     happened, without Python's ``[Errno N]`` and quoting."""
-    if isinstance(exc, OSError) and exc.strerror and exc.filename is not None:
+    if isinstance(exc, OSError) and exc.strerror:
+        if exc.filename is None:
+            return exc.strerror
         if exc.errno == errno.ENOTDIR:
             return f"{exc.filename}: a part of this path is a file, not a directory"
         return f"{exc.filename}: {exc.strerror}"

@@ -273,8 +273,7 @@ def test_an_unreachable_site(session: Path, command: list) -> None:
     before = state_of(session)
     args = [*command, "--site", "127.0.0.1:1", "--timeout", "2"]
     line = error_line(isc_run(*args, cwd=session, check=1))
-    # Without the agent client: that; with it: the refused request, naming d1.
-    assert "isc.remote.AgentSite" in line or "d1" in line
+    assert "agent 127.0.0.1:1 could not" in line and "d1" in line
     after = state_of(session)
     # An update through the agent marked, then unmarked when protection failed.
     assert after.pop("generation") - before.pop("generation") == (line.count("protect") > 0)
@@ -687,3 +686,15 @@ def test_a_file_given_as_a_session_is_named_as_such(work: Path) -> None:
         assert "Errno" not in line and "'" not in line
     line = error_line(isc_run("create", "source.img/s", "--source", "d1.img", cwd=work, check=1))
     assert line == "isc: error: source.img/s: a part of this path is a file, not a directory"
+
+
+def test_an_os_error_is_printed_without_pythons_errno_prefix() -> None:
+    from isc.cli import describe
+
+    assert describe(OSError(108, "the NBD server closed the connection")) == (
+        "the NBD server closed the connection"
+    )
+    assert describe(FileNotFoundError(2, "No such file or directory", "x.img")) == (
+        "x.img: No such file or directory"
+    )
+    assert describe(ConnectionError("lost")) == "lost"
