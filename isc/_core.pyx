@@ -292,6 +292,12 @@ cdef class DeltaBitmap:
     All byte ranges are half-open ``[offset, offset + length)``; chunk ranges
     are ``[first, first + count)``. Methods that reject their input raise
     before changing anything. Every method is safe to call from many threads.
+
+    As bitarray's and pyroaring's bitmaps: ``len(bitmap)`` is the number of
+    chunks; ``==`` compares the size, granularity, mark, generation and the
+    three bitmaps (not ``writes``), and a bitmap is unhashable; ``pickle``
+    goes through ``to_bytes``/``from_bytes``; ``chunks_of(which)`` gives
+    the set chunks of one bitmap, ``extents()`` the transfer bitmap's runs.
     """
 
     cdef uint64_t _size

@@ -37,6 +37,7 @@ that it never flushed.
 from __future__ import annotations
 
 import enum
+import functools
 import logging
 import os
 import threading
@@ -172,6 +173,29 @@ class CopyCancelled(Exception):
     """Raised inside the copy loop by ``cancel()``; surfaces as ``CopyError``."""
 
 
+def _one_copy(copy: Callable[..., CopyResult]) -> Callable[..., CopyResult]:
+    """A copy method of :class:`CopyJob`: refused while the job runs another copy or once
+    it is closed (``StateError``, changing nothing)."""
+
+    @functools.wraps(copy)
+    def run(job: CopyJob, *args, **kwargs) -> CopyResult:
+        if not job._busy.acquire(blocking=False):
+            raise StateError(
+                f"this job is copying {job.session.name} already; wait for that copy to end"
+            )
+        try:
+            # Checked holding _busy: close() sets the flag, then waits for _busy.
+            if job._closed:
+                raise StateError(
+                    f"the copy job of {job.session.name} is closed; make a new CopyJob"
+                )
+            return copy(job, *args, **kwargs)
+        finally:
+            job._busy.release()
+
+    return run
+
+
 class CopyJob:
     """Copies ``session``'s source to ``destinations``.
 
@@ -188,6 +212,9 @@ class CopyJob:
     copy waits until the run was that share of the time since it began, so
     the host's writes keep the CPUs and memory bandwidth the rest of the
     time (1: never wait). Raises ``ParameterError`` for bad arguments.
+
+    A copy job is a context manager: leaving the block closes it
+    (:meth:`close`), so no copy of it runs past the block.
     """
 
     def __init__(
@@ -236,6 +263,8 @@ class CopyJob:
         self.busy_share = busy_share
         self._cancel = threading.Event()
         self._cancel_reason: str | None = None
+        self._busy = threading.Lock()  # held while a copy of this job runs
+        self._closed = False
         copies_to = getattr(session.source, "copies_to", None)
         self._kernel = {d.name for d in self.destinations if copies_to and copies_to(d.lun)}
         """The destinations the source copies to inside the kernel (``copy_to``)."""
@@ -254,7 +283,24 @@ class CopyJob:
         self._cancel_reason = reason
         self._cancel.set()
 
+    def close(self) -> None:
+        """Cancel a copy of this job running in another thread and wait for it to end
+        (it fails with ``CopyError``; rule 2 keeps what it had not sent); later copies
+        raise ``StateError``. The destinations stay open: they are the caller's.
+        Idempotent."""
+        self._closed = True
+        self.cancel(f"the copy job of {self.session.name} was closed")
+        with self._busy:
+            pass
+
+    def __enter__(self) -> CopyJob:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
     # -- the three copies ----------------------------------------------------------
+    @_one_copy
     def incremental(self) -> CopyResult:
         """Send the marked session's transfer bitmap; unmark and make destinations CONSISTENT.
 
@@ -319,6 +365,7 @@ class CopyJob:
                 dest.state, dest.epoch, dest.samples = DestState.NEW, None, []
                 self.replaced[dest.name] = reason
 
+    @_one_copy
     def full(self, marked: bool = True) -> CopyResult:
         """Copy the whole source: marked (ends CONSISTENT) or unmarked (ends INCONSISTENT).
 

@@ -114,7 +114,7 @@ def _check_size(size: int) -> int:
     return size
 
 
-_L = TypeVar("_L", bound="_BaseLUN")
+_L = TypeVar("_L", bound="_Closing")
 _T = TypeVar("_T")
 
 _NO_KERNEL_COPY = frozenset({errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS})
@@ -185,7 +185,20 @@ def _punch_hole(fd: int, offset: int, length: int) -> None:
         raise OSError(code, os.strerror(code))
 
 
-class _BaseLUN(abc.ABC):
+class _Closing:
+    """The context manager of every LUN here: the block's end closes the LUN."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self: _L) -> _L:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class _BaseLUN(_Closing, abc.ABC):
     """What both LUN kinds share: the errors and the context manager."""
 
     size: int
@@ -203,12 +216,6 @@ class _BaseLUN(abc.ABC):
     @abc.abstractmethod
     def close(self) -> None:
         """Release the LUN; later I/O raises ``StateError``. Idempotent."""
-
-    def __enter__(self: _L) -> _L:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
 
 class MemoryLUN(_BaseLUN):
@@ -570,7 +577,7 @@ class FileLUN(_BaseLUN):
             os.close(fd)
 
 
-class ForwardingLUN:
+class ForwardingLUN(_Closing):
     """The LUN interface passed through to ``lun``; subclasses change what they need.
 
     Wrappers that route writes elsewhere (a protection snapshot, an export

@@ -80,6 +80,11 @@ class Session:
     65536). ``save_area`` holds COFW data; by default an in-memory
     :class:`SaveArea` of ``min(source.size, 256 MiB)`` bytes. ``bitmap``
     resumes from an existing delta bitmap (e.g. a persistent session's).
+    Raises ``TypeError`` for a ``source`` without the LUN interface (see
+    :mod:`isc.lun`), such as a path.
+
+    A session is a context manager: leaving the block closes it
+    (:meth:`close`); the source stays open, it is the caller's.
     """
 
     def __init__(
@@ -91,6 +96,9 @@ class Session:
         name: str = "session",
         bitmap: DeltaBitmap | None = None,
     ) -> None:
+        if not all(hasattr(source, member) for member in ("size", "readinto", "write")):
+            kind = type(source).__name__
+            raise TypeError(f"source must be a LUN (e.g. FileLUN(path)), got {kind} {source!r}")
         self.source = source
         self.name = name
         if bitmap is not None and (bitmap.size, bitmap.granularity) != (source.size, granularity):
@@ -106,6 +114,7 @@ class Session:
         self.update_lock = threading.Lock()
         """Held by the update workflows (isc.update): one update at a time (rule 7)."""
         self._marks_held_by: str | None = None
+        self._closed = False
         self._cofw_chunks = 0
         self._cofw_bytes = 0
         self._aborts = 0
@@ -150,6 +159,8 @@ class Session:
     @property
     def mark_blocker(self) -> str | None:
         """Why ``mark`` would raise ``StateError`` now, or None if it would not."""
+        if self._closed:
+            return f"{self.name} is closed; open a new session to mark"
         if self.bitmap.marked:
             return f"{self.name} is already marked (generation {self.generation})"
         if self._marks_held_by:
@@ -173,15 +184,21 @@ class Session:
         finally:
             self._marks_held_by = None
 
-    def unmark(self) -> None:
+    def unmark(self) -> int:
         """End the mark: unsent chunks go back to tracking, the save area empties.
 
-        No-op when unmarked.
+        Returns how many unsent chunks went back to tracking. Unmarking an
+        unmarked session is a no-op that returns 0, as ``DeltaBitmap.unmark``
+        and the control socket's ``unmark`` are (so a caller can unmark to
+        be sure, without asking first).
         """
         with self._save_lock:
-            if self.bitmap.marked:
-                self._unmark_locked()
-                log.info("%s: unmarked (generation %d)", self.name, self.generation)
+            if not self.bitmap.marked:
+                return 0
+            unsent = self.bitmap.transfer_count
+            self._unmark_locked()
+        log.info("%s: unmarked (generation %d)", self.name, self.generation)
+        return unsent
 
     def _unmark_locked(self) -> None:
         self.bitmap.unmark()
@@ -385,6 +402,30 @@ class Session:
             return []
         g = self.granularity
         return self.bitmap.saved_in(offset // g, (length + g - 1) // g).tolist()
+
+    # -- life cycle --------------------------------------------------------------------
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` has run."""
+        return self._closed
+
+    def close(self) -> None:
+        """End the session: unmark (unsent chunks go back to tracking), close the save area.
+
+        Later marks raise ``StateError``; host writes still reach the source
+        and are tracked. The source is left open: it is the caller's.
+        Idempotent.
+        """
+        with self._mark_lock:
+            self._closed = True
+        self.unmark()
+        self.save_area.close()
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     # -- reporting ---------------------------------------------------------------------
     @property

@@ -23,7 +23,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from isc.errors import ParameterError, RangeError, StateError
-from isc.lun import LUN, FileLUN, MemoryLUN
+from isc.lun import LUN, FileLUN, ForwardingLUN, MemoryLUN
 
 SHM = "/dev/shm"
 # Sizes around a 4 KiB page and a 64 KiB chunk, and one that ends mid-chunk.
@@ -169,6 +169,14 @@ def test_closed_lun_raises_state_error(make_lun):
     ):
         with pytest.raises(StateError, match="closed"):
             call()
+
+
+def test_a_forwarding_lun_closes_the_lun_under_it_at_the_end_of_its_block(make_lun):
+    inner = make_lun(4096)
+    with ForwardingLUN(inner) as lun:
+        lun.write(0, b"x")
+        assert not inner.closed
+    assert lun.closed and inner.closed
 
 
 def test_write_and_readinto_take_any_contiguous_buffer(make_lun):
