@@ -578,3 +578,48 @@ def test_a_stalled_read_of_a_lun_that_is_not_local_holds_up_no_other_client(serv
         assert quick.read_chunks(4096, 4096)[0] == bytes(4096)  # served meanwhile
         lun.gate.set()
         assert slow.answer()[0][0] == TYPE_OFFSET_DATA
+
+
+class FailingFromLUN(MemoryLUN):
+    """A memory LUN of patterned bytes whose reads at or past ``broken`` fail."""
+
+    def __init__(self, size: int, broken: int) -> None:
+        super().__init__(size)
+        self.broken = broken
+        super().write(0, bytes(range(256)) * (size // 256))
+
+    def readinto(self, offset, buffer):
+        if offset >= self.broken:
+            raise OSError(5, "injected read failure")
+        super().readinto(offset, buffer)
+
+
+def test_a_large_read_failing_midway_ends_as_the_spec_says(serve, caplog):
+    # A READ over the server's piece size is read and sent piece by piece: a
+    # structured reply ends with an error chunk after the data sent; a simple
+    # reply, whose data has begun, can only be cut off (a hard disconnect); a failure of the first
+    # piece is an ordinary error reply.
+    lun = FailingFromLUN(2 * MIB, broken=MIB // 2)
+    server = serve(lun)
+    pattern = bytes(range(256)) * (MIB // 256)
+    with raw(server) as plain, client(server) as chunked:
+        plain.go()
+        chunked.greet()
+        chunked.structured()
+        chunked.go_flags()
+        chunked.request(CMD_READ, 0, MIB)
+        *data, (kind, flags, payload) = chunked.answer()
+        assert kind == TYPE_ERROR and flags & REPLY_FLAG_DONE
+        assert struct.unpack(">I", payload[:4])[0] == 5  # EIO
+        assert b"".join(p[8:] for _, _, p in data) == pattern[: MIB // 2]
+        assert [k for k, _, _ in data] == [TYPE_OFFSET_DATA] * len(data)
+        assert chunked.read_chunks(MIB // 2 - 4096, 4096)[0] == pattern[-4096:]  # still usable
+        plain.request(CMD_READ, MIB // 2, MIB)
+        assert plain.reply() == 5  # the first piece failed: nothing was sent
+        plain.request(CMD_READ, 0, MIB)
+        assert plain.reply() == 0
+        received = b""
+        while part := plain.sock.recv(MIB):  # cut off: never the whole MiB
+            received += part
+        assert len(received) < MIB and received == pattern[: len(received)]
+    assert any("was sent already" in r.getMessage() for r in caplog.records)

@@ -13,6 +13,7 @@ whose tool is missing is skipped, naming it.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import socket
@@ -22,12 +23,12 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from urllib.parse import quote
 
 import pytest
-from helpers import HookLUN, Worker
+from helpers import Gate, HookLUN, Worker
 from test_agent import ENV, daemon
 from test_nbd import (
     OPT_ABORT,
@@ -50,6 +51,7 @@ from test_nbd_protocol import OPT_SET_META_CONTEXT, Client
 from isc import MemoryLUN
 from isc.errors import AuthenticationError, ParameterError
 from isc.nbd import MAX_BLOCK, NBDLUN, NBDServer, parse_uri
+from isc.nbd.server import _PIECE, _REPLY_BACKLOG
 from isc.tls import ServerTLS, client_context
 
 SEED = 20261212
@@ -472,41 +474,109 @@ def test_serve_beyond_loopback_with_tls_and_peers_verified_or_insecure(tmp_path,
 
 # -- limits --------------------------------------------------------------------------------------
 class CountingLUN(MemoryLUN):
-    """A memory LUN that counts its reads, for a test to wait on."""
+    """A memory LUN that counts the bytes it has read."""
 
     def __init__(self, size: int) -> None:
         super().__init__(size)
-        self.reads = 0
-        self.changed = threading.Condition()
+        self.read_bytes = 0
 
     def readinto(self, offset: int, buffer) -> None:
-        with self.changed:
-            self.reads += 1
-            self.changed.notify_all()
+        self.read_bytes += memoryview(buffer).nbytes
         super().readinto(offset, buffer)
 
-    def wait_reads(self, count: int) -> None:
+
+class WatchedServer(NBDServer):
+    """An NBD server that tells when a connection's replies wait for its client to read."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.waiting: set[object] = set()  # the transports that waited
+        self.changed = threading.Condition()
+
+    async def _room(self, writer) -> bool:
+        if writer.transport.get_write_buffer_size() > _REPLY_BACKLOG:
+            with self.changed:
+                self.waiting.add(writer.transport)
+                self.changed.notify_all()
+        return await super()._room(writer)
+
+    def wait_waiting(self, count: int) -> None:
         with self.changed:
-            if not self.changed.wait_for(lambda: self.reads >= count, WAIT):
-                pytest.fail(f"{self.reads} reads after {WAIT} s, not {count}")
+            if not self.changed.wait_for(lambda: len(self.waiting) >= count, WAIT):
+                pytest.fail(f"{len(self.waiting)} connections waited for their client, not {count}")
 
 
-def test_a_client_that_reads_no_replies_holds_a_bounded_amount(tmp_path):
-    size = 8 * MIB
+def in_transmission(sock: socket.socket, creds: Path | None) -> Raw:
+    """A hand-rolled client in transmission, over TLS with ``creds``' client certificate."""
+    client = Raw(sock)
+    if creds is None:
+        client.go()
+        return client
+    client.greet()
+    assert client.option(OPT_STARTTLS) == [(REP_ACK, b"")]
+    wrapped = client_context(creds, check_hostname=False, certificate=True).wrap_socket(
+        sock, server_hostname="localhost"
+    )
+    client = Raw(wrapped)
+    assert client.option(OPT_GO, client.info_data(b"disk"))[-1][0] == REP_ACK
+    return client
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plaintext", "tls"])
+def test_clients_that_read_no_replies_hold_a_piece_each_and_the_others_go_on(
+    tmp_path, credentials, tls, caplog
+):
+    greedy, size = 4, MAX_BLOCK
     lun = CountingLUN(size)
-    with NBDServer(lun, name="disk") as server:
+    data = random.Random(SEED).randbytes(size)
+    lun.write(0, data)
+    creds = credentials["good"] if tls else None
+    server = WatchedServer(
+        lun, name="disk", tls=ServerTLS(creds, verify_peer=True) if tls else None, max_data=size
+    )
+    with server, ExitStack() as stack:
         server.start_unix(tmp_path / "isc.sock")
-        with raw(server) as greedy:
-            greedy.go()
-            for _ in range(64):  # 512 MiB of replies asked for, none ever read
-                greedy.request(0, 0, size)  # READ
-            held = MAX_BLOCK // size
-            lun.wait_reads(held)
-            with NBDLUN(server.uri, timeout=WAIT) as other:  # the others go on
-                other.write(0, b"still served")
-                assert other.read(0, 12) == b"still served"
-            assert lun.reads == held + 1  # the greedy client got no more than its share
-    assert lun.reads == held + 1
+        for _ in range(greedy):
+            sock = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+            sock.settimeout(WAIT)
+            sock.connect(server.address)
+            client = in_transmission(sock, creds)
+            stack.callback(client.sock.close)
+            for _ in range(64):  # 2 GiB of replies asked for, none ever read
+                client.request(0, 0, size)  # READ
+        server.wait_waiting(greedy)
+        # Each holds what its socket took, one piece of a reply and the backlog.
+        assert lun.read_bytes <= greedy * (1 * MIB + _PIECE + _REPLY_BACKLOG)
+        assert server.peak_held <= size
+        uri = with_tls(server.uri, creds) if tls else server.uri
+        with NBDLUN(uri, timeout=WAIT) as other:  # the others go on
+            assert other.read(0, size) == data
+            other.write(0, b"still served")
+            assert other.read(0, 12) == b"still served"
+        assert server.peak_held <= size
+    # Closing the server disconnects them quietly, TLS or not.
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_the_server_holds_at_most_max_data_for_all_clients(tmp_path):
+    lun = HookLUN(MemoryLUN(2 * MAX_BLOCK))
+    gate = Gate()
+    lun.before_write = lambda n, offset, data: gate() if n == 1 else None
+    payloads = [random.Random(SEED + i).randbytes(MAX_BLOCK) for i in range(2)]
+    with NBDServer(lun, name="disk", max_data=MAX_BLOCK) as server:
+        server.start_unix(tmp_path / "isc.sock")
+        with raw(server) as first, raw(server) as second:
+            first.go()
+            second.go()
+            first.request(1, 0, MAX_BLOCK, payload=payloads[0])  # WRITE, held at the gate
+            gate.wait_reached()
+            assert server.held == MAX_BLOCK
+            sending = Worker(lambda: second.request(1, MAX_BLOCK, MAX_BLOCK, payload=payloads[1]))
+            gate.open()
+            sending.finish()
+            assert first.reply() == 0 and second.reply() == 0
+        assert server.peak_held == MAX_BLOCK
+        assert lun.read(0, 2 * MAX_BLOCK) == b"".join(payloads)
 
 
 def test_one_client_more_than_max_clients_is_refused(tmp_path, caplog):
@@ -539,7 +609,13 @@ def test_a_client_that_never_finishes_the_handshake_is_dropped(tmp_path, credent
 
 
 def test_server_limits_are_checked():
-    for bad in ({"max_clients": 0}, {"max_clients": 1.5}, {"handshake_timeout": 0}):
+    for bad in (
+        {"max_clients": 0},
+        {"max_clients": 1.5},
+        {"handshake_timeout": 0},
+        {"max_data": MAX_BLOCK - 1},
+        {"max_requests": 0},
+    ):
         with pytest.raises(ParameterError, match=next(iter(bad))):
             NBDServer(MemoryLUN(SIZE), **bad)
 

@@ -1,12 +1,13 @@
 """The NBD server: :class:`NBDServer` exports a LUN to any number of clients.
 
 It serves from an asyncio event loop. Reads and writes up to :data:`_INLINE`
-bytes run on the loop's thread (cheaper than a thread hand-off while the LUN
-answers from memory; one that waits for a slow device makes the others wait);
-all other export I/O runs in a thread pool, so a slow request of that kind
-stalls no other client. What each export serves (its data,
-commands and metadata contexts) is :mod:`isc.nbd.export`'s; here are the
-sockets, the handshake, the checks of every request and the limits.
+bytes, and the pieces of larger reads, run on the loop's thread where the LUN
+is a file, a device or memory (cheaper than a thread hand-off while the LUN
+answers from memory; one that waits for a slow device makes the others
+wait); all other export I/O runs in a thread pool, so a slow request of that
+kind stalls no other client. What each export serves (its data, commands and
+metadata contexts) is :mod:`isc.nbd.export`'s; here are the sockets, the
+handshake, the checks of every request and the limits.
 
 What it speaks
 --------------
@@ -42,19 +43,33 @@ answered EINVAL and the connection dropped, since its payload cannot be
 skipped cheaply; a bad request magic drops the connection.
 
 A request's payload is read whole before the export is touched, so a client
-that vanishes mid-request leaves no partial write; a reply is built whole
-before any of it is sent, so an error never follows data of the same reply.
+that vanishes mid-request leaves no partial write. A READ's reply is read
+and sent in pieces of :data:`_PIECE` bytes, one piece sent once the
+connection's unsent replies are down to :data:`_REPLY_BACKLOG` and the next
+read only then. Its first piece is read before anything is sent, so a
+failure there is an ordinary error reply; a later failure ends a structured
+reply with an error chunk after the data sent, and drops the connection
+where the data of a simple reply or of a ``DF`` chunk has begun (the spec's
+hard disconnect). Every other reply is built whole before it is sent.
 Replies to one connection's requests may come out of order, as the spec
-allows.
+allows; one reply is sent at a time.
 
 Against clients that misbehave the server keeps limits: at most
 ``max_clients`` connections (:data:`MAX_CLIENTS`; one more is closed at
 once, with a log line), ``handshake_timeout`` seconds from connecting to
-transmission (:data:`HANDSHAKE_TIMEOUT`, TLS included), and per connection
-:data:`_CONNECTION_DATA` bytes of WRITE payloads, READ replies and block
-status replies held at once: a client that reads no replies is no longer
-read from, while the others go on. The server's memory stays about twice
-``max_clients`` times that.
+transmission (:data:`HANDSHAKE_TIMEOUT`, TLS included), ``max_requests``
+requests in flight outside the loop's thread (:data:`MAX_REQUESTS`; 16 per
+connection), and ``max_data`` bytes of WRITE payloads and READ and block
+status replies held at once (:data:`MAX_DATA`; :data:`_CONNECTION_DATA` per
+connection): a request beyond them waits, first come first served, and its
+connection is not read from meanwhile. A client that reads no replies holds
+one piece of a large READ (a small one's whole reply, 16 at most) and
+:data:`_REPLY_BACKLOG` bytes of unsent replies (twice as much under TLS, as
+ciphertext) and is no longer read from, while the others go on. Each
+connection also buffers up to twice :data:`_STREAM_LIMIT` bytes of requests
+it has not read yet. So the server's memory beyond its own stays within
+``max_data`` plus about 1.5 MiB per connection, whatever the clients do
+(:attr:`NBDServer.held` and :attr:`NBDServer.peak_held` count the first).
 
 TLS (the spec's "TLS support"; credentials in :mod:`isc.tls`): the server's
 :class:`~isc.tls.ServerTLS` mode is nbdkit's: without one it answers
@@ -71,6 +86,7 @@ forgotten, as the spec asks.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import errno
@@ -118,28 +134,69 @@ _CONNECTION_DATA = MAX_BLOCK
 the server at once: one request of the largest size, or many smaller ones (nbdcopy keeps
 16 MiB in flight)."""
 MAX_CLIENTS = 64
-"""The connections an :class:`NBDServer` serves at once unless told otherwise; with
-:data:`_CONNECTION_DATA` it bounds the server's memory (about twice their product)."""
+"""The connections an :class:`NBDServer` serves at once unless told otherwise."""
+MAX_DATA = 4 * MAX_BLOCK
+"""Bytes of WRITE payloads and READ and block status replies all connections of an
+:class:`NBDServer` hold at once, unless told otherwise (``max_data``; at least
+:data:`~isc.nbd.proto.MAX_BLOCK`, so that the largest WRITE fits)."""
+MAX_REQUESTS = 128
+"""Requests all connections of an :class:`NBDServer` have in flight outside the event
+loop's thread at once, unless told otherwise (``max_requests``)."""
 HANDSHAKE_TIMEOUT = 10.0
 """Seconds a client has to reach transmission, TLS included (``NBDServer``'s default)."""
 
 
 class _Budget:
-    """Bytes one connection may hold; its one taker waits until enough are given back."""
+    """Bytes to share: takers wait, first come first served, until enough are given back."""
 
     def __init__(self, total: int) -> None:
+        self.total = total
         self.free = total
-        self._given = asyncio.Event()
+        self.peak = 0
+        """The most bytes taken at once."""
+        self._waiting: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
 
     async def take(self, count: int) -> None:
-        while self.free < count:
-            self._given.clear()
-            await self._given.wait()
-        self.free -= count
+        if not self._waiting and self.free >= count:
+            self.free -= count
+        else:
+            taken = asyncio.get_running_loop().create_future()
+            self._waiting.append((count, taken))
+            try:
+                await taken
+            except asyncio.CancelledError:
+                if taken.cancelled():
+                    with contextlib.suppress(ValueError):
+                        self._waiting.remove((count, taken))
+                    self._grant()
+                else:  # granted as it was cancelled
+                    self.give(count)
+                raise
+        self.peak = max(self.peak, self.total - self.free)
 
     def give(self, count: int) -> None:
         self.free += count
-        self._given.set()
+        self._grant()
+
+    def _grant(self) -> None:
+        while self._waiting and self._waiting[0][0] <= self.free:
+            count, taken = self._waiting.popleft()
+            if not taken.cancelled():
+                self.free -= count
+                taken.set_result(None)
+
+
+class _Connection:
+    """One client's share of the server in transmission: its requests in flight, the data
+    it holds, and the order of its replies (one reply is sent at a time)."""
+
+    def __init__(self, client: _Client, writer: asyncio.StreamWriter) -> None:
+        self.client = client
+        self.writer = writer
+        self.slots = asyncio.Semaphore(_SERVER_IN_FLIGHT)
+        self.budget = _Budget(_CONNECTION_DATA)
+        self.sending = asyncio.Lock()
+        self.requests: set[asyncio.Task[None]] = set()
 
 
 _INLINE = 256 << 10
@@ -150,14 +207,21 @@ writes at queue depth 8 ran at 16 000/s through the pool, 100 000/s inline;
 nbdcopy moving 1 GiB in 256 KiB requests cost the server 1.4 CPU seconds through
 the pool, 0.6 inline, qemu-nbd 0.5, both ways). The price: while one of them
 waits for a slow device, the other clients wait too. A FUA write (it waits for a
-flush), larger I/O and every request to a LUN that is not a file, a device or
-memory (an NBD source, whose server could take seconds) use the pool. So does a
+flush), larger writes and every request to a LUN that is not a file, a device or
+memory (an NBD source, whose server could take seconds) use the pool; a larger
+READ of such a LUN is read here too, piece by piece (:data:`_PIECE`). So does a
 BLOCK_STATUS, unless the bitmaps it reports were read whole already since they
 last changed (``status_is_cheap``: ``nbdinfo --map`` of a 1 TiB bitmap took
 0.41 s through the pool, 0.14 s inline, qemu-nbd 0.10 s)."""
 _TLS_REQUIRED = b"TLS is required: start it with NBD_OPT_STARTTLS"
-_REPLY_BACKLOG = 64 << 10  # unsent reply bytes after which the loop waits for the client
-_STREAM_LIMIT = 4 << 20  # bytes a connection buffers before it stops reading the socket
+_PIECE = _INLINE
+"""A READ reply is read and sent in pieces of at most this many bytes, each sent once the
+connection's unsent replies are down to :data:`_REPLY_BACKLOG`; a WRITE payload over it is
+read from the socket in pieces of this size."""
+_REPLY_BACKLOG = 64 << 10
+"""Unsent reply bytes of one connection (its transport's write buffer, ciphertext under
+TLS) after which no more of its replies is made or sent until its client reads."""
+_STREAM_LIMIT = 512 << 10  # bytes a connection buffers (twice this) before it stops reading
 _WRITES = (proto.CMD_WRITE, proto.CMD_WRITE_ZEROES, proto.CMD_TRIM)
 _PAST_THE_END = {proto.CMD_WRITE: errno.ENOSPC, proto.CMD_WRITE_ZEROES: errno.ENOSPC}
 _ADVERTISED = {
@@ -221,14 +285,16 @@ class NBDServer:
     the I/O of all clients but small READs and WRITEs, which run on the server's
     event loop thread in the order they arrive (:data:`_INLINE`). ``tls``
     (:class:`~isc.tls.ServerTLS`) offers or requires TLS (the module
-    docstring); without it the server speaks plaintext only.
+    docstring); without it the server speaks plaintext only. ``max_clients``,
+    ``handshake_timeout``, ``max_requests`` and ``max_data`` are the limits
+    against misbehaving clients (the module docstring).
 
     Serve with ``await serve(...)``/``serve_unix(...)`` in a running event
     loop, or from a background thread with :meth:`start`/:meth:`start_unix`;
     :meth:`close` ends either. A server serves once. Raises
-    ``ParameterError`` for a name over 4096 UTF-8 bytes or holding NUL, or
-    for ``workers < 1``. The module docstring lists what it speaks and how
-    it answers bad requests.
+    ``ParameterError`` for a name over 4096 UTF-8 bytes or holding NUL, for
+    ``workers < 1``, or for a limit out of its range. The module docstring
+    lists what it speaks and how it answers bad requests.
     """
 
     def __init__(
@@ -241,6 +307,8 @@ class NBDServer:
         tls: ServerTLS | None = None,
         max_clients: int = MAX_CLIENTS,
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
+        max_data: int = MAX_DATA,
+        max_requests: int = MAX_REQUESTS,
     ):
         if not isinstance(name, str) or "\0" in name or len(name.encode()) > proto.MAX_STRING:
             raise ParameterError(
@@ -249,14 +317,21 @@ class NBDServer:
             )
         if workers < 1:
             raise ParameterError(f"workers must be >= 1, got {workers}")
-        if isinstance(max_clients, bool) or not isinstance(max_clients, int) or max_clients < 1:
-            raise ParameterError(f"max_clients must be an integer >= 1, got {max_clients!r}")
+        for what, value, least in (
+            ("max_clients", max_clients, 1),
+            ("max_requests", max_requests, 1),
+            ("max_data", max_data, MAX_BLOCK),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ParameterError(f"{what} must be an integer >= {least}, got {value!r}")
         if not handshake_timeout > 0:
             raise ParameterError(f"handshake_timeout must be > 0 seconds, got {handshake_timeout}")
         self.max_clients = max_clients
         """Connections served at once; more are refused with a log line."""
         self.handshake_timeout = handshake_timeout
         """Seconds a client has from connecting to entering transmission."""
+        self._data = _Budget(max_data)
+        self._slots = asyncio.Semaphore(max_requests)
         self.lun = lun
         self.name = name
         self.tls = tls
@@ -287,6 +362,16 @@ class NBDServer:
     def __repr__(self) -> str:
         where = f" at {self.address}" if self.address is not None else ""
         return f"<NBDServer {self.name!r} of {self.lun!r}{where}>"
+
+    @property
+    def held(self) -> int:
+        """Bytes of WRITE payloads and READ and block status replies held now, all clients."""
+        return self._data.total - self._data.free
+
+    @property
+    def peak_held(self) -> int:
+        """The most bytes :attr:`held` at once so far; never over ``max_data``."""
+        return self._data.peak
 
     @property
     def flags(self) -> TransmissionFlag:
@@ -447,8 +532,9 @@ class NBDServer:
     # -- one connection ---------------------------------------------------------------------
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """``asyncio.start_server``'s callback: serve one client (:meth:`_serve_client`)."""
+        peer = writer.get_extra_info("peername") or f"client {next(self._clients)}"
         try:
-            await self._serve_client(reader, writer)
+            await self._serve_client(reader, writer, peer)
         except asyncio.CancelledError:
             if not self._closed:
                 raise
@@ -459,15 +545,13 @@ class NBDServer:
             # done callback calls exception() on the task, which raises for a
             # cancelled one, and logs that traceback.
             writer.transport.abort()
-            peer = writer.get_extra_info("peername") or "a client"
             log.info("%r: disconnected %s: the server is closing", self, peer)
 
     async def _serve_client(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: object
     ) -> None:
         task = asyncio.current_task()
         assert task is not None
-        peer = writer.get_extra_info("peername") or f"client {next(self._clients)}"
         if len(self._connections) >= self.max_clients:
             log.warning(
                 "%r: refusing %s: %d clients are connected, the most it serves (max_clients)",
@@ -714,9 +798,8 @@ class NBDServer:
     async def _transmission(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, client: _Client
     ) -> None:
-        slots = asyncio.Semaphore(_SERVER_IN_FLIGHT)
-        budget = _Budget(_CONNECTION_DATA)
-        mine: set[asyncio.Task[None]] = set()
+        writer.transport.set_write_buffer_limits(high=_REPLY_BACKLOG)
+        connection = _Connection(client, writer)
         try:
             while True:
                 header = await reader.readexactly(proto.REQUEST.size)
@@ -726,7 +809,7 @@ class NBDServer:
                 if command == proto.CMD_DISC:
                     log.debug("%r: %s disconnected", self, client.peer)
                     return
-                data = b""
+                data: bytes | bytearray = b""
                 if command == proto.CMD_WRITE and length > MAX_BLOCK:
                     message = f"a WRITE of {length} bytes, over the {MAX_BLOCK} maximum"
                     writer.writelines(self._error(client, handle, errno.EINVAL, message))
@@ -749,71 +832,135 @@ class NBDServer:
                     # than the request (see _INLINE).
                     if command == proto.CMD_WRITE:
                         data = await reader.readexactly(length)
-                    self._send(
-                        writer, self._run(client, flags, command, handle, offset, length, data)
-                    )
-                    if writer.transport.get_write_buffer_size() > _REPLY_BACKLOG:
-                        await writer.drain()
+                    reply = self._run(client, flags, command, handle, offset, length, data)
+                    await self._reply(connection, reply)
                     continue
-                # The request's payload or reply data: a client that sends
-                # more than the budget, or reads no replies, waits; its
+                # The request's payload or its reply's first piece: a client that
+                # sends more than its budget, or reads no replies, waits; its
                 # socket's buffers and TCP hold the rest.
                 held = self._held(client, command, length)
-                await slots.acquire()
-                try:
-                    await budget.take(held)
-                except BaseException:
-                    slots.release()
-                    raise
+                await self._admit(connection, held)
                 try:
                     if command == proto.CMD_WRITE:
                         # The whole payload first: a client gone mid-payload writes nothing.
-                        data = await reader.readexactly(length)
-                    task = asyncio.create_task(
-                        self._request(writer, client, flags, command, handle, offset, length, data)
-                    )
+                        data = await self._payload(reader, length)
+                    if command == proto.CMD_READ:
+                        work = self._stream_read(connection, flags, handle, offset, length)
+                    else:
+                        work = self._request(
+                            connection, flags, command, handle, offset, length, data
+                        )
+                    task = asyncio.create_task(work)
                 except BaseException:
-                    slots.release()
-                    budget.give(held)
+                    self._release(connection, held)
                     raise
-                task.add_done_callback(lambda _, held=held: (slots.release(), budget.give(held)))
-                for tasks in (mine, self._requests):
+                task.add_done_callback(lambda _, held=held: self._release(connection, held))
+                for tasks in (connection.requests, self._requests):
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
         finally:
             # The spec: requests in flight are answered before the connection closes.
-            if mine:
-                await asyncio.shield(asyncio.gather(*mine, return_exceptions=True))
+            if connection.requests:
+                await asyncio.shield(asyncio.gather(*connection.requests, return_exceptions=True))
 
     @staticmethod
     def _held(client: _Client, command: int, length: int) -> int:
-        """Bytes of the connection's budget a request holds until it is answered."""
-        if command in (proto.CMD_READ, proto.CMD_WRITE):
+        """Bytes a request holds from its admission until it is answered: a WRITE's payload,
+        a small READ's reply, a block status reply (a larger READ takes its pieces as it goes:
+        :meth:`_stream_read`)."""
+        if command == proto.CMD_WRITE or (command == proto.CMD_READ and length <= _PIECE):
             return length if length <= MAX_BLOCK else 0
         if command == proto.CMD_BLOCK_STATUS:
             return 8 * MAX_EXTENTS * len(client.contexts)
         return 0
 
+    async def _admit(self, connection: _Connection, held: int) -> None:
+        """Wait for a slot of the connection's and of the server's, then for ``held`` bytes
+        of the connection's budget and of the server's (:meth:`_release` gives them back)."""
+        await connection.slots.acquire()
+        try:
+            await self._slots.acquire()
+            try:
+                await self._take(connection, held)
+            except BaseException:
+                self._slots.release()
+                raise
+        except BaseException:
+            connection.slots.release()
+            raise
+
+    def _release(self, connection: _Connection, held: int) -> None:
+        connection.slots.release()
+        self._slots.release()
+        self._give(connection, held)
+
+    async def _take(self, connection: _Connection, count: int) -> None:
+        """``count`` bytes of the connection's budget, then of the server's."""
+        await connection.budget.take(count)
+        try:
+            await self._data.take(count)
+        except BaseException:
+            connection.budget.give(count)
+            raise
+
+    def _give(self, connection: _Connection, count: int) -> None:
+        self._data.give(count)
+        connection.budget.give(count)
+
+    @staticmethod
+    async def _payload(reader: asyncio.StreamReader, length: int) -> bytes | bytearray:
+        """A WRITE's payload, read in pieces when it is large: the stream's buffer stays small."""
+        if length <= _PIECE:
+            return await reader.readexactly(length)
+        data = bytearray(length)
+        view = memoryview(data)
+        at = 0
+        while at < length:
+            part = await reader.read(min(_PIECE, length - at))
+            if not part:
+                raise asyncio.IncompleteReadError(bytes(view[:at]), length)
+            view[at : at + len(part)] = part
+            at += len(part)
+        return data
+
     async def _request(
         self,
-        writer: asyncio.StreamWriter,
-        client: _Client,
+        connection: _Connection,
         flags: int,
         command: int,
         handle: int,
         offset: int,
         length: int,
-        data: bytes,
+        data: bytes | bytearray,
     ) -> None:
         loop = asyncio.get_running_loop()
         reply = await loop.run_in_executor(
-            self._executor, self._run, client, flags, command, handle, offset, length, data
+            self._executor,
+            self._run,
+            connection.client,
+            flags,
+            command,
+            handle,
+            offset,
+            length,
+            data,
         )
-        if writer.is_closing():
-            return  # the client is gone: nobody to answer
-        self._send(writer, reply)
-        with contextlib.suppress(ConnectionError):
-            await writer.drain()
+        await self._reply(connection, reply)
+
+    async def _reply(self, connection: _Connection, reply: list[Any]) -> None:
+        """Send a whole reply once the connection's earlier ones are out of its way."""
+        async with connection.sending:
+            if await self._room(connection.writer):
+                self._send(connection.writer, reply)
+
+    @staticmethod
+    async def _room(writer: asyncio.StreamWriter) -> bool:
+        """Wait until the connection's unsent replies are down to :data:`_REPLY_BACKLOG`
+        bytes; False when its client is gone (nobody to answer)."""
+        if writer.transport.get_write_buffer_size() > _REPLY_BACKLOG:
+            with contextlib.suppress(ConnectionError):
+                await writer.drain()
+        return not writer.is_closing()
 
     @staticmethod
     def _send(writer: asyncio.StreamWriter, reply: list[Any]) -> None:
@@ -821,6 +968,78 @@ class NBDServer:
         (each piece is a buffer of its own, never reused)."""
         for piece in reply:
             writer.write(piece)
+
+    async def _stream_read(
+        self, connection: _Connection, flags: int, handle: int, offset: int, length: int
+    ) -> None:
+        """Answer a READ not run inline: its reply made and sent piece by piece
+        (:meth:`_read_steps`), each piece sent once the connection's earlier replies are
+        down to :data:`_REPLY_BACKLOG` and the next read only then, so that a client that
+        reads no replies makes the server hold one piece of a large READ.
+
+        A large READ (over :data:`_PIECE`) holds the connection's turn to send from its
+        start, and one piece of the budgets; a small one is read first, concurrently with
+        the connection's others. The first piece is read before anything is sent, so that
+        its failure is an ordinary error reply; a later one's failure is an error chunk
+        when the reply is structured and between chunks, and otherwise (part of a simple
+        reply or of a ``DF`` chunk was sent) drops the connection, as the spec asks."""
+        client, writer = connection.client, connection.writer
+        refusal = self._refusal(client, flags, proto.CMD_READ, offset, length)
+        if refusal is not None:
+            await self._reply(connection, self._error(client, handle, *refusal))
+            return
+        view = client.view
+        loop = asyncio.get_running_loop()
+
+        async def read(function: Callable[..., Any], *args: Any) -> Any:
+            if view.inline:
+                return function(*args)
+            return await loop.run_in_executor(self._executor, function, *args)
+
+        large = length > _PIECE
+        async with contextlib.AsyncExitStack() as stack:
+            if large:
+                await stack.enter_async_context(connection.sending)
+                await self._take(connection, _PIECE)
+                stack.callback(self._give, connection, _PIECE)
+            try:
+                steps, data = await read(self._first_piece, client, flags, handle, offset, length)
+            except Exception as exc:
+                steps, failed = (
+                    [],
+                    self._failure(client, proto.CMD_READ, handle, offset, length, exc),
+                )
+            if not large:
+                await stack.enter_async_context(connection.sending)
+            if not steps:
+                if await self._room(writer):
+                    self._send(writer, failed)
+                return
+            for i, (header, start, size) in enumerate(steps):
+                if i:
+                    try:
+                        data = await read(self._piece, view, start, size)
+                    except Exception as exc:
+                        failed = self._failure(client, proto.CMD_READ, handle, start, size, exc)
+                        if header is None:
+                            log.warning(
+                                "%r: disconnecting %s: part of the reply to its READ "
+                                "[%d, %d) was sent already",
+                                self,
+                                client.peer,
+                                offset,
+                                offset + length,
+                            )
+                            writer.transport.abort()
+                        elif await self._room(writer):
+                            self._send(writer, failed)
+                        return
+                if not await self._room(writer):
+                    return
+                if header is not None:
+                    writer.write(header)
+                if size:
+                    writer.write(data)
 
     # -- one request (in a worker thread, or inline for small writes) ------------------------
     def _error(self, client: _Client, handle: int, error: int, message: str) -> list[bytes]:
@@ -917,52 +1136,99 @@ class NBDServer:
             if command == proto.CMD_FLUSH or flags & proto.CMD_FLAG_FUA:
                 view.flush()
         except Exception as exc:
-            code = _wire_error(exc, command in _WRITES)
-            if code != errno.ENOTSUP:
-                log.warning(
-                    "%r: %s [%d, %d) failed (%s): %s",
-                    self,
-                    proto.CMD_NAMES[command],
-                    offset,
-                    offset + length,
-                    errno.errorcode[code],
-                    exc,
-                )
-            return self._error(client, handle, code, str(exc))
+            return self._failure(client, command, handle, offset, length, exc)
         return [proto.simple_reply(handle)]
 
-    @staticmethod
-    def _read(client: _Client, flags: int, handle: int, offset: int, length: int) -> list[Any]:
-        """A READ's reply: simple, or chunks of data and holes (one chunk with DF)."""
-        view = client.view
-        buffer = memoryview(bytearray(length))
-        if not client.structured:
-            view.readinto(offset, buffer)
-            return [proto.simple_reply(handle), buffer]
-        if not length:
-            return [proto.chunk(handle, proto.REPLY_TYPE_NONE, 0, True)]
-        if flags & proto.CMD_FLAG_DF:
-            extents = [(offset, length)]
-        else:
-            extents = view.data_extents(offset, length)
-        pieces: list[tuple[int, int, bool]] = []  # offset, length, data
-        at = offset
-        for start, size in extents:
-            if start > at:
-                pieces.append((at, start - at, False))
-            pieces.append((start, size, True))
-            at = start + size
-        if at < offset + length:
-            pieces.append((at, offset + length - at, False))
-        for start, size, is_data in pieces:
-            if is_data:
-                view.readinto(start, buffer[start - offset : start - offset + size])
+    def _failure(
+        self, client: _Client, command: int, handle: int, offset: int, length: int, exc: Exception
+    ) -> list[bytes]:
+        """The error reply for an exception the export raised, logged unless it is the
+        ``NotFast`` a FAST_ZERO asks for."""
+        code = _wire_error(exc, command in _WRITES)
+        if code != errno.ENOTSUP:
+            log.warning(
+                "%r: %s [%d, %d) failed (%s): %s",
+                self,
+                proto.CMD_NAMES[command],
+                offset,
+                offset + length,
+                errno.errorcode[code],
+                exc,
+            )
+        return self._error(client, handle, code, str(exc))
+
+    @classmethod
+    def _read(cls, client: _Client, flags: int, handle: int, offset: int, length: int) -> list[Any]:
+        """A READ's whole reply (run inline: at most :data:`_INLINE` bytes)."""
         reply: list[Any] = []
-        for i, (start, size, is_data) in enumerate(pieces):
-            done = i == len(pieces) - 1
-            if is_data:
-                reply.append(proto.offset_data(handle, start, size, done))
-                reply.append(buffer[start - offset : start - offset + size])
-            else:
-                reply.append(proto.offset_hole(handle, start, size, done))
+        for header, start, size in cls._read_steps(client, flags, handle, offset, length):
+            if header is not None:
+                reply.append(header)
+            if size:
+                reply.append(cls._piece(client.view, start, size))
         return reply
+
+    @classmethod
+    def _first_piece(
+        cls, client: _Client, flags: int, handle: int, offset: int, length: int
+    ) -> tuple[list[tuple[bytes | None, int, int]], memoryview]:
+        """A READ's steps (:meth:`_read_steps`) and the data of the first."""
+        steps = cls._read_steps(client, flags, handle, offset, length)
+        _, start, size = steps[0]
+        return steps, cls._piece(client.view, start, size)
+
+    @staticmethod
+    def _piece(view: Any, offset: int, length: int) -> memoryview:
+        """``length`` bytes of ``view`` at ``offset``, in a buffer of their own."""
+        buffer = memoryview(bytearray(length))
+        if length:
+            view.readinto(offset, buffer)
+        return buffer
+
+    @staticmethod
+    def _read_steps(
+        client: _Client, flags: int, handle: int, offset: int, length: int
+    ) -> list[tuple[bytes | None, int, int]]:
+        """A READ's reply as steps (header, offset, length): each sends its header, if
+        any, then that many bytes of data from ``offset``, at most :data:`_PIECE`.
+
+        A simple reply is one header, then its data over as many steps as it takes.
+        A structured one is chunks of data (of at most :data:`_PIECE`, so that an
+        error chunk may follow any of them) and of holes where the export knows the
+        range reads as zeros; with ``DF`` one data chunk, its data over many steps."""
+        whole: list[tuple[bytes, int, int]] = []  # header, offset, data length
+        if not client.structured:
+            whole.append((proto.simple_reply(handle), offset, length))
+        elif not length:
+            whole.append((proto.chunk(handle, proto.REPLY_TYPE_NONE, 0, True), offset, 0))
+        else:
+            if flags & proto.CMD_FLAG_DF:
+                extents = [(offset, length)]
+            else:
+                extents = client.view.data_extents(offset, length)
+            parts: list[tuple[int, int, bool]] = []  # offset, length, data
+            at = offset
+            for start, size in extents:
+                if start > at:
+                    parts.append((at, start - at, False))
+                step = size if flags & proto.CMD_FLAG_DF else _PIECE
+                parts += [
+                    (s, min(step, start + size - s), True) for s in range(start, start + size, step)
+                ]
+                at = start + size
+            if at < offset + length:
+                parts.append((at, offset + length - at, False))
+            for i, (start, size, is_data) in enumerate(parts):
+                done = i == len(parts) - 1
+                if is_data:
+                    whole.append((proto.offset_data(handle, start, size, done), start, size))
+                else:
+                    whole.append((proto.offset_hole(handle, start, size, done), start, 0))
+        steps: list[tuple[bytes | None, int, int]] = []
+        for header, start, size in whole:
+            steps.append((header, start, min(size, _PIECE)))
+            steps += [
+                (None, s, min(_PIECE, start + size - s))
+                for s in range(start + _PIECE, start + size, _PIECE)
+            ]
+        return steps
