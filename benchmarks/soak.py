@@ -29,10 +29,12 @@ CPUs the host writer and the server share with them.
 
 Reported per mode (median of the rounds): the host's write rate, its p99
 write latency and worst stall (``max_gap_us``), and the server's peak RSS
-(``VmHWM``), beside its bound from the configured caps: the peak alone plus
-twice ``--max-clients`` times the data one NBD connection may hold, one
-request of the largest size (32 MiB; the server's docstring,
-:mod:`isc.nbd.server`). The refusals the server logged
+(``VmHWM``), beside its bound from the configured caps (the server's
+docstring, :mod:`isc.nbd.server`): the peak alone, plus the data all
+connections may hold at once (``max_data``, :data:`~isc.nbd.server.MAX_DATA`,
+128 MiB), plus :data:`PER_CONNECTION` for each of ``--max-clients``
+connections (requests not read yet, unsent replies, TLS buffers). The
+refusals the server logged
 say which limit acted. Targets (issue 12): peak RSS within the bound, and
 the host's write rate beside the clients at least 80% of its rate alone.
 
@@ -66,6 +68,7 @@ from host_writer import HostWriter
 
 from isc.auth import Credentials
 from isc.nbd import MAX_BLOCK, parse_uri, proto
+from isc.nbd.server import MAX_DATA
 from isc.tls import client_context
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -80,6 +83,10 @@ WAIT = 10.0
 """Seconds a misbehaving client's connect or read may take."""
 WARM_UP = 2.0
 """Seconds the misbehaving clients get before the host writer starts."""
+PER_CONNECTION = 5 * MIB // 2
+"""Bytes one NBD connection may hold beyond ``max_data``: twice the stream limit of
+requests not read yet (512 KiB) and one receive, the unsent replies (64 KiB and a
+256 KiB piece) twice under TLS, and the TLS layer's own buffer (256 KiB)."""
 
 
 # -- a hand-rolled NBD client: just enough to misbehave ------------------------------------------
@@ -300,7 +307,7 @@ def median(runs: list[dict], key: str) -> float:
 
 def report(alone: list[dict], crowded: list[dict], args: argparse.Namespace) -> str:
     base = median(alone, "peak_rss")
-    bound = base + 2 * args.max_clients * MAX_BLOCK
+    bound = base + MAX_DATA + args.max_clients * PER_CONNECTION
     rows = [
         "| host writer | clients | writes/s | p99 µs | worst stall ms | server peak RSS |",
         "|---|---:|---:|---:|---:|---:|",
@@ -313,8 +320,7 @@ def report(alone: list[dict], crowded: list[dict], args: argparse.Namespace) -> 
         )
     ratio = median(crowded, "rate") / median(alone, "rate")
     peak = max(run["peak_rss"] for run in crowded)
-    # The slow readers are what holds memory; each of the others holds next to nothing.
-    per_reader = (median(crowded, "peak_rss") - base) / args.clients
+    per_client = (median(crowded, "peak_rss") - base) / crowded[0]["clients"]
     logged: collections.Counter[str] = collections.Counter()
     for run in crowded:
         logged.update(run["logged"])
@@ -322,10 +328,10 @@ def report(alone: list[dict], crowded: list[dict], args: argparse.Namespace) -> 
         "",
         f"Host write rate beside the clients: {ratio:.0%} of its rate alone (target >= 80%).",
         f"Server peak RSS beside the clients: at most {peak / MIB:,.0f} MiB; the bound of the "
-        f"caps is {bound / MIB:,.0f} MiB (alone + 2 x {args.max_clients} clients x "
-        f"{MAX_BLOCK // MIB} MiB). Each slow reader added {per_reader / MIB:,.0f} MiB: "
-        f"{args.max_clients} of them would peak near "
-        f"{(base + args.max_clients * per_reader) / MIB:,.0f} MiB.",
+        f"caps is {bound / MIB:,.0f} MiB (alone + max_data {MAX_DATA // MIB} MiB + "
+        f"{args.max_clients} connections x {PER_CONNECTION / MIB:.1f} MiB). Each misbehaving "
+        f"client added {per_client / MIB:,.1f} MiB: {args.max_clients} of them would peak near "
+        f"{(base + args.max_clients * per_client) / MIB:,.0f} MiB.",
         "Server log lines over the rounds beside the clients: "
         + ", ".join(f"{key} {value}" for key, value in sorted(logged.items())),
         "",

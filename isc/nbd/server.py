@@ -67,8 +67,9 @@ one piece of a large READ (a small one's whole reply, 16 at most) and
 :data:`_REPLY_BACKLOG` bytes of unsent replies (twice as much under TLS, as
 ciphertext) and is no longer read from, while the others go on. Each
 connection also buffers up to twice :data:`_STREAM_LIMIT` bytes of requests
-it has not read yet. So the server's memory beyond its own stays within
-``max_data`` plus about 1.5 MiB per connection, whatever the clients do
+it has not read yet, and under TLS a buffer of 256 KiB. So the server's
+memory beyond its own stays within ``max_data`` plus about 2.5 MiB per
+connection, whatever the clients do
 (:attr:`NBDServer.held` and :attr:`NBDServer.peak_held` count the first).
 
 TLS (the spec's "TLS support"; credentials in :mod:`isc.tls`): the server's
