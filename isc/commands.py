@@ -3,17 +3,29 @@
 SESSION is a state directory. A command opens it, does one thing and closes
 it (a clean close checkpoints the bitmaps exactly), so each command is one
 process holding the session's lock; another command on the same session
-meanwhile fails with "in use by another isc process".
+meanwhile fails with "in use by another isc process". While ``isc serve``
+holds it (:func:`isc.serve.served_by`), ``status``, ``mark``, ``unmark`` and
+``copy`` send their request to its control port (an unauthenticated one: a
+Unix socket, or loopback) and print its answer as their own, with live
+figures; without a control port, or with one that needs credentials, they
+and the other commands fail saying how to reach it.
+
+Every command takes ``--json`` (its report as one JSON line); ``update
+--every`` prints one timestamped line per update (:func:`report`).
 
 =========================================  ======================================
 ``isc create SESSION --source PATH|URI``   make the state directory (nothing else)
-``isc add-dest SESSION PATH|URI``          add a destination (NEW: full copy first)
+``isc add-dest SESSION PATH|URI``          add a destination (NEW: full copy first;
+                                           ``--create`` makes the file)
 ``isc mark SESSION`` / ``isc unmark``      freeze / release a point in time
 ``isc copy SESSION [--full [--unmarked]]`` incremental (marked) / marked full /
                                            unmarked full copy to every destination
 ``isc update SESSION [--every S]``         the periodic incremental update workflow
 ``isc status SESSION [--json]``            read-only: works while another process
-                                           holds the session
+                                           holds the session; says when its figures
+                                           were taken
+``isc remove-dest SESSION NAME``           take a destination out (its data stays)
+``isc destroy SESSION``                    delete the state directory (only isc's files)
 ``isc rollback SESSION DEST --site H:P``   restore a destination's protected image (an
                                            RBD image's, rbd:POOL/IMAGE, needs no --site)
 ``isc recover SESSION``                    with ``--reset-destinations``: start again
@@ -32,6 +44,7 @@ one line and exits 1; argparse exits 2 for usage errors.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -49,12 +62,12 @@ from isc import _cli_auth, journal, store
 from isc._cli_tools import _granularity, _positive, _size
 from isc._layout import DEFAULT_GRANULARITY
 from isc._units import format_bytes, size_label
-from isc.auth import Credentials
+from isc.auth import Credentials, connect
 from isc.copy import CopyResult, DestState
 from isc.errors import IscError, ParameterError, StateError
 from isc.lun import FileLUN
 from isc.remote import AgentSite, LocalSite, RemoteSite
-from isc.serve import MIN_THROTTLE
+from isc.serve import MIN_THROTTLE, SERVED, bitmap_bytes, served_by
 from isc.session import DEFAULT_SAVE_AREA
 from isc.update import DEFAULT_TIMEOUT, PeriodicUpdate, rollback
 
@@ -305,8 +318,11 @@ def run(args: argparse.Namespace) -> int:
 
 def _open(args: argparse.Namespace) -> store.PersistentSession:
     """Open SESSION; say on stderr what a recovery after a crash did."""
+    _refuse_if_served(args)
     # --timeout bounds the waits for the session's NBD servers as for its site.
     stored, recovery = store.open_session(args.session, timeout=getattr(args, "timeout", None))
+    with contextlib.suppress(FileNotFoundError):  # left by a server that was killed
+        (stored.directory / SERVED).unlink()
     if recovery.crashed:
         ended = "; the copy it was running failed" if recovery.interrupted_copy else ""
         print(
@@ -328,6 +344,27 @@ def _open(args: argparse.Namespace) -> store.PersistentSession:
             file=sys.stderr,
         )
     return stored
+
+
+def _refuse_if_served(args: argparse.Namespace) -> None:
+    """``StateError`` saying how to reach the ``isc serve`` that holds SESSION, if one does."""
+    served = _served(args)
+    if served is None:
+        return
+    control = served["control"]
+    ops = f"; its control port {control} takes status, mark, unmark and copy" if control else ""
+    raise StateError(f"{served['held']}: stop it (SIGTERM) to {args.command} here{ops}")
+
+
+def _served(args: argparse.Namespace) -> dict | None:
+    """:func:`isc.serve.served_by` SESSION, with the session's ``name`` and ``held``, the
+    words that say who holds it; None when no server does."""
+    served = served_by(args.session)
+    if served is None:
+        return None
+    name = next(iter(served.get("exports") or {}), args.session)
+    held = f"{name} is held by isc serve (pid {served.get('pid')})"
+    return {"control": None, **served, "name": name, "held": held}
 
 
 def print_json(value: object) -> None:
@@ -464,6 +501,7 @@ def _remove_dest(args: argparse.Namespace) -> int:
 
 
 def _destroy(args: argparse.Namespace) -> int:
+    _refuse_if_served(args)
     removed = store.destroy_session(args.session)
     record = {"destroyed": os.path.abspath(args.session), "files": removed}
     _say(args, record, f"destroyed {args.session}: {len(removed)} file(s) of isc removed")
@@ -471,6 +509,11 @@ def _destroy(args: argparse.Namespace) -> int:
 
 
 def _mark(args: argparse.Namespace) -> int:
+    served = _ask_server(args, {"op": "mark"})
+    if served is not None:
+        name, info = served
+        _marked(args, name, info["generation"], info["transfer_chunks"], info["granularity"])
+        return 0
     with _open(args) as stored:
         session = stored.session
         if session.mark_blocker:
@@ -479,40 +522,67 @@ def _mark(args: argparse.Namespace) -> int:
             )
         session.mark()
         count = session.bitmap.transfer_count
-        record = {
-            "session": session.name,
-            "generation": session.generation,
-            "transfer_chunks": count,
-            "transfer_bytes_bound": count * session.granularity,
-        }
-        text = (
-            f"marked {session.name}: generation {session.generation}, {count} chunk(s) "
-            f"(at most {format_bytes(count * session.granularity, long=True)}) to copy"
-        )
-        _say(args, record, text)
+        _marked(args, session.name, session.generation, count, session.granularity)
     return 0
+
+
+def _marked(args, name: str, generation: int, count: int, granularity: int) -> None:
+    record = {
+        "session": name,
+        "generation": generation,
+        "transfer_chunks": count,
+        "transfer_bytes_bound": count * granularity,
+    }
+    text = (
+        f"marked {name}: generation {generation}, {count} chunk(s) "
+        f"(at most {format_bytes(count * granularity, long=True)}) to copy"
+    )
+    _say(args, record, text)
 
 
 def _unmark(args: argparse.Namespace) -> int:
+    served = _ask_server(args, {"op": "status"})
+    if served is not None:
+        name, info = served
+        if info["state"] != "marked":  # the server's unmark does nothing then, as the API's
+            raise StateError(_not_marked(name))
+        unmarked = _ask_server(args, {"op": "unmark"})
+        if unmarked is None:
+            raise StateError(f"the isc serve of {name} stopped meanwhile; unmark it again")
+        _unmarked(args, name, info["generation"], unmarked[1]["returned_chunks"])
+        return 0
     with _open(args) as stored:
         session = stored.session
         if not session.bitmap.marked:
-            raise StateError(f"{session.name} is not marked; there is nothing to unmark")
+            raise StateError(_not_marked(session.name))
         count = session.bitmap.transfer_count
         session.unmark()
-        record = {
-            "session": session.name,
-            "generation": session.generation,
-            "returned_chunks": count,
-        }
-        _say(args, record, f"unmarked {session.name}: {count} unsent chunk(s) back in tracking")
+        _unmarked(args, session.name, session.generation, count)
     return 0
+
+
+def _not_marked(name: str) -> str:
+    return f"{name} is not marked; there is nothing to unmark"
+
+
+def _unmarked(args, name: str, generation: int, count: int) -> None:
+    record = {"session": name, "generation": generation, "returned_chunks": count}
+    _say(args, record, f"unmarked {name}: {count} unsent chunk(s) back in tracking")
 
 
 def _copy(args: argparse.Namespace) -> int:
     if args.unmarked and not args.full:
         args.session_parser.error("--unmarked needs --full (an incremental copy is marked)")
     mode = ("full-unmarked" if args.unmarked else "full") if args.full else "incremental"
+    request = {"op": "copy", "mode": mode}
+    if args.throttle is not None:
+        request["throttle"] = args.throttle
+    served = _ask_server(args, request, wait=None)  # a copy takes as long as it takes
+    if served is not None:
+        name, info = served
+        dests = info.pop("destinations")
+        _report(name, dests, info, args.json)
+        return 0
     with _open(args) as stored:
         progress = store.Progress(stored, store.copy_destinations(stored), bar=_bar(args))
         result = store.copy(stored, mode, progress=progress, throttle=args.throttle)
@@ -537,7 +607,18 @@ def report(
     dests = [
         {"name": d.name, "state": d.state.value, "epoch": d.epoch} for d in stored.destinations
     ]
-    name = stored.meta["name"]
+    _report(stored.meta["name"], dests, result and asdict(result), as_json, when, failure)
+
+
+def _report(
+    name: str,
+    dests: list[dict],
+    result: dict | None,
+    as_json: bool,
+    when: str | None = None,
+    failure: str | None = None,
+) -> None:
+    """:func:`report` of a result as a dict, with the destinations' states as dicts."""
     stamp = {} if when is None else {"time": when, "ok": failure is None}
     if failure is not None:
         print(f"isc: {when} update of {name} failed: {failure}", file=sys.stderr)
@@ -546,19 +627,20 @@ def report(
         return
     assert result is not None
     if as_json:
-        print_json({**stamp, **asdict(result), "session": name, "destinations": dests})
+        print_json({**stamp, **result, "session": name, "destinations": dests})
         return
-    rate = result.bytes_sent / result.seconds if result.seconds else 0.0
+    sent, seconds = result["bytes_sent"], result["seconds"]
+    rate = sent / seconds if seconds else 0.0
     states = ", ".join(f"{d['name']} {d['state']}" for d in dests)
-    what = f"{when} update" if when is not None else f"{result.mode} copy"
+    what = f"{when} update" if when is not None else f"{result['mode']} copy"
     print(
         f"{what} of {name}: "
-        f"{format_bytes(result.bytes_sent, long=True)} sent in {result.extents} run(s), "
-        f"{result.seconds:.2f} s ({format_bytes(rate, long=True)}/s), "
-        f"{result.cofw_chunks} COFW chunk(s); {states}",
+        f"{format_bytes(sent, long=True)} sent in {result['extents']} run(s), "
+        f"{seconds:.2f} s ({format_bytes(rate, long=True)}/s), "
+        f"{result['cofw_chunks']} COFW chunk(s); {states}",
         flush=True,
     )
-    if result.mode == "full-unmarked":
+    if result["mode"] == "full-unmarked":
         print(
             "the destinations are inconsistent until the next incremental copy (isc mark, isc copy)"
         )
@@ -649,9 +731,53 @@ def _rollback(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ask_server(
+    args: argparse.Namespace, request: dict, wait: float | None = DEFAULT_TIMEOUT
+) -> tuple[str, dict] | None:
+    """When ``isc serve`` holds SESSION: send ``request`` to its control port; return the
+    session's name and the reply's ``info``. None when no server holds it.
+
+    Raises ``StateError`` saying how to reach the server when this command cannot
+    (it has no control port, or one that answers authenticated clients only), and
+    with the server's reason when it refuses; ``wait``: seconds for the reply.
+    """
+    served = _served(args)
+    if served is None:
+        return None
+    name, held, control = served["name"], served["held"], served["control"]
+    op, line = request["op"], json.dumps(request)
+    if control is None:
+        raise StateError(
+            f"{held}, which has no control port: stop it to {args.command} here, or serve it "
+            f"with --control unix:PATH and isc {args.command} asks it"
+        )
+    if served.get("authenticated"):
+        raise StateError(
+            f"{held}, whose control port {control} answers authenticated clients only: send "
+            f"it {line} with its credentials"
+        )
+    try:
+        with connect(site_address(control), DEFAULT_TIMEOUT) as sock:
+            sock.settimeout(wait)
+            sock.sendall(line.encode() + b"\n")
+            with sock.makefile("rb") as replies:
+                reply = json.loads(replies.readline() or b"null")
+    except (OSError, ValueError) as exc:
+        raise StateError(f"{held}; its control port {control} did not answer {op}: {exc}") from None
+    if not isinstance(reply, dict) or not reply.get("ok"):
+        reason = reply.get("reason") if isinstance(reply, dict) else "no reply"
+        raise StateError(f"{held}, which refused {op}: {reason}")
+    return name, reply.get("info") or {}
+
+
 def _status(args: argparse.Namespace) -> int:
     state = store.read_state(args.session)
-    report = status_report(args.session, state)
+    served = served_by(args.session) if state.in_use else None
+    live = None
+    if served is not None and served.get("control") and not served.get("authenticated"):
+        with contextlib.suppress(StateError):  # it stopped meanwhile: the files tell
+            live = _ask_server(args, {"op": "status"})
+    report = status_report(args.session, state, served, live and live[1])
     if args.json:
         print_json(report)
     else:
@@ -659,20 +785,24 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
-def status_report(directory: str, state: store.StoredState) -> dict:
-    """The facts ``isc status`` prints, as a JSON-ready dict."""
+def status_report(
+    directory: str,
+    state: store.StoredState,
+    served: dict | None = None,
+    live: dict | None = None,
+) -> dict:
+    """The facts ``isc status`` prints, as a JSON-ready dict: from the session's files,
+    and the figures ``live`` gives (the control status of the ``isc serve`` that holds
+    it, ``served``: :func:`isc.serve.served_by`) over theirs."""
     meta, bitmap = state.meta, state.bitmap
     area = meta["save_area"] or {}
 
-    def bitmap_use(count: int, last_set: Callable[[int], bool]) -> dict:
+    def bitmap_use(count: int, is_set: Callable[[int], bool]) -> dict:
         assert bitmap is not None
-        nbytes = count * bitmap.granularity
-        if count and last_set(bitmap.chunks - 1):
-            nbytes -= bitmap.chunks * bitmap.granularity - bitmap.size  # the short last chunk
-        return {"chunks": count, "bytes": nbytes}
+        return {"chunks": count, "bytes": bitmap_bytes(bitmap, count, is_set)}
 
     copy_record = meta.get("copy")
-    return {
+    report = {
         "as_of": timestamp(_last_checkpoint(Path(directory)) if state.in_use else None),
         "session": os.path.abspath(directory),
         "name": meta["name"],
@@ -699,6 +829,8 @@ def status_report(directory: str, state: store.StoredState) -> dict:
             for d in meta["destinations"]
         ],
         "in_use": state.in_use,
+        "served_by": served,
+        "live": live is not None,
         "damage": state.damage,
         "source_changed": state.source_changed,
         "copy_running": copy_record if state.in_use else None,
@@ -710,6 +842,22 @@ def status_report(directory: str, state: store.StoredState) -> dict:
             "copy_failed": copy_record,
         },
     }
+    if live is not None:
+        _merge_live(report, live)
+    return report
+
+
+def _merge_live(report: dict, live: dict) -> None:
+    """Put the figures of a server's control status (taken now) over the files' ones."""
+    report["as_of"] = timestamp()
+    report["state"], report["generation"] = live["state"], live["generation"]
+    report["tracking"] = {"chunks": live["tracked_chunks"], "bytes": live["tracked_bytes"]}
+    report["transfer"] = {"chunks": live["transfer_chunks"], "bytes": live["transfer_bytes"]}
+    report["epoch"] = live["epoch"]
+    now = {d["name"]: d for d in live["destinations"]}
+    for dest in report["destinations"]:
+        dest.update(now.get(dest["name"], {}))
+        dest["in_step"] = dest["epoch"] is not None and dest["epoch"] == live["epoch"]
 
 
 def _last_checkpoint(directory: Path) -> float | None:
@@ -744,8 +892,17 @@ def _status_text(report: dict) -> str:
         f"transfer     {amount(report['transfer'])}",
         f"save area    {capacity}, {area['path'] or 'in memory'}",
     ]
-    if report["in_use"]:
-        copying = " (a copy is running)" if report["copy_running"] else ""
+    served = report["served_by"]
+    copying = " (a copy is running)" if report["copy_running"] else ""
+    if served is not None:
+        exports = ", ".join(served.get("exports", {}).values())
+        control = served.get("control") or "none"
+        lines.append(f"served       by isc serve (pid {served.get('pid')}){copying}: {exports}")
+        how = (
+            "figures taken live from it" if report["live"] else "figures as of its last checkpoint"
+        )
+        lines.append(f"             control port {control}; {how}")
+    elif report["in_use"]:
         lines.append(f"in use       by another isc process{copying}: as of its last checkpoint")
     if report["damage"]:
         lines.append(f"damaged      {report['damage']}")

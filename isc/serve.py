@@ -41,6 +41,12 @@ copy's would), then unmarks: whatever it did not confirm goes back to
 tracking, so a failed pull costs a resend, never a lost change. ``status``
 counts what pulls confirmed and read (``info.pull``).
 
+While it serves a session directory the server says so in it
+(:data:`SERVED`: its process id, export and control address), so that
+``isc status``/``mark``/``unmark``/``copy`` on that directory ask it
+(:func:`served_by`); the file goes when the server stops, and one a killed
+server left is ignored (the session's lock went with the server).
+
 A copy, mark or unmark is refused while another one or a periodic update
 runs (a periodic update that comes while a copy runs is skipped). Stopping
 the server cancels a running copy (it fails as any copy does: what was not
@@ -62,7 +68,10 @@ every :data:`~isc.lun.RECONNECT_BACKOFF` seconds while it stays down.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
+import os
 import threading
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -135,10 +144,13 @@ class SessionControl:
             "name": session.name,
             "state": session.state.value,
             "generation": session.generation,
+            "epoch": session.epoch,
             "granularity": session.granularity,
             "size": session.source.size,
             "tracked_chunks": bitmap.tracking_count,
             "transfer_chunks": bitmap.transfer_count,
+            "tracked_bytes": bitmap_bytes(bitmap, bitmap.tracking_count, bitmap.tracking),
+            "transfer_bytes": bitmap_bytes(bitmap, bitmap.transfer_count, bitmap.transfer),
             "busy": session.update_lock.locked(),
             "destinations": self._destinations(),
         }
@@ -159,7 +171,11 @@ class SessionControl:
                 generation = self.session.mark(full)
         except IscError as exc:
             return {"ok": False, "reason": str(exc)}
-        info = {"generation": generation, "transfer_chunks": self.session.bitmap.transfer_count}
+        info = {
+            "generation": generation,
+            "transfer_chunks": self.session.bitmap.transfer_count,
+            "granularity": self.session.granularity,
+        }
         if self.pull is not None:
             info["frozen"] = self.pull.name
         return {"ok": True, "info": info}
@@ -326,6 +342,15 @@ MIN_BUSY_SHARE = 0.01
 """The smallest ``busy_share`` a control request may ask for, for the same reason."""
 
 
+def bitmap_bytes(bitmap, count: int, is_set: Callable[[int], bool]) -> int:
+    """The bytes of ``count`` chunks of ``bitmap`` set in one of its bitmaps (``is_set``,
+    its test of a chunk): the last chunk, when among them, may be short."""
+    nbytes = count * bitmap.granularity
+    if count and is_set(bitmap.chunks - 1):
+        nbytes -= bitmap.chunks * bitmap.granularity - bitmap.size
+    return nbytes
+
+
 def _positive(value: object, most: float = float("inf")) -> bool:
     """Whether ``value`` is a JSON number in ``(0, most]``."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= most
@@ -403,6 +428,11 @@ def run_serve(
             control_port = controls.start(*control)
         if every and persistent is not None:
             controls.every(every, persistent.site(site or LocalSite()), updated)
+        if persistent is not None:
+            where = f"unix:{control}" if isinstance(control, str) else None
+            if control_port is not None:
+                where = f"{control[0]}:{control_port}"  # type: ignore[index]
+            _announce(persistent.directory, session.name, server.uri, where, credentials)
         if ready is not None:
             ready(session, server.uri, control_port)
         stop.wait()
@@ -410,12 +440,56 @@ def run_serve(
         controls.close()
         server.close()
         if persistent is not None:
+            with contextlib.suppress(FileNotFoundError):
+                (persistent.directory / SERVED).unlink()
             persistent.close()
         else:
             session.source.close()
         if source_lock is not None:
             source_lock.close()
     return session
+
+
+SERVED = "serve.json"
+"""The file in a session directory that says how to reach the ``isc serve`` holding it."""
+
+
+def _announce(directory: Path, name: str, uri: str, control: str | None, credentials) -> None:
+    """Write :data:`SERVED`: this process, its export and its control address."""
+    info = {
+        "pid": os.getpid(),
+        "exports": {name: uri},
+        "control": control,
+        "authenticated": credentials is not None,
+    }
+    store.write_atomically(directory / SERVED, json.dumps(info).encode() + b"\n")
+
+
+def served_by(directory: str | os.PathLike[str]) -> dict | None:
+    """What :data:`SERVED` in ``directory`` says while the ``isc serve`` that wrote it
+    holds the session (``pid``, ``exports``, ``control``: ``HOST:PORT``, ``unix:PATH``
+    or None, ``authenticated``); None when no server holds it (a file left by
+    one that was killed is ignored: its lock went with it)."""
+    path = Path(directory)
+    try:
+        info = json.loads((path / SERVED).read_bytes())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(info, dict) or not store.is_held(path) or not _alive(info.get("pid")):
+        return None
+    return info
+
+
+def _alive(pid: object) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 def _reach(destinations) -> None:

@@ -7,6 +7,8 @@ Layout of a state directory::
                         atomically (temp file, fsync, rename, fsync of the
                         directory) at each open, save and close; versioned
     .lock               flock'ed by the process that holds the session
+    serve.json          while isc serve holds the session: its process id, exports
+                        and control address (isc.serve), for the commands to reach it
     checkpoint.journal  the delta bitmap: checkpoints K, each the bitmap pages
                         changed since the one before (isc.journal)
     activity.<K>.log    the write-intent log begun at checkpoint K: one record
@@ -1048,7 +1050,7 @@ def read_state(directory: str | os.PathLike[str], *, tries: int = 5) -> StoredSt
     path = Path(directory)
     for attempt in range(tries):
         meta = _read_meta(path)
-        in_use = _in_use(path)
+        in_use = is_held(path)
         damage = None
         try:
             _, loaded, regions, _ = _load(path, meta, with_logs=not in_use)
@@ -1065,7 +1067,7 @@ def read_state(directory: str | os.PathLike[str], *, tries: int = 5) -> StoredSt
 
 
 _OWN_FILES = re.compile(
-    r"(session\.json|\.lock|checkpoint\.journal|activity\.\d+\.(log|writes)"
+    r"(session\.json|serve\.json|\.lock|checkpoint\.journal|activity\.\d+\.(log|writes)"
     r"|\.(session\.json|checkpoint\.journal)\.tmp)\Z"
 )
 """The names of the files a session keeps in its directory (the layout above)."""
@@ -1229,7 +1231,8 @@ def _lost(path: Path, evidence: str) -> str:
     )
 
 
-def _in_use(directory: Path) -> bool:
+def is_held(directory: Path) -> bool:
+    """Whether a process holds the session in ``directory`` (its lock), read without waiting."""
     try:
         fd = os.open(directory / ".lock", os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:

@@ -19,17 +19,20 @@ import signal
 import struct
 import subprocess
 import termios
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import quote
 
 import pytest
 from helpers import TIMEOUT, fill_random
 from test_cli_analysis import ISC
+from test_serve import line_reader, next_line
 
 import isc
 from isc import FileLUN, MemoryLUN
 from isc.commands import status_report
-from isc.nbd import NBDServer, parse_uri
+from isc.nbd import NBDLUN, NBDServer, parse_uri
 from isc.store import METADATA, create_session, open_session, read_state
 from isc.tls import ServerTLS
 
@@ -698,3 +701,72 @@ def test_an_os_error_is_printed_without_pythons_errno_prefix() -> None:
         "x.img: No such file or directory"
     )
     assert describe(ConnectionError("lost")) == "lost"
+
+
+# -- a session isc serve holds ---------------------------------------------------------------
+
+
+@contextmanager
+def serving(work: Path, *options: str) -> Iterator[dict]:
+    """The real ``isc serve s`` with ``options``, ready; its export's URI under ``"uri"``."""
+    command = [*ISC, "serve", "s", "--listen", "127.0.0.1:0", "--json", *options]
+    with open(work / "serve.log", "wb") as log:
+        proc = subprocess.Popen(command, cwd=work, env=ENV, stdout=subprocess.PIPE, stderr=log)
+    try:
+        lines = line_reader(proc.stdout)
+        ready = json.loads(next_line(lines, "isc serve") or "null")
+        assert ready is not None, (work / "serve.log").read_text()
+        (ready["uri"],) = ready["exports"].values()
+        yield ready
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(TIMEOUT) == 0, (work / "serve.log").read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(TIMEOUT)
+
+
+def test_mark_copy_and_status_talk_to_the_server_that_holds_the_session(session: Path) -> None:
+    isc_run("copy", "s", "--full", cwd=session)
+    control = session / "ctl.sock"
+    with serving(session, "--control", f"unix:{control}") as served:
+        with NBDLUN(served["uri"], timeout=TIMEOUT) as lun:
+            lun.write(SIZE - 10, b"served")
+            lun.flush()
+        report = status(session)
+        assert report["live"] and report["served_by"]["control"] == f"unix:{control}"
+        assert report["tracking"] == {"chunks": 1, "bytes": 8192}
+        assert re_timestamp(report["as_of"])
+        text = isc_run("status", "s", cwd=session).stdout
+        assert f"control port unix:{control}; figures taken live from it" in text
+        assert "marked s: generation 2, 1 chunk(s)" in isc_run("mark", "s", cwd=session).stdout
+        result = json.loads(isc_run("copy", "s", "--json", cwd=session).stdout)
+        assert result["mode"] == "incremental" and result["chunks_sent"] == 1
+        assert [d["state"] for d in result["destinations"]] == ["consistent"] * 2
+        line = error_line(isc_run("unmark", "s", cwd=session, check=1))
+        assert line == "isc: error: s is not marked; there is nothing to unmark"
+        isc_run("mark", "s", cwd=session)
+        done = isc_run("unmark", "s", "--json", cwd=session)
+        assert json.loads(done.stdout) == {"session": "s", "generation": 3, "returned_chunks": 0}
+        line = error_line(isc_run("copy", "s", cwd=session, check=1))
+        pid = report["served_by"]["pid"]
+        assert line.startswith(
+            f"isc: error: s is held by isc serve (pid {pid}), which refused copy"
+        )
+        line = error_line(isc_run("remove-dest", "s", "d1", cwd=session, check=1))
+        assert f"stop it (SIGTERM) to remove-dest here; its control port unix:{control}" in line
+    source = (session / "source.img").read_bytes()
+    assert (session / "d1.img").read_bytes() == source == (session / "d2.img").read_bytes()
+    assert not (session / "s" / "serve.json").exists()
+    assert status(session)["served_by"] is None
+
+
+def test_a_server_without_a_control_port_is_named_with_the_way_to_reach_it(session: Path) -> None:
+    with serving(session):
+        before = files(session / "s")
+        line = error_line(isc_run("mark", "s", cwd=session, check=1))
+        assert "which has no control port: stop it to mark here, or serve it with " in line
+        assert "--control unix:PATH and isc mark asks it" in line
+        text = isc_run("status", "s", cwd=session).stdout
+        assert "control port none; figures as of its last checkpoint" in text
+        assert files(session / "s") == before
