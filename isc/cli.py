@@ -24,7 +24,7 @@ import logging
 import os
 import sys
 
-from isc import __version__, _cli_daemons, _cli_tools, demo
+from isc import __version__, _cli_daemons, _cli_docs, _cli_tools, demo
 from isc import commands as session_commands
 from isc.errors import IscError
 
@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     _cli_tools.add_commands(commands)
     session_commands.add_commands(commands)
     _cli_daemons.add_commands(commands)
+    _cli_docs.add_commands(commands)
     for leaf in verbs(parser).values():
         _output_options(leaf, argparse.SUPPRESS)
         leaf.set_defaults(verb_parser=leaf)
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.quiet:
                 null = quiet.enter_context(open(os.devnull, "w"))
                 quiet.enter_context(contextlib.redirect_stdout(null))
-            return _dispatch(args)
+            return _dispatch(parser, args)
     except (IscError, OSError) as exc:
         print(f"isc: error: {describe(exc)}", file=sys.stderr)
         return 1
@@ -125,7 +126,7 @@ def describe(exc: BaseException) -> str:
     return str(exc)
 
 
-def _dispatch(args: argparse.Namespace) -> int:
+def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.command == "demo":
         return demo.run(seed=args.seed)
     if hasattr(args, "tool"):
@@ -134,6 +135,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return session_commands.run(args)
     if hasattr(args, "daemon"):
         return _cli_daemons.run(args)
+    if hasattr(args, "docs"):
+        return _cli_docs.run(parser, args)
     return 2  # pragma: no cover - argparse rejects unknown commands
 
 

@@ -15,6 +15,7 @@ import json
 import os
 import pty
 import random
+import shutil
 import signal
 import struct
 import subprocess
@@ -770,3 +771,52 @@ def test_a_server_without_a_control_port_is_named_with_the_way_to_reach_it(sessi
         text = isc_run("status", "s", cwd=session).stdout
         assert "control port none; figures as of its last checkpoint" in text
         assert files(session / "s") == before
+
+
+# -- shell completion and the man page --------------------------------------------------------
+
+
+def complete(script: str, *words: str, cwd: Path) -> list[str]:
+    """What the completion ``script`` offers for ``isc WORDS`` (the last word being typed)."""
+    line = " ".join(f"'{word}'" for word in ("isc", *words))
+    ask = f'COMP_WORDS=({line}); COMP_CWORD={len(words)}; _isc; printf "%s\\n" "${{COMPREPLY[@]}}"'
+    done = subprocess.run(
+        ["bash", "--norc", "-c", f"{script}\n{ask}"],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    return done.stdout.split()
+
+
+def test_completion_and_the_man_page_name_every_verb(work: Path) -> None:
+    from isc.cli import build_parser, verbs
+
+    names = list(verbs(build_parser()))
+    assert {"remove-dest", "destroy", "completion", "man", "bench write-path"} <= set(names)
+    script = isc_run("completion", "bash", cwd=work).stdout
+    assert set(complete(script, "", cwd=work)) >= {name.split()[0] for name in names}
+    assert complete(script, "rem", cwd=work) == ["remove-dest"]
+    assert "--create" in complete(script, "add-dest", "s", "--cr", cwd=work)
+    assert complete(script, "serve", "s", "--tls", "", cwd=work) == ["off", "on", "require"]
+    assert complete(script, "--json", "sta", cwd=work) == [
+        "status"
+    ]  # past an option before the verb
+    assert "write-path" in complete(script, "bench", "", cwd=work)
+    assert "source.img" in complete(script, "create", "s", "--source", "sour", cwd=work)
+    zsh = isc_run("completion", "zsh", cwd=work).stdout
+    assert zsh == "autoload -U +X bashcompinit && bashcompinit\n" + script.replace("bash", "zsh", 2)
+    page = isc_run("man", cwd=work).stdout
+    assert page.startswith(".TH ISC 1")
+    for name in names:
+        assert f"\n.SS {name.replace('-', chr(92) + '-')}\n" in page, name
+    if shutil.which("groff") is None:
+        pytest.skip("groff (Debian package groff-base) is not installed: the page is not rendered")
+    shown = subprocess.run(
+        ["groff", "-man", "-Tascii", "-ww"], input=page, capture_output=True, text=True,
+        timeout=TIMEOUT,
+    )  # fmt: skip
+    assert shown.returncode == 0 and shown.stderr == "", shown.stderr
+    assert "isc remove-dest [-h] [--json] [-v] [-q] SESSION NAME" in shown.stdout
