@@ -20,15 +20,13 @@ import signal
 import struct
 import subprocess
 import termios
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import quote
 
 import pytest
 from helpers import TIMEOUT, fill_random
 from test_cli_analysis import ISC
-from test_serve import line_reader, next_line
+from test_serve import isc_serve
 
 import isc
 from isc import FileLUN, MemoryLUN
@@ -707,30 +705,11 @@ def test_an_os_error_is_printed_without_pythons_errno_prefix() -> None:
 # -- a session isc serve holds ---------------------------------------------------------------
 
 
-@contextmanager
-def serving(work: Path, *options: str) -> Iterator[dict]:
-    """The real ``isc serve s`` with ``options``, ready; its export's URI under ``"uri"``."""
-    command = [*ISC, "serve", "s", "--listen", "127.0.0.1:0", "--json", *options]
-    with open(work / "serve.log", "wb") as log:
-        proc = subprocess.Popen(command, cwd=work, env=ENV, stdout=subprocess.PIPE, stderr=log)
-    try:
-        lines = line_reader(proc.stdout)
-        ready = json.loads(next_line(lines, "isc serve") or "null")
-        assert ready is not None, (work / "serve.log").read_text()
-        (ready["uri"],) = ready["exports"].values()
-        yield ready
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(TIMEOUT) == 0, (work / "serve.log").read_text()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(TIMEOUT)
-
-
 def test_mark_copy_and_status_talk_to_the_server_that_holds_the_session(session: Path) -> None:
     isc_run("copy", "s", "--full", cwd=session)
     control = session / "ctl.sock"
-    with serving(session, "--control", f"unix:{control}") as served:
+    serve = ["s", "--listen", "127.0.0.1:0", "--control", f"unix:{control}"]
+    with isc_serve(session, *serve) as (served, _):
         with NBDLUN(served["uri"], timeout=TIMEOUT) as lun:
             lun.write(SIZE - 10, b"served")
             lun.flush()
@@ -763,7 +742,7 @@ def test_mark_copy_and_status_talk_to_the_server_that_holds_the_session(session:
 
 
 def test_a_server_without_a_control_port_is_named_with_the_way_to_reach_it(session: Path) -> None:
-    with serving(session):
+    with isc_serve(session, "s", "--listen", "127.0.0.1:0"):
         before = files(session / "s")
         line = error_line(isc_run("mark", "s", cwd=session, check=1))
         assert "which has no control port: stop it to mark here, or serve it with " in line

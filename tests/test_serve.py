@@ -352,16 +352,33 @@ def test_the_isc_serve_process_starts_with_a_destination_down(
         assert not recovery.crashed and stored.session.bitmap.tracking_count > 0
 
 
-def test_isc_serve_every_prints_a_json_line_per_update(work: Path, export: Export, state: Path):
-    command = [*ISC, "serve", str(state), "--listen", f"{HOST}:0", "--every", "0.05", "--json"]
-    with open(work / "serve.log", "wb") as stderr:
-        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True)
+@contextmanager
+def isc_serve(cwd: Path, *args: str) -> Iterator[tuple[dict, queue.Queue]]:
+    """The real ``isc serve ARGS --json`` run in ``cwd``, ready: its ready line (its export's
+    URI added as ``uri``) and its next output lines; at the end SIGTERM stops it cleanly."""
+    with open(cwd / "serve.log", "wb") as log:
+        proc = subprocess.Popen(
+            [*ISC, "serve", *args, "--json"], cwd=cwd, stdout=subprocess.PIPE, stderr=log, text=True
+        )
     try:
         output = line_reader(proc.stdout)
         ready = json.loads(next_line(output, "isc serve") or "null")
-        assert ready["ready"] and ready["control"] is None
-        (uri,) = ready["exports"].values()
-        host_writes(uri, SEED + 6)
+        assert ready is not None and ready["ready"], (cwd / "serve.log").read_text()
+        (ready["uri"],) = ready["exports"].values()
+        yield ready, output
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(TIMEOUT) == 0, (cwd / "serve.log").read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(TIMEOUT)
+
+
+def test_isc_serve_every_prints_a_json_line_per_update(work: Path, export: Export, state: Path):
+    with isc_serve(work, str(state), "--listen", f"{HOST}:0", "--every", "0.05") as served:
+        ready, output = served
+        assert ready["control"] is None
+        host_writes(ready["uri"], SEED + 6)
         while True:  # updates with nothing to send come first, each a line
             update = json.loads(next_line(output, "isc serve") or "null")
             assert update["ok"] and update["session"] == "state", update
@@ -372,12 +389,6 @@ def test_isc_serve_every_prints_a_json_line_per_update(work: Path, export: Expor
             "d1": "consistent",
             "d2": "consistent",
         }
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(TIMEOUT) == 0, (work / "serve.log").read_text()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(TIMEOUT)
     assert image(work / "d1.img") == image(work / "source.img")
 
 
