@@ -87,6 +87,21 @@ def test_analyze_prints_a_table_with_every_granularity_and_a_recommendation(tmp_
     assert any(line.startswith("recommended granularity: ") for line in lines)
 
 
+def test_json_and_quiet_before_the_verb_are_the_verbs_own(tmp_path):
+    args = ["analyze", *GENERATED, "--granularity", "4K,16K", "--interval", "1"]
+
+    def simulated(report: dict) -> dict:
+        """The report but the host-side timings, which each run measures anew."""
+        return {**report, "results": [r["granularity"] for r in report["results"]]}
+
+    first = simulated(json.loads(isc("--json", *args, cwd=tmp_path).stdout))
+    assert first == simulated(isc_json(*args, cwd=tmp_path))
+    quiet = isc("-q", *args, "--json", str(tmp_path / "out.json"), cwd=tmp_path)
+    assert quiet.returncode == 0 and quiet.stdout == "" and quiet.stderr == "", quiet.stderr
+    assert simulated(json.loads((tmp_path / "out.json").read_text())) == first
+    assert_user_error(isc("-q", *args, "--json", cwd=tmp_path), 2, "--quiet contradicts")
+
+
 def test_analyze_json_matches_the_library_and_csv_and_plot_go_to_files(tmp_path):
     done = isc(
         "analyze",
