@@ -12,12 +12,19 @@ outside the timing, that every entry computes the same bits or runs.
 Per-call operations run in rounds of ``BLOCK`` calls over pre-generated,
 seeded arguments, each round taking the next block, so a round touches fresh
 parts of the bitmap; ``loop only`` rows give the Python loop's own cost.
+
+``ISC_CORE_BEFORE=PATH`` (a build of an earlier ``isc/_core.pyx``) adds
+``isc before`` rows to the ``unmark`` tables: the earlier core, loaded beside
+this checkout's, in the same run. Without it those rows are skipped.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import itertools
 import operator
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -100,6 +107,19 @@ def _geometry(chunks: int, granularity: int) -> str:
 
 def _id(chunks: int, granularity: int) -> str:
     return f"2^{chunks.bit_length() - 1}-{granularity >> 10}K"
+
+
+@functools.cache
+def _core_before():
+    """The core built at ``ISC_CORE_BEFORE``, loaded beside this checkout's (skips without it)."""
+    path = os.environ.get("ISC_CORE_BEFORE")
+    if not path:
+        pytest.skip("set ISC_CORE_BEFORE to a build of an earlier core to compare with it")
+    spec = importlib.util.spec_from_file_location("isc._core", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 # -- workloads --------------------------------------------------------------------
@@ -548,6 +568,8 @@ UNMARK_IMPLS = [
     "isc",
     "isc, tracking and saved fully set too",
     "isc, every bitmap full but for one chunk",
+    "isc before, tracking and saved fully set too",
+    "isc before, every bitmap full but for one chunk",
     "reference",
     "numpy uint64 bitwise_or(a, b, out=a)",
     "numpy bool bitwise_or(a, b, out=a)",
@@ -560,6 +582,8 @@ def _unmark_case(impl: str, chunks: int) -> Case:
     size = chunks * DEFAULT
     if impl.startswith("isc") or impl == "reference":
         kind = DeltaBitmap if impl.startswith("isc") else _reference.DeltaBitmap
+        if impl.startswith("isc before"):
+            kind = _core_before().DeltaBitmap
         bitmap = _resident(kind(size, DEFAULT))
         worst = "fully" in impl or "but for one" in impl
 

@@ -1260,8 +1260,19 @@ cdef class DeltaBitmap:
     cdef inline void _merge_span(self, Bits *track, Bits *xfer, uint64_t w0,
                                  uint64_t w1) noexcept nogil:
         """OR tracking words w0..w1 - 1 into transfer's."""
-        cdef uint64_t w, v, x, more = 0
-        # A branch-free pass first: a span whose transfer words hold every
+        cdef uint64_t w, v, x, end, full, more = 0
+        # Full transfer words hold the union already, whatever tracking holds:
+        # skip them a block at a time (a branch-free AND over its 64 words),
+        # so a nearly full transfer bitmap is read alone, not with tracking.
+        while w0 < w1:
+            end = min(w0 + 64, w1)
+            full = ONES
+            for w in range(w0, end):
+                full &= xfer.words[w]
+            if full != ONES:
+                break
+            w0 = end
+        # A branch-free pass next: a span whose transfer words hold every
         # tracking bit already (as after a full mark) is only read.
         for w in range(w0, w1):
             more |= track.words[w] & ~xfer.words[w]

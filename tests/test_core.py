@@ -730,6 +730,26 @@ def test_unmark_with_a_full_bitmap_keeps_the_union(full):
     assert twins.core.tracking_count == (chunks - 1 if full == "transfer" else chunks)
 
 
+@pytest.mark.parametrize("sent", [[], [0], [64 * 64 + 5], [BLOCK - 1, BLOCK], [3 * BLOCK + 64]])
+@pytest.mark.parametrize("written_again", [False, True])
+def test_unmark_merges_around_full_transfer_words(sent, written_again):
+    """Unmark skips full transfer words 64 at a time (they hold the union already);
+    the words of a sent chunk, and every word after it in its span, still merge."""
+    chunks = 3 * BLOCK + 65
+    twins = Twins.new(chunks * 2048, 2048)
+    twins.both(lambda b: b.mark(full=True))
+    for chunk in sent:
+        twins.both(lambda b, c=chunk: b.clear_transfer(c, 1))
+    kept = {1} if written_again else {1, *sent}  # never written after the mark
+    for first, end in zip([-1, *sorted(kept)], [*sorted(kept), chunks], strict=True):
+        if end > first + 1:
+            twins.both(lambda b, f=first, e=end: b.record_write((f + 1) * 2048, (e - f - 1) * 2048))
+    twins.both(lambda b: b.unmark())
+    twins.agree()
+    expected = chunks if written_again else chunks - len(sent)
+    assert twins.core.tracking_count == expected
+
+
 @pytest.mark.parametrize("clear", ["unmark", "clear_tracking"])
 def test_emptying_long_runs_of_full_pages_reads_as_zero_and_takes_writes(clear):
     """Runs of whole pages the core empties go back to the kernel (``_clear``): around a
