@@ -66,7 +66,7 @@ from isc.auth import Credentials, connect
 from isc.copy import CopyResult, DestState
 from isc.errors import IscError, ParameterError, StateError
 from isc.lun import FileLUN
-from isc.remote import AgentSite, LocalSite, RemoteSite
+from isc.remote import AgentSite, LocalSite, RemoteSite, address_text, agent_address, same_agent
 from isc.serve import MIN_THROTTLE, SERVED, bitmap_bytes, served_by
 from isc.session import DEFAULT_SAVE_AREA
 from isc.update import DEFAULT_TIMEOUT, PeriodicUpdate, rollback
@@ -119,29 +119,32 @@ def _save_area(text: str) -> tuple[int, str | None]:
 
 
 def _site(text: str) -> tuple[str, int]:
-    host, _, port = text.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+    """HOST:PORT (an IPv6 host in brackets); a usage error otherwise."""
+    address = site_address(text)
+    if isinstance(address, str):
         raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT (a port from 1 to 65535)")
-    return host.strip("[]"), int(port)
+    return address
+
+
+def site_address(text: str) -> tuple[str, int] | str:
+    """An isc agent's control port: HOST:PORT, or unix:PATH (the socket's path); a usage
+    error (exit 2) saying what is wrong otherwise."""
+    try:
+        return agent_address(text)
+    except ParameterError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def unix_path(text: str) -> str:
     """The socket path of ``unix:PATH``, made absolute."""
-    if not text[5:]:
-        raise argparse.ArgumentTypeError("unix:PATH needs a path")
-    return os.path.abspath(text[5:])
-
-
-def site_address(text: str) -> tuple[str, int] | str:
-    """An isc agent's control port: HOST:PORT, or unix:PATH (the socket's path)."""
-    return unix_path(text) if text.startswith("unix:") else _site(text)
+    path = site_address(text)
+    assert isinstance(path, str), f"{text} is no unix:PATH"
+    return path
 
 
 def agent_site(address: tuple[str, int] | str, credentials: Credentials | None) -> AgentSite:
     """The isc agent at ``address`` (from :func:`site_address`), reached with ``credentials``."""
-    if isinstance(address, str):
-        return AgentSite(unix=address, credentials=credentials)
-    return AgentSite(*address, credentials=credentials)
+    return AgentSite.at(address, credentials)
 
 
 # -- registration ------------------------------------------------------------------------
@@ -195,6 +198,15 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         help="create PATH first, a sparse file of the source's size (as qemu-img create "
         "does); an existing file is refused, never truncated",
     )
+    add_dest.add_argument(
+        "--site",
+        type=site_address,
+        metavar="HOST:PORT|unix:PATH",
+        help="the isc agent (its control port) that exports this destination (its NBD URI, "
+        "named as the export) and protects it: update and rollback ask it, whatever "
+        "their --site",
+    )
+    _cli_auth.add_client_options(add_dest)
 
     remove = command(
         "remove-dest",
@@ -238,9 +250,10 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         "run the periodic incremental update workflow",
         description="Mark, protect every destination at its site, copy what changed, "
         "unprotect: once, or every SECONDS (the first at once) until SIGINT or SIGTERM, "
-        "which stop it after the update in progress. Without --site the destinations are "
-        "protected in this process while it runs; RBD images (rbd:POOL/IMAGE) always by "
-        "snapshots in their cluster.",
+        "which stop it after the update in progress. A destination added with a site "
+        "(add-dest --site) is protected by that agent, the others by the agent --site names; "
+        "without one, in this process while it runs; RBD images (rbd:POOL/IMAGE) always by "
+        "snapshots in their cluster. --tls-creds and --secret-file go to every agent.",
     )
     update.add_argument(
         "--every", type=_positive, metavar="SECONDS", help="repeat every SECONDS seconds"
@@ -268,11 +281,12 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     undo = command(
         "rollback",
         _rollback,
-        "restore a destination's protected image (needs --site, but for an RBD image)",
+        "restore a destination's protected image (at its site: add-dest's or --site)",
         description="Restore the image a destination's site protected before an update that "
-        "failed, and track the rewritten ranges so the next update resends them. Needs "
-        "--site: with local destinations the protection lived only in the process that ran "
-        "the failed update. An RBD destination's snapshot lives in its cluster: no --site.",
+        "failed, and track the rewritten ranges so the next update resends them. The site is "
+        "the destination's own (add-dest --site), else --site: with local destinations the "
+        "protection lived only in the process that ran the failed update. An RBD "
+        "destination's snapshot lives in its cluster: no --site.",
     )
     undo.add_argument("destination", metavar="DEST", help="the destination's name")
     _site_arguments(undo)
@@ -292,7 +306,8 @@ def _site_arguments(parser: argparse.ArgumentParser) -> None:
         "--site",
         type=site_address,
         metavar="HOST:PORT|unix:PATH",
-        help="the destinations' site: an isc agent's control port (unix:PATH: its Unix socket)",
+        help="the site of the destinations added without one: an isc agent's control port "
+        "(unix:PATH: its Unix socket); refused when it is not a destination's own site",
     )
     parser.add_argument(
         "--timeout",
@@ -429,9 +444,13 @@ def _recover(args: argparse.Namespace) -> int:
 def _add_dest(args: argparse.Namespace) -> int:
     target = _target(args.target)
     with _open(args) as stored:
+        site = args.site and address_text(args.site)
+        credentials = _cli_auth.client_credentials(args)
+        if credentials is not None and site is None:
+            raise ParameterError("--tls-creds and --secret-file are for a site: add --site")
         made = _create_file(target, stored.source.size) if args.create else None
         try:
-            dest = stored.add_destination(target, args.name)
+            dest = stored.add_destination(target, args.name, site, credentials)
         except BaseException:
             if made is not None and _identity_of(target) == made:
                 os.unlink(target)  # the empty file this command made, and nothing else
@@ -440,14 +459,16 @@ def _add_dest(args: argparse.Namespace) -> int:
             "session": stored.meta["name"],
             "destination": dest.name,
             "target": target,
+            "site": site,
             "size": dest.lun.size,
             "created": made is not None,
             "state": dest.state.value,
         }
         made_text = " (created)" if made is not None else ""
+        site_text = f" at site {site}" if site else ""
         text = (
-            f"added destination {dest.name}{made_text} ({format_bytes(dest.lun.size, long=True)}):"
-            " its first copy is full"
+            f"added destination {dest.name}{made_text}{site_text} "
+            f"({format_bytes(dest.lun.size, long=True)}): its first copy is full"
         )
         _say(args, record, text)
     return 0
@@ -647,14 +668,14 @@ def _report(
 
 
 def _update(args: argparse.Namespace) -> int:
-    site = _connect(args)
+    site, credentials = _connect(args, store.read_state(args.session).meta["destinations"])
     with _open(args) as stored:
         dests = store.copy_destinations(stored)
         progress = store.Progress(stored, dests, bar=_bar(args))
         update = PeriodicUpdate(
             stored.session,
             dests,
-            stored.site(site),
+            stored.site(site, credentials),
             timeout=args.timeout,
             throttle=args.throttle,
             progress=progress,
@@ -682,32 +703,47 @@ def _update(args: argparse.Namespace) -> int:
     return 0
 
 
-def _connect(args: argparse.Namespace) -> RemoteSite:
-    """The site for ``--site`` (authenticated as ``--tls-creds``/``--secret-file`` say),
-    or the in-process site without one."""
-    address, credentials = args.site, _cli_auth.client_credentials(args)
-    if address is None:
-        if credentials is not None:
-            raise ParameterError("--tls-creds and --secret-file are for a site: add --site")
-        return LocalSite()
-    return agent_site(address, credentials)
+def _connect(args: argparse.Namespace, dests: list[dict]) -> tuple[RemoteSite, Credentials | None]:
+    """The site of the destinations ``dests`` (the session file's) that have none of their
+    own: the agent ``--site`` names, else this process's; and the credentials
+    (``--tls-creds``/``--secret-file``) for every agent. Raises ``ParameterError``, before
+    anything changes, when ``--site`` is not the own site of one of ``dests`` (which
+    would it be?) and for credentials that no agent would get."""
+    given, credentials = args.site and address_text(args.site), _cli_auth.client_credentials(args)
+    for dest in dests:
+        own = dest.get("site")
+        if given and own and not same_agent(own, given):
+            raise ParameterError(
+                f"--site {given} is not the site of destination {dest['name']}, {own} (its "
+                f"own, from add-dest --site): leave --site out, and each destination goes to "
+                f"its own site; to move {dest['name']} to another agent, remove-dest it and "
+                "add-dest it with that --site"
+            )
+    if credentials is not None and not given and not any(d.get("site") for d in dests):
+        raise ParameterError(
+            "--tls-creds and --secret-file are for a site: add --site, or give the "
+            "destinations their sites (add-dest --site)"
+        )
+    return (agent_site(args.site, credentials) if given else LocalSite()), credentials
 
 
 def _rollback(args: argparse.Namespace) -> int:
     from isc import rbd
 
     meta = store.read_state(args.session).meta
-    target = next((d["target"] for d in meta["destinations"] if d["name"] == args.destination), "")
-    if args.site is None and not rbd.is_rbd(target):
+    chosen = [d for d in meta["destinations"] if d["name"] == args.destination]
+    target, own = (chosen[0]["target"], chosen[0].get("site")) if chosen else ("", None)
+    if args.site is None and own is None and not rbd.is_rbd(target):
         args.session_parser.error(
             "rollback needs --site HOST:PORT: the protected image lives at the destination's "
-            "site (with local destinations it lived only in the process of the failed update; "
-            "an RBD destination's lives in its cluster and needs none)"
+            "site, and it has none of its own (add-dest --site); with local destinations it "
+            "lived only in the process of the failed update; an RBD destination's lives in "
+            "its cluster and needs none"
         )
-    site = _connect(args)
+    site, credentials = _connect(args, chosen)
     with _open(args) as stored:
         dest = stored.destination(args.destination)
-        site = stored.site(site)
+        site = stored.site(site, credentials)
 
         def record_intent() -> None:
             # Before the site acts: what it may rewrite is tracked and the
@@ -822,6 +858,7 @@ def status_report(
         "destinations": [
             {
                 **d,
+                "site": d.get("site"),
                 "in_step": d["epoch"] is not None and d["epoch"] == meta["epoch"],
                 "reachable": d.get("problem") is None,
                 "problem": d.get("problem"),
@@ -869,6 +906,17 @@ def _last_checkpoint(directory: Path) -> float | None:
         except FileNotFoundError:
             continue
     return None
+
+
+def _site_text(dest: dict) -> str:
+    """Where a destination of ``isc status`` is protected, in words."""
+    from isc import rbd
+
+    if dest["site"] is not None:
+        return f"{dest['site']} (its isc agent)"
+    if rbd.is_rbd(dest["target"]):
+        return "its Ceph cluster (RBD snapshots)"
+    return "none of its own: update's --site, else the process that runs the update"
 
 
 def _status_text(report: dict) -> str:
@@ -929,6 +977,7 @@ def _status_text(report: dict) -> str:
         epoch = "never copied" if dest["epoch"] is None else f"epoch {dest['epoch']}"
         lines.append(f"  {dest['name']}  {dest['state']}  {epoch}  {step}")
         lines.append(f"    {dest['target']}")
+        lines.append(f"    site {_site_text(dest)}")
         if not dest["reachable"]:
             lines.append(f"    not reachable when last tried: {dest['problem']}")
     return "\n".join(lines) + "\n"

@@ -373,7 +373,8 @@ class AgentSite(RequestSite):
     the destination's ``name``. Each request opens a connection, sends one
     JSON line and waits up to ``timeout`` seconds (default ``timeout`` of the
     site) for the reply line; an agent that is down, slow or answers
-    nonsense gives a failed :class:`Ack` saying so.
+    nonsense gives a failed :class:`Ack` saying so in words: which agent,
+    what happened and what to check, never an errno or an object.
 
     ``credentials`` (a client's :class:`~isc.auth.Credentials`: mutual TLS, a
     shared secret or both) authenticate each connection both ways before the
@@ -391,27 +392,41 @@ class AgentSite(RequestSite):
         credentials: Credentials | None = None,
     ) -> None:
         if credentials is not None and credentials.endpoint != "client":
-            raise ParameterError(f"an agent site needs client credentials, got {credentials!r}")
+            raise ParameterError(
+                f"an agent site needs client credentials, got a {credentials.endpoint}'s"
+            )
         self.address: tuple[str, int] | str
         """``(host, port)``, or the path of the Unix socket."""
         if unix is not None and host is None and port is None:
             self.address = os.path.abspath(unix)
-            self._where = f"agent unix:{self.address}"
         elif unix is None and host is not None and port is not None:
             self.address = (host, port)
-            self._where = f"agent {host}:{port}"
         else:
             raise ParameterError(
                 "an agent site is at a host and port, or at a Unix socket (unix=PATH): "
-                f"got host={host!r}, port={port!r}, unix={unix!r}"
+                "give one of the two"
             )
+        self.where = address_text(self.address)
+        """The agent's address as ``isc --site`` takes it: ``HOST:PORT`` or ``unix:PATH``."""
         self.timeout = timeout
         self.credentials = credentials
+
+    @classmethod
+    def at(
+        cls,
+        address: tuple[str, int] | str,
+        credentials: Credentials | None = None,
+        timeout: float = 30.0,
+    ) -> AgentSite:
+        """The agent at ``address`` (:func:`agent_address`'s: ``(host, port)`` or a path)."""
+        if isinstance(address, str):
+            return cls(unix=address, timeout=timeout, credentials=credentials)
+        return cls(*address, timeout=timeout, credentials=credentials)
 
     def _request(self, op: str, dest: Destination, timeout: float | None) -> Ack:
         rid = self._next_id()
         wait = self.timeout if timeout is None else timeout
-        where = self._where
+        who = f"the agent at {self.where}"
         line = json.dumps({"id": rid, "op": op, "export": dest.name}).encode() + b"\n"
         sent = False  # once the whole line is out, the agent may act on it
         try:
@@ -421,16 +436,16 @@ class AgentSite(RequestSite):
                 sent = True
                 reply = json.loads(_read_line(sock))
         except TimeoutError:
-            reason = f"{where} did not answer {op} {dest.name} within {wait} s"
+            reason = f"{who} did not answer {op} {dest.name} within {wait:g} s"
             return Ack(rid, False, reason, outcome_unknown=sent)
         except (OSError, ValueError) as exc:
-            reason = f"{where} could not {op} {dest.name}: {exc}"
-            return Ack(rid, False, reason, outcome_unknown=sent)
+            return Ack(rid, False, self._trouble(exc, op, dest.name), outcome_unknown=sent)
         if isinstance(reply, dict) and reply.get("id") is None and reply.get("ok") is False:
             # Refused before any request was read (authentication): nothing was done.
-            return Ack(rid, False, f"{where} refused {op} {dest.name}: {reply.get('reason')}")
+            why = reply.get("reason") or "no reason given"
+            return Ack(rid, False, f"{who} refused {op} {dest.name}: {why}")
         if not isinstance(reply, dict) or reply.get("id") != rid:
-            reason = f"{where} answered {op} with a reply for another request"
+            reason = f"{who} answered {op} {dest.name} with a reply for another request"
             return Ack(rid, False, reason, outcome_unknown=True)
         extents = tuple((int(o), int(n)) for o, n in reply.get("extents") or ())
         return Ack(
@@ -442,21 +457,89 @@ class AgentSite(RequestSite):
             kept=reply.get("kept") is True,
         )
 
+    def _trouble(self, exc: OSError | ValueError, op: str, name: str) -> str:
+        """Why request ``op`` about ``name`` failed with ``exc``: one line for a user."""
+        who = f"the agent at {self.where}"
+        if isinstance(exc, IscError):  # authentication: the message names the fix
+            return str(exc)
+        if isinstance(exc, ValueError):  # not JSON, or a line too long
+            return (
+                f"{who} answered {op} {name} with something that is not an isc agent's reply "
+                f"(is {self.where} the control port, --listen, of an isc agent?)"
+            )
+        if isinstance(exc, ConnectionRefusedError):
+            return f"{who} refused the connection (is `isc agent` running there?)"
+        if isinstance(exc, FileNotFoundError):
+            return (
+                f"{who} cannot be reached: no socket at {self.address} (is `isc agent "
+                f"--listen {self.where}` running?)"
+            )
+        if isinstance(exc, socket.gaierror):
+            host = self.address[0]
+            return f"{who} cannot be reached: the host {host} is unknown ({exc.strerror})"
+        if isinstance(exc, (ConnectionResetError, ConnectionAbortedError, BrokenPipeError)):
+            return (
+                f"{who} closed the connection before answering {op} {name} (an agent that "
+                "requires authentication does so: give its --tls-creds or --secret-file)"
+            )
+        return f"{who} cannot be reached for {op} {name}: {exc.strerror or exc}"
+
 
 def _read_line(sock: socket.socket, limit: int = 1 << 20) -> bytes:
-    """The first line from ``sock`` (an agent that refuses a client sends two at once)."""
+    """The first line from ``sock`` (an agent that refuses a client sends two at once).
+
+    Raises ``ConnectionAbortedError`` when the agent closes the connection first,
+    ``ValueError`` past ``limit`` bytes.
+    """
     data = bytearray()
     while b"\n" not in data:
         chunk = sock.recv(65536)
         if not chunk:
-            raise ConnectionError(
-                "the agent closed the connection before replying (one that requires "
-                "authentication does so: give its --tls-creds or --secret-file)"
-            )
+            raise ConnectionAbortedError
         data += chunk
         if len(data) > limit:
             raise ValueError("the agent's reply is too long")
     return bytes(data[: data.index(b"\n") + 1])
+
+
+def agent_address(text: str) -> tuple[str, int] | str:
+    """An ``isc agent``'s control port from ``HOST:PORT`` (an IPv6 host in brackets) or
+    ``unix:PATH``: ``(host, port)``, or the socket's path made absolute.
+
+    Raises ``ParameterError`` saying what is wrong with ``text``.
+    """
+    if text.startswith("unix:"):
+        if not text[5:]:
+            raise ParameterError("unix:PATH needs a path")
+        return os.path.abspath(text[5:])
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ParameterError(f"{text!r} is not HOST:PORT (a port from 1 to 65535)")
+    return host.strip("[]"), int(port)
+
+
+def address_text(address: tuple[str, int] | str) -> str:
+    """``address`` (:func:`agent_address`'s) as the text :func:`agent_address` reads back."""
+    if isinstance(address, str):
+        return f"unix:{address}"
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def same_agent(one: str, other: str) -> bool:
+    """Whether the addresses ``one`` and ``other`` (as :func:`agent_address` reads them) name
+    one control port: the same host (case aside) and port, or the same Unix socket (its
+    device and inode when both paths exist, else the same path)."""
+    a, b = agent_address(one), agent_address(other)
+    if isinstance(a, str) and isinstance(b, str):
+        try:
+            first, second = os.stat(a), os.stat(b)
+        except OSError:
+            return a == b
+        return (first.st_dev, first.st_ino) == (second.st_dev, second.st_ino)
+    if isinstance(a, str) or isinstance(b, str):
+        return False
+    return (a[0].lower(), a[1]) == (b[0].lower(), b[1])
 
 
 class RoutingSite(RemoteSite):

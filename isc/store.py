@@ -98,10 +98,12 @@ import numpy as np
 from isc import journal
 from isc._core import DeltaBitmap
 from isc.activity import ActivityLog, read_log, read_writes
+from isc.auth import Credentials
 from isc.copy import CopyJob, CopyResult, Destination, DestState
 from isc.errors import CorruptMetadata, IscError, ParameterError, StateError
 from isc.journal import fsync_dir as _fsync_dir
 from isc.lun import FileLUN, ReconnectingLUN
+from isc.remote import AgentSite, RoutingSite, agent_address
 from isc.savearea import SaveArea
 from isc.session import DEFAULT_SAVE_AREA, Session
 
@@ -368,6 +370,10 @@ class PersistentSession:
             opened.pop_all()
         self.session.epoch = meta["epoch"]
         self._targets = {d["name"]: d["target"] for d in meta["destinations"]}
+        self._sites: dict[str, str | None] = {
+            d["name"]: d.get("site") for d in meta["destinations"]
+        }
+        """Each destination's own site (``add_destination(site=...)``), or None."""
         self.region_size = meta["region_size"]
         self.max_hot = meta["max_hot"]
         self._log: ActivityLog | None = None
@@ -517,6 +523,8 @@ class PersistentSession:
             {
                 "name": d.name,
                 "target": self._targets[d.name],
+                # The isc agent that protects it (isc.remote.agent_address), or None.
+                "site": self._sites[d.name],
                 "state": d.state.value,
                 "epoch": d.epoch,
                 "samples": [list(sample) for sample in d.samples],
@@ -532,12 +540,16 @@ class PersistentSession:
         meta["source_stamp"] = self._stamp
         return meta
 
-    def site(self, site):
-        """``site`` for this session's destinations, RBD images' own site for theirs
-        (:func:`isc.rbd.with_rbd`)."""
+    def site(self, site, credentials: Credentials | None = None):
+        """The site of each of this session's destinations: its own isc agent for one added
+        with a site (:meth:`add_destination`), reached with ``credentials``; an RBD image's
+        cluster for one (:func:`isc.rbd.with_rbd`); ``site`` for the others."""
         from isc.rbd import with_rbd
 
-        return with_rbd(site, self.session, self._targets)
+        own = {name: where for name, where in self._sites.items() if where is not None}
+        agents = {where: AgentSite.at(agent_address(where), credentials) for where in own.values()}
+        routed = RoutingSite({n: agents[w] for n, w in own.items()}, site) if own else site
+        return with_rbd(routed, self.session, self._targets)
 
     def destination(self, name: str) -> Destination:
         """The destination named ``name``; ``ParameterError`` naming those there are."""
@@ -564,32 +576,61 @@ class PersistentSession:
             )
         self.destinations.remove(dest)
         del self._targets[name]
+        del self._sites[name]
         self.save()
         dest.lun.close()
         return dest
 
-    def add_destination(self, target: str, name: str | None = None) -> Destination:
+    def add_destination(
+        self,
+        target: str,
+        name: str | None = None,
+        site: str | None = None,
+        credentials: Credentials | None = None,
+    ) -> Destination:
         """Add a NEW destination (a path or an NBD URI) and save the metadata.
 
-        Raises ``ParameterError`` for a duplicate name, a destination smaller
-        than the source, and a target that is, under whatever spelling (a
-        symlink, a hard link, a relative path; the same device and inode, or
-        the same URI), the source, a destination already or the save area
-        file. NBD URIs compare as strings: two URIs of one export pass.
+        ``site``: the ``isc agent`` (``HOST:PORT`` or ``unix:PATH``, its control
+        port) that exports ``target`` as ``name`` and protects it, remembered
+        for :meth:`site`; it is asked about the export first, with
+        ``credentials``. Raises ``ParameterError`` for a duplicate name, a
+        destination smaller than the source, a target that is, under whatever
+        spelling (a symlink, a hard link, a relative path; the same device and
+        inode, or the same URI), the source, a destination already or the save
+        area file, and a site that is not an agent's address, that cannot be
+        reached or has no such export, or with a target that is not an NBD
+        URI. NBD URIs compare as strings: two URIs of one export pass. Nothing
+        changes then.
         """
         name = name or Path(target).name or target
         problem = self._clash(target, name)
+        if problem is None and site is not None and not target.startswith("nbd"):
+            problem = (
+                f"{target} is not an NBD URI: a destination at a site (--site) is the agent's "
+                "NBD export, through which the agent protects what is written to it"
+            )
         if problem is not None:
             raise ParameterError(problem)
+        agent = None if site is None else AgentSite.at(agent_address(site), credentials)
         lun = _open_named(target, "the destination", self._timeout)
+        dest = Destination(lun, name)
         if lun.size < self.source.size:
-            lun.close()
-            raise ParameterError(
+            problem = (
                 f"destination {name} holds {lun.size} bytes, less than the source's "
                 f"{self.source.size}"
             )
-        dest = Destination(lun, name)
+        elif agent is not None:
+            ack = agent.status(dest, self._timeout)
+            if not ack.ok:
+                # The agent knows an export by the destination's name alone (isc.agent).
+                unknown = ack.reason == f"no export named {name!r}"
+                named = " (the name must be its export's: --name)" if unknown else ""
+                problem = f"cannot add {name} at site {agent.where}: {ack.reason}{named}"
+        if problem is not None:
+            lun.close()
+            raise ParameterError(problem)
         self._targets[name] = target
+        self._sites[name] = agent and agent.where
         self.destinations.append(dest)
         self.save()
         return dest
@@ -849,6 +890,14 @@ def _samples_ok(samples: object) -> bool:
     )
 
 
+def _is_site(value: object) -> bool:
+    """Whether ``value`` is an agent's address (:func:`isc.remote.agent_address`)."""
+    try:
+        return isinstance(value, str) and agent_address(value) is not None
+    except ParameterError:
+        return False
+
+
 def _meta_problem(meta: dict) -> str | None:
     """What is wrong with a session file's fields, or None.
 
@@ -885,9 +934,10 @@ def _meta_problem(meta: dict) -> str | None:
             and _samples_ok(dest.get("samples", []))
             and dest.get("protected_state") in (None, *states)
             and isinstance(dest.get("problem"), (str, type(None)))
+            and (dest.get("site") is None or _is_site(dest["site"]))
         ):
             return (
-                f"destination {dest!r} is not {{name, target, state, epoch, samples, "
+                f"destination {dest!r} is not {{name, target, site, state, epoch, samples, "
                 "protected_state, problem}"
             )
     names = [dest["name"] for dest in dests]

@@ -20,6 +20,7 @@ skipped, naming it (see ``test_nbd.tool``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -29,6 +30,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
@@ -36,6 +38,8 @@ from pathlib import Path
 
 import pytest
 from helpers import Gate, HookLUN, Worker, assert_no_lost_change, chunk_bytes, chunks_touched
+from test_cli import error_line, files, isc_run, state_of
+from test_cli_analysis import ISC
 from test_nbd import nbdkit, qemu_nbd, run, sparse, tool
 
 import isc
@@ -273,7 +277,8 @@ def test_an_agent_down_refuses_the_update_and_after_a_restart_it_catches_up(
     image = (exports / "disk").read_bytes()
     changed = scribble(session, rng, 10)
     down = PeriodicUpdate(session, [dest], first.site(), timeout=WAIT, io_size=IO)
-    with pytest.raises(UpdateError, match=r"cannot protect disk: agent .* could not protect"):
+    refused = r"cannot protect disk: the agent at .* refused the connection \(is `isc agent`"
+    with pytest.raises(UpdateError, match=refused):
         down.run()
     assert not session.bitmap.marked
     assert tracked(session) == changed  # the mark was merged back: nothing to send was lost
@@ -846,3 +851,247 @@ def test_stopping_serve_cancels_its_running_copy(tmp_path: Path, source: Path, s
         bitmap = stored.session.bitmap
         # Rule 2: the unsent rest is tracked, and so is the run sent but never flushed.
         assert bitmap.tracking_count == bitmap.chunks
+
+
+# -- destinations at their own sites, through the isc command ---------------------------------
+def cli_session(tmp_path: Path, source: Path) -> None:
+    """``isc create s`` on ``source`` at G, with the local destination "local" (``local.img``)."""
+    sparse(tmp_path / "local.img", SIZE)
+    isc_run("create", "s", "--source", str(source), "--granularity", "16K", cwd=tmp_path)
+    isc_run("add-dest", "s", "local.img", "--name", "local", cwd=tmp_path)
+
+
+def site_of(remote: Daemon) -> str:
+    return f"{HOST}:{remote.control}"
+
+
+def states(tmp_path: Path) -> dict[str, tuple[str, str | None]]:
+    """Each destination's state and site, as ``isc status --json`` prints them."""
+    report = json.loads(isc_run("status", "s", "--json", cwd=tmp_path).stdout)
+    return {d["name"]: (d["state"], d["site"]) for d in report["destinations"]}
+
+
+def wait_until(ready, what: str, proc: subprocess.Popen) -> None:
+    """Poll ``ready()`` while the external ``proc`` works, for at most WAIT seconds."""
+    deadline = time.monotonic() + WAIT
+    while not ready():
+        assert proc.poll() is None, f"isc exited {proc.returncode} before {what}"
+        assert time.monotonic() < deadline, f"no {what} within {WAIT} s"
+        time.sleep(0.005)
+
+
+def test_a_session_of_a_local_file_and_an_agent_export_updates_and_rolls_back_each_at_its_site(
+    tmp_path: Path, source: Path, exports: Path
+):
+    cli_session(tmp_path, source)
+    with agent(exports, tmp_path / "agent.log") as remote:
+        site = site_of(remote)
+        uri = remote.exports["disk"]
+        added = isc_run("add-dest", "s", uri, "--site", site, "--json", cwd=tmp_path)
+        assert json.loads(added.stdout)["site"] == site
+        assert states(tmp_path) == {"local": ("new", None), "disk": ("new", site)}
+        text = isc_run("status", "s", cwd=tmp_path).stdout
+        assert f"    site {site} (its isc agent)" in text and "None" not in text
+
+        # No --site: the local file is protected in the process, the export by its agent.
+        done = isc_run("update", "s", "--json", "--timeout", str(WAIT), cwd=tmp_path)
+        assert json.loads(done.stdout)["outcomes"] == {"local": "ok", "disk": "ok"}
+        assert states(tmp_path) == {"local": ("consistent", None), "disk": ("consistent", site)}
+        image = source.read_bytes()
+        assert (tmp_path / "local.img").read_bytes() == image
+        assert (exports / "disk").read_bytes() == image
+        disk = Destination(None, name="disk")
+        assert not protected(remote.site(), disk)
+
+        # An update killed mid-copy: its first run reached the export under the agent's
+        # protection, and the process that ran it is gone (SIGKILL).
+        rng = random.Random(SEED + 7)
+        stored, _ = open_session(tmp_path / "s")
+        with stored:
+            for chunk in (3, 40, 77, 200):  # apart: one run each
+                stored.session.write(chunk * G, rng.randbytes(G))
+        proc = subprocess.Popen(
+            [*ISC, "update", "s", "--throttle", "1K", "--timeout", str(WAIT)],
+            cwd=tmp_path,
+            env=ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:  # a run of 16 KiB at 1 KiB/s: it waits 16 s after the first
+            wait_until(lambda: (exports / "disk").read_bytes() != image, "first run", proc)
+        finally:
+            proc.kill()
+            proc.wait(WAIT)
+        assert protected(remote.site(), disk)
+        assert states(tmp_path) == {"local": ("inconsistent", None), "disk": ("inconsistent", site)}
+
+        # The rollback goes to the export's own site, without --site.
+        done = isc_run("rollback", "s", "disk", "--json", cwd=tmp_path)
+        record = json.loads(done.stdout)
+        assert record["destination"] == "disk" and record["ranges"]
+        assert (exports / "disk").read_bytes() == image
+        assert states(tmp_path)["disk"] == ("inconsistent", site)  # as the crash left it
+
+        done = isc_run("update", "s", "--json", "--timeout", str(WAIT), cwd=tmp_path)
+        assert json.loads(done.stdout)["outcomes"] == {"local": "ok", "disk": "ok"}
+        assert states(tmp_path) == {"local": ("consistent", None), "disk": ("consistent", site)}
+        assert (tmp_path / "local.img").read_bytes() == source.read_bytes()
+        assert (exports / "disk").read_bytes() == source.read_bytes()
+        assert not protected(remote.site(), disk)
+
+
+def test_a_site_on_the_command_line_that_is_not_a_destinations_own_is_refused(
+    tmp_path: Path, source: Path, exports: Path
+):
+    cli_session(tmp_path, source)
+    elsewhere = f"{HOST}:1"
+    with agent(exports, tmp_path / "agent.log") as remote:
+        site = site_of(remote)
+        isc_run("add-dest", "s", remote.exports["disk"], "--site", site, cwd=tmp_path)
+        before = files(tmp_path / "s")
+        for command in (["update", "s"], ["rollback", "s", "disk"]):
+            done = isc_run(*command, "--site", elsewhere, cwd=tmp_path, check=1)
+            assert error_line(done) == (
+                f"isc: error: --site {elsewhere} is not the site of destination disk, {site} "
+                "(its own, from add-dest --site): leave --site out, and each destination goes "
+                "to its own site; to move disk to another agent, remove-dest it and add-dest it "
+                "with that --site"
+            )
+            assert files(tmp_path / "s") == before
+        # The same site is no contradiction: it is the site of "local" too, which has none
+        # of its own, and which that agent does not export.
+        done = isc_run("update", "s", "--site", site, cwd=tmp_path, check=1)
+        assert "cannot protect local: no export named 'local'" in error_line(done)
+        assert not protected(remote.site(), Destination(None, name="disk"))
+        # A rollback of "local" goes to --site, whatever the other destination's site.
+        done = isc_run("rollback", "s", "local", "--site", elsewhere, cwd=tmp_path, check=1)
+        assert f"the agent at {elsewhere} refused the connection" in error_line(done)
+    assert (exports / "disk").read_bytes() == bytes(SIZE)
+    assert states(tmp_path) == {"local": ("new", None), "disk": ("new", site)}
+
+
+def test_add_dest_at_a_site_refuses_what_its_agent_would_not_protect(
+    tmp_path: Path, source: Path, exports: Path
+):
+    cli_session(tmp_path, source)
+    sparse(tmp_path / "spare.img", SIZE)
+    with agent(exports, tmp_path / "agent.log") as remote:
+        site, uri = site_of(remote), remote.exports["disk"]
+        other_uri = uri.replace(HOST, "localhost")  # the same export, not a destination yet
+        before = state_of(tmp_path)
+        for args, message in (
+            (["spare.img"], "spare.img is not an NBD URI: a destination at a site (--site) is"),
+            ([other_uri, "--name", "ghost"], "no export named 'ghost' (the name must be its"),
+            ([uri, "--site", f"{HOST}:1"], f"the agent at {HOST}:1 refused the connection"),
+        ):
+            given = args if "--site" in args else [*args, "--site", site]
+            done = isc_run("add-dest", "s", *given, cwd=tmp_path, check=1)
+            assert message in error_line(done)
+            assert state_of(tmp_path) == before
+        secret_file(tmp_path / "secret")
+        done = isc_run("add-dest", "s", uri, "--secret-file", "secret", cwd=tmp_path, check=1)
+        assert error_line(done) == (
+            "isc: error: --tls-creds and --secret-file are for a site: add --site"
+        )
+        assert state_of(tmp_path) == before
+
+
+def test_the_credentials_on_the_command_line_go_to_every_agent(
+    tmp_path: Path, source: Path, exports: Path
+):
+    secret = secret_file(tmp_path / "secret")
+    cli_session(tmp_path, source)
+    args = ["--listen", f"{HOST}:0", "--nbd-port", "0", "--dir", str(exports)]
+    with daemon(tmp_path / "agent.log", "agent", *args, "--secret-file", str(secret)) as remote:
+        site, uri = site_of(remote), remote.exports["disk"]
+        done = isc_run("add-dest", "s", uri, "--site", site, cwd=tmp_path, check=1)
+        assert f"the agent at {site} refused status disk: authentication" in error_line(done)
+        isc_run("add-dest", "s", uri, "--site", site, "--secret-file", "secret", cwd=tmp_path)
+        done = isc_run("update", "s", cwd=tmp_path, check=1)
+        assert f"the agent at {site} refused protect disk: authentication" in error_line(done)
+        assert states(tmp_path) == {"local": ("new", None), "disk": ("new", site)}
+        isc_run("update", "s", "--secret-file", "secret", "--timeout", str(WAIT), cwd=tmp_path)
+        assert states(tmp_path) == {"local": ("consistent", None), "disk": ("consistent", site)}
+    assert (exports / "disk").read_bytes() == source.read_bytes()
+
+
+def secret_file(path: Path) -> Path:
+    """A shared secret of seeded bytes at ``path``, of mode 0600 as isc requires."""
+    path.write_text(random.Random(SEED + 8).randbytes(32).hex())
+    path.chmod(0o600)
+    return path
+
+
+@contextmanager
+def impostor(answer: bytes | None) -> Iterator[str]:
+    """HOST:PORT of a listener that is no agent: it reads a request, then sends ``answer``
+    (None: nothing, until the test ends) and hangs up."""
+    done = threading.Event()
+    with socket.create_server((HOST, 0)) as server:
+        server.settimeout(WAIT)
+
+        def serve() -> None:
+            conn, _ = server.accept()
+            with conn:
+                conn.settimeout(WAIT)
+                conn.recv(65536)
+                if answer is None:
+                    done.wait(WAIT)
+                else:
+                    conn.sendall(answer)
+
+        thread = threading.Thread(target=serve)
+        thread.start()
+        try:
+            yield f"{HOST}:{server.getsockname()[1]}"
+        finally:
+            done.set()
+            thread.join(WAIT)
+
+
+@pytest.mark.parametrize(
+    ("where", "message"),
+    [
+        (f"{HOST}:1", "the agent at {site} refused the connection (is `isc agent` running there?)"),
+        (
+            "unix:{tmp}/none.sock",
+            "the agent at {site} cannot be reached: no socket at {tmp}/none.sock (is `isc agent "
+            "--listen {site}` running?)",
+        ),
+        (
+            "no-such-host.invalid:10900",
+            "the agent at {site} cannot be reached: the host no-such-host.invalid is unknown (",
+        ),
+        (
+            b"220 smtp.example.com ESMTP\r\n",
+            "the agent at {site} answered protect local with something that is not an isc "
+            "agent's reply (is {site} the control port, --listen, of an isc agent?)",
+        ),
+        (
+            b"",
+            "the agent at {site} closed the connection before answering protect local (an "
+            "agent that requires authentication does so: give its --tls-creds or --secret-file)",
+        ),
+        (None, "the agent at {site} did not answer protect local within 0.5 s"),
+    ],
+    ids=["refused", "no socket", "unknown host", "not an agent", "hangs up", "silent"],
+)
+def test_a_site_that_fails_is_named_in_words_and_changes_nothing(
+    tmp_path: Path, source: Path, where: str | bytes | None, message: str
+):
+    cli_session(tmp_path, source)
+    isc_run("copy", "s", "--full", cwd=tmp_path)
+    before = state_of(tmp_path)
+    with contextlib.ExitStack() as stack:
+        if not isinstance(where, str):
+            where = stack.enter_context(impostor(where))
+        site = where.format(tmp=tmp_path)
+        done = isc_run("update", "s", "--site", site, "--timeout", "0.5", cwd=tmp_path, check=1)
+        line = error_line(done)
+    expected = message.format(site=site, tmp=tmp_path)
+    assert line.startswith(f"isc: error: cannot protect local: {expected}")
+    assert line.endswith("; the update was abandoned")
+    assert "Errno" not in line and "<" not in line
+    after = state_of(tmp_path)
+    assert after.pop("generation") == before.pop("generation") + 1  # marked, then unmarked
+    assert after == before

@@ -699,7 +699,7 @@ def test_an_agent_on_a_unix_socket_is_the_site_of_update_rollback_and_serve(
         assert (exports / "disk").read_bytes() == source.read_bytes()
         # The socket reaches only this user, and still only with the credentials.
         done = isc_run("update", "s", *site, cwd=tmp_path, check=1)
-        assert f"agent unix:{path}" in error_line(done)
+        assert f"the agent at unix:{path}" in error_line(done)
         client = Credentials("client", tls_creds=good, secret_file=secret)
         agent = AgentSite(unix=path, timeout=WAIT, credentials=client)
         # The writes of an update that failed under a protection, rolled back by isc rollback.
@@ -752,7 +752,7 @@ def test_an_agent_site_is_at_a_host_and_port_or_a_unix_socket(tmp_path):
             AgentSite(**wrong)  # type: ignore[arg-type]
     ack = AgentSite(unix=tmp_path / "nobody.sock", timeout=WAIT).status(Destination(None, "d"))
     assert not ack.ok and not ack.outcome_unknown
-    assert f"agent unix:{tmp_path / 'nobody.sock'} could not status d" in ack.reason
+    assert f"the agent at unix:{tmp_path / 'nobody.sock'} cannot be reached" in ack.reason
 
 
 @pytest.mark.parametrize(
