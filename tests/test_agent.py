@@ -970,6 +970,29 @@ def test_a_site_on_the_command_line_that_is_not_a_destinations_own_is_refused(
     assert states(tmp_path) == {"local": ("new", None), "disk": ("new", site)}
 
 
+def test_a_site_on_a_unix_socket_is_remembered_by_its_path_and_known_under_another(
+    tmp_path: Path, source: Path, exports: Path
+):
+    cli_session(tmp_path, source)
+    (tmp_path / "run").mkdir(mode=0o700)
+    (tmp_path / "link").symlink_to("run")
+    socket_path = tmp_path / "run" / "agent.sock"
+    args = ["--listen", f"unix:{socket_path}", "--nbd-port", "0", "--dir", str(exports)]
+    with daemon(tmp_path / "agent.log", "agent", *args) as remote:
+        uri = remote.exports["disk"]
+        isc_run("add-dest", "s", uri, "--site", "unix:run/agent.sock", cwd=tmp_path)
+        site = f"unix:{socket_path}"
+        assert states(tmp_path) == {"local": ("new", None), "disk": ("new", site)}
+        # The same socket under another path is the same site, not a contradiction: the
+        # agent is asked, for the local destination too, which it does not export.
+        other = "unix:link/agent.sock"
+        done = isc_run("update", "s", "--site", other, cwd=tmp_path, check=1)
+        assert "cannot protect local: no export named 'local'" in error_line(done)
+        isc_run("update", "s", "--timeout", str(WAIT), cwd=tmp_path)
+        assert states(tmp_path) == {"local": ("consistent", None), "disk": ("consistent", site)}
+    assert (exports / "disk").read_bytes() == source.read_bytes()
+
+
 def test_add_dest_at_a_site_refuses_what_its_agent_would_not_protect(
     tmp_path: Path, source: Path, exports: Path
 ):

@@ -345,6 +345,29 @@ def test_corrupt_session_file(session: Path) -> None:
     assert files(session / "s") == before
 
 
+def test_a_session_file_without_sites_reads_as_before_and_a_bad_site_is_refused(
+    session: Path,
+) -> None:
+    path = session / "s" / METADATA
+    meta = json.loads(path.read_text())
+    for dest in meta["destinations"]:
+        del dest["site"]  # as isc wrote it before add-dest --site
+    path.write_text(json.dumps(meta))
+    assert [d["site"] for d in status(session)["destinations"]] == [None, None]
+    assert "    site none of its own: " in isc_run("status", "s", cwd=session).stdout
+    isc_run("update", "s", cwd=session)
+    assert [(d["state"], d["site"]) for d in status(session)["destinations"]] == [
+        ("consistent", None)
+    ] * 2
+    meta = json.loads(path.read_text())
+    meta["destinations"][0]["site"] = "nowhere"
+    path.write_text(json.dumps(meta))
+    before = files(session / "s")
+    line = error_line(isc_run("update", "s", cwd=session, check=1))
+    assert "s/session.json: destination" in line and "is not {name, target, site," in line
+    assert files(session / "s") == before
+
+
 def test_a_session_in_use(session: Path) -> None:
     stored, _ = open_session(session / "s")
     with stored:

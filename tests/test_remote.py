@@ -1,5 +1,9 @@
 """LocalSite and Protection: the snapshot that keeps a destination's last consistent image.
 
+Also the addresses of agents (``HOST:PORT``, ``unix:PATH``) as a session
+remembers them; what an :class:`AgentSite` says when its agent fails is
+tested through the ``isc`` command in ``test_agent.py``.
+
 Rule 8 from the site's side: while protected, every write to the destination
 goes through a snapshot that saves each 64 KiB chunk's original data once;
 rollback writes those back and reports what it rewrote. A save that fails (a
@@ -17,9 +21,18 @@ import random
 import pytest
 from helpers import chunk_bytes, chunks_touched, fill_random
 
-from isc import Destination, IscError, MemoryLUN
+from isc import Destination, IscError, MemoryLUN, ParameterError
 from isc.lun import ForwardingLUN
-from isc.remote import PROTECT_GRANULARITY, LocalSite, ProtectedLUN, saved_extents
+from isc.remote import (
+    PROTECT_GRANULARITY,
+    AgentSite,
+    LocalSite,
+    ProtectedLUN,
+    address_text,
+    agent_address,
+    same_agent,
+    saved_extents,
+)
 
 P = PROTECT_GRANULARITY
 SIZE = 3 * P + 1000  # a short last protection chunk
@@ -229,3 +242,33 @@ def test_saved_extents_merge_adjacent_chunks_and_the_smallest_gaps_past_the_limi
     covered = saved_extents(many, P, size, limit=4)
     assert len(covered) == 4
     assert all(any(o <= c * P < o + n for o, n in covered) for c in many)
+
+
+def test_an_agents_address_reads_back_as_written_and_names_one_control_port(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for text, address in (
+        ("127.0.0.1:10900", ("127.0.0.1", 10900)),
+        ("[::1]:10900", ("::1", 10900)),
+        ("unix:run/agent.sock", str(tmp_path / "run" / "agent.sock")),
+    ):
+        assert agent_address(text) == address
+        assert agent_address(address_text(address)) == address
+        assert AgentSite.at(address).where == address_text(address)
+    for wrong, why in (
+        ("nowhere", "'nowhere' is not HOST:PORT"),
+        ("host:0", r"'host:0' is not HOST:PORT \(a port from 1 to 65535\)"),
+        ("host:65536", "is not HOST:PORT"),
+        (":10900", "is not HOST:PORT"),
+        ("unix:", "unix:PATH needs a path"),
+    ):
+        with pytest.raises(ParameterError, match=why):
+            agent_address(wrong)
+    assert same_agent("Replica.example.com:10900", "replica.example.com:10900")
+    assert not same_agent("replica:10900", "replica:10901")
+    assert not same_agent("localhost:10900", "unix:localhost:10900")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "agent.sock").touch()
+    (tmp_path / "link").symlink_to("run")
+    assert same_agent("unix:run/agent.sock", f"unix:{tmp_path}/link/agent.sock")  # one inode
+    assert not same_agent("unix:run/agent.sock", "unix:run/other.sock")  # one is missing
+    assert same_agent("unix:run/none.sock", f"unix:{tmp_path}/run/none.sock")  # one path
