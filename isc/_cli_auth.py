@@ -16,8 +16,10 @@
                               :data:`isc.nbd.MAX_CLIENTS`); more are refused
 ============================  ===================================================
 
-A command that talks to a site (update, rollback) takes ``--tls-creds`` and
-``--secret-file``, the client's end of the same credentials.
+A command that talks to a site (update, rollback, add-dest --site) takes
+``--tls-creds`` and ``--secret-file``, the client's end of the same
+credentials, and presents them to every agent it asks: ``--site``'s and
+each destination's own (``add-dest --site``).
 
 Listening on an address other than loopback (127.0.0.0/8, ::1, localhost)
 is refused unless what listens there is secured: an NBD export needs

@@ -13,10 +13,17 @@ and the other commands fail saying how to reach it.
 Every command takes ``--json`` (its report as one JSON line); ``update
 --every`` prints one timestamped line per update (:func:`report`).
 
+Sites (:func:`_connect`): ``update`` and ``rollback`` ask each destination's
+own agent (``add-dest --site``), the others' at ``--site``, else protect in
+this process; a ``--site`` that is not the own site of a destination they
+handle is refused before anything changes. ``--tls-creds`` and
+``--secret-file`` go to every agent they ask.
+
 =========================================  ======================================
 ``isc create SESSION --source PATH|URI``   make the state directory (nothing else)
 ``isc add-dest SESSION PATH|URI``          add a destination (NEW: full copy first;
-                                           ``--create`` makes the file)
+                                           ``--create`` makes the file; ``--site``
+                                           the agent that protects it, remembered)
 ``isc mark SESSION`` / ``isc unmark``      freeze / release a point in time
 ``isc copy SESSION [--full [--unmarked]]`` incremental (marked) / marked full /
                                            unmarked full copy to every destination
@@ -26,8 +33,9 @@ Every command takes ``--json`` (its report as one JSON line); ``update
                                            were taken
 ``isc remove-dest SESSION NAME``           take a destination out (its data stays)
 ``isc destroy SESSION``                    delete the state directory (only isc's files)
-``isc rollback SESSION DEST --site H:P``   restore a destination's protected image (an
-                                           RBD image's, rbd:POOL/IMAGE, needs no --site)
+``isc rollback SESSION DEST [--site H:P]`` restore a destination's protected image at
+                                           its own site, else --site's (an RBD image's,
+                                           rbd:POOL/IMAGE, in its cluster)
 ``isc recover SESSION``                    with ``--reset-destinations``: start again
                                            after the bitmap was lost or damaged (every
                                            destination NEW, the next copy full)

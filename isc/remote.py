@@ -30,14 +30,19 @@ Where the snapshot lives:
   other write to it, for it alone (rule 13).
 * :class:`AgentSite` (an ``isc agent``): on the agent's disk, in a journal of
   saved chunks that survives a crash or restart of the agent (rule 8; the
-  journal's format and crash behaviour are in :mod:`isc.agent`).
+  journal's format and crash behaviour are in :mod:`isc.agent`). An agent
+  is at ``HOST:PORT`` or ``unix:PATH`` (:func:`agent_address`,
+  :func:`address_text`; :func:`same_agent` compares two), the text a session
+  remembers as a destination's own site. When it fails, the ack's reason
+  names the agent and what to check, never an errno or an object.
 * :class:`isc.rbd.RBDSite`: in a Ceph cluster, as RBD snapshots.
 
 A site may also offer ``protect_group(dests)`` and ``rollback_group(dests)``
 (an ack per destination): a consistency group's destinations protected at
 one instant and rolled back as one (one RBD group snapshot);
 :func:`group_request` falls back to one request per destination.
-:class:`RoutingSite` sends each destination's requests to its own site.
+:class:`RoutingSite` sends each destination's requests to its own site
+(:meth:`isc.store.PersistentSession.site` routes a session's that way).
 """
 
 from __future__ import annotations

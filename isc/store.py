@@ -2,8 +2,9 @@
 
 Layout of a state directory::
 
-    session.json        metadata: source, granularity, save area, destinations,
-                        epoch, checkpointed, source_stamp; rewritten
+    session.json        metadata: source, granularity, save area, destinations
+                        (each with its own site or null: isc.remote's
+                        agent address), epoch, checkpointed, source_stamp; rewritten
                         atomically (temp file, fsync, rename, fsync of the
                         directory) at each open, save and close; versioned
     .lock               flock'ed by the process that holds the session
