@@ -631,7 +631,7 @@ class PersistentSession:
             lun.close()
             raise ParameterError(problem)
         self._targets[name] = target
-        self._sites[name] = agent and agent.where
+        self._sites[name] = None if agent is None else agent.where
         self.destinations.append(dest)
         self.save()
         return dest
