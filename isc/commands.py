@@ -451,11 +451,11 @@ def _recover(args: argparse.Namespace) -> int:
 
 def _add_dest(args: argparse.Namespace) -> int:
     target = _target(args.target)
+    site = args.site and address_text(args.site)
+    credentials = _cli_auth.client_credentials(args)
+    if credentials is not None and site is None:
+        raise ParameterError("--tls-creds and --secret-file are for a site: add --site")
     with _open(args) as stored:
-        site = args.site and address_text(args.site)
-        credentials = _cli_auth.client_credentials(args)
-        if credentials is not None and site is None:
-            raise ParameterError("--tls-creds and --secret-file are for a site: add --site")
         made = _create_file(target, stored.source.size) if args.create else None
         try:
             dest = stored.add_destination(target, args.name, site, credentials)
@@ -715,8 +715,9 @@ def _connect(args: argparse.Namespace, dests: list[dict]) -> tuple[RemoteSite, C
     """The site of the destinations ``dests`` (the session file's) that have none of their
     own: the agent ``--site`` names, else this process's; and the credentials
     (``--tls-creds``/``--secret-file``) for every agent. Raises ``ParameterError``, before
-    anything changes, when ``--site`` is not the own site of one of ``dests`` (which
-    would it be?) and for credentials that no agent would get."""
+    anything changes, when ``--site`` is not the own site of one of ``dests`` (the user
+    meant one of the two for it, and isc cannot tell which) and for credentials that no
+    agent would get."""
     given, credentials = args.site and address_text(args.site), _cli_auth.client_credentials(args)
     for dest in dests:
         own = dest.get("site")
