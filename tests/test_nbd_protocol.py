@@ -51,7 +51,7 @@ from test_nbd import (
 
 from isc import FileLUN, MemoryLUN, Session
 from isc.nbd import NBDServer, SessionLUN
-from isc.nbd.export import MAX_EXTENTS, LUNExport
+from isc.nbd.export import MAX_EXTENTS, LUNExport, _KnownData
 
 SEED = 20261205
 serve = test_nbd.serve  # the fixture: isc servers on Unix sockets in tmp_path
@@ -623,3 +623,46 @@ def test_a_large_read_failing_midway_ends_as_the_spec_says(serve, caplog):
             received += part
         assert len(received) < MIB and received == pattern[: len(received)]
     assert any("was sent already" in r.getMessage() for r in caplog.records)
+
+
+def test_a_small_reply_held_back_is_sent_while_a_large_read_holds_the_turn(serve):
+    # The reply to a small WRITE waits to go out with others; a large READ asked just
+    # before it takes the connection's turn to send first and, while its client is slow
+    # to read, keeps it: the WRITE's reply must still come.
+    server = serve(MemoryLUN(8 * MIB))
+    with raw(server) as c:
+        c.go()
+        read = struct.pack(">IHHQQI", test_nbd.REQUEST_MAGIC, 0, CMD_READ, 1, 0, 8 * MIB)
+        write = struct.pack(">IHHQQI", test_nbd.REQUEST_MAGIC, 0, CMD_WRITE, 2, 0, 4096)
+        c.sock.sendall(read + write + bytes(4096))
+        answered = {}
+        while len(answered) < 2:
+            magic, error, handle = struct.unpack(">IIQ", c.recv(16))
+            assert (magic, error) == (SIMPLE_REPLY_MAGIC, 0)
+            answered[handle] = c.recv(8 * MIB) if handle == 1 else b""
+        assert answered[1] == bytes(8 * MIB)  # read before the write, or after: all zeros
+
+
+def test_data_extents_of_regions_read_in_turn_are_asked_once_each():
+    # nbdcopy's connections read regions of the export at once: each region's data
+    # extent is remembered, not only the last one found (on tmpfs each ask is O(file)).
+    class Asked:
+        size = 1 << 40
+        asked = 0
+
+        def data_extents(self, offset, length):
+            self.asked += 1
+            return [(offset, length)]
+
+    lun = Asked()
+    known = _KnownData(lun)
+    regions = [0, 300 * MIB, 600 * MIB, 900 * MIB]
+    for step in range(64):
+        for start in regions:
+            assert known(start + step * 256 * KIB, 256 * KIB) == [
+                (start + step * 256 * KIB, 256 * KIB)
+            ]
+    assert lun.asked == len(regions)
+    known.forget()
+    known(0, 4096)
+    assert lun.asked == len(regions) + 1

