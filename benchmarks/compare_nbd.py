@@ -33,9 +33,14 @@ in the work directory (``/dev/shm`` when it has room):
     is checked against the image at its mark. QEMU's figure beside it is
     ``compare_qemu.py``'s incremental push copy of the same change.
 
+With ``--baseline REV`` the copy and pull sections also run ``isc serve`` with the
+NBD package (``isc/nbd/``) of git revision REV on this checkout's core (:func:`baseline_package`):
+the copy rows interleaved with the others, the pull figures after this checkout's.
+
 Nothing here asserts on time; targets are read from the tables.
 
-    .venv/bin/python benchmarks/compare_nbd.py [--only copy,status,pull] [--json out.json]
+    .venv/bin/python benchmarks/compare_nbd.py [--only copy,status,pull] [--baseline REV]
+        [--json out.json]
 """
 
 from __future__ import annotations
@@ -80,10 +85,16 @@ def cpu_seconds(pid: int) -> float:
 
 
 @contextmanager
-def server_process(command: list[object], sock: Path, log: Path) -> Iterator[subprocess.Popen]:
-    """Run a server listening on ``sock``; stop it at the end."""
+def server_process(
+    command: list[object], sock: Path, log: Path, package: Path | None = None
+) -> Iterator[subprocess.Popen]:
+    """Run a server listening on ``sock``; stop it at the end. With ``package``, Python
+    imports isc from that directory (:func:`baseline_package`)."""
+    where = (
+        {} if package is None else {"cwd": package, "env": {**os.environ, "PYTHONPATH": package}}
+    )
     with open(log, "wb") as out:
-        proc = subprocess.Popen([os.fspath(a) for a in command], stdout=out, stderr=out)
+        proc = subprocess.Popen([os.fspath(a) for a in command], stdout=out, stderr=out, **where)
         try:
             deadline = time.monotonic() + WAIT
             while not sock.exists():
@@ -95,6 +106,21 @@ def server_process(command: list[object], sock: Path, log: Path) -> Iterator[sub
         finally:
             proc.terminate()
             proc.wait(timeout=WAIT)
+
+
+def baseline_package(rev: str, work: Path) -> Path:
+    """A directory holding this checkout's isc package (its built core included) with the
+    NBD package (``isc/nbd/``) as it was at ``rev``: the NBD code before and after, in
+    one run, on the same core."""
+    root = work / "baseline"
+    shutil.copytree(ROOT / "isc", root / "isc", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.rmtree(root / "isc" / "nbd")
+    (root / "isc" / "nbd").mkdir()
+    listed = tool("git", "-C", ROOT, "ls-tree", "--name-only", f"{rev}:isc/nbd")
+    for name in listed.split():
+        text = tool("git", "-C", ROOT, "show", f"{rev}:isc/nbd/{name}")
+        (root / "isc" / "nbd" / name).write_text(text)
+    return root
 
 
 def tool(*args: object, stdin: str | None = None, timeout: float = COPY_WAIT) -> str:
@@ -177,13 +203,20 @@ def section_copy(args: argparse.Namespace, work: Path, checks: list[dict]) -> di
     size, nbdcopy = args.size, shutil.which("nbdcopy")
     src = work / "src.img"
     write_random(src, size, args.seed)
-    for name in ("qemu.img", "isc.img", "dst.img", "sharing.img"):
+    for name in ("qemu.img", "isc.img", "base.img", "dst.img", "sharing.img"):
         shutil.copyfile(src, work / name)  # every page allocated, as a volume's
     qemu_sock, isc_sock, own_sock = work / "q.sock", work / "i.sock", work / "o.sock"
+    base_sock = work / "b.sock"
     own = f"nbd+unix:///vol?socket={own_sock}"
+    before = f"isc serve at {args.baseline}"
     servers = {  # name: (URI, the file behind the export)
         "qemu-nbd": (f"nbd+unix:///?socket={qemu_sock}", work / "qemu.img"),
         "isc serve": (f"nbd+unix:///isc.img?socket={isc_sock}", work / "isc.img"),
+        **(
+            {before: (f"nbd+unix:///base.img?socket={base_sock}", work / "base.img")}
+            if args.baseline
+            else {}
+        ),
         "isc in-process": (own, work / "isc.img"),
         "isc in-process, copy running": (own, work / "isc.img"),
     }
@@ -199,11 +232,20 @@ def section_copy(args: argparse.Namespace, work: Path, checks: list[dict]) -> di
         work / "qemu.img",
     ]
     serve = [*ISC, "serve", work / "isc.img", "--listen", f"unix:{isc_sock}"]
-    with (
-        server_process(qemu, qemu_sock, work / "qemu.log") as qemu_proc,
-        server_process(serve, isc_sock, work / "serve.log") as isc_proc,
-    ):
-        pids = {"qemu-nbd": qemu_proc.pid, "isc serve": isc_proc.pid}
+    with contextlib.ExitStack() as stack:
+        pids = {
+            "qemu-nbd": stack.enter_context(server_process(qemu, qemu_sock, work / "qemu.log")).pid,
+            "isc serve": stack.enter_context(
+                server_process(serve, isc_sock, work / "serve.log")
+            ).pid,
+        }
+        if args.baseline:
+            serve_before = [*ISC, "serve", work / "base.img", "--listen", f"unix:{base_sock}"]
+            package = baseline_package(args.baseline, work)
+            log = work / "serve-before.log"
+            pids[before] = stack.enter_context(
+                server_process(serve_before, base_sock, log, package)
+            ).pid
         for _ in range(args.rounds):
             for name, (uri, image) in servers.items():
                 sharing = work / "sharing.img" if "copy running" in name else None
@@ -353,6 +395,17 @@ def pull_script() -> str:
 
 
 def section_pull(args: argparse.Namespace, work: Path, checks: list[dict]) -> dict:
+    """The pull figures of ``isc serve``, and of it at ``--baseline`` after them."""
+    figures = {"isc serve": _pull(args, work, checks, None)}
+    if args.baseline:
+        package = work / "baseline"
+        if not package.exists():
+            package = baseline_package(args.baseline, work)
+        figures[f"isc serve at {args.baseline}"] = _pull(args, work, checks, package)
+    return figures
+
+
+def _pull(args: argparse.Namespace, work: Path, checks: list[dict], package: Path | None) -> dict:
     python = writer_python()
     (work / "pull.py").write_text(pull_script())
     source, backup = work / "vol.img", work / "backup.img"
@@ -363,7 +416,7 @@ def section_pull(args: argparse.Namespace, work: Path, checks: list[dict]) -> di
     frozen = f"nbd+unix:///vol.img@frozen?socket={nbd_sock}"
     pull = [python, work / "pull.py", frozen, "qemu:dirty-bitmap:vol.img", backup]
     figures: dict = {"idle": [], "loaded": []}
-    with server_process(serve, nbd_sock, work / "pull-serve.log") as proc:
+    with server_process(serve, nbd_sock, work / "pull-serve.log", package) as proc:
 
         def round_(seed: int, writer: HostWriter | None) -> tuple[float, float | None]:
             # The last backup: the volume as it is now, with nothing tracked since
@@ -405,21 +458,30 @@ def section_pull(args: argparse.Namespace, work: Path, checks: list[dict]) -> di
 
 
 def table_pull(figures: dict, args: argparse.Namespace) -> list[str]:
-    s = figures["summary"]
     changed = format_bytes(args.size * args.change)
-    return [
+    names = list(figures)
+    lines = [
         f"### Pull backup of {changed} changed ({args.change:.0%} of {format_bytes(args.size)}, "
         "64 KiB blocks) through NAME@frozen with libnbd",
         "",
-        "| figure | value |",
-        "|---|---|",
-        f"| pull, no host writes (median of {args.rounds}) | {s['pull_idle'] * 1000:.1f} ms |",
-        f"| pull, host writes running (median) | {s['pull_loaded'] * 1000:.1f} ms |",
-        f"| host 4 KiB writes, qd 8, idle | {s['writes_idle']:.0f}/s |",
-        f"| host 4 KiB writes during the pulls | {s['writes_during_pull']:.0f}/s "
-        f"({s['writes_during_pull'] / s['writes_idle']:.0%} of idle) |",
-        f"| longest host write stall during the pulls | {s['max_gap_ms']:.1f} ms |",
+        "| figure | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(names),
     ]
+    rows = {
+        f"pull, no host writes (median of {args.rounds})": lambda s: (
+            f"{s['pull_idle'] * 1000:.1f} ms"
+        ),
+        "pull, host writes running (median)": lambda s: f"{s['pull_loaded'] * 1000:.1f} ms",
+        "host 4 KiB writes, qd 8, idle": lambda s: f"{s['writes_idle']:.0f}/s",
+        "host 4 KiB writes during the pulls": lambda s: (
+            f"{s['writes_during_pull']:.0f}/s "
+            f"({s['writes_during_pull'] / s['writes_idle']:.0%} of idle)"
+        ),
+        "longest host write stall during the pulls": lambda s: f"{s['max_gap_ms']:.1f} ms",
+    }
+    for row, cell in rows.items():
+        lines.append(f"| {row} | " + " | ".join(cell(figures[n]["summary"]) for n in names) + " |")
+    return lines
 
 
 # -- the run -------------------------------------------------------------------------------------
@@ -444,6 +506,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--only", type=lambda text: text.split(","), default=list(SECTIONS), help="sections"
     )
     parser.add_argument("--seed", type=int, default=20261207)
+    parser.add_argument(
+        "--baseline",
+        metavar="REV",
+        help="also run isc serve with the NBD package (isc/nbd/) of git revision REV",
+    )
     parser.add_argument("--json", metavar="PATH", help="write every measurement here")
     args = parser.parse_args(argv)
     unknown = set(args.only) - set(SECTIONS)
@@ -459,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("qemu-nbd", "qemu-img", "qemu-io", "nbdcopy", "nbdinfo"):
         if shutil.which(name) is None:
             sys.exit(f"{name} is missing: apt-get install qemu-utils libnbd-bin")
-    where = str(SHM) if shm_free() >= 6 * args.size + (1 << 30) else tempfile.gettempdir()
+    where = str(SHM) if shm_free() >= 7 * args.size + (1 << 30) else tempfile.gettempdir()
     checks: list[dict] = []
     results: dict = {"config": {**vars(args), "dir": where, "date": time.ctime()}}
     lines: list[str] = []
