@@ -236,7 +236,11 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     )
 
     command("mark", _mark, "freeze a point in time to copy (isc copy sends it)")
-    command("unmark", _unmark, "end a mark: what was not sent goes back to tracking")
+    command(
+        "unmark",
+        _unmark,
+        "end the mark, if any: what was not sent goes back to tracking",
+    )
 
     copy = command(
         "copy",
@@ -570,33 +574,33 @@ def _marked(args, name: str, generation: int, count: int, granularity: int) -> N
 
 
 def _unmark(args: argparse.Namespace) -> int:
+    # Unmarking an unmarked session changes nothing and succeeds, as Session.unmark().
     served = _ask_server(args, {"op": "status"})
     if served is not None:
         name, info = served
-        if info["state"] != "marked":  # the server's unmark does nothing then, as the API's
-            raise StateError(_not_marked(name))
-        unmarked = _ask_server(args, {"op": "unmark"})
-        if unmarked is None:
-            raise StateError(f"the isc serve of {name} stopped meanwhile; unmark it again")
-        _unmarked(args, name, info["generation"], unmarked[1]["returned_chunks"])
+        count = None
+        if info["state"] == "marked":
+            unmarked = _ask_server(args, {"op": "unmark"})
+            if unmarked is None:
+                raise StateError(f"the isc serve of {name} stopped meanwhile; unmark it again")
+            count = unmarked[1]["returned_chunks"]
+        _unmarked(args, name, info["generation"], count)
         return 0
     with _open(args) as stored:
         session = stored.session
-        if not session.bitmap.marked:
-            raise StateError(_not_marked(session.name))
-        count = session.bitmap.transfer_count
-        session.unmark()
-        _unmarked(args, session.name, session.generation, count)
+        marked = session.bitmap.marked
+        count = session.unmark()
+        _unmarked(args, session.name, session.generation, count if marked else None)
     return 0
 
 
-def _not_marked(name: str) -> str:
-    return f"{name} is not marked; there is nothing to unmark"
-
-
-def _unmarked(args, name: str, generation: int, count: int) -> None:
-    record = {"session": name, "generation": generation, "returned_chunks": count}
-    _say(args, record, f"unmarked {name}: {count} unsent chunk(s) back in tracking")
+def _unmarked(args, name: str, generation: int, count: int | None) -> None:
+    """Report an unmark: ``count`` unsent chunks back in tracking, None when not marked."""
+    record = {"session": name, "generation": generation, "returned_chunks": count or 0}
+    if count is None:
+        _say(args, record, f"{name} is not marked; there was nothing to unmark")
+    else:
+        _say(args, record, f"unmarked {name}: {count} unsent chunk(s) back in tracking")
 
 
 def _copy(args: argparse.Namespace) -> int:
