@@ -75,6 +75,14 @@ bit, to be replayed onto an empty map. A new bitmap's first snapshot is one.
 
 Cost: a snapshot O(1) (a base O(summary)); records O(pending pages); a
 change to a page pending in a snapshot O(page) once.
+
+The save area's side
+--------------------
+``Slots`` is the save area's allocator (``isc.savearea`` describes it), and
+``FileSave`` a session's COFW save for a file source and an in-memory save
+area: ``write_through`` calls it without a Python call, and it ``pread``s
+each chunk straight into its slot with the GIL released, handing anything
+but a plain success to the session's Python save.
 """
 
 from libc.stdint cimport int64_t, uint32_t, uint64_t
@@ -82,7 +90,10 @@ from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.string cimport memcmp, memcpy, memset
 
 cimport numpy as cnp
-from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.buffer cimport (PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release,
+                             PyObject_GetBuffer)
+from posix.types cimport off_t
+from posix.unistd cimport pread
 from cpython.bytes cimport PyBytes_CheckExact, PyBytes_GET_SIZE
 from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_Check
 from cpython.number cimport PyNumber_Index
@@ -217,6 +228,9 @@ cdef enum:
 
 
 cdef uint64_t ONES = <uint64_t>0xFFFFFFFFFFFFFFFF
+
+
+cdef class FileSave  # write_through calls it without a Python call
 
 
 cdef struct Bits:
@@ -761,7 +775,10 @@ cdef class DeltaBitmap:
         try:
             if cofw is not _EMPTY:
                 try:
-                    save(cofw)
+                    if type(save) is FileSave:
+                        (<FileSave>save)._save(cofw)
+                    else:
+                        save(cofw)
                 except BaseException:
                     # The write is abandoned: its chunks keep their data, and
                     # a later write must save them again.
@@ -2068,3 +2085,247 @@ cdef object _array(const int64_t *data, size_t n):
     arr = cnp.PyArray_SimpleNew(1, &dims, cnp.NPY_INT64)
     memcpy(cnp.PyArray_DATA(arr), data, n * 8)
     return arr
+
+
+cdef struct FreeList:
+    uint64_t size               # bytes of each slot on the list
+    size_t n                    # offsets held
+    size_t cap
+    uint64_t *offsets
+
+
+cdef class Slots:
+    """The slots of a save area of at most ``capacity`` bytes: its allocator.
+
+    ``take(length)`` returns ``(offset, slot, length)``: ``length`` bytes in a
+    slot of ``slot >= length`` bytes at ``offset``. It takes the last freed
+    slot of exactly ``length`` bytes, else of the smallest larger size (whole,
+    not split), else ``[end, end + length)`` when that ends within
+    ``capacity``; None when none fits or ``used + length`` would exceed
+    ``capacity``. ``free(entry)`` returns a slot to the list of its size,
+    ``reset()`` forgets every slot (``high_water`` stays). ``used`` is the
+    sum of the lengths taken and not freed, ``high_water`` its largest value
+    since creation or ``reset_high_water()``. Costs O(distinct slot sizes)
+    (one or two in a session). Not thread-safe: the save area's lock guards it.
+    """
+
+    cdef uint64_t _capacity
+    cdef uint64_t _end
+    cdef uint64_t _used
+    cdef uint64_t _high_water
+    cdef FreeList *_lists
+    cdef size_t _nlists
+
+    def __cinit__(self, capacity):
+        cdef int64_t c_capacity = _i64(capacity)
+        if c_capacity <= 0:
+            raise _layout.ParameterError(f"slots need a capacity > 0 bytes, got {capacity}")
+        self._capacity = <uint64_t>c_capacity
+
+    def __dealloc__(self):
+        cdef size_t i
+        for i in range(self._nlists):
+            free(self._lists[i].offsets)
+        free(self._lists)
+
+    cdef bint _take(self, uint64_t length, uint64_t *offset, uint64_t *slot) noexcept:
+        cdef size_t i
+        cdef size_t best = self._nlists
+        cdef FreeList *found
+        if self._used + length > self._capacity:
+            return False
+        for i in range(self._nlists):
+            if self._lists[i].n and self._lists[i].size >= length and (
+                    best == self._nlists or self._lists[i].size < self._lists[best].size):
+                best = i
+        if best < self._nlists:
+            found = &self._lists[best]
+            found.n -= 1
+            offset[0] = found.offsets[found.n]
+            slot[0] = found.size
+        elif self._end + length <= self._capacity:
+            offset[0] = self._end
+            slot[0] = length
+            self._end += length
+        else:
+            return False
+        self._used += length
+        if self._used > self._high_water:
+            self._high_water = self._used
+        return True
+
+    cdef int _free(self, uint64_t offset, uint64_t slot, uint64_t length) except -1:
+        cdef size_t i = 0
+        cdef FreeList *lists
+        cdef uint64_t *offsets
+        while i < self._nlists and self._lists[i].size != slot:
+            i += 1
+        if i == self._nlists:
+            lists = <FreeList *>realloc(self._lists, (i + 1) * sizeof(FreeList))
+            if lists == NULL:
+                raise MemoryError("cannot grow the save area's free lists")
+            self._lists = lists
+            memset(&lists[i], 0, sizeof(FreeList))
+            lists[i].size = slot
+            self._nlists += 1
+        found = &self._lists[i]
+        if found.n == found.cap:
+            offsets = <uint64_t *>realloc(found.offsets, (found.cap * 2 + 16) * 8)
+            if offsets == NULL:
+                raise MemoryError("cannot grow the save area's free lists")
+            found.offsets = offsets
+            found.cap = found.cap * 2 + 16
+        found.offsets[found.n] = offset
+        found.n += 1
+        self._used -= length
+        return 0
+
+    def take(self, length):
+        """A slot for ``length`` bytes as ``(offset, slot, length)``; None when none fits."""
+        cdef uint64_t offset, slot
+        cdef int64_t c_length = _i64(length)
+        if c_length <= 0 or not self._take(<uint64_t>c_length, &offset, &slot):
+            return None
+        return (offset, slot, c_length)
+
+    def free(self, entry):
+        """Return the slot of ``entry`` (as ``take`` gave it) to its free list."""
+        offset, slot, length = entry
+        self._free(<uint64_t>_i64(offset), <uint64_t>_i64(slot), <uint64_t>_i64(length))
+
+    def reset(self):
+        """Forget every slot: the next ``take`` starts at offset 0."""
+        cdef size_t i
+        for i in range(self._nlists):
+            self._lists[i].n = 0
+        self._end = 0
+        self._used = 0
+
+    @property
+    def used(self):
+        """Bytes taken and not freed."""
+        return self._used
+
+    @property
+    def high_water(self):
+        """The largest ``used`` since creation or the last ``reset_high_water``."""
+        return self._high_water
+
+    def reset_high_water(self):
+        """Restart ``high_water`` from ``used``."""
+        self._high_water = self._used
+
+
+cdef class FileSave:
+    """The COFW save of a session on a file (a ``FileLUN``) into an in-memory save area.
+
+    Called with a write's COFW chunks (ascending) as ``write_through``'s
+    ``save``, it does what the session's Python save does, without Python
+    frames: under ``lock`` (the session's save lock) it returns at once when
+    the bitmap is unmarked, skips chunks no longer flagged saved (sent since
+    the write flagged them) and, under ``area_lock``, ``pread``s each
+    chunk from the source's descriptor straight into a slot of ``arena``
+    taken from ``slots`` and records it in ``index`` (chunk -> entry).
+    Anything else (the source closed, a read that fails or comes back short,
+    no slot, a chunk already held, the arena released by a closed area)
+    stops it and hands that chunk and the rest, after both locks are
+    released, to ``fallback`` (the session's Python save), which saves them
+    or aborts the mark with the error's message. ``chunks`` and ``nbytes``
+    count what it saved.
+    """
+
+    cdef DeltaBitmap _bitmap
+    cdef object _source
+    cdef object _lock, _unlock            # the session's save lock: acquire, release
+    cdef object _area_lock, _area_unlock  # the save area's lock
+    cdef Slots _slots
+    cdef dict _index
+    cdef object _arena
+    cdef object _fallback
+    cdef readonly uint64_t chunks
+    cdef readonly uint64_t nbytes
+
+    def __init__(self, DeltaBitmap bitmap not None, source, lock, Slots slots not None,
+                 dict index not None, arena, area_lock, fallback):
+        self._bitmap = bitmap
+        self._source = source
+        # Bound once: a with statement would look both methods up on every save.
+        self._lock, self._unlock = lock.acquire, lock.release
+        self._area_lock, self._area_unlock = area_lock.acquire, area_lock.release
+        self._slots = slots
+        self._index = index
+        self._arena = arena
+        self._fallback = fallback
+
+    def __call__(self, chunks):
+        self._save(np.ascontiguousarray(chunks, dtype=np.int64))
+
+    cdef int _save(self, cnp.ndarray chunks) except -1:
+        cdef const int64_t *todo = <const int64_t *>cnp.PyArray_DATA(chunks)
+        cdef size_t n = <size_t>cnp.PyArray_SIZE(chunks)
+        cdef size_t i = 0
+        cdef DeltaBitmap bitmap = self._bitmap
+        cdef uint64_t g = bitmap._granularity
+        cdef uint64_t c, start, length, offset, slot
+        cdef bint marked, flagged, read
+        cdef bint held = False
+        cdef int fd
+        cdef Py_buffer arena
+        self._lock()
+        try:
+            bitmap._acquire()
+            marked = bitmap._marked
+            bitmap._release()
+            if not marked:
+                return 0  # the mark was aborted meanwhile: nothing to protect
+            fd = self._source._fd  # -1 once closed
+            self._area_lock()
+            try:
+                try:
+                    PyObject_GetBuffer(self._arena, &arena, PyBUF_WRITABLE)
+                    held = True
+                except ValueError:  # released: the area is closed
+                    pass
+                while held and fd >= 0 and i < n:
+                    c = <uint64_t>todo[i]
+                    bitmap._acquire()
+                    flagged = bitmap._saved.words[c >> 6] >> (c & 63) & 1
+                    bitmap._release()
+                    if flagged:
+                        start = c * g
+                        length = min(g, bitmap._size - start)
+                        if c in self._index or not self._slots._take(length, &offset, &slot):
+                            break
+                        read = offset + length <= <uint64_t>arena.len
+                        if read:
+                            with nogil:
+                                read = _pread_all(fd, <char *>arena.buf + offset, length, start)
+                        if not read:
+                            self._slots._free(offset, slot, length)
+                            break
+                        self._index[c] = (offset, slot, length)
+                        self.chunks += 1
+                        self.nbytes += length
+                    i += 1
+            finally:
+                if held:
+                    PyBuffer_Release(&arena)
+                self._area_unlock()
+        finally:
+            self._unlock()
+        if i < n:
+            self._fallback(chunks[i:])
+        return 0
+
+
+cdef bint _pread_all(int fd, char *buffer, uint64_t length, uint64_t offset) noexcept nogil:
+    """Read all ``length`` bytes at ``offset``; False on any error or end of file."""
+    cdef ssize_t got
+    while length:
+        got = pread(fd, buffer, length, <off_t>offset)
+        if got <= 0:
+            return False
+        buffer += got
+        length -= <uint64_t>got
+        offset += <uint64_t>got
+    return True

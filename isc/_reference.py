@@ -14,6 +14,7 @@ a base); the core may add pages that changed and changed back.
 from __future__ import annotations
 
 import operator
+import os
 import struct
 import threading
 
@@ -538,3 +539,113 @@ def _overlap(a: tuple[int, int], b: tuple[int, int]) -> bool:
 def _set_of(bits: bytes) -> set[int]:
     flags = np.unpackbits(np.frombuffer(bits, dtype=np.uint8), bitorder="little")
     return set(np.flatnonzero(flags).tolist())
+
+
+class Slots:
+    """The twin of :class:`isc._core.Slots`: free lists in a dict keyed by slot size."""
+
+    def __init__(self, capacity: int) -> None:
+        self._capacity = _int64(capacity)
+        if self._capacity <= 0:
+            raise ParameterError(f"slots need a capacity > 0 bytes, got {capacity}")
+        self._end = 0
+        self._free: dict[int, list[int]] = {}  # slot size -> offsets; no empty lists
+        self.used = 0
+        self.high_water = 0
+
+    def take(self, length: int) -> tuple[int, int, int] | None:
+        length = _int64(length)
+        if length <= 0 or self.used + length > self._capacity:
+            return None
+        slot = min((size for size in self._free if size >= length), default=0)
+        if slot:
+            offsets = self._free[slot]
+            offset = offsets.pop()
+            if not offsets:
+                del self._free[slot]
+        elif self._end + length <= self._capacity:
+            offset, slot = self._end, length
+            self._end += length
+        else:
+            return None
+        self.used += length
+        self.high_water = max(self.high_water, self.used)
+        return offset, slot, length
+
+    def free(self, entry: tuple[int, int, int]) -> None:
+        offset, slot, length = entry
+        self._free.setdefault(slot, []).append(offset)
+        self.used -= length
+
+    def reset(self) -> None:
+        self._free.clear()
+        self._end = 0
+        self.used = 0
+
+    def reset_high_water(self) -> None:
+        self.high_water = self.used
+
+
+class FileSave:
+    """The twin of :class:`isc._core.FileSave`: the same steps through Python calls."""
+
+    def __init__(self, bitmap, source, lock, slots, index, arena, area_lock, fallback) -> None:
+        self._bitmap = bitmap
+        self._source = source
+        self._lock = lock
+        self._slots = slots
+        self._index = index
+        self._arena = arena
+        self._area_lock = area_lock
+        self._fallback = fallback
+        self.chunks = 0
+        self.nbytes = 0
+
+    def __call__(self, chunks) -> None:
+        todo = np.ascontiguousarray(chunks, dtype=np.int64)
+        bitmap = self._bitmap
+        g = bitmap.granularity
+        i = 0
+        with self._lock:
+            if not bitmap.marked:
+                return
+            fd = self._source._fd
+            with self._area_lock:
+                try:
+                    arena = memoryview(self._arena)
+                except ValueError:  # released: the area is closed
+                    arena = memoryview(b"")
+                    fd = -1
+                with arena:
+                    while fd >= 0 and i < len(todo):
+                        chunk = int(todo[i])
+                        if bitmap.is_saved(chunk):
+                            start = chunk * g
+                            length = min(g, bitmap.size - start)
+                            entry = None if chunk in self._index else self._slots.take(length)
+                            if entry is None:
+                                break
+                            slot = arena[entry[0] : entry[0] + length]
+                            if len(slot) < length or not _pread_all(fd, slot, start):
+                                self._slots.free(entry)
+                                break
+                            self._index[chunk] = entry
+                            self.chunks += 1
+                            self.nbytes += length
+                        i += 1
+        if i < len(todo):
+            self._fallback(todo[i:])
+
+
+def _pread_all(fd: int, view: memoryview, offset: int) -> bool:
+    """Fill ``view`` from ``offset``; False on any error or end of file."""
+    done = 0
+    try:
+        while done < len(view):
+            got = os.preadv(fd, [view[done:]], offset + done)
+            if not got:
+                return False
+            done += got
+    except OSError:
+        return False
+    return True

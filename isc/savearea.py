@@ -5,8 +5,9 @@ the copy job has not sent yet first stores the chunk's original contents
 here; the copy job then sends that saved copy instead of the source's new
 data and discards it. At unmark the session clears the whole area.
 
-Representation: an index ``chunk -> entry`` and a byte count ``used``. An
-entry is ``(offset, slot, length)``: ``length`` data bytes at ``offset`` in a
+Representation: an index ``chunk -> entry`` and the store's slots
+(:class:`isc._core.Slots`, which also counts ``used``). An entry is
+``(offset, slot, length)``: ``length`` data bytes at ``offset`` in a
 slot of ``slot >= length`` bytes of a store of ``capacity`` bytes, which is
 an anonymous memory map (``path=None``) or a file (a reserved-LUN-pool
 analogue). The area does not know the session's granularity, so slots are
@@ -21,7 +22,9 @@ Clearing the area keeps the store's pages or blocks for the next mark: the
 memory stays mapped and the file at its largest size so far, within
 ``capacity``, until the area is closed. A COFW fills its slot straight from
 the source (:meth:`SaveArea.save_from`): one copy, into memory that is
-already faulted in after the first mark.
+already faulted in after the first mark. For a session on a ``FileLUN`` with
+an in-memory area the whole COFW runs in the core (:meth:`SaveArea.file_save`):
+a ``pread`` into the slot under the same locks, with no Python frame.
 
 Invariants: ``used`` (the sum of entry lengths) never exceeds ``capacity``;
 ``end`` never exceeds ``capacity`` either, so a file never grows beyond it;
@@ -56,9 +59,10 @@ import stat
 import threading
 from collections.abc import Callable
 
+from isc._core import DeltaBitmap, FileSave, Slots
 from isc._layout import MAX_GRANULARITY
 from isc.errors import ParameterError, RangeError, SaveAreaFull, StateError
-from isc.lun import BytesLike
+from isc.lun import BytesLike, FileLUN
 
 MARK = "user.isc.save-area"
 """The extended attribute on a save area file isc created: how it knows its own leftovers."""
@@ -69,49 +73,7 @@ _Slot = tuple[int, int, int]  # (offset, slot size, data length), all in bytes
 _MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)  # Python < 3.13: Linux's value
 
 
-class _Slots:
-    """Slots of an area of at most ``capacity`` bytes (see the module docstring)."""
-
-    def __init__(self, capacity: int) -> None:
-        self._capacity = capacity
-        self._end = 0
-        self._free: dict[int, list[int]] = {}  # slot size -> offsets; no empty lists
-
-    def take(self, length: int) -> _Slot | None:
-        """A slot for ``length`` bytes; None when none fits (the caller raises SaveAreaFull)."""
-        free = self._free
-        if not free:
-            slot = 0
-        elif length in free:
-            slot = length
-        else:
-            slot = min((size for size in free if size > length), default=0)
-        if slot:
-            offsets = self._free[slot]
-            offset = offsets.pop()
-            if not offsets:
-                del self._free[slot]
-        elif self._end + length <= self._capacity:
-            offset, slot = self._end, length
-            self._end += length
-        else:
-            return None
-        return offset, slot, length
-
-    def free(self, entry: _Slot) -> None:
-        offset, slot, _ = entry
-        self._free.setdefault(slot, []).append(offset)
-
-    def reset(self) -> None:
-        # The blocks stay: the next mark's COFW writes reuse them instead of
-        # allocating again (on tmpfs a first write to a block cost 3-4 times
-        # a rewrite; in memory a fresh page costs a fault), as a reserved LUN
-        # pool is allocated once.
-        self._free.clear()
-        self._end = 0
-
-
-class _MemoryStore(_Slots):
+class _MemoryStore:
     """Entries are slots of an anonymous memory map of ``capacity`` bytes.
 
     The map costs no memory until a slot is first written; a page once used
@@ -119,35 +81,33 @@ class _MemoryStore(_Slots):
     """
 
     def __init__(self, capacity: int) -> None:
-        super().__init__(capacity)
         # Private and not reserved: an area as large as a big LUN (a protection's)
         # costs address space only, and memory as it fills, as a dict of copies did.
         flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE
         self._map = mmap.mmap(-1, capacity, flags=flags)
-        self._view = memoryview(self._map)
+        self.view = memoryview(self._map)
 
     def fill(self, entry: _Slot, fill: Callable[[memoryview], object]) -> None:
         offset, _, length = entry
-        fill(self._view[offset : offset + length])
+        fill(self.view[offset : offset + length])
 
     def get(self, entry: _Slot) -> bytes:
         offset, _, length = entry
-        return bytes(self._view[offset : offset + length])
+        return bytes(self.view[offset : offset + length])
 
     def read_into(self, entry: _Slot, out: memoryview) -> None:
         offset, _, length = entry
-        out[:] = self._view[offset : offset + length]
+        out[:] = self.view[offset : offset + length]
 
     def close(self) -> None:
-        self._view.release()
+        self.view.release()
         self._map.close()
 
 
-class _FileStore(_Slots):
+class _FileStore:
     """Entries are slots of a file of at most ``capacity`` bytes (see the module docstring)."""
 
-    def __init__(self, path: str | os.PathLike[str], capacity: int) -> None:
-        super().__init__(capacity)
+    def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = os.fspath(path)
         flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
@@ -273,20 +233,22 @@ class SaveArea:
             raise ParameterError(f"save area capacity must be > 0 bytes, got {capacity}")
         self._capacity = capacity
         self._store: _MemoryStore | _FileStore = (
-            _MemoryStore(capacity) if path is None else _FileStore(path, capacity)
+            _MemoryStore(capacity) if path is None else _FileStore(path)
         )
+        # The blocks stay when the slots are reset: the next mark's COFW writes
+        # reuse them instead of allocating again (on tmpfs a first write to a
+        # block cost 3-4 times a rewrite; in memory a fresh page costs a
+        # fault), as a reserved LUN pool is allocated once.
+        self._slots = Slots(capacity)
         self._lock = threading.Lock()
         self._index: dict[int, _Slot] = {}
-        self._used = 0
-        self._high_water = 0
         self._closed = False
 
     def __repr__(self) -> str:
         where = "memory" if isinstance(self._store, _MemoryStore) else repr(self._store.path)
         state = " closed" if self._closed else ""
         return (
-            f"<SaveArea {where} used={self._used}/{self._capacity} "
-            f"chunks={len(self._index)}{state}>"
+            f"<SaveArea {where} used={self.used}/{self._capacity} chunks={len(self._index)}{state}>"
         )
 
     # -- the COFW path ---------------------------------------------------------------
@@ -329,13 +291,13 @@ class SaveArea:
                     f"chunk {chunk} is already in {self!r}; a chunk is saved at most once "
                     "per mark (discard it or clear the area first)"
                 )
-            used = self._used + length
+            used = self._slots.used + length
             if used > self._capacity:
                 raise SaveAreaFull(
                     f"{self!r} cannot take {length} more bytes for chunk {chunk}: it would "
                     f"hold {used} of {self._capacity}; use a larger save area"
                 )
-            entry = self._store.take(length)
+            entry = self._slots.take(length)
             if entry is None:
                 raise SaveAreaFull(
                     f"{self!r} has no free slot of {length} bytes for chunk {chunk} and it "
@@ -345,12 +307,25 @@ class SaveArea:
             try:
                 self._store.fill(entry, fill)
             except BaseException:
-                self._store.free(entry)
+                self._slots.free(entry)
                 raise
             self._index[chunk] = entry
-            self._used = used
-            if used > self._high_water:
-                self._high_water = used
+
+    def file_save(
+        self, bitmap: DeltaBitmap, source: FileLUN, lock: threading.Lock, fallback: Callable
+    ) -> FileSave | None:
+        """The COFW save of a session on ``source`` into this area, done in the core.
+
+        A :class:`~isc._core.FileSave`: ``pread`` from the file straight into
+        a slot of this in-memory area, with no Python frame, under ``lock``
+        (the session's save lock) and this area's lock; every case but a
+        plain success goes to ``fallback`` (the session's Python save). None
+        for a file-backed area: its slots are not memory to read into.
+        """
+        if not isinstance(self._store, _MemoryStore):
+            return None
+        arena = self._store.view
+        return FileSave(bitmap, source, lock, self._slots, self._index, arena, self._lock, fallback)
 
     def get(self, chunk: int) -> bytes | None:
         """The saved contents of ``chunk``, or None when it is not held.
@@ -399,17 +374,14 @@ class SaveArea:
             else:
                 held = [c for c in range(chunk, chunk + count) if c in index]
             for c in held:
-                entry = index.pop(c)
-                self._used -= entry[2]
-                self._store.free(entry)
+                self._slots.free(index.pop(c))
 
     def clear(self) -> None:
         """Drop every saved copy (at unmark); ``high_water`` is kept. ``StateError`` when closed."""
         with self._lock:
             self._check_open_locked()
             self._index.clear()
-            self._used = 0
-            self._store.reset()
+            self._slots.reset()
 
     def __contains__(self, chunk: object) -> bool:
         return chunk in self._index
@@ -423,17 +395,17 @@ class SaveArea:
     @property
     def used(self) -> int:
         """Bytes of saved data held now."""
-        return self._used
+        return self._slots.used
 
     @property
     def high_water(self) -> int:
         """The largest ``used`` since creation or the last :meth:`reset_high_water`, in bytes."""
-        return self._high_water
+        return self._slots.high_water
 
     def reset_high_water(self) -> None:
         """Restart ``high_water`` from the current ``used``."""
         with self._lock:
-            self._high_water = self._used
+            self._slots.reset_high_water()
 
     @property
     def saved_chunks(self) -> int:
@@ -458,7 +430,7 @@ class SaveArea:
                 return
             self._closed = True
             self._index.clear()
-            self._used = 0
+            self._slots.reset()
             self._store.close()
 
     def __enter__(self) -> SaveArea:

@@ -40,6 +40,7 @@ import numpy as np
 from isc._core import DeltaBitmap
 from isc._layout import DEFAULT_GRANULARITY
 from isc.errors import ParameterError, RangeError, SaveAreaFull, StateError
+from isc.lun import FileLUN
 from isc.savearea import SaveArea
 
 log = logging.getLogger(__name__)
@@ -127,8 +128,15 @@ class Session:
         # The host write path is the hot path: bind it straight to the core so
         # a write costs one C-level call, no Python frame (same behaviour as
         # the ``write`` method below, which documents it).
+        # A file source with an in-memory save area saves in the core too;
+        # every case but a plain success falls back to ``_save``.
+        self._file_save = (
+            self.save_area.file_save(self.bitmap, source, self._save_lock, self._save)
+            if type(source) is FileLUN
+            else None
+        )
         self.write = functools.partial(  # type: ignore[method-assign]
-            self.bitmap.write_through, source.write, self._save
+            self.bitmap.write_through, source.write, self._file_save or self._save
         )
 
     # -- state -----------------------------------------------------------------
@@ -431,10 +439,11 @@ class Session:
     @property
     def stats(self) -> SessionStats:
         """Counters since the session was created."""
+        fast = self._file_save
         return SessionStats(
             host_writes=self.bitmap.writes,
-            cofw_chunks=self._cofw_chunks,
-            cofw_bytes=self._cofw_bytes,
+            cofw_chunks=self._cofw_chunks + (fast.chunks if fast else 0),
+            cofw_bytes=self._cofw_bytes + (fast.nbytes if fast else 0),
             save_area_used=self.save_area.used,
             save_area_high_water=self.save_area.high_water,
             generation=self.generation,

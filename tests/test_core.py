@@ -9,8 +9,10 @@ the role swap of a mark, extents and error messages.
 
 from __future__ import annotations
 
+import os
 import pickle
 import threading
+import types
 
 import numpy as np
 import pytest
@@ -1089,6 +1091,193 @@ def test_write_through_out_of_range_raises_before_any_callback(offset, length):
         bitmap.write_through(write, save, offset, bytes(length))
     assert log == []
     assert bitmap.tracking_count == 0
+    bounded(bitmap.mark)
+
+
+# -- the save area's slots and the file COFW save ----------------------------------------
+
+SLOTS = (_core.Slots, _reference.Slots)
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["take", "take", "take", "free", "reset", "reset_high_water"]),
+            st.sampled_from([1, 1024, 4096, 4096, 4096]),
+            st.integers(0, 1 << 16),
+        ),
+        max_size=60,
+    )
+)
+def test_slots_match_the_reference(ops):
+    """Same slots, offsets, used and high water from the core and the twin (capacity 16 KiB)."""
+    pair = [kind(16384) for kind in SLOTS]
+    held: list[list] = [[], []]
+    for op, length, pick in ops:
+        results = []
+        for slots, entries in zip(pair, held, strict=True):
+            entry = None
+            if op == "take":
+                entry = slots.take(length)
+                if entry is not None:
+                    entries.append(entry)
+            elif op == "free" and entries:
+                slots.free(entries.pop(pick % len(entries)))
+            elif op == "reset":
+                slots.reset()
+                entries.clear()
+            elif op == "reset_high_water":
+                slots.reset_high_water()
+            results.append((entry, slots.used, slots.high_water))
+        assert results[0] == results[1], op
+        assert pair[0].used == sum(entry[2] for entry in held[0]) <= 16384
+
+
+@pytest.mark.parametrize("kind", SLOTS)
+def test_slots_reuse_the_last_freed_slot_of_the_size_then_the_smallest_larger(kind):
+    slots = kind(16384)
+    a, b, c = (slots.take(4096) for _ in range(3))
+    small = slots.take(1024)
+    assert (a, b, c, small) == (
+        (0, 4096, 4096),
+        (4096, 4096, 4096),
+        (8192, 4096, 4096),
+        (12288, 1024, 1024),
+    )
+    slots.free(a)
+    slots.free(c)
+    assert slots.take(4096) == c  # last freed first
+    slots.free(small)
+    assert slots.take(1024) == small  # its own size before a larger one
+    assert slots.take(1024) == (0, 4096, 1024)  # then the smallest larger, whole
+    assert slots.take(1024) == (13312, 1024, 1024)  # then the end
+    assert slots.take(4096) is None  # no free slot fits, and 14 KiB + 4 KiB is past the end
+    assert slots.take(8192) is None  # used would be 19 KiB
+    assert (slots.used, slots.high_water) == (4096 * 2 + 1024 * 3, 4096 * 3 + 1024)
+    slots.reset()
+    assert (slots.used, slots.take(4096)) == (0, (0, 4096, 4096))
+
+
+@pytest.mark.parametrize("kind", SLOTS)
+@pytest.mark.parametrize("capacity", [0, -1])
+def test_slots_need_a_positive_capacity(kind, capacity):
+    with pytest.raises(ParameterError, match="capacity > 0"):
+        kind(capacity)
+
+
+FILE_SAVE_CASES = [
+    "saves",
+    "unmarked",
+    "sent",
+    "no slot",
+    "held",
+    "closed source",
+    "short read",
+    "released arena",
+]
+
+
+@pytest.mark.parametrize("case", FILE_SAVE_CASES)
+def test_file_save_matches_the_reference_and_falls_back_on_anything_but_success(tmp_path, case):
+    """Both FileSaves save whole chunks (the last one short) straight from the file, skip
+    chunks no longer flagged, do nothing unmarked, and hand a chunk they cannot save,
+    and every chunk after it, to the fallback."""
+    g = 2048
+    size = 4 * g + 100  # chunk 4 is 100 bytes
+    contents = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    seen = {}
+    for core, kind in ((True, "core"), (False, "reference")):
+        path = tmp_path / f"{kind}.img"
+        path.write_bytes(contents)
+        bitmap = (_core if core else _reference).DeltaBitmap(size, g)
+        bitmap.mark(full=True)
+        flagged = bitmap.record_write(0, size)  # flags chunks 0..4 saved
+        lock, area_lock = threading.Lock(), threading.Lock()
+        slots = (_core if core else _reference).Slots(g if case == "no slot" else 8 * g)
+        index: dict = {}
+        arena = memoryview(bytearray(8 * g))
+        fell_back: list = []
+        source = types.SimpleNamespace(_fd=os.open(path, os.O_RDONLY))
+        save = (_core if core else _reference).FileSave(
+            bitmap, source, lock, slots, index, arena, area_lock, fell_back.append
+        )
+        if case == "unmarked":
+            bitmap.unmark()
+        elif case == "sent":
+            bitmap.clear_transfer(1, 2)  # chunks 1 and 2 were sent since: not flagged now
+        elif case == "held":
+            index[2] = slots.take(g)
+        elif case == "closed source":
+            os.close(source._fd)
+            source._fd = -1
+        elif case == "short read":
+            os.truncate(path, 3 * g + 10)  # chunk 3 reads short
+        elif case == "released arena":
+            arena.release()
+        save(flagged)
+        assert not (lock.locked() or area_lock.locked())
+        if source._fd >= 0:
+            os.close(source._fd)
+        seen[kind] = (
+            {c: e for c, e in index.items()},
+            [chunks.tolist() for chunks in fell_back],
+            (save.chunks, save.nbytes, slots.used),
+            {c: bytes(arena[e[0] : e[0] + e[2]]) for c, e in index.items()},
+        )
+    assert seen["core"] == seen["reference"]
+    saved, fallback, counts, data = seen["core"]
+    expected_saved, expected_fallback = {
+        "saves": ([0, 1, 2, 3, 4], []),
+        "unmarked": ([], []),
+        "sent": ([0, 3, 4], []),
+        "no slot": ([0], [[1, 2, 3, 4]]),
+        "held": ([0, 1, 2], [[2, 3, 4]]),
+        "closed source": ([], [[0, 1, 2, 3, 4]]),
+        "short read": ([0, 1, 2], [[3, 4]]),
+        "released arena": ([], [[0, 1, 2, 3, 4]]),
+    }[case]
+    assert sorted(saved) == expected_saved
+    assert fallback == expected_fallback
+    fresh = [c for c in expected_saved if not (case == "held" and c == 2)]
+    assert counts[:2] == (len(fresh), sum(min(g, size - c * g) for c in fresh))
+    assert counts[2] == sum(e[2] for e in saved.values())  # a failed read freed its slot
+    for c in fresh:
+        assert data[c] == contents[c * g : min((c + 1) * g, size)]
+
+
+def test_write_through_calls_a_file_save_and_ends_the_write_when_its_fallback_fails(tmp_path):
+    """write_through calls a FileSave directly; a fallback that raises unflags the chunks."""
+    g = 2048
+    path = tmp_path / "source.img"
+    path.write_bytes(bytes(8 * g))
+    bitmap = _core.DeltaBitmap(8 * g, g)
+    bitmap.mark(full=True)
+    fd = os.open(path, os.O_RDONLY)
+    source = types.SimpleNamespace(_fd=fd)
+    slots, index = _core.Slots(g), {}
+
+    def fallback(chunks):
+        raise InjectedFault(chunks.tolist())
+
+    save = _core.FileSave(
+        bitmap,
+        source,
+        threading.Lock(),
+        slots,
+        index,
+        memoryview(bytearray(g)),
+        threading.Lock(),
+        fallback,
+    )
+    written = []
+    bitmap.write_through(lambda o, d: written.append(o), save, 0, bytes(g))
+    assert (list(index), written, save.chunks) == ([0], [0], 1)
+    with pytest.raises(InjectedFault, match=r"\[1\]"):  # no slot left: the fallback's turn
+        bitmap.write_through(lambda o, d: written.append(o), save, g, bytes(g))
+    os.close(fd)
+    assert written == [0]
+    assert (bitmap.is_saved(0), bitmap.is_saved(1)) == (True, False)
+    bounded(bitmap.unmark)
     bounded(bitmap.mark)
 
 

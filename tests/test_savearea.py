@@ -22,6 +22,8 @@ from helpers import TIMEOUT
 from hypothesis import given
 from hypothesis import strategies as st
 
+from isc import FileLUN, Session, State
+from isc._core import FileSave
 from isc.errors import ParameterError, RangeError, SaveAreaFull, StateError
 from isc.savearea import SaveArea
 
@@ -441,3 +443,87 @@ def test_discard_drops_a_range_of_chunks(tmp_path, path):
         assert [c for c in (0, 9, 1000) if c in area] == [0]
         assert area.used == 4096 and area.get(0) == bytes(4096)
         area.save(9, b"\x09" * 4096)  # the freed bytes are free again
+
+
+# -- a session on a file: the COFW save in the core -------------------------------------
+
+
+@pytest.fixture
+def file_session(tmp_path):
+    """A function ``(capacity, path=None) -> (Session, FileLUN, contents)`` on 8 chunks of 4 KiB
+    and a 100-byte last chunk of random data, closing what it made."""
+    made = []
+
+    def make(capacity, path=None):
+        contents = _payload(7, 8 * 4096 + 100)
+        lun_path = tmp_path / f"source{len(made)}.img"
+        lun_path.write_bytes(contents)
+        lun = FileLUN(lun_path)
+        session = Session(lun, 4096, SaveArea(capacity, path and tmp_path / path))
+        made.append((session, lun))
+        return session, lun, contents
+
+    yield make
+    for session, lun in made:
+        session.close()
+        lun.close()
+
+
+@pytest.mark.parametrize("path", [None, "area"])
+def test_a_session_on_a_file_saves_in_the_core_into_a_memory_area(file_session, path):
+    session, lun, contents = file_session(16 * 4096, path)
+    core = path is None  # a file area saves through Python
+    assert isinstance(session.write.args[1], FileSave) is core
+    session.mark(full=True)
+    session.write(4096 - 1, b"x" * 2)  # chunks 0 and 1
+    session.write(8 * 4096, b"y")  # the short last chunk
+    session.write(4096, b"z")  # saved already
+    assert session.read_frozen(0, len(contents)) == contents
+    assert lun.read(4096 - 1, 2) == b"xz"
+    stats = session.stats
+    assert (stats.cofw_chunks, stats.cofw_bytes) == (3, 2 * 4096 + 100)
+    assert stats.save_area_used == stats.save_area_high_water == 2 * 4096 + 100
+    assert stats.aborts == 0
+
+
+def test_a_core_save_that_finds_the_area_full_aborts_the_mark(file_session):
+    session, lun, _ = file_session(4096)
+    session.mark(full=True)
+    session.write(0, b"a")
+    session.write(2 * 4096, b"b" * 4096)  # no room: the mark ends, the write lands
+    assert session.state is State.UNMARKED
+    assert session.stats.aborts == 1
+    assert "save area full" in session.stats.last_abort
+    assert "chunk 2" in session.stats.last_abort
+    assert lun.read(2 * 4096, 4096) == b"b" * 4096
+    assert session.save_area.used == 0
+    assert session.bitmap.tracking(0) and session.bitmap.tracking(2)
+
+
+def test_a_core_save_that_reads_short_aborts_the_mark_naming_the_chunk(file_session):
+    session, lun, _ = file_session(16 * 4096)
+    session.mark(full=True)
+    session.write(0, b"a")
+    os.truncate(lun.path, 3 * 4096 + 10)  # shrunk from outside: chunk 3 reads short
+    session.write(3 * 4096, b"b")
+    assert session.state is State.UNMARKED
+    assert "COFW of chunk 3 failed" in session.stats.last_abort
+    assert session.save_area.used == 0
+    assert lun.read(3 * 4096, 1) == b"b"
+
+
+def test_a_core_save_stores_nothing_once_the_chunk_was_sent_or_the_mark_ended(file_session):
+    session, _, _ = file_session(16 * 4096)
+    generation = session.mark(full=True)
+    save = session.write.args[1]
+    flagged = session.bitmap.begin_write(0, 3 * 4096)  # chunks 0-2, in flight
+    session.confirm_sent(1, 1, generation)  # chunk 1 reached the destinations meanwhile
+    save(flagged)
+    assert [c for c in range(3) if c in session.save_area] == [0, 2]
+    session.bitmap.end_write(0, 3 * 4096, True)
+    flagged = session.bitmap.begin_write(5 * 4096, 1)
+    session.unmark()
+    save(flagged)  # the mark ended before the save: nothing to protect
+    session.bitmap.end_write(5 * 4096, 1, True)
+    assert session.save_area.saved_chunks == 0
+    assert session.stats.cofw_chunks == 2 and session.stats.aborts == 0
