@@ -13,12 +13,21 @@ import argparse
 import signal
 import sys
 import threading
+from pathlib import Path
 
-from isc import _cli_auth
+from isc import _cli_auth, store
 from isc._cli_tools import _positive
 from isc._units import parse_size
 from isc.commands import _site as host_port
-from isc.commands import agent_site, print_json, report, site_address, timestamp, unix_path
+from isc.commands import (
+    agent_site,
+    check_sites,
+    print_json,
+    report,
+    site_address,
+    timestamp,
+    unix_path,
+)
 
 
 def listen_address(text: str) -> tuple[str, int]:
@@ -152,9 +161,13 @@ def run(args: argparse.Namespace) -> int:
         host, port = (None, 0) if unix is not None else args.listen
         control_host = args.control[0] if isinstance(args.control, tuple) else None
         tls, credentials = _cli_auth.server_security(args, "isc serve", host, control_host)
-        # The site is reached with the client's end of the same credentials.
-        site_credentials = _cli_auth.client_credentials(args) if args.site else None
+        # Every agent (--site, and the destinations' own) is reached with the
+        # client's end of the same credentials.
+        site_credentials = _cli_auth.client_credentials(args)
         site = agent_site(args.site, site_credentials) if args.site else None
+        if args.every and (Path(args.source) / store.METADATA).exists():
+            # As isc update: refused, before serving, when --site is not a destination's own.
+            check_sites(args.site, store.read_state(args.source).meta["destinations"])
         run_serve(
             args.source,
             host,
@@ -163,6 +176,7 @@ def run(args: argparse.Namespace) -> int:
             granularity=args.granularity,
             every=args.every,
             site=site,
+            site_credentials=site_credentials,
             control=args.control,
             ready=served,
             stop=stop,

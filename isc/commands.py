@@ -723,6 +723,20 @@ def _connect(args: argparse.Namespace, dests: list[dict]) -> tuple[RemoteSite, C
     meant one of the two for it, and isc cannot tell which) and for credentials that no
     agent would get."""
     given, credentials = args.site and address_text(args.site), _cli_auth.client_credentials(args)
+    check_sites(args.site, dests)
+    if credentials is not None and not given and not any(d.get("site") for d in dests):
+        raise ParameterError(
+            "--tls-creds and --secret-file are for a site: add --site, or give the "
+            "destinations their sites (add-dest --site)"
+        )
+    return (agent_site(args.site, credentials) if given else LocalSite()), credentials
+
+
+def check_sites(site: tuple[str, int] | str | None, dests: list[dict]) -> None:
+    """Raise ``ParameterError`` when ``site`` (``--site``) is not the own site of one of
+    ``dests`` (the session file's): the user meant one of the two for it, and isc
+    cannot tell which."""
+    given = site and address_text(site)
     for dest in dests:
         own = dest.get("site")
         if given and own and not same_agent(own, given):
@@ -732,12 +746,6 @@ def _connect(args: argparse.Namespace, dests: list[dict]) -> tuple[RemoteSite, C
                 f"its own site; to move {dest['name']} to another agent, remove-dest it and "
                 "add-dest it with that --site"
             )
-    if credentials is not None and not given and not any(d.get("site") for d in dests):
-        raise ParameterError(
-            "--tls-creds and --secret-file are for a site: add --site, or give the "
-            "destinations their sites (add-dest --site)"
-        )
-    return (agent_site(args.site, credentials) if given else LocalSite()), credentials
 
 
 def _rollback(args: argparse.Namespace) -> int:

@@ -365,6 +365,7 @@ def run_serve(
     granularity: int = 65536,
     every: float | None = None,
     site=None,
+    site_credentials: Credentials | None = None,
     control: tuple[str, int] | str | None = None,
     ready=None,
     stop: threading.Event | None = None,
@@ -380,7 +381,9 @@ def run_serve(
     of a Unix socket; else ``control_port`` is None) listens and each destination that may be out of
     reach was tried once. ``every`` (seconds) runs ``PeriodicUpdate`` on a
     persistent session's destinations with ``site`` (default: protection in
-    this process), telling ``updated`` of each, see :meth:`SessionControl.every`.
+    this process) for those without a site of their own (``add-dest --site``,
+    reached with ``site_credentials``), telling ``updated`` of each, see
+    :meth:`SessionControl.every`.
     ``tls``: how the export offers TLS;
     ``credentials``: the control port answers only clients that authenticate;
     ``max_clients``: NBD clients served at once. ``unix``: export on a Unix socket
@@ -427,7 +430,8 @@ def run_serve(
         elif control is not None:
             control_port = controls.start(*control)
         if every and persistent is not None:
-            controls.every(every, persistent.site(site or LocalSite()), updated)
+            routed = persistent.site(site or LocalSite(), site_credentials)
+            controls.every(every, routed, updated)
         if persistent is not None:
             where = f"unix:{control}" if isinstance(control, str) else None
             if control_port is not None:

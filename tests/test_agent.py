@@ -1038,6 +1038,34 @@ def test_the_credentials_on_the_command_line_go_to_every_agent(
     assert (exports / "disk").read_bytes() == source.read_bytes()
 
 
+def test_isc_serve_every_reaches_each_destinations_own_agent_with_the_credentials(
+    tmp_path: Path, source: Path, exports: Path
+):
+    from test_serve import isc_serve, next_line
+
+    secret = secret_file(tmp_path / "secret")
+    cli_session(tmp_path, source)
+    args = ["--listen", f"{HOST}:0", "--nbd-port", "0", "--dir", str(exports)]
+    with daemon(tmp_path / "agent.log", "agent", *args, "--secret-file", str(secret)) as remote:
+        site, uri = site_of(remote), remote.exports["disk"]
+        isc_run("add-dest", "s", uri, "--site", site, "--secret-file", "secret", cwd=tmp_path)
+        before = state_of(tmp_path)
+        # A --site that is not the destination's own is refused before serving.
+        other = ["serve", "s", "--listen", f"{HOST}:0", "--every", "60", "--site", f"{HOST}:1"]
+        done = isc_run(*other, cwd=tmp_path, check=1)
+        assert f"--site {HOST}:1 is not the site of destination disk, {site}" in error_line(done)
+        assert state_of(tmp_path) == before
+        serve = ["s", "--listen", f"{HOST}:0", "--every", "0.05", "--secret-file", "secret"]
+        with isc_serve(tmp_path, *serve) as (_, output):
+            update = json.loads(next_line(output, "isc serve") or "null")
+            assert update["ok"], (tmp_path / "serve.log").read_text()
+            assert {d["name"]: d["state"] for d in update["destinations"]} == {
+                "local": "consistent",
+                "disk": "consistent",
+            }
+    assert (exports / "disk").read_bytes() == source.read_bytes()
+
+
 def secret_file(path: Path) -> Path:
     """A shared secret of seeded bytes at ``path``, of mode 0600 as isc requires."""
     path.write_text(random.Random(SEED + 8).randbytes(32).hex())
