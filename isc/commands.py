@@ -617,7 +617,7 @@ def _copy(args: argparse.Namespace) -> int:
         _report(name, dests, info, args.json)
         return 0
     with _open(args) as stored:
-        progress = store.Progress(stored, store.copy_destinations(stored), bar=_bar(args))
+        progress = store.Progress(stored, bar=_bar(args))
         result = store.copy(stored, mode, progress=progress, throttle=args.throttle)
         report(stored, result, args.json)
     return 0
@@ -683,7 +683,7 @@ def _update(args: argparse.Namespace) -> int:
     site, credentials = _connect(args, store.read_state(args.session).meta["destinations"])
     with _open(args) as stored:
         dests = store.copy_destinations(stored)
-        progress = store.Progress(stored, dests, bar=_bar(args))
+        progress = store.Progress(stored, bar=_bar(args))
         update = PeriodicUpdate(
             stored.session,
             dests,

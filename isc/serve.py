@@ -219,7 +219,7 @@ class SessionControl:
         stored = self.persistent
         try:
             with self._exclusive(), self._recording:
-                progress = store.Progress(stored, store.copy_destinations(stored), bar=False)
+                progress = store.Progress(stored, bar=False)
                 result = store.copy(
                     stored,
                     mode,
@@ -275,7 +275,7 @@ class SessionControl:
         stored = self.persistent
         assert stored is not None, "periodic updates need a session directory"
         dests = store.copy_destinations(stored)
-        progress = store.Progress(stored, dests, bar=False)
+        progress = store.Progress(stored, bar=False)
         update = PeriodicUpdate(self.session, dests, site, progress=progress)
         self._updates = threading.Thread(
             target=self._update_every,

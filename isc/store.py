@@ -88,7 +88,7 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from functools import partial
@@ -731,14 +731,12 @@ class Progress:
     def __init__(
         self,
         stored: PersistentSession,
-        destinations: Sequence[Destination],
         *,
         every: int = CHECKPOINT_EVERY,
         also: Callable[[int, int], object] | None = None,
         bar: bool | None = None,
     ) -> None:
         self.stored = stored
-        self.destinations = destinations
         self.every = every
         self.also = also
         self.show = sys.stderr.isatty() if bar is None else bar
@@ -796,7 +794,7 @@ def copy(
     nothing: their data at the mark is gone). Raises what the copy job raises.
     """
     dests = copy_destinations(stored)
-    progress = progress or Progress(stored, dests)
+    progress = progress or Progress(stored)
     progress.checkpoints = mode != "full-unmarked"
     job = CopyJob(stored.session, dests, progress=progress, **copy_options)
     if started is not None:

@@ -91,9 +91,7 @@ else:
     stop = threading.Event()
     for i in range(2):
         threading.Thread(target=writer, args=(seed * 10 + i, stop), daemon=True).start()
-    progress = Progress(
-        stored, stored.destinations, every=4 * 65536, also=lambda done, total: say(done), bar=False
-    )
+    progress = Progress(stored, every=4 * 65536, also=lambda done, total: say(done), bar=False)
     for _ in range(100):
         if mode == "incremental":
             stored.session.mark()

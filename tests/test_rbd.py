@@ -146,7 +146,7 @@ def test_periodic_updates_to_two_rbd_images_under_host_writes(ceph, tmp_path, na
                     writers.allow(20)  # host writes during the copy: COFW
 
             site = with_rbd(LocalSite(), session, {n: ceph.uri(n) for n in names[:2]})
-            progress = Progress(stored, stored.destinations, also=look, bar=False)
+            progress = Progress(stored, also=look, bar=False)
             workflow = PeriodicUpdate(
                 session, stored.destinations, site, io_size=IO, flush_every=IO, progress=progress
             )
@@ -180,7 +180,7 @@ def test_a_copy_cut_short_by_a_killed_qemu_nbd_is_rolled_back_and_repaired(ceph,
                     os.kill(pid, signal.SIGKILL)
 
         site = with_rbd(LocalSite(), session, {d1: ceph.uri(d1), d2: ceph.uri(d2)})
-        progress = Progress(stored, stored.destinations, also=kill, bar=False)
+        progress = Progress(stored, also=kill, bar=False)
         workflow = PeriodicUpdate(
             session, stored.destinations, site, io_size=IO, flush_every=IO, progress=progress
         )

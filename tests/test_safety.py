@@ -488,7 +488,7 @@ def test_a_destination_that_cannot_flush_drops_out_and_checkpoints_go_on_without
         bad.lun.fail_flush = True
         stored.session.write(0, random.Random(4).randbytes(size // 2))
         stored.session.mark()
-        progress = Progress(stored, stored.destinations, every=4 * G, bar=False)
+        progress = Progress(stored, every=4 * G, bar=False)
         result = copy(stored, "incremental", progress=progress, io_size=4 * G, flush_every=8 * G)
         assert result.outcomes["good"] == "ok" and result.outcomes["bad"].startswith("flush")
         assert good.state is DestState.CONSISTENT and bad.state is DestState.INCONSISTENT
