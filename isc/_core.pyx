@@ -657,14 +657,18 @@ cdef class DeltaBitmap:
         _touch(track.summary, wlo, whi)
         return n
 
-    cdef object _record(self, int64_t offset, int64_t length, bint in_flight, bint *cold=NULL):
+    cdef object _record(self, int64_t offset, int64_t length, bint in_flight, bint *cold=NULL,
+                        int64_t *into=NULL, size_t *count=NULL):
         """record_write and begin_write: validate, record under the mutex, return COFW chunks.
 
         With ``cold`` given and activity tracked, sets it when the write
-        touches a region that is not hot yet.
+        touches a region that is not hot yet. With ``into`` (room for
+        ``STACK_CHUNKS``) given, COFW chunks that fit there go there, their
+        number to ``count``, and it returns None instead of an array.
         """
         cdef int64_t stack[STACK_CHUNKS]
-        cdef int64_t *out = stack
+        cdef int64_t *base = into if into != NULL else stack
+        cdef int64_t *out = base
         cdef uint64_t lo, hi, span
         cdef size_t n = 0
         cdef bint wait
@@ -687,7 +691,7 @@ cdef class DeltaBitmap:
                 # Only a marked write can return COFW chunks: allocate then.
                 out = <int64_t *>malloc(span * 8)
                 if out == NULL:
-                    out = stack
+                    out = base
                     raise MemoryError(f"cannot allocate the COFW list for {span} chunks")
             self._writes += 1
             if length:
@@ -704,10 +708,13 @@ cdef class DeltaBitmap:
                     self._nsaving += 1
         finally:
             self._release()
+        if n and out == into:
+            count[0] = n
+            return None
         try:
             return _EMPTY if n == 0 else _array(out, n)
         finally:
-            if out != stack:
+            if out != base:
                 free(out)
 
     def record_write(self, offset, length):
@@ -765,34 +772,42 @@ cdef class DeltaBitmap:
         cdef int64_t c_offset = _i64(offset)
         cdef Py_buffer view
         cdef Py_ssize_t length
+        cdef int64_t chunks[STACK_CHUNKS]
+        cdef int64_t *into = NULL
+        cdef size_t n = 0
         if PyBytes_CheckExact(data):
             length = PyBytes_GET_SIZE(data)
         else:
             PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
             length = view.len
             PyBuffer_Release(&view)
-        cofw = self._begin(c_offset, length)
+        if type(save) is FileSave:
+            into = chunks  # a FileSave takes the chunks as they are: no array
+        cofw = self._begin(c_offset, length, into, &n)
         try:
             if cofw is not _EMPTY:
                 try:
-                    if type(save) is FileSave:
-                        (<FileSave>save)._save(cofw)
+                    if cofw is None:
+                        (<FileSave>save)._save(chunks, n)
                     else:
                         save(cofw)
                 except BaseException:
                     # The write is abandoned: its chunks keep their data, and
                     # a later write must save them again.
-                    self._unflag(cofw)
+                    self._unflag(_array(chunks, n) if cofw is None else cofw)
                     raise
             write(offset, data)
         finally:
             self._end_write(c_offset, length, cofw is not _EMPTY)
 
-    cdef object _begin(self, int64_t offset, int64_t length):
-        """begin_write, plus the activity log: a write to a cold region is logged first."""
+    cdef object _begin(self, int64_t offset, int64_t length, int64_t *into=NULL,
+                       size_t *count=NULL):
+        """begin_write, plus the activity log: a write to a cold region is logged first.
+
+        ``into`` and ``count`` as for ``_record``."""
         cdef bint cold = False
         cdef uint64_t first, last, region
-        cofw = self._record(offset, length, True, &cold)
+        cofw = self._record(offset, length, True, &cold, into, count)
         if cold:
             first = <uint64_t>offset >> self._region_shift
             last = (<uint64_t>offset + <uint64_t>length - 1) >> self._region_shift
@@ -801,7 +816,7 @@ cdef class DeltaBitmap:
             except BaseException:
                 # The write is abandoned before its COFW: unflag its chunks.
                 if cofw is not _EMPTY:
-                    self._unflag(cofw)
+                    self._unflag(_array(into, count[0]) if cofw is None else cofw)
                 self._end_write(offset, length, cofw is not _EMPTY)
                 raise
             self._acquire()
@@ -2258,11 +2273,10 @@ cdef class FileSave:
         self._fallback = fallback
 
     def __call__(self, chunks):
-        self._save(np.ascontiguousarray(chunks, dtype=np.int64))
+        cdef cnp.ndarray todo = np.ascontiguousarray(chunks, dtype=np.int64)
+        self._save(<const int64_t *>cnp.PyArray_DATA(todo), <size_t>cnp.PyArray_SIZE(todo))
 
-    cdef int _save(self, cnp.ndarray chunks) except -1:
-        cdef const int64_t *todo = <const int64_t *>cnp.PyArray_DATA(chunks)
-        cdef size_t n = <size_t>cnp.PyArray_SIZE(chunks)
+    cdef int _save(self, const int64_t *todo, size_t n) except -1:
         cdef size_t i = 0
         cdef DeltaBitmap bitmap = self._bitmap
         cdef uint64_t g = bitmap._granularity
@@ -2314,7 +2328,7 @@ cdef class FileSave:
         finally:
             self._unlock()
         if i < n:
-            self._fallback(chunks[i:])
+            self._fallback(_array(todo + i, n - i))
         return 0
 
 

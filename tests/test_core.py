@@ -1281,6 +1281,45 @@ def test_write_through_calls_a_file_save_and_ends_the_write_when_its_fallback_fa
     bounded(bitmap.mark)
 
 
+def test_a_write_through_a_file_save_that_its_activity_log_refuses_unflags_its_chunks(
+    tmp_path,
+):
+    """The chunks a FileSave would take without an array are unflagged like an array's."""
+    g = 2048
+    path = tmp_path / "source.img"
+    path.write_bytes(bytes(8 * g))
+    bitmap = _core.DeltaBitmap(8 * g, g)
+    fails = [True]
+
+    def log(first, last):
+        if fails[0]:
+            raise InjectedFault(first, last)
+
+    bitmap.track_activity(4 * g, log)
+    bitmap.mark(full=True)
+    fd = os.open(path, os.O_RDONLY)
+    slots, index = _core.Slots(8 * g), {}
+    save = _core.FileSave(
+        bitmap,
+        types.SimpleNamespace(_fd=fd),
+        threading.Lock(),
+        slots,
+        index,
+        memoryview(bytearray(8 * g)),
+        threading.Lock(),
+        None,
+    )
+    written = []
+    with pytest.raises(InjectedFault):
+        bitmap.write_through(lambda o, d: written.append(o), save, g - 1, b"xy")
+    assert (written, index, bitmap.saved_count) == ([], {}, 0)
+    fails[0] = False
+    bitmap.write_through(lambda o, d: written.append(o), save, g - 1, b"xy")  # saved now
+    os.close(fd)
+    assert (written, sorted(index), bitmap.saved_count) == ([g - 1], [0, 1], 2)
+    bounded(bitmap.unmark)
+
+
 # -- the Python protocols: ==, len, pickling, chunks_of -------------------------------
 
 operations = st.lists(
