@@ -52,7 +52,9 @@ reply with an error chunk after the data sent, and drops the connection
 where the data of a simple reply or of a ``DF`` chunk has begun (the spec's
 hard disconnect). Every other reply is built whole before it is sent.
 Replies to one connection's requests may come out of order, as the spec
-allows; one reply is sent at a time.
+allows; one reply is sent at a time, and the small replies of requests run
+on the loop's thread wait until the requests the client has sent already are
+run, to go out in one ``send``.
 
 Against clients that misbehave the server keeps limits: at most
 ``max_clients`` connections (:data:`MAX_CLIENTS`; one more is closed at
