@@ -319,8 +319,10 @@ class SaveArea:
         A :class:`~isc._core.FileSave`: ``pread`` from the file straight into
         a slot of this in-memory area, with no Python frame, under ``lock``
         (the session's save lock) and this area's lock; every case but a
-        plain success goes to ``fallback`` (the session's Python save). None
-        for a file-backed area: its slots are not memory to read into.
+        plain success goes to ``fallback`` (the session's Python save). It
+        calls no method of this area, so a subclass's ``save_from`` is not
+        used on that path. None for a file-backed area: its slots are not
+        memory to read into.
         """
         if not isinstance(self._store, _MemoryStore):
             return None
