@@ -75,10 +75,18 @@ def test_a_tiny_run_checks_every_copy_and_reports_both_systems(tmp_path: Path):
             assert windows[name]["rate"] == pytest.approx(
                 windows[name]["writes"] / windows[name]["seconds"]
             )
-    assert [t["target"] for t in results["targets"]][:2] == [
+    targets = [t["target"] for t in results["targets"]]
+    assert targets[:2] == [
         "isc incremental no slower than QEMU's",
         "isc marked full copy at least as fast as QEMU tuned",
     ]
+    # The worst stall is a target of its own; the idle row gives each system's own.
+    assert {
+        "isc worst host write stall during a marked full copy <= 3 ms, qd 1",
+        "isc worst host write stall during an unmarked full copy <= 3 ms, qd 1",
+    } <= set(targets)
+    idle_row = next(line for line in done.stdout.splitlines() if "qd 1, idle" in line)
+    assert idle_row.count("stall") == 2
     assert "| incremental copy after" in done.stdout
     assert "0 mismatched" in done.stdout
     assert not list(tmp_path.glob("isc-compare-*"))  # the volume's files are gone
