@@ -1019,14 +1019,21 @@ def test_add_dest_at_a_site_refuses_what_its_agent_would_not_protect(
         assert state_of(tmp_path) == before
 
 
-def test_the_credentials_on_the_command_line_go_to_every_agent(
-    tmp_path: Path, source: Path, exports: Path
-):
+@contextmanager
+def agent_with_a_secret(tmp_path: Path, source: Path, exports: Path) -> Iterator[tuple[str, str]]:
+    """A CLI session ``s`` of ``source`` in ``tmp_path`` and an agent of ``exports`` that
+    answers only holders of the secret in ``tmp_path/secret``: its site and export ``disk``."""
     secret = secret_file(tmp_path / "secret")
     cli_session(tmp_path, source)
     args = ["--listen", f"{HOST}:0", "--nbd-port", "0", "--dir", str(exports)]
     with daemon(tmp_path / "agent.log", "agent", *args, "--secret-file", str(secret)) as remote:
-        site, uri = site_of(remote), remote.exports["disk"]
+        yield site_of(remote), remote.exports["disk"]
+
+
+def test_the_credentials_on_the_command_line_go_to_every_agent(
+    tmp_path: Path, source: Path, exports: Path
+):
+    with agent_with_a_secret(tmp_path, source, exports) as (site, uri):
         done = isc_run("add-dest", "s", uri, "--site", site, cwd=tmp_path, check=1)
         assert f"the agent at {site} refused status disk: authentication" in error_line(done)
         isc_run("add-dest", "s", uri, "--site", site, "--secret-file", "secret", cwd=tmp_path)
@@ -1043,11 +1050,7 @@ def test_isc_serve_every_reaches_each_destinations_own_agent_with_the_credential
 ):
     from test_serve import isc_serve, next_line
 
-    secret = secret_file(tmp_path / "secret")
-    cli_session(tmp_path, source)
-    args = ["--listen", f"{HOST}:0", "--nbd-port", "0", "--dir", str(exports)]
-    with daemon(tmp_path / "agent.log", "agent", *args, "--secret-file", str(secret)) as remote:
-        site, uri = site_of(remote), remote.exports["disk"]
+    with agent_with_a_secret(tmp_path, source, exports) as (site, uri):
         isc_run("add-dest", "s", uri, "--site", site, "--secret-file", "secret", cwd=tmp_path)
         before = state_of(tmp_path)
         # A --site that is not the destination's own is refused before serving.
