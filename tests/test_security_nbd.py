@@ -13,6 +13,7 @@ whose tool is missing is skipped, naming it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -582,6 +583,40 @@ def test_the_server_holds_at_most_max_data_for_all_clients(tmp_path):
         assert lun.read(0, 2 * MAX_BLOCK) == b"".join(payloads)
 
 
+def test_a_client_that_stalls_or_trickles_a_write_payload_is_dropped(tmp_path, caplog):
+    # Each stalled WRITE asks for the whole pool (max_data); the timeout frees it.
+    lun = HookLUN(MemoryLUN(2 * MAX_BLOCK))
+    with NBDServer(lun, name="disk", max_data=MAX_BLOCK, payload_timeout=0.3) as server:
+        server.start_unix(tmp_path / "isc.sock")
+        with raw(server) as silent, raw(server) as trickler, raw(server) as small:
+            for client in (silent, trickler, small):
+                client.sock.settimeout(3.0)  # far over the bound, far under WAIT
+                client.go()
+            silent.request(1, 0, MAX_BLOCK)  # WRITE header, then nothing
+            small.request(1, 0, 4 * KIB, payload=b"x")  # a small WRITE, run in order
+            trickler.request(1, 0, MAX_BLOCK, payload=b"x")
+            stop = threading.Event()
+
+            def trickle() -> None:  # a byte now and then, never the whole payload
+                with contextlib.suppress(OSError):
+                    while not stop.wait(0.05):
+                        trickler.sock.send(b"x")
+
+            trickling = Worker(trickle)
+            try:
+                for client in (silent, small, trickler):  # each in turn: the pool is FIFO
+                    assert client.dropped()
+                assert server.held == 0
+            finally:
+                stop.set()
+                trickling.finish()
+        assert server.peak_held == MAX_BLOCK
+        assert lun.writes == 0
+        round_trip(server.uri)  # the others go on
+    drops = [r.getMessage() for r in caplog.records if "within 0.3 s" in r.getMessage()]
+    assert len(drops) == 3 and all("disconnecting it" in drop for drop in drops)
+
+
 def test_one_client_more_than_max_clients_is_refused(tmp_path, caplog):
     with NBDServer(MemoryLUN(SIZE), name="disk", max_clients=2) as server:
         server.start_unix(tmp_path / "isc.sock")
@@ -616,6 +651,7 @@ def test_server_limits_are_checked():
         {"max_clients": 0},
         {"max_clients": 1.5},
         {"handshake_timeout": 0},
+        {"payload_timeout": 0},
         {"max_data": MAX_BLOCK - 1},
         {"max_requests": 0},
     ):

@@ -59,7 +59,10 @@ run, to go out in one ``send``.
 Against clients that misbehave the server keeps limits: at most
 ``max_clients`` connections (:data:`MAX_CLIENTS`; one more is closed at
 once, with a log line), ``handshake_timeout`` seconds from connecting to
-transmission (:data:`HANDSHAKE_TIMEOUT`, TLS included), ``max_requests``
+transmission (:data:`HANDSHAKE_TIMEOUT`, TLS included), ``payload_timeout``
+seconds for a WRITE's payload to arrive once the server takes it
+(:data:`PAYLOAD_TIMEOUT`; a client that stalls or trickles it is dropped, with
+a log line, and what it held given back, its payload written nowhere), ``max_requests``
 requests in flight outside the loop's thread (:data:`MAX_REQUESTS`; 16 per
 connection), and ``max_data`` bytes of WRITE payloads and READ and block
 status replies held at once (:data:`MAX_DATA`; :data:`_CONNECTION_DATA` per
@@ -132,6 +135,10 @@ class _Violation(Exception):
     """A client broke the protocol in a way that leaves the stream unusable."""
 
 
+class _Stalled(Exception):
+    """A client did not send what it had begun within the server's bound."""
+
+
 _SERVER_IN_FLIGHT = 16  # requests one connection may have in the thread pool at once
 _CONNECTION_DATA = MAX_BLOCK
 """Bytes of WRITE payloads and READ and block status replies one connection may hold in
@@ -148,6 +155,9 @@ MAX_REQUESTS = 128
 loop's thread at once, unless told otherwise (``max_requests``)."""
 HANDSHAKE_TIMEOUT = 10.0
 """Seconds a client has to reach transmission, TLS included (``NBDServer``'s default)."""
+PAYLOAD_TIMEOUT = 60.0
+"""Seconds a WRITE's payload has to arrive whole once the server reads it (``NBDServer``'s
+default): a 32 MiB payload needs about 0.6 MB/s."""
 
 
 class _Budget:
@@ -296,7 +306,7 @@ class NBDServer:
     event loop thread in the order they arrive (:data:`_INLINE`). ``tls``
     (:class:`~isc.tls.ServerTLS`) offers or requires TLS (the module
     docstring); without it the server speaks plaintext only. ``max_clients``,
-    ``handshake_timeout``, ``max_requests`` and ``max_data`` are the limits
+    ``handshake_timeout``, ``payload_timeout``, ``max_requests`` and ``max_data`` are the limits
     against misbehaving clients (the module docstring).
 
     Serve with ``await serve(...)``/``serve_unix(...)`` in a running event
@@ -317,6 +327,7 @@ class NBDServer:
         tls: ServerTLS | None = None,
         max_clients: int = MAX_CLIENTS,
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
+        payload_timeout: float = PAYLOAD_TIMEOUT,
         max_data: int = MAX_DATA,
         max_requests: int = MAX_REQUESTS,
     ):
@@ -334,12 +345,18 @@ class NBDServer:
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ParameterError(f"{what} must be an integer >= {least}, got {value!r}")
-        if not handshake_timeout > 0:
-            raise ParameterError(f"handshake_timeout must be > 0 seconds, got {handshake_timeout}")
+        for what, seconds in (
+            ("handshake_timeout", handshake_timeout),
+            ("payload_timeout", payload_timeout),
+        ):
+            if not seconds > 0:
+                raise ParameterError(f"{what} must be > 0 seconds, got {seconds}")
         self.max_clients = max_clients
         """Connections served at once; more are refused with a log line."""
         self.handshake_timeout = handshake_timeout
         """Seconds a client has from connecting to entering transmission."""
+        self.payload_timeout = payload_timeout
+        """Seconds a WRITE's payload has to arrive once the server reads it."""
         self._data = _Budget(max_data)
         self._slots = asyncio.Semaphore(max_requests)
         self.lun = lun
@@ -593,6 +610,8 @@ class NBDServer:
             log.info("%r: %s dropped the connection (%s)", self, peer, exc)
         except _Violation as exc:
             log.warning("%r: %s broke the protocol (%s); disconnecting it", self, peer, exc)
+        except _Stalled as exc:
+            log.warning("%r: %s stalled: %s; disconnecting it", self, peer, exc)
         except ssl.SSLError as exc:
             log.warning("%r: TLS with %s failed (%s); disconnecting it", self, peer, describe(exc))
         except Exception:
@@ -844,7 +863,7 @@ class NBDServer:
                     # already, run here, in order: a thread hand-off costs more
                     # than the request (see _INLINE).
                     if command == proto.CMD_WRITE:
-                        data = await reader.readexactly(length)
+                        data = await self._payload(reader, length)
                     reply = self._run(client, flags, command, handle, offset, length, data)
                     if len(reply) == 1 and not connection.sending.locked():
                         self._later(connection, reply[0])
@@ -924,8 +943,19 @@ class NBDServer:
         self._data.give(count)
         connection.budget.give(count)
 
+    async def _payload(self, reader: asyncio.StreamReader, length: int) -> bytes | bytearray:
+        """A WRITE's payload, whole within :attr:`payload_timeout` (else :class:`_Stalled`)."""
+        try:
+            async with asyncio.timeout(self.payload_timeout):
+                return await self._read_payload(reader, length)
+        except TimeoutError:
+            raise _Stalled(
+                f"the {length}-byte payload of a WRITE did not arrive within "
+                f"{self.payload_timeout:g} s"
+            ) from None
+
     @staticmethod
-    async def _payload(reader: asyncio.StreamReader, length: int) -> bytes | bytearray:
+    async def _read_payload(reader: asyncio.StreamReader, length: int) -> bytes | bytearray:
         """A WRITE's payload, read in pieces when it is large: the stream's buffer stays small."""
         if length <= _PIECE:
             return await reader.readexactly(length)
