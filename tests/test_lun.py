@@ -556,6 +556,25 @@ def test_data_extents_is_all_data_where_holes_are_unknown(tmp_path, monkeypatch)
         assert lun.data_extents(0, 0) == []
 
 
+def test_data_extents_of_a_file_without_holes_asks_no_hole_search(file_dir, monkeypatch):
+    # The search walks the file's pages under the lock its writes take: a host
+    # write beside a full copy of a large file would wait for it.
+    size = 4 * K64
+    with FileLUN.create(os.path.join(file_dir, "full.img"), size) as lun:
+        lun.write(0, _payload(1, size))
+        lun.flush()
+        assert _allocated(lun) >= size
+        real = os.lseek
+
+        def no_search(fd, offset, how):
+            assert how not in (os.SEEK_DATA, os.SEEK_HOLE), "a hole search of a full file"
+            return real(fd, offset, how)
+
+        monkeypatch.setattr(os, "lseek", no_search)
+        assert lun.data_extents(K64, 2 * K64) == [(K64, 2 * K64)]
+        assert lun.data_extents(0, 0) == []
+
+
 def test_data_extents_raises_errors_it_cannot_work_around(tmp_path, monkeypatch):
     with FileLUN.create(tmp_path / "lun.img", K64) as lun:
 
