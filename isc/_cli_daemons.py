@@ -16,8 +16,9 @@ import threading
 from pathlib import Path
 
 from isc import _cli_auth, store
-from isc._cli_tools import _positive
-from isc._units import parse_size
+from isc._cli_auth import _at_least_one
+from isc._cli_tools import _positive, _size
+from isc._units import format_bytes, parse_size
 from isc.commands import _site as host_port
 from isc.commands import (
     agent_site,
@@ -28,6 +29,8 @@ from isc.commands import (
     timestamp,
     unix_path,
 )
+from isc.nbd.proto import MAX_BLOCK
+from isc.nbd.server import MAX_DATA, MAX_REQUESTS
 
 
 def listen_address(text: str) -> tuple[str, int]:
@@ -88,6 +91,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     )
     _json_option(serve)
     _cli_auth.add_server_options(serve)
+    _limit_options(serve)
     serve.set_defaults(daemon="serve")
     agent = commands.add_parser(
         "agent",
@@ -113,7 +117,37 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     )
     _json_option(agent)
     _cli_auth.add_server_options(agent)
+    _limit_options(agent)
     agent.set_defaults(daemon="agent")
+
+
+def _limit_options(parser: argparse.ArgumentParser) -> None:
+    """``--max-data`` and ``--max-requests``, the NBD limits beside ``--max-clients``."""
+    group = parser.add_argument_group("limits on NBD clients, per export (README: Securing isc)")
+    group.add_argument(
+        "--max-data",
+        type=_max_data,
+        default=MAX_DATA,
+        metavar="SIZE",
+        help="WRITE payloads and READ replies held at once, all clients together; a request "
+        f"beyond it waits (at least 32M; default {format_bytes(MAX_DATA)})",
+    )
+    group.add_argument(
+        "--max-requests",
+        type=_at_least_one,
+        default=MAX_REQUESTS,
+        metavar="N",
+        help=f"requests in flight at once, all clients together (default {MAX_REQUESTS})",
+    )
+
+
+def _max_data(text: str) -> int:
+    value = _size(text)
+    if value < MAX_BLOCK:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is too small: give at least 32M, the largest NBD WRITE"
+        )
+    return value
 
 
 def _json_option(parser: argparse.ArgumentParser) -> None:
@@ -183,6 +217,8 @@ def run(args: argparse.Namespace) -> int:
             tls=tls,
             credentials=credentials,
             max_clients=args.max_clients,
+            max_data=args.max_data,
+            max_requests=args.max_requests,
             updated=updated,
         )
         return 0
@@ -204,5 +240,7 @@ def run(args: argparse.Namespace) -> int:
         tls=tls,
         credentials=credentials,
         max_clients=args.max_clients,
+        max_data=args.max_data,
+        max_requests=args.max_requests,
     )
     return 0

@@ -90,6 +90,7 @@ from isc.control import ControlServer, Op
 from isc.errors import IscError, ParameterError
 from isc.lun import FileLUN, ForwardingLUN
 from isc.nbd import MAX_CLIENTS, NBD_PORT
+from isc.nbd.server import MAX_DATA, MAX_REQUESTS
 from isc.remote import PROTECT_GRANULARITY, saved_extents
 from isc.store import _fsync_dir, write_atomically
 from isc.tls import ServerTLS
@@ -521,6 +522,8 @@ def run_agent(
     tls: ServerTLS | None = None,
     credentials: Credentials | None = None,
     max_clients: int = MAX_CLIENTS,
+    max_data: int = MAX_DATA,
+    max_requests: int = MAX_REQUESTS,
 ) -> None:
     """Serve ``directory`` until ``stop`` is set (or the process is interrupted).
 
@@ -533,7 +536,8 @@ def run_agent(
     ``ready(agent, control_port, uris)`` is called once everything listens
     (``control_port`` None on a Unix socket). ``tls``: how the exports offer
     TLS; ``credentials``: the control port answers only clients that
-    authenticate; ``max_clients``: NBD clients served at once per export.
+    authenticate; ``max_clients``, ``max_data``, ``max_requests``: each export's
+    limits (:class:`~isc.nbd.NBDServer`).
     """
     from isc.nbd import NBDServer
 
@@ -547,7 +551,14 @@ def run_agent(
     try:
         uris = {}
         for offset, (name, export) in enumerate(agent.exports.items()):
-            server = NBDServer(export, name=name, tls=tls, max_clients=max_clients)
+            server = NBDServer(
+                export,
+                name=name,
+                tls=tls,
+                max_clients=max_clients,
+                max_data=max_data,
+                max_requests=max_requests,
+            )
             server.start(host, base + offset if base else 0)
             servers.append(server)
             uris[name] = server.uri

@@ -86,6 +86,7 @@ from isc.errors import CopyError, IscError
 from isc.lun import ReconnectingLUN
 from isc.nbd import MAX_CLIENTS, NBDServer, SessionLUN
 from isc.nbd.export import FrozenExport
+from isc.nbd.server import MAX_DATA, MAX_REQUESTS
 from isc.session import Session
 from isc.tls import ServerTLS
 from isc.update import PeriodicUpdate, update_locks
@@ -372,6 +373,8 @@ def run_serve(
     tls: ServerTLS | None = None,
     credentials: Credentials | None = None,
     max_clients: int = MAX_CLIENTS,
+    max_data: int = MAX_DATA,
+    max_requests: int = MAX_REQUESTS,
     updated: Updated | None = None,
 ) -> Session:
     """Serve ``source`` until ``stop`` is set; return the session (closed if persistent).
@@ -386,7 +389,8 @@ def run_serve(
     :meth:`SessionControl.every`.
     ``tls``: how the export offers TLS;
     ``credentials``: the control port answers only clients that authenticate;
-    ``max_clients``: NBD clients served at once. ``unix``: export on a Unix socket
+    ``max_clients``, ``max_data``, ``max_requests``: the export's limits
+    (:class:`~isc.nbd.NBDServer`). ``unix``: export on a Unix socket
     at this path (mode 0600, in a directory that is this user's alone) instead
     of ``host:port``.
     """
@@ -413,7 +417,14 @@ def run_serve(
                 opened.callback(source_lock.close)
             session = Session(lun, granularity, name=Path(source).name)
             opened.pop_all()
-    server = NBDServer(SessionLUN(session), name=session.name, tls=tls, max_clients=max_clients)
+    server = NBDServer(
+        SessionLUN(session),
+        name=session.name,
+        tls=tls,
+        max_clients=max_clients,
+        max_data=max_data,
+        max_requests=max_requests,
+    )
     controls = SessionControl(session, persistent, credentials=credentials, pull=server.frozen)
     try:
         if unix is not None:

@@ -674,6 +674,44 @@ def test_serve_takes_max_clients(tmp_path):
     assert "1 clients are connected, the most it serves" in (tmp_path / "serve.log").read_text()
 
 
+@pytest.mark.parametrize(
+    ("option", "value", "why"),
+    [
+        ("--max-data", "1M", "'1M' is too small: give at least 32M"),
+        ("--max-data", "lots", "'lots' is not a size"),
+        ("--max-requests", "0", "'0' is not a whole number >= 1"),
+    ],
+)
+@pytest.mark.parametrize("command", ["serve", "agent"])
+def test_serve_and_agent_refuse_bad_nbd_limits(tmp_path, command, option, value, why):
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(SIZE))
+    where = (
+        [str(image)] if command == "serve" else ["--listen", "127.0.0.1:0", "--dir", str(tmp_path)]
+    )
+    done = isc(command, *where, option, value)
+    assert done.returncode == 2
+    line = done.stderr.splitlines()[-1]
+    assert line.startswith(f"isc {command}: error: argument {option}: ") and why in line
+    assert "ready" not in done.stdout
+    assert not (tmp_path / ".isc-agent").exists()
+
+
+@pytest.mark.parametrize("command", ["serve", "agent"])
+def test_serve_and_agent_give_their_exports_the_nbd_limits(tmp_path, command):
+    (tmp_path / "luns").mkdir()
+    image = tmp_path / "luns" / "disk.img"
+    image.write_bytes(bytes(SIZE))
+    where = [str(image)] if command == "serve" else ["--dir", str(image.parent)]
+    limits = ["--max-clients", "3", "--max-data", "48M", "--max-requests", "5"]
+    args = [command, *where, "--listen", "127.0.0.1:0", *limits, "-v"]
+    with daemon(tmp_path / "daemon.log", *args) as served:
+        round_trip(served.exports["disk.img"])
+        served.stop()
+    said = "limits: 3 clients, 50331648 bytes of data held, 5 requests in flight"
+    assert said in (tmp_path / "daemon.log").read_text()
+
+
 def test_a_unix_socket_export_is_reachable_by_its_user_alone(tmp_path):
     with NBDServer(MemoryLUN(MIB), name="disk") as server:
         server.start_unix(tmp_path / "isc.sock")

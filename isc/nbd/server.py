@@ -357,6 +357,8 @@ class NBDServer:
         """Seconds a client has from connecting to entering transmission."""
         self.payload_timeout = payload_timeout
         """Seconds a WRITE's payload has to arrive once the server reads it."""
+        self.max_requests = max_requests
+        """Requests in flight outside the loop's thread, all connections together."""
         self._data = _Budget(max_data)
         self._slots = asyncio.Semaphore(max_requests)
         self.lun = lun
@@ -532,7 +534,13 @@ class NBDServer:
         name = server.sockets[0].getsockname()
         self.address = path if path is not None else (name[0], name[1])
         self._ready.set()
-        log.info("%r: exporting", self)
+        log.info(
+            "%r: exporting (limits: %d clients, %d bytes of data held, %d requests in flight)",
+            self,
+            self.max_clients,
+            self._data.total,
+            self.max_requests,
+        )
         try:
             if not self._closed:
                 await self._stop.wait()
