@@ -203,15 +203,20 @@ class _BaseLUN(_Closing, abc.ABC):
 
     size: int
 
+    @property
+    def _label(self) -> str:
+        """The LUN, as messages name it (a subclass names itself better than its repr)."""
+        return repr(self)
+
     def _range_error(self, offset: int, length: int) -> RangeError:
         return RangeError(
-            f"I/O [{offset}, {offset + length}) (length {length}) is outside {self!r} "
+            f"I/O [{offset}, {offset + length}) (length {length}) is outside {self._label} "
             f"[0, {self.size}); offsets and lengths must be >= 0 and end at or before the "
             "LUN size"
         )
 
     def _closed_error(self) -> StateError:
-        return StateError(f"{self!r} is closed; open a new LUN to do I/O")
+        return StateError(f"{self._label} is closed; open a new LUN to do I/O")
 
     @abc.abstractmethod
     def close(self) -> None:
@@ -233,6 +238,10 @@ class MemoryLUN(_BaseLUN):
     def __repr__(self) -> str:
         state = " closed" if self._view is None else ""
         return f"<MemoryLUN size={self.size}{state}>"
+
+    @property
+    def _label(self) -> str:
+        return "the memory LUN"
 
     @property
     def closed(self) -> bool:
@@ -367,6 +376,10 @@ class FileLUN(_BaseLUN):
         return f"<FileLUN {self.path!r} size={self.size}{state}>"
 
     @property
+    def _label(self) -> str:
+        return f"LUN file {self.path!r}"
+
+    @property
     def closed(self) -> bool:
         """True once :meth:`close` has run."""
         return self._fd < 0
@@ -451,7 +464,7 @@ class FileLUN(_BaseLUN):
             if written == 0:
                 raise OSError(
                     errno.EIO,
-                    f"{self!r}: write at offset {offset + done} made no progress "
+                    f"{self._label}: write at offset {offset + done} made no progress "
                     f"({done} of {len(view)} bytes written)",
                 )
             done += written
@@ -560,12 +573,14 @@ class FileLUN(_BaseLUN):
     def _eof_error(self, offset: int, length: int, done: int) -> OSError:
         return OSError(
             errno.EIO,
-            f"{self!r}: read [{offset}, {offset + length}) hit the end of the file after "
+            f"{self._label}: read [{offset}, {offset + length}) hit the end of the file after "
             f"{done} bytes; the file shrank below the LUN size",
         )
 
     def _readonly_error(self) -> StateError:
-        return StateError(f"{self!r} was opened read-only; open it with readonly=False to write")
+        return StateError(
+            f"{self._label} was opened read-only; open it with readonly=False to write"
+        )
 
     def flush(self) -> None:
         """``fsync`` the file: completed writes survive a crash. ``StateError`` when closed."""
@@ -678,6 +693,10 @@ class ReconnectingLUN(_BaseLUN):
         return f"<ReconnectingLUN {self.what} size={self.size}{state}>"
 
     @property
+    def _label(self) -> str:
+        return self.what
+
+    @property
     def closed(self) -> bool:
         """True once :meth:`close` has run (an outage does not close it)."""
         return self._closed
@@ -774,7 +793,7 @@ class ReconnectingLUN(_BaseLUN):
         except (OSError, StateError) as exc:
             if not lun.closed or self._closed:
                 raise  # the LUN's own error: it stays open
-            problem = f"{self.what} lost its connection: {exc}"
+            problem = f"{self.what} lost its connection: {getattr(exc, 'strerror', None) or exc}"
             with self._lock:
                 if self._lun is lun:  # no other call has reconnected meanwhile
                     self._problem = problem

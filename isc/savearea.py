@@ -251,6 +251,13 @@ class SaveArea:
             f"<SaveArea {where} used={self.used}/{self._capacity} chunks={len(self._index)}{state}>"
         )
 
+    @property
+    def _label(self) -> str:
+        """The save area, as messages name it."""
+        if isinstance(self._store, _MemoryStore):
+            return "the save area in memory"
+        return f"save area {self._store.path!r}"
+
     # -- the COFW path ---------------------------------------------------------------
     def save(self, chunk: int, data: BytesLike) -> None:
         """Store a copy of ``data`` (1 to 65536 bytes, any bytes-like) as chunk ``chunk``.
@@ -288,19 +295,19 @@ class SaveArea:
             self._check_open_locked()
             if chunk in self._index:
                 raise StateError(
-                    f"chunk {chunk} is already in {self!r}; a chunk is saved at most once "
+                    f"chunk {chunk} is already in {self._label}; a chunk is saved at most once "
                     "per mark (discard it or clear the area first)"
                 )
             used = self._slots.used + length
             if used > self._capacity:
                 raise SaveAreaFull(
-                    f"{self!r} cannot take {length} more bytes for chunk {chunk}: it would "
+                    f"{self._label} cannot take {length} more bytes for chunk {chunk}: it would "
                     f"hold {used} of {self._capacity}; use a larger save area"
                 )
             entry = self._slots.take(length)
             if entry is None:
                 raise SaveAreaFull(
-                    f"{self!r} has no free slot of {length} bytes for chunk {chunk} and it "
+                    f"{self._label} has no free slot of {length} bytes for chunk {chunk} and it "
                     "is at capacity (fragmented by entries of other sizes); use a "
                     "larger save area"
                 )

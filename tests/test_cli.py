@@ -20,6 +20,7 @@ import signal
 import struct
 import subprocess
 import termios
+import time
 from pathlib import Path
 from urllib.parse import quote
 
@@ -664,6 +665,35 @@ def test_destroy_refuses_a_held_session_and_one_holding_other_files(session: Pat
     (session / "s" / "sub").rmdir()
     isc_run("destroy", "s", cwd=session)
     assert not (session / "s").exists()
+
+
+def test_a_killed_nbd_destination_is_named_by_its_uri_without_reprs_or_errnos(work: Path) -> None:
+    from test_nbd import spawn, tool
+
+    sock = work / "qemu.sock"
+    args = [tool("qemu-nbd"), "-f", "raw", "-k", str(sock), "--persistent", str(work / "d1.img")]
+    with spawn(args, sock) as remote:
+        isc_run("create", "s", "--source", "source.img", cwd=work)
+        isc_run("add-dest", "s", remote.uri, cwd=work)
+        copy = subprocess.Popen(
+            [*ISC, "copy", "s", "--full", "--throttle", "1M"],
+            cwd=work,
+            env=ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        with copy:
+            deadline = time.monotonic() + TIMEOUT  # qemu-nbd is another process: poll it
+            while not any((work / "d1.img").read_bytes()):
+                assert copy.poll() is None and time.monotonic() < deadline, "no data arrived"
+                time.sleep(0.01)
+            remote.proc.kill()
+            _, stderr = copy.communicate(timeout=TIMEOUT)
+    assert copy.returncode == 1, stderr
+    (line,) = stderr.strip().splitlines()
+    assert f"lost its connection: the NBD server at {remote.uri!r} closed the connection" in line
+    assert "<" not in line and "Errno" not in line, line
 
 
 # -- add-dest --create and a full copy of a mark ---------------------------------------------

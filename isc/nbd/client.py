@@ -124,7 +124,9 @@ class NBDLUN(_BaseLUN):
     answered; the LUN stays usable. A lost connection, a timeout or a
     protocol violation raises ``OSError`` (``ConnectionError``,
     ``TimeoutError``, ``EPROTO``) and closes the LUN, since nothing more can be
-    known of the requests in flight. ``RangeError`` and ``StateError`` are
+    known of the requests in flight. Messages name the server by its URI
+    (``the NBD server at 'nbd://…' closed the connection (Broken pipe)``).
+    ``RangeError`` and ``StateError`` are
     raised as by every LUN, before anything is sent; :meth:`write` on a
     read-only export raises ``StateError``.
     """
@@ -173,6 +175,15 @@ class NBDLUN(_BaseLUN):
         state = " closed" if self.closed else " readonly" if self.readonly else ""
         return f"<NBDLUN {self.uri!r} size={self.size}{state}>"
 
+    @property
+    def _label(self) -> str:
+        return f"the NBD LUN at {self.uri!r}"
+
+    @property
+    def _server(self) -> str:
+        """The server, as messages name it."""
+        return f"the NBD server at {self.uri!r}"
+
     # -- connection and handshake ---------------------------------------------------------
     def _connect(self) -> socket.socket:
         address = self.target.address
@@ -208,15 +219,14 @@ class NBDLUN(_BaseLUN):
         if not client_flags & proto.FLAG_FIXED_NEWSTYLE:
             raise self._no_tls("it lacks fixed newstyle negotiation, which TLS needs")
         stream = self._starttls(sock, tls)
-        where = f"the NBD server at {self.uri!r}"
         try:
             self._negotiate(stream, client_flags)  # type: ignore[arg-type]
         except ssl.SSLError as exc:  # an alert: the server refused this client's certificate
-            raise _tls.handshake_error(exc, where, tls.certificates) from None
+            raise _tls.handshake_error(exc, self._server, tls.certificates) from None
         except ConnectionError:
             raise _tls.AuthenticationError(
-                f"{where} hung up right after the TLS handshake, as a server does that refuses "
-                f"the client's certificate: it wants a current {_tls.CLIENT_CERT} (with "
+                f"{self._server} hung up right after the TLS handshake, as a server does that "
+                f"refuses the client's certificate: it wants a current {_tls.CLIENT_CERT} (with "
                 f"{_tls.CLIENT_KEY}) signed by its CA in tls-certificates={tls.certificates}"
             ) from None
         return stream  # type: ignore[return-value]
@@ -244,12 +254,12 @@ class NBDLUN(_BaseLUN):
             tls.certificates, verify_peer=tls.verify_peer, check_hostname=tcp
         )
         stream = TLSSocket(sock, context, address[0] if tcp else None)
-        stream.handshake(f"the NBD server at {self.uri!r}", tls.certificates or "the system's CAs")
+        stream.handshake(self._server, tls.certificates or "the system's CAs")
         return stream
 
     def _no_tls(self, why: str) -> _tls.AuthenticationError:
         return _tls.AuthenticationError(
-            f"the NBD server at {self.uri!r} does not offer TLS ({why}); an nbds URI never "
+            f"{self._server} does not offer TLS ({why}); an nbds URI never "
             "falls back to plaintext: use nbd:// or nbd+unix:// to connect without TLS"
         )
 
@@ -306,9 +316,7 @@ class NBDLUN(_BaseLUN):
         if reply == proto.REP_ERR_TLS_REQD:
             message = f"{message or 'TLS is required'}; use an nbds:// or nbds+unix:// URI"
         message = message or f"error reply {reply - proto.REP_ERR}"
-        return OSError(
-            code, f"the NBD server at {self.uri!r} refused export {self.target.export!r}: {message}"
-        )
+        return OSError(code, f"{self._server} refused export {self.target.export!r}: {message}")
 
     def _export_name(self, sock: socket.socket, no_zeroes: bool) -> None:
         name = self.target.export.encode()
@@ -319,7 +327,7 @@ class NBDLUN(_BaseLUN):
                 _recv(sock, proto.ZEROES_AFTER_EXPORT_NAME)
         except ConnectionError:
             raise ConnectionError(
-                f"the NBD server at {self.uri!r} closed the connection on NBD_OPT_EXPORT_NAME: "
+                f"{self._server} closed the connection on NBD_OPT_EXPORT_NAME: "
                 f"it has no export {self.target.export!r} or refuses it"
             ) from None
         self._enter_transmission(sock, size, flags, proto.DEFAULT_BLOCK_SIZE)
@@ -391,7 +399,7 @@ class NBDLUN(_BaseLUN):
         if self.closed:
             raise self._closed_error()
         if self.readonly:
-            raise StateError(f"{self!r}: the server exports it read-only")
+            raise StateError(f"{self._server} exports it read-only; write to a writable export")
         view = memoryview(data).cast("B")
         if offset < 0 or offset + len(view) > self.size:
             raise self._range_error(offset, len(view))
@@ -438,7 +446,7 @@ class NBDLUN(_BaseLUN):
         if self.closed:
             raise self._closed_error()
         if self.readonly:
-            raise StateError(f"{self!r}: the server exports it read-only")
+            raise StateError(f"{self._server} exports it read-only; write to a writable export")
         end = offset + length
         if offset < 0 or length < 0 or end > self.size:
             raise self._range_error(offset, length)
@@ -606,7 +614,9 @@ class NBDLUN(_BaseLUN):
                 code = proto.WIRE_TO_ERRNO.get(error, errno.EINVAL)
                 name = proto.CMD_NAMES[call.command]
                 where = f" [{at}, {at + len(piece)})" if call.command != proto.CMD_FLUSH else ""
-                call.error = OSError(code, f"{self!r}: {name}{where} failed: {os.strerror(code)}")
+                call.error = OSError(
+                    code, f"{name}{where} failed at {self._server}: {os.strerror(code)}"
+                )
                 if code == errno.ESHUTDOWN:
                     # The spec: told the server is shutting down, a client
                     # sends nothing more and disconnects (once idle, politely).
@@ -631,12 +641,12 @@ class NBDLUN(_BaseLUN):
     def _lost(self, exc: OSError) -> OSError:
         if isinstance(exc, TimeoutError):
             return TimeoutError(
-                f"{self!r}: no answer from the NBD server within {self.timeout} s; "
-                "the LUN is closed"
+                f"no answer from {self._server} within {self.timeout} s; the LUN is closed"
             )
         if exc.errno == errno.EPROTO:
             return OSError(errno.EPROTO, f"{exc.strerror}; the LUN is closed")
-        return ConnectionError(f"{self!r}: the connection to the NBD server was lost ({exc})")
+        why = f" ({exc.strerror})" if exc.strerror else ""  # none for an end of stream
+        return ConnectionError(f"{self._server} closed the connection{why}; the LUN is closed")
 
     def _release_locked(self) -> None:
         """Close the socket (the caller holds ``_cond``, no call runs); DISC first if it can."""
