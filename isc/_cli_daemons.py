@@ -216,9 +216,7 @@ def run(args: argparse.Namespace) -> int:
             stop=stop,
             tls=tls,
             credentials=credentials,
-            max_clients=args.max_clients,
-            max_data=args.max_data,
-            max_requests=args.max_requests,
+            limits=_limits(args),
             updated=updated,
         )
         return 0
@@ -239,8 +237,11 @@ def run(args: argparse.Namespace) -> int:
         stop=stop,
         tls=tls,
         credentials=credentials,
-        max_clients=args.max_clients,
-        max_data=args.max_data,
-        max_requests=args.max_requests,
+        limits=_limits(args),
     )
     return 0
+
+
+def _limits(args: argparse.Namespace) -> dict[str, int]:
+    """The NBD exports' limits given on the command line, as NBDServer's keyword arguments."""
+    return {name: getattr(args, name) for name in ("max_clients", "max_data", "max_requests")}

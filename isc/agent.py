@@ -83,14 +83,14 @@ import stat
 import struct
 import threading
 import zlib
+from collections.abc import Mapping
 from pathlib import Path
 
 from isc.auth import Credentials
 from isc.control import ControlServer, Op
 from isc.errors import IscError, ParameterError
 from isc.lun import FileLUN, ForwardingLUN
-from isc.nbd import MAX_CLIENTS, NBD_PORT
-from isc.nbd.server import MAX_DATA, MAX_REQUESTS
+from isc.nbd import NBD_PORT
 from isc.remote import PROTECT_GRANULARITY, saved_extents
 from isc.store import _fsync_dir, write_atomically
 from isc.tls import ServerTLS
@@ -521,9 +521,7 @@ def run_agent(
     stop: threading.Event | None = None,
     tls: ServerTLS | None = None,
     credentials: Credentials | None = None,
-    max_clients: int = MAX_CLIENTS,
-    max_data: int = MAX_DATA,
-    max_requests: int = MAX_REQUESTS,
+    limits: Mapping[str, int] | None = None,
 ) -> None:
     """Serve ``directory`` until ``stop`` is set (or the process is interrupted).
 
@@ -536,8 +534,8 @@ def run_agent(
     ``ready(agent, control_port, uris)`` is called once everything listens
     (``control_port`` None on a Unix socket). ``tls``: how the exports offer
     TLS; ``credentials``: the control port answers only clients that
-    authenticate; ``max_clients``, ``max_data``, ``max_requests``: each export's
-    limits (:class:`~isc.nbd.NBDServer`).
+    authenticate; ``limits``: each export's limits, :class:`~isc.nbd.NBDServer`'s
+    keyword arguments (``max_clients``, ``max_data``, ``max_requests``).
     """
     from isc.nbd import NBDServer
 
@@ -551,14 +549,7 @@ def run_agent(
     try:
         uris = {}
         for offset, (name, export) in enumerate(agent.exports.items()):
-            server = NBDServer(
-                export,
-                name=name,
-                tls=tls,
-                max_clients=max_clients,
-                max_data=max_data,
-                max_requests=max_requests,
-            )
+            server = NBDServer(export, name=name, tls=tls, **(limits or {}))
             server.start(host, base + offset if base else 0)
             servers.append(server)
             uris[name] = server.uri

@@ -73,7 +73,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
@@ -84,9 +84,8 @@ from isc.control import ControlServer
 from isc.copy import CopyJob, CopyResult
 from isc.errors import CopyError, IscError
 from isc.lun import ReconnectingLUN
-from isc.nbd import MAX_CLIENTS, NBDServer, SessionLUN
+from isc.nbd import NBDServer, SessionLUN
 from isc.nbd.export import FrozenExport
-from isc.nbd.server import MAX_DATA, MAX_REQUESTS
 from isc.session import Session
 from isc.tls import ServerTLS
 from isc.update import PeriodicUpdate, update_locks
@@ -372,9 +371,7 @@ def run_serve(
     stop: threading.Event | None = None,
     tls: ServerTLS | None = None,
     credentials: Credentials | None = None,
-    max_clients: int = MAX_CLIENTS,
-    max_data: int = MAX_DATA,
-    max_requests: int = MAX_REQUESTS,
+    limits: Mapping[str, int] | None = None,
     updated: Updated | None = None,
 ) -> Session:
     """Serve ``source`` until ``stop`` is set; return the session (closed if persistent).
@@ -389,8 +386,8 @@ def run_serve(
     :meth:`SessionControl.every`.
     ``tls``: how the export offers TLS;
     ``credentials``: the control port answers only clients that authenticate;
-    ``max_clients``, ``max_data``, ``max_requests``: the export's limits
-    (:class:`~isc.nbd.NBDServer`). ``unix``: export on a Unix socket
+    ``limits``: the export's limits, :class:`~isc.nbd.NBDServer`'s keyword
+    arguments (``max_clients``, ``max_data``, ``max_requests``). ``unix``: export on a Unix socket
     at this path (mode 0600, in a directory that is this user's alone) instead
     of ``host:port``.
     """
@@ -417,14 +414,7 @@ def run_serve(
                 opened.callback(source_lock.close)
             session = Session(lun, granularity, name=Path(source).name)
             opened.pop_all()
-    server = NBDServer(
-        SessionLUN(session),
-        name=session.name,
-        tls=tls,
-        max_clients=max_clients,
-        max_data=max_data,
-        max_requests=max_requests,
-    )
+    server = NBDServer(SessionLUN(session), name=session.name, tls=tls, **(limits or {}))
     controls = SessionControl(session, persistent, credentials=credentials, pull=server.frozen)
     try:
         if unix is not None:
