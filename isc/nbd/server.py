@@ -60,9 +60,11 @@ Against clients that misbehave the server keeps limits: at most
 ``max_clients`` connections (:data:`MAX_CLIENTS`; one more is closed at
 once, with a log line), ``handshake_timeout`` seconds from connecting to
 transmission (:data:`HANDSHAKE_TIMEOUT`, TLS included), ``payload_timeout``
-seconds for a WRITE's payload to arrive once the server takes it
+seconds for a WRITE's payload to arrive once it holds part of ``max_data``
 (:data:`PAYLOAD_TIMEOUT`; a client that stalls or trickles it is dropped, with
-a log line, and what it held given back, its payload written nowhere), ``max_requests``
+a log line, and what it held given back, its payload written nowhere; a small
+WRITE run on the loop's thread holds nothing but its connection and has no
+such bound), ``max_requests``
 requests in flight outside the loop's thread (:data:`MAX_REQUESTS`; 16 per
 connection), and ``max_data`` bytes of WRITE payloads and READ and block
 status replies held at once (:data:`MAX_DATA`; :data:`_CONNECTION_DATA` per
@@ -156,8 +158,8 @@ loop's thread at once, unless told otherwise (``max_requests``)."""
 HANDSHAKE_TIMEOUT = 10.0
 """Seconds a client has to reach transmission, TLS included (``NBDServer``'s default)."""
 PAYLOAD_TIMEOUT = 60.0
-"""Seconds a WRITE's payload has to arrive whole once the server reads it (``NBDServer``'s
-default): a 32 MiB payload needs about 0.6 MB/s."""
+"""Seconds a WRITE's payload has to arrive whole once it holds part of ``max_data``
+(``NBDServer``'s default): a 32 MiB payload needs about 0.6 MB/s."""
 
 
 class _Budget:
@@ -356,7 +358,7 @@ class NBDServer:
         self.handshake_timeout = handshake_timeout
         """Seconds a client has from connecting to entering transmission."""
         self.payload_timeout = payload_timeout
-        """Seconds a WRITE's payload has to arrive once the server reads it."""
+        """Seconds a WRITE's payload has to arrive once it holds part of ``max_data``."""
         self.max_requests = max_requests
         """Requests in flight outside the loop's thread, all connections together."""
         self._data = _Budget(max_data)
@@ -871,7 +873,7 @@ class NBDServer:
                     # already, run here, in order: a thread hand-off costs more
                     # than the request (see _INLINE).
                     if command == proto.CMD_WRITE:
-                        data = await self._payload(reader, length)
+                        data = await reader.readexactly(length)
                     reply = self._run(client, flags, command, handle, offset, length, data)
                     if len(reply) == 1 and not connection.sending.locked():
                         self._later(connection, reply[0])
