@@ -62,7 +62,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import quote, unquote_plus
 
@@ -409,7 +409,7 @@ def _say(args: argparse.Namespace, record: dict, text: str) -> None:
 
 def timestamp(seconds: float | None = None) -> str:
     """``seconds`` since the epoch (default: now) as ISO 8601 UTC, to the second."""
-    when = datetime.fromtimestamp(time.time() if seconds is None else seconds, timezone.utc)
+    when = datetime.fromtimestamp(time.time() if seconds is None else seconds, UTC)
     return when.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 

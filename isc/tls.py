@@ -112,8 +112,6 @@ def _trust(context: ssl.SSLContext, directory: Path) -> None:
 def server_context(directory: str | os.PathLike[str], *, verify_peer: bool) -> ssl.SSLContext:
     """A server's context from ``directory``; ``verify_peer``: clients need a certificate
     signed by ``ca-cert.pem``. Raises ``ParameterError`` naming a missing or bad file."""
-    if sys.version_info < (3, 11):
-        raise ParameterError("TLS on isc's servers needs Python >= 3.11 (asyncio's start_tls)")
     path = _directory(directory)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
