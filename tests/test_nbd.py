@@ -654,6 +654,17 @@ def test_writes_from_qemu_io_are_tracked_host_writes(serve):
     assert session.read(0, 4 * KIB) == b"\x44" * (4 * KIB)
 
 
+def test_a_session_lun_names_its_session_in_errors_not_its_repr():
+    session = Session(MemoryLUN(MIB), granularity=64 * KIB, name="vol")
+    lun = SessionLUN(session)
+    with pytest.raises(RangeError, match=r"outside the export of session 'vol' \[0, 1048576\)"):
+        lun.write_zeroes(MIB - 1, 2)
+    lun.close()
+    with pytest.raises(StateError, match=r"^the export of session 'vol' is closed") as closed:
+        lun.read(0, 1)
+    assert "<" not in str(closed.value)
+
+
 def test_threads_share_one_lun(remote: Remote):
     # Disjoint regions, so the expected bytes do not depend on the interleaving.
     threads, region = 6, SIZE // 6

@@ -102,6 +102,10 @@ class SessionLUN(_BaseLUN):
         return f"<SessionLUN {self.session.name!r} size={self.size}{state}>"
 
     @property
+    def _label(self) -> str:
+        return f"the export of session {self.session.name!r}"
+
+    @property
     def closed(self) -> bool:
         """True once :meth:`close` has run."""
         return not self._open
