@@ -25,7 +25,7 @@ from helpers import (
     session_directory,
 )
 
-from isc import MemoryLUN
+from isc import FileLUN, MemoryLUN
 from isc._core import DeltaBitmap
 from isc._reference import DeltaBitmap as ReferenceBitmap
 from isc.copy import CopyJob, CopyResult, Destination, DestState
@@ -304,10 +304,14 @@ def test_any_exception_out_of_a_copy_unmarks_and_the_next_update_runs():
 # -- stress: writers, aborts, failing destinations, cancels -------------------------------------
 
 
-def test_stress_every_destination_reported_consistent_holds_its_point_in_time(busy_switching):
+@pytest.mark.parametrize("kind", ["memory", "file"])
+def test_stress_every_destination_reported_consistent_holds_its_point_in_time(
+    busy_switching, tmp_path, kind
+):
+    # A file source's COFW saves run in the core (FileSave), a memory one's in Python.
     size = 48 * G + 512
     rng = random.Random(11)
-    source = MemoryLUN(size)
+    source = MemoryLUN(size) if kind == "memory" else FileLUN.create(tmp_path / "s.img", size)
     fill_random(source, rng)
     session = Session(source, G, SaveArea(6 * G))
     dests = [Destination(HookLUN(MemoryLUN(size)), f"d{i}") for i in range(3)]
@@ -379,6 +383,9 @@ def test_stress_every_destination_reported_consistent_holds_its_point_in_time(bu
     for dest in dests:
         assert dest.state is DestState.CONSISTENT
         assert dest.lun.read(0, size) == source.read(0, size)
+    if kind == "file":
+        assert session._file_save.chunks, "no COFW save ran in the core"
+        source.close()
 
 
 # -- durability: a checkpoint follows a flush of what it records as sent ---------------------------
