@@ -327,3 +327,23 @@ def session_directory(tmp_path, size: int, granularity: int, seed: int, dests=("
             FileLUN.create(tmp_path / f"{name}.img", size).close()
             stored.add_destination(str(tmp_path / f"{name}.img"), name)
     return state
+
+
+def wait_until(condition, proc, what: str, log=None) -> None:
+    """Poll ``condition`` while the external process ``proc`` works (bounded by
+    :data:`TIMEOUT`); fail, with ``log``'s text if given, if it ends first."""
+    deadline = threading.Event()
+    timer = threading.Timer(TIMEOUT, deadline.set)
+    timer.start()
+
+    def said() -> str:
+        return "" if log is None else f": {log.read_text()}"
+
+    try:
+        while not condition():
+            if proc.poll() is not None:
+                pytest.fail(f"{proc.args} exited {proc.returncode} before {what}{said()}")
+            if deadline.wait(0.001):
+                pytest.fail(f"no {what} within {TIMEOUT} s{said()}")
+    finally:
+        timer.cancel()

@@ -30,14 +30,21 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers import Gate, HookLUN, Worker, assert_no_lost_change, chunk_bytes, chunks_touched
+from helpers import (
+    Gate,
+    HookLUN,
+    Worker,
+    assert_no_lost_change,
+    chunk_bytes,
+    chunks_touched,
+    wait_until,
+)
 from test_cli import error_line, files, isc_run, state_of
 from test_cli_analysis import ISC
 from test_nbd import nbdkit, qemu_nbd, run, sparse, tool
@@ -871,15 +878,6 @@ def states(tmp_path: Path) -> dict[str, tuple[str, str | None]]:
     return {d["name"]: (d["state"], d["site"]) for d in report["destinations"]}
 
 
-def wait_until(ready, what: str, proc: subprocess.Popen) -> None:
-    """Poll ``ready()`` while the external ``proc`` works, for at most WAIT seconds."""
-    deadline = time.monotonic() + WAIT
-    while not ready():
-        assert proc.poll() is None, f"isc exited {proc.returncode} before {what}"
-        assert time.monotonic() < deadline, f"no {what} within {WAIT} s"
-        time.sleep(0.005)
-
-
 def test_a_session_of_a_local_file_and_an_agent_export_updates_and_rolls_back_each_at_its_site(
     tmp_path: Path, source: Path, exports: Path
 ):
@@ -918,7 +916,7 @@ def test_a_session_of_a_local_file_and_an_agent_export_updates_and_rolls_back_ea
             stderr=subprocess.DEVNULL,
         )
         try:  # a run of 16 KiB at 1 KiB/s: it waits 16 s after the first
-            wait_until(lambda: (exports / "disk").read_bytes() != image, "first run", proc)
+            wait_until(lambda: (exports / "disk").read_bytes() != image, proc, "first run")
         finally:
             proc.kill()
             proc.wait(WAIT)

@@ -35,7 +35,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from helpers import TIMEOUT, Gate, Worker, assert_no_lost_change
+from helpers import Gate, Worker, assert_no_lost_change, wait_until
 from test_agent import ENV, HOST, JOURNAL, WAIT, daemon, lun_of
 from test_nbd import sparse
 
@@ -375,23 +375,6 @@ def finished(proc: subprocess.Popen[bytes], log: Path) -> int:
         pytest.fail(f"{proc.args} did not finish within {WAIT} s: {log.read_text()}")
 
 
-def wait_until(condition, proc: subprocess.Popen[bytes], log: Path, what: str) -> None:
-    """Poll ``condition`` while the external ``proc`` runs (bounded); fail if it ends first."""
-    deadline = threading.Event()
-    timer = threading.Timer(TIMEOUT, deadline.set)
-    timer.start()
-    try:
-        while not condition():
-            if proc.poll() is not None:
-                pytest.fail(
-                    f"{proc.args} exited {proc.returncode} before {what}: {log.read_text()}"
-                )
-            if deadline.wait(0.001):
-                pytest.fail(f"no {what} within {TIMEOUT} s: {log.read_text()}")
-    finally:
-        timer.cancel()
-
-
 def test_isc_rollback_killed_while_the_agent_answers_leaves_the_change_tracked(
     tmp_path: Path, volumes, state: Path
 ):
@@ -415,7 +398,7 @@ def test_isc_rollback_killed_while_the_agent_answers_leaves_the_change_tracked(
         log = tmp_path / "rollback.log"
         proc = isc("rollback", str(state), "disk", "--site", f"{HOST}:{port}", log=log)
         try:
-            wait_until(gate.reached.is_set, proc, log, "the agent's rollback")
+            wait_until(gate.reached.is_set, proc, "the agent's rollback", log)
             proc.send_signal(signal.SIGKILL)  # while it waits for the answer
         finally:
             assert finished(proc, log) == -signal.SIGKILL
@@ -556,7 +539,7 @@ def test_the_agent_killed_mid_update_then_a_rollback_restores_the_last_consisten
             updating = isc("update", str(state), *site, "--throttle", "1M", log=log)
             try:
                 saved = functools.partial(lambda at_least: journal_slots() >= at_least, slots)
-                wait_until(saved, updating, log, f"{slots} saves")
+                wait_until(saved, updating, f"{slots} saves", log)
                 remote.kill()
             finally:
                 assert finished(updating, log) == 1, log.read_text()

@@ -20,12 +20,11 @@ import signal
 import struct
 import subprocess
 import termios
-import time
 from pathlib import Path
 from urllib.parse import quote
 
 import pytest
-from helpers import TIMEOUT, fill_random
+from helpers import TIMEOUT, fill_random, wait_until
 from test_cli_analysis import ISC
 from test_serve import isc_serve
 
@@ -684,10 +683,7 @@ def test_a_killed_nbd_destination_is_named_by_its_uri_without_reprs_or_errnos(wo
             text=True,
         )
         with copy:
-            deadline = time.monotonic() + TIMEOUT  # qemu-nbd is another process: poll it
-            while not any((work / "d1.img").read_bytes()):
-                assert copy.poll() is None and time.monotonic() < deadline, "no data arrived"
-                time.sleep(0.01)
+            wait_until(lambda: any((work / "d1.img").read_bytes()), copy, "data at qemu-nbd")
             remote.proc.kill()
             _, stderr = copy.communicate(timeout=TIMEOUT)
     assert copy.returncode == 1, stderr

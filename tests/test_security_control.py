@@ -28,9 +28,8 @@ from pathlib import Path
 
 import pytest
 import test_agent
-from helpers import Gate, Worker
+from helpers import Gate, Worker, wait_until
 from test_agent import HOST, IO, SIZE, WAIT, daemon
-from test_agent_journal import wait_until
 from test_cli import error_line, isc_run
 from test_security_nbd import with_tls
 
@@ -721,8 +720,8 @@ def test_an_agent_on_a_unix_socket_is_the_site_of_update_rollback_and_serve(
             wait_until(
                 lambda: (exports / "disk").read_bytes() == source.read_bytes(),
                 served.proc,
-                served.log,
                 "update that sends the host write",
+                served.log,
             )
             served.stop()
         remote.stop()
