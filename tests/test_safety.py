@@ -509,3 +509,39 @@ def test_a_destination_that_cannot_flush_drops_out_and_checkpoints_go_on_without
         reopened.session.mark()
         copy(reopened, "incremental")
         assert bad.lun.read(0, size) == reopened.session.read(0, size)
+
+
+# -- window: a host write between the check of a full copy of a mark and its new full mark ------
+
+
+@pytest.mark.parametrize("window", ["before the unmark", "between the unmark and the new mark"])
+def test_a_write_in_the_window_of_a_full_copy_of_a_mark_reaches_the_destination(
+    tmp_path, monkeypatch, window
+):
+    """``isc mark && isc copy --full``: the copy checks that nothing was written since the
+    mark, then marks again in full. A host write in between is in the new mark's image:
+    the destination, CONSISTENT, holds it, and nothing stays owed (rule 2)."""
+    from isc import store
+
+    state = session_directory(tmp_path, 64 * G, G, seed=5)
+    with store.open_session(state)[0] as stored:
+        session = stored.session
+        session.mark()
+        generation = session.generation
+        hooked = "unmark" if window == "before the unmark" else "mark"
+        original = getattr(session, hooked)
+
+        def write_then(*args, **kwargs):
+            session.write(17 * G + 100, b"w" * (2 * G))
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(session, hooked, write_then)
+        result = store.copy(stored, "full")
+        monkeypatch.undo()
+
+        assert result.mode == "full" and session.generation > generation
+        assert [d.state for d in stored.destinations] == [DestState.CONSISTENT]
+        assert not session.bitmap.marked and session.bitmap.tracking_count == 0
+        source = (tmp_path / "source.img").read_bytes()
+        assert source[17 * G + 100 : 19 * G + 100] == b"w" * (2 * G)
+        assert (tmp_path / "d0.img").read_bytes() == source
