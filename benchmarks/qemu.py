@@ -244,8 +244,9 @@ class QMP:
 class StorageDaemon:
     """``qemu-storage-daemon`` serving the raw image ``source`` over NBD and steered over QMP.
 
-    The image is the node :attr:`node` (raw, over a ``file`` node), exported
-    writable as ``export`` by an NBD server on 127.0.0.1 (:attr:`uri`). The
+    The image is the node :attr:`node` (raw, over the ``file`` node
+    :attr:`file_node`), exported writable as ``export`` by an NBD server on
+    127.0.0.1, or with ``listen`` on that Unix socket instead (:attr:`uri`). The
     QMP monitor listens on ``qmp.sock`` in ``workdir`` (made if missing),
     where the pid file goes too; :attr:`qmp` is connected to it.
     ``file_options`` are merged into every ``file`` node, the source's and
@@ -254,14 +255,15 @@ class StorageDaemon:
     bounds every wait unless a call is given its own.
 
     :meth:`start` (or entering the ``with`` block) runs the daemon and sets
-    :attr:`pid`, :attr:`port`, :attr:`uri` and :attr:`qmp`; :meth:`stop` (or
-    leaving the block) ends it.
+    :attr:`pid`, :attr:`port` (None on a Unix socket), :attr:`uri` and
+    :attr:`qmp`; :meth:`stop` (or leaving the block) ends it.
     """
 
     node = "src"  # node name of the source image
+    file_node = f"{node}-file"  # node name of the ``file`` node under it
 
     pid: int
-    port: int
+    port: int | None
     uri: str
     qmp: QMP
 
@@ -271,6 +273,7 @@ class StorageDaemon:
         workdir: str | os.PathLike[str],
         *,
         export: str = "src",
+        listen: str | os.PathLike[str] | None = None,
         file_options: Mapping[str, Any] | None = None,
         timeout: float = DEFAULT_TIMEOUT,
         program: str = "qemu-storage-daemon",
@@ -278,6 +281,7 @@ class StorageDaemon:
         self.source = Path(source).absolute()
         self.workdir = Path(workdir).absolute()
         self.export = export
+        self.listen = None if listen is None else Path(listen).absolute()
         self.file_options = dict(file_options or {})
         self.timeout = timeout
         self.program = program
@@ -292,11 +296,19 @@ class StorageDaemon:
         self.workdir.mkdir(parents=True, exist_ok=True)
         socket_path.unlink(missing_ok=True)
         pidfile.unlink(missing_ok=True)
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
-            listener.bind(("127.0.0.1", 0))
-            listener.listen()
-            port = listener.getsockname()[1]
-            self._daemonize(listener.fileno(), socket_path, pidfile)
+        with contextlib.ExitStack() as stack:
+            if self.listen is None:
+                listener = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+                listener.bind(("127.0.0.1", 0))
+                listener.listen()
+                port, fds = listener.getsockname()[1], (listener.fileno(),)
+                nbd = {"addr": {"type": "fd", "str": str(listener.fileno())}}
+                uri = f"nbd://127.0.0.1:{port}/{self.export}"
+            else:
+                port, fds = None, ()
+                nbd = {"addr": {"type": "unix", "path": os.fspath(self.listen)}}
+                uri = f"nbd+unix:///{self.export}?socket={self.listen}"
+            self._daemonize(nbd, fds, socket_path, pidfile)
         self.pid = int(pidfile.read_text())
         pidfd = os.pidfd_open(self.pid)
         try:
@@ -307,7 +319,7 @@ class StorageDaemon:
             raise
         self._pidfd = pidfd
         self.port = port
-        self.uri = f"nbd://127.0.0.1:{port}/{self.export}"
+        self.uri = uri
 
     def stop(self, timeout: float | None = None) -> None:
         """End the daemon (idempotent): SIGTERM, then SIGKILL if it is not gone within ``timeout``.
@@ -444,8 +456,9 @@ class StorageDaemon:
         file = {"driver": "file", "node-name": f"{node}-file", "filename": os.fspath(path)}
         return {"driver": "raw", "node-name": node, "file": {**file, **self.file_options}}
 
-    def _daemonize(self, listener: int, socket_path: Path, pidfile: Path) -> None:
-        nbd = {"addr": {"type": "fd", "str": str(listener)}}
+    def _daemonize(
+        self, nbd: dict[str, Any], fds: tuple[int, ...], socket_path: Path, pidfile: Path
+    ) -> None:
         export = {
             "type": "nbd",
             "id": "export",
@@ -472,7 +485,7 @@ class StorageDaemon:
                 capture_output=True,
                 text=True,
                 timeout=self.timeout,
-                pass_fds=(listener,),
+                pass_fds=fds,
                 check=False,
             )
         except subprocess.TimeoutExpired as exc:

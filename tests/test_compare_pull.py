@@ -1,0 +1,91 @@
+"""``benchmarks/compare_pull.py``: isc's pull backup beside QEMU's pull mode, end to end.
+
+A tiny run (a 16 MiB volume, two rounds, short write windows) drives the
+real ``qemu-storage-daemon`` through its fleecing graph, ``isc serve`` and
+the libnbd pulling client and host writer, and must check every pull byte
+for byte and pass. A run whose image at the mark is tampered with must
+notice on both systems and exit 1. Times are never asserted on.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import compare_pull  # noqa: E402
+from test_compare_qemu import needed_tools  # noqa: E402
+
+TINY = ["--size", "16M", "--rounds", "2", "--idle-seconds", "0.2", "--load-seconds", "0.2"]
+RUN_LIMIT = 300  # seconds a tiny run may take before the test fails
+
+
+def test_a_tiny_run_checks_every_pull_of_both_systems(tmp_path: Path):
+    needed_tools()
+    out = tmp_path / "results.json"
+    done = subprocess.run(
+        [sys.executable, BENCHMARKS / "compare_pull.py", *TINY, "--dir", tmp_path, "--json", out],
+        capture_output=True,
+        text=True,
+        timeout=RUN_LIMIT,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    results = json.loads(out.read_text())
+    checked = [check["copy"] for check in results["checks"]]
+    assert all(check["ok"] for check in results["checks"])
+    for system in (compare_pull.QEMU, compare_pull.ISC_SIDE):
+        figures = results[system]
+        pulls = len(figures["idle"]) + len(figures["loaded"])
+        assert len(figures["idle"]) == 2 and figures["loaded"]
+        assert sum(name.startswith(f"{system} pull") for name in checked) == pulls
+        assert sum(f"{system} pull under host writes" in name for name in checked) == len(
+            figures["loaded"]
+        )
+        # 1% of 16 MiB is round(2.56) = 3 blocks of 64 KiB.
+        assert {run["bytes"] for run in figures["idle"]} == {3 * 65536}
+        assert figures["writer_idle"]["writes"] > 0
+        assert figures["summary"]["window"] >= 0.2
+    assert f"- {len(checked)} pulls checked byte for byte, 0 mismatched" in done.stdout
+    assert "| bytes read per pull | 192K | 192K |  |" in done.stdout
+    assert not list(tmp_path.glob("isc-pull-*"))  # the volumes are gone
+
+
+def test_a_pull_that_differs_from_the_image_at_the_mark_fails_the_run(
+    tmp_path, monkeypatch, capsys
+):
+    needed_tools()
+    snapshot = compare_pull.snapshot
+
+    def tampered(source: Path, image: Path) -> None:
+        snapshot(source, image)
+        with open(image, "r+b") as f:
+            f.seek(12345)
+            byte = f.read(1)
+            f.seek(12345)
+            f.write(bytes([byte[0] ^ 0xFF]))
+
+    monkeypatch.setattr(compare_pull, "snapshot", tampered)
+    assert compare_pull.main([*TINY, "--rounds", "1", "--dir", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    for system in (compare_pull.QEMU, compare_pull.ISC_SIDE):
+        assert f"MISMATCH: {system} pull, seed" in out
+    assert "at byte 12345" in out
+    assert " 0 mismatched" not in out
+
+
+def test_bad_arguments_exit_2_naming_the_problem(capsys):
+    for argv, message in (
+        (["--size", "100K"], "--size must be a positive multiple of 64 KiB"),
+        (["--change", "0"], "--change must be in (0, 1]"),
+        (["--rounds", "0"], "--rounds must be at least 1"),
+    ):
+        with pytest.raises(SystemExit, match=r"^2$"):
+            compare_pull.parse_args(argv)
+        assert message in capsys.readouterr().err
