@@ -32,6 +32,8 @@ import pytest
 from helpers import Gate, HookLUN, Worker
 from test_agent import ENV, daemon
 from test_nbd import (
+    CMD_FLUSH,
+    CMD_WRITE,
     OPT_ABORT,
     OPT_EXPORT_NAME,
     OPT_GO,
@@ -40,6 +42,7 @@ from test_nbd import (
     OPT_STARTTLS,
     REP_ACK,
     REP_ERR_UNSUP,
+    REQUEST_MAGIC,
     Raw,
     nbdkit,
     qemu_nbd,
@@ -52,7 +55,8 @@ from test_nbd_protocol import OPT_SET_META_CONTEXT, Client
 from isc import MemoryLUN
 from isc.errors import AuthenticationError, ParameterError
 from isc.nbd import MAX_BLOCK, NBDLUN, NBDServer, parse_uri
-from isc.nbd.server import _PIECE, _REPLY_BACKLOG, _UNIX_SEND_BUFFER
+from isc.nbd.proto import REQUEST
+from isc.nbd.server import _INLINE, _PIECE, _REPLY_BACKLOG, _STAGING, _UNIX_SEND_BUFFER, _Channel
 from isc.tls import ServerTLS, client_context
 
 SEED = 20261212
@@ -614,6 +618,162 @@ def test_a_client_that_stalls_or_trickles_a_write_payload_is_dropped(tmp_path, c
         round_trip(server.uri)  # the others go on
     drops = [r.getMessage() for r in caplog.records if "within 0.3 s" in r.getMessage()]
     assert len(drops) == 2 and all("disconnecting it" in drop for drop in drops)
+
+
+# -- the receive path: requests received into buffers of their own -------------------------
+class ReceivingServer(NBDServer):
+    """An NBD server whose connections tell what they received and when they stop reading."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.received = 0  # bytes (plaintext) received by all its connections
+        self.paused: set[_Channel] = set()  # connections that stopped reading, till they go on
+        self.changed = threading.Condition()
+
+    def _channel(self) -> _Channel:
+        return TellingChannel(self)
+
+    def wait_for(self, condition, what: str) -> None:
+        with self.changed:
+            if not self.changed.wait_for(condition, WAIT):
+                pytest.fail(f"the server did not get there within {WAIT} s: {what}")
+
+
+class TellingChannel(_Channel):
+    def buffer_updated(self, nbytes: int) -> None:
+        super().buffer_updated(nbytes)
+        server = self._server
+        with server.changed:
+            server.received += nbytes
+            (server.paused.add if self._paused else server.paused.discard)(self)
+            server.changed.notify_all()
+
+
+def connected(stack: ExitStack, server: NBDServer, creds: Path | None) -> Raw:
+    """A hand-rolled client of ``server`` in transmission (over TLS with ``creds``),
+    closed when ``stack`` closes."""
+    sock = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+    sock.connect(server.address)
+    client = in_transmission(sock, creds)
+    stack.callback(client.sock.close)
+    return client
+
+
+def receiving_server(lun, creds: Path | None, **limits) -> ReceivingServer:
+    """A :class:`ReceivingServer` of ``lun`` as "disk", requiring TLS with ``creds``."""
+    tls = ServerTLS(creds, verify_peer=True) if creds is not None else None
+    return ReceivingServer(lun, name="disk", tls=tls, **limits)
+
+
+def header(command: int, offset: int, length: int) -> bytes:
+    return struct.pack(">IHHQQI", REQUEST_MAGIC, 0, command, 0xC0FFEE, offset, length)
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plaintext", "tls"])
+def test_requests_are_served_whole_however_the_client_splits_or_joins_them(
+    tmp_path, credentials, tls
+):
+    lun = HookLUN(MemoryLUN(SIZE))
+    creds = credentials["good"] if tls else None
+    server = receiving_server(lun, creds)
+    rng = random.Random(SEED)
+    model = bytearray(SIZE)
+    with server, ExitStack() as stack:
+        server.start_unix(tmp_path / "isc.sock")
+        client = connected(stack, server, creds)
+
+        def send(data: bytes, piece: int) -> None:
+            """Send ``data`` in pieces, each received by the server before the next is sent."""
+            for at in range(0, len(data), piece):
+                before = server.received
+                client.sock.sendall(data[at : at + piece])
+                expected = before + len(data[at : at + piece])
+                server.wait_for(lambda e=expected: server.received >= e, f"{expected} bytes")
+
+        def write(offset: int, length: int) -> bytes:
+            data = rng.randbytes(length)
+            model[offset : offset + length] = data
+            return header(CMD_WRITE, offset, length) + data
+
+        # A small WRITE (run on the loop's thread), header and payload a byte at a time.
+        send(write(0, 300), 1)
+        assert client.reply() == 0
+        # A large one (admitted, then run in the pool): its header a byte at a time,
+        # then its payload a byte at a time and in pieces of every size.
+        large = write(64 * KIB, _INLINE + 4 * KIB)
+        send(large[: REQUEST.size], 1)
+        send(large[REQUEST.size : REQUEST.size + 500], 1)
+        send(large[REQUEST.size + 500 : REQUEST.size + 500 + 7 * KIB], 1000)
+        send(large[REQUEST.size + 500 + 7 * KIB :], 64 * KIB + 1)
+        assert client.reply() == 0
+        # Many requests in one send, the last header split in two sends.
+        joined = write(512 * KIB, 4 * KIB) + write(600 * KIB, 100) + write(700 * KIB, 200 * KIB)
+        flush = header(CMD_FLUSH, 0, 0)
+        client.sock.sendall(joined + flush[:5])
+        client.sock.sendall(flush[5:])
+        assert [client.reply() for _ in range(4)] == [0] * 4
+    assert lun.lun.read(0, SIZE) == bytes(model)
+    assert lun.writes == 5 and lun.flushes == 1
+    assert server.peak_held <= _INLINE + 4 * KIB
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plaintext", "tls"])
+def test_a_client_gone_mid_payload_writes_nothing_and_gives_its_data_back(
+    tmp_path, credentials, tls
+):
+    lun = HookLUN(MemoryLUN(MAX_BLOCK))
+    creds = credentials["good"] if tls else None
+    server = receiving_server(lun, creds, max_data=MAX_BLOCK)
+    payload = random.Random(SEED).randbytes(MAX_BLOCK)
+    with server:
+        server.start_unix(tmp_path / "isc.sock")
+        with ExitStack() as stack:
+            gone = connected(stack, server, creds)
+            before = server.received
+            gone.sock.sendall(header(CMD_WRITE, 0, MAX_BLOCK) + payload[: MAX_BLOCK // 2])
+            expected = before + REQUEST.size + MAX_BLOCK // 2
+            server.wait_for(lambda: server.received >= expected, "half the payload")
+            assert server.held == MAX_BLOCK  # all of max_data, for this payload
+        # Another client's WRITE of all of max_data goes through: the first gave it back.
+        with ExitStack() as stack:
+            other = connected(stack, server, creds)
+            other.request(CMD_WRITE, 0, MAX_BLOCK, payload=payload[::-1])
+            assert other.reply() == 0
+    assert lun.written == [(0, MAX_BLOCK)]  # the second client's alone
+    assert lun.lun.read(0, MAX_BLOCK) == payload[::-1]
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plaintext", "tls"])
+def test_a_write_waiting_for_max_data_stops_its_connection_reading_until_it_fits(
+    tmp_path, credentials, tls
+):
+    lun = HookLUN(MemoryLUN(2 * MAX_BLOCK))
+    gate = Gate()
+    lun.before_write = lambda n, offset, data: gate() if n == 1 else None
+    creds = credentials["good"] if tls else None
+    server = receiving_server(lun, creds, max_data=MAX_BLOCK)
+    payloads = [random.Random(SEED + i).randbytes(MAX_BLOCK) for i in range(2)]
+    with server, ExitStack() as stack:
+        server.start_unix(tmp_path / "isc.sock")
+        first, second = (connected(stack, server, creds) for _ in range(2))
+        first.request(CMD_WRITE, 0, MAX_BLOCK, payload=payloads[0])  # held at the gate
+        gate.wait_reached()
+        assert server.held == MAX_BLOCK
+        before = server.received
+        sending = Worker(
+            lambda: second.request(CMD_WRITE, MAX_BLOCK, MAX_BLOCK, payload=payloads[1])
+        )
+        server.wait_for(lambda: server.paused, "the second connection stops reading")
+        # It read its staging buffer full (and the header it parsed) and stopped: the rest
+        # of its payload waits in the socket and the client, not in the server.
+        assert _STAGING <= server.received - before <= _STAGING + REQUEST.size
+        assert server.held == MAX_BLOCK
+        gate.open()
+        sending.finish()
+        assert first.reply() == 0 and second.reply() == 0
+        assert not server.paused
+    assert server.peak_held == MAX_BLOCK
+    assert lun.lun.read(0, 2 * MAX_BLOCK) == b"".join(payloads)
 
 
 def test_one_client_more_than_max_clients_is_refused(tmp_path, caplog):

@@ -43,7 +43,10 @@ answered EINVAL and the connection dropped, since its payload cannot be
 skipped cheaply; a bad request magic drops the connection.
 
 A request's payload is read whole before the export is touched, so a client
-that vanishes mid-request leaves no partial write. A READ's reply is read
+that vanishes mid-request leaves no partial write. Each connection receives
+into a staging buffer of :data:`_STAGING` bytes, where request headers are
+parsed in place, and a WRITE's payload, once the WRITE is admitted, straight
+into the request's own buffer (one copy from the socket; :class:`_Channel`). A READ's reply is read
 and sent in pieces of :data:`_PIECE` bytes, one piece sent once the
 connection's unsent replies are down to :data:`_REPLY_BACKLOG` and the next
 read only then. Its first piece is read before anything is sent, so a
@@ -73,10 +76,10 @@ connection is not read from meanwhile. A client that reads no replies holds
 one piece of a large READ (a small one's whole reply, 16 at most) and
 :data:`_REPLY_BACKLOG` bytes of unsent replies (twice as much under TLS, as
 ciphertext) and is no longer read from, while the others go on. Each
-connection also buffers up to twice :data:`_STREAM_LIMIT` bytes of requests
-it has not read yet, and under TLS a buffer of 256 KiB. So the server's
-memory beyond its own stays within ``max_data`` plus about 2.5 MiB per
-connection, whatever the clients do
+connection also holds up to :data:`_STAGING` bytes of requests it has not
+served yet (it stops reading when they fill it), and under TLS a buffer of
+256 KiB. So the server's memory beyond its own stays within ``max_data`` plus
+about 1.6 MiB per connection, whatever the clients do
 (:attr:`NBDServer.held` and :attr:`NBDServer.peak_held` count the first).
 
 TLS (the spec's "TLS support"; credentials in :mod:`isc.tls`): the server's
@@ -202,13 +205,183 @@ class _Budget:
                 taken.set_result(None)
 
 
+class _Channel(asyncio.BufferedProtocol):
+    """One client's connection: what it sends received into buffers, its replies sent.
+
+    Bytes arrive in a staging buffer of :data:`_STAGING` bytes, from which the request
+    headers are parsed in place and small payloads copied out; once a request's payload
+    is asked for (:meth:`receive_into`), what is not staged yet is received straight
+    into the request's own buffer, one copy from the socket (asyncio's stream reader
+    made three or four: into a new ``bytes``, into its buffer, out of it, into one
+    buffer for a large payload). Reading stops while
+    the staging buffer is full and nobody waits for more, so a client whose requests
+    wait for the server's budgets is not read from. Writing mirrors
+    ``asyncio.StreamWriter``'s ``write``/``drain``, with the transport's flow control.
+    """
+
+    def __init__(self, server: NBDServer) -> None:
+        self._server = server
+        self.transport: Any = None  # asyncio's Transport, or its TLS transport after STARTTLS
+        self._staging = bytearray(_STAGING)
+        self._staged = memoryview(self._staging)
+        self._start = 0  # staged bytes not consumed yet: [_start, _end)
+        self._end = 0
+        self._target: memoryview | None = None  # the part of a payload still to receive
+        self._wanted = 0  # staged bytes the waiter waits for
+        self._waiter: asyncio.Future[None] | None = None
+        self._paused = False  # reading
+        self._unpaused: asyncio.Future[None] | None = None  # writing: set while paused
+        self._eof = False
+        self.closed: asyncio.Future[None] | None = None  # done once the connection is lost
+        self.task: asyncio.Task[None] | None = None  # NBDServer._handle, serving it
+
+    # -- asyncio's callbacks
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        loop = asyncio.get_running_loop()
+        self.closed = loop.create_future()
+        self.task = loop.create_task(self._server._handle(self))
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._target is not None:
+            return self._target
+        if self._start:
+            size = self._end - self._start
+            self._staged[:size] = self._staged[self._start : self._end]
+            self._start, self._end = 0, size
+        return self._staged[self._end :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._target is not None:
+            # Let go of it once full: Python 3.11's TLS transport asks for a buffer
+            # again at once and takes an empty one for the end of the stream.
+            self._target = self._target[nbytes:] or None
+            ready = self._target is None
+        else:
+            self._end += nbytes
+            ready = self._end - self._start >= self._wanted
+            if self._end == _STAGING and self._start == 0 and not self._paused:
+                self._paused = True  # full: read more once something waits for it
+                self.transport.pause_reading()
+        if ready:
+            self._wake()
+
+    def eof_received(self) -> None:
+        self._eof = True
+        self._wake()
+
+    def pause_writing(self) -> None:
+        self._unpaused = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        if self._unpaused is not None:
+            self._unpaused.set_result(None)
+            self._unpaused = None
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._eof = True
+        self._wake()
+        self.resume_writing()
+        if self.closed is not None and not self.closed.done():
+            self.closed.set_result(None)
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+        self._waiter = None
+
+    # -- receiving
+    async def _wait(self, wanted: int, expected: int) -> None:
+        """Wait for more bytes: ``wanted`` staged, or the payload target filled
+        (``IncompleteReadError`` of ``expected`` bytes when the client is gone)."""
+        if self._eof:
+            raise asyncio.IncompleteReadError(b"", expected)
+        self._wanted = wanted
+        self._waiter = asyncio.get_running_loop().create_future()
+        if self._paused:
+            self._paused = False
+            self.transport.resume_reading()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+            self._wanted = 0
+
+    async def unpack(self, layout: struct.Struct) -> tuple[Any, ...]:
+        """The next ``layout.size`` bytes, unpacked (parsed where they are staged)."""
+        while self._end - self._start < layout.size:
+            await self._wait(layout.size, layout.size)
+        fields = layout.unpack_from(self._staging, self._start)
+        self._start += layout.size
+        return fields
+
+    async def receive(self, length: int) -> bytearray:
+        """The next ``length`` bytes, in a buffer of their own."""
+        if self._end - self._start >= length:
+            data = self._staging[self._start : self._start + length]
+            self._start += length
+            return data
+        data = bytearray(length)
+        await self.receive_into(memoryview(data))
+        return data
+
+    async def receive_into(self, buffer: memoryview) -> None:
+        """Fill ``buffer`` with the next bytes: what is staged, then straight from the socket."""
+        staged = min(len(buffer), self._end - self._start)
+        buffer[:staged] = self._staged[self._start : self._start + staged]
+        self._start += staged
+        if staged < len(buffer):
+            self._target = buffer[staged:]
+            try:
+                while self._target is not None:
+                    await self._wait(0, len(buffer))
+            finally:
+                self._target = None
+
+    async def start_tls(self, context: ssl.SSLContext, timeout: float) -> None:
+        """Go on over TLS (the server's side of the handshake), within ``timeout`` s."""
+        if self._end > self._start:
+            raise _Violation("data after NBD_OPT_STARTTLS before the TLS handshake")
+        self.transport = await asyncio.get_running_loop().start_tls(
+            self.transport, self, context, server_side=True, ssl_handshake_timeout=timeout
+        )
+        self._paused = False
+
+    # -- sending
+    def write(self, data: Any) -> None:
+        self.transport.write(data)
+
+    def is_closing(self) -> bool:
+        return bool(self.transport.is_closing())
+
+    def get_extra_info(self, name: str) -> Any:
+        return self.transport.get_extra_info(name)
+
+    async def drain(self) -> None:
+        """Wait until the transport takes more (``ConnectionResetError`` once it is lost)."""
+        if self.transport.is_closing():
+            await asyncio.sleep(0)  # lets connection_lost run
+        if self._unpaused is not None:
+            await asyncio.shield(self._unpaused)
+        assert self.closed is not None
+        if self.closed.done():
+            raise ConnectionResetError("the connection was lost")
+
+    def close(self) -> None:
+        self.transport.close()
+
+    async def wait_closed(self) -> None:
+        assert self.closed is not None
+        await self.closed
+
+
 class _Connection:
     """One client's share of the server in transmission: its requests in flight, the data
     it holds, and the order of its replies (one reply is sent at a time)."""
 
-    def __init__(self, client: _Client, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, client: _Client, channel: _Channel) -> None:
         self.client = client
-        self.writer = writer
+        self.channel = channel
         self.slots = asyncio.Semaphore(_SERVER_IN_FLIGHT)
         self.budget = _Budget(_CONNECTION_DATA)
         self.sending = asyncio.Lock()
@@ -233,8 +406,7 @@ last changed (``status_is_cheap``: ``nbdinfo --map`` of a 1 TiB bitmap took
 _TLS_REQUIRED = b"TLS is required: start it with NBD_OPT_STARTTLS"
 _PIECE = _INLINE
 """A READ reply is read and sent in pieces of at most this many bytes, each sent once the
-connection's unsent replies are down to :data:`_REPLY_BACKLOG`; a WRITE payload over it is
-read from the socket in pieces of this size."""
+connection's unsent replies are down to :data:`_REPLY_BACKLOG`."""
 _REPLY_BACKLOG = 64 << 10
 """Unsent reply bytes of one connection (its transport's write buffer, ciphertext under
 TLS) after which no more of its replies is made or sent until its client reads."""
@@ -243,7 +415,10 @@ _UNIX_SEND_BUFFER = 1 << 20
 Linux's default of 208 KiB is less than one 256 KiB READ reply, which then left a part
 in the transport to send later: 20% more server CPU for nbdcopy's reads). TCP sizes its
 own (``tcp_wmem``, up to 4 MiB); either is kernel memory, outside the limits here."""
-_STREAM_LIMIT = 512 << 10  # bytes a connection buffers (twice this) before it stops reading
+_STAGING = 64 << 10
+"""Bytes of requests a connection receives ahead of the one being served (headers, small
+payloads, the start of a larger one) before it stops reading; a payload's rest goes
+straight from the socket into the request's own buffer (:class:`_Channel`)."""
 _WRITES = (proto.CMD_WRITE, proto.CMD_WRITE_ZEROES, proto.CMD_TRIM)
 _PAST_THE_END = {proto.CMD_WRITE: errno.ENOSPC, proto.CMD_WRITE_ZEROES: errno.ENOSPC}
 _ADVERTISED = {
@@ -435,9 +610,8 @@ class NBDServer:
         ``OSError`` of a failed bind, ``StateError`` when this server already
         served. Cancelling it closes the server as :meth:`close` does.
         """
-        await self._serve(
-            functools.partial(asyncio.start_server, self._handle, host, port, limit=_STREAM_LIMIT)
-        )
+        loop = asyncio.get_running_loop()
+        await self._serve(functools.partial(loop.create_server, self._channel, host, port))
 
     async def serve_unix(self, path: str | os.PathLike[str]) -> None:
         """Listen on a Unix socket at ``path`` and serve until :meth:`close`.
@@ -453,7 +627,8 @@ class NBDServer:
 
         async def listen() -> asyncio.Server:
             sock = _private_unix_socket(where)
-            return await asyncio.start_unix_server(self._handle, sock=sock, limit=_STREAM_LIMIT)
+            loop = asyncio.get_running_loop()
+            return await loop.create_unix_server(self._channel, sock=sock)
 
         await self._serve(listen, where)
 
@@ -567,29 +742,29 @@ class NBDServer:
         log.info("%r: closed", self)
 
     # -- one connection ---------------------------------------------------------------------
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """``asyncio.start_server``'s callback: serve one client (:meth:`_serve_client`)."""
-        peer = writer.get_extra_info("peername") or f"client {next(self._clients)}"
-        sock = writer.get_extra_info("socket")
+    def _channel(self) -> _Channel:
+        """A new connection's protocol; it calls :meth:`_handle` once connected."""
+        return _Channel(self)
+
+    async def _handle(self, channel: _Channel) -> None:
+        """Serve one client (:meth:`_serve_client`) once it is connected."""
+        peer = channel.get_extra_info("peername") or f"client {next(self._clients)}"
+        sock = channel.get_extra_info("socket")
         if sock is not None and sock.family == socket.AF_UNIX:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _UNIX_SEND_BUFFER)
         try:
-            await self._serve_client(reader, writer, peer)
+            await self._serve_client(channel, peer)
         except asyncio.CancelledError:
             if not self._closed:
                 raise
             # _shutdown cancelled it, amid the client's requests or while its
             # connection closes. Close it now: a TLS connection waits for the
             # peer's close_notify, and its socket would outlive the server.
-            # Then end normally: before Python 3.12, asyncio.start_server's
-            # done callback calls exception() on the task, which raises for a
-            # cancelled one, and logs that traceback.
-            writer.transport.abort()
+            # Then end normally: nobody awaits this task.
+            channel.transport.abort()
             log.info("%r: disconnected %s: the server is closing", self, peer)
 
-    async def _serve_client(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: object
-    ) -> None:
+    async def _serve_client(self, channel: _Channel, peer: object) -> None:
         task = asyncio.current_task()
         assert task is not None
         if len(self._connections) >= self.max_clients:
@@ -599,14 +774,14 @@ class NBDServer:
                 peer,
                 len(self._connections),
             )
-            writer.close()
+            channel.close()
             return
         self._connections.add(task)
         client = _Client(peer)
         try:
-            handshake = self._handshake(reader, writer, client)
+            handshake = self._handshake(channel, client)
             if await asyncio.wait_for(handshake, self.handshake_timeout):
-                await self._transmission(reader, writer, client)
+                await self._transmission(channel, client)
         except TimeoutError:
             log.warning(
                 "%r: %s did not finish the handshake within %g s; disconnecting it",
@@ -628,15 +803,15 @@ class NBDServer:
             log.exception("%r: unexpected failure serving %s; disconnecting it", self, peer)
         finally:
             self._connections.discard(task)
-            writer.close()
+            channel.close()
             with contextlib.suppress(Exception):
-                await writer.wait_closed()
+                await channel.wait_closed()
 
     async def _option_reply(
-        self, writer: asyncio.StreamWriter, option: int, reply: int, data: bytes = b""
+        self, channel: _Channel, option: int, reply: int, data: bytes = b""
     ) -> None:
-        writer.write(proto.option_reply(option, reply, data))
-        await writer.drain()
+        channel.write(proto.option_reply(option, reply, data))
+        await channel.drain()
 
     def _find(self, name: bytes) -> tuple[Any, str | None]:
         """The export called ``name`` and why it cannot be used now (None: it can);
@@ -652,14 +827,12 @@ class NBDServer:
             )
         return export, export.unavailable()
 
-    async def _handshake(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, client: _Client
-    ) -> bool:
+    async def _handshake(self, channel: _Channel, client: _Client) -> bool:
         """Haggle options; True when the client enters transmission."""
         flags = proto.FLAG_FIXED_NEWSTYLE | proto.FLAG_NO_ZEROES
-        writer.write(proto.GREETING.pack(proto.NBDMAGIC, proto.IHAVEOPT, flags))
-        await writer.drain()
-        (client_flags,) = proto.U32.unpack(await reader.readexactly(4))
+        channel.write(proto.GREETING.pack(proto.NBDMAGIC, proto.IHAVEOPT, flags))
+        await channel.drain()
+        (client_flags,) = await channel.unpack(proto.U32)
         if client_flags & ~(proto.FLAG_FIXED_NEWSTYLE | proto.FLAG_NO_ZEROES):
             # The spec: the server MUST drop a client that sets an unknown flag.
             raise _Violation(f"unknown client flags {client_flags:#x}")
@@ -672,31 +845,29 @@ class NBDServer:
             tls = None
         encrypted = False
         while True:
-            magic, option, length = proto.OPTION.unpack(await reader.readexactly(proto.OPTION.size))
+            magic, option, length = await channel.unpack(proto.OPTION)
             if magic != proto.IHAVEOPT:
                 raise _Violation(f"an option starts {magic:#x}, not IHAVEOPT")
             if length > proto.MAX_OPTION_DATA:
                 while length:
-                    length -= len(await reader.readexactly(min(length, proto.MAX_OPTION_DATA)))
+                    length -= len(await channel.receive(min(length, proto.MAX_OPTION_DATA)))
                 await self._option_reply(
-                    writer, option, proto.REP_ERR_TOO_BIG, b"option data longer than 64 KiB"
+                    channel, option, proto.REP_ERR_TOO_BIG, b"option data longer than 64 KiB"
                 )
                 continue
-            data = await reader.readexactly(length)
+            data = bytes(await channel.receive(length))
             if option == proto.OPT_STARTTLS:
                 if tls is None:
                     reason = b"TLS is off on this server"
-                    await self._option_reply(writer, option, proto.REP_ERR_UNSUP, reason)
+                    await self._option_reply(channel, option, proto.REP_ERR_UNSUP, reason)
                 elif encrypted or data:
                     reason = (
                         b"TLS is on already" if encrypted else b"NBD_OPT_STARTTLS takes no data"
                     )
-                    await self._option_reply(writer, option, proto.REP_ERR_INVALID, reason)
+                    await self._option_reply(channel, option, proto.REP_ERR_INVALID, reason)
                 else:
-                    await self._option_reply(writer, option, proto.REP_ACK)
-                    await writer.start_tls(
-                        tls.context, ssl_handshake_timeout=self.handshake_timeout
-                    )
+                    await self._option_reply(channel, option, proto.REP_ACK)
+                    await channel.start_tls(tls.context, self.handshake_timeout)
                     encrypted = True
                     client.forget()
                     log.debug("%r: %s is on TLS", self, client.peer)
@@ -705,7 +876,7 @@ class NBDServer:
                 if option == proto.OPT_EXPORT_NAME:
                     # The option cannot fail politely: the spec says drop the client.
                     raise _Violation("NBD_OPT_EXPORT_NAME without TLS, which this server requires")
-                await self._option_reply(writer, option, proto.REP_ERR_TLS_REQD, _TLS_REQUIRED)
+                await self._option_reply(channel, option, proto.REP_ERR_TLS_REQD, _TLS_REQUIRED)
                 continue
             if option == proto.OPT_EXPORT_NAME:
                 export, why = self._find(data)
@@ -714,53 +885,53 @@ class NBDServer:
                     raise _Violation(f"NBD_OPT_EXPORT_NAME of {data[:80]!r}: {why}")
                 self._enter(client, export)
                 tail = b"" if no_zeroes else bytes(proto.ZEROES_AFTER_EXPORT_NAME)
-                writer.write(proto.EXPORT_NAME_REPLY.pack(export.size, client.flags) + tail)
+                channel.write(proto.EXPORT_NAME_REPLY.pack(export.size, client.flags) + tail)
                 return True
             if option == proto.OPT_ABORT:
                 with contextlib.suppress(ConnectionError):
-                    await self._option_reply(writer, option, proto.REP_ACK)
+                    await self._option_reply(channel, option, proto.REP_ACK)
                 log.debug("%r: %s aborted the handshake", self, client.peer)
                 return False
             if option == proto.OPT_LIST:
-                await self._list(writer, data)
+                await self._list(channel, data)
             elif option in (proto.OPT_INFO, proto.OPT_GO):
-                if await self._info(writer, client, option, data) and option == proto.OPT_GO:
+                if await self._info(channel, client, option, data) and option == proto.OPT_GO:
                     return True
             elif option == proto.OPT_STRUCTURED_REPLY:
                 if data or client.structured:
                     why = b"it takes no data" if data else b"structured replies are on already"
-                    await self._option_reply(writer, option, proto.REP_ERR_INVALID, why)
+                    await self._option_reply(channel, option, proto.REP_ERR_INVALID, why)
                 else:
                     client.structured = True
-                    await self._option_reply(writer, option, proto.REP_ACK)
+                    await self._option_reply(channel, option, proto.REP_ACK)
             elif option in (proto.OPT_LIST_META_CONTEXT, proto.OPT_SET_META_CONTEXT):
-                await self._meta_context(writer, client, option, data)
+                await self._meta_context(channel, client, option, data)
             else:
                 await self._option_reply(
-                    writer,
+                    channel,
                     option,
                     proto.REP_ERR_UNSUP,
                     f"option {option} is not supported".encode(),
                 )
 
-    async def _list(self, writer: asyncio.StreamWriter, data: bytes) -> None:
+    async def _list(self, channel: _Channel, data: bytes) -> None:
         """Answer ``NBD_OPT_LIST``: every export that can be used now."""
         option = proto.OPT_LIST
         if data:
             await self._option_reply(
-                writer, option, proto.REP_ERR_INVALID, b"NBD_OPT_LIST takes no data"
+                channel, option, proto.REP_ERR_INVALID, b"NBD_OPT_LIST takes no data"
             )
             return
         for name, export in self._exports.items():
             if name == export.name and export.unavailable() is None:
                 raw = name.encode()
                 await self._option_reply(
-                    writer, option, proto.REP_SERVER, proto.U32.pack(len(raw)) + raw
+                    channel, option, proto.REP_SERVER, proto.U32.pack(len(raw)) + raw
                 )
-        await self._option_reply(writer, option, proto.REP_ACK)
+        await self._option_reply(channel, option, proto.REP_ACK)
 
     async def _meta_context(
-        self, writer: asyncio.StreamWriter, client: _Client, option: int, data: bytes
+        self, channel: _Channel, client: _Client, option: int, data: bytes
     ) -> None:
         """Answer ``NBD_OPT_LIST_META_CONTEXT`` or ``NBD_OPT_SET_META_CONTEXT``."""
         listing = option == proto.OPT_LIST_META_CONTEXT
@@ -768,24 +939,24 @@ class NBDServer:
             client.meta = None  # the spec: a SET replaces the last one, even when it fails
         if not client.structured:
             why = f"{proto.OPT_NAMES[option]} needs NBD_OPT_STRUCTURED_REPLY first"
-            await self._option_reply(writer, option, proto.REP_ERR_INVALID, why.encode())
+            await self._option_reply(channel, option, proto.REP_ERR_INVALID, why.encode())
             return
         try:
             name, queries = proto.parse_meta_request(data)
         except ValueError as exc:
-            await self._option_reply(writer, option, proto.REP_ERR_INVALID, str(exc).encode())
+            await self._option_reply(channel, option, proto.REP_ERR_INVALID, str(exc).encode())
             return
         export, why = self._find(name)
         if export is None or why is not None:
-            await self._option_reply(writer, option, proto.REP_ERR_UNKNOWN, why.encode())
+            await self._option_reply(channel, option, proto.REP_ERR_UNKNOWN, why.encode())
             return
         chosen = match_contexts(export.contexts, queries, listing=listing)
         for index in chosen:
             reply = proto.meta_context(0 if listing else index + 1, export.contexts[index])
-            await self._option_reply(writer, option, proto.REP_META_CONTEXT, reply)
+            await self._option_reply(channel, option, proto.REP_META_CONTEXT, reply)
         if not listing:
             client.meta = (export, chosen)
-        await self._option_reply(writer, option, proto.REP_ACK)
+        await self._option_reply(channel, option, proto.REP_ACK)
 
     def _enter(self, client: _Client, export: Any) -> None:
         """Set up ``client`` to serve ``export`` (raises :class:`Unavailable`)."""
@@ -794,14 +965,12 @@ class NBDServer:
         meta = client.meta
         client.contexts = meta[1] if meta is not None and meta[0] is export else []
 
-    async def _info(
-        self, writer: asyncio.StreamWriter, client: _Client, option: int, data: bytes
-    ) -> bool:
+    async def _info(self, channel: _Channel, client: _Client, option: int, data: bytes) -> bool:
         """Answer ``NBD_OPT_INFO``/``NBD_OPT_GO``; True when the export was granted."""
         # Data: name length (32 bits), name, request count (16 bits), requests (16 bits each).
         if len(data) < 6 or proto.U32.unpack_from(data)[0] > len(data) - 6:
             await self._option_reply(
-                writer, option, proto.REP_ERR_INVALID, b"option data too short"
+                channel, option, proto.REP_ERR_INVALID, b"option data too short"
             )
             return False
         name_length = proto.U32.unpack_from(data)[0]
@@ -809,7 +978,7 @@ class NBDServer:
         (count,) = proto.U16.unpack_from(data, 4 + name_length)
         if len(data) != 6 + name_length + 2 * count:
             await self._option_reply(
-                writer,
+                channel,
                 option,
                 proto.REP_ERR_INVALID,
                 b"data length does not match the request count",
@@ -822,7 +991,7 @@ class NBDServer:
             except Unavailable as exc:
                 why = str(exc)
         if export is None or why is not None:
-            await self._option_reply(writer, option, proto.REP_ERR_UNKNOWN, why.encode())
+            await self._option_reply(channel, option, proto.REP_ERR_UNKNOWN, why.encode())
             return False
         requests = set(struct.unpack_from(f">{count}H", data, 6 + name_length))
         flags = export.flags(client.structured)
@@ -832,20 +1001,17 @@ class NBDServer:
         if proto.INFO_BLOCK_SIZE in requests:
             info.append(proto.INFO_BLOCK_SIZE_DATA.pack(proto.INFO_BLOCK_SIZE, *_SERVER_BLOCK_SIZE))
         for item in info:
-            await self._option_reply(writer, option, proto.REP_INFO, item)
-        await self._option_reply(writer, option, proto.REP_ACK)
+            await self._option_reply(channel, option, proto.REP_INFO, item)
+        await self._option_reply(channel, option, proto.REP_ACK)
         return True
 
     # -- transmission -----------------------------------------------------------------------
-    async def _transmission(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, client: _Client
-    ) -> None:
-        writer.transport.set_write_buffer_limits(high=_REPLY_BACKLOG)
-        connection = _Connection(client, writer)
+    async def _transmission(self, channel: _Channel, client: _Client) -> None:
+        channel.transport.set_write_buffer_limits(high=_REPLY_BACKLOG)
+        connection = _Connection(client, channel)
         try:
             while True:
-                header = await reader.readexactly(proto.REQUEST.size)
-                magic, flags, command, handle, offset, length = proto.REQUEST.unpack(header)
+                magic, flags, command, handle, offset, length = await channel.unpack(proto.REQUEST)
                 if magic != proto.REQUEST_MAGIC:
                     raise _Violation(f"a request starts {magic:#x}, not the request magic")
                 if command == proto.CMD_DISC:
@@ -854,9 +1020,9 @@ class NBDServer:
                 data: bytes | bytearray = b""
                 if command == proto.CMD_WRITE and length > MAX_BLOCK:
                     message = f"a WRITE of {length} bytes, over the {MAX_BLOCK} maximum"
-                    writer.writelines(self._error(client, handle, errno.EINVAL, message))
+                    self._send(channel, self._error(client, handle, errno.EINVAL, message))
                     with contextlib.suppress(ConnectionError):
-                        await writer.drain()
+                        await channel.drain()
                     raise _Violation(message)
                 if client.view.inline and (
                     (
@@ -873,7 +1039,7 @@ class NBDServer:
                     # already, run here, in order: a thread hand-off costs more
                     # than the request (see _INLINE).
                     if command == proto.CMD_WRITE:
-                        data = await reader.readexactly(length)
+                        data = await channel.receive(length)
                     reply = self._run(client, flags, command, handle, offset, length, data)
                     if len(reply) == 1 and not connection.sending.locked():
                         self._later(connection, reply[0])
@@ -888,7 +1054,7 @@ class NBDServer:
                 try:
                     if command == proto.CMD_WRITE:
                         # The whole payload first: a client gone mid-payload writes nothing.
-                        data = await self._payload(reader, length)
+                        data = await self._payload(channel, length)
                     if command == proto.CMD_READ:
                         work = self._stream_read(connection, flags, handle, offset, length)
                     else:
@@ -953,32 +1119,16 @@ class NBDServer:
         self._data.give(count)
         connection.budget.give(count)
 
-    async def _payload(self, reader: asyncio.StreamReader, length: int) -> bytes | bytearray:
+    async def _payload(self, channel: _Channel, length: int) -> bytearray:
         """A WRITE's payload, whole within :attr:`payload_timeout` (else :class:`_Stalled`)."""
         try:
             async with asyncio.timeout(self.payload_timeout):
-                return await self._read_payload(reader, length)
+                return await channel.receive(length)
         except TimeoutError:
             raise _Stalled(
                 f"the {length}-byte payload of a WRITE did not arrive within "
                 f"{self.payload_timeout:g} s"
             ) from None
-
-    @staticmethod
-    async def _read_payload(reader: asyncio.StreamReader, length: int) -> bytes | bytearray:
-        """A WRITE's payload, read in pieces when it is large: the stream's buffer stays small."""
-        if length <= _PIECE:
-            return await reader.readexactly(length)
-        data = bytearray(length)
-        view = memoryview(data)
-        at = 0
-        while at < length:
-            part = await reader.read(min(_PIECE, length - at))
-            if not part:
-                raise asyncio.IncompleteReadError(bytes(view[:at]), length)
-            view[at : at + len(part)] = part
-            at += len(part)
-        return data
 
     async def _request(
         self,
@@ -1007,8 +1157,8 @@ class NBDServer:
     async def _reply(self, connection: _Connection, reply: list[Any]) -> None:
         """Send a whole reply once the connection's earlier ones are out of its way."""
         async with self._turn(connection):
-            if await self._room(connection.writer):
-                self._send(connection.writer, reply)
+            if await self._room(connection.channel):
+                self._send(connection.channel, reply)
 
     @contextlib.asynccontextmanager
     async def _turn(self, connection: _Connection) -> AsyncIterator[None]:
@@ -1032,25 +1182,25 @@ class NBDServer:
         """Send the replies held for later, unless another reply holds the turn to send
         (``turn``: the caller holds it): whoever takes it sends them first."""
         if connection.later and (turn or not connection.sending.locked()):
-            if not connection.writer.is_closing():
-                connection.writer.write(b"".join(connection.later))
+            if not connection.channel.is_closing():
+                connection.channel.write(b"".join(connection.later))
             connection.later.clear()
 
     @staticmethod
-    async def _room(writer: asyncio.StreamWriter) -> bool:
+    async def _room(channel: _Channel) -> bool:
         """Wait until the connection's unsent replies are down to :data:`_REPLY_BACKLOG`
         bytes; False when its client is gone (nobody to answer)."""
-        if writer.transport.get_write_buffer_size() > _REPLY_BACKLOG:
+        if channel.transport.get_write_buffer_size() > _REPLY_BACKLOG:
             with contextlib.suppress(ConnectionError):
-                await writer.drain()
-        return not writer.is_closing()
+                await channel.drain()
+        return not channel.is_closing()
 
     @staticmethod
-    def _send(writer: asyncio.StreamWriter, reply: list[Any]) -> None:
+    def _send(channel: _Channel, reply: list[Any]) -> None:
         """Queue a reply's pieces: one by one, since ``writelines`` may join them in a copy
         (each piece is a buffer of its own, never reused)."""
         for piece in reply:
-            writer.write(piece)
+            channel.write(piece)
 
     async def _stream_read(
         self, connection: _Connection, flags: int, handle: int, offset: int, length: int
@@ -1066,7 +1216,7 @@ class NBDServer:
         its failure is an ordinary error reply; a later one's failure is an error chunk
         when the reply is structured and between chunks, and otherwise (part of a simple
         reply or of a ``DF`` chunk was sent) drops the connection, as the spec asks."""
-        client, writer = connection.client, connection.writer
+        client, channel = connection.client, connection.channel
         refusal = self._refusal(client, flags, proto.CMD_READ, offset, length)
         if refusal is not None:
             await self._reply(connection, self._error(client, handle, *refusal))
@@ -1095,8 +1245,8 @@ class NBDServer:
             if not large:
                 await stack.enter_async_context(self._turn(connection))
             if not steps:
-                if await self._room(writer):
-                    self._send(writer, failed)
+                if await self._room(channel):
+                    self._send(channel, failed)
                 return
             for i, (header, start, size) in enumerate(steps):
                 if i:
@@ -1113,16 +1263,16 @@ class NBDServer:
                                 offset,
                                 offset + length,
                             )
-                            writer.transport.abort()
-                        elif await self._room(writer):
-                            self._send(writer, failed)
+                            channel.transport.abort()
+                        elif await self._room(channel):
+                            self._send(channel, failed)
                         return
-                if not await self._room(writer):
+                if not await self._room(channel):
                     return
                 if header is not None:
-                    writer.write(header)
+                    channel.write(header)
                 if size:
-                    writer.write(data)
+                    channel.write(data)
 
     # -- one request (in a worker thread, or inline for small writes) ------------------------
     def _error(self, client: _Client, handle: int, error: int, message: str) -> list[bytes]:
