@@ -26,8 +26,11 @@ that outgrows it falls back to its regions.
 
 Costs: a write to a hot region adds a 16-byte store to the mapping; the
 first write to a cold region one fsynced record. A checkpoint keeps the
-regions written since the one before hot (up to half of ``max_hot``), so a
-steady working set pays no record after it.
+regions written since the one before hot (up to half the hot set's
+capacity, which :mod:`isc.store` fits to the write pattern), so a steady
+working set pays no record after it. :attr:`ActivityLog.logged` counts the
+regions recorded in the current generation since it began (the kept ones
+not included): how often host writes waited for a record.
 
 Layout of ``activity.K.writes`` (little-endian): magic ``ISCWRITE``, ``K``
 u64, the boot id (36 ASCII bytes, zero-padded to 48); then what
@@ -74,6 +77,8 @@ class Generation:
     number: int
     fd: int
     writes: mmap.mmap
+    logged: int = 0
+    """Regions appended since the generation began."""
 
     def area(self) -> memoryview:
         """The part of the write log ``DeltaBitmap.log_writes`` appends to."""
@@ -95,6 +100,11 @@ class ActivityLog:
     @property
     def generation(self) -> int:
         return self._current.number
+
+    @property
+    def logged(self) -> int:
+        """Regions recorded in the current generation since it began (kept ones not counted)."""
+        return self._current.logged
 
     def area(self) -> memoryview:
         """Where ``DeltaBitmap.log_writes`` appends this generation's writes."""
@@ -120,6 +130,7 @@ class ActivityLog:
         with self._lock:
             os.write(self._current.fd, _record(first, last))
             os.fdatasync(self._current.fd)
+            self._current.logged += last - first + 1
 
     def prepare(self, keep: list[int]) -> Generation:
         """Create the next generation's files, its region log holding the regions ``keep``

@@ -22,22 +22,42 @@ Crash safety without a synchronous metadata write per host write (the way
 DRBD's activity log works): a write to a region (``region_size`` bytes,
 default 4 MiB) that is already hot costs nothing extra; the first write to a
 cold region waits for one small log append. A checkpoint holds host writes
-for an O(1) instant (``DeltaBitmap.snapshot``: a write that then changes a
-bitmap page the checkpoint has not written yet first copies the page),
-retires the hot regions not written since the last checkpoint (the others
-stay hot, recorded first in log K+1) and starts log K+1; then it appends the
-pages changed since checkpoint K to the journal as checkpoint K+1 and
-deletes the older logs. Its cost follows the pages changed, not the size of
-the LUN. Checkpoints run in the background when ``max_hot`` regions are hot,
-when the write log is half full and every ``checkpoint_interval`` seconds,
-and when the session is closed, so a clean close leaves exact bitmaps.
+for an instant (``DeltaBitmap.snapshot``: a write that then changes a
+bitmap page the checkpoint has not written yet first copies the page;
+``retire_hot``, a pass over one bit per region), retires the hot regions not
+written since the last checkpoint (the others stay hot, recorded first in
+log K+1: a hot set kept across checkpoints by one bit of recent use per
+region, a clock approximation of DRBD's LRU) and starts log K+1; then it
+appends the pages changed since checkpoint K to the journal as checkpoint
+K+1 and deletes the older logs. Its cost follows the pages changed, not the
+size of the LUN. Checkpoints run in the background when the hot set reaches
+its capacity, when the write log is half full and every
+``checkpoint_interval`` seconds, and when the session is closed, so a clean
+close leaves exact bitmaps.
+
+The hot set's capacity follows the write pattern, between two settings of
+``session.json``. A checkpoint keeps hot at most half the capacity. The
+capacity starts at ``max_hot`` regions (default 1024: 4 GiB) and doubles, up
+to ``hot_limit`` (default 4096: 16 GiB), at a checkpoint that finds more
+regions written since the one before than it can keep while more than 1 in
+``GROW_AT`` (100) of the host writes since then waited for a region record:
+random writes over more than the hot set keep missing, a sequential pass
+misses once a region (1 in 1024 of its 4 KiB writes) and does not grow it.
+It does not shrink while the session is open; the hot set does, as regions
+go a checkpoint interval unwritten. So what a crash of the machine resends
+(the hot regions, whole) is at most ``max(max_hot, hot_limit) *
+region_size`` bytes, plus the regions first written while the checkpoint a
+full hot set starts is taken (it runs beside the writes: one fsync of the
+next log, then the snapshot) and, after a crash inside a checkpoint, those
+first written since it began. A crash of the process resends only the
+chunks written (``activity.K.writes``).
 
 Opening a directory after a crash reads the journal (a checkpoint the crash
 cut short is left out: the logs since the one before it are kept), ends an
 interrupted copy as failed (unmark: unsent chunks return to tracking, rule 2)
 and tracks again what the logs since the newest checkpoint hold: after a
 crash of the process the chunks written, after one of the machine the
-regions that were hot, whole (at most ``max_hot``). No change is lost.
+regions that were hot, whole (bounded above). No change is lost.
 Chunks a copy confirmed before
 its last checkpoint are not resent. A copy run through
 :meth:`PersistentSession.begin_copy` is recorded in ``session.json`` while it
@@ -115,6 +135,11 @@ FORMAT = "isc-session"
 VERSION = 1
 DEFAULT_REGION_SIZE = 4 << 20
 DEFAULT_MAX_HOT = 1024
+"""Regions a session's hot set holds before its first checkpoint is due (its first capacity)."""
+DEFAULT_HOT_LIMIT = 4096
+"""The most regions the hot set's capacity grows to (16 GiB of 4 MiB regions)."""
+GROW_AT = 100
+"""The hot set doubles when more than 1 in ``GROW_AT`` host writes waited for a region record."""
 DEFAULT_CHECKPOINT_INTERVAL = 30.0
 _LOG = re.compile(r"activity\.(\d+)\.log$")
 _WRITES = re.compile(r"activity\.(\d+)\.writes$")
@@ -377,6 +402,12 @@ class PersistentSession:
         """Each destination's own site (``add_destination(site=...)``), or None."""
         self.region_size = meta["region_size"]
         self.max_hot = meta["max_hot"]
+        self.hot_limit = max(meta.get("hot_limit", DEFAULT_HOT_LIMIT), self.max_hot)
+        self.hot_capacity = self.max_hot
+        """Hot regions at which a checkpoint is due, between max_hot and hot_limit
+        (:meth:`_resize_hot`)."""
+        self._writes_at = 0
+        """The bitmap's count of host writes when the current generation began."""
         self._log: ActivityLog | None = None
         self._journal: journal.Journal | None = None
         self._wake = threading.Event()
@@ -405,8 +436,18 @@ class PersistentSession:
     def _on_hot(self, first: int, last: int) -> None:
         assert self._log is not None
         self._log.append(first, last)
-        if self.session.bitmap.hot_count + (last - first + 1) >= self.max_hot:
+        if self.session.bitmap.hot_count + (last - first + 1) >= self.hot_capacity:
             self._wake.set()
+
+    def _resize_hot(self) -> list[int]:
+        """Fit the hot set's capacity to the writes since the last checkpoint (see the module
+        docstring); return the regions to keep hot across this one, ascending."""
+        bitmap = self.session.bitmap
+        written = bitmap.hot_regions(written=True).tolist()
+        waited = self._log.logged * GROW_AT > bitmap.writes - self._writes_at
+        if 2 * len(written) > self.hot_capacity and waited:
+            self.hot_capacity = min(2 * self.hot_capacity, self.hot_limit)
+        return written[: self.hot_capacity // 2]
 
     def _checkpointer(self, interval: float) -> None:
         due = time.monotonic() + interval
@@ -415,8 +456,11 @@ class PersistentSession:
             self._wake.clear()
             if self._closing.is_set():
                 break
+            # A wake for a hot set that another checkpoint has since emptied is stale:
+            # this one would find little written and retire the working set.
+            full = woken and self.session.bitmap.hot_count >= self.hot_capacity
             # A full write log makes a crash resend whole regions: checkpoint before.
-            if woken or time.monotonic() >= due or self._log_half_full():
+            if full or time.monotonic() >= due or self._log_half_full():
                 try:
                     self.checkpoint()
                 except (OSError, IscError) as exc:
@@ -438,16 +482,17 @@ class PersistentSession:
             bitmap = self.session.bitmap
             # Regions written since the last checkpoint stay hot, logged in the next
             # generation first (a closing session keeps none: nothing writes).
-            keep = [] if self._closing.is_set() else bitmap.hot_regions(written=True).tolist()
-            fresh = self._log.prepare(keep[: self.max_hot // 2])
+            keep = [] if self._closing.is_set() else self._resize_hot()
+            fresh = self._log.prepare(keep)
             bitmap.freeze()
             try:
                 # O(1) while host writes wait: the pages are written after the thaw.
                 header = bitmap.snapshot(self._journal.wants_base)
                 try:
-                    bitmap.retire_hot(keep[: self.max_hot // 2])
+                    bitmap.retire_hot(keep)
                     bitmap.log_writes(fresh.area())
                     ended = self._log.rotate(fresh)
+                    self._writes_at = bitmap.writes
                 except BaseException:
                     bitmap.snapshot_end(False)
                     raise
@@ -909,6 +954,8 @@ def _meta_problem(meta: dict) -> str | None:
     for key, low in (("granularity", 1), ("region_size", 1), ("max_hot", 1), ("epoch", 0)):
         if not _count(meta.get(key), low):
             return f"field {key!r} is missing or not an integer >= {low}"
+    if not _count(meta.get("hot_limit", 1), 1):
+        return "field 'hot_limit' is not an integer >= 1"
     region, granularity = meta["region_size"], meta["granularity"]
     if region < granularity or region & (region - 1):
         return f"region_size {region} is not a power of two >= the granularity {granularity}"
@@ -974,9 +1021,14 @@ def create_session(
     save_area: tuple[int, str | None] | None = None,
     region_size: int = DEFAULT_REGION_SIZE,
     max_hot: int = DEFAULT_MAX_HOT,
+    hot_limit: int = DEFAULT_HOT_LIMIT,
 ) -> None:
     """Create a persistent session for ``source`` in ``directory`` (made if missing).
 
+    ``region_size``, ``max_hot`` and ``hot_limit`` set the write-intent log
+    (see the module docstring): a machine crash resends at most about
+    ``max(max_hot, hot_limit) * region_size`` bytes, and random writes over
+    more than that wait for a log record at their first write to a region.
     ``save_area`` is ``(capacity, path or None)``: a file's path must name
     nothing yet (the session creates the file at each open and removes it at
     close). Raises ``StateError`` when the directory already holds a session
@@ -1008,6 +1060,7 @@ def create_session(
         "save_area": {"capacity": save_area[0], "path": save_area[1]} if save_area else None,
         "region_size": region_size,
         "max_hot": max_hot,
+        "hot_limit": hot_limit,
         "epoch": 0,
         "destinations": [],
     }

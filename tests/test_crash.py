@@ -55,7 +55,7 @@ G = 4096
 SIZE = 4 << 20
 IO = 64 << 10
 REGION = 64 << 10  # 64 activity regions
-MAX_HOT = 4  # checkpoints often, so kills land in them too
+MAX_HOT = 4  # checkpoints often, so kills land in them too: the hot set grows to 8, no more
 ROOT = Path(isc.__file__).resolve().parent.parent
 
 CHILD = r"""
@@ -100,6 +100,18 @@ else:
 """
 
 
+def create_small_hot_set(state: Path, source: Path) -> None:
+    """A session whose hot set fills often: kills land in its checkpoints too."""
+    create_session(
+        state,
+        str(source),
+        granularity=G,
+        region_size=REGION,
+        max_hot=MAX_HOT,
+        hot_limit=2 * MAX_HOT,
+    )
+
+
 @pytest.fixture
 def session(tmp_path: Path) -> Path:
     """A session on a random 4 MiB source whose one destination is consistent and in step."""
@@ -107,9 +119,7 @@ def session(tmp_path: Path) -> Path:
         fill_random(source, random.Random(11))
     FileLUN.create(tmp_path / "dest.img", SIZE).close()
     state = tmp_path / "state"
-    create_session(
-        state, str(tmp_path / "source.img"), granularity=G, region_size=REGION, max_hot=MAX_HOT
-    )
+    create_small_hot_set(state, tmp_path / "source.img")
     stored, _ = open_session(state)
     with stored:
         stored.add_destination(str(tmp_path / "dest.img"), "dest")
@@ -331,9 +341,7 @@ def replicated(tmp_path: Path) -> Iterator[tuple[Path, Export]]:
         FileLUN.create(tmp_path / name, SIZE).close()
     export = Export(tmp_path / "d2.sock", Tripwire(FileLUN(tmp_path / "d2.img")))
     state = tmp_path / "state"
-    create_session(
-        state, str(tmp_path / "source.img"), granularity=G, region_size=REGION, max_hot=MAX_HOT
-    )
+    create_small_hot_set(state, tmp_path / "source.img")
     export.start()
     try:
         stored, _ = open_session(state)

@@ -197,6 +197,7 @@ def test_add_destination_refuses_duplicates_and_small_luns(env: Path) -> None:
         ({"granularity": 3000}, ParameterError, "granularity"),
         ({"region_size": 3 * G}, ParameterError, "region_size"),
         ({"max_hot": 0}, ParameterError, "max_hot"),
+        ({"hot_limit": 0}, ParameterError, "hot_limit"),
         ({"save_area": (0, None)}, ParameterError, "save_area"),
         ({"source": "missing.img"}, FileNotFoundError, "cannot open the source"),
     ],
@@ -261,6 +262,7 @@ SESSION_DAMAGE = {
     "save area capacity 0": _with(save_area={"capacity": 0, "path": None}),
     "region size not a power of two": _with(region_size=3 * G),
     "max_hot null": _with(max_hot=None),
+    "hot_limit a string": _with(hot_limit="8"),
     "negative epoch": _with(epoch=-1),
     "destinations not a list": _with(destinations={"d1": {}}),
     "destination a number": _with(destinations=[1]),
@@ -602,6 +604,125 @@ def test_regions_written_since_the_last_checkpoint_stay_hot_across_the_next(env:
         assert recovery.regions_resent == 2
 
 
+HOT_REGIONS = 64
+
+
+def hot_session(root: Path, max_hot: int, hot_limit: int) -> Path:
+    """A session on a zeroed source of ``HOT_REGIONS`` regions whose one destination is in
+    step, its hot set starting at ``max_hot`` regions and growing to ``hot_limit``."""
+    for name in ("source", "dest"):
+        FileLUN.create(root / f"{name}.img", HOT_REGIONS * REGION).close()
+    state = root / "hot"
+    create_session(
+        state,
+        str(root / "source.img"),
+        granularity=G,
+        region_size=REGION,
+        max_hot=max_hot,
+        hot_limit=hot_limit,
+    )
+    with opened(state) as stored:
+        stored.add_destination(str(root / "dest.img"), "dest")
+        seed_copies(stored)
+    return state
+
+
+def logging_regions(stored: PersistentSession) -> list[int]:
+    """The first region of each record the session's region log appends from now on."""
+    logged: list[int] = []
+    append = stored._log.append
+    stored._log.append = lambda first, last: (logged.append(first), append(first, last))
+    return logged
+
+
+def machine_crash_image(state: Path) -> Path:
+    """What a crash of the machine leaves: the write logs' unsynced pages are gone."""
+    image = crash_image(state)
+    for writes in image.glob("activity.*.writes"):
+        writes.unlink()
+    return image
+
+
+def write_rounds(stored: PersistentSession, regions: list[int], rng: random.Random) -> None:
+    """Ten writes to each of ``regions`` in a random order, then a checkpoint."""
+    order = regions * 10
+    rng.shuffle(order)
+    for region in order:
+        stored.session.write(region * REGION + rng.randrange(REGION - 512), rng.randbytes(512))
+    stored.checkpoint()
+
+
+@pytest.mark.parametrize("hot_limit", [32, 8])
+def test_the_hot_set_grows_to_the_working_set_within_its_limit(
+    tmp_path: Path, hot_limit: int
+) -> None:
+    """Random writes over 12 regions, a hot set of 4 to start: it doubles while writes keep
+    waiting for records, until the 12 stay hot (no record at all) or it reaches its limit."""
+    state = hot_session(tmp_path, max_hot=4, hot_limit=hot_limit)
+    working = list(range(0, 60, 5))
+    rng = random.Random(hot_limit)
+    with opened(state) as stored:
+        for _ in range(6):
+            write_rounds(stored, working, rng)
+        logged = logging_regions(stored)
+        write_rounds(stored, working, rng)
+        assert stored.hot_capacity == hot_limit
+        if hot_limit >= 2 * len(working):
+            assert logged == []
+        else:  # what a checkpoint keeps is bounded: the others wait for a record again
+            assert len(logged) >= len(working) - hot_limit // 2
+        image = machine_crash_image(state)
+    stored, recovery = open_session(image)
+    with stored:
+        assert_no_lost_change(stored.session, stored.destinations[0].lun)
+        assert recovery.regions_resent <= len(working)
+
+
+def test_a_crash_after_the_hot_set_grew_and_before_its_checkpoint_loses_nothing(
+    tmp_path: Path,
+) -> None:
+    """The checkpoint that grows the hot set logs the regions it keeps in the next log
+    before it writes the journal: a crash between the two finds both logs."""
+    state = hot_session(tmp_path, max_hot=4, hot_limit=64)
+    images = []
+    with opened(state) as stored:
+        write_journal = stored._journal.write
+
+        def crash_then_write(*args):
+            if stored.hot_capacity > 4 and not images:
+                images.append(machine_crash_image(state))
+            write_journal(*args)
+
+        stored._journal.write = crash_then_write
+        write_rounds(stored, [1, 2, 3], random.Random(3))  # 3 records in 30 writes: it grows
+        assert stored.hot_capacity == 8 and images  # half of 8 kept: all three
+        assert stored.session.bitmap.hot_regions().tolist() == [1, 2, 3]
+    stored, recovery = open_session(images[0])
+    with stored:
+        assert_no_lost_change(stored.session, stored.destinations[0].lun)
+        assert recovery.regions_resent == 3
+
+
+def test_a_write_to_a_region_just_evicted_waits_for_its_record_again(tmp_path: Path) -> None:
+    """A checkpoint keeps half the hot set's capacity: of three regions written, the third
+    is evicted, and the next write to it is logged before it proceeds."""
+    state = hot_session(tmp_path, max_hot=4, hot_limit=4)
+    with opened(state) as stored:
+        logged = logging_regions(stored)
+        for region in (1, 2, 3):
+            stored.session.write(region * REGION, b"x")
+        stored.checkpoint()
+        assert stored.session.bitmap.hot_regions().tolist() == [1, 2]
+        stored.session.write(3 * REGION + 7, b"y")
+        assert logged == [1, 2, 3, 3]
+        image = machine_crash_image(state)
+    stored, recovery = open_session(image)
+    with stored:
+        assert_no_lost_change(stored.session, stored.destinations[0].lun)
+        assert recovery.regions_resent == 3
+        assert stored.session.bitmap.tracking(3 * REGION // G)
+
+
 def _crash_mid_copy(env: Path, mode: str, dests: slice, at_run: int) -> tuple[Path, set[int]]:
     """Run a ``mode`` copy to ``destinations[dests]``; take its crash image at run ``at_run``.
 
@@ -706,6 +827,7 @@ _FIELDS = (
     "save_area",
     "region_size",
     "max_hot",
+    "hot_limit",
     "epoch",
     "destinations",
     "copy",
