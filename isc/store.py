@@ -24,33 +24,34 @@ default 4 MiB) that is already hot costs nothing extra; the first write to a
 cold region waits for one small log append. A checkpoint holds host writes
 for an instant (``DeltaBitmap.snapshot``: a write that then changes a
 bitmap page the checkpoint has not written yet first copies the page;
-``retire_hot``, a pass over one bit per region), retires the hot regions not
-written since the last checkpoint (the others stay hot, recorded first in
-log K+1: a hot set kept across checkpoints by one bit of recent use per
-region, a clock approximation of DRBD's LRU) and starts log K+1; then it
-appends the pages changed since checkpoint K to the journal as checkpoint
-K+1 and deletes the older logs. Its cost follows the pages changed, not the
-size of the LUN. Checkpoints run in the background when the hot set reaches
-its capacity, when the write log is half full and every
-``checkpoint_interval`` seconds, and when the session is closed, so a clean
-close leaves exact bitmaps.
+``retire_hot``, a pass over one bit per region), retires the hot regions it
+does not keep (below; the kept ones are recorded first in log K+1) and
+starts log K+1; then it appends the pages changed since checkpoint K to the
+journal as checkpoint K+1 and deletes the older logs. Its cost follows the
+pages changed, not the size of the LUN. Checkpoints run in the background
+when the hot set reaches its capacity, when the write log is half full and
+every ``checkpoint_interval`` seconds, and when the session is closed, so a
+clean close leaves exact bitmaps.
 
-The hot set's capacity follows the write pattern, between two settings of
-``session.json``. A checkpoint keeps hot at most half the capacity. The
-capacity starts at ``max_hot`` regions (default 1024: 4 GiB) and doubles, up
-to ``hot_limit`` (default 4096: 16 GiB), at a checkpoint that finds more
-regions written since the one before than it can keep while more than 1 in
-``GROW_AT`` (100) of the host writes since then waited for a region record:
-random writes over more than the hot set keep missing, a sequential pass
-misses once a region (1 in 1024 of its 4 KiB writes) and does not grow it.
-It does not shrink while the session is open; the hot set does, as regions
-go a checkpoint interval unwritten. So what a crash of the machine resends
-(the hot regions, whole) is at most ``max(max_hot, hot_limit) *
-region_size`` bytes, plus the regions first written while the checkpoint a
-full hot set starts is taken (it runs beside the writes: one fsync of the
-next log, then the snapshot) and, after a crash inside a checkpoint, those
-first written since it began. A crash of the process resends only the
-chunks written (``activity.K.writes``).
+The hot set, kept across checkpoints as DRBD keeps its activity log's
+extents (an LRU): a checkpoint keeps hot the regions most recently written
+(by the checkpoint that first found each written since the one before), at
+most half the hot set's capacity and none left unwritten for a checkpoint
+interval; so back-to-back checkpoints do not cool a working set, and an idle
+session's hot set empties. The capacity follows the write pattern, between
+two settings of ``session.json``: it starts at ``max_hot`` regions (default
+1024: 4 GiB) and doubles, up to ``hot_limit`` (default 4096: 16 GiB), at a
+checkpoint that finds more regions written within the interval than it can
+keep while more than 1 in ``GROW_AT`` (100) of the host writes since the
+last one waited for a region record: random writes over more than the hot
+set keep missing, a sequential pass misses once a region (1 in 1024 of its
+4 KiB writes) and does not grow it. It does not shrink while the session is
+open. So what a crash of the machine resends (the hot regions, whole) is at
+most ``max(max_hot, hot_limit) * region_size`` bytes, plus the regions first
+written while the checkpoint a full hot set starts is taken (it runs beside
+the writes: one fsync of the next log, then the snapshot) and, after a crash
+inside a checkpoint, those first written since it began. A crash of the
+process resends only the chunks written (``activity.K.writes``).
 
 Opening a directory after a crash reads the journal (a checkpoint the crash
 cut short is left out: the logs since the one before it are kept), ends an
@@ -405,9 +406,13 @@ class PersistentSession:
         self.hot_limit = max(meta.get("hot_limit", DEFAULT_HOT_LIMIT), self.max_hot)
         self.hot_capacity = self.max_hot
         """Hot regions at which a checkpoint is due, between max_hot and hot_limit
-        (:meth:`_resize_hot`)."""
+        (:meth:`_keep_hot`)."""
         self._writes_at = 0
         """The bitmap's count of host writes when the current generation began."""
+        self._used = (np.empty(0, np.int64), np.empty(0))
+        """The regions kept hot by the last checkpoint and when each was last found written."""
+        self._clock = time.monotonic
+        self._interval = DEFAULT_CHECKPOINT_INTERVAL
         self._log: ActivityLog | None = None
         self._journal: journal.Journal | None = None
         self._wake = threading.Event()
@@ -424,6 +429,7 @@ class PersistentSession:
 
     # -- running ---------------------------------------------------------------------
     def _start(self, generation: int, interval: float, loaded: journal.Loaded | None) -> None:
+        self._interval = interval
         self._journal = journal.Journal(self.directory, loaded)
         self._log = ActivityLog(self.directory, generation)
         self.session.bitmap.track_activity(self.region_size, self._on_hot)
@@ -439,15 +445,29 @@ class PersistentSession:
         if self.session.bitmap.hot_count + (last - first + 1) >= self.hot_capacity:
             self._wake.set()
 
-    def _resize_hot(self) -> list[int]:
-        """Fit the hot set's capacity to the writes since the last checkpoint (see the module
-        docstring); return the regions to keep hot across this one, ascending."""
+    def _keep_hot(self) -> list[int]:
+        """The regions to keep hot across this checkpoint, ascending: the most recently
+        written, written within a checkpoint interval, at most half the capacity, which
+        grows first if they are more and writes kept waiting (see the module docstring).
+
+        O(hot regions), in arrays, plus ``hot_regions``' pass over one bit per region.
+        """
         bitmap = self.session.bitmap
-        written = bitmap.hot_regions(written=True).tolist()
+        now = self._clock()
+        written = bitmap.hot_regions(written=True)
+        regions, when = self._used
+        older = ~np.isin(regions, written)
+        regions = np.concatenate((written, regions[older]))
+        when = np.concatenate((np.full(len(written), now), when[older]))
+        recent = now - when < self._interval
+        regions, when = regions[recent], when[recent]
         waited = self._log.logged * GROW_AT > bitmap.writes - self._writes_at
-        if 2 * len(written) > self.hot_capacity and waited:
+        if 2 * len(regions) > self.hot_capacity and waited:
             self.hot_capacity = min(2 * self.hot_capacity, self.hot_limit)
-        return written[: self.hot_capacity // 2]
+        newest = np.argsort(-when, kind="stable")[: self.hot_capacity // 2]
+        ascending = newest[np.argsort(regions[newest])]
+        self._used = (regions[ascending], when[ascending])
+        return regions[ascending].tolist()
 
     def _checkpointer(self, interval: float) -> None:
         due = time.monotonic() + interval
@@ -482,7 +502,7 @@ class PersistentSession:
             bitmap = self.session.bitmap
             # Regions written since the last checkpoint stay hot, logged in the next
             # generation first (a closing session keeps none: nothing writes).
-            keep = [] if self._closing.is_set() else self._resize_hot()
+            keep = [] if self._closing.is_set() else self._keep_hot()
             fresh = self._log.prepare(keep)
             bitmap.freeze()
             try:

@@ -584,24 +584,33 @@ def test_a_crash_resends_what_was_written_or_the_regions_whole(env: Path, write_
             assert recovery.bytes_resent_bound == 2 * REGION
 
 
-def test_regions_written_since_the_last_checkpoint_stay_hot_across_the_next(env: Path) -> None:
-    logged = []
+def test_the_hot_set_stays_across_checkpoints_until_a_region_goes_an_interval_unwritten(
+    env: Path,
+) -> None:
+    """Back-to-back checkpoints keep a working set hot (an LRU, as DRBD's activity log);
+    a region left unwritten for a checkpoint interval (3600 s here) cools."""
+    now = [0.0]
     with opened(env) as stored:
-        append = stored._log.append
-        stored._log.append = lambda first, last: (logged.append(first), append(first, last))
+        seed_copies(stored)
+        stored._clock = lambda: now[0]
+        logged = logging_regions(stored)
         stored.session.write(0, b"x")
         stored.session.write(2 * REGION, b"x")
-        stored.checkpoint()
-        stored.session.write(10, b"x")  # still hot: no record, no sync
-        stored.checkpoint()  # region 2 was not written since the last one: it cools
-        stored.session.write(2 * REGION + 10, b"x")
-        image = crash_image(env)
-    assert logged == [0, 2, 2]
-    for writes in image.glob("activity.*.writes"):
-        writes.unlink()
+        for _ in range(4):
+            stored.checkpoint()
+            stored.session.write(10, b"x")  # still hot: no record, no sync
+        stored.session.write(2 * REGION + 10, b"x")  # hot too, after four checkpoints
+        assert logged == [0, 2]
+        for now[0] in (1000.0, 4000.0, 4700.0):  # region 2 last found written at 1000
+            stored.checkpoint()
+            stored.session.write(10, b"x")
+        stored.session.write(2 * REGION + 10, b"x")  # it cooled: a record again
+        assert logged == [0, 2, 2]
+        image = machine_crash_image(env)
     stored, recovery = open_session(image)
     with stored:  # region 0 is in the log as kept hot, region 2 as logged again
         assert recovery.regions_resent == 2
+        assert_no_lost_change(stored.session, stored.destinations[0].lun)
 
 
 HOT_REGIONS = 64
