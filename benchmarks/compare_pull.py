@@ -36,11 +36,13 @@ pull ends; the backup must equal the image at the mark byte for byte (``cmp``, t
 Figures per system: the client's wall time (median of ``--rounds``, the
 rounds interleaved), the bytes it read, the time to begin and to end a pull;
 then with a host writer (4 KiB random writes, queue depth 8, libnbd:
-:mod:`host_writer`) on each live export, the idle write rate over
-``--idle-seconds``, and rounds alternating between the systems with the
-writer running during each pull until each system's pulls add up to
-``--load-seconds``: the write rate during them, the worst stall, the pull's
-median. Nothing here asserts on time; any mismatch exits 1.
+:mod:`host_writer`) on each live export, rounds alternating between the
+systems with the writer running during each pull, each followed by an idle
+window as long as the pull's (the writer alone, once the pull has ended),
+until each system's pulls add up to ``--load-seconds``: the write rate
+during the pulls and in the idle windows, the worst stall of each, the
+pull's median. Pairing the windows in time keeps a shared machine's drift
+out of the ratio. Nothing here asserts on time; any mismatch exits 1.
 
     .venv/bin/python benchmarks/compare_pull.py [--size 1G] [--rounds 5] [--json out.json]
 """
@@ -227,11 +229,11 @@ def systems(args: argparse.Namespace, work: Path) -> Iterator[list[System]]:
 
 def measure(args: argparse.Namespace, work: Path, checks: list[dict]) -> dict:
     (work / "pull.py").write_text(pull_script())
-    figures: dict = {QEMU: {"idle": [], "loaded": []}, ISC_SIDE: {"idle": [], "loaded": []}}
+    figures: dict = {QEMU: {"quiet": [], "loaded": []}, ISC_SIDE: {"quiet": [], "loaded": []}}
     with systems(args, work) as both:
         for r in range(args.rounds):
             for system in both:
-                figures[system.name]["idle"].append(
+                figures[system.name]["quiet"].append(
                     one_round(system, args, work, checks, args.seed + r, None)
                 )
         with ExitStack() as stack:
@@ -239,30 +241,32 @@ def measure(args: argparse.Namespace, work: Path, checks: list[dict]) -> dict:
                 s.name: stack.enter_context(HostWriter(s.live, qd=8, block=4096, seed=args.seed))
                 for s in both
             }
-            for system in both:
-                writers[system.name].run()
-                time.sleep(args.idle_seconds)  # the measurement window itself
-                figures[system.name]["writer_idle"] = writers[system.name].pause()
             r = 0
             while short := [s for s in both if window(figures[s.name]) < args.load_seconds]:
                 for system in short:  # in turn, while each still needs pulls
                     seed = args.seed + 1000 + r
-                    run = one_round(system, args, work, checks, seed, writers[system.name])
+                    writer = writers[system.name]
+                    run = one_round(system, args, work, checks, seed, writer)
+                    writer.run()
+                    time.sleep(run["writer"]["seconds"])  # the measurement window itself
+                    run["idle"] = writer.pause()
                     figures[system.name]["loaded"].append(run)
                 r += 1
     for f in figures.values():
-        loaded = [run["writer"] for run in f["loaded"]]
+        quiet, loaded = f["quiet"], f["loaded"]
         f["summary"] = {
-            "pull": median([run["pull"] for run in f["idle"]]),
-            "bytes": median([run["bytes"] for run in f["idle"]]),
-            "begin": median([run["begin"] for run in f["idle"]]),
-            "end": median([run["end"] for run in f["idle"]]),
-            "pull_loaded": median([run["pull"] for run in f["loaded"]]),
+            **{
+                key: median([run[key] for run in quiet])
+                for key in ("pull", "bytes", "begin", "end")
+            },
+            "pull_loaded": median([run["pull"] for run in loaded]),
             "loaded_pulls": len(loaded),
-            "writes_idle": f["writer_idle"]["rate"],
-            "writes_during_pull": sum(w["writes"] for w in loaded) / window(f),
             "window": window(f),
-            "max_gap_ms": max(w["max_gap_us"] for w in loaded) / 1000,
+            **{
+                f"{name}_{stat}": value
+                for name in ("writer", "idle")
+                for stat, value in writes([run[name] for run in loaded]).items()
+            },
         }
     return figures
 
@@ -270,6 +274,15 @@ def measure(args: argparse.Namespace, work: Path, checks: list[dict]) -> dict:
 def window(figures: dict) -> float:
     """Seconds the host writer ran during a system's pulls so far."""
     return sum(run["writer"]["seconds"] for run in figures["loaded"])
+
+
+def writes(windows: list[dict]) -> dict:
+    """The write rate over all of the writer's ``windows`` and their worst stall in ms."""
+    seconds = sum(w["seconds"] for w in windows)
+    return {
+        "rate": sum(w["writes"] for w in windows) / seconds,
+        "stall_ms": max(w["max_gap_us"] for w in windows) / 1000,
+    }
 
 
 def table(figures: dict, args: argparse.Namespace) -> list[str]:
@@ -280,8 +293,10 @@ def table(figures: dict, args: argparse.Namespace) -> list[str]:
         return f"{q[key] * 1e3:.1f} ms", f"{i[key] * 1e3:.1f} ms", f"{i[key] / q[key]:.2f}"
 
     def rate(s: dict) -> str:
-        share = s["writes_during_pull"] / s["writes_idle"]
-        return f"{s['writes_during_pull']:,.0f}/s ({share:.0%} of idle)"
+        return f"{s['writer_rate']:,.0f}/s ({s['writer_rate'] / s['idle_rate']:.0%} of idle)"
+
+    def stall(key: str) -> tuple[str, str, str]:
+        return f"{q[key]:.1f} ms", f"{i[key]:.1f} ms", ""
 
     rows = [
         (f"pull, no host writes (client wall, median of {args.rounds})", *ms("pull")),
@@ -293,23 +308,19 @@ def table(figures: dict, args: argparse.Namespace) -> list[str]:
             *ms("pull_loaded"),
         ),
         (
-            "host 4 KiB writes, qd 8, idle",
-            f"{q['writes_idle']:,.0f}/s",
-            f"{i['writes_idle']:,.0f}/s",
-            f"{i['writes_idle'] / q['writes_idle']:.2f}",
+            "host 4 KiB writes, qd 8, idle windows paired with the pulls",
+            f"{q['idle_rate']:,.0f}/s",
+            f"{i['idle_rate']:,.0f}/s",
+            f"{i['idle_rate'] / q['idle_rate']:.2f}",
         ),
         (
             f"host writes during the pulls ({q['window']:.1f} s / {i['window']:.1f} s)",
             rate(q),
             rate(i),
-            f"{i['writes_during_pull'] / q['writes_during_pull']:.2f}",
+            f"{i['writer_rate'] / q['writer_rate']:.2f}",
         ),
-        (
-            "longest host write stall during the pulls",
-            f"{q['max_gap_ms']:.1f} ms",
-            f"{i['max_gap_ms']:.1f} ms",
-            "",
-        ),
+        ("longest host write stall, idle windows", *stall("idle_stall_ms")),
+        ("longest host write stall during the pulls", *stall("writer_stall_ms")),
     ]
     return [
         f"### Pull backup of {changed} changed ({args.change:.0%} of {format_bytes(args.size)}, "
@@ -326,7 +337,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--size", type=parse_size, default=1 << 30, help="volume size (1G)")
     parser.add_argument("--rounds", type=int, default=5, help="pulls per system, no writes (5)")
     parser.add_argument("--change", type=float, default=0.01, help="fraction pulled (0.01)")
-    parser.add_argument("--idle-seconds", type=float, default=3.0, help="idle write window (3)")
     parser.add_argument(
         "--load-seconds", type=float, default=3.0, help="write window over the pulls (3)"
     )
