@@ -161,13 +161,11 @@ def _record(first: int, last: int) -> bytes:
 
 def _runs(regions: list[int]) -> list[tuple[int, int]]:
     """``(first, last)`` of each run of consecutive regions of the ascending ``regions``."""
-    runs: list[tuple[int, int]] = []
-    for region in regions:
-        if runs and runs[-1][1] + 1 == region:
-            runs[-1] = (runs[-1][0], region)
-        else:
-            runs.append((region, region))
-    return runs
+    ascending = np.asarray(regions, dtype=np.int64)
+    ends = np.flatnonzero(np.diff(ascending) != 1)
+    firsts = ascending[np.concatenate(([0], ends + 1))]
+    lasts = ascending[np.concatenate((ends, [len(ascending) - 1]))]
+    return list(zip(firsts.tolist(), lasts.tolist(), strict=True))
 
 
 def _new_writes(path: Path, number: int) -> mmap.mmap:

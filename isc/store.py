@@ -151,9 +151,8 @@ COPY_MODES = ("incremental", "full", "full-unmarked")
 CHECKPOINT_EVERY = 1 << 30
 """Bytes a marked copy sends between checkpoints: what a crash can make it send again.
 
-Not less: a checkpoint retires the hot regions not written since the one
-before, so the host writes that follow it to those pay a log record each
-again."""
+Not less: each checkpoint costs its syncs (the journal's, the next log's with
+the hot regions it keeps) beside the copy."""
 """The kinds of copy :meth:`PersistentSession.begin_copy` records (``CopyResult.mode``)."""
 
 
