@@ -19,6 +19,10 @@ QEMU (``qemu-storage-daemon`` 7.2, steered over QMP by :mod:`qemu`)
     as its ``qemu:dirty-bitmap:backup`` context. It ends, once the pull has
     read everything, by taking that down in reverse order and removing
     ``backup`` (libvirt's success path; a failed pull ends the run here).
+    The point in time is the ``blockdev-reopen``: QEMU 7.2 cannot make the
+    filter part of the bitmaps' transaction (``blockdev-add`` and
+    ``blockdev-reopen`` are no transaction actions), so a host write between
+    the two would escape the pull; here the host writer is paused then.
 isc (``isc serve SOURCE --control``)
     A pull begins with ``mark`` and reads ``NAME@frozen`` with its
     ``qemu:dirty-bitmap:NAME`` context; it ends with ``unmark``.
@@ -30,8 +34,8 @@ volume is written in 64 KiB blocks through the live export (the same seeded
 blocks on both); the pull begins; the source is copied as the image at the
 mark; the pulling client (:func:`pull`: the README's libnbd script, run
 alike on both) copies the dirty extents into the backup, TRIMming each; the
-pull ends; the backup must equal the image at the mark byte for byte (``cmp``, then
-:func:`compare_nbd.verify` to name the first differing byte).
+pull ends; the backup must equal the image at the mark byte for byte
+(``cmp``, then :func:`compare_nbd.verify` to name the first differing byte).
 
 Figures per system: the client's wall time (median of ``--rounds``, the
 rounds interleaved), the bytes it read, the time to begin and to end a pull;
@@ -44,7 +48,8 @@ during the pulls and in the idle windows, the worst stall of each, the
 pull's median. Pairing the windows in time keeps a shared machine's drift
 out of the ratio. Nothing here asserts on time; any mismatch exits 1.
 
-    .venv/bin/python benchmarks/compare_pull.py [--size 1G] [--rounds 5] [--json out.json]
+    .venv/bin/python benchmarks/compare_pull.py [--size 1G] [--rounds 5] [--load-seconds 3]
+        [--dir DIR] [--json out.json]
 """
 
 from __future__ import annotations
