@@ -48,6 +48,9 @@ log = logging.getLogger(__name__)
 DEFAULT_SAVE_AREA = 256 << 20
 """Capacity in bytes of the in-memory save area a session makes when given none."""
 
+SAVED_WRITE = 1 << 20
+"""The most bytes of saved chunks :meth:`Session.copy_frozen_to` writes in one call."""
+
 
 class State(enum.Enum):
     """The state of a session."""
@@ -379,13 +382,25 @@ class Session:
         if copy_to is None or not copy_to(offset, length, dest):
             return False
         g = self.granularity
-        buffer = memoryview(bytearray(g))
-        for chunk in self._saved_in(offset, length):
-            view = buffer[: min(g, offset + length - chunk * g)]
+        end = offset + length
+        chunks = self._saved_in(offset, length)
+        # Saved chunks that follow each other go to ``dest`` in one write, up
+        # to the buffer's size: each system call hands the interpreter lock to
+        # the threads serving the host's writes and takes it back.
+        buffer = memoryview(bytearray(min(len(chunks) * g, SAVED_WRITE)))
+        start = filled = 0  # where the chunks gathered in the buffer go, their bytes
+        for chunk in chunks:
+            at = chunk * g
+            if filled and (at != start + filled or filled == len(buffer)):
+                dest.write(start, buffer[:filled])
+                filled = 0
             # A chunk flagged but not stored yet is not overwritten yet either:
             # the copy holds its old data.
-            if self.save_area.readinto(chunk, view):
-                dest.write(chunk * g, view)
+            if self.save_area.readinto(chunk, buffer[filled : filled + min(g, end - at)]):
+                start = start if filled else at
+                filled += min(g, end - at)
+        if filled:
+            dest.write(start, buffer[:filled])
         return True
 
     def _check_frozen(self, offset: int, what: str) -> None:

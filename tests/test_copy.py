@@ -14,6 +14,7 @@ worker threads only when each gets SPLIT_MIN bytes.
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import shutil
 import subprocess
@@ -51,6 +52,9 @@ from isc import (
 )
 
 G = 4096
+needs_sched_idle = pytest.mark.skipif(
+    not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux's scheduling policy"
+)
 
 
 def seeded(size: int, seed: int, dests: int = 1, granularity: int = G, **job_args):
@@ -1099,14 +1103,22 @@ def test_a_cancel_before_a_copy_stops_that_copy_only():
     assert contents(dest) == image
 
 
-def test_a_kernel_copy_that_fails_leaves_the_destination_inconsistent(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "idle", [False, pytest.param(True, marks=needs_sched_idle)], ids=["caller", "idle-priority"]
+)
+@pytest.mark.parametrize("fails", ["run", "piece"])
+def test_a_kernel_copy_that_fails_leaves_the_destination_inconsistent(
+    tmp_path, monkeypatch, idle, fails
+):
     import errno
-    import os
 
     import isc.copy
+    import isc.lun
 
     g = 4096
-    monkeypatch.setattr(isc.copy, "KERNEL_RUN", 4 * g)
+    monkeypatch.setattr(isc.copy, "KERNEL_RUN", 8 * g)  # 2 runs of 8 chunks
+    if fails == "piece":
+        monkeypatch.setattr(isc.lun, "COPY_PIECE", 2 * g)  # each copied in 4 pieces
     with (
         FileLUN.create(tmp_path / "source.img", 16 * g) as source,
         FileLUN.create(tmp_path / "dest.img", 16 * g) as dest_lun,
@@ -1114,24 +1126,68 @@ def test_a_kernel_copy_that_fails_leaves_the_destination_inconsistent(tmp_path, 
         fill_random(source, random.Random(10))
         session = Session(source, g)
         dest = Destination(dest_lun, "d")
-        job = CopyJob(session, [dest], io_size=4 * g, workers=1)
+        job = CopyJob(session, [dest], io_size=4 * g, workers=1, idle_priority=idle)
         job.full()  # consistent first
         session.write(0, random.Random(11).randbytes(16 * g))  # every chunk to send
         real, calls = os.copy_file_range, []
+        failing = 2 if fails == "run" else 6  # the second run, or its second piece
 
-        def second_fails(*args):
-            calls.append(args)
-            if len(calls) == 2:
+        def fail(src, dst, count, offset_src, offset_dst):
+            calls.append((offset_src, count))
+            if len(calls) == failing:
                 raise OSError(errno.EIO, "the destination disk failed")
-            return real(*args)
+            return real(src, dst, count, offset_src, offset_dst)
 
-        monkeypatch.setattr(os, "copy_file_range", second_fails)
+        monkeypatch.setattr(os, "copy_file_range", fail)
         session.mark()
         with pytest.raises(CopyError, match="the destination disk failed") as failure:
             job.incremental()
+        piece = 8 * g if fails == "run" else 2 * g
+        assert calls == [(i * piece, piece) for i in range(failing)]
         assert dest.state is DestState.INCONSISTENT  # rule 6
         assert failure.value.result.outcomes["d"].startswith("failed")
         assert_no_lost_change(session, dest_lun)  # rule 2
+        monkeypatch.setattr(os, "copy_file_range", real)
+        session.mark()
+        job.incremental()
+        assert dest.state is DestState.CONSISTENT
+        assert dest_lun.read(0, 16 * g) == source.read(0, 16 * g)
+
+
+class RecordedFile(FileLUN):
+    """A file destination that lists the ``(offset, length)`` of every ``write``."""
+
+    written: list[tuple[int, int]]
+
+    def write(self, offset: int, data) -> None:
+        self.written.append((offset, memoryview(data).nbytes))
+        super().write(offset, data)
+
+
+@pytest.mark.parametrize("group", [None, 2], ids=["whole", "two-chunk-writes"])
+def test_saved_chunks_that_follow_each_other_go_out_in_one_write(tmp_path, monkeypatch, group):
+    import isc.session
+
+    g, size = 4096, 16 * 4096 + 100
+    if group:
+        monkeypatch.setattr(isc.session, "SAVED_WRITE", group * g)
+    with (
+        FileLUN.create(tmp_path / "source.img", size) as source,
+        RecordedFile.create(tmp_path / "dest.img", size) as dest_lun,
+    ):
+        fill_random(source, random.Random(15))
+        session = Session(source, g)
+        session.mark(full=True)
+        image = source.read(0, size)
+        for chunk in (2, 3, 4, 7, 16):  # saved: the old data of 5 chunks, the last one short
+            session.write(chunk * g, b"\x01")
+        dest_lun.written = []
+        CopyJob(session, [Destination(dest_lun, "d")], workers=1).incremental()
+        assert dest_lun.read(0, size) == image
+    if group:
+        assert dest_lun.written == [(2 * g, 2 * g), (4 * g, g), (7 * g, g), (16 * g, 100)]
+    else:
+        assert dest_lun.written == [(2 * g, 3 * g), (7 * g, g), (16 * g, 100)]
 
 
 # -- sparse sources: full copies send holes as holes --------------------------------------------
