@@ -98,7 +98,8 @@ def first_difference(path: Path, expected: Path, size: int) -> int | None:
             if len(a) != n:
                 a, b = bytearray(n), bytearray(n)
             got = min(os.preadv(fa, [a], start), os.preadv(fb, [b], start))
-            if memoryview(a)[:got] != memoryview(b)[:got]:
+            # Whole bytearrays compare with memcmp; memoryviews compare byte by byte.
+            if (a != b) if got == n else (a[:got] != b[:got]):
                 diff = np.frombuffer(a, np.uint8, got) != np.frombuffer(b, np.uint8, got)
                 return start + int(np.argmax(diff))
             if got != n:
