@@ -22,16 +22,25 @@ in the work directory (``/dev/shm`` when it has room):
     a persistent bitmap. Median of 3;
     both maps must list the same dirty extents.
 ``pull``
-    ``isc serve`` of the volume with a control port. Each round starts from a
-    backup file that holds the volume as it is and nothing tracked (a mark
-    and an unmark with ``"sent": true``), changes ``--change`` (1%) of the
-    volume in 64 KiB blocks through the export, marks, runs the README's
-    libnbd pull script (it copies the dirty extents of ``NAME@frozen`` to the
-    backup, TRIMming each) and unmarks; median of ``--rounds``. Then the same
-    rounds while a host writer (4 KiB random writes, queue depth 8) writes
-    through the export during each pull, beside its idle rate; each backup
-    is checked against the image at its mark. QEMU's figure beside it is
-    ``compare_qemu.py``'s incremental push copy of the same change.
+    ``isc serve`` of the volume with a control port. Each pull starts with
+    nothing tracked (a mark and an unmark with ``"sent": true``), changes
+    ``--change`` (1%) of the volume in 64 KiB blocks through the export, marks,
+    runs the README's libnbd pull script (it copies the dirty extents of
+    ``NAME@frozen`` to a backup, TRIMming each) and unmarks. First
+    ``--rounds`` pulls alone (median). Then a host writer (4 KiB random writes,
+    queue depth 8) on the export, in windows: idle ones of
+    ``--window-seconds`` (the writer alone), and between them ``--windows``
+    pull windows of each kind, in turn: pulls one after the other until the
+    writer has run ``--window-seconds`` during them (it runs only while a pull
+    runs), of the written volume, or of a copy served by a second ``isc
+    serve`` (the host writes lose there only what a pull costs the machine,
+    its client's CPU above all, and nothing of what it costs their server).
+    Each pull window's write rate is set against the idle windows either side
+    of it; medians over the windows. The CPU time of the host's server and of
+    the pull client is counted per window. The first pull of every window,
+    and every pull alone, starts from a backup that holds the volume and is
+    checked against the image at its mark. QEMU's pull mode beside it is
+    ``compare_pull.py``'s.
 
 With ``--baseline REV`` the copy and pull sections also run ``isc serve`` with the
 NBD package (``isc/nbd/``) of git revision REV on this checkout's core (:func:`baseline_package`):
@@ -47,10 +56,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import random
 import re
+import resource
 import shutil
 import socket
 import statistics
@@ -408,53 +419,124 @@ def section_pull(args: argparse.Namespace, work: Path, checks: list[dict]) -> di
 def _pull(args: argparse.Namespace, work: Path, checks: list[dict], package: Path | None) -> dict:
     python = writer_python()
     (work / "pull.py").write_text(pull_script())
-    source, backup = work / "vol.img", work / "backup.img"
-    write_random(source, args.size, args.seed)
-    nbd_sock, control = work / "nbd.sock", work / "ctl.sock"
-    serve = [*ISC, "serve", source, "--listen", f"unix:{nbd_sock}", "--control", f"unix:{control}"]
-    live = f"nbd+unix:///vol.img?socket={nbd_sock}"
-    frozen = f"nbd+unix:///vol.img@frozen?socket={nbd_sock}"
-    pull = [python, work / "pull.py", frozen, "qemu:dirty-bitmap:vol.img", backup]
-    figures: dict = {"idle": [], "loaded": []}
-    with server_process(serve, nbd_sock, work / "pull-serve.log", package) as proc:
+    at_mark = work / "at-mark.img"
+    write_random(work / "vol.img", args.size, args.seed)
+    shutil.copyfile(work / "vol.img", work / "other.img")
+    seeds = itertools.count(args.seed)
+    figures: dict = {"quiet": [], "idle": [], "loaded": [], "elsewhere": []}
+    with contextlib.ExitStack() as stack:
+        host, other = (
+            stack.enter_context(_served(work, name, package)) for name in ("vol", "other")
+        )
 
-        def round_(seed: int, writer: HostWriter | None) -> tuple[float, float | None]:
-            # The last backup: the volume as it is now, with nothing tracked since
-            # (the host writer's writes of the last round are dropped as sent).
-            shutil.copyfile(source, backup)
+        def pull_once(served: dict, writer: HostWriter | None, checked: bool) -> dict:
+            """One pull of a fresh change of ``served``; with ``checked``, from a backup that
+            holds the volume, the backup checked against the image at the mark."""
+            source, backup, control = served["source"], served["backup"], served["control"]
+            if checked:
+                shutil.copyfile(source, backup)
+            # Nothing tracked (the host writer's writes of the last pull are dropped as
+            # sent), then the change, then the mark.
             ask(control, "mark")
             ask(control, "unmark", sent=True)
-            make_changes(live, args.change, block=G, qd=8, seed=seed)
+            seed = next(seeds)
+            make_changes(served["live"], args.change, block=G, qd=8, seed=seed)
             ask(control, "mark")
-            at_mark = work / "at-mark.img"
-            shutil.copyfile(source, at_mark)  # no host write runs yet: the image at the mark
+            if checked:
+                shutil.copyfile(source, at_mark)  # no host write runs yet: the image at the mark
+            client = children_cpu()
             if writer is not None:
                 writer.run()
-            seconds = timed(lambda: tool(*pull), proc.pid)
-            stats = writer.pause() if writer is not None else None
+            pid = host["proc"].pid
+            wall, server = timed(lambda: tool(python, work / "pull.py", *served["pull"]), pid)
+            stats = writer.pause() if writer is not None else {}
+            figure = {"wall": wall, "server_cpu": server, "client_cpu": children_cpu() - client}
             ask(control, "unmark")
-            verify(f"pull {seed}", at_mark, backup, checks)
-            return (*seconds, stats)
+            if checked:
+                verify(f"pull {seed}", at_mark, backup, checks)
+            return {**figure, **stats}
 
-        for r in range(args.rounds):
-            figures["idle"].append(round_(args.seed + r, None)[:2])
-        with HostWriter(live, qd=8, block=4096, seed=args.seed) as writer:
+        def pull_window(served: dict, writer: HostWriter) -> list[dict]:
+            """Pulls of ``served`` until the host writer ran ``--window-seconds`` during them."""
+            pulls = [pull_once(served, writer, True)]
+            while sum(p["seconds"] for p in pulls) < args.window_seconds:
+                pulls.append(pull_once(served, writer, False))
+            return pulls
+
+        def idle_window(writer: HostWriter) -> dict:
+            cpu = cpu_seconds(host["proc"].pid)
             writer.run()
-            time.sleep(args.idle_seconds)  # the measurement window itself
-            figures["writer_idle"] = writer.pause()
-            for r in range(args.rounds):
-                wall, cpu, stats = round_(args.seed + 100 + r, writer)
-                figures["loaded"].append({"wall": wall, "cpu": cpu, **stats})
-    idle_rate = figures["writer_idle"]["rate"]
-    loaded = figures["loaded"]
-    figures["summary"] = {
-        "pull_idle": median([w for w, _ in figures["idle"]]),
-        "pull_loaded": median([run["wall"] for run in loaded]),
-        "writes_idle": idle_rate,
-        "writes_during_pull": sum(r["writes"] for r in loaded) / sum(r["seconds"] for r in loaded),
-        "max_gap_ms": max(r["max_gap_us"] for r in loaded) / 1000,
-    }
+            time.sleep(args.window_seconds)  # the measurement window itself
+            return {**writer.pause(), "server_cpu": cpu_seconds(host["proc"].pid) - cpu}
+
+        figures["quiet"] = [pull_once(host, None, True) for _ in range(args.rounds)]
+        with HostWriter(host["live"], qd=8, block=4096, seed=args.seed) as writer:
+            # Idle windows and pull windows in turn, an idle one first and last, so that
+            # each pull window is set against the idle ones either side of it. The pull
+            # windows alternate between pulls of the written volume and of a copy served
+            # by another process: the host writes lose there only what the pull costs the
+            # machine (its client's CPU above all), not what it costs the host's server.
+            figures["idle"].append(idle_window(writer))
+            for _ in range(args.windows):
+                for key, served in (("loaded", host), ("elsewhere", other)):
+                    figures[key].append(pull_window(served, writer))
+                    figures["idle"].append(idle_window(writer))
+    figures["summary"] = summarize_pull(figures)
     return figures
+
+
+@contextmanager
+def _served(work: Path, name: str, package: Path | None) -> Iterator[dict]:
+    """``isc serve`` of ``work/NAME.img`` with a control socket, and what a pull of it needs."""
+    source, nbd_sock, control = work / f"{name}.img", work / f"{name}.sock", work / f"{name}.ctl"
+    serve = [*ISC, "serve", source, "--listen", f"unix:{nbd_sock}", "--control", f"unix:{control}"]
+    backup = work / f"{name}-backup.img"
+    frozen = f"nbd+unix:///{name}.img@frozen?socket={nbd_sock}"
+    with server_process(serve, nbd_sock, work / f"{name}-serve.log", package) as proc:
+        yield {
+            "proc": proc,
+            "source": source,
+            "backup": backup,
+            "control": control,
+            "live": f"nbd+unix:///{name}.img?socket={nbd_sock}",
+            "pull": [frozen, f"qemu:dirty-bitmap:{name}.img", backup],
+        }
+
+
+def children_cpu() -> float:
+    """User and system CPU seconds of this process's children waited for so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def summarize_pull(figures: dict) -> dict:
+    idle = figures["idle"]
+    summary = {
+        "pull_quiet": median([p["wall"] for p in figures["quiet"]]),
+        "client_cpu_quiet": median([p["client_cpu"] for p in figures["quiet"]]),
+        "writes_idle": median([w["rate"] for w in idle]),
+        "max_gap_idle_ms": max(w["max_gap_us"] for w in idle) / 1000,
+        "server_cpu_idle": sum(w["server_cpu"] for w in idle) / sum(w["seconds"] for w in idle),
+    }
+    # The idle windows either side of each pull window, in the order they ran.
+    windows = [
+        w for pair in zip(figures["loaded"], figures["elsewhere"], strict=True) for w in pair
+    ]
+    around = {id(w): (idle[k]["rate"] + idle[k + 1]["rate"]) / 2 for k, w in enumerate(windows)}
+    for key in ("loaded", "elsewhere"):
+        rates = [sum(p["writes"] for p in w) / sum(p["seconds"] for p in w) for w in figures[key]]
+        pulls = [p for w in figures[key] for p in w]
+        wall = sum(p["wall"] for p in pulls)
+        summary[key] = {
+            "pull": median([p["wall"] for p in pulls]),
+            "pulls": len(pulls),
+            "writes": median(rates),
+            "ratios": [r / around[id(w)] for r, w in zip(rates, figures[key], strict=True)],
+            "max_gap_ms": max(p["max_gap_us"] for p in pulls) / 1000,
+            "server_cpu": sum(p["server_cpu"] for p in pulls) / wall,
+            "client_cpu": sum(p["client_cpu"] for p in pulls) / wall,
+        }
+    return summary
 
 
 def table_pull(figures: dict, args: argparse.Namespace) -> list[str]:
@@ -467,18 +549,50 @@ def table_pull(figures: dict, args: argparse.Namespace) -> list[str]:
         "| figure | " + " | ".join(names) + " |",
         "|---|" + "---|" * len(names),
     ]
-    rows = {
+    windows = f"{args.windows} windows of {args.window_seconds:g} s, median"
+
+    def loaded(key: str, row: str, cell: Callable[[dict], str]) -> tuple[str, Callable]:
+        return f"{row} ({'its own volume' if key == 'loaded' else 'another'})", lambda s: cell(
+            s[key]
+        )
+
+    rows: dict[str, Callable[[dict], str]] = {
         f"pull, no host writes (median of {args.rounds})": lambda s: (
-            f"{s['pull_idle'] * 1000:.1f} ms"
+            f"{s['pull_quiet'] * 1000:.1f} ms; client CPU {s['client_cpu_quiet'] * 1000:.0f} ms"
         ),
-        "pull, host writes running (median)": lambda s: f"{s['pull_loaded'] * 1000:.1f} ms",
-        "host 4 KiB writes, qd 8, idle": lambda s: f"{s['writes_idle']:.0f}/s",
-        "host 4 KiB writes during the pulls": lambda s: (
-            f"{s['writes_during_pull']:.0f}/s "
-            f"({s['writes_during_pull'] / s['writes_idle']:.0%} of idle)"
+        f"host 4 KiB writes, qd 8, idle ({args.windows * 2 + 1} windows, median)": lambda s: (
+            f"{s['writes_idle']:.0f}/s; server {s['server_cpu_idle']:.2f} CPUs; "
+            f"longest stall {s['max_gap_idle_ms']:.1f} ms"
         ),
-        "longest host write stall during the pulls": lambda s: f"{s['max_gap_ms']:.1f} ms",
     }
+    for key in ("loaded", "elsewhere"):
+        rows.update(
+            [
+                loaded(
+                    key,
+                    "pull, host writes running (median)",
+                    lambda f: f"{f['pull'] * 1000:.1f} ms (of {f['pulls']})",
+                ),
+                loaded(
+                    key,
+                    f"host writes during the pulls ({windows})",
+                    lambda f: f"{f['writes']:.0f}/s; longest stall {f['max_gap_ms']:.1f} ms",
+                ),
+                loaded(
+                    key,
+                    "... of the idle windows either side, per window",
+                    lambda f: (
+                        " ".join(f"{r:.0%}" for r in f["ratios"])
+                        + f" (median {statistics.median(f['ratios']):.0%})"
+                    ),
+                ),
+                loaded(
+                    key,
+                    "CPUs used during the pulls: host's server / pull client",
+                    lambda f: f"{f['server_cpu']:.2f} / {f['client_cpu']:.2f}",
+                ),
+            ]
+        )
     for row, cell in rows.items():
         lines.append(f"| {row} | " + " | ".join(cell(figures[n]["summary"]) for n in names) + " |")
     return lines
@@ -501,7 +615,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--dirty", type=float, default=0.01, help="fraction dirty (0.01)")
     parser.add_argument("--change", type=float, default=0.01, help="fraction pulled (0.01)")
-    parser.add_argument("--idle-seconds", type=float, default=2.0, help="idle write window")
+    parser.add_argument("--windows", type=int, default=3, help="pull windows with host writes (3)")
+    parser.add_argument(
+        "--window-seconds",
+        type=float,
+        default=2.0,
+        help="length of each idle window, and of the host writes during each pull window (2)",
+    )
     parser.add_argument(
         "--only", type=lambda text: text.split(","), default=list(SECTIONS), help="sections"
     )
