@@ -717,6 +717,26 @@ def test_requests_are_served_whole_however_the_client_splits_or_joins_them(
     assert server.peak_held <= _INLINE + 4 * KIB
 
 
+def test_a_client_that_stops_sending_still_gets_the_replies_to_what_it_sent(tmp_path):
+    lun = HookLUN(MemoryLUN(SIZE))
+    rng = random.Random(SEED)
+    payloads = [rng.randbytes(4 * KIB), rng.randbytes(_INLINE + 4 * KIB)]  # inline; the pool
+    with receiving_server(lun, None) as server, ExitStack() as stack:
+        server.start_unix(tmp_path / "isc.sock")
+        client = connected(stack, server, None)
+        client.sock.sendall(
+            header(CMD_WRITE, 0, len(payloads[0]))
+            + payloads[0]
+            + header(CMD_WRITE, 8 * KIB, len(payloads[1]))
+            + payloads[1]
+        )
+        client.sock.shutdown(socket.SHUT_WR)  # the spec's requests in flight are answered
+        assert [client.reply(), client.reply()] == [0, 0]
+        assert client.dropped()
+    assert lun.lun.read(0, 4 * KIB) == payloads[0]
+    assert lun.lun.read(8 * KIB, len(payloads[1])) == payloads[1]
+
+
 @pytest.mark.parametrize("tls", [False, True], ids=["plaintext", "tls"])
 def test_a_client_gone_mid_payload_writes_nothing_and_gives_its_data_back(
     tmp_path, credentials, tls

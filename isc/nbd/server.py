@@ -238,6 +238,7 @@ class _Channel(asyncio.BufferedProtocol):
         self._paused = False  # reading
         self._unpaused: asyncio.Future[None] | None = None  # writing: set while paused
         self._eof = False
+        self._tls = False
         self.closed: asyncio.Future[None] | None = None  # done once the connection is lost
         self.task: asyncio.Task[None] | None = None  # NBDServer._handle, serving it
 
@@ -276,9 +277,12 @@ class _Channel(asyncio.BufferedProtocol):
         if ready:
             self._wake()
 
-    def eof_received(self) -> None:
+    def eof_received(self) -> bool:
         self._eof = True
         self._wake()
+        # Stay open to answer what the client sent (the spec: requests in flight are
+        # answered); over TLS asyncio closes at the peer's close_notify anyway.
+        return not self._tls
 
     def pause_writing(self) -> None:
         assert self.loop is not None
@@ -373,6 +377,7 @@ class _Channel(asyncio.BufferedProtocol):
         self.transport = await self.loop.start_tls(
             self.transport, self, context, server_side=True, ssl_handshake_timeout=timeout
         )
+        self._tls = True
         self._paused = False
 
     # -- sending
