@@ -199,3 +199,72 @@ def test_a_machine_crash_that_loses_unflushed_source_writes_leaves_no_copied_chu
         assert 3 not in hot(stored)
         image = crashes.take(state, "machine", source=durable[0])
     check(image)
+
+
+# -- inside the checkpoints that grow the hot set and retire regions ------------------------------
+
+
+def crash_in_checkpoints(stored: PersistentSession, state: Path, crashes: Crashes):
+    """Crash (of each kind in turn) at three points of every checkpoint from now on, after host writes made in each
+    window: once the next log holds the kept regions (before the snapshot), before the
+    journal write and after it (before the older logs go). The writes go to a region kept,
+    one hot but not kept (retired by this checkpoint), one the checkpoint retired and a
+    cold one. Returns the regions each checkpoint kept."""
+    rng = random.Random("windows")
+    kept: list[list[int]] = []
+    retired: set[int] = set()
+    log, journal = stored._log, stored._journal
+
+    def window(candidates) -> None:
+        cold = sorted(set(range(HOT_REGIONS)) - hot(stored))
+        for group in (*candidates, cold):
+            if group:
+                write_in(stored, rng.choice(sorted(group)), rng)
+        crashes.take(state, KINDS[len(crashes.images) % len(KINDS)])
+
+    def prepare(keep):
+        fresh = prepare_log(keep)
+        kept.append(list(keep))
+        retired.clear()
+        retired.update(hot(stored) - set(keep))
+        window((keep, retired))  # before the snapshot: in it
+        return fresh
+
+    def write_journal(*args):
+        window((kept[-1], retired))  # after the snapshot: in the next generation only
+        write(*args)
+        window((kept[-1], retired))
+
+    prepare_log, write = log.prepare, journal.write
+    log.prepare, journal.write = prepare, write_journal
+    return kept
+
+
+def test_crashes_in_checkpoints_that_grow_the_hot_set_and_retire_regions_lose_nothing(
+    tmp_path: Path,
+) -> None:
+    """Random writes over a working set that moves at each checkpoint, while the hot set
+    doubles from 4 to 32 and the LRU's clock runs: each checkpoint keeps some
+    regions and retires others, and a crash at each of its steps, after writes to regions
+    of every kind, loses nothing."""
+    state = hot_session(tmp_path, max_hot=4, hot_limit=32)
+    crashes = Crashes(tmp_path)
+    rng = random.Random("moving")
+    now = [0.0]
+    with opened(state) as stored:
+        hold_checkpoints(stored)
+        stored._clock = lambda: now[0]
+        kept = crash_in_checkpoints(stored, state, crashes)
+        for working in (range(0, 12), range(8, 30, 2), range(6, 40, 3), range(40, 64, 2)):
+            order = list(working) * 4
+            rng.shuffle(order)
+            for region in order:
+                write_in(stored, region, rng)
+            stored.checkpoint()
+            now[0] += INTERVAL / 2  # a region unwritten for two rounds retires
+        assert stored.hot_capacity == 32, "the hot set did not grow to its limit"
+        assert any(len(keep) > 2 for keep in kept), "no checkpoint kept more than max_hot / 2"
+    assert len(crashes.images) == 3 * len(kept)
+    for image in crashes.images:
+        recovery = check(image)
+        assert recovery.crashed
