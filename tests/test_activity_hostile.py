@@ -205,11 +205,11 @@ def test_a_machine_crash_that_loses_unflushed_source_writes_leaves_no_copied_chu
 
 
 def crash_in_checkpoints(stored: PersistentSession, state: Path, crashes: Crashes):
-    """Crash (of each kind in turn) at three points of every checkpoint from now on, after host writes made in each
-    window: once the next log holds the kept regions (before the snapshot), before the
-    journal write and after it (before the older logs go). The writes go to a region kept,
-    one hot but not kept (retired by this checkpoint), one the checkpoint retired and a
-    cold one. Returns the regions each checkpoint kept."""
+    """Crash (of each kind in turn) at three points of every checkpoint from now on, after
+    host writes made in each window: once the next log holds the kept regions (before the
+    snapshot), before the journal write and after it (before the older logs go). The
+    writes go to a region kept, one this checkpoint retires (or retired) and a cold one.
+    Returns the regions each checkpoint kept."""
     rng = random.Random("windows")
     kept: list[list[int]] = []
     retired: set[int] = set()
