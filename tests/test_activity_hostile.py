@@ -28,23 +28,27 @@ test's (``PersistentSession._clock``).
 
 from __future__ import annotations
 
+import os
 import random
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers import assert_no_lost_change
+from helpers import TIMEOUT, Gate, assert_no_lost_change
 from test_store import (
     HOT_REGIONS,
     REGION,
+    _record,
     crash_image,
+    files,
     hot_session,
+    logging_regions,
     machine_crash_image,
     opened,
 )
 
-from isc import DestState
+from isc import CorruptMetadata, DestState
 from isc.store import PersistentSession, Recovery, copy, open_session
 
 IO = 64 << 10
@@ -268,3 +272,139 @@ def test_crashes_in_checkpoints_that_grow_the_hot_set_and_retire_regions_lose_no
     for image in crashes.images:
         recovery = check(image)
         assert recovery.crashed
+
+
+# -- a region the LRU retired, and its next write ---------------------------------------------
+
+RECORD = 20
+"""Bytes of a region record (:mod:`isc.activity`)."""
+CUT = {"whole, not synced": 0, "torn": 7, "not written": RECORD}
+"""How much of the record appended last a crash of the machine before its sync leaves out."""
+
+
+def copied(stored: PersistentSession) -> None:
+    """A marked incremental copy: the destination equals the source, nothing is tracked."""
+    stored.session.mark()
+    copy(stored, "incremental", io_size=IO)
+    assert not stored.session.bitmap.tracking_count
+
+
+@pytest.mark.parametrize("record", list(CUT))
+def test_crashes_around_the_next_write_to_a_region_the_lru_retired_lose_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, record: str
+) -> None:
+    """Region 5 is written and copied, then left unwritten for an interval: the checkpoint
+    retires it. A crash of the machine before its next write, inside the append of that
+    write's record (the record whole but not synced, torn, or not written: the write has
+    not gone yet) and after it loses nothing; after it the region is resent."""
+    state = hot_session(tmp_path, max_hot=4, hot_limit=4)
+    crashes = Crashes(tmp_path)
+    rng = random.Random(record)
+    now = [0.0]
+    with opened(state) as stored:
+        hold_checkpoints(stored)
+        stored._clock = lambda: now[0]
+        write_in(stored, 5, rng)
+        stored.checkpoint()
+        copied(stored)
+        stored.checkpoint()  # written within the interval: still hot
+        assert 5 in hot(stored)
+        now[0] = 2 * INTERVAL
+        stored.checkpoint()
+        assert 5 not in hot(stored)
+        crashes.take(state, "machine")
+        logged = logging_regions(stored)
+        region_log = stored._log._current.fd
+        sync = os.fdatasync
+
+        def crash_before_sync(fd: int) -> None:
+            if fd == region_log and len(crashes.images) == 1:
+                image = crashes.take(state, "machine")
+                (path,) = image.state.glob(f"activity.{stored._log.generation}.log")
+                os.truncate(path, path.stat().st_size - CUT[record])
+            sync(fd)
+
+        monkeypatch.setattr(os, "fdatasync", crash_before_sync)
+        write_in(stored, 5, rng)
+        monkeypatch.undo()
+        assert logged == [5]
+        crashes.take(state, "machine")
+    before, in_append, after = (check(image) for image in crashes.images)
+    assert before.regions_resent == 0
+    assert in_append.regions_resent == (record == "whole, not synced")
+    assert after.regions_resent == 1 and after.bytes_resent_bound == REGION
+
+
+# -- damaged and foreign logs ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["the current log", "a log the crash cut short", "an older log"])
+def test_a_record_of_a_region_beyond_the_volume(tmp_path: Path, where: str) -> None:
+    """A record of a region past the end of the source in a log since the newest checkpoint
+    (the current one, or the next one a checkpoint the crash cut short prepared with the
+    regions it kept) refuses the open, naming the file and changing nothing: the log
+    cannot say what it covers. In a log older than the checkpoint (its deletion did not
+    reach the disk) it is not read."""
+    state = hot_session(tmp_path, max_hot=4, hot_limit=16)
+    crashes = Crashes(tmp_path)
+    rng = random.Random(where)
+    with opened(state) as stored:
+        hold_checkpoints(stored)
+        for region in (1, 2, 3, 9):
+            write_in(stored, region, rng)
+        if where == "a log the crash cut short":
+            write = stored._journal.write
+            stored._journal.write = lambda *args: (
+                crashes.images or crashes.take(state, "machine"),
+                write(*args),
+            )
+        stored.checkpoint()
+        if where != "a log the crash cut short":
+            crashes.take(state, "machine")
+        generation = stored._log.generation
+    (image,) = crashes.images
+    name = f"activity.{generation - (where == 'an older log')}.log"
+    with open(image.state / name, "ab") as log:
+        log.write(_record(2, HOT_REGIONS))
+    if where == "an older log":
+        check(image)
+        return
+    before = files(image.state)
+    with pytest.raises(CorruptMetadata, match=f"{name}: region {HOT_REGIONS} lies outside"):
+        recover(image)
+    after = files(image.state)
+    after.pop(".lock")  # the open's attempt
+    assert after == before
+
+
+def test_write_logs_of_another_boot_stand_for_nothing(tmp_path: Path) -> None:
+    """Write logs whose pages reached the disk before a crash of the machine hold another
+    boot's id: the regions stand for the writes, whole, in every generation since the
+    newest checkpoint (here two: the crash cut the checkpoint short)."""
+    state = hot_session(tmp_path, max_hot=4, hot_limit=16)
+    crashes = Crashes(tmp_path)
+    rng = random.Random("boot")
+    with opened(state) as stored:
+        hold_checkpoints(stored)
+        for region in (1, 2):
+            write_in(stored, region, rng)
+        stored.checkpoint()
+        write_in(stored, 2, rng)
+        write_in(stored, 7, rng)
+        write = stored._journal.write
+
+        def crash_then_write(*args) -> None:
+            if not crashes.images:
+                write_in(stored, 8, rng)  # after the snapshot: the next generation's
+                crashes.take(state, "machine, pages written back")
+            write(*args)
+
+        stored._journal.write = crash_then_write
+        stored.checkpoint()
+    (image,) = crashes.images
+    assert len(list(image.state.glob("activity.*.writes"))) == 2
+    recovery = check(image)
+    # The older generation logged 1 and 2 (kept) and 7; the newer 1, 2 and 7 (kept: the
+    # capacity doubled to 8) and 8. Each resends its regions whole.
+    assert recovery.regions_resent == 4
+    assert recovery.bytes_resent_bound == 7 * REGION
