@@ -49,7 +49,7 @@ from test_store import (
 )
 
 from isc import CorruptMetadata, DestState
-from isc.store import PersistentSession, Recovery, copy, open_session
+from isc.store import PersistentSession, Progress, Recovery, copy, open_session
 
 IO = 64 << 10
 SIZE = HOT_REGIONS * REGION
@@ -408,3 +408,167 @@ def test_write_logs_of_another_boot_stand_for_nothing(tmp_path: Path) -> None:
     # capacity doubled to 8) and 8. Each resends its regions whole.
     assert recovery.regions_resent == 4
     assert recovery.bytes_resent_bound == 7 * REGION
+
+
+# -- the hot set at its limit ------------------------------------------------------------------
+
+
+def test_new_regions_written_while_a_full_hot_set_at_its_limit_checkpoints_lose_nothing(
+    tmp_path: Path,
+) -> None:
+    """A hot set of 4, its limit: the writes that fill it wake the checkpointer, whose
+    checkpoint runs beside the host's writes. Parked once the next log holds the regions
+    it keeps, the host writes to hot regions and to new ones, past the limit (they are
+    logged in the generation that ends); a crash then, and one after the journal write,
+    lose nothing; the checkpoint kept at most half the limit."""
+    state = hot_session(tmp_path, max_hot=4, hot_limit=4)
+    crashes = Crashes(tmp_path)
+    rng = random.Random("limit")
+    parked, journaled = Gate(), threading.Event()
+    with opened(state) as stored:
+        prepare, write = stored._log.prepare, stored._journal.write
+        kept: list[list[int]] = []
+
+        def parked_prepare(keep):
+            fresh = prepare(keep)
+            kept.append(list(keep))
+            parked()  # the first checkpoint waits here until the test lets it go
+            return fresh
+
+        def journal_write(*args) -> None:
+            write(*args)
+            journaled.set()
+
+        stored._log.prepare, stored._journal.write = parked_prepare, journal_write
+        logged = logging_regions(stored)
+        for region in (1, 2, 3, 4, 5):  # 4 fills it; 5 wakes again if a wake came too early
+            write_in(stored, region, rng)
+        parked.wait_reached()
+        for region in (6, 1, 7, 3):
+            write_in(stored, region, rng)
+        assert len(hot(stored)) == 7 and logged == [1, 2, 3, 4, 5, 6, 7]
+        crashes.take(state, "machine")  # the checkpoint holds its lock: the files stay
+        parked.open()
+        assert journaled.wait(TIMEOUT), "the checkpoint did not reach its journal write"
+        for region in (8, 7, 2):
+            write_in(stored, region, rng)
+        with stored._checkpoint_lock:
+            crashes.take(state, "machine, pages written back")
+            crashes.take(state, "process")
+        assert stored.hot_capacity == 4 and len(kept[0]) <= 2
+    for image in crashes.images:
+        check(image)
+
+
+# -- random sequences ----------------------------------------------------------------------------
+
+OPS = ("write", "checkpoint", "tick", "mark", "copy", "unmark", "crash")
+WEIGHTS = (70, 8, 5, 4, 5, 2, 4)
+
+
+class Sequence:
+    """A session driven by a seeded random sequence of :data:`OPS`, on the test's clock.
+
+    ``copied`` is the source as of the mark of the last copy that ended: what a
+    destination that reads consistent holds.
+    """
+
+    def __init__(self, state: Path, crashes: Crashes, rng: random.Random) -> None:
+        self.crashes = crashes
+        self.rng = rng
+        self.now = [0.0]
+        self.base = 0
+        self.at_mark: bytes | None = None
+        self.copied = (crashes.root / "dest.img").read_bytes()
+        self.grown = 0
+        """The largest capacity the hot set reached."""
+        self.stored = self._open(open_session(state, checkpoint_interval=INTERVAL)[0])
+
+    def _open(self, stored: PersistentSession) -> PersistentSession:
+        hold_checkpoints(stored)
+        stored._clock = lambda: self.now[0]
+        return stored
+
+    def step(self, op: str) -> None:
+        stored, rng = self.stored, self.rng
+        session = stored.session
+        if op == "write":  # within a working set of 8 regions that moves; some span two
+            region = (self.base + rng.randrange(8)) % HOT_REGIONS
+            offset = min(region * REGION + REGION - rng.randrange(1, REGION), SIZE - 6000)
+            session.write(offset, rng.randbytes(rng.choice((512, 4096, 6000))))
+        elif op == "checkpoint":
+            stored.checkpoint()
+            self.grown = max(self.grown, stored.hot_capacity)
+            self.base += rng.randrange(4)
+        elif op == "tick":
+            self.now[0] += rng.choice((10.0, INTERVAL / 2, 2 * INTERVAL))
+        elif op == "mark" and not session.bitmap.marked:
+            session.mark(full=not any(d.in_step(session) for d in stored.destinations))
+            self.at_mark = stored.source.read(0, SIZE)
+        elif op == "copy" and session.bitmap.marked:
+            self._copy()
+        elif op == "unmark":
+            session.unmark()
+        elif op == "crash":
+            self._crash(None)
+
+    def _copy(self) -> None:
+        """A marked incremental copy; now and then a crash at one of its runs."""
+        runs = [0]
+        crash_at = self.rng.randrange(1, 6) if self.rng.random() < 0.4 else None
+        images = self.crashes.images
+
+        def also(done: int, total: int) -> None:
+            runs[0] += 1
+            if runs[0] == crash_at:
+                self.crashes.take(self.stored.directory, self.rng.choice(KINDS))
+
+        before = len(images)
+        copy(self.stored, "incremental", io_size=IO, progress=Progress(self.stored, also=also))
+        if len(images) > before:
+            self._crash(images[-1])
+            return
+        (dest,) = self.stored.destinations
+        assert dest.state is DestState.CONSISTENT
+        assert dest.lun.read(0, SIZE) == self.at_mark, "the copy holds no point in time"
+        self.copied = self.at_mark
+
+    def _crash(self, image: Image | None) -> None:
+        """Crash now (or go on from ``image``, a crash already taken) and recover."""
+        if image is None:
+            image = self.crashes.take(self.stored.directory, self.rng.choice(KINDS))
+        self.stored.close()
+        stored, recovery = recover(image)
+        self.stored = self._open(stored)
+        (dest,) = stored.destinations
+        assert_no_lost_change(stored.session, dest.lun)
+        if dest.state is DestState.CONSISTENT:
+            assert dest.lun.read(0, SIZE) == self.copied, "consistent, but no point in time"
+        if self.rng.random() < 0.5:
+            update_and_compare(stored)
+            self.copied = stored.source.read(0, SIZE)
+
+    def close(self) -> None:
+        update_and_compare(self.stored)
+        self.stored.close()
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_random_writes_checkpoints_marks_copies_and_crashes_lose_nothing(
+    tmp_path: Path, seed: int
+) -> None:
+    """Seeded random sequences of writes over a moving working set (some spanning two
+    regions), checkpoints, clock ticks past the LRU's interval, marks, unmarks, copies and
+    crashes of every kind (some inside a copy), on a hot set that grows from 4 to 16: after
+    each crash every difference is tracked, a destination that reads consistent holds the
+    point in time of its last copy, and an update makes it equal the source."""
+    state = hot_session(tmp_path, max_hot=4, hot_limit=16)
+    crashes = Crashes(tmp_path)
+    rng = random.Random(f"sequence-{seed}")
+    sequence = Sequence(state, crashes, rng)
+    try:
+        for op in rng.choices(OPS, WEIGHTS, k=300):
+            sequence.step(op)
+    finally:
+        sequence.close()
+    assert len(crashes.images) >= 8 and sequence.grown > 4
