@@ -28,14 +28,29 @@ test's (``PersistentSession._clock``).
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import signal
+import subprocess
 import threading
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import pytest
 from helpers import TIMEOUT, Gate, assert_no_lost_change
+from test_crash import (
+    ISC,
+    MAX_HOT,
+    check_after_kill,
+    images_newest_first,
+    killed_by,
+    read_source,
+    replicated,  # noqa: F401 (a fixture)
+    write_until_killed,
+)
+from test_serve import line_reader, next_line
 from test_store import (
     HOT_REGIONS,
     REGION,
@@ -49,7 +64,16 @@ from test_store import (
 )
 
 from isc import CorruptMetadata, DestState
-from isc.store import PersistentSession, Progress, Recovery, copy, open_session
+from isc.store import (
+    METADATA,
+    PersistentSession,
+    Progress,
+    Recovery,
+    copy,
+    open_session,
+    read_state,
+    write_atomically,
+)
 
 IO = 64 << 10
 SIZE = HOT_REGIONS * REGION
@@ -538,7 +562,7 @@ class Sequence:
         if image is None:
             image = self.crashes.take(self.stored.directory, self.rng.choice(KINDS))
         self.stored.close()
-        stored, recovery = recover(image)
+        stored, _ = recover(image)
         self.stored = self._open(stored)
         (dest,) = stored.destinations
         assert_no_lost_change(stored.session, dest.lun)
@@ -572,3 +596,49 @@ def test_random_writes_checkpoints_marks_copies_and_crashes_lose_nothing(
     finally:
         sequence.close()
     assert len(crashes.images) >= 8 and sequence.grown > 4
+
+
+# -- the real command: isc serve --every, killed while its hot set grows ---------------------------
+
+SERVE_KILLS = 4
+
+
+def test_sigkill_of_isc_serve_every_while_its_hot_set_grows_loses_nothing(
+    replicated: tuple[Path, object],  # noqa: F811 (test_crash's fixture)
+    tmp_path: Path,
+) -> None:
+    """``test_crash``'s loop of ``isc serve --every`` killed by its host writer, with a hot
+    set that may grow to every region of the source (random writes over all 64 keep
+    waiting for records, so it doubles from 4): after each kill, and every other time a
+    crash of the machine at that instant (the write logs lost), no destination has an
+    untracked difference and one that reads consistent holds a point-in-time image."""
+    state, export = replicated
+    meta = json.loads((state / METADATA).read_text())
+    write_atomically(state / METADATA, json.dumps({**meta, "hot_limit": 64}).encode())
+    rng = random.Random("hostile-serve")
+    serve = [*ISC, "serve", str(state), "--listen", "127.0.0.1:0", "--every", "0.02"]
+    pending = []
+    with open(tmp_path / "isc.log", "ab") as log:
+        for kill in range(SERVE_KILLS):
+            start = read_source(state)
+            export.lun.arm(0)  # the host writer kills it, after enough writes to grow
+            proc = subprocess.Popen(serve, stdout=subprocess.PIPE, stderr=log, text=True)
+            export.lun.target(proc.pid)
+            try:
+                lines = line_reader(proc.stdout)
+                uri = str(next_line(lines, "isc serve")).split()[-1]
+                assert next_line(lines, "isc serve") == "ready", (tmp_path / "isc.log").read_text()
+                writes = write_until_killed(uri, rng, proc, rng.randrange(120, 300))
+            finally:
+                code = killed_by(export, proc)
+            assert code == -signal.SIGKILL, (tmp_path / "isc.log").read_text()
+            if kill % 2:
+                for path in state.glob("activity.*.writes"):
+                    path.unlink()
+            pending.append(read_state(state).pending_regions)
+            check_after_kill(state, partial(images_newest_first, start, writes))
+            stored, _ = open_session(state)
+            with stored:  # both consistent again: the next run starts from the source
+                update_and_compare(stored)
+    print(f"\nisc serve --every, hot set up to 64: regions pending at the kills {pending}")
+    assert max(pending) > 2 * MAX_HOT, "the hot set never outgrew its first capacity"
