@@ -40,7 +40,8 @@ most half the hot set's capacity and none left unwritten for a checkpoint
 interval; so back-to-back checkpoints do not cool a working set, and an idle
 session's hot set empties. The capacity follows the write pattern, between
 two settings of ``session.json``: it starts at ``max_hot`` regions (default
-1024: 4 GiB) and doubles, up to ``hot_limit`` (default 4096: 16 GiB), at a
+1024: 4 GiB) and doubles, up to ``hot_limit`` (default 4096: 16 GiB; a
+session file written before it existed takes the default), at a
 checkpoint that finds more regions written within the interval than it can
 keep while more than 1 in ``GROW_AT`` (100) of the host writes since the
 last one waited for a region record: random writes over more than the hot

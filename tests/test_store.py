@@ -33,6 +33,7 @@ from hypothesis import strategies as st
 from isc import CopyJob, CorruptMetadata, DeltaBitmap, DestState, FileLUN, IscError, journal
 from isc.errors import ParameterError, StateError
 from isc.store import (
+    DEFAULT_HOT_LIMIT,
     METADATA,
     PersistentSession,
     create_session,
@@ -710,6 +711,14 @@ def test_a_crash_after_the_hot_set_grew_and_before_its_checkpoint_loses_nothing(
     with stored:
         assert_no_lost_change(stored.session, stored.destinations[0].lun)
         assert recovery.regions_resent == 3
+
+
+def test_a_session_file_without_a_hot_limit_takes_the_default(env: Path) -> None:
+    meta = _meta(env)
+    del meta["hot_limit"]
+    (env / METADATA).write_text(json.dumps(meta))
+    with opened(env) as stored:
+        assert stored.hot_limit == DEFAULT_HOT_LIMIT and stored.hot_capacity == 1000
 
 
 def test_a_write_to_a_region_just_evicted_waits_for_its_record_again(tmp_path: Path) -> None:
