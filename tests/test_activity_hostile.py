@@ -63,7 +63,7 @@ from test_store import (
     opened,
 )
 
-from isc import CorruptMetadata, DestState
+from isc import CorruptMetadata, DestState, journal
 from isc.store import (
     METADATA,
     PersistentSession,
@@ -482,6 +482,85 @@ def test_new_regions_written_while_a_full_hot_set_at_its_limit_checkpoints_lose_
         assert stored.hot_capacity == 4 and len(kept[0]) <= 2
     for image in crashes.images:
         check(image)
+
+
+# -- failed checkpoints, and a crash while recovering from one ------------------------------------
+
+
+def test_crashes_after_checkpoints_that_failed_lose_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A checkpoint whose journal write fails (the next log began: both logs stay) and one
+    whose next log cannot be written (nothing changes but the LRU's memory of what it
+    would have kept), each followed by writes to kept, retired and new regions and a
+    crash of the machine; then one that succeeds, and a last crash."""
+    state = hot_session(tmp_path, max_hot=4, hot_limit=16)
+    crashes = Crashes(tmp_path)
+    rng = random.Random("failed")
+    with opened(state) as stored:
+        hold_checkpoints(stored)
+        for region in (1, 2, 3):
+            write_in(stored, region, rng)
+        stored.checkpoint()
+        for region in (4, 5, 1):
+            write_in(stored, region, rng)
+
+        def full(*args) -> None:
+            raise OSError(28, "injected: no space left on the device")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(stored._journal, "write", full)
+            with pytest.raises(OSError, match="injected"):
+                stored.checkpoint()
+        for region in (2, 4, 6):
+            write_in(stored, region, rng)
+        crashes.take(state, "machine")
+        with monkeypatch.context() as patch:
+            patch.setattr(stored._log, "prepare", full)
+            with pytest.raises(OSError, match="injected"):
+                stored.checkpoint()
+        for region in (3, 5, 7):
+            write_in(stored, region, rng)
+        crashes.take(state, "machine")
+        stored.checkpoint()
+        for region in (1, 8):
+            write_in(stored, region, rng)
+        crashes.take(state, "machine")
+    for image in crashes.images:
+        check(image)
+
+
+def test_a_crash_inside_the_checkpoint_of_a_recovery_loses_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A recovery tracks what the logs hold, then checkpoints it: a second crash of the
+    machine before or after that checkpoint's journal write (its older logs still there)
+    loses nothing."""
+    state = hot_session(tmp_path, max_hot=4, hot_limit=16)
+    crashes = Crashes(tmp_path)
+    rng = random.Random("recovery")
+    with opened(state) as stored:
+        hold_checkpoints(stored)
+        for region in (1, 2, 3, 9):
+            write_in(stored, region, rng)
+        stored.checkpoint()
+        for region in (2, 10, 11):
+            write_in(stored, region, rng)
+        (first,) = [crashes.take(state, "machine")]
+    write = journal.Journal.write
+
+    def crash_around(self, *args) -> None:
+        crashes.take(first.state, "machine")
+        write(self, *args)
+        crashes.take(first.state, "machine")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(journal.Journal, "write", crash_around)
+        stored, _ = recover(first)
+        stored.close()
+    assert len(crashes.images) == 5  # around the recovery's checkpoint and the close's
+    recoveries = [check(image) for image in crashes.images[1:]]
+    assert recoveries[0].regions_resent > 0  # before the recovery's checkpoint: the logs again
 
 
 # -- random sequences ----------------------------------------------------------------------------
