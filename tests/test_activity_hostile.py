@@ -39,7 +39,7 @@ from functools import partial
 from pathlib import Path
 
 import pytest
-from helpers import TIMEOUT, Gate, assert_no_lost_change
+from helpers import TIMEOUT, Gate, Writers, assert_no_lost_change
 from test_crash import (
     ISC,
     MAX_HOT,
@@ -480,6 +480,36 @@ def test_new_regions_written_while_a_full_hot_set_at_its_limit_checkpoints_lose_
             crashes.take(state, "machine, pages written back")
             crashes.take(state, "process")
         assert stored.hot_capacity == 4 and len(kept[0]) <= 2
+    for image in crashes.images:
+        check(image)
+
+
+def test_crashes_while_writers_race_the_checkpoints_of_a_growing_hot_set_lose_nothing(
+    tmp_path: Path, busy_switching: None
+) -> None:
+    """Three host writers, one over 8 regions and two over all 64, race the checkpoints
+    their full hot set starts (it grows from 4 to 32) and those the test calls; crashes
+    of every kind come while they write, between a checkpoint's steps or a record's
+    append and its sync, wherever they land (the image is taken under the checkpoint
+    lock, so no checkpoint deletes a file while it is copied)."""
+    state = hot_session(tmp_path, max_hot=4, hot_limit=32)
+    crashes = Crashes(tmp_path)
+    rng = random.Random("race")
+    stored, _ = open_session(state, checkpoint_interval=INTERVAL)
+    with stored:
+
+        def write(writer: int, seq: int, mine: random.Random) -> None:
+            write_in(stored, mine.randrange(8 if writer == 0 else HOT_REGIONS), mine)
+
+        with Writers(write, 3, seed=21) as writers:
+            for n in range(9):
+                writers.allow(rng.randrange(20, 60))
+                if n % 3 == 2:
+                    stored.checkpoint()
+                with stored._checkpoint_lock:
+                    crashes.take(state, KINDS[n % len(KINDS)])
+            writers.settle()
+        assert stored.hot_capacity > 4, "the hot set never grew"
     for image in crashes.images:
         check(image)
 
