@@ -84,17 +84,6 @@ and clearly from 16 MiB (15%); the small runs of incremental copies never pay
 it (benchmarks/README.md, "Sparse full copies and incremental copies per
 workers")."""
 
-
-def _lower_priority() -> None:
-    """Put the calling thread in Linux's ``SCHED_IDLE`` policy: it runs only when no
-    other thread wants its CPU, and any other thread that wakes on that CPU takes
-    it at the next point the kernel switches threads (a kernel that does not
-    preempt itself: the end of a system call, such as each piece of
-    :meth:`~isc.lun.FileLUN.copy_to`, or a tick). A thread cannot undo this
-    without privileges, so only a thread made for the purpose calls it."""
-    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-
-
 DEFAULT_FLUSH_EVERY = 256 << 20
 """Bytes sent between flushes of every destination during a copy.
 
@@ -223,14 +212,7 @@ class CopyJob:
     the host writes: after a run during which the host wrote, the
     copy waits until the run was that share of the time since it began, so
     the host's writes keep the CPUs and memory bandwidth the rest of the
-    time (1: never wait). ``idle_priority`` runs the copy in threads of its
-    own at Linux's ``SCHED_IDLE`` priority (the caller's thread waits, its
-    priority untouched; the worker threads too): a thread serving the
-    host's writes, woken on the CPU the copy holds, gets it at the copy's
-    next system call instead of the scheduler's next tick, and the copy
-    gets only the CPU time other threads leave. Raises ``ParameterError``
-    for bad arguments (``idle_priority`` where the system has no
-    ``SCHED_IDLE``).
+    time (1: never wait). Raises ``ParameterError`` for bad arguments.
 
     A copy job is a context manager: leaving the block closes it
     (:meth:`close`), so no copy of it runs past the block.
@@ -247,7 +229,6 @@ class CopyJob:
         flush_every: int = DEFAULT_FLUSH_EVERY,
         workers: int = DEFAULT_WORKERS,
         busy_share: float = 1.0,
-        idle_priority: bool = False,
     ) -> None:
         if not destinations:
             raise ParameterError("a copy job needs at least one destination")
@@ -273,8 +254,6 @@ class CopyJob:
             raise ParameterError(f"workers must be >= 1, got {workers}")
         if not 0 < busy_share <= 1:
             raise ParameterError(f"busy_share must be in (0, 1], got {busy_share}")
-        if idle_priority and not hasattr(os, "SCHED_IDLE"):
-            raise ParameterError("idle_priority needs Linux's SCHED_IDLE, which this system lacks")
         self.session = session
         self.destinations = list(destinations)
         self.throttle = throttle
@@ -283,7 +262,6 @@ class CopyJob:
         self.flush_every = flush_every
         self.workers = workers
         self.busy_share = busy_share
-        self.idle_priority = idle_priority
         self._cancel = threading.Event()
         self._cancel_reason: str | None = None
         self._busy = threading.Lock()  # held while a copy of this job runs
@@ -757,43 +735,15 @@ class CopyJob:
 
     def _with_workers(self, body: Callable[[], None]) -> None:
         """Run ``body`` with the worker threads; they are all done when this returns."""
-        lower = _lower_priority if self.idle_priority else None
         if self.workers == 1:
-            self._at_priority(body, lower)
-            return
-        with ThreadPoolExecutor(self.workers, "isc-copy", initializer=lower) as pool:
-            self._pool = pool
-            try:
-                self._at_priority(body, lower)
-            finally:
-                self._pool = None
-
-    def _at_priority(self, body: Callable[[], None], lower: Callable[[], None] | None) -> None:
-        """Run ``body`` in this thread, or with ``lower`` in a thread of its own that
-        this one waits for (raising what ``body`` raised): a thread's priority
-        cannot be raised back without privileges, and this one is the caller's."""
-        if lower is None:
             body()
             return
-        raised: list[BaseException] = []
-
-        def run() -> None:
-            lower()
+        with ThreadPoolExecutor(self.workers, "isc-copy") as pool:
+            self._pool = pool
             try:
                 body()
-            except BaseException as exc:
-                raised.append(exc)
-
-        thread = threading.Thread(target=run, name="isc-copy-runs")
-        thread.start()
-        try:
-            thread.join()
-        except BaseException:  # interrupted (SIGINT): stop the copy before going on
-            self.cancel(f"the copy of {self.session.name} was interrupted")
-            thread.join()
-            raise
-        if raised:
-            raise raised[0]
+            finally:
+                self._pool = None
 
     def _run(
         self,

@@ -134,11 +134,11 @@ ZERO_PIECE = 1 << 20
 """Bytes per write when zeros are written as data (:func:`write_zeroes`)."""
 
 COPY_PIECE = 2 << 20
-"""Bytes per ``copy_file_range`` call of :meth:`FileLUN.copy_to`. A kernel that does not
-preempt itself (``PREEMPT_NONE``) switches threads inside a long copy only at its next
-tick (4 ms at HZ 250); each call's return is a point where a thread that woke meanwhile
-on this CPU with a better claim to it (all of them, for a copy thread at ``SCHED_IDLE``)
-takes it. 2 MiB took 0.5-0.7 ms on tmpfs (64 MiB: 18-19 ms)."""
+"""Bytes per ``copy_file_range`` call of :meth:`FileLUN.copy_to`, which yields its CPU
+(``sched_yield``) between pieces. A kernel that does not preempt itself
+(``PREEMPT_NONE``) lets a thread woken on the CPU of a long copy wait for the copy's
+end or the next tick (4 ms at HZ 250); a thread serving the host's writes waits for
+at most one piece instead: 2 MiB took 0.5-0.7 ms on tmpfs (64 MiB: 18-19 ms)."""
 
 
 @functools.cache
@@ -483,9 +483,9 @@ class FileLUN(_BaseLUN):
     def copy_to(self, offset: int, length: int, dest: object) -> bool:
         """Copy ``[offset, offset + length)`` to the same range of ``dest`` inside the kernel.
 
-        ``copy_file_range`` in pieces of :data:`COPY_PIECE` bytes: the data never
-        passes through this process, and the interpreter lock is released for
-        each piece. Returns
+        ``copy_file_range`` in pieces of :data:`COPY_PIECE` bytes, yielding
+        the CPU between them: the data never passes through this process, and
+        the interpreter lock is released for each piece. Returns
         False, having copied nothing, when ``dest`` is not a regular file's
         FileLUN or the kernel cannot copy between the two files (another file
         system, ``EXDEV``); the caller then copies through a buffer. Raises
@@ -515,6 +515,8 @@ class FileLUN(_BaseLUN):
             if copied == 0:
                 raise self._eof_error(offset, length, done)
             done += copied
+            if done < length:
+                os.sched_yield()  # a thread woken on this CPU meanwhile goes first
         return True
 
     def data_extents(self, offset: int, length: int) -> list[tuple[int, int]]:

@@ -47,14 +47,10 @@ While it serves a session directory the server says so in it
 (:func:`served_by`); the file goes when the server stops, and one a killed
 server left is ignored (the session's lock went with the server).
 
-The server's copies (control requests and periodic updates) run in threads
-of their own at idle priority where the system has one
-(:data:`COPY_IDLE_PRIORITY`), so that they yield the CPUs to the threads
-serving the host's writes. A copy, mark or unmark is refused while another
-one or a periodic update runs (a periodic update that comes while a copy
-runs is skipped). Stopping the server cancels a running copy (it fails as
-any copy does: what was not sent stays tracked) and waits for a periodic
-update to end.
+A copy, mark or unmark is refused while another one or a periodic update
+runs (a periodic update that comes while a copy runs is skipped). Stopping
+the server cancels a running copy (it fails as any copy does: what was not
+sent stays tracked) and waits for a periodic update to end.
 
 Every copy and periodic update is recorded in the session directory while
 it runs (:func:`isc.store.copy`, :func:`isc.store.update`) and checkpoints
@@ -103,15 +99,6 @@ memory bandwidth with the copy, so while they come the copy works a quarter of
 the time, or a tenth for an unmarked full copy: a marked copy keeps more, since
 every host write to a chunk it has not sent yet pays a save (and fills the save
 area) for as long as it runs. Measured with ``benchmarks/compare_qemu.py``."""
-
-
-COPY_IDLE_PRIORITY = hasattr(os, "SCHED_IDLE")
-"""Whether the server's copies (control requests and periodic updates) run at idle
-priority (:class:`~isc.copy.CopyJob`'s ``idle_priority``): on Linux they do, so
-that a thread serving the host's writes takes a CPU from the copy at the copy's
-next system call, not at the next scheduler tick (4 ms at HZ 250, under a kernel
-that does not preempt itself). The copies' own threads are lowered, none of the
-server's others."""
 
 
 class SessionControl:
@@ -240,7 +227,6 @@ class SessionControl:
                     started=self._started,
                     throttle=throttle,
                     busy_share=share,
-                    idle_priority=COPY_IDLE_PRIORITY,
                 )
         except CopyError as exc:
             return {"ok": False, "reason": str(exc), "info": self._result(exc.result)}
@@ -290,9 +276,7 @@ class SessionControl:
         assert stored is not None, "periodic updates need a session directory"
         dests = store.copy_destinations(stored)
         progress = store.Progress(stored, bar=False)
-        update = PeriodicUpdate(
-            self.session, dests, site, progress=progress, idle_priority=COPY_IDLE_PRIORITY
-        )
+        update = PeriodicUpdate(self.session, dests, site, progress=progress)
         self._updates = threading.Thread(
             target=self._update_every,
             args=(seconds, stored, update, progress, updated or (lambda *_: None)),

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import queue
 import random
 import signal
@@ -267,31 +266,6 @@ def test_periodic_updates_need_a_destination(tmp_path: Path, work: Path):
     with pytest.raises(StateError, match="bare has no destinations; add one with isc add-dest"):
         run_serve(str(tmp_path / "bare"), HOST, 0, every=1.0, stop=threading.Event())
     open_session(tmp_path / "bare")[0].close()  # it was closed cleanly
-
-
-@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux's")
-def test_the_servers_copies_run_at_idle_priority_and_its_own_threads_do_not(
-    work: Path, export: Export, state: Path, monkeypatch
-):
-    import isc.copy
-
-    lowered: list[str] = []
-    real = isc.copy._lower_priority
-
-    def recorded() -> None:
-        real()
-        lowered.append(threading.current_thread().name)
-
-    monkeypatch.setattr(isc.copy, "_lower_priority", recorded)
-    with served(state) as serve:
-        host_writes(serve.uri, SEED + 5)
-        assert serve.ask("mark")["ok"] and serve.ask("copy")["ok"]
-        assert "isc-copy-runs" in lowered
-        # The threads serving the host's writes and the control port kept their priority.
-        serving = [t for t in threading.enumerate() if not t.name.startswith("isc-copy")]
-        policies = {os.sched_getscheduler(t.native_id) for t in serving}
-        assert os.SCHED_IDLE not in policies
-    assert image(work / "d1.img") == image(work / "d2.img") == image(work / "source.img")
 
 
 # -- hole 10: a destination's outage stops no host write and does not last ---------------------
