@@ -29,16 +29,26 @@ from pathlib import Path
 
 import pytest
 from helpers import Gate, HookLUN
-from test_nbd import CMD_WRITE, FUA, IHAVEOPT, OPT_ABORT, OPT_LIST, OPT_STARTTLS, REP_ACK, Raw
+from test_nbd import (
+    CMD_WRITE,
+    FUA,
+    IHAVEOPT,
+    OPT_ABORT,
+    OPT_GO,
+    OPT_LIST,
+    OPT_STARTTLS,
+    REP_ACK,
+    Raw,
+)
 from test_security_nbd import (
     KIB,
     ReceivingServer,
     TellingChannel,
     connected,
-    in_transmission,
 )
 
 from isc import MemoryLUN
+from isc.nbd import MAX_BLOCK
 from isc.nbd.proto import REQUEST
 from isc.nbd.server import _INLINE, _STAGING
 from isc.tls import ServerTLS, client_context
@@ -69,16 +79,17 @@ class FillingServer(ReceivingServer):
 
 class ParkingLUN(MemoryLUN):
     """A memory LUN, so the server writes to it on its event loop's thread when the
-    WRITE is small, whose first write parks that thread at ``gate``."""
+    WRITE is small, whose first write parks that thread at ``gate`` (if any); it counts
+    its writes."""
 
-    def __init__(self, size: int, gate: Gate) -> None:
+    def __init__(self, size: int, gate: Gate | None = None) -> None:
         super().__init__(size)
         self.gate = gate
         self.writes = 0
 
     def write(self, offset: int, data) -> None:
         self.writes += 1
-        if self.writes == 1:
+        if self.writes == 1 and self.gate is not None:
             self.gate()
         super().write(offset, data)
 
@@ -165,3 +176,198 @@ def test_requests_across_the_staging_buffer_end_are_served_whole(
     assert lun.read(0, SIZE) == bytes(burst.model)
     assert lun.writes == burst.writes + 1
     no_errors_logged(caplog)
+
+
+# -- STARTTLS and TLS ----------------------------------------------------------------------------
+class SplitTLS:
+    """The client end of TLS over ``sock`` through memory BIOs, socket-like enough for
+    :class:`~test_nbd.Raw`: the test decides which ciphertext goes out, and when."""
+
+    def __init__(self, sock: socket.socket, creds: Path) -> None:
+        self.sock = sock
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        context = client_context(creds, check_hostname=False, certificate=True)
+        self.tls = context.wrap_bio(self.incoming, self.outgoing, server_hostname="localhost")
+
+    def settimeout(self, seconds: float) -> None:
+        self.sock.settimeout(seconds)
+
+    def handshake(self) -> None:
+        """Run the handshake, all but the client's last flight (:meth:`seal` returns it)."""
+        while True:
+            try:
+                self.tls.do_handshake()
+                return
+            except ssl.SSLWantReadError:
+                self.sock.sendall(self.outgoing.read())
+                self._feed()
+
+    def _feed(self) -> None:
+        data = self.sock.recv(1 << 16)
+        if not data:
+            raise ConnectionError("the server closed the connection")
+        self.incoming.write(data)
+
+    def seal(self, data: bytes = b"") -> bytes:
+        """The ciphertext of the TLS output pending, then of ``data``."""
+        if data:
+            self.tls.write(data)
+        return self.outgoing.read()
+
+    def sendall(self, data: bytes) -> None:
+        self.sock.sendall(self.seal(data))
+
+    def recv(self, length: int) -> bytes:
+        while True:
+            try:
+                return self.tls.read(length)  # b"" at the server's close_notify
+            except ssl.SSLWantReadError:
+                try:
+                    self._feed()
+                except ConnectionError:
+                    return b""
+
+
+def option_bytes(option: int, data: bytes = b"") -> bytes:
+    return struct.pack(">QII", IHAVEOPT, option, len(data)) + data
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="_Channel.start_tls: a staging buffer filled by the data that came with the "
+    "client's Finished pauses the plaintext transport, which nothing resumes",
+)
+def test_a_client_sending_a_staging_buffer_with_its_tls_finished_is_served_on(
+    tmp_path, credentials, caplog
+):
+    creds = credentials["good"]
+    gate = Gate()
+    lun = ParkingLUN(SIZE, gate)
+    lists = _STAGING // 16  # NBD_OPT_LIST options: exactly a staging buffer
+    tls = ServerTLS(creds, mode="on", verify_peer=True)
+    with ReceivingServer(lun, name="disk", tls=tls, handshake_timeout=2.0) as server:
+        server.start_unix(tmp_path / "isc.sock")
+        with ExitStack() as stack:
+            parker = connected(stack, server, None)  # plaintext: mode "on"
+            sock = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+            sock.connect(server.address)
+            plain = Raw(sock)
+            plain.greet()
+            assert plain.option(OPT_STARTTLS) == [(REP_ACK, b"")]
+            split = SplitTLS(sock, creds)
+            split.handshake()
+            flight = split.seal(option_bytes(OPT_LIST) * lists)  # Finished, then the options
+            parker.request(CMD_WRITE, 0, 512, payload=bytes(512))
+            gate.wait_reached()
+            sock.sendall(flight)  # all of it queued before the server reads it
+            gate.open()
+            assert parker.reply() == 0
+            client = Raw(split)
+            for _ in range(lists):
+                _, echoed, reply, length = struct.unpack(">QIII", client.recv(20))
+                assert (echoed, reply) == (OPT_LIST, 2)  # REP_SERVER "disk"
+                client.recv(length)
+                assert struct.unpack(">QIII", client.recv(20))[1:3] == (OPT_LIST, REP_ACK)
+            # What the client sends next reaches the server too.
+            assert client.option(OPT_ABORT) == [(REP_ACK, b"")]
+    no_errors_logged(caplog)
+
+
+INJECTED = option_bytes(OPT_GO, Raw.info_data(b"disk")) + REQUEST.pack(
+    0x25609513, 0, CMD_WRITE, HANDLE, 0, 4
+)
+"""What a man in the middle adds in plaintext after NBD_OPT_STARTTLS (CVE-2011-0411):
+entering the export and writing to it."""
+
+
+@pytest.mark.parametrize("when", ["with-starttls", "after-the-ack"])
+def test_plaintext_injected_after_starttls_is_never_acted_on(tmp_path, credentials, when, caplog):
+    lun = ParkingLUN(SIZE)
+    tls = ServerTLS(credentials["good"], mode="on", verify_peer=True)
+    with ReceivingServer(lun, name="disk", tls=tls) as server:
+        server.start_unix(tmp_path / "isc.sock")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.connect(server.address)
+            client = Raw(sock)
+            client.greet()
+            if when == "with-starttls":
+                # In the same segment: the server has it staged when STARTTLS is acked.
+                sock.sendall(option_bytes(OPT_STARTTLS) + INJECTED + b"evil")
+            else:
+                sock.sendall(option_bytes(OPT_STARTTLS))
+            assert struct.unpack(">QIII", client.recv(20))[1:] == (OPT_STARTTLS, REP_ACK, 0)
+            if when == "after-the-ack":
+                sock.sendall(INJECTED + b"evil")  # read as the start of a TLS handshake
+            assert client.dropped()  # no reply in plaintext, no transmission
+        with ExitStack() as stack:  # the others go on
+            other = connected(stack, server, credentials["good"])
+            other.request(CMD_WRITE, 0, 4, payload=b"good")
+            assert other.reply() == 0
+    assert lun.read(0, 4) == b"good" and lun.writes == 1
+    said = " ".join(r.getMessage() for r in caplog.records)
+    why = "data after NBD_OPT_STARTTLS" if when == "with-starttls" else "TLS with"
+    assert why in said
+    no_errors_logged(caplog)
+
+
+@pytest.mark.parametrize("what", ["plaintext-after-tls", "close-notify-mid-payload"])
+def test_a_tls_client_that_breaks_off_mid_payload_writes_nothing_and_frees_its_data(
+    tmp_path, credentials, what, caplog
+):
+    creds = credentials["good"]
+    lun = HookLUN(MemoryLUN(MAX_BLOCK))
+    payload = random.Random(SEED).randbytes(MAX_BLOCK)
+    tls = ServerTLS(creds, verify_peer=True)
+    with ReceivingServer(lun, name="disk", tls=tls, max_data=MAX_BLOCK) as server:
+        server.start_unix(tmp_path / "isc.sock")
+        with ExitStack() as stack:
+            gone = connected(stack, server, creds)
+            before = server.received
+            gone.request(CMD_WRITE, 0, MAX_BLOCK, payload=payload[: MAX_BLOCK // 2])
+            expected = before + REQUEST.size + MAX_BLOCK // 2
+            server.wait_for(lambda: server.received >= expected, "half the payload")
+            assert server.held == MAX_BLOCK
+            if what == "plaintext-after-tls":
+                # The rest of the payload in clear, under the TLS layer.
+                with socket.socket(fileno=gone.sock.fileno()) as under:
+                    under.sendall(payload[MAX_BLOCK // 2 :][: 64 * KIB])
+                    under.detach()
+                assert gone.dropped()
+            else:
+                gone.sock = gone.sock.unwrap()  # close_notify; returns at the server's
+        # All of max_data is free again: another client's WRITE of it goes through.
+        with ExitStack() as stack:
+            other = connected(stack, server, creds)
+            other.request(CMD_WRITE, 0, MAX_BLOCK, payload=payload[::-1])
+            assert other.reply() == 0
+    assert lun.written == [(0, MAX_BLOCK)]  # the second client's alone
+    assert lun.lun.read(0, MAX_BLOCK) == payload[::-1]
+    assert server.held == 0
+    no_errors_logged(caplog)
+
+
+def test_a_tls_record_sent_byte_by_byte_is_received_whole(tmp_path, credentials):
+    creds = credentials["good"]
+    lun = ParkingLUN(SIZE)
+    rng = random.Random(SEED)
+    small, large = rng.randbytes(300), rng.randbytes(_INLINE + 4 * KIB)
+    with ReceivingServer(lun, name="disk", tls=ServerTLS(creds)) as server:
+        server.start_unix(tmp_path / "isc.sock")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.connect(server.address)
+            client = Raw(sock)
+            client.greet()
+            assert client.option(OPT_STARTTLS) == [(REP_ACK, b"")]
+            split = SplitTLS(sock, creds)
+            split.handshake()
+            client = Raw(split)
+            assert client.option(OPT_GO, client.info_data(b"disk"))[-1][0] == REP_ACK
+            for at, data in ((0, small), (64 * KIB, large)):
+                header = REQUEST.pack(0x25609513, 0, CMD_WRITE, HANDLE, at, len(data))
+                records = split.seal(header + data)
+                for i in range(3000):  # the first record and more, a byte a send
+                    sock.sendall(records[i : i + 1])
+                sock.sendall(records[3000:])
+                assert client.reply() == 0
+    assert lun.read(0, 300) == small
+    assert lun.read(64 * KIB, len(large)) == large
