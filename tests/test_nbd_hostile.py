@@ -371,3 +371,58 @@ def test_a_tls_record_sent_byte_by_byte_is_received_whole(tmp_path, credentials)
                 assert client.reply() == 0
     assert lun.read(0, 300) == small
     assert lun.read(64 * KIB, len(large)) == large
+
+
+# -- clients that go mid-message -----------------------------------------------------------------
+GONE = ["eof-mid-option-header", "eof-mid-request-header", "rst-mid-payload", "half-close"]
+
+
+@pytest.mark.parametrize("how", GONE)
+def test_a_tcp_client_gone_mid_message_writes_nothing_unwhole_and_the_others_go_on(
+    tmp_path, how, caplog
+):
+    lun = HookLUN(MemoryLUN(MAX_BLOCK))
+    rng = random.Random(SEED)
+    payload, small = rng.randbytes(MAX_BLOCK), rng.randbytes(4 * KIB)
+    with ReceivingServer(lun, name="disk", max_data=MAX_BLOCK) as server:
+        server.start("127.0.0.1", 0)
+        with socket.create_connection(server.address) as sock:
+            client = Raw(sock)
+            before = server.received
+            if how == "eof-mid-option-header":
+                client.greet()
+                sock.sendall(option_bytes(OPT_GO)[:10])
+                sock.shutdown(socket.SHUT_WR)
+            elif how == "eof-mid-request-header":
+                client.go()
+                sock.sendall(REQUEST.pack(0x25609513, 0, CMD_WRITE, HANDLE, 0, 4)[:10])
+                sock.shutdown(socket.SHUT_WR)
+            elif how == "rst-mid-payload":
+                client.go()
+                before = server.received
+                client.request(CMD_WRITE, 0, MAX_BLOCK, payload=payload[: MAX_BLOCK // 2])
+                expected = before + REQUEST.size + MAX_BLOCK // 2
+                server.wait_for(lambda: server.received >= expected, "half the payload")
+                assert server.held == MAX_BLOCK
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            else:
+                # Whole requests, then the end of what the client sends: the spec's
+                # requests in flight are answered (a WRITE with FUA runs in the pool).
+                client.go()
+                client.request(CMD_WRITE, 0, len(small), payload=small)
+                client.request(CMD_WRITE, 8 * KIB, len(small), flags=FUA, payload=small)
+                sock.shutdown(socket.SHUT_WR)
+                assert [client.reply(), client.reply()] == [0, 0]
+            if how != "rst-mid-payload":
+                assert client.dropped()
+        # All of max_data is free again: another client's WRITE of it goes through.
+        with socket.create_connection(server.address) as sock:
+            other = Raw(sock)
+            other.go()
+            other.request(CMD_WRITE, 0, MAX_BLOCK, payload=payload[::-1])
+            assert other.reply() == 0
+    assert server.held == 0
+    first = [(0, 4 * KIB), (8 * KIB, 4 * KIB)] if how == "half-close" else []
+    assert sorted(lun.written) == sorted([*first, (0, MAX_BLOCK)])
+    assert lun.lun.read(0, MAX_BLOCK) == payload[::-1]
+    no_errors_logged(caplog)
