@@ -589,20 +589,17 @@ def test_crashes_after_checkpoints_that_failed_lose_nothing(
         def full(*args) -> None:
             raise OSError(28, "injected: no space left on the device")
 
-        with monkeypatch.context() as patch:
-            patch.setattr(stored._journal, "write", full)
-            with pytest.raises(OSError, match="injected"):
-                stored.checkpoint()
-        for region in (2, 4, 6):
-            write_in(stored, region, rng)
-        crashes.take(state, "machine")
-        with monkeypatch.context() as patch:
-            patch.setattr(stored._log, "prepare", full)
-            with pytest.raises(OSError, match="injected"):
-                stored.checkpoint()
-        for region in (3, 5, 7):
-            write_in(stored, region, rng)
-        crashes.take(state, "machine")
+        for failing, step, regions in (
+            (stored._journal, "write", (2, 4, 6)),
+            (stored._log, "prepare", (3, 5, 7)),
+        ):
+            with monkeypatch.context() as patch:
+                patch.setattr(failing, step, full)
+                with pytest.raises(OSError, match="injected"):
+                    stored.checkpoint()
+            for region in regions:
+                write_in(stored, region, rng)
+            crashes.take(state, "machine")
         stored.checkpoint()
         for region in (1, 8):
             write_in(stored, region, rng)
