@@ -28,7 +28,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
-from helpers import Gate, HookLUN
+from helpers import Gate, HookLUN, Worker
 from test_nbd import (
     CMD_WRITE,
     FUA,
@@ -228,6 +228,17 @@ class SplitTLS:
                     return b""
 
 
+def starttls_by_hand(sock: socket.socket, creds: Path) -> SplitTLS:
+    """Greet the server on ``sock``, start TLS and run its handshake but for the client's
+    last flight (sent with the next :meth:`SplitTLS.seal` or ``sendall``)."""
+    plain = Raw(sock)
+    plain.greet()
+    assert plain.option(OPT_STARTTLS) == [(REP_ACK, b"")]
+    split = SplitTLS(sock, creds)
+    split.handshake()
+    return split
+
+
 def option_bytes(option: int, data: bytes = b"") -> bytes:
     return struct.pack(">QII", IHAVEOPT, option, len(data)) + data
 
@@ -251,11 +262,7 @@ def test_a_client_sending_a_staging_buffer_with_its_tls_finished_is_served_on(
             parker = connected(stack, server, None)  # plaintext: mode "on"
             sock = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
             sock.connect(server.address)
-            plain = Raw(sock)
-            plain.greet()
-            assert plain.option(OPT_STARTTLS) == [(REP_ACK, b"")]
-            split = SplitTLS(sock, creds)
-            split.handshake()
+            split = starttls_by_hand(sock, creds)
             flight = split.seal(option_bytes(OPT_LIST) * lists)  # Finished, then the options
             parker.request(CMD_WRITE, 0, 512, payload=bytes(512))
             gate.wait_reached()
@@ -355,11 +362,7 @@ def test_a_tls_record_sent_byte_by_byte_is_received_whole(tmp_path, credentials)
         server.start_unix(tmp_path / "isc.sock")
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.connect(server.address)
-            client = Raw(sock)
-            client.greet()
-            assert client.option(OPT_STARTTLS) == [(REP_ACK, b"")]
-            split = SplitTLS(sock, creds)
-            split.handshake()
+            split = starttls_by_hand(sock, creds)
             client = Raw(split)
             assert client.option(OPT_GO, client.info_data(b"disk"))[-1][0] == REP_ACK
             for at, data in ((0, small), (64 * KIB, large)):
@@ -425,4 +428,105 @@ def test_a_tcp_client_gone_mid_message_writes_nothing_unwhole_and_the_others_go_
     first = [(0, 4 * KIB), (8 * KIB, 4 * KIB)] if how == "half-close" else []
     assert sorted(lun.written) == sorted([*first, (0, MAX_BLOCK)])
     assert lun.lun.read(0, MAX_BLOCK) == payload[::-1]
+    no_errors_logged(caplog)
+
+
+# -- the option phase ----------------------------------------------------------------------------
+REP_ERR_INVALID, REP_ERR_TOO_BIG = 2**31 + 3, 2**31 + 9
+ODD_PIECES = [1, 7, 16, 4093, _STAGING - 1, _STAGING, _STAGING + 1, 100 * KIB]
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plaintext", "tls"])
+def test_options_longer_than_the_staging_buffer_split_oddly_are_answered(
+    tmp_path, credentials, tls, caplog
+):
+    creds = credentials["good"]
+    lun = ParkingLUN(SIZE)
+    server_tls = ServerTLS(creds, verify_peer=True) if tls else None
+    with ReceivingServer(lun, name="disk", tls=server_tls) as server:
+        server.start_unix(tmp_path / "isc.sock")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.connect(server.address)
+            if tls:
+                client = Raw(starttls_by_hand(sock, creds))
+            else:
+                client = Raw(sock)
+                client.greet()
+            rng = random.Random(SEED)
+            # The longest option data the server reads (MAX_OPTION_DATA), one byte more
+            # (skipped, then refused), and far more.
+            asked = [
+                (OPT_LIST, _STAGING, REP_ERR_INVALID),
+                (OPT_LIST, _STAGING + 1, REP_ERR_TOO_BIG),
+                (OPT_GO, 3 * _STAGING + 3, REP_ERR_TOO_BIG),
+            ]
+            data = b"".join(option_bytes(o, rng.randbytes(n)) for o, n, _ in asked)
+            pieces = iter(ODD_PIECES * 8)
+            at = 0
+            while at < len(data):  # each piece received before the next is sent
+                piece = data[at : at + next(pieces)]
+                before = server.received
+                client.sock.sendall(piece)
+                expected = before + len(piece)
+                server.wait_for(lambda e=expected: server.received >= e, f"{expected} bytes")
+                at += len(piece)
+            for option, _, error in asked:
+                _, echoed, reply, length = struct.unpack(">QIII", client.recv(20))
+                assert (echoed, reply) == (option, error)
+                assert client.recv(length)  # a message
+            # The connection goes on: into the export, and a WRITE.
+            assert client.option(OPT_GO, client.info_data(b"disk"))[-1][0] == REP_ACK
+            client.request(CMD_WRITE, 0, 4, payload=b"good")
+            assert client.reply() == 0
+    assert lun.writes == 1 and lun.read(0, 4) == b"good"
+    no_errors_logged(caplog)
+
+
+# -- the budgets ---------------------------------------------------------------------------------
+class QueueingServer(ReceivingServer):
+    """A :class:`ReceivingServer` that counts the requests that asked for data budget."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.taking = 0
+
+    async def _take(self, connection, count: int) -> None:
+        with self.changed:
+            self.taking += 1
+            self.changed.notify_all()
+        await super()._take(connection, count)  # queues at once: nothing runs between
+
+
+def test_writes_queued_for_max_data_are_admitted_as_others_disconnect(tmp_path, caplog):
+    lun = HookLUN(MemoryLUN(MAX_BLOCK))
+    payloads = [random.Random(SEED + i).randbytes(MAX_BLOCK) for i in range(3)]
+    with QueueingServer(lun, name="disk", max_data=MAX_BLOCK) as server, ExitStack() as stack:
+        server.start_unix(tmp_path / "isc.sock")
+        holder, waiter, quitter = (connected(stack, server, None) for _ in range(3))
+
+        def queued(count: int) -> None:
+            server.wait_for(lambda: server.taking >= count, f"{count} WRITEs asking for data")
+
+        # The holder takes all of max_data and sends half its payload.
+        holder.request(CMD_WRITE, 0, MAX_BLOCK, payload=payloads[0][: MAX_BLOCK // 2])
+        queued(1)
+        # The waiter's WRITE queues behind it, its client blocked sending its payload.
+        sending = Worker(lambda: waiter.request(CMD_WRITE, 0, MAX_BLOCK, payload=payloads[1]))
+        queued(2)
+        # The quitter's queues behind that, its staging buffer full, and it leaves.
+        quitter.request(CMD_WRITE, 0, MAX_BLOCK, payload=payloads[2][: 2 * _STAGING])
+        queued(3)
+        server.wait_for(lambda: len(server.paused) == 2, "the two queued connections pause")
+        assert server.held == MAX_BLOCK
+        quitter.sock.close()
+        holder.sock.close()  # gone mid-payload: gives max_data to the waiter
+        sending.finish()
+        assert waiter.reply() == 0
+        # The quitter's turn came and went: max_data is whole again for another client.
+        other = connected(stack, server, None)
+        other.request(CMD_WRITE, 0, MAX_BLOCK, payload=payloads[1][::-1])
+        assert other.reply() == 0
+    assert lun.written == [(0, MAX_BLOCK), (0, MAX_BLOCK)]  # the waiter's, the other's
+    assert lun.lun.read(0, MAX_BLOCK) == payloads[1][::-1]
+    assert server.held == 0 and server.peak_held == MAX_BLOCK
     no_errors_logged(caplog)
