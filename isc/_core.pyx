@@ -284,6 +284,28 @@ cdef inline uint64_t _mask(uint64_t w, uint64_t wlo, uint64_t whi,
     return m
 
 
+cdef inline size_t _emit(int64_t *out, uint64_t w, uint64_t v) noexcept nogil:
+    """Write the chunks of the set bits ``v`` of word ``w`` to ``out``, ascending;
+    return how many.
+
+    Each run of set bits is written by a counting loop the compiler
+    vectorizes, not bit by bit: the COFW chunks of a write come in runs (at
+    2 KiB a mean write lists ~150 of them).
+    """
+    cdef size_t n = 0
+    cdef uint64_t t, x, length, first, j
+    while v:
+        t = ctz(v)
+        x = v >> t
+        length = 64 - t if x == ONES >> t else ctz(~x)
+        first = (w << 6) + t
+        for j in range(length):
+            out[n + j] = <int64_t>(first + j)
+        n += length
+        v = 0 if t + length >= 64 else v & (ONES << (t + length))
+    return n
+
+
 cdef inline void _touch(uint64_t *summary, uint64_t wlo, uint64_t whi) noexcept nogil:
     """Flag the summary blocks that hold words wlo..whi as possibly dirty."""
     cdef uint64_t b
@@ -625,9 +647,15 @@ cdef class DeltaBitmap:
         # Only unsaved transfer chunks need a COFW: none, and no transfer word is read.
         cdef bint save = self._marked and cofw and xfer.count > self._saved.count
         if save:
-            # The words of a large map are cache misses: start them together.
+            # The words of a large map are cache misses: start them together,
+            # the saved one too (a COFW writes it), at both ends of the range.
             prefetch(xfer.words + wlo)
             prefetch(track.words + wlo)
+            prefetch(self._saved.words + wlo)
+            if whi != wlo:
+                prefetch(xfer.words + whi)
+                prefetch(track.words + whi)
+                prefetch(self._saved.words + whi)
         for w in range(wlo, whi + 1):
             m = _mask(w, wlo, whi, lo, hi)
             x = 0
@@ -649,10 +677,7 @@ cdef class DeltaBitmap:
                     self._saved.words[w] |= c
                     self._saved.count += popcount(c)
                     _touch(self._saved.summary, w, w)
-                    while c:
-                        out[n] = <int64_t>((w << 6) + ctz(c))
-                        n += 1
-                        c &= c - 1
+                    n += _emit(out + n, w, c)
         track.count += added
         _touch(track.summary, wlo, whi)
         return n
@@ -1422,7 +1447,7 @@ cdef class DeltaBitmap:
         cdef uint64_t hi = c_first + c_count - 1
         cdef uint64_t wlo = lo >> 6
         cdef uint64_t whi = hi >> 6
-        cdef uint64_t w, c
+        cdef uint64_t w
         cdef int64_t stack[STACK_CHUNKS]
         cdef int64_t *out = stack
         cdef size_t n = 0
@@ -1435,11 +1460,7 @@ cdef class DeltaBitmap:
         self._acquire()
         if self._saved.count:
             for w in range(wlo, whi + 1):
-                c = self._saved.words[w] & _mask(w, wlo, whi, lo, hi)
-                while c:
-                    out[n] = <int64_t>((w << 6) + ctz(c))
-                    n += 1
-                    c &= c - 1
+                n += _emit(out + n, w, self._saved.words[w] & _mask(w, wlo, whi, lo, hi))
         self._release()
         try:
             return _EMPTY if n == 0 else _array(out, n)
@@ -2059,7 +2080,7 @@ cdef bint _same_bits(Bits *a, Bits *b, uint64_t nsum, uint64_t nwords) noexcept 
 
 cdef void _collect(Bits *bits, uint64_t nsum, uint64_t nwords, int64_t *out) noexcept nogil:
     """Write the set chunks of ``bits`` to ``out`` (room for ``bits.count``), ascending."""
-    cdef uint64_t si, sw, w0, w, v
+    cdef uint64_t si, sw, w0, w
     cdef size_t n = 0
     for si in range(nsum):
         sw = bits.summary[si]
@@ -2067,11 +2088,7 @@ cdef void _collect(Bits *bits, uint64_t nsum, uint64_t nwords, int64_t *out) noe
             w0 = _first_word((si << 6) + ctz(sw))
             sw &= sw - 1
             for w in range(w0, min(w0 + 64, nwords)):
-                v = bits.words[w]
-                while v:
-                    out[n] = <int64_t>((w << 6) + ctz(v))
-                    n += 1
-                    v &= v - 1
+                n += _emit(out + n, w, bits.words[w])
 
 
 cdef inline void _runs_flush(Runs *runs) noexcept nogil:
