@@ -40,6 +40,7 @@ u64, the boot id (36 ASCII bytes, zero-padded to 48); then what
 
 from __future__ import annotations
 
+import functools
 import mmap
 import os
 import struct
@@ -62,8 +63,13 @@ _COUNTS = struct.Struct("<QQ")
 _BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 
 
+@functools.cache
 def boot_id() -> bytes:
-    """This boot of the machine (Linux), or empty bytes where it cannot be told."""
+    """This boot of the machine (Linux), or empty bytes where it cannot be told.
+
+    Read once per process (a process outlives no boot): each checkpoint stamps it into
+    the next write log, and every system call of a checkpoint is a chance for the host
+    writes' thread to wait for the interpreter lock."""
     try:
         return _BOOT_ID.read_bytes().strip()
     except OSError:

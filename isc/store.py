@@ -409,6 +409,11 @@ class PersistentSession:
         (:meth:`_keep_hot`)."""
         self._writes_at = 0
         """The bitmap's count of host writes when the current generation began."""
+        self._woken_in = -1
+        """The generation whose full hot set last woke the checkpointer."""
+        self._copies = 0
+        """Copies begun (:meth:`begin_copy`), and the count the last checkpoint flushed for."""
+        self._copies_flushed = 0
         self._used = (np.empty(0, np.int64), np.empty(0))
         """The regions kept hot by the last checkpoint and when each was last found written."""
         self._clock = time.monotonic
@@ -443,6 +448,7 @@ class PersistentSession:
         assert self._log is not None
         self._log.append(first, last)
         if self.session.bitmap.hot_count + (last - first + 1) >= self.hot_capacity:
+            self._woken_in = self._log.generation
             self._wake.set()
 
     def _keep_hot(self) -> list[int]:
@@ -477,8 +483,9 @@ class PersistentSession:
             if self._closing.is_set():
                 break
             # A wake for a hot set that another checkpoint has since emptied is stale:
-            # this one would find little written and retire the working set.
-            full = woken and self.session.bitmap.hot_count >= self.hot_capacity
+            # this one would find little written and retire the working set. (The hot
+            # set's size would not tell: the waking write makes its regions hot after.)
+            full = woken and self._woken_in == self._log.generation
             # A full write log makes a crash resend whole regions: checkpoint before.
             if full or time.monotonic() >= due or self._log_half_full():
                 try:
@@ -527,12 +534,19 @@ class PersistentSession:
                 # that fails leaves the older checkpoint and every log since it.
                 for dest in self._receiving:
                     dest.lun.flush()
+                # A copy may have sent a host write the source holds only in a
+                # volatile cache: a crash of the machine would take it back while
+                # the checkpoint keeps its chunk cleared, in a region it may retire.
+                copies = self._copies
+                if copies != self._copies_flushed or self._receiving:
+                    self.source.flush()
                 self._journal.write(bitmap, generation, header)
             except BaseException:
                 bitmap.snapshot_end(False)
                 raise
             bitmap.snapshot_end(True)
             self._checkpointed = True
+            self._copies_flushed = copies
             # Older logs reappearing after a crash are ignored: the journal is newer.
             for path in self.directory.iterdir():
                 match = _LOG.match(path.name) or _WRITES.match(path.name)
@@ -581,6 +595,7 @@ class PersistentSession:
         meta["copy"] = {"mode": mode, "destinations": names}
         write_atomically(self.directory / METADATA, _encode(meta))
         self._receiving = list(destinations)
+        self._copies += 1
 
     def _current_meta(self) -> dict:
         meta = {key: value for key, value in self.meta.items() if key != "copy"}
