@@ -61,7 +61,10 @@ and tracks again what the logs since the newest checkpoint hold: after a
 crash of the process the chunks written, after one of the machine the
 regions that were hot, whole (bounded above). No change is lost.
 Chunks a copy confirmed before
-its last checkpoint are not resent. A copy run through
+its last checkpoint are not resent: that checkpoint flushed the
+destinations of the copy and, once a copy had begun since the one before,
+the source (else a crash of the machine could take back a host write the
+copy sent, whose chunk the checkpoint keeps cleared). A copy run through
 :meth:`PersistentSession.begin_copy` is recorded in ``session.json`` while it
 runs, so its destinations read inconsistent until it ends (rule 6) and a
 crash in an unmarked full copy, which clears tracking as it begins, leaves
