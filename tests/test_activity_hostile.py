@@ -10,9 +10,8 @@ working set that moves, with the hot set at its limit, while writer threads
 race the checkpoints, after checkpoints that failed, inside a recovery's
 checkpoint, in random sequences of writes, checkpoints, marks, copies and
 crashes, and by SIGKILL of the real ``isc serve --every`` whose hot set grows.
-Two tests mark holes not closed yet (``xfail``): a crash of the machine that
-takes back a host write the source never flushed, after a copy sent it; and
-the wake of the write that fills the hot set, which the checkpointer can drop.
+One hole is not closed yet (``xfail``): a crash of the machine that takes
+back a host write the source never flushed, after a pull confirmed it sent.
 
 A crash is an image (:class:`Crashes`): the source's and the destination's
 bytes, then a copy of the state directory, in that order, so a write whose
@@ -211,8 +210,9 @@ def pulled(stored: PersistentSession) -> None:
 
 
 UNFLUSHED = (
-    "a checkpoint makes clears durable without flushing the source: a crash of the machine "
-    "can take back a host write that was sent, in a region the hot set retired"
+    "a checkpoint flushes the source only after a copy recorded with begin_copy: chunks a "
+    "pull confirmed through the frozen image stay cleared while a crash of the machine can "
+    "take back the host write they held, in a region the hot set retired"
 )
 
 
@@ -222,7 +222,7 @@ UNFLUSHED = (
         pytest.param(
             sent,
             retired,
-            marks=pytest.mark.xfail(strict=True, reason=UNFLUSHED),
+            marks=[pytest.mark.xfail(strict=True, reason=UNFLUSHED)] if sent == "by a pull" else [],
         )
         for sent in ("by a copy", "by a pull")
         for retired in ("unwritten for an interval", "by newer regions")
@@ -233,12 +233,11 @@ def test_a_machine_crash_that_loses_unflushed_source_writes_leaves_no_sent_chunk
 ) -> None:
     """The host writes without a flush; a copy (or a pull through the frozen image, which
     no ``begin_copy`` records) reads the write from the page cache, sends it and the
-    destination is flushed; a checkpoint an interval later retires the region and makes
-    the chunk's clear durable. A crash of the machine then loses the write on the source
-    (never flushed): the destination holds data the source does not, in a chunk neither
-    tracked nor in a region log. The same when newer regions push it out of the hot set.
-    Flushing the source before a checkpoint's journal write (at least once chunks were
-    confirmed sent since the last) closes it."""
+    destination is flushed; a checkpoint an interval later retires the region (or newer
+    regions push it out of the hot set) and makes the chunk's clear durable. A crash of
+    the machine then loses the write on the source unless that checkpoint flushed it
+    first: the destination would hold data the source does not, in a chunk neither
+    tracked nor in a region log."""
     state = hot_session(tmp_path, max_hot=4, hot_limit=4)
     crashes = Crashes(tmp_path)
     now = [0.0]
@@ -550,17 +549,12 @@ def test_crashes_while_writers_race_the_checkpoints_of_a_growing_hot_set_lose_no
         check(image)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the checkpointer reads the hot set's size before the write that woke it has made "
-    "its regions hot, takes the wake for a stale one and drops it",
-)
 def test_the_write_that_fills_the_hot_set_starts_a_checkpoint(tmp_path: Path) -> None:
     """The write whose region fills the hot set wakes the checkpointer from inside its
     record's callback, before the core marks the region hot. The checkpointer must not
     take that wake for a stale one (a wake for a hot set another checkpoint emptied):
-    here it looks while the waking write is held right after its wake, and no checkpoint
-    comes until the next new region or the interval (an hour here)."""
+    here it looks while the waking write is held right after its wake (else no checkpoint
+    would come until the next new region or the interval, an hour here)."""
     state = hot_session(tmp_path, max_hot=4, hot_limit=4)
     with opened(state) as stored:
         looked = threading.Event()
