@@ -24,12 +24,14 @@ import random
 import socket
 import ssl
 import struct
+import tracemalloc
 from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 from helpers import Gate, HookLUN, Worker
 from test_nbd import (
+    CMD_READ,
     CMD_WRITE,
     FUA,
     IHAVEOPT,
@@ -44,6 +46,7 @@ from test_security_nbd import (
     KIB,
     ReceivingServer,
     TellingChannel,
+    WatchedServer,
     connected,
 )
 
@@ -530,3 +533,121 @@ def test_writes_queued_for_max_data_are_admitted_as_others_disconnect(tmp_path, 
     assert lun.lun.read(0, MAX_BLOCK) == payloads[1][::-1]
     assert server.held == 0 and server.peak_held == MAX_BLOCK
     no_errors_logged(caplog)
+
+
+# -- memory --------------------------------------------------------------------------------------
+PER_CONNECTION = 1.6 * (1 << 20)
+"""What the server's docstring bounds each connection's memory by, beyond ``max_data``."""
+
+
+class HoardServer(WatchedServer, QueueingServer):
+    """Tells which connections wait for their clients to read, stopped reading, or asked
+    for data budget."""
+
+
+@pytest.mark.parametrize(
+    ("hoard", "tls"),
+    [("unread-replies", False), ("unread-replies", True), ("queued-writes", False)],
+    # queued-writes over TLS: see test_a_tls_client_leaving_while_its_write_waits_...
+    ids=["unread-replies-plaintext", "unread-replies-tls", "queued-writes-plaintext"],
+)
+def test_many_clients_filling_their_staging_buffers_stay_within_the_memory_bound(
+    tmp_path, credentials, hoard, tls, caplog
+):
+    greedy = 12
+    creds = credentials["good"] if tls else None
+    server_tls = ServerTLS(creds, verify_peer=True) if tls else None
+    server = HoardServer(MemoryLUN(MAX_BLOCK), name="disk", tls=server_tls, max_data=MAX_BLOCK)
+    reads = REQUEST.pack(0x25609513, 0, CMD_READ, HANDLE, 0, 64 * KIB) * (2 * _STAGING // 28)
+    write = REQUEST.pack(0x25609513, 0, CMD_WRITE, HANDLE, 0, MAX_BLOCK) + bytes(2 * _STAGING)
+    tracemalloc.start()
+    try:
+        with server, ExitStack() as stack:
+            server.start_unix(tmp_path / "isc.sock")
+            clients = [connected(stack, server, creds) for _ in range(greedy)]
+            before, _ = tracemalloc.get_traced_memory()
+            tracemalloc.reset_peak()
+            for client in clients:
+                # 2 staging buffers of READ headers, 300 MiB of replies: none read.
+                # Or a WRITE of all of max_data: one is admitted, the others queue.
+                client.sock.sendall(reads if hoard == "unread-replies" else write)
+            if hoard == "unread-replies":
+                server.wait_waiting(greedy)
+                stopped = greedy
+            else:
+                server.wait_for(lambda: server.taking >= greedy, "every WRITE asks for data")
+                stopped = greedy - 1  # the one admitted receives its payload
+            server.wait_for(lambda: len(server.paused) >= stopped, "the connections pause")
+            _, peak = tracemalloc.get_traced_memory()
+            bound = server.peak_held + greedy * PER_CONNECTION
+            assert peak - before <= bound, f"{peak - before} bytes traced, over {bound}"
+            assert server.peak_held <= MAX_BLOCK
+    finally:
+        tracemalloc.stop()
+    assert server.held == 0
+    no_errors_logged(caplog)
+
+
+class EndingChannel(TellingChannel):
+    """Tells when the TLS layer under it has read the end of its client's stream."""
+
+    async def start_tls(self, context, timeout: float) -> None:
+        await super().start_tls(context, timeout)
+        layer = self.transport._ssl_protocol  # asyncio's, under the TLS transport
+        received = layer.eof_received
+
+        def eof_received():
+            keep_open = received()
+            with self._server.changed:
+                self._server.ended += 1
+                self._server.changed.notify_all()
+            return keep_open
+
+        layer.eof_received = eof_received
+
+
+class EndingServer(QueueingServer):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.ended = 0
+        self.channels: list[EndingChannel] = []
+
+    def _channel(self) -> EndingChannel:
+        self.channels.append(EndingChannel(self))
+        return self.channels[-1]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="NBDServer._serve_client closes a TLS connection whose reading is paused and "
+    "whose client has gone: asyncio's TLS layer waits for reading to resume, which "
+    "never comes, so wait_closed() never returns and close() hangs",
+)
+def test_a_tls_client_leaving_while_its_write_waits_for_max_data_lets_the_server_close(
+    tmp_path, credentials
+):
+    creds = credentials["good"]
+    tls = ServerTLS(creds, mode="on", verify_peer=True)
+    server = EndingServer(HookLUN(MemoryLUN(MAX_BLOCK)), name="disk", tls=tls, max_data=MAX_BLOCK)
+    write = REQUEST.pack(0x25609513, 0, CMD_WRITE, HANDLE, 0, MAX_BLOCK)
+    server.start_unix(tmp_path / "isc.sock")
+    closing = None
+    try:
+        with ExitStack() as stack:
+            holder = connected(stack, server, None)  # plaintext: holds max_data
+            holder.sock.sendall(write + bytes(KIB))
+            server.wait_for(lambda: server.taking >= 1, "the holder's WRITE")
+            quitter = connected(stack, server, creds)
+            quitter.sock.sendall(write + bytes(2 * _STAGING))  # queued, staging full
+            server.wait_for(lambda: server.taking >= 2, "the quitter's WRITE queued")
+            server.wait_for(lambda: server.paused, "the quitter's connection pauses")
+            quitter.sock.close()  # no close_notify: gone
+            server.wait_for(lambda: server.ended >= 1, "its TLS layer reads the end")
+            closing = Worker(server.close)
+            closing.done.wait(3.0)
+            assert closing.done.is_set(), "NBDServer.close() did not return within 3 s"
+    finally:
+        if closing is not None and not closing.done.is_set():
+            for channel in server.channels:  # unstick it, so that nothing outlives the test
+                server._loop.call_soon_threadsafe(channel.transport.abort)
+        server.close()
