@@ -793,7 +793,7 @@ def test_random_writes_checkpoints_marks_copies_and_crashes_lose_nothing(
 
 # -- the real command: isc serve --every, killed while its hot set grows ---------------------------
 
-SERVE_KILLS = 4
+SERVE_KILLS = 3
 
 
 def test_sigkill_of_isc_serve_every_while_its_hot_set_grows_loses_nothing(
