@@ -389,7 +389,8 @@ def test_a_tcp_client_gone_mid_message_writes_nothing_unwhole_and_the_others_go_
 ):
     lun = HookLUN(MemoryLUN(MAX_BLOCK))
     rng = random.Random(SEED)
-    payload, small = rng.randbytes(MAX_BLOCK), rng.randbytes(4 * KIB)
+    small = rng.randbytes(4 * KIB)
+    payload = rng.randbytes(MAX_BLOCK) if how == "rst-mid-payload" else b""
     with ReceivingServer(lun, name="disk", max_data=MAX_BLOCK) as server:
         server.start("127.0.0.1", 0)
         with socket.create_connection(server.address) as sock:
@@ -421,16 +422,17 @@ def test_a_tcp_client_gone_mid_message_writes_nothing_unwhole_and_the_others_go_
                 assert [client.reply(), client.reply()] == [0, 0]
             if how != "rst-mid-payload":
                 assert client.dropped()
-        # All of max_data is free again: another client's WRITE of it goes through.
+        # The others go on; after a reset, with all of max_data: it was given back.
+        last = payload[::-1] if how == "rst-mid-payload" else small[::-1]
         with socket.create_connection(server.address) as sock:
             other = Raw(sock)
             other.go()
-            other.request(CMD_WRITE, 0, MAX_BLOCK, payload=payload[::-1])
+            other.request(CMD_WRITE, 0, len(last), payload=last)
             assert other.reply() == 0
     assert server.held == 0
     first = [(0, 4 * KIB), (8 * KIB, 4 * KIB)] if how == "half-close" else []
-    assert sorted(lun.written) == sorted([*first, (0, MAX_BLOCK)])
-    assert lun.lun.read(0, MAX_BLOCK) == payload[::-1]
+    assert sorted(lun.written) == sorted([*first, (0, len(last))])
+    assert lun.lun.read(0, len(last)) == last
     no_errors_logged(caplog)
 
 
