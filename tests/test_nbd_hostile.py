@@ -51,7 +51,7 @@ from test_security_nbd import (
 )
 
 from isc import MemoryLUN
-from isc.nbd import MAX_BLOCK
+from isc.nbd import MAX_BLOCK, NBDServer
 from isc.nbd.proto import REQUEST
 from isc.nbd.server import _INLINE, _STAGING
 from isc.tls import ServerTLS, client_context
@@ -242,6 +242,15 @@ def starttls_by_hand(sock: socket.socket, creds: Path) -> SplitTLS:
     return split
 
 
+def write_all_of_max_data(server: NBDServer, creds: Path | None, payload: bytes) -> None:
+    """Another client WRITEs ``payload``, all of ``max_data``: it goes through once whoever
+    held the data gave it back."""
+    with ExitStack() as stack:
+        other = connected(stack, server, creds)
+        other.request(CMD_WRITE, 0, MAX_BLOCK, payload=payload)
+        assert other.reply() == 0
+
+
 def option_bytes(option: int, data: bytes = b"") -> bytes:
     return struct.pack(">QII", IHAVEOPT, option, len(data)) + data
 
@@ -345,11 +354,7 @@ def test_a_tls_client_that_breaks_off_mid_payload_writes_nothing_and_frees_its_d
                 assert gone.dropped()
             else:
                 gone.sock = gone.sock.unwrap()  # close_notify; returns at the server's
-        # All of max_data is free again: another client's WRITE of it goes through.
-        with ExitStack() as stack:
-            other = connected(stack, server, creds)
-            other.request(CMD_WRITE, 0, MAX_BLOCK, payload=payload[::-1])
-            assert other.reply() == 0
+        write_all_of_max_data(server, creds, payload[::-1])
     assert lun.written == [(0, MAX_BLOCK)]  # the second client's alone
     assert lun.lun.read(0, MAX_BLOCK) == payload[::-1]
     assert server.held == 0
@@ -528,9 +533,7 @@ def test_writes_queued_for_max_data_are_admitted_as_others_disconnect(tmp_path, 
         sending.finish()
         assert waiter.reply() == 0
         # The quitter's turn came and went: max_data is whole again for another client.
-        other = connected(stack, server, None)
-        other.request(CMD_WRITE, 0, MAX_BLOCK, payload=payloads[1][::-1])
-        assert other.reply() == 0
+        write_all_of_max_data(server, None, payloads[1][::-1])
     assert lun.written == [(0, MAX_BLOCK), (0, MAX_BLOCK)]  # the waiter's, the other's
     assert lun.lun.read(0, MAX_BLOCK) == payloads[1][::-1]
     assert server.held == 0 and server.peak_held == MAX_BLOCK
