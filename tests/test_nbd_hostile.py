@@ -15,6 +15,10 @@ To place bytes exactly in the staging buffer, a first WRITE parks the
 server's event loop in its LUN (a :class:`~helpers.Gate`) while the client
 queues the rest in the socket: once the gate opens, the server's next read
 takes ``_STAGING`` bytes at once.
+
+The tests marked xfail are the holes found and not mended yet: a staging
+buffer filled by the data that comes with the client's TLS Finished, and
+close() waiting on TLS clients amid a WRITE (their reasons say what happens).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from test_nbd import (
     OPT_LIST,
     OPT_STARTTLS,
     REP_ACK,
+    REQUEST_MAGIC,
     Raw,
 )
 from test_security_nbd import (
@@ -115,7 +120,7 @@ class Burst:
     def write(self, length: int, flags: int = 0) -> Burst:
         payload = self.rng.randbytes(length)
         self.model[self._at : self._at + length] = payload
-        self.data += REQUEST.pack(0x25609513, flags, CMD_WRITE, HANDLE, self._at, length)
+        self.data += REQUEST.pack(REQUEST_MAGIC, flags, CMD_WRITE, HANDLE, self._at, length)
         self.data += payload
         self._at += length
         self.writes += 1
@@ -164,7 +169,7 @@ def test_requests_across_the_staging_buffer_end_are_served_whole(
     with server, ExitStack() as stack:
         server.start_unix(tmp_path / "isc.sock")
         client = connected(stack, server, creds)
-        client.sock.sendall(REQUEST.pack(0x25609513, 0, CMD_WRITE, HANDLE, SIZE - 512, 512))
+        client.sock.sendall(REQUEST.pack(REQUEST_MAGIC, 0, CMD_WRITE, HANDLE, SIZE - 512, 512))
         client.sock.sendall(parked)
         gate.wait_reached()  # the event loop is parked in the LUN: nothing more is read
         head = 96 * KIB  # queued whole in the socket before the server reads again
@@ -293,7 +298,7 @@ def test_a_client_sending_a_staging_buffer_with_its_tls_finished_is_served_on(
 
 
 INJECTED = option_bytes(OPT_GO, Raw.info_data(b"disk")) + REQUEST.pack(
-    0x25609513, 0, CMD_WRITE, HANDLE, 0, 4
+    REQUEST_MAGIC, 0, CMD_WRITE, HANDLE, 0, 4
 )
 """What a man in the middle adds in plaintext after NBD_OPT_STARTTLS (CVE-2011-0411):
 entering the export and writing to it."""
@@ -374,7 +379,7 @@ def test_a_tls_record_sent_byte_by_byte_is_received_whole(tmp_path, credentials)
             client = Raw(split)
             assert client.option(OPT_GO, client.info_data(b"disk"))[-1][0] == REP_ACK
             for at, data in ((0, small), (64 * KIB, large)):
-                header = REQUEST.pack(0x25609513, 0, CMD_WRITE, HANDLE, at, len(data))
+                header = REQUEST.pack(REQUEST_MAGIC, 0, CMD_WRITE, HANDLE, at, len(data))
                 records = split.seal(header + data)
                 for i in range(3000):  # the first record and more, a byte a send
                     sock.sendall(records[i : i + 1])
@@ -407,7 +412,7 @@ def test_a_tcp_client_gone_mid_message_writes_nothing_unwhole_and_the_others_go_
                 sock.shutdown(socket.SHUT_WR)
             elif how == "eof-mid-request-header":
                 client.go()
-                sock.sendall(REQUEST.pack(0x25609513, 0, CMD_WRITE, HANDLE, 0, 4)[:10])
+                sock.sendall(REQUEST.pack(REQUEST_MAGIC, 0, CMD_WRITE, HANDLE, 0, 4)[:10])
                 sock.shutdown(socket.SHUT_WR)
             elif how == "rst-mid-payload":
                 client.go()
@@ -563,8 +568,8 @@ def test_many_clients_filling_their_staging_buffers_stay_within_the_memory_bound
     creds = credentials["good"] if tls else None
     server_tls = ServerTLS(creds, verify_peer=True) if tls else None
     server = HoardServer(MemoryLUN(MAX_BLOCK), name="disk", tls=server_tls, max_data=MAX_BLOCK)
-    reads = REQUEST.pack(0x25609513, 0, CMD_READ, HANDLE, 0, 64 * KIB) * (2 * _STAGING // 28)
-    write = REQUEST.pack(0x25609513, 0, CMD_WRITE, HANDLE, 0, MAX_BLOCK) + bytes(2 * _STAGING)
+    reads = REQUEST.pack(REQUEST_MAGIC, 0, CMD_READ, HANDLE, 0, 64 * KIB) * (2 * _STAGING // 28)
+    write = REQUEST.pack(REQUEST_MAGIC, 0, CMD_WRITE, HANDLE, 0, MAX_BLOCK) + bytes(2 * _STAGING)
     tracemalloc.start()
     try:
         with server, ExitStack() as stack:
@@ -650,7 +655,7 @@ def test_a_tls_client_amid_a_write_lets_the_server_close(tmp_path, credentials, 
     creds = credentials["good"]
     tls = ServerTLS(creds, mode="on", verify_peer=True)
     server = EndingServer(HookLUN(MemoryLUN(MAX_BLOCK)), name="disk", tls=tls, max_data=MAX_BLOCK)
-    write = REQUEST.pack(0x25609513, 0, CMD_WRITE, HANDLE, 0, MAX_BLOCK)
+    write = REQUEST.pack(REQUEST_MAGIC, 0, CMD_WRITE, HANDLE, 0, MAX_BLOCK)
     server.start_unix(tmp_path / "isc.sock")
     closing = None
     try:
