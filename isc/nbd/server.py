@@ -374,11 +374,17 @@ class _Channel(asyncio.BufferedProtocol):
         if self._end > self._start:
             raise _Violation("data after NBD_OPT_STARTTLS before the TLS handshake")
         assert self.loop is not None
+        plain = self.transport
         self.transport = await self.loop.start_tls(
-            self.transport, self, context, server_side=True, ssl_handshake_timeout=timeout
+            plain, self, context, server_side=True, ssl_handshake_timeout=timeout
         )
         self._tls = True
-        self._paused = False
+        if self._paused:
+            # Data that came with the client's last handshake message filled the staging
+            # buffer before the TLS transport was ours, and stopped the plaintext one:
+            # stop the TLS transport instead, which _wait() resumes.
+            plain.resume_reading()
+            self.transport.pause_reading()
 
     # -- sending
     def write(self, data: Any) -> None:
@@ -836,7 +842,13 @@ class NBDServer:
             log.exception("%r: unexpected failure serving %s; disconnecting it", self, peer)
         finally:
             self._connections.discard(task)
-            channel.close()
+            if self._closed:
+                # Not close(): it waits for unsent replies to go out, and under TLS for
+                # the client's close_notify, which a client that reads nothing, or one
+                # whose connection stopped reading, never lets through.
+                channel.transport.abort()
+            else:
+                channel.close()
             with contextlib.suppress(Exception):
                 await channel.wait_closed()
 
