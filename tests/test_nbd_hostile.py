@@ -15,10 +15,6 @@ To place bytes exactly in the staging buffer, a first WRITE parks the
 server's event loop in its LUN (a :class:`~helpers.Gate`) while the client
 queues the rest in the socket: once the gate opens, the server's next read
 takes ``_STAGING`` bytes at once.
-
-The tests marked xfail are the holes found and not mended yet: a staging
-buffer filled by the data that comes with the client's TLS Finished, and
-close() waiting on TLS clients amid a WRITE (their reasons say what happens).
 """
 
 from __future__ import annotations
@@ -260,11 +256,6 @@ def option_bytes(option: int, data: bytes = b"") -> bytes:
     return struct.pack(">QII", IHAVEOPT, option, len(data)) + data
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_Channel.start_tls: a staging buffer filled by the data that came with the "
-    "client's Finished pauses the plaintext transport, which nothing resumes",
-)
 def test_a_client_sending_a_staging_buffer_with_its_tls_finished_is_served_on(
     tmp_path, credentials, caplog
 ):
@@ -555,12 +546,8 @@ class HoardServer(WatchedServer, QueueingServer):
     for data budget."""
 
 
-@pytest.mark.parametrize(
-    ("hoard", "tls"),
-    [("unread-replies", False), ("unread-replies", True), ("queued-writes", False)],
-    # queued-writes over TLS: see test_a_tls_client_amid_a_write_lets_the_server_close
-    ids=["unread-replies-plaintext", "unread-replies-tls", "queued-writes-plaintext"],
-)
+@pytest.mark.parametrize("tls", [False, True], ids=["plaintext", "tls"])
+@pytest.mark.parametrize("hoard", ["unread-replies", "queued-writes"])
 def test_many_clients_filling_their_staging_buffers_stay_within_the_memory_bound(
     tmp_path, credentials, hoard, tls, caplog
 ):
@@ -627,30 +614,7 @@ class EndingServer(QueueingServer):
         return self.channels[-1]
 
 
-@pytest.mark.parametrize(
-    "quitter",
-    [
-        pytest.param(
-            "gone-while-queued",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="NBDServer._serve_client closes a TLS connection whose reading is "
-                "paused and whose client has gone: asyncio's TLS layer waits for reading "
-                "to resume, which never comes, so wait_closed() never returns and close() "
-                "hangs",
-            ),
-        ),
-        pytest.param(
-            "connected-mid-payload",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="NBDServer._serve_client closes the TLS connection of a request the "
-                "server's close cancelled, then waits for the client's close_notify: 30 s "
-                "(asyncio's ssl_shutdown_timeout) for a client that sends none",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("quitter", ["gone-while-queued", "connected-mid-payload"])
 def test_a_tls_client_amid_a_write_lets_the_server_close(tmp_path, credentials, quitter):
     creds = credentials["good"]
     tls = ServerTLS(creds, mode="on", verify_peer=True)
