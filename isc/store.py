@@ -415,8 +415,9 @@ class PersistentSession:
         self._woken_in = -1
         """The generation whose full hot set last woke the checkpointer."""
         self._copies = 0
-        """Copies begun (:meth:`begin_copy`), and the count the last checkpoint flushed for."""
-        self._copies_flushed = 0
+        """Copies begun (:meth:`begin_copy`)."""
+        self._flushed_for: tuple[int, int, bool] | None = None
+        """Copies begun, generation and marked when the last checkpoint flushed the source."""
         self._used = (np.empty(0, np.int64), np.empty(0))
         """The regions kept hot by the last checkpoint and when each was last found written."""
         self._clock = time.monotonic
@@ -537,11 +538,13 @@ class PersistentSession:
                 # that fails leaves the older checkpoint and every log since it.
                 for dest in self._receiving:
                     dest.lun.flush()
-                # A copy may have sent a host write the source holds only in a
-                # volatile cache: a crash of the machine would take it back while
-                # the checkpoint keeps its chunk cleared, in a region it may retire.
-                copies = self._copies
-                if copies != self._copies_flushed or self._receiving:
+                # A copy, or a pull confirming through the frozen image (which no
+                # begin_copy records, only a mark), may have sent a host write the
+                # source holds only in a volatile cache: a crash of the machine would
+                # take it back while the checkpoint keeps its chunk cleared, in a
+                # region it may retire. So flush it unless nothing began or was marked.
+                sent = (self._copies, bitmap.generation, bitmap.marked)
+                if sent != self._flushed_for or sent[2] or self._receiving:
                     self.source.flush()
                 self._journal.write(bitmap, generation, header)
             except BaseException:
@@ -549,7 +552,7 @@ class PersistentSession:
                 raise
             bitmap.snapshot_end(True)
             self._checkpointed = True
-            self._copies_flushed = copies
+            self._flushed_for = sent
             # Older logs reappearing after a crash are ignored: the journal is newer.
             for path in self.directory.iterdir():
                 match = _LOG.match(path.name) or _WRITES.match(path.name)
