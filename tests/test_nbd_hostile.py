@@ -668,12 +668,6 @@ class LosingServer(EndingServer):
         return self.channels[-1]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_Channel.close: asyncio's TLS layer, having read the client's end while the "
-    "connection's reading was paused, finishes closing only once reading goes on; "
-    "a connection dropped for a violation then never closes",
-)
 def test_a_tls_connection_dropped_while_its_reading_is_paused_closes(tmp_path, credentials):
     creds = credentials["good"]
     release = threading.Event()

@@ -407,6 +407,11 @@ class _Channel(asyncio.BufferedProtocol):
             raise ConnectionResetError("the connection was lost")
 
     def close(self) -> None:
+        if self._paused:
+            # asyncio's TLS layer, having read the client's end while reading was
+            # paused, finishes closing only once reading goes on.
+            self._paused = False
+            self.transport.resume_reading()
         self.transport.close()
 
     async def wait_closed(self) -> None:
