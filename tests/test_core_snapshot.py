@@ -164,6 +164,9 @@ def test_records_hold_the_state_at_the_snapshot_while_writers_go_on(busy_switchi
     size = 64 * 512 * 64 * G  # 64 pages per array
     bitmap = _core.DeltaBitmap(size, G)
     stop = threading.Event()
+    # freeze() holds host writes only: a copy's clear_transfer goes on while frozen,
+    # so the state compared with is taken with the clears held off, by this lock.
+    clears = threading.Lock()
 
     def writer(seed: int) -> None:
         rng = np.random.default_rng(seed)
@@ -171,7 +174,8 @@ def test_records_hold_the_state_at_the_snapshot_while_writers_go_on(busy_switchi
             offset = int(rng.integers(0, size // G)) * G
             bitmap.write_through(lambda *a: None, lambda *a: None, offset, bytes(G))
             if offset % 7 == 0:
-                bitmap.clear_transfer(offset // G, 1)
+                with clears:
+                    bitmap.clear_transfer(offset // G, 1)
 
     threads = [threading.Thread(target=writer, args=(seed,)) for seed in range(2)]
     for thread in threads:
@@ -183,10 +187,11 @@ def test_records_hold_the_state_at_the_snapshot_while_writers_go_on(busy_switchi
                 bitmap.mark(full=round_ % 8 == 2)
             elif round_ % 4 == 0:
                 bitmap.unmark()
-            bitmap.freeze()  # hold writes while the state is copied for comparison
-            frozen = bitmap.to_bytes()
-            header = bitmap.snapshot()
-            bitmap.thaw()
+            with clears:
+                bitmap.freeze()  # hold writes while the state is copied for comparison
+                frozen = bitmap.to_bytes()
+                header = bitmap.snapshot()
+                bitmap.thaw()
             out, taken = bytearray(_layout.MAX_RECORD * 3), []
             while n := bitmap.snapshot_records(out):
                 taken.append(bytes(out[:n]))
