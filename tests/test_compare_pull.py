@@ -9,8 +9,6 @@ notice on both systems and exit 1. Times are never asserted on.
 
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,24 +18,14 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
 import compare_pull  # noqa: E402
-from test_compare_qemu import needed_tools  # noqa: E402
+from test_compare_qemu import needed_tools, tiny_run  # noqa: E402
 
 TINY = ["--size", "16M", "--rounds", "2", "--load-seconds", "0.2"]
-RUN_LIMIT = 300  # seconds a tiny run may take before the test fails
 
 
 def test_a_tiny_run_checks_every_pull_of_both_systems(tmp_path: Path):
     needed_tools()
-    out = tmp_path / "results.json"
-    done = subprocess.run(
-        [sys.executable, BENCHMARKS / "compare_pull.py", *TINY, "--dir", tmp_path, "--json", out],
-        capture_output=True,
-        text=True,
-        timeout=RUN_LIMIT,
-        check=False,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    results = json.loads(out.read_text())
+    results, output = tiny_run("compare_pull.py", TINY, tmp_path)
     checked = [check["copy"] for check in results["checks"]]
     assert all(check["ok"] for check in results["checks"])
     for system in (compare_pull.QEMU, compare_pull.ISC_SIDE):
@@ -54,8 +42,8 @@ def test_a_tiny_run_checks_every_pull_of_both_systems(tmp_path: Path):
             assert run["idle"]["seconds"] >= run["writer"]["seconds"] > 0
         assert figures["summary"]["writer_rate"] > 0 and figures["summary"]["idle_rate"] > 0
         assert figures["summary"]["window"] >= 0.2
-    assert f"- {len(checked)} pulls checked byte for byte, 0 mismatched" in done.stdout
-    assert "| bytes read per pull | 192K | 192K |  |" in done.stdout
+    assert f"- {len(checked)} pulls checked byte for byte, 0 mismatched" in output
+    assert "| bytes read per pull | 192K | 192K |  |" in output
     assert not list(tmp_path.glob("isc-pull-*"))  # the volumes are gone
 
 

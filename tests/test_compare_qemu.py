@@ -46,19 +46,24 @@ def needed_tools() -> None:
         pytest.skip(str(exc))
 
 
-def test_a_tiny_run_checks_every_copy_and_reports_both_systems(tmp_path: Path):
-    needed_tools()
+def tiny_run(script: str, tiny: list[str], tmp_path: Path) -> tuple[dict, str]:
+    """Run ``benchmarks/script`` with ``tiny``'s options in ``tmp_path``; its JSON results
+    and its output, once it exited 0 (the test fails with its output otherwise)."""
     out = tmp_path / "results.json"
-    script = BENCHMARKS / "compare_qemu.py"
     done = subprocess.run(
-        [sys.executable, script, *TINY, "--dir", str(tmp_path), "--json", str(out)],
+        [sys.executable, BENCHMARKS / script, *tiny, "--dir", tmp_path, "--json", out],
         capture_output=True,
         text=True,
         timeout=RUN_LIMIT,
         check=False,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    results = json.loads(out.read_text())
+    return json.loads(out.read_text()), done.stdout
+
+
+def test_a_tiny_run_checks_every_copy_and_reports_both_systems(tmp_path: Path):
+    needed_tools()
+    results, output = tiny_run("compare_qemu.py", TINY, tmp_path)
     checks = results["checks"]
     # Per system: idle full copies, incrementals, copies under writes; plus cp, nbdcopy.
     assert len(checks) >= 12 and all(check["ok"] for check in checks)
@@ -85,10 +90,10 @@ def test_a_tiny_run_checks_every_copy_and_reports_both_systems(tmp_path: Path):
         "isc worst host write stall during a marked full copy <= 3 ms, qd 1",
         "isc worst host write stall during an unmarked full copy <= 3 ms, qd 1",
     } <= set(targets)
-    idle_row = next(line for line in done.stdout.splitlines() if "qd 1, idle" in line)
+    idle_row = next(line for line in output.splitlines() if "qd 1, idle" in line)
     assert idle_row.count("stall") == 2
-    assert "| incremental copy after" in done.stdout
-    assert "0 mismatched" in done.stdout
+    assert "| incremental copy after" in output
+    assert "0 mismatched" in output
     assert not list(tmp_path.glob("isc-compare-*"))  # the volume's files are gone
 
 
