@@ -35,7 +35,6 @@ import json
 import os
 import random
 import signal
-import subprocess
 import threading
 from dataclasses import dataclass
 from functools import partial
@@ -48,12 +47,10 @@ from test_crash import (
     MAX_HOT,
     check_after_kill,
     images_newest_first,
-    killed_by,
     read_source,
     replicated,  # noqa: F401 (a fixture)
-    write_until_killed,
+    serve_until_killed,
 )
-from test_serve import line_reader, next_line
 from test_store import (
     HOT_REGIONS,
     REGION,
@@ -798,15 +795,7 @@ def test_sigkill_of_isc_serve_every_while_its_hot_set_grows_loses_nothing(
         for kill in range(SERVE_KILLS):
             start = read_source(state)
             export.lun.arm(0)  # the host writer kills it, after enough writes to grow
-            proc = subprocess.Popen(serve, stdout=subprocess.PIPE, stderr=log, text=True)
-            export.lun.target(proc.pid)
-            try:
-                lines = line_reader(proc.stdout)
-                uri = str(next_line(lines, "isc serve")).split()[-1]
-                assert next_line(lines, "isc serve") == "ready", (tmp_path / "isc.log").read_text()
-                writes = write_until_killed(uri, rng, proc, rng.randrange(120, 300))
-            finally:
-                code = killed_by(export, proc)
+            code, writes = serve_until_killed(serve, export, log, rng, rng.randrange(120, 300))
             assert code == -signal.SIGKILL, (tmp_path / "isc.log").read_text()
             if kill % 2:
                 for path in state.glob("activity.*.writes"):

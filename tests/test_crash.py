@@ -463,6 +463,24 @@ def write_until_killed(
     pytest.fail("isc serve was never killed")
 
 
+def serve_until_killed(
+    serve: list[str], export: Export, log, rng: random.Random, after: int | None
+) -> tuple[int, list[tuple[int, bytes]]]:
+    """Start ``isc serve`` (the command ``serve``, its errors to ``log``) for ``export``'s
+    armed LUN to kill, and write to it until it dies (:func:`write_until_killed`); its exit
+    status and every write sent."""
+    proc = subprocess.Popen(serve, stdout=subprocess.PIPE, stderr=log, text=True)
+    export.lun.target(proc.pid)
+    try:
+        lines = line_reader(proc.stdout)
+        uri = str(next_line(lines, "isc serve")).split()[-1]
+        assert next_line(lines, "isc serve") == "ready", Path(log.name).read_text()
+        writes = write_until_killed(uri, rng, proc, after)
+    finally:
+        code = killed_by(export, proc)
+    return code, writes
+
+
 def images_newest_first(start: bytes, writes: list[tuple[int, bytes]]) -> Iterator[bytearray]:
     """The source after every write of ``writes`` made to ``start``, the last first."""
     image = bytearray(start)
@@ -488,16 +506,8 @@ def test_sigkill_of_isc_serve_every_at_random_points(
             start = read_source(state)
             by_writer = rng.random() < 0.3
             export.lun.arm(0 if by_writer else rng.randrange(1, 40))
-            proc = subprocess.Popen(serve, stdout=subprocess.PIPE, stderr=log, text=True)
-            export.lun.target(proc.pid)
-            try:
-                lines = line_reader(proc.stdout)
-                uri = str(next_line(lines, "isc serve")).split()[-1]
-                assert next_line(lines, "isc serve") == "ready", (tmp_path / "isc.log").read_text()
-                after = rng.randrange(1, 400) if by_writer else None
-                writes = write_until_killed(uri, rng, proc, after)
-            finally:
-                code = killed_by(export, proc)
+            after = rng.randrange(1, 400) if by_writer else None
+            code, writes = serve_until_killed(serve, export, log, rng, after)
             assert code == -signal.SIGKILL, (tmp_path / "isc.log").read_text()
             reported = check_after_kill(state, partial(images_newest_first, start, writes))
             mixed += DestState.INCONSISTENT.value in reported.values()
