@@ -1,0 +1,207 @@
+"""Pull mode under attack: races, crashes and control requests that could make a pull backup,
+or a push destination beside it, differ from the image at its mark while isc says it succeeded.
+
+The windows are forced, not waited for: a source whose reads park at a :class:`Gate`, host
+writes parked inside their copy-on-first-write, real ``isc serve`` processes killed with
+SIGKILL, libnbd clients (Debian's python3-libnbd, run by the system's python3). A seeded
+stress loop races writer threads against a pulling client that finishes, drops or aborts at
+random, checking every finished pull byte for byte against the image at its mark and, after
+each abort, that every chunk where the partial backup differs from the source is tracked.
+
+Holes shown by the ``xfail`` tests (each fails on the code as it is):
+
+* a pull's confirms (TRIM, or ``unmark`` with ``"sent": true``) clear chunks that no push
+  destination of the session received, yet leave the session's epoch alone: the push
+  destinations stay in step and consistent, and the next ``isc copy`` never sends them;
+* a frozen export client may TRIM the mark of a push copy (``isc copy``, ``--every``): the
+  copy skips the chunks it confirmed and still reports its destinations consistent;
+* ``unmark`` with ``"sent": true`` names no mark: a late or retried one drops the unsent
+  chunks of a later mark, sent nowhere;
+* a READ of a dirty chunk that a TRIM on another connection confirms while the READ runs
+  returns the source as it is now, not the image at the mark, without an error.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+import test_nbd
+from helpers import TIMEOUT, differing_chunks, session_directory
+from test_cli_analysis import ISC
+from test_nbd import KIB, MIB
+from test_pull import libnbd_python
+from test_serve import isc_serve
+
+from isc import MemoryLUN, Session
+from isc.copy import CopyJob, Destination, DestState
+from isc.nbd import NBDLUN
+from isc.serve import SessionControl
+
+SEED = 20261207
+serve = test_nbd.serve  # the fixture: isc servers on Unix sockets in tmp_path
+EIO = 5
+
+PULL = '''
+"""Pull the dirty extents of a frozen export into a backup file, TRIMming the first N."""
+import json
+import os
+import sys
+
+import nbd
+
+uri, context, backup, trims = sys.argv[1:]
+h = nbd.NBD()
+h.add_meta_context(context)
+h.connect_uri(uri)
+size, covered, dirty = h.get_size(), 0, []
+
+
+def extents(name, offset, entries, error):
+    global covered
+    for length, flags in zip(entries[::2], entries[1::2]):
+        if flags & 1:
+            dirty.append((offset, length))
+        offset += length
+    covered = offset
+
+
+while covered < size:
+    h.block_status(size - covered, covered, extents)
+with open(backup, "r+b") as out:
+    for n, (offset, length) in enumerate(dirty):
+        out.seek(offset)
+        out.write(h.pread(length, offset))
+        os.fdatasync(out.fileno())
+        if n < int(trims):
+            h.trim(length, offset)
+h.shutdown()
+print(json.dumps(dirty))
+'''
+
+
+# -- helpers --------------------------------------------------------------------------------------
+def control(path: Path, op: str, **fields: object) -> dict:
+    """One control request on the Unix socket ``path``; its whole reply."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(TIMEOUT)
+        sock.connect(str(path))
+        sock.sendall(json.dumps({"id": 1, "op": op, **fields}).encode() + b"\n")
+        return json.loads(sock.makefile("rb").readline())
+
+
+def pull(tmp_path: Path, uri: str, context: str, backup: Path, trims: int = 1 << 30) -> list:
+    """The libnbd pull script run to its end; the dirty extents it copied."""
+    script = tmp_path / "pull.py"
+    script.write_text(PULL)
+    done = subprocess.run(
+        [libnbd_python(), script, f"{uri}", context, backup, str(trims)],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def isc(*args: str) -> subprocess.CompletedProcess[str]:
+    """``isc ARGS`` run to its end; it must succeed."""
+    done = subprocess.run([*ISC, *args], capture_output=True, text=True, timeout=TIMEOUT)
+    assert done.returncode == 0, done.stderr
+    return done
+
+
+def serve_args(tmp_path: Path, source: Path) -> tuple[list[str], Path]:
+    """``isc serve`` arguments for ``source`` on Unix sockets in a private directory; the
+    control socket's path."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir(mode=0o700, exist_ok=True)
+    ctl = run_dir / "ctl.sock"
+    listen = f"unix:{run_dir / 'nbd.sock'}"
+    return [str(source), "--listen", listen, "--control", f"unix:{ctl}"], ctl
+
+
+class ParkingLUN:
+    """A MemoryLUN behind a wrapper (so the server reads it in its worker threads, never on
+    its event loop) whose next ``readinto`` calls ``hook`` after reading."""
+
+    def __init__(self, size: int) -> None:
+        self.lun = MemoryLUN(size)
+        self.size = size
+        self.hook = None
+
+    def read(self, offset: int, length: int) -> bytes:
+        return self.lun.read(offset, length)
+
+    def readinto(self, offset: int, buffer) -> None:
+        hook, self.hook = self.hook, None
+        self.lun.readinto(offset, buffer)
+        if hook is not None:
+            hook()
+
+    def write(self, offset: int, data) -> None:
+        self.lun.write(offset, data)
+
+    def flush(self) -> None:
+        pass
+
+
+# -- a pull beside push destinations -------------------------------------------------------------
+@pytest.mark.xfail(
+    strict=True,
+    reason="a pull's TRIM clears chunks no push destination received but leaves session.epoch "
+    "alone (FrozenExport/_FrozenView.trim -> Session.confirm_sent): the destinations stay in "
+    "step and CONSISTENT, and the next isc copy never sends those chunks (rules 2, 6)",
+)
+def test_a_pull_backup_leaves_the_push_destinations_of_the_session_to_be_sent_to(tmp_path):
+    size, g = 2 * MIB, 64 * KIB
+    state = session_directory(tmp_path, size, g, SEED)
+    isc("copy", str(state), "--full")  # d0 consistent
+    args, ctl = serve_args(tmp_path, state)
+    backup = tmp_path / "backup.img"
+    backup.write_bytes((tmp_path / "source.img").read_bytes())  # the last backup
+    with isc_serve(tmp_path, *args) as (ready, _):
+        with NBDLUN(ready["uri"], timeout=TIMEOUT) as live:
+            live.write(3 * g, b"\x5a" * g)
+            live.flush()
+        assert control(ctl, "mark")["ok"]
+        frozen_uri = ready["uri"].replace("///state?", "///state@frozen?")
+        assert pull(tmp_path, frozen_uri, "qemu:dirty-bitmap:state", backup) == [[3 * g, g]]
+        assert control(ctl, "unmark")["info"] == {"returned_chunks": 0, "dropped_chunks": 0}
+        assert backup.read_bytes() == (tmp_path / "source.img").read_bytes()
+        isc("mark", str(state))
+        copied = json.loads(isc("copy", str(state), "--json").stdout)
+        assert [d["state"] for d in copied["destinations"]] == ["consistent"]
+    # The destination said consistent must hold the source: chunk 3 reached the backup only.
+    assert (
+        differing_chunks(
+            (tmp_path / "d0.img").read_bytes(), (tmp_path / "source.img").read_bytes(), g
+        )
+        == []
+    )
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="unmark with sent: true drops the unsent chunks without moving session.epoch "
+    "(SessionControl.unmark): a push destination stays in step and misses them (rule 2)",
+)
+def test_unmark_sent_leaves_the_push_destinations_of_the_session_to_be_sent_to():
+    g = 16 * KIB
+    source = MemoryLUN(16 * g)
+    dest = Destination(MemoryLUN(16 * g), "d0")
+    with Session(source, g) as session:
+        session.write(0, b"\1" * (16 * g))
+        CopyJob(session, [dest]).full()
+        session.write(5 * g, b"\2" * g)
+        controls = SessionControl(session)
+        assert controls.mark({})["ok"]
+        assert controls.unmark({"sent": True})["info"]["dropped_chunks"] == 1
+        session.mark()
+        CopyJob(session, [dest]).incremental()
+        assert dest.state is DestState.CONSISTENT
+        assert differing_chunks(source.read(0, 16 * g), dest.lun.read(0, 16 * g), g) == []
