@@ -46,6 +46,7 @@ from test_nbd import (
 )
 from test_security_nbd import (
     KIB,
+    MIB,
     WAIT,
     ReceivingServer,
     TellingChannel,
@@ -695,3 +696,128 @@ def test_a_tls_connection_dropped_while_its_reading_is_paused_closes(tmp_path, c
             assert closed, "the connection was not closed within 3 s"
     finally:
         release.set()
+
+
+# -- TLS flow control: asyncio's TLS layer and the channel both stop the socket ---------------
+class LayeredChannel(LosingChannel):
+    """Watches asyncio's TLS layer under the connection once TLS is on: the most
+    ciphertext it holds unread, and whether the socket's reading ever disagrees with
+    the layer's own flow control (reading while the layer stopped it, or stopped while
+    the layer has not: then the layer would never start it again)."""
+
+    async def start_tls(self, context, timeout: float) -> None:
+        await super().start_tls(context, timeout)
+        server = self._server
+        server.staged_at_switch = self._end - self._start
+        layer = self.transport._ssl_protocol
+        plain = layer._transport
+        received = layer.buffer_updated
+
+        def check() -> None:
+            if not plain.is_closing() and plain.is_reading() == layer._ssl_reading_paused:
+                server.disagreements.append((plain.is_reading(), layer._ssl_reading_paused))
+
+        def buffer_updated(nbytes: int) -> None:
+            received(nbytes)
+            server.most_unread = max(server.most_unread, layer._incoming.pending)
+            check()
+
+        layer.buffer_updated = buffer_updated
+        check()
+
+
+class LayeredServer(LosingServer):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.staged_at_switch = 0
+        self.most_unread = 0
+        self.disagreements: list[tuple[bool, bool]] = []
+
+    def _channel(self) -> LayeredChannel:
+        self.channels.append(LayeredChannel(self))
+        return self.channels[-1]
+
+
+TLS_READ = 256 * KIB
+"""The most ciphertext asyncio's TLS layer reads at once, and holds unread before it
+stops the socket (its high-water mark): it holds at most twice this."""
+
+
+@pytest.mark.parametrize("when", ["with-its-finished", "in-transmission"])
+def test_a_tls_client_flooding_writes_that_wait_for_max_data_stays_bounded(
+    tmp_path, credentials, when, caplog
+):
+    """4 MiB of WRITEs from a TLS client while another client holds all of max_data:
+    sent with the client's TLS Finished, queued whole before the server reads it (the
+    staging buffer fills while the TLS layer is not yet the connection's), or in
+    transmission. The TLS layer holds at most its bound unread, the socket stops and
+    starts as it says, every WRITE is answered and written, and the server closes."""
+    creds = credentials["good"]
+    gate = Gate()
+    lun = ParkingLUN(MAX_BLOCK + 8 * MIB, gate)
+    tls = ServerTLS(creds, mode="on", verify_peer=True)
+    rng = random.Random(SEED)
+    held = rng.randbytes(MAX_BLOCK)
+    writes = [(MAX_BLOCK + i * MIB, rng.randbytes(MIB)) for i in range(4)]
+    flood = b"".join(
+        REQUEST.pack(REQUEST_MAGIC, 0, CMD_WRITE, HANDLE, at, len(data)) + data
+        for at, data in writes
+    )
+    server = LayeredServer(lun, name="disk", tls=tls, max_data=MAX_BLOCK)
+    server.start_unix(tmp_path / "isc.sock")
+    closing = None
+    try:
+        with ExitStack() as stack:
+            holder = connected(stack, server, None)  # plaintext ("on"): holds max_data
+            holder.request(CMD_WRITE, 0, MAX_BLOCK, payload=held[: MAX_BLOCK // 2])
+            server.wait_for(lambda: server.taking >= 1, "the holder's WRITE")
+            assert server.held == MAX_BLOCK
+            sock = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * MIB)
+            sock.connect(server.address)
+            split = starttls_by_hand(sock, creds)
+            client = Raw(split)
+            if when == "with-its-finished":
+                flight = split.seal(option_bytes(OPT_GO, Raw.info_data(b"disk")) + flood)
+                parker = connected(stack, server, None)
+                parker.request(CMD_WRITE, MAX_BLOCK + 6 * MIB, 512, payload=bytes(512))
+                gate.wait_reached()  # the event loop is parked: nothing more is read
+                head = 3 * TLS_READ  # queued whole before the server reads again
+                sock.sendall(flight[:head])
+                gate.open()
+                sending = Worker(lambda: sock.sendall(flight[head:]))
+                assert parker.reply() == 0
+            else:
+                gate.open()
+                assert client.option(OPT_GO, client.info_data(b"disk"))[-1][0] == REP_ACK
+                sending = Worker(lambda: split.sendall(flood))
+            server.wait_for(lambda: server.taking >= 2, "the TLS client's first WRITE queued")
+            server.wait_for(lambda: server.paused, "the TLS client's connection pauses")
+            with server.changed:  # the TLS layer has stopped the socket, or holds it all
+                assert server.most_unread <= 2 * TLS_READ, server.most_unread
+            holder.sock.sendall(held[MAX_BLOCK // 2 :])  # gives max_data back
+            assert holder.reply() == 0
+            sending.finish()
+            if when == "with-its-finished":
+                for _ in range(2):  # NBD_REP_INFO (export), NBD_REP_ACK
+                    _, echoed, reply, length = struct.unpack(">QIII", client.recv(20))
+                    assert echoed == OPT_GO
+                    client.recv(length)
+                assert reply == REP_ACK
+                assert server.staged_at_switch == _STAGING, "the window was not forced"
+            assert [client.reply() for _ in writes] == [0] * len(writes)
+            closing = Worker(server.close)  # the TLS client is still connected
+            closing.done.wait(3.0)
+            assert closing.done.is_set(), "NBDServer.close() did not return within 3 s"
+    finally:
+        if closing is not None and not closing.done.is_set():
+            for channel in server.channels:
+                server._loop.call_soon_threadsafe(channel.transport.abort)
+        server.close()
+    assert server.held == 0
+    assert server.most_unread <= 2 * TLS_READ, server.most_unread
+    assert server.disagreements == []
+    assert lun.read(0, MAX_BLOCK) == held
+    for at, data in writes:
+        assert lun.read(at, len(data)) == data
+    no_errors_logged(caplog)

@@ -382,7 +382,9 @@ class _Channel(asyncio.BufferedProtocol):
         if self._paused:
             # Data that came with the client's last handshake message filled the staging
             # buffer before the TLS transport was ours, and stopped the plaintext one:
-            # stop the TLS transport instead, which _wait() resumes.
+            # stop the TLS transport instead, which _wait() resumes. The plaintext one's
+            # stop was ours alone: asyncio's TLS layer finished the handshake within one
+            # read of at most 256 KiB, its high-water mark, so it had not stopped it too.
             plain.resume_reading()
             self.transport.pause_reading()
 
