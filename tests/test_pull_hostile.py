@@ -30,10 +30,11 @@ from pathlib import Path
 
 import pytest
 import test_nbd
-from helpers import TIMEOUT, differing_chunks, session_directory
+from helpers import TIMEOUT, Gate, HookLUN, Worker, differing_chunks, session_directory
 from test_cli_analysis import ISC
-from test_nbd import KIB, MIB
-from test_pull import libnbd_python
+from test_nbd import CMD_READ, KIB, MIB
+from test_nbd_protocol import CMD_TRIM, TYPE_ERROR, TYPE_OFFSET_DATA, client, session_server
+from test_pull import frozen, libnbd_python
 from test_serve import isc_serve
 
 from isc import MemoryLUN, Session
@@ -205,3 +206,88 @@ def test_unmark_sent_leaves_the_push_destinations_of_the_session_to_be_sent_to()
         CopyJob(session, [dest]).incremental()
         assert dest.state is DestState.CONSISTENT
         assert differing_chunks(source.read(0, 16 * g), dest.lun.read(0, 16 * g), g) == []
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a frozen export client may TRIM the mark a push copy sends (_FrozenView.trim "
+    "confirms any current mark): the copy then reads a confirmed chunk as the source is now "
+    "and still reports its destination CONSISTENT, holding a write made after the mark "
+    "(rules 1, 6)",
+)
+def test_a_frozen_client_cannot_confirm_chunks_of_a_push_copys_mark(serve):
+    g = 16 * KIB
+    size = 8 * g
+    source = MemoryLUN(size)
+    parked = HookLUN(MemoryLUN(size))
+    dest = Destination(parked, "d0")
+    session, server = session_server(serve, source, granularity=g)
+    session.write(0, b"\1" * size)
+    CopyJob(session, [dest], workers=1).full()
+    session.write(2 * g, b"\2" * g)
+    session.write(5 * g, b"\2" * g)
+    session.mark()
+    at_mark = source.read(0, size)
+    session.write(5 * g, b"\3" * g)  # after the mark: saved first
+    gate = Gate()
+    parked.before_write = gate  # the copy parks at its first destination write (chunk 2)
+    copying = Worker(CopyJob(session, [dest], workers=1).incremental)
+    gate.wait_reached()
+    with client(server) as c:
+        frozen(c)
+        c.request(CMD_TRIM, 0, size)  # refused, or confirms what the copy has yet to send
+        c.error()
+    gate.open()
+    copying.finish()
+    assert dest.state is DestState.CONSISTENT
+    assert differing_chunks(parked.read(0, size), at_mark, g) == []
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="unmark names no mark (SessionControl.unmark): a late or retried "
+    '{"op": "unmark", "sent": true} ends the mark made after it and drops its unsent chunks, '
+    "which no copy sent (rule 2); unmark should take the generation mark answered and refuse "
+    "another",
+)
+def test_a_late_unmark_sent_never_drops_the_chunks_of_a_later_mark():
+    g = 16 * KIB
+    with Session(MemoryLUN(16 * g), g) as session:
+        controls = SessionControl(session)
+        first = controls.mark({})["info"]["generation"]
+        assert controls.unmark({"sent": True, "generation": first})["ok"]
+        session.write(5 * g, b"\2" * g)
+        assert controls.mark({})["ok"]
+        late = controls.unmark({"sent": True, "generation": first})  # a retry of the first
+        assert not late["ok"] and session.bitmap.transfer(5), late
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a READ of a dirty chunk of the frozen export that a TRIM on another connection "
+    "confirms while it runs returns the source as it is now, not the image at the mark, and "
+    "no error (_FrozenView.readinto reads the source, then Session.confirm_sent discards the "
+    "saved copy before _saved_in looks for it); the read should fail with EIO or hold the "
+    "discard off (rule 1)",
+)
+def test_a_trim_on_another_connection_during_a_frozen_read_never_changes_what_it_returns(serve):
+    g = 64 * KIB
+    lun = ParkingLUN(4 * g)
+    session, server = session_server(serve, lun, granularity=g)
+    session.write(0, b"\1" * g)
+    session.mark()
+    session.write(0, b"\2" * g)  # the mark's data is saved; the source holds the new
+    gate = Gate()
+    with client(server) as reader, client(server) as trimmer:
+        frozen(reader)
+        frozen(trimmer)
+        lun.hook = gate  # the read parks after reading the source
+        reader.request(CMD_READ, 0, g)
+        gate.wait_reached()
+        trimmer.request(CMD_TRIM, 0, g)
+        assert trimmer.error() == 0
+        gate.open()
+        answer = reader.answer()
+    kinds = [kind for kind, _, _ in answer]
+    data = b"".join(payload[8:] for kind, _, payload in answer if kind == TYPE_OFFSET_DATA)
+    assert TYPE_ERROR in kinds or data == b"\1" * g
