@@ -57,6 +57,8 @@ from isc.journal import fsync_dir
 WRITES_BYTES = 64 << 20
 """Size of a ``.writes`` file: about 4 million host writes per generation."""
 _RECORD = struct.Struct("<QQI")
+_SECTOR = 512
+"""The unit a disk writes whole: a torn append is zero from a multiple of it."""
 _WRITES_HEAD = struct.Struct("<8sQ48s")
 _WRITES_MAGIC = b"ISCWRITE"
 _COUNTS = struct.Struct("<QQ")
@@ -186,11 +188,19 @@ def _new_writes(path: Path, number: int) -> mmap.mmap:
 
 
 def read_log(path: Path) -> list[tuple[int, int]]:
-    """The records of a region log; a torn last record (a crash mid-append) is ignored.
+    """The records of a region log, without what a crash left of an unfinished append.
 
-    Raises ``CorruptMetadata`` naming the file when a complete record is
-    damaged or the file cannot be read; ``FileNotFoundError`` passes (the
-    holder's checkpoint may have just deleted it).
+    An append is synced before the write it announces proceeds, and the
+    next begins after it, so only the end of the file can hold one that did
+    not finish: a last record cut short, or zeros to the end of the file
+    from a record or from a sector boundary inside it (a crash of the
+    machine after the file's size reached the disk and before its data, as
+    ext4 and xfs leave it). Its regions were never written: it is ignored.
+
+    Raises ``CorruptMetadata`` naming the file when any other record is
+    damaged (zeros followed by a record among them) or the file cannot be
+    read; ``FileNotFoundError`` passes (the holder's checkpoint may have
+    just deleted it).
     """
     try:
         data = path.read_bytes()
@@ -203,9 +213,19 @@ def read_log(path: Path) -> list[tuple[int, int]]:
     for at in range(0, whole, _RECORD.size):
         first, last, crc = _RECORD.unpack_from(data, at)
         if zlib.crc32(data[at : at + 16]) != crc or last < first:
+            if _unfinished(data, at):
+                break
             raise CorruptMetadata(f"{path}: record at byte {at} is corrupt")
         records.append((first, last))
     return records
+
+
+def _unfinished(data: bytes, at: int) -> bool:
+    """Whether ``data`` is zero from the record at ``at``, or from the sector boundary
+    inside it, to its end: what a crash leaves of appends whose data never reached the disk."""
+    sector = -(-(at + 1) // _SECTOR) * _SECTOR
+    start = at if not data[at:sector].strip(b"\0") else sector
+    return start < at + _RECORD.size and not data[start:].strip(b"\0")
 
 
 def read_writes(path: Path, number: int, chunks: int) -> np.ndarray | None:

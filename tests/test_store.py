@@ -554,6 +554,49 @@ def _tracked(stored: PersistentSession) -> set[int]:
     return {c for c in range(bitmap.chunks) if bitmap.tracking(c)}
 
 
+@pytest.mark.parametrize(
+    "tail",
+    [bytes(n) for n in range(1, 21)]
+    + [bytes(60), _record(3, 3)[:12] + bytes(8), _record(3, 3)[:12] + bytes(48)],
+    ids=[f"{n} zero bytes" for n in range(1, 21)]
+    + ["three zero records", "a record torn at a sector", "torn at a sector, then zeros"],
+)
+def test_a_zero_filled_or_torn_tail_of_the_log_is_an_unfinished_append(
+    env: Path, tail: bytes
+) -> None:
+    """After a crash of the machine the log's size can reach the disk before the data of an
+    append that was never synced (ext4, xfs): zeros to the end of the file, from a record or
+    from the sector boundary inside it (byte 512 here) on. The write the append announced
+    waited for its sync, so it never happened: the records before stand, nothing is
+    refused."""
+    path = _log(env)
+    path.write_bytes(_record(1, 2) * 25 + tail)
+    for writes in env.glob("activity.*.writes"):
+        writes.unlink()  # as after a crash of the machine: the regions stand for the writes
+    assert read_state(env).damage is None
+    stored, recovery = open_session(env)
+    with stored:
+        assert recovery.crashed and recovery.regions_resent == 2
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [bytes(20) + _record(4, 4), bytes(45) + _record(4, 4)[5:], _record(4, 4)[:9] + bytes(11)],
+    ids=["a zero record, then a record", "zeros, then a record", "zeros from no sector"],
+)
+def test_zeros_the_log_cannot_hold_after_a_crash_are_corrupt(env: Path, bad: bytes) -> None:
+    """Zeros followed by a whole record are no unfinished append (each append is synced
+    before the next begins), nor is a record zero from inside a sector: corrupt metadata
+    naming the file, and nothing changes."""
+    path = _log(env)
+    path.write_bytes(_record(1, 2) + bad)
+    before = files(env)
+    with pytest.raises(CorruptMetadata, match=f"{path.name}: record at byte 20 is corrupt"):
+        open_session(env)
+    assert path.name in status_error(env)
+    assert files(env) == before
+
+
 @pytest.mark.parametrize("write_log", ["kept", "of another boot", "overflowed", "lost"])
 def test_a_crash_resends_what_was_written_or_the_regions_whole(env: Path, write_log) -> None:
     """After a crash of the process the write log says which chunks were written since the
