@@ -24,6 +24,8 @@ Holes shown by the ``xfail`` tests (each fails on the code as it is):
 from __future__ import annotations
 
 import json
+import random
+import signal
 import socket
 import subprocess
 from pathlib import Path
@@ -35,12 +37,14 @@ from test_cli_analysis import ISC
 from test_nbd import CMD_READ, KIB, MIB
 from test_nbd_protocol import CMD_TRIM, TYPE_ERROR, TYPE_OFFSET_DATA, client, session_server
 from test_pull import frozen, libnbd_python
-from test_serve import isc_serve
+from test_serve import isc_serve, line_reader, next_line
 
-from isc import MemoryLUN, Session
+from isc import FileLUN, MemoryLUN, Session
 from isc.copy import CopyJob, Destination, DestState
 from isc.nbd import NBDLUN
+from isc.nbd.export import FROZEN_SUFFIX
 from isc.serve import SessionControl
+from isc.store import create_session
 
 SEED = 20261207
 serve = test_nbd.serve  # the fixture: isc servers on Unix sockets in tmp_path
@@ -49,6 +53,8 @@ EIO = 5
 PULL = '''
 """Pull the dirty extents of a frozen export into a backup file, TRIMming the first N."""
 import json
+import random
+import signal
 import os
 import sys
 
@@ -291,3 +297,75 @@ def test_a_trim_on_another_connection_during_a_frozen_read_never_changes_what_it
     kinds = [kind for kind, _, _ in answer]
     data = b"".join(payload[8:] for kind, _, payload in answer if kind == TYPE_OFFSET_DATA)
     assert TYPE_ERROR in kinds or data == b"\1" * g
+
+
+# -- isc serve killed mid-pull, and its periodic updates during one ------------------------------
+def frozen_uri(uri: str, name: str = "state") -> str:
+    """The frozen export's URI beside the live export ``uri`` of session ``name``."""
+    return uri.replace(f"///{name}?", f"///{name}{FROZEN_SUFFIX}?")
+
+
+def live_writes(uri: str, rng: random.Random, size: int, count: int) -> None:
+    """``count`` random host writes through the live export, flushed."""
+    with NBDLUN(uri, timeout=TIMEOUT) as live:
+        for _ in range(count):
+            live.write(rng.randrange(size - 20 * KIB), rng.randbytes(rng.randrange(1, 20 * KIB)))
+        live.flush()
+
+
+def checkpoints_after(uri: str, rng: random.Random, journal: Path, count: int) -> None:
+    """Host writes through the live export until ``count`` checkpoints of the server changed
+    ``journal`` (each write to a cold region of a session whose hot set holds two wakes its
+    checkpointer), the first begun after this call: the last holds every confirm before it."""
+    seen, left = journal.stat(), count + 1
+    with NBDLUN(uri, timeout=TIMEOUT) as live:
+        for _ in range(5000):
+            live.write(rng.randrange(live.size - KIB), rng.randbytes(KIB))
+            now = journal.stat()
+            if (now.st_size, now.st_mtime_ns) != (seen.st_size, seen.st_mtime_ns):
+                seen, left = now, left - 1
+                if not left:
+                    return
+    pytest.fail(f"{count} checkpoints did not come within 5000 host writes")
+
+
+def test_isc_serve_killed_mid_pull_resends_every_chunk_the_backup_lacks(tmp_path: Path):
+    size, g = 2 * MIB, 16 * KIB
+    rng = random.Random(SEED)
+    source, backup, state = tmp_path / "source.img", tmp_path / "backup.img", tmp_path / "state"
+    source.write_bytes(rng.randbytes(size))
+    FileLUN.create(backup, size).close()
+    # A hot set of two regions of one chunk: host writes keep the checkpoints coming.
+    create_session(state, str(source), granularity=g, region_size=g, max_hot=2, hot_limit=2)
+    args, ctl = serve_args(tmp_path, state)
+    context = "qemu:dirty-bitmap:state"
+    with open(tmp_path / "killed.log", "wb") as log:
+        proc = subprocess.Popen(
+            [*ISC, "serve", *args, "--json"], stdout=subprocess.PIPE, stderr=log, text=True
+        )
+    try:
+        ready = json.loads(next_line(line_reader(proc.stdout), "isc serve") or "null")
+        (uri,) = ready["exports"].values()
+        assert control(ctl, "mark", full=True)["ok"]
+        pull(tmp_path, frozen_uri(uri), context, backup)
+        assert control(ctl, "unmark")["ok"]
+        assert backup.read_bytes() == source.read_bytes()  # the last completed backup
+        live_writes(uri, rng, size, 24)
+        assert control(ctl, "mark")["ok"]
+        dirty = pull(tmp_path, frozen_uri(uri), context, backup, trims=6)
+        assert len(dirty) > 6
+        live_writes(uri, rng, size, 24)  # over TRIMmed, untrimmed and clean chunks
+        # The TRIMs are in a checkpoint, and the host writes since in the write log only.
+        checkpoints_after(uri, rng, state / "checkpoint.journal", 2)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(TIMEOUT)
+    assert proc.returncode == -signal.SIGKILL
+    with isc_serve(tmp_path, *args) as (ready, _):
+        info = control(ctl, "status")["info"]
+        assert info["state"] == "unmarked", info
+        assert control(ctl, "mark")["ok"]
+        pull(tmp_path, frozen_uri(ready["uri"]), context, backup)
+        assert control(ctl, "unmark")["info"]["returned_chunks"] == 0
+    missed = differing_chunks(backup.read_bytes(), source.read_bytes(), g)
+    assert not missed, f"chunks the next backup did not send: {missed}"
