@@ -152,6 +152,12 @@ class ActivityLog:
             old, self._current = self._current, generation
         return old
 
+    def discard(self, generation: Generation) -> None:
+        """Close and delete the files of a prepared ``generation`` never gone on in."""
+        generation.close()
+        for suffix in ("log", "writes"):
+            (self.directory / f"activity.{generation.number}.{suffix}").unlink(missing_ok=True)
+
     def half_full(self) -> bool:
         """Whether the write log holds half the records it can."""
         with self._lock:

@@ -527,6 +527,11 @@ class PersistentSession:
                 except BaseException:
                     bitmap.snapshot_end(False)
                     raise
+            except BaseException:
+                # Before writes go on: the generation in force stays, its write log too.
+                bitmap.log_writes(self._log.area())
+                self._log.discard(fresh)
+                raise
             finally:
                 bitmap.thaw()
             ended.close()  # the bitmap appends to the new generation's write log now

@@ -63,7 +63,7 @@ from test_store import (
     opened,
 )
 
-from isc import CorruptMetadata, DestState, journal
+from isc import CorruptMetadata, DestState, IscError, journal
 from isc.store import (
     METADATA,
     PersistentSession,
@@ -613,6 +613,68 @@ def test_crashes_after_checkpoints_that_failed_lose_nothing(
         crashes.take(state, "machine")
     for image in crashes.images:
         check(image)
+
+
+def _open_files() -> tuple[int, list[str]]:
+    """This process's open descriptors and the write logs it maps."""
+    maps = Path("/proc/self/maps").read_text().splitlines()
+    return len(os.listdir("/proc/self/fd")), sorted(m for m in maps if ".writes" in m)
+
+
+FAILS_AFTER_PREPARE = {
+    "snapshot": lambda stored, patch, fail: patch.setattr(
+        journal.Journal, "wants_base", property(fail)
+    ),
+    "retire_hot": lambda stored, patch, fail: patch.setattr(
+        stored,
+        "_keep_hot",
+        lambda: [HOT_REGIONS + 1],  # the core refuses it
+    ),
+    "the switch of logs": lambda stored, patch, fail: patch.setattr(
+        type(stored._log), "rotate", fail
+    ),
+}
+"""Ways a checkpoint fails between preparing the next generation's logs and going on in it."""
+
+
+@pytest.mark.parametrize("step", list(FAILS_AFTER_PREPARE))
+def test_a_checkpoint_that_fails_before_the_switch_of_logs_leaks_nothing_and_loses_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step: str
+) -> None:
+    """A checkpoint that fails after preparing the next generation's logs and before going
+    on in them closes them (no descriptor or mapping left) and leaves the generation in
+    force as it was; writes go on into it, a later checkpoint works, and a crash of the
+    machine after it loses nothing."""
+    state = hot_session(tmp_path, max_hot=4, hot_limit=16)
+    crashes = Crashes(tmp_path)
+    rng = random.Random(step)
+    with opened(state) as stored:
+        hold_checkpoints(stored)
+        for region in (1, 2, 3):
+            write_in(stored, region, rng)
+        stored.checkpoint()
+        generation, before = stored._log.generation, _open_files()
+        write_in(stored, 4, rng)
+
+        def fail(*args) -> None:
+            raise OSError(5, "injected: input/output error")
+
+        with monkeypatch.context() as patch:
+            FAILS_AFTER_PREPARE[step](stored, patch, fail)
+            with pytest.raises((OSError, IscError), match=r"injected|outside"):
+                stored.checkpoint()
+        assert _open_files() == before
+        assert stored._log.generation == generation
+        for region in (4, 5, 1):
+            write_in(stored, region, rng)
+        crashes.take(state, "machine")
+        stored.checkpoint()
+        assert stored._log.generation == generation + 1
+        for region in (6, 2):
+            write_in(stored, region, rng)
+        crashes.take(state, "machine")
+    for image in crashes.images:
+        assert check(image).crashed
 
 
 def test_a_crash_inside_the_checkpoint_of_a_recovery_loses_nothing(
