@@ -27,22 +27,40 @@ import json
 import random
 import signal
 import socket
+import struct
 import subprocess
 from pathlib import Path
 
 import pytest
 import test_nbd
-from helpers import TIMEOUT, Gate, HookLUN, Worker, differing_chunks, session_directory
+from helpers import (
+    TIMEOUT,
+    Gate,
+    HookLUN,
+    Worker,
+    Writers,
+    differing_chunks,
+    fill_random,
+    session_directory,
+)
 from test_cli_analysis import ISC
 from test_nbd import CMD_READ, KIB, MIB
-from test_nbd_protocol import CMD_TRIM, TYPE_ERROR, TYPE_OFFSET_DATA, client, session_server
+from test_nbd_protocol import (
+    CMD_TRIM,
+    STATE_DIRTY,
+    TYPE_ERROR,
+    TYPE_OFFSET_DATA,
+    client,
+    session_server,
+)
 from test_pull import frozen, libnbd_python
 from test_serve import isc_serve, line_reader, next_line
 
 from isc import FileLUN, MemoryLUN, Session
 from isc.copy import CopyJob, Destination, DestState
-from isc.nbd import NBDLUN
+from isc.nbd import NBDLUN, SessionLUN
 from isc.nbd.export import FROZEN_SUFFIX
+from isc.savearea import SaveArea
 from isc.serve import SessionControl
 from isc.store import create_session
 
@@ -369,3 +387,144 @@ def test_isc_serve_killed_mid_pull_resends_every_chunk_the_backup_lacks(tmp_path
         assert control(ctl, "unmark")["info"]["returned_chunks"] == 0
     missed = differing_chunks(backup.read_bytes(), source.read_bytes(), g)
     assert not missed, f"chunks the next backup did not send: {missed}"
+
+
+def test_periodic_updates_during_a_pull_leave_its_mark_and_send_what_it_returns(tmp_path: Path):
+    size, g = 2 * MIB, 64 * KIB
+    rng = random.Random(SEED + 1)
+    state = session_directory(tmp_path, size, g, SEED + 1)
+    isc("copy", str(state), "--full")
+    source, backup = tmp_path / "source.img", tmp_path / "backup.img"
+    FileLUN.create(backup, size).close()
+    args, ctl = serve_args(tmp_path, state)
+    with isc_serve(tmp_path, *args, "--every", "0.02") as (ready, updates):
+        for _ in range(100):  # a mark asked for while an update runs is refused: ask again
+            marked = control(ctl, "mark", full=True)
+            if marked["ok"]:
+                break
+            assert "already running" in marked["reason"], marked
+            next_line(updates, "isc serve --every")
+        at_mark = source.read_bytes()
+        live_writes(ready["uri"], rng, size, 16)  # saved for the pull, tracked for the next
+        refused = 0
+        while refused < 3:  # updates come during the pull, and fail without touching it
+            update = json.loads(next_line(updates, "isc serve --every") or "null")
+            assert not update["ok"] and "already marked" in update["reason"], update
+            assert [d["state"] for d in update["destinations"]] == ["consistent"]
+            refused += 1
+        pull(tmp_path, frozen_uri(ready["uri"]), "qemu:dirty-bitmap:state", backup, trims=0)
+        assert backup.read_bytes() == at_mark
+        assert control(ctl, "unmark")["info"]["returned_chunks"] == size // g
+        for _ in range(100):  # what the pull did not confirm reaches the destination
+            update = json.loads(next_line(updates, "isc serve --every") or "null")
+            if update["ok"] and update["chunks_sent"]:
+                break
+    assert update["chunks_sent"] == size // g
+    assert (tmp_path / "d0.img").read_bytes() == source.read_bytes()
+
+
+# -- stress: writers, a pulling client, random finishes and aborts ---------------------------------
+def dirty_pieces(c, ids: dict[str, int], size: int, piece: int) -> list[tuple[int, int]]:
+    """The frozen export's dirty extents, asked until the end, cut in pieces of at most
+    ``piece`` bytes: (offset, length) of each."""
+    dirty, at = [], 0
+    while at < size:
+        for length, flags in c.status(at, size - at)[ids["qemu:dirty-bitmap:disk"]]:
+            if flags & STATE_DIRTY:
+                dirty += [(o, min(piece, at + length - o)) for o in range(at, at + length, piece)]
+            at += length
+    return dirty
+
+
+def read_or_fail(c, length: int) -> bytes | None:
+    """The answer to the READ just sent: its data, or None when it failed with EIO (a
+    structured reply may send some of the data before its error chunk)."""
+    answer = c.answer()
+    errors = [payload for kind, _, payload in answer if kind == TYPE_ERROR]
+    if answer[0][0] == 0:  # a simple reply: only an error comes so
+        assert answer[0][1] == EIO, answer
+        return None
+    if errors:
+        assert struct.unpack(">I", errors[0][:4])[0] == EIO, errors
+        return None
+    data = b"".join(payload[8:] for kind, _, payload in answer if kind == TYPE_OFFSET_DATA)
+    assert len(data) == length, answer
+    return data
+
+
+def test_stress_pulls_that_finish_drop_or_abort_while_host_writes_race(
+    serve, tmp_path: Path, busy_switching
+):
+    g, chunks = 16 * KIB, 64
+    size = g * chunks
+    rng = random.Random(SEED)
+    lun = FileLUN.create(tmp_path / "source.img", size)
+    fill_random(lun, rng)
+    # A save area of 16 chunks: some marks end in a COFW that finds it full (rule 5).
+    session = Session(lun, g, SaveArea(16 * g), name="disk")
+    server = serve(SessionLUN(session))
+    controls = SessionControl(session, pull=server.frozen)
+
+    def host_write(writer: int, seq: int, r: random.Random) -> None:
+        offset = r.randrange(size - 1)
+        session.write(offset, r.randbytes(r.randrange(1, min(2 * g, size - offset) + 1)))
+
+    backup = bytearray(size)  # the destination a pull writes into, in place
+    outcomes = {"finished": 0, "aborted": 0, "full": 0}
+    with Writers(host_write, 3, SEED) as writers:
+        for turn in range(150):
+            writers.pause()
+            generation = controls.mark({"full": turn == 0})["info"]["generation"]
+            at_mark = lun.read(0, size)
+            plan = rng.choice(["finish", "finish-sent", "abort", "abort-mid-request"])
+            with client(server) as c:
+                ids = frozen(c)
+                dirty = dirty_pieces(c, ids, size, 4 * g)
+                writers.resume()
+                writers.allow(rng.randrange(4, 24))
+                stop = rng.randrange(len(dirty) + 1) if plan.startswith("abort") else -1
+                untrimmed = 0
+                for n, (offset, length) in enumerate(dirty):
+                    c.request(CMD_READ, offset, length)
+                    if n == stop and plan == "abort-mid-request":
+                        controls.unmark({})  # races the READ
+                    data = read_or_fail(c, length)
+                    if data is None:
+                        assert session.abort_reason(generation) or n >= stop >= 0, (turn, n)
+                        break
+                    assert data == at_mark[offset : offset + length], (turn, plan, offset)
+                    backup[offset : offset + length] = data
+                    if plan == "finish-sent" and rng.random() < 0.3:
+                        untrimmed += length // g
+                        continue
+                    c.request(CMD_TRIM, offset, length)
+                    if n == stop:
+                        controls.unmark({})  # races the TRIM
+                    error = c.error()
+                    ended = n == stop or session.abort_reason(generation)
+                    assert error in ((0, EIO) if ended else (0,)), (turn, plan, error)
+            writers.pause()
+            if session.abort_reason(generation):
+                outcomes["full"] += 1
+                controls.unmark({})  # what a client does after its requests failed
+            elif plan.startswith("finish"):
+                done = controls.unmark({"sent": plan == "finish-sent"})["info"]
+                assert done["returned_chunks"] == 0 and done["dropped_chunks"] == untrimmed
+                assert bytes(backup) == at_mark, (turn, plan)
+                outcomes["finished"] += 1
+            else:
+                controls.unmark({})  # ended already, unless the last request came first
+                outcomes["aborted"] += 1
+            assert session.save_area.used == 0
+            # Rule 2 against the backup: every chunk where it differs from the source is tracked.
+            bitmap = session.bitmap
+            lost = [
+                chunk
+                for chunk in differing_chunks(bytes(backup), lun.read(0, size), g)
+                if not bitmap.tracking(chunk)
+            ]
+            assert not lost, (turn, plan, lost)
+            writers.resume()
+        writers.limit(0)
+    assert outcomes["finished"] >= 20 and outcomes["aborted"] >= 20, outcomes
+    assert outcomes["full"] >= 3, outcomes
