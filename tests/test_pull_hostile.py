@@ -340,6 +340,61 @@ def test_a_trim_on_another_connection_during_a_frozen_read_never_changes_what_it
     assert TYPE_ERROR in kinds or data == b"\1" * g
 
 
+# -- host writes racing a pull's READ and TRIM of their chunk --------------------------------------
+@pytest.mark.parametrize("parked", ["the read", "the host write"])
+def test_a_host_write_racing_a_frozen_read_of_its_chunk_never_shows_in_it(serve, parked):
+    g = 64 * KIB
+    lun = HookLUN(ParkingLUN(4 * g))
+    session, server = session_server(serve, lun, granularity=g)
+    session.write(0, b"\1" * g)
+    session.mark()
+    gate = Gate()
+    with client(server) as c:
+        frozen(c)
+        if parked == "the read":  # it read the source: the write saves, then lands
+            lun.lun.hook = gate
+            c.request(CMD_READ, 0, g)
+            gate.wait_reached()
+            session.write(0, b"\2" * g)
+            gate.open()
+            data = read_or_fail(c, g)
+        else:  # the write saved the chunk and waits to land: the read runs meanwhile
+            lun.before_write = gate
+            writing = Worker(lambda: session.write(0, b"\2" * g))
+            gate.wait_reached()
+            c.request(CMD_READ, 0, g)
+            data = read_or_fail(c, g)
+            gate.open()
+            writing.finish()
+    assert data == b"\1" * g
+    assert lun.read(0, g) == b"\2" * g
+
+
+def test_a_trim_racing_a_host_writes_save_of_its_chunk_keeps_it_tracked_and_frees_it(serve):
+    g = 64 * KIB
+    lun = ParkingLUN(4 * g)
+    session, server = session_server(serve, lun, granularity=g)
+    session.write(0, b"\1" * (2 * g))
+    session.mark()
+    gate = Gate()
+    lun.hook = gate  # the host write parks inside its save, holding the saves' lock
+    writing = Worker(lambda: session.write(g - 1, b"\2" * 2))  # chunks 0 and 1
+    gate.wait_reached()
+    with client(server) as c:
+        frozen(c)
+        c.request(CMD_TRIM, 0, g)  # waits for the save, then frees what it stored
+        gate.open()
+        writing.finish()
+        assert c.error() == 0
+        c.request(CMD_READ, g, g)
+        assert read_or_fail(c, g) == b"\1" * g  # chunk 1 still reads as at the mark
+    bitmap = session.bitmap
+    assert [bitmap.transfer(c) for c in (0, 1)] == [False, True]
+    assert session.save_area.used == g and not session.save_area.get(0)
+    session.unmark()
+    assert [bitmap.tracking(c) for c in (0, 1)] == [True, True]  # the write is not lost
+
+
 # -- isc serve killed mid-pull, and its periodic updates during one ------------------------------
 def frozen_uri(uri: str, name: str = "state") -> str:
     """The frozen export's URI beside the live export ``uri`` of session ``name``."""
