@@ -29,6 +29,8 @@ import signal
 import socket
 import struct
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -62,7 +64,7 @@ from isc.nbd import NBDLUN, SessionLUN
 from isc.nbd.export import FROZEN_SUFFIX
 from isc.savearea import SaveArea
 from isc.serve import SessionControl
-from isc.store import create_session
+from isc.store import copy, create_session, open_session
 
 SEED = 20261207
 serve = test_nbd.serve  # the fixture: isc servers on Unix sockets in tmp_path
@@ -425,26 +427,52 @@ def checkpoints_after(uri: str, rng: random.Random, journal: Path, count: int) -
     pytest.fail(f"{count} checkpoints did not come within 5000 host writes")
 
 
-def test_isc_serve_killed_mid_pull_resends_every_chunk_the_backup_lacks(tmp_path: Path):
-    size, g = 2 * MIB, 16 * KIB
-    rng = random.Random(SEED)
-    source, backup, state = tmp_path / "source.img", tmp_path / "backup.img", tmp_path / "state"
-    source.write_bytes(rng.randbytes(size))
-    FileLUN.create(backup, size).close()
-    # A hot set of two regions of one chunk: host writes keep the checkpoints coming.
-    create_session(state, str(source), granularity=g, region_size=g, max_hot=2, hot_limit=2)
-    args, ctl = serve_args(tmp_path, state)
+@contextmanager
+def killed_at_the_end(tmp_path: Path, args: list[str]) -> Iterator[str]:
+    """The real ``isc serve ARGS``, ready: its export's URI; SIGKILLed when the block ends."""
     with open(tmp_path / "killed.log", "wb") as log:
         proc = subprocess.Popen(
             [*ISC, "serve", *args, "--json"], stdout=subprocess.PIPE, stderr=log, text=True
         )
     try:
         ready = json.loads(next_line(line_reader(proc.stdout), "isc serve") or "null")
+        assert ready is not None, (tmp_path / "killed.log").read_text()
         (uri,) = ready["exports"].values()
+        yield uri
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(TIMEOUT)
+    assert proc.returncode == -signal.SIGKILL
+
+
+def checkpointed_state(tmp_path: Path, size: int, g: int, rng: random.Random, dests=()) -> Path:
+    """A session directory ``state`` on a random ``source.img`` whose hot set holds two
+    regions of one chunk (host writes keep the checkpoints coming), with a file destination
+    per name in ``dests``, copied to in full."""
+    source, state = tmp_path / "source.img", tmp_path / "state"
+    source.write_bytes(rng.randbytes(size))
+    create_session(state, str(source), granularity=g, region_size=g, max_hot=2, hot_limit=2)
+    with open_session(state)[0] as stored:
+        for name in dests:
+            FileLUN.create(tmp_path / f"{name}.img", size).close()
+            stored.add_destination(str(tmp_path / f"{name}.img"), name)
+        if dests:
+            copy(stored, "full")
+    return state
+
+
+def test_isc_serve_killed_mid_pull_resends_every_chunk_the_backup_lacks(tmp_path: Path):
+    size, g = 2 * MIB, 16 * KIB
+    rng = random.Random(SEED)
+    state = checkpointed_state(tmp_path, size, g, rng)
+    source, backup = tmp_path / "source.img", tmp_path / "backup.img"
+    FileLUN.create(backup, size).close()
+    args, ctl = serve_args(tmp_path, state)
+    with killed_at_the_end(tmp_path, args) as uri:
         assert control(ctl, "mark", full=True)["ok"]
         pull(tmp_path, frozen_uri(uri), backup)
         assert control(ctl, "unmark")["ok"]
-        assert backup.read_bytes() == source.read_bytes()  # the last completed backup
+        assert image(backup) == image(source)  # the last completed backup
         live_writes(uri, rng, size, 24)
         assert control(ctl, "mark")["ok"]
         dirty = pull(tmp_path, frozen_uri(uri), backup, trims=6)
@@ -452,18 +480,41 @@ def test_isc_serve_killed_mid_pull_resends_every_chunk_the_backup_lacks(tmp_path
         live_writes(uri, rng, size, 24)  # over TRIMmed, untrimmed and clean chunks
         # The TRIMs are in a checkpoint, and the host writes since in the write log only.
         checkpoints_after(uri, rng, state / "checkpoint.journal", 2)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(TIMEOUT)
-    assert proc.returncode == -signal.SIGKILL
     with isc_serve(tmp_path, *args) as (ready, _):
         info = control(ctl, "status")["info"]
         assert info["state"] == "unmarked", info
         assert control(ctl, "mark")["ok"]
         pull(tmp_path, frozen_uri(ready["uri"]), backup)
         assert control(ctl, "unmark")["info"]["returned_chunks"] == 0
-    missed = differing_chunks(backup.read_bytes(), source.read_bytes(), g)
+    missed = differing_chunks(image(backup), image(source), g)
     assert not missed, f"chunks the next backup did not send: {missed}"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="as test_a_pull_backup_leaves_the_push_destinations_of_the_session_to_be_sent_to, "
+    "across a SIGKILL: the pull's confirms are in a checkpoint, session.json's epoch is the "
+    "one before them, and recovery leaves the push destination in step (a fix must make the "
+    "epoch's move durable before a checkpoint can hold the confirms, as begin_copy records a "
+    "push copy)",
+)
+def test_a_pull_confirmed_before_a_sigkill_still_reaches_the_push_destinations(tmp_path: Path):
+    size, g = 2 * MIB, 16 * KIB
+    rng = random.Random(SEED + 2)
+    state = checkpointed_state(tmp_path, size, g, rng, dests=("d0",))
+    backup = tmp_path / "backup.img"
+    backup.write_bytes(image(tmp_path / "source.img"))
+    args, ctl = serve_args(tmp_path, state)
+    with killed_at_the_end(tmp_path, args) as uri:
+        live_writes(uri, rng, size, 8)
+        assert control(ctl, "mark")["ok"]
+        pull(tmp_path, frozen_uri(uri), backup)
+        checkpoints_after(uri, rng, state / "checkpoint.journal", 2)
+    with isc_serve(tmp_path, *args):
+        isc("mark", str(state))
+        copied = json.loads(isc("copy", str(state), "--json").stdout)
+        assert [d["state"] for d in copied["destinations"]] == ["consistent"]
+    assert differing_chunks(image(tmp_path / "d0.img"), image(tmp_path / "source.img"), g) == []
 
 
 def test_periodic_updates_during_a_pull_leave_its_mark_and_send_what_it_returns(tmp_path: Path):
