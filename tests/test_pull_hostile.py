@@ -55,7 +55,7 @@ from test_nbd_protocol import (
     client,
     session_server,
 )
-from test_pull import frozen, libnbd_python
+from test_pull import EIO, frozen, libnbd_python
 from test_serve import image, isc_serve, line_reader, next_line
 
 from isc import FileLUN, MemoryLUN, Session
@@ -68,15 +68,12 @@ from isc.store import copy, create_session, open_session
 
 SEED = 20261207
 serve = test_nbd.serve  # the fixture: isc servers on Unix sockets in tmp_path
-EIO = 5
 CONTEXT = "qemu:dirty-bitmap:state"
 """The dirty bitmap context of the session directories ``state`` these tests serve."""
 
 PULL = '''
 """Pull the dirty extents of a frozen export into a backup file, TRIMming the first N."""
 import json
-import random
-import signal
 import os
 import sys
 
