@@ -13,8 +13,12 @@ Holes shown by the ``xfail`` tests (each fails on the code as it is):
 * a pull's confirms (TRIM, or ``unmark`` with ``"sent": true``) clear chunks that no push
   destination of the session received, yet leave the session's epoch alone: the push
   destinations stay in step and consistent, and the next ``isc copy`` never sends them;
+  after a SIGKILL too, once a checkpoint holds the confirms;
+* the other way round, a push copy sends and clears the mark a backup tool made for its
+  pull: the pull backup never gets what the copy confirmed;
 * a frozen export client may TRIM the mark of a push copy (``isc copy``, ``--every``): the
-  copy skips the chunks it confirmed and still reports its destinations consistent;
+  copy then sends a confirmed chunk as the source is now, written after the mark, and still
+  reports its destination consistent;
 * ``unmark`` with ``"sent": true`` names no mark: a late or retried one drops the unsent
   chunks of a later mark, sent nowhere;
 * a READ of a dirty chunk that a TRIM on another connection confirms while the READ runs
