@@ -108,3 +108,23 @@ class FileSave:
     def chunks(self) -> int: ...
     @property
     def nbytes(self) -> int: ...
+
+class SavedWrite:
+    """Writes a save area's saved chunks over a copy in a destination file, GIL released."""
+
+    def __init__(
+        self,
+        index: dict[int, tuple[int, int, int]],
+        area_lock: Any,
+        arena: Any,
+        fd: int,
+        granularity: int,
+        limit: int,
+    ) -> None: ...
+    def __call__(self, chunks: npt.ArrayLike, end: int, dest: Any) -> int: ...
+    @property
+    def chunks(self) -> int: ...
+    @property
+    def nbytes(self) -> int: ...
+    @property
+    def writes(self) -> int: ...

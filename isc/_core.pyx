@@ -82,7 +82,11 @@ The save area's side
 ``FileSave`` a session's COFW save for a file source and an in-memory save
 area: ``write_through`` calls it without a Python call, and it ``pread``s
 each chunk straight into its slot with the GIL released, handing anything
-but a plain success to the session's Python save.
+but a plain success to the session's Python save. ``SavedWrite`` is the
+copy's side: it writes a run's saved chunks over the run's kernel copy in a
+destination file, adjacent ones in one ``pwritev`` straight from their
+slots, with the GIL released for each write, and stops at anything but a
+plain success for the session's Python loop to go on.
 """
 
 from libc.stdint cimport int64_t, uint32_t, uint64_t
@@ -93,6 +97,7 @@ cimport numpy as cnp
 from cpython.buffer cimport (PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release,
                              PyObject_GetBuffer)
 from posix.types cimport off_t
+from posix.uio cimport iovec, pwritev
 from posix.unistd cimport pread
 from cpython.bytes cimport PyBytes_CheckExact, PyBytes_GET_SIZE
 from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_Check
@@ -131,6 +136,10 @@ cdef extern from "<pthread.h>" nogil:
     int pthread_cond_destroy(pthread_cond_t *)
     int pthread_cond_wait(pthread_cond_t *, pthread_mutex_t *)
     int pthread_cond_broadcast(pthread_cond_t *)
+
+
+cdef extern from "<limits.h>":
+    enum: IOV_MAX
 
 
 cdef extern from *:
@@ -2347,6 +2356,180 @@ cdef class FileSave:
         if i < n:
             self._fallback(_array(todo + i, n - i))
         return 0
+
+
+cdef class SavedWrite:
+    """Writes a save area's saved chunks to a destination file with the GIL released.
+
+    ``SavedWrite(index, area_lock, arena, fd, granularity, limit)`` serves
+    one save area: ``index`` (chunk -> ``(offset, slot, length)``) and
+    ``area_lock`` are the area's, ``arena`` is an in-memory area's buffer
+    (None for a file area) and ``fd`` a file area's descriptor (-1 in
+    memory). Chunks are ``granularity`` bytes; one write holds at most
+    ``limit`` bytes (and 1024 chunks).
+
+    ``write(chunks, end, dest)``, with ``chunks`` (ascending) of a range
+    ending at ``end`` whose source data was just copied to ``dest`` (a
+    ``FileLUN``, written through its ``_write_fd``), writes every chunk
+    held over it at ``chunk * granularity``: adjacent chunks in one
+    ``pwritev``, straight from the arena's slots (a file area ``pread``s
+    them into a buffer first). For each write it takes ``area_lock`` and
+    looks the chunks up, then releases the GIL for the I/O alone; holding
+    the lock, no slot is freed or reused and the area is not closed before
+    its data is written. A chunk not held is skipped: flagged but not
+    stored yet, it was not overwritten yet either. Anything but a plain
+    success (``dest`` closed, the arena released, a chunk that does not end
+    at ``min(its chunk's end, end)``, a read or write that fails or makes no
+    progress) stops it before that chunk's write. Returns how many of
+    ``chunks`` it handled: the caller does the rest its own way, and meets
+    the error there. ``chunks``, ``nbytes`` and ``writes`` count what it
+    wrote and in how many writes.
+    """
+
+    cdef dict _index
+    cdef object _area_lock, _area_unlock  # the save area's lock: acquire, release
+    cdef object _arena
+    cdef int _fd
+    cdef uint64_t _granularity
+    cdef uint64_t _limit
+    cdef size_t _most                     # chunks per write
+    cdef iovec *_iov
+    cdef uint64_t *_from                  # a file area: where each chunk of a write lies
+    cdef char *_buffer                    # a file area: the chunks of a write
+    cdef readonly uint64_t chunks
+    cdef readonly uint64_t nbytes
+    cdef readonly uint64_t writes
+
+    def __cinit__(self, dict index not None, area_lock, arena, int fd, granularity, limit):
+        cdef int64_t g = _i64(granularity)
+        cdef int64_t most = _i64(limit)
+        if g <= 0 or most < g:
+            raise _layout.ParameterError(
+                f"a SavedWrite needs 0 < granularity <= limit, got {granularity} and {limit}")
+        self._index = index
+        self._area_lock, self._area_unlock = area_lock.acquire, area_lock.release
+        self._arena = arena
+        self._fd = fd
+        self._granularity = <uint64_t>g
+        self._limit = <uint64_t>most
+        self._most = <size_t>min(most // g, IOV_MAX)
+        self._iov = <iovec *>malloc(self._most * sizeof(iovec))
+        if arena is None:
+            self._from = <uint64_t *>malloc(self._most * 8)
+            self._buffer = <char *>malloc(<size_t>most)
+        if self._iov == NULL or arena is None and (self._from == NULL or self._buffer == NULL):
+            raise MemoryError("cannot allocate the buffers of a SavedWrite")
+
+    def __dealloc__(self):
+        free(self._iov)
+        free(self._from)
+        free(self._buffer)
+
+    def __call__(self, chunks, end, dest):
+        cdef cnp.ndarray todo = np.ascontiguousarray(chunks, dtype=np.int64)
+        cdef const int64_t *c = <const int64_t *>cnp.PyArray_DATA(todo)
+        cdef size_t n = <size_t>cnp.PyArray_SIZE(todo)
+        cdef uint64_t stop = <uint64_t>_i64(end)
+        cdef int out = dest._write_fd  # -1 once closed
+        cdef size_t i = 0
+        cdef bint going = out >= 0
+        while going and i < n:
+            self._area_lock()
+            try:
+                going = self._write_next(c, n, &i, stop, out)
+            finally:
+                self._area_unlock()
+        return i
+
+    cdef bint _write_next(self, const int64_t *c, size_t n, size_t *at, uint64_t stop,
+                          int out) except -1:
+        """Write the group of adjacent held chunks from ``c[at]`` on, skipping chunks
+        not held before it, and move ``at`` past it; False, ``at`` on the chunk it
+        could not write, when it stops. Called with the area's lock held."""
+        cdef Py_buffer arena
+        cdef bint memory = self._arena is not None
+        cdef bint ok = True
+        cdef size_t i = at[0]
+        cdef size_t k = 0
+        cdef uint64_t g = self._granularity
+        cdef uint64_t start = 0, total = 0, chunk, offset, length
+        cdef char *base = NULL
+        cdef size_t size = 0
+        if memory:
+            try:
+                PyObject_GetBuffer(self._arena, &arena, PyBUF_SIMPLE)
+            except ValueError:  # released: the area is closed
+                return False
+            base, size = <char *>arena.buf, <size_t>arena.len
+        try:
+            while i < n and k < self._most:
+                chunk = <uint64_t>c[i]
+                entry = self._index.get(chunk)
+                if entry is None:
+                    if k:
+                        break
+                    i += 1  # flagged, not stored yet: the source's data stands
+                    at[0] = i
+                    continue
+                offset, length = entry[0], entry[2]
+                if k and (chunk * g != start + total or total + length > self._limit):
+                    break
+                if chunk * g >= stop or length != min(g, stop - chunk * g) or (
+                        memory and offset + length > size):
+                    break
+                if k == 0:
+                    start = chunk * g
+                if memory:
+                    self._iov[k].iov_base = base + offset
+                else:
+                    self._iov[k].iov_base = self._buffer + total
+                    self._from[k] = offset
+                self._iov[k].iov_len = length
+                total += length
+                k += 1
+                i += 1
+            if k == 0:
+                return False  # nothing held is left, or the next chunk cannot go
+            with nogil:
+                ok = (memory or self._read_group(k)) and _pwritev_all(
+                    out, self._iov, k, start)
+            if ok:
+                at[0] = i
+                self.chunks += k
+                self.nbytes += total
+                self.writes += 1
+            return ok
+        finally:
+            if memory:
+                PyBuffer_Release(&arena)
+
+    cdef bint _read_group(self, size_t k) noexcept nogil:
+        """Read a file area's ``k`` chunks of a write into the buffer."""
+        cdef size_t j
+        for j in range(k):
+            if not _pread_all(self._fd, <char *>self._iov[j].iov_base, self._iov[j].iov_len,
+                              self._from[j]):
+                return False
+        return True
+
+
+cdef bint _pwritev_all(int fd, iovec *iov, size_t k, uint64_t offset) noexcept nogil:
+    """Write all of ``iov[0:k]`` at ``offset`` (changing ``iov``); False on any error or
+    a write that makes no progress."""
+    cdef ssize_t got
+    while k:
+        got = pwritev(fd, iov, <int>k, <off_t>offset)
+        if got <= 0:
+            return False
+        offset += <uint64_t>got
+        while k and <size_t>got >= iov[0].iov_len:
+            got -= <ssize_t>iov[0].iov_len
+            iov += 1
+            k -= 1
+        if k:
+            iov[0].iov_base = <char *>iov[0].iov_base + got
+            iov[0].iov_len -= <size_t>got
+    return True
 
 
 cdef bint _pread_all(int fd, char *buffer, uint64_t length, uint64_t offset) noexcept nogil:

@@ -649,3 +649,101 @@ def _pread_all(fd: int, view: memoryview, offset: int) -> bool:
     except OSError:
         return False
     return True
+
+
+class SavedWrite:
+    """The twin of :class:`isc._core.SavedWrite`: the same steps through Python calls."""
+
+    def __init__(self, index, area_lock, arena, fd, granularity, limit) -> None:
+        if not 0 < granularity <= limit:
+            raise ParameterError(
+                f"a SavedWrite needs 0 < granularity <= limit, got {granularity} and {limit}"
+            )
+        self._index = index
+        self._area_lock = area_lock
+        self._arena = arena
+        self._fd = fd
+        self._granularity = granularity
+        self._limit = limit
+        self._most = min(limit // granularity, os.sysconf("SC_IOV_MAX"))
+        self.chunks = 0
+        self.nbytes = 0
+        self.writes = 0
+
+    def __call__(self, chunks, end, dest) -> int:
+        todo = np.ascontiguousarray(chunks, dtype=np.int64).tolist()
+        out = dest._write_fd
+        i = 0
+        going = out >= 0
+        while going and i < len(todo):
+            with self._area_lock:
+                going, i = self._write_next(todo, i, end, out)
+        return i
+
+    def _write_next(self, todo: list[int], i: int, end: int, out: int) -> tuple[bool, int]:
+        arena = None
+        if self._arena is not None:
+            try:
+                arena = memoryview(self._arena)
+            except ValueError:  # released: the area is closed
+                return False, i
+        try:
+            return self._write_group(todo, i, end, out, arena)
+        finally:
+            if arena is not None:
+                arena.release()
+
+    def _write_group(self, todo, i, end, out, arena) -> tuple[bool, int]:
+        g = self._granularity
+        group: list[bytes] = []
+        start = total = 0
+        while i < len(todo) and len(group) < self._most:
+            chunk = todo[i]
+            entry = self._index.get(chunk)
+            if entry is None:
+                if group:
+                    break
+                i += 1  # flagged, not stored yet: the source's data stands
+                continue
+            offset, _, length = entry
+            if group and (chunk * g != start + total or total + length > self._limit):
+                break
+            if chunk * g >= end or length != min(g, end - chunk * g):
+                break
+            if arena is not None:
+                if offset + length > len(arena):
+                    break
+                group.append(bytes(arena[offset : offset + length]))
+            else:
+                try:
+                    data = os.pread(self._fd, length, offset)
+                except OSError:
+                    data = b""
+                if len(data) != length:
+                    return False, i - len(group)
+                group.append(data)
+            start = start if total else chunk * g
+            total += length
+            i += 1
+        if not group:
+            return False, i
+        if not _pwrite_all(out, b"".join(group), start):
+            return False, i - len(group)
+        self.chunks += len(group)
+        self.nbytes += total
+        self.writes += 1
+        return True, i
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> bool:
+    """Write all of ``data`` at ``offset``; False on any error or no progress."""
+    done = 0
+    try:
+        while done < len(data):
+            got = os.pwrite(fd, data[done:], offset + done)
+            if not got:
+                return False
+            done += got
+    except OSError:
+        return False
+    return True

@@ -24,7 +24,10 @@ memory stays mapped and the file at its largest size so far, within
 the source (:meth:`SaveArea.save_from`): one copy, into memory that is
 already faulted in after the first mark. For a session on a ``FileLUN`` with
 an in-memory area the whole COFW runs in the core (:meth:`SaveArea.file_save`):
-a ``pread`` into the slot under the same locks, with no Python frame.
+a ``pread`` into the slot under the same locks, with no Python frame. A
+copy's saved chunks go to a destination file from the core too
+(:meth:`SaveArea.saved_write`): straight from the slots of a memory area,
+through one buffer from a file area's, the interpreter lock released.
 
 Invariants: ``used`` (the sum of entry lengths) never exceeds ``capacity``;
 ``end`` never exceeds ``capacity`` either, so a file never grows beyond it;
@@ -59,7 +62,7 @@ import stat
 import threading
 from collections.abc import Callable
 
-from isc._core import DeltaBitmap, FileSave, Slots
+from isc._core import DeltaBitmap, FileSave, SavedWrite, Slots
 from isc._layout import MAX_GRANULARITY
 from isc.errors import ParameterError, RangeError, SaveAreaFull, StateError
 from isc.lun import BytesLike, FileLUN
@@ -335,6 +338,22 @@ class SaveArea:
             return None
         arena = self._store.view
         return FileSave(bitmap, source, lock, self._slots, self._index, arena, self._lock, fallback)
+
+    def saved_write(self, granularity: int, limit: int) -> SavedWrite:
+        """The core call that writes this area's chunks over a copy in a destination file.
+
+        A :class:`~isc._core.SavedWrite` for chunks of ``granularity`` bytes,
+        at most ``limit`` bytes per write: it writes straight from the slots of
+        an in-memory area (a file area's are read into a buffer first) with the
+        interpreter lock released, under this area's lock, and stops at anything
+        but a plain success. Like :meth:`file_save` it calls no method of this
+        area.
+        """
+        store = self._store
+        # A closed file area's descriptor is never used: closing empties the index.
+        if isinstance(store, _MemoryStore):
+            return SavedWrite(self._index, self._lock, store.view, -1, granularity, limit)
+        return SavedWrite(self._index, self._lock, None, store._fd, granularity, limit)
 
     def get(self, chunk: int) -> bytes | None:
         """The saved contents of ``chunk``, or None when it is not held.

@@ -141,6 +141,7 @@ class Session:
         self.write = functools.partial(  # type: ignore[method-assign]
             self.bitmap.write_through, source.write, self._file_save or self._save
         )
+        self._write_saved = self.save_area.saved_write(self.granularity, SAVED_WRITE)
 
     # -- state -----------------------------------------------------------------
     @property
@@ -384,6 +385,13 @@ class Session:
         g = self.granularity
         end = offset + length
         chunks = self._saved_in(offset, length)
+        if not chunks:
+            return True
+        # The core writes them with the interpreter lock released: a thread
+        # taking it back for every chunk made the threads serving the host's
+        # writes wait for its switch interval. It stops at anything but a plain
+        # success, and the loop below writes the rest, meeting any error.
+        chunks = chunks[self._write_saved(chunks, end, dest) :]
         # Saved chunks that follow each other go to ``dest`` in one write, up
         # to the buffer's size: each system call hands the interpreter lock to
         # the threads serving the host's writes and takes it back.

@@ -1161,8 +1161,11 @@ class RecordedFile(FileLUN):
         super().write(offset, data)
 
 
+@pytest.mark.parametrize("path", ["core", "fallback"])
 @pytest.mark.parametrize("group", [None, 2], ids=["whole", "two-chunk-writes"])
-def test_saved_chunks_that_follow_each_other_go_out_in_one_write(tmp_path, monkeypatch, group):
+def test_saved_chunks_that_follow_each_other_go_out_in_one_write(
+    tmp_path, monkeypatch, group, path
+):
     import isc.session
 
     g, size = 4096, 16 * 4096 + 100
@@ -1174,6 +1177,9 @@ def test_saved_chunks_that_follow_each_other_go_out_in_one_write(tmp_path, monke
     ):
         fill_random(source, random.Random(15))
         session = Session(source, g)
+        core = session._write_saved
+        if path == "fallback":  # the core stops at once: the session's loop writes them all
+            session._write_saved = lambda chunks, end, dest: 0
         session.mark(full=True)
         image = source.read(0, size)
         for chunk in (2, 3, 4, 7, 16):  # saved: the old data of 5 chunks, the last one short
@@ -1182,9 +1188,129 @@ def test_saved_chunks_that_follow_each_other_go_out_in_one_write(tmp_path, monke
         CopyJob(session, [Destination(dest_lun, "d")], workers=1).incremental()
         assert dest_lun.read(0, size) == image
     if group:
-        assert dest_lun.written == [(2 * g, 2 * g), (4 * g, g), (7 * g, g), (16 * g, 100)]
+        writes = [(2 * g, 2 * g), (4 * g, g), (7 * g, g), (16 * g, 100)]
     else:
-        assert dest_lun.written == [(2 * g, 3 * g), (7 * g, g), (16 * g, 100)]
+        writes = [(2 * g, 3 * g), (7 * g, g), (16 * g, 100)]
+    if path == "core":  # with the interpreter lock released, not through FileLUN.write
+        assert (dest_lun.written, core.chunks, core.writes) == ([], 5, len(writes))
+    else:
+        assert (dest_lun.written, core.chunks) == (writes, 0)
+
+
+class NoPythonWrites(FileLUN):
+    """A file destination whose ``write`` must not be called: copies reach it in the kernel
+    and, for saved chunks, through the core's ``SavedWrite``."""
+
+    def write(self, offset: int, data) -> None:
+        raise AssertionError(f"FileLUN.write({offset}, {memoryview(data).nbytes} bytes) called")
+
+
+@pytest.mark.parametrize("area", ["memory", "file"])
+def test_saved_chunks_reach_the_destination_from_the_core_while_writers_race(
+    tmp_path, monkeypatch, area
+):
+    """Marked full copies under writer threads, in runs of 8 chunks split between two
+    copy threads, end with each destination holding the image at the mark: the saved
+    chunks, written by the core with the interpreter lock released, never by
+    ``FileLUN.write``."""
+    import isc.copy
+
+    g = 16384
+    size = 64 * g + 1000  # a short last chunk
+    monkeypatch.setattr(isc.copy, "KERNEL_RUN", 8 * g)
+    monkeypatch.setattr(isc.copy, "SPLIT_MIN", g)
+    with (
+        FileLUN.create(tmp_path / "source.img", size) as source,
+        NoPythonWrites.create(tmp_path / "d0.img", size) as d0,
+        NoPythonWrites.create(tmp_path / "d1.img", size) as d1,
+    ):
+        fill_random(source, random.Random(21))
+        save_area = SaveArea(size, None if area == "memory" else tmp_path / "save-area")
+        session = Session(source, g, save_area)
+        dests = [Destination(d0, "d0"), Destination(d1, "d1")]
+
+        def write(writer: int, seq: int, wrng: random.Random) -> None:
+            length = wrng.randrange(512, 2 * g, 512)
+            session.write(wrng.randrange(0, size - length + 1, 512), wrng.randbytes(length))
+
+        def progress(done: int, total: int) -> None:
+            writers.allow(4)  # writes race the next run
+            writers.wait_done(writers.total_done + 1)
+
+        job = CopyJob(session, dests, io_size=4 * g, workers=2, progress=progress)
+        with Writers(write, 2, seed=22) as writers:
+            for _ in range(3):
+                writers.settle()
+                session.mark(full=True)
+                image = source.read(0, size)
+                writers.allow(16)  # saved before the copy reaches their chunks
+                writers.wait_done(writers.total_done + 8)
+                job.incremental()
+                writers.settle()
+                for dest in dests:
+                    assert dest.state is DestState.CONSISTENT
+                    assert contents(dest) == image, dest.name
+        assert 0 < session._write_saved.chunks <= 2 * session.stats.cofw_chunks
+
+
+class BreakingSource(FileLUN):
+    """A file source that, after its kernel copy of the range at ``at`` to ``victim``,
+    makes the victim's descriptor refuse writes (``EBADF``): the saved chunks that follow
+    cannot be written over the copy."""
+
+    victim: FileLUN | None = None
+    at = 0
+
+    def copy_to(self, offset: int, length: int, dest) -> bool:
+        copied = super().copy_to(offset, length, dest)
+        if dest is self.victim and offset == self.at:
+            readonly = os.open(dest.path, os.O_RDONLY | os.O_CLOEXEC)
+            os.dup2(readonly, dest._write_fd)
+            os.close(readonly)
+        return copied
+
+
+@pytest.mark.parametrize("dests", [1, 2])
+def test_a_saved_chunk_write_that_fails_drops_its_destination_and_reports_it_inconsistent(
+    tmp_path, monkeypatch, dests
+):
+    """The core stops at a write that fails, the session's loop meets the error, and the
+    destination drops out: INCONSISTENT, every chunk that differs still tracked (rules 2
+    and 6); the copy fails if it was the only one, else the other ends CONSISTENT."""
+    import isc.copy
+
+    g = 4096
+    size = 16 * g
+    monkeypatch.setattr(isc.copy, "KERNEL_RUN", 8 * g)  # 2 runs: the second one fails
+    with (
+        BreakingSource.create(tmp_path / "source.img", size) as source,
+        FileLUN.create(tmp_path / "d0.img", size) as d0,
+        FileLUN.create(tmp_path / "d1.img", size) as d1,
+    ):
+        fill_random(source, random.Random(31))
+        session = Session(source, g, SaveArea(size))
+        destinations = [Destination(d0, "d0"), Destination(d1, "d1")][:dests]
+        job = CopyJob(session, destinations, io_size=4 * g, workers=1)
+        job.full()
+        session.mark(full=True)
+        image = source.read(0, size)
+        for chunk in (1, 9, 10, 12):  # saved, in both runs
+            session.write(chunk * g, b"\x02" * 100)
+        source.victim, source.at = d0, 8 * g
+        if dests == 1:
+            with pytest.raises(CopyError, match="Bad file descriptor") as failure:
+                job.incremental()
+            outcomes = failure.value.result.outcomes
+            assert session.state is State.UNMARKED
+        else:
+            outcomes = job.incremental().outcomes
+            assert destinations[1].state is DestState.CONSISTENT
+            assert contents(destinations[1]) == image
+        assert outcomes["d0"].startswith("failed") and "Bad file descriptor" in outcomes["d0"]
+        assert destinations[0].state is DestState.INCONSISTENT
+        # Chunk 1 of the first run to each, the second run's 3 to d1 alone.
+        assert session._write_saved.chunks == (1 if dests == 1 else 5)
+        assert_no_lost_change(session, d0)
 
 
 # -- sparse sources: full copies send holes as holes --------------------------------------------

@@ -9,8 +9,10 @@ the role swap of a mark, extents and error messages.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import pickle
+import random
 import threading
 import types
 
@@ -1318,6 +1320,83 @@ def test_a_write_through_a_file_save_that_its_activity_log_refuses_unflags_its_c
     os.close(fd)
     assert (written, sorted(index), bitmap.saved_count) == ([g - 1], [0, 1], 2)
     bounded(bitmap.unmark)
+
+
+SAVED_WRITE_CASES = [
+    "memory",
+    "file",
+    "released arena",
+    "closed destination",
+    "failing write",
+    "failing read",
+    "chunk past the end",
+]
+
+
+@pytest.mark.parametrize("case", SAVED_WRITE_CASES)
+def test_saved_write_matches_the_reference_and_stops_at_anything_but_success(tmp_path, case):
+    """Both SavedWrites write the held chunks, adjacent ones together up to the limit, skip
+    chunks not held, and stop before a chunk they cannot write, returning how many chunks
+    they handled; the destination then holds exactly the groups written."""
+    g = 2048
+    size = 8 * g + 100  # chunk 8 is 100 bytes
+    held = {1: 5, 2: 0, 3: 7, 5: 2, 8: 3}  # chunk -> arena slot, out of order
+    chunks = [1, 2, 3, 4, 5, 8]  # chunk 4 is flagged but not stored yet
+    slots = random.Random(8).randbytes(8 * g)
+    area = tmp_path / "area"
+    area.write_bytes(slots)
+    seen = {}
+    for kind in (_core, _reference):
+        index = {c: (s * g, g, min(g, size - c * g)) for c, s in held.items()}
+        area_lock = threading.Lock()
+        arena = None if case in ("file", "failing read") else memoryview(bytearray(slots))
+        fd = os.open(area, os.O_RDONLY) if arena is None else -1
+        if case == "failing read":
+            os.truncate(area, 6 * g)  # chunks 1 and 2 read, chunk 3 (slot 7) does not
+        out = os.memfd_create("dest", os.MFD_ALLOW_SEALING)
+        os.write(out, b"\xee" * size)
+        if case == "failing write":
+            os.ftruncate(out, 4 * g)  # chunk 5 would grow the file: the seal refuses
+            fcntl.fcntl(out, fcntl.F_ADD_SEALS, fcntl.F_SEAL_GROW)
+        dest = types.SimpleNamespace(_write_fd=-1 if case == "closed destination" else out)
+        write = kind.SavedWrite(index, area_lock, arena, fd, g, 2 * g)
+        if case == "released arena":
+            arena.release()
+        end = 5 * g + 10 if case == "chunk past the end" else size
+        handled = write(np.array(chunks, dtype=np.int64), end, dest)
+        assert not area_lock.locked()
+        counts = (write.chunks, write.nbytes, write.writes)
+        seen[kind.__name__] = (handled, counts, os.pread(out, size, 0))
+        for f in (out, fd):
+            if f >= 0:
+                os.close(f)
+        area.write_bytes(slots)
+    assert seen["isc._core"] == seen["isc._reference"]
+    handled, counts, data = seen["isc._core"]
+    # Groups: [1, 2] (the limit's worth), [3], 4 skipped, [5], [8].
+    written, expected_handled = {
+        "memory": ([1, 2, 3, 5, 8], 6),
+        "file": ([1, 2, 3, 5, 8], 6),
+        "released arena": ([], 0),
+        "closed destination": ([], 0),
+        "failing write": ([1, 2, 3], 4),  # chunk 5's write fails
+        "failing read": ([1, 2], 2),  # chunk 3's read fails
+        "chunk past the end": ([1, 2, 3], 4),  # chunk 5 does not end at end
+    }[case]
+    assert handled == expected_handled
+    groups = len(written) - (1 in written)
+    assert counts == (len(written), sum(min(g, size - c * g) for c in written), groups)
+    expected = bytearray(b"\xee" * (4 * g if case == "failing write" else size))
+    for c in written:
+        length = min(g, size - c * g)
+        expected[c * g : c * g + length] = slots[held[c] * g : held[c] * g + length]
+    assert data == bytes(expected)
+
+
+def test_saved_write_needs_a_limit_of_at_least_a_chunk():
+    for kind in (_core, _reference):
+        with pytest.raises(ParameterError, match="0 < granularity <= limit"):
+            kind.SavedWrite({}, threading.Lock(), None, -1, 4096, 2048)
 
 
 # -- the Python protocols: ==, len, pickling, chunks_of -------------------------------
