@@ -24,6 +24,7 @@ mismatch makes the run exit 1. Prints a Markdown table; ``--json`` writes
 every measurement.
 
     .venv/bin/python benchmarks/compare_qemu.py [--size 1G] [--json results.json]
+        [--serve-option=--switch-interval=5 ...]
 """
 
 from __future__ import annotations
@@ -422,7 +423,7 @@ def isc_session(run: Run) -> Iterator[tuple[IscServer, Path]]:
     options = ["--granularity", str(run.args.granularity), "--save-area", save_area]
     for command in (["create", state, "--source", run.source, *options], ["add-dest", state, dest]):
         subprocess.run([*ISC, *command], check=True, timeout=WAIT, capture_output=True)
-    server = IscServer(state, run.path("isc-serve.log"))
+    server = IscServer(state, run.path("isc-serve.log"), *run.args.serve_option)
     try:
         yield server, dest
     finally:
@@ -569,6 +570,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=list(DEFAULT_PERF),
         metavar="WORKERS:CHUNK[:copy-range]",
         help="x-perf settings for QEMU's tuned full copy",
+    )
+    parser.add_argument(
+        "--serve-option",
+        action="append",
+        default=[],
+        metavar="OPTION",
+        help="an option for isc serve, repeatable (e.g. --serve-option=--switch-interval=5)",
     )
     parser.add_argument("--dir", help="where the volume's files go (default: /dev/shm if room)")
     parser.add_argument("--seed", type=int, default=20261124)

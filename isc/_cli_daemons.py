@@ -91,6 +91,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         "socket is made mode 0600, in a directory that must be yours alone",
     )
     _json_option(serve)
+    _switch_option(serve)
     _cli_auth.add_server_options(serve)
     _limit_options(serve)
     serve.set_defaults(daemon="serve")
@@ -117,9 +118,27 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         help="first NBD port (default: control port + 1; beside unix:PATH, 10809)",
     )
     _json_option(agent)
+    _switch_option(agent)
     _cli_auth.add_server_options(agent)
     _limit_options(agent)
     agent.set_defaults(daemon="agent")
+
+
+SWITCH_INTERVAL_MS = 0.5
+"""The interpreter's switch interval in ``isc serve`` and ``isc agent``, in milliseconds
+(Python's own is 5): benchmarks/README.md, "Host write stalls during a copy"."""
+
+
+def _switch_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--switch-interval",
+        type=_positive,
+        default=SWITCH_INTERVAL_MS,
+        metavar="MS",
+        help="how long a thread waits for Python's interpreter lock before it asks the "
+        "thread holding it to hand it over, in milliseconds; shorter, the host's writes "
+        f"wait less behind a running copy (default {SWITCH_INTERVAL_MS:g}; Python's own is 5)",
+    )
 
 
 def _limit_options(parser: argparse.ArgumentParser) -> None:
@@ -175,6 +194,9 @@ def _ready(args: argparse.Namespace, exports: dict[str, str], control: str | Non
 
 
 def run(args: argparse.Namespace) -> int:
+    # Set here, not in run_serve or run_agent: a library leaves the settings
+    # of its embedder's whole process alone.
+    sys.setswitchinterval(args.switch_interval / 1000)
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())

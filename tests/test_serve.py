@@ -438,3 +438,50 @@ def test_serving_a_source_file_locks_it_against_other_sessions(work: Path):
     stored, _ = open_session(work / "other")
     with stored, pytest.raises(StateError, match=f"the source {source} is in use by another"):
         run_serve(str(source), HOST, 0, stop=threading.Event())
+
+
+# -- the interpreter's switch interval: the commands set it, run_serve does not ----------------
+@pytest.mark.parametrize("daemon", ["serve", "agent"])
+@pytest.mark.parametrize("given", [None, "0.2"])
+def test_isc_serve_and_agent_set_the_switch_interval_and_run_serve_leaves_it(
+    work: Path, monkeypatch, daemon, given
+):
+    import sys
+
+    import isc.agent
+    import isc.cli
+    import isc.serve
+
+    seen: list[float] = []
+    monkeypatch.setattr(sys, "setswitchinterval", seen.append)
+    monkeypatch.setattr(signal, "signal", lambda *args: None)  # the test's handlers stay
+    monkeypatch.setattr(isc.serve, "run_serve", lambda *args, **kwargs: None)
+    monkeypatch.setattr(isc.agent, "run_agent", lambda *args, **kwargs: None)
+    where = (
+        ["serve", str(work / "source.img")] if daemon == "serve" else ["agent", "--dir", str(work)]
+    )
+    listen = ["--listen", "127.0.0.1:0"]
+    option = [] if given is None else ["--switch-interval", given]
+    assert isc.cli.main([*where, *listen, *option]) == 0
+    assert seen == [0.0002 if given else 0.0005]
+
+
+def test_run_serve_leaves_the_switch_interval_of_its_process_alone(work: Path, monkeypatch):
+    import sys
+
+    monkeypatch.setattr(sys, "setswitchinterval", lambda seconds: pytest.fail("set"))
+    stop = threading.Event()
+    stop.set()
+    run_serve(str(work / "source.img"), HOST, 0, stop=stop)
+
+
+def test_a_switch_interval_that_is_not_positive_is_refused(work: Path):
+    for value in ("0", "-1", "fast"):
+        done = subprocess.run(
+            [*ISC, "serve", str(work / "source.img"), "--switch-interval", value],
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+        )
+        assert done.returncode == 2
+        assert f"argument --switch-interval: {value!r}" in done.stderr.splitlines()[-1]
