@@ -17,6 +17,14 @@ checkpoint ``K``, says where those writes may be, in two files:
                          machine
 =======================  ====================================================
 
+A generation that a checkpoint on disk made obsolete is not deleted: its
+files, renamed ``activity-spare.log`` and ``activity-spare.writes`` and
+kept open, become the next generation's (the region log cut to the kept
+regions' records, the write log's head rewritten in its mapping, both
+renamed back), so a checkpoint neither creates, maps, lists nor deletes
+files. No open reads the spare; it is deleted at a close and, after a
+crash, by the first checkpoint of the open.
+
 After a crash, each generation since the newest checkpoint is resent from
 its ``.writes`` file when that file is whole and was written since the
 machine last booted (its boot id), so only what was written goes again;
@@ -25,12 +33,15 @@ extents). A ``.writes`` file holds ``WRITES_BYTES`` of records; a generation
 that outgrows it falls back to its regions.
 
 Costs: a write to a hot region adds a 16-byte store to the mapping; the
-first write to a cold region one fsynced record. A checkpoint keeps the
-regions written since the one before hot (up to half the hot set's
-capacity, which :mod:`isc.store` fits to the write pattern), so a steady
-working set pays no record after it. :attr:`ActivityLog.logged` counts the
-regions recorded in the current generation since it began (the kept ones
-not included): how often host writes waited for a record.
+first write to a cold region one fsynced record. A checkpoint costs the log
+six system calls (cut, write and sync the region log, two renames, a sync
+of the directory) and two more once the journal holds it (the renames to
+the spare). A checkpoint keeps the regions written since the one before hot
+(up to half the hot set's capacity, which :mod:`isc.store` fits to the
+write pattern), so a steady working set pays no record after it.
+:attr:`ActivityLog.logged` counts the regions recorded in the current
+generation since it began (the kept ones not included): how often host
+writes waited for a record.
 
 Layout of ``activity.K.writes`` (little-endian): magic ``ISCWRITE``, ``K``
 u64, the boot id (36 ASCII bytes, zero-padded to 48); then what
@@ -40,9 +51,11 @@ u64, the boot id (36 ASCII bytes, zero-padded to 48); then what
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import mmap
 import os
+import re
 import struct
 import threading
 import zlib
@@ -52,11 +65,11 @@ from pathlib import Path
 import numpy as np
 
 from isc.errors import CorruptMetadata
-from isc.journal import fsync_dir
 
 WRITES_BYTES = 64 << 20
 """Size of a ``.writes`` file: about 4 million host writes per generation."""
 _RECORD = struct.Struct("<QQI")
+_FILE = re.compile(r"activity\.(\d+)\.(log|writes)\Z")
 _SECTOR = 512
 """The unit a disk writes whole: a torn append is zero from a multiple of it."""
 _WRITES_HEAD = struct.Struct("<8sQ48s")
@@ -85,6 +98,8 @@ class Generation:
     number: int
     fd: int
     writes: mmap.mmap
+    end: int = 0
+    """Bytes of records in the region log: where the next one goes."""
     logged: int = 0
     """Regions appended since the generation began."""
 
@@ -97,13 +112,53 @@ class Generation:
         self.writes.close()
 
 
+SPARE = "activity-spare"
+"""The names (``.log``, ``.writes``) of the files of a generation no checkpoint needs any
+more, kept open to be the next one's."""
+
+
+def _names(number: int | None) -> tuple[str, str]:
+    """The region log's and the write log's file names of generation ``number`` (None: the
+    spare's)."""
+    stem = SPARE if number is None else f"activity.{number}"
+    return f"{stem}.log", f"{stem}.writes"
+
+
 class ActivityLog:
-    """Both logs of the current generation (see the module docstring)."""
+    """Both logs of the current generation (see the module docstring), the generations it
+    ended that the newest checkpoint on disk may still need, and a spare.
+
+    A checkpoint takes the next generation's files from the spare when there
+    is one (the files of a generation a newer checkpoint made obsolete,
+    kept open under the spare's names): the region log is cut to the
+    records kept hot, the write log's head rewritten in its mapping, and
+    both renamed; otherwise it creates them. :meth:`retire` turns the
+    generations a checkpoint on disk made obsolete into the spare, or
+    deletes them. So a checkpoint's system calls are few: every one lets
+    another thread take the interpreter lock, and the host writes' thread,
+    woken at each, waits again for the whole switch interval when it finds
+    the lock taken back.
+    """
 
     def __init__(self, directory: Path, generation: int) -> None:
         self.directory = directory
         self._lock = threading.Lock()
-        self._current = self._open(generation, [])
+        self._dir = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._ended: list[Generation] = []
+        self._spare: Generation | None = None
+        try:
+            # Files of older generations (and a spare) a crash left: deleted once a
+            # checkpoint on disk is newer than them (retire).
+            self._stale = [
+                name
+                for name in os.listdir(self._dir)
+                if name in _names(None)
+                or ((match := _FILE.match(name)) and int(match.group(1)) < generation)
+            ]
+            self._current = self._create(generation, [])
+        except BaseException:
+            os.close(self._dir)
+            raise
 
     @property
     def generation(self) -> int:
@@ -118,45 +173,103 @@ class ActivityLog:
         """Where ``DeltaBitmap.log_writes`` appends this generation's writes."""
         return self._current.area()
 
-    def _open(self, number: int, keep: list[int]) -> Generation:
+    def _create(self, number: int, keep: list[int]) -> Generation:
         """Create generation ``number``'s files, its region log holding ``keep``, durably."""
-        path = self.directory / f"activity.{number}.log"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        log, writes = _names(number)
+        flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+        fd = os.open(log, flags, 0o600, dir_fd=self._dir)
         try:
-            if keep:
-                os.write(fd, b"".join(_record(first, last) for first, last in _runs(keep)))
-                os.fdatasync(fd)
-            writes = _new_writes(self.directory / f"activity.{number}.writes", number)
-            fsync_dir(self.directory)
+            mapped = _map_writes(os.open(writes, flags, 0o600, dir_fd=self._dir))
         except BaseException:
             os.close(fd)
             raise
-        return Generation(number, fd, writes)
+        generation = Generation(number, fd, mapped)
+        try:
+            self._begin(generation, keep)
+        except BaseException:
+            generation.close()
+            raise
+        return generation
+
+    def _begin(self, generation: Generation, keep: list[int]) -> None:
+        """Stamp ``generation``'s write log and write ``keep`` as its region log, durably."""
+        _WRITES_HEAD.pack_into(generation.writes, 0, _WRITES_MAGIC, generation.number, boot_id())
+        _COUNTS.pack_into(generation.writes, _WRITES_HEAD.size, 0, 0)
+        kept = b"".join(_record(first, last) for first, last in _runs(keep)) if keep else b""
+        generation.end, generation.logged = len(kept), 0
+        if kept:
+            os.pwrite(generation.fd, kept, 0)
+            os.fdatasync(generation.fd)
 
     def append(self, first: int, last: int) -> None:
         """Record regions first..last durably; return once they are on disk."""
         with self._lock:
-            os.write(self._current.fd, _record(first, last))
-            os.fdatasync(self._current.fd)
-            self._current.logged += last - first + 1
+            current = self._current
+            os.pwrite(current.fd, _record(first, last), current.end)
+            current.end += _RECORD.size
+            os.fdatasync(current.fd)
+            current.logged += last - first + 1
 
     def prepare(self, keep: list[int]) -> Generation:
-        """Create the next generation's files, its region log holding the regions ``keep``
-        stays hot across the switch, durably; pass it to :meth:`rotate`."""
-        return self._open(self.generation + 1, keep)
+        """The next generation's files, its region log holding the regions ``keep`` stays
+        hot across the switch, durably; pass it to :meth:`rotate`, or to :meth:`discard`."""
+        number = self.generation + 1
+        spare, self._spare = self._spare, None
+        if spare is None:
+            generation = self._create(number, keep)
+        else:
+            try:
+                spare.number = number
+                os.ftruncate(spare.fd, 0)
+                self._begin(spare, keep)
+                for old, new in zip(_names(None), _names(number), strict=True):
+                    os.rename(old, new, src_dir_fd=self._dir, dst_dir_fd=self._dir)
+            except BaseException:
+                self._drop(spare, _names(None) + _names(number))
+                raise
+            generation = spare
+        try:
+            os.fsync(self._dir)
+        except BaseException:
+            self.discard(generation)
+            raise
+        return generation
 
-    def rotate(self, generation: Generation) -> Generation:
-        """Go on in ``generation`` at once; return the one it ends, to close once the
-        bitmap no longer appends to its write log."""
+    def rotate(self, generation: Generation) -> None:
+        """Go on in ``generation`` at once; the one it ends stays until :meth:`retire`."""
         with self._lock:
-            old, self._current = self._current, generation
-        return old
+            self._ended.append(self._current)
+            self._current = generation
 
     def discard(self, generation: Generation) -> None:
         """Close and delete the files of a prepared ``generation`` never gone on in."""
+        self._drop(generation, _names(generation.number))
+
+    def _drop(self, generation: Generation, names: tuple[str, ...]) -> None:
+        """Close ``generation`` and delete its files, which have ``names``."""
         generation.close()
-        for suffix in ("log", "writes"):
-            (self.directory / f"activity.{generation.number}.{suffix}").unlink(missing_ok=True)
+        for name in names:
+            _unlink(name, self._dir)
+
+    def retire(self, checkpoint: int) -> None:
+        """Checkpoint ``checkpoint`` is on disk: the generations before it are obsolete.
+        One becomes the spare; the others' files, and those a crash left, are deleted.
+        A crash before this reaches the disk leaves files older than the checkpoint,
+        which the next open ignores."""
+        for name in self._stale:
+            _unlink(name, self._dir)
+        self._stale = []
+        keep = []
+        for generation in self._ended:
+            if generation.number >= checkpoint:
+                keep.append(generation)
+            elif self._spare is None:
+                for old, new in zip(_names(generation.number), _names(None), strict=True):
+                    os.rename(old, new, src_dir_fd=self._dir, dst_dir_fd=self._dir)
+                self._spare = generation
+            else:
+                self._drop(generation, _names(generation.number))
+        self._ended = keep
 
     def half_full(self) -> bool:
         """Whether the write log holds half the records it can."""
@@ -165,8 +278,18 @@ class ActivityLog:
         return 16 * count > WRITES_BYTES // 2
 
     def close(self) -> None:
+        """Close every file; delete the spare's."""
         with self._lock:
-            self._current.close()
+            if self._spare is not None:
+                self._drop(self._spare, _names(None))
+            for generation in [self._current, *self._ended]:
+                generation.close()
+            os.close(self._dir)
+
+
+def _unlink(name: str, directory: int) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(name, dir_fd=directory)
 
 
 def _record(first: int, last: int) -> bytes:
@@ -182,15 +305,13 @@ def _runs(regions: list[int]) -> list[tuple[int, int]]:
     return list(zip(firsts.tolist(), lasts.tolist(), strict=True))
 
 
-def _new_writes(path: Path, number: int) -> mmap.mmap:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+def _map_writes(fd: int) -> mmap.mmap:
+    """A shared mapping of the new write log open at ``fd``, which it closes."""
     try:
         os.ftruncate(fd, WRITES_BYTES)  # sparse: pages are taken as records fill them
-        writes = mmap.mmap(fd, WRITES_BYTES, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        return mmap.mmap(fd, WRITES_BYTES, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
     finally:
         os.close(fd)
-    _WRITES_HEAD.pack_into(writes, 0, _WRITES_MAGIC, number, boot_id())
-    return writes
 
 
 def read_log(path: Path) -> list[tuple[int, int]]:

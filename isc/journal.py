@@ -20,7 +20,7 @@ States and costs:
 
 | operation | what it writes | cost |
 |---|---|---|
-| checkpoint (delta) | a segment, appended; ``fdatasync`` | O(pages changed since the last) |
+| checkpoint (delta) | a segment, appended (one write per MiB); ``fdatasync`` | O(pages changed) |
 | checkpoint (base) | a new file; ``fsync``, rename, ``fsync`` of its directory | O(set pages) |
 | open | nothing: it reads the file once, into the map | O(file) |
 
@@ -49,6 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from isc._core import DeltaBitmap
+from isc._layout import MAX_RECORD
 from isc.errors import CorruptMetadata
 
 NAME = "checkpoint.journal"
@@ -241,7 +242,7 @@ class Journal:
             self._end, self._base_bytes = loaded.end, loaded.base_bytes
             if loaded.torn:
                 os.ftruncate(self._fd, self._end)  # what a crash cut short
-        self._buffer = bytearray(_BUFFER)
+        self._buffer = bytearray(HEADER_SIZE + _BUFFER + _COMMIT.size)
 
     @property
     def wants_base(self) -> bool:
@@ -259,20 +260,34 @@ class Journal:
         else:
             fd, at = self._fd, self._end
         try:
-            position, crc = at + HEADER_SIZE, 0
+            # The records gather behind room for the header and go out when the buffer
+            # is full; a checkpoint that fits is one write, header and commit included.
             view = memoryview(self._buffer)
-            while n := bitmap.snapshot_records(self._buffer):
-                _pwrite_all(fd, view[:n], position)
-                crc = zlib.crc32(view[:n], crc)
-                position += n
-            records = position - at - HEADER_SIZE
+            position, held, crc = at + HEADER_SIZE, HEADER_SIZE, 0
+            while True:
+                n = bitmap.snapshot_records(view[held : HEADER_SIZE + _BUFFER])
+                held += n
+                if n == 0 or HEADER_SIZE + _BUFFER - held < MAX_RECORD:
+                    crc = zlib.crc32(view[HEADER_SIZE:held], crc)
+                    if n == 0:
+                        break
+                    _pwrite_all(fd, view[HEADER_SIZE:held], position)
+                    position, held = position + held - HEADER_SIZE, HEADER_SIZE
+            records = position + held - HEADER_SIZE - at - HEADER_SIZE
             flags = (_BASE if base else 0) | (_MARKED if marked else 0)
             head = _HEADER.pack(
                 MAGIC, seq, records, generation, bitmap.size, bitmap.granularity, flags, t
             )
-            commit = _COMMIT.pack(seq, crc, zlib.crc32(struct.pack("<QI", seq, crc)))
-            _pwrite_all(fd, head + _HEADER_CRC.pack(zlib.crc32(head)), at)
-            _pwrite_all(fd, commit, position)
+            head += _HEADER_CRC.pack(zlib.crc32(head))
+            end = held + _COMMIT.size
+            _COMMIT.pack_into(view, held, seq, crc, zlib.crc32(struct.pack("<QI", seq, crc)))
+            if position == at + HEADER_SIZE:
+                view[:HEADER_SIZE] = head
+                _pwrite_all(fd, view[:end], at)
+            else:
+                _pwrite_all(fd, view[HEADER_SIZE:end], position)
+                _pwrite_all(fd, head, at)
+            position += held - HEADER_SIZE
             os.fdatasync(fd)
             if base:
                 os.replace(tmp, self.path)

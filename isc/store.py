@@ -17,6 +17,8 @@ Layout of a state directory::
                         the first write to the region proceeds
     activity.<K>.writes every host write since checkpoint K, stored into a
                         shared mapping before it proceeds (isc.activity)
+    activity-spare.*    the files of an obsolete generation, kept for the next
+                        one (isc.activity); never read
 
 Crash safety without a synchronous metadata write per host write (the way
 DRBD's activity log works): a write to a region (``region_size`` bytes,
@@ -27,7 +29,8 @@ bitmap page the checkpoint has not written yet first copies the page;
 ``retire_hot``, a pass over one bit per region), retires the hot regions it
 does not keep (below; the kept ones are recorded first in log K+1) and
 starts log K+1; then it appends the pages changed since checkpoint K to the
-journal as checkpoint K+1 and deletes the older logs. Its cost follows the
+journal as checkpoint K+1 and retires the older logs (one becomes the spare
+whose files log K+2 reuses, :mod:`isc.activity`). Its cost follows the
 pages changed, not the size of the LUN. Checkpoints run in the background
 when the hot set reaches its capacity, when the write log is half full and
 every ``checkpoint_interval`` seconds, and when the session is closed, so a
@@ -522,7 +525,7 @@ class PersistentSession:
                 try:
                     bitmap.retire_hot(keep)
                     bitmap.log_writes(fresh.area())
-                    ended = self._log.rotate(fresh)
+                    self._log.rotate(fresh)
                     self._writes_at = bitmap.writes
                 except BaseException:
                     bitmap.snapshot_end(False)
@@ -534,7 +537,6 @@ class PersistentSession:
                 raise
             finally:
                 bitmap.thaw()
-            ended.close()  # the bitmap appends to the new generation's write log now
             generation = fresh.number
             try:
                 # The state just taken may record chunks as sent that a destination
@@ -559,10 +561,7 @@ class PersistentSession:
             self._checkpointed = True
             self._flushed_for = sent
             # Older logs reappearing after a crash are ignored: the journal is newer.
-            for path in self.directory.iterdir():
-                match = _LOG.match(path.name) or _WRITES.match(path.name)
-                if match and int(match.group(1)) < generation:
-                    path.unlink()
+            self._log.retire(generation)
 
     def save(self) -> None:
         """Write the metadata (destinations, their states, epoch) atomically.
@@ -1215,7 +1214,7 @@ def read_state(directory: str | os.PathLike[str], *, tries: int = 5) -> StoredSt
 
 
 _OWN_FILES = re.compile(
-    r"(session\.json|serve\.json|\.lock|checkpoint\.journal|activity\.\d+\.(log|writes)"
+    r"(session\.json|serve\.json|\.lock|checkpoint\.journal|activity(\.\d+|-spare)\.(log|writes)"
     r"|\.(session\.json|checkpoint\.journal)\.tmp)\Z"
 )
 """The names of the files a session keeps in its directory (the layout above)."""

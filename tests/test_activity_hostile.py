@@ -36,6 +36,8 @@ import os
 import random
 import signal
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -64,6 +66,7 @@ from test_store import (
 )
 
 from isc import CorruptMetadata, DestState, IscError, journal
+from isc.activity import read_log
 from isc.store import (
     METADATA,
     PersistentSession,
@@ -184,6 +187,18 @@ def flushed_source(stored: PersistentSession) -> list[bytes]:
 def write_in(stored: PersistentSession, region: int, rng: random.Random) -> None:
     """A host write of 512 bytes at a random place in ``region``."""
     stored.session.write(region * REGION + rng.randrange(REGION - 512), rng.randbytes(512))
+
+
+@contextmanager
+def checkpointed(root: Path, rng: random.Random) -> Iterator[PersistentSession]:
+    """:func:`test_store.hot_session` in ``root`` (4 regions hot, up to 16), open with the
+    checkpoints the test's, after writes to regions 1, 2 and 3 and a checkpoint."""
+    with opened(hot_session(root, max_hot=4, hot_limit=16)) as stored:
+        hold_checkpoints(stored)
+        for region in (1, 2, 3):
+            write_in(stored, region, rng)
+        stored.checkpoint()
+        yield stored
 
 
 def hot(stored: PersistentSession) -> set[int]:
@@ -582,14 +597,8 @@ def test_crashes_after_checkpoints_that_failed_lose_nothing(
     whose next log cannot be written (nothing changes but the LRU's memory of what it
     would have kept), each followed by writes to kept, retired and new regions and a
     crash of the machine; then one that succeeds, and a last crash."""
-    state = hot_session(tmp_path, max_hot=4, hot_limit=16)
-    crashes = Crashes(tmp_path)
-    rng = random.Random("failed")
-    with opened(state) as stored:
-        hold_checkpoints(stored)
-        for region in (1, 2, 3):
-            write_in(stored, region, rng)
-        stored.checkpoint()
+    state, crashes, rng = tmp_path / "hot", Crashes(tmp_path), random.Random("failed")
+    with checkpointed(tmp_path, rng) as stored:
         for region in (4, 5, 1):
             write_in(stored, region, rng)
 
@@ -615,10 +624,9 @@ def test_crashes_after_checkpoints_that_failed_lose_nothing(
         check(image)
 
 
-def _open_files() -> tuple[int, list[str]]:
-    """This process's open descriptors and the write logs it maps."""
-    maps = Path("/proc/self/maps").read_text().splitlines()
-    return len(os.listdir("/proc/self/fd")), sorted(m for m in maps if ".writes" in m)
+def _open_files() -> tuple[int, str]:
+    """How many descriptors this process has open, and what it maps."""
+    return len(os.listdir("/proc/self/fd")), Path("/proc/self/maps").read_text()
 
 
 FAILS_AFTER_PREPARE = {
@@ -643,17 +651,11 @@ def test_a_checkpoint_that_fails_before_the_switch_of_logs_leaks_nothing_and_los
 ) -> None:
     """A checkpoint that fails after preparing the next generation's logs and before going
     on in them closes them (no descriptor or mapping left) and leaves the generation in
-    force as it was; writes go on into it, a later checkpoint works, and a crash of the
-    machine after it loses nothing."""
-    state = hot_session(tmp_path, max_hot=4, hot_limit=16)
-    crashes = Crashes(tmp_path)
-    rng = random.Random(step)
-    with opened(state) as stored:
-        hold_checkpoints(stored)
-        for region in (1, 2, 3):
-            write_in(stored, region, rng)
-        stored.checkpoint()
-        generation, before = stored._log.generation, _open_files()
+    force as it was (the spare generation it took is gone); writes go on into it, a
+    later checkpoint works, and a crash of the machine after it loses nothing."""
+    state, crashes, rng = tmp_path / "hot", Crashes(tmp_path), random.Random(step)
+    with checkpointed(tmp_path, rng) as stored:
+        generation, (fds, _) = stored._log.generation, _open_files()
         write_in(stored, 4, rng)
 
         def fail(*args) -> None:
@@ -663,7 +665,12 @@ def test_a_checkpoint_that_fails_before_the_switch_of_logs_leaks_nothing_and_los
             FAILS_AFTER_PREPARE[step](stored, patch, fail)
             with pytest.raises((OSError, IscError), match=r"injected|outside"):
                 stored.checkpoint()
-        assert _open_files() == before
+        now, maps = _open_files()
+        assert now <= fds and f"activity.{generation + 1}." not in maps
+        assert sorted(p.name for p in state.glob("activity.*")) == [
+            f"activity.{generation}.log",
+            f"activity.{generation}.writes",
+        ]
         assert stored._log.generation == generation
         for region in (4, 5, 1):
             write_in(stored, region, rng)
@@ -675,6 +682,46 @@ def test_a_checkpoint_that_fails_before_the_switch_of_logs_leaks_nothing_and_los
         crashes.take(state, "machine")
     for image in crashes.images:
         assert check(image).crashed
+
+
+SPARE = ("activity-spare.log", "activity-spare.writes")
+
+
+def test_checkpoints_reuse_the_spare_files_and_a_crash_leaves_the_spare_unread(
+    tmp_path: Path,
+) -> None:
+    """From the second checkpoint on, the next generation's files are the spare's (those of
+    a generation an earlier checkpoint made obsolete, kept open): the same inodes, the
+    region log cut to the records of the regions kept hot. A crash of either kind leaves
+    the spare's files unread, whatever they hold (here a record of a region beyond the
+    volume, which in a log would refuse the open): the first checkpoint of the recovery
+    deletes them, and nothing is lost."""
+    state, crashes, rng = tmp_path / "hot", Crashes(tmp_path), random.Random("spare")
+    with checkpointed(tmp_path, rng) as stored:
+        spare = [(state / name).stat().st_ino for name in SPARE]
+        write_in(stored, 9, rng)
+        stored.checkpoint()
+        current = [f"activity.{stored._log.generation}.{suffix}" for suffix in ("log", "writes")]
+        assert [(state / name).stat().st_ino for name in current] == spare
+        kept = stored._used[0].tolist()
+        assert {
+            r for first, last in read_log(state / current[0]) for r in range(first, last + 1)
+        } == set(kept)
+        for region in (9, 4, 1):
+            write_in(stored, region, rng)
+        for kind in ("process", "machine"):
+            crashes.take(state, kind)
+    for image in crashes.images:
+        with open(image.state / SPARE[0], "ab") as log:
+            log.write(_record(2, HOT_REGIONS))
+        poisoned = (image.state / SPARE[0]).read_bytes()
+        stored, recovery = recover(image)
+        with stored:
+            assert recovery.crashed
+            assert (image.state / SPARE[0]).read_bytes() != poisoned
+            for dest in stored.destinations:
+                assert_no_lost_change(stored.session, dest.lun)
+            update_and_compare(stored)
 
 
 def test_a_crash_inside_the_checkpoint_of_a_recovery_loses_nothing(
