@@ -2,8 +2,8 @@
 
 The server (:mod:`isc.nbd.server`) checks each request against the protocol
 and the export's transmission flags, then calls the export here, in a
-worker thread. An :class:`NBDServer` of a LUN offers one export; of a
-:class:`SessionLUN`, two:
+worker thread or on its event loop's thread (``inline``, ``trims_inline``).
+An :class:`NBDServer` of a LUN offers one export; of a :class:`SessionLUN`, two:
 
 ================  ==========================================================================
 export            what it serves
@@ -373,6 +373,9 @@ class LUNExport:
         self.writable = not readonly
         self.inline = _local(lun)
         """Whether small requests may run on the server's event loop thread."""
+        self.trims_inline = False
+        """Whether a TRIM may run there: never, as it writes (punching a hole, saving
+        the old data of every chunk it covers while the session is marked)."""
         self._frees = _frees_space(lun)
         self._data = _KnownData(lun)
         session = lun.session if isinstance(lun, SessionLUN) else None
@@ -530,6 +533,10 @@ class _FrozenView:
         self.name, self.size, self.contexts = export.name, export.size, export.contexts
         self.flags = export.flags
         self.inline = _local(self.session.source)
+        self.trims_inline = self.inline
+        """A TRIM clears bits and frees saved copies in memory (O(chunks) under the save
+        lock, which a host write holds while it saves): cheaper than the thread hand-off,
+        which a pull client pays at each of its extents."""
 
     def _check(self) -> None:
         """:class:`MarkEnded` once the mark this view serves has ended."""
@@ -557,6 +564,9 @@ class _FrozenView:
         in whole chunks (clipped to the range)."""
         if not length:
             return []
+        found = self.export._data(offset, length)
+        if found == [(offset, length)]:
+            return found  # all data now, so all data at the mark: saved chunks are data too
         g = self.export.granularity
         first, last = offset // g, -(-(offset + length) // g)
         runs = _runs(self._data_chunks(first, last), first, g, offset, offset + length, last)

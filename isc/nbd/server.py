@@ -1,11 +1,12 @@
 """The NBD server: :class:`NBDServer` exports a LUN to any number of clients.
 
 It serves from an asyncio event loop. Reads and writes up to :data:`_INLINE`
-bytes, and the pieces of larger reads, run on the loop's thread where the LUN
-is a file, a device or memory (cheaper than a thread hand-off while the LUN
-answers from memory; one that waits for a slow device makes the others
-wait); all other export I/O runs in a thread pool, so a slow request of that
-kind stalls no other client. What each export serves (its data, commands and
+bytes, the pieces of larger reads, block status from bitmaps read already and
+the frozen export's TRIMs run on the loop's thread where the LUN is a file, a
+device or memory (cheaper than a thread hand-off while the LUN answers from
+memory; one that waits for a slow device makes the others wait); all other
+export I/O runs in a thread pool, so a slow request of that kind stalls no
+other client. What each export serves (its data, commands and
 metadata contexts) is :mod:`isc.nbd.export`'s; here are the sockets, the
 handshake, the checks of every request and the limits.
 
@@ -468,11 +469,22 @@ straight from the socket into the request's own buffer (:class:`_Channel`)."""
 _WRITES = (proto.CMD_WRITE, proto.CMD_WRITE_ZEROES, proto.CMD_TRIM)
 _PAST_THE_END = {proto.CMD_WRITE: errno.ENOSPC, proto.CMD_WRITE_ZEROES: errno.ENOSPC}
 _ADVERTISED = {
-    proto.CMD_FLUSH: TransmissionFlag.SEND_FLUSH,
-    proto.CMD_TRIM: TransmissionFlag.SEND_TRIM,
-    proto.CMD_CACHE: TransmissionFlag.SEND_CACHE,
-    proto.CMD_WRITE_ZEROES: TransmissionFlag.SEND_WRITE_ZEROES,
+    proto.CMD_FLUSH: int(TransmissionFlag.SEND_FLUSH),
+    proto.CMD_TRIM: int(TransmissionFlag.SEND_TRIM),
+    proto.CMD_CACHE: int(TransmissionFlag.SEND_CACHE),
+    proto.CMD_WRITE_ZEROES: int(TransmissionFlag.SEND_WRITE_ZEROES),
 }
+# The transmission flags as ints: checked for every request, where an operation on the
+# IntFlag costs a microsecond (3 µs a request, a fifth of a small inline WRITE's cost).
+_SEND_FUA, _SEND_DF, _SEND_FAST_ZERO, _READ_ONLY = (
+    int(flag)
+    for flag in (
+        TransmissionFlag.SEND_FUA,
+        TransmissionFlag.SEND_DF,
+        TransmissionFlag.SEND_FAST_ZERO,
+        TransmissionFlag.READ_ONLY,
+    )
+)
 
 
 def _wire_error(exc: BaseException, writes: bool) -> int:
@@ -503,7 +515,7 @@ class _Client:
         self.structured = False
         self.meta: tuple[Any, list[int]] | None = None  # the last SET: its export, contexts
         self.view: Any = None  # what transmission serves (an export's attach())
-        self.flags = TransmissionFlag.HAS_FLAGS
+        self.flags = int(TransmissionFlag.HAS_FLAGS)  # the export's, as an int
         self.contexts: list[int] = []  # selected contexts of the view (id = index + 1)
 
     def forget(self) -> None:
@@ -1013,7 +1025,7 @@ class NBDServer:
     def _enter(self, client: _Client, export: Any) -> None:
         """Set up ``client`` to serve ``export`` (raises :class:`Unavailable`)."""
         client.view = export.attach()
-        client.flags = export.flags(client.structured)
+        client.flags = int(export.flags(client.structured))
         meta = client.meta
         client.contexts = meta[1] if meta is not None and meta[0] is export else []
 
@@ -1086,10 +1098,11 @@ class NBDServer:
                         command == proto.CMD_BLOCK_STATUS
                         and client.view.status_is_cheap(client.contexts)
                     )
+                    or (command == proto.CMD_TRIM and client.view.trims_inline)
                 ):
-                    # Small reads and writes, and block status from bitmaps read
-                    # already, run here, in order: a thread hand-off costs more
-                    # than the request (see _INLINE).
+                    # Small reads and writes, block status from bitmaps read already
+                    # and the frozen export's TRIMs run here, in order: a thread
+                    # hand-off costs more than the request (see _INLINE).
                     if command == proto.CMD_WRITE:
                         data = await channel.borrow(length)  # written before the next receive
                     reply = self._run(client, flags, command, handle, offset, length, data)
@@ -1343,12 +1356,12 @@ class NBDServer:
         if name is None:
             return errno.EINVAL, f"unknown command {command}"
         offered = client.flags
-        allowed = proto.CMD_FLAG_FUA if offered & TransmissionFlag.SEND_FUA else 0
-        if command == proto.CMD_READ and offered & TransmissionFlag.SEND_DF:
+        allowed = proto.CMD_FLAG_FUA if offered & _SEND_FUA else 0
+        if command == proto.CMD_READ and offered & _SEND_DF:
             allowed |= proto.CMD_FLAG_DF
         elif command == proto.CMD_WRITE_ZEROES:
             allowed |= proto.CMD_FLAG_NO_HOLE
-            if offered & TransmissionFlag.SEND_FAST_ZERO:
+            if offered & _SEND_FAST_ZERO:
                 allowed |= proto.CMD_FLAG_FAST_ZERO
         elif command == proto.CMD_BLOCK_STATUS:
             allowed |= proto.CMD_FLAG_REQ_ONE
@@ -1356,8 +1369,7 @@ class NBDServer:
             return errno.EINVAL, f"flags {flags & ~allowed:#x} are not valid for {name} here"
         view = client.view
         if command in _WRITES and (
-            offered & TransmissionFlag.READ_ONLY
-            or (command != proto.CMD_TRIM and not view.writable)
+            offered & _READ_ONLY or (command != proto.CMD_TRIM and not view.writable)
         ):
             return errno.EPERM, f"{view.name!r} takes no writes"
         if command in _ADVERTISED and not offered & _ADVERTISED[command]:
