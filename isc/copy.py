@@ -399,6 +399,7 @@ class CopyJob:
         g = session.granularity
         size = session.source.size
         generation = bitmap.generation
+        session.claim_mark(generation, "push copy")
         result = CopyResult(mode)
         cofw_before = session.stats.cofw_chunks
         self._sparse = bitmap.transfer_count == bitmap.chunks and self._holes_known()

@@ -21,7 +21,9 @@ the copies of the session the server owns:
                             ``info.frozen`` names the export of the image at the mark
 ``{"op": "unmark"}``        end the mark; unsent chunks go back to tracking
                             (``"sent": true``: the chunks not confirmed yet count as
-                            sent and are dropped, for a pull that read them all)
+                            sent and are dropped, for a pull that read them all;
+                            it needs ``"generation"``, the mark's number, and any
+                            unmark naming a mark that ended is refused)
 ``{"op": "copy"}``          copy to every destination of a session directory:
                             ``"mode"`` one of :data:`~isc.store.COPY_MODES`
                             (default ``incremental``), optional ``"throttle"``
@@ -175,6 +177,8 @@ class SessionControl:
             "generation": generation,
             "transfer_chunks": self.session.bitmap.transfer_count,
             "granularity": self.session.granularity,
+            # None, or why a pull of this mark cannot be incremental (Session.pull_in_step)
+            "pull_behind": self.session.pull_in_step(generation),
         }
         if self.pull is not None:
             info["frozen"] = self.pull.name
@@ -184,12 +188,24 @@ class SessionControl:
         sent = request.get("sent", False)
         if not isinstance(sent, bool):
             return {"ok": False, "reason": f"sent must be true or false, got {sent!r}"}
+        generation = request.get("generation")
+        if sent and generation is None:
+            return {
+                "ok": False,
+                "reason": 'unmark with "sent": true drops chunks: name the mark they belong to, '
+                '"generation" as mark answered',
+            }
+        if generation is not None and not (_positive(generation) and isinstance(generation, int)):
+            reason = f"generation must be a mark's number, got {generation!r}"
+            return {"ok": False, "reason": reason}
         session = self.session
         dropped = 0
         try:
             with self._exclusive():
-                if sent and session.bitmap.marked:
-                    dropped = session.confirm_sent(0, session.bitmap.chunks, session.generation)
+                if generation is not None and (ended := session.mark_ended(generation)):
+                    return {"ok": False, "reason": f"{ended}; this unmark changes nothing"}
+                if sent:
+                    dropped = session.confirm_pulled(0, session.bitmap.chunks, generation)
                 count = session.bitmap.transfer_count
                 session.unmark()
         except IscError as exc:

@@ -23,6 +23,16 @@ mark and make a write wait while an overlapping write still saves COFW data.
 ``_save_lock`` orders saves against unmark: a save lands only while the mark
 that asked for it is still current, so a save area never holds data of an
 ended mark.
+
+Two kinds of consumer take a mark's chunks: a push copy
+(:class:`~isc.copy.CopyJob`) and a pull backup confirming chunks through the
+frozen export (:meth:`confirm_pulled`). A mark serves one kind only
+(:meth:`claim_mark`): the first to claim it owns it, so a push copy never
+sends a mark a pull has confirmed from, and a pull never confirms chunks a
+push copy still has to send. What a pull confirms, the session's push
+destinations did not get: it goes back into tracking for them. What a push
+copy clears, the last pull backup did not get: the pull falls out of step
+(:attr:`Session.pull_epoch`) until a pull of a full mark.
 """
 
 from __future__ import annotations
@@ -128,6 +138,14 @@ class Session:
         it may differ from the source is in the tracking or transfer bitmap. One
         that missed a copy lacks chunks the bitmaps no longer hold."""
         self._aborted: tuple[int, str] | None = None  # the generation of the last abort, and why
+        self.pull_epoch: int | None = 0
+        """The :attr:`epoch` at which a pull backup was last in step (None: never, as
+        after a recovery that lost the bitmaps). While it equals
+        ``epoch`` every chunk where the last pull backup may differ from the source
+        is in the tracking or transfer bitmap, so a pull may take an incremental
+        mark; a push copy moves ``epoch`` on and a pull then needs a full mark."""
+        self._owner: tuple[int, str] | None = None  # (generation, consumer) of the mark's claim
+        self._full_generation = 0  # the generation of the last full mark
         # The host write path is the hot path: bind it straight to the core so
         # a write costs one C-level call, no Python frame (same behaviour as
         # the ``write`` method below, which documents it).
@@ -165,6 +183,8 @@ class Session:
             if self.mark_blocker:
                 raise StateError(self.mark_blocker)
             self.bitmap.mark(full)
+            if full:
+                self._full_generation = self.bitmap.generation
         log.info("%s: marked (generation %d, full=%s)", self.name, self.generation, full)
         return self.generation
 
@@ -299,13 +319,79 @@ class Session:
         finds the chunks sent and stores nothing.
         """
         with self._save_lock:
-            try:
-                cleared = self.bitmap.clear_transfer(first, count, generation)
-            except StateError:
-                raise StateError(self.mark_ended(generation)) from None
-            if self.save_area.saved_chunks:
-                self.save_area.discard(first, count)
+            return self._confirm_locked(first, count, generation)
+
+    def _confirm_locked(self, first: int, count: int, generation: int) -> int:
+        try:
+            cleared = self.bitmap.clear_transfer(first, count, generation)
+        except StateError:
+            raise StateError(self.mark_ended(generation)) from None
+        if self.save_area.saved_chunks:
+            self.save_area.discard(first, count)
         return cleared
+
+    def claim_mark(self, generation: int, consumer: str) -> None:
+        """Make ``consumer`` (``"push copy"`` or ``"pull"``) the one kind that takes the
+        chunks of mark ``generation``.
+
+        Raises ``StateError`` saying why, changing nothing, when the other kind
+        claimed it first (a mark that ended is the consumer's own check).
+        """
+        with self._save_lock:
+            self._claim_locked(generation, consumer)
+
+    def _claim_locked(self, generation: int, consumer: str) -> None:
+        owner = self._owner
+        if owner is not None and owner[0] == generation and owner[1] != consumer:
+            raise StateError(
+                f"mark {generation} of {self.name} is taken by a {owner[1]}: a {consumer} "
+                "may not take its chunks too (each would miss what the other sent); "
+                "let it end, then mark again"
+            )
+        self._owner = (generation, consumer)
+
+    def pull_in_step(self, generation: int) -> str | None:
+        """Why the transfer bitmap of mark ``generation`` may lack chunks a pull backup
+        needs, or None when it holds every change since the last pull."""
+        if self.pull_epoch == self.epoch or generation == self._full_generation:
+            return None
+        return (
+            f"a push copy of {self.name} sent and cleared changes since the last pull "
+            f"(epoch {self.epoch}, last pull at {self.pull_epoch}): the transfer bitmap of "
+            f"mark {generation} lacks them; unmark and pull a full mark "
+            '({"op": "mark", "full": true})'
+        )
+
+    def confirm_pulled(self, first: int, count: int, generation: int) -> int:
+        """A pull backup stored chunks ``[first, first + count)`` of mark ``generation``:
+        clear their transfer bits and drop their saved copies (as :meth:`confirm_sent`);
+        return how many bits were set.
+
+        Push destinations did not get them: once any push copy ran (``epoch``
+        moved) they are tracked again, before their transfer bits clear, so no
+        checkpoint holds them in neither bitmap. Raises ``StateError``
+        saying why, changing nothing, when the mark ended, a push copy owns it,
+        or the pull is out of step (:meth:`pull_in_step`).
+        """
+        with self._save_lock:
+            ended = self.mark_ended(generation)
+            if ended is not None:
+                raise StateError(ended)
+            self._claim_locked(generation, "pull")
+            behind = self.pull_in_step(generation)
+            if behind is not None:
+                raise StateError(behind)
+            self.pull_epoch = self.epoch
+            if self.epoch:  # a push copy ran: its destinations must get what a pull takes
+                bitmap = self.bitmap
+                if count == bitmap.chunks:
+                    sent = bitmap.chunks_of("transfer")
+                else:
+                    sent = [c for c in range(first, first + count) if bitmap.transfer(c)]
+                offsets = np.asarray(sent, dtype=np.int64) * self.granularity
+                lengths = np.minimum(self.granularity, self.source.size - offsets)
+                bitmap.record_writes(offsets, lengths, cofw=False)
+            return self._confirm_locked(first, count, generation)
 
     def abandon_mark(self, generation: int) -> None:
         """Unmark after a failed copy of mark ``generation``; no-op once that mark ended."""

@@ -402,6 +402,7 @@ class PersistentSession:
                 self.destinations.append(dest)
             opened.pop_all()
         self.session.epoch = meta["epoch"]
+        self.session.pull_epoch = meta.get("pull_epoch", 0)
         self._targets = {d["name"]: d["target"] for d in meta["destinations"]}
         self._sites: dict[str, str | None] = {
             d["name"]: d.get("site") for d in meta["destinations"]
@@ -610,6 +611,7 @@ class PersistentSession:
     def _current_meta(self) -> dict:
         meta = {key: value for key, value in self.meta.items() if key != "copy"}
         meta["epoch"] = self.session.epoch
+        meta["pull_epoch"] = self.session.pull_epoch
         meta["destinations"] = [
             {
                 "name": d.name,
@@ -999,6 +1001,8 @@ def _meta_problem(meta: dict) -> str | None:
     for key, low in (("granularity", 1), ("region_size", 1), ("max_hot", 1), ("epoch", 0)):
         if not _count(meta.get(key), low):
             return f"field {key!r} is missing or not an integer >= {low}"
+    if meta.get("pull_epoch") is not None and not _count(meta["pull_epoch"], 0):
+        return "field 'pull_epoch' is not null or an integer >= 0"
     if not _count(meta.get("hot_limit", 1), 1):
         return "field 'hot_limit' is not an integer >= 1"
     region, granularity = meta["region_size"], meta["granularity"]
@@ -1412,6 +1416,7 @@ def _recover(
         last = max((gen for gen, _ in _logs(path)), default=0)
         loaded, regions, resend = None, set(), []
         meta = {key: value for key, value in meta.items() if key != "copy"}
+        meta["pull_epoch"] = None  # the bitmaps are lost: a pull backup needs a full mark
         meta["destinations"] = [
             {**d, "state": DestState.NEW.value, "epoch": None, "protected_state": None}
             for d in meta["destinations"]

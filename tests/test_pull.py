@@ -282,3 +282,89 @@ def test_a_pull_backup_through_isc_serve_with_the_readmes_libnbd_script(tmp_path
     finally:
         serving.terminate()
         serving.wait(timeout=TIMEOUT)
+
+
+# -- a pull beside push copies: each mark has one kind of consumer -------------------------------
+def push_session(serve, chunks: int, g: int = 16 * KIB):
+    """A session served as "disk" with one push destination, CONSISTENT after a full copy."""
+    from isc.copy import CopyJob, Destination
+
+    session, server = session_server(serve, MemoryLUN(chunks * g), granularity=g)
+    session.write(0, bytes(range(256)) * (chunks * g // 256))
+    dest = Destination(MemoryLUN(chunks * g), "d0")
+    CopyJob(session, [dest]).full()
+    return session, server, dest
+
+
+def pull_all(server, session, full: bool) -> int:
+    """Mark (``full``), TRIM every chunk through the frozen export, unmark; the mark."""
+    generation = session.mark(full)
+    with client(server) as c:
+        frozen(c)
+        c.request(CMD_TRIM, 0, session.source.size)
+        assert c.error() == 0
+    session.unmark()
+    return generation
+
+
+def test_a_push_copy_after_a_pull_sends_what_the_pull_confirmed(serve):
+    from isc.copy import CopyJob
+
+    g = 16 * KIB
+    session, server, dest = push_session(serve, 16, g)
+    pull_all(server, session, full=True)  # the pull's first backup
+    session.write(3 * g, b"\5" * g)
+    pull_all(server, session, full=False)  # confirms chunk 3 for the pull only
+    assert session.bitmap.tracking(3)
+    session.mark()
+    CopyJob(session, [dest]).incremental()
+    assert dest.lun.read(0, 16 * g) == session.source.read(0, 16 * g)
+
+
+def test_a_pull_after_a_push_copy_needs_a_full_mark(serve):
+    from isc.copy import CopyJob
+
+    g = 16 * KIB
+    session, server, dest = push_session(serve, 16, g)  # the push copy moved the epoch
+    session.write(3 * g, b"\5" * g)
+    generation = session.mark()
+    assert "push copy" in session.pull_in_step(generation)
+    with client(server) as c:
+        frozen(c)
+        c.request(CMD_BLOCK_STATUS, 0, 16 * g)  # its dirty bitmap lacks what the copy sent
+        error, message = failure(c)
+        assert error == EIO and "full" in message
+        c.request(CMD_TRIM, 0, 16 * g)
+        error, message = failure(c)
+        assert error == EPERM and "push copy" in message
+    assert session.bitmap.transfer_count == 1  # nothing confirmed
+    session.unmark()
+    pull_all(server, session, full=True)
+    assert session.pull_in_step(session.mark()) is None
+    session.unmark()
+    session.mark()
+    CopyJob(session, [dest]).incremental()  # the push side is unharmed
+    assert dest.lun.read(0, 16 * g) == session.source.read(0, 16 * g)
+
+
+def test_a_push_copy_refuses_a_mark_a_pull_confirmed_from_and_the_pull_keeps_it(serve):
+    from isc.copy import CopyJob
+    from isc.errors import StateError
+
+    g = 16 * KIB
+    session, server, dest = push_session(serve, 16, g)
+    pull_all(server, session, full=True)
+    session.write(3 * g, b"\5" * g)
+    session.write(7 * g, b"\5" * g)
+    generation = session.mark()
+    with client(server) as c:
+        frozen(c)
+        c.request(CMD_TRIM, 3 * g, g)
+        assert c.error() == 0
+        with pytest.raises(StateError, match="taken by a pull"):
+            CopyJob(session, [dest]).incremental()
+        assert session.bitmap.marked and session.generation == generation
+        assert session.bitmap.transfer(7)  # the pull still has it to take
+        c.request(CMD_TRIM, 7 * g, g)
+        assert c.error() == 0
+    session.unmark()

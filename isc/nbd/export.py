@@ -604,7 +604,7 @@ class _FrozenView:
             self._check()
             return
         try:
-            cleared = self.session.confirm_sent(first, count, self.generation)
+            cleared = self.session.confirm_pulled(first, count, self.generation)
         except StateError:
             self._check()
             raise
@@ -631,4 +631,7 @@ class _FrozenView:
         state = self.export._bitmap.get()
         if not state.marked or state.generation != self.generation:
             self._check()
+        behind = self.session.pull_in_step(self.generation)
+        if behind is not None:
+            raise StateError(f"{self.name}: {behind}")
         return _runs(_chunk_bits(state.transfer, first, last), first, g, offset, end, limit)
