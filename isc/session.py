@@ -383,14 +383,14 @@ class Session:
                 raise StateError(behind)
             self.pull_epoch = self.epoch
             if self.epoch:  # a push copy ran: its destinations must get what a pull takes
-                bitmap = self.bitmap
-                if count == bitmap.chunks:
-                    sent = bitmap.chunks_of("transfer")
-                else:
-                    sent = [c for c in range(first, first + count) if bitmap.transfer(c)]
-                offsets = np.asarray(sent, dtype=np.int64) * self.granularity
-                lengths = np.minimum(self.granularity, self.source.size - offsets)
-                bitmap.record_writes(offsets, lengths, cofw=False)
+                g, size = self.granularity, self.source.size
+                if count == self.bitmap.chunks:  # unmark with sent: only what is left
+                    offsets = self.bitmap.chunks_of("transfer") * g
+                    lengths = np.minimum(g, size - offsets)
+                else:  # a TRIM's range, O(1): a chunk in it not in transfer is sent twice
+                    offsets = np.array([first * g], np.int64)
+                    lengths = np.array([min(count * g, size - first * g)], np.int64)
+                self.bitmap.record_writes(offsets, lengths, cofw=False)
             return self._confirm_locked(first, count, generation)
 
     def abandon_mark(self, generation: int) -> None:
