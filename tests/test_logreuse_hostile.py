@@ -1,0 +1,290 @@
+"""Hostile tests of the reuse of an obsolete generation's log files (isc.activity) against
+rules 2 and 9.
+
+A checkpoint takes the next generation's files from the spare (the files of a
+generation a newer checkpoint on disk made obsolete, kept open): it cuts the
+region log to the kept records, rewrites the write log's head in its mapping
+and renames both; once the journal holds it, the generation it ended becomes
+the spare (two renames) and any other obsolete one is deleted. So a reused
+file holds the records of an older generation until the cut, and the names
+move without a sync of the directory after the renames to the spare.
+
+The tests crash at every system call of the checkpoints that reuse the spare,
+after host writes to a kept and a cold region made just before it: a crash of
+the process (the kernel keeps every page), and one of the machine that loses
+the write logs, the renames not yet synced and the cut of a reused region log
+(whose old records then lie beyond the new ones). After each, every chunk where
+the destination differs from the source must be tracked or in transfer, and
+one update must make them equal. Then the failures of the renames and deletes
+that retire the obsolete generations: xfail tests show that a rename that fails
+there makes every later checkpoint and the close fail (each leaving two more
+files open), and that a delete that fails there leaves a closed generation as
+the spare, whose descriptor number the next checkpoint truncates whatever file
+holds it now.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+from test_activity_hostile import Crashes, Image, check, hold_checkpoints, write_in
+from test_store import HOT_REGIONS, hot_session, opened
+
+import isc.activity
+from isc.store import open_session
+
+STEPS = ("ftruncate", "pwrite", "fdatasync", "rename", "fsync", "unlink")
+"""The system calls of ``isc.activity`` a crash comes before."""
+
+
+@pytest.fixture(autouse=True)
+def small_write_logs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Write logs of 1 MiB: each crash image copies them whole."""
+    monkeypatch.setattr(isc.activity, "WRITES_BYTES", 1 << 20)
+
+
+class Stepping:
+    """Stands for ``os`` in ``isc.activity``: calls ``before(name)`` ahead of each of its
+    :data:`STEPS` while ``armed`` (not again from inside ``before``), and remembers the
+    renames since the last sync of a directory and the content a region log had before
+    each cut (``ftruncate``), by inode."""
+
+    def __init__(self, before) -> None:
+        self._before = before
+        self.armed = False
+        self.renames: list[tuple[str, str]] = []
+        self.before_cut: dict[int, bytes] = {}
+
+    def __getattr__(self, name: str):
+        real = getattr(os, name)
+        if name not in STEPS:
+            return real
+
+        def call(*args, **kwargs):
+            if self.armed:
+                self.armed = False
+                try:
+                    self._before(name)
+                finally:
+                    self.armed = True
+            if name == "ftruncate":
+                st = os.fstat(args[0])
+                self.before_cut[st.st_ino] = os.pread(args[0], st.st_size, 0)
+            result = real(*args, **kwargs)
+            if name == "rename":
+                self.renames.append((args[0], args[1]))
+            elif name == "fsync":
+                self.renames.clear()
+            return result
+
+        return call
+
+
+def machine_image(image: Image, stepping: Stepping, inodes: dict[str, int]) -> None:
+    """Make the process crash ``image`` one of the machine: the write logs lost, the renames
+    not synced undone, and each reused region log holding its old records past its new
+    ones (its cut never reached the disk). ``inodes``: each region log's inode in the
+    running session's directory, by name."""
+    for writes in image.state.glob("activity*.writes"):
+        writes.unlink()
+    for log in image.state.glob("activity*.log"):
+        old = stepping.before_cut.get(inodes.get(log.name, -1))
+        now = log.read_bytes()
+        if old is not None and len(old) > len(now):
+            log.write_bytes(now + old[len(now) :])
+    for old, new in reversed(stepping.renames):
+        if (image.state / new).exists():
+            os.rename(image.state / new, image.state / old)
+    image.kind = "machine"
+
+
+def test_crashes_at_each_system_call_of_checkpoints_that_reuse_the_spare_lose_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Checkpoints that take the spare's files (one keeping no region, whose cut no sync
+    follows, and ones keeping regions): before each of their system calls a host write
+    to a kept region and one to a cold region, then a crash of the process and one of
+    the machine. Each loses nothing."""
+    state = hot_session(tmp_path, max_hot=4, hot_limit=16)
+    crashes = Crashes(tmp_path)
+    rng = random.Random("reuse")
+
+    def crash(name: str) -> None:
+        hot = sorted(stored.session.bitmap.hot_regions().tolist())
+        cold = sorted(set(range(HOT_REGIONS)) - set(hot))
+        for region in (rng.choice(hot) if hot else 0, rng.choice(cold)):
+            write_in(stored, region, rng)
+        inodes = {log.name: log.stat().st_ino for log in state.glob("activity*.log")}
+        crashes.take(state, "process")
+        machine_image(crashes.take(state, "process"), stepping, inodes)
+
+    stepping = Stepping(crash)
+    with opened(state) as stored:
+        hold_checkpoints(stored)
+        monkeypatch.setattr(isc.activity, "os", stepping)
+        for round_ in range(4):
+            for region in rng.sample(range(HOT_REGIONS), 6):
+                write_in(stored, region, rng)
+            if round_ == 1:
+                stored._closing.set()  # a checkpoint that keeps no region
+            stepping.armed = round_ >= 1  # from the second on, the spare is taken
+            stored.checkpoint()
+            stepping.armed = False
+            stored._closing.clear()
+        monkeypatch.setattr(isc.activity, "os", os)
+        assert (state / "activity-spare.log").exists()
+    assert len(crashes.images) > 30
+    for image in crashes.images:
+        check(image)
+        shutil.rmtree(image.state)
+
+
+# -- failures while a checkpoint retires the obsolete generations ---------------------------------
+
+
+def _open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def failing(name: str, when) -> object:
+    """Stands for ``os`` in ``isc.activity``: its ``name`` call fails (EIO) when ``when(*args)``."""
+
+    class Failing:
+        def __getattr__(self, attr: str):
+            real = getattr(os, attr)
+            if attr != name:
+                return real
+
+            def call(*args, **kwargs):
+                if when(*args):
+                    raise OSError(errno.EIO, f"injected: {name} fails")
+                return real(*args, **kwargs)
+
+            return call
+
+    return Failing()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="ActivityLog.retire leaves the generation whose rename to the spare failed "
+    "half-renamed in _ended: every later retire renames its missing region log again, so "
+    "every checkpoint and the close fail and each leaves two more files open",
+)
+def test_a_rename_to_the_spare_that_fails_costs_no_later_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The checkpoint's journal write is on disk when the rename of the generation it made
+    obsolete to the spare fails halfway (the region log renamed, the write log not): that
+    checkpoint may fail, but the next ones and the close work, the obsolete files do not
+    pile up, and a crash of the machine after them loses nothing."""
+    state, crashes, rng = tmp_path / "hot", Crashes(tmp_path), random.Random("rename")
+    hot_session(tmp_path, max_hot=4, hot_limit=16)
+    stored, _ = open_session_held(state)
+    try:
+        for region in (1, 2, 3):
+            write_in(stored, region, rng)
+        stored.checkpoint()
+        stored.checkpoint()  # a spare now
+        write_in(stored, 5, rng)
+        with monkeypatch.context() as patch:
+            patch.setattr(isc.activity, "os", failing("rename", to_the_spare_writes))
+            with pytest.raises(OSError, match="injected"):
+                stored.checkpoint()
+        descriptors = _open_descriptors()
+        for region in (6, 7, 8, 9):
+            write_in(stored, region, rng)
+            stored.checkpoint()
+        crashes.take(state, "machine")
+        assert _open_descriptors() <= descriptors
+        assert len(list(state.glob("activity.*.log"))) == 1
+    finally:
+        stored.close()
+    check(crashes.images[0])
+
+
+def to_the_spare_writes(old: str, new: str) -> bool:
+    return new == "activity-spare.writes"
+
+
+def open_session_held(state: Path):
+    """``open_session`` with the checkpoints the test's (:func:`hold_checkpoints`)."""
+    stored, recovery = open_session(state, checkpoint_interval=3600)
+    hold_checkpoints(stored)
+    return stored, recovery
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="ActivityLog.retire closes a generation whose delete then fails and keeps it in "
+    "_ended: the next retire makes that closed generation the spare, and the checkpoint "
+    "after it ftruncates its descriptor number, which another open may hold by then",
+)
+def test_a_delete_that_fails_as_a_checkpoint_retires_a_generation_truncates_no_other_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A checkpoint whose journal write fails leaves two ended generations; the next
+    checkpoint turns one into the spare and deletes the other, and that delete fails.
+    The descriptors it closed are free: a file the process opens afterwards (a LUN, a
+    connection's) may get their numbers, and no later checkpoint may write, cut or close
+    it."""
+    from isc import journal
+
+    state, rng = tmp_path / "hot", random.Random("unlink")
+    hot_session(tmp_path, max_hot=4, hot_limit=16)
+    bystander = tmp_path / "bystander.img"
+    bystander.write_bytes(b"\xa5" * 8192)
+    stored, _ = open_session_held(state)
+    held = []
+    try:
+        for region in (1, 2, 3):
+            write_in(stored, region, rng)
+        stored.checkpoint()
+        stored.checkpoint()
+        with monkeypatch.context() as patch:
+            patch.setattr(journal.Journal, "write", failing_call)
+            with pytest.raises(OSError, match="injected"):
+                stored.checkpoint()
+        numbers = [g.fd for g in (*stored._log._ended, stored._log._current)]
+        with monkeypatch.context() as patch:
+            patch.setattr(isc.activity, "os", failing("unlink", lambda *args: True))
+            with pytest.raises(OSError, match="injected"):
+                stored.checkpoint()
+        # The process opens files again: they take the lowest free descriptor numbers.
+        for number in [n for n in numbers if not fd_open(n)]:
+            fd = os.open(bystander, os.O_RDWR | os.O_CLOEXEC)
+            os.dup2(fd, number)
+            os.close(fd)
+            held.append(number)
+        errors = []
+        for region in (6, 7, 8):
+            write_in(stored, region, rng)
+            try:
+                stored.checkpoint()
+            except (OSError, TypeError) as exc:
+                errors.append(exc)
+        assert bystander.read_bytes() == b"\xa5" * 8192, "a checkpoint cut another file"
+        assert not errors
+    finally:
+        stored.close()
+        for number in held:
+            with contextlib.suppress(OSError):
+                os.close(number)
+
+
+def failing_call(*args) -> None:
+    raise OSError(errno.EIO, "injected: the journal write fails")
+
+
+def fd_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
