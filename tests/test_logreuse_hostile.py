@@ -15,7 +15,9 @@ the process (the kernel keeps every page), and one of the machine that loses
 the write logs, the renames not yet synced and the cut of a reused region log
 (whose old records then lie beyond the new ones). After each, every chunk where
 the destination differs from the source must be tracked or in transfer, and
-one update must make them equal. Then the failures of the renames and deletes
+one update must make them equal. A process whose writer threads race checkpoints
+that reuse the spare is SIGKILLed right after it announces one of those system
+calls, and the same holds after each kill. Then the failures of the renames and deletes
 that retire the obsolete generations: xfail tests show that a rename that fails
 there makes every later checkpoint and the close fail (each leaving two more
 files open), and that a delete that fails there leaves a closed generation as
@@ -34,6 +36,7 @@ from pathlib import Path
 
 import pytest
 from test_activity_hostile import Crashes, Image, check, hold_checkpoints, write_in
+from test_crash import recover_and_check, run_and_kill, session  # noqa: F401 (a fixture)
 from test_store import HOT_REGIONS, hot_session, opened
 
 import isc.activity
@@ -288,3 +291,67 @@ def fd_open(fd: int) -> bool:
     except OSError:
         return False
     return True
+
+
+# -- SIGKILL of a process whose writer threads race checkpoints that reuse the spare --------------
+
+REUSE_CHILD = r"""
+import os, random, sys, threading
+import isc.activity
+from isc.store import open_session
+
+state, seed = sys.argv[2], int(sys.argv[3])
+say_lock = threading.Lock()
+
+def say(text):
+    with say_lock:
+        print(text, flush=True)
+
+class Announcing:
+    def __getattr__(self, name):
+        real = getattr(os, name)
+        if name not in ("ftruncate", "rename", "fsync", "unlink"):
+            return real
+        def call(*args, **kwargs):
+            say(f"step {name}")
+            return real(*args, **kwargs)
+        return call
+
+isc.activity.os = Announcing()
+stored, _ = open_session(state, checkpoint_interval=0.01)
+size = stored.source.size
+stop = threading.Event()
+
+def writer(seed):
+    rng = random.Random(seed)
+    while not stop.is_set():
+        length = rng.choice((512, 4096, 5000, 65536 + 512))
+        stored.session.write(rng.randrange(0, size - length), rng.randbytes(length))
+
+say("open")
+for i in range(2):
+    threading.Thread(target=writer, args=(seed * 10 + i,), daemon=True).start()
+for n in range(100_000):
+    stored.checkpoint()
+"""
+
+
+def test_sigkill_at_a_system_call_of_checkpoints_that_reuse_the_spare_while_writers_race(
+    session: Path,  # noqa: F811 (test_crash's fixture: a random source, one destination)
+) -> None:
+    """A process checkpoints over and over (and its checkpointer every 10 ms) while two
+    writer threads write through the session; it is killed right after announcing a cut,
+    rename, sync or delete of its activity logs, most of them of a checkpoint that reuses
+    the spare. After each kill (every other time with the write logs lost, as a crash of
+    the machine leaves them), the destination has no untracked difference from the
+    source, and one copy makes them equal."""
+    rng = random.Random("reuse-kill")
+    steps = []
+    for kill in range(6):
+        printed = run_and_kill(session, "reuse", kill, rng.randrange(8, 80), REUSE_CHILD)
+        steps.append(printed[-1])
+        if kill % 2:
+            for writes in session.glob("activity*.writes"):
+                writes.unlink()
+        recover_and_check(session)
+    assert all(step.startswith("step") for step in steps), steps
