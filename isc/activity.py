@@ -255,21 +255,30 @@ class ActivityLog:
         """Checkpoint ``checkpoint`` is on disk: the generations before it are obsolete.
         One becomes the spare; the others' files, and those a crash left, are deleted.
         A crash before this reaches the disk leaves files older than the checkpoint,
-        which the next open ignores."""
-        for name in self._stale:
-            _unlink(name, self._dir)
-        self._stale = []
-        keep = []
-        for generation in self._ended:
-            if generation.number >= checkpoint:
-                keep.append(generation)
-            elif self._spare is None:
-                for old, new in zip(_names(generation.number), _names(None), strict=True):
+        which the next open ignores. Raises ``OSError`` when a rename or a delete fails:
+        every obsolete generation is closed (or the spare) all the same, and its files
+        that stay are older than the checkpoint."""
+        obsolete = [g for g in self._ended if g.number < checkpoint]
+        self._ended = [g for g in self._ended if g.number >= checkpoint]
+        spare = obsolete.pop() if obsolete and self._spare is None else None
+        stale, self._stale = self._stale, []
+        names: list[str] = []
+        for generation in obsolete:
+            generation.close()
+            names += _names(generation.number)
+        try:
+            for name in stale:  # first: a spare a crash left has the spare's names
+                _unlink(name, self._dir)
+            if spare is not None:
+                for old, new in zip(_names(spare.number), _names(None), strict=True):
                     os.rename(old, new, src_dir_fd=self._dir, dst_dir_fd=self._dir)
-                self._spare = generation
-            else:
-                self._drop(generation, _names(generation.number))
-        self._ended = keep
+                self._spare, spare = spare, None
+        finally:
+            if spare is not None:  # its renames failed (or a delete before them)
+                spare.close()
+                names += _names(spare.number) + _names(None)
+            for name in names:
+                _unlink(name, self._dir)
 
     def half_full(self) -> bool:
         """Whether the write log holds half the records it can."""
@@ -280,11 +289,16 @@ class ActivityLog:
     def close(self) -> None:
         """Close every file; delete the spare's."""
         with self._lock:
-            if self._spare is not None:
-                self._drop(self._spare, _names(None))
-            for generation in [self._current, *self._ended]:
-                generation.close()
-            os.close(self._dir)
+            spare, self._spare = self._spare, None
+            for generation in [self._current, *self._ended, spare]:
+                if generation is not None:
+                    generation.close()
+            try:
+                if spare is not None:
+                    for name in _names(None):
+                        _unlink(name, self._dir)
+            finally:
+                os.close(self._dir)
 
 
 def _unlink(name: str, directory: int) -> None:
