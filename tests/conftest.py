@@ -1,7 +1,9 @@
-"""Shared test settings: reproducible hypothesis runs and a busy thread switcher."""
+"""Shared test settings: reproducible hypothesis runs, a busy thread switcher and
+short temporary directories for pytest-xdist's workers."""
 
 import os
 import sys
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -21,7 +23,16 @@ settings.register_profile("thorough", parent=settings.get_profile("isc"), max_ex
 settings.load_profile(os.environ.get("ISC_HYPOTHESIS_PROFILE", "isc"))
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest's own, which reads the basetemp
 def pytest_configure(config):
+    # pytest-xdist runs each worker in BASETEMP/popen-gwN; make it BASETEMP/N,
+    # so the tmp_path of a worker is 2 characters longer than the serial one,
+    # not 10: the Unix sockets tests bind under tmp_path stay within the
+    # 108 bytes of sun_path (pytest still removes BASETEMP with old runs).
+    worker = getattr(config, "workerinput", None)
+    if worker is not None and config.option.basetemp:
+        basetemp = Path(config.option.basetemp)
+        config.option.basetemp = str(basetemp.with_name(worker["workerid"].removeprefix("gw")))
     config.addinivalue_line(
         "markers",
         "big: a bitmap of billions of chunks, cheap only while its memory stays untouched",
