@@ -17,12 +17,11 @@ the write logs, the renames not yet synced and the cut of a reused region log
 the destination differs from the source must be tracked or in transfer, and
 one update must make them equal. A process whose writer threads race checkpoints
 that reuse the spare is SIGKILLed right after it announces one of those system
-calls, and the same holds after each kill. Then the failures of the renames and deletes
-that retire the obsolete generations: xfail tests show that a rename that fails
-there makes every later checkpoint and the close fail (each leaving two more
-files open), and that a delete that fails there leaves a closed generation as
-the spare, whose descriptor number the next checkpoint truncates whatever file
-holds it now.
+calls, and the same holds after each kill. Then the failures of the renames and
+deletes that retire the obsolete generations: a rename that fails there costs no
+later checkpoint nor the close, and leaves no files piling up; a delete that fails
+there leaves no closed generation to become the spare, so no later checkpoint cuts
+the file that took its descriptor number.
 """
 
 from __future__ import annotations
@@ -174,12 +173,6 @@ def failing(name: str, when) -> object:
     return Failing()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ActivityLog.retire leaves the generation whose rename to the spare failed "
-    "half-renamed in _ended: every later retire renames its missing region log again, so "
-    "every checkpoint and the close fail and each leaves two more files open",
-)
 def test_a_rename_to_the_spare_that_fails_costs_no_later_checkpoint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -200,8 +193,10 @@ def test_a_rename_to_the_spare_that_fails_costs_no_later_checkpoint(
             patch.setattr(isc.activity, "os", failing("rename", to_the_spare_writes))
             with pytest.raises(OSError, match="injected"):
                 stored.checkpoint()
-        descriptors = _open_descriptors()
-        for region in (6, 7, 8, 9):
+        write_in(stored, 6, rng)
+        stored.checkpoint()
+        descriptors = _open_descriptors()  # the current generation's files and a spare's
+        for region in (7, 8, 9):
             write_in(stored, region, rng)
             stored.checkpoint()
         crashes.take(state, "machine")
@@ -223,12 +218,6 @@ def open_session_held(state: Path):
     return stored, recovery
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ActivityLog.retire closes a generation whose delete then fails and keeps it in "
-    "_ended: the next retire makes that closed generation the spare, and the checkpoint "
-    "after it ftruncates its descriptor number, which another open may hold by then",
-)
 def test_a_delete_that_fails_as_a_checkpoint_retires_a_generation_truncates_no_other_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
