@@ -437,8 +437,8 @@ def _pull(args: argparse.Namespace, work: Path, checks: list[dict], package: Pat
                 shutil.copyfile(source, backup)
             # Nothing tracked (the host writer's writes of the last pull are dropped as
             # sent), then the change, then the mark.
-            ask(control, "mark")
-            ask(control, "unmark", sent=True)
+            generation = ask(control, "mark")["generation"]
+            ask(control, "unmark", sent=True, generation=generation)
             seed = next(seeds)
             make_changes(served["live"], args.change, block=G, qd=8, seed=seed)
             ask(control, "mark")

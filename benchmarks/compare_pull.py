@@ -146,8 +146,8 @@ class IscPull:
         self.live = f"nbd+unix:///{source.name}?socket={sock}"
 
     def forget(self) -> None:
-        ask(self.control, "mark")
-        ask(self.control, "unmark", sent=True)
+        generation = ask(self.control, "mark")["generation"]
+        ask(self.control, "unmark", sent=True, generation=generation)
 
     def begin(self) -> tuple[str, str]:
         frozen = ask(self.control, "mark")["frozen"]
