@@ -84,9 +84,10 @@ area: ``write_through`` calls it without a Python call, and it ``pread``s
 each chunk straight into its slot with the GIL released, handing anything
 but a plain success to the session's Python save. ``SavedWrite`` is the
 copy's side: it writes a run's saved chunks over the run's kernel copy in a
-destination file, adjacent ones in one ``pwritev`` straight from their
-slots, with the GIL released for each write, and stops at anything but a
-plain success for the session's Python loop to go on.
+destination file, adjacent ones in one ``pwrite``, copying them out of the
+area under its lock and writing after the lock, the GIL released for both,
+and stops at anything but a plain success for the session's Python loop to
+go on.
 """
 
 from libc.stdint cimport int64_t, uint32_t, uint64_t
@@ -97,8 +98,7 @@ cimport numpy as cnp
 from cpython.buffer cimport (PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release,
                              PyObject_GetBuffer)
 from posix.types cimport off_t
-from posix.uio cimport iovec, pwritev
-from posix.unistd cimport pread
+from posix.unistd cimport pread, pwrite
 from cpython.bytes cimport PyBytes_CheckExact, PyBytes_GET_SIZE
 from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_Check
 from cpython.number cimport PyNumber_Index
@@ -136,10 +136,6 @@ cdef extern from "<pthread.h>" nogil:
     int pthread_cond_destroy(pthread_cond_t *)
     int pthread_cond_wait(pthread_cond_t *, pthread_mutex_t *)
     int pthread_cond_broadcast(pthread_cond_t *)
-
-
-cdef extern from "<limits.h>":
-    enum: IOV_MAX
 
 
 cdef extern from *:
@@ -2358,6 +2354,19 @@ cdef class FileSave:
         return 0
 
 
+cdef struct Piece:
+    uint64_t offset             # where a chunk's data lies in the save area
+    uint64_t length
+
+
+cdef struct Group:
+    size_t first                # the index of the group's first chunk
+    uint64_t start              # its byte offset on the destination
+    uint64_t nbytes
+    char *data                  # the group's bytes, copied from the area
+    Piece *pieces               # each chunk's place in the area
+
+
 cdef class SavedWrite:
     """Writes a save area's saved chunks to a destination file with the GIL released.
 
@@ -2366,24 +2375,26 @@ cdef class SavedWrite:
     ``area_lock`` are the area's, ``arena`` is an in-memory area's buffer
     (None for a file area) and ``fd`` a file area's descriptor (-1 in
     memory). Chunks are ``granularity`` bytes; one write holds at most
-    ``limit`` bytes (and 1024 chunks).
+    ``limit`` bytes.
 
     ``write(chunks, end, dest)``, with ``chunks`` (ascending) of a range
     ending at ``end`` whose source data was just copied to ``dest`` (a
     ``FileLUN``, written through its ``_write_fd``), writes every chunk
     held over it at ``chunk * granularity``: adjacent chunks in one
-    ``pwritev``, straight from the arena's slots (a file area ``pread``s
-    them into a buffer first). For each write it takes ``area_lock`` and
-    looks the chunks up, then releases the GIL for the I/O alone; holding
-    the lock, no slot is freed or reused and the area is not closed before
-    its data is written. A chunk not held is skipped: flagged but not
-    stored yet, it was not overwritten yet either. Anything but a plain
-    success (``dest`` closed, the arena released, a chunk that does not end
-    at ``min(its chunk's end, end)``, a read or write that fails or makes no
-    progress) stops it before that chunk's write. Returns how many of
-    ``chunks`` it handled: the caller does the rest its own way, and meets
-    the error there. ``chunks``, ``nbytes`` and ``writes`` count what it
-    wrote and in how many writes.
+    ``pwrite``. For each write it takes ``area_lock``, looks the chunks up
+    and copies them from their slots into a buffer of its own (``memcpy``
+    from the arena, ``pread`` from a file area) with the GIL released,
+    releases the lock, and writes the buffer with the GIL released: no slot
+    is freed or reused, nor the area closed, while its data is copied, and a
+    destination whose write hangs holds up no host write's COFW (rule 13).
+    A chunk not held is skipped: flagged but not stored yet, it was not
+    overwritten yet either. Anything but a plain success (``dest`` closed,
+    the arena released, a chunk that does not end at ``min(its chunk's end,
+    end)``, a read or write that fails or makes no progress) stops it before
+    that chunk's write. Returns how many of ``chunks`` it handled: the
+    caller does the rest its own way, and meets the error there.
+    ``chunks``, ``nbytes`` and ``writes`` count what it wrote and in how many
+    writes.
     """
 
     cdef dict _index
@@ -2393,9 +2404,6 @@ cdef class SavedWrite:
     cdef uint64_t _granularity
     cdef uint64_t _limit
     cdef size_t _most                     # chunks per write
-    cdef iovec *_iov
-    cdef uint64_t *_from                  # a file area: where each chunk of a write lies
-    cdef char *_buffer                    # a file area: the chunks of a write
     cdef readonly uint64_t chunks
     cdef readonly uint64_t nbytes
     cdef readonly uint64_t writes
@@ -2412,18 +2420,7 @@ cdef class SavedWrite:
         self._fd = fd
         self._granularity = <uint64_t>g
         self._limit = <uint64_t>most
-        self._most = <size_t>min(most // g, IOV_MAX)
-        self._iov = <iovec *>malloc(self._most * sizeof(iovec))
-        if arena is None:
-            self._from = <uint64_t *>malloc(self._most * 8)
-            self._buffer = <char *>malloc(<size_t>most)
-        if self._iov == NULL or arena is None and (self._from == NULL or self._buffer == NULL):
-            raise MemoryError("cannot allocate the buffers of a SavedWrite")
-
-    def __dealloc__(self):
-        free(self._iov)
-        free(self._from)
-        free(self._buffer)
+        self._most = <size_t>(most // g)
 
     def __call__(self, chunks, end, dest):
         cdef cnp.ndarray todo = np.ascontiguousarray(chunks, dtype=np.int64)
@@ -2432,35 +2429,58 @@ cdef class SavedWrite:
         cdef uint64_t stop = <uint64_t>_i64(end)
         cdef int out = dest._write_fd  # -1 once closed
         cdef size_t i = 0
-        cdef bint going = out >= 0
-        while going and i < n:
-            self._area_lock()
-            try:
-                going = self._write_next(c, n, &i, stop, out)
-            finally:
-                self._area_unlock()
+        cdef size_t k
+        cdef bint ok = True
+        cdef Group group
+        if out < 0 or n == 0:
+            return 0
+        group.data = <char *>malloc(<size_t>self._limit)
+        group.pieces = <Piece *>malloc(self._most * sizeof(Piece))
+        try:
+            if group.data == NULL or group.pieces == NULL:
+                raise MemoryError("cannot allocate the buffers of a SavedWrite")
+            while ok and i < n:
+                group.first = i
+                self._area_lock()
+                try:
+                    k = self._gather(c, n, stop, &group)
+                finally:
+                    self._area_unlock()
+                i = group.first  # past the chunks not held before the group
+                if k:
+                    with nogil:
+                        ok = _pwrite_all(out, group.data, group.nbytes, group.start)
+                else:
+                    ok = False
+                if ok:
+                    i = group.first + k
+                    self.chunks += k
+                    self.nbytes += group.nbytes
+                    self.writes += 1
+        finally:
+            free(group.data)
+            free(group.pieces)
         return i
 
-    cdef bint _write_next(self, const int64_t *c, size_t n, size_t *at, uint64_t stop,
-                          int out) except -1:
-        """Write the group of adjacent held chunks from ``c[at]`` on, skipping chunks
-        not held before it, and move ``at`` past it; False, ``at`` on the chunk it
-        could not write, when it stops. Called with the area's lock held."""
+    cdef size_t _gather(self, const int64_t *c, size_t n, uint64_t stop,
+                        Group *group) except? 0:
+        """Copy the adjacent held chunks from ``c[group.first]`` on into ``group.data``,
+        after moving ``group.first`` past the chunks not held before them; how many,
+        0 when none is left or the next one cannot go. Called with the area's lock
+        held."""
         cdef Py_buffer arena
         cdef bint memory = self._arena is not None
-        cdef bint ok = True
-        cdef size_t i = at[0]
+        cdef bint copied = True
+        cdef size_t i = group.first
         cdef size_t k = 0
         cdef uint64_t g = self._granularity
-        cdef uint64_t start = 0, total = 0, chunk, offset, length
-        cdef char *base = NULL
-        cdef size_t size = 0
+        cdef uint64_t chunk, offset, length
+        cdef uint64_t total = 0
         if memory:
             try:
                 PyObject_GetBuffer(self._arena, &arena, PyBUF_SIMPLE)
             except ValueError:  # released: the area is closed
-                return False
-            base, size = <char *>arena.buf, <size_t>arena.len
+                return 0
         try:
             while i < n and k < self._most:
                 chunk = <uint64_t>c[i]
@@ -2469,66 +2489,58 @@ cdef class SavedWrite:
                     if k:
                         break
                     i += 1  # flagged, not stored yet: the source's data stands
-                    at[0] = i
+                    group.first = i
                     continue
                 offset, length = entry[0], entry[2]
-                if k and (chunk * g != start + total or total + length > self._limit):
+                if k and (chunk * g != group.start + total or total + length > self._limit):
                     break
                 if chunk * g >= stop or length != min(g, stop - chunk * g) or (
-                        memory and offset + length > size):
+                        memory and offset + length > <uint64_t>arena.len):
                     break
                 if k == 0:
-                    start = chunk * g
-                if memory:
-                    self._iov[k].iov_base = base + offset
-                else:
-                    self._iov[k].iov_base = self._buffer + total
-                    self._from[k] = offset
-                self._iov[k].iov_len = length
+                    group.start = chunk * g
+                group.pieces[k].offset = offset
+                group.pieces[k].length = length
                 total += length
                 k += 1
                 i += 1
-            if k == 0:
-                return False  # nothing held is left, or the next chunk cannot go
-            with nogil:
-                ok = (memory or self._read_group(k)) and _pwritev_all(
-                    out, self._iov, k, start)
-            if ok:
-                at[0] = i
-                self.chunks += k
-                self.nbytes += total
-                self.writes += 1
-            return ok
+            if k:
+                with nogil:
+                    copied = self._copy(group, k, <char *>arena.buf if memory else NULL)
+            group.nbytes = total
+            return k if copied else 0
         finally:
             if memory:
                 PyBuffer_Release(&arena)
 
-    cdef bint _read_group(self, size_t k) noexcept nogil:
-        """Read a file area's ``k`` chunks of a write into the buffer."""
+    cdef bint _copy(self, Group *group, size_t k, const char *arena) noexcept nogil:
+        """Copy the ``k`` pieces of ``group`` from the arena, or from the area's file when
+        ``arena`` is NULL, into ``group.data``; False when a read fails."""
         cdef size_t j
+        cdef uint64_t at = 0
+        cdef uint64_t offset, length
         for j in range(k):
-            if not _pread_all(self._fd, <char *>self._iov[j].iov_base, self._iov[j].iov_len,
-                              self._from[j]):
+            offset = group.pieces[j].offset
+            length = group.pieces[j].length
+            if arena != NULL:
+                memcpy(group.data + at, arena + offset, length)
+            elif not _pread_all(self._fd, group.data + at, length, offset):
                 return False
+            at += length
         return True
 
 
-cdef bint _pwritev_all(int fd, iovec *iov, size_t k, uint64_t offset) noexcept nogil:
-    """Write all of ``iov[0:k]`` at ``offset`` (changing ``iov``); False on any error or
-    a write that makes no progress."""
+cdef bint _pwrite_all(int fd, const char *data, uint64_t length,
+                      uint64_t offset) noexcept nogil:
+    """Write all ``length`` bytes at ``offset``; False on any error or no progress."""
     cdef ssize_t got
-    while k:
-        got = pwritev(fd, iov, <int>k, <off_t>offset)
+    while length:
+        got = pwrite(fd, data, length, <off_t>offset)
         if got <= 0:
             return False
+        data += got
+        length -= <uint64_t>got
         offset += <uint64_t>got
-        while k and <size_t>got >= iov[0].iov_len:
-            got -= <ssize_t>iov[0].iov_len
-            iov += 1
-            k -= 1
-        if k:
-            iov[0].iov_base = <char *>iov[0].iov_base + got
-            iov[0].iov_len -= <size_t>got
     return True
 
 

@@ -665,7 +665,7 @@ class SavedWrite:
         self._fd = fd
         self._granularity = granularity
         self._limit = limit
-        self._most = min(limit // granularity, os.sysconf("SC_IOV_MAX"))
+        self._most = limit // granularity
         self.chunks = 0
         self.nbytes = 0
         self.writes = 0
@@ -674,31 +674,38 @@ class SavedWrite:
         todo = np.ascontiguousarray(chunks, dtype=np.int64).tolist()
         out = dest._write_fd
         i = 0
-        going = out >= 0
-        while going and i < len(todo):
+        while out >= 0 and i < len(todo):
             with self._area_lock:
-                going, i = self._write_next(todo, i, end, out)
+                i, group, start = self._gather(todo, i, end)
+            if not group or not _pwrite_all(out, b"".join(group), start):
+                break
+            i += len(group)
+            self.chunks += len(group)
+            self.nbytes += sum(map(len, group))
+            self.writes += 1
         return i
 
-    def _write_next(self, todo: list[int], i: int, end: int, out: int) -> tuple[bool, int]:
+    def _gather(self, todo: list[int], i: int, end: int) -> tuple[int, list[bytes], int]:
+        """Past the chunks not held from ``i``: their index, the copies of the adjacent
+        held chunks there (none when one cannot go) and their byte offset."""
         arena = None
         if self._arena is not None:
             try:
                 arena = memoryview(self._arena)
             except ValueError:  # released: the area is closed
-                return False, i
+                return i, [], 0
         try:
-            return self._write_group(todo, i, end, out, arena)
+            return self._copy(todo, i, end, arena)
         finally:
             if arena is not None:
                 arena.release()
 
-    def _write_group(self, todo, i, end, out, arena) -> tuple[bool, int]:
+    def _copy(self, todo, i, end, arena) -> tuple[int, list[bytes], int]:
         g = self._granularity
         group: list[bytes] = []
         start = total = 0
-        while i < len(todo) and len(group) < self._most:
-            chunk = todo[i]
+        while i + len(group) < len(todo) and len(group) < self._most:
+            chunk = todo[i + len(group)]
             entry = self._index.get(chunk)
             if entry is None:
                 if group:
@@ -720,19 +727,11 @@ class SavedWrite:
                 except OSError:
                     data = b""
                 if len(data) != length:
-                    return False, i - len(group)
+                    return i, [], 0
                 group.append(data)
             start = start if total else chunk * g
             total += length
-            i += 1
-        if not group:
-            return False, i
-        if not _pwrite_all(out, b"".join(group), start):
-            return False, i - len(group)
-        self.chunks += len(group)
-        self.nbytes += total
-        self.writes += 1
-        return True, i
+        return i, group, start
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> bool:
