@@ -19,10 +19,10 @@ destinations and injected failures. Every destination reported CONSISTENT must
 equal the source at its mark; a failed one is INCONSISTENT and every chunk where
 it differs from the source is tracked or in transfer.
 
-One hole (xfail): the core holds the save area's lock while its write to the
-destination runs, so a host write that needs a COFW waits for the destination's
-I/O; a destination whose writes hang (a paused NBD export mounted through FUSE)
-stops those host writes, against rule 13.
+A hole it found, closed in 9fa6d61: the core held the save area's lock while its
+write to the destination ran, so a host write that needs a COFW waited for the
+destination's I/O, and a destination whose writes hang (a paused NBD export
+mounted through FUSE) stopped those host writes, against rule 13.
 """
 
 from __future__ import annotations
@@ -457,12 +457,6 @@ def pausable_file(tmp_path: Path):
 
 
 @pytest.mark.skipif(_fuse_missing() is not None, reason=str(_fuse_missing()))
-@pytest.mark.xfail(
-    strict=True,
-    reason="SavedWrite holds the save area's lock across the destination's pwritev: a host "
-    "write's COFW waits for that lock, so a destination whose writes hang stops the host "
-    "writes that need a save (rule 13); before be88e44 the write went out after the lock",
-)
 def test_a_destination_that_hangs_inside_a_write_of_saved_chunks_stops_no_host_write(
     tmp_path: Path,
 ) -> None:
