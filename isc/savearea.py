@@ -26,8 +26,8 @@ already faulted in after the first mark. For a session on a ``FileLUN`` with
 an in-memory area the whole COFW runs in the core (:meth:`SaveArea.file_save`):
 a ``pread`` into the slot under the same locks, with no Python frame. A
 copy's saved chunks go to a destination file from the core too
-(:meth:`SaveArea.saved_write`): straight from the slots of a memory area,
-through one buffer from a file area's, the interpreter lock released.
+(:meth:`SaveArea.saved_write`): copied out under the area's lock and written
+after it, the interpreter lock released.
 
 Invariants: ``used`` (the sum of entry lengths) never exceeds ``capacity``;
 ``end`` never exceeds ``capacity`` either, so a file never grows beyond it;
@@ -343,11 +343,11 @@ class SaveArea:
         """The core call that writes this area's chunks over a copy in a destination file.
 
         A :class:`~isc._core.SavedWrite` for chunks of ``granularity`` bytes,
-        at most ``limit`` bytes per write: it writes straight from the slots of
-        an in-memory area (a file area's are read into a buffer first) with the
-        interpreter lock released, under this area's lock, and stops at anything
-        but a plain success. Like :meth:`file_save` it calls no method of this
-        area.
+        at most ``limit`` bytes per write: under this area's lock it copies
+        adjacent chunks from their slots into a buffer (a file area's by
+        ``pread``), then writes the buffer after the lock, the interpreter lock
+        released for both, and stops at anything but a plain success. Like
+        :meth:`file_save` it calls no method of this area.
         """
         store = self._store
         # A closed file area's descriptor is never used: closing empties the index.
