@@ -2530,25 +2530,24 @@ cdef class SavedWrite:
         return True
 
 
-cdef bint _pwrite_all(int fd, const char *data, uint64_t length,
-                      uint64_t offset) noexcept nogil:
+cdef bint _pwrite_all(int fd, char *data, uint64_t length, uint64_t offset) noexcept nogil:
     """Write all ``length`` bytes at ``offset``; False on any error or no progress."""
-    cdef ssize_t got
-    while length:
-        got = pwrite(fd, data, length, <off_t>offset)
-        if got <= 0:
-            return False
-        data += got
-        length -= <uint64_t>got
-        offset += <uint64_t>got
-    return True
+    return _io_all(True, fd, data, length, offset)
 
 
 cdef bint _pread_all(int fd, char *buffer, uint64_t length, uint64_t offset) noexcept nogil:
     """Read all ``length`` bytes at ``offset``; False on any error or end of file."""
+    return _io_all(False, fd, buffer, length, offset)
+
+
+cdef bint _io_all(bint write, int fd, char *buffer, uint64_t length,
+                  uint64_t offset) noexcept nogil:
     cdef ssize_t got
     while length:
-        got = pread(fd, buffer, length, <off_t>offset)
+        if write:
+            got = pwrite(fd, buffer, length, <off_t>offset)
+        else:
+            got = pread(fd, buffer, length, <off_t>offset)
         if got <= 0:
             return False
         buffer += got
