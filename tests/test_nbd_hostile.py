@@ -821,3 +821,28 @@ def test_a_tls_client_flooding_writes_that_wait_for_max_data_stays_bounded(
     for at, data in writes:
         assert lun.read(at, len(data)) == data
     no_errors_logged(caplog)
+
+
+class ClosingServer(NBDServer):
+    """A server whose ``close()`` lands as a client's handshake completes."""
+
+    async def _handshake(self, channel, client) -> bool:
+        done = await super()._handshake(channel, client)
+        self.close()  # from the loop's thread: the shutdown runs as this returns
+        return done
+
+
+def test_a_close_that_lands_as_a_handshake_completes_disconnects_the_client(tmp_path):
+    server = ClosingServer(MemoryLUN(SIZE), name="disk")
+    server.start_unix(tmp_path / "isc.sock")
+    try:
+        with ExitStack() as stack:
+            client = connected(stack, server, None)
+            client.sock.settimeout(WAIT)
+            # Asyncio's wait_for returns a result that came with a cancellation, so the
+            # connection went on into transmission and the server's close() never ended.
+            assert client.sock.recv(1) == b"", "the closing server kept serving"
+    finally:
+        closing = Worker(server.close)
+        closing.done.wait(WAIT)
+        assert closing.done.is_set(), "NBDServer.close() did not return"

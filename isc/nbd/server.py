@@ -837,8 +837,11 @@ class NBDServer:
         self._connections.add(task)
         client = _Client(peer)
         try:
-            handshake = self._handshake(channel, client)
-            if await asyncio.wait_for(handshake, self.handshake_timeout):
+            # Not wait_for: Python 3.11's returns a result that came with a cancellation,
+            # so a connection whose handshake ended as the server closed went on.
+            async with asyncio.timeout(self.handshake_timeout):
+                done = await self._handshake(channel, client)
+            if done:
                 await self._transmission(channel, client)
         except TimeoutError:
             log.warning(
