@@ -172,13 +172,15 @@ class ParkingLUN:
 
 
 # -- a pull beside push destinations -------------------------------------------------------------
-def test_a_pull_backup_leaves_the_push_destinations_of_the_session_to_be_sent_to(tmp_path):
-    size, g = 2 * MIB, 64 * KIB
-    state = session_directory(tmp_path, size, g, SEED)
+@contextmanager
+def pushed_and_pulled(tmp_path: Path, g: int) -> Iterator[tuple[Path, Path, str, Path]]:
+    """A session directory ``state`` whose destination d0 got a full copy, served, a full
+    pull's backup of it taken, then chunk 3 written: (state, backup, live URI, control)."""
+    state = session_directory(tmp_path, 2 * MIB, g, SEED)
     isc("copy", str(state), "--full")  # d0 consistent
     args, ctl = serve_args(tmp_path, state)
     backup = tmp_path / "backup.img"
-    FileLUN.create(backup, size).close()
+    FileLUN.create(backup, 2 * MIB).close()
     with isc_serve(tmp_path, *args) as (ready, _):
         # The copy moved the epoch past any pull: the first backup pulls a full mark.
         assert control(ctl, "mark", full=True)["ok"]
@@ -187,9 +189,15 @@ def test_a_pull_backup_leaves_the_push_destinations_of_the_session_to_be_sent_to
         with NBDLUN(ready["uri"], timeout=TIMEOUT) as live:
             live.write(3 * g, b"\x5a" * g)
             live.flush()
+        yield state, backup, ready["uri"], ctl
+
+
+def test_a_pull_backup_leaves_the_push_destinations_of_the_session_to_be_sent_to(tmp_path):
+    g = 64 * KIB
+    with pushed_and_pulled(tmp_path, g) as (state, backup, uri, ctl):
         assert control(ctl, "mark")["info"]["pull_behind"] is None
         # The full pull's chunks were tracked again for d0: this pull takes them too.
-        extents = pull(tmp_path, frozen_uri(ready["uri"]), backup)
+        extents = pull(tmp_path, frozen_uri(uri), backup)
         assert any(at <= 3 * g and 4 * g <= at + n for at, n in extents), extents
         assert control(ctl, "unmark")["info"] == {"returned_chunks": 0, "dropped_chunks": 0}
         assert backup.read_bytes() == (tmp_path / "source.img").read_bytes()
@@ -201,19 +209,8 @@ def test_a_pull_backup_leaves_the_push_destinations_of_the_session_to_be_sent_to
 
 
 def test_a_push_copy_never_takes_the_changes_a_pull_backup_still_needs(tmp_path):
-    size, g = 2 * MIB, 64 * KIB
-    state = session_directory(tmp_path, size, g, SEED)
-    isc("copy", str(state), "--full")  # d0 consistent
-    args, ctl = serve_args(tmp_path, state)
-    backup = tmp_path / "backup.img"
-    FileLUN.create(backup, size).close()
-    with isc_serve(tmp_path, *args) as (ready, _):
-        assert control(ctl, "mark", full=True)["ok"]
-        pull(tmp_path, frozen_uri(ready["uri"]), backup)  # the last backup
-        assert control(ctl, "unmark")["ok"]
-        with NBDLUN(ready["uri"], timeout=TIMEOUT) as live:
-            live.write(3 * g, b"\x5a" * g)
-            live.flush()
+    g = 64 * KIB
+    with pushed_and_pulled(tmp_path, g) as (state, backup, uri, ctl):
         assert control(ctl, "mark")["ok"]  # the backup tool's, for a pull
         isc("copy", str(state))  # takes the mark first: chunk 3 reaches d0 only
         marked = control(ctl, "mark")  # the backup tool marks again
@@ -221,7 +218,7 @@ def test_a_push_copy_never_takes_the_changes_a_pull_backup_still_needs(tmp_path)
         script = tmp_path / "pull.py"
         script.write_text(PULL)
         refused = subprocess.run(
-            [libnbd_python(), script, frozen_uri(ready["uri"]), CONTEXT, backup, "0"],
+            [libnbd_python(), script, frozen_uri(uri), CONTEXT, backup, "0"],
             capture_output=True,
             text=True,
             timeout=TIMEOUT,
@@ -230,7 +227,7 @@ def test_a_push_copy_never_takes_the_changes_a_pull_backup_still_needs(tmp_path)
         assert refused.returncode != 0 and "block-status" in refused.stderr
         assert control(ctl, "unmark")["ok"]
         assert control(ctl, "mark", full=True)["ok"]  # what the tool does then
-        pull(tmp_path, frozen_uri(ready["uri"]), backup)
+        pull(tmp_path, frozen_uri(uri), backup)
         assert control(ctl, "unmark")["ok"]
     assert differing_chunks(image(backup), image(tmp_path / "source.img"), g) == []
 
