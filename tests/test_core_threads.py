@@ -326,8 +326,11 @@ def test_cofw_saves_each_chunk_at_most_once_per_mark(busy_switching):
     writers = [Worker(lambda i=i: writer(i)) for i in range(WRITERS)]
     transfer_at = {}  # generation -> transfer bits right after its mark
     pacing.start.wait(TIMEOUT)
-    while not all(w.done.is_set() for w in writers):
+    while True:
+        # Cleared before the check: a writer that ends after it sets it again.
         pacing.wrote.clear()
+        if all(w.done.is_set() for w in writers):
+            break
         bitmap.mark()
         pacing.new_mark()
         transfer_at[bitmap.generation] = bits(bitmap, "transfer")
