@@ -322,6 +322,7 @@ class CopyJob:
                 or f"{session.name} is unmarked: an incremental copy sends a marked "
                 "point in time; mark the session first"
             )
+        session.claim_mark(bitmap.generation, "push copy")  # before anything is judged
         self.check_destinations()
         stale = [d for d in self.destinations if not d.in_step(session)]
         donor = next((d for d in self.destinations if d.in_step(session)), None)

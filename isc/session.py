@@ -29,10 +29,10 @@ Two kinds of consumer take a mark's chunks: a push copy
 frozen export (:meth:`confirm_pulled`). A mark serves one kind only
 (:meth:`claim_mark`): the first to claim it owns it, so a push copy never
 sends a mark a pull has confirmed from, and a pull never confirms chunks a
-push copy still has to send. What a pull confirms, the session's push
-destinations did not get: it goes back into tracking for them. What a push
-copy clears, the last pull backup did not get: the pull falls out of step
-(:attr:`Session.pull_epoch`) until a pull of a full mark.
+push copy still has to send. Once a push copy ran, a pull confirms nothing
+(its destinations did not get what it read); and what a push copy clears,
+the last pull backup did not get: the pull falls out of step
+(:attr:`Session.pull_epoch`) and needs a full mark.
 """
 
 from __future__ import annotations
@@ -367,30 +367,29 @@ class Session:
         clear their transfer bits and drop their saved copies (as :meth:`confirm_sent`);
         return how many bits were set.
 
-        Push destinations did not get them: once any push copy ran (``epoch``
-        moved) they are tracked again, before their transfer bits clear, so no
-        checkpoint holds them in neither bitmap. Raises ``StateError``
-        saying why, changing nothing, when the mark ended, a push copy owns it,
-        or the pull is out of step (:meth:`pull_in_step`).
+        Once a push copy ran (``epoch`` moved), the session's changes go to push
+        destinations, which did not get them: a pull then reads the image at a
+        mark but confirms nothing (a mark may outlive the process that knew
+        which consumer took it, so no confirm may clear what a push copy would
+        later count as sent). Raises ``StateError`` saying why, changing
+        nothing, then, and when the mark ended, a push copy owns it, or the
+        pull is out of step (:meth:`pull_in_step`).
         """
         with self._save_lock:
             ended = self.mark_ended(generation)
             if ended is not None:
                 raise StateError(ended)
+            if self.epoch:
+                raise StateError(
+                    f"the changes of {self.name} go to push destinations (a push copy ran): "
+                    "a pull reads the image at a mark but confirms nothing; unmark, and what "
+                    "it read is sent again"
+                )
             self._claim_locked(generation, "pull")
             behind = self.pull_in_step(generation)
             if behind is not None:
                 raise StateError(behind)
             self.pull_epoch = self.epoch
-            if self.epoch:  # a push copy ran: its destinations must get what a pull takes
-                g, size = self.granularity, self.source.size
-                if count == self.bitmap.chunks:  # unmark with sent: only what is left
-                    offsets = self.bitmap.chunks_of("transfer") * g
-                    lengths = np.minimum(g, size - offsets)
-                else:  # a TRIM's range, O(1): a chunk in it not in transfer is sent twice
-                    offsets = np.array([first * g], np.int64)
-                    lengths = np.array([min(count * g, size - first * g)], np.int64)
-                self.bitmap.record_writes(offsets, lengths, cofw=False)
             return self._confirm_locked(first, count, generation)
 
     def abandon_mark(self, generation: int) -> None:

@@ -296,32 +296,7 @@ def push_session(serve, chunks: int, g: int = 16 * KIB):
     return session, server, dest
 
 
-def pull_all(server, session, full: bool) -> int:
-    """Mark (``full``), TRIM every chunk through the frozen export, unmark; the mark."""
-    generation = session.mark(full)
-    with client(server) as c:
-        frozen(c)
-        c.request(CMD_TRIM, 0, session.source.size)
-        assert c.error() == 0
-    session.unmark()
-    return generation
-
-
-def test_a_push_copy_after_a_pull_sends_what_the_pull_confirmed(serve):
-    from isc.copy import CopyJob
-
-    g = 16 * KIB
-    session, server, dest = push_session(serve, 16, g)
-    pull_all(server, session, full=True)  # the pull's first backup
-    session.write(3 * g, b"\5" * g)
-    pull_all(server, session, full=False)  # confirms chunk 3 for the pull only
-    assert session.bitmap.tracking(3)
-    session.mark()
-    CopyJob(session, [dest]).incremental()
-    assert dest.lun.read(0, 16 * g) == session.source.read(0, 16 * g)
-
-
-def test_a_pull_after_a_push_copy_needs_a_full_mark(serve):
+def test_after_a_push_copy_a_pull_reads_a_full_mark_and_confirms_nothing(serve):
     from isc.copy import CopyJob
 
     g = 16 * KIB
@@ -336,27 +311,30 @@ def test_a_pull_after_a_push_copy_needs_a_full_mark(serve):
         assert error == EIO and "full" in message
         c.request(CMD_TRIM, 0, 16 * g)
         error, message = failure(c)
-        assert error == EPERM and "push copy" in message
+        assert error == EPERM and "push destinations" in message
     assert session.bitmap.transfer_count == 1  # nothing confirmed
     session.unmark()
-    pull_all(server, session, full=True)
-    assert session.pull_in_step(session.mark()) is None
+    generation = session.mark(full=True)
+    assert session.pull_in_step(generation) is None  # a full mark may be read whole
+    with client(server) as c:
+        dirty = frozen(c)["qemu:dirty-bitmap:disk"]
+        assert c.status(0, 16 * g)[dirty] == [(16 * g, STATE_DIRTY)]
+        c.request(CMD_TRIM, 0, 16 * g)
+        assert failure(c)[0] == EPERM
     session.unmark()
     session.mark()
-    CopyJob(session, [dest]).incremental()  # the push side is unharmed
+    CopyJob(session, [dest]).incremental()  # the push side got what the pulls read
     assert dest.lun.read(0, 16 * g) == session.source.read(0, 16 * g)
 
 
 def test_a_push_copy_refuses_a_mark_a_pull_confirmed_from_and_the_pull_keeps_it(serve):
-    from isc.copy import CopyJob
+    from isc.copy import CopyJob, Destination
     from isc.errors import StateError
 
     g = 16 * KIB
-    session, server, dest = push_session(serve, 16, g)
-    pull_all(server, session, full=True)
-    session.write(3 * g, b"\5" * g)
-    session.write(7 * g, b"\5" * g)
-    generation = session.mark()
+    session, server = session_server(serve, MemoryLUN(16 * g), granularity=g)
+    dest = Destination(MemoryLUN(16 * g), "d0")  # new: a full mark is the copy it needs
+    generation = session.mark(full=True)
     with client(server) as c:
         frozen(c)
         c.request(CMD_TRIM, 3 * g, g)

@@ -9,11 +9,11 @@ random, checking every finished pull byte for byte against the image at its mark
 each abort, that every chunk where the partial backup differs from the source is tracked.
 
 A pull beside push copies: a mark serves one kind of consumer, the first to take it
-(:meth:`isc.session.Session.claim_mark`); what a pull confirms is tracked again for the
-push destinations (across a SIGKILL too); a push copy puts the pull out of step until a
-pull of a full mark; ``unmark`` with ``"sent": true`` names its mark. A READ racing a TRIM
-of its own range may return the source as it is now: the NBD spec leaves trimmed data
-undefined, so no test asks otherwise.
+(:meth:`isc.session.Session.claim_mark`); once a push copy ran, a pull reads the image at a
+mark but confirms nothing (its TRIM and ``unmark`` with ``"sent": true`` are refused, also
+across a SIGKILL), and it needs a full mark; ``unmark`` with ``"sent": true`` names its mark.
+A READ racing a TRIM of its own range may return the source as it is now: the NBD spec
+leaves trimmed data undefined, so no test asks otherwise.
 """
 
 from __future__ import annotations
@@ -129,6 +129,21 @@ def pull(tmp_path: Path, uri: str, backup: Path, trims: int = 1 << 30) -> list:
     return json.loads(done.stdout)
 
 
+def refused_pull(tmp_path: Path, uri: str, backup: Path, trims: int) -> str:
+    """The libnbd pull script run on :data:`CONTEXT`, which must fail; its stderr."""
+    script = tmp_path / "pull.py"
+    script.write_text(PULL)
+    done = subprocess.run(
+        [libnbd_python(), script, uri, CONTEXT, backup, str(trims)],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+    assert done.returncode != 0, done.stdout
+    return done.stderr
+
+
 def isc(*args: str) -> subprocess.CompletedProcess[str]:
     """``isc ARGS`` run to its end; it must succeed."""
     done = subprocess.run([*ISC, *args], capture_output=True, text=True, timeout=TIMEOUT)
@@ -182,9 +197,10 @@ def pushed_and_pulled(tmp_path: Path, g: int) -> Iterator[tuple[Path, Path, str,
     backup = tmp_path / "backup.img"
     FileLUN.create(backup, 2 * MIB).close()
     with isc_serve(tmp_path, *args) as (ready, _):
-        # The copy moved the epoch past any pull: the first backup pulls a full mark.
+        # The copy moved the epoch past any pull: a backup pulls a full mark, whole,
+        # and confirms nothing (the destination did not get what it read).
         assert control(ctl, "mark", full=True)["ok"]
-        pull(tmp_path, frozen_uri(ready["uri"]), backup)
+        pull(tmp_path, frozen_uri(ready["uri"]), backup, trims=0)
         assert control(ctl, "unmark")["ok"]
         with NBDLUN(ready["uri"], timeout=TIMEOUT) as live:
             live.write(3 * g, b"\x5a" * g)
@@ -195,16 +211,15 @@ def pushed_and_pulled(tmp_path: Path, g: int) -> Iterator[tuple[Path, Path, str,
 def test_a_pull_backup_leaves_the_push_destinations_of_the_session_to_be_sent_to(tmp_path):
     g = 64 * KIB
     with pushed_and_pulled(tmp_path, g) as (state, backup, uri, ctl):
-        assert control(ctl, "mark")["info"]["pull_behind"] is None
-        # The full pull's chunks were tracked again for d0: this pull takes them too.
-        extents = pull(tmp_path, frozen_uri(uri), backup)
-        assert any(at <= 3 * g and 4 * g <= at + n for at, n in extents), extents
-        assert control(ctl, "unmark")["info"] == {"returned_chunks": 0, "dropped_chunks": 0}
-        assert backup.read_bytes() == (tmp_path / "source.img").read_bytes()
+        generation = control(ctl, "mark", full=True)["info"]["generation"]
+        assert "not permitted" in refused_pull(tmp_path, frozen_uri(uri), backup, trims=1)
+        dropped = control(ctl, "unmark", sent=True, generation=generation)
+        assert not dropped["ok"] and "push destinations" in dropped["reason"], dropped
+        assert control(ctl, "unmark")["ok"]
         isc("mark", str(state))
         copied = json.loads(isc("copy", str(state), "--json").stdout)
         assert [d["state"] for d in copied["destinations"]] == ["consistent"]
-    # The destination said consistent must hold the source: chunk 3 reached the backup only.
+    # The destination said consistent must hold the source, chunk 3 with it.
     assert differing_chunks(image(tmp_path / "d0.img"), image(tmp_path / "source.img"), g) == []
 
 
@@ -215,19 +230,10 @@ def test_a_push_copy_never_takes_the_changes_a_pull_backup_still_needs(tmp_path)
         isc("copy", str(state))  # takes the mark first: chunk 3 reaches d0 only
         marked = control(ctl, "mark")  # the backup tool marks again
         assert "push copy" in marked["info"]["pull_behind"], marked
-        script = tmp_path / "pull.py"
-        script.write_text(PULL)
-        refused = subprocess.run(
-            [libnbd_python(), script, frozen_uri(uri), CONTEXT, backup, "0"],
-            capture_output=True,
-            text=True,
-            timeout=TIMEOUT,
-            check=False,
-        )
-        assert refused.returncode != 0 and "block-status" in refused.stderr
+        assert "block-status" in refused_pull(tmp_path, frozen_uri(uri), backup, trims=0)
         assert control(ctl, "unmark")["ok"]
         assert control(ctl, "mark", full=True)["ok"]  # what the tool does then
-        pull(tmp_path, frozen_uri(uri), backup)
+        pull(tmp_path, frozen_uri(uri), backup, trims=0)
         assert control(ctl, "unmark")["ok"]
     assert differing_chunks(image(backup), image(tmp_path / "source.img"), g) == []
 
@@ -242,12 +248,10 @@ def test_unmark_sent_leaves_the_push_destinations_of_the_session_to_be_sent_to()
         session.write(5 * g, b"\2" * g)
         controls = SessionControl(session)
         generation = controls.mark({"full": True})["info"]["generation"]
-        assert controls.unmark({"sent": True, "generation": generation})["ok"]  # the first pull
-        session.write(5 * g, b"\2" * g)
-        generation = controls.mark({})["info"]["generation"]
         dropped = controls.unmark({"sent": True, "generation": generation})
-        # Every chunk: the first pull's were tracked again for d0, which never got them.
-        assert dropped["info"]["dropped_chunks"] == 16, dropped
+        assert not dropped["ok"] and "push destinations" in dropped["reason"], dropped
+        assert session.bitmap.marked and session.bitmap.transfer_count == 16
+        assert controls.unmark({})["ok"]
         session.mark()
         CopyJob(session, [dest]).incremental()
         assert dest.state is DestState.CONSISTENT
@@ -442,7 +446,7 @@ def test_isc_serve_killed_mid_pull_resends_every_chunk_the_backup_lacks(tmp_path
     assert not missed, f"chunks the next backup did not send: {missed}"
 
 
-def test_a_pull_confirmed_before_a_sigkill_still_reaches_the_push_destinations(tmp_path: Path):
+def test_a_pull_killed_midway_leaves_the_push_destinations_every_chunk_to_send(tmp_path: Path):
     size, g = 2 * MIB, 16 * KIB
     rng = random.Random(SEED + 2)
     state = checkpointed_state(tmp_path, size, g, rng, dests=("d0",))
@@ -452,9 +456,10 @@ def test_a_pull_confirmed_before_a_sigkill_still_reaches_the_push_destinations(t
     with killed_at_the_end(tmp_path, args) as uri:
         live_writes(uri, rng, size, 8)
         assert control(ctl, "mark", full=True)["ok"]  # the copy moved the epoch past pulls
-        pull(tmp_path, frozen_uri(uri), backup)
+        assert "not permitted" in refused_pull(tmp_path, frozen_uri(uri), backup, trims=3)
         checkpoints_after(uri, rng, state / "checkpoint.journal", 2)
     with isc_serve(tmp_path, *args):
+        isc("unmark", str(state))  # the pull's mark, if it outlived the kill
         isc("mark", str(state))
         copied = json.loads(isc("copy", str(state), "--json").stdout)
         assert [d["state"] for d in copied["destinations"]] == ["consistent"]
