@@ -114,32 +114,29 @@ def control(path: Path, op: str, **fields: object) -> dict:
         return json.loads(sock.makefile("rb").readline())
 
 
-def pull(tmp_path: Path, uri: str, backup: Path, trims: int = 1 << 30) -> list:
-    """The libnbd pull script run on :data:`CONTEXT` to its end; the dirty extents it copied."""
+def run_pull(tmp_path: Path, uri: str, backup: Path, trims: int) -> subprocess.CompletedProcess:
+    """The libnbd pull script run on :data:`CONTEXT` to its end, TRIMming ``trims`` extents."""
     script = tmp_path / "pull.py"
     script.write_text(PULL)
-    done = subprocess.run(
+    return subprocess.run(
         [libnbd_python(), script, uri, CONTEXT, backup, str(trims)],
         capture_output=True,
         text=True,
         timeout=TIMEOUT,
         check=False,
     )
+
+
+def pull(tmp_path: Path, uri: str, backup: Path, trims: int = 1 << 30) -> list:
+    """:func:`run_pull`, which must succeed; the dirty extents it copied."""
+    done = run_pull(tmp_path, uri, backup, trims)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
 
 
 def refused_pull(tmp_path: Path, uri: str, backup: Path, trims: int) -> str:
-    """The libnbd pull script run on :data:`CONTEXT`, which must fail; its stderr."""
-    script = tmp_path / "pull.py"
-    script.write_text(PULL)
-    done = subprocess.run(
-        [libnbd_python(), script, uri, CONTEXT, backup, str(trims)],
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-        check=False,
-    )
+    """:func:`run_pull`, which must fail; its stderr."""
+    done = run_pull(tmp_path, uri, backup, trims)
     assert done.returncode != 0, done.stdout
     return done.stderr
 

@@ -35,11 +35,10 @@ import shutil
 import socket
 import subprocess
 import threading
-import time
 from pathlib import Path
 
 import pytest
-from helpers import TIMEOUT, Writers, assert_no_lost_change, fill_random
+from helpers import TIMEOUT, Writers, assert_no_lost_change, fill_random, wait_until
 
 import isc.copy
 from isc import CopyError, CopyJob, Destination, DestState, FileLUN, SaveArea, Session
@@ -416,18 +415,6 @@ def _fuse_missing() -> str | None:
     return None
 
 
-def _poll(condition, what: str, procs) -> None:
-    """Wait for an external process to get ready (bounded)."""
-    deadline = time.monotonic() + TIMEOUT
-    while not condition():
-        for proc in procs:
-            if proc.poll() is not None:
-                pytest.fail(f"{proc.args[0]} exited ({proc.returncode}) before {what}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.01)
-
-
 @contextlib.contextmanager
 def pausable_file(tmp_path: Path):
     """A 1 MiB file (nbdfuse over nbdkit's memory plugin and pause filter) and the control
@@ -439,9 +426,9 @@ def pausable_file(tmp_path: Path):
     try:
         nbdkit = ["nbdkit", "-f", "-U", str(sock), "--filter=pause", "memory", "1M"]
         procs.append(subprocess.Popen([*nbdkit, f"pause-control={control}"]))
-        _poll(lambda: sock.exists() and control.exists(), "nbdkit's sockets", procs)
+        wait_until(lambda: sock.exists() and control.exists(), procs[0], "nbdkit's sockets")
         procs.append(subprocess.Popen(["nbdfuse", str(mount / "d.img"), "--unix", str(sock)]))
-        _poll(lambda: os.path.ismount(mount), "the nbdfuse mount", procs)
+        wait_until(lambda: os.path.ismount(mount), procs[1], "the nbdfuse mount")
         connection = socket.socket(socket.AF_UNIX)
         connection.connect(str(control))
         yield mount / "d.img", connection
