@@ -379,7 +379,7 @@ class CopyJob:
                 "a full copy starts unmarked; finish or unmark the current copy first"
             )
         if marked:
-            self.session.mark(full=True)
+            self.session.claim_mark(self.session.mark(full=True), "push copy")
             return self._marked_copy("full", None, [])
         return self._unmarked_full_copy()
 
@@ -400,7 +400,6 @@ class CopyJob:
         g = session.granularity
         size = session.source.size
         generation = bitmap.generation
-        session.claim_mark(generation, "push copy")
         result = CopyResult(mode)
         cofw_before = session.stats.cofw_chunks
         self._sparse = bitmap.transfer_count == bitmap.chunks and self._holes_known()
