@@ -214,6 +214,10 @@ def pulled(stored: PersistentSession) -> None:
     flushed, the chunk confirmed sent (its TRIM), then the mark ended."""
     session, dest = stored.session, stored.destinations[0].lun
     generation, g = session.mark(), session.granularity
+    # Its chunks no longer hold what the last copy's samples say (isc.fingerprint): a
+    # sample of one would make the next copy take the destination for replaced.
+    stored.destinations[0].samples = []
+    stored.save()
     for chunk in [c for c in range(session.bitmap.chunks) if session.bitmap.transfer(c)]:
         dest.write(chunk * g, session.read_frozen(chunk * g, g))
         dest.flush()
