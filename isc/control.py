@@ -287,14 +287,25 @@ class ControlServer:
         self._thread = None
 
 
+_SUN_PATH = 107
+"""Bytes of a Unix socket's path: ``sun_path`` holds 108 with the closing NUL."""
+
+
 def _private_unix_socket(path: str) -> socket.socket:
     """A Unix socket bound at ``path`` with mode 0600, never reachable by others meanwhile.
 
     It is bound in a fresh directory of mode 0700 beside ``path``, made 0600
-    there and renamed into place. ``path``'s directory must belong to this
-    user and be writable by no one else (else another user could replace the
-    socket); a stale socket at ``path`` is replaced, anything else is refused.
+    there (through ``/proc/self/fd``, so the detour adds nothing to the
+    path's length) and renamed into place. ``path``'s directory must belong
+    to this user and be writable by no one else (else another user could
+    replace the socket); a stale socket at ``path`` is replaced, anything else
+    is refused.
     """
+    if len(os.fsencode(path)) > _SUN_PATH:
+        raise ParameterError(
+            f"socket path {path} is {len(os.fsencode(path))} bytes long and a Unix "
+            f"socket's is at most {_SUN_PATH} bytes: pick a shorter one"
+        )
     directory = os.path.dirname(path)
     try:
         info = os.stat(directory)
@@ -314,17 +325,18 @@ def _private_unix_socket(path: str) -> socket.socket:
                 raise ParameterError(f"a server listens on {path} already")
     staging = tempfile.mkdtemp(dir=directory, prefix=".isc-socket-")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    held = os.open(staging, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        bound = os.path.join(staging, "s")
-        sock.bind(bound)
-        os.chmod(bound, 0o600)
-        os.rename(bound, path)
+        sock.bind(f"/proc/self/fd/{held}/s")
+        os.chmod("s", 0o600, dir_fd=held)
+        os.rename("s", path, src_dir_fd=held)
     except BaseException:
         sock.close()
         raise
     finally:
         with contextlib.suppress(OSError):
-            os.unlink(os.path.join(staging, "s"))
+            os.unlink("s", dir_fd=held)
+        os.close(held)
         os.rmdir(staging)
     return sock
 

@@ -785,3 +785,29 @@ def test_a_stale_control_socket_is_replaced(tmp_path):
         assert ask(sock, {"id": 1, "op": "bump"})["ok"]
         assert server.count == 1
     assert not path.exists()
+
+
+def test_a_control_socket_whose_path_fits_is_served_however_deep_its_directory(tmp_path):
+    # The socket is bound in a staging directory beside its path: that detour
+    # must not make a path that fits too long for a Unix socket.
+    directory = tmp_path / "d"
+    limit = 107  # bytes of a Unix socket's path (108 with its NUL)
+    directory = directory.with_name("d" * (limit - len(str(tmp_path)) - len("/control.sock") - 1))
+    directory.mkdir(mode=0o700)
+    path = directory / "control.sock"
+    assert len(os.fsencode(path)) == limit
+    with counted(None, path) as server, socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(WAIT)
+        sock.connect(str(path))
+        assert ask(sock, {"id": 1, "op": "bump"})["ok"]
+        assert server.count == 1
+    assert list(directory.iterdir()) == []
+
+
+def test_a_control_socket_path_too_long_for_a_unix_socket_is_refused_plainly(tmp_path):
+    directory = tmp_path / ("d" * max(1, 120 - len(str(tmp_path))))
+    directory.mkdir(mode=0o700)
+    path = directory / "control.sock"
+    with pytest.raises(ParameterError, match=r"is at most 107 bytes: pick a shorter one"):
+        ControlServer({}).start_unix(path)
+    assert list(directory.iterdir()) == []
