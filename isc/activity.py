@@ -35,8 +35,10 @@ that outgrows it falls back to its regions.
 Costs: a write to a hot region adds a 16-byte store to the mapping; the
 first write to a cold region one fsynced record. A checkpoint costs the log
 six system calls (cut, write and sync the region log, two renames, a sync
-of the directory) and two more once the journal holds it (the renames to
-the spare). A checkpoint keeps the regions written since the one before hot
+of the directory; the sync even when it keeps no region, so no crash of the
+machine brings an older generation's records back under the new name once
+the journal names it) and two more once the journal holds it (the renames
+to the spare). A checkpoint keeps the regions written since the one before hot
 (up to half the hot set's capacity, which :mod:`isc.store` fits to the
 write pattern), so a steady working set pays no record after it.
 :attr:`ActivityLog.logged` counts the regions recorded in the current
@@ -185,20 +187,24 @@ class ActivityLog:
             raise
         generation = Generation(number, fd, mapped)
         try:
-            self._begin(generation, keep)
+            self._begin(generation, keep, cut=False)
         except BaseException:
             generation.close()
             raise
         return generation
 
-    def _begin(self, generation: Generation, keep: list[int]) -> None:
-        """Stamp ``generation``'s write log and write ``keep`` as its region log, durably."""
+    def _begin(self, generation: Generation, keep: list[int], cut: bool) -> None:
+        """Stamp ``generation``'s write log and write ``keep`` as its region log, durably;
+        ``cut``: the region log was just cut from an older generation's records, and the
+        cut must reach the disk even with nothing to write, before any journal names
+        ``generation`` (else a crash of the machine may bring those records back as its)."""
         _WRITES_HEAD.pack_into(generation.writes, 0, _WRITES_MAGIC, generation.number, boot_id())
         _COUNTS.pack_into(generation.writes, _WRITES_HEAD.size, 0, 0)
         kept = b"".join(_record(first, last) for first, last in _runs(keep)) if keep else b""
         generation.end, generation.logged = len(kept), 0
         if kept:
             os.pwrite(generation.fd, kept, 0)
+        if kept or cut:
             os.fdatasync(generation.fd)
 
     def append(self, first: int, last: int) -> None:
@@ -221,7 +227,7 @@ class ActivityLog:
             try:
                 spare.number = number
                 os.ftruncate(spare.fd, 0)
-                self._begin(spare, keep)
+                self._begin(spare, keep, cut=True)
                 for old, new in zip(_names(None), _names(number), strict=True):
                     os.rename(old, new, src_dir_fd=self._dir, dst_dir_fd=self._dir)
             except BaseException:

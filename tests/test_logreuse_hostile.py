@@ -13,11 +13,13 @@ The tests crash at every system call of the checkpoints that reuse the spare,
 after host writes to a kept and a cold region made just before it: a crash of
 the process (the kernel keeps every page), and one of the machine that loses
 the write logs, the renames not yet synced and the cut of a reused region log
-(whose old records then lie beyond the new ones). After each, every chunk where
-the destination differs from the source must be tracked or in transfer, and
-one update must make them equal. A process whose writer threads race checkpoints
-that reuse the spare is SIGKILLed right after it announces one of those system
-calls, and the same holds after each kill. Then the failures of the renames and
+no sync followed yet (whose old records then lie beyond the new ones). After
+each, every chunk where the destination differs from the source must be
+tracked or in transfer, and one update must make them equal; after a clean
+close whose checkpoint kept no region, a crash of the machine must leave a
+mark in force. A process whose writer threads race checkpoints that reuse the
+spare is SIGKILLed right after it announces one of those system calls, and the
+same holds after each kill. Then the failures of the renames and
 deletes that retire the obsolete generations: a rename that fails there costs no
 later checkpoint nor the close, and leaves no files piling up; a delete that fails
 there leaves no closed generation to become the spare, so no later checkpoint cuts
@@ -55,13 +57,14 @@ class Stepping:
     """Stands for ``os`` in ``isc.activity``: calls ``before(name)`` ahead of each of its
     :data:`STEPS` while ``armed`` (not again from inside ``before``), and remembers the
     renames since the last sync of a directory and the content a region log had before
-    each cut (``ftruncate``), by inode."""
+    each cut (``ftruncate``) that no sync followed yet, by inode."""
 
     def __init__(self, before) -> None:
         self._before = before
         self.armed = False
         self.renames: list[tuple[str, str]] = []
         self.before_cut: dict[int, bytes] = {}
+        self.cuts = 0
 
     def __getattr__(self, name: str):
         real = getattr(os, name)
@@ -78,11 +81,14 @@ class Stepping:
             if name == "ftruncate":
                 st = os.fstat(args[0])
                 self.before_cut[st.st_ino] = os.pread(args[0], st.st_size, 0)
+                self.cuts += 1
             result = real(*args, **kwargs)
             if name == "rename":
                 self.renames.append((args[0], args[1]))
             elif name == "fsync":
                 self.renames.clear()
+            if name in ("fsync", "fdatasync"):  # a cut synced since stays cut
+                self.before_cut.pop(os.fstat(args[0]).st_ino, None)
             return result
 
         return call
@@ -145,6 +151,38 @@ def test_crashes_at_each_system_call_of_checkpoints_that_reuse_the_spare_lose_no
     for image in crashes.images:
         check(image)
         shutil.rmtree(image.state)
+
+
+def test_a_clean_close_that_reuses_the_spare_keeps_a_mark_across_a_crash_of_the_machine(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The close's checkpoint keeps no region: it takes the spare, whose region log holds an
+    older generation's records, and cuts it to nothing. A crash of the machine after the
+    close loses whatever was not synced; the cut must not be among it, or the next open
+    reads the old records as the new generation's, resends their regions and ends the
+    mark that survived the close (a pull in progress loses it for no reason)."""
+    state, crashes, rng = tmp_path / "hot", Crashes(tmp_path), random.Random("close")
+    hot_session(tmp_path, max_hot=4, hot_limit=16)
+    stepping = Stepping(lambda name: None)
+    stored, _ = open_session_held(state)
+    try:
+        for region in (1, 2, 3):
+            write_in(stored, region, rng)
+        stored.checkpoint()
+        stored.checkpoint()  # the generation with the records of 1, 2 and 3 is the spare
+        stored.session.mark()
+        monkeypatch.setattr(isc.activity, "os", stepping)
+    finally:
+        stored.close()
+    monkeypatch.setattr(isc.activity, "os", os)
+    assert stepping.cuts, "the close did not reuse the spare"
+    inodes = {log.name: log.stat().st_ino for log in state.glob("activity*.log")}
+    image = crashes.take(state, "process")
+    machine_image(image, stepping, inodes)
+    stored, recovery = open_session_held(image.state)  # the LUNs are as the close left them
+    with stored:
+        assert not recovery.crashed, recovery
+        assert stored.session.bitmap.marked
 
 
 # -- failures while a checkpoint retires the obsolete generations ---------------------------------
