@@ -1,0 +1,482 @@
+"""Hostile tests of sparse full copies, of host TRIM/WRITE_ZEROES and of holes.
+
+A full copy of a source that tells its holes sends only its data and zeroes
+the holes at its destinations (:mod:`isc.copy`). These tests force the
+windows where that can go wrong and compare the destinations byte for byte
+with the image at the mark (a marked copy) or check that every difference is
+tracked (rule 2):
+
+* a host write that lands in a hole of the source between the copy's scan of
+  its holes and the zeroing of that hole at the destinations;
+* a host TRIM or WRITE_ZEROES of data during a marked full copy, through the
+  session's export (:class:`~isc.nbd.SessionLUN`, ``qemu-io`` over NBD, the
+  real ``isc serve``), before and after the copy reached it;
+* destinations that fail part-way through their zeroing, lack
+  ``write_zeroes``, are NBD exports without WRITE_ZEROES, a block device, or
+  are replaced by a wiped one;
+* sources whose holes change under the copy, whose ``SEEK_DATA`` fails, with
+  holes smaller than a chunk and a short last chunk;
+* cancels, failures and SIGKILLs (``isc copy --full``) in the middle of a
+  sparse copy, then the next copy;
+* a seeded stress: writer threads writing, trimming and zeroing while
+  sparse full and incremental copies run, fail and are cancelled.
+
+Every wait is bounded (:data:`helpers.TIMEOUT`); randomness is seeded; a test
+that needs a Debian tool skips naming its package.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import signal
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+from helpers import (
+    TIMEOUT,
+    Gate,
+    HookLUN,
+    Worker,
+    Writers,
+    assert_no_lost_change,
+    chunks_touched,
+    fill_random,
+)
+
+from isc import (
+    CopyError,
+    CopyJob,
+    Destination,
+    DestState,
+    FileLUN,
+    MemoryLUN,
+    Session,
+)
+from isc.nbd import NBDLUN, NBDServer, SessionLUN
+
+K = 1024
+G = 16 * K
+
+
+def sparse_file(path: Path, size: int, data: list[tuple[int, int]], rng: random.Random) -> FileLUN:
+    """A plain sparse :class:`FileLUN` (the core saves its COFW data) holding random bytes in
+    the ``(offset, length)`` ranges of ``data``, holes elsewhere."""
+    lun = FileLUN.create(path, size)
+    for offset, length in data:
+        lun.write(offset, rng.randbytes(length))
+    return lun
+
+
+def layout(size: int, g: int) -> list[tuple[int, int]]:
+    """Data at chunks 1-2, chunk 6, 4 KiB inside chunk 9 and the short last chunk's tail."""
+    return [(g, 2 * g), (6 * g, g), (9 * g + 4 * K, 4 * K), (size - 300, 300)]
+
+
+class ZeroHook(FileLUN):
+    """A file destination that runs ``hook(offset, length)`` before each ``write_zeroes`` and
+    fails its ``fail_at``-th call (1-based) after zeroing the first half of its range."""
+
+    hook = None
+    fail_at: int | None = None
+    calls = 0
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        self.calls += 1
+        if self.hook is not None:
+            self.hook(offset, length)
+        if self.calls == self.fail_at:
+            super().write_zeroes(offset, length // 2)
+            raise OSError(errno.EIO, f"injected write_zeroes failure at offset {offset}")
+        super().write_zeroes(offset, length)
+
+
+@pytest.fixture(autouse=True)
+def small_runs(monkeypatch) -> None:
+    """Runs of 4 chunks also where the source copies to every destination in the kernel
+    (its runs are :data:`isc.copy.KERNEL_RUN` bytes): a copy of a few chunks has many runs."""
+    import isc.copy
+
+    monkeypatch.setattr(isc.copy, "KERNEL_RUN", 4 * G)
+
+
+def old_data(lun, seed: int) -> None:
+    """Fill a destination with other data, so a hole the copy misses shows."""
+    fill_random(lun, random.Random(seed))
+
+
+def image(lun) -> bytes:
+    return lun.read(0, lun.size)
+
+
+def catch_up(session: Session, dests: list[Destination]) -> None:
+    """Mark and copy incrementally: every destination then equals the source (in the
+    source's size: an NBD export may be larger)."""
+    session.mark()
+    CopyJob(session, dests).incremental()
+    source = image(session.source)
+    for dest in dests:
+        assert dest.state is DestState.CONSISTENT
+        assert dest.lun.read(0, session.source.size) == source, dest.name
+
+
+# -- a host write into a hole between the scan and the zeroing --------------------------------------
+@pytest.mark.parametrize("marked", [True, False], ids=["marked", "unmarked"])
+def test_a_host_write_into_a_hole_before_the_copy_zeroes_it(tmp_path: Path, marked: bool):
+    # The copy found chunk 4 a hole and is about to zero it at the destination
+    # when a host write fills it. Marked: the image at the mark has zeros
+    # there, the destination must read zeros and the write stay tracked.
+    # Unmarked: the write must stay tracked.
+    rng = random.Random(1)
+    size = 12 * G + 300
+    with (
+        sparse_file(tmp_path / "source.img", size, layout(size, G), rng) as source,
+        ZeroHook.create(tmp_path / "dest.img", size) as target,
+    ):
+        old_data(target, 2)
+        session = Session(source, G)
+        at_mark = image(source)
+        hole = 4 * G + 100
+        written = rng.randbytes(2 * K)
+
+        def fill(offset: int, length: int) -> None:
+            if offset <= hole < offset + length and not session.bitmap.tracking(4):
+                session.write(hole, written)
+
+        target.hook = fill
+        dest = Destination(target, "d")
+        CopyJob(session, [dest], io_size=4 * G).full(marked)
+        assert session.bitmap.tracking(4), "the write into the hole is tracked"
+        assert image(source)[hole : hole + len(written)] == written
+        if marked:
+            assert dest.state is DestState.CONSISTENT
+            assert image(target) == at_mark
+        assert_no_lost_change(session, target)
+        catch_up(session, [dest])
+
+
+# -- host TRIM / WRITE_ZEROES through the session during a marked full copy ---------------------------
+@pytest.mark.parametrize("how", ["trim", "zero-fill"])
+def test_trims_and_zeroes_through_the_export_during_a_marked_full_copy(tmp_path: Path, how: str):
+    # The copy is parked after its first run (chunks 0-3 sent). Host zeroes then
+    # hit data chunks sent (1, 2: no COFW needed) and not sent yet (6, 9 and the
+    # tail: saved first); the destination must get the data at the mark.
+    rng = random.Random(3)
+    size = 12 * G + 300
+    with (
+        sparse_file(tmp_path / "source.img", size, layout(size, G), rng) as source,
+        FileLUN.create(tmp_path / "dest.img", size) as target,
+    ):
+        old_data(target, 4)
+        session = Session(source, G)
+        export = SessionLUN(session)
+        at_mark = image(source)
+        ranges = [(G + 10, 2 * G), (6 * G, G), (9 * G, G), (size - 2 * G, 2 * G)]
+
+        def zero_out(done: int, total: int) -> None:
+            if done != 4 * G:
+                return
+            for offset, length in ranges:
+                if how == "trim":  # punched through the source's write_zeroes
+                    export.write_zeroes(offset, length)
+                else:  # zeros written as data
+                    export.write(offset, bytes(length))
+
+        dest = Destination(target, "d")
+        result = CopyJob(session, [dest], io_size=4 * G, progress=zero_out).full()
+        assert result.cofw_chunks == 5  # chunks 6, 9, 10, 11 and 12: not sent when zeroed
+        assert dest.state is DestState.CONSISTENT
+        assert image(target) == at_mark
+        zeroed = {c for offset, length in ranges for c in chunks_touched(offset, length, G)}
+        assert {c for c in range(13) if session.bitmap.tracking(c)} == zeroed
+        catch_up(session, [dest])
+
+
+LIBNBD_ZEROES = """
+import sys
+import nbd
+
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+for op, offset, length in (("trim", 6, 1), ("zero", 9, 1), ("fast-zero", 10, 2)):
+    g = int(sys.argv[2])
+    if op == "trim":
+        h.trim(length * g, offset * g)
+    elif op == "zero":
+        h.zero(length * g, offset * g)
+    else:
+        h.zero(length * g, offset * g, nbd.CMD_FLAG_FAST_ZERO)
+h.flush()
+h.shutdown()
+"""
+
+
+@pytest.mark.parametrize("client", ["qemu-io", "libnbd"])
+def test_nbd_trims_and_zeroes_on_the_live_export_during_a_marked_full_copy(
+    tmp_path: Path, client: str
+):
+    # Real NBD clients discard and zero data of the source over isc's live
+    # export while a marked full copy is parked after its first run; the
+    # destination gets the data at the mark, the zeroes stay tracked.
+    from test_nbd import run, tool
+    from test_pull import libnbd_python
+
+    program = tool("qemu-io") if client == "qemu-io" else libnbd_python()
+    rng = random.Random(5)
+    size = 12 * G + 300
+    with (
+        sparse_file(tmp_path / "source.img", size, layout(size, G), rng) as source,
+        FileLUN.create(tmp_path / "dest.img", size) as target,
+    ):
+        old_data(target, 6)
+        session = Session(source, G, name="vol")
+        at_mark = image(source)
+        parked = Gate()
+        dest = Destination(target, "d")
+        with NBDServer(SessionLUN(session), name="vol") as server:
+            server.start_unix(tmp_path / "vol.sock")
+            job = CopyJob(session, [dest], io_size=4 * G, progress=parked)
+            copying = Worker(job.full)
+            parked.wait_reached()  # chunks 0-3 sent
+            if client == "qemu-io":
+                commands = [f"discard {G} {G}", f"write -z {6 * G} {G}", f"write -z -u {9 * G} 4k"]
+                commands.append(f"discard {size - 300} 300")
+                run(program, "-f", "raw", *(a for c in commands for a in ("-c", c)), server.uri)
+                zeroed = {1, 6, 9, 12}
+            else:
+                (tmp_path / "zero.py").write_text(LIBNBD_ZEROES)
+                run(program, tmp_path / "zero.py", server.uri, str(G))
+                zeroed = {6, 9, 10, 11}
+            parked.open()
+            result = copying.finish()
+        assert dest.state is DestState.CONSISTENT
+        assert image(target) == at_mark
+        assert result.cofw_chunks == len(zeroed - {1})  # chunk 1 was sent already
+        assert {c for c in range(13) if session.bitmap.tracking(c)} == zeroed
+        catch_up(session, [dest])
+
+
+# -- destinations replaced, failing part-way, without write_zeroes, on a block device ----------------
+def restarted_nbdkit(tmp_path: Path, size: int):
+    """A fresh ``nbdkit memory`` (zeros) on the socket of one that was killed: a wiped
+    destination under the same URI."""
+    from test_nbd import nbdkit
+
+    (tmp_path / "nbdkit.sock").unlink(missing_ok=True)
+    return nbdkit(tmp_path, "memory", f"size={size}")
+
+
+def nbd_destination(uri: str, size: int) -> Destination:
+    """A destination on ``uri`` as a session directory keeps one: reconnected on demand."""
+    from isc.lun import ReconnectingLUN
+
+    return Destination(ReconnectingLUN(lambda: NBDLUN(uri, timeout=TIMEOUT), size, "d"), "d")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="check_destinations skips a destination whose sample read fails (here: its "
+    "connection to the replaced server is dead), then the copy's first write reconnects "
+    "to the wiped export and the incremental copy reports it CONSISTENT",
+)
+def test_a_destination_replaced_between_copies_is_not_reported_consistent(tmp_path: Path):
+    from test_nbd import nbdkit
+
+    rng = random.Random(7)
+    size = 12 * G + 300
+    with sparse_file(tmp_path / "source.img", size, layout(size, G), rng) as source:
+        session = Session(source, G)
+        dest = nbd_destination(f"nbd+unix:///?socket={tmp_path / 'nbdkit.sock'}", size)
+        with dest.lun:
+            with nbdkit(tmp_path, "memory", f"size={size}"):
+                CopyJob(session, [dest]).full()
+                assert dest.state is DestState.CONSISTENT and dest.samples
+            with restarted_nbdkit(tmp_path, size):
+                session.write(0, b"new")
+                session.mark()
+                CopyJob(session, [dest]).incremental()
+                assert dest.state is not DestState.CONSISTENT or image(dest.lun) == image(source)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a destination that dropped out of a full copy keeps no fingerprint samples; "
+    "replaced by a wiped one, it takes only what it missed since the last flush and the "
+    "next incremental copy reports it CONSISTENT",
+)
+def test_a_destination_replaced_mid_copy_is_not_reported_consistent_later(tmp_path: Path):
+    from test_nbd import nbdkit
+
+    rng = random.Random(8)
+    size = 12 * G + 300
+    with sparse_file(tmp_path / "source.img", size, layout(size, G), rng) as source:
+        session = Session(source, G)
+        parked = Gate()
+
+        def park_third_run(done: int, total: int) -> None:
+            if done == 8 * G:
+                parked(done, total)
+
+        dest = nbd_destination(f"nbd+unix:///?socket={tmp_path / 'nbdkit.sock'}", size)
+        with dest.lun:
+            with nbdkit(tmp_path, "memory", f"size={size}"):
+                job = CopyJob(
+                    session, [dest], io_size=4 * G, flush_every=4 * G, progress=park_third_run
+                )
+                copying = Worker(job.full)
+                parked.wait_reached()  # two runs sent and flushed
+            with restarted_nbdkit(tmp_path, size):
+                parked.open()
+                with pytest.raises(CopyError, match="lost its connection"):
+                    copying.finish()
+                assert dest.state is DestState.INCONSISTENT
+                session.mark()
+                CopyJob(session, [dest]).incremental()
+                assert dest.state is not DestState.CONSISTENT or image(dest.lun) == image(source)
+
+
+@pytest.mark.parametrize("others", [0, 1], ids=["alone", "beside-another"])
+@pytest.mark.parametrize("marked", [True, False], ids=["marked", "unmarked"])
+def test_a_destination_whose_zeroing_fails_part_way_loses_nothing(
+    tmp_path: Path, marked: bool, others: int
+):
+    # Its second write_zeroes zeroes half its range, then fails: alone, the copy
+    # fails; beside a good destination, it drops out. Either way what it lacks
+    # is tracked and the next copy mends it.
+    rng = random.Random(9)
+    size = 12 * G + 300
+    with (
+        sparse_file(tmp_path / "source.img", size, layout(size, G), rng) as source,
+        ZeroHook.create(tmp_path / "bad.img", size) as bad_lun,
+        FileLUN.create(tmp_path / "good.img", size) as good_lun,
+    ):
+        for n, lun in enumerate((bad_lun, good_lun)):
+            old_data(lun, 10 + n)
+        bad_lun.fail_at = 2
+        session = Session(source, G)
+        dests = [Destination(bad_lun, "bad"), Destination(good_lun, "good")][: 1 + others]
+        job = CopyJob(session, dests, io_size=4 * G)
+        if others:
+            result = job.full(marked)
+            assert "injected write_zeroes failure" in result.outcomes["bad"]
+            assert image(good_lun) == image(source)
+        else:
+            with pytest.raises(CopyError, match="injected write_zeroes failure"):
+                job.full(marked)
+            assert not session.bitmap.marked
+        assert dests[0].state is DestState.INCONSISTENT
+        for dest in dests:
+            assert_no_lost_change(session, dest.lun)
+        catch_up(session, dests)
+
+
+@pytest.mark.parametrize("marked", [True, False], ids=["marked", "unmarked"])
+def test_a_sparse_copy_cancelled_part_way_then_copied_again(tmp_path: Path, marked: bool):
+    rng = random.Random(11)
+    size = 12 * G + 300
+    with (
+        sparse_file(tmp_path / "source.img", size, layout(size, G), rng) as source,
+        FileLUN.create(tmp_path / "dest.img", size) as target,
+        SessionLUN(Session(source, G)) as export,
+    ):
+        old_data(target, 12)
+        session = export.session
+        dest = Destination(target, "d")
+
+        def cancel_after_two_runs(done: int, total: int) -> None:
+            export.write_zeroes(G, G)  # a trim of data the copy sent (and, marked, saved)
+            session.write(8 * G + 5, b"late")  # a write into a hole it has not reached
+            if done == 8 * G:
+                job.cancel("stop here")
+
+        job = CopyJob(session, [dest], io_size=4 * G, progress=cancel_after_two_runs)
+        with pytest.raises(CopyError, match="stop here"):
+            job.full(marked)
+        assert dest.state is DestState.INCONSISTENT and not session.bitmap.marked
+        assert_no_lost_change(session, target)
+        job.progress = None
+        if marked:  # a full copy again: the image at its mark
+            at_mark = image(source)
+            job.full()
+            assert image(target) == at_mark
+        catch_up(session, [dest])
+
+
+NBD_DESTINATIONS = {
+    "qemu-nbd-unmap": ("qemu-nbd", ["--discard=unmap"]),  # WRITE_ZEROES punched in its file
+    "qemu-nbd-ignore": ("qemu-nbd", ["--discard=ignore", "--detect-zeroes=off"]),  # zeros written
+    "nbdkit-emulated": ("nbdkit", ["--filter=nozero", "memory", "zeromode=emulate"]),
+    "nbdkit-no-fast-zero": ("nbdkit", ["--filter=nozero", "memory", "fastzeromode=none"]),
+    "nbdkit-no-zeroes": ("nbdkit", ["--filter=nozero", "memory", "zeromode=none"]),
+}
+
+
+@pytest.mark.parametrize("server", sorted(NBD_DESTINATIONS))
+def test_sparse_copies_to_nbd_destinations_of_every_kind_of_zeroing(tmp_path: Path, server: str):
+    # A marked full copy, host writes, trims and zero writes, an incremental
+    # copy, an unmarked full copy over old data, another incremental: the NBD
+    # destination equals the image at each mark.
+    from test_nbd import nbdkit, qemu_nbd
+
+    rng = random.Random(13)
+    g = 4 * K
+    size = 60 * g + 1000
+    kind, options = NBD_DESTINATIONS[server]
+    if kind == "qemu-nbd":
+        serving = qemu_nbd(tmp_path, *options, size=size)
+    else:
+        serving = nbdkit(tmp_path, *options, f"size={size}")
+    data = [(3 * g + 100, 5000), (20 * g, 9 * g), (40 * g, 200), (size - 1000, 1000)]
+    with (
+        sparse_file(tmp_path / "source.img", size, data, rng) as source,
+        serving as remote,
+        NBDLUN(remote.uri, timeout=TIMEOUT) as target,
+        SessionLUN(Session(source, g)) as export,
+    ):
+        old_data(target, 14)
+        session = export.session
+        dest = Destination(target, "d")
+        job = CopyJob(session, [dest], io_size=8 * g)
+        for step in ("full", "incremental", "full-unmarked", "incremental"):
+            if step == "incremental":
+                session.mark()
+            at_mark = image(source)
+            if step == "incremental":
+                job.incremental()
+            else:
+                job.full(step == "full")
+            if step != "full-unmarked":
+                assert dest.state is DestState.CONSISTENT
+                assert target.read(0, size) == at_mark, step
+            export.write_zeroes(21 * g + 7, 3 * g)
+            export.write(41 * g, bytes(2 * g))
+            session.write(10 * g + 1, rng.randbytes(100))
+
+
+def test_a_sparse_copy_to_a_block_device_over_old_data(tmp_path: Path):
+    from test_copy import loop_device
+
+    rng = random.Random(16)
+    size = 64 * G  # a loop device's size is whole 512-byte sectors
+    backing = tmp_path / "backing.img"
+    with FileLUN.create(backing, size) as lun:
+        old_data(lun, 17)
+    data = [(G + 512, 3 * K), (10 * G, 5 * G), (size - 4 * K, 4 * K)]
+    with (
+        sparse_file(tmp_path / "source.img", size, data, rng) as source,
+        loop_device(backing) as device,
+        FileLUN(device) as target,
+    ):
+        session = Session(source, G)
+        dest = Destination(target, "d")
+        for marked in (True, False):
+            at_start = image(source)
+            CopyJob(session, [dest], io_size=8 * G).full(marked)
+            assert image(target) == at_start
+            session.write(30 * G, rng.randbytes(G))
+            SessionLUN(session).write_zeroes(10 * G + 100, G)
+        catch_up(session, [dest])
