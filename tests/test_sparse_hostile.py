@@ -28,21 +28,17 @@ that needs a Debian tool skips naming its package.
 from __future__ import annotations
 
 import errno
-import json
 import os
 import random
 import signal
 import subprocess
-import threading
 from pathlib import Path
 
 import pytest
 from helpers import (
     TIMEOUT,
     Gate,
-    HookLUN,
     Worker,
-    Writers,
     assert_no_lost_change,
     chunks_touched,
     fill_random,
@@ -124,7 +120,7 @@ def catch_up(session: Session, dests: list[Destination]) -> None:
         assert dest.lun.read(0, session.source.size) == source, dest.name
 
 
-# -- a host write into a hole between the scan and the zeroing --------------------------------------
+# -- a host write into a hole between the scan and the zeroing ------------------------------------
 @pytest.mark.parametrize("marked", [True, False], ids=["marked", "unmarked"])
 def test_a_host_write_into_a_hole_before_the_copy_zeroes_it(tmp_path: Path, marked: bool):
     # The copy found chunk 4 a hole and is about to zero it at the destination
@@ -159,7 +155,7 @@ def test_a_host_write_into_a_hole_before_the_copy_zeroes_it(tmp_path: Path, mark
         catch_up(session, [dest])
 
 
-# -- host TRIM / WRITE_ZEROES through the session during a marked full copy ---------------------------
+# -- host TRIM / WRITE_ZEROES through the session during a marked full copy -----------------------
 @pytest.mark.parametrize("how", ["trim", "zero-fill"])
 def test_trims_and_zeroes_through_the_export_during_a_marked_full_copy(tmp_path: Path, how: str):
     # The copy is parked after its first run (chunks 0-3 sent). Host zeroes then
@@ -260,7 +256,7 @@ def test_nbd_trims_and_zeroes_on_the_live_export_during_a_marked_full_copy(
         catch_up(session, [dest])
 
 
-# -- destinations replaced, failing part-way, without write_zeroes, on a block device ----------------
+# -- destinations replaced, failing part-way, without write_zeroes, on a block device ------------
 def restarted_nbdkit(tmp_path: Path, size: int):
     """A fresh ``nbdkit memory`` (zeros) on the socket of one that was killed: a wiped
     destination under the same URI."""
@@ -480,3 +476,205 @@ def test_a_sparse_copy_to_a_block_device_over_old_data(tmp_path: Path):
             session.write(30 * G, rng.randbytes(G))
             SessionLUN(session).write_zeroes(10 * G + 100, G)
         catch_up(session, [dest])
+
+
+# -- sources whose holes change or cannot be told --------------------------------------------------
+@pytest.mark.parametrize("error", [errno.EINVAL, errno.EIO], ids=["EINVAL", "EIO"])
+@pytest.mark.parametrize("marked", [True, False], ids=["marked", "unmarked"])
+def test_a_source_whose_seek_data_fails_mid_copy(tmp_path: Path, monkeypatch, marked, error):
+    # From the copy's third run on, SEEK_DATA fails. EINVAL means "holes
+    # unknown": the rest goes as data, the copy succeeds. EIO fails the copy:
+    # nothing is lost and the next copy mends the destination.
+    rng = random.Random(18)
+    size = 12 * G + 300
+    real_lseek = os.lseek
+    asked: list[int] = []
+
+    def lseek(fd: int, offset: int, how: int) -> int:
+        if how == os.SEEK_DATA and fd == source._fd:
+            asked.append(offset)
+            if offset >= 8 * G:
+                raise OSError(error, os.strerror(error))
+        return real_lseek(fd, offset, how)
+
+    with (
+        sparse_file(tmp_path / "source.img", size, layout(size, G), rng) as source,
+        FileLUN.create(tmp_path / "dest.img", size) as target,
+    ):
+        old_data(target, 19)
+        session = Session(source, G)
+        dest = Destination(target, "d")
+        at_start = image(source)
+        monkeypatch.setattr(os, "lseek", lseek)
+        job = CopyJob(session, [dest], io_size=4 * G)
+        if error == errno.EINVAL:
+            job.full(marked)
+            assert image(target) == at_start
+        else:
+            with pytest.raises(CopyError, match="Input/output error"):
+                job.full(marked)
+            assert dest.state is DestState.INCONSISTENT
+            assert_no_lost_change(session, target)
+        assert max(asked) >= 8 * G
+        monkeypatch.undo()
+        catch_up(session, [dest])
+
+
+@pytest.mark.parametrize("marked", [True, False], ids=["marked", "unmarked"])
+def test_holes_punched_by_another_writer_under_the_copy_leave_no_untracked_difference(
+    tmp_path: Path, marked: bool
+):
+    # Someone else punches holes in the source (not through the session) while
+    # the copy runs, before and after each run's scan. The session cannot see
+    # those writes; still, no chunk may differ from the source without being
+    # tracked, where the copy read it after the punch.
+    rng = random.Random(20)
+    size = 12 * G + 300
+    with (
+        sparse_file(tmp_path / "source.img", size, [(0, size)], rng) as source,
+        FileLUN(tmp_path / "source.img") as other,  # the other writer's own descriptor
+        FileLUN.create(tmp_path / "dest.img", size) as target,
+    ):
+        old_data(target, 21)
+        session = Session(source, G)
+        real = source.data_extents
+        punched: set[int] = set()
+
+        def punching_around_the_scan(offset: int, length: int) -> list[tuple[int, int]]:
+            if length < 4 * G:  # the short last run: left alone
+                return real(offset, length)
+            other.write_zeroes(offset + G, G // 2)  # before: the scan sees a half hole
+            extents = real(offset, length)
+            other.write_zeroes(offset + 2 * G + 4 * K, 4 * K)  # after: the scan said data
+            punched.update((offset // G + 1, offset // G + 2))
+            return extents
+
+        source.data_extents = punching_around_the_scan
+        CopyJob(session, [Destination(target, "d")], io_size=4 * G).full(marked)
+        assert punched == {1, 2, 5, 6, 9, 10}
+        assert image(target) == image(source)  # every punch came before the copy read it
+
+
+def random_layout(rng: random.Random, size: int) -> list[tuple[int, int]]:
+    """Data ranges of random sizes, from a few bytes to several chunks, at random offsets:
+    holes smaller than a chunk and than a file system block among them, and often data
+    in the short last chunk."""
+    ranges = []
+    for _ in range(rng.randrange(3, 12)):
+        length = min(rng.choice((1, 700, 4 * K, 5000, 3 * 64 * K + 11)), size // 2)
+        ranges.append((rng.randrange(size - length), length))
+    if rng.random() < 0.6:
+        ranges.append((size - 17, 17))
+    return ranges
+
+
+def host_changes(export: SessionLUN, rng: random.Random, count: int) -> None:
+    """Random host writes, zero writes and trims through the session's export."""
+    size = export.size
+    for _ in range(count):
+        length = min(rng.choice((1, 512, 4 * K, 9000, 64 * K + 3)), size // 2)
+        offset = rng.randrange(size - length)
+        kind = rng.randrange(3)
+        if kind == 0:
+            export.write(offset, rng.randbytes(length))
+        elif kind == 1:
+            export.write(offset, bytes(length))
+        else:
+            export.write_zeroes(offset, length)
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+@pytest.mark.parametrize("granularity", [2 * K, 8 * K, 64 * K])
+def test_random_sparse_layouts_reach_every_destination_exactly(
+    tmp_path: Path, granularity: int, seed: int
+):
+    rng = random.Random(f"layout-{granularity}-{seed}")
+    size = rng.randrange(20, 40) * granularity + rng.randrange(1, granularity)
+    with (
+        sparse_file(tmp_path / "source.img", size, random_layout(rng, size), rng) as source,
+        FileLUN.create(tmp_path / "dest.img", size) as punched,
+        SessionLUN(Session(source, granularity)) as export,
+    ):
+        written = MemoryLUN(size)  # no write_zeroes: zeros go as data
+        for n, lun in enumerate((punched, written)):
+            old_data(lun, seed + n)
+        session = export.session
+        dests = [Destination(punched, "punched"), Destination(written, "written")]
+        job = CopyJob(session, dests, io_size=4 * granularity)
+        for step in ("full", "incremental", "full-unmarked", "incremental", "full"):
+            if step == "incremental":
+                session.mark()
+            at_mark = image(source)
+            if step == "incremental":
+                job.incremental()
+            else:
+                job.full(step == "full")
+            for dest in dests:
+                if step == "full-unmarked":
+                    assert dest.state is DestState.INCONSISTENT
+                    assert_no_lost_change(session, dest.lun)
+                else:
+                    assert dest.state is DestState.CONSISTENT
+                    assert image(dest.lun) == at_mark, (step, dest.name)
+            host_changes(export, rng, 6)
+
+
+# -- SIGKILL of isc copy --full in the middle of a sparse copy ---------------------------------------
+@pytest.mark.parametrize("unmarked", [False, True], ids=["marked", "unmarked"])
+def test_sigkill_of_isc_copy_full_mid_sparse_copy_then_the_next_copy(
+    tmp_path: Path, unmarked: bool
+):
+    # Two destinations in step with the session: d1 a file, d2 an NBD export
+    # this process serves over a Tripwire that SIGKILLs ``isc copy --full`` at
+    # a seeded write of its zeroing or of its data. After each kill: no
+    # untracked difference, no destination reported consistent that is not
+    # the source; then host trims and writes, and ``isc mark`` + ``isc copy``
+    # make both equal the source.
+    from test_crash import ISC, Tripwire, killed_by
+    from test_serve import Export
+
+    from isc.store import copy, create_session, open_session
+
+    rng = random.Random(22 + unmarked)
+    size = 24 * G + 300
+    data = [(G, 3 * G), (7 * G + 100, 900), (12 * G, 6 * G), (size - 300, 300)]
+    sparse_file(tmp_path / "source.img", size, data, rng).close()
+    for name in ("d1.img", "d2.img"):
+        with FileLUN.create(tmp_path / name, size) as lun:
+            old_data(lun, len(name) + unmarked)
+    export = Export(tmp_path / "d2.sock", Tripwire(FileLUN(tmp_path / "d2.img")))
+    state = tmp_path / "state"
+    create_session(state, str(tmp_path / "source.img"), granularity=G)
+    export.start()
+    command = [*ISC, "copy", str(state), "--full", *(["--unmarked"] if unmarked else [])]
+    try:
+        with open_session(state)[0] as stored, SessionLUN(stored.session) as host:
+            stored.add_destination(str(tmp_path / "d1.img"), "d1")
+            stored.add_destination(export.uri, "d2")
+            copy(stored, "full")  # in step: what a kill leaves must be tracked
+            host_changes(host, rng, 4)
+        for kill_at in (rng.randrange(1, 4), rng.randrange(4, 12)):
+            export.lun.arm(kill_at)
+            with open(tmp_path / "isc.log", "ab") as log:
+                proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log)
+            export.lun.target(proc.pid)
+            assert killed_by(export, proc) == -signal.SIGKILL, (tmp_path / "isc.log").read_text()
+            stored, recovery = open_session(state)
+            with stored, SessionLUN(stored.session) as host:
+                assert recovery.crashed
+                source = image(stored.source)
+                for dest in stored.destinations:
+                    assert_no_lost_change(stored.session, dest.lun)
+                    if dest.state is DestState.CONSISTENT:
+                        assert dest.lun.read(0, size) == source, dest.name
+                host_changes(host, rng, 4)
+        for step in (["mark", str(state)], ["copy", str(state)]):
+            subprocess.run([*ISC, *step], capture_output=True, timeout=TIMEOUT, check=True)
+        with open_session(state)[0] as stored:
+            source = image(stored.source)
+            for dest in stored.destinations:
+                assert dest.state is DestState.CONSISTENT
+                assert dest.lun.read(0, size) == source, dest.name
+    finally:
+        export.stop()
+        export.lun.close()
