@@ -38,6 +38,7 @@ import pytest
 from helpers import (
     TIMEOUT,
     Gate,
+    HookLUN,
     Worker,
     assert_no_lost_change,
     chunks_touched,
@@ -670,6 +671,114 @@ def test_sigkill_of_isc_copy_full_mid_sparse_copy_then_the_next_copy(
                 host_changes(host, rng, 4)
         for step in (["mark", str(state)], ["copy", str(state)]):
             subprocess.run([*ISC, *step], capture_output=True, timeout=TIMEOUT, check=True)
+        with open_session(state)[0] as stored:
+            source = image(stored.source)
+            for dest in stored.destinations:
+                assert dest.state is DestState.CONSISTENT
+                assert dest.lun.read(0, size) == source, dest.name
+    finally:
+        export.stop()
+        export.lun.close()
+
+
+# -- the real isc serve: trims and zeroes over its live export during its marked full copy ----------
+def test_isc_serve_copies_the_image_at_the_mark_while_qemu_io_discards_and_zeroes(tmp_path: Path):
+    # ``isc serve`` of a session directory runs a marked full copy (control
+    # port) to an NBD destination this process serves, parked at its third
+    # write; qemu-io discards and zeroes data on the live export meanwhile.
+    # The destination must end with the image at the mark, then catch up.
+    from test_nbd import run, tool
+    from test_pull import ask
+    from test_serve import Export, isc_serve
+
+    from isc.store import create_session, open_session
+
+    qemu_io = tool("qemu-io")
+    rng = random.Random(24)
+    size = 24 * G + 300
+    data = [(0, 5 * G), (9 * G + 100, 900), (12 * G, 8 * G), (size - 300, 300)]
+    sparse_file(tmp_path / "source.img", size, data, rng).close()
+    at_mark = (tmp_path / "source.img").read_bytes()
+    with FileLUN.create(tmp_path / "dest.img", size) as lun:
+        old_data(lun, 25)
+    parked = Gate()
+    target = HookLUN(FileLUN(tmp_path / "dest.img"))
+    target.before_write = lambda n, offset, data: parked() if n == 3 else None
+    export = Export(tmp_path / "dest.sock", target)
+    state = tmp_path / "state"
+    create_session(state, str(tmp_path / "source.img"), granularity=G)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir(mode=0o700)
+    control = run_dir / "ctl.sock"
+    export.start()
+    try:
+        with open_session(state)[0] as stored:
+            stored.add_destination(export.uri, "d")
+        listen = ["--listen", f"unix:{run_dir / 'nbd.sock'}", "--control", f"unix:{control}"]
+        with isc_serve(tmp_path, str(state), *listen) as (ready, _):
+            copying = Worker(lambda: ask(control, "copy", mode="full"))
+            parked.wait_reached()
+            commands = [f"discard {G} {2 * G}", f"write -z {13 * G} {3 * G}"]
+            commands += [f"write -z -u {size - 300} 300", f"write -P 7 {6 * G} 4k"]
+            run(qemu_io, "-f", "raw", *(a for c in commands for a in ("-c", c)), ready["uri"])
+            parked.open()
+            copied = copying.finish()
+            assert copied["outcomes"] == {"d": "ok"} and copied["cofw_chunks"] > 0
+            assert target.read(0, size) == at_mark
+            assert ask(control, "status")["tracked_chunks"] == 2 + 3 + 1 + 1
+            ask(control, "mark")
+            ask(control, "copy")
+            assert target.read(0, size) == (tmp_path / "source.img").read_bytes()
+    finally:
+        export.stop()
+        target.close()
+
+
+def test_sigkill_of_isc_serve_every_in_its_first_sparse_full_copy(tmp_path: Path):
+    # New destinations holding old data: the first periodic update of ``isc
+    # serve --every`` gives them a sparse full copy, killed at a seeded write
+    # of d2 (an NBD export this process serves over a Tripwire). No
+    # destination may read consistent unless it is the source; after host
+    # trims and writes, ``isc update`` makes both the source.
+    from test_crash import ISC, Tripwire, killed_by
+    from test_serve import Export
+
+    from isc.store import create_session, open_session
+
+    rng = random.Random(26)
+    size = 24 * G + 300
+    data = [(2 * G, 2 * G), (8 * G + 100, 900), (14 * G, 6 * G), (size - 300, 300)]
+    sparse_file(tmp_path / "source.img", size, data, rng).close()
+    for name in ("d1.img", "d2.img"):
+        with FileLUN.create(tmp_path / name, size) as lun:
+            old_data(lun, len(name))
+    export = Export(tmp_path / "d2.sock", Tripwire(FileLUN(tmp_path / "d2.img")))
+    state = tmp_path / "state"
+    create_session(state, str(tmp_path / "source.img"), granularity=G)
+    serve = [*ISC, "serve", str(state), "--listen", "127.0.0.1:0", "--every", "0.02"]
+    export.start()
+    try:
+        with open_session(state)[0] as stored:
+            stored.add_destination(str(tmp_path / "d1.img"), "d1")
+            stored.add_destination(export.uri, "d2")
+        for kill_at in (rng.randrange(1, 4), rng.randrange(4, 12)):
+            export.lun.arm(kill_at)
+            with open(tmp_path / "isc.log", "ab") as log:
+                proc = subprocess.Popen(serve, stdout=subprocess.DEVNULL, stderr=log)
+            export.lun.target(proc.pid)
+            assert killed_by(export, proc) == -signal.SIGKILL, (tmp_path / "isc.log").read_text()
+            stored, _ = open_session(state)
+            with stored, SessionLUN(stored.session) as host:
+                source = image(stored.source)
+                for dest in stored.destinations:
+                    if dest.in_step(stored.session):
+                        assert_no_lost_change(stored.session, dest.lun)
+                    if dest.state is DestState.CONSISTENT:
+                        assert dest.lun.read(0, size) == source, dest.name
+                host_changes(host, rng, 4)
+        subprocess.run(
+            [*ISC, "update", str(state)], capture_output=True, timeout=TIMEOUT, check=True
+        )
         with open_session(state)[0] as stored:
             source = image(stored.source)
             for dest in stored.destinations:
