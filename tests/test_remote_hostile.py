@@ -34,20 +34,23 @@ marked ``xfail(strict=True)`` with the reason.
 from __future__ import annotations
 
 import contextlib
+import copy
+import json
 import os
 import random
 import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import test_agent
 from helpers import Gate, Worker, assert_no_lost_change, wait_until
-from test_agent import HOST, IO, WAIT, lun_of
+from test_agent import HOST, IO, SIZE, WAIT, lun_of
 from test_agent_journal import agent_here, write_randomly
 from test_cli import state_of
 
@@ -59,7 +62,7 @@ from isc.update import PeriodicUpdate, UpdateBusy, UpdateError, rollback
 
 SEED = 20261206
 G = 16 << 10  # the session's granularity
-BOUND = 5.0
+BOUND = 3.0
 """Seconds a command facing a peer that stalls may take, at a --timeout of 0.5 s."""
 
 source, session, exports = test_agent.source, test_agent.session, test_agent.exports
@@ -213,7 +216,11 @@ class Agent:
                 stderr=stderr,
                 env={**self.env, **armed},
             )
-        wait_until(lambda: answers(self.control), self.proc, "the agent's control port", self.log)
+        try:
+            wait_until(lambda: answers(self.control), self.proc, "its control port", self.log)
+        except BaseException:
+            self.end()
+            raise
 
     def stop(self) -> None:
         """SIGTERM, as an operator would."""
@@ -235,9 +242,16 @@ class Agent:
     def site_of(self) -> AgentSite:
         return AgentSite(HOST, self.control, timeout=WAIT)
 
+    def in_its_place(self, directory: Path) -> Agent:
+        """Another agent, of ``directory``, at this one's address (not started)."""
+        other = copy.copy(self)
+        other.directory, other.proc = directory, None
+        return other
 
-def isc(work: Path, env: dict[str, str], *args: str, **faults: object):
-    """Run ``isc ARGS`` in ``work`` with fault points armed; its completed process."""
+
+def isc(work: Path, env: dict[str, str], *args: str, limit: float = 3 * WAIT, **faults: object):
+    """Run ``isc ARGS`` in ``work`` with fault points armed; its completed process.
+    It fails the test when the command runs longer than ``limit`` seconds."""
     armed = {f"ISC_{name.upper()}": str(value) for name, value in faults.items()}
     done = subprocess.run(
         [*test_agent.ISC, *args],
@@ -245,10 +259,19 @@ def isc(work: Path, env: dict[str, str], *args: str, **faults: object):
         env={**env, **armed},
         capture_output=True,
         text=True,
-        timeout=3 * WAIT,
+        timeout=limit,
     )
     assert "Traceback" not in done.stderr, done.stderr
     return done
+
+
+def recorded(work: Path) -> dict:
+    """What ``isc status --json`` reports of ``work/s`` but the time and whether each
+    destination answered at its last use: what a refused command must leave as it was."""
+    report = state_of(work)
+    for dest in report["destinations"]:
+        del dest["problem"], dest["reachable"]
+    return report
 
 
 def one_error(done: subprocess.CompletedProcess) -> str:
@@ -313,9 +336,11 @@ def replica(tmp_path: Path, source: Path, exports: Path, env) -> Iterator[Replic
     """A :class:`Replica` after its first update (full), with its agent running."""
     logs = tmp_path / "logs"
     logs.mkdir()
+    (exports / "spare").unlink()  # one export, one NBD port: the agent's only other one
     remote = Agent(exports, env, logs)
-    remote.start()
+    replica = None
     try:
+        remote.start()
         stored, _ = open_session(create(tmp_path / "s", source))
         with stored:
             stored.add_destination(remote.uri, "disk", remote.site)
@@ -325,6 +350,8 @@ def replica(tmp_path: Path, source: Path, exports: Path, env) -> Iterator[Replic
         yield replica
     finally:
         remote.end()
+        if replica is not None:
+            replica.agent.end()  # another agent may have taken its place
 
 
 def create(state: Path, source: Path) -> Path:
@@ -364,18 +391,18 @@ def test_isc_update_killed_between_the_unprotect_ack_and_saving_its_outcome(repl
     replica.consistent = before
     state = replica.check()
     # Nothing to roll back now, and asking changes nothing.
-    saved = state_of(replica.work)
+    saved = recorded(replica.work)
     refused = one_error(replica.isc("rollback", "s", "disk"))
     assert "disk is not protected: there is no image to restore" in refused
     assert "nothing was changed" in refused
     assert replica.export.read_bytes() == before
-    assert replica.check() == state and state_of(replica.work) == saved
+    assert replica.check() == state and recorded(replica.work) == saved
     assert replica.update().returncode == 0
     assert replica.check() == "consistent"
     assert replica.export.read_bytes() == replica.source.read_bytes()
 
 
-ROUNDS = 3
+ROUNDS = 2
 """Kill-and-recover rounds of a loop: seeded, a few each."""
 
 
@@ -409,18 +436,18 @@ def test_the_agent_killed_mid_copy_then_mid_rollback_and_the_rollback_run_again(
 
 
 def test_a_rollback_the_state_does_not_allow_is_refused_and_changes_nothing(replica: Replica):
-    before = state_of(replica.work)
+    before = recorded(replica.work)
     image = replica.export.read_bytes()
 
     def refused(*args: str) -> str:
         line = one_error(replica.isc("rollback", "s", *args))
-        assert state_of(replica.work) == before
+        assert recorded(replica.work) == before
         assert replica.export.read_bytes() == image
         return line
 
     assert "disk is not protected: there is no image to restore" in refused("disk")
     assert replica.isc("mark", "s").returncode == 0
-    before = state_of(replica.work)
+    before = recorded(replica.work)
     assert refused("disk").endswith("s is marked; unmark it before a rollback")
     assert replica.isc("unmark", "s").returncode == 0
     # An update running (slowly: 1 KiB/s) holds the session: a rollback must wait for it.
@@ -436,7 +463,7 @@ def test_a_rollback_the_state_does_not_allow_is_refused_and_changes_nothing(repl
     try:
         wait_until(lambda: replica.export.read_bytes() != image, update, "the update's first run")
         image = replica.export.read_bytes()
-        before = state_of(replica.work)
+        before = recorded(replica.work)
         assert "in use by another isc process" in refused("disk")
         assert replica.protected()  # the update's protection is untouched
     finally:
@@ -510,3 +537,223 @@ def test_a_rollback_from_another_client_racing_an_update_leaves_no_false_consist
             assert_no_lost_change(session, held)
     if dest.state is DestState.CONSISTENT:
         assert (exports / "disk").read_bytes() == source.read_bytes()
+
+
+# -- a site replaced under isc --------------------------------------------------------------
+def another_volume(replica: Replica, seed: int) -> Path:
+    """A directory whose export ``disk`` is another volume: random bytes of the same size."""
+    directory = replica.work / "elsewhere"
+    directory.mkdir()
+    (directory / "disk").write_bytes(random.Random(seed).randbytes(SIZE))
+    return directory
+
+
+def replaced(replica: Replica, seed: int) -> bytes:
+    """Stop the agent and start another one at its address, with another volume as
+    ``disk``; returns what that volume holds."""
+    replica.agent.end()
+    replica.agent = replica.agent.in_its_place(another_volume(replica, seed))
+    replica.export = replica.agent.directory / "disk"
+    replica.agent.start()
+    return replica.export.read_bytes()
+
+
+def assert_no_false_consistent(replica: Replica) -> None:
+    """After the next update: ``disk`` is the source, or does not read consistent."""
+    done = replica.update()
+    if replica.state() == "consistent":
+        assert replica.export.read_bytes() == replica.source.read_bytes(), done.stderr
+
+
+def test_another_agent_at_the_address_of_one_whose_copy_failed_is_not_trusted(
+    replica: Replica,
+):
+    replica.host_writes(random.Random(SEED + 6))
+    replica.agent.stop()
+    replica.agent.start(kill_after_saves=2)
+    one_error(replica.update())  # the agent died mid-copy; isc update saved the outcome
+    assert replica.agent.killed()
+    image = replaced(replica, SEED + 7)
+    before = recorded(replica.work)
+    # The protection lives with the first agent: the new one has nothing to restore.
+    refused = one_error(replica.isc("rollback", "s", "disk"))
+    assert "disk is not protected: there is no image to restore" in refused
+    assert recorded(replica.work) == before and replica.export.read_bytes() == image
+    assert_no_false_consistent(replica)
+    assert replica.state() == "consistent"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="after isc update is killed mid-copy the destination keeps no fingerprint samples "
+    "(isc/store.py begin_copy writes none) and stays in step, so another volume at the "
+    "same agent address takes only the increment and reads CONSISTENT: nothing identifies "
+    "an agent's export beyond its address and name",
+)
+def test_another_agent_at_the_address_after_isc_update_was_killed_is_not_trusted(
+    replica: Replica,
+):
+    replica.host_writes(random.Random(SEED + 8))
+    assert replica.update(kill_at_run=2).returncode == -signal.SIGKILL
+    replaced(replica, SEED + 9)
+    assert_no_false_consistent(replica)
+
+
+# -- hostile agents ---------------------------------------------------------------------------
+class Impostor:
+    """A control port that speaks the protocol wrongly: ``reply(request)`` gives the bytes
+    it answers each request line with, sent at once or, with ``drip``, a byte every
+    ``drip`` seconds. ``requests`` records what was asked."""
+
+    def __init__(self, reply: Callable[[dict], bytes], drip: float | None = None) -> None:
+        self.reply, self.drip = reply, drip
+        self.requests: list[dict] = []
+        self._stop = threading.Event()
+        self._server = socket.create_server((HOST, 0))
+        self._server.settimeout(0.05)
+        self.site = f"{HOST}:{self._server.getsockname()[1]}"
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    def __enter__(self) -> Impostor:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(WAIT)
+        self._server.close()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._server.accept()
+            except TimeoutError:
+                continue
+            with conn, conn.makefile("rb") as lines:
+                conn.settimeout(WAIT)
+                self.requests.append(json.loads(lines.readline()))
+                answer = self.reply(self.requests[-1])
+                if self.drip is None:
+                    conn.sendall(answer)
+                    continue
+                for byte in answer:
+                    if self._stop.wait(self.drip):
+                        break
+                    conn.sendall(bytes([byte]))
+
+
+def reply(request: dict, **fields: object) -> bytes:
+    return json.dumps({"id": request["id"], "ok": True, **fields}).encode() + b"\n"
+
+
+@pytest.fixture
+def local(tmp_path: Path, source: Path) -> Path:
+    """``tmp_path/s`` on ``source`` with the destination ``local`` (a file), copied in full
+    and consistent; it has no site of its own, so update and rollback take ``--site``."""
+    from isc.store import copy as store_copy
+
+    (tmp_path / "local.img").write_bytes(bytes(SIZE))
+    stored, _ = open_session(create(tmp_path / "s", source))
+    with stored:
+        stored.add_destination(str(tmp_path / "local.img"), "local")
+        store_copy(stored, "full")
+    return tmp_path
+
+
+def ask_impostor(work: Path, env, impostor: Impostor, *command: str) -> tuple[str, float]:
+    """Run ``isc COMMAND --site IMPOSTOR --timeout 0.5``; its error line and its seconds."""
+    done = isc(work, env, *command, "--site", impostor.site, "--timeout", "0.5", limit=BOUND)
+    return one_error(done)
+
+
+def unchanged_but_the_generation(work: Path, before: dict) -> None:
+    """An update marks before it asks the site: refused, it leaves a generation more."""
+    after = recorded(work)
+    assert after.pop("generation") == before.pop("generation") + 1
+    assert after == before
+
+
+@pytest.mark.parametrize(
+    ("answer", "why"),
+    [
+        (lambda r: b"x" * (2 << 20), "with something that is not an isc agent's reply"),
+        (lambda r: reply({"id": r["id"] + 1}), "with a reply for another request"),
+        (lambda r: reply(r, extents="nonsense"), "protect raised ValueError"),
+    ],
+    ids=["oversized", "another request", "bad extents"],
+)
+def test_an_agent_answering_protect_wrongly_abandons_the_update(local: Path, env, answer, why: str):
+    before, image = recorded(local), (local / "local.img").read_bytes()
+    with Impostor(answer) as impostor:
+        line = ask_impostor(local, env, impostor, "update", "s")
+    assert line.startswith("isc: error: cannot protect local: ") and why in line
+    assert [r["op"] for r in impostor.requests] == ["protect"]
+    unchanged_but_the_generation(local, before)
+    assert (local / "local.img").read_bytes() == image
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the wait for an agent's reply is bounded per recv, not in all (isc/remote.py "
+    "AgentSite._request sets the timeout once, _read_line loops): an agent that drips a "
+    "byte at a time holds isc update for as long as it likes",
+)
+def test_an_agent_that_drips_its_reply_is_given_up_on_within_the_timeout(local: Path, env):
+    before = recorded(local)
+    with Impostor(lambda r: b" " * (1 << 20), drip=0.05) as impostor:
+        line = ask_impostor(local, env, impostor, "update", "s")
+    assert "did not answer protect local within 0.5 s" in line
+    unchanged_but_the_generation(local, before)
+
+
+def status(extents: object) -> Callable[[dict], bytes]:
+    """An agent whose status says ``local`` is protected, holding ``extents``, and whose
+    rollback claims it rewrote ``extents`` (whether it wrote anything or not)."""
+
+    def answer(request: dict) -> bytes:
+        if request["op"] == "status":
+            info = {"protected": True, "intact": True, "extents": extents}
+            return reply(request, info=info)
+        return reply(request, extents=extents)
+
+    return answer
+
+
+@pytest.mark.parametrize(
+    "extents",
+    [[[-1, 1 << 16]], [[SIZE - 4096, 1 << 30]], "everything", None],
+    ids=["negative", "past the end", "not a list", "none"],
+)
+def test_a_rollback_of_ranges_that_make_no_sense_tracks_the_whole_source(local: Path, env, extents):
+    image = (local / "local.img").read_bytes()
+    with Impostor(status(extents)) as impostor:
+        done = isc(local, env, "rollback", "s", "local", "--site", impostor.site, limit=BOUND)
+    assert [r["op"] for r in impostor.requests] == ["status", "rollback"]
+    if done.returncode:  # a reply it cannot read: the rollback may have happened
+        assert "it may have happened: local is inconsistent" in one_error(done)
+    stored, _ = open_session(local / "s")
+    with stored:
+        (dest,) = stored.destinations
+        # Whatever the site rewrote is tracked, and nothing says the destination is whole.
+        assert dest.state is DestState.INCONSISTENT
+        bitmap = stored.session.bitmap
+        if extents == [[SIZE - 4096, 1 << 30]]:
+            assert bitmap.tracking(bitmap.chunks - 1)
+        else:
+            assert bitmap.tracking_count == bitmap.chunks
+    assert (local / "local.img").read_bytes() == image  # the impostor wrote nothing
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a status reply whose info is not an object reaches rollback_group as is "
+    "(isc/remote.py AgentSite._request keeps it; isc/update.py calls info.get): isc "
+    "rollback ends in a traceback instead of one line",
+)
+def test_a_status_reply_of_the_wrong_shape_refuses_the_rollback_in_one_line(local: Path, env):
+    before, image = recorded(local), (local / "local.img").read_bytes()
+    with Impostor(lambda r: reply(r, info=["protected"])) as impostor:
+        line = ask_impostor(local, env, impostor, "rollback", "s", "local")
+    assert "nothing was changed" in line
+    assert [r["op"] for r in impostor.requests] == ["status"]
+    assert recorded(local) == before and (local / "local.img").read_bytes() == image
