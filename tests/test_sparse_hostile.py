@@ -32,6 +32,7 @@ import os
 import random
 import signal
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -40,6 +41,7 @@ from helpers import (
     Gate,
     HookLUN,
     Worker,
+    Writers,
     assert_no_lost_change,
     chunks_touched,
     fill_random,
@@ -787,3 +789,109 @@ def test_sigkill_of_isc_serve_every_in_its_first_sparse_full_copy(tmp_path: Path
     finally:
         export.stop()
         export.lun.close()
+
+
+# -- a seeded stress: writers write, trim and zero while copies run, fail and are cancelled ----------
+STRESS_STEPS = 60
+"""Copies per stress run: marked full, incremental or unmarked full, a fault in some."""
+
+
+@pytest.mark.parametrize("seed", [27, 28, 29])
+def test_stress_writers_trims_and_zeroes_against_sparse_and_incremental_copies(
+    tmp_path: Path, monkeypatch, busy_switching, seed: int
+):
+    import isc.copy
+    from isc import SaveArea, StateError
+
+    monkeypatch.setattr(isc.copy, "SPLIT_MIN", G)  # worker threads split the quiet runs
+    rng = random.Random(seed)
+    chunks = 40
+    size = chunks * G + 300
+    data = random_layout(rng, size)
+    with (
+        sparse_file(tmp_path / "source.img", size, data, rng) as source,
+        ZeroHook.create(tmp_path / "file.img", size) as punched,
+        SessionLUN(Session(source, G, SaveArea(8 * G))) as export,
+    ):
+        written = HookLUN(MemoryLUN(size))
+        twin = MemoryLUN(size)  # the source, written in the same order under ``order``
+        twin.write(0, image(source))
+        order = threading.Lock()
+        session = export.session
+        dests = [Destination(punched, "punched"), Destination(written, "written")]
+        held = {dest.name: None for dest in dests}  # the image each CONSISTENT one must hold
+
+        def write(writer: int, seq: int, wrng: random.Random) -> None:
+            length = wrng.choice((1, 700, 4 * K, G, 2 * G + 5))
+            offset = wrng.randrange(size - length)
+            kind = wrng.randrange(3)
+            with order:
+                if kind == 0:
+                    payload = wrng.randbytes(length)
+                    export.write(offset, payload)
+                elif kind == 1:
+                    payload = bytes(length)
+                    export.write(offset, payload)
+                else:
+                    payload = bytes(length)
+                    export.write_zeroes(offset, length)
+                twin.write(offset, payload)
+
+        runs_left = [0]
+
+        def progress(done: int, total: int) -> None:
+            runs_left[0] -= 1
+            if runs_left[0] == 0:
+                job.cancel("stress cancel")
+            finished = writers.total_done
+            writers.allow(2)
+            writers.wait_done(finished + 1)
+
+        job = CopyJob(session, dests, io_size=4 * G, progress=progress, workers=2)
+        outcomes: dict[str, int] = {}
+        with Writers(write, 2, seed=seed) as writers:
+            for step in range(STRESS_STEPS):
+                kind = "full" if step == 0 else rng.choice(("full", "incremental", "unmarked"))
+                fault = rng.choice(("none", "none", "cancel", "zeroes", "write"))
+                runs_left[0] = rng.randrange(1, 6) if fault == "cancel" else -1
+                punched.fail_at = punched.calls + rng.randrange(1, 4) if fault == "zeroes" else None
+                written.fail_at = written.writes + rng.randrange(1, 6) if fault == "write" else None
+                writers.settle()
+                at_mark = None
+                with order:
+                    if kind != "unmarked":
+                        session.mark(full=kind == "full")
+                        at_mark = twin.read(0, size)
+                try:
+                    if kind == "unmarked":
+                        job.full(False)
+                    else:
+                        job.incremental()
+                    outcome = "ok"
+                except StateError:  # a destination out of step and no donor: unmark, full next
+                    session.unmark()
+                    outcome = "refused"
+                except CopyError:
+                    outcome = "failed"
+                outcomes[f"{kind}-{outcome}"] = outcomes.get(f"{kind}-{outcome}", 0) + 1
+                writers.settle()
+                for dest in dests:
+                    if dest.state is DestState.CONSISTENT:
+                        if outcome == "ok" and dest.epoch == session.epoch and at_mark:
+                            held[dest.name] = at_mark
+                        assert dest.lun.read(0, size) == held[dest.name], (step, kind, dest.name)
+                    else:
+                        held[dest.name] = None
+                    if dest.in_step(session):
+                        assert_no_lost_change(session, dest.lun)
+                assert image(source) == twin.read(0, size)
+            punched.fail_at = written.fail_at = None
+            job.progress = None  # the source stays as it is: the last copy catches up
+            writers.settle()
+            session.mark(full=not all(d.in_step(session) for d in dests))
+            job.incremental()
+        for dest in dests:
+            assert dest.lun.read(0, size) == image(source)
+        print(f"\nstress seed {seed}: {sorted(outcomes.items())}")
+        assert outcomes.get("full-ok") and outcomes.get("incremental-ok"), outcomes
+        assert sum(n for k, n in outcomes.items() if k.endswith("failed")), outcomes
