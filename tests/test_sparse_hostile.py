@@ -411,6 +411,11 @@ NBD_DESTINATIONS = {
     "nbdkit-emulated": ("nbdkit", ["--filter=nozero", "memory", "zeromode=emulate"]),
     "nbdkit-no-fast-zero": ("nbdkit", ["--filter=nozero", "memory", "fastzeromode=none"]),
     "nbdkit-no-zeroes": ("nbdkit", ["--filter=nozero", "memory", "zeromode=none"]),
+    "nbdkit-4k-blocks": (  # partial blocks read, patched and written back
+        "nbdkit",
+        ["--filter=blocksize-policy", "memory", "blocksize-minimum=4096"]
+        + ["blocksize-error-policy=error"],
+    ),
 }
 
 
@@ -428,7 +433,9 @@ def test_sparse_copies_to_nbd_destinations_of_every_kind_of_zeroing(tmp_path: Pa
     if kind == "qemu-nbd":
         serving = qemu_nbd(tmp_path, *options, size=size)
     else:
-        serving = nbdkit(tmp_path, *options, f"size={size}")
+        # Larger than the source, in whole 4 KiB blocks: a server of 4 KiB blocks has no
+        # partial last block (the NBD spec wants the size a multiple of the minimum).
+        serving = nbdkit(tmp_path, *options, f"size={-(-size // 4096) * 4096}")
     data = [(3 * g + 100, 5000), (20 * g, 9 * g), (40 * g, 200), (size - 1000, 1000)]
     with (
         sparse_file(tmp_path / "source.img", size, data, rng) as source,
@@ -895,3 +902,41 @@ def test_stress_writers_trims_and_zeroes_against_sparse_and_incremental_copies(
         print(f"\nstress seed {seed}: {sorted(outcomes.items())}")
         assert outcomes.get("full-ok") and outcomes.get("incremental-ok"), outcomes
         assert sum(n for k, n in outcomes.items() if k.endswith("failed")), outcomes
+
+
+@pytest.mark.parametrize("marked", [True, False], ids=["marked", "unmarked"])
+def test_an_nbd_destination_whose_write_zeroes_starts_failing_mid_copy(tmp_path: Path, marked):
+    # nbdkit's error filter fails every WRITE_ZEROES once a trigger file exists;
+    # the test makes it after the copy's first run. Beside it a file
+    # destination ends as the source; the NBD one drops out, what it lacks is
+    # tracked, and the next copy mends it once the server zeroes again.
+    from test_nbd import nbdkit
+
+    rng = random.Random(30)
+    size = 16 * G
+    trigger = tmp_path / "fail-zeroes"
+    data = [(G, G), (5 * G + 100, 100), (10 * G, 2 * G)]
+    errors = ["error-zero=EIO", "error-zero-rate=1", f"error-zero-file={trigger}"]
+    serving = nbdkit(tmp_path, "--filter=error", "memory", f"size={size}", *errors)
+    with (
+        sparse_file(tmp_path / "source.img", size, data, rng) as source,
+        FileLUN.create(tmp_path / "good.img", size) as good_lun,
+        serving as remote,
+        NBDLUN(remote.uri, timeout=TIMEOUT) as bad_lun,
+    ):
+        for n, lun in enumerate((good_lun, bad_lun)):
+            old_data(lun, 31 + n)
+        session = Session(source, G)
+        good, bad = Destination(good_lun, "good"), Destination(bad_lun, "bad")
+
+        def fail_zeroes_after_the_first_run(done: int, total: int) -> None:
+            trigger.touch()
+
+        job = CopyJob(session, [good, bad], io_size=4 * G, progress=fail_zeroes_after_the_first_run)
+        at_start = image(source)
+        result = job.full(marked)
+        assert "Input/output error" in result.outcomes["bad"]
+        assert good_lun.read(0, size) == at_start and bad.state is DestState.INCONSISTENT
+        assert_no_lost_change(session, bad_lun)
+        trigger.unlink()
+        catch_up(session, [good, bad])
