@@ -38,6 +38,7 @@ import copy
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -53,10 +54,13 @@ from helpers import Gate, Worker, assert_no_lost_change, wait_until
 from test_agent import HOST, IO, SIZE, WAIT, lun_of
 from test_agent_journal import agent_here, write_randomly
 from test_cli import state_of
+from test_security_nbd import with_tls
 
 from isc import Destination, DestState
+from isc.auth import Credentials
 from isc.nbd import NBDLUN
 from isc.remote import AgentSite
+from isc.store import copy as store_copy
 from isc.store import open_session, read_state
 from isc.update import PeriodicUpdate, UpdateBusy, UpdateError, rollback
 
@@ -192,8 +196,10 @@ class Agent:
     """An ``isc agent`` of ``directory`` at fixed ports, so that it can be killed and started
     again at the same address; ``start(**faults)`` arms fault points (the module docstring)."""
 
-    def __init__(self, directory: Path, env: dict[str, str], logs: Path) -> None:
-        self.directory, self.env, self.logs = directory, env, logs
+    def __init__(
+        self, directory: Path, env: dict[str, str], logs: Path, options: tuple[str, ...] = ()
+    ) -> None:
+        self.directory, self.env, self.logs, self.options = directory, env, logs, options
         self.control, self.nbd = free_port(), free_port()
         self.site = f"{HOST}:{self.control}"
         self.uri = f"nbd://{HOST}:{self.nbd}/disk"
@@ -210,7 +216,7 @@ class Agent:
         armed = {f"ISC_{name.upper()}": str(value) for name, value in faults.items()}
         with open(self.log, "wb") as stderr:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "isc.cli", "agent", *args],
+                [sys.executable, "-m", "isc.cli", "-v", "agent", *args, *self.options],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=stderr,
@@ -650,8 +656,6 @@ def reply(request: dict, **fields: object) -> bytes:
 def local(tmp_path: Path, source: Path) -> Path:
     """``tmp_path/s`` on ``source`` with the destination ``local`` (a file), copied in full
     and consistent; it has no site of its own, so update and rollback take ``--site``."""
-    from isc.store import copy as store_copy
-
     (tmp_path / "local.img").write_bytes(bytes(SIZE))
     stored, _ = open_session(create(tmp_path / "s", source))
     with stored:
@@ -757,3 +761,117 @@ def test_a_status_reply_of_the_wrong_shape_refuses_the_rollback_in_one_line(loca
     assert "nothing was changed" in line
     assert [r["op"] for r in impostor.requests] == ["status"]
     assert recorded(local) == before and (local / "local.img").read_bytes() == image
+
+
+# -- authentication ---------------------------------------------------------------------------
+def self_signed(base: Path, good: Path, role: str) -> Path:
+    """A credentials directory like ``good`` whose ``role`` certificate signed itself."""
+    from certs import EXTENSIONS, _key, _openssl
+
+    directory = base / f"self-signed-{role}"
+    shutil.copytree(good, directory)
+    config = base / "self-signed.cnf"
+    config.write_text("[req]\ndistinguished_name = dn\n[dn]\n" + EXTENSIONS)
+    key = _key(directory / f"{role}-key.pem")
+    _openssl(
+        "req", "-x509", "-new", "-key", key, "-out", directory / f"{role}-cert.pem",
+        "-days", "2", "-subj", f"/CN=isc test {role}", "-config", config, "-extensions", role,
+    )  # fmt: skip
+    return directory
+
+
+def of_the_other_role(base: Path, good: Path, role: str) -> Path:
+    """``good`` whose ``role`` certificate and key are those of the other role."""
+    other = "server" if role == "client" else "client"
+    directory = base / f"{other}-as-{role}"
+    shutil.copytree(good, directory)
+    for suffix in ("cert", "key"):
+        shutil.copy(good / f"{other}-{suffix}.pem", directory / f"{role}-{suffix}.pem")
+    return directory
+
+
+def secured(credentials: dict[str, Path], server: Path, secret: Path) -> tuple[str, ...]:
+    """An agent's options: mutual TLS with ``server``'s credentials on its control port and
+    its exports, and the shared ``secret``."""
+    tls = ("--tls-creds", str(server), "--tls=require", "--tls-verify-peer")
+    return (*tls, "--secret-file", str(secret))
+
+
+@pytest.fixture
+def secret(tmp_path: Path) -> Path:
+    from test_security_control import secret_file
+
+    return secret_file(tmp_path)
+
+
+def test_certificates_that_must_not_pass_are_refused_and_change_nothing(
+    tmp_path: Path, source: Path, exports: Path, env, credentials, secret: Path
+):
+    good = credentials["good"]
+    bad = {
+        "self-signed": self_signed(tmp_path, good, "client"),
+        "a server's": of_the_other_role(tmp_path, good, "client"),
+        "expired": credentials["expired"],
+        "of another CA": credentials["other-ca"],
+    }
+    (exports / "spare").unlink()
+    remote = Agent(exports, env, tmp_path, secured(credentials, good, secret))
+    remote.start()
+    disk = Destination(None, name="disk")
+    try:
+        for what, directory in bad.items():
+            client = Credentials("client", tls_creds=directory, secret_file=secret)
+            ack = AgentSite(HOST, remote.control, timeout=WAIT, credentials=client).protect(disk)
+            assert not ack.ok and not ack.outcome_unknown, what  # the request never went out
+            assert "\n" not in ack.reason, ack.reason
+            # TLS 1.3: the agent's refusal of a certificate comes after the handshake.
+            why = "is not trusted" if what == "of another CA" else "refused this client's"
+            assert why in ack.reason, (what, ack.reason)
+        # A plaintext client on the TLS control port, and on the TLS export.
+        ack = AgentSite(HOST, remote.control, timeout=WAIT).protect(disk)
+        assert not ack.ok and "give its --tls-creds or --secret-file" in ack.reason
+        with pytest.raises(PermissionError, match="TLS is required"):
+            NBDLUN(remote.uri, timeout=WAIT)
+        # Through the command: one line, and the session as it was but for its mark.
+        client = Credentials("client", tls_creds=good, secret_file=secret)
+        uri = with_tls(remote.uri, good)
+        stored, _ = open_session(create(tmp_path / "s", source))
+        with stored:
+            stored.add_destination(uri, "disk", remote.site, client)
+            store_copy(stored, "full")
+        before = recorded(tmp_path)
+        wrong = ("--tls-creds", str(bad["self-signed"]), "--secret-file", str(secret))
+        done = isc(tmp_path, env, "update", "s", "--timeout", str(WAIT), *wrong)
+        assert "refused this client's credentials" in one_error(done)
+        unchanged_but_the_generation(tmp_path, before)
+        status = AgentSite(HOST, remote.control, timeout=WAIT, credentials=client).status(disk)
+        assert status.ok and not status.info["protected"]
+        remote.stop()
+    finally:
+        remote.end()
+    assert (exports / "disk").read_bytes() == source.read_bytes()  # the full copy, no more
+    said = remote.log.read_text()
+    assert "status disk" in said and "protect disk" not in said
+    assert not (exports / ".isc-agent").exists()
+
+
+@pytest.mark.parametrize("make", [self_signed, of_the_other_role], ids=["self-signed", "client's"])
+def test_an_agent_whose_certificate_must_not_pass_is_refused(
+    tmp_path: Path, exports: Path, env, credentials, secret: Path, make
+):
+    good = credentials["good"]
+    (exports / "spare").unlink()
+    remote = Agent(
+        exports, env, tmp_path, secured(credentials, make(tmp_path, good, "server"), secret)
+    )
+    remote.start()
+    try:
+        client = Credentials("client", tls_creds=good, secret_file=secret)
+        site = AgentSite(HOST, remote.control, timeout=WAIT, credentials=client)
+        ack = site.protect(Destination(None, name="disk"))
+        assert not ack.ok and not ack.outcome_unknown
+        assert "its certificate is not trusted" in ack.reason, ack.reason
+    finally:
+        remote.end()
+    assert "protect disk" not in remote.log.read_text()
+    assert not (exports / ".isc-agent").exists()
