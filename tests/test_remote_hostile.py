@@ -38,6 +38,7 @@ import copy
 import json
 import os
 import random
+import select
 import shutil
 import signal
 import socket
@@ -875,3 +876,78 @@ def test_an_agent_whose_certificate_must_not_pass_is_refused(
         remote.end()
     assert "protect disk" not in remote.log.read_text()
     assert not (exports / ".isc-agent").exists()
+
+
+class Recorder:
+    """A TCP proxy to the control port ``port`` that keeps what each client sent, one
+    connection at a time, as an eavesdropper on the wire would."""
+
+    def __init__(self, port: int) -> None:
+        self.upstream = port
+        self.sent: list[bytes] = []
+        self._stop = threading.Event()
+        self._server = socket.create_server((HOST, 0))
+        self._server.settimeout(0.05)
+        self.port = self._server.getsockname()[1]
+        self._thread = threading.Thread(target=self._relay, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(WAIT)
+        self._server.close()
+
+    def _relay(self) -> None:
+        while not self._stop.is_set():
+            try:
+                client, _ = self._server.accept()
+            except TimeoutError:
+                continue
+            heard = bytearray()
+            with client, socket.create_connection((HOST, self.upstream), WAIT) as agent:
+                ends = {client: agent, agent: client}
+                while ends:
+                    ready, _, _ = select.select(list(ends), [], [], WAIT)
+                    if not ready:
+                        break
+                    for end in ready:
+                        data = end.recv(65536)
+                        if not data:
+                            ends.clear()
+                            break
+                        ends[end].sendall(data)
+                        if end is client:
+                            heard += data
+            self.sent.append(bytes(heard))
+
+
+def test_a_replayed_authentication_is_refused_and_changes_nothing(
+    tmp_path: Path, exports: Path, env, secret: Path
+):
+    (exports / "spare").unlink()
+    remote = Agent(exports, env, tmp_path, ("--secret-file", str(secret)))
+    remote.start()
+    recorder = Recorder(remote.control)
+    disk = Destination(None, name="disk")
+    try:
+        client = Credentials("client", secret_file=secret)
+        overheard = AgentSite(HOST, recorder.port, timeout=WAIT, credentials=client)
+        direct = AgentSite(HOST, remote.control, timeout=WAIT, credentials=client)
+        assert overheard.protect(disk).ok and overheard.unprotect(disk).ok
+        assert direct.protect(disk).ok  # as an update does before it copies
+        for conversation in recorder.sent:  # a protect, then an unprotect, word for word
+            assert b'"op": "' in conversation and b'"proof": "' in conversation
+            with socket.create_connection((HOST, remote.control), timeout=WAIT) as replay:
+                replay.sendall(conversation)
+                with replay.makefile("rb") as replies:
+                    answers = [json.loads(line) for line in replies]
+            assert [a.get("ok") for a in answers] == [False, False], answers
+            assert "authentication failed" in answers[-1]["reason"]
+        status = direct.status(disk)
+        assert status.ok and status.info["protected"]  # the replayed unprotect did nothing
+        remote.stop()
+    finally:
+        recorder.close()
+        remote.end()
+    said = remote.log.read_text()
+    assert said.count(": unprotect disk:") == 1 and said.count(": protect disk:") == 2, said
