@@ -946,7 +946,7 @@ def test_an_nbd_destination_whose_write_zeroes_starts_failing_mid_copy(tmp_path:
         catch_up(session, [good, bad])
 
 
-# -- a mark that ends while a run of its copy is still zeroing -----------------------------------------
+# -- a mark that ends while a run of its copy is still zeroing -------------------------------------
 @pytest.mark.xfail(
     strict=True,
     reason="a failed marked copy puts back the runs sent since the last flush but not the "
@@ -984,3 +984,41 @@ def test_a_run_zeroing_after_its_mark_ended_and_another_copy_ran_loses_nothing(t
         with pytest.raises(CopyError, match="save area full"):
             CopyJob(session, [dest], io_size=4 * G).full()
         assert_no_lost_change(session, target)
+
+
+# -- a sparse incremental copy to a protected destination, failed and rolled back ------------------
+def test_a_whole_volume_trim_goes_sparse_through_a_protection_and_rolls_back(tmp_path: Path):
+    # A host trims the whole volume and writes a little: every chunk is in the
+    # transfer bitmap, so the update's incremental copy is a sparse one, whose
+    # zeroing goes through the destination's protection. It fails part-way;
+    # the rollback must restore the last consistent image, byte for byte.
+    from isc.remote import LocalSite
+    from isc.update import PeriodicUpdate, UpdateError, rollback
+
+    rng = random.Random(33)
+    size = 12 * G + 300
+    with (
+        sparse_file(tmp_path / "source.img", size, [(0, size)], rng) as source,
+        SessionLUN(Session(source, G)) as export,
+    ):
+        session = export.session
+        target = HookLUN(MemoryLUN(size))
+        dest = Destination(target, "d")
+        site = LocalSite()
+        PeriodicUpdate(session, [dest], site).run()
+        consistent = image(target)
+        assert consistent == image(source) and dest.state is DestState.CONSISTENT
+        export.write_zeroes(0, size)
+        export.write(5 * G + 7, b"kept")
+        target.fail_at = target.writes + 6  # part-way through the zeroing of the holes
+        with pytest.raises(UpdateError, match="injected failure"):
+            PeriodicUpdate(session, [dest], site, io_size=4 * G).run()
+        assert dest.state is DestState.INCONSISTENT and target.read(0, size) != consistent
+        rollback(session, dest, site)
+        assert dest.state is DestState.CONSISTENT and target.read(0, size) == consistent
+        assert_no_lost_change(session, target)
+        target.fail_at = None
+        target.written.clear()
+        PeriodicUpdate(session, [dest], site).run()
+        assert dest.state is DestState.CONSISTENT and target.read(0, size) == image(source)
+        assert (0, 5 * G) in target.written  # sparse: chunks 0-4 went as one write of zeros
