@@ -1022,3 +1022,59 @@ def test_a_whole_volume_trim_goes_sparse_through_a_protection_and_rolls_back(tmp
         PeriodicUpdate(session, [dest], site).run()
         assert dest.state is DestState.CONSISTENT and target.read(0, size) == image(source)
         assert (0, 5 * G) in target.written  # sparse: chunks 0-4 went as one write of zeros
+
+
+# -- host trims through the real isc serve, then SIGKILL: still tracked -------------------------------
+def test_trims_and_zeroes_through_isc_serve_survive_its_sigkill(tmp_path: Path):
+    # An NBD client trims and zeroes data (and writes) through ``isc serve``
+    # of a session directory whose destination is consistent, then the server
+    # is SIGKILLed before it checkpoints again. Reopened, every chunk the
+    # trims changed is tracked, and an incremental copy makes the destination
+    # the source.
+    from test_crash import ISC
+    from test_serve import line_reader, next_line
+
+    from isc.store import copy, create_session, open_session
+
+    rng = random.Random(34)
+    size = 24 * G + 300
+    sparse_file(tmp_path / "source.img", size, [(0, size)], rng).close()
+    FileLUN.create(tmp_path / "dest.img", size).close()
+    state = tmp_path / "state"
+    create_session(state, str(tmp_path / "source.img"), granularity=G)
+    with open_session(state)[0] as stored:
+        stored.add_destination(str(tmp_path / "dest.img"), "d")
+        copy(stored, "full")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir(mode=0o700)
+    serve = [*ISC, "serve", str(state), "--listen", f"unix:{run_dir / 'nbd.sock'}"]
+    with open(tmp_path / "serve.log", "wb") as log:
+        proc = subprocess.Popen(serve, stdout=subprocess.PIPE, stderr=log, text=True)
+    try:
+        lines = line_reader(proc.stdout)
+        uri = str(next_line(lines, "isc serve")).split()[-1]
+        assert next_line(lines, "isc serve") == "ready", (tmp_path / "serve.log").read_text()
+        with NBDLUN(uri, timeout=TIMEOUT) as host:
+            host.write_zeroes(2 * G + 100, 3 * G)  # a trim: punched in the source
+            host.write_zeroes(10 * G, G)
+            host.write(15 * G + 5, bytes(10))  # zeros written as data
+            host.write(size - 10, b"tail-write")
+            host.flush()
+        proc.kill()
+        assert proc.wait(TIMEOUT) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(TIMEOUT)
+    stored, recovery = open_session(state)
+    with stored:
+        assert recovery.crashed
+        (dest,) = stored.destinations
+        tracked = {
+            c for c in range(stored.session.bitmap.chunks) if stored.session.bitmap.tracking(c)
+        }
+        assert {2, 3, 4, 5, 10, 15, 24} <= tracked
+        assert_no_lost_change(stored.session, dest.lun)
+        stored.session.mark()
+        copy(stored, "incremental")
+        assert dest.state is DestState.CONSISTENT and image(dest.lun) == image(stored.source)
