@@ -1024,7 +1024,7 @@ def test_a_whole_volume_trim_goes_sparse_through_a_protection_and_rolls_back(tmp
         assert (0, 5 * G) in target.written  # sparse: chunks 0-4 went as one write of zeros
 
 
-# -- host trims through the real isc serve, then SIGKILL: still tracked -------------------------------
+# -- host trims through the real isc serve, then SIGKILL: still tracked ----------------------------
 def test_trims_and_zeroes_through_isc_serve_survive_its_sigkill(tmp_path: Path):
     # An NBD client trims and zeroes data (and writes) through ``isc serve``
     # of a session directory whose destination is consistent, then the server
@@ -1078,3 +1078,35 @@ def test_trims_and_zeroes_through_isc_serve_survive_its_sigkill(tmp_path: Path):
         stored.session.mark()
         copy(stored, "incremental")
         assert dest.state is DestState.CONSISTENT and image(dest.lun) == image(stored.source)
+
+
+# -- a pull of the frozen export after trims on the live one -----------------------------------------
+def test_nbdcopy_pulls_the_image_at_the_mark_after_trims_and_fills_on_the_live_export(
+    tmp_path: Path,
+):
+    # After the mark, a client trims data chunks and fills a hole on the live
+    # export. nbdcopy, which skips what base:allocation calls a hole, pulls
+    # ``NAME@frozen`` over a file of old data: it must hold the image at the mark.
+    from test_nbd import run, tool
+
+    nbdcopy = tool("nbdcopy")
+    rng = random.Random(35)
+    size = 24 * G + 300
+    data = [(0, 3 * G), (8 * G + 100, 900), (12 * G, 6 * G), (size - 300, 300)]
+    with sparse_file(tmp_path / "source.img", size, data, rng) as source:
+        session = Session(source, G, name="vol")
+        with FileLUN.create(tmp_path / "backup.img", size) as backup:
+            old_data(backup, 36)
+        with NBDServer(SessionLUN(session), name="vol") as server:
+            server.start_unix(tmp_path / "vol.sock")
+            session.mark(full=True)
+            at_mark = image(source)
+            with NBDLUN(server.uri, timeout=TIMEOUT) as live:
+                live.write_zeroes(G, 2 * G)  # data at the mark, a hole now
+                live.write_zeroes(13 * G, 4 * G)
+                live.write(5 * G, rng.randbytes(G))  # a hole at the mark, data now
+                live.write_zeroes(size - 300, 300)
+            frozen = f"nbd+unix:///vol@frozen?socket={tmp_path / 'vol.sock'}"
+            run(nbdcopy, frozen, tmp_path / "backup.img")
+            session.unmark()
+        assert (tmp_path / "backup.img").read_bytes() == at_mark
