@@ -46,6 +46,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -489,28 +490,39 @@ def test_a_rollback_of_an_unknown_destination_names_it(replica: Replica):
     assert "has no destination 'nosuch'" in one_error(done)
 
 
-def test_rollback_racing_an_update_in_this_process_is_refused(
-    tmp_path: Path, source: Path, session, exports: Path
-):
+@contextmanager
+def update_after_its_first_run(
+    session, exports: Path, seed: int
+) -> Iterator[tuple[AgentSite, Destination, Worker]]:
+    """An agent of ``exports`` in this process, an update of ``session`` to its export
+    ``disk``, host writes, and a second update parked after its first run (marked,
+    protected, one run sent): yields the site, the destination and the update's thread.
+    At the end the update goes on, and has finished when the block is left."""
     with agent_here(exports) as (_, port, uris):
         site = AgentSite(HOST, port, timeout=WAIT)
         dest = Destination(NBDLUN(uris["disk"], timeout=WAIT), name="disk")
         PeriodicUpdate(session, [dest], site, timeout=WAIT, io_size=IO).run()
-        write_randomly(session, random.Random(SEED + 4), 30)
+        write_randomly(session, random.Random(seed), 30)
         gate = Gate()
         update = PeriodicUpdate(session, [dest], site, timeout=WAIT, io_size=IO, progress=gate)
         running = Worker(update.run)
         try:
-            gate.wait_reached()  # marked, protected, one run sent
-            pending = session.bitmap.transfer_count
-            with pytest.raises(UpdateBusy, match="already running"):
-                rollback(session, dest, site, timeout=WAIT)
-            assert session.bitmap.transfer_count == pending and site.status(dest).info["protected"]
+            gate.wait_reached()
+            yield site, dest, running
         finally:
             gate.open()
-        (result,) = running.finish()
-        assert result.outcomes == {"disk": "ok"} and dest.state is DestState.CONSISTENT
-        dest.lun.close()
+            assert running.done.wait(WAIT), "the update did not finish"
+            dest.lun.close()
+
+
+def test_rollback_racing_an_update_in_this_process_is_refused(source: Path, session, exports: Path):
+    with update_after_its_first_run(session, exports, SEED + 4) as (site, dest, running):
+        pending = session.bitmap.transfer_count
+        with pytest.raises(UpdateBusy, match="already running"):
+            rollback(session, dest, site, timeout=WAIT)
+        assert session.bitmap.transfer_count == pending and site.status(dest).info["protected"]
+    (result,) = running.finish()
+    assert result.outcomes == {"disk": "ok"} and dest.state is DestState.CONSISTENT
     assert (exports / "disk").read_bytes() == source.read_bytes()
 
 
@@ -521,27 +533,15 @@ def test_rollback_racing_an_update_in_this_process_is_refused(
     "while the chunks it sent before the rollback hold the old image again, tracked nowhere",
 )
 def test_a_rollback_from_another_client_racing_an_update_leaves_no_false_consistent(
-    tmp_path: Path, source: Path, session, exports: Path
+    source: Path, session, exports: Path
 ):
-    with agent_here(exports) as (_, port, uris):
-        site = AgentSite(HOST, port, timeout=WAIT)
-        dest = Destination(NBDLUN(uris["disk"], timeout=WAIT), name="disk")
-        PeriodicUpdate(session, [dest], site, timeout=WAIT, io_size=IO).run()
-        write_randomly(session, random.Random(SEED + 5), 30)
-        gate = Gate()
-        update = PeriodicUpdate(session, [dest], site, timeout=WAIT, io_size=IO, progress=gate)
-        running = Worker(update.run)
-        try:
-            gate.wait_reached()  # marked, protected, one run sent
-            # Another client of the agent (an operator, another session's isc rollback).
-            other = AgentSite(HOST, port, timeout=WAIT).rollback(dest)
-        finally:
-            gate.open()
-        with pytest.raises(UpdateError) if not other.ok else contextlib.nullcontext():
-            running.finish()
-        dest.lun.close()
-        with lun_of(exports / "disk") as held:
-            assert_no_lost_change(session, held)
+    with update_after_its_first_run(session, exports, SEED + 5) as (site, dest, running):
+        # Another client of the agent (an operator, another session's isc rollback).
+        other = AgentSite(*site.address, timeout=WAIT).rollback(dest)
+    with pytest.raises(UpdateError) if not other.ok else contextlib.nullcontext():
+        running.finish()
+    with lun_of(exports / "disk") as held:
+        assert_no_lost_change(session, held)
     if dest.state is DestState.CONSISTENT:
         assert (exports / "disk").read_bytes() == source.read_bytes()
 
@@ -607,7 +607,44 @@ def test_another_agent_at_the_address_after_isc_update_was_killed_is_not_trusted
 
 
 # -- hostile agents ---------------------------------------------------------------------------
-class Impostor:
+class Listener:
+    """A loopback listener whose thread hands each connection, one at a time, to
+    :meth:`handle` until :meth:`close`; at ``port``."""
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self._server = socket.create_server((HOST, 0))
+        self._server.settimeout(0.05)
+        self.port = self._server.getsockname()[1]
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(WAIT)
+        self._server.close()
+
+    def __enter__(self) -> Listener:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._server.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.settimeout(WAIT)
+                self.handle(conn)
+
+    def handle(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+
+class Impostor(Listener):
     """A control port that speaks the protocol wrongly: ``reply(request)`` gives the bytes
     it answers each request line with, sent at once or, with ``drip``, a byte every
     ``drip`` seconds. ``requests`` records what was asked."""
@@ -615,38 +652,20 @@ class Impostor:
     def __init__(self, reply: Callable[[dict], bytes], drip: float | None = None) -> None:
         self.reply, self.drip = reply, drip
         self.requests: list[dict] = []
-        self._stop = threading.Event()
-        self._server = socket.create_server((HOST, 0))
-        self._server.settimeout(0.05)
-        self.site = f"{HOST}:{self._server.getsockname()[1]}"
-        self._thread = threading.Thread(target=self._serve, daemon=True)
+        super().__init__()
+        self.site = f"{HOST}:{self.port}"
 
-    def __enter__(self) -> Impostor:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(WAIT)
-        self._server.close()
-
-    def _serve(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self._server.accept()
-            except TimeoutError:
-                continue
-            with conn, conn.makefile("rb") as lines:
-                conn.settimeout(WAIT)
-                self.requests.append(json.loads(lines.readline()))
-                answer = self.reply(self.requests[-1])
-                if self.drip is None:
-                    conn.sendall(answer)
-                    continue
-                for byte in answer:
-                    if self._stop.wait(self.drip):
-                        break
-                    conn.sendall(bytes([byte]))
+    def handle(self, conn: socket.socket) -> None:
+        with conn.makefile("rb") as lines:
+            self.requests.append(json.loads(lines.readline()))
+        answer = self.reply(self.requests[-1])
+        if self.drip is None:
+            conn.sendall(answer)
+            return
+        for byte in answer:
+            if self._stop.wait(self.drip):
+                return
+            conn.sendall(bytes([byte]))
 
 
 def reply(request: dict, **fields: object) -> bytes:
@@ -878,47 +897,32 @@ def test_an_agent_whose_certificate_must_not_pass_is_refused(
     assert not (exports / ".isc-agent").exists()
 
 
-class Recorder:
-    """A TCP proxy to the control port ``port`` that keeps what each client sent, one
-    connection at a time, as an eavesdropper on the wire would."""
+class Recorder(Listener):
+    """A TCP proxy to the control port ``upstream`` that keeps what each client sent, as
+    an eavesdropper on the wire would."""
 
-    def __init__(self, port: int) -> None:
-        self.upstream = port
+    def __init__(self, upstream: int) -> None:
+        self.upstream = upstream
         self.sent: list[bytes] = []
-        self._stop = threading.Event()
-        self._server = socket.create_server((HOST, 0))
-        self._server.settimeout(0.05)
-        self.port = self._server.getsockname()[1]
-        self._thread = threading.Thread(target=self._relay, daemon=True)
-        self._thread.start()
+        super().__init__()
 
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(WAIT)
-        self._server.close()
-
-    def _relay(self) -> None:
-        while not self._stop.is_set():
-            try:
-                client, _ = self._server.accept()
-            except TimeoutError:
-                continue
-            heard = bytearray()
-            with client, socket.create_connection((HOST, self.upstream), WAIT) as agent:
-                ends = {client: agent, agent: client}
-                while ends:
-                    ready, _, _ = select.select(list(ends), [], [], WAIT)
-                    if not ready:
+    def handle(self, client: socket.socket) -> None:
+        heard = bytearray()
+        with socket.create_connection((HOST, self.upstream), WAIT) as agent:
+            ends = {client: agent, agent: client}
+            while ends:
+                ready, _, _ = select.select(list(ends), [], [], WAIT)
+                if not ready:
+                    break
+                for end in ready:
+                    data = end.recv(65536)
+                    if not data:
+                        ends.clear()
                         break
-                    for end in ready:
-                        data = end.recv(65536)
-                        if not data:
-                            ends.clear()
-                            break
-                        ends[end].sendall(data)
-                        if end is client:
-                            heard += data
-            self.sent.append(bytes(heard))
+                    ends[end].sendall(data)
+                    if end is client:
+                        heard += data
+        self.sent.append(bytes(heard))
 
 
 def test_a_replayed_authentication_is_refused_and_changes_nothing(
