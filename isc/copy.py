@@ -446,8 +446,11 @@ class CopyJob:
         def restore() -> None:
             session.abandon_mark(generation)
             # A destination may keep acknowledged writes in a volatile cache
-            # until it flushes: runs sent since the last flush go back too.
-            bitmap.record_writes(starts[flushed:sent], ends[flushed:sent] - starts[flushed:sent])
+            # until it flushes: runs sent since the last flush go back too, and
+            # the run in flight, whose writes may have landed after its mark
+            # ended and over what a later copy sent there.
+            again = slice(flushed, sent + 1)
+            bitmap.record_writes(starts[again], ends[again] - starts[again])
 
         self._run(result, send_runs, restore, missed, generation, stale)
         result.cofw_chunks = session.stats.cofw_chunks - cofw_before
