@@ -1,4 +1,4 @@
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 import numpy as np
@@ -128,3 +128,12 @@ class SavedWrite:
     def nbytes(self) -> int: ...
     @property
     def writes(self) -> int: ...
+
+IO_FTRUNCATE: int
+IO_PWRITE: int
+IO_FDATASYNC: int
+IO_FSYNC: int
+IO_RENAME: int
+
+def run_io(steps: Iterable[tuple[Any, ...]]) -> None:
+    """Run system-call steps in order, the GIL released once; OSError at the first failure."""

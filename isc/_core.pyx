@@ -103,6 +103,7 @@ from cpython.bytes cimport PyBytes_CheckExact, PyBytes_GET_SIZE
 from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_Check
 from cpython.number cimport PyNumber_Index
 import numpy as np
+from os import strerror as os_strerror
 
 from isc import _layout
 
@@ -2554,3 +2555,138 @@ cdef bint _io_all(bint write, int fd, char *buffer, uint64_t length,
         length -= <uint64_t>got
         offset += <uint64_t>got
     return True
+
+
+# -- metadata I/O in one call --------------------------------------------------------
+
+cdef extern from "<unistd.h>" nogil:
+    int c_ftruncate "ftruncate"(int, off_t)
+    int c_fsync "fsync"(int)
+    int c_fdatasync "fdatasync"(int)
+
+cdef extern from "<stdio.h>" nogil:
+    int renameat(int, const char *, int, const char *)
+
+cdef extern from "<errno.h>" nogil:
+    int errno
+    int EINTR
+    int EIO
+
+cdef enum:
+    STEP_FTRUNCATE, STEP_PWRITE, STEP_FDATASYNC, STEP_FSYNC, STEP_RENAME
+
+IO_FTRUNCATE, IO_PWRITE, IO_FDATASYNC, IO_FSYNC, IO_RENAME = (
+    STEP_FTRUNCATE, STEP_PWRITE, STEP_FDATASYNC, STEP_FSYNC, STEP_RENAME)
+_IO_NAMES = ("ftruncate", "pwrite", "fdatasync", "fsync", "rename")
+_IO_ARITY = (3, 4, 2, 2, 4)
+
+ctypedef struct IoStep:
+    int kind
+    int fd
+    const char *old
+    const char *new
+    char *data
+    uint64_t length
+    uint64_t offset
+
+
+def run_io(steps):
+    """Run the system calls ``steps`` in order, the GIL released once for them all.
+
+    Each step is a tuple: ``(IO_FTRUNCATE, fd, length)``, ``(IO_PWRITE, fd,
+    data, offset)`` (``data`` any C-contiguous buffer, written whole),
+    ``(IO_FDATASYNC, fd)``, ``(IO_FSYNC, fd)`` or ``(IO_RENAME, dir_fd, old,
+    new)`` (``renameat`` inside one directory, names as bytes). A step
+    interrupted by a signal is retried. Stops at the first step that fails
+    and raises ``OSError`` (its errno; the step and its name or descriptor
+    in the message): the steps before it are done, none after it. A
+    malformed step raises ``ValueError`` or ``TypeError`` before any runs.
+
+    One call instead of one per system call: each release and re-take of
+    the GIL is a chance for a thread waiting for it to lose it again.
+    """
+    steps = list(steps)
+    cdef Py_ssize_t n = len(steps)
+    cdef IoStep *plan = <IoStep *>calloc(n if n else 1, sizeof(IoStep))
+    cdef Py_buffer *views = <Py_buffer *>calloc(n if n else 1, sizeof(Py_buffer))
+    cdef Py_ssize_t i, held = 0
+    cdef Py_ssize_t failed = -1
+    cdef int err = 0
+    cdef int64_t number
+    if plan == NULL or views == NULL:
+        free(plan)
+        free(views)
+        raise MemoryError(f"cannot plan {n} I/O steps")
+    try:
+        for i in range(n):
+            step = steps[i]
+            kind = step[0] if type(step) is tuple and step else None
+            if type(kind) is not int or not 0 <= kind < 5 or len(step) != _IO_ARITY[kind]:
+                raise ValueError(f"I/O step {i} is malformed: {step!r}")
+            plan[i].kind = kind
+            plan[i].fd = step[1]
+            if kind == IO_FTRUNCATE:
+                number = _i64(step[2])
+                if number < 0:
+                    raise ValueError(f"I/O step {i}: a negative length {number}")
+                plan[i].length = <uint64_t>number
+            elif kind == IO_PWRITE:
+                number = _i64(step[3])
+                if number < 0:
+                    raise ValueError(f"I/O step {i}: a negative offset {number}")
+                plan[i].offset = <uint64_t>number
+                PyObject_GetBuffer(step[2], &views[held], PyBUF_SIMPLE)
+                held += 1
+                plan[i].data = <char *>views[held - 1].buf
+                plan[i].length = <uint64_t>views[held - 1].len
+            elif kind == IO_RENAME:
+                if not PyBytes_CheckExact(step[2]) or not PyBytes_CheckExact(step[3]):
+                    raise TypeError(f"I/O step {i}: the names must be bytes")
+                plan[i].old = <const char *>step[2]
+                plan[i].new = <const char *>step[3]
+        with nogil:
+            for i in range(n):
+                err = _run_step(&plan[i])
+                if err:
+                    failed = i
+                    break
+        if failed >= 0:
+            step = steps[failed]
+            what = step[2].decode(errors="replace") if step[0] == IO_RENAME else f"fd {step[1]}"
+            raise OSError(err, f"{os_strerror(err)} ({_IO_NAMES[step[0]]} of {what}, "
+                               f"step {failed} of {n})")
+    finally:
+        for i in range(held):
+            PyBuffer_Release(&views[i])
+        free(views)
+        free(plan)
+
+
+cdef int _run_step(IoStep *step) noexcept nogil:
+    """Run one step whole; 0, or the errno of its failure."""
+    cdef int rc
+    cdef ssize_t got
+    while True:
+        if step.kind == STEP_FTRUNCATE:
+            rc = c_ftruncate(step.fd, <off_t>step.length)
+        elif step.kind == STEP_PWRITE:
+            while step.length:
+                got = pwrite(step.fd, step.data, step.length, <off_t>step.offset)
+                if got < 0 and errno == EINTR:
+                    continue
+                if got <= 0:
+                    return errno if got < 0 else EIO
+                step.data += got
+                step.length -= <uint64_t>got
+                step.offset += <uint64_t>got
+            return 0
+        elif step.kind == STEP_FDATASYNC:
+            rc = c_fdatasync(step.fd)
+        elif step.kind == STEP_FSYNC:
+            rc = c_fsync(step.fd)
+        else:
+            rc = renameat(step.fd, step.old, step.fd, step.new)
+        if rc == 0:
+            return 0
+        if errno != EINTR:
+            return errno

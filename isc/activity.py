@@ -38,7 +38,10 @@ six system calls (cut, write and sync the region log, two renames, a sync
 of the directory; the sync even when it keeps no region, so no crash of the
 machine brings an older generation's records back under the new name once
 the journal names it) and two more once the journal holds it (the renames
-to the spare). A checkpoint keeps the regions written since the one before hot
+to the spare), each group in one core call (``isc._core.run_io``): the
+checkpointing thread releases and re-takes the GIL once per group, not once
+per system call, each of which would make a host writer's thread waiting for
+the GIL lose it again. A checkpoint keeps the regions written since the one before hot
 (up to half the hot set's capacity, which :mod:`isc.store` fits to the
 write pattern), so a steady working set pays no record after it.
 :attr:`ActivityLog.logged` counts the regions recorded in the current
@@ -66,6 +69,7 @@ from pathlib import Path
 
 import numpy as np
 
+from isc._core import IO_FDATASYNC, IO_FSYNC, IO_FTRUNCATE, IO_PWRITE, IO_RENAME, run_io
 from isc.errors import CorruptMetadata
 
 WRITES_BYTES = 64 << 20
@@ -136,10 +140,11 @@ class ActivityLog:
     records kept hot, the write log's head rewritten in its mapping, and
     both renamed; otherwise it creates them. :meth:`retire` turns the
     generations a checkpoint on disk made obsolete into the spare, or
-    deletes them. So a checkpoint's system calls are few: every one lets
-    another thread take the interpreter lock, and the host writes' thread,
-    woken at each, waits again for the whole switch interval when it finds
-    the lock taken back.
+    deletes them. So a checkpoint's system calls are few, and each group of
+    them is one core call (``run_io``): every release of the interpreter lock
+    lets another thread take it, and the host writes' thread, woken at each,
+    waits again for the whole switch interval when it finds the lock taken
+    back.
     """
 
     def __init__(self, directory: Path, generation: int) -> None:
@@ -176,7 +181,8 @@ class ActivityLog:
         return self._current.area()
 
     def _create(self, number: int, keep: list[int]) -> Generation:
-        """Create generation ``number``'s files, its region log holding ``keep``, durably."""
+        """Create generation ``number``'s files, its region log holding ``keep``, durably
+        (the directory synced); on failure nothing of it stays."""
         log, writes = _names(number)
         flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
         fd = os.open(log, flags, 0o600, dir_fd=self._dir)
@@ -184,28 +190,31 @@ class ActivityLog:
             mapped = _map_writes(os.open(writes, flags, 0o600, dir_fd=self._dir))
         except BaseException:
             os.close(fd)
+            _unlink(log, self._dir)
             raise
         generation = Generation(number, fd, mapped)
         try:
-            self._begin(generation, keep, cut=False)
+            run_io([*self._begin(generation, keep, cut=False), (IO_FSYNC, self._dir)])
         except BaseException:
-            generation.close()
+            self._drop(generation, _names(number))
             raise
         return generation
 
-    def _begin(self, generation: Generation, keep: list[int], cut: bool) -> None:
-        """Stamp ``generation``'s write log and write ``keep`` as its region log, durably;
-        ``cut``: the region log was just cut from an older generation's records, and the
-        cut must reach the disk even with nothing to write, before any journal names
-        ``generation`` (else a crash of the machine may bring those records back as its)."""
+    def _begin(self, generation: Generation, keep: list[int], cut: bool) -> list[tuple]:
+        """Stamp ``generation``'s write log; return the :func:`run_io` steps that make
+        ``keep`` its region log, durably. ``cut``: the region log holds an older
+        generation's records, cut first and synced even with nothing to write, so no
+        crash of the machine brings them back as ``generation``'s once a journal names it."""
         _WRITES_HEAD.pack_into(generation.writes, 0, _WRITES_MAGIC, generation.number, boot_id())
         _COUNTS.pack_into(generation.writes, _WRITES_HEAD.size, 0, 0)
         kept = b"".join(_record(first, last) for first, last in _runs(keep)) if keep else b""
         generation.end, generation.logged = len(kept), 0
+        steps: list[tuple] = [(IO_FTRUNCATE, generation.fd, 0)] if cut else []
         if kept:
-            os.pwrite(generation.fd, kept, 0)
+            steps.append((IO_PWRITE, generation.fd, kept, 0))
         if kept or cut:
-            os.fdatasync(generation.fd)
+            steps.append((IO_FDATASYNC, generation.fd))
+        return steps
 
     def append(self, first: int, last: int) -> None:
         """Record regions first..last durably; return once they are on disk."""
@@ -218,28 +227,33 @@ class ActivityLog:
 
     def prepare(self, keep: list[int]) -> Generation:
         """The next generation's files, its region log holding the regions ``keep`` stays
-        hot across the switch, durably; pass it to :meth:`rotate`, or to :meth:`discard`."""
+        hot across the switch, durably; pass it to :meth:`rotate`, or to :meth:`discard`.
+        From the spare, its system calls are one :func:`run_io`: the cut, the kept
+        records, their sync, the renames and the sync of the directory."""
         number = self.generation + 1
         spare, self._spare = self._spare, None
         if spare is None:
-            generation = self._create(number, keep)
-        else:
-            try:
-                spare.number = number
-                os.ftruncate(spare.fd, 0)
-                self._begin(spare, keep, cut=True)
-                for old, new in zip(_names(None), _names(number), strict=True):
-                    os.rename(old, new, src_dir_fd=self._dir, dst_dir_fd=self._dir)
-            except BaseException:
-                self._drop(spare, _names(None) + _names(number))
-                raise
-            generation = spare
+            return self._create(number, keep)
+        spare.number = number
         try:
-            os.fsync(self._dir)
+            run_io(
+                [
+                    *self._begin(spare, keep, cut=True),
+                    *self._renames(_names(None), _names(number)),
+                    (IO_FSYNC, self._dir),
+                ]
+            )
         except BaseException:
-            self.discard(generation)
+            self._drop(spare, _names(None) + _names(number))
             raise
-        return generation
+        return spare
+
+    def _renames(self, old: tuple[str, str], new: tuple[str, str]) -> list[tuple]:
+        """The :func:`run_io` steps that rename the files ``old`` to ``new``."""
+        return [
+            (IO_RENAME, self._dir, os.fsencode(a), os.fsencode(b))
+            for a, b in zip(old, new, strict=True)
+        ]
 
     def rotate(self, generation: Generation) -> None:
         """Go on in ``generation`` at once; the one it ends stays until :meth:`retire`."""
@@ -276,8 +290,7 @@ class ActivityLog:
             for name in stale:  # first: a spare a crash left has the spare's names
                 _unlink(name, self._dir)
             if spare is not None:
-                for old, new in zip(_names(spare.number), _names(None), strict=True):
-                    os.rename(old, new, src_dir_fd=self._dir, dst_dir_fd=self._dir)
+                run_io(self._renames(_names(spare.number), _names(None)))
                 self._spare, spare = spare, None
         finally:
             if spare is not None:  # its renames failed (or a delete before them)
@@ -317,12 +330,16 @@ def _record(first: int, last: int) -> bytes:
 
 
 def _runs(regions: list[int]) -> list[tuple[int, int]]:
-    """``(first, last)`` of each run of consecutive regions of the ascending ``regions``."""
-    ascending = np.asarray(regions, dtype=np.int64)
-    ends = np.flatnonzero(np.diff(ascending) != 1)
-    firsts = ascending[np.concatenate(([0], ends + 1))]
-    lasts = ascending[np.concatenate((ends, [len(ascending) - 1]))]
-    return list(zip(firsts.tolist(), lasts.tolist(), strict=True))
+    """``(first, last)`` of each run of consecutive regions of the ascending ``regions``.
+
+    Plain Python: numpy would release and re-take the GIL for each step of a checkpoint."""
+    runs: list[list[int]] = []
+    for region in regions:
+        if runs and runs[-1][1] == region - 1:
+            runs[-1][1] = region
+        else:
+            runs.append([region, region])
+    return [(first, last) for first, last in runs]
 
 
 def _map_writes(fd: int) -> mmap.mmap:

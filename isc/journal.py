@@ -24,6 +24,8 @@ States and costs:
 | checkpoint (base) | a new file; ``fsync``, rename, ``fsync`` of its directory | O(set pages) |
 | open | nothing: it reads the file once, into the map | O(file) |
 
+A delta's last write (of a segment that fits the buffer, its only one) and its
+``fdatasync`` go in one core call (``run_io``): one release of the GIL.
 A base is written for the first checkpoint, after a failed one, and when
 the segments appended since the base outgrow it (and ``COMPACT_AFTER``), so
 the file stays within about twice the base plus that, and the work of the
@@ -48,7 +50,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from isc._core import DeltaBitmap
+from isc._core import IO_FDATASYNC, IO_PWRITE, DeltaBitmap, run_io
 from isc._layout import MAX_RECORD
 from isc.errors import CorruptMetadata
 
@@ -281,14 +283,17 @@ class Journal:
             head += _HEADER_CRC.pack(zlib.crc32(head))
             end = held + _COMMIT.size
             _COMMIT.pack_into(view, held, seq, crc, zlib.crc32(struct.pack("<QI", seq, crc)))
+            # The last write(s) and the sync in one core call: one release of the GIL.
             if position == at + HEADER_SIZE:
                 view[:HEADER_SIZE] = head
-                _pwrite_all(fd, view[:end], at)
+                steps = [(IO_PWRITE, fd, view[:end], at)]
             else:
-                _pwrite_all(fd, view[HEADER_SIZE:end], position)
-                _pwrite_all(fd, head, at)
+                steps = [
+                    (IO_PWRITE, fd, view[HEADER_SIZE:end], position),
+                    (IO_PWRITE, fd, head, at),
+                ]
+            run_io([*steps, (IO_FDATASYNC, fd)])
             position += held - HEADER_SIZE
-            os.fdatasync(fd)
             if base:
                 os.replace(tmp, self.path)
                 fsync_dir(self.path.parent)

@@ -422,7 +422,7 @@ class PersistentSession:
         """Copies begun (:meth:`begin_copy`)."""
         self._flushed_for: tuple[int, int, bool] | None = None
         """Copies begun, generation and marked when the last checkpoint flushed the source."""
-        self._used = (np.empty(0, np.int64), np.empty(0))
+        self._used: tuple[list[int], list[float]] = ([], [])
         """The regions kept hot by the last checkpoint and when each was last found written."""
         self._clock = time.monotonic
         self._interval = DEFAULT_CHECKPOINT_INTERVAL
@@ -464,24 +464,25 @@ class PersistentSession:
         written, written within a checkpoint interval, at most half the capacity, which
         grows first if they are more and writes kept waiting (see the module docstring).
 
-        O(hot regions), in arrays, plus ``hot_regions``' pass over one bit per region.
+        O(hot regions), in plain Python (numpy would release and re-take the GIL at
+        each step: each a wait again for a host write's thread that wants it), plus
+        ``hot_regions``' pass over one bit per region.
         """
         bitmap = self.session.bitmap
         now = self._clock()
-        written = bitmap.hot_regions(written=True)
+        written = bitmap.hot_regions(written=True).tolist()
+        fresh = set(written)
         regions, when = self._used
-        older = ~np.isin(regions, written)
-        regions = np.concatenate((written, regions[older]))
-        when = np.concatenate((np.full(len(written), now), when[older]))
-        recent = now - when < self._interval
-        regions, when = regions[recent], when[recent]
+        found = [(region, now) for region in written]
+        found += [(r, w) for r, w in zip(regions, when, strict=True) if r not in fresh]
+        found = [(r, w) for r, w in found if now - w < self._interval]
         waited = self._log.logged * GROW_AT > bitmap.writes - self._writes_at
-        if 2 * len(regions) > self.hot_capacity and waited:
+        if 2 * len(found) > self.hot_capacity and waited:
             self.hot_capacity = min(2 * self.hot_capacity, self.hot_limit)
-        newest = np.argsort(-when, kind="stable")[: self.hot_capacity // 2]
-        ascending = newest[np.argsort(regions[newest])]
-        self._used = (regions[ascending], when[ascending])
-        return regions[ascending].tolist()
+        newest = sorted(found, key=lambda found: -found[1])[: self.hot_capacity // 2]
+        newest.sort()
+        self._used = ([r for r, _ in newest], [w for _, w in newest])
+        return self._used[0]
 
     def _checkpointer(self, interval: float) -> None:
         due = time.monotonic() + interval

@@ -707,7 +707,7 @@ def test_checkpoints_reuse_the_spare_files_and_a_crash_leaves_the_spare_unread(
         stored.checkpoint()
         current = [f"activity.{stored._log.generation}.{suffix}" for suffix in ("log", "writes")]
         assert [(state / name).stat().st_ino for name in current] == spare
-        kept = stored._used[0].tolist()
+        kept = list(stored._used[0])
         assert {
             r for first, last in read_log(state / current[0]) for r in range(first, last + 1)
         } == set(kept)

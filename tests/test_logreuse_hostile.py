@@ -41,10 +41,38 @@ from test_crash import recover_and_check, run_and_kill, session  # noqa: F401 (a
 from test_store import HOT_REGIONS, hot_session, opened
 
 import isc.activity
+from isc._core import IO_FDATASYNC, IO_FSYNC, IO_FTRUNCATE, IO_PWRITE, IO_RENAME, run_io
 from isc.store import open_session
 
 STEPS = ("ftruncate", "pwrite", "fdatasync", "rename", "fsync", "unlink")
 """The system calls of ``isc.activity`` a crash comes before."""
+
+
+def stepwise(os_like) -> object:
+    """Stands for ``isc.activity.run_io``: runs each step alone through ``os_like``'s call
+    of its name, so a test can act between the steps of one core call (the core's own
+    steps are test_core_io's)."""
+
+    def run(steps) -> None:
+        for kind, fd, *rest in steps:
+            if kind == IO_FTRUNCATE:
+                os_like.ftruncate(fd, *rest)
+            elif kind == IO_PWRITE:
+                os_like.pwrite(fd, *rest)
+            elif kind in (IO_FDATASYNC, IO_FSYNC):
+                getattr(os_like, "fdatasync" if kind == IO_FDATASYNC else "fsync")(fd)
+            else:
+                assert kind == IO_RENAME
+                old, new = map(os.fsdecode, rest)
+                os_like.rename(old, new, src_dir_fd=fd, dst_dir_fd=fd)
+
+    return run
+
+
+def through(patch: pytest.MonkeyPatch, os_like) -> None:
+    """Route ``isc.activity``'s system calls through ``os_like`` (``os``: back to the real)."""
+    patch.setattr(isc.activity, "os", os_like)
+    patch.setattr(isc.activity, "run_io", run_io if os_like is os else stepwise(os_like))
 
 
 @pytest.fixture(autouse=True)
@@ -135,7 +163,7 @@ def test_crashes_at_each_system_call_of_checkpoints_that_reuse_the_spare_lose_no
     stepping = Stepping(crash)
     with opened(state) as stored:
         hold_checkpoints(stored)
-        monkeypatch.setattr(isc.activity, "os", stepping)
+        through(monkeypatch, stepping)
         for round_ in range(4):
             for region in rng.sample(range(HOT_REGIONS), 6):
                 write_in(stored, region, rng)
@@ -145,7 +173,7 @@ def test_crashes_at_each_system_call_of_checkpoints_that_reuse_the_spare_lose_no
             stored.checkpoint()
             stepping.armed = False
             stored._closing.clear()
-        monkeypatch.setattr(isc.activity, "os", os)
+        through(monkeypatch, os)
         assert (state / "activity-spare.log").exists()
     assert len(crashes.images) > 30
     for image in crashes.images:
@@ -161,20 +189,14 @@ def test_a_clean_close_that_reuses_the_spare_keeps_a_mark_across_a_crash_of_the_
     close loses whatever was not synced; the cut must not be among it, or the next open
     reads the old records as the new generation's, resends their regions and ends the
     mark that survived the close (a pull in progress loses it for no reason)."""
-    state, crashes, rng = tmp_path / "hot", Crashes(tmp_path), random.Random("close")
-    hot_session(tmp_path, max_hot=4, hot_limit=16)
-    stepping = Stepping(lambda name: None)
-    stored, _ = open_session_held(state)
+    crashes, stepping = Crashes(tmp_path), Stepping(lambda name: None)
+    state, stored = with_a_spare(tmp_path, random.Random("close"))
     try:
-        for region in (1, 2, 3):
-            write_in(stored, region, rng)
-        stored.checkpoint()
-        stored.checkpoint()  # the generation with the records of 1, 2 and 3 is the spare
         stored.session.mark()
-        monkeypatch.setattr(isc.activity, "os", stepping)
+        through(monkeypatch, stepping)
     finally:
         stored.close()
-    monkeypatch.setattr(isc.activity, "os", os)
+    through(monkeypatch, os)
     assert stepping.cuts, "the close did not reuse the spare"
     inodes = {log.name: log.stat().st_ino for log in state.glob("activity*.log")}
     image = crashes.take(state, "process")
@@ -218,17 +240,12 @@ def test_a_rename_to_the_spare_that_fails_costs_no_later_checkpoint(
     obsolete to the spare fails halfway (the region log renamed, the write log not): that
     checkpoint may fail, but the next ones and the close work, the obsolete files do not
     pile up, and a crash of the machine after them loses nothing."""
-    state, crashes, rng = tmp_path / "hot", Crashes(tmp_path), random.Random("rename")
-    hot_session(tmp_path, max_hot=4, hot_limit=16)
-    stored, _ = open_session_held(state)
+    crashes, rng = Crashes(tmp_path), random.Random("rename")
+    state, stored = with_a_spare(tmp_path, rng)
     try:
-        for region in (1, 2, 3):
-            write_in(stored, region, rng)
-        stored.checkpoint()
-        stored.checkpoint()  # a spare now
         write_in(stored, 5, rng)
         with monkeypatch.context() as patch:
-            patch.setattr(isc.activity, "os", failing("rename", to_the_spare_writes))
+            through(patch, failing("rename", to_the_spare_writes))
             with pytest.raises(OSError, match="injected"):
                 stored.checkpoint()
         write_in(stored, 6, rng)
@@ -245,6 +262,48 @@ def test_a_rename_to_the_spare_that_fails_costs_no_later_checkpoint(
     check(crashes.images[0])
 
 
+@pytest.mark.parametrize("failing", range(6))
+def test_a_step_of_the_spare_taking_core_call_that_fails_leaves_the_checkpoint_before(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: int
+) -> None:
+    """The core call that takes the spare for the next generation (cut, kept records,
+    sync, two renames, sync of the directory) fails at each of its steps, the steps
+    before it done by the real core: the checkpoint raises, the generation in force and
+    the checkpoint before stay, host writes go on, the next checkpoint and the close
+    work, and crashes of the process and of the machine right after the failure lose
+    nothing."""
+    crashes, rng = Crashes(tmp_path), random.Random(failing)
+    calls = []
+
+    def fails_at_a_step(steps) -> None:
+        calls.append(steps)
+        if len(steps) == 6 and any(step[0] == IO_FTRUNCATE for step in steps):
+            run_io(steps[:failing])
+            raise OSError(errno.EIO, f"injected: step {failing} fails")
+        run_io(steps)
+
+    state, stored = with_a_spare(tmp_path, rng)
+    try:
+        generation = stored._log.generation
+        write_in(stored, 5, rng)
+        with monkeypatch.context() as patch:
+            patch.setattr(isc.activity, "run_io", fails_at_a_step)
+            with pytest.raises(OSError, match=f"step {failing} fails"):
+                stored.checkpoint()
+        assert stored._log.generation == generation
+        write_in(stored, 6, rng)
+        crashes.take(state, "process")
+        crashes.take(state, "machine")
+        write_in(stored, 7, rng)
+        stored.checkpoint()
+        assert stored._log.generation > generation
+    finally:
+        stored.close()
+    assert any(len(steps) == 6 for steps in calls), "no checkpoint took the spare"
+    for image in crashes.images:
+        check(image)
+
+
 def to_the_spare_writes(old: str, new: str) -> bool:
     return new == "activity-spare.writes"
 
@@ -254,6 +313,23 @@ def open_session_held(state: Path):
     stored, recovery = open_session(state, checkpoint_interval=3600)
     hold_checkpoints(stored)
     return stored, recovery
+
+
+def with_a_spare(root: Path, rng: random.Random):
+    """:func:`test_store.hot_session` in ``root``, open with the checkpoints the test's,
+    after writes to regions 1, 2 and 3 and two checkpoints: the generation holding their
+    records is the spare. Returns the state directory and the open session."""
+    state = hot_session(root, max_hot=4, hot_limit=16)
+    stored, _ = open_session_held(state)
+    try:
+        for region in (1, 2, 3):
+            write_in(stored, region, rng)
+        stored.checkpoint()
+        stored.checkpoint()
+    except BaseException:
+        stored.close()
+        raise
+    return state, stored
 
 
 def test_a_delete_that_fails_as_a_checkpoint_retires_a_generation_truncates_no_other_file(
@@ -283,7 +359,7 @@ def test_a_delete_that_fails_as_a_checkpoint_retires_a_generation_truncates_no_o
                 stored.checkpoint()
         numbers = [g.fd for g in (*stored._log._ended, stored._log._current)]
         with monkeypatch.context() as patch:
-            patch.setattr(isc.activity, "os", failing("unlink", lambda *args: True))
+            through(patch, failing("unlink", lambda *args: True))
             with pytest.raises(OSError, match="injected"):
                 stored.checkpoint()
         # The process opens files again: they take the lowest free descriptor numbers.
@@ -325,6 +401,7 @@ def fd_open(fd: int) -> bool:
 REUSE_CHILD = r"""
 import os, random, sys, threading
 import isc.activity
+from isc._core import IO_FDATASYNC, IO_FSYNC, IO_FTRUNCATE, IO_PWRITE, IO_RENAME, run_io
 from isc.store import open_session
 
 state, seed = sys.argv[2], int(sys.argv[3])
@@ -334,17 +411,28 @@ def say(text):
     with say_lock:
         print(text, flush=True)
 
+from isc._core import run_io
+NAMES = ("ftruncate", "pwrite", "fdatasync", "fsync", "rename")
+
 class Announcing:
     def __getattr__(self, name):
         real = getattr(os, name)
-        if name not in ("ftruncate", "rename", "fsync", "unlink"):
+        if name != "unlink":
             return real
         def call(*args, **kwargs):
             say(f"step {name}")
             return real(*args, **kwargs)
         return call
 
+def announced(steps):
+    # Each step of the core call alone, through the core, after its announcement.
+    for step in steps:
+        if NAMES[step[0]] in ("ftruncate", "rename", "fsync"):
+            say(f"step {NAMES[step[0]]}")
+        run_io([step])
+
 isc.activity.os = Announcing()
+isc.activity.run_io = announced
 stored, _ = open_session(state, checkpoint_interval=0.01)
 size = stored.source.size
 stop = threading.Event()

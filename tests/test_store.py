@@ -31,6 +31,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from isc import CopyJob, CorruptMetadata, DeltaBitmap, DestState, FileLUN, IscError, journal
+from isc._core import IO_PWRITE, run_io
 from isc.errors import ParameterError, StateError
 from isc.store import (
     DEFAULT_HOT_LIMIT,
@@ -490,26 +491,26 @@ def test_a_failed_checkpoint_write_keeps_the_older_one_and_the_next_starts_afres
     env: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     rng = random.Random(24)
-    pwrite = journal._pwrite_all
     calls = []
 
-    def failing(fd, data, offset):
-        calls.append(offset)
+    def failing(steps):
+        calls.append(steps)
         if len(calls) == 1:  # the checkpoint's one write: half of it reaches the file
-            pwrite(fd, bytes(data)[: len(data) // 2], offset)
+            _, fd, data, offset = steps[0]
+            run_io([(IO_PWRITE, fd, bytes(data)[: len(data) // 2], offset)])
             raise OSError(28, "No space left on device")
-        pwrite(fd, data, offset)
+        run_io(steps)
 
     with opened(env) as stored:
         seed_copies(stored)
         write_random(stored, rng, 30)
         stored.checkpoint()
         write_random(stored, rng, 30)
-        monkeypatch.setattr(journal, "_pwrite_all", failing)
+        monkeypatch.setattr(journal, "run_io", failing)
         with pytest.raises(OSError, match="No space left"):
             stored.checkpoint()
         image = crash_image(env)  # what a crash right after the failure leaves
-        monkeypatch.setattr(journal, "_pwrite_all", pwrite)
+        monkeypatch.setattr(journal, "run_io", run_io)
         write_random(stored, rng, 5)
         stored.checkpoint()  # a base, in a new file
         with open(_checkpoint(env), "rb") as file:
