@@ -60,6 +60,7 @@ import os
 import socket
 import ssl
 import stat
+import time
 
 from isc import tls
 from isc.errors import AuthenticationError, ParameterError
@@ -346,7 +347,9 @@ class Credentials:
         mine = os.urandom(CHALLENGE_BYTES)
         proof = _proof(self._secret, _CLIENT, theirs, mine)
         sock.sendall(_line({"auth": HMAC_AUTH, "challenge": mine.hex(), "proof": proof}))
-        verdict = _parse(_recv_line(sock, where))
+        wait = sock.gettimeout()  # the connection's, bounding this wait in all
+        deadline = None if wait is None else time.monotonic() + wait
+        verdict = _parse(_recv_line(sock, where, deadline))
         if verdict.get("ok") is not True:
             raise AuthenticationError(_refused(where, verdict))
         proof = verdict.get("proof")
@@ -401,29 +404,54 @@ async def _read_line(reader: asyncio.StreamReader) -> bytes:
 def _first_line(sock: socket.socket, where: str, timeout: float | None) -> bytes:
     """The server's first line, which an authenticating server sends at once."""
     wait = AUTH_TIMEOUT if timeout is None else min(timeout, AUTH_TIMEOUT)
-    sock.settimeout(wait)
     try:
-        return _recv_line(sock, where)
+        return _recv_line(sock, where, time.monotonic() + wait)
     except TimeoutError:
         raise AuthenticationError(
             f"{where} sent no authentication line within {wait:g} s: it does not ask for "
             "these credentials (it runs without --secret-file, or wants TLS: --tls-creds)"
         ) from None
+
+
+def _recv_line(sock: socket.socket, where: str, deadline: float | None) -> bytes:
+    """One line from the server (it sends nothing more until this end answers), received
+    by ``deadline`` (:func:`read_line`'s)."""
+    try:
+        return read_line(sock, deadline, _MAX_LINE)
+    except ConnectionAbortedError:
+        raise AuthenticationError(
+            f"{where} closed the connection during authentication: it refused this "
+            "client's credentials, or does not use credentials of this kind"
+        ) from None
+    except ValueError:
+        raise AuthenticationError(f"{where} sent a line over {_MAX_LINE} bytes") from None
+
+
+def read_line(sock: socket.socket, deadline: float | None, limit: int) -> bytes:
+    """The first line from ``sock``, its newline included, all of it received by
+    ``deadline`` (a :func:`time.monotonic` instant; None: each receive waits for as long
+    as the socket's timeout says), however slowly the peer sends it.
+
+    Raises ``TimeoutError`` at the deadline, ``ConnectionAbortedError`` when the peer
+    closes the connection first, ``ValueError`` past ``limit`` bytes. What follows the
+    first line (a refusal comes with the answer to a request) is dropped.
+    """
+    data = bytearray()
+    timeout = sock.gettimeout()
+    try:
+        while b"\n" not in data:
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError
+                sock.settimeout(left)
+            part = sock.recv(limit + 1)
+            if not part:
+                raise ConnectionAbortedError
+            data += part
+            end = data.find(b"\n")
+            if (end if end >= 0 else len(data)) > limit:
+                raise ValueError(f"a line over {limit} bytes")
     finally:
         sock.settimeout(timeout)
-
-
-def _recv_line(sock: socket.socket, where: str) -> bytes:
-    """One line from the server (it sends nothing more until this end answers)."""
-    data = bytearray()
-    while not data.endswith(b"\n"):
-        part = sock.recv(_MAX_LINE)
-        if not part:
-            raise AuthenticationError(
-                f"{where} closed the connection during authentication: it refused this "
-                "client's credentials, or does not use credentials of this kind"
-            )
-        data += part
-        if len(data) > _MAX_LINE:
-            raise AuthenticationError(f"{where} sent a line over {_MAX_LINE} bytes")
-    return bytes(data)
+    return bytes(data[: data.index(b"\n") + 1])

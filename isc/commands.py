@@ -751,19 +751,17 @@ def check_sites(site: tuple[str, int] | str | None, dests: list[dict]) -> None:
 def _rollback(args: argparse.Namespace) -> int:
     from isc import rbd
 
-    meta = store.read_state(args.session).meta
-    chosen = [d for d in meta["destinations"] if d["name"] == args.destination]
-    target, own = (chosen[0]["target"], chosen[0].get("site")) if chosen else ("", None)
-    if args.site is None and own is None and not rbd.is_rbd(target):
-        args.session_parser.error(
-            "rollback needs --site HOST:PORT: the protected image lives at the destination's "
-            "site, and it has none of its own (add-dest --site); with local destinations it "
-            "lived only in the process of the failed update; an RBD destination's lives in "
-            "its cluster and needs none"
-        )
-    site, credentials = _connect(args, chosen)
     with _open(args) as stored:
-        dest = stored.destination(args.destination)
+        dest = stored.destination(args.destination)  # an unknown name first: it names them
+        (chosen,) = [d for d in stored.meta["destinations"] if d["name"] == dest.name]
+        if args.site is None and not chosen.get("site") and not rbd.is_rbd(chosen["target"]):
+            args.session_parser.error(
+                "rollback needs --site HOST:PORT: the protected image lives at the "
+                "destination's site, and it has none of its own (add-dest --site); with local "
+                "destinations it lived only in the process of the failed update; an RBD "
+                "destination's lives in its cluster and needs none"
+            )
+        site, credentials = _connect(args, [chosen])
         site = stored.site(site, credentials)
 
         def record_intent() -> None:

@@ -55,12 +55,13 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from isc.auth import Credentials, connect
+from isc.auth import Credentials, connect, read_line
 from isc.copy import Destination
 from isc.errors import IscError, ParameterError
 from isc.lun import ForwardingLUN
@@ -77,6 +78,9 @@ MAX_EXTENTS = 16384
 
 A list of ranges is what a caller tracks again, so a wider range only costs a
 resend, while the reply stays well under the agent's reply line limit."""
+
+MAX_REPLY = 1 << 20
+"""Most bytes of an agent's reply line; a longer one is not an isc agent's."""
 
 
 @dataclass(frozen=True)
@@ -439,7 +443,9 @@ class AgentSite(RequestSite):
                 sock.settimeout(wait)
                 sock.sendall(line)
                 sent = True
-                reply = json.loads(_read_line(sock))
+                # The whole reply within ``wait``, however slowly the agent drips it;
+                # an agent that refuses a client sends two lines at once: the first counts.
+                reply = json.loads(read_line(sock, time.monotonic() + wait, MAX_REPLY))
         except TimeoutError:
             reason = f"{who} did not answer {op} {dest.name} within {wait:g} s"
             return Ack(rid, False, reason, outcome_unknown=sent)
@@ -452,14 +458,16 @@ class AgentSite(RequestSite):
         if not isinstance(reply, dict) or reply.get("id") != rid:
             reason = f"{who} answered {op} {dest.name} with a reply for another request"
             return Ack(rid, False, reason, outcome_unknown=True)
+        info = reply.get("info") or {}
+        if not isinstance(info, dict) or not isinstance(reply.get("ok"), bool):
+            reason = (
+                f"{who} answered {op} {dest.name} with a reply of the wrong shape (its ok "
+                f"is not true or false, or its info not an object): is {self.where} an isc agent?"
+            )
+            return Ack(rid, False, reason, outcome_unknown=True)
         extents = tuple((int(o), int(n)) for o, n in reply.get("extents") or ())
         return Ack(
-            rid,
-            bool(reply.get("ok")),
-            reply.get("reason"),
-            extents,
-            reply.get("info") or {},
-            kept=reply.get("kept") is True,
+            rid, reply["ok"], reply.get("reason"), extents, info, kept=reply.get("kept") is True
         )
 
     def _trouble(self, exc: OSError | ValueError, op: str, name: str) -> str:
@@ -488,23 +496,6 @@ class AgentSite(RequestSite):
                 "requires authentication does so: give its --tls-creds or --secret-file)"
             )
         return f"{who} cannot be reached for {op} {name}: {exc.strerror or exc}"
-
-
-def _read_line(sock: socket.socket, limit: int = 1 << 20) -> bytes:
-    """The first line from ``sock`` (an agent that refuses a client sends two at once).
-
-    Raises ``ConnectionAbortedError`` when the agent closes the connection first,
-    ``ValueError`` past ``limit`` bytes.
-    """
-    data = bytearray()
-    while b"\n" not in data:
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise ConnectionAbortedError
-        data += chunk
-        if len(data) > limit:
-            raise ValueError("the agent's reply is too long")
-    return bytes(data[: data.index(b"\n") + 1])
 
 
 def agent_address(text: str) -> tuple[str, int] | str:
