@@ -274,6 +274,8 @@ class CopyJob:
         """The destinations still in the running copy (one that fails drops out)."""
         self.replaced: dict[str, str] = {}
         """Destinations :meth:`check_destinations` found replaced, by name, with why."""
+        self._unchecked: set[str] = set()
+        """Destinations :meth:`check_destinations` could not read: checked at the copy's end."""
         self._host_writes = 0  # the session's write count at the last run
         self._sparse = False  # the running copy sends the source's holes as holes
 
@@ -347,25 +349,51 @@ class CopyJob:
         one that fails becomes NEW and out of step, so the next copy gives it
         every chunk (seeded from a destination in step, or a full copy), and
         goes into :attr:`replaced` with why. A destination that cannot be
-        read is left to the copy to find out.
+        read now may be reached again by the copy's writes (a reconnecting
+        LUN), perhaps at a volume that replaced it: the marked copy checks it
+        once it has flushed, before it could call it CONSISTENT.
         """
-        session = self.session
+        self._unchecked = set()
         for dest in self.destinations:
-            if not (dest.samples and dest.in_step(session)):
-                continue
+            if dest.samples and dest.in_step(self.session):
+                try:
+                    self._check(dest)
+                except Exception as exc:
+                    log.warning(
+                        "%s: cannot check destination %s now: %s", self.session.name, dest.name, exc
+                    )
+                    self._unchecked.add(dest.name)
+
+    def _check(self, dest: Destination) -> bool:
+        """Whether ``dest`` still holds what its samples say; if not it becomes NEW,
+        out of step, and goes into :attr:`replaced`. Read errors propagate."""
+        session = self.session
+        reason = fingerprint.mismatch(
+            dest.lun, dest.samples, session.bitmap, session.granularity, session.source.size
+        )
+        if reason is None:
+            return True
+        log.warning("%s: destination %s needs every chunk: %s", session.name, dest.name, reason)
+        dest.state, dest.epoch, dest.samples = DestState.NEW, None, []
+        self.replaced[dest.name] = reason
+        return False
+
+    def _check_late(self, result: CopyResult) -> None:
+        """Check the destinations :meth:`check_destinations` could not read; one that
+        fails or still cannot be read drops out of the copy (and is NEW if it failed)."""
+        for dest in [d for d in self._active if d.name in self._unchecked]:
             try:
-                reason = fingerprint.mismatch(
-                    dest.lun, dest.samples, session.bitmap, session.granularity, session.source.size
-                )
-            except Exception as exc:
-                log.warning("%s: cannot check destination %s: %s", session.name, dest.name, exc)
-                continue
-            if reason is not None:
-                log.warning(
-                    "%s: destination %s needs every chunk: %s", session.name, dest.name, reason
-                )
-                dest.state, dest.epoch, dest.samples = DestState.NEW, None, []
-                self.replaced[dest.name] = reason
+                if self._check(dest):
+                    continue
+                outcome = f"replaced: {self.replaced[dest.name]}"
+                exc: Exception = CopyError(f"destination {dest.name} {outcome}", result)
+            except Exception as error:
+                outcome, exc = f"failed: cannot check it is the destination it was: {error}", error
+            try:
+                self._drop(dest, result, outcome, exc)
+            finally:
+                if dest.epoch is None:  # found replaced: every chunk, not only what it missed
+                    dest.state = DestState.NEW
 
     @_one_copy
     def full(self, marked: bool = True) -> CopyResult:
@@ -431,9 +459,11 @@ class CopyJob:
                 result.chunks_sent += count
                 self._ran(result, end - start)
                 if self._flush_due(result):
+                    self._sample(runs[flushed:sent], anywhere=False)
                     flushed = sent
             self._flush(result)
             flushed = sent
+            self._check_late(result)
             self._sample(runs if not stale else np.array([[0, bitmap.chunks]]))
             # Whatever the number of runs (none at all too), the copy holds the
             # point in time only if its mark lasted to the end.
@@ -480,6 +510,7 @@ class CopyJob:
         session = self.session
         size = session.source.size
         result = CopyResult("full-unmarked", bytes_total=size)
+        g = session.granularity
         done = flushed = 0
         self._sparse = self._holes_known()
 
@@ -494,6 +525,8 @@ class CopyJob:
                 sent, done = end - done, end
                 self._ran(result, sent)
                 if self._flush_due(result):
+                    first = flushed // g
+                    self._sample(np.array([[first, -(-done // g) - first]]), anywhere=False)
                     flushed = done
             self._flush(result)
             flushed = done
@@ -512,14 +545,16 @@ class CopyJob:
             self._run(result, send_all, put_back, put_back)
         return result
 
-    def _sample(self, runs: np.ndarray) -> None:
+    def _sample(self, runs: np.ndarray, anywhere: bool = True) -> None:
         """New fingerprint samples of every destination still in the copy, ``runs``
-        being what it wrote (:func:`isc.fingerprint.take`)."""
+        being what it wrote (:func:`isc.fingerprint.take`). The copy takes some
+        at each flush too, of what it flushed (not ``anywhere``): a destination
+        that drops out later can still be told from one that replaced it."""
         session = self.session
         for dest in self._active:
             try:
                 taken = fingerprint.take(
-                    dest.lun, runs, session.granularity, session.source.size, dest.samples
+                    dest.lun, runs, session.granularity, session.source.size, dest.samples, anywhere
                 )
             except Exception as exc:
                 log.warning("%s: cannot sample destination %s: %s", session.name, dest.name, exc)

@@ -20,14 +20,22 @@ before a copy    samples of chunks the copy may write are dropped first
                  that could disagree with the destination for a good reason;
                  a persistent session's record of a running copy holds no
                  samples of its destinations, so a crash leaves none either
+at a flush       during a copy, each destination still in it gets up to
+                 :data:`SAMPLES` samples among the chunks flushed since the
+                 last flush, so one that drops out of the copy later keeps
+                 samples of what it holds
 check            each remaining sample whose chunk is not in the tracking or
                  transfer bitmap (those may differ for a good reason) is
                  read from the destination; one mismatch makes the
-                 destination NEW: its next copy is a full one
+                 destination NEW: its next copy is a full one. One that
+                 cannot be read is checked again once the copy flushed it
+                 (a reconnecting LUN may have reached another volume): a
+                 mismatch or a read error then takes it out of the copy
 ===============  ===========================================================
 
-Cost: up to ``2 * SAMPLES`` chunk reads per destination to check it, and as
-many to take new samples after the copy.
+Cost: up to ``2 * SAMPLES`` chunk reads per destination to check it, as
+many to take new samples after the copy, and up to ``SAMPLES`` at each
+flush during it (every ``flush_every`` bytes, see :mod:`isc.copy`).
 
 How likely a replaced destination escapes: it must hold, in every sampled
 chunk, exactly the bytes the last copy left there. A wiped or fresh
@@ -68,11 +76,17 @@ def _chunk(lun, chunk: int, granularity: int, size: int) -> bytes:
 
 
 def take(
-    lun, runs: np.ndarray, granularity: int, size: int, kept: Sequence[Sample] = ()
+    lun,
+    runs: np.ndarray,
+    granularity: int,
+    size: int,
+    kept: Sequence[Sample] = (),
+    anywhere: bool = True,
 ) -> list[Sample]:
     """Samples of ``lun`` after a copy that wrote the chunks of ``runs`` ((first, count) rows).
 
-    Reads ``SAMPLES`` random chunks among those of ``runs`` and as many among
+    Reads ``SAMPLES`` random chunks among those of ``runs`` and, if
+    ``anywhere`` (after a copy, not in the middle of one), as many among
     all of ``lun``'s (the chunks a copy just wrote are often written again
     soon, and a chunk written since its sample is not checked), keeps
     :data:`SAMPLES` of them, those holding data first, and adds the ``kept``
@@ -86,7 +100,8 @@ def take(
     for pick in _random.sample(range(total), min(SAMPLES, total)):
         row = int(np.searchsorted(ends, pick, side="right"))
         picks.add(int(runs[row, 0]) + pick - int(ends[row] - counts[row]))
-    picks.update(_random.sample(range(chunks), min(SAMPLES, chunks)))
+    if anywhere:
+        picks.update(_random.sample(range(chunks), min(SAMPLES, chunks)))
     found = []
     for chunk in sorted(picks):
         data = _chunk(lun, chunk, granularity, size)
