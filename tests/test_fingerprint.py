@@ -170,3 +170,70 @@ def test_the_record_of_a_running_copy_holds_no_samples(tmp_path):
         stored.save()
         (recorded,) = json.loads((state / METADATA).read_text())["destinations"]
         assert len(recorded["samples"]) >= SAMPLES
+
+
+class Unreadable(HookLUN):
+    """A destination whose reads fail while ``unreadable`` is set (a connection
+    that died and comes back at its next write, say)."""
+
+    unreadable = False
+
+    def read(self, offset: int, length: int) -> bytes:
+        if self.unreadable:
+            raise OSError(5, "injected read failure")
+        return super().read(offset, length)
+
+
+@pytest.mark.parametrize("later", ["the same", "replaced", "still unreadable"])
+def test_a_destination_the_check_cannot_read_is_checked_once_the_copy_flushed_it(later):
+    session, (other, dest) = updated(2)
+    scribble(session, random.Random(6), spare=dest.samples)
+    dest.lun = Unreadable(dest.lun.lun)
+    dest.lun.unreadable = True
+    if later == "replaced":  # reached again at its first write: another volume
+        wiped = MemoryLUN(SIZE)
+
+        def replace(n: int, offset: int, data) -> None:
+            dest.lun.lun, dest.lun.unreadable = wiped, False
+
+        dest.lun.before_write = replace
+    elif later == "the same":
+        dest.lun.before_write = lambda n, offset, data: setattr(dest.lun, "unreadable", False)
+    session.mark()
+    result = CopyJob(session, [other, dest]).incremental()
+    assert other.state is DestState.CONSISTENT  # one destination's trouble is its own
+    assert other.lun.read(0, SIZE) == session.read(0, SIZE)
+    if later == "the same":
+        assert result.outcomes["d1"] == "ok" and dest.state is DestState.CONSISTENT
+        assert dest.lun.read(0, SIZE) == session.read(0, SIZE)
+        return
+    if later == "replaced":
+        assert result.outcomes["d1"].startswith("replaced: chunk")
+        assert dest.state is DestState.NEW and not dest.in_step(session)
+    else:
+        assert "cannot check it is the destination it was" in result.outcomes["d1"]
+        assert dest.state is DestState.INCONSISTENT
+        dest.lun.unreadable = False
+        assert_no_lost_change(session, dest.lun)
+    session.mark(full=not dest.in_step(session))
+    CopyJob(session, [other, dest]).incremental()
+    assert dest.state is DestState.CONSISTENT and dest.lun.read(0, SIZE) == session.read(0, SIZE)
+
+
+@pytest.mark.parametrize("marked", [True, False], ids=["marked", "unmarked"])
+def test_a_destination_that_drops_out_of_a_full_copy_keeps_samples_of_what_it_flushed(marked):
+    session, (other, dest) = updated(2)
+    dest.lun.fail_at = dest.lun.writes + 12  # writes of 2 chunks, a flush every 4 chunks
+    flushes = dest.lun.flushes
+    job = CopyJob(session, [other, dest], io_size=2 * G, flush_every=4 * G)
+    job.full(marked)
+    assert dest.state is DestState.INCONSISTENT and dest.lun.flushes - flushes == 5
+    assert dest.samples and all(chunk < 5 * 4 for chunk, _ in dest.samples)
+    if not marked:
+        session.mark()
+    CopyJob(session, [dest]).check_destinations()
+    assert dest.state is DestState.INCONSISTENT  # the same volume passes its check
+    dest.lun = HookLUN(MemoryLUN(SIZE))  # replaced by a wiped one
+    job = CopyJob(session, [dest])
+    job.check_destinations()
+    assert dest.state is DestState.NEW and "does not hold what the last copy" in job.replaced["d1"]
