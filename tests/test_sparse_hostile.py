@@ -132,6 +132,27 @@ def image(lun) -> bytes:
     return lun.read(0, lun.size)
 
 
+def copy_and_check(job: CopyJob, step: str) -> None:
+    """One copy of ``job``: ``step`` is "full", "incremental" (marked first) or
+    "full-unmarked". Then each destination holds the image at the mark and is CONSISTENT
+    or, unmarked, is INCONSISTENT with every difference from the source tracked."""
+    session = job.session
+    if step == "incremental":
+        session.mark()
+    at_mark = image(session.source)
+    if step == "incremental":
+        job.incremental()
+    else:
+        job.full(step == "full")
+    for dest in job.destinations:
+        if step == "full-unmarked":
+            assert dest.state is DestState.INCONSISTENT
+            assert_no_lost_change(session, dest.lun)
+        else:
+            assert dest.state is DestState.CONSISTENT
+            assert dest.lun.read(0, len(at_mark)) == at_mark, (step, dest.name)
+
+
 def catch_up(session: Session, dests: list[Destination]) -> None:
     """Mark and copy incrementally: every destination then equals the source (in the
     source's size: an NBD export may be larger)."""
@@ -300,42 +321,39 @@ def copied_again(session: Session, dest: Destination) -> None:
     assert dest.state is DestState.CONSISTENT and image(dest.lun) == image(session.source)
 
 
-def test_a_destination_replaced_between_copies_is_not_reported_consistent(tmp_path: Path):
-    # The export is restarted wiped between two copies: the check's read of its
-    # samples fails on the dead connection, and the copy's first write would
-    # reconnect to the wiped export. Its samples must still be checked.
-    with session_and_nbd_destination(tmp_path, 7) as (session, dest):
-        with fresh_nbdkit(tmp_path):
-            CopyJob(session, [dest]).full()
-            assert dest.state is DestState.CONSISTENT and dest.samples
-        with fresh_nbdkit(tmp_path):
-            session.write(0, b"new")
-            session.mark()
-            copied_again(session, dest)
-
-
-def test_a_destination_replaced_mid_copy_is_not_reported_consistent_later(tmp_path: Path):
-    # The export is restarted wiped while a full copy to it is parked after
-    # two flushed runs: the destination drops out, and the next copy would send
-    # only what it missed since the last flush. It must be told from a wiped one.
+@pytest.mark.parametrize("when", ["between-copies", "mid-copy"])
+def test_a_destination_replaced_by_a_wiped_one_is_not_reported_consistent(tmp_path: Path, when):
+    # The export is restarted wiped. Between two copies: the check's read of
+    # its samples fails on the dead connection, and the copy's first write
+    # would reconnect to the wiped export. While a full copy to it is parked
+    # after two flushed runs: the destination drops out, and the next copy
+    # would send only what it missed since the last flush. Either way it must
+    # be told from the destination it was.
     parked = Gate()
 
     def park_third_run(done: int, total: int) -> None:
-        if done == 8 * G:
+        if when == "mid-copy" and done == 8 * G:
             parked(done, total)
 
-    with session_and_nbd_destination(tmp_path, 8) as (session, dest):
+    with session_and_nbd_destination(tmp_path, 7) as (session, dest):
         with fresh_nbdkit(tmp_path):
             job = CopyJob(
                 session, [dest], io_size=4 * G, flush_every=4 * G, progress=park_third_run
             )
             copying = Worker(job.full)
-            parked.wait_reached()  # two runs sent and flushed
-        with fresh_nbdkit(tmp_path):
-            parked.open()
-            with pytest.raises(CopyError, match="lost its connection"):
+            if when == "mid-copy":
+                parked.wait_reached()  # two runs sent and flushed
+            else:
                 copying.finish()
-            assert dest.state is DestState.INCONSISTENT
+                assert dest.state is DestState.CONSISTENT and dest.samples
+        with fresh_nbdkit(tmp_path):
+            if when == "mid-copy":
+                parked.open()
+                with pytest.raises(CopyError, match="lost its connection"):
+                    copying.finish()
+                assert dest.state is DestState.INCONSISTENT
+            else:
+                session.write(0, b"new")
             session.mark()
             copied_again(session, dest)
 
@@ -450,16 +468,7 @@ def test_sparse_copies_to_nbd_destinations_of_every_kind_of_zeroing(tmp_path: Pa
         dest = Destination(target, "d")
         job = CopyJob(session, [dest], io_size=8 * g)
         for step in ("full", "incremental", "full-unmarked", "incremental"):
-            if step == "incremental":
-                session.mark()
-            at_mark = image(source)
-            if step == "incremental":
-                job.incremental()
-            else:
-                job.full(step == "full")
-            if step != "full-unmarked":
-                assert dest.state is DestState.CONSISTENT
-                assert target.read(0, size) == at_mark, step
+            copy_and_check(job, step)
             export.write_zeroes(21 * g + 7, 3 * g)
             export.write(41 * g, bytes(2 * g))
             session.write(10 * g + 1, rng.randbytes(100))
@@ -604,20 +613,7 @@ def test_random_sparse_layouts_reach_every_destination_exactly(
         dests = [Destination(punched, "punched"), Destination(written, "written")]
         job = CopyJob(session, dests, io_size=4 * granularity)
         for step in ("full", "incremental", "full-unmarked", "incremental", "full"):
-            if step == "incremental":
-                session.mark()
-            at_mark = image(source)
-            if step == "incremental":
-                job.incremental()
-            else:
-                job.full(step == "full")
-            for dest in dests:
-                if step == "full-unmarked":
-                    assert dest.state is DestState.INCONSISTENT
-                    assert_no_lost_change(session, dest.lun)
-                else:
-                    assert dest.state is DestState.CONSISTENT
-                    assert image(dest.lun) == at_mark, (step, dest.name)
+            copy_and_check(job, step)
             host_changes(export, rng, 6)
 
 
