@@ -9,15 +9,19 @@ tracked (rule 2):
 * a host write that lands in a hole of the source between the copy's scan of
   its holes and the zeroing of that hole at the destinations;
 * a host TRIM or WRITE_ZEROES of data during a marked full copy, through the
-  session's export (:class:`~isc.nbd.SessionLUN`, ``qemu-io`` over NBD, the
-  real ``isc serve``), before and after the copy reached it;
-* destinations that fail part-way through their zeroing, lack
-  ``write_zeroes``, are NBD exports without WRITE_ZEROES, a block device, or
-  are replaced by a wiped one;
+  session's export (:class:`~isc.nbd.SessionLUN`; ``qemu-io`` and libnbd over
+  NBD; the real ``isc serve``), before and after the copy reached it; trims
+  through ``isc serve`` that must stay tracked across its SIGKILL; a pull
+  (``nbdcopy`` of the frozen export) after trims on the live export;
+* destinations that fail part-way through their zeroing (also nbdkit's error
+  filter), lack ``write_zeroes``, are NBD exports of every kind of zeroing,
+  a block device, a protected one whose rollback must undo the zeroing, or
+  are replaced by a wiped one between or during copies;
 * sources whose holes change under the copy, whose ``SEEK_DATA`` fails, with
   holes smaller than a chunk and a short last chunk;
-* cancels, failures and SIGKILLs (``isc copy --full``) in the middle of a
-  sparse copy, then the next copy;
+* cancels, failures, a mark that ends while its run still zeroes, and
+  SIGKILLs of ``isc copy --full`` and ``isc serve --every`` in the middle of
+  a sparse copy, then the next copy;
 * a seeded stress: writer threads writing, trimming and zeroing while
   sparse full and incremental copies run, fail and are cancelled.
 
