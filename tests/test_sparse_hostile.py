@@ -753,9 +753,9 @@ STRESS_STEPS = 60
 """Copies per stress run: marked full, incremental or unmarked full, a fault in some."""
 
 
-@pytest.mark.parametrize("seed", [27, 28, 29])
+@pytest.mark.parametrize(("seed", "area"), [(27, "memory"), (28, "memory"), (29, "file")])
 def test_stress_writers_trims_and_zeroes_against_sparse_and_incremental_copies(
-    tmp_path: Path, monkeypatch, busy_switching, seed: int
+    tmp_path: Path, monkeypatch, busy_switching, seed: int, area: str
 ):
     import isc.copy
     from isc import SaveArea
@@ -768,7 +768,8 @@ def test_stress_writers_trims_and_zeroes_against_sparse_and_incremental_copies(
     with (
         sparse_file(tmp_path / "source.img", size, data, rng) as source,
         ZeroHook.create(tmp_path / "file.img", size) as punched,
-        SessionLUN(Session(source, G, SaveArea(8 * G))) as export,
+        SaveArea(8 * G, tmp_path / "save.area" if area == "file" else None) as saves,
+        SessionLUN(Session(source, G, saves)) as export,
     ):
         written = HookLUN(MemoryLUN(size))
         twin = MemoryLUN(size)  # the source, written in the same order under ``order``
