@@ -51,6 +51,7 @@ from test_nbd import (
 
 from isc import FileLUN, MemoryLUN, Session
 from isc.nbd import NBDServer, SessionLUN
+from isc.nbd import server as server_module
 from isc.nbd.export import MAX_EXTENTS, LUNExport, _KnownData
 
 SEED = 20261205
@@ -474,6 +475,35 @@ def test_structured_reads_send_holes_as_holes_and_df_as_one_chunk(serve, tmp_pat
         ((kind, flags, payload),) = c.answer()  # an error chunk, never a simple reply
         assert kind == TYPE_ERROR and flags & REPLY_FLAG_DONE
         assert struct.unpack(">I", payload[:4])[0] == EINVAL and b"past the end" in payload
+
+
+def test_a_small_reads_chunks_go_out_each_in_one_write_header_and_data_together(serve, monkeypatch):
+    sent: list[int] = []
+    write = server_module._Channel.write
+
+    def counted(channel, data):
+        sent.append(len(data))
+        write(channel, data)
+
+    monkeypatch.setattr(server_module._Channel, "write", counted)
+    lun = MemoryLUN(MIB)
+    lun.write(0, random.Random(7).randbytes(MIB))
+    server = serve(lun)
+    with client(server) as c:
+        c.greet()
+        c.structured()
+        c.go_flags()
+        sent.clear()
+        data, pieces = c.read_chunks(4 * KIB, 64 * KIB)
+        assert data == lun.read(4 * KIB, 64 * KIB)
+        assert pieces == [(TYPE_OFFSET_DATA, 4 * KIB, 64 * KIB)]
+        assert sent == [20 + 8 + 64 * KIB]  # chunk header, offset, data: one write
+    with raw(server) as plain:
+        plain.go()
+        sent.clear()
+        plain.request(CMD_READ, 0, 256 * KIB)
+        assert plain.reply() == 0 and plain.recv(256 * KIB) == lun.read(0, 256 * KIB)
+        assert sent == [16 + 256 * KIB]  # simple reply: one write
 
 
 # -- TRIM and WRITE_ZEROES through a session ------------------------------------------------------

@@ -20,6 +20,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,7 @@ from test_nbd_protocol import (
     OPT_SET_META_CONTEXT,
     STATE_DIRTY,
     TYPE_ERROR,
+    TYPE_OFFSET_DATA,
     client,
     session_server,
 )
@@ -346,3 +348,48 @@ def test_a_push_copy_refuses_a_mark_a_pull_confirmed_from_and_the_pull_keeps_it(
         c.request(CMD_TRIM, 7 * g, g)
         assert c.error() == 0
     session.unmark()
+
+
+class GatedLUN(MemoryLUN):
+    """A MemoryLUN that records its reads and writes in order, and whose next read waits
+    at ``gate`` once it has set ``entered`` (the server's loop held up in it)."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.calls: list[tuple[str, int]] = []
+        self.gate: threading.Event | None = None
+        self.entered = threading.Event()
+
+    def readinto(self, offset, buffer):
+        self.calls.append(("read", offset))
+        gate, self.gate = self.gate, None
+        if gate is not None:
+            self.entered.set()
+            assert gate.wait(TIMEOUT)
+        super().readinto(offset, buffer)
+
+    def write(self, offset, data):
+        self.calls.append(("write", offset))
+        super().write(offset, data)
+
+
+def test_a_pulls_request_lets_the_host_requests_ready_beside_it_go_first(serve):
+    g = 64 * KIB
+    lun = GatedLUN(16 * g)
+    session, server = session_server(serve, lun, granularity=g)
+    session.write(0, b"\1" * (2 * g))
+    session.mark()
+    lun.calls.clear()
+    with client(server) as pull, client(server) as host:
+        frozen(pull)
+        host.go()
+        lun.gate = gate = threading.Event()
+        pull.request(CMD_READ, 0, g)
+        pull.request(CMD_READ, g, g)  # received with the first: served next, at once
+        assert lun.entered.wait(TIMEOUT)  # the server's loop is held up in the first read
+        host.request(CMD_WRITE, 9 * g, 4 * KIB, payload=b"\2" * (4 * KIB))
+        gate.set()  # the host's write arrived meanwhile: it goes before the second read
+        assert host.reply() == 0
+        for _ in range(2):
+            assert [kind for kind, _, _ in pull.answer()] == [TYPE_OFFSET_DATA]
+    assert lun.calls == [("read", 0), ("write", 9 * g), ("read", g)]

@@ -373,6 +373,8 @@ class LUNExport:
         self.writable = not readonly
         self.inline = _local(lun)
         """Whether small requests may run on the server's event loop thread."""
+        self.background = False
+        """Whether its requests let other clients' ready requests go first: no, the host's."""
         self.trims_inline = False
         """Whether a TRIM may run there: never, as it writes (punching a hole, saving
         the old data of every chunk it covers while the session is marked)."""
@@ -533,6 +535,9 @@ class _FrozenView:
         self.name, self.size, self.contexts = export.name, export.size, export.contexts
         self.flags = export.flags
         self.inline = _local(self.session.source)
+        self.background = True
+        """A pull's requests let the host's ready requests go first (the server's
+        ``_after_foreground``): a backup must not hold up the host's writes."""
         self.trims_inline = self.inline
         """A TRIM clears bits and frees saved copies in memory (O(chunks) under the save
         lock, which a host write holds while it saves): cheaper than the thread hand-off,

@@ -58,7 +58,13 @@ hard disconnect). Every other reply is built whole before it is sent.
 Replies to one connection's requests may come out of order, as the spec
 allows; one reply is sent at a time, and the small replies of requests run
 on the loop's thread wait until the requests the client has sent already are
-run, to go out in one ``send``.
+run, to go out in one ``send``; a READ run there sends each chunk's header and
+data as one buffer. The frozen export's requests (a pull's: a *background*
+export, ``view.background``) let the other connections' go first: each waits
+up to :data:`_YIELDS` turns of the loop while another connection has a request
+arriving (its socket readable), staged but not served, or small replies held
+back, so a backup uses the gaps between the host's requests instead of
+delaying them, and still moves on while the host keeps the loop busy.
 
 Against clients that misbehave the server keeps limits: at most
 ``max_clients`` connections (:data:`MAX_CLIENTS`; one more is closed at
@@ -106,6 +112,7 @@ import functools
 import itertools
 import logging
 import os
+import select
 import socket
 import ssl
 import stat
@@ -301,6 +308,10 @@ class _Channel(asyncio.BufferedProtocol):
         if self.closed is not None and not self.closed.done():
             self.closed.set_result(None)
 
+    def pending(self) -> bool:
+        """Whether a whole request header is staged, not yet served."""
+        return self._end - self._start >= proto.REQUEST.size
+
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
@@ -434,6 +445,7 @@ class _Connection:
         self.sending = asyncio.Lock()
         self.requests: set[asyncio.Task[None]] = set()
         self.later: list[bytes] = []  # small replies to send together (NBDServer._later)
+        self.fd = channel.get_extra_info("socket").fileno()
 
 
 _INLINE = 256 << 10
@@ -450,6 +462,13 @@ READ of such a LUN is read here too, piece by piece (:data:`_PIECE`). So does a
 BLOCK_STATUS, unless the bitmaps it reports were read whole already since they
 last changed (``status_is_cheap``: ``nbdinfo --map`` of a 1 TiB bitmap took
 0.41 s through the pool, 0.14 s inline, qemu-nbd 0.10 s)."""
+_YIELDS = 8
+"""Turns of the event loop a background request (the frozen export's) lets the
+foreground's ready requests go first, at most (:meth:`NBDServer._after_foreground`)."""
+_SMALL_REPLY = 4 << 10
+"""A reply of one buffer up to this size, to a request run on the loop's thread, waits
+to go out with the others of its burst (:meth:`NBDServer._later`); a larger one (a READ's
+data) goes out at once, not copied into their joint buffer."""
 _TLS_REQUIRED = b"TLS is required: start it with NBD_OPT_STARTTLS"
 _PIECE = _INLINE
 """A READ reply is read and sent in pieces of at most this many bytes, each sent once the
@@ -615,6 +634,8 @@ class NBDServer:
         )
         self._clients = itertools.count(1)
         self._connections: set[asyncio.Task[None]] = set()
+        self._foreground: set[_Connection] = set()  # in transmission, not to a background view
+        self._arriving = select.poll()  # the sockets of self._foreground, to see requests come
         self._requests: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
@@ -1076,11 +1097,17 @@ class NBDServer:
     async def _transmission(self, channel: _Channel, client: _Client) -> None:
         channel.transport.set_write_buffer_limits(high=_REPLY_BACKLOG)
         connection = _Connection(client, channel)
+        background = client.view.background
+        if not background:
+            self._foreground.add(connection)
+            self._arriving.register(connection.fd, select.POLLIN)
         try:
             while True:
                 magic, flags, command, handle, offset, length = await channel.unpack(proto.REQUEST)
                 if magic != proto.REQUEST_MAGIC:
                     raise _Violation(f"a request starts {magic:#x}, not the request magic")
+                if background:
+                    await self._after_foreground()
                 if command == proto.CMD_DISC:
                     log.debug("%r: %s disconnected", self, client.peer)
                     return
@@ -1109,10 +1136,15 @@ class NBDServer:
                     if command == proto.CMD_WRITE:
                         data = await channel.borrow(length)  # written before the next receive
                     reply = self._run(client, flags, command, handle, offset, length, data)
-                    if len(reply) == 1 and not connection.sending.locked():
-                        self._later(connection, reply[0])
-                    else:
-                        await self._reply(connection, reply)
+                    if not connection.sending.locked():
+                        if len(reply) == 1 and len(reply[0]) <= _SMALL_REPLY:
+                            self._later(connection, reply[0])
+                            continue
+                        if self._room_now(channel):
+                            self._send_later(connection)
+                            self._send(channel, reply)
+                            continue
+                    await self._reply(connection, reply)
                     continue
                 # The request's payload or its reply's first piece: a client that
                 # sends more than its budget, or reads no replies, waits; its
@@ -1138,10 +1170,28 @@ class NBDServer:
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
         finally:
+            if not background:
+                self._foreground.discard(connection)
+                if all(c.fd != connection.fd for c in self._foreground):  # not reused yet
+                    self._arriving.unregister(connection.fd)
             # The spec: requests in flight are answered before the connection closes.
             if connection.requests:
                 await asyncio.shield(asyncio.gather(*connection.requests, return_exceptions=True))
             self._send_later(connection)
+
+    async def _after_foreground(self) -> None:
+        """Let the requests of foreground connections that are ready now, and their held
+        replies, go first: a background request (a pull's) waits up to :data:`_YIELDS`
+        turns of the loop while any such connection has a request arriving (its socket
+        readable), staged or a reply held (the host's writes must not wait for a backup;
+        the backup must not starve)."""
+        for _ in range(_YIELDS):
+            if not self._foreground or not (
+                any(c.later or c.channel.pending() for c in self._foreground)
+                or self._arriving.poll(0)
+            ):
+                return
+            await asyncio.sleep(0)
 
     @staticmethod
     def _held(client: _Client, command: int, length: int) -> int:
@@ -1255,6 +1305,14 @@ class NBDServer:
             if not connection.channel.is_closing():
                 connection.channel.write(b"".join(connection.later))
             connection.later.clear()
+
+    @staticmethod
+    def _room_now(channel: _Channel) -> bool:
+        """Whether a reply may go out now without waiting: the connection's unsent replies
+        are within :data:`_REPLY_BACKLOG` bytes and its client is there."""
+        return (
+            channel.transport.get_write_buffer_size() <= _REPLY_BACKLOG and not channel.is_closing()
+        )
 
     @staticmethod
     async def _room(channel: _Channel) -> bool:
@@ -1461,13 +1519,19 @@ class NBDServer:
 
     @classmethod
     def _read(cls, client: _Client, flags: int, handle: int, offset: int, length: int) -> list[Any]:
-        """A READ's whole reply (run inline: at most :data:`_INLINE` bytes)."""
+        """A READ's whole reply (run inline: at most :data:`_INLINE` bytes): each chunk's
+        header and data in one buffer, read in after the header, so that it goes out in one
+        ``send`` (a header sent on its own cost a system call and a wakeup of the client)."""
         reply: list[Any] = []
         for header, start, size in cls._read_steps(client, flags, handle, offset, length):
-            if header is not None:
-                reply.append(header)
-            if size:
+            if header is None:  # more data of the chunk before (a simple reply's, or DF's)
                 reply.append(cls._piece(client.view, start, size))
+                continue
+            buffer = memoryview(bytearray(len(header) + size))
+            buffer[: len(header)] = header
+            if size:
+                client.view.readinto(start, buffer[len(header) :])
+            reply.append(buffer)
         return reply
 
     @classmethod
