@@ -37,6 +37,14 @@ alike on both) copies the dirty extents into the backup, TRIMming each; the
 pull ends; the backup must equal the image at the mark byte for byte
 (``cmp``, then :func:`compare_nbd.verify` to name the first differing byte).
 
+The client runs as a backup daemon does (:class:`PullClient`): one process,
+libnbd imported once, which runs the script for each pull on a connection of
+its own; a pull's time runs from asking it to its answer. With
+``--fresh-client`` it is a new Python process per pull instead, as the
+README's command line runs it, and each pull's time includes starting
+Python and importing libnbd (some 20 ms of CPU, during which the host
+writer runs too): the definition of the runs before 2026-12-06 07:00 UTC.
+
 Figures per system: the client's wall time (median of ``--rounds``, the
 rounds interleaved), the bytes it read, the time to begin and to end a pull;
 then with a host writer (4 KiB random writes, queue depth 8, libnbd:
@@ -49,12 +57,13 @@ pull's median. Pairing the windows in time keeps a shared machine's drift
 out of the ratio. Nothing here asserts on time; any mismatch exits 1.
 
     .venv/bin/python benchmarks/compare_pull.py [--size 1G] [--rounds 5] [--load-seconds 3]
-        [--dir DIR] [--json out.json]
+        [--fresh-client] [--dir DIR] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -162,11 +171,84 @@ System = QemuPull | IscPull
 
 
 # -- one pull ----------------------------------------------------------------------------------
-def pull(script: Path, uri: str, context: str, backup: Path) -> tuple[float, int]:
-    """Run the pulling client ``script`` on ``uri``'s dirty extents in ``context`` into
-    ``backup``: its wall seconds and the bytes it read."""
+DAEMON = """\
+import contextlib, io, json, sys, traceback
+import nbd  # once, as a backup daemon does
+script = sys.argv[1]
+code = compile(open(script).read(), script, "exec")
+print("ready", flush=True)
+for line in sys.stdin:
+    sys.argv = [script, *json.loads(line)]
+    said = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(said):
+            exec(code, {"__name__": "__main__"})
+    except Exception:
+        print(json.dumps({"error": traceback.format_exc()}), flush=True)
+    else:
+        print(json.dumps({"said": said.getvalue()}), flush=True)
+"""
+"""The pulling client's process (:class:`PullClient`): runs the script once per line of
+arguments it reads, each run a connection of its own, and answers one JSON line."""
+
+
+class PullClient:
+    """The pulling client ``script`` run as a backup daemon runs it: one process, which
+    runs it for each pull (:meth:`pull`); with ``fresh``, a new process per pull."""
+
+    def __init__(self, script: Path, fresh: bool) -> None:
+        self.script = script
+        self._proc: subprocess.Popen | None = None
+        if not fresh:
+            self._proc = subprocess.Popen(
+                [writer_python(), "-c", DAEMON, script],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            self._answer("ready")
+
+    def _answer(self, expected: str | None = None) -> str:
+        assert self._proc is not None and self._proc.stdout is not None
+        line = self._proc.stdout.readline()
+        if not line or (expected is not None and line.strip() != expected):
+            self.close()
+            raise RuntimeError(f"the pulling client said {line!r}")
+        return line
+
+    def pull(self, uri: str, context: str, backup: Path) -> str:
+        """What the script printed pulling ``uri``'s dirty extents in ``context`` into
+        ``backup``; ``RuntimeError`` with its traceback when it failed."""
+        if self._proc is None:
+            return tool(writer_python(), self.script, uri, context, backup)
+        assert self._proc.stdin is not None
+        self._proc.stdin.write(json.dumps([uri, context, str(backup)]) + "\n")
+        self._proc.stdin.flush()
+        answer = json.loads(self._answer())
+        if "error" in answer:
+            raise RuntimeError(f"the pulling client failed: {answer['error']}")
+        return answer["said"]
+
+    def close(self) -> None:
+        if self._proc is not None:
+            with contextlib.suppress(OSError):
+                self._proc.stdin.close()  # type: ignore[union-attr]
+            self._proc.wait(timeout=60)
+            self._proc.stdout.close()  # type: ignore[union-attr]
+            self._proc = None
+
+    def __enter__(self) -> PullClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def pull(client: PullClient, uri: str, context: str, backup: Path) -> tuple[float, int]:
+    """Pull ``uri``'s dirty extents in ``context`` into ``backup`` with ``client``: its
+    wall seconds and the bytes it read."""
     started = time.perf_counter()
-    said = tool(writer_python(), script, uri, context, backup)
+    said = client.pull(uri, context, backup)
     seconds = time.perf_counter() - started
     copied = re.fullmatch(r"copied (\d+) bytes in \d+ extents\n", said)
     if copied is None:
@@ -181,6 +263,7 @@ def snapshot(source: Path, image: Path) -> None:
 
 def one_round(
     system: System,
+    client: PullClient,
     args: argparse.Namespace,
     work: Path,
     checks: list[dict],
@@ -198,7 +281,7 @@ def one_round(
     snapshot(system.source, at_mark)
     if writer is not None:
         writer.run()
-    seconds, read = pull(work / "pull.py", uri, context, backup)
+    seconds, read = pull(client, uri, context, backup)
     stats = writer.pause() if writer is not None else None
     started = time.perf_counter()
     system.end()
@@ -235,11 +318,11 @@ def systems(args: argparse.Namespace, work: Path) -> Iterator[list[System]]:
 def measure(args: argparse.Namespace, work: Path, checks: list[dict]) -> dict:
     (work / "pull.py").write_text(pull_script())
     figures: dict = {QEMU: {"quiet": [], "loaded": []}, ISC_SIDE: {"quiet": [], "loaded": []}}
-    with systems(args, work) as both:
+    with systems(args, work) as both, PullClient(work / "pull.py", args.fresh_client) as client:
         for r in range(args.rounds):
             for system in both:
                 figures[system.name]["quiet"].append(
-                    one_round(system, args, work, checks, args.seed + r, None)
+                    one_round(system, client, args, work, checks, args.seed + r, None)
                 )
         with ExitStack() as stack:
             writers = {
@@ -251,7 +334,7 @@ def measure(args: argparse.Namespace, work: Path, checks: list[dict]) -> dict:
                 for system in short:  # in turn, while each still needs pulls
                     seed = args.seed + 1000 + r
                     writer = writers[system.name]
-                    run = one_round(system, args, work, checks, seed, writer)
+                    run = one_round(system, client, args, work, checks, seed, writer)
                     writer.run()
                     time.sleep(run["writer"]["seconds"])  # the measurement window itself
                     run["idle"] = writer.pause()
@@ -303,8 +386,9 @@ def table(figures: dict, args: argparse.Namespace) -> list[str]:
     def stall(key: str) -> tuple[str, str, str]:
         return f"{q[key]:.1f} ms", f"{i[key]:.1f} ms", ""
 
+    client = "a new process per pull" if args.fresh_client else "one process, all pulls"
     rows = [
-        (f"pull, no host writes (client wall, median of {args.rounds})", *ms("pull")),
+        (f"pull, no host writes (client wall, median of {args.rounds}; {client})", *ms("pull")),
         ("bytes read per pull", format_bytes(q["bytes"]), format_bytes(i["bytes"]), ""),
         ("begin (QEMU: bitmaps, fleecing graph, export; isc: mark)", *ms("begin")),
         ("end (QEMU: export, graph and bitmap down; isc: unmark)", *ms("end")),
@@ -344,6 +428,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--change", type=float, default=0.01, help="fraction pulled (0.01)")
     parser.add_argument(
         "--load-seconds", type=float, default=3.0, help="write window over the pulls (3)"
+    )
+    parser.add_argument(
+        "--fresh-client",
+        action="store_true",
+        help="start the pulling client per pull, its start inside the pull's time",
     )
     parser.add_argument("--dir", help="where the volumes go (default: /dev/shm if room)")
     parser.add_argument("--seed", type=int, default=20261206)

@@ -79,3 +79,24 @@ def test_bad_arguments_exit_2_naming_the_problem(capsys):
         with pytest.raises(SystemExit, match=r"^2$"):
             compare_pull.parse_args(argv)
         assert message in capsys.readouterr().err
+
+
+def test_a_tiny_run_with_a_fresh_client_per_pull_checks_every_pull(tmp_path: Path):
+    needed_tools()
+    results, output = tiny_run(
+        "compare_pull.py", [*TINY, "--rounds", "1", "--fresh-client"], tmp_path
+    )
+    assert results["checks"] and all(check["ok"] for check in results["checks"])
+    assert "median of 1; a new process per pull)" in output
+
+
+def test_the_daemon_client_reports_a_failed_pull_and_serves_the_next(tmp_path: Path):
+    needed_tools()
+    script = tmp_path / "pull.py"
+    script.write_text(compare_pull.pull_script())
+    missing = f"nbd+unix:///vol?socket={tmp_path / 'no.sock'}"
+    failed = r"(?s)the pulling client failed: .*nbd_connect_uri"
+    with compare_pull.PullClient(script, fresh=False) as client:
+        for _ in range(2):
+            with pytest.raises(RuntimeError, match=failed):
+                client.pull(missing, "qemu:dirty-bitmap:vol", tmp_path / "backup.img")
