@@ -62,6 +62,7 @@ from isc import (
     Session,
     StateError,
 )
+from isc.lun import ForwardingLUN
 from isc.nbd import NBDLUN, NBDServer, SessionLUN
 
 K = 1024
@@ -1050,3 +1051,58 @@ def test_nbdcopy_pulls_the_image_at_the_mark_after_trims_and_fills_on_the_live_e
             run(nbdcopy, frozen, tmp_path / "backup.img")
             session.unmark()
         assert (tmp_path / "backup.img").read_bytes() == at_mark
+
+
+class ZeroesFailAt(ForwardingLUN):
+    """A destination's LUN passed through, ``write_zeroes`` too, whose ``fail_at``-th
+    ``write_zeroes`` (1-based) zeroes the first half of its range, then fails."""
+
+    fail_at: int | None = None
+    calls = 0
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        self.calls += 1
+        if self.calls == self.fail_at:
+            self.lun.write_zeroes(offset, length // 2)
+            raise OSError(errno.EIO, f"injected write_zeroes failure at offset {offset}")
+        self.lun.write_zeroes(offset, length)
+
+
+def test_an_agents_protection_holds_a_sparse_copys_write_zeroes_for_the_rollback(tmp_path: Path):
+    # The real ``isc agent`` protects its export with a journal. A whole-volume
+    # trim makes the update's copy a sparse one, whose holes reach the export as
+    # NBD WRITE_ZEROES; it fails part-way. The rollback must restore the last
+    # consistent image: the zeroing went through the journal, not around it.
+    from test_agent import WAIT, agent
+
+    from isc.update import PeriodicUpdate, UpdateError, rollback
+
+    exports = tmp_path / "exports"
+    exports.mkdir()
+    with FileLUN.create(exports / "disk", SIZE) as lun:
+        old_data(lun, 37)
+    with (
+        source_and_target(tmp_path, 38, data=[(0, SIZE)]) as (_, source, _target),
+        SessionLUN(Session(source, G)) as export,
+        agent(exports, tmp_path / "agent.log") as remote,
+        ZeroesFailAt(NBDLUN(remote.exports["disk"], timeout=WAIT)) as target,
+    ):
+        session = export.session
+        site = remote.site()
+        dest = Destination(target, "disk")
+        update = PeriodicUpdate(session, [dest], site, timeout=WAIT, io_size=4 * G)
+        update.run()
+        consistent = (exports / "disk").read_bytes()
+        assert consistent == image(source)
+        export.write_zeroes(0, SIZE)
+        export.write(5 * G + 7, b"kept")
+        target.fail_at = target.calls + 2
+        with pytest.raises(UpdateError, match="injected write_zeroes failure"):
+            update.run()
+        assert (exports / "disk").read_bytes() != consistent  # zeroes landed
+        rollback(session, dest, site, timeout=WAIT)
+        assert dest.state is DestState.CONSISTENT
+        assert (exports / "disk").read_bytes() == consistent
+        target.fail_at = None
+        update.run()
+        assert (exports / "disk").read_bytes() == image(source)
