@@ -750,7 +750,7 @@ def test_isc_serve_copies_the_image_at_the_mark_while_qemu_io_discards_and_zeroe
 
 
 # -- a seeded stress: writers write, trim and zero while copies run, fail and are cancelled --------
-STRESS_STEPS = 60
+STRESS_STEPS = 150
 """Copies per stress run: marked full, incremental or unmarked full, a fault in some."""
 
 
