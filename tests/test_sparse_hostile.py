@@ -1106,3 +1106,43 @@ def test_an_agents_protection_holds_a_sparse_copys_write_zeroes_for_the_rollback
         target.fail_at = None
         update.run()
         assert (exports / "disk").read_bytes() == image(source)
+
+
+# -- rule 4: a host WRITE_ZEROES lands wholly before or wholly after a mark ------------------------
+@pytest.mark.xfail(
+    strict=True,
+    reason="SessionLUN.write_zeroes zeroes in pieces of isc.lun.ZERO_PIECE, each its own "
+    "host write: a mark between two pieces freezes a half-done WRITE_ZEROES or TRIM (rule 4)",
+)
+@pytest.mark.parametrize("how", ["trim", "no-hole"])
+def test_a_mark_never_splits_a_host_write_zeroes(tmp_path: Path, monkeypatch, how: str):
+    # A client zeroes 3 MiB of data (a TRIM: punched; NO_HOLE: zeros written).
+    # The session is marked the moment the first piece of it is done: the
+    # image at the mark must hold the range all old or all zeros.
+    import isc.nbd.export
+    from isc.lun import ZERO_PIECE
+    from isc.nbd.export import LUNExport
+
+    rng = random.Random(39)
+    size = 4 * ZERO_PIECE
+    with sparse_file(tmp_path / "source.img", size, [(0, size)], rng) as source:
+        session = Session(source, 64 * K)
+        before = image(source)
+        real = isc.nbd.export._zero_fill
+        marks = []
+
+        def zero_fill(write, offset: int, length: int) -> None:
+            def piece(at: int, data) -> None:
+                write(at, data)
+                if not marks:
+                    marks.append(session.mark(full=True))  # no write is in flight here
+
+            real(piece, offset, length)
+
+        monkeypatch.setattr(isc.nbd.export, "_zero_fill", zero_fill)
+        live = LUNExport(SessionLUN(session), "vol", readonly=False)
+        live.write_zeroes(ZERO_PIECE // 2, 3 * ZERO_PIECE, may_trim=how == "trim", fast=False)
+        assert marks
+        frozen = session.read_frozen(ZERO_PIECE // 2, 3 * ZERO_PIECE)
+        old = before[ZERO_PIECE // 2 : 7 * ZERO_PIECE // 2]
+        assert frozen in (old, bytes(len(old))), "the image at the mark holds it half done"
