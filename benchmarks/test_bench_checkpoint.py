@@ -130,12 +130,16 @@ ROUNDS = 5
 WINDOW_WRITES = 20000
 """Host writes in each window, whatever runs beside them."""
 BUSY = bytes(1 << 20)
+SPACED = 0.02
+"""Seconds between the checkpoints of the "single checkpoints" kind: each runs alone, as
+real ones do (every 30 s, when a hot set fills, every 1 GiB of a copy)."""
 BESIDE = {
     "alone": None,
-    "checkpoints": lambda stored: stored.checkpoint(),
+    "checkpoints": lambda stored, done: stored.checkpoint(),
+    "single checkpoints": lambda stored, done: (stored.checkpoint(), done.wait(SPACED)),
     # The floor any other busy thread sets on this machine: zlib.crc32 of 1 MiB
     # runs without the GIL, so the writer only shares the CPUs with it.
-    "CPU work": lambda stored: zlib.crc32(BUSY),
+    "CPU work": lambda stored, done: zlib.crc32(BUSY),
 }
 """What the test's main thread does, back to back, while a window's writes run."""
 
@@ -143,10 +147,10 @@ BESIDE = {
 @pytest.mark.parametrize("lun", SIZES)
 def test_host_write_latency_beside_checkpoints(benchmark, where, lun):
     """Host 4 KiB writes from one thread, in windows of ``WINDOW_WRITES`` writes taken in
-    turns alone, while the main thread checkpoints back to back, and while it runs CPU
-    work that holds no lock of the session (after a window of warm-up; the order turns
-    each round): per kind, the median of the per-window worsts, and the 99.9th
-    percentile over all its writes. One worst per window on a shared machine swings
+    turns alone, while the main thread checkpoints back to back, while it checkpoints
+    every ``SPACED`` seconds, and while it runs CPU work that holds no lock of the
+    session (after a window of warm-up; the order turns each round): per kind, the
+    median of the per-window worsts, and the 99.9th percentile over all its writes. One worst per window on a shared machine swings
     with what else runs; the median of several, taken in turns, does not follow one
     descheduling."""
     stored = _open(where, SIZES[lun])
@@ -174,7 +178,7 @@ def test_host_write_latency_beside_checkpoints(benchmark, where, lun):
         go.set()
         count = 0
         while beside is not None and not done.is_set():
-            beside(stored)
+            beside(stored, done)
             count += 1
         done.wait()
         return sorted(latencies), count
@@ -184,7 +188,7 @@ def test_host_write_latency_beside_checkpoints(benchmark, where, lun):
         taken: dict[str, list[tuple[list[int], int]]] = {kind: [] for kind in BESIDE}
         kinds = list(BESIDE)
         for n in range(ROUNDS):
-            for kind in kinds[n % 3 :] + kinds[: n % 3]:
+            for kind in kinds[n % len(kinds) :] + kinds[: n % len(kinds)]:
                 taken[kind].append(window(kind))
         return taken
 
@@ -209,12 +213,16 @@ def test_host_write_latency_beside_checkpoints(benchmark, where, lun):
         each = ", ".join(f"{w:.3g}" for w in worsts)
         return median, f"{kind}: worst {median:.3g} ms of ({each}), p99.9 {p999:.3g} ms"
 
-    (alone, alone_text), (beside, beside_text), (busy, busy_text) = map(stats, BESIDE)
+    (alone, alone_text), (beside, beside_text), (single, single_text), (busy, busy_text) = map(
+        stats, BESIDE
+    )
     count = sum(n for _, n in taken["checkpoints"])
+    singles = sum(n for _, n in taken["single checkpoints"])
     note = (
         f"{ROUNDS} windows of {WINDOW_WRITES} writes each; {alone_text}; {beside_text} "
-        f"({count} checkpoints); {busy_text}; median worst beside checkpoints / alone "
-        f"{beside / alone:.2f}, / beside CPU work {beside / busy:.2f}"
+        f"({count} checkpoints); {single_text} ({singles}); {busy_text}; median worst beside "
+        f"checkpoints / alone {beside / alone:.2f}, beside single checkpoints / alone "
+        f"{single / alone:.2f}, beside checkpoints / beside CPU work {beside / busy:.2f}"
     )
     benchmark.extra_info["note"] = note
     print(f"\n{lun}, {_place(where)}: {note}")

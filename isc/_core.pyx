@@ -123,6 +123,10 @@ cdef extern from "<sys/mman.h>" nogil:
     void *MAP_FAILED
 
 
+cdef extern from "<sched.h>" nogil:
+    int sched_yield()
+
+
 cdef extern from "<pthread.h>" nogil:
     ctypedef struct pthread_mutex_t:
         pass
@@ -1193,11 +1197,19 @@ cdef class DeltaBitmap:
             self._release()
 
     def thaw(self):
-        """Let the writes held off by ``freeze`` go on. No-op when not frozen."""
+        """Let the writes held off by ``freeze`` go on. No-op when not frozen.
+
+        Then yields the CPU once, the GIL released: a writer the thaw woke
+        needs the GIL to go on, and the thread that froze (a checkpoint) would
+        otherwise take it straight back and keep it for the whole switch
+        interval, releases in between restarting the writer's wait.
+        """
         self._acquire()
         isc_store_flag(&self._frozen, 0)
         pthread_cond_broadcast(&self._cv)
         self._release()
+        with nogil:
+            sched_yield()
 
     cdef void _drain_locked(self) noexcept nogil:
         """Wait until no ``begin_write`` write is in flight; the caller holds the mutex.
@@ -2603,7 +2615,9 @@ def run_io(steps):
     malformed step raises ``ValueError`` or ``TypeError`` before any runs.
 
     One call instead of one per system call: each release and re-take of
-    the GIL is a chance for a thread waiting for it to lose it again.
+    the GIL is a chance for a thread waiting for it to lose it again. The
+    call yields the CPU once before it takes the GIL back, so a thread the
+    release woke can take it first.
     """
     steps = list(steps)
     cdef Py_ssize_t n = len(steps)
@@ -2650,6 +2664,9 @@ def run_io(steps):
                 if err:
                     failed = i
                     break
+            # A thread waiting for the GIL (a host writer) was woken as it was released:
+            # let it run now, or this thread takes the GIL back first.
+            sched_yield()
         if failed >= 0:
             step = steps[failed]
             what = step[2].decode(errors="replace") if step[0] == IO_RENAME else f"fd {step[1]}"
