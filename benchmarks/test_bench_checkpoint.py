@@ -150,9 +150,9 @@ def test_host_write_latency_beside_checkpoints(benchmark, where, lun):
     turns alone, while the main thread checkpoints back to back, while it checkpoints
     every ``SPACED`` seconds, and while it runs CPU work that holds no lock of the
     session (after a window of warm-up; the order turns each round): per kind, the
-    median of the per-window worsts, and the 99.9th percentile over all its writes. One worst per window on a shared machine swings
-    with what else runs; the median of several, taken in turns, does not follow one
-    descheduling."""
+    median of the per-window worsts, and the 99.9th percentile over all its writes.
+    One worst per window on a shared machine swings with what else runs; the median of
+    several, taken in turns, does not follow one descheduling."""
     stored = _open(where, SIZES[lun])
     rng = random.Random(lun)
     blocks = stored.source.size // WRITE
