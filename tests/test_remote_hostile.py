@@ -1,21 +1,23 @@
 """Hostile remote sites: the windows between a site's action and its answer, and trust.
 
 Real processes throughout: ``isc agent``, ``isc update`` and ``isc rollback``
-as the ``isc`` command runs them, killed with SIGKILL at forced points. The
-points are armed by environment variables that a ``sitecustomize`` module
-(written under ``tmp_path``, first on ``PYTHONPATH`` of the processes a test
-starts) reads at start:
+as the ``isc`` command runs them, killed with SIGKILL at forced points. A
+``sitecustomize`` module (written under ``tmp_path``, first on
+``PYTHONPATH`` of the processes a test starts) installs the points; the JSON
+file ``ISC_TEST_FAULTS`` names arms them (:func:`arm`), read at each event,
+so a running agent is armed without a restart; a point counts its events
+from when it is armed:
 
-============================  ========================================================
-``ISC_KILL_AFTER_PROTECT``    the agent dies once a protect is durable, unanswered
-``ISC_KILL_AFTER_SAVES=N``    the agent dies after its N-th journal append (mid-copy)
-``ISC_KILL_MID_ROLLBACK=N``   the agent dies once a rollback wrote back N chunks
-``ISC_HOLD_FIRST_WRITE=F``    the agent holds the first write to its export until
-                              the test opens the FIFO ``F`` (``F.reached``: held)
-``ISC_KILL_AFTER_UNPROTECT``  ``isc update`` dies once the agent acknowledged an
-                              unprotect, before the update's outcome is saved
-``ISC_KILL_AT_RUN=N``         ``isc update`` dies at the N-th run its copy sent
-============================  ========================================================
+========================  ==========================================================
+``kill_after_protect=N``  the agent dies once its N-th protect is durable, unanswered
+``kill_after_saves=N``    the agent dies after its N-th journal append (mid-copy)
+``kill_mid_rollback=N``   the agent dies once a rollback wrote back N chunks
+``hold_first_write=F``    the agent holds the next write to its export until the
+                          test opens the FIFO ``F`` (``F.reached``: held)
+``kill_after_unprotect``  ``isc update`` dies once the agent acknowledged its N-th
+``=N``                    unprotect, before the update's outcome is saved
+``kill_at_run=N``         ``isc update`` dies at the N-th run its copy sent
+========================  ==========================================================
 
 After each kill the session is opened again and checked byte for byte: a
 destination reported CONSISTENT equals the source's image at its last mark,
@@ -84,60 +86,68 @@ BOUND = 3.0
 source, session, exports = test_agent.source, test_agent.session, test_agent.exports
 
 SITECUSTOMIZE = '''
-"""Fault points of tests/test_remote_hostile.py, armed by environment variables."""
+"""Fault points of tests/test_remote_hostile.py, armed by the file ISC_TEST_FAULTS names."""
+import json
 import os
 import signal
+import threading
+
+_FAULTS = os.environ.get("ISC_TEST_FAULTS")
+_counts = {}
+_lock = threading.Lock()
+
+
+def _armed(name):
+    """The setting of fault point ``name``, read at each event: None while it is not armed."""
+    try:
+        with open(_FAULTS) as faults:
+            return json.load(faults).get(name)
+    except FileNotFoundError:
+        return None
+
+
+def _event(name):
+    """Count an event of fault point ``name`` while it is armed; True at its armed count."""
+    wanted = _armed(name)
+    if wanted is None:
+        return False
+    with _lock:
+        _counts[name] = _counts.get(name, 0) + 1
+        return _counts[name] == int(wanted)
 
 
 def _die():
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _countdown(name):
-    left = [int(os.environ[name])]
+if _FAULTS:
+    from isc import agent, store, update
 
-    def tick():
-        left[0] -= 1
-        if left[0] == 0:
+    _protect, _append = agent.Export.protect, agent.Journal._append
+    _rollback = agent.Journal.rollback
+    _write, _ask, _progress = agent.Export.write, update._ask, store.Progress.__call__
+
+    def protect(self, *args, **kwargs):
+        reply = _protect(self, *args, **kwargs)
+        if _event("kill_after_protect"):
+            _die()
+        return reply
+
+    def append(self, *args, **kwargs):
+        _append(self, *args, **kwargs)
+        if _event("kill_after_saves"):
             _die()
 
-    return tick
-
-
-if "ISC_KILL_AFTER_PROTECT" in os.environ:
-    from isc import agent
-
-    _protect = agent.Export.protect
-
-    def protect(self):
-        _protect(self)
-        _die()
-
-    agent.Export.protect = protect
-
-if "ISC_KILL_AFTER_SAVES" in os.environ:
-    from isc import agent
-
-    _append, _saved = agent.Journal._append, _countdown("ISC_KILL_AFTER_SAVES")
-
-    def append(self, chunks):
-        _append(self, chunks)
-        _saved()
-
-    agent.Journal._append = append
-
-if "ISC_KILL_MID_ROLLBACK" in os.environ:
-    from isc import agent
-
-    _rollback, _wrote = agent.Journal.rollback, _countdown("ISC_KILL_MID_ROLLBACK")
-
     class _Dying:
+        """A journal's LUN whose writes count towards kill_mid_rollback."""
+
         def __init__(self, lun):
             self.lun, self.size = lun, lun.size
 
         def write(self, offset, data):
             self.lun.write(offset, data)
-            _wrote()
+            if _event("kill_mid_rollback"):
+                _die()
 
         def flush(self):
             self.lun.flush()
@@ -145,67 +155,56 @@ if "ISC_KILL_MID_ROLLBACK" in os.environ:
         def readinto(self, offset, buffer):
             self.lun.readinto(offset, buffer)
 
-    def rollback(self):
+    def rollback(self, *args, **kwargs):
         lun, self.lun = self.lun, _Dying(self.lun)
         try:
-            return _rollback(self)
+            return _rollback(self, *args, **kwargs)
         finally:
             self.lun = lun
 
-    agent.Journal.rollback = rollback
-
-if "ISC_HOLD_FIRST_WRITE" in os.environ:
-    import threading
-
-    from isc import agent
-
-    _write, _first = agent.Export.write, threading.Lock()
-    _fifo = os.environ["ISC_HOLD_FIRST_WRITE"]
-
-    def write(self, offset, data):
-        if _first.acquire(blocking=False):
-            open(_fifo + ".reached", "w").close()
-            with open(_fifo):  # a FIFO: open blocks until the test opens it to write
+    def write(self, *args, **kwargs):
+        fifo = _armed("hold_first_write")
+        with _lock:
+            first = fifo is not None and not _counts.get("hold_first_write")
+            _counts["hold_first_write"] = _counts.get("hold_first_write", 0) + (fifo is not None)
+        if first:
+            open(fifo + ".reached", "w").close()
+            with open(fifo):  # a FIFO: open blocks until the test opens it to write
                 pass
-        _write(self, offset, data)
+        _write(self, *args, **kwargs)
 
-    agent.Export.write = write
-
-if "ISC_KILL_AFTER_UNPROTECT" in os.environ:
-    from isc import update
-
-    _ask = update._ask
-
-    def ask(site, request, dest, timeout):
-        ack = _ask(site, request, dest, timeout)
-        if request == "unprotect" and ack.ok:
+    def ask(site, request, *args, **kwargs):
+        ack = _ask(site, request, *args, **kwargs)
+        if request == "unprotect" and ack.ok and _event("kill_after_unprotect"):
             _die()
         return ack
 
-    update._ask = ask
+    def progress(self, *args, **kwargs):
+        _progress(self, *args, **kwargs)
+        if _event("kill_at_run"):
+            _die()
 
-if "ISC_KILL_AT_RUN" in os.environ:
-    from isc import store
-
-    _progress, _ran = store.Progress.__call__, _countdown("ISC_KILL_AT_RUN")
-
-    def progress(self, done, total):
-        _progress(self, done, total)
-        _ran()
-
-    store.Progress.__call__ = progress
+    agent.Export.protect, agent.Journal._append, agent.Journal.rollback = protect, append, rollback
+    agent.Export.write, update._ask, store.Progress.__call__ = write, ask, progress
 '''
 
 
 # -- processes --------------------------------------------------------------------------------
 @pytest.fixture
 def env(tmp_path: Path) -> dict[str, str]:
-    """The environment of the processes a test starts: the fault points importable."""
+    """The environment of the processes a test starts: the fault points importable, and
+    armed by ``tmp_path/faults.json`` (:func:`arm`)."""
     hooks = tmp_path / "hooks"
     hooks.mkdir()
     (hooks / "sitecustomize.py").write_text(SITECUSTOMIZE)
     path = os.pathsep.join([str(hooks), test_agent.ENV["PYTHONPATH"]])
-    return {**test_agent.ENV, "PYTHONPATH": path}
+    return {**test_agent.ENV, "PYTHONPATH": path, "ISC_TEST_FAULTS": str(tmp_path / "faults.json")}
+
+
+def arm(env: dict[str, str], **faults: object) -> None:
+    """Arm the fault points ``faults`` (name: setting) of every process started with
+    ``env``, running ones too, and disarm the others."""
+    Path(env["ISC_TEST_FAULTS"]).write_text(json.dumps(faults))
 
 
 def free_port() -> int:
@@ -223,7 +222,7 @@ def answers(port: int) -> bool:
 
 class Agent:
     """An ``isc agent`` of ``directory`` at fixed ports, so that it can be killed and started
-    again at the same address; ``start(**faults)`` arms fault points (the module docstring)."""
+    again at the same address."""
 
     def __init__(
         self, directory: Path, env: dict[str, str], logs: Path, options: tuple[str, ...] = ()
@@ -236,20 +235,19 @@ class Agent:
         self.log = logs / "agent-0.log"
         self._starts = 0
 
-    def start(self, **faults: object) -> None:
+    def start(self) -> None:
         """Start it; return once its control port answers (its exports listen before)."""
         assert self.proc is None or self.proc.poll() is not None, "the agent runs already"
         self._starts += 1
         self.log = self.logs / f"agent-{self._starts}.log"
         args = ["--listen", self.site, "--nbd-port", str(self.nbd), "--dir", str(self.directory)]
-        armed = {f"ISC_{name.upper()}": str(value) for name, value in faults.items()}
         with open(self.log, "wb") as stderr:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "isc.cli", "-v", "agent", *args, *self.options],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=stderr,
-                env={**self.env, **armed},
+                env=self.env,
             )
         try:
             wait_until(lambda: answers(self.control), self.proc, "its control port", self.log)
@@ -284,14 +282,13 @@ class Agent:
         return other
 
 
-def isc(work: Path, env: dict[str, str], *args: str, limit: float = 3 * WAIT, **faults: object):
-    """Run ``isc ARGS`` in ``work`` with fault points armed; its completed process.
-    It fails the test when the command runs longer than ``limit`` seconds."""
-    armed = {f"ISC_{name.upper()}": str(value) for name, value in faults.items()}
+def isc(work: Path, env: dict[str, str], *args: str, limit: float = 3 * WAIT):
+    """Run ``isc ARGS`` in ``work``; its completed process. It fails the test when the
+    command runs longer than ``limit`` seconds."""
     done = subprocess.run(
         [*test_agent.ISC, *args],
         cwd=work,
-        env={**env, **armed},
+        env=env,
         capture_output=True,
         text=True,
         timeout=limit,
@@ -330,11 +327,27 @@ class Replica:
     env: dict[str, str]
     consistent: bytes = b""
 
-    def isc(self, *args: str, **faults: object) -> subprocess.CompletedProcess:
-        return isc(self.work, self.env, *args, **faults)
+    def isc(self, *args: str) -> subprocess.CompletedProcess:
+        return isc(self.work, self.env, *args)
 
-    def update(self, **faults: object) -> subprocess.CompletedProcess:
-        done = self.isc("update", "s", "--timeout", str(WAIT), **faults)
+    def arm(self, **faults: object) -> None:
+        arm(self.env, **faults)
+
+    def start_update(self, *options: str) -> tuple[subprocess.Popen[bytes], Path]:
+        """``isc update s`` started in the background; the process and its log."""
+        log = self.agent.logs / "update.log"
+        with open(log, "wb") as stderr:
+            proc = subprocess.Popen(
+                [*test_agent.ISC, "update", "s", "--timeout", str(WAIT), *options],
+                cwd=self.work,
+                env=self.env,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+            )
+        return proc, log
+
+    def update(self) -> subprocess.CompletedProcess:
+        done = self.isc("update", "s", "--timeout", str(WAIT))
         if done.returncode == 0:
             self.consistent = self.source.read_bytes()
         return done
@@ -400,13 +413,13 @@ def create(state: Path, source: Path) -> Path:
 def test_an_agent_killed_between_a_durable_protect_and_its_answer(replica: Replica):
     rng = random.Random(SEED)
     replica.host_writes(rng)
-    replica.agent.stop()
-    replica.agent.start(kill_after_protect=1)
+    replica.arm(kill_after_protect=1)
     done = replica.update()
     assert "cannot protect disk" in one_error(done) and "the update was abandoned" in done.stderr
     assert replica.agent.killed()
     assert replica.export.read_bytes() == replica.consistent  # nothing was copied
     assert replica.check() == "consistent"  # it holds the last update's image
+    replica.arm()
     replica.agent.start()
     assert replica.protected()  # the protect did happen: its answer was lost
     # The same update again: the agent keeps the protection it has (the same image).
@@ -419,8 +432,10 @@ def test_isc_update_killed_between_the_unprotect_ack_and_saving_its_outcome(repl
     rng = random.Random(SEED + 1)
     replica.host_writes(rng)
     before = replica.source.read_bytes()
-    done = replica.update(kill_after_unprotect=1)
+    replica.arm(kill_after_unprotect=1)
+    done = replica.update()
     assert done.returncode == -signal.SIGKILL, done.stderr
+    replica.arm()
     assert not replica.protected()  # the agent did drop the protection
     assert replica.export.read_bytes() == before  # and the copy was whole
     replica.consistent = before
@@ -449,18 +464,19 @@ def test_the_agent_killed_mid_copy_then_mid_rollback_and_the_rollback_run_again(
     rng = random.Random(SEED + 2)
     for _ in range(ROUNDS):
         replica.host_writes(rng)
-        replica.agent.stop()
-        replica.agent.start(kill_after_saves=rng.randrange(1, 4))
+        replica.arm(kill_after_saves=rng.randrange(1, 4))
         assert "disk" in one_error(replica.update())  # the copy lost its destination
         assert replica.agent.killed()
         assert replica.check() == "inconsistent"
         # Each chunk is saved once: a rollback writes back as many chunks as there are slots.
         slots = ((replica.export.parent / JOURNAL).stat().st_size - HEADER_SIZE) // SLOT
-        replica.agent.start(kill_mid_rollback=rng.randrange(1, slots + 1))
+        replica.arm(kill_mid_rollback=rng.randrange(1, slots + 1))
+        replica.agent.start()
         lost = one_error(replica.isc("rollback", "s", "disk"))
         assert "it may have happened: disk is inconsistent" in lost
         assert replica.agent.killed()
         assert replica.check() == "inconsistent"  # a mix of both images, all of it tracked
+        replica.arm()
         replica.agent.start()
         assert replica.isc("rollback", "s", "disk").returncode == 0
         assert replica.export.read_bytes() == replica.consistent
@@ -487,16 +503,10 @@ def test_a_rollback_the_state_does_not_allow_is_refused_and_changes_nothing(repl
     assert replica.isc("unmark", "s").returncode == 0
     # An update running (slowly: 1 KiB/s) holds the session: a rollback must wait for it.
     replica.host_writes(random.Random(SEED + 3))
-    with open(replica.agent.logs / "update.log", "wb") as log:
-        update = subprocess.Popen(
-            [*test_agent.ISC, "update", "s", "--throttle", "1K", "--timeout", str(WAIT)],
-            cwd=replica.work,
-            env=replica.env,
-            stdout=subprocess.DEVNULL,
-            stderr=log,
-        )
+    update, log = replica.start_update("--throttle", "1K")
     try:
-        wait_until(lambda: replica.export.read_bytes() != image, update, "the update's first run")
+        changed = lambda: replica.export.read_bytes() != image  # noqa: E731
+        wait_until(changed, update, "the update's first run", log)
         image = replica.export.read_bytes()
         before = recorded(replica.work)
         assert "in use by another isc process" in refused("disk")
@@ -598,10 +608,10 @@ def test_another_agent_at_the_address_of_one_whose_copy_failed_is_not_trusted(
     replica: Replica,
 ):
     replica.host_writes(random.Random(SEED + 6))
-    replica.agent.stop()
-    replica.agent.start(kill_after_saves=2)
+    replica.arm(kill_after_saves=2)
     one_error(replica.update())  # the agent died mid-copy; isc update saved the outcome
     assert replica.agent.killed()
+    replica.arm()
     image = replaced(replica, SEED + 7)
     before = recorded(replica.work)
     # The protection lives with the first agent: the new one has nothing to restore.
@@ -623,7 +633,9 @@ def test_another_agent_at_the_address_after_isc_update_was_killed_is_not_trusted
     replica: Replica,
 ):
     replica.host_writes(random.Random(SEED + 8))
-    assert replica.update(kill_at_run=2).returncode == -signal.SIGKILL
+    replica.arm(kill_at_run=2)
+    assert replica.update().returncode == -signal.SIGKILL
+    replica.arm()
     replaced(replica, SEED + 9)
     assert_no_false_consistent(replica)
 
@@ -986,18 +998,9 @@ def test_a_write_of_a_killed_update_that_lands_after_the_next_update_is_not_miss
 ):
     fifo = replica.work / "hold"
     os.mkfifo(fifo)
-    replica.agent.stop()
-    replica.agent.start(hold_first_write=fifo)
+    replica.arm(hold_first_write=str(fifo))
     rewrite_chunk(replica, 5, SEED + 10)  # the one chunk the first update sends
-    log = replica.agent.logs / "update.log"
-    with open(log, "wb") as stderr:
-        first = subprocess.Popen(
-            [*test_agent.ISC, "update", "s", "--timeout", str(WAIT)],
-            cwd=replica.work,
-            env=replica.env,
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-        )
+    first, log = replica.start_update()
     try:
         held = Path(f"{fifo}.reached")
         wait_until(held.exists, first, "the agent holding the update's write", log)
