@@ -123,37 +123,26 @@ def _die():
 if _FAULTS:
     from isc import agent, store, update
 
-    _protect, _append = agent.Export.protect, agent.Journal._append
-    _rollback = agent.Journal.rollback
-    _write, _ask, _progress = agent.Export.write, update._ask, store.Progress.__call__
+    def _kill_after(point, function):
+        """``function``, then death at the armed count of fault point ``point``."""
 
-    def protect(self, *args, **kwargs):
-        reply = _protect(self, *args, **kwargs)
-        if _event("kill_after_protect"):
-            _die()
-        return reply
+        def wrapper(*args, **kwargs):
+            result = function(*args, **kwargs)
+            if _event(point):
+                _die()
+            return result
 
-    def append(self, *args, **kwargs):
-        _append(self, *args, **kwargs)
-        if _event("kill_after_saves"):
-            _die()
+        return wrapper
 
     class _Dying:
         """A journal's LUN whose writes count towards kill_mid_rollback."""
 
         def __init__(self, lun):
             self.lun, self.size = lun, lun.size
+            self.flush, self.readinto = lun.flush, lun.readinto
+            self.write = _kill_after("kill_mid_rollback", lun.write)
 
-        def write(self, offset, data):
-            self.lun.write(offset, data)
-            if _event("kill_mid_rollback"):
-                _die()
-
-        def flush(self):
-            self.lun.flush()
-
-        def readinto(self, offset, buffer):
-            self.lun.readinto(offset, buffer)
+    _rollback, _write, _ask = agent.Journal.rollback, agent.Export.write, update._ask
 
     def rollback(self, *args, **kwargs):
         lun, self.lun = self.lun, _Dying(self.lun)
@@ -179,13 +168,10 @@ if _FAULTS:
             _die()
         return ack
 
-    def progress(self, *args, **kwargs):
-        _progress(self, *args, **kwargs)
-        if _event("kill_at_run"):
-            _die()
-
-    agent.Export.protect, agent.Journal._append, agent.Journal.rollback = protect, append, rollback
-    agent.Export.write, update._ask, store.Progress.__call__ = write, ask, progress
+    agent.Export.protect = _kill_after("kill_after_protect", agent.Export.protect)
+    agent.Journal._append = _kill_after("kill_after_saves", agent.Journal._append)
+    store.Progress.__call__ = _kill_after("kill_at_run", store.Progress.__call__)
+    agent.Journal.rollback, agent.Export.write, update._ask = rollback, write, ask
 '''
 
 
