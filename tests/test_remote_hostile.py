@@ -608,6 +608,31 @@ def test_another_agent_at_the_address_of_one_whose_copy_failed_is_not_trusted(
     assert replica.state() == "consistent"
 
 
+def test_an_export_replaced_at_its_path_under_a_protection_is_refused_in_one_line(
+    replica: Replica,
+):
+    replica.host_writes(random.Random(SEED + 12))
+    replica.arm(kill_after_saves=2)
+    one_error(replica.update())  # the agent died mid-copy: disk stays protected
+    assert replica.agent.killed()
+    replica.arm()
+    # Another volume at the export's path: another inode, which its journal does not name.
+    volume = replica.export.with_name("new")
+    volume.write_bytes(random.Random(SEED + 13).randbytes(SIZE))
+    volume.replace(replica.export)
+    image = replica.export.read_bytes()
+    replica.agent.start()
+    before = recorded(replica.work)
+    refused = one_error(replica.isc("rollback", "s", "disk"))
+    assert "the export was replaced; unprotect it" in refused and "nothing was changed" in refused
+    assert recorded(replica.work) == before
+    refused = one_error(replica.update())
+    assert "cannot protect disk" in refused and "its protected image was lost" in refused
+    # Its samples told the update it is another volume (rule 12): its next copy is full.
+    assert replica.state() == "new" and replica.check() == "new"
+    assert replica.export.read_bytes() == image
+
+
 @pytest.mark.xfail(
     strict=True,
     reason="after isc update is killed mid-copy the destination keeps no fingerprint samples "
