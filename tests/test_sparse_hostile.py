@@ -1109,17 +1109,12 @@ def test_an_agents_protection_holds_a_sparse_copys_write_zeroes_for_the_rollback
 
 
 # -- rule 4: a host WRITE_ZEROES lands wholly before or wholly after a mark ------------------------
-@pytest.mark.xfail(
-    strict=True,
-    reason="SessionLUN.write_zeroes zeroes in pieces of isc.lun.ZERO_PIECE, each its own "
-    "host write: a mark between two pieces freezes a half-done WRITE_ZEROES or TRIM (rule 4)",
-)
 @pytest.mark.parametrize("how", ["trim", "no-hole"])
 def test_a_mark_never_splits_a_host_write_zeroes(tmp_path: Path, monkeypatch, how: str):
-    # A client zeroes 3 MiB of data (a TRIM: punched; NO_HOLE: zeros written).
-    # The session is marked the moment the first piece of it is done: the
-    # image at the mark must hold the range all old or all zeros.
-    import isc.nbd.export
+    # A client zeroes 3 MiB of data (a TRIM: punched; NO_HOLE: zeros written,
+    # a piece at a time). Another thread marks the session once the first
+    # piece is done and the zeroing gives it time to: the image at the mark
+    # must hold the range all old or all zeros.
     from isc.lun import ZERO_PIECE
     from isc.nbd.export import LUNExport
 
@@ -1128,21 +1123,23 @@ def test_a_mark_never_splits_a_host_write_zeroes(tmp_path: Path, monkeypatch, ho
     with sparse_file(tmp_path / "source.img", size, [(0, size)], rng) as source:
         session = Session(source, 64 * K)
         before = image(source)
-        real = isc.nbd.export._zero_fill
-        marks = []
+        marked = threading.Event()
+        marking: list[Worker] = []
+        piece = source.write_zeroes if how == "trim" else source.write
 
-        def zero_fill(write, offset: int, length: int) -> None:
-            def piece(at: int, data) -> None:
-                write(at, data)
-                if not marks:
-                    marks.append(session.mark(full=True))  # no write is in flight here
+        def piece_then_a_mark(*args) -> None:
+            piece(*args)
+            if not marking:
+                marking.append(Worker(lambda: (session.mark(full=True), marked.set())))
+                # Time for the mark to land before the next piece, which it
+                # must not: it waits for the whole zeroing.
+                assert not marked.wait(0.5)
 
-            real(piece, offset, length)
-
-        monkeypatch.setattr(isc.nbd.export, "_zero_fill", zero_fill)
+        setattr(source, "write_zeroes" if how == "trim" else "write", piece_then_a_mark)
         live = LUNExport(SessionLUN(session), "vol", readonly=False)
         live.write_zeroes(ZERO_PIECE // 2, 3 * ZERO_PIECE, may_trim=how == "trim", fast=False)
-        assert marks
+        marking[0].finish()
+        assert marked.is_set()
         frozen = session.read_frozen(ZERO_PIECE // 2, 3 * ZERO_PIECE)
         old = before[ZERO_PIECE // 2 : 7 * ZERO_PIECE // 2]
         assert frozen in (old, bytes(len(old))), "the image at the mark holds it half done"

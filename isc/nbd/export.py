@@ -43,7 +43,6 @@ a new mark) its requests fail with EIO, never reading another point in time.
 from __future__ import annotations
 
 import bisect
-import functools
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -144,10 +143,12 @@ class SessionLUN(_BaseLUN):
         """Whether :meth:`write_zeroes` frees the source's storage (it has ``write_zeroes``)."""
         return callable(getattr(self.session.source, "write_zeroes", None))
 
-    def write_zeroes(self, offset: int, length: int) -> None:
-        """Host writes of zeros over ``[offset, offset + length)``, :data:`isc.lun.ZERO_PIECE`
-        bytes each: tracked and COFW-protected as any host write, each punching a hole
-        in the source where it can (``write_zeroes``), else writing zeros.
+    def write_zeroes(self, offset: int, length: int, hole: bool = True) -> None:
+        """One host write of zeros over ``[offset, offset + length)``, however long:
+        tracked and COFW-protected as any host write, and wholly before or after a
+        mark (rule 4: a mark waits for it); it punches a hole in the source if
+        ``hole`` and the source can (``write_zeroes``), else writes zeros,
+        :data:`isc.lun.ZERO_PIECE` bytes a call.
 
         Raises ``RangeError`` outside the source before anything changes, and
         the source's errors.
@@ -156,16 +157,19 @@ class SessionLUN(_BaseLUN):
         if offset < 0 or length < 0 or offset + length > self.size:
             raise self._range_error(offset, length)
         session = self.session
-        zeroes = getattr(session.source, "write_zeroes", None)
-        if zeroes is None:
-            _zero_fill(session.write, offset, length)
-            return
-        # The session's write path with the source's write_zeroes as its write.
-        # Session.write is that path with source.write; it offers no other.
-        punch = functools.partial(
-            session.bitmap.write_through, lambda at, data: zeroes(at, len(data)), session._save
-        )
-        _zero_fill(punch, offset, length)
+        source = session.source
+        # The session's write path (Session.write, the core's write_through)
+        # in its steps, with the zeroing as its write.
+        cofw = session.bitmap.begin_write(offset, length)
+        try:
+            if len(cofw):
+                session._save(cofw)  # never raises for trouble: the mark is aborted
+            if hole and callable(getattr(source, "write_zeroes", None)):
+                source.write_zeroes(offset, length)
+            else:
+                _zero_fill(source.write, offset, length)
+        finally:
+            session.bitmap.end_write(offset, length, len(cofw) > 0)
 
     def flush(self) -> None:
         """Flush the source; ``StateError`` when this adapter is closed."""
@@ -436,6 +440,8 @@ class LUNExport:
                 "zeroing without a hole (NO_HOLE) or on a LUN that cannot free space "
                 "writes zeros: no faster than a WRITE"
             )
+        elif isinstance(self.lun, SessionLUN):
+            self.lun.write_zeroes(offset, length, hole=False)  # one host write (rule 4)
         else:
             _zero_fill(self.lun.write, offset, length)
 
