@@ -80,6 +80,8 @@ from isc.update import PeriodicUpdate, UpdateBusy, UpdateError, rollback
 
 SEED = 20261206
 G = 16 << 10  # the session's granularity
+SLOT = HEAD_SIZE + PROTECT_GRANULARITY
+"""One record of an agent's journal: a saved chunk."""
 BOUND = 3.0
 """Seconds a command facing a peer that stalls may take, at a --timeout of 0.5 s."""
 
@@ -343,6 +345,14 @@ class Replica:
         with stored:
             write_randomly(stored.session, rng, count)
 
+    def slots(self) -> int:
+        """The records (saved chunks) in ``disk``'s journal at the agent; 0 without one."""
+        try:
+            size = (self.export.parent / JOURNAL).stat().st_size
+        except FileNotFoundError:
+            return 0
+        return (size - HEADER_SIZE) // SLOT
+
     def state(self) -> str:
         (dest,) = read_state(self.work / "s").meta["destinations"]
         return dest["state"]
@@ -440,8 +450,6 @@ def test_isc_update_killed_between_the_unprotect_ack_and_saving_its_outcome(repl
 
 ROUNDS = 2
 """Kill-and-recover rounds of a loop: seeded, a few each."""
-SLOT = HEAD_SIZE + PROTECT_GRANULARITY
-"""One record of an agent's journal: a saved chunk."""
 
 
 def test_the_agent_killed_mid_copy_then_mid_rollback_and_the_rollback_run_again(
@@ -455,8 +463,7 @@ def test_the_agent_killed_mid_copy_then_mid_rollback_and_the_rollback_run_again(
         assert replica.agent.killed()
         assert replica.check() == "inconsistent"
         # Each chunk is saved once: a rollback writes back as many chunks as there are slots.
-        slots = ((replica.export.parent / JOURNAL).stat().st_size - HEADER_SIZE) // SLOT
-        replica.arm(kill_mid_rollback=rng.randrange(1, slots + 1))
+        replica.arm(kill_mid_rollback=rng.randrange(1, replica.slots() + 1))
         replica.agent.start()
         lost = one_error(replica.isc("rollback", "s", "disk"))
         assert "it may have happened: disk is inconsistent" in lost
@@ -491,8 +498,8 @@ def test_a_rollback_the_state_does_not_allow_is_refused_and_changes_nothing(repl
     replica.host_writes(random.Random(SEED + 3))
     update, log = replica.start_update("--throttle", "1K")
     try:
-        changed = lambda: replica.export.read_bytes() != image  # noqa: E731
-        wait_until(changed, update, "the update's first run", log)
+        wait_until(lambda: replica.slots() > 0 and replica.export.read_bytes() != image,
+                   update, "the update's first run", log)  # fmt: skip
         image = replica.export.read_bytes()
         before = recorded(replica.work)
         assert "in use by another isc process" in refused("disk")
