@@ -736,8 +736,9 @@ def local(tmp_path: Path, source: Path) -> Path:
     return tmp_path
 
 
-def ask_impostor(work: Path, env, impostor: Impostor, *command: str) -> tuple[str, float]:
-    """Run ``isc COMMAND --site IMPOSTOR --timeout 0.5``; its error line and its seconds."""
+def ask_impostor(work: Path, env, impostor: Impostor, *command: str) -> str:
+    """Run ``isc COMMAND --site IMPOSTOR --timeout 0.5``; its error line (it must end
+    within :data:`BOUND` seconds)."""
     done = isc(work, env, *command, "--site", impostor.site, "--timeout", "0.5", limit=BOUND)
     return one_error(done)
 
@@ -754,7 +755,16 @@ def unchanged_but_the_generation(work: Path, before: dict) -> None:
     [
         (lambda r: b"x" * (2 << 20), "with something that is not an isc agent's reply"),
         (lambda r: reply({"id": r["id"] + 1}), "with a reply for another request"),
-        (lambda r: reply(r, extents="nonsense"), "protect raised ValueError"),
+        pytest.param(
+            lambda r: reply(r, extents="nonsense"),
+            "with a reply of the wrong shape",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="extents that are not [offset, length] pairs raise ValueError out of "
+                "AgentSite._request (isc/remote.py, where it reads the extents), which the "
+                "user reads as 'protect raised ValueError: not enough values to unpack'",
+            ),
+        ),
     ],
     ids=["oversized", "another request", "bad extents"],
 )
