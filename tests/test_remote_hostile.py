@@ -32,8 +32,9 @@ rollback replies of the wrong shape or with ranges that make no sense), an
 NBD export that drips its greeting or drops what it acknowledges (nbdkit's
 null plugin), another agent at the address of the first, and peers with
 certificates that must not pass (self-signed, of the other role, expired,
-of another CA, either end), plaintext on TLS faces, and a challenge-response
-overheard and replayed. Each must end within a bound with one clear error
+of another CA, either end), plaintext on TLS faces, a client that asks for
+TLS offered none (a downgrade), and a challenge-response overheard and
+replayed. Each must end within a bound with one clear error
 line and change nothing.
 
 A test that found a hole in the current code is marked ``xfail(strict=True)``
@@ -975,8 +976,8 @@ class Recorder(Listener):
         self.sent.append(bytes(heard))
 
 
-def test_a_replayed_authentication_is_refused_and_changes_nothing(
-    tmp_path: Path, exports: Path, env, secret: Path
+def test_a_replayed_authentication_and_a_downgrade_are_refused_and_change_nothing(
+    tmp_path: Path, exports: Path, env, secret: Path, credentials
 ):
     (exports / "spare").unlink()
     remote = Agent(exports, env, tmp_path, ("--secret-file", str(secret)))
@@ -997,8 +998,12 @@ def test_a_replayed_authentication_is_refused_and_changes_nothing(
                     answers = [json.loads(line) for line in replies]
             assert [a.get("ok") for a in answers] == [False, False], answers
             assert "authentication failed" in answers[-1]["reason"]
+        # A client that asks for TLS never falls back to plaintext with an agent that has none.
+        wants_tls = Credentials("client", tls_creds=credentials["good"], secret_file=secret)
+        ack = AgentSite(HOST, remote.control, timeout=WAIT, credentials=wants_tls).unprotect(disk)
+        assert not ack.ok and not ack.outcome_unknown and "TLS with" in ack.reason, ack.reason
         status = direct.status(disk)
-        assert status.ok and status.info["protected"]  # the replayed unprotect did nothing
+        assert status.ok and status.info["protected"]  # no unprotect but the first did a thing
         remote.stop()
     finally:
         recorder.close()
