@@ -927,6 +927,25 @@ def test_a_run_zeroing_after_its_mark_ended_and_another_copy_ran_loses_nothing(t
         assert_no_lost_change(session, target)
 
 
+def test_a_zeroing_beyond_the_save_area_while_marked_ends_the_mark_and_loses_nothing(
+    tmp_path: Path,
+):
+    # A whole-volume TRIM during a marked full copy needs more COFW than the
+    # save area holds: it goes in sections, the mark ends (rule 5), the host's
+    # zeroing lands whole, and every chunk stays tracked.
+    from isc import SaveArea
+
+    rng = random.Random(41)
+    size = 64 * G
+    with sparse_file(tmp_path / "source.img", size, [(0, size)], rng) as source:
+        session = Session(source, G, SaveArea(4 * G))
+        generation = session.mark(full=True)
+        SessionLUN(session).write_zeroes(0, size)
+        assert image(source) == bytes(size)
+        assert not session.bitmap.marked and "save area" in session.abort_reason(generation)
+        assert session.bitmap.tracking_count == session.bitmap.chunks
+
+
 # -- a sparse incremental copy to a protected destination, failed and rolled back ------------------
 def test_a_whole_volume_trim_goes_sparse_through_a_protection_and_rolls_back(tmp_path: Path):
     # A host trims the whole volume and writes a little: every chunk is in the

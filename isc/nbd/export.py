@@ -148,7 +148,9 @@ class SessionLUN(_BaseLUN):
         tracked and COFW-protected as any host write, and wholly before or after a
         mark (rule 4: a mark waits for it); it punches a hole in the source if
         ``hole`` and the source can (``write_zeroes``), else writes zeros,
-        :data:`isc.lun.ZERO_PIECE` bytes a call.
+        :data:`isc.lun.ZERO_PIECE` bytes a call. One exception: while marked, a
+        zeroing of more chunks than both the save area holds and the mark has
+        left to send is a host write per save area's worth.
 
         Raises ``RangeError`` outside the source before anything changes, and
         the source's errors.
@@ -156,6 +158,21 @@ class SessionLUN(_BaseLUN):
         self._check()
         if offset < 0 or length < 0 or offset + length > self.size:
             raise self._range_error(offset, length)
+        session = self.session
+        bitmap = session.bitmap
+        g = session.granularity
+        # The array of a write's COFW chunks takes 8 bytes a chunk: a zeroing
+        # that could need more than the save area holds while marked (which
+        # would abort the mark anyway) goes in sections of what it can hold,
+        # each a host write of its own.
+        step = length
+        room = max(1, session.save_area.capacity // g)
+        if bitmap.marked and min(length // g + 2, bitmap.transfer_count) > room:
+            step = room * g
+        for at in range(offset, offset + length, step):
+            self._zero(at, min(step, offset + length - at), hole)
+
+    def _zero(self, offset: int, length: int, hole: bool) -> None:
         session = self.session
         source = session.source
         # The session's write path (Session.write, the core's write_through)
