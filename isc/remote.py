@@ -419,6 +419,9 @@ class AgentSite(RequestSite):
         """The agent's address as ``isc --site`` takes it: ``HOST:PORT`` or ``unix:PATH``."""
         self.timeout = timeout
         self.credentials = credentials
+        self._images: dict[str, str] = {}
+        """Each export's protected image as the last protect through this site named it:
+        its unprotect drops that image only (:meth:`isc.agent.Export.unprotect`)."""
 
     @classmethod
     def at(
@@ -436,7 +439,10 @@ class AgentSite(RequestSite):
         rid = self._next_id()
         wait = self.timeout if timeout is None else timeout
         who = f"the agent at {self.where}"
-        line = json.dumps({"id": rid, "op": op, "export": dest.name}).encode() + b"\n"
+        request = {"id": rid, "op": op, "export": dest.name}
+        if op == "unprotect" and dest.name in self._images:
+            request["image"] = self._images[dest.name]
+        line = json.dumps(request).encode() + b"\n"
         sent = False  # once the whole line is out, the agent may act on it
         try:
             with connect(self.address, wait, self.credentials) as sock:
@@ -458,14 +464,18 @@ class AgentSite(RequestSite):
         if not isinstance(reply, dict) or reply.get("id") != rid:
             reason = f"{who} answered {op} {dest.name} with a reply for another request"
             return Ack(rid, False, reason, outcome_unknown=True)
-        info = reply.get("info") or {}
-        if not isinstance(info, dict) or not isinstance(reply.get("ok"), bool):
+        info, extents = reply.get("info") or {}, _pairs(reply.get("extents") or [])
+        if not isinstance(info, dict) or not isinstance(reply.get("ok"), bool) or extents is None:
             reason = (
-                f"{who} answered {op} {dest.name} with a reply of the wrong shape (its ok "
-                f"is not true or false, or its info not an object): is {self.where} an isc agent?"
+                f"{who} answered {op} {dest.name} with a reply of the wrong shape (its ok is not "
+                "true or false, its info not an object or its extents not [offset, length] "
+                f"pairs): is {self.where} an isc agent?"
             )
             return Ack(rid, False, reason, outcome_unknown=True)
-        extents = tuple((int(o), int(n)) for o, n in reply.get("extents") or ())
+        if op == "protect" and reply["ok"] and isinstance(info.get("image"), str):
+            self._images[dest.name] = info["image"]
+        elif op == "unprotect" and reply["ok"]:
+            self._images.pop(dest.name, None)
         return Ack(
             rid, reply["ok"], reply.get("reason"), extents, info, kept=reply.get("kept") is True
         )
@@ -496,6 +506,17 @@ class AgentSite(RequestSite):
                 "requires authentication does so: give its --tls-creds or --secret-file)"
             )
         return f"{who} cannot be reached for {op} {name}: {exc.strerror or exc}"
+
+
+def _pairs(value: object) -> tuple[tuple[int, int], ...] | None:
+    """``value`` (a reply's ``extents``) as ``(offset, length)`` pairs; None when it is not a
+    list of ``[integer, integer]`` lists."""
+    if not isinstance(value, list) or not all(
+        isinstance(pair, list) and len(pair) == 2 and all(type(n) is int for n in pair)
+        for pair in value
+    ):
+        return None
+    return tuple((offset, length) for offset, length in value)
 
 
 def agent_address(text: str) -> tuple[str, int] | str:
