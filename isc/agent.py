@@ -29,18 +29,24 @@ Requests, each durable before its reply is sent:
 * ``protect`` writes the journal's header (temp file, fsync, rename, fsync of
   the directory). An export already protected stays as it is ("already
   protected", ``"kept": true``): the first image is kept. One whose journal
-  lost its image is refused.
-* ``unprotect`` removes the journal and fsyncs the directory.
+  lost its image is refused. The reply's ``info["image"]`` names the image
+  protected: a random id in the header, new at each protect and rollback.
+* ``unprotect`` removes the journal and fsyncs the directory. A request that
+  names the ``image`` its protect replied with gets, in ``extents``, the
+  ranges rollbacks rewrote since (another client's rollback while an update
+  copied: what the copy wrote there was undone, :mod:`isc.update` tracks it
+  again); the whole export when the agent cannot tell (it restarted since
+  that image ended). The rollbacks are remembered while the agent runs.
 * ``rollback`` checks every record, writes each saved chunk back, flushes the
-  export, then empties the journal (truncate, fsync): the export is protected
-  afresh at the image it holds again. A crash midway repeats it on the next
-  rollback.
+  export, then replaces the journal with an empty one of a new image (temp
+  file, rename): the export is protected afresh at the image it holds again.
+  A crash midway repeats it on the next rollback.
 * ``status`` reports ``protected``, ``intact``, ``saved_bytes``,
   ``saved_chunks``, ``problem`` and ``extents`` (the ranges a rollback would
   rewrite).
 
-Journal format: a header (``ISCJRNL1``, chunk size, export size, the export
-file's device and inode, CRC-32) and fixed slots of a 32-byte record head
+Journal format: a header (``ISCJRNL2``, chunk size, export size, the export
+file's device and inode, the image's 8-byte id, CRC-32) and fixed slots of a 32-byte record head
 (chunk, first slot and slot count of its batch, data length, data CRC-32,
 head CRC-32) plus one chunk of data. One write appends one batch and waits
 for its fsync. After a crash, a batch that is not whole (a torn record: a
@@ -65,10 +71,11 @@ past its save may land after it: roll back while no copy writes.
 Control protocol (:mod:`isc.control`: newline-delimited JSON over TCP, or
 over a Unix socket of mode 0600 that only the agent's user reaches). A
 request is ``{"id": N, "op": OP, "export": NAME}`` with OP one of
-``protect``, ``unprotect``, ``rollback``, ``status`` (and ``list``, which
-needs no export). Every reply is ``{"id": N, "ok": true|false, "reason":
-TEXT|null, "extents": [[offset, length], ...], "info": {...}}``
-(``extents``: the byte ranges a rollback rewrote). An unknown export gets
+``protect``, ``unprotect`` (and ``"image": ID``, optional), ``rollback``,
+``status`` (and ``list``, which needs no export). Every reply is ``{"id": N,
+"ok": true|false, "reason": TEXT|null, "extents": [[offset, length], ...],
+"info": {...}}`` (``extents``: the byte ranges a rollback rewrote, for
+``unprotect`` since the image). An unknown export gets
 ``ok: false`` with the reason, like any bad request.
 """
 
@@ -103,8 +110,8 @@ EXPORT_OPS = ("protect", "unprotect", "rollback", "status")
 STATE_DIR = ".isc-agent"
 """The agent's state directory inside the directory it serves."""
 
-_MAGIC = b"ISCJRNL1"
-_HEADER = struct.Struct("<8sIQQQ")  # magic, chunk size, export size, st_dev, st_ino
+_MAGIC = b"ISCJRNL2"
+_HEADER = struct.Struct("<8sIQQQ8s")  # magic, chunk size, export size, st_dev, st_ino, image
 _HEAD = struct.Struct("<QQIII")  # chunk, batch's first slot, batch's slot count, length, data CRC
 _CRC = struct.Struct("<I")
 HEADER_SIZE = _HEADER.size + _CRC.size
@@ -115,8 +122,8 @@ def _sealed(packed: bytes) -> bytes:
     return packed + _CRC.pack(zlib.crc32(packed))
 
 
-def _header(lun, identity: tuple[int, int]) -> bytes:
-    return _sealed(_HEADER.pack(_MAGIC, PROTECT_GRANULARITY, lun.size, *identity))
+def _header(lun, identity: tuple[int, int], image: bytes) -> bytes:
+    return _sealed(_HEADER.pack(_MAGIC, PROTECT_GRANULARITY, lun.size, *identity, image))
 
 
 class Journal:
@@ -131,10 +138,14 @@ class Journal:
         """Open the journal at ``path`` for ``lun`` (the file of device and inode ``identity``)."""
         self.path = path
         self.lun = lun
+        self.identity = identity
         self.granularity = PROTECT_GRANULARITY
         self.slot = HEAD_SIZE + self.granularity
         self.problem: str | None = None
         """Why the protected image cannot be restored, or None while it is intact."""
+        self.image = ""
+        """Names the image the journal protects (hex, random): a new one at each protect
+        and rollback, so a client can tell whether its protection was rolled back."""
         self._index: dict[int, int] = {}  # chunk -> slot
         self._slots = 0  # slots in the journal
         self._stuck: str | None = None  # why appending is unsafe until the next rollback
@@ -142,9 +153,11 @@ class Journal:
         self._fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
             header = os.pread(self._fd, HEADER_SIZE, 0)
-            if header != _header(lun, identity):
+            image = header[_HEADER.size - 8 : _HEADER.size]
+            if len(header) < HEADER_SIZE or header != _header(lun, identity, image):
                 self.problem = self._header_problem(header)
             else:
+                self.image = image.hex()
                 self._recover()
         except BaseException:
             os.close(self._fd)
@@ -158,7 +171,7 @@ class Journal:
             _fsync_dir(path.parent.parent)
         except FileExistsError:
             pass
-        write_atomically(path, _header(lun, identity))
+        write_atomically(path, _header(lun, identity, os.urandom(8)))
         return cls(path, lun, identity)
 
     def _header_problem(self, header: bytes) -> str:
@@ -315,8 +328,13 @@ class Journal:
                 length = self._chunk_length(chunk)
                 self.lun.write(chunk * self.granularity, memoryview(buffer)[HEAD_SIZE:][:length])
             self.lun.flush()
-            os.ftruncate(self._fd, HEADER_SIZE)
-            os.fsync(self._fd)
+            # Protected afresh, as a new image: an empty journal replaces this one whole,
+            # so a crash before the rename leaves this one, to be rolled back again.
+            image = os.urandom(8)
+            write_atomically(self.path, _header(self.lun, self.identity, image))
+            self._close_locked()
+            self._fd = os.open(self.path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+            self.image = image.hex()
             self._index.clear()
             self._slots = 0
             self._stuck = None
@@ -364,6 +382,9 @@ class Export(ForwardingLUN):
         self.identity = identity
         self._lock = threading.Lock()
         self.journal: Journal | None = None
+        self._undone: dict[str, set[int]] = {}
+        """Each image that ended while the agent ran (a rollback, an unprotect) -> the chunks
+        rollbacks rewrote since it was protected."""
         if journal_path.exists():
             self.journal = Journal(journal_path, lun, identity)
             log.info("%s: protected (journal %s)", name, journal_path)
@@ -373,7 +394,9 @@ class Export(ForwardingLUN):
         (journal if journal else self.lun).write(offset, data)
 
     # -- requests ------------------------------------------------------------------
-    def protect(self) -> dict:
+    def protect(self, named: bool = False) -> dict:
+        """Protect the export, or keep its protection; ``named``: the reply's ``info`` names
+        the image protected (:attr:`image`), as it was when the lock was let go."""
         with self._lock:
             if self.journal is not None and self.journal.problem is not None:
                 # Answering "already protected" would let an update overwrite
@@ -385,32 +408,67 @@ class Export(ForwardingLUN):
                     "it to drop the protection",
                 }
             if self.journal is not None:
-                return {"ok": True, "reason": "already protected", "kept": True}
-            self.journal = Journal.create(self.journal_path, self.lun, self.identity)
-            return {"ok": True}
+                reply = {"ok": True, "reason": "already protected", "kept": True}
+            else:
+                self.journal = Journal.create(self.journal_path, self.lun, self.identity)
+                reply = {"ok": True}
+            return {**reply, "info": {"image": self.image}} if named else reply
 
-    def unprotect(self) -> dict:
+    @property
+    def image(self) -> str | None:
+        """The protected image's name (:attr:`Journal.image`), None while unprotected."""
+        journal = self.journal
+        return journal.image if journal is not None else None
+
+    def unprotect(self, image: str | None = None) -> dict:
+        """Drop the protection. With ``image`` (the name a protect replied with), the reply's
+        ``extents`` list what rollbacks rewrote since that protect (:meth:`_undone_locked`)."""
         with self._lock:
+            undone = self._undone_locked(image)
+            told = {"extents": undone} if undone else {}
             if self.journal is None:
-                return {"ok": True, "reason": "not protected"}
+                return {"ok": True, "reason": "not protected", **told}
+            self._undone.setdefault(self.journal.image, set())
             self.journal.drop()
             self.journal = None
-            return {"ok": True}
+            return {"ok": True, **told}
 
     def rollback(self) -> dict:
         with self._lock:
             if self.journal is None:
                 return {"ok": False, "reason": f"{self.name} is not protected: no image to restore"}
+            ended = self.journal.image
             try:
                 extents = self.journal.rollback()
             except IscError as exc:
                 return {"ok": False, "reason": str(exc)}
+            rewritten = {
+                c
+                for o, n in extents
+                for c in range(o // PROTECT_GRANULARITY, -(-(o + n) // PROTECT_GRANULARITY))
+            }
+            for chunks in self._undone.values():
+                chunks |= rewritten
+            self._undone[ended] = rewritten
             return {"ok": True, "extents": [list(e) for e in extents]}
 
     def status(self) -> dict:
         with self._lock:
             info = self.journal.info() if self.journal else {"protected": False}
+            if self.journal is not None:
+                info["image"] = self.journal.image
             return {"ok": True, "info": {"size": self.size, **info}}
+
+    def _undone_locked(self, image: str | None) -> list[list[int]]:
+        """The byte ranges rollbacks rewrote since ``image`` was protected: none while it is
+        the protected image (or no image is named); all of the export when this agent does
+        not know it (it restarted since that image ended, or the image is another's)."""
+        if image is None or image == self.image:
+            return []
+        chunks = self._undone.get(image)
+        if chunks is None:
+            return [[0, self.size]]
+        return [list(e) for e in saved_extents(sorted(chunks), PROTECT_GRANULARITY, self.size)]
 
     def close(self) -> None:
         if self.journal is not None:
@@ -502,7 +560,13 @@ class Agent:
         export = self.exports.get(name) if isinstance(name, str) else None
         if export is None:
             return {"ok": False, "reason": f"no export named {request.get('export')!r}"}
-        reply = getattr(export, op)()
+        image = request.get("image")
+        if op == "protect":  # named, so that its unprotect can tell what happened since
+            reply = export.protect(named=True)
+        elif op == "unprotect":
+            reply = export.unprotect(image if isinstance(image, str) else None)
+        else:
+            reply = getattr(export, op)()
         log.info("%s %s: %s", op, export.name, reply.get("reason") or "ok")
         return reply
 

@@ -12,8 +12,11 @@ Periodic incremental update (docs/design.md; the patent's figures 3-9):
    mix), unmark, log and raise :class:`UpdateError`;
 4. transfer the marked data and wait for it to finish;
 5. on success the copy unmarks, the site unprotects, and the destinations are
-   consistent; on failure the copy unmarks (merge) and the protection stays,
-   so :func:`rollback` can restore the last consistent image;
+   consistent, but for one whose unprotect ack lists ranges (``extents``: a
+   rollback by another client of an agent undid them during the copy): those
+   are tracked again, it is inconsistent and the update fails; on failure
+   the copy unmarks (merge) and the protection stays, so :func:`rollback`
+   can restore the last consistent image;
 6. release the locks in every case.
 
 Unmarked full copy (figures 12-18): the same lock; optionally protect; the
@@ -182,13 +185,13 @@ class PeriodicUpdate:
                     log.error("%s: update failed, %s stay protected", session.name, names)
                     continue
                 results.append(result)
-                done = [d for d in dests if result.outcomes.get(d.name) == "ok"]
-                dropped = [d for d in dests if d not in done]
-                for dest in done:
-                    if _ask(self.site, "unprotect", dest, self.timeout).ok:
-                        dest.protected_state = None
+                copied = [d for d in dests if result.outcomes.get(d.name) == "ok"]
+                undone = _unprotect_copied(self.site, session, copied, self.timeout)
+                done = [d for d in copied if d.name not in undone]
+                dropped = [d for d in dests if d not in copied]
+                failures += [f"{session.name}: {why}" for why in undone.values()]
                 consistent += done
-                behind += dropped
+                behind += [d for d in dests if d not in done]
                 if dropped:
                     failures.append(
                         f"{session.name}: "
@@ -283,10 +286,8 @@ class UnmarkedFullCopy:
             except (CopyError, StateError) as exc:
                 raise UpdateError(f"unmarked full copy failed: {exc}") from exc
             done = [d for d in self.destinations if result.outcomes.get(d.name) == "ok"]
-            if self.protect:
-                for dest in done:
-                    if _ask(self.site, "unprotect", dest, self.timeout).ok:
-                        dest.protected_state = None
+            if self.protect:  # the destinations end inconsistent: what a rollback undid is tracked
+                _unprotect_copied(self.site, self.session, done, self.timeout)
             dropped = [d for d in self.destinations if d not in done]
             if dropped:
                 failed = ", ".join(f"{d.name} {result.outcomes[d.name]}" for d in dropped)
@@ -329,6 +330,33 @@ def _ask_group(site, request: str, dests: Sequence[Destination], timeout: float)
     for dest, ack in zip(dests, acks, strict=True):
         log.info("%s %s: %s", request, dest.name, "ok" if ack.ok else ack.reason)
     return acks
+
+
+def _unprotect_copied(
+    site, session: Session, dests: Sequence[Destination], timeout: float
+) -> dict[str, str]:
+    """Unprotect ``dests``, which a copy of ``session`` brought up to date.
+
+    An ack that lists ranges (``extents``, an agent's) says a rollback by another
+    client rewrote them since the protect: it undid part of the copy. Those ranges
+    are tracked again (rule 2) and the destination is INCONSISTENT. Returns each
+    such destination's name with why, in one line.
+    """
+    undone = {}
+    for dest in dests:
+        ack = _ask(site, "unprotect", dest, timeout)
+        if ack.ok:
+            dest.protected_state = None
+        if ack.extents:
+            _track(session, ack.extents)
+            dest.state = DestState.INCONSISTENT
+            undone[dest.name] = (
+                f"{dest.name} was rolled back by another client of its site during the copy: "
+                f"the {len(ack.extents)} range(s) it undid are tracked again, and {dest.name} "
+                "is inconsistent until its next update"
+            )
+            log.error("%s", undone[dest.name])
+    return undone
 
 
 def _raised(request: str, exc: Exception) -> Ack:

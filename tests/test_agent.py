@@ -494,6 +494,37 @@ def test_a_second_update_while_one_runs_is_refused_and_changes_nothing(
         dest.lun.close()
 
 
+def test_a_rollback_by_another_client_during_an_update_leaves_its_ranges_tracked(
+    tmp_path: Path, source: Path, session: Session, exports: Path
+):
+    with agent(exports, tmp_path / "agent.log") as remote:
+        site = remote.site()
+        dest = Destination(NBDLUN(remote.exports["disk"], timeout=WAIT), name="disk")
+        PeriodicUpdate(session, [dest], site, timeout=WAIT, io_size=IO).run()
+        scribble(session, random.Random(SEED + 40), 30)
+        gate = Gate()
+        update = PeriodicUpdate(session, [dest], site, timeout=WAIT, io_size=IO, progress=gate)
+        running = Worker(update.run)
+        try:
+            gate.wait_reached()  # marked, protected, one run sent
+            # Another client (an operator, another session) rolls the export back: the
+            # run already sent holds the old image again.
+            assert remote.site().rollback(dest).ok
+        finally:
+            gate.open()
+        with pytest.raises(UpdateError, match="disk was rolled back by another client of its site"):
+            running.finish()
+        assert dest.state is DestState.INCONSISTENT and not protected(site, dest)
+        with lun_of(exports / "disk") as held:
+            assert_no_lost_change(session, held)
+        # The next update sends what the rollback undid.
+        (result,) = PeriodicUpdate(session, [dest], site, timeout=WAIT, io_size=IO).run()
+        assert result.outcomes == {"disk": "ok"} and dest.state is DestState.CONSISTENT
+        assert not protected(site, dest)
+        dest.lun.close()
+    assert (exports / "disk").read_bytes() == source.read_bytes()
+
+
 # -- the control protocol, by hand ------------------------------------------------------------
 @contextmanager
 def control(remote: Daemon) -> Iterator[socket.socket]:
