@@ -751,17 +751,24 @@ def check_sites(site: tuple[str, int] | str | None, dests: list[dict]) -> None:
 def _rollback(args: argparse.Namespace) -> int:
     from isc import rbd
 
+    meta = store.read_state(args.session).meta
+    known = {d["name"]: d for d in meta["destinations"]}
+    if args.destination not in known:  # refused before anything is opened or asked for
+        raise ParameterError(
+            f"{meta['name']} has no destination {args.destination!r} (it has "
+            f"{', '.join(known) or 'none'})"
+        )
+    chosen = known[args.destination]
+    if args.site is None and not chosen.get("site") and not rbd.is_rbd(chosen["target"]):
+        args.session_parser.error(
+            "rollback needs --site HOST:PORT: the protected image lives at the destination's "
+            "site, and it has none of its own (add-dest --site); with local destinations it "
+            "lived only in the process of the failed update; an RBD destination's lives in "
+            "its cluster and needs none"
+        )
+    site, credentials = _connect(args, [chosen])
     with _open(args) as stored:
-        dest = stored.destination(args.destination)  # an unknown name first: it names them
-        (chosen,) = [d for d in stored.meta["destinations"] if d["name"] == dest.name]
-        if args.site is None and not chosen.get("site") and not rbd.is_rbd(chosen["target"]):
-            args.session_parser.error(
-                "rollback needs --site HOST:PORT: the protected image lives at the "
-                "destination's site, and it has none of its own (add-dest --site); with local "
-                "destinations it lived only in the process of the failed update; an RBD "
-                "destination's lives in its cluster and needs none"
-            )
-        site, credentials = _connect(args, [chosen])
+        dest = stored.destination(args.destination)
         site = stored.site(site, credentials)
 
         def record_intent() -> None:
