@@ -290,13 +290,19 @@ def test_nbd_trims_and_zeroes_on_the_live_export_during_a_marked_full_copy(
 
 
 # -- destinations replaced, failing part-way, without write_zeroes, on a block device ------------
-def fresh_nbdkit(tmp_path: Path):
-    """A fresh ``nbdkit memory`` (zeros) of :data:`SIZE` bytes on ``tmp_path/nbdkit.sock``,
-    also where one was killed: started again, a wiped destination under the same URI."""
-    from test_nbd import nbdkit
+def fresh_nbdkit(tmp_path: Path, kept: bool = False):
+    """``nbdkit`` of :data:`SIZE` bytes on ``tmp_path/nbdkit.sock``, also where one was
+    killed: its ``memory`` plugin (started again: a wiped destination under the same URI)
+    or, ``kept``, its ``file`` plugin on ``tmp_path/nbdkit.img`` (the same destination)."""
+    from test_nbd import nbdkit, sparse
 
     (tmp_path / "nbdkit.sock").unlink(missing_ok=True)
-    return nbdkit(tmp_path, "memory", f"size={SIZE}")
+    if not kept:
+        return nbdkit(tmp_path, "memory", f"size={SIZE}")
+    backing = tmp_path / "nbdkit.img"
+    if not backing.exists():
+        sparse(backing, SIZE)
+    return nbdkit(tmp_path, "file", str(backing))
 
 
 @contextlib.contextmanager
@@ -312,28 +318,35 @@ def session_and_nbd_destination(tmp_path: Path, seed: int):
         yield Session(source, G), Destination(lun, "d")
 
 
-def copied_again(session: Session, dest: Destination) -> None:
-    """An incremental copy of the marked ``session`` to ``dest``, which a wiped volume
-    replaced: it may be refused or fail, or leave ``dest`` inconsistent, never call it
-    CONSISTENT unless it holds the source. Then the next copy (a full one if ``dest`` fell
-    out of step) makes it the source."""
-    with contextlib.suppress(CopyError, StateError):  # it may be found replaced
+def copied_again(session: Session, dest: Destination, kept: bool) -> None:
+    """An incremental copy of the marked ``session`` to ``dest``, restarted. One a wiped
+    volume replaced: it may be refused or fail, or leave ``dest`` inconsistent, never call
+    it CONSISTENT unless it holds the source. One ``kept``: it sends what ``dest`` missed
+    and calls it CONSISTENT (rule 13). Then the next copy (a full one if ``dest`` fell out
+    of step) makes it the source."""
+    try:
         CopyJob(session, [dest]).incremental()
+    except (CopyError, StateError):  # it may be found replaced
+        assert not kept
     assert dest.state is not DestState.CONSISTENT or image(dest.lun) == image(session.source)
+    assert not kept or dest.state is DestState.CONSISTENT
     session.unmark()
     session.mark(full=not dest.in_step(session))
     CopyJob(session, [dest]).incremental()
     assert dest.state is DestState.CONSISTENT and image(dest.lun) == image(session.source)
 
 
+@pytest.mark.parametrize("restart", ["wiped", "kept"])
 @pytest.mark.parametrize("when", ["between-copies", "mid-copy"])
-def test_a_destination_replaced_by_a_wiped_one_is_not_reported_consistent(tmp_path: Path, when):
+def test_a_restarted_destination_is_told_from_a_wiped_one(tmp_path: Path, when: str, restart: str):
     # The export is restarted wiped. Between two copies: the check's read of
     # its samples fails on the dead connection, and the copy's first write
     # would reconnect to the wiped export. While a full copy to it is parked
     # after two flushed runs: the destination drops out, and the next copy
     # would send only what it missed since the last flush. Either way it must
-    # be told from the destination it was.
+    # be told from the destination it was; restarted with its data kept, it
+    # is that one, and the next incremental copy makes it consistent.
+    kept = restart == "kept"
     parked = Gate()
 
     def park_third_run(done: int, total: int) -> None:
@@ -341,7 +354,7 @@ def test_a_destination_replaced_by_a_wiped_one_is_not_reported_consistent(tmp_pa
             parked(done, total)
 
     with session_and_nbd_destination(tmp_path, 7) as (session, dest):
-        with fresh_nbdkit(tmp_path):
+        with fresh_nbdkit(tmp_path, kept):
             job = CopyJob(
                 session, [dest], io_size=4 * G, flush_every=4 * G, progress=park_third_run
             )
@@ -351,7 +364,7 @@ def test_a_destination_replaced_by_a_wiped_one_is_not_reported_consistent(tmp_pa
             else:
                 copying.finish()
                 assert dest.state is DestState.CONSISTENT and dest.samples
-        with fresh_nbdkit(tmp_path):
+        with fresh_nbdkit(tmp_path, kept):
             if when == "mid-copy":
                 parked.open()
                 with pytest.raises(CopyError, match="lost its connection"):
@@ -360,7 +373,7 @@ def test_a_destination_replaced_by_a_wiped_one_is_not_reported_consistent(tmp_pa
             else:
                 session.write(0, b"new")
             session.mark()
-            copied_again(session, dest)
+            copied_again(session, dest, kept)
 
 
 @pytest.mark.parametrize("others", [0, 1], ids=["alone", "beside-another"])
