@@ -767,10 +767,27 @@ STRESS_STEPS = 150
 """Copies per stress run: marked full, incremental or unmarked full, a fault in some."""
 
 
-@pytest.mark.parametrize(("seed", "area"), [(27, "memory"), (28, "memory"), (29, "file")])
+@contextlib.contextmanager
+def host_path(server: NBDServer, sock: Path, path: str):
+    """Where host writes go: ``server``'s session export itself ("session"), or an NBD
+    connection to ``server`` started on ``sock`` ("nbd")."""
+    server.start_unix(sock)
+    if path == "session":
+        yield server.lun
+        return
+    with NBDLUN(server.uri, timeout=TIMEOUT) as lun:
+        yield lun
+
+
+@pytest.mark.parametrize(
+    ("seed", "area", "path"),
+    [(27, "memory", "session"), (28, "memory", "nbd"), (29, "file", "nbd")],
+)
 def test_stress_writers_trims_and_zeroes_against_sparse_and_incremental_copies(
-    tmp_path: Path, monkeypatch, busy_switching, seed: int, area: str
+    tmp_path: Path, monkeypatch, busy_switching, seed: int, area: str, path: str
 ):
+    # Writers reach the session through its export, or through isc's NBD
+    # server of it (WRITE, WRITE_ZEROES that punch) on one shared connection.
     import isc.copy
     from isc import SaveArea
 
@@ -784,6 +801,8 @@ def test_stress_writers_trims_and_zeroes_against_sparse_and_incremental_copies(
         ZeroHook.create(tmp_path / "file.img", size) as punched,
         SaveArea(8 * G, tmp_path / "save.area" if area == "file" else None) as saves,
         SessionLUN(Session(source, G, saves)) as export,
+        NBDServer(export, name="vol") as server,
+        host_path(server, tmp_path / "vol.sock", path) as host,
     ):
         written = HookLUN(MemoryLUN(size))
         twin = MemoryLUN(size)  # the source, written in the same order under ``order``
@@ -800,13 +819,13 @@ def test_stress_writers_trims_and_zeroes_against_sparse_and_incremental_copies(
             with order:
                 if kind == 0:
                     payload = wrng.randbytes(length)
-                    export.write(offset, payload)
+                    host.write(offset, payload)
                 elif kind == 1:
                     payload = bytes(length)
-                    export.write(offset, payload)
+                    host.write(offset, payload)
                 else:
                     payload = bytes(length)
-                    export.write_zeroes(offset, length)
+                    host.write_zeroes(offset, length)
                 twin.write(offset, payload)
 
         runs_left = [0]
