@@ -12,7 +12,7 @@ tracked (rule 2):
   session's export (:class:`~isc.nbd.SessionLUN`; ``qemu-io`` and libnbd over
   NBD; the real ``isc serve``), before and after the copy reached it; trims
   through ``isc serve`` that must stay tracked across its SIGKILL; a pull
-  (``nbdcopy`` of the frozen export) after trims on the live export;
+  (``nbdcopy`` of the frozen export) after and during trims on the live export;
 * destinations that fail part-way through their zeroing (also nbdkit's error
   filter), lack ``write_zeroes``, are NBD exports of every kind of zeroing,
   a block device, a protected one whose rollback must undo the zeroing, or
@@ -22,8 +22,9 @@ tracked (rule 2):
 * cancels, failures, a mark that ends while its run still zeroes, and
   SIGKILLs of ``isc copy --full`` and ``isc serve --every`` in the middle of
   a sparse copy, then the next copy;
-* a seeded stress: writer threads writing, trimming and zeroing while
-  sparse full and incremental copies run, fail and are cancelled.
+* a seeded stress: writer threads writing, trimming and zeroing (through the
+  session's export or isc's NBD server of it) while sparse full and
+  incremental copies run, fail and are cancelled.
 
 Every wait is bounded (:data:`helpers.TIMEOUT`); randomness is seeded; a test
 that needs a Debian tool skips naming its package.
@@ -1194,3 +1195,49 @@ def test_a_mark_never_splits_a_host_write_zeroes(tmp_path: Path, monkeypatch, ho
         frozen = session.read_frozen(ZERO_PIECE // 2, 3 * ZERO_PIECE)
         old = before[ZERO_PIECE // 2 : 7 * ZERO_PIECE // 2]
         assert frozen in (old, bytes(len(old))), "the image at the mark holds it half done"
+
+
+def test_nbdcopy_pulls_the_image_at_the_mark_while_a_client_trims_and_writes_the_live_export(
+    tmp_path: Path,
+):
+    # The same pull while a client keeps trimming, zeroing and writing the
+    # live export until it is done: whatever the interleaving, the backup
+    # holds the image at the mark.
+    from test_nbd import tool
+
+    nbdcopy = tool("nbdcopy")
+    rng = random.Random(40)
+    g = 64 * K
+    size = 384 * g + 300
+    data = [(offset, 8 * g) for offset in range(0, size - 8 * g, 24 * g)]  # a third data
+    with sparse_file(tmp_path / "source.img", size, data, rng) as source:
+        session = Session(source, g, name="vol")
+        with FileLUN.create(tmp_path / "backup.img", size) as backup:
+            old_data(backup, 41)
+        with NBDServer(SessionLUN(session), name="vol") as server:
+            server.start_unix(tmp_path / "vol.sock")
+            session.mark(full=True)
+            at_mark = image(source)
+            frozen = f"nbd+unix:///vol@frozen?socket={tmp_path / 'vol.sock'}"
+            pulling = subprocess.Popen(
+                [nbdcopy, frozen, str(tmp_path / "backup.img")],
+                stdin=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            changes = 0
+            with NBDLUN(server.uri, timeout=TIMEOUT) as live:
+                # Bounded: the pull ends, or the test fails at the wait below.
+                while (pulling.poll() is None or not changes) and changes < 20_000:
+                    length = rng.choice((512, 4 * K, g, 3 * g + 1))
+                    offset = rng.randrange(size - length)
+                    if rng.random() < 0.5:
+                        live.write_zeroes(offset, length)
+                    else:
+                        live.write(offset, rng.randbytes(length))
+                    changes += 1
+            assert pulling.wait(TIMEOUT) == 0, pulling.stderr.read()
+            pulling.stderr.close()
+            print(f"\n{changes} host changes during the pull")
+            session.unmark()
+        assert (tmp_path / "backup.img").read_bytes() == at_mark
