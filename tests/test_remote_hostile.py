@@ -29,13 +29,13 @@ another client of the agent).
 Hostile peers: listeners that answer the control protocol wrongly (a reply
 dripped a byte at a time, one too long, one for another request, status and
 rollback replies of the wrong shape or with ranges that make no sense), an
-NBD export that drips its greeting or drops what it acknowledges (nbdkit's
-null plugin), another agent at the address of the first, and peers with
-certificates that must not pass (self-signed, of the other role, expired,
-of another CA, either end), plaintext on TLS faces, a client that asks for
-TLS offered none (a downgrade), and a challenge-response overheard and
-replayed. Each must end within a bound with one clear error
-line and change nothing.
+NBD export that drips its greeting, answers a write for no request in
+flight, or drops what it acknowledges (nbdkit's null plugin), another agent
+at the address of the first, and peers with certificates that must not pass
+(self-signed, of the other role, expired, of another CA, either end),
+plaintext on TLS faces, a client that asks for TLS offered none (a
+downgrade), and a challenge-response overheard and replayed. Each must end
+within a bound with one clear error line and change nothing.
 
 A test that found a hole in the current code is marked ``xfail(strict=True)``
 with the reason, naming the code: it passes once the hole is mended.
@@ -70,10 +70,10 @@ from test_cli import state_of
 from test_nbd import nbdkit
 from test_security_nbd import with_tls
 
-from isc import Destination, DestState
+from isc import Destination, DestState, MemoryLUN
 from isc.agent import HEAD_SIZE, HEADER_SIZE
 from isc.auth import Credentials
-from isc.nbd import NBDLUN
+from isc.nbd import NBDLUN, proto
 from isc.remote import PROTECT_GRANULARITY, AgentSite, LocalSite
 from isc.store import copy as store_copy
 from isc.store import open_session, read_state
@@ -1088,3 +1088,63 @@ def test_an_export_that_acknowledges_writes_it_never_made_is_not_reported_consis
             PeriodicUpdate(session, [dest], LocalSite(), timeout=WAIT, io_size=IO).run()
         if dest.state is DestState.CONSISTENT:
             assert lun.read(0, SIZE) == source.read_bytes(), "it reads consistent, holds zeros"
+
+
+def exactly(conn: socket.socket, length: int) -> bytes:
+    data = bytearray()
+    while len(data) < length:
+        part = conn.recv(length - len(data))
+        if not part:
+            raise ConnectionError("the client left")
+        data += part
+    return bytes(data)
+
+
+class HostileExport(Listener):
+    """An NBD server of ``size`` bytes in ``image`` (simple replies only) that answers its
+    ``wrong``-th write with the handle of no request in flight."""
+
+    def __init__(self, size: int, wrong: int) -> None:
+        self.image, self.wrong, self.writes = MemoryLUN(size), wrong, 0
+        super().__init__()
+        self.uri = f"nbd://{HOST}:{self.port}/disk"
+
+    def handle(self, conn: socket.socket) -> None:
+        flags = proto.FLAG_FIXED_NEWSTYLE | proto.FLAG_NO_ZEROES
+        conn.sendall(proto.GREETING.pack(proto.NBDMAGIC, proto.IHAVEOPT, flags))
+        exactly(conn, 4)  # the client's flags
+        while True:
+            _, option, length = proto.OPTION.unpack(exactly(conn, proto.OPTION.size))
+            exactly(conn, length)
+            if option != proto.OPT_GO:
+                conn.sendall(proto.option_reply(option, proto.REP_ERR_UNSUP))
+                continue
+            served = proto.TransmissionFlag.HAS_FLAGS | proto.TransmissionFlag.SEND_FLUSH
+            info = proto.INFO_EXPORT_DATA.pack(proto.INFO_EXPORT, self.image.size, served)
+            conn.sendall(proto.option_reply(option, proto.REP_INFO, info))
+            conn.sendall(proto.option_reply(option, proto.REP_ACK))
+            break
+        while True:
+            request = exactly(conn, proto.REQUEST.size)
+            _, _, command, handle, offset, length = proto.REQUEST.unpack(request)
+            if command == proto.CMD_DISC:
+                return
+            if command == proto.CMD_READ:
+                conn.sendall(proto.simple_reply(handle) + self.image.read(offset, length))
+                continue
+            if command == proto.CMD_WRITE:
+                self.image.write(offset, exactly(conn, length))
+                self.writes += 1
+                if self.writes == self.wrong:
+                    handle ^= 1 << 40
+            conn.sendall(proto.simple_reply(handle))
+
+
+def test_an_export_answering_a_write_for_no_request_is_dropped_not_trusted(source: Path, session):
+    with HostileExport(SIZE, wrong=3) as server, NBDLUN(server.uri, timeout=WAIT) as lun:
+        dest = Destination(lun, name="disk")
+        with pytest.raises(UpdateError, match="broke the protocol"):
+            PeriodicUpdate(session, [dest], LocalSite(), timeout=WAIT, io_size=IO).run()
+        assert dest.state is not DestState.CONSISTENT
+        assert_no_lost_change(session, server.image)  # what it did write is all tracked
+    assert session.source.read(0, SIZE) == source.read_bytes()
