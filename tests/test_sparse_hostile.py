@@ -1241,3 +1241,31 @@ def test_nbdcopy_pulls_the_image_at_the_mark_while_a_client_trims_and_writes_the
             print(f"\n{changes} host changes during the pull")
             session.unmark()
         assert (tmp_path / "backup.img").read_bytes() == at_mark
+
+
+# -- a destination file truncated (wiped) under its LUN --------------------------------------------
+@pytest.mark.xfail(
+    strict=True,
+    reason="FileLUN.write_zeroes punches with KEEP_SIZE, which does not extend a file that "
+    "ends before the range: a destination file truncated under its LUN keeps ending at the "
+    "last data a sparse full copy wrote, reads fail past it, and the copy (whose read-back "
+    "samples fail: only logged) reports it CONSISTENT",
+)
+@pytest.mark.parametrize("marked", [True, False], ids=["marked", "unmarked"])
+def test_a_destination_file_truncated_under_its_lun_is_not_reported_consistent_short(
+    tmp_path: Path, marked: bool
+):
+    # Someone wipes the destination file (truncates it to nothing) while isc
+    # holds it open; the source ends in a hole. After a full copy (and, if
+    # unmarked, the incremental copy that follows) the destination must read
+    # as the source wherever it is called CONSISTENT.
+    with source_and_target(tmp_path, 42, data=[(G, 2 * G)]) as (_, source, target):
+        os.truncate(tmp_path / "dest.img", 0)
+        session = Session(source, G)
+        dest = Destination(target, "d")
+        CopyJob(session, [dest], io_size=4 * G).full(marked)
+        if not marked:
+            session.mark()
+            CopyJob(session, [dest]).incremental()
+        held = (tmp_path / "dest.img").read_bytes()
+        assert dest.state is not DestState.CONSISTENT or held == image(source), len(held)
