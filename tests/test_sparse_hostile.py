@@ -1269,3 +1269,22 @@ def test_a_destination_file_truncated_under_its_lun_is_not_reported_consistent_s
             CopyJob(session, [dest]).incremental()
         held = (tmp_path / "dest.img").read_bytes()
         assert dest.state is not DestState.CONSISTENT or held == image(source), len(held)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="FileLUN.data_extents takes the part of a source file past its new end (it shrank "
+    "under its LUN) for a hole (SEEK_DATA: ENXIO), where a read there raises 'the file shrank "
+    "below the LUN size': a sparse full copy sends zeros for it and reports CONSISTENT",
+)
+@pytest.mark.parametrize("marked", [True, False], ids=["marked", "unmarked"])
+def test_a_source_file_that_shrank_under_its_lun_fails_a_sparse_copy(tmp_path: Path, marked: bool):
+    # Someone truncates the source file (outside the session) while isc holds
+    # it open. A copy that reads past the new end fails, saying the file
+    # shrank; a sparse copy must not take the missing part for a hole.
+    with source_and_target(tmp_path, 43, data=[(0, SIZE)]) as (_, source, target):
+        os.truncate(tmp_path / "source.img", 4 * G)
+        dest = Destination(target, "d")
+        with pytest.raises(CopyError, match="shrank below the LUN size"):
+            CopyJob(Session(source, G), [dest], io_size=4 * G).full(marked)
+        assert dest.state is not DestState.CONSISTENT
