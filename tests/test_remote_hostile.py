@@ -296,11 +296,13 @@ def recorded(work: Path) -> dict:
 
 
 def one_error(done: subprocess.CompletedProcess) -> str:
-    """The one line a failed command printed (exit status 1)."""
+    """The one error line a failed command printed (exit status 1), its last line (notes
+    of what it found may come before it)."""
     assert done.returncode == 1, (done.returncode, done.stdout, done.stderr)
     lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("isc: error: "), done.stderr
-    return lines[0]
+    errors = [line for line in lines if line.startswith("isc: error: ")]
+    assert errors == lines[-1:], done.stderr
+    return errors[0]
 
 
 @dataclass
