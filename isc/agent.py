@@ -43,7 +43,9 @@ Requests, each durable before its reply is sent:
   A crash midway repeats it on the next rollback.
 * ``status`` reports ``protected``, ``intact``, ``saved_bytes``,
   ``saved_chunks``, ``problem`` and ``extents`` (the ranges a rollback would
-  rewrite).
+  rewrite), ``image`` while protected, ``size`` and ``identity``
+  (:func:`export_identity`: the machine, device and inode of the file
+  served), which ``isc update`` records and checks (rule 12).
 
 Journal format: a header (``ISCJRNL2``, chunk size, export size, the export
 file's device and inode, the image's 8-byte id, CRC-32) and fixed slots of a 32-byte record head
@@ -86,6 +88,7 @@ import errno
 import functools
 import logging
 import os
+import socket
 import stat
 import struct
 import threading
@@ -457,7 +460,8 @@ class Export(ForwardingLUN):
             info = self.journal.info() if self.journal else {"protected": False}
             if self.journal is not None:
                 info["image"] = self.journal.image
-            return {"ok": True, "info": {"size": self.size, **info}}
+            where = {"size": self.size, "identity": export_identity(self.identity)}
+            return {"ok": True, "info": {**where, **info}}
 
     def _undone_locked(self, image: str | None) -> list[list[int]]:
         """The byte ranges rollbacks rewrote since ``image`` was protected: none while it is
@@ -474,6 +478,27 @@ class Export(ForwardingLUN):
         if self.journal is not None:
             self.journal.close()
         super().close()
+
+
+@functools.cache
+def _machine() -> str:
+    """This machine's id (systemd's machine-id), else its host name."""
+    for path in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
+        try:
+            with open(path) as file:
+                if found := file.read().strip():
+                    return found
+        except OSError:
+            continue
+    return socket.gethostname()
+
+
+def export_identity(identity: tuple[int, int]) -> str:
+    """What tells an exported file from any other (a status reply's ``identity``): this
+    machine's id and the file's device and inode, ``identity``. A file replaced at its
+    path, another agent's file at this one's address, another machine: another identity."""
+    device, inode = identity
+    return f"{_machine()}:{device}:{inode}"
 
 
 def open_regular(path: Path) -> tuple[FileLUN, tuple[int, int]] | None:

@@ -408,6 +408,11 @@ class PersistentSession:
             d["name"]: d.get("site") for d in meta["destinations"]
         }
         """Each destination's own site (``add_destination(site=...)``), or None."""
+        self.identities: dict[str, str] = {
+            d["name"]: d["identity"] for d in meta["destinations"] if d.get("identity")
+        }
+        """What each destination's agent last said identifies its export
+        (:func:`isc.agent.export_identity`), checked before an update relies on it."""
         self.region_size = meta["region_size"]
         self.max_hot = meta["max_hot"]
         self.hot_limit = max(meta.get("hot_limit", DEFAULT_HOT_LIMIT), self.max_hot)
@@ -619,6 +624,7 @@ class PersistentSession:
                 "target": self._targets[d.name],
                 # The isc agent that protects it (isc.remote.agent_address), or None.
                 "site": self._sites[d.name],
+                "identity": self.identities.get(d.name),
                 "state": d.state.value,
                 "epoch": d.epoch,
                 "samples": [list(sample) for sample in d.samples],
@@ -671,6 +677,7 @@ class PersistentSession:
         self.destinations.remove(dest)
         del self._targets[name]
         del self._sites[name]
+        self.identities.pop(name, None)
         self.save()
         dest.lun.close()
         return dest
@@ -1031,10 +1038,11 @@ def _meta_problem(meta: dict) -> str | None:
             and dest.get("protected_state") in (None, *states)
             and isinstance(dest.get("problem"), (str, type(None)))
             and (dest.get("site") is None or _is_site(dest["site"]))
+            and isinstance(dest.get("identity"), (str, type(None)))
         ):
             return (
-                f"destination {dest!r} is not {{name, target, site, state, epoch, samples, "
-                "protected_state, problem}"
+                f"destination {dest!r} is not {{name, target, site, identity, state, epoch, "
+                "samples, protected_state, problem}"
             )
     names = [dest["name"] for dest in dests]
     if len(set(names)) != len(names):

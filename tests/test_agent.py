@@ -25,6 +25,7 @@ import json
 import os
 import queue
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -592,7 +593,29 @@ def test_protect_and_unprotect_are_durable_before_their_replies(tmp_path: Path, 
         fourth.kill()
     assert not (exports / JOURNAL).exists()
     with agent(exports, next(logs)) as fifth, control(fifth) as sock:
-        assert ask(sock, request(6, "status", "disk"))["info"] == {"size": SIZE, "protected": False}
+        info = ask(sock, request(6, "status", "disk"))["info"]
+        assert info == {"size": SIZE, "protected": False, "identity": info["identity"]}
+
+
+def test_an_export_keeps_its_identity_across_restarts_and_a_replaced_file_gets_another(
+    tmp_path: Path, exports: Path
+):
+    def identities(directory: Path) -> dict[str, str]:
+        served = Agent(directory)
+        try:
+            return {n: e.status()["info"]["identity"] for n, e in served.exports.items()}
+        finally:
+            served.close()
+
+    first = identities(exports)
+    assert identities(exports) == first  # a restarted agent: the same files
+    assert first["disk"] != first["spare"]
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(exports, elsewhere)  # the same names and bytes, other files
+    assert not set(identities(elsewhere).values()) & set(first.values())
+    (exports / "disk").rename(tmp_path / "old-disk")  # kept: its inode is not reused
+    shutil.copy(exports / "spare", exports / "disk")
+    assert identities(exports)["disk"] not in first.values()
 
 
 def test_an_agent_exports_regular_files_only(tmp_path: Path, exports: Path):

@@ -643,13 +643,6 @@ def test_an_export_replaced_at_its_path_under_a_protection_is_refused_in_one_lin
     assert replica.export.read_bytes() == image
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="after isc update is killed mid-copy the destination keeps no fingerprint samples "
-    "(isc/store.py begin_copy writes none) and stays in step, so another volume at the "
-    "same agent address takes only the increment and reads CONSISTENT: nothing identifies "
-    "an agent's export beyond its address and name",
-)
 def test_another_agent_at_the_address_after_isc_update_was_killed_is_not_trusted(
     replica: Replica,
 ):
