@@ -45,7 +45,9 @@ Requests, each durable before its reply is sent:
   ``saved_chunks``, ``problem`` and ``extents`` (the ranges a rollback would
   rewrite), ``image`` while protected, ``size`` and ``identity``
   (:func:`export_identity`: the machine, device and inode of the file
-  served), which ``isc update`` records and checks (rule 12).
+  served), which ``isc update`` records and checks (rule 12). A request
+  that names an ``image`` gets ``undone`` too: the ranges ``unprotect``
+  would list (an update that failed asks, to track them).
 
 Journal format: a header (``ISCJRNL2``, chunk size, export size, the export
 file's device and inode, the image's 8-byte id, CRC-32) and fixed slots of a 32-byte record head
@@ -455,11 +457,15 @@ class Export(ForwardingLUN):
             self._undone[ended] = rewritten
             return {"ok": True, "extents": [list(e) for e in extents]}
 
-    def status(self) -> dict:
+    def status(self, image: str | None = None) -> dict:
+        """What the protection holds; with ``image`` (a protect's), ``info["undone"]``:
+        the ranges rollbacks rewrote since (:meth:`_undone_locked`)."""
         with self._lock:
             info = self.journal.info() if self.journal else {"protected": False}
             if self.journal is not None:
                 info["image"] = self.journal.image
+            if image is not None:
+                info["undone"] = self._undone_locked(image)
             where = {"size": self.size, "identity": export_identity(self.identity)}
             return {"ok": True, "info": {**where, **info}}
 
@@ -588,8 +594,8 @@ class Agent:
         image = request.get("image")
         if op == "protect":  # named, so that its unprotect can tell what happened since
             reply = export.protect(named=True)
-        elif op == "unprotect":
-            reply = export.unprotect(image if isinstance(image, str) else None)
+        elif op in ("unprotect", "status"):
+            reply = getattr(export, op)(image if isinstance(image, str) else None)
         else:
             reply = getattr(export, op)()
         log.info("%s %s: %s", op, export.name, reply.get("reason") or "ok")

@@ -440,7 +440,7 @@ class AgentSite(RequestSite):
         wait = self.timeout if timeout is None else timeout
         who = f"the agent at {self.where}"
         request = {"id": rid, "op": op, "export": dest.name}
-        if op == "unprotect" and dest.name in self._images:
+        if op in ("unprotect", "status") and dest.name in self._images:
             request["image"] = self._images[dest.name]
         line = json.dumps(request).encode() + b"\n"
         sent = False  # once the whole line is out, the agent may act on it

@@ -168,7 +168,7 @@ class PeriodicUpdate:
             mark_group(sessions, [self._needs_full(s, d) for s, d in self.members])
             for session in sessions:
                 log.info("%s: marked for update (generation %d)", session.name, session.generation)
-            _protect_all(self.site, self.destinations, self.timeout, sessions)
+            named = _protect_all(self.site, self.destinations, self.timeout, sessions)
             results, failures = [], []
             consistent, behind = [], []
             for job in jobs:
@@ -180,6 +180,7 @@ class PeriodicUpdate:
                     session.abandon_mark(generation)  # e.g. a mark aborted before its copy began
                     results.append(getattr(exc, "result", None) or CopyResult("incremental"))
                     failures.append(f"{session.name}: {exc}")
+                    _track_undone(self.site, session, dests, named, self.timeout)
                     behind += dests
                     names = ", ".join(d.name for d in dests)
                     log.error("%s: update failed, %s stay protected", session.name, names)
@@ -189,6 +190,7 @@ class PeriodicUpdate:
                 undone = _unprotect_copied(self.site, session, copied, self.timeout)
                 done = [d for d in copied if d.name not in undone]
                 dropped = [d for d in dests if d not in copied]
+                _track_undone(self.site, session, dropped, named, self.timeout)
                 failures += [f"{session.name}: {why}" for why in undone.values()]
                 consistent += done
                 behind += [d for d in dests if d not in done]
@@ -359,13 +361,30 @@ def _unprotect_copied(
     return undone
 
 
+def _track_undone(
+    site, session: Session, dests: Sequence[Destination], named: set[str], timeout: float
+) -> None:
+    """After a failed copy of ``session``, track what rollbacks by other clients of an
+    agent undid of it (rule 2): the ``undone`` ranges a status lists for each of
+    ``dests`` whose protect named its image (``named``). The unmark merged only what
+    the copy had not sent; what it sent and a rollback undid is tracked nowhere else.
+    A status that fails changes nothing: the copy failed for that destination anyway.
+    """
+    for dest in dests:
+        if dest.name in named:
+            undone = _ask(site, "status", dest, timeout).info.get("undone")
+            if undone:
+                _track(session, undone)
+
+
 def _raised(request: str, exc: Exception) -> Ack:
     return Ack(0, False, f"{request} raised {type(exc).__name__}: {exc}", outcome_unknown=True)
 
 
-def _protect_all(site, dests: Sequence[Destination], timeout: float, marked) -> None:
+def _protect_all(site, dests: Sequence[Destination], timeout: float, marked) -> set[str]:
     """Protect every destination, or undo: unprotect those this call protected (not
-    those kept from a failed update), unmark ``marked``, raise.
+    those kept from a failed update), unmark ``marked``, raise. Returns the names of
+    those whose ack named the image protected (an agent's: :func:`_track_undone`).
 
     A consistency group (several ``marked`` sessions) is protected by one
     group request where the site offers it, so its destinations are taken
@@ -398,6 +417,7 @@ def _protect_all(site, dests: Sequence[Destination], timeout: float, marked) -> 
         message = f"cannot protect {dest.name}: {ack.reason}; the update was abandoned"
         log.error("%s", message)
         raise UpdateError(message)
+    return {dest.name for dest, ack in zip(dests, acks, strict=True) if "image" in ack.info}
 
 
 def rollback(

@@ -503,25 +503,60 @@ def test_a_rollback_by_another_client_during_an_update_leaves_its_ranges_tracked
         dest = Destination(NBDLUN(remote.exports["disk"], timeout=WAIT), name="disk")
         PeriodicUpdate(session, [dest], site, timeout=WAIT, io_size=IO).run()
         scribble(session, random.Random(SEED + 40), 30)
-        gate = Gate()
-        update = PeriodicUpdate(session, [dest], site, timeout=WAIT, io_size=IO, progress=gate)
-        running = Worker(update.run)
-        try:
-            gate.wait_reached()  # marked, protected, one run sent
-            # Another client (an operator, another session) rolls the export back: the
-            # run already sent holds the old image again.
+        unprotect = site.unprotect
+
+        def rolled_back_first(dest: Destination, timeout: float | None = None):
+            # Another client (an operator, another session) rolls the export back once
+            # the copy is whole: what it sent holds the old image again.
             assert remote.site().rollback(dest).ok
-        finally:
-            gate.open()
+            return unprotect(dest, timeout)
+
+        site.unprotect = rolled_back_first  # type: ignore[method-assign]
+        update = PeriodicUpdate(session, [dest], site, timeout=WAIT, io_size=IO)
         with pytest.raises(UpdateError, match="disk was rolled back by another client of its site"):
-            running.finish()
+            update.run()
         assert dest.state is DestState.INCONSISTENT and not protected(site, dest)
         with lun_of(exports / "disk") as held:
             assert_no_lost_change(session, held)
-        # The next update sends what the rollback undid.
+        del site.unprotect  # no more rollbacks: the next update sends what this one undid
         (result,) = PeriodicUpdate(session, [dest], site, timeout=WAIT, io_size=IO).run()
         assert result.outcomes == {"disk": "ok"} and dest.state is DestState.CONSISTENT
         assert not protected(site, dest)
+        dest.lun.close()
+    assert (exports / "disk").read_bytes() == source.read_bytes()
+
+
+def test_a_rollback_by_another_client_during_an_update_that_fails_leaves_its_ranges_tracked(
+    tmp_path: Path, source: Path, session: Session, exports: Path
+):
+    with agent(exports, tmp_path / "agent.log") as remote:
+        site = remote.site()
+        dest = Destination(NBDLUN(remote.exports["disk"], timeout=WAIT), name="disk")
+        PeriodicUpdate(session, [dest], site, timeout=WAIT, io_size=IO).run()
+        scribble(session, random.Random(SEED + 41), 30)
+        gate, runs = Gate(), iter(range(2))
+
+        def progress(*done: object) -> None:
+            if next(runs, 1):  # the first run is flushed as it is sent (flush_every)
+                gate(*done)  # parked after the second, until the rollback is done
+                raise OSError("the copy fails after its second run")
+
+        update = PeriodicUpdate(
+            session, [dest], site, timeout=WAIT, io_size=IO, flush_every=IO, progress=progress
+        )
+        running = Worker(update.run)
+        try:
+            gate.wait_reached()
+            assert remote.site().rollback(dest).ok  # undoes the run the copy sent
+        finally:
+            gate.open()
+        with pytest.raises(UpdateError, match="the copy fails after its second run"):
+            running.finish()
+        assert dest.state is DestState.INCONSISTENT and protected(site, dest)
+        with lun_of(exports / "disk") as held:
+            assert_no_lost_change(session, held)
+        (result,) = PeriodicUpdate(session, [dest], site, timeout=WAIT, io_size=IO).run()
+        assert result.outcomes == {"disk": "ok"} and dest.state is DestState.CONSISTENT
         dest.lun.close()
     assert (exports / "disk").read_bytes() == source.read_bytes()
 
