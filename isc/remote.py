@@ -389,6 +389,12 @@ class AgentSite(RequestSite):
     shared secret or both) authenticate each connection both ways before the
     request goes out; a failure on either side is a failed :class:`Ack`
     whose reason says which, and the request was never sent.
+
+    The site remembers the image each protect named (:mod:`isc.agent`) and
+    names it with that export's unprotect and status: their ``extents`` and
+    ``info["undone"]`` list what rollbacks by other clients rewrote since. A
+    whole reply must come within the timeout, and a reply of the wrong shape
+    is a failed ack whose outcome is unknown.
     """
 
     def __init__(
