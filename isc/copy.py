@@ -365,35 +365,47 @@ class CopyJob:
                     self._unchecked.add(dest.name)
 
     def _check(self, dest: Destination) -> bool:
-        """Whether ``dest`` still holds what its samples say; if not it becomes NEW,
-        out of step, and goes into :attr:`replaced`. Read errors propagate."""
+        """Whether ``dest`` still holds what its samples say; if not it is
+        :meth:`_replaced`. Read errors propagate."""
         session = self.session
         reason = fingerprint.mismatch(
             dest.lun, dest.samples, session.bitmap, session.granularity, session.source.size
         )
-        if reason is None:
-            return True
-        log.warning("%s: destination %s needs every chunk: %s", session.name, dest.name, reason)
+        if reason is not None:
+            self._replaced(dest, reason)
+        return reason is None
+
+    def _replaced(self, dest: Destination, reason: str) -> None:
+        """``dest`` is not the volume its samples describe: NEW and out of step, so
+        its next copy gives it every chunk, and in :attr:`replaced` with why."""
+        name = self.session.name
+        log.warning("%s: destination %s needs every chunk: %s", name, dest.name, reason)
         dest.state, dest.epoch, dest.samples = DestState.NEW, None, []
         self.replaced[dest.name] = reason
-        return False
 
     def _check_late(self, result: CopyResult) -> None:
         """Check the destinations :meth:`check_destinations` could not read; one that
-        fails or still cannot be read drops out of the copy (and is NEW if it failed)."""
+        fails or still cannot be read drops out of the copy (:meth:`_reject`)."""
         for dest in [d for d in self._active if d.name in self._unchecked]:
             try:
-                if self._check(dest):
-                    continue
-                outcome = f"replaced: {self.replaced[dest.name]}"
-                exc: Exception = CopyError(f"destination {dest.name} {outcome}", result)
+                if not self._check(dest):
+                    self._reject(dest, result)
             except Exception as error:
-                outcome, exc = f"failed: cannot check it is the destination it was: {error}", error
-            try:
-                self._drop(dest, result, outcome, exc)
-            finally:
-                if dest.epoch is None:  # found replaced: every chunk, not only what it missed
-                    dest.state = DestState.NEW
+                self._reject(dest, result, error)
+
+    def _reject(self, dest: Destination, result: CopyResult, error: Exception | None = None):
+        """Take ``dest`` out of the copy: it was found :meth:`_replaced` (``error`` None;
+        it stays NEW), or reading it to tell failed with ``error``."""
+        if error is None:
+            outcome = f"replaced: {self.replaced[dest.name]}"
+            error = CopyError(f"destination {dest.name} {outcome}", result)
+        else:
+            outcome = f"failed: cannot check it is the destination it was: {error}"
+        try:
+            self._drop(dest, result, outcome, error)
+        finally:
+            if dest.epoch is None:  # replaced: every chunk, not only what it missed
+                dest.state = DestState.NEW
 
     @_one_copy
     def full(self, marked: bool = True) -> CopyResult:
@@ -459,12 +471,12 @@ class CopyJob:
                 result.chunks_sent += count
                 self._ran(result, end - start)
                 if self._flush_due(result):
-                    self._sample(runs[flushed:sent], anywhere=False)
+                    self._sample(result, runs[flushed:sent], anywhere=False)
                     flushed = sent
             self._flush(result)
             flushed = sent
             self._check_late(result)
-            self._sample(runs if not stale else np.array([[0, bitmap.chunks]]))
+            self._sample(result, runs if not stale else np.array([[0, bitmap.chunks]]))
             # Whatever the number of runs (none at all too), the copy holds the
             # point in time only if its mark lasted to the end.
             session.finish_mark(generation)
@@ -526,11 +538,12 @@ class CopyJob:
                 self._ran(result, sent)
                 if self._flush_due(result):
                     first = flushed // g
-                    self._sample(np.array([[first, -(-done // g) - first]]), anywhere=False)
+                    runs = np.array([[first, -(-done // g) - first]])
+                    self._sample(result, runs, anywhere=False)
                     flushed = done
             self._flush(result)
             flushed = done
-            self._sample(np.array([[0, session.bitmap.chunks]]))
+            self._sample(result, np.array([[0, session.bitmap.chunks]]))
 
         def put_back() -> None:
             # Tracking was cleared when the copy began: what was not sent and
@@ -545,22 +558,47 @@ class CopyJob:
             self._run(result, send_all, put_back, put_back)
         return result
 
-    def _sample(self, runs: np.ndarray, anywhere: bool = True) -> None:
+    def _sample(self, result: CopyResult, runs: np.ndarray, anywhere: bool = True) -> None:
         """New fingerprint samples of every destination still in the copy, ``runs``
         being what it wrote (:func:`isc.fingerprint.take`). The copy takes some
         at each flush too, of what it flushed (not ``anywhere``): a destination
-        that drops out later can still be told from one that replaced it."""
+        that drops out later can still be told from one that replaced it.
+
+        Each chunk read back is compared with the source's where no host
+        write came since the copy's start (tracking clear): a destination that
+        holds other bytes (it acknowledged writes it did not make, or another
+        writer changed it) is :meth:`_replaced`; one that cannot be read back
+        fails. Either drops out of the copy (:meth:`_reject`).
+        """
         session = self.session
-        for dest in self._active:
+        for dest in list(self._active):
             try:
-                taken = fingerprint.take(
-                    dest.lun, runs, session.granularity, session.source.size, dest.samples, anywhere
+                dest.samples = fingerprint.take(
+                    dest.lun,
+                    runs,
+                    session.granularity,
+                    session.source.size,
+                    dest.samples,
+                    anywhere,
+                    self._source_chunk,
                 )
+            except fingerprint.Differs as differs:
+                self._replaced(dest, str(differs))
+                self._reject(dest, result)
             except Exception as exc:
-                log.warning("%s: cannot sample destination %s: %s", session.name, dest.name, exc)
-                dest.samples = []
-                continue
-            dest.samples = taken
+                self._reject(dest, result, exc)
+
+    def _source_chunk(self, chunk: int) -> bytes | None:
+        """What every destination of the copy holds at ``chunk`` once it sent it: the
+        source's bytes, if no host write came since the copy began (else None)."""
+        session = self.session
+        start = chunk * session.granularity
+        try:
+            data = session.source.read(start, min(session.granularity, session.source.size - start))
+        except Exception:
+            return None  # the source's trouble is not the destination's
+        # Read first, then the bit: a host write sets it before it changes the data.
+        return None if session.bitmap.tracking(chunk) else data
 
     # -- shared steps ------------------------------------------------------------------
     def _holes_known(self) -> bool:

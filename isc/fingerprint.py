@@ -14,7 +14,10 @@ after a copy     each destination that completed it gets :data:`SAMPLES`
                  destination, chosen at random among the chunks the copy
                  wrote and among all chunks, chunks holding data preferred
                  over zero-filled ones; it keeps older samples of chunks the
-                 copy did not write, up to ``2 * SAMPLES``
+                 copy did not write, up to ``2 * SAMPLES``. Each chunk read
+                 back is compared with the source's where no host write came
+                 since: one that differs (a destination that acknowledged
+                 writes it did not make) takes it out of the copy, NEW
 before a copy    samples of chunks the copy may write are dropped first
                  (they are about to change), so a failed copy leaves none
                  that could disagree with the destination for a good reason;
@@ -55,7 +58,7 @@ from __future__ import annotations
 import logging
 import random
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -82,6 +85,7 @@ def take(
     size: int,
     kept: Sequence[Sample] = (),
     anywhere: bool = True,
+    truth: Callable[[int], bytes | None] | None = None,
 ) -> list[Sample]:
     """Samples of ``lun`` after a copy that wrote the chunks of ``runs`` ((first, count) rows).
 
@@ -91,6 +95,8 @@ def take(
     soon, and a chunk written since its sample is not checked), keeps
     :data:`SAMPLES` of them, those holding data first, and adds the ``kept``
     samples of chunks the copy did not write, up to ``2 * SAMPLES`` in all.
+    ``truth(chunk)``, if given, says what the chunk must hold (None: it cannot
+    tell); a chunk read back that differs raises :class:`Differs`.
     """
     chunks = -(-size // granularity)
     counts = runs[:, 1] if len(runs) else np.empty(0, dtype=np.int64)
@@ -105,12 +111,22 @@ def take(
     found = []
     for chunk in sorted(picks):
         data = _chunk(lun, chunk, granularity, size)
+        expected = None if truth is None else truth(chunk)
+        if expected is not None and expected != data:
+            raise Differs(
+                f"chunk {chunk} read back does not hold what the copy sent there (the "
+                "destination acknowledged writes it did not make, or another writer changed it)"
+            )
         found.append((data == bytes(len(data)), chunk, zlib.crc32(data)))
     found.sort(key=lambda f: f[0])  # chunks holding data first (the sort is stable)
     fresh = [(chunk, crc) for _, chunk, crc in found[:SAMPLES]]
     taken = {chunk for chunk, _ in fresh}
     fresh += [s for s in kept if s[0] not in taken][: 2 * SAMPLES - len(fresh)]
     return sorted(fresh)
+
+
+class Differs(Exception):
+    """A chunk read back from a destination differs from what it must hold."""
 
 
 def prune(samples: list[Sample], bitmap) -> list[Sample]:

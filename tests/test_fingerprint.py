@@ -237,3 +237,30 @@ def test_a_destination_that_drops_out_of_a_full_copy_keeps_samples_of_what_it_fl
     job = CopyJob(session, [dest])
     job.check_destinations()
     assert dest.state is DestState.NEW and "does not hold what the last copy" in job.replaced["d1"]
+
+
+class Forgetful(HookLUN):
+    """A destination that acknowledges writes and, once ``forget`` is set, drops them."""
+
+    forget = False
+
+    def write(self, offset: int, data) -> None:
+        if self.forget:
+            self.writes += 1
+            return
+        super().write(offset, data)
+
+
+@pytest.mark.parametrize("copy", ["incremental", "full"])
+def test_a_destination_that_drops_the_writes_it_acknowledges_is_not_called_consistent(copy):
+    session, (other, dest) = updated(2)
+    dest.lun = Forgetful(dest.lun.lun)
+    dest.lun.forget = True
+    scribble(session, random.Random(7), writes=40)
+    session.mark(full=copy == "full")
+    result = CopyJob(session, [other, dest]).incremental()
+    assert result.outcomes["d1"].startswith("replaced: chunk")
+    assert "read back does not hold what the copy sent there" in result.outcomes["d1"]
+    assert dest.state is DestState.NEW and not dest.in_step(session)
+    assert other.state is DestState.CONSISTENT
+    assert other.lun.read(0, SIZE) == session.read(0, SIZE)

@@ -1067,12 +1067,6 @@ def test_an_export_that_drips_its_greeting_is_given_up_on_within_the_timeout(rep
     assert recorded(replica.work)["destinations"] == before["destinations"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a copy reads back its fingerprint samples from the destination but never "
-    "compares them with what it sent (isc/copy.py CopyJob._sample, isc/fingerprint.py "
-    "take): an export that acknowledges writes and drops them reads CONSISTENT",
-)
 def test_an_export_that_acknowledges_writes_it_never_made_is_not_reported_consistent(
     tmp_path: Path, source: Path, session
 ):
