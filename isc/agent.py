@@ -337,9 +337,18 @@ class Journal:
             # so a crash before the rename leaves this one, to be rolled back again.
             image = os.urandom(8)
             write_atomically(self.path, _header(self.lun, self.identity, image))
+            self.image = image.hex()  # whatever follows: the image protected is a new one
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except OSError as exc:
+                # Saves into the journal replaced would be lost: writes fail instead.
+                self._stuck = (
+                    f"{self.path} could not be opened after a rollback replaced it "
+                    f"({exc.strerror or exc}); roll back again or unprotect"
+                )
+                raise
             self._close_locked()
-            self._fd = os.open(self.path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
-            self.image = image.hex()
+            self._fd = fd
             self._index.clear()
             self._slots = 0
             self._stuck = None

@@ -21,6 +21,7 @@ skipped, naming it (see ``test_nbd.tool``).
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import queue
@@ -52,9 +53,9 @@ from test_nbd import nbdkit, qemu_nbd, run, sparse, tool
 
 import isc
 from isc import Destination, DestState, FileLUN, MemoryLUN, ParameterError, Session
-from isc.agent import Agent, open_regular
+from isc.agent import Agent, Journal, open_regular
 from isc.nbd import NBDLUN
-from isc.remote import AgentSite, LocalSite
+from isc.remote import PROTECT_GRANULARITY, AgentSite, LocalSite
 from isc.store import create_session, open_session
 from isc.update import PeriodicUpdate, UpdateBusy, UpdateError, rollback
 
@@ -630,6 +631,41 @@ def test_protect_and_unprotect_are_durable_before_their_replies(tmp_path: Path, 
     with agent(exports, next(logs)) as fifth, control(fifth) as sock:
         info = ask(sock, request(6, "status", "disk"))["info"]
         assert info == {"size": SIZE, "protected": False, "identity": info["identity"]}
+
+
+def test_a_journal_not_opened_again_after_its_rollback_fails_the_writes_it_would_save(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    p = PROTECT_GRANULARITY
+    served = open_regular(sparse(tmp_path / "d.img", 4 * p))
+    assert served is not None
+    lun, identity = served
+    path = tmp_path / ".isc-agent" / "d.img.journal"
+    journal = Journal.create(path, lun, identity)
+    try:
+        journal.write(0, b"\x01" * 10)
+        opened, image = os.open, journal.image
+
+        def no_more_files(name, flags: int, *args: object) -> int:
+            if Path(name) == path and flags & os.O_RDWR:  # the reopen, not the temp file
+                raise OSError(errno.EMFILE, "Too many open files")
+            return opened(name, flags, *args)
+
+        monkeypatch.setattr(os, "open", no_more_files)
+        with pytest.raises(OSError, match="Too many open files"):
+            journal.rollback()
+        monkeypatch.undo()
+        assert lun.read(0, 10) == bytes(10) and journal.image != image  # written back
+        # A save would go to the journal the rollback replaced: the write fails instead.
+        with pytest.raises(OSError, match="could not be opened after a rollback"):
+            journal.write(p, b"\x02" * 10)
+        assert lun.read(p, 10) == bytes(10)
+        assert journal.rollback() == ((0, p),)  # again, and it takes saves once more
+        journal.write(p, b"\x02" * 10)
+        assert journal.info()["saved_chunks"] == 1
+    finally:
+        journal.close()
+        lun.close()
 
 
 def test_an_export_keeps_its_identity_across_restarts_and_a_replaced_file_gets_another(
