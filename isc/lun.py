@@ -530,7 +530,8 @@ class FileLUN(_BaseLUN):
         its size: it has no holes to find, and the search costs a walk of the
         file's pages under the lock its writes take (up to 28 ms for 1 GiB on
         tmpfs, a stall of the host's writes). Raises ``RangeError`` outside
-        the LUN and ``StateError`` when closed.
+        the LUN, ``StateError`` when closed, and ``OSError`` when the file
+        shrank below the range (what lies past its end is no hole).
         """
         fd = self._fd
         if fd < 0:
@@ -538,7 +539,11 @@ class FileLUN(_BaseLUN):
         end = offset + length
         if offset < 0 or length < 0 or end > self.size:
             raise self._range_error(offset, length)
-        if os.fstat(fd).st_blocks * 512 >= self.size:
+        info = os.fstat(fd)
+        if stat.S_ISREG(info.st_mode) and info.st_size < end:
+            # Past its end a shrunk file reads as an error, not as a hole.
+            raise self._eof_error(offset, length, max(0, info.st_size - offset))
+        if info.st_blocks * 512 >= self.size:
             return [(offset, length)] if length else []
         extents = []
         at = offset
@@ -561,8 +566,9 @@ class FileLUN(_BaseLUN):
         """Make ``[offset, offset + length)`` read as zeros, freeing its blocks.
 
         Punches a hole (``fallocate(PUNCH_HOLE | KEEP_SIZE)``: the size stays,
-        partial blocks at the ends are zeroed); where the file system or
-        device cannot, writes zeros. Raises ``RangeError`` outside the LUN,
+        partial blocks at the ends are zeroed), and extends a file someone cut
+        short to the range's end; where the file system or device cannot
+        punch, writes zeros. Raises ``RangeError`` outside the LUN,
         ``StateError`` when closed or read-only (both change nothing), and
         ``OSError`` from the kernel.
         """
@@ -579,6 +585,12 @@ class FileLUN(_BaseLUN):
             if exc.errno not in _NO_PUNCH:
                 raise
             _zero_fill(self.write, offset, length)
+            return
+        # A punch keeps the size: a file that someone cut short would still end
+        # before the range, reading as an error there, not as zeros.
+        info = os.fstat(fd)
+        if stat.S_ISREG(info.st_mode) and info.st_size < offset + length:
+            os.ftruncate(fd, offset + length)
 
     def _eof_error(self, offset: int, length: int, done: int) -> OSError:
         return OSError(

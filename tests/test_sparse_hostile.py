@@ -1244,13 +1244,6 @@ def test_nbdcopy_pulls_the_image_at_the_mark_while_a_client_trims_and_writes_the
 
 
 # -- a destination file truncated (wiped) under its LUN --------------------------------------------
-@pytest.mark.xfail(
-    strict=True,
-    reason="FileLUN.write_zeroes punches with KEEP_SIZE, which does not extend a file that "
-    "ends before the range: a destination file truncated under its LUN keeps ending at the "
-    "last data a sparse full copy wrote, reads fail past it, and the copy (whose read-back "
-    "samples fail: only logged) reports it CONSISTENT",
-)
 @pytest.mark.parametrize("marked", [True, False], ids=["marked", "unmarked"])
 def test_a_destination_file_truncated_under_its_lun_is_not_reported_consistent_short(
     tmp_path: Path, marked: bool
@@ -1271,12 +1264,6 @@ def test_a_destination_file_truncated_under_its_lun_is_not_reported_consistent_s
         assert dest.state is not DestState.CONSISTENT or held == image(source), len(held)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="FileLUN.data_extents takes the part of a source file past its new end (it shrank "
-    "under its LUN) for a hole (SEEK_DATA: ENXIO), where a read there raises 'the file shrank "
-    "below the LUN size': a sparse full copy sends zeros for it and reports CONSISTENT",
-)
 @pytest.mark.parametrize("marked", [True, False], ids=["marked", "unmarked"])
 def test_a_source_file_that_shrank_under_its_lun_fails_a_sparse_copy(tmp_path: Path, marked: bool):
     # Someone truncates the source file (outside the session) while isc holds
