@@ -33,6 +33,7 @@ import socket
 import ssl
 import threading
 from collections import deque
+from collections.abc import Iterator
 
 from isc import tls as _tls
 from isc.errors import ParameterError, StateError
@@ -67,6 +68,37 @@ def _recv_into(sock: socket.socket, view: memoryview) -> None:
         if not got:
             raise ConnectionError("the NBD server closed the connection")
         view = view[got:]
+
+
+@contextlib.contextmanager
+def _within(sock: socket.socket, seconds: float | None, what: str) -> Iterator[None]:
+    """Bound the whole exchange over ``sock`` inside the block to ``seconds`` (None: no
+    bound), where a socket's timeout bounds each wait: a peer that sends a byte at a
+    time would hold the block for ever. Past it the socket is shut down and the block
+    raises ``TimeoutError`` saying ``what``."""
+    if seconds is None:
+        yield
+        return
+    expired = threading.Event()
+
+    def cut() -> None:
+        expired.set()
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+    timer = threading.Timer(seconds, cut)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    except OSError as exc:
+        if expired.is_set():
+            raise TimeoutError(f"{what} within {seconds} s") from exc
+        raise
+    finally:
+        timer.cancel()
+    if expired.is_set():  # it ran out as the block ended: the socket is shut down
+        raise TimeoutError(f"{what} within {seconds} s")
 
 
 def _recv(sock: socket.socket, length: int) -> bytes:
@@ -155,7 +187,8 @@ class NBDLUN(_BaseLUN):
         """The server's (minimum, preferred, maximum) block sizes in bytes, else the defaults."""
         sock = self._connect()
         try:
-            sock = self._handshake(sock)
+            with _within(sock, self.timeout, f"{self._server} did not finish its handshake"):
+                sock = self._handshake(sock)
         except BaseException:
             sock.close()
             raise
