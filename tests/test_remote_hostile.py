@@ -554,19 +554,13 @@ def test_rollback_racing_an_update_in_this_process_is_refused(source: Path, sess
     assert (exports / "disk").read_bytes() == source.read_bytes()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the agent carries out a rollback while an update's copy writes to the export "
-    "(isc/agent.py Export.rollback); the update then unprotects and reports it CONSISTENT, "
-    "while the chunks it sent before the rollback hold the old image again, tracked nowhere",
-)
 def test_a_rollback_from_another_client_racing_an_update_leaves_no_false_consistent(
     source: Path, session, exports: Path
 ):
     with update_after_its_first_run(session, exports, SEED + 5) as (site, dest, running):
         # Another client of the agent (an operator, another session's isc rollback).
-        other = AgentSite(*site.address, timeout=WAIT).rollback(dest)
-    with pytest.raises(UpdateError) if not other.ok else contextlib.nullcontext():
+        assert AgentSite(*site.address, timeout=WAIT).rollback(dest).ok
+    with contextlib.suppress(UpdateError):  # it may fail, or succeed: either, honestly
         running.finish()
     with lun_of(exports / "disk") as held:
         assert_no_lost_change(session, held)
