@@ -496,70 +496,81 @@ def test_a_second_update_while_one_runs_is_refused_and_changes_nothing(
         dest.lun.close()
 
 
-def test_a_rollback_by_another_client_during_an_update_leaves_its_ranges_tracked(
+@pytest.fixture
+def written_since_an_update(
     tmp_path: Path, source: Path, session: Session, exports: Path
-):
+) -> Iterator[tuple[Daemon, AgentSite, Destination]]:
+    """An agent of ``exports``, its export ``disk`` updated from ``session`` and host
+    writes since: the agent, its site and the destination. The test must leave the
+    destination consistent: then it must hold the source."""
     with agent(exports, tmp_path / "agent.log") as remote:
         site = remote.site()
         dest = Destination(NBDLUN(remote.exports["disk"], timeout=WAIT), name="disk")
-        PeriodicUpdate(session, [dest], site, timeout=WAIT, io_size=IO).run()
-        scribble(session, random.Random(SEED + 40), 30)
-        unprotect = site.unprotect
-
-        def rolled_back_first(dest: Destination, timeout: float | None = None):
-            # Another client (an operator, another session) rolls the export back once
-            # the copy is whole: what it sent holds the old image again.
-            assert remote.site().rollback(dest).ok
-            return unprotect(dest, timeout)
-
-        site.unprotect = rolled_back_first  # type: ignore[method-assign]
-        update = PeriodicUpdate(session, [dest], site, timeout=WAIT, io_size=IO)
-        with pytest.raises(UpdateError, match="disk was rolled back by another client of its site"):
-            update.run()
-        assert dest.state is DestState.INCONSISTENT and not protected(site, dest)
-        with lun_of(exports / "disk") as held:
-            assert_no_lost_change(session, held)
-        del site.unprotect  # no more rollbacks: the next update sends what this one undid
-        (result,) = PeriodicUpdate(session, [dest], site, timeout=WAIT, io_size=IO).run()
-        assert result.outcomes == {"disk": "ok"} and dest.state is DestState.CONSISTENT
-        assert not protected(site, dest)
-        dest.lun.close()
+        try:
+            PeriodicUpdate(session, [dest], site, timeout=WAIT, io_size=IO).run()
+            scribble(session, random.Random(SEED + 40), 30)
+            yield remote, site, dest
+        finally:
+            dest.lun.close()
+    assert dest.state is DestState.CONSISTENT
     assert (exports / "disk").read_bytes() == source.read_bytes()
+
+
+def undone_and_mended(session: Session, site: AgentSite, dest: Destination, exports: Path) -> None:
+    """``dest`` is inconsistent with every chunk where it differs tracked, and the next
+    update makes it consistent, unprotected."""
+    assert dest.state is DestState.INCONSISTENT
+    with lun_of(exports / "disk") as held:
+        assert_no_lost_change(session, held)
+    (result,) = PeriodicUpdate(session, [dest], site, timeout=WAIT, io_size=IO).run()
+    assert result.outcomes == {"disk": "ok"} and not protected(site, dest)
+
+
+def test_a_rollback_by_another_client_during_an_update_leaves_its_ranges_tracked(
+    session: Session, exports: Path, written_since_an_update
+):
+    remote, site, dest = written_since_an_update
+    unprotect = site.unprotect
+
+    def rolled_back_first(dest: Destination, timeout: float | None = None):
+        # Another client (an operator, another session) rolls the export back once
+        # the copy is whole: what it sent holds the old image again.
+        assert remote.site().rollback(dest).ok
+        return unprotect(dest, timeout)
+
+    site.unprotect = rolled_back_first
+    update = PeriodicUpdate(session, [dest], site, timeout=WAIT, io_size=IO)
+    with pytest.raises(UpdateError, match="disk was rolled back by another client of its site"):
+        update.run()
+    assert not protected(site, dest)
+    del site.unprotect  # no more rollbacks: the next update sends what this one undid
+    undone_and_mended(session, site, dest, exports)
 
 
 def test_a_rollback_by_another_client_during_an_update_that_fails_leaves_its_ranges_tracked(
-    tmp_path: Path, source: Path, session: Session, exports: Path
+    session: Session, exports: Path, written_since_an_update
 ):
-    with agent(exports, tmp_path / "agent.log") as remote:
-        site = remote.site()
-        dest = Destination(NBDLUN(remote.exports["disk"], timeout=WAIT), name="disk")
-        PeriodicUpdate(session, [dest], site, timeout=WAIT, io_size=IO).run()
-        scribble(session, random.Random(SEED + 41), 30)
-        gate, runs = Gate(), iter(range(2))
+    remote, site, dest = written_since_an_update
+    gate, runs = Gate(), iter(range(2))
 
-        def progress(*done: object) -> None:
-            if next(runs, 1):  # the first run is flushed as it is sent (flush_every)
-                gate(*done)  # parked after the second, until the rollback is done
-                raise OSError("the copy fails after its second run")
+    def progress(*done: object) -> None:
+        if next(runs, 1):  # the first run is flushed as it is sent (flush_every)
+            gate(*done)  # parked after the second, until the rollback is done
+            raise OSError("the copy fails after its second run")
 
-        update = PeriodicUpdate(
-            session, [dest], site, timeout=WAIT, io_size=IO, flush_every=IO, progress=progress
-        )
-        running = Worker(update.run)
-        try:
-            gate.wait_reached()
-            assert remote.site().rollback(dest).ok  # undoes the run the copy sent
-        finally:
-            gate.open()
-        with pytest.raises(UpdateError, match="the copy fails after its second run"):
-            running.finish()
-        assert dest.state is DestState.INCONSISTENT and protected(site, dest)
-        with lun_of(exports / "disk") as held:
-            assert_no_lost_change(session, held)
-        (result,) = PeriodicUpdate(session, [dest], site, timeout=WAIT, io_size=IO).run()
-        assert result.outcomes == {"disk": "ok"} and dest.state is DestState.CONSISTENT
-        dest.lun.close()
-    assert (exports / "disk").read_bytes() == source.read_bytes()
+    update = PeriodicUpdate(
+        session, [dest], site, timeout=WAIT, io_size=IO, flush_every=IO, progress=progress
+    )
+    running = Worker(update.run)
+    try:
+        gate.wait_reached()
+        assert remote.site().rollback(dest).ok  # undoes the runs the copy sent
+    finally:
+        gate.open()
+    with pytest.raises(UpdateError, match="the copy fails after its second run"):
+        running.finish()
+    assert protected(site, dest)
+    undone_and_mended(session, site, dest, exports)
 
 
 # -- the control protocol, by hand ------------------------------------------------------------
