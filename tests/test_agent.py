@@ -508,7 +508,7 @@ def written_since_an_update(
         dest = Destination(NBDLUN(remote.exports["disk"], timeout=WAIT), name="disk")
         try:
             PeriodicUpdate(session, [dest], site, timeout=WAIT, io_size=IO).run()
-            scribble(session, random.Random(SEED + 40), 30)
+            scribble(session, random.Random(SEED + 41), 30)
             yield remote, site, dest
         finally:
             dest.lun.close()
