@@ -474,7 +474,17 @@ def test_a_destination_that_hangs_inside_a_write_of_saved_chunks_stops_no_host_w
             lock.held = lambda n: inside.set()
             source.after = hang
             job = CopyJob(session, [dest], io_size=2 * g, workers=1)
-            copier = threading.Thread(target=job.incremental, daemon=True)
+            failed: list[CopyError] = []
+
+            def copy() -> None:
+                # The copy's writes went to the hanging file, its reads of the
+                # destination do not: its read-back finds that, rightly.
+                try:
+                    job.incremental()
+                except CopyError as exc:
+                    failed.append(exc)
+
+            copier = threading.Thread(target=copy, daemon=True)
             copier.start()
             assert inside.wait(TIMEOUT), "the core never took the save area's lock"
             threading.Thread(
@@ -487,6 +497,7 @@ def test_a_destination_that_hangs_inside_a_write_of_saved_chunks_stops_no_host_w
             assert wrote.wait(TIMEOUT)
             restore(dest.lun)
         assert finished, "a host write waited for the destination's hung write"
+        assert dest.state is not DestState.CONSISTENT and "read back does not hold" in str(failed)
     finally:
         lock.armed = False
         if copier is not None:
