@@ -431,9 +431,10 @@ def announced(steps):
             say(f"step {NAMES[step[0]]}")
         run_io([step])
 
+stored, _ = open_session(state, checkpoint_interval=0.01)
+# From here on: the kills land in the checkpoints beside the writers, not in the open's.
 isc.activity.os = Announcing()
 isc.activity.run_io = announced
-stored, _ = open_session(state, checkpoint_interval=0.01)
 size = stored.source.size
 stop = threading.Event()
 
