@@ -694,7 +694,8 @@ def _update(args: argparse.Namespace) -> int:
         )
 
         def once() -> None:
-            _check_identities(stored, update.site, dests, args.timeout)
+            for found in update.check_identities(stored.identities, store.agent_sites(stored)):
+                print(f"isc: {found}", file=sys.stderr)
             (result,) = store.update(stored, update, progress)  # one session: one copy
             report(stored, result, args.json, timestamp())
 
@@ -714,30 +715,6 @@ def _update(args: argparse.Namespace) -> int:
             sys.stdout.flush()
             stop.wait(args.every)
     return 0
-
-
-def _check_identities(stored: store.PersistentSession, site, dests, timeout: float) -> None:
-    """Rule 12 at the agents: ask the own agent of each of ``dests`` what identifies its
-    export (:func:`isc.agent.export_identity`: its machine, device and inode). One that
-    differs from the identity recorded is another file than the one the last copies
-    wrote (replaced, another agent at that address): it becomes NEW, so its next copy
-    is full, and a line on stderr says so. An agent that does not answer is left to the
-    update (its protect fails). The identities seen are recorded with the session."""
-    own = {d["name"] for d in stored.meta["destinations"] if d.get("site")}
-    for dest in dests:
-        ack = site.status(dest, timeout) if dest.name in own else None
-        seen = ack.info.get("identity") if ack is not None and ack.ok else None
-        if not isinstance(seen, str):
-            continue
-        known = stored.identities.get(dest.name)
-        if known is not None and known != seen and dest.state is not DestState.NEW:
-            dest.state, dest.epoch, dest.samples = DestState.NEW, None, []
-            print(
-                f"isc: {dest.name} is not the export it was (its agent names another file: "
-                f"{seen}, not {known}): it gets a full copy",
-                file=sys.stderr,
-            )
-        stored.identities[dest.name] = seen
 
 
 def _connect(args: argparse.Namespace, dests: list[dict]) -> tuple[RemoteSite, Credentials | None]:

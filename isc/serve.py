@@ -316,6 +316,8 @@ class SessionControl:
                 updated(stored, None, "skipped: a copy asked for on the control port is running")
                 continue
             try:
+                for found in update.check_identities(stored.identities, store.agent_sites(stored)):
+                    log.warning("%s: %s", name, found)
                 (result,) = store.update(stored, update, progress)  # one session: one copy
             except (IscError, OSError) as exc:
                 log.error("%s: periodic update failed: %s", name, exc)

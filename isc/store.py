@@ -808,6 +808,11 @@ class PersistentSession:
 # -- copies of a persistent session --------------------------------------------------
 
 
+def agent_sites(stored: PersistentSession) -> set[str]:
+    """The names of ``stored``'s destinations that have an isc agent of their own."""
+    return {d["name"] for d in stored.meta["destinations"] if d.get("site")}
+
+
 def copy_destinations(stored: PersistentSession) -> list[Destination]:
     """``stored``'s destinations; ``StateError`` when it has none."""
     if not stored.destinations:

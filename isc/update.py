@@ -219,6 +219,31 @@ class PeriodicUpdate:
                 raise UpdateError(message, results)
             return results
 
+    def check_identities(self, identities: dict[str, str], agents: set[str]) -> list[str]:
+        """Rule 12 at the agents: ask the agent of each destination named in ``agents``
+        what identifies its export (:func:`isc.agent.export_identity`: its machine,
+        device and inode). One that differs from ``identities`` (name -> identity seen
+        before) is another file than the one the last copies wrote (replaced, another
+        agent at that address): it becomes NEW, so this update gives it every chunk.
+        Returns a line for each such destination; records in ``identities`` what each
+        agent said. An agent that does not answer is left to the update (its protect
+        fails)."""
+        found = []
+        for dest in self.destinations:
+            ack = self.site.status(dest, self.timeout) if dest.name in agents else None
+            seen = ack.info.get("identity") if ack is not None and ack.ok else None
+            if not isinstance(seen, str):
+                continue
+            known = identities.get(dest.name)
+            if known is not None and known != seen and dest.state is not DestState.NEW:
+                dest.state, dest.epoch, dest.samples = DestState.NEW, None, []
+                found.append(
+                    f"{dest.name} is not the export it was (its agent names another file: "
+                    f"{seen}, not {known}): it gets a full copy"
+                )
+            identities[dest.name] = seen
+        return found
+
     @staticmethod
     def _needs_full(session: Session, dests: Sequence[Destination]) -> bool:
         return bool(dests) and not any(d.in_step(session) for d in dests)

@@ -1019,3 +1019,42 @@ def test_a_kept_protection_keeps_the_state_of_its_first_image():
     hook.fail_at = None
     rollback(session, dest, site)
     assert dest.state is DestState.CONSISTENT and contents(dest) == image
+
+
+class NamedSite(LocalSite):
+    """A local site whose status names each destination's export as ``names`` says."""
+
+    def __init__(self, names: dict[str, str]) -> None:
+        super().__init__()
+        self.names = names
+        self.asked: list[str] = []
+
+    def status(self, dest: Destination, timeout: float | None = None) -> Ack:
+        ack = super().status(dest, timeout)
+        self.asked.append(dest.name)
+        return Ack(ack.request_id, True, info={**ack.info, "identity": self.names[dest.name]})
+
+
+def test_a_destination_whose_agent_names_another_export_gets_every_chunk():
+    # Rule 12 at an agent: the identity its status names is checked before each update.
+    source = MemoryLUN(SIZE)
+    fill_random(source, random.Random(31))
+    session = Session(source, G)
+    dests = [Destination(MemoryLUN(SIZE), "a"), Destination(MemoryLUN(SIZE), "b")]
+    site = NamedSite({"a": "m:1:10", "b": "m:1:11"})
+    update = PeriodicUpdate(session, dests, site)
+    identities: dict[str, str] = {}
+    assert update.check_identities(identities, {"a"}) == []  # the first: recorded
+    assert identities == {"a": "m:1:10"} and site.asked == ["a"]  # b has no agent of its own
+    update.run()
+    session.write(0, b"changed")
+    site.names["a"] = "m:1:99"  # another file at the agent: copied in full
+    (found,) = update.check_identities(identities, {"a"})
+    assert found.startswith("a is not the export it was (its agent names another file")
+    assert dests[0].state is DestState.NEW and identities["a"] == "m:1:99"
+    dests[0].lun = MemoryLUN(SIZE)
+    (result,) = update.run()
+    assert result.bytes_seeded + result.bytes_sent == SIZE  # seeded from b, which is in step
+    assert update.check_identities(identities, {"a"}) == []  # the same file again
+    for dest in dests:
+        assert dest.state is DestState.CONSISTENT and dest.lun.read(0, SIZE) == source.read(0, SIZE)
