@@ -396,7 +396,8 @@ class CopyJob:
     def _reject(self, dest: Destination, result: CopyResult, error: Exception | None = None):
         """Take ``dest`` out of the copy: it was found :meth:`_replaced` (``error`` None;
         it stays NEW), or reading it to tell failed with ``error``."""
-        if error is None:
+        replaced = error is None
+        if replaced:
             outcome = f"replaced: {self.replaced[dest.name]}"
             error = CopyError(f"destination {dest.name} {outcome}", result)
         else:
@@ -404,7 +405,7 @@ class CopyJob:
         try:
             self._drop(dest, result, outcome, error)
         finally:
-            if dest.epoch is None:  # replaced: every chunk, not only what it missed
+            if replaced:  # every chunk, not only what it missed
                 dest.state = DestState.NEW
 
     @_one_copy
@@ -580,25 +581,14 @@ class CopyJob:
                     session.source.size,
                     dest.samples,
                     anywhere,
-                    self._source_chunk,
+                    session.source,
+                    session.bitmap,
                 )
             except fingerprint.Differs as differs:
                 self._replaced(dest, str(differs))
                 self._reject(dest, result)
             except Exception as exc:
                 self._reject(dest, result, exc)
-
-    def _source_chunk(self, chunk: int) -> bytes | None:
-        """What every destination of the copy holds at ``chunk`` once it sent it: the
-        source's bytes, if no host write came since the copy began (else None)."""
-        session = self.session
-        start = chunk * session.granularity
-        try:
-            data = session.source.read(start, min(session.granularity, session.source.size - start))
-        except Exception:
-            return None  # the source's trouble is not the destination's
-        # Read first, then the bit: a host write sets it before it changes the data.
-        return None if session.bitmap.tracking(chunk) else data
 
     # -- shared steps ------------------------------------------------------------------
     def _holes_known(self) -> bool:

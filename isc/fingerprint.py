@@ -58,7 +58,7 @@ from __future__ import annotations
 import logging
 import random
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -85,7 +85,8 @@ def take(
     size: int,
     kept: Sequence[Sample] = (),
     anywhere: bool = True,
-    truth: Callable[[int], bytes | None] | None = None,
+    source=None,
+    bitmap=None,
 ) -> list[Sample]:
     """Samples of ``lun`` after a copy that wrote the chunks of ``runs`` ((first, count) rows).
 
@@ -95,8 +96,9 @@ def take(
     soon, and a chunk written since its sample is not checked), keeps
     :data:`SAMPLES` of them, those holding data first, and adds the ``kept``
     samples of chunks the copy did not write, up to ``2 * SAMPLES`` in all.
-    ``truth(chunk)``, if given, says what the chunk must hold (None: it cannot
-    tell); a chunk read back that differs raises :class:`Differs`.
+    With ``source`` and its session's ``bitmap``, each chunk read back is
+    compared with the source's where the tracking bitmap shows no host write
+    since the copy began: one that differs raises :class:`Differs`.
     """
     chunks = -(-size // granularity)
     counts = runs[:, 1] if len(runs) else np.empty(0, dtype=np.int64)
@@ -111,8 +113,7 @@ def take(
     found = []
     for chunk in sorted(picks):
         data = _chunk(lun, chunk, granularity, size)
-        expected = None if truth is None else truth(chunk)
-        if expected is not None and expected != data:
+        if source is not None and _differs(data, source, bitmap, chunk, granularity, size):
             raise Differs(
                 f"chunk {chunk} read back does not hold what the copy sent there (the "
                 "destination acknowledged writes it did not make, or another writer changed it)"
@@ -123,6 +124,17 @@ def take(
     taken = {chunk for chunk, _ in fresh}
     fresh += [s for s in kept if s[0] not in taken][: 2 * SAMPLES - len(fresh)]
     return sorted(fresh)
+
+
+def _differs(data: bytes, source, bitmap, chunk: int, granularity: int, size: int) -> bool:
+    """Whether ``data`` is not the source's chunk, which no host write changed since the
+    copy began; False when that cannot be told (a write came, or the source failed)."""
+    try:
+        expected = _chunk(source, chunk, granularity, size)
+    except Exception:
+        return False  # the source's trouble is not the destination's
+    # Read first, then the bit: a host write sets it before it changes the data.
+    return not bitmap.tracking(chunk) and expected != data
 
 
 class Differs(Exception):
