@@ -1522,17 +1522,10 @@ class NBDServer:
         """A READ's whole reply (run inline: at most :data:`_INLINE` bytes): each chunk's
         header and data in one buffer, read in after the header, so that it goes out in one
         ``send`` (a header sent on its own cost a system call and a wakeup of the client)."""
-        reply: list[Any] = []
-        for header, start, size in cls._read_steps(client, flags, handle, offset, length):
-            if header is None:  # more data of the chunk before (a simple reply's, or DF's)
-                reply.append(cls._piece(client.view, start, size))
-                continue
-            buffer = memoryview(bytearray(len(header) + size))
-            buffer[: len(header)] = header
-            if size:
-                client.view.readinto(start, buffer[len(header) :])
-            reply.append(buffer)
-        return reply
+        return [
+            cls._piece(client.view, start, size, header or b"")
+            for header, start, size in cls._read_steps(client, flags, handle, offset, length)
+        ]
 
     @classmethod
     def _first_piece(
@@ -1544,11 +1537,13 @@ class NBDServer:
         return steps, cls._piece(client.view, start, size)
 
     @staticmethod
-    def _piece(view: Any, offset: int, length: int) -> memoryview:
-        """``length`` bytes of ``view`` at ``offset``, in a buffer of their own."""
-        buffer = memoryview(bytearray(length))
+    def _piece(view: Any, offset: int, length: int, header: bytes = b"") -> memoryview:
+        """``header``, then ``length`` bytes of ``view`` at ``offset``, in a buffer of their
+        own."""
+        buffer = memoryview(bytearray(len(header) + length))
+        buffer[: len(header)] = header
         if length:
-            view.readinto(offset, buffer)
+            view.readinto(offset, buffer[len(header) :])
         return buffer
 
     @staticmethod
