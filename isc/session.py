@@ -50,7 +50,7 @@ import numpy as np
 from isc._core import DeltaBitmap
 from isc._layout import DEFAULT_GRANULARITY
 from isc.errors import ParameterError, RangeError, SaveAreaFull, StateError
-from isc.lun import FileLUN
+from isc.lun import FileLUN, _zero_fill
 from isc.savearea import SaveArea
 
 log = logging.getLogger(__name__)
@@ -246,6 +246,44 @@ class Session:
         ValueError) for a range outside the source, before anything changes.
         """
         self.bitmap.write_through(self.source.write, self._save, offset, data)
+
+    def write_zeroes(self, offset: int, length: int, hole: bool = True) -> None:
+        """One host write of zeros over ``[offset, offset + length)``, however long: tracked
+        and COFW-protected as :meth:`write`, and wholly before or after a mark (rule 4: a
+        mark waits for it). It punches a hole in the source if ``hole`` and the source can
+        (``write_zeroes``), else writes zeros, :data:`isc.lun.ZERO_PIECE` bytes a call.
+
+        One exception: while marked, a zeroing of more chunks than both the save area
+        holds and the mark has left to send (which would abort the mark anyway) is a host
+        write per save area's worth, so the array of a write's COFW chunks (8 bytes a
+        chunk) stays bounded. Raises ``RangeError`` outside the source, before anything
+        changes, and the source's errors.
+        """
+        size, g = self.source.size, self.granularity
+        if offset < 0 or length < 0 or offset + length > size:
+            raise RangeError(
+                f"zeroes over [{offset}, {offset + length}) are outside the source [0, {size})"
+            )
+        step = max(length, 1)
+        room = max(1, self.save_area.capacity // g)
+        if self.bitmap.marked and min(length // g + 2, self.bitmap.transfer_count) > room:
+            step = room * g
+        for at in range(offset, offset + length, step):
+            self._zero(at, min(step, offset + length - at), hole)
+
+    def _zero(self, offset: int, length: int, hole: bool) -> None:
+        """One host write of zeros: :meth:`write`'s steps (the core's ``write_through``)
+        with the zeroing as its write."""
+        cofw = self.bitmap.begin_write(offset, length)
+        try:
+            if len(cofw):
+                self._save(cofw)  # never raises for trouble: the mark is aborted
+            if hole and callable(getattr(self.source, "write_zeroes", None)):
+                self.source.write_zeroes(offset, length)
+            else:
+                _zero_fill(self.source.write, offset, length)
+        finally:
+            self.bitmap.end_write(offset, length, len(cofw) > 0)
 
     def _save(self, chunks: np.ndarray) -> None:
         """Copy the current data of ``chunks`` (ascending) to the save area.

@@ -598,3 +598,19 @@ def test_copy_frozen_to_needs_a_mark_whole_chunks_and_a_source_that_copies(tmp_p
         assert session.stats.cofw_chunks == 1
         assert session.copy_frozen_to(0, 4 * G, dest) is True
         assert dest.read(0, 4 * G) == b"\x11" * 4 * G  # the image at the mark
+
+
+def test_write_zeroes_is_a_tracked_host_write_and_refuses_a_bad_range_changing_nothing():
+    source = MemoryLUN(64 * 4096)
+    session = Session(source, 4096)
+    session.write(0, b"x" * 3 * 4096)
+    session.mark()
+    session.write_zeroes(4096, 4096 + 10)  # chunks 1 and 2: saved first, then tracked
+    assert source.read(4096, 4096 + 10) == bytes(4096 + 10)
+    assert session.read_frozen(0, 3 * 4096) == b"x" * 3 * 4096
+    assert [session.bitmap.tracking(c) for c in range(4)] == [False, True, True, False]
+    session.write_zeroes(0, 0)  # nothing, as a write of no bytes
+    for offset, length in ((0, -1), (-1, 1), (63 * 4096, 4097)):
+        with pytest.raises(RangeError, match="outside the source"):
+            session.write_zeroes(offset, length)
+    assert source.read(0, 4096) == b"x" * 4096 and session.bitmap.tracking_count == 2

@@ -144,13 +144,9 @@ class SessionLUN(_BaseLUN):
         return callable(getattr(self.session.source, "write_zeroes", None))
 
     def write_zeroes(self, offset: int, length: int, hole: bool = True) -> None:
-        """One host write of zeros over ``[offset, offset + length)``, however long:
-        tracked and COFW-protected as any host write, and wholly before or after a
-        mark (rule 4: a mark waits for it); it punches a hole in the source if
-        ``hole`` and the source can (``write_zeroes``), else writes zeros,
-        :data:`isc.lun.ZERO_PIECE` bytes a call. One exception: while marked, a
-        zeroing of more chunks than both the save area holds and the mark has
-        left to send is a host write per save area's worth.
+        """Zeros over ``[offset, offset + length)`` through the session
+        (:meth:`isc.session.Session.write_zeroes`: one host write however long),
+        punching a hole in the source if ``hole`` and it can.
 
         Raises ``RangeError`` outside the source before anything changes, and
         the source's errors.
@@ -158,35 +154,7 @@ class SessionLUN(_BaseLUN):
         self._check()
         if offset < 0 or length < 0 or offset + length > self.size:
             raise self._range_error(offset, length)
-        session = self.session
-        bitmap = session.bitmap
-        g = session.granularity
-        # The array of a write's COFW chunks takes 8 bytes a chunk: a zeroing
-        # that could need more than the save area holds while marked (which
-        # would abort the mark anyway) goes in sections of what it can hold,
-        # each a host write of its own.
-        step = length
-        room = max(1, session.save_area.capacity // g)
-        if bitmap.marked and min(length // g + 2, bitmap.transfer_count) > room:
-            step = room * g
-        for at in range(offset, offset + length, step):
-            self._zero(at, min(step, offset + length - at), hole)
-
-    def _zero(self, offset: int, length: int, hole: bool) -> None:
-        session = self.session
-        source = session.source
-        # The session's write path (Session.write, the core's write_through)
-        # in its steps, with the zeroing as its write.
-        cofw = session.bitmap.begin_write(offset, length)
-        try:
-            if len(cofw):
-                session._save(cofw)  # never raises for trouble: the mark is aborted
-            if hole and callable(getattr(source, "write_zeroes", None)):
-                source.write_zeroes(offset, length)
-            else:
-                _zero_fill(source.write, offset, length)
-        finally:
-            session.bitmap.end_write(offset, length, len(cofw) > 0)
+        self.session.write_zeroes(offset, length, hole)
 
     def flush(self) -> None:
         """Flush the source; ``StateError`` when this adapter is closed."""
