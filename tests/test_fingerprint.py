@@ -264,3 +264,35 @@ def test_a_destination_that_drops_the_writes_it_acknowledges_is_not_called_consi
     assert dest.state is DestState.NEW and not dest.in_step(session)
     assert other.state is DestState.CONSISTENT
     assert other.lun.read(0, SIZE) == session.read(0, SIZE)
+
+
+class WrittenWhileRead(MemoryLUN):
+    """A source on which, once ``armed``, a host write (``write_first``) lands on a chunk
+    just before the copy reads it back to compare (the window between the read and the
+    check of the chunk's tracking bit)."""
+
+    armed = False
+    write_first = None
+
+    def read(self, offset: int, length: int) -> bytes:
+        if self.armed:
+            self.armed = False
+            self.write_first(offset, b"written meanwhile")
+        return super().read(offset, length)
+
+
+def test_a_host_write_as_the_copy_reads_the_source_back_is_no_mismatch():
+    source = WrittenWhileRead(SIZE)
+    fill_random(source, random.Random(8))
+    session = Session(source, G)
+    source.write_first = session.write
+    dest = Destination(HookLUN(MemoryLUN(SIZE)), "d0")
+
+    def last_run(done: int, total: int) -> None:
+        source.armed = done == total  # the reads that follow are the samples'
+
+    for marked in (True, False):
+        result = CopyJob(session, [dest], progress=last_run).full(marked)
+        assert result.outcomes["d0"] == "ok" and not source.armed  # a write came
+        assert CopyJob(session, [dest]).replaced == {}
+        assert dest.state is (DestState.CONSISTENT if marked else DestState.INCONSISTENT)
