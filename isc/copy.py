@@ -396,16 +396,16 @@ class CopyJob:
     def _reject(self, dest: Destination, result: CopyResult, error: Exception | None = None):
         """Take ``dest`` out of the copy: it was found :meth:`_replaced` (``error`` None;
         it stays NEW), or reading it to tell failed with ``error``."""
-        replaced = error is None
-        if replaced:
+        if error is None:
             outcome = f"replaced: {self.replaced[dest.name]}"
-            error = CopyError(f"destination {dest.name} {outcome}", result)
+            cause: Exception = CopyError(f"destination {dest.name} {outcome}", result)
         else:
             outcome = f"failed: cannot check it is the destination it was: {error}"
+            cause = error
         try:
-            self._drop(dest, result, outcome, error)
+            self._drop(dest, result, outcome, cause)
         finally:
-            if replaced:  # every chunk, not only what it missed
+            if error is None:  # replaced: every chunk, not only what it missed
                 dest.state = DestState.NEW
 
     @_one_copy
