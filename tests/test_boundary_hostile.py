@@ -1,0 +1,277 @@
+"""The trust boundaries of a persistent session attacked where the other hostile tests do not
+reach (rules 10, 11 and 14): names of files that mean another file in another process or
+under another device, windows between isc's check of a path and its use, and state
+directories others can write.
+
+Already attacked elsewhere, and not repeated here: another spelling of the source or a
+destination (a symlink, a hard link, ``./``), a save area path that exists, corrupt and
+fuzzed session files, checkpoints and logs, a second session on a held source, ``qemu-nbd``
+against a held source (tests/test_trust.py, tests/test_store.py); TLS and authentication of
+the control faces and the NBD exports, other users' sockets and secret files
+(tests/test_security_*.py, tests/test_remote_hostile.py).
+
+Attacked here, through the real ``isc`` command where a user would go that way and with a
+hook in this process where only a hook can force the window open:
+
+* a LUN given as ``/proc/self/fd/N``, ``/dev/fd/N`` or ``/dev/stdin``: a name that means
+  another file in every process, so a later ``isc copy`` wrote what it opened under that
+  number (the source itself) and called the destination consistent;
+* a loop device over the source (or over a destination) given as a destination, and a second
+  session whose source is a loop device over a file a session holds;
+* the source renamed and replaced between the open of its LUN and of its lock, so the
+  session locked (and stamped) a file it does not write;
+* another process changing the session file between an open's read of it and its lock,
+  whose change the open then overwrote;
+* a state directory that others can write, or that belongs to another user: whoever can write
+  it chooses what isc reads and writes (the source, the destinations) next;
+* a program that writes the source while a session holds it and takes no lock.
+
+Each refusal is one line naming the object and the fix, and changes nothing. A test that
+needs root (loop devices, another owner) or a tool skips naming what it lacks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from helpers import fill_random
+from test_cli import ENV, ISC, files
+
+import isc.store
+from isc import FileLUN
+from isc.errors import StateError
+from isc.store import METADATA, copy, create_session, open_session
+
+G = 4096
+SIZE = 64 * G + 512
+"""A short last chunk, in whole sectors: a loop device over the file has its size."""
+TIMEOUT = 30.0
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    """A random source.img, zeroed d1.img and d2.img, and a session ``state`` on source.img
+    with destination d1 copied once (consistent)."""
+    with FileLUN.create(tmp_path / "source.img", SIZE) as source:
+        fill_random(source, random.Random(23))
+    for name in ("d1", "d2"):
+        FileLUN.create(tmp_path / f"{name}.img", SIZE).close()
+    create_session(tmp_path / "state", str(tmp_path / "source.img"), granularity=G)
+    with open_session(tmp_path / "state")[0] as stored:
+        stored.add_destination(str(tmp_path / "d1.img"))
+        copy(stored, "full")
+    return tmp_path
+
+
+def run_isc(*args: str, cwd: Path, fail: bool = False, **options) -> subprocess.CompletedProcess:
+    """Run ``isc ARGS`` in ``cwd``; it must succeed, or with ``fail`` fail with one line."""
+    done = subprocess.run(
+        [*ISC, *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=TIMEOUT, **options
+    )
+    assert "Traceback" not in done.stderr, done.stderr
+    if fail:
+        assert done.returncode != 0, done.stdout
+        assert done.stderr.count("\n") == 1 and done.stderr.startswith("isc: error: "), done.stderr
+    else:
+        assert done.returncode == 0, done.stderr
+    return done
+
+
+@contextlib.contextmanager
+def loop_device(backing: Path) -> Iterator[str]:
+    """A loop device over ``backing``, detached on exit; skips without losetup or root."""
+    losetup = shutil.which("losetup")
+    if losetup is None:
+        pytest.skip("losetup (util-linux) is not installed")
+    attach = subprocess.run(
+        [losetup, "--find", "--show", str(backing)], capture_output=True, text=True, check=False
+    )
+    if attach.returncode != 0:
+        pytest.skip(f"cannot attach a loop device (needs root): {attach.stderr.strip()}")
+    device = attach.stdout.strip()
+    try:
+        yield device
+    finally:
+        subprocess.run([losetup, "--detach", device], check=True)
+
+
+# -- names that mean another file in another process -------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="isc.store: a LUN named by a descriptor (/proc/self/fd/N) is stored as such",
+)
+@pytest.mark.parametrize("form", ["/proc/self/fd/{n}", "/dev/fd/{n}", "/dev/stdin"])
+def test_a_lun_named_by_a_descriptor_is_refused(root: Path, form: str) -> None:
+    # Before, `isc add-dest state /proc/self/fd/4 4<>d1.img` was taken, and a later
+    # `isc copy` wrote its full copy through its own descriptor 4 (the source) and
+    # called the destination consistent while d1.img never saw a byte.
+    before = files(root / "state")
+    with open(root / "d2.img", "r+b") as d2:
+        n = d2.fileno()
+        target = form.format(n=n)
+        run_isc(
+            "add-dest",
+            "state",
+            target,
+            "--name",
+            "fd",
+            cwd=root,
+            fail=True,
+            pass_fds=(n,),
+            stdin=d2,
+        )
+        run_isc("create", "other", "--source", target, cwd=root, fail=True, pass_fds=(n,), stdin=d2)
+    assert files(root / "state") == before
+    assert not (root / "other").exists()
+
+
+# -- loop devices over the session's files -----------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="isc.store._identity: a loop device is its device number, not the file it reads",
+)
+@pytest.mark.parametrize("over", ["source.img", "d1.img"])
+def test_a_loop_device_over_the_source_or_a_destination_is_refused_as_a_destination(
+    root: Path, over: str
+) -> None:
+    before = files(root / "state")
+    with loop_device(root / over) as device:
+        done = run_isc("add-dest", "state", device, cwd=root, fail=True)
+    assert "is the source" in done.stderr or "is already destination d1" in done.stderr
+    assert files(root / "state") == before
+
+
+@pytest.mark.xfail(
+    strict=True, reason="isc.store.SourceLock locks the loop device node, not the file under it"
+)
+def test_a_second_session_on_a_loop_device_over_a_held_source_is_refused(root: Path) -> None:
+    with loop_device(root / "source.img") as device:
+        stored, _ = open_session(root / "state")
+        with stored:
+            done = run_isc("create", "other", "--source", device, cwd=root, fail=True)
+            assert "in use" in done.stderr
+        assert not (root / "other").exists()
+        # And the other way round: a session on the device holds the file too.
+        run_isc("create", "other", "--source", device, "--granularity", "4K", cwd=root)
+        stored, _ = open_session(root / "other")
+        with stored:
+            run_isc("copy", "--full", "state", cwd=root, fail=True)
+
+
+# -- windows between a check and its use ------------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True, reason="isc.store.PersistentSession opens the source and its lock by path, twice"
+)
+def test_a_source_swapped_between_its_open_and_its_lock_is_still_the_one_locked(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_open = isc.store.open_lun
+
+    def open_then_swap(target: str, timeout: float | None = None):
+        lun = real_open(target, timeout)
+        if target.endswith("source.img"):
+            os.rename(root / "source.img", root / "moved.img")
+            FileLUN.create(root / "source.img", SIZE).close()
+        return lun
+
+    monkeypatch.setattr(isc.store, "open_lun", open_then_swap)
+    try:
+        stored, _ = open_session(root / "state")
+    except StateError as exc:  # refusing the swapped source is right too
+        assert "source" in str(exc)
+        return
+    monkeypatch.undo()
+    # The session writes moved.img: that is the file its lock must hold.
+    with stored, pytest.raises(StateError, match="in use"):
+        create_session(root / "other", str(root / "moved.img"), granularity=G)
+
+
+@pytest.mark.xfail(
+    strict=True, reason="isc.store.open_session reads session.json before it takes the lock"
+)
+def test_a_change_to_the_session_between_the_read_of_its_file_and_its_lock_is_kept(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_lock = isc.store._lock
+
+    def lock_after_another(directory: Path) -> int:
+        run_isc("add-dest", "state", "d2.img", cwd=root)  # takes and releases the lock
+        return real_lock(directory)
+
+    monkeypatch.setattr(isc.store, "_lock", lock_after_another)
+    stored, _ = open_session(root / "state")
+    monkeypatch.undo()
+    with stored:
+        assert [d.name for d in stored.destinations] == ["d1.img", "d2.img"]
+    meta = json.loads((root / "state" / METADATA).read_bytes())
+    assert [d["name"] for d in meta["destinations"]] == ["d1.img", "d2.img"]
+
+
+# -- state directories others can write ------------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True, reason="isc.store.open_session trusts a state directory whatever its mode"
+)
+def test_a_state_directory_others_can_write_is_refused(root: Path) -> None:
+    os.chmod(root / "state", 0o777)
+    before = files(root / "state")
+    done = run_isc("copy", "--full", "state", cwd=root, fail=True)
+    assert "chmod" in done.stderr
+    assert files(root / "state") == before
+    (root / "open").mkdir(mode=0o777)
+    os.chmod(root / "open", 0o777)
+    run_isc("create", "open", "--source", "d2.img", cwd=root, fail=True)
+    assert list((root / "open").iterdir()) == []
+    os.chmod(root / "state", 0o700)
+    run_isc("copy", "--full", "state", cwd=root)
+
+
+@pytest.mark.xfail(
+    strict=True, reason="isc.store.open_session trusts a state directory whatever its owner"
+)
+def test_a_state_directory_of_another_user_is_refused(root: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("giving a directory to another user needs root")
+    os.chown(root / "state", 65534, 65534)
+    before = files(root / "state")
+    done = run_isc("copy", "--full", "state", cwd=root, fail=True)
+    assert "uid 65534" in done.stderr
+    assert files(root / "state") == before
+
+
+# -- writes that bypass the session -----------------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="isc.store.SourceLock is advisory and the stamp is taken at close: a program that "
+    "writes the source while a session holds it, taking no lock, is neither refused nor seen",
+)
+def test_a_write_by_a_program_without_a_lock_while_the_session_holds_the_source_is_seen(
+    root: Path,
+) -> None:
+    stored, _ = open_session(root / "state")
+    with stored:
+        fd = os.open(root / "source.img", os.O_WRONLY)
+        try:
+            os.pwrite(fd, b"written beside the session", 7 * G)
+        finally:
+            os.close(fd)
+    stored, recovery = open_session(root / "state")
+    with stored:
+        assert recovery.source_changed is not None or stored.session.bitmap.tracking(7)
