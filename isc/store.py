@@ -1172,9 +1172,12 @@ def open_session(
     create. Nothing is overwritten then.
     """
     path = Path(directory)
-    meta = _read_meta(path)
+    _read_meta(path)  # a directory that holds no session gets no lock file
     lock = _lock(path)
     try:
+        # Read under the lock: a process that held it since the read above may
+        # have saved a change, which the open would otherwise overwrite at its save.
+        meta = _read_meta(path)
         stored, recovery = _recover(path, meta, checkpoint_interval, reset, timeout)
     except BaseException:
         os.close(lock)

@@ -200,9 +200,6 @@ def test_a_source_swapped_between_its_open_and_its_lock_is_still_the_one_locked(
         create_session(root / "other", str(root / "moved.img"), granularity=G)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="isc.store.open_session reads session.json before it takes the lock"
-)
 def test_a_change_to_the_session_between_the_read_of_its_file_and_its_lock_is_kept(
     root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
