@@ -20,13 +20,17 @@ after a copy     each destination that completed it gets :data:`SAMPLES`
                  writes it did not make) takes it out of the copy, NEW
 before a copy    samples of chunks the copy may write are dropped first
                  (they are about to change), so a failed copy leaves none
-                 that could disagree with the destination for a good reason;
-                 a persistent session's record of a running copy holds no
-                 samples of its destinations, so a crash leaves none either
+                 that could disagree with the destination for a good reason
 at a flush       during a copy, each destination still in it gets up to
                  :data:`SAMPLES` samples among the chunks flushed since the
                  last flush, so one that drops out of the copy later keeps
                  samples of what it holds
+after a crash    a persistent session's record of a running copy keeps the
+                 samples from before it, and each checkpoint during the copy
+                 writes those its destinations hold then (:mod:`isc.store`):
+                 each holds on the destination or names a chunk the
+                 recovered bitmaps track, so a destination replaced after a
+                 crash mid-copy is found too
 check            each remaining sample whose chunk is not in the tracking or
                  transfer bitmap (those may differ for a good reason) is
                  read from the destination; one mismatch makes the

@@ -442,6 +442,10 @@ class PersistentSession:
         self._checkpointed = False
         self._receiving: list[Destination] = []
         """The destinations of the copy :meth:`begin_copy` recorded, until :meth:`save`."""
+        self._recorded: dict = {}
+        """The metadata :meth:`begin_copy` wrote, whose samples checkpoints bring up to date."""
+        self._meta_lock = threading.Lock()
+        """Held to write ``session.json``: a checkpoint's samples never land after a save."""
         self._stamp = None if self._source_lock is None else self._source_lock.stamp()
         """The source's stamp as of this open; ``closed`` once a clean close took it again."""
 
@@ -569,15 +573,39 @@ class PersistentSession:
             self._flushed_for = sent
             # Older logs reappearing after a crash are ignored: the journal is newer.
             self._log.retire(generation)
+            self._record_samples()
+
+    def _record_samples(self) -> None:
+        """While a copy runs, write into the record :meth:`begin_copy` made the fingerprint
+        samples its destinations hold now, and make one the copy found replaced (out of
+        step) out of step there too (rule 12 after a crash).
+
+        Each was taken after the copy wrote and flushed its chunk, or is an older one
+        the copy does not write (:mod:`isc.fingerprint`), so it holds whichever
+        checkpoint a crash leaves. Written after the checkpoint: a crash in between
+        leaves older samples, which may name a chunk the copy has since cleared and
+        rewritten, and cost a full copy (never a trusted replaced destination).
+        """
+        with self._meta_lock:
+            if not self._receiving:
+                return
+            meta = self._recorded
+            for dest in self._receiving:
+                entry = next(d for d in meta["destinations"] if d["name"] == dest.name)
+                entry["samples"] = [list(sample) for sample in dest.samples]
+                if dest.epoch is None:
+                    entry["epoch"], entry["state"] = None, DestState.NEW.value
+            write_atomically(self.directory / METADATA, _encode(meta))
 
     def save(self) -> None:
         """Write the metadata (destinations, their states, epoch) atomically.
 
         Ends what :meth:`begin_copy` recorded: call it once the copy is over.
         """
-        self.meta = self._current_meta()
-        write_atomically(self.directory / METADATA, _encode(self.meta))
-        self._receiving = []
+        with self._meta_lock:
+            self.meta = self._current_meta()
+            write_atomically(self.directory / METADATA, _encode(self.meta))
+            self._receiving = []
 
     def begin_copy(self, destinations, mode: str) -> None:
         """Record durably that a copy (``mode`` in :data:`COPY_MODES`) to ``destinations`` starts.
@@ -603,15 +631,15 @@ class PersistentSession:
         for dest in meta["destinations"]:
             if dest["name"] in names:
                 dest["state"] = DestState.INCONSISTENT.value
-                # Samples of chunks the copy may write would disagree after a crash
-                # for a good reason (isc.fingerprint), and which chunks those are
-                # is known only at its mark, which may come later (an update
-                # marks after this): a crash leaves none. save() writes the
-                # samples the copy leaves.
-                dest["samples"] = []
+        # The samples stay (rule 12 after a crash): after a crash one of a chunk
+        # the copy had not cleared at the last checkpoint is not checked (the
+        # chunk is tracked again), and each checkpoint writes the samples the
+        # copy holds then (_record_samples), none of a chunk it rewrote.
         meta["copy"] = {"mode": mode, "destinations": names}
-        write_atomically(self.directory / METADATA, _encode(meta))
-        self._receiving = list(destinations)
+        with self._meta_lock:
+            write_atomically(self.directory / METADATA, _encode(meta))
+            self._recorded = meta
+            self._receiving = list(destinations)
         self._copies += 1
 
     def _current_meta(self) -> dict:

@@ -153,23 +153,38 @@ def test_samples_survive_a_reopen_of_a_persistent_session(tmp_path):
         assert stored.destinations[0].state is DestState.NEW
 
 
-def test_the_record_of_a_running_copy_holds_no_samples(tmp_path):
-    # A crash mid-copy must not leave samples of chunks the copy rewrote: which
-    # those are is known only at the copy's mark, after the record is written.
+def test_the_record_of_a_running_copy_keeps_samples_and_its_checkpoints_renew_them(tmp_path):
+    # A crash mid-copy leaves the samples of the last checkpoint: those from before
+    # the copy, then those the copy holds at each checkpoint (none of a chunk it
+    # rewrote), and a destination found replaced out of step.
     import json
 
     from isc.store import METADATA, copy, open_session
 
+    def recorded() -> dict:
+        meta = json.loads((state / METADATA).read_text())
+        (dest,) = meta["destinations"]
+        return {"copy": "copy" in meta, **dest}
+
     state = session_directory(tmp_path, SIZE, G, 10)
     with open_session(state)[0] as stored:
         copy(stored, "full")
-        assert stored.destinations[0].samples
+        (dest,) = stored.destinations
+        before = [list(sample) for sample in dest.samples]
+        assert before
         stored.begin_copy(stored.destinations, "incremental")
-        (recorded,) = json.loads((state / METADATA).read_text())["destinations"]
-        assert recorded["samples"] == []
-        stored.save()
-        (recorded,) = json.loads((state / METADATA).read_text())["destinations"]
-        assert len(recorded["samples"]) >= SAMPLES
+        assert recorded()["samples"] == before and recorded()["state"] == "inconsistent"
+        dest.samples = dest.samples[:1]  # what a mark drops and a flush takes
+        stored.checkpoint()
+        assert recorded()["samples"] == before[:1] and recorded()["epoch"] is not None
+        dest.state, dest.epoch, dest.samples = DestState.NEW, None, []  # found replaced
+        stored.checkpoint()
+        assert recorded()["samples"] == [] and recorded()["epoch"] is None
+        assert recorded()["copy"] and recorded()["state"] == "new"
+        dest.state, dest.epoch, dest.samples = DestState.CONSISTENT, 1, before[:2]
+        stored.save()  # the copy's end: a checkpoint after it writes no record of it
+        stored.checkpoint()
+        assert not recorded()["copy"] and recorded()["state"] == "consistent"
 
 
 class Unreadable(HookLUN):
