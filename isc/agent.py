@@ -97,6 +97,7 @@ import threading
 import zlib
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from isc.auth import Credentials
 from isc.control import ControlServer, Op
@@ -106,6 +107,9 @@ from isc.nbd import NBD_PORT
 from isc.remote import PROTECT_GRANULARITY, saved_extents
 from isc.store import _fsync_dir, write_atomically
 from isc.tls import ServerTLS
+
+if TYPE_CHECKING:
+    from isc.nbd import NBDServer
 
 log = logging.getLogger(__name__)
 
@@ -396,6 +400,9 @@ class Export(ForwardingLUN):
         self.identity = identity
         self._lock = threading.Lock()
         self.journal: Journal | None = None
+        self.server: NBDServer | None = None
+        """The NBD server of the export (:func:`run_agent` sets it): fenced at each protect
+        and rollback (:meth:`_fenced`)."""
         self._undone: dict[str, set[int]] = {}
         """Each image that ended while the agent ran (a rollback, an unprotect) -> the chunks
         rollbacks rewrote since it was protected."""
@@ -408,6 +415,20 @@ class Export(ForwardingLUN):
         (journal if journal else self.lun).write(offset, data)
 
     # -- requests ------------------------------------------------------------------
+    def _fenced(self) -> dict | None:
+        """Fence the export's NBD server before a protect or rollback acts
+        (:meth:`~isc.nbd.NBDServer.fence`): no write of a client connected before (a
+        killed update's, held in the server) may land after the answer. None once
+        fenced, else the refusal."""
+        why = self.server.fence() if self.server is not None else None
+        if why is None:
+            return None
+        return {
+            "ok": False,
+            "reason": f"{self.name}'s NBD server could not fence the clients connected "
+            f"before: {why}; nothing was changed; ask again once the file answers",
+        }
+
     def protect(self, named: bool = False) -> dict:
         """Protect the export, or keep its protection; ``named``: the reply's ``info`` names
         the image protected (:attr:`image`), as it was when the lock was let go."""
@@ -421,6 +442,9 @@ class Export(ForwardingLUN):
                     f"({self.journal.problem}): it can no longer be rolled back; unprotect "
                     "it to drop the protection",
                 }
+            refused = self._fenced()
+            if refused is not None:
+                return refused
             if self.journal is not None:
                 reply = {"ok": True, "reason": "already protected", "kept": True}
             else:
@@ -451,6 +475,9 @@ class Export(ForwardingLUN):
         with self._lock:
             if self.journal is None:
                 return {"ok": False, "reason": f"{self.name} is not protected: no image to restore"}
+            refused = self._fenced()
+            if refused is not None:
+                return refused
             ended = self.journal.image
             try:
                 extents = self.journal.rollback()
@@ -656,6 +683,7 @@ def run_agent(
             server = NBDServer(export, name=name, tls=tls, **(limits or {}))
             server.start(host, base + offset if base else 0)
             servers.append(server)
+            export.server = server
             uris[name] = server.uri
             log.info("export %s at %s", name, server.uri)
 

@@ -755,6 +755,16 @@ class ReconnectingLUN(_BaseLUN):
         self._in_range(offset, length)
         self._use(lambda lun: write_zeroes(lun, offset, length))
 
+    def disconnect(self) -> None:
+        """Close the LUN underneath, if it is open: the next I/O opens it again, at once
+        (no back-off: nothing failed). For a site that cuts the connections open before
+        it protects or rolls back the LUN (an agent's fence, :mod:`isc.agent`): call it
+        after the site's answer, while no I/O of this LUN runs."""
+        with self._lock:
+            lun, self._lun = self._lun, None
+        if lun is not None:
+            lun.close()
+
     def close(self) -> None:
         """Close the LUN underneath; later I/O raises ``StateError``. Idempotent."""
         with self._lock:

@@ -403,6 +403,17 @@ def _track_undone(
                 _track(session, undone)
 
 
+def _reconnect(dests: Sequence[Destination]) -> None:
+    """Let each destination's next I/O open a new connection (``disconnect()``, as a
+    :class:`~isc.lun.ReconnectingLUN` offers it): a site that protects or rolls back a
+    destination may cut the connections open before it (an agent's fence, so that no
+    write of a killed update lands after it); one opened after its answer is served."""
+    for dest in dests:
+        disconnect = getattr(dest.lun, "disconnect", None)
+        if disconnect is not None:
+            disconnect()
+
+
 def _raised(request: str, exc: Exception) -> Ack:
     return Ack(0, False, f"{request} raised {type(exc).__name__}: {exc}", outcome_unknown=True)
 
@@ -425,6 +436,7 @@ def _protect_all(site, dests: Sequence[Destination], timeout: float, marked) -> 
             acks.append(_ask(site, "protect", dest, timeout))
             if not acks[-1].ok:
                 break
+    _reconnect(dests)
     for dest, state, ack in zip(dests, states, acks, strict=False):  # acks may stop early
         # A protection kept from a failed update holds its first image, whose state
         # was recorded then; a fresh one holds the present image, whatever an older
@@ -537,6 +549,7 @@ def rollback_group(
             acks = _ask_group(site, "rollback", dests, timeout)
         else:
             acks = [_ask(site, "rollback", dests[0], timeout)]
+        _reconnect(dests)
         failures = []
         for (session, dest), state, ack in zip(members, before, acks, strict=True):
             if ack.ok:

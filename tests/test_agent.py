@@ -54,6 +54,7 @@ from test_nbd import nbdkit, qemu_nbd, run, sparse, tool
 import isc
 from isc import Destination, DestState, FileLUN, MemoryLUN, ParameterError, Session
 from isc.agent import Agent, Journal, open_regular
+from isc.lun import ReconnectingLUN
 from isc.nbd import NBDLUN
 from isc.remote import PROTECT_GRANULARITY, AgentSite, LocalSite
 from isc.store import create_session, open_session
@@ -227,6 +228,20 @@ def lun_of(path: Path) -> FileLUN:
     return FileLUN(path, readonly=True)
 
 
+def remote_lun(uri: str) -> ReconnectingLUN:
+    """A destination on an agent's export, opened as isc's commands open one: the agent
+    cuts the connections open before each protect and rollback (its fence), and the
+    update opens a new one after the answer."""
+    return ReconnectingLUN(lambda: NBDLUN(uri, timeout=WAIT), SIZE, f"destination at {uri}")
+
+
+class ReconnectingHook(HookLUN):
+    """A :class:`HookLUN` over a :class:`ReconnectingLUN` that passes ``disconnect`` on."""
+
+    def disconnect(self) -> None:
+        self.lun.disconnect()
+
+
 # -- replication ------------------------------------------------------------------------------
 @pytest.mark.usefixtures("replica_tools")
 def test_updates_to_an_agent_copy_each_mark_and_only_what_changed(
@@ -236,7 +251,7 @@ def test_updates_to_an_agent_copy_each_mark_and_only_what_changed(
     with agent(exports, tmp_path / "agent.log") as remote:
         assert set(remote.exports) == {"disk", "spare"}
         site = remote.site()
-        dest = Destination(NBDLUN(remote.exports["disk"], timeout=WAIT), name="disk")
+        dest = Destination(remote_lun(remote.exports["disk"]), name="disk")
         update = PeriodicUpdate(session, [dest], site, timeout=WAIT, io_size=IO)
         changed = set(range(SIZE // G))  # the first update of a new destination is full
         for _ in range(3):
@@ -279,7 +294,7 @@ def test_an_agent_down_refuses_the_update_and_after_a_restart_it_catches_up(
 ):
     rng = random.Random(SEED + 3)
     with agent(exports, tmp_path / "agent.log") as first:
-        dest = Destination(NBDLUN(first.exports["disk"], timeout=WAIT), name="disk")
+        dest = Destination(remote_lun(first.exports["disk"]), name="disk")
         PeriodicUpdate(session, [dest], first.site(), timeout=WAIT, io_size=IO).run()
         first.stop()
     dest.lun.close()
@@ -295,7 +310,7 @@ def test_an_agent_down_refuses_the_update_and_after_a_restart_it_catches_up(
     assert (exports / "disk").read_bytes() == image
 
     with agent(exports, tmp_path / "agent-again.log") as second:
-        dest.lun = NBDLUN(second.exports["disk"], timeout=WAIT)
+        dest.lun = remote_lun(second.exports["disk"])
         (result,) = PeriodicUpdate(session, [dest], second.site(), timeout=WAIT, io_size=IO).run()
         assert result.bytes_sent == sum(chunk_bytes(c, G, SIZE) for c in changed)
         assert_replicated(source, exports / "disk", second.exports["disk"], tmp_path)
@@ -327,7 +342,7 @@ def test_a_refused_destination_undoes_the_protection_of_the_other(
 ):
     with agent(exports, tmp_path / "agent.log") as remote:
         site = remote.site()
-        known = Destination(NBDLUN(remote.exports["disk"], timeout=WAIT), name="disk")
+        known = Destination(remote_lun(remote.exports["disk"]), name="disk")
         ghost = Destination(HookLUN(MemoryLUN(SIZE)), name="ghost")
         update = PeriodicUpdate(session, [known, ghost], site, timeout=WAIT, io_size=IO)
         with pytest.raises(UpdateError, match="cannot protect ghost: no export named 'ghost'"):
@@ -349,7 +364,7 @@ def test_an_agent_stopped_mid_copy_keeps_the_protection_for_a_rollback_after_its
 ):
     rng = random.Random(SEED + 4)
     with agent(exports, tmp_path / "agent.log") as first:
-        dest = Destination(NBDLUN(first.exports["disk"], timeout=WAIT), name="disk")
+        dest = Destination(remote_lun(first.exports["disk"]), name="disk")
         PeriodicUpdate(session, [dest], first.site(), timeout=WAIT, io_size=IO).run()
         consistent = (exports / "disk").read_bytes()
         scribble(session, rng, 30)
@@ -375,7 +390,7 @@ def test_an_agent_stopped_mid_copy_keeps_the_protection_for_a_rollback_after_its
 
     dest.lun.close()
     with agent(exports, tmp_path / "agent-again.log") as second:
-        dest.lun = NBDLUN(second.exports["disk"], timeout=WAIT)
+        dest.lun = remote_lun(second.exports["disk"])
         site = second.site()
         status = site.status(dest).info  # the protection outlived the agent (rule 8)
         assert status["protected"] and status["intact"] and status["saved_chunks"] > 0
@@ -399,7 +414,7 @@ def test_a_failed_copy_stays_protected_and_rolls_back_to_the_last_consistent_ima
     rng = random.Random(SEED + 5)
     with agent(exports, tmp_path / "agent.log") as remote:
         site = remote.site()
-        hook = HookLUN(NBDLUN(remote.exports["disk"], timeout=WAIT))
+        hook = ReconnectingHook(remote_lun(remote.exports["disk"]))
         dest = Destination(hook, name="disk")
         update = PeriodicUpdate(session, [dest], site, timeout=WAIT, io_size=IO)
         update.run()
@@ -475,7 +490,7 @@ def test_a_second_update_while_one_runs_is_refused_and_changes_nothing(
 ):
     with agent(exports, tmp_path / "agent.log") as remote:
         site = remote.site()
-        dest = Destination(NBDLUN(remote.exports["disk"], timeout=WAIT), name="disk")
+        dest = Destination(remote_lun(remote.exports["disk"]), name="disk")
         gate = Gate()
         first = PeriodicUpdate(session, [dest], site, timeout=WAIT, io_size=IO, progress=gate)
         running = Worker(first.run)
@@ -505,7 +520,7 @@ def written_since_an_update(
     destination consistent: then it must hold the source."""
     with agent(exports, tmp_path / "agent.log") as remote:
         site = remote.site()
-        dest = Destination(NBDLUN(remote.exports["disk"], timeout=WAIT), name="disk")
+        dest = Destination(remote_lun(remote.exports["disk"]), name="disk")
         try:
             PeriodicUpdate(session, [dest], site, timeout=WAIT, io_size=IO).run()
             scribble(session, random.Random(SEED + 41), 30)

@@ -13,7 +13,9 @@ from when it is armed:
 ``kill_after_saves=N``    the agent dies after its N-th journal append (mid-copy)
 ``kill_mid_rollback=N``   the agent dies once a rollback wrote back N chunks
 ``hold_first_write=F``    the agent holds the next write to its export until the
-                          test opens the FIFO ``F`` (``F.reached``: held)
+                          test opens the FIFO ``F`` (``F.reached``: held), once per ``F``
+``fence_started=F``       the agent creates the file ``F`` as it starts a fence
+``fence_seconds=S``       the agent's fences wait ``S`` seconds for what they cut
 ``kill_after_unprotect``  ``isc update`` dies once the agent acknowledged its N-th
 ``=N``                    unprotect, before the update's outcome is saved
 ``kill_at_run=N``         ``isc update`` dies at the N-th run its copy sent
@@ -44,6 +46,7 @@ The tools come from Debian's openssl and nbdkit packages.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import copy
 import json
@@ -63,17 +66,18 @@ from pathlib import Path
 
 import pytest
 import test_agent
-from helpers import Gate, Worker, assert_no_lost_change, wait_until
+from helpers import Gate, HookLUN, Worker, assert_no_lost_change, wait_until
 from test_agent import HOST, IO, JOURNAL, SIZE, WAIT, lun_of
 from test_agent_journal import agent_here, write_randomly
 from test_cli import state_of
-from test_nbd import nbdkit
-from test_security_nbd import with_tls
+from test_nbd import CMD_WRITE, Raw, nbdkit
+from test_security_nbd import ReceivingServer, with_tls
 
 from isc import Destination, DestState, MemoryLUN
 from isc.agent import HEAD_SIZE, HEADER_SIZE
 from isc.auth import Credentials
-from isc.nbd import NBDLUN, proto
+from isc.nbd import NBDLUN, NBDServer, proto
+from isc.nbd import server as nbd_server
 from isc.remote import PROTECT_GRANULARITY, AgentSite, LocalSite
 from isc.store import copy as store_copy
 from isc.store import open_session, read_state
@@ -125,6 +129,7 @@ def _die():
 
 if _FAULTS:
     from isc import agent, store, update
+    from isc.nbd import server
 
     def _kill_after(point, function):
         """``function``, then death at the armed count of fault point ``point``."""
@@ -146,6 +151,8 @@ if _FAULTS:
             self.write = _kill_after("kill_mid_rollback", lun.write)
 
     _rollback, _write, _ask = agent.Journal.rollback, agent.Export.write, update._ask
+    _fence = server.NBDServer.fence
+    _held = set()  # the FIFOs of hold_first_write that held a write
 
     def rollback(self, *args, **kwargs):
         lun, self.lun = self.lun, _Dying(self.lun)
@@ -157,13 +164,19 @@ if _FAULTS:
     def write(self, *args, **kwargs):
         fifo = _armed("hold_first_write")
         with _lock:
-            first = fifo is not None and not _counts.get("hold_first_write")
-            _counts["hold_first_write"] = _counts.get("hold_first_write", 0) + (fifo is not None)
+            first = fifo is not None and fifo not in _held
+            _held.add(fifo)
         if first:
             open(fifo + ".reached", "w").close()
             with open(fifo):  # a FIFO: open blocks until the test opens it to write
                 pass
         _write(self, *args, **kwargs)
+
+    def fence(self, timeout=None):
+        started, seconds = _armed("fence_started"), _armed("fence_seconds")
+        if started is not None:
+            open(started, "w").close()
+        return _fence(self, timeout if seconds is None else float(seconds))
 
     def ask(site, request, *args, **kwargs):
         ack = _ask(site, request, *args, **kwargs)
@@ -175,6 +188,7 @@ if _FAULTS:
     agent.Journal._append = _kill_after("kill_after_saves", agent.Journal._append)
     store.Progress.__call__ = _kill_after("kill_at_run", store.Progress.__call__)
     agent.Journal.rollback, agent.Export.write, update._ask = rollback, write, ask
+    server.NBDServer.fence = fence
 '''
 
 
@@ -999,20 +1013,12 @@ def rewrite_chunk(replica: Replica, chunk: int, seed: int) -> None:
         stored.session.write(chunk * G, random.Random(seed).randbytes(G))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="nothing fences the NBD writes of a killed isc update: one the agent received "
-    "before the kill but carries out after the next update (isc/agent.py Export.write; "
-    "isc/update.py protects over a connection of its own and never drains the others) "
-    "puts old data over what that update sent, which then reads CONSISTENT, untracked",
-)
-def test_a_write_of_a_killed_update_that_lands_after_the_next_update_is_not_missed(
-    replica: Replica,
-):
-    fifo = replica.work / "hold"
+def killed_holding_a_write(replica: Replica, name: str) -> Path:
+    """``isc update s`` killed while the agent holds its first write (received, not carried
+    out); the FIFO that lets that write land (:func:`release`)."""
+    fifo = replica.work / name
     os.mkfifo(fifo)
     replica.arm(hold_first_write=str(fifo))
-    rewrite_chunk(replica, 5, SEED + 10)  # the one chunk the first update sends
     first, log = replica.start_update()
     try:
         held = Path(f"{fifo}.reached")
@@ -1020,13 +1026,232 @@ def test_a_write_of_a_killed_update_that_lands_after_the_next_update_is_not_miss
     finally:
         first.kill()
         first.wait(WAIT)
+    return fifo
+
+
+def release(fifo: Path) -> None:
+    """The write the agent holds at ``fifo`` lands now."""
+    os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+
+
+def update_releasing_within_the_fence(replica: Replica, fifo: Path) -> None:
+    """``isc update s``, letting the held write land while the agent fences at its protect:
+    the update then succeeds."""
+    fencing = Path(f"{fifo}.fencing")
+    replica.arm(fence_started=str(fencing))
+    following, log = replica.start_update()
+    try:
+        wait_until(fencing.exists, following, "the agent fencing at the protect", log)
+        release(fifo)
+        assert following.wait(3 * WAIT) == 0, log.read_text()
+    finally:
+        following.kill()
+        following.wait(WAIT)
+    replica.consistent = replica.source.read_bytes()
+
+
+def update_refused_by_the_fence(replica: Replica, fifo: Path) -> None:
+    """``isc update s`` while the agent holds a write past its fence: the protect is
+    refused, in one line, and nothing changes; the write lands after."""
+    before = recorded(replica.work)
+    replica.arm(fence_seconds=0.3)
+    error = one_error(replica.isc("update", "s", "--timeout", str(WAIT)))
+    assert error.startswith(
+        "isc: error: cannot protect disk: disk's NBD server could not fence the clients "
+        "connected before: 1 request(s) of the connections cut still ran after 0.3 s"
+    ), error
+    assert error.endswith(
+        "nothing was changed; ask again once the file answers; the update was abandoned"
+    )
+    after = recorded(replica.work)
+    assert after.pop("generation") == before.pop("generation") + 1  # marked, then unmarked
+    assert after == before
+    release(fifo)
+
+
+def test_a_write_of_a_killed_update_that_lands_after_the_next_update_is_not_missed(
+    replica: Replica,
+):
+    rewrite_chunk(replica, 5, SEED + 10)  # the one chunk the first update sends
+    fifo = killed_holding_a_write(replica, "hold")
     rewrite_chunk(replica, 5, SEED + 11)  # after the kill: the next update sends this
+    # The agent holds the dead update's write through the next protect's fence:
+    # the protect is refused, not answered while that write may still land.
+    update_refused_by_the_fence(replica, fifo)
     assert replica.update().returncode == 0
     assert replica.state() == "consistent"
-    # The dead update's write, in the agent since before the kill, lands now.
-    os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-    replica.agent.stop()  # it finishes the requests in flight first
+    replica.agent.stop()
     assert replica.check() == "consistent"
+
+
+def test_a_write_of_a_killed_update_landing_within_the_fence_is_copied_over(replica: Replica):
+    rewrite_chunk(replica, 5, SEED + 20)
+    fifo = killed_holding_a_write(replica, "hold")
+    rewrite_chunk(replica, 5, SEED + 21)
+    update_releasing_within_the_fence(replica, fifo)  # it lands before the protect
+    assert replica.state() == "consistent"
+    assert replica.check() == "consistent"
+
+
+def test_updates_killed_with_a_write_held_again_and_again_leave_no_false_consistent(
+    replica: Replica,
+):
+    rng = random.Random(SEED + 30)
+    for step in range(3):  # the held write lands within the fence, after it, within it
+        replica.host_writes(rng)
+        fifo = killed_holding_a_write(replica, f"hold-{step}")
+        assert replica.check() != "consistent"
+        replica.host_writes(rng)
+        if step % 2 == 0:
+            update_releasing_within_the_fence(replica, fifo)
+        else:
+            update_refused_by_the_fence(replica, fifo)
+            assert replica.update().returncode == 0
+        assert replica.check() == "consistent"
+    replica.agent.stop()
+    assert replica.check() == "consistent"
+
+
+class Handing(concurrent.futures.ThreadPoolExecutor):
+    """An NBD server's thread pool of one thread that tells each request handed to it."""
+
+    def __init__(self) -> None:
+        super().__init__(max_workers=1, thread_name_prefix="isc-nbd")
+        self.handed = threading.Semaphore(0)
+
+    def submit(self, *args, **kwargs):
+        future = super().submit(*args, **kwargs)
+        self.handed.release()
+        return future
+
+    def wait_handed(self, count: int) -> None:
+        for _ in range(count):
+            assert self.handed.acquire(timeout=WAIT), "a request never reached the thread pool"
+
+
+@contextmanager
+def fencing(lun) -> Iterator[ReceivingServer]:
+    """A server of ``lun`` as "disk" whose pool runs one request at a time (:class:`Handing`)."""
+    server = ReceivingServer(lun, name="disk", workers=1)
+    server._executor.shutdown()
+    server._executor = Handing()
+    with server:
+        server.start(HOST, 0)
+        yield server
+
+
+def test_a_fence_waits_for_the_write_running_drops_the_one_queued_and_serves_a_newcomer():
+    lun = HookLUN(MemoryLUN(SIZE))
+    lun.before_write = gate = Gate()
+    rng = random.Random(SEED + 40)
+    running, queued, later = (rng.randbytes(G) for _ in range(3))
+    with (
+        fencing(lun) as server,
+        NBDLUN(server.uri, timeout=WAIT) as a,
+        NBDLUN(server.uri, timeout=WAIT) as b,
+    ):
+        first = Worker(lambda: a.write(0, running))
+        gate.wait_reached()
+        second = Worker(lambda: b.write(G, queued))
+        server._executor.wait_handed(2)  # received and queued behind the first
+        fence = Worker(server.fence)
+        for cut in (first, second):  # each client sees its connection lost, no answer
+            with pytest.raises(ConnectionError):
+                cut.finish()
+        with NBDLUN(server.uri, timeout=WAIT) as newcomer:  # connected during the fence
+            assert not fence.done.is_set()  # it waits for the write running
+            gate.open()
+            assert fence.finish() is None
+            newcomer.write(2 * G, later)
+    assert lun.written == [(0, G), (2 * G, G)]  # the queued write never ran
+    assert lun.lun.read(0, 3 * G) == running + bytes(G) + later
+
+
+def test_a_fence_that_a_hung_write_outlasts_says_so_and_the_next_one_waits_for_it():
+    lun = HookLUN(MemoryLUN(SIZE))
+    lun.before_write = gate = Gate()
+    with fencing(lun) as server, NBDLUN(server.uri, timeout=WAIT) as client:
+        hung = Worker(lambda: client.write(0, bytes(range(256)) * (G // 256)))
+        gate.wait_reached()
+        assert server.fence(timeout=0.05) == (
+            "1 request(s) of the connections cut still ran after 0.05 s (its LUN does not "
+            "answer) and may still land"
+        )
+        with pytest.raises(ConnectionError):
+            hung.finish()
+        again = Worker(server.fence)  # its connection is gone; its write still runs
+        gate.open()
+        assert again.finish() is None
+    assert lun.written == [(0, G)]
+
+
+def test_a_protect_whose_fence_cuts_a_write_mid_payload_writes_none_of_it(exports: Path):
+    payload = random.Random(SEED + 41).randbytes(IO)
+    agent = test_agent.Agent(exports)
+    try:
+        export = agent.exports["disk"]
+        with ReceivingServer(export, name="disk") as server:
+            export.server = server
+            server.start(HOST, 0)
+            with socket.create_connection(server.address, timeout=WAIT) as sock:
+                client = Raw(sock)
+                client.go()
+                before = server.received
+                client.request(CMD_WRITE, 0, IO, payload=payload[: IO // 2])
+                half = before + proto.REQUEST.size + IO // 2
+                server.wait_for(lambda: server.received >= half, "half the payload")
+                assert export.protect() == {"ok": True}
+                with contextlib.suppress(OSError):  # the rest, on a connection cut
+                    sock.sendall(payload[IO // 2 :])
+                assert client.dropped()
+            assert server.held == 0
+    finally:
+        agent.close()
+    assert (exports / "disk").read_bytes() == bytes(SIZE)
+    assert (exports / JOURNAL).stat().st_size == HEADER_SIZE  # protected, nothing saved
+
+
+def saved(exports: Path) -> bytes | None:
+    """What the journal of export "disk" holds; None while it has none."""
+    path = exports / JOURNAL
+    return path.read_bytes() if path.exists() else None
+
+
+def test_a_protect_or_rollback_whose_fence_times_out_is_refused_and_changes_nothing(
+    exports: Path, monkeypatch
+):
+    monkeypatch.setattr(nbd_server, "FENCE_SECONDS", 0.05)
+    rng = random.Random(SEED + 42)
+    before, after = rng.randbytes(G), rng.randbytes(G)
+    refused = (
+        "disk's NBD server could not fence the clients connected before: 1 request(s) of the "
+        "connections cut still ran after 0.05 s (its LUN does not answer) and may still land; "
+        "nothing was changed; ask again once the file answers"
+    )
+    agent = test_agent.Agent(exports)
+    try:
+        export = agent.exports["disk"]
+        export.lun = hooked = HookLUN(export.lun)
+        with NBDServer(export, name="disk") as server:
+            export.server = server
+            server.start(HOST, 0)
+            for data, request in ((before, export.protect), (after, export.rollback)):
+                hooked.before_write = gate = Gate()
+                with NBDLUN(server.uri, timeout=WAIT) as client:
+                    hung = Worker(lambda data=data, client=client: client.write(0, data))
+                    gate.wait_reached()
+                    journal = saved(exports)
+                    assert request() == {"ok": False, "reason": refused}
+                    assert saved(exports) == journal
+                    with pytest.raises(ConnectionError):
+                        hung.finish()
+                gate.open()
+                assert server.fence(timeout=WAIT) is None  # the write landed
+                assert request()["ok"]
+    finally:
+        agent.close()
+    # Protected once the first write had landed; the second, saved first, rolled back.
+    assert (exports / "disk").read_bytes() == before + bytes(SIZE - G)
 
 
 class Dripper(Listener):

@@ -118,6 +118,8 @@ import ssl
 import stat
 import struct
 import threading
+import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
 from urllib.parse import quote
@@ -171,6 +173,9 @@ HANDSHAKE_TIMEOUT = 10.0
 PAYLOAD_TIMEOUT = 60.0
 """Seconds a WRITE's payload has to arrive whole once it holds part of ``max_data``
 (``NBDServer``'s default): a 32 MiB payload needs about 0.6 MB/s."""
+FENCE_SECONDS = 5.0
+"""Seconds :meth:`NBDServer.fence` waits for the requests running in the thread pool
+unless told otherwise (read at each call)."""
 
 
 class _Budget:
@@ -446,6 +451,8 @@ class _Connection:
         self.requests: set[asyncio.Task[None]] = set()
         self.later: list[bytes] = []  # small replies to send together (NBDServer._later)
         self.fd = channel.get_extra_info("socket").fileno()
+        self.fenced = False  # cut by NBDServer.fence: none of its requests starts any more
+        self.running = 0  # its requests running in the thread pool (NBDServer._fencing)
 
 
 _INLINE = 256 << 10
@@ -637,6 +644,10 @@ class NBDServer:
         self._foreground: set[_Connection] = set()  # in transmission, not to a background view
         self._arriving = select.poll()  # the sockets of self._foreground, to see requests come
         self._requests: set[asyncio.Task[None]] = set()
+        # What a fence cuts: each connection in transmission, and after it while the
+        # thread pool still holds a request of it (a request refers to its connection).
+        self._transmitting: weakref.WeakSet[_Connection] = weakref.WeakSet()
+        self._fencing = threading.Condition()  # guards _Connection.fenced and .running
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._closed = False
@@ -819,6 +830,81 @@ class NBDServer:
                 if stat.S_ISSOCK(os.stat(self.address).st_mode):
                     os.unlink(self.address)
         log.info("%r: closed", self)
+
+    # -- fencing ------------------------------------------------------------------------------
+    def fence(self, timeout: float | None = None) -> str | None:
+        """Cut off every connection open now and wait for what it left running.
+
+        For a site about to protect or roll back the LUN: no write of a client that
+        was there before (one killed with its writes still in the server) may land
+        after this returns. Every connection open now, to any export of this
+        server, is dropped (its client sees a lost connection, never an answer to a
+        request not carried out); its requests not yet started are dropped
+        unanswered, a WRITE whose payload was arriving too; those running (in
+        the thread pool) are waited for, up to ``timeout`` seconds
+        (:data:`FENCE_SECONDS` by default). Connections opened meanwhile or later
+        are served as usual. Returns None once nothing of the connections cut runs
+        any more (at once when the server does not serve), else why not, in one
+        line: a request still running at the timeout (a hung file) may still land.
+        Call it from any thread but the server's own.
+        """
+        timeout = FENCE_SECONDS if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        loop = self._loop
+        if loop is None:
+            return None  # it never served
+        try:
+            cutting = asyncio.run_coroutine_threadsafe(self._cut(), loop)
+        except RuntimeError:  # the loop has ended: so have its requests
+            return None
+        try:
+            cut = cutting.result(timeout)
+        except concurrent.futures.TimeoutError:
+            cutting.cancel()
+            return (
+                f"its connections could not be cut within {timeout:g} s: a request holds "
+                "its event loop (its LUN does not answer)"
+            )
+        with self._fencing:
+            if not self._fencing.wait_for(
+                lambda: not any(c.running for c in cut), deadline - time.monotonic()
+            ):
+                running = sum(c.running for c in cut)
+                return (
+                    f"{running} request(s) of the connections cut still ran after "
+                    f"{timeout:g} s (its LUN does not answer) and may still land"
+                )
+        log.info("%r: fenced: %d connection(s) cut", self, len(cut))
+        return None
+
+    async def _cut(self) -> list[_Connection]:
+        """The loop's part of :meth:`fence`: flag the connections in transmission or with
+        requests in the thread pool (none of those starts after this: :meth:`_run_unfenced`)
+        and drop every connection (its task ends at its next step: nothing it received is
+        run). Returns the connections flagged, whose running requests the fence waits for."""
+        with self._fencing:
+            cut = list(self._transmitting)
+            for connection in cut:
+                connection.fenced = True
+        for connection in cut:
+            connection.channel.transport.abort()
+        for task in self._connections:
+            task.cancel()
+        return cut
+
+    def _run_unfenced(self, connection: _Connection, *request: Any) -> list[Any] | None:
+        """:meth:`_run` in the thread pool, unless a fence cut the connection (then None:
+        the request is dropped unanswered); counted while it runs, for the fence."""
+        with self._fencing:
+            if connection.fenced:
+                return None
+            connection.running += 1
+        try:
+            return self._run(connection.client, *request)
+        finally:
+            with self._fencing:
+                connection.running -= 1
+                self._fencing.notify_all()
 
     # -- one connection ---------------------------------------------------------------------
     def _channel(self) -> _Channel:
@@ -1097,6 +1183,7 @@ class NBDServer:
     async def _transmission(self, channel: _Channel, client: _Client) -> None:
         channel.transport.set_write_buffer_limits(high=_REPLY_BACKLOG)
         connection = _Connection(client, channel)
+        self._transmitting.add(connection)
         background = client.view.background
         if not background:
             self._foreground.add(connection)
@@ -1261,8 +1348,8 @@ class NBDServer:
         loop = asyncio.get_running_loop()
         reply = await loop.run_in_executor(
             self._executor,
-            self._run,
-            connection.client,
+            self._run_unfenced,
+            connection,
             flags,
             command,
             handle,
@@ -1270,7 +1357,8 @@ class NBDServer:
             length,
             data,
         )
-        await self._reply(connection, reply)
+        if reply is not None:
+            await self._reply(connection, reply)
 
     async def _reply(self, connection: _Connection, reply: list[Any]) -> None:
         """Send a whole reply once the connection's earlier ones are out of its way."""
