@@ -136,6 +136,20 @@ def read_secret(path: str | os.PathLike[str]) -> bytes:
     return secret
 
 
+def others_may_change(info: os.stat_result) -> str | None:
+    """Why another user could change what is in the directory ``info`` describes, or None.
+
+    It must belong to this user and be writable by no one else (group and
+    others), or whoever may write it replaces what isc finds there.
+    """
+    if info.st_uid == os.geteuid() and not info.st_mode & 0o022:
+        return None
+    return (
+        f"has mode {stat.S_IMODE(info.st_mode):04o} and owner uid {info.st_uid}: it must be "
+        "yours and writable by you alone"
+    )
+
+
 def is_loopback(host: str) -> bool:
     """Whether listening on ``host`` reaches this machine only: ``localhost``,
     127.0.0.0/8 or ::1 (an IPv4-mapped one too). Any other name, and "" (every

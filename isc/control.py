@@ -41,7 +41,7 @@ import tempfile
 import threading
 from collections.abc import Awaitable, Callable, Mapping
 
-from isc.auth import AUTH_TIMEOUT, Credentials, Refusal
+from isc.auth import AUTH_TIMEOUT, Credentials, Refusal, others_may_change
 from isc.errors import ParameterError
 
 log = logging.getLogger(__name__)
@@ -311,11 +311,10 @@ def _private_unix_socket(path: str) -> socket.socket:
         info = os.stat(directory)
     except OSError as exc:
         raise ParameterError(f"directory {directory} of socket {path}: {exc.strerror}") from None
-    if info.st_uid != os.geteuid() or info.st_mode & 0o022:
+    problem = others_may_change(info)
+    if problem is not None:
         raise ParameterError(
-            f"directory {directory} of socket {path} has mode {stat.S_IMODE(info.st_mode):04o} "
-            f"and owner uid {info.st_uid}: it must be yours and writable by you alone "
-            "(make one with mkdir -m 700)"
+            f"directory {directory} of socket {path} {problem} (make one with mkdir -m 700)"
         )
     with contextlib.suppress(FileNotFoundError):
         if not stat.S_ISSOCK(os.lstat(path).st_mode):

@@ -127,7 +127,7 @@ import numpy as np
 from isc import journal
 from isc._core import DeltaBitmap
 from isc.activity import ActivityLog, read_log, read_writes
-from isc.auth import Credentials
+from isc.auth import Credentials, others_may_change
 from isc.copy import CopyJob, CopyResult, Destination, DestState
 from isc.errors import CorruptMetadata, IscError, ParameterError, StateError
 from isc.journal import fsync_dir as _fsync_dir
@@ -1124,13 +1124,16 @@ def create_session(
     nothing yet (the session creates the file at each open and removes it at
     close). Raises ``StateError`` when the directory already holds a session
     or the files of one, or another session holds the source (its lock);
-    ``ParameterError`` for bad parameters or a save area path that exists;
+    ``ParameterError`` for bad parameters, a save area path that exists or a
+    directory that is another user's or writable by others (it is made 0755);
     and the errors of :func:`open_lun` for a source that cannot be opened;
     nothing is written then.
     """
     path = Path(directory)
     if (path / METADATA).exists():
         raise StateError(f"{path} already holds an isc session; open it or choose another")
+    if path.is_dir():
+        _check_private(path)
     leftovers = path.is_dir() and any(
         p.name == journal.NAME or _LOG.match(p.name) or _WRITES.match(p.name)
         for p in path.iterdir()
@@ -1166,7 +1169,7 @@ def create_session(
         )
     if area is not None and not os.path.isdir(os.path.dirname(os.path.abspath(area))):
         raise ParameterError(f"save area path {area}: its directory does not exist")
-    path.mkdir(parents=True, exist_ok=True)
+    path.mkdir(mode=0o755, parents=True, exist_ok=True)
     write_atomically(path / METADATA, _encode(meta))
 
 
@@ -1197,10 +1200,12 @@ def open_session(
     naming the file when a file is corrupt, truncated, foreign, missing (a
     checkpoint the session file or a log shows was written) or unreadable;
     ``ParameterError`` when the save area path names a file isc did not
-    create. Nothing is overwritten then.
+    create, or the directory is another user's or writable by others (its
+    session file names what isc writes). Nothing is overwritten then.
     """
     path = Path(directory)
     _read_meta(path)  # a directory that holds no session gets no lock file
+    _check_private(path)
     lock = _lock(path)
     try:
         # Read under the lock: a process that held it since the read above may
@@ -1451,6 +1456,17 @@ def _lock(directory: Path) -> int:
         os.close(fd)
         raise StateError(f"{directory} is in use by another isc process") from None
     return fd
+
+
+def _check_private(directory: Path) -> None:
+    """Refuse a state directory another user could change: its session file names the
+    LUNs isc reads and writes, so whoever may write it chooses them."""
+    problem = others_may_change(os.stat(directory))
+    if problem is not None:
+        raise ParameterError(
+            f"session directory {directory} {problem}, as its files name what isc writes: "
+            f"chmod go-w {directory} (and chown it to you)"
+        )
 
 
 def _recover(

@@ -221,9 +221,6 @@ def test_a_change_to_the_session_between_the_read_of_its_file_and_its_lock_is_ke
 # -- state directories others can write ------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True, reason="isc.store.open_session trusts a state directory whatever its mode"
-)
 def test_a_state_directory_others_can_write_is_refused(root: Path) -> None:
     os.chmod(root / "state", 0o777)
     before = files(root / "state")
@@ -238,9 +235,6 @@ def test_a_state_directory_others_can_write_is_refused(root: Path) -> None:
     run_isc("copy", "--full", "state", cwd=root)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="isc.store.open_session trusts a state directory whatever its owner"
-)
 def test_a_state_directory_of_another_user_is_refused(root: Path) -> None:
     if os.geteuid() != 0:
         pytest.skip("giving a directory to another user needs root")
