@@ -16,8 +16,10 @@ Every command takes ``--json`` (its report as one JSON line); ``update
 Sites (:func:`_connect`): ``update`` and ``rollback`` ask each destination's
 own agent (``add-dest --site``), the others' at ``--site``, else protect in
 this process; a ``--site`` that is not the own site of a destination they
-handle is refused before anything changes. ``--tls-creds`` and
-``--secret-file`` go to every agent they ask.
+handle is refused before anything changes. ``update`` and ``copy`` first ask
+each destination's own agent what file its export is (rule 12: another one
+gets a full copy). ``--tls-creds`` and ``--secret-file`` go to every agent
+they ask.
 
 =========================================  ======================================
 ``isc create SESSION --source PATH|URI``   make the state directory (nothing else)
@@ -77,7 +79,7 @@ from isc.lun import FileLUN
 from isc.remote import AgentSite, LocalSite, RemoteSite, address_text, agent_address, same_agent
 from isc.serve import MIN_THROTTLE, SERVED, bitmap_bytes, served_by
 from isc.session import DEFAULT_SAVE_AREA
-from isc.update import DEFAULT_TIMEOUT, PeriodicUpdate, rollback
+from isc.update import DEFAULT_TIMEOUT, PeriodicUpdate, check_identities, rollback
 
 # -- argument types ----------------------------------------------------------------------
 
@@ -255,6 +257,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     copy.add_argument("--full", action="store_true", help="copy every chunk")
     copy.add_argument("--unmarked", action="store_true", help="with --full: copy unmarked")
     _copy_arguments(copy)
+    _timeout_argument(copy, "of each destination's agent (add-dest --site) and NBD server")
+    _cli_auth.add_client_options(copy)
 
     update = command(
         "update",
@@ -321,15 +325,18 @@ def _site_arguments(parser: argparse.ArgumentParser) -> None:
         help="the site of the destinations added without one: an isc agent's control port "
         "(unix:PATH: its Unix socket); refused when it is not a destination's own site",
     )
+    _timeout_argument(parser, "of the site and of each NBD server")
+    _cli_auth.add_client_options(parser)
+
+
+def _timeout_argument(parser: argparse.ArgumentParser, of: str) -> None:
     parser.add_argument(
         "--timeout",
         type=_positive,
         default=DEFAULT_TIMEOUT,
         metavar="SECONDS",
-        help="wait at most this long for each answer of the site and of each NBD server "
-        f"(default {DEFAULT_TIMEOUT:g})",
+        help=f"wait at most this long for each answer {of} (default {DEFAULT_TIMEOUT:g})",
     )
-    _cli_auth.add_client_options(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -616,7 +623,9 @@ def _copy(args: argparse.Namespace) -> int:
         dests = info.pop("destinations")
         _report(name, dests, info, args.json)
         return 0
+    site, credentials = _connect(args, store.read_state(args.session).meta["destinations"])
     with _open(args) as stored:
+        _check_identities(stored, stored.site(site, credentials), args.timeout)
         progress = store.Progress(stored, bar=_bar(args))
         result = store.copy(stored, mode, progress=progress, throttle=args.throttle)
         report(stored, result, args.json)
@@ -694,8 +703,7 @@ def _update(args: argparse.Namespace) -> int:
         )
 
         def once() -> None:
-            for found in update.check_identities(stored.identities, store.agent_sites(stored)):
-                print(f"isc: {found}", file=sys.stderr)
+            _check_identities(stored, update.site, args.timeout)
             (result,) = store.update(stored, update, progress)  # one session: one copy
             report(stored, result, args.json, timestamp())
 
@@ -717,6 +725,14 @@ def _update(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_identities(stored: store.PersistentSession, site: RemoteSite, timeout: float) -> None:
+    """Rule 12 at the agents before a copy (:func:`isc.update.check_identities`): a line on
+    stderr for each destination whose agent now serves another file (it becomes NEW)."""
+    agents = store.agent_sites(stored)
+    for found in check_identities(site, stored.destinations, stored.identities, agents, timeout):
+        print(f"isc: {found}", file=sys.stderr)
+
+
 def _connect(args: argparse.Namespace, dests: list[dict]) -> tuple[RemoteSite, Credentials | None]:
     """The site of the destinations ``dests`` (the session file's) that have none of their
     own: the agent ``--site`` names, else this process's; and the credentials
@@ -724,14 +740,16 @@ def _connect(args: argparse.Namespace, dests: list[dict]) -> tuple[RemoteSite, C
     anything changes, when ``--site`` is not the own site of one of ``dests`` (the user
     meant one of the two for it, and isc cannot tell which) and for credentials that no
     agent would get."""
-    given, credentials = args.site and address_text(args.site), _cli_auth.client_credentials(args)
-    check_sites(args.site, dests)
+    site = getattr(args, "site", None)  # isc copy has no --site: it protects nothing
+    given, credentials = site and address_text(site), _cli_auth.client_credentials(args)
+    check_sites(site, dests)
     if credentials is not None and not given and not any(d.get("site") for d in dests):
+        add = "add --site, or " if hasattr(args, "site") else ""
         raise ParameterError(
-            "--tls-creds and --secret-file are for a site: add --site, or give the "
+            f"--tls-creds and --secret-file are for a site: {add}give the "
             "destinations their sites (add-dest --site)"
         )
-    return (agent_site(args.site, credentials) if given else LocalSite()), credentials
+    return (agent_site(site, credentials) if given else LocalSite()), credentials
 
 
 def check_sites(site: tuple[str, int] | str | None, dests: list[dict]) -> None:

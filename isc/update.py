@@ -220,29 +220,10 @@ class PeriodicUpdate:
             return results
 
     def check_identities(self, identities: dict[str, str], agents: set[str]) -> list[str]:
-        """Rule 12 at the agents: ask the agent of each destination named in ``agents``
-        what identifies its export (:func:`isc.agent.export_identity`: its machine,
-        device and inode). One that differs from ``identities`` (name -> identity seen
-        before) is another file than the one the last copies wrote (replaced, another
-        agent at that address): it becomes NEW, so this update gives it every chunk.
-        Returns a line for each such destination; records in ``identities`` what each
-        agent said. An agent that does not answer is left to the update (its protect
-        fails)."""
-        found = []
-        for dest in self.destinations:
-            ack = self.site.status(dest, self.timeout) if dest.name in agents else None
-            seen = ack.info.get("identity") if ack is not None and ack.ok else None
-            if not isinstance(seen, str):
-                continue
-            known = identities.get(dest.name)
-            if known is not None and known != seen and dest.state is not DestState.NEW:
-                dest.state, dest.epoch, dest.samples = DestState.NEW, None, []
-                found.append(
-                    f"{dest.name} is not the export it was (its agent names another file: "
-                    f"{seen}, not {known}): it gets a full copy"
-                )
-            identities[dest.name] = seen
-        return found
+        """:func:`check_identities` of this update's destinations at its site: one found
+        to be another file becomes NEW, so this update gives it every chunk. An agent
+        that does not answer is left to the update (its protect fails)."""
+        return check_identities(self.site, self.destinations, identities, agents, self.timeout)
 
     @staticmethod
     def _needs_full(session: Session, dests: Sequence[Destination]) -> bool:
@@ -323,6 +304,38 @@ class UnmarkedFullCopy:
                     f"unmarked full copy failed for {failed}; the others were copied", [result]
                 )
             return result
+
+
+def check_identities(
+    site: RemoteSite,
+    destinations: Sequence[Destination],
+    identities: dict[str, str],
+    agents: set[str],
+    timeout: float = DEFAULT_TIMEOUT,
+) -> list[str]:
+    """Rule 12 at the agents: ask ``site`` (each waiting ``timeout`` seconds) what
+    identifies the export of each of ``destinations`` named in ``agents``
+    (:func:`isc.agent.export_identity`: its machine, device and inode). One that
+    differs from ``identities`` (name -> identity seen before) is another file than the
+    one the last copies wrote (replaced, another agent at that address): it becomes
+    NEW, so its next copy is a full one. Returns a line for each such destination;
+    records in ``identities`` what each agent said. One whose agent does not answer is
+    left as it is (its samples still check it, :mod:`isc.fingerprint`)."""
+    found = []
+    for dest in destinations:
+        ack = site.status(dest, timeout) if dest.name in agents else None
+        seen = ack.info.get("identity") if ack is not None and ack.ok else None
+        if not isinstance(seen, str):
+            continue
+        known = identities.get(dest.name)
+        if known is not None and known != seen and dest.state is not DestState.NEW:
+            dest.state, dest.epoch, dest.samples = DestState.NEW, None, []
+            found.append(
+                f"{dest.name} is not the export it was (its agent names another file: "
+                f"{seen}, not {known}): it gets a full copy"
+            )
+        identities[dest.name] = seen
+    return found
 
 
 def _group_report(consistent: Sequence[Destination], behind: Sequence[Destination]) -> str:

@@ -857,3 +857,42 @@ def test_completion_and_the_man_page_name_every_verb(work: Path) -> None:
     )  # fmt: skip
     assert shown.returncode == 0 and shown.stderr == "", shown.stderr
     assert "isc remove-dest [-h] [--json] [-v] [-q] SESSION NAME" in shown.stdout
+
+
+# -- isc copy and the agents of its destinations ---------------------------------------------
+
+
+def test_copy_checks_what_file_a_destinations_agent_serves_before_relying_on_it(
+    session: Path,
+) -> None:
+    # Rule 12 at an agent, as isc update checks it: another file at the export (here a
+    # copy of the same bytes, which its samples cannot tell) gets every chunk.
+    from test_remote_hostile import Agent
+
+    work = session
+    exports, logs = work / "exports", work / "logs"
+    for directory in (exports, exports.with_name("elsewhere"), logs):
+        directory.mkdir()
+    (exports / "disk").write_bytes(bytes(SIZE))
+    agent = Agent(exports, ENV, logs)
+    try:
+        agent.start()
+        isc_run("add-dest", "s", agent.uri, "--site", agent.site, cwd=work)
+        isc_run("copy", "s", "--full", cwd=work)
+        assert read_state(work / "s").meta["destinations"][2]["identity"]
+        agent.end()
+        moved = exports.with_name("elsewhere") / "disk"
+        shutil.copyfile(exports / "disk", moved)  # the same bytes in another file
+        agent = agent.in_its_place(moved.parent)
+        agent.start()
+        write_source(work, 0, b"changed")
+        isc_run("mark", "s", cwd=work)
+        done = isc_run("copy", "s", "--json", cwd=work)
+        assert "isc: disk is not the export it was (its agent names another file" in done.stderr
+        result = json.loads(done.stdout)
+        assert result["outcomes"] == {"d1": "ok", "d2": "ok", "disk": "ok"}
+        assert result["bytes_seeded"] + result["bytes_sent"] == SIZE  # every chunk to disk
+        assert moved.read_bytes() == (work / "source.img").read_bytes()
+        assert {d["name"]: d["state"] for d in status(work)["destinations"]}["disk"] == "consistent"
+    finally:
+        agent.end()
