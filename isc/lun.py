@@ -63,10 +63,12 @@ import abc
 import contextlib
 import ctypes
 import errno
+import fcntl
 import functools
 import operator
 import os
 import stat
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -391,6 +393,14 @@ class FileLUN(_BaseLUN):
         """True once :meth:`close` has run."""
         return self._fd < 0
 
+    def fileno(self) -> int:
+        """The descriptor of the file opened, for ``fstat`` and locks (I/O goes through the
+        LUN): the file itself, whatever its path names by now. ``StateError`` once closed."""
+        fd = self._fd
+        if fd < 0:
+            raise self._closed_error()
+        return fd
+
     def read(self, offset: int, length: int) -> bytes:
         """Return the ``length`` bytes at ``offset``.
 
@@ -617,6 +627,48 @@ class FileLUN(_BaseLUN):
         if fd >= 0:
             self._fd = self._write_fd = -1
             os.close(fd)
+
+
+_LOOP_GET_STATUS64 = 0x4C05  # linux/loop.h
+_LOOP_INFO64 = struct.Struct("=QQ216x")  # struct loop_info64: lo_device, lo_inode, the rest
+
+
+def loop_backing(fd: int) -> tuple[int, int] | None:
+    """``(st_dev, st_ino)`` of the file under the loop device open at ``fd``, or None when
+    ``fd`` is not a loop device with a file: the file its data is, under any name."""
+    info = os.fstat(fd)
+    if not stat.S_ISBLK(info.st_mode):
+        return None
+    rdev = f"{os.major(info.st_rdev)}:{os.minor(info.st_rdev)}"
+    if not os.path.isdir(f"/sys/dev/block/{rdev}/loop"):
+        return None  # the ioctl's number may mean something else to another driver
+    status = bytearray(_LOOP_INFO64.size)
+    try:
+        fcntl.ioctl(fd, _LOOP_GET_STATUS64, status)
+    except OSError:  # detached meanwhile
+        return None
+    device, inode = _LOOP_INFO64.unpack(status)
+    return device, inode
+
+
+def open_loop_backing(fd: int) -> int | None:
+    """A read-only descriptor of the file under the loop device open at ``fd`` (checked by
+    device and inode: the name the kernel keeps may since name another file), or None."""
+    backing = loop_backing(fd)
+    if backing is None:
+        return None
+    rdev = os.fstat(fd).st_rdev
+    try:
+        with open(f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}/loop/backing_file") as f:
+            name = f.read().rstrip("\n")
+        found = os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    info = os.fstat(found)
+    if (info.st_dev, info.st_ino) != backing:
+        os.close(found)
+        return None
+    return found
 
 
 class ForwardingLUN(_Closing):

@@ -83,8 +83,8 @@ checkpoint or log that cannot be read. The way out is
 every chunk tracked, every destination NEW, the next copy full.
 
 The source (rule 11). An open session holds QEMU's image locks on it
-(:class:`SourceLock`): a second session on the same file, under any path,
-and a QEMU tool that would write or resize it are refused, and the other way
+(:class:`SourceLock`): a second session on the same file, under any path
+or through a loop device over it, and a QEMU tool that would write or resize it are refused, and the other way
 round. The locks are advisory, so a clean close stamps the source in
 ``session.json`` (``source_stamp``: device and inode, size, mtime) and the
 next open compares: another file at the path or another mtime (a write while
@@ -131,7 +131,7 @@ from isc.auth import Credentials, others_may_change
 from isc.copy import CopyJob, CopyResult, Destination, DestState
 from isc.errors import CorruptMetadata, IscError, ParameterError, StateError
 from isc.journal import fsync_dir as _fsync_dir
-from isc.lun import FileLUN, ReconnectingLUN
+from isc.lun import FileLUN, ReconnectingLUN, loop_backing, open_loop_backing
 from isc.remote import AgentSite, RoutingSite, agent_address
 from isc.savearea import SaveArea
 from isc.session import DEFAULT_SAVE_AREA, Session
@@ -248,6 +248,13 @@ _IDENTITY = ("rdev", "dev", "ino")
 class SourceLock:
     """The lock a session holds on its source file or block device while it is open.
 
+    ``opened``: the source's LUN, opened from ``path``; the file it has open
+    is the one locked (and stamped), whatever ``path`` names by now, so a
+    rename between the two opens cannot leave the file the session writes
+    unlocked. On a loop device the file under it is locked too
+    (:func:`~isc.lun.open_loop_backing`): a session on the device and one on
+    the file conflict.
+
     Raises ``StateError`` when another session, or a program that writes
     or resizes the source under QEMU's image locking, holds it; ``OSError``
     when the source cannot be opened or locked. Advisory, as QEMU's are: a
@@ -255,36 +262,47 @@ class SourceLock:
     (:meth:`stamp`, checked at the next open) finds what it did.
     """
 
-    def __init__(self, path: str) -> None:
-        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    def __init__(self, path: str, opened: FileLUN | None = None) -> None:
+        name = path if opened is None else f"/proc/self/fd/{opened.fileno()}"
+        self.fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC)
+        backing = open_loop_backing(self.fd)
+        self._fds = [self.fd] if backing is None else [self.fd, backing]
         try:
-            for byte in _LOCKED:
-                self._fcntl(fcntl.F_OFD_SETLK, fcntl.F_RDLCK, byte)
-            held = [b for b in _CONFLICTS if self._fcntl(fcntl.F_OFD_GETLK, fcntl.F_WRLCK, b)]
+            for fd in self._fds:
+                for byte in _LOCKED:
+                    _lock_byte(fd, fcntl.F_OFD_SETLK, fcntl.F_RDLCK, byte)
+            held = [
+                b
+                for fd in self._fds
+                for b in _CONFLICTS
+                if _lock_byte(fd, fcntl.F_OFD_GETLK, fcntl.F_WRLCK, b)
+            ]
         except OSError as exc:
-            os.close(self.fd)
+            self.close()
             raise OSError(exc.errno, f"cannot lock the source at {path}: {exc.strerror}") from exc
         if held:
-            os.close(self.fd)
+            self.close()
             raise StateError(
                 f"the source {path} is in use by another isc session or a program that writes "
                 f"it (an image lock on byte {held[0]}, as QEMU takes); one session per source: "
                 "close the other first"
             )
 
-    def _fcntl(self, command: int, kind: int, byte: int) -> bool:
-        """One lock call on ``byte``; for a test, whether another holds a lock there."""
-        answer = fcntl.fcntl(self.fd, command, _FLOCK.pack(kind, os.SEEK_SET, byte, 1, 0))
-        return _FLOCK.unpack(answer)[0] != fcntl.F_UNLCK
-
     def stamp(self) -> dict:
         """The source's identity, size and mtime now (see :func:`_stamp`)."""
         return _stamp(os.fstat(self.fd))
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
+        self.fd = -1
+
+
+def _lock_byte(fd: int, command: int, kind: int, byte: int) -> bool:
+    """One lock call on ``byte`` of ``fd``; for a test, whether another holds a lock there."""
+    answer = fcntl.fcntl(fd, command, _FLOCK.pack(kind, os.SEEK_SET, byte, 1, 0))
+    return _FLOCK.unpack(answer)[0] != fcntl.F_UNLCK
 
 
 def _stamp(st: os.stat_result) -> dict:
@@ -298,8 +316,8 @@ def _stamp(st: os.stat_result) -> dict:
 
 
 def _identity(target: str) -> tuple | None:
-    """One LUN's name under any spelling: its URI, an RBD image's id or its stamp's identity;
-    None if unreadable."""
+    """One LUN's name under any spelling: its URI, an RBD image's id or its stamp's identity
+    (a loop device's is its file's); None if unreadable."""
     if target.startswith("rbd:"):
         from isc.rbd import RBDImage
 
@@ -308,6 +326,14 @@ def _identity(target: str) -> tuple | None:
         return (target,)
     try:
         stamp = _stamp(os.stat(target))
+        if "rdev" in stamp:
+            fd = os.open(target, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            try:
+                backing = loop_backing(fd)
+            finally:
+                os.close(fd)
+            if backing is not None:
+                stamp = {"dev": backing[0], "ino": backing[1]}
     except OSError:
         return None
     return tuple(stamp.get(key) for key in _IDENTITY)
@@ -353,7 +379,9 @@ class PersistentSession:
             # Close what was opened if a later LUN or the save area fails.
             self.source = _open_named(meta["source"], "the source", timeout)
             opened.callback(self.source.close)
-            self._source_lock = None if is_uri(meta["source"]) else SourceLock(meta["source"])
+            self._source_lock = (
+                None if is_uri(meta["source"]) else SourceLock(meta["source"], self.source)
+            )
             if self._source_lock is not None:
                 opened.callback(self._source_lock.close)
             if bitmap is not None and bitmap.size != self.source.size:
@@ -1144,7 +1172,7 @@ def create_session(
     with _open_named(source, "the source") as lun:
         Session(lun, granularity)  # validates the granularity against the source
         if not is_uri(source):
-            SourceLock(source).close()  # refuses a source another session holds
+            SourceLock(source, lun).close()  # refuses a source another session holds
     meta = {
         "format": FORMAT,
         "version": VERSION,
