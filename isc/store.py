@@ -84,8 +84,11 @@ every chunk tracked, every destination NEW, the next copy full.
 
 The source (rule 11). An open session holds QEMU's image locks on it
 (:class:`SourceLock`): a second session on the same file, under any path
-or through a loop device over it, and a QEMU tool that would write or resize it are refused, and the other way
-round. The locks are advisory, so a clean close stamps the source in
+or through a loop device over it, and a QEMU tool that would write or
+resize it are refused, and the other way round. A path that names a file
+by a process's descriptor (``/proc/self/fd/N``, ``/dev/fd/N``) is refused
+as a source or a destination: it would name another file in each later
+process. The locks are advisory, so a clean close stamps the source in
 ``session.json`` (``source_stamp``: device and inode, size, mtime) and the
 next open compares: another file at the path or another mtime (a write while
 no isc process held it) means any chunk may differ, so every chunk is
@@ -337,6 +340,31 @@ def _identity(target: str) -> tuple | None:
     except OSError:
         return None
     return tuple(stamp.get(key) for key in _IDENTITY)
+
+
+def _by_descriptor(target: str) -> str | None:
+    """Why ``target`` names no file of its own, or None: a path that reaches into procfs
+    (``/proc/self/fd/N``, ``/dev/fd/N``, ``/dev/stdin``) names what each process that
+    opens it has open under a number, so the session file would name another LUN (the
+    source, a journal) in every later isc process."""
+    if is_uri(target):
+        return None
+    path, proc = os.path.abspath(target), os.stat("/proc").st_dev
+    for _ in range(40):  # the kernel's bound on symbolic links in one lookup
+        parent = os.path.realpath(os.path.dirname(path))
+        try:
+            if os.stat(parent).st_dev == proc:
+                return (
+                    f"{target} names a file by a process's descriptor, another file in each "
+                    "process; give the file's own path"
+                )
+        except OSError:
+            return None
+        leaf = os.path.join(parent, os.path.basename(path))
+        if not os.path.islink(leaf):
+            return None
+        path = os.path.join(parent, os.readlink(leaf))
+    return None
 
 
 def _source_change(recorded: dict | None, now: dict | None, source: str) -> str | None:
@@ -754,7 +782,8 @@ class PersistentSession:
         destination smaller than the source, a target that is, under whatever
         spelling (a symlink, a hard link, a relative path; the same device and
         inode, or the same URI), the source, a destination already or the save
-        area file, and a site that is not an agent's address, that cannot be
+        area file, a path that names a file by a process's descriptor
+        (``/proc/self/fd/N``), and a site that is not an agent's address, that cannot be
         reached or has no such export, or with a target that is not an NBD
         URI. NBD URIs compare as strings: two URIs of one export pass. Nothing
         changes then.
@@ -797,6 +826,8 @@ class PersistentSession:
         session = self.meta["name"]
         if any(d.name == name for d in self.destinations):
             return f"{session} already has a destination named {name}"
+        if problem := _by_descriptor(target):
+            return problem
         taken = [(self.meta["source"], f"is the source of {session}")]
         taken += [
             (self._targets[d.name], f"is already destination {d.name} of {session}")
@@ -1169,6 +1200,8 @@ def create_session(
     if leftovers:
         # They would be read as this session's state at its first open.
         raise StateError(f"{path} holds files of an earlier isc session; choose an empty directory")
+    if problem := _by_descriptor(source):
+        raise ParameterError(problem)
     with _open_named(source, "the source") as lun:
         Session(lun, granularity)  # validates the granularity against the source
         if not is_uri(source):

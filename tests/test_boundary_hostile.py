@@ -106,10 +106,6 @@ def loop_device(backing: Path) -> Iterator[str]:
 # -- names that mean another file in another process -------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="isc.store: a LUN named by a descriptor (/proc/self/fd/N) is stored as such",
-)
 @pytest.mark.parametrize("form", ["/proc/self/fd/{n}", "/dev/fd/{n}", "/dev/stdin"])
 def test_a_lun_named_by_a_descriptor_is_refused(root: Path, form: str) -> None:
     # Before, `isc add-dest state /proc/self/fd/4 4<>d1.img` was taken, and a later
