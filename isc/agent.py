@@ -58,8 +58,10 @@ slot whose CRCs fail, or a file that ends inside it) is dropped and cut off:
 the write that waited for it never happened. A bad slot *before* the last
 whole batch is damage, not a crash: the protection reads "not intact" with
 the problem, and rollback is refused. So is a journal whose header names
-another file (the export was replaced) or is damaged. (Damage inside the
-last batch cannot be told from a torn save: it is dropped as one.)
+another file (the export was replaced) or is damaged. The way out is an
+``unprotect`` (``isc unprotect SESSION DEST``), which the problem names.
+(Damage inside the last batch cannot be told from a torn save: it is
+dropped as one.)
 
 Costs: the first write to a chunk after a protect costs a read of the chunk,
 a journal append and an ``fdatasync``; rewriting it costs nothing more; a
@@ -188,9 +190,14 @@ class Journal:
         if header[:8] == _MAGIC and _sealed(header[: _HEADER.size]) == header:
             return (
                 f"{self.path} protects another file (its size, device or inode differ from "
-                "the export's): the export was replaced; unprotect it"
+                f"the export's): the export was replaced; {self._unprotect}"
             )
-        return f"{self.path} has a damaged header; unprotect the export"
+        return f"{self.path} has a damaged header; {self._unprotect}"
+
+    @property
+    def _unprotect(self) -> str:
+        """The way out of a lost image, with the isc verb that takes it."""
+        return f"unprotect it (isc unprotect SESSION {self.path.name.removesuffix('.journal')})"
 
     # -- records -------------------------------------------------------------------------
     def _slot_offset(self, slot: int) -> int:
@@ -240,7 +247,7 @@ class Journal:
             if damaged:
                 self.problem = (
                     f"{self.path}: the record at byte {self._slot_offset(damaged[0])} is "
-                    "damaged; the protected image cannot be restored"
+                    f"damaged; the protected image cannot be restored; {self._unprotect}"
                 )
                 return
         for slot in range(end):
@@ -439,8 +446,7 @@ class Export(ForwardingLUN):
                 return {
                     "ok": False,
                     "reason": f"{self.name} is protected, but its protected image was lost "
-                    f"({self.journal.problem}): it can no longer be rolled back; unprotect "
-                    "it to drop the protection",
+                    f"({self.journal.problem}): it can no longer be rolled back",
                 }
             refused = self._fenced()
             if refused is not None:

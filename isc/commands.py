@@ -38,6 +38,8 @@ they ask.
 ``isc rollback SESSION DEST [--site H:P]`` restore a destination's protected image at
                                            its own site, else --site's (an RBD image's,
                                            rbd:POOL/IMAGE, in its cluster)
+``isc unprotect SESSION DEST``             drop that protection and its image, at the
+                                           same site (the way out when it was lost)
 ``isc recover SESSION``                    with ``--reset-destinations``: start again
                                            after the bitmap was lost or damaged (every
                                            destination NEW, the next copy full)
@@ -306,6 +308,20 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     )
     undo.add_argument("destination", metavar="DEST", help="the destination's name")
     _site_arguments(undo)
+
+    drop = command(
+        "unprotect",
+        _unprotect,
+        "drop a destination's protection at its site (its image with it)",
+        description="Drop the protection a destination's site keeps since an update that "
+        "failed: the image it saved is discarded, the destination keeps what it holds and "
+        "its next update brings it up to date. The way out when that image was lost (the "
+        "export was replaced, the agent's journal damaged): every update refuses to protect "
+        "such a destination, and a rollback cannot restore it. The site is found as for "
+        "rollback.",
+    )
+    drop.add_argument("destination", metavar="DEST", help="the destination's name")
+    _site_arguments(drop)
 
 
 def _copy_arguments(parser: argparse.ArgumentParser) -> None:
@@ -768,7 +784,10 @@ def check_sites(site: tuple[str, int] | str | None, dests: list[dict]) -> None:
             )
 
 
-def _rollback(args: argparse.Namespace) -> int:
+def _protection_site(args: argparse.Namespace) -> tuple[RemoteSite, Credentials | None]:
+    """The site that keeps DEST's protection, for ``rollback`` and ``unprotect`` (as
+    :func:`_connect` gives it); refuses, before anything is opened or asked for, a DEST
+    the session lacks and one with no site to ask."""
     from isc import rbd
 
     meta = store.read_state(args.session).meta
@@ -781,12 +800,16 @@ def _rollback(args: argparse.Namespace) -> int:
     chosen = known[args.destination]
     if args.site is None and not chosen.get("site") and not rbd.is_rbd(chosen["target"]):
         args.session_parser.error(
-            "rollback needs --site HOST:PORT: the protected image lives at the destination's "
-            "site, and it has none of its own (add-dest --site); with local destinations it "
-            "lived only in the process of the failed update; an RBD destination's lives in "
-            "its cluster and needs none"
+            f"{args.command} needs --site HOST:PORT: the protected image lives at the "
+            "destination's site, and it has none of its own (add-dest --site); with local "
+            "destinations it lived only in the process of the failed update; an RBD "
+            "destination's lives in its cluster and needs none"
         )
-    site, credentials = _connect(args, [chosen])
+    return _connect(args, [chosen])
+
+
+def _rollback(args: argparse.Namespace) -> int:
+    site, credentials = _protection_site(args)
     with _open(args) as stored:
         dest = stored.destination(args.destination)
         site = stored.site(site, credentials)
@@ -808,6 +831,26 @@ def _rollback(args: argparse.Namespace) -> int:
         text = (
             f"rolled back {dest.name}: {len(ack.extents)} range(s) rewritten and tracked "
             f"again; {dest.name} is {dest.state.value}"
+        )
+        _say(args, record, text)
+    return 0
+
+
+def _unprotect(args: argparse.Namespace) -> int:
+    site, credentials = _protection_site(args)
+    with _open(args) as stored:
+        dest = stored.destination(args.destination)
+        ack = stored.site(site, credentials).unprotect(dest, args.timeout)
+        if not ack.ok:
+            raise StateError(f"unprotect of {dest.name} failed: {ack.reason}; nothing was changed")
+        # Its image is gone: a rollback can no longer restore it, whatever it held.
+        dest.protected_state = None
+        stored.save()
+        was = f" ({ack.reason})" if ack.reason else ""
+        record = {"session": stored.meta["name"], "destination": dest.name, "reason": ack.reason}
+        text = (
+            f"unprotected {dest.name}{was}: it holds what it holds, {dest.state.value}; "
+            "its next update brings it up to date"
         )
         _say(args, record, text)
     return 0

@@ -896,3 +896,59 @@ def test_copy_checks_what_file_a_destinations_agent_serves_before_relying_on_it(
         assert {d["name"]: d["state"] for d in status(work)["destinations"]}["disk"] == "consistent"
     finally:
         agent.end()
+
+
+def test_unprotect_drops_a_protection_whose_image_was_lost_and_updates_go_on(
+    session: Path,
+) -> None:
+    from test_remote_hostile import Agent
+
+    from isc import Destination
+
+    work = session
+    exports, logs = work / "exports", work / "logs"
+    for directory in (exports, logs):
+        directory.mkdir()
+    (exports / "disk").write_bytes(bytes(SIZE))
+    agent = Agent(exports, ENV, logs)
+    try:
+        agent.start()
+        isc_run("add-dest", "s", agent.uri, "--site", agent.site, cwd=work)
+        isc_run("update", "s", cwd=work)
+        # A protection kept from a failed update, then another file at the export's path.
+        assert agent.site_of().protect(Destination(None, name="disk")).ok
+        agent.end()
+        other = exports / "other"
+        other.write_bytes(random.Random(4).randbytes(SIZE))
+        other.replace(exports / "disk")
+        agent.start()
+        write_source(work, 0, b"changed")
+        for verb in ("update", "rollback"):
+            before = state_of(work)
+            args = [verb, "s", "disk"] if verb == "rollback" else [verb, "s"]
+            done = isc_run(*args, cwd=work, check=1)
+            last = done.stderr.strip().splitlines()[-1]
+            assert last.startswith("isc: error: ") and "protected image was lost" in last
+            assert "the export was replaced; unprotect it (isc unprotect SESSION disk)" in last
+        assert state_of(work) == before  # the rollback changed nothing
+
+        line = error_line(isc_run("unprotect", "s", "nosuch", cwd=work, check=1))
+        assert "s has no destination 'nosuch' (it has d1, d2, disk)" in line
+        line = error_line(isc_run("unprotect", "s", "d1", cwd=work, check=2))
+        assert "unprotect needs --site HOST:PORT" in line
+        assert state_of(work) == before
+        assert agent.site_of().status(Destination(None, name="disk")).info["protected"]
+
+        done = isc_run("unprotect", "s", "disk", "--json", cwd=work)
+        assert json.loads(done.stdout) == {"session": "s", "destination": "disk", "reason": None}
+        ack = agent.site_of().status(Destination(None, name="disk"))
+        assert ack.ok and not ack.info["protected"]
+        assert not (exports / ".isc-agent" / "disk.journal").exists()
+        text = isc_run("unprotect", "s", "disk", cwd=work).stdout  # again: nothing to drop
+        assert text.startswith("unprotected disk (not protected): it holds what it holds")
+        isc_run("update", "s", cwd=work)
+        states = {d["name"]: d["state"] for d in status(work)["destinations"]}
+        assert states == {"d1": "consistent", "d2": "consistent", "disk": "consistent"}
+        assert (exports / "disk").read_bytes() == (work / "source.img").read_bytes()
+    finally:
+        agent.end()
