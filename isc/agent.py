@@ -26,6 +26,16 @@ protected    ``NAME.journal``: a header, then the  first write to each 64 KiB ch
 
 Requests, each durable before its reply is sent:
 
+* ``protect`` and ``rollback`` first **fence** the export
+  (:meth:`~isc.nbd.NBDServer.fence`): every NBD connection open to it is cut,
+  the requests it sent that have not started are dropped unanswered (a WRITE
+  whose payload was still arriving too), and the writes running are waited
+  for, up to :data:`~isc.nbd.server.FENCE_SECONDS`. So no write of a killed
+  ``isc update`` (received, held in the server) lands after the answer, over
+  what the next update sends or a rollback restored. When one does not end
+  in time (a hung file), the request is refused with the reason and nothing
+  changes. A client that writes after a protect connects after its answer,
+  as ``isc update`` does (:mod:`isc.update`).
 * ``protect`` writes the journal's header (temp file, fsync, rename, fsync of
   the directory). An export already protected stays as it is ("already
   protected", ``"kept": true``): the first image is kept. One whose journal
@@ -71,8 +81,11 @@ client as an error: the journal keeps the image intact rather than let a
 write through unsaved; what reached the journal of that save is cut off, and
 if even that fails, every later write that needs a save fails until a
 rollback or unprotect. Loading a journal at start and a rollback read it
-whole. A rollback holds off new writes while it runs, but a write already
-past its save may land after it: roll back while no copy writes.
+whole. A rollback holds off new writes of the connections its fence did not
+cut (those opened since) while it runs, but one of theirs already past its
+save may land after it: roll back while no copy writes. A fence costs a
+turn of the server's event loop and the time the writes it waits for take;
+it holds the export's other requests (status) meanwhile.
 
 Control protocol (:mod:`isc.control`: newline-delimited JSON over TCP, or
 over a Unix socket of mode 0600 that only the agent's user reaches). A

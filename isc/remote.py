@@ -122,7 +122,10 @@ class RemoteSite(abc.ABC):
 
     @abc.abstractmethod
     def protect(self, dest: Destination, timeout: float | None = None) -> Ack:
-        """Preserve ``dest``'s current image. Protecting a protected destination succeeds."""
+        """Preserve ``dest``'s current image. Protecting a protected destination succeeds.
+
+        A site may cut the connections to ``dest`` open before (an agent fences its
+        export, :mod:`isc.agent`): write to it over one opened after the answer."""
 
     @abc.abstractmethod
     def unprotect(self, dest: Destination, timeout: float | None = None) -> Ack:

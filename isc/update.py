@@ -9,7 +9,11 @@ Periodic incremental update (docs/design.md; the patent's figures 3-9):
    timeout (a consistency group's with one group request where the site
    offers it); if any fails, unprotect the ones this update protected (a
    protection kept from a failed update stays: its destination holds a
-   mix), unmark, log and raise :class:`UpdateError`;
+   mix), unmark, log and raise :class:`UpdateError`. Each destination's
+   connection is dropped after the answers (``disconnect()`` of a
+   :class:`~isc.lun.ReconnectingLUN`), and after a rollback's: an agent cuts
+   those open before it protects or rolls back (its fence, :mod:`isc.agent`),
+   so the copy opens one after the answer;
 4. transfer the marked data and wait for it to finish;
 5. on success the copy unmarks, the site unprotects, and the destinations are
    consistent, but for one whose unprotect ack lists ranges (``extents``: a

@@ -542,7 +542,7 @@ def update_after_its_first_run(
     At the end the update goes on, and has finished when the block is left."""
     with agent_here(exports) as (_, port, uris):
         site = AgentSite(HOST, port, timeout=WAIT)
-        dest = Destination(NBDLUN(uris["disk"], timeout=WAIT), name="disk")
+        dest = Destination(test_agent.remote_lun(uris["disk"]), name="disk")
         PeriodicUpdate(session, [dest], site, timeout=WAIT, io_size=IO).run()
         write_randomly(session, random.Random(seed), 30)
         gate = Gate()
