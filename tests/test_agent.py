@@ -58,7 +58,7 @@ from isc.lun import ReconnectingLUN
 from isc.nbd import NBDLUN
 from isc.remote import PROTECT_GRANULARITY, AgentSite, LocalSite
 from isc.store import create_session, open_session
-from isc.update import PeriodicUpdate, UpdateBusy, UpdateError, rollback
+from isc.update import PeriodicUpdate, UnmarkedFullCopy, UpdateBusy, UpdateError, rollback
 
 SEED = 20261125
 KIB = 1 << 10
@@ -444,6 +444,37 @@ def test_a_failed_copy_stays_protected_and_rolls_back_to_the_last_consistent_ima
         assert not protected(site, dest)
         assert dest.state is DestState.CONSISTENT
         assert_replicated(source, exports / "disk", remote.exports["disk"], tmp_path)
+        hook.close()
+
+
+def test_after_each_protect_and_rollback_the_copies_go_over_a_connection_opened_after_it(
+    tmp_path: Path, source: Path, session: Session, exports: Path, caplog
+):
+    # The agent cuts the connections open before each protect and rollback (its fence):
+    # the workflows open new ones after the answer, so each copy and check goes on.
+    rng = random.Random(SEED + 7)
+    with agent(exports, tmp_path / "agent.log") as remote:
+        site = remote.site()
+        hook = ReconnectingHook(remote_lun(remote.exports["disk"]))
+        dest = Destination(hook, name="disk")
+        update = PeriodicUpdate(session, [dest], site, timeout=WAIT, io_size=IO)
+        update.run()
+        scribble(session, rng, 10)
+        full = UnmarkedFullCopy(session, [dest], site, protect=True, timeout=WAIT, io_size=IO)
+        assert full.run().outcomes == {"disk": "ok"}
+        assert (exports / "disk").read_bytes() == source.read_bytes()
+        update.run()
+        scribble(session, rng, 30)
+        hook.fail_at = hook.writes + 2
+        with pytest.raises(UpdateError, match="injected failure"):
+            update.run()
+        assert rollback(session, dest, site, timeout=WAIT).ok
+        hook.fail_at = None
+        caplog.clear()
+        update.run()
+        assert "cannot check destination" not in caplog.text  # checked before the copy
+        assert dest.state is DestState.CONSISTENT
+        assert (exports / "disk").read_bytes() == source.read_bytes()
         hook.close()
 
 
