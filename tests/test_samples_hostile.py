@@ -189,8 +189,9 @@ POINTS = {
 }
 
 
-@pytest.mark.parametrize("command", ["update", "serve"])
-@pytest.mark.parametrize("point", POINTS)
+@pytest.mark.parametrize(
+    ("command", "point"), [*(("update", point) for point in POINTS), ("serve", "between-flushes")]
+)
 def test_a_destination_wiped_after_a_kill_mid_copy_is_not_trusted(
     replica: Replica, command: str, point: str
 ):
