@@ -898,6 +898,20 @@ def test_copy_checks_what_file_a_destinations_agent_serves_before_relying_on_it(
         agent.end()
 
 
+def test_copy_refuses_credentials_no_agent_would_get(session: Path) -> None:
+    secret = session / "secret"
+    secret.write_text(random.Random(8).randbytes(32).hex())
+    secret.chmod(0o600)
+    before = files(session / "s")
+    done = isc_run("copy", "s", "--full", "--secret-file", "secret", cwd=session, check=1)
+    line = error_line(done)
+    assert line.endswith(
+        "--tls-creds and --secret-file are for a site: give the destinations their sites "
+        "(add-dest --site)"
+    )
+    assert files(session / "s") == before
+
+
 def test_unprotect_drops_a_protection_whose_image_was_lost_and_updates_go_on(
     session: Path,
 ) -> None:
