@@ -71,7 +71,10 @@ copy sent, whose chunk the checkpoint keeps cleared). A copy run through
 :meth:`PersistentSession.begin_copy` is recorded in ``session.json`` while it
 runs, so its destinations read inconsistent until it ends (rule 6) and a
 crash in an unmarked full copy, which clears tracking as it begins, leaves
-everything to send again (rule 2).
+everything to send again (rule 2); the record keeps the destinations'
+fingerprint samples, and each checkpoint during the copy writes those they
+hold then, so one replaced after a crash is still found (rule 12; one
+``session.json`` write per checkpoint while a copy runs).
 
 Missing state is corrupt metadata (rule 10). Once ``session.json`` says a
 checkpoint was written (``checkpointed``, set after the first; or it has an
