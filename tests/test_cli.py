@@ -20,7 +20,9 @@ import signal
 import struct
 import subprocess
 import termios
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 import pytest
@@ -34,6 +36,9 @@ from isc.commands import status_report
 from isc.nbd import NBDLUN, NBDServer, parse_uri
 from isc.store import METADATA, create_session, open_session, read_state
 from isc.tls import ServerTLS
+
+if TYPE_CHECKING:  # test_remote_hostile imports this module: imported where it is used
+    from test_remote_hostile import Agent
 
 SIZE = 3 << 20
 ROOT = Path(isc.__file__).resolve().parent.parent
@@ -862,40 +867,49 @@ def test_completion_and_the_man_page_name_every_verb(work: Path) -> None:
 # -- isc copy and the agents of its destinations ---------------------------------------------
 
 
-def test_copy_checks_what_file_a_destinations_agent_serves_before_relying_on_it(
-    session: Path,
-) -> None:
-    # Rule 12 at an agent, as isc update checks it: another file at the export (here a
-    # copy of the same bytes, which its samples cannot tell) gets every chunk.
+@pytest.fixture
+def at_agent(session: Path) -> Iterator[Agent]:
+    """The ``session`` with a third destination, ``disk``: the export of an ``isc agent``
+    of ``exports/`` at its own site (a test_remote_hostile.Agent, which can start again
+    at its address)."""
     from test_remote_hostile import Agent
 
-    work = session
-    exports, logs = work / "exports", work / "logs"
-    for directory in (exports, exports.with_name("elsewhere"), logs):
+    exports, logs = session / "exports", session / "logs"
+    for directory in (exports, logs):
         directory.mkdir()
     (exports / "disk").write_bytes(bytes(SIZE))
     agent = Agent(exports, ENV, logs)
     try:
         agent.start()
-        isc_run("add-dest", "s", agent.uri, "--site", agent.site, cwd=work)
-        isc_run("copy", "s", "--full", cwd=work)
-        assert read_state(work / "s").meta["destinations"][2]["identity"]
-        agent.end()
-        moved = exports.with_name("elsewhere") / "disk"
-        shutil.copyfile(exports / "disk", moved)  # the same bytes in another file
-        agent = agent.in_its_place(moved.parent)
-        agent.start()
-        write_source(work, 0, b"changed")
-        isc_run("mark", "s", cwd=work)
-        done = isc_run("copy", "s", "--json", cwd=work)
-        assert "isc: disk is not the export it was (its agent names another file" in done.stderr
-        result = json.loads(done.stdout)
-        assert result["outcomes"] == {"d1": "ok", "d2": "ok", "disk": "ok"}
-        assert result["bytes_seeded"] + result["bytes_sent"] == SIZE  # every chunk to disk
-        assert moved.read_bytes() == (work / "source.img").read_bytes()
-        assert {d["name"]: d["state"] for d in status(work)["destinations"]}["disk"] == "consistent"
+        isc_run("add-dest", "s", agent.uri, "--site", agent.site, cwd=session)
+        yield agent
     finally:
         agent.end()
+
+
+def test_copy_checks_what_file_a_destinations_agent_serves_before_relying_on_it(
+    session: Path, at_agent
+) -> None:
+    # Rule 12 at an agent, as isc update checks it: another file at the export (here a
+    # copy of the same bytes, which its samples cannot tell) gets every chunk.
+    work, agent = session, at_agent
+    isc_run("copy", "s", "--full", cwd=work)
+    assert read_state(work / "s").meta["destinations"][2]["identity"]
+    agent.end()
+    moved = work / "elsewhere" / "disk"
+    moved.parent.mkdir()
+    shutil.copyfile(agent.directory / "disk", moved)  # the same bytes in another file
+    agent.directory = moved.parent  # another agent at its address
+    agent.start()
+    write_source(work, 0, b"changed")
+    isc_run("mark", "s", cwd=work)
+    done = isc_run("copy", "s", "--json", cwd=work)
+    assert "isc: disk is not the export it was (its agent names another file" in done.stderr
+    result = json.loads(done.stdout)
+    assert result["outcomes"] == {"d1": "ok", "d2": "ok", "disk": "ok"}
+    assert result["bytes_seeded"] + result["bytes_sent"] == SIZE  # every chunk to disk
+    assert moved.read_bytes() == (work / "source.img").read_bytes()
+    assert {d["name"]: d["state"] for d in status(work)["destinations"]}["disk"] == "consistent"
 
 
 def test_copy_refuses_credentials_no_agent_would_get(session: Path) -> None:
@@ -913,56 +927,45 @@ def test_copy_refuses_credentials_no_agent_would_get(session: Path) -> None:
 
 
 def test_unprotect_drops_a_protection_whose_image_was_lost_and_updates_go_on(
-    session: Path,
+    session: Path, at_agent
 ) -> None:
-    from test_remote_hostile import Agent
-
     from isc import Destination
 
-    work = session
-    exports, logs = work / "exports", work / "logs"
-    for directory in (exports, logs):
-        directory.mkdir()
-    (exports / "disk").write_bytes(bytes(SIZE))
-    agent = Agent(exports, ENV, logs)
-    try:
-        agent.start()
-        isc_run("add-dest", "s", agent.uri, "--site", agent.site, cwd=work)
-        isc_run("update", "s", cwd=work)
-        # A protection kept from a failed update, then another file at the export's path.
-        assert agent.site_of().protect(Destination(None, name="disk")).ok
-        agent.end()
-        other = exports / "other"
-        other.write_bytes(random.Random(4).randbytes(SIZE))
-        other.replace(exports / "disk")
-        agent.start()
-        write_source(work, 0, b"changed")
-        for verb in ("update", "rollback"):
-            before = state_of(work)
-            args = [verb, "s", "disk"] if verb == "rollback" else [verb, "s"]
-            done = isc_run(*args, cwd=work, check=1)
-            last = done.stderr.strip().splitlines()[-1]
-            assert last.startswith("isc: error: ") and "protected image was lost" in last
-            assert "the export was replaced; unprotect it (isc unprotect SESSION disk)" in last
-        assert state_of(work) == before  # the rollback changed nothing
+    work, agent = session, at_agent
+    exports = agent.directory
+    isc_run("update", "s", cwd=work)
+    # A protection kept from a failed update, then another file at the export's path.
+    assert agent.site_of().protect(Destination(None, name="disk")).ok
+    agent.end()
+    other = exports / "other"
+    other.write_bytes(random.Random(4).randbytes(SIZE))
+    other.replace(exports / "disk")
+    agent.start()
+    write_source(work, 0, b"changed")
+    for verb in ("update", "rollback"):
+        before = state_of(work)
+        args = [verb, "s", "disk"] if verb == "rollback" else [verb, "s"]
+        done = isc_run(*args, cwd=work, check=1)
+        last = done.stderr.strip().splitlines()[-1]
+        assert last.startswith("isc: error: ") and "protected image was lost" in last
+        assert "the export was replaced; unprotect it (isc unprotect SESSION disk)" in last
+    assert state_of(work) == before  # the rollback changed nothing
 
-        line = error_line(isc_run("unprotect", "s", "nosuch", cwd=work, check=1))
-        assert "s has no destination 'nosuch' (it has d1, d2, disk)" in line
-        line = error_line(isc_run("unprotect", "s", "d1", cwd=work, check=2))
-        assert "unprotect needs --site HOST:PORT" in line
-        assert state_of(work) == before
-        assert agent.site_of().status(Destination(None, name="disk")).info["protected"]
+    line = error_line(isc_run("unprotect", "s", "nosuch", cwd=work, check=1))
+    assert "s has no destination 'nosuch' (it has d1, d2, disk)" in line
+    line = error_line(isc_run("unprotect", "s", "d1", cwd=work, check=2))
+    assert "unprotect needs --site HOST:PORT" in line
+    assert state_of(work) == before
+    assert agent.site_of().status(Destination(None, name="disk")).info["protected"]
 
-        done = isc_run("unprotect", "s", "disk", "--json", cwd=work)
-        assert json.loads(done.stdout) == {"session": "s", "destination": "disk", "reason": None}
-        ack = agent.site_of().status(Destination(None, name="disk"))
-        assert ack.ok and not ack.info["protected"]
-        assert not (exports / ".isc-agent" / "disk.journal").exists()
-        text = isc_run("unprotect", "s", "disk", cwd=work).stdout  # again: nothing to drop
-        assert text.startswith("unprotected disk (not protected): it holds what it holds")
-        isc_run("update", "s", cwd=work)
-        states = {d["name"]: d["state"] for d in status(work)["destinations"]}
-        assert states == {"d1": "consistent", "d2": "consistent", "disk": "consistent"}
-        assert (exports / "disk").read_bytes() == (work / "source.img").read_bytes()
-    finally:
-        agent.end()
+    done = isc_run("unprotect", "s", "disk", "--json", cwd=work)
+    assert json.loads(done.stdout) == {"session": "s", "destination": "disk", "reason": None}
+    ack = agent.site_of().status(Destination(None, name="disk"))
+    assert ack.ok and not ack.info["protected"]
+    assert not (exports / ".isc-agent" / "disk.journal").exists()
+    text = isc_run("unprotect", "s", "disk", cwd=work).stdout  # again: nothing to drop
+    assert text.startswith("unprotected disk (not protected): it holds what it holds")
+    isc_run("update", "s", cwd=work)
+    states = {d["name"]: d["state"] for d in status(work)["destinations"]}
+    assert states == {"d1": "consistent", "d2": "consistent", "disk": "consistent"}
+    assert (exports / "disk").read_bytes() == (work / "source.img").read_bytes()
