@@ -81,7 +81,9 @@ checkpoint was written (``checkpointed``, set after the first; or it has an
 epoch or destinations), or a log holds records, a directory without a
 checkpoint raises ``CorruptMetadata`` instead of opening with an empty
 bitmap, which would lose every change the checkpoint held; so does a
-checkpoint or log that cannot be read. The way out is
+checkpoint or log that cannot be read, and a journal whose newest
+checkpoint is not the one the activity logs beside it began with (another
+session's journal, or an older copy of this one's). The way out is
 ``open_session(reset=True)`` (``isc recover SESSION --reset-destinations``):
 every chunk tracked, every destination NEW, the next copy full.
 
@@ -1441,6 +1443,16 @@ def _load(
             raise CorruptMetadata(
                 f"{where}: {loaded.torn}, and the activity logs since checkpoint {generation} "
                 "were deleted: it was whole once, and is damaged"
+            )
+        if with_logs and logs and generation not in {gen for gen, _ in logs}:
+            # The log begun with the newest checkpoint lives until a newer one is on
+            # disk: logs without it beside a whole journal mean the journal is not
+            # this directory's own (another session's, or an older copy of it), whose
+            # bitmap would silently lose what this one tracked.
+            raise CorruptMetadata(
+                f"{where} ends at checkpoint {generation}, but the activity logs beside it "
+                f"are of checkpoints {', '.join(str(gen) for gen, _ in logs)}: it is not this "
+                "session's (another's, or an older copy): put its own back"
             )
     elif meta.get("checkpointed") or meta["epoch"] or meta["destinations"]:
         raise CorruptMetadata(_lost(path, f"{path / METADATA} records one"))

@@ -204,6 +204,45 @@ def test_a_change_to_the_session_between_the_read_of_its_file_and_its_lock_is_ke
     assert [d["name"] for d in meta["destinations"]] == ["d1.img", "d2.img"]
 
 
+# -- another session's checkpoint journal -------------------------------------------------------
+
+
+def _journal_of_another(root: Path, opens: int) -> bytes:
+    """Write chunk 5 through ``state``'s session (tracked: d1 never got it), then put in
+    ``state`` the journal of a session on d2.img opened ``opens`` times (3 generations each,
+    as ``state``'s two opens so far); return ``state``'s session file."""
+    with open_session(root / "state")[0] as stored:
+        stored.session.write(5 * G, b"tracked, never sent")
+    create_session(root / "other", str(root / "d2.img"), granularity=G)
+    for _ in range(opens):
+        open_session(root / "other")[0].close()
+    shutil.copy(root / "other" / "checkpoint.journal", root / "state" / "checkpoint.journal")
+    return (root / "state" / METADATA).read_bytes()
+
+
+def test_a_checkpoint_journal_of_another_session_is_refused(root: Path) -> None:
+    # Before, its empty bitmap was read as this session's: chunk 5 was lost, and the
+    # next update called d1 consistent without it.
+    before = _journal_of_another(root, opens=1)
+    done = run_isc("mark", "state", cwd=root, fail=True)
+    assert "checkpoint.journal ends at checkpoint 3" in done.stderr and "not this" in done.stderr
+    assert (root / "state" / METADATA).read_bytes() == before
+    assert "not this session's" in run_isc("status", "state", cwd=root).stdout
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="isc.journal: a checkpoint names no session, so another session's journal at this "
+    "one's generation is read as its own",
+)
+def test_a_checkpoint_journal_of_another_session_at_the_same_generation_is_refused(
+    root: Path,
+) -> None:
+    before = _journal_of_another(root, opens=2)
+    run_isc("mark", "state", cwd=root, fail=True)
+    assert (root / "state" / METADATA).read_bytes() == before
+
+
 # -- state directories others can write ------------------------------------------------------
 
 
