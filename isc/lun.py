@@ -322,15 +322,18 @@ class FileLUN(_BaseLUN):
 
     Raises ``FileNotFoundError``/``PermissionError`` (OSError) when ``path``
     cannot be opened, ``ParameterError`` when it is neither a regular file nor
-    a block device or is empty. With ``readonly=True`` the file is opened
+    a block device (a FIFO is refused at once, not waited on) or is empty. With ``readonly=True`` the file is opened
     read-only and :meth:`write` raises ``StateError``.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, readonly: bool = False) -> None:
-        flags = (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC
-        fd = os.open(path, flags)
+        # Without blocking and without taking a terminal: a FIFO would wait for a
+        # writer before the check below could refuse it.
+        flags = os.O_RDONLY if readonly else os.O_RDWR
+        fd = os.open(path, flags | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
         try:
             self._attach(fd, path, readonly)
+            os.set_blocking(fd, True)
         except BaseException:
             os.close(fd)
             raise

@@ -272,7 +272,7 @@ class SourceLock:
 
     def __init__(self, path: str, opened: FileLUN | None = None) -> None:
         name = path if opened is None else f"/proc/self/fd/{opened.fileno()}"
-        self.fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC)
+        self.fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
         backing = open_loop_backing(self.fd)
         self._fds = [self.fd] if backing is None else [self.fd, backing]
         try:

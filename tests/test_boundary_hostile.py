@@ -38,12 +38,14 @@ import os
 import random
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from helpers import fill_random
 from test_cli import ENV, ISC, files
+from test_security_nbd import isc_serve
 
 import isc.store
 from isc import FileLUN
@@ -268,6 +270,52 @@ def test_a_state_directory_of_another_user_is_refused(root: Path) -> None:
     done = run_isc("copy", "--full", "state", cwd=root, fail=True)
     assert "uid 65534" in done.stderr
     assert files(root / "state") == before
+
+
+# -- other users of the machine ----------------------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="isc._cli_daemons: isc serve listens on TCP loopback by default (127.0.0.1:10809), "
+    "without TLS, which every user of the machine reaches (README: Securing isc)",
+)
+def test_another_user_cannot_write_the_source_through_a_default_isc_serve(tmp_path: Path) -> None:
+    setpriv, python = shutil.which("setpriv"), Path("/usr/bin/python3")
+    if os.geteuid() != 0 or setpriv is None:
+        pytest.skip("acting as another user needs root and setpriv (util-linux)")
+    if subprocess.run([python, "-c", "import nbd"], capture_output=True).returncode:
+        pytest.skip("python3-libnbd is not installed (the Debian package python3-libnbd)")
+    os.chmod(tmp_path, 0o755)  # the other user reaches only the export, not the files
+    script = "import nbd, sys\nh = nbd.NBD()\nh.connect_uri(sys.argv[1])\nh.pwrite(b'x' * 512, 0)\n"
+    with isc_serve(tmp_path, None) as (uri, image, data):
+        nobody = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"]
+        done = subprocess.run(
+            [*nobody, python, "-c", script, uri],
+            capture_output=True,
+            timeout=TIMEOUT,
+        )
+        assert done.returncode != 0
+    assert image.read_bytes() == data
+
+
+def test_a_fifo_is_refused_without_waiting_for_a_writer(tmp_path: Path) -> None:
+    # Before, FileLUN(fifo, readonly=True) blocked in open() until some process
+    # opened the FIFO for writing: forever.
+    os.mkfifo(tmp_path / "fifo")
+    code = (
+        "import sys\nfrom isc import FileLUN\nfrom isc.errors import ParameterError\n"
+        "try:\n    FileLUN(sys.argv[1], readonly=True)\nexcept ParameterError as exc:\n"
+        "    print(exc)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "fifo")],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert "is neither a regular file nor a block device" in done.stdout, done.stderr
 
 
 # -- writes that bypass the session -----------------------------------------------------------
