@@ -322,8 +322,9 @@ class FileLUN(_BaseLUN):
 
     Raises ``FileNotFoundError``/``PermissionError`` (OSError) when ``path``
     cannot be opened, ``ParameterError`` when it is neither a regular file nor
-    a block device (a FIFO is refused at once, not waited on) or is empty. With ``readonly=True`` the file is opened
-    read-only and :meth:`write` raises ``StateError``.
+    a block device (a FIFO is refused at once, not waited on) or is empty.
+    With ``readonly=True`` the file is opened read-only and :meth:`write`
+    raises ``StateError``.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, readonly: bool = False) -> None:
