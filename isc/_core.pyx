@@ -64,17 +64,24 @@ A checkpoint writes only what changed since the last one, as page records
 so a mark or unmark changes no page. ``_dirty`` holds one bit per page, set
 before any word of the page changes. ``snapshot`` freezes the state at an
 instant in O(1): the dirty pages become *pending* and ``_dirty`` starts
-empty. ``snapshot_records`` then encodes the pending pages a few at a time,
-taking the mutex for each few, so host writes wait for one page's encoding
-at most. A write about to change a pending page first encodes the page as it
+empty (a base makes every page pending, in O(pages / 64)).
+``snapshot_records`` then encodes the pending pages a few at a time (32, or
+2048 empty ones a base leaves out), taking the mutex for each few: a host
+write waits for one such hold at most. Between two holds a thread blocked on
+the mutex gets it first (``_acquire`` counts them in ``_blocked``, and the
+encoder waits on ``_cv`` until one of them has had it: an unlock and lock
+again would win it back before the woken thread runs), and the encoder
+yields the CPU, so a writer waiting for this CPU (one the encoder's wake-up
+preempted) runs before the next hold, not at the next tick. A write about
+to change a pending page first encodes the page as it
 was (copy on write, into ``_cow``): every record of a snapshot holds its page
 as of the snapshot's instant, whenever it is taken. An abandoned snapshot
 (``snapshot_end(False)``) forgets which pages differ from what was last
 persisted, so the next snapshot is a *base*: every page that may hold a set
 bit, to be replayed onto an empty map. A new bitmap's first snapshot is one.
 
-Cost: a snapshot O(1) (a base O(summary)); records O(pending pages); a
-change to a page pending in a snapshot O(page) once.
+Cost: a snapshot O(1) (a base O(pages / 64)); records O(pending pages) (a
+base O(pages)); a change to a page pending in a snapshot O(page) once.
 
 The save area's side
 --------------------
@@ -229,6 +236,7 @@ cdef enum:
     RECORD_MASKS = 64        # 8 u64 masks of a sparse record
     MAX_RECORD = RECORD_HEAD + RECORD_MASKS + PAGE_WORDS * 8
     PAGES_PER_HOLD = 32      # pages a snapshot encodes per hold of the mutex
+    EMPTY_PER_HOLD = 2048    # pages it looks at per hold (a base skips empty ones)
     HUGE_PAGE = 2 << 20      # a transparent huge page
     HUGE_ARRAYS = 16 << 20   # bitmaps up to this size ask for huge pages
     ZERO_BY_MADVISE = 256 << 10  # zeroed runs from this size go back to the kernel
@@ -395,6 +403,12 @@ cdef class DeltaBitmap:
     cdef size_t _capcow
     cdef size_t _cow_taken
     cdef bint _cow_failed
+    # The mutex handed over between a snapshot's holds (snapshot_records):
+    cdef uint64_t _blocked        # threads blocked in _acquire (atomic)
+    cdef uint64_t _served         # acquisitions by such threads, under the mutex
+    cdef int _handing             # snapshot_records calls waiting for one of them
+    cdef object _hold_hook        # tests: called at the end of each hold
+    cdef bint _hooked
 
     def __cinit__(self, size, granularity=_layout.DEFAULT_GRANULARITY):
         cdef uint64_t chunks = _layout.check_geometry(size, granularity)
@@ -469,8 +483,13 @@ cdef class DeltaBitmap:
         # Never block on the mutex while holding the GIL: its holder may be
         # waiting for the GIL (e.g. to leave a nogil section).
         if pthread_mutex_trylock(&self._mu) != 0:
+            isc_inc(&self._blocked)
             with nogil:
                 pthread_mutex_lock(&self._mu)
+                isc_dec_if_positive(&self._blocked)
+                self._served += 1
+                if self._handing:
+                    pthread_cond_broadcast(&self._cv)
 
     cdef inline void _release(self) noexcept nogil:
         pthread_mutex_unlock(&self._mu)
@@ -1656,7 +1675,6 @@ cdef class DeltaBitmap:
         ``StateError`` while a snapshot is open.
         """
         cdef uint64_t *swap
-        cdef uint64_t i
         self._acquire()
         try:
             if self._snapping:
@@ -1664,11 +1682,10 @@ cdef class DeltaBitmap:
             base = everything or self._everything
             with nogil:
                 if base:
-                    self._mark_nonzero_pages()
+                    # Every page: the records leave the empty ones out as they go.
+                    self._pend_all()
                     memset(self._dirty, 0, 3 * self._nmap * 8)
-                    self._npending = 0
-                    for i in range(3 * self._nmap):
-                        self._npending += popcount(self._pending[i])
+                    self._npending = 3 * self._npages
                 else:
                     # The map of pending pages is empty between snapshots.
                     swap = self._pending
@@ -1687,26 +1704,22 @@ cdef class DeltaBitmap:
         finally:
             self._release()
 
-    cdef void _mark_nonzero_pages(self) noexcept nogil:
-        """Set in ``_pending`` every page whose summary says it may hold a set bit."""
-        cdef uint64_t a, si, sw, page
-        cdef Bits *bits
-        memset(self._pending, 0, 3 * self._nmap * 8)
-        for a in range(3):
-            bits = self._array(a)
-            for si in range(self._nsum):
-                sw = bits.summary[si]
-                while sw:
-                    page = ((si << 6) + ctz(sw)) >> (PAGE_SHIFT - BLOCK_SHIFT)
-                    sw &= sw - 1
-                    self._pending[a * self._nmap + (page >> 6)] |= (<uint64_t>1) << (page & 63)
+    cdef void _pend_all(self) noexcept nogil:
+        """Set in ``_pending`` every page of the three arrays: O(pages / 64)."""
+        cdef uint64_t a
+        memset(self._pending, 0xFF, 3 * self._nmap * 8)
+        if self._npages & 63:
+            for a in range(3):
+                self._pending[(a + 1) * self._nmap - 1] = ONES >> (64 - (self._npages & 63))
 
     def snapshot_records(self, out):
         """Encode records of the open snapshot into ``out``; return the bytes written (0: all done).
 
         ``out`` is a writable buffer of at least ``MAX_RECORD`` bytes (``isc._layout``).
         Each record holds its page as it was at ``snapshot`` (pages changed
-        since were copied first). Holds the mutex for a few pages at a time.
+        since were copied first). Holds the mutex for a few pages at a time;
+        between two holds a thread blocked on it gets it first, and a thread
+        waiting for this CPU runs (see "Persistence" above).
         Raises ``StateError`` with no snapshot open, ``ParameterError`` for a
         small buffer, ``MemoryError`` when a copy of a changed page could not
         be kept (end the snapshot with ``snapshot_end(False)``).
@@ -1716,7 +1729,7 @@ cdef class DeltaBitmap:
         cdef size_t n = 0
         cdef size_t size
         cdef unsigned char *dst
-        cdef uint64_t q, a, i, bit, held
+        cdef uint64_t q, a, i, bit, held, visited, served
         cdef uint64_t per_array = self._nmap << 6
         if cap < MAX_RECORD:
             raise _layout.ParameterError(
@@ -1738,25 +1751,50 @@ cdef class DeltaBitmap:
                 if self._cow_taken == self._ncow:
                     self._ncow = 0
                     self._cow_taken = 0
-                held = 0
-                while self._npending and n + MAX_RECORD <= cap and held < PAGES_PER_HOLD:
+                held = visited = 0
+                while self._npending and n + MAX_RECORD <= cap and held < PAGES_PER_HOLD \
+                        and visited < EMPTY_PER_HOLD:
                     q = self._next_pending()
                     i = q >> 6
                     bit = (<uint64_t>1) << (q & 63)
                     self._pending[i] &= ~bit
                     self._npending -= 1
                     a = q // per_array
-                    n += self._encode(a, q - a * per_array, dst + n)
-                    held += 1
+                    size = self._encode(a, q - a * per_array, dst + n)
+                    n += size
+                    held += size != 0
+                    visited += 1
                 if n + MAX_RECORD > cap or (not self._npending and not self._ncow):
                     break
-                # Let host writes in between.
+                if self._hooked:
+                    self._run_hold_hook()
+                # Let host writes in between: a thread blocked on the mutex takes it
+                # first (unlocking and locking again would win it back before the
+                # woken thread runs), and a thread that waits for this CPU (a writer
+                # this one's wake-up preempted) runs before the next hold.
+                if isc_load(&self._blocked):
+                    served = self._served
+                    self._handing += 1
+                    while self._served == served:
+                        pthread_cond_wait(&self._cv, &self._mu)
+                    self._handing -= 1
                 self._release()
+                sched_yield()
                 pthread_mutex_lock(&self._mu)
             self._release()
         if self._cow_failed:
             raise MemoryError("cannot keep a copy of a page the open snapshot needs")
         return n
+
+    cdef void _run_hold_hook(self) noexcept with gil:
+        self._hold_hook()
+
+    def _on_hold_end(self, hook):
+        """For tests: call ``hook()`` (or nothing, with None) at the end of each hold of
+        ``snapshot_records`` that more follow, the mutex held: it must not call this
+        map, and what it raises is reported as unraisable."""
+        self._hold_hook = hook
+        self._hooked = hook is not None
 
     cdef uint64_t _next_pending(self) noexcept nogil:
         """The first pending page at or after the cursor; some page is pending."""
@@ -2616,8 +2654,8 @@ def run_io(steps):
 
     One call instead of one per system call: each release and re-take of
     the GIL is a chance for a thread waiting for it to lose it again. The
-    call yields the CPU once before it takes the GIL back, so a thread the
-    release woke can take it first.
+    call yields the CPU after each step, so a thread waiting for it runs
+    between long writes, and one the release woke takes the GIL first.
     """
     steps = list(steps)
     cdef Py_ssize_t n = len(steps)
@@ -2664,9 +2702,10 @@ def run_io(steps):
                 if err:
                     failed = i
                     break
-            # A thread waiting for the GIL (a host writer) was woken as it was released:
-            # let it run now, or this thread takes the GIL back first.
-            sched_yield()
+                # A thread waiting for the GIL (a host writer) was woken as it was
+                # released: let it run now, or this thread takes the GIL back first;
+                # and between steps, let one waiting for this CPU run.
+                sched_yield()
         if failed >= 0:
             step = steps[failed]
             what = step[2].decode(errors="replace") if step[0] == IO_RENAME else f"fd {step[1]}"

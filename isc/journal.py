@@ -24,8 +24,11 @@ States and costs:
 | checkpoint (base) | a new file; ``fsync``, rename, ``fsync`` of its directory | O(set pages) |
 | open | nothing: it reads the file once, into the map | O(file) |
 
-A delta's last write (of a segment that fits the buffer, its only one) and its
-``fdatasync`` go in one core call (``run_io``): one release of the GIL.
+A delta's last writes (of a segment that fits the buffer, its only ones) and
+its ``fdatasync`` go in one core call (``run_io``): one release of the GIL.
+The records are encoded, summed and written 64 KiB at a time, so the
+checkpointing thread never keeps a CPU for long from a host writer waiting for
+it: the core yields the CPU between a few pages' encoding and between writes.
 A base is written for the first checkpoint, after a failed one, and when
 the segments appended since the base outgrow it (and ``COMPACT_AFTER``), so
 the file stays within about twice the base plus that, and the work of the
@@ -64,6 +67,7 @@ HEADER_SIZE = _HEADER.size + _HEADER_CRC.size
 _COMMIT = struct.Struct("<QII")
 _BASE, _MARKED = 1, 2
 _BUFFER = 1 << 20  # bytes of records per read or write
+_PIECE = 64 << 10  # bytes of records encoded and summed at a time
 
 
 @dataclass(frozen=True)
@@ -264,15 +268,18 @@ class Journal:
         try:
             # The records gather behind room for the header and go out when the buffer
             # is full; a checkpoint that fits is one write, header and commit included.
+            # They are encoded and summed a piece at a time: no long stretch of work
+            # keeps a CPU from a host writer waiting for it (the core yields it
+            # between pages, zlib does not).
             view = memoryview(self._buffer)
             position, held, crc = at + HEADER_SIZE, HEADER_SIZE, 0
             while True:
-                n = bitmap.snapshot_records(view[held : HEADER_SIZE + _BUFFER])
+                n = bitmap.snapshot_records(view[held : min(held + _PIECE, HEADER_SIZE + _BUFFER)])
+                crc = zlib.crc32(view[held : held + n], crc)
                 held += n
-                if n == 0 or HEADER_SIZE + _BUFFER - held < MAX_RECORD:
-                    crc = zlib.crc32(view[HEADER_SIZE:held], crc)
-                    if n == 0:
-                        break
+                if n == 0:
+                    break
+                if HEADER_SIZE + _BUFFER - held < MAX_RECORD:
                     _pwrite_all(fd, view[HEADER_SIZE:held], position)
                     position, held = position + held - HEADER_SIZE, HEADER_SIZE
             records = position + held - HEADER_SIZE - at - HEADER_SIZE
@@ -283,15 +290,12 @@ class Journal:
             head += _HEADER_CRC.pack(zlib.crc32(head))
             end = held + _COMMIT.size
             _COMMIT.pack_into(view, held, seq, crc, zlib.crc32(struct.pack("<QI", seq, crc)))
-            # The last write(s) and the sync in one core call: one release of the GIL.
+            # The last writes and the sync in one core call: one release of the GIL.
             if position == at + HEADER_SIZE:
                 view[:HEADER_SIZE] = head
-                steps = [(IO_PWRITE, fd, view[:end], at)]
+                steps = _pieces(fd, view[:end], at)
             else:
-                steps = [
-                    (IO_PWRITE, fd, view[HEADER_SIZE:end], position),
-                    (IO_PWRITE, fd, head, at),
-                ]
+                steps = [*_pieces(fd, view[HEADER_SIZE:end], position), (IO_PWRITE, fd, head, at)]
             run_io([*steps, (IO_FDATASYNC, fd)])
             position += held - HEADER_SIZE
             if base:
@@ -313,11 +317,14 @@ class Journal:
             self._fd = -1
 
 
-def _pwrite_all(fd: int, data, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.pwrite(fd, view, offset)
-        view, offset = view[written:], offset + written
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    run_io(_pieces(fd, data, offset))
+
+
+def _pieces(fd: int, data: memoryview, offset: int) -> list[tuple]:
+    """The :func:`run_io` steps that write ``data`` at ``offset``, ``_PIECE`` bytes each:
+    ``run_io`` yields the CPU between them, to a host writer waiting for it."""
+    return [(IO_PWRITE, fd, data[i : i + _PIECE], offset + i) for i in range(0, len(data), _PIECE)]
 
 
 def fsync_dir(directory: Path) -> None:

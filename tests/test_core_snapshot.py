@@ -208,6 +208,50 @@ def test_records_hold_the_state_at_the_snapshot_while_writers_go_on(busy_switchi
             thread.join()
 
 
+def test_a_write_blocked_on_the_map_goes_in_between_two_holds_of_the_encoding() -> None:
+    """A write that finds ``snapshot_records`` holding the map's mutex gets it when that
+    hold ends, not when the encoding does: it waits for a few pages' work at most. The
+    snapshot holds the page it changed as it was, the next one holds the write (rule 2)."""
+    pages = 1024  # per array: 32 holds of 32 pages to encode one chunk in each
+    page = 512 * 64 * G  # bytes of the LUN behind a page of a bitmap
+    bitmap = _core.DeltaBitmap(pages * page, G)
+    _, base = records_of(bitmap)
+    bitmap.record_writes([p * page for p in range(pages)], [G] * pages)
+    frozen = bitmap.to_bytes()
+    late = (pages - 1) * page + G  # a chunk of the last page: encoded in the last hold
+    ready, wrote = threading.Event(), threading.Event()
+    writer = threading.Thread(
+        target=lambda: (ready.set(), bitmap.record_write(late, G), wrote.set())
+    )
+    seen = []
+
+    def hold_end() -> None:  # the mutex held: the writer blocks on it
+        if not seen:
+            writer.start()
+            ready.wait()
+        seen.append(wrote.is_set())
+
+    header = bitmap.snapshot()
+    bitmap._on_hold_end(hold_end)
+    out, taken = bytearray(1 << 20), []
+    while n := bitmap.snapshot_records(out):
+        taken.append(bytes(out[:n]))
+    bitmap._on_hold_end(None)
+    writer.join()
+    assert len(seen) == pages // 32 - 1 and not seen[0]
+    assert any(seen), "the write waited for the whole encoding"
+    bitmap.snapshot_end(True)
+    replica = _core.DeltaBitmap(pages * page, G)
+    for data in (base, b"".join(taken)):
+        assert replica.apply_records(data) == len(data)
+    replica.load_state(*header[1:])
+    assert replica.to_bytes() == frozen  # the last page as it was at the snapshot
+    header, data = records_of(bitmap)
+    assert replica.apply_records(data) == len(data)
+    replica.load_state(*header[1:])
+    assert replica.to_bytes() == bitmap.to_bytes() and replica.tracking_count == pages + 1
+
+
 @pytest.mark.big
 def test_a_16tib_map_checkpoints_what_changed_only() -> None:
     bitmap = _core.DeltaBitmap(1 << 44, G)
