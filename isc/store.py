@@ -1188,8 +1188,8 @@ def create_session(
     nothing yet (the session creates the file at each open and removes it at
     close). Raises ``StateError`` when the directory already holds a session
     or the files of one, or another session holds the source (its lock);
-    ``ParameterError`` for bad parameters, a save area path that exists or a
-    directory that is another user's or writable by others (it is made 0755);
+    ``ParameterError`` for bad parameters, a save area path that exists or lies
+    in ``directory`` (its names are the session's files'), or a directory that is another user's or writable by others (it is made 0755);
     and the errors of :func:`open_lun` for a source that cannot be opened;
     nothing is written then.
     """
@@ -1235,6 +1235,13 @@ def create_session(
         )
     if area is not None and not os.path.isdir(os.path.dirname(os.path.abspath(area))):
         raise ParameterError(f"save area path {area}: its directory does not exist")
+    if area is not None and path.is_dir() and os.path.samefile(os.path.dirname(area) or ".", path):
+        # Its name could be one the session's files take (checkpoint.journal,
+        # .lock): each later open would then refuse the file isc did not create.
+        raise ParameterError(
+            f"save area path {area} lies in the session directory {path}, whose names are "
+            "isc's own files'; give a path outside it"
+        )
     path.mkdir(mode=0o755, parents=True, exist_ok=True)
     write_atomically(path / METADATA, _encode(meta))
 

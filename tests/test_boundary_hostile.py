@@ -161,6 +161,22 @@ def test_a_second_session_on_a_loop_device_over_a_held_source_is_refused(root: P
             run_isc("copy", "--full", "state", cwd=root, fail=True)
 
 
+# -- the session's own files as its save area ---------------------------------------------------
+
+
+@pytest.mark.parametrize("name", [".lock", "checkpoint.journal", "activity.3.writes", "area"])
+def test_a_save_area_in_the_session_directory_is_refused(root: Path, name: str) -> None:
+    # Before, `isc create other --save-area 1M,other/checkpoint.journal` was taken, and
+    # every open after the first refused the journal as a file isc did not create.
+    (root / "other").mkdir(mode=0o755)
+    area = f"1M,other/{name}"
+    done = run_isc(
+        "create", "other", "--source", "d2.img", "--save-area", area, cwd=root, fail=True
+    )
+    assert "lies in the session directory" in done.stderr
+    assert list((root / "other").iterdir()) == []
+
+
 # -- windows between a check and its use ------------------------------------------------------
 
 
