@@ -1189,7 +1189,8 @@ def create_session(
     close). Raises ``StateError`` when the directory already holds a session
     or the files of one, or another session holds the source (its lock);
     ``ParameterError`` for bad parameters, a save area path that exists or lies
-    in ``directory`` (its names are the session's files'), or a directory that is another user's or writable by others (it is made 0755);
+    in ``directory`` (its names are the session's files'), or a directory
+    that is another user's or writable by others (it is made 0755);
     and the errors of :func:`open_lun` for a source that cannot be opened;
     nothing is written then.
     """
