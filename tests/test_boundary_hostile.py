@@ -32,19 +32,18 @@ needs root (loop devices, another owner) or a tool skips naming what it lacks.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from helpers import fill_random
 from test_cli import ENV, ISC, files
+from test_lun import _loop_device as loop_device
 from test_security_nbd import isc_serve
 
 import isc.store
@@ -85,24 +84,6 @@ def run_isc(*args: str, cwd: Path, fail: bool = False, **options) -> subprocess.
     else:
         assert done.returncode == 0, done.stderr
     return done
-
-
-@contextlib.contextmanager
-def loop_device(backing: Path) -> Iterator[str]:
-    """A loop device over ``backing``, detached on exit; skips without losetup or root."""
-    losetup = shutil.which("losetup")
-    if losetup is None:
-        pytest.skip("losetup (util-linux) is not installed")
-    attach = subprocess.run(
-        [losetup, "--find", "--show", str(backing)], capture_output=True, text=True, check=False
-    )
-    if attach.returncode != 0:
-        pytest.skip(f"cannot attach a loop device (needs root): {attach.stderr.strip()}")
-    device = attach.stdout.strip()
-    try:
-        yield device
-    finally:
-        subprocess.run([losetup, "--detach", device], check=True)
 
 
 # -- names that mean another file in another process -------------------------------------------
