@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import test_nbd
 from helpers import TIMEOUT
-from test_nbd import CMD_READ, CMD_WRITE, EPERM, KIB, MIB, run, tool
+from test_nbd import CMD_READ, CMD_WRITE, EPERM, FUA, KIB, MIB, run, tool
 from test_nbd_protocol import (
     CMD_BLOCK_STATUS,
     CMD_TRIM,
@@ -40,8 +40,8 @@ from test_nbd_protocol import (
 from test_readme import blocks, section
 from test_serve import line_reader, next_line
 
-from isc import MemoryLUN
-from isc.nbd import NBDLUN
+from isc import MemoryLUN, Session
+from isc.nbd import NBDLUN, SessionLUN
 
 SEED = 20261206
 serve = test_nbd.serve  # the fixture: isc servers on Unix sockets in tmp_path
@@ -393,3 +393,44 @@ def test_a_pulls_request_lets_the_host_requests_ready_beside_it_go_first(serve):
         for _ in range(2):
             assert [kind for kind, _, _ in pull.answer()] == [TYPE_OFFSET_DATA]
     assert lun.calls == [("read", 0), ("write", 9 * g), ("read", g)]
+
+
+class HeldWriteLUN(MemoryLUN):
+    """A MemoryLUN whose next write waits at ``gate`` once it has set ``entered``."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.gate: threading.Event | None = None
+        self.entered = threading.Event()
+
+    def write(self, offset, data):
+        gate, self.gate = self.gate, None
+        if gate is not None:
+            self.entered.set()
+            assert gate.wait(TIMEOUT)
+        super().write(offset, data)
+
+
+def test_a_pulls_request_goes_ahead_while_the_host_always_has_a_request_ready(serve):
+    # The host's second FUA write waits for the server's only slot, which its first holds
+    # in the pool, its payload staged, unserved: the host stays "ready" until the gate
+    # opens. The pull's READ must not wait for that: it gives way a bounded number of turns.
+    g = 64 * KIB
+    lun = HeldWriteLUN(16 * g)
+    lun.write(0, b"\3" * g)
+    session = Session(lun, granularity=g, name="disk")
+    server = serve(SessionLUN(session), max_requests=1)
+    session.write(0, b"\1" * g)
+    session.mark()
+    with client(server) as pull, client(server) as host:
+        frozen(pull)
+        host.go()
+        lun.gate = gate = threading.Event()
+        host.request(CMD_WRITE, 8 * g, 4 * KIB, flags=FUA, payload=b"\2" * (4 * KIB))
+        assert lun.entered.wait(TIMEOUT)  # in the pool, holding the only slot
+        host.request(CMD_WRITE, 9 * g, 4 * KIB, flags=FUA, payload=b"\2" * (4 * KIB))
+        data, _ = pull.read_chunks(0, g)
+        assert data == b"\1" * g  # the image at the mark, while the host's writes wait
+        gate.set()
+        assert [host.reply(), host.reply()] == [0, 0]
+    assert lun.read(8 * g, 4 * KIB) == lun.read(9 * g, 4 * KIB) == b"\2" * (4 * KIB)
