@@ -128,6 +128,7 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from functools import partial
+from operator import itemgetter
 from pathlib import Path
 
 import numpy as np
@@ -543,13 +544,18 @@ class PersistentSession:
         written = bitmap.hot_regions(written=True).tolist()
         fresh = set(written)
         regions, when = self._used
-        found = [(region, now) for region in written]
-        found += [(r, w) for r, w in zip(regions, when, strict=True) if r not in fresh]
-        found = [(r, w) for r, w in found if now - w < self._interval]
+        # The regions written before, not since, within the interval: newest first.
+        older = [
+            (r, w)
+            for r, w in zip(regions, when, strict=True)
+            if w > now - self._interval and r not in fresh
+        ]
+        older.sort(key=itemgetter(1), reverse=True)
         waited = self._log.logged * GROW_AT > bitmap.writes - self._writes_at
-        if 2 * len(found) > self.hot_capacity and waited:
+        if 2 * (len(written) + len(older)) > self.hot_capacity and waited:
             self.hot_capacity = min(2 * self.hot_capacity, self.hot_limit)
-        newest = sorted(found, key=lambda found: -found[1])[: self.hot_capacity // 2]
+        newest = [(region, now) for region in written] + older
+        del newest[self.hot_capacity // 2 :]
         newest.sort()
         self._used = ([r for r, _ in newest], [w for _, w in newest])
         return self._used[0]
