@@ -373,6 +373,23 @@ def _by_descriptor(target: str) -> str | None:
     return None
 
 
+def _check_distinct(directory: Path, source: object, destinations: list[Destination]) -> None:
+    """Refuse a destination file that is now the source or another destination (its path
+    replaced by a link to it since add-dest checked): a copy would write the source's
+    image over the source itself. Compared by the files opened, by device and inode."""
+    seen: dict[tuple | None, str] = {}
+    for what, lun in [("the source", source), *((d.name, d.lun) for d in destinations)]:
+        if not isinstance(lun, FileLUN):
+            continue
+        identity = _identity(f"/proc/self/fd/{lun.fileno()}")
+        if identity in seen:
+            raise StateError(
+                f"{directory / METADATA}: destination {what} at {lun.path} is the file of "
+                f"{seen[identity]} now; put its own file back at that path"
+            )
+        seen[identity] = what if what == "the source" else f"destination {what}"
+
+
 def _source_change(recorded: dict | None, now: dict | None, source: str) -> str | None:
     """Why the source may have changed outside the session since ``recorded``, or None.
 
@@ -462,6 +479,7 @@ class PersistentSession:
                 if d.get("protected_state") is not None:
                     dest.protected_state = DestState(d["protected_state"])
                 self.destinations.append(dest)
+            _check_distinct(directory, self.source, self.destinations)
             opened.pop_all()
         self.session.epoch = meta["epoch"]
         self.session.pull_epoch = meta.get("pull_epoch", 0)
@@ -1276,7 +1294,8 @@ def open_session(
     source or a destination (:func:`open_lun`).
 
     Raises ``StateError`` when there is no session, or another process holds
-    it or its source, or the source's size changed; ``CorruptMetadata``
+    it or its source, or the source's size changed, or a destination's path
+    names the source's file (or another destination's) by now; ``CorruptMetadata``
     naming the file when a file is corrupt, truncated, foreign, missing (a
     checkpoint the session file or a log shows was written) or unreadable;
     ``ParameterError`` when the save area path names a file isc did not

@@ -158,6 +158,23 @@ def test_a_save_area_in_the_session_directory_is_refused(root: Path, name: str) 
     assert list((root / "other").iterdir()) == []
 
 
+# -- a destination's path that names the source by now ------------------------------------------
+
+
+@pytest.mark.parametrize("link", [os.link, os.symlink])
+def test_a_destination_replaced_by_a_link_to_the_source_is_refused(root: Path, link) -> None:
+    # Before, `isc copy --full` wrote the source over itself through d1.img and
+    # called d1 consistent; a marked copy would write saved chunks (older data)
+    # over the live source.
+    os.rename(root / "d1.img", root / "d1.moved")
+    link(root / "source.img", root / "d1.img")
+    source, meta = (root / "source.img").read_bytes(), (root / "state" / METADATA).read_bytes()
+    done = run_isc("copy", "--full", "state", cwd=root, fail=True)
+    assert "destination d1.img" in done.stderr and "is the file of the source" in done.stderr
+    assert (root / "source.img").read_bytes() == source
+    assert (root / "state" / METADATA).read_bytes() == meta
+
+
 # -- windows between a check and its use ------------------------------------------------------
 
 
