@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import signal
 import sys
 import threading
@@ -20,6 +21,7 @@ from isc import _cli_auth, store
 from isc._cli_auth import _at_least_one
 from isc._cli_tools import _positive, _size
 from isc._units import format_bytes, parse_size
+from isc.auth import others_may_change
 from isc.commands import _site as host_port
 from isc.commands import (
     agent_site,
@@ -30,6 +32,7 @@ from isc.commands import (
     timestamp,
     unix_path,
 )
+from isc.errors import ParameterError
 from isc.nbd.proto import MAX_BLOCK
 from isc.nbd.server import MAX_DATA, MAX_REQUESTS
 
@@ -253,6 +256,7 @@ def run(args: argparse.Namespace) -> int:
         control = f"unix:{args.listen}" if control_port is None else None
         _ready(args, uris, control or f"{args.listen[0]}:{control_port}")
 
+    _check_agent_directory(args.dir)
     unix = isinstance(args.listen, str)  # the exports then listen on loopback
     host = "127.0.0.1" if unix else args.listen[0]
     tls, credentials = _cli_auth.server_security(args, "isc agent", host, None if unix else host)
@@ -267,6 +271,24 @@ def run(args: argparse.Namespace) -> int:
         limits=_limits(args),
     )
     return 0
+
+
+def _check_agent_directory(directory: str) -> None:
+    """Refuse an agent directory, or the one of its journals, that another user could
+    change: a file put there is exported, a journal put there is written into an export
+    at the next rollback."""
+    from isc.agent import STATE_DIR
+
+    for path in (Path(directory), Path(directory) / STATE_DIR):
+        try:
+            problem = others_may_change(os.stat(path))
+        except FileNotFoundError:
+            continue  # the agent says what is missing; its journals' is made 0700
+        if problem is not None:
+            raise ParameterError(
+                f"{path} {problem}, as isc agent exports what it holds: chmod go-w {path} "
+                "(and chown it to you)"
+            )
 
 
 def _limits(args: argparse.Namespace) -> dict[str, int]:

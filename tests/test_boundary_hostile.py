@@ -332,6 +332,20 @@ def test_a_fifo_is_refused_without_waiting_for_a_writer(tmp_path: Path) -> None:
     assert "is neither a regular file nor a block device" in done.stdout, done.stderr
 
 
+@pytest.mark.parametrize("where", ["directory", "journals"])
+def test_an_agent_directory_others_can_write_is_refused(tmp_path: Path, where: str) -> None:
+    # Before, the agent exported it: another user could put in a file it then
+    # exported, or a journal its next rollback wrote into an export.
+    exports = tmp_path / "exports"
+    (exports / ".isc-agent").mkdir(parents=True, mode=0o700)
+    FileLUN.create(exports / "disk.img", SIZE).close()
+    os.chmod(exports if where == "directory" else exports / ".isc-agent", 0o777)
+    listen = f"unix:{tmp_path / 'agent.sock'}"
+    done = run_isc("agent", "--dir", str(exports), "--listen", listen, cwd=tmp_path, fail=True)
+    assert "chmod go-w" in done.stderr
+    assert not (tmp_path / "agent.sock").exists()
+
+
 # -- writes that bypass the session -----------------------------------------------------------
 
 
