@@ -377,11 +377,13 @@ def _check_distinct(directory: Path, source: object, destinations: list[Destinat
     """Refuse a destination file that is now the source or another destination (its path
     replaced by a link to it since add-dest checked): a copy would write the source's
     image over the source itself. Compared by the files opened, by device and inode."""
-    seen: dict[tuple | None, str] = {}
+    seen: dict[tuple, str] = {}
     for what, lun in [("the source", source), *((d.name, d.lun) for d in destinations)]:
         if not isinstance(lun, FileLUN):
             continue
         identity = _identity(f"/proc/self/fd/{lun.fileno()}")
+        if identity is None:
+            continue
         if identity in seen:
             raise StateError(
                 f"{directory / METADATA}: destination {what} at {lun.path} is the file of "
