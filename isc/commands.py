@@ -842,7 +842,12 @@ def _unprotect(args: argparse.Namespace) -> int:
         dest = stored.destination(args.destination)
         ack = stored.site(site, credentials).unprotect(dest, args.timeout)
         if not ack.ok:
-            raise StateError(f"unprotect of {dest.name} failed: {ack.reason}; nothing was changed")
+            done = (
+                "it may have been done: isc unprotect again tells"
+                if ack.outcome_unknown
+                else "nothing was changed"
+            )
+            raise StateError(f"unprotect of {dest.name} failed: {ack.reason}; {done}")
         # Its image is gone: a rollback can no longer restore it, whatever it held.
         dest.protected_state = None
         stored.save()

@@ -969,3 +969,28 @@ def test_unprotect_drops_a_protection_whose_image_was_lost_and_updates_go_on(
     states = {d["name"]: d["state"] for d in status(work)["destinations"]}
     assert states == {"d1": "consistent", "d2": "consistent", "disk": "consistent"}
     assert (exports / "disk").read_bytes() == (work / "source.img").read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("answer", "said"),
+    [
+        ({"ok": False, "reason": "no export named 'd1'"}, "no export named 'd1'; nothing was"),
+        ({"id": -1, "ok": True}, "with a reply for another request; it may have been done: isc"),
+    ],
+    ids=["refused", "unknown"],
+)
+def test_unprotect_says_whether_a_site_that_failed_it_may_have_done_it(
+    session: Path, answer: dict, said: str
+) -> None:
+    from test_remote_hostile import Impostor
+
+    def reply(request: dict) -> bytes:
+        return json.dumps({"id": request["id"], **answer}).encode() + b"\n"
+
+    before = state_of(session)
+    with Impostor(reply) as site:
+        done = isc_run("unprotect", "s", "d1", "--site", site.site, cwd=session, check=1)
+        assert [request["op"] for request in site.requests] == ["unprotect"]
+    line = error_line(done)
+    assert line.startswith("isc: error: unprotect of d1 failed: ") and said in line
+    assert state_of(session) == before
