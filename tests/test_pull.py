@@ -351,25 +351,31 @@ def test_a_push_copy_refuses_a_mark_a_pull_confirmed_from_and_the_pull_keeps_it(
 
 
 class GatedLUN(MemoryLUN):
-    """A MemoryLUN that records its reads and writes in order, and whose next read waits
-    at ``gate`` once it has set ``entered`` (the server's loop held up in it)."""
+    """A MemoryLUN that records its reads and writes in order, and whose next call of the
+    kind ``gated`` ("read" or "write") waits at ``gate`` once it has set ``entered`` (the
+    thread that serves it held up in it)."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, gated: str = "read") -> None:
         super().__init__(size)
         self.calls: list[tuple[str, int]] = []
+        self.gated = gated
         self.gate: threading.Event | None = None
         self.entered = threading.Event()
 
+    def _call(self, kind: str, offset: int) -> None:
+        self.calls.append((kind, offset))
+        if kind == self.gated:
+            gate, self.gate = self.gate, None
+            if gate is not None:
+                self.entered.set()
+                assert gate.wait(TIMEOUT)
+
     def readinto(self, offset, buffer):
-        self.calls.append(("read", offset))
-        gate, self.gate = self.gate, None
-        if gate is not None:
-            self.entered.set()
-            assert gate.wait(TIMEOUT)
+        self._call("read", offset)
         super().readinto(offset, buffer)
 
     def write(self, offset, data):
-        self.calls.append(("write", offset))
+        self._call("write", offset)
         super().write(offset, data)
 
 
@@ -395,28 +401,12 @@ def test_a_pulls_request_lets_the_host_requests_ready_beside_it_go_first(serve):
     assert lun.calls == [("read", 0), ("write", 9 * g), ("read", g)]
 
 
-class HeldWriteLUN(MemoryLUN):
-    """A MemoryLUN whose next write waits at ``gate`` once it has set ``entered``."""
-
-    def __init__(self, size: int) -> None:
-        super().__init__(size)
-        self.gate: threading.Event | None = None
-        self.entered = threading.Event()
-
-    def write(self, offset, data):
-        gate, self.gate = self.gate, None
-        if gate is not None:
-            self.entered.set()
-            assert gate.wait(TIMEOUT)
-        super().write(offset, data)
-
-
 def test_a_pulls_request_goes_ahead_while_the_host_always_has_a_request_ready(serve):
     # The host's second FUA write waits for the server's only slot, which its first holds
     # in the pool, its payload staged, unserved: the host stays "ready" until the gate
     # opens. The pull's READ must not wait for that: it gives way a bounded number of turns.
     g = 64 * KIB
-    lun = HeldWriteLUN(16 * g)
+    lun = GatedLUN(16 * g, gated="write")
     lun.write(0, b"\3" * g)
     session = Session(lun, granularity=g, name="disk")
     server = serve(SessionLUN(session), max_requests=1)
