@@ -813,7 +813,8 @@ class PersistentSession:
         destination smaller than the source, a target that is, under whatever
         spelling (a symlink, a hard link, a relative path; the same device and
         inode, or the same URI), the source, a destination already or the save
-        area file, a path that names a file by a process's descriptor
+        area file, a file of the state directory, a path that names a file by
+        a process's descriptor
         (``/proc/self/fd/N``), and a site that is not an agent's address, that cannot be
         reached or has no such export, or with a target that is not an NBD
         URI. NBD URIs compare as strings: two URIs of one export pass. Nothing
@@ -866,6 +867,10 @@ class PersistentSession:
         ]
         if self.session.save_area.path is not None:
             taken.append((self.session.save_area.path, f"is the save area of {session}"))
+        taken += [
+            (str(p), f"is {p.name}, a file of the state directory of {session}")
+            for p in self.directory.iterdir()
+        ]
         identity = _identity(target)
         for other, what in taken:
             if identity is not None and identity == _identity(other):

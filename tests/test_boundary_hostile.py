@@ -48,7 +48,7 @@ from test_security_nbd import isc_serve
 
 import isc.store
 from isc import FileLUN
-from isc.errors import StateError
+from isc.errors import ParameterError, StateError
 from isc.store import METADATA, copy, create_session, open_session
 
 G = 4096
@@ -156,6 +156,20 @@ def test_a_save_area_in_the_session_directory_is_refused(root: Path, name: str) 
     )
     assert "lies in the session directory" in done.stderr
     assert list((root / "other").iterdir()) == []
+
+
+def test_a_file_of_the_state_directory_is_refused_as_a_destination(root: Path) -> None:
+    # Before, its write log was taken (a name the next open makes is easy to tell
+    # beforehand), and a copy wrote the source's data into it.
+    with open_session(root / "state")[0] as stored:
+        writes = next(p for p in stored.directory.iterdir() if p.name.endswith(".writes"))
+        os.link(writes, root / "linked.img")
+        for target in (writes, root / "linked.img"):
+            with pytest.raises(ParameterError, match="a file of the state directory"):
+                stored.add_destination(str(target), "log")
+        assert [d.name for d in stored.destinations] == ["d1.img"]
+    meta = json.loads((root / "state" / METADATA).read_bytes())
+    assert [d["name"] for d in meta["destinations"]] == ["d1.img"]
 
 
 # -- a destination's path that names the source by now ------------------------------------------
