@@ -832,6 +832,12 @@ class PersistentSession:
         agent = None if site is None else AgentSite.at(agent_address(site), credentials)
         lun = _open_named(target, "the destination", self._timeout)
         dest = Destination(lun, name)
+        try:
+            # The file opened, not the path checked above: a link put there since.
+            _check_distinct(self.directory, self.source, [*self.destinations, dest])
+        except StateError:
+            lun.close()
+            raise
         if lun.size < self.source.size:
             problem = (
                 f"destination {name} holds {lun.size} bytes, less than the source's "

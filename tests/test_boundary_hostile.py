@@ -216,6 +216,26 @@ def test_a_source_swapped_between_its_open_and_its_lock_is_still_the_one_locked(
         create_session(root / "other", str(root / "moved.img"), granularity=G)
 
 
+def test_a_destination_swapped_for_the_source_between_its_check_and_its_open_is_refused(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_open = isc.store.open_lun
+
+    def swap_then_open(target: str, timeout: float | None = None):
+        if target.endswith("d2.img"):  # add_destination checked the path: swap it now
+            os.rename(root / "d2.img", root / "d2.moved")
+            os.symlink(root / "source.img", root / "d2.img")
+        return real_open(target, timeout)
+
+    stored, _ = open_session(root / "state")
+    with stored:
+        monkeypatch.setattr(isc.store, "open_lun", swap_then_open)
+        with pytest.raises(StateError, match="is the file of the source"):
+            stored.add_destination(str(root / "d2.img"))
+        monkeypatch.undo()
+        assert [d.name for d in stored.destinations] == ["d1.img"]
+
+
 def test_a_change_to_the_session_between_the_read_of_its_file_and_its_lock_is_kept(
     root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
