@@ -138,3 +138,6 @@ IO_RENAME: int
 
 def run_io(steps: Iterable[tuple[Any, ...]]) -> None:
     """Run system-call steps in order, the GIL released once; OSError at the first failure."""
+
+def region_records(regions: list[int]) -> bytes:
+    """The activity log's records of the runs in the ascending ``regions``."""

@@ -69,7 +69,15 @@ from pathlib import Path
 
 import numpy as np
 
-from isc._core import IO_FDATASYNC, IO_FSYNC, IO_FTRUNCATE, IO_PWRITE, IO_RENAME, run_io
+from isc._core import (
+    IO_FDATASYNC,
+    IO_FSYNC,
+    IO_FTRUNCATE,
+    IO_PWRITE,
+    IO_RENAME,
+    region_records,
+    run_io,
+)
 from isc.errors import CorruptMetadata
 
 WRITES_BYTES = 64 << 20
@@ -207,7 +215,7 @@ class ActivityLog:
         crash of the machine brings them back as ``generation``'s once a journal names it."""
         _WRITES_HEAD.pack_into(generation.writes, 0, _WRITES_MAGIC, generation.number, boot_id())
         _COUNTS.pack_into(generation.writes, _WRITES_HEAD.size, 0, 0)
-        kept = b"".join(_record(first, last) for first, last in _runs(keep)) if keep else b""
+        kept = region_records(keep)
         generation.end, generation.logged = len(kept), 0
         steps: list[tuple] = [(IO_FTRUNCATE, generation.fd, 0)] if cut else []
         if kept:
@@ -327,19 +335,6 @@ def _unlink(name: str, directory: int) -> None:
 
 def _record(first: int, last: int) -> bytes:
     return _RECORD.pack(first, last, zlib.crc32(struct.pack("<QQ", first, last)))
-
-
-def _runs(regions: list[int]) -> list[tuple[int, int]]:
-    """``(first, last)`` of each run of consecutive regions of the ascending ``regions``.
-
-    Plain Python: numpy would release and re-take the GIL for each step of a checkpoint."""
-    runs: list[list[int]] = []
-    for region in regions:
-        if runs and runs[-1][1] == region - 1:
-            runs[-1][1] = region
-        else:
-            runs.append([region, region])
-    return [(first, last) for first, last in runs]
 
 
 def _map_writes(fd: int) -> mmap.mmap:

@@ -1,4 +1,5 @@
-"""``isc._core.run_io``: a checkpoint's system calls in one call, the GIL released once.
+"""``isc._core.run_io``: a checkpoint's system calls in one call, the GIL released once;
+and ``region_records``, the kept regions' records it writes.
 
 Each step runs whole and in order; the first that fails stops the rest and
 raises ``OSError`` with its errno, naming the step; a malformed step raises
@@ -10,10 +11,12 @@ from __future__ import annotations
 
 import errno
 import os
+import random
 from pathlib import Path
 
 import pytest
 
+from isc import _core, activity
 from isc._core import IO_FDATASYNC, IO_FSYNC, IO_FTRUNCATE, IO_PWRITE, IO_RENAME, run_io
 
 
@@ -112,3 +115,23 @@ def test_a_malformed_step_raises_before_any_step_runs(directory, step, error) ->
         os.close(fd)
     assert (path / "log").read_bytes() == b""
     assert not (path / "moved").exists()
+
+
+def test_region_records_hold_one_record_per_run_as_the_activity_log_reads_them(
+    tmp_path: Path,
+) -> None:
+    rng = random.Random(14)
+    regions = sorted({*rng.sample(range(1 << 40), 300), *range(50, 60), 1 << 62})
+    runs: list[list[int]] = []
+    for region in regions:
+        if runs and runs[-1][1] == region - 1:
+            runs[-1][1] = region
+        else:
+            runs.append([region, region])
+    data = _core.region_records(regions)
+    assert data == b"".join(activity._record(first, last) for first, last in runs)
+    (tmp_path / "activity.1.log").write_bytes(data)
+    assert activity.read_log(tmp_path / "activity.1.log") == [tuple(run) for run in runs]
+    assert _core.region_records([]) == b""
+    with pytest.raises(ValueError, match="region -1 is negative"):
+        _core.region_records([3, -1])
