@@ -44,6 +44,7 @@ from test_nbd import (
     REP_ERR_UNKNOWN,
     REP_INFO,
     REP_SERVER,
+    REQUEST_MAGIC,
     SIMPLE_REPLY_MAGIC,
     Raw,
     raw,
@@ -504,6 +505,34 @@ def test_a_small_reads_chunks_go_out_each_in_one_write_header_and_data_together(
         plain.request(CMD_READ, 0, 256 * KIB)
         assert plain.reply() == 0 and plain.recv(256 * KIB) == lun.read(0, 256 * KIB)
         assert sent == [16 + 256 * KIB]  # simple reply: one write
+
+
+def test_a_burst_of_small_writes_is_answered_in_one_write_a_lone_write_alone(serve, monkeypatch):
+    sent: list[int] = []
+    write = server_module._Channel.write
+
+    def counted(channel, data):
+        sent.append(len(data))
+        write(channel, data)
+
+    monkeypatch.setattr(server_module._Channel, "write", counted)
+    lun = MemoryLUN(MIB)
+    server = serve(lun)
+    payloads = [random.Random(seed).randbytes(512) for seed in range(9)]
+    with raw(server) as c:
+        c.go()
+        sent.clear()
+        burst = b"".join(
+            struct.pack(">IHHQQI", REQUEST_MAGIC, 0, CMD_WRITE, 0xC0FFEE, i * KIB, 512) + data
+            for i, data in enumerate(payloads[:8])
+        )
+        c.sock.sendall(burst)  # 4.3 KB: staged whole by one receive
+        assert [c.reply() for _ in range(8)] == [0] * 8
+        assert sent == [8 * 16]  # all eight replies in one write: the client woken once
+        c.request(CMD_WRITE, 8 * KIB, 512, payload=payloads[8])
+        assert c.reply() == 0
+        assert sent == [8 * 16, 16]
+    assert [lun.read(i * KIB, 512) for i in range(9)] == payloads
 
 
 # -- TRIM and WRITE_ZEROES through a session ------------------------------------------------------
