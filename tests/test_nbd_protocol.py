@@ -478,7 +478,8 @@ def test_structured_reads_send_holes_as_holes_and_df_as_one_chunk(serve, tmp_pat
         assert struct.unpack(">I", payload[:4])[0] == EINVAL and b"past the end" in payload
 
 
-def test_a_small_reads_chunks_go_out_each_in_one_write_header_and_data_together(serve, monkeypatch):
+def counted_writes(monkeypatch) -> list[int]:
+    """The lengths of the buffers the server's connections write from now on, in order."""
     sent: list[int] = []
     write = server_module._Channel.write
 
@@ -487,6 +488,11 @@ def test_a_small_reads_chunks_go_out_each_in_one_write_header_and_data_together(
         write(channel, data)
 
     monkeypatch.setattr(server_module._Channel, "write", counted)
+    return sent
+
+
+def test_a_small_reads_chunks_go_out_each_in_one_write_header_and_data_together(serve, monkeypatch):
+    sent = counted_writes(monkeypatch)
     lun = MemoryLUN(MIB)
     lun.write(0, random.Random(7).randbytes(MIB))
     server = serve(lun)
@@ -508,14 +514,7 @@ def test_a_small_reads_chunks_go_out_each_in_one_write_header_and_data_together(
 
 
 def test_a_burst_of_small_writes_is_answered_in_one_write_a_lone_write_alone(serve, monkeypatch):
-    sent: list[int] = []
-    write = server_module._Channel.write
-
-    def counted(channel, data):
-        sent.append(len(data))
-        write(channel, data)
-
-    monkeypatch.setattr(server_module._Channel, "write", counted)
+    sent = counted_writes(monkeypatch)
     lun = MemoryLUN(MIB)
     server = serve(lun)
     payloads = [random.Random(seed).randbytes(512) for seed in range(9)]
