@@ -18,13 +18,22 @@ hook in this process where only a hook can force the window open:
   number (the source itself) and called the destination consistent;
 * a loop device over the source (or over a destination) given as a destination, and a second
   session whose source is a loop device over a file a session holds;
+* the session's own files: a save area path in the state directory (``checkpoint.journal``,
+  ``.lock``), a file of the state directory (its write log, also through a hard link) given
+  as a destination, and the checkpoint journal of another session put in its place;
+* a destination's path that names the source by now (a hard link or a symlink put there
+  since add-dest), and one swapped for a link to the source between add-dest's check of
+  the path and its open;
 * the source renamed and replaced between the open of its LUN and of its lock, so the
   session locked (and stamped) a file it does not write;
 * another process changing the session file between an open's read of it and its lock,
   whose change the open then overwrote;
-* a state directory that others can write, or that belongs to another user: whoever can write
-  it chooses what isc reads and writes (the source, the destinations) next;
-* a program that writes the source while a session holds it and takes no lock.
+* a state directory, or an agent's directory or its journals', that others can write or
+  that belongs to another user: whoever can write it chooses what isc reads and writes;
+* a FIFO opened as a LUN (an open that waited for a writer forever);
+* another user of the machine writing the source through ``isc serve``'s default export,
+  and a program that writes the source while a session holds it and takes no lock: holes
+  left open, as strict xfails naming the code.
 
 Each refusal is one line naming the object and the fix, and changes nothing. A test that
 needs root (loop devices, another owner) or a tool skips naming what it lacks.
