@@ -428,7 +428,7 @@ def run_serve(
             if not store.is_uri(source):
                 # Rule 11, as a session directory's source: no other session or
                 # QEMU writer while this one tracks it.
-                source_lock = store.SourceLock(source)
+                source_lock = store.SourceLock(source, lun)  # the file the LUN opened
                 opened.callback(source_lock.close)
             session = Session(lun, granularity, name=Path(source).name)
             opened.pop_all()

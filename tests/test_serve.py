@@ -440,6 +440,31 @@ def test_serving_a_source_file_locks_it_against_other_sessions(work: Path):
         run_serve(str(source), HOST, 0, stop=threading.Event())
 
 
+def test_a_served_source_file_swapped_between_its_open_and_its_lock_is_the_one_locked(
+    work: Path, monkeypatch
+):
+    # The served file is renamed and another put at its path between the LUN's
+    # open and the lock's: the lock must hold the file the session writes.
+    import isc.store
+
+    source, moved = work / "source.img", work / "moved.img"
+    real_open = isc.store.open_lun
+
+    def open_then_swap(target: str, timeout: float | None = None):
+        lun = real_open(target, timeout)
+        if target == str(source):
+            source.rename(moved)
+            FileLUN.create(source, 1 << 20).close()
+        return lun
+
+    monkeypatch.setattr(isc.store, "open_lun", open_then_swap)
+    with served(source):
+        monkeypatch.undo()
+        with pytest.raises(StateError, match="is in use by another"):
+            create_session(work / "other", str(moved))
+    create_session(work / "other", str(moved))  # free once the server stopped
+
+
 # -- the interpreter's switch interval: the commands set it, run_serve does not ----------------
 @pytest.mark.parametrize("daemon", ["serve", "agent"])
 @pytest.mark.parametrize("given", [None, "0.2"])
