@@ -246,7 +246,8 @@ def run(args: argparse.Namespace) -> int:
             stop=stop,
             tls=tls,
             credentials=credentials,
-            limits=_limits(args),
+            # NBDServer's keyword arguments: its limits, and whom it serves unsecured
+            limits={**_limits(args), "insecure": args.insecure},
             updated=updated,
         )
         return 0
@@ -269,6 +270,7 @@ def run(args: argparse.Namespace) -> int:
         tls=tls,
         credentials=credentials,
         limits=_limits(args),
+        insecure=args.insecure,
     )
     return 0
 

@@ -604,7 +604,13 @@ class Agent:
     directory (a symlink, a file).
     """
 
-    def __init__(self, directory: str | Path, *, credentials: Credentials | None = None) -> None:
+    def __init__(
+        self,
+        directory: str | Path,
+        *,
+        credentials: Credentials | None = None,
+        insecure: bool = False,
+    ) -> None:
         self.directory = Path(directory)
         self.state = self.directory / STATE_DIR
         """Where the journals live; made at the first protect."""
@@ -637,9 +643,12 @@ class Agent:
                 log.warning("%s protects no export of %s; left alone", journal, self.directory)
         ops: dict[str, Op] = {op: functools.partial(self._on_export, op) for op in EXPORT_OPS}
         ops["list"] = lambda _: {"ok": True, "info": {n: e.size for n, e in self.exports.items()}}
-        self.control = ControlServer(ops, defaults={"extents": []}, credentials=credentials)
+        self.control = ControlServer(
+            ops, defaults={"extents": []}, credentials=credentials, insecure=insecure
+        )
         """Answers the control protocol (the module docstring); with ``credentials``
-        only to clients that authenticate (:mod:`isc.auth`)."""
+        only to clients that authenticate (:mod:`isc.auth`), without them only to this
+        user's unless ``insecure`` (:class:`~isc.control.ControlServer`)."""
 
     def _on_export(self, op: str, request: dict) -> dict:
         name = request.get("export")
@@ -672,6 +681,7 @@ def run_agent(
     tls: ServerTLS | None = None,
     credentials: Credentials | None = None,
     limits: Mapping[str, int] | None = None,
+    insecure: bool = False,
 ) -> None:
     """Serve ``directory`` until ``stop`` is set (or the process is interrupted).
 
@@ -685,11 +695,13 @@ def run_agent(
     (``control_port`` None on a Unix socket). ``tls``: how the exports offer
     TLS; ``credentials``: the control port answers only clients that
     authenticate; ``limits``: each export's limits, :class:`~isc.nbd.NBDServer`'s
-    keyword arguments (``max_clients``, ``max_data``, ``max_requests``).
+    keyword arguments (``max_clients``, ``max_data``, ``max_requests``). Unsecured
+    (no ``credentials``; ``tls`` not required with peers verified) the control port and
+    the exports serve this user (and root) alone, unless ``insecure``.
     """
     from isc.nbd import NBDServer
 
-    agent = Agent(directory, credentials=credentials)
+    agent = Agent(directory, credentials=credentials, insecure=insecure)
     servers = []
     stop = stop or threading.Event()
     if isinstance(control, str):
@@ -699,7 +711,7 @@ def run_agent(
     try:
         uris = {}
         for offset, (name, export) in enumerate(agent.exports.items()):
-            server = NBDServer(export, name=name, tls=tls, **(limits or {}))
+            server = NBDServer(export, name=name, tls=tls, insecure=insecure, **(limits or {}))
             server.start(host, base + offset if base else 0)
             servers.append(server)
             export.server = server

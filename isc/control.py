@@ -12,8 +12,13 @@ connection is served on its own, so a slow request (a copy) does not hold
 up a ``status`` on another connection.
 
 A Unix socket (:meth:`ControlServer.listen_unix`) is created with mode 0600
-in a directory only its user may write, so only that user reaches it: the
-port without credentials that exposes nothing to other users.
+in a directory only its user may write, so only that user reaches it. A
+server without credentials answers only its own user (and root) on TCP too,
+loopback included, which every user of the machine reaches: it asks the
+kernel who owns the peer's socket (:func:`~isc.auth.stranger`, about 15 µs a
+connection) and refuses a peer of another user, or one it cannot tell (another
+host's), with one ``ok: false`` line naming the peer and the fix, and a log
+line; ``insecure`` lifts that (``--insecure``).
 
 Limits: at most :data:`MAX_CLIENTS` connections at once (one more gets a
 refusal line and is closed, with a log line), :data:`MAX_LINE` bytes per
@@ -41,7 +46,7 @@ import tempfile
 import threading
 from collections.abc import Awaitable, Callable, Mapping
 
-from isc.auth import AUTH_TIMEOUT, Credentials, Refusal, others_may_change
+from isc.auth import AUTH_TIMEOUT, Credentials, Refusal, others_may_change, stranger
 from isc.errors import ParameterError
 
 log = logging.getLogger(__name__)
@@ -62,7 +67,8 @@ class ControlServer:
 
     ``defaults`` are reply fields every reply carries unless the op sets them.
     ``credentials`` (a server's :class:`~isc.auth.Credentials`): answer only
-    clients that authenticate (the module docstring); None answers anyone.
+    clients that authenticate (the module docstring); None answers this user's
+    (and root's) alone, unless ``insecure``: anyone's.
     """
 
     def __init__(
@@ -71,12 +77,14 @@ class ControlServer:
         defaults: Mapping[str, object] | None = None,
         *,
         credentials: Credentials | None = None,
+        insecure: bool = False,
     ):
         if credentials is not None and credentials.endpoint != "server":
             raise ParameterError(f"a control server needs server credentials, got {credentials!r}")
         self.ops = dict(ops)
         self.defaults = {"info": {}, **(defaults or {})}
         self.credentials = credentials
+        self.insecure = insecure
         self._clients: dict[asyncio.Task, asyncio.StreamWriter] = {}
         self._answering: set[asyncio.Task] = set()
         self._closing = False
@@ -148,8 +156,16 @@ class ControlServer:
         loop = asyncio.get_running_loop()
         task = asyncio.current_task()
         assert task is not None
+        if self.credentials is None and not self.insecure:
+            refusal = stranger(
+                writer.get_extra_info("socket"), "give it --tls-creds or --secret-file"
+            )
+            if refusal is not None:
+                await self._refuse(writer, refusal)
+                return
         if len(self._clients) >= MAX_CLIENTS:
-            await self._refuse_busy(writer)
+            busy = f"too many control connections ({MAX_CLIENTS} at once); try again later"
+            await self._refuse(writer, busy)
             return
         self._clients[task] = writer
         try:
@@ -181,13 +197,14 @@ class ControlServer:
             del self._clients[task]
             writer.close()
 
-    async def _refuse_busy(self, writer: asyncio.StreamWriter) -> None:
-        busy = f"too many control connections ({MAX_CLIENTS} at once); try again later"
+    async def _refuse(self, writer: asyncio.StreamWriter, reason: str) -> None:
+        """Refuse a new connection before it authenticates: log ``reason``, send it
+        (unless the client expects TLS) and close."""
         log.warning(
-            "control connection from %s refused: %s", writer.get_extra_info("peername"), busy
+            "control connection from %s refused: %s", writer.get_extra_info("peername"), reason
         )
         if self.credentials is None or not self.credentials.tls:  # a TLS client could not read it
-            writer.write(_encode(self._reply(None, {"ok": False, "reason": busy})))
+            writer.write(_encode(self._reply(None, {"ok": False, "reason": reason})))
             with contextlib.suppress(ConnectionError):
                 await writer.drain()
         writer.close()

@@ -31,9 +31,10 @@ hook in this process where only a hook can force the window open:
 * a state directory, or an agent's directory or its journals', that others can write or
   that belongs to another user: whoever can write it chooses what isc reads and writes;
 * a FIFO opened as a LUN (an open that waited for a writer forever);
-* another user of the machine writing the source through ``isc serve``'s default export,
-  and a program that writes the source while a session holds it and takes no lock: holes
-  left open, as strict xfails naming the code.
+* another user of the machine writing the source through ``isc serve``'s default export
+  (loopback TCP without TLS, which every user reaches: it serves its own user alone);
+* a program that writes the source while a session holds it and takes no lock: a hole
+  left open, as a strict xfail naming the code.
 
 Each refusal is one line naming the object and the fix, and changes nothing. A test that
 needs root (loop devices, another owner) or a tool skips naming what it lacks.
@@ -332,11 +333,6 @@ def test_a_state_directory_of_another_user_is_refused(root: Path) -> None:
 # -- other users of the machine ----------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="isc._cli_daemons: isc serve listens on TCP loopback by default (127.0.0.1:10809), "
-    "without TLS, which every user of the machine reaches (README: Securing isc)",
-)
 def test_another_user_cannot_write_the_source_through_a_default_isc_serve(tmp_path: Path) -> None:
     setpriv, python = shutil.which("setpriv"), Path("/usr/bin/python3")
     if os.geteuid() != 0 or setpriv is None:

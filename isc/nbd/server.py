@@ -99,6 +99,13 @@ With ``verify_peer`` a client needs a certificate signed by the server's
 CA. A failed handshake drops that client with a log line. Structured
 replies and metadata contexts negotiated before ``NBD_OPT_STARTTLS`` are
 forgotten, as the spec asks.
+
+Unless TLS is required with ``verify_peer``, or ``insecure``, the server
+serves only its own user (and root), also on TCP loopback, which every user
+of the machine reaches: before the handshake it asks the kernel who owns
+each client's socket (:func:`isc.auth.stranger`, about 15 µs a connection)
+and closes a client of another user, or one it cannot tell (another host's),
+with a log line naming it.
 """
 
 from __future__ import annotations
@@ -124,6 +131,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
 from urllib.parse import quote
 
+from isc.auth import stranger
 from isc.control import _private_unix_socket
 from isc.errors import ParameterError, StateError
 from isc.lun import LUN
@@ -575,7 +583,8 @@ class NBDServer:
     (:class:`~isc.tls.ServerTLS`) offers or requires TLS (the module
     docstring); without it the server speaks plaintext only. ``max_clients``,
     ``handshake_timeout``, ``payload_timeout``, ``max_requests`` and ``max_data`` are the limits
-    against misbehaving clients (the module docstring).
+    against misbehaving clients (the module docstring). Without ``tls`` required with
+    ``verify_peer`` it serves only clients of its own user (and root), unless ``insecure``.
 
     Serve with ``await serve(...)``/``serve_unix(...)`` in a running event
     loop, or from a background thread with :meth:`start`/:meth:`start_unix`;
@@ -598,6 +607,7 @@ class NBDServer:
         payload_timeout: float = PAYLOAD_TIMEOUT,
         max_data: int = MAX_DATA,
         max_requests: int = MAX_REQUESTS,
+        insecure: bool = False,
     ):
         if not isinstance(name, str) or "\0" in name or len(name.encode()) > proto.MAX_STRING:
             raise ParameterError(
@@ -633,6 +643,8 @@ class NBDServer:
         self.name = name
         self.tls = tls
         """How clients get TLS (None: not at all)."""
+        self.anyone = insecure or (tls is not None and tls.required and tls.verify_peer)
+        """Whether clients of other users (and hosts) are served too."""
         self.readonly = bool(readonly or getattr(lun, "readonly", False))
         self.export = LUNExport(lun, name, self.readonly)
         """The export of ``lun`` (:class:`~isc.nbd.export.LUNExport`)."""
@@ -950,6 +962,14 @@ class NBDServer:
     async def _serve_client(self, channel: _Channel, peer: object) -> None:
         task = asyncio.current_task()
         assert task is not None
+        if not self.anyone:
+            refusal = stranger(
+                channel.get_extra_info("socket"), "give it --tls=require --tls-verify-peer"
+            )
+            if refusal is not None:
+                log.warning("%r: refusing %s: %s", self, peer, refusal)
+                channel.close()
+                return
         if len(self._connections) >= self.max_clients:
             log.warning(
                 "%r: refusing %s: %d clients are connected, the most it serves (max_clients)",
