@@ -70,9 +70,11 @@ empty (a base makes every page pending, in O(pages / 64)).
 write waits for one such hold at most. Between two holds a thread blocked on
 the mutex gets it first (``_acquire`` counts them in ``_blocked``, and the
 encoder waits on ``_cv`` until one of them has had it: an unlock and lock
-again would win it back before the woken thread runs), and the encoder
-yields the CPU, so a writer waiting for this CPU (one the encoder's wake-up
-preempted) runs before the next hold, not at the next tick. A write about
+again would win it back before the woken thread runs), and once 0.2 ms of
+work ran since it last did (``YIELD_NS``), the encoder yields the CPU, so a
+writer waiting for this CPU (one the encoder's wake-up preempted) runs then,
+not at the next tick; yielding at every hold cost a busy CPU's checkpoint a
+time slice per 32 pages. A write about
 to change a pending page first encodes the page as it
 was (copy on write, into ``_cow``): every record of a snapshot holds its page
 as of the snapshot's instant, whenever it is taken. An abandoned snapshot
@@ -105,6 +107,7 @@ cimport numpy as cnp
 from cpython.buffer cimport (PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release,
                              PyObject_GetBuffer)
 from posix.types cimport off_t
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 from posix.unistd cimport pread, pwrite
 from cpython.bytes cimport PyBytes_CheckExact, PyBytes_GET_SIZE
 from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_Check
@@ -237,6 +240,7 @@ cdef enum:
     MAX_RECORD = RECORD_HEAD + RECORD_MASKS + PAGE_WORDS * 8
     PAGES_PER_HOLD = 32      # pages a snapshot encodes per hold of the mutex
     EMPTY_PER_HOLD = 2048    # pages it looks at per hold (a base skips empty ones)
+    YIELD_NS = 200000        # work between two yields of the CPU by a checkpoint
     HUGE_PAGE = 2 << 20      # a transparent huge page
     HUGE_ARRAYS = 16 << 20   # bitmaps up to this size ask for huge pages
     ZERO_BY_MADVISE = 256 << 10  # zeroed runs from this size go back to the kernel
@@ -246,6 +250,21 @@ cdef enum:
 
 
 cdef uint64_t ONES = <uint64_t>0xFFFFFFFFFFFFFFFF
+
+
+cdef inline uint64_t _now_ns() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <uint64_t>ts.tv_sec * 1000000000 + <uint64_t>ts.tv_nsec
+
+
+cdef inline void _yield_due(uint64_t *since) noexcept nogil:
+    """Yield the CPU if ``YIELD_NS`` of work ran since ``since`` (then restarted): a
+    thread waiting for this CPU (a host writer) waits that long at most, and on a
+    busy CPU the work does not wait a time slice per few pages."""
+    if _now_ns() - since[0] >= YIELD_NS:
+        sched_yield()
+        since[0] = _now_ns()
 
 
 cdef class FileSave  # write_through calls it without a Python call
@@ -1730,6 +1749,7 @@ cdef class DeltaBitmap:
         cdef size_t size
         cdef unsigned char *dst
         cdef uint64_t q, a, i, bit, held, visited, served
+        cdef uint64_t since = _now_ns()
         cdef uint64_t per_array = self._nmap << 6
         if cap < MAX_RECORD:
             raise _layout.ParameterError(
@@ -1779,7 +1799,7 @@ cdef class DeltaBitmap:
                         pthread_cond_wait(&self._cv, &self._mu)
                     self._handing -= 1
                 self._release()
-                sched_yield()
+                _yield_due(&since)
                 pthread_mutex_lock(&self._mu)
             self._release()
         if self._cow_failed:
@@ -2654,8 +2674,9 @@ def run_io(steps):
 
     One call instead of one per system call: each release and re-take of
     the GIL is a chance for a thread waiting for it to lose it again. The
-    call yields the CPU after each step, so a thread waiting for it runs
-    between long writes, and one the release woke takes the GIL first.
+    call yields the CPU between steps once 0.2 ms of them ran since it last
+    did, so a thread waiting for it runs between long writes, and at its end,
+    so one the release woke takes the GIL first.
     """
     steps = list(steps)
     cdef Py_ssize_t n = len(steps)
@@ -2665,6 +2686,7 @@ def run_io(steps):
     cdef Py_ssize_t failed = -1
     cdef int err = 0
     cdef int64_t number
+    cdef uint64_t since
     if plan == NULL or views == NULL:
         free(plan)
         free(views)
@@ -2697,15 +2719,16 @@ def run_io(steps):
                 plan[i].old = <const char *>step[2]
                 plan[i].new = <const char *>step[3]
         with nogil:
+            since = _now_ns()
             for i in range(n):
                 err = _run_step(&plan[i])
                 if err:
                     failed = i
                     break
-                # A thread waiting for the GIL (a host writer) was woken as it was
-                # released: let it run now, or this thread takes the GIL back first;
-                # and between steps, let one waiting for this CPU run.
-                sched_yield()
+                _yield_due(&since)  # between long steps
+            # A thread waiting for the GIL (a host writer) was woken as it was released:
+            # let it run now, or this thread takes the GIL back first.
+            sched_yield()
         if failed >= 0:
             step = steps[failed]
             what = step[2].decode(errors="replace") if step[0] == IO_RENAME else f"fd {step[1]}"

@@ -20,15 +20,15 @@ States and costs:
 
 | operation | what it writes | cost |
 |---|---|---|
-| checkpoint (delta) | a segment, appended (one write per MiB); ``fdatasync`` | O(pages changed) |
-| checkpoint (base) | a new file; ``fsync``, rename, ``fsync`` of its directory | O(set pages) |
+| checkpoint (delta) | a segment, appended (a core call per MiB); ``fdatasync`` | O(pages changed) |
+| checkpoint (base) | a new file; ``fsync``, rename, ``fsync`` of its directory | O(pages) |
 | open | nothing: it reads the file once, into the map | O(file) |
 
 A delta's last writes (of a segment that fits the buffer, its only ones) and
 its ``fdatasync`` go in one core call (``run_io``): one release of the GIL.
 The records are encoded, summed and written 64 KiB at a time, so the
 checkpointing thread never keeps a CPU for long from a host writer waiting for
-it: the core yields the CPU between a few pages' encoding and between writes.
+it: the core yields the CPU every 0.2 ms of its work, between pages or writes.
 A base is written for the first checkpoint, after a failed one, and when
 the segments appended since the base outgrow it (and ``COMPACT_AFTER``), so
 the file stays within about twice the base plus that, and the work of the
@@ -270,7 +270,7 @@ class Journal:
             # is full; a checkpoint that fits is one write, header and commit included.
             # They are encoded and summed a piece at a time: no long stretch of work
             # keeps a CPU from a host writer waiting for it (the core yields it
-            # between pages, zlib does not).
+            # every 0.2 ms, zlib does not).
             view = memoryview(self._buffer)
             position, held, crc = at + HEADER_SIZE, HEADER_SIZE, 0
             while True:
