@@ -202,11 +202,14 @@ def stranger(sock: socket.socket, fix: str) -> str | None:
         _, uid, _ = _UCRED.unpack(
             sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
         )
-        peer = f"the process of uid {uid}"
+        peer = "the client process"
     else:
-        name = sock.getpeername()
+        try:
+            name, own = sock.getpeername(), sock.getsockname()
+        except OSError as exc:  # reset by the peer already
+            return _stranger(f"cannot tell who the client is: {exc.strerror}", mine, fix)
         peer = f"{name[0]}:{name[1]}"
-        owner = _tcp_owner(_address(name), _address(sock.getsockname()))
+        owner = _tcp_owner(_address(name), _address(own))
         if isinstance(owner, str):
             return _stranger(f"cannot tell who {peer} is: {owner}", mine, fix)
         uid = owner

@@ -10,7 +10,11 @@ silent peers are each refused with one line and reach no op; a client
 refuses an impostor server; the issue's attack (an unauthenticated rollback
 sent to the agent in the middle of an update) never reaches the
 destination; listening beyond loopback without TLS and authentication is
-refused. After each refusal the legitimate client still works.
+refused. Without credentials a control port answers its own user alone,
+loopback TCP included: a client of another user (uid 65534, through
+``setpriv``; those tests need root), or one whose owner cannot be told, gets
+one refusal line, unless the server is insecure. After each refusal the
+legitimate client still works.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import random
 import socket
 import ssl
 import stat
+import subprocess
+import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,13 +37,13 @@ import test_agent
 from helpers import Gate, Worker, wait_until
 from test_agent import HOST, IO, SIZE, WAIT, daemon
 from test_cli import error_line, isc_run
-from test_security_nbd import with_tls
+from test_security_nbd import NOBODY, PYTHON, another_user, with_tls
 
 import isc.auth
 import isc.control
 from isc import Destination, DestState
 from isc.agent import Agent
-from isc.auth import MIN_SECRET, Credentials, is_loopback, read_secret
+from isc.auth import MIN_SECRET, Credentials, is_loopback, read_secret, stranger
 from isc.commands import status_report
 from isc.control import ControlServer
 from isc.errors import AuthenticationError, ParameterError
@@ -85,10 +91,17 @@ class Counted:
     """A control server whose op ``bump`` counts the requests that reached it, on a
     loopback port or (``path``) a Unix socket."""
 
-    def __init__(self, credentials: Credentials | None, path: Path | None = None) -> None:
+    def __init__(
+        self,
+        credentials: Credentials | None,
+        path: Path | None = None,
+        *,
+        host: str = HOST,
+        insecure: bool = False,
+    ) -> None:
         self.count = 0
-        self.server = ControlServer({"bump": self.bump}, credentials=credentials)
-        self.port = self.server.start(HOST, 0) if path is None else None
+        self.server = ControlServer({"bump": self.bump}, credentials=credentials, insecure=insecure)
+        self.port = self.server.start(host, 0) if path is None else None
         if path is not None:
             self.server.start_unix(path)
 
@@ -98,8 +111,10 @@ class Counted:
 
 
 @contextmanager
-def counted(credentials: Credentials | None, path: Path | None = None) -> Iterator[Counted]:
-    server = Counted(credentials, path)
+def counted(
+    credentials: Credentials | None, path: Path | None = None, **options
+) -> Iterator[Counted]:
+    server = Counted(credentials, path, **options)
     try:
         yield server
     finally:
@@ -811,3 +826,162 @@ def test_a_control_socket_path_too_long_for_a_unix_socket_is_refused_plainly(tmp
     with pytest.raises(ParameterError, match=r"is at most 107 bytes: pick a shorter one"):
         ControlServer({}).start_unix(path)
     assert list(directory.iterdir()) == []
+
+
+# -- other users of the machine ----------------------------------------------------------------
+# As another user: connect to HOST PORT, send a line (if given), print the first line back.
+FIRST_LINE = """import socket, sys
+with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10) as sock:
+    sock.sendall(sys.argv[3].encode())
+    print(sock.makefile().readline(), end="")
+"""
+# As another user: connect to a TCP (HOST PORT) or Unix (PATH) socket, send a byte, and
+# stay until the other end closes.
+STAY = """import socket, sys
+if len(sys.argv) == 2:
+    sock = socket.socket(socket.AF_UNIX)
+    sock.connect(sys.argv[1])
+else:
+    sock = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+with sock:
+    sock.sendall(b"x")
+    sock.recv(1)
+"""
+
+
+def first_line_as_nobody(host: str, port: int, request: dict) -> dict:
+    """The first line a control server at ``host:port`` says to another user who sends
+    ``request``."""
+    done = subprocess.run(
+        [*another_user(), PYTHON, "-c", FIRST_LINE, host, str(port), json.dumps(request) + "\n"],
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+@pytest.mark.parametrize("host", [HOST, "::1"], ids=["ipv4", "ipv6"])
+def test_a_control_client_of_another_user_is_refused_unless_insecure(host, caplog):
+    request = {"id": 3, "op": "bump"}
+    with counted(None, host=host) as server:
+        refusal = first_line_as_nobody(host, server.port, request)
+        with socket.create_connection((host, server.port), timeout=WAIT) as sock:
+            assert ask(sock, request)["ok"]  # this user's client
+        assert server.count == 1
+    assert refusal["ok"] is False and refusal["id"] is None
+    assert f"belongs to uid {NOBODY}" in refusal["reason"]
+    assert (
+        "give it --tls-creds or --secret-file, or allow every user with --insecure"
+        in (refusal["reason"])
+    )
+    logged = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert len(logged) == 1 and f"belongs to uid {NOBODY}" in logged[0]
+    with counted(None, host=host, insecure=True) as server:
+        assert first_line_as_nobody(host, server.port, request)["ok"]
+        assert server.count == 1
+
+
+def test_a_control_port_with_a_secret_asks_another_user_for_it(secrets):
+    with counted(Credentials("server", secret_file=secrets["ours"])) as server:
+        challenge = first_line_as_nobody(HOST, server.port, {"id": 3, "op": "bump"})
+        assert challenge["auth"] == isc.auth.HMAC_AUTH and "challenge" in challenge
+        assert server.count == 0
+
+
+def test_an_agent_serves_another_user_only_when_insecure(tmp_path, exports):
+    args = ["agent", "--listen", f"{HOST}:0", "--nbd-port", "0", "--dir", str(exports)]
+    with daemon(tmp_path / "agent.log", *args) as remote:
+        refusal = first_line_as_nobody(HOST, remote.control, {"id": 1, "op": "list"})
+        assert f"belongs to uid {NOBODY}" in refusal["reason"]
+        with socket.create_connection((HOST, remote.control), timeout=WAIT) as sock:
+            assert ask(sock, {"id": 2, "op": "list"})["ok"]
+        remote.stop()
+    with daemon(tmp_path / "open.log", *args, "--insecure") as remote:
+        assert first_line_as_nobody(HOST, remote.control, {"id": 1, "op": "list"})["ok"]
+        remote.stop()
+
+
+@contextmanager
+def listening(kind: str) -> Iterator[tuple[socket.socket, list[str]]]:
+    """A listening socket of ``kind`` that another user reaches, and its address as
+    :data:`STAY`'s arguments."""
+    if kind == "unix":
+        with tempfile.TemporaryDirectory(prefix="isc-peer-") as directory:
+            os.chmod(directory, 0o755)
+            path = os.path.join(directory, "s")
+            with socket.socket(socket.AF_UNIX) as listener:
+                listener.bind(path)
+                os.chmod(path, 0o777)
+                listener.listen()
+                yield listener, [path]
+        return
+    family = socket.AF_INET if kind == "ipv4" else socket.AF_INET6
+    with socket.socket(family) as listener:
+        if kind == "ipv4-mapped":  # dual stack: an IPv4 client's address is IPv4-mapped
+            listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        listener.bind(({"ipv4": HOST, "ipv6": "::1"}.get(kind, "::"), 0))
+        listener.listen()
+        yield listener, ["::1" if kind == "ipv6" else HOST, str(listener.getsockname()[1])]
+
+
+@pytest.mark.parametrize("kind", ["ipv4", "ipv6", "ipv4-mapped", "unix"])
+def test_stranger_tells_whose_the_peer_is(kind):
+    nobody = another_user()
+    with listening(kind) as (listener, where):
+        with subprocess.Popen([*nobody, PYTHON, "-c", STAY, *where]) as theirs:
+            accepted, _ = listener.accept()
+            with accepted:
+                accepted.settimeout(WAIT)
+                assert accepted.recv(1) == b"x"  # connected, and still there
+                if kind == "ipv4-mapped":
+                    assert accepted.getpeername()[0] == f"::ffff:{HOST}"
+                why = stranger(accepted, "FIX")
+            assert theirs.wait(WAIT) == 0
+        assert why is not None and f"belongs to uid {NOBODY}" in why and ": FIX, or" in why
+        address = where[0] if kind == "unix" else (where[0], int(where[1]))
+        with isc.auth.connect(address, WAIT):  # this user's
+            accepted, _ = listener.accept()
+            with accepted:
+                assert stranger(accepted, "FIX") is None
+
+
+class Elsewhere:
+    """A connection from an address no socket of this machine has (another host's)."""
+
+    family = socket.AF_INET
+
+    def getpeername(self) -> tuple[str, int]:
+        return ("192.0.2.1", 40000)  # TEST-NET-1: nobody's
+
+    def getsockname(self) -> tuple[str, int]:
+        return (HOST, 10809)
+
+
+def test_a_peer_whose_owner_cannot_be_told_is_refused(monkeypatch, caplog):
+    why = stranger(Elsewhere(), "FIX")  # type: ignore[arg-type]
+    assert (
+        why is not None and "cannot tell who 192.0.2.1:40000 is: no socket of this machine" in why
+    )
+    with socket.socket() as listener:  # a client reset before the check: its address is gone
+        listener.bind((HOST, 0))
+        listener.listen()
+        with socket.create_connection(listener.getsockname(), timeout=WAIT) as client:
+            accepted, _ = listener.accept()
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+        with accepted:
+            accepted.settimeout(WAIT)
+            with pytest.raises(ConnectionResetError):
+                accepted.recv(1)
+            why = stranger(accepted, "FIX")
+        assert why is not None and "cannot tell who the client is" in why
+    # The kernel cannot be asked: every TCP client is refused, with one line.
+    monkeypatch.setattr(isc.auth, "NETLINK_SOCK_DIAG", 31)  # a netlink family Linux lacks
+    with counted(None) as server:
+        with socket.create_connection((HOST, server.port), timeout=WAIT) as sock:
+            refusal = ask(sock, {"id": 1, "op": "bump"})
+            assert closed(sock)
+        assert server.count == 0
+    assert refusal["ok"] is False and "sock_diag: Protocol not supported" in refusal["reason"]
+    assert any("sock_diag" in r.getMessage() for r in caplog.records)

@@ -9,6 +9,10 @@ certificate, a plaintext client against ``require``, a server that offers
 no TLS to an ``nbds`` URI) must get a clear message and change nothing on
 any LUN, and the legitimate client must still work afterwards. A test
 whose tool is missing is skipped, naming it.
+
+Without TLS required and peers verified an export serves its own user alone,
+loopback TCP included: clients run as another user (uid 65534, through
+``setpriv``; those tests need root) are refused, unless the server is insecure.
 """
 
 from __future__ import annotations
@@ -17,11 +21,13 @@ import contextlib
 import logging
 import os
 import random
+import shutil
 import socket
 import stat
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -81,6 +87,21 @@ def with_tls(uri: str, directory: Path | None = None, **params: str) -> str:
         params = {"tls-certificates": quote(str(directory), safe="/"), **params}
     query = "&".join(f"{key}={value}" for key, value in params.items())
     return f"{uri}{'&' if '?' in uri else '?'}{query}" if query else uri
+
+
+NOBODY = 65534
+"""The uid and gid of the other user that tests act as."""
+PYTHON = "/usr/bin/python3"
+"""The system's Python: another user can run it, and python3-libnbd is for it."""
+
+
+def another_user() -> list[str]:
+    """The command that runs a program as uid and gid :data:`NOBODY`; skips the test
+    unless this process is root and has setpriv."""
+    setpriv = shutil.which("setpriv")
+    if os.geteuid() != 0 or setpriv is None:
+        pytest.skip("acting as another user needs root and setpriv (util-linux)")
+    return [setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
 
 
 def plain(uri: str) -> str:
@@ -904,3 +925,44 @@ def test_a_unix_socket_export_is_reachable_by_its_user_alone(tmp_path):
     ):
         server.start_unix(shared / "isc.sock")
     assert not (shared / "isc.sock").exists()
+
+
+# -- other users of the machine ----------------------------------------------------------------
+@contextmanager
+def shared_credentials(credentials) -> Iterator[Path]:
+    """A copy of the good credentials that another user can read (for the test alone)."""
+    with tempfile.TemporaryDirectory(prefix="isc-creds-") as directory:
+        shared = Path(directory) / "good"
+        shutil.copytree(credentials["good"], shared)
+        for path in (Path(directory), shared, *shared.iterdir()):
+            path.chmod(0o755)
+        yield shared
+
+
+def test_an_nbd_client_of_another_user_is_refused_unless_insecure_or_tls_verifies_it(
+    credentials, caplog
+):
+    nbdinfo, nobody = tool("nbdinfo"), another_user()
+    lun = HookLUN(MemoryLUN(SIZE))
+    with NBDServer(lun, name="disk") as server:
+        server.start("127.0.0.1", 0)
+        done = run(*nobody, nbdinfo, "--size", server.uri, check=False)
+        assert done.returncode != 0
+        round_trip(server.uri)  # this user's client
+    refusals = [r.getMessage() for r in caplog.records if "refusing" in r.getMessage()]
+    assert len(refusals) == 1 and f"belongs to uid {NOBODY}" in refusals[0], refusals
+    assert "--tls=require --tls-verify-peer" in refusals[0]
+    with NBDServer(MemoryLUN(SIZE), name="disk", insecure=True) as server:
+        server.start("127.0.0.1", 0)
+        assert run(*nobody, nbdinfo, "--size", server.uri).stdout.strip() == str(SIZE)
+    tls = ServerTLS(credentials["good"], mode="require", verify_peer=True)
+    with shared_credentials(credentials) as creds, NBDServer(lun, name="disk", tls=tls) as server:
+        server.start("127.0.0.1", 0)
+        uri = with_tls(server.uri, creds)
+        assert run(*nobody, nbdinfo, "--size", uri).stdout.strip() == str(SIZE)
+
+
+def test_isc_serve_insecure_serves_another_user(tmp_path):
+    nbdinfo, nobody = tool("nbdinfo"), another_user()
+    with isc_serve(tmp_path, None, "--insecure") as (uri, _, _):
+        assert run(*nobody, nbdinfo, "--size", uri).stdout.strip() == str(SIZE)
