@@ -464,11 +464,12 @@ class Export(ForwardingLUN):
             refused = self._fenced()
             if refused is not None:
                 return refused
+            fenced = {} if self.server is None else {"fenced": True}  # the client reconnects
             if self.journal is not None:
-                reply = {"ok": True, "reason": "already protected", "kept": True}
+                reply = {"ok": True, "reason": "already protected", "kept": True, **fenced}
             else:
                 self.journal = Journal.create(self.journal_path, self.lun, self.identity)
-                reply = {"ok": True}
+                reply = {"ok": True, **fenced}
             return {**reply, "info": {"image": self.image}} if named else reply
 
     @property
@@ -497,6 +498,7 @@ class Export(ForwardingLUN):
             refused = self._fenced()
             if refused is not None:
                 return refused
+            fenced = {} if self.server is None else {"fenced": True}  # the client reconnects
             ended = self.journal.image
             try:
                 extents = self.journal.rollback()
@@ -510,7 +512,7 @@ class Export(ForwardingLUN):
             for chunks in self._undone.values():
                 chunks |= rewritten
             self._undone[ended] = rewritten
-            return {"ok": True, "extents": [list(e) for e in extents]}
+            return {"ok": True, "extents": [list(e) for e in extents], **fenced}
 
     def status(self, image: str | None = None) -> dict:
         """What the protection holds; with ``image`` (a protect's), ``info["undone"]``:

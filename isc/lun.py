@@ -710,6 +710,12 @@ class ForwardingLUN(_Closing):
         """Why the LUN underneath cannot be reached now, or None."""
         return getattr(self.lun, "problem", None)
 
+    def reconnect(self) -> None:
+        """The LUN underneath's ``reconnect`` (an NBD LUN's: a new connection), if it has one."""
+        reconnect = getattr(self.lun, "reconnect", None)
+        if reconnect is not None:
+            reconnect()
+
 
 RECONNECT_BACKOFF = (1.0, 60.0)
 """Seconds a :class:`ReconnectingLUN` waits before it tries again after a failed
@@ -811,11 +817,12 @@ class ReconnectingLUN(_BaseLUN):
         self._in_range(offset, length)
         self._use(lambda lun: write_zeroes(lun, offset, length))
 
-    def disconnect(self) -> None:
+    def reconnect(self) -> None:
         """Close the LUN underneath, if it is open: the next I/O opens it again, at once
-        (no back-off: nothing failed). For a site that cuts the connections open before
-        it protects or rolls back the LUN (an agent's fence, :mod:`isc.agent`): call it
-        after the site's answer, while no I/O of this LUN runs."""
+        (no back-off: nothing failed), as :meth:`isc.nbd.NBDLUN.reconnect` opens a new
+        connection. For a site that cuts the connections open before it protects or
+        rolls back the LUN (an agent's fence, :mod:`isc.agent`): call it after the
+        site's answer, while no I/O of this LUN runs."""
         with self._lock:
             lun, self._lun = self._lun, None
         if lun is not None:

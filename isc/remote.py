@@ -96,7 +96,9 @@ class Ack:
     request was sent: the site may have carried it out, though ``ok`` is False.
     ``kept`` is True when a protect found the destination protected already
     and kept that protection: the image it holds is the first one's, not the
-    destination's present one.
+    destination's present one. ``fenced`` is True when the site cut the
+    connections open to the destination before it acted (an agent's fence,
+    :mod:`isc.agent`): the caller's own must be renewed before its next I/O.
     """
 
     request_id: int
@@ -106,6 +108,7 @@ class Ack:
     info: dict = field(default_factory=dict)
     outcome_unknown: bool = False
     kept: bool = False
+    fenced: bool = False
 
 
 class RemoteSite(abc.ABC):
@@ -486,7 +489,13 @@ class AgentSite(RequestSite):
         elif op == "unprotect" and reply["ok"]:
             self._images.pop(dest.name, None)
         return Ack(
-            rid, reply["ok"], reply.get("reason"), extents, info, kept=reply.get("kept") is True
+            rid,
+            reply["ok"],
+            reply.get("reason"),
+            extents,
+            info,
+            kept=reply.get("kept") is True,
+            fenced=reply.get("fenced") is True,
         )
 
     def _trouble(self, exc: OSError | ValueError, op: str, name: str) -> str:

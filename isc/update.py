@@ -9,8 +9,9 @@ Periodic incremental update (docs/design.md; the patent's figures 3-9):
    timeout (a consistency group's with one group request where the site
    offers it); if any fails, unprotect the ones this update protected (a
    protection kept from a failed update stays: its destination holds a
-   mix), unmark, log and raise :class:`UpdateError`. Each destination's
-   connection is dropped after the answers (``disconnect()`` of a
+   mix), unmark, log and raise :class:`UpdateError`. A destination's
+   connection is renewed after an answer that says the site cut it
+   (``Ack.fenced``; ``reconnect()`` of an :class:`~isc.nbd.NBDLUN` or a
    :class:`~isc.lun.ReconnectingLUN`), and after a rollback's: an agent cuts
    those open before it protects or rolls back (its fence, :mod:`isc.agent`),
    so the copy opens one after the answer;
@@ -420,15 +421,22 @@ def _track_undone(
                 _track(session, undone)
 
 
-def _reconnect(dests: Sequence[Destination]) -> None:
-    """Let each destination's next I/O open a new connection (``disconnect()``, as a
-    :class:`~isc.lun.ReconnectingLUN` offers it): a site that protects or rolls back a
-    destination may cut the connections open before it (an agent's fence, so that no
-    write of a killed update lands after it); one opened after its answer is served."""
-    for dest in dests:
-        disconnect = getattr(dest.lun, "disconnect", None)
-        if disconnect is not None:
-            disconnect()
+def _reconnect(dests: Sequence[Destination], acks: Sequence[Ack]) -> None:
+    """Give each destination whose site cut its connections before it acted (``Ack.fenced``:
+    an agent's fence, so that no write of a killed update lands after it), or may
+    have (an answer lost: ``Ack.outcome_unknown``), a new
+    connection for its next I/O (``reconnect()``, as an :class:`~isc.nbd.NBDLUN` and a
+    :class:`~isc.lun.ReconnectingLUN` offer it); one opened after the answer is served.
+    One that cannot reconnect now is logged, and drops out of its copy at its first
+    I/O as an unreachable destination does."""
+    for dest, ack in zip(dests, acks, strict=False):  # acks may stop early
+        reconnect = getattr(dest.lun, "reconnect", None)
+        if not (ack.fenced or ack.outcome_unknown) or reconnect is None:
+            continue
+        try:
+            reconnect()
+        except OSError as exc:
+            log.warning("%s: cannot open a new connection: %s", dest.name, exc)
 
 
 def _raised(request: str, exc: Exception) -> Ack:
@@ -453,7 +461,7 @@ def _protect_all(site, dests: Sequence[Destination], timeout: float, marked) -> 
             acks.append(_ask(site, "protect", dest, timeout))
             if not acks[-1].ok:
                 break
-    _reconnect(dests)
+    _reconnect(dests, acks)
     for dest, state, ack in zip(dests, states, acks, strict=False):  # acks may stop early
         # A protection kept from a failed update holds its first image, whose state
         # was recorded then; a fresh one holds the present image, whatever an older
@@ -566,7 +574,7 @@ def rollback_group(
             acks = _ask_group(site, "rollback", dests, timeout)
         else:
             acks = [_ask(site, "rollback", dests[0], timeout)]
-        _reconnect(dests)
+        _reconnect(dests, acks)
         failures = []
         for (session, dest), state, ack in zip(members, before, acks, strict=True):
             if ack.ok:

@@ -236,10 +236,10 @@ def remote_lun(uri: str) -> ReconnectingLUN:
 
 
 class ReconnectingHook(HookLUN):
-    """A :class:`HookLUN` over a :class:`ReconnectingLUN` that passes ``disconnect`` on."""
+    """A :class:`HookLUN` over a :class:`ReconnectingLUN` that passes ``reconnect`` on."""
 
-    def disconnect(self) -> None:
-        self.lun.disconnect()
+    def reconnect(self) -> None:
+        self.lun.reconnect()
 
 
 # -- replication ------------------------------------------------------------------------------

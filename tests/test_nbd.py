@@ -1291,3 +1291,44 @@ def test_a_reconnecting_lun_refuses_an_export_smaller_than_it(serve):
     short = f"it holds {MIB - 512} bytes, not the {MIB}"
     with reconnecting(server.uri, MIB) as lun, pytest.raises(ConnectionError, match=short):
         lun.read(0, 1)
+
+
+# -- NBDLUN.reconnect: a new connection for an export whose server cut the old one ------------
+def test_reconnect_goes_on_over_a_new_connection_after_the_server_cut_the_old(tmp_path: Path):
+    image = MemoryLUN(MIB)
+    socket_path = tmp_path / "nbd.sock"
+    with NBDServer(image, name="disk") as server:
+        server.start_unix(socket_path)
+        lun = NBDLUN(f"nbd+unix:///disk?socket={socket_path}")
+        lun.write(0, b"a" * 4096)
+        assert server.fence() is None  # cuts the connection open, as an agent's protect does
+        lun.reconnect()
+        lun.write(4096, b"b" * 4096)
+        assert lun.read(0, 8192) == b"a" * 4096 + b"b" * 4096
+        assert image.read(4096, 4096) == b"b" * 4096
+        lun.reconnect()  # also over a connection still usable: a polite goodbye, then on
+        assert lun.read(0, 4096) == b"a" * 4096
+        lun.close()
+        with pytest.raises(StateError, match="is closed"):
+            lun.reconnect()
+
+
+def test_reconnect_to_an_export_of_another_size_or_to_no_server_keeps_the_lun_as_it_was(
+    tmp_path: Path,
+):
+    socket_path = tmp_path / "nbd.sock"
+    uri = f"nbd+unix:///disk?socket={socket_path}"
+    with NBDServer(MemoryLUN(MIB), name="disk") as server:
+        server.start_unix(socket_path)
+        lun = NBDLUN(uri)
+    with pytest.raises(OSError):  # the server is gone: nothing to connect to
+        lun.reconnect()
+    assert lun.size == MIB
+    with NBDServer(MemoryLUN(2 * MIB), name="disk") as server:
+        server.start_unix(socket_path)
+        with pytest.raises(StateError, match=f"now exports {2 * MIB} bytes, not {MIB}"):
+            lun.reconnect()
+        assert lun.size == MIB
+        with pytest.raises(ConnectionError):  # still the old connection, which the server ended
+            lun.read(0, 4096)
+    lun.close()

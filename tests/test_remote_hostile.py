@@ -1200,7 +1200,7 @@ def test_a_protect_whose_fence_cuts_a_write_mid_payload_writes_none_of_it(export
                 client.request(CMD_WRITE, 0, IO, payload=payload[: IO // 2])
                 half = before + proto.REQUEST.size + IO // 2
                 server.wait_for(lambda: server.received >= half, "half the payload")
-                assert export.protect() == {"ok": True}
+                assert export.protect() == {"ok": True, "fenced": True}
                 with contextlib.suppress(OSError):  # the rest, on a connection cut
                     sock.sendall(payload[IO // 2 :])
                 assert client.dropped()

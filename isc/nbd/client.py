@@ -495,6 +495,40 @@ class NBDLUN(_BaseLUN):
             self._submit(proto.CMD_WRITE_ZEROES, first, range(last - first), step - step % minimum)
         _zero_fill(self.write, last, end - last)
 
+    def reconnect(self) -> None:
+        """Open a new connection to the export, then leave the old one (``NBD_CMD_DISC``
+        when it is still usable); also after the old one was lost, not after
+        :meth:`close`. For a site that cuts the connections open before it protects
+        or rolls back the export (an agent's fence, :mod:`isc.agent`): call it after
+        the site's answer, while no I/O of this LUN runs.
+
+        Raises ``StateError`` after :meth:`close`, or when the export's size is not
+        the one the LUN had (the old connection is kept); ``OSError`` as opening
+        the LUN does (the old connection is kept).
+        """
+        with self._cond:
+            if self._sock is None:
+                raise self._closed_error()
+        size = self.size
+        old = (self.flags, self.block_size, self._request_size)
+        sock = self._connect()
+        try:
+            with _within(sock, self.timeout, f"{self._server} did not finish its handshake"):
+                sock = self._handshake(sock)
+            if self.size != size:
+                raise StateError(
+                    f"{self._server} now exports {self.size} bytes, not {size}: "
+                    "the export was replaced; open a new LUN"
+                )
+        except BaseException:
+            sock.close()
+            self.size, (self.flags, self.block_size, self._request_size) = size, old
+            raise
+        with self._cond:
+            self._cond.wait_for(lambda: not self._busy)
+            self._release_locked()
+            self._sock, self._failure = sock, None
+
     def close(self) -> None:
         """Disconnect (``NBD_CMD_DISC``); later I/O raises ``StateError``. Idempotent.
 
