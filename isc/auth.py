@@ -45,6 +45,12 @@ the refusal. No line of an unauthenticated connection is ever read as a
 request, so nothing changes. A client raises
 :class:`~isc.errors.AuthenticationError`, one line naming the server and the
 fix.
+
+A listener with neither (no secret, and no TLS that verifies its peers)
+serves its own user alone (:func:`stranger`, which the NBD server and the
+control server ask of each new connection): the kernel tells who owns the
+peer's socket, and a peer of another user, or one whose owner cannot be
+told, is refused before anything is read from it.
 """
 
 from __future__ import annotations
