@@ -231,10 +231,10 @@ def _stranger(why: str, mine: int, fix: str) -> str:
     )
 
 
-Address = tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]
+_Address = tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]
 
 
-def _address(name: tuple) -> Address:
+def _address(name: tuple) -> _Address:
     """The address (an IPv4-mapped one as IPv4, an IPv6 one's scope dropped) and port of
     a socket's name."""
     address = ipaddress.ip_address(name[0].partition("%")[0])
@@ -243,7 +243,7 @@ def _address(name: tuple) -> Address:
     return address, name[1]
 
 
-def _tcp_owner(local: Address, remote: Address) -> int | str:
+def _tcp_owner(local: _Address, remote: _Address) -> int | str:
     """The uid owning the TCP socket of this machine at ``local`` connected to ``remote``,
     or why it is not known."""
     (here, here_port), (there, there_port) = local, remote
