@@ -12,7 +12,9 @@ All integers little-endian::
              activity log begun with it), records u64 (bytes of records),
              generation u64 (marks so far), size u64, granularity u32,
              flags u8 (1: base, 2: marked), t u8 (which physical array is
-             tracking), 14 zero bytes, crc u32 (zlib.crc32 of the 60 before)
+             tracking), 6 zero bytes, session u64 (the ``id`` of the session
+             file that wrote it; 0 in files written before it was kept),
+             crc u32 (zlib.crc32 of the 60 before)
     records  page records, ``records`` bytes
     commit   seq u64, crc u32 of the records, crc u32 of these 12 bytes
 
@@ -61,7 +63,7 @@ NAME = "checkpoint.journal"
 MAGIC = b"ISCJRNL1"
 COMPACT_AFTER = 64 << 20
 """Bytes of segments appended after the base below which no new base is written."""
-_HEADER = struct.Struct("<8sQQQQIBB14x")
+_HEADER = struct.Struct("<8sQQQQIBB6xQ")
 _HEADER_CRC = struct.Struct("<I")
 HEADER_SIZE = _HEADER.size + _HEADER_CRC.size
 _COMMIT = struct.Struct("<QII")
@@ -84,6 +86,7 @@ class Segment:
     marked: bool
     t: int
     records_crc: int
+    session: int
 
     @property
     def end(self) -> int:
@@ -95,7 +98,8 @@ class Loaded:
     """What :func:`read` found: the map, and where appending goes on.
 
     ``torn`` says why the checkpoint after ``seq`` was left out (a crash
-    while it was written), or is None.
+    while it was written), or is None. ``session`` is the session that wrote
+    the checkpoint (0: unknown, a file of an earlier isc).
     """
 
     bitmap: DeltaBitmap
@@ -103,6 +107,7 @@ class Loaded:
     end: int
     base_bytes: int
     torn: str | None
+    session: int
 
 
 def read(path: Path) -> Loaded:
@@ -126,7 +131,7 @@ def read(path: Path) -> Loaded:
                 segments, torn = segments[:-1], str(exc)
                 continue
             last = segments[-1]
-            return Loaded(bitmap, last.seq, last.end, segments[0].end, torn)
+            return Loaded(bitmap, last.seq, last.end, segments[0].end, torn, last.session)
 
 
 class _Torn(Exception):
@@ -148,7 +153,9 @@ def _segments(file, path: Path) -> tuple[list[Segment], str | None]:
         ):
             problem = f"the checkpoint header at byte {at} fails its checksum"
         if problem is None:
-            _, seq, records, generation, size, granularity, flags, t = _HEADER.unpack_from(head)
+            _, seq, records, generation, size, granularity, flags, t, session = _HEADER.unpack_from(
+                head
+            )
             tail = os.pread(file.fileno(), _COMMIT.size, at + HEADER_SIZE + records)
             if len(tail) < _COMMIT.size:
                 problem = f"the file ends inside checkpoint {seq}"
@@ -160,7 +167,9 @@ def _segments(file, path: Path) -> tuple[list[Segment], str | None]:
             # Only the last segment can be torn: each is on disk before the next is begun.
             return segments, problem
         base, marked = bool(flags & _BASE), bool(flags & _MARKED)
-        segment = Segment(at, seq, records, generation, size, granularity, base, marked, t, crc)
+        segment = Segment(
+            at, seq, records, generation, size, granularity, base, marked, t, crc, session
+        )
         _check_fits(segment, segments, path)
         segments.append(segment)
         at = segment.end
@@ -235,11 +244,13 @@ class Journal:
     """Writes the checkpoints of one state directory (see the module docstring).
 
     ``loaded`` is what :func:`read` found there, or None to start a new file
-    at the first checkpoint.
+    at the first checkpoint. ``session`` names the session in each checkpoint
+    (its session file's ``id``), so another's journal is told from its own.
     """
 
-    def __init__(self, directory: Path, loaded: Loaded | None) -> None:
+    def __init__(self, directory: Path, loaded: Loaded | None, session: int) -> None:
         self.path = directory / NAME
+        self.session = session
         self._fd = -1
         self._end = 0
         self._base_bytes = 0
@@ -285,7 +296,15 @@ class Journal:
             records = position + held - HEADER_SIZE - at - HEADER_SIZE
             flags = (_BASE if base else 0) | (_MARKED if marked else 0)
             head = _HEADER.pack(
-                MAGIC, seq, records, generation, bitmap.size, bitmap.granularity, flags, t
+                MAGIC,
+                seq,
+                records,
+                generation,
+                bitmap.size,
+                bitmap.granularity,
+                flags,
+                t,
+                self.session,
             )
             head += _HEADER_CRC.pack(zlib.crc32(head))
             end = held + _COMMIT.size

@@ -119,6 +119,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import stat
 import struct
 import sys
@@ -534,7 +535,7 @@ class PersistentSession:
     # -- running ---------------------------------------------------------------------
     def _start(self, generation: int, interval: float, loaded: journal.Loaded | None) -> None:
         self._interval = interval
-        self._journal = journal.Journal(self.directory, loaded)
+        self._journal = journal.Journal(self.directory, loaded, self.meta["id"])
         self._log = ActivityLog(self.directory, generation)
         self.session.bitmap.track_activity(self.region_size, self._on_hot)
         self.session.bitmap.log_writes(self._log.area())
@@ -1147,6 +1148,8 @@ def _meta_problem(meta: dict) -> str | None:
         return "field 'pull_epoch' is not null or an integer >= 0"
     if not _count(meta.get("hot_limit", 1), 1):
         return "field 'hot_limit' is not an integer >= 1"
+    if "id" in meta and not (_count(meta["id"], 1) and meta["id"] < 1 << 64):
+        return "field 'id' is not an integer from 1 to 2**64 - 1"
     region, granularity = meta["region_size"], meta["granularity"]
     if region < granularity or region & (region - 1):
         return f"region_size {region} is not a power of two >= the granularity {granularity}"
@@ -1261,6 +1264,7 @@ def create_session(
         "hot_limit": hot_limit,
         "epoch": 0,
         "destinations": [],
+        "id": _new_id(),
     }
     problem = _meta_problem(meta)
     if problem:
@@ -1500,6 +1504,12 @@ def _load(
                 f"are of checkpoints {', '.join(str(gen) for gen, _ in logs)}: it is not this "
                 "session's (another's, or an older copy): put its own back"
             )
+        if loaded.session and meta.get("id") and loaded.session != meta["id"]:
+            raise CorruptMetadata(
+                f"{where} holds the checkpoints of session {loaded.session:#x}, "
+                f"{path / METADATA} is session {meta['id']:#x}: it is not this session's: "
+                "put its own back"
+            )
     elif meta.get("checkpointed") or meta["epoch"] or meta["destinations"]:
         raise CorruptMetadata(_lost(path, f"{path / METADATA} records one"))
     regions: set[int] = set()
@@ -1580,6 +1590,11 @@ def _lock(directory: Path) -> int:
     return fd
 
 
+def _new_id() -> int:
+    """A new session's ``id``: random, never 0 (a journal's "no session named")."""
+    return secrets.randbits(64) or 1
+
+
 def _check_private(directory: Path) -> None:
     """Refuse a state directory another user could change: its session file names the
     LUNs isc reads and writes, so whoever may write it chooses them."""
@@ -1611,6 +1626,9 @@ def _recover(
             raise CorruptMetadata(
                 f"{exc}; isc recover {path} --reset-destinations starts again with full copies"
             ) from None
+    # A session file of an earlier isc names no session: it gets its id now, saved
+    # with the checkpoint below (until then its journal is checked as before).
+    meta.setdefault("id", _new_id())
     try:
         stored = PersistentSession(path, meta, loaded and loaded.bitmap, timeout)
     except IscError:

@@ -290,16 +290,13 @@ def test_a_checkpoint_journal_of_another_session_is_refused(root: Path) -> None:
     assert "not this session's" in run_isc("status", "state", cwd=root).stdout
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="isc.journal: a checkpoint names no session, so another session's journal at this "
-    "one's generation is read as its own",
-)
 def test_a_checkpoint_journal_of_another_session_at_the_same_generation_is_refused(
     root: Path,
 ) -> None:
     before = _journal_of_another(root, opens=2)
-    run_isc("mark", "state", cwd=root, fail=True)
+    done = run_isc("mark", "state", cwd=root, fail=True)
+    assert "checkpoint.journal holds the checkpoints of session" in done.stderr
+    assert "not this session's" in done.stderr
     assert (root / "state" / METADATA).read_bytes() == before
 
 

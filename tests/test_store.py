@@ -309,7 +309,7 @@ def _foreign_checkpoint(data: bytes) -> bytes:
     """The journal of a session that tracks the same LUN at another granularity."""
     with tempfile.TemporaryDirectory() as tmp:
         bitmap = DeltaBitmap(SIZE, 2 * G)
-        writer = journal.Journal(Path(tmp), None)
+        writer = journal.Journal(Path(tmp), None, 1)
         writer.write(bitmap, 1, bitmap.snapshot())
         writer.close()
         return (Path(tmp) / journal.NAME).read_bytes()
@@ -975,3 +975,30 @@ def test_fuzzed_checkpoint_opens_unchanged_or_raises_corrupt_metadata(
         else:
             with pytest.raises(CorruptMetadata, match=path.name):
                 open_session(state)
+
+
+def test_a_session_of_an_earlier_isc_without_an_id_gets_one_and_keeps_its_changes(
+    env: Path,
+) -> None:
+    # Session files and journals written before checkpoints named their session
+    # (no "id"; the header's session field zero) open as before and get an id.
+    state = env
+    with opened(state) as stored:
+        stored.session.write(3 * G, b"tracked")
+    meta = json.loads((state / METADATA).read_bytes())
+    del meta["id"]
+    (state / METADATA).write_text(json.dumps(meta))
+    header = journal.HEADER_SIZE - 4  # a header's bytes before its crc
+    with open(state / journal.NAME, "r+b") as file:  # as an earlier isc wrote it
+        segments, _ = journal._segments(file, state / journal.NAME)
+        for segment in segments:
+            file.seek(segment.at)
+            head = bytearray(file.read(header))
+            head[header - 8 :] = bytes(8)
+            file.seek(segment.at)
+            file.write(head + struct.pack("<I", zlib.crc32(head)))
+    assert journal.read(state / journal.NAME).session == 0
+    with opened(state) as stored:
+        assert stored.session.bitmap.tracking(3)
+    named = json.loads((state / METADATA).read_bytes())["id"]
+    assert named and journal.read(state / journal.NAME).session == named
