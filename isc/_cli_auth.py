@@ -9,7 +9,8 @@
                               control port
 ``--tls-verify-peer``         NBD clients need a certificate signed by the CA
 ``--secret-file FILE``        the control port's shared secret (mode 0600)
-``--insecure``                listen beyond loopback without TLS and
+``--insecure``                serve other users of the machine, and listen
+                              beyond loopback, without TLS and
                               authentication, with a warning
 ``--tls-psk FILE``            refused: TLS-PSK is not available
 ``--max-clients N``           NBD clients served at once per export (default
@@ -26,8 +27,9 @@ is refused unless what listens there is secured: an NBD export needs
 ``--tls=require`` with ``--tls-verify-peer`` (encrypted, and only clients
 with a certificate of the CA get in), a control port needs ``--tls-creds``
 (mutual TLS; a shared secret alone authenticates but leaves the requests
-open to tampering on the way). ``--insecure`` lifts the refusal and logs a
-warning at start.
+open to tampering on the way). On loopback, what is not secured serves this
+user and root alone (:func:`isc.auth.stranger`). ``--insecure`` lifts both
+refusals and logs a warning at start.
 """
 
 from __future__ import annotations
@@ -77,7 +79,8 @@ def add_server_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--insecure",
         action="store_true",
-        help="allow listening beyond loopback without TLS and authentication",
+        help="serve other users of the machine, and allow listening beyond loopback, "
+        "without TLS and authentication",
     )
 
 
@@ -145,7 +148,16 @@ def server_security(
 
 
 def _exposure(args: argparse.Namespace, what: str, host: str, secured: bool, fix: str) -> None:
-    if secured or is_loopback(host):
+    if secured:
+        return
+    if is_loopback(host):
+        if args.insecure:
+            log.warning(
+                "%s serve every user of this machine on %s without TLS and authentication "
+                "(--insecure): any of them can read and change what it serves",
+                what,
+                host,
+            )
         return
     if not args.insecure:
         raise ParameterError(

@@ -246,8 +246,8 @@ def run(args: argparse.Namespace) -> int:
             stop=stop,
             tls=tls,
             credentials=credentials,
-            # NBDServer's keyword arguments: its limits, and whom it serves unsecured
-            limits={**_limits(args), "insecure": args.insecure},
+            insecure=args.insecure,
+            limits=_limits(args),
             updated=updated,
         )
         return 0

@@ -108,7 +108,8 @@ class SessionControl:
 
     ``persistent`` is the session directory's :class:`~isc.store.PersistentSession`
     when there is one; copies need it (they go to its destinations).
-    ``credentials``: answer only authenticated clients (:class:`~isc.control.ControlServer`).
+    ``credentials``: answer only authenticated clients (:class:`~isc.control.ControlServer`);
+    ``insecure``: without them, serve other users too.
     ``pull``: the server's export of the image at the mark, whose counts ``status`` reports.
     """
 
@@ -118,6 +119,7 @@ class SessionControl:
         persistent: store.PersistentSession | None = None,
         *,
         credentials: Credentials | None = None,
+        insecure: bool = False,
         pull: FrozenExport | None = None,
     ):
         self.session = session
@@ -133,6 +135,7 @@ class SessionControl:
         self.server = ControlServer(
             {"status": self.status, "mark": self.mark, "unmark": self.unmark, "copy": self.copy},
             credentials=credentials,
+            insecure=insecure,
         )
 
     def _exclusive(self):
@@ -389,6 +392,7 @@ def run_serve(
     stop: threading.Event | None = None,
     tls: ServerTLS | None = None,
     credentials: Credentials | None = None,
+    insecure: bool = False,
     limits: Mapping[str, int] | None = None,
     updated: Updated | None = None,
 ) -> Session:
@@ -404,6 +408,8 @@ def run_serve(
     :meth:`SessionControl.every`.
     ``tls``: how the export offers TLS;
     ``credentials``: the control port answers only clients that authenticate;
+    ``insecure``: the export, and the control port without ``credentials``, serve
+    other users of the machine too (else this user and root alone, MISSION rule 14);
     ``limits``: the export's limits, :class:`~isc.nbd.NBDServer`'s keyword
     arguments (``max_clients``, ``max_data``, ``max_requests``). ``unix``: export on a Unix socket
     at this path (mode 0600, in a directory that is this user's alone) instead
@@ -432,8 +438,12 @@ def run_serve(
                 opened.callback(source_lock.close)
             session = Session(lun, granularity, name=Path(source).name)
             opened.pop_all()
-    server = NBDServer(SessionLUN(session), name=session.name, tls=tls, **(limits or {}))
-    controls = SessionControl(session, persistent, credentials=credentials, pull=server.frozen)
+    server = NBDServer(
+        SessionLUN(session), name=session.name, tls=tls, insecure=insecure, **(limits or {})
+    )
+    controls = SessionControl(
+        session, persistent, credentials=credentials, insecure=insecure, pull=server.frozen
+    )
     try:
         if unix is not None:
             server.start_unix(unix)

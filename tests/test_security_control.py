@@ -903,6 +903,20 @@ def test_an_agent_serves_another_user_only_when_insecure(tmp_path, exports):
         remote.stop()
 
 
+def test_isc_serve_control_serves_another_user_only_when_insecure(tmp_path, source):
+    args = ["serve", str(source), "--listen", f"{HOST}:0", "--control", f"{HOST}:0"]
+    with daemon(tmp_path / "serve.log", *args) as served:
+        refusal = first_line_as_nobody(HOST, served.control, {"id": 1, "op": "mark"})
+        assert refusal["ok"] is False and f"belongs to uid {NOBODY}" in refusal["reason"]
+        with socket.create_connection((HOST, served.control), timeout=WAIT) as sock:
+            assert ask(sock, {"id": 2, "op": "status"})["info"]["state"] == "unmarked"
+    with daemon(tmp_path / "open.log", *args, "--insecure") as served:
+        assert first_line_as_nobody(HOST, served.control, {"id": 1, "op": "mark"})["ok"]
+        with socket.create_connection((HOST, served.control), timeout=WAIT) as sock:
+            assert ask(sock, {"id": 2, "op": "status"})["info"]["state"] == "marked"
+    assert "serve every user of this machine" in (tmp_path / "open.log").read_text()
+
+
 @contextmanager
 def listening(kind: str) -> Iterator[tuple[socket.socket, list[str]]]:
     """A listening socket of ``kind`` that another user reaches, and its address as
