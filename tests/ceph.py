@@ -22,10 +22,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import uuid
 from pathlib import Path
+
+from helpers import free_ports
 
 TIMEOUT = 60.0
 """Seconds any one command of the cluster's setup may take."""
@@ -52,18 +53,6 @@ def missing() -> str | None:
     return None
 
 
-def _free_ports(count: int) -> list[int]:
-    """Ports free on the loopback now (a port may be taken again before it is bound)."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
 class Cluster:
     """A cluster whose files live in ``directory`` (made if missing); see the module docstring.
 
@@ -82,7 +71,7 @@ class Cluster:
         for sub in ("run", "log", "mon", "osd"):
             (d / sub).mkdir(parents=True, exist_ok=True)
         fsid = str(uuid.uuid4())
-        v2, v1 = _free_ports(2)
+        v2, v1 = free_ports(2)
         mon = f"[v2:127.0.0.1:{v2},v1:127.0.0.1:{v1}]"
         self.conf.write_text(
             f"""[global]

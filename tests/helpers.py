@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import random
+import socket
 import threading
 from collections.abc import Callable
 
@@ -347,3 +348,16 @@ def wait_until(condition, proc, what: str, log=None) -> None:
                 pytest.fail(f"no {what} within {TIMEOUT} s{said()}")
     finally:
         timer.cancel()
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` different ports free on the loopback now, all bound at once so no two
+    are the same (a port may still be taken again before its user binds it)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()

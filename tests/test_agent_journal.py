@@ -26,7 +26,6 @@ import os
 import queue
 import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -35,7 +34,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from helpers import Gate, Worker, assert_no_lost_change, wait_until
+from helpers import Gate, Worker, assert_no_lost_change, free_ports, wait_until
 from test_agent import ENV, HOST, JOURNAL, WAIT, daemon, lun_of
 from test_nbd import sparse
 
@@ -470,18 +469,13 @@ KILLS = 20
 """Agents killed mid-update in the crash loop."""
 
 
-def free_port() -> int:
-    with socket.create_server((HOST, 0)) as sock:
-        return sock.getsockname()[1]
-
-
 def test_the_agent_killed_mid_update_then_a_rollback_restores_the_last_consistent_image(
     tmp_path: Path, volumes, state: Path
 ):
     source, exports = volumes
     rng = random.Random(SEED + 5)
     journal = exports / JOURNAL
-    control_port, nbd_port = free_port(), free_port()
+    control_port, nbd_port = free_ports(2)
     site = ("--site", f"{HOST}:{control_port}")
     logs = tmp_path / "logs"
     logs.mkdir()

@@ -66,7 +66,7 @@ from pathlib import Path
 
 import pytest
 import test_agent
-from helpers import Gate, HookLUN, Worker, assert_no_lost_change, wait_until
+from helpers import Gate, HookLUN, Worker, assert_no_lost_change, free_ports, wait_until
 from test_agent import HOST, IO, JOURNAL, SIZE, WAIT, lun_of
 from test_agent_journal import agent_here, write_randomly
 from test_cli import state_of
@@ -210,11 +210,6 @@ def arm(env: dict[str, str], **faults: object) -> None:
     Path(env["ISC_TEST_FAULTS"]).write_text(json.dumps(faults))
 
 
-def free_port() -> int:
-    with socket.create_server((HOST, 0)) as sock:
-        return sock.getsockname()[1]
-
-
 def answers(port: int) -> bool:
     try:
         socket.create_connection((HOST, port), timeout=WAIT).close()
@@ -231,7 +226,7 @@ class Agent:
         self, directory: Path, env: dict[str, str], logs: Path, options: tuple[str, ...] = ()
     ) -> None:
         self.directory, self.env, self.logs, self.options = directory, env, logs, options
-        self.control, self.nbd = free_port(), free_port()
+        self.control, self.nbd = free_ports(2)
         self.site = f"{HOST}:{self.control}"
         self.uri = f"nbd://{HOST}:{self.nbd}/disk"
         self.proc: subprocess.Popen[bytes] | None = None
