@@ -81,7 +81,7 @@ from isc.lun import FileLUN
 from isc.remote import AgentSite, LocalSite, RemoteSite, address_text, agent_address, same_agent
 from isc.serve import MIN_THROTTLE, SERVED, bitmap_bytes, served_by
 from isc.session import DEFAULT_SAVE_AREA
-from isc.update import DEFAULT_TIMEOUT, PeriodicUpdate, check_identities, rollback
+from isc.update import DEFAULT_TIMEOUT, PeriodicUpdate, rollback
 
 # -- argument types ----------------------------------------------------------------------
 
@@ -636,6 +636,7 @@ def _copy(args: argparse.Namespace) -> int:
     served = _ask_server(args, request, wait=None)  # a copy takes as long as it takes
     if served is not None:
         name, info = served
+        _say_replaced(info.pop("replaced"))
         dests = info.pop("destinations")
         _report(name, dests, info, args.json)
         return 0
@@ -742,11 +743,15 @@ def _update(args: argparse.Namespace) -> int:
 
 
 def _check_identities(stored: store.PersistentSession, site: RemoteSite, timeout: float) -> None:
-    """Rule 12 at the agents before a copy (:func:`isc.update.check_identities`): a line on
+    """Rule 12 at the agents before a copy (:func:`isc.store.check_agents`): a line on
     stderr for each destination whose agent now serves another file (it becomes NEW)."""
-    agents = store.agent_sites(stored)
-    for found in check_identities(site, stored.destinations, stored.identities, agents, timeout):
-        print(f"isc: {found}", file=sys.stderr)
+    _say_replaced(store.check_agents(stored, site, timeout))
+
+
+def _say_replaced(found: list[str]) -> None:
+    """A line on stderr for each destination :func:`isc.store.check_agents` found replaced."""
+    for line in found:
+        print(f"isc: {line}", file=sys.stderr)
 
 
 def _connect(args: argparse.Namespace, dests: list[dict]) -> tuple[RemoteSite, Credentials | None]:

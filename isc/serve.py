@@ -31,7 +31,9 @@ the copies of the session the server owns:
                             and ``"busy_share"`` (:data:`MIN_BUSY_SHARE` to 1,
                             default :data:`BUSY_SHARE`); answered when the
                             copy ends, ``info`` holding the
-                            :class:`~isc.copy.CopyResult`
+                            :class:`~isc.copy.CopyResult` and ``replaced``: a
+                            line for each destination whose agent now serves
+                            another file (rule 12: it got every chunk)
 ==========================  =====================================================
 
 Pull mode: while the session is marked the server also exports
@@ -107,7 +109,11 @@ class SessionControl:
     """The control requests ``isc serve`` answers about ``session`` (the module docstring).
 
     ``persistent`` is the session directory's :class:`~isc.store.PersistentSession`
-    when there is one; copies need it (they go to its destinations).
+    when there is one; copies need it (they go to its destinations). ``site``: its
+    destinations' site (:meth:`~isc.store.PersistentSession.site`), which protects them
+    for periodic updates and whose agents every copy and update asks first what file
+    each destination is (:func:`isc.store.check_agents`, rule 12); default: each one's
+    own agent, reached without credentials, and this process for the others.
     ``credentials``: answer only authenticated clients (:class:`~isc.control.ControlServer`);
     ``insecure``: without them, serve other users too.
     ``pull``: the server's export of the image at the mark, whose counts ``status`` reports.
@@ -121,9 +127,15 @@ class SessionControl:
         credentials: Credentials | None = None,
         insecure: bool = False,
         pull: FrozenExport | None = None,
+        site=None,
     ):
+        from isc.remote import LocalSite
+
         self.session = session
         self.persistent = persistent
+        if persistent is not None and site is None:
+            site = persistent.site(LocalSite())
+        self.site = site
         self.pull = pull
         self._stopping = threading.Event()
         self._job: CopyJob | None = None  # the last copy started
@@ -238,6 +250,7 @@ class SessionControl:
         stored = self.persistent
         try:
             with self._exclusive(), self._recording:
+                replaced = self._check_agents(stored)
                 progress = store.Progress(stored, bar=False)
                 result = store.copy(
                     stored,
@@ -251,7 +264,14 @@ class SessionControl:
             return {"ok": False, "reason": str(exc), "info": self._result(exc.result)}
         except IscError as exc:
             return {"ok": False, "reason": str(exc)}
-        return {"ok": True, "info": self._result(result)}
+        return {"ok": True, "info": {**self._result(result), "replaced": replaced}}
+
+    def _check_agents(self, stored: store.PersistentSession) -> list[str]:
+        """:func:`isc.store.check_agents` before a copy or update; each line found is logged."""
+        replaced = store.check_agents(stored, self.site)
+        for found in replaced:
+            log.warning("%s: %s", self.session.name, found)
+        return replaced
 
     def _started(self, job: CopyJob) -> None:
         self._job = job
@@ -281,9 +301,9 @@ class SessionControl:
             )
         return report
 
-    def every(self, seconds: float, site, updated: Updated | None = None) -> None:
+    def every(self, seconds: float, updated: Updated | None = None) -> None:
         """Run the periodic update of the session directory's destinations every ``seconds``,
-        protected by ``site``, until :meth:`close`; each is recorded (:func:`isc.store.update`).
+        protected by :attr:`site`, until :meth:`close`; each is recorded (:func:`isc.store.update`).
 
         A failed update is logged and the next one runs on time. ``updated(stored, result,
         failure)`` is called after each, from the updates' thread, with the session
@@ -295,7 +315,7 @@ class SessionControl:
         assert stored is not None, "periodic updates need a session directory"
         dests = store.copy_destinations(stored)
         progress = store.Progress(stored, bar=False)
-        update = PeriodicUpdate(self.session, dests, site, progress=progress)
+        update = PeriodicUpdate(self.session, dests, self.site, progress=progress)
         self._updates = threading.Thread(
             target=self._update_every,
             args=(seconds, stored, update, progress, updated or (lambda *_: None)),
@@ -319,8 +339,7 @@ class SessionControl:
                 updated(stored, None, "skipped: a copy asked for on the control port is running")
                 continue
             try:
-                for found in update.check_identities(stored.identities, store.agent_sites(stored)):
-                    log.warning("%s: %s", name, found)
+                self._check_agents(stored)
                 (result,) = store.update(stored, update, progress)  # one session: one copy
             except (IscError, OSError) as exc:
                 log.error("%s: periodic update failed: %s", name, exc)
@@ -441,8 +460,14 @@ def run_serve(
     server = NBDServer(
         SessionLUN(session), name=session.name, tls=tls, insecure=insecure, **(limits or {})
     )
+    routed = None if persistent is None else persistent.site(site or LocalSite(), site_credentials)
     controls = SessionControl(
-        session, persistent, credentials=credentials, insecure=insecure, pull=server.frozen
+        session,
+        persistent,
+        credentials=credentials,
+        insecure=insecure,
+        pull=server.frozen,
+        site=routed,
     )
     try:
         if unix is not None:
@@ -459,8 +484,7 @@ def run_serve(
         elif control is not None:
             control_port = controls.start(*control)
         if every and persistent is not None:
-            routed = persistent.site(site or LocalSite(), site_credentials)
-            controls.every(every, routed, updated)
+            controls.every(every, updated)
         if persistent is not None:
             where = f"unix:{control}" if isinstance(control, str) else None
             if control_port is not None:

@@ -145,6 +145,7 @@ from isc.lun import FileLUN, ReconnectingLUN, loop_backing, open_loop_backing
 from isc.remote import AgentSite, RoutingSite, agent_address
 from isc.savearea import SaveArea
 from isc.session import DEFAULT_SAVE_AREA, Session
+from isc.update import DEFAULT_TIMEOUT, check_identities
 
 log = logging.getLogger(__name__)
 
@@ -941,6 +942,17 @@ class PersistentSession:
 def agent_sites(stored: PersistentSession) -> set[str]:
     """The names of ``stored``'s destinations that have an isc agent of their own."""
     return {d["name"] for d in stored.meta["destinations"] if d.get("site")}
+
+
+def check_agents(stored: PersistentSession, site, timeout: float = DEFAULT_TIMEOUT) -> list[str]:
+    """Rule 12 at the agents, before a copy or update relies on ``stored``'s destinations:
+    :func:`isc.update.check_identities` of those with an isc agent of their own, asked at
+    ``site`` (:meth:`PersistentSession.site`), each waiting ``timeout`` seconds. Every copy
+    and update of a session directory (``isc copy``, ``isc update``, and ``isc serve``'s
+    control port and periodic updates) runs it. Returns a line for each found to be another
+    file (it becomes NEW: its next copy is a full one)."""
+    agents = agent_sites(stored)
+    return check_identities(site, stored.destinations, stored.identities, agents, timeout)
 
 
 def copy_destinations(stored: PersistentSession) -> list[Destination]:

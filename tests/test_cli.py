@@ -10,6 +10,7 @@ traceback, and changes nothing (rule 10); a progress bar only on a terminal;
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -887,11 +888,13 @@ def at_agent(session: Path) -> Iterator[Agent]:
         agent.end()
 
 
+@pytest.mark.parametrize("served", [False, True], ids=["alone", "asking-isc-serve"])
 def test_copy_checks_what_file_a_destinations_agent_serves_before_relying_on_it(
-    session: Path, at_agent
+    session: Path, at_agent, served: bool
 ) -> None:
     # Rule 12 at an agent, as isc update checks it: another file at the export (here a
-    # copy of the same bytes, which its samples cannot tell) gets every chunk.
+    # copy of the same bytes, which its samples cannot tell) gets every chunk, whether
+    # isc copy runs the copy or asks the isc serve that holds the session for it.
     work, agent = session, at_agent
     isc_run("copy", "s", "--full", cwd=work)
     assert read_state(work / "s").meta["destinations"][2]["identity"]
@@ -903,7 +906,11 @@ def test_copy_checks_what_file_a_destinations_agent_serves_before_relying_on_it(
     agent.start()
     write_source(work, 0, b"changed")
     isc_run("mark", "s", cwd=work)
-    done = isc_run("copy", "s", "--json", cwd=work)
+    with contextlib.ExitStack() as serving:
+        if served:
+            control = ["--control", f"unix:{work / 'ctl.sock'}"]
+            serving.enter_context(isc_serve(work, "s", "--listen", "127.0.0.1:0", *control))
+        done = isc_run("copy", "s", "--json", cwd=work)
     assert "isc: disk is not the export it was (its agent names another file" in done.stderr
     result = json.loads(done.stdout)
     assert result["outcomes"] == {"d1": "ok", "d2": "ok", "disk": "ok"}
