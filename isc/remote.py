@@ -467,7 +467,7 @@ class AgentSite(RequestSite):
         except TimeoutError:
             reason = f"{who} did not answer {op} {dest.name} within {wait:g} s"
             return Ack(rid, False, reason, outcome_unknown=sent)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:  # nested too deep to decode
             return Ack(rid, False, self._trouble(exc, op, dest.name), outcome_unknown=sent)
         if isinstance(reply, dict) and reply.get("id") is None and reply.get("ok") is False:
             # Refused before any request was read (authentication): nothing was done.
@@ -498,12 +498,12 @@ class AgentSite(RequestSite):
             fenced=reply.get("fenced") is True,
         )
 
-    def _trouble(self, exc: OSError | ValueError, op: str, name: str) -> str:
+    def _trouble(self, exc: OSError | ValueError | RecursionError, op: str, name: str) -> str:
         """Why request ``op`` about ``name`` failed with ``exc``: one line for a user."""
         who = f"the agent at {self.where}"
         if isinstance(exc, IscError):  # authentication: the message names the fix
             return str(exc)
-        if isinstance(exc, ValueError):  # not JSON, or a line too long
+        if not isinstance(exc, OSError):  # not JSON, a line too long, or nested too deep
             return (
                 f"{who} answered {op} {name} with something that is not an isc agent's reply "
                 f"(is {self.where} the control port, --listen, of an isc agent?)"
