@@ -427,15 +427,16 @@ def _reconnect(dests: Sequence[Destination], acks: Sequence[Ack]) -> None:
     have (an answer lost: ``Ack.outcome_unknown``), a new
     connection for its next I/O (``reconnect()``, as an :class:`~isc.nbd.NBDLUN` and a
     :class:`~isc.lun.ReconnectingLUN` offer it); one opened after the answer is served.
-    One that cannot reconnect now is logged, and drops out of its copy at its first
-    I/O as an unreachable destination does."""
+    One that cannot reconnect now (unreachable, or its export is of another size now:
+    replaced) is logged, and drops out of its copy at its first I/O as an unreachable
+    destination does."""
     for dest, ack in zip(dests, acks, strict=False):  # acks may stop early
         reconnect = getattr(dest.lun, "reconnect", None)
         if not (ack.fenced or ack.outcome_unknown) or reconnect is None:
             continue
         try:
             reconnect()
-        except OSError as exc:
+        except (OSError, IscError) as exc:
             log.warning("%s: cannot open a new connection: %s", dest.name, exc)
 
 

@@ -180,6 +180,7 @@ class NBDLUN(_BaseLUN):
         self._receiving_into: _Call | None = None  # whose READ payload the reader receives
         self._busy = 0  # calls running
         self._failure: OSError | None = None  # why the connection is unusable
+        self._shut = False  # close() ran: unlike a lost connection, no reconnect reopens it
         self.size = 0
         self.flags = TransmissionFlag.HAS_FLAGS
         """The export's transmission flags."""
@@ -507,7 +508,7 @@ class NBDLUN(_BaseLUN):
         the LUN does (the old connection is kept).
         """
         with self._cond:
-            if self._sock is None:
+            if self._shut:
                 raise self._closed_error()
         size = self.size
         old = (self.flags, self.block_size, self._request_size)
@@ -526,6 +527,9 @@ class NBDLUN(_BaseLUN):
             raise
         with self._cond:
             self._cond.wait_for(lambda: not self._busy)
+            if self._shut:  # closed meanwhile
+                sock.close()
+                raise self._closed_error()
             self._release_locked()
             self._sock, self._failure = sock, None
 
@@ -537,6 +541,7 @@ class NBDLUN(_BaseLUN):
         """
         with self._cond:
             self._cond.wait_for(lambda: not self._busy)
+            self._shut = True
             self._release_locked()
 
     def _aligned(self, offset: int, length: int) -> tuple[int, int]:

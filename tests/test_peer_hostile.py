@@ -1,0 +1,168 @@
+"""The remote paths between isc and its peers, attacked where the last fixes opened windows.
+
+What tests/test_remote_hostile.py attacked is not repeated; its machinery is
+reused: real ``isc agent`` processes at fixed ports (killed with SIGKILL at its
+fault points, started again, or replaced by an agent of another directory at
+the same address), its :class:`~test_remote_hostile.Impostor` control ports.
+Updates run in this process through :class:`~isc.update.PeriodicUpdate`, so a
+test can wrap the site and act between a request and the next step:
+
+* a reply that is valid JSON nested too deep for the decoder: one clear line
+  naming the agent, never a traceback (the identity check asks without the
+  update's guard);
+* an agent replaced at its address by one whose export of the same name has
+  another size, between two updates of an :class:`~isc.nbd.NBDLUN`
+  destination: the reconnect after the protect refuses it, and the update
+  fails for that destination alone, leaving the session unmarked with every
+  change tracked;
+* an agent replaced by one serving another file of the same size, between the
+  identity check and the protect, and between the protect's answer and the
+  reconnect: the destination must not be reported CONSISTENT;
+* a bounded stress loop (seeded): writer threads racing each copy, the agent
+  SIGKILLed after a protect or mid-copy and started again, copies cancelled
+  at a seeded run, rollbacks after failures; every destination reported
+  CONSISTENT must equal the source's image at its mark, and every chunk where
+  it differs from the source must be tracked (rules 1, 2, 6).
+
+A test that finds a hole in the current code is marked ``xfail(strict=True)``
+with the reason, naming the code. The tools come from Debian's nbdkit package
+only where a test says so.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import test_agent
+import test_remote_hostile
+from helpers import assert_no_lost_change
+from test_agent import HOST, SIZE, WAIT, lun_of
+from test_agent_journal import write_randomly
+from test_remote_hostile import (
+    Agent,
+    Impostor,
+    ask_impostor,
+    recorded,
+    unchanged_but_the_generation,
+)
+
+from isc import Destination, DestState
+from isc.nbd import NBDLUN
+from isc.remote import AgentSite
+from isc.session import Session
+from isc.update import PeriodicUpdate, UpdateError, check_identities
+
+SEED = 20261206
+source, session = test_agent.source, test_agent.session
+env, local = test_remote_hostile.env, test_remote_hostile.local
+
+
+# -- hostile agents ---------------------------------------------------------------------------
+def nested(request: dict) -> bytes:
+    """A reply of valid JSON, well under the line limit, nested deeper than a decoder goes."""
+    return b"[" * 200_000 + b"]" * 200_000 + b"\n"
+
+
+def test_a_reply_nested_too_deep_fails_protect_in_one_line_naming_the_agent(local: Path, env):
+    before = recorded(local)
+    with Impostor(nested) as impostor:
+        line = ask_impostor(local, env, impostor, "update", "s")
+    assert line.startswith("isc: error: cannot protect local: ")
+    assert f"the agent at {impostor.site} answered protect local with something" in line
+    unchanged_but_the_generation(local, before)
+
+
+def test_a_reply_nested_too_deep_to_the_identity_check_is_no_identity():
+    dest = Destination(None, name="disk")
+    identities = {"disk": "machine:1:2"}
+    with Impostor(nested) as impostor:
+        site = AgentSite(HOST, impostor.port, timeout=WAIT)
+        assert check_identities(site, [dest], identities, {"disk"}) == []
+        ack = site.status(dest)
+    assert not ack.ok and ack.outcome_unknown and "is not an isc agent's reply" in ack.reason
+    assert identities == {"disk": "machine:1:2"} and dest.state is DestState.NEW
+
+
+# -- an agent replaced at its address ---------------------------------------------------------
+@pytest.fixture
+def remote(tmp_path: Path, env) -> Iterator[Agent]:
+    """An ``isc agent`` of ``tmp_path/exports`` (one export, ``disk``, zeros) at fixed ports."""
+    directory = tmp_path / "exports"
+    directory.mkdir()
+    (directory / "disk").write_bytes(bytes(SIZE))
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    agents = [Agent(directory, env, logs)]
+    try:
+        agents[0].start()
+        yield agents[0]
+    finally:
+        for agent in agents:
+            agent.end()
+
+
+def in_place(agent: Agent, size: int, seed: int) -> Agent:
+    """Kill ``agent`` and start another at its address, whose ``disk`` is another file of
+    ``size`` random bytes."""
+    agent.end()
+    directory = agent.directory.parent / f"elsewhere-{seed}"
+    directory.mkdir()
+    (directory / "disk").write_bytes(random.Random(seed).randbytes(size))
+    other = agent.in_its_place(directory)
+    other.start()
+    return other
+
+
+def first_update(session: Session, agent: Agent) -> tuple[Destination, PeriodicUpdate]:
+    """``disk`` of ``agent`` as an NBDLUN destination of ``session``, copied in full."""
+    dest = Destination(NBDLUN(agent.uri, timeout=WAIT), name="disk")
+    update = PeriodicUpdate(session, [dest], agent.site_of(), timeout=WAIT)
+    update.run()
+    assert dest.state is DestState.CONSISTENT
+    return dest, update
+
+
+def assert_honest(session: Session, dest: Destination, export: Path, image: bytes) -> None:
+    """Rules 2 and 6 for ``dest``, whose export's file is ``export``: unmarked, every
+    difference tracked, and CONSISTENT only holding ``image``."""
+    assert not session.bitmap.marked
+    with lun_of(export) as lun:
+        assert_no_lost_change(session, lun)
+    if dest.state is DestState.CONSISTENT:
+        assert export.read_bytes() == image, "disk reads consistent but is not the image"
+
+
+def test_an_nbdlun_destination_reconnects_after_its_agent_restarted(
+    session: Session, remote: Agent
+):
+    dest, update = first_update(session, remote)
+    with dest.lun:
+        remote.end()
+        remote.start()
+        write_randomly(session, random.Random(SEED), 20)
+        image = session.source.read(0, SIZE)
+        update.run()
+        assert dest.state is DestState.CONSISTENT
+        assert_honest(session, dest, remote.directory / "disk", image)
+
+
+def test_an_export_of_another_size_at_the_reconnect_fails_that_destination_alone(
+    session: Session, remote: Agent
+):
+    dest, update = first_update(session, remote)
+    try:
+        other = in_place(remote, 2 * SIZE, SEED)
+        try:
+            write_randomly(session, random.Random(SEED), 20)
+            with pytest.raises(UpdateError) as failed:
+                update.run()
+            assert "disk" in str(failed.value)
+            assert dest.state is not DestState.CONSISTENT
+            assert_honest(session, dest, remote.directory / "disk", b"")
+        finally:
+            other.end()
+    finally:
+        dest.lun.close()
