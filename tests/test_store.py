@@ -18,7 +18,10 @@ import json
 import os
 import random
 import shutil
+import signal
 import struct
+import subprocess
+import sys
 import tempfile
 import zlib
 from collections.abc import Iterator
@@ -26,10 +29,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from helpers import assert_no_lost_change, fill_random
+from helpers import TIMEOUT, assert_no_lost_change, fill_random
 from hypothesis import given
 from hypothesis import strategies as st
 
+import isc
 from isc import CopyJob, CorruptMetadata, DeltaBitmap, DestState, FileLUN, IscError, journal
 from isc._core import IO_PWRITE, run_io
 from isc.errors import ParameterError, StateError
@@ -37,6 +41,7 @@ from isc.store import (
     DEFAULT_HOT_LIMIT,
     METADATA,
     PersistentSession,
+    copy,
     create_session,
     open_session,
     read_state,
@@ -46,6 +51,7 @@ G = 4096
 SIZE = 64 * G + 1000  # a short last chunk
 REGION = 16 * G  # five activity regions
 IO = 4 * G
+ROOT = Path(isc.__file__).resolve().parent.parent
 
 
 def make_session(root: Path) -> Path:
@@ -851,6 +857,93 @@ def test_crash_in_a_marked_copy_keeps_what_it_confirmed(env: Path) -> None:
         result = CopyJob(stored.session, [d1], io_size=IO).incremental()
         assert result.bytes_seeded == 0
         assert d1.state is DestState.CONSISTENT and d1.lun.read(0, SIZE) == source
+
+
+# A child that runs a MODE copy to d1 and d2 and, while the copy's first write to d1 waits
+# on an event, adds (or with "remove": adds and removes) destination d3, checkpoints (as the
+# background checkpointer would at any time), lets the copy go on, and SIGKILLs itself once
+# the copy has written d2 once: a crash with the copy under way after the add-dest.
+EDIT_MID_COPY_CHILD = r"""
+import os, signal, sys, threading
+from isc.store import copy, open_session
+
+mode, edit, state, d3, io = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
+stored, _ = open_session(state, checkpoint_interval=3600)
+
+class Parked:
+    # A LUN whose first write waits for `go` after setting `reached`; the second
+    # write of one with `stop` kills the process (the first completed).
+    def __init__(self, lun, stop=False):
+        self.lun, self.size, self.writes, self.stop = lun, lun.size, 0, stop
+        self.reached, self.go = threading.Event(), threading.Event()
+    closed = property(lambda self: self.lun.closed)
+    def read(self, offset, length): return self.lun.read(offset, length)
+    def readinto(self, offset, buffer): self.lun.readinto(offset, buffer)
+    def flush(self): self.lun.flush()
+    def close(self): self.lun.close()
+    def write(self, offset, data):
+        self.writes += 1
+        if self.writes == 1 and not self.stop:
+            self.reached.set()
+            assert self.go.wait(60)
+        if self.writes == 2 and self.stop:
+            os.kill(os.getpid(), signal.SIGKILL)
+        self.lun.write(offset, data)
+
+d1, d2 = stored.destinations
+d1.lun, d2.lun = Parked(d1.lun), Parked(d2.lun, stop=True)
+threading.Thread(target=copy, args=(stored, mode), kwargs={"io_size": io}, daemon=True).start()
+assert d1.lun.reached.wait(60)
+stored.add_destination(d3, "d3")
+if edit == "remove":
+    stored.remove_destination("d3")
+stored.checkpoint()
+d1.lun.go.set()
+threading.Event().wait(60)
+sys.exit("the copy did not write d2 twice")
+"""
+
+
+@pytest.mark.parametrize("edit", ["add", "remove"])
+@pytest.mark.parametrize("mode", ["incremental", "full-unmarked"])
+def test_a_crash_after_a_destination_was_added_mid_copy_keeps_the_copy_s_record(
+    env: Path, mode: str, edit: str
+) -> None:
+    """Rules 2, 6, 9: adding (or removing) a destination while a copy runs keeps the
+    record of the copy that a crash recovery reads: its destinations read inconsistent
+    and what it cleared is sent again when it was unmarked."""
+    with opened(env) as stored:
+        seed_copies(stored)
+        write_random(stored, random.Random(11), 40)
+        if mode == "incremental":
+            stored.session.mark()
+    FileLUN.create(env.parent / "d3.img", SIZE).close()
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    args = [mode, edit, str(env), str(env.parent / "d3.img"), str(IO)]
+    child = subprocess.run(
+        [sys.executable, "-c", EDIT_MID_COPY_CHILD, *args],
+        env={**os.environ, "PYTHONPATH": path},
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    stored, recovery = open_session(env)
+    with stored:
+        assert recovery.interrupted_copy
+        names = [d.name for d in stored.destinations]
+        assert names == (["d1", "d2", "d3"] if edit == "add" else ["d1", "d2"])
+        source = stored.source.read(0, SIZE)
+        for dest in stored.destinations:
+            if dest.state is DestState.CONSISTENT:
+                assert dest.lun.read(0, SIZE) == source, f"{dest.name} reads consistent"
+        for dest in stored.destinations[:2]:
+            assert dest.state is DestState.INCONSISTENT
+            assert_no_lost_change(stored.session, dest.lun)
+        stored.session.mark()
+        copy(stored, "incremental", io_size=IO)
+        for dest in stored.destinations:
+            assert dest.state is DestState.CONSISTENT and dest.lun.read(0, SIZE) == source
 
 
 # -- read_state ----------------------------------------------------------------------------
