@@ -116,7 +116,6 @@ raising.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import fcntl
 import json
 import logging
@@ -132,6 +131,7 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from functools import partial
+from operator import itemgetter
 from pathlib import Path
 
 import numpy as np
@@ -142,7 +142,6 @@ from isc.activity import ActivityLog, read_log, read_writes
 from isc.auth import Credentials, others_may_change
 from isc.copy import CopyJob, CopyResult, Destination, DestState
 from isc.errors import CorruptMetadata, IscError, ParameterError, StateError
-from isc.guard import WriteGuard, guard_source
 from isc.journal import fsync_dir as _fsync_dir
 from isc.lun import FileLUN, ReconnectingLUN, loop_backing, open_loop_backing
 from isc.remote import AgentSite, RoutingSite, agent_address
@@ -197,14 +196,7 @@ def open_lun(target: str, timeout: float | None = None):
         from isc.nbd import DEFAULT_TIMEOUT, NBDLUN
 
         return NBDLUN(target, timeout=timeout or DEFAULT_TIMEOUT)
-    try:
-        return FileLUN(target)
-    except PermissionError as exc:
-        if exc.errno == errno.EPERM:
-            # Another session's guard (isc.guard) refused to open its source for
-            # writing: its lock says so in the words of every other refusal.
-            SourceLock(target).close()
-        raise
+    return FileLUN(target)
 
 
 def _open_named(target: str, what: str, timeout: float | None = None):
@@ -277,18 +269,13 @@ class SourceLock:
     the file conflict.
 
     Raises ``StateError`` when another session, or a program that writes
-    or resizes the source under QEMU's image locking, holds it, or a program
-    has it open for writing; ``OSError`` when the source cannot be opened or
-    locked. The locks are advisory, as QEMU's are; where it can (as root),
-    a :class:`~isc.guard.WriteGuard` also refuses every open of the source
-    for writing by any other program until :meth:`close`. Without it a
+    or resizes the source under QEMU's image locking, holds it; ``OSError``
+    when the source cannot be opened or locked. Advisory, as QEMU's are: a
     program that takes no lock is not stopped, and the source's stamp
-    (:meth:`stamp`, checked at the next open) finds only what it did while
-    no session held the source.
+    (:meth:`stamp`, checked at the next open) finds what it did.
     """
 
     def __init__(self, path: str, opened: FileLUN | None = None) -> None:
-        self._guard: WriteGuard | None = None
         name = path if opened is None else f"/proc/self/fd/{opened.fileno()}"
         self.fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
         backing = open_loop_backing(self.fd)
@@ -313,20 +300,12 @@ class SourceLock:
                 f"it (an image lock on byte {held[0]}, as QEMU takes); one session per source: "
                 "close the other first"
             )
-        try:
-            self._guard = guard_source(self._fds, path, None if opened is None else opened.fileno())
-        except BaseException:
-            self.close()
-            raise
 
     def stamp(self) -> dict:
         """The source's identity, size and mtime now (see :func:`_stamp`)."""
         return _stamp(os.fstat(self.fd))
 
     def close(self) -> None:
-        if self._guard is not None:
-            self._guard.close()
-            self._guard = None
         for fd in self._fds:
             os.close(fd)
         self._fds = []
@@ -534,7 +513,7 @@ class PersistentSession:
         """Copies begun (:meth:`begin_copy`)."""
         self._flushed_for: tuple[int, int, bool] | None = None
         """Copies begun, generation and marked when the last checkpoint flushed the source."""
-        self._used = (np.empty(0, np.int64), np.empty(0, np.float64))
+        self._used: tuple[list[int], list[float]] = ([], [])
         """The regions kept hot by the last checkpoint and when each was last found written."""
         self._clock = time.monotonic
         self._interval = DEFAULT_CHECKPOINT_INTERVAL
@@ -577,24 +556,35 @@ class PersistentSession:
             self._woken_in = self._log.generation
             self._wake.set()
 
-    def _keep_hot(self) -> np.ndarray:
+    def _keep_hot(self) -> list[int]:
         """The regions to keep hot across this checkpoint, ascending: the most recently
         written, written within a checkpoint interval, at most half the capacity, which
         grows first if they are more and writes kept waiting (see the module docstring).
 
-        One core call (``DeltaBitmap.keep_hot``) with the GIL released: the
-        checkpointing thread holds it for O(1) steps here, whatever the hot set, so
-        a host write's thread waiting for it is not held up.
+        O(hot regions), in plain Python (numpy would release and re-take the GIL at
+        each step: each a wait again for a host write's thread that wants it), plus
+        ``hot_regions``' pass over one bit per region.
         """
         bitmap = self.session.bitmap
         now = self._clock()
+        written = bitmap.hot_regions(written=True).tolist()
+        fresh = set(written)
         regions, when = self._used
+        # The regions written before, not since, within the interval: newest first.
+        older = [
+            (r, w)
+            for r, w in zip(regions, when, strict=True)
+            if w > now - self._interval and r not in fresh
+        ]
+        older.sort(key=itemgetter(1), reverse=True)
         waited = self._log.logged * GROW_AT > bitmap.writes - self._writes_at
-        regions, when, self.hot_capacity = bitmap.keep_hot(
-            regions, when, now, now - self._interval, self.hot_capacity, self.hot_limit, waited
-        )
-        self._used = (regions, when)
-        return regions
+        if 2 * (len(written) + len(older)) > self.hot_capacity and waited:
+            self.hot_capacity = min(2 * self.hot_capacity, self.hot_limit)
+        newest = [(region, now) for region in written] + older
+        del newest[self.hot_capacity // 2 :]
+        newest.sort()
+        self._used = ([r for r, _ in newest], [w for _, w in newest])
+        return self._used[0]
 
     def _checkpointer(self, interval: float) -> None:
         due = time.monotonic() + interval
@@ -630,7 +620,7 @@ class PersistentSession:
             bitmap = self.session.bitmap
             # Regions written since the last checkpoint stay hot, logged in the next
             # generation first (a closing session keeps none: nothing writes).
-            keep = np.empty(0, np.int64) if self._closing.is_set() else self._keep_hot()
+            keep = [] if self._closing.is_set() else self._keep_hot()
             fresh = self._log.prepare(keep)
             bitmap.freeze()
             try:
@@ -707,29 +697,9 @@ class PersistentSession:
         Ends what :meth:`begin_copy` recorded: call it once the copy is over.
         """
         with self._meta_lock:
+            self.meta = self._current_meta()
+            write_atomically(self.directory / METADATA, _encode(self.meta))
             self._receiving = []
-            self._write_meta_locked()
-
-    def _save_destinations(self) -> None:
-        """:meth:`save` after a destination was added or removed, but the record of a running
-        copy (:meth:`begin_copy`) stays, so that a crash recovery still ends that copy as
-        failed (rules 2, 6, 9)."""
-        with self._meta_lock:
-            self._write_meta_locked()
-
-    def _write_meta_locked(self) -> None:
-        """Write the metadata; while a copy runs, its record with its destinations as it
-        recorded them (inconsistent, with the samples of the last checkpoint) and the
-        others as they are now."""
-        self.meta = meta = self._current_meta()
-        if self._receiving:
-            copying = set(self._recorded["copy"]["destinations"])
-            recorded = {d["name"]: d for d in self._recorded["destinations"]}
-            dests = [
-                recorded[d["name"]] if d["name"] in copying else d for d in meta["destinations"]
-            ]
-            meta = self._recorded = {**self._recorded, "destinations": dests}
-        write_atomically(self.directory / METADATA, _encode(meta))
 
     def begin_copy(self, destinations, mode: str) -> None:
         """Record durably that a copy (``mode`` in :data:`COPY_MODES`) to ``destinations`` starts.
@@ -832,7 +802,7 @@ class PersistentSession:
         del self._targets[name]
         del self._sites[name]
         self.identities.pop(name, None)
-        self._save_destinations()
+        self.save()
         dest.lun.close()
         return dest
 
@@ -895,7 +865,7 @@ class PersistentSession:
         self._targets[name] = target
         self._sites[name] = None if agent is None else agent.where
         self.destinations.append(dest)
-        self._save_destinations()
+        self.save()
         return dest
 
     def _clash(self, target: str, name: str) -> str | None:
