@@ -697,9 +697,29 @@ class PersistentSession:
         Ends what :meth:`begin_copy` recorded: call it once the copy is over.
         """
         with self._meta_lock:
-            self.meta = self._current_meta()
-            write_atomically(self.directory / METADATA, _encode(self.meta))
             self._receiving = []
+            self._write_meta_locked()
+
+    def _save_destinations(self) -> None:
+        """:meth:`save` after a destination was added or removed, but the record of a running
+        copy (:meth:`begin_copy`) stays, so that a crash recovery still ends that copy as
+        failed (rules 2, 6, 9)."""
+        with self._meta_lock:
+            self._write_meta_locked()
+
+    def _write_meta_locked(self) -> None:
+        """Write the metadata; while a copy runs, its record with its destinations as it
+        recorded them (inconsistent, with the samples of the last checkpoint) and the
+        others as they are now."""
+        self.meta = meta = self._current_meta()
+        if self._receiving:
+            copying = set(self._recorded["copy"]["destinations"])
+            recorded = {d["name"]: d for d in self._recorded["destinations"]}
+            dests = [
+                recorded[d["name"]] if d["name"] in copying else d for d in meta["destinations"]
+            ]
+            meta = self._recorded = {**self._recorded, "destinations": dests}
+        write_atomically(self.directory / METADATA, _encode(meta))
 
     def begin_copy(self, destinations, mode: str) -> None:
         """Record durably that a copy (``mode`` in :data:`COPY_MODES`) to ``destinations`` starts.
@@ -802,7 +822,7 @@ class PersistentSession:
         del self._targets[name]
         del self._sites[name]
         self.identities.pop(name, None)
-        self.save()
+        self._save_destinations()
         dest.lun.close()
         return dest
 
@@ -865,7 +885,7 @@ class PersistentSession:
         self._targets[name] = target
         self._sites[name] = None if agent is None else agent.where
         self.destinations.append(dest)
-        self.save()
+        self._save_destinations()
         return dest
 
     def _clash(self, target: str, name: str) -> str | None:
