@@ -95,7 +95,10 @@ or through a loop device over it, and a QEMU tool that would write or
 resize it are refused, and the other way round. A path that names a file
 by a process's descriptor (``/proc/self/fd/N``, ``/dev/fd/N``) is refused
 as a source or a destination: it would name another file in each later
-process. The locks are advisory, so a clean close stamps the source in
+process. The locks are advisory; as root a guard (:mod:`isc.guard`) also
+refuses every other program's open of the source for writing while a
+session holds it, and refuses the source to a session while a program has
+it open for writing. A clean close stamps the source in
 ``session.json`` (``source_stamp``: device and inode, size, mtime) and the
 next open compares: another file at the path or another mtime (a write while
 no isc process held it) means any chunk may differ, so every chunk is
@@ -105,7 +108,9 @@ after a crash only the identity and size are compared (the session's own
 writes moved the mtime); before Linux 6.13 (no multigrain timestamps) a
 write in the same clock tick as the close can leave the mtime as it was; a
 block device is compared by its device number only; an NBD URI source is
-neither locked nor checked.
+neither locked nor checked; without the guard (not root), a write by a
+program that takes no lock while a session holds the source, and with it
+what it cannot stop (``truncate(2)`` by path, :mod:`isc.guard`).
 
 :func:`read_state` reads a directory without opening the session (no lock,
 no writes), for status reports while another process holds it; it reports
@@ -116,6 +121,7 @@ raising.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import fcntl
 import json
 import logging
@@ -142,6 +148,7 @@ from isc.activity import ActivityLog, read_log, read_writes
 from isc.auth import Credentials, others_may_change
 from isc.copy import CopyJob, CopyResult, Destination, DestState
 from isc.errors import CorruptMetadata, IscError, ParameterError, StateError
+from isc.guard import WriteGuard, guard_source
 from isc.journal import fsync_dir as _fsync_dir
 from isc.lun import FileLUN, ReconnectingLUN, loop_backing, open_loop_backing
 from isc.remote import AgentSite, RoutingSite, agent_address
@@ -196,7 +203,14 @@ def open_lun(target: str, timeout: float | None = None):
         from isc.nbd import DEFAULT_TIMEOUT, NBDLUN
 
         return NBDLUN(target, timeout=timeout or DEFAULT_TIMEOUT)
-    return FileLUN(target)
+    try:
+        return FileLUN(target)
+    except PermissionError as exc:
+        if exc.errno == errno.EPERM:
+            # Another session's guard (isc.guard) refused to open its source for
+            # writing: its lock says so in the words of every other refusal.
+            SourceLock(target).close()
+        raise
 
 
 def _open_named(target: str, what: str, timeout: float | None = None):
@@ -269,13 +283,18 @@ class SourceLock:
     the file conflict.
 
     Raises ``StateError`` when another session, or a program that writes
-    or resizes the source under QEMU's image locking, holds it; ``OSError``
-    when the source cannot be opened or locked. Advisory, as QEMU's are: a
+    or resizes the source under QEMU's image locking, holds it, or a program
+    has it open for writing; ``OSError`` when the source cannot be opened or
+    locked. The locks are advisory, as QEMU's are; where it can (as root),
+    a :class:`~isc.guard.WriteGuard` also refuses every open of the source
+    for writing by any other program until :meth:`close`. Without it a
     program that takes no lock is not stopped, and the source's stamp
-    (:meth:`stamp`, checked at the next open) finds what it did.
+    (:meth:`stamp`, checked at the next open) finds only what it did while
+    no session held the source.
     """
 
     def __init__(self, path: str, opened: FileLUN | None = None) -> None:
+        self._guard: WriteGuard | None = None
         name = path if opened is None else f"/proc/self/fd/{opened.fileno()}"
         self.fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
         backing = open_loop_backing(self.fd)
@@ -300,12 +319,20 @@ class SourceLock:
                 f"it (an image lock on byte {held[0]}, as QEMU takes); one session per source: "
                 "close the other first"
             )
+        try:
+            self._guard = guard_source(self._fds, path, None if opened is None else opened.fileno())
+        except BaseException:
+            self.close()
+            raise
 
     def stamp(self) -> dict:
         """The source's identity, size and mtime now (see :func:`_stamp`)."""
         return _stamp(os.fstat(self.fd))
 
     def close(self) -> None:
+        if self._guard is not None:
+            self._guard.close()
+            self._guard = None
         for fd in self._fds:
             os.close(fd)
         self._fds = []

@@ -1,0 +1,299 @@
+"""Keeping other programs from writing the source while a session holds it (rule 11).
+
+QEMU's image locks (:class:`isc.store.SourceLock`) are advisory: a program
+that takes none writes the source unseen. A :class:`WriteGuard` makes the
+kernel ask before every new open of the source's file (its inode, so every
+name of it: a hard link, a symlink, ``/proc/PID/fd/N``) and refuses those
+for writing, with fanotify permission events, the way an on-access virus
+scanner does; and at its start it refuses a source some program already has
+open for writing.
+
+=====================  =================================================
+state                  what another program's open of the source gets
+=====================  =================================================
+guarding               read-only (no ``O_TRUNC``): allowed; for writing
+                       (``O_WRONLY``, ``O_RDWR``, ``O_TRUNC``, ``creat``):
+                       ``EPERM``; one whose flags the guard cannot read
+                       (below): ``EPERM``
+closed, or its process the kernel lets through every open, those waiting
+killed                 for an answer too
+unavailable            no guard (not root, a kernel without permission
+                       events, a machine without a table of open system
+                       calls here): the locks stay advisory, and isc logs
+                       why once per process
+=====================  =================================================
+
+How an open is judged: the kernel's event says which thread opens, not how
+(the descriptor it hands the guard is opened with the guard's own flags), so
+the guard reads the opener's system call and its arguments from
+``/proc/TID/syscall`` while the kernel holds that thread in the call: the
+flags of ``open``, ``openat`` and ``open_by_handle_at`` are in registers
+no other thread can change. ``execve`` is allowed; everything else is
+refused whatever its flags: ``openat2`` (its flags lie in the opener's
+memory, which another thread may change after the kernel read them), an
+open through io_uring, a 32-bit program's, a kernel thread's (``swapon``,
+``acct``, nfsd).
+
+At the start (:func:`guard_source`), after the marks are in place (so no
+open slips between the look and the mark): a descriptor of the file open
+for writing in any process (``/proc/*/fdinfo``; a block device by its
+device number, under any node), a writable shared mapping of it
+(``/proc/*/maps``) and a loop device over it that is not read-only make the
+session refuse the source (``StateError``, one line naming the program and
+the fix). The session's own LUN, opened before, is left out.
+
+Costs: the start reads every process's descriptors and mappings (a few
+milliseconds per thousand descriptors); each later open of the source by
+anyone waits for the guard's thread (one read of ``/proc``, tens of
+microseconds), reads and writes through descriptors already open cost
+nothing.
+
+The responder thread answers every event at once and takes no lock: a
+thread of this process that opens the source waits for it in ``os.open``,
+which lets the interpreter lock go, so the two never wait for each other.
+It alone closes the fanotify group; if it fails, it closes the group first
+(the kernel then lets every open through) and logs that the guard stopped.
+A SIGKILL of the process closes the group the same way.
+
+Not closed (the source can still change unseen while a session holds it):
+``truncate(2)`` by path and other calls that change a file without opening
+it; a descriptor opened for writing before the session and passed on
+through a Unix socket, or registered with io_uring (in no process's table);
+a process in another PID namespace (not in this ``/proc``); for a block
+device, another device node of it made with ``mknod``, its partitions and
+what is stacked on it (device-mapper, a mounted file system).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import platform
+import select
+import stat
+import struct
+import threading
+import weakref
+from collections.abc import Iterator, Sequence
+
+log = logging.getLogger(__name__)
+
+_FAN_CLOEXEC, _FAN_CLASS_CONTENT, _FAN_REPORT_TID = 0x1, 0x4, 0x100
+_FAN_MARK_ADD, _FAN_OPEN_PERM = 0x1, 0x10000
+_FAN_ALLOW, _FAN_DENY = 0x1, 0x2
+_METADATA_VERSION = 3
+_EVENT = struct.Struct("IBBHQii")  # struct fanotify_event_metadata
+_RESPONSE = struct.Struct("iI")  # struct fanotify_response
+
+# The open system calls by number, and the argument that holds their flags
+# (None: allowed whatever they are). Any other call is refused.
+_OPENS: dict[str, dict[int, int | None]] = {
+    "x86_64": {2: 1, 257: 2, 304: 2, 59: None, 322: None},  # open openat open_by_handle_at
+    "aarch64": {56: 2, 265: 2, 221: None, 281: None},  # openat open_by_handle_at; execve(at)
+}
+
+_warned: set[str] = set()
+
+
+class WriteGuard:
+    """Refuses every new open for writing of the files open at ``fds`` (see the module).
+
+    Raises ``OSError`` when the kernel refuses a group or a mark (not root,
+    no permission events); nothing is left behind then. :meth:`close` ends
+    it and lets every open through again; so does the end of the process.
+    """
+
+    def __init__(self, fds: Sequence[int]) -> None:
+        opens = _OPENS.get(platform.machine())
+        if opens is None:
+            raise OSError(f"no table of the open system calls of {platform.machine()}")
+        group = _libc_call(
+            "fanotify_init",
+            _FAN_CLASS_CONTENT | _FAN_CLOEXEC | _FAN_REPORT_TID,
+            os.O_RDONLY | os.O_LARGEFILE | os.O_CLOEXEC,
+        )
+        try:
+            for fd in fds:
+                _libc_call("fanotify_mark", group, _FAN_MARK_ADD, _FAN_OPEN_PERM, fd, None)
+            wake, self._wake = os.pipe2(os.O_CLOEXEC)
+        except BaseException:
+            os.close(group)
+            raise
+        self._thread = threading.Thread(
+            target=_respond, args=(group, wake, opens), name="isc-guard", daemon=True
+        )
+        self._thread.start()
+        # A guard dropped without close() (a leaked session) stops its thread.
+        self._stop = weakref.finalize(self, _stop, self._wake, self._thread)
+
+    def close(self) -> None:
+        """Stop refusing: the thread answers what it read and closes the group. Idempotent."""
+        self._stop()
+
+
+def guard_source(fds: Sequence[int], source: str, own: int | None) -> WriteGuard | None:
+    """Guard the files open at ``fds`` (the source's, and the file under it if it is a loop
+    device); ``own``: the session's LUN's descriptor, left out of the look for writers.
+
+    Raises ``StateError`` (and guards nothing) when a program has the source open for
+    writing; returns None where no guard can be had, having said why once.
+    """
+    from isc.errors import StateError
+
+    try:
+        guard = WriteGuard(fds)
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+        if why not in _warned:
+            _warned.add(why)
+            log.warning(
+                "%s: other programs can still write the source while a session holds it "
+                "(no fanotify guard: %s; it needs root and a kernel with fanotify "
+                "permission events): write it only through isc",
+                source,
+                why,
+            )
+        return None
+    writer = next(writers(fds, own), None)
+    if writer is not None:
+        guard.close()
+        raise StateError(f"the source {source} is {writer}; close it there first")
+    return guard
+
+
+def writers(fds: Sequence[int], own: int | None) -> Iterator[str]:
+    """What has the files open at ``fds`` open for writing now, each said in a few words:
+    descriptors and shared writable mappings in every process (but ``own`` of this one),
+    and loop devices over them that are not read-only (but those among ``fds``)."""
+    infos = [os.fstat(fd) for fd in fds]
+    keys = {_key(info) for info in infos}
+    files = {(info.st_dev, info.st_ino) for info in infos}
+    devices = {info.st_rdev for info in infos if stat.S_ISBLK(info.st_mode)}
+    me = os.getpid()
+    for pid in (int(name) for name in os.listdir("/proc") if name.isdigit()):
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                if (pid, int(fd)) == (me, own) or _key(os.stat(f"/proc/{pid}/fd/{fd}")) not in keys:
+                    continue
+                with open(f"/proc/{pid}/fdinfo/{fd}") as info:
+                    flags = int(next(x for x in info if x.startswith("flags:")).split()[1], 8)
+                if _for_writing(flags):
+                    yield f"open for writing by pid {pid} ({_program(pid)}, descriptor {fd})"
+            with open(f"/proc/{pid}/maps") as maps:
+                for line in maps:
+                    perms, _, dev, inode = line.split()[1:5]
+                    major, minor = (int(x, 16) for x in dev.split(":"))
+                    if perms[1] + perms[3] == "ws" and (
+                        (os.makedev(major, minor), int(inode)) in files
+                    ):
+                        yield f"mapped shared and writable by pid {pid} ({_program(pid)})"
+                        break
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue  # the process or the descriptor is gone, or not ours to read
+    yield from _loops(files, devices)
+
+
+def _loops(files: set[tuple[int, int]], devices: set[int]) -> Iterator[str]:
+    """Loop devices (but ``devices``) over one of ``files`` that are not read-only."""
+    from isc.lun import loop_backing
+
+    for name in sorted(os.listdir("/sys/block")):
+        if not os.path.isdir(f"/sys/block/{name}/loop"):
+            continue
+        try:
+            with open(f"/sys/block/{name}/ro") as ro:
+                if ro.read().strip() != "0":
+                    continue
+            fd = os.open(f"/dev/{name}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            if os.fstat(fd).st_rdev not in devices and loop_backing(fd) in files:
+                yield (
+                    f"writable through the loop device /dev/{name} over it (losetup -d "
+                    f"/dev/{name}, or attach it with losetup --read-only)"
+                )
+        finally:
+            os.close(fd)
+
+
+def _key(info: os.stat_result) -> tuple[int, ...]:
+    """A file by device and inode; a block device by its number, under any node."""
+    return (info.st_rdev,) if stat.S_ISBLK(info.st_mode) else (info.st_dev, info.st_ino)
+
+
+def _for_writing(flags: int) -> bool:
+    """Whether an open with ``flags`` may change the file (``O_TRUNC`` truncates even read-only)."""
+    return flags & os.O_ACCMODE != os.O_RDONLY or bool(flags & os.O_TRUNC)
+
+
+def _program(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as comm:
+            return comm.read().strip()
+    except OSError:
+        return "gone"
+
+
+def _verdict(tid: int, opens: dict[int, int | None]) -> int:
+    """Allow the open thread ``tid`` is in unless it may write, or its flags cannot be read."""
+    try:
+        with open(f"/proc/{tid}/syscall", "rb") as f:
+            call = f.read().split()
+        flags_at = opens[int(call[0])]
+        if flags_at is None or not _for_writing(int(call[1 + flags_at], 16)):
+            return _FAN_ALLOW
+    except (OSError, KeyError, ValueError, IndexError):
+        pass  # gone, "running" (not in a call), a call not in the table
+    return _FAN_DENY
+
+
+def _respond(group: int, wake: int, opens: dict[int, int | None]) -> None:
+    """The responder thread: answer each event of ``group`` until ``wake``'s writer closes."""
+    try:
+        poller = select.poll()
+        poller.register(group, select.POLLIN)
+        poller.register(wake, select.POLLIN)
+        while all(fd != wake for fd, _ in poller.poll()):
+            events = os.read(group, 64 * _EVENT.size)
+            for at in range(0, len(events), _EVENT.size):
+                size, version, _, _, _, fd, tid = _EVENT.unpack_from(events, at)
+                if version != _METADATA_VERSION or size != _EVENT.size:
+                    raise OSError(f"fanotify events of version {version}, not {_METADATA_VERSION}")
+                os.write(group, _RESPONSE.pack(fd, _verdict(tid, opens)))
+                os.close(fd)
+    except BaseException:
+        os.close(group)  # first: the kernel lets waiting and later opens through
+        group = -1
+        log.exception("the guard of the source stopped: other programs can write it now")
+    finally:
+        if group != -1:
+            os.close(group)
+        os.close(wake)
+
+
+def _stop(wake: int, thread: threading.Thread) -> None:
+    os.close(wake)  # the thread's poll sees the pipe hang up
+    if thread is not threading.current_thread():
+        thread.join()
+
+
+def _libc_call(name: str, *args: object) -> int:
+    function = getattr(_libc, name)
+    answer = function(*args)
+    if answer < 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"{name}: {os.strerror(errno)}")
+    return answer
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fanotify_init.argtypes = [ctypes.c_uint, ctypes.c_uint]
+_libc.fanotify_mark.argtypes = [
+    ctypes.c_int,
+    ctypes.c_uint,
+    ctypes.c_uint64,
+    ctypes.c_int,
+    ctypes.c_char_p,
+]
