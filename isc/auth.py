@@ -122,16 +122,8 @@ def read_secret(path: str | os.PathLike[str]) -> bytes:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise ParameterError(f"secret file {name} is not a regular file; {_MAKE_SECRET}")
-        if info.st_uid != os.geteuid():
-            raise ParameterError(
-                f"secret file {name} belongs to uid {info.st_uid}, not to this user "
-                f"(uid {os.geteuid()}): chown it, or use a file of your own"
-            )
-        if info.st_mode & 0o077:
-            raise ParameterError(
-                f"secret file {name} has mode {stat.S_IMODE(info.st_mode):04o}, so other users "
-                f"may read it: chmod 600 {name}"
-            )
+        if problem := not_private(info, name):
+            raise ParameterError(f"secret file {name} {problem}")
         secret = os.read(fd, MAX_SECRET + 1).strip()
     finally:
         os.close(fd)
@@ -141,6 +133,23 @@ def read_secret(path: str | os.PathLike[str]) -> bytes:
             f"{MAX_SECRET} bytes: {_MAKE_SECRET}"
         )
     return secret
+
+
+def not_private(info: os.stat_result, name: str) -> str | None:
+    """Why the file ``name`` (``info``: its status) holding a secret (a shared secret, a
+    TLS private key) is not this user's alone, or None: another user owns it, or its mode
+    lets group or others at it. The words end with the fix."""
+    if info.st_uid != os.geteuid():
+        return (
+            f"belongs to uid {info.st_uid}, not to this user (uid {os.geteuid()}): chown it, "
+            "or use a file of your own"
+        )
+    if info.st_mode & 0o077:
+        return (
+            f"has mode {stat.S_IMODE(info.st_mode):04o}, so other users may read or change "
+            f"it: chmod 600 {name}"
+        )
+    return None
 
 
 def others_may_change(info: os.stat_result) -> str | None:

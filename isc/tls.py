@@ -14,7 +14,11 @@ one directory serves isc, QEMU, nbdkit and libnbd alike:
 
 A context is built once, when a server or client is configured: a missing
 or unreadable file raises ``ParameterError`` naming it, before anything
-listens or connects. Every context speaks TLS 1.2 or later. A server that
+listens or connects, and so do a private key that is not this user's alone
+(another user's, or one group or others may read or write: ``chmod 600``, as
+a secret file, :func:`isc.auth.read_secret`) and a directory, certificate or
+CA file that another user could change (whoever may write them chooses whom
+isc trusts: ``chmod go-w``, as a session directory). Every context speaks TLS 1.2 or later. A server that
 verifies peers refuses a client without a certificate signed by its CA
 (expired, from another CA, or none); a client refuses a server whose
 certificate does not chain to its CA, has expired, or (over TCP) does not
@@ -68,7 +72,11 @@ def refuse_psk(what: str) -> ParameterError:
     )
 
 
-def _file(directory: Path, name: str, role: str) -> str:
+def _file(directory: Path, name: str, role: str, *, key: bool = False) -> str:
+    """The path of ``name`` in ``directory``; ``ParameterError`` when it is missing, when
+    another user could replace it, or for a ``key`` that is not this user's alone."""
+    from isc.auth import not_private  # isc.auth imports this module
+
     path = directory / name
     if not path.is_file():
         raise ParameterError(
@@ -76,7 +84,22 @@ def _file(directory: Path, name: str, role: str) -> str:
             f"holds {CA_CERT}, {SERVER_CERT} and {SERVER_KEY} (and {CLIENT_CERT} and "
             f"{CLIENT_KEY} for a client that servers verify)"
         )
+    info = path.stat()
+    if problem := not_private(info, os.fspath(path)) if key else _replaceable(info, path):
+        raise ParameterError(f"TLS credentials {directory}: {name} {problem}")
     return os.fspath(path)
+
+
+def _replaceable(info: os.stat_result, path: Path) -> str | None:
+    """Why another user could change ``path`` (``info``: its status), with the fix, or None:
+    whoever may write the credentials chooses whom isc trusts."""
+    from isc.auth import others_may_change  # isc.auth imports this module
+
+    problem = others_may_change(info)
+    return problem and (
+        f"{problem}, and what it holds says whom isc trusts: chmod go-w {path} (and chown it "
+        "to you)"
+    )
 
 
 def _directory(directory: str | os.PathLike[str]) -> Path:
@@ -86,11 +109,14 @@ def _directory(directory: str | os.PathLike[str]) -> Path:
             f"TLS credentials {os.fspath(directory)!r} is not a directory: give the directory "
             f"that holds {CA_CERT} and the certificates"
         )
+    if problem := _replaceable(path.stat(), path):
+        raise ParameterError(f"TLS credentials {path} {problem}")
     return path
 
 
 def _load(context: ssl.SSLContext, directory: Path, cert: str, key: str, role: str) -> None:
-    cert_file, key_file = _file(directory, cert, role), _file(directory, key, f"{role}'s key")
+    cert_file = _file(directory, cert, role)
+    key_file = _file(directory, key, f"{role}'s key", key=True)
     try:
         context.load_cert_chain(cert_file, key_file)
     except (OSError, ssl.SSLError) as exc:

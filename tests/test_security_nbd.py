@@ -242,6 +242,7 @@ def test_bad_server_credentials_are_refused_before_listening(tmp_path, credentia
     (partial / "server-key.pem").write_bytes(
         (credentials["other-ca"] / "server-key.pem").read_bytes()
     )
+    (partial / "server-key.pem").chmod(0o600)
     with pytest.raises(ParameterError, match=r"cannot load server-cert\.pem"):
         ServerTLS(partial)
     (partial / "server-key.pem").write_bytes((credentials["good"] / "server-key.pem").read_bytes())
@@ -254,6 +255,79 @@ def test_bad_server_credentials_are_refused_before_listening(tmp_path, credentia
         with pytest.raises(ParameterError, match="is not a directory"):
             NBDLUN(with_tls(server.uri, tmp_path / "missing"), timeout=WAIT)
         assert_unchanged(lun, data)
+
+
+def _own_copy(credentials, tmp_path: Path) -> Path:
+    """A copy of the good credentials (modes kept) that a test may spoil."""
+    return Path(shutil.copytree(credentials["good"], tmp_path / "creds"))
+
+
+def _uses(directory: Path, role: str) -> None:
+    """Load ``directory`` as a ``role`` ("server" or "client") that verifies its peers."""
+    if role == "server":
+        ServerTLS(directory, verify_peer=True)
+    else:
+        client_context(directory, check_hostname=True, certificate=True)
+
+
+@pytest.mark.parametrize("role", ["server", "client"])
+@pytest.mark.parametrize("mode", [0o644, 0o620, 0o604, 0o640], ids=oct)
+def test_a_tls_key_other_users_may_read_or_change_is_refused(tmp_path, credentials, role, mode):
+    directory = _own_copy(credentials, tmp_path)
+    key = directory / f"{role}-key.pem"
+    key.chmod(mode)
+    with pytest.raises(ParameterError) as refused:
+        _uses(directory, role)
+    assert str(refused.value) == (
+        f"TLS credentials {directory}: {role}-key.pem has mode {mode:04o}, so other users may "
+        f"read or change it: chmod 600 {key}"
+    )
+    key.chmod(0o400)
+    _uses(directory, role)
+
+
+@pytest.mark.parametrize("role", ["server", "client"])
+def test_a_tls_key_of_another_user_is_refused(tmp_path, credentials, role):
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give a file to another user")
+    directory = _own_copy(credentials, tmp_path)
+    os.chown(directory / f"{role}-key.pem", 1, 1)
+    with pytest.raises(ParameterError, match=f"{role}-key.pem belongs to uid 1, not to this user"):
+        _uses(directory, role)
+
+
+@pytest.mark.parametrize("role", ["server", "client"])
+@pytest.mark.parametrize("spoiled", ["directory", "ca-cert.pem", "server-cert.pem"])
+def test_tls_credentials_other_users_may_replace_are_refused(tmp_path, credentials, role, spoiled):
+    # Whoever may write the directory or the CA's file chooses whom isc trusts.
+    directory = _own_copy(credentials, tmp_path)
+    path = directory if spoiled == "directory" else directory / spoiled
+    path.chmod(path.stat().st_mode | 0o022)
+    if spoiled == "server-cert.pem" and role == "client":
+        _uses(directory, role)  # a client reads no server certificate
+        return
+    with pytest.raises(ParameterError) as refused:
+        _uses(directory, role)
+    line = str(refused.value)
+    assert line.startswith(f"TLS credentials {directory}") and "\n" not in line
+    assert line.endswith(
+        "it must be yours and writable by you alone, and what it holds says whom isc trusts: "
+        f"chmod go-w {path} (and chown it to you)"
+    )
+
+
+def test_the_readme_recipe_makes_credentials_isc_loads(tmp_path):
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed; it comes with the Debian package openssl")
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    start = readme.index("mkdir -m 700 creds && cd creds\n")
+    recipe = readme[start : readme.index("```", start)]
+    done = subprocess.run(
+        ["bash", "-e", "-c", recipe], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    for role in ("server", "client"):
+        _uses(tmp_path / "creds", role)
 
 
 # -- the handshake by hand ----------------------------------------------------------------------
