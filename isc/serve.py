@@ -261,10 +261,10 @@ class SessionControl:
                     busy_share=share,
                 )
         except CopyError as exc:
-            return {"ok": False, "reason": str(exc), "info": self._result(exc.result)}
+            return {"ok": False, "reason": str(exc), "info": self._result(exc.result, replaced)}
         except IscError as exc:
             return {"ok": False, "reason": str(exc)}
-        return {"ok": True, "info": {**self._result(result), "replaced": replaced}}
+        return {"ok": True, "info": self._result(result, replaced)}
 
     def _check_agents(self, stored: store.PersistentSession) -> list[str]:
         """:func:`isc.store.check_agents` before a copy or update; each line found is logged."""
@@ -282,8 +282,8 @@ class SessionControl:
     def _stop_reason(self) -> str:
         return f"isc serve of {self.session.name} is stopping"
 
-    def _result(self, result) -> dict:
-        return {**asdict(result), "destinations": self._destinations()}
+    def _result(self, result, replaced: list[str]) -> dict:
+        return {**asdict(result), "destinations": self._destinations(), "replaced": replaced}
 
     def _destinations(self) -> list[dict]:
         dests = self.persistent.destinations if self.persistent is not None else []
