@@ -36,16 +36,31 @@ A hole left open is a strict xfail naming the code; every wait is bounded
 
 from __future__ import annotations
 
+import json
+import random
 import shutil
+import subprocess
+import threading
 from pathlib import Path
 
 import pytest
-from helpers import session_directory
+from helpers import (
+    Gate,
+    HookLUN,
+    Worker,
+    assert_no_lost_change,
+    fill_random,
+    session_directory,
+)
 
 import isc
-from isc import journal
-from isc.errors import CorruptMetadata, ParameterError, StateError
-from isc.store import open_session, read_state
+from isc import DestState, MemoryLUN, journal
+from isc.copy import CopyJob, Destination
+from isc.errors import CopyError, CorruptMetadata, ParameterError, StateError
+from isc.lun import ForwardingLUN
+from isc.savearea import SaveArea
+from isc.session import Session
+from isc.store import copy, open_session, read_state
 
 G = 4096
 SIZE = 1 << 20
@@ -83,12 +98,6 @@ def test_a_journal_and_logs_put_back_from_a_backup_of_the_session_are_refused(
         assert stored.session.bitmap.tracking(5)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="isc.store.PersistentSession.add_destination (and the destinations' opens) take "
-    "no lock on a destination file: another session's held source is accepted, and a copy "
-    "writes it outside the session that tracks it (rule 11)",
-)
 def test_the_source_another_session_holds_is_refused_as_a_destination(tmp_path: Path) -> None:
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
@@ -99,3 +108,138 @@ def test_the_source_another_session_holds_is_refused_as_a_destination(tmp_path: 
         with pytest.raises((ParameterError, StateError), match=r"source\.img"):
             stored.add_destination(str(victim), "victim")
         assert [d.name for d in stored.destinations] == ["d0"]
+
+
+# -- a copy that ends while a host write's COFW save is parked ---------------------------------
+
+
+class ParkedSaves(ForwardingLUN):
+    """A source whose reads from the thread ``parked_in`` (a host write's COFW) wait at ``gate``."""
+
+    def __init__(self, lun) -> None:
+        super().__init__(lun)
+        self.gate = Gate()
+        self.parked_in: threading.Thread | None = None
+
+    def readinto(self, offset: int, buffer) -> None:
+        if threading.current_thread() is self.parked_in:
+            self.gate()
+        self.lun.readinto(offset, buffer)
+
+
+@pytest.mark.parametrize("end", ["cancel", "close", "failure"])
+def test_a_copy_ending_while_a_cofw_save_is_parked_loses_nothing(end: str) -> None:
+    rng = random.Random(f"parked-{end}")
+    source = ParkedSaves(MemoryLUN(SIZE))
+    fill_random(source.lun, rng)
+    target = HookLUN(MemoryLUN(SIZE))
+    dest = Destination(target, "d0")
+    session = Session(source, G, SaveArea(SIZE))
+    job = CopyJob(session, [dest], io_size=G, workers=1)
+    job.full(marked=False)
+    for chunk in range(8):
+        session.write(chunk * G, rng.randbytes(G))
+    session.mark()
+    job.progress = progress = Gate()  # the incremental copy parks after its first run
+    if end == "failure":
+        target.fail_at = target.writes + 2  # the second run's write
+    copying = Worker(job.incremental)
+    progress.wait_reached()
+    data = rng.randbytes(G)
+
+    def host_write() -> None:
+        source.parked_in = threading.current_thread()
+        session.write(5 * G, data)  # chunk 5 is unsent: its COFW reads the source
+
+    writing = Worker(host_write)
+    source.gate.wait_reached()  # the save holds the session's save lock, parked in its read
+    if end == "cancel":
+        job.cancel()
+    closing = Worker(job.close) if end == "close" else None
+    progress.open()
+    source.gate.open()
+    writing.finish()
+    with pytest.raises(CopyError):
+        copying.finish()
+    if closing is not None:
+        closing.finish()
+    assert not session.bitmap.marked and session.save_area.used == 0
+    assert dest.state is DestState.INCONSISTENT
+    assert source.read(5 * G, G) == data  # the host write landed
+    assert_no_lost_change(session, target)
+    session.mark()
+    CopyJob(session, [dest], io_size=G, workers=1).incremental()
+    assert dest.state is DestState.CONSISTENT and target.read(0, SIZE) == source.read(0, SIZE)
+
+
+# -- a save area file on a file system that fills ---------------------------------------------
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path):
+    """A 64 KiB tmpfs mounted at ``tmp_path/small`` (needs root to mount)."""
+    where = tmp_path / "small"
+    where.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(where)], capture_output=True
+    )
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a small tmpfs (needs root): {mounted.stderr.decode().strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], check=True)
+
+
+def test_a_save_area_whose_file_system_fills_mid_copy_aborts_the_mark_and_loses_nothing(
+    tmp_path: Path, small_tmpfs: Path
+) -> None:
+    rng = random.Random("enospc")
+    state = session_directory(tmp_path, SIZE, G, seed=3)
+    meta = json.loads((state / "session.json").read_text())
+    meta["save_area"] = {"capacity": SIZE, "path": str(small_tmpfs / "area")}  # > the tmpfs
+    (state / "session.json").write_text(json.dumps(meta))
+    with open_session(state)[0] as stored:
+        session = stored.session
+        (dest,) = stored.destinations
+        copy(stored, "full")
+        for chunk in range(64):
+            session.write(chunk * G, rng.randbytes(G))
+        session.mark()
+        gate = Gate()
+        # A throttle keeps runs of io_size, not one in-kernel run of the whole source.
+        runs = {"io_size": G, "throttle": 1e12, "started": parked(gate)}
+        copying = Worker(lambda: copy(stored, "incremental", **runs))
+        gate.wait_reached()
+        writes = [(chunk * G, rng.randbytes(G)) for chunk in range(32, 64)]
+        for offset, data in writes:  # 32 COFW saves of 4 KiB: the 17th finds no space
+            session.write(offset, data)
+        assert not session.bitmap.marked and "No space" in session.stats.last_abort
+        gate.open()
+        with pytest.raises(CopyError, match="aborted"):
+            copying.finish()
+        assert all(session.read(offset, G) == data for offset, data in writes)
+        assert session.save_area.used == 0 and dest.state is DestState.INCONSISTENT
+        assert_no_lost_change(session, dest.lun)
+        # The next update, within the space left, makes the destination whole.
+        session.mark()
+        session.write(0, rng.randbytes(G))
+        copy(stored, "incremental")
+        assert dest.state is DestState.CONSISTENT
+        assert_no_lost_change(session, dest.lun)
+
+
+def parked(gate: Gate):
+    """A ``started`` hook for :func:`isc.store.copy`: the copy parks at ``gate`` after its
+    first run."""
+
+    def started(job: CopyJob) -> None:
+        progress = job.progress
+
+        def park(done: int, total: int) -> None:
+            progress(done, total)
+            gate()
+
+        job.progress = park
+
+    return started
