@@ -40,7 +40,8 @@ Requests, each durable before its reply is sent:
   the directory). An export already protected stays as it is ("already
   protected", ``"kept": true``): the first image is kept. One whose journal
   lost its image is refused. The reply's ``info["image"]`` names the image
-  protected: a random id in the header, new at each protect and rollback.
+  protected: a random id in the header, new at each protect and rollback;
+  ``info["identity"]`` the file protected, as ``status`` names it.
 * ``unprotect`` removes the journal and fsyncs the directory. A request that
   names the ``image`` its protect replied with gets, in ``extents``, the
   ranges rollbacks rewrote since (another client's rollback while an update
@@ -451,7 +452,8 @@ class Export(ForwardingLUN):
 
     def protect(self, named: bool = False) -> dict:
         """Protect the export, or keep its protection; ``named``: the reply's ``info`` names
-        the image protected (:attr:`image`), as it was when the lock was let go."""
+        the image protected (:attr:`image`), as it was when the lock was let go, and the
+        file (its ``identity``, as :meth:`status` names it)."""
         with self._lock:
             if self.journal is not None and self.journal.problem is not None:
                 # Answering "already protected" would let an update overwrite
@@ -470,7 +472,14 @@ class Export(ForwardingLUN):
             else:
                 self.journal = Journal.create(self.journal_path, self.lun, self.identity)
                 reply = {"ok": True, **fenced}
-            return {**reply, "info": {"image": self.image}} if named else reply
+            if not named:
+                return reply
+            return {**reply, "info": {"image": self.image, "identity": self._identity}}
+
+    @property
+    def _identity(self) -> str:
+        """What tells the file exported from any other (:func:`export_identity`)."""
+        return export_identity(self.identity)
 
     @property
     def image(self) -> str | None:
@@ -523,7 +532,7 @@ class Export(ForwardingLUN):
                 info["image"] = self.journal.image
             if image is not None:
                 info["undone"] = self._undone_locked(image)
-            where = {"size": self.size, "identity": export_identity(self.identity)}
+            where = {"size": self.size, "identity": self._identity}
             return {"ok": True, "info": {**where, **info}}
 
     def _undone_locked(self, image: str | None) -> list[list[int]]:

@@ -398,7 +398,12 @@ class AgentSite(RequestSite):
 
     The site remembers the image each protect named (:mod:`isc.agent`) and
     names it with that export's unprotect and status: their ``extents`` and
-    ``info["undone"]`` list what rollbacks by other clients rewrote since. A
+    ``info["undone"]`` list what rollbacks by other clients rewrote since. It
+    also remembers the file each reply named (``info["identity"]``,
+    :func:`isc.agent.export_identity`): a protect that names another file than
+    the site's last reply about that export fails (the agent was replaced since,
+    e.g. between an update's identity check and its protect), so that no copy
+    relies on it; the next identity check finds the new file (rule 12). A
     whole reply must come within the timeout, and a reply of the wrong shape
     is a failed ack whose outcome is unknown.
     """
@@ -434,6 +439,8 @@ class AgentSite(RequestSite):
         self._images: dict[str, str] = {}
         """Each export's protected image as the last protect through this site named it:
         its unprotect drops that image only (:meth:`isc.agent.Export.unprotect`)."""
+        self._identities: dict[str, str] = {}
+        """Each export's file as the last reply about it named it."""
 
     @classmethod
     def at(
@@ -484,6 +491,17 @@ class AgentSite(RequestSite):
                 f"pairs): is {self.where} an isc agent?"
             )
             return Ack(rid, False, reason, outcome_unknown=True)
+        identity = info.get("identity")
+        if isinstance(identity, str):
+            known = self._identities.get(dest.name, identity)
+            self._identities[dest.name] = identity
+            if op == "protect" and known != identity:
+                reason = (
+                    f"{who} now serves another file as {dest.name} ({identity}) than it "
+                    f"did a moment before ({known}): it was replaced; update again, and "
+                    f"the identity check gives {dest.name} a full copy"
+                )
+                return Ack(rid, False, reason, info=info)
         if op == "protect" and reply["ok"] and isinstance(info.get("image"), str):
             self._images[dest.name] = info["image"]
         elif op == "unprotect" and reply["ok"]:

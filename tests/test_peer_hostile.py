@@ -32,7 +32,8 @@ only where a test says so.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,7 @@ from test_agent import HOST, SIZE, WAIT, lun_of
 from test_agent_journal import write_randomly
 from test_remote_hostile import (
     Agent,
+    G,
     Impostor,
     ask_impostor,
     recorded,
@@ -51,7 +53,7 @@ from test_remote_hostile import (
 
 from isc import Destination, DestState
 from isc.nbd import NBDLUN
-from isc.remote import AgentSite
+from isc.remote import Ack, AgentSite, RemoteSite
 from isc.session import Session
 from isc.update import PeriodicUpdate, UpdateError, check_identities
 
@@ -104,13 +106,12 @@ def remote(tmp_path: Path, env) -> Iterator[Agent]:
             agent.end()
 
 
-def in_place(agent: Agent, size: int, seed: int) -> Agent:
-    """Kill ``agent`` and start another at its address, whose ``disk`` is another file of
-    ``size`` random bytes."""
+def in_place(agent: Agent, content: bytes) -> Agent:
+    """Kill ``agent`` and start another at its address, whose ``disk`` is another file,
+    holding ``content``."""
     agent.end()
-    directory = agent.directory.parent / f"elsewhere-{seed}"
-    directory.mkdir()
-    (directory / "disk").write_bytes(random.Random(seed).randbytes(size))
+    directory = Path(tempfile.mkdtemp(prefix="elsewhere-", dir=agent.directory.parent))
+    (directory / "disk").write_bytes(content)
     other = agent.in_its_place(directory)
     other.start()
     return other
@@ -153,16 +154,100 @@ def test_an_export_of_another_size_at_the_reconnect_fails_that_destination_alone
     session: Session, remote: Agent
 ):
     dest, update = first_update(session, remote)
+    image, epoch = session.source.read(0, SIZE), dest.epoch
     try:
-        other = in_place(remote, 2 * SIZE, SEED)
+        other = in_place(remote, bytes(2 * SIZE))
+        # A site that knows no file of the agent yet (no identity check): the protect
+        # passes, and the reconnect is what meets the other export.
+        update.site = other.site_of()
         try:
             write_randomly(session, random.Random(SEED), 20)
             with pytest.raises(UpdateError) as failed:
                 update.run()
             assert "disk" in str(failed.value)
-            assert dest.state is not DestState.CONSISTENT
-            assert_honest(session, dest, remote.directory / "disk", b"")
+            # Nothing reached either file: disk holds the image of its last copy.
+            assert dest.state is not DestState.CONSISTENT or dest.epoch == epoch
+            assert other.directory.joinpath("disk").read_bytes() == bytes(2 * SIZE)
+            assert_honest(session, dest, remote.directory / "disk", image)
         finally:
             other.end()
     finally:
         dest.lun.close()
+
+
+def test_another_file_behind_the_agent_between_the_identity_check_and_the_protect(
+    session: Session, remote: Agent
+):
+    dest, update = first_update(session, remote)
+    epoch = dest.epoch
+    with dest.lun:
+        identities: dict[str, str] = {}
+        assert update.check_identities(identities, {"disk"}) == []
+        # Another file that differs from the export in one chunk no sample reads, so the
+        # samples cannot tell it (an older copy of the volume, put back meanwhile).
+        sampled = {chunk for chunk, _ in dest.samples}
+        stale, fresh = [c for c in range(SIZE // G) if c not in sampled][:2]
+        content = bytearray((remote.directory / "disk").read_bytes())
+        content[stale * G : (stale + 1) * G] = random.Random(SEED).randbytes(G)
+        other = in_place(remote, bytes(content))
+        try:
+            session.write(fresh * G, random.Random(SEED + 1).randbytes(G))
+            image = session.source.read(0, SIZE)
+            with pytest.raises(UpdateError) as failed:
+                update.run()
+            assert "serves another file as disk" in str(failed.value)
+            # Nothing was copied: disk keeps the image of its last copy, in the first file.
+            assert dest.epoch == epoch and not session.bitmap.marked
+            assert other.directory.joinpath("disk").read_bytes() == content
+            # The next update's identity check finds it out: a full copy.
+            (found,) = update.check_identities(identities, {"disk"})
+            assert "disk is not the export it was" in found and dest.state is DestState.NEW
+            update.run()
+            assert_honest(session, dest, other.directory / "disk", image)
+            assert dest.state is DestState.CONSISTENT
+        finally:
+            other.end()
+
+
+class Replacing(RemoteSite):
+    """``site``, but ``then()`` runs after its first protect answered, before the update
+    goes on."""
+
+    def __init__(self, site: RemoteSite, then: Callable[[], object]) -> None:
+        self.site, self.then = site, then
+
+    def protect(self, dest: Destination, timeout: float | None = None) -> Ack:
+        ack = self.site.protect(dest, timeout)
+        then, self.then = self.then, lambda: None
+        then()
+        return ack
+
+    def unprotect(self, dest: Destination, timeout: float | None = None) -> Ack:
+        return self.site.unprotect(dest, timeout)
+
+    def rollback(self, dest: Destination, timeout: float | None = None) -> Ack:
+        return self.site.rollback(dest, timeout)
+
+    def status(self, dest: Destination, timeout: float | None = None) -> Ack:
+        return self.site.status(dest, timeout)
+
+
+def test_another_file_behind_the_agent_between_the_protect_and_the_reconnect(
+    session: Session, remote: Agent
+):
+    dest, update = first_update(session, remote)
+    agents: list[Agent] = []
+    update.site = Replacing(update.site, lambda: agents.append(in_place(remote, bytes(SIZE))))
+    with dest.lun:
+        try:
+            write_randomly(session, random.Random(SEED + 2), 20)
+            image = session.source.read(0, SIZE)
+            with pytest.raises(UpdateError):
+                update.run()
+            (other,) = agents
+            assert dest.state is not DestState.CONSISTENT
+            # What the other agent's file got is tracked: the rest is the source's.
+            assert_honest(session, dest, other.directory / "disk", image)
+        finally:
+            for agent in agents:
+                agent.end()
