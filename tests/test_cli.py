@@ -29,7 +29,7 @@ from urllib.parse import quote
 import pytest
 from helpers import TIMEOUT, fill_random, wait_until
 from test_cli_analysis import ISC
-from test_serve import isc_serve
+from test_serve import isc_serve, next_line
 
 import isc
 from isc import FileLUN, MemoryLUN
@@ -895,15 +895,8 @@ def test_copy_checks_what_file_a_destinations_agent_serves_before_relying_on_it(
     # Rule 12 at an agent, as isc update checks it: another file at the export (here a
     # copy of the same bytes, which its samples cannot tell) gets every chunk, whether
     # isc copy runs the copy or asks the isc serve that holds the session for it.
-    work, agent = session, at_agent
-    isc_run("copy", "s", "--full", cwd=work)
-    assert read_state(work / "s").meta["destinations"][2]["identity"]
-    agent.end()
-    moved = work / "elsewhere" / "disk"
-    moved.parent.mkdir()
-    shutil.copyfile(agent.directory / "disk", moved)  # the same bytes in another file
-    agent.directory = moved.parent  # another agent at its address
-    agent.start()
+    work = session
+    moved = _another_file_behind(at_agent, work)
     write_source(work, 0, b"changed")
     isc_run("mark", "s", cwd=work)
     with contextlib.ExitStack() as serving:
@@ -917,6 +910,38 @@ def test_copy_checks_what_file_a_destinations_agent_serves_before_relying_on_it(
     assert result["bytes_seeded"] + result["bytes_sent"] == SIZE  # every chunk to disk
     assert moved.read_bytes() == (work / "source.img").read_bytes()
     assert {d["name"]: d["state"] for d in status(work)["destinations"]}["disk"] == "consistent"
+
+
+def test_isc_serve_every_checks_what_file_a_destinations_agent_serves(
+    session: Path, at_agent
+) -> None:
+    work = session
+    moved = _another_file_behind(at_agent, work)
+    write_source(work, 0, b"changed")
+    with isc_serve(work, "s", "--listen", "127.0.0.1:0", "--every", "0.05") as (_, output):
+        update = json.loads(next_line(output, "isc serve") or "null")
+    assert update["ok"] and update["outcomes"] == {"d1": "ok", "d2": "ok", "disk": "ok"}
+    assert update["bytes_seeded"] + update["bytes_sent"] == SIZE  # every chunk to disk
+    assert moved.read_bytes() == (work / "source.img").read_bytes()
+    assert (
+        "disk is not the export it was (its agent names another file"
+        in (work / "serve.log").read_text()
+    )
+
+
+def _another_file_behind(agent: Agent, work: Path) -> Path:
+    """After a full copy of ``work``'s session: another file with the same bytes behind
+    ``agent``'s export (which its samples cannot tell), from another agent at its address;
+    its path."""
+    isc_run("copy", "s", "--full", cwd=work)
+    assert read_state(work / "s").meta["destinations"][2]["identity"]
+    agent.end()
+    moved = work / "elsewhere" / "disk"
+    moved.parent.mkdir()
+    shutil.copyfile(agent.directory / "disk", moved)
+    agent.directory = moved.parent
+    agent.start()
+    return moved
 
 
 def test_copy_refuses_credentials_no_agent_would_get(session: Path) -> None:
