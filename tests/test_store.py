@@ -861,8 +861,9 @@ def test_crash_in_a_marked_copy_keeps_what_it_confirmed(env: Path) -> None:
 
 # A child that runs a MODE copy to d1 and d2 and, while the copy's first write to d1 waits
 # on an event, adds (or with "remove": adds and removes) destination d3, checkpoints (as the
-# background checkpointer would at any time), lets the copy go on, and SIGKILLs itself once
-# the copy has written d2 once: a crash with the copy under way after the add-dest.
+# background checkpointer would at any time; it must flush the copy's destinations first),
+# lets the copy go on, and SIGKILLs itself once the copy has written d2 once: a crash with
+# the copy under way after the add-dest.
 EDIT_MID_COPY_CHILD = r"""
 import os, signal, sys, threading
 from isc.store import copy, open_session
@@ -874,12 +875,14 @@ class Parked:
     # A LUN whose first write waits for `go` after setting `reached`; the second
     # write of one with `stop` kills the process (the first completed).
     def __init__(self, lun, stop=False):
-        self.lun, self.size, self.writes, self.stop = lun, lun.size, 0, stop
+        self.lun, self.size, self.writes, self.flushes, self.stop = lun, lun.size, 0, 0, stop
         self.reached, self.go = threading.Event(), threading.Event()
     closed = property(lambda self: self.lun.closed)
     def read(self, offset, length): return self.lun.read(offset, length)
     def readinto(self, offset, buffer): self.lun.readinto(offset, buffer)
-    def flush(self): self.lun.flush()
+    def flush(self):
+        self.flushes += 1
+        self.lun.flush()
     def close(self): self.lun.close()
     def write(self, offset, data):
         self.writes += 1
@@ -898,6 +901,8 @@ stored.add_destination(d3, "d3")
 if edit == "remove":
     stored.remove_destination("d3")
 stored.checkpoint()
+if not d1.lun.flushes or not d2.lun.flushes:
+    sys.exit("the checkpoint did not flush the copy's destinations")
 d1.lun.go.set()
 threading.Event().wait(60)
 sys.exit("the copy did not write d2 twice")
