@@ -833,8 +833,8 @@ class PersistentSession:
         return dest
 
     def remove_destination(self, name: str) -> Destination:
-        """Take destination ``name`` out of the session, save the metadata and close its
-        LUN, whose data stays as it is; return it.
+        """Take destination ``name`` out of the session, save the metadata (as
+        :meth:`add_destination` does) and close its LUN, whose data stays as it is; return it.
 
         Raises ``ParameterError`` for an unknown name and ``StateError`` while a
         copy to it runs (from :meth:`begin_copy` to :meth:`save`); nothing changes then.
@@ -860,7 +860,8 @@ class PersistentSession:
         site: str | None = None,
         credentials: Credentials | None = None,
     ) -> Destination:
-        """Add a NEW destination (a path or an NBD URI) and save the metadata.
+        """Add a NEW destination (a path or an NBD URI) and save the metadata (the record
+        of a running copy stays, :meth:`begin_copy`: a crash still ends that copy).
 
         ``site``: the ``isc agent`` (``HOST:PORT`` or ``unix:PATH``, its control
         port) that exports ``target`` as ``name`` and protects it, remembered
