@@ -541,13 +541,19 @@ def isc(*args: str) -> subprocess.CompletedProcess[str]:
         (["--tls-verify-peer"], "needs --tls=on or --tls=require"),
         (["--tls=require", "--tls-creds", "{missing}"], "is not a directory"),
         (["--tls-psk", "{good}/ca-cert.pem"], "TLS-PSK is not available"),
+        (
+            ["--tls=require", "--tls-verify-peer", "--tls-creds", "{readable}"],
+            "server-key.pem has mode 0644, so other users may read or change it: chmod 600 ",
+        ),
     ],
 )
 def test_serve_refuses_to_expose_an_export_beyond_loopback(tmp_path, credentials, options, why):
     image = tmp_path / "disk.img"
     data = random.Random(SEED).randbytes(SIZE)
     image.write_bytes(data)
-    fill = {"good": credentials["good"], "missing": tmp_path / "missing"}
+    readable = _own_copy(credentials, tmp_path)
+    (readable / "server-key.pem").chmod(0o644)
+    fill = {"good": credentials["good"], "missing": tmp_path / "missing", "readable": readable}
     args = [option.format(**fill) for option in options]
     done = isc("serve", str(image), "--listen", "0.0.0.0:0", *args)
     assert done.returncode == 1, done.stdout
