@@ -37,14 +37,18 @@ A hole left open is a strict xfail naming the code; every wait is bounded
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
+import signal
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
 import pytest
 from helpers import (
+    TIMEOUT,
     Gate,
     HookLUN,
     Worker,
@@ -52,6 +56,7 @@ from helpers import (
     fill_random,
     session_directory,
 )
+from test_serve import line_reader, next_line
 
 import isc
 from isc import DestState, MemoryLUN, journal
@@ -243,3 +248,185 @@ def parked(gate: Gate):
         job.progress = park
 
     return started
+
+
+# -- a seeded stress, SIGKILLed at seeded points -----------------------------------------------
+
+# The child runs copies of the session in a loop while writer threads write its source
+# through it, a seeded number of writes a step; host writes hold ``quiet`` so the image
+# at a mark is read whole. A step is a
+# marked incremental, marked full or unmarked full copy, perhaps cancelled after a seeded
+# host write, to d0 and d1 (whose writes fail on demand), beside checkpoints every 10 ms
+# and a save area of 64 chunks. After each it checks, with the writers held: every
+# destination it reports CONSISTENT holds the image at its mark (rules 1 and 6), and every
+# chunk where one in step differs from the source is tracked (rule 2); it prints "bad ..."
+# if not, then "step N".
+STRESS_CHILD = r"""
+import random, sys, threading
+import numpy as np
+from isc import DestState
+from isc.errors import CopyError, StateError
+from isc.lun import ForwardingLUN
+from isc.store import copy, open_session
+
+state, seed = sys.argv[1], int(sys.argv[2])
+rng = random.Random(seed)
+stored, _ = open_session(state, checkpoint_interval=0.01)
+session = stored.session
+size, g = session.source.size, session.granularity
+quiet = threading.Lock()
+budget = threading.Semaphore(0)  # host writes allowed: a seeded number each step
+cancel_at = [None, None]  # (write number, job)
+writes = [0]
+
+
+class Failing(ForwardingLUN):
+    fail = 0.0
+
+    def write(self, offset, data):
+        if rng.random() < self.fail:
+            raise OSError(5, "injected failure of d1")
+        self.lun.write(offset, data)
+
+
+d0, d1 = stored.destinations
+d1.lun = Failing(d1.lun)
+
+
+def writer(number):
+    wrng = random.Random(seed * 10 + number)
+    while budget.acquire():
+        length = wrng.choice((512, g, 3 * g + 100))
+        with quiet:
+            session.write(wrng.randrange(0, size - length), wrng.randbytes(length))
+            writes[0] += 1
+            if cancel_at[0] is not None and writes[0] >= cancel_at[0]:
+                cancel_at[1].cancel()
+                cancel_at[0] = None
+
+
+def differs(a, b):
+    x = np.frombuffer(a, np.uint8).reshape(-1, g)
+    y = np.frombuffer(b, np.uint8).reshape(-1, g)
+    return np.flatnonzero((x != y).any(axis=1)).tolist()
+
+
+# By destination: the image at the mark of its last copy that ended "ok" (what one
+# that reads CONSISTENT at the open holds, the parent checked).
+images = {d.name: d.lun.read(0, size) for d in stored.destinations}
+threads = [threading.Thread(target=writer, args=(n,), daemon=True) for n in range(2)]
+for thread in threads:
+    thread.start()
+print("open", flush=True)
+for step in range(1, 10_000):
+    kind = rng.choice(("incremental", "incremental", "full", "full-unmarked"))
+    d1.lun.fail = rng.choice((0.0, 0.0, 0.05))
+    budget.release(rng.randrange(10, 150))
+    image = None
+    with quiet:
+        if session.bitmap.marked:
+            session.unmark()
+        if kind != "full-unmarked":
+            stale = not all(d.in_step(session) for d in stored.destinations)
+            session.mark(full=kind == "full" or stale)
+            image = session.source.read(0, size)
+
+    def started(job):
+        if rng.random() < 0.3:
+            with quiet:
+                cancel_at[:] = [writes[0] + rng.randrange(1, 400), job]
+
+    try:
+        mode = "full-unmarked" if kind == "full-unmarked" else "incremental"
+        outcomes = copy(stored, mode, io_size=4 * g, started=started).outcomes
+    except (CopyError, StateError) as exc:
+        outcomes = getattr(exc, "result", None) and exc.result.outcomes or {}
+        print(f"failed {exc}".splitlines()[0], flush=True)
+    checked = 0
+    with quiet:
+        cancel_at[0] = None
+        source = session.source.read(0, size)
+        for dest in stored.destinations:
+            data = dest.lun.read(0, size)
+            if outcomes.get(dest.name) == "ok":
+                images[dest.name] = image
+            if dest.state is DestState.CONSISTENT:
+                checked += 1
+                if data != images.get(dest.name):
+                    print(f"bad: {dest.name} reads consistent, not the image at its mark")
+            if dest.in_step(session):
+                bitmap = session.bitmap
+                lost = [
+                    c for c in differs(source, data)
+                    if not (bitmap.tracking(c) or bitmap.transfer(c))
+                ]
+                if lost:
+                    print(f"bad: {dest.name} differs untracked in chunks {lost[:8]}", flush=True)
+    print(f"step {step} {checked}", flush=True)
+"""
+
+
+def run_stress_and_kill(state: Path, seed: int, after: int) -> list[str]:
+    """Run :data:`STRESS_CHILD` on ``state``, SIGKILL it after ``after`` lines; its lines."""
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    child = subprocess.Popen(
+        [sys.executable, "-c", STRESS_CHILD, str(state), str(seed)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": path},
+    )
+    printed = []
+    try:
+        lines = line_reader(child.stdout)
+        while len(printed) <= after:
+            printed.append(next_line(lines, "the stress child"))
+            if printed[-1] is None:
+                child.wait(TIMEOUT)
+                pytest.fail(f"the stress child ended early: {child.stderr.read()}")
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(TIMEOUT)
+        child.stderr.close()
+    return printed
+
+
+def test_stress_of_writers_copies_cancels_and_failures_sigkilled_loses_nothing(
+    tmp_path: Path,
+) -> None:
+    size = 2 << 20
+    state = session_directory(tmp_path, size, G, seed=5, dests=("d0", "d1"))
+    meta = json.loads((state / "session.json").read_text())
+    meta["save_area"] = {"capacity": 64 * G, "path": str(tmp_path / "area")}
+    (state / "session.json").write_text(json.dumps(meta))
+    rng = random.Random("window-stress")
+    steps = failed = consistent = 0
+    kills = 8
+    for kill in range(kills):
+        printed = run_stress_and_kill(state, kill, rng.randrange(4, 40))
+        bad = [line for line in printed if line.startswith("bad")]
+        assert not bad, bad
+        steps += sum(line.startswith("step") for line in printed)
+        consistent += sum(int(line.split()[2]) for line in printed if line.startswith("step"))
+        failed += sum(line.startswith("failed") for line in printed)
+        stored, _ = open_session(state)
+        with stored:
+            session = stored.session
+            source = session.source.read(0, size)
+            for dest in stored.destinations:  # rule 9
+                if dest.in_step(session):
+                    assert_no_lost_change(session, dest.lun)
+                if dest.state is DestState.CONSISTENT and not dest.in_step(session):
+                    continue  # an older image; its next copy gives it every chunk
+            # One update makes every destination the source again.
+            session.unmark()
+            in_step = all(d.in_step(session) for d in stored.destinations)
+            session.mark(full=not in_step)
+            copy(stored, "incremental")
+            for dest in stored.destinations:
+                assert dest.state is DestState.CONSISTENT and dest.lun.read(0, size) == source
+    print(
+        f"\nstress: {kills} kills after {steps} steps, {failed} of them failed copies; "
+        f"{consistent} destinations reported consistent checked against the image"
+    )
+    assert steps and failed and consistent, (steps, failed, consistent)
