@@ -31,6 +31,8 @@ only where a test says so.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import random
 import tempfile
 from collections.abc import Callable, Iterator
@@ -39,8 +41,8 @@ from pathlib import Path
 import pytest
 import test_agent
 import test_remote_hostile
-from helpers import assert_no_lost_change
-from test_agent import HOST, SIZE, WAIT, lun_of
+from helpers import Writers, assert_no_lost_change
+from test_agent import HOST, IO, SIZE, WAIT, lun_of
 from test_agent_journal import write_randomly
 from test_remote_hostile import (
     Agent,
@@ -55,7 +57,7 @@ from isc import Destination, DestState
 from isc.nbd import NBDLUN
 from isc.remote import Ack, AgentSite, RemoteSite
 from isc.session import Session
-from isc.update import PeriodicUpdate, UpdateError, check_identities
+from isc.update import PeriodicUpdate, UpdateError, check_identities, rollback
 
 SEED = 20261206
 source, session = test_agent.source, test_agent.session
@@ -209,7 +211,7 @@ def test_another_file_behind_the_agent_between_the_identity_check_and_the_protec
             other.end()
 
 
-class Replacing(RemoteSite):
+class AfterProtect(RemoteSite):
     """``site``, but ``then()`` runs after its first protect answered, before the update
     goes on."""
 
@@ -237,7 +239,7 @@ def test_another_file_behind_the_agent_between_the_protect_and_the_reconnect(
 ):
     dest, update = first_update(session, remote)
     agents: list[Agent] = []
-    update.site = Replacing(update.site, lambda: agents.append(in_place(remote, bytes(SIZE))))
+    update.site = AfterProtect(update.site, lambda: agents.append(in_place(remote, bytes(SIZE))))
     with dest.lun:
         try:
             write_randomly(session, random.Random(SEED + 2), 20)
@@ -251,3 +253,84 @@ def test_another_file_behind_the_agent_between_the_protect_and_the_reconnect(
         finally:
             for agent in agents:
                 agent.end()
+
+
+# -- stress -----------------------------------------------------------------------------------
+ROUNDS = 18
+"""Updates of the stress test; each meets one seeded fault, or none."""
+
+
+class Cancelled(Exception):
+    """A copy cancelled by its progress hook."""
+
+
+def cancel_at(run: int) -> Callable[[int, int], None]:
+    """A progress hook that cancels the copy at its ``run``-th run."""
+    runs = iter(range(run - 1, -1, -1))
+
+    def progress(done: int, total: int) -> None:
+        if next(runs, 0) == 0:
+            raise Cancelled(f"cancelled at run {run}")
+
+    return progress
+
+
+def alive(agent: Agent) -> None:
+    """Start ``agent`` again when a fault point killed it."""
+    test_remote_hostile.arm(agent.env)
+    if not test_remote_hostile.answers(agent.control):
+        agent.end()
+        agent.start()
+
+
+def test_writers_agent_kills_cancels_and_rollbacks_leave_no_false_consistent(
+    session: Session, remote: Agent
+):
+    rng = random.Random(SEED + 3)
+    export = remote.directory / "disk"
+    dest = Destination(NBDLUN(remote.uri, timeout=WAIT), name="disk")
+    site = remote.site_of()
+    consistent = None  # the image of the last update that succeeded
+    faults = {"none": 0, "kill_after_protect": 0, "kill_after_saves": 0, "cancel": 0}
+
+    def write(writer: int, seq: int, rng: random.Random) -> None:
+        length = rng.randrange(1, 3 * G)
+        session.write(rng.randrange(0, SIZE - length + 1), rng.randbytes(length))
+
+    with dest.lun, Writers(write, 3, SEED + 4) as writers:
+        for _ in range(ROUNDS):
+            alive(remote)
+            writers.allow(rng.randrange(5, 30))  # before the mark
+            writers.settle()
+            image = session.source.read(0, SIZE)
+            fault = rng.choice(sorted(faults))
+            faults[fault] += 1
+            if fault == "kill_after_protect":  # each update protects once
+                test_remote_hostile.arm(remote.env, kill_after_protect=1)
+            elif fault == "kill_after_saves":
+                test_remote_hostile.arm(remote.env, kill_after_saves=rng.randint(1, 3))
+            hook = cancel_at(rng.randint(1, 6)) if fault == "cancel" else None
+            update = PeriodicUpdate(session, [dest], site, timeout=WAIT, io_size=IO, progress=hook)
+            # Host writes race the copy, from the protect on (after the mark).
+            update.site = AfterProtect(site, functools.partial(writers.allow, 20))
+            try:
+                update.run()
+                consistent = image
+            except UpdateError:
+                writers.settle()
+                alive(remote)
+                if rng.random() < 0.5:
+                    with contextlib.suppress(UpdateError):
+                        rollback(session, dest, site, WAIT)
+            writers.settle()
+            assert not session.bitmap.marked
+            if dest.state is DestState.CONSISTENT:
+                assert export.read_bytes() == consistent, "disk reads consistent but is not"
+            if dest.in_step(session):
+                with lun_of(export) as lun:
+                    assert_no_lost_change(session, lun)
+        assert all(faults.values()), faults  # the seed meets every fault
+        alive(remote)
+        PeriodicUpdate(session, [dest], site, timeout=WAIT).run()
+        assert dest.state is DestState.CONSISTENT
+        assert export.read_bytes() == session.source.read(0, SIZE)
