@@ -23,6 +23,11 @@ unavailable            no guard (not root, a kernel without permission
                        why once per process
 =====================  =================================================
 
+This process's own opens are let through: isc's (each compares the file it
+opened with the source by device and inode, and refuses a destination that
+is the source in its own words, where ``EPERM`` would say nothing) and the
+embedding program's, which holds the session to write through.
+
 How an open is judged: the kernel's event says which thread opens, not how
 (the descriptor it hands the guard is opened with the guard's own flags), so
 the guard reads the opener's system call and its arguments from
@@ -237,7 +242,10 @@ def _program(pid: int) -> str:
 
 
 def _verdict(tid: int, opens: dict[int, int | None]) -> int:
-    """Allow the open thread ``tid`` is in unless it may write, or its flags cannot be read."""
+    """Allow the open thread ``tid`` is in unless it may write, or its flags cannot be read;
+    allow this process's own."""
+    if os.path.exists(f"/proc/self/task/{tid}"):
+        return _FAN_ALLOW
     try:
         with open(f"/proc/{tid}/syscall", "rb") as f:
             call = f.read().split()
