@@ -61,7 +61,7 @@ from test_serve import line_reader, next_line
 import isc
 from isc import DestState, MemoryLUN, journal
 from isc.copy import CopyJob, Destination
-from isc.errors import CopyError, CorruptMetadata, ParameterError, StateError
+from isc.errors import CopyError, CorruptMetadata
 from isc.lun import ForwardingLUN
 from isc.savearea import SaveArea
 from isc.session import Session
@@ -103,16 +103,57 @@ def test_a_journal_and_logs_put_back_from_a_backup_of_the_session_are_refused(
         assert stored.session.bitmap.tracking(5)
 
 
-def test_the_source_another_session_holds_is_refused_as_a_destination(tmp_path: Path) -> None:
+HOLD = r"""
+import sys
+from isc.store import open_session
+
+with open_session(sys.argv[1])[0]:
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the source's guard (isc.guard) needs root")
+def test_the_source_another_isc_process_holds_is_refused_as_a_destination(
+    tmp_path: Path,
+) -> None:
+    """``isc add-dest`` of a file another process's session holds as its source: a copy
+    would write it outside the session that tracks it (rule 11). The image locks do not
+    stop it (a destination takes none); the holder's guard refuses the open."""
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     held = session_directory(tmp_path / "a", SIZE, G, seed=1)
     other = session_directory(tmp_path / "b", SIZE, G, seed=2)
     victim = tmp_path / "a" / "source.img"
-    with open_session(held)[0], open_session(other)[0] as stored:
-        with pytest.raises((ParameterError, StateError), match=r"source\.img"):
-            stored.add_destination(str(victim), "victim")
-        assert [d.name for d in stored.destinations] == ["d0"]
+    before = read_state(other).meta["destinations"]
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(held)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=child_env(),
+    )
+    try:
+        assert next_line(line_reader(holder.stdout), "the holder") == "held"
+        isc = Path(sys.executable).with_name("isc")
+        added = subprocess.run(
+            [str(isc), "add-dest", str(other), str(victim), "--name", "victim"],
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+        )
+    finally:
+        holder.stdin.close()
+        holder.wait(TIMEOUT)
+    assert added.returncode == 1, added
+    assert len(added.stderr.strip().splitlines()) == 1 and "source.img" in added.stderr
+    assert read_state(other).meta["destinations"] == before
+
+
+def child_env() -> dict:
+    """The environment of a child Python that imports this checkout's ``isc``."""
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path}
 
 
 # -- a copy that ends while a host write's COFW save is parked ---------------------------------
@@ -368,13 +409,12 @@ for step in range(1, 10_000):
 
 def run_stress_and_kill(state: Path, seed: int, after: int) -> list[str]:
     """Run :data:`STRESS_CHILD` on ``state``, SIGKILL it after ``after`` lines; its lines."""
-    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     child = subprocess.Popen(
         [sys.executable, "-c", STRESS_CHILD, str(state), str(seed)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, "PYTHONPATH": path},
+        env=child_env(),
     )
     printed = []
     try:
