@@ -636,7 +636,7 @@ def _copy(args: argparse.Namespace) -> int:
     served = _ask_server(args, request, wait=None)  # a copy takes as long as it takes
     if served is not None:
         name, info = served
-        _say_replaced(info.pop("replaced"))
+        _say_replaced(info.pop("replaced", []))  # none from a server of an earlier isc
         dests = info.pop("destinations")
         _report(name, dests, info, args.json)
         return 0
