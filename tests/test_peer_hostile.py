@@ -42,7 +42,7 @@ import pytest
 import test_agent
 import test_remote_hostile
 from helpers import Writers, assert_no_lost_change
-from test_agent import HOST, IO, SIZE, WAIT, lun_of
+from test_agent import HOST, IO, SIZE, WAIT, lun_of, remote_lun
 from test_agent_journal import write_randomly
 from test_remote_hostile import (
     Agent,
@@ -50,10 +50,14 @@ from test_remote_hostile import (
     Impostor,
     ask_impostor,
     recorded,
+    secured,
     unchanged_but_the_generation,
 )
+from test_security_control import secret_file
+from test_security_nbd import with_tls
 
 from isc import Destination, DestState
+from isc.auth import Credentials
 from isc.nbd import NBDLUN
 from isc.remote import Ack, AgentSite, RemoteSite
 from isc.session import Session
@@ -91,21 +95,41 @@ def test_a_reply_nested_too_deep_to_the_identity_check_is_no_identity():
 
 
 # -- an agent replaced at its address ---------------------------------------------------------
-@pytest.fixture
-def remote(tmp_path: Path, env) -> Iterator[Agent]:
-    """An ``isc agent`` of ``tmp_path/exports`` (one export, ``disk``, zeros) at fixed ports."""
+@pytest.fixture(params=["plaintext"])
+def remote(request, tmp_path: Path, env) -> Iterator[Agent]:
+    """An ``isc agent`` of ``tmp_path/exports`` (one export, ``disk``, zeros) at fixed ports;
+    with the parameter "tls", with mutual TLS on its control port and export, and a shared
+    secret (its clients: :func:`uri_of`, :func:`site_of`)."""
     directory = tmp_path / "exports"
     directory.mkdir()
     (directory / "disk").write_bytes(bytes(SIZE))
     logs = tmp_path / "logs"
     logs.mkdir()
-    agents = [Agent(directory, env, logs)]
+    options: tuple[str, ...] = ()
+    client = None
+    if request.param == "tls":
+        good, secret = request.getfixturevalue("credentials")["good"], secret_file(tmp_path)
+        options = secured(request.getfixturevalue("credentials"), good, secret)
+        client = Credentials("client", tls_creds=good, secret_file=secret)
+    agent = Agent(directory, env, logs, options)
+    agent.client = client  # type: ignore[attr-defined]
     try:
-        agents[0].start()
-        yield agents[0]
+        agent.start()
+        yield agent
     finally:
-        for agent in agents:
-            agent.end()
+        agent.end()
+
+
+def uri_of(agent: Agent) -> str:
+    """The URI of ``agent``'s export ``disk``, with TLS when the agent requires it."""
+    client = agent.client  # type: ignore[attr-defined]
+    return agent.uri if client is None else with_tls(agent.uri, client.tls_creds)
+
+
+def site_of(agent: Agent) -> AgentSite:
+    """``agent``'s site, with its clients' credentials when it requires them."""
+    client = agent.client  # type: ignore[attr-defined]
+    return AgentSite(HOST, agent.control, timeout=WAIT, credentials=client)
 
 
 def in_place(agent: Agent, content: bytes) -> Agent:
@@ -119,10 +143,15 @@ def in_place(agent: Agent, content: bytes) -> Agent:
     return other
 
 
-def first_update(session: Session, agent: Agent) -> tuple[Destination, PeriodicUpdate]:
-    """``disk`` of ``agent`` as an NBDLUN destination of ``session``, copied in full."""
-    dest = Destination(NBDLUN(agent.uri, timeout=WAIT), name="disk")
-    update = PeriodicUpdate(session, [dest], agent.site_of(), timeout=WAIT)
+def first_update(
+    session: Session, agent: Agent, reconnecting: bool = False
+) -> tuple[Destination, PeriodicUpdate]:
+    """``disk`` of ``agent`` as an NBDLUN destination of ``session`` (``reconnecting``: as
+    isc's commands open it, :class:`~isc.lun.ReconnectingLUN`), copied in full."""
+    uri = uri_of(agent)
+    lun = remote_lun(uri) if reconnecting else NBDLUN(uri, timeout=WAIT)
+    dest = Destination(lun, name="disk")
+    update = PeriodicUpdate(session, [dest], site_of(agent), timeout=WAIT)
     update.run()
     assert dest.state is DestState.CONSISTENT
     return dest, update
@@ -138,6 +167,7 @@ def assert_honest(session: Session, dest: Destination, export: Path, image: byte
         assert export.read_bytes() == image, "disk reads consistent but is not the image"
 
 
+@pytest.mark.parametrize("remote", ["plaintext", "tls"], indirect=True)
 def test_an_nbdlun_destination_reconnects_after_its_agent_restarted(
     session: Session, remote: Agent
 ):
@@ -161,7 +191,7 @@ def test_an_export_of_another_size_at_the_reconnect_fails_that_destination_alone
         other = in_place(remote, bytes(2 * SIZE))
         # A site that knows no file of the agent yet (no identity check): the protect
         # passes, and the reconnect is what meets the other export.
-        update.site = other.site_of()
+        update.site = site_of(other)
         try:
             write_randomly(session, random.Random(SEED), 20)
             with pytest.raises(UpdateError) as failed:
@@ -234,10 +264,11 @@ class AfterProtect(RemoteSite):
         return self.site.status(dest, timeout)
 
 
+@pytest.mark.parametrize("reconnecting", [False, True], ids=["NBDLUN", "ReconnectingLUN"])
 def test_another_file_behind_the_agent_between_the_protect_and_the_reconnect(
-    session: Session, remote: Agent
+    session: Session, remote: Agent, reconnecting: bool
 ):
-    dest, update = first_update(session, remote)
+    dest, update = first_update(session, remote, reconnecting)
     agents: list[Agent] = []
     update.site = AfterProtect(update.site, lambda: agents.append(in_place(remote, bytes(SIZE))))
     with dest.lun:
@@ -288,8 +319,8 @@ def test_writers_agent_kills_cancels_and_rollbacks_leave_no_false_consistent(
 ):
     rng = random.Random(SEED + 3)
     export = remote.directory / "disk"
-    dest = Destination(NBDLUN(remote.uri, timeout=WAIT), name="disk")
-    site = remote.site_of()
+    dest = Destination(NBDLUN(uri_of(remote), timeout=WAIT), name="disk")
+    site = site_of(remote)
     consistent = None  # the image of the last update that succeeded
     faults = {"none": 0, "kill_after_protect": 0, "kill_after_saves": 0, "cancel": 0}
 
