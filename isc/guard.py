@@ -105,8 +105,10 @@ class WriteGuard:
     """Refuses every new open for writing of the files open at ``fds`` (see the module).
 
     Raises ``OSError`` when the kernel refuses a group or a mark (not root,
-    no permission events); nothing is left behind then. :meth:`close` ends
-    it and lets every open through again; so does the end of the process.
+    no permission events) or asks about none of the files; nothing is left
+    behind then. ``unguarded``: those of ``fds`` it does not ask about (a
+    device node on Linux 6.18), found by opening each once. :meth:`close`
+    ends it and lets every open through again; so does the end of the process.
     """
 
     def __init__(self, fds: Sequence[int]) -> None:
@@ -125,12 +127,24 @@ class WriteGuard:
         except BaseException:
             os.close(group)
             raise
+        asked: set[tuple[int, ...]] = set()
         self._thread = threading.Thread(
-            target=_respond, args=(group, wake, opens), name="isc-guard", daemon=True
+            target=_respond, args=(group, wake, opens, asked), name="isc-guard", daemon=True
         )
         self._thread.start()
         # A guard dropped without close() (a leaked session) stops its thread.
         self._stop = weakref.finalize(self, _stop, self._wake, self._thread)
+        try:
+            for fd in fds:
+                # The open waits for the thread's answer, which first notes the file.
+                flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+                os.close(os.open(f"/proc/self/fd/{fd}", flags))
+            self.unguarded = [fd for fd in fds if _key(os.fstat(fd)) not in asked]
+            if len(self.unguarded) == len(fds):
+                raise OSError(_unasked(fds))
+        except BaseException:
+            self.close()
+            raise
 
     def close(self) -> None:
         """Stop refusing: the thread answers what it read and closes the group. Idempotent."""
@@ -149,22 +163,35 @@ def guard_source(fds: Sequence[int], source: str, own: int | None) -> WriteGuard
     try:
         guard = WriteGuard(fds)
     except OSError as exc:
-        why = exc.strerror or str(exc)
-        if why not in _warned:
-            _warned.add(why)
-            log.warning(
-                "%s: other programs can still write the source while a session holds it "
-                "(no fanotify guard: %s; it needs root and a kernel with fanotify "
-                "permission events): write it only through isc",
-                source,
-                why,
-            )
+        _warn(source, exc.strerror or str(exc))
         return None
+    if guard.unguarded:
+        _warn(source, _unasked(guard.unguarded))
     writer = next(writers(fds, own), None)
     if writer is not None:
         guard.close()
         raise StateError(f"the source {source} is {writer}; close it there first")
     return guard
+
+
+def _unasked(fds: Sequence[int]) -> str:
+    """Why the guard cannot refuse opens of the files open at ``fds``."""
+    kinds = {"block device" if stat.S_ISBLK(os.fstat(fd).st_mode) else "file" for fd in fds}
+    return f"the kernel sends no permission events for opens of the {' or '.join(sorted(kinds))}"
+
+
+def _warn(source: str, why: str) -> None:
+    """Say once per process and reason that other programs can still write a source."""
+    if why in _warned:
+        return
+    _warned.add(why)
+    log.warning(
+        "%s: other programs can still open the source for writing while a session holds it "
+        "(no fanotify guard: %s; it needs root and a kernel with fanotify permission events "
+        "for the file): write it only through isc",
+        source,
+        why,
+    )
 
 
 def writers(fds: Sequence[int], own: int | None) -> Iterator[str]:
@@ -242,10 +269,8 @@ def _program(pid: int) -> str:
 
 
 def _verdict(tid: int, opens: dict[int, int | None]) -> int:
-    """Allow the open thread ``tid`` is in unless it may write, or its flags cannot be read;
-    allow this process's own."""
-    if os.path.exists(f"/proc/self/task/{tid}"):
-        return _FAN_ALLOW
+    """Allow the open thread ``tid`` (of another process) is in unless it may write, or its
+    flags cannot be read."""
     try:
         with open(f"/proc/{tid}/syscall", "rb") as f:
             call = f.read().split()
@@ -257,8 +282,11 @@ def _verdict(tid: int, opens: dict[int, int | None]) -> int:
     return _FAN_DENY
 
 
-def _respond(group: int, wake: int, opens: dict[int, int | None]) -> None:
-    """The responder thread: answer each event of ``group`` until ``wake``'s writer closes."""
+def _respond(
+    group: int, wake: int, opens: dict[int, int | None], asked: set[tuple[int, ...]]
+) -> None:
+    """The responder thread: answer each event of ``group`` until ``wake``'s writer closes;
+    note in ``asked`` the files this process's own opens were asked about."""
     try:
         poller = select.poll()
         poller.register(group, select.POLLIN)
@@ -269,7 +297,12 @@ def _respond(group: int, wake: int, opens: dict[int, int | None]) -> None:
                 size, version, _, _, _, fd, tid = _EVENT.unpack_from(events, at)
                 if version != _METADATA_VERSION or size != _EVENT.size:
                     raise OSError(f"fanotify events of version {version}, not {_METADATA_VERSION}")
-                os.write(group, _RESPONSE.pack(fd, _verdict(tid, opens)))
+                if os.path.exists(f"/proc/self/task/{tid}"):  # this process's own
+                    asked.add(_key(os.fstat(fd)))
+                    verdict = _FAN_ALLOW
+                else:
+                    verdict = _verdict(tid, opens)
+                os.write(group, _RESPONSE.pack(fd, verdict))
                 os.close(fd)
     except BaseException:
         os.close(group)  # first: the kernel lets waiting and later opens through
