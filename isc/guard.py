@@ -65,8 +65,11 @@ Not closed (the source can still change unseen while a session holds it):
 it; a descriptor opened for writing before the session and passed on
 through a Unix socket, or registered with io_uring (in no process's table);
 a process in another PID namespace (not in this ``/proc``); for a block
-device, another device node of it made with ``mknod``, its partitions and
-what is stacked on it (device-mapper, a mounted file system).
+device, every open after the start where the kernel sends no permission
+events for a device node (Linux 6.18 sends none: the guard finds so by
+opening each file once, says so once, and guards the file under a loop
+device still), else another node of it made with ``mknod``, and always its
+partitions and what is stacked on it (device-mapper, a mounted file system).
 """
 
 from __future__ import annotations
