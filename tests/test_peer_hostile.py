@@ -10,14 +10,20 @@ test can wrap the site and act between a request and the next step:
 * a reply that is valid JSON nested too deep for the decoder: one clear line
   naming the agent, never a traceback (the identity check asks without the
   update's guard);
+* an agent restarted under an :class:`~isc.nbd.NBDLUN` destination, in
+  plaintext and over mutual TLS: the reconnect after the protect serves the
+  next update;
 * an agent replaced at its address by one whose export of the same name has
-  another size, between two updates of an :class:`~isc.nbd.NBDLUN`
-  destination: the reconnect after the protect refuses it, and the update
-  fails for that destination alone, leaving the session unmarked with every
-  change tracked;
+  another size: the reconnect refuses it, and the update fails for that
+  destination alone, leaving the session unmarked with every change tracked;
 * an agent replaced by one serving another file of the same size, between the
-  identity check and the protect, and between the protect's answer and the
-  reconnect: the destination must not be reported CONSISTENT;
+  identity check and the protect (a file the samples cannot tell), and between
+  the protect's answer and the reconnect (an NBDLUN and a reconnecting LUN):
+  the destination is never reported CONSISTENT holding anything but the image;
+* a lying agent (a proxy in front of a real one that rewrites its replies):
+  it hides the fence, claims a protect and a fence it never made, names
+  another file at each status or another image than the one protected; no
+  update reports the destination CONSISTENT, and every difference is tracked;
 * a bounded stress loop (seeded): writer threads racing each copy, the agent
   SIGKILLed after a protect or mid-copy and started again, copies cancelled
   at a seeded run, rollbacks after failures; every destination reported
@@ -25,15 +31,18 @@ test can wrap the site and act between a request and the next step:
   it differs from the source must be tracked (rules 1, 2, 6).
 
 A test that finds a hole in the current code is marked ``xfail(strict=True)``
-with the reason, naming the code. The tools come from Debian's nbdkit package
-only where a test says so.
+with the reason, naming the code; none is left: each hole found here is mended
+(the commit that mends it names the test). The TLS certificates come from
+Debian's openssl (tests/certs.py).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import random
+import socket
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -48,6 +57,7 @@ from test_remote_hostile import (
     Agent,
     G,
     Impostor,
+    Listener,
     ask_impostor,
     recorded,
     secured,
@@ -57,7 +67,7 @@ from test_security_control import secret_file
 from test_security_nbd import with_tls
 
 from isc import Destination, DestState
-from isc.auth import Credentials
+from isc.auth import Credentials, read_line
 from isc.nbd import NBDLUN
 from isc.remote import Ack, AgentSite, RemoteSite
 from isc.session import Session
@@ -284,6 +294,96 @@ def test_another_file_behind_the_agent_between_the_protect_and_the_reconnect(
         finally:
             for agent in agents:
                 agent.end()
+
+
+class Liar(Listener):
+    """A control port in front of ``agent``'s: it forwards each request and answers with
+    ``lie(request, reply)`` (the agent's reply, as a dict, altered), or without asking
+    the agent when ``lie`` is given no reply (``reply`` None: ``forward`` said no)."""
+
+    def __init__(
+        self,
+        agent: Agent,
+        lie: Callable[[dict, dict | None], dict],
+        forward: Callable[[dict], bool] = lambda request: True,
+    ) -> None:
+        self.agent, self.lie, self.forward = agent, lie, forward
+        super().__init__()
+        self.site = AgentSite(HOST, self.port, timeout=WAIT)
+
+    def handle(self, conn: socket.socket) -> None:
+        with conn.makefile("rb") as lines:
+            line = lines.readline()
+        request = json.loads(line)
+        reply = None
+        if self.forward(request):
+            with socket.create_connection((HOST, self.agent.control), WAIT) as agent:
+                agent.sendall(line)
+                reply = json.loads(read_line(agent, None, 1 << 20))
+        conn.sendall(json.dumps(self.lie(request, reply)).encode() + b"\n")
+
+
+def hides_the_fence(request: dict, reply: dict | None) -> dict:
+    assert reply is not None
+    reply.pop("fenced", None)
+    return reply
+
+
+def fences_nothing(request: dict, reply: dict | None) -> dict:
+    """Says a protect was done, fenced, of a new image: it never reached the agent."""
+    if reply is None:
+        image = random.Random(request["id"]).randbytes(8).hex()
+        return {"id": request["id"], "ok": True, "fenced": True, "info": {"image": image}}
+    return reply
+
+
+def new_identities(request: dict, reply: dict | None) -> dict:
+    """Names another file in every status."""
+    assert reply is not None
+    if request["op"] == "status":
+        reply["info"]["identity"] = f"elsewhere:{request['id']}"
+    return reply
+
+
+def another_image(request: dict, reply: dict | None) -> dict:
+    """Names another image than the one protected."""
+    assert reply is not None
+    if request["op"] == "protect":
+        reply["info"]["image"] = f"{request['id']:016x}"
+    return reply
+
+
+@pytest.mark.parametrize(
+    ("lie", "forward"),
+    [
+        (hides_the_fence, lambda request: True),
+        (fences_nothing, lambda request: request["op"] != "protect"),
+        (new_identities, lambda request: True),
+        (another_image, lambda request: True),
+    ],
+    ids=["hides the fence", "fences nothing", "new identities", "another image"],
+)
+def test_an_agent_that_lies_in_its_replies_gets_no_destination_reported_falsely_consistent(
+    session: Session, remote: Agent, lie, forward
+):
+    rng = random.Random(SEED + 5)
+    export = remote.directory / "disk"
+    identities: dict[str, str] = {}
+    with Liar(remote, lie, forward) as liar, NBDLUN(remote.uri, timeout=WAIT) as lun:
+        dest = Destination(lun, name="disk")
+        update = PeriodicUpdate(session, [dest], liar.site, timeout=WAIT, io_size=IO)
+        for _ in range(3):
+            write_randomly(session, rng, 20)
+            update.check_identities(identities, {"disk"})
+            # Each lie fails the update or leaves disk inconsistent: never a false
+            # CONSISTENT (a connection cut unseen, an image never protected or not
+            # the one unprotected, a file that is never the one protected).
+            with contextlib.suppress(UpdateError):
+                update.run()
+            assert dest.state is not DestState.CONSISTENT and not session.bitmap.marked
+            if dest.in_step(session):
+                with lun_of(export) as held:
+                    assert_no_lost_change(session, held)
 
 
 # -- stress -----------------------------------------------------------------------------------
