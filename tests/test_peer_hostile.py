@@ -10,6 +10,9 @@ test can wrap the site and act between a request and the next step:
 * a reply that is valid JSON nested too deep for the decoder: one clear line
   naming the agent, never a traceback (the identity check asks without the
   update's guard);
+* a write of a connection the fence cut, held at the agent, and a write of a
+  connection opened during the fence: both land before the protect's answer,
+  and a rollback gives back exactly the image holding both;
 * an agent restarted under an :class:`~isc.nbd.NBDLUN` destination, in
   plaintext and over mutual TLS: the reconnect after the protect serves the
   next update;
@@ -41,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
 import random
 import socket
 import tempfile
@@ -50,7 +54,7 @@ from pathlib import Path
 import pytest
 import test_agent
 import test_remote_hostile
-from helpers import Writers, assert_no_lost_change
+from helpers import Worker, Writers, assert_no_lost_change, wait_until
 from test_agent import HOST, IO, SIZE, WAIT, lun_of, remote_lun
 from test_agent_journal import write_randomly
 from test_remote_hostile import (
@@ -60,6 +64,7 @@ from test_remote_hostile import (
     Listener,
     ask_impostor,
     recorded,
+    release,
     secured,
     unchanged_but_the_generation,
 )
@@ -190,6 +195,38 @@ def test_an_nbdlun_destination_reconnects_after_its_agent_restarted(
         update.run()
         assert dest.state is DestState.CONSISTENT
         assert_honest(session, dest, remote.directory / "disk", image)
+
+
+def test_a_write_on_a_connection_opened_during_the_fence_is_in_the_protected_image(
+    tmp_path: Path, remote: Agent
+):
+    """The fence waits for a write of a connection it cut (held at the agent); meanwhile a
+    client connects anew and writes. Both land before the protect's answer: the image it
+    protects holds both, and a rollback after later writes gives back exactly that."""
+    rng = random.Random(SEED + 6)
+    fifo, fencing = tmp_path / "held", tmp_path / "fencing"
+    os.mkfifo(fifo)
+    test_remote_hostile.arm(remote.env, hold_first_write=str(fifo), fence_started=str(fencing))
+    disk, site = Destination(None, name="disk"), site_of(remote)
+    with NBDLUN(uri_of(remote), timeout=WAIT) as first:
+        held = Worker(lambda: first.write(0, rng.randbytes(4 * G)))  # the pool's: fenced
+        wait_until(Path(f"{fifo}.reached").exists, remote.proc, "the write held", remote.log)
+        protect = Worker(lambda: site.protect(disk))
+        wait_until(fencing.exists, remote.proc, "the agent fencing", remote.log)
+        with NBDLUN(uri_of(remote), timeout=WAIT) as newcomer:
+            newcomer.write(2 * G, rng.randbytes(4 * G))  # served at once, over the held one
+        release(fifo)
+        ack = protect.finish()
+        assert ack.ok and ack.fenced and not ack.kept, ack
+        with pytest.raises(OSError):  # landed, but its answer was cut off with the connection
+            held.finish()
+    image = (remote.directory / "disk").read_bytes()
+    assert image[: 2 * G] != bytes(2 * G) and image[2 * G : 6 * G] != bytes(4 * G)
+    with NBDLUN(uri_of(remote), timeout=WAIT) as later:
+        later.write(0, rng.randbytes(8 * G))
+    assert (remote.directory / "disk").read_bytes() != image
+    assert site.rollback(disk).ok
+    assert (remote.directory / "disk").read_bytes() == image
 
 
 def test_an_export_of_another_size_at_the_reconnect_fails_that_destination_alone(
