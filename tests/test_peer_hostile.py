@@ -13,6 +13,8 @@ test can wrap the site and act between a request and the next step:
 * a write of a connection the fence cut, held at the agent, and a write of a
   connection opened during the fence: both land before the protect's answer,
   and a rollback gives back exactly the image holding both;
+* clients stopped mid-handshake and clients dripping a WRITE's payload, many
+  at once: the fence cuts them at once and none of their bytes lands;
 * an agent restarted under an :class:`~isc.nbd.NBDLUN` destination, in
   plaintext and over mutual TLS: the reconnect after the protect serves the
   next update;
@@ -48,6 +50,7 @@ import os
 import random
 import socket
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -57,6 +60,7 @@ import test_remote_hostile
 from helpers import Worker, Writers, assert_no_lost_change, wait_until
 from test_agent import HOST, IO, SIZE, WAIT, lun_of, remote_lun
 from test_agent_journal import write_randomly
+from test_nbd import CMD_WRITE, Raw
 from test_remote_hostile import (
     Agent,
     G,
@@ -74,6 +78,7 @@ from test_security_nbd import with_tls
 from isc import Destination, DestState
 from isc.auth import Credentials, read_line
 from isc.nbd import NBDLUN
+from isc.nbd.server import FENCE_SECONDS
 from isc.remote import Ack, AgentSite, RemoteSite
 from isc.session import Session
 from isc.update import PeriodicUpdate, UpdateError, check_identities, rollback
@@ -227,6 +232,35 @@ def test_a_write_on_a_connection_opened_during_the_fence_is_in_the_protected_ima
     assert (remote.directory / "disk").read_bytes() != image
     assert site.rollback(disk).ok
     assert (remote.directory / "disk").read_bytes() == image
+
+
+def test_half_open_and_slow_clients_neither_hold_a_fence_open_nor_write(remote: Agent):
+    """Clients that stop mid-handshake, and clients dripping a WRITE's payload (a slow
+    loris), many at once: the protect's fence cuts them all at once, none of their bytes
+    is written, and a client after the answer is served."""
+    export = remote.directory / "disk"
+    before = export.read_bytes()
+    site, disk = site_of(remote), Destination(None, name="disk")
+    with contextlib.ExitStack() as opened:
+        clients = []
+        for k in range(8):
+            raw = Raw(opened.enter_context(socket.create_connection((HOST, remote.nbd), WAIT)))
+            if k % 2:  # in transmission, half of a 256 KiB WRITE's payload sent
+                raw.go()
+                raw.request(CMD_WRITE, k * G, 16 * G, payload=bytes([k]) * (8 * G))
+            else:  # greeted, and silent since
+                raw.recv(18)
+            clients.append(raw)
+        started = time.monotonic()
+        ack = site.protect(disk)
+        took = time.monotonic() - started
+        assert ack.ok and ack.fenced and took < FENCE_SECONDS / 2, (ack, took)
+        assert all(raw.dropped() for raw in clients)
+    assert export.read_bytes() == before
+    with NBDLUN(uri_of(remote), timeout=WAIT) as after:
+        after.write(0, b"after")
+    status = site.status(disk)
+    assert status.info["saved_chunks"] == 1 and export.read_bytes()[:5] == b"after"
 
 
 def test_an_export_of_another_size_at_the_reconnect_fails_that_destination_alone(
