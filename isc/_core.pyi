@@ -46,6 +46,16 @@ class DeltaBitmap:
     def track_activity(self, region_size: int, log: Callable[[int, int], object]) -> None: ...
     def retire_hot(self, keep: npt.ArrayLike | None = None) -> _Int64Array: ...
     def hot_regions(self, written: bool = False) -> _Int64Array: ...
+    def keep_hot(
+        self,
+        regions: npt.ArrayLike,
+        when: npt.ArrayLike,
+        now: float,
+        horizon: float,
+        capacity: int,
+        limit: int,
+        grow: bool,
+    ) -> tuple[_Int64Array, npt.NDArray[np.float64], int]: ...
     def log_writes(self, buffer: Any) -> None: ...
     @property
     def hot_count(self) -> int: ...
@@ -139,5 +149,5 @@ IO_RENAME: int
 def run_io(steps: Iterable[tuple[Any, ...]]) -> None:
     """Run system-call steps in order, the GIL released once; OSError at the first failure."""
 
-def region_records(regions: list[int]) -> bytes:
+def region_records(regions: npt.ArrayLike) -> bytes:
     """The activity log's records of the runs in the ascending ``regions``."""

@@ -100,7 +100,7 @@ go on.
 """
 
 from libc.stdint cimport int64_t, uint32_t, uint64_t
-from libc.stdlib cimport calloc, free, malloc, realloc
+from libc.stdlib cimport calloc, free, malloc, qsort, realloc
 from libc.string cimport memcmp, memcpy, memset
 
 cimport numpy as cnp
@@ -1030,9 +1030,13 @@ cdef class DeltaBitmap:
                 raise _layout.RangeError(
                     f"region {kept[i]} is outside the LUN's {self._nregions} regions"
                 )
-        regions = []
+        cdef int64_t *forgot = NULL
+        cdef size_t n = 0
         self._acquire()
         if self._region_shift:
+            # In C, not a list of Python ints: it runs while host writes are frozen.
+            forgot = <int64_t *>malloc((self._hot_count + 1) * 8)
+        if forgot != NULL:
             # The kept regions that are hot, in the bitmap of written ones.
             memset(self._written, 0, ((self._nregions + 63) >> 6) * 8)
             for i in range(kept.shape[0]):
@@ -1043,13 +1047,21 @@ cdef class DeltaBitmap:
             for w in range((self._nregions + 63) >> 6):
                 c = self._hot[w] & ~self._written[w]
                 while c:
-                    regions.append((w << 6) + ctz(c))
+                    forgot[n] = <int64_t>((w << 6) + ctz(c))
+                    n += 1
                     c &= c - 1
                 self._hot[w] = self._written[w]
                 self._hot_count += popcount(self._written[w])
                 self._written[w] = 0
         self._release()
-        return np.array(regions, dtype=np.int64)
+        if forgot == NULL:
+            if self._region_shift:
+                raise MemoryError("cannot allocate the list of retired regions")
+            return np.empty(0, dtype=np.int64)
+        try:
+            return _array(forgot, n)
+        finally:
+            free(forgot)
 
     def hot_regions(self, bint written=False):
         """The hot regions, ascending int64 region indices; with ``written``, only those
@@ -1066,6 +1078,76 @@ cdef class DeltaBitmap:
                     c &= c - 1
         self._release()
         return np.array(regions, dtype=np.int64)
+
+    def keep_hot(self, regions, when, double now, double horizon, capacity, limit,
+                 bint grow):
+        """The regions a checkpoint keeps hot, most recently written first (an LRU):
+        ``(regions, when, capacity)``.
+
+        ``regions`` (ascending int64) and ``when`` (float64: when each was last
+        found written) are what the last call returned, or empty. The result
+        holds the regions written since ``retire_hot`` (found written at
+        ``now``), then those of ``regions`` written after ``horizon`` and not
+        since, newest first; cut to ``capacity // 2``, returned ascending with
+        their times. With ``grow``, a ``capacity`` they do not fit twice over
+        doubles first, up to ``limit``; the capacity in force is returned.
+        Costs one pass over one bit per region under the map's mutex and
+        O(k log k) for the k regions written or kept, all with the GIL
+        released: a checkpoint holds it for O(1) steps, whatever the hot set.
+        Raises ``ParameterError`` for arrays of different lengths or not
+        ``0 <= capacity <= limit``, changing nothing.
+        """
+        cdef const int64_t[::1] old = np.ascontiguousarray(regions, dtype=np.int64)
+        cdef const double[::1] seen = np.ascontiguousarray(when, dtype=np.float64)
+        cdef int64_t cap = _i64(capacity)
+        cdef int64_t most = _i64(limit)
+        cdef size_t m = <size_t>old.shape[0]
+        cdef size_t n = 0, older = 0, kept = 0, i, j = 0
+        cdef uint64_t w, c, words
+        cdef Kept *out
+        if <size_t>seen.shape[0] != m or not 0 <= cap <= most:
+            raise _layout.ParameterError(
+                f"keep_hot needs as many times as regions and 0 <= capacity <= limit, got "
+                f"{m} regions, {seen.shape[0]} times, capacity {capacity} and limit {limit}")
+        self._acquire()
+        with nogil:
+            words = (self._nregions + 63) >> 6 if self._region_shift else 0
+            for w in range(words):
+                n += popcount(self._hot[w] & self._written[w])
+            out = <Kept *>malloc((n + m + 1) * sizeof(Kept))
+            if out != NULL:
+                n = 0
+                for w in range(words):
+                    c = self._hot[w] & self._written[w]
+                    while c:
+                        out[n].region = <int64_t>((w << 6) + ctz(c))
+                        out[n].when = now
+                        n += 1
+                        c &= c - 1
+            self._release()
+            if out != NULL:
+                # The earlier ones, not written since (a merge: both are ascending).
+                for i in range(m):
+                    while j < n and out[j].region < old[i]:
+                        j += 1
+                    if seen[i] > horizon and not (j < n and out[j].region == old[i]):
+                        out[n + older].region = old[i]
+                        out[n + older].when = seen[i]
+                        older += 1
+                qsort(out + n, older, sizeof(Kept), _newest_first)
+                if grow and 2 * (n + older) > <uint64_t>cap:
+                    cap = min(2 * cap, most)
+                kept = min(n + older, <size_t>(cap // 2))
+                qsort(out, kept, sizeof(Kept), _by_region)
+        if out == NULL:
+            raise MemoryError(f"cannot allocate the LRU of {n + m} regions")
+        try:
+            kept_regions = np.empty(kept, dtype=np.int64)
+            kept_when = np.empty(kept, dtype=np.float64)
+            _unzip(out, kept, kept_regions, kept_when)
+        finally:
+            free(out)
+        return kept_regions, kept_when, cap
 
     @property
     def hot_count(self):
@@ -2187,6 +2269,36 @@ cdef inline void _runs_flush(Runs *runs) noexcept nogil:
         runs.length -= piece
 
 
+cdef struct Kept:
+    int64_t region              # a region kept hot (DeltaBitmap.keep_hot)
+    double when                 # when it was last found written
+
+
+cdef int _newest_first(const void *a, const void *b) noexcept nogil:
+    """Order of ``Kept``: the latest ``when`` first, then by region (a stable sort of
+    regions given ascending)."""
+    cdef const Kept *x = <const Kept *>a
+    cdef const Kept *y = <const Kept *>b
+    if x.when != y.when:
+        return -1 if x.when > y.when else 1
+    return (x.region > y.region) - (x.region < y.region)
+
+
+cdef int _by_region(const void *a, const void *b) noexcept nogil:
+    cdef const Kept *x = <const Kept *>a
+    cdef const Kept *y = <const Kept *>b
+    return (x.region > y.region) - (x.region < y.region)
+
+
+cdef void _unzip(const Kept *kept, size_t n, int64_t[::1] regions,
+                 double[::1] when) noexcept:
+    cdef size_t i
+    with nogil:
+        for i in range(n):
+            regions[i] = kept[i].region
+            when[i] = kept[i].when
+
+
 cdef object _array(const int64_t *data, size_t n):
     """A new int64 ndarray holding a copy of ``data[0:n]``."""
     cdef cnp.npy_intp dims = <cnp.npy_intp>n
@@ -2747,35 +2859,41 @@ def region_records(regions):
     One record per run of consecutive regions: ``first`` u64, ``last`` u64 and
     the CRC-32 (zlib's) of those 16 bytes as u32, little-endian (the layout of
     ``isc.activity``). A checkpoint writes those of the regions it keeps hot
-    while it holds the GIL: here O(regions) in C, not a Python call per record.
+    before its freeze: from an int64 array (``keep_hot``'s), O(regions) in C
+    with the GIL released, not a Python call per record.
     Raises ``ValueError`` for a negative region, ``TypeError`` for one that is
     not an integer.
     """
-    cdef Py_ssize_t n = len(regions)
+    if not (isinstance(regions, np.ndarray) and regions.dtype == np.int64):
+        regions = np.array([_i64(region) for region in regions], dtype=np.int64)
+    cdef const int64_t[::1] values = np.ascontiguousarray(regions)
+    cdef Py_ssize_t n = values.shape[0]
     cdef Py_ssize_t i
     cdef int64_t first = 0, last = 0, region = 0
     cdef uint32_t crc
     cdef size_t at = 0
     if n == 0:
         return b""
+    for i in range(n):
+        if values[i] < 0:
+            raise ValueError(f"region {values[i]} is negative")
     out = bytearray(n * 20)
     cdef unsigned char[::1] view = out
     cdef unsigned char *p = &view[0]
-    for i in range(n + 1):
-        if i < n:
-            region = _i64(regions[i])
-            if region < 0:
-                raise ValueError(f"region {region} is negative")
-            if i and region == last + 1:
-                last = region
-                continue
-        if i:
-            memcpy(p + at, &first, 8)
-            memcpy(p + at + 8, &last, 8)
-            crc = isc_crc32(p + at, 16)
-            memcpy(p + at + 16, &crc, 4)
-            at += 20
-        first = last = region
+    with nogil:
+        for i in range(n + 1):
+            if i < n:
+                region = values[i]
+                if i and region == last + 1:
+                    last = region
+                    continue
+            if i:
+                memcpy(p + at, &first, 8)
+                memcpy(p + at + 8, &last, 8)
+                crc = isc_crc32(p + at, 16)
+                memcpy(p + at + 16, &crc, 4)
+                at += 20
+            first = last = region
     return bytes(view[:at])
 
 

@@ -205,6 +205,31 @@ class DeltaBitmap:
             regions = self._hot & self._written if written else self._hot
             return np.array(sorted(regions), dtype=np.int64)
 
+    def keep_hot(self, regions, when, now, horizon, capacity, limit, grow):
+        capacity, limit = _int64(capacity), _int64(limit)
+        if len(regions) != len(when) or not 0 <= capacity <= limit:
+            raise ParameterError(
+                f"keep_hot needs as many times as regions and 0 <= capacity <= limit, got "
+                f"{len(regions)} regions, {len(when)} times, capacity {capacity} and "
+                f"limit {limit}"
+            )
+        written = self.hot_regions(written=True).tolist()
+        fresh = set(written)
+        older = [
+            (int(r), float(w))
+            for r, w in zip(regions, when, strict=True)
+            if w > horizon and r not in fresh
+        ]
+        older.sort(key=lambda kept: -kept[1])
+        if grow and 2 * (len(written) + len(older)) > capacity:
+            capacity = min(2 * capacity, limit)
+        newest = sorted(([(r, float(now)) for r in written] + older)[: capacity // 2])
+        return (
+            np.array([r for r, _ in newest], dtype=np.int64),
+            np.array([w for _, w in newest], dtype=np.float64),
+            capacity,
+        )
+
     @property
     def hot_count(self) -> int:
         return len(self._hot)

@@ -68,6 +68,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 
 from isc._core import (
     IO_FDATASYNC,
@@ -188,7 +189,7 @@ class ActivityLog:
         """Where ``DeltaBitmap.log_writes`` appends this generation's writes."""
         return self._current.area()
 
-    def _create(self, number: int, keep: list[int]) -> Generation:
+    def _create(self, number: int, keep: npt.ArrayLike) -> Generation:
         """Create generation ``number``'s files, its region log holding ``keep``, durably
         (the directory synced); on failure nothing of it stays."""
         log, writes = _names(number)
@@ -208,7 +209,7 @@ class ActivityLog:
             raise
         return generation
 
-    def _begin(self, generation: Generation, keep: list[int], cut: bool) -> list[tuple]:
+    def _begin(self, generation: Generation, keep: npt.ArrayLike, cut: bool) -> list[tuple]:
         """Stamp ``generation``'s write log; return the :func:`run_io` steps that make
         ``keep`` its region log, durably. ``cut``: the region log holds an older
         generation's records, cut first and synced even with nothing to write, so no
@@ -233,7 +234,7 @@ class ActivityLog:
             os.fdatasync(current.fd)
             current.logged += last - first + 1
 
-    def prepare(self, keep: list[int]) -> Generation:
+    def prepare(self, keep: npt.ArrayLike) -> Generation:
         """The next generation's files, its region log holding the regions ``keep`` stays
         hot across the switch, durably; pass it to :meth:`rotate`, or to :meth:`discard`.
         From the spare, its system calls are one :func:`run_io`: the cut, the kept

@@ -41,7 +41,11 @@ extents (an LRU): a checkpoint keeps hot the regions most recently written
 (by the checkpoint that first found each written since the one before), at
 most half the hot set's capacity and none left unwritten for a checkpoint
 interval; so back-to-back checkpoints do not cool a working set, and an idle
-session's hot set empties. The capacity follows the write pattern, between
+session's hot set empties. The core works the LRU out in one call with the
+GIL released (``DeltaBitmap.keep_hot``: a pass over one bit per region under
+the map's mutex, then O(k log k) for the k regions written or kept), so
+before its freeze a checkpoint holds the GIL for O(1) Python steps and the
+kept regions' records (O(k) in C). The capacity follows the write pattern, between
 two settings of ``session.json``: it starts at ``max_hot`` regions (default
 1024: 4 GiB) and doubles, up to ``hot_limit`` (default 4096: 16 GiB; a
 session file written before it existed takes the default), at a
@@ -137,7 +141,6 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from functools import partial
-from operator import itemgetter
 from pathlib import Path
 
 import numpy as np
@@ -540,7 +543,7 @@ class PersistentSession:
         """Copies begun (:meth:`begin_copy`)."""
         self._flushed_for: tuple[int, int, bool] | None = None
         """Copies begun, generation and marked when the last checkpoint flushed the source."""
-        self._used: tuple[list[int], list[float]] = ([], [])
+        self._used = (np.empty(0, np.int64), np.empty(0, np.float64))
         """The regions kept hot by the last checkpoint and when each was last found written."""
         self._clock = time.monotonic
         self._interval = DEFAULT_CHECKPOINT_INTERVAL
@@ -583,35 +586,24 @@ class PersistentSession:
             self._woken_in = self._log.generation
             self._wake.set()
 
-    def _keep_hot(self) -> list[int]:
+    def _keep_hot(self) -> np.ndarray:
         """The regions to keep hot across this checkpoint, ascending: the most recently
         written, written within a checkpoint interval, at most half the capacity, which
         grows first if they are more and writes kept waiting (see the module docstring).
 
-        O(hot regions), in plain Python (numpy would release and re-take the GIL at
-        each step: each a wait again for a host write's thread that wants it), plus
-        ``hot_regions``' pass over one bit per region.
+        One core call (``DeltaBitmap.keep_hot``) with the GIL released: the
+        checkpointing thread holds it for O(1) steps here, whatever the hot set, so
+        a host write's thread waiting for it is not held up.
         """
         bitmap = self.session.bitmap
         now = self._clock()
-        written = bitmap.hot_regions(written=True).tolist()
-        fresh = set(written)
         regions, when = self._used
-        # The regions written before, not since, within the interval: newest first.
-        older = [
-            (r, w)
-            for r, w in zip(regions, when, strict=True)
-            if w > now - self._interval and r not in fresh
-        ]
-        older.sort(key=itemgetter(1), reverse=True)
         waited = self._log.logged * GROW_AT > bitmap.writes - self._writes_at
-        if 2 * (len(written) + len(older)) > self.hot_capacity and waited:
-            self.hot_capacity = min(2 * self.hot_capacity, self.hot_limit)
-        newest = [(region, now) for region in written] + older
-        del newest[self.hot_capacity // 2 :]
-        newest.sort()
-        self._used = ([r for r, _ in newest], [w for _, w in newest])
-        return self._used[0]
+        regions, when, self.hot_capacity = bitmap.keep_hot(
+            regions, when, now, now - self._interval, self.hot_capacity, self.hot_limit, waited
+        )
+        self._used = (regions, when)
+        return regions
 
     def _checkpointer(self, interval: float) -> None:
         due = time.monotonic() + interval
@@ -647,7 +639,7 @@ class PersistentSession:
             bitmap = self.session.bitmap
             # Regions written since the last checkpoint stay hot, logged in the next
             # generation first (a closing session keeps none: nothing writes).
-            keep = [] if self._closing.is_set() else self._keep_hot()
+            keep = np.empty(0, np.int64) if self._closing.is_set() else self._keep_hot()
             fresh = self._log.prepare(keep)
             bitmap.freeze()
             try:

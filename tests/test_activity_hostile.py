@@ -280,7 +280,7 @@ def crash_in_checkpoints(stored: PersistentSession, state: Path, crashes: Crashe
     def window(candidates) -> None:
         cold = sorted(set(range(HOT_REGIONS)) - hot(stored))
         for group in (*candidates, cold):
-            if group:
+            if len(group):
                 write_in(stored, rng.choice(sorted(group)), rng)
         crashes.take(state, KINDS[len(crashes.images) % len(KINDS)])
 

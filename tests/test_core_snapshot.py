@@ -8,6 +8,7 @@ the record format, the errors, a snapshot under concurrent host writes, and a
 
 from __future__ import annotations
 
+import random
 import struct
 import threading
 import zlib
@@ -293,6 +294,56 @@ def test_the_write_log_holds_each_host_write_before_it_proceeds(kind) -> None:
     assert log[:2].tolist() == [3, 1]
     with pytest.raises(ParameterError, match="at least 16 bytes"):
         bitmap.log_writes(bytearray(8))
+
+
+def test_keep_hot_is_the_lru_of_the_regions_written_and_matches_the_twin() -> None:
+    """``keep_hot`` (the LRU a checkpoint keeps hot, in one core call): the regions written
+    since ``retire_hot`` first, then the earlier ones written after the horizon, newest
+    first, cut to half the capacity (grown first when asked), ascending; the core and the
+    twin agree over seeded rounds of writes and checkpoints, and bad input changes
+    nothing."""
+    rng = random.Random(14)
+    maps = [kind(4096 * G, G) for kind in BITMAPS]
+    used = [(np.empty(0, np.int64), np.empty(0, np.float64))] * 2
+    for bitmap in maps:
+        bitmap.track_activity(4 * G, lambda first, last: None)
+    for bitmap in maps:  # regions 1 and 7 written; 3 kept from before at times 5 and 9
+        for region in (7, 1):
+            bitmap.write_through(lambda o, d: None, None, region * 4 * G, b"x")
+        regions, when, capacity = bitmap.keep_hot([1, 3, 5], [1.0, 5.0, 9.0], 10.0, 2.0, 4, 8, True)
+        # 2 written and 2 older is more than half of 4: grown to 8, nothing cut.
+        assert (regions.tolist(), when.tolist(), capacity) == (
+            [1, 3, 5, 7],
+            [10.0, 5.0, 9.0, 10.0],
+            8,
+        )
+        regions, when, capacity = bitmap.keep_hot(
+            [1, 3, 5], [1.0, 5.0, 9.0], 10.0, 6.0, 4, 8, False
+        )
+        assert (regions.tolist(), when.tolist(), capacity) == ([1, 7], [10.0, 10.0], 4)
+        with pytest.raises(ParameterError, match="as many times as regions"):
+            bitmap.keep_hot([1, 3], [1.0], 10.0, 2.0, 4, 8, True)
+        with pytest.raises(ParameterError, match="capacity 9 and limit 8"):
+            bitmap.keep_hot([], [], 10.0, 2.0, 9, 8, True)
+        bitmap.retire_hot([1, 7])
+    for step in range(40):
+        for _ in range(rng.randrange(30)):
+            offset = rng.randrange(4096) * G
+            for bitmap in maps:
+                bitmap.write_through(lambda o, d: None, None, offset, b"x")
+        now, capacity, grow = float(step), rng.choice([0, 2, 16, 64]), rng.random() < 0.5
+        horizon = now - rng.choice([3, 8]) + 0.5
+        got = [
+            bitmap.keep_hot(*kept, now, horizon, capacity, 64, grow)
+            for bitmap, kept in zip(maps, used, strict=True)
+        ]
+        core, twin = got
+        assert core[0].tolist() == twin[0].tolist() and core[1].tolist() == twin[1].tolist()
+        assert core[2] == twin[2]
+        used = [(regions, when) for regions, when, _ in got]
+        for bitmap, (regions, _) in zip(maps, used, strict=True):
+            bitmap.retire_hot(regions)
+        assert maps[0].hot_regions().tolist() == maps[1].hot_regions().tolist()
 
 
 @pytest.mark.parametrize("kind", BITMAPS)
