@@ -8,7 +8,8 @@ then over it, adjacent ones in one ``pwritev``, taking the save area's lock for
 each write and releasing the interpreter lock for the I/O. The windows attacked:
 a host write whose COFW lands before the kernel copy of its run (the copy holds
 the new data, the saved chunk must go over it) or after it; a host write whose
-save waits on the area's lock while a write of saved chunks runs; a mark aborted
+save waits on the area's lock while a write of saved chunks runs; a save in
+flight (its chunk flagged, not stored) as the copy writes its run; a mark aborted
 by a full save area between two writes of saved chunks (the rest of the run is
 not the point in time: the copy must not end CONSISTENT); a destination whose
 writes fail (a full device) or stop short (``RLIMIT_FSIZE`` inside a write of
@@ -209,6 +210,71 @@ def test_host_saves_waiting_on_the_area_lock_during_a_write_of_saved_chunks_stay
         assert dest.lun.read(0, size) == image
     finally:
         lock.armed = False
+        close(session, [dest])
+
+
+@pytest.mark.parametrize("area", ["memory", "file"])
+@pytest.mark.parametrize("g", [2048, 65536])
+def test_a_cofw_save_in_flight_when_the_copy_reaches_its_chunk_leaves_the_point_in_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, area: str, g: int
+) -> None:
+    """A host write to chunk 1 (between saved chunks 0 and 2) flags it saved and its COFW
+    save stops before it takes the save area's lock, the chunk neither stored nor
+    overwritten yet, as the copy of the chunk's run begins; the copy copies the run and
+    writes the run's saved chunks around it (the chunk not held: the kernel's copy
+    stands). Only then, as the copy confirms the run (which waits for saves in flight),
+    the save goes on and the write lands: the copy is the image at the mark, and the
+    core wrote the saved chunks."""
+    monkeypatch.setattr(isc.copy, "KERNEL_RUN", 4 * g)
+    session, (dest,), lock = setup(tmp_path, g, area)
+    source, size = session.source, session.source.size
+    rng = random.Random(g)
+    blocked, go = threading.Event(), threading.Event()
+    writer = None
+    try:
+        session.mark(full=True)
+        image = source.read(0, size)
+        for chunk in (0, 2):
+            session.write(chunk * g, rng.randbytes(g))
+
+        def stop_the_save(n: int) -> None:
+            blocked.set()
+            assert go.wait(TIMEOUT), "the copy never reached the chunk's run"
+
+        def write_chunk_1() -> None:
+            lock.hook = stop_the_save
+            lock.arm()
+            session.write(g, rng.randbytes(g))
+
+        def start_the_write(offset: int, length: int, lun) -> None:
+            if offset == 0:
+                writer.start()
+                assert blocked.wait(TIMEOUT), "the save never began"
+                assert session.bitmap.saved_in(1, 1).tolist() == [1]
+                assert 1 not in session.save_area._index
+
+        def confirm_sent(first: int, count: int, generation: int) -> int:
+            if first == 0:  # the chunk's run was copied, its saved chunks written
+                assert dest.lun.read(0, 4 * g) == image[: 4 * g]
+                assert session._write_saved.chunks == 2
+                go.set()
+                assert writer is not None
+                writer.join(TIMEOUT)
+                assert not writer.is_alive(), "the host write did not finish"
+                assert source.read(g, g) != image[g : 2 * g]
+            return confirm(first, count, generation)
+
+        writer = threading.Thread(target=write_chunk_1)
+        source.before = start_the_write
+        confirm, session.confirm_sent = session.confirm_sent, confirm_sent
+        CopyJob(session, [dest], io_size=2 * g, workers=1).incremental()
+        assert go.is_set() and dest.state is DestState.CONSISTENT
+        assert dest.lun.read(0, size) == image
+    finally:
+        go.set()
+        lock.armed = False
+        if writer is not None and writer.ident is not None:
+            writer.join(TIMEOUT)
         close(session, [dest])
 
 
