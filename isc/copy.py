@@ -175,22 +175,26 @@ class CopyCancelled(Exception):
 
 
 def _one_copy(copy: Callable[..., CopyResult]) -> Callable[..., CopyResult]:
-    """A copy method of :class:`CopyJob`: refused while the job runs another copy or once
-    it is closed (``StateError``, changing nothing)."""
+    """A copy method of :class:`CopyJob`: refused while the job or another job runs a copy
+    of its session, or once it is closed (``StateError``, changing nothing)."""
 
     @functools.wraps(copy)
     def run(job: CopyJob, *args, **kwargs) -> CopyResult:
+        name = job.session.name
         if not job._busy.acquire(blocking=False):
-            raise StateError(
-                f"this job is copying {job.session.name} already; wait for that copy to end"
-            )
+            raise StateError(f"this job is copying {name} already; wait for that copy to end")
         try:
             # Checked holding _busy: close() sets the flag, then waits for _busy.
             if job._closed:
-                raise StateError(
-                    f"the copy job of {job.session.name} is closed; make a new CopyJob"
-                )
-            return copy(job, *args, **kwargs)
+                raise StateError(f"the copy job of {name} is closed; make a new CopyJob")
+            # Two copies of a mark would each clear chunks the other's destinations
+            # lack, and the one that joined last would call its own consistent.
+            if not job.session.copy_lock.acquire(blocking=False):
+                raise StateError(f"another copy job is copying {name}; wait for that copy to end")
+            try:
+                return copy(job, *args, **kwargs)
+            finally:
+                job.session.copy_lock.release()
         finally:
             job._busy.release()
 

@@ -127,6 +127,9 @@ class Session:
         self._mark_lock = threading.Lock()
         self.update_lock = threading.Lock()
         """Held by the update workflows (isc.update): one update at a time (rule 7)."""
+        self.copy_lock = threading.Lock()
+        """Held by a running copy job (isc.copy): one copy at a time, since each clears
+        the chunks it sent, which the destinations of another copy may lack."""
         self._marks_held_by: str | None = None
         self._closed = False
         self._cofw_chunks = 0

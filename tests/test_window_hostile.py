@@ -61,7 +61,7 @@ from test_serve import line_reader, next_line
 import isc
 from isc import DestState, MemoryLUN, journal
 from isc.copy import CopyJob, Destination
-from isc.errors import CopyError, CorruptMetadata
+from isc.errors import CopyError, CorruptMetadata, StateError
 from isc.lun import ForwardingLUN
 from isc.savearea import SaveArea
 from isc.session import Session
@@ -470,3 +470,78 @@ def test_stress_of_writers_copies_cancels_and_failures_sigkilled_loses_nothing(
         f"{consistent} destinations reported consistent checked against the image"
     )
     assert steps and failed and consistent, (steps, failed, consistent)
+
+
+# -- two copies of one session at once ----------------------------------------------------------
+
+
+class ParkedExtents:
+    """A session's bitmap seen through a proxy whose ``extents`` (a copy listing its runs)
+    waits at ``gate`` in the thread ``parked_in``."""
+
+    def __init__(self, bitmap) -> None:
+        self._bitmap = bitmap
+        self.gate = Gate()
+        self.parked_in: threading.Thread | None = None
+
+    def extents(self, *args):
+        if threading.current_thread() is self.parked_in:
+            self.gate()
+        return self._bitmap.extents(*args)
+
+    def __getattr__(self, name):
+        return getattr(self._bitmap, name)
+
+
+def test_a_second_copy_of_a_session_while_one_runs_is_refused_and_changes_nothing() -> None:
+    """Two copy jobs of one session on the same mark, to d0 and to d1: the one to d1 has
+    checked that d1 is in step and is about to list its runs; the one to d0 sends and
+    clears a run; the one to d1 then lists its runs without it and joins last. d1 would
+    read CONSISTENT and in step, missing that run, none of it tracked (rules 2 and 6)."""
+    rng = random.Random("two-copies")
+    source = MemoryLUN(SIZE)
+    fill_random(source, rng)
+    d0, d1 = Destination(MemoryLUN(SIZE), "d0"), Destination(MemoryLUN(SIZE), "d1")
+    session = Session(source, G, SaveArea(SIZE))
+    CopyJob(session, [d0, d1]).full()
+    for chunk in range(16):
+        session.write(chunk * G, rng.randbytes(G))
+    session.mark()
+    session.bitmap = hooked = ParkedExtents(session.bitmap)
+    stepped, gate = threading.Event(), Gate()
+
+    def ran(done: int, total: int) -> None:
+        stepped.set()
+        gate()
+
+    first = CopyJob(session, [d0], io_size=G, workers=1, progress=ran)
+    second = CopyJob(session, [d1], io_size=G, workers=1)
+
+    def copy_to_d1():
+        hooked.parked_in = threading.current_thread()
+        return second.incremental()
+
+    def copy_to_d0():
+        try:
+            return first.incremental()
+        finally:
+            stepped.set()
+
+    to_d1 = Worker(copy_to_d1)
+    hooked.gate.wait_reached()
+    to_d0 = Worker(copy_to_d0)
+    assert stepped.wait(TIMEOUT)  # refused, or parked after its first run
+    hooked.gate.open()
+    to_d1.finish()
+    gate.open()
+    with pytest.raises((CopyError, StateError)) as refused:
+        to_d0.finish()
+    assert d1.state is DestState.CONSISTENT and d1.lun.read(0, SIZE) == source.read(0, SIZE)
+    assert str(refused.value) == "another copy job is copying session; wait for that copy to end"
+    # The refused copy changed nothing: d0 holds the image of the copy before, out of step
+    # (the copy to d1 cleared chunks), so its next copy gives it every chunk.
+    assert d0.state is DestState.CONSISTENT and not d0.in_step(session)
+    session.mark()
+    CopyJob(session, [d0, d1]).incremental()
+    for dest in (d0, d1):
+        assert dest.state is DestState.CONSISTENT and dest.lun.read(0, SIZE) == source.read(0, SIZE)
