@@ -51,6 +51,8 @@ Requests, each durable before its reply is sent:
 * ``rollback`` checks every record, writes each saved chunk back, flushes the
   export, then replaces the journal with an empty one of a new image (temp
   file, rename): the export is protected afresh at the image it holds again.
+  Its reply's ``info["identity"]`` names the file rolled back, as ``status``
+  names it.
   A crash midway repeats it on the next rollback.
 * ``status`` reports ``protected``, ``intact``, ``saved_bytes``,
   ``saved_chunks``, ``problem`` and ``extents`` (the ranges a rollback would
@@ -521,7 +523,8 @@ class Export(ForwardingLUN):
             for chunks in self._undone.values():
                 chunks |= rewritten
             self._undone[ended] = rewritten
-            return {"ok": True, "extents": [list(e) for e in extents], **fenced}
+            rewrote = [list(e) for e in extents]
+            return {"ok": True, "extents": rewrote, "info": {"identity": self._identity}, **fenced}
 
     def status(self, image: str | None = None) -> dict:
         """What the protection holds; with ``image`` (a protect's), ``info["undone"]``:

@@ -400,10 +400,11 @@ class AgentSite(RequestSite):
     names it with that export's unprotect and status: their ``extents`` and
     ``info["undone"]`` list what rollbacks by other clients rewrote since. It
     also remembers the file each reply named (``info["identity"]``,
-    :func:`isc.agent.export_identity`): a protect that names another file than
-    the site's last reply about that export fails (the agent was replaced since,
-    e.g. between an update's identity check and its protect), so that no copy
-    relies on it; the next identity check finds the new file (rule 12). A
+    :func:`isc.agent.export_identity`): a protect or rollback that names another
+    file than the site's last reply about that export fails (the agent was
+    replaced since, e.g. between an update's identity check and its protect, or
+    a rollback's status and its request), so that no copy and no destination
+    state relies on it; the next identity check finds the new file (rule 12). A
     whole reply must come within the timeout, and a reply of the wrong shape
     is a failed ack whose outcome is unknown.
     """
@@ -495,11 +496,12 @@ class AgentSite(RequestSite):
         if isinstance(identity, str):
             known = self._identities.get(dest.name, identity)
             self._identities[dest.name] = identity
-            if op == "protect" and known != identity:
+            if op in ("protect", "rollback") and known != identity:
                 reason = (
                     f"{who} now serves another file as {dest.name} ({identity}) than it "
-                    f"did a moment before ({known}): it was replaced; update again, and "
-                    f"the identity check gives {dest.name} a full copy"
+                    f"did a moment before ({known}), and its {op} was of that one: it was "
+                    f"replaced; update again, and the identity check gives {dest.name} a "
+                    "full copy"
                 )
                 return Ack(rid, False, reason, info=info)
         if op == "protect" and reply["ok"] and isinstance(info.get("image"), str):

@@ -25,6 +25,8 @@ test can wrap the site and act between a request and the next step:
   identity check and the protect (a file the samples cannot tell), and between
   the protect's answer and the reconnect (an NBDLUN and a reconnecting LUN):
   the destination is never reported CONSISTENT holding anything but the image;
+* an agent replaced between a rollback's status and its request: the rollback
+  of the other file is refused, and the destination keeps its state;
 * a lying agent (a proxy in front of a real one that rewrites its replies):
   it hides the fence, claims a protect and a fence it never made, names
   another file at each status or another image than the one protected; no
@@ -79,7 +81,7 @@ from isc import Destination, DestState
 from isc.auth import Credentials, read_line
 from isc.nbd import NBDLUN
 from isc.nbd.server import FENCE_SECONDS
-from isc.remote import Ack, AgentSite, RemoteSite
+from isc.remote import Ack, AgentSite, RemoteSite, RequestSite
 from isc.session import Session
 from isc.update import PeriodicUpdate, UpdateError, check_identities, rollback
 
@@ -322,27 +324,19 @@ def test_another_file_behind_the_agent_between_the_identity_check_and_the_protec
             other.end()
 
 
-class AfterProtect(RemoteSite):
-    """``site``, but ``then()`` runs after its first protect answered, before the update
-    goes on."""
+class After(RequestSite):
+    """``site``, but ``then()`` runs once its first ``request`` ("protect", "status" ...)
+    answered, before the caller goes on."""
 
-    def __init__(self, site: RemoteSite, then: Callable[[], object]) -> None:
-        self.site, self.then = site, then
+    def __init__(self, site: RemoteSite, request: str, then: Callable[[], object]) -> None:
+        self.site, self.request, self.then = site, request, then
 
-    def protect(self, dest: Destination, timeout: float | None = None) -> Ack:
-        ack = self.site.protect(dest, timeout)
-        then, self.then = self.then, lambda: None
-        then()
+    def _request(self, op: str, dest: Destination, timeout: float | None) -> Ack:
+        ack = getattr(self.site, op)(dest, timeout)
+        if op == self.request:
+            then, self.then = self.then, lambda: None
+            then()
         return ack
-
-    def unprotect(self, dest: Destination, timeout: float | None = None) -> Ack:
-        return self.site.unprotect(dest, timeout)
-
-    def rollback(self, dest: Destination, timeout: float | None = None) -> Ack:
-        return self.site.rollback(dest, timeout)
-
-    def status(self, dest: Destination, timeout: float | None = None) -> Ack:
-        return self.site.status(dest, timeout)
 
 
 @pytest.mark.parametrize("reconnecting", [False, True], ids=["NBDLUN", "ReconnectingLUN"])
@@ -351,7 +345,9 @@ def test_another_file_behind_the_agent_between_the_protect_and_the_reconnect(
 ):
     dest, update = first_update(session, remote, reconnecting)
     agents: list[Agent] = []
-    update.site = AfterProtect(update.site, lambda: agents.append(in_place(remote, bytes(SIZE))))
+    update.site = After(
+        update.site, "protect", lambda: agents.append(in_place(remote, bytes(SIZE)))
+    )
     with dest.lun:
         try:
             write_randomly(session, random.Random(SEED + 2), 20)
@@ -362,6 +358,36 @@ def test_another_file_behind_the_agent_between_the_protect_and_the_reconnect(
             assert dest.state is not DestState.CONSISTENT
             # What the other agent's file got is tracked: the rest is the source's.
             assert_honest(session, dest, other.directory / "disk", image)
+        finally:
+            for agent in agents:
+                agent.end()
+
+
+def test_another_file_behind_the_agent_between_the_rollbacks_status_and_its_request(
+    session: Session, remote: Agent
+):
+    dest, update = first_update(session, remote)
+    with dest.lun:
+        write_randomly(session, random.Random(SEED + 7), 20)
+        update.copy_options["progress"] = cancel_at(1)
+        with pytest.raises(UpdateError):
+            update.run()  # disk stays protected, inconsistent
+        assert dest.state is DestState.INCONSISTENT
+        agents: list[Agent] = []
+
+        def replace() -> None:
+            """Another agent at the address, whose disk is protected and written since."""
+            other = in_place(remote, bytes(SIZE))
+            agents.append(other)
+            assert site_of(other).protect(Destination(None, name="disk")).ok
+            with NBDLUN(uri_of(other), timeout=WAIT) as lun:
+                lun.write(0, b"written since")
+
+        try:
+            with pytest.raises(UpdateError) as failed:
+                rollback(session, dest, After(update.site, "status", replace))
+            assert "serves another file as disk" in str(failed.value)
+            assert dest.state is DestState.INCONSISTENT
         finally:
             for agent in agents:
                 agent.end()
@@ -514,7 +540,7 @@ def test_writers_agent_kills_cancels_and_rollbacks_leave_no_false_consistent(
             hook = cancel_at(rng.randint(1, 6)) if fault == "cancel" else None
             update = PeriodicUpdate(session, [dest], site, timeout=WAIT, io_size=IO, progress=hook)
             # Host writes race the copy, from the protect on (after the mark).
-            update.site = AfterProtect(site, functools.partial(writers.allow, 20))
+            update.site = After(site, "protect", functools.partial(writers.allow, 20))
             try:
                 update.run()
                 consistent = image
