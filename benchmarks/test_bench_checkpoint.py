@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from isc import journal, store
+from isc import activity, journal, store
 
 G = 2048
 WRITE = 4096
@@ -224,6 +224,74 @@ def test_host_write_latency_beside_checkpoints(benchmark, where, lun):
         f"checkpoints / alone {beside / alone:.2f}, beside single checkpoints / alone "
         f"{single / alone:.2f}, beside checkpoints / beside CPU work {beside / busy:.2f}"
     )
+    benchmark.extra_info["note"] = note
+    print(f"\n{lun}, {_place(where)}: {note}")
+
+
+STEPS = 200
+"""Runs of a checkpoint's work before its freeze in each window of the probe."""
+
+
+@pytest.mark.parametrize("lun", SIZES)
+def test_the_work_before_a_checkpoints_freeze(benchmark, where, lun):
+    """What a checkpoint does in memory before it freezes host writes, every one of the
+    session's 1024 regions written since the last (so it keeps all 1024 hot): the hot set's
+    LRU (``_keep_hot``) and the kept regions' records (``region_records``), the log's I/O
+    left out. The benchmark times the two. Then a probe thread, standing for a host write's
+    thread, gives up the GIL and takes it back in a loop (``time.sleep(0)``), in windows
+    taken in turns: alone (the main thread asleep) and beside ``STEPS`` runs of the work,
+    1 ms apart. Each turn of the probe waits out whatever holds the GIL then: per kind, the
+    median of the windows' longest turns and the turns over 0.1 ms."""
+    stored = _open(where, SIZES[lun])
+    size = SIZES[lun] // REGIONS
+    turns: list[int] = []
+    stop = threading.Event()
+
+    def work():
+        activity.region_records(stored._keep_hot())
+
+    def probe():
+        while not stop.is_set():
+            start = time.perf_counter_ns()
+            time.sleep(0)
+            turns.append(time.perf_counter_ns() - start)
+
+    def window(beside: bool) -> list[int]:
+        turns.clear()
+        stop.clear()
+        thread = threading.Thread(target=probe)
+        thread.start()
+        try:
+            for _ in range(STEPS):
+                if beside:
+                    work()
+                time.sleep(0.001)
+        finally:
+            stop.set()
+            thread.join()
+        return sorted(turns)
+
+    try:
+        for region in range(REGIONS):
+            stored.session.write(region * size, b"z" * WRITE)
+        benchmark.group = f"a checkpoint's work before its freeze, {REGIONS} regions kept"
+        benchmark.extra_info["impl"] = f"isc, {lun} @ 2 KiB"
+        benchmark.pedantic(work, rounds=STEPS)
+        taken: dict[bool, list[list[int]]] = {False: [], True: []}
+        for n in range(2 * ROUNDS):
+            taken[bool(n % 2)].append(window(bool(n % 2)))
+    finally:
+        stored.close()
+
+    def stats(beside: bool) -> str:
+        worsts = sorted(sample[-1] / 1e3 for sample in taken[beside])
+        over = sum(t > 100_000 for sample in taken[beside] for t in sample)
+        each = ", ".join(f"{w:.0f}" for w in worsts)
+        kind = "beside the work" if beside else "alone"
+        median = worsts[len(worsts) // 2]
+        return f"probe {kind}: longest turn {median:.0f} µs of ({each}), {over} over 0.1 ms"
+
+    note = f"{stats(False)}; {stats(True)}"
     benchmark.extra_info["note"] = note
     print(f"\n{lun}, {_place(where)}: {note}")
 
