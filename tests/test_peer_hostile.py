@@ -10,6 +10,9 @@ test can wrap the site and act between a request and the next step:
 * a reply that is valid JSON nested too deep for the decoder: one clear line
   naming the agent, never a traceback (the identity check asks without the
   update's guard);
+* ``isc update`` SIGKILLed once its protect was answered, before it recorded
+  it: the destination is honest (it reads inconsistent), and a rollback and
+  the next update go through;
 * a write of a connection the fence cut, held at the agent, and a write of a
   connection opened during the fence: both land before the protect's answer,
   and a rollback gives back exactly the image holding both;
@@ -50,6 +53,7 @@ import functools
 import json
 import os
 import random
+import signal
 import socket
 import tempfile
 import time
@@ -68,6 +72,7 @@ from test_remote_hostile import (
     G,
     Impostor,
     Listener,
+    Replica,
     ask_impostor,
     recorded,
     release,
@@ -86,8 +91,12 @@ from isc.session import Session
 from isc.update import PeriodicUpdate, UpdateError, check_identities, rollback
 
 SEED = 20261206
-source, session = test_agent.source, test_agent.session
-env, local = test_remote_hostile.env, test_remote_hostile.local
+source, session, exports = test_agent.source, test_agent.session, test_agent.exports
+env, local, replica = (
+    test_remote_hostile.env,
+    test_remote_hostile.local,
+    test_remote_hostile.replica,
+)
 
 
 # -- hostile agents ---------------------------------------------------------------------------
@@ -114,6 +123,39 @@ def test_a_reply_nested_too_deep_to_the_identity_check_is_no_identity():
         ack = site.status(dest)
     assert not ack.ok and ack.outcome_unknown and "is not an isc agent's reply" in ack.reason
     assert identities == {"disk": "machine:1:2"} and dest.state is DestState.NEW
+
+
+# -- between a protect's answer and what isc update records ---------------------------------
+KILL_AFTER_PROTECT_ACK = """
+if _FAULTS:
+    _reconnect = update._reconnect
+
+    def _protected(dests, acks):
+        \"\"\"isc update dies once its N-th protect was answered, before anything else.\"\"\"
+        _reconnect(dests, acks)
+        if any(ack.ok for ack in acks) and _event("kill_after_protect_ack"):
+            _die()
+
+    update._reconnect = _protected
+"""
+
+
+def test_isc_update_killed_between_the_protect_ack_and_its_record(replica: Replica):
+    hooks = Path(replica.env["PYTHONPATH"].split(os.pathsep)[0]) / "sitecustomize.py"
+    hooks.write_text(hooks.read_text() + KILL_AFTER_PROTECT_ACK)
+    replica.host_writes(random.Random(SEED + 8))
+    replica.arm(kill_after_protect_ack=1)
+    assert replica.update().returncode == -signal.SIGKILL
+    replica.arm()
+    # The agent protects disk, whose image is still the last update's; isc update
+    # recorded its copy as begun (so disk reads inconsistent), nothing of the protect.
+    assert replica.protected() and replica.check() == "inconsistent"
+    done = replica.isc("rollback", "s", "disk")
+    assert done.returncode == 0, done.stderr
+    assert replica.check() in ("consistent", "inconsistent")
+    assert replica.update().returncode == 0
+    assert replica.check() == "consistent" and not replica.protected()
+    assert replica.export.read_bytes() == replica.source.read_bytes()
 
 
 # -- an agent replaced at its address ---------------------------------------------------------
