@@ -641,8 +641,13 @@ class PersistentSession:
             # generation first (a closing session keeps none: nothing writes).
             keep = np.empty(0, np.int64) if self._closing.is_set() else self._keep_hot()
             fresh = self._log.prepare(keep)
-            bitmap.freeze()
+            # The metadata lock from before the snapshot until the running copy's
+            # destinations are read: a copy ending in between would put back the runs its
+            # destinations had not flushed (after the snapshot, which holds them cleared)
+            # and end its record, and no one would flush them. Its end waits instead.
+            self._meta_lock.acquire()
             try:
+                bitmap.freeze()
                 # O(1) while host writes wait: the pages are written after the thaw.
                 header = bitmap.snapshot(self._journal.wants_base)
                 try:
@@ -660,13 +665,15 @@ class PersistentSession:
                 raise
             finally:
                 bitmap.thaw()
+                receiving = list(self._receiving)
+                self._meta_lock.release()
             generation = fresh.number
             try:
                 # The state just taken may record chunks as sent that a destination
                 # still holds in a volatile cache: flush every destination of the
                 # running copy before the checkpoint makes that durable. A flush
                 # that fails leaves the older checkpoint and every log since it.
-                for dest in self._receiving:
+                for dest in receiving:
                     dest.lun.flush()
                 # A copy, or a pull confirming through the frozen image (which no
                 # begin_copy records, only a mark), may have sent a host write the
@@ -674,7 +681,7 @@ class PersistentSession:
                 # take it back while the checkpoint keeps its chunk cleared, in a
                 # region it may retire. So flush it unless nothing began or was marked.
                 sent = (self._copies, bitmap.generation, bitmap.marked)
-                if sent != self._flushed_for or sent[2] or self._receiving:
+                if sent != self._flushed_for or sent[2] or receiving:
                     self.source.flush()
                 self._journal.write(bitmap, generation, header)
             except BaseException:

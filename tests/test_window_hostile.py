@@ -56,6 +56,7 @@ from helpers import (
     fill_random,
     session_directory,
 )
+from test_safety import VolatileLUN
 from test_serve import line_reader, next_line
 
 import isc
@@ -545,3 +546,87 @@ def test_a_second_copy_of_a_session_while_one_runs_is_refused_and_changes_nothin
     CopyJob(session, [d0, d1]).incremental()
     for dest in (d0, d1):
         assert dest.state is DestState.CONSISTENT and dest.lun.read(0, SIZE) == source.read(0, SIZE)
+
+
+# -- a copy that fails while a checkpoint runs ----------------------------------------------------
+
+
+def test_a_copy_failing_between_a_checkpoints_snapshot_and_its_flush_loses_nothing(
+    tmp_path: Path,
+) -> None:
+    """The checkpoint's snapshot holds runs the copy sent and cleared, which the destination
+    has not flushed; the copy then fails (the runs go back to tracking, after the snapshot)
+    and ends its record before the checkpoint reads which destinations to flush. A crash
+    of the process and a power cut at the destination then: every chunk where it differs
+    from the source must be tracked (rules 2 and 9)."""
+    rng = random.Random("failing-in-checkpoint")
+    size = 64 * G
+    state = session_directory(tmp_path, size, G, seed=7)
+    stored = open_session(state, checkpoint_interval=3600)[0]
+    copy(stored, "full")
+    session, (dest,) = stored.session, stored.destinations
+    for chunk in range(16):
+        session.write(chunk * G, rng.randbytes(G))
+    volatile = dest.lun = VolatileLUN(dest.lun)
+    reached, fail = Gate(), threading.Event()
+    ended = stored._meta_lock = EndingLock()
+    write, rotate = volatile.write, stored._log.rotate
+
+    def failing(offset: int, data) -> None:
+        if offset == 9 * G:  # runs 0 to 8 are sent and cleared, not flushed
+            reached()
+            assert fail.wait(TIMEOUT)
+            raise OSError(5, "injected failure of d0")
+        write(offset, data)
+
+    def rotating(generation) -> None:
+        # The snapshot is taken: the copy fails and ends now, before the checkpoint goes on.
+        fail.set()
+        assert ended.ended.wait(TIMEOUT)
+        rotate(generation)
+
+    volatile.write = failing
+    session.mark()
+    copying = Worker(lambda: copy(stored, "incremental", io_size=G, flush_every=1 << 30))
+    reached.wait_reached()
+    reached.open()
+    ended.watch = copying.thread
+    stored._log.rotate = rotating
+    stored.checkpoint()
+    with pytest.raises(CopyError):
+        copying.finish()
+    volatile.power_cut()
+    stored._stop_checkpointer()
+    stored._release()  # a crash of the process: nothing more written
+    with open_session(state)[0] as reopened:
+        (dest,) = reopened.destinations
+        assert dest.state is not DestState.CONSISTENT
+        assert_no_lost_change(reopened.session, dest.lun)
+
+
+class EndingLock:
+    """A session's metadata lock that sets ``ended`` once the thread ``watch`` (a copy) has
+    ended its record (``save``), or waits for it while another thread holds it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.ended = threading.Event()
+        self.watch: threading.Thread | None = None
+
+    def acquire(self) -> bool:
+        watched = threading.current_thread() is self.watch
+        if watched and not self._lock.acquire(blocking=False):
+            self.ended.set()  # held across the snapshot: the copy ends after the flush
+            return self._lock.acquire()
+        return watched or self._lock.acquire()
+
+    def release(self) -> None:
+        self._lock.release()
+        if threading.current_thread() is self.watch:
+            self.ended.set()
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
