@@ -218,6 +218,11 @@ class CopyJob:
     the host's writes keep the CPUs and memory bandwidth the rest of the
     time (1: never wait). Raises ``ParameterError`` for bad arguments.
 
+    One copy of a session runs at a time, whatever the job
+    (:attr:`Session.copy_lock`): each clears the chunks it sent, which the
+    destinations of another would lack. A copy while another job copies the
+    same session raises ``StateError``, changing nothing.
+
     A copy job is a context manager: leaving the block closes it
     (:meth:`close`), so no copy of it runs past the block.
     """

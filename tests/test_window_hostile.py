@@ -40,7 +40,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -56,6 +55,7 @@ from helpers import (
     fill_random,
     session_directory,
 )
+from test_crash import run_and_kill
 from test_safety import VolatileLUN
 from test_serve import line_reader, next_line
 
@@ -311,7 +311,7 @@ from isc.errors import CopyError, StateError
 from isc.lun import ForwardingLUN
 from isc.store import copy, open_session
 
-state, seed = sys.argv[1], int(sys.argv[2])
+state, seed = sys.argv[2], int(sys.argv[3])  # sys.argv[1]: the mode, "stress"
 rng = random.Random(seed)
 stored, _ = open_session(state, checkpoint_interval=0.01)
 session = stored.session
@@ -408,30 +408,6 @@ for step in range(1, 10_000):
 """
 
 
-def run_stress_and_kill(state: Path, seed: int, after: int) -> list[str]:
-    """Run :data:`STRESS_CHILD` on ``state``, SIGKILL it after ``after`` lines; its lines."""
-    child = subprocess.Popen(
-        [sys.executable, "-c", STRESS_CHILD, str(state), str(seed)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=child_env(),
-    )
-    printed = []
-    try:
-        lines = line_reader(child.stdout)
-        while len(printed) <= after:
-            printed.append(next_line(lines, "the stress child"))
-            if printed[-1] is None:
-                child.wait(TIMEOUT)
-                pytest.fail(f"the stress child ended early: {child.stderr.read()}")
-    finally:
-        child.send_signal(signal.SIGKILL)
-        child.wait(TIMEOUT)
-        child.stderr.close()
-    return printed
-
-
 def test_stress_of_writers_copies_cancels_and_failures_sigkilled_loses_nothing(
     tmp_path: Path,
 ) -> None:
@@ -444,7 +420,7 @@ def test_stress_of_writers_copies_cancels_and_failures_sigkilled_loses_nothing(
     steps = failed = consistent = 0
     kills = 8
     for kill in range(kills):
-        printed = run_stress_and_kill(state, kill, rng.randrange(4, 40))
+        printed = run_and_kill(state, "stress", kill, rng.randrange(4, 40), STRESS_CHILD)
         bad = [line for line in printed if line.startswith("bad")]
         assert not bad, bad
         steps += sum(line.startswith("step") for line in printed)
