@@ -85,6 +85,9 @@ import threading
 import weakref
 from collections.abc import Iterator, Sequence
 
+from isc.errors import StateError
+from isc.lun import loop_backing
+
 log = logging.getLogger(__name__)
 
 _FAN_CLOEXEC, _FAN_CLASS_CONTENT, _FAN_REPORT_TID = 0x1, 0x4, 0x100
@@ -161,8 +164,6 @@ def guard_source(fds: Sequence[int], source: str, own: int | None) -> WriteGuard
     Raises ``StateError`` (and guards nothing) when a program has the source open for
     writing; returns None where no guard can be had, having said why once.
     """
-    from isc.errors import StateError
-
     try:
         guard = WriteGuard(fds)
     except OSError as exc:
@@ -231,8 +232,6 @@ def writers(fds: Sequence[int], own: int | None) -> Iterator[str]:
 
 def _loops(files: set[tuple[int, int]], devices: set[int]) -> Iterator[str]:
     """Loop devices (but ``devices``) over one of ``files`` that are not read-only."""
-    from isc.lun import loop_backing
-
     for name in sorted(os.listdir("/sys/block")):
         if not os.path.isdir(f"/sys/block/{name}/loop"):
             continue
