@@ -48,6 +48,12 @@ Requests, each durable before its reply is sent:
   copied: what the copy wrote there was undone, :mod:`isc.update` tracks it
   again); the whole export when the agent cannot tell (it restarted since
   that image ended). The rollbacks are remembered while the agent runs.
+  Each protect, kept ones too, replies with a new ``info["lease"]``; an
+  unprotect that names a lease other than the last protect's leaves the
+  protection as it is ("kept": a later protect holds it): an update's
+  unprotect that reached the agent late (its client gave up on the answer)
+  cannot drop the protection the next update kept and copies under. One
+  without a lease (``isc unprotect``), or after a restart, drops it.
 * ``rollback`` checks every record, writes each saved chunk back, flushes the
   export, then replaces the journal with an empty one of a new image (temp
   file, rename): the export is protected afresh at the image it holds again.
@@ -93,7 +99,7 @@ it holds the export's other requests (status) meanwhile.
 Control protocol (:mod:`isc.control`: newline-delimited JSON over TCP, or
 over a Unix socket of mode 0600 that only the agent's user reaches). A
 request is ``{"id": N, "op": OP, "export": NAME}`` with OP one of
-``protect``, ``unprotect`` (and ``"image": ID``, optional), ``rollback``,
+``protect``, ``unprotect`` (and ``"image": ID``, ``"lease": ID``, optional), ``rollback``,
 ``status`` (and ``list``, which needs no export). Every reply is ``{"id": N,
 "ok": true|false, "reason": TEXT|null, "extents": [[offset, length], ...],
 "info": {...}}`` (``extents``: the byte ranges a rollback rewrote, for
@@ -426,6 +432,9 @@ class Export(ForwardingLUN):
         self.server: NBDServer | None = None
         """The NBD server of the export (:func:`run_agent` sets it): fenced at each protect
         and rollback (:meth:`_fenced`)."""
+        self._lease: str | None = None
+        """The last protect's lease (:meth:`unprotect`): None while unprotected, and
+        after a restart."""
         self._undone: dict[str, set[int]] = {}
         """Each image that ended while the agent ran (a rollback, an unprotect) -> the chunks
         rollbacks rewrote since it was protected."""
@@ -474,9 +483,11 @@ class Export(ForwardingLUN):
             else:
                 self.journal = Journal.create(self.journal_path, self.lun, self.identity)
                 reply = {"ok": True, **fenced}
+            self._lease = os.urandom(8).hex()
             if not named:
                 return reply
-            return {**reply, "info": {"image": self.image, "identity": self._identity}}
+            info = {"image": self.image, "identity": self._identity, "lease": self._lease}
+            return {**reply, "info": info}
 
     @property
     def _identity(self) -> str:
@@ -489,17 +500,23 @@ class Export(ForwardingLUN):
         journal = self.journal
         return journal.image if journal is not None else None
 
-    def unprotect(self, image: str | None = None) -> dict:
-        """Drop the protection. With ``image`` (the name a protect replied with), the reply's
-        ``extents`` list what rollbacks rewrote since that protect (:meth:`_undone_locked`)."""
+    def unprotect(self, image: str | None = None, lease: str | None = None) -> dict:
+        """Drop the protection, unless ``lease`` names another protect's than the last one
+        (the module docstring). With ``image`` (the name a protect replied with), the
+        reply's ``extents`` list what rollbacks rewrote since that protect
+        (:meth:`_undone_locked`)."""
         with self._lock:
             undone = self._undone_locked(image)
             told = {"extents": undone} if undone else {}
             if self.journal is None:
                 return {"ok": True, "reason": "not protected", **told}
+            if lease is not None and self._lease is not None and lease != self._lease:
+                reason = "a later protect kept the protection: it stays"
+                return {"ok": True, "reason": reason, "kept": True, **told}
             self._undone.setdefault(self.journal.image, set())
             self.journal.drop()
             self.journal = None
+            self._lease = None
             return {"ok": True, **told}
 
     def rollback(self) -> dict:
@@ -669,11 +686,14 @@ class Agent:
         export = self.exports.get(name) if isinstance(name, str) else None
         if export is None:
             return {"ok": False, "reason": f"no export named {request.get('export')!r}"}
-        image = request.get("image")
+        image, lease = (request.get(key) for key in ("image", "lease"))
+        image = image if isinstance(image, str) else None
         if op == "protect":  # named, so that its unprotect can tell what happened since
             reply = export.protect(named=True)
-        elif op in ("unprotect", "status"):
-            reply = getattr(export, op)(image if isinstance(image, str) else None)
+        elif op == "unprotect":
+            reply = export.unprotect(image, lease if isinstance(lease, str) else None)
+        elif op == "status":
+            reply = export.status(image)
         else:
             reply = getattr(export, op)()
         log.info("%s %s: %s", op, export.name, reply.get("reason") or "ok")

@@ -398,7 +398,9 @@ class AgentSite(RequestSite):
 
     The site remembers the image each protect named (:mod:`isc.agent`) and
     names it with that export's unprotect and status: their ``extents`` and
-    ``info["undone"]`` list what rollbacks by other clients rewrote since. It
+    ``info["undone"]`` list what rollbacks by other clients rewrote since; and
+    the protect's lease, named with that unprotect: one that reaches the agent
+    after a later protect (of another update) leaves the protection to it. It
     also remembers the file each reply named (``info["identity"]``,
     :func:`isc.agent.export_identity`): a protect or rollback that names another
     file than the site's last reply about that export fails (the agent was
@@ -440,6 +442,9 @@ class AgentSite(RequestSite):
         self._images: dict[str, str] = {}
         """Each export's protected image as the last protect through this site named it:
         its unprotect drops that image only (:meth:`isc.agent.Export.unprotect`)."""
+        self._leases: dict[str, str] = {}
+        """Each export's lease from the last protect through this site: its unprotect
+        leaves a protection a later protect kept (:meth:`isc.agent.Export.unprotect`)."""
         self._identities: dict[str, str] = {}
         """Each export's file as the last reply about it named it."""
 
@@ -462,6 +467,8 @@ class AgentSite(RequestSite):
         request = {"id": rid, "op": op, "export": dest.name}
         if op in ("unprotect", "status") and dest.name in self._images:
             request["image"] = self._images[dest.name]
+        if op == "unprotect" and dest.name in self._leases:
+            request["lease"] = self._leases[dest.name]
         line = json.dumps(request).encode() + b"\n"
         sent = False  # once the whole line is out, the agent may act on it
         try:
@@ -504,10 +511,13 @@ class AgentSite(RequestSite):
                     "full copy"
                 )
                 return Ack(rid, False, reason, info=info)
-        if op == "protect" and reply["ok"] and isinstance(info.get("image"), str):
-            self._images[dest.name] = info["image"]
+        if op == "protect" and reply["ok"]:
+            for remembered, key in ((self._images, "image"), (self._leases, "lease")):
+                if isinstance(info.get(key), str):
+                    remembered[dest.name] = info[key]
         elif op == "unprotect" and reply["ok"]:
             self._images.pop(dest.name, None)
+            self._leases.pop(dest.name, None)
         return Ack(
             rid,
             reply["ok"],

@@ -13,6 +13,9 @@ test can wrap the site and act between a request and the next step:
 * ``isc update`` SIGKILLed once its protect was answered, before it recorded
   it: the destination is honest (it reads inconsistent), and a rollback and
   the next update go through;
+* an update's unprotect that reaches the agent late, after the next update
+  kept the protection and failed under it: the protection stays, and the
+  rollback gives back its image;
 * a write of a connection the fence cut, held at the agent, and a write of a
   connection opened during the fence: both land before the protect's answer,
   and a rollback gives back exactly the image holding both;
@@ -56,6 +59,7 @@ import random
 import signal
 import socket
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -63,9 +67,9 @@ from pathlib import Path
 import pytest
 import test_agent
 import test_remote_hostile
-from helpers import Worker, Writers, assert_no_lost_change, wait_until
+from helpers import Gate, Worker, Writers, assert_no_lost_change, wait_until
 from test_agent import HOST, IO, SIZE, WAIT, lun_of, remote_lun
-from test_agent_journal import write_randomly
+from test_agent_journal import agent_here, write_randomly
 from test_nbd import CMD_WRITE, Raw
 from test_remote_hostile import (
     Agent,
@@ -156,6 +160,48 @@ def test_isc_update_killed_between_the_protect_ack_and_its_record(replica: Repli
     assert replica.update().returncode == 0
     assert replica.check() == "consistent" and not replica.protected()
     assert replica.export.read_bytes() == replica.source.read_bytes()
+
+
+# -- a stale unprotect -------------------------------------------------------------------------
+def test_an_unprotect_that_lands_late_keeps_the_protection_a_later_update_kept(
+    tmp_path: Path, session: Session
+):
+    directory = tmp_path / "exports"
+    directory.mkdir()
+    (directory / "disk").write_bytes(bytes(SIZE))
+    with agent_here(directory) as (agent, control, uris), NBDLUN(uris["disk"]) as lun:
+        dest = Destination(lun, name="disk")
+        PeriodicUpdate(session, [dest], AgentSite(HOST, control, timeout=WAIT)).run()
+        image = session.source.read(0, SIZE)
+        # The first update's unprotect is held on its way (the network, a busy agent):
+        # the update gives up on its answer, and the next one keeps the protection.
+        late, landed = Gate(), threading.Event()
+        unprotect = agent.control.ops["unprotect"]
+
+        def delayed(request: dict) -> dict:
+            late()
+            try:
+                return unprotect(request)
+            finally:
+                landed.set()
+
+        agent.control.ops["unprotect"] = delayed
+        write_randomly(session, random.Random(SEED + 9), 20)
+        PeriodicUpdate(session, [dest], AgentSite(HOST, control), timeout=0.3).run()
+        late.wait_reached()
+        write_randomly(session, random.Random(SEED + 10), 20)
+        second = AgentSite(HOST, control, timeout=WAIT)
+        with pytest.raises(UpdateError):
+            PeriodicUpdate(session, [dest], second, io_size=IO, progress=cancel_at(2)).run()
+        late.open()  # the first update's unprotect lands, amid the second's protection
+        assert landed.wait(WAIT)
+        rollback(session, dest, second, WAIT)
+        # Back to the image the second update's protect kept: the one before the first's
+        # copy (whose unprotect never came back), every difference from the source tracked.
+        assert dest.state is DestState.CONSISTENT
+        assert (directory / "disk").read_bytes() == image
+        with lun_of(directory / "disk") as held:
+            assert_no_lost_change(session, held)
 
 
 # -- an agent replaced at its address ---------------------------------------------------------
