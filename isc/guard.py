@@ -60,7 +60,9 @@ thread of this process that opens the source waits for it in ``os.open``,
 which lets the interpreter lock go, so the two never wait for each other.
 It alone closes the fanotify group; if it fails, it closes the group first
 (the kernel then lets every open through) and logs that the guard stopped.
-A SIGKILL of the process closes the group the same way.
+A SIGKILL of the process closes the group the same way. While the process
+is stopped (SIGSTOP, a debugger) every other program's open of the source,
+a reader's too, waits for it to run again.
 
 Not closed (the source can still change unseen while a session holds it):
 ``truncate(2)`` by path and other calls that change a file without opening
