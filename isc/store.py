@@ -721,8 +721,12 @@ class PersistentSession:
         """Write the metadata (destinations, their states, epoch) atomically.
 
         Ends what :meth:`begin_copy` recorded: call it once the copy is over.
+        Raises ``StateError`` once the session is closed (its directory is not
+        this process's any more), writing nothing.
         """
         with self._meta_lock:
+            if self._closed:
+                raise StateError(f"{self.meta['name']} is closed; open it again to save")
             self._receiving = []
             self._write_meta_locked()
 
@@ -944,6 +948,8 @@ class PersistentSession:
 
         The source's stamp saved now (its mtime, taken while it is still
         locked) lets the next open see a write made while no session held it.
+        A copy still running in another thread keeps its record (:meth:`begin_copy`):
+        the checkpoint holds it half way, and the next open ends it as failed.
         """
         if self._closed:
             return
@@ -953,7 +959,7 @@ class PersistentSession:
                 self.checkpoint()
             if self._source_lock is not None:
                 self._stamp = {**self._source_lock.stamp(), "closed": True}
-            self.save()
+            self._save_destinations()
         finally:
             self._release()
 

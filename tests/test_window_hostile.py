@@ -606,3 +606,40 @@ class EndingLock:
 
     def __exit__(self, *exc_info: object) -> None:
         self.release()
+
+
+# -- a close while a copy runs ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["full-unmarked", "incremental"])
+def test_a_close_while_a_copy_runs_leaves_its_record_and_loses_nothing(
+    tmp_path: Path, mode: str
+) -> None:
+    """A persistent session closed (the library's ``close``) while a copy of it runs in
+    another thread: the close's checkpoint holds the copy's bitmaps half way (an unmarked
+    full copy clears tracking as it begins), so the copy's record must stay for the next
+    open to end it as failed (rules 2, 6, 9); and the copy's end, after the close, must
+    write nothing into the state directory the close released."""
+    rng = random.Random(f"close-mid-{mode}")
+    size = 64 * G
+    state = session_directory(tmp_path, size, G, seed=8)
+    stored = open_session(state, checkpoint_interval=3600)[0]
+    copy(stored, "full")
+    for chunk in range(0, 64, 3):
+        stored.session.write(chunk * G, rng.randbytes(G))
+    if mode == "incremental":
+        stored.session.mark()
+    gate = Gate()
+    runs = {"io_size": G, "throttle": 1e12, "started": parked(gate)}
+    copying = Worker(lambda: copy(stored, mode, **runs))
+    gate.wait_reached()
+    stored.close()
+    closed = {p.name: p.read_bytes() for p in state.iterdir() if p.is_file()}
+    gate.open()
+    with pytest.raises((CopyError, StateError)):
+        copying.finish()
+    assert {p.name: p.read_bytes() for p in state.iterdir() if p.is_file()} == closed
+    with open_session(state)[0] as reopened:
+        (dest,) = reopened.destinations
+        assert dest.state is not DestState.CONSISTENT
+        assert_no_lost_change(reopened.session, dest.lun)
