@@ -394,6 +394,11 @@ cdef class DeltaBitmap:
     cdef int _frozen
     cdef uint64_t *_hot
     cdef uint64_t *_written       # regions written since retire_hot
+    # One bit per word of each (in the same allocation, after it): set when the
+    # word may be non-zero, so a pass skips the words of regions never touched.
+    cdef uint64_t *_hot_sum
+    cdef uint64_t *_written_sum
+    cdef uint64_t _rsum           # words of each summary
     cdef int _region_shift
     cdef uint64_t _nregions
     cdef uint64_t _hot_count
@@ -896,6 +901,7 @@ cdef class DeltaBitmap:
             for region in range(first, last + 1):
                 if not self._hot[region >> 6] >> (region & 63) & 1:
                     self._hot[region >> 6] |= (<uint64_t>1) << (region & 63)
+                    self._hot_sum[region >> 12] |= (<uint64_t>1) << ((region >> 6) & 63)
                     self._hot_count += 1
             self._release()
         return cofw
@@ -925,6 +931,7 @@ cdef class DeltaBitmap:
         for region in range(offset >> self._region_shift,
                             ((offset + length - 1) >> self._region_shift) + 1):
             self._written[region >> 6] |= (<uint64_t>1) << (region & 63)
+            self._written_sum[region >> 12] |= (<uint64_t>1) << ((region >> 6) & 63)
             if not self._hot[region >> 6] >> (region & 63) & 1:
                 hot = False
         return hot
@@ -991,8 +998,10 @@ cdef class DeltaBitmap:
         if not callable(log):
             raise TypeError("log must be callable")
         nregions = (self._size + size - 1) // size
-        cdef uint64_t *hot = <uint64_t *>calloc((nregions + 63) >> 6, 8)
-        cdef uint64_t *written = <uint64_t *>calloc((nregions + 63) >> 6, 8)
+        cdef uint64_t nwords = (nregions + 63) >> 6
+        cdef uint64_t nsum = (nwords + 63) >> 6
+        cdef uint64_t *hot = <uint64_t *>calloc(nwords + nsum, 8)
+        cdef uint64_t *written = <uint64_t *>calloc(nwords + nsum, 8)
         if hot == NULL or written == NULL:
             free(hot)
             free(written)
@@ -1002,6 +1011,9 @@ cdef class DeltaBitmap:
         free(self._written)
         self._hot = hot
         self._written = written
+        self._hot_sum = hot + nwords
+        self._written_sum = written + nwords
+        self._rsum = nsum
         self._nregions = nregions
         self._hot_count = 0
         self._region_shift = ctz(size)
@@ -1018,13 +1030,14 @@ cdef class DeltaBitmap:
         None for none) keeps only regions that are hot. Forgets which regions
         were written, too (``hot_regions``). Returns ascending int64 region
         indices: empty when activity is not tracked. Raises ``RangeError``
-        for a region outside the LUN, changing nothing.
+        for a region outside the LUN, changing nothing. O(regions / 4096 +
+        regions hot, kept or written), in C.
         """
         cdef const int64_t[::1] kept = np.ascontiguousarray(
             np.empty(0, np.int64) if keep is None else keep, dtype=np.int64
         )
         cdef Py_ssize_t i
-        cdef uint64_t w, c, region
+        cdef uint64_t s, w, c, words, region
         for i in range(kept.shape[0]):
             if kept[i] < 0 or <uint64_t>kept[i] >= self._nregions:
                 raise _layout.RangeError(
@@ -1037,22 +1050,36 @@ cdef class DeltaBitmap:
             # In C, not a list of Python ints: it runs while host writes are frozen.
             forgot = <int64_t *>malloc((self._hot_count + 1) * 8)
         if forgot != NULL:
+            # The words the summaries flag, not every region's: O(regions / 4096 +
+            # regions touched) while host writes are frozen.
+            for s in range(self._rsum):
+                words = self._written_sum[s]
+                self._written_sum[s] = 0
+                while words:
+                    self._written[(s << 6) + ctz(words)] = 0
+                    words &= words - 1
             # The kept regions that are hot, in the bitmap of written ones.
-            memset(self._written, 0, ((self._nregions + 63) >> 6) * 8)
             for i in range(kept.shape[0]):
                 region = <uint64_t>kept[i]
                 self._written[region >> 6] |= self._hot[region >> 6] & \
                     ((<uint64_t>1) << (region & 63))
             self._hot_count = 0
-            for w in range((self._nregions + 63) >> 6):
-                c = self._hot[w] & ~self._written[w]
-                while c:
-                    forgot[n] = <int64_t>((w << 6) + ctz(c))
-                    n += 1
-                    c &= c - 1
-                self._hot[w] = self._written[w]
-                self._hot_count += popcount(self._written[w])
-                self._written[w] = 0
+            for s in range(self._rsum):
+                words = self._hot_sum[s]
+                self._hot_sum[s] = 0
+                while words:
+                    w = (s << 6) + ctz(words)
+                    words &= words - 1
+                    c = self._hot[w] & ~self._written[w]
+                    while c:
+                        forgot[n] = <int64_t>((w << 6) + ctz(c))
+                        n += 1
+                        c &= c - 1
+                    self._hot[w] = self._written[w]
+                    if self._hot[w]:
+                        self._hot_sum[s] |= (<uint64_t>1) << (w & 63)
+                    self._hot_count += popcount(self._written[w])
+                    self._written[w] = 0
         self._release()
         if forgot == NULL:
             if self._region_shift:
@@ -1067,17 +1094,43 @@ cdef class DeltaBitmap:
         """The hot regions, ascending int64 region indices; with ``written``, only those
         written since ``retire_hot`` (the ones worth keeping hot). Empty when activity is
         not tracked."""
-        cdef uint64_t w, c
-        regions = []
+        cdef int64_t *found = NULL
+        cdef size_t n
         self._acquire()
-        if self._region_shift:
-            for w in range((self._nregions + 63) >> 6):
-                c = self._hot[w] & (self._written[w] if written else ONES)
-                while c:
-                    regions.append((w << 6) + ctz(c))
-                    c &= c - 1
+        n = self._hot_in(written, NULL)
+        found = <int64_t *>malloc((n + 1) * 8)
+        if found != NULL:
+            self._hot_in(written, found)
         self._release()
-        return np.array(regions, dtype=np.int64)
+        if found == NULL:
+            raise MemoryError(f"cannot allocate the list of {n} hot regions")
+        try:
+            return _array(found, n)
+        finally:
+            free(found)
+
+    cdef size_t _hot_in(self, bint written, int64_t *out) noexcept nogil:
+        """Count the hot regions (with ``written``, those written since ``retire_hot``)
+        and, unless ``out`` is NULL, store them there ascending: a pass over the words
+        the summaries flag. Called with the mutex held."""
+        cdef uint64_t s, w, c, words
+        cdef size_t n = 0
+        if not self._region_shift:
+            return 0
+        for s in range(self._rsum):
+            words = self._hot_sum[s] & (self._written_sum[s] if written else ONES)
+            while words:
+                w = (s << 6) + ctz(words)
+                words &= words - 1
+                c = self._hot[w] & (self._written[w] if written else ONES)
+                if out == NULL:
+                    n += popcount(c)
+                    continue
+                while c:
+                    out[n] = <int64_t>((w << 6) + ctz(c))
+                    n += 1
+                    c &= c - 1
+        return n
 
     def keep_hot(self, regions, when, double now, double horizon, capacity, limit,
                  bint grow):
@@ -1091,9 +1144,9 @@ cdef class DeltaBitmap:
         since, newest first; cut to ``capacity // 2``, returned ascending with
         their times. With ``grow``, a ``capacity`` they do not fit twice over
         doubles first, up to ``limit``; the capacity in force is returned.
-        Costs one pass over one bit per region under the map's mutex and
-        O(k log k) for the k regions written or kept, all with the GIL
-        released: a checkpoint holds it for O(1) steps, whatever the hot set.
+        Costs a pass over one bit per 4096 regions and over the words of
+        those written under the map's mutex, and O(k log k) for the k
+        regions written or kept, all with the GIL released: a checkpoint holds it for O(1) steps, whatever the hot set.
         Raises ``ParameterError`` for arrays of different lengths or not
         ``0 <= capacity <= limit``, changing nothing.
         """
@@ -1103,28 +1156,27 @@ cdef class DeltaBitmap:
         cdef int64_t most = _i64(limit)
         cdef size_t m = <size_t>old.shape[0]
         cdef size_t n = 0, older = 0, kept = 0, i, j = 0
-        cdef uint64_t w, c, words
         cdef Kept *out
         if <size_t>seen.shape[0] != m or not 0 <= cap <= most:
             raise _layout.ParameterError(
                 f"keep_hot needs as many times as regions and 0 <= capacity <= limit, got "
                 f"{m} regions, {seen.shape[0]} times, capacity {capacity} and limit {limit}")
+        cdef int64_t *found
         self._acquire()
         with nogil:
-            words = (self._nregions + 63) >> 6 if self._region_shift else 0
-            for w in range(words):
-                n += popcount(self._hot[w] & self._written[w])
+            n = self._hot_in(True, NULL)
+            found = <int64_t *>malloc((n + 1) * 8)
             out = <Kept *>malloc((n + m + 1) * sizeof(Kept))
-            if out != NULL:
-                n = 0
-                for w in range(words):
-                    c = self._hot[w] & self._written[w]
-                    while c:
-                        out[n].region = <int64_t>((w << 6) + ctz(c))
-                        out[n].when = now
-                        n += 1
-                        c &= c - 1
+            if found != NULL and out != NULL:
+                self._hot_in(True, found)
+                for i in range(n):
+                    out[i].region = found[i]
+                    out[i].when = now
             self._release()
+            free(found)
+            if found == NULL:
+                free(out)
+                out = NULL
             if out != NULL:
                 # The earlier ones, not written since (a merge: both are ascending).
                 for i in range(m):
@@ -1138,7 +1190,8 @@ cdef class DeltaBitmap:
                 if grow and 2 * (n + older) > <uint64_t>cap:
                     cap = min(2 * cap, most)
                 kept = min(n + older, <size_t>(cap // 2))
-                qsort(out, kept, sizeof(Kept), _by_region)
+                if kept > n:  # the written ones alone are ascending already
+                    qsort(out, kept, sizeof(Kept), _by_region)
         if out == NULL:
             raise MemoryError(f"cannot allocate the LRU of {n + m} regions")
         try:

@@ -303,13 +303,13 @@ def test_keep_hot_is_the_lru_of_the_regions_written_and_matches_the_twin() -> No
     twin agree over seeded rounds of writes and checkpoints, and bad input changes
     nothing."""
     rng = random.Random(14)
-    maps = [kind(4096 * G, G) for kind in BITMAPS]
+    maps = [kind(8192 * G, G) for kind in BITMAPS]  # 8192 regions: 2 words of summary
     used = [(np.empty(0, np.int64), np.empty(0, np.float64))] * 2
     for bitmap in maps:
-        bitmap.track_activity(4 * G, lambda first, last: None)
+        bitmap.track_activity(G, lambda first, last: None)
     for bitmap in maps:  # regions 1 and 7 written; 3 kept from before at times 5 and 9
         for region in (7, 1):
-            bitmap.write_through(lambda o, d: None, None, region * 4 * G, b"x")
+            bitmap.write_through(lambda o, d: None, None, region * G, b"x")
         regions, when, capacity = bitmap.keep_hot([1, 3, 5], [1.0, 5.0, 9.0], 10.0, 2.0, 4, 8, True)
         # 2 written and 2 older is more than half of 4: grown to 8, nothing cut.
         assert (regions.tolist(), when.tolist(), capacity) == (
@@ -328,7 +328,7 @@ def test_keep_hot_is_the_lru_of_the_regions_written_and_matches_the_twin() -> No
         bitmap.retire_hot([1, 7])
     for step in range(40):
         for _ in range(rng.randrange(30)):
-            offset = rng.randrange(4096) * G
+            offset = rng.randrange(8192) * G
             for bitmap in maps:
                 bitmap.write_through(lambda o, d: None, None, offset, b"x")
         now, capacity, grow = float(step), rng.choice([0, 2, 16, 64]), rng.random() < 0.5
@@ -341,9 +341,13 @@ def test_keep_hot_is_the_lru_of_the_regions_written_and_matches_the_twin() -> No
         assert core[0].tolist() == twin[0].tolist() and core[1].tolist() == twin[1].tolist()
         assert core[2] == twin[2]
         used = [(regions, when) for regions, when, _ in got]
-        for bitmap, (regions, _) in zip(maps, used, strict=True):
-            bitmap.retire_hot(regions)
+        retired = [
+            bitmap.retire_hot(regions).tolist()
+            for bitmap, (regions, _) in zip(maps, used, strict=True)
+        ]
+        assert retired[0] == retired[1]
         assert maps[0].hot_regions().tolist() == maps[1].hot_regions().tolist()
+        assert maps[0].hot_count == maps[1].hot_count
 
 
 @pytest.mark.parametrize("kind", BITMAPS)
