@@ -643,3 +643,57 @@ def test_a_close_while_a_copy_runs_leaves_its_record_and_loses_nothing(
         (dest,) = reopened.destinations
         assert dest.state is not DestState.CONSISTENT
         assert_no_lost_change(reopened.session, dest.lun)
+
+
+# -- a region kept hot across a checkpoint, written after it, then SIGKILL -----------------------
+
+KEPT_HOT = r"""
+import sys
+from isc.store import open_session
+
+stored, _ = open_session(sys.argv[1], checkpoint_interval=3600)
+region, g = stored.region_size, stored.session.granularity
+stored.session.write(5 * region, b"a" * g)  # region 5 becomes hot
+stored.checkpoint()  # and stays hot: written since the last checkpoint
+stored.session.write(5 * region + 3 * g, b"b" * g)  # no record: the region is hot
+print("written", flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.parametrize("machine", [False, True], ids=["process", "machine"])
+def test_a_write_to_a_region_kept_hot_after_a_checkpoint_survives_a_sigkill(
+    tmp_path: Path, machine: bool
+) -> None:
+    """The write that needed no region record (its region was kept hot by the checkpoint
+    before it) is tracked after a SIGKILL: from the write log after a crash of the process,
+    from the kept region's record in the new log after one of the machine, which loses
+    the write logs (rule 9)."""
+    state = session_directory(tmp_path, SIZE, G, seed=9)
+    meta = json.loads((state / "session.json").read_text())
+    meta["region_size"] = 16 * G
+    (state / "session.json").write_text(json.dumps(meta))
+    with open_session(state)[0] as stored:
+        copy(stored, "full")
+    child = subprocess.Popen(
+        [sys.executable, "-c", KEPT_HOT, str(state)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=child_env(),
+    )
+    try:
+        assert next_line(line_reader(child.stdout), "the writer") == "written"
+    finally:
+        child.kill()
+        child.wait(TIMEOUT)
+        child.stdin.close()
+    if machine:
+        for writes in state.glob("activity.*.writes"):
+            writes.unlink()
+    with open_session(state)[0] as reopened:
+        bitmap = reopened.session.bitmap
+        chunk = (5 * 16 * G + 3 * G) // G
+        assert bitmap.tracking(chunk) or bitmap.transfer(chunk)
+        (dest,) = reopened.destinations
+        assert_no_lost_change(reopened.session, dest.lun)
