@@ -26,7 +26,8 @@ default 4 MiB) that is already hot costs nothing extra; the first write to a
 cold region waits for one small log append. A checkpoint holds host writes
 for an instant (``DeltaBitmap.snapshot``: a write that then changes a
 bitmap page the checkpoint has not written yet first copies the page;
-``retire_hot``, a pass over one bit per region), retires the hot regions it
+``retire_hot``, a pass over the words of regions hot or written since the
+last checkpoint and one bit per 4096 regions), retires the hot regions it
 does not keep (below; the kept ones are recorded first in log K+1) and
 starts log K+1; then it appends the pages changed since checkpoint K to the
 journal as checkpoint K+1 and retires the older logs (one becomes the spare
@@ -42,10 +43,11 @@ extents (an LRU): a checkpoint keeps hot the regions most recently written
 most half the hot set's capacity and none left unwritten for a checkpoint
 interval; so back-to-back checkpoints do not cool a working set, and an idle
 session's hot set empties. The core works the LRU out in one call with the
-GIL released (``DeltaBitmap.keep_hot``: a pass over one bit per region under
-the map's mutex, then O(k log k) for the k regions written or kept), so
-before its freeze a checkpoint holds the GIL for O(1) Python steps and the
-kept regions' records (O(k) in C). The capacity follows the write pattern, between
+GIL released (``DeltaBitmap.keep_hot``: a pass over the words of regions
+written under the map's mutex, then O(k log k) for the k regions written or
+kept), so before its freeze a checkpoint holds the GIL for O(1) Python steps
+and the kept regions' records (O(k) in C). The capacity follows the write
+pattern, between
 two settings of ``session.json``: it starts at ``max_hot`` regions (default
 1024: 4 GiB) and doubles, up to ``hot_limit`` (default 4096: 16 GiB; a
 session file written before it existed takes the default), at a
