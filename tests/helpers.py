@@ -361,3 +361,15 @@ def free_ports(count: int) -> list[int]:
     finally:
         for sock in sockets:
             sock.close()
+
+
+def session_file(state) -> dict:
+    """``state``'s session file but the generation of its newest checkpoint, which every
+    close of the session moves (``checkpoint``, see isc.store), as a refused command's does."""
+    import json
+
+    from isc.store import METADATA
+
+    meta = json.loads((state / METADATA).read_bytes())
+    meta.pop("checkpoint", None)
+    return meta

@@ -53,7 +53,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import fill_random
+from helpers import fill_random, session_file
 from test_cli import ENV, ISC, files
 from test_guard import guard_missing
 from test_lun import _loop_device as loop_device
@@ -107,7 +107,7 @@ def test_a_lun_named_by_a_descriptor_is_refused(root: Path, form: str) -> None:
     # Before, `isc add-dest state /proc/self/fd/4 4<>d1.img` was taken, and a later
     # `isc copy` wrote its full copy through its own descriptor 4 (the source) and
     # called the destination consistent while d1.img never saw a byte.
-    before = (root / "state" / METADATA).read_bytes()
+    before = session_file(root / "state")
     with open(root / "d2.img", "r+b") as d2:
         n = d2.fileno()
         target = form.format(n=n)
@@ -123,7 +123,7 @@ def test_a_lun_named_by_a_descriptor_is_refused(root: Path, form: str) -> None:
             stdin=d2,
         )
         run_isc("create", "other", "--source", target, cwd=root, fail=True, pass_fds=(n,), stdin=d2)
-    assert (root / "state" / METADATA).read_bytes() == before
+    assert session_file(root / "state") == before
     assert not (root / "other").exists()
 
 
@@ -134,7 +134,7 @@ def test_a_lun_named_by_a_descriptor_is_refused(root: Path, form: str) -> None:
 def test_a_loop_device_over_the_source_or_a_destination_is_refused_as_a_destination(
     root: Path, over: str
 ) -> None:
-    before = (root / "state" / METADATA).read_bytes()
+    before = session_file(root / "state")
     with loop_device(root / over) as device:
         done = run_isc("add-dest", "state", device, cwd=root, fail=True)
     refusals = ("is the source", "is already destination d1")
@@ -142,7 +142,7 @@ def test_a_loop_device_over_the_source_or_a_destination_is_refused_as_a_destinat
         # As root the guard refuses the source first: the loop device can write it.
         refusals = (f"source.img is writable through the loop device {device} over it",)
     assert any(refusal in done.stderr for refusal in refusals), done.stderr
-    assert (root / "state" / METADATA).read_bytes() == before
+    assert session_file(root / "state") == before
 
 
 def test_a_second_session_on_a_loop_device_over_a_held_source_is_refused(root: Path) -> None:

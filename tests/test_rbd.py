@@ -36,7 +36,7 @@ from pathlib import Path
 
 import pytest
 from ceph import qemu_nbd_pids
-from helpers import TIMEOUT, HookLUN, Writers, fill_random
+from helpers import TIMEOUT, HookLUN, Writers, fill_random, session_file
 from test_crash import ISC
 from test_serve import Export
 
@@ -427,7 +427,7 @@ def test_isc_add_dest_refuses_a_bad_rbd_destination_and_changes_nothing(ceph, tm
     state = tmp_path / "state"
     create_session(state, str(tmp_path / "source.img"), granularity=G)
     open_session(state)[0].close()  # the first open records its checkpoint
-    meta = (state / "session.json").read_bytes()
+    meta = session_file(state)
     small = ceph.create_image(names[0], SIZE // 2)
     for target, error in [
         ("rbd:rbd/x?conf=relative.conf", "conf=relative.conf is not an absolute path"),
@@ -436,7 +436,7 @@ def test_isc_add_dest_refuses_a_bad_rbd_destination_and_changes_nothing(ceph, tm
     ]:
         done = isc("add-dest", str(state), target, check=False)
         assert done.returncode == 1 and error in done.stderr and done.stderr.count("\n") == 1
-        assert (state / "session.json").read_bytes() == meta
+        assert session_file(state) == meta
     image = ceph.create_image(names[1], SIZE)
     isc("add-dest", str(state), image, "--name", "a")
     other = image.replace(f"conf={ceph.conf}", f"conf={ceph.conf.parent}/./ceph.conf")
