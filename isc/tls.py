@@ -18,11 +18,11 @@ listens or connects, and so do a private key that is not this user's alone
 (another user's, or one group or others may read or write: ``chmod 600``, as
 a secret file, :func:`isc.auth.read_secret`) and a directory, certificate or
 CA file that another user could change (whoever may write them chooses whom
-isc trusts: ``chmod go-w``, as a session directory). Every context speaks TLS 1.2 or later. A server that
-verifies peers refuses a client without a certificate signed by its CA
-(expired, from another CA, or none); a client refuses a server whose
-certificate does not chain to its CA, has expired, or (over TCP) does not
-name the host it connected to. Either refusal ends the connection before any
+isc trusts: ``chmod go-w``, as a session directory). Every context speaks
+TLS 1.2 or later. A server that verifies peers refuses a client without a
+certificate signed by its CA (expired, from another CA, or none); a client
+refuses a server whose certificate does not chain to its CA, has expired, or
+(over TCP) does not name the host it connected to. Either refusal ends the connection before any
 request is read: :class:`~isc.errors.AuthenticationError` on a client (also
 reachable here, as ``isc.tls.AuthenticationError``), a log line on a server.
 

@@ -138,7 +138,7 @@ def test_a_good_secret_file_is_read_whitespace_stripped(tmp_path):
 @pytest.mark.parametrize(
     ("make", "why"),
     [
-        (lambda p: p.chmod(0o644), "has mode 0644, so other users may read or change it: chmod 600"),
+        (lambda p: p.chmod(0o644), "has mode 0644, so other users may read or change it: chmod"),
         (lambda p: p.chmod(0o620), "has mode 0620"),
         (lambda p: p.write_bytes(b"short\n"), f"holds 5 bytes; a secret has {MIN_SECRET} to"),
         (lambda p: p.unlink(), "No such file or directory; make one with: openssl rand"),
