@@ -155,14 +155,15 @@ def not_private(info: os.stat_result, name: str) -> str | None:
 def others_may_change(info: os.stat_result) -> str | None:
     """Why another user could change what is in the directory ``info`` describes, or None.
 
-    It must belong to this user and be writable by no one else (group and
-    others), or whoever may write it replaces what isc finds there.
+    It must belong to this user or to root (who may change anything anyway, as
+    OpenSSH's StrictModes allows) and be writable by its owner alone, or whoever
+    else may write it replaces what isc finds there.
     """
-    if info.st_uid == os.geteuid() and not info.st_mode & 0o022:
+    if info.st_uid in (os.geteuid(), 0) and not info.st_mode & 0o022:
         return None
     return (
         f"has mode {stat.S_IMODE(info.st_mode):04o} and owner uid {info.st_uid}: it must be "
-        "yours and writable by you alone"
+        "yours (or root's) and writable by its owner alone"
     )
 
 

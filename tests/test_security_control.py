@@ -43,7 +43,7 @@ import isc.auth
 import isc.control
 from isc import Destination, DestState
 from isc.agent import Agent
-from isc.auth import MIN_SECRET, Credentials, is_loopback, read_secret, stranger
+from isc.auth import MIN_SECRET, Credentials, is_loopback, others_may_change, read_secret, stranger
 from isc.commands import status_report
 from isc.control import ControlServer
 from isc.errors import AuthenticationError, ParameterError
@@ -752,8 +752,9 @@ def test_an_agent_socket_where_others_could_reach_it_is_refused(tmp_path, export
     shared.chmod(0o777)
     args = ["agent", "--listen", f"unix:{shared}/agent.sock", "--nbd-port", "0"]
     done = isc_run(*args, "--dir", str(exports), cwd=tmp_path, check=1)
-    assert "must be yours and writable by you alone (make one with mkdir -m 700)" in error_line(
-        done
+    assert (
+        "must be yours (or root's) and writable by its owner alone (make one with mkdir -m 700)"
+        in error_line(done)
     )
     assert list(shared.iterdir()) == [] and not (exports / ".isc-agent").exists()
 
@@ -772,7 +773,7 @@ def test_an_agent_site_is_at_a_host_and_port_or_a_unix_socket(tmp_path):
 @pytest.mark.parametrize(
     ("make", "why"),
     [
-        (lambda d: d.chmod(0o777), "must be yours and writable by you alone"),
+        (lambda d: d.chmod(0o777), "and writable by its owner alone"),
         (lambda d: d.chmod(0o720), "has mode 0720"),
         (lambda d: (d / "control.sock").write_text("x"), "exists and is not a socket"),
         (lambda d: d.rmdir(), "No such file or directory"),
@@ -999,3 +1000,17 @@ def test_a_peer_whose_owner_cannot_be_told_is_refused(monkeypatch, caplog):
         assert server.count == 0
     assert refusal["ok"] is False and "sock_diag: Protocol not supported" in refusal["reason"]
     assert any("sock_diag" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize(
+    ("uid", "mode", "refused"),
+    [(1000, 0o755, False), (0, 0o755, False), (0, 0o775, True), (2000, 0o755, True)],
+)
+def test_a_directory_is_trusted_when_this_user_or_root_owns_it_and_its_owner_alone_writes_it(
+    monkeypatch, uid, mode, refused
+):
+    # As OpenSSH's StrictModes: root may change anything anyway, so a directory of root's
+    # (/etc/isc) is as safe for uid 1000 as its own; another user's is not.
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    info = os.stat_result((stat.S_IFDIR | mode, 0, 0, 2, uid, 0, 0, 0, 0, 0))
+    assert (others_may_change(info) is not None) is refused

@@ -311,7 +311,8 @@ def test_tls_credentials_other_users_may_replace_are_refused(tmp_path, credentia
     line = str(refused.value)
     assert line.startswith(f"TLS credentials {directory}") and "\n" not in line
     assert line.endswith(
-        "it must be yours and writable by you alone, and what it holds says whom isc trusts: "
+        "it must be yours (or root's) and writable by its owner alone, and what it holds "
+        "says whom isc trusts: "
         f"chmod go-w {path} (and chown it to you)"
     )
 
@@ -1001,7 +1002,7 @@ def test_a_unix_socket_export_is_reachable_by_its_user_alone(tmp_path):
     shared.chmod(0o777)
     with (
         NBDServer(MemoryLUN(MIB), name="disk") as server,
-        pytest.raises(ParameterError, match="writable by you alone"),
+        pytest.raises(ParameterError, match="writable by its owner alone"),
     ):
         server.start_unix(shared / "isc.sock")
     assert not (shared / "isc.sock").exists()
