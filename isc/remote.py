@@ -550,8 +550,8 @@ class AgentSite(RequestSite):
             return f"{who} cannot be reached: the host {host} is unknown ({exc.strerror})"
         if isinstance(exc, (ConnectionResetError, ConnectionAbortedError, BrokenPipeError)):
             return (
-                f"{who} closed the connection before answering {op} {name} (an agent that "
-                "requires authentication does so: give its --tls-creds or --secret-file)"
+                f"{who} closed the connection before answering {op} {name} (it stopped, or "
+                "it requires authentication: give its --tls-creds or --secret-file)"
             )
         return f"{who} cannot be reached for {op} {name}: {exc.strerror or exc}"
 

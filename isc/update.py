@@ -224,12 +224,6 @@ class PeriodicUpdate:
                 raise UpdateError(message, results)
             return results
 
-    def check_identities(self, identities: dict[str, str], agents: set[str]) -> list[str]:
-        """:func:`check_identities` of this update's destinations at its site: one found
-        to be another file becomes NEW, so this update gives it every chunk. An agent
-        that does not answer is left to the update (its protect fails)."""
-        return check_identities(self.site, self.destinations, identities, agents, self.timeout)
-
     @staticmethod
     def _needs_full(session: Session, dests: Sequence[Destination]) -> bool:
         return bool(dests) and not any(d.in_step(session) for d in dests)

@@ -1303,8 +1303,8 @@ def impostor(answer: bytes | None) -> Iterator[str]:
         ),
         (
             b"",
-            "the agent at {site} closed the connection before answering protect local (an "
-            "agent that requires authentication does so: give its --tls-creds or --secret-file)",
+            "the agent at {site} closed the connection before answering protect local (it "
+            "stopped, or it requires authentication: give its --tls-creds or --secret-file)",
         ),
         (None, "the agent at {site} did not answer protect local within 0.5 s"),
     ],

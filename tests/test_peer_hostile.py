@@ -385,7 +385,7 @@ def test_another_file_behind_the_agent_between_the_identity_check_and_the_protec
     epoch = dest.epoch
     with dest.lun:
         identities: dict[str, str] = {}
-        assert update.check_identities(identities, {"disk"}) == []
+        assert check_identities(update.site, update.destinations, identities, {"disk"}) == []
         # Another file that differs from the export in one chunk no sample reads, so the
         # samples cannot tell it (an older copy of the volume, put back meanwhile).
         sampled = {chunk for chunk, _ in dest.samples}
@@ -403,7 +403,7 @@ def test_another_file_behind_the_agent_between_the_identity_check_and_the_protec
             assert dest.epoch == epoch and not session.bitmap.marked
             assert other.directory.joinpath("disk").read_bytes() == content
             # The next update's identity check finds it out: a full copy.
-            (found,) = update.check_identities(identities, {"disk"})
+            (found,) = check_identities(update.site, update.destinations, identities, {"disk"})
             assert "disk is not the export it was" in found and dest.state is DestState.NEW
             update.run()
             assert_honest(session, dest, other.directory / "disk", image)
@@ -559,7 +559,7 @@ def test_an_agent_that_lies_in_its_replies_gets_no_destination_reported_falsely_
         update = PeriodicUpdate(session, [dest], liar.site, timeout=WAIT, io_size=IO)
         for _ in range(3):
             write_randomly(session, rng, 20)
-            update.check_identities(identities, {"disk"})
+            check_identities(update.site, update.destinations, identities, {"disk"})
             # Each lie fails the update or leaves disk inconsistent: never a false
             # CONSISTENT (a connection cut unseen, an image never protected or not
             # the one unprotected, a file that is never the one protected).

@@ -50,6 +50,7 @@ from isc.update import (
     UnmarkedFullCopy,
     UpdateBusy,
     UpdateError,
+    check_identities,
     mark_group,
     rollback,
 )
@@ -1044,17 +1045,21 @@ def test_a_destination_whose_agent_names_another_export_gets_every_chunk():
     site = NamedSite({"a": "m:1:10", "b": "m:1:11"})
     update = PeriodicUpdate(session, dests, site)
     identities: dict[str, str] = {}
-    assert update.check_identities(identities, {"a"}) == []  # the first: recorded
+    assert (
+        check_identities(update.site, update.destinations, identities, {"a"}) == []
+    )  # the first: recorded
     assert identities == {"a": "m:1:10"} and site.asked == ["a"]  # b has no agent of its own
     update.run()
     session.write(0, b"changed")
     site.names["a"] = "m:1:99"  # another file at the agent: copied in full
-    (found,) = update.check_identities(identities, {"a"})
+    (found,) = check_identities(update.site, update.destinations, identities, {"a"})
     assert found.startswith("a is not the export it was (its agent names another file")
     assert dests[0].state is DestState.NEW and identities["a"] == "m:1:99"
     dests[0].lun = MemoryLUN(SIZE)
     (result,) = update.run()
     assert result.bytes_seeded + result.bytes_sent == SIZE  # seeded from b, which is in step
-    assert update.check_identities(identities, {"a"}) == []  # the same file again
+    assert (
+        check_identities(update.site, update.destinations, identities, {"a"}) == []
+    )  # the same file again
     for dest in dests:
         assert dest.state is DestState.CONSISTENT and dest.lun.read(0, SIZE) == source.read(0, SIZE)
