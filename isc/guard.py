@@ -68,6 +68,11 @@ Not closed (the source can still change unseen while a session holds it):
 ``truncate(2)`` by path and other calls that change a file without opening
 it; a descriptor opened for writing before the session and passed on
 through a Unix socket, or registered with io_uring (in no process's table);
+a descriptor for writing had without an open the kernel asks about: one
+taken from another process with ``pidfd_getfd(2)`` (by root, this process's
+own LUN's too), or the descriptor the kernel opens for a fanotify listener
+whose events' descriptors are for writing (``fanotify_init`` with
+``O_RDWR``) at any open of the source, a reader's too;
 a process in another PID namespace (not in this ``/proc``); for a block
 device, every open after the start where the kernel sends no permission
 events for a device node (Linux 6.18 sends none: the guard finds so by
