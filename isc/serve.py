@@ -90,6 +90,7 @@ from isc.errors import CopyError, IscError
 from isc.lun import ReconnectingLUN
 from isc.nbd import NBDServer, SessionLUN
 from isc.nbd.export import FrozenExport
+from isc.remote import LocalSite, RemoteSite
 from isc.session import Session
 from isc.tls import ServerTLS
 from isc.update import PeriodicUpdate, update_locks
@@ -109,11 +110,10 @@ class SessionControl:
     """The control requests ``isc serve`` answers about ``session`` (the module docstring).
 
     ``persistent`` is the session directory's :class:`~isc.store.PersistentSession`
-    when there is one; copies need it (they go to its destinations). ``site``: its
-    destinations' site (:meth:`~isc.store.PersistentSession.site`), which protects them
-    for periodic updates and whose agents every copy and update asks first what file
-    each destination is (:func:`isc.store.check_agents`, rule 12); default: each one's
-    own agent, reached without credentials, and this process for the others.
+    when there is one; copies need it (they go to its destinations). ``site``: with
+    ``persistent``, its destinations' site (:meth:`~isc.store.PersistentSession.site`),
+    which protects them for periodic updates and whose agents every copy and update asks
+    first what file each destination is (:func:`isc.store.check_agents`, rule 12).
     ``credentials``: answer only authenticated clients (:class:`~isc.control.ControlServer`);
     ``insecure``: without them, serve other users too.
     ``pull``: the server's export of the image at the mark, whose counts ``status`` reports.
@@ -127,14 +127,10 @@ class SessionControl:
         credentials: Credentials | None = None,
         insecure: bool = False,
         pull: FrozenExport | None = None,
-        site=None,
+        site: RemoteSite | None = None,
     ):
-        from isc.remote import LocalSite
-
         self.session = session
         self.persistent = persistent
-        if persistent is not None and site is None:
-            site = persistent.site(LocalSite())
         self.site = site
         self.pull = pull
         self._stopping = threading.Event()
@@ -434,8 +430,6 @@ def run_serve(
     at this path (mode 0600, in a directory that is this user's alone) instead
     of ``host:port``.
     """
-    from isc.remote import LocalSite
-
     stop = stop or threading.Event()
     persistent = None
     source_lock = None
