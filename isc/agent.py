@@ -64,7 +64,8 @@ Requests, each durable before its reply is sent:
   ``saved_chunks``, ``problem`` and ``extents`` (the ranges a rollback would
   rewrite), ``image`` while protected, ``size`` and ``identity``
   (:func:`export_identity`: the machine, device and inode of the file
-  served), which ``isc update`` records and checks (rule 12). A request
+  served, and the inode's generation and birth time where the file system
+  keeps them), which ``isc update`` records and checks (rule 12). A request
   that names an ``image`` gets ``undone`` too: the ranges ``unprotect``
   would list (an update that failed asks, to track them).
 
@@ -126,7 +127,7 @@ from typing import TYPE_CHECKING
 from isc.auth import Credentials
 from isc.control import ControlServer, Op
 from isc.errors import IscError, ParameterError
-from isc.lun import FileLUN, ForwardingLUN
+from isc.lun import FileLUN, ForwardingLUN, file_birth
 from isc.nbd import NBD_PORT
 from isc.remote import PROTECT_GRANULARITY, saved_extents
 from isc.store import _fsync_dir, write_atomically
@@ -427,6 +428,7 @@ class Export(ForwardingLUN):
         self.name = name
         self.journal_path = journal_path
         self.identity = identity
+        self._birth = file_birth(lun.fileno())
         self._lock = threading.Lock()
         self.journal: Journal | None = None
         self.server: NBDServer | None = None
@@ -492,7 +494,7 @@ class Export(ForwardingLUN):
     @property
     def _identity(self) -> str:
         """What tells the file exported from any other (:func:`export_identity`)."""
-        return export_identity(self.identity)
+        return export_identity(self.identity, self._birth)
 
     @property
     def image(self) -> str | None:
@@ -585,12 +587,16 @@ def _machine() -> str:
     return socket.gethostname()
 
 
-def export_identity(identity: tuple[int, int]) -> str:
+def export_identity(identity: tuple[int, int], birth: dict[str, int]) -> str:
     """What tells an exported file from any other (a status reply's ``identity``): this
-    machine's id and the file's device and inode, ``identity``. A file replaced at its
-    path, another agent's file at this one's address, another machine: another identity."""
+    machine's id and the file's device and inode, ``identity``, then ``/KEY=VALUE`` for
+    each of ``birth`` (:func:`isc.lun.file_birth`: the inode's generation and birth
+    time, where the file system offers them). A file replaced at its path (even one
+    given the deleted file's inode number again), another agent's file at this one's
+    address, another machine: another identity. On a file system with neither, a file
+    recreated at the same inode keeps the identity; only the samples can tell."""
     device, inode = identity
-    return f"{_machine()}:{device}:{inode}"
+    return f"{_machine()}:{device}:{inode}" + "".join(f"/{k}={v}" for k, v in birth.items())
 
 
 def open_regular(path: Path) -> tuple[FileLUN, tuple[int, int]] | None:

@@ -655,6 +655,54 @@ def loop_backing(fd: int) -> tuple[int, int] | None:
     return device, inode
 
 
+_FS_IOC_GETVERSION = 0x80087601  # linux/fs.h: _IOR('v', 1, long), the inode's generation
+_STATX_BTIME, _AT_EMPTY_PATH = 0x800, 0x1000
+_STATX = struct.Struct("=IIQIIIHxxQQQQ16xqI4x")  # struct statx up to stx_btime
+_STATX_SIZE = 256  # the whole struct statx, which the kernel fills
+
+
+def _load_statx() -> Callable[[int, bytes, int, int, ctypes.Array], int] | None:
+    """libc's ``statx``, or None where the C library has none (glibc before 2.28)."""
+    try:
+        call = ctypes.CDLL(None, use_errno=True).statx
+    except (OSError, AttributeError):
+        return None
+    call.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint, ctypes.c_char_p]
+    call.restype = ctypes.c_int
+    return call
+
+
+_statx = _load_statx()
+BIRTH_KEYS = ("gen", "btime_ns")
+"""What :func:`file_birth` may report: the keys :func:`same_birth` compares."""
+
+
+def file_birth(fd: int) -> dict[str, int]:
+    """What tells the file open at ``fd`` from a later one at the same device and inode
+    (a file deleted and another created, which ext4, xfs, tmpfs give the inode number
+    again): ``gen``, the inode's generation (``FS_IOC_GETVERSION``: ext4, xfs, btrfs;
+    not tmpfs), and ``btime_ns``, its birth time (``statx``: ext4, xfs, btrfs, tmpfs).
+    Each only where the file system offers it: an empty dict where it offers neither
+    (then device and inode alone name the file, as before)."""
+    found = {}
+    generation = bytearray(8)
+    with contextlib.suppress(OSError):  # ENOTTY: no generation on this file system
+        fcntl.ioctl(fd, _FS_IOC_GETVERSION, generation)
+        found["gen"] = struct.unpack("=q", generation)[0]
+    buffer = ctypes.create_string_buffer(_STATX_SIZE)
+    if _statx is not None and _statx(fd, b"", _AT_EMPTY_PATH, _STATX_BTIME, buffer) == 0:
+        fields = _STATX.unpack_from(buffer)
+        if fields[0] & _STATX_BTIME:
+            found["btime_ns"] = fields[-2] * 1_000_000_000 + fields[-1]
+    return found
+
+
+def same_birth(recorded: dict, now: dict) -> bool:
+    """Whether two :func:`file_birth` reports may be of one file: compared on the keys
+    both hold, so a record made before (or on a file system without) them passes."""
+    return all(recorded[key] == now[key] for key in BIRTH_KEYS if key in recorded and key in now)
+
+
 def open_loop_backing(fd: int) -> int | None:
     """A read-only descriptor of the file under the loop device open at ``fd`` (checked by
     device and inode: the name the kernel keeps may since name another file), or None."""

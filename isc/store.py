@@ -105,8 +105,10 @@ process. The locks are advisory; as root a guard (:mod:`isc.guard`) also
 refuses every other program's open of the source for writing while a
 session holds it, and refuses the source to a session while a program has
 it open for writing. A clean close stamps the source in
-``session.json`` (``source_stamp``: device and inode, size, mtime) and the
-next open compares: another file at the path or another mtime (a write while
+``session.json`` (``source_stamp``: device and inode, the inode's generation
+and birth time where the file system keeps them, size, mtime) and the next
+open compares: another file at the path (one recreated at the deleted one's
+inode too, where generation or birth time tell) or another mtime (a write while
 no isc process held it) means any chunk may differ, so every chunk is
 tracked, a mark ends, the consistent destinations become inconsistent and
 ``Recovery.source_changed`` says why; another size is refused. Not seen:
@@ -155,7 +157,15 @@ from isc.copy import CopyJob, CopyResult, Destination, DestState
 from isc.errors import CorruptMetadata, IscError, ParameterError, StateError
 from isc.guard import WriteGuard, guard_source
 from isc.journal import fsync_dir as _fsync_dir
-from isc.lun import FileLUN, ReconnectingLUN, loop_backing, open_loop_backing
+from isc.lun import (
+    BIRTH_KEYS,
+    FileLUN,
+    ReconnectingLUN,
+    file_birth,
+    loop_backing,
+    open_loop_backing,
+    same_birth,
+)
 from isc.remote import AgentSite, RoutingSite, agent_address
 from isc.savearea import SaveArea
 from isc.session import DEFAULT_SAVE_AREA, Session
@@ -332,7 +342,7 @@ class SourceLock:
 
     def stamp(self) -> dict:
         """The source's identity, size and mtime now (see :func:`_stamp`)."""
-        return _stamp(os.fstat(self.fd))
+        return _stamp(os.fstat(self.fd), self.fd)
 
     def close(self) -> None:
         if self._guard is not None:
@@ -350,14 +360,22 @@ def _lock_byte(fd: int, command: int, kind: int, byte: int) -> bool:
     return _FLOCK.unpack(answer)[0] != fcntl.F_UNLCK
 
 
-def _stamp(st: os.stat_result) -> dict:
-    """What names the source under any path, and for a file what moves when it is written.
+def _stamp(st: os.stat_result, fd: int | None = None) -> dict:
+    """What names the source under any path, and for a file what moves when it is written;
+    with ``fd`` (the file open), what tells it from a file recreated at its inode
+    (:func:`isc.lun.file_birth`: ``gen``, ``btime_ns`` where the file system keeps them).
 
     A block device is its device number (its node's mtime does not move on writes).
     """
     if stat.S_ISBLK(st.st_mode):
         return {"rdev": st.st_rdev}
-    return {"dev": st.st_dev, "ino": st.st_ino, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    birth = {} if fd is None else file_birth(fd)
+    return {
+        "dev": st.st_dev,
+        "ino": st.st_ino,
+        "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+    } | birth
 
 
 def _identity(target: str) -> tuple | None:
@@ -437,7 +455,7 @@ def _source_change(recorded: dict | None, now: dict | None, source: str) -> str 
     """
     if recorded is None or now is None:
         return None
-    if any(recorded.get(key) != now.get(key) for key in _IDENTITY):
+    if any(recorded.get(key) != now.get(key) for key in _IDENTITY) or not same_birth(recorded, now):
         return f"{source} is not the file the session tracked: it was replaced or renamed"
     if recorded.get("size") != now.get("size"):
         return f"{source} changed size from {recorded['size']} to {now['size']} bytes"
@@ -1265,7 +1283,7 @@ def _meta_problem(meta: dict) -> str | None:
     stamp = meta.get("source_stamp")
     if stamp is not None and not (
         isinstance(stamp, dict)
-        and set(stamp) <= {*_IDENTITY, "size", "mtime_ns", "closed"}
+        and set(stamp) <= {*_IDENTITY, *BIRTH_KEYS, "size", "mtime_ns", "closed"}
         and all(type(value) is int for key, value in stamp.items() if key != "closed")
         and isinstance(stamp.get("closed", False), bool)
     ):

@@ -39,6 +39,7 @@ from contextlib import ExitStack, contextmanager
 
 from isc.copy import CopyJob, CopyResult, Destination, DestState
 from isc.errors import CopyError, IscError, ParameterError, StateError
+from isc.lun import same_birth
 from isc.remote import Ack, RemoteSite, group_request
 from isc.session import Session
 
@@ -305,6 +306,18 @@ class UnmarkedFullCopy:
             return result
 
 
+def same_export(known: str, seen: str) -> bool:
+    """Whether two :func:`isc.agent.export_identity` strings may name one file: the
+    machine, device and inode equal, and each ``/KEY=VALUE`` both hold (an earlier
+    agent's identity has none: it compares on the fields it has)."""
+    known_file, *known_birth = known.split("/")
+    seen_file, *seen_birth = seen.split("/")
+    return known_file == seen_file and same_birth(
+        dict(item.partition("=")[::2] for item in known_birth),
+        dict(item.partition("=")[::2] for item in seen_birth),
+    )
+
+
 def check_identities(
     site: RemoteSite,
     destinations: Sequence[Destination],
@@ -314,12 +327,14 @@ def check_identities(
 ) -> list[str]:
     """Rule 12 at the agents: ask ``site`` (each waiting ``timeout`` seconds) what
     identifies the export of each of ``destinations`` named in ``agents``
-    (:func:`isc.agent.export_identity`: its machine, device and inode). One that
-    differs from ``identities`` (name -> identity seen before) is another file than the
-    one the last copies wrote (replaced, another agent at that address): it becomes
+    (:func:`isc.agent.export_identity`: its machine, device and inode, and the inode's
+    generation and birth time). One that differs from ``identities`` (name -> identity
+    seen before; :func:`same_export`) is another file than the one the last copies wrote
+    (replaced, recreated at the same inode, another agent at that address): it becomes
     NEW, so its next copy is a full one. Returns a line for each such destination;
-    records in ``identities`` what each agent said. One whose agent does not answer is
-    left as it is (its samples still check it, :mod:`isc.fingerprint`)."""
+    records in ``identities`` what each agent said (an identity of an earlier agent,
+    without generation or birth time, is replaced by the new form). One whose agent does
+    not answer is left as it is (its samples still check it, :mod:`isc.fingerprint`)."""
     found = []
     for dest in destinations:
         ack = site.status(dest, timeout) if dest.name in agents else None
@@ -327,7 +342,7 @@ def check_identities(
         if not isinstance(seen, str):
             continue
         known = identities.get(dest.name)
-        if known is not None and known != seen and dest.state is not DestState.NEW:
+        if known is not None and not same_export(known, seen) and dest.state is not DestState.NEW:
             dest.state, dest.epoch, dest.samples = DestState.NEW, None, []
             found.append(
                 f"{dest.name} is not the export it was (its agent names another file: "

@@ -1,0 +1,151 @@
+"""Rule 12 (and rule 11's source stamp) against a file recreated at the inode of the one
+it replaced: ext4, xfs and tmpfs give a deleted file's inode number to a later file, so
+device and inode repeat; the inode's generation and birth time (:func:`isc.lun.file_birth`)
+tell the two apart. And the earlier format (identities and stamps without them) keeps
+working: compared on the fields it has, then recorded in the new form.
+
+Real files on the test's directory (ext4 here) and on tmpfs (``/dev/shm``), a real
+``isc agent`` process stopped and started again, real ``isc copy`` runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from test_cli import SIZE, at_agent, isc_run, read_state, session, status, work, write_source
+
+from isc import DestState
+from isc.lun import file_birth
+from isc.store import METADATA, open_session
+from isc.update import same_export
+
+__all__ = ["at_agent", "session", "work"]  # fixtures of test_cli used here
+
+TRIES = 64
+"""Files created before giving up on the inode number repeating."""
+
+
+def recreate_at_same_inode(path: Path, data: bytes) -> None:
+    """Delete ``path`` and create a file of ``data`` there, until it gets the deleted
+    file's inode number again (files of other inodes are kept aside meanwhile, so they
+    are not handed out again). Skips where the file system never repeats it."""
+    inode = path.stat().st_ino
+    aside = path.parent / ".aside"
+    aside.mkdir()
+    try:
+        path.unlink()
+        for n in range(TRIES):
+            path.write_bytes(data)
+            if path.stat().st_ino == inode:
+                return
+            path.rename(aside / str(n))
+        pytest.skip(f"{path.parent}'s file system gave inode {inode} to none of {TRIES} files")
+    finally:
+        shutil.rmtree(aside)
+
+
+@pytest.mark.parametrize("where", ["tmp_path", "/dev/shm"])
+def test_a_file_recreated_at_its_inode_has_another_birth(tmp_path: Path, where: str) -> None:
+    directory = tmp_path if where == "tmp_path" else Path(where)
+    if not directory.is_dir():
+        pytest.skip(f"no {where} here")
+    path = directory / f"isc-identity-{os.getpid()}"
+    try:
+        path.write_bytes(b"first")
+        with open(path, "rb") as file:
+            first = file_birth(file.fileno())
+            again = file_birth(file.fileno())
+        assert first == again and "btime_ns" in first  # ext4 and tmpfs keep birth times
+        try:
+            recreate_at_same_inode(path, b"first")
+        except pytest.skip.Exception:
+            if where == "/dev/shm":  # tmpfs numbers inodes afresh: the birth time suffices
+                return
+            raise
+        with open(path, "rb") as file:
+            assert file_birth(file.fileno()) != first
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def test_an_identity_of_the_earlier_format_compares_on_the_fields_it_has() -> None:
+    new = "m1:2049:12/gen=7/btime_ns=99"
+    assert same_export("m1:2049:12", new) and same_export(new, "m1:2049:12")
+    assert same_export(new, "m1:2049:12/btime_ns=99")  # one field fewer: no generation
+    assert not same_export(new, "m1:2049:12/gen=8/btime_ns=99")  # recreated at the inode
+    assert not same_export(new, "m1:2049:12/gen=7/btime_ns=100")
+    assert not same_export("m1:2049:12", "m1:2049:13/gen=7")
+    assert not same_export("m1:2049:12", "m2:2049:12")
+
+
+def test_an_agent_export_recreated_at_its_inode_gets_a_full_copy(session: Path, at_agent) -> None:
+    work = session
+    isc_run("copy", "s", "--full", cwd=work)
+    known = read_state(work / "s").meta["destinations"][2]["identity"]
+    assert "/gen=" in known or "/btime_ns=" in known
+    at_agent.end()
+    disk = at_agent.directory / "disk"
+    recreate_at_same_inode(disk, disk.read_bytes())  # a restore from a backup, say
+    at_agent.start()
+    write_source(work, 0, b"changed")
+    isc_run("mark", "s", cwd=work)
+    done = isc_run("copy", "s", "--json", cwd=work)
+    assert "isc: disk is not the export it was (its agent names another file" in done.stderr
+    result = json.loads(done.stdout)
+    assert result["outcomes"] == {"d1": "ok", "d2": "ok", "disk": "ok"}
+    assert result["bytes_seeded"] + result["bytes_sent"] == SIZE  # every chunk to disk
+    assert disk.read_bytes() == (work / "source.img").read_bytes()
+    assert read_state(work / "s").meta["destinations"][2]["identity"] not in (known, None)
+
+
+def test_a_session_of_the_earlier_format_keeps_its_destinations_consistent(
+    session: Path, at_agent
+) -> None:
+    work = session
+    isc_run("copy", "s", "--full", cwd=work)
+    isc_run("mark", "s", cwd=work)
+    isc_run("copy", "s", cwd=work)
+    path = work / "s" / METADATA
+    meta = json.loads(path.read_text())
+    new_identity = meta["destinations"][2]["identity"]
+    new_stamp = meta["source_stamp"]
+    # As an earlier isc wrote it: an agent's identity "machine:dev:ino", a stamp without
+    # the inode's generation and birth time.
+    meta["destinations"][2]["identity"] = new_identity.split("/")[0]
+    meta["source_stamp"] = {k: v for k, v in new_stamp.items() if k not in ("gen", "btime_ns")}
+    assert meta["source_stamp"] != new_stamp
+    path.write_text(json.dumps(meta))
+    assert read_state(work / "s").source_changed is None
+    write_source(work, 0, b"changed")
+    isc_run("mark", "s", cwd=work)
+    done = isc_run("copy", "s", "--json", cwd=work)
+    assert "not the export it was" not in done.stderr
+    result = json.loads(done.stdout)
+    assert result["outcomes"] == {"d1": "ok", "d2": "ok", "disk": "ok"}
+    assert result["bytes_seeded"] + result["bytes_sent"] < SIZE  # incremental for all
+    assert [d["state"] for d in status(work)["destinations"]] == ["consistent"] * 3
+    meta = json.loads(path.read_text())  # recorded in the new form
+    assert meta["destinations"][2]["identity"] == new_identity
+    assert meta["source_stamp"].keys() == new_stamp.keys()
+
+
+def test_a_source_recreated_at_its_inode_is_another_source(session: Path) -> None:
+    # Same bytes, same size, same mtime, same inode: only the generation or birth time
+    # tells the file a backup put back from the one the session tracked.
+    work = session
+    isc_run("copy", "s", "--full", cwd=work)
+    isc_run("mark", "s", cwd=work)
+    isc_run("copy", "s", cwd=work)
+    source = work / "source.img"
+    mtime = source.stat().st_mtime_ns
+    assert read_state(work / "s").source_changed is None
+    recreate_at_same_inode(source, source.read_bytes())
+    os.utime(source, ns=(mtime, mtime))
+    stored, recovery = open_session(work / "s")
+    with stored:
+        assert "not the file the session tracked" in (recovery.source_changed or "")
+        assert all(d.state is DestState.INCONSISTENT for d in stored.destinations)
