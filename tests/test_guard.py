@@ -37,7 +37,7 @@ from helpers import TIMEOUT, fill_random, wait_until
 from test_agent import Daemon, daemon
 from test_cli import ENV, ISC, files
 from test_lun import _loop_device as loop_device
-from test_security_nbd import another_user
+from test_security_nbd import NOBODY
 
 from isc import FileLUN, guard
 from isc.errors import StateError
@@ -340,21 +340,33 @@ def test_without_a_table_for_the_machine_the_lock_stays_advisory_and_says_so_onc
 
 
 def test_another_user_gets_no_guard_and_is_told_why() -> None:
-    setpriv = another_user()
-    script = (
-        "import tempfile; from isc import FileLUN; from isc.store import SourceLock\n"
-        "with tempfile.TemporaryDirectory() as d, FileLUN.create(d + '/s.img', 4096) as lun:\n"
-        "    SourceLock(d + '/s.img', lun).close()"
-    )
-    done = subprocess.run(
-        [*setpriv, sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        env=ENV,
-        timeout=TIMEOUT,
-    )
-    assert done.returncode == 0, done.stderr
-    assert "no fanotify guard: fanotify_init: Operation not permitted" in done.stderr
+    # A child of this process (isc already imported: the checkout may be closed to other
+    # users) becomes uid and gid nobody, then locks a file of its own.
+    if os.geteuid() != 0:
+        pytest.skip("acting as another user needs root")
+    read, write = os.pipe()
+    with tempfile.TemporaryDirectory() as directory:  # in /tmp, which nobody may enter
+        os.chown(directory, NOBODY, NOBODY)
+        pid = os.fork()
+        if pid == 0:  # the child: reports in the pipe, never returns into pytest
+            code = 1
+            with os.fdopen(write, "w") as told:
+                try:
+                    os.setgroups([])
+                    os.setresgid(NOBODY, NOBODY, NOBODY)
+                    os.setresuid(NOBODY, NOBODY, NOBODY)
+                    logging.getLogger("isc.guard").addHandler(logging.StreamHandler(told))
+                    with FileLUN.create(f"{directory}/s.img", 4096) as lun:
+                        SourceLock(f"{directory}/s.img", lun).close()
+                    code = 0
+                except BaseException as exc:
+                    told.write(repr(exc))
+            os._exit(code)
+        os.close(write)
+        with os.fdopen(read) as said:
+            told = said.read()
+        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0, told
+    assert "no fanotify guard: fanotify_init: Operation not permitted" in told
 
 
 @pytest.mark.parametrize(
@@ -433,3 +445,31 @@ def test_a_fanotify_listener_with_writable_event_descriptors_cannot_write(source
         finally:
             lock.close()
     assert source.read_bytes() == before
+
+
+@needs_guard
+def test_a_child_forked_by_the_sessions_process_keeps_no_guard_after_the_session_closes(
+    source: Path,
+) -> None:
+    """A fork without exec (multiprocessing's default) copies the guard's fanotify group into
+    the child, where no thread answers it: after the session closed every open of the source
+    waited for the child to exit."""
+    readable, writable = os.pipe()
+    with FileLUN(source) as lun:
+        lock = SourceLock(str(source), lun)
+        try:
+            child = os.fork()
+            if child == 0:  # pragma: no cover (the child)
+                os.close(writable)
+                os.read(readable, 1)
+                os._exit(0)
+        finally:
+            lock.close()
+    try:
+        done = subprocess.run(python_writer(source, os.O_WRONLY), timeout=TIMEOUT)
+        assert done.returncode == 0
+    finally:
+        os.close(writable)  # the child exits
+        os.close(readable)
+        os.waitpid(child, 0)
+    assert source.read_bytes()[:1] == b"x"
