@@ -60,7 +60,12 @@ thread of this process that opens the source waits for it in ``os.open``,
 which lets the interpreter lock go, so the two never wait for each other.
 It alone closes the fanotify group; if it fails, it closes the group first
 (the kernel then lets every open through) and logs that the guard stopped.
-A SIGKILL of the process closes the group the same way. While the process
+A SIGKILL of the process closes the group the same way. A child forked
+without exec (``multiprocessing``'s default) closes its copies of every
+guard's descriptors at once (``os.register_at_fork``): else the group lived
+on in the child with no thread to answer it, and the session's close and,
+after it, every open of the source waited for the child to exit; the
+child's opens are judged as another program's. While the process
 is stopped (SIGSTOP, a debugger) every other program's open of the source,
 a reader's too, waits for it to run again.
 
@@ -114,6 +119,10 @@ _OPENS: dict[str, dict[int, int | None]] = {
 }
 
 _warned: set[str] = set()
+_owned: set[int] = set()
+"""The descriptors of the running guards (their groups, both ends of their pipes), which
+a child forked without exec closes at once (:func:`_close_owned_in_child`)."""
+_owned_lock = threading.Lock()
 
 
 class WriteGuard:
@@ -130,17 +139,21 @@ class WriteGuard:
         opens = _OPENS.get(platform.machine())
         if opens is None:
             raise OSError(f"no table of the open system calls of {platform.machine()}")
-        group = _libc_call(
-            "fanotify_init",
-            _FAN_CLASS_CONTENT | _FAN_CLOEXEC | _FAN_REPORT_TID,
-            os.O_RDONLY | os.O_LARGEFILE | os.O_CLOEXEC,
-        )
+        with _owned_lock:  # no fork between the call and the note
+            group = _libc_call(
+                "fanotify_init",
+                _FAN_CLASS_CONTENT | _FAN_CLOEXEC | _FAN_REPORT_TID,
+                os.O_RDONLY | os.O_LARGEFILE | os.O_CLOEXEC,
+            )
+            _owned.add(group)
         try:
             for fd in fds:
                 _libc_call("fanotify_mark", group, _FAN_MARK_ADD, _FAN_OPEN_PERM, fd, None)
-            wake, self._wake = os.pipe2(os.O_CLOEXEC)
+            with _owned_lock:
+                wake, self._wake = os.pipe2(os.O_CLOEXEC)
+                _owned.update((wake, self._wake))
         except BaseException:
-            os.close(group)
+            _close(group)
             raise
         asked: set[tuple[int, ...]] = set()
         self._thread = threading.Thread(
@@ -316,19 +329,42 @@ def _respond(
                 os.write(group, _RESPONSE.pack(fd, verdict))
                 os.close(fd)
     except BaseException:
-        os.close(group)  # first: the kernel lets waiting and later opens through
+        _close(group)  # first: the kernel lets waiting and later opens through
         group = -1
         log.exception("the guard of the source stopped: other programs can write it now")
     finally:
         if group != -1:
-            os.close(group)
-        os.close(wake)
+            _close(group)
+        _close(wake)
 
 
 def _stop(wake: int, thread: threading.Thread) -> None:
-    os.close(wake)  # the thread's poll sees the pipe hang up
+    _close(wake)  # the thread's poll sees the pipe hang up
     if thread is not threading.current_thread():
         thread.join()
+
+
+def _close(fd: int) -> None:
+    """Close ``fd``, one of :data:`_owned`, unless a fork closed it in this process."""
+    with _owned_lock:
+        if fd in _owned:
+            _owned.remove(fd)
+            os.close(fd)
+
+
+def _close_owned_in_child() -> None:
+    """In a child forked without exec: close every guard's descriptors (the module)."""
+    for fd in _owned:
+        os.close(fd)
+    _owned.clear()
+    _owned_lock.release()  # the forking thread held it, and is the child's thread
+
+
+os.register_at_fork(
+    before=_owned_lock.acquire,
+    after_in_parent=_owned_lock.release,
+    after_in_child=_close_owned_in_child,
+)
 
 
 def _libc_call(name: str, *args: object) -> int:

@@ -448,28 +448,28 @@ def test_a_fanotify_listener_with_writable_event_descriptors_cannot_write(source
 
 
 @needs_guard
-def test_a_child_forked_by_the_sessions_process_keeps_no_guard_after_the_session_closes(
-    source: Path,
-) -> None:
-    """A fork without exec (multiprocessing's default) copies the guard's fanotify group into
-    the child, where no thread answers it: after the session closed every open of the source
-    waited for the child to exit."""
+def test_a_child_forked_without_exec_keeps_no_guard_of_the_session(source: Path) -> None:
+    """A fork without exec (multiprocessing's default) copied the guard's group and pipe into
+    the child, where no thread answers: the session's close waited for the child to exit,
+    and so did every open of the source after it."""
     readable, writable = os.pipe()
     with FileLUN(source) as lun:
         lock = SourceLock(str(source), lun)
+        child = os.fork()
+        if child == 0:  # pragma: no cover (the child: waits for the test's end)
+            os.close(writable)
+            os.read(readable, 1)
+            os._exit(0)
+        closer = threading.Thread(target=lock.close)
+        closer.start()
         try:
-            child = os.fork()
-            if child == 0:  # pragma: no cover (the child)
-                os.close(writable)
-                os.read(readable, 1)
-                os._exit(0)
+            closer.join(TIMEOUT)
+            closed = not closer.is_alive()
+            done = subprocess.run(python_writer(source, os.O_WRONLY), timeout=TIMEOUT)
         finally:
-            lock.close()
-    try:
-        done = subprocess.run(python_writer(source, os.O_WRONLY), timeout=TIMEOUT)
-        assert done.returncode == 0
-    finally:
-        os.close(writable)  # the child exits
-        os.close(readable)
-        os.waitpid(child, 0)
+            os.close(writable)  # the child exits
+            os.close(readable)
+            os.waitpid(child, 0)
+            closer.join()
+    assert closed and done.returncode == 0
     assert source.read_bytes()[:1] == b"x"
