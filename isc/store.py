@@ -284,6 +284,14 @@ _USES, _UNSHARED = (_READ, _WRITE), (_WRITE, _RESIZE)
 _LOCKED = tuple(100 + p for p in _USES) + tuple(200 + p for p in _UNSHARED)
 _CONFLICTS = tuple(200 + p for p in _USES) + tuple(100 + p for p in _UNSHARED)
 _FLOCK = struct.Struct("hhqqi4x")  # struct flock on 64-bit Linux: type, whence, start, len, pid
+# isc's own byte, outside QEMU's (100 + p, 200 + p for its five permissions):
+# a shared OFD lock on it, and a test for anyone else's, for each local file a session has open as its
+# source or a destination, and the file under a loop device too (rules 11, 12).
+# A second session naming one of them as its source or a destination, under
+# any path, conflicts; a qemu-img or qemu-nbd that only reads a destination
+# takes no lock there and is not refused. OFD locks go with the last
+# descriptor of the open: at a close, and at the holder's death (SIGKILL).
+_SESSION_BYTE = 400
 _IDENTITY = ("rdev", "dev", "ino")
 
 
@@ -311,9 +319,8 @@ class SourceLock:
     def __init__(self, path: str, opened: FileLUN | None = None) -> None:
         self._guard: WriteGuard | None = None
         name = path if opened is None else f"/proc/self/fd/{opened.fileno()}"
-        self.fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
-        backing = open_loop_backing(self.fd)
-        self._fds = [self.fd] if backing is None else [self.fd, backing]
+        self._fds = _open_with_backing(name)
+        self.fd = self._fds[0]
         try:
             for fd in self._fds:
                 for byte in _LOCKED:
@@ -335,6 +342,7 @@ class SourceLock:
                 "close the other first"
             )
         try:
+            _hold_session_byte(self._fds, f"the source {path}")
             self._guard = guard_source(self._fds, path, None if opened is None else opened.fileno())
         except BaseException:
             self.close()
@@ -352,6 +360,80 @@ class SourceLock:
             os.close(fd)
         self._fds = []
         self.fd = -1
+
+
+class DestinationLock:
+    """isc's lock (:data:`_SESSION_BYTE`) on a local destination a session has open: the
+    file ``lun`` opened, whatever its path names by now, and the file under it when it
+    is a loop device. ``what`` names the destination in the refusal.
+
+    Raises ``StateError`` when another isc session holds that file as its
+    source or a destination; ``OSError`` when it cannot be locked. QEMU's
+    image locks are left alone: a qemu-img or qemu-nbd may read the
+    replica, and QEMU's own locks alone decide whether one may write it.
+    Released at :meth:`close` or with the process.
+    """
+
+    def __init__(self, lun: FileLUN, what: str) -> None:
+        self._fds = _open_with_backing(f"/proc/self/fd/{lun.fileno()}")
+        try:
+            _hold_session_byte(self._fds, what)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
+
+
+def _open_with_backing(name: str) -> list[int]:
+    """Read-only descriptors of the file at ``name`` and, for a loop device, of the file
+    under it (:func:`~isc.lun.open_loop_backing`), for locks."""
+    fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    backing = open_loop_backing(fd)
+    return [fd] if backing is None else [fd, backing]
+
+
+def _hold_session_byte(fds: list[int], what: str) -> None:
+    """Lock :data:`_SESSION_BYTE` of each of ``fds`` for this session alone; a
+    ``StateError`` naming ``what`` and the holder when another session has it."""
+    for fd in fds:
+        # Shared, as a read-only descriptor allows, then a test for anyone else's: of two
+        # sessions at once both may refuse, never both hold.
+        _lock_byte(fd, fcntl.F_OFD_SETLK, fcntl.F_RDLCK, _SESSION_BYTE)
+        if _lock_byte(fd, fcntl.F_OFD_GETLK, fcntl.F_WRLCK, _SESSION_BYTE):
+            raise StateError(
+                f"{what} is in use by another isc session{_lock_holder(fd)} as its source or "
+                "a destination; one session per file: close the other, take it out of that "
+                "session (isc remove-dest) or give another file"
+            )
+
+
+def _lock_holder(fd: int) -> str:
+    """`` (process PID: its command line)`` of a process holding :data:`_SESSION_BYTE`
+    of the file open at ``fd``, found in ``/proc/*/fdinfo`` (an OFD lock names no
+    process to ``F_OFD_GETLK``), or an empty string when none can be read."""
+    st = os.fstat(fd)
+    inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    wanted = ["READ", "-1", inode, str(_SESSION_BYTE), str(_SESSION_BYTE)]
+    mine = Path(f"/proc/{os.getpid()}/fdinfo/{fd}")
+    for info in Path("/proc").glob("[0-9]*/fdinfo/*"):
+        if info == mine:
+            continue
+        try:
+            lines = info.read_text().splitlines()
+        except OSError:  # gone, or another user's
+            continue
+        if any(line.split()[-5:] == wanted for line in lines if line.startswith("lock:")):
+            pid = info.parent.parent.name
+            try:
+                command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+            except OSError:
+                return f" (process {pid})"
+            return f" (process {pid}: {command.decode(errors='replace').strip()})"
+    return ""
 
 
 def _lock_byte(fd: int, command: int, kind: int, byte: int) -> bool:
@@ -536,6 +618,12 @@ class PersistentSession:
                     dest.protected_state = DestState(d["protected_state"])
                 self.destinations.append(dest)
             _check_distinct(directory, self.source, self.destinations)
+            self._dest_locks: dict[str, DestinationLock] = {}
+            for dest in self.destinations:
+                if isinstance(dest.lun, FileLUN):
+                    lock = DestinationLock(dest.lun, f"destination {dest.name} at {dest.lun.path}")
+                    opened.callback(lock.close)
+                    self._dest_locks[dest.name] = lock
             opened.pop_all()
         self.session.epoch = meta["epoch"]
         self.session.pull_epoch = meta.get("pull_epoch", 0)
@@ -874,6 +962,8 @@ class PersistentSession:
         self.identities.pop(name, None)
         self._save_destinations()
         dest.lun.close()
+        if (lock := self._dest_locks.pop(name, None)) is not None:
+            lock.close()
         return dest
 
     def add_destination(
@@ -915,7 +1005,9 @@ class PersistentSession:
         try:
             # The file opened, not the path checked above: a link put there since.
             _check_distinct(self.directory, self.source, [*self.destinations, dest])
-        except StateError:
+            what = f"destination {name} at {target}"
+            lock = DestinationLock(lun, what) if isinstance(lun, FileLUN) else None
+        except BaseException:
             lun.close()
             raise
         if lun.size < self.source.size:
@@ -932,7 +1024,11 @@ class PersistentSession:
                 problem = f"cannot add {name} at site {agent.where}: {ack.reason}{named}"
         if problem is not None:
             lun.close()
+            if lock is not None:
+                lock.close()
             raise ParameterError(problem)
+        if lock is not None:
+            self._dest_locks[name] = lock
         self._targets[name] = target
         self._sites[name] = None if agent is None else agent.where
         self.destinations.append(dest)
@@ -1001,6 +1097,9 @@ class PersistentSession:
                 self._journal.close()
         for dest in self.destinations:
             dest.lun.close()
+        for lock in self._dest_locks.values():
+            lock.close()
+        self._dest_locks.clear()
         self.session.save_area.close()
         self.source.close()
         if self._source_lock is not None:
