@@ -37,7 +37,9 @@ no other thread can change. ``execve`` is allowed; everything else is
 refused whatever its flags: ``openat2`` (its flags lie in the opener's
 memory, which another thread may change after the kernel read them), an
 open through io_uring, a 32-bit program's, a kernel thread's (``swapon``,
-``acct``, nfsd).
+``acct``, nfsd); and every open, a reader's too, of a program whose
+``/proc/TID/syscall`` the kernel will not show root (Yama's
+``kernel.yama.ptrace_scope`` 3, or a security module that forbids it).
 
 At the start (:func:`guard_source`), after the marks are in place (so no
 open slips between the look and the mark): a descriptor of the file open
@@ -50,7 +52,9 @@ the fix). The session's own LUN, opened before, is left out.
 Costs: the start reads every process's descriptors and mappings (some
 10 ms for 120 processes with 450 descriptors and 8000 mappings, more on a
 busy machine) and starts a thread; each later open of the source by anyone
-waits for that thread (one read of ``/proc``, tens of microseconds); reads
+waits for that thread (one read of ``/proc``, tens of microseconds, but the
+thread needs the interpreter lock: up to 10 ms measured while another
+thread of this process runs Python); reads
 and writes through descriptors already open, the session's host writes
 among them, cost nothing; one fanotify group per held source (the kernel
 allows 128 per user: ``fs.fanotify.max_user_groups``).
