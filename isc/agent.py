@@ -69,12 +69,17 @@ Requests, each durable before its reply is sent:
   that names an ``image`` gets ``undone`` too: the ranges ``unprotect``
   would list (an update that failed asks, to track them).
 
-Journal format: a header (``ISCJRNL2``, chunk size, export size, the export
-file's device and inode, the image's 8-byte id, CRC-32) and fixed slots of a 32-byte record head
-(chunk, first slot and slot count of its batch, data length, data CRC-32,
-head CRC-32) plus one chunk of data. One write appends one batch and waits
-for its fsync. After a crash, a batch that is not whole (a torn record: a
-slot whose CRCs fail, or a file that ends inside it) is dropped and cut off:
+Journal format: a header (``ISCJRNL3``, chunk size, export size, the export
+file's device and inode, the image's 8-byte id, which of the inode's generation and
+birth time the file system keeps and their values (:func:`isc.lun.file_birth`: a file
+recreated at the inode of a deleted one is another file), CRC-32) and fixed
+slots of a 32-byte record head (chunk, first slot and slot count of its batch,
+data length, data CRC-32, head CRC-32) plus one chunk of data. A journal of
+the earlier format (``ISCJRNL2``, without the birth) is read and compared on
+the fields it has; the next rollback (or a protect after an unprotect) writes
+this one. One write appends one batch and waits for its fsync. After a crash,
+a batch that is not whole (a torn record: a slot whose CRCs fail, or a file
+that ends inside it) is dropped and cut off:
 the write that waited for it never happened. A bad slot *before* the last
 whole batch is damage, not a crash: the protection reads "not intact" with
 the problem, and rollback is refused. So is a journal whose header names
@@ -127,7 +132,7 @@ from typing import TYPE_CHECKING
 from isc.auth import Credentials
 from isc.control import ControlServer, Op
 from isc.errors import IscError, ParameterError
-from isc.lun import FileLUN, ForwardingLUN, file_birth
+from isc.lun import BIRTH_KEYS, FileLUN, ForwardingLUN, file_birth, same_birth
 from isc.nbd import NBD_PORT
 from isc.remote import PROTECT_GRANULARITY, saved_extents
 from isc.store import _fsync_dir, write_atomically
@@ -144,8 +149,11 @@ EXPORT_OPS = ("protect", "unprotect", "rollback", "status")
 STATE_DIR = ".isc-agent"
 """The agent's state directory inside the directory it serves."""
 
-_MAGIC = b"ISCJRNL2"
-_HEADER = struct.Struct("<8sIQQQ8s")  # magic, chunk size, export size, st_dev, st_ino, image
+_MAGIC = b"ISCJRNL3"
+# magic, chunk size, export size, st_dev, st_ino, image, which of the file's generation
+# and birth time are known (bit 0, bit 1), its generation, its birth time (ns)
+_HEADER = struct.Struct("<8sIQQQ8sBqq")
+_EARLIER = (b"ISCJRNL2", struct.Struct("<8sIQQQ8s"))  # without the file's birth
 _HEAD = struct.Struct("<QQIII")  # chunk, batch's first slot, batch's slot count, length, data CRC
 _CRC = struct.Struct("<I")
 HEADER_SIZE = _HEADER.size + _CRC.size
@@ -156,8 +164,32 @@ def _sealed(packed: bytes) -> bytes:
     return packed + _CRC.pack(zlib.crc32(packed))
 
 
-def _header(lun, identity: tuple[int, int], image: bytes) -> bytes:
-    return _sealed(_HEADER.pack(_MAGIC, PROTECT_GRANULARITY, lun.size, *identity, image))
+def _header(lun, identity: tuple[int, int], image: bytes, birth: dict[str, int]) -> bytes:
+    known = sum(1 << bit for bit, key in enumerate(BIRTH_KEYS) if key in birth)
+    born = (birth.get(key, 0) for key in BIRTH_KEYS)
+    return _sealed(
+        _HEADER.pack(_MAGIC, PROTECT_GRANULARITY, lun.size, *identity, image, known, *born)
+    )
+
+
+def _parse_header(data: bytes) -> tuple[tuple, bytes, dict[str, int], int] | None:
+    """What a sealed journal header at the start of ``data`` names: ``(chunk size,
+    export size, st_dev, st_ino)``, the image, the file's birth (:func:`file_birth`) and
+    the header's length; None if damaged. A header of the earlier format
+    (``ISCJRNL2``) names no birth."""
+    for magic, layout, with_birth in ((_MAGIC, _HEADER, True), (*_EARLIER, False)):
+        if data[:8] == magic and _sealed(data[: layout.size]) == data[: layout.size + _CRC.size]:
+            fields = layout.unpack_from(data)
+            birth = {}
+            if with_birth:
+                known, *born = fields[6:]
+                birth = {
+                    k: v
+                    for bit, (k, v) in enumerate(zip(BIRTH_KEYS, born, strict=True))
+                    if known >> bit & 1
+                }
+            return fields[1:5], fields[5], birth, layout.size + _CRC.size
+    return None
 
 
 class Journal:
@@ -168,12 +200,17 @@ class Journal:
     Thread-safe: one lock orders saves, rollback and close.
     """
 
-    def __init__(self, path: Path, lun, identity: tuple[int, int]) -> None:
-        """Open the journal at ``path`` for ``lun`` (the file of device and inode ``identity``)."""
+    def __init__(
+        self, path: Path, lun, identity: tuple[int, int], birth: dict[str, int] | None = None
+    ) -> None:
+        """Open the journal at ``path`` for ``lun`` (the file of device and inode ``identity``
+        and, where known, of ``birth``: :func:`isc.lun.file_birth`)."""
         self.path = path
         self.lun = lun
         self.identity = identity
+        self.birth = birth or {}
         self.granularity = PROTECT_GRANULARITY
+        self._header_size = HEADER_SIZE  # an earlier format's is shorter
         self.slot = HEAD_SIZE + self.granularity
         self.problem: str | None = None
         """Why the protected image cannot be restored, or None while it is intact."""
@@ -186,36 +223,36 @@ class Journal:
         self._lock = threading.Lock()
         self._fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
-            header = os.pread(self._fd, HEADER_SIZE, 0)
-            image = header[_HEADER.size - 8 : _HEADER.size]
-            if len(header) < HEADER_SIZE or header != _header(lun, identity, image):
-                self.problem = self._header_problem(header)
+            header = _parse_header(os.pread(self._fd, HEADER_SIZE, 0))
+            if header is None:
+                self.problem = f"{self.path} has a damaged header; {self._unprotect}"
+            elif header[0] != (self.granularity, lun.size, *identity) or not same_birth(
+                header[2], self.birth
+            ):
+                self.problem = (
+                    f"{self.path} protects another file (its size, device, inode, generation "
+                    f"or birth time differ from the export's): the export was replaced; "
+                    f"{self._unprotect}"
+                )
             else:
-                self.image = image.hex()
+                self.image, self._header_size = header[1].hex(), header[3]
                 self._recover()
         except BaseException:
             os.close(self._fd)
             raise
 
     @classmethod
-    def create(cls, path: Path, lun, identity: tuple[int, int]) -> Journal:
+    def create(
+        cls, path: Path, lun, identity: tuple[int, int], birth: dict[str, int] | None = None
+    ) -> Journal:
         """Protect ``lun``: write an empty journal durably (making its directory) and open it."""
         try:
             path.parent.mkdir(mode=0o700)
             _fsync_dir(path.parent.parent)
         except FileExistsError:
             pass
-        write_atomically(path, _header(lun, identity, os.urandom(8)))
-        return cls(path, lun, identity)
-
-    def _header_problem(self, header: bytes) -> str:
-        """Why ``header`` is not this export's journal header."""
-        if header[:8] == _MAGIC and _sealed(header[: _HEADER.size]) == header:
-            return (
-                f"{self.path} protects another file (its size, device or inode differ from "
-                f"the export's): the export was replaced; {self._unprotect}"
-            )
-        return f"{self.path} has a damaged header; {self._unprotect}"
+        write_atomically(path, _header(lun, identity, os.urandom(8), birth or {}))
+        return cls(path, lun, identity, birth)
 
     @property
     def _unprotect(self) -> str:
@@ -224,7 +261,7 @@ class Journal:
 
     # -- records -------------------------------------------------------------------------
     def _slot_offset(self, slot: int) -> int:
-        return HEADER_SIZE + slot * self.slot
+        return self._header_size + slot * self.slot
 
     def _chunk_length(self, chunk: int) -> int:
         return min(self.granularity, self.lun.size - chunk * self.granularity)
@@ -255,7 +292,7 @@ class Journal:
     def _recover(self) -> None:
         """Index the whole batches; drop a torn last batch; flag damage before it."""
         size = os.fstat(self._fd).st_size
-        slots = max(0, -(-(size - HEADER_SIZE) // self.slot))  # a short last slot counts
+        slots = max(0, -(-(size - self._header_size) // self.slot))  # a short last slot counts
         buffer = bytearray(self.slot)
         heads = [self._read_slot(slot, buffer) for slot in range(slots)]
         valid = [slot for slot, head in enumerate(heads) if head is not None]
@@ -370,7 +407,7 @@ class Journal:
             # Protected afresh, as a new image: an empty journal replaces this one whole,
             # so a crash before the rename leaves this one, to be rolled back again.
             image = os.urandom(8)
-            write_atomically(self.path, _header(self.lun, self.identity, image))
+            write_atomically(self.path, _header(self.lun, self.identity, image, self.birth))
             self.image = image.hex()  # whatever follows: the image protected is a new one
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -385,6 +422,7 @@ class Journal:
             self._fd = fd
             self._index.clear()
             self._slots = 0
+            self._header_size = HEADER_SIZE  # in this format from now on
             self._stuck = None
             return saved_extents([c for c, _ in order], self.granularity, self.lun.size)
 
@@ -441,7 +479,7 @@ class Export(ForwardingLUN):
         """Each image that ended while the agent ran (a rollback, an unprotect) -> the chunks
         rollbacks rewrote since it was protected."""
         if journal_path.exists():
-            self.journal = Journal(journal_path, lun, identity)
+            self.journal = Journal(journal_path, lun, identity, self._birth)
             log.info("%s: protected (journal %s)", name, journal_path)
 
     def write(self, offset: int, data) -> None:
@@ -483,7 +521,9 @@ class Export(ForwardingLUN):
             if self.journal is not None:
                 reply = {"ok": True, "reason": "already protected", "kept": True, **fenced}
             else:
-                self.journal = Journal.create(self.journal_path, self.lun, self.identity)
+                self.journal = Journal.create(
+                    self.journal_path, self.lun, self.identity, self._birth
+                )
                 reply = {"ok": True, **fenced}
             self._lease = os.urandom(8).hex()
             if not named:

@@ -29,9 +29,11 @@ import random
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
+import zlib
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
@@ -49,11 +51,12 @@ from helpers import (
 )
 from test_cli import error_line, files, isc_run, state_of
 from test_cli_analysis import ISC
+from test_identity import recreate_at_same_inode
 from test_nbd import nbdkit, qemu_nbd, run, sparse, tool
 
 import isc
 from isc import Destination, DestState, FileLUN, MemoryLUN, ParameterError, Session
-from isc.agent import Agent, Journal, open_regular
+from isc.agent import HEADER_SIZE, Agent, Journal, open_regular
 from isc.lun import ReconnectingLUN
 from isc.nbd import NBDLUN
 from isc.remote import PROTECT_GRANULARITY, AgentSite, LocalSite
@@ -688,6 +691,53 @@ def test_protect_and_unprotect_are_durable_before_their_replies(tmp_path: Path, 
     with agent(exports, next(logs)) as fifth, control(fifth) as sock:
         info = ask(sock, request(6, "status", "disk"))["info"]
         assert info == {"size": SIZE, "protected": False, "identity": info["identity"]}
+
+
+def test_a_protection_does_not_pass_to_a_file_recreated_at_its_inode(tmp_path: Path, exports: Path):
+    # Rule 12 at the journal: a file deleted and recreated at the same inode number while
+    # the agent was down (a restore from a backup) is not the file it protects; rolling
+    # the old file's chunks into it would mix two files.
+    (exports / "disk").write_bytes(random.Random(SEED + 8).randbytes(SIZE))
+    with agent(exports, tmp_path / "agent-1.log") as first:
+        with control(first) as sock:
+            assert ask(sock, request(1, "protect", "disk"))["ok"]
+        nbd_write(first.exports["disk"], G, b"\x5a" * G)  # its chunk saved in the journal
+        first.kill()
+    restored = random.Random(SEED + 9).randbytes(SIZE)
+    recreate_at_same_inode(exports / "disk", restored)
+    with agent(exports, tmp_path / "agent-2.log") as second, control(second) as sock:
+        info = ask(sock, request(2, "status", "disk"))["info"]
+        assert info["protected"] and not info["intact"]
+        assert "protects another file" in info["problem"] and "isc unprotect" in info["problem"]
+        rolled = ask(sock, request(3, "rollback", "disk"))
+        assert not rolled["ok"] and "the protected image was lost" in rolled["reason"]
+        assert (exports / "disk").read_bytes() == restored
+        assert ask(sock, request(4, "unprotect", "disk"))["ok"]
+
+
+def test_a_journal_of_the_earlier_format_keeps_its_protection(tmp_path: Path, exports: Path):
+    image = random.Random(SEED + 10).randbytes(SIZE)
+    (exports / "disk").write_bytes(image)
+    with agent(exports, tmp_path / "agent-1.log") as first:
+        with control(first) as sock:
+            assert ask(sock, request(1, "protect", "disk"))["ok"]
+        nbd_write(first.exports["disk"], 3 * MIB, b"\xa5" * G)
+        first.kill()
+    # The journal as an earlier agent wrote it: header ISCJRNL2, without the file's birth.
+    journal, disk = exports / JOURNAL, (exports / "disk").stat()
+    data = journal.read_bytes()
+    assert data[:8] == b"ISCJRNL3"
+    head = struct.pack(
+        "<8sIQQQ8s", b"ISCJRNL2", PROTECT_GRANULARITY, SIZE, disk.st_dev, disk.st_ino, data[36:44]
+    )
+    journal.write_bytes(head + struct.pack("<I", zlib.crc32(head)) + data[HEADER_SIZE:])
+    with agent(exports, tmp_path / "agent-2.log") as second, control(second) as sock:
+        info = ask(sock, request(2, "status", "disk"))["info"]
+        assert info["protected"] and info["intact"] and info["saved_chunks"] == 1
+        rolled = ask(sock, request(3, "rollback", "disk"))
+        assert rolled["ok"] and rolled["extents"] == [[3 * MIB, 64 * KIB]]
+        assert (exports / "disk").read_bytes() == image
+    assert journal.read_bytes()[:8] == b"ISCJRNL3"  # written in the new format
 
 
 def test_a_journal_not_opened_again_after_its_rollback_fails_the_writes_it_would_save(

@@ -25,22 +25,24 @@ from isc.update import same_export
 
 __all__ = ["at_agent", "session", "work"]  # fixtures of test_cli used here
 
-TRIES = 64
-"""Files created before giving up on the inode number repeating."""
+TRIES = 4096
+"""Empty files created before giving up on the inode number repeating (other programs
+free and take inodes of the same file system meanwhile)."""
 
 
 def recreate_at_same_inode(path: Path, data: bytes) -> None:
     """Delete ``path`` and create a file of ``data`` there, until it gets the deleted
     file's inode number again (files of other inodes are kept aside meanwhile, so they
-    are not handed out again). Skips where the file system never repeats it."""
+    are not handed out again). Skips where the file system does not repeat it."""
     inode = path.stat().st_ino
     aside = path.parent / ".aside"
     aside.mkdir()
     try:
         path.unlink()
         for n in range(TRIES):
-            path.write_bytes(data)
+            path.touch(exist_ok=False)
             if path.stat().st_ino == inode:
+                path.write_bytes(data)
                 return
             path.rename(aside / str(n))
         pytest.skip(f"{path.parent}'s file system gave inode {inode} to none of {TRIES} files")
