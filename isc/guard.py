@@ -39,7 +39,9 @@ memory, which another thread may change after the kernel read them), an
 open through io_uring, a 32-bit program's, a kernel thread's (``swapon``,
 ``acct``, nfsd); and every open, a reader's too, of a program whose
 ``/proc/TID/syscall`` the kernel will not show root (Yama's
-``kernel.yama.ptrace_scope`` 3, or a security module that forbids it).
+``kernel.yama.ptrace_scope`` 3, or a security module that forbids it) or
+that runs outside this process's PID namespace (its event names no thread:
+isc in a container of its own refuses the host's readers).
 
 At the start (:func:`guard_source`), after the marks are in place (so no
 open slips between the look and the mark): a descriptor of the file open
@@ -82,7 +84,10 @@ taken from another process with ``pidfd_getfd(2)`` (by root, this process's
 own LUN's too), or the descriptor the kernel opens for a fanotify listener
 whose events' descriptors are for writing (``fanotify_init`` with
 ``O_RDWR``) at any open of the source, a reader's too;
-a process in another PID namespace (not in this ``/proc``); for a block
+at the start, a process outside this PID namespace (not in this
+``/proc``); a write from another machine (a file on a network file system,
+a block device other hosts reach too: iSCSI, an RBD image mapped there);
+for a block
 device, every open after the start where the kernel sends no permission
 events for a device node (Linux 6.18 sends none: the guard finds so by
 opening each file once, says so once, and guards the file under a loop
