@@ -680,8 +680,8 @@ BIRTH_KEYS = ("gen", "btime_ns")
 def file_birth(fd: int) -> dict[str, int]:
     """What tells the file open at ``fd`` from a later one at the same device and inode
     (a file deleted and another created, which ext4, xfs, tmpfs give the inode number
-    again): ``gen``, the inode's generation (``FS_IOC_GETVERSION``: ext4, xfs, btrfs;
-    not tmpfs), and ``btime_ns``, its birth time (``statx``: ext4, xfs, btrfs, tmpfs).
+    again): ``gen``, the inode's generation (``FS_IOC_GETVERSION``: ext4 and xfs keep
+    one, tmpfs not), and ``btime_ns``, its birth time (``statx``: ext4, xfs, tmpfs).
     Each only where the file system offers it: an empty dict where it offers neither
     (then device and inode alone name the file, as before)."""
     found = {}
