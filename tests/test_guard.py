@@ -473,3 +473,28 @@ def test_a_child_forked_without_exec_keeps_no_guard_of_the_session(source: Path)
             closer.join()
     assert closed and done.returncode == 0
     assert source.read_bytes()[:1] == b"x"
+
+
+NAMESPACED = (
+    "import os, sys; from isc.guard import WriteGuard\n"
+    "guard = WriteGuard([os.open(sys.argv[1], os.O_RDONLY)])\n"
+    "print('guarding', flush=True); sys.stdin.read(); guard.close()"
+)
+"""A guard of argv[1] until stdin closes."""
+
+
+@needs_guard
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare (util-linux)")
+def test_a_reader_outside_the_guards_pid_namespace_is_refused(source: Path) -> None:
+    """Its event names no thread (pid 0), so the guard cannot read how it opens."""
+    command = ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", NAMESPACED]
+    with subprocess.Popen(
+        [*command, str(source)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=ENV
+    ) as guarded:
+        try:
+            assert guarded.stdout is not None and guarded.stdout.readline() == "guarding\n"
+            with pytest.raises(PermissionError):
+                source.read_bytes()
+        finally:
+            guarded.communicate(timeout=TIMEOUT)
+    assert source.read_bytes()  # free again
