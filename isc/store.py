@@ -101,7 +101,10 @@ or through a loop device over it, and a QEMU tool that would write or
 resize it are refused, and the other way round. A path that names a file
 by a process's descriptor (``/proc/self/fd/N``, ``/dev/fd/N``) is refused
 as a source or a destination: it would name another file in each later
-process. The locks are advisory; as root a guard (:mod:`isc.guard`) also
+process. Each local destination holds isc's own lock (:class:`DestinationLock`,
+which the source's holds too): another session naming it as a destination
+or its source is refused (rule 12), QEMU's readers are not. The locks are
+advisory; as root a guard (:mod:`isc.guard`) also
 refuses every other program's open of the source for writing while a
 session holds it, and refuses the source to a session while a program has
 it open for writing. A clean close stamps the source in
@@ -285,8 +288,9 @@ _LOCKED = tuple(100 + p for p in _USES) + tuple(200 + p for p in _UNSHARED)
 _CONFLICTS = tuple(200 + p for p in _USES) + tuple(100 + p for p in _UNSHARED)
 _FLOCK = struct.Struct("hhqqi4x")  # struct flock on 64-bit Linux: type, whence, start, len, pid
 # isc's own byte, outside QEMU's (100 + p, 200 + p for its five permissions):
-# a shared OFD lock on it, and a test for anyone else's, for each local file a session has open as its
-# source or a destination, and the file under a loop device too (rules 11, 12).
+# a shared OFD lock on it, and a test for anyone else's, for each local file a
+# session has open as its source or a destination, and the file under a loop
+# device too (rules 11, 12).
 # A second session naming one of them as its source or a destination, under
 # any path, conflicts; a qemu-img or qemu-nbd that only reads a destination
 # takes no lock there and is not refused. OFD locks go with the last
