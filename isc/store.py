@@ -77,10 +77,11 @@ copy sent, whose chunk the checkpoint keeps cleared). A copy run through
 :meth:`PersistentSession.begin_copy` is recorded in ``session.json`` while it
 runs, so its destinations read inconsistent until it ends (rule 6) and a
 crash in an unmarked full copy, which clears tracking as it begins, leaves
-everything to send again (rule 2); the record keeps the destinations'
-fingerprint samples, and each checkpoint during the copy writes those they
-hold then, so one replaced after a crash is still found (rule 12; one
-``session.json`` write per checkpoint while a copy runs).
+everything to send again (rule 2); its end is saved after a checkpoint that
+holds what it put back in tracking when it stopped short. The record keeps
+the destinations' fingerprint samples, and each checkpoint during the copy
+writes those they hold then, so one replaced after a crash is still found
+(rule 12; one ``session.json`` write per checkpoint while a copy runs).
 
 Missing state is corrupt metadata (rule 10). Once ``session.json`` says a
 checkpoint was written (``checkpointed``, set after the first; or it has an
@@ -832,15 +833,49 @@ class PersistentSession:
     def save(self) -> None:
         """Write the metadata (destinations, their states, epoch) atomically.
 
-        Ends what :meth:`begin_copy` recorded: call it once the copy is over.
-        Raises ``StateError`` once the session is closed (its directory is not
-        this process's any more), writing nothing.
+        Ends what :meth:`begin_copy` recorded: call it once the copy is over
+        (an unmarked full copy's record ends after a checkpoint,
+        :meth:`_checkpoint_unmarked_end`). Raises ``StateError`` once the
+        session is closed (its directory is not this process's any more),
+        writing nothing.
         """
         with self._meta_lock:
             if self._closed:
                 raise StateError(f"{self.meta['name']} is closed; open it again to save")
+            copying = self._receiving
+            unmarked = bool(copying) and self._recorded["copy"]["mode"] == "full-unmarked"
             self._receiving = []
+        if unmarked:
+            self._checkpoint_unmarked_end(copying)
+        with self._meta_lock:
+            if self._closed:
+                raise StateError(f"{self.meta['name']} is closed; open it again to save")
             self._write_meta_locked()
+
+    def _checkpoint_unmarked_end(self, copying: list[Destination]) -> None:
+        """Checkpoint after an unmarked full copy, before its record ends (rules 2, 9).
+
+        It cleared tracking as it began, so a checkpoint taken while it ran holds
+        every chunk clear, and what it did not send and flush (it failed, was
+        cancelled, a destination dropped out) went back to tracking in memory
+        only: with its record gone, a crash before the next checkpoint left
+        those chunks untracked on destinations read in step. None of them needs
+        a flush now (each flushed what it keeps clear). If the checkpoint fails,
+        the copy's destinations fall out of step instead (NEW: every chunk).
+        """
+        try:
+            self.checkpoint()
+        except (OSError, IscError) as exc:
+            if self._closed:  # a close in another thread checkpointed after the copy
+                raise
+            log.error(
+                "%s: no checkpoint after the unmarked full copy (%s): its destinations "
+                "need every chunk",
+                self.meta["name"],
+                exc,
+            )
+            for dest in copying:
+                dest.state, dest.epoch, dest.samples = DestState.NEW, None, []
 
     def _save_destinations(self) -> None:
         """:meth:`save` after a destination was added or removed, but the record of a running

@@ -713,10 +713,6 @@ def test_a_write_to_a_region_kept_hot_after_a_checkpoint_survives_a_sigkill(
 # -- an unmarked full copy cut short, then a crash before the next checkpoint --------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the copy's end is saved before a checkpoint holds what it put back in tracking",
-)
 @pytest.mark.parametrize("journal_fails", [False, True], ids=["checkpointed", "journal-fails"])
 @pytest.mark.parametrize("failing", [("d1",), ("d0", "d1")], ids=["d1-drops", "copy-fails"])
 def test_an_unmarked_full_copy_cut_short_then_a_crash_before_a_checkpoint_loses_nothing(
