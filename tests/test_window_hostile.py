@@ -32,6 +32,11 @@ Attacked here, each hole found named with the code that closed it:
   at the next open (the record stays, isc.store);
 * a write to a region a checkpoint kept hot (no region record), then SIGKILL, with and
   without the write logs;
+* an unmarked full copy cut short (a destination dropped out, or the copy failed) after
+  a checkpoint that held tracking cleared, its end saved, then a crash before the next
+  checkpoint: what it put back in tracking, in memory only, was lost and its
+  destinations read in step (its end is saved after a checkpoint, isc.store; found by
+  the stress below);
 * a seeded stress in a child process SIGKILLed at seeded points: writer threads writing
   the source through the session, marked and unmarked copies to two destinations,
   cancels, a destination failing on demand, a small save area file, checkpoints racing
