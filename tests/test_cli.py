@@ -888,6 +888,16 @@ def at_agent(session: Path) -> Iterator[Agent]:
         agent.end()
 
 
+def assert_copied_in_full_to_disk(done: subprocess.CompletedProcess, disk: Path, work: Path):
+    """``done``, an ``isc copy --json`` of ``work``'s session, found that the agent of its
+    destination ``disk`` serves another file, and gave that file every chunk."""
+    assert "isc: disk is not the export it was (its agent names another file" in done.stderr
+    result = json.loads(done.stdout)
+    assert result["outcomes"] == {"d1": "ok", "d2": "ok", "disk": "ok"}
+    assert result["bytes_seeded"] + result["bytes_sent"] == SIZE  # every chunk to disk
+    assert disk.read_bytes() == (work / "source.img").read_bytes()
+
+
 @pytest.mark.parametrize("served", [False, True], ids=["alone", "asking-isc-serve"])
 def test_copy_checks_what_file_a_destinations_agent_serves_before_relying_on_it(
     session: Path, at_agent, served: bool
@@ -904,11 +914,7 @@ def test_copy_checks_what_file_a_destinations_agent_serves_before_relying_on_it(
             control = ["--control", f"unix:{work / 'ctl.sock'}"]
             serving.enter_context(isc_serve(work, "s", "--listen", "127.0.0.1:0", *control))
         done = isc_run("copy", "s", "--json", cwd=work)
-    assert "isc: disk is not the export it was (its agent names another file" in done.stderr
-    result = json.loads(done.stdout)
-    assert result["outcomes"] == {"d1": "ok", "d2": "ok", "disk": "ok"}
-    assert result["bytes_seeded"] + result["bytes_sent"] == SIZE  # every chunk to disk
-    assert moved.read_bytes() == (work / "source.img").read_bytes()
+    assert_copied_in_full_to_disk(done, moved, work)
     assert {d["name"]: d["state"] for d in status(work)["destinations"]}["disk"] == "consistent"
 
 
