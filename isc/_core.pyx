@@ -1146,7 +1146,8 @@ cdef class DeltaBitmap:
         doubles first, up to ``limit``; the capacity in force is returned.
         Costs a pass over one bit per 4096 regions and over the words of
         those written under the map's mutex, and O(k log k) for the k
-        regions written or kept, all with the GIL released: a checkpoint holds it for O(1) steps, whatever the hot set.
+        regions written or kept, all with the GIL released: a checkpoint
+        holds it for O(1) steps, whatever the hot set.
         Raises ``ParameterError`` for arrays of different lengths or not
         ``0 <= capacity <= limit``, changing nothing.
         """
