@@ -143,13 +143,7 @@ def test_the_source_another_isc_process_holds_is_refused_as_a_destination(
     other = session_directory(tmp_path / "b", SIZE, G, seed=2)
     victim = tmp_path / "a" / "source.img"
     before = read_state(other).meta["destinations"]
-    holder = subprocess.Popen(
-        [sys.executable, "-c", HOLD, str(held)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        env=child_env(),
-    )
+    holder = python_child(HOLD, held)
     try:
         assert next_line(line_reader(holder.stdout), "the holder") == "held"
         isc = Path(sys.executable).with_name("isc")
@@ -165,6 +159,18 @@ def test_the_source_another_isc_process_holds_is_refused_as_a_destination(
     assert added.returncode == 1, added
     assert len(added.stderr.strip().splitlines()) == 1 and "source.img" in added.stderr
     assert read_state(other).meta["destinations"] == before
+
+
+def python_child(script: str, state: Path) -> subprocess.Popen[str]:
+    """A child Python running ``script`` on ``state``, talking through its standard input
+    and output."""
+    return subprocess.Popen(
+        [sys.executable, "-c", script, str(state)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=child_env(),
+    )
 
 
 def child_env() -> dict:
@@ -691,13 +697,7 @@ def test_a_write_to_a_region_kept_hot_after_a_checkpoint_survives_a_sigkill(
     (state / "session.json").write_text(json.dumps(meta))
     with open_session(state)[0] as stored:
         copy(stored, "full")
-    child = subprocess.Popen(
-        [sys.executable, "-c", KEPT_HOT, str(state)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        env=child_env(),
-    )
+    child = python_child(KEPT_HOT, state)
     try:
         assert next_line(line_reader(child.stdout), "the writer") == "written"
     finally:
