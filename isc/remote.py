@@ -64,7 +64,7 @@ import numpy as np
 from isc.auth import Credentials, connect, read_line
 from isc.copy import Destination
 from isc.errors import IscError, ParameterError
-from isc.lun import ForwardingLUN
+from isc.lun import ForwardingLUN, same_birth
 from isc.savearea import SaveArea
 from isc.session import Session
 
@@ -503,7 +503,7 @@ class AgentSite(RequestSite):
         if isinstance(identity, str):
             known = self._identities.get(dest.name, identity)
             self._identities[dest.name] = identity
-            if op in ("protect", "rollback") and known != identity:
+            if op in ("protect", "rollback") and not same_export(known, identity):
                 reason = (
                     f"{who} now serves another file as {dest.name} ({identity}) than it "
                     f"did a moment before ({known}), and its {op} was of that one: it was "
@@ -565,6 +565,18 @@ def _pairs(value: object) -> tuple[tuple[int, int], ...] | None:
     ):
         return None
     return tuple((offset, length) for offset, length in value)
+
+
+def same_export(known: str, seen: str) -> bool:
+    """Whether two :func:`isc.agent.export_identity` strings may name one file: the
+    machine, device and inode equal, and each ``/KEY=VALUE`` both hold (an earlier
+    agent's identity has none: it compares on the fields it has)."""
+    known_file, *known_birth = known.split("/")
+    seen_file, *seen_birth = seen.split("/")
+    return known_file == seen_file and same_birth(
+        dict(item.partition("=")[::2] for item in known_birth),
+        dict(item.partition("=")[::2] for item in seen_birth),
+    )
 
 
 def agent_address(text: str) -> tuple[str, int] | str:

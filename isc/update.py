@@ -39,8 +39,7 @@ from contextlib import ExitStack, contextmanager
 
 from isc.copy import CopyJob, CopyResult, Destination, DestState
 from isc.errors import CopyError, IscError, ParameterError, StateError
-from isc.lun import same_birth
-from isc.remote import Ack, RemoteSite, group_request
+from isc.remote import Ack, RemoteSite, group_request, same_export
 from isc.session import Session
 
 log = logging.getLogger(__name__)
@@ -306,18 +305,6 @@ class UnmarkedFullCopy:
             return result
 
 
-def same_export(known: str, seen: str) -> bool:
-    """Whether two :func:`isc.agent.export_identity` strings may name one file: the
-    machine, device and inode equal, and each ``/KEY=VALUE`` both hold (an earlier
-    agent's identity has none: it compares on the fields it has)."""
-    known_file, *known_birth = known.split("/")
-    seen_file, *seen_birth = seen.split("/")
-    return known_file == seen_file and same_birth(
-        dict(item.partition("=")[::2] for item in known_birth),
-        dict(item.partition("=")[::2] for item in seen_birth),
-    )
-
-
 def check_identities(
     site: RemoteSite,
     destinations: Sequence[Destination],
@@ -329,7 +316,7 @@ def check_identities(
     identifies the export of each of ``destinations`` named in ``agents``
     (:func:`isc.agent.export_identity`: its machine, device and inode, and the inode's
     generation and birth time). One that differs from ``identities`` (name -> identity
-    seen before; :func:`same_export`) is another file than the one the last copies wrote
+    seen before; :func:`isc.remote.same_export`) is another file than the one the last copies wrote
     (replaced, recreated at the same inode, another agent at that address): it becomes
     NEW, so its next copy is a full one. Returns a line for each such destination;
     records in ``identities`` what each agent said (an identity of an earlier agent,

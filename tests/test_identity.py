@@ -13,9 +13,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
+import threading
 from pathlib import Path
 
 import pytest
+from helpers import TIMEOUT
 from test_cli import (
     SIZE,
     assert_copied_in_full_to_disk,
@@ -28,10 +31,10 @@ from test_cli import (
     write_source,
 )
 
-from isc import DestState
+from isc import Destination, DestState
 from isc.lun import file_birth
+from isc.remote import AgentSite, same_export
 from isc.store import METADATA, open_session
-from isc.update import same_export
 
 __all__ = ["at_agent", "session", "work"]  # fixtures of test_cli used here
 
@@ -157,3 +160,41 @@ def test_a_source_recreated_at_its_inode_is_another_source(session: Path) -> Non
     with stored:
         assert "not the file the session tracked" in (recovery.source_changed or "")
         assert all(d.state is DestState.INCONSISTENT for d in stored.destinations)
+
+
+@pytest.mark.parametrize(
+    ("at_protect", "refused"),
+    [("m1:2049:12/gen=7/btime_ns=99", False), ("m1:2049:12/gen=8/btime_ns=100", True)],
+    ids=["agent upgraded", "file recreated"],
+)
+def test_a_protect_naming_the_file_its_status_named_in_the_earlier_form_is_taken(
+    tmp_path: Path, at_protect: str, refused: bool
+) -> None:
+    # An agent upgraded between an update's identity check (an earlier agent: no
+    # generation or birth time) and its protect names the same file in the new form;
+    # a file recreated at the inode since names another.
+    identities = iter(["m1:2049:12/btime_ns=99", at_protect])
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(tmp_path / "agent.sock"))
+        server.listen()
+
+        def agent() -> None:
+            for identity in identities:
+                connection, _ = server.accept()
+                with connection, connection.makefile("rwb") as stream:
+                    request = json.loads(stream.readline())
+                    info = {"identity": identity, "image": "i1", "lease": "l1"}
+                    reply = {"id": request["id"], "ok": True, "info": info}
+                    stream.write(json.dumps(reply).encode() + b"\n")
+
+        thread = threading.Thread(target=agent)
+        thread.start()
+        try:
+            site = AgentSite(unix=tmp_path / "agent.sock", timeout=TIMEOUT)
+            dest = Destination(None, "disk")
+            assert site.status(dest).ok
+            ack = site.protect(dest)
+        finally:
+            thread.join()
+    assert ack.ok is not refused
+    assert ("now serves another file as disk" in (ack.reason or "")) is refused
