@@ -1049,23 +1049,28 @@ class PersistentSession:
         except BaseException:
             lun.close()
             raise
-        if lun.size < self.source.size:
-            problem = (
-                f"destination {name} holds {lun.size} bytes, less than the source's "
-                f"{self.source.size}"
-            )
-        elif agent is not None:
-            ack = agent.status(dest, self._timeout)
-            if not ack.ok:
-                # The agent knows an export by the destination's name alone (isc.agent).
-                unknown = ack.reason == f"no export named {name!r}"
-                named = " (the name must be its export's: --name)" if unknown else ""
-                problem = f"cannot add {name} at site {agent.where}: {ack.reason}{named}"
-        if problem is not None:
+        try:
+            if lun.size < self.source.size:
+                problem = (
+                    f"destination {name} holds {lun.size} bytes, less than the source's "
+                    f"{self.source.size}"
+                )
+            elif agent is not None:
+                ack = agent.status(dest, self._timeout)
+                if not ack.ok:
+                    # The agent knows an export by the destination's name alone (isc.agent).
+                    unknown = ack.reason == f"no export named {name!r}"
+                    named = " (the name must be its export's: --name)" if unknown else ""
+                    problem = f"cannot add {name} at site {agent.where}: {ack.reason}{named}"
+            if problem is not None:
+                raise ParameterError(problem)
+        except BaseException:
+            # Whatever ends the add (a refusal, a bug or ^C in the site's status) leaves
+            # nothing open: a lock held on would refuse the same file's next add as held.
             lun.close()
             if lock is not None:
                 lock.close()
-            raise ParameterError(problem)
+            raise
         if lock is not None:
             self._dest_locks[name] = lock
         self._targets[name] = target

@@ -13,6 +13,7 @@ disk. ``test_crash.py`` kills real processes.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -1103,3 +1104,41 @@ def test_a_session_of_an_earlier_isc_without_an_id_gets_one_and_keeps_its_change
         assert stored.session.bitmap.tracking(3)
     named = json.loads((state / METADATA).read_bytes())["id"]
     assert named and journal.read(state / journal.NAME).session == named
+
+
+@pytest.mark.parametrize("kind", ["file", "nbd"])
+@pytest.mark.parametrize("fault", [KeyboardInterrupt, MemoryError])
+def test_add_destination_closes_what_it_opened_when_the_sites_status_raises(
+    env: Path, monkeypatch: pytest.MonkeyPatch, kind: str, fault: type[BaseException]
+) -> None:
+    """A site whose status raises (a bug, ^C) leaves no LUN open and no destination locked:
+    the same target is added at once when the site answers."""
+    from isc.nbd import NBDServer
+    from isc.remote import Ack, AgentSite
+
+    opened_luns = []
+
+    def raising(site: AgentSite, dest: isc.Destination, timeout: float | None = None) -> Ack:
+        opened_luns.append(dest.lun)
+        raise fault
+
+    # A file whose name starts "nbd" passes add_destination's URI check and is locked.
+    FileLUN.create(env.parent / "nbd-d3.img", SIZE).close()
+    monkeypatch.chdir(env.parent)
+    with contextlib.ExitStack() as stack:
+        target = "nbd-d3.img"
+        if kind == "nbd":
+            exported = stack.enter_context(FileLUN(str(env.parent / "nbd-d3.img")))
+            server = stack.enter_context(NBDServer(exported, name="d3"))
+            server.start_unix(env.parent / "nbd.sock")
+            target = server.uri
+        with opened(env) as stored:
+            before = files(env)
+            monkeypatch.setattr(AgentSite, "status", raising)
+            with pytest.raises(fault):
+                stored.add_destination(target, "d3", "unix:agent.sock")
+            assert [lun.closed for lun in opened_luns] == [True]
+            assert files(env) == before
+            monkeypatch.setattr(AgentSite, "status", lambda *_: Ack(0, True))
+            stored.add_destination(target, "d3", "unix:agent.sock")
+            assert [d.name for d in stored.destinations] == ["d1", "d2", "d3"]
