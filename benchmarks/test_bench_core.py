@@ -201,6 +201,7 @@ def _set_words(words, lo: int, hi: int) -> None:
 
 RECORD_IMPLS = [
     "isc",
+    "isc, warm",
     "isc marked",
     "isc marked, every write COFW",
     "reference",
@@ -273,11 +274,22 @@ def _record_write_case(impl: str, chunks: int, granularity: int) -> Case:
             for offset, length in block:
                 record(offset, length)
 
-        if impl == "isc":
+        if impl == "isc, warm":
             return Case(run, rounds, _cycle(byte_blocks), BLOCK, "write")
+        # The previous interval's writes: one per 1024 chunks of the LUN.
+        prior = _writes(chunks, granularity, chunks // 1024, stream=2)
+        if impl == "isc":
+            # A marked round's bitmap work (_remark) on a twin of the same
+            # geometry, after emptying this tracking bitmap as unmark does the
+            # marked one's: both rows start from the same cache state.
+            twin = _resident(DeltaBitmap(size, granularity))
+
+            def cold(block):
+                bitmap.clear_tracking()
+                _remark(twin, *prior)
+
+            return Case(run, rounds, _cycle(byte_blocks, cold), BLOCK, "write")
         if impl == "isc marked":
-            # The previous interval's writes: one per 1024 chunks of the LUN.
-            prior = _writes(chunks, granularity, chunks // 1024, stream=2)
 
             def prepare(block):
                 _remark(bitmap, *prior)
