@@ -42,12 +42,6 @@ class HookedFile(FileLUN):
         return found
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_FrozenView.data_extents and block_status (base:allocation) never check the "
-    "mark after working out the holes: a READ of holes after or during an unmark is "
-    "answered with zeros, a status with holes, where the mark's image holds data",
-)
 @pytest.mark.parametrize("when", ["after", "during"])
 def test_a_frozen_read_or_status_of_holes_once_its_mark_ended_fails(serve, tmp_path, when):
     lun = HookedFile.create(tmp_path / "src.img", MIB)

@@ -571,6 +571,8 @@ class _FrozenView:
             if data:
                 extents.append((at, run))
             at += run
+        # Holes are told from the save area too: a mark that ended meanwhile freed it.
+        self._check()
         return extents
 
     def readinto(self, offset: int, view: memoryview) -> None:
@@ -622,6 +624,7 @@ class _FrozenView:
         if context == 0:
             hole = proto.STATE_HOLE | proto.STATE_ZERO
             runs = _runs(self._data_chunks(first, last), first, g, offset, end, limit)
+            self._check()  # as in data_extents: the saved data the holes were told from
             runs[:, 1] = np.where(runs[:, 1], 0, hole)
             return runs
         state = self.export._bitmap.get()
