@@ -630,7 +630,8 @@ def _copy(args: argparse.Namespace) -> int:
     if args.unmarked and not args.full:
         args.session_parser.error("--unmarked needs --full (an incremental copy is marked)")
     mode = ("full-unmarked" if args.unmarked else "full") if args.full else "incremental"
-    request = {"op": "copy", "mode": mode}
+    # The server waits for the destinations' agents as long as this command would.
+    request = {"op": "copy", "mode": mode, "timeout": args.timeout}
     if args.throttle is not None:
         request["throttle"] = args.throttle
     served = _ask_server(args, request, wait=None)  # a copy takes as long as it takes

@@ -29,7 +29,10 @@ the copies of the session the server owns:
                             (default ``incremental``), optional ``"throttle"``
                             (bytes per second, at least :data:`MIN_THROTTLE`)
                             and ``"busy_share"`` (:data:`MIN_BUSY_SHARE` to 1,
-                            default :data:`BUSY_SHARE`); answered when the
+                            default :data:`BUSY_SHARE`), ``"timeout"`` (seconds
+                            each destination's agent may take to answer, up to
+                            :data:`MAX_TIMEOUT`; default
+                            :data:`~isc.update.DEFAULT_TIMEOUT`); answered when the
                             copy ends, ``info`` holding the
                             :class:`~isc.copy.CopyResult` and ``replaced``: a
                             line for each destination whose agent now serves
@@ -93,7 +96,7 @@ from isc.nbd.export import FrozenExport
 from isc.remote import LocalSite, RemoteSite
 from isc.session import Session
 from isc.tls import ServerTLS
-from isc.update import PeriodicUpdate, update_locks
+from isc.update import DEFAULT_TIMEOUT, PeriodicUpdate, update_locks
 
 log = logging.getLogger(__name__)
 
@@ -229,6 +232,7 @@ class SessionControl:
             return {"ok": False, "reason": f"mode must be one of {store.COPY_MODES}, got {mode!r}"}
         throttle = request.get("throttle")
         share = request.get("busy_share", BUSY_SHARE[mode])
+        timeout = request.get("timeout", DEFAULT_TIMEOUT)
         if throttle is not None and not (_positive(throttle) and throttle >= MIN_THROTTLE):
             return {
                 "ok": False,
@@ -236,6 +240,12 @@ class SessionControl:
             }
         if not (_positive(share, 1) and share >= MIN_BUSY_SHARE):
             reason = f"busy_share must be in [{MIN_BUSY_SHARE}, 1], got {share!r}"
+            return {"ok": False, "reason": reason}
+        if not _positive(timeout, MAX_TIMEOUT):
+            reason = (
+                f"timeout must be a number of seconds in (0, {MAX_TIMEOUT:g}] (each "
+                f"destination's agent may take that long to answer), got {timeout!r}"
+            )
             return {"ok": False, "reason": reason}
         if self.persistent is None:
             return {
@@ -246,7 +256,7 @@ class SessionControl:
         stored = self.persistent
         try:
             with self._exclusive(), self._recording:
-                replaced = self._check_agents(stored)
+                replaced = self._check_agents(stored, timeout)
                 progress = store.Progress(stored, bar=False)
                 result = store.copy(
                     stored,
@@ -262,9 +272,12 @@ class SessionControl:
             return {"ok": False, "reason": str(exc)}
         return {"ok": True, "info": self._result(result, replaced)}
 
-    def _check_agents(self, stored: store.PersistentSession) -> list[str]:
-        """:func:`isc.store.check_agents` before a copy or update; each line found is logged."""
-        replaced = store.check_agents(stored, self.site)
+    def _check_agents(
+        self, stored: store.PersistentSession, timeout: float = DEFAULT_TIMEOUT
+    ) -> list[str]:
+        """:func:`isc.store.check_agents` before a copy or update, each agent given
+        ``timeout`` seconds to answer; each line found is logged."""
+        replaced = store.check_agents(stored, self.site, timeout)
         for found in replaced:
             log.warning("%s: %s", self.session.name, found)
         return replaced
@@ -376,6 +389,9 @@ MIN_THROTTLE = 1024
 ones would wait longer than a timer can count (``"throttle": 1e-300`` once did)."""
 MIN_BUSY_SHARE = 0.01
 """The smallest ``busy_share`` a control request may ask for, for the same reason."""
+MAX_TIMEOUT = 1e9
+"""The longest ``timeout`` a copy request may give, in seconds: the most ``isc copy
+--timeout`` takes, and a wait a timer can count (``threading.TIMEOUT_MAX``)."""
 
 
 def bitmap_bytes(bitmap, count: int, is_set: Callable[[int], bool]) -> int:

@@ -34,6 +34,7 @@ from isc.errors import StateError
 from isc.nbd import NBDLUN, NBDServer
 from isc.serve import run_serve
 from isc.store import copy, create_session, open_session, read_state
+from isc.update import DEFAULT_TIMEOUT
 
 SEED = 20261201
 KIB = 1 << 10
@@ -510,3 +511,85 @@ def test_a_switch_interval_that_is_not_positive_is_refused(work: Path):
         )
         assert done.returncode == 2
         assert f"argument --switch-interval: {value!r}" in done.stderr.splitlines()[-1]
+
+
+# -- a copy asked of the server waits for the agents as long as the asker said -------------------
+class StallingAgent:
+    """An isc agent's control port on a Unix socket that answers status requests until
+    :meth:`stall`, then reads each request and never answers, noting when the asker hung up.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.stalled = threading.Event()
+        self.hung_up = threading.Event()
+        self._listener = socket.socket(socket.AF_UNIX)
+        self._listener.bind(str(path))
+        self._listener.listen()
+        self._worker = Worker(self._serve)
+
+    def stall(self) -> None:
+        self.stalled.set()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:  # closed: the test ended
+                return
+            with conn, conn.makefile("rb") as lines:
+                request = json.loads(lines.readline())
+                if not self.stalled.is_set():
+                    reply = {"id": request["id"], "ok": True, "info": {"identity": "d2"}}
+                    conn.sendall(json.dumps(reply).encode() + b"\n")
+                elif lines.readline() == b"":  # the asker gave up waiting
+                    self.hung_up.set()
+
+    def close(self) -> None:
+        self._listener.shutdown(socket.SHUT_RDWR)
+        self._listener.close()
+        self._worker.finish()
+
+
+def test_isc_copy_asking_the_server_waits_for_an_agent_no_longer_than_its_timeout(
+    work: Path, export: Export
+):
+    agent = StallingAgent(work / "agent.sock")
+    try:
+        state = work / "state"
+        create_session(state, str(work / "source.img"), granularity=G)
+        stored, _ = open_session(state)
+        with stored:
+            stored.add_destination(export.uri, "d2", f"unix:{agent.path}")
+        agent.stall()
+        with served(state):
+            # Well within the server's own wait for an agent (DEFAULT_TIMEOUT).
+            done = subprocess.run(
+                [*ISC, "copy", "state", "--full", "--timeout", "0.5"],
+                cwd=work,
+                capture_output=True,
+                text=True,
+                timeout=DEFAULT_TIMEOUT / 3,
+            )
+        assert done.returncode == 0, done.stderr
+        assert agent.hung_up.is_set()
+        assert image(work / "d2.img") == image(work / "source.img")
+    finally:
+        agent.close()
+
+
+@pytest.mark.parametrize("timeout", ["30", -1, 0, True, 1e10, [30]])
+def test_a_copy_request_with_a_bad_timeout_is_refused_and_copies_nothing(
+    work: Path, state: Path, timeout: object
+):
+    host_writes_offline(state, SEED + 9)
+    before = image(work / "d1.img")
+    with served(state) as serve:
+        refused = serve.ask("copy", mode="full", timeout=timeout)
+        assert not refused["ok"]
+        assert refused["reason"] == (
+            "timeout must be a number of seconds in (0, 1e+09] (each destination's agent "
+            f"may take that long to answer), got {timeout!r}"
+        )
+        assert serve.ask("status")["info"]["tracked_chunks"] > 0
+    assert image(work / "d1.img") == before
