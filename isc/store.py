@@ -1687,13 +1687,19 @@ def destroy_session(directory: str | os.PathLike[str]) -> list[str]:
 
 
 def _source_change_now(meta: dict) -> str | None:
-    """:func:`_source_change` of a session not held, from its source's path."""
+    """:func:`_source_change` of a session not held, from the file at its source's path."""
     if is_uri(meta["source"]):
         return None
     try:
-        now = _stamp(os.stat(meta["source"]))
+        # Opened, as the session's open stamps it: the inode's generation and birth time
+        # tell a file recreated at the source's inode from it, which a stat cannot.
+        fd = os.open(meta["source"], os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         return f"{meta['source']} cannot be checked: {exc.strerror or exc}"
+    try:
+        now = _stamp(os.fstat(fd), fd)
+    finally:
+        os.close(fd)
     return _source_change(meta.get("source_stamp"), now, meta["source"])
 
 

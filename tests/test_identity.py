@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import socket
 import threading
@@ -34,7 +35,7 @@ from test_cli import (
 from isc import Destination, DestState
 from isc.lun import file_birth
 from isc.remote import AgentSite, same_export
-from isc.store import METADATA, open_session
+from isc.store import METADATA, create_session, open_session
 
 __all__ = ["at_agent", "session", "work"]  # fixtures of test_cli used here
 
@@ -198,3 +199,34 @@ def test_a_protect_naming_the_file_its_status_named_in_the_earlier_form_is_taken
             thread.join()
     assert ack.ok is not refused
     assert ("now serves another file as disk" in (ack.reason or "")) is refused
+
+
+@pytest.mark.parametrize("where", ["tmp_path", "/dev/shm"])
+def test_status_sees_a_source_recreated_at_its_inode_as_the_next_open_does(
+    tmp_path: Path, where: str
+) -> None:
+    # Same bytes, size, mtime and inode, a clean close before: what isc status says of
+    # the source is what the session's next open finds.
+    directory = tmp_path if where == "tmp_path" else Path(where) / f"isc-status-{os.getpid()}"
+    if not directory.parent.is_dir():
+        pytest.skip(f"no {where} here")
+    directory.mkdir(exist_ok=True)
+    try:
+        source = directory / "source.img"
+        source.write_bytes(random.Random(11).randbytes(SIZE))
+        create_session(tmp_path / "s", str(source), granularity=8192)
+        open_session(tmp_path / "s")[0].close()
+        mtime = source.stat().st_mtime_ns
+        assert status(tmp_path)["source_changed"] is None
+        recreate_at_same_inode(source, source.read_bytes())
+        os.utime(source, ns=(mtime, mtime))
+        changed = status(tmp_path)["source_changed"]
+        assert changed == (
+            f"{source} is not the file the session tracked: it was replaced or renamed"
+        )
+        stored, recovery = open_session(tmp_path / "s")
+        with stored:
+            assert recovery.source_changed == changed
+    finally:
+        if directory != tmp_path:
+            shutil.rmtree(directory)
