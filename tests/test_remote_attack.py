@@ -7,7 +7,12 @@ the racing step at the exact point (no sleeps):
 * a pull client of the frozen export ``NAME@frozen`` whose mark ends (an
   unmark) before or while the server works out which parts of a READ are
   holes, or which chunks ``base:allocation`` calls holes: the reply must be
-  an error, never zeros acknowledged as the image at the mark.
+  an error, never zeros acknowledged as the image at the mark;
+* an update whose copy fails after another client of the agent rolled the
+  destination back (undoing runs the copy had sent and flushed), with the
+  agent down when the update asks its status of what was undone (the answer
+  lost): what the rollback undid must not be left untracked, so the next
+  update never reports the destination CONSISTENT without it.
 
 A test that found a hole in the current code is marked ``xfail(strict=True)``
 with the reason, naming the code: it passes once the hole is mended.
@@ -15,8 +20,16 @@ with the reason, naming the code: it passes once the hole is mended.
 
 from __future__ import annotations
 
+import random
+
 import pytest
+import test_agent
 import test_nbd
+import test_peer_hostile
+import test_remote_hostile
+from helpers import Gate, Worker
+from test_agent import IO, SIZE, WAIT
+from test_agent_journal import write_randomly
 from test_nbd import CMD_READ, KIB, MIB
 from test_nbd_protocol import CMD_BLOCK_STATUS, client
 from test_pull import EIO, failure, frozen
@@ -24,9 +37,14 @@ from test_pull import EIO, failure, frozen
 from isc import Session
 from isc.lun import FileLUN
 from isc.nbd import SessionLUN
+from isc.update import PeriodicUpdate, UpdateError
 
+SEED = 20261206
 serve = test_nbd.serve  # the fixture: isc servers on Unix sockets in tmp_path
+source, session = test_agent.source, test_agent.session
+env, remote = test_remote_hostile.env, test_peer_hostile.remote
 G = 64 * KIB
+RUN = 4 * IO  # the copy's first run: more chunks than the samples it takes of them
 
 
 class HookedFile(FileLUN):
@@ -66,3 +84,46 @@ def test_a_frozen_read_or_status_of_holes_once_its_mark_ended_fails(serve, tmp_p
                 assert error == EIO and "ended by an unmark" in message, (command, message)
     finally:
         lun.close()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="isc.update._track_undone tracks nothing when the status it asks after a failed "
+    "copy fails: what another client's rollback undid of the runs sent stays untracked, "
+    "and the next update reports the destination CONSISTENT without it",
+)
+def test_a_rollback_by_another_client_then_the_failed_updates_status_lost(session, remote):
+    dest, _ = test_peer_hostile.first_update(session, remote)
+    with dest.lun:
+        rng = random.Random(SEED)
+        session.write(0, rng.randbytes(RUN))
+        write_randomly(session, rng, 20)
+        gate, runs = Gate(), iter(range(2))
+
+        def progress(*done: object) -> None:
+            if next(runs, 1):  # the first run is flushed as it is sent (flush_every)
+                gate(*done)  # parked after the second, until the rollback is done
+                raise OSError("the copy fails after its second run")
+
+        site = test_peer_hostile.site_of(remote)
+        update = PeriodicUpdate(
+            session, [dest], site, timeout=WAIT, io_size=RUN, flush_every=1, progress=progress
+        )
+        running = Worker(update.run)
+        try:
+            gate.wait_reached()
+            assert test_peer_hostile.site_of(remote).rollback(dest).ok  # undoes the runs sent
+            remote.end()  # SIGKILL: the failed update's status gets no answer
+        finally:
+            gate.open()
+        with pytest.raises(UpdateError, match="the copy fails after its second run"):
+            running.finish()
+        remote.start()
+        # Host writes to every sampled chunk: the samples, skipped for chunks written
+        # since, cannot tell the chunks the rollback undid (the samples are no scrub).
+        g = session.granularity
+        for chunk, _ in dest.samples:
+            session.write(chunk * g, b"host write")
+        image = session.source.read(0, SIZE)
+        PeriodicUpdate(session, [dest], site, timeout=WAIT, io_size=IO).run()
+        test_peer_hostile.assert_honest(session, dest, remote.directory / "disk", image)
