@@ -8,8 +8,9 @@ checkpoint ``K``, says where those writes may be, in two files:
 ``activity.K.log``       the *regions* (``region_size`` bytes) that were hot:
                          each record is written and ``fdatasync``\\ ed before
                          the first write to a cold region proceeds, and the
-                         file opens with the regions kept hot from the last
-                         generation; survives a crash of the machine
+                         file opens with a header naming the session and the
+                         regions kept hot from the last generation; survives
+                         a crash of the machine
 ``activity.K.writes``    every host write's chunks, stored into a shared
                          mapping of the file before the write proceeds: no
                          system call, no sync; survives a crash of the
@@ -48,8 +49,22 @@ write pattern), so a steady working set pays no record after it.
 generation since it began (the kept ones not included): how often host
 writes waited for a record.
 
-Layout of ``activity.K.writes`` (little-endian): magic ``ISCWRITE``, ``K``
-u64, the boot id (36 ASCII bytes, zero-padded to 48); then what
+Both files name the session that wrote them (its session file's ``id``),
+as the checkpoint journal does: a log of another session put in the
+directory (the same layout, the same generation) would be replayed for this
+one's, whose own writes would then not be resent. A region log of another
+session refuses the open, as a damaged one does (``CorruptMetadata``); a
+write log of another stands for nothing, as one of another boot: its regions
+are resent whole. Logs of an earlier isc name no session (no header, a zero
+field) and are read as this session's: nothing can tell otherwise.
+
+Layout (little-endian). ``activity.K.log``: a 20-byte header, magic
+``ISCREGN1``, the session u64, a crc32 of those 16 bytes (a log of an earlier
+isc has none: its first record is at byte 0; a region that large cannot
+be), then 20-byte records ``first_region`` u64, ``last_region`` u64, a
+crc32 of those 16 bytes. ``activity.K.writes``: magic ``ISCWRITE``, ``K``
+u64, the boot id (36 ASCII bytes, zero-padded to 40), the session u64 (zero
+in a file of an earlier isc, which padded the boot id to 48); then what
 ``DeltaBitmap.log_writes`` appends: a u64 count, a u64 overflow flag and
 ``(first_chunk, last_chunk)`` u64 pairs.
 """
@@ -87,7 +102,9 @@ _RECORD = struct.Struct("<QQI")
 _FILE = re.compile(r"activity\.(\d+)\.(log|writes)\Z")
 _SECTOR = 512
 """The unit a disk writes whole: a torn append is zero from a multiple of it."""
-_WRITES_HEAD = struct.Struct("<8sQ48s")
+_LOG_HEAD = struct.Struct("<8sQI")
+_LOG_MAGIC = b"ISCREGN1"
+_WRITES_HEAD = struct.Struct("<8sQ40sQ")
 _WRITES_MAGIC = b"ISCWRITE"
 _COUNTS = struct.Struct("<QQ")
 _BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
@@ -156,8 +173,11 @@ class ActivityLog:
     back.
     """
 
-    def __init__(self, directory: Path, generation: int) -> None:
+    def __init__(self, directory: Path, generation: int, session: int) -> None:
         self.directory = directory
+        self.session = session
+        """The id of the session whose logs these are, named in each file's header."""
+        self._head = _log_head(session)
         self._lock = threading.Lock()
         self._dir = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self._ended: list[Generation] = []
@@ -190,8 +210,8 @@ class ActivityLog:
         return self._current.area()
 
     def _create(self, number: int, keep: npt.ArrayLike) -> Generation:
-        """Create generation ``number``'s files, its region log holding ``keep``, durably
-        (the directory synced); on failure nothing of it stays."""
+        """Create generation ``number``'s files, its region log holding its header and
+        ``keep``, durably (the directory synced); on failure nothing of it stays."""
         log, writes = _names(number)
         flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
         fd = os.open(log, flags, 0o600, dir_fd=self._dir)
@@ -211,19 +231,17 @@ class ActivityLog:
 
     def _begin(self, generation: Generation, keep: npt.ArrayLike, cut: bool) -> list[tuple]:
         """Stamp ``generation``'s write log; return the :func:`run_io` steps that make
-        ``keep`` its region log, durably. ``cut``: the region log holds an older
-        generation's records, cut first and synced even with nothing to write, so no
-        crash of the machine brings them back as ``generation``'s once a journal names it."""
-        _WRITES_HEAD.pack_into(generation.writes, 0, _WRITES_MAGIC, generation.number, boot_id())
+        the header and ``keep`` its region log, durably. ``cut``: the region log holds
+        an older generation's records, cut first, so no crash of the machine brings them
+        back as ``generation``'s once a journal names it."""
+        _WRITES_HEAD.pack_into(
+            generation.writes, 0, _WRITES_MAGIC, generation.number, boot_id(), self.session
+        )
         _COUNTS.pack_into(generation.writes, _WRITES_HEAD.size, 0, 0)
-        kept = region_records(keep)
+        kept = self._head + region_records(keep)
         generation.end, generation.logged = len(kept), 0
         steps: list[tuple] = [(IO_FTRUNCATE, generation.fd, 0)] if cut else []
-        if kept:
-            steps.append((IO_PWRITE, generation.fd, kept, 0))
-        if kept or cut:
-            steps.append((IO_FDATASYNC, generation.fd))
-        return steps
+        return [*steps, (IO_PWRITE, generation.fd, kept, 0), (IO_FDATASYNC, generation.fd)]
 
     def append(self, first: int, last: int) -> None:
         """Record regions first..last durably; return once they are on disk."""
@@ -237,8 +255,8 @@ class ActivityLog:
     def prepare(self, keep: npt.ArrayLike) -> Generation:
         """The next generation's files, its region log holding the regions ``keep`` stays
         hot across the switch, durably; pass it to :meth:`rotate`, or to :meth:`discard`.
-        From the spare, its system calls are one :func:`run_io`: the cut, the kept
-        records, their sync, the renames and the sync of the directory."""
+        From the spare, its system calls are one :func:`run_io`: the cut, the header and
+        kept records, their sync, the renames and the sync of the directory."""
         number = self.generation + 1
         spare, self._spare = self._spare, None
         if spare is None:
@@ -338,6 +356,11 @@ def _record(first: int, last: int) -> bytes:
     return _RECORD.pack(first, last, zlib.crc32(struct.pack("<QQ", first, last)))
 
 
+def _log_head(session: int) -> bytes:
+    """The header of a region log of the session ``session``."""
+    return _LOG_HEAD.pack(_LOG_MAGIC, session, zlib.crc32(struct.pack("<8sQ", _LOG_MAGIC, session)))
+
+
 def _map_writes(fd: int) -> mmap.mmap:
     """A shared mapping of the new write log open at ``fd``, which it closes."""
     try:
@@ -347,7 +370,7 @@ def _map_writes(fd: int) -> mmap.mmap:
         os.close(fd)
 
 
-def read_log(path: Path) -> list[tuple[int, int]]:
+def read_log(path: Path, session: int = 0) -> list[tuple[int, int]]:
     """The records of a region log, without what a crash left of an unfinished append.
 
     An append is synced before the write it announces proceeds, and the
@@ -357,10 +380,11 @@ def read_log(path: Path) -> list[tuple[int, int]]:
     machine after the file's size reached the disk and before its data, as
     ext4 and xfs leave it). Its regions were never written: it is ignored.
 
-    Raises ``CorruptMetadata`` naming the file when any other record is
-    damaged (zeros followed by a record among them) or the file cannot be
-    read; ``FileNotFoundError`` passes (the holder's checkpoint may have
-    just deleted it).
+    Raises ``CorruptMetadata`` naming the file when any other record or its
+    header is damaged (zeros followed by a record among them), when its header
+    names another session than ``session`` (a nonzero id: a log of an earlier
+    isc names none and passes), or the file cannot be read;
+    ``FileNotFoundError`` passes (the holder's checkpoint may have just deleted it).
     """
     try:
         data = path.read_bytes()
@@ -368,9 +392,20 @@ def read_log(path: Path) -> list[tuple[int, int]]:
         raise
     except OSError as exc:
         raise CorruptMetadata(f"{path} cannot be read: {exc.strerror or exc}") from None
+    start = 0
+    if data.startswith(_LOG_MAGIC) and len(data) >= _LOG_HEAD.size:
+        start = _LOG_HEAD.size
+        _, owner, crc = _LOG_HEAD.unpack_from(data)
+        if zlib.crc32(data[: start - 4]) != crc:
+            raise CorruptMetadata(f"{path}: its header is corrupt")
+        if session and owner != session:
+            raise CorruptMetadata(
+                f"{path} holds the activity of session {owner:#x}, not of session "
+                f"{session:#x} that reads it: it is not this session's: put its own back"
+            )
     records = []
-    whole = len(data) - len(data) % _RECORD.size
-    for at in range(0, whole, _RECORD.size):
+    whole = len(data) - (len(data) - start) % _RECORD.size
+    for at in range(start, whole, _RECORD.size):
         first, last, crc = _RECORD.unpack_from(data, at)
         if zlib.crc32(data[at : at + 16]) != crc or last < first:
             if _unfinished(data, at):
@@ -388,22 +423,25 @@ def _unfinished(data: bytes, at: int) -> bool:
     return start < at + _RECORD.size and not data[start:].strip(b"\0")
 
 
-def read_writes(path: Path, number: int, chunks: int) -> np.ndarray | None:
+def read_writes(path: Path, number: int, chunks: int, session: int = 0) -> np.ndarray | None:
     """The chunks generation ``number``'s write log holds, as ascending, disjoint
     ``(first_chunk, last_chunk)`` rows, or None when it cannot stand for its
-    regions: missing, unreadable, of another generation or boot, overflowed, or
+    regions: missing, unreadable, of another generation, boot or session than
+    ``session`` (both nonzero: one of an earlier isc names none), overflowed, or
     naming chunks outside ``[0, chunks)``."""
     try:
         with open(path, "rb") as file:
             head = file.read(_WRITES_HEAD.size + _COUNTS.size)
             if len(head) < _WRITES_HEAD.size + _COUNTS.size:
                 return None
-            magic, recorded, boot = _WRITES_HEAD.unpack_from(head)
+            magic, recorded, boot, owner = _WRITES_HEAD.unpack_from(head)
             count, overflow = _COUNTS.unpack_from(head, _WRITES_HEAD.size)
             current = boot_id()
             if (magic, recorded, overflow) != (_WRITES_MAGIC, number, 0) or not current:
                 return None
             if boot.rstrip(b"\0") != current or 16 * count > WRITES_BYTES:
+                return None
+            if session and owner and owner != session:
                 return None
             rows = np.frombuffer(file.read(16 * count), dtype="<u8")
     except OSError:

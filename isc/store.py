@@ -16,7 +16,8 @@ Layout of a state directory::
                         per region that became hot, written and fsynced before
                         the first write to the region proceeds
     activity.<K>.writes every host write since checkpoint K, stored into a
-                        shared mapping before it proceeds (isc.activity)
+                        shared mapping before it proceeds (isc.activity); both
+                        name the session (its id), as the journal does
     activity-spare.*    the files of an obsolete generation, kept for the next
                         one (isc.activity); never read
 
@@ -684,7 +685,7 @@ class PersistentSession:
     def _start(self, generation: int, interval: float, loaded: journal.Loaded | None) -> None:
         self._interval = interval
         self._journal = journal.Journal(self.directory, loaded, self.meta["id"])
-        self._log = ActivityLog(self.directory, generation)
+        self._log = ActivityLog(self.directory, generation, self.meta["id"])
         self.session.bitmap.track_activity(self.region_size, self._on_hot)
         self.session.bitmap.log_writes(self._log.area())
         self._thread = threading.Thread(
@@ -1766,7 +1767,7 @@ def _load(
     resend: list[tuple[int, int]] = []
     region = meta["region_size"]
     for gen, log_path in [(gen, p) for gen, p in logs if gen >= generation and with_logs]:
-        records = read_log(log_path)
+        records = read_log(log_path, meta.get("id", 0))
         if records and bitmap is None:
             raise CorruptMetadata(_lost(path, f"{log_path} records writes"))
         for first, last in records:
@@ -1775,7 +1776,9 @@ def _load(
             regions.update(range(first, last + 1))
         writes = None
         if bitmap is not None:
-            writes = read_writes(path / f"activity.{gen}.writes", gen, bitmap.chunks)
+            writes = read_writes(
+                path / f"activity.{gen}.writes", gen, bitmap.chunks, meta.get("id", 0)
+            )
         if writes is not None:
             g = bitmap.granularity
             resend += [(first * g, (last + 1 - first) * g) for first, last in writes.tolist()]

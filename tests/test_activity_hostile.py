@@ -468,6 +468,66 @@ def test_write_logs_of_another_boot_stand_for_nothing(tmp_path: Path) -> None:
     assert recovery.bytes_resent_bound == 7 * REGION
 
 
+def crashed_pair(root: Path) -> tuple[Image, Image, int]:
+    """Crash images (of the process) of two sessions of one layout in ``root``/a and /b at
+    the same generation: a wrote regions 10 and 11, b region 40, since their last
+    checkpoint. Returns both and that generation."""
+    images, generations = [], []
+    for name, regions in (("a", (10, 11)), ("b", (40,))):
+        (root / name).mkdir()
+        crashes, rng = Crashes(root / name), random.Random(name)
+        with checkpointed(root / name, rng) as stored:
+            for region in regions:
+                write_in(stored, region, rng)
+            generations.append(stored._log.generation)
+            images.append(crashes.take(root / name / "hot", "process"))
+    assert generations[0] == generations[1]
+    return images[0], images[1], generations[0]
+
+
+def test_a_region_log_of_another_session_refuses_the_open_and_changes_nothing(
+    tmp_path: Path,
+) -> None:
+    """Another session's logs of the same generation put in place of this one's would
+    replay its regions for this one's: those this one wrote would not be resent."""
+    mine, other, generation = crashed_pair(tmp_path)
+    for suffix in ("log", "writes"):
+        name = f"activity.{generation}.{suffix}"
+        (mine.state / name).write_bytes((other.state / name).read_bytes())
+    before = files(mine.state)
+    with pytest.raises(CorruptMetadata, match=rf"activity\.{generation}\.log holds the activity "):
+        recover(mine)
+    after = files(mine.state)
+    after.pop(".lock")  # the open's attempt
+    assert after == before
+
+
+def test_a_write_log_of_another_session_stands_for_nothing(tmp_path: Path) -> None:
+    """Another session's write log beside this one's region log: the regions stand for
+    the writes, whole (more is resent, nothing lost)."""
+    mine, other, generation = crashed_pair(tmp_path)
+    name = f"activity.{generation}.writes"
+    (mine.state / name).write_bytes((other.state / name).read_bytes())
+    recovery = check(mine)
+    assert recovery.bytes_resent_bound >= 2 * REGION
+
+
+def test_logs_written_before_they_named_their_session_are_read(tmp_path: Path) -> None:
+    """A region log without the header that names its session, and a write log whose
+    session field is zero (as isc wrote them before), are this session's."""
+    mine, _, generation = crashed_pair(tmp_path)
+    log, writes = (mine.state / f"activity.{generation}.{s}" for s in ("log", "writes"))
+    records = read_log(log)
+    log.write_bytes(b"".join(_record(first, last) for first, last in records))
+    with open(writes, "r+b") as file:
+        file.seek(56)  # the session, after the magic, the generation and the boot id
+        file.write(bytes(8))
+    assert read_log(log) == records
+    recovery = check(mine)
+    assert recovery.regions_resent == len({r for f, la in records for r in range(f, la + 1)})
+    assert recovery.bytes_resent_bound < 2 * REGION  # the write log's chunks, not regions
+
+
 # -- the hot set at its limit ------------------------------------------------------------------
 
 
