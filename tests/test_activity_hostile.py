@@ -495,6 +495,7 @@ def test_a_region_log_of_another_session_refuses_the_open_and_changes_nothing(
         name = f"activity.{generation}.{suffix}"
         (mine.state / name).write_bytes((other.state / name).read_bytes())
     before = files(mine.state)
+    assert "log holds the activity of session" in (read_state(mine.state).damage or "")
     with pytest.raises(CorruptMetadata, match=rf"activity\.{generation}\.log holds the activity "):
         recover(mine)
     after = files(mine.state)
