@@ -408,13 +408,22 @@ def _track_undone(
     agent undid of it (rule 2): the ``undone`` ranges a status lists for each of
     ``dests`` whose protect named its image (``named``). The unmark merged only what
     the copy had not sent; what it sent and a rollback undid is tracked nowhere else.
-    A status that fails changes nothing: the copy failed for that destination anyway.
+    A status that fails (no answer: the agent went down) leaves that unknown: the
+    destination falls out of step (no epoch, no samples, which are no scrub), so its
+    next copy gives it every chunk, seeded from one in step or a full copy; the
+    other destinations resend nothing for it (rule 13).
     """
     for dest in dests:
-        if dest.name in named:
-            undone = _ask(site, "status", dest, timeout).info.get("undone")
-            if undone:
-                _track(session, undone)
+        if dest.name not in named:
+            continue
+        ack = _ask(site, "status", dest, timeout)
+        if not ack.ok:
+            log.error(
+                "%s: what a rollback undid of its copy is unknown: it needs every chunk", dest.name
+            )
+            dest.epoch, dest.samples = None, []
+        elif undone := ack.info.get("undone"):
+            _track(session, undone)
 
 
 def _reconnect(dests: Sequence[Destination], acks: Sequence[Ack]) -> None:

@@ -86,12 +86,6 @@ def test_a_frozen_read_or_status_of_holes_once_its_mark_ended_fails(serve, tmp_p
         lun.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="isc.update._track_undone tracks nothing when the status it asks after a failed "
-    "copy fails: what another client's rollback undid of the runs sent stays untracked, "
-    "and the next update reports the destination CONSISTENT without it",
-)
 def test_a_rollback_by_another_client_then_the_failed_updates_status_lost(session, remote):
     dest, _ = test_peer_hostile.first_update(session, remote)
     with dest.lun:
