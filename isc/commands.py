@@ -259,7 +259,11 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     copy.add_argument("--full", action="store_true", help="copy every chunk")
     copy.add_argument("--unmarked", action="store_true", help="with --full: copy unmarked")
     _copy_arguments(copy)
-    _timeout_argument(copy, "of each destination's agent (add-dest --site) and NBD server")
+    _timeout_argument(
+        copy,
+        "of each destination's agent (add-dest --site) and NBD server (of the agents alone "
+        "when isc serve holds SESSION: it keeps its own connections)",
+    )
     _cli_auth.add_client_options(copy)
 
     update = command(
