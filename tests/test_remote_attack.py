@@ -12,7 +12,10 @@ the racing step at the exact point (no sleeps):
   destination back (undoing runs the copy had sent and flushed), with the
   agent down when the update asks its status of what was undone (the answer
   lost): what the rollback undid must not be left untracked, so the next
-  update never reports the destination CONSISTENT without it.
+  update never reports the destination CONSISTENT without it;
+* the same rollback after a copy that succeeded, before its unprotect, whose
+  answer is lost (the agent down): the destination must not be reported
+  CONSISTENT holding what the rollback put back.
 
 A test that found a hole in the current code is marked ``xfail(strict=True)``
 with the reason, naming the code: it passes once the hole is mended.
@@ -20,6 +23,7 @@ with the reason, naming the code: it passes once the hole is mended.
 
 from __future__ import annotations
 
+import contextlib
 import random
 
 import pytest
@@ -34,7 +38,7 @@ from test_nbd import CMD_READ, KIB, MIB
 from test_nbd_protocol import CMD_BLOCK_STATUS, client
 from test_pull import EIO, failure, frozen
 
-from isc import Session
+from isc import DestState, Session
 from isc.lun import FileLUN
 from isc.nbd import SessionLUN
 from isc.update import PeriodicUpdate, UpdateError
@@ -120,4 +124,37 @@ def test_a_rollback_by_another_client_then_the_failed_updates_status_lost(sessio
             session.write(chunk * g, b"host write")
         image = session.source.read(0, SIZE)
         PeriodicUpdate(session, [dest], site, timeout=WAIT, io_size=IO).run()
+        test_peer_hostile.assert_honest(session, dest, remote.directory / "disk", image)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="isc.update._unprotect_copied reports a copied destination CONSISTENT when its "
+    "unprotect gets no answer: a rollback by another client between the copy and the "
+    "unprotect is then told by nothing",
+)
+def test_a_rollback_by_another_client_then_the_unprotects_answer_lost(session, remote):
+    dest, _ = test_peer_hostile.first_update(session, remote)
+    with dest.lun:
+        write_randomly(session, random.Random(SEED + 1), 20)
+        image = session.source.read(0, SIZE)
+        site = test_peer_hostile.site_of(remote)
+        unprotect = site.unprotect
+
+        def rolled_back_then_down(dest, timeout=None):
+            # Another client rolls the export back once the copy is whole: what it
+            # sent holds the old image again; then the agent dies, unasked.
+            assert test_peer_hostile.site_of(remote).rollback(dest).ok
+            remote.end()
+            return unprotect(dest, timeout)
+
+        site.unprotect = rolled_back_then_down  # type: ignore[method-assign]
+        with contextlib.suppress(UpdateError):
+            PeriodicUpdate(session, [dest], site, timeout=WAIT, io_size=IO).run()
+        test_peer_hostile.assert_honest(session, dest, remote.directory / "disk", image)
+        del site.unprotect
+        remote.start()
+        image = session.source.read(0, SIZE)
+        PeriodicUpdate(session, [dest], site, timeout=WAIT, io_size=IO).run()
+        assert dest.state is DestState.CONSISTENT
         test_peer_hostile.assert_honest(session, dest, remote.directory / "disk", image)
