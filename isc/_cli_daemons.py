@@ -5,6 +5,9 @@ Each prints one line per address it listens on, then ``ready`` (with
 when it stops cleanly (a persistent session is checkpointed and closed).
 ``serve --every`` prints one timestamped line per update, as ``isc update
 --every`` does (:func:`isc.commands.report`).
+
+``isc release ADDRESS EXPORT`` is the agent operator's: it lets an export go from the
+session that holds it (:mod:`isc.agent`) once that session is gone.
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ from isc.commands import (
     timestamp,
     unix_path,
 )
-from isc.errors import ParameterError
+from isc.copy import Destination
+from isc.errors import ParameterError, StateError
 from isc.nbd.proto import MAX_BLOCK
 from isc.nbd.server import MAX_DATA, MAX_REQUESTS
 
@@ -125,6 +129,30 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     _cli_auth.add_server_options(agent)
     _limit_options(agent)
     agent.set_defaults(daemon="agent")
+    release = commands.add_parser(
+        "release",
+        help="let an isc agent's export go from the session that holds it",
+        description="An agent's export is the destination of one session at a time: the "
+        "session that added it (isc add-dest --site) holds it until isc remove-dest. When "
+        "that session is gone (its state directory lost), this lets the export go, "
+        "whichever session held it, so another may add it. Ask only when no session "
+        "copies into it any more. The agent answers authenticated clients only when it "
+        "has credentials (--tls-creds, --secret-file).",
+    )
+    release.add_argument(
+        "site", type=site_address, metavar="HOST:PORT|unix:PATH", help="the agent's --listen"
+    )
+    release.add_argument("export", metavar="EXPORT", help="the export's name")
+    release.add_argument(
+        "--timeout",
+        type=_positive,
+        default=30.0,
+        metavar="SECONDS",
+        help="wait at most this long for the agent's answer (default 30)",
+    )
+    release.add_argument("--json", action="store_true", help="print the report as JSON")
+    _cli_auth.add_client_options(release)
+    release.set_defaults(daemon="release")
 
 
 SWITCH_INTERVAL_MS = 0.5
@@ -196,7 +224,29 @@ def _ready(args: argparse.Namespace, exports: dict[str, str], control: str | Non
     sys.stdout.flush()
 
 
+def _release(args: argparse.Namespace) -> int:
+    """``isc release``: the agent lets the export go, whoever held it."""
+    site = agent_site(args.site, _cli_auth.client_credentials(args))
+    ack = site.release(Destination(None, args.export), args.timeout, force=True)
+    if not ack.ok:
+        done = "it may have been done: ask again" if ack.outcome_unknown else "nothing changed"
+        raise StateError(f"release of {args.export} at {site.where} failed: {ack.reason}; {done}")
+    was = ack.info.get("holder")
+    if args.json:
+        print_json({"site": site.where, "export": args.export, "released": was})
+        return 0
+    held = (
+        f" from session {was['name']} on {was['machine']} (id {was['id']})"
+        if isinstance(was, dict)
+        else " (no session held it)"
+    )
+    print(f"released {args.export} at {site.where}{held}: the next session to add it holds it")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.daemon == "release":
+        return _release(args)
     # Set here, not in run_serve or run_agent: a library leaves the settings
     # of its embedder's whole process alone.
     sys.setswitchinterval(args.switch_interval / 1000)

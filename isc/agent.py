@@ -69,6 +69,29 @@ Requests, each durable before its reply is sent:
   that names an ``image`` gets ``undone`` too: the ranges ``unprotect``
   would list (an update that failed asks, to track them).
 
+**Holder** (rule 12 across sites): an export is the destination of one session at
+a time, its holder: ``{"id", "name", "machine"}`` (:func:`isc.remote.session_holder`:
+the session's random 64-bit id decides; its name and machine are for messages), in
+``NAME.holder`` of the state directory (JSON, written as the journal's header is: temp
+file, fsync, rename, fsync of the directory; a crash leaves the old record or the new,
+and a temp file left over is never read). Requests name theirs in ``holder``:
+
+* ``claim`` (``isc add-dest --site``) takes an export that no session holds;
+  ``protect`` and ``rollback`` take one too (a session added before holders existed
+  claims its export at its next update); ``unprotect`` takes none.
+* ``protect``, ``rollback``, ``unprotect`` and ``claim`` of a session other than the
+  holder are refused (``"held": true``, ``info["holder"]``), changing nothing: two
+  sessions' copies would leave the export a mix of both. So is a request that names
+  **no** holder while one holds the export: an older client cannot prove it is the
+  holder. One that names none on an export no session holds is served as before.
+* ``release`` lets the export go: the holder's own (``isc remove-dest``), or with
+  ``"force": true`` whoever holds it (``isc release ADDRESS NAME``, the operator's,
+  once the holding session is gone). Only a client the control port let in asks
+  (its authentication, rule 14).
+* ``status`` names the ``holder`` (null when none) and ``holder_problem`` when the
+  record cannot be read. A damaged record is not "no holder": every request that
+  changes the export, and every claim, is refused naming it until a forced release.
+
 Journal format: a header (``ISCJRNL3``, chunk size, export size, the export
 file's device and inode, the image's 8-byte id, which of the inode's generation and
 birth time the file system keeps and their values (:func:`isc.lun.file_birth`: a file
@@ -88,7 +111,9 @@ another file (the export was replaced) or is damaged. The way out is an
 (Damage inside the last batch cannot be told from a torn save: it is
 dropped as one.)
 
-Costs: the first write to a chunk after a protect costs a read of the chunk,
+Costs: a claim (and the first protect of an export none holds) writes and fsyncs
+one small file and the directory; the other requests compare the holder in memory.
+The first write to a chunk after a protect costs a read of the chunk,
 a journal append and an ``fdatasync``; rewriting it costs nothing more; a
 journal holds at most the whole export plus 32 bytes a chunk. A failed append
 (disk full, I/O error) fails the write that needed it, which reaches the NBD
@@ -106,7 +131,9 @@ Control protocol (:mod:`isc.control`: newline-delimited JSON over TCP, or
 over a Unix socket of mode 0600 that only the agent's user reaches). A
 request is ``{"id": N, "op": OP, "export": NAME}`` with OP one of
 ``protect``, ``unprotect`` (and ``"image": ID``, ``"lease": ID``, optional), ``rollback``,
-``status`` (and ``list``, which needs no export). Every reply is ``{"id": N,
+``status``, ``claim``, ``release`` (and ``"force": true``, optional), each but ``status``
+with ``"holder": {"id": HEX16, "name": TEXT, "machine": TEXT}`` (optional) (and ``list``,
+which needs no export). Every reply is ``{"id": N,
 "ok": true|false, "reason": TEXT|null, "extents": [[offset, length], ...],
 "info": {...}}`` (``extents``: the byte ranges a rollback rewrote, for
 ``unprotect`` since the image). An unknown export gets
@@ -118,6 +145,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import functools
+import json
 import logging
 import os
 import socket
@@ -134,7 +162,7 @@ from isc.control import ControlServer, Op
 from isc.errors import IscError, ParameterError
 from isc.lun import BIRTH_KEYS, FileLUN, ForwardingLUN, file_birth, same_birth
 from isc.nbd import NBD_PORT
-from isc.remote import PROTECT_GRANULARITY, saved_extents
+from isc.remote import PROTECT_GRANULARITY, is_holder, saved_extents
 from isc.store import _fsync_dir, write_atomically
 from isc.tls import ServerTLS
 
@@ -143,8 +171,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-EXPORT_OPS = ("protect", "unprotect", "rollback", "status")
+EXPORT_OPS = ("protect", "unprotect", "rollback", "status", "claim", "release")
 """The requests about one export (they name it in ``export``)."""
+
+HOLDER_SUFFIX = ".holder"
+"""``NAME.holder`` in the state directory: the session that holds export NAME."""
 
 STATE_DIR = ".isc-agent"
 """The agent's state directory inside the directory it serves."""
@@ -246,12 +277,7 @@ class Journal:
         cls, path: Path, lun, identity: tuple[int, int], birth: dict[str, int] | None = None
     ) -> Journal:
         """Protect ``lun``: write an empty journal durably (making its directory) and open it."""
-        try:
-            path.parent.mkdir(mode=0o700)
-            _fsync_dir(path.parent.parent)
-        except FileExistsError:
-            pass
-        write_atomically(path, _header(lun, identity, os.urandom(8), birth or {}))
+        _write_state(path, _header(lun, identity, os.urandom(8), birth or {}))
         return cls(path, lun, identity, birth)
 
     @property
@@ -458,6 +484,36 @@ class Journal:
             self._fd = -1
 
 
+def _write_state(path: Path, data: bytes) -> None:
+    """Write ``path`` of the state directory atomically (temp file, fsync, rename, fsync of
+    the directory), making the directory (0700) first when it is missing."""
+    try:
+        path.parent.mkdir(mode=0o700)
+        _fsync_dir(path.parent.parent)
+    except FileExistsError:
+        pass
+    write_atomically(path, data)
+
+
+def _read_holder(path: Path) -> tuple[dict | None, str | None]:
+    """The holder ``path`` records (None: no file), and why it cannot be read (damaged:
+    not a holder's JSON record) or None."""
+    try:
+        with open(path, "rb", opener=lambda p, f: os.open(p, f | os.O_NOFOLLOW)) as file:
+            data = file.read(4096)
+    except FileNotFoundError:
+        return None, None
+    except OSError as exc:
+        return None, f"{path} cannot be read ({exc.strerror or exc})"
+    try:
+        holder = json.loads(data)
+    except ValueError:
+        holder = None
+    if not is_holder(holder):
+        return None, f"{path} is damaged (not a holder's record)"
+    return holder, None
+
+
 class Export(ForwardingLUN):
     """One exported file; its writes go through its journal while it is protected."""
 
@@ -478,6 +534,10 @@ class Export(ForwardingLUN):
         self._undone: dict[str, set[int]] = {}
         """Each image that ended while the agent ran (a rollback, an unprotect) -> the chunks
         rollbacks rewrote since it was protected."""
+        self.holder_path = journal_path.with_suffix(HOLDER_SUFFIX)
+        self.holder, self._holder_problem = _read_holder(self.holder_path)
+        """The session that holds the export (``{"id", "name", "machine"}``) or None; why
+        its record cannot be read, or None (the module docstring)."""
         if journal_path.exists():
             self.journal = Journal(journal_path, lun, identity, self._birth)
             log.info("%s: protected (journal %s)", name, journal_path)
@@ -486,7 +546,6 @@ class Export(ForwardingLUN):
         journal = self.journal
         (journal if journal else self.lun).write(offset, data)
 
-    # -- requests ------------------------------------------------------------------
     def _fenced(self) -> dict | None:
         """Fence the export's NBD server before a protect or rollback acts
         (:meth:`~isc.nbd.NBDServer.fence`): no write of a client connected before (a
@@ -501,11 +560,67 @@ class Export(ForwardingLUN):
             f"before: {why}; nothing was changed; ask again once the file answers",
         }
 
-    def protect(self, named: bool = False) -> dict:
+    # -- the holder ----------------------------------------------------------------
+    def _held_locked(self, holder: dict | None, claim: bool) -> dict | None:
+        """The refusal of a request of ``holder`` (None: a request that names none) while
+        another session holds the export or its record is damaged, else None; with
+        ``claim``, ``holder`` takes an export no session holds (durably). Caller holds
+        the lock."""
+        fix = f"(isc release ADDRESS {self.name}, ADDRESS: this agent's --listen)"
+        if self._holder_problem is not None:
+            reason = (
+                f"{self.name}'s holder record {self._holder_problem}: which session copies "
+                f"into it cannot be told; release it if none does {fix}"
+            )
+            info = {"holder": None, "problem": self._holder_problem}
+            return {"ok": False, "held": True, "reason": reason, "info": info}
+        if self.holder is None:
+            if claim and holder is not None:
+                _write_state(self.holder_path, json.dumps(holder).encode())
+                self.holder = holder
+                log.info("%s: held by session %s (%s)", self.name, holder["name"], holder["id"])
+            return None
+        if holder is not None and holder["id"] == self.holder["id"]:
+            return None
+        held = self.holder
+        reason = (
+            f"{self.name} is held by session {held['name']} on {held['machine']} (id "
+            f"{held['id']})"
+            + (": another session copies into it" if holder else ", and this request names none")
+            + f"; remove it from that session, or release it if that session is gone {fix}"
+        )
+        return {"ok": False, "held": True, "reason": reason, "info": {"holder": held}}
+
+    def claim(self, holder: dict | None) -> dict:
+        """Hold the export for ``holder``, unless another session holds it."""
+        if holder is None:
+            return {"ok": False, "reason": f"a claim of {self.name} must name its session"}
+        with self._lock:
+            return self._held_locked(holder, claim=True) or {"ok": True, "info": {"holder": holder}}
+
+    def release(self, holder: dict | None, force: bool = False) -> dict:
+        """Let the export go: ``holder``'s, or with ``force`` whoever holds it (the operator,
+        after the holding session was lost) and a damaged record."""
+        with self._lock:
+            if not force and (refused := self._held_locked(holder, claim=False)) is not None:
+                return refused
+            if self.holder is None and self._holder_problem is None:
+                return {"ok": True, "reason": "not held"}
+            self.holder_path.unlink(missing_ok=True)
+            _fsync_dir(self.holder_path.parent)
+            was, self.holder, self._holder_problem = self.holder, None, None
+            log.info("%s: released (was %s)", self.name, was)
+            return {"ok": True, "info": {"holder": was}}
+
+    # -- requests ------------------------------------------------------------------
+    def protect(self, named: bool = False, holder: dict | None = None) -> dict:
         """Protect the export, or keep its protection; ``named``: the reply's ``info`` names
         the image protected (:attr:`image`), as it was when the lock was let go, and the
-        file (its ``identity``, as :meth:`status` names it)."""
+        file (its ``identity``, as :meth:`status` names it). Refused while another session
+        than ``holder`` holds it; one that none holds ``holder`` takes."""
         with self._lock:
+            if (refused := self._held_locked(holder, claim=True)) is not None:
+                return refused
             if self.journal is not None and self.journal.problem is not None:
                 # Answering "already protected" would let an update overwrite
                 # the export with no image left to roll back to.
@@ -542,12 +657,16 @@ class Export(ForwardingLUN):
         journal = self.journal
         return journal.image if journal is not None else None
 
-    def unprotect(self, image: str | None = None, lease: str | None = None) -> dict:
+    def unprotect(
+        self, image: str | None = None, lease: str | None = None, holder: dict | None = None
+    ) -> dict:
         """Drop the protection, unless ``lease`` names another protect's than the last one
         (the module docstring). With ``image`` (the name a protect replied with), the
         reply's ``extents`` list what rollbacks rewrote since that protect
-        (:meth:`_undone_locked`)."""
+        (:meth:`_undone_locked`). Refused while another session than ``holder`` holds it."""
         with self._lock:
+            if (refused := self._held_locked(holder, claim=False)) is not None:
+                return refused
             undone = self._undone_locked(image)
             told = {"extents": undone} if undone else {}
             if self.journal is None:
@@ -561,8 +680,12 @@ class Export(ForwardingLUN):
             self._lease = None
             return {"ok": True, **told}
 
-    def rollback(self) -> dict:
+    def rollback(self, holder: dict | None = None) -> dict:
+        """Write the protected image back; refused while another session than ``holder``
+        holds the export (one that none holds ``holder`` takes)."""
         with self._lock:
+            if (refused := self._held_locked(holder, claim=True)) is not None:
+                return refused
             if self.journal is None:
                 return {"ok": False, "reason": f"{self.name} is not protected: no image to restore"}
             refused = self._fenced()
@@ -594,7 +717,9 @@ class Export(ForwardingLUN):
                 info["image"] = self.journal.image
             if image is not None:
                 info["undone"] = self._undone_locked(image)
-            where = {"size": self.size, "identity": self._identity}
+            where = {"size": self.size, "identity": self._identity, "holder": self.holder}
+            if self._holder_problem is not None:
+                where["holder_problem"] = self._holder_problem
             return {"ok": True, "info": {**where, **info}}
 
     def _undone_locked(self, image: str | None) -> list[list[int]]:
@@ -732,16 +857,23 @@ class Agent:
         export = self.exports.get(name) if isinstance(name, str) else None
         if export is None:
             return {"ok": False, "reason": f"no export named {request.get('export')!r}"}
-        image, lease = (request.get(key) for key in ("image", "lease"))
+        image, lease, holder = (request.get(key) for key in ("image", "lease", "holder"))
         image = image if isinstance(image, str) else None
+        if holder is not None and not is_holder(holder):
+            return {
+                "ok": False,
+                "reason": 'a holder is {"id": 16 hex digits, "name": TEXT, "machine": TEXT}',
+            }
         if op == "protect":  # named, so that its unprotect can tell what happened since
-            reply = export.protect(named=True)
+            reply = export.protect(named=True, holder=holder)
         elif op == "unprotect":
-            reply = export.unprotect(image, lease if isinstance(lease, str) else None)
+            reply = export.unprotect(image, lease if isinstance(lease, str) else None, holder)
         elif op == "status":
             reply = export.status(image)
+        elif op == "release":
+            reply = export.release(holder, force=request.get("force") is True)
         else:
-            reply = getattr(export, op)()
+            reply = getattr(export, op)(holder)
         log.info("%s %s: %s", op, export.name, reply.get("reason") or "ok")
         return reply
 

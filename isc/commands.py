@@ -225,9 +225,13 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         _remove_dest,
         "take a destination out of a session (its data stays)",
         description="Take destination NAME out of the session: it is no longer copied to, "
-        "and its LUN is left as it is. Refused while a copy to it runs.",
+        "and its LUN is left as it is. Refused while a copy to it runs. One at an isc agent "
+        "(add-dest --site) is released there, so another session may add it; an agent that "
+        "cannot be asked keeps it held, and a warning names how to release it (isc release).",
     )
     remove.add_argument("destination", metavar="NAME", help="the destination's name")
+    _timeout_argument(remove, "of the destination's agent (add-dest --site)")
+    _cli_auth.add_client_options(remove)
 
     command(
         "destroy",
@@ -545,11 +549,23 @@ def _create_file(target: str, size: int) -> tuple[int, int]:
 
 
 def _remove_dest(args: argparse.Namespace) -> int:
+    credentials = _cli_auth.client_credentials(args)
     with _open(args) as stored:
+        where = {d["name"]: d.get("site") for d in stored.meta["destinations"]}
         dest = stored.remove_destination(args.destination)
         name = stored.meta["name"]
+        site = where.get(dest.name)
+        # Best effort: the destination is out of the session whatever the agent says.
+        kept = stored.release(dest.name, site, credentials) if site else None
+        if kept is not None:
+            print(f"isc: warning: {kept}", file=sys.stderr)
         protected = dest.protected_state is not None
-        record = {"session": name, "removed": dest.name, "protected_at_site": protected}
+        record = {
+            "session": name,
+            "removed": dest.name,
+            "protected_at_site": protected,
+            "released": bool(site) and kept is None,
+        }
         text = f"removed destination {dest.name} from {name}; its data stays as it is"
         if protected:
             text += (

@@ -53,6 +53,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -83,6 +84,25 @@ MAX_REPLY = 1 << 20
 """Most bytes of an agent's reply line; a longer one is not an isc agent's."""
 
 
+def session_holder(session_id: int, name: str) -> dict:
+    """What names a session to the agents it copies to, as their exports' holder
+    (:mod:`isc.agent`): its ``id`` (:mod:`isc.store`'s random 64 bits, as 16 hex digits:
+    a session's state directory made again under the same name is another session),
+    and its ``name`` and this ``machine``'s host name for messages."""
+    return {"id": f"{session_id:016x}", "name": name, "machine": socket.gethostname()}
+
+
+def is_holder(value: object) -> bool:
+    """Whether ``value`` is a holder (:func:`session_holder`'s shape)."""
+    return (
+        isinstance(value, dict)
+        and set(value) == {"id", "name", "machine"}
+        and isinstance(value["id"], str)
+        and re.fullmatch("[0-9a-f]{16}", value["id"]) is not None
+        and all(isinstance(value[k], str) and len(value[k]) <= 255 for k in ("name", "machine"))
+    )
+
+
 @dataclass(frozen=True)
 class Ack:
     """A site's answer to one request.
@@ -99,6 +119,9 @@ class Ack:
     destination's present one. ``fenced`` is True when the site cut the
     connections open to the destination before it acted (an agent's fence,
     :mod:`isc.agent`): the caller's own must be renewed before its next I/O.
+    ``held`` is True when the request was refused because another session holds the
+    destination (an agent's holder, :mod:`isc.agent`; an RBD image's, :mod:`isc.rbd`):
+    it is not this session's to copy into, a trouble of that destination alone.
     """
 
     request_id: int
@@ -109,6 +132,7 @@ class Ack:
     outcome_unknown: bool = False
     kept: bool = False
     fenced: bool = False
+    held: bool = False
 
 
 class RemoteSite(abc.ABC):
@@ -419,6 +443,7 @@ class AgentSite(RequestSite):
         unix: str | os.PathLike[str] | None = None,
         timeout: float = 30.0,
         credentials: Credentials | None = None,
+        holder: dict | None = None,
     ) -> None:
         if credentials is not None and credentials.endpoint != "client":
             raise ParameterError(
@@ -439,6 +464,9 @@ class AgentSite(RequestSite):
         """The agent's address as ``isc --site`` takes it: ``HOST:PORT`` or ``unix:PATH``."""
         self.timeout = timeout
         self.credentials = credentials
+        self.holder = holder
+        """The session this site's requests come from (:func:`session_holder`), named in
+        each that changes an export, or None (an operator's: :meth:`release` ``force``)."""
         self._images: dict[str, str] = {}
         """Each export's protected image as the last protect through this site named it:
         its unprotect drops that image only (:meth:`isc.agent.Export.unprotect`)."""
@@ -454,17 +482,32 @@ class AgentSite(RequestSite):
         address: tuple[str, int] | str,
         credentials: Credentials | None = None,
         timeout: float = 30.0,
+        holder: dict | None = None,
     ) -> AgentSite:
         """The agent at ``address`` (:func:`agent_address`'s: ``(host, port)`` or a path)."""
         if isinstance(address, str):
-            return cls(unix=address, timeout=timeout, credentials=credentials)
-        return cls(*address, timeout=timeout, credentials=credentials)
+            return cls(unix=address, timeout=timeout, credentials=credentials, holder=holder)
+        return cls(*address, timeout=timeout, credentials=credentials, holder=holder)
 
-    def _request(self, op: str, dest: Destination, timeout: float | None) -> Ack:
+    def claim(self, dest: Destination, timeout: float | None = None) -> Ack:
+        """Hold ``dest``'s export for :attr:`holder`: refused (``held``) while another
+        session holds it (:mod:`isc.agent`)."""
+        return self._request("claim", dest, timeout)
+
+    def release(self, dest: Destination, timeout: float | None = None, force: bool = False) -> Ack:
+        """Let ``dest``'s export go: :attr:`holder`'s hold, or with ``force`` whichever
+        session's (the operator's ``isc release``, once that session is gone)."""
+        return self._request("release", dest, timeout, {"force": True} if force else {})
+
+    def _request(
+        self, op: str, dest: Destination, timeout: float | None, extra: dict | None = None
+    ) -> Ack:
         rid = self._next_id()
         wait = self.timeout if timeout is None else timeout
         who = f"the agent at {self.where}"
-        request = {"id": rid, "op": op, "export": dest.name}
+        request = {"id": rid, "op": op, "export": dest.name, **(extra or {})}
+        if op != "status" and self.holder is not None:
+            request["holder"] = self.holder
         if op in ("unprotect", "status") and dest.name in self._images:
             request["image"] = self._images[dest.name]
         if op == "unprotect" and dest.name in self._leases:
@@ -499,6 +542,11 @@ class AgentSite(RequestSite):
                 f"pairs): is {self.where} an isc agent?"
             )
             return Ack(rid, False, reason, outcome_unknown=True)
+        if reply.get("held") is True and reply["ok"] is False:
+            return Ack(rid, False, self._held(dest.name, info), info=info, held=True)
+        if op == "status" and self._held_by_another(info):
+            # Answered, but the export is another session's: not this one's to copy into.
+            return Ack(rid, True, self._held(dest.name, info), extents, info, held=True)
         identity = info.get("identity")
         if isinstance(identity, str):
             known = self._identities.get(dest.name, identity)
@@ -526,6 +574,31 @@ class AgentSite(RequestSite):
             info,
             kept=reply.get("kept") is True,
             fenced=reply.get("fenced") is True,
+        )
+
+    def _held_by_another(self, info: dict) -> bool:
+        """Whether a status ``info`` says a session other than :attr:`holder` holds the
+        export, or that its holder record is damaged."""
+        if "holder_problem" in info:
+            return True
+        held = info.get("holder")
+        return self.holder is not None and is_holder(held) and held["id"] != self.holder["id"]
+
+    def _held(self, name: str, info: dict) -> str:
+        """Why the agent refused a request about export ``name`` whose holder (``info``'s) is
+        another session, or whose holder record is damaged: one line naming the fix."""
+        holder, release = info.get("holder"), f"isc release {self.where} {name}"
+        if not is_holder(holder):
+            return (
+                f"{name} at {self.where}: its holder record at the agent {info.get('problem')}: "
+                f"which session copies into it cannot be told; if none does, release it: "
+                f"{release}"
+            )
+        return (
+            f"{name} at {self.where} is held by session {holder['name']} on "
+            f"{holder['machine']} (id {holder['id']}): the copies of two sessions would leave "
+            f"it a mix of both; remove it from that session (isc remove-dest {holder['name']} "
+            f"{name}), or if that session is gone, release it: {release}"
         )
 
     def _trouble(self, exc: OSError | ValueError | RecursionError, op: str, name: str) -> str:

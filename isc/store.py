@@ -171,7 +171,7 @@ from isc.lun import (
     open_loop_backing,
     same_birth,
 )
-from isc.remote import AgentSite, RoutingSite, agent_address
+from isc.remote import AgentSite, RoutingSite, agent_address, session_holder
 from isc.savearea import SaveArea
 from isc.session import DEFAULT_SAVE_AREA, Session
 from isc.update import DEFAULT_TIMEOUT, check_identities
@@ -969,9 +969,27 @@ class PersistentSession:
         from isc.rbd import with_rbd
 
         own = {name: where for name, where in self._sites.items() if where is not None}
-        agents = {where: AgentSite.at(agent_address(where), credentials) for where in own.values()}
+        agents = {where: self._agent(where, credentials) for where in own.values()}
         routed = RoutingSite({n: agents[w] for n, w in own.items()}, site) if own else site
         return with_rbd(routed, self.session, self._targets)
+
+    def _agent(self, where: str, credentials: Credentials | None) -> AgentSite:
+        """The isc agent at ``where`` (an address :func:`isc.remote.agent_address` reads),
+        asked in this session's name: the holder of the exports it copies to
+        (:func:`isc.remote.session_holder`, :mod:`isc.agent`)."""
+        holder = session_holder(self.meta["id"], self.meta["name"])
+        return AgentSite.at(agent_address(where), credentials, holder=holder)
+
+    def release(self, name: str, where: str, credentials: Credentials | None) -> str | None:
+        """Let export ``name`` of the agent at ``where`` go (this session's hold on it, after
+        :meth:`remove_destination`); why it could not (one line naming the fix), or None."""
+        ack = self._agent(where, credentials).release(Destination(None, name), self._timeout)
+        if ack.ok:
+            return None
+        return (
+            f"{name} stays held for {self.meta['name']} at {where} ({ack.reason}); release it "
+            f"there once the agent answers: isc release {where} {name}"
+        )
 
     def destination(self, name: str) -> Destination:
         """The destination named ``name``; ``ParameterError`` naming those there are."""
@@ -1039,7 +1057,7 @@ class PersistentSession:
             )
         if problem is not None:
             raise ParameterError(problem)
-        agent = None if site is None else AgentSite.at(agent_address(site), credentials)
+        agent = None if site is None else self._agent(site, credentials)
         lun = _open_named(target, "the destination", self._timeout)
         dest = Destination(lun, name)
         try:
@@ -1058,6 +1076,8 @@ class PersistentSession:
                 )
             elif agent is not None:
                 ack = agent.status(dest, self._timeout)
+                if ack.ok and "holder" in ack.info:  # an agent that holds exports: claim it
+                    ack = agent.claim(dest, self._timeout)
                 if not ack.ok:
                     # The agent knows an export by the destination's name alone (isc.agent).
                     unknown = ack.reason == f"no export named {name!r}"

@@ -7,9 +7,12 @@ Periodic incremental update (docs/design.md; the patent's figures 3-9):
 2. mark (every session of a consistency group at one point in time);
 3. ask the site to protect every destination, each waiting for its ack or a
    timeout (a consistency group's with one group request where the site
-   offers it); if any fails, unprotect the ones this update protected (a
-   protection kept from a failed update stays: its destination holds a
-   mix), unmark, log and raise :class:`UpdateError`. A destination's
+   offers it); one refused because another session holds it (``Ack.held``:
+   an agent's export or RBD image is one session's destination at a time)
+   becomes NEW and drops out of this update, which fails for it alone once
+   the others are copied (rule 13); if any other fails, unprotect the ones
+   this update protected (a protection kept from a failed update stays: its
+   destination holds a mix), unmark, log and raise :class:`UpdateError`. A destination's
    connection is renewed after an answer that says the site cut it
    (``Ack.fenced``; ``reconnect()`` of an :class:`~isc.nbd.NBDLUN` or a
    :class:`~isc.lun.ReconnectingLUN`), and after a rollback's: an agent cuts
@@ -174,12 +177,22 @@ class PeriodicUpdate:
             mark_group(sessions, [self._needs_full(s, d) for s, d in self.members])
             for session in sessions:
                 log.info("%s: marked for update (generation %d)", session.name, session.generation)
-            named = _protect_all(self.site, self.destinations, self.timeout, sessions)
+            named, held = _protect_all(self.site, self.destinations, self.timeout, sessions)
             results, failures = [], []
             consistent, behind = [], []
             for job in jobs:
                 session, dests = job.session, job.destinations
                 generation = session.generation
+                if lost := [d for d in dests if d.name in held]:
+                    # Another session's (rule 12 across sites): out of this copy (rule 13).
+                    failures += [f"{session.name}: {held[d.name]}" for d in lost]
+                    behind += lost
+                    dests = [d for d in dests if d not in lost]
+                    if not dests:
+                        session.abandon_mark(generation)
+                        results.append(CopyResult("incremental"))
+                        continue
+                    job = CopyJob(session, dests, **self.copy_options)
                 try:
                     result = job.incremental()
                 except Exception as exc:  # any failure: never leave the session marked
@@ -287,7 +300,7 @@ class UnmarkedFullCopy:
         """
         with update_locks([(self.session, self.destinations)]):
             if self.protect:
-                _protect_all(self.site, self.destinations, self.timeout, [])
+                _protect_all(self.site, self.destinations, self.timeout, [], spare_held=False)
             try:
                 job = CopyJob(self.session, self.destinations, **self.copy_options)
                 result = job.full(marked=False)
@@ -326,6 +339,10 @@ def check_identities(
     for dest in destinations:
         ack = site.status(dest, timeout) if dest.name in agents else None
         seen = ack.info.get("identity") if ack is not None and ack.ok else None
+        if ack is not None and ack.held and dest.state is not DestState.NEW:
+            # Another session copies into it (rule 12 across sites): nothing it holds is ours.
+            dest.state, dest.epoch, dest.samples = DestState.NEW, None, []
+            found.append(f"{ack.reason}; it gets a full copy once it is this session's again")
         if not isinstance(seen, str):
             continue
         known = identities.get(dest.name)
@@ -449,10 +466,14 @@ def _raised(request: str, exc: Exception) -> Ack:
     return Ack(0, False, f"{request} raised {type(exc).__name__}: {exc}", outcome_unknown=True)
 
 
-def _protect_all(site, dests: Sequence[Destination], timeout: float, marked) -> set[str]:
+def _protect_all(
+    site, dests: Sequence[Destination], timeout: float, marked, spare_held: bool = True
+) -> tuple[set[str], dict[str, str]]:
     """Protect every destination, or undo: unprotect those this call protected (not
     those kept from a failed update), unmark ``marked``, raise. Returns the names of
-    those whose ack named the image protected (an agent's: :func:`_track_undone`).
+    those whose ack named the image protected (an agent's: :func:`_track_undone`),
+    and (``spare_held``) each refused because another session holds it (``Ack.held``)
+    with why: it becomes NEW, and the others are protected and copied (rule 13).
 
     A consistency group (several ``marked`` sessions) is protected by one
     group request where the site offers it, so its destinations are taken
@@ -465,7 +486,7 @@ def _protect_all(site, dests: Sequence[Destination], timeout: float, marked) -> 
         acks = []
         for dest in dests:  # up to the first refusal
             acks.append(_ask(site, "protect", dest, timeout))
-            if not acks[-1].ok:
+            if not acks[-1].ok and not (spare_held and acks[-1].held):
                 break
     _reconnect(dests, acks)
     for dest, state, ack in zip(dests, states, acks, strict=False):  # acks may stop early
@@ -474,7 +495,9 @@ def _protect_all(site, dests: Sequence[Destination], timeout: float, marked) -> 
         # record says (a protection can be dropped outside isc).
         if ack.ok and not (ack.kept and dest.protected_state is not None):
             dest.protected_state = state
-    refused = next(((d, a) for d, a in zip(dests, acks, strict=False) if not a.ok), None)
+    answered = list(zip(dests, acks, strict=False))  # acks may stop early
+    held = {d.name: str(a.reason) for d, a in answered if spare_held and a.held and not a.ok}
+    refused = next(((d, a) for d, a in answered if not a.ok and d.name not in held), None)
     if refused is not None:
         for protected, ack in zip(dests, acks, strict=False):
             # Not one kept from a failed update: its destination still holds a mix.
@@ -486,7 +509,11 @@ def _protect_all(site, dests: Sequence[Destination], timeout: float, marked) -> 
         message = f"cannot protect {dest.name}: {ack.reason}; the update was abandoned"
         log.error("%s", message)
         raise UpdateError(message)
-    return {dest.name for dest, ack in zip(dests, acks, strict=True) if "image" in ack.info}
+    for dest in dests:
+        if dest.name in held:  # another session writes it: nothing it holds is ours
+            dest.state, dest.epoch, dest.samples = DestState.NEW, None, []
+    named = {dest.name for dest, ack in zip(dests, acks, strict=True) if "image" in ack.info}
+    return named, held
 
 
 def rollback(

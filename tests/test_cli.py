@@ -862,7 +862,7 @@ def test_completion_and_the_man_page_name_every_verb(work: Path) -> None:
         timeout=TIMEOUT,
     )  # fmt: skip
     assert shown.returncode == 0 and shown.stderr == "", shown.stderr
-    assert "isc remove-dest [-h] [--json] [-v] [-q] SESSION NAME" in shown.stdout
+    assert "isc destroy [-h] [--json] [-v] [-q] SESSION\n" in shown.stdout
 
 
 # -- isc copy and the agents of its destinations ---------------------------------------------
@@ -968,12 +968,15 @@ def test_unprotect_drops_a_protection_whose_image_was_lost_and_updates_go_on(
     session: Path, at_agent
 ) -> None:
     from isc import Destination
+    from isc.remote import session_holder
 
     work, agent = session, at_agent
     exports = agent.directory
     isc_run("update", "s", cwd=work)
     # A protection kept from a failed update, then another file at the export's path.
-    assert agent.site_of().protect(Destination(None, name="disk")).ok
+    site = agent.site_of()
+    site.holder = session_holder(read_state(work / "s").meta["id"], "s")  # the session's own
+    assert site.protect(Destination(None, name="disk")).ok
     agent.end()
     other = exports / "other"
     other.write_bytes(random.Random(4).randbytes(SIZE))

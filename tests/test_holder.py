@@ -12,15 +12,42 @@ of two ``add-dest`` meets at a barrier inside an agent run in this process.
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
+import threading
 from pathlib import Path
 
 import pytest
-from test_agent import SIZE, agent, site_of
+from helpers import wait_until
+from test_agent import ENV, ISC, SIZE, WAIT, agent, site_of
+from test_agent_journal import agent_here
 from test_cli import error_line, isc_run
 from test_nbd import sparse
+from test_remote_hostile import Agent
+
+from isc import Destination
+from isc.remote import session_holder
 
 SEED = 20261206
+HOLDER = Path(".isc-agent") / "disk.holder"  # who holds export "disk", in the agent's directory
+PARK = """
+import os, threading
+
+_replace = os.replace
+
+
+def replace(src, dst, *args, **kwargs):
+    # The agent's holder record is written, not renamed yet: park here until SIGKILL.
+    if os.fspath(dst).endswith(".holder"):
+        open(os.environ["ISC_TEST_PARKED"], "x").close()
+        threading.Event().wait()
+    return _replace(src, dst, *args, **kwargs)
+
+
+os.replace = replace
+"""
+"""A ``sitecustomize`` that parks a process's holder write between its temp file and rename."""
 
 
 @pytest.fixture
@@ -49,7 +76,6 @@ def states(tmp_path: Path, session: str) -> dict[str, str]:
     return {d["name"]: d["state"] for d in report["destinations"]}
 
 
-@pytest.mark.xfail(strict=True, reason="an agent does not yet hold its exports for one session")
 def test_two_sessions_given_one_export_the_second_add_dest_is_refused(
     tmp_path: Path, exports: Path
 ) -> None:
@@ -67,3 +93,245 @@ def test_two_sessions_given_one_export_the_second_add_dest_is_refused(
         assert json.loads(done.stdout)["outcomes"] == {"disk": "ok"}
         assert states(tmp_path, "a") == {"disk": "consistent"}
         assert (exports / "disk").read_bytes() == a_source.read_bytes()
+
+
+def session_id(tmp_path: Path, name: str) -> str:
+    """Session ``name``'s id as its agents know it (:func:`isc.remote.session_holder`)."""
+    meta = json.loads((tmp_path / name / "session.json").read_text())
+    return session_holder(meta["id"], name)["id"]
+
+
+def holder_of(exports: Path) -> str | None:
+    """The id of the session the agent's record says holds "disk", None when none."""
+    path = exports / HOLDER
+    return json.loads(path.read_text())["id"] if path.exists() else None
+
+
+@pytest.fixture
+def remote(tmp_path: Path, exports: Path):
+    """An ``isc agent`` of ``exports`` at fixed ports (it can start again at its address)."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    started = Agent(exports, ENV, logs)
+    started.start()
+    try:
+        yield started
+    finally:
+        started.end()
+
+
+def test_two_add_dest_at_once_one_holds_the_export_and_the_other_is_refused(
+    tmp_path: Path, exports: Path
+) -> None:
+    """Both sessions asked the agent's status (the export free) before either claimed: the
+    claims meet at a barrier in the agent, and the first to take the export's lock wins."""
+    two_sessions(tmp_path)
+    barrier = threading.Barrier(2, timeout=WAIT)
+    with agent_here(exports) as (here, control, uris):
+        carry_out = here.control.ops["claim"]
+
+        def met(request: dict) -> dict:
+            barrier.wait()  # both claims are in the agent before either is carried out
+            return carry_out(request)
+
+        here.control.ops["claim"] = met
+        site = f"127.0.0.1:{control}"
+        adds = [
+            subprocess.Popen(
+                [*ISC, "add-dest", name, uris["disk"], "--site", site],
+                cwd=tmp_path,
+                env=ENV,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for name in "ab"
+        ]
+        said = [proc.communicate(timeout=WAIT) for proc in adds]
+    codes = sorted(proc.returncode for proc in adds)
+    assert codes == [0, 1], said
+    winner = "ab"[[proc.returncode for proc in adds].index(0)]
+    loser = "ba"["ab".index(winner)]
+    assert holder_of(exports) == session_id(tmp_path, winner)
+    (line,) = said["ab".index(loser)][1].strip().splitlines()
+    assert f"held by session {winner} on " in line and f"isc release {site} disk" in line
+    assert states(tmp_path, loser) == {}
+    assert states(tmp_path, winner) == {"disk": "new"}
+
+
+def test_an_agent_killed_between_the_holder_record_and_its_rename_holds_the_old_one(
+    tmp_path: Path, exports: Path
+) -> None:
+    """SIGKILL after the temp file of the new holder record was written and synced, before
+    its rename: the agent started again finds the record as it was (no holder), and its
+    temp file is never read as one; the next claim holds it."""
+    two_sessions(tmp_path)
+    logs, hooks = tmp_path / "logs", tmp_path / "hooks"
+    logs.mkdir()
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(PARK)
+    parked = tmp_path / "parked"
+    env = {**ENV, "PYTHONPATH": f"{hooks}{os.pathsep}{ENV['PYTHONPATH']}"}
+    parking = Agent(exports, {**env, "ISC_TEST_PARKED": str(parked)}, logs)
+    parking.start()
+    try:
+        add = subprocess.Popen(
+            [*ISC, "add-dest", "a", parking.uri, "--site", parking.site],
+            cwd=tmp_path,
+            env=ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            wait_until(parked.exists, parking.proc, "the holder write", parking.log)
+            assert (exports / ".isc-agent" / ".disk.holder.tmp").exists()
+            parking.proc.kill()
+            assert parking.killed()
+            _, err = add.communicate(timeout=WAIT)
+        finally:
+            if add.poll() is None:
+                add.kill()
+                add.wait(WAIT)
+    finally:
+        parking.end()
+    assert add.returncode == 1 and "cannot add disk" in err, err
+    assert states(tmp_path, "a") == {}
+    assert holder_of(exports) is None  # the old record: none, never a torn or empty one
+
+    (tmp_path / "logs-again").mkdir()
+    again = Agent(exports, ENV, tmp_path / "logs-again")  # without the hook
+    again.start()
+    try:
+        isc_run("add-dest", "a", again.uri, "--site", again.site, cwd=tmp_path)
+        assert holder_of(exports) == session_id(tmp_path, "a")
+        refused = isc_run("add-dest", "b", again.uri, "--site", again.site, cwd=tmp_path, check=1)
+        assert "held by session a" in error_line(refused)
+    finally:
+        again.end()
+
+
+def test_a_session_made_again_under_its_name_is_another_and_isc_release_lets_it_in(
+    tmp_path: Path, exports: Path, remote: Agent
+) -> None:
+    """The holder is the session's id, not its name: a state directory lost and made again
+    is another session. The agent keeps the holder across a restart. ``isc release``
+    (the operator's, the holding session being gone) lets the export go."""
+    a_source, _ = two_sessions(tmp_path)
+    isc_run("add-dest", "a", remote.uri, "--site", remote.site, cwd=tmp_path)
+    old = session_id(tmp_path, "a")
+    isc_run("destroy", "a", cwd=tmp_path)
+    isc_run("create", "a", "--source", str(a_source), "--granularity", "16K", cwd=tmp_path)
+    assert session_id(tmp_path, "a") != old
+    remote.stop()
+    remote.start()
+    refused = isc_run("add-dest", "a", remote.uri, "--site", remote.site, cwd=tmp_path, check=1)
+    line = error_line(refused)
+    assert "held by session a on " in line and f"(id {old})" in line, line
+    assert f"isc release {remote.site} disk" in line
+    assert holder_of(exports) == old
+
+    done = isc_run("release", remote.site, "disk", "--json", cwd=tmp_path)
+    assert json.loads(done.stdout)["released"]["id"] == old
+    assert holder_of(exports) is None
+    isc_run("add-dest", "a", remote.uri, "--site", remote.site, cwd=tmp_path)
+    assert holder_of(exports) == session_id(tmp_path, "a")
+    done = isc_run("update", "a", "--json", "--timeout", str(WAIT), cwd=tmp_path)
+    assert json.loads(done.stdout)["outcomes"] == {"disk": "ok"}
+    assert (exports / "disk").read_bytes() == a_source.read_bytes()
+
+
+def test_the_losing_sessions_update_fails_that_destination_and_copies_the_others(
+    tmp_path: Path, exports: Path, remote: Agent
+) -> None:
+    """Session a held the export, the operator released it and b added it: a's update
+    copies its local destination, fails the export (held by b) and never calls it
+    consistent; b's copies stay whole in it."""
+    a_source, b_source = two_sessions(tmp_path)
+    sparse(tmp_path / "local.img", SIZE)
+    isc_run("add-dest", "a", "local.img", "--name", "local", cwd=tmp_path)
+    isc_run("add-dest", "a", remote.uri, "--site", remote.site, cwd=tmp_path)
+    done = isc_run("update", "a", "--json", "--timeout", str(WAIT), cwd=tmp_path)
+    assert json.loads(done.stdout)["outcomes"] == {"local": "ok", "disk": "ok"}
+    isc_run("release", remote.site, "disk", cwd=tmp_path)
+    isc_run("add-dest", "b", remote.uri, "--site", remote.site, cwd=tmp_path)
+    isc_run("update", "b", "--timeout", str(WAIT), cwd=tmp_path)
+    assert states(tmp_path, "b") == {"disk": "consistent"}
+
+    failed = isc_run("update", "a", "--timeout", str(WAIT), cwd=tmp_path, check=1)
+    assert "held by session b on " in failed.stderr, failed.stderr
+    assert states(tmp_path, "a") == {"local": "consistent", "disk": "new"}
+    assert (tmp_path / "local.img").read_bytes() == a_source.read_bytes()
+    assert (exports / "disk").read_bytes() == b_source.read_bytes()
+    assert holder_of(exports) == session_id(tmp_path, "b")
+    again = isc_run("update", "a", "--timeout", str(WAIT), cwd=tmp_path, check=1)
+    assert "held by session b" in again.stderr
+    assert states(tmp_path, "a")["disk"] == "new"
+
+
+def test_a_damaged_holder_record_is_refused_until_released(
+    tmp_path: Path, exports: Path, remote: Agent
+) -> None:
+    """Rule 10: a holder record the agent cannot read is not taken as "no holder"."""
+    a_source, _ = two_sessions(tmp_path)
+    isc_run("add-dest", "a", remote.uri, "--site", remote.site, cwd=tmp_path)
+    remote.stop()
+    (exports / HOLDER).write_bytes(b'{"id": "0123')
+    remote.start()
+    failed = isc_run("update", "a", "--timeout", str(WAIT), cwd=tmp_path, check=1)
+    assert "disk.holder is damaged" in failed.stderr, failed.stderr
+    assert f"isc release {remote.site} disk" in failed.stderr
+    refused = isc_run("add-dest", "b", remote.uri, "--site", remote.site, cwd=tmp_path, check=1)
+    assert "is damaged" in error_line(refused)
+    isc_run("release", remote.site, "disk", cwd=tmp_path)
+    assert not (exports / HOLDER).exists()
+    isc_run("update", "a", "--timeout", str(WAIT), cwd=tmp_path)  # a claims it at its protect
+    assert holder_of(exports) == session_id(tmp_path, "a")
+    assert (exports / "disk").read_bytes() == a_source.read_bytes()
+
+
+def test_a_request_that_names_no_session_is_refused_on_a_held_export(
+    tmp_path: Path, exports: Path, remote: Agent
+) -> None:
+    """An older client cannot prove it holds the export: its protect, rollback and
+    unprotect are refused once a session holds it; its status is answered."""
+    two_sessions(tmp_path)
+    isc_run("add-dest", "a", remote.uri, "--site", remote.site, cwd=tmp_path)
+    old = remote.site_of()  # an AgentSite with no holder: an older client's requests
+    disk = Destination(None, name="disk")
+    for ack in (old.protect(disk), old.rollback(disk), old.unprotect(disk)):
+        assert not ack.ok and ack.held and "held by session a" in (ack.reason or "")
+    assert old.status(disk).ok
+    assert not old.status(disk).info["protected"]
+
+
+def test_remove_dest_releases_the_export_and_warns_when_the_agent_is_down(
+    tmp_path: Path, exports: Path, remote: Agent
+) -> None:
+    two_sessions(tmp_path)
+    isc_run("add-dest", "a", remote.uri, "--site", remote.site, cwd=tmp_path)
+    done = isc_run("remove-dest", "a", "disk", "--json", cwd=tmp_path)
+    assert json.loads(done.stdout)["released"] is True
+    assert holder_of(exports) is None
+    isc_run("add-dest", "b", remote.uri, "--site", remote.site, cwd=tmp_path)
+    remote.stop()
+    done = isc_run("remove-dest", "b", "disk", "--timeout", "2", cwd=tmp_path)
+    (warning,) = done.stderr.strip().splitlines()
+    assert warning.startswith("isc: warning: disk stays held for b at ")
+    assert warning.endswith(f"isc release {remote.site} disk")
+    assert states(tmp_path, "b") == {}
+    assert holder_of(exports) == session_id(tmp_path, "b")
+
+
+def test_a_session_of_before_holders_claims_its_export_at_its_next_update(
+    tmp_path: Path, exports: Path, remote: Agent
+) -> None:
+    """An agent's state of before this change has no holder records: the session's next
+    protect holds the export."""
+    two_sessions(tmp_path)
+    isc_run("add-dest", "a", remote.uri, "--site", remote.site, cwd=tmp_path)
+    remote.stop()
+    (exports / HOLDER).unlink()
+    remote.start()
+    isc_run("update", "a", "--timeout", str(WAIT), cwd=tmp_path)
+    assert holder_of(exports) == session_id(tmp_path, "a")
