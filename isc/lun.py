@@ -639,7 +639,25 @@ _LOOP_INFO64 = struct.Struct("=QQ216x")  # struct loop_info64: lo_device, lo_ino
 
 def loop_backing(fd: int) -> tuple[int, int] | None:
     """``(st_dev, st_ino)`` of the file under the loop device open at ``fd``, or None when
-    ``fd`` is not a loop device with a file: the file its data is, under any name."""
+    ``fd`` is not a loop device with a file: the file its data is, under any name. Under
+    a loop device over a loop device ... it is the file at the bottom: the node of the
+    device beneath is not where the data is."""
+    backing = _loop_status(fd)
+    if backing is None:
+        return None
+    bottom = open_loop_backing(fd)
+    if bottom is None:
+        return backing
+    try:
+        info = os.fstat(bottom)
+    finally:
+        os.close(bottom)
+    return info.st_dev, info.st_ino
+
+
+def _loop_status(fd: int) -> tuple[int, int] | None:
+    """``(st_dev, st_ino)`` of what the loop device open at ``fd`` is over, one level
+    down (``LOOP_GET_STATUS64``), or None when it is not a loop device with a file."""
     info = os.fstat(fd)
     if not stat.S_ISBLK(info.st_mode):
         return None
@@ -705,8 +723,21 @@ def same_birth(recorded: dict, now: dict) -> bool:
 
 def open_loop_backing(fd: int) -> int | None:
     """A read-only descriptor of the file under the loop device open at ``fd`` (checked by
-    device and inode: the name the kernel keeps may since name another file), or None."""
-    backing = loop_backing(fd)
+    device and inode: the name the kernel keeps may since name another file), or None;
+    under a chain of loop devices, of the file at its bottom (the kernel refuses cycles)."""
+    found = _open_loop_status(fd)
+    if found is None:
+        return None
+    deeper = open_loop_backing(found)
+    if deeper is None:
+        return found
+    os.close(found)
+    return deeper
+
+
+def _open_loop_status(fd: int) -> int | None:
+    """A read-only descriptor of what the loop device open at ``fd`` is over, one level down."""
+    backing = _loop_status(fd)
     if backing is None:
         return None
     rdev = os.fstat(fd).st_rdev
