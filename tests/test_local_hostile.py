@@ -15,7 +15,8 @@ Attacked here, through the real ``isc`` command:
   one level of ``LOOP_GET_STATUS64`` names only the inner device's node, so it was taken
   as a second destination (or by a second session); with an offset on the outer device a
   copy wrote the file twice, at two offsets, and reported the outer one consistent over
-  data that was not the source's.
+  data that was not the source's. A writable loop device over the loop device a session
+  takes as its source is refused at the open (as root), through the chain too.
 
 Each refusal is one line naming the object and the fix, and changes nothing. A test that
 needs root (loop devices) skips naming what it lacks.
@@ -29,9 +30,11 @@ from pathlib import Path
 import pytest
 from helpers import fill_random, session_file
 from test_boundary_hostile import run_isc
+from test_guard import needs_guard
 from test_lun import _loop_device as loop_device
 
 from isc import FileLUN
+from isc.errors import StateError
 from isc.store import copy, create_session, open_session
 
 G = 4096
@@ -73,3 +76,16 @@ def test_a_loop_device_over_a_loop_device_over_a_destination_is_refused(root: Pa
             done = run_isc("add-dest", "other", outer, "--name", "outer", cwd=root, fail=True)
         assert "in use by another isc session" in done.stderr, done.stderr
         assert session_file(root / "other") == other
+
+
+@needs_guard
+def test_a_writable_loop_device_over_the_loop_device_source_is_refused(root: Path) -> None:
+    with loop_device(root / "source.img") as device:
+        create_session(root / "on-device", device, granularity=G)
+        before = session_file(root / "on-device")
+        with (
+            loop_device(device) as outer,
+            pytest.raises(StateError, match=f"writable through the loop device {outer}"),
+        ):
+            open_session(root / "on-device")
+        assert session_file(root / "on-device") == before
