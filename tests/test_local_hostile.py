@@ -18,6 +18,11 @@ Attacked here, through the real ``isc`` command:
   data that was not the source's. A writable loop device over the loop device a session
   takes as its source is refused at the open (as root), through the chain too.
 
+Bad input that changes nothing (rule 10):
+
+* an empty ``checkpoint.journal`` (truncated to nothing): refused as a lost checkpoint
+  should be, but the line said ``holds no whole checkpoint: None``.
+
 Each refusal is one line naming the object and the fix, and changes nothing. A test that
 needs root (loop devices) skips naming what it lacks.
 """
@@ -30,6 +35,7 @@ from pathlib import Path
 import pytest
 from helpers import fill_random, session_file
 from test_boundary_hostile import run_isc
+from test_cli import files
 from test_guard import needs_guard
 from test_lun import _loop_device as loop_device
 
@@ -89,3 +95,22 @@ def test_a_writable_loop_device_over_the_loop_device_source_is_refused(root: Pat
         ):
             open_session(root / "on-device")
         assert session_file(root / "on-device") == before
+
+
+# -- bad input: files of the state directory -----------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True, reason="an empty journal is refused as 'holds no whole checkpoint: None'"
+)
+def test_an_empty_checkpoint_journal_is_refused_in_one_line_saying_so(root: Path) -> None:
+    journal = root / "state" / "checkpoint.journal"
+    journal.write_bytes(b"")
+    before = files(root / "state")
+    for verb in ("mark", "copy", "unmark", "remove-dest"):
+        done = run_isc(
+            verb, "state", *(["d1.img"] if verb == "remove-dest" else []), cwd=root, fail=True
+        )
+        assert f"{journal.relative_to(root)} is empty" in done.stderr, done.stderr
+        assert "isc recover state --reset-destinations" in done.stderr, done.stderr
+        assert files(root / "state") == before
