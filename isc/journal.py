@@ -123,7 +123,8 @@ def read(path: Path) -> Loaded:
         segments, torn = _segments(file, path)
         while True:
             if not segments:
-                raise CorruptMetadata(f"{path} holds no whole checkpoint: {torn}")
+                why = f"holds no whole checkpoint: {torn}" if torn else "is empty"
+                raise CorruptMetadata(f"{path} {why}")
             try:
                 bitmap = _replay(file, path, segments)
             except _Torn as exc:

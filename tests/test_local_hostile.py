@@ -100,9 +100,6 @@ def test_a_writable_loop_device_over_the_loop_device_source_is_refused(root: Pat
 # -- bad input: files of the state directory -----------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True, reason="an empty journal is refused as 'holds no whole checkpoint: None'"
-)
 def test_an_empty_checkpoint_journal_is_refused_in_one_line_saying_so(root: Path) -> None:
     journal = root / "state" / "checkpoint.journal"
     journal.write_bytes(b"")
