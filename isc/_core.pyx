@@ -70,7 +70,8 @@ empty (a base makes every page pending, in O(pages / 64)).
 write waits for one such hold at most. Between two holds a thread blocked on
 the mutex gets it first (``_acquire`` counts them in ``_blocked``, and the
 encoder waits on ``_cv`` until one of them has had it: an unlock and lock
-again would win it back before the woken thread runs), and once 0.2 ms of
+again would win it back before the woken thread runs; for the same reason
+``thaw`` returns only once each write it woke has had the mutex), and once 0.2 ms of
 work ran since it last did (``YIELD_NS``), the encoder yields the CPU, so a
 writer waiting for this CPU (one the encoder's wake-up preempted) runs then,
 not at the next tick; yielding at every hold cost a busy CPU's checkpoint a
@@ -431,6 +432,9 @@ cdef class DeltaBitmap:
     cdef uint64_t _blocked        # threads blocked in _acquire (atomic)
     cdef uint64_t _served         # acquisitions by such threads, under the mutex
     cdef int _handing             # snapshot_records calls waiting for one of them
+    cdef uint64_t _waiting        # writes waiting in _record (frozen, marking, a save)
+    cdef uint64_t _woken          # returns from that wait, under the mutex
+    cdef int _thawing             # thaw calls waiting for the writes they woke
     cdef object _hold_hook        # tests: called at the end of each hold
     cdef bint _hooked
 
@@ -762,7 +766,12 @@ cdef class DeltaBitmap:
                     with nogil:
                         while self._marking or self._frozen \
                                 or self._overlaps_saving(lo, hi):
+                            self._waiting += 1
                             pthread_cond_wait(&self._cv, &self._mu)
+                            self._waiting -= 1
+                            self._woken += 1
+                            if self._thawing:
+                                pthread_cond_broadcast(&self._cv)
                 if not self._reserve_saving():
                     raise MemoryError("cannot grow the list of writes in flight")
             if self._marked and span > STACK_CHUNKS:
@@ -1373,14 +1382,27 @@ cdef class DeltaBitmap:
     def thaw(self):
         """Let the writes held off by ``freeze`` go on. No-op when not frozen.
 
-        Then yields the CPU once, the GIL released: a writer the thaw woke
-        needs the GIL to go on, and the thread that froze (a checkpoint) would
-        otherwise take it straight back and keep it for the whole switch
-        interval, releases in between restarting the writer's wait.
+        Returns once each write it woke has had the mutex (and recorded, unless
+        it waits again for a save in flight): the thread that froze (a
+        checkpoint, whose encoding takes the mutex hold after hold) would
+        otherwise take the mutex back before a woken write runs, and keep the
+        write waiting for the whole encoding. Then yields the CPU once, the GIL
+        released: a writer the thaw woke needs the GIL to go on, and the thread
+        that froze would otherwise take it straight back and keep it for the
+        whole switch interval, releases in between restarting the writer's wait.
         """
+        cdef uint64_t waiting, woken
         self._acquire()
+        waiting = self._waiting if self._frozen else 0
+        woken = self._woken
         isc_store_flag(&self._frozen, 0)
         pthread_cond_broadcast(&self._cv)
+        if waiting:
+            self._thawing += 1
+            with nogil:
+                while self._woken - woken < waiting:
+                    pthread_cond_wait(&self._cv, &self._mu)
+            self._thawing -= 1
         self._release()
         with nogil:
             sched_yield()

@@ -204,6 +204,23 @@ def test_clear_tracking_waits_for_the_write_in_flight():
     assert bitmap.tracking_count == 0
 
 
+def test_a_write_held_off_by_freeze_is_recorded_when_thaw_returns():
+    """``thaw`` returns once each write it woke has had the mutex: a checkpoint that thaws
+    and then encodes (a hold of the mutex after another) cannot take the mutex back
+    before the woken write runs, which kept that write waiting for the whole encoding."""
+    bitmap = DeltaBitmap(64 * G, G)
+    bitmap.freeze()
+    writer = Worker(lambda: bitmap.begin_write(9 * G, G))
+    assert not writer.done.wait(NOT_YET), "begin_write did not wait while frozen"
+    assert bitmap.writes == 0
+    bitmap.thaw()
+    assert bitmap.writes == 1 and bitmap.tracking(9)
+    assert len(writer.finish()) == 0
+    bitmap.end_write(9 * G, G, False)
+    bitmap.thaw()  # not frozen: returns at once
+    bitmap._check()
+
+
 def test_mark_when_marked_fails_at_once_even_with_a_write_in_flight():
     bitmap = DeltaBitmap(64 * G, G)
     bitmap.mark()
