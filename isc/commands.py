@@ -551,12 +551,11 @@ def _create_file(target: str, size: int) -> tuple[int, int]:
 def _remove_dest(args: argparse.Namespace) -> int:
     credentials = _cli_auth.client_credentials(args)
     with _open(args) as stored:
-        where = {d["name"]: d.get("site") for d in stored.meta["destinations"]}
+        records = {d["name"]: d for d in stored.meta["destinations"]}
         dest = stored.remove_destination(args.destination)
         name = stored.meta["name"]
-        site = where.get(dest.name)
-        # Best effort: the destination is out of the session whatever the agent says.
-        kept = stored.release(dest.name, site, credentials) if site else None
+        # Best effort: the destination is out of the session whatever its site says.
+        kept = stored.release(records[dest.name], credentials)
         if kept is not None:
             print(f"isc: warning: {kept}", file=sys.stderr)
         protected = dest.protected_state is not None
@@ -564,7 +563,7 @@ def _remove_dest(args: argparse.Namespace) -> int:
             "session": name,
             "removed": dest.name,
             "protected_at_site": protected,
-            "released": bool(site) and kept is None,
+            "released": kept is None,
         }
         text = f"removed destination {dest.name} from {name}; its data stays as it is"
         if protected:

@@ -54,6 +54,21 @@ rollback_group  ``rbd group snap rollback`` of every image a group snapshot
                 update resends it all
 ==============  ============================================================
 
+**Holder** (rule 12 across sites): an image is the destination of one session at a
+time. Its metadata key ``isc.holder`` (``rbd image-meta``) names the session that holds
+it, as an agent's export's holder record does (:func:`isc.remote.session_holder`, JSON):
+``isc add-dest`` claims it (:func:`claim`), protect and rollback check it (and take an
+image none holds: a session added before holders claims at its next update),
+unprotect checks it, status reports it, ``isc remove-dest`` removes it
+(:func:`release`). Another session's request is refused (``Ack.held``) naming the
+holder and the fix; so is one of a value that is not a holder's (damaged). The way out
+when the holding session is gone: ``rbd image-meta remove POOL/IMAGE isc.holder``
+(Ceph's own authentication). Image metadata has no compare-and-set: a claim sets the
+key and reads it back, so of two claims at one instant the later write holds the
+image, and the other session's protects are refused from then on; its own claim may
+pass if it read the key back before the other wrote it. A claim or check costs one or
+two ``rbd`` runs (0.1 s each on the test cluster).
+
 A group snapshot holds every image of its group, so unprotecting one of
 them keeps it until every one was unprotected (this site keeps count; a new
 site sees it as a leftover protection of each, which the next update
@@ -88,7 +103,7 @@ from isc.copy import Destination
 from isc.errors import IscError, ParameterError
 from isc.lun import ForwardingLUN
 from isc.nbd import NBDLUN
-from isc.remote import Ack, RemoteSite, RoutingSite
+from isc.remote import Ack, RemoteSite, RoutingSite, is_holder
 from isc.session import Session
 
 log = logging.getLogger(__name__)
@@ -99,6 +114,9 @@ PREFIX = "isc-"
 
 START_TIMEOUT = 30.0
 """Seconds a ``qemu-nbd`` may take to open its image and listen."""
+
+HOLDER_KEY = "isc.holder"
+"""The image metadata key that names the session holding the image (the module docstring)."""
 
 _NAME = re.compile(r"[\w.+-]+")
 _SNAPSHOT = re.compile(r"isc-(.+)-(\d+)")
@@ -353,6 +371,72 @@ class RBDLUN(ForwardingLUN):
         self.close()
 
 
+# -- the holder: image metadata -------------------------------------------------------
+
+
+def _holder(image: RBDImage, wait: float) -> dict | None:
+    """The session ``image``'s metadata names as its holder, None when none; ``RBDError``
+    when it cannot be read or names none in a holder's form (damaged)."""
+    try:
+        value = image.rbd("image-meta", "get", image.spec, HOLDER_KEY, timeout=wait)
+    except RBDError as exc:
+        if "(2) No such file or directory" in str(exc):
+            return None
+        raise
+    try:
+        holder = json.loads(value)
+    except ValueError:
+        holder = None
+    if not is_holder(holder):
+        raise RBDError(
+            f"{image}: its metadata {HOLDER_KEY} is damaged (not a holder's record): which "
+            f"session copies into it cannot be told; if none does, remove it: "
+            f"rbd image-meta remove {image.spec} {HOLDER_KEY}"
+        )
+    return holder
+
+
+def _held(image: RBDImage, holder: dict | None, wait: float, claim: bool) -> str | None:
+    """Why a request of ``holder`` (None: one that names no session) about ``image`` is
+    refused, another session holding it; else None, with ``claim`` taking an image that
+    none holds. ``RBDError`` when the metadata cannot be read or set."""
+    held = _holder(image, wait)
+    if held is None and claim and holder is not None:
+        image.rbd("image-meta", "set", image.spec, HOLDER_KEY, json.dumps(holder), timeout=wait)
+        held = _holder(image, wait)  # another claim's write may have come in between
+    if held is None or (holder is not None and held["id"] == holder["id"]):
+        return None
+    return (
+        f"{image} is held by session {held['name']} on {held['machine']} (id {held['id']}): "
+        f"the copies of two sessions would leave it a mix of both; remove it from that "
+        f"session (isc remove-dest {held['name']} DEST), or if that session is gone, let it "
+        f"go: rbd image-meta remove {image.spec} {HOLDER_KEY}"
+    )
+
+
+def claim(uri: str, holder: dict, timeout: float = 30.0) -> str | None:
+    """Hold the image ``uri`` for ``holder`` (``isc add-dest``); why not (another session
+    holds it, or its metadata cannot be had), in one line, else None."""
+    try:
+        return _held(RBDImage.parse(uri), holder, timeout, claim=True)
+    except RBDError as exc:
+        return str(exc)
+
+
+def release(uri: str, holder: dict, timeout: float = 30.0) -> str | None:
+    """Let the image ``uri`` go from ``holder`` (``isc remove-dest``); why not, else None."""
+    image = RBDImage.parse(uri)
+    try:
+        why = _held(image, holder, timeout, claim=False)
+        if why is None:
+            image.rbd("image-meta", "remove", image.spec, HOLDER_KEY, timeout=timeout)
+    except RBDError as exc:
+        if "(2) No such file or directory" in str(exc):
+            return None  # none held it
+        return str(exc)
+    return why
+
+
 # -- protection: RBD snapshots ---------------------------------------------------------
 
 
@@ -384,6 +468,7 @@ class _Protection:
 class _Entry:
     image: RBDImage
     session: Session  # its name and generation name the snapshots
+    holder: dict | None = None  # the session as the image's holder (the module docstring)
 
 
 class RBDSite(RemoteSite):
@@ -400,11 +485,20 @@ class RBDSite(RemoteSite):
         # it goes once all of its images did.
         self._released: dict[tuple[str, str, str], set[tuple[str, str]]] = {}
 
-    def add(self, name: str, image: RBDImage | str, session: Session) -> None:
-        """Make destination ``name``, on ``image``, known; ``session`` copies to it."""
+    def add(
+        self, name: str, image: RBDImage | str, session: Session, holder: dict | None = None
+    ) -> None:
+        """Make destination ``name``, on ``image``, known; ``session`` copies to it, named
+        ``holder`` (:func:`isc.remote.session_holder`) in the image's metadata."""
         self._entries[name] = _Entry(
-            image if isinstance(image, RBDImage) else RBDImage.parse(image), session
+            image if isinstance(image, RBDImage) else RBDImage.parse(image), session, holder
         )
+
+    def _refused_held(self, rid: int, entry: _Entry, wait: float, claim: bool) -> Ack | None:
+        """The refusal of a request about ``entry``'s image another session holds
+        (``Ack.held``), else None (with ``claim``, taking one none holds)."""
+        why = _held(entry.image, entry.holder, wait, claim)
+        return None if why is None else Ack(rid, False, why, held=True)
 
     def _entry(self, dest: Destination) -> _Entry:
         entry = self._entries.get(dest.name)
@@ -440,6 +534,8 @@ class RBDSite(RemoteSite):
         try:
             entry = self._entry(dest)
             wait = self._wait(timeout)
+            if (refused := self._refused_held(rid, entry, wait, claim=True)) is not None:
+                return refused
             held = self._protections(entry, wait)
             if held:
                 self._claim(entry, held[0])
@@ -458,6 +554,8 @@ class RBDSite(RemoteSite):
         try:
             entry = self._entry(dest)
             wait = self._wait(timeout)
+            if (refused := self._refused_held(rid, entry, wait, claim=False)) is not None:
+                return refused
             image = entry.image
             for held in self._protections(entry, wait):
                 if held.group is None:
@@ -529,6 +627,8 @@ class RBDSite(RemoteSite):
             entries = [self._entry(d) for d in dests]
             if len(dests) < 2 or len({e.image.conf for e in entries}) > 1:
                 raise RBDError("the images are not two or more of one cluster")
+            if any(_held(e.image, e.holder, wait, claim=True) for e in entries):
+                raise RBDError("another session holds a member")  # its protect says which
             if any(self._protections(e, wait) for e in entries):
                 raise RBDError("a member has a leftover protection, which it keeps")
             first = entries[0]
@@ -560,9 +660,14 @@ class RBDSite(RemoteSite):
         plans: dict[tuple, tuple[_Protection, list[int]]] = {}  # a rollback: the dests it restores
         for i, dest in enumerate(dests):
             try:
-                found = self._protections(self._entry(dest), wait)
+                entry = self._entry(dest)
+                refused = self._refused_held(self._next_id(), entry, wait, claim=True)
+                found = self._protections(entry, wait) if refused is None else []
             except RBDError as exc:
                 acks[i] = self._refused(self._next_id(), exc)
+                continue
+            if refused is not None:
+                acks[i] = refused
                 continue
             if not found:
                 reason = f"{dest.name} is not protected: there is no image to restore"
@@ -677,8 +782,11 @@ def _join(
         _rbd(conf, ("group", "image", "add", spec, f"{pool}/{image}"), wait)
 
 
-def with_rbd(site: RemoteSite, session: Session, targets: Mapping[str, str]) -> RemoteSite:
-    """The site for ``session``'s destinations ``targets`` (name to path or URI).
+def with_rbd(
+    site: RemoteSite, session: Session, targets: Mapping[str, str], holder: dict | None = None
+) -> RemoteSite:
+    """The site for ``session``'s destinations ``targets`` (name to path or URI), named
+    ``holder`` in their images' metadata.
 
     ``site`` for the others; when some are RBD images, a
     :class:`~isc.remote.RoutingSite` that sends theirs to an :class:`RBDSite`.
@@ -688,5 +796,5 @@ def with_rbd(site: RemoteSite, session: Session, targets: Mapping[str, str]) -> 
         return site
     rbd_site = RBDSite()
     for name in names:
-        rbd_site.add(name, targets[name], session)
+        rbd_site.add(name, targets[name], session, holder)
     return RoutingSite(dict.fromkeys(names, rbd_site), site)

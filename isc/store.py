@@ -971,25 +971,38 @@ class PersistentSession:
         own = {name: where for name, where in self._sites.items() if where is not None}
         agents = {where: self._agent(where, credentials) for where in own.values()}
         routed = RoutingSite({n: agents[w] for n, w in own.items()}, site) if own else site
-        return with_rbd(routed, self.session, self._targets)
+        return with_rbd(routed, self.session, self._targets, self._holder)
+
+    @property
+    def _holder(self) -> dict:
+        """This session as the holder of the agents' exports and RBD images it copies to
+        (:func:`isc.remote.session_holder`; :mod:`isc.agent`, :mod:`isc.rbd`)."""
+        return session_holder(self.meta["id"], self.meta["name"])
 
     def _agent(self, where: str, credentials: Credentials | None) -> AgentSite:
         """The isc agent at ``where`` (an address :func:`isc.remote.agent_address` reads),
-        asked in this session's name: the holder of the exports it copies to
-        (:func:`isc.remote.session_holder`, :mod:`isc.agent`)."""
-        holder = session_holder(self.meta["id"], self.meta["name"])
-        return AgentSite.at(agent_address(where), credentials, holder=holder)
+        asked in this session's name (:attr:`_holder`)."""
+        return AgentSite.at(agent_address(where), credentials, holder=self._holder)
 
-    def release(self, name: str, where: str, credentials: Credentials | None) -> str | None:
-        """Let export ``name`` of the agent at ``where`` go (this session's hold on it, after
-        :meth:`remove_destination`); why it could not (one line naming the fix), or None."""
-        ack = self._agent(where, credentials).release(Destination(None, name), self._timeout)
-        if ack.ok:
+    def release(self, dest: dict, credentials: Credentials | None) -> str | None:
+        """Let ``dest`` (a destination's record, after :meth:`remove_destination`) go from
+        this session's hold: at its agent, reached with ``credentials``, or in its RBD
+        image's metadata; why it could not (one line naming the fix), or None."""
+        from isc import rbd
+
+        name, where = dest["name"], dest.get("site")
+        if where is not None:
+            ack = self._agent(where, credentials).release(Destination(None, name), self._timeout)
+            why, fix = (None if ack.ok else ack.reason), f"isc release {where} {name}"
+        elif rbd.is_rbd(dest["target"]):
+            why = rbd.release(dest["target"], self._holder, self._timeout or DEFAULT_TIMEOUT)
+            image = rbd.RBDImage.parse(dest["target"]).spec
+            fix = f"rbd image-meta remove {image} {rbd.HOLDER_KEY}"
+        else:
             return None
-        return (
-            f"{name} stays held for {self.meta['name']} at {where} ({ack.reason}); release it "
-            f"there once the agent answers: isc release {where} {name}"
-        )
+        if why is None:
+            return None
+        return f"{name} stays held for {self.meta['name']} ({why}); let it go there: {fix}"
 
     def destination(self, name: str) -> Destination:
         """The destination named ``name``; ``ParameterError`` naming those there are."""
@@ -1048,6 +1061,8 @@ class PersistentSession:
         URI. NBD URIs compare as strings: two URIs of one export pass. Nothing
         changes then.
         """
+        from isc import rbd
+
         name = name or Path(target).name or target
         problem = self._clash(target, name)
         if problem is None and site is not None and not target.startswith("nbd"):
@@ -1083,6 +1098,9 @@ class PersistentSession:
                     unknown = ack.reason == f"no export named {name!r}"
                     named = " (the name must be its export's: --name)" if unknown else ""
                     problem = f"cannot add {name} at site {agent.where}: {ack.reason}{named}"
+            elif rbd.is_rbd(target):  # the image's metadata names its holder
+                why = rbd.claim(target, self._holder, self._timeout or DEFAULT_TIMEOUT)
+                problem = None if why is None else f"cannot add {name}: {why}"
             if problem is not None:
                 raise ParameterError(problem)
         except BaseException:

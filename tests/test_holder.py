@@ -317,7 +317,7 @@ def test_remove_dest_releases_the_export_and_warns_when_the_agent_is_down(
     remote.stop()
     done = isc_run("remove-dest", "b", "disk", "--timeout", "2", cwd=tmp_path)
     (warning,) = done.stderr.strip().splitlines()
-    assert warning.startswith("isc: warning: disk stays held for b at ")
+    assert warning.startswith("isc: warning: disk stays held for b (the agent at ")
     assert warning.endswith(f"isc release {remote.site} disk")
     assert states(tmp_path, "b") == {}
     assert holder_of(exports) == session_id(tmp_path, "b")

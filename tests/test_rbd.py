@@ -12,6 +12,9 @@
   back to, and reused (not replaced) by the next update;
 * a consistency group of three images: one group snapshot, a failed copy of
   each, one group rollback to the previous cut;
+* one image, two sessions: the second add-dest is refused naming the holder
+  (the image's metadata), and once the first session lost it, its update fails
+  for that image alone; a damaged holder value is refused, not taken as free;
 * the site's own failures (an unknown destination, a timeout, a group
   rollback asked for part of a group), the URI form, the private export.
 
@@ -43,7 +46,7 @@ from test_serve import Export
 from isc import DestState, FileLUN, MemoryLUN, ParameterError, Session
 from isc.copy import Destination
 from isc.lun import ReconnectingLUN
-from isc.rbd import RBDLUN, RBDImage, RBDSite, snapshot_name, stop_exports, with_rbd
+from isc.rbd import RBDLUN, RBDImage, RBDSite, snapshot_name, stop_exports
 from isc.remote import Ack, LocalSite, RoutingSite
 from isc.store import Progress, create_session, open_session, update
 from isc.update import PeriodicUpdate, UpdateError, rollback_group
@@ -145,7 +148,7 @@ def test_periodic_updates_to_two_rbd_images_under_host_writes(ceph, tmp_path, na
                     during.append([ceph.snapshots(name) for name in names[:2]])
                     writers.allow(20)  # host writes during the copy: COFW
 
-            site = with_rbd(LocalSite(), session, {n: ceph.uri(n) for n in names[:2]})
+            site = stored.site(LocalSite())  # in the session's name, its images' holder
             progress = Progress(stored, also=look, bar=False)
             workflow = PeriodicUpdate(
                 session, stored.destinations, site, io_size=IO, flush_every=IO, progress=progress
@@ -179,7 +182,7 @@ def test_a_copy_cut_short_by_a_killed_qemu_nbd_is_rolled_back_and_repaired(ceph,
                 for pid in killed:
                     os.kill(pid, signal.SIGKILL)
 
-        site = with_rbd(LocalSite(), session, {d1: ceph.uri(d1), d2: ceph.uri(d2)})
+        site = stored.site(LocalSite())  # in the session's name, its images' holder
         progress = Progress(stored, also=kill, bar=False)
         workflow = PeriodicUpdate(
             session, stored.destinations, site, io_size=IO, flush_every=IO, progress=progress
@@ -444,6 +447,52 @@ def test_isc_add_dest_refuses_a_bad_rbd_destination_and_changes_nothing(ceph, tm
     assert done.returncode == 1 and "is already destination a" in done.stderr
     done = isc("rollback", str(state), "a", check=False)
     assert done.returncode == 1 and "rollback of a failed: a is not protected" in done.stderr
+
+
+def test_an_image_is_the_destination_of_one_session_at_a_time(ceph, tmp_path, names):
+    """Rule 12 across sites: the image's metadata names the session that added it; another
+    session's add-dest is refused, and once the operator let the image go and the other
+    took it, the first one's update fails for that image alone (its local destination is
+    copied) and never calls it consistent."""
+    states, sources = [], []
+    for k in range(2):
+        source = tmp_path / f"source{k}.img"
+        with FileLUN.create(source, SIZE) as lun:
+            fill_random(lun, random.Random(k))
+        sources.append(source.read_bytes())
+        create_session(tmp_path / f"s{k}", str(source), granularity=G)
+        states.append(tmp_path / f"s{k}")
+    image = ceph.create_image(names[0], SIZE)
+    FileLUN.create(tmp_path / "local.img", SIZE).close()
+    isc("add-dest", str(states[0]), str(tmp_path / "local.img"), "--name", "local")
+    isc("add-dest", str(states[0]), image, "--name", "img")
+    done = isc("add-dest", str(states[1]), image, "--name", "img", check=False)
+    assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+    assert "is held by session s0 on " in done.stderr
+    assert f"rbd image-meta remove rbd/{names[0]} isc.holder" in done.stderr
+    assert session_file(states[1])["destinations"] == []
+    isc("update", str(states[0]))
+    assert ceph.read(names[0]) == sources[0]
+
+    ceph.rbd("image-meta", "remove", f"rbd/{names[0]}", "isc.holder")  # the operator's way
+    isc("add-dest", str(states[1]), image, "--name", "img")
+    isc("update", str(states[1]))
+    failed = isc("update", str(states[0]), check=False)
+    assert failed.returncode == 1 and "is held by session s1 on " in failed.stderr
+    recorded = {d["name"]: d["state"] for d in session_file(states[0])["destinations"]}
+    assert recorded == {"local": "consistent", "img": "new"}
+    assert ceph.read(names[0]) == sources[1] and ceph.snapshots(names[0]) == []
+
+    done = isc("remove-dest", str(states[1]), "img", "--json")
+    assert json.loads(done.stdout)["released"] is True
+    ceph.rbd("image-meta", "set", f"rbd/{names[0]}", "isc.holder", '{"id": 7')  # damaged
+    failed = isc("update", str(states[0]), check=False)
+    assert failed.returncode == 1 and "isc.holder is damaged" in failed.stderr, failed.stderr
+    ceph.rbd("image-meta", "remove", f"rbd/{names[0]}", "isc.holder")
+    isc("update", str(states[0]))  # a session of before holders claims at its protect
+    assert ceph.read(names[0]) == sources[0]
+    holder = json.loads(ceph.rbd("image-meta", "get", f"rbd/{names[0]}", "isc.holder"))
+    assert holder["name"] == "s0"
 
 
 # -- without the cluster: routing and group requests --------------------------------------
