@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 
 from isc.copy import CopyJob, CopyResult, Destination, DestState
@@ -206,7 +206,7 @@ class PeriodicUpdate:
                     continue
                 results.append(result)
                 copied = [d for d in dests if result.outcomes.get(d.name) == "ok"]
-                undone = _unprotect_copied(self.site, session, copied, self.timeout)
+                undone = _unprotect_copied(self.site, session, copied, self.timeout, named)
                 done = [d for d in copied if d.name not in undone]
                 dropped = [d for d in dests if d not in copied]
                 _track_undone(self.site, session, dropped, named, self.timeout)
@@ -392,54 +392,73 @@ def _ask_group(site, request: str, dests: Sequence[Destination], timeout: float)
 
 
 def _unprotect_copied(
-    site, session: Session, dests: Sequence[Destination], timeout: float
+    site,
+    session: Session,
+    dests: Sequence[Destination],
+    timeout: float,
+    named: Collection[str] = (),
 ) -> dict[str, str]:
     """Unprotect ``dests``, which a copy of ``session`` brought up to date.
 
     An ack that lists ranges (``extents``, an agent's) says a rollback by another
     client rewrote them since the protect: it undid part of the copy. Those ranges
-    are tracked again (rule 2) and the destination is INCONSISTENT. Returns each
-    such destination's name with why, in one line.
+    are tracked again (rule 2) and the destination is INCONSISTENT. For one of
+    ``named`` (its protect named its image) whose unprotect failed (no answer: the
+    agent went down), its status says them instead (:func:`_undone`); when that
+    fails too, nothing does: it is INCONSISTENT and out of step. Returns each such
+    destination's name with why, in one line.
     """
     undone = {}
     for dest in dests:
         ack = _ask(site, "unprotect", dest, timeout)
         if ack.ok:
             dest.protected_state = None
-        if ack.extents:
-            _track(session, ack.extents)
+        extents = ack.extents if ack.ok or dest.name not in named else _undone(site, dest, timeout)
+        if extents is None:
+            dest.state = DestState.INCONSISTENT
+            undone[dest.name] = (
+                f"{dest.name}'s agent answered neither its unprotect nor what a rollback by "
+                f"another client may have undone of the copy since: {dest.name} is "
+                "inconsistent and its next update gives it every chunk"
+            )
+        elif extents:
+            _track(session, extents)
             dest.state = DestState.INCONSISTENT
             undone[dest.name] = (
                 f"{dest.name} was rolled back by another client of its site during the copy: "
-                f"the {len(ack.extents)} range(s) it undid are tracked again, and {dest.name} "
+                f"the {len(extents)} range(s) it undid are tracked again, and {dest.name} "
                 "is inconsistent until its next update"
             )
-            log.error("%s", undone[dest.name])
+        else:
+            continue
+        log.error("%s", undone[dest.name])
     return undone
+
+
+def _undone(site, dest: Destination, timeout: float) -> list | None:
+    """The ranges rollbacks by other clients of ``dest``'s agent rewrote since its protect
+    (its status's ``undone``); None when the agent does not answer. Then nothing tells
+    them: ``dest`` falls out of step (no epoch, and no samples, which are no scrub), so
+    its next copy gives it every chunk, seeded from a destination in step or a full
+    copy, and the other destinations resend nothing for it (rule 13)."""
+    ack = _ask(site, "status", dest, timeout)
+    if ack.ok:
+        return ack.info.get("undone") or []
+    log.error("%s: what a rollback undid of its copy is unknown: it needs every chunk", dest.name)
+    dest.epoch, dest.samples = None, []
+    return None
 
 
 def _track_undone(
     site, session: Session, dests: Sequence[Destination], named: set[str], timeout: float
 ) -> None:
     """After a failed copy of ``session``, track what rollbacks by other clients of an
-    agent undid of it (rule 2): the ``undone`` ranges a status lists for each of
-    ``dests`` whose protect named its image (``named``). The unmark merged only what
-    the copy had not sent; what it sent and a rollback undid is tracked nowhere else.
-    A status that fails (no answer: the agent went down) leaves that unknown: the
-    destination falls out of step (no epoch, no samples, which are no scrub), so its
-    next copy gives it every chunk, seeded from one in step or a full copy; the
-    other destinations resend nothing for it (rule 13).
-    """
+    agent undid of it (rule 2): the ``undone`` ranges a status lists (:func:`_undone`)
+    for each of ``dests`` whose protect named its image (``named``). The unmark merged
+    only what the copy had not sent; what it sent and a rollback undid is tracked
+    nowhere else."""
     for dest in dests:
-        if dest.name not in named:
-            continue
-        ack = _ask(site, "status", dest, timeout)
-        if not ack.ok:
-            log.error(
-                "%s: what a rollback undid of its copy is unknown: it needs every chunk", dest.name
-            )
-            dest.epoch, dest.samples = None, []
-        elif undone := ack.info.get("undone"):
+        if dest.name in named and (undone := _undone(site, dest, timeout)):
             _track(session, undone)
 
 
