@@ -643,6 +643,9 @@ class PersistentSession:
         }
         """What each destination's agent last said identifies its export
         (:func:`isc.agent.export_identity`), checked before an update relies on it."""
+        self.held_elsewhere: dict[str, str] = {}
+        """The destinations whose agent said another session holds them, at the last
+        :func:`check_agents`, with why: :func:`copy` leaves them out."""
         self.region_size = meta["region_size"]
         self.max_hot = meta["max_hot"]
         self.hot_limit = max(meta.get("hot_limit", DEFAULT_HOT_LIMIT), self.max_hot)
@@ -1214,7 +1217,10 @@ def check_agents(stored: PersistentSession, site, timeout: float = DEFAULT_TIMEO
     control port and periodic updates) runs it. Returns a line for each found to be another
     file (it becomes NEW: its next copy is a full one)."""
     agents = agent_sites(stored)
-    return check_identities(site, stored.destinations, stored.identities, agents, timeout)
+    stored.held_elsewhere.clear()
+    return check_identities(
+        site, stored.destinations, stored.identities, agents, timeout, stored.held_elsewhere
+    )
 
 
 def copy_destinations(stored: PersistentSession) -> list[Destination]:
@@ -1300,9 +1306,14 @@ def copy(
     cancel it from elsewhere). A ``full`` copy of a marked session is the marked
     full copy of its mark: every chunk joins that mark's transfer bitmap, which
     needs no chunk written since the mark (``StateError`` otherwise, changing
-    nothing: their data at the mark is gone). Raises what the copy job raises.
+    nothing: their data at the mark is gone). Raises what the copy job raises. A
+    destination :func:`check_agents` found held by another session is left out
+    (``StateError`` when none is left).
     """
-    dests = copy_destinations(stored)
+    dests = [d for d in copy_destinations(stored) if d.name not in stored.held_elsewhere]
+    if not dests:
+        held = "; ".join(stored.held_elsewhere.values())
+        raise StateError(f"{stored.meta['name']} has no destination of its own to copy to: {held}")
     progress = progress or Progress(stored)
     progress.checkpoints = mode != "full-unmarked"
     job = CopyJob(stored.session, dests, progress=progress, **copy_options)

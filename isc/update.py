@@ -324,6 +324,7 @@ def check_identities(
     identities: dict[str, str],
     agents: set[str],
     timeout: float = DEFAULT_TIMEOUT,
+    held: dict[str, str] | None = None,
 ) -> list[str]:
     """Rule 12 at the agents: ask ``site`` (each waiting ``timeout`` seconds) what
     identifies the export of each of ``destinations`` named in ``agents``
@@ -334,15 +335,19 @@ def check_identities(
     NEW, so its next copy is a full one. Returns a line for each such destination;
     records in ``identities`` what each agent said (an identity of an earlier agent,
     without generation or birth time, is replaced by the new form). One whose agent does
-    not answer is left as it is (its samples still check it, :mod:`isc.fingerprint`)."""
+    not answer is left as it is (its samples still check it, :mod:`isc.fingerprint`).
+    One another session holds (``Ack.held``, :mod:`isc.agent`) becomes NEW, gets a
+    line each time, and goes into ``held`` (name -> why) when given."""
     found = []
     for dest in destinations:
         ack = site.status(dest, timeout) if dest.name in agents else None
         seen = ack.info.get("identity") if ack is not None and ack.ok else None
-        if ack is not None and ack.held and dest.state is not DestState.NEW:
+        if ack is not None and ack.held:
             # Another session copies into it (rule 12 across sites): nothing it holds is ours.
             dest.state, dest.epoch, dest.samples = DestState.NEW, None, []
             found.append(f"{ack.reason}; it gets a full copy once it is this session's again")
+            if held is not None:
+                held[dest.name] = str(ack.reason)
         if not isinstance(seen, str):
             continue
         known = identities.get(dest.name)

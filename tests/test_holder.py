@@ -267,6 +267,11 @@ def test_the_losing_sessions_update_fails_that_destination_and_copies_the_others
     again = isc_run("update", "a", "--timeout", str(WAIT), cwd=tmp_path, check=1)
     assert "held by session b" in again.stderr
     assert states(tmp_path, "a")["disk"] == "new"
+    # isc copy protects nothing: the agent's status tells, and the copy leaves it out.
+    copied = isc_run("copy", "a", "--full", "--json", "--timeout", str(WAIT), cwd=tmp_path)
+    assert "held by session b" in copied.stderr
+    assert json.loads(copied.stdout)["outcomes"] == {"local": "ok"}
+    assert (exports / "disk").read_bytes() == b_source.read_bytes()
 
 
 def test_a_damaged_holder_record_is_refused_until_released(
