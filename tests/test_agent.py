@@ -1276,6 +1276,27 @@ def test_the_credentials_on_the_command_line_go_to_every_agent(
     assert (exports / "disk").read_bytes() == source.read_bytes()
 
 
+def test_only_a_client_with_the_credentials_releases_an_export(
+    tmp_path: Path, source: Path, exports: Path
+):
+    """Rule 14: ``isc release`` and ``isc remove-dest``'s release go through the agent's
+    authenticated control port; without the secret nothing is released."""
+    holder = exports / ".isc-agent" / "disk.holder"
+    with agent_with_a_secret(tmp_path, source, exports) as (site, uri):
+        isc_run("add-dest", "s", uri, "--site", site, "--secret-file", "secret", cwd=tmp_path)
+        held = holder.read_bytes()
+        done = isc_run("release", site, "disk", cwd=tmp_path, check=1)
+        assert f"the agent at {site} refused release disk: authentication" in error_line(done)
+        assert holder.read_bytes() == held
+        done = isc_run("remove-dest", "s", "disk", cwd=tmp_path)  # removed, with a warning
+        assert "refused release disk: authentication" in done.stderr
+        assert f"isc release {site} disk" in done.stderr
+        assert holder.read_bytes() == held
+        done = isc_run("release", site, "disk", "--secret-file", "secret", cwd=tmp_path)
+        assert done.stdout.startswith(f"released disk at {site} from session s on ")
+        assert not holder.exists()
+
+
 def test_isc_serve_every_reaches_each_destinations_own_agent_with_the_credentials(
     tmp_path: Path, source: Path, exports: Path
 ):
