@@ -23,28 +23,48 @@ Bad input that changes nothing (rule 10):
 * an empty ``checkpoint.journal`` (truncated to nothing): refused as a lost checkpoint
   should be, but the line said ``holds no whole checkpoint: None``.
 
+A seeded stress test, bounded to a few seconds, of what the other stress tests do not mix
+(tests/test_window_hostile.py: a Python child, two writers, a save area of 64 chunks;
+tests/test_crash.py: ``isc update`` and ``isc serve --every``): rounds of copies of each
+kind in this process with writer threads racing them, cancels and a save area of a few
+chunks of 2 KiB (so marked copies run out of it), then a real ``isc copy`` of each kind
+SIGKILLed at a seeded write of an NBD destination served here; that destination fails on
+demand in both, and a third destination is taken out and added again between rounds.
+After each copy and each kill every destination reported consistent holds one of the
+point-in-time images the source went through, and every chunk where a destination in step
+differs from the source is tracked (rules 1, 2, 5, 6, 9, 13).
+
 Each refusal is one line naming the object and the fix, and changes nothing. A test that
 needs root (loop devices) skips naming what it lacks.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import random
+import signal
+import subprocess
+import threading
 from pathlib import Path
 
 import pytest
-from helpers import fill_random, session_file
+from helpers import Writers, assert_no_lost_change, fill_random, session_file
 from test_boundary_hostile import run_isc
-from test_cli import files
+from test_cli import ISC, files
+from test_crash import Tripwire, killed_by
 from test_guard import needs_guard
 from test_lun import _loop_device as loop_device
+from test_serve import Export
 
-from isc import FileLUN
-from isc.errors import StateError
+from isc import DestState, FileLUN
+from isc.errors import CopyError, StateError
 from isc.store import copy, create_session, open_session
 
 G = 4096
 SIZE = 64 * G
+SMALL = 2048
+"""The stress test's granularity, the smallest."""
 
 
 @pytest.fixture
@@ -111,3 +131,152 @@ def test_an_empty_checkpoint_journal_is_refused_in_one_line_saying_so(root: Path
         assert f"{journal.relative_to(root)} is empty" in done.stderr, done.stderr
         assert "isc recover state --reset-destinations" in done.stderr, done.stderr
         assert files(root / "state") == before
+
+
+# -- stress: copies in this process and real isc copies killed, destinations coming and going ----
+
+
+class Faulty(Tripwire):
+    """An export's LUN that fails every write while ``failing`` is set, and SIGKILLs the
+    copying process at its Nth write or flush once armed (:class:`test_crash.Tripwire`)."""
+
+    def __init__(self, lun) -> None:
+        super().__init__(lun)
+        self.failing = threading.Event()
+
+    def write(self, offset: int, data) -> None:
+        if self.failing.is_set():
+            raise OSError(errno.EIO, "injected failure of d2")
+        super().write(offset, data)
+
+
+def digest(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+def check_destinations(stored, images: set[bytes]) -> int:
+    """Rules 2 and 6 on ``stored`` while nothing writes: a destination in step has every
+    difference from the source tracked, and one that reads consistent holds one of
+    ``images``. Returns how many read consistent."""
+    session, consistent = stored.session, 0
+    for dest in stored.destinations:
+        if dest.in_step(session):
+            assert_no_lost_change(session, dest.lun)
+        if dest.state is DestState.CONSISTENT:
+            consistent += 1
+            held = dest.lun.read(0, session.source.size)
+            assert digest(held) in images, f"{dest.name} reads consistent, holds no image"
+    return consistent
+
+
+def copy_racing_writers(stored, rng: random.Random, images: set[bytes], d2: Faulty) -> bool:
+    """One copy of a seeded kind in this process while two writer threads write a seeded
+    amount, maybe cancelled at a seeded write, d2 maybe failing. Whether it failed."""
+    session = stored.session
+    size = session.source.size
+    kind = rng.choice(("incremental", "incremental", "full", "full-unmarked"))
+    if kind != "full-unmarked":
+        in_step = all(d.in_step(session) for d in stored.destinations)
+        session.mark(full=kind == "full" or not in_step)
+        images.add(digest(session.source.read(0, size)))
+    job_of, cancel_at, lock, count = (
+        [],
+        rng.choice((None, rng.randrange(1, 150))),
+        threading.Lock(),
+        [0],
+    )
+
+    def write(writer: int, seq: int, wrng: random.Random) -> None:
+        length = wrng.choice((512, SMALL, 3 * SMALL + 100))
+        session.write(wrng.randrange(size - length), wrng.randbytes(length))
+        with lock:
+            count[0] += 1
+            if count[0] == cancel_at and job_of:
+                job_of[0].cancel()
+
+    d2.failing.set() if rng.random() < 0.25 else d2.failing.clear()
+    with Writers(write, 2, rng.randrange(1 << 30)) as writers:
+        writers.allow(rng.randrange(0, 200))
+        try:
+            copy(
+                stored,
+                "incremental" if kind != "full-unmarked" else kind,
+                io_size=4 * SMALL,
+                started=job_of.append,
+            )
+            failed = False
+        except (CopyError, StateError):
+            failed = True
+        writers.settle()
+    d2.failing.clear()
+    return failed
+
+
+def test_stress_of_copies_kills_failures_and_destinations_coming_and_going(tmp_path: Path) -> None:
+    rng = random.Random("local-stress")
+    size = 256 * SMALL + 1024  # a short last chunk
+    with FileLUN.create(tmp_path / "source.img", size) as source:
+        fill_random(source, rng)
+    for name in ("d1", "d2", "d3"):
+        FileLUN.create(tmp_path / f"{name}.img", size).close()
+    d2 = Faulty(FileLUN(tmp_path / "d2.img"))
+    export = Export(tmp_path / "d2.sock", d2)
+    state = tmp_path / "state"
+    create_session(
+        state, str(tmp_path / "source.img"), granularity=SMALL, save_area=(12 * SMALL, None)
+    )
+    images: set[bytes] = set()
+    rounds, kills, failed, consistent = 6, 0, 0, 0
+    export.start()
+    try:
+        with open_session(state)[0] as stored:
+            stored.add_destination(str(tmp_path / "d1.img"), "d1")
+            stored.add_destination(export.uri, "d2")
+            stored.add_destination(str(tmp_path / "d3.img"), "d3")
+        with open(tmp_path / "isc.log", "ab") as log:
+            for _ in range(rounds):
+                with open_session(state)[0] as stored:
+                    # After the kill of the round before (or nothing, at the first).
+                    consistent += check_destinations(stored, images)
+                    failed += copy_racing_writers(stored, rng, images, d2)
+                    consistent += check_destinations(stored, images)
+                    if rng.random() < 0.4:
+                        if any(d.name == "d3" for d in stored.destinations):
+                            stored.remove_destination("d3")
+                        else:
+                            stored.add_destination(str(tmp_path / "d3.img"), "d3")
+                    # A real isc copy of a seeded kind with no host writes: its image is
+                    # the source now. An incremental one copies this mark.
+                    kind = rng.choice(([], ["--full"], ["--full", "--unmarked"]))
+                    if not kind:
+                        stored.session.mark(
+                            full=not all(d.in_step(stored.session) for d in stored.destinations)
+                        )
+                    images.add(digest(stored.source.read(0, size)))
+                d2.arm(rng.choice((0, 1, 2, 3, rng.randrange(1, 8))))  # a copy writes a few runs
+                d2.failing.set() if rng.random() < 0.25 else d2.failing.clear()
+                proc = subprocess.Popen(
+                    [*ISC, "copy", str(state), *kind], stdout=subprocess.DEVNULL, stderr=log
+                )
+                d2.target(proc.pid)
+                code = killed_by(export, proc)
+                d2.failing.clear()
+                assert code in (0, 1, -signal.SIGKILL), (tmp_path / "isc.log").read_text()
+                kills += code == -signal.SIGKILL
+                failed += code == 1
+        assert "Traceback" not in (tmp_path / "isc.log").read_text()
+        with open_session(state)[0] as stored:
+            consistent += check_destinations(stored, images)
+            # One full copy makes every destination the source again.
+            copy(stored, "full")
+            source_now = stored.source.read(0, size)
+            for dest in stored.destinations:
+                assert dest.state is DestState.CONSISTENT and dest.lun.read(0, size) == source_now
+    finally:
+        export.stop()
+        d2.close()
+    print(
+        f"\nlocal stress: {rounds} rounds, {kills} kills, {failed} failed copies, "
+        f"{consistent} consistent destinations checked against the images"
+    )
+    assert kills and failed and consistent, (kills, failed, consistent)
