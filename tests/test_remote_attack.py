@@ -15,7 +15,10 @@ the racing step at the exact point (no sleeps):
   update never reports the destination CONSISTENT without it;
 * the same rollback after a copy that succeeded, before its unprotect, whose
   answer is lost (the agent down): the destination must not be reported
-  CONSISTENT holding what the rollback put back.
+  CONSISTENT holding what the rollback put back;
+* a protected unmarked full copy that fails after another client's rollback:
+  what the rollback undid of the runs it sent must be tracked, as after a
+  failed periodic update.
 
 A test that found a hole in the current code is marked ``xfail(strict=True)``
 with the reason, naming the code: it passes once the hole is mended.
@@ -41,7 +44,7 @@ from test_pull import EIO, failure, frozen
 from isc import DestState, Session
 from isc.lun import FileLUN
 from isc.nbd import SessionLUN
-from isc.update import PeriodicUpdate, UpdateError
+from isc.update import PeriodicUpdate, UnmarkedFullCopy, UpdateError
 
 SEED = 20261206
 serve = test_nbd.serve  # the fixture: isc servers on Unix sockets in tmp_path
@@ -156,3 +159,45 @@ def test_a_rollback_by_another_client_then_the_unprotects_answer_lost(session, r
         PeriodicUpdate(session, [dest], site, timeout=WAIT, io_size=IO).run()
         assert dest.state is DestState.CONSISTENT
         test_peer_hostile.assert_honest(session, dest, remote.directory / "disk", image)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="isc.update.UnmarkedFullCopy.run never asks, after a failed copy, what a rollback "
+    "by another client undid of the runs it sent (_track_undone): they stay untracked",
+)
+def test_a_protected_unmarked_full_copy_failing_after_another_clients_rollback(session, remote):
+    dest, _ = test_peer_hostile.first_update(session, remote)
+    with dest.lun:
+        rng = random.Random(SEED + 2)
+        session.write(0, rng.randbytes(RUN))
+        write_randomly(session, rng, 20)
+        gate, runs = Gate(), iter(range(2))
+
+        def progress(*done: object) -> None:
+            if next(runs, 1):  # the first run is flushed as it is sent (flush_every)
+                gate(*done)  # parked after the second, until the rollback is done
+                raise OSError("the copy fails after its second run")
+
+        site = test_peer_hostile.site_of(remote)
+        full = UnmarkedFullCopy(
+            session,
+            [dest],
+            site,
+            protect=True,
+            timeout=WAIT,
+            io_size=RUN,
+            flush_every=1,
+            progress=progress,
+        )
+        running = Worker(full.run)
+        try:
+            gate.wait_reached()
+            assert test_peer_hostile.site_of(remote).rollback(dest).ok  # undoes the runs sent
+        finally:
+            gate.open()
+        with pytest.raises(UpdateError, match="the copy fails after its second run"):
+            running.finish()
+        assert dest.state is not DestState.CONSISTENT
+        if dest.in_step(session):
+            test_peer_hostile.assert_honest(session, dest, remote.directory / "disk", b"")
