@@ -27,6 +27,7 @@ from isc._units import format_bytes, parse_size
 from isc.auth import others_may_change
 from isc.commands import _site as host_port
 from isc.commands import (
+    _timeout_argument,
     agent_site,
     check_sites,
     print_json,
@@ -143,13 +144,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         "site", type=site_address, metavar="HOST:PORT|unix:PATH", help="the agent's --listen"
     )
     release.add_argument("export", metavar="EXPORT", help="the export's name")
-    release.add_argument(
-        "--timeout",
-        type=_positive,
-        default=30.0,
-        metavar="SECONDS",
-        help="wait at most this long for the agent's answer (default 30)",
-    )
+    _timeout_argument(release, "of the agent")
     release.add_argument("--json", action="store_true", help="print the report as JSON")
     _cli_auth.add_client_options(release)
     release.set_defaults(daemon="release")
