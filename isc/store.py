@@ -971,6 +971,8 @@ class PersistentSession:
         cluster for one (:func:`isc.rbd.with_rbd`); ``site`` for the others."""
         from isc.rbd import with_rbd
 
+        if isinstance(site, AgentSite):  # the --site of the others: asked in this name too
+            site = AgentSite.at(site.address, site.credentials, site.timeout, self._holder)
         own = {name: where for name, where in self._sites.items() if where is not None}
         agents = {where: self._agent(where, credentials) for where in own.values()}
         routed = RoutingSite({n: agents[w] for n, w in own.items()}, site) if own else site

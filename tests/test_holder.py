@@ -340,3 +340,21 @@ def test_a_session_of_before_holders_claims_its_export_at_its_next_update(
     remote.start()
     isc_run("update", "a", "--timeout", str(WAIT), cwd=tmp_path)
     assert holder_of(exports) == session_id(tmp_path, "a")
+
+
+def test_sessions_protected_by_the_site_on_the_command_line_hold_its_exports_too(
+    tmp_path: Path, exports: Path, remote: Agent
+) -> None:
+    """Destinations added without a site of their own, protected by ``update --site``:
+    the first session's protect holds the export, the other's update fails for it."""
+    a_source, _ = two_sessions(tmp_path)
+    for name in "ab":
+        isc_run("add-dest", name, remote.uri, cwd=tmp_path)  # no --site: nothing claimed
+    assert holder_of(exports) is None
+    isc_run("update", "a", "--site", remote.site, "--timeout", str(WAIT), cwd=tmp_path)
+    assert holder_of(exports) == session_id(tmp_path, "a")
+    update = ["update", "b", "--site", remote.site, "--timeout", str(WAIT)]
+    failed = isc_run(*update, cwd=tmp_path, check=1)
+    assert "held by session a on " in failed.stderr
+    assert states(tmp_path, "b") == {"disk": "new"}
+    assert (exports / "disk").read_bytes() == a_source.read_bytes()
