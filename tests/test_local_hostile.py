@@ -21,7 +21,10 @@ Attacked here, through the real ``isc`` command:
 Bad input that changes nothing (rule 10):
 
 * an empty ``checkpoint.journal`` (truncated to nothing): refused as a lost checkpoint
-  should be, but the line said ``holds no whole checkpoint: None``.
+  should be, but the line said ``holds no whole checkpoint: None``;
+* a save area in memory larger than the address space (``--save-area 1P``): ``isc create``
+  took it, and every later command on the session failed with ``Cannot allocate memory``,
+  naming nothing.
 
 A seeded stress test, bounded to a few seconds, of what the other stress tests do not mix
 (tests/test_window_hostile.py: a Python child, two writers, a save area of 64 chunks;
@@ -58,7 +61,8 @@ from test_lun import _loop_device as loop_device
 from test_serve import Export
 
 from isc import DestState, FileLUN
-from isc.errors import CopyError, StateError
+from isc.errors import CopyError, ParameterError, StateError
+from isc.savearea import SaveArea
 from isc.store import copy, create_session, open_session
 
 G = 4096
@@ -131,6 +135,19 @@ def test_an_empty_checkpoint_journal_is_refused_in_one_line_saying_so(root: Path
         assert f"{journal.relative_to(root)} is empty" in done.stderr, done.stderr
         assert "isc recover state --reset-destinations" in done.stderr, done.stderr
         assert files(root / "state") == before
+
+
+@pytest.mark.xfail(
+    strict=True, reason="a save area that cannot be mapped: 'Cannot allocate memory'"
+)
+def test_a_save_area_too_large_to_map_is_refused_at_create_in_one_line(root: Path) -> None:
+    before = sorted(p.name for p in root.iterdir())
+    done = run_isc("create", "big", "--source", "d2.img", "--save-area", "1P", cwd=root, fail=True)
+    assert "save area of 1.00 PiB cannot be mapped in memory" in done.stderr, done.stderr
+    assert "--save-area" in done.stderr, done.stderr
+    assert sorted(p.name for p in root.iterdir()) == before
+    with pytest.raises(ParameterError, match="cannot be mapped in memory"):
+        SaveArea(1 << 50)
 
 
 # -- stress: copies in this process and real isc copies killed, destinations coming and going ----
