@@ -433,6 +433,12 @@ class AgentSite(RequestSite):
     state relies on it; the next identity check finds the new file (rule 12). A
     whole reply must come within the timeout, and a reply of the wrong shape
     is a failed ack whose outcome is unknown.
+
+    ``holder`` (:func:`session_holder`) names the session in each request but
+    ``status``: the agent holds an export for one session at a time (:mod:`isc.agent`).
+    A request another session's hold refused, and a status that names another holder
+    (or a damaged record), give an ack with ``held`` set whose reason names the holder
+    and the fix (``isc remove-dest`` there, or ``isc release ADDRESS EXPORT``).
     """
 
     def __init__(
