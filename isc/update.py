@@ -29,7 +29,8 @@ Periodic incremental update (docs/design.md; the patent's figures 3-9):
 6. release the locks in every case.
 
 Unmarked full copy (figures 12-18): the same lock; optionally protect; the
-destinations are flagged inconsistent; the whole source is copied unmarked;
+destinations are flagged inconsistent; the whole source is copied unmarked
+(what a rollback by another client undid of it is tracked, as in step 5);
 the lock is released.
 """
 
@@ -299,17 +300,22 @@ class UnmarkedFullCopy:
         when protection or the copy failed (rule 2 restored).
         """
         with update_locks([(self.session, self.destinations)]):
+            named: set[str] = set()  # those whose agent tells what a rollback undid
             if self.protect:
-                _protect_all(self.site, self.destinations, self.timeout, [], spare_held=False)
+                named, _ = _protect_all(
+                    self.site, self.destinations, self.timeout, [], spare_held=False
+                )
             try:
                 job = CopyJob(self.session, self.destinations, **self.copy_options)
                 result = job.full(marked=False)
             except (CopyError, StateError) as exc:
+                _track_undone(self.site, self.session, self.destinations, named, self.timeout)
                 raise UpdateError(f"unmarked full copy failed: {exc}") from exc
             done = [d for d in self.destinations if result.outcomes.get(d.name) == "ok"]
             if self.protect:  # the destinations end inconsistent: what a rollback undid is tracked
-                _unprotect_copied(self.site, self.session, done, self.timeout)
+                _unprotect_copied(self.site, self.session, done, self.timeout, named)
             dropped = [d for d in self.destinations if d not in done]
+            _track_undone(self.site, self.session, dropped, named, self.timeout)
             if dropped:
                 failed = ", ".join(f"{d.name} {result.outcomes[d.name]}" for d in dropped)
                 raise UpdateError(

@@ -161,11 +161,6 @@ def test_a_rollback_by_another_client_then_the_unprotects_answer_lost(session, r
         test_peer_hostile.assert_honest(session, dest, remote.directory / "disk", image)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="isc.update.UnmarkedFullCopy.run never asks, after a failed copy, what a rollback "
-    "by another client undid of the runs it sent (_track_undone): they stay untracked",
-)
 def test_a_protected_unmarked_full_copy_failing_after_another_clients_rollback(session, remote):
     dest, _ = test_peer_hostile.first_update(session, remote)
     with dest.lun:
