@@ -64,6 +64,7 @@ from collections.abc import Callable
 
 from isc._core import DeltaBitmap, FileSave, SavedWrite, Slots
 from isc._layout import MAX_GRANULARITY
+from isc._units import format_bytes
 from isc.errors import ParameterError, RangeError, SaveAreaFull, StateError
 from isc.lun import BytesLike, FileLUN
 
@@ -87,7 +88,14 @@ class _MemoryStore:
         # Private and not reserved: an area as large as a big LUN (a protection's)
         # costs address space only, and memory as it fills, as a dict of copies did.
         flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE
-        self._map = mmap.mmap(-1, capacity, flags=flags)
+        try:
+            self._map = mmap.mmap(-1, capacity, flags=flags)
+        except OSError as exc:  # beyond the address space (128 TiB on x86_64) or its limit
+            raise ParameterError(
+                f"a save area of {format_bytes(capacity, long=True)} cannot be mapped in "
+                f"memory ({exc.strerror}); give a smaller one, or a file for it "
+                "(isc create --save-area SIZE,PATH)"
+            ) from None
         self.view = memoryview(self._map)
 
     def fill(self, entry: _Slot, fill: Callable[[memoryview], object]) -> None:
@@ -216,7 +224,8 @@ class SaveArea:
     """A bounded store of original chunk contents, keyed by chunk index.
 
     ``capacity`` is in bytes and must be > 0 (else ``ParameterError``). With
-    ``path=None`` the area is in memory; otherwise it lives in a new file that
+    ``path=None`` the area is in memory (one it cannot map, beyond the address
+    space, raises ``ParameterError``); otherwise it lives in a new file that
     it creates at ``path`` (exclusively, mode 0600, not through a symlink),
     locks (``flock``) and marks with the extended attribute :data:`MARK`. The
     file never grows beyond ``capacity`` bytes, and :meth:`close` removes it

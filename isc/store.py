@@ -1558,6 +1558,8 @@ def create_session(
     problem = _meta_problem(meta)
     if problem:
         raise ParameterError(f"cannot create a session in {path}: {problem}")
+    if save_area is not None and save_area[1] is None:
+        SaveArea(save_area[0]).close()  # refuses one too large to map: every open would fail
     area = save_area[1] if save_area else None
     if area is not None and os.path.lexists(area):
         raise ParameterError(
