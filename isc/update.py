@@ -25,7 +25,9 @@ Periodic incremental update (docs/design.md; the patent's figures 3-9):
    are tracked again, it is inconsistent and the update fails; on failure
    the copy unmarks (merge) and the protection stays, so :func:`rollback`
    can restore the last consistent image (what a rollback by another client
-   undid of the copy meanwhile is tracked too: an agent's status lists it);
+   undid of the copy meanwhile is tracked too: an agent's status lists it;
+   when the agent answers neither unprotect nor status, the destination is
+   inconsistent and out of step: its next copy gives it every chunk);
 6. release the locks in every case.
 
 Unmarked full copy (figures 12-18): the same lock; optionally protect; the
