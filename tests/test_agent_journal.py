@@ -409,7 +409,9 @@ def test_isc_rollback_killed_while_the_agent_answers_leaves_the_change_tracked(
             (dest,) = stored.destinations
             assert dest.state is DestState.INCONSISTENT
             assert_no_lost_change(stored.session, restored)
-            PeriodicUpdate(stored.session, [dest], site, timeout=WAIT, io_size=IO).run()
+            # In the session's name: isc rollback made it the export's holder.
+            held = stored.site(site)
+            PeriodicUpdate(stored.session, [dest], held, timeout=WAIT, io_size=IO).run()
             assert dest.state is DestState.CONSISTENT
         assert (exports / "disk").read_bytes() == source.read_bytes()
 

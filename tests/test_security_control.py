@@ -48,7 +48,7 @@ from isc.commands import status_report
 from isc.control import ControlServer
 from isc.errors import AuthenticationError, ParameterError
 from isc.nbd import NBDLUN
-from isc.remote import AgentSite
+from isc.remote import AgentSite, session_holder
 from isc.store import read_state
 from isc.update import PeriodicUpdate
 
@@ -715,7 +715,8 @@ def test_an_agent_on_a_unix_socket_is_the_site_of_update_rollback_and_serve(
         done = isc_run("update", "s", *site, cwd=tmp_path, check=1)
         assert f"the agent at unix:{path}" in error_line(done)
         client = Credentials("client", tls_creds=good, secret_file=secret)
-        agent = AgentSite(unix=path, timeout=WAIT, credentials=client)
+        holder = session_holder(read_state(tmp_path / "s").meta["id"], "s")  # s holds disk
+        agent = AgentSite(unix=path, timeout=WAIT, credentials=client, holder=holder)
         # The writes of an update that failed under a protection, rolled back by isc rollback.
         dest = Destination(None, name="disk")
         assert agent.protect(dest).ok
