@@ -66,8 +66,8 @@ when the holding session is gone: ``rbd image-meta remove POOL/IMAGE isc.holder`
 (Ceph's own authentication). Image metadata has no compare-and-set: a claim sets the
 key and reads it back, so of two claims at one instant the later write holds the
 image, and the other session's protects are refused from then on; its own claim may
-pass if it read the key back before the other wrote it. A claim or check costs one or
-two ``rbd`` runs (0.1 s each on the test cluster).
+pass if it read the key back before the other wrote it. A check costs one more ``rbd``
+run per protect, unprotect and rollback (a claim two more).
 
 A group snapshot holds every image of its group, so unprotecting one of
 them keeps it until every one was unprotected (this site keeps count; a new
