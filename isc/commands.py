@@ -33,7 +33,8 @@ they ask.
 ``isc status SESSION [--json]``            read-only: works while another process
                                            holds the session; says when its figures
                                            were taken
-``isc remove-dest SESSION NAME``           take a destination out (its data stays)
+``isc remove-dest SESSION NAME``           take a destination out (its data stays;
+                                           its agent or RBD image lets it go)
 ``isc destroy SESSION``                    delete the state directory (only isc's files)
 ``isc rollback SESSION DEST [--site H:P]`` restore a destination's protected image at
                                            its own site, else --site's (an RBD image's,
