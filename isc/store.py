@@ -93,7 +93,12 @@ checkpoint or log that cannot be read, and a journal whose newest
 checkpoint is not the one the activity logs beside it began with (another
 session's journal, or an older copy of this one's) or is older than the one
 ``session.json`` records (``checkpoint``, written at each save: a journal and
-its logs put back from a backup of this session). The way out is
+its logs put back from a backup of this session). So does a ``session.json``
+saved at a clean close (its source stamp ``closed``) whose ``generation``
+(marks so far) is behind the journal's: a backup of the file, whose
+destination states would be taken over the bitmap of later marks (not seen:
+a copy of the file taken while a session held it, or of an NBD URI
+source's, which has no stamp). The way out is
 ``open_session(reset=True)`` (``isc recover SESSION --reset-destinations``):
 every chunk tracked, every destination NEW, the next copy full.
 
@@ -940,6 +945,8 @@ class PersistentSession:
     def _current_meta(self) -> dict:
         meta = {key: value for key, value in self.meta.items() if key != "copy"}
         meta["epoch"] = self.session.epoch
+        # Marks so far: an older copy of this file put back is found by them (see _load).
+        meta["generation"] = self.session.generation
         meta["pull_epoch"] = self.session.pull_epoch
         meta["destinations"] = [
             {
@@ -1431,6 +1438,8 @@ def _meta_problem(meta: dict) -> str | None:
     for key, low in (("granularity", 1), ("region_size", 1), ("max_hot", 1), ("epoch", 0)):
         if not _count(meta.get(key), low):
             return f"field {key!r} is missing or not an integer >= {low}"
+    if not _count(meta.get("generation", 0), 0):
+        return "field 'generation' is not an integer >= 0"
     if meta.get("pull_epoch") is not None and not _count(meta["pull_epoch"], 0):
         return "field 'pull_epoch' is not null or an integer >= 0"
     if not _count(meta.get("hot_limit", 1), 1):
@@ -1807,6 +1816,16 @@ def _load(
                 f"{where} ends at checkpoint {generation}, but {path / METADATA} records "
                 f"checkpoint {meta['checkpoint']}: it is an older copy of this session's (a "
                 "backup's), whose bitmap lacks what was tracked since: put its own back"
+            )
+        closed = (meta.get("source_stamp") or {}).get("closed")
+        if closed and bitmap.generation > meta.get("generation", bitmap.generation):
+            # A clean close saves the file after its last checkpoint, and the next open
+            # saves it again before any mark: a mark past the one it records is newer.
+            raise CorruptMetadata(
+                f"{path / METADATA} was saved at a clean close after mark {meta['generation']}, "
+                f"but {where} holds mark {bitmap.generation}, made since: it is an older copy "
+                "of this session's file (a backup's), whose destination states are stale: put "
+                "its own back"
             )
         if loaded.session and meta.get("id") and loaded.session != meta["id"]:
             raise CorruptMetadata(

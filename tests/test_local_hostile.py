@@ -155,9 +155,6 @@ class FailingAfter(ForwardingLUN):
         self.lun.write(offset, data)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="json's checkpoint is compared only when the journal is older"
-)
 def test_an_older_copy_of_the_session_file_is_refused(tmp_path: Path) -> None:
     with FileLUN.create(tmp_path / "back.img", SIZE) as back:
         fill_random(back, random.Random(43))
