@@ -642,12 +642,9 @@ def loop_backing(fd: int) -> tuple[int, int] | None:
     ``fd`` is not a loop device with a file: the file its data is, under any name. Under
     a loop device over a loop device ... it is the file at the bottom: the node of the
     device beneath is not where the data is."""
-    backing = _loop_status(fd)
-    if backing is None:
-        return None
     bottom = open_loop_backing(fd)
-    if bottom is None:
-        return backing
+    if bottom is None:  # not a loop device, or its file is not at the name the kernel kept
+        return _loop_status(fd)
     try:
         info = os.fstat(bottom)
     finally:
