@@ -18,6 +18,12 @@ Attacked here, through the real ``isc`` command:
   data that was not the source's. A writable loop device over the loop device a session
   takes as its source is refused at the open (as root), through the chain too.
 
+* the session's own export as a destination: an NBD URI that named another server at
+  add-dest (a placeholder at the socket) and that ``isc serve`` of the session listens on
+  now. A marked copy wrote the image at the mark into the source through the session,
+  undoing the host writes made since (rules 5 and 11): a hole left open, as a strict xfail
+  (the copy cannot tell its own export from another server's; see the test).
+
 Bad input that changes nothing (rule 10):
 
 * an empty ``checkpoint.journal`` (truncated to nothing): refused as a lost checkpoint
@@ -55,17 +61,20 @@ import threading
 from pathlib import Path
 
 import pytest
-from helpers import Writers, assert_no_lost_change, fill_random, session_file
+from helpers import TIMEOUT, Writers, assert_no_lost_change, fill_random, session_file
+from test_agent import daemon
 from test_boundary_hostile import run_isc
 from test_cli import ISC, files
 from test_crash import Tripwire, killed_by
 from test_guard import needs_guard
 from test_lun import _loop_device as loop_device
+from test_pull_hostile import control
 from test_serve import Export
 
-from isc import DestState, FileLUN
+from isc import DestState, FileLUN, MemoryLUN
 from isc.errors import CopyError, ParameterError, StateError
 from isc.lun import ForwardingLUN
+from isc.nbd import NBDLUN, NBDServer
 from isc.savearea import SaveArea
 from isc.store import METADATA, copy, create_session, open_session
 
@@ -123,6 +132,35 @@ def test_a_writable_loop_device_over_the_loop_device_source_is_refused(root: Pat
         ):
             open_session(root / "on-device")
         assert session_file(root / "on-device") == before
+
+
+# -- the session's own export as a destination ---------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="nothing tells an NBD destination that is the session's own export (isc serve) "
+    "from another server's: its copy writes the image at the mark back into the source",
+)
+def test_the_sessions_own_export_as_a_destination_undoes_no_host_write(root: Path) -> None:
+    sock, ctl = root / "s.sock", root / "c.sock"
+    uri = f"nbd+unix:///state?socket={sock}"
+    # add-dest needs the export up: a placeholder of the source's size answers at the socket.
+    with MemoryLUN(SIZE) as placeholder, NBDServer(placeholder, name="state") as server:
+        server.start_unix(sock)
+        run_isc("add-dest", "state", uri, "--name", "self", cwd=root)
+    sock.unlink(missing_ok=True)
+    serve = ["serve", str(root / "state"), "--listen", f"unix:{sock}", "--control", f"unix:{ctl}"]
+    with daemon(root / "serve.log", *serve) as served, NBDLUN(uri, timeout=TIMEOUT) as host:
+        assert control(ctl, "copy", mode="full-unmarked")["ok"]
+        assert control(ctl, "mark")["ok"]
+        host.write(G, b"after the mark" * 8)
+        host.flush()
+        done = control(ctl, "copy")
+        held = host.read(G, 112)
+        served.stop()
+    assert held == b"after the mark" * 8, done
+    assert (root / "source.img").read_bytes()[G : G + 112] == b"after the mark" * 8
 
 
 # -- bad input: files of the state directory -----------------------------------------------------
