@@ -308,6 +308,12 @@ def test_a_request_that_names_no_session_is_refused_on_a_held_export(
         assert not ack.ok and ack.held and "held by session a" in (ack.reason or "")
     assert old.status(disk).ok
     assert not old.status(disk).info["protected"]
+    # Rule 10: a holder that is not one is refused, changing nothing.
+    old.holder = {"id": "not hex", "name": "b", "machine": "m"}
+    for ack in (old.protect(disk), old.claim(disk), old.release(disk)):
+        assert not ack.ok and not ack.held and (ack.reason or "").startswith("a holder is {")
+    assert holder_of(exports) == session_id(tmp_path, "a")
+    assert not old.status(disk).info["protected"]
 
 
 def test_remove_dest_releases_the_export_and_warns_when_the_agent_is_down(
