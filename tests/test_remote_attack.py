@@ -1,8 +1,9 @@
 """Attacks across processes and networks that earlier rounds left unforced.
 
 Each test forces one window no other test forces, with real peers (isc's NBD
-server spoken to by hand, ``isc agent``, ``isc update``) and hooks that run
-the racing step at the exact point (no sleeps):
+server spoken to by hand; ``isc agent`` processes at fixed ports, SIGKILLed and
+started again, with updates run through :mod:`isc.update` in this process) and
+hooks that run the racing step at the exact point (no sleeps):
 
 * a pull client of the frozen export ``NAME@frozen`` whose mark ends (an
   unmark) before or while the server works out which parts of a READ are
@@ -20,8 +21,9 @@ the racing step at the exact point (no sleeps):
   what the rollback undid of the runs it sent must be tracked, as after a
   failed periodic update.
 
-A test that found a hole in the current code is marked ``xfail(strict=True)``
-with the reason, naming the code: it passes once the hole is mended.
+A test that finds a hole in the current code is marked ``xfail(strict=True)``
+with the reason, naming the code; none is left: each hole found here is mended
+(the commit after the test's names it).
 """
 
 from __future__ import annotations
