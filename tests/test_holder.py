@@ -364,3 +364,75 @@ def test_sessions_protected_by_the_site_on_the_command_line_hold_its_exports_too
     assert "held by session a on " in failed.stderr
     assert states(tmp_path, "b") == {"disk": "new"}
     assert (exports / "disk").read_bytes() == a_source.read_bytes()
+
+
+def b_takes_it_over(export) -> None:
+    """The operator's forced release while session a copies, then session b's claim and a
+    write of b's (its copy) into the export: a window of a's update."""
+    export.release(None, force=True)
+    b = session_holder(0xB, "b")
+    assert export.claim(b)["ok"]
+    export.write(0, b"b" * 4096)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="an unprotect refused because another session holds the export is taken as "
+    "'nothing undone': the update calls the export consistent",
+)
+@pytest.mark.parametrize("window", ["after its protect", "before its unprotect"])
+def test_a_forced_release_during_the_holders_update_is_never_reported_consistent(
+    tmp_path: Path, exports: Path, window: str
+) -> None:
+    """Rule 6: ``isc release`` (forced) while the holder's update copies, and another
+    session claims the export and writes into it, between a's protect and its copy or
+    between its copy and its unprotect: a's unprotect is refused (held by b), and a's
+    update fails for the export and never calls it consistent; it gets a full copy once
+    it is a's again."""
+    two_sessions(tmp_path)
+    with agent_here(exports) as (here, control, uris):
+        export, site = here.exports["disk"], f"127.0.0.1:{control}"
+        isc_run("add-dest", "a", uris["disk"], "--site", site, cwd=tmp_path)
+        op = "protect" if window == "after its protect" else "unprotect"
+        carry_out = here.control.ops[op]
+
+        def taken_over(request: dict) -> dict:
+            if op == "protect":
+                reply = carry_out(request)
+                b_takes_it_over(export)
+                return reply
+            b_takes_it_over(export)
+            return carry_out(request)
+
+        here.control.ops[op] = taken_over
+        failed = isc_run("update", "a", "--timeout", str(WAIT), cwd=tmp_path, check=1)
+    assert "disk at 127.0.0.1:" in failed.stderr and "held by session b" in failed.stderr
+    assert states(tmp_path, "a") == {"disk": "new"}
+    assert holder_of(exports) == f"{0xB:016x}"
+
+
+@pytest.mark.xfail(
+    strict=True, reason="the agent trusts a holder record that other users may write"
+)
+@pytest.mark.parametrize("mode", [0o646, 0o620])
+def test_a_holder_record_other_users_may_write_is_not_trusted(
+    tmp_path: Path, exports: Path, remote: Agent, mode: int
+) -> None:
+    """A holder record another user may write (as :func:`isc.auth.others_may_change`
+    tells of credentials) may name whoever that user likes: here session b, which never
+    claimed the export. The agent refuses it as it does a damaged record, until released."""
+    two_sessions(tmp_path)
+    isc_run("add-dest", "a", remote.uri, "--site", remote.site, cwd=tmp_path)
+    remote.stop()
+    b = session_holder(int(session_id(tmp_path, "b"), 16), "b")
+    (exports / HOLDER).write_text(json.dumps(b))
+    (exports / HOLDER).chmod(mode)
+    remote.start()
+    refused = isc_run("add-dest", "b", remote.uri, "--site", remote.site, cwd=tmp_path, check=1)
+    line = error_line(refused)
+    assert f"disk.holder has mode {mode:04o}" in line and f"isc release {remote.site} disk" in line
+    assert states(tmp_path, "b") == {}
+    isc_run("release", remote.site, "disk", cwd=tmp_path)
+    isc_run("add-dest", "b", remote.uri, "--site", remote.site, cwd=tmp_path)
+    assert holder_of(exports) == session_id(tmp_path, "b")
+    assert (exports / HOLDER).stat().st_mode & 0o777 == 0o600
