@@ -27,7 +27,10 @@ Periodic incremental update (docs/design.md; the patent's figures 3-9):
    can restore the last consistent image (what a rollback by another client
    undid of the copy meanwhile is tracked too: an agent's status lists it;
    when the agent answers neither unprotect nor status, the destination is
-   inconsistent and out of step: its next copy gives it every chunk);
+   inconsistent and out of step: its next copy gives it every chunk); one
+   whose unprotect is refused because another session holds it now (an
+   operator's forced ``isc release`` during the copy, then that session's
+   claim: it may have written there) becomes NEW and the update fails for it;
 6. release the locks in every case.
 
 Unmarked full copy (figures 12-18): the same lock; optionally protect; the
@@ -418,14 +421,22 @@ def _unprotect_copied(
     are tracked again (rule 2) and the destination is INCONSISTENT. For one of
     ``named`` (its protect named its image) whose unprotect failed (no answer: the
     agent went down), its status says them instead (:func:`_undone`); when that
-    fails too, nothing does: it is INCONSISTENT and out of step. Returns each such
-    destination's name with why, in one line.
+    fails too, nothing does: it is INCONSISTENT and out of step. One whose unprotect is
+    refused because another session holds it now (``Ack.held``) becomes NEW. Returns
+    each such destination's name with why, in one line.
     """
     undone = {}
     for dest in dests:
         ack = _ask(site, "unprotect", dest, timeout)
         if ack.ok:
             dest.protected_state = None
+        if ack.held:
+            # Released (forced) and taken by another session since the protect: it may
+            # have written there, before the copy or after it (rule 12 across sites).
+            dest.state, dest.epoch, dest.samples = DestState.NEW, None, []
+            undone[dest.name] = f"{ack.reason}; it gets a full copy once it is this session's again"
+            log.error("%s", undone[dest.name])
+            continue
         extents = ack.extents if ack.ok or dest.name not in named else _undone(site, dest, timeout)
         if extents is None:
             dest.state = DestState.INCONSISTENT

@@ -375,11 +375,6 @@ def b_takes_it_over(export) -> None:
     export.write(0, b"b" * 4096)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an unprotect refused because another session holds the export is taken as "
-    "'nothing undone': the update calls the export consistent",
-)
 @pytest.mark.parametrize("window", ["after its protect", "before its unprotect"])
 def test_a_forced_release_during_the_holders_update_is_never_reported_consistent(
     tmp_path: Path, exports: Path, window: str
