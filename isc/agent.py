@@ -91,6 +91,9 @@ and a temp file left over is never read). Requests name theirs in ``holder``:
 * ``status`` names the ``holder`` (null when none) and ``holder_problem`` when the
   record cannot be read. A damaged record is not "no holder": every request that
   changes the export, and every claim, is refused naming it until a forced release.
+  Nor is one that is not a regular file, or that another user may write (it must be
+  the agent's user's or root's, writable by its owner alone, as credentials are:
+  :func:`isc.auth.others_may_change`): whoever may write it could name any session.
 
 Journal format: a header (``ISCJRNL3``, chunk size, export size, the export
 file's device and inode, the image's 8-byte id, which of the inode's generation and
@@ -157,7 +160,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from isc.auth import Credentials
+from isc.auth import Credentials, others_may_change
 from isc.control import ControlServer, Op
 from isc.errors import IscError, ParameterError
 from isc.lun import BIRTH_KEYS, FileLUN, ForwardingLUN, file_birth, same_birth
@@ -497,9 +500,16 @@ def _write_state(path: Path, data: bytes) -> None:
 
 def _read_holder(path: Path) -> tuple[dict | None, str | None]:
     """The holder ``path`` records (None: no file), and why it cannot be read (damaged:
-    not a holder's JSON record) or None."""
+    not a holder's JSON record; not a regular file; one another user may write, who
+    could name any session there, :func:`isc.auth.others_may_change`) or None."""
+    flags = os.O_NOFOLLOW | os.O_NONBLOCK  # a FIFO there must not stall the agent's start
     try:
-        with open(path, "rb", opener=lambda p, f: os.open(p, f | os.O_NOFOLLOW)) as file:
+        with open(path, "rb", opener=lambda p, f: os.open(p, f | flags)) as file:
+            info = os.fstat(file.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                return None, f"{path} is not a regular file"
+            if (problem := others_may_change(info)) is not None:
+                return None, f"{path} {problem}"
             data = file.read(4096)
     except FileNotFoundError:
         return None, None

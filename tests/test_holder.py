@@ -406,9 +406,6 @@ def test_a_forced_release_during_the_holders_update_is_never_reported_consistent
     assert holder_of(exports) == f"{0xB:016x}"
 
 
-@pytest.mark.xfail(
-    strict=True, reason="the agent trusts a holder record that other users may write"
-)
 @pytest.mark.parametrize("mode", [0o646, 0o620])
 def test_a_holder_record_other_users_may_write_is_not_trusted(
     tmp_path: Path, exports: Path, remote: Agent, mode: int
@@ -431,3 +428,22 @@ def test_a_holder_record_other_users_may_write_is_not_trusted(
     isc_run("add-dest", "b", remote.uri, "--site", remote.site, cwd=tmp_path)
     assert holder_of(exports) == session_id(tmp_path, "b")
     assert (exports / HOLDER).stat().st_mode & 0o777 == 0o600
+
+
+def test_a_holder_record_that_is_a_fifo_is_refused_and_stalls_nothing(
+    tmp_path: Path, exports: Path, remote: Agent
+) -> None:
+    """A FIFO where the holder record goes: opening it to read would wait for a writer
+    and stall the agent's start; it is refused as not a regular file, until released."""
+    two_sessions(tmp_path)
+    remote.stop()
+    (exports / HOLDER).parent.mkdir(mode=0o700)
+    os.mkfifo(exports / HOLDER, 0o600)
+    remote.start()
+    refused = isc_run("add-dest", "a", remote.uri, "--site", remote.site, cwd=tmp_path, check=1)
+    line = error_line(refused)
+    assert "disk.holder is not a regular file" in line, line
+    assert f"isc release {remote.site} disk" in line
+    isc_run("release", remote.site, "disk", cwd=tmp_path)
+    isc_run("add-dest", "a", remote.uri, "--site", remote.site, cwd=tmp_path)
+    assert holder_of(exports) == session_id(tmp_path, "a")
