@@ -447,3 +447,131 @@ def test_a_holder_record_that_is_a_fifo_is_refused_and_stalls_nothing(
     isc_run("release", remote.site, "disk", cwd=tmp_path)
     isc_run("add-dest", "a", remote.uri, "--site", remote.site, cwd=tmp_path)
     assert holder_of(exports) == session_id(tmp_path, "a")
+
+
+def test_add_dest_killed_between_its_claim_and_its_save_is_asked_again_and_holds_it(
+    tmp_path: Path, exports: Path, remote: Agent
+) -> None:
+    """SIGKILL of ``isc add-dest`` after the agent recorded its claim, before the
+    session's ``session.json`` was saved, then a restart of the agent: the session lists
+    no destination, the agent holds the export for it. A retry of add-dest claims it
+    again (the same session id) and adds it; another session is still refused."""
+    two_sessions(tmp_path)
+    hooks, parked = tmp_path / "hooks", tmp_path / "parked"
+    hooks.mkdir()
+    # Park at the save that records the destination (its URI), not at an earlier one.
+    parks = PARK.replace(
+        'os.fspath(dst).endswith(".holder")', 'b"nbd://" in open(src, "rb").read()'
+    )
+    (hooks / "sitecustomize.py").write_text(parks)
+    env = {**ENV, "ISC_TEST_PARKED": str(parked)}
+    env["PYTHONPATH"] = f"{hooks}{os.pathsep}{ENV['PYTHONPATH']}"
+    add = subprocess.Popen(
+        [*ISC, "add-dest", "a", remote.uri, "--site", remote.site],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_until(parked.exists, add, "the save of session.json", remote.log)
+        assert holder_of(exports) == session_id(tmp_path, "a")  # claimed, not yet saved
+    finally:
+        add.kill()
+        add.wait(WAIT)
+    remote.stop()
+    remote.start()
+    assert states(tmp_path, "a") == {}
+    isc_run("add-dest", "a", remote.uri, "--site", remote.site, cwd=tmp_path)
+    assert states(tmp_path, "a") == {"disk": "new"}
+    assert holder_of(exports) == session_id(tmp_path, "a")
+    refused = isc_run("add-dest", "b", remote.uri, "--site", remote.site, cwd=tmp_path, check=1)
+    assert "held by session a on " in error_line(refused)
+
+
+@pytest.mark.parametrize("name", ["nosuch", "../disk", "sub/disk", ".isc-agent", ".hidden"])
+def test_isc_release_of_no_export_is_one_line_and_changes_nothing(
+    tmp_path: Path, exports: Path, remote: Agent, name: str
+) -> None:
+    """Rule 10: ``isc release`` of a name the agent exports not (none such, a path, the
+    agent's state directory, a dotfile it never serves) is refused in one line naming
+    it, and the holder and the directory stay as they were."""
+    two_sessions(tmp_path)
+    (exports / ".hidden").write_bytes(b"")
+    isc_run("add-dest", "a", remote.uri, "--site", remote.site, cwd=tmp_path)
+    before = sorted(p.name for p in exports.rglob("*"))
+    refused = isc_run("release", remote.site, name, cwd=tmp_path, check=1)
+    line = error_line(refused)
+    assert line.startswith(f"isc: error: release of {name} at {remote.site} failed: ") and (
+        f"no export named {name!r}" in line and "nothing changed" in line
+    ), line
+    assert holder_of(exports) == session_id(tmp_path, "a")
+    assert sorted(p.name for p in exports.rglob("*")) == before
+
+
+def test_a_claim_racing_a_release_leaves_one_holder_or_none(tmp_path: Path, exports: Path) -> None:
+    """a's remove-dest (its release) and b's add-dest (its claim) meet at a barrier in the
+    agent: whichever takes the export's lock first, b holds the export exactly when its
+    add-dest succeeded, and a never holds it again."""
+    two_sessions(tmp_path)
+    barrier = threading.Barrier(2, timeout=WAIT)
+    with agent_here(exports) as (here, control, uris):
+        site = f"127.0.0.1:{control}"
+        isc_run("add-dest", "a", uris["disk"], "--site", site, cwd=tmp_path)
+        for op in ("claim", "release"):
+            carry_out = here.control.ops[op]
+
+            def met(request: dict, carry_out=carry_out) -> dict:
+                barrier.wait()  # both are in the agent before either is carried out
+                return carry_out(request)
+
+            here.control.ops[op] = met
+        commands = [["remove-dest", "a", "disk"], ["add-dest", "b", uris["disk"], "--site", site]]
+        runs = [
+            subprocess.Popen(
+                [*ISC, *command],
+                cwd=tmp_path,
+                env=ENV,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for command in commands
+        ]
+        said = [proc.communicate(timeout=WAIT) for proc in runs]
+    removed, added = runs
+    assert removed.returncode == 0 and not said[0][1], said
+    assert states(tmp_path, "a") == {}
+    if added.returncode == 0:
+        assert holder_of(exports) == session_id(tmp_path, "b")
+        assert states(tmp_path, "b") == {"disk": "new"}
+    else:
+        assert "held by session a on " in said[1][1], said
+        assert holder_of(exports) is None and states(tmp_path, "b") == {}
+
+
+def test_a_state_directory_copied_from_another_agent_holds_for_its_session(
+    tmp_path: Path, exports: Path, remote: Agent
+) -> None:
+    """The agent's state directory copied from another agent's: its holder record names a
+    session that never asked this agent. Another session is refused naming that one and
+    the fix, as for any holder that is gone; isc release lets it in."""
+    two_sessions(tmp_path)
+    other = tmp_path / "other"
+    (other / ".isc-agent").mkdir(parents=True, mode=0o700)
+    c = session_holder(0xC, "c")
+    (other / HOLDER).write_text(json.dumps(c))
+    (other / HOLDER).chmod(0o600)
+    remote.stop()
+    (exports / ".isc-agent").mkdir(mode=0o700)
+    (exports / HOLDER).write_bytes((other / HOLDER).read_bytes())
+    (exports / HOLDER).chmod(0o600)
+    remote.start()
+    refused = isc_run("add-dest", "a", remote.uri, "--site", remote.site, cwd=tmp_path, check=1)
+    line = error_line(refused)
+    assert f"held by session c on {c['machine']} (id {0xC:016x})" in line, line
+    assert f"isc release {remote.site} disk" in line
+    assert states(tmp_path, "a") == {}
+    isc_run("release", remote.site, "disk", cwd=tmp_path)
+    isc_run("add-dest", "a", remote.uri, "--site", remote.site, cwd=tmp_path)
+    assert holder_of(exports) == session_id(tmp_path, "a")
