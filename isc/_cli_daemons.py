@@ -40,6 +40,7 @@ from isc.copy import Destination
 from isc.errors import ParameterError, StateError
 from isc.nbd.proto import MAX_BLOCK
 from isc.nbd.server import MAX_DATA, MAX_REQUESTS
+from isc.remote import holder_text
 
 
 def listen_address(text: str) -> tuple[str, int]:
@@ -230,11 +231,7 @@ def _release(args: argparse.Namespace) -> int:
     if args.json:
         print_json({"site": site.where, "export": args.export, "released": was})
         return 0
-    held = (
-        f" from session {was['name']} on {was['machine']} (id {was['id']})"
-        if isinstance(was, dict)
-        else " (no session held it)"
-    )
+    held = f" from {holder_text(was)}" if isinstance(was, dict) else " (no session held it)"
     print(f"released {args.export} at {site.where}{held}: the next session to add it holds it")
     return 0
 

@@ -165,7 +165,7 @@ from isc.control import ControlServer, Op
 from isc.errors import IscError, ParameterError
 from isc.lun import BIRTH_KEYS, FileLUN, ForwardingLUN, file_birth, same_birth
 from isc.nbd import NBD_PORT
-from isc.remote import PROTECT_GRANULARITY, is_holder, saved_extents
+from isc.remote import PROTECT_GRANULARITY, holder_text, is_holder, saved_extents
 from isc.store import _fsync_dir, write_atomically
 from isc.tls import ServerTLS
 
@@ -594,8 +594,7 @@ class Export(ForwardingLUN):
             return None
         held = self.holder
         reason = (
-            f"{self.name} is held by session {held['name']} on {held['machine']} (id "
-            f"{held['id']})"
+            f"{self.name} is held by {holder_text(held)}"
             + (": another session copies into it" if holder else ", and this request names none")
             + f"; remove it from that session, or release it if that session is gone {fix}"
         )

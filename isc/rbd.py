@@ -103,7 +103,7 @@ from isc.copy import Destination
 from isc.errors import IscError, ParameterError
 from isc.lun import ForwardingLUN
 from isc.nbd import NBDLUN
-from isc.remote import Ack, RemoteSite, RoutingSite, is_holder
+from isc.remote import Ack, RemoteSite, RoutingSite, held_by, is_holder
 from isc.session import Session
 
 log = logging.getLogger(__name__)
@@ -406,12 +406,8 @@ def _held(image: RBDImage, holder: dict | None, wait: float, claim: bool) -> str
         held = _holder(image, wait)  # another claim's write may have come in between
     if held is None or (holder is not None and held["id"] == holder["id"]):
         return None
-    return (
-        f"{image} is held by session {held['name']} on {held['machine']} (id {held['id']}): "
-        f"the copies of two sessions would leave it a mix of both; remove it from that "
-        f"session (isc remove-dest {held['name']} DEST), or if that session is gone, let it "
-        f"go: rbd image-meta remove {image.spec} {HOLDER_KEY}"
-    )
+    let_go = f"let it go: rbd image-meta remove {image.spec} {HOLDER_KEY}"
+    return held_by(str(image), held, "DEST", let_go)
 
 
 def claim(uri: str, holder: dict, timeout: float = 30.0) -> str | None:

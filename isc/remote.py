@@ -103,6 +103,22 @@ def is_holder(value: object) -> bool:
     )
 
 
+def holder_text(holder: dict) -> str:
+    """``holder`` (:func:`session_holder`'s) as messages name it: its session's name,
+    machine and id."""
+    return f"session {holder['name']} on {holder['machine']} (id {holder['id']})"
+
+
+def held_by(what: str, holder: dict, dest: str, let_go: str) -> str:
+    """Why ``what`` (destination ``dest`` at its site) is not this session's to copy into:
+    ``holder`` holds it; one line naming the fixes, ``let_go`` when that session is gone."""
+    return (
+        f"{what} is held by {holder_text(holder)}: the copies of two sessions would leave "
+        f"it a mix of both; remove it from that session (isc remove-dest {holder['name']} "
+        f"{dest}), or if that session is gone, {let_go}"
+    )
+
+
 @dataclass(frozen=True)
 class Ack:
     """A site's answer to one request.
@@ -600,12 +616,7 @@ class AgentSite(RequestSite):
                 f"which session copies into it cannot be told; if none does, release it: "
                 f"{release}"
             )
-        return (
-            f"{name} at {self.where} is held by session {holder['name']} on "
-            f"{holder['machine']} (id {holder['id']}): the copies of two sessions would leave "
-            f"it a mix of both; remove it from that session (isc remove-dest {holder['name']} "
-            f"{name}), or if that session is gone, release it: {release}"
-        )
+        return held_by(f"{name} at {self.where}", holder, name, f"release it: {release}")
 
     def _trouble(self, exc: OSError | ValueError | RecursionError, op: str, name: str) -> str:
         """Why request ``op`` about ``name`` failed with ``exc``: one line for a user."""
