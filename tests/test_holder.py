@@ -38,8 +38,8 @@ _replace = os.replace
 
 
 def replace(src, dst, *args, **kwargs):
-    # The agent's holder record is written, not renamed yet: park here until SIGKILL.
-    if os.fspath(dst).endswith(".holder"):
+    # The file is written, not renamed yet: park here until SIGKILL.
+    if WHEN:
         open(os.environ["ISC_TEST_PARKED"], "x").close()
         threading.Event().wait()
     return _replace(src, dst, *args, **kwargs)
@@ -47,7 +47,19 @@ def replace(src, dst, *args, **kwargs):
 
 os.replace = replace
 """
-"""A ``sitecustomize`` that parks a process's holder write between its temp file and rename."""
+"""A ``sitecustomize`` that parks a process's atomic write (WHEN: of which ``src`` to ``dst``)
+between its temp file and rename."""
+
+
+def parking(tmp_path: Path, when: str) -> tuple[dict[str, str], Path]:
+    """The environment of a process that parks at its first ``os.replace`` for which
+    ``when`` (an expression of ``src`` and ``dst``) holds, until SIGKILL; and the file
+    made once it parked."""
+    hooks, parked = tmp_path / "hooks", tmp_path / "parked"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(PARK.replace("WHEN", when))
+    path = f"{hooks}{os.pathsep}{ENV['PYTHONPATH']}"
+    return {**ENV, "PYTHONPATH": path, "ISC_TEST_PARKED": str(parked)}, parked
 
 
 @pytest.fixture
@@ -166,17 +178,14 @@ def test_an_agent_killed_between_the_holder_record_and_its_rename_holds_the_old_
     its rename: the agent started again finds the record as it was (no holder), and its
     temp file is never read as one; the next claim holds it."""
     two_sessions(tmp_path)
-    logs, hooks = tmp_path / "logs", tmp_path / "hooks"
+    logs = tmp_path / "logs"
     logs.mkdir()
-    hooks.mkdir()
-    (hooks / "sitecustomize.py").write_text(PARK)
-    parked = tmp_path / "parked"
-    env = {**ENV, "PYTHONPATH": f"{hooks}{os.pathsep}{ENV['PYTHONPATH']}"}
-    parking = Agent(exports, {**env, "ISC_TEST_PARKED": str(parked)}, logs)
-    parking.start()
+    env, parked = parking(tmp_path, 'os.fspath(dst).endswith(".holder")')
+    parking_agent = Agent(exports, env, logs)
+    parking_agent.start()
     try:
         add = subprocess.Popen(
-            [*ISC, "add-dest", "a", parking.uri, "--site", parking.site],
+            [*ISC, "add-dest", "a", parking_agent.uri, "--site", parking_agent.site],
             cwd=tmp_path,
             env=ENV,
             stdout=subprocess.DEVNULL,
@@ -184,17 +193,17 @@ def test_an_agent_killed_between_the_holder_record_and_its_rename_holds_the_old_
             text=True,
         )
         try:
-            wait_until(parked.exists, parking.proc, "the holder write", parking.log)
+            wait_until(parked.exists, parking_agent.proc, "the holder write", parking_agent.log)
             assert (exports / ".isc-agent" / ".disk.holder.tmp").exists()
-            parking.proc.kill()
-            assert parking.killed()
+            parking_agent.proc.kill()
+            assert parking_agent.killed()
             _, err = add.communicate(timeout=WAIT)
         finally:
             if add.poll() is None:
                 add.kill()
                 add.wait(WAIT)
     finally:
-        parking.end()
+        parking_agent.end()
     assert add.returncode == 1 and "cannot add disk" in err, err
     assert states(tmp_path, "a") == {}
     assert holder_of(exports) is None  # the old record: none, never a torn or empty one
@@ -457,15 +466,8 @@ def test_add_dest_killed_between_its_claim_and_its_save_is_asked_again_and_holds
     no destination, the agent holds the export for it. A retry of add-dest claims it
     again (the same session id) and adds it; another session is still refused."""
     two_sessions(tmp_path)
-    hooks, parked = tmp_path / "hooks", tmp_path / "parked"
-    hooks.mkdir()
     # Park at the save that records the destination (its URI), not at an earlier one.
-    parks = PARK.replace(
-        'os.fspath(dst).endswith(".holder")', 'b"nbd://" in open(src, "rb").read()'
-    )
-    (hooks / "sitecustomize.py").write_text(parks)
-    env = {**ENV, "ISC_TEST_PARKED": str(parked)}
-    env["PYTHONPATH"] = f"{hooks}{os.pathsep}{ENV['PYTHONPATH']}"
+    env, parked = parking(tmp_path, 'b"nbd://" in open(src, "rb").read()')
     add = subprocess.Popen(
         [*ISC, "add-dest", "a", remote.uri, "--site", remote.site],
         cwd=tmp_path,
