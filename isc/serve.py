@@ -93,6 +93,7 @@ from isc.errors import CopyError, IscError
 from isc.lun import ReconnectingLUN
 from isc.nbd import NBDServer, SessionLUN
 from isc.nbd.export import FrozenExport
+from isc.nbd.proto import own_export
 from isc.remote import LocalSite, RemoteSite
 from isc.session import Session
 from isc.tls import ServerTLS
@@ -467,8 +468,16 @@ def run_serve(
                 opened.callback(source_lock.close)
             session = Session(lun, granularity, name=Path(source).name)
             opened.pop_all()
+    # The export says whose source it writes, so no destination of this session takes
+    # it, whatever address it was added at (rule 11: a copy would write the source).
+    description = "" if persistent is None else own_export(persistent.meta["id"])
     server = NBDServer(
-        SessionLUN(session), name=session.name, tls=tls, insecure=insecure, **(limits or {})
+        SessionLUN(session),
+        name=session.name,
+        tls=tls,
+        insecure=insecure,
+        description=description,
+        **(limits or {}),
     )
     routed = None if persistent is None else persistent.site(site or LocalSite(), site_credentials)
     controls = SessionControl(

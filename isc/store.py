@@ -214,20 +214,24 @@ def is_uri(target: str) -> bool:
     return _URI.match(target) is not None
 
 
-def open_lun(target: str, timeout: float | None = None):
+def open_lun(target: str, timeout: float | None = None, session: int | None = None):
     """Open a LUN from a path, an NBD URI (``nbd[s]://``, ``nbd[s]+unix://``: TLS with an s)
     or an RBD image's (``rbd:POOL/IMAGE[?conf=PATH]``: through a qemu-nbd of its own).
 
     ``timeout`` bounds, in seconds, every wait of an NBD LUN for its server
-    (None: :data:`isc.nbd.DEFAULT_TIMEOUT`)."""
+    (None: :data:`isc.nbd.DEFAULT_TIMEOUT`). A destination of the session whose id
+    is ``session``: an NBD export that is that session's own (``isc serve``'s, under
+    whatever address) is refused at each connection (rule 11)."""
     if target.startswith("rbd:"):
         from isc.rbd import RBDLUN
 
         return RBDLUN(target)
     if is_uri(target):
         from isc.nbd import DEFAULT_TIMEOUT, NBDLUN
+        from isc.nbd.proto import own_export
 
-        return NBDLUN(target, timeout=timeout or DEFAULT_TIMEOUT)
+        refuse = None if session is None else own_export(session)
+        return NBDLUN(target, timeout=timeout or DEFAULT_TIMEOUT, refuse=refuse)
     try:
         return FileLUN(target)
     except PermissionError as exc:
@@ -238,10 +242,12 @@ def open_lun(target: str, timeout: float | None = None):
         raise
 
 
-def _open_named(target: str, what: str, timeout: float | None = None):
+def _open_named(
+    target: str, what: str, timeout: float | None = None, session: int | None = None
+):
     """``open_lun``, with an OSError that says which of the session's LUNs failed."""
     try:
-        return open_lun(target, timeout)
+        return open_lun(target, timeout, session)
     except OSError as exc:
         message = f"cannot open {what} at {target}: {exc.strerror or exc}"
         raise (OSError(exc.errno, message) if exc.errno else OSError(message)) from exc
@@ -616,12 +622,12 @@ class PersistentSession:
                     # its first use and again after an outage, so no host write and
                     # no other destination waits for it (rule 13).
                     lun = ReconnectingLUN(
-                        partial(open_lun, d["target"], timeout),
+                        partial(open_lun, d["target"], timeout, meta["id"]),
                         self.source.size,
                         f"{what} at {d['target']}",
                     )
                 else:
-                    lun = _open_named(d["target"], what, timeout)
+                    lun = _open_named(d["target"], what, timeout, meta["id"])
                 opened.callback(lun.close)
                 dest = Destination(lun, d["name"], DestState(d["state"]), d["epoch"])
                 dest.samples = [(chunk, crc) for chunk, crc in d.get("samples", [])]
@@ -1085,7 +1091,7 @@ class PersistentSession:
         if problem is not None:
             raise ParameterError(problem)
         agent = None if site is None else self._agent(site, credentials)
-        lun = _open_named(target, "the destination", self._timeout)
+        lun = _open_named(target, "the destination", self._timeout, self.meta["id"])
         dest = Destination(lun, name)
         try:
             # The file opened, not the path checked above: a link put there since.

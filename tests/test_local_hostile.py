@@ -21,8 +21,9 @@ Attacked here, through the real ``isc`` command:
 * the session's own export as a destination: an NBD URI that named another server at
   add-dest (a placeholder at the socket) and that ``isc serve`` of the session listens on
   now. A marked copy wrote the image at the mark into the source through the session,
-  undoing the host writes made since (rules 5 and 11): a hole left open, as a strict xfail
-  (the copy cannot tell its own export from another server's; see the test).
+  undoing the host writes made since (rules 5 and 11). The export now describes itself
+  (``NBD_INFO_DESCRIPTION``, :func:`isc.nbd.proto.own_export`) and the session's
+  destinations refuse it at every connection.
 
 Bad input that changes nothing (rule 10):
 
@@ -137,11 +138,6 @@ def test_a_writable_loop_device_over_the_loop_device_source_is_refused(root: Pat
 # -- the session's own export as a destination ---------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="nothing tells an NBD destination that is the session's own export (isc serve) "
-    "from another server's: its copy writes the image at the mark back into the source",
-)
 def test_the_sessions_own_export_as_a_destination_undoes_no_host_write(root: Path) -> None:
     sock, ctl = root / "s.sock", root / "c.sock"
     uri = f"nbd+unix:///state?socket={sock}"
@@ -160,6 +156,9 @@ def test_the_sessions_own_export_as_a_destination_undoes_no_host_write(root: Pat
         held = host.read(G, 112)
         served.stop()
     assert held == b"after the mark" * 8, done
+    outcome = done["info"]["outcomes"]["self"]
+    assert outcome.startswith("failed") and "describes itself as 'isc export of the" in outcome
+    assert done["info"]["outcomes"]["d1.img"] == "ok"
     assert (root / "source.img").read_bytes()[G : G + 112] == b"after the mark" * 8
 
 

@@ -53,6 +53,7 @@ from isc.nbd import (
     TransmissionFlag,
     parse_uri,
 )
+from isc.nbd.proto import own_export
 from isc.tls import ServerTLS, client_context
 
 SEED = 20261124
@@ -1311,6 +1312,37 @@ def test_reconnect_goes_on_over_a_new_connection_after_the_server_cut_the_old(tm
         lun.close()
         with pytest.raises(StateError, match="is closed"):
             lun.reconnect()
+
+
+def test_a_client_refuses_an_export_describing_itself_as_it_was_told_at_every_connection(
+    tmp_path: Path,
+):
+    """``NBDLUN(refuse=...)``: a session's destinations refuse its own ``isc serve`` export
+    by the description it gives (``NBD_INFO_DESCRIPTION``), whatever address it answers at,
+    at the first connection and at a reconnect to a server that came since."""
+    socket_path = tmp_path / "nbd.sock"
+    uri = f"nbd+unix:///disk?socket={socket_path}"
+    own = own_export(0x1234)
+    with NBDServer(MemoryLUN(MIB), name="disk") as server:
+        server.start_unix(socket_path)
+        lun = NBDLUN(uri, refuse=own)  # another server: taken
+        lun.write(0, b"a" * 4096)
+    with NBDServer(MemoryLUN(MIB), name="disk", description=own) as server:
+        server.start_unix(socket_path)
+        with pytest.raises(OSError, match="describes itself as 'isc export of the source") as err:
+            lun.reconnect()
+        assert err.value.errno == errno.EINVAL
+        with pytest.raises(OSError, match="describes itself"):
+            NBDLUN(uri, refuse=own)
+        with NBDLUN(uri, refuse=own_export(0x4321)) as other, NBDLUN(uri) as plain:
+            other.write(0, b"b" * 4096)  # another session's destination, and a host: served
+            assert plain.read(0, 4096) == b"b" * 4096
+        if shutil.which("nbdinfo"):
+            shown = subprocess.run(["nbdinfo", "--json", uri], capture_output=True, check=True)
+            assert json.loads(shown.stdout)["exports"][0]["description"] == own
+    lun.close()
+    with pytest.raises(ParameterError, match="a description is a str without NUL"):
+        NBDServer(MemoryLUN(MIB), description="a\0b")
 
 
 def test_reconnect_to_an_export_of_another_size_or_to_no_server_keeps_the_lun_as_it_was(

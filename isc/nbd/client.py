@@ -140,7 +140,10 @@ class NBDLUN(_BaseLUN):
     ``uri`` is ``nbd://host[:port][/export]`` or ``nbd+unix:///[export]?socket=PATH``,
     or with TLS ``nbds://...``, ``nbds+unix://...`` (:func:`parse_uri`).
     ``timeout`` (seconds; None waits forever) bounds the connect, the
-    handshake and every wait for the server during I/O.
+    handshake and every wait for the server during I/O. ``refuse``: a connection
+    (the first or a :meth:`reconnect`) to an export whose ``NBD_INFO_DESCRIPTION``
+    is this string raises ``OSError`` (``EINVAL``): a session's destinations refuse
+    its own ``isc serve`` export (:func:`~isc.nbd.proto.own_export`).
 
     Raises ``ParameterError`` for a bad URI or an empty export, and
     ``OSError`` when the connection or the handshake fails: the socket's own
@@ -163,8 +166,11 @@ class NBDLUN(_BaseLUN):
     read-only export raises ``StateError``.
     """
 
-    def __init__(self, uri: str, *, timeout: float | None = DEFAULT_TIMEOUT) -> None:
+    def __init__(
+        self, uri: str, *, timeout: float | None = DEFAULT_TIMEOUT, refuse: str | None = None
+    ) -> None:
         self.uri = uri
+        self.refuse = refuse
         self.target = parse_uri(uri)
         """The address and export name read from ``uri``."""
         if timeout is not None and not timeout > 0:
@@ -298,17 +304,20 @@ class NBDLUN(_BaseLUN):
         )
 
     def _go(self, sock: socket.socket) -> bool:
-        """``NBD_OPT_GO`` asking for block sizes; False when the server lacks it."""
+        """``NBD_OPT_GO`` asking for block sizes (and the description, to
+        :attr:`refuse`); False when the server lacks it."""
         name = self.target.export.encode()
+        wanted = [proto.INFO_BLOCK_SIZE] + [proto.INFO_DESCRIPTION] * (self.refuse is not None)
         data = (
             proto.U32.pack(len(name))
             + name
-            + proto.U16.pack(1)
-            + proto.U16.pack(proto.INFO_BLOCK_SIZE)
+            + proto.U16.pack(len(wanted))
+            + b"".join(proto.U16.pack(kind) for kind in wanted)
         )
         sock.sendall(proto.OPTION.pack(proto.IHAVEOPT, proto.OPT_GO, len(data)) + data)
         export: tuple[int, int] | None = None
         block_size: tuple[int, ...] = proto.DEFAULT_BLOCK_SIZE
+        description = b""
         while True:
             reply, payload = _option_reply(sock, proto.OPT_GO)
             if reply == proto.REP_INFO:
@@ -324,9 +333,17 @@ class NBDLUN(_BaseLUN):
                     if len(payload) != proto.INFO_BLOCK_SIZE_DATA.size:
                         raise _protocol_error(f"NBD_INFO_BLOCK_SIZE of {len(payload)} bytes")
                     block_size = proto.INFO_BLOCK_SIZE_DATA.unpack(payload)[1:]
+                elif kind == proto.INFO_DESCRIPTION:
+                    description = payload[2:]
             elif reply == proto.REP_ACK:
                 if export is None:
                     raise _protocol_error("it accepted NBD_OPT_GO without NBD_INFO_EXPORT")
+                if self.refuse is not None and description == self.refuse.encode():
+                    raise OSError(
+                        errno.EINVAL,
+                        f"{self._server} describes itself as {self.refuse!r}: a copy there would "
+                        "write the source it exports",
+                    )
                 self._enter_transmission(sock, export[0], export[1], block_size)
                 return True
             elif reply == proto.REP_ERR_UNSUP:

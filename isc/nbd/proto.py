@@ -81,6 +81,7 @@ REP_ERR_TOO_BIG = REP_ERR + 9
 
 INFO_EXPORT = 0
 INFO_NAME = 1
+INFO_DESCRIPTION = 2
 INFO_BLOCK_SIZE = 3
 
 CMD_READ = 0
@@ -172,6 +173,15 @@ class TransmissionFlag(enum.IntFlag):
     SEND_RESIZE = 1 << 9
     SEND_CACHE = 1 << 10
     SEND_FAST_ZERO = 1 << 11
+
+
+def own_export(session_id: int) -> str:
+    """The ``NBD_INFO_DESCRIPTION`` of an export that writes the source of the session
+    ``session_id`` (``isc serve``'s): that session's destinations refuse an export
+    describing itself so, whatever address it answers at (:class:`~isc.nbd.NBDLUN`'s
+    ``refuse``), since a copy into it would write the image at a mark back into the
+    source."""
+    return f"isc export of the source of session {session_id:016x}"
 
 
 # -- encoding ------------------------------------------------------------------------------

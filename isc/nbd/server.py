@@ -583,11 +583,13 @@ class NBDServer:
     ``handshake_timeout``, ``payload_timeout``, ``max_requests`` and ``max_data`` are the limits
     against misbehaving clients (the module docstring). Without ``tls`` required with
     ``verify_peer`` it serves only clients of its own user (and root), unless ``insecure``.
+    ``description`` is the ``NBD_INFO_DESCRIPTION`` of ``name`` for a client that asks
+    (``isc serve`` says whose source it writes: :func:`~isc.nbd.proto.own_export`).
 
     Serve with ``await serve(...)``/``serve_unix(...)`` in a running event
     loop, or from a background thread with :meth:`start`/:meth:`start_unix`;
     :meth:`close` ends either. A server serves once. Raises
-    ``ParameterError`` for a name over 4096 UTF-8 bytes or holding NUL, for
+    ``ParameterError`` for a name or description over 4096 UTF-8 bytes or holding NUL, for
     ``workers < 1``, or for a limit out of its range. The module docstring
     lists what it speaks and how it answers bad requests.
     """
@@ -606,12 +608,14 @@ class NBDServer:
         max_data: int = MAX_DATA,
         max_requests: int = MAX_REQUESTS,
         insecure: bool = False,
+        description: str = "",
     ):
-        if not isinstance(name, str) or "\0" in name or len(name.encode()) > proto.MAX_STRING:
-            raise ParameterError(
-                f"an export name is a str without NUL of at most {proto.MAX_STRING} UTF-8 bytes, "
-                f"got {name!r:.80}"
-            )
+        for what, text in (("an export name", name), ("a description", description)):
+            if not isinstance(text, str) or "\0" in text or len(text.encode()) > proto.MAX_STRING:
+                raise ParameterError(
+                    f"{what} is a str without NUL of at most {proto.MAX_STRING} UTF-8 bytes, "
+                    f"got {text!r:.80}"
+                )
         if workers < 1:
             raise ParameterError(f"workers must be >= 1, got {workers}")
         for what, value, least in (
@@ -639,6 +643,7 @@ class NBDServer:
         self._slots = asyncio.Semaphore(max_requests)
         self.lun = lun
         self.name = name
+        self.description = description
         self.tls = tls
         """How clients get TLS (None: not at all)."""
         self.anyone = insecure or (tls is not None and tls.required and tls.verify_peer)
@@ -1197,6 +1202,8 @@ class NBDServer:
         info = [proto.INFO_EXPORT_DATA.pack(proto.INFO_EXPORT, export.size, flags)]
         if proto.INFO_NAME in requests:
             info.append(proto.U16.pack(proto.INFO_NAME) + export.name.encode())
+        if proto.INFO_DESCRIPTION in requests and self.description and export is self.export:
+            info.append(proto.U16.pack(proto.INFO_DESCRIPTION) + self.description.encode())
         if proto.INFO_BLOCK_SIZE in requests:
             info.append(proto.INFO_BLOCK_SIZE_DATA.pack(proto.INFO_BLOCK_SIZE, *_SERVER_BLOCK_SIZE))
         for item in info:
