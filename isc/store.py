@@ -242,9 +242,7 @@ def open_lun(target: str, timeout: float | None = None, session: int | None = No
         raise
 
 
-def _open_named(
-    target: str, what: str, timeout: float | None = None, session: int | None = None
-):
+def _open_named(target: str, what: str, timeout: float | None = None, session: int | None = None):
     """``open_lun``, with an OSError that says which of the session's LUNs failed."""
     try:
         return open_lun(target, timeout, session)
