@@ -1081,7 +1081,8 @@ class PersistentSession:
 
         name = name or Path(target).name or target
         problem = self._clash(target, name)
-        if problem is None and site is not None and not target.startswith("nbd"):
+        nbd = is_uri(target) and not target.startswith("rbd:")
+        if problem is None and site is not None and not nbd:
             problem = (
                 f"{target} is not an NBD URI: a destination at a site (--site) is the agent's "
                 "NBD export, through which the agent protects what is written to it"

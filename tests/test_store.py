@@ -1106,13 +1106,12 @@ def test_a_session_of_an_earlier_isc_without_an_id_gets_one_and_keeps_its_change
     assert named and journal.read(state / journal.NAME).session == named
 
 
-@pytest.mark.parametrize("kind", ["file", "nbd"])
 @pytest.mark.parametrize("fault", [KeyboardInterrupt, MemoryError])
 def test_add_destination_closes_what_it_opened_when_the_sites_status_raises(
-    env: Path, monkeypatch: pytest.MonkeyPatch, kind: str, fault: type[BaseException]
+    env: Path, monkeypatch: pytest.MonkeyPatch, fault: type[BaseException]
 ) -> None:
-    """A site whose status raises (a bug, ^C) leaves no LUN open and no destination locked:
-    the same target is added at once when the site answers."""
+    """A site whose status raises (a bug, ^C) leaves no LUN open: the same target is added
+    at once when the site answers. A file at a site is refused before anything opens."""
     from isc.nbd import NBDServer
     from isc.remote import Ack, AgentSite
 
@@ -1122,17 +1121,18 @@ def test_add_destination_closes_what_it_opened_when_the_sites_status_raises(
         opened_luns.append(dest.lun)
         raise fault
 
-    # A file whose name starts "nbd" passes add_destination's URI check and is locked.
-    FileLUN.create(env.parent / "nbd-d3.img", SIZE).close()
+    FileLUN.create(env.parent / "d3.img", SIZE).close()
     monkeypatch.chdir(env.parent)
     with contextlib.ExitStack() as stack:
-        target = "nbd-d3.img"
-        if kind == "nbd":
-            exported = stack.enter_context(FileLUN(str(env.parent / "nbd-d3.img")))
-            server = stack.enter_context(NBDServer(exported, name="d3"))
-            server.start_unix(env.parent / "nbd.sock")
-            target = server.uri
+        exported = stack.enter_context(FileLUN(str(env.parent / "d3.img")))
+        server = stack.enter_context(NBDServer(exported, name="d3"))
+        server.start_unix(env.parent / "nbd.sock")
+        target = server.uri
         with opened(env) as stored:
+            # A file whose name starts as a URI's scheme does is a file all the same.
+            FileLUN.create(env.parent / "nbd-d4.img", SIZE).close()
+            with pytest.raises(ParameterError, match=r"^nbd-d4\.img is not an NBD URI"):
+                stored.add_destination("nbd-d4.img", "d4", "unix:agent.sock")
             before = files(env)
             monkeypatch.setattr(AgentSite, "status", raising)
             with pytest.raises(fault):
