@@ -95,19 +95,27 @@ def test_a_frozen_read_or_status_of_holes_once_its_mark_ended_fails(serve, tmp_p
         lun.close()
 
 
+def failing_after_the_second_run(gate: Gate):
+    """A copy's progress hook: the copy parks at ``gate`` after its second run (the first
+    was flushed as it was sent: ``flush_every``), then fails."""
+    runs = iter(range(2))
+
+    def progress(*done: object) -> None:
+        if next(runs, 1):
+            gate(*done)
+            raise OSError("the copy fails after its second run")
+
+    return progress
+
+
 def test_a_rollback_by_another_client_then_the_failed_updates_status_lost(session, remote):
     dest, _ = test_peer_hostile.first_update(session, remote)
     with dest.lun:
         rng = random.Random(SEED)
         session.write(0, rng.randbytes(RUN))
         write_randomly(session, rng, 20)
-        gate, runs = Gate(), iter(range(2))
-
-        def progress(*done: object) -> None:
-            if next(runs, 1):  # the first run is flushed as it is sent (flush_every)
-                gate(*done)  # parked after the second, until the rollback is done
-                raise OSError("the copy fails after its second run")
-
+        gate = Gate()
+        progress = failing_after_the_second_run(gate)
         site = test_peer_hostile.site_of(remote)
         update = PeriodicUpdate(
             session, [dest], site, timeout=WAIT, io_size=RUN, flush_every=1, progress=progress
@@ -169,13 +177,8 @@ def test_a_protected_unmarked_full_copy_failing_after_another_clients_rollback(s
         rng = random.Random(SEED + 2)
         session.write(0, rng.randbytes(RUN))
         write_randomly(session, rng, 20)
-        gate, runs = Gate(), iter(range(2))
-
-        def progress(*done: object) -> None:
-            if next(runs, 1):  # the first run is flushed as it is sent (flush_every)
-                gate(*done)  # parked after the second, until the rollback is done
-                raise OSError("the copy fails after its second run")
-
+        gate = Gate()
+        progress = failing_after_the_second_run(gate)
         site = test_peer_hostile.site_of(remote)
         full = UnmarkedFullCopy(
             session,
