@@ -220,8 +220,8 @@ def test_a_source_swapped_between_its_open_and_its_lock_is_still_the_one_locked(
 ) -> None:
     real_open = isc.store.open_lun
 
-    def open_then_swap(target: str, timeout: float | None = None):
-        lun = real_open(target, timeout)
+    def open_then_swap(target: str, timeout: float | None = None, session: int | None = None):
+        lun = real_open(target, timeout, session)
         if target.endswith("source.img"):
             os.rename(root / "source.img", root / "moved.img")
             FileLUN.create(root / "source.img", SIZE).close()
@@ -244,11 +244,11 @@ def test_a_destination_swapped_for_the_source_between_its_check_and_its_open_is_
 ) -> None:
     real_open = isc.store.open_lun
 
-    def swap_then_open(target: str, timeout: float | None = None):
+    def swap_then_open(target: str, timeout: float | None = None, session: int | None = None):
         if target.endswith("d2.img"):  # add_destination checked the path: swap it now
             os.rename(root / "d2.img", root / "d2.moved")
             os.symlink(root / "source.img", root / "d2.img")
-        return real_open(target, timeout)
+        return real_open(target, timeout, session)
 
     stored, _ = open_session(root / "state")
     with stored:
