@@ -556,7 +556,8 @@ def _remove_dest(args: argparse.Namespace) -> int:
         dest = stored.remove_destination(args.destination)
         name = stored.meta["name"]
         # Best effort: the destination is out of the session whatever its site says.
-        kept = stored.release(records[dest.name], credentials)
+        record_of = records[dest.name]
+        kept = stored.release(record_of, credentials)
         if kept is not None:
             print(f"isc: warning: {kept}", file=sys.stderr)
         protected = dest.protected_state is not None
@@ -564,7 +565,8 @@ def _remove_dest(args: argparse.Namespace) -> int:
             "session": name,
             "removed": dest.name,
             "protected_at_site": protected,
-            "released": kept is None,
+            # None: held nowhere isc knows (a file; an export without a site of its own).
+            "released": (kept is None) if stored.held(record_of) else None,
         }
         text = f"removed destination {dest.name} from {name}; its data stays as it is"
         if protected:

@@ -1000,22 +1000,31 @@ class PersistentSession:
         asked in this session's name (:attr:`_holder`)."""
         return AgentSite.at(agent_address(where), credentials, holder=self._holder)
 
+    @staticmethod
+    def held(dest: dict) -> bool:
+        """Whether this session holds ``dest`` (a destination's record) where :meth:`release`
+        lets it go: at its agent (a site of its own) or in its RBD image's metadata."""
+        from isc import rbd
+
+        return dest.get("site") is not None or rbd.is_rbd(dest["target"])
+
     def release(self, dest: dict, credentials: Credentials | None) -> str | None:
         """Let ``dest`` (a destination's record, after :meth:`remove_destination`) go from
         this session's hold: at its agent, reached with ``credentials``, or in its RBD
-        image's metadata; why it could not (one line naming the fix), or None."""
+        image's metadata; why it could not (one line naming the fix), or None (also when
+        it is not :meth:`held`)."""
         from isc import rbd
 
+        if not self.held(dest):
+            return None
         name, where = dest["name"], dest.get("site")
         if where is not None:
             ack = self._agent(where, credentials).release(Destination(None, name), self._timeout)
             why, fix = (None if ack.ok else ack.reason), f"isc release {where} {name}"
-        elif rbd.is_rbd(dest["target"]):
+        else:
             why = rbd.release(dest["target"], self._holder, self._timeout or DEFAULT_TIMEOUT)
             image = rbd.RBDImage.parse(dest["target"]).spec
             fix = f"rbd image-meta remove {image} {rbd.HOLDER_KEY}"
-        else:
-            return None
         if why is None:
             return None
         return f"{name} stays held for {self.meta['name']} ({why}); let it go there: {fix}"
