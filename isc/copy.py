@@ -138,6 +138,11 @@ class Destination:
         """Checksums of a few of its chunks, checked before an incremental copy
         relies on it (:mod:`isc.fingerprint`)."""
 
+    def start_over(self) -> None:
+        """Make it NEW and out of step, without samples: nothing it holds is relied on, and
+        its next copy gives it every chunk (replaced, wiped, or another session's)."""
+        self.state, self.epoch, self.samples = DestState.NEW, None, []
+
     def in_step(self, session: Session) -> bool:
         """Whether every chunk where this destination may differ from ``session``'s
         source is in its tracking or transfer bitmap (it took part in the last copy)."""
@@ -389,7 +394,7 @@ class CopyJob:
         its next copy gives it every chunk, and in :attr:`replaced` with why."""
         name = self.session.name
         log.warning("%s: destination %s needs every chunk: %s", name, dest.name, reason)
-        dest.state, dest.epoch, dest.samples = DestState.NEW, None, []
+        dest.start_over()
         self.replaced[dest.name] = reason
 
     def _check_late(self, result: CopyResult) -> None:

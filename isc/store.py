@@ -888,7 +888,7 @@ class PersistentSession:
                 exc,
             )
             for dest in copying:
-                dest.state, dest.epoch, dest.samples = DestState.NEW, None, []
+                dest.start_over()
 
     def _save_destinations(self) -> None:
         """:meth:`save` after a destination was added or removed, but the record of a running

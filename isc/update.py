@@ -355,7 +355,7 @@ def check_identities(
         seen = ack.info.get("identity") if ack is not None and ack.ok else None
         if ack is not None and ack.held:
             # Another session copies into it (rule 12 across sites): nothing it holds is ours.
-            dest.state, dest.epoch, dest.samples = DestState.NEW, None, []
+            dest.start_over()
             found.append(f"{ack.reason}; it gets a full copy once it is this session's again")
             if held is not None:
                 held[dest.name] = str(ack.reason)
@@ -363,7 +363,7 @@ def check_identities(
             continue
         known = identities.get(dest.name)
         if known is not None and not same_export(known, seen) and dest.state is not DestState.NEW:
-            dest.state, dest.epoch, dest.samples = DestState.NEW, None, []
+            dest.start_over()
             found.append(
                 f"{dest.name} is not the export it was (its agent names another file: "
                 f"{seen}, not {known}): it gets a full copy"
@@ -433,7 +433,7 @@ def _unprotect_copied(
         if ack.held:
             # Released (forced) and taken by another session since the protect: it may
             # have written there, before the copy or after it (rule 12 across sites).
-            dest.state, dest.epoch, dest.samples = DestState.NEW, None, []
+            dest.start_over()
             undone[dest.name] = f"{ack.reason}; it gets a full copy once it is this session's again"
             log.error("%s", undone[dest.name])
             continue
@@ -554,7 +554,7 @@ def _protect_all(
         raise UpdateError(message)
     for dest in dests:
         if dest.name in held:  # another session writes it: nothing it holds is ours
-            dest.state, dest.epoch, dest.samples = DestState.NEW, None, []
+            dest.start_over()
     named = {dest.name for dest, ack in zip(dests, acks, strict=True) if "image" in ack.info}
     return named, held
 
