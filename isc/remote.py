@@ -612,7 +612,8 @@ class AgentSite(RequestSite):
         holder, release = info.get("holder"), f"isc release {self.where} {name}"
         if not is_holder(holder):
             return (
-                f"{name} at {self.where}: its holder record at the agent {info.get('problem')}: "
+                f"{name} at {self.where}: its holder record at the agent "
+                f"{info.get('problem', info.get('holder_problem'))}: "
                 f"which session copies into it cannot be told; if none does, release it: "
                 f"{release}"
             )

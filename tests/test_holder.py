@@ -294,6 +294,7 @@ def test_a_damaged_holder_record_is_refused_until_released(
     remote.start()
     failed = isc_run("update", "a", "--timeout", str(WAIT), cwd=tmp_path, check=1)
     assert "disk.holder is damaged" in failed.stderr, failed.stderr
+    assert "record at the agent None" not in failed.stderr  # the status names its problem
     assert f"isc release {remote.site} disk" in failed.stderr
     refused = isc_run("add-dest", "b", remote.uri, "--site", remote.site, cwd=tmp_path, check=1)
     assert "is damaged" in error_line(refused)
