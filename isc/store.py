@@ -1090,7 +1090,7 @@ class PersistentSession:
 
         name = name or Path(target).name or target
         problem = self._clash(target, name)
-        nbd = is_uri(target) and not target.startswith("rbd:")
+        nbd = is_uri(target) and not rbd.is_rbd(target)
         if problem is None and site is not None and not nbd:
             problem = (
                 f"{target} is not an NBD URI: a destination at a site (--site) is the agent's "
