@@ -578,3 +578,31 @@ def test_a_state_directory_copied_from_another_agent_holds_for_its_session(
     isc_run("release", remote.site, "disk", cwd=tmp_path)
     isc_run("add-dest", "a", remote.uri, "--site", remote.site, cwd=tmp_path)
     assert holder_of(exports) == session_id(tmp_path, "a")
+
+
+def held_by_agent(remote: Agent) -> str | None:
+    """The id of the session holding "disk" as the agent's status names it, None when none."""
+    holder = remote.site_of().status(Destination(None, name="disk")).info["holder"]
+    return None if holder is None else holder["id"]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="remove-dest does not release an export held through update --site: its record "
+    "names no site",
+)
+def test_remove_dest_releases_an_export_held_through_update_site(
+    tmp_path: Path, exports: Path, remote: Agent
+) -> None:
+    """A destination added without a site, protected by ``update --site`` (its protect holds
+    the export for the session): remove-dest lets it go there, and another session adds it."""
+    two_sessions(tmp_path)
+    isc_run("add-dest", "a", remote.uri, cwd=tmp_path)  # no --site: nothing claimed
+    isc_run("update", "a", "--site", remote.site, "--timeout", str(WAIT), cwd=tmp_path)
+    assert held_by_agent(remote) == session_id(tmp_path, "a")
+    done = isc_run("remove-dest", "a", "disk", "--json", cwd=tmp_path)
+    assert not done.stderr, done.stderr
+    assert json.loads(done.stdout)["released"] is True
+    assert held_by_agent(remote) is None
+    isc_run("add-dest", "b", remote.uri, "--site", remote.site, cwd=tmp_path)
+    assert held_by_agent(remote) == session_id(tmp_path, "b")
