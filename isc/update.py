@@ -30,7 +30,8 @@ Periodic incremental update (docs/design.md; the patent's figures 3-9):
    inconsistent and out of step: its next copy gives it every chunk); one
    whose unprotect is refused because another session holds it now (an
    operator's forced ``isc release`` during the copy, then that session's
-   claim: it may have written there) becomes NEW and the update fails for it;
+   claim: it may have written there), or whose status says so when its
+   unprotect or its copy failed, becomes NEW and the update fails for it;
 6. release the locks in every case.
 
 Unmarked full copy (figures 12-18): the same lock; optionally protect; the
@@ -438,14 +439,12 @@ def _unprotect_copied(
             log.error("%s", undone[dest.name])
             continue
         extents = ack.extents if ack.ok or dest.name not in named else _undone(site, dest, timeout)
-        if extents is None:
-            dest.state = DestState.INCONSISTENT
-            undone[dest.name] = (
-                f"{dest.name}'s agent answered neither its unprotect nor what a rollback by "
-                f"another client may have undone of the copy since: {dest.name} is "
-                "inconsistent and its next update gives it every chunk"
-            )
-        elif extents:
+        if isinstance(extents, str):  # nothing tells what was undone: it was told why
+            if dest.state is not DestState.NEW:  # NEW: another session's now (_undone)
+                dest.state = DestState.INCONSISTENT
+            undone[dest.name] = extents
+            continue
+        if extents:
             _track(session, extents)
             dest.state = DestState.INCONSISTENT
             undone[dest.name] = (
@@ -453,24 +452,34 @@ def _unprotect_copied(
                 f"the {len(extents)} range(s) it undid are tracked again, and {dest.name} "
                 "is inconsistent until its next update"
             )
-        else:
-            continue
-        log.error("%s", undone[dest.name])
+            log.error("%s", undone[dest.name])
     return undone
 
 
-def _undone(site, dest: Destination, timeout: float) -> list | None:
+def _undone(site, dest: Destination, timeout: float) -> list | str:
     """The ranges rollbacks by other clients of ``dest``'s agent rewrote since its protect
-    (its status's ``undone``); None when the agent does not answer. Then nothing tells
-    them: ``dest`` falls out of step (no epoch, and no samples, which are no scrub), so
-    its next copy gives it every chunk, seeded from a destination in step or a full
-    copy, and the other destinations resend nothing for it (rule 13)."""
+    (its status's ``undone``), or why nothing tells them (one line, logged): the agent
+    does not answer, and ``dest`` falls out of step (no epoch, and no samples, which are
+    no scrub), so its next copy gives it every chunk, seeded from a destination in step
+    or a full copy, and the other destinations resend nothing for it (rule 13); or the
+    status says another session holds the export now (``Ack.held``: a forced release
+    and that session's claim since the protect), which may have written anywhere in it,
+    and ``dest`` starts over (NEW), as a refused unprotect makes it."""
     ack = _ask(site, "status", dest, timeout)
-    if ack.ok:
+    if ack.held:  # an answer, but of an export that is not this session's (rule 12)
+        dest.start_over()
+        why = f"{ack.reason}; it gets a full copy once it is this session's again"
+    elif ack.ok:
         return ack.info.get("undone") or []
-    log.error("%s: what a rollback undid of its copy is unknown: it needs every chunk", dest.name)
-    dest.epoch, dest.samples = None, []
-    return None
+    else:
+        dest.epoch, dest.samples = None, []
+        why = (
+            f"{dest.name}'s agent answered no status ({ack.reason}): what a rollback by "
+            f"another client may have undone of the copy to it is unknown: {dest.name} is "
+            "inconsistent, and its next update gives it every chunk"
+        )
+    log.error("%s", why)
+    return why
 
 
 def _track_undone(
@@ -482,7 +491,7 @@ def _track_undone(
     only what the copy had not sent; what it sent and a rollback undid is tracked
     nowhere else."""
     for dest in dests:
-        if dest.name in named and (undone := _undone(site, dest, timeout)):
+        if dest.name in named and isinstance(undone := _undone(site, dest, timeout), list):
             _track(session, undone)
 
 

@@ -64,11 +64,6 @@ def b_takes_it_over(export) -> None:
     export.write(0, b"b" * 4096)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a status that says another session holds the export is taken as what a "
-    "rollback undid (nothing): the destination is reported consistent over b's data",
-)
 def test_a_status_naming_another_holder_after_a_failed_unprotect_is_never_consistent(
     tmp_path: Path, exports: Path
 ) -> None:
@@ -92,12 +87,6 @@ def test_a_status_naming_another_holder_after_a_failed_unprotect_is_never_consis
     assert states(tmp_path) == {"disk": "new"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="after a failed copy, a status that says another session holds the export is "
-    "taken as nothing undone: the destination stays in step and its next update reports "
-    "it consistent over b's data",
-)
 def test_a_status_naming_another_holder_after_a_failed_copy_leaves_nothing_untracked(
     tmp_path: Path, exports: Path
 ) -> None:
