@@ -1,0 +1,55 @@
+"""An RBD image's holder (its metadata ``isc.holder``, :mod:`isc.rbd`) attacked where the
+holder tests (tests/test_rbd.py) do not reach: the copies that ask no site.
+
+Rule 12 across sites says an image is the destination of one session at a time. ``isc
+update`` asks at its protect, and ``isc copy`` asks each destination's own agent
+(:func:`isc.store.check_agents`), leaving out one another session holds. Nothing asks an
+image's metadata before ``isc copy``: a session added before images had holders (which
+claims at its next protect) copies into an image another session has added and holds
+since, and calls it consistent over that session's copy.
+
+A real single-node Ceph cluster (tests/ceph.py), real ``isc`` commands.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+from helpers import fill_random, session_file
+from test_rbd import SIZE, G, isc
+
+from isc import FileLUN
+from isc.store import create_session
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="isc copy asks no image's metadata: it writes an RBD image another session holds",
+)
+def test_isc_copy_leaves_out_an_image_another_session_holds(ceph, tmp_path) -> None:
+    """s0 added the image before images had holders (its metadata names none); s1 added it
+    since and holds it. s0's ``isc copy --full`` must leave the image alone, as its
+    ``isc update`` does (its protect is refused), and never call it consistent."""
+    name = f"copyheld-{random.Random().getrandbits(32):08x}"
+    sources = []
+    for k in range(2):
+        source = tmp_path / f"source{k}.img"
+        with FileLUN.create(source, SIZE) as lun:
+            fill_random(lun, random.Random(k))
+        sources.append(source.read_bytes())
+        create_session(tmp_path / f"s{k}", str(source), granularity=G)
+    image = ceph.create_image(name, SIZE)
+    isc("add-dest", str(tmp_path / "s0"), image, "--name", "img")
+    ceph.rbd("image-meta", "remove", f"rbd/{name}", "isc.holder")  # as before holders
+    isc("add-dest", str(tmp_path / "s1"), image, "--name", "img")
+    isc("copy", str(tmp_path / "s1"), "--full")
+    assert ceph.read(name) == sources[1]
+
+    isc("copy", str(tmp_path / "s0"), "--full", check=False)
+    holder = json.loads(ceph.rbd("image-meta", "get", f"rbd/{name}", "isc.holder"))
+    assert holder["name"] == "s1"
+    assert ceph.read(name) == sources[1]  # s1's copy, not overwritten by s0's
+    states = {d["name"]: d["state"] for d in session_file(tmp_path / "s0")["destinations"]}
+    assert states["img"] != "consistent"
