@@ -641,15 +641,20 @@ def loop_backing(fd: int) -> tuple[int, int] | None:
     """``(st_dev, st_ino)`` of the file under the loop device open at ``fd``, or None when
     ``fd`` is not a loop device with a file: the file its data is, under any name. Under
     a loop device over a loop device ... it is the file at the bottom: the node of the
-    device beneath is not where the data is."""
-    bottom = open_loop_backing(fd)
-    if bottom is None:  # not a loop device, or its file is not at the name the kernel kept
+    device beneath is not where the data is. Each level is opened by the name the kernel
+    keeps for what it is over; one whose name is gone (attached through a link removed
+    since: ``NAME (deleted)``) is named by its device and inode (``LOOP_GET_STATUS64``)."""
+    beneath = _open_loop_status(fd)
+    if beneath is None:  # not a loop device, or what it is over is not at the name kept
         return _loop_status(fd)
     try:
-        info = os.fstat(bottom)
+        found = loop_backing(beneath)
+        if found is None:  # beneath is the file
+            info = os.fstat(beneath)
+            found = info.st_dev, info.st_ino
     finally:
-        os.close(bottom)
-    return info.st_dev, info.st_ino
+        os.close(beneath)
+    return found
 
 
 def _loop_status(fd: int) -> tuple[int, int] | None:
@@ -721,7 +726,8 @@ def same_birth(recorded: dict, now: dict) -> bool:
 def open_loop_backing(fd: int) -> int | None:
     """A read-only descriptor of the file under the loop device open at ``fd`` (checked by
     device and inode: the name the kernel keeps may since name another file), or None;
-    under a chain of loop devices, of the file at its bottom (the kernel refuses cycles)."""
+    under a chain of loop devices, of the file at its bottom (the kernel refuses cycles),
+    or of the deepest device of the chain whose name is kept (:func:`loop_backing`)."""
     found = _open_loop_status(fd)
     if found is None:
         return None

@@ -19,7 +19,6 @@ import os
 import random
 from pathlib import Path
 
-import pytest
 from helpers import fill_random, session_file
 from test_boundary_hostile import run_isc
 from test_lun import _loop_device as loop_device
@@ -31,11 +30,6 @@ G = 4096
 SIZE = 64 * G
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the chain is followed by name only: it stops at the inner device, whose node "
-    "is taken for the file",
-)
 def test_a_chain_of_loop_devices_over_a_removed_link_of_a_destination_is_refused(
     tmp_path: Path,
 ) -> None:
