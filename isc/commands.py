@@ -193,7 +193,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         "--save-area",
         type=_save_area,
         metavar="SIZE[,PATH]",
-        help=f"COFW save area capacity, in a file at PATH if given (default "
+        help=f"COFW save area capacity, one chunk at least, in a file at PATH if given (default "
         f"{size_label(DEFAULT_SAVE_AREA)} or the source's size if smaller, in memory)",
     )
     create.add_argument("--name", help="the session's name (default: the directory's name)")

@@ -64,7 +64,7 @@ from collections.abc import Callable
 
 from isc._core import DeltaBitmap, FileSave, SavedWrite, Slots
 from isc._layout import MAX_GRANULARITY
-from isc._units import format_bytes
+from isc._units import format_bytes, size_label
 from isc.errors import ParameterError, RangeError, SaveAreaFull, StateError
 from isc.lun import BytesLike, FileLUN
 
@@ -213,6 +213,26 @@ def _remove_leftover(path: str) -> None:
             os.close(fd)
 
 
+def too_small(capacity: int, granularity: int, size: int) -> str | None:
+    """Why a save area of ``capacity`` bytes is of no use to a session at ``granularity``
+    on a LUN of ``size`` bytes, or None.
+
+    It must hold the LUN's largest chunk (``min(granularity, size)``): a smaller one can
+    save nothing, so every COFW would end the mark and every marked copy that meets a host
+    write would fail. A capacity of no whole number of chunks is kept as it is: it holds
+    ``capacity // granularity`` chunks, and the rest serves the LUN's short last chunk alone.
+    """
+    chunk = min(granularity, size)
+    if capacity >= chunk:
+        return None
+    return (
+        f"save area of {capacity} bytes cannot hold one chunk of {chunk} bytes (granularity "
+        f"{size_label(granularity)}): no copy-on-first-write save fits, so every marked copy "
+        f"that meets a host write would fail; give a save area of at least "
+        f"{size_label(chunk)} (isc create --save-area)"
+    )
+
+
 def _marked(fd: int) -> bool:
     try:
         return os.getxattr(fd, MARK) == b"1"
@@ -235,6 +255,10 @@ class SaveArea:
     another area holds raises ``StateError``. On a filesystem without user
     extended attributes a leftover is not recognised: remove it by hand. All
     methods are thread-safe.
+
+    The area does not know the granularity: a session needs one that holds its
+    largest chunk, which :func:`too_small` checks (a persistent session's creation
+    refuses a smaller one).
     """
 
     def __init__(self, capacity: int, path: str | os.PathLike[str] | None = None) -> None:

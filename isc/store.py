@@ -177,7 +177,7 @@ from isc.lun import (
     same_birth,
 )
 from isc.remote import AgentSite, RoutingSite, agent_address, session_holder
-from isc.savearea import SaveArea
+from isc.savearea import SaveArea, too_small
 from isc.session import DEFAULT_SAVE_AREA, Session
 from isc.update import DEFAULT_TIMEOUT, check_identities
 
@@ -1540,7 +1540,9 @@ def create_session(
     nothing yet (the session creates the file at each open and removes it at
     close). Raises ``StateError`` when the directory already holds a session
     or the files of one, or another session holds the source (its lock);
-    ``ParameterError`` for bad parameters, a save area path that exists or lies
+    ``ParameterError`` for bad parameters, a save area smaller than one chunk
+    (:func:`~isc.savearea.too_small`: a capacity of no whole number of chunks is
+    kept as given), a save area path that exists or lies
     in ``directory`` (its names are the session's files'), or a directory
     that is another user's or writable by others (it is made 0755);
     and the errors of :func:`open_lun` for a source that cannot be opened;
@@ -1564,6 +1566,7 @@ def create_session(
         Session(lun, granularity)  # validates the granularity against the source
         if not is_uri(source):
             SourceLock(source, lun).close()  # refuses a source another session holds
+        size = lun.size
     meta = {
         "format": FORMAT,
         "version": VERSION,
@@ -1581,6 +1584,8 @@ def create_session(
     problem = _meta_problem(meta)
     if problem:
         raise ParameterError(f"cannot create a session in {path}: {problem}")
+    if save_area is not None and (problem := too_small(save_area[0], granularity, size)):
+        raise ParameterError(problem)
     if save_area is not None and save_area[1] is None:
         SaveArea(save_area[0]).close()  # refuses one too large to map: every open would fail
     area = save_area[1] if save_area else None

@@ -326,7 +326,6 @@ def test_create_refuses_a_missing_source_and_an_existing_session(work: Path) -> 
     assert files(work / "s") == before
 
 
-@pytest.mark.xfail(strict=True, reason="isc create takes a save area smaller than a chunk")
 @pytest.mark.parametrize("area", ["60K", "60K,area.bin"])
 def test_create_refuses_a_save_area_smaller_than_one_chunk(work: Path, area: str) -> None:
     # It could hold no COFW save: every marked copy that met a host write would fail.

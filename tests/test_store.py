@@ -232,7 +232,6 @@ def test_create_refuses_an_existing_session_or_its_leftovers(env: Path) -> None:
     assert files(env) == before
 
 
-@pytest.mark.xfail(strict=True, reason="create_session takes a save area smaller than a chunk")
 @pytest.mark.parametrize("in_file", [False, True], ids=["memory", "file"])
 @pytest.mark.parametrize("capacity", [1, G - 1])
 def test_create_refuses_a_save_area_smaller_than_one_chunk(
