@@ -8,6 +8,11 @@ image's metadata before ``isc copy``: a session added before images had holders 
 claims at its next protect) copies into an image another session has added and holds
 since, and calls it consistent over that session's copy.
 
+Rule 13 for a damaged holder value: an agent's damaged holder record refuses its export
+as held (``Ack.held``), so an update copies the session's other destinations and fails for
+that one alone; an image's damaged ``isc.holder`` failed its protect as any trouble of the
+cluster does, and the whole update was abandoned.
+
 A real single-node Ceph cluster (tests/ceph.py), real ``isc`` commands.
 """
 
@@ -53,3 +58,28 @@ def test_isc_copy_leaves_out_an_image_another_session_holds(ceph, tmp_path) -> N
     assert ceph.read(name) == sources[1]  # s1's copy, not overwritten by s0's
     states = {d["name"]: d["state"] for d in session_file(tmp_path / "s0")["destinations"]}
     assert states["img"] != "consistent"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a damaged isc.holder fails the image's protect as trouble of the cluster, not as "
+    "held: the whole update is abandoned",
+)
+def test_a_damaged_holder_value_fails_the_update_for_that_image_alone(ceph, tmp_path) -> None:
+    name = f"damaged-{random.Random().getrandbits(32):08x}"
+    source = tmp_path / "source.img"
+    with FileLUN.create(source, SIZE) as lun:
+        fill_random(lun, random.Random(5))
+    state = tmp_path / "s"
+    create_session(state, str(source), granularity=G)
+    FileLUN.create(tmp_path / "local.img", SIZE).close()
+    isc("add-dest", str(state), str(tmp_path / "local.img"), "--name", "local")
+    image = ceph.create_image(name, SIZE)
+    isc("add-dest", str(state), image, "--name", "img")
+    ceph.rbd("image-meta", "set", f"rbd/{name}", "isc.holder", '{"id": 7')  # damaged
+    failed = isc("update", str(state), check=False)
+    assert failed.returncode == 1 and "isc.holder is damaged" in failed.stderr, failed.stderr
+    states = {d["name"]: d["state"] for d in session_file(state)["destinations"]}
+    assert states == {"local": "consistent", "img": "new"}
+    assert (tmp_path / "local.img").read_bytes() == source.read_bytes()
+    assert ceph.snapshots(name) == [] and ceph.read(name) == bytes(SIZE)
