@@ -336,6 +336,35 @@ def test_create_refuses_a_save_area_smaller_than_one_chunk(work: Path, area: str
     assert not (work / "s").exists() and not (work / "area.bin").exists()
 
 
+@pytest.mark.xfail(strict=True, reason="isc create takes a directory in another session's")
+def test_create_refuses_a_state_directory_inside_another_sessions(session: Path) -> None:
+    # Before, it was taken: named as a file the outer session makes at its open, it stopped
+    # every open of that session ("s/checkpoint.journal cannot be read: Is a directory").
+    work = session
+    create_session(work / "new", str(work / "small.img"))  # not opened: no journal yet
+    (work / "link").symlink_to("new")
+    outer = os.path.realpath(work / "new")
+    for inner in ("new/checkpoint.journal", "link/sub", "s/../new/x/y"):
+        line = error_line(isc_run("create", inner, "--source", "d2.img", cwd=work, check=1))
+        assert f"{inner} lies in {outer}, the state directory of session new" in line
+    assert sorted(p.name for p in (work / "new").iterdir()) == ["session.json"]
+    open_session(work / "new")[0].close()
+
+
+@pytest.mark.xfail(strict=True, reason="isc create takes a directory that holds a session")
+def test_create_refuses_a_state_directory_around_another_sessions(session: Path) -> None:
+    work = session
+    (work / "outer" / "x").mkdir(parents=True)
+    create_session(work / "outer" / "x" / "inner", str(work / "small.img"))
+    line = error_line(isc_run("create", "outer", "--source", "d2.img", cwd=work, check=1))
+    inner = os.path.realpath(work / "outer" / "x" / "inner")
+    assert f"outer holds {inner}, the state directory of session inner" in line
+    assert sorted(p.name for p in (work / "outer").iterdir()) == ["x"]
+    # The working directory itself holds the sessions s and inner.
+    line = error_line(isc_run("create", ".", "--source", "d2.img", cwd=work, check=1))
+    assert "the state directory of session" in line and not (work / "session.json").exists()
+
+
 def test_unreachable_destinations(session: Path) -> None:
     before = state_of(session)
     for target, message in (
