@@ -21,6 +21,9 @@ Layout of a state directory::
     activity-spare.*    the files of an obsolete generation, kept for the next
                         one (isc.activity); never read
 
+Nothing else: :func:`create_session` refuses a state directory inside another
+session's or around one (:func:`_nested`).
+
 Crash safety without a synchronous metadata write per host write (the way
 DRBD's activity log works): a write to a region (``region_size`` bytes,
 default 4 MiB) that is already hot costs nothing extra; the first write to a
@@ -1543,7 +1546,8 @@ def create_session(
     ``ParameterError`` for bad parameters, a save area smaller than one chunk
     (:func:`~isc.savearea.too_small`: a capacity of no whole number of chunks is
     kept as given), a save area path that exists or lies
-    in ``directory`` (its names are the session's files'), or a directory
+    in ``directory`` (its names are the session's files'), a directory inside
+    another session's directory or around one (:func:`_nested`), or a directory
     that is another user's or writable by others (it is made 0755);
     and the errors of :func:`open_lun` for a source that cannot be opened;
     nothing is written then.
@@ -1560,6 +1564,8 @@ def create_session(
     if leftovers:
         # They would be read as this session's state at its first open.
         raise StateError(f"{path} holds files of an earlier isc session; choose an empty directory")
+    if problem := _nested(path):
+        raise ParameterError(problem)
     if problem := _by_descriptor(source):
         raise ParameterError(problem)
     with _open_named(source, "the source") as lun:
@@ -1605,6 +1611,71 @@ def create_session(
         )
     path.mkdir(mode=0o755, parents=True, exist_ok=True)
     write_atomically(path / METADATA, _encode(meta))
+
+
+def _nested(path: Path) -> str | None:
+    """Why ``path`` cannot be a new session's state directory, lying in another
+    session's or holding one, or None.
+
+    A state directory holds its session's files alone: another session's directory
+    there takes names they take (one named ``checkpoint.journal`` stopped every open)
+    and keeps :func:`destroy_session` from removing it. Up, the directories themselves
+    are walked, by device and inode, whatever path names them: from the deepest one of
+    ``path`` that exists, each parent (``..``) to the root. Down, every directory
+    ``path`` already holds (symbolic links not followed): a walk as long as its tree.
+    """
+    existing = path
+    while not existing.is_dir() and existing != existing.parent:
+        existing = existing.parent
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+    fd, up = os.open(existing, flags), 0
+    try:
+        while (name := _session_named(fd)) is None:
+            parent = os.open("..", flags, dir_fd=fd)
+            top = os.path.samestat(os.fstat(parent), os.fstat(fd))
+            os.close(fd)
+            fd, up = parent, up + 1
+            if top:
+                break
+        else:
+            outer = Path(os.path.realpath(existing))
+            for _ in range(up):
+                outer = outer.parent
+            return (
+                f"{path} lies in {outer}, the state directory of session {name}, which holds "
+                "its own files alone; give a directory outside every session's"
+            )
+    except OSError:
+        pass  # a parent it may not read: no session of this user's above
+    finally:
+        os.close(fd)
+    if existing == path:
+        for inner, _, _, dir_fd in os.fwalk(path):
+            if inner != str(path) and (name := _session_named(dir_fd)) is not None:
+                return (
+                    f"{path} holds {os.path.realpath(inner)}, the state directory of session "
+                    f"{name}, which holds its own files alone; give a directory that holds "
+                    "no session"
+                )
+    return None
+
+
+def _session_named(dir_fd: int) -> str | None:
+    """The name of the session whose state directory ``dir_fd`` is, or None."""
+    try:
+        fd = os.open(
+            METADATA, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd
+        )
+    except OSError:
+        return None
+    with open(fd, "rb") as file:
+        try:
+            meta = json.loads(file.read()) if stat.S_ISREG(os.fstat(fd).st_mode) else None
+        except (OSError, ValueError, UnicodeDecodeError, RecursionError):
+            return None
+    if isinstance(meta, dict) and meta.get("format") == FORMAT:
+        return str(meta.get("name"))
+    return None
 
 
 def open_session(

@@ -336,7 +336,6 @@ def test_create_refuses_a_save_area_smaller_than_one_chunk(work: Path, area: str
     assert not (work / "s").exists() and not (work / "area.bin").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="isc create takes a directory in another session's")
 def test_create_refuses_a_state_directory_inside_another_sessions(session: Path) -> None:
     # Before, it was taken: named as a file the outer session makes at its open, it stopped
     # every open of that session ("s/checkpoint.journal cannot be read: Is a directory").
@@ -351,7 +350,6 @@ def test_create_refuses_a_state_directory_inside_another_sessions(session: Path)
     open_session(work / "new")[0].close()
 
 
-@pytest.mark.xfail(strict=True, reason="isc create takes a directory that holds a session")
 def test_create_refuses_a_state_directory_around_another_sessions(session: Path) -> None:
     work = session
     (work / "outer" / "x").mkdir(parents=True)
