@@ -59,9 +59,10 @@ time. Its metadata key ``isc.holder`` (``rbd image-meta``) names the session tha
 it, as an agent's export's holder record does (:func:`isc.remote.session_holder`, JSON):
 ``isc add-dest`` claims it (:func:`claim`), protect and rollback check it (and take an
 image none holds: a session added before holders claims at its next update),
-unprotect checks it, status reports it, ``isc remove-dest`` removes it
-(:func:`release`). Another session's request is refused (``Ack.held``) naming the
-holder and the fix; so is one of a value that is not a holder's (damaged). The way out
+unprotect checks it, ``isc remove-dest`` removes it (:func:`release`); status does not
+read it. Another session's request is refused (``Ack.held``) naming the holder and the
+fix; so is one of a value that is not a holder's (damaged): like any held destination,
+it drops out of the update alone (:mod:`isc.update`). The way out
 when the holding session is gone: ``rbd image-meta remove POOL/IMAGE isc.holder``
 (Ceph's own authentication). Image metadata has no compare-and-set: a claim sets the
 key and reads it back, so of two claims at one instant the later write holds the
@@ -374,9 +375,15 @@ class RBDLUN(ForwardingLUN):
 # -- the holder: image metadata -------------------------------------------------------
 
 
+class _Damaged(RBDError):
+    """An image's metadata :data:`HOLDER_KEY` names no session in a holder's form: which
+    session copies into it cannot be told, so it is no session's to copy into but the one
+    the operator lets in (the module docstring)."""
+
+
 def _holder(image: RBDImage, wait: float) -> dict | None:
     """The session ``image``'s metadata names as its holder, None when none; ``RBDError``
-    when it cannot be read or names none in a holder's form (damaged)."""
+    when it cannot be read, ``_Damaged`` when it names none in a holder's form."""
     try:
         value = image.rbd("image-meta", "get", image.spec, HOLDER_KEY, timeout=wait)
     except RBDError as exc:
@@ -388,7 +395,7 @@ def _holder(image: RBDImage, wait: float) -> dict | None:
     except ValueError:
         holder = None
     if not is_holder(holder):
-        raise RBDError(
+        raise _Damaged(
             f"{image}: its metadata {HOLDER_KEY} is damaged (not a holder's record): which "
             f"session copies into it cannot be told; if none does, remove it: "
             f"rbd image-meta remove {image.spec} {HOLDER_KEY}"
@@ -491,9 +498,13 @@ class RBDSite(RemoteSite):
         )
 
     def _refused_held(self, rid: int, entry: _Entry, wait: float, claim: bool) -> Ack | None:
-        """The refusal of a request about ``entry``'s image another session holds
-        (``Ack.held``), else None (with ``claim``, taking one none holds)."""
-        why = _held(entry.image, entry.holder, wait, claim)
+        """The refusal of a request about ``entry``'s image another session holds, or whose
+        holder value is damaged (``Ack.held``: that image's trouble alone, as an agent's
+        damaged holder record is), else None (with ``claim``, taking one none holds)."""
+        try:
+            why = _held(entry.image, entry.holder, wait, claim)
+        except _Damaged as exc:
+            why = str(exc)
         return None if why is None else Ack(rid, False, why, held=True)
 
     def _entry(self, dest: Destination) -> _Entry:

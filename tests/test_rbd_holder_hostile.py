@@ -11,7 +11,7 @@ since, and calls it consistent over that session's copy.
 Rule 13 for a damaged holder value: an agent's damaged holder record refuses its export
 as held (``Ack.held``), so an update copies the session's other destinations and fails for
 that one alone; an image's damaged ``isc.holder`` failed its protect as any trouble of the
-cluster does, and the whole update was abandoned.
+cluster does, and the whole update was abandoned (its docstring said ``Ack.held``).
 
 A real single-node Ceph cluster (tests/ceph.py), real ``isc`` commands.
 """
@@ -60,11 +60,6 @@ def test_isc_copy_leaves_out_an_image_another_session_holds(ceph, tmp_path) -> N
     assert states["img"] != "consistent"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a damaged isc.holder fails the image's protect as trouble of the cluster, not as "
-    "held: the whole update is abandoned",
-)
 def test_a_damaged_holder_value_fails_the_update_for_that_image_alone(ceph, tmp_path) -> None:
     name = f"damaged-{random.Random().getrandbits(32):08x}"
     source = tmp_path / "source.img"
