@@ -11,16 +11,27 @@ held by a session that never copied into it.
 An agent run in this process (tests/test_agent_journal.py's ``agent_here``), asked through
 its control port as ``isc`` asks it (:class:`isc.remote.AgentSite`). A protect refused
 because the protected image was lost did the same.
+
+A SIGKILL of ``isc remove-dest`` (a real ``isc agent``, real commands): it saves the
+session without the destination, then asks the agent to release the export. Killed in
+between, the export stays held by a session that no longer names it: a second
+``remove-dest`` finds no such destination, and no command of the session lets it go;
+another session's ``add-dest`` is refused until the operator's ``isc release``.
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
-from test_agent import SIZE, WAIT
+from helpers import wait_until
+from test_agent import ENV, ISC, SIZE, WAIT
 from test_agent_journal import agent_here
+from test_cli import isc_run
 from test_nbd import sparse
+from test_remote_hostile import Agent
 
 from isc import Destination
 from isc.remote import AgentSite, session_holder
@@ -68,3 +79,60 @@ def test_a_refused_protect_takes_no_export(exports: Path) -> None:
         other = AgentSite.at(("127.0.0.1", control), timeout=WAIT, holder=B)
         assert other.status(DISK, WAIT).info["holder"] is None
         assert not (state / "disk.holder").exists()
+
+
+PARK_RELEASE = """
+import os, threading
+
+import isc.remote
+
+
+def release(self, *args, **kwargs):
+    # The session is saved without the destination; the agent is not asked yet.
+    open(os.environ["ISC_TEST_PARKED"], "x").close()
+    threading.Event().wait()
+
+
+isc.remote.AgentSite.release = release
+"""
+"""A ``sitecustomize`` that parks ``isc remove-dest`` at its release, until SIGKILL."""
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="remove-dest saves the session before it releases the export: killed between, "
+    "the export stays held by a session that no longer names it",
+)
+def test_remove_dest_killed_before_its_release_leaves_the_export_free_once_asked_again(
+    tmp_path: Path, exports: Path
+) -> None:
+    for name in "ab":
+        sparse(tmp_path / f"{name}.img", SIZE)
+        isc_run("create", name, "--source", f"{name}.img", cwd=tmp_path)
+    hooks, parked = tmp_path / "hooks", tmp_path / "parked"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(PARK_RELEASE)
+    env = {**ENV, "PYTHONPATH": f"{hooks}{os.pathsep}{ENV['PYTHONPATH']}"}
+    env["ISC_TEST_PARKED"] = str(parked)
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    remote = Agent(exports, ENV, logs)
+    remote.start()
+    try:
+        isc_run("add-dest", "a", remote.uri, "--site", remote.site, cwd=tmp_path)
+        remove = subprocess.Popen(
+            [*ISC, "remove-dest", "a", "disk"],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            wait_until(parked.exists, remove, "the release")
+        finally:
+            remove.kill()
+            remove.wait(WAIT)
+        isc_run("remove-dest", "a", "disk", cwd=tmp_path, check=None)  # asked again
+        isc_run("add-dest", "b", remote.uri, "--site", remote.site, cwd=tmp_path)
+    finally:
+        remote.end()
