@@ -7,6 +7,22 @@ checked with ``lstat`` and opened with ``O_NOFOLLOW``, and the file opened
 must be the one ``lstat`` saw (device and inode), so a symlink swapped in
 meanwhile is refused too.
 
+Each export serves the descriptor opened at start until the agent exits. A file
+renamed over ``DIR/NAME`` later, or ``NAME`` renamed away or deleted, would leave
+it serving a file no name reaches while its ``status`` still named that file's
+identity, and an update would report the destination consistent. So each
+control request about an export first checks that ``DIR/NAME`` still names the
+file served (:meth:`Export.refusal`: device, inode and birth); while it does
+not, every request but ``release`` is refused (``"replaced": true``, one line
+naming the path, what is there now and the fix: restart the agent, so that it
+exports the file now at that name; :meth:`Agent._on_export` says why
+``unprotect`` is refused and ``release`` served), and so is every new NBD
+connection to it (:meth:`Export.unavailable`, at the handshake). A file
+replaced between a protect and the copy's writes takes those writes over the
+connection opened after the protect: the update's unprotect, or the next
+update's status, is refused, and the destination is not reported consistent
+(:mod:`isc.update`).
+
 Protection is durable (rule 8): a protected export has a **journal** in the
 agent's state directory ``DIR/.isc-agent/`` (``NAME.journal``), which a
 restarted agent finds again. No reflink or LVM snapshot is used: the journal
@@ -114,8 +130,11 @@ another file (the export was replaced) or is damaged. The way out is an
 (Damage inside the last batch cannot be told from a torn save: it is
 dropped as one.)
 
-Costs: a claim (and the first protect of an export none holds) writes and fsyncs
-one small file and the directory; the other requests compare the holder in memory.
+Costs: every request about an export looks its path up once (an ``open`` with
+``O_PATH``, an ``fstat`` and a ``statx``: no data read; so does each NBD
+handshake), never an NBD read or write. A claim (and the first protect of an
+export none holds) writes and fsyncs one small file and the directory; the
+other requests compare the holder in memory.
 The first write to a chunk after a protect costs a read of the chunk,
 a journal append and an ``fdatasync``; rewriting it costs nothing more; a
 journal holds at most the whole export plus 32 bytes a chunk. A failed append
@@ -525,11 +544,13 @@ def _read_holder(path: Path) -> tuple[dict | None, str | None]:
 
 
 class Export(ForwardingLUN):
-    """One exported file; its writes go through its journal while it is protected."""
+    """One exported file, opened at ``path`` (its name there names the export); its writes
+    go through its journal while it is protected."""
 
-    def __init__(self, name: str, lun, journal_path: Path, identity: tuple[int, int]) -> None:
+    def __init__(self, path: Path, lun, journal_path: Path, identity: tuple[int, int]) -> None:
         super().__init__(lun)
-        self.name = name
+        self.path = path
+        self.name = path.name
         self.journal_path = journal_path
         self.identity = identity
         self._birth = file_birth(lun.fileno())
@@ -550,11 +571,60 @@ class Export(ForwardingLUN):
         its record cannot be read, or None (the module docstring)."""
         if journal_path.exists():
             self.journal = Journal(journal_path, lun, identity, self._birth)
-            log.info("%s: protected (journal %s)", name, journal_path)
+            log.info("%s: protected (journal %s)", self.name, journal_path)
 
     def write(self, offset: int, data) -> None:
         journal = self.journal
         (journal if journal else self.lun).write(offset, data)
+
+    def unavailable(self) -> str | None:
+        """Why the export no longer serves the file at its path (:meth:`refusal`'s reason),
+        or None while it does: its NBD server asks at each connection's handshake
+        (:meth:`isc.nbd.export.LUNExport.unavailable`), so that no client is served a file
+        no name reaches."""
+        refused = self.refusal()
+        return None if refused is None else refused["reason"]
+
+    def refusal(self) -> dict | None:
+        """The refusal of a request that relies on the export while ``DIR/NAME`` no longer
+        names the file served (``"replaced": true`` and one line naming the fix), or of
+        one while that cannot be told; None while it names it.
+
+        The agent serves the descriptor it opened at its start; a file renamed over
+        ``DIR/NAME``, or ``NAME`` renamed away or deleted, leaves it serving a file no
+        name reaches, while the file at ``DIR/NAME`` is another. ``DIR/NAME`` is opened
+        ``O_PATH | O_NOFOLLOW`` (as ``lstat`` looks: a symlink there is another file;
+        nothing is read or locked) and compared by device and inode, then by the birth
+        :func:`isc.lun.file_birth` reads of it (its birth time: a generation cannot be
+        read through such a descriptor) as :func:`isc.lun.same_birth` compares them.
+        """
+        try:
+            fd = os.open(self.path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            now = "missing"
+        except OSError as exc:
+            reason = (
+                f"{self.path} cannot be looked up ({exc.strerror or exc}): whether it is "
+                f"still the file the agent serves as export {self.name} cannot be told"
+            )
+            return {"ok": False, "reason": reason}
+        else:
+            try:
+                seen = os.fstat(fd)
+                if (seen.st_dev, seen.st_ino) != self.identity or not stat.S_ISREG(seen.st_mode):
+                    now = f"another file (device {seen.st_dev}, inode {seen.st_ino})"
+                elif not same_birth(self._birth, file_birth(fd)):
+                    now = "another file (its birth time differs)"
+                else:
+                    return None
+            finally:
+                os.close(fd)
+        reason = (
+            f"{self.path} is {now} now, not the file the agent serves as export {self.name} "
+            "(opened at its start): restart the agent, so that it exports the file now at "
+            "that name"
+        )
+        return {"ok": False, "replaced": True, "reason": reason}
 
     def _fenced(self) -> dict | None:
         """Fence the export's NBD server before a protect or rollback acts
@@ -841,7 +911,7 @@ class Agent:
                     continue
                 lun, identity = opened
                 try:
-                    export = Export(path.name, lun, self.state / f"{path.name}.journal", identity)
+                    export = Export(path, lun, self.state / f"{path.name}.journal", identity)
                 except BaseException:
                     lun.close()
                     raise
@@ -862,10 +932,24 @@ class Agent:
         user's unless ``insecure`` (:class:`~isc.control.ControlServer`)."""
 
     def _on_export(self, op: str, request: dict) -> dict:
+        """Answer request ``op`` about one export.
+
+        Each but ``release`` is refused while the export's path no longer names the file
+        served (:meth:`Export.refusal`: ``"replaced": true``): ``status``, ``protect``,
+        ``rollback`` and ``claim`` would vouch for, or take, a file no name reaches. So
+        is ``unprotect``: an update whose copy went to the file served after it was
+        replaced asks for it, and a "done" would let it report the destination
+        consistent; after the restart the refusal names, the journal names another file
+        than the one exported and an unprotect drops it. ``release`` is served: it
+        changes no data, only which session holds the name, and a session removed or
+        gone must be able to let it go."""
         name = request.get("export")
         export = self.exports.get(name) if isinstance(name, str) else None
         if export is None:
             return {"ok": False, "reason": f"no export named {request.get('export')!r}"}
+        if op != "release" and (refused := export.refusal()) is not None:
+            log.warning("%s %s: %s", op, export.name, refused["reason"])
+            return refused
         image, lease, holder = (request.get(key) for key in ("image", "lease", "holder"))
         image = image if isinstance(image, str) else None
         if holder is not None and not is_holder(holder):

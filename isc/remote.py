@@ -138,6 +138,11 @@ class Ack:
     ``held`` is True when the request was refused because another session holds the
     destination (an agent's holder, :mod:`isc.agent`; an RBD image's, :mod:`isc.rbd`):
     it is not this session's to copy into, a trouble of that destination alone.
+    ``replaced`` is True when the request was refused because the site serves, as the
+    destination, a file no longer at its path (an agent's export renamed over, renamed
+    away or deleted since the agent opened it, :meth:`isc.agent.Export.refusal`): the
+    file there now is another, which its next copy must fill whole once the site serves
+    it; a trouble of that destination alone too.
     """
 
     request_id: int
@@ -149,6 +154,7 @@ class Ack:
     kept: bool = False
     fenced: bool = False
     held: bool = False
+    replaced: bool = False
 
 
 class RemoteSite(abc.ABC):
@@ -566,6 +572,8 @@ class AgentSite(RequestSite):
             return Ack(rid, False, reason, outcome_unknown=True)
         if reply.get("held") is True and reply["ok"] is False:
             return Ack(rid, False, self._held(dest.name, info), info=info, held=True)
+        if reply.get("replaced") is True and reply["ok"] is False:
+            return Ack(rid, False, f"{who}: {reply.get('reason')}", info=info, replaced=True)
         if op == "status" and self._held_by_another(info):
             # Answered, but the export is another session's: not this one's to copy into.
             return Ack(rid, True, self._held(dest.name, info), extents, info, held=True)

@@ -656,7 +656,8 @@ class PersistentSession:
         """What each destination's agent last said identifies its export
         (:func:`isc.agent.export_identity`), checked before an update relies on it."""
         self.held_elsewhere: dict[str, str] = {}
-        """The destinations whose agent said another session holds them, at the last
+        """The destinations whose agent said another session holds them, or that it
+        serves a file no longer at their export's path (``Ack.replaced``), at the last
         :func:`check_agents`, with why: :func:`copy` leaves them out."""
         self.region_size = meta["region_size"]
         self.max_hot = meta["max_hot"]
@@ -1333,8 +1334,8 @@ def copy(
     full copy of its mark: every chunk joins that mark's transfer bitmap, which
     needs no chunk written since the mark (``StateError`` otherwise, changing
     nothing: their data at the mark is gone). Raises what the copy job raises. A
-    destination :func:`check_agents` found held by another session is left out
-    (``StateError`` when none is left).
+    destination :func:`check_agents` found held by another session, or replaced at its
+    agent's path, is left out (``StateError`` when none is left).
     """
     dests = [d for d in copy_destinations(stored) if d.name not in stored.held_elsewhere]
     if not dests:

@@ -8,7 +8,8 @@ Periodic incremental update (docs/design.md; the patent's figures 3-9):
 3. ask the site to protect every destination, each waiting for its ack or a
    timeout (a consistency group's with one group request where the site
    offers it); one refused because another session holds it (``Ack.held``:
-   an agent's export or RBD image is one session's destination at a time)
+   an agent's export or RBD image is one session's destination at a time), or
+   because its agent serves a file no longer at its path (``Ack.replaced``)
    becomes NEW and drops out of this update, which fails for it alone once
    the others are copied (rule 13); if any other fails, unprotect the ones
    this update protected (a protection kept from a failed update stays: its
@@ -348,16 +349,18 @@ def check_identities(
     records in ``identities`` what each agent said (an identity of an earlier agent,
     without generation or birth time, is replaced by the new form). One whose agent does
     not answer is left as it is (its samples still check it, :mod:`isc.fingerprint`).
-    One another session holds (``Ack.held``, :mod:`isc.agent`) becomes NEW, gets a
-    line each time, and goes into ``held`` (name -> why) when given."""
+    One another session holds (``Ack.held``, :mod:`isc.agent`), or whose agent serves a
+    file no longer at the export's path (``Ack.replaced``: the file there is another),
+    becomes NEW, gets a line each time, and goes into ``held`` (name -> why) when given."""
     found = []
     for dest in destinations:
         ack = site.status(dest, timeout) if dest.name in agents else None
         seen = ack.info.get("identity") if ack is not None and ack.ok else None
-        if ack is not None and ack.held:
-            # Another session copies into it (rule 12 across sites): nothing it holds is ours.
+        if ack is not None and (why := _not_ours(ack)) is not None:
+            # Another session copies into it (rule 12 across sites), or the file at its
+            # path is not the one its agent serves: nothing it holds is ours.
             dest.start_over()
-            found.append(f"{ack.reason}; it gets a full copy once it is this session's again")
+            found.append(why)
             if held is not None:
                 held[dest.name] = str(ack.reason)
         if not isinstance(seen, str):
@@ -371,6 +374,18 @@ def check_identities(
             )
         identities[dest.name] = seen
     return found
+
+
+def _not_ours(ack: Ack) -> str | None:
+    """Why the destination a site's ``ack`` is about is not this session's to copy into
+    now, in one line with what follows, or None: another session holds it (``Ack.held``),
+    or its agent serves a file that is no longer at its path (``Ack.replaced``). Either
+    way it becomes NEW: its next copy gives it every chunk."""
+    if ack.held:
+        return f"{ack.reason}; it gets a full copy once it is this session's again"
+    if ack.replaced:
+        return f"{ack.reason}; its next copy is a full one"
+    return None
 
 
 def _group_report(consistent: Sequence[Destination], behind: Sequence[Destination]) -> str:
@@ -423,19 +438,22 @@ def _unprotect_copied(
     ``named`` (its protect named its image) whose unprotect failed (no answer: the
     agent went down), its status says them instead (:func:`_undone`); when that
     fails too, nothing does: it is INCONSISTENT and out of step. One whose unprotect is
-    refused because another session holds it now (``Ack.held``) becomes NEW. Returns
-    each such destination's name with why, in one line.
+    refused because another session holds it now (``Ack.held``), or because its agent
+    serves a file no longer at its path (``Ack.replaced``: the copy went to a file no
+    name reaches), becomes NEW. Returns each such destination's name with why, in one
+    line.
     """
     undone = {}
     for dest in dests:
         ack = _ask(site, "unprotect", dest, timeout)
         if ack.ok:
             dest.protected_state = None
-        if ack.held:
+        if (why := _not_ours(ack)) is not None:
             # Released (forced) and taken by another session since the protect: it may
-            # have written there, before the copy or after it (rule 12 across sites).
+            # have written there, before the copy or after it (rule 12 across sites);
+            # or replaced at its path since: the copy reached the file that was there.
             dest.start_over()
-            undone[dest.name] = f"{ack.reason}; it gets a full copy once it is this session's again"
+            undone[dest.name] = why
             log.error("%s", undone[dest.name])
             continue
         extents = ack.extents if ack.ok or dest.name not in named else _undone(site, dest, timeout)
@@ -525,7 +543,8 @@ def _protect_all(
     those kept from a failed update), unmark ``marked``, raise. Returns the names of
     those whose ack named the image protected (an agent's: :func:`_track_undone`),
     and (``spare_held``) each refused because another session holds it (``Ack.held``)
-    with why: it becomes NEW, and the others are protected and copied (rule 13).
+    or its agent serves a file no longer at its path (``Ack.replaced``) with why: it
+    becomes NEW, and the others are protected and copied (rule 13).
 
     A consistency group (several ``marked`` sessions) is protected by one
     group request where the site offers it, so its destinations are taken
@@ -538,7 +557,7 @@ def _protect_all(
         acks = []
         for dest in dests:  # up to the first refusal
             acks.append(_ask(site, "protect", dest, timeout))
-            if not acks[-1].ok and not (spare_held and acks[-1].held):
+            if not acks[-1].ok and not (spare_held and _not_ours(acks[-1])):
                 break
     _reconnect(dests, acks)
     for dest, state, ack in zip(dests, states, acks, strict=False):  # acks may stop early
@@ -548,7 +567,7 @@ def _protect_all(
         if ack.ok and not (ack.kept and dest.protected_state is not None):
             dest.protected_state = state
     answered = list(zip(dests, acks, strict=False))  # acks may stop early
-    held = {d.name: str(a.reason) for d, a in answered if spare_held and a.held and not a.ok}
+    held = {d.name: str(a.reason) for d, a in answered if spare_held and _not_ours(a) and not a.ok}
     refused = next(((d, a) for d, a in answered if not a.ok and d.name not in held), None)
     if refused is not None:
         for protected, ack in zip(dests, acks, strict=False):

@@ -396,8 +396,11 @@ class LUNExport:
         return flags
 
     def unavailable(self) -> str | None:
-        """Why a client cannot use the export now (never, for a LUN)."""
-        return None
+        """Why a client cannot use the export now: what the LUN's own ``unavailable()``
+        says where it has one (an agent's export whose file was replaced at its path,
+        :meth:`isc.agent.Export.unavailable`), else never."""
+        unavailable = getattr(self.lun, "unavailable", None)
+        return None if unavailable is None else unavailable()
 
     def attach(self) -> LUNExport:
         """The view a connection serves."""
