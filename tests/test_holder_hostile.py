@@ -17,6 +17,10 @@ session without the destination, then asks the agent to release the export. Kill
 between, the export stays held by a session that no longer names it: a second
 ``remove-dest`` finds no such destination, and no command of the session lets it go;
 another session's ``add-dest`` is refused until the operator's ``isc release``.
+
+A session's name in its holder is for messages, at most 255 characters
+(:func:`isc.remote.is_holder`); ``isc create --name`` takes a longer one, and the agent
+refused every request of that session as naming no holder in a holder's form.
 """
 
 from __future__ import annotations
@@ -136,3 +140,21 @@ def test_remove_dest_killed_before_its_release_leaves_the_export_free_once_asked
         isc_run("add-dest", "b", remote.uri, "--site", remote.site, cwd=tmp_path)
     finally:
         remote.end()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a session name over 255 characters makes no holder the agent takes: every "
+    "request of the session is refused",
+)
+def test_a_session_with_a_long_name_adds_and_updates_an_agents_export(
+    tmp_path: Path, exports: Path
+) -> None:
+    sparse(tmp_path / "a.img", SIZE)
+    isc_run("create", "a", "--source", "a.img", "--name", "n" * 300, cwd=tmp_path)
+    with agent_here(exports) as (_, control, uris):
+        site = f"127.0.0.1:{control}"
+        isc_run("add-dest", "a", uris["disk"], "--site", site, cwd=tmp_path)
+        isc_run("update", "a", "--timeout", str(WAIT), cwd=tmp_path)
+        holder = AgentSite.at(("127.0.0.1", control), timeout=WAIT).status(DISK, WAIT)
+        assert holder.info["holder"] is not None
