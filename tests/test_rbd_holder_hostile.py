@@ -13,6 +13,11 @@ as held (``Ack.held``), so an update copies the session's other destinations and
 that one alone; an image's damaged ``isc.holder`` failed its protect as any trouble of the
 cluster does, and the whole update was abandoned (its docstring said ``Ack.held``).
 
+Rule 10 for a claim the image cannot keep: a session named with more than 255 characters
+(``isc create --name``) has no holder in a holder's form (:func:`isc.remote.is_holder`).
+Its ``add-dest`` wrote that value into the image's metadata, read it back as damaged and
+was refused, leaving the image refused to every session until the operator removed it.
+
 A real single-node Ceph cluster (tests/ceph.py), real ``isc`` commands.
 """
 
@@ -78,3 +83,18 @@ def test_a_damaged_holder_value_fails_the_update_for_that_image_alone(ceph, tmp_
     assert states == {"local": "consistent", "img": "new"}
     assert (tmp_path / "local.img").read_bytes() == source.read_bytes()
     assert ceph.snapshots(name) == [] and ceph.read(name) == bytes(SIZE)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a claim writes a holder the metadata cannot hold before it checks its form: "
+    "the refused add-dest leaves the image's isc.holder damaged",
+)
+def test_a_claim_of_a_holder_out_of_form_is_refused_and_writes_nothing(ceph, tmp_path) -> None:
+    name = f"longname-{random.Random().getrandbits(32):08x}"
+    image = ceph.create_image(name, SIZE)
+    FileLUN.create(tmp_path / "source.img", SIZE).close()
+    create_session(tmp_path / "s", str(tmp_path / "source.img"), granularity=G, name="n" * 300)
+    isc("add-dest", str(tmp_path / "s"), image, "--name", "img", check=False)
+    listed = ceph.rbd("image-meta", "list", f"rbd/{name}")
+    assert "isc.holder" not in listed, listed
