@@ -64,8 +64,9 @@ read it. Another session's request is refused (``Ack.held``) naming the holder a
 fix; so is one of a value that is not a holder's (damaged): like any held destination,
 it drops out of the update alone (:mod:`isc.update`). The way out
 when the holding session is gone: ``rbd image-meta remove POOL/IMAGE isc.holder``
-(Ceph's own authentication). Image metadata has no compare-and-set: a claim sets the
-key and reads it back, so of two claims at one instant the later write holds the
+(Ceph's own authentication). A claim of a session whose holder is out of form (a name
+over 255 characters) is refused, writing nothing: the value would read back damaged.
+Image metadata has no compare-and-set: a claim sets the key and reads it back, so of two claims at one instant the later write holds the
 image, and the other session's protects are refused from then on; its own claim may
 pass if it read the key back before the other wrote it. A check costs one more ``rbd``
 run per protect, unprotect and rollback (a claim two more).
@@ -409,6 +410,11 @@ def _held(image: RBDImage, holder: dict | None, wait: float, claim: bool) -> str
     none holds. ``RBDError`` when the metadata cannot be read or set."""
     held = _holder(image, wait)
     if held is None and claim and holder is not None:
+        if not is_holder(holder):  # it would read back as damaged, refusing every session
+            return (
+                f"{image}: this session cannot be named its holder ({HOLDER_KEY} takes a "
+                "session's name and machine of at most 255 characters each): nothing was written"
+            )
         image.rbd("image-meta", "set", image.spec, HOLDER_KEY, json.dumps(holder), timeout=wait)
         held = _holder(image, wait)  # another claim's write may have come in between
     if held is None or (holder is not None and held["id"] == holder["id"]):

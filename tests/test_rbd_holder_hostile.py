@@ -16,7 +16,8 @@ cluster does, and the whole update was abandoned (its docstring said ``Ack.held`
 Rule 10 for a claim the image cannot keep: a session named with more than 255 characters
 (``isc create --name``) has no holder in a holder's form (:func:`isc.remote.is_holder`).
 Its ``add-dest`` wrote that value into the image's metadata, read it back as damaged and
-was refused, leaving the image refused to every session until the operator removed it.
+was refused, leaving the image refused to every session until the operator removed it;
+a claim now checks the form first and writes nothing.
 
 A real single-node Ceph cluster (tests/ceph.py), real ``isc`` commands.
 """
@@ -85,16 +86,13 @@ def test_a_damaged_holder_value_fails_the_update_for_that_image_alone(ceph, tmp_
     assert ceph.snapshots(name) == [] and ceph.read(name) == bytes(SIZE)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a claim writes a holder the metadata cannot hold before it checks its form: "
-    "the refused add-dest leaves the image's isc.holder damaged",
-)
 def test_a_claim_of_a_holder_out_of_form_is_refused_and_writes_nothing(ceph, tmp_path) -> None:
     name = f"longname-{random.Random().getrandbits(32):08x}"
     image = ceph.create_image(name, SIZE)
     FileLUN.create(tmp_path / "source.img", SIZE).close()
     create_session(tmp_path / "s", str(tmp_path / "source.img"), granularity=G, name="n" * 300)
-    isc("add-dest", str(tmp_path / "s"), image, "--name", "img", check=False)
+    done = isc("add-dest", str(tmp_path / "s"), image, "--name", "img", check=False)
+    assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+    assert "cannot be named its holder" in done.stderr, done.stderr
     listed = ceph.rbd("image-meta", "list", f"rbd/{name}")
     assert "isc.holder" not in listed, listed
