@@ -54,22 +54,22 @@ rollback_group  ``rbd group snap rollback`` of every image a group snapshot
                 update resends it all
 ==============  ============================================================
 
-**Holder** (rule 12 across sites): an image is the destination of one session at a
-time. Its metadata key ``isc.holder`` (``rbd image-meta``) names the session that holds
-it, as an agent's export's holder record does (:func:`isc.remote.session_holder`, JSON):
+**Holder** (rule 12 across sites): an image is the destination of one session at a time.
+Its metadata key ``isc.holder`` (``rbd image-meta``) names the session that holds it, as
+an agent's export's holder record does (:func:`isc.remote.session_holder`, JSON):
 ``isc add-dest`` claims it (:func:`claim`), protect and rollback check it (and take an
-image none holds: a session added before holders claims at its next update),
-unprotect checks it, ``isc remove-dest`` removes it (:func:`release`); status does not
-read it. Another session's request is refused (``Ack.held``) naming the holder and the
-fix; so is one of a value that is not a holder's (damaged): like any held destination,
-it drops out of the update alone (:mod:`isc.update`). The way out
-when the holding session is gone: ``rbd image-meta remove POOL/IMAGE isc.holder``
-(Ceph's own authentication). A claim of a session whose holder is out of form (a name
-over 255 characters) is refused, writing nothing: the value would read back damaged.
-Image metadata has no compare-and-set: a claim sets the key and reads it back, so of two claims at one instant the later write holds the
-image, and the other session's protects are refused from then on; its own claim may
-pass if it read the key back before the other wrote it. A check costs one more ``rbd``
-run per protect, unprotect and rollback (a claim two more).
+image none holds: a session added before holders claims at its next update), unprotect
+checks it, ``isc remove-dest`` removes it (:func:`release`); status does not read it.
+Another session's request is refused (``Ack.held``) naming the holder and the fix; so is
+one of a value that is not a holder's (damaged): like any held destination, it drops out
+of the update alone (:mod:`isc.update`). The way out when the holding session is gone:
+``rbd image-meta remove POOL/IMAGE isc.holder`` (Ceph's own authentication). A claim of
+a session whose holder is out of form (a name over 255 characters) is refused, writing
+nothing: the value would read back damaged. Image metadata has no compare-and-set: a
+claim sets the key and reads it back, so of two claims at one instant the later write
+holds the image, and the other session's protects are refused from then on; its own
+claim may pass if it read the key back before the other wrote it. A check costs one more
+``rbd`` run per protect, unprotect and rollback (a claim two more).
 
 A group snapshot holds every image of its group, so unprotecting one of
 them keeps it until every one was unprotected (this site keeps count; a new
