@@ -480,13 +480,13 @@ def _undone(site, dest: Destination, timeout: float) -> list | str:
     does not answer, and ``dest`` falls out of step (no epoch, and no samples, which are
     no scrub), so its next copy gives it every chunk, seeded from a destination in step
     or a full copy, and the other destinations resend nothing for it (rule 13); or the
-    status says another session holds the export now (``Ack.held``: a forced release
-    and that session's claim since the protect), which may have written anywhere in it,
-    and ``dest`` starts over (NEW), as a refused unprotect makes it."""
+    status says the export is not this session's to copy into now (:func:`_not_ours`:
+    another session holds it since a forced release, and may have written anywhere in
+    it; or its file was replaced), and ``dest`` starts over (NEW), as a refused
+    unprotect makes it."""
     ack = _ask(site, "status", dest, timeout)
-    if ack.held:  # an answer, but of an export that is not this session's (rule 12)
+    if (why := _not_ours(ack)) is not None:  # an answer, but not about this session's
         dest.start_over()
-        why = f"{ack.reason}; it gets a full copy once it is this session's again"
     elif ack.ok:
         return ack.info.get("undone") or []
     else:
