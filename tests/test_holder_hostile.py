@@ -21,6 +21,11 @@ another session's ``add-dest`` is refused until the operator's ``isc release``.
 A session's name in its holder is for messages, at most 255 characters
 (:func:`isc.remote.is_holder`); ``isc create --name`` takes a longer one, and the agent
 refused every request of that session as naming no holder in a holder's form.
+
+The holder record is refused when another user may write it, but not the state directory
+it lives in: a ``.isc-agent`` others may write (made before the agent, in a directory
+shared with them) lets them unlink the record, which frees the export for a second
+session, or put a link at the record's temp name, through which the agent writes.
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ from test_nbd import sparse
 from test_remote_hostile import Agent
 
 from isc import Destination
+from isc.agent import Agent as ExportAgent
+from isc.errors import ParameterError
 from isc.remote import AgentSite, session_holder
 
 A, B = session_holder(0xA, "a"), session_holder(0xB, "b")
@@ -158,3 +165,17 @@ def test_a_session_with_a_long_name_adds_and_updates_an_agents_export(
         isc_run("update", "a", "--timeout", str(WAIT), cwd=tmp_path)
         holder = AgentSite.at(("127.0.0.1", control), timeout=WAIT).status(DISK, WAIT)
         assert holder.info["holder"] is not None
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the agent takes a state directory others may write, though it refuses a holder "
+    "record others may write",
+)
+def test_a_state_directory_others_may_write_is_refused(exports: Path) -> None:
+    state = exports / ".isc-agent"
+    state.mkdir()
+    state.chmod(0o777)
+    with pytest.raises(ParameterError, match=f"{state} has mode 0777"):
+        ExportAgent(exports).close()
+    assert sorted(p.name for p in state.iterdir()) == []
