@@ -261,12 +261,15 @@ def test_after_a_restart_the_file_at_the_name_gets_a_full_copy(
 
 # -- a file replaced during an update ---------------------------------------------------------
 @pytest.mark.parametrize("how", ["renamed over", "deleted"])
-def test_a_file_replaced_after_the_protect_fails_the_update_for_it_alone(
-    tmp_path: Path, source: Path, exports: Path, how: str
+@pytest.mark.parametrize("when", ["before its protect", "at its first write"])
+def test_a_file_replaced_during_an_update_fails_it_for_that_destination_alone(
+    tmp_path: Path, source: Path, exports: Path, how: str, when: str
 ):
-    """The copy's writes go over the connection opened after the protect, to the file the
-    agent serves: it holds them, but no name reaches it. The unprotect is refused, and
-    the destination is out of step, while the other destination is consistent."""
+    """Replaced after the identity check (an update in this process asks none), the
+    protect is refused and the destination left out. Replaced after the protect, the
+    copy's writes go over the connection opened after it, to the file the agent serves
+    (no name reaches it): the unprotect is refused. Either way the destination is out
+    of step, and the other one is consistent."""
     with FileLUN(source) as lun, agent(exports, tmp_path / "agent.log") as remote:
         session = Session(lun, 16 * KIB, name="source")
         site = remote.site()
@@ -276,15 +279,21 @@ def test_a_file_replaced_after_the_protect_fails_the_update_for_it_alone(
         update = PeriodicUpdate(session, [disk, spare], site, timeout=WAIT, io_size=IO)
         update.run()
         session.write(0, b"written before the update" * 1000)
-        first = hook.writes + 1  # this update's first write to it
-        hook.before_write = lambda n, *_: n == first and REPLACED[how](exports / "disk")
+        before = hook.writes
+        if when == "before its protect":
+            REPLACED[how](exports / "disk")
+        else:
+            hook.before_write = lambda n, *_: n == before + 1 and REPLACED[how](exports / "disk")
         with pytest.raises(UpdateError) as failed:
             update.run()
-        assert "update failed: source: the agent at " in str(failed.value)
+        assert str(failed.value).startswith("update failed: source: the agent at ")
         assert_refusal(str(failed.value), exports / "disk", NOW[how])
+        assert (hook.writes > before) is (when == "at its first write")
         assert disk.state is DestState.NEW and not disk.in_step(session)
         assert spare.state is DestState.CONSISTENT
         assert (exports / "spare").read_bytes() == source.read_bytes()
         assert not protected(site, spare)
+        if how == "renamed over":
+            assert (exports / "disk").read_bytes() == OTHER  # the file there got nothing
         hook.close()
         spare.lun.close()
