@@ -297,3 +297,36 @@ def test_a_file_replaced_during_an_update_fails_it_for_that_destination_alone(
             assert (exports / "disk").read_bytes() == OTHER  # the file there got nothing
         hook.close()
         spare.lun.close()
+
+
+def test_after_a_restart_the_protection_of_the_file_replaced_midway_is_dropped_by_unprotect(
+    tmp_path: Path, source: Path, exports: Path
+):
+    """The unprotect refused, the protection stays on the file that was served; after the
+    restart its journal names another file than the one exported: every protect is
+    refused, naming ``isc unprotect``, which drops it; then the file gets a full copy."""
+    with FileLUN(source) as lun:
+        session = Session(lun, 16 * KIB, name="source")
+        with agent(exports, tmp_path / "agent.log") as remote:
+            hook = ReconnectingHook(remote_lun(remote.exports["disk"]))
+            disk = Destination(hook, name="disk")
+            update = PeriodicUpdate(session, [disk], remote.site(), timeout=WAIT, io_size=IO)
+            update.run()
+            session.write(0, b"written before the update" * 1000)
+            before = hook.writes
+            hook.before_write = lambda n, *_: n == before + 1 and renamed_over(exports / "disk")
+            with pytest.raises(UpdateError, match=RESTART):
+                update.run()
+            hook.close()
+        assert (exports / JOURNAL).exists()
+        with agent(exports, tmp_path / "agent-again.log") as remote:
+            disk.lun = remote_lun(remote.exports["disk"])
+            site = remote.site()
+            update = PeriodicUpdate(session, [disk], site, timeout=WAIT, io_size=IO)
+            with pytest.raises(UpdateError, match=r"protects another file .* \(isc unprotect "):
+                update.run()
+            assert site.unprotect(disk).ok
+            update.run()
+            assert disk.state is DestState.CONSISTENT
+            assert (exports / "disk").read_bytes() == source.read_bytes()
+            disk.lun.close()
