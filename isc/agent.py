@@ -131,8 +131,8 @@ another file (the export was replaced) or is damaged. The way out is an
 dropped as one.)
 
 Costs: every request about an export looks its path up once (an ``open`` with
-``O_PATH``, an ``fstat`` and a ``statx``: no data read; so does each NBD
-handshake), never an NBD read or write. A claim (and the first protect of an
+``O_PATH``, an ``fstat`` and a ``statx``, about 25 µs: no data read; so does each
+NBD handshake), never an NBD read or write. A claim (and the first protect of an
 export none holds) writes and fsyncs one small file and the directory; the
 other requests compare the holder in memory.
 The first write to a chunk after a protect costs a read of the chunk,
@@ -159,7 +159,8 @@ which needs no export). Every reply is ``{"id": N,
 "ok": true|false, "reason": TEXT|null, "extents": [[offset, length], ...],
 "info": {...}}`` (``extents``: the byte ranges a rollback rewrote, for
 ``unprotect`` since the image). An unknown export gets
-``ok: false`` with the reason, like any bad request.
+``ok: false`` with the reason, like any bad request; one whose path no longer
+names the file served, ``"replaced": true`` too.
 """
 
 from __future__ import annotations
