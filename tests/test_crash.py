@@ -466,15 +466,24 @@ def write_until_killed(
 def serve_until_killed(
     serve: list[str], export: Export, log, rng: random.Random, after: int | None
 ) -> tuple[int, list[tuple[int, bytes]]]:
-    """Start ``isc serve`` (the command ``serve``, its errors to ``log``) for ``export``'s
-    armed LUN to kill, and write to it until it dies (:func:`write_until_killed`); its exit
-    status and every write sent."""
-    proc = subprocess.Popen(serve, stdout=subprocess.PIPE, stderr=log, text=True)
+    """Start ``isc serve`` (the command ``serve`` with ``--json``, its errors to ``log``)
+    for ``export``'s armed LUN to kill, and write to it until it dies
+    (:func:`write_until_killed`); its exit status and every write sent.
+
+    Its export is the one its ready record names. Its periodic updates start before that
+    record and print theirs from another thread, so one may come first; in text, an
+    update's line could even land inside the line of the export's URI (a print writes
+    its text and its end apart), so the records are read as JSON lines, each one write."""
+    proc = subprocess.Popen([*serve, "--json"], stdout=subprocess.PIPE, stderr=log, text=True)
     export.lun.target(proc.pid)
     try:
         lines = line_reader(proc.stdout)
-        uri = str(next_line(lines, "isc serve")).split()[-1]
-        assert next_line(lines, "isc serve") == "ready", Path(log.name).read_text()
+        record: dict = {}
+        while not record.get("ready"):
+            line = next_line(lines, "isc serve")
+            assert line is not None, Path(log.name).read_text()  # it ended, never ready
+            record = json.loads(line)
+        (uri,) = record["exports"].values()
         writes = write_until_killed(uri, rng, proc, after)
     finally:
         code = killed_by(export, proc)
