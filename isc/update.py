@@ -543,8 +543,9 @@ def _protect_all(
     those kept from a failed update), unmark ``marked``, raise. Returns the names of
     those whose ack named the image protected (an agent's: :func:`_track_undone`),
     and (``spare_held``) each refused because another session holds it (``Ack.held``)
-    or its agent serves a file no longer at its path (``Ack.replaced``) with why: it
-    becomes NEW, and the others are protected and copied (rule 13).
+    or its agent serves a file no longer at its path (``Ack.replaced``) with why: the
+    others are protected and copied (rule 13). Such a one becomes NEW whatever follows,
+    an abandoned update too: nothing it holds is this session's.
 
     A consistency group (several ``marked`` sessions) is protected by one
     group request where the site offers it, so its destinations are taken
@@ -567,6 +568,9 @@ def _protect_all(
         if ack.ok and not (ack.kept and dest.protected_state is not None):
             dest.protected_state = state
     answered = list(zip(dests, acks, strict=False))  # acks may stop early
+    for dest, ack in answered:
+        if not ack.ok and _not_ours(ack):  # another session's, or replaced: nothing is ours
+            dest.start_over()  # even when the update is abandoned below
     held = {d.name: str(a.reason) for d, a in answered if spare_held and _not_ours(a) and not a.ok}
     refused = next(((d, a) for d, a in answered if not a.ok and d.name not in held), None)
     if refused is not None:
@@ -580,9 +584,6 @@ def _protect_all(
         message = f"cannot protect {dest.name}: {ack.reason}; the update was abandoned"
         log.error("%s", message)
         raise UpdateError(message)
-    for dest in dests:
-        if dest.name in held:  # another session writes it: nothing it holds is ours
-            dest.start_over()
     named = {dest.name for dest, ack in zip(dests, acks, strict=True) if "image" in ack.info}
     return named, held
 

@@ -46,11 +46,6 @@ def states(tmp_path: Path) -> dict[str, str]:
     return {d["name"]: d["state"] for d in report["destinations"]}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a held destination becomes NEW only when every other protect succeeded: an "
-    "update abandoned for another refusal leaves it consistent",
-)
 def test_a_held_destination_is_new_though_the_update_is_abandoned(
     tmp_path: Path, exports: Path
 ) -> None:
