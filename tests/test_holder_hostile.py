@@ -39,6 +39,7 @@ from helpers import wait_until
 from test_agent import ENV, ISC, SIZE, WAIT
 from test_agent_journal import agent_here
 from test_cli import isc_run
+from test_holder import exports, remote  # noqa: F401 (fixtures)
 from test_nbd import sparse
 from test_remote_hostile import Agent
 
@@ -51,20 +52,13 @@ A, B = session_holder(0xA, "a"), session_holder(0xB, "b")
 DISK = Destination(None, "disk")
 
 
-@pytest.fixture
-def exports(tmp_path: Path) -> Path:
-    """An agent's directory with one zero-filled export of SIZE bytes, "disk"."""
-    directory = tmp_path / "exports"
-    directory.mkdir()
-    sparse(directory / "disk", SIZE)
-    return directory
-
-
 @pytest.mark.xfail(
     strict=True,
     reason="a rollback refused as not protected takes the export for its session first",
 )
-def test_a_refused_rollback_takes_no_export(exports: Path) -> None:
+def test_a_refused_rollback_takes_no_export(
+    exports: Path,  # noqa: F811 (test_holder's fixture)
+) -> None:
     with agent_here(exports) as (_, control, _uris):
         site = AgentSite.at(("127.0.0.1", control), timeout=WAIT, holder=A)
         refused = site.rollback(DISK, WAIT)
@@ -79,7 +73,9 @@ def test_a_refused_rollback_takes_no_export(exports: Path) -> None:
     strict=True,
     reason="a protect refused for a lost protected image takes the export for its session first",
 )
-def test_a_refused_protect_takes_no_export(exports: Path) -> None:
+def test_a_refused_protect_takes_no_export(
+    exports: Path,  # noqa: F811 (test_holder's fixture)
+) -> None:
     state = exports / ".isc-agent"
     state.mkdir(mode=0o700)
     (state / "disk.journal").write_bytes(b"not a journal's header" * 4)
@@ -115,7 +111,8 @@ isc.remote.AgentSite.release = release
     "the export stays held by a session that no longer names it",
 )
 def test_remove_dest_killed_before_its_release_leaves_the_export_free_once_asked_again(
-    tmp_path: Path, exports: Path
+    tmp_path: Path,
+    remote: Agent,  # noqa: F811 (test_holder's fixture: an isc agent of "disk")
 ) -> None:
     for name in "ab":
         sparse(tmp_path / f"{name}.img", SIZE)
@@ -125,28 +122,21 @@ def test_remove_dest_killed_before_its_release_leaves_the_export_free_once_asked
     (hooks / "sitecustomize.py").write_text(PARK_RELEASE)
     env = {**ENV, "PYTHONPATH": f"{hooks}{os.pathsep}{ENV['PYTHONPATH']}"}
     env["ISC_TEST_PARKED"] = str(parked)
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    remote = Agent(exports, ENV, logs)
-    remote.start()
+    isc_run("add-dest", "a", remote.uri, "--site", remote.site, cwd=tmp_path)
+    remove = subprocess.Popen(
+        [*ISC, "remove-dest", "a", "disk"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
-        isc_run("add-dest", "a", remote.uri, "--site", remote.site, cwd=tmp_path)
-        remove = subprocess.Popen(
-            [*ISC, "remove-dest", "a", "disk"],
-            cwd=tmp_path,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        try:
-            wait_until(parked.exists, remove, "the release")
-        finally:
-            remove.kill()
-            remove.wait(WAIT)
-        isc_run("remove-dest", "a", "disk", cwd=tmp_path, check=None)  # asked again
-        isc_run("add-dest", "b", remote.uri, "--site", remote.site, cwd=tmp_path)
+        wait_until(parked.exists, remove, "the release")
     finally:
-        remote.end()
+        remove.kill()
+        remove.wait(WAIT)
+    isc_run("remove-dest", "a", "disk", cwd=tmp_path, check=None)  # asked again
+    isc_run("add-dest", "b", remote.uri, "--site", remote.site, cwd=tmp_path)
 
 
 @pytest.mark.xfail(
@@ -155,7 +145,8 @@ def test_remove_dest_killed_before_its_release_leaves_the_export_free_once_asked
     "request of the session is refused",
 )
 def test_a_session_with_a_long_name_adds_and_updates_an_agents_export(
-    tmp_path: Path, exports: Path
+    tmp_path: Path,
+    exports: Path,  # noqa: F811 (test_holder's fixture)
 ) -> None:
     sparse(tmp_path / "a.img", SIZE)
     isc_run("create", "a", "--source", "a.img", "--name", "n" * 300, cwd=tmp_path)
@@ -172,7 +163,9 @@ def test_a_session_with_a_long_name_adds_and_updates_an_agents_export(
     reason="the agent takes a state directory others may write, though it refuses a holder "
     "record others may write",
 )
-def test_a_state_directory_others_may_write_is_refused(exports: Path) -> None:
+def test_a_state_directory_others_may_write_is_refused(
+    exports: Path,  # noqa: F811 (test_holder's fixture)
+) -> None:
     state = exports / ".isc-agent"
     state.mkdir()
     state.chmod(0o777)

@@ -20,11 +20,10 @@ import json
 import random
 from pathlib import Path
 
-import pytest
 from test_agent import SIZE, WAIT
 from test_agent_journal import agent_here
 from test_cli import isc_run
-from test_nbd import sparse
+from test_holder import exports  # noqa: F401 (a fixture)
 
 from isc.remote import session_holder
 from isc.store import open_session
@@ -32,15 +31,6 @@ from isc.store import open_session
 SEED = 20261207
 B = session_holder(0xB, "b")
 """The other session, as the agent knows it."""
-
-
-@pytest.fixture
-def exports(tmp_path: Path) -> Path:
-    """An agent's directory with one zero-filled export of SIZE bytes, "disk"."""
-    directory = tmp_path / "exports"
-    directory.mkdir()
-    sparse(directory / "disk", SIZE)
-    return directory
 
 
 def session_a(tmp_path: Path) -> Path:
@@ -65,7 +55,8 @@ def b_takes_it_over(export) -> None:
 
 
 def test_a_status_naming_another_holder_after_a_failed_unprotect_is_never_consistent(
-    tmp_path: Path, exports: Path
+    tmp_path: Path,
+    exports: Path,  # noqa: F811 (test_holder's fixture)
 ) -> None:
     """Rule 6: a's copy succeeded; b took the export over (a forced release, its claim, its
     write) and a's unprotect failed at the agent. The status a's update asks instead names
@@ -88,7 +79,8 @@ def test_a_status_naming_another_holder_after_a_failed_unprotect_is_never_consis
 
 
 def test_a_status_naming_another_holder_after_a_failed_copy_leaves_nothing_untracked(
-    tmp_path: Path, exports: Path
+    tmp_path: Path,
+    exports: Path,  # noqa: F811 (test_holder's fixture)
 ) -> None:
     """Rules 2 and 6: a's destination is consistent; b takes the export over during a's next
     copy (which then fails at the export) and lets it go before a's update after. That
