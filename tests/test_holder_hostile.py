@@ -26,6 +26,11 @@ The holder record is refused when another user may write it, but not the state d
 it lives in: a ``.isc-agent`` others may write (made before the agent, in a directory
 shared with them) lets them unlink the record, which frees the export for a second
 session, or put a link at the record's temp name, through which the agent writes.
+
+Two agents of one directory (a second ``isc agent --dir DIR`` at another address, the first
+still running) each read the holder record once, at their start, and keep it in memory:
+a session's claim through one was unknown to the other, which let a second session claim
+the same export, and both copied into it.
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ from test_remote_hostile import Agent
 
 from isc import Destination
 from isc.agent import Agent as ExportAgent
-from isc.errors import ParameterError
+from isc.errors import IscError, ParameterError
 from isc.remote import AgentSite, session_holder
 
 A, B = session_holder(0xA, "a"), session_holder(0xB, "b")
@@ -172,3 +177,24 @@ def test_a_state_directory_others_may_write_is_refused(
     with pytest.raises(ParameterError, match=f"{state} has mode 0777"):
         ExportAgent(exports).close()
     assert sorted(p.name for p in state.iterdir()) == []
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="nothing keeps a second agent off a directory one serves: each keeps its own "
+    "holder in memory, and two sessions hold one export",
+)
+def test_a_second_agent_of_one_directory_lets_no_second_session_claim(
+    exports: Path,  # noqa: F811 (test_holder's fixture)
+) -> None:
+    with agent_here(exports) as (_, first, _uris):
+        try:
+            second = ExportAgent(exports)  # started while the first runs, before a's claim
+        except IscError:
+            return  # refused: one agent to a directory
+        try:
+            claimed = AgentSite.at(("127.0.0.1", first), timeout=WAIT, holder=A).claim(DISK, WAIT)
+            assert claimed.ok, claimed
+            assert not second.exports["disk"].claim(B)["ok"]
+        finally:
+            second.close()
