@@ -602,8 +602,8 @@ def rollback(
     they must be in ``session``'s tracking bitmap (rule 2) before the site
     acts: a lost answer or a crash must not leave them untracked. So:
 
-    1. ask the site's status: ``dest`` must be protected and its image intact
-       (else ``UpdateError``, nothing changed);
+    1. ask the site's status: ``dest`` must be protected and its image intact, and
+       held by no other session (``Ack.held``) (else ``UpdateError``, nothing changed);
     2. track the ranges its protection holds (the status's ``extents``; the
        whole source when the site does not list them) and flag ``dest``
        INCONSISTENT;
@@ -654,6 +654,8 @@ def rollback_group(
             info = status.info
             if not status.ok:
                 problem = status.reason  # without it, what a rollback would rewrite is unknown
+            elif status.held:  # another session's: its protection is not this session's
+                problem = status.reason
             elif not info.get("protected"):
                 problem = f"{dest.name} is not protected: there is no image to restore"
             elif info.get("intact") is False:

@@ -80,11 +80,6 @@ def test_a_held_destination_is_new_though_the_update_is_abandoned(
     assert states(tmp_path) == {"disk": "new", "other": "consistent"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a status naming another holder is taken as this session's: the rollback tracks "
-    "what the other session's protection holds before the agent refuses it",
-)
 def test_a_rollback_of_a_destination_another_session_holds_changes_nothing(
     tmp_path: Path, exports: Path
 ) -> None:
