@@ -226,12 +226,15 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         _remove_dest,
         "take a destination out of a session (its data stays)",
         description="Take destination NAME out of the session: it is no longer copied to, "
-        "and its LUN is left as it is. Refused while a copy to it runs. One at an isc agent "
-        "(add-dest --site) is released there, so another session may add it; an agent that "
-        "cannot be asked keeps it held, and a warning names how to release it (isc release).",
+        "and its LUN is left as it is. Refused while a copy to it runs. An isc agent's export "
+        "is released at each agent that may hold it for the session: its own (add-dest "
+        "--site), and every agent an update --site or rollback --site asked to protect or roll "
+        "it back (the session file names them before the request), so another session may "
+        "add it; an agent that cannot be asked keeps it held, a warning names how to release "
+        "it (isc release), and --json says released false.",
     )
     remove.add_argument("destination", metavar="NAME", help="the destination's name")
-    _timeout_argument(remove, "of the destination's agent (add-dest --site)")
+    _timeout_argument(remove, "of each agent that may hold the destination")
     _cli_auth.add_client_options(remove)
 
     command(
@@ -278,7 +281,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         description="Mark, protect every destination at its site, copy what changed, "
         "unprotect: once, or every SECONDS (the first at once) until SIGINT or SIGTERM, "
         "which stop it after the update in progress. A destination added with a site "
-        "(add-dest --site) is protected by that agent, the others by the agent --site names; "
+        "(add-dest --site) is protected by that agent, the others by the agent --site names "
+        "(which then holds their exports for this session until remove-dest releases them); "
         "without one, in this process while it runs; RBD images (rbd:POOL/IMAGE) always by "
         "snapshots in their cluster. --tls-creds and --secret-file go to every agent.",
     )
@@ -348,7 +352,9 @@ def _site_arguments(parser: argparse.ArgumentParser) -> None:
         type=site_address,
         metavar="HOST:PORT|unix:PATH",
         help="the site of the destinations added without one: an isc agent's control port "
-        "(unix:PATH: its Unix socket); refused when it is not a destination's own site",
+        "(unix:PATH: its Unix socket); refused when it is not a destination's own site. Its "
+        "protect and rollback hold an export for this session: the session file names the "
+        "agent first, and remove-dest releases it there",
     )
     _timeout_argument(parser, "of the site and of each NBD server")
     _cli_auth.add_client_options(parser)
@@ -558,15 +564,15 @@ def _remove_dest(args: argparse.Namespace) -> int:
         # Best effort: the destination is out of the session whatever its site says.
         record_of = records[dest.name]
         kept = stored.release(record_of, credentials)
-        if kept is not None:
-            print(f"isc: warning: {kept}", file=sys.stderr)
+        for line in kept:
+            print(f"isc: warning: {line}", file=sys.stderr)
         protected = dest.protected_state is not None
         record = {
             "session": name,
             "removed": dest.name,
             "protected_at_site": protected,
-            # None: held nowhere isc knows (a file; an export without a site of its own).
-            "released": (kept is None) if stored.held(record_of) else None,
+            # None: held nowhere isc knows (a file; an export no agent was asked to protect).
+            "released": not kept if stored.held(record_of) else None,
         }
         text = f"removed destination {dest.name} from {name}; its data stays as it is"
         if protected:
@@ -981,6 +987,7 @@ def status_report(
             {
                 **d,
                 "site": d.get("site"),
+                "held_at": d.get("held_at", []),
                 "in_step": d["epoch"] is not None and d["epoch"] == meta["epoch"],
                 "reachable": d.get("problem") is None,
                 "problem": d.get("problem"),
@@ -1038,7 +1045,10 @@ def _site_text(dest: dict) -> str:
         return f"{dest['site']} (its isc agent)"
     if rbd.is_rbd(dest["target"]):
         return "its Ceph cluster (RBD snapshots)"
-    return "none of its own: update's --site, else the process that runs the update"
+    text = "none of its own: update's --site, else the process that runs the update"
+    if dest["held_at"]:
+        text += f"; its export may be held at {', '.join(dest['held_at'])} until remove-dest"
+    return text
 
 
 def _status_text(report: dict) -> str:

@@ -461,6 +461,12 @@ class AgentSite(RequestSite):
     A request another session's hold refused, and a status that names another holder
     (or a damaged record), give an ack with ``held`` set whose reason names the holder
     and the fix (``isc remove-dest`` there, or ``isc release ADDRESS EXPORT``).
+
+    ``before_send(op, dest)``, when set, is called once the connection is made (and
+    authenticated), before the request goes out: a session records there what the
+    request may change (:meth:`isc.store.PersistentSession.site`: the agent may come to
+    hold the export). When it raises (``OSError``, ``IscError``) the request is not sent
+    and the ack says why.
     """
 
     def __init__(
@@ -503,6 +509,7 @@ class AgentSite(RequestSite):
         leaves a protection a later protect kept (:meth:`isc.agent.Export.unprotect`)."""
         self._identities: dict[str, str] = {}
         """Each export's file as the last reply about it named it."""
+        self.before_send: Callable[[str, Destination], object] | None = None
 
     @classmethod
     def at(
@@ -545,6 +552,11 @@ class AgentSite(RequestSite):
         try:
             with connect(self.address, wait, self.credentials) as sock:
                 sock.settimeout(wait)
+                if self.before_send is not None:
+                    try:
+                        self.before_send(op, dest)
+                    except (OSError, IscError) as exc:
+                        return Ack(rid, False, f"{who} was not asked to {op} {dest.name}: {exc}")
                 sock.sendall(line)
                 sent = True
                 # The whole reply within ``wait``, however slowly the agent drips it;

@@ -4,7 +4,12 @@ Layout of a state directory::
 
     session.json        metadata: source, granularity, save area, destinations
                         (each with its own site or null: isc.remote's
-                        agent address), epoch, checkpointed, source_stamp; rewritten
+                        agent address; and held_at, the agents a --site
+                        named whose protect or rollback may have made the
+                        session its export's holder, each saved once connected,
+                        before that first request: remove-dest releases it
+                        at all),
+                        epoch, checkpointed, source_stamp; rewritten
                         atomically (temp file, fsync, rename, fsync of the
                         directory) at each open, save and close; versioned
     .lock               flock'ed by the process that holds the session
@@ -179,7 +184,14 @@ from isc.lun import (
     open_loop_backing,
     same_birth,
 )
-from isc.remote import AgentSite, RoutingSite, agent_address, session_holder
+from isc.remote import (
+    AgentSite,
+    RoutingSite,
+    agent_address,
+    is_holder,
+    same_agent,
+    session_holder,
+)
 from isc.savearea import SaveArea, too_small
 from isc.session import DEFAULT_SAVE_AREA, Session
 from isc.update import DEFAULT_TIMEOUT, check_identities
@@ -650,6 +662,11 @@ class PersistentSession:
             d["name"]: d.get("site") for d in meta["destinations"]
         }
         """Each destination's own site (``add_destination(site=...)``), or None."""
+        self._held_at: dict[str, list[str]] = {
+            d["name"]: list(d.get("held_at", [])) for d in meta["destinations"]
+        }
+        """The agents besides its own site that each destination's export may be held at for
+        this session: recorded before their first protect or rollback (:meth:`site`)."""
         self.identities: dict[str, str] = {
             d["name"]: d["identity"] for d in meta["destinations"] if d.get("identity")
         }
@@ -962,6 +979,8 @@ class PersistentSession:
                 "target": self._targets[d.name],
                 # The isc agent that protects it (isc.remote.agent_address), or None.
                 "site": self._sites[d.name],
+                # The agents a --site named that may hold its export for this session.
+                "held_at": list(self._held_at[d.name]),
                 "identity": self.identities.get(d.name),
                 "state": d.state.value,
                 "epoch": d.epoch,
@@ -988,6 +1007,7 @@ class PersistentSession:
 
         if isinstance(site, AgentSite):  # the --site of the others: asked in this name too
             site = AgentSite.at(site.address, site.credentials, site.timeout, self._holder)
+            site.before_send = partial(self._may_hold, where=site.where)
         own = {name: where for name, where in self._sites.items() if where is not None}
         agents = {where: self._agent(where, credentials) for where in own.values()}
         routed = RoutingSite({n: agents[w] for n, w in own.items()}, site) if own else site
@@ -1004,34 +1024,64 @@ class PersistentSession:
         asked in this session's name (:attr:`_holder`)."""
         return AgentSite.at(agent_address(where), credentials, holder=self._holder)
 
+    def _may_hold(self, op: str, dest: Destination, where: str) -> None:
+        """Before request ``op`` about ``dest`` goes to the agent at ``where`` (a ``--site``,
+        connected: :attr:`isc.remote.AgentSite.before_send`): for a protect or rollback,
+        which takes an export no session holds (:mod:`isc.agent`), record durably that
+        ``dest``'s export may be held for this session there, so that a crash after the
+        request leaves a hold :meth:`release` knows. Once per agent; the record of a
+        running copy (:meth:`begin_copy`) gets it too. Raises ``StateError`` once the
+        session is closed, ``ParameterError`` for a destination not its own, and
+        ``OSError`` when the file cannot be written."""
+        if op not in ("protect", "rollback"):
+            return
+        name = dest.name
+        with self._meta_lock:
+            known = self._held_at.get(name)
+            if known is None:
+                raise ParameterError(f"{self.meta['name']} has no destination {name!r}")
+            if any(same_agent(where, other) for other in known):
+                return
+            if self._closed:
+                raise StateError(f"{self.meta['name']} is closed; open it again to protect")
+            known.append(where)
+            for entry in self._recorded["destinations"] if self._receiving else []:
+                if entry["name"] == name:
+                    entry["held_at"] = list(known)
+            self._write_meta_locked()
+
     @staticmethod
     def held(dest: dict) -> bool:
-        """Whether this session holds ``dest`` (a destination's record) where :meth:`release`
-        lets it go: at its agent (a site of its own) or in its RBD image's metadata."""
+        """Whether this session may hold ``dest`` (a destination's record) where
+        :meth:`release` lets it go: at its agent (a site of its own, or an agent a
+        ``--site`` named, ``held_at``) or in its RBD image's metadata."""
         from isc import rbd
 
-        return dest.get("site") is not None or rbd.is_rbd(dest["target"])
+        return bool(_agents_of(dest)) or rbd.is_rbd(dest["target"])
 
-    def release(self, dest: dict, credentials: Credentials | None) -> str | None:
+    def release(self, dest: dict, credentials: Credentials | None) -> list[str]:
         """Let ``dest`` (a destination's record, after :meth:`remove_destination`) go from
-        this session's hold: at its agent, reached with ``credentials``, or in its RBD
-        image's metadata; why it could not (one line naming the fix), or None (also when
-        it is not :meth:`held`)."""
+        this session's hold: at each agent that may hold it (its own site, then those
+        ``held_at`` names), reached with ``credentials``, or in its RBD image's metadata.
+        Returns a line for each place it could not (why, and the fix); none when it is not
+        :meth:`held`. An agent that answers that another session holds the export holds
+        nothing of this one's (a forced ``isc release`` let it go)."""
         from isc import rbd
 
-        if not self.held(dest):
-            return None
-        name, where = dest["name"], dest.get("site")
-        if where is not None:
+        name, kept = dest["name"], []
+        for where in _agents_of(dest):
             ack = self._agent(where, credentials).release(Destination(None, name), self._timeout)
-            why, fix = (None if ack.ok else ack.reason), f"isc release {where} {name}"
-        else:
+            if not ack.ok and not (ack.held and is_holder(ack.info.get("holder"))):
+                kept.append((ack.reason, f"isc release {where} {name}"))
+        if rbd.is_rbd(dest["target"]):
             why = rbd.release(dest["target"], self._holder, self._timeout or DEFAULT_TIMEOUT)
             image = rbd.RBDImage.parse(dest["target"]).spec
-            fix = f"rbd image-meta remove {image} {rbd.HOLDER_KEY}"
-        if why is None:
-            return None
-        return f"{name} stays held for {self.meta['name']} ({why}); let it go there: {fix}"
+            if why is not None:
+                kept.append((why, f"rbd image-meta remove {image} {rbd.HOLDER_KEY}"))
+        session = self.meta["name"]
+        return [
+            f"{name} stays held for {session} ({why}); let it go there: {fix}" for why, fix in kept
+        ]
 
     def destination(self, name: str) -> Destination:
         """The destination named ``name``; ``ParameterError`` naming those there are."""
@@ -1059,6 +1109,7 @@ class PersistentSession:
         self.destinations.remove(dest)
         del self._targets[name]
         del self._sites[name]
+        del self._held_at[name]
         self.identities.pop(name, None)
         self._save_destinations()
         dest.lun.close()
@@ -1144,6 +1195,7 @@ class PersistentSession:
             self._dest_locks[name] = lock
         self._targets[name] = target
         self._sites[name] = None if agent is None else agent.where
+        self._held_at[name] = []
         self.destinations.append(dest)
         self._save_destinations()
         return dest
@@ -1229,6 +1281,12 @@ class PersistentSession:
 
 
 # -- copies of a persistent session --------------------------------------------------
+
+
+def _agents_of(dest: dict) -> list[str]:
+    """The agents that may hold ``dest``'s export (a destination's record) for its session:
+    its own site, and those a ``--site`` named (``held_at``; none in a record of before)."""
+    return ([dest["site"]] if dest.get("site") else []) + dest.get("held_at", [])
 
 
 def agent_sites(stored: PersistentSession) -> set[str]:
@@ -1489,11 +1547,13 @@ def _meta_problem(meta: dict) -> str | None:
             and dest.get("protected_state") in (None, *states)
             and isinstance(dest.get("problem"), (str, type(None)))
             and (dest.get("site") is None or _is_site(dest["site"]))
+            and isinstance(dest.get("held_at", []), list)
+            and all(_is_site(where) for where in dest.get("held_at", []))
             and isinstance(dest.get("identity"), (str, type(None)))
         ):
             return (
-                f"destination {dest!r} is not {{name, target, site, identity, state, epoch, "
-                "samples, protected_state, problem}"
+                f"destination {dest!r} is not {{name, target, site, held_at, identity, state, "
+                "epoch, samples, protected_state, problem}"
             )
     names = [dest["name"] for dest in dests]
     if len(set(names)) != len(names):

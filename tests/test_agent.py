@@ -1388,6 +1388,7 @@ def test_a_site_that_fails_is_named_in_words_and_changes_nothing(
     cli_session(tmp_path, source)
     isc_run("copy", "s", "--full", cwd=tmp_path)
     before = state_of(tmp_path)
+    connected = not isinstance(where, str)  # an impostor takes the connection
     with contextlib.ExitStack() as stack:
         if not isinstance(where, str):
             where = stack.enter_context(impostor(where))
@@ -1400,4 +1401,9 @@ def test_a_site_that_fails_is_named_in_words_and_changes_nothing(
     assert "Errno" not in line and "<" not in line
     after = state_of(tmp_path)
     assert after.pop("generation") == before.pop("generation") + 1  # marked, then unmarked
+    # Connected, the session names the agent before it sends the protect, which may hold
+    # the export for it (isc.store); one it cannot reach is not named.
+    (dest,), (was,) = after["destinations"], before["destinations"]
+    assert dest.pop("held_at") == ([site] if connected else [])
+    assert was.pop("held_at") == []
     assert after == before

@@ -26,7 +26,7 @@ from test_cli import error_line, isc_run
 from test_nbd import sparse
 from test_remote_hostile import Agent
 
-from isc import Destination
+from isc import Destination, store
 from isc.remote import session_holder
 
 SEED = 20261206
@@ -60,6 +60,14 @@ def parking(tmp_path: Path, when: str) -> tuple[dict[str, str], Path]:
     (hooks / "sitecustomize.py").write_text(PARK.replace("WHEN", when))
     path = f"{hooks}{os.pathsep}{ENV['PYTHONPATH']}"
     return {**ENV, "PYTHONPATH": path, "ISC_TEST_PARKED": str(parked)}, parked
+
+
+def started(tmp_path: Path, env: dict[str, str], *args: str) -> subprocess.Popen[bytes]:
+    """``isc ARGS`` started in ``tmp_path`` with ``env`` (:func:`parking`'s), its output
+    dropped: a process to park and kill."""
+    return subprocess.Popen(
+        [*ISC, *args], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
 
 
 @pytest.fixture
@@ -469,13 +477,7 @@ def test_add_dest_killed_between_its_claim_and_its_save_is_asked_again_and_holds
     two_sessions(tmp_path)
     # Park at the save that records the destination (its URI), not at an earlier one.
     env, parked = parking(tmp_path, 'b"nbd://" in open(src, "rb").read()')
-    add = subprocess.Popen(
-        [*ISC, "add-dest", "a", remote.uri, "--site", remote.site],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    add = started(tmp_path, env, "add-dest", "a", remote.uri, "--site", remote.site)
     try:
         wait_until(parked.exists, add, "the save of session.json", remote.log)
         assert holder_of(exports) == session_id(tmp_path, "a")  # claimed, not yet saved
@@ -586,11 +588,6 @@ def held_by_agent(remote: Agent) -> str | None:
     return None if holder is None else holder["id"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="remove-dest does not release an export held through update --site: its record "
-    "names no site",
-)
 def test_remove_dest_releases_an_export_held_through_update_site(
     tmp_path: Path, exports: Path, remote: Agent
 ) -> None:
@@ -606,3 +603,155 @@ def test_remove_dest_releases_an_export_held_through_update_site(
     assert held_by_agent(remote) is None
     isc_run("add-dest", "b", remote.uri, "--site", remote.site, cwd=tmp_path)
     assert held_by_agent(remote) == session_id(tmp_path, "b")
+
+
+def held_at(tmp_path: Path, session: str) -> list[str]:
+    """The agents ``session``'s file names as maybe holding "disk" besides its own site."""
+    meta = json.loads((tmp_path / session / "session.json").read_text())
+    (disk,) = (d for d in meta["destinations"] if d["name"] == "disk")
+    return disk["held_at"]
+
+
+def test_update_site_killed_after_its_protect_before_its_save_is_released_by_remove_dest(
+    tmp_path: Path, exports: Path, remote: Agent
+) -> None:
+    """SIGKILL of ``isc update --site`` once the agent's protect held the export for the
+    session, at the session's next save: the session file named the agent before the
+    protect was sent, so remove-dest (after the crash's recovery) releases it there."""
+    two_sessions(tmp_path)
+    isc_run("add-dest", "a", remote.uri, cwd=tmp_path)
+    holder = str(exports / HOLDER)
+    # Park at the first write of session.json once the agent holds the export.
+    when = f'os.fspath(dst).endswith("session.json") and os.path.exists({holder!r})'
+    env, parked = parking(tmp_path, when)
+    update = started(tmp_path, env, "update", "a", "--site", remote.site, "--timeout", str(WAIT))
+    try:
+        wait_until(parked.exists, update, "the save after the protect", remote.log)
+        assert held_by_agent(remote) == session_id(tmp_path, "a")
+        assert held_at(tmp_path, "a") == [remote.site]  # saved before the protect
+    finally:
+        update.kill()
+        update.wait(WAIT)
+    done = isc_run("remove-dest", "a", "disk", "--json", cwd=tmp_path)
+    assert "not closed cleanly (a crash)" in done.stderr and "warning" not in done.stderr
+    assert json.loads(done.stdout)["released"] is True
+    assert held_by_agent(remote) is None
+    isc_run("add-dest", "b", remote.uri, "--site", remote.site, cwd=tmp_path)
+    assert held_by_agent(remote) == session_id(tmp_path, "b")
+
+
+def test_remove_dest_of_an_export_held_through_update_site_warns_when_its_agent_is_down(
+    tmp_path: Path, exports: Path, remote: Agent
+) -> None:
+    two_sessions(tmp_path)
+    isc_run("add-dest", "a", remote.uri, cwd=tmp_path)
+    isc_run("update", "a", "--site", remote.site, "--timeout", str(WAIT), cwd=tmp_path)
+    remote.stop()
+    done = isc_run("remove-dest", "a", "disk", "--json", "--timeout", "2", cwd=tmp_path)
+    (warning,) = done.stderr.strip().splitlines()
+    assert warning.startswith("isc: warning: disk stays held for a (the agent at "), warning
+    assert warning.endswith(f"isc release {remote.site} disk")
+    assert json.loads(done.stdout)["released"] is False
+    assert states(tmp_path, "a") == {}
+    assert holder_of(exports) == session_id(tmp_path, "a")
+
+
+def test_an_export_protected_through_two_agents_is_released_at_both(
+    tmp_path: Path, exports: Path, remote: Agent
+) -> None:
+    """``update --site`` named another agent than the update before: the session file names
+    both (each before its first protect), and remove-dest releases the export at both."""
+    two_sessions(tmp_path)
+    other = tmp_path / "other"
+    other.mkdir()
+    sparse(other / "disk", SIZE)
+    (tmp_path / "other-logs").mkdir()
+    second = Agent(other, ENV, tmp_path / "other-logs")
+    second.start()
+    try:
+        isc_run("add-dest", "a", remote.uri, cwd=tmp_path)
+        for agent in (remote, second, remote):
+            isc_run("update", "a", "--site", agent.site, "--timeout", str(WAIT), cwd=tmp_path)
+        assert held_at(tmp_path, "a") == [remote.site, second.site]
+        assert holder_of(exports) == holder_of(other) == session_id(tmp_path, "a")
+        report = json.loads(isc_run("status", "a", "--json", cwd=tmp_path).stdout)
+        assert report["destinations"][0]["held_at"] == [remote.site, second.site]
+        text = isc_run("status", "a", cwd=tmp_path).stdout
+        assert f"may be held at {remote.site}, {second.site} until remove-dest" in text
+        done = isc_run("remove-dest", "a", "disk", "--json", cwd=tmp_path)
+        assert not done.stderr, done.stderr
+        assert json.loads(done.stdout)["released"] is True
+        assert holder_of(exports) is None and holder_of(other) is None
+    finally:
+        second.end()
+
+
+def test_a_session_file_of_before_held_at_opens_and_names_the_agent_at_its_next_update(
+    tmp_path: Path, exports: Path, remote: Agent
+) -> None:
+    """A destination's record written before ``held_at`` existed opens as before (nothing
+    held that isc knows: remove-dest says null); its next ``update --site`` names the agent."""
+    two_sessions(tmp_path)
+    path = tmp_path / "a" / "session.json"
+
+    def without_held_at() -> None:
+        meta = json.loads(path.read_text())
+        for dest in meta["destinations"]:
+            del dest["held_at"]
+        path.write_text(json.dumps(meta))
+
+    isc_run("add-dest", "a", remote.uri, cwd=tmp_path)
+    without_held_at()
+    done = isc_run("remove-dest", "a", "disk", "--json", cwd=tmp_path)
+    assert json.loads(done.stdout)["released"] is None and not done.stderr
+    isc_run("add-dest", "a", remote.uri, cwd=tmp_path)
+    without_held_at()
+    assert (
+        json.loads(isc_run("status", "a", "--json", cwd=tmp_path).stdout)["destinations"][0][
+            "held_at"
+        ]
+        == []
+    )
+    isc_run("update", "a", "--site", remote.site, "--timeout", str(WAIT), cwd=tmp_path)
+    assert held_at(tmp_path, "a") == [remote.site]
+    done = isc_run("remove-dest", "a", "disk", "--json", cwd=tmp_path)
+    assert json.loads(done.stdout)["released"] is True
+    assert holder_of(exports) is None
+
+
+@pytest.mark.parametrize("value", ["127.0.0.1:1", ["not an agent"], [7], None])
+def test_a_held_at_that_is_not_a_list_of_agents_is_refused_and_changes_nothing(
+    tmp_path: Path, exports: Path, value: object
+) -> None:
+    """Rule 10: a damaged ``held_at`` would leave a hold remove-dest does not release."""
+    two_sessions(tmp_path)
+    sparse(tmp_path / "disk", SIZE)
+    isc_run("add-dest", "a", "disk", cwd=tmp_path)
+    path = tmp_path / "a" / "session.json"
+    meta = json.loads(path.read_text())
+    meta["destinations"][0]["held_at"] = value
+    path.write_text(json.dumps(meta))
+    before = path.read_bytes()
+    refused = isc_run("remove-dest", "a", "disk", cwd=tmp_path, check=1)
+    assert "is not {name, target, site, held_at," in error_line(refused)
+    assert path.read_bytes() == before
+
+
+def test_a_protect_whose_agent_the_session_cannot_record_is_not_sent(
+    tmp_path: Path, exports: Path, remote: Agent
+) -> None:
+    """Record before acting: when the session file cannot name the agent first (here the
+    session is closed), the protect fails without reaching the agent, which holds nothing."""
+    two_sessions(tmp_path)
+    isc_run("add-dest", "a", remote.uri, cwd=tmp_path)
+    stored, _ = store.open_session(tmp_path / "a")
+    site = stored.site(remote.site_of())
+    (disk,) = stored.destinations
+    stored.close()
+    ack = site.protect(disk, WAIT)
+    assert not ack.ok and not ack.outcome_unknown
+    assert ack.reason == f"the agent at {remote.site} was not asked to protect disk: " + (
+        "a is closed; open it again to protect"
+    )
+    assert held_by_agent(remote) is None
+    assert held_at(tmp_path, "a") == []

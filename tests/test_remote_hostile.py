@@ -740,10 +740,16 @@ def ask_impostor(work: Path, env, impostor: Impostor, *command: str) -> str:
     return one_error(done)
 
 
-def unchanged_but_the_generation(work: Path, before: dict) -> None:
-    """An update marks before it asks the site: refused, it leaves a generation more."""
+def unchanged_but_the_generation(work: Path, before: dict, site: str | None = None) -> None:
+    """An update marks before it asks the site, and names the agent ``site`` (``--site``)
+    before it asks it to protect (the protect may hold the export for the session):
+    refused, it leaves a generation more and ``site`` in each destination's ``held_at``."""
     after = recorded(work)
     assert after.pop("generation") == before.pop("generation") + 1
+    for dest in after["destinations"]:
+        assert dest.pop("held_at") == ([] if site is None else [site])
+    for dest in before["destinations"]:
+        assert dest.pop("held_at") == []
     assert after == before
 
 
@@ -762,7 +768,7 @@ def test_an_agent_answering_protect_wrongly_abandons_the_update(local: Path, env
         line = ask_impostor(local, env, impostor, "update", "s")
     assert line.startswith("isc: error: cannot protect local: ") and why in line
     assert [r["op"] for r in impostor.requests] == ["protect"]
-    unchanged_but_the_generation(local, before)
+    unchanged_but_the_generation(local, before, impostor.site)
     assert (local / "local.img").read_bytes() == image
 
 
@@ -771,7 +777,7 @@ def test_an_agent_that_drips_its_reply_is_given_up_on_within_the_timeout(local: 
     with Impostor(lambda r: b" " * (1 << 20), drip=0.05) as impostor:
         line = ask_impostor(local, env, impostor, "update", "s")
     assert "did not answer protect local within 0.5 s" in line
-    unchanged_but_the_generation(local, before)
+    unchanged_but_the_generation(local, before, impostor.site)
 
 
 def status(extents: object) -> Callable[[dict], bytes]:
