@@ -10,6 +10,11 @@ gives; under a loop device over it, the chain was followed by name only, stopped
 the inner device and took its node for the file, so ``isc add-dest`` took the outer
 device as a second destination of the destination's file (rule 11).
 
+Another session is kept off a destination's file by a lock on the file (OFD, through the
+name the kernel keeps under a loop device): a loop device over a link removed since names
+no file to lock, so a second session took it while the first held the file, and both
+copied into it (rule 12: a destination is one session's at a time).
+
 Needs root (loop devices); a test skips naming what it lacks.
 """
 
@@ -19,6 +24,7 @@ import os
 import random
 from pathlib import Path
 
+import pytest
 from helpers import fill_random, session_file
 from test_boundary_hostile import run_isc
 from test_lun import _loop_device as loop_device
@@ -50,3 +56,28 @@ def test_a_chain_of_loop_devices_over_a_removed_link_of_a_destination_is_refused
                 done = run_isc("add-dest", "state", device, "--name", "x", cwd=tmp_path, fail=True)
                 assert "is already destination d1.img" in done.stderr, (device, done.stderr)
                 assert session_file(tmp_path / "state") == before
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the lock of a destination reaches the file under a loop device by the name the "
+    "kernel keeps: with that name gone, a second session takes the device",
+)
+def test_a_loop_device_over_a_removed_link_of_a_held_destination_is_refused_to_another_session(
+    tmp_path: Path,
+) -> None:
+    FileLUN.create(tmp_path / "source.img", SIZE).close()
+    FileLUN.create(tmp_path / "other.img", SIZE).close()
+    FileLUN.create(tmp_path / "d1.img", SIZE).close()
+    create_session(tmp_path / "state", str(tmp_path / "source.img"), granularity=G)
+    create_session(tmp_path / "other", str(tmp_path / "other.img"), granularity=G)
+    open_session(tmp_path / "other")[0].close()  # its first open fills in its file
+    link = tmp_path / "link.img"
+    os.link(tmp_path / "d1.img", link)
+    with loop_device(link) as device, open_session(tmp_path / "state")[0] as stored:
+        stored.add_destination(str(tmp_path / "d1.img"))  # held by this session now
+        link.unlink()
+        before = session_file(tmp_path / "other")
+        done = run_isc("add-dest", "other", device, "--name", "x", cwd=tmp_path, fail=True)
+        assert "in use by another isc session" in done.stderr, done.stderr
+        assert session_file(tmp_path / "other") == before
