@@ -755,3 +755,44 @@ def test_a_protect_whose_agent_the_session_cannot_record_is_not_sent(
     )
     assert held_by_agent(remote) is None
     assert held_at(tmp_path, "a") == []
+
+
+def test_a_rollback_through_site_names_the_agent_before_it_asks(
+    tmp_path: Path, exports: Path
+) -> None:
+    """A session file of before ``held_at``, whose update --site left its export protected
+    (and held: the agent refused the unprotect): ``rollback --site`` names the agent before
+    its rollback goes out, and remove-dest then releases the export there."""
+    two_sessions(tmp_path)
+    with agent_here(exports) as (here, control, uris):
+        site = f"127.0.0.1:{control}"
+        isc_run("add-dest", "a", uris["disk"], cwd=tmp_path)
+        here.control.ops["unprotect"] = lambda request: {"ok": False, "reason": "not today"}
+        isc_run("update", "a", "--site", site, "--timeout", str(WAIT), cwd=tmp_path)
+        assert (
+            held_at(tmp_path, "a") == [site] and here.exports["disk"].status()["info"]["protected"]
+        )
+        path = tmp_path / "a" / "session.json"
+        meta = json.loads(path.read_text())
+        del meta["destinations"][0]["held_at"]  # as an isc of before wrote it
+        path.write_text(json.dumps(meta))
+        isc_run("rollback", "a", "disk", "--site", site, "--timeout", str(WAIT), cwd=tmp_path)
+        assert held_at(tmp_path, "a") == [site]
+        done = isc_run("remove-dest", "a", "disk", "--json", cwd=tmp_path)
+        assert json.loads(done.stdout)["released"] is True and not done.stderr, done.stderr
+        assert holder_of(exports) is None
+
+
+def test_remove_dest_after_another_session_took_the_export_leaves_that_hold_alone(
+    tmp_path: Path, exports: Path, remote: Agent
+) -> None:
+    """a's export released by the operator and claimed by b: a's remove-dest finds nothing of
+    a's held there (no warning, no advice to release b's hold), and b keeps it."""
+    two_sessions(tmp_path)
+    isc_run("add-dest", "a", remote.uri, "--site", remote.site, cwd=tmp_path)
+    isc_run("release", remote.site, "disk", cwd=tmp_path)
+    isc_run("add-dest", "b", remote.uri, "--site", remote.site, cwd=tmp_path)
+    done = isc_run("remove-dest", "a", "disk", "--json", cwd=tmp_path)
+    assert not done.stderr, done.stderr
+    assert json.loads(done.stdout)["released"] is True
+    assert holder_of(exports) == session_id(tmp_path, "b")
