@@ -31,6 +31,10 @@ Two agents of one directory (a second ``isc agent --dir DIR`` at another address
 still running) each read the holder record once, at their start, and keep it in memory:
 a session's claim through one was unknown to the other, which let a second session claim
 the same export, and both copied into it.
+
+``isc destroy`` ends a session without letting its exports go: each stays held by a
+session that no longer exists, with no word of it, and every other session's ``add-dest``
+is refused until the operator's ``isc release`` (as after a lost state directory).
 """
 
 from __future__ import annotations
@@ -198,3 +202,20 @@ def test_a_second_agent_of_one_directory_lets_no_second_session_claim(
             assert not second.exports["disk"].claim(B)["ok"]
         finally:
             second.close()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="isc destroy lets no export of the session go: another session's add-dest is "
+    "refused as held by the destroyed one",
+)
+def test_isc_destroy_lets_the_sessions_exports_go(
+    tmp_path: Path,
+    remote: Agent,  # noqa: F811 (test_holder's fixture: an isc agent of "disk")
+) -> None:
+    for name in "ab":
+        sparse(tmp_path / f"{name}.img", SIZE)
+        isc_run("create", name, "--source", f"{name}.img", cwd=tmp_path)
+    isc_run("add-dest", "a", remote.uri, "--site", remote.site, cwd=tmp_path)
+    isc_run("destroy", "a", cwd=tmp_path)
+    isc_run("add-dest", "b", remote.uri, "--site", remote.site, cwd=tmp_path)
