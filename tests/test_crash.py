@@ -508,7 +508,7 @@ def test_sigkill_of_isc_serve_every_at_random_points(
 ):
     state, export = replicated
     rng = random.Random("crash-isc-serve")
-    mixed = 0
+    mixed = refull = 0
     serve = [*ISC, "serve", str(state), "--listen", "127.0.0.1:0", "--every", "0.02"]
     with open(tmp_path / "isc.log", "ab") as log:
         for _ in range(KILLS):
@@ -525,6 +525,20 @@ def test_sigkill_of_isc_serve_every_at_random_points(
                 session = stored.session
                 if not session.bitmap.marked:
                     session.mark(full=not any(d.in_step(session) for d in stored.destinations))
-                copy(stored, "incremental", io_size=IO)
-    print(f"\nisc serve --every: {KILLS} killed, {mixed} left a destination inconsistent")
+                try:
+                    copy(stored, "incremental", io_size=IO)
+                except isc.StateError as exc:
+                    # A kill between a checkpoint and the samples written after it (the
+                    # window widens on a loaded machine) leaves older samples: the copy
+                    # takes the destinations for replaced, which costs a full copy and
+                    # never a change (isc.store's _record_samples).
+                    assert "does not hold what the last copy wrote there" in str(exc)
+                    refull += 1
+                    session.unmark()
+                    session.mark(full=True)
+                    copy(stored, "incremental", io_size=IO)
+    print(
+        f"\nisc serve --every: {KILLS} killed, {mixed} left a destination inconsistent, "
+        f"{refull} cost a full copy"
+    )
     assert mixed, "no kill landed inside a copy"
