@@ -232,8 +232,8 @@ def test_isc_destroy_lets_the_sessions_exports_go(
 
 @pytest.mark.xfail(
     strict=True,
-    reason="an image that ended by another session's unprotect after a forced release is "
-    "reported to its holder as nothing undone: the update calls the export consistent",
+    reason="another session's copy between a forced release and the holder's unprotect is "
+    "told to the holder as nothing undone: the update calls the export consistent",
 )
 @pytest.mark.parametrize("protected", [True, False], ids=["b-protects", "b-copies-only"])
 def test_another_sessions_copy_between_a_forced_release_and_the_holders_unprotect_is_seen(
