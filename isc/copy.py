@@ -420,7 +420,7 @@ class CopyJob:
             self._drop(dest, result, outcome, cause)
         finally:
             if error is None:  # replaced: every chunk, not only what it missed
-                dest.state = DestState.NEW
+                dest.start_over()
 
     @_one_copy
     def full(self, marked: bool = True) -> CopyResult:
