@@ -796,3 +796,34 @@ def test_remove_dest_after_another_session_took_the_export_leaves_that_hold_alon
     assert not done.stderr, done.stderr
     assert json.loads(done.stdout)["released"] is True
     assert holder_of(exports) == session_id(tmp_path, "b")
+
+
+def test_isc_serve_every_site_names_its_agent_and_remove_dest_releases_it(
+    tmp_path: Path, exports: Path, remote: Agent
+) -> None:
+    """``isc serve --every --site``'s updates protect through the session's site too: the
+    served session's file names the agent, and remove-dest after the server releases it."""
+    two_sessions(tmp_path)
+    isc_run("add-dest", "a", remote.uri, cwd=tmp_path)
+    listen = f"unix:{tmp_path / 'a.sock'}"
+    serve = subprocess.Popen(
+        [*ISC, "serve", "a", "--listen", listen, "--every", "0.2", "--site", remote.site, "--json"],
+        cwd=tmp_path,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert serve.stdout is not None
+        assert json.loads(serve.stdout.readline())["ready"]
+        first = json.loads(serve.stdout.readline())  # the first update
+        assert first["ok"], first
+        assert held_at(tmp_path, "a") == [remote.site]
+        assert held_by_agent(remote) == session_id(tmp_path, "a")
+    finally:
+        serve.terminate()
+        serve.communicate(timeout=WAIT)
+    done = isc_run("remove-dest", "a", "disk", "--json", cwd=tmp_path)
+    assert json.loads(done.stdout)["released"] is True and not done.stderr, done.stderr
+    assert held_by_agent(remote) is None
