@@ -19,7 +19,10 @@ this process; a ``--site`` that is not the own site of a destination they
 handle is refused before anything changes. ``update`` and ``copy`` first ask
 each destination's own agent what file its export is (rule 12: another one
 gets a full copy). ``--tls-creds`` and ``--secret-file`` go to every agent
-they ask.
+they ask. A protect or rollback holds an agent's export for the session, so
+the session file names each agent a ``--site`` asks before that request
+(:meth:`~isc.store.PersistentSession.site`), and ``remove-dest`` releases
+the export at each, as at a destination's own.
 
 =========================================  ======================================
 ``isc create SESSION --source PATH|URI``   make the state directory (nothing else)

@@ -1002,7 +1002,9 @@ class PersistentSession:
     def site(self, site, credentials: Credentials | None = None):
         """The site of each of this session's destinations: its own isc agent for one added
         with a site (:meth:`add_destination`), reached with ``credentials``; an RBD image's
-        cluster for one (:func:`isc.rbd.with_rbd`); ``site`` for the others."""
+        cluster for one (:func:`isc.rbd.with_rbd`); ``site`` for the others: an agent
+        there is asked in this session's name, and names itself in the session file before
+        it protects or rolls back one (:meth:`_may_hold`: that may hold the export)."""
         from isc.rbd import with_rbd
 
         if isinstance(site, AgentSite):  # the --site of the others: asked in this name too
