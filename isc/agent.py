@@ -94,7 +94,10 @@ and a temp file left over is never read). Requests name theirs in ``holder``:
 
 * ``claim`` (``isc add-dest --site``) takes an export that no session holds;
   ``protect`` and ``rollback`` take one too (a session added before holders existed
-  claims its export at its next update); ``unprotect`` takes none.
+  claims its export at its next update), once nothing refuses them (the holder, a lost
+  image, the fence) and before they change the export: a refused one takes nothing, and
+  a crash leaves no protection or rollback of a session that does not hold the export;
+  ``unprotect`` takes none.
 * ``protect``, ``rollback``, ``unprotect`` and ``claim`` of a session other than the
   holder are refused (``"held": true``, ``info["holder"]``), changing nothing: two
   sessions' copies would leave the export a mix of both. So is a request that names
@@ -176,7 +179,7 @@ import stat
 import struct
 import threading
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -431,8 +434,10 @@ class Journal:
         self.lun.write(offset, data)
 
     # -- requests --------------------------------------------------------------------------
-    def rollback(self) -> tuple[tuple[int, int], ...]:
+    def rollback(self, checked: Callable[[], None] | None = None) -> tuple[tuple[int, int], ...]:
         """Write every saved chunk back and start afresh; return the byte ranges rewritten.
+        ``checked`` is called once every record passed its check, before anything is
+        written (what raises there stops the rollback, writing nothing).
 
         Raises ``IscError`` (writing nothing) when the journal is not intact
         or a record fails its check.
@@ -448,6 +453,8 @@ class Journal:
                         f"the protected image was lost: {self.path}: the record at byte "
                         f"{self._slot_offset(slot)} is damaged"
                     )
+            if checked is not None:
+                checked()
             for chunk, slot in order:
                 self._read_slot(slot, buffer)
                 length = self._chunk_length(chunk)
@@ -642,11 +649,10 @@ class Export(ForwardingLUN):
         }
 
     # -- the holder ----------------------------------------------------------------
-    def _held_locked(self, holder: dict | None, claim: bool) -> dict | None:
+    def _held_locked(self, holder: dict | None) -> dict | None:
         """The refusal of a request of ``holder`` (None: a request that names none) while
-        another session holds the export or its record is damaged, else None; with
-        ``claim``, ``holder`` takes an export no session holds (durably). Caller holds
-        the lock."""
+        another session holds the export or its record is damaged, else None. Caller
+        holds the lock."""
         fix = f"(isc release ADDRESS {self.name}, ADDRESS: this agent's --listen)"
         if self._holder_problem is not None:
             reason = (
@@ -655,13 +661,7 @@ class Export(ForwardingLUN):
             )
             info = {"holder": None, "problem": self._holder_problem}
             return {"ok": False, "held": True, "reason": reason, "info": info}
-        if self.holder is None:
-            if claim and holder is not None:
-                _write_state(self.holder_path, json.dumps(holder).encode())
-                self.holder = holder
-                log.info("%s: held by session %s (%s)", self.name, holder["name"], holder["id"])
-            return None
-        if holder is not None and holder["id"] == self.holder["id"]:
+        if self.holder is None or (holder is not None and holder["id"] == self.holder["id"]):
             return None
         held = self.holder
         reason = (
@@ -671,18 +671,29 @@ class Export(ForwardingLUN):
         )
         return {"ok": False, "held": True, "reason": reason, "info": {"holder": held}}
 
+    def _take_locked(self, holder: dict | None) -> None:
+        """``holder`` takes the export when no session holds it (durably); once
+        :meth:`_held_locked` let its request through. Caller holds the lock."""
+        if self.holder is None and holder is not None:
+            _write_state(self.holder_path, json.dumps(holder).encode())
+            self.holder = holder
+            log.info("%s: held by session %s (%s)", self.name, holder["name"], holder["id"])
+
     def claim(self, holder: dict | None) -> dict:
         """Hold the export for ``holder``, unless another session holds it."""
         if holder is None:
             return {"ok": False, "reason": f"a claim of {self.name} must name its session"}
         with self._lock:
-            return self._held_locked(holder, claim=True) or {"ok": True, "info": {"holder": holder}}
+            if (refused := self._held_locked(holder)) is not None:
+                return refused
+            self._take_locked(holder)
+            return {"ok": True, "info": {"holder": holder}}
 
     def release(self, holder: dict | None, force: bool = False) -> dict:
         """Let the export go: ``holder``'s, or with ``force`` whoever holds it (the operator,
         after the holding session was lost) and a damaged record."""
         with self._lock:
-            if not force and (refused := self._held_locked(holder, claim=False)) is not None:
+            if not force and (refused := self._held_locked(holder)) is not None:
                 return refused
             if self.holder is None and self._holder_problem is None:
                 return {"ok": True, "reason": "not held"}
@@ -699,7 +710,7 @@ class Export(ForwardingLUN):
         file (its ``identity``, as :meth:`status` names it). Refused while another session
         than ``holder`` holds it; one that none holds ``holder`` takes."""
         with self._lock:
-            if (refused := self._held_locked(holder, claim=True)) is not None:
+            if (refused := self._held_locked(holder)) is not None:
                 return refused
             if self.journal is not None and self.journal.problem is not None:
                 # Answering "already protected" would let an update overwrite
@@ -713,6 +724,11 @@ class Export(ForwardingLUN):
             if refused is not None:
                 return refused
             fenced = {} if self.server is None else {"fenced": True}  # the client reconnects
+            # Taken once nothing refuses the protect, and before its journal: a crash
+            # between the two leaves the export held and unprotected, which the session's
+            # next protect takes up, never protected by a session that does not hold it,
+            # which another session could claim and copy into under that image.
+            self._take_locked(holder)
             if self.journal is not None:
                 reply = {"ok": True, "reason": "already protected", "kept": True, **fenced}
             else:
@@ -745,7 +761,7 @@ class Export(ForwardingLUN):
         reply's ``extents`` list what rollbacks rewrote since that protect
         (:meth:`_undone_locked`). Refused while another session than ``holder`` holds it."""
         with self._lock:
-            if (refused := self._held_locked(holder, claim=False)) is not None:
+            if (refused := self._held_locked(holder)) is not None:
                 return refused
             undone = self._undone_locked(image)
             told = {"extents": undone} if undone else {}
@@ -764,7 +780,7 @@ class Export(ForwardingLUN):
         """Write the protected image back; refused while another session than ``holder``
         holds the export (one that none holds ``holder`` takes)."""
         with self._lock:
-            if (refused := self._held_locked(holder, claim=True)) is not None:
+            if (refused := self._held_locked(holder)) is not None:
                 return refused
             if self.journal is None:
                 return {"ok": False, "reason": f"{self.name} is not protected: no image to restore"}
@@ -774,7 +790,10 @@ class Export(ForwardingLUN):
             fenced = {} if self.server is None else {"fenced": True}  # the client reconnects
             ended = self.journal.image
             try:
-                extents = self.journal.rollback()
+                # Taken once every record passed its check, before the first is written
+                # back: as for a protect, a crash after leaves no export rolled back to an
+                # image that no session holds.
+                extents = self.journal.rollback(functools.partial(self._take_locked, holder))
             except IscError as exc:
                 return {"ok": False, "reason": str(exc)}
             rewritten = {

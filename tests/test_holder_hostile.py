@@ -70,10 +70,6 @@ A, B = session_holder(0xA, "a"), session_holder(0xB, "b")
 DISK = Destination(None, "disk")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a rollback refused as not protected takes the export for its session first",
-)
 def test_a_refused_rollback_takes_no_export(
     exports: Path,  # noqa: F811 (test_holder's fixture)
 ) -> None:
@@ -87,10 +83,6 @@ def test_a_refused_rollback_takes_no_export(
         assert other.claim(DISK, WAIT).ok
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a protect refused for a lost protected image takes the export for its session first",
-)
 def test_a_refused_protect_takes_no_export(
     exports: Path,  # noqa: F811 (test_holder's fixture)
 ) -> None:
@@ -103,6 +95,19 @@ def test_a_refused_protect_takes_no_export(
         assert not refused.ok and "protected image was lost" in str(refused.reason), refused
         other = AgentSite.at(("127.0.0.1", control), timeout=WAIT, holder=B)
         assert other.status(DISK, WAIT).info["holder"] is None
+        assert not (state / "disk.holder").exists()
+
+
+def test_a_rollback_refused_for_a_lost_image_takes_no_export(
+    exports: Path,  # noqa: F811 (test_holder's fixture)
+) -> None:
+    state = exports / ".isc-agent"
+    state.mkdir(mode=0o700)
+    (state / "disk.journal").write_bytes(b"not a journal's header" * 4)
+    with agent_here(exports) as (_, control, _uris):
+        site = AgentSite.at(("127.0.0.1", control), timeout=WAIT, holder=A)
+        refused = site.rollback(DISK, WAIT)
+        assert not refused.ok and "protected image was lost" in str(refused.reason), refused
         assert not (state / "disk.holder").exists()
 
 
