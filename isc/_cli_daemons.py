@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import signal
 import sys
 import threading
@@ -24,7 +23,6 @@ from isc import _cli_auth, store
 from isc._cli_auth import _at_least_one
 from isc._cli_tools import _positive, _size
 from isc._units import format_bytes, parse_size
-from isc.auth import others_may_change
 from isc.commands import _site as host_port
 from isc.commands import (
     _timeout_argument,
@@ -37,7 +35,7 @@ from isc.commands import (
     unix_path,
 )
 from isc.copy import Destination
-from isc.errors import ParameterError, StateError
+from isc.errors import StateError
 from isc.nbd.proto import MAX_BLOCK
 from isc.nbd.server import MAX_DATA, MAX_REQUESTS
 from isc.remote import holder_text
@@ -299,7 +297,6 @@ def run(args: argparse.Namespace) -> int:
         control = f"unix:{args.listen}" if control_port is None else None
         _ready(args, uris, control or f"{args.listen[0]}:{control_port}")
 
-    _check_agent_directory(args.dir)
     unix = isinstance(args.listen, str)  # the exports then listen on loopback
     host = "127.0.0.1" if unix else args.listen[0]
     tls, credentials = _cli_auth.server_security(args, "isc agent", host, None if unix else host)
@@ -315,24 +312,6 @@ def run(args: argparse.Namespace) -> int:
         insecure=args.insecure,
     )
     return 0
-
-
-def _check_agent_directory(directory: str) -> None:
-    """Refuse an agent directory, or the one of its journals, that another user could
-    change: a file put there is exported, a journal put there is written into an export
-    at the next rollback."""
-    from isc.agent import STATE_DIR
-
-    for path in (Path(directory), Path(directory) / STATE_DIR):
-        try:
-            problem = others_may_change(os.stat(path))
-        except FileNotFoundError:
-            continue  # the agent says what is missing; its journals' is made 0700
-        if problem is not None:
-            raise ParameterError(
-                f"{path} {problem}, as isc agent exports what it holds: chmod go-w {path} "
-                "(and chown it to you)"
-            )
 
 
 def _limits(args: argparse.Namespace) -> dict[str, int]:

@@ -113,6 +113,10 @@ and a temp file left over is never read). Requests name theirs in ``holder``:
   Nor is one that is not a regular file, or that another user may write (it must be
   the agent's user's or root's, writable by its owner alone, as credentials are:
   :func:`isc.auth.others_may_change`): whoever may write it could name any session.
+  Nor does the agent start on a state directory (or a directory to serve) that another
+  user may write, in one line naming the fix (``chmod go-w``): whoever may write it
+  could unlink a record, which frees the export for a second session, or put a link at
+  a record's temp name, through which the agent would write.
 
 Journal format: a header (``ISCJRNL3``, chunk size, export size, the export
 file's device and inode, the image's 8-byte id, which of the inode's generation and
@@ -902,7 +906,11 @@ class Agent:
 
     Journals found in ``directory/.isc-agent`` make their exports protected
     again. Raises ``ParameterError`` when ``.isc-agent`` exists and is not a
-    directory (a symlink, a file).
+    directory (a symlink, a file), or when it or ``directory`` is another user's or
+    others may write it (:func:`isc.auth.others_may_change`): a file put in
+    ``directory`` is exported, a journal put in ``.isc-agent`` is written into an
+    export at the next rollback, and whoever may unlink or replace a holder record
+    there frees an export for a second session.
     """
 
     def __init__(
@@ -920,6 +928,17 @@ class Agent:
                 f"{self.state} is not a directory; the agent keeps its protections there: "
                 "move it away"
             )
+        for path in (self.directory, self.state):
+            try:
+                problem = others_may_change(os.stat(path))
+            except FileNotFoundError:
+                continue  # the directory's is said below; the state directory is made 0700
+            if problem is not None:
+                raise ParameterError(
+                    f"{path} {problem}, as isc agent exports what it holds and its journals "
+                    f"and holder records say what it writes and for whom: chmod go-w {path} "
+                    "(and chown it to you)"
+                )
         self.exports: dict[str, Export] = {}
         try:
             for path in sorted(self.directory.iterdir()):

@@ -181,11 +181,6 @@ def test_a_session_with_a_long_name_adds_and_updates_an_agents_export(
         assert holder.info["holder"] is not None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the agent takes a state directory others may write, though it refuses a holder "
-    "record others may write",
-)
 def test_a_state_directory_others_may_write_is_refused(
     exports: Path,  # noqa: F811 (test_holder's fixture)
 ) -> None:
