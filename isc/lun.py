@@ -644,8 +644,11 @@ def loop_backing(fd: int) -> tuple[int, int] | None:
     device beneath is not where the data is. Each level is opened by the name the kernel
     keeps for what it is over; one whose name is gone (attached through a link removed
     since: ``NAME (deleted)``) is named by its device and inode (``LOOP_GET_STATUS64``)."""
-    beneath = _open_loop_status(fd)
-    if beneath is None:  # not a loop device, or what it is over is not at the name kept
+    try:
+        beneath = _open_loop_status(fd)
+    except ParameterError:  # what it is over is not at the name kept
+        beneath = None
+    if beneath is None:
         return _loop_status(fd)
     try:
         found = loop_backing(beneath)
@@ -725,13 +728,21 @@ def same_birth(recorded: dict, now: dict) -> bool:
 
 def open_loop_backing(fd: int) -> int | None:
     """A read-only descriptor of the file under the loop device open at ``fd`` (checked by
-    device and inode: the name the kernel keeps may since name another file), or None;
-    under a chain of loop devices, of the file at its bottom (the kernel refuses cycles),
-    or of the deepest device of the chain whose name is kept (:func:`loop_backing`)."""
+    device and inode: the name the kernel keeps may since name another file), or None when
+    ``fd`` is not a loop device with a file; under a chain of loop devices, of the file at
+    its bottom (the kernel refuses cycles). ``ParameterError`` when no name reaches a file
+    of the chain (:func:`_open_loop_status`): a lock needs a descriptor of the file, and
+    there is none to open without a name. The loop device's own is no process's (no
+    ``/proc/PID/fd``), and ``open_by_handle_at`` needs the inode's generation, which
+    ``LOOP_GET_STATUS64`` does not give (ext4 alone opens an inode without it)."""
     found = _open_loop_status(fd)
     if found is None:
         return None
-    deeper = open_loop_backing(found)
+    try:
+        deeper = open_loop_backing(found)
+    except BaseException:
+        os.close(found)
+        raise
     if deeper is None:
         return found
     os.close(found)
@@ -739,22 +750,33 @@ def open_loop_backing(fd: int) -> int | None:
 
 
 def _open_loop_status(fd: int) -> int | None:
-    """A read-only descriptor of what the loop device open at ``fd`` is over, one level down."""
+    """A read-only descriptor of what the loop device open at ``fd`` is over, one level
+    down, or None when ``fd`` is not a loop device with a file. ``ParameterError`` when
+    the name the kernel keeps for it does not open it: gone (attached through a link
+    removed since: ``NAME (deleted)``), another file by now, or out of reach."""
     backing = _loop_status(fd)
     if backing is None:
         return None
     rdev = os.fstat(fd).st_rdev
+    device = f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}"
+    name = "?"
     try:
-        with open(f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}/loop/backing_file") as f:
+        with open(f"{device}/loop/backing_file") as f:
             name = f.read().rstrip("\n")
         found = os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        return None
-    info = os.fstat(found)
-    if (info.st_dev, info.st_ino) != backing:
+    except OSError as exc:
+        why = exc.strerror
+    else:
+        info = os.fstat(found)
+        if (info.st_dev, info.st_ino) == backing:
+            return found
         os.close(found)
-        return None
-    return found
+        why = "another file is at that name now"
+    raise ParameterError(
+        f"the file under the loop device /dev/{os.path.basename(os.path.realpath(device))} "
+        f"cannot be opened by the name the kernel keeps for it, {name!r} ({why}): it has no "
+        "name isc can lock it by; attach a loop device to a path of that file"
+    )
 
 
 class ForwardingLUN(_Closing):
