@@ -90,10 +90,13 @@ class _MemoryStore:
         flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE
         try:
             self._map = mmap.mmap(-1, capacity, flags=flags)
-        except OSError as exc:  # beyond the address space (128 TiB on x86_64) or its limit
+        except (OSError, OverflowError) as exc:
+            # Beyond the address space (128 TiB on x86_64) or its limit, or beyond what a
+            # mapping's length holds (a ssize_t: 2**63 - 1 bytes), which is no OSError.
+            why = exc.strerror if isinstance(exc, OSError) else "longer than any mapping"
             raise ParameterError(
                 f"a save area of {format_bytes(capacity, long=True)} cannot be mapped in "
-                f"memory ({exc.strerror}); give a smaller one, or a file for it "
+                f"memory ({why}); give a smaller one, or a file for it "
                 "(isc create --save-area SIZE,PATH)"
             ) from None
         self.view = memoryview(self._map)
