@@ -118,6 +118,12 @@ and a temp file left over is never read). Requests name theirs in ``holder``:
   could unlink a record, which frees the export for a second session, or put a link at
   a record's temp name, through which the agent would write.
 
+One agent serves a directory at a time: it holds a ``flock`` of the directory itself
+from its start (before it opens an export) to its end, and a second ``isc agent`` of it
+is refused in one line naming the first's process. Each keeps the holders in memory,
+read at its start: two would each let a session claim an export the other's holds. The
+lock goes with the process, so an agent killed (SIGKILL) is restarted as usual.
+
 Journal format: a header (``ISCJRNL3``, chunk size, export size, the export
 file's device and inode, the image's 8-byte id, which of the inode's generation and
 birth time the file system keeps and their values (:func:`isc.lun.file_birth`: a file
@@ -174,6 +180,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import functools
 import json
 import logging
@@ -189,7 +196,7 @@ from typing import TYPE_CHECKING
 
 from isc.auth import Credentials, others_may_change
 from isc.control import ControlServer, Op
-from isc.errors import IscError, ParameterError
+from isc.errors import IscError, ParameterError, StateError
 from isc.lun import BIRTH_KEYS, FileLUN, ForwardingLUN, file_birth, same_birth
 from isc.nbd import NBD_PORT
 from isc.remote import PROTECT_GRANULARITY, holder_text, is_holder, saved_extents
@@ -901,6 +908,43 @@ def open_regular(path: Path) -> tuple[FileLUN, tuple[int, int]] | None:
     return lun, (opened.st_dev, opened.st_ino)
 
 
+def _serve_alone(directory: Path) -> int:
+    """Lock ``directory`` for this agent alone (``flock`` of the directory itself, which
+    makes no file there); the descriptor that holds the lock, released at its close or
+    with the process (a SIGKILL too).
+
+    Each agent reads the holder records at its start and keeps them in memory: two agents
+    of one directory would each let a session claim an export the other's holds. Raises
+    ``StateError`` naming the process that serves it when another agent does.
+    """
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        found = os.fstat(fd)
+        os.close(fd)
+        # /proc/locks names the process that took a flock (not one that inherited it).
+        inode = f"{os.major(found.st_dev):02x}:{os.minor(found.st_dev):02x}:{found.st_ino}"
+        try:
+            lines = Path("/proc/locks").read_text().splitlines()
+        except OSError:
+            lines = []
+        pids = [
+            f[4]
+            for f in map(str.split, lines)
+            if f[1:3] == ["FLOCK", "ADVISORY"] and f[5:6] == [inode]
+        ]
+        by = f" (process {pids[0]})" if pids else ""
+        raise StateError(
+            f"{directory} is served by another isc agent{by}: one agent per directory, as "
+            "each keeps its exports' holders in memory; stop that one first, or ask it"
+        ) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 class Agent:
     """Serves the regular files of ``directory``: NBD exports plus the control protocol.
 
@@ -910,7 +954,8 @@ class Agent:
     others may write it (:func:`isc.auth.others_may_change`): a file put in
     ``directory`` is exported, a journal put in ``.isc-agent`` is written into an
     export at the next rollback, and whoever may unlink or replace a holder record
-    there frees an export for a second session.
+    there frees an export for a second session. Raises ``StateError`` while another
+    agent serves ``directory`` (:func:`_serve_alone`).
     """
 
     def __init__(
@@ -939,6 +984,7 @@ class Agent:
                     f"and holder records say what it writes and for whom: chmod go-w {path} "
                     "(and chown it to you)"
                 )
+        self._alone = _serve_alone(self.directory)
         self.exports: dict[str, Export] = {}
         try:
             for path in sorted(self.directory.iterdir()):
@@ -1010,9 +1056,13 @@ class Agent:
         return reply
 
     def close(self) -> None:
-        """Close the exports; protections stay on disk for the next start."""
+        """Close the exports, then let the directory go (:func:`_serve_alone`);
+        protections stay on disk for the next start."""
         for export in self.exports.values():
             export.close()
+        if self._alone >= 0:
+            os.close(self._alone)
+            self._alone = -1
 
 
 def run_agent(

@@ -12,11 +12,12 @@ An agent run in this process (tests/test_agent_journal.py's ``agent_here``), ask
 its control port as ``isc`` asks it (:class:`isc.remote.AgentSite`). A protect refused
 because the protected image was lost did the same.
 
-A SIGKILL of ``isc remove-dest`` (a real ``isc agent``, real commands): it saves the
-session without the destination, then asks the agent to release the export. Killed in
-between, the export stays held by a session that no longer names it: a second
-``remove-dest`` finds no such destination, and no command of the session lets it go;
-another session's ``add-dest`` is refused until the operator's ``isc release``.
+A SIGKILL of ``isc remove-dest`` (a real ``isc agent``, real commands): it saved the
+session without the destination, then asked the agent to release the export. Killed in
+between, the export stayed held by a session that no longer named it: a second
+``remove-dest`` found no such destination, and no command of the session let it go.
+It releases first now; killed before or after the release, the session still names the
+destination, and ``remove-dest`` asked again lets it go.
 
 A session's name in its holder is for messages, at most 255 characters
 (:func:`isc.remote.is_holder`); ``isc create --name`` takes a longer one, and the agent
@@ -56,7 +57,7 @@ import pytest
 from helpers import wait_until
 from test_agent import ENV, ISC, SIZE, WAIT
 from test_agent_journal import agent_here
-from test_cli import isc_run
+from test_cli import error_line, isc_run
 from test_holder import exports, remote  # noqa: F401 (fixtures)
 from test_nbd import sparse
 from test_remote_hostile import Agent
@@ -111,40 +112,42 @@ def test_a_rollback_refused_for_a_lost_image_takes_no_export(
         assert not (state / "disk.holder").exists()
 
 
-PARK_RELEASE = """
+PARK = """
 import os, threading
 
-import isc.remote
+import isc.remote, isc.store
 
 
-def release(self, *args, **kwargs):
-    # The session is saved without the destination; the agent is not asked yet.
+def park(self, *args, **kwargs):
     open(os.environ["ISC_TEST_PARKED"], "x").close()
     threading.Event().wait()
 
 
-isc.remote.AgentSite.release = release
+if os.environ["ISC_TEST_PARK"] == "release":  # the agent is not asked yet
+    isc.remote.AgentSite.release = park
+else:  # released, the session not saved without the destination yet
+    isc.store.PersistentSession.remove_destination = park
 """
-"""A ``sitecustomize`` that parks ``isc remove-dest`` at its release, until SIGKILL."""
+"""A ``sitecustomize`` that parks ``isc remove-dest`` at ``ISC_TEST_PARK``, until SIGKILL."""
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="remove-dest saves the session before it releases the export: killed between, "
-    "the export stays held by a session that no longer names it",
-)
-def test_remove_dest_killed_before_its_release_leaves_the_export_free_once_asked_again(
+@pytest.mark.parametrize("park", ["release", "removal"])
+def test_remove_dest_killed_at_any_point_leaves_no_export_held_the_session_does_not_name(
     tmp_path: Path,
     remote: Agent,  # noqa: F811 (test_holder's fixture: an isc agent of "disk")
+    park: str,
 ) -> None:
+    """Killed before the agent's release or after it, before the session is saved without
+    the destination: the session still names it. Its update claims it again (killed after
+    the release), and a remove-dest asked again lets it go."""
     for name in "ab":
         sparse(tmp_path / f"{name}.img", SIZE)
         isc_run("create", name, "--source", f"{name}.img", cwd=tmp_path)
     hooks, parked = tmp_path / "hooks", tmp_path / "parked"
     hooks.mkdir()
-    (hooks / "sitecustomize.py").write_text(PARK_RELEASE)
+    (hooks / "sitecustomize.py").write_text(PARK)
     env = {**ENV, "PYTHONPATH": f"{hooks}{os.pathsep}{ENV['PYTHONPATH']}"}
-    env["ISC_TEST_PARKED"] = str(parked)
+    env["ISC_TEST_PARKED"], env["ISC_TEST_PARK"] = str(parked), park
     isc_run("add-dest", "a", remote.uri, "--site", remote.site, cwd=tmp_path)
     remove = subprocess.Popen(
         [*ISC, "remove-dest", "a", "disk"],
@@ -154,11 +157,20 @@ def test_remove_dest_killed_before_its_release_leaves_the_export_free_once_asked
         stderr=subprocess.DEVNULL,
     )
     try:
-        wait_until(parked.exists, remove, "the release")
+        wait_until(parked.exists, remove, f"the {park}")
     finally:
         remove.kill()
         remove.wait(WAIT)
-    isc_run("remove-dest", "a", "disk", cwd=tmp_path, check=None)  # asked again
+    listed = json.loads(isc_run("status", "a", "--json", cwd=tmp_path).stdout)
+    assert [d["name"] for d in listed["destinations"]] == ["disk"]
+    if park == "removal":  # released: a's update takes it again, and b's add-dest is refused
+        isc_run("update", "a", "--timeout", str(WAIT), cwd=tmp_path)
+        refused = isc_run(
+            "add-dest", "b", remote.uri, "--site", remote.site, cwd=tmp_path, check=None
+        )
+        assert refused.returncode == 1 and "held by session a" in refused.stderr, refused.stderr
+    done = isc_run("remove-dest", "a", "disk", "--json", cwd=tmp_path)  # asked again
+    assert json.loads(done.stdout)["released"] is True, done.stderr
     isc_run("add-dest", "b", remote.uri, "--site", remote.site, cwd=tmp_path)
 
 
@@ -192,11 +204,6 @@ def test_a_state_directory_others_may_write_is_refused(
     assert sorted(p.name for p in state.iterdir()) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="nothing keeps a second agent off a directory one serves: each keeps its own "
-    "holder in memory, and two sessions hold one export",
-)
 def test_a_second_agent_of_one_directory_lets_no_second_session_claim(
     exports: Path,  # noqa: F811 (test_holder's fixture)
 ) -> None:
@@ -211,6 +218,22 @@ def test_a_second_agent_of_one_directory_lets_no_second_session_claim(
             assert not second.exports["disk"].claim(B)["ok"]
         finally:
             second.close()
+
+
+def test_a_second_isc_agent_is_refused_naming_the_first_and_a_killed_ones_restart_serves(
+    tmp_path: Path,
+    remote: Agent,  # noqa: F811 (test_holder's fixture: an isc agent of "disk")
+) -> None:
+    assert remote.proc is not None
+    args = ["--listen", "127.0.0.1:0", "--nbd-port", "0", "--dir", str(remote.directory)]
+    line = error_line(isc_run("agent", *args, cwd=tmp_path, check=1))
+    assert f"is served by another isc agent (process {remote.proc.pid})" in line, line
+    site = AgentSite.at(("127.0.0.1", remote.control), timeout=WAIT, holder=A)
+    assert site.claim(DISK, WAIT).ok  # the first one serves on
+    remote.proc.kill()
+    assert remote.killed()
+    remote.start()  # its lock went with it
+    assert site.status(DISK, WAIT).info["holder"] == A
 
 
 @pytest.mark.xfail(
