@@ -234,7 +234,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         "--site), and every agent an update --site or rollback --site asked to protect or roll "
         "it back (the session file names them before the request), so another session may "
         "add it; an agent that cannot be asked keeps it held, a warning names how to release "
-        "it (isc release), and --json says released false.",
+        "it (isc release), and --json says released false. Released before it is taken out of the "
+        "session file: a remove-dest killed between leaves it named, to remove again.",
     )
     remove.add_argument("destination", metavar="NAME", help="the destination's name")
     _timeout_argument(remove, "of each agent that may hold the destination")
@@ -561,12 +562,14 @@ def _create_file(target: str, size: int) -> tuple[int, int]:
 def _remove_dest(args: argparse.Namespace) -> int:
     credentials = _cli_auth.client_credentials(args)
     with _open(args) as stored:
-        records = {d["name"]: d for d in stored.meta["destinations"]}
+        stored.destination(args.destination)  # an unknown name is refused, nothing released
+        (record_of,) = [d for d in stored.meta["destinations"] if d["name"] == args.destination]
+        # Released before it is taken out: killed between, the session still names it (its
+        # next update claims it again, a remove-dest again finds it released), never holds
+        # an export it no longer names. Best effort: it goes whatever its site says.
+        kept = stored.release(record_of, credentials)
         dest = stored.remove_destination(args.destination)
         name = stored.meta["name"]
-        # Best effort: the destination is out of the session whatever its site says.
-        record_of = records[dest.name]
-        kept = stored.release(record_of, credentials)
         for line in kept:
             print(f"isc: warning: {line}", file=sys.stderr)
         protected = dest.protected_state is not None

@@ -1062,28 +1062,11 @@ class PersistentSession:
         return bool(_agents_of(dest)) or rbd.is_rbd(dest["target"])
 
     def release(self, dest: dict, credentials: Credentials | None) -> list[str]:
-        """Let ``dest`` (a destination's record, after :meth:`remove_destination`) go from
-        this session's hold: at each agent that may hold it (its own site, then those
-        ``held_at`` names), reached with ``credentials``, or in its RBD image's metadata.
-        Returns a line for each place it could not (why, and the fix); none when it is not
-        :meth:`held`. An agent that answers that another session holds the export holds
-        nothing of this one's (a forced ``isc release`` let it go)."""
-        from isc import rbd
-
-        name, kept = dest["name"], []
-        for where in _agents_of(dest):
-            ack = self._agent(where, credentials).release(Destination(None, name), self._timeout)
-            if not ack.ok and not (ack.held and is_holder(ack.info.get("holder"))):
-                kept.append((ack.reason, f"isc release {where} {name}"))
-        if rbd.is_rbd(dest["target"]):
-            why = rbd.release(dest["target"], self._holder, self._timeout or DEFAULT_TIMEOUT)
-            image = rbd.RBDImage.parse(dest["target"]).spec
-            if why is not None:
-                kept.append((why, f"rbd image-meta remove {image} {rbd.HOLDER_KEY}"))
-        session = self.meta["name"]
-        return [
-            f"{name} stays held for {session} ({why}); let it go there: {fix}" for why, fix in kept
-        ]
+        """Let ``dest`` (a destination's record) go from this session's hold, before
+        :meth:`remove_destination` takes it out (a crash between leaves it in the session,
+        free: its next update claims it again, or remove-dest finds it released):
+        :func:`release_destination`, reached with ``credentials``."""
+        return release_destination(dest, self._holder, credentials, self._timeout)
 
     def destination(self, name: str) -> Destination:
         """The destination named ``name``; ``ParameterError`` naming those there are."""
@@ -1289,6 +1272,35 @@ def _agents_of(dest: dict) -> list[str]:
     """The agents that may hold ``dest``'s export (a destination's record) for its session:
     its own site, and those a ``--site`` named (``held_at``; none in a record of before)."""
     return ([dest["site"]] if dest.get("site") else []) + dest.get("held_at", [])
+
+
+def release_destination(
+    dest: dict, holder: dict, credentials: Credentials | None, timeout: float | None
+) -> list[str]:
+    """Let ``dest`` (a destination's record) go from ``holder``'s hold (its session's,
+    :func:`isc.remote.session_holder`): at each agent that may hold it (its own site, then
+    those ``held_at`` names), reached with ``credentials``, or in its RBD image's metadata,
+    each waiting ``timeout`` seconds. Returns a line for each place it could not (why, and
+    the fix); none when it is not :meth:`PersistentSession.held`. An agent or image that
+    answers that another session holds it holds nothing of this one's (a forced ``isc
+    release`` or ``rbd image-meta remove`` let it go)."""
+    from isc import rbd
+
+    name, kept = dest["name"], []
+    for where in _agents_of(dest):
+        agent = AgentSite.at(agent_address(where), credentials, holder=holder)
+        ack = agent.release(Destination(None, name), timeout)
+        if not ack.ok and not (ack.held and is_holder(ack.info.get("holder"))):
+            kept.append((ack.reason, f"isc release {where} {name}"))
+    if rbd.is_rbd(dest["target"]):
+        why = rbd.release(dest["target"], holder, timeout or DEFAULT_TIMEOUT)
+        image = rbd.RBDImage.parse(dest["target"]).spec
+        if why is not None:
+            kept.append((why, f"rbd image-meta remove {image} {rbd.HOLDER_KEY}"))
+    return [
+        f"{name} stays held for {holder['name']} ({why}); let it go there: {fix}"
+        for why, fix in kept
+    ]
 
 
 def agent_sites(stored: PersistentSession) -> set[str]:
