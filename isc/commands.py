@@ -38,7 +38,8 @@ the export at each, as at a destination's own.
                                            were taken
 ``isc remove-dest SESSION NAME``           take a destination out (its data stays;
                                            its agent or RBD image lets it go)
-``isc destroy SESSION``                    delete the state directory (only isc's files)
+``isc destroy SESSION``                    delete the state directory (only isc's files;
+                                           its agents and RBD images let it go first)
 ``isc rollback SESSION DEST [--site H:P]`` restore a destination's protected image at
                                            its own site, else --site's (an RBD image's,
                                            rbd:POOL/IMAGE, in its cluster)
@@ -241,15 +242,21 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     _timeout_argument(remove, "of each agent that may hold the destination")
     _cli_auth.add_client_options(remove)
 
-    command(
+    destroy = command(
         "destroy",
         _destroy,
         "delete a session's state directory (the source and destinations stay)",
         description="Delete the session's state directory and the files isc keeps in it. "
         "Refused while another isc process holds the session, for a directory that is not "
         "an isc session's, and for one that holds anything isc did not put there. The "
-        "source, the destinations and a save area file are left alone.",
+        "source, the destinations and a save area file are left alone. First each "
+        "destination's export is released as remove-dest releases it (at each agent that "
+        "may hold it, an RBD image in its metadata), so another session may add it: one "
+        "that cannot be let go stays held, a warning names how to let it go, and --json "
+        "says released false and lists it in still_held.",
     )
+    _timeout_argument(destroy, "of each agent or cluster that may hold a destination")
+    _cli_auth.add_client_options(destroy)
 
     command("mark", _mark, "freeze a point in time to copy (isc copy sends it)")
     command(
@@ -592,8 +599,17 @@ def _remove_dest(args: argparse.Namespace) -> int:
 
 def _destroy(args: argparse.Namespace) -> int:
     _refuse_if_served(args)
-    removed = store.destroy_session(args.session)
-    record = {"destroyed": os.path.abspath(args.session), "files": removed}
+    credentials = _cli_auth.client_credentials(args)
+    removed, kept = store.destroy_session(args.session, credentials, args.timeout)
+    for line in kept or []:
+        print(f"isc: warning: {line}", file=sys.stderr)
+    record = {
+        "destroyed": os.path.abspath(args.session),
+        "files": removed,
+        # None: it held nothing isc knows; else whether every export and image was let go.
+        "released": None if kept is None else not kept,
+        "still_held": kept or [],
+    }
     _say(args, record, f"destroyed {args.session}: {len(removed)} file(s) of isc removed")
     return 0
 

@@ -1855,17 +1855,25 @@ _OWN_FILES = re.compile(
 """The names of the files a session keeps in its directory (the layout above)."""
 
 
-def destroy_session(directory: str | os.PathLike[str]) -> list[str]:
-    """Delete the session in ``directory``: its files, then the directory; return their names.
+def destroy_session(
+    directory: str | os.PathLike[str],
+    credentials: Credentials | None = None,
+    timeout: float | None = None,
+) -> tuple[list[str], list[str] | None]:
+    """Delete the session in ``directory``: let each destination it may hold go
+    (:func:`release_destination`, reached with ``credentials``, each agent or cluster
+    waiting ``timeout`` seconds), then delete its files and the directory. Returns the
+    files' names, and a line for each hold it could not let go (why, and the fix): best
+    effort, the session goes whatever its sites say; None when it held none.
 
-    The source, the destinations and a save area file are not touched.
-    Refuses, removing nothing, with ``StateError`` when ``directory`` is not
-    an isc session directory (no session file of isc's format: one that
-    cannot be read is not taken for one), another process holds the session
-    (its lock, held while deleting), or the directory holds anything isc
-    did not put there (other files, subdirectories, symbolic links: those
-    are never followed); ``ParameterError`` when ``directory`` itself is a
-    symbolic link.
+    Released first: killed before its files go, it is still a session that destroy
+    releases and removes. The source, the destinations and a save area file are not
+    touched. Refuses, removing and releasing nothing, with ``StateError`` when
+    ``directory`` is not an isc session directory (no session file of isc's format: one
+    that cannot be read is not taken for one), another process holds the session (its
+    lock, held while releasing and deleting), or the directory holds anything isc did
+    not put there (other files, subdirectories, symbolic links: those are never
+    followed); ``ParameterError`` when ``directory`` itself is a symbolic link.
     """
     path = Path(directory)
     if path.is_symlink():
@@ -1893,6 +1901,7 @@ def destroy_session(directory: str | os.PathLike[str]) -> list[str]:
                     f"{path} holds files isc did not make ({', '.join(foreign)}): move them "
                     "out and destroy it again; nothing removed"
                 )
+            kept = _release_all(path, meta, credentials, timeout)
             # The session file goes last but the lock: stopped halfway, what is
             # left is still a session that destroy removes.
             last = [METADATA, ".lock"]
@@ -1911,7 +1920,27 @@ def destroy_session(directory: str | os.PathLike[str]) -> list[str]:
             f"the session's files in {path} are removed, but the directory stays: "
             f"{exc.strerror} (something was put in it meanwhile)"
         ) from None
-    return ordered
+    return ordered, kept
+
+
+def _release_all(
+    path: Path, meta: dict, credentials: Credentials | None, timeout: float | None
+) -> list[str] | None:
+    """For :func:`destroy_session`: let each destination of the session ``meta`` (``path``'s
+    session file) may hold go (:func:`release_destination`); a line for each hold it could
+    not let go, None when it held none (a session file of before ids held none)."""
+    problem = _meta_problem(meta)
+    if problem is not None:
+        return [
+            f"{path / METADATA} is damaged ({problem}): which exports it holds cannot be "
+            "told; let each go at its agent (isc release SITE EXPORT) or image (rbd "
+            "image-meta remove IMAGE isc.holder)"
+        ]
+    held = [d for d in meta["destinations"] if PersistentSession.held(d)]
+    if "id" not in meta or not held:
+        return None
+    holder = session_holder(meta["id"], meta["name"])
+    return [line for d in held for line in release_destination(d, holder, credentials, timeout)]
 
 
 def _source_change_now(meta: dict) -> str | None:

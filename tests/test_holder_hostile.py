@@ -33,9 +33,10 @@ still running) each read the holder record once, at their start, and keep it in 
 a session's claim through one was unknown to the other, which let a second session claim
 the same export, and both copied into it.
 
-``isc destroy`` ends a session without letting its exports go: each stays held by a
-session that no longer exists, with no word of it, and every other session's ``add-dest``
-is refused until the operator's ``isc release`` (as after a lost state directory).
+``isc destroy`` ended a session without letting its exports go: each stayed held by a
+session that no longer existed, with no word of it, and every other session's
+``add-dest`` was refused until the operator's ``isc release``. It releases each as
+``remove-dest`` does now, and warns of one it could not.
 
 A forced release during the holder's copy, another session's claim, its copy (under a
 protect of its own, which keeps the protection, and an unprotect, or an ``isc copy``
@@ -236,21 +237,33 @@ def test_a_second_isc_agent_is_refused_naming_the_first_and_a_killed_ones_restar
     assert site.status(DISK, WAIT).info["holder"] == A
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="isc destroy lets no export of the session go: another session's add-dest is "
-    "refused as held by the destroyed one",
-)
 def test_isc_destroy_lets_the_sessions_exports_go(
     tmp_path: Path,
     remote: Agent,  # noqa: F811 (test_holder's fixture: an isc agent of "disk")
 ) -> None:
-    for name in "ab":
+    """And an agent that cannot be asked keeps it held: the session goes all the same, a
+    warning names the fix, and --json says so."""
+    for name in "abc":
         sparse(tmp_path / f"{name}.img", SIZE)
         isc_run("create", name, "--source", f"{name}.img", cwd=tmp_path)
     isc_run("add-dest", "a", remote.uri, "--site", remote.site, cwd=tmp_path)
-    isc_run("destroy", "a", cwd=tmp_path)
+    done = json.loads(isc_run("destroy", "a", "--json", cwd=tmp_path).stdout)
+    assert done["released"] is True and done["still_held"] == [], done
     isc_run("add-dest", "b", remote.uri, "--site", remote.site, cwd=tmp_path)
+    remote.stop()
+    done = isc_run("destroy", "b", "--json", "--timeout", "2", cwd=tmp_path)
+    (warning,) = done.stderr.strip().splitlines()
+    assert warning.startswith("isc: warning: disk stays held for b (the agent at "), warning
+    assert warning.endswith(f"isc release {remote.site} disk"), warning
+    report = json.loads(done.stdout)
+    assert report["released"] is False and report["still_held"] == [warning[14:]], report
+    assert not (tmp_path / "b").exists()
+    remote.start()
+    refused = isc_run("add-dest", "c", remote.uri, "--site", remote.site, cwd=tmp_path, check=1)
+    assert "held by session b" in refused.stderr, refused.stderr
+    isc_run("release", remote.site, "disk", cwd=tmp_path)  # the fix the warning named
+    isc_run("add-dest", "c", remote.uri, "--site", remote.site, cwd=tmp_path)
+    assert json.loads(isc_run("destroy", "c", "--json", cwd=tmp_path).stdout)["released"]
 
 
 @pytest.mark.xfail(
