@@ -83,7 +83,15 @@ from isc.auth import Credentials, connect
 from isc.copy import CopyResult, DestState
 from isc.errors import IscError, ParameterError, StateError
 from isc.lun import FileLUN
-from isc.remote import AgentSite, LocalSite, RemoteSite, address_text, agent_address, same_agent
+from isc.remote import (
+    HOLDER_TEXT,
+    AgentSite,
+    LocalSite,
+    RemoteSite,
+    address_text,
+    agent_address,
+    same_agent,
+)
 from isc.serve import MIN_THROTTLE, SERVED, bitmap_bytes, served_by
 from isc.session import DEFAULT_SAVE_AREA
 from isc.update import DEFAULT_TIMEOUT, PeriodicUpdate, rollback
@@ -200,7 +208,11 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         help=f"COFW save area capacity, one chunk at least, in a file at PATH if given (default "
         f"{size_label(DEFAULT_SAVE_AREA)} or the source's size if smaller, in memory)",
     )
-    create.add_argument("--name", help="the session's name (default: the directory's name)")
+    create.add_argument(
+        "--name",
+        help=f"the session's name, at most {HOLDER_TEXT} characters (default: the directory's "
+        "name)",
+    )
 
     add_dest = command("add-dest", _add_dest, "add a destination LUN to a session")
     add_dest.add_argument(

@@ -84,12 +84,23 @@ MAX_REPLY = 1 << 20
 """Most bytes of an agent's reply line; a longer one is not an isc agent's."""
 
 
+HOLDER_TEXT = 255
+"""Most characters of a holder's ``name`` and ``machine`` (:func:`session_holder`)."""
+
+
 def session_holder(session_id: int, name: str) -> dict:
     """What names a session to the agents it copies to, as their exports' holder
     (:mod:`isc.agent`): its ``id`` (:mod:`isc.store`'s random 64 bits, as 16 hex digits:
     a session's state directory made again under the same name is another session),
-    and its ``name`` and this ``machine``'s host name for messages."""
-    return {"id": f"{session_id:016x}", "name": name, "machine": socket.gethostname()}
+    and its ``name`` and this ``machine``'s host name for messages, each cut to
+    :data:`HOLDER_TEXT` characters (``isc create`` refuses a longer name; one made before
+    it did is cut here alone, the id tells sessions apart)."""
+    machine = socket.gethostname()
+    return {
+        "id": f"{session_id:016x}",
+        "name": name[:HOLDER_TEXT],
+        "machine": machine[:HOLDER_TEXT],
+    }
 
 
 def is_holder(value: object) -> bool:
@@ -99,7 +110,9 @@ def is_holder(value: object) -> bool:
         and set(value) == {"id", "name", "machine"}
         and isinstance(value["id"], str)
         and re.fullmatch("[0-9a-f]{16}", value["id"]) is not None
-        and all(isinstance(value[k], str) and len(value[k]) <= 255 for k in ("name", "machine"))
+        and all(
+            isinstance(value[k], str) and len(value[k]) <= HOLDER_TEXT for k in ("name", "machine")
+        )
     )
 
 

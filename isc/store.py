@@ -185,6 +185,7 @@ from isc.lun import (
     same_birth,
 )
 from isc.remote import (
+    HOLDER_TEXT,
     AgentSite,
     RoutingSite,
     agent_address,
@@ -1618,7 +1619,8 @@ def create_session(
     nothing yet (the session creates the file at each open and removes it at
     close). Raises ``StateError`` when the directory already holds a session
     or the files of one, or another session holds the source (its lock);
-    ``ParameterError`` for bad parameters, a save area smaller than one chunk
+    ``ParameterError`` for bad parameters (a ``name`` over
+    :data:`~isc.remote.HOLDER_TEXT` characters too), a save area smaller than one chunk
     (:func:`~isc.savearea.too_small`: a capacity of no whole number of chunks is
     kept as given), a save area path that exists or lies
     in ``directory`` (its names are the session's files'), a directory inside
@@ -1628,6 +1630,11 @@ def create_session(
     nothing is written then.
     """
     path = Path(directory)
+    if name is not None and len(name) > HOLDER_TEXT:
+        raise ParameterError(
+            f"the session's name is {len(name)} characters long: at most {HOLDER_TEXT}, which "
+            "its agents and RBD images keep to name it"
+        )
     if (path / METADATA).exists():
         raise StateError(f"{path} already holds an isc session; open it or choose another")
     if path.is_dir():

@@ -20,8 +20,9 @@ It releases first now; killed before or after the release, the session still nam
 destination, and ``remove-dest`` asked again lets it go.
 
 A session's name in its holder is for messages, at most 255 characters
-(:func:`isc.remote.is_holder`); ``isc create --name`` takes a longer one, and the agent
-refused every request of that session as naming no holder in a holder's form.
+(:func:`isc.remote.is_holder`); ``isc create --name`` took a longer one, and the agent
+refused every request of that session as naming no holder in a holder's form. It refuses
+such a name now, and a session named so before is named by the first 255 in its holder.
 
 The holder record is refused when another user may write it, but not the state directory
 it lives in: a ``.isc-agent`` others may write (made before the agent, in a directory
@@ -175,23 +176,30 @@ def test_remove_dest_killed_at_any_point_leaves_no_export_held_the_session_does_
     isc_run("add-dest", "b", remote.uri, "--site", remote.site, cwd=tmp_path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a session name over 255 characters makes no holder the agent takes: every "
-    "request of the session is refused",
-)
-def test_a_session_with_a_long_name_adds_and_updates_an_agents_export(
+def test_a_name_over_255_characters_is_refused_and_one_made_before_holds_its_export(
     tmp_path: Path,
     exports: Path,  # noqa: F811 (test_holder's fixture)
 ) -> None:
+    """``isc create --name`` refuses the name in one line, making nothing; a session of
+    such a name made before is named by its first 255 characters in its holder (its id
+    tells it from any other), and adds and updates an agent's export."""
     sparse(tmp_path / "a.img", SIZE)
-    isc_run("create", "a", "--source", "a.img", "--name", "n" * 300, cwd=tmp_path)
+    refused = isc_run(
+        "create", "a", "--source", "a.img", "--name", "n" * 256, cwd=tmp_path, check=1
+    )
+    assert "name is 256 characters long: at most 255" in error_line(refused)
+    assert not (tmp_path / "a").exists()
+    isc_run("create", "a", "--source", "a.img", "--name", "n" * 255, cwd=tmp_path)
+    made = tmp_path / "a" / "session.json"
+    made.write_text(made.read_text().replace("n" * 255, "n" * 300))  # as made before
     with agent_here(exports) as (_, control, uris):
         site = f"127.0.0.1:{control}"
         isc_run("add-dest", "a", uris["disk"], "--site", site, cwd=tmp_path)
         isc_run("update", "a", "--timeout", str(WAIT), cwd=tmp_path)
         holder = AgentSite.at(("127.0.0.1", control), timeout=WAIT).status(DISK, WAIT)
-        assert holder.info["holder"] is not None
+        assert holder.info["holder"]["name"] == "n" * 255, holder
+    listed = json.loads(isc_run("status", "a", "--json", cwd=tmp_path).stdout)
+    assert listed["name"] == "n" * 300, listed
 
 
 def test_a_state_directory_others_may_write_is_refused(
