@@ -59,17 +59,19 @@ Its metadata key ``isc.holder`` (``rbd image-meta``) names the session that hold
 an agent's export's holder record does (:func:`isc.remote.session_holder`, JSON):
 ``isc add-dest`` claims it (:func:`claim`), protect and rollback check it (and take an
 image none holds: a session added before holders claims at its next update), unprotect
-checks it, ``isc remove-dest`` removes it (:func:`release`); status does not read it.
+checks it, ``isc remove-dest`` and ``isc destroy`` remove it (:func:`release`; one another
+session holds they leave alone), and status tells of another's hold as an agent's does
+(``isc copy`` leaves the image out then, :func:`isc.store.check_agents`).
 Another session's request is refused (``Ack.held``) naming the holder and the fix; so is
 one of a value that is not a holder's (damaged): like any held destination, it drops out
 of the update alone (:mod:`isc.update`). The way out when the holding session is gone:
 ``rbd image-meta remove POOL/IMAGE isc.holder`` (Ceph's own authentication). A claim of
-a session whose holder is out of form (a name over 255 characters) is refused, writing
-nothing: the value would read back damaged. Image metadata has no compare-and-set: a
+a holder out of form (:func:`isc.remote.is_holder`) is refused, writing nothing: the value
+would read back damaged. Image metadata has no compare-and-set: a
 claim sets the key and reads it back, so of two claims at one instant the later write
 holds the image, and the other session's protects are refused from then on; its own
 claim may pass if it read the key back before the other wrote it. A check costs one more
-``rbd`` run per protect, unprotect and rollback (a claim two more).
+``rbd`` run per protect, unprotect, rollback and status (a claim two more).
 
 A group snapshot holds every image of its group, so unprotecting one of
 them keeps it until every one was unprotected (this site keeps count; a new
@@ -433,17 +435,17 @@ def claim(uri: str, holder: dict, timeout: float = 30.0) -> str | None:
 
 
 def release(uri: str, holder: dict, timeout: float = 30.0) -> str | None:
-    """Let the image ``uri`` go from ``holder`` (``isc remove-dest``); why not, else None."""
+    """Let the image ``uri`` go from ``holder`` (``isc remove-dest``, ``isc destroy``); why
+    not, else None. One another session holds holds nothing of ``holder``'s: None."""
     image = RBDImage.parse(uri)
     try:
-        why = _held(image, holder, timeout, claim=False)
-        if why is None:
+        if _held(image, holder, timeout, claim=False) is None:
             image.rbd("image-meta", "remove", image.spec, HOLDER_KEY, timeout=timeout)
     except RBDError as exc:
         if "(2) No such file or directory" in str(exc):
             return None  # none held it
         return str(exc)
-    return why
+    return None
 
 
 # -- protection: RBD snapshots ---------------------------------------------------------
@@ -614,6 +616,10 @@ class RBDSite(RemoteSite):
         try:
             entry = self._entry(dest)
             wait = self._wait(timeout)
+            # As an agent's status tells (isc.remote.AgentSite): the copies that ask no
+            # protect (isc copy, :func:`isc.store.check_agents`) leave it out then.
+            if (refused := self._refused_held(rid, entry, wait, claim=False)) is not None:
+                return refused
             held = self._protections(entry, wait)
             if not held:
                 return Ack(rid, True, info={"protected": False})

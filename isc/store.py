@@ -674,9 +674,9 @@ class PersistentSession:
         """What each destination's agent last said identifies its export
         (:func:`isc.agent.export_identity`), checked before an update relies on it."""
         self.held_elsewhere: dict[str, str] = {}
-        """The destinations whose agent said another session holds them, or that it
-        serves a file no longer at their export's path (``Ack.replaced``), at the last
-        :func:`check_agents`, with why: :func:`copy` leaves them out."""
+        """The destinations whose agent or RBD image said another session holds them, or
+        whose agent serves a file no longer at their export's path (``Ack.replaced``), at
+        the last :func:`check_agents`, with why: :func:`copy` leaves them out."""
         self.region_size = meta["region_size"]
         self.max_hot = meta["max_hot"]
         self.hot_limit = max(meta.get("hot_limit", DEFAULT_HOT_LIMIT), self.max_hot)
@@ -1311,12 +1311,17 @@ def agent_sites(stored: PersistentSession) -> set[str]:
 
 def check_agents(stored: PersistentSession, site, timeout: float = DEFAULT_TIMEOUT) -> list[str]:
     """Rule 12 at the agents, before a copy or update relies on ``stored``'s destinations:
-    :func:`isc.update.check_identities` of those with an isc agent of their own, asked at
-    ``site`` (:meth:`PersistentSession.site`), each waiting ``timeout`` seconds. Every copy
-    and update of a session directory (``isc copy``, ``isc update``, and ``isc serve``'s
+    :func:`isc.update.check_identities` of those with an isc agent of their own, and of the
+    RBD images (whose status reads their holder, :mod:`isc.rbd`), asked at ``site``
+    (:meth:`PersistentSession.site`), each waiting ``timeout`` seconds. Every copy and
+    update of a session directory (``isc copy``, ``isc update``, and ``isc serve``'s
     control port and periodic updates) runs it. Returns a line for each found to be another
-    file (it becomes NEW: its next copy is a full one)."""
-    agents = agent_sites(stored)
+    file, or held by another session (it becomes NEW: its next copy is a full one; the
+    copy leaves a held one out, :attr:`PersistentSession.held_elsewhere`)."""
+    from isc import rbd
+
+    images = {d["name"] for d in stored.meta["destinations"] if rbd.is_rbd(d["target"])}
+    agents = agent_sites(stored) | images
     stored.held_elsewhere.clear()
     return check_identities(
         site, stored.destinations, stored.identities, agents, timeout, stored.held_elsewhere
