@@ -309,3 +309,40 @@ def test_another_sessions_copy_between_a_forced_release_and_the_holders_unprotec
     (state,) = [d["state"] for d in report["destinations"]]
     if state == "consistent":
         assert (exports / "disk").read_bytes() == (tmp_path / "a.img").read_bytes(), done
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="isc release of a damaged holder record says no session held it: the agent's reply "
+    "tells the two apart (a held one's holder is null, a free one's names none)",
+)
+def test_isc_release_tells_a_damaged_holder_record_from_a_free_export(
+    tmp_path: Path,
+    exports: Path,  # noqa: F811 (test_holder's fixture)
+) -> None:
+    state = exports / ".isc-agent"
+    state.mkdir(mode=0o700)
+    (state / "disk.holder").write_bytes(b'{"id": "0123')
+    (state / "disk.holder").chmod(0o600)
+    with agent_here(exports) as (_, control, _uris):
+        site = f"127.0.0.1:{control}"
+        done = isc_run("release", site, "disk", cwd=tmp_path)
+        assert done.stdout.startswith(f"released disk at {site} (its holder record was damaged"), (
+            done.stdout
+        )
+        assert not (state / "disk.holder").exists()
+        done = isc_run("release", site, "disk", cwd=tmp_path)
+        assert done.stdout.startswith(f"released disk at {site} (no session held it)")
+        done = isc_run("release", site, "disk", "--json", cwd=tmp_path)
+        assert json.loads(done.stdout) == {
+            "site": site,
+            "export": "disk",
+            "released": None,
+            "damaged": False,
+        }
+        (state / "disk.holder").write_bytes(b"[]")
+        (state / "disk.holder").chmod(0o600)
+    with agent_here(exports) as (_, control, _uris):
+        site = f"127.0.0.1:{control}"
+        done = isc_run("release", site, "disk", "--json", cwd=tmp_path)
+        assert json.loads(done.stdout)["damaged"] is True, done.stdout
