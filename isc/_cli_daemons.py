@@ -38,7 +38,7 @@ from isc.copy import Destination
 from isc.errors import StateError
 from isc.nbd.proto import MAX_BLOCK
 from isc.nbd.server import MAX_DATA, MAX_REQUESTS
-from isc.remote import holder_text
+from isc.remote import holder_text, is_holder
 
 
 def listen_address(text: str) -> tuple[str, int]:
@@ -136,8 +136,10 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         "session that added it (isc add-dest --site) holds it until isc remove-dest. When "
         "that session is gone (its state directory lost), this lets the export go, "
         "whichever session held it, so another may add it. Ask only when no session "
-        "copies into it any more. The agent answers authenticated clients only when it "
-        "has credentials (--tls-creds, --secret-file).",
+        "copies into it any more. It says which session held it, that none did, or that "
+        "its holder record was damaged (--json: released, the holder or null, and "
+        "damaged). The agent answers authenticated clients only when it has credentials "
+        "(--tls-creds, --secret-file).",
     )
     release.add_argument(
         "site", type=site_address, metavar="HOST:PORT|unix:PATH", help="the agent's --listen"
@@ -225,11 +227,18 @@ def _release(args: argparse.Namespace) -> int:
     if not ack.ok:
         done = "it may have been done: ask again" if ack.outcome_unknown else "nothing changed"
         raise StateError(f"release of {args.export} at {site.where} failed: {ack.reason}; {done}")
-    was = ack.info.get("holder")
+    # The agent's reply names the holder it let go; null when its record was damaged (which
+    # session held it could not be told), and no holder at all when none held the export.
+    was = ack.info["holder"] if is_holder(ack.info.get("holder")) else None
+    damaged = "holder" in ack.info and was is None
     if args.json:
-        print_json({"site": site.where, "export": args.export, "released": was})
+        record = {"site": site.where, "export": args.export, "released": was, "damaged": damaged}
+        print_json(record)
         return 0
-    held = f" from {holder_text(was)}" if isinstance(was, dict) else " (no session held it)"
+    if damaged:
+        held = " (its holder record was damaged: which session held it could not be told)"
+    else:
+        held = f" from {holder_text(was)}" if was is not None else " (no session held it)"
     print(f"released {args.export} at {site.where}{held}: the next session to add it holds it")
     return 0
 

@@ -39,6 +39,10 @@ session that no longer existed, with no word of it, and every other session's
 ``add-dest`` was refused until the operator's ``isc release``. It releases each as
 ``remove-dest`` does now, and warns of one it could not.
 
+``isc release`` of an export whose holder record was damaged said no session held it:
+the agent's reply tells the two apart (a damaged record's holder is null, a free export's
+reply names none).
+
 A forced release during the holder's copy, another session's claim, its copy (under a
 protect of its own, which keeps the protection, and an unprotect, or an ``isc copy``
 without them) and its own release, all before the holder's unprotect: that unprotect
@@ -311,11 +315,6 @@ def test_another_sessions_copy_between_a_forced_release_and_the_holders_unprotec
         assert (exports / "disk").read_bytes() == (tmp_path / "a.img").read_bytes(), done
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="isc release of a damaged holder record says no session held it: the agent's reply "
-    "tells the two apart (a held one's holder is null, a free one's names none)",
-)
 def test_isc_release_tells_a_damaged_holder_record_from_a_free_export(
     tmp_path: Path,
     exports: Path,  # noqa: F811 (test_holder's fixture)
