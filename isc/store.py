@@ -7,8 +7,8 @@ Layout of a state directory::
                         agent address; and held_at, the agents a --site
                         named whose protect or rollback may have made the
                         session its export's holder, each saved once connected,
-                        before that first request: remove-dest releases it
-                        at all),
+                        before that first request: remove-dest and destroy
+                        release it at all),
                         epoch, checkpointed, source_stamp; rewritten
                         atomically (temp file, fsync, rename, fsync of the
                         directory) at each open, save and close; versioned
