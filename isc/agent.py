@@ -62,8 +62,17 @@ Requests, each durable before its reply is sent:
   names the ``image`` its protect replied with gets, in ``extents``, the
   ranges rollbacks rewrote since (another client's rollback while an update
   copied: what the copy wrote there was undone, :mod:`isc.update` tracks it
-  again); the whole export when the agent cannot tell (it restarted since
-  that image ended). The rollbacks are remembered while the agent runs.
+  again); the whole export when the agent cannot tell: it restarted since
+  that protect while no session held the export, or a ``release`` let the
+  export go since (the holder's own or a forced one: another session may have
+  claimed it and written anywhere, under a protect of its own that kept the
+  image or under none, and the holder's update, still copying after a forced
+  release, then tracks everything rather than call it consistent). The
+  rollbacks and releases are remembered while the agent runs; one restarted
+  while a session held the export still tells about the image protected then
+  (a release removes the holder record: none came between). With no release
+  and no rollback between its protect and its unprotect (or status), an update
+  is told nothing undone, and resends nothing for it.
   Each protect, kept ones too, replies with a new ``info["lease"]``; an
   unprotect that names a lease other than the last protect's leaves the
   protection as it is ("kept": a later protect holds it): an update's
@@ -103,10 +112,11 @@ and a temp file left over is never read). Requests name theirs in ``holder``:
   sessions' copies would leave the export a mix of both. So is a request that names
   **no** holder while one holds the export: an older client cannot prove it is the
   holder. One that names none on an export no session holds is served as before.
-* ``release`` lets the export go: the holder's own (``isc remove-dest``), or with
-  ``"force": true`` whoever holds it (``isc release ADDRESS NAME``, the operator's,
-  once the holding session is gone). Only a client the control port let in asks
-  (its authentication, rule 14).
+* ``release`` lets the export go, and every image protected before it is wholly
+  undone for an ``unprotect`` or ``status`` that names it (above): the holder's own
+  (``isc remove-dest``), or with ``"force": true`` whoever holds it (``isc release
+  ADDRESS NAME``, the operator's, once the holding session is gone). Only a client the
+  control port let in asks (its authentication, rule 14).
 * ``status`` names the ``holder`` (null when none) and ``holder_problem`` when the
   record cannot be read. A damaged record is not "no holder": every request that
   changes the export, and every claim, is refused naming it until a forced release.
@@ -582,8 +592,10 @@ class Export(ForwardingLUN):
         """The last protect's lease (:meth:`unprotect`): None while unprotected, and
         after a restart."""
         self._undone: dict[str, set[int]] = {}
-        """Each image that ended while the agent ran (a rollback, an unprotect) -> the chunks
-        rollbacks rewrote since it was protected."""
+        """Each image the agent can tell about (:meth:`_undone_locked`) -> the chunks
+        rollbacks rewrote since it was protected: one it protected, or named to a protect
+        (a kept one), or that the session holding the export at its start protected, since
+        the last release; ended or not."""
         self.holder_path = journal_path.with_suffix(HOLDER_SUFFIX)
         self.holder, self._holder_problem = _read_holder(self.holder_path)
         """The session that holds the export (``{"id", "name", "machine"}``) or None; why
@@ -591,6 +603,11 @@ class Export(ForwardingLUN):
         if journal_path.exists():
             self.journal = Journal(journal_path, lun, identity, self._birth)
             log.info("%s: protected (journal %s)", self.name, journal_path)
+            if self.holder is not None and self.journal.problem is None:
+                # Held at the start: no release since that session's protect left the
+                # export to another (a release unlinks the record; a claim after it would
+                # be the other session's, whose own release ends this image again).
+                self._undone[self.journal.image] = set()
 
     def write(self, offset: int, data) -> None:
         journal = self.journal
@@ -711,6 +728,11 @@ class Export(ForwardingLUN):
             self.holder_path.unlink(missing_ok=True)
             _fsync_dir(self.holder_path.parent)
             was, self.holder, self._holder_problem = self.holder, None, None
+            # Every image protected so far is wholly undone for whoever names it from now
+            # on: the session that held the export may still copy under it (a forced
+            # release), while another claims it and writes anywhere, under a protect of
+            # its own that keeps this image, or none; nothing else would tell the first.
+            self._undone.clear()
             log.info("%s: released (was %s)", self.name, was)
             return {"ok": True, "info": {"holder": was}}
 
@@ -747,6 +769,7 @@ class Export(ForwardingLUN):
                     self.journal_path, self.lun, self.identity, self._birth
                 )
                 reply = {"ok": True, **fenced}
+            self._undone.setdefault(self.journal.image, set())  # its unprotect is told
             self._lease = os.urandom(8).hex()
             if not named:
                 return reply
@@ -781,7 +804,6 @@ class Export(ForwardingLUN):
             if lease is not None and self._lease is not None and lease != self._lease:
                 reason = "a later protect kept the protection: it stays"
                 return {"ok": True, "reason": reason, "kept": True, **told}
-            self._undone.setdefault(self.journal.image, set())
             self.journal.drop()
             self.journal = None
             self._lease = None
@@ -799,7 +821,6 @@ class Export(ForwardingLUN):
             if refused is not None:
                 return refused
             fenced = {} if self.server is None else {"fenced": True}  # the client reconnects
-            ended = self.journal.image
             try:
                 # Taken once every record passed its check, before the first is written
                 # back: as for a protect, a crash after leaves no export rolled back to an
@@ -812,9 +833,9 @@ class Export(ForwardingLUN):
                 for o, n in extents
                 for c in range(o // PROTECT_GRANULARITY, -(-(o + n) // PROTECT_GRANULARITY))
             }
-            for chunks in self._undone.values():
+            for chunks in self._undone.values():  # the image ended among them
                 chunks |= rewritten
-            self._undone[ended] = rewritten
+            self._undone[self.journal.image] = set()
             rewrote = [list(e) for e in extents]
             return {"ok": True, "extents": rewrote, "info": {"identity": self._identity}, **fenced}
 
@@ -834,9 +855,11 @@ class Export(ForwardingLUN):
 
     def _undone_locked(self, image: str | None) -> list[list[int]]:
         """The byte ranges rollbacks rewrote since ``image`` was protected: none while it is
-        the protected image (or no image is named); all of the export when this agent does
-        not know it (it restarted since that image ended, or the image is another's)."""
-        if image is None or image == self.image:
+        the protected image and no release let the export go since (or no image is named);
+        all of the export when this agent cannot tell (:attr:`_undone`: it restarted since
+        that image was protected while no session held the export, a release let the
+        export go since, or the image is another agent's)."""
+        if image is None:
             return []
         chunks = self._undone.get(image)
         if chunks is None:

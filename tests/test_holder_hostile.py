@@ -90,31 +90,21 @@ def test_a_refused_rollback_takes_no_export(
         assert other.claim(DISK, WAIT).ok
 
 
+@pytest.mark.parametrize("request_", ["protect", "rollback"])
 def test_a_refused_protect_takes_no_export(
     exports: Path,  # noqa: F811 (test_holder's fixture)
+    request_: str,
 ) -> None:
+    """A protect, or a rollback, refused because the protected image was lost."""
     state = exports / ".isc-agent"
     state.mkdir(mode=0o700)
     (state / "disk.journal").write_bytes(b"not a journal's header" * 4)
     with agent_here(exports) as (_, control, _uris):
         site = AgentSite.at(("127.0.0.1", control), timeout=WAIT, holder=A)
-        refused = site.protect(DISK, WAIT)
+        refused = getattr(site, request_)(DISK, WAIT)
         assert not refused.ok and "protected image was lost" in str(refused.reason), refused
         other = AgentSite.at(("127.0.0.1", control), timeout=WAIT, holder=B)
         assert other.status(DISK, WAIT).info["holder"] is None
-        assert not (state / "disk.holder").exists()
-
-
-def test_a_rollback_refused_for_a_lost_image_takes_no_export(
-    exports: Path,  # noqa: F811 (test_holder's fixture)
-) -> None:
-    state = exports / ".isc-agent"
-    state.mkdir(mode=0o700)
-    (state / "disk.journal").write_bytes(b"not a journal's header" * 4)
-    with agent_here(exports) as (_, control, _uris):
-        site = AgentSite.at(("127.0.0.1", control), timeout=WAIT, holder=A)
-        refused = site.rollback(DISK, WAIT)
-        assert not refused.ok and "protected image was lost" in str(refused.reason), refused
         assert not (state / "disk.holder").exists()
 
 
@@ -278,11 +268,6 @@ def test_isc_destroy_lets_the_sessions_exports_go(
     assert json.loads(isc_run("destroy", "c", "--json", cwd=tmp_path).stdout)["released"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="another session's copy between a forced release and the holder's unprotect is "
-    "told to the holder as nothing undone: the update calls the export consistent",
-)
 @pytest.mark.parametrize("protected", [True, False], ids=["b-protects", "b-copies-only"])
 def test_another_sessions_copy_between_a_forced_release_and_the_holders_unprotect_is_seen(
     tmp_path: Path,
@@ -313,6 +298,55 @@ def test_another_sessions_copy_between_a_forced_release_and_the_holders_unprotec
     (state,) = [d["state"] for d in report["destinations"]]
     if state == "consistent":
         assert (exports / "disk").read_bytes() == (tmp_path / "a.img").read_bytes(), done
+
+
+@pytest.mark.parametrize("restarted", [False, True], ids=["running", "restarted"])
+@pytest.mark.parametrize("released", [False, True], ids=["held", "released"])
+def test_a_release_since_a_protect_undoes_its_image_wholly_and_nothing_else_does(
+    exports: Path,  # noqa: F811 (test_holder's fixture)
+    released: bool,
+    restarted: bool,
+) -> None:
+    agent = ExportAgent(exports)
+    try:
+        disk = agent.exports["disk"]
+        image = disk.protect(named=True, holder=A)["info"]["image"]
+        if released:
+            assert disk.release(None, force=True)["ok"]
+        if restarted:
+            agent.close()
+            agent = ExportAgent(exports)
+            disk = agent.exports["disk"]
+        undone = [[0, SIZE]] if released else []
+        assert disk.status(image)["info"]["undone"] == undone
+        assert disk.unprotect(image, holder=A).get("extents", []) == undone
+    finally:
+        agent.close()
+
+
+def test_updates_with_no_release_between_are_told_nothing_undone(
+    tmp_path: Path,
+    exports: Path,  # noqa: F811 (test_holder's fixture)
+) -> None:
+    (tmp_path / "a.img").write_bytes(bytes(range(256)) * (SIZE // 256))
+    isc_run("create", "a", "--source", "a.img", "--granularity", "16K", cwd=tmp_path)
+    with agent_here(exports) as (here, control, uris):
+        isc_run("add-dest", "a", uris["disk"], "--site", f"127.0.0.1:{control}", cwd=tmp_path)
+        unprotect, replies = here.control.ops["unprotect"], []
+
+        def kept(request: dict) -> dict:
+            replies.append(unprotect(request))
+            return replies[-1]
+
+        here.control.ops["unprotect"] = kept
+        sent = []
+        for _ in range(3):
+            done = isc_run("update", "a", "--json", "--timeout", str(WAIT), cwd=tmp_path)
+            sent.append(json.loads(done.stdout)["bytes_sent"])
+    assert sent[0] == SIZE and sent[1:] == [0, 0], sent
+    assert len(replies) >= 2 and not any(r.get("extents") for r in replies), replies
+    report = json.loads(isc_run("status", "a", "--json", cwd=tmp_path).stdout)
+    assert [d["state"] for d in report["destinations"]] == ["consistent"]
 
 
 def test_isc_release_tells_a_damaged_holder_record_from_a_free_export(
