@@ -719,7 +719,8 @@ class Export(ForwardingLUN):
 
     def release(self, holder: dict | None, force: bool = False) -> dict:
         """Let the export go: ``holder``'s, or with ``force`` whoever holds it (the operator,
-        after the holding session was lost) and a damaged record."""
+        after the holding session was lost) and a damaged record. Every image protected
+        before is wholly undone from then on (:meth:`_undone_locked`)."""
         with self._lock:
             if not force and (refused := self._held_locked(holder)) is not None:
                 return refused
