@@ -901,7 +901,7 @@ def test_completion_and_the_man_page_name_every_verb(work: Path) -> None:
         timeout=TIMEOUT,
     )  # fmt: skip
     assert shown.returncode == 0 and shown.stderr == "", shown.stderr
-    assert "isc destroy [-h] [--json] [-v] [-q] SESSION\n" in shown.stdout
+    assert "isc mark [-h] [--json] [-v] [-q] SESSION\n" in shown.stdout
 
 
 # -- isc copy and the agents of its destinations ---------------------------------------------
