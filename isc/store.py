@@ -423,7 +423,11 @@ def _open_with_backing(name: str) -> list[int]:
     """Read-only descriptors of the file at ``name`` and, for a loop device, of the file
     under it (:func:`~isc.lun.open_loop_backing`), for locks."""
     fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
-    backing = open_loop_backing(fd)
+    try:
+        backing = open_loop_backing(fd)
+    except BaseException:
+        os.close(fd)
+        raise
     return [fd] if backing is None else [fd, backing]
 
 
