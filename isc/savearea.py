@@ -90,13 +90,10 @@ class _MemoryStore:
         flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE
         try:
             self._map = mmap.mmap(-1, capacity, flags=flags)
-        except (OSError, OverflowError) as exc:
-            # Beyond the address space (128 TiB on x86_64) or its limit, or beyond what a
-            # mapping's length holds (a ssize_t: 2**63 - 1 bytes), which is no OSError.
-            why = exc.strerror if isinstance(exc, OSError) else "longer than any mapping"
+        except OSError as exc:  # beyond the address space (128 TiB on x86_64) or its limit
             raise ParameterError(
                 f"a save area of {format_bytes(capacity, long=True)} cannot be mapped in "
-                f"memory ({why}); give a smaller one, or a file for it "
+                f"memory ({exc.strerror}); give a smaller one, or a file for it "
                 "(isc create --save-area SIZE,PATH)"
             ) from None
         self.view = memoryview(self._map)
@@ -216,7 +213,22 @@ def _remove_leftover(path: str) -> None:
             os.close(fd)
 
 
-def too_small(capacity: int, granularity: int, size: int) -> str | None:
+MAX_CAPACITY = (1 << 63) - 1
+"""The largest save area, in bytes: a file's size and a mapping's length are signed
+64-bit numbers."""
+
+
+def _too_large(capacity: int) -> str | None:
+    """Why no save area of ``capacity`` bytes can be made, in a file or in memory, or None."""
+    if capacity <= MAX_CAPACITY:
+        return None
+    return (
+        f"a save area of {format_bytes(capacity, long=True)} is larger than any file or "
+        f"mapping can be ({MAX_CAPACITY} bytes at most); give a smaller one"
+    )
+
+
+def unfit(capacity: int, granularity: int, size: int) -> str | None:
     """Why a save area of ``capacity`` bytes is of no use to a session at ``granularity``
     on a LUN of ``size`` bytes, or None.
 
@@ -224,10 +236,11 @@ def too_small(capacity: int, granularity: int, size: int) -> str | None:
     save nothing, so every COFW would end the mark and every marked copy that meets a host
     write would fail. A capacity of no whole number of chunks is kept as it is: it holds
     ``capacity // granularity`` chunks, and the rest serves the LUN's short last chunk alone.
+    Nor can it pass :data:`MAX_CAPACITY`.
     """
     chunk = min(granularity, size)
     if capacity >= chunk:
-        return None
+        return _too_large(capacity)
     return (
         f"save area of {capacity} bytes cannot hold one chunk of {chunk} bytes (granularity "
         f"{size_label(granularity)}): no copy-on-first-write save fits, so every marked copy "
@@ -260,8 +273,9 @@ class SaveArea:
     methods are thread-safe.
 
     The area does not know the granularity: a session needs one that holds its
-    largest chunk, which :func:`too_small` checks (a persistent session's creation
-    refuses a smaller one).
+    largest chunk, which :func:`unfit` checks (a persistent session's creation
+    refuses a smaller one). One larger than :data:`MAX_CAPACITY` raises
+    ``ParameterError`` before anything is made.
     """
 
     def __init__(self, capacity: int, path: str | os.PathLike[str] | None = None) -> None:
@@ -270,6 +284,8 @@ class SaveArea:
         capacity = operator.index(capacity)
         if capacity <= 0:
             raise ParameterError(f"save area capacity must be > 0 bytes, got {capacity}")
+        if problem := _too_large(capacity):
+            raise ParameterError(problem)
         self._capacity = capacity
         self._store: _MemoryStore | _FileStore = (
             _MemoryStore(capacity) if path is None else _FileStore(path)

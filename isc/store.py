@@ -193,7 +193,7 @@ from isc.remote import (
     same_agent,
     session_holder,
 )
-from isc.savearea import SaveArea, too_small
+from isc.savearea import SaveArea, unfit
 from isc.session import DEFAULT_SAVE_AREA, Session
 from isc.update import DEFAULT_TIMEOUT, check_identities
 
@@ -1630,7 +1630,8 @@ def create_session(
     or the files of one, or another session holds the source (its lock);
     ``ParameterError`` for bad parameters (a ``name`` over
     :data:`~isc.remote.HOLDER_TEXT` characters too), a save area smaller than one chunk
-    (:func:`~isc.savearea.too_small`: a capacity of no whole number of chunks is
+    or larger than any file can be (:func:`~isc.savearea.unfit`: a capacity of no whole
+    number of chunks is
     kept as given), a save area path that exists or lies
     in ``directory`` (its names are the session's files'), a directory inside
     another session's directory or around one (:func:`_nested`), or a directory
@@ -1681,7 +1682,7 @@ def create_session(
     problem = _meta_problem(meta)
     if problem:
         raise ParameterError(f"cannot create a session in {path}: {problem}")
-    if save_area is not None and (problem := too_small(save_area[0], granularity, size)):
+    if save_area is not None and (problem := unfit(save_area[0], granularity, size)):
         raise ParameterError(problem)
     if save_area is not None and save_area[1] is None:
         SaveArea(save_area[0]).close()  # refuses one too large to map: every open would fail
