@@ -57,7 +57,8 @@ Requests, each durable before its reply is sent:
   protected", ``"kept": true``): the first image is kept. One whose journal
   lost its image is refused. The reply's ``info["image"]`` names the image
   protected: a random id in the header, new at each protect and rollback;
-  ``info["identity"]`` the file protected, as ``status`` names it.
+  ``info["identity"]`` the file protected, as ``status`` names it; ``info["holder"]``
+  the session that holds the export then (below), as ``status`` names it.
 * ``unprotect`` removes the journal and fsyncs the directory. A request that
   names the ``image`` its protect replied with gets, in ``extents``, the
   ranges rollbacks rewrote since (another client's rollback while an update
@@ -82,8 +83,8 @@ Requests, each durable before its reply is sent:
 * ``rollback`` checks every record, writes each saved chunk back, flushes the
   export, then replaces the journal with an empty one of a new image (temp
   file, rename): the export is protected afresh at the image it holds again.
-  Its reply's ``info["identity"]`` names the file rolled back, as ``status``
-  names it.
+  Its reply's ``info["identity"]`` names the file rolled back, and ``info["holder"]``
+  the session that holds the export then, as ``status`` names them.
   A crash midway repeats it on the next rollback.
 * ``status`` reports ``protected``, ``intact``, ``saved_bytes``,
   ``saved_chunks``, ``problem`` and ``extents`` (the ranges a rollback would
@@ -775,7 +776,7 @@ class Export(ForwardingLUN):
             if not named:
                 return reply
             info = {"image": self.image, "identity": self._identity, "lease": self._lease}
-            return {**reply, "info": info}
+            return {**reply, "info": {**info, "holder": self.holder}}
 
     @property
     def _identity(self) -> str:
@@ -838,7 +839,8 @@ class Export(ForwardingLUN):
                 chunks |= rewritten
             self._undone[self.journal.image] = set()
             rewrote = [list(e) for e in extents]
-            return {"ok": True, "extents": rewrote, "info": {"identity": self._identity}, **fenced}
+            info = {"identity": self._identity, "holder": self.holder}
+            return {"ok": True, "extents": rewrote, "info": info, **fenced}
 
     def status(self, image: str | None = None) -> dict:
         """What the protection holds; with ``image`` (a protect's), ``info["undone"]``:

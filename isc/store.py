@@ -8,7 +8,9 @@ Layout of a state directory::
                         named whose protect or rollback may have made the
                         session its export's holder, each saved once connected,
                         before that first request: remove-dest and destroy
-                        release it at all),
+                        release it at all; and claimed, whether its own agent's
+                        reply named the session its export's holder: one
+                        released meanwhile is found, isc.update.check_identities),
                         epoch, checkpointed, source_stamp; rewritten
                         atomically (temp file, fsync, rename, fsync of the
                         directory) at each open, save and close; versioned
@@ -186,7 +188,9 @@ from isc.lun import (
 )
 from isc.remote import (
     HOLDER_TEXT,
+    Ack,
     AgentSite,
+    RemoteSite,
     RoutingSite,
     agent_address,
     is_holder,
@@ -677,6 +681,12 @@ class PersistentSession:
         }
         """What each destination's agent last said identifies its export
         (:func:`isc.agent.export_identity`), checked before an update relies on it."""
+        self.claimed: set[str] = {d["name"] for d in meta["destinations"] if d.get("claimed")}
+        """The destinations whose export at their own agent this session is known to hold:
+        the agent's reply to its claim (:meth:`add_destination`), to a protect or rollback
+        (:meth:`site`), or its status (:func:`check_agents`) named this session. One whose
+        agent says later that no session holds it was let go meanwhile (a forced ``isc
+        release``): :func:`isc.update.check_identities` makes it NEW."""
         self.held_elsewhere: dict[str, str] = {}
         """The destinations whose agent or RBD image said another session holds them, or
         whose agent serves a file no longer at their export's path (``Ack.replaced``), at
@@ -987,6 +997,8 @@ class PersistentSession:
                 # The agents a --site named that may hold its export for this session.
                 "held_at": list(self._held_at[d.name]),
                 "identity": self.identities.get(d.name),
+                # Its own agent's reply named this session its export's holder.
+                "claimed": d.name in self.claimed,
                 "state": d.state.value,
                 "epoch": d.epoch,
                 "samples": [list(sample) for sample in d.samples],
@@ -1016,7 +1028,9 @@ class PersistentSession:
             site = AgentSite.at(site.address, site.credentials, site.timeout, self._holder)
             site.before_send = partial(self._may_hold, where=site.where)
         own = {name: where for name, where in self._sites.items() if where is not None}
-        agents = {where: self._agent(where, credentials) for where in own.values()}
+        agents: dict[str, RemoteSite] = {
+            where: _Holding(self._agent(where, credentials), self.claimed) for where in own.values()
+        }
         routed = RoutingSite({n: agents[w] for n, w in own.items()}, site) if own else site
         return with_rbd(routed, self.session, self._targets, self._holder)
 
@@ -1101,6 +1115,7 @@ class PersistentSession:
         del self._sites[name]
         del self._held_at[name]
         self.identities.pop(name, None)
+        self.claimed.discard(name)
         self._save_destinations()
         dest.lun.close()
         if (lock := self._dest_locks.pop(name, None)) is not None:
@@ -1144,6 +1159,7 @@ class PersistentSession:
         if problem is not None:
             raise ParameterError(problem)
         agent = None if site is None else self._agent(site, credentials)
+        claimed = False
         lun = _open_named(target, "the destination", self._timeout, self.meta["id"])
         dest = Destination(lun, name)
         try:
@@ -1164,6 +1180,7 @@ class PersistentSession:
                 ack = agent.status(dest, self._timeout)
                 if ack.ok and "holder" in ack.info:  # an agent that holds exports: claim it
                     ack = agent.claim(dest, self._timeout)
+                    claimed = ack.ok and is_holder(ack.info.get("holder"))
                 if not ack.ok:
                     # The agent knows an export by the destination's name alone (isc.agent).
                     unknown = ack.reason == f"no export named {name!r}"
@@ -1186,6 +1203,8 @@ class PersistentSession:
         self._targets[name] = target
         self._sites[name] = None if agent is None else agent.where
         self._held_at[name] = []
+        if claimed:
+            self.claimed.add(name)
         self.destinations.append(dest)
         self._save_destinations()
         return dest
@@ -1320,16 +1339,52 @@ def check_agents(stored: PersistentSession, site, timeout: float = DEFAULT_TIMEO
     (:meth:`PersistentSession.site`), each waiting ``timeout`` seconds. Every copy and
     update of a session directory (``isc copy``, ``isc update``, and ``isc serve``'s
     control port and periodic updates) runs it. Returns a line for each found to be another
-    file, or held by another session (it becomes NEW: its next copy is a full one; the
-    copy leaves a held one out, :attr:`PersistentSession.held_elsewhere`)."""
+    file, held by another session, or held by none though this session held it
+    (:attr:`PersistentSession.claimed`: let go meanwhile) (it becomes NEW: its next copy is
+    a full one; the copy leaves a held one out, :attr:`PersistentSession.held_elsewhere`)."""
     from isc import rbd
 
     images = {d["name"] for d in stored.meta["destinations"] if rbd.is_rbd(d["target"])}
     agents = agent_sites(stored) | images
     stored.held_elsewhere.clear()
     return check_identities(
-        site, stored.destinations, stored.identities, agents, timeout, stored.held_elsewhere
+        site,
+        stored.destinations,
+        stored.identities,
+        agents,
+        timeout,
+        stored.held_elsewhere,
+        stored.claimed,
     )
+
+
+class _Holding(RemoteSite):
+    """A destination's own isc agent (``agent``), whose protect and rollback answers that
+    name this session the export's holder (:mod:`isc.agent`: ``info["holder"]``) add the
+    destination to ``claimed`` (:attr:`PersistentSession.claimed`): a protect that took an
+    export no session held, after a forced release the last status found, is known."""
+
+    def __init__(self, agent: AgentSite, claimed: set[str]) -> None:
+        self.agent = agent
+        self.claimed = claimed
+
+    def protect(self, dest: Destination, timeout: float | None = None) -> Ack:
+        return self._noted(dest, self.agent.protect(dest, timeout))
+
+    def rollback(self, dest: Destination, timeout: float | None = None) -> Ack:
+        return self._noted(dest, self.agent.rollback(dest, timeout))
+
+    def unprotect(self, dest: Destination, timeout: float | None = None) -> Ack:
+        return self.agent.unprotect(dest, timeout)
+
+    def status(self, dest: Destination, timeout: float | None = None) -> Ack:
+        return self.agent.status(dest, timeout)
+
+    def _noted(self, dest: Destination, ack: Ack) -> Ack:
+        holder, ours = ack.info.get("holder") or {}, self.agent.holder
+        if ack.ok and is_holder(holder) and ours is not None and holder["id"] == ours["id"]:
+            self.claimed.add(dest.name)
+        return ack
 
 
 def copy_destinations(stored: PersistentSession) -> list[Destination]:
@@ -1574,10 +1629,11 @@ def _meta_problem(meta: dict) -> str | None:
             and isinstance(dest.get("held_at", []), list)
             and all(_is_site(where) for where in dest.get("held_at", []))
             and isinstance(dest.get("identity"), (str, type(None)))
+            and isinstance(dest.get("claimed", False), bool)
         ):
             return (
-                f"destination {dest!r} is not {{name, target, site, held_at, identity, state, "
-                "epoch, samples, protected_state, problem}"
+                f"destination {dest!r} is not {{name, target, site, held_at, identity, claimed, "
+                "state, epoch, samples, protected_state, problem}"
             )
     names = [dest["name"] for dest in dests]
     if len(set(names)) != len(names):

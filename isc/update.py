@@ -22,7 +22,8 @@ Periodic incremental update (docs/design.md; the patent's figures 3-9):
 4. transfer the marked data and wait for it to finish;
 5. on success the copy unmarks, the site unprotects, and the destinations are
    consistent, but for one whose unprotect ack lists ranges (``extents``: a
-   rollback by another client of an agent undid them during the copy): those
+   rollback by another client of an agent undid them during the copy, or, the
+   whole export, that or a release of its hold there): those
    are tracked again, it is inconsistent and the update fails; on failure
    the copy unmarks (merge) and the protection stays, so :func:`rollback`
    can restore the last consistent image (what a rollback by another client
@@ -50,7 +51,7 @@ from contextlib import ExitStack, contextmanager
 
 from isc.copy import CopyJob, CopyResult, Destination, DestState
 from isc.errors import CopyError, IscError, ParameterError, StateError
-from isc.remote import Ack, RemoteSite, group_request, same_export
+from isc.remote import Ack, RemoteSite, group_request, is_holder, same_export
 from isc.session import Session
 
 log = logging.getLogger(__name__)
@@ -338,6 +339,7 @@ def check_identities(
     agents: set[str],
     timeout: float = DEFAULT_TIMEOUT,
     held: dict[str, str] | None = None,
+    claimed: set[str] | None = None,
 ) -> list[str]:
     """Rule 12 at the agents: ask ``site`` (each waiting ``timeout`` seconds) what
     identifies the export of each of ``destinations`` named in ``agents``
@@ -351,7 +353,14 @@ def check_identities(
     not answer is left as it is (its samples still check it, :mod:`isc.fingerprint`).
     One another session holds (``Ack.held``, :mod:`isc.agent`), or whose agent serves a
     file no longer at the export's path (``Ack.replaced``: the file there is another),
-    becomes NEW, gets a line each time, and goes into ``held`` (name -> why) when given."""
+    becomes NEW, gets a line each time, and goes into ``held`` (name -> why) when given.
+
+    ``claimed`` (when given) names the destinations whose export this session is known to
+    hold (an agent's reply said so: its claim, a protect or rollback, a status; kept up to
+    date here, :func:`_hold_let_go`): one whose agent now says no session holds it was let go
+    while no update of this session ran (an operator's forced ``isc release``), and another
+    session may have claimed it, written anywhere and let it go since: it becomes NEW, with
+    a line."""
     found = []
     for dest in destinations:
         ack = site.status(dest, timeout) if dest.name in agents else None
@@ -363,6 +372,9 @@ def check_identities(
             found.append(why)
             if held is not None:
                 held[dest.name] = str(ack.reason)
+        if ack is not None and claimed is not None and (why := _hold_let_go(dest, ack, claimed)):
+            dest.start_over()
+            found.append(why)
         if not isinstance(seen, str):
             continue
         known = identities.get(dest.name)
@@ -374,6 +386,35 @@ def check_identities(
             )
         identities[dest.name] = seen
     return found
+
+
+def _hold_let_go(dest: Destination, ack: Ack, claimed: set[str]) -> str | None:
+    """Why ``dest`` must start over because its agent's status ``ack`` says the hold this
+    session had on its export was let go meanwhile (one line), else None; ``claimed`` (the
+    destinations this session is known to hold) follows what ``ack`` tells. No answer, or
+    one without ``holder`` (an agent of before holders), tells nothing; one that names
+    this session confirms the hold (a session of before the record, an add-dest whose
+    claim answer was lost, a crash between a protect and its save are known to hold it
+    from then on); another session's (``Ack.held``) ends it, and that one's own line says
+    so. One NEW already gets no line: nothing of it is relied on."""
+    if not ack.ok or "holder" not in ack.info:
+        return None
+    if ack.held:  # another session's, or a damaged record
+        claimed.discard(dest.name)
+        return None
+    if is_holder(ack.info["holder"]):  # this session's (AgentSite tells another's: held)
+        claimed.add(dest.name)
+        return None
+    if ack.info["holder"] is not None or dest.name not in claimed:
+        return None  # not a holder's form, or not known held: of before, an answer not saved
+    claimed.discard(dest.name)
+    if dest.state is DestState.NEW:
+        return None
+    return (
+        f"{dest.name} is held by no session at its agent, though this session held it: its "
+        "hold was let go (isc release) while no update ran, and another session may have "
+        f"written there since; {dest.name} gets a full copy"
+    )
 
 
 def _not_ours(ack: Ack) -> str | None:
@@ -433,11 +474,13 @@ def _unprotect_copied(
     """Unprotect ``dests``, which a copy of ``session`` brought up to date.
 
     An ack that lists ranges (``extents``, an agent's) says a rollback by another
-    client rewrote them since the protect: it undid part of the copy. Those ranges
-    are tracked again (rule 2) and the destination is INCONSISTENT. For one of
-    ``named`` (its protect named its image) whose unprotect failed (no answer: the
-    agent went down), its status says them instead (:func:`_undone`); when that
-    fails too, nothing does: it is INCONSISTENT and out of step. One whose unprotect is
+    client rewrote them since the protect, or (the whole export) that or a release of
+    the hold (:func:`_undone_by` says which it may be): it undid part of the copy, or
+    all of it. Those ranges are tracked again (rule 2) and the destination is
+    INCONSISTENT. For one of ``named`` (its protect named its image) whose unprotect
+    failed (no answer: the agent went down), its status says them instead
+    (:func:`_undone`); when that fails too, nothing does: it is INCONSISTENT and out of
+    step. One whose unprotect is
     refused because another session holds it now (``Ack.held``), or because its agent
     serves a file no longer at its path (``Ack.replaced``: the copy went to a file no
     name reaches), becomes NEW. Returns each such destination's name with why, in one
@@ -466,12 +509,22 @@ def _unprotect_copied(
             _track(session, extents)
             dest.state = DestState.INCONSISTENT
             undone[dest.name] = (
-                f"{dest.name} was rolled back by another client of its site during the copy: "
+                f"{dest.name} {_undone_by(extents, session.source.size)} during the copy: "
                 f"the {len(extents)} range(s) it undid are tracked again, and {dest.name} "
                 "is inconsistent until its next update"
             )
             log.error("%s", undone[dest.name])
     return undone
+
+
+def _undone_by(extents, size: int) -> str:
+    """What the ranges an agent said were undone (``extents``) tell of who undid them, for
+    a ``size``-byte source: some ranges, a rollback by another client of the site; the
+    whole export, that or a release of the hold (an operator's forced ``isc release``:
+    after one the agent tells nothing finer, :mod:`isc.agent`)."""
+    if len(extents) == 1 and extents[0][0] == 0 and extents[0][1] >= size:
+        return "was rolled back by another client of its site, or its hold there let go,"
+    return "was rolled back by another client of its site"
 
 
 def _undone(site, dest: Destination, timeout: float) -> list | str:
