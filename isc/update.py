@@ -372,19 +372,24 @@ def check_identities(
             found.append(why)
             if held is not None:
                 held[dest.name] = str(ack.reason)
-        if ack is not None and claimed is not None and (why := _hold_let_go(dest, ack, claimed)):
+        let_go = None if ack is None or claimed is None else _hold_let_go(dest, ack, claimed)
+        if isinstance(seen, str):
+            known = identities.get(dest.name)
+            if (
+                known is not None
+                and not same_export(known, seen)
+                and dest.state is not DestState.NEW
+            ):
+                dest.start_over()
+                found.append(
+                    f"{dest.name} is not the export it was (its agent names another file: "
+                    f"{seen}, not {known}): it gets a full copy"
+                )
+                let_go = None  # another file holds no hold of this session's: that line says why
+            identities[dest.name] = seen
+        if let_go is not None:
             dest.start_over()
-            found.append(why)
-        if not isinstance(seen, str):
-            continue
-        known = identities.get(dest.name)
-        if known is not None and not same_export(known, seen) and dest.state is not DestState.NEW:
-            dest.start_over()
-            found.append(
-                f"{dest.name} is not the export it was (its agent names another file: "
-                f"{seen}, not {known}): it gets a full copy"
-            )
-        identities[dest.name] = seen
+            found.append(let_go)
     return found
 
 
