@@ -115,7 +115,7 @@ def test_a_reply_nested_too_deep_fails_protect_in_one_line_naming_the_agent(loca
         line = ask_impostor(local, env, impostor, "update", "s")
     assert line.startswith("isc: error: cannot protect local: ")
     assert f"the agent at {impostor.site} answered protect local with something" in line
-    unchanged_but_the_generation(local, before)
+    unchanged_but_the_generation(local, before, impostor.site)
 
 
 def test_a_reply_nested_too_deep_to_the_identity_check_is_no_identity():
