@@ -1139,7 +1139,8 @@ class PersistentSession:
         destination smaller than the source, a target that is, under whatever
         spelling (a symlink, a hard link, a relative path; the same device and
         inode, or the same URI), the source, a destination already or the save
-        area file, a file of the state directory, a path that names a file by
+        area file, a file of the state directory (or in any session's: :func:`_in_session`),
+        a path that names a file by
         a process's descriptor
         (``/proc/self/fd/N``), and a site that is not an agent's address, that cannot be
         reached or has no such export, or with a target that is not an NBD
@@ -1211,6 +1212,8 @@ class PersistentSession:
 
     def _clash(self, target: str, name: str) -> str | None:
         """Why ``target`` named ``name`` cannot be a new destination of this session, or None."""
+        from isc import rbd
+
         session = self.meta["name"]
         if any(d.name == name for d in self.destinations):
             return f"{session} already has a destination named {name}"
@@ -1231,6 +1234,8 @@ class PersistentSession:
         for other, what in taken:
             if identity is not None and identity == _identity(other):
                 return f"{target} {what}; give another LUN"
+        if not is_uri(target) and not rbd.is_rbd(target):  # another session's log, say
+            return _in_session(Path(target), "give a LUN outside every session's")
         return None
 
     def close(self) -> None:
@@ -1757,6 +1762,8 @@ def create_session(
             f"save area path {area} lies in the session directory {path}, whose names are "
             "isc's own files'; give a path outside it"
         )
+    if area is not None and (problem := _in_session(Path(area), "give a path outside it")):
+        raise ParameterError(f"save area path {problem}")
     path.mkdir(mode=0o755, parents=True, exist_ok=True)
     write_atomically(path / METADATA, _encode(meta))
 
@@ -1767,11 +1774,29 @@ def _nested(path: Path) -> str | None:
 
     A state directory holds its session's files alone: another session's directory
     there takes names they take (one named ``checkpoint.journal`` stopped every open)
-    and keeps :func:`destroy_session` from removing it. Up, the directories themselves
-    are walked, by device and inode, whatever path names them: from the deepest one of
-    ``path`` that exists, each parent (``..``) to the root. Down, every directory
-    ``path`` already holds (symbolic links not followed): a walk as long as its tree.
+    and keeps :func:`destroy_session` from removing it. Up, :func:`_in_session`. Down,
+    every directory ``path`` already holds (symbolic links not followed): a walk as long
+    as its tree.
     """
+    if problem := _in_session(path, "give a directory outside every session's"):
+        return problem
+    if path.is_dir():
+        for inner, _, _, dir_fd in os.fwalk(path):
+            if inner != str(path) and (name := _session_named(dir_fd)) is not None:
+                return (
+                    f"{path} holds {os.path.realpath(inner)}, the state directory of session "
+                    f"{name}, which holds its own files alone; give a directory that holds "
+                    "no session"
+                )
+    return None
+
+
+def _in_session(path: Path, fix: str) -> str | None:
+    """Why ``path`` (a directory, or a file to be, of a new session or destination) lies in
+    a session's state directory, which holds its own files alone, ending with ``fix``; or
+    None. The directories themselves are walked, by device and inode, whatever path
+    names them: from the deepest one of ``path`` that exists, each parent (``..``) to the
+    root."""
     existing = path
     while not existing.is_dir() and existing != existing.parent:
         existing = existing.parent
@@ -1784,28 +1809,18 @@ def _nested(path: Path) -> str | None:
             os.close(fd)
             fd, up = parent, up + 1
             if top:
-                break
-        else:
-            outer = Path(os.path.realpath(existing))
-            for _ in range(up):
-                outer = outer.parent
-            return (
-                f"{path} lies in {outer}, the state directory of session {name}, which holds "
-                "its own files alone; give a directory outside every session's"
-            )
+                return None
     except OSError:
-        pass  # a parent it may not read: no session of this user's above
+        return None  # a parent it may not read: no session of this user's above
     finally:
         os.close(fd)
-    if existing == path:
-        for inner, _, _, dir_fd in os.fwalk(path):
-            if inner != str(path) and (name := _session_named(dir_fd)) is not None:
-                return (
-                    f"{path} holds {os.path.realpath(inner)}, the state directory of session "
-                    f"{name}, which holds its own files alone; give a directory that holds "
-                    "no session"
-                )
-    return None
+    outer = Path(os.path.realpath(existing))
+    for _ in range(up):
+        outer = outer.parent
+    return (
+        f"{path} lies in {outer}, the state directory of session {name}, which holds its own "
+        f"files alone; {fix}"
+    )
 
 
 def _session_named(dir_fd: int) -> str | None:

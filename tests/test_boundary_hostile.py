@@ -195,6 +195,31 @@ def test_a_file_of_the_state_directory_is_refused_as_a_destination(root: Path) -
     assert [d["name"] for d in meta["destinations"]] == ["d1.img"]
 
 
+def test_a_file_of_another_sessions_state_directory_is_refused_as_a_destination_or_save_area(
+    root: Path,
+) -> None:
+    # Before, another session's write log was taken as a destination (a copy would write
+    # the source into it, and that session's crash recovery would read it), and a save
+    # area file made there, among the names that session's files take.
+    FileLUN.create(root / "other.img", SIZE).close()
+    create_session(root / "other", str(root / "other.img"), granularity=G)
+    open_session(root / "other")[0].close()
+    writes = next(p for p in (root / "other").iterdir() if p.name.endswith(".writes"))
+    other = sorted((root / "other").iterdir())
+    done = run_isc("add-dest", "state", str(writes), cwd=root, fail=True)
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert f"lies in {root / 'other'}, the state directory of session other" in done.stderr
+    area = f"64K,{root / 'other' / 'other' / '..' / 'area'}"
+    done = run_isc(
+        "create", "third", "--source", "d2.img", "--save-area", area, cwd=root, fail=True
+    )
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert "the state directory of session other" in done.stderr
+    meta = json.loads((root / "state" / METADATA).read_bytes())
+    assert [d["name"] for d in meta["destinations"]] == ["d1.img"]
+    assert sorted((root / "other").iterdir()) == other and not (root / "third").exists()
+
+
 # -- a destination's path that names the source by now ------------------------------------------
 
 
