@@ -29,6 +29,7 @@ from isc.commands import (
     agent_site,
     check_sites,
     print_json,
+    print_lines,
     report,
     site_address,
     timestamp,
@@ -211,13 +212,10 @@ def _ready(args: argparse.Namespace, exports: dict[str, str], control: str | Non
     (``export NAME URI``, ``control ADDRESS``) and then ``ready``."""
     if args.json:
         print_json({"ready": True, "exports": exports, "control": control})
+        sys.stdout.flush()
     else:
-        for name, uri in exports.items():
-            print(f"export {name} {uri}")
-        if control is not None:
-            print(f"control {control}")
-        print("ready")
-    sys.stdout.flush()
+        lines = [f"export {name} {uri}" for name, uri in exports.items()]
+        print_lines(*lines, *([f"control {control}"] if control is not None else []), "ready")
 
 
 def _release(args: argparse.Namespace) -> int:

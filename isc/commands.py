@@ -460,6 +460,14 @@ def print_json(value: object) -> None:
     sys.stdout.write(json.dumps(value) + "\n")
 
 
+def print_lines(*lines: str) -> None:
+    """``lines``, each ended, in one write, flushed: ``serve --every`` prints its updates'
+    lines from another thread than its ready lines, and a ``print`` writes its text and
+    its end apart, so one line could land inside another."""
+    sys.stdout.write("".join(f"{line}\n" for line in lines))
+    sys.stdout.flush()
+
+
 def _say(args: argparse.Namespace, record: dict, text: str) -> None:
     """A verb's report: ``record`` as a line of JSON with ``--json``, else ``text``."""
     if args.json:
@@ -755,17 +763,17 @@ def _report(
     rate = sent / seconds if seconds else 0.0
     states = ", ".join(f"{d['name']} {d['state']}" for d in dests)
     what = f"{when} update" if when is not None else f"{result['mode']} copy"
-    print(
+    lines = [
         f"{what} of {name}: "
         f"{format_bytes(sent, long=True)} sent in {result['extents']} run(s), "
         f"{seconds:.2f} s ({format_bytes(rate, long=True)}/s), "
-        f"{result['cofw_chunks']} COFW chunk(s); {states}",
-        flush=True,
-    )
+        f"{result['cofw_chunks']} COFW chunk(s); {states}"
+    ]
     if result["mode"] == "full-unmarked":
-        print(
+        lines.append(
             "the destinations are inconsistent until the next incremental copy (isc mark, isc copy)"
         )
+    print_lines(*lines)
 
 
 def _update(args: argparse.Namespace) -> int:

@@ -21,6 +21,7 @@ import signal
 import struct
 import subprocess
 import termios
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -1074,3 +1075,27 @@ def test_unprotect_says_whether_a_site_that_failed_it_may_have_done_it(
     line = error_line(done)
     assert line.startswith("isc: error: unprotect of d1 failed: ") and said in line
     assert state_of(session) == before
+
+
+def test_lines_printed_from_two_threads_never_land_inside_each_other(capfd) -> None:
+    """``isc serve --every`` prints its updates' lines from another thread than its ready
+    lines: each line must come out whole."""
+    from isc.commands import print_lines
+
+    lines = {t: [f"thread {t} line {i} " + "x" * 200 for i in range(500)] for t in (0, 1)}
+    start = threading.Barrier(2)
+
+    def printer(t: int) -> None:
+        start.wait()
+        for i in range(0, len(lines[t]), 2):
+            print_lines(*lines[t][i : i + 2])
+
+    threads = [threading.Thread(target=printer, args=(t,)) for t in lines]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    out = capfd.readouterr().out.splitlines()
+    assert sorted(out) == sorted(lines[0] + lines[1])
+    for t in lines:  # each thread's lines in its order
+        assert [line for line in out if line.startswith(f"thread {t} ")] == lines[t]
