@@ -1323,8 +1323,8 @@ def release_destination(
             kept.append((ack.reason, f"isc release {where} {name}"))
     if rbd.is_rbd(dest["target"]):
         why = rbd.release(dest["target"], holder, timeout or DEFAULT_TIMEOUT)
-        image = rbd.RBDImage.parse(dest["target"]).spec
         if why is not None:
+            image = rbd.RBDImage.parse(dest["target"]).spec
             kept.append((why, f"rbd image-meta remove {image} {rbd.HOLDER_KEY}"))
     return [
         f"{name} stays held for {holder['name']} ({why}); let it go there: {fix}"
